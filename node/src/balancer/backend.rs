@@ -1,0 +1,227 @@
+//! One attached instance as the balancer sees it: counters that the data
+//! plane and the admin API read without locks, its passive down state and
+//! its drain state.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use uuid::Uuid;
+
+use crate::metrics::InstanceMetrics;
+
+/// Down time after the first failed connect.
+pub const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest down time, reached after six consecutive failures.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// `slot` value of a backend that is in no group's selection.
+pub(super) const DETACHED: usize = usize::MAX;
+
+/// What the admin API reports for an instance (`state: up|down|draining`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendState {
+    /// Selectable.
+    Up,
+    /// Passively marked down after a failed connect; selected only when every
+    /// instance of its group is down.
+    Down,
+    /// Detached: out of selection, finishing what is in flight.
+    Draining,
+}
+
+/// An instance attached to a group.
+///
+/// Shared as `Arc<Backend>` between the group's [`GroupBalancer`], the
+/// [`Lease`]s of work in flight and the admin API. A backend belongs to one
+/// group for its whole life; attaching the same instance again after a
+/// detach means building a new `Backend`.
+///
+/// [`GroupBalancer`]: super::GroupBalancer
+/// [`Lease`]: super::Lease
+#[derive(Debug)]
+pub struct Backend {
+    pub uuid: Uuid,
+    pub name: String,
+    /// Host or IP, as attached (the port comes from the published port).
+    pub address: String,
+    pub metrics: InstanceMetrics,
+    /// Connections/requests of this node in flight to the instance.
+    local: AtomicU64,
+    /// Peers' part of the load, set from gossip.
+    peer: AtomicU64,
+    /// Index in the owning group's tree, or [`DETACHED`]. Written only under
+    /// that group's lock.
+    pub(super) slot: AtomicUsize,
+    /// `down.failures > 0`, readable without the lock: lets a successful
+    /// connect to a healthy instance skip the group lock.
+    failing: AtomicBool,
+    down: Mutex<DownState>,
+    draining: AtomicBool,
+    drain: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct DownState {
+    /// Consecutive failed connects (each after the previous down time ended).
+    failures: u32,
+    /// Marked down until then. Cleared by the group when it notices that the
+    /// time has passed, so `Some` with a past instant is still "up" to
+    /// [`Backend::state`].
+    until: Option<Instant>,
+}
+
+/// Down time after `failures` consecutive failures: 1 s, 2 s, 4 s … 30 s.
+pub(super) fn backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(5);
+    (INITIAL_BACKOFF * (1u32 << doublings)).min(MAX_BACKOFF)
+}
+
+impl Backend {
+    pub fn new(uuid: Uuid, name: String, address: String, metrics: InstanceMetrics) -> Self {
+        Self {
+            uuid,
+            name,
+            address,
+            metrics,
+            local: AtomicU64::new(0),
+            peer: AtomicU64::new(0),
+            slot: AtomicUsize::new(DETACHED),
+            failing: AtomicBool::new(false),
+            down: Mutex::new(DownState::default()),
+            draining: AtomicBool::new(false),
+            drain: CancellationToken::new(),
+        }
+    }
+
+    /// This node's connections/requests in flight to the instance.
+    pub fn local_inflight(&self) -> u64 {
+        self.local.load(Ordering::Relaxed)
+    }
+
+    /// The peers' part of the load, as last set by gossip.
+    pub fn peer_load(&self) -> u64 {
+        self.peer.load(Ordering::Relaxed)
+    }
+
+    /// `local_inflight + peer_load`: what selection compares.
+    pub(super) fn load(&self) -> u64 {
+        self.local_inflight().saturating_add(self.peer_load())
+    }
+
+    pub fn state(&self, now: Instant) -> BackendState {
+        if self.is_draining() {
+            BackendState::Draining
+        } else if self.down_until().is_some_and(|until| until > now) {
+            BackendState::Down
+        } else {
+            BackendState::Up
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Completes when the drain timeout of a detached backend has passed:
+    /// whatever is still in flight to it should then be aborted.
+    pub fn drained(&self) -> WaitForCancellationFutureOwned {
+        self.drain.clone().cancelled_owned()
+    }
+
+    /// The token behind [`Backend::drained`], for `select!` loops that hold
+    /// several tokens.
+    pub fn drain_token(&self) -> CancellationToken {
+        self.drain.clone()
+    }
+
+    pub(super) fn add_inflight(&self) {
+        self.local.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn sub_inflight(&self) {
+        // Only a `Lease` decrements, once, after its pick incremented.
+        self.local.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn set_peer_load(&self, load: u64) {
+        self.peer.store(load, Ordering::Relaxed);
+    }
+
+    /// End of the current down period, if one is recorded.
+    pub(super) fn down_until(&self) -> Option<Instant> {
+        self.lock_down().until
+    }
+
+    /// Records a failed connect at `now`. Returns the end of the new down
+    /// period, or `None` when the backend is already down at `now`: a failure
+    /// of work selected before the backend went down belongs to the same
+    /// outage and does not double the backoff again.
+    pub(super) fn record_failure(&self, now: Instant) -> Option<(Instant, u32)> {
+        let mut down = self.lock_down();
+        if down.until.is_some_and(|until| until > now) {
+            return None;
+        }
+        down.failures = down.failures.saturating_add(1);
+        let until = now + backoff(down.failures);
+        down.until = Some(until);
+        self.failing.store(true, Ordering::Relaxed);
+        Some((until, down.failures))
+    }
+
+    /// Whether failures are recorded, without taking a lock.
+    pub(super) fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Records a successful connect: forgets failures and any down period.
+    pub(super) fn reset_failures(&self) {
+        let mut down = self.lock_down();
+        *down = DownState::default();
+        self.failing.store(false, Ordering::Relaxed);
+    }
+
+    /// Ends the down period if it is over at `now`; returns whether it did.
+    /// The failure count stays, so the next failure doubles the backoff.
+    pub(super) fn expire_down(&self, now: Instant) -> bool {
+        let mut down = self.lock_down();
+        if down.until.is_some_and(|until| until <= now) {
+            down.until = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn lock_down(&self) -> MutexGuard<'_, DownState> {
+        // The state is two plain fields, consistent after any panic.
+        self.down.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Marks a detached backend draining and fires its drain token once
+/// `timeout` has passed (at once when called outside a tokio runtime).
+///
+/// Taking the backend out of selection is the group's business: pass the
+/// remaining backends to [`GroupBalancer::set_backends`]. A draining backend
+/// given to `set_backends` is left out. Calling this again does nothing.
+///
+/// [`GroupBalancer::set_backends`]: super::GroupBalancer::set_backends
+pub fn start_drain(backend: &Arc<Backend>, timeout: Duration) {
+    if backend.draining.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let token = backend.drain.clone();
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(timeout) => token.cancel(),
+                    () = token.cancelled() => {}
+                }
+            });
+        }
+        Err(_) => token.cancel(),
+    }
+}

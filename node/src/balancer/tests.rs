@@ -1,0 +1,392 @@
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use uuid::Uuid;
+
+use super::tree::tests::{CHI2_DF4_P999, chi_square};
+use super::*;
+use crate::metrics::InstanceMetrics;
+
+fn backend(name: &str) -> Arc<Backend> {
+    Arc::new(Backend::new(
+        Uuid::new_v4(),
+        name.to_owned(),
+        format!("{name}.internal"),
+        InstanceMetrics::unregistered(),
+    ))
+}
+
+fn group(n: usize, hard_limit: u32) -> (Arc<GroupBalancer>, Vec<Arc<Backend>>) {
+    let backends: Vec<_> = (0..n).map(|i| backend(&format!("i-{i}"))).collect();
+    let group = Arc::new(GroupBalancer::new(hard_limit));
+    group.set_backends(backends.clone());
+    (group, backends)
+}
+
+#[track_caller]
+fn lease(pick: Pick) -> Lease {
+    match pick {
+        Pick::Selected(lease) => lease,
+        other => panic!("expected a selection, got {other:?}"),
+    }
+}
+
+fn name(lease: &Lease) -> &str {
+    &lease.backend().name
+}
+
+/// Every tree key matches the backend's counts and down flag.
+fn assert_consistent(group: &GroupBalancer) {
+    let inner = group.lock();
+    assert_eq!(inner.tree.len(), inner.slots.len());
+    for (slot, s) in inner.slots.iter().enumerate() {
+        assert_eq!(s.backend.slot.load(Ordering::Relaxed), slot);
+        assert_eq!(s.down, s.backend.down_until().is_some());
+        assert_eq!(
+            inner.tree.get(slot),
+            Some(tree::key(s.backend.load(), s.down))
+        );
+    }
+}
+
+#[test]
+fn no_instances_on_empty() {
+    let mut rng = SmallRng::seed_from_u64(1);
+    let now = Instant::now();
+    let empty = Arc::new(GroupBalancer::new(10));
+    assert!(matches!(empty.pick(now, &mut rng), Pick::NoInstances));
+    let (emptied, _) = group(1, 10);
+    emptied.set_backends(Vec::new());
+    assert!(matches!(emptied.pick(now, &mut rng), Pick::NoInstances));
+    assert!(emptied.backends().is_empty());
+}
+
+#[test]
+fn hard_limit_refuses() {
+    let (group, backends) = group(2, 2);
+    let now = Instant::now();
+    let mut rng = SmallRng::seed_from_u64(2);
+    let held: Vec<Lease> = (0..4).map(|_| lease(group.pick(now, &mut rng))).collect();
+    assert!(backends.iter().all(|b| b.local_inflight() == 2));
+    assert!(matches!(group.pick(now, &mut rng), Pick::Overloaded));
+    // Refusing counts nothing.
+    assert!(backends.iter().all(|b| b.local_inflight() == 2));
+
+    group.set_hard_limit(3);
+    let extra = lease(group.pick(now, &mut rng));
+    drop(extra);
+    group.set_hard_limit(2);
+    drop(held);
+    let _one = lease(group.pick(now, &mut rng));
+
+    // Peer load counts against the limit too.
+    for b in &backends {
+        group.set_peer_load(b, 2);
+    }
+    assert!(matches!(group.pick(now, &mut rng), Pick::Overloaded));
+
+    group.set_hard_limit(0);
+    for b in &backends {
+        group.set_peer_load(b, 0);
+    }
+    assert!(matches!(group.pick(now, &mut rng), Pick::Overloaded));
+    assert_consistent(&group);
+}
+
+/// The seed document's example: in flight i-0:4, i-1:1, i-2:2, i-3:1; the
+/// next two picks go to i-1 and i-3, in either order, each first half of the
+/// time.
+#[test]
+fn seed_example() {
+    let now = Instant::now();
+    let mut first_i1 = 0;
+    let runs = 2_000;
+    for seed in 0..runs {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let (group, b) = group(4, 65_535);
+        // Build the table by attaching step by step.
+        group.set_backends(vec![b[0].clone()]);
+        let mut held: Vec<Lease> = (0..4).map(|_| lease(group.pick(now, &mut rng))).collect();
+        group.set_backends(vec![b[0].clone(), b[2].clone()]);
+        held.extend((0..2).map(|_| lease(group.pick(now, &mut rng))));
+        group.set_backends(b.clone());
+        held.extend((0..2).map(|_| lease(group.pick(now, &mut rng))));
+        let table: Vec<u64> = b.iter().map(|b| b.local_inflight()).collect();
+        assert_eq!(table, [4, 1, 2, 1]);
+
+        let first = lease(group.pick(now, &mut rng));
+        let second = lease(group.pick(now, &mut rng));
+        let mut names = [name(&first), name(&second)];
+        if names[0] == "i-1" {
+            first_i1 += 1;
+        }
+        names.sort_unstable();
+        assert_eq!(names, ["i-1", "i-3"]);
+        // Now 4, 2, 2, 2: the next one is any of i-1, i-2, i-3.
+        let third = lease(group.pick(now, &mut rng));
+        assert_ne!(name(&third), "i-0");
+        assert_consistent(&group);
+    }
+    // Binomial(2000, 1/2): 4.5 standard deviations is ±100.
+    assert!((900..=1100).contains(&first_i1), "{first_i1}");
+}
+
+/// Ties spread uniformly through the whole wrapper (pick + release).
+#[test]
+fn ties_are_uniform() {
+    let (group, backends) = group(5, 65_535);
+    let now = Instant::now();
+    let mut rng = SmallRng::seed_from_u64(0xba1a);
+    let mut hits = [0u64; 5];
+    for _ in 0..40_000 {
+        let l = lease(group.pick(now, &mut rng));
+        let i = backends
+            .iter()
+            .position(|b| Arc::ptr_eq(b, l.backend()))
+            .unwrap();
+        hits[i] += 1;
+    }
+    let stat = chi_square(&hits);
+    assert!(stat < CHI2_DF4_P999, "chi-square {stat} for {hits:?}");
+    for (b, &h) in backends.iter().zip(&hits) {
+        assert_eq!(b.metrics.selected.get(), h);
+    }
+}
+
+#[test]
+fn lease_drop_releases() {
+    let (group, b) = group(2, 65_535);
+    let now = Instant::now();
+    let mut rng = SmallRng::seed_from_u64(3);
+    let first = lease(group.pick(now, &mut rng));
+    let second = lease(group.pick(now, &mut rng));
+    assert_ne!(name(&first), name(&second));
+    let freed = Arc::clone(first.backend());
+    drop(first);
+    assert_eq!(freed.local_inflight(), 0);
+    assert_eq!(group.load(&freed), 0);
+    let third = lease(group.pick(now, &mut rng));
+    assert!(Arc::ptr_eq(third.backend(), &freed));
+    drop((second, third));
+    assert!(b.iter().all(|b| b.local_inflight() == 0));
+    assert_consistent(&group);
+}
+
+#[test]
+fn peer_load_steers_selection() {
+    let (group, b) = group(3, 65_535);
+    let now = Instant::now();
+    let mut rng = SmallRng::seed_from_u64(4);
+    group.set_peer_load(&b[0], 3);
+    group.set_peer_load(&b[2], 1);
+    assert_eq!(group.load(&b[0]), 3);
+    assert_eq!(b[0].peer_load(), 3);
+    let l = lease(group.pick(now, &mut rng));
+    assert!(Arc::ptr_eq(l.backend(), &b[1]));
+    // Now b1 and b2 are at 1.
+    let l2 = lease(group.pick(now, &mut rng));
+    assert!(!Arc::ptr_eq(l2.backend(), &b[0]));
+    assert_consistent(&group);
+}
+
+#[test]
+fn set_backends_keeps_survivors_and_drops_the_rest() {
+    let (group, b) = group(3, 65_535);
+    let now = Instant::now();
+    let mut rng = SmallRng::seed_from_u64(5);
+    let held: Vec<Lease> = (0..6).map(|_| lease(group.pick(now, &mut rng))).collect();
+    assert!(b.iter().all(|b| b.local_inflight() == 2));
+    group.mark_down(&b[1], now);
+
+    // Keep b1 and b2 (in another order), drop b0, add b3.
+    let b3 = backend("i-3");
+    group.set_backends(vec![b[2].clone(), b[1].clone(), b3.clone()]);
+    let names: Vec<String> = group.backends().iter().map(|b| b.name.clone()).collect();
+    assert_eq!(names, ["i-2", "i-1", "i-3"]);
+    assert_eq!(b[1].local_inflight(), 2);
+    assert_eq!(b[1].state(now), BackendState::Down);
+    assert_consistent(&group);
+
+    // b3 (0) first, then b3 and b2 tie; b0 is never chosen again, b1 is down.
+    for _ in 0..2 {
+        let l = lease(group.pick(now, &mut rng));
+        assert!(Arc::ptr_eq(l.backend(), &b3));
+        std::mem::forget(l);
+    }
+    for _ in 0..20 {
+        let l = lease(group.pick(now, &mut rng));
+        assert!(Arc::ptr_eq(l.backend(), &b3) || Arc::ptr_eq(l.backend(), &b[2]));
+    }
+
+    // Leases of the removed backend still decrement its count.
+    drop(held);
+    assert_eq!(b[0].local_inflight(), 0);
+    assert_eq!(b[1].local_inflight(), 0);
+    assert_eq!(b[2].local_inflight(), 0);
+    assert_consistent(&group);
+}
+
+#[test]
+fn set_backends_skips_duplicates_and_draining() {
+    let (group, b) = group(2, 65_535);
+    let draining = backend("gone");
+    start_drain(&draining, Duration::from_secs(30));
+    group.set_backends(vec![b[0].clone(), b[1].clone(), b[0].clone(), draining]);
+    assert_eq!(group.backends().len(), 2);
+    assert_consistent(&group);
+}
+
+#[test]
+fn down_instances_are_skipped_until_all_are_down() {
+    let (group, b) = group(3, 65_535);
+    let now = Instant::now();
+    let mut rng = SmallRng::seed_from_u64(6);
+    group.mark_down(&b[0], now);
+    group.mark_down(&b[2], now);
+    for _ in 0..10 {
+        let l = lease(group.pick(now, &mut rng));
+        assert!(Arc::ptr_eq(l.backend(), &b[1]));
+        std::mem::forget(l); // b1 climbs to 10 while the others stay at 0
+    }
+    // All down: the minimum over all of them (b0 and b2 at 0).
+    group.mark_down(&b[1], now);
+    for _ in 0..10 {
+        let l = lease(group.pick(now, &mut rng));
+        assert!(!Arc::ptr_eq(l.backend(), &b[1]));
+    }
+    assert_consistent(&group);
+}
+
+#[test]
+fn down_period_expires_at_now() {
+    let (group, b) = group(2, 65_535);
+    let t0 = Instant::now();
+    let mut rng = SmallRng::seed_from_u64(7);
+    let busy = lease(group.pick(t0, &mut rng));
+    let (busy_b, idle_b) = if Arc::ptr_eq(busy.backend(), &b[0]) {
+        (&b[0], &b[1])
+    } else {
+        (&b[1], &b[0])
+    };
+    group.mark_down(idle_b, t0);
+    let just_before = t0 + Duration::from_millis(999);
+    assert_eq!(idle_b.state(just_before), BackendState::Down);
+    let l = lease(group.pick(just_before, &mut rng));
+    assert!(Arc::ptr_eq(l.backend(), busy_b));
+    drop(l);
+    let at = t0 + INITIAL_BACKOFF;
+    assert_eq!(idle_b.state(at), BackendState::Up);
+    let l = lease(group.pick(at, &mut rng));
+    assert!(Arc::ptr_eq(l.backend(), idle_b));
+    assert_consistent(&group);
+}
+
+#[test]
+fn backoff_doubles_caps_and_resets() {
+    let (group, b) = group(1, 65_535);
+    let b = &b[0];
+    let mut now = Instant::now();
+    let mut rng = SmallRng::seed_from_u64(8);
+    let expect = [1, 2, 4, 8, 16, 30, 30];
+    for secs in expect {
+        group.mark_down(b, now);
+        let until = b.down_until().unwrap();
+        assert_eq!(until - now, Duration::from_secs(secs));
+        // A failure during the same down period does not double again.
+        group.mark_down(b, now + Duration::from_millis(10));
+        assert_eq!(b.down_until(), Some(until));
+        assert_eq!(b.state(until - Duration::from_nanos(1)), BackendState::Down);
+        now = until;
+        assert_eq!(b.state(now), BackendState::Up);
+        // A pick at expiry clears the down flag in the tree.
+        drop(lease(group.pick(now, &mut rng)));
+        assert_consistent(&group);
+    }
+    group.mark_up(b);
+    assert_eq!(b.state(now), BackendState::Up);
+    group.mark_down(b, now);
+    assert_eq!(b.down_until().unwrap() - now, INITIAL_BACKOFF);
+    // A success also ends a down period at once.
+    group.mark_up(b);
+    assert_eq!(b.state(now), BackendState::Up);
+    assert_consistent(&group);
+    // Detached backends take marks without touching the group.
+    let other = backend("other");
+    group.mark_down(&other, now);
+    group.mark_up(&other);
+    group.set_peer_load(&other, 4);
+    assert_consistent(&group);
+}
+
+#[test]
+fn drain_without_runtime_fires_at_once() {
+    let b = backend("i-0");
+    assert!(!b.drain_token().is_cancelled());
+    start_drain(&b, Duration::from_secs(30));
+    assert!(b.is_draining());
+    assert_eq!(b.state(Instant::now()), BackendState::Draining);
+    assert!(b.drain_token().is_cancelled());
+}
+
+#[tokio::test]
+async fn drain_fires_after_timeout() {
+    let b = backend("i-0");
+    start_drain(&b, Duration::from_millis(50));
+    start_drain(&b, Duration::from_secs(3600)); // no effect
+    assert!(b.is_draining());
+    assert!(!b.drain_token().is_cancelled());
+    tokio::time::timeout(Duration::from_secs(10), b.drained())
+        .await
+        .expect("drain token fires after its timeout");
+}
+
+/// Threads pick, hold and release leases while the set changes, instances go
+/// down and up and peer loads move; afterwards every count is back to zero
+/// and the tree agrees with the backends.
+#[test]
+fn concurrent_picks_and_releases_balance_out() {
+    let (group, backends) = group(16, 40);
+    let backends = Arc::new(backends);
+    let start = Instant::now();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let group = Arc::clone(&group);
+            let backends = Arc::clone(&backends);
+            std::thread::spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(t);
+                let mut held = VecDeque::new();
+                for i in 0..20_000u32 {
+                    let now = start + Duration::from_millis(u64::from(i));
+                    if let Pick::Selected(l) = group.pick(now, &mut rng) {
+                        held.push_back(l);
+                    }
+                    if held.len() > rng.random_range(0..12) {
+                        held.pop_front();
+                    }
+                    let b = &backends[rng.random_range(0..backends.len())];
+                    match rng.random_range(0..200) {
+                        0 => group.mark_down(b, now),
+                        1 => group.mark_up(b),
+                        2 => group.set_peer_load(b, rng.random_range(0..5)),
+                        3 if t == 0 => {
+                            let keep = rng.random_range(8..=backends.len());
+                            group.set_backends(backends[..keep].to_vec());
+                        }
+                        _ => {}
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    group.set_backends(backends.to_vec());
+    assert!(backends.iter().all(|b| b.local_inflight() == 0));
+    assert_consistent(&group);
+    let selected: u64 = backends.iter().map(|b| b.metrics.selected.get()).sum();
+    assert!(selected > 0);
+}

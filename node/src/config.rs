@@ -1,0 +1,321 @@
+//! Node configuration: a TOML file, then `EDGELB_*` variables, then flags, in
+//! rising precedence. Everything is checked before any port is bound; an
+//! error names the field and the process exits with 64 (EX_USAGE).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::dataplane::Settings;
+
+/// Exit code for a bad configuration or bad flags (EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// A configuration error, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Command-line flags; each also reads `EDGELB_<NAME>`.
+#[derive(Debug, Default, Parser)]
+#[command(name = "edgelb", version, about = "Clustered edge load balancer node")]
+pub struct Args {
+    /// TOML file with the same keys as the flags (snake_case).
+    #[arg(long, env = "EDGELB_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Node id (u64) [default: 1]
+    #[arg(long, env = "EDGELB_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Region name [default: local]
+    #[arg(long, env = "EDGELB_REGION")]
+    pub region: Option<String>,
+    /// Data directory [default: ./edgelb-data]
+    #[arg(long, env = "EDGELB_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Admin API address [default: 127.0.0.1:7070]
+    #[arg(long, env = "EDGELB_ADMIN_ADDR")]
+    pub admin_addr: Option<String>,
+    /// Cluster (QUIC, UDP) address [default: 127.0.0.1:7071]
+    #[arg(long, env = "EDGELB_CLUSTER_ADDR")]
+    pub cluster_addr: Option<String>,
+    /// IP the published ports are bound to [default: 127.0.0.1]
+    #[arg(long, env = "EDGELB_LISTEN_IP")]
+    pub listen_ip: Option<String>,
+    /// Admin URL of a cluster member to join instead of bootstrapping.
+    #[arg(long, env = "EDGELB_JOIN")]
+    pub join: Option<String>,
+    /// The cluster's admin token (generated at bootstrap when absent).
+    #[arg(long, env = "EDGELB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Domain of default service fqdns [default: edgelb.local]
+    #[arg(long, env = "EDGELB_CLUSTER_DOMAIN")]
+    pub cluster_domain: Option<String>,
+    /// Drain timeout for detached instances, e.g. 30s [default: 30s]
+    #[arg(long, env = "EDGELB_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// Log filter (tracing EnvFilter syntax) [default: info]
+    #[arg(long, env = "EDGELB_LOG")]
+    pub log: Option<String>,
+}
+
+/// The TOML file: the same keys as the flags, plus data-plane tuning.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<u64>,
+    region: Option<String>,
+    data_dir: Option<PathBuf>,
+    admin_addr: Option<String>,
+    cluster_addr: Option<String>,
+    listen_ip: Option<String>,
+    join: Option<String>,
+    token: Option<String>,
+    cluster_domain: Option<String>,
+    drain_timeout: Option<String>,
+    log: Option<String>,
+    header_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    upstream_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    tcp_idle_timeout: Option<String>,
+    max_connections: Option<usize>,
+}
+
+/// A checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_id: u64,
+    pub region: String,
+    pub data_dir: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub cluster_addr: SocketAddr,
+    pub listen_ip: IpAddr,
+    pub join: Option<String>,
+    pub token: Option<String>,
+    pub cluster_domain: String,
+    pub log: String,
+    pub settings: Settings,
+}
+
+impl Config {
+    /// The embedded default: a one-node cluster on loopback.
+    pub fn embedded_default() -> Self {
+        Self {
+            node_id: 1,
+            region: "local".into(),
+            data_dir: PathBuf::from("./edgelb-data"),
+            admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7070)),
+            cluster_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7071)),
+            listen_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            join: None,
+            token: None,
+            cluster_domain: "edgelb.local".into(),
+            log: "info".into(),
+            settings: Settings::default(),
+        }
+    }
+
+    /// Merges the file named by `args.config` (if any) under `args`.
+    pub fn load(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let mut c = Self::embedded_default();
+        if let Some(v) = args.node_id.or(file.node_id) {
+            c.node_id = v;
+        }
+        if let Some(v) = args.region.or(file.region) {
+            if v.is_empty() || v.len() > 63 {
+                return Err(ConfigError::new("region", "must be 1 to 63 characters"));
+            }
+            c.region = v;
+        }
+        if let Some(v) = args.data_dir.or(file.data_dir) {
+            c.data_dir = v;
+        }
+        if let Some(v) = args.admin_addr.or(file.admin_addr) {
+            c.admin_addr = parse_addr("admin_addr", &v)?;
+        }
+        if let Some(v) = args.cluster_addr.or(file.cluster_addr) {
+            c.cluster_addr = parse_addr("cluster_addr", &v)?;
+        }
+        if let Some(v) = args.listen_ip.or(file.listen_ip) {
+            c.listen_ip = v
+                .parse()
+                .map_err(|_| ConfigError::new("listen_ip", format!("{v:?} is not an IP address")))?;
+        }
+        if let Some(v) = args.join.or(file.join) {
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(ConfigError::new("join", format!("{v:?} is not an http(s) URL")));
+            }
+            c.join = Some(v);
+        }
+        if let Some(v) = args.token.or(file.token) {
+            if v.len() < 16 || v.len() > 256 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::new("token", "must be 16 to 256 printable ASCII characters"));
+            }
+            c.token = Some(v);
+        }
+        if let Some(v) = args.cluster_domain.or(file.cluster_domain) {
+            if !raft_store::validate::valid_fqdn(&v) || v.starts_with("*.") {
+                return Err(ConfigError::new("cluster_domain", format!("{v:?} is not a domain name")));
+            }
+            c.cluster_domain = v;
+        }
+        if let Some(v) = args.log.or(file.log) {
+            c.log = v;
+        }
+        let s = &mut c.settings;
+        set_duration(&mut s.drain_timeout, "drain_timeout", args.drain_timeout.or(file.drain_timeout))?;
+        set_duration(&mut s.header_timeout, "header_timeout", file.header_timeout)?;
+        set_duration(&mut s.connect_timeout, "connect_timeout", file.connect_timeout)?;
+        set_duration(&mut s.upstream_timeout, "upstream_timeout", file.upstream_timeout)?;
+        set_duration(&mut s.idle_timeout, "idle_timeout", file.idle_timeout)?;
+        set_duration(&mut s.tcp_idle_timeout, "tcp_idle_timeout", file.tcp_idle_timeout)?;
+        if let Some(v) = file.max_connections {
+            if v == 0 {
+                return Err(ConfigError::new("max_connections", "must be at least 1"));
+            }
+            s.max_connections = v;
+        }
+        if c.admin_addr == c.cluster_addr && c.admin_addr.port() != 0 {
+            return Err(ConfigError::new("cluster_addr", "must differ from admin_addr"));
+        }
+        Ok(c)
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("config", format!("{}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let field = e.span().map_or_else(|| "config".to_owned(), |s| field_at(&text, s.start));
+        ConfigError::new(field, format!("{}: {}", path.display(), e.message()))
+    })
+}
+
+/// The key on the line where a TOML error starts (best effort).
+fn field_at(text: &str, offset: usize) -> String {
+    let line_start = text[..offset.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    line.split('=').next().map(str::trim).filter(|k| !k.is_empty()).unwrap_or("config").to_owned()
+}
+
+fn parse_addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse()
+        .map_err(|_| ConfigError::new(field, format!("{v:?} is not HOST:PORT with an IP host")))
+}
+
+fn set_duration(slot: &mut Duration, field: &str, v: Option<String>) -> Result<(), ConfigError> {
+    if let Some(v) = v {
+        *slot = parse_duration(&v).ok_or_else(|| {
+            ConfigError::new(field, format!("{v:?} is not a duration like 500ms, 30s, 5m or 1h"))
+        })?;
+        if slot.is_zero() {
+            return Err(ConfigError::new(field, "must be greater than zero"));
+        }
+    }
+    Ok(())
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`.
+pub fn parse_duration(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["edgelb"];
+        argv.extend_from_slice(args);
+        Config::load(Args::try_parse_from(argv).map_err(|e| ConfigError::new("flags", e.to_string()))?)
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_one_node_cluster() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.node_id, 1);
+        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:7070");
+        assert_eq!(c.cluster_addr.to_string(), "127.0.0.1:7071");
+        assert_eq!(c.listen_ip.to_string(), "127.0.0.1");
+        assert_eq!(c.data_dir, PathBuf::from("./edgelb-data"));
+        assert_eq!(c.cluster_domain, "edgelb.local");
+        assert_eq!(c.settings.drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("edgelb-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.toml");
+        std::fs::write(&path, "node_id = 7\nregion = \"fra\"\nupstream_timeout = \"5s\"\n").unwrap();
+        let c = load(&["--config", path.to_str().unwrap(), "--region", "ams"]).unwrap();
+        assert_eq!(c.node_id, 7);
+        assert_eq!(c.region, "ams");
+        assert_eq!(c.settings.upstream_timeout, Duration::from_secs(5));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(load(&["--admin-addr", "nope"]).unwrap_err().field, "admin_addr");
+        assert_eq!(load(&["--listen-ip", "1.2.3"]).unwrap_err().field, "listen_ip");
+        assert_eq!(load(&["--drain-timeout", "10 parsecs"]).unwrap_err().field, "drain_timeout");
+        assert_eq!(load(&["--token", "short"]).unwrap_err().field, "token");
+        assert_eq!(load(&["--join", "ftp://x"]).unwrap_err().field, "join");
+        let err = load(&["--admin-addr", "127.0.0.1:9", "--cluster-addr", "127.0.0.1:9"]).unwrap_err();
+        assert_eq!(err.field, "cluster_addr");
+    }
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("edgelb-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("b.toml");
+        std::fs::write(&path, "node_id = \"one\"\n").unwrap();
+        assert_eq!(load(&["--config", path.to_str().unwrap()]).unwrap_err().field, "node_id");
+        std::fs::write(&path, "colour = 1\n").unwrap();
+        let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(err.message.contains("colour"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("99999999999999999999h"), None);
+    }
+}

@@ -1,0 +1,4 @@
+//! edgelb node library.
+
+pub mod balancer;
+pub mod metrics;

@@ -1,0 +1,189 @@
+//! Published ports: one accept loop per port, bound and released as the
+//! routing table's ports come and go.
+//!
+//! An accept loop only accepts and hands off; each connection reads the
+//! routing table current at that moment to learn the port's mode (TLS or
+//! not, HTTP or TCP) and its groups, so changing a port's groups never
+//! rebinds it. A port that cannot be bound (in use) is logged and retried at
+//! the next reconcile.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::dataplane::{ConnInfo, DataPlane};
+use crate::routing::RoutingTable;
+
+/// The set of bound published ports.
+#[derive(Debug)]
+pub struct Listeners {
+    ip: IpAddr,
+    dp: Arc<DataPlane>,
+    limit: Arc<Semaphore>,
+    /// Cancelled on node shutdown: stops accepting and drains connections.
+    shutdown: CancellationToken,
+    active: HashMap<u16, Active>,
+}
+
+#[derive(Debug)]
+struct Active {
+    stop: CancellationToken,
+    addr: SocketAddr,
+}
+
+impl Listeners {
+    pub fn new(ip: IpAddr, dp: Arc<DataPlane>, shutdown: CancellationToken) -> Self {
+        let limit = Arc::new(Semaphore::new(dp.settings.max_connections));
+        Self {
+            ip,
+            dp,
+            limit,
+            shutdown,
+            active: HashMap::new(),
+        }
+    }
+
+    /// Binds the ports `table` publishes that are not bound yet and releases
+    /// the ones it no longer publishes. Returns the ports that failed to bind.
+    pub fn reconcile(&mut self, table: &RoutingTable) -> Vec<u16> {
+        let wanted: BTreeSet<u16> = table.ports().map(|p| p.port).collect();
+        self.active.retain(|port, a| {
+            let keep = wanted.contains(port);
+            if !keep {
+                info!(addr = %a.addr, "released published port");
+                a.stop.cancel();
+            }
+            keep
+        });
+        let mut failed = Vec::new();
+        for port in wanted {
+            if self.active.contains_key(&port) {
+                continue;
+            }
+            match bind(SocketAddr::new(self.ip, port)) {
+                Ok(listener) => {
+                    let addr = listener.local_addr().unwrap_or(SocketAddr::new(self.ip, port));
+                    info!(%addr, "bound published port");
+                    let stop = self.shutdown.child_token();
+                    tokio::spawn(accept_loop(listener, port, self.dp.clone(), self.limit.clone(), stop.clone(), self.shutdown.clone()));
+                    self.active.insert(port, Active { stop, addr });
+                }
+                Err(e) => {
+                    error!(addr = %SocketAddr::new(self.ip, port), error = %e, "cannot bind published port; will retry");
+                    failed.push(port);
+                }
+            }
+        }
+        failed
+    }
+
+    /// Resolves when every client connection has closed.
+    pub async fn drained(&self) {
+        let all = u32::try_from(self.dp.settings.max_connections).unwrap_or(u32::MAX);
+        let _ = self.limit.acquire_many(all).await;
+    }
+
+    /// Addresses of the bound ports.
+    pub fn bound(&self) -> Vec<SocketAddr> {
+        self.active.values().map(|a| a.addr).collect()
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    port: u16,
+    dp: Arc<DataPlane>,
+    limit: Arc<Semaphore>,
+    stop: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let tls_http = TlsAcceptor::from(crate::tls::server_config(port, dp.routes.clone(), true));
+    let tls_tcp = TlsAcceptor::from(crate::tls::server_config(port, dp.routes.clone(), false));
+    let acceptors = Arc::new((tls_http, tls_tcp));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                // Out of descriptors or similar: back off instead of spinning.
+                warn!(port, error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            debug!(port, %peer, "connection limit reached; refusing");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = ConnInfo { peer, port, tls: false };
+        let span = info_span!("conn", port, %peer);
+        tokio::spawn(handle(stream, conn, dp.clone(), acceptors.clone(), permit, shutdown.clone()).instrument(span));
+    }
+}
+
+async fn handle(
+    stream: TcpStream,
+    mut conn: ConnInfo,
+    dp: Arc<DataPlane>,
+    acceptors: Arc<(TlsAcceptor, TlsAcceptor)>,
+    _permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let Some(route) = dp.routes.load().port(conn.port).cloned() else {
+        return;
+    };
+    if !route.tls {
+        if route.http {
+            crate::http::serve_connection(stream, conn, dp, shutdown).await;
+        } else if let Some(target) = route.route(None).cloned() {
+            crate::tcp::proxy(stream, conn, target, dp).await;
+        }
+        return;
+    }
+    conn.tls = true;
+    let acceptor = if route.http { &acceptors.0 } else { &acceptors.1 };
+    let tls = match tokio::time::timeout(dp.settings.tls_handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(error = %e, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("tls handshake timed out");
+            return;
+        }
+    };
+    if route.http {
+        crate::http::serve_connection(tls, conn, dp, shutdown).await;
+    } else {
+        let sni = tls.get_ref().1.server_name().map(str::to_owned);
+        match route.route(sni.as_deref()).cloned() {
+            Some(target) => crate::tcp::proxy(tls, conn, target, dp).await,
+            None => debug!(?sni, "no group for this server name; closing"),
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The `edgelb` binary: load the configuration, start tracing, run the node
+//! until SIGTERM or Ctrl-C, drain, exit. A bad configuration exits with 64.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use edgelb::app::{self, StartError};
+use edgelb::config::{Args, Config, EXIT_CONFIG};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let config = match Config::load(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgelb: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let filter = match EnvFilter::try_new(&config.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("edgelb: config: log: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgelb: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
+    let node = match app::start(config).await {
+        Ok(n) => n,
+        Err(StartError::Config(e)) => {
+            eprintln!("edgelb: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+        Err(e) => {
+            eprintln!("edgelb: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if node.token_generated {
+        // Printed once, at the first start; it is kept in the data dir.
+        println!("edgelb: admin token (saved in the data dir): {}", node.token);
+    }
+    println!("edgelb: admin API on http://{}", node.admin_addr);
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining connections");
+    node.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! TLS termination: certificates per domain and SNI-based selection.
+//!
+//! A domain that names a stored certificate presents it; a domain without one
+//! (or whose stored certificate does not parse) presents a self-signed
+//! certificate that this node generates once per fqdn and logs. Keys are
+//! cached so that rebuilding the routing table costs no key generation.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
+use raft_store::model::{Certificate, Domain};
+use raft_store::state::State;
+use rustls::ServerConfig;
+use rustls::crypto::ring::sign::any_supported_type;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tracing::{info, warn};
+
+use crate::routing::RoutingTable;
+
+/// Errors turning PEM into a usable key.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("certificate chain: {0}")]
+    Chain(String),
+    #[error("private key: {0}")]
+    Key(String),
+    #[error("self-signed certificate for {0}: {1}")]
+    SelfSigned(String, String),
+}
+
+/// Parses a PEM chain and key into a signing key.
+pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Chain(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(TlsError::Chain("no CERTIFICATE block".into()));
+    }
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .map_err(|e| TlsError::Key(e.to_string()))?
+        .ok_or_else(|| TlsError::Key("no PRIVATE KEY block".into()))?;
+    let signer = any_supported_type(&key).map_err(|e| TlsError::Key(e.to_string()))?;
+    Ok(CertifiedKey::new(chain, signer))
+}
+
+fn self_signed(fqdn: &str) -> Result<CertifiedKey, TlsError> {
+    let err = |e: rcgen::Error| TlsError::SelfSigned(fqdn.to_owned(), e.to_string());
+    let ck = rcgen::generate_simple_self_signed(vec![fqdn.to_owned()]).map_err(err)?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
+    let signer = any_supported_type(&key).map_err(|e| TlsError::Key(e.to_string()))?;
+    Ok(CertifiedKey::new(vec![ck.cert.der().clone()], signer))
+}
+
+/// Keys by domain, kept across routing rebuilds.
+#[derive(Default)]
+pub struct CertCache {
+    /// Stored certificates by (name, chain) so a replaced certificate reloads.
+    stored: Mutex<HashMap<(String, String), Arc<CertifiedKey>>>,
+    generated: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl fmt::Debug for CertCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertCache").finish_non_exhaustive()
+    }
+}
+
+impl CertCache {
+    /// The key `domain` presents.
+    ///
+    /// # Panics
+    /// Only if generating a self-signed certificate fails, which rcgen does not
+    /// do for a validated fqdn.
+    pub fn key_for(&self, domain: &Domain, state: &State) -> Arc<CertifiedKey> {
+        if let Some(cert) = domain.certificate.as_deref().and_then(|n| state.certificate(n)) {
+            match self.stored_key(cert) {
+                Ok(k) => return k,
+                Err(e) => warn!(fqdn = %domain.fqdn, certificate = %cert.name, error = %e, "stored certificate unusable; presenting a self-signed one"),
+            }
+        }
+        let mut generated = self.generated.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(k) = generated.get(&domain.fqdn) {
+            return k.clone();
+        }
+        let name = domain.fqdn.replacen("*.", "wildcard.", 1);
+        let fqdn = if domain.fqdn.starts_with("*.") { &domain.fqdn } else { &name };
+        // A validated fqdn is always a valid SAN; fall back to a fixed name if not.
+        let key = self_signed(fqdn)
+            .or_else(|_| self_signed("edgelb.invalid"))
+            .expect("rcgen signs a fixed dns name");
+        info!(fqdn = %domain.fqdn, "generated a self-signed certificate");
+        let key = Arc::new(key);
+        generated.insert(domain.fqdn.clone(), key.clone());
+        key
+    }
+
+    fn stored_key(&self, cert: &Certificate) -> Result<Arc<CertifiedKey>, TlsError> {
+        let id = (cert.name.clone(), cert.chain.clone());
+        let mut stored = self.stored.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(k) = stored.get(&id) {
+            return Ok(k.clone());
+        }
+        let key = Arc::new(certified_key(&cert.chain, &cert.private_key)?);
+        stored.insert(id, key.clone());
+        Ok(key)
+    }
+}
+
+/// Picks the certificate for a connection on one published port by SNI,
+/// against the routing table current at handshake time.
+#[derive(Debug)]
+struct SniResolver {
+    port: u16,
+    routes: Arc<ArcSwap<RoutingTable>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let table = self.routes.load();
+        table.port(self.port)?.key_for(hello.server_name())
+    }
+}
+
+/// The rustls config for a published port: HTTP ports offer h2 and
+/// http/1.1 by ALPN, TCP ports offer nothing.
+pub fn server_config(port: u16, routes: Arc<ArcSwap<RoutingTable>>, http: bool) -> Arc<ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { port, routes }));
+    if http {
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
+    Arc::new(cfg)
+}

@@ -1,0 +1,338 @@
+//! JSON request and response types of the admin API, shared by the node
+//! (server) and `edgectl` (client). Serde only, no I/O.
+//!
+//! Responses use Unikraft Cloud's envelope:
+//! `{"status":"success","data":{...}}` or
+//! `{"status":"error","message":"...","errors":[{"status":409,"message":"..."}]}`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::command::PatchOp;
+use crate::model::{Domain, Handler, Service, ServiceGroup};
+use crate::state::ApplyError;
+
+/// `POST /v1/services`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGroupRequest {
+    /// Generated when omitted.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Published ports.
+    pub services: Vec<Service>,
+    /// Defaults to `<name>.<cluster_domain>`.
+    #[serde(default)]
+    pub domains: Option<Vec<DomainRequest>>,
+    /// Defaults to [`DEFAULT_HARD_LIMIT`](crate::model::DEFAULT_HARD_LIMIT).
+    #[serde(default)]
+    pub hard_limit: Option<u32>,
+}
+
+/// A domain as requests spell it: `{name, certificate?: {name}}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DomainRequest {
+    /// The host name (any case).
+    pub name: String,
+    /// A stored certificate to present.
+    #[serde(default)]
+    pub certificate: Option<CertificateRef>,
+}
+
+impl DomainRequest {
+    /// The stored form: lowercase fqdn and the certificate's name.
+    pub fn to_domain(&self) -> Domain {
+        Domain {
+            fqdn: self.name.to_ascii_lowercase(),
+            certificate: self.certificate.as_ref().map(|c| c.name.clone()),
+        }
+    }
+}
+
+/// A reference to a stored certificate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRef {
+    /// Its name.
+    pub name: String,
+}
+
+/// `PATCH /v1/services/{id}`; see [`resolve_patch`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRequest {
+    /// `services`, `domains` or `hard_limit`.
+    pub prop: String,
+    /// `set`, `add` or `del`.
+    pub op: PatchOp,
+    /// Depends on `prop`.
+    pub value: serde_json::Value,
+}
+
+/// `POST /v1/services/{id}/instances`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRequest {
+    /// Generated when omitted.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// IP or host name, no port.
+    pub address: String,
+}
+
+/// `POST /v1/certificates`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRequest {
+    /// Name that domains refer to.
+    pub name: String,
+    /// PEM chain.
+    pub chain: String,
+    /// PEM private key.
+    pub private_key: String,
+}
+
+/// `{"status":"success","data":...}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Success<T> {
+    /// Always `"success"`.
+    pub status: String,
+    /// The payload.
+    pub data: T,
+}
+
+/// Wraps `data` in the success envelope.
+pub fn success<T>(data: T) -> Success<T> {
+    Success {
+        status: "success".to_owned(),
+        data,
+    }
+}
+
+/// `{"status":"error","message":...,"errors":[{"status":..,"message":..}]}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// Always `"error"`.
+    pub status: String,
+    /// For operators.
+    pub message: String,
+    /// One item per error; the HTTP status is repeated here.
+    pub errors: Vec<ErrorItem>,
+}
+
+/// One error of an [`ErrorBody`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ErrorItem {
+    /// HTTP status.
+    pub status: u16,
+    /// For operators.
+    pub message: String,
+}
+
+/// The error envelope with one item.
+pub fn error(status: u16, message: impl Into<String>) -> ErrorBody {
+    let message = message.into();
+    ErrorBody {
+        status: "error".to_owned(),
+        message: message.clone(),
+        errors: vec![ErrorItem { status, message }],
+    }
+}
+
+impl From<&ApplyError> for ErrorBody {
+    fn from(e: &ApplyError) -> Self {
+        error(e.status(), e.to_string())
+    }
+}
+
+/// `data` of the group routes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GroupsData {
+    /// The groups.
+    pub service_groups: Vec<ServiceGroup>,
+}
+
+/// `data` of the instance routes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InstancesData {
+    /// The instances.
+    pub instances: Vec<InstanceView>,
+}
+
+/// An instance with this node's view of its health and load.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InstanceView {
+    /// Its uuid.
+    pub uuid: Uuid,
+    /// Its name.
+    pub name: String,
+    /// Its address.
+    pub address: String,
+    /// Health as seen by this node.
+    pub state: InstanceState,
+    /// In-flight counts.
+    pub load: LoadView,
+}
+
+/// Health of an instance as seen by one node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Selectable.
+    Up,
+    /// Failing checks.
+    Down,
+    /// Detached; finishing its in-flight work.
+    Draining,
+}
+
+/// In-flight counts of one instance.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct LoadView {
+    /// This node's exact count.
+    pub local: u64,
+    /// The estimated cluster-wide count.
+    pub global: u64,
+    /// The last count each peer reported, by node id.
+    pub peers: BTreeMap<String, u64>,
+}
+
+/// `data` of `GET /v1/certificates`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CertificatesData {
+    /// Names and expiry, never keys.
+    pub certificates: Vec<CertificateInfo>,
+}
+
+/// A stored certificate without its PEM.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CertificateInfo {
+    /// Its name.
+    pub name: String,
+    /// Expiry (RFC 3339), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+}
+
+/// A [`PatchRequest`] with its value parsed for its `prop`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum PatchValue {
+    /// `prop: services`.
+    Services(PatchOp, Vec<Service>),
+    /// `prop: domains`.
+    Domains(PatchOp, Vec<DomainRequest>),
+    /// `prop: hard_limit` (op `set` only).
+    HardLimit(u32),
+}
+
+/// Parses a patch's `value` for its `prop`.
+///
+/// - `services`: a list of `{port, destination_port, handlers}`; with `del`
+///   an entry may be just `{port}` or a bare port number.
+/// - `domains`: a list of `{name, certificate?: {name}}` or bare names.
+/// - `hard_limit`: a number ≥ 1 (range checked on apply), op `set` only.
+pub fn resolve_patch(req: PatchRequest) -> Result<PatchValue, ApplyError> {
+    const SERVICES: &str = "a list of {port, destination_port, handlers} objects";
+    const PORTS: &str = "a list of ports or {port} objects";
+    const DOMAINS: &str = "a list of {name, certificate?: {name}} objects or names";
+    match (req.prop.as_str(), req.op) {
+        ("services", PatchOp::Del) => {
+            let keys: Vec<PortKey> = parse(req.value, "services", PORTS)?;
+            let services = keys.into_iter().map(PortKey::into_service).collect();
+            Ok(PatchValue::Services(req.op, services))
+        }
+        ("services", op) => Ok(PatchValue::Services(op, parse(req.value, "services", SERVICES)?)),
+        ("domains", op) => {
+            let items: Vec<DomainItem> = parse(req.value, "domains", DOMAINS)?;
+            let domains = items.into_iter().map(DomainItem::into_request).collect();
+            Ok(PatchValue::Domains(op, domains))
+        }
+        ("hard_limit", PatchOp::Set) => Ok(PatchValue::HardLimit(parse(
+            req.value,
+            "hard_limit",
+            "a number from 1 to 4294967295",
+        )?)),
+        ("hard_limit", _) => Err(ApplyError::Invalid(
+            "hard_limit only supports op \"set\"".to_owned(),
+        )),
+        (other, _) => Err(ApplyError::Invalid(format!(
+            "unknown prop {other:?}; expected services, domains or hard_limit"
+        ))),
+    }
+}
+
+/// Deserialises a patch value; the error says what was expected and what
+/// serde found (without serde's "at line 1 column N", meaningless here).
+fn parse<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    prop: &str,
+    expected: &str,
+) -> Result<T, ApplyError> {
+    serde_json::from_value(value).map_err(|e| {
+        let detail = e.to_string();
+        let detail = detail.rfind(" at line ").map_or(detail.as_str(), |i| &detail[..i]);
+        ApplyError::Invalid(format!("value for {prop} must be {expected} ({detail})"))
+    })
+}
+
+/// An entry of a `services` `del`: a port or an object with at least `port`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PortKey {
+    Port(u16),
+    Object(PortObject),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortObject {
+    port: u16,
+    #[serde(default)]
+    destination_port: Option<u16>,
+    #[serde(default)]
+    handlers: Vec<Handler>,
+}
+
+impl PortKey {
+    /// Deletion matches by port only; the other fields are carried along.
+    fn into_service(self) -> Service {
+        match self {
+            Self::Port(port) => Service {
+                port,
+                destination_port: port,
+                handlers: Vec::new(),
+            },
+            Self::Object(o) => Service {
+                port: o.port,
+                destination_port: o.destination_port.unwrap_or(o.port),
+                handlers: o.handlers,
+            },
+        }
+    }
+}
+
+/// An entry of a `domains` value: an object or a bare name.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DomainItem {
+    Name(String),
+    Object(DomainRequest),
+}
+
+impl DomainItem {
+    fn into_request(self) -> DomainRequest {
+        match self {
+            Self::Name(name) => DomainRequest {
+                name,
+                certificate: None,
+            },
+            Self::Object(d) => d,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

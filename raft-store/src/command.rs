@@ -1,0 +1,89 @@
+//! Commands: the entries of the replicated log.
+//!
+//! A command is fully formed by the node that proposes it: every uuid,
+//! generated name and timestamp is chosen there and carried inside, so that
+//! [`State::apply`](crate::state::State::apply) is deterministic on every node.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Certificate, Domain, Instance, Service, ServiceGroup};
+
+/// A change to the replicated state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    /// Create a group (uuid, name, domains, created_at already chosen;
+    /// instances usually empty).
+    CreateGroup {
+        /// The new group.
+        group: ServiceGroup,
+    },
+    /// Change services, domains or hard_limit of a group.
+    PatchGroup {
+        /// uuid string or name of the group.
+        id: String,
+        /// What to change.
+        patch: Patch,
+    },
+    /// Delete a group; refused while instances are attached unless `force`.
+    DeleteGroup {
+        /// uuid string or name of the group.
+        id: String,
+        /// Delete even with instances attached.
+        force: bool,
+    },
+    /// Attach an instance to a group.
+    AttachInstance {
+        /// uuid string or name of the group.
+        group: String,
+        /// The instance, uuid and name already chosen.
+        instance: Instance,
+    },
+    /// Detach an instance from a group.
+    DetachInstance {
+        /// uuid string or name of the group.
+        group: String,
+        /// uuid string or name of the instance.
+        instance: String,
+    },
+    /// Store a certificate, replacing one of the same name.
+    PutCertificate {
+        /// The certificate.
+        certificate: Certificate,
+    },
+}
+
+/// How a patch combines its value with the current list.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum PatchOp {
+    /// Replace the list.
+    Set,
+    /// Append to the list; an entry already present is refused.
+    Add,
+    /// Remove the entries with the same key (`port` / `fqdn`); an entry not
+    /// present is refused.
+    Del,
+}
+
+/// A change to one property of a group.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Patch {
+    /// Published ports, keyed by `port`.
+    Services {
+        /// How to combine.
+        op: PatchOp,
+        /// The services.
+        value: Vec<Service>,
+    },
+    /// Domains, keyed by `fqdn`.
+    Domains {
+        /// How to combine.
+        op: PatchOp,
+        /// The domains.
+        value: Vec<Domain>,
+    },
+    /// Set `hard_limit`.
+    HardLimit(u32),
+}

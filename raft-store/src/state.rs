@@ -1,0 +1,284 @@
+//! The deterministic state machine: [`State`] and [`State::apply`].
+//!
+//! `apply` works in two steps. *Plan* reads the state, builds the changed
+//! group (or certificate) and runs every rule against it, without writing
+//! anything; *commit* then writes the change and cannot fail. So a refused
+//! command leaves the state exactly as it was, and [`State::check`] can run
+//! the same rules as a dry run before a command is proposed.
+//!
+//! Iteration is over `BTreeMap`s only, and every value a command needs is
+//! inside it, so every node that applies the same log holds the same state.
+
+mod conflicts;
+mod patch;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::command::Command;
+use crate::model::{Certificate, Instance, ModelError, ServiceGroup, find_instance};
+use crate::validate;
+
+/// The replicated state: service groups and certificates.
+///
+/// Serialises as `{"groups": [...], "certificates": [...]}` (groups in name
+/// order); the name index is rebuilt on load.
+#[derive(Default, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "Snapshot", into = "Snapshot")]
+pub struct State {
+    groups: BTreeMap<Uuid, ServiceGroup>,
+    /// name → uuid, for lookups by name and iteration in name order.
+    names: BTreeMap<String, Uuid>,
+    certificates: BTreeMap<String, Certificate>,
+}
+
+/// What a successful [`State::apply`] did.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Applied {
+    /// The group as created or patched.
+    Group(ServiceGroup),
+    /// The group as it was before deletion.
+    Deleted(ServiceGroup),
+    /// An instance was attached.
+    Attached {
+        /// Name of the group.
+        group: String,
+        /// The instance.
+        instance: Instance,
+    },
+    /// An instance was detached.
+    Detached {
+        /// Name of the group.
+        group: String,
+        /// The instance as it was.
+        instance: Instance,
+    },
+    /// A certificate was stored under this name.
+    Certificate(String),
+}
+
+/// Why a command was refused. The message is for operators.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApplyError {
+    /// Bad input (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// A group, instance, port or domain that does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Clashes with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl ApplyError {
+    /// The HTTP status the admin API answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Invalid(_) => 400,
+            Self::NotFound(_) => 404,
+            Self::Conflict(_) => 409,
+        }
+    }
+}
+
+impl From<ModelError> for ApplyError {
+    fn from(e: ModelError) -> Self {
+        Self::Invalid(e.to_string())
+    }
+}
+
+/// The write that a planned command makes.
+enum Change {
+    /// Insert or replace a group.
+    Put(ServiceGroup),
+    /// Remove a group.
+    Remove(Uuid),
+    /// Insert or replace a certificate.
+    Certificate(Certificate),
+}
+
+impl State {
+    /// Applies `cmd`. Atomic: on `Err` the state is unchanged.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Applied, ApplyError> {
+        let (change, applied) = self.plan(cmd)?;
+        self.commit(change);
+        Ok(applied)
+    }
+
+    /// What [`apply`](Self::apply) would answer, without changing anything.
+    pub fn check(&self, cmd: &Command) -> Result<Applied, ApplyError> {
+        self.plan(cmd).map(|(_, applied)| applied)
+    }
+
+    /// A group by uuid string or, failing that, by name.
+    pub fn group(&self, id: &str) -> Option<&ServiceGroup> {
+        Uuid::parse_str(id)
+            .ok()
+            .and_then(|u| self.groups.get(&u))
+            .or_else(|| self.names.get(id).and_then(|u| self.groups.get(u)))
+    }
+
+    /// All groups in name order.
+    pub fn groups(&self) -> impl Iterator<Item = &ServiceGroup> {
+        self.names.values().filter_map(|u| self.groups.get(u))
+    }
+
+    /// A stored certificate by name.
+    pub fn certificate(&self, name: &str) -> Option<&Certificate> {
+        self.certificates.get(name)
+    }
+
+    /// All stored certificates in name order.
+    pub fn certificates(&self) -> impl Iterator<Item = &Certificate> {
+        self.certificates.values()
+    }
+
+    fn find(&self, id: &str) -> Result<&ServiceGroup, ApplyError> {
+        self.group(id)
+            .ok_or_else(|| ApplyError::NotFound(format!("service group {id:?} not found")))
+    }
+
+    fn plan(&self, cmd: &Command) -> Result<(Change, Applied), ApplyError> {
+        match cmd {
+            Command::CreateGroup { group } => {
+                let mut g = group.clone();
+                validate::normalise_services(&mut g.services);
+                validate::normalise_domains(&mut g.domains);
+                validate::check_group(&g, self)?;
+                if self.groups.contains_key(&g.uuid) {
+                    return Err(ApplyError::Conflict(format!(
+                        "a service group with uuid {} already exists",
+                        g.uuid
+                    )));
+                }
+                conflicts::check(self, &g)?;
+                Ok((Change::Put(g.clone()), Applied::Group(g)))
+            }
+            Command::PatchGroup { id, patch } => {
+                let g = patch::patched(self.find(id)?, patch)?;
+                validate::check_group(&g, self)?;
+                conflicts::check(self, &g)?;
+                Ok((Change::Put(g.clone()), Applied::Group(g)))
+            }
+            Command::DeleteGroup { id, force } => {
+                let g = self.find(id)?;
+                if !force && !g.instances.is_empty() {
+                    return Err(ApplyError::Conflict(format!(
+                        "service group {:?} has {} instance(s) attached; detach them or delete with force",
+                        g.name,
+                        g.instances.len()
+                    )));
+                }
+                Ok((Change::Remove(g.uuid), Applied::Deleted(g.clone())))
+            }
+            Command::AttachInstance { group, instance } => {
+                let current = self.find(group)?;
+                validate::check_instance(instance)?;
+                if current.instances.iter().any(|i| i.name == instance.name) {
+                    return Err(ApplyError::Conflict(format!(
+                        "instance {:?} already exists in group {:?}",
+                        instance.name, current.name
+                    )));
+                }
+                conflicts::check_instance_uuid(self, instance.uuid)?;
+                let mut g = current.clone();
+                g.instances.push(instance.clone());
+                let applied = Applied::Attached {
+                    group: g.name.clone(),
+                    instance: instance.clone(),
+                };
+                Ok((Change::Put(g), applied))
+            }
+            Command::DetachInstance { group, instance } => {
+                let current = self.find(group)?;
+                let Some(pos) = find_instance(&current.instances, instance) else {
+                    return Err(ApplyError::NotFound(format!(
+                        "instance {instance:?} not found in group {:?}",
+                        current.name
+                    )));
+                };
+                let mut g = current.clone();
+                let removed = g.instances.remove(pos);
+                let applied = Applied::Detached {
+                    group: g.name.clone(),
+                    instance: removed,
+                };
+                Ok((Change::Put(g), applied))
+            }
+            Command::PutCertificate { certificate } => {
+                validate::check_certificate(certificate)?;
+                let applied = Applied::Certificate(certificate.name.clone());
+                Ok((Change::Certificate(certificate.clone()), applied))
+            }
+        }
+    }
+
+    fn commit(&mut self, change: Change) {
+        match change {
+            Change::Put(g) => {
+                if let Some(old) = self.groups.get(&g.uuid) {
+                    self.names.remove(&old.name);
+                }
+                self.names.insert(g.name.clone(), g.uuid);
+                self.groups.insert(g.uuid, g);
+            }
+            Change::Remove(uuid) => {
+                if let Some(old) = self.groups.remove(&uuid) {
+                    self.names.remove(&old.name);
+                }
+            }
+            Change::Certificate(c) => {
+                self.certificates.insert(c.name.clone(), c);
+            }
+        }
+    }
+}
+
+/// The serialised form of [`State`].
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    groups: Vec<ServiceGroup>,
+    certificates: Vec<Certificate>,
+}
+
+impl From<State> for Snapshot {
+    fn from(state: State) -> Self {
+        Self {
+            groups: state.groups().cloned().collect(),
+            certificates: state.certificates.into_values().collect(),
+        }
+    }
+}
+
+impl TryFrom<Snapshot> for State {
+    type Error = String;
+
+    /// Refuses a snapshot with two groups of one uuid or name, or two
+    /// certificates of one name.
+    fn try_from(snapshot: Snapshot) -> Result<Self, Self::Error> {
+        let mut state = Self::default();
+        for g in snapshot.groups {
+            if state.groups.contains_key(&g.uuid) || state.names.contains_key(&g.name) {
+                return Err(format!("snapshot holds group {:?} twice", g.name));
+            }
+            state.names.insert(g.name.clone(), g.uuid);
+            state.groups.insert(g.uuid, g);
+        }
+        for c in snapshot.certificates {
+            if state.certificates.contains_key(&c.name) {
+                return Err(format!("snapshot holds certificate {:?} twice", c.name));
+            }
+            state.certificates.insert(c.name.clone(), c);
+        }
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

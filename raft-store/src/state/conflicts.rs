@@ -1,0 +1,93 @@
+//! Rules between groups (409 Conflict): unique names, fqdns and instance
+//! uuids, and port sharing.
+//!
+//! Port sharing: a listener has one mode, so several groups may publish the
+//! same port only if it has `tls` or `http` (routed by SNI / `Host`) in every
+//! one of them and the handler sets are identical. A plain TCP port belongs
+//! to one group.
+
+use uuid::Uuid;
+
+use super::State;
+use crate::model::{Service, ServiceGroup};
+use crate::state::ApplyError;
+use crate::validate::handlers_label;
+
+/// Checks `group` (new or changed) against every other group, in name order.
+pub(super) fn check(state: &State, group: &ServiceGroup) -> Result<(), ApplyError> {
+    for other in state.groups().filter(|o| o.uuid != group.uuid) {
+        if other.name == group.name {
+            return Err(conflict(format!(
+                "service group {:?} already exists",
+                group.name
+            )));
+        }
+        if let Some(d) = group
+            .domains
+            .iter()
+            .find(|d| other.domains.iter().any(|o| o.fqdn == d.fqdn))
+        {
+            return Err(conflict(format!(
+                "domain {:?} already belongs to group {:?}",
+                d.fqdn, other.name
+            )));
+        }
+        for s in &group.services {
+            if let Some(o) = other.services.iter().find(|o| o.port == s.port) {
+                check_port(s, o, &other.name)?;
+            }
+        }
+        if let Some(i) = group
+            .instances
+            .iter()
+            .find(|i| other.instances.iter().any(|o| o.uuid == i.uuid))
+        {
+            return Err(conflict(format!(
+                "instance uuid {} is already attached to group {:?}",
+                i.uuid, other.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `ours` and `theirs` publish the same port; `holder` names their group.
+fn check_port(ours: &Service, theirs: &Service, holder: &str) -> Result<(), ApplyError> {
+    let port = ours.port;
+    if theirs.handlers.is_empty() {
+        return Err(conflict(format!(
+            "port {port} is already published by group {holder:?} in TCP mode"
+        )));
+    }
+    if ours.handlers.is_empty() {
+        return Err(conflict(format!(
+            "port {port} is already published by group {holder:?} ({}); a plain TCP port cannot be shared",
+            handlers_label(&theirs.handlers)
+        )));
+    }
+    if ours.handlers != theirs.handlers {
+        return Err(conflict(format!(
+            "port {port} is published by group {holder:?} with handlers {}; groups sharing a port need the same handlers",
+            handlers_label(&theirs.handlers)
+        )));
+    }
+    Ok(())
+}
+
+/// An instance uuid is attached nowhere yet (load reports are keyed by it).
+pub(super) fn check_instance_uuid(state: &State, uuid: Uuid) -> Result<(), ApplyError> {
+    match state
+        .groups()
+        .find(|g| g.instances.iter().any(|i| i.uuid == uuid))
+    {
+        Some(g) => Err(conflict(format!(
+            "instance uuid {uuid} is already attached to group {:?}",
+            g.name
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn conflict(message: String) -> ApplyError {
+    ApplyError::Conflict(message)
+}

@@ -1,0 +1,85 @@
+//! [`Patch`] semantics: `set` replaces a list, `add` appends entries whose
+//! key is not there yet, `del` removes entries by key (`port` for services,
+//! `fqdn` for domains). The result is checked by the caller like a new group.
+
+use super::ApplyError;
+use crate::command::{Patch, PatchOp};
+use crate::model::ServiceGroup;
+use crate::validate::{normalise_domains, normalise_services};
+
+/// `group` with `patch` applied (normalised, not yet validated).
+pub(super) fn patched(group: &ServiceGroup, patch: &Patch) -> Result<ServiceGroup, ApplyError> {
+    let mut g = group.clone();
+    match patch {
+        Patch::Services { op, value } => {
+            let mut value = value.clone();
+            normalise_services(&mut value);
+            g.services = combine(
+                &group.services,
+                *op,
+                value,
+                |s| s.port,
+                |s| format!("port {}", s.port),
+                &group.name,
+            )?;
+        }
+        Patch::Domains { op, value } => {
+            let mut value = value.clone();
+            normalise_domains(&mut value);
+            g.domains = combine(
+                &group.domains,
+                *op,
+                value,
+                |d| d.fqdn.clone(),
+                |d| format!("domain {:?}", d.fqdn),
+                &group.name,
+            )?;
+        }
+        Patch::HardLimit(limit) => g.hard_limit = *limit,
+    }
+    Ok(g)
+}
+
+/// Combines a list with a patch value, entries compared by `key`.
+fn combine<T: Clone, K: PartialEq>(
+    current: &[T],
+    op: PatchOp,
+    value: Vec<T>,
+    key: impl Fn(&T) -> K,
+    describe: impl Fn(&T) -> String,
+    group: &str,
+) -> Result<Vec<T>, ApplyError> {
+    match op {
+        PatchOp::Set => Ok(value),
+        PatchOp::Add => {
+            if let Some(v) = value
+                .iter()
+                .find(|v| current.iter().any(|c| key(c) == key(v)))
+            {
+                return Err(ApplyError::Invalid(format!(
+                    "{} is already in group {group:?}",
+                    describe(v)
+                )));
+            }
+            let mut out = current.to_vec();
+            out.extend(value);
+            Ok(out)
+        }
+        PatchOp::Del => {
+            if let Some(v) = value
+                .iter()
+                .find(|v| !current.iter().any(|c| key(c) == key(v)))
+            {
+                return Err(ApplyError::NotFound(format!(
+                    "{} not found in group {group:?}",
+                    describe(v)
+                )));
+            }
+            Ok(current
+                .iter()
+                .filter(|c| !value.iter().any(|v| key(v) == key(c)))
+                .cloned()
+                .collect())
+        }
+    }
+}
