@@ -244,7 +244,10 @@ pub fn resolve_patch(req: PatchRequest) -> Result<PatchValue, ApplyError> {
             let services = keys.into_iter().map(PortKey::into_service).collect();
             Ok(PatchValue::Services(req.op, services))
         }
-        ("services", op) => Ok(PatchValue::Services(op, parse(req.value, "services", SERVICES)?)),
+        ("services", op) => Ok(PatchValue::Services(
+            op,
+            parse(req.value, "services", SERVICES)?,
+        )),
         ("domains", op) => {
             let items: Vec<DomainItem> = parse(req.value, "domains", DOMAINS)?;
             let domains = items.into_iter().map(DomainItem::into_request).collect();
@@ -273,7 +276,9 @@ fn parse<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ApplyError> {
     serde_json::from_value(value).map_err(|e| {
         let detail = e.to_string();
-        let detail = detail.rfind(" at line ").map_or(detail.as_str(), |i| &detail[..i]);
+        let detail = detail
+            .rfind(" at line ")
+            .map_or(detail.as_str(), |i| &detail[..i]);
         ApplyError::Invalid(format!("value for {prop} must be {expected} ({detail})"))
     })
 }

@@ -52,7 +52,7 @@ pub mod validate;
 
 pub use command::{Command, Patch, PatchOp};
 pub use model::{
-    Certificate, DEFAULT_HARD_LIMIT, Domain, Handler, Instance, ModelError, Service,
-    ServiceGroup, parse_port_specs,
+    Certificate, DEFAULT_HARD_LIMIT, Domain, Handler, Instance, ModelError, Service, ServiceGroup,
+    parse_port_specs,
 };
 pub use state::{Applied, ApplyError, State};

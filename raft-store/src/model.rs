@@ -151,7 +151,9 @@ impl FromStr for Service {
         if let Some(handlers) = handlers {
             for name in handlers.split('+') {
                 let h = name.parse::<Handler>().map_err(|_| {
-                    bad(&format!("unknown handler {name:?}; expected tls, http or redirect"))
+                    bad(&format!(
+                        "unknown handler {name:?}; expected tls, http or redirect"
+                    ))
                 })?;
                 if list.contains(&h) {
                     return Err(bad(&format!("handler {h} is listed twice")));

@@ -279,6 +279,8 @@ impl TryFrom<Snapshot> for State {
 }
 
 #[cfg(test)]
+mod fixtures;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;

@@ -24,9 +24,9 @@ pub fn valid_name(s: &str) -> bool {
 pub fn valid_fqdn(s: &str) -> bool {
     let rest = s.strip_prefix("*.").unwrap_or(s);
     s.len() <= 253
-        && rest.split('.').all(|label| {
-            valid_label(label, |b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        })
+        && rest
+            .split('.')
+            .all(|label| valid_label(label, |b| b.is_ascii_lowercase() || b.is_ascii_digit()))
 }
 
 /// Where an instance is reached: an IPv4 or IPv6 literal (no brackets, no
@@ -39,10 +39,12 @@ pub fn valid_address(s: &str) -> bool {
     }
     let name = s.strip_suffix('.').unwrap_or(s);
     name.len() <= 253
-        && name.split('.').all(|label| {
-            valid_label(label, |b| b.is_ascii_alphanumeric() || b == b'_')
-        })
-        && !name.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        && name
+            .split('.')
+            .all(|label| valid_label(label, |b| b.is_ascii_alphanumeric() || b == b'_'))
+        && !name
+            .split('.')
+            .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// 1–63 bytes, each `-` or accepted by `ok`, not starting or ending with `-`.

@@ -1,0 +1,231 @@
+use serde_json::json;
+
+use super::*;
+use crate::model::Handler::*;
+
+fn req(prop: &str, op: PatchOp, value: serde_json::Value) -> PatchRequest {
+    PatchRequest {
+        prop: prop.into(),
+        op,
+        value,
+    }
+}
+
+fn invalid_message(r: Result<PatchValue, ApplyError>) -> String {
+    match r {
+        Err(ApplyError::Invalid(m)) => m,
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn create_request_parses_and_refuses_unknown_fields() {
+    let body = json!({
+        "services": [{"port": 443, "destination_port": 8080, "handlers": ["tls", "http"]}],
+        "domains": [{"name": "Web.Example.com", "certificate": {"name": "web-cert"}}]
+    });
+    let parsed: CreateGroupRequest = serde_json::from_value(body).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed.name, None);
+    assert_eq!(parsed.hard_limit, None);
+    let domains = parsed.domains.unwrap_or_default();
+    assert_eq!(
+        domains[0].to_domain(),
+        Domain {
+            fqdn: "web.example.com".into(),
+            certificate: Some("web-cert".into())
+        }
+    );
+    let typo = json!({"services": [], "hardlimit": 5});
+    assert!(serde_json::from_value::<CreateGroupRequest>(typo).is_err());
+    let bad_domain = json!({"services": [], "domains": [{"fqdn": "a.com"}]});
+    assert!(serde_json::from_value::<CreateGroupRequest>(bad_domain).is_err());
+    assert!(serde_json::from_value::<AttachRequest>(json!({"address": "h", "port": 1})).is_err());
+    assert!(
+        serde_json::from_value::<CertificateRequest>(json!({"name": "a", "chain": ""})).is_err()
+    );
+}
+
+#[test]
+fn envelopes() {
+    let ok = serde_json::to_value(success(GroupsData {
+        service_groups: vec![],
+    }))
+    .ok();
+    assert_eq!(
+        ok,
+        Some(json!({"status": "success", "data": {"service_groups": []}}))
+    );
+    let err = serde_json::to_value(error(409, "port 5432 is taken")).ok();
+    assert_eq!(
+        err,
+        Some(json!({
+            "status": "error",
+            "message": "port 5432 is taken",
+            "errors": [{"status": 409, "message": "port 5432 is taken"}]
+        }))
+    );
+    let from_apply = ErrorBody::from(&ApplyError::NotFound("nope".into()));
+    assert_eq!(from_apply, error(404, "nope"));
+}
+
+#[test]
+fn instance_and_certificate_views() {
+    let view = InstanceView {
+        uuid: Uuid::from_u128(1),
+        name: "a".into(),
+        address: "10.0.0.1".into(),
+        state: InstanceState::Draining,
+        load: LoadView {
+            local: 1,
+            global: 3,
+            peers: BTreeMap::from([("n2".to_owned(), 2)]),
+        },
+    };
+    let json = serde_json::to_value(InstancesData {
+        instances: vec![view.clone()],
+    })
+    .ok();
+    assert_eq!(
+        json.clone(),
+        Some(json!({"instances": [{
+            "uuid": "00000000-0000-0000-0000-000000000001",
+            "name": "a",
+            "address": "10.0.0.1",
+            "state": "draining",
+            "load": {"local": 1, "global": 3, "peers": {"n2": 2}}
+        }]}))
+    );
+    let back: Option<InstancesData> = json.and_then(|j| serde_json::from_value(j).ok());
+    assert_eq!(back.map(|d| d.instances), Some(vec![view]));
+    let certs = CertificatesData {
+        certificates: vec![
+            CertificateInfo {
+                name: "a".into(),
+                not_after: None,
+            },
+            CertificateInfo {
+                name: "b".into(),
+                not_after: Some("2030-01-01T00:00:00Z".into()),
+            },
+        ],
+    };
+    assert_eq!(
+        serde_json::to_value(&certs).ok(),
+        Some(
+            json!({"certificates": [{"name": "a"}, {"name": "b", "not_after": "2030-01-01T00:00:00Z"}]})
+        )
+    );
+}
+
+#[test]
+fn patch_services() {
+    let value = json!([{"port": 8443, "destination_port": 8080, "handlers": ["http", "tls"]}]);
+    assert_eq!(
+        resolve_patch(req("services", PatchOp::Add, value)),
+        Ok(PatchValue::Services(
+            PatchOp::Add,
+            vec![Service {
+                port: 8443,
+                destination_port: 8080,
+                handlers: vec![Http, Tls]
+            }]
+        ))
+    );
+    let del = resolve_patch(req("services", PatchOp::Del, json!([443, {"port": 80}])));
+    let Ok(PatchValue::Services(PatchOp::Del, gone)) = del else {
+        panic!("{del:?}");
+    };
+    assert_eq!(gone.iter().map(|s| s.port).collect::<Vec<_>>(), [443, 80]);
+    let msg = invalid_message(resolve_patch(req(
+        "services",
+        PatchOp::Set,
+        json!([{"port": 1}]),
+    )));
+    assert!(
+        msg.starts_with(
+            "value for services must be a list of {port, destination_port, handlers} objects ("
+        ),
+        "{msg}"
+    );
+    let msg = invalid_message(resolve_patch(req("services", PatchOp::Add, json!(443))));
+    assert!(msg.contains("services"), "{msg}");
+    let msg = invalid_message(resolve_patch(req(
+        "services",
+        PatchOp::Set,
+        json!([{"port": 1, "destination_port": 1, "handlers": ["ftp"]}]),
+    )));
+    assert!(msg.contains("ftp"), "{msg}");
+}
+
+#[test]
+fn patch_domains() {
+    let value = json!([{"name": "A.com", "certificate": {"name": "c"}}, "b.com"]);
+    let Ok(PatchValue::Domains(PatchOp::Set, domains)) =
+        resolve_patch(req("domains", PatchOp::Set, value))
+    else {
+        panic!("domains did not parse");
+    };
+    let stored: Vec<Domain> = domains.iter().map(DomainRequest::to_domain).collect();
+    assert_eq!(
+        stored,
+        [
+            Domain {
+                fqdn: "a.com".into(),
+                certificate: Some("c".into())
+            },
+            Domain {
+                fqdn: "b.com".into(),
+                certificate: None
+            }
+        ]
+    );
+    assert!(
+        invalid_message(resolve_patch(req(
+            "domains",
+            PatchOp::Add,
+            json!({"name": "a"})
+        )))
+        .contains("domains")
+    );
+    assert!(matches!(
+        resolve_patch(req("domains", PatchOp::Add, json!([{"fqdn": "a"}]))),
+        Err(ApplyError::Invalid(_))
+    ));
+}
+
+#[test]
+fn patch_hard_limit() {
+    assert_eq!(
+        resolve_patch(req("hard_limit", PatchOp::Set, json!(10))),
+        Ok(PatchValue::HardLimit(10))
+    );
+    assert_eq!(
+        invalid_message(resolve_patch(req("hard_limit", PatchOp::Add, json!(10)))),
+        "hard_limit only supports op \"set\""
+    );
+    for bad in [json!(-1), json!("10"), json!(4_294_967_296u64), json!(1.5)] {
+        assert!(
+            invalid_message(resolve_patch(req("hard_limit", PatchOp::Set, bad)))
+                .starts_with("value for hard_limit")
+        );
+    }
+}
+
+#[test]
+fn patch_unknown_prop() {
+    assert_eq!(
+        invalid_message(resolve_patch(req("name", PatchOp::Set, json!("x")))),
+        "unknown prop \"name\"; expected services, domains or hard_limit"
+    );
+}
+
+#[test]
+fn patch_request_op_is_lowercase() {
+    let parsed: Option<PatchRequest> =
+        serde_json::from_value(json!({"prop": "hard_limit", "op": "set", "value": 3})).ok();
+    assert_eq!(parsed.map(|p| p.op), Some(PatchOp::Set));
+    assert!(
+        serde_json::from_value::<PatchRequest>(json!({"prop": "x", "op": "Set", "value": 3}))
+            .is_err()
+    );
+}

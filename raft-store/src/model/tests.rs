@@ -13,18 +13,36 @@ fn svc(port: u16, destination_port: u16, handlers: &[Handler]) -> Service {
 #[test]
 fn display_prints_handlers_in_order() {
     use Handler::*;
-    assert_eq!(svc(443, 8080, &[Tls, Http]).to_string(), "443:8080/tls+http");
-    assert_eq!(svc(443, 8080, &[Http, Tls]).to_string(), "443:8080/tls+http");
-    assert_eq!(svc(80, 443, &[Redirect, Http]).to_string(), "80:443/http+redirect");
+    assert_eq!(
+        svc(443, 8080, &[Tls, Http]).to_string(),
+        "443:8080/tls+http"
+    );
+    assert_eq!(
+        svc(443, 8080, &[Http, Tls]).to_string(),
+        "443:8080/tls+http"
+    );
+    assert_eq!(
+        svc(80, 443, &[Redirect, Http]).to_string(),
+        "80:443/http+redirect"
+    );
     assert_eq!(svc(5432, 5432, &[]).to_string(), "5432:5432");
 }
 
 #[test]
 fn from_str_accepts_specs() {
     use Handler::*;
-    assert_eq!("443:8080/tls+http".parse(), Ok(svc(443, 8080, &[Tls, Http])));
-    assert_eq!("443:8080/http+tls".parse(), Ok(svc(443, 8080, &[Tls, Http])));
-    assert_eq!("80:443/http+redirect".parse(), Ok(svc(80, 443, &[Http, Redirect])));
+    assert_eq!(
+        "443:8080/tls+http".parse(),
+        Ok(svc(443, 8080, &[Tls, Http]))
+    );
+    assert_eq!(
+        "443:8080/http+tls".parse(),
+        Ok(svc(443, 8080, &[Tls, Http]))
+    );
+    assert_eq!(
+        "80:443/http+redirect".parse(),
+        Ok(svc(80, 443, &[Http, Redirect]))
+    );
     assert_eq!("5432".parse(), Ok(svc(5432, 5432, &[])));
     assert_eq!("8080/http".parse(), Ok(svc(8080, 8080, &[Http])));
     assert_eq!("22:2222".parse(), Ok(svc(22, 2222, &[])));
@@ -33,8 +51,26 @@ fn from_str_accepts_specs() {
 #[test]
 fn from_str_refuses_bad_specs() {
     for bad in [
-        "", ":", "443:", ":443", "0", "0:80", "80:0", "65536", "+443", "443:+80", " 443", "443 ",
-        "a:b", "1:2:3", "443/", "443/tls+", "443/ftp", "443/TLS", "443/tls+tls", "443:80/http/tls",
+        "",
+        ":",
+        "443:",
+        ":443",
+        "0",
+        "0:80",
+        "80:0",
+        "65536",
+        "+443",
+        "443:+80",
+        " 443",
+        "443 ",
+        "a:b",
+        "1:2:3",
+        "443/",
+        "443/tls+",
+        "443/ftp",
+        "443/TLS",
+        "443/tls+tls",
+        "443:80/http/tls",
     ] {
         let err = bad.parse::<Service>();
         assert!(
@@ -45,30 +81,44 @@ fn from_str_refuses_bad_specs() {
     let msg = "443/ftp".parse::<Service>().err().map(|e| e.to_string());
     assert_eq!(
         msg.as_deref(),
-        Some("invalid port spec \"443/ftp\": unknown handler \"ftp\"; expected tls, http or redirect")
+        Some(
+            "invalid port spec \"443/ftp\": unknown handler \"ftp\"; expected tls, http or redirect"
+        )
     );
 }
 
 #[test]
 fn shorthand_443_expands() {
     use Handler::*;
-    let expanded = vec![svc(443, 8080, &[Tls, Http]), svc(80, 443, &[Http, Redirect])];
+    let expanded = vec![
+        svc(443, 8080, &[Tls, Http]),
+        svc(80, 443, &[Http, Redirect]),
+    ];
     assert_eq!(parse_port_specs(&["443:8080"]), Ok(expanded));
     assert_eq!(
         parse_port_specs(&["443"]),
-        Ok(vec![svc(443, 443, &[Tls, Http]), svc(80, 443, &[Http, Redirect])])
+        Ok(vec![
+            svc(443, 443, &[Tls, Http]),
+            svc(80, 443, &[Http, Redirect])
+        ])
     );
 }
 
 #[test]
 fn shorthand_applies_only_to_a_lone_bare_443() {
     use Handler::*;
-    assert_eq!(parse_port_specs(&["443:8080/tls"]), Ok(vec![svc(443, 8080, &[Tls])]));
+    assert_eq!(
+        parse_port_specs(&["443:8080/tls"]),
+        Ok(vec![svc(443, 8080, &[Tls])])
+    );
     assert_eq!(
         parse_port_specs(&["443:8080", "22"]),
         Ok(vec![svc(443, 8080, &[]), svc(22, 22, &[])])
     );
-    assert_eq!(parse_port_specs(&["8443:8080"]), Ok(vec![svc(8443, 8080, &[])]));
+    assert_eq!(
+        parse_port_specs(&["8443:8080"]),
+        Ok(vec![svc(8443, 8080, &[])])
+    );
     assert_eq!(parse_port_specs(&[]), Err(ModelError::NoPorts));
     assert!(matches!(
         parse_port_specs(&["443", "x"]),
@@ -160,10 +210,14 @@ fn instance_lookup_by_uuid_or_name() {
 
 fn handler_set() -> impl Strategy<Value = Vec<Handler>> {
     (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(t, h, r)| {
-        [(t, Handler::Tls), (h, Handler::Http), (r, Handler::Redirect)]
-            .into_iter()
-            .filter_map(|(on, h)| on.then_some(h))
-            .collect()
+        [
+            (t, Handler::Tls),
+            (h, Handler::Http),
+            (r, Handler::Redirect),
+        ]
+        .into_iter()
+        .filter_map(|(on, h)| on.then_some(h))
+        .collect()
     })
 }
 

@@ -83,3 +83,6 @@ fn combine<T: Clone, K: PartialEq>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,291 @@
+use uuid::Uuid;
+
+use super::fixtures::*;
+use super::*;
+use crate::command::{Patch, PatchOp};
+use crate::model::Handler::*;
+
+#[test]
+fn create_normalises() {
+    let mut s = State::default();
+    let mut g = web();
+    g.services[0].handlers = vec![Http, Tls];
+    g.domains = vec![domain("WWW.Example.COM")];
+    let Ok(Applied::Group(created)) = apply(&mut s, &create(g)) else {
+        panic!("create failed");
+    };
+    assert_eq!(created.services[0].handlers, [Tls, Http]);
+    assert_eq!(created.domains[0].fqdn, "www.example.com");
+    assert_eq!(s.group("web"), Some(&created));
+    assert_eq!(s.group(&Uuid::from_u128(1).to_string()), Some(&created));
+}
+
+#[test]
+fn create_refuses_invalid_groups() {
+    let mut s = state();
+    let mut g = group(3, "api", vec![]);
+    assert!(is_invalid(&apply(&mut s, &create(g.clone()))));
+    g.services = vec![svc(8080, 8080, &[Http])];
+    g.domains[0].certificate = Some("missing".into());
+    assert_eq!(
+        apply(&mut s, &create(g)),
+        Err(ApplyError::Invalid(
+            "certificate \"missing\" not found".into()
+        ))
+    );
+}
+
+#[test]
+fn names_uuids_and_fqdns_are_unique() {
+    let mut s = state();
+    assert_eq!(
+        apply(
+            &mut s,
+            &create(group(3, "web", vec![svc(8080, 80, &[Http])]))
+        ),
+        conflict("service group \"web\" already exists")
+    );
+    assert!(matches!(
+        apply(
+            &mut s,
+            &create(group(1, "api", vec![svc(8080, 80, &[Http])]))
+        ),
+        Err(ApplyError::Conflict(_))
+    ));
+    let mut g = group(3, "api", vec![svc(8080, 80, &[Http])]);
+    g.domains = vec![domain("WEB.edgelb.local")];
+    assert_eq!(
+        apply(&mut s, &create(g)),
+        conflict("domain \"web.edgelb.local\" already belongs to group \"web\"")
+    );
+}
+
+#[test]
+fn tcp_ports_belong_to_one_group() {
+    let mut s = state();
+    assert_eq!(
+        apply(&mut s, &create(group(3, "db2", vec![svc(5432, 5433, &[])]))),
+        conflict("port 5432 is already published by group \"db\" in TCP mode")
+    );
+    // A TLS or HTTP claim on a TCP port is refused too.
+    assert!(matches!(
+        apply(
+            &mut s,
+            &create(group(3, "db2", vec![svc(5432, 5432, &[Tls])]))
+        ),
+        Err(ApplyError::Conflict(_))
+    ));
+    // And a TCP claim on a shared HTTP port.
+    assert_eq!(
+        apply(&mut s, &create(group(3, "raw", vec![svc(443, 443, &[])]))),
+        conflict(
+            "port 443 is already published by group \"web\" (tls+http); a plain TCP port cannot be shared"
+        )
+    );
+}
+
+#[test]
+fn http_and_tls_ports_are_shared_with_identical_handlers() {
+    let mut s = state();
+    let api = group(
+        3,
+        "api",
+        vec![
+            svc(443, 9000, &[Tls, Http]),
+            svc(80, 443, &[Http, Redirect]),
+        ],
+    );
+    assert!(apply(&mut s, &create(api)).is_ok());
+    assert!(apply(&mut s, &create(group(4, "sni", vec![svc(8443, 1, &[Tls])]))).is_ok());
+    assert!(
+        apply(
+            &mut s,
+            &create(group(5, "sni2", vec![svc(8443, 2, &[Tls])]))
+        )
+        .is_ok()
+    );
+    assert_eq!(
+        apply(
+            &mut s,
+            &create(group(6, "mixed", vec![svc(443, 1, &[Tls])]))
+        ),
+        conflict(
+            "port 443 is published by group \"api\" with handlers tls+http; groups sharing a port need the same handlers"
+        )
+    );
+    assert!(matches!(
+        apply(
+            &mut s,
+            &create(group(6, "plain", vec![svc(80, 1, &[Http])]))
+        ),
+        Err(ApplyError::Conflict(_))
+    ));
+}
+
+#[test]
+fn delete_needs_force_while_instances_are_attached() {
+    let mut s = state();
+    assert!(apply(&mut s, &attach("web", inst(10, "a"))).is_ok());
+    let del = |force| Command::DeleteGroup {
+        id: "web".into(),
+        force,
+    };
+    assert_eq!(
+        apply(&mut s, &del(false)),
+        conflict(
+            "service group \"web\" has 1 instance(s) attached; detach them or delete with force"
+        )
+    );
+    let Ok(Applied::Deleted(g)) = apply(&mut s, &del(true)) else {
+        panic!("forced delete failed");
+    };
+    assert_eq!(g.instances, [inst(10, "a")]);
+    assert!(s.group("web").is_none());
+    assert!(is_not_found(&apply(&mut s, &del(true))));
+    // Name, ports and domains are free again.
+    assert!(apply(&mut s, &create(group(7, "web", vec![svc(443, 1, &[Tls])]))).is_ok());
+    assert!(apply(&mut s, &attach("web", inst(10, "a"))).is_ok());
+    assert!(
+        apply(
+            &mut s,
+            &Command::DeleteGroup {
+                id: "db".into(),
+                force: false
+            }
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn attach_and_detach() {
+    let mut s = state();
+    let Ok(Applied::Attached { group, instance }) = apply(&mut s, &attach("web", inst(10, "a")))
+    else {
+        panic!("attach failed");
+    };
+    assert_eq!((group.as_str(), instance), ("web", inst(10, "a")));
+    assert_eq!(
+        apply(&mut s, &attach("web", inst(11, "a"))),
+        conflict("instance \"a\" already exists in group \"web\"")
+    );
+    assert!(matches!(
+        apply(&mut s, &attach("db", inst(10, "b"))),
+        Err(ApplyError::Conflict(_))
+    ));
+    assert!(is_invalid(&apply(&mut s, &attach("web", inst(12, "B")))));
+    let mut bad = inst(12, "b");
+    bad.address = "[::1]:80".into();
+    assert!(is_invalid(&apply(&mut s, &attach("web", bad))));
+    assert!(is_not_found(&apply(&mut s, &attach("nope", inst(12, "b")))));
+    // Same name in another group is fine.
+    assert!(apply(&mut s, &attach("db", inst(12, "a"))).is_ok());
+
+    let detach = |group: &str, instance: &str| Command::DetachInstance {
+        group: group.into(),
+        instance: instance.into(),
+    };
+    assert_eq!(
+        apply(&mut s, &detach("web", "x")),
+        Err(ApplyError::NotFound(
+            "instance \"x\" not found in group \"web\"".into()
+        ))
+    );
+    let Ok(Applied::Detached { instance, .. }) =
+        apply(&mut s, &detach("web", &Uuid::from_u128(10).to_string()))
+    else {
+        panic!("detach by uuid failed");
+    };
+    assert_eq!(instance, inst(10, "a"));
+    assert!(apply(&mut s, &detach("db", "a")).is_ok());
+    assert!(s.groups().all(|g| g.instances.is_empty()));
+}
+
+#[test]
+fn certificates_are_stored_and_replaced() {
+    let mut s = state();
+    let put = |c| Command::PutCertificate { certificate: c };
+    assert_eq!(
+        apply(&mut s, &put(cert("a-cert"))),
+        Ok(Applied::Certificate("a-cert".into()))
+    );
+    let mut newer = cert("a-cert");
+    newer.not_after = Some("2030-01-01T00:00:00Z".into());
+    assert!(apply(&mut s, &put(newer.clone())).is_ok());
+    assert_eq!(s.certificate("a-cert"), Some(&newer));
+    assert_eq!(s.certificates().count(), 1);
+    let mut bad = cert("a-cert");
+    bad.private_key = String::new();
+    assert!(is_invalid(&apply(&mut s, &put(bad))));
+    let mut d = domain("secure.example.com");
+    d.certificate = Some("a-cert".into());
+    assert!(
+        apply(
+            &mut s,
+            &patch(
+                "web",
+                Patch::Domains {
+                    op: PatchOp::Add,
+                    value: vec![d]
+                }
+            )
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn groups_iterate_in_name_order() {
+    let mut s = state();
+    assert!(apply(&mut s, &create(group(0, "api", vec![svc(1, 1, &[])]))).is_ok());
+    let names: Vec<_> = s.groups().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["api", "db", "web"]);
+}
+
+#[test]
+fn check_is_a_dry_run() {
+    let s = state();
+    let cmd = attach("web", inst(10, "a"));
+    let mut applied = s.clone();
+    assert_eq!(s.check(&cmd), applied.apply(&cmd));
+    assert_eq!(s, state());
+    assert_ne!(s, applied);
+}
+
+#[test]
+fn status_codes() {
+    assert_eq!(ApplyError::Invalid(String::new()).status(), 400);
+    assert_eq!(ApplyError::NotFound(String::new()).status(), 404);
+    assert_eq!(ApplyError::Conflict(String::new()).status(), 409);
+}
+
+#[test]
+fn snapshot_round_trip() {
+    let mut s = state();
+    assert!(
+        s.apply(&Command::PutCertificate {
+            certificate: cert("c")
+        })
+        .is_ok()
+    );
+    assert!(s.apply(&attach("web", inst(10, "a"))).is_ok());
+    let json = serde_json::to_value(&s).ok();
+    let groups = json
+        .as_ref()
+        .and_then(|j| j["groups"].as_array())
+        .map(Vec::len);
+    assert_eq!(groups, Some(2));
+    let back: Option<State> = json.and_then(|j| serde_json::from_value(j).ok());
+    assert_eq!(back.as_ref(), Some(&s));
+    assert_eq!(
+        back.and_then(|b| b.group("web").cloned()),
+        s.group("web").cloned()
+    );
+}
+
+#[test]
+fn snapshot_with_duplicates_is_refused() {
+    let g = serde_json::to_value(web()).ok();
+    let json = serde_json::json!({"groups": [g, g], "certificates": []});
+    assert!(serde_json::from_value::<State>(json).is_err());
+}

@@ -30,7 +30,10 @@ fn group() -> ServiceGroup {
         uuid: Uuid::from_u128(1),
         name: "web".into(),
         domains: vec![domain("web.edgelb.local")],
-        services: vec![svc(443, 8080, &[Tls, Http]), svc(80, 443, &[Http, Redirect])],
+        services: vec![
+            svc(443, 8080, &[Tls, Http]),
+            svc(80, 443, &[Http, Redirect]),
+        ],
         hard_limit: DEFAULT_HARD_LIMIT,
         instances: vec![],
         created_at: "2024-01-01T00:00:00Z".into(),
@@ -47,7 +50,17 @@ fn names() {
     for ok in ["a", "web", "web-1", "a-", "x0", &"a".repeat(63)] {
         assert!(valid_name(ok), "{ok:?}");
     }
-    for bad in ["", "1a", "-a", "Web", "a_b", "a.b", "a b", "é", &"a".repeat(64)] {
+    for bad in [
+        "",
+        "1a",
+        "-a",
+        "Web",
+        "a_b",
+        "a.b",
+        "a b",
+        "é",
+        &"a".repeat(64),
+    ] {
         assert!(!valid_name(bad), "{bad:?}");
     }
 }
@@ -58,14 +71,35 @@ fn fqdns() {
     let max = format!("{0}.{0}.{0}.{1}", long_label, "a".repeat(61));
     assert_eq!(max.len(), 253);
     for ok in [
-        "localhost", "example.com", "a.b-c.d", "*.example.com", "x1.y2", &long_label, &max,
+        "localhost",
+        "example.com",
+        "a.b-c.d",
+        "*.example.com",
+        "x1.y2",
+        &long_label,
+        &max,
     ] {
         assert!(valid_fqdn(ok), "{ok:?}");
     }
     let too_long = format!("{max}a");
     for bad in [
-        "", ".", "a..b", ".a", "a.", "-a.com", "a-.com", "Example.com", "*", "*.", "a.*.b",
-        "**.a", "a_b.com", "a b", &"a".repeat(64), &too_long, "*.-a",
+        "",
+        ".",
+        "a..b",
+        ".a",
+        "a.",
+        "-a.com",
+        "a-.com",
+        "Example.com",
+        "*",
+        "*.",
+        "a.*.b",
+        "**.a",
+        "a_b.com",
+        "a b",
+        &"a".repeat(64),
+        &too_long,
+        "*.-a",
     ] {
         assert!(!valid_fqdn(bad), "{bad:?}");
     }
@@ -74,14 +108,30 @@ fn fqdns() {
 #[test]
 fn addresses() {
     for ok in [
-        "10.0.0.1", "::1", "fe80::1", "backend", "Backend.Local", "my_app", "api.internal.",
+        "10.0.0.1",
+        "::1",
+        "fe80::1",
+        "backend",
+        "Backend.Local",
+        "my_app",
+        "api.internal.",
         "2001:db8::8a2e:370:7334",
     ] {
         assert!(valid_address(ok), "{ok:?}");
     }
     for bad in [
-        "", "10.0.0.1:80", "[::1]", "[::1]:80", "host:80", "999.1.1.1", "1.2.3", "-a",
-        "a..b", "http://a", "a/b", " a",
+        "",
+        "10.0.0.1:80",
+        "[::1]",
+        "[::1]:80",
+        "host:80",
+        "999.1.1.1",
+        "1.2.3",
+        "-a",
+        "a..b",
+        "http://a",
+        "a/b",
+        " a",
     ] {
         assert!(!valid_address(bad), "{bad:?}");
     }
@@ -120,7 +170,10 @@ fn services_need_one_and_valid_ports() {
     assert!(is_invalid(check_services(&[])));
     assert!(is_invalid(check_services(&[svc(0, 80, &[])])));
     assert!(is_invalid(check_services(&[svc(80, 0, &[])])));
-    assert!(is_invalid(check_services(&[svc(80, 8080, &[]), svc(80, 8081, &[Http])])));
+    assert!(is_invalid(check_services(&[
+        svc(80, 8080, &[]),
+        svc(80, 8081, &[Http])
+    ])));
     assert_eq!(check_services(&[svc(65535, 1, &[])]), Ok(()));
 }
 
@@ -144,12 +197,22 @@ fn handler_sets() {
 #[test]
 fn redirect_must_point_at_a_tls_port_of_the_group() {
     let redirect = svc(80, 443, &[Http, Redirect]);
-    assert_eq!(check_services(&[redirect.clone(), svc(443, 8080, &[Tls])]), Ok(()));
+    assert_eq!(
+        check_services(&[redirect.clone(), svc(443, 8080, &[Tls])]),
+        Ok(())
+    );
     assert!(is_invalid(check_services(std::slice::from_ref(&redirect))));
-    assert!(is_invalid(check_services(&[redirect.clone(), svc(443, 8080, &[Http])])));
+    assert!(is_invalid(check_services(&[
+        redirect.clone(),
+        svc(443, 8080, &[Http])
+    ])));
     assert!(is_invalid(check_services(&[redirect, svc(443, 8080, &[])])));
     // pointing at itself
-    assert!(is_invalid(check_services(&[svc(80, 80, &[Http, Redirect])])));
+    assert!(is_invalid(check_services(&[svc(
+        80,
+        80,
+        &[Http, Redirect]
+    )])));
 }
 
 #[test]
@@ -157,8 +220,14 @@ fn domains() {
     let state = State::default();
     assert!(is_invalid(check_domains(&[], &state)));
     assert!(is_invalid(check_domains(&[domain("bad_name")], &state)));
-    assert!(is_invalid(check_domains(&[domain("a.com"), domain("a.com")], &state)));
-    assert_eq!(check_domains(&[domain("a.com"), domain("*.a.com")], &state), Ok(()));
+    assert!(is_invalid(check_domains(
+        &[domain("a.com"), domain("a.com")],
+        &state
+    )));
+    assert_eq!(
+        check_domains(&[domain("a.com"), domain("*.a.com")], &state),
+        Ok(())
+    );
 }
 
 #[test]
@@ -170,7 +239,9 @@ fn domain_certificate_must_exist() {
     };
     assert_eq!(
         check_domains(std::slice::from_ref(&d), &state),
-        Err(ApplyError::Invalid("certificate \"a-cert\" not found".into()))
+        Err(ApplyError::Invalid(
+            "certificate \"a-cert\" not found".into()
+        ))
     );
     let put = crate::command::Command::PutCertificate {
         certificate: Certificate {
@@ -186,11 +257,20 @@ fn domain_certificate_must_exist() {
 
 #[test]
 fn instances() {
-    assert_eq!(check_instances(&[inst(1, "a", "10.0.0.1"), inst(2, "b", "h")]), Ok(()));
+    assert_eq!(
+        check_instances(&[inst(1, "a", "10.0.0.1"), inst(2, "b", "h")]),
+        Ok(())
+    );
     assert!(is_invalid(check_instances(&[inst(1, "A", "10.0.0.1")])));
     assert!(is_invalid(check_instances(&[inst(1, "a", "10.0.0.1:80")])));
-    assert!(is_invalid(check_instances(&[inst(1, "a", "x"), inst(2, "a", "y")])));
-    assert!(is_invalid(check_instances(&[inst(1, "a", "x"), inst(1, "b", "y")])));
+    assert!(is_invalid(check_instances(&[
+        inst(1, "a", "x"),
+        inst(2, "a", "y")
+    ])));
+    assert!(is_invalid(check_instances(&[
+        inst(1, "a", "x"),
+        inst(1, "b", "y")
+    ])));
 }
 
 #[test]
