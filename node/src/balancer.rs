@@ -85,8 +85,8 @@ use std::time::Instant;
 use rand::Rng;
 use tracing::debug;
 
-pub use backend::{Backend, BackendState, INITIAL_BACKOFF, MAX_BACKOFF, start_drain};
 use backend::DETACHED;
+pub use backend::{Backend, BackendState, INITIAL_BACKOFF, MAX_BACKOFF, start_drain};
 use tree::MinTree;
 
 /// The balancer of one group: its attached backends and the selection tree.

@@ -99,11 +99,13 @@ impl MinTree {
     }
 
     /// Number of slots.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     /// The key of `slot`, if there is such a slot.
+    #[cfg(test)]
     pub(crate) fn get(&self, slot: usize) -> Option<u64> {
         (slot < self.len).then(|| self.nodes[self.width + slot].min)
     }
@@ -173,10 +175,10 @@ impl MinTree {
 
 #[cfg(test)]
 pub(super) mod tests {
-    use super::*;
+    use super::{DOWN_PENALTY, MinTree, key, load_of};
     use proptest::prelude::*;
-    use rand::SeedableRng;
     use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
 
     fn naive_min(keys: &[u64]) -> Option<(u64, usize)> {
         let min = *keys.iter().min()?;
