@@ -1,4 +1,21 @@
-//! edgelb node library.
+//! edgelb node library: everything the `edgelb` binary runs.
+//!
+//! A node keeps a copy of the replicated state ([`store`]), turns it into an
+//! immutable routing table ([`routing`]) that connections read without locks,
+//! binds the published ports ([`listeners`]), terminates TLS ([`tls`]),
+//! proxies HTTP ([`http`]) and TCP ([`tcp`]) to the instance the balancer
+//! picks ([`balancer`]), and serves the admin API ([`admin`]) and metrics
+//! ([`metrics`]). [`app::start`] wires it together from a [`config::Config`].
 
+pub mod admin;
+pub mod app;
 pub mod balancer;
+pub mod config;
+pub mod dataplane;
+pub mod http;
+pub mod listeners;
 pub mod metrics;
+pub mod routing;
+pub mod store;
+pub mod tcp;
+pub mod tls;

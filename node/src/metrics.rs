@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tracing::warn;
 
@@ -53,7 +53,7 @@ impl InstanceMetrics {
             connections: c("connections"),
             connect_errors: c("connect_errors"),
             requests: CODE_CLASSES.map(|_| c("requests")),
-            duration: Histogram::with_opts(prometheus::HistogramOpts::new("duration", "duration"))
+            duration: Histogram::with_opts(HistogramOpts::new("duration", "duration"))
                 .expect("static metric name is valid"),
             bytes_rx: c("bytes_rx"),
             bytes_tx: c("bytes_tx"),
@@ -154,6 +154,10 @@ const STATIC_OK: &str = "static metric definitions are valid and unique";
 
 impl Metrics {
     /// A registry with every family registered and no instance series yet.
+    ///
+    /// # Panics
+    /// Never: every name, help text and label is a valid constant, and each
+    /// family is registered once in a fresh registry.
     pub fn new() -> Self {
         let registry = Registry::new();
         let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c).expect(STATIC_OK);
@@ -263,8 +267,10 @@ impl Metrics {
             selected: self.selected.with_label_values(&labels),
             connections: self.connections.with_label_values(&labels),
             connect_errors: self.connect_errors.with_label_values(&labels),
-            requests: CODE_CLASSES
-                .map(|class| self.requests.with_label_values(&[service, instance_name, class])),
+            requests: CODE_CLASSES.map(|class| {
+                self.requests
+                    .with_label_values(&[service, instance_name, class])
+            }),
             duration: self.duration.with_label_values(&labels),
             bytes_rx: self
                 .bytes
@@ -332,8 +338,7 @@ impl Metrics {
                     g.inflight.set(saturating_i64(backend.local_inflight()));
                     g.inflight_global
                         .set(saturating_i64(group.balancer.load(backend)));
-                    g.up
-                        .set(i64::from(backend.state(now) == BackendState::Up));
+                    g.up.set(i64::from(backend.state(now) == BackendState::Up));
                 }
             }
         }
@@ -356,11 +361,78 @@ impl Metrics {
         &self.registry
     }
 
-    fn lock_gauges(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, InstanceGauges>>> {
+    fn lock_gauges(&self) -> MutexGuard<'_, HashMap<String, HashMap<String, InstanceGauges>>> {
         self.gauges.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series<'a>(text: &'a str, instance: &str) -> Vec<&'a str> {
+        let needle = format!("instance_name=\"{instance}\"");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&needle))
+            .collect()
+    }
+
+    #[test]
+    fn instance_series_are_created_up_front_and_removed_entirely() {
+        let metrics = Metrics::new();
+        let table = RoutingTable::default();
+        let a = metrics.instance("web", "a");
+        let _b = metrics.instance("web", "b");
+        a.observe_status(404);
+        a.duration.observe(0.003);
+        let text = metrics.render(&table);
+        let a_series = series(&text, "a");
+        for class in CODE_CLASSES {
+            let want = format!(
+                "edgelb_instance_requests_total{{code_class=\"{class}\",instance_name=\"a\",service=\"web\"}} {}",
+                u8::from(class == "4xx")
+            );
+            assert!(a_series.contains(&want.as_str()), "{want}\n{text}");
+        }
+        for direction in DIRECTIONS {
+            let want = format!(
+                "edgelb_instance_bytes_total{{direction=\"{direction}\",instance_name=\"a\",service=\"web\"}} 0"
+            );
+            assert!(a_series.contains(&want.as_str()), "{want}\n{text}");
+        }
+        // 9 families: 5 classes + 2 directions + 6 single series + the
+        // histogram's buckets, sum and count.
+        assert_eq!(
+            a_series.len(),
+            5 + 2 + 6 + DURATION_BUCKETS.len() + 3,
+            "{text}"
+        );
+
+        metrics.remove_instance("web", "a");
+        metrics.remove_instance("web", "a");
+        let text = metrics.render(&table);
+        assert!(series(&text, "a").is_empty(), "{text}");
+        assert_eq!(series(&text, "b").len(), a_series.len(), "{text}");
+        // Handles still held keep working; nothing scrapes them.
+        a.selected.inc();
+        assert!(series(&metrics.render(&table), "a").is_empty());
+    }
+
+    #[test]
+    fn every_family_has_help() {
+        let metrics = Metrics::new();
+        let _a = metrics.instance("web", "a");
+        metrics.admin_request(200);
+        let text = metrics.render(&RoutingTable::default());
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split(' ').nth(2).unwrap_or_default();
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}");
+        }
+        assert!(text.contains("# TYPE edgelb_instance_request_duration_seconds histogram"));
+        assert!(text.contains("edgelb_admin_requests_total{code=\"200\"} 1"));
+    }
 }

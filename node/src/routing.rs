@@ -74,10 +74,8 @@ impl PortRoute {
             if let Some(t) = self.exact.get(host.as_ref()) {
                 return Some(t);
             }
-            if let Some((_, parent)) = host.split_once('.') {
-                if let Some(t) = self.wildcard.get(parent) {
-                    return Some(t);
-                }
+            if let Some(t) = host.split_once('.').and_then(|(_, parent)| self.wildcard.get(parent)) {
+                return Some(t);
             }
         }
         self.only.as_ref()
@@ -89,10 +87,8 @@ impl PortRoute {
             if let Some(k) = self.keys.get(host.as_ref()) {
                 return Some(k.clone());
             }
-            if let Some((_, parent)) = host.split_once('.') {
-                if let Some(k) = self.keys.get(&format!("*.{parent}")) {
-                    return Some(k.clone());
-                }
+            if let Some(k) = host.split_once('.').and_then(|(_, parent)| self.keys.get(&format!("*.{parent}"))) {
+                return Some(k.clone());
             }
         }
         self.default_key.clone()
@@ -170,18 +166,20 @@ impl RoutingTable {
     /// instances that stay. Instances that left start draining and lose their
     /// metric series.
     pub fn build(state: &State, prev: &Self, cx: &BuildContext<'_>) -> Self {
-        let mut groups = HashMap::new();
-        for g in state.groups() {
-            groups.insert(g.uuid, Arc::new(group_runtime(g, prev.groups.get(&g.uuid), cx)));
-        }
+        // Retire instances that left first: a new instance may reuse a
+        // detached one's name, and its fresh metric series must survive.
         for (uuid, old) in &prev.groups {
-            let kept = groups.get(uuid);
+            let kept = state.group(&uuid.to_string()).filter(|g| g.uuid == *uuid);
             for (id, b) in &old.backends {
-                if kept.is_none_or(|k| !k.backends.contains_key(id)) {
+                if kept.is_none_or(|k| !k.instances.iter().any(|i| i.uuid == *id)) {
                     start_drain(b, cx.drain_timeout);
                     cx.metrics.remove_instance(&old.name, &b.name);
                 }
             }
+        }
+        let mut groups = HashMap::new();
+        for g in state.groups() {
+            groups.insert(g.uuid, Arc::new(group_runtime(g, prev.groups.get(&g.uuid), cx)));
         }
 
         let mut by_port: HashMap<u16, Vec<(&ServiceGroup, u16)>> = HashMap::new();
@@ -204,9 +202,8 @@ fn group_runtime(g: &ServiceGroup, prev: Option<&Arc<GroupRuntime>>, cx: &BuildC
     balancer.set_hard_limit(g.hard_limit);
     let mut backends = HashMap::new();
     for i in &g.instances {
-        let reused = prev
-            .and_then(|p| p.backends.get(&i.uuid))
-            .filter(|b| b.address == i.address && b.name == i.name);
+        // Instances are immutable once attached: the uuid names one backend.
+        let reused = prev.and_then(|p| p.backends.get(&i.uuid));
         let backend = reused.cloned().unwrap_or_else(|| {
             let metrics = cx.metrics.instance(&g.name, &i.name);
             Arc::new(Backend::new(i.uuid, i.name.clone(), i.address.clone(), metrics))

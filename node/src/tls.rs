@@ -86,10 +86,9 @@ impl CertCache {
         if let Some(k) = generated.get(&domain.fqdn) {
             return k.clone();
         }
-        let name = domain.fqdn.replacen("*.", "wildcard.", 1);
-        let fqdn = if domain.fqdn.starts_with("*.") { &domain.fqdn } else { &name };
-        // A validated fqdn is always a valid SAN; fall back to a fixed name if not.
-        let key = self_signed(fqdn)
+        // A validated fqdn (wildcards included) is a valid SAN; fall back to a
+        // fixed name rather than fail if rcgen ever disagrees.
+        let key = self_signed(&domain.fqdn)
             .or_else(|_| self_signed("edgelb.invalid"))
             .expect("rcgen signs a fixed dns name");
         info!(fqdn = %domain.fqdn, "generated a self-signed certificate");

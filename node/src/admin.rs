@@ -1,0 +1,230 @@
+//! The admin HTTP API (HTTP/1.1, JSON; SPEC §6) and the `/metrics`,
+//! `/healthz` and `/readyz` endpoints.
+//!
+//! ```text
+//!  request ─▶ size check (413) ─▶ route ─┬─ /metrics /healthz /readyz   (no token)
+//!                                        └─ /v1/… ─▶ bearer token (401) ─▶ handler
+//!  handler ─▶ read state ─────────────────────────────────────────▶ 200 envelope
+//!          └▶ build Command ─▶ Store::propose ─▶ Applied / StoreError ─▶ envelope
+//! ```
+//!
+//! Reads come from the local state (`Store::state`). `?consistent=true` is
+//! accepted on every read; with the single-node store a local read is
+//! already linearizable, so it changes nothing until reads go through the
+//! Raft leader. Writes answer once `Store::propose` has returned, with the
+//! status of the refusal if there was one (400, 404, 409, 503).
+//!
+//! Every `/v1` route needs `Authorization: Bearer <token>`; an empty
+//! configured token admits nobody. Request bodies are limited to 1 MiB
+//! (`Content-Length` checked before routing, and the read itself is
+//! bounded); request headers to 64 KiB (431) and 10 s from accept or from
+//! the end of the previous keep-alive request (then the connection closes).
+//! The `/v1/cluster` routes arrive with Raft and answer 404 until then.
+
+mod certificates;
+mod groups;
+mod instances;
+mod names;
+mod reply;
+mod request;
+#[cfg(test)]
+mod tests;
+
+use std::convert::Infallible;
+use std::fmt::{self, Debug};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::dataplane::DataPlane;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use reply::{ApiError, Reply, text, with_type};
+use request::{Flags, authorized, check_header_size, check_length};
+
+/// From accept (or the end of the previous request) until the request
+/// header block is complete.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request header block.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// How long `serve` waits for open connections after shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What the admin API serves from.
+pub struct Admin {
+    pub store: Arc<Store>,
+    pub dataplane: Arc<DataPlane>,
+    pub metrics: Arc<Metrics>,
+    /// The admin token; `/v1` requests must present it as a bearer token.
+    pub token: String,
+    /// Groups created without domains get `<name>.<cluster_domain>`.
+    pub cluster_domain: String,
+    /// `/readyz` answers 200 once this is set (state loaded, listeners bound).
+    pub ready: Arc<AtomicBool>,
+}
+
+impl Debug for Admin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admin")
+            .field("token", &"<redacted>")
+            .field("cluster_domain", &self.cluster_domain)
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves the admin API on `listener` until `shutdown` is cancelled; then
+/// stops accepting, lets open connections finish their current request and
+/// waits for them up to [`SHUTDOWN_GRACE`].
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "admin API listening");
+    }
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    debug!(%peer, "admin connection");
+                    conns.spawn(connection(stream, admin.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            open = conns.len(),
+            "admin connections still open at shutdown; closing them"
+        );
+    }
+}
+
+async fn connection(stream: TcpStream, admin: Arc<Admin>, shutdown: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |req| {
+        let admin = admin.clone();
+        async move { Ok::<_, Infallible>(handle(&admin, req).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "admin connection ended");
+    }
+}
+
+/// Answers one request and counts it.
+async fn handle(admin: &Admin, req: Request<Incoming>) -> Reply {
+    let reply = route(admin, req).await.unwrap_or_else(|e| {
+        if e.status().is_server_error() {
+            warn!(status = %e.status(), error = ?e, "admin request failed");
+        }
+        e.into_reply()
+    });
+    admin.metrics.admin_request(reply.status().as_u16());
+    reply
+}
+
+async fn route(admin: &Admin, req: Request<Incoming>) -> Result<Reply, ApiError> {
+    check_header_size(req.uri(), req.headers(), MAX_HEADER_BYTES)?;
+    check_length(req.headers())?;
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let method = &parts.method;
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let not_allowed = |allow| ApiError::method(method, path, allow);
+    match segments.as_slice() {
+        ["healthz"] if method == Method::GET => Ok(text(StatusCode::OK, "ok\n")),
+        ["readyz"] if method == Method::GET => Ok(if admin.ready.load(Ordering::Acquire) {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        }),
+        ["metrics"] if method == Method::GET => {
+            let body = admin.metrics.render(&admin.dataplane.routes.load());
+            Ok(with_type(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body,
+            ))
+        }
+        ["healthz" | "readyz" | "metrics"] => Err(not_allowed("GET")),
+        ["v1", rest @ ..] => {
+            if !authorized(&parts.headers, &admin.token) {
+                return Err(ApiError::unauthorized());
+            }
+            if rest.iter().any(|s| s.is_empty()) {
+                return Err(ApiError::no_route(path));
+            }
+            let flags = Flags::parse(parts.uri.query())?;
+            match (rest, method) {
+                (["services"], &Method::POST) => groups::create(admin, body).await,
+                (["services"], &Method::GET) => Ok(groups::list(admin)),
+                (["services"], _) => Err(not_allowed("GET, POST")),
+                (["services", id], &Method::GET) => groups::get(admin, id),
+                (["services", id], &Method::PATCH) => groups::patch(admin, id, body).await,
+                (["services", id], &Method::DELETE) => groups::delete(admin, id, flags.force).await,
+                (["services", _], _) => Err(not_allowed("GET, PATCH, DELETE")),
+                (["services", id, "instances"], &Method::POST) => {
+                    instances::attach(admin, id, body).await
+                }
+                (["services", id, "instances"], &Method::GET) => instances::list(admin, id),
+                (["services", _, "instances"], _) => Err(not_allowed("GET, POST")),
+                (["services", id, "instances", instance], &Method::DELETE) => {
+                    instances::detach(admin, id, instance).await
+                }
+                (["services", _, "instances", _], _) => Err(not_allowed("DELETE")),
+                (["certificates"], &Method::POST) => certificates::create(admin, body).await,
+                (["certificates"], &Method::GET) => Ok(certificates::list(admin)),
+                (["certificates"], _) => Err(not_allowed("GET, POST")),
+                _ => Err(ApiError::no_route(path)),
+            }
+        }
+        _ => Err(ApiError::no_route(path)),
+    }
+}
+
+/// 500 for a proposal answered with the wrong kind of [`Applied`]
+/// (a bug: each command has one kind of answer).
+///
+/// [`Applied`]: raft_store::state::Applied
+fn unexpected(applied: &impl Debug) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("unexpected result of the proposal: {applied:?}"),
+    )
+}

@@ -1,0 +1,168 @@
+//! `/v1/services` and `/v1/services/{id}`: service groups.
+
+use hyper::body::Incoming;
+use raft_store::api::{
+    CreateGroupRequest, DomainRequest, GroupsData, PatchRequest, PatchValue, resolve_patch,
+};
+use raft_store::command::{Command, Patch};
+use raft_store::model::{DEFAULT_HARD_LIMIT, Domain, ServiceGroup};
+use raft_store::state::Applied;
+use raft_store::validate::{valid_fqdn, valid_name};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+use super::reply::{ApiError, Reply, success};
+use super::request::read_json;
+use super::{Admin, names, unexpected};
+
+/// Attempts at a generated name that no group has yet.
+const NAME_ATTEMPTS: usize = 16;
+
+/// `POST /v1/services`.
+pub(crate) async fn create(admin: &Admin, body: Incoming) -> Result<Reply, ApiError> {
+    let req: CreateGroupRequest = read_json(body).await?;
+    let state = admin.store.state();
+    let name = match req.name {
+        Some(name) => {
+            check_name("service group", &name)?;
+            name
+        }
+        None => {
+            let mut rng = rand::rng();
+            let mut name = names::group_name(&mut rng);
+            for _ in 1..NAME_ATTEMPTS {
+                if state.group(&name).is_none() {
+                    break;
+                }
+                name = names::group_name(&mut rng);
+            }
+            name
+        }
+    };
+    let domains = match req.domains {
+        Some(domains) => to_domains(&domains)?,
+        None => to_domains(&[DomainRequest {
+            name: format!("{name}.{}", admin.cluster_domain),
+            certificate: None,
+        }])?,
+    };
+    let group = ServiceGroup {
+        uuid: Uuid::new_v4(),
+        name,
+        domains,
+        services: req.services,
+        hard_limit: req.hard_limit.unwrap_or(DEFAULT_HARD_LIMIT),
+        instances: Vec::new(),
+        created_at: now_rfc3339()?,
+        persistent: true,
+    };
+    match admin.store.propose(Command::CreateGroup { group }).await? {
+        Applied::Group(g) => Ok(one(g)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// `GET /v1/services`.
+pub(crate) fn list(admin: &Admin) -> Reply {
+    let state = admin.store.state();
+    success(GroupsData {
+        service_groups: state.groups().cloned().collect(),
+    })
+}
+
+/// `GET /v1/services/{id}`.
+pub(crate) fn get(admin: &Admin, id: &str) -> Result<Reply, ApiError> {
+    let state = admin.store.state();
+    let group = state.group(id).ok_or_else(|| not_found(id))?;
+    Ok(one(group.clone()))
+}
+
+/// `PATCH /v1/services/{id}`.
+pub(crate) async fn patch(admin: &Admin, id: &str, body: Incoming) -> Result<Reply, ApiError> {
+    let req: PatchRequest = read_json(body).await?;
+    let patch = match resolve_patch(req)? {
+        PatchValue::Services(op, value) => Patch::Services { op, value },
+        PatchValue::Domains(op, value) => Patch::Domains {
+            op,
+            value: to_domains(&value)?,
+        },
+        PatchValue::HardLimit(n) => Patch::HardLimit(n),
+    };
+    let cmd = Command::PatchGroup {
+        id: id.to_owned(),
+        patch,
+    };
+    match admin.store.propose(cmd).await? {
+        Applied::Group(g) => Ok(one(g)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// `DELETE /v1/services/{id}[?force=true]`.
+pub(crate) async fn delete(admin: &Admin, id: &str, force: bool) -> Result<Reply, ApiError> {
+    let cmd = Command::DeleteGroup {
+        id: id.to_owned(),
+        force,
+    };
+    match admin.store.propose(cmd).await? {
+        Applied::Deleted(g) => Ok(one(g)),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn one(group: ServiceGroup) -> Reply {
+    success(GroupsData {
+        service_groups: vec![group],
+    })
+}
+
+pub(crate) fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        http::StatusCode::NOT_FOUND,
+        format!("service group {id:?} not found"),
+    )
+}
+
+/// 400 unless `name` follows the naming rule.
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "{what} name {name:?} is not valid: use a-z, 0-9 and '-', 1-63 chars, starting with a letter"
+        )))
+    }
+}
+
+/// The stored form of request domains, each checked to be a valid host name.
+fn to_domains(requests: &[DomainRequest]) -> Result<Vec<Domain>, ApiError> {
+    requests
+        .iter()
+        .map(|r| {
+            let d = r.to_domain();
+            if valid_fqdn(&d.fqdn) {
+                Ok(d)
+            } else {
+                Err(ApiError::invalid(format!(
+                    "domain {:?} is not a valid host name",
+                    r.name
+                )))
+            }
+        })
+        .collect()
+}
+
+/// Now in RFC 3339, whole seconds, UTC.
+fn now_rfc3339() -> Result<String, ApiError> {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(0)
+        .unwrap_or(now)
+        .format(&Rfc3339)
+        .map_err(|e| {
+            ApiError::new(
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                format!("formatting the time: {e}"),
+            )
+        })
+}

@@ -1,0 +1,228 @@
+//! The admin API over real sockets: a server on port 0 in front of an
+//! in-memory store, and a hyper client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use raft_store::state::State;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Admin, serve};
+use crate::dataplane::{DataPlane, Settings};
+use crate::metrics::Metrics;
+use crate::routing::{BuildContext, RoutingTable};
+use crate::store::Store;
+use crate::tls::CertCache;
+
+mod groups;
+mod instances;
+mod metrics;
+mod server;
+
+const TOKEN: &str = "s3cret-token";
+
+struct Server {
+    addr: SocketAddr,
+    admin: Arc<Admin>,
+    certs: CertCache,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+
+    /// Asserts the error envelope with `status`.
+    #[track_caller]
+    fn assert_error(&self, status: u16) -> String {
+        assert_eq!(self.status.as_u16(), status, "{}", self.body);
+        let v = self.json();
+        assert_eq!(v["status"], "error", "{v}");
+        assert_eq!(v["errors"][0]["status"], status, "{v}");
+        let message = v["message"].as_str().unwrap_or_default().to_owned();
+        assert!(!message.is_empty(), "{v}");
+        assert_eq!(v["errors"][0]["message"], message.as_str(), "{v}");
+        message
+    }
+
+    /// Asserts 200 with the success envelope and returns `data`.
+    #[track_caller]
+    fn data(&self) -> Value {
+        assert_eq!(self.status, StatusCode::OK, "{}", self.body);
+        let v = self.json();
+        assert_eq!(v["status"], "success", "{v}");
+        v["data"].clone()
+    }
+}
+
+impl Server {
+    async fn start() -> Self {
+        let admin = Arc::new(Admin {
+            store: Arc::new(Store::in_memory(State::default())),
+            dataplane: Arc::new(DataPlane::new(Settings::default())),
+            metrics: Arc::new(Metrics::new()),
+            token: TOKEN.to_owned(),
+            cluster_domain: "edgelb.local".to_owned(),
+            ready: Arc::new(AtomicBool::new(false)),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, admin.clone(), shutdown.clone()));
+        Self {
+            addr,
+            admin,
+            certs: CertCache::default(),
+            shutdown,
+            task,
+        }
+    }
+
+    /// Rebuilds the data plane's routing table from the store's state, as
+    /// the node does on every state change.
+    fn rebuild(&self) {
+        let state = self.admin.store.state();
+        let prev = self.admin.dataplane.routes.load_full();
+        let cx = BuildContext {
+            metrics: &self.admin.metrics,
+            certs: &self.certs,
+            drain_timeout: Duration::from_secs(1),
+        };
+        let table = RoutingTable::build(&state, &prev, &cx);
+        self.admin.dataplane.routes.store(Arc::new(table));
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> Answer {
+        let stream = TcpStream::connect(self.addr).await.expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "admin");
+        if let Some(token) = token {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("send");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        self.request(Method::GET, path, Some(TOKEN), None).await
+    }
+
+    async fn send(&self, method: Method, path: &str, body: &Value) -> Answer {
+        self.request(method, path, Some(TOKEN), Some(body.to_string()))
+            .await
+    }
+
+    async fn delete(&self, path: &str) -> Answer {
+        self.request(Method::DELETE, path, Some(TOKEN), None).await
+    }
+
+    /// Creates a group named `name` with one HTTP port.
+    async fn create(&self, name: &str) -> Value {
+        let body = json!({"name": name, "services": [{"port": 8080, "destination_port": 80, "handlers": ["http"]}]});
+        let data = self.send(Method::POST, "/v1/services", &body).await.data();
+        data["service_groups"][0].clone()
+    }
+
+    async fn attach(&self, group: &str, name: &str, address: &str) -> Value {
+        let path = format!("/v1/services/{group}/instances");
+        let body = json!({"name": name, "address": address});
+        let data = self.send(Method::POST, &path, &body).await.data();
+        data["instances"][0].clone()
+    }
+
+    /// Sends `raw` on a fresh connection and reads until the server closes
+    /// it or a whole response has arrived.
+    async fn raw(&self, raw: Vec<u8>) -> String {
+        let stream = TcpStream::connect(self.addr).await.expect("connect");
+        let (mut rd, mut wr) = stream.into_split();
+        // The server may answer and close before it has read everything.
+        let writer = tokio::spawn(async move {
+            let _ = wr.write_all(&raw).await;
+            wr
+        });
+        let mut out = Vec::new();
+        let mut buf = [0_u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = tokio::time::timeout_at(deadline.into(), rd.read(&mut buf))
+                .await
+                .expect("response in time");
+            match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            let text = String::from_utf8_lossy(&out);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_owned)
+                    })
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if len.is_some_and(|len| body.len() >= len) {
+                    break;
+                }
+            }
+        }
+        writer.abort();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("serve returns after shutdown")
+            .expect("serve task");
+    }
+}
+
+fn http_service() -> Value {
+    json!([{"port": 8080, "destination_port": 80, "handlers": ["http"]}])
+}

@@ -1,0 +1,129 @@
+//! Auth, probes, routing, size limits.
+
+use std::sync::atomic::Ordering;
+
+use http::{Method, StatusCode};
+use serde_json::json;
+
+use super::{Server, TOKEN};
+
+#[tokio::test]
+async fn v1_needs_the_token_and_probes_do_not() {
+    let s = Server::start().await;
+    let a = s.request(Method::GET, "/v1/services", None, None).await;
+    a.assert_error(401);
+    assert_eq!(
+        a.headers.get("www-authenticate").map(|v| v.as_bytes()),
+        Some(&b"Bearer"[..])
+    );
+    s.request(Method::GET, "/v1/services", Some("wrong"), None)
+        .await
+        .assert_error(401);
+    s.request(Method::GET, "/v1/services", Some("s3cret-token-"), None)
+        .await
+        .assert_error(401);
+    s.request(Method::POST, "/v1/services", None, Some("{}".into()))
+        .await
+        .assert_error(401);
+    // Unknown /v1 routes do not reveal themselves without the token either.
+    s.request(Method::GET, "/v1/cluster", None, None)
+        .await
+        .assert_error(401);
+    assert_eq!(
+        s.get("/v1/services").await.data()["service_groups"],
+        json!([])
+    );
+
+    let m = s.request(Method::GET, "/metrics", None, None).await;
+    assert_eq!(m.status, StatusCode::OK);
+    assert!(m.body.contains("# HELP edgelb_groups"), "{}", m.body);
+    assert_eq!(
+        s.request(Method::GET, "/healthz", None, None).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.request(Method::GET, "/readyz", None, None).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    s.admin.ready.store(true, Ordering::Release);
+    assert_eq!(
+        s.request(Method::GET, "/readyz", None, None).await.status,
+        StatusCode::OK
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods() {
+    let s = Server::start().await;
+    s.get("/v1/nothing").await.assert_error(404);
+    s.get("/v1/cluster").await.assert_error(404);
+    s.send(Method::POST, "/v1/cluster/nodes", &json!({}))
+        .await
+        .assert_error(404);
+    s.get("/v1/services/").await.assert_error(404);
+    s.get("/nothing").await.assert_error(404);
+    let a = s
+        .request(Method::PUT, "/v1/services", Some(TOKEN), Some("{}".into()))
+        .await;
+    a.assert_error(405);
+    assert_eq!(
+        a.headers.get("allow").map(|v| v.as_bytes()),
+        Some(&b"GET, POST"[..])
+    );
+    s.request(Method::POST, "/healthz", None, None)
+        .await
+        .assert_error(405);
+    s.request(Method::GET, "/v1/services/x/instances/y", Some(TOKEN), None)
+        .await
+        .assert_error(405);
+    s.get("/v1/services?force=maybe").await.assert_error(400);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_over_one_mib_are_413() {
+    let s = Server::start().await;
+    // Declared: refused from the headers alone, the body is never sent.
+    let head = format!(
+        "POST /v1/services HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {TOKEN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        (1 << 20) + 1
+    );
+    let answer = s.raw(head.into_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains(r#""status":413"#), "{answer}");
+
+    // Chunked: refused while reading.
+    let mut raw = format!(
+        "POST /v1/services HTTP/1.1\r\nhost: admin\r\nauthorization: Bearer {TOKEN}\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    let chunk = vec![b' '; 64 * 1024];
+    for _ in 0..17 {
+        raw.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        raw.extend_from_slice(&chunk);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    let answer = s.raw(raw).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    // Exactly 1 MiB is fine as far as size goes (and then not JSON).
+    let body = " ".repeat(1 << 20);
+    s.request(Method::POST, "/v1/services", Some(TOKEN), Some(body))
+        .await
+        .assert_error(400);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_headers_are_431() {
+    let s = Server::start().await;
+    let raw = format!(
+        "GET /healthz HTTP/1.1\r\nhost: admin\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let answer = s.raw(raw.into_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    s.stop().await;
+}

@@ -1,0 +1,299 @@
+//! One client connection: the context its requests share, and the I/O
+//! wrapper that enforces the header timeout (408) and the keep-alive idle
+//! timeout.
+//!
+//! hyper's own `header_read_timeout` closes without answering and starts
+//! when the previous response ends, so the timeouts live here instead, in
+//! front of hyper, driven by how many requests are active:
+//!
+//! ```text
+//!   accept ─▶ Head ──request handled──▶ Busy ──last response body done──▶ Idle
+//!              │ header_timeout           ▲                                 │ first byte
+//!              ▼                          └──────────────── Head ◀──────────┘
+//!         write 408, EOF                                     idle_timeout: graceful close
+//! ```
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+
+use http::HeaderValue;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::dataplane::{ConnInfo, DataPlane};
+
+/// What every request of one client connection shares.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub(crate) dp: Arc<DataPlane>,
+    pub(crate) info: ConnInfo,
+    /// The client's IP, as appended to `X-Forwarded-For`.
+    pub(crate) client_ip: HeaderValue,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub(crate) proto: HeaderValue,
+    /// The node is shutting down.
+    pub(crate) shutdown: CancellationToken,
+    /// Requests being handled (service called, response body not finished).
+    active: AtomicUsize,
+    /// The connection was upgraded: no more HTTP timeouts.
+    tunnel: AtomicBool,
+    /// `TimedIo` waits on a read while busy and must be woken when idle.
+    parked: AtomicBool,
+    idle_expired: AtomicBool,
+    notify: Notify,
+}
+
+impl Conn {
+    pub(crate) fn new(info: ConnInfo, dp: Arc<DataPlane>, shutdown: CancellationToken) -> Self {
+        let ip = info.peer.ip().to_canonical().to_string();
+        Self {
+            dp,
+            info,
+            // An IP address is always a valid header value.
+            client_ip: HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static("unknown")),
+            proto: HeaderValue::from_static(if info.tls { "https" } else { "http" }),
+            shutdown,
+            active: AtomicUsize::new(0),
+            tunnel: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
+            idle_expired: AtomicBool::new(false),
+            notify: Notify::new(),
+        }
+    }
+
+    /// The connection has been upgraded: its I/O passes through untimed.
+    pub(crate) fn set_tunnel(&self) {
+        self.tunnel.store(true, Ordering::SeqCst);
+    }
+
+    /// Resolves when the keep-alive idle timeout has passed.
+    pub(crate) async fn idle_expired(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.idle_expired.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Counts one request as active on its connection until dropped (with the
+/// response body).
+#[derive(Debug)]
+pub(crate) struct ActiveGuard(Arc<Conn>);
+
+impl ActiveGuard {
+    pub(crate) fn new(conn: &Arc<Conn>) -> Self {
+        conn.active.fetch_add(1, Ordering::SeqCst);
+        Self(conn.clone())
+    }
+
+    pub(crate) fn conn(&self) -> &Arc<Conn> {
+        &self.0
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.parked.swap(false, Ordering::SeqCst) {
+            // Wakes the connection task (its select waits on `notify`) so
+            // that the reader starts the idle timer.
+            self.0.notify.notify_one();
+        }
+    }
+}
+
+/// The HTTP/1 answer to a client too slow to send its header block.
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n\
+content-length: 15\r\nconnection: close\r\n\r\nrequest timeout";
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for (the rest of) a request header block.
+    Head,
+    /// A request is being handled.
+    Busy,
+    /// Between keep-alive requests.
+    Idle,
+    /// Writing the 408; the `usize` is how much has been written.
+    Reject(usize),
+    /// Reads end (after a 408).
+    Closed,
+    /// Upgraded, or idle-expired and closing gracefully: no more timers.
+    Passthrough,
+}
+
+/// The client I/O with header and idle timeouts.
+#[derive(Debug)]
+pub(crate) struct TimedIo<I> {
+    inner: I,
+    conn: Arc<Conn>,
+    phase: Phase,
+    timer: Pin<Box<Sleep>>,
+    seen_bytes: bool,
+    h2: bool,
+}
+
+impl<I> TimedIo<I> {
+    pub(crate) fn new(inner: I, conn: Arc<Conn>) -> Self {
+        let timer = Box::pin(tokio::time::sleep(conn.dp.settings.header_timeout));
+        Self {
+            inner,
+            conn,
+            phase: Phase::Head,
+            timer,
+            seen_bytes: false,
+            h2: false,
+        }
+    }
+
+    fn arm(&mut self, after: std::time::Duration) {
+        self.timer.as_mut().reset(Instant::now() + after);
+    }
+
+    /// Follows the connection's active count.
+    fn update_phase(&mut self) {
+        if self.conn.tunnel.load(Ordering::SeqCst) {
+            self.phase = Phase::Passthrough;
+            return;
+        }
+        let busy = self.conn.active.load(Ordering::SeqCst) > 0;
+        match (self.phase, busy) {
+            (Phase::Head | Phase::Idle | Phase::Busy, true) => self.phase = Phase::Busy,
+            (Phase::Busy, false) => {
+                self.phase = Phase::Idle;
+                self.arm(self.conn.dp.settings.idle_timeout);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_bytes(&mut self, bytes: &[u8]) {
+        if !self.seen_bytes {
+            self.seen_bytes = true;
+            let n = bytes.len().min(H2_PREFACE.len());
+            if bytes[..n] == H2_PREFACE[..n] {
+                // HTTP/2 frames its own headers; only the idle timeout applies.
+                self.h2 = true;
+                if self.phase == Phase::Head {
+                    self.phase = Phase::Idle;
+                    self.arm(self.conn.dp.settings.idle_timeout);
+                }
+            }
+        } else if self.phase == Phase::Idle && !self.h2 {
+            self.phase = Phase::Head;
+            self.arm(self.conn.dp.settings.header_timeout);
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> TimedIo<I> {
+    fn poll_reject(&mut self, cx: &mut Context<'_>, mut sent: usize) -> Poll<()> {
+        while sent < REQUEST_TIMEOUT.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &REQUEST_TIMEOUT[sent..]) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(n)) => {
+                    sent += n;
+                    self.phase = Phase::Reject(sent);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let _ = ready!(Pin::new(&mut self.inner).poll_flush(cx));
+        let _ = ready!(Pin::new(&mut self.inner).poll_shutdown(cx));
+        Poll::Ready(())
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match this.phase {
+                Phase::Passthrough => return Pin::new(&mut this.inner).poll_read(cx, buf),
+                Phase::Closed => return Poll::Ready(Ok(())),
+                Phase::Reject(sent) => {
+                    ready!(this.poll_reject(cx, sent));
+                    this.phase = Phase::Closed;
+                    continue;
+                }
+                Phase::Head | Phase::Busy | Phase::Idle => {}
+            }
+            this.update_phase();
+            if this.phase == Phase::Passthrough {
+                continue;
+            }
+            let before = buf.filled().len();
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+                Poll::Ready(Ok(())) => {
+                    let filled = buf.filled();
+                    if filled.len() > before {
+                        this.on_bytes(&filled[before..]);
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+            if this.phase == Phase::Busy {
+                this.conn.parked.store(true, Ordering::SeqCst);
+                if this.conn.active.load(Ordering::SeqCst) > 0 {
+                    return Poll::Pending;
+                }
+                // The last request ended meanwhile: start the idle timer.
+                this.conn.parked.store(false, Ordering::SeqCst);
+                continue;
+            }
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if this.phase == Phase::Head && !this.h2 {
+                debug!("header timeout");
+                this.phase = Phase::Reject(0);
+                continue;
+            }
+            debug!("idle timeout");
+            this.phase = Phase::Passthrough;
+            this.conn.idle_expired.store(true, Ordering::SeqCst);
+            this.conn.notify.notify_one();
+            // The inner read registered the waker; hyper closes on the
+            // graceful shutdown that the connection task now starts.
+            return Poll::Pending;
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,127 @@
+//! Why a proxied request failed, where the failure came from, whether
+//! another instance may be tried, and the short plain-text answer.
+
+use std::io;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+
+/// Who caused a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Upstream,
+    Internal,
+}
+
+/// Connecting to an instance failed before any request byte was sent: the
+/// instance is marked down and another one may be tried.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    #[error("connect timed out")]
+    Timeout,
+    #[error("connect: {0}")]
+    Io(#[from] io::Error),
+    #[error("handshake: {0}")]
+    Handshake(hyper::Error),
+    #[error("connection closed before the request was sent: {0}")]
+    Closed(hyper::Error),
+}
+
+/// A request that gets an error answer instead of an instance's response.
+///
+/// Only [`ConnectError`]s are retried (on another instance), and only while
+/// attempts remain; everything else is answered at once.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProxyError {
+    #[error("no service for this host")]
+    NoRoute,
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("no instances")]
+    NoInstances,
+    #[error("every instance is at its hard limit")]
+    Overloaded,
+    #[error("every attempt failed: {0}")]
+    Connect(#[from] ConnectError),
+    #[error("upstream failed: {0}")]
+    Upstream(hyper::Error),
+    #[error("upstream sent an unexpected 101")]
+    UnexpectedUpgrade,
+    #[error("upstream response headers timed out")]
+    Timeout,
+}
+
+impl ProxyError {
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NoInstances | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade => StatusCode::BAD_GATEWAY,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub(crate) fn side(&self) -> Side {
+        match self {
+            Self::NoRoute | Self::BadRequest(_) | Self::MethodNotAllowed => Side::Client,
+            Self::NoInstances | Self::Overloaded => Side::Internal,
+            Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade | Self::Timeout => Side::Upstream,
+        }
+    }
+
+    fn body(&self) -> &'static str {
+        match self {
+            Self::NoRoute => "service not found",
+            Self::BadRequest(_) => "bad request",
+            Self::MethodNotAllowed => "method not allowed",
+            Self::NoInstances => "no instances",
+            Self::Overloaded => "overloaded",
+            Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade => "bad gateway",
+            Self::Timeout => "gateway timeout",
+        }
+    }
+
+    /// The answer to the client.
+    pub(crate) fn response(&self) -> Response<ProxyBody> {
+        let mut resp = text_response(self.status(), self.body());
+        if matches!(self, Self::Overloaded) {
+            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// A short `text/plain` response.
+pub(crate) fn text_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(Bytes::from_static(text.as_bytes())));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(text.len()));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_bodies() {
+        let r = ProxyError::Overloaded.response();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[RETRY_AFTER], "1");
+        assert_eq!(r.headers()[CONTENT_LENGTH], "10");
+        assert_eq!(ProxyError::NoRoute.response().headers()[CONTENT_TYPE], "text/plain");
+        assert_eq!(ProxyError::Timeout.status(), 504);
+        assert_eq!(ProxyError::Connect(ConnectError::Timeout).status(), 502);
+        assert_eq!(ProxyError::Timeout.side(), Side::Upstream);
+    }
+}

@@ -1,0 +1,228 @@
+//! Header rewriting between client and instance: hop-by-hop headers out,
+//! `X-Forwarded-*` in, HTTP/2 requests turned into HTTP/1.1 ones.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{
+    CONNECTION, COOKIE, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::uri::Uri;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Version};
+
+use super::conn::Conn;
+
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection and are not forwarded (RFC 9110
+/// §7.6.1), besides those that `Connection` names.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// The request asks for a protocol switch (`Connection: upgrade` and an
+/// `Upgrade` header, HTTP/1.1).
+pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers and those named by `Connection`. With
+/// `upgrade`, `Upgrade` stays and `Connection` becomes `upgrade`.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // Tokens that are not hop-by-hop already are rare: allocate only then.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for token in connection_tokens(headers) {
+        if token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("upgrade") {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            if !is_hop_by_hop(&name) {
+                named.push(name);
+            }
+        }
+    }
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        if upgrade && (name == CONNECTION || name == UPGRADE) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Rewrites a client request for the instance: HTTP/1.1 in origin form with
+/// `Host`, no hop-by-hop headers, `X-Forwarded-*` added. `host` is the host
+/// the client addressed (already taken from `Host` or the authority).
+pub(crate) fn prepare_request<B>(req: &mut Request<B>, conn: &Conn, host: Option<HeaderValue>, upgrade: bool) {
+    let h2 = req.version() == Version::HTTP_2;
+    *req.version_mut() = Version::HTTP_11;
+    let uri = req.uri();
+    let absolute = uri.scheme().is_some() || uri.authority().is_some();
+    if absolute {
+        let origin = match uri.path_and_query() {
+            Some(pq) if pq.as_str().starts_with('/') || pq.as_str() == "*" => Uri::from(pq.clone()),
+            _ => Uri::from_static("/"),
+        };
+        *req.uri_mut() = origin;
+    }
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, upgrade);
+    if h2 {
+        merge_cookies(headers);
+    }
+    match &host {
+        // An absolute-form target or an HTTP/2 authority names the host.
+        Some(h) if absolute || !headers.contains_key(HOST) => {
+            headers.insert(HOST, h.clone());
+        }
+        _ => {}
+    }
+    append_forwarded_for(headers, &conn.client_ip);
+    headers.insert(X_FORWARDED_PROTO, conn.proto.clone());
+    match host {
+        Some(h) => headers.insert(X_FORWARDED_HOST, h),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+}
+
+/// `X-Forwarded-For: <existing>, <client ip>`.
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    let mut values = headers.get_all(X_FORWARDED_FOR).iter();
+    let Some(first) = values.next() else {
+        headers.insert(X_FORWARDED_FOR, ip.clone());
+        return;
+    };
+    let mut buf = BytesMut::with_capacity(first.len() + ip.len() + 16);
+    buf.put_slice(first.as_bytes());
+    for v in values {
+        buf.put_slice(b", ");
+        buf.put_slice(v.as_bytes());
+    }
+    buf.put_slice(b", ");
+    buf.put_slice(ip.as_bytes());
+    let joined = HeaderValue::from_maybe_shared(buf.freeze()).unwrap_or_else(|_| ip.clone());
+    headers.insert(X_FORWARDED_FOR, joined);
+}
+
+/// HTTP/2 may split `cookie` into several fields; HTTP/1.1 wants one
+/// (RFC 9113 §8.2.3).
+fn merge_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut buf = BytesMut::with_capacity(first.len() * 2);
+    for (i, v) in headers.get_all(COOKIE).iter().enumerate() {
+        if i > 0 {
+            buf.put_slice(b"; ");
+        }
+        buf.put_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(buf)) {
+        headers.insert(COOKIE, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "basic x"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_and_connection() {
+        let mut h = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket"), ("te", "x")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert!(!h.contains_key("te"));
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let ip = HeaderValue::from_static("10.1.2.3");
+        let mut h = headers(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")]);
+        append_forwarded_for(&mut h, &ip);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, &ip);
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+    }
+
+    #[test]
+    fn cookies_merge() {
+        let mut h = headers(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        merge_cookies(&mut h);
+        assert_eq!(h.get_all(COOKIE).iter().count(), 1);
+        assert_eq!(h[COOKIE], "a=1; b=2");
+    }
+
+    #[test]
+    fn detects_upgrade() {
+        let req = Request::builder()
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert!(is_upgrade(&req));
+        let req = Request::builder().header("upgrade", "websocket").body(()).unwrap();
+        assert!(!is_upgrade(&req));
+    }
+}

@@ -1,0 +1,77 @@
+//! Redirect ports: every request gets `308 Permanent Redirect` to the same
+//! host, path and query over HTTPS on the group's TLS port.
+
+use http::header::{CONTENT_LENGTH, LOCATION};
+use http::{HeaderValue, Request, Response, StatusCode};
+
+use super::body::ProxyBody;
+use super::error::ProxyError;
+use crate::routing::normalize_host;
+
+/// `https://<host>[:<port> unless 443]<path>[?<query>]`, or `None` when the
+/// host is not a plain host name or IP literal (it would otherwise let a
+/// client choose where the redirect points).
+pub(crate) fn location(host: &str, port: u16, path_and_query: &str) -> Option<String> {
+    let host = normalize_host(host);
+    if !valid_host(&host) {
+        return None;
+    }
+    let path = if path_and_query.starts_with('/') { path_and_query } else { "/" };
+    let mut loc = String::with_capacity(8 + host.len() + 6 + path.len());
+    loc.push_str("https://");
+    loc.push_str(&host);
+    if port != 443 {
+        loc.push(':');
+        loc.push_str(&port.to_string());
+    }
+    loc.push_str(path);
+    Some(loc)
+}
+
+fn valid_host(host: &str) -> bool {
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return !inner.is_empty() && inner.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+    }
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+/// The redirect for `req` on a redirect port whose TLS port is `port`.
+pub(crate) fn response<B>(
+    req: &Request<B>,
+    host: Option<&HeaderValue>,
+    port: u16,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let host = host
+        .and_then(|h| h.to_str().ok())
+        .ok_or(ProxyError::BadRequest("no host to redirect to"))?;
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let loc = location(host, port, path).ok_or(ProxyError::BadRequest("invalid host"))?;
+    let loc = HeaderValue::from_str(&loc).map_err(|_| ProxyError::BadRequest("invalid target"))?;
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    resp.headers_mut().insert(LOCATION, loc);
+    resp.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations() {
+        assert_eq!(
+            location("Example.com:80", 443, "/a/b?x=1&y").as_deref(),
+            Some("https://example.com/a/b?x=1&y")
+        );
+        assert_eq!(location("example.com", 8443, "/").as_deref(), Some("https://example.com:8443/"));
+        assert_eq!(location("[::1]:80", 443, "/p").as_deref(), Some("https://[::1]/p"));
+        assert_eq!(location("example.com", 443, "*").as_deref(), Some("https://example.com/"));
+        assert_eq!(location("evil.com/x", 443, "/"), None);
+        assert_eq!(location("a@b", 443, "/"), None);
+        assert_eq!(location("", 443, "/"), None);
+    }
+}

@@ -1,0 +1,837 @@
+//! HTTP mode against real loopback sockets: an in-process edge (the
+//! module's `serve_connection` behind a test accept loop) in front of tiny
+//! backends.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use raft_store::command::Command;
+use raft_store::model::{Domain, Handler, Instance, Service, ServiceGroup};
+use raft_store::state::State;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::serve_connection;
+use crate::balancer::Backend;
+use crate::dataplane::{ConnInfo, DataPlane, Settings};
+use crate::metrics::Metrics;
+use crate::routing::{BuildContext, RoutingTable};
+use crate::tls::CertCache;
+
+/// Patience for conditions on a slow machine.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn within<T>(fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, fut).await.expect("timed out")
+}
+
+// ---------------------------------------------------------------- model
+
+fn http_port(port: u16, dest: u16) -> Service {
+    Service {
+        port,
+        destination_port: dest,
+        handlers: vec![Handler::Http],
+    }
+}
+
+fn group(name: &str, domain: &str, services: Vec<Service>, instances: &[(&str, IpAddr)]) -> ServiceGroup {
+    ServiceGroup {
+        uuid: Uuid::new_v4(),
+        name: name.into(),
+        domains: vec![Domain {
+            fqdn: domain.into(),
+            certificate: None,
+        }],
+        services,
+        hard_limit: 65535,
+        instances: instances
+            .iter()
+            .map(|(n, ip)| Instance {
+                uuid: Uuid::new_v4(),
+                name: (*n).into(),
+                address: ip.to_string(),
+            })
+            .collect(),
+        created_at: "2025-01-01T00:00:00Z".into(),
+        persistent: false,
+    }
+}
+
+// ---------------------------------------------------------------- edge
+
+const PORT: u16 = 80;
+
+struct Edge {
+    addr: SocketAddr,
+    dp: Arc<DataPlane>,
+    shutdown: CancellationToken,
+    _metrics: Metrics,
+}
+
+impl Edge {
+    async fn start(groups: Vec<ServiceGroup>, settings: Settings) -> Self {
+        let mut state = State::default();
+        for g in groups {
+            state.apply(&Command::CreateGroup { group: g }).expect("valid group");
+        }
+        let metrics = Metrics::new();
+        let certs = CertCache::default();
+        let cx = BuildContext {
+            metrics: &metrics,
+            certs: &certs,
+            drain_timeout: settings.drain_timeout,
+        };
+        let table = RoutingTable::build(&state, &RoutingTable::default(), &cx);
+        let dp = Arc::new(DataPlane::new(settings));
+        dp.routes.store(Arc::new(table));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let (dp2, sd) = (dp.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, peer)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                let info = ConnInfo {
+                    peer,
+                    port: PORT,
+                    tls: false,
+                };
+                tokio::spawn(serve_connection(stream, info, dp2.clone(), sd.clone()));
+            }
+        });
+        Self {
+            addr,
+            dp,
+            shutdown,
+            _metrics: metrics,
+        }
+    }
+
+    fn backend(&self, name: &str) -> Arc<Backend> {
+        let table = self.dp.routes.load();
+        table
+            .groups()
+            .flat_map(|g| g.backends.values())
+            .find(|b| b.name == name)
+            .cloned()
+            .expect("backend")
+    }
+
+    async fn client(&self) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+        let stream = TcpStream::connect(self.addr).await.expect("connect edge");
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        sender
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        header_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        upstream_timeout: Duration::from_secs(5),
+        ..Settings::default()
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Reply {
+    within(async {
+        sender.ready().await.expect("ready");
+        let resp = sender.send_request(req).await.expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    })
+    .await
+}
+
+fn get(host: &str, path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
+// ---------------------------------------------------------------- backends
+
+/// Loopback IPs that all have `port` free, so instances of one group (which
+/// share a destination port) can run side by side.
+async fn listeners(n: u8) -> (u16, Vec<(IpAddr, TcpListener)>) {
+    loop {
+        let first = TcpListener::bind("127.0.0.2:0").await.expect("bind");
+        let port = first.local_addr().expect("addr").port();
+        let mut all = vec![(IpAddr::from([127, 0, 0, 2]), first)];
+        for i in 1..n {
+            let ip = IpAddr::from([127, 0, 0, 2 + i]);
+            match TcpListener::bind((ip, port)).await {
+                Ok(l) => all.push((ip, l)),
+                Err(_) => break,
+            }
+        }
+        if all.len() == usize::from(n) {
+            return (port, all);
+        }
+    }
+}
+
+/// An address on `port` where nothing listens.
+fn refused(i: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 200 + i))
+}
+
+#[derive(Clone, Default)]
+struct Counters {
+    conns: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+/// A backend that answers every request with `x-backend: <name>` and a body
+/// listing the request line and headers it received.
+fn echo_backend(listener: TcpListener, name: &'static str) -> Counters {
+    let counters = Counters::default();
+    let c = counters.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            c.conns.fetch_add(1, Ordering::SeqCst);
+            let requests = c.requests.clone();
+            let svc = service_fn(move |req: Request<Incoming>| {
+                requests.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let mut text = format!("{} {}\n", req.method(), req.uri());
+                    for (k, v) in req.headers() {
+                        text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+                    }
+                    let resp = Response::builder()
+                        .header("x-backend", name)
+                        .header("connection", "x-private")
+                        .header("x-private", "1")
+                        .header("keep-alive", "timeout=30")
+                        .body(Full::new(Bytes::from(text)))
+                        .expect("response");
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+        }
+    });
+    counters
+}
+
+/// A backend that reads requests and never answers.
+fn silent_backend(listener: TcpListener) {
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+}
+
+/// A backend whose response body is fed chunk by chunk from the test: each
+/// request hands the test the sender of its body.
+fn streaming_backend(listener: TcpListener) -> mpsc::UnboundedReceiver<mpsc::Sender<Bytes>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            let svc = service_fn(move |_req: Request<Incoming>| {
+                let (chunks_tx, chunks_rx) = mpsc::channel(4);
+                let _ = tx.send(chunks_tx);
+                async move { Ok::<_, Infallible>(Response::new(ChannelBody(chunks_rx))) }
+            });
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+        }
+    });
+    rx
+}
+
+/// A body that ends when its sender is dropped.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.get_mut().0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A backend that answers 101 to anything and then echoes bytes.
+fn upgrade_backend(listener: TcpListener) -> oneshot::Receiver<String> {
+    let (head_tx, head_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else { return };
+        let head = read_head(&mut stream).await;
+        let _ = head_tx.send(head);
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+            .await;
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if stream.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    head_rx
+}
+
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Writes raw bytes to the edge and reads until it closes.
+async fn raw_exchange(edge: &Edge, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
+    let _ = stream.write_all(request).await;
+    read_to_close(&mut stream).await
+}
+
+async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = within(stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn keep_alive_requests_are_balanced_over_reused_connections() {
+    let (port, mut ls) = listeners(2).await;
+    let (ip_b, lb) = ls.pop().expect("b");
+    let (ip_a, la) = ls.pop().expect("a");
+    let a = echo_backend(la, "a");
+    let b = echo_backend(lb, "b");
+    let g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip_a), ("b", ip_b)]);
+    let edge = Edge::start(vec![g], settings()).await;
+
+    let mut client = edge.client().await;
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..40 {
+        let r = send(&mut client, get("app.example.com", "/")).await;
+        assert_eq!(r.status, 200);
+        let name = r.headers["x-backend"].to_str().expect("ascii").to_owned();
+        *seen.entry(name).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "both instances used: {seen:?}");
+    let requests = a.requests.load(Ordering::SeqCst) + b.requests.load(Ordering::SeqCst);
+    let conns = a.conns.load(Ordering::SeqCst) + b.conns.load(Ordering::SeqCst);
+    assert_eq!(requests, 40);
+    assert!(conns < 10, "upstream connections are reused: {conns} for 40 requests");
+    let (ba, bb) = (edge.backend("a"), edge.backend("b"));
+    eventually("nothing in flight", || ba.local_inflight() == 0 && bb.local_inflight() == 0).await;
+    assert_eq!(ba.metrics.requests[1].get() + bb.metrics.requests[1].get(), 40);
+    assert!(ba.metrics.bytes_rx.get() > 0 && ba.metrics.bytes_tx.get() > 0);
+    assert_eq!(
+        ba.metrics.connections.get() + bb.metrics.connections.get(),
+        u64::try_from(conns).expect("small")
+    );
+}
+
+#[tokio::test]
+async fn forwarded_headers_added_and_hop_by_hop_removed() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    echo_backend(l, "a");
+    let g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    let edge = Edge::start(vec![g], settings()).await;
+
+    let mut client = edge.client().await;
+    let req = Request::get("/path?q=1")
+        .header("host", "App.Example.com")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("proxy-authorization", "Basic eA==")
+        .header("x-forwarded-for", "192.0.2.7")
+        .header("x-forwarded-proto", "https")
+        .header("x-kept", "yes")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let r = send(&mut client, req).await;
+    assert_eq!(r.status, 200);
+    let seen = r.body.to_ascii_lowercase();
+    assert!(seen.starts_with("get /path?q=1\n"), "{seen}");
+    assert!(seen.contains("\nhost: app.example.com\n"), "{seen}");
+    assert!(seen.contains("\nx-forwarded-for: 192.0.2.7, 127.0.0.1\n"), "{seen}");
+    assert!(seen.contains("\nx-forwarded-proto: http\n"), "{seen}");
+    assert!(seen.contains("\nx-forwarded-host: app.example.com\n"), "{seen}");
+    assert!(seen.contains("\nx-kept: yes\n"), "{seen}");
+    for gone in ["x-hop", "keep-alive", "te:", "proxy-authorization", "connection"] {
+        assert!(!seen.contains(gone), "{gone} forwarded: {seen}");
+    }
+    assert!(!r.headers.contains_key("x-private"), "response hop-by-hop removed");
+    assert!(!r.headers.contains_key("keep-alive"));
+    assert_eq!(r.headers["x-backend"], "a");
+}
+
+#[tokio::test]
+async fn redirect_port_answers_308() {
+    let tls_http = |port, dest| Service {
+        port,
+        destination_port: dest,
+        handlers: vec![Handler::Tls, Handler::Http],
+    };
+    let redirect = |port, dest| Service {
+        port,
+        destination_port: dest,
+        handlers: vec![Handler::Http, Handler::Redirect],
+    };
+    let ip = refused(0);
+    let g1 = group(
+        "one",
+        "one.example.com",
+        vec![tls_http(443, 8080), redirect(PORT, 443)],
+        &[("a", ip)],
+    );
+    let g2 = group(
+        "two",
+        "two.example.com",
+        vec![tls_http(8443, 8080), redirect(PORT, 8443)],
+        &[("b", ip)],
+    );
+    let edge = Edge::start(vec![g1, g2], settings()).await;
+    let mut client = edge.client().await;
+
+    let r = send(&mut client, get("one.example.com", "/a/b?x=1&y=2")).await;
+    assert_eq!(r.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(r.headers["location"], "https://one.example.com/a/b?x=1&y=2");
+
+    let r = send(&mut client, get("two.example.com:80", "/")).await;
+    assert_eq!(r.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(r.headers["location"], "https://two.example.com:8443/");
+
+    let r = send(&mut client, get("three.example.com", "/")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(edge.backend("a").metrics.selected.get(), 0, "no balancing on redirects");
+}
+
+#[tokio::test]
+async fn unknown_host_on_shared_port_is_404() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    echo_backend(l, "a");
+    let g1 = group("one", "one.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    let g2 = group("two", "*.two.example.com", vec![http_port(PORT, port)], &[("b", ip)]);
+    let edge = Edge::start(vec![g1, g2], settings()).await;
+    let mut client = edge.client().await;
+
+    let r = send(&mut client, get("nope.example.com", "/")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.body, "service not found");
+    assert_eq!(r.headers["content-type"], "text/plain");
+    assert_eq!(r.headers["content-length"], "17");
+
+    let r = send(&mut client, get("x.two.example.com", "/")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-backend"], "a");
+}
+
+#[tokio::test]
+async fn no_instances_is_503() {
+    let g = group("app", "app.example.com", vec![http_port(PORT, 8080)], &[]);
+    let edge = Edge::start(vec![g], settings()).await;
+    let mut client = edge.client().await;
+    let r = send(&mut client, get("app.example.com", "/")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.body, "no instances");
+}
+
+#[tokio::test]
+async fn overloaded_is_503_with_retry_after() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let mut streams = streaming_backend(l);
+    let mut g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    g.hard_limit = 1;
+    let edge = Edge::start(vec![g], settings()).await;
+
+    let mut first = edge.client().await;
+    let held = tokio::spawn(async move {
+        let resp = first.send_request(get("app.example.com", "/")).await.expect("response");
+        resp.into_body().collect().await.map(|b| b.to_bytes())
+    });
+    let chunks = within(streams.recv()).await.expect("request reached the backend");
+    let mut second = edge.client().await;
+    let r = send(&mut second, get("app.example.com", "/")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers["retry-after"], "1");
+    drop(chunks);
+    within(held).await.expect("join").expect("body");
+}
+
+#[tokio::test]
+async fn refused_instance_costs_no_client_error() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    echo_backend(l, "up");
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("down", refused(1)), ("up", ip)],
+    );
+    let edge = Edge::start(vec![g], settings()).await;
+    let down = edge.backend("down");
+    let mut client = edge.client().await;
+    for _ in 0..64 {
+        let r = send(&mut client, get("app.example.com", "/")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["x-backend"], "up");
+        if down.metrics.connect_errors.get() > 0 {
+            break;
+        }
+    }
+    assert!(down.metrics.connect_errors.get() > 0, "the refused instance was tried");
+    assert_eq!(down.local_inflight(), 0);
+}
+
+#[tokio::test]
+async fn every_attempt_refused_is_502() {
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, 1)],
+        &[("x", refused(2)), ("y", refused(3))],
+    );
+    let edge = Edge::start(vec![g], settings()).await;
+    let mut client = edge.client().await;
+    let r = send(&mut client, get("app.example.com", "/")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.body, "bad gateway");
+    let (x, y) = (edge.backend("x"), edge.backend("y"));
+    assert_eq!(x.metrics.connect_errors.get() + y.metrics.connect_errors.get(), 3);
+}
+
+#[tokio::test]
+async fn silent_instance_is_504() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    silent_backend(l);
+    let g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    let edge = Edge::start(
+        vec![g],
+        Settings {
+            upstream_timeout: Duration::from_millis(300),
+            ..settings()
+        },
+    )
+    .await;
+    let mut client = edge.client().await;
+    let r = send(&mut client, get("app.example.com", "/")).await;
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.body, "gateway timeout");
+    let a = edge.backend("a");
+    assert_eq!(a.metrics.requests[4].get(), 1);
+    assert_eq!(a.local_inflight(), 0);
+}
+
+#[tokio::test]
+async fn oversized_header_block_is_431() {
+    let g = group("app", "app.example.com", vec![http_port(PORT, 1)], &[]);
+    let edge = Edge::start(vec![g], settings()).await;
+    let mut req = b"GET / HTTP/1.1\r\nhost: app.example.com\r\nx-big: ".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 100 * 1024));
+    req.extend(b"\r\n\r\n");
+    let reply = raw_exchange(&edge, &req).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+}
+
+#[tokio::test]
+async fn stalled_client_gets_408_and_close() {
+    let g = group("app", "app.example.com", vec![http_port(PORT, 1)], &[]);
+    let edge = Edge::start(
+        vec![g],
+        Settings {
+            header_timeout: Duration::from_millis(300),
+            ..settings()
+        },
+    )
+    .await;
+    // Part of a header block, then nothing.
+    let reply = raw_exchange(&edge, b"GET / HTTP/1.1\r\nhost: app.exa").await;
+    assert!(reply.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{reply}");
+    assert!(reply.ends_with("request timeout"), "{reply}");
+    // Nothing at all after accept.
+    let reply = raw_exchange(&edge, b"").await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+}
+
+#[tokio::test]
+async fn header_timeout_restarts_with_next_keep_alive_request() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    echo_backend(l, "a");
+    let g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    let edge = Edge::start(
+        vec![g],
+        Settings {
+            header_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_secs(30),
+            ..settings()
+        },
+    )
+    .await;
+    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
+    let req = b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n";
+    stream.write_all(req).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = within(stream.read(&mut buf)).await.expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // Idle for longer than the header timeout: still open (idle timeout).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stream.write_all(req).await.expect("write");
+    let n = within(stream.read(&mut buf)).await.expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    // The next one stalls after its first byte.
+    stream.write_all(b"G").await.expect("write");
+    let reply = read_to_close(&mut stream).await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    echo_backend(l, "a");
+    let g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    let edge = Edge::start(
+        vec![g],
+        Settings {
+            idle_timeout: Duration::from_millis(300),
+            ..settings()
+        },
+    )
+    .await;
+    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    let reply = read_to_close(&mut stream).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[tokio::test]
+async fn malformed_request_is_400_and_the_node_keeps_serving() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    echo_backend(l, "a");
+    let g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    let edge = Edge::start(vec![g], settings()).await;
+    let reply = raw_exchange(&edge, b"GET / HTTP/1.1 bogus\r\n\x01\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    let mut client = edge.client().await;
+    let r = send(&mut client, get("app.example.com", "/")).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn upgrade_tunnels_bytes_and_counts_one_in_flight() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let head = upgrade_backend(l);
+    let g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    let edge = Edge::start(vec![g], settings()).await;
+    let a = edge.backend("a");
+
+    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nhost: app.example.com\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
+        .await
+        .expect("write");
+    let resp = within(read_head(&mut stream)).await.to_ascii_lowercase();
+    assert!(resp.starts_with("http/1.1 101"), "{resp}");
+    assert!(resp.contains("upgrade: echo"), "{resp}");
+    let head = within(head).await.expect("upstream saw the request").to_ascii_lowercase();
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+
+    for msg in [&b"ping"[..], b"pong and more"] {
+        stream.write_all(msg).await.expect("write");
+        let mut buf = vec![0u8; msg.len()];
+        within(stream.read_exact(&mut buf)).await.expect("echo");
+        assert_eq!(buf, msg);
+        assert_eq!(a.local_inflight(), 1, "an open tunnel is one request in flight");
+    }
+    drop(stream);
+    eventually("tunnel released", || a.local_inflight() == 0).await;
+    assert_eq!(a.metrics.requests[0].get(), 1);
+}
+
+#[tokio::test]
+async fn slow_body_counts_in_flight_until_fully_sent() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let mut streams = streaming_backend(l);
+    let g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    let edge = Edge::start(vec![g], settings()).await;
+    let a = edge.backend("a");
+
+    let mut client = edge.client().await;
+    let resp = tokio::spawn(async move {
+        client.ready().await?;
+        client.send_request(get("app.example.com", "/")).await
+    });
+    let chunks = within(streams.recv()).await.expect("request reached the backend");
+    chunks.send(Bytes::from("first ")).await.expect("send");
+    let resp = within(resp).await.expect("join").expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = within(body.frame()).await.expect("frame").expect("ok");
+    assert_eq!(first.into_data().expect("data"), "first ");
+    for _ in 0..3 {
+        assert_eq!(a.local_inflight(), 1, "body not finished yet");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    chunks.send(Bytes::from("last")).await.expect("send");
+    drop(chunks);
+    let rest = within(body.collect()).await.expect("rest").to_bytes();
+    assert_eq!(rest, "last");
+    eventually("request released", || a.local_inflight() == 0).await;
+    assert_eq!(a.metrics.requests[1].get(), 1);
+    assert_eq!(a.metrics.duration.get_sample_count(), 1);
+}
+
+#[tokio::test]
+async fn drained_instance_aborts_streaming_body() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let mut streams = streaming_backend(l);
+    let g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    let edge = Edge::start(vec![g], settings()).await;
+    let a = edge.backend("a");
+
+    let mut client = edge.client().await;
+    let resp = tokio::spawn(async move {
+        client.ready().await?;
+        client.send_request(get("app.example.com", "/")).await
+    });
+    let chunks = within(streams.recv()).await.expect("request reached the backend");
+    chunks.send(Bytes::from("partial")).await.expect("send");
+    let resp = within(resp).await.expect("join").expect("response");
+    crate::balancer::start_drain(&a, Duration::from_millis(50));
+    let res = within(resp.into_body().collect()).await;
+    assert!(res.is_err(), "the body ends with an error");
+    eventually("request released", || a.local_inflight() == 0).await;
+    drop(chunks);
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_uses_authority_as_host() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    echo_backend(l, "a");
+    let g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    let edge = Edge::start(vec![g], settings()).await;
+
+    let stream = TcpStream::connect(edge.addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let req = Request::get("http://app.example.com/h2?x=1")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = within(sender.send_request(req)).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        let body = within(resp.into_body().collect()).await.expect("body").to_bytes();
+        let seen = String::from_utf8_lossy(&body).to_ascii_lowercase();
+        assert!(seen.starts_with("get /h2?x=1\n"), "{seen}");
+        assert!(seen.contains("\nhost: app.example.com\n"), "{seen}");
+        assert!(seen.contains("\ncookie: a=1; b=2\n"), "{seen}");
+    }
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_request() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let mut streams = streaming_backend(l);
+    let g = group("app", "app.example.com", vec![http_port(PORT, port)], &[("a", ip)]);
+    let edge = Edge::start(vec![g], settings()).await;
+
+    let mut client = edge.client().await;
+    let resp = tokio::spawn(async move {
+        let resp = client.send_request(get("app.example.com", "/")).await?;
+        let keep_alive = resp.headers().get("connection").cloned();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>((keep_alive, body))
+    });
+    let chunks = within(streams.recv()).await.expect("request reached the backend");
+    edge.shutdown.cancel();
+    chunks.send(Bytes::from("done")).await.expect("send");
+    drop(chunks);
+    let (connection, body) = within(resp).await.expect("join").expect("response");
+    assert_eq!(body, "done");
+    assert_eq!(connection.as_ref().map(|v| v.as_bytes()), Some(&b"close"[..]));
+}

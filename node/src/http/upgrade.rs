@@ -1,0 +1,72 @@
+//! Upgraded connections (WebSocket and other `Upgrade` protocols): after the
+//! instance answers 101, client and instance bytes are spliced both ways.
+//! The tunnel counts as one request in flight until either side closes, the
+//! instance's drain timeout passes, or the node's shutdown drain ends.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::Response;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tracing::{Instrument, debug};
+
+use super::body::ProxyBody;
+use super::conn::Conn;
+use super::headers;
+use super::upstream::PooledConn;
+use crate::balancer::Lease;
+
+/// Answers the client's upgrade request with the instance's 101 and starts
+/// the tunnel.
+pub(crate) fn tunnel(
+    mut resp: Response<Incoming>,
+    up: PooledConn,
+    client: OnUpgrade,
+    lease: Lease,
+    start: Instant,
+    conn: &Arc<Conn>,
+) -> Response<ProxyBody> {
+    let upstream = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers, true);
+    conn.set_tunnel();
+    let shutdown = conn.shutdown.clone();
+    let drain_timeout = conn.dp.settings.drain_timeout;
+    let task = async move {
+        let drained = lease.backend().drain_token();
+        let splice = async {
+            let (client, upstream) = match tokio::try_join!(client, upstream) {
+                Ok(both) => both,
+                Err(error) => {
+                    debug!(%error, "upgrade failed");
+                    return;
+                }
+            };
+            // The sender is no longer needed once the socket is handed over.
+            drop(up);
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((to_instance, to_client)) => debug!(to_instance, to_client, "tunnel closed"),
+                Err(error) => debug!(%error, "tunnel failed"),
+            }
+        };
+        let stop = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain_timeout).await;
+        };
+        tokio::select! {
+            () = splice => {}
+            () = drained.cancelled() => debug!("tunnel closed: instance drained"),
+            () = stop => debug!("tunnel closed: shutdown"),
+        }
+        let metrics = &lease.backend().metrics;
+        metrics.observe_status(101);
+        metrics.duration.observe(start.elapsed().as_secs_f64());
+        drop(lease);
+    };
+    tokio::spawn(task.instrument(tracing::Span::current()));
+    Response::from_parts(parts, ProxyBody::empty())
+}
