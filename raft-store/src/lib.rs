@@ -1,13 +1,14 @@
-//! edgelb's replicated data model and its deterministic state machine.
+//! edgelb's replicated data model, its deterministic state machine and the
+//! openraft storage that replicates it.
 //!
 //! Service groups (published ports, domains, instances) and certificates are
 //! replicated with Raft: every node applies the same log of [`Command`]s to
-//! its own [`State`] and serves traffic from that local copy. This crate is
-//! the plain-code part of that: the [`model`], its [`validate`] rules, the
-//! [`command`]s, the [`state`] machine and the admin [`api`] types. It does
-//! no I/O and reads no clock or RNG; every uuid, generated name and
-//! timestamp is chosen by the node that proposes a command and travels
-//! inside it, so `apply` gives the same result on every node.
+//! its own [`State`] and serves traffic from that local copy. The plain-code
+//! part does no I/O and reads no clock or RNG: the [`model`], its
+//! [`validate`] rules, the [`command`]s, the [`state`] machine and the admin
+//! [`api`] types. Every uuid, generated name and timestamp is chosen by the
+//! node that proposes a command and travels inside it, so `apply` gives the
+//! same result on every node.
 //!
 //! ```text
 //!  admin API ──▶ validate ──▶ Command ──▶ Raft log ──▶ State::apply (every node)
@@ -19,6 +20,33 @@
 //! [`State::apply`] is atomic: a refused command leaves the state unchanged
 //! and answers [`ApplyError`] (`Invalid` 400, `NotFound` 404, `Conflict`
 //! 409); [`State::check`] runs the same rules as a dry run.
+//!
+//! # Storage
+//!
+//! The openraft side follows openraft's example split: [`types`]
+//! (`declare_raft_types!`: [`Request`] in, [`Response`] out, members as
+//! [`ClusterNode`]), [`LogStore`] (log and vote) and [`StateMachineStore`]
+//! (applied state and snapshots), both on redb under the node's data dir:
+//!
+//! ```text
+//!  client_write(Request) ─▶ LogStore::append ──fsync──▶ replicated, committed
+//!     <data_dir>/raft-log.redb                                  │
+//!                                                               ▼
+//!  StateMachineStore::apply ─▶ State::apply per entry ─▶ record fsync'd
+//!     <data_dir>/state-machine.redb                             │
+//!                                                               ▼
+//!  watch::Sender<Arc<State>> ─▶ subscribe() receivers (data plane, admin reads)
+//!  Response { result: Ok(Applied) | Err(ApplyError) } ─▶ client_write's caller
+//! ```
+//!
+//! Durability: a log entry or vote is fsync'd before openraft is told it is
+//! stored; the applied state is fsync'd before it is published and answered.
+//! So an acknowledged write survives a crash of any minority and a restart
+//! of the whole cluster, and a restarted node serves its last applied state
+//! before it hears from a leader. The [`log_store`], [`state_machine`] and
+//! [`snapshot`] modules give the details. Corrupt bytes on disk or in a
+//! received snapshot are a [`StorageError`](types::StorageError), never a
+//! panic; openraft stops the node on it.
 //!
 //! # Rules
 //!
@@ -46,13 +74,26 @@
 
 pub mod api;
 pub mod command;
+mod db;
+pub mod log_store;
 pub mod model;
+pub mod snapshot;
 pub mod state;
+pub mod state_machine;
+pub mod types;
 pub mod validate;
 
+#[cfg(test)]
+mod tests;
+
 pub use command::{Command, Patch, PatchOp};
+pub use db::StoreError;
+pub use log_store::LogStore;
 pub use model::{
     Certificate, DEFAULT_HARD_LIMIT, Domain, Handler, Instance, ModelError, Service, ServiceGroup,
     parse_port_specs,
 };
+pub use snapshot::SnapshotBuilder;
 pub use state::{Applied, ApplyError, State};
+pub use state_machine::StateMachineStore;
+pub use types::{ClusterNode, NodeId, Request, Response, TypeConfig};

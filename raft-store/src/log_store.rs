@@ -1,0 +1,300 @@
+//! The Raft log and vote in redb: [`LogStore`].
+//!
+//! One file, `<data_dir>/raft-log.redb`, with two tables:
+//!
+//! ```text
+//!  logs: u64 index ──▶ JSON Entry          (purged ..= last_purged, truncated from a conflict)
+//!  meta: "vote"        ──▶ JSON Vote
+//!        "committed"   ──▶ JSON Option<LogId> (hint for re-applying at startup)
+//!        "last_purged" ──▶ JSON LogId
+//! ```
+//!
+//! Each operation is one redb write transaction, so a crash leaves the log
+//! as it was before or after it, never in between (no holes). `append`,
+//! `truncate`, `purge` and `save_vote` commit with `Durability::Immediate`
+//! (fsync) before they return, and `append` calls openraft's flush callback
+//! only after that commit: a vote or an entry this node acknowledged is on
+//! disk. `save_committed` commits with `Durability::None`; the next durable
+//! commit carries it, and losing it costs only a re-apply that openraft does
+//! anyway once the leader repeats the commit index. redb recovers to a
+//! prefix of the commit sequence, so a saved `committed` never points past
+//! the durable log.
+//!
+//! redb is blocking: every call runs on tokio's blocking pool
+//! (`spawn_blocking`), so an fsync never stalls the runtime's workers, which
+//! the Raft core shares with the data plane. Raft calls the store one
+//! operation at a time (`&mut self`), so writes stay in order.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::db::{self, StoreError};
+use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+/// File name of the log database inside the data dir.
+pub(crate) const FILE: &str = "raft-log.redb";
+
+pub(crate) const LOGS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("logs");
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const LAST_PURGED: &str = "last_purged";
+
+/// The Raft log, vote and commit hint, stored in redb.
+///
+/// Cheap to clone; clones share the database and serve as openraft's log
+/// reader (redb read transactions see the last commit and do not block
+/// writers).
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").finish_non_exhaustive()
+    }
+}
+
+impl LogStore {
+    /// Opens the log in `dir` (creating `dir` and the file if needed).
+    ///
+    /// Blocks on file I/O; call it at startup or from `spawn_blocking`. A
+    /// file already opened by another `LogStore` (in this or another
+    /// process) is refused.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = db::open(dir, FILE)?;
+        let txn = db.begin_write()?;
+        txn.open_table(LOGS)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        Ok(Self { db })
+    }
+
+    async fn get_meta<T>(&self, key: &'static str) -> Result<Option<T>, StoreError>
+    where
+        T: DeserializeOwned + Send + 'static,
+    {
+        db::blocking(&self.db, move |db| read_meta(db, key)).await
+    }
+
+    async fn put_meta<T: Serialize>(
+        &self,
+        key: &'static str,
+        value: &T,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
+        let bytes = db::encode(value, key)?;
+        db::blocking(&self.db, move |db| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(durability);
+            txn.open_table(META)?.insert(key, bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>, StoreError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(META)?;
+    match table.get(key)? {
+        Some(v) => db::decode(v.value(), key).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Decodes the entry stored at `index`, checking that it claims that index.
+fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry, StoreError> {
+    let entry: Entry = db::decode(bytes, format_args!("log entry {index}"))?;
+    if entry.log_id.index != index {
+        return Err(StoreError::Inconsistent(format!(
+            "log row {index} holds entry {}",
+            entry.log_id
+        )));
+    }
+    Ok(entry)
+}
+
+/// `[start, end)` of a range of indexes; `end` `None` means unbounded.
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, Option<u64>) {
+    let start = match range.start_bound() {
+        Bound::Included(&i) => i,
+        Bound::Excluded(&i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&i) => i.checked_add(1),
+        Bound::Excluded(&i) => Some(i),
+        Bound::Unbounded => None,
+    };
+    (start, end)
+}
+
+fn read_entries(db: &Database, start: u64, end: Option<u64>) -> Result<Vec<Entry>, StoreError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(LOGS)?;
+    let rows = match end {
+        Some(end) if end <= start => return Ok(Vec::new()),
+        Some(end) => table.range(start..end)?,
+        None => table.range(start..)?,
+    };
+    let mut entries = Vec::new();
+    for row in rows {
+        let (k, v) = row?;
+        entries.push(decode_entry(k.value(), v.value())?);
+    }
+    Ok(entries)
+}
+
+fn log_state(db: &Database) -> Result<LogState<TypeConfig>, StoreError> {
+    let last_purged: Option<LogId> = read_meta(db, LAST_PURGED)?;
+    let txn = db.begin_read()?;
+    let table = txn.open_table(LOGS)?;
+    let last = match table.last()? {
+        Some((k, v)) => Some(decode_entry(k.value(), v.value())?.log_id),
+        None => last_purged,
+    };
+    Ok(LogState {
+        last_purged_log_id: last_purged,
+        last_log_id: last,
+    })
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let (start, end) = bounds(&range);
+        db::blocking(&self.db, move |db| read_entries(db, start, end))
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        db::blocking(&self.db, log_state)
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        self.put_meta(VOTE, vote, Durability::Immediate)
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::Vote, ErrorVerb::Write))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.get_meta(VOTE)
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::Vote, ErrorVerb::Read))
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.put_meta(COMMITTED, &committed, Durability::None)
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::Store, ErrorVerb::Write))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        // Stored as `Option<LogId>`: `Some(None)` is a saved "nothing yet".
+        let committed: Option<Option<LogId>> = self
+            .get_meta(COMMITTED)
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::Store, ErrorVerb::Read))?;
+        Ok(committed.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let write = |e: StoreError| e.into_storage(ErrorSubject::Logs, ErrorVerb::Write);
+        let rows = entries
+            .into_iter()
+            .map(|e| {
+                let index = e.log_id.index;
+                db::encode(&e, format_args!("log entry {index}")).map(|bytes| (index, bytes))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(write)?;
+        let res = db::blocking(&self.db, move |db| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate);
+            {
+                let mut table = txn.open_table(LOGS)?;
+                for (index, bytes) in &rows {
+                    table.insert(index, bytes.as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await;
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        tracing::debug!(%log_id, "truncate log");
+        db::blocking(&self.db, move |db| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate);
+            txn.open_table(LOGS)?
+                .retain_in(log_id.index.., |_, _| false)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Delete))
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        tracing::debug!(%log_id, "purge log");
+        let purged = db::encode(&log_id, LAST_PURGED)
+            .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Delete))?;
+        db::blocking(&self.db, move |db| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate);
+            txn.open_table(META)?
+                .insert(LAST_PURGED, purged.as_slice())?;
+            txn.open_table(LOGS)?
+                .retain_in(..=log_id.index, |_, _| false)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Delete))
+    }
+}

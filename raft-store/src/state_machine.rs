@@ -1,0 +1,259 @@
+//! The applied state in redb: [`StateMachineStore`].
+//!
+//! One file, `<data_dir>/state-machine.redb`: table `state_machine` holds the
+//! current record (state, last applied log id, membership; the same JSON as
+//! a [`snapshot`]) under `"current"`, and table `snapshot`
+//! the current snapshot.
+//!
+//! After each batch of committed entries, `apply` writes the new record in one
+//! transaction with `Durability::Immediate` and only then publishes the state
+//! and answers. So a node that restarts, even alone and without a quorum,
+//! serves the state it last applied at once instead of an older snapshot;
+//! openraft re-applies only what was committed but not yet applied. The
+//! record is the whole state: it is configuration (groups, certificates),
+//! written at operator pace, so one write per batch is cheap.
+//!
+//! Entries:
+//! - `Normal` runs [`State::apply`]; its `Ok` or [`ApplyError`](crate::ApplyError)
+//!   is the entry's [`Response`]. A refused command changes nothing.
+//! - `Blank` only moves the last applied log id.
+//! - `Membership` is stored as the last membership.
+
+use std::fmt;
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend};
+use redb::{Database, Durability, TableDefinition};
+use tokio::sync::watch;
+
+use crate::db::{self, StoreError};
+use crate::snapshot::{self, SNAPSHOT, SmRecord, SnapshotBuilder};
+use crate::state::State;
+use crate::types::{
+    Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+
+/// File name of the state machine database inside the data dir.
+pub(crate) const FILE: &str = "state-machine.redb";
+
+pub(crate) const STATE_MACHINE: TableDefinition<'_, &str, &[u8]> =
+    TableDefinition::new("state_machine");
+pub(crate) const CURRENT: &str = "current";
+
+/// The replicated [`State`] as applied from the log, persisted in redb and
+/// published on a watch channel.
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    /// Holds the current state; receivers see every batch's result.
+    state: watch::Sender<Arc<State>>,
+}
+
+impl fmt::Debug for StateMachineStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateMachineStore")
+            .field("last_applied", &self.last_applied)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StateMachineStore {
+    /// Opens the state machine in `dir` (creating `dir` and the file if
+    /// needed) and loads the last applied state.
+    ///
+    /// Blocks on file I/O; call it at startup or from `spawn_blocking`.
+    /// Stored bytes that do not decode are an error.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = db::open(dir, FILE)?;
+        let txn = db.begin_write()?;
+        txn.open_table(STATE_MACHINE)?;
+        txn.open_table(SNAPSHOT)?;
+        txn.commit()?;
+
+        let txn = db.begin_read()?;
+        let record = match txn.open_table(STATE_MACHINE)?.get(CURRENT)? {
+            Some(v) => db::decode(v.value(), "state machine")?,
+            None => SmRecord {
+                last_applied: None,
+                membership: StoredMembership::default(),
+                state: State::default(),
+            },
+        };
+        drop(txn);
+        tracing::debug!(last_applied = ?record.last_applied, "state machine loaded");
+        Ok(Self {
+            db,
+            last_applied: record.last_applied,
+            membership: record.membership,
+            state: watch::Sender::new(Arc::new(record.state)),
+        })
+    }
+
+    /// A receiver of the applied state. It holds the current state at once
+    /// and is told after every batch that changed it (a slow receiver sees
+    /// the latest, skipping intermediate ones).
+    ///
+    /// Take it before handing the store to `Raft::new`.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+        self.state.subscribe()
+    }
+
+    /// The current applied state.
+    pub fn current(&self) -> Arc<State> {
+        Arc::clone(&self.state.borrow())
+    }
+
+    /// The log id of the last applied entry.
+    pub fn last_applied(&self) -> Option<LogId> {
+        self.last_applied
+    }
+
+    /// Writes the record in one durable transaction.
+    async fn persist(
+        &self,
+        last_applied: Option<LogId>,
+        membership: StoredMembership,
+        state: Arc<State>,
+    ) -> Result<(), StoreError> {
+        db::blocking(&self.db, move |db| {
+            let record = SmRecord {
+                last_applied,
+                membership,
+                state: &*state,
+            };
+            let bytes = db::encode(&record, "state machine")?;
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate);
+            txn.open_table(STATE_MACHINE)?
+                .insert(CURRENT, bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut last_applied = self.last_applied;
+        let mut membership = self.membership.clone();
+        // Copied on the first command; the published state is never mutated.
+        let mut working: Option<State> = None;
+        let mut changed = false;
+        let mut responses = Vec::new();
+        for entry in entries {
+            last_applied = Some(entry.log_id);
+            let response = match entry.payload {
+                EntryPayload::Blank => Response::none(),
+                EntryPayload::Normal(request) => {
+                    let state = working.get_or_insert_with(|| (*self.current()).clone());
+                    let result = state.apply(&request.command);
+                    match &result {
+                        Ok(_) => changed = true,
+                        Err(e) => {
+                            tracing::debug!(log_id = %entry.log_id, error = %e, "command refused");
+                        }
+                    }
+                    Response {
+                        result: Some(result),
+                    }
+                }
+                EntryPayload::Membership(m) => {
+                    membership = StoredMembership::new(Some(entry.log_id), m);
+                    Response::none()
+                }
+            };
+            responses.push(response);
+        }
+        if last_applied == self.last_applied {
+            return Ok(responses);
+        }
+
+        // A refused command leaves the state as it was: keep sharing it.
+        let state = match working {
+            Some(s) if changed => Arc::new(s),
+            _ => self.current(),
+        };
+        self.persist(last_applied, membership.clone(), Arc::clone(&state))
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
+        self.last_applied = last_applied;
+        self.membership = membership;
+        if changed {
+            self.state.send_replace(state);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: Arc::clone(&self.db),
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            state: self.current(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let signature = meta.signature();
+        let fail = |e: StoreError| {
+            e.into_storage(
+                ErrorSubject::Snapshot(Some(signature.clone())),
+                ErrorVerb::Write,
+            )
+        };
+        let data = snapshot.into_inner();
+        let record: SmRecord<State> = db::decode(&data, "received snapshot").map_err(fail)?;
+        if record.last_applied != meta.last_log_id || record.membership != meta.last_membership {
+            return Err(fail(StoreError::Inconsistent(format!(
+                "snapshot {} holds state up to {:?}, its meta says {:?}",
+                meta.snapshot_id, record.last_applied, meta.last_log_id
+            ))));
+        }
+        let stored = meta.clone();
+        db::blocking(&self.db, move |db| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate);
+            txn.open_table(STATE_MACHINE)?
+                .insert(CURRENT, data.as_slice())?;
+            snapshot::write(&txn, &stored, &data)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(fail)?;
+        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+        self.last_applied = record.last_applied;
+        self.membership = record.membership;
+        self.state.send_replace(Arc::new(record.state));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        db::blocking(&self.db, snapshot::read)
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::Snapshot(None), ErrorVerb::Read))
+    }
+}

@@ -1,0 +1,374 @@
+//! Storage tests: openraft's conformance suite over a temp dir, restart,
+//! corruption and snapshot round trips.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite, log_id};
+use openraft::{EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder};
+use redb::Database;
+use uuid::Uuid;
+
+use crate::command::Command;
+use crate::model::{DEFAULT_HARD_LIMIT, Domain, Handler, Service, ServiceGroup};
+use crate::state::{Applied, ApplyError, State};
+use crate::types::{
+    ClusterNode, Entry, LogId, Request, Response, StorageError, StoredMembership, TypeConfig, Vote,
+};
+use crate::{LogStore, StateMachineStore, StoreError, log_store, state_machine};
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "edgelb-raft-store-{}-{n}-{}",
+            std::process::id(),
+            Uuid::new_v4().simple()
+        ));
+        Self(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn open(dir: &Path) -> (LogStore, StateMachineStore) {
+    (
+        LogStore::open(dir).unwrap(),
+        StateMachineStore::open(dir).unwrap(),
+    )
+}
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
+        let dir = TempDir::new();
+        let (log, sm) = open(dir.path());
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite() {
+    Suite::test_all(Builder).unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn group(name: &str) -> ServiceGroup {
+    ServiceGroup {
+        uuid: Uuid::from_u128(7),
+        name: name.into(),
+        domains: vec![Domain {
+            fqdn: format!("{name}.edgelb.local"),
+            certificate: None,
+        }],
+        services: vec![Service {
+            port: 8080,
+            destination_port: 80,
+            handlers: vec![Handler::Http],
+        }],
+        hard_limit: DEFAULT_HARD_LIMIT,
+        instances: vec![],
+        created_at: "2024-01-01T00:00:00Z".into(),
+        persistent: true,
+    }
+}
+
+fn node(n: u64) -> ClusterNode {
+    ClusterNode {
+        region: "eu".into(),
+        cluster_addr: format!("127.0.0.{n}:7000"),
+        admin_addr: format!("127.0.0.{n}:8000"),
+    }
+}
+
+fn normal(index: u64, command: Command) -> Entry {
+    Entry {
+        log_id: log_id(1, 1, index),
+        payload: EntryPayload::Normal(Request { command }),
+    }
+}
+
+fn membership(index: u64) -> Entry {
+    let nodes = BTreeMap::from([(1, node(1))]);
+    Entry {
+        log_id: log_id(1, 1, index),
+        payload: EntryPayload::Membership(Membership::new(vec![BTreeSet::from([1])], nodes)),
+    }
+}
+
+fn blank(index: u64) -> Entry {
+    Entry {
+        log_id: log_id(1, 1, index),
+        payload: EntryPayload::Blank,
+    }
+}
+
+/// blank, membership, create "web", create "web" again (refused).
+fn history() -> Vec<Entry> {
+    vec![
+        blank(1),
+        membership(2),
+        normal(
+            3,
+            Command::CreateGroup {
+                group: group("web"),
+            },
+        ),
+        normal(
+            4,
+            Command::CreateGroup {
+                group: group("web"),
+            },
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn apply_answers_outcomes_and_publishes_state() {
+    let dir = TempDir::new();
+    let (_log, mut sm) = open(dir.path());
+    let mut rx = sm.subscribe();
+    assert_eq!(rx.borrow_and_update().groups().count(), 0);
+
+    let responses = sm.apply(history()).await.unwrap();
+    assert_eq!(responses.len(), 4);
+    assert_eq!(responses[0], Response { result: None });
+    assert_eq!(responses[1], Response { result: None });
+    assert!(matches!(responses[2].result, Some(Ok(Applied::Group(_)))));
+    assert!(matches!(
+        responses[3].result,
+        Some(Err(ApplyError::Conflict(_)))
+    ));
+
+    assert!(rx.has_changed().unwrap());
+    assert!(rx.borrow_and_update().group("web").is_some());
+    assert!(sm.current().group("web").is_some());
+    let (applied, mem) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(1, 1, 4)));
+    assert_eq!(mem.log_id(), &Some(log_id(1, 1, 2)));
+
+    // A batch that changes nothing in the state does not wake receivers.
+    let refused = Command::CreateGroup {
+        group: group("web"),
+    };
+    let responses = sm.apply([blank(5), normal(6, refused)]).await.unwrap();
+    assert!(matches!(responses[1].result, Some(Err(_))));
+    assert!(!rx.has_changed().unwrap());
+    assert_eq!(sm.last_applied(), Some(log_id(1, 1, 6)));
+}
+
+#[tokio::test]
+async fn reopen_restores_vote_log_and_state() {
+    let dir = TempDir::new();
+    let vote = Vote::new_committed(3, 1);
+    {
+        let (mut log, mut sm) = open(dir.path());
+        log.save_vote(&vote).await.unwrap();
+        log.blocking_append(history()).await.unwrap();
+        log.save_committed(Some(log_id(1, 1, 4))).await.unwrap();
+        sm.apply(history()).await.unwrap();
+    }
+
+    let (mut log, mut sm) = open(dir.path());
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 1, 4)));
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, None);
+    assert_eq!(state.last_log_id, Some(log_id(1, 1, 4)));
+    let entries = log.try_get_log_entries(1..5).await.unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.log_id).collect::<Vec<_>>(),
+        (1..5).map(|i| log_id(1, 1, i)).collect::<Vec<_>>()
+    );
+    assert_eq!(entries[2].payload, history()[2].payload);
+
+    let (applied, mem) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(1, 1, 4)));
+    assert_eq!(mem.membership().get_node(&1), Some(&node(1)));
+    assert!(sm.current().group("web").is_some());
+    assert!(sm.subscribe().borrow().group("web").is_some());
+}
+
+#[tokio::test]
+async fn purge_and_truncate_survive_reopen() {
+    let dir = TempDir::new();
+    {
+        let (mut log, _sm) = open(dir.path());
+        log.blocking_append((1..=6).map(blank)).await.unwrap();
+        log.purge(log_id(1, 1, 2)).await.unwrap();
+        log.truncate(log_id(1, 1, 5)).await.unwrap();
+    }
+    let (mut log, _sm) = open(dir.path());
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 2)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 1, 4)));
+    let entries = log.try_get_log_entries(..).await.unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+        [3, 4]
+    );
+    let reversed = (Bound::Included(4), Bound::Excluded(3));
+    assert!(log.try_get_log_entries(reversed).await.unwrap().is_empty());
+}
+
+/// Overwrites the value of log row `index` in the log file of `dir`.
+fn corrupt_log_row(dir: &Path, index: u64, bytes: &[u8]) {
+    let db = Database::create(dir.join(log_store::FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    txn.open_table(log_store::LOGS)
+        .unwrap()
+        .insert(index, bytes)
+        .unwrap();
+    txn.commit().unwrap();
+}
+
+#[tokio::test]
+async fn corrupt_log_row_is_an_error() {
+    let dir = TempDir::new();
+    {
+        let (mut log, _sm) = open(dir.path());
+        log.blocking_append((1..=3).map(blank)).await.unwrap();
+    }
+    corrupt_log_row(dir.path(), 2, b"{\"log_id\": not json");
+
+    let (mut log, _sm) = open(dir.path());
+    let err = log.try_get_log_entries(1..4).await.unwrap_err();
+    assert!(err.to_string().contains("log entry 2"), "{err}");
+    assert!(log.try_get_log_entries(1..2).await.is_ok());
+    // The last row is fine, so the log state still reads.
+    assert!(log.get_log_state().await.is_ok());
+
+    drop(log);
+    corrupt_log_row(dir.path(), 3, &[0xff, 0x00]);
+    let mut log = LogStore::open(dir.path()).unwrap();
+    assert!(log.get_log_state().await.is_err());
+}
+
+#[tokio::test]
+async fn log_row_with_wrong_index_is_an_error() {
+    let dir = TempDir::new();
+    {
+        let (mut log, _sm) = open(dir.path());
+        log.blocking_append((1..=2).map(blank)).await.unwrap();
+    }
+    let other = serde_json::to_vec(&blank(9)).unwrap();
+    corrupt_log_row(dir.path(), 2, &other);
+    let (mut log, _sm) = open(dir.path());
+    let err = log.try_get_log_entries(..).await.unwrap_err();
+    assert!(err.to_string().contains("log row 2"), "{err}");
+}
+
+#[test]
+fn corrupt_state_machine_record_is_an_open_error() {
+    let dir = TempDir::new();
+    drop(StateMachineStore::open(dir.path()).unwrap());
+    {
+        let db = Database::create(dir.path().join(state_machine::FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(state_machine::STATE_MACHINE)
+            .unwrap()
+            .insert(state_machine::CURRENT, b"{\"state\": 1}".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let err = StateMachineStore::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Decode { .. }), "{err}");
+}
+
+#[test]
+fn second_open_of_one_dir_is_an_error() {
+    let dir = TempDir::new();
+    let _log = LogStore::open(dir.path()).unwrap();
+    assert!(matches!(
+        LogStore::open(dir.path()),
+        Err(StoreError::Open { .. })
+    ));
+}
+
+#[tokio::test]
+async fn snapshot_survives_reopen_and_installs_elsewhere() {
+    let leader = TempDir::new();
+    let meta = {
+        let (_log, mut sm) = open(leader.path());
+        sm.apply(history()).await.unwrap();
+        let snapshot = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 1, 4)));
+        snapshot.meta
+    };
+    let (_log, mut sm) = open(leader.path());
+    let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(snapshot.meta, meta);
+
+    let follower = TempDir::new();
+    let (_flog, mut fsm) = open(follower.path());
+    let mut rx = fsm.subscribe();
+    fsm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert!(rx.has_changed().unwrap());
+    assert!(rx.borrow_and_update().group("web").is_some());
+    assert_eq!(fsm.applied_state().await.unwrap().0, Some(log_id(1, 1, 4)));
+    drop((_flog, fsm));
+
+    let (_flog, mut fsm) = open(follower.path());
+    assert!(fsm.current().group("web").is_some());
+    let current = fsm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, meta);
+}
+
+#[tokio::test]
+async fn bad_snapshot_is_an_error_and_changes_nothing() {
+    let dir = TempDir::new();
+    let (_log, mut sm) = open(dir.path());
+    let last = Some(log_id(2, 1, 9));
+    let meta = crate::types::SnapshotMeta {
+        last_log_id: last,
+        last_membership: StoredMembership::default(),
+        snapshot_id: "x".into(),
+    };
+    let garbage = Box::new(Cursor::new(b"\x00not json".to_vec()));
+    assert!(sm.install_snapshot(&meta, garbage).await.is_err());
+
+    // Decodes, but is not what the meta claims.
+    let record = serde_json::json!({
+        "last_applied": Option::<LogId>::None,
+        "membership": StoredMembership::default(),
+        "state": State::default(),
+    });
+    let mismatched = Box::new(Cursor::new(serde_json::to_vec(&record).unwrap()));
+    let err = sm.install_snapshot(&meta, mismatched).await.unwrap_err();
+    assert!(err.to_string().contains("inconsistent"), "{err}");
+
+    assert_eq!(sm.applied_state().await.unwrap().0, None);
+    assert!(sm.get_current_snapshot().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn state_is_shared_not_copied_per_reader() {
+    let dir = TempDir::new();
+    let (_log, mut sm) = open(dir.path());
+    sm.apply(history()).await.unwrap();
+    assert!(Arc::ptr_eq(&sm.current(), &sm.subscribe().borrow()));
+}
