@@ -1,1 +1,94 @@
-//! End-to-end test harness.
+//! End-to-end test harness for edgelb: real nodes and real sockets on
+//! loopback.
+//!
+//! ```text
+//!   test ──admin client──▶ TestNode (in-process edgelb::app) ──▶ HttpBackend / EchoBackend
+//!     │                       ▲ published ports on 127.A.N.1     on 127.A.N.2..=250
+//!     └──HttpConn / raw / tls─┘
+//! ```
+//!
+//! Every [`TestNode`] gets its own loopback /24 ([`Subnet`]): the node binds
+//! `.1` and its backends take `.2` to `.250`, so tests can use fixed port
+//! numbers and still run in parallel. Waits poll a condition with a deadline
+//! ([`wait_until`]) scaled by `EDGELB_TEST_PATIENCE` (a float, default 1)
+//! for slow machines; nothing sleeps blindly.
+//!
+//! Modules: [`addr`] (loopback addresses), [`node`] (in-process node and its
+//! admin client), [`backend`] (HTTP and TCP echo backends), [`client`]
+//! (HTTP/1.1 and HTTP/2 clients, raw sockets), [`tls`] (TLS client that
+//! accepts any certificate and shows which one was served), [`metrics`]
+//! (Prometheus text parsing, `promtool`), [`process`] (the `edgelb` binary),
+//! [`stats`] (chi-square).
+//!
+//! The scenarios live in `tests/<area>/main.rs`: `balancing` (least
+//! in-flight with uniform ties, detach and drain, refused instances),
+//! `http` (redirects, forwarding headers, keep-alive, streaming, upgrades,
+//! error answers and timeouts), `tls` (SNI, certificates, HTTP/2),
+//! `tcp` (per-connection balancing, drain, hard limit), `admin` (auth,
+//! limits, envelopes, lifecycle), `metrics` (labels, `promtool check
+//! metrics`; set `EDGELB_REQUIRE_PROMTOOL=1` to fail instead of skip when
+//! promtool is missing) and `process` (the real binary: exit codes,
+//! configuration precedence, SIGTERM, the stored token).
+
+pub mod addr;
+pub mod backend;
+pub mod client;
+pub mod metrics;
+pub mod node;
+pub mod process;
+pub mod stats;
+pub mod tls;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use addr::{Subnet, TempDir};
+pub use backend::{EchoBackend, HttpBackend};
+pub use client::{HttpConn, Reply};
+pub use node::{NodeOptions, TestNode};
+
+/// Multiplier for every deadline, from `EDGELB_TEST_PATIENCE` (default 1).
+pub fn patience() -> f64 {
+    std::env::var("EDGELB_TEST_PATIENCE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|p| p.is_finite() && *p > 0.0)
+        .unwrap_or(1.0)
+}
+
+/// `base` scaled by [`patience`].
+pub fn patient(base: Duration) -> Duration {
+    base.mul_f64(patience())
+}
+
+/// Polls `cond` every few milliseconds until it holds; fails naming `what`
+/// once `timeout` (scaled by [`patience`]) has passed.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + patient(timeout);
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out after {:?} waiting for {what}", patient(timeout));
+        }
+        // A bounded settle between polls, never a wait for the outcome itself.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs `fut` with a deadline (scaled by [`patience`]), naming `what` when it
+/// passes.
+pub async fn within<T>(
+    what: &str,
+    timeout: Duration,
+    fut: impl Future<Output = T>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(patient(timeout), fut)
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out after {:?}: {what}", patient(timeout)))
+}

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Certificate, Domain, Instance, Service, ServiceGroup};
+use crate::model::{Certificate, ClusterSecrets, Domain, Instance, Service, ServiceGroup};
 
 /// A change to the replicated state.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -50,6 +50,11 @@ pub enum Command {
     PutCertificate {
         /// The certificate.
         certificate: Certificate,
+    },
+    /// Record the cluster CA and the admin token's hash; once, at bootstrap.
+    InitCluster {
+        /// The secrets every member shares.
+        secrets: ClusterSecrets,
     },
 }
 

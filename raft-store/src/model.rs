@@ -279,3 +279,21 @@ pub struct Certificate {
 
 #[cfg(test)]
 mod tests;
+
+/// Secrets every cluster member holds: the CA that signs node certificates
+/// (so any member can admit a node) and the admin token's SHA-256.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct ClusterSecrets {
+    /// The cluster CA certificate, PEM.
+    pub ca_cert_pem: String,
+    /// The cluster CA private key, PEM.
+    pub ca_key_pem: String,
+    /// Lowercase hex SHA-256 of the admin token.
+    pub token_sha256: String,
+}
+
+impl fmt::Debug for ClusterSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterSecrets").field("token_sha256", &self.token_sha256).finish_non_exhaustive()
+    }
+}

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::command::Command;
-use crate::model::{Certificate, Instance, ModelError, ServiceGroup, find_instance};
+use crate::model::{Certificate, ClusterSecrets, Instance, ModelError, ServiceGroup, find_instance};
 use crate::validate;
 
 /// The replicated state: service groups and certificates.
@@ -32,6 +32,8 @@ pub struct State {
     /// name → uuid, for lookups by name and iteration in name order.
     names: BTreeMap<String, Uuid>,
     certificates: BTreeMap<String, Certificate>,
+    /// The cluster CA and admin token hash, set once at bootstrap.
+    cluster: Option<ClusterSecrets>,
 }
 
 /// What a successful [`State::apply`] did.
@@ -58,6 +60,8 @@ pub enum Applied {
     },
     /// A certificate was stored under this name.
     Certificate(String),
+    /// The cluster's CA and token hash were recorded.
+    ClusterInitialized,
 }
 
 /// Why a command was refused. The message is for operators.
@@ -99,6 +103,8 @@ enum Change {
     Remove(Uuid),
     /// Insert or replace a certificate.
     Certificate(Certificate),
+    /// Record the cluster secrets.
+    Cluster(ClusterSecrets),
 }
 
 impl State {
@@ -130,6 +136,11 @@ impl State {
     /// A stored certificate by name.
     pub fn certificate(&self, name: &str) -> Option<&Certificate> {
         self.certificates.get(name)
+    }
+
+    /// The cluster CA and token hash, once the cluster is initialised.
+    pub fn cluster(&self) -> Option<&ClusterSecrets> {
+        self.cluster.as_ref()
     }
 
     /// All stored certificates in name order.
@@ -214,6 +225,15 @@ impl State {
                 let applied = Applied::Certificate(certificate.name.clone());
                 Ok((Change::Certificate(certificate.clone()), applied))
             }
+            Command::InitCluster { secrets } => {
+                if self.cluster.is_some() {
+                    return Err(ApplyError::Conflict("the cluster is already initialised".into()));
+                }
+                if secrets.ca_cert_pem.is_empty() || secrets.ca_key_pem.is_empty() || secrets.token_sha256.len() != 64 {
+                    return Err(ApplyError::Invalid("cluster secrets are incomplete".into()));
+                }
+                Ok((Change::Cluster(secrets.clone()), Applied::ClusterInitialized))
+            }
         }
     }
 
@@ -234,6 +254,7 @@ impl State {
             Change::Certificate(c) => {
                 self.certificates.insert(c.name.clone(), c);
             }
+            Change::Cluster(secrets) => self.cluster = Some(secrets),
         }
     }
 }
@@ -243,6 +264,8 @@ impl State {
 struct Snapshot {
     groups: Vec<ServiceGroup>,
     certificates: Vec<Certificate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterSecrets>,
 }
 
 impl From<State> for Snapshot {
@@ -250,6 +273,7 @@ impl From<State> for Snapshot {
         Self {
             groups: state.groups().cloned().collect(),
             certificates: state.certificates.into_values().collect(),
+            cluster: state.cluster,
         }
     }
 }
@@ -274,6 +298,7 @@ impl TryFrom<Snapshot> for State {
             }
             state.certificates.insert(c.name.clone(), c);
         }
+        state.cluster = snapshot.cluster;
         Ok(state)
     }
 }

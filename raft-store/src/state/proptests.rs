@@ -271,6 +271,8 @@ fn generators_reach_every_outcome() {
                 Ok(Applied::Attached { .. }) => "attached",
                 Ok(Applied::Detached { .. }) => "detached",
                 Ok(Applied::Certificate(_)) => "certificate",
+                // Not generated: bootstrap-only, covered by a unit test.
+                Ok(Applied::ClusterInitialized) => "cluster",
                 Err(ApplyError::Invalid(_)) => "invalid",
                 Err(ApplyError::NotFound(_)) => "not found",
                 Err(ApplyError::Conflict(_)) => "conflict",

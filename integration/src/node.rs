@@ -1,0 +1,381 @@
+//! An in-process edgelb node on its own loopback address, and its admin
+//! client.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
+use edgelb::app::NodeHandle;
+use edgelb::config::Config;
+use edgelb::dataplane::Settings;
+use http::{HeaderValue, Method, Request, StatusCode};
+use http_body_util::Full;
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use serde_json::{Value, json};
+
+use crate::addr::{Subnet, TempDir};
+use crate::backend::HttpBackend;
+use crate::client::{HttpConn, Reply};
+use crate::metrics::Scrape;
+use crate::{wait_until, within};
+
+/// How to start a [`TestNode`].
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Data-plane settings; the defaults are shortened so that a test never
+    /// waits long on a timeout it does not test.
+    pub settings: Settings,
+    /// The admin token.
+    pub token: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        let settings = Settings {
+            header_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            upstream_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(15),
+            drain_timeout: Duration::from_secs(5),
+            tls_handshake_timeout: Duration::from_secs(5),
+            ..Settings::default()
+        };
+        let token = rand::rng()
+            .sample_iter(Alphanumeric)
+            .take(32)
+            .map(char::from)
+            .collect();
+        Self { settings, token }
+    }
+}
+
+/// A group as the admin API created it.
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub uuid: String,
+    pub name: String,
+}
+
+/// A running in-process node.
+#[derive(Debug)]
+pub struct TestNode {
+    /// The node binds `.1`; backends take [`Subnet::next_ip`].
+    pub subnet: Subnet,
+    pub admin_addr: SocketAddr,
+    pub token: String,
+    handle: Option<NodeHandle>,
+    // Dropped last: the node may still write state while shutting down.
+    _data_dir: TempDir,
+}
+
+impl TestNode {
+    /// Starts a node with [`NodeOptions::default`].
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(NodeOptions::default()).await
+    }
+
+    /// Starts a node with `opts` and waits until it is ready.
+    pub async fn start_with(opts: NodeOptions) -> anyhow::Result<Self> {
+        let subnet = Subnet::allocate();
+        let data_dir = TempDir::new("node");
+        let ip = subnet.node_ip();
+        let mut config = Config::embedded_default();
+        config.data_dir = data_dir.path().to_owned();
+        config.admin_addr = SocketAddr::new(ip, 0);
+        config.cluster_addr = SocketAddr::new(ip, 0);
+        config.listen_ip = ip;
+        config.token = Some(opts.token.clone());
+        config.settings = opts.settings;
+        let mut handle = edgelb::app::start(config)
+            .await
+            .context("starting the node")?;
+        within(
+            "the node to become ready",
+            Duration::from_secs(10),
+            handle.ready(),
+        )
+        .await?;
+        Ok(Self {
+            subnet,
+            admin_addr: handle.admin_addr,
+            token: handle.token.clone(),
+            handle: Some(handle),
+            _data_dir: data_dir,
+        })
+    }
+
+    /// The address published ports are bound on.
+    pub fn ip(&self) -> IpAddr {
+        self.subnet.node_ip()
+    }
+
+    /// A published port's address.
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip(), port)
+    }
+
+    /// The node's handle (store, data plane, metrics).
+    ///
+    /// # Panics
+    /// After [`TestNode::stop`] (which consumes the node, so never).
+    pub fn handle(&self) -> &NodeHandle {
+        self.handle.as_ref().expect("node is running")
+    }
+
+    /// Graceful shutdown, bounded.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(h) = self.handle.take() {
+            within(
+                "the node to shut down",
+                Duration::from_secs(30),
+                h.shutdown(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// One admin API request with the node's token.
+    pub async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Reply> {
+        self.admin_as(method, path, body, Some(&self.token)).await
+    }
+
+    /// One admin API request with `token` (none: no `Authorization` header).
+    pub async fn admin_as(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        token: Option<&str>,
+    ) -> anyhow::Result<Reply> {
+        let bytes = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+        let mut req = Request::new(Full::new(bytes));
+        *req.method_mut() = method;
+        *req.uri_mut() = path.parse().with_context(|| format!("admin path {path}"))?;
+        let h = req.headers_mut();
+        h.insert(
+            http::header::HOST,
+            HeaderValue::from_str(&self.admin_addr.to_string())?,
+        );
+        if body.is_some() {
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        if let Some(t) = token {
+            h.insert(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {t}"))?,
+            );
+        }
+        let mut conn = HttpConn::connect(self.admin_addr).await?;
+        within(
+            "an admin API answer",
+            Duration::from_secs(10),
+            conn.send(req),
+        )
+        .await?
+    }
+
+    /// `GET path` → status and JSON body.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
+        let r = self.admin(Method::GET, path, None).await?;
+        Ok((r.status, r.json()))
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(StatusCode, Value)> {
+        let r = self.admin(Method::POST, path, Some(body)).await?;
+        Ok((r.status, r.json()))
+    }
+
+    /// `PATCH path` with a JSON body.
+    pub async fn patch(&self, path: &str, body: &Value) -> anyhow::Result<(StatusCode, Value)> {
+        let r = self.admin(Method::PATCH, path, Some(body)).await?;
+        Ok((r.status, r.json()))
+    }
+
+    /// `DELETE path`.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
+        let r = self.admin(Method::DELETE, path, None).await?;
+        Ok((r.status, r.json()))
+    }
+
+    /// Creates a group from a `POST /v1/services` body.
+    pub async fn create_group(&self, body: &Value) -> anyhow::Result<Group> {
+        let (status, v) = self.post("/v1/services", body).await?;
+        ensure!(status.is_success(), "creating group {body}: {status} {v}");
+        let g = &v["data"]["service_groups"][0];
+        let (Some(uuid), Some(name)) = (g["uuid"].as_str(), g["name"].as_str()) else {
+            bail!("create answer without service_groups[0].uuid/name: {v}");
+        };
+        Ok(Group {
+            uuid: uuid.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// Attaches `address` as instance `name` and waits until the data plane
+    /// can select it.
+    pub async fn attach(&self, group: &Group, name: &str, address: IpAddr) -> anyhow::Result<()> {
+        let before = self.routed_instances(group);
+        let body = json!({"name": name, "address": address.to_string()});
+        let (status, v) = self
+            .post(&format!("/v1/services/{}/instances", group.uuid), &body)
+            .await?;
+        ensure!(status.is_success(), "attaching {name}: {status} {v}");
+        self.wait_instances(group, before + 1).await
+    }
+
+    /// Detaches instance `name` and waits until the data plane no longer
+    /// selects it.
+    pub async fn detach(&self, group: &Group, name: &str) -> anyhow::Result<()> {
+        let before = self.routed_instances(group);
+        let (status, v) = self
+            .delete(&format!("/v1/services/{}/instances/{name}", group.uuid))
+            .await?;
+        ensure!(status.is_success(), "detaching {name}: {status} {v}");
+        self.wait_instances(group, before.saturating_sub(1)).await
+    }
+
+    /// `data.instances` of `GET /v1/services/{id}/instances`.
+    pub async fn instances(&self, group: &Group) -> anyhow::Result<Vec<Value>> {
+        let (status, v) = self
+            .get(&format!("/v1/services/{}/instances", group.uuid))
+            .await?;
+        ensure!(status == StatusCode::OK, "listing instances: {status} {v}");
+        v["data"]["instances"]
+            .as_array()
+            .cloned()
+            .context("data.instances is not a list")
+    }
+
+    /// `load.local` of every instance by name.
+    pub async fn local_loads(&self, group: &Group) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for i in self.instances(group).await? {
+            let name = i["name"]
+                .as_str()
+                .context("instance without name")?
+                .to_owned();
+            let local = i["load"]["local"]
+                .as_u64()
+                .with_context(|| format!("instance without load.local: {i}"))?;
+            out.push((name, local));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Waits until every instance of `group` has nothing in flight here.
+    pub async fn wait_idle(&self, group: &Group) -> anyhow::Result<()> {
+        wait_until(
+            "every instance to be idle",
+            Duration::from_secs(10),
+            || async {
+                self.local_loads(group)
+                    .await
+                    .is_ok_and(|l| l.iter().all(|(_, n)| *n == 0))
+            },
+        )
+        .await
+    }
+
+    /// Instances of `group` in the data plane's current routing table.
+    pub fn routed_instances(&self, group: &Group) -> usize {
+        let table = self.handle().dataplane.routes.load();
+        table
+            .groups()
+            .find(|g| g.uuid.to_string() == group.uuid)
+            .map_or(0, |g| g.backends.len())
+    }
+
+    /// Waits until the routing table holds `group` with `n` instances.
+    pub async fn wait_instances(&self, group: &Group, n: usize) -> anyhow::Result<()> {
+        let table_has = || {
+            let table = self.handle().dataplane.routes.load();
+            table
+                .groups()
+                .any(|g| g.uuid.to_string() == group.uuid && g.backends.len() == n)
+        };
+        wait_until(
+            &format!("group {} to route to {n} instances", group.name),
+            Duration::from_secs(10),
+            || {
+                let ok = table_has();
+                async move { ok }
+            },
+        )
+        .await
+    }
+
+    /// Waits until published `port` accepts connections. On a TCP-mode port
+    /// the probe is proxied like any connection: follow with
+    /// [`TestNode::wait_idle`].
+    pub async fn wait_port(&self, port: u16) -> anyhow::Result<()> {
+        let addr = self.addr(port);
+        wait_until(
+            &format!("{addr} to accept"),
+            Duration::from_secs(10),
+            || async { tokio::net::TcpStream::connect(addr).await.is_ok() },
+        )
+        .await
+    }
+
+    /// Scrapes `GET /metrics`.
+    pub async fn scrape(&self) -> anyhow::Result<Scrape> {
+        let r = self.admin(Method::GET, "/metrics", None).await?;
+        ensure!(
+            r.status == StatusCode::OK,
+            "GET /metrics: {} {}",
+            r.status,
+            r.text()
+        );
+        Scrape::parse(&r.text())
+    }
+
+    /// Starts `names.len()` HTTP backends on fresh addresses of this node's
+    /// subnet, all on `port`.
+    pub async fn http_backends(
+        &self,
+        names: &[&str],
+        port: u16,
+    ) -> anyhow::Result<Vec<HttpBackend>> {
+        let mut out = Vec::new();
+        for name in names {
+            out.push(HttpBackend::start(name, SocketAddr::new(self.subnet.next_ip(), port)).await?);
+        }
+        Ok(out)
+    }
+
+    /// Creates a group publishing `port` in HTTP mode to `destination_port`,
+    /// attaches `backends` under their names, and waits until it routes.
+    pub async fn http_group(
+        &self,
+        name: &str,
+        port: u16,
+        destination_port: u16,
+        backends: &[HttpBackend],
+    ) -> anyhow::Result<Group> {
+        let group = self
+            .create_group(&json!({
+                "name": name,
+                "services": [{"port": port, "destination_port": destination_port, "handlers": ["http"]}],
+            }))
+            .await?;
+        for b in backends {
+            self.attach(&group, b.name(), b.addr().ip()).await?;
+        }
+        self.wait_instances(&group, backends.len()).await?;
+        self.wait_port(port).await?;
+        Ok(group)
+    }
+}
