@@ -71,6 +71,21 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax) [default: info]
     #[arg(long, env = "EDGELB_LOG")]
     pub log: Option<String>,
+    /// Cluster CA certificate (PEM) when running your own PKI.
+    #[arg(long, env = "EDGELB_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// This node's certificate (PEM, SAN node-<id>.cluster.edgelb) when running your own PKI.
+    #[arg(long, env = "EDGELB_NODE_CERT")]
+    pub node_cert: Option<PathBuf>,
+    /// This node's private key (PEM) when running your own PKI.
+    #[arg(long, env = "EDGELB_NODE_KEY")]
+    pub node_key: Option<PathBuf>,
+    /// Voters the cluster keeps; further nodes stay learners [default: 5]
+    #[arg(long, env = "EDGELB_MAX_VOTERS")]
+    pub max_voters: Option<usize>,
+    /// Leave the Raft membership on SIGTERM.
+    #[arg(long, env = "EDGELB_LEAVE_ON_EXIT")]
+    pub leave_on_exit: bool,
 }
 
 /// The TOML file: the same keys as the flags, plus data-plane tuning.
@@ -94,6 +109,11 @@ struct FileConfig {
     idle_timeout: Option<String>,
     tcp_idle_timeout: Option<String>,
     max_connections: Option<usize>,
+    ca_cert: Option<PathBuf>,
+    node_cert: Option<PathBuf>,
+    node_key: Option<PathBuf>,
+    max_voters: Option<usize>,
+    leave_on_exit: Option<bool>,
 }
 
 /// A checked configuration.
@@ -110,6 +130,11 @@ pub struct Config {
     pub cluster_domain: String,
     pub log: String,
     pub settings: Settings,
+    pub ca_cert: Option<PathBuf>,
+    pub node_cert: Option<PathBuf>,
+    pub node_key: Option<PathBuf>,
+    pub max_voters: usize,
+    pub leave_on_exit: bool,
 }
 
 impl Config {
@@ -127,6 +152,11 @@ impl Config {
             cluster_domain: "edgelb.local".into(),
             log: "info".into(),
             settings: Settings::default(),
+            ca_cert: None,
+            node_cert: None,
+            node_key: None,
+            max_voters: 5,
+            leave_on_exit: false,
         }
     }
 
@@ -161,8 +191,8 @@ impl Config {
                 .map_err(|_| ConfigError::new("listen_ip", format!("{v:?} is not an IP address")))?;
         }
         if let Some(v) = args.join.or(file.join) {
-            if !(v.starts_with("http://") || v.starts_with("https://")) {
-                return Err(ConfigError::new("join", format!("{v:?} is not an http(s) URL")));
+            if !v.starts_with("http://") {
+                return Err(ConfigError::new("join", format!("{v:?} is not an http:// admin URL")));
             }
             c.join = Some(v);
         }
@@ -193,6 +223,23 @@ impl Config {
                 return Err(ConfigError::new("max_connections", "must be at least 1"));
             }
             s.max_connections = v;
+        }
+        c.ca_cert = args.ca_cert.or(file.ca_cert);
+        c.node_cert = args.node_cert.or(file.node_cert);
+        c.node_key = args.node_key.or(file.node_key);
+        let pki_given = [c.ca_cert.is_some(), c.node_cert.is_some(), c.node_key.is_some()];
+        if pki_given.iter().any(|g| *g) && !pki_given.iter().all(|g| *g) {
+            return Err(ConfigError::new("ca_cert", "--ca-cert, --node-cert and --node-key go together"));
+        }
+        if let Some(v) = args.max_voters.or(file.max_voters) {
+            if !(1..=9).contains(&v) {
+                return Err(ConfigError::new("max_voters", "must be 1 to 9"));
+            }
+            c.max_voters = v;
+        }
+        c.leave_on_exit = args.leave_on_exit || file.leave_on_exit.unwrap_or(false);
+        if c.join.is_some() && c.token.is_none() {
+            return Err(ConfigError::new("token", "--join needs the cluster's --token"));
         }
         if c.admin_addr == c.cluster_addr && c.admin_addr.port() != 0 {
             return Err(ConfigError::new("cluster_addr", "must differ from admin_addr"));

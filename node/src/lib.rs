@@ -10,11 +10,14 @@
 pub mod admin;
 pub mod app;
 pub mod balancer;
+pub mod bootstrap;
+pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod http;
 pub mod listeners;
 pub mod metrics;
+pub mod raft;
 pub mod routing;
 pub mod store;
 pub mod tcp;

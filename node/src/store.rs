@@ -1,24 +1,37 @@
 //! The one door through which the node's replicated state changes.
 //!
-//! Every change is a [`Command`] handed to [`Store::propose`]; the store
-//! applies it with [`State::apply`] and publishes the new state on a watch
-//! channel that the data plane and the admin API read. Nothing else mutates
-//! the state, so putting a consensus log behind `propose` changes no caller.
+//! Every change is a [`Command`] handed to [`Store::propose`], which appends
+//! it to the Raft log (openraft). Once committed, every node's state machine
+//! applies it with `State::apply` and publishes the new state on a watch
+//! channel that the data plane and the admin API read; the data plane never
+//! waits on consensus.
 //!
 //! ```text
-//!  admin API ──Command──▶ Store::propose ──apply──▶ State ──watch──▶ data plane
+//!  admin API ─Command─▶ Store::propose ─▶ leader? ─yes─▶ raft.client_write ─▶ log ─▶ quorum
+//!                              │                                                 │
+//!                              └─no─▶ Forward::Write over QUIC to the leader ───┘
+//!                                                                                ▼
+//!  data plane ◀─watch─ State (every node applies the committed entry)
 //! ```
 //!
-//! This store keeps the state in memory and writes a JSON snapshot of it to
-//! `state.json` in the data dir after every applied command (write to a
-//! temporary file, fsync, rename), so a restart keeps every group.
+//! A write answers after it is committed **and** applied on this node. Without
+//! a quorum it fails with 503 within `write_timeout` (5 s); it never hangs.
 
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
 use raft_store::command::Command;
 use raft_store::state::{ApplyError, Applied, State};
-use tokio::sync::{Mutex, watch};
+use raft_store::types::{ClusterNode, Raft, Request};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::cluster::{Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply, Transport};
 
 /// Why a proposal failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,8 +39,8 @@ pub enum StoreError {
     /// The command was refused by the state machine's rules.
     #[error(transparent)]
     Apply(#[from] ApplyError),
-    /// The state could not be made durable or no quorum is reachable (503).
-    #[error("state unavailable: {0}")]
+    /// No quorum or no leader within the deadline (503).
+    #[error("{0}")]
     Unavailable(String),
 }
 
@@ -41,83 +54,363 @@ impl StoreError {
     }
 }
 
-/// The node's copy of the replicated state.
-#[derive(Debug)]
-pub struct Store {
-    tx: watch::Sender<Arc<State>>,
-    /// Serialises proposals: apply + persist happen one at a time.
-    write: Mutex<()>,
-    path: Option<PathBuf>,
+/// A node's role in the Raft membership.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Voter,
+    Learner,
 }
+
+/// One member as `GET /v1/cluster` shows it.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub node_id: u64,
+    pub node: ClusterNode,
+    pub role: Role,
+    pub is_leader: bool,
+}
+
+/// A snapshot of this node's Raft view.
+#[derive(Clone, Debug)]
+pub struct ClusterStatus {
+    pub node_id: u64,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub is_leader: bool,
+    pub members: Vec<Member>,
+}
+
+/// The node's replicated state, behind Raft.
+pub struct Store {
+    node_id: u64,
+    raft: Raft,
+    transport: Arc<Transport>,
+    state: watch::Receiver<Arc<State>>,
+    committed: Arc<AtomicU64>,
+    write_timeout: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("node_id", &self.node_id).finish_non_exhaustive()
+    }
+}
+
+/// Transport calls made on behalf of a client carry this deadline.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Store {
-    /// An in-memory store (tests).
-    pub fn in_memory(initial: State) -> Self {
+    pub fn new(
+        node_id: u64,
+        raft: Raft,
+        transport: Arc<Transport>,
+        state: watch::Receiver<Arc<State>>,
+        committed: Arc<AtomicU64>,
+    ) -> Self {
         Self {
-            tx: watch::Sender::new(Arc::new(initial)),
-            write: Mutex::new(()),
-            path: None,
+            node_id,
+            raft,
+            transport,
+            state,
+            committed,
+            write_timeout: Duration::from_secs(5),
         }
     }
 
-    /// Opens the store kept in `data_dir`, loading `state.json` if present.
-    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let path = data_dir.join("state.json");
-        let state = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                StoreError::Unavailable(format!("{} is corrupt: {e}", path.display()))
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => {
-                return Err(StoreError::Unavailable(format!(
-                    "reading {}: {e}",
-                    path.display()
-                )));
+    /// The Raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The current state (this node's applied copy).
+    pub fn state(&self) -> Arc<State> {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that sees every applied state.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+        self.state.clone()
+    }
+
+    /// Commits `cmd` through the leader and answers once this node applied it.
+    pub async fn propose(&self, cmd: Command) -> Result<Applied, StoreError> {
+        let deadline = Instant::now() + self.write_timeout;
+        let result = tokio::time::timeout_at(deadline, self.write(cmd)).await;
+        let (index, result) = result.map_err(|_| no_quorum(self.write_timeout))??;
+        self.wait_applied(index, deadline).await?;
+        result.map_err(StoreError::Apply)
+    }
+
+    async fn write(&self, cmd: Command) -> Result<(u64, Result<Applied, ApplyError>), StoreError> {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self.raft.client_write(Request::from(cmd.clone())).await {
+                Ok(resp) => {
+                    let result = resp
+                        .data
+                        .result
+                        .unwrap_or_else(|| Err(ApplyError::Invalid("entry had no outcome".into())));
+                    return Ok((resp.log_id.index, result));
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let (Some(id), Some(node)) = (f.leader_id, f.leader_node) {
+                        match self.forward(id, &node, Forward::Write(cmd.clone())).await {
+                            Ok(ForwardReply::Written { log_index, result }) => return Ok((log_index, result)),
+                            Ok(other) => warn!(?other, "unexpected reply to a forwarded write"),
+                            Err(e) => debug!(leader = id, error = %e, "forwarding the write failed; retrying"),
+                        }
+                    }
+                }
+                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    async fn forward(&self, leader: u64, node: &ClusterNode, f: Forward) -> Result<ForwardReply, ForwardError> {
+        match self.transport.call(leader, &node.cluster_addr, Rpc::Forward(f), FORWARD_TIMEOUT).await {
+            Ok(RpcReply::Forward(r)) => r,
+            Ok(other) => Err(ForwardError::Failed(format!("unexpected reply {other:?}"))),
+            Err(e) => Err(ForwardError::Failed(e.to_string())),
+        }
+    }
+
+    async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), StoreError> {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        self.raft
+            .wait(Some(left))
+            .applied_index_at_least(Some(index), "applied on this node")
+            .await
+            .map(|_| ())
+            .map_err(|_| no_quorum(self.write_timeout))
+    }
+
+    /// Makes the next local read linearizable: confirms leadership with a
+    /// quorum (through the leader when this node is not it) and waits until
+    /// this node has applied up to the read index.
+    pub async fn linearize(&self) -> Result<(), StoreError> {
+        let deadline = Instant::now() + self.write_timeout;
+        let read = async {
+            loop {
+                match self.raft.ensure_linearizable().await {
+                    Ok(log_id) => return Ok(log_id.map_or(0, |l| l.index)),
+                    Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                        if let (Some(id), Some(node)) = (f.leader_id, f.leader_node) {
+                            if let Ok(ForwardReply::Linearized { read_index }) =
+                                self.forward(id, &node, Forward::Linearize).await
+                            {
+                                return Ok(read_index);
+                            }
+                        }
+                    }
+                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
-        Ok(Self {
-            tx: watch::Sender::new(Arc::new(state)),
-            write: Mutex::new(()),
-            path: Some(path),
-        })
+        let index = tokio::time::timeout_at(deadline, read)
+            .await
+            .map_err(|_| no_quorum(self.write_timeout))??;
+        self.wait_applied(index, deadline).await
     }
 
-    /// Applies `cmd` and answers once the new state is durable and published.
-    pub async fn propose(&self, cmd: Command) -> Result<Applied, StoreError> {
-        let _write = self.write.lock().await;
-        let mut next = State::clone(&self.tx.borrow());
-        let applied = next.apply(&cmd)?;
-        if let Some(path) = &self.path {
-            persist(path, &next).await?;
+    /// Adds a node as a learner (through the leader). It is promoted to voter
+    /// by the leader once caught up while there are fewer than `max_voters`.
+    pub async fn add_learner(&self, id: u64, node: ClusterNode) -> Result<u64, StoreError> {
+        self.membership(Forward::AddLearner { node_id: id, node }).await
+    }
+
+    /// Removes a node from the membership (voter or learner).
+    pub async fn remove_node(&self, id: u64) -> Result<u64, StoreError> {
+        self.membership(Forward::RemoveNode { node_id: id }).await
+    }
+
+    async fn membership(&self, f: Forward) -> Result<u64, StoreError> {
+        let deadline = Instant::now() + self.write_timeout;
+        let work = async {
+            loop {
+                let leader = match execute_membership(&self.raft, &f).await {
+                    Ok(index) => return Ok(index),
+                    Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
+                    Err(ForwardError::Membership(msg)) => return Err(StoreError::Apply(ApplyError::Invalid(msg))),
+                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                };
+                if let Some((id, node)) = leader {
+                    match self.forward(id, &node, f.clone()).await {
+                        Ok(ForwardReply::Done { log_index }) => return Ok(log_index),
+                        Ok(other) => warn!(?other, "unexpected reply to a forwarded membership change"),
+                        Err(ForwardError::Membership(msg)) => {
+                            return Err(StoreError::Apply(ApplyError::Invalid(msg)));
+                        }
+                        Err(e) => debug!(error = %e, "forwarding the membership change failed; retrying"),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let index = tokio::time::timeout_at(deadline, work)
+            .await
+            .map_err(|_| no_quorum(self.write_timeout))??;
+        self.wait_applied(index, deadline).await?;
+        Ok(index)
+    }
+
+    /// This node's view of the cluster.
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| Member {
+                node_id: *id,
+                node: node.clone(),
+                role: if voters.contains(id) { Role::Voter } else { Role::Learner },
+                is_leader: m.current_leader == Some(*id),
+            })
+            .collect();
+        ClusterStatus {
+            node_id: self.node_id,
+            leader_id: m.current_leader,
+            term: m.current_term,
+            commit_index: self.committed.load(Ordering::Relaxed),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            is_leader: m.state == ServerState::Leader,
+            members,
         }
-        self.tx.send_replace(Arc::new(next));
-        Ok(applied)
-    }
-
-    /// The current state.
-    pub fn state(&self) -> Arc<State> {
-        self.tx.borrow().clone()
-    }
-
-    /// A receiver that sees every published state.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
-        self.tx.subscribe()
     }
 }
 
-async fn persist(path: &Path, state: &State) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec(state)
-        .map_err(|e| StoreError::Unavailable(format!("encoding state: {e}")))?;
-    let tmp = path.with_extension("json.tmp");
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    })
-    .await
-    .map_err(|e| StoreError::Unavailable(format!("persist task: {e}")))?
-    .map_err(|e| StoreError::Unavailable(format!("writing state: {e}")))
+fn no_quorum(limit: Duration) -> StoreError {
+    StoreError::Unavailable(format!(
+        "no quorum: the change was not committed and applied within {} s",
+        limit.as_secs()
+    ))
+}
+
+/// Runs a membership change on this node, which must be the leader.
+pub(crate) async fn execute_membership(raft: &Raft, f: &Forward) -> Result<u64, ForwardError> {
+    let result = match f {
+        Forward::AddLearner { node_id, node } => raft.add_learner(*node_id, node.clone(), false).await,
+        Forward::RemoveNode { node_id } => {
+            let m = raft.metrics().borrow().membership_config.membership().clone();
+            if m.voter_ids().any(|v| v == *node_id) {
+                if m.voter_ids().all(|v| v == *node_id) {
+                    return Err(ForwardError::Membership("cannot remove the last voter".into()));
+                }
+                raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([*node_id])), true)
+                    .await?;
+            } else if m.get_node(node_id).is_none() {
+                return Err(ForwardError::Membership(format!("node {node_id} is not a member")));
+            }
+            raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([*node_id])), false)
+                .await
+        }
+        other => return Err(ForwardError::Failed(format!("not a membership change: {other:?}"))),
+    };
+    Ok(result?.log_id.index)
+}
+
+/// The server side of the cluster RPCs: hands Raft messages to openraft and
+/// runs forwarded client requests when this node leads.
+#[derive(Default)]
+pub struct RaftRpc {
+    raft: std::sync::OnceLock<Raft>,
+}
+
+impl std::fmt::Debug for RaftRpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftRpc").field("started", &self.raft.get().is_some()).finish()
+    }
+}
+
+impl RaftRpc {
+    /// Connects the handler to its Raft once it exists (the transport has to
+    /// be bound before Raft is built).
+    pub fn set(&self, raft: Raft) {
+        let _ = self.raft.set(raft);
+    }
+}
+
+impl RaftHandler for RaftRpc {
+    fn handle(&self, _from: u64, rpc: Rpc) -> HandlerFuture<'_> {
+        Box::pin(async move {
+            let Some(raft) = self.raft.get() else {
+                return RpcReply::Error("raft is starting".into());
+            };
+            match rpc {
+                Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
+                Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
+                Rpc::InstallSnapshot(r) => RpcReply::InstallSnapshot(raft.install_snapshot(r).await),
+                Rpc::Forward(Forward::Write(command)) => RpcReply::Forward(match raft.client_write(Request { command }).await {
+                    Ok(w) => Ok(ForwardReply::Written {
+                        log_index: w.log_id.index,
+                        result: w
+                            .data
+                            .result
+                            .unwrap_or_else(|| Err(ApplyError::Invalid("entry had no outcome".into()))),
+                    }),
+                    Err(e) => Err(e.into()),
+                }),
+                Rpc::Forward(Forward::Linearize) => RpcReply::Forward(match raft.ensure_linearizable().await {
+                    Ok(l) => Ok(ForwardReply::Linearized {
+                        read_index: l.map_or(0, |l| l.index),
+                    }),
+                    Err(e) => Err(e.into()),
+                }),
+                Rpc::Forward(f) => RpcReply::Forward(
+                    execute_membership(raft, &f)
+                        .await
+                        .map(|log_index| ForwardReply::Done { log_index }),
+                ),
+            }
+        })
+    }
+}
+
+/// On the leader: promotes caught-up learners to voters while there are
+/// fewer than `max_voters` voters, so write latency and quorum size stay
+/// fixed however many edge nodes join.
+pub async fn promote_learners(raft: Raft, max_voters: usize, shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let m = raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            continue;
+        }
+        let membership = m.membership_config.membership();
+        let voters = membership.voter_ids().count();
+        if voters >= max_voters {
+            continue;
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        let matched: BTreeMap<u64, u64> = m
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(id, l)| (*id, l.map_or(0, |l| l.index))).collect())
+            .unwrap_or_default();
+        let candidate = membership
+            .learner_ids()
+            .find(|id| matched.get(id).is_some_and(|&i| i + 16 >= last));
+        if let Some(id) = candidate {
+            info!(node_id = id, voters, max_voters, "promoting caught-up learner to voter");
+            if let Err(e) = raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+                .await
+            {
+                warn!(node_id = id, error = %e, "promotion failed; will retry");
+            }
+        }
+    }
 }

@@ -29,6 +29,7 @@ use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader};
@@ -57,6 +58,9 @@ const LAST_PURGED: &str = "last_purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The last commit index openraft reported (0 before any), for
+    /// `GET /v1/cluster` and metrics.
+    committed: Arc<AtomicU64>,
 }
 
 impl Debug for LogStore {
@@ -77,7 +81,15 @@ impl LogStore {
         txn.open_table(LOGS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            committed: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// A live view of the commit index (0 before the first commit).
+    pub fn committed_index(&self) -> Arc<AtomicU64> {
+        self.committed.clone()
     }
 
     async fn get_meta<T>(&self, key: &'static str) -> Result<Option<T>, StoreError>
@@ -209,6 +221,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        if let Some(c) = committed {
+            self.committed.fetch_max(c.index, Ordering::Relaxed);
+        }
         self.put_meta(COMMITTED, &committed, Durability::None)
             .await
             .map_err(|e| e.into_storage(ErrorSubject::Store, ErrorVerb::Write))

@@ -286,7 +286,7 @@ mod tests;
 pub struct ClusterSecrets {
     /// The cluster CA certificate, PEM.
     pub ca_cert_pem: String,
-    /// The cluster CA private key, PEM.
+    /// The cluster CA private key, PEM; empty when operators run their own PKI.
     pub ca_key_pem: String,
     /// Lowercase hex SHA-256 of the admin token.
     pub token_sha256: String,

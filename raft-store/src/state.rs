@@ -229,7 +229,9 @@ impl State {
                 if self.cluster.is_some() {
                     return Err(ApplyError::Conflict("the cluster is already initialised".into()));
                 }
-                if secrets.ca_cert_pem.is_empty() || secrets.ca_key_pem.is_empty() || secrets.token_sha256.len() != 64 {
+                // An empty CA key means the operators run their own PKI: members
+                // then cannot mint node certificates.
+                if secrets.ca_cert_pem.is_empty() || secrets.token_sha256.len() != 64 {
                     return Err(ApplyError::Invalid("cluster secrets are incomplete".into()));
                 }
                 Ok((Change::Cluster(secrets.clone()), Applied::ClusterInitialized))

@@ -10,7 +10,6 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use raft_store::state::State;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,7 +20,6 @@ use super::{Admin, serve};
 use crate::dataplane::{DataPlane, Settings};
 use crate::metrics::Metrics;
 use crate::routing::{BuildContext, RoutingTable};
-use crate::store::Store;
 use crate::tls::CertCache;
 
 mod groups;
@@ -33,6 +31,7 @@ const TOKEN: &str = "s3cret-token";
 
 struct Server {
     addr: SocketAddr,
+    dir: std::path::PathBuf,
     admin: Arc<Admin>,
     certs: CertCache,
     shutdown: CancellationToken,
@@ -76,8 +75,13 @@ impl Answer {
 
 impl Server {
     async fn start() -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (store, _transport) = crate::raft::one_node_store(&dir).await.expect("one-node store");
         let admin = Arc::new(Admin {
-            store: Arc::new(Store::in_memory(State::default())),
+            store: Arc::new(store),
             dataplane: Arc::new(DataPlane::new(Settings::default())),
             metrics: Arc::new(Metrics::new()),
             token: TOKEN.to_owned(),
@@ -90,6 +94,7 @@ impl Server {
         let task = tokio::spawn(serve(listener, admin.clone(), shutdown.clone()));
         Self {
             addr,
+            dir,
             admin,
             certs: CertCache::default(),
             shutdown,
@@ -220,6 +225,8 @@ impl Server {
             .await
             .expect("serve returns after shutdown")
             .expect("serve task");
+        let _ = self.admin.store.raft().shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

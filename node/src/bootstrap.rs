@@ -1,0 +1,242 @@
+//! Joining or founding a cluster: the node's TLS identity and the first
+//! Raft steps.
+//!
+//! ```text
+//!  empty data dir, no --join:  generate cluster CA ─▶ issue own certificate ─▶ initialise a
+//!                              one-node Raft ─▶ record CA + token hash (InitCluster)
+//!  empty data dir, --join URL: generate key + CSR ─▶ POST URL/v1/cluster/nodes (token) ─▶
+//!                              member signs with the cluster CA and adds us as a learner
+//!  anything in the data dir:   load the stored identity; Raft resumes from its log
+//! ```
+//!
+//! The TLS identity lives in `<data_dir>/tls/` (`ca.pem`, `node.pem`,
+//! `node.key`, mode 0600). Operators with their own PKI pass `--ca-cert`,
+//! `--node-cert` and `--node-key` instead; the cluster then records no CA
+//! key and members cannot mint certificates.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use raft_store::types::ClusterNode;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+
+use crate::cluster::NodeTls;
+use crate::cluster::pki::{self, CaBundle};
+use crate::config::{Config, ConfigError};
+
+/// Why bootstrapping failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Io(String),
+    #[error("joining {url}: {message}")]
+    Join { url: String, message: String },
+}
+
+/// What a node starts from.
+#[derive(Debug)]
+pub struct Identity {
+    pub tls: NodeTls,
+    /// The CA key when this node founded the cluster now (to record it).
+    pub new_ca_key: Option<String>,
+    /// True when the node joined a cluster during this start.
+    pub joined: bool,
+    /// True when this start founded a new cluster.
+    pub founded: bool,
+}
+
+fn tls_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("tls")
+}
+
+/// Loads the node's identity, or creates it by founding or joining.
+pub async fn identity(config: &Config, token: &str) -> Result<Identity, BootstrapError> {
+    if let (Some(ca), Some(cert), Some(key)) = (&config.ca_cert, &config.node_cert, &config.node_key) {
+        let read = |field: &str, p: &Path| {
+            std::fs::read_to_string(p)
+                .map_err(|e| BootstrapError::Config(ConfigError::new(field, format!("{}: {e}", p.display()))))
+        };
+        let tls = NodeTls {
+            ca_cert_pem: read("ca_cert", ca)?,
+            cert_pem: read("node_cert", cert)?,
+            key_pem: read("node_key", key)?,
+        };
+        let fresh = !has_raft_state(&config.data_dir);
+        return Ok(Identity {
+            tls,
+            new_ca_key: None,
+            joined: false,
+            founded: fresh && config.join.is_none(),
+        });
+    }
+    let dir = tls_dir(&config.data_dir);
+    if dir.join("node.pem").exists() {
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name))
+                .map_err(|e| BootstrapError::Io(format!("{}: {e}", dir.join(name).display())))
+        };
+        return Ok(Identity {
+            tls: NodeTls {
+                ca_cert_pem: read("ca.pem")?,
+                cert_pem: read("node.pem")?,
+                key_pem: read("node.key")?,
+            },
+            new_ca_key: None,
+            joined: false,
+            founded: false,
+        });
+    }
+    let (tls, new_ca_key, joined) = match &config.join {
+        None => {
+            let ca = pki::generate_ca("edgelb").map_err(|e| BootstrapError::Io(format!("cluster CA: {e}")))?;
+            let (cert, key) = pki::issue_node_cert(&ca, config.node_id)
+                .map_err(|e| BootstrapError::Io(format!("node certificate: {e}")))?;
+            let CaBundle { cert_pem, key_pem } = ca;
+            (
+                NodeTls {
+                    ca_cert_pem: cert_pem,
+                    cert_pem: cert,
+                    key_pem: key,
+                },
+                Some(key_pem),
+                false,
+            )
+        }
+        Some(url) => (join(config, url, token).await?, None, true),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| BootstrapError::Io(format!("{}: {e}", dir.display())))?;
+    for (name, body) in [("ca.pem", &tls.ca_cert_pem), ("node.pem", &tls.cert_pem), ("node.key", &tls.key_pem)] {
+        crate::app::write_private(&dir.join(name), body)
+            .map_err(|e| BootstrapError::Io(format!("{}: {e}", dir.join(name).display())))?;
+    }
+    let founded = !joined;
+    Ok(Identity {
+        tls,
+        new_ca_key,
+        joined,
+        founded,
+    })
+}
+
+fn has_raft_state(data_dir: &Path) -> bool {
+    data_dir.join("raft-log.redb").exists()
+}
+
+/// `POST /v1/cluster/nodes` body: a node asking to be added (with a CSR
+/// when it wants a certificate from the cluster CA).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddNodeRequest {
+    pub node_id: u64,
+    pub cluster_addr: String,
+    pub admin_addr: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
+}
+
+fn default_region() -> String {
+    "local".into()
+}
+
+/// `data` of the answer to `POST /v1/cluster/nodes`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddNodeData {
+    pub node: ClusterNode,
+    pub node_id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificate: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Envelope<T> {
+    data: Option<T>,
+    message: Option<String>,
+}
+
+async fn join(config: &Config, url: &str, token: &str) -> Result<NodeTls, BootstrapError> {
+    let err = |message: String| BootstrapError::Join {
+        url: url.to_owned(),
+        message,
+    };
+    let (key_pem, csr) = pki::node_key_and_csr(config.node_id).map_err(|e| err(format!("CSR: {e}")))?;
+    let body = AddNodeRequest {
+        node_id: config.node_id,
+        cluster_addr: config.cluster_addr.to_string(),
+        admin_addr: config.admin_addr.to_string(),
+        region: config.region.clone(),
+        csr: Some(csr),
+    };
+    let body = serde_json::to_vec(&body).map_err(|e| err(e.to_string()))?;
+    let mut last = String::new();
+    // The member may be starting too: retry for a while.
+    for _ in 0..30 {
+        match post(url, "/v1/cluster/nodes", token, body.clone()).await {
+            Ok((status, bytes)) => {
+                let env: Envelope<AddNodeData> = serde_json::from_slice(&bytes)
+                    .map_err(|e| err(format!("HTTP {status}: unreadable answer: {e}")))?;
+                match env.data {
+                    Some(AddNodeData {
+                        certificate: Some(cert_pem),
+                        ca_certificate: Some(ca_cert_pem),
+                        ..
+                    }) if status == 200 => {
+                        return Ok(NodeTls {
+                            ca_cert_pem,
+                            cert_pem,
+                            key_pem,
+                        });
+                    }
+                    _ if status == 503 => last = env.message.unwrap_or_default(),
+                    _ => {
+                        let msg = env.message.unwrap_or_else(|| "no certificate in the answer".into());
+                        return Err(err(format!("HTTP {status}: {msg}")));
+                    }
+                }
+            }
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(err(last))
+}
+
+/// A small HTTP/1.1 POST to an admin API (`http://host:port`).
+pub(crate) async fn post(base: &str, path: &str, token: &str, body: Vec<u8>) -> Result<(u16, Bytes), String> {
+    let authority = base
+        .strip_prefix("http://")
+        .ok_or_else(|| "only http:// admin URLs are supported".to_owned())?
+        .trim_end_matches('/');
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(authority))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::post(path)
+        .header("host", authority)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let work = async {
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((status, bytes))
+    };
+    tokio::time::timeout(Duration::from_secs(15), work)
+        .await
+        .map_err(|_| "request timed out".to_owned())?
+}

@@ -1,0 +1,52 @@
+//! The cluster transport: one QUIC endpoint per node, mutual TLS with the
+//! cluster CA, Raft RPCs as length-prefixed JSON on one stream each.
+//!
+//! ```text
+//!                       UDP cluster_addr (one quinn Endpoint)
+//!   peer ──QUIC+mTLS──▶ ┌─────────────────────────────────────────────┐
+//!                       │ handshake: client cert must chain to the CA  │──✗ refused
+//!                       │ ALPN edgelb-raft/1 ──▶ server: per stream     │
+//!                       │   [len][Header{from,rpc}] from ≟ cert name ──┼──✗ close(IDENTITY)
+//!                       │   [len][body ≤ limit(rpc)] ──▶ RaftHandler   │──✗ reset(BAD_FRAME)
+//!                       │   ◀── [len][RpcReply]                        │
+//!                       │ ALPN edgelb-gossip/1 ──▶ closed (not yet)    │
+//!                       └─────────────────────────────────────────────┘
+//!   openraft ─▶ Network/PeerNetwork ─▶ Transport::call(target, cluster_addr, Rpc)
+//!               (one cached connection per peer, a new stream per RPC)
+//! ```
+//!
+//! - [`pki`]: the cluster CA and node certificates; a node's id is the DNS
+//!   name `node-<id>.cluster.edgelb` in its certificate.
+//! - [`NodeTls`]: a node's CA, certificate and key, made into rustls/quinn
+//!   configs. The client checks it reached the node it dialled (server name
+//!   = target's DNS name); the server checks that each stream's claimed
+//!   `from` id is named by the client's certificate.
+//! - [`Transport`]: the endpoint. Serves incoming requests to a
+//!   [`RaftHandler`] and makes calls ([`Transport::call`]).
+//! - Frames: `u32` big-endian length + JSON. The header frame (≤ 1 KiB)
+//!   names the sender and the RPC kind, which sets the body limit: 64 MiB
+//!   for appends and snapshot chunks, 8 MiB for forwards, 64 KiB for votes
+//!   and replies other than forwards. Oversized, malformed or late frames
+//!   reset that stream only and are counted in [`TransportStats`].
+//! - [`Network`]: openraft's network factory over [`Transport::call`].
+
+mod frame;
+mod network;
+pub mod pki;
+mod rpc;
+mod server;
+mod tls;
+mod transport;
+
+#[cfg(test)]
+mod tests;
+
+pub use frame::MAX_FRAME;
+pub use network::{Network, PeerNetwork};
+pub use pki::{
+    CaBundle, PkiError, generate_ca, issue_node_cert, node_dns_name, node_key_and_csr,
+    sign_node_csr,
+};
+pub use rpc::{Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply};
+pub use tls::{ALPN_GOSSIP, ALPN_RAFT, NodeTls};
+pub use transport::{Transport, TransportError, TransportStats, codes};

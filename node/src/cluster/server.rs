@@ -1,0 +1,195 @@
+//! The accepting side of the endpoint: handshake, ALPN dispatch, and one
+//! task per RPC stream.
+//!
+//! A bad stream (oversized, malformed or late frame) is reset and counted;
+//! the connection and the other streams go on. A stream that claims a node
+//! id its certificate does not name closes the whole connection: the peer is
+//! lying or misconfigured, and nothing else it sends can be trusted.
+
+use std::io;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use raft_store::NodeId;
+use rustls::pki_types::CertificateDer;
+use tokio::time::timeout;
+use tracing::{Instrument, debug, debug_span, warn};
+
+use super::frame::{self, FrameError, HEADER_LIMIT, HEADER_TIMEOUT};
+use super::rpc::RpcReply;
+use super::tls::{ALPN_RAFT, negotiated_alpn, peer_leaf, verify_peer_id};
+use super::transport::{Shared, bump, codes};
+
+/// Accepts connections until the endpoint closes.
+pub(crate) async fn accept_loop(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let span = debug_span!("cluster_conn", remote = %incoming.remote_address());
+        tokio::spawn(serve_incoming(Arc::clone(&shared), incoming).instrument(span));
+    }
+}
+
+async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            bump(&shared.stats.handshakes_failed);
+            debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    match negotiated_alpn(&conn).as_deref() {
+        Some(ALPN_RAFT) => serve_raft(shared, conn).await,
+        // Gossip (edgelb-gossip/1) is offered in the handshake but not
+        // served yet: close politely, the peer will try later.
+        alpn => {
+            bump(&shared.stats.unsupported_alpn);
+            debug!(alpn = ?alpn.map(String::from_utf8_lossy), "alpn not served");
+            conn.close(codes::UNSUPPORTED, b"protocol not served");
+        }
+    }
+}
+
+/// A connected peer: its certificate, and the node id it has proven.
+struct Peer {
+    conn: Connection,
+    leaf: CertificateDer<'static>,
+    proven: OnceLock<NodeId>,
+}
+
+impl Peer {
+    /// Whether the certificate is valid for node `id`.
+    fn proves(&self, id: NodeId) -> bool {
+        if self.proven.get() == Some(&id) {
+            return true;
+        }
+        if let Err(e) = verify_peer_id(&self.leaf, id) {
+            warn!(claimed = id, error = %e, "peer claims an id its certificate does not name");
+            return false;
+        }
+        let _ = self.proven.set(id);
+        true
+    }
+}
+
+async fn serve_raft(shared: Arc<Shared>, conn: Connection) {
+    bump(&shared.stats.connections_accepted);
+    // rustls required and verified a client certificate; a connection
+    // without one cannot get here, but is refused rather than trusted.
+    let Some(leaf) = peer_leaf(&conn) else {
+        bump(&shared.stats.identity_refused);
+        conn.close(codes::IDENTITY, b"no client certificate");
+        return;
+    };
+    let peer = Arc::new(Peer {
+        conn: conn.clone(),
+        leaf,
+        proven: OnceLock::new(),
+    });
+    debug!("raft connection accepted");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let stream = serve_stream(Arc::clone(&shared), Arc::clone(&peer), send, recv);
+                tokio::spawn(stream.in_current_span());
+            }
+            Err(e) => {
+                debug!(reason = %e, "raft connection closed");
+                return;
+            }
+        }
+    }
+}
+
+/// Why a stream is given up.
+enum Failure {
+    /// Oversized, malformed or truncated: reset and count.
+    BadFrame(String),
+    /// A frame did not arrive in time: reset and count.
+    Late,
+    /// The peer reset the stream or the connection went away.
+    Gone(io::Error),
+}
+
+async fn read(recv: &mut RecvStream, limit: usize, wait: Duration) -> Result<Vec<u8>, Failure> {
+    match timeout(wait, frame::read_frame(recv, limit)).await {
+        Err(_) => Err(Failure::Late),
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(FrameError::Io(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            Err(Failure::BadFrame("stream ended inside a frame".into()))
+        }
+        Ok(Err(FrameError::Io(e))) => Err(Failure::Gone(e)),
+        Ok(Err(e)) => Err(Failure::BadFrame(e.to_string())),
+    }
+}
+
+fn give_up(shared: &Shared, send: &mut SendStream, recv: &mut RecvStream, failure: Failure) {
+    let code: VarInt = match failure {
+        Failure::BadFrame(why) => {
+            bump(&shared.stats.bad_frames);
+            debug!(%why, "bad frame, resetting stream");
+            codes::BAD_FRAME
+        }
+        Failure::Late => {
+            bump(&shared.stats.read_timeouts);
+            debug!("frame timed out, resetting stream");
+            codes::TIMEOUT
+        }
+        Failure::Gone(e) => {
+            debug!(error = %e, "stream gone");
+            return;
+        }
+    };
+    // Either may already be closed by the peer; nothing more to do then.
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
+}
+
+async fn serve_stream(
+    shared: Arc<Shared>,
+    peer: Arc<Peer>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let header = match read(&mut recv, HEADER_LIMIT, HEADER_TIMEOUT)
+        .await
+        .and_then(|b| frame::decode_header(&b).map_err(|e| Failure::BadFrame(e.to_string())))
+    {
+        Ok(header) => header,
+        Err(f) => return give_up(&shared, &mut send, &mut recv, f),
+    };
+    if !peer.proves(header.from) {
+        bump(&shared.stats.identity_refused);
+        peer.conn.close(
+            codes::IDENTITY,
+            b"certificate does not name the claimed node",
+        );
+        return;
+    }
+    let kind = header.rpc;
+    let rpc = match read(&mut recv, kind.request_limit(), kind.body_timeout())
+        .await
+        .and_then(|b| frame::decode_request(kind, &b).map_err(|e| Failure::BadFrame(e.to_string())))
+    {
+        Ok(rpc) => rpc,
+        Err(f) => return give_up(&shared, &mut send, &mut recv, f),
+    };
+    bump(&shared.stats.requests_served);
+    let reply = shared.handler.handle(header.from, rpc).await;
+    let bytes = frame::encode(&reply, kind.reply_limit()).or_else(|e| {
+        warn!(%kind, error = %e, "reply not sent");
+        frame::encode(
+            &RpcReply::Error(format!("reply not sent: {e}")),
+            HEADER_LIMIT,
+        )
+    });
+    let Ok(bytes) = bytes else {
+        // A short error string always encodes; drop the stream if not.
+        return;
+    };
+    if let Err(e) = send.write_all(&bytes).await {
+        debug!(%kind, error = %e, "reply not delivered");
+        return;
+    }
+    let _ = send.finish();
+}

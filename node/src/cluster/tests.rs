@@ -1,0 +1,426 @@
+//! Transport tests over real UDP sockets on 127.0.0.1: mutual TLS, identity,
+//! hostile frames, timeouts; and openraft clusters over it ([`raft`]).
+
+mod raft;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::Vote;
+use openraft::raft::{VoteRequest, VoteResponse};
+use quinn::{ConnectionError, Endpoint, ReadError, ReadToEndError};
+use raft_store::Command;
+use raft_store::model::Certificate;
+use tokio::time::{Instant, timeout};
+
+use super::frame::{self, HEADER_LIMIT, Header};
+use super::rpc::RpcKind;
+use super::*;
+
+/// Patience for conditions that should hold quickly.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+fn node_tls(ca: &CaBundle, id: u64) -> NodeTls {
+    let (cert_pem, key_pem) = issue_node_cert(ca, id).unwrap();
+    NodeTls {
+        ca_cert_pem: ca.cert_pem.clone(),
+        cert_pem,
+        key_pem,
+    }
+}
+
+/// Answers votes (granted) and `Linearize` (with the caller's id); hangs
+/// on `Write`. Records who called.
+#[derive(Default)]
+struct Echo {
+    seen: Mutex<Vec<u64>>,
+}
+
+impl Echo {
+    fn seen(&self) -> Vec<u64> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl RaftHandler for Echo {
+    fn handle(&self, from: u64, rpc: Rpc) -> HandlerFuture<'_> {
+        self.seen.lock().unwrap().push(from);
+        Box::pin(async move {
+            match rpc {
+                Rpc::Vote(v) => RpcReply::Vote(Ok(VoteResponse::new(v.vote, None, true))),
+                Rpc::Forward(Forward::Linearize) => {
+                    RpcReply::Forward(Ok(ForwardReply::Linearized { read_index: from }))
+                }
+                Rpc::Forward(Forward::Write(_)) => std::future::pending().await,
+                _ => RpcReply::Error("not in this test".into()),
+            }
+        })
+    }
+}
+
+fn vote() -> Rpc {
+    Rpc::Vote(VoteRequest::new(Vote::new(7, 1), None))
+}
+
+fn serve(tls: &NodeTls, id: u64) -> (Transport, Arc<Echo>) {
+    let echo = Arc::new(Echo::default());
+    let handler: Arc<dyn RaftHandler> = echo.clone();
+    (Transport::bind(loopback(), tls, id, handler).unwrap(), echo)
+}
+
+/// Polls `cond` until it holds or [`PATIENCE`] runs out.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A bare quinn client presenting `tls` to node `server_id` at `addr`.
+async fn raw_client(
+    tls: &NodeTls,
+    addr: SocketAddr,
+    server_id: u64,
+) -> (Endpoint, quinn::Connection) {
+    let ep = Endpoint::client(loopback()).unwrap();
+    let config = tls.client_config(ALPN_RAFT).unwrap();
+    let conn = ep
+        .connect_with(config, addr, &node_dns_name(server_id))
+        .unwrap()
+        .await
+        .unwrap();
+    (ep, conn)
+}
+
+/// Sends `bytes` on a new stream and returns the code the server reset
+/// its side with, or the reply.
+async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, ReadToEndError> {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // The server may stop reading early: write errors are expected then.
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    timeout(PATIENCE, recv.read_to_end(1 << 20))
+        .await
+        .expect("server answers or resets in time")
+}
+
+#[tokio::test]
+async fn two_transports_exchange_rpcs() {
+    let ca = generate_ca("test").unwrap();
+    let (a, _) = serve(&node_tls(&ca, 1), 1);
+    // Node 2 joins the way a new node does: its own key, a signed CSR.
+    let (key_pem, csr) = node_key_and_csr(2).unwrap();
+    let tls2 = NodeTls {
+        ca_cert_pem: ca.cert_pem.clone(),
+        cert_pem: sign_node_csr(&ca, &csr, 2).unwrap(),
+        key_pem,
+    };
+    let (b, echo) = serve(&tls2, 2);
+    let b_addr = b.local_addr().unwrap().to_string();
+
+    let reply = a.call(2, &b_addr, vote(), PATIENCE).await.unwrap();
+    assert!(matches!(reply, RpcReply::Vote(Ok(v)) if v.vote_granted && v.vote == Vote::new(7, 1)));
+    let reply = a
+        .call(2, &b_addr, Rpc::Forward(Forward::Linearize), PATIENCE)
+        .await
+        .unwrap();
+    assert!(matches!(
+        reply,
+        RpcReply::Forward(Ok(ForwardReply::Linearized { read_index: 1 }))
+    ));
+    // The peer error comes back as an error, not as a reply.
+    let e = a
+        .call(
+            2,
+            &b_addr,
+            Rpc::Forward(Forward::RemoveNode { node_id: 3 }),
+            PATIENCE,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, TransportError::Remote(m) if m == "not in this test"),
+        "{e}"
+    );
+
+    assert_eq!(echo.seen(), [1, 1, 1]);
+    assert_eq!(a.stats().connects, 1, "one cached connection");
+    assert_eq!(b.stats().connections_accepted, 1);
+    assert_eq!(b.stats().requests_served, 3);
+}
+
+#[tokio::test]
+async fn foreign_or_missing_client_certificate_is_refused() {
+    let ca = generate_ca("cluster").unwrap();
+    let other = generate_ca("other").unwrap();
+    let (server, echo) = serve(&node_tls(&ca, 2), 2);
+    let addr = server.local_addr().unwrap();
+
+    // Trusts the cluster CA, but its own certificate is from another CA.
+    let mut intruder = node_tls(&other, 1);
+    intruder.ca_cert_pem = ca.cert_pem.clone();
+    let (client, _) = serve(&intruder, 1);
+    let e = client
+        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .await
+        .unwrap_err();
+    assert!(
+        e.is_unreachable() || matches!(e, TransportError::Stream(_)),
+        "{e}"
+    );
+    eventually("a failed handshake", || {
+        server.stats().handshakes_failed == 1
+    })
+    .await;
+
+    // No client certificate at all.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca.cert_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN_RAFT.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let ep = Endpoint::client(loopback()).unwrap();
+    let outcome = timeout(PATIENCE, async {
+        let conn = ep
+            .connect_with(
+                quinn::ClientConfig::new(Arc::new(quic)),
+                addr,
+                &node_dns_name(2),
+            )
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let bytes = frame::encode_request(1, &vote()).map_err(|e| e.to_string())?;
+        send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())
+    })
+    .await
+    .expect("refused in time");
+    assert!(outcome.is_err(), "{outcome:?}");
+    eventually("a second failed handshake", || {
+        server.stats().handshakes_failed == 2
+    })
+    .await;
+    assert!(echo.seen().is_empty());
+    assert_eq!(server.stats().connections_accepted, 0);
+}
+
+#[tokio::test]
+async fn client_claiming_another_id_is_disconnected() {
+    let ca = generate_ca("test").unwrap();
+    let (server, echo) = serve(&node_tls(&ca, 2), 2);
+    let addr = server.local_addr().unwrap();
+    let tls5 = node_tls(&ca, 5);
+
+    // A transport refuses to start with a certificate for another node.
+    let e = Transport::bind(loopback(), &tls5, 6, Arc::new(Echo::default())).unwrap_err();
+    assert!(matches!(e, TransportError::Config(_)), "{e}");
+
+    // A valid certificate for node 5 whose streams claim node 6.
+    let (_ep, conn) = raw_client(&tls5, addr, 2).await;
+    let lie = frame::encode_request(6, &vote()).unwrap();
+    assert!(send_raw(&conn, &lie).await.is_err());
+    let closed = timeout(PATIENCE, conn.closed()).await.unwrap();
+    assert!(
+        matches!(&closed, ConnectionError::ApplicationClosed(c) if c.error_code == codes::IDENTITY),
+        "{closed}"
+    );
+    assert_eq!(server.stats().identity_refused, 1);
+    assert!(echo.seen().is_empty());
+
+    // The same certificate telling the truth is served.
+    let (_ep, conn) = raw_client(&tls5, addr, 2).await;
+    let truth = frame::encode_request(5, &vote()).unwrap();
+    let reply = send_raw(&conn, &truth).await.unwrap();
+    let reply = frame::decode_reply(&reply[4..]).unwrap();
+    assert!(matches!(reply, RpcReply::Vote(Ok(_))));
+    assert_eq!(echo.seen(), [5]);
+}
+
+#[tokio::test]
+async fn bad_frames_reset_the_stream_and_the_server_keeps_serving() {
+    let ca = generate_ca("test").unwrap();
+    let (server, echo) = serve(&node_tls(&ca, 2), 2);
+    let addr = server.local_addr().unwrap();
+    let tls1 = node_tls(&ca, 1);
+    let (_ep, conn) = raw_client(&tls1, addr, 2).await;
+
+    let header = |kind| frame::encode(&Header { from: 1, rpc: kind }, HEADER_LIMIT).unwrap();
+    let with = |mut a: Vec<u8>, b: &[u8]| {
+        a.extend_from_slice(b);
+        a
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "header over 64 MiB",
+            with(u32::MAX.to_be_bytes().to_vec(), b"{"),
+        ),
+        (
+            "header over 1 KiB",
+            with(2048u32.to_be_bytes().to_vec(), &[b' '; 2048]),
+        ),
+        (
+            "garbage header",
+            with(4u32.to_be_bytes().to_vec(), b"\xff\xfe{]"),
+        ),
+        (
+            "vote body over its limit",
+            with(header(RpcKind::Vote), &(1u32 << 20).to_be_bytes()),
+        ),
+        (
+            "malformed body",
+            with(header(RpcKind::AppendEntries), b"\x00\x00\x00\x03abc"),
+        ),
+        (
+            "truncated body",
+            with(header(RpcKind::Vote), b"\x00\x00\x00\x64{}"),
+        ),
+    ];
+    let n = cases.len() as u64;
+    for (what, bytes) in cases {
+        match send_raw(&conn, &bytes).await {
+            Err(ReadToEndError::Read(ReadError::Reset(code))) => {
+                assert_eq!(code, codes::BAD_FRAME, "{what}");
+            }
+            other => panic!("{what}: expected a reset, got {other:?}"),
+        }
+    }
+    assert_eq!(server.stats().bad_frames, n);
+    assert!(echo.seen().is_empty());
+
+    // Same connection, a good request.
+    let reply = send_raw(&conn, &frame::encode_request(1, &vote()).unwrap())
+        .await
+        .unwrap();
+    assert!(matches!(
+        frame::decode_reply(&reply[4..]).unwrap(),
+        RpcReply::Vote(Ok(_))
+    ));
+    // And a new peer.
+    let (client, _) = serve(&node_tls(&ca, 3), 3);
+    let reply = client
+        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .await
+        .unwrap();
+    assert!(matches!(reply, RpcReply::Vote(Ok(_))));
+    assert_eq!(echo.seen(), [1, 3]);
+}
+
+#[tokio::test]
+async fn calls_fail_in_time_and_say_why() {
+    let ca = generate_ca("test").unwrap();
+    let (server, _) = serve(&node_tls(&ca, 2), 2);
+    let addr = server.local_addr().unwrap().to_string();
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    let short = Duration::from_millis(300);
+
+    // The handler never answers a write.
+    let write = Rpc::Forward(Forward::Write(Command::DeleteGroup {
+        id: "x".into(),
+        force: false,
+    }));
+    let started = Instant::now();
+    let e = client.call(2, &addr, write, short).await.unwrap_err();
+    assert!(matches!(e, TransportError::Timeout(_)), "{e}");
+    assert!(started.elapsed() < PATIENCE);
+
+    // Nobody listens on that port: unreachable, within the timeout.
+    let silent = std::net::UdpSocket::bind(loopback()).unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let started = Instant::now();
+    let e = client
+        .call(9, &silent_addr, vote(), short)
+        .await
+        .unwrap_err();
+    assert!(e.is_unreachable(), "{e}");
+    assert!(started.elapsed() < PATIENCE);
+
+    // Too large to send: refused locally.
+    let huge = Rpc::Forward(Forward::Write(Command::PutCertificate {
+        certificate: Certificate {
+            name: "big".into(),
+            chain: "x".repeat(9 << 20),
+            private_key: String::new(),
+            not_after: None,
+        },
+    }));
+    let e = client.call(2, &addr, huge, PATIENCE).await.unwrap_err();
+    assert!(matches!(e, TransportError::TooLarge { .. }), "{e}");
+
+    // Unresolvable address.
+    let e = client
+        .call(2, "no-such-host.invalid:1", vote(), short)
+        .await
+        .unwrap_err();
+    assert!(e.is_unreachable(), "{e}");
+    assert_eq!(client.stats().calls_failed, 4);
+}
+
+#[tokio::test]
+async fn reconnects_after_the_peer_restarts() {
+    let ca = generate_ca("test").unwrap();
+    let tls2 = node_tls(&ca, 2);
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    let (server, _) = serve(&tls2, 2);
+    let addr = server.local_addr().unwrap();
+    client
+        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .await
+        .unwrap();
+    server.close().await;
+    drop(server);
+
+    let echo = Arc::new(Echo::default());
+    let handler: Arc<dyn RaftHandler> = echo.clone();
+    // The old socket is released once the old endpoint's tasks are done.
+    let deadline = Instant::now() + PATIENCE;
+    let server = loop {
+        match Transport::bind(addr, &tls2, 2, Arc::clone(&handler)) {
+            Ok(t) => break t,
+            Err(e) => assert!(Instant::now() < deadline, "rebinding {addr}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    client
+        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(echo.seen(), [1]);
+    assert_eq!(client.stats().connects, 2);
+    assert_eq!(server.stats().connections_accepted, 1);
+
+    // Gossip is not served yet: such connections are closed politely.
+    let tls1 = node_tls(&ca, 1);
+    let ep = Endpoint::client(loopback()).unwrap();
+    let conn = ep
+        .connect_with(
+            tls1.client_config(ALPN_GOSSIP).unwrap(),
+            addr,
+            &node_dns_name(2),
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let closed = timeout(PATIENCE, conn.closed()).await.unwrap();
+    assert!(
+        matches!(&closed, ConnectionError::ApplicationClosed(c) if c.error_code == codes::UNSUPPORTED),
+        "{closed}"
+    );
+    assert_eq!(server.stats().unsupported_alpn, 1);
+}

@@ -1,0 +1,213 @@
+//! Mutual TLS for the cluster endpoint: the node's certificate and the
+//! cluster CA ([`NodeTls`]) made into quinn server and client configs, and
+//! the check that a peer's certificate names the node id it claims.
+//!
+//! Both sides present a certificate chaining to the cluster CA (rustls with
+//! the ring provider, TLS 1.3 only, as QUIC requires):
+//! - the server requires a client certificate (`WebPkiClientVerifier`), so a
+//!   peer without a cluster-signed certificate fails the handshake;
+//! - the client verifies the server against the CA *and* the name
+//!   [`node_dns_name`]`(target)`, so it talks to the node it meant;
+//! - the server learns the client's id from the stream header and checks
+//!   that the client's certificate is valid for that id's name
+//!   ([`verify_peer_id`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, VarInt};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+
+use super::TransportError;
+use super::pki::node_dns_name;
+
+/// ALPN of the Raft RPCs.
+pub const ALPN_RAFT: &[u8] = b"edgelb-raft/1";
+/// ALPN of load gossip.
+pub const ALPN_GOSSIP: &[u8] = b"edgelb-gossip/1";
+
+/// A connection with no traffic for this long is dropped.
+/// It is also how long a peer that vanished (a restarted process does not
+/// know the old connection) keeps failing calls with timeouts before the
+/// connection is replaced.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alives keep cached connections open between quiet periods.
+const KEEP_ALIVE: Duration = Duration::from_secs(3);
+/// Concurrent RPC streams a peer may open on one connection.
+const MAX_STREAMS: u32 = 128;
+/// Per-stream receive window: enough for large frames to flow.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// A node's cluster credentials, all PEM.
+#[derive(Clone)]
+pub struct NodeTls {
+    /// The cluster CA certificate (one or more, e.g. during a CA rollover).
+    pub ca_cert_pem: String,
+    /// The node's certificate, optionally followed by intermediates.
+    pub cert_pem: String,
+    /// The node's private key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTls")
+            .field("ca_cert_pem", &self.ca_cert_pem)
+            .field("cert_pem", &self.cert_pem)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parsed credentials.
+struct Parsed {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn config_err(what: &str) -> impl FnOnce(String) -> TransportError + '_ {
+    move |e| TransportError::Config(format!("{what}: {e}"))
+}
+
+impl NodeTls {
+    fn parse(&self) -> Result<Parsed, TransportError> {
+        let mut roots = RootCertStore::empty();
+        let cas = certs(&self.ca_cert_pem).map_err(config_err("cluster CA"))?;
+        for ca in cas {
+            roots
+                .add(ca)
+                .map_err(|e| TransportError::Config(format!("cluster CA: {e}")))?;
+        }
+        let chain = certs(&self.cert_pem).map_err(config_err("node certificate"))?;
+        let key = rustls_pemfile::private_key(&mut self.key_pem.as_bytes())
+            .map_err(|e| TransportError::Config(format!("node key: {e}")))?
+            .ok_or_else(|| TransportError::Config("node key: no private key in PEM".into()))?;
+        Ok(Parsed {
+            roots: Arc::new(roots),
+            chain,
+            key,
+        })
+    }
+
+    /// Checks that the node's own certificate names node `id`, so a
+    /// misconfigured node fails at start instead of at every peer.
+    pub(crate) fn check_own_id(&self, id: u64) -> Result<(), TransportError> {
+        let parsed = self.parse()?;
+        let leaf = parsed
+            .chain
+            .first()
+            .ok_or_else(|| TransportError::Config("node certificate: empty".into()))?;
+        verify_peer_id(leaf, id).map_err(|e| TransportError::Config(e.to_string()))
+    }
+
+    /// The server side: requires a client certificate from the cluster CA,
+    /// offers both ALPNs.
+    pub(crate) fn server_config(&self) -> Result<quinn::ServerConfig, TransportError> {
+        let Parsed { roots, chain, key } = self.parse()?;
+        let provider = provider();
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
+            .build()
+            .map_err(|e| TransportError::Config(format!("client verifier: {e}")))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TransportError::Config(format!("tls: {e}")))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| TransportError::Config(format!("node certificate: {e}")))?;
+        tls.alpn_protocols = vec![ALPN_RAFT.to_vec(), ALPN_GOSSIP.to_vec()];
+        let quic = QuicServerConfig::try_from(Arc::new(tls))
+            .map_err(|e| TransportError::Config(format!("quic: {e}")))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        config.transport_config(Arc::new(transport_config()));
+        Ok(config)
+    }
+
+    /// The client side for `alpn`: presents the node certificate, verifies
+    /// the server against the CA and the name passed to `connect_with`.
+    pub(crate) fn client_config(&self, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
+        let Parsed { roots, chain, key } = self.parse()?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TransportError::Config(format!("tls: {e}")))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TransportError::Config(format!("node certificate: {e}")))?;
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let quic = QuicClientConfig::try_from(Arc::new(tls))
+            .map_err(|e| TransportError::Config(format!("quic: {e}")))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(transport_config()));
+        Ok(config)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no certificate in PEM".into());
+    }
+    Ok(certs)
+}
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    // Both constants are far below the limits of the conversions.
+    if let Ok(idle) = IdleTimeout::try_from(IDLE_TIMEOUT) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.keep_alive_interval(Some(KEEP_ALIVE))
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+    t
+}
+
+/// Why a peer's certificate does not prove the id it claims.
+#[derive(Debug, thiserror::Error)]
+#[error("certificate is not valid for node {id} ({name}): {reason}")]
+pub(crate) struct IdentityError {
+    id: u64,
+    name: String,
+    reason: String,
+}
+
+/// Checks that `leaf` (already verified against the cluster CA by rustls)
+/// is valid for [`node_dns_name`]`(id)`.
+pub(crate) fn verify_peer_id(leaf: &CertificateDer<'_>, id: u64) -> Result<(), IdentityError> {
+    let name = node_dns_name(id);
+    let fail = |reason: String| IdentityError {
+        id,
+        name: name.clone(),
+        reason,
+    };
+    let dns = ServerName::try_from(name.as_str()).map_err(|e| fail(e.to_string()))?;
+    let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| fail(e.to_string()))?;
+    cert.verify_is_valid_for_subject_name(&dns)
+        .map_err(|e| fail(e.to_string()))
+}
+
+/// The leaf certificate a connection's peer presented, if any.
+pub(crate) fn peer_leaf(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.into_iter().next()
+}
+
+/// The ALPN a connection negotiated.
+pub(crate) fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let data = conn.handshake_data()?;
+    let data = data
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?;
+    data.protocol
+}

@@ -1,0 +1,427 @@
+//! [`Transport`]: the node's one QUIC endpoint, both ends of the Raft RPCs.
+//!
+//! Outgoing calls share one cached connection per peer (ALPN
+//! `edgelb-raft/1`), each RPC on its own bidirectional stream; a connection
+//! that failed is replaced on the next call. Incoming connections are
+//! served by [`server`](super::server).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use quinn::{Connection, Endpoint};
+use raft_store::NodeId;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout_at};
+use tracing::{debug, warn};
+
+use super::frame::{self, FrameError};
+use super::pki::node_dns_name;
+use super::rpc::{RaftHandler, Rpc, RpcKind, RpcReply};
+use super::server;
+use super::tls::{ALPN_RAFT, NodeTls};
+
+/// Application error codes on connections and streams.
+pub mod codes {
+    use quinn::VarInt;
+
+    /// The endpoint is shutting down.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0x00);
+    /// The stream header claimed a node id the certificate does not name
+    /// (closes the connection).
+    pub const IDENTITY: VarInt = VarInt::from_u32(0x01);
+    /// An oversized or malformed frame (resets the stream).
+    pub const BAD_FRAME: VarInt = VarInt::from_u32(0x02);
+    /// A frame did not arrive in time (resets the stream).
+    pub const TIMEOUT: VarInt = VarInt::from_u32(0x03);
+    /// The negotiated ALPN is not served by this node (closes the
+    /// connection).
+    pub const UNSUPPORTED: VarInt = VarInt::from_u32(0x04);
+}
+
+/// Why a call failed, or the transport could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Bad certificates or keys.
+    #[error("cluster TLS config: {0}")]
+    Config(String),
+    /// The UDP socket could not be bound.
+    #[error("binding the cluster endpoint: {0}")]
+    Bind(#[source] io::Error),
+    /// The peer's address does not resolve.
+    #[error("resolving {addr}: {reason}")]
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// No connection could be made (handshake refused, no route, …).
+    #[error("connecting to node {target}: {reason}")]
+    Connect {
+        /// The peer's id.
+        target: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// The connection broke during the call.
+    #[error("connection lost: {0}")]
+    ConnectionLost(#[source] quinn::ConnectionError),
+    /// The call did not complete in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The request is larger than its kind allows; it was not sent.
+    #[error("request of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// Encoded size.
+        size: usize,
+        /// Limit for the request's kind.
+        limit: usize,
+    },
+    /// The stream was reset or ended early.
+    #[error("stream failed: {0}")]
+    Stream(String),
+    /// The peer answered something that is not a valid reply.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The peer could not handle the request ([`RpcReply::Error`]).
+    #[error("peer error: {0}")]
+    Remote(String),
+    /// This transport is closed.
+    #[error("transport closed")]
+    Closed,
+}
+
+impl TransportError {
+    /// Whether the peer could not be reached at all, so a caller should back
+    /// off before trying again (openraft's `Unreachable`).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Self::Resolve { .. } | Self::Connect { .. } | Self::ConnectionLost(_) | Self::Closed
+        )
+    }
+}
+
+/// Counters of the transport, cumulative since bind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Incoming Raft connections whose handshake succeeded.
+    pub connections_accepted: u64,
+    /// Incoming handshakes that failed (no or foreign certificate, …).
+    pub handshakes_failed: u64,
+    /// Connections closed because a stream claimed an id the certificate
+    /// does not name.
+    pub identity_refused: u64,
+    /// Connections closed because their ALPN is not served (yet).
+    pub unsupported_alpn: u64,
+    /// Requests handed to the [`RaftHandler`].
+    pub requests_served: u64,
+    /// Streams reset for an oversized or malformed frame.
+    pub bad_frames: u64,
+    /// Streams reset because a frame did not arrive in time.
+    pub read_timeouts: u64,
+    /// Outgoing connections established.
+    pub connects: u64,
+    /// Outgoing calls that failed.
+    pub calls_failed: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) connections_accepted: AtomicU64,
+    pub(crate) handshakes_failed: AtomicU64,
+    pub(crate) identity_refused: AtomicU64,
+    pub(crate) unsupported_alpn: AtomicU64,
+    pub(crate) requests_served: AtomicU64,
+    pub(crate) bad_frames: AtomicU64,
+    pub(crate) read_timeouts: AtomicU64,
+    pub(crate) connects: AtomicU64,
+    pub(crate) calls_failed: AtomicU64,
+}
+
+pub(crate) fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn snapshot(&self) -> TransportStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        TransportStats {
+            connections_accepted: g(&self.connections_accepted),
+            handshakes_failed: g(&self.handshakes_failed),
+            identity_refused: g(&self.identity_refused),
+            unsupported_alpn: g(&self.unsupported_alpn),
+            requests_served: g(&self.requests_served),
+            bad_frames: g(&self.bad_frames),
+            read_timeouts: g(&self.read_timeouts),
+            connects: g(&self.connects),
+            calls_failed: g(&self.calls_failed),
+        }
+    }
+}
+
+/// What the endpoint's tasks share.
+pub(crate) struct Shared {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) node_id: NodeId,
+    pub(crate) handler: Arc<dyn RaftHandler>,
+    pub(crate) stats: Counters,
+    client: quinn::ClientConfig,
+    /// One slot per peer; its async lock is held only while that peer is
+    /// being connected, never across peers.
+    peers: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+}
+
+/// A cached connection and the address it was made to.
+struct Cached {
+    addr: String,
+    conn: Connection,
+}
+
+/// The node's QUIC endpoint on `cluster_addr`: serves peers' Raft RPCs to a
+/// [`RaftHandler`] and makes calls to peers ([`Transport::call`]).
+///
+/// Dropping it closes the endpoint.
+pub struct Transport {
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("node_id", &self.shared.node_id)
+            .field("local_addr", &self.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Transport {
+    /// Binds the endpoint on `addr` (UDP) with the node's credentials and
+    /// starts serving. The certificate must name `node_id`.
+    pub fn bind(
+        addr: SocketAddr,
+        tls: &NodeTls,
+        node_id: NodeId,
+        handler: Arc<dyn RaftHandler>,
+    ) -> Result<Self, TransportError> {
+        tls.check_own_id(node_id)?;
+        let server = tls.server_config()?;
+        let client = tls.client_config(ALPN_RAFT)?;
+        let endpoint = Endpoint::server(server, addr).map_err(TransportError::Bind)?;
+        let shared = Arc::new(Shared {
+            endpoint,
+            node_id,
+            handler,
+            stats: Counters::default(),
+            client,
+            peers: Mutex::new(HashMap::new()),
+        });
+        let accept = tokio::spawn(server::accept_loop(Arc::clone(&shared)));
+        debug!(node_id, addr = ?shared.endpoint.local_addr().ok(), "cluster endpoint bound");
+        Ok(Self { shared, accept })
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.shared.endpoint.local_addr()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.shared.node_id
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> TransportStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Closes every connection and the endpoint, waiting briefly for peers
+    /// to be told. Later calls fail with [`TransportError::Closed`].
+    pub async fn close(&self) {
+        self.shared.endpoint.close(codes::SHUTDOWN, b"shutdown");
+        self.accept.abort();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+    }
+
+    /// Sends `rpc` to node `target` at `addr` (`host:port`) and waits at most
+    /// `timeout` for its reply, connecting first if needed.
+    ///
+    /// The reply's kind matches the request's; a peer's [`RpcReply::Error`]
+    /// comes back as [`TransportError::Remote`].
+    pub async fn call(
+        &self,
+        target: NodeId,
+        addr: &str,
+        rpc: Rpc,
+        timeout: Duration,
+    ) -> Result<RpcReply, TransportError> {
+        let deadline = Instant::now() + timeout;
+        let kind = rpc.kind();
+        let result = match frame::encode_request(self.shared.node_id, &rpc) {
+            Ok(request) => {
+                self.exchange(target, addr, kind, &request, deadline, timeout)
+                    .await
+            }
+            Err(FrameError::TooLarge { size, limit }) => {
+                Err(TransportError::TooLarge { size, limit })
+            }
+            Err(e) => Err(TransportError::Protocol(format!("encoding {kind}: {e}"))),
+        };
+        if let Err(e) = &result {
+            bump(&self.shared.stats.calls_failed);
+            debug!(target, addr, %kind, error = %e, "call failed");
+        }
+        result
+    }
+
+    async fn exchange(
+        &self,
+        target: NodeId,
+        addr: &str,
+        kind: RpcKind,
+        request: &[u8],
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<RpcReply, TransportError> {
+        // A cached connection may have died since its last use; then one
+        // fresh connection is tried.
+        let mut fresh = false;
+        let (mut send, mut recv) = loop {
+            let (conn, new) = timeout_at(deadline, self.connection(target, addr))
+                .await
+                .map_err(|_| TransportError::Connect {
+                    target,
+                    reason: format!("no connection within {timeout:?}"),
+                })??;
+            fresh |= new;
+            match timeout_at(deadline, conn.open_bi()).await {
+                Err(_) => return Err(TransportError::Timeout(timeout)),
+                Ok(Ok(streams)) => break streams,
+                Ok(Err(e)) if fresh => return Err(TransportError::ConnectionLost(e)),
+                Ok(Err(e)) => {
+                    debug!(target, error = %e, "cached connection failed, reconnecting");
+                    fresh = true;
+                }
+            }
+        };
+        let exchange = async {
+            send.write_all(request)
+                .await
+                .map_err(|e| TransportError::Stream(e.to_string()))?;
+            // The stream is open until now: finishing cannot fail.
+            let _ = send.finish();
+            let body = frame::read_frame(&mut recv, kind.reply_limit())
+                .await
+                .map_err(|e| match e {
+                    FrameError::TooLarge { .. } | FrameError::Malformed(_) => {
+                        TransportError::Protocol(e.to_string())
+                    }
+                    FrameError::Io(e) => TransportError::Stream(e.to_string()),
+                })?;
+            frame::decode_reply(&body).map_err(|e| TransportError::Protocol(e.to_string()))
+        };
+        let reply = match timeout_at(deadline, exchange).await {
+            Ok(reply) => reply?,
+            Err(_) => {
+                let _ = send.reset(codes::TIMEOUT);
+                let _ = recv.stop(codes::TIMEOUT);
+                return Err(TransportError::Timeout(timeout));
+            }
+        };
+        match reply.kind() {
+            Some(k) if k == kind => Ok(reply),
+            Some(k) => Err(TransportError::Protocol(format!(
+                "{k} reply to a {kind} request"
+            ))),
+            None => match reply {
+                RpcReply::Error(e) => Err(TransportError::Remote(e)),
+                _ => Err(TransportError::Protocol("reply without kind".into())),
+            },
+        }
+    }
+
+    /// The connection to `target`, made if there is none to `addr` or the
+    /// cached one is closed. `true` if it was just made.
+    async fn connection(
+        &self,
+        target: NodeId,
+        addr: &str,
+    ) -> Result<(Connection, bool), TransportError> {
+        let slot = {
+            let mut peers = self
+                .shared
+                .peers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(peers.entry(target).or_default())
+        };
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref()
+            && c.addr == addr
+            && c.conn.close_reason().is_none()
+        {
+            return Ok((c.conn.clone(), false));
+        }
+        if let Some(old) = slot.take() {
+            old.conn.close(codes::SHUTDOWN, b"replaced");
+        }
+        let sock = self.resolve(addr).await?;
+        let connect_err = |reason: String| TransportError::Connect { target, reason };
+        let connecting = self
+            .shared
+            .endpoint
+            .connect_with(self.shared.client.clone(), sock, &node_dns_name(target))
+            .map_err(|e| match e {
+                quinn::ConnectError::EndpointStopping => TransportError::Closed,
+                e => connect_err(e.to_string()),
+            })?;
+        let conn = connecting.await.map_err(|e| {
+            warn!(target, addr, error = %e, "cluster connect failed");
+            connect_err(e.to_string())
+        })?;
+        bump(&self.shared.stats.connects);
+        debug!(target, addr, "connected");
+        *slot = Some(Cached {
+            addr: addr.to_owned(),
+            conn: conn.clone(),
+        });
+        Ok((conn, true))
+    }
+
+    /// `addr` as a socket address, preferring the family of the local
+    /// socket.
+    async fn resolve(&self, addr: &str) -> Result<SocketAddr, TransportError> {
+        if let Ok(sock) = addr.parse() {
+            return Ok(sock);
+        }
+        let err = |reason: String| TransportError::Resolve {
+            addr: addr.to_owned(),
+            reason,
+        };
+        let found: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .collect();
+        let v4 = self.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
+        found
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .or(found.first())
+            .copied()
+            .ok_or_else(|| err("no address".into()))
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.shared.endpoint.close(codes::SHUTDOWN, b"shutdown");
+        self.accept.abort();
+    }
+}

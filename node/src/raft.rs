@@ -1,0 +1,153 @@
+//! Starting this node's Raft member: storage, the QUIC endpoint and openraft.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use raft_store::command::Command;
+use raft_store::model::ClusterSecrets;
+use raft_store::state::ApplyError;
+use raft_store::types::{ClusterNode, Raft};
+use raft_store::{LogStore, StateMachineStore};
+use tracing::info;
+
+use crate::app::StartError;
+use crate::bootstrap::Identity;
+use crate::cluster::{Network, Transport};
+use crate::config::Config;
+use crate::store::{RaftRpc, Store, StoreError};
+
+/// What [`start`] hands back.
+#[derive(Debug)]
+pub struct Started {
+    pub store: Store,
+    pub transport: Arc<Transport>,
+    pub cluster_addr: SocketAddr,
+}
+
+/// openraft settings: heartbeats every 100 ms and elections after 0.6–1.2 s
+/// of silence (a loaded 2-core machine must not flap), a snapshot every 500
+/// log entries, keeping 100 behind it for followers that lag a little.
+pub fn raft_config() -> Result<openraft::Config, StartError> {
+    openraft::Config {
+        cluster_name: "edgelb".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
+        install_snapshot_timeout: 5_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
+        max_in_snapshot_log_to_keep: 100,
+        purge_batch_size: 64,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| StartError::Io(format!("raft config: {e}")))
+}
+
+/// Opens storage, binds the cluster endpoint and starts openraft.
+pub async fn start(config: &Config, identity: &Identity) -> Result<Started, StartError> {
+    let dir = config.data_dir.clone();
+    let (log, sm) = tokio::task::spawn_blocking(move || -> Result<_, raft_store::StoreError> {
+        Ok((LogStore::open(&dir)?, StateMachineStore::open(&dir)?))
+    })
+    .await
+    .map_err(|e| StartError::Io(format!("opening storage: {e}")))?
+    .map_err(|e| StartError::Io(format!("opening storage in {}: {e}", config.data_dir.display())))?;
+    let state = sm.subscribe();
+    let committed = log.committed_index();
+
+    let handler = Arc::new(RaftRpc::default());
+    let transport = Transport::bind(config.cluster_addr, &identity.tls, config.node_id, handler.clone())
+        .map_err(|e| StartError::Io(format!("cluster_addr {}: {e}", config.cluster_addr)))?;
+    let transport = Arc::new(transport);
+    let cluster_addr = transport
+        .local_addr()
+        .map_err(|e| StartError::Io(format!("cluster_addr: {e}")))?;
+    let raft = Raft::new(
+        config.node_id,
+        Arc::new(raft_config()?),
+        Network::new(transport.clone()),
+        log,
+        sm,
+    )
+    .await
+    .map_err(|e| StartError::Io(format!("starting raft: {e}")))?;
+    handler.set(raft.clone());
+
+    if identity.founded {
+        let me = ClusterNode {
+            region: config.region.clone(),
+            cluster_addr: cluster_addr.to_string(),
+            admin_addr: config.admin_addr.to_string(),
+        };
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Io(format!("raft: {e}")))?;
+        if !initialized {
+            raft.initialize(BTreeMap::from([(config.node_id, me)]))
+                .await
+                .map_err(|e| StartError::Io(format!("initialising the cluster: {e}")))?;
+            info!(node_id = config.node_id, "initialised a new one-node cluster");
+        }
+    }
+    Ok(Started {
+        store: Store::new(config.node_id, raft, transport.clone(), state, committed),
+        transport,
+        cluster_addr,
+    })
+}
+
+/// Records the cluster CA and the admin token's hash in the replicated state
+/// (once; a restart finds them there).
+pub async fn found_cluster(store: &Store, config: &Config, identity: &Identity, token: &str) -> Result<(), StartError> {
+    if store.state().cluster().is_some() {
+        return Ok(());
+    }
+    let secrets = ClusterSecrets {
+        ca_cert_pem: identity.tls.ca_cert_pem.clone(),
+        ca_key_pem: identity.new_ca_key.clone().unwrap_or_default(),
+        token_sha256: token_sha256(token),
+    };
+    let cmd = Command::InitCluster { secrets };
+    // A fresh one-node cluster elects itself within the election timeout.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match store.propose(cmd.clone()).await {
+            Ok(_) | Err(StoreError::Apply(ApplyError::Conflict(_))) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(StartError::Io(format!(
+                    "node {}: recording the cluster CA: {e}",
+                    config.node_id
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Lowercase hex SHA-256 of the admin token.
+pub fn token_sha256(token: &str) -> String {
+    use std::fmt::Write;
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest.as_ref().iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// A founded one-node cluster's store in `data_dir`, without the data plane
+/// or admin API: the same path as a real node, for tests and tools.
+pub async fn one_node_store(data_dir: &std::path::Path) -> Result<(Store, Arc<Transport>), StartError> {
+    let mut config = Config::embedded_default();
+    config.data_dir = data_dir.to_owned();
+    config.cluster_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.admin_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    std::fs::create_dir_all(data_dir).map_err(|e| StartError::Io(format!("{}: {e}", data_dir.display())))?;
+    let token = "one-node-store-token";
+    let identity = crate::bootstrap::identity(&config, token).await.map_err(|e| StartError::Io(e.to_string()))?;
+    let started = start(&config, &identity).await?;
+    found_cluster(&started.store, &config, &identity, token).await?;
+    Ok((started.store, started.transport))
+}
