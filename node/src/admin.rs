@@ -19,9 +19,10 @@
 //! (`Content-Length` checked before routing, and the read itself is
 //! bounded); request headers to 64 KiB (431) and 10 s from accept or from
 //! the end of the previous keep-alive request (then the connection closes).
-//! The `/v1/cluster` routes arrive with Raft and answer 404 until then.
+//! The `/v1/cluster` routes show and change the Raft membership.
 
 mod certificates;
+mod cluster;
 mod groups;
 mod instances;
 mod names;
@@ -175,6 +176,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<Reply, ApiError>
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
         }),
         ["metrics"] if method == Method::GET => {
+            admin.metrics.set_cluster(&admin.store.status());
             let body = admin.metrics.render(&admin.dataplane.routes.load());
             Ok(with_type(
                 StatusCode::OK,
@@ -191,6 +193,9 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<Reply, ApiError>
                 return Err(ApiError::no_route(path));
             }
             let flags = Flags::parse(parts.uri.query())?;
+            if flags.consistent && method == Method::GET {
+                admin.store.linearize().await?;
+            }
             match (rest, method) {
                 (["services"], &Method::POST) => groups::create(admin, body).await,
                 (["services"], &Method::GET) => Ok(groups::list(admin)),
@@ -211,6 +216,12 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<Reply, ApiError>
                 (["certificates"], &Method::POST) => certificates::create(admin, body).await,
                 (["certificates"], &Method::GET) => Ok(certificates::list(admin)),
                 (["certificates"], _) => Err(not_allowed("GET, POST")),
+                (["cluster"], &Method::GET) => Ok(cluster::status(admin)),
+                (["cluster"], _) => Err(not_allowed("GET")),
+                (["cluster", "nodes"], &Method::POST) => cluster::add(admin, body).await,
+                (["cluster", "nodes"], _) => Err(not_allowed("POST")),
+                (["cluster", "nodes", id], &Method::DELETE) => cluster::remove(admin, id).await,
+                (["cluster", "nodes", _], _) => Err(not_allowed("DELETE")),
                 _ => Err(ApiError::no_route(path)),
             }
         }

@@ -68,7 +68,7 @@ pub struct Args {
     /// Drain timeout for detached instances, e.g. 30s [default: 30s]
     #[arg(long, env = "EDGELB_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<String>,
-    /// Log filter (tracing EnvFilter syntax) [default: info]
+    /// Log filter (tracing EnvFilter syntax) [default: info,openraft=warn]
     #[arg(long, env = "EDGELB_LOG")]
     pub log: Option<String>,
     /// Cluster CA certificate (PEM) when running your own PKI.
@@ -150,7 +150,7 @@ impl Config {
             join: None,
             token: None,
             cluster_domain: "edgelb.local".into(),
-            log: "info".into(),
+            log: "info,openraft=warn".into(),
             settings: Settings::default(),
             ca_cert: None,
             node_cert: None,
@@ -186,25 +186,34 @@ impl Config {
             c.cluster_addr = parse_addr("cluster_addr", &v)?;
         }
         if let Some(v) = args.listen_ip.or(file.listen_ip) {
-            c.listen_ip = v
-                .parse()
-                .map_err(|_| ConfigError::new("listen_ip", format!("{v:?} is not an IP address")))?;
+            c.listen_ip = v.parse().map_err(|_| {
+                ConfigError::new("listen_ip", format!("{v:?} is not an IP address"))
+            })?;
         }
         if let Some(v) = args.join.or(file.join) {
             if !v.starts_with("http://") {
-                return Err(ConfigError::new("join", format!("{v:?} is not an http:// admin URL")));
+                return Err(ConfigError::new(
+                    "join",
+                    format!("{v:?} is not an http:// admin URL"),
+                ));
             }
             c.join = Some(v);
         }
         if let Some(v) = args.token.or(file.token) {
             if v.len() < 16 || v.len() > 256 || !v.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(ConfigError::new("token", "must be 16 to 256 printable ASCII characters"));
+                return Err(ConfigError::new(
+                    "token",
+                    "must be 16 to 256 printable ASCII characters",
+                ));
             }
             c.token = Some(v);
         }
         if let Some(v) = args.cluster_domain.or(file.cluster_domain) {
             if !raft_store::validate::valid_fqdn(&v) || v.starts_with("*.") {
-                return Err(ConfigError::new("cluster_domain", format!("{v:?} is not a domain name")));
+                return Err(ConfigError::new(
+                    "cluster_domain",
+                    format!("{v:?} is not a domain name"),
+                ));
             }
             c.cluster_domain = v;
         }
@@ -212,12 +221,28 @@ impl Config {
             c.log = v;
         }
         let s = &mut c.settings;
-        set_duration(&mut s.drain_timeout, "drain_timeout", args.drain_timeout.or(file.drain_timeout))?;
+        set_duration(
+            &mut s.drain_timeout,
+            "drain_timeout",
+            args.drain_timeout.or(file.drain_timeout),
+        )?;
         set_duration(&mut s.header_timeout, "header_timeout", file.header_timeout)?;
-        set_duration(&mut s.connect_timeout, "connect_timeout", file.connect_timeout)?;
-        set_duration(&mut s.upstream_timeout, "upstream_timeout", file.upstream_timeout)?;
+        set_duration(
+            &mut s.connect_timeout,
+            "connect_timeout",
+            file.connect_timeout,
+        )?;
+        set_duration(
+            &mut s.upstream_timeout,
+            "upstream_timeout",
+            file.upstream_timeout,
+        )?;
         set_duration(&mut s.idle_timeout, "idle_timeout", file.idle_timeout)?;
-        set_duration(&mut s.tcp_idle_timeout, "tcp_idle_timeout", file.tcp_idle_timeout)?;
+        set_duration(
+            &mut s.tcp_idle_timeout,
+            "tcp_idle_timeout",
+            file.tcp_idle_timeout,
+        )?;
         if let Some(v) = file.max_connections {
             if v == 0 {
                 return Err(ConfigError::new("max_connections", "must be at least 1"));
@@ -227,9 +252,16 @@ impl Config {
         c.ca_cert = args.ca_cert.or(file.ca_cert);
         c.node_cert = args.node_cert.or(file.node_cert);
         c.node_key = args.node_key.or(file.node_key);
-        let pki_given = [c.ca_cert.is_some(), c.node_cert.is_some(), c.node_key.is_some()];
+        let pki_given = [
+            c.ca_cert.is_some(),
+            c.node_cert.is_some(),
+            c.node_key.is_some(),
+        ];
         if pki_given.iter().any(|g| *g) && !pki_given.iter().all(|g| *g) {
-            return Err(ConfigError::new("ca_cert", "--ca-cert, --node-cert and --node-key go together"));
+            return Err(ConfigError::new(
+                "ca_cert",
+                "--ca-cert, --node-cert and --node-key go together",
+            ));
         }
         if let Some(v) = args.max_voters.or(file.max_voters) {
             if !(1..=9).contains(&v) {
@@ -239,10 +271,16 @@ impl Config {
         }
         c.leave_on_exit = args.leave_on_exit || file.leave_on_exit.unwrap_or(false);
         if c.join.is_some() && c.token.is_none() {
-            return Err(ConfigError::new("token", "--join needs the cluster's --token"));
+            return Err(ConfigError::new(
+                "token",
+                "--join needs the cluster's --token",
+            ));
         }
         if c.admin_addr == c.cluster_addr && c.admin_addr.port() != 0 {
-            return Err(ConfigError::new("cluster_addr", "must differ from admin_addr"));
+            return Err(ConfigError::new(
+                "cluster_addr",
+                "must differ from admin_addr",
+            ));
         }
         Ok(c)
     }
@@ -252,16 +290,25 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new("config", format!("{}: {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| {
-        let field = e.span().map_or_else(|| "config".to_owned(), |s| field_at(&text, s.start));
+        let field = e
+            .span()
+            .map_or_else(|| "config".to_owned(), |s| field_at(&text, s.start));
         ConfigError::new(field, format!("{}: {}", path.display(), e.message()))
     })
 }
 
 /// The key on the line where a TOML error starts (best effort).
 fn field_at(text: &str, offset: usize) -> String {
-    let line_start = text[..offset.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let line_start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("");
-    line.split('=').next().map(str::trim).filter(|k| !k.is_empty()).unwrap_or("config").to_owned()
+    line.split('=')
+        .next()
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .unwrap_or("config")
+        .to_owned()
 }
 
 fn parse_addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
@@ -272,7 +319,10 @@ fn parse_addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
 fn set_duration(slot: &mut Duration, field: &str, v: Option<String>) -> Result<(), ConfigError> {
     if let Some(v) = v {
         *slot = parse_duration(&v).ok_or_else(|| {
-            ConfigError::new(field, format!("{v:?} is not a duration like 500ms, 30s, 5m or 1h"))
+            ConfigError::new(
+                field,
+                format!("{v:?} is not a duration like 500ms, 30s, 5m or 1h"),
+            )
         })?;
         if slot.is_zero() {
             return Err(ConfigError::new(field, "must be greater than zero"));
@@ -304,7 +354,9 @@ mod tests {
     fn load(args: &[&str]) -> Result<Config, ConfigError> {
         let mut argv = vec!["edgelb"];
         argv.extend_from_slice(args);
-        Config::load(Args::try_parse_from(argv).map_err(|e| ConfigError::new("flags", e.to_string()))?)
+        Config::load(
+            Args::try_parse_from(argv).map_err(|e| ConfigError::new("flags", e.to_string()))?,
+        )
     }
 
     #[test]
@@ -324,7 +376,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("edgelb-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("a.toml");
-        std::fs::write(&path, "node_id = 7\nregion = \"fra\"\nupstream_timeout = \"5s\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "node_id = 7\nregion = \"fra\"\nupstream_timeout = \"5s\"\n",
+        )
+        .unwrap();
         let c = load(&["--config", path.to_str().unwrap(), "--region", "ams"]).unwrap();
         assert_eq!(c.node_id, 7);
         assert_eq!(c.region, "ams");
@@ -334,12 +390,27 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        assert_eq!(load(&["--admin-addr", "nope"]).unwrap_err().field, "admin_addr");
-        assert_eq!(load(&["--listen-ip", "1.2.3"]).unwrap_err().field, "listen_ip");
-        assert_eq!(load(&["--drain-timeout", "10 parsecs"]).unwrap_err().field, "drain_timeout");
+        assert_eq!(
+            load(&["--admin-addr", "nope"]).unwrap_err().field,
+            "admin_addr"
+        );
+        assert_eq!(
+            load(&["--listen-ip", "1.2.3"]).unwrap_err().field,
+            "listen_ip"
+        );
+        assert_eq!(
+            load(&["--drain-timeout", "10 parsecs"]).unwrap_err().field,
+            "drain_timeout"
+        );
         assert_eq!(load(&["--token", "short"]).unwrap_err().field, "token");
         assert_eq!(load(&["--join", "ftp://x"]).unwrap_err().field, "join");
-        let err = load(&["--admin-addr", "127.0.0.1:9", "--cluster-addr", "127.0.0.1:9"]).unwrap_err();
+        let err = load(&[
+            "--admin-addr",
+            "127.0.0.1:9",
+            "--cluster-addr",
+            "127.0.0.1:9",
+        ])
+        .unwrap_err();
         assert_eq!(err.field, "cluster_addr");
     }
 
@@ -349,7 +420,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("b.toml");
         std::fs::write(&path, "node_id = \"one\"\n").unwrap();
-        assert_eq!(load(&["--config", path.to_str().unwrap()]).unwrap_err().field, "node_id");
+        assert_eq!(
+            load(&["--config", path.to_str().unwrap()])
+                .unwrap_err()
+                .field,
+            "node_id"
+        );
         std::fs::write(&path, "colour = 1\n").unwrap();
         let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
         assert!(err.message.contains("colour"), "{err}");

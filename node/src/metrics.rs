@@ -130,10 +130,22 @@ pub struct Metrics {
     instances: IntGauge,
     listeners: IntGauge,
     admin_requests: IntCounterVec,
+    raft: RaftGauges,
     /// Scrape-time gauges by service, then instance name. Holding this lock
     /// while setting them keeps a scrape that races a detach from bringing
     /// the detached instance's series back.
     gauges: Mutex<HashMap<String, HashMap<String, InstanceGauges>>>,
+}
+
+/// Per-node Raft series.
+struct RaftGauges {
+    term: IntGauge,
+    is_leader: IntGauge,
+    commit_index: IntGauge,
+    applied_index: IntGauge,
+    apply_lag: IntGauge,
+    voters: IntGauge,
+    learners: IntGauge,
 }
 
 impl fmt::Debug for Metrics {
@@ -244,6 +256,27 @@ impl Metrics {
                 "Admin API requests answered, by HTTP status code.",
                 &["code"],
             ),
+            raft: RaftGauges {
+                term: gauge("edgelb_raft_term", "Current Raft term seen by this node."),
+                is_leader: gauge(
+                    "edgelb_raft_is_leader",
+                    "1 when this node is the Raft leader.",
+                ),
+                commit_index: gauge(
+                    "edgelb_raft_commit_index",
+                    "Highest Raft log index known committed.",
+                ),
+                applied_index: gauge(
+                    "edgelb_raft_applied_index",
+                    "Highest Raft log index applied to this node's state.",
+                ),
+                apply_lag: gauge(
+                    "edgelb_raft_apply_lag",
+                    "Committed membership entries not yet applied on this node (commit index - applied index).",
+                ),
+                voters: gauge("edgelb_raft_voters", "Voters in the Raft membership."),
+                learners: gauge("edgelb_raft_learners", "Learners in the Raft membership."),
+            },
             registry,
             gauges: Mutex::new(HashMap::new()),
         }
@@ -322,6 +355,26 @@ impl Metrics {
 
     /// Fills the scrape-time gauges from the live runtime in `table` and
     /// encodes every family in the Prometheus text format.
+    /// Sets the per-node Raft series from this node's view (at scrape time).
+    pub fn set_cluster(&self, s: &crate::store::ClusterStatus) {
+        let r = &self.raft;
+        r.term.set(saturating_i64(s.term));
+        r.is_leader.set(i64::from(s.is_leader));
+        r.commit_index.set(saturating_i64(s.commit_index));
+        r.applied_index.set(saturating_i64(s.applied_index));
+        r.apply_lag.set(saturating_i64(
+            s.commit_index.saturating_sub(s.applied_index),
+        ));
+        let voters = s
+            .members
+            .iter()
+            .filter(|m| m.role == crate::store::Role::Voter)
+            .count();
+        r.voters.set(i64::try_from(voters).unwrap_or(i64::MAX));
+        r.learners
+            .set(i64::try_from(s.members.len() - voters).unwrap_or(i64::MAX));
+    }
+
     pub fn render(&self, table: &RoutingTable) -> String {
         let now = Instant::now();
         let (mut groups, mut instances) = (0_i64, 0_i64);

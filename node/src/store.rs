@@ -25,13 +25,15 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use raft_store::command::Command;
-use raft_store::state::{ApplyError, Applied, State};
+use raft_store::state::{Applied, ApplyError, State};
 use raft_store::types::{ClusterNode, Raft, Request};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::cluster::{Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply, Transport};
+use crate::cluster::{
+    Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply, Transport,
+};
 
 /// Why a proposal failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +98,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("node_id", &self.node_id).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("node_id", &self.node_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -159,9 +163,13 @@ impl Store {
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     if let (Some(id), Some(node)) = (f.leader_id, f.leader_node) {
                         match self.forward(id, &node, Forward::Write(cmd.clone())).await {
-                            Ok(ForwardReply::Written { log_index, result }) => return Ok((log_index, result)),
+                            Ok(ForwardReply::Written { log_index, result }) => {
+                                return Ok((log_index, result));
+                            }
                             Ok(other) => warn!(?other, "unexpected reply to a forwarded write"),
-                            Err(e) => debug!(leader = id, error = %e, "forwarding the write failed; retrying"),
+                            Err(e) => {
+                                debug!(leader = id, error = %e, "forwarding the write failed; retrying")
+                            }
                         }
                     }
                 }
@@ -172,8 +180,17 @@ impl Store {
         }
     }
 
-    async fn forward(&self, leader: u64, node: &ClusterNode, f: Forward) -> Result<ForwardReply, ForwardError> {
-        match self.transport.call(leader, &node.cluster_addr, Rpc::Forward(f), FORWARD_TIMEOUT).await {
+    async fn forward(
+        &self,
+        leader: u64,
+        node: &ClusterNode,
+        f: Forward,
+    ) -> Result<ForwardReply, ForwardError> {
+        match self
+            .transport
+            .call(leader, &node.cluster_addr, Rpc::Forward(f), FORWARD_TIMEOUT)
+            .await
+        {
             Ok(RpcReply::Forward(r)) => r,
             Ok(other) => Err(ForwardError::Failed(format!("unexpected reply {other:?}"))),
             Err(e) => Err(ForwardError::Failed(e.to_string())),
@@ -181,7 +198,9 @@ impl Store {
     }
 
     async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), StoreError> {
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         self.raft
             .wait(Some(left))
             .applied_index_at_least(Some(index), "applied on this node")
@@ -199,13 +218,14 @@ impl Store {
             loop {
                 match self.raft.ensure_linearizable().await {
                     Ok(log_id) => return Ok(log_id.map_or(0, |l| l.index)),
-                    Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
-                        if let (Some(id), Some(node)) = (f.leader_id, f.leader_node) {
-                            if let Ok(ForwardReply::Linearized { read_index }) =
+                    Err(RaftError::APIError(
+                        openraft::error::CheckIsLeaderError::ForwardToLeader(f),
+                    )) => {
+                        if let Some((id, node)) = f.leader_id.zip(f.leader_node)
+                            && let Ok(ForwardReply::Linearized { read_index }) =
                                 self.forward(id, &node, Forward::Linearize).await
-                            {
-                                return Ok(read_index);
-                            }
+                        {
+                            return Ok(read_index);
                         }
                     }
                     Err(e) => return Err(StoreError::Unavailable(e.to_string())),
@@ -222,7 +242,8 @@ impl Store {
     /// Adds a node as a learner (through the leader). It is promoted to voter
     /// by the leader once caught up while there are fewer than `max_voters`.
     pub async fn add_learner(&self, id: u64, node: ClusterNode) -> Result<u64, StoreError> {
-        self.membership(Forward::AddLearner { node_id: id, node }).await
+        self.membership(Forward::AddLearner { node_id: id, node })
+            .await
     }
 
     /// Removes a node from the membership (voter or learner).
@@ -237,17 +258,23 @@ impl Store {
                 let leader = match execute_membership(&self.raft, &f).await {
                     Ok(index) => return Ok(index),
                     Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
-                    Err(ForwardError::Membership(msg)) => return Err(StoreError::Apply(ApplyError::Invalid(msg))),
+                    Err(ForwardError::Membership(msg)) => {
+                        return Err(StoreError::Apply(ApplyError::Invalid(msg)));
+                    }
                     Err(e) => return Err(StoreError::Unavailable(e.to_string())),
                 };
                 if let Some((id, node)) = leader {
                     match self.forward(id, &node, f.clone()).await {
                         Ok(ForwardReply::Done { log_index }) => return Ok(log_index),
-                        Ok(other) => warn!(?other, "unexpected reply to a forwarded membership change"),
+                        Ok(other) => {
+                            warn!(?other, "unexpected reply to a forwarded membership change")
+                        }
                         Err(ForwardError::Membership(msg)) => {
                             return Err(StoreError::Apply(ApplyError::Invalid(msg)));
                         }
-                        Err(e) => debug!(error = %e, "forwarding the membership change failed; retrying"),
+                        Err(e) => {
+                            debug!(error = %e, "forwarding the membership change failed; retrying")
+                        }
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -270,7 +297,11 @@ impl Store {
             .map(|(id, node)| Member {
                 node_id: *id,
                 node: node.clone(),
-                role: if voters.contains(id) { Role::Voter } else { Role::Learner },
+                role: if voters.contains(id) {
+                    Role::Voter
+                } else {
+                    Role::Learner
+                },
                 is_leader: m.current_leader == Some(*id),
             })
             .collect();
@@ -297,22 +328,43 @@ fn no_quorum(limit: Duration) -> StoreError {
 /// Runs a membership change on this node, which must be the leader.
 pub(crate) async fn execute_membership(raft: &Raft, f: &Forward) -> Result<u64, ForwardError> {
     let result = match f {
-        Forward::AddLearner { node_id, node } => raft.add_learner(*node_id, node.clone(), false).await,
+        Forward::AddLearner { node_id, node } => {
+            raft.add_learner(*node_id, node.clone(), false).await
+        }
         Forward::RemoveNode { node_id } => {
-            let m = raft.metrics().borrow().membership_config.membership().clone();
+            let m = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .clone();
             if m.voter_ids().any(|v| v == *node_id) {
                 if m.voter_ids().all(|v| v == *node_id) {
-                    return Err(ForwardError::Membership("cannot remove the last voter".into()));
+                    return Err(ForwardError::Membership(
+                        "cannot remove the last voter".into(),
+                    ));
                 }
-                raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([*node_id])), true)
-                    .await?;
+                raft.change_membership(
+                    ChangeMembers::RemoveVoters(BTreeSet::from([*node_id])),
+                    true,
+                )
+                .await?;
             } else if m.get_node(node_id).is_none() {
-                return Err(ForwardError::Membership(format!("node {node_id} is not a member")));
+                return Err(ForwardError::Membership(format!(
+                    "node {node_id} is not a member"
+                )));
             }
-            raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([*node_id])), false)
-                .await
+            raft.change_membership(
+                ChangeMembers::RemoveNodes(BTreeSet::from([*node_id])),
+                false,
+            )
+            .await
         }
-        other => return Err(ForwardError::Failed(format!("not a membership change: {other:?}"))),
+        other => {
+            return Err(ForwardError::Failed(format!(
+                "not a membership change: {other:?}"
+            )));
+        }
     };
     Ok(result?.log_id.index)
 }
@@ -326,7 +378,9 @@ pub struct RaftRpc {
 
 impl std::fmt::Debug for RaftRpc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RaftRpc").field("started", &self.raft.get().is_some()).finish()
+        f.debug_struct("RaftRpc")
+            .field("started", &self.raft.get().is_some())
+            .finish()
     }
 }
 
@@ -347,23 +401,28 @@ impl RaftHandler for RaftRpc {
             match rpc {
                 Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
                 Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
-                Rpc::InstallSnapshot(r) => RpcReply::InstallSnapshot(raft.install_snapshot(r).await),
-                Rpc::Forward(Forward::Write(command)) => RpcReply::Forward(match raft.client_write(Request { command }).await {
-                    Ok(w) => Ok(ForwardReply::Written {
-                        log_index: w.log_id.index,
-                        result: w
-                            .data
-                            .result
-                            .unwrap_or_else(|| Err(ApplyError::Invalid("entry had no outcome".into()))),
-                    }),
-                    Err(e) => Err(e.into()),
-                }),
-                Rpc::Forward(Forward::Linearize) => RpcReply::Forward(match raft.ensure_linearizable().await {
-                    Ok(l) => Ok(ForwardReply::Linearized {
-                        read_index: l.map_or(0, |l| l.index),
-                    }),
-                    Err(e) => Err(e.into()),
-                }),
+                Rpc::InstallSnapshot(r) => {
+                    RpcReply::InstallSnapshot(raft.install_snapshot(r).await)
+                }
+                Rpc::Forward(Forward::Write(command)) => {
+                    RpcReply::Forward(match raft.client_write(Request { command }).await {
+                        Ok(w) => Ok(ForwardReply::Written {
+                            log_index: w.log_id.index,
+                            result: w.data.result.unwrap_or_else(|| {
+                                Err(ApplyError::Invalid("entry had no outcome".into()))
+                            }),
+                        }),
+                        Err(e) => Err(e.into()),
+                    })
+                }
+                Rpc::Forward(Forward::Linearize) => {
+                    RpcReply::Forward(match raft.ensure_linearizable().await {
+                        Ok(l) => Ok(ForwardReply::Linearized {
+                            read_index: l.map_or(0, |l| l.index),
+                        }),
+                        Err(e) => Err(e.into()),
+                    })
+                }
                 Rpc::Forward(f) => RpcReply::Forward(
                     execute_membership(raft, &f)
                         .await
@@ -377,7 +436,11 @@ impl RaftHandler for RaftRpc {
 /// On the leader: promotes caught-up learners to voters while there are
 /// fewer than `max_voters` voters, so write latency and quorum size stay
 /// fixed however many edge nodes join.
-pub async fn promote_learners(raft: Raft, max_voters: usize, shutdown: tokio_util::sync::CancellationToken) {
+pub async fn promote_learners(
+    raft: Raft,
+    max_voters: usize,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -398,13 +461,20 @@ pub async fn promote_learners(raft: Raft, max_voters: usize, shutdown: tokio_uti
         let matched: BTreeMap<u64, u64> = m
             .replication
             .as_ref()
-            .map(|r| r.iter().map(|(id, l)| (*id, l.map_or(0, |l| l.index))).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|(id, l)| (*id, l.map_or(0, |l| l.index)))
+                    .collect()
+            })
             .unwrap_or_default();
         let candidate = membership
             .learner_ids()
             .find(|id| matched.get(id).is_some_and(|&i| i + 16 >= last));
         if let Some(id) = candidate {
-            info!(node_id = id, voters, max_voters, "promoting caught-up learner to voter");
+            info!(
+                node_id = id,
+                voters, max_voters, "promoting caught-up learner to voter"
+            );
             if let Err(e) = raft
                 .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
                 .await

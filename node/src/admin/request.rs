@@ -92,9 +92,9 @@ pub(crate) async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, 
 pub(crate) struct Flags {
     /// `?force=true`: delete a group with instances attached.
     pub(crate) force: bool,
-    /// `?consistent=true`: a linearizable read. With the single-node store
-    /// every read of the local state already is one, so it changes nothing
-    /// yet; with Raft it will read through the leader.
+    /// `?consistent=true`: a linearizable read: leadership is confirmed
+    /// with a quorum (through the leader) and this node catches up to the
+    /// read index before it answers from its local state.
     pub(crate) consistent: bool,
 }
 

@@ -77,9 +77,12 @@ impl Server {
     async fn start() -> Self {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("edgelb-admin-test-{}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("edgelb-admin-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let (store, _transport) = crate::raft::one_node_store(&dir).await.expect("one-node store");
+        let (store, _transport) = crate::raft::one_node_store(&dir)
+            .await
+            .expect("one-node store");
         let admin = Arc::new(Admin {
             store: Arc::new(store),
             dataplane: Arc::new(DataPlane::new(Settings::default())),

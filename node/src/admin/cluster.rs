@@ -1,0 +1,179 @@
+//! `/v1/cluster`: this node's Raft view, adding and removing nodes.
+//!
+//! `POST /v1/cluster/nodes` adds a node as a learner (the leader promotes it
+//! to voter once caught up while there are fewer than `max_voters`). With a
+//! `csr` in the body (what `edgelb --join` sends) the answering member also
+//! signs the node's certificate with the cluster CA from the replicated
+//! state, so any member can admit nodes.
+
+use hyper::StatusCode;
+use hyper::body::Incoming;
+use raft_store::types::ClusterNode;
+use serde::Serialize;
+
+use super::Admin;
+use super::reply::{ApiError, Reply, success};
+use super::request::read_json;
+use crate::bootstrap::{AddNodeData, AddNodeRequest};
+use crate::cluster::pki::{self, CaBundle};
+use crate::store::Role;
+
+#[derive(Serialize)]
+struct ClusterData {
+    cluster: ClusterView,
+}
+
+#[derive(Serialize)]
+struct ClusterView {
+    node_id: u64,
+    leader_id: Option<u64>,
+    term: u64,
+    commit_index: u64,
+    applied_index: u64,
+    nodes: Vec<NodeView>,
+}
+
+#[derive(Serialize)]
+struct NodeView {
+    node_id: u64,
+    region: String,
+    cluster_addr: String,
+    admin_addr: String,
+    role: Role,
+    is_leader: bool,
+    /// Age of the newest load report from this node; null for this node and
+    /// until load gossip reports arrive.
+    last_gossip_age_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct NodesData {
+    nodes: Vec<RemovedNode>,
+}
+
+#[derive(Serialize)]
+struct RemovedNode {
+    node_id: u64,
+}
+
+/// `GET /v1/cluster`
+pub(crate) fn status(admin: &Admin) -> Reply {
+    let s = admin.store.status();
+    let nodes = s
+        .members
+        .into_iter()
+        .map(|m| NodeView {
+            node_id: m.node_id,
+            region: m.node.region,
+            cluster_addr: m.node.cluster_addr,
+            admin_addr: m.node.admin_addr,
+            role: m.role,
+            is_leader: m.is_leader,
+            last_gossip_age_ms: None,
+        })
+        .collect();
+    success(ClusterData {
+        cluster: ClusterView {
+            node_id: s.node_id,
+            leader_id: s.leader_id,
+            term: s.term,
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            nodes,
+        },
+    })
+}
+
+/// `POST /v1/cluster/nodes`
+pub(crate) async fn add(admin: &Admin, body: Incoming) -> Result<Reply, ApiError> {
+    let req: AddNodeRequest = read_json(body).await?;
+    if req.node_id == 0 {
+        return Err(ApiError::invalid("node_id must be at least 1"));
+    }
+    for (field, addr) in [
+        ("cluster_addr", &req.cluster_addr),
+        ("admin_addr", &req.admin_addr),
+    ] {
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ApiError::invalid(format!(
+                "{field} {addr:?} is not IP:PORT"
+            )));
+        }
+    }
+    if req.region.is_empty() || req.region.len() > 63 {
+        return Err(ApiError::invalid("region must be 1 to 63 characters"));
+    }
+    let node = ClusterNode {
+        region: req.region.clone(),
+        cluster_addr: req.cluster_addr.clone(),
+        admin_addr: req.admin_addr.clone(),
+    };
+    let status = admin.store.status();
+    if status
+        .members
+        .iter()
+        .any(|m| m.node_id == req.node_id && m.node != node)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "node {} is already a member with other addresses",
+                req.node_id
+            ),
+        ));
+    }
+    let (certificate, ca_certificate) = match &req.csr {
+        None => (None, None),
+        Some(csr) => {
+            let state = admin.store.state();
+            let secrets = state.cluster().ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the cluster is not initialised yet",
+                )
+            })?;
+            if secrets.ca_key_pem.is_empty() {
+                return Err(ApiError::invalid(
+                    "this cluster runs its own PKI: members cannot sign certificates; start the node with --ca-cert, --node-cert and --node-key",
+                ));
+            }
+            let ca = CaBundle {
+                cert_pem: secrets.ca_cert_pem.clone(),
+                key_pem: secrets.ca_key_pem.clone(),
+            };
+            let cert = pki::sign_node_csr(&ca, csr, req.node_id)
+                .map_err(|e| ApiError::invalid(format!("csr: {e}")))?;
+            (Some(cert), Some(secrets.ca_cert_pem.clone()))
+        }
+    };
+    admin.store.add_learner(req.node_id, node.clone()).await?;
+    Ok(success(AddNodeData {
+        node,
+        node_id: req.node_id,
+        certificate,
+        ca_certificate,
+    }))
+}
+
+/// `DELETE /v1/cluster/nodes/{id}`
+pub(crate) async fn remove(admin: &Admin, id: &str) -> Result<Reply, ApiError> {
+    let node_id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("node id {id:?} is not a number")))?;
+    if !admin
+        .store
+        .status()
+        .members
+        .iter()
+        .any(|m| m.node_id == node_id)
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("node {node_id} is not a member"),
+        ));
+    }
+    admin.store.remove_node(node_id).await?;
+    Ok(success(NodesData {
+        nodes: vec![RemovedNode { node_id }],
+    }))
+}
