@@ -22,12 +22,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::Admin;
+use crate::cluster::Transport;
 use crate::config::{Config, ConfigError};
 use crate::dataplane::DataPlane;
 use crate::listeners::Listeners;
 use crate::metrics::Metrics;
 use crate::routing::{BuildContext, RoutingTable};
-use crate::cluster::Transport;
 use crate::store::{Store, StoreError};
 use crate::tls::CertCache;
 
@@ -119,10 +119,12 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let mut config = config;
     config.admin_addr = admin_addr;
 
-    let identity = crate::bootstrap::identity(&config, &token).await.map_err(|e| match e {
-        crate::bootstrap::BootstrapError::Config(c) => StartError::Config(c),
-        other => StartError::Io(other.to_string()),
-    })?;
+    let identity = crate::bootstrap::identity(&config, &token)
+        .await
+        .map_err(|e| match e {
+            crate::bootstrap::BootstrapError::Config(c) => StartError::Config(c),
+            other => StartError::Io(other.to_string()),
+        })?;
     let raft = crate::raft::start(&config, &identity).await?;
     let store = Arc::new(raft.store);
     if identity.founded {
@@ -155,7 +157,11 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         cluster_domain: config.cluster_domain.clone(),
         ready: ready_flag,
     });
-    tasks.push(tokio::spawn(crate::admin::serve(admin_listener, admin, shutdown.clone())));
+    tasks.push(tokio::spawn(crate::admin::serve(
+        admin_listener,
+        admin,
+        shutdown.clone(),
+    )));
     info!(node_id = config.node_id, region = %config.region, %admin_addr, cluster_addr = %raft.cluster_addr, listen_ip = %config.listen_ip, "node started");
     Ok(NodeHandle {
         admin_addr,
@@ -215,7 +221,10 @@ async fn reconcile(
     // Drain: stop accepting (the listeners' tokens are children of
     // `shutdown`), then wait for open connections, bounded.
     let deadline = dp.settings.drain_timeout;
-    if tokio::time::timeout(deadline, listeners.drained()).await.is_err() {
+    if tokio::time::timeout(deadline, listeners.drained())
+        .await
+        .is_err()
+    {
         warn!("drain timeout passed with connections still open");
     }
 }
@@ -250,7 +259,14 @@ fn load_token(dir: &Path, given: Option<&str>) -> Result<(String, bool), StartEr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let (token, generated) = match given {
                 Some(t) => (t.to_owned(), false),
-                None => (rand::rng().sample_iter(Alphanumeric).take(40).map(char::from).collect(), true),
+                None => (
+                    rand::rng()
+                        .sample_iter(Alphanumeric)
+                        .take(40)
+                        .map(char::from)
+                        .collect(),
+                    true,
+                ),
             };
             write_private(&path, &token)
                 .map_err(|e| StartError::Io(format!("writing {}: {e}", path.display())))?;

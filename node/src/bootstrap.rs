@@ -57,10 +57,13 @@ fn tls_dir(data_dir: &Path) -> PathBuf {
 
 /// Loads the node's identity, or creates it by founding or joining.
 pub async fn identity(config: &Config, token: &str) -> Result<Identity, BootstrapError> {
-    if let (Some(ca), Some(cert), Some(key)) = (&config.ca_cert, &config.node_cert, &config.node_key) {
+    if let (Some(ca), Some(cert), Some(key)) =
+        (&config.ca_cert, &config.node_cert, &config.node_key)
+    {
         let read = |field: &str, p: &Path| {
-            std::fs::read_to_string(p)
-                .map_err(|e| BootstrapError::Config(ConfigError::new(field, format!("{}: {e}", p.display()))))
+            std::fs::read_to_string(p).map_err(|e| {
+                BootstrapError::Config(ConfigError::new(field, format!("{}: {e}", p.display())))
+            })
         };
         let tls = NodeTls {
             ca_cert_pem: read("ca_cert", ca)?,
@@ -94,7 +97,8 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
     }
     let (tls, new_ca_key, joined) = match &config.join {
         None => {
-            let ca = pki::generate_ca("edgelb").map_err(|e| BootstrapError::Io(format!("cluster CA: {e}")))?;
+            let ca = pki::generate_ca("edgelb")
+                .map_err(|e| BootstrapError::Io(format!("cluster CA: {e}")))?;
             let (cert, key) = pki::issue_node_cert(&ca, config.node_id)
                 .map_err(|e| BootstrapError::Io(format!("node certificate: {e}")))?;
             let CaBundle { cert_pem, key_pem } = ca;
@@ -110,8 +114,13 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
         }
         Some(url) => (join(config, url, token).await?, None, true),
     };
-    std::fs::create_dir_all(&dir).map_err(|e| BootstrapError::Io(format!("{}: {e}", dir.display())))?;
-    for (name, body) in [("ca.pem", &tls.ca_cert_pem), ("node.pem", &tls.cert_pem), ("node.key", &tls.key_pem)] {
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| BootstrapError::Io(format!("{}: {e}", dir.display())))?;
+    for (name, body) in [
+        ("ca.pem", &tls.ca_cert_pem),
+        ("node.pem", &tls.cert_pem),
+        ("node.key", &tls.key_pem),
+    ] {
         crate::app::write_private(&dir.join(name), body)
             .map_err(|e| BootstrapError::Io(format!("{}: {e}", dir.join(name).display())))?;
     }
@@ -168,7 +177,8 @@ async fn join(config: &Config, url: &str, token: &str) -> Result<NodeTls, Bootst
         url: url.to_owned(),
         message,
     };
-    let (key_pem, csr) = pki::node_key_and_csr(config.node_id).map_err(|e| err(format!("CSR: {e}")))?;
+    let (key_pem, csr) =
+        pki::node_key_and_csr(config.node_id).map_err(|e| err(format!("CSR: {e}")))?;
     let body = AddNodeRequest {
         node_id: config.node_id,
         cluster_addr: config.cluster_addr.to_string(),
@@ -198,7 +208,9 @@ async fn join(config: &Config, url: &str, token: &str) -> Result<NodeTls, Bootst
                     }
                     _ if status == 503 => last = env.message.unwrap_or_default(),
                     _ => {
-                        let msg = env.message.unwrap_or_else(|| "no certificate in the answer".into());
+                        let msg = env
+                            .message
+                            .unwrap_or_else(|| "no certificate in the answer".into());
                         return Err(err(format!("HTTP {status}: {msg}")));
                     }
                 }
@@ -211,7 +223,12 @@ async fn join(config: &Config, url: &str, token: &str) -> Result<NodeTls, Bootst
 }
 
 /// A small HTTP/1.1 POST to an admin API (`http://host:port`).
-pub(crate) async fn post(base: &str, path: &str, token: &str, body: Vec<u8>) -> Result<(u16, Bytes), String> {
+pub(crate) async fn post(
+    base: &str,
+    path: &str,
+    token: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Bytes), String> {
     let authority = base
         .strip_prefix("http://")
         .ok_or_else(|| "only http:// admin URLs are supported".to_owned())?
@@ -220,9 +237,10 @@ pub(crate) async fn post(base: &str, path: &str, token: &str, body: Vec<u8>) -> 
         .await
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = Request::post(path)
         .header("host", authority)
@@ -233,7 +251,12 @@ pub(crate) async fn post(base: &str, path: &str, token: &str, body: Vec<u8>) -> 
     let work = async {
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         Ok((status, bytes))
     };
     tokio::time::timeout(Duration::from_secs(15), work)
