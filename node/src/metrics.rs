@@ -144,6 +144,7 @@ struct RaftGauges {
     commit_index: IntGauge,
     applied_index: IntGauge,
     apply_lag: IntGauge,
+    snapshot_index: IntGauge,
     voters: IntGauge,
     learners: IntGauge,
 }
@@ -273,6 +274,10 @@ impl Metrics {
                 apply_lag: gauge(
                     "edgelb_raft_apply_lag",
                     "Committed membership entries not yet applied on this node (commit index - applied index).",
+                ),
+                snapshot_index: gauge(
+                    "edgelb_raft_snapshot_index",
+                    "Last Raft log index covered by this node's snapshot (built or installed).",
                 ),
                 voters: gauge("edgelb_raft_voters", "Voters in the Raft membership."),
                 learners: gauge("edgelb_raft_learners", "Learners in the Raft membership."),

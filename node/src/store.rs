@@ -82,6 +82,8 @@ pub struct ClusterStatus {
     pub commit_index: u64,
     pub applied_index: u64,
     pub last_log_index: u64,
+    /// Last log index covered by this node's snapshot (built or installed).
+    pub snapshot_index: u64,
     pub is_leader: bool,
     pub members: Vec<Member>,
 }
@@ -312,6 +314,7 @@ impl Store {
             commit_index: self.committed.load(Ordering::Relaxed),
             applied_index: m.last_applied.map_or(0, |l| l.index),
             last_log_index: m.last_log_index.unwrap_or(0),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
             is_leader: m.state == ServerState::Leader,
             members,
         }
