@@ -370,6 +370,7 @@ impl Metrics {
         r.apply_lag.set(saturating_i64(
             s.commit_index.saturating_sub(s.applied_index),
         ));
+        r.snapshot_index.set(saturating_i64(s.snapshot_index));
         let voters = s
             .members
             .iter()
