@@ -69,10 +69,19 @@ impl Listeners {
             }
             match bind(SocketAddr::new(self.ip, port)) {
                 Ok(listener) => {
-                    let addr = listener.local_addr().unwrap_or(SocketAddr::new(self.ip, port));
+                    let addr = listener
+                        .local_addr()
+                        .unwrap_or(SocketAddr::new(self.ip, port));
                     info!(%addr, "bound published port");
                     let stop = self.shutdown.child_token();
-                    tokio::spawn(accept_loop(listener, port, self.dp.clone(), self.limit.clone(), stop.clone(), self.shutdown.clone()));
+                    tokio::spawn(accept_loop(
+                        listener,
+                        port,
+                        self.dp.clone(),
+                        self.limit.clone(),
+                        stop.clone(),
+                        self.shutdown.clone(),
+                    ));
                     self.active.insert(port, Active { stop, addr });
                 }
                 Err(e) => {
@@ -97,7 +106,11 @@ impl Listeners {
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
@@ -139,9 +152,23 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let conn = ConnInfo { peer, port, tls: false };
+        let conn = ConnInfo {
+            peer,
+            port,
+            tls: false,
+        };
         let span = info_span!("conn", port, %peer);
-        tokio::spawn(handle(stream, conn, dp.clone(), acceptors.clone(), permit, shutdown.clone()).instrument(span));
+        tokio::spawn(
+            handle(
+                stream,
+                conn,
+                dp.clone(),
+                acceptors.clone(),
+                permit,
+                shutdown.clone(),
+            )
+            .instrument(span),
+        );
     }
 }
 
@@ -165,8 +192,14 @@ async fn handle(
         return;
     }
     conn.tls = true;
-    let acceptor = if route.http { &acceptors.0 } else { &acceptors.1 };
-    let tls = match tokio::time::timeout(dp.settings.tls_handshake_timeout, acceptor.accept(stream)).await {
+    let acceptor = if route.http {
+        &acceptors.0
+    } else {
+        &acceptors.1
+    };
+    let tls = match tokio::time::timeout(dp.settings.tls_handshake_timeout, acceptor.accept(stream))
+        .await
+    {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             debug!(error = %e, "tls handshake failed");

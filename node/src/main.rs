@@ -35,8 +35,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("edgelb: starting the runtime: {e}");
@@ -60,7 +66,10 @@ async fn run(config: Config) -> ExitCode {
     };
     if node.token_generated {
         // Printed once, at the first start; it is kept in the data dir.
-        println!("edgelb: admin token (saved in the data dir): {}", node.token);
+        println!(
+            "edgelb: admin token (saved in the data dir): {}",
+            node.token
+        );
     }
     println!("edgelb: admin API on http://{}", node.admin_addr);
     wait_for_signal().await;

@@ -53,13 +53,23 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
     })
     .await
     .map_err(|e| StartError::Io(format!("opening storage: {e}")))?
-    .map_err(|e| StartError::Io(format!("opening storage in {}: {e}", config.data_dir.display())))?;
+    .map_err(|e| {
+        StartError::Io(format!(
+            "opening storage in {}: {e}",
+            config.data_dir.display()
+        ))
+    })?;
     let state = sm.subscribe();
     let committed = log.committed_index();
 
     let handler = Arc::new(RaftRpc::default());
-    let transport = Transport::bind(config.cluster_addr, &identity.tls, config.node_id, handler.clone())
-        .map_err(|e| StartError::Io(format!("cluster_addr {}: {e}", config.cluster_addr)))?;
+    let transport = Transport::bind(
+        config.cluster_addr,
+        &identity.tls,
+        config.node_id,
+        handler.clone(),
+    )
+    .map_err(|e| StartError::Io(format!("cluster_addr {}: {e}", config.cluster_addr)))?;
     let transport = Arc::new(transport);
     let cluster_addr = transport
         .local_addr()
@@ -89,7 +99,10 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
             raft.initialize(BTreeMap::from([(config.node_id, me)]))
                 .await
                 .map_err(|e| StartError::Io(format!("initialising the cluster: {e}")))?;
-            info!(node_id = config.node_id, "initialised a new one-node cluster");
+            info!(
+                node_id = config.node_id,
+                "initialised a new one-node cluster"
+            );
         }
     }
     Ok(Started {
@@ -101,7 +114,12 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
 
 /// Records the cluster CA and the admin token's hash in the replicated state
 /// (once; a restart finds them there).
-pub async fn found_cluster(store: &Store, config: &Config, identity: &Identity, token: &str) -> Result<(), StartError> {
+pub async fn found_cluster(
+    store: &Store,
+    config: &Config,
+    identity: &Identity,
+    token: &str,
+) -> Result<(), StartError> {
     if store.state().cluster().is_some() {
         return Ok(());
     }
@@ -139,14 +157,19 @@ pub fn token_sha256(token: &str) -> String {
 
 /// A founded one-node cluster's store in `data_dir`, without the data plane
 /// or admin API: the same path as a real node, for tests and tools.
-pub async fn one_node_store(data_dir: &std::path::Path) -> Result<(Store, Arc<Transport>), StartError> {
+pub async fn one_node_store(
+    data_dir: &std::path::Path,
+) -> Result<(Store, Arc<Transport>), StartError> {
     let mut config = Config::embedded_default();
     config.data_dir = data_dir.to_owned();
     config.cluster_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     config.admin_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    std::fs::create_dir_all(data_dir).map_err(|e| StartError::Io(format!("{}: {e}", data_dir.display())))?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| StartError::Io(format!("{}: {e}", data_dir.display())))?;
     let token = "one-node-store-token";
-    let identity = crate::bootstrap::identity(&config, token).await.map_err(|e| StartError::Io(e.to_string()))?;
+    let identity = crate::bootstrap::identity(&config, token)
+        .await
+        .map_err(|e| StartError::Io(e.to_string()))?;
     let started = start(&config, &identity).await?;
     found_cluster(&started.store, &config, &identity, token).await?;
     Ok((started.store, started.transport))

@@ -74,7 +74,10 @@ impl PortRoute {
             if let Some(t) = self.exact.get(host.as_ref()) {
                 return Some(t);
             }
-            if let Some(t) = host.split_once('.').and_then(|(_, parent)| self.wildcard.get(parent)) {
+            if let Some(t) = host
+                .split_once('.')
+                .and_then(|(_, parent)| self.wildcard.get(parent))
+            {
                 return Some(t);
             }
         }
@@ -87,7 +90,10 @@ impl PortRoute {
             if let Some(k) = self.keys.get(host.as_ref()) {
                 return Some(k.clone());
             }
-            if let Some(k) = host.split_once('.').and_then(|(_, parent)| self.keys.get(&format!("*.{parent}"))) {
+            if let Some(k) = host
+                .split_once('.')
+                .and_then(|(_, parent)| self.keys.get(&format!("*.{parent}")))
+            {
                 return Some(k.clone());
             }
         }
@@ -114,7 +120,8 @@ impl PortRoute {
 /// Lowercases and strips a port and a trailing dot: `Example.COM.:8080` → `example.com`.
 pub fn normalize_host(host: &str) -> Cow<'_, str> {
     let host = if host.starts_with('[') {
-        host.split_once(']').map_or(host, |(h, _)| &host[..=h.len()])
+        host.split_once(']')
+            .map_or(host, |(h, _)| &host[..=h.len()])
     } else {
         host.rsplit_once(':').map_or(host, |(h, _)| h)
     };
@@ -179,13 +186,19 @@ impl RoutingTable {
         }
         let mut groups = HashMap::new();
         for g in state.groups() {
-            groups.insert(g.uuid, Arc::new(group_runtime(g, prev.groups.get(&g.uuid), cx)));
+            groups.insert(
+                g.uuid,
+                Arc::new(group_runtime(g, prev.groups.get(&g.uuid), cx)),
+            );
         }
 
         let mut by_port: HashMap<u16, Vec<(&ServiceGroup, u16)>> = HashMap::new();
         for g in state.groups() {
             for s in &g.services {
-                by_port.entry(s.port).or_default().push((g, s.destination_port));
+                by_port
+                    .entry(s.port)
+                    .or_default()
+                    .push((g, s.destination_port));
             }
         }
         let mut ports = HashMap::new();
@@ -197,8 +210,15 @@ impl RoutingTable {
     }
 }
 
-fn group_runtime(g: &ServiceGroup, prev: Option<&Arc<GroupRuntime>>, cx: &BuildContext<'_>) -> GroupRuntime {
-    let balancer = prev.map_or_else(|| Arc::new(GroupBalancer::new(g.hard_limit)), |p| p.balancer.clone());
+fn group_runtime(
+    g: &ServiceGroup,
+    prev: Option<&Arc<GroupRuntime>>,
+    cx: &BuildContext<'_>,
+) -> GroupRuntime {
+    let balancer = prev.map_or_else(
+        || Arc::new(GroupBalancer::new(g.hard_limit)),
+        |p| p.balancer.clone(),
+    );
     balancer.set_hard_limit(g.hard_limit);
     let mut backends = HashMap::new();
     for i in &g.instances {
@@ -206,12 +226,21 @@ fn group_runtime(g: &ServiceGroup, prev: Option<&Arc<GroupRuntime>>, cx: &BuildC
         let reused = prev.and_then(|p| p.backends.get(&i.uuid));
         let backend = reused.cloned().unwrap_or_else(|| {
             let metrics = cx.metrics.instance(&g.name, &i.name);
-            Arc::new(Backend::new(i.uuid, i.name.clone(), i.address.clone(), metrics))
+            Arc::new(Backend::new(
+                i.uuid,
+                i.name.clone(),
+                i.address.clone(),
+                metrics,
+            ))
         });
         backends.insert(i.uuid, backend);
     }
     // Selection order follows the group's attach order.
-    let ordered = g.instances.iter().filter_map(|i| backends.get(&i.uuid).cloned()).collect();
+    let ordered = g
+        .instances
+        .iter()
+        .filter_map(|i| backends.get(&i.uuid).cloned())
+        .collect();
     balancer.set_backends(ordered);
     GroupRuntime {
         uuid: g.uuid,
@@ -233,7 +262,9 @@ fn port_route(
     let service = members
         .first()
         .and_then(|(g, _)| g.services.iter().find(|s| s.port == port));
-    let (tls, http, redirect) = service.map_or((false, false, false), |s| (s.is_tls(), s.is_http(), s.is_redirect()));
+    let (tls, http, redirect) = service.map_or((false, false, false), |s| {
+        (s.is_tls(), s.is_http(), s.is_redirect())
+    });
     let mut route = PortRoute {
         port,
         tls,
@@ -246,7 +277,9 @@ fn port_route(
         default_key: None,
     };
     for (g, destination_port) in members {
-        let Some(group) = groups.get(&g.uuid) else { continue };
+        let Some(group) = groups.get(&g.uuid) else {
+            continue;
+        };
         let old = prev.and_then(|p| p.targets().find(|t| t.group.uuid == g.uuid));
         let mut pools = HashMap::new();
         if !redirect {
@@ -255,7 +288,9 @@ fn port_route(
                     .filter(|o| o.destination_port == *destination_port)
                     .and_then(|o| o.pools.get(id))
                     .filter(|p| p.address() == b.address);
-                let pool = reused.cloned().unwrap_or_else(|| Arc::new(Pool::new(&b.address, *destination_port)));
+                let pool = reused
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Pool::new(&b.address, *destination_port)));
                 pools.insert(*id, pool);
             }
         }

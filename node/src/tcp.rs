@@ -57,7 +57,13 @@ where
             }
         };
         let backend = lease.backend().clone();
-        let upstream = match connect(&backend.address, target.destination_port, dp.settings.connect_timeout).await {
+        let upstream = match connect(
+            &backend.address,
+            target.destination_port,
+            dp.settings.connect_timeout,
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 debug!(instance = %backend.name, error = %e, "connect failed");
@@ -90,7 +96,10 @@ where
                 debug!(instance = %backend.name, "instance drained; closing");
             }
         }
-        backend.metrics.duration.observe(started.elapsed().as_secs_f64());
+        backend
+            .metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
         drop(lease);
         return;
     }
@@ -119,7 +128,11 @@ struct Counted<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
@@ -132,7 +145,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = r {
             self.tx.inc_by(n as u64);

@@ -76,13 +76,22 @@ impl CertCache {
     /// Only if generating a self-signed certificate fails, which rcgen does not
     /// do for a validated fqdn.
     pub fn key_for(&self, domain: &Domain, state: &State) -> Arc<CertifiedKey> {
-        if let Some(cert) = domain.certificate.as_deref().and_then(|n| state.certificate(n)) {
+        if let Some(cert) = domain
+            .certificate
+            .as_deref()
+            .and_then(|n| state.certificate(n))
+        {
             match self.stored_key(cert) {
                 Ok(k) => return k,
-                Err(e) => warn!(fqdn = %domain.fqdn, certificate = %cert.name, error = %e, "stored certificate unusable; presenting a self-signed one"),
+                Err(e) => {
+                    warn!(fqdn = %domain.fqdn, certificate = %cert.name, error = %e, "stored certificate unusable; presenting a self-signed one")
+                }
             }
         }
-        let mut generated = self.generated.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut generated = self
+            .generated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(k) = generated.get(&domain.fqdn) {
             return k.clone();
         }
@@ -126,7 +135,11 @@ impl ResolvesServerCert for SniResolver {
 
 /// The rustls config for a published port: HTTP ports offer h2 and
 /// http/1.1 by ALPN, TCP ports offer nothing.
-pub fn server_config(port: u16, routes: Arc<ArcSwap<RoutingTable>>, http: bool) -> Arc<ServerConfig> {
+pub fn server_config(
+    port: u16,
+    routes: Arc<ArcSwap<RoutingTable>>,
+    http: bool,
+) -> Arc<ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

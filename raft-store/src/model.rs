@@ -294,6 +294,8 @@ pub struct ClusterSecrets {
 
 impl fmt::Debug for ClusterSecrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClusterSecrets").field("token_sha256", &self.token_sha256).finish_non_exhaustive()
+        f.debug_struct("ClusterSecrets")
+            .field("token_sha256", &self.token_sha256)
+            .finish_non_exhaustive()
     }
 }

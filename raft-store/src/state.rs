@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::command::Command;
-use crate::model::{Certificate, ClusterSecrets, Instance, ModelError, ServiceGroup, find_instance};
+use crate::model::{
+    Certificate, ClusterSecrets, Instance, ModelError, ServiceGroup, find_instance,
+};
 use crate::validate;
 
 /// The replicated state: service groups and certificates.
@@ -227,14 +229,19 @@ impl State {
             }
             Command::InitCluster { secrets } => {
                 if self.cluster.is_some() {
-                    return Err(ApplyError::Conflict("the cluster is already initialised".into()));
+                    return Err(ApplyError::Conflict(
+                        "the cluster is already initialised".into(),
+                    ));
                 }
                 // An empty CA key means the operators run their own PKI: members
                 // then cannot mint node certificates.
                 if secrets.ca_cert_pem.is_empty() || secrets.token_sha256.len() != 64 {
                     return Err(ApplyError::Invalid("cluster secrets are incomplete".into()));
                 }
-                Ok((Change::Cluster(secrets.clone()), Applied::ClusterInitialized))
+                Ok((
+                    Change::Cluster(secrets.clone()),
+                    Applied::ClusterInitialized,
+                ))
             }
         }
     }

@@ -299,16 +299,24 @@ fn cluster_secrets_are_set_once_and_survive_serde() {
     };
     let mut s = State::default();
     assert!(s.cluster().is_none());
-    let cmd = Command::InitCluster { secrets: secrets.clone() };
+    let cmd = Command::InitCluster {
+        secrets: secrets.clone(),
+    };
     assert_eq!(s.apply(&cmd), Ok(Applied::ClusterInitialized));
     assert_eq!(s.cluster(), Some(&secrets));
     assert!(matches!(s.apply(&cmd), Err(ApplyError::Conflict(_))));
     let back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
     assert_eq!(back, s);
     let bad = Command::InitCluster {
-        secrets: ClusterSecrets { token_sha256: "short".into(), ..secrets },
+        secrets: ClusterSecrets {
+            token_sha256: "short".into(),
+            ..secrets
+        },
     };
-    assert!(matches!(State::default().apply(&bad), Err(ApplyError::Invalid(_))));
+    assert!(matches!(
+        State::default().apply(&bad),
+        Err(ApplyError::Invalid(_))
+    ));
     // The key never shows in debug output.
     assert!(!format!("{:?}", s.cluster()).contains("PRIVATE"));
 }
