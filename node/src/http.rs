@@ -33,12 +33,16 @@ mod upgrade;
 #[cfg(test)]
 mod tests;
 
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug};
 
@@ -53,8 +57,12 @@ use self::conn::{ActiveGuard, Conn, TimedIo};
 /// client preface. When `shutdown` fires the connection shuts down
 /// gracefully: in-flight requests finish (bounded by the drain timeout),
 /// then it closes.
-pub async fn serve_connection<I>(io: I, conn: ConnInfo, dp: Arc<DataPlane>, shutdown: CancellationToken)
-where
+pub async fn serve_connection<I>(
+    io: I,
+    conn: ConnInfo,
+    dp: Arc<DataPlane>,
+    shutdown: CancellationToken,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let span = tracing::debug_span!("http", peer = %conn.peer, port = conn.port, tls = conn.tls);
@@ -72,10 +80,13 @@ where
     builder
         .http1()
         .max_buf_size(settings.max_header_bytes.max(MIN_H1_BUF))
-        .header_read_timeout(None);
+        .header_read_timeout(None)
+        // A proxy forwards the instance's Date; it does not add one.
+        .auto_date_header(false);
     builder
         .http2()
-        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        .auto_date_header(false);
     let drain_timeout = settings.drain_timeout;
 
     let conn = Arc::new(Conn::new(info, dp.clone(), shutdown.clone()));
@@ -85,26 +96,48 @@ where
     let serving = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(serving);
 
-    let finished = tokio::select! {
-        res = serving.as_mut() => Some(res),
-        () = shutdown.cancelled() => None,
-        () = conn.idle_expired() => None,
-    };
-    let res = match finished {
-        Some(res) => res,
-        None => {
-            serving.as_mut().graceful_shutdown();
-            match tokio::time::timeout(drain_timeout, serving.as_mut()).await {
-                Ok(res) => res,
-                Err(_) => {
-                    debug!("graceful shutdown timed out");
-                    return;
-                }
-            }
+    // The shutdown token is polled by its own task: polling it from this
+    // one would take the token's lock on every wake of every connection.
+    let watcher = tokio::spawn({
+        let conn = conn.clone();
+        async move {
+            shutdown.cancelled().await;
+            conn.request_close();
         }
-    };
-    if let Err(error) = res {
-        debug!(%error, "connection ended with an error");
+    });
+    let mut deadline: Option<Pin<Box<Sleep>>> = None;
+    let mut registered: Option<Waker> = None;
+    let res = poll_fn(|cx| {
+        loop {
+            if deadline.is_none() && conn.close_requested() {
+                serving.as_mut().graceful_shutdown();
+                deadline = Some(Box::pin(tokio::time::sleep(drain_timeout)));
+            }
+            if let Poll::Ready(res) = serving.as_mut().poll(cx) {
+                return Poll::Ready(Some(res));
+            }
+            if deadline.is_none() && conn.close_requested() {
+                continue;
+            }
+            break;
+        }
+        if let Some(d) = deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+            conn.set_waker(cx.waker());
+            registered = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    })
+    .await;
+    watcher.abort();
+    match res {
+        Some(Ok(())) => {}
+        Some(Err(error)) => debug!(%error, "connection ended with an error"),
+        None => debug!("graceful shutdown timed out"),
     }
 }
 

@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -61,7 +61,10 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
@@ -91,10 +94,11 @@ pub(crate) struct Drained;
 
 /// An instance's response body on its way to the client.
 ///
-/// When it ends (or is dropped because the client went away) it records the
-/// request's status class and duration, returns the upstream connection to
-/// its pool if the body was read completely, and drops the [`Lease`], which
-/// ends the request's in-flight count.
+/// It drives the upstream connection while it is read (see
+/// [`PooledConn`]). When it ends (or is dropped because the client went
+/// away) it records the request's status class and duration, returns the
+/// connection to its pool if the body was read completely, and drops the
+/// [`Lease`], which ends the request's in-flight count.
 #[derive(Debug)]
 pub(crate) struct UpstreamBody {
     inner: Incoming,
@@ -102,29 +106,38 @@ pub(crate) struct UpstreamBody {
     finish: Option<Finish>,
 }
 
+/// Where a connection goes back when its response was read completely.
+#[derive(Debug)]
+pub(crate) struct Reuse {
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) max_idle: usize,
+    pub(crate) idle_timeout: Duration,
+}
+
 #[derive(Debug)]
 struct Finish {
+    conn: PooledConn,
     lease: Lease,
     start: Instant,
     status: u16,
-    /// Where the connection goes back when the body was read completely;
     /// `None` for connections that are not reused.
-    reuse: Option<(PooledConn, Arc<Pool>, usize)>,
+    reuse: Option<Reuse>,
 }
 
 impl UpstreamBody {
-    /// `reuse`: the connection, its pool and the pool's idle limit.
     pub(crate) fn new(
         inner: Incoming,
+        conn: PooledConn,
         lease: Lease,
         start: Instant,
         status: u16,
-        reuse: Option<(PooledConn, Arc<Pool>, usize)>,
+        reuse: Option<Reuse>,
     ) -> Self {
         Self {
             inner,
             complete: false,
             finish: Some(Finish {
+                conn,
                 lease,
                 start,
                 status,
@@ -133,23 +146,36 @@ impl UpstreamBody {
         }
     }
 
-    fn drained(&self) -> bool {
-        self.finish
-            .as_ref()
-            .is_some_and(|f| f.lease.backend().drain_token().is_cancelled())
-    }
-
     fn finish(&mut self, complete: bool) {
         let Some(f) = self.finish.take() else { return };
+        let now = Instant::now();
         let metrics = &f.lease.backend().metrics;
         metrics.observe_status(f.status);
-        metrics.duration.observe(f.start.elapsed().as_secs_f64());
-        if complete {
-            if let Some((conn, pool, max_idle)) = f.reuse {
-                pool.checkin(conn, max_idle);
-            }
+        metrics
+            .duration
+            .observe(now.saturating_duration_since(f.start).as_secs_f64());
+        if complete && let Some(r) = f.reuse {
+            r.pool.checkin(f.conn, r.max_idle, r.idle_timeout, now);
         }
         // Dropping the lease ends the in-flight count.
+    }
+
+    fn on_frame(
+        &mut self,
+        frame: Option<Result<Frame<Bytes>, hyper::Error>>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match frame {
+            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+            Some(Err(e)) => {
+                self.finish(false);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            None => {
+                self.complete = true;
+                self.finish(true);
+                Poll::Ready(None)
+            }
+        }
     }
 }
 
@@ -157,28 +183,30 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if this.finish.is_none() {
+        let Some(f) = this.finish.as_mut() else {
             return Poll::Ready(None);
+        };
+        if f.conn.driver.aborted() {
+            // The instance was detached and its drain timeout passed.
+            this.finish(false);
+            return Poll::Ready(Some(Err(Drained.into())));
         }
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
-            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
-            Some(Err(e)) => {
-                this.finish(false);
-                Poll::Ready(Some(Err(e.into())))
-            }
-            None if this.drained() => {
-                // The drained connection was torn down under the body.
-                this.finish(false);
-                Poll::Ready(Some(Err(Drained.into())))
-            }
-            None => {
-                this.complete = true;
-                this.finish(true);
-                Poll::Ready(None)
-            }
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return this.on_frame(frame);
         }
+        // Let the connection read more of the body, then look again.
+        f.conn.driver.poll_drive(cx);
+        if f.conn.driver.aborted() {
+            this.finish(false);
+            return Poll::Ready(Some(Err(Drained.into())));
+        }
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        this.on_frame(frame)
     }
 
     fn is_end_stream(&self) -> bool {

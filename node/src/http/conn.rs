@@ -15,13 +15,12 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker, ready};
 
 use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -45,8 +44,11 @@ pub(crate) struct Conn {
     tunnel: AtomicBool,
     /// `TimedIo` waits on a read while busy and must be woken when idle.
     parked: AtomicBool,
-    idle_expired: AtomicBool,
-    notify: Notify,
+    /// Idle timeout passed or the node shuts down: close gracefully.
+    close: AtomicBool,
+    /// The task serving the connection, woken for `parked` and `close`.
+    /// Per connection and touched only on those events, never per poll.
+    waker: Mutex<Option<Waker>>,
 }
 
 impl Conn {
@@ -62,8 +64,8 @@ impl Conn {
             active: AtomicUsize::new(0),
             tunnel: AtomicBool::new(false),
             parked: AtomicBool::new(false),
-            idle_expired: AtomicBool::new(false),
-            notify: Notify::new(),
+            close: AtomicBool::new(false),
+            waker: Mutex::new(None),
         }
     }
 
@@ -72,14 +74,33 @@ impl Conn {
         self.tunnel.store(true, Ordering::SeqCst);
     }
 
-    /// Resolves when the keep-alive idle timeout has passed.
-    pub(crate) async fn idle_expired(&self) {
-        loop {
-            let notified = self.notify.notified();
-            if self.idle_expired.load(Ordering::SeqCst) {
-                return;
-            }
-            notified.await;
+    /// Whether the connection should close gracefully (idle or shutdown).
+    pub(crate) fn close_requested(&self) -> bool {
+        self.close.load(Ordering::SeqCst)
+    }
+
+    /// Asks the serving task to close the connection gracefully.
+    pub(crate) fn request_close(&self) {
+        self.close.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Remembers the serving task's waker.
+    pub(crate) fn set_waker(&self, waker: &Waker) {
+        let mut slot = self.waker.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.as_ref().is_none_or(|w| !w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    fn wake(&self) {
+        let waker = self
+            .waker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 }
@@ -102,10 +123,12 @@ impl ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.parked.swap(false, Ordering::SeqCst) {
-            // Wakes the connection task (its select waits on `notify`) so
-            // that the reader starts the idle timer.
-            self.0.notify.notify_one();
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.parked.swap(false, Ordering::SeqCst)
+        {
+            // Wakes the connection task so that the reader starts the idle
+            // timer.
+            self.0.wake();
         }
     }
 }
@@ -138,6 +161,10 @@ pub(crate) struct TimedIo<I> {
     inner: I,
     conn: Arc<Conn>,
     phase: Phase,
+    /// When the current phase times out; `None` until the phase first has
+    /// to wait (most requests arrive whole and never do). The timer is
+    /// moved there only then.
+    deadline: Option<Instant>,
     timer: Pin<Box<Sleep>>,
     seen_bytes: bool,
     h2: bool,
@@ -145,19 +172,36 @@ pub(crate) struct TimedIo<I> {
 
 impl<I> TimedIo<I> {
     pub(crate) fn new(inner: I, conn: Arc<Conn>) -> Self {
-        let timer = Box::pin(tokio::time::sleep(conn.dp.settings.header_timeout));
+        let deadline = Instant::now() + conn.dp.settings.header_timeout;
+        let timer = Box::pin(tokio::time::sleep_until(deadline));
         Self {
             inner,
             conn,
             phase: Phase::Head,
+            deadline: Some(deadline),
             timer,
             seen_bytes: false,
             h2: false,
         }
     }
 
-    fn arm(&mut self, after: std::time::Duration) {
-        self.timer.as_mut().reset(Instant::now() + after);
+    /// Starts a new phase: its timeout counts from its first wait.
+    fn rearm(&mut self) {
+        self.deadline = None;
+    }
+
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let settings = &self.conn.dp.settings;
+        let after = if self.phase == Phase::Head {
+            settings.header_timeout
+        } else {
+            settings.idle_timeout
+        };
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + after);
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        self.timer.as_mut().poll(cx)
     }
 
     /// Follows the connection's active count.
@@ -171,7 +215,7 @@ impl<I> TimedIo<I> {
             (Phase::Head | Phase::Idle | Phase::Busy, true) => self.phase = Phase::Busy,
             (Phase::Busy, false) => {
                 self.phase = Phase::Idle;
-                self.arm(self.conn.dp.settings.idle_timeout);
+                self.rearm();
             }
             _ => {}
         }
@@ -186,17 +230,29 @@ impl<I> TimedIo<I> {
                 self.h2 = true;
                 if self.phase == Phase::Head {
                     self.phase = Phase::Idle;
-                    self.arm(self.conn.dp.settings.idle_timeout);
+                    self.rearm();
                 }
             }
         } else if self.phase == Phase::Idle && !self.h2 {
             self.phase = Phase::Head;
-            self.arm(self.conn.dp.settings.header_timeout);
+            self.rearm();
         }
     }
 }
 
 impl<I: AsyncWrite + Unpin> TimedIo<I> {
+    /// hyper flushes after the last response body frame, but does not read
+    /// again until woken: start the idle timer here.
+    fn after_write(&mut self, cx: &mut Context<'_>) {
+        if self.phase == Phase::Busy && !self.h2 && self.conn.active.load(Ordering::SeqCst) == 0 {
+            self.update_phase();
+            if self.phase == Phase::Idle {
+                // Registers the waker; the deadline is in the future.
+                let _ = self.poll_timer(cx);
+            }
+        }
+    }
+
     fn poll_reject(&mut self, cx: &mut Context<'_>, mut sent: usize) -> Poll<()> {
         while sent < REQUEST_TIMEOUT.len() {
             match Pin::new(&mut self.inner).poll_write(cx, &REQUEST_TIMEOUT[sent..]) {
@@ -215,7 +271,11 @@ impl<I: AsyncWrite + Unpin> TimedIo<I> {
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
             match this.phase {
@@ -245,6 +305,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
                 Poll::Pending => {}
             }
             if this.phase == Phase::Busy {
+                if !this.h2 {
+                    // An HTTP/1 request ends inside hyper's connection task,
+                    // which flushes right after: `after_write` sees it.
+                    return Poll::Pending;
+                }
                 this.conn.parked.store(true, Ordering::SeqCst);
                 if this.conn.active.load(Ordering::SeqCst) > 0 {
                     return Poll::Pending;
@@ -253,7 +318,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
                 this.conn.parked.store(false, Ordering::SeqCst);
                 continue;
             }
-            if this.timer.as_mut().poll(cx).is_pending() {
+            if this.poll_timer(cx).is_pending() {
                 return Poll::Pending;
             }
             if this.phase == Phase::Head && !this.h2 {
@@ -263,17 +328,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
             }
             debug!("idle timeout");
             this.phase = Phase::Passthrough;
-            this.conn.idle_expired.store(true, Ordering::SeqCst);
-            this.conn.notify.notify_one();
-            // The inner read registered the waker; hyper closes on the
-            // graceful shutdown that the connection task now starts.
+            // Seen by the serving task right after this poll: hyper closes
+            // on the graceful shutdown it starts.
+            this.conn.close.store(true, Ordering::SeqCst);
             return Poll::Pending;
         }
     }
 }
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
@@ -290,7 +358,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_flush(cx);
+        this.after_write(cx);
+        res
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

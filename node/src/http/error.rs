@@ -51,6 +51,9 @@ pub(crate) enum ProxyError {
     Connect(#[from] ConnectError),
     #[error("upstream failed: {0}")]
     Upstream(hyper::Error),
+    /// The client's request body failed (client went away mid-upload).
+    #[error("client request body failed: {0}")]
+    ClientBody(hyper::Error),
     #[error("upstream sent an unexpected 101")]
     UnexpectedUpgrade,
     #[error("upstream response headers timed out")]
@@ -61,26 +64,32 @@ impl ProxyError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::NoInstances | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade => StatusCode::BAD_GATEWAY,
+            Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
     pub(crate) fn side(&self) -> Side {
         match self {
-            Self::NoRoute | Self::BadRequest(_) | Self::MethodNotAllowed => Side::Client,
+            Self::NoRoute | Self::BadRequest(_) | Self::ClientBody(_) | Self::MethodNotAllowed => {
+                Side::Client
+            }
             Self::NoInstances | Self::Overloaded => Side::Internal,
-            Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade | Self::Timeout => Side::Upstream,
+            Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade | Self::Timeout => {
+                Side::Upstream
+            }
         }
     }
 
     fn body(&self) -> &'static str {
         match self {
             Self::NoRoute => "service not found",
-            Self::BadRequest(_) => "bad request",
+            Self::BadRequest(_) | Self::ClientBody(_) => "bad request",
             Self::MethodNotAllowed => "method not allowed",
             Self::NoInstances => "no instances",
             Self::Overloaded => "overloaded",
@@ -93,7 +102,8 @@ impl ProxyError {
     pub(crate) fn response(&self) -> Response<ProxyBody> {
         let mut resp = text_response(self.status(), self.body());
         if matches!(self, Self::Overloaded) {
-            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
@@ -119,7 +129,10 @@ mod tests {
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[RETRY_AFTER], "1");
         assert_eq!(r.headers()[CONTENT_LENGTH], "10");
-        assert_eq!(ProxyError::NoRoute.response().headers()[CONTENT_TYPE], "text/plain");
+        assert_eq!(
+            ProxyError::NoRoute.response().headers()[CONTENT_TYPE],
+            "text/plain"
+        );
         assert_eq!(ProxyError::Timeout.status(), 504);
         assert_eq!(ProxyError::Connect(ConnectError::Timeout).status(), 502);
         assert_eq!(ProxyError::Timeout.side(), Side::Upstream);

@@ -1,16 +1,19 @@
 //! One request: route, select, forward, stream the answer back.
 
 use std::convert::Infallible;
+use std::future::{Future, poll_fn};
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
 use hyper::upgrade::OnUpgrade;
 use tracing::debug;
 
-use super::body::{ProxyBody, UpstreamBody};
+use super::body::{ProxyBody, Reuse, UpstreamBody};
 use super::conn::{ActiveGuard, Conn};
 use super::error::{ConnectError, ProxyError};
 use super::headers;
@@ -24,8 +27,15 @@ use crate::routing::Target;
 /// Most instances tried for one request.
 const MAX_ATTEMPTS: usize = 3;
 
+/// How long a pooled connection may take to become ready for its next
+/// request before a new connection is opened instead.
+const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
+
 /// The service of a client connection: always answers, errors included.
-pub(crate) async fn handle(req: Request<Incoming>, guard: ActiveGuard) -> Result<Response<ProxyBody>, Infallible> {
+pub(crate) async fn handle(
+    req: Request<Incoming>,
+    guard: ActiveGuard,
+) -> Result<Response<ProxyBody>, Infallible> {
     let resp = match proxy(req, guard.conn()).await {
         Ok(resp) => resp,
         Err(error) => {
@@ -45,7 +55,10 @@ fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     req.headers().get(HOST).cloned()
 }
 
-async fn proxy(mut req: Request<Incoming>, conn: &Arc<Conn>) -> Result<Response<ProxyBody>, ProxyError> {
+async fn proxy(
+    mut req: Request<Incoming>,
+    conn: &Arc<Conn>,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let host = request_host(&req);
     let (target, redirect) = {
         // The one routing-table read of this request.
@@ -84,15 +97,15 @@ async fn forward(
     let balancer = &target.group.balancer;
     let mut last = ConnectError::Timeout;
     for attempt in 1..=MAX_ATTEMPTS {
+        let start = Instant::now();
         // A statement of its own: the thread-local RNG must not live across
         // an await.
-        let pick = balancer.pick(Instant::now(), &mut rand::rng());
+        let pick = balancer.pick(start, &mut rand::rng());
         let lease = match pick {
             Pick::Selected(lease) => lease,
             Pick::NoInstances => return Err(ProxyError::NoInstances),
             Pick::Overloaded => return Err(ProxyError::Overloaded),
         };
-        let start = Instant::now();
         let backend = lease.backend();
         let Some(pool) = target.pool(backend) else {
             // The group's instance set changed after this table was built.
@@ -100,7 +113,7 @@ async fn forward(
             continue;
         };
         let upgrade = client_upgrade.is_some();
-        match exchange(req, pool, backend, balancer, settings, upgrade).await {
+        match exchange(req, pool, backend, balancer, settings, upgrade, start).await {
             Exchange::Response(resp, up) => {
                 return respond(resp, up, lease, pool, start, conn, client_upgrade);
             }
@@ -113,7 +126,10 @@ async fn forward(
             }
             Exchange::Failed(error) => {
                 backend.metrics.observe_status(error.status().as_u16());
-                backend.metrics.duration.observe(start.elapsed().as_secs_f64());
+                backend
+                    .metrics
+                    .duration
+                    .observe(start.elapsed().as_secs_f64());
                 debug!(instance = %backend.name, %error, "upstream failed");
                 return Err(error);
             }
@@ -132,20 +148,29 @@ async fn exchange(
     balancer: &GroupBalancer,
     settings: &Settings,
     upgrade: bool,
+    now: Instant,
 ) -> Exchange {
-    let mut pooled = if upgrade { None } else { pool.checkout(settings.pool_idle_timeout) };
+    let mut pooled = if upgrade {
+        None
+    } else {
+        pool.checkout(settings.pool_idle_timeout, now)
+    };
     loop {
         let reused = pooled.is_some();
         let mut up = match pooled.take() {
             Some(mut up) => {
-                // The previous response may still be settling in the
-                // connection's task.
-                match tokio::time::timeout(settings.connect_timeout, up.sender.ready()).await {
-                    Ok(Ok(())) => up,
-                    _ => continue,
+                // Usually ready at once. A connection still busy sending a
+                // request body that the instance answered early is given
+                // up, and so is one the instance closed while idle.
+                if up.ready(POOLED_READY_WAIT).await {
+                    up
+                } else {
+                    continue;
                 }
             }
-            None => match pool.connect(backend, settings, upgrade).await {
+            // Boxed: connecting is the rare path and its future is large;
+            // every request's future would carry (and move) it otherwise.
+            None => match Box::pin(pool.connect(backend, settings, upgrade)).await {
                 Ok(up) => {
                     balancer.mark_up(backend);
                     up
@@ -153,19 +178,54 @@ async fn exchange(
                 Err(error) => return Exchange::NotSent(req, error),
             },
         };
-        match tokio::time::timeout(settings.upstream_timeout, up.sender.try_send_request(req)).await {
-            Ok(Ok(resp)) => return Exchange::Response(resp, up),
-            Ok(Err(mut e)) => match e.take_message() {
+        match send(&mut up, req, settings.upstream_timeout).await {
+            Some(Ok(resp)) => return Exchange::Response(resp, up),
+            Some(Err(mut e)) => match e.take_message() {
                 Some(back) if reused => {
                     debug!(instance = %backend.name, error = %e.error(), "pooled connection closed; reconnecting");
                     req = back;
                 }
                 Some(back) => return Exchange::NotSent(back, ConnectError::Closed(e.into_error())),
-                None => return Exchange::Failed(ProxyError::Upstream(e.into_error())),
+                None => {
+                    let error = e.into_error();
+                    return Exchange::Failed(if error.is_user() {
+                        ProxyError::ClientBody(error)
+                    } else {
+                        ProxyError::Upstream(error)
+                    });
+                }
             },
-            Err(_) => return Exchange::Failed(ProxyError::Timeout),
+            None => return Exchange::Failed(ProxyError::Timeout),
         }
     }
+}
+
+/// Sends `req` and drives the connection until the response headers are
+/// in; `None` when they take longer than `timeout`.
+async fn send(
+    up: &mut PooledConn,
+    req: Request<Incoming>,
+    timeout: Duration,
+) -> Option<Result<Response<Incoming>, TrySendError<Request<Incoming>>>> {
+    let PooledConn {
+        sender,
+        driver,
+        deadline,
+    } = up;
+    deadline.disarm();
+    let response = sender.try_send_request(req);
+    tokio::pin!(response);
+    poll_fn(|cx| {
+        let alive = driver.poll_drive(cx);
+        match response.as_mut().poll(cx) {
+            Poll::Ready(res) => Poll::Ready(Some(res)),
+            // An ended connection has failed (or handed back) the request
+            // by now; poll once more to collect that.
+            Poll::Pending if !alive => response.as_mut().poll(cx).map(Some),
+            Poll::Pending => deadline.poll(cx, timeout).map(|()| None),
+        }
+    })
+    .await
 }
 
 fn respond(
@@ -190,9 +250,12 @@ fn respond(
     parts.version = Version::HTTP_11;
     // Upgrade connections are dedicated; a refused upgrade ends with its
     // response.
-    let reuse = client_upgrade
-        .is_none()
-        .then(|| (up, pool.clone(), conn.dp.settings.pool_max_idle));
-    let body = UpstreamBody::new(body, lease, start, status.as_u16(), reuse);
+    let settings = &conn.dp.settings;
+    let reuse = client_upgrade.is_none().then(|| Reuse {
+        pool: pool.clone(),
+        max_idle: settings.pool_max_idle,
+        idle_timeout: settings.pool_idle_timeout,
+    });
+    let body = UpstreamBody::new(body, up, lease, start, status.as_u16(), reuse);
     Ok(Response::from_parts(parts, ProxyBody::upstream(body)))
 }

@@ -3,7 +3,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{
-    CONNECTION, COOKIE, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, COOKIE, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::Uri;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Version};
@@ -64,10 +65,10 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         if token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("upgrade") {
             continue;
         }
-        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-            if !is_hop_by_hop(&name) {
-                named.push(name);
-            }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+            && !is_hop_by_hop(&name)
+        {
+            named.push(name);
         }
     }
     for name in named {
@@ -87,7 +88,12 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// Rewrites a client request for the instance: HTTP/1.1 in origin form with
 /// `Host`, no hop-by-hop headers, `X-Forwarded-*` added. `host` is the host
 /// the client addressed (already taken from `Host` or the authority).
-pub(crate) fn prepare_request<B>(req: &mut Request<B>, conn: &Conn, host: Option<HeaderValue>, upgrade: bool) {
+pub(crate) fn prepare_request<B>(
+    req: &mut Request<B>,
+    conn: &Conn,
+    host: Option<HeaderValue>,
+    upgrade: bool,
+) {
     let h2 = req.version() == Version::HTTP_2;
     *req.version_mut() = Version::HTTP_11;
     let uri = req.uri();
@@ -164,7 +170,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -188,7 +197,11 @@ mod tests {
 
     #[test]
     fn upgrade_keeps_upgrade_and_connection() {
-        let mut h = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket"), ("te", "x")]);
+        let mut h = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "x"),
+        ]);
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
@@ -198,7 +211,10 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let ip = HeaderValue::from_static("10.1.2.3");
-        let mut h = headers(&[("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2")]);
+        let mut h = headers(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+        ]);
         append_forwarded_for(&mut h, &ip);
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.1.2.3");
         let mut h = HeaderMap::new();
@@ -222,7 +238,10 @@ mod tests {
             .body(())
             .unwrap();
         assert!(is_upgrade(&req));
-        let req = Request::builder().header("upgrade", "websocket").body(()).unwrap();
+        let req = Request::builder()
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
         assert!(!is_upgrade(&req));
     }
 }

@@ -16,7 +16,11 @@ pub(crate) fn location(host: &str, port: u16, path_and_query: &str) -> Option<St
     if !valid_host(&host) {
         return None;
     }
-    let path = if path_and_query.starts_with('/') { path_and_query } else { "/" };
+    let path = if path_and_query.starts_with('/') {
+        path_and_query
+    } else {
+        "/"
+    };
     let mut loc = String::with_capacity(8 + host.len() + 6 + path.len());
     loc.push_str("https://");
     loc.push_str(&host);
@@ -30,7 +34,10 @@ pub(crate) fn location(host: &str, port: u16, path_and_query: &str) -> Option<St
 
 fn valid_host(host: &str) -> bool {
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        return !inner.is_empty() && inner.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        return !inner.is_empty()
+            && inner
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
     }
     !host.is_empty()
         && host
@@ -53,7 +60,8 @@ pub(crate) fn response<B>(
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
     resp.headers_mut().insert(LOCATION, loc);
-    resp.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    resp.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
     Ok(resp)
 }
 
@@ -67,9 +75,18 @@ mod tests {
             location("Example.com:80", 443, "/a/b?x=1&y").as_deref(),
             Some("https://example.com/a/b?x=1&y")
         );
-        assert_eq!(location("example.com", 8443, "/").as_deref(), Some("https://example.com:8443/"));
-        assert_eq!(location("[::1]:80", 443, "/p").as_deref(), Some("https://[::1]/p"));
-        assert_eq!(location("example.com", 443, "*").as_deref(), Some("https://example.com/"));
+        assert_eq!(
+            location("example.com", 8443, "/").as_deref(),
+            Some("https://example.com:8443/")
+        );
+        assert_eq!(
+            location("[::1]:80", 443, "/p").as_deref(),
+            Some("https://[::1]/p")
+        );
+        assert_eq!(
+            location("example.com", 443, "*").as_deref(),
+            Some("https://example.com/")
+        );
         assert_eq!(location("evil.com/x", 443, "/"), None);
         assert_eq!(location("a@b", 443, "/"), None);
         assert_eq!(location("", 443, "/"), None);

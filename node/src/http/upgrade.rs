@@ -57,11 +57,16 @@ pub(crate) fn tunnel(
             shutdown.cancelled().await;
             tokio::time::sleep(drain_timeout).await;
         };
+        // The splice runs in a task of its own so that the tokens (whose
+        // polls take a lock) are polled only when they fire, not on every
+        // chunk.
+        let mut splice = tokio::spawn(splice.in_current_span());
         tokio::select! {
-            () = splice => {}
+            _ = &mut splice => {}
             () = drained.cancelled() => debug!("tunnel closed: instance drained"),
             () = stop => debug!("tunnel closed: shutdown"),
         }
+        splice.abort();
         let metrics = &lease.backend().metrics;
         metrics.observe_status(101);
         metrics.duration.observe(start.elapsed().as_secs_f64());

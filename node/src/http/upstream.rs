@@ -3,17 +3,19 @@
 //!
 //! A connection is checked out for one request and goes back only after its
 //! response body has been read completely; closed and stale ones are
-//! discarded. Each connection's driver task ends it when the instance's
-//! drain timeout passes or when it has sat idle in the pool for the idle
+//! discarded, and a sweeper closes those idle for longer than the pool idle
 //! timeout. The pool's lock is its own and is never held across an await.
+//! Pooled connections are driven by the request that uses them (see
+//! `PooledConn`).
 
 use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -22,6 +24,8 @@ use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug};
 
@@ -36,13 +40,15 @@ pub struct Pool {
     port: u16,
     /// `address` parsed, when it is an IP literal (no resolver needed).
     ip: Option<IpAddr>,
-    idle: Mutex<VecDeque<Idle>>,
+    idle: Mutex<Idle>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Idle {
-    conn: PooledConn,
-    since: Instant,
+    /// Oldest first.
+    conns: VecDeque<(PooledConn, Instant)>,
+    /// A sweeper task is closing connections that stay idle too long.
+    sweeping: bool,
 }
 
 impl Pool {
@@ -57,7 +63,7 @@ impl Pool {
             address: address.to_owned(),
             port,
             ip,
-            idle: Mutex::new(VecDeque::new()),
+            idle: Mutex::new(Idle::default()),
         }
     }
 
@@ -68,25 +74,29 @@ impl Pool {
 
     /// Idle connections now held.
     pub fn idle_len(&self) -> usize {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.lock().conns.len()
     }
 
-    /// The most recently used idle connection that is still open and not
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently used idle connection that is still usable and not
     /// older than `max_age`.
-    pub(crate) fn checkout(&self, max_age: Duration) -> Option<PooledConn> {
+    pub(crate) fn checkout(&self, max_age: Duration, now: Instant) -> Option<PooledConn> {
         let mut stale = VecDeque::new();
         let found = {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut idle = self.lock();
             let mut found = None;
-            while let Some(entry) = idle.pop_back() {
-                if entry.since.elapsed() > max_age {
+            while let Some((conn, since)) = idle.conns.pop_back() {
+                if now.saturating_duration_since(since) > max_age {
                     // Everything older is staler still.
-                    stale = std::mem::take(&mut *idle);
-                    stale.push_back(entry);
+                    stale = std::mem::take(&mut idle.conns);
+                    stale.push_back((conn, since));
                     break;
                 }
-                if !entry.conn.sender.is_closed() && entry.conn.slot.claim() {
-                    found = Some(entry.conn);
+                if conn.reusable() {
+                    found = Some(conn);
                     break;
                 }
             }
@@ -96,25 +106,39 @@ impl Pool {
         found
     }
 
-    /// Returns a connection whose response was read completely.
-    pub(crate) fn checkin(&self, conn: PooledConn, max_idle: usize) {
-        if max_idle == 0 || conn.sender.is_closed() || !conn.slot.release() {
+    /// Returns a connection whose response was read completely. Connections
+    /// idle for longer than `idle_timeout` are closed by a sweeper task that
+    /// runs while the pool holds any.
+    pub(crate) fn checkin(
+        self: &Arc<Self>,
+        conn: PooledConn,
+        max_idle: usize,
+        idle_timeout: Duration,
+        now: Instant,
+    ) {
+        if max_idle == 0 || !conn.reusable() {
             return;
         }
-        let evicted = {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            let evicted = if idle.len() >= max_idle { idle.pop_front() } else { None };
-            idle.push_back(Idle {
-                conn,
-                since: Instant::now(),
-            });
-            evicted
+        let (evicted, sweep) = {
+            let mut idle = self.lock();
+            let evicted = if idle.conns.len() >= max_idle {
+                idle.conns.pop_front()
+            } else {
+                None
+            };
+            idle.conns.push_back((conn, now));
+            let sweep = !std::mem::replace(&mut idle.sweeping, true);
+            (evicted, sweep)
         };
         drop(evicted);
+        if sweep {
+            tokio::spawn(sweep_idle(Arc::downgrade(self), idle_timeout));
+        }
     }
 
     /// Opens a new connection to the instance. `upgrades` makes a dedicated
-    /// connection that can switch protocols (never pooled).
+    /// connection that can switch protocols (never pooled, driven by a task
+    /// of its own so that the upgrade can take its socket).
     pub(crate) async fn connect(
         &self,
         backend: &Backend,
@@ -142,109 +166,242 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(ConnectError::Handshake)?;
-        let slot = Arc::new(Slot::default());
-        let drain = backend.drain_token();
         let span = tracing::debug_span!("upstream", instance = %backend.name);
-        if upgrades {
-            tokio::spawn(drive_upgradable(conn, drain).instrument(span));
+        let driver = if upgrades {
+            tokio::spawn(drive_upgradable(conn).instrument(span));
+            Driver::Spawned
         } else {
-            let idle_timeout = settings.pool_idle_timeout;
-            tokio::spawn(drive(conn, drain, slot.clone(), idle_timeout).instrument(span));
-        }
-        Ok(PooledConn { sender, slot })
+            let watch = Arc::new(Watch::default());
+            let (closed_tx, closed_rx) = oneshot::channel();
+            let watcher = watch_drain(watch.clone(), backend.drain_token(), closed_rx);
+            tokio::spawn(watcher.instrument(span));
+            Driver::Inline {
+                conn: Some(Box::pin(conn)),
+                watch,
+                registered: None,
+                _closed: closed_tx,
+            }
+        };
+        Ok(PooledConn {
+            sender,
+            driver,
+            deadline: Deadline::new(),
+        })
     }
 }
 
-/// One upstream HTTP/1.1 connection's request side.
+/// Closes connections that stayed idle for `idle_timeout`; ends when the
+/// pool is empty or gone.
+async fn sweep_idle(pool: Weak<Pool>, idle_timeout: Duration) {
+    let period = idle_timeout.max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let (stale, done) = {
+            let mut idle = pool.lock();
+            let keep = idle
+                .conns
+                .iter()
+                .position(|(_, since)| since.elapsed() <= idle_timeout)
+                .unwrap_or(idle.conns.len());
+            let stale: Vec<_> = idle.conns.drain(..keep).collect();
+            let done = idle.conns.is_empty();
+            if done {
+                idle.sweeping = false;
+            }
+            (stale, done)
+        };
+        if !stale.is_empty() {
+            debug!(closed = stale.len(), "idle upstream connections closed");
+        }
+        drop(stale);
+        if done {
+            return;
+        }
+    }
+}
+
+type Http1Conn = http1::Connection<TokioIo<CountingIo>, Incoming>;
+
+/// One upstream HTTP/1.1 connection.
+///
+/// A pooled connection has no task of its own: whoever uses it (the request
+/// being forwarded, then its response body) drives its I/O through
+/// [`Driver::poll_drive`], so a request and its response cross no task
+/// boundary. A watcher task per connection sleeps until the instance's drain
+/// timeout passes and then aborts it.
 #[derive(Debug)]
 pub(crate) struct PooledConn {
     pub(crate) sender: http1::SendRequest<Incoming>,
-    slot: Arc<Slot>,
+    pub(crate) driver: Driver,
+    pub(crate) deadline: Deadline,
 }
 
-/// Whether a connection is idle in its pool, shared with its driver task so
-/// that exactly one of "check out" and "close as idle too long" wins.
-///
-/// The value is a generation counter times two, plus one while idle;
-/// [`CLOSED`] once the driver has closed it.
-#[derive(Debug, Default)]
-struct Slot(AtomicU64);
+/// Deadlines of one connection's requests: one timer, reused (pushing a
+/// registered timer later is cheap; registering one per request takes the
+/// timer wheel's lock twice).
+#[derive(Debug)]
+pub(crate) struct Deadline {
+    timer: Pin<Box<Sleep>>,
+    armed: bool,
+}
 
-const CLOSED: u64 = u64::MAX;
-
-impl Slot {
-    /// Idle → busy; false if the driver closed it.
-    fn claim(&self) -> bool {
-        let cur = self.0.load(Ordering::Acquire);
-        cur != CLOSED
-            && cur & 1 == 1
-            && self
-                .0
-                .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+impl Deadline {
+    fn new() -> Self {
+        // Registered with the timer wheel on first use only.
+        Self {
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: false,
+        }
     }
 
-    /// Busy → idle (a new generation); false if closed.
-    fn release(&self) -> bool {
-        let cur = self.0.load(Ordering::Acquire);
-        cur != CLOSED
-            && cur & 1 == 0
-            && self
-                .0
-                .compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+    /// Forgets the deadline of the previous wait.
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// Starts a deadline `after` from now on its first poll and polls it.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, after: Duration) -> Poll<()> {
+        if !self.armed {
+            self.armed = true;
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + after);
+        }
+        self.timer.as_mut().poll(cx)
     }
 }
 
-/// Runs a pooled connection until it fails, its senders are gone, the
-/// instance drains, or it sat idle through a whole `idle_timeout` tick.
-async fn drive(
-    conn: http1::Connection<TokioIo<CountingIo>, Incoming>,
-    drain: CancellationToken,
-    slot: Arc<Slot>,
-    idle_timeout: Duration,
-) {
-    tokio::pin!(conn);
-    let mut tick = tokio::time::interval(idle_timeout.max(Duration::from_millis(10)));
-    tick.tick().await;
-    let mut last = slot.0.load(Ordering::Acquire);
-    loop {
-        tokio::select! {
-            res = conn.as_mut() => {
+#[derive(Debug)]
+pub(crate) enum Driver {
+    Inline {
+        /// `None` once the connection ended. Boxed: it is large and moves
+        /// between pool, request and body.
+        conn: Option<Pin<Box<Http1Conn>>>,
+        watch: Arc<Watch>,
+        /// The waker last given to `watch` (saves its lock on re-polls).
+        registered: Option<Waker>,
+        /// Dropped with the connection: ends the watcher.
+        _closed: oneshot::Sender<()>,
+    },
+    /// Driven by a task (upgradable connections).
+    Spawned,
+}
+
+impl Driver {
+    /// Drives the connection's I/O; false once it has ended (closed, failed,
+    /// or aborted because its instance drained).
+    pub(crate) fn poll_drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Self::Inline {
+            conn,
+            watch,
+            registered,
+            ..
+        } = self
+        else {
+            return true;
+        };
+        if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+            watch.register(cx.waker());
+            *registered = Some(cx.waker().clone());
+        }
+        if watch.aborted() {
+            *conn = None;
+            return false;
+        }
+        let Some(c) = conn.as_mut() else {
+            return false;
+        };
+        match c.as_mut().poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(res) => {
                 if let Err(error) = res {
                     debug!(%error, "upstream connection failed");
                 }
-                return;
-            }
-            () = drain.cancelled() => {
-                debug!("upstream connection closed: instance drained");
-                return;
-            }
-            _ = tick.tick() => {
-                let cur = slot.0.load(Ordering::Acquire);
-                if cur == last
-                    && cur & 1 == 1
-                    && slot.0.compare_exchange(cur, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok()
-                {
-                    debug!("idle upstream connection closed");
-                    return;
-                }
-                last = cur;
+                // Dropping it fails what is still queued on it (with the
+                // request handed back when it was never written).
+                *conn = None;
+                false
             }
         }
+    }
+
+    /// The instance drained and the connection was aborted.
+    pub(crate) fn aborted(&self) -> bool {
+        matches!(self, Self::Inline { watch, .. } if watch.aborted())
+    }
+}
+
+impl PooledConn {
+    fn reusable(&self) -> bool {
+        matches!(&self.driver, Driver::Inline { conn: Some(_), watch, .. } if !watch.aborted())
+            && !self.sender.is_closed()
+    }
+
+    /// Waits (at most `wait`) until the connection can take a request;
+    /// false if it ended or took too long (an idle connection the instance
+    /// closed is found out here, before anything is written to it).
+    pub(crate) async fn ready(&mut self, wait: Duration) -> bool {
+        self.deadline.disarm();
+        poll_fn(|cx| {
+            let alive = self.driver.poll_drive(cx);
+            match self.sender.poll_ready(cx) {
+                Poll::Ready(res) => Poll::Ready(res.is_ok() && alive),
+                Poll::Pending if !alive => Poll::Ready(false),
+                Poll::Pending => self.deadline.poll(cx, wait).map(|()| false),
+            }
+        })
+        .await
+    }
+}
+
+/// Lets the drain watcher abort a connection that is driven inline.
+#[derive(Debug, Default)]
+pub(crate) struct Watch {
+    aborted: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Watch {
+    fn aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+
+    fn register(&self, waker: &Waker) {
+        *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
+    }
+
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::Release);
+        let waker = self
+            .waker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// Aborts the connection when the instance's drain timeout passes; ends
+/// with the connection. A task of its own, woken only by those events (the
+/// token takes a lock when polled; the hot path never polls it).
+async fn watch_drain(watch: Arc<Watch>, drain: CancellationToken, closed: oneshot::Receiver<()>) {
+    tokio::select! {
+        () = drain.cancelled() => {
+            debug!("upstream connection aborted: instance drained");
+            watch.abort();
+        }
+        _ = closed => {}
     }
 }
 
 /// Runs a dedicated connection that may be upgraded; once upgraded, the
 /// tunnel owns the socket and ends it on drain.
-async fn drive_upgradable(conn: http1::Connection<TokioIo<CountingIo>, Incoming>, drain: CancellationToken) {
-    tokio::select! {
-        res = conn.with_upgrades() => {
-            if let Err(error) = res {
-                debug!(%error, "upstream connection failed");
-            }
-        }
-        () = drain.cancelled() => debug!("upstream connection closed: instance drained"),
+async fn drive_upgradable(conn: Http1Conn) {
+    if let Err(error) = conn.with_upgrades().await {
+        debug!(%error, "upstream connection failed");
     }
 }
 
@@ -257,7 +414,11 @@ pub(crate) struct CountingIo {
 }
 
 impl AsyncRead for CountingIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -270,7 +431,11 @@ impl AsyncRead for CountingIo {
 }
 
 impl AsyncWrite for CountingIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
@@ -310,25 +475,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slot_claim_release_close() {
-        let s = Slot::default();
-        assert!(!s.claim(), "a new connection is busy");
-        assert!(s.release());
-        assert!(!s.release());
-        assert!(s.claim());
-        assert!(s.release());
-        let idle = s.0.load(Ordering::Acquire);
-        assert!(s.0.compare_exchange(idle, CLOSED, Ordering::AcqRel, Ordering::Acquire).is_ok());
-        assert!(!s.claim());
-        assert!(!s.release());
-    }
-
-    #[test]
     fn pool_parses_ip_literals() {
-        assert_eq!(Pool::new("10.0.0.1", 80).ip, Some(IpAddr::from([10, 0, 0, 1])));
+        assert_eq!(
+            Pool::new("10.0.0.1", 80).ip,
+            Some(IpAddr::from([10, 0, 0, 1]))
+        );
         assert!(Pool::new("::1", 80).ip.is_some());
         assert!(Pool::new("[::1]", 80).ip.is_some());
         assert_eq!(Pool::new("backend.internal", 80).ip, None);
-        assert_eq!(Pool::new("backend.internal", 80).address(), "backend.internal");
+        assert_eq!(
+            Pool::new("backend.internal", 80).address(),
+            "backend.internal"
+        );
     }
 }
