@@ -59,6 +59,18 @@ async fn proxy(
     mut req: Request<Incoming>,
     conn: &Arc<Conn>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host; two would
+    // make routing on a shared port ambiguous.
+    if req.version() == Version::HTTP_11 {
+        let mut hosts = req.headers().get_all(HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (Some(_), Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
+            (None, _) if req.uri().authority().is_none() => {
+                return Err(ProxyError::BadRequest("missing Host header"));
+            }
+            _ => {}
+        }
+    }
     let host = request_host(&req);
     let (target, redirect) = {
         // The one routing-table read of this request.
@@ -188,7 +200,15 @@ async fn exchange(
                 Some(back) => return Exchange::NotSent(back, ConnectError::Closed(e.into_error())),
                 None => {
                     let error = e.into_error();
-                    return Exchange::Failed(if error.is_user() {
+                    // Only an error from the client's own request body is the
+                    // client's fault (hyper reports it as a user error with
+                    // the body's error as its cause). Anything else, such as
+                    // the connection torn down when a detached instance's
+                    // drain timeout passes, is the upstream's.
+                    let client_body = error.is_user()
+                        && std::error::Error::source(&error).is_some()
+                        && !backend.is_draining();
+                    return Exchange::Failed(if client_body {
                         ProxyError::ClientBody(error)
                     } else {
                         ProxyError::Upstream(error)
