@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, error, info, warn};
 
 use crate::dataplane::{ConnInfo, DataPlane};
 use crate::routing::RoutingTable;
@@ -157,7 +157,7 @@ async fn accept_loop(
             port,
             tls: false,
         };
-        let span = info_span!("conn", port, %peer);
+        let span = debug_span!("conn", port, %peer);
         tokio::spawn(
             handle(
                 stream,
