@@ -57,10 +57,7 @@ async fn v1_needs_the_token_and_probes_do_not() {
 async fn unknown_routes_and_methods() {
     let s = Server::start().await;
     s.get("/v1/nothing").await.assert_error(404);
-    s.get("/v1/cluster").await.assert_error(404);
-    s.send(Method::POST, "/v1/cluster/nodes", &json!({}))
-        .await
-        .assert_error(404);
+    s.get("/v1/cluster/nodes/1/extra").await.assert_error(404);
     s.get("/v1/services/").await.assert_error(404);
     s.get("/nothing").await.assert_error(404);
     let a = s
@@ -125,5 +122,51 @@ async fn oversized_headers_are_431() {
     );
     let answer = s.raw(raw.into_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn cluster_routes_show_and_guard_the_membership() {
+    let s = Server::start().await;
+    let c = s.get("/v1/cluster").await.data()["cluster"].clone();
+    assert_eq!(c["node_id"], 1, "{c}");
+    assert_eq!(c["leader_id"], 1, "{c}");
+    assert!(c["term"].as_u64() >= Some(1), "{c}");
+    assert!(c["applied_index"].as_u64() >= Some(2), "{c}");
+    assert_eq!(c["commit_index"], c["applied_index"], "{c}");
+    let nodes = c["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 1, "{c}");
+    assert_eq!(nodes[0]["role"], "voter", "{c}");
+    assert_eq!(nodes[0]["is_leader"], true, "{c}");
+    // A linearizable read goes through the leader (this node) and answers.
+    s.get("/v1/services?consistent=true").await.data();
+
+    s.send(Method::POST, "/v1/cluster/nodes", &json!({}))
+        .await
+        .assert_error(400);
+    let bad_addr = json!({"node_id": 2, "cluster_addr": "nope", "admin_addr": "127.0.0.1:1"});
+    let msg = s
+        .send(Method::POST, "/v1/cluster/nodes", &bad_addr)
+        .await
+        .assert_error(400);
+    assert!(msg.contains("cluster_addr"), "{msg}");
+    let bad_csr = json!({"node_id": 2, "cluster_addr": "127.0.0.1:1", "admin_addr": "127.0.0.1:2", "csr": "garbage"});
+    s.send(Method::POST, "/v1/cluster/nodes", &bad_csr)
+        .await
+        .assert_error(400);
+    s.request(Method::DELETE, "/v1/cluster/nodes/abc", Some(TOKEN), None)
+        .await
+        .assert_error(400);
+    s.request(Method::DELETE, "/v1/cluster/nodes/99", Some(TOKEN), None)
+        .await
+        .assert_error(404);
+    let msg = s
+        .request(Method::DELETE, "/v1/cluster/nodes/1", Some(TOKEN), None)
+        .await
+        .assert_error(400);
+    assert!(msg.contains("last voter"), "{msg}");
+    // Still one healthy voter afterwards.
+    let c = s.get("/v1/cluster").await.data()["cluster"].clone();
+    assert_eq!(c["nodes"].as_array().map(Vec::len), Some(1), "{c}");
     s.stop().await;
 }
