@@ -5,20 +5,27 @@
 //!   test ──admin client──▶ TestNode (in-process edgelb::app) ──▶ HttpBackend / EchoBackend
 //!     │                       ▲ published ports on 127.A.N.1     on 127.A.N.2..=250
 //!     └──HttpConn / raw / tls─┘
+//!
+//!   test ──AdminClient──▶ Cluster: edgelb processes, one /24 each ──▶ HttpBackends on their own /24
+//!     │                     node 1 founds, nodes 2.. --join; kill9 / stop / restart
+//!     └──HttpConn to any node's published ports; quic outsider on :7071
 //! ```
 //!
-//! Every [`TestNode`] gets its own loopback /24 ([`Subnet`]): the node binds
-//! `.1` and its backends take `.2` to `.250`, so tests can use fixed port
-//! numbers and still run in parallel. Waits poll a condition with a deadline
-//! ([`wait_until`]) scaled by `EDGELB_TEST_PATIENCE` (a float, default 1)
-//! for slow machines; nothing sleeps blindly.
+//! Every [`TestNode`] and every [`Cluster`] member gets its own loopback /24
+//! ([`Subnet`]): the node binds `.1` and its backends take `.2` to `.250`,
+//! so tests can use fixed port numbers and still run in parallel. Waits poll
+//! a condition with a deadline ([`wait_until`], [`poll`]) scaled by
+//! `EDGELB_TEST_PATIENCE` (a float, default 1) for slow machines; nothing
+//! sleeps blindly.
 //!
-//! Modules: [`addr`] (loopback addresses), [`node`] (in-process node and its
-//! admin client), [`backend`] (HTTP and TCP echo backends), [`client`]
+//! Modules: [`addr`] (loopback addresses), [`admin`] (admin API client),
+//! [`node`] (in-process node), [`cluster`] (multi-node clusters of real
+//! processes, faults), [`backend`] (HTTP and TCP echo backends), [`client`]
 //! (HTTP/1.1 and HTTP/2 clients, raw sockets), [`tls`] (TLS client that
-//! accepts any certificate and shows which one was served), [`metrics`]
-//! (Prometheus text parsing, `promtool`), [`process`] (the `edgelb` binary),
-//! [`stats`] (chi-square).
+//! accepts any certificate and shows which one was served), [`quic`] (an
+//! outsider on a node's cluster port), [`metrics`] (Prometheus text
+//! parsing, `promtool`), [`process`] (the `edgelb` binary), [`stats`]
+//! (chi-square).
 //!
 //! The scenarios live in `tests/<area>/main.rs`: `balancing` (least
 //! in-flight with uniform ties, detach and drain, refused instances),
@@ -27,15 +34,23 @@
 //! `tcp` (per-connection balancing, drain, hard limit), `admin` (auth,
 //! limits, envelopes, lifecycle), `metrics` (labels, `promtool check
 //! metrics`; set `EDGELB_REQUIRE_PROMTOOL=1` to fail instead of skip when
-//! promtool is missing) and `process` (the real binary: exit codes,
-//! configuration precedence, SIGTERM, the stored token).
+//! promtool is missing), `process` (the real binary: exit codes,
+//! configuration precedence, SIGTERM, the stored token) and `cluster`
+//! (Raft replication across processes: writes through followers, leader
+//! kill -9, restarts, lost quorum, snapshots for late joiners, voters and
+//! learners, mutual TLS on the cluster port; `EDGELB_TEST_LOG` sets the
+//! nodes' `--log`). `examples/raft_latency.rs` measures write latency and
+//! throughput of a 3-node cluster.
 
 pub mod addr;
+pub mod admin;
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod metrics;
 pub mod node;
 pub mod process;
+pub mod quic;
 pub mod stats;
 pub mod tls;
 
@@ -43,8 +58,10 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use addr::{Subnet, TempDir};
+pub use admin::{AdminClient, Group};
 pub use backend::{EchoBackend, HttpBackend};
 pub use client::{HttpConn, Reply};
+pub use cluster::{Cluster, ClusterOptions};
 pub use node::{NodeOptions, TestNode};
 
 /// Multiplier for every deadline, from `EDGELB_TEST_PATIENCE` (default 1).
@@ -75,6 +92,31 @@ where
         }
         if Instant::now() >= deadline {
             anyhow::bail!("timed out after {:?} waiting for {what}", patient(timeout));
+        }
+        // A bounded settle between polls, never a wait for the outcome itself.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls `probe` every few milliseconds until it returns `Ok`, and returns
+/// that; an `Err` means "not yet" and says why. Fails naming `what` and the
+/// last reason once `timeout` (scaled by [`patience`]) has passed.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let deadline = Instant::now() + patient(timeout);
+    loop {
+        let last = match probe().await {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "timed out after {:?} waiting for {what}; last: {last:#}",
+                patient(timeout)
+            );
         }
         // A bounded settle between polls, never a wait for the outcome itself.
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -4,20 +4,20 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
-use bytes::Bytes;
+use anyhow::{Context, ensure};
 use edgelb::app::NodeHandle;
 use edgelb::config::Config;
 use edgelb::dataplane::Settings;
-use http::{HeaderValue, Method, Request, StatusCode};
-use http_body_util::Full;
+use http::{Method, StatusCode};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::{Value, json};
 
 use crate::addr::{Subnet, TempDir};
+use crate::admin::AdminClient;
+pub use crate::admin::Group;
 use crate::backend::HttpBackend;
-use crate::client::{HttpConn, Reply};
+use crate::client::Reply;
 use crate::metrics::Scrape;
 use crate::{wait_until, within};
 
@@ -49,13 +49,6 @@ impl Default for NodeOptions {
             .collect();
         Self { settings, token }
     }
-}
-
-/// A group as the admin API created it.
-#[derive(Clone, Debug)]
-pub struct Group {
-    pub uuid: String,
-    pub name: String,
 }
 
 /// A running in-process node.
@@ -137,6 +130,11 @@ impl TestNode {
         Ok(())
     }
 
+    /// A client of this node's admin API.
+    pub fn client(&self) -> AdminClient {
+        AdminClient::new(self.admin_addr, &self.token)
+    }
+
     /// One admin API request with the node's token.
     pub async fn admin(
         &self,
@@ -144,7 +142,7 @@ impl TestNode {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Reply> {
-        self.admin_as(method, path, body, Some(&self.token)).await
+        self.client().request(method, path, body).await
     }
 
     /// One admin API request with `token` (none: no `Authorization` header).
@@ -155,34 +153,7 @@ impl TestNode {
         body: Option<&Value>,
         token: Option<&str>,
     ) -> anyhow::Result<Reply> {
-        let bytes = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-        let mut req = Request::new(Full::new(bytes));
-        *req.method_mut() = method;
-        *req.uri_mut() = path.parse().with_context(|| format!("admin path {path}"))?;
-        let h = req.headers_mut();
-        h.insert(
-            http::header::HOST,
-            HeaderValue::from_str(&self.admin_addr.to_string())?,
-        );
-        if body.is_some() {
-            h.insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
-        if let Some(t) = token {
-            h.insert(
-                http::header::AUTHORIZATION,
-                HeaderValue::from_str(&format!("Bearer {t}"))?,
-            );
-        }
-        let mut conn = HttpConn::connect(self.admin_addr).await?;
-        within(
-            "an admin API answer",
-            Duration::from_secs(10),
-            conn.send(req),
-        )
-        .await?
+        self.client().request_as(method, path, body, token).await
     }
 
     /// `GET path` → status and JSON body.
@@ -211,16 +182,7 @@ impl TestNode {
 
     /// Creates a group from a `POST /v1/services` body.
     pub async fn create_group(&self, body: &Value) -> anyhow::Result<Group> {
-        let (status, v) = self.post("/v1/services", body).await?;
-        ensure!(status.is_success(), "creating group {body}: {status} {v}");
-        let g = &v["data"]["service_groups"][0];
-        let (Some(uuid), Some(name)) = (g["uuid"].as_str(), g["name"].as_str()) else {
-            bail!("create answer without service_groups[0].uuid/name: {v}");
-        };
-        Ok(Group {
-            uuid: uuid.to_owned(),
-            name: name.to_owned(),
-        })
+        self.client().create_group(body).await
     }
 
     /// Attaches `address` as instance `name` and waits until the data plane
@@ -332,14 +294,7 @@ impl TestNode {
 
     /// Scrapes `GET /metrics`.
     pub async fn scrape(&self) -> anyhow::Result<Scrape> {
-        let r = self.admin(Method::GET, "/metrics", None).await?;
-        ensure!(
-            r.status == StatusCode::OK,
-            "GET /metrics: {} {}",
-            r.status,
-            r.text()
-        );
-        Scrape::parse(&r.text())
+        self.client().scrape().await
     }
 
     /// Starts `names.len()` HTTP backends on fresh addresses of this node's

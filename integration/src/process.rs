@@ -261,6 +261,17 @@ impl Process {
         Ok(())
     }
 
+    /// Sends SIGKILL to this child (as a crash would) and reaps it.
+    pub async fn kill9(&mut self) -> anyhow::Result<ExitStatus> {
+        self.child.start_kill().context("kill -9")?;
+        self.wait(Duration::from_secs(10)).await
+    }
+
+    /// The exit status, if the child has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Waits (bounded) for the child to exit.
     pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let status = within("edgelb to exit", timeout, self.child.wait()).await??;

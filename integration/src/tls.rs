@@ -17,7 +17,7 @@ use tokio_rustls::client::TlsStream;
 /// Accepts every certificate; still checks handshake signatures, so the
 /// server must hold the key of the certificate it presents.
 #[derive(Debug)]
-struct AcceptAny(Arc<CryptoProvider>);
+pub(crate) struct AcceptAny(pub(crate) Arc<CryptoProvider>);
 
 impl ServerCertVerifier for AcceptAny {
     fn verify_server_cert(

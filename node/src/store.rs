@@ -106,8 +106,10 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Transport calls made on behalf of a client carry this deadline.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// One forwarding attempt's deadline: short, so that a leader that died
+/// (its QUIC connection silent, not closed) costs one attempt, and the next
+/// attempt goes to the newly elected leader within the write's 5 s.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Store {
     pub fn new(
@@ -262,6 +264,10 @@ impl Store {
                     Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
                     Err(ForwardError::Membership(msg)) => {
                         return Err(StoreError::Apply(ApplyError::Invalid(msg)));
+                    }
+                    Err(ForwardError::Busy(msg)) => {
+                        debug!(%msg, "another membership change is in progress; retrying");
+                        None
                     }
                     Err(e) => return Err(StoreError::Unavailable(e.to_string())),
                 };

@@ -5,7 +5,9 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, InstallSnapshotError, RaftError};
+use openraft::error::{
+    ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InstallSnapshotError, RaftError,
+};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -116,6 +118,9 @@ pub enum ForwardError {
     /// A membership change was refused (one in progress, unknown node, …).
     #[error("membership change refused: {0}")]
     Membership(String),
+    /// Another membership change is still being committed: try again.
+    #[error("membership change in progress: {0}")]
+    Busy(String),
     /// The leader's Raft stopped, or another failure.
     #[error("{0}")]
     Failed(String),
@@ -128,6 +133,9 @@ impl From<RaftError<NodeId, ClientWriteError<NodeId, ClusterNode>>> for ForwardE
                 leader_id: f.leader_id,
                 leader: f.leader_node,
             },
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                m @ ChangeMembershipError::InProgress(_),
+            )) => Self::Busy(m.to_string()),
             RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
                 Self::Membership(m.to_string())
             }

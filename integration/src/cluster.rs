@@ -1,0 +1,632 @@
+//! A cluster of real `edgelb` processes on loopback, and the faults the
+//! tests inject into it (kill -9, SIGTERM, restart from the data dir).
+//!
+//! ```text
+//!   Cluster ─┬─ node 1  founder         127.A.a.1:7070 admin, :7071 QUIC, published ports
+//!            ├─ node 2  --join http://127.A.a.1:7070   127.A.b.1:…
+//!            ├─ …       (joins run concurrently)
+//!            └─ backends: HttpBackends on their own /24 (Cluster::backend_ip)
+//! ```
+//!
+//! Every member owns a [`Subnet`], so the fixed admin ([`ADMIN_PORT`]),
+//! cluster ([`CLUSTER_PORT`]) and published ports never collide with another
+//! test's, and a restarted member comes back on the same addresses. Node ids
+//! are `1..=n` in start order; node 1 founds the cluster.
+//!
+//! Only processes started here are signalled. Dropping the [`Cluster`]
+//! kills (SIGKILL) every member still running, also when the test panics,
+//! and prints the tail of each member's stderr (shown for failing tests).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::addr::{Subnet, TempDir};
+use crate::admin::{AdminClient, Group};
+use crate::backend::HttpBackend;
+use crate::process::Process;
+use crate::{client, poll, within};
+
+/// The admin API port of every member (each on its own address).
+pub const ADMIN_PORT: u16 = 7070;
+/// The cluster (QUIC) port of every member.
+pub const CLUSTER_PORT: u16 = 7071;
+
+/// How a [`Cluster`]'s members are started.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// The cluster's admin token.
+    pub token: String,
+    /// `--max-voters` (the node's default, 5, when `None`).
+    pub max_voters: Option<usize>,
+    /// `--drain-timeout`: short, so that SIGTERM never waits long on a
+    /// client connection a test left open.
+    pub drain_timeout: String,
+    /// `--log`: `EDGELB_TEST_LOG` when set, else `warn`.
+    pub log: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        let token = rand::rng()
+            .sample_iter(Alphanumeric)
+            .take(32)
+            .map(char::from)
+            .collect();
+        Self {
+            token,
+            max_voters: None,
+            drain_timeout: "2s".into(),
+            log: std::env::var("EDGELB_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        }
+    }
+}
+
+/// `data.cluster` of `GET /v1/cluster`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClusterView {
+    pub node_id: u64,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub nodes: Vec<NodeView>,
+}
+
+/// One entry of [`ClusterView::nodes`].
+#[derive(Clone, Debug, Deserialize)]
+pub struct NodeView {
+    pub node_id: u64,
+    pub region: String,
+    pub cluster_addr: String,
+    pub admin_addr: String,
+    /// `voter` or `learner`.
+    pub role: String,
+    pub is_leader: bool,
+}
+
+impl ClusterView {
+    /// Members with role `voter`.
+    pub fn voters(&self) -> usize {
+        self.nodes.iter().filter(|n| n.role == "voter").count()
+    }
+
+    /// Members with role `learner`.
+    pub fn learners(&self) -> usize {
+        self.nodes.iter().filter(|n| n.role == "learner").count()
+    }
+}
+
+/// One member: its addresses, data dir and (while running) its process.
+#[derive(Debug)]
+struct Member {
+    id: u64,
+    subnet: Subnet,
+    data: TempDir,
+    /// `--join` URL; ignored by the node once its data dir has an identity.
+    join: Option<String>,
+    process: Option<Process>,
+}
+
+impl Member {
+    fn ip(&self) -> IpAddr {
+        self.subnet.node_ip()
+    }
+
+    fn admin_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(), ADMIN_PORT)
+    }
+
+    fn args(&self, opts: &ClusterOptions) -> Vec<String> {
+        let ip = self.ip();
+        let mut args = vec![
+            "--node-id".to_owned(),
+            self.id.to_string(),
+            "--data-dir".to_owned(),
+            self.data.path().to_string_lossy().into_owned(),
+            "--admin-addr".to_owned(),
+            self.admin_addr().to_string(),
+            "--cluster-addr".to_owned(),
+            SocketAddr::new(ip, CLUSTER_PORT).to_string(),
+            "--listen-ip".to_owned(),
+            ip.to_string(),
+            "--token".to_owned(),
+            opts.token.clone(),
+            "--drain-timeout".to_owned(),
+            opts.drain_timeout.clone(),
+            "--log".to_owned(),
+            opts.log.clone(),
+        ];
+        if let Some(m) = opts.max_voters {
+            args.extend(["--max-voters".to_owned(), m.to_string()]);
+        }
+        if let Some(url) = &self.join {
+            args.extend(["--join".to_owned(), url.clone()]);
+        }
+        args
+    }
+
+    /// Spawns the process (without waiting for it to come up).
+    async fn launch(&mut self, opts: &ClusterOptions) -> anyhow::Result<()> {
+        ensure!(
+            self.process.is_none(),
+            "node {} is already running",
+            self.id
+        );
+        let args = self.args(opts);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.process = Some(Process::spawn(&args, self.data.path()).await?);
+        Ok(())
+    }
+
+    /// Waits until the launched process serves its admin API (after
+    /// joining, for a new member).
+    async fn started(&mut self) -> anyhow::Result<()> {
+        let id = self.id;
+        let p = self.process.as_mut().context("node is not running")?;
+        p.wait_stdout("admin API on http://", Duration::from_secs(60))
+            .await
+            .with_context(|| format!("node {id} did not start"))?;
+        Ok(())
+    }
+
+    fn stderr(&self) -> String {
+        self.process
+            .as_ref()
+            .map(Process::stderr)
+            .unwrap_or_default()
+    }
+}
+
+/// A running cluster of `edgelb` processes.
+#[derive(Debug)]
+pub struct Cluster {
+    opts: ClusterOptions,
+    members: BTreeMap<u64, Member>,
+    backends: Subnet,
+    /// stderr of processes that were killed or stopped, for the failure
+    /// report.
+    past_logs: Vec<(u64, String)>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes with [`ClusterOptions::default`]; see
+    /// [`Cluster::start_with`].
+    pub async fn start(n: usize) -> anyhow::Result<Self> {
+        Self::start_with(n, ClusterOptions::default()).await
+    }
+
+    /// Starts the founder, then `n - 1` joining nodes concurrently, and
+    /// waits until every node agrees on the leader and the membership holds
+    /// `min(n, max_voters)` voters and the rest learners.
+    pub async fn start_with(n: usize, opts: ClusterOptions) -> anyhow::Result<Self> {
+        ensure!(n >= 1, "a cluster needs a node");
+        let mut cluster = Self {
+            opts,
+            members: BTreeMap::new(),
+            backends: Subnet::allocate(),
+            past_logs: Vec::new(),
+        };
+        cluster.add_members(1).await?;
+        cluster.add_members(n - 1).await?;
+        let max = cluster.opts.max_voters.unwrap_or(5);
+        cluster
+            .wait_converged(n.min(max), n.saturating_sub(max))
+            .await?;
+        Ok(cluster)
+    }
+
+    /// Starts `count` new nodes (ids after the highest so far) that join
+    /// through the first running member, concurrently, and waits until each
+    /// serves its admin API. Membership changes (promotion) are not waited
+    /// for: see [`Cluster::wait_converged`]. With no member yet, the first
+    /// new node founds the cluster.
+    pub async fn add_members(&mut self, count: usize) -> anyhow::Result<Vec<u64>> {
+        let via = self.running().first().copied();
+        self.add_members_via(via, count).await
+    }
+
+    /// [`Cluster::add_members`] joining through member `via` (none: the
+    /// first new node founds the cluster).
+    pub async fn add_members_via(
+        &mut self,
+        via: Option<u64>,
+        count: usize,
+    ) -> anyhow::Result<Vec<u64>> {
+        let join = match via {
+            Some(id) => Some(format!("http://{}", self.member_mut(id)?.admin_addr())),
+            None => None,
+        };
+        let first = self.members.keys().next_back().map_or(1, |id| id + 1);
+        let ids: Vec<u64> = (first..).take(count).collect();
+        for &id in &ids {
+            let mut m = Member {
+                id,
+                subnet: Subnet::allocate(),
+                data: TempDir::new(&format!("cluster-n{id}")),
+                join: join.clone(),
+                process: None,
+            };
+            // The founder must be up before anyone joins; joiners go
+            // together.
+            m.launch(&self.opts).await?;
+            self.members.insert(id, m);
+        }
+        for id in &ids {
+            let started = self.member_mut(*id)?.started().await;
+            started.with_context(|| self.logs())?;
+        }
+        Ok(ids)
+    }
+
+    fn member_mut(&mut self, id: u64) -> anyhow::Result<&mut Member> {
+        self.members
+            .get_mut(&id)
+            .with_context(|| format!("no node {id}"))
+    }
+
+    /// The cluster's admin token.
+    pub fn token(&self) -> &str {
+        &self.opts.token
+    }
+
+    /// Every member's id, running or not.
+    pub fn ids(&self) -> Vec<u64> {
+        self.members.keys().copied().collect()
+    }
+
+    /// The ids of the members whose process runs.
+    pub fn running(&self) -> Vec<u64> {
+        self.members
+            .values()
+            .filter(|m| m.process.is_some())
+            .map(|m| m.id)
+            .collect()
+    }
+
+    /// Node `id`'s admin API.
+    ///
+    /// # Panics
+    /// For an id that is not a member.
+    pub fn admin(&self, id: u64) -> AdminClient {
+        AdminClient::new(self.members[&id].admin_addr(), &self.opts.token)
+    }
+
+    /// Node `id`'s address (admin, cluster and published ports).
+    ///
+    /// # Panics
+    /// For an id that is not a member.
+    pub fn ip(&self, id: u64) -> IpAddr {
+        self.members[&id].ip()
+    }
+
+    /// Published `port` on node `id`.
+    pub fn data_addr(&self, id: u64, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip(id), port)
+    }
+
+    /// Node `id`'s data dir.
+    ///
+    /// # Panics
+    /// For an id that is not a member.
+    pub fn data_dir(&self, id: u64) -> &std::path::Path {
+        self.members[&id].data.path()
+    }
+
+    /// Node `id`'s cluster (QUIC) address.
+    pub fn cluster_addr(&self, id: u64) -> SocketAddr {
+        SocketAddr::new(self.ip(id), CLUSTER_PORT)
+    }
+
+    /// A fresh address for a backend (outside every node's subnet, so that
+    /// no fault on a node touches it).
+    pub fn backend_ip(&self) -> IpAddr {
+        self.backends.next_ip()
+    }
+
+    /// HTTP backends named `names`, all on `port`, on fresh addresses.
+    pub async fn http_backends(
+        &self,
+        names: &[&str],
+        port: u16,
+    ) -> anyhow::Result<Vec<HttpBackend>> {
+        let mut out = Vec::new();
+        for name in names {
+            out.push(HttpBackend::start(name, SocketAddr::new(self.backend_ip(), port)).await?);
+        }
+        Ok(out)
+    }
+
+    /// `GET /v1/cluster` on node `id`.
+    pub async fn status(&self, id: u64) -> anyhow::Result<ClusterView> {
+        let (status, v) = self.admin(id).get("/v1/cluster").await?;
+        ensure!(status.is_success(), "GET /v1/cluster on {id}: {status} {v}");
+        serde_json::from_value(v["data"]["cluster"].clone())
+            .with_context(|| format!("data.cluster of node {id}: {v}"))
+    }
+
+    /// Every running member's view, or why not.
+    async fn views(&self) -> anyhow::Result<Vec<ClusterView>> {
+        let mut out = Vec::new();
+        for id in self.running() {
+            out.push(self.status(id).await?);
+        }
+        Ok(out)
+    }
+
+    /// Waits until every running member names the same running leader,
+    /// and returns it.
+    pub async fn leader(&self) -> anyhow::Result<u64> {
+        self.wait_leader(|_| true).await
+    }
+
+    /// Waits until every running member names the same running leader that
+    /// satisfies `ok`, and returns it.
+    pub async fn wait_leader(&self, ok: impl Fn(u64) -> bool) -> anyhow::Result<u64> {
+        let running = self.running();
+        let found = poll(
+            "the running nodes to agree on a leader",
+            Duration::from_secs(30),
+            || async {
+                let views = self.views().await?;
+                agreed_leader(&views)
+                    .filter(|l| running.contains(l) && ok(*l))
+                    .with_context(|| summary(&views))
+            },
+        )
+        .await;
+        found.with_context(|| self.logs())
+    }
+
+    /// Waits until every running member names the same running leader and
+    /// reports `voters` voters and `learners` learners; returns the leader.
+    ///
+    /// A joint configuration (the first half of a promotion) already counts
+    /// the new voter, and `GET /v1/cluster` does not tell it apart, so a
+    /// membership change right after this may still find one in progress.
+    pub async fn wait_converged(&self, voters: usize, learners: usize) -> anyhow::Result<u64> {
+        let running = self.running();
+        let found = poll(
+            &format!("{voters} voters and {learners} learners with one leader"),
+            Duration::from_secs(60),
+            || async {
+                let views = self.views().await?;
+                let shaped = views
+                    .iter()
+                    .all(|v| v.voters() == voters && v.learners() == learners);
+                agreed_leader(&views)
+                    .filter(|l| shaped && running.contains(l))
+                    .with_context(|| summary(&views))
+            },
+        )
+        .await;
+        found.with_context(|| self.logs())
+    }
+
+    /// Waits until node `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64) -> anyhow::Result<()> {
+        let reached = poll(
+            &format!("node {id} to apply index {index}"),
+            Duration::from_secs(30),
+            || async {
+                let applied = self.status(id).await?.applied_index;
+                ensure!(applied >= index, "applied index {applied}");
+                Ok(())
+            },
+        )
+        .await;
+        reached.with_context(|| self.logs())
+    }
+
+    /// One sample of `name` (no labels) from node `id`'s `/metrics`.
+    pub async fn metric(&self, id: u64, name: &str) -> anyhow::Result<f64> {
+        let scrape = self.admin(id).scrape().await?;
+        scrape
+            .select(name, &[])
+            .next()
+            .map(|s| s.value)
+            .with_context(|| format!("node {id} has no {name}"))
+    }
+
+    /// Kills node `id` with SIGKILL, as a crash would. Its data dir stays.
+    pub async fn kill9(&mut self, id: u64) -> anyhow::Result<()> {
+        let m = self.member_mut(id)?;
+        let mut p = m.process.take().context("node is not running")?;
+        p.kill9().await?;
+        self.past_logs.push((id, p.stderr()));
+        Ok(())
+    }
+
+    /// Sends SIGTERM to node `id` and waits until it has drained and exited
+    /// with 0. Its data dir stays.
+    pub async fn stop(&mut self, id: u64) -> anyhow::Result<()> {
+        let m = self.member_mut(id)?;
+        let mut p = m.process.take().context("node is not running")?;
+        p.terminate().await?;
+        let status = p.wait(Duration::from_secs(30)).await;
+        let stderr = p.stderr();
+        self.past_logs.push((id, stderr.clone()));
+        let status = status.with_context(|| format!("node {id} after SIGTERM: {stderr}"))?;
+        ensure!(
+            status.success(),
+            "node {id} exited with {status} after SIGTERM; stderr:\n{stderr}"
+        );
+        Ok(())
+    }
+
+    /// Starts node `id` again with the same command line and data dir, and
+    /// waits until it serves its admin API.
+    pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        self.restart_all(&[id]).await
+    }
+
+    /// Starts the nodes `ids` again together (a whole cluster needs its
+    /// peers to elect a leader), and waits until each serves its admin API.
+    pub async fn restart_all(&mut self, ids: &[u64]) -> anyhow::Result<()> {
+        let opts = self.opts.clone();
+        for &id in ids {
+            self.member_mut(id)?.launch(&opts).await?;
+        }
+        for &id in ids {
+            let started = self.member_mut(id)?.started().await;
+            started.with_context(|| self.logs())?;
+        }
+        Ok(())
+    }
+
+    /// Everything node `id`'s current process wrote to stderr.
+    ///
+    /// # Panics
+    /// For an id that is not a member.
+    pub fn stderr(&self, id: u64) -> String {
+        self.members[&id].stderr()
+    }
+
+    /// The tail of every member's stderr, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let current = self.members.values().map(|m| (m.id, m.stderr()));
+        for (id, text) in self.past_logs.iter().cloned().chain(current) {
+            if text.trim().is_empty() {
+                continue;
+            }
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            let _ = writeln!(out, "--- node {id} stderr (last {} lines) ---", tail.len());
+            for l in tail {
+                let _ = writeln!(out, "{l}");
+            }
+        }
+        out
+    }
+
+    /// Creates an HTTP-mode group publishing `port` (to `destination_port`)
+    /// through node `via`, and attaches `backends` under their names.
+    pub async fn http_group(
+        &self,
+        via: u64,
+        name: &str,
+        port: u16,
+        destination_port: u16,
+        backends: &[HttpBackend],
+    ) -> anyhow::Result<Group> {
+        let admin = self.admin(via);
+        let group = admin
+            .create_group(&json!({
+                "name": name,
+                "services": [{"port": port, "destination_port": destination_port, "handlers": ["http"]}],
+            }))
+            .await?;
+        for b in backends {
+            attach(&admin, &group.uuid, b.name(), b.addr().ip()).await?;
+        }
+        Ok(group)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Processes are killed by their own drop (kill_on_drop); only the
+        // report is left. Output is captured per test and shown on failure.
+        let logs = self.logs();
+        if !logs.is_empty() {
+            eprintln!("{logs}");
+        }
+    }
+}
+
+fn agreed_leader(views: &[ClusterView]) -> Option<u64> {
+    let first = views.first()?.leader_id?;
+    views
+        .iter()
+        .all(|v| v.leader_id == Some(first))
+        .then_some(first)
+}
+
+fn summary(views: &[ClusterView]) -> String {
+    views
+        .iter()
+        .map(|v| {
+            format!(
+                "node {}: leader {:?} term {} applied {} voters {} learners {}",
+                v.node_id,
+                v.leader_id,
+                v.term,
+                v.applied_index,
+                v.voters(),
+                v.learners()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Attaches `address` as instance `name` to the group `group` (uuid or
+/// name) through `admin`.
+pub async fn attach(
+    admin: &AdminClient,
+    group: &str,
+    name: &str,
+    address: IpAddr,
+) -> anyhow::Result<()> {
+    let body = json!({"name": name, "address": address.to_string()});
+    let (status, v) = admin
+        .post(&format!("/v1/services/{group}/instances"), &body)
+        .await?;
+    ensure!(status.is_success(), "attaching {name}: {status} {v}");
+    Ok(())
+}
+
+/// One `GET /` with `Host: host` to `addr` on a fresh connection, bounded:
+/// the status and the backend that answered.
+pub async fn get_once(addr: SocketAddr, host: &str) -> anyhow::Result<(u16, Option<String>)> {
+    let reply = within(
+        &format!("an answer from {addr}"),
+        Duration::from_secs(5),
+        client::get(addr, host, "/"),
+    )
+    .await??;
+    Ok((
+        reply.status.as_u16(),
+        reply.backend().map(ToOwned::to_owned),
+    ))
+}
+
+/// Waits until `addr` answers `Host: host` with 200 from one of `backends`.
+pub async fn wait_serving(addr: SocketAddr, host: &str, backends: &[&str]) -> anyhow::Result<()> {
+    poll(
+        &format!("{addr} to serve {host}"),
+        Duration::from_secs(20),
+        || async {
+            match get_once(addr, host).await? {
+                (200, Some(b)) if backends.contains(&b.as_str()) => Ok(()),
+                other => bail!("answered {other:?}"),
+            }
+        },
+    )
+    .await
+}
+
+/// Sends `n` sequential requests to `addr` and counts 200s per backend;
+/// any other answer fails.
+pub async fn tally(
+    addr: SocketAddr,
+    host: &str,
+    n: usize,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        match get_once(addr, host).await? {
+            (200, Some(b)) => *counts.entry(b).or_insert(0) += 1,
+            other => bail!("{addr} answered {other:?} for {host}"),
+        }
+    }
+    Ok(counts)
+}

@@ -1,0 +1,780 @@
+//! Multi-node acceptance tests (SPEC §5, §6 cluster routes, §9): real
+//! `edgelb` processes that replicate their state with Raft, and the faults
+//! a production cluster sees — a leader killed with SIGKILL, a node
+//! restarted from its data dir, the whole cluster restarted, a lost quorum,
+//! a node joining late, more nodes than voters, and an outsider on the
+//! cluster port.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use edgelb::cluster::Forward;
+use http::StatusCode;
+use integration::cluster::{attach, get_once, tally, wait_serving};
+use integration::quic::{ClientCert, Outcome, frame_request, try_raft_stream};
+use integration::stats::{chi_square_uniform, critical_1e4};
+use integration::{AdminClient, Cluster, ClusterOptions, poll};
+use raft_store::command::Command;
+use serde_json::{Value, json};
+
+/// The port published by the groups that carry test traffic.
+const WEB_PORT: u16 = 8080;
+/// A port shared (by `Host`) by the many small groups a test writes.
+const SHARED_PORT: u16 = 8081;
+/// Where backends listen.
+const BACKEND_PORT: u16 = 9000;
+
+/// The default fqdn of group `name` (`cluster_domain` is `edgelb.local`).
+fn host(name: &str) -> String {
+    format!("{name}.edgelb.local")
+}
+
+/// `POST /v1/services` body of an HTTP group on [`SHARED_PORT`].
+fn shared_group(name: &str) -> Value {
+    json!({
+        "name": name,
+        "services": [{"port": SHARED_PORT, "destination_port": BACKEND_PORT, "handlers": ["http"]}],
+    })
+}
+
+/// What a node's local state holds: group name → its instances'
+/// `(name, address)`.
+type Contents = BTreeMap<String, BTreeSet<(String, String)>>;
+
+fn contents(groups: &[Value]) -> anyhow::Result<Contents> {
+    let mut out = Contents::new();
+    for g in groups {
+        let name = g["name"].as_str().context("group without name")?;
+        let mut instances = BTreeSet::new();
+        for i in g["instances"].as_array().into_iter().flatten() {
+            instances.insert((
+                i["name"]
+                    .as_str()
+                    .context("instance without name")?
+                    .to_owned(),
+                i["address"]
+                    .as_str()
+                    .context("instance without address")?
+                    .to_owned(),
+            ));
+        }
+        out.insert(name.to_owned(), instances);
+    }
+    Ok(out)
+}
+
+/// Node's local (non-linearizable) contents.
+async fn local_contents(admin: &AdminClient) -> anyhow::Result<Contents> {
+    contents(&admin.groups(false).await?)
+}
+
+/// Waits until `admin`'s local state equals `want`.
+async fn wait_contents(admin: &AdminClient, want: &Contents) -> anyhow::Result<()> {
+    poll(
+        &format!("{} to hold the expected groups", admin.addr),
+        Duration::from_secs(30),
+        || async {
+            let have = local_contents(admin).await?;
+            if &have == want {
+                return Ok(());
+            }
+            let missing: Vec<_> = want.keys().filter(|k| !have.contains_key(*k)).collect();
+            let differ: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| have.get(*k).is_some_and(|h| h != *v))
+                .map(|(k, _)| k)
+                .collect();
+            let extra: Vec<_> = have.keys().filter(|k| !want.contains_key(*k)).collect();
+            bail!("missing {missing:?}, different {differ:?}, unexpected {extra:?}")
+        },
+    )
+    .await
+}
+
+/// Waits until `admin`'s local state has every group of `names`.
+async fn wait_has_groups(admin: &AdminClient, names: &[String]) -> anyhow::Result<()> {
+    poll(
+        &format!("{} to hold {} groups", admin.addr, names.len()),
+        Duration::from_secs(30),
+        || async {
+            let have = local_contents(admin).await?;
+            let missing: Vec<_> = names.iter().filter(|n| !have.contains_key(*n)).collect();
+            ensure!(missing.is_empty(), "missing {missing:?}");
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// Asserts that sequential requests to `addr` were spread over every one of
+/// `backends`, uniformly (chi-square, wrong once in 10,000 runs).
+async fn assert_balanced(
+    addr: std::net::SocketAddr,
+    host: &str,
+    backends: &[&str],
+    n: usize,
+) -> anyhow::Result<()> {
+    let counts = tally(addr, host, n).await?;
+    let per: Vec<usize> = backends
+        .iter()
+        .map(|b| counts.get(*b).copied().unwrap_or(0))
+        .collect();
+    ensure!(
+        per.iter().sum::<usize>() == n,
+        "{addr}: answers from unknown backends: {counts:?}"
+    );
+    let chi = chi_square_uniform(&per);
+    ensure!(
+        per.iter().all(|&c| c > 0) && chi < critical_1e4(backends.len() - 1),
+        "{addr}: not balanced over {backends:?}: {counts:?} (chi-square {chi:.1})"
+    );
+    Ok(())
+}
+
+/// The other ids of `ids`.
+fn others(ids: &[u64], not: &[u64]) -> Vec<u64> {
+    ids.iter().copied().filter(|i| !not.contains(i)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_writes_sent_to_a_follower() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.leader().await?;
+    let follower = others(&cluster.ids(), &[leader])[0];
+    let backends = cluster
+        .http_backends(&["a", "b", "c"], BACKEND_PORT)
+        .await?;
+    let names = ["a", "b", "c"];
+    let group = cluster
+        .http_group(follower, "web", WEB_PORT, BACKEND_PORT, &backends)
+        .await?;
+
+    // The follower answered after applying: its own read has it at once.
+    let mine = local_contents(&cluster.admin(follower)).await?;
+    assert_eq!(
+        mine.get("web").map(BTreeSet::len),
+        Some(3),
+        "the follower acknowledged writes it had not applied: {mine:?}"
+    );
+
+    // A linearizable read on the other follower sees it without waiting.
+    let other = others(&cluster.ids(), &[leader, follower])[0];
+    let theirs = contents(&cluster.admin(other).groups(true).await?)?;
+    assert_eq!(
+        theirs, mine,
+        "?consistent=true on node {other} missed the write"
+    );
+
+    let want = mine;
+    for id in cluster.ids() {
+        let admin = cluster.admin(id);
+        wait_contents(&admin, &want).await?;
+        let (status, v) = admin.get(&format!("/v1/services/{}", group.uuid)).await?;
+        assert_eq!(status, StatusCode::OK, "node {id}: {v}");
+        assert_eq!(v["data"]["service_groups"][0]["name"], "web", "node {id}");
+        let addr = cluster.data_addr(id, WEB_PORT);
+        wait_serving(addr, &host("web"), &names).await?;
+        assert_balanced(addr, &host("web"), &names, 60).await?;
+    }
+    Ok(())
+}
+
+/// Counts of a background loop.
+#[derive(Debug, Default)]
+struct Counts {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    failures: std::sync::Mutex<Vec<String>>,
+}
+
+impl Counts {
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        let mut f = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if f.len() < 10 {
+            f.push(what);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kill9_elects_a_new_leader_and_loses_no_write() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let old = cluster.leader().await?;
+    let followers = others(&cluster.ids(), &[old]);
+    let backends = cluster.http_backends(&["t1", "t2"], BACKEND_PORT).await?;
+    let traffic_backends = ["t1", "t2"];
+    cluster
+        .http_group(followers[0], "traffic", WEB_PORT, BACKEND_PORT, &backends)
+        .await?;
+    let data_planes: Vec<_> = followers
+        .iter()
+        .map(|&f| cluster.data_addr(f, WEB_PORT))
+        .collect();
+    for &addr in &data_planes {
+        wait_serving(addr, &host("traffic"), &traffic_backends).await?;
+    }
+
+    // K acknowledged groups with an instance each, through every node.
+    let instance_ip = backends[0].addr().ip();
+    let mut acked = Vec::new();
+    for i in 0..6 {
+        let via = cluster.admin(cluster.ids()[i % 3]);
+        let name = format!("acked-{i}");
+        let g = via.create_group(&shared_group(&name)).await?;
+        attach(&via, &g.uuid, "i", instance_ip).await?;
+        acked.push(name);
+    }
+
+    // Client traffic through both followers' data planes, for the whole
+    // scenario.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = Arc::new(Counts::default());
+    let traffic_task = tokio::spawn({
+        let (stop, counts, addrs) = (stop.clone(), traffic.clone(), data_planes.clone());
+        async move {
+            let mut n = 0_usize;
+            while !stop.load(Ordering::SeqCst) {
+                let addr = addrs[n % addrs.len()];
+                n += 1;
+                match get_once(addr, "traffic.edgelb.local").await {
+                    Ok((200, Some(_))) => {
+                        counts.ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => counts.fail(format!("{addr}: {other:?}")),
+                }
+            }
+        }
+    });
+    // Writes through a surviving follower, also while the leader dies.
+    let writes = Arc::new(Counts::default());
+    let written = Arc::new(std::sync::Mutex::new(Vec::<(String, Instant)>::new()));
+    let writer_task = tokio::spawn({
+        let (stop, counts, written) = (stop.clone(), writes.clone(), written.clone());
+        let admin = cluster.admin(followers[0]);
+        async move {
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let name = format!("during-{i}");
+                i += 1;
+                match admin.post("/v1/services", &shared_group(&name)).await {
+                    Ok((s, _)) if s.is_success() => {
+                        counts.ok.fetch_add(1, Ordering::SeqCst);
+                        written
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push((name, Instant::now()));
+                    }
+                    // Unacknowledged: may or may not be there.
+                    other => counts.fail(format!("{name}: {other:?}")),
+                }
+            }
+        }
+    });
+    poll(
+        "traffic and writes to run",
+        Duration::from_secs(20),
+        || async {
+            ensure!(
+                traffic.ok.load(Ordering::SeqCst) >= 20 && writes.ok.load(Ordering::SeqCst) >= 3
+            );
+            Ok(())
+        },
+    )
+    .await?;
+
+    let killed_at = Instant::now();
+    cluster.kill9(old).await?;
+    let new = cluster.wait_leader(|l| l != old).await?;
+    let elected_in = killed_at.elapsed();
+
+    // Writes resume: retried until one is acknowledged (409: an earlier
+    // attempt that timed out was committed after all).
+    let via = cluster.admin(followers[1]);
+    poll(
+        "a write after the kill",
+        Duration::from_secs(20),
+        || async {
+            let (s, v) = via
+                .post("/v1/services", &shared_group("after-kill"))
+                .await?;
+            ensure!(
+                s.is_success() || s == StatusCode::CONFLICT,
+                "answered {s} {v}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    acked.push("after-kill".to_owned());
+    let resumed_in = killed_at.elapsed();
+    let traffic_at_election = traffic.ok.load(Ordering::SeqCst);
+    poll(
+        "the background writer and the traffic to go on after the election",
+        Duration::from_secs(20),
+        || async {
+            let late_write = written
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .any(|(_, at)| *at > killed_at + elected_in);
+            ensure!(late_write, "no write acknowledged since the election");
+            ensure!(traffic.ok.load(Ordering::SeqCst) >= traffic_at_election + 20);
+            Ok(())
+        },
+    )
+    .await?;
+    stop.store(true, Ordering::SeqCst);
+    integration::within("the loops to stop", Duration::from_secs(15), async {
+        let _ = traffic_task.await;
+        let _ = writer_task.await;
+    })
+    .await?;
+
+    acked.extend(
+        written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(n, _)| n.clone()),
+    );
+    eprintln!(
+        "leader {old} killed; node {new} elected after {elected_in:?}, writes resumed after \
+         {resumed_in:?}; {} writes acknowledged, {} not; {} requests served",
+        writes.ok.load(Ordering::SeqCst),
+        writes.failed.load(Ordering::SeqCst),
+        traffic.ok.load(Ordering::SeqCst),
+    );
+    // Linearizable on one survivor, then every survivor's own copy.
+    let consistent = contents(&cluster.admin(new).groups(true).await?)?;
+    let lost: Vec<_> = acked
+        .iter()
+        .filter(|n| !consistent.contains_key(*n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost: {lost:?}\n{}",
+        cluster.logs()
+    );
+    for id in cluster.running() {
+        wait_has_groups(&cluster.admin(id), &acked).await?;
+        let have = local_contents(&cluster.admin(id)).await?;
+        for name in acked.iter().filter(|n| n.starts_with("acked-")) {
+            assert_eq!(have[name].len(), 1, "node {id}: {name} lost its instance");
+        }
+    }
+    let failures = traffic
+        .failures
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    assert_eq!(
+        traffic.failed.load(Ordering::SeqCst),
+        0,
+        "the data plane failed requests while the leader died: {failures:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_restarts_and_catches_up() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let old = cluster.leader().await?;
+    let backends = cluster.http_backends(&["k1"], BACKEND_PORT).await?;
+    let ip = backends[0].addr().ip();
+    for i in 0..3 {
+        let admin = cluster.admin(old);
+        let g = admin
+            .create_group(&shared_group(&format!("before-{i}")))
+            .await?;
+        attach(&admin, &g.uuid, "k1", ip).await?;
+    }
+
+    cluster.kill9(old).await?;
+    let new = cluster.wait_leader(|l| l != old).await?;
+    let survivor = cluster.admin(others(&cluster.running(), &[new])[0]);
+    // The first write after the election may need a retry (409: it was
+    // committed after all).
+    poll(
+        "a write after the kill",
+        Duration::from_secs(20),
+        || async {
+            let (s, v) = survivor
+                .post("/v1/services", &shared_group("down-0"))
+                .await?;
+            ensure!(
+                s.is_success() || s == StatusCode::CONFLICT,
+                "answered {s} {v}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    attach(&survivor, "down-0", "k1", ip).await?;
+    for i in 1..20 {
+        let g = survivor
+            .create_group(&shared_group(&format!("down-{i}")))
+            .await?;
+        attach(&survivor, &g.uuid, "k1", ip).await?;
+    }
+    let want = local_contents(&survivor).await?;
+
+    cluster.restart(old).await?;
+    let target = cluster.status(new).await?.commit_index;
+    cluster.wait_applied(old, target).await?;
+    let admin = cluster.admin(old);
+    wait_contents(&admin, &want).await?;
+    cluster.wait_converged(3, 0).await?;
+    let view = cluster.status(old).await?;
+    assert!(view.applied_index >= target, "{view:?}");
+    for name in ["before-0", "down-0", "down-19"] {
+        wait_serving(cluster.data_addr(old, SHARED_PORT), &host(name), &["k1"]).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_restart_keeps_state() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let backends = cluster.http_backends(&["r1", "r2"], BACKEND_PORT).await?;
+    let names = ["r1", "r2"];
+    cluster
+        .http_group(1, "web", WEB_PORT, BACKEND_PORT, &backends)
+        .await?;
+    for i in 0..5 {
+        let admin = cluster.admin(u64::try_from(i % 3 + 1)?);
+        let g = admin.create_group(&shared_group(&format!("g-{i}"))).await?;
+        attach(&admin, &g.uuid, names[i % 2], backends[i % 2].addr().ip()).await?;
+    }
+    let leader = cluster.leader().await?;
+    let want = contents(&cluster.admin(leader).groups(true).await?)?;
+    assert_eq!(want.len(), 6, "{want:?}");
+
+    for id in cluster.ids() {
+        cluster.stop(id).await?;
+    }
+    cluster.restart_all(&cluster.ids()).await?;
+    cluster.wait_converged(3, 0).await?;
+
+    for id in cluster.ids() {
+        wait_contents(&cluster.admin(id), &want).await?;
+        let web = cluster.data_addr(id, WEB_PORT);
+        wait_serving(web, &host("web"), &names).await?;
+        assert_balanced(web, &host("web"), &names, 30).await?;
+        for i in 0..5 {
+            let (status, backend) =
+                get_once(cluster.data_addr(id, SHARED_PORT), &host(&format!("g-{i}"))).await?;
+            assert_eq!(
+                (status, backend.as_deref()),
+                (200, Some(names[i % 2])),
+                "node {id}, g-{i}"
+            );
+        }
+    }
+    // And the restarted cluster takes writes.
+    cluster
+        .admin(cluster.ids()[2])
+        .create_group(&shared_group("after-restart"))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_quorum_write_fails_fast_and_data_plane_keeps_serving() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let leader = cluster.leader().await?;
+    let backends = cluster.http_backends(&["q1", "q2"], BACKEND_PORT).await?;
+    let names = ["q1", "q2"];
+    cluster
+        .http_group(leader, "web", WEB_PORT, BACKEND_PORT, &backends)
+        .await?;
+    // The survivor is a follower: cut off from the leader and from a quorum.
+    let survivor = others(&cluster.ids(), &[leader])[0];
+    let addr = cluster.data_addr(survivor, WEB_PORT);
+    wait_serving(addr, &host("web"), &names).await?;
+
+    for id in others(&cluster.ids(), &[survivor]) {
+        cluster.stop(id).await?;
+    }
+    let admin = cluster.admin(survivor);
+
+    let started = Instant::now();
+    let r = admin
+        .request(
+            http::Method::POST,
+            "/v1/services",
+            Some(&shared_group("no-quorum")),
+        )
+        .await?;
+    let took = started.elapsed();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert!(took < Duration::from_secs(6), "the write took {took:?}");
+    let v = r.json();
+    assert_eq!(v["status"], "error", "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert_eq!(v["errors"][0]["status"], 503, "{v}");
+
+    // A linearizable read cannot be served either, and fails as fast.
+    let started = Instant::now();
+    let (status, v) = admin.get("/v1/services?consistent=true").await?;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(took < Duration::from_secs(6), "the read took {took:?}");
+
+    // The data plane and local reads go on.
+    let counts = tally(addr, &host("web"), 20).await?;
+    assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
+    let ready = admin.request(http::Method::GET, "/readyz", None).await?;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
+    let groups = local_contents(&admin).await?;
+    assert!(
+        groups.contains_key("web") && !groups.contains_key("no-quorum"),
+        "{groups:?}"
+    );
+
+    // With its peers back the cluster takes writes again; the refused one
+    // never had a leader to reach and stays absent.
+    cluster
+        .restart_all(&others(&cluster.ids(), &[survivor]))
+        .await?;
+    cluster.wait_converged(3, 0).await?;
+    admin.create_group(&shared_group("quorum-again")).await?;
+    let groups = contents(&admin.groups(true).await?)?;
+    assert!(
+        groups.contains_key("quorum-again") && !groups.contains_key("no-quorum"),
+        "{groups:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_catches_up_through_a_snapshot() -> anyhow::Result<()> {
+    // openraft's follower says when it installs a snapshot; the rest stays
+    // at warn.
+    let opts = ClusterOptions {
+        log: "warn,openraft::engine::handler::following_handler=info".into(),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::start_with(1, opts).await?;
+    let backends = cluster.http_backends(&["s1", "s2"], BACKEND_PORT).await?;
+    let admin = cluster.admin(1);
+    let group = cluster
+        .http_group(1, "churn", WEB_PORT, BACKEND_PORT, &[])
+        .await?;
+
+    // 8 writers × 64 attach/detach pairs: 1,024 log entries, so the leader
+    // snapshots (every 500) and purges the log behind its snapshot.
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (admin, group, ip) = (admin.clone(), group.clone(), cluster.backend_ip());
+        tasks.push(tokio::spawn(async move {
+            for j in 0..64 {
+                let name = format!("w{w}-{j}");
+                attach(&admin, &group.uuid, &name, ip).await?;
+                let (s, v) = admin
+                    .delete(&format!("/v1/services/{}/instances/{name}", group.uuid))
+                    .await?;
+                ensure!(s.is_success(), "detaching {name}: {s} {v}");
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    for b in &backends {
+        attach(&admin, &group.uuid, b.name(), b.addr().ip()).await?;
+    }
+    let wrote_in = started.elapsed();
+    let founder = cluster.status(1).await?;
+    let founder_snapshot = poll(
+        "the founder to snapshot",
+        Duration::from_secs(20),
+        || async {
+            let at = cluster.metric(1, "edgelb_raft_snapshot_index").await?;
+            ensure!(at >= 500.0, "edgelb_raft_snapshot_index {at}");
+            Ok(at)
+        },
+    )
+    .await?;
+
+    let want = local_contents(&admin).await?;
+    let joined = cluster.add_members(1).await?[0];
+    cluster.wait_converged(2, 0).await?;
+    cluster.wait_applied(joined, founder.commit_index).await?;
+    wait_contents(&cluster.admin(joined), &want).await?;
+    let snapshot = cluster.metric(joined, "edgelb_raft_snapshot_index").await?;
+    assert!(
+        snapshot > 0.0,
+        "node {joined} caught up without a snapshot (edgelb_raft_snapshot_index {snapshot})"
+    );
+    let log = cluster.stderr(joined);
+    assert!(
+        log.contains("install_full_snapshot"),
+        "node {joined} did not install a snapshot; its log:\n{log}"
+    );
+    eprintln!(
+        "{} entries written in {wrote_in:?}; founder snapshot at {founder_snapshot}, \
+         the joiner's at {snapshot}",
+        founder.commit_index
+    );
+    let addr = cluster.data_addr(joined, WEB_PORT);
+    wait_serving(addr, &host("churn"), &["s1", "s2"]).await?;
+    assert_balanced(addr, &host("churn"), &["s1", "s2"], 30).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seven_nodes_make_five_voters_and_two_learners() -> anyhow::Result<()> {
+    let cluster = Cluster::start(7).await?;
+    let mut leaders = 0.0;
+    for id in cluster.ids() {
+        let view = cluster.status(id).await?;
+        assert_eq!(
+            (view.voters(), view.learners(), view.nodes.len()),
+            (5, 2, 7),
+            "node {id}: {view:?}"
+        );
+        let scrape = cluster.admin(id).scrape().await?;
+        assert_eq!(scrape.sum("edgelb_raft_voters", &[]), 5.0, "node {id}");
+        assert_eq!(scrape.sum("edgelb_raft_learners", &[]), 2.0, "node {id}");
+        leaders += scrape.sum("edgelb_raft_is_leader", &[]);
+    }
+    assert_eq!(leaders, 1.0, "edgelb_raft_is_leader summed over the nodes");
+    // Written through a learner, served by everyone.
+    let view = cluster.status(1).await?;
+    let learner = view
+        .nodes
+        .iter()
+        .find(|n| n.role == "learner")
+        .map(|n| n.node_id)
+        .context("no learner")?;
+    let backends = cluster.http_backends(&["v1", "v2"], BACKEND_PORT).await?;
+    cluster
+        .http_group(learner, "web", WEB_PORT, BACKEND_PORT, &backends)
+        .await?;
+    for id in cluster.ids() {
+        wait_serving(cluster.data_addr(id, WEB_PORT), &host("web"), &["v1", "v2"]).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_cluster_certificate_cannot_speak_raft() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let admin = cluster.admin(1);
+    admin.create_group(&shared_group("victim")).await?;
+    let term = cluster.metric(1, "edgelb_raft_term").await?;
+
+    // What a member could ask: the leader deletes a group for it; and a
+    // vote request that would depose the leader if it were heard.
+    let delete = serde_json::to_value(Forward::Write(Command::DeleteGroup {
+        id: "victim".into(),
+        force: true,
+    }))?;
+    let vote = json!({
+        "vote": {"leader_id": {"term": 1000, "node_id": 9}, "committed": false},
+        "last_log_id": {"leader_id": {"term": 1000, "node_id": 9}, "index": 1_000_000},
+    });
+    let attempts: [(&str, Option<ClientCert>, u64); 3] = [
+        ("no client certificate", None, 1),
+        (
+            "a self-signed certificate for node-9.cluster.edgelb",
+            Some(ClientCert::self_signed("node-9.cluster.edgelb")?),
+            9,
+        ),
+        (
+            "a certificate for node-1.cluster.edgelb from another CA",
+            Some(ClientCert::from_foreign_ca("node-1.cluster.edgelb")?),
+            1,
+        ),
+    ];
+    let node = cluster.cluster_addr(1);
+    let name = "node-1.cluster.edgelb";
+    for (what, cert, from) in &attempts {
+        for (rpc, body) in [("forward", &delete), ("vote", &vote)] {
+            let cert = cert.as_ref().map(ClientCert::duplicate);
+            let request = frame_request(*from, rpc, body);
+            let source = cluster.backend_ip();
+            match try_raft_stream(node, source, name, cert, &request).await? {
+                Outcome::Refused(why) => eprintln!("{what}, {rpc}: refused: {why}"),
+                other => panic!("{what}: the node did not refuse a {rpc} RPC: {other:?}"),
+            }
+        }
+    }
+
+    // The same client with the node's own credentials is heard (a harmless
+    // request), so the refusals above were the certificates' doing.
+    let tls = cluster.data_dir(1).join("tls");
+    let member = ClientCert::from_pem_files(&tls.join("node.pem"), &tls.join("node.key"))?;
+    let linearize = serde_json::to_value(Forward::Linearize)?;
+    let request = frame_request(1, "forward", &linearize);
+    let source = cluster.backend_ip();
+    match try_raft_stream(node, source, name, Some(member), &request).await? {
+        Outcome::Answered(reply) => {
+            let text = String::from_utf8_lossy(reply.get(4..).unwrap_or_default()).into_owned();
+            assert!(text.contains("linearized"), "{text}");
+        }
+        other => panic!("a member's certificate was not heard: {other:?}"),
+    }
+
+    // The node is unharmed: the group is there, the term unchanged, and a
+    // write succeeds.
+    let groups = contents(&admin.groups(true).await?)?;
+    assert!(groups.contains_key("victim"), "{groups:?}");
+    assert_eq!(cluster.metric(1, "edgelb_raft_term").await?, term);
+    admin.create_group(&shared_group("after")).await?;
+    assert_eq!(cluster.status(1).await?.leader_id, Some(1));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_sent_as_the_leader_dies_lands_on_the_new_leader() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let old = cluster.leader().await?;
+    let follower = others(&cluster.ids(), &[old])[0];
+    let admin = cluster.admin(follower);
+    // The follower has a connection to the leader.
+    admin.create_group(&shared_group("before")).await?;
+
+    let killed_at = Instant::now();
+    cluster.kill9(old).await?;
+    let write = tokio::spawn({
+        let admin = admin.clone();
+        async move { admin.post("/v1/services", &shared_group("in-flight")).await }
+    });
+    let new = cluster.wait_leader(|l| l != old).await?;
+    let elected_in = killed_at.elapsed();
+    let (status, v) = write.await??;
+    let answered_in = killed_at.elapsed();
+    assert!(
+        status.is_success(),
+        "a write sent to node {follower} as leader {old} died answered {status} after \
+         {answered_in:?}, though node {new} was elected after {elected_in:?}: {v}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_through_a_follower_concurrently() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let leader = cluster.leader().await?;
+    let follower = others(&cluster.ids(), &[leader])[0];
+    let joined = cluster.add_members_via(Some(follower), 2).await?;
+    cluster.wait_converged(5, 0).await?;
+    let backends = cluster.http_backends(&["j1"], BACKEND_PORT).await?;
+    cluster
+        .http_group(joined[1], "web", WEB_PORT, BACKEND_PORT, &backends)
+        .await?;
+    for id in cluster.ids() {
+        wait_serving(cluster.data_addr(id, WEB_PORT), &host("web"), &["j1"]).await?;
+    }
+    Ok(())
+}
