@@ -51,6 +51,8 @@ pub struct ClusterOptions {
     pub drain_timeout: String,
     /// `--log`: `EDGELB_TEST_LOG` when set, else `warn`.
     pub log: String,
+    /// `--leave-on-exit`: leave the membership on SIGTERM.
+    pub leave_on_exit: bool,
 }
 
 impl Default for ClusterOptions {
@@ -65,6 +67,7 @@ impl Default for ClusterOptions {
             max_voters: None,
             drain_timeout: "2s".into(),
             log: std::env::var("EDGELB_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            leave_on_exit: false,
         }
     }
 }
@@ -146,6 +149,9 @@ impl Member {
         ];
         if let Some(m) = opts.max_voters {
             args.extend(["--max-voters".to_owned(), m.to_string()]);
+        }
+        if opts.leave_on_exit {
+            args.push("--leave-on-exit".to_owned());
         }
         if let Some(url) = &self.join {
             args.extend(["--join".to_owned(), url.clone()]);

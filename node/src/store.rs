@@ -291,7 +291,12 @@ impl Store {
         let index = tokio::time::timeout_at(deadline, work)
             .await
             .map_err(|_| no_quorum(self.write_timeout))??;
-        self.wait_applied(index, deadline).await?;
+        // A node removing itself is not sent the entry that removes it:
+        // the leader's commit is the answer.
+        let leaving = matches!(f, Forward::RemoveNode { node_id } if node_id == self.node_id);
+        if !leaving {
+            self.wait_applied(index, deadline).await?;
+        }
         Ok(index)
     }
 

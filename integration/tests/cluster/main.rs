@@ -778,3 +778,42 @@ async fn nodes_join_through_a_follower_concurrently() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn sigterm_with_leave_on_exit_removes_the_node_and_without_it_keeps_it() -> anyhow::Result<()>
+{
+    let opts = ClusterOptions {
+        leave_on_exit: true,
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::start_with(3, opts).await?;
+    cluster.wait_converged(3, 0).await?;
+    let leader = cluster.leader().await?;
+    let follower = others(&cluster.ids(), &[leader])[0];
+    cluster.stop(follower).await?;
+    let survivor = others(&cluster.ids(), &[follower])[0];
+    poll(
+        "the leaving node to be out of the membership",
+        Duration::from_secs(10),
+        || async {
+            let view = cluster.status(survivor).await?;
+            let gone = view.nodes.iter().all(|n| n.node_id != follower);
+            ensure!(gone && view.voters() == 2, "membership: {view:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    // The two that stay still make a quorum: writes go on.
+    let (status, body) = cluster
+        .admin(survivor)
+        .post(
+            "/v1/services",
+            &json!({"name": "after-leave", "services": [{"port": 18990, "destination_port": 80, "handlers": []}]}),
+        )
+        .await?;
+    ensure!(
+        status == StatusCode::OK,
+        "write after a clean leave: {status} {body}"
+    );
+    Ok(())
+}
