@@ -74,7 +74,7 @@ pub struct Args {
     /// Cluster CA certificate (PEM) when running your own PKI.
     #[arg(long, env = "EDGELB_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
-    /// This node's certificate (PEM, SAN node-<id>.cluster.edgelb) when running your own PKI.
+    /// This node's certificate (PEM, SAN `node-<id>.cluster.edgelb`) when running your own PKI.
     #[arg(long, env = "EDGELB_NODE_CERT")]
     pub node_cert: Option<PathBuf>,
     /// This node's private key (PEM) when running your own PKI.

@@ -19,6 +19,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod raft;
 pub mod routing;
+pub mod sim;
 pub mod store;
 pub mod tcp;
 pub mod tls;

@@ -1,0 +1,296 @@
+//! Peers' part of each instance's load, estimated from their last reports.
+//!
+//! A report of age `a` (from its receipt to `now`) says what the peer had in
+//! flight then. Since then its short work has been completing and it has been
+//! picking more. [`Estimator::Predictive`] models both, per peer `p` and
+//! instance `i` of the group:
+//!
+//! ```text
+//!   decayed(p,i) = long(p,i) + short(p,i) · e^(−a/τ(p,i))
+//!   new(p)       = R(p) · τ(p) · (1 − e^(−a/τ(p)))       (R(p)·a when τ unknown)
+//! ```
+//!
+//! `short` is the reported in-flight count less its long-lived part, `τ` the
+//! peer's mean in-flight time of short work on that instance (so `1/τ` is the
+//! completion rate of each piece of it), `R(p)` the peer's pick rate summed
+//! over the group and `τ(p)` the rate-weighted mean of its `τ(p,i)`; `new(p)`
+//! counts the picks made since the report that are still in flight. The
+//! long-lived part never decays: it counts for as long as the peer reports
+//! it, however short the mean request is.
+//!
+//! The peers pick by the same least-load rule, so their new picks land on the
+//! least loaded instances: the sum of all `new(p)` is poured like water onto
+//! `Σ_p decayed(p,i)`, raising the lowest instances to a common level, and
+//! the peers' part of instance `i` is `Σ_p decayed(p,i)` plus the water it
+//! holds, rounded to a whole count.
+//!
+//! This node's own counts are deliberately not part of the ground the water
+//! is poured on, though the peers saw them (as of this node's last report)
+//! when they picked. Its current counts would let the water absorb its own
+//! recent picks: an instance below the level would look no fuller after a
+//! pick, and the node would spread its picks at random over everything below
+//! the level. Its last reported counts are stale by the time they matter and
+//! bias the node against instances it happened to use little back then. In
+//! the simulator both are measurably worse than local counts alone when one
+//! node carries most of the traffic; without them the estimate is never
+//! worse than local-only and has the smallest view error.
+//!
+//! As `a → 0` the estimate is exactly the reported counts, so fresh reports
+//! give exactly the rule over local + reported counts. As `a` grows it tends
+//! to the peer's steady state `long + R·τ` spread where the load is lowest,
+//! which is no worse a guide than local counts alone.
+
+use std::time::Instant;
+
+use crate::state::LoadTable;
+
+/// How a node turns its peers' reports into their part of an instance's load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Estimator {
+    /// Reported counts as they are: the naive reading of the rule. Herds when
+    /// reports are old relative to how fast counts change; kept for
+    /// comparison.
+    Raw,
+    /// Reported counts less the expected completions since the report (the
+    /// long-lived part kept), without the peers' new picks.
+    Decay,
+    /// Decay plus the peers' expected new picks since the report, placed on
+    /// the least loaded instances (see the module docs). The default.
+    #[default]
+    Predictive,
+}
+
+impl Estimator {
+    /// The peers' part of the load of each of a group's `instances` (in
+    /// that order), from the fresh reports in `table` at `now`.
+    pub fn peer_loads(self, table: &LoadTable, instances: &[[u8; 16]], now: Instant) -> Vec<u64> {
+        let mut peer = vec![0.0f64; instances.len()];
+        let mut pour = 0.0f64;
+        for (_, report) in table.fresh(now) {
+            let age = now.saturating_duration_since(report.as_of).as_secs_f64();
+            let (mut rate, mut rate_tau) = (0.0f64, 0.0f64);
+            for (load, instance) in peer.iter_mut().zip(instances) {
+                let Some(e) = report.entries.get(instance) else {
+                    continue;
+                };
+                let inflight = f64::from(e.inflight);
+                if self == Self::Raw {
+                    *load += inflight;
+                    continue;
+                }
+                let long = f64::from(e.long_inflight.min(e.inflight));
+                let tau = f64::from(e.mean_service_us) / 1e6;
+                *load += long + (inflight - long) * survival(age, tau);
+                let r = f64::from(e.arrival_rate_milli) / 1000.0;
+                rate += r;
+                rate_tau += r * tau;
+            }
+            if self == Self::Predictive && rate > 0.0 {
+                let tau = rate_tau / rate;
+                pour += if tau > 0.0 {
+                    rate * tau * (1.0 - survival(age, tau))
+                } else {
+                    rate * age
+                };
+            }
+        }
+        if pour > 0.0 {
+            let level = water_level(&peer, pour);
+            for p in &mut peer {
+                *p = p.max(level);
+            }
+        }
+        // Rounding to whole counts keeps fresh estimates exact; `as`
+        // saturates (and maps NaN to 0), and every term is finite and ≥ 0.
+        peer.iter().map(|p| p.round() as u64).collect()
+    }
+}
+
+/// Probability that work with mean remaining time `tau` (exponential) is
+/// still in flight after `age`; 1 when `tau` is unknown (0).
+fn survival(age: f64, tau: f64) -> f64 {
+    if tau > 0.0 { (-age / tau).exp() } else { 1.0 }
+}
+
+/// The level `L` with `Σ max(0, L − base[i]) = amount`: pouring `amount` onto
+/// `base` raises the lowest entries to `L`. `amount > 0`, `base` non-empty
+/// for a meaningful result (an empty `base` gives 0).
+fn water_level(base: &[f64], amount: f64) -> f64 {
+    let mut sorted = base.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mut filled = 0.0; // sum of the `n` lowest entries
+    for (n, &b) in sorted.iter().enumerate() {
+        // With the `n` lowest under water, reaching `b` costs n·b − filled.
+        if n > 0 && (n as f64) * b - filled >= amount {
+            return (amount + filled) / n as f64;
+        }
+        filled += b;
+    }
+    (amount + filled) / sorted.len().max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Entry, Report};
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    fn id(i: usize) -> [u8; 16] {
+        let mut instance = [0; 16];
+        instance[8..].copy_from_slice(&(i as u64).to_be_bytes());
+        instance
+    }
+
+    /// A peer's report: per instance (inflight, long), every instance picked
+    /// at `rate` per second with mean service `tau_ms`.
+    fn report(node_id: u64, counts: &[(u32, u32)], rate: f64, tau_ms: u32) -> Report {
+        Report {
+            node_id,
+            incarnation: 1,
+            seq: 1,
+            sent_at_ms: 0,
+            entries: counts
+                .iter()
+                .enumerate()
+                .map(|(i, &(inflight, long))| Entry {
+                    instance: id(i),
+                    inflight,
+                    long_inflight: long,
+                    arrival_rate_milli: (rate * 1000.0) as u32,
+                    mean_service_us: tau_ms * 1000,
+                })
+                .collect(),
+        }
+    }
+
+    fn ids(n: usize) -> Vec<[u8; 16]> {
+        (0..n).map(id).collect()
+    }
+
+    #[test]
+    fn water_level_fills_the_lowest() {
+        assert_eq!(water_level(&[0.0, 0.0], 2.0), 1.0);
+        assert_eq!(water_level(&[0.0, 4.0], 2.0), 2.0);
+        assert_eq!(water_level(&[0.0, 1.0, 5.0], 3.0), 2.0);
+        assert_eq!(water_level(&[3.0, 1.0, 5.0], 12.0), 7.0);
+        assert_eq!(water_level(&[2.0], 0.5), 2.5);
+        assert_eq!(water_level(&[], 1.0), 1.0);
+    }
+
+    #[test]
+    fn fresh_reports_are_taken_as_they_are() {
+        let t0 = Instant::now();
+        let mut table = LoadTable::new(Duration::from_secs(1));
+        table.insert(report(1, &[(3, 1), (0, 0), (5, 0)], 800.0, 10), t0);
+        table.insert(report(2, &[(1, 0), (2, 2)], 50.0, 0), t0);
+        for est in [Estimator::Raw, Estimator::Decay, Estimator::Predictive] {
+            assert_eq!(est.peer_loads(&table, &ids(3), t0), [4, 2, 5], "{est:?}");
+        }
+    }
+
+    #[test]
+    fn short_work_decays_long_work_stays() {
+        let t0 = Instant::now();
+        let mut table = LoadTable::new(Duration::from_secs(1));
+        // 20 short, 6 long on instance 0; the peer picks nothing any more.
+        table.insert(report(1, &[(26, 6)], 0.0, 10), t0);
+        let later = t0 + Duration::from_millis(100); // ten mean service times
+        assert_eq!(Estimator::Raw.peer_loads(&table, &ids(1), later), [26]);
+        assert_eq!(Estimator::Decay.peer_loads(&table, &ids(1), later), [6]);
+        assert_eq!(
+            Estimator::Predictive.peer_loads(&table, &ids(1), later),
+            [6]
+        );
+        // Until the report expires.
+        let expired = t0 + Duration::from_millis(1001);
+        assert_eq!(
+            Estimator::Predictive.peer_loads(&table, &ids(1), expired),
+            [0]
+        );
+    }
+
+    #[test]
+    fn new_picks_go_where_the_load_is_lowest() {
+        let t0 = Instant::now();
+        let mut table = LoadTable::new(Duration::from_secs(1));
+        // Peer 1 picks 1000/s in all (250/s per instance), τ = 10 ms: in its
+        // steady state it has 10 in flight. It reported none (it just started).
+        table.insert(report(1, &[(0, 0); 4], 250.0, 10), t0);
+        // Peer 2 holds long-lived work and picks nothing.
+        table.insert(report(2, &[(0, 0), (2, 2), (8, 8), (20, 20)], 0.0, 10), t0);
+        let later = t0 + Duration::from_millis(200);
+        let peer = Estimator::Predictive.peer_loads(&table, &ids(4), later);
+        // 10 poured onto [0, 2, 8, 20]: level 6.
+        assert_eq!(peer, [6, 6, 8, 20]);
+        // Early on, only part of it: 10·(1 − e^−0.5) ≈ 3.9, level ≈ 2.97.
+        let early = t0 + Duration::from_millis(5);
+        assert_eq!(
+            Estimator::Predictive.peer_loads(&table, &ids(4), early),
+            [3, 3, 8, 20]
+        );
+        assert_eq!(
+            Estimator::Decay.peer_loads(&table, &ids(4), later),
+            [0, 2, 8, 20]
+        );
+    }
+
+    #[test]
+    fn unknown_service_time_does_not_decay() {
+        let t0 = Instant::now();
+        let mut table = LoadTable::new(Duration::from_secs(1));
+        table.insert(report(1, &[(4, 0), (0, 0)], 10.0, 0), t0);
+        let later = t0 + Duration::from_millis(100);
+        // 4 kept; 2 instances × 10/s × 0.1 s = 2 new picks, both on the idle one.
+        assert_eq!(
+            Estimator::Predictive.peer_loads(&table, &ids(2), later),
+            [4, 2]
+        );
+    }
+
+    proptest! {
+        /// Requirement (a): at age 0 every estimator is the reported sum.
+        #[test]
+        fn age_zero_is_exact(
+            peers in prop::collection::vec(
+                (prop::collection::vec((0u32..40, 0u32..40), 1..8), 0.0f64..5000.0, 0u32..500),
+                0..4,
+            ),
+        ) {
+            let t0 = Instant::now();
+            let mut table = LoadTable::new(Duration::from_secs(1));
+            for (node, (counts, rate, tau)) in peers.iter().enumerate() {
+                let counts: Vec<_> = counts.iter().map(|&(a, b)| (a.max(b), a.min(b))).collect();
+                table.insert(report(node as u64, &counts, *rate, *tau), t0);
+            }
+            let raw: Vec<u64> = ids(8).iter().map(|i| table.reported(i, t0)).collect();
+            for est in [Estimator::Raw, Estimator::Decay, Estimator::Predictive] {
+                prop_assert_eq!(est.peer_loads(&table, &ids(8), t0), raw.clone());
+            }
+        }
+
+        /// The long-lived part is a floor at any age within the TTL, and
+        /// decay never adds load.
+        #[test]
+        fn long_lived_is_a_floor(
+            counts in prop::collection::vec((0u32..40, 0u32..40), 1..8),
+            rate in 0.0f64..5000.0,
+            tau in 0u32..500,
+            age_ms in 0u64..1000,
+        ) {
+            let t0 = Instant::now();
+            let mut table = LoadTable::new(Duration::from_secs(1));
+            let counts: Vec<_> = counts.iter().map(|&(a, b)| (a.max(b), a.min(b))).collect();
+            table.insert(report(1, &counts, rate, tau), t0);
+            let now = t0 + Duration::from_millis(age_ms);
+            let n = counts.len();
+            let decay = Estimator::Decay.peer_loads(&table, &ids(n), now);
+            let predictive = Estimator::Predictive.peer_loads(&table, &ids(n), now);
+            for (i, &(inflight, long)) in counts.iter().enumerate() {
+                prop_assert!(decay[i] >= u64::from(long));
+                prop_assert!(decay[i] <= u64::from(inflight));
+                prop_assert!(predictive[i] >= decay[i]);
+            }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The load table: the newest report of every peer, and the merge rules.
+//!
+//! - A report replaces the peer's previous one when its `(incarnation, seq)`
+//!   is greater; reports carry absolute counts, so the newest one is all
+//!   there is to know and a newer incarnation (a restarted peer) replaces the
+//!   old counts entirely. An older or equal one is ignored and counted as
+//!   stale (reordered or duplicated in transit).
+//! - A report is used while it is at most `ttl` old, measured from when it
+//!   was received; after that the peer counts for nothing until it reports
+//!   again, so a dead node's load fades out.
+//! - A removed peer is forgotten, with its sequence numbers.
+//!
+//! No clock and no I/O: every query takes `now`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use crate::codec::{Entry, Report};
+
+/// Newest report per peer.
+#[derive(Debug)]
+pub struct LoadTable {
+    ttl: Duration,
+    peers: BTreeMap<u64, PeerReport>,
+    counters: Counters,
+}
+
+/// What [`LoadTable::insert`] did with a report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Merge {
+    /// The report is now the peer's newest.
+    Accepted,
+    /// The table already has a report at least as new; this one was dropped.
+    Stale,
+}
+
+/// Reports merged into a [`LoadTable`] since it was created (for metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Reports that became their peer's newest.
+    pub accepted: u64,
+    /// Reports dropped as older than or equal to the newest one.
+    pub stale: u64,
+}
+
+/// One peer's newest report, indexed by instance.
+#[derive(Debug)]
+pub(crate) struct PeerReport {
+    incarnation: u64,
+    seq: u64,
+    /// When the counts were true, as far as the receiver knows.
+    pub(crate) as_of: Instant,
+    pub(crate) entries: HashMap<[u8; 16], Entry>,
+}
+
+impl LoadTable {
+    /// An empty table that uses reports for `ttl` after they arrive.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            peers: BTreeMap::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Merges `report`, received at `as_of`: the receive time, or the receive
+    /// time less the transport's estimate of the one-way delay (half the
+    /// round-trip time) when the transport has one.
+    pub fn insert(&mut self, report: Report, as_of: Instant) -> Merge {
+        let version = (report.incarnation, report.seq);
+        if let Some(old) = self.peers.get(&report.node_id)
+            && (old.incarnation, old.seq) >= version
+        {
+            self.counters.stale += 1;
+            return Merge::Stale;
+        }
+        // The codec guarantees distinct instances; with duplicates (a report
+        // built in memory) the last one would win.
+        let entries = report
+            .entries
+            .into_iter()
+            .map(|e| (e.instance, e))
+            .collect();
+        self.peers.insert(
+            report.node_id,
+            PeerReport {
+                incarnation: report.incarnation,
+                seq: report.seq,
+                as_of,
+                entries,
+            },
+        );
+        self.counters.accepted += 1;
+        Merge::Accepted
+    }
+
+    /// Forgets `node_id` (removed from the cluster).
+    pub fn remove_peer(&mut self, node_id: u64) {
+        self.peers.remove(&node_id);
+    }
+
+    /// Keeps only the peers for which `keep` is true (membership changed).
+    pub fn retain_peers(&mut self, mut keep: impl FnMut(u64) -> bool) {
+        self.peers.retain(|&id, _| keep(id));
+    }
+
+    /// Sum of the in-flight counts that fresh peers report for `instance`,
+    /// as they are (no estimate of what changed since).
+    pub fn reported(&self, instance: &[u8; 16], now: Instant) -> u64 {
+        self.fresh(now)
+            .filter_map(|(_, p)| p.entries.get(instance))
+            .map(|e| u64::from(e.inflight))
+            .sum()
+    }
+
+    /// In-flight counts of `instance` per fresh peer, as reported; peers that
+    /// report nothing for it are left out.
+    pub fn peers(&self, instance: &[u8; 16], now: Instant) -> BTreeMap<u64, u64> {
+        self.fresh(now)
+            .filter_map(|(id, p)| Some((id, u64::from(p.entries.get(instance)?.inflight))))
+            .collect()
+    }
+
+    /// Age of the newest report of `peer`, fresh or not; `None` when the peer
+    /// has never reported (or was removed).
+    pub fn last_report_age(&self, peer: u64, now: Instant) -> Option<Duration> {
+        let p = self.peers.get(&peer)?;
+        Some(now.saturating_duration_since(p.as_of))
+    }
+
+    /// Every known peer with the age of its newest report.
+    pub fn report_ages(&self, now: Instant) -> impl Iterator<Item = (u64, Duration)> + '_ {
+        self.peers
+            .iter()
+            .map(move |(&id, p)| (id, now.saturating_duration_since(p.as_of)))
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Peers whose newest report is at most `ttl` old at `now`.
+    pub(crate) fn fresh(&self, now: Instant) -> impl Iterator<Item = (u64, &PeerReport)> {
+        self.peers
+            .iter()
+            .filter(move |(_, p)| now.saturating_duration_since(p.as_of) <= self.ttl)
+            .map(|(&id, p)| (id, p))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const A: [u8; 16] = [1; 16];
+    const B: [u8; 16] = [2; 16];
+
+    fn report(node_id: u64, incarnation: u64, seq: u64, counts: &[([u8; 16], u32)]) -> Report {
+        Report {
+            node_id,
+            incarnation,
+            seq,
+            sent_at_ms: 0,
+            entries: counts
+                .iter()
+                .map(|&(instance, inflight)| Entry {
+                    instance,
+                    inflight,
+                    ..Entry::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn newest_report_per_peer_wins() {
+        let t0 = Instant::now();
+        let mut table = LoadTable::new(Duration::from_secs(1));
+        assert_eq!(
+            table.insert(report(1, 1, 5, &[(A, 3)]), t0),
+            Merge::Accepted
+        );
+        assert_eq!(
+            table.insert(report(2, 1, 1, &[(A, 4), (B, 1)]), t0),
+            Merge::Accepted
+        );
+        assert_eq!(table.reported(&A, t0), 7);
+        assert_eq!(table.reported(&B, t0), 1);
+        // Older and equal sequence numbers are dropped.
+        assert_eq!(table.insert(report(1, 1, 4, &[(A, 100)]), t0), Merge::Stale);
+        assert_eq!(table.insert(report(1, 1, 5, &[(A, 100)]), t0), Merge::Stale);
+        assert_eq!(table.reported(&A, t0), 7);
+        // Absolute counts: a newer report replaces, instances it omits are 0.
+        assert_eq!(
+            table.insert(report(2, 1, 2, &[(A, 1)]), t0),
+            Merge::Accepted
+        );
+        assert_eq!(table.reported(&B, t0), 0);
+        assert_eq!(table.peers(&A, t0), BTreeMap::from([(1, 3), (2, 1)]));
+        assert_eq!(table.peers(&B, t0), BTreeMap::new());
+        assert_eq!(
+            table.counters(),
+            Counters {
+                accepted: 3,
+                stale: 2
+            }
+        );
+    }
+
+    #[test]
+    fn new_incarnation_replaces_whatever_its_seq() {
+        let t0 = Instant::now();
+        let mut table = LoadTable::new(Duration::from_secs(1));
+        table.insert(report(1, 1, 900, &[(A, 3), (B, 2)]), t0);
+        assert_eq!(
+            table.insert(report(1, 2, 1, &[(B, 1)]), t0),
+            Merge::Accepted
+        );
+        assert_eq!(table.reported(&A, t0), 0);
+        assert_eq!(table.reported(&B, t0), 1);
+        // The old incarnation is gone for good.
+        assert_eq!(table.insert(report(1, 1, 901, &[(A, 3)]), t0), Merge::Stale);
+    }
+
+    #[test]
+    fn reports_expire_after_ttl() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(1);
+        let mut table = LoadTable::new(ttl);
+        table.insert(report(1, 1, 1, &[(A, 3)]), t0);
+        table.insert(report(2, 1, 1, &[(A, 4)]), t0 + Duration::from_millis(500));
+        assert_eq!(table.reported(&A, t0 + ttl), 7);
+        let later = t0 + ttl + Duration::from_millis(1);
+        assert_eq!(table.reported(&A, later), 4);
+        assert_eq!(table.peers(&A, later), BTreeMap::from([(2, 4)]));
+        // Ages are still known for the API and metrics.
+        assert_eq!(
+            table.last_report_age(1, later),
+            Some(ttl + Duration::from_millis(1))
+        );
+        assert_eq!(table.last_report_age(3, later), None);
+        // A report from the past (clock skew in the caller) counts as age 0.
+        assert_eq!(table.last_report_age(2, t0), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn removed_peer_is_forgotten() {
+        let t0 = Instant::now();
+        let mut table = LoadTable::new(Duration::from_secs(1));
+        table.insert(report(1, 1, 7, &[(A, 3)]), t0);
+        table.insert(report(2, 1, 7, &[(A, 1)]), t0);
+        table.remove_peer(1);
+        assert_eq!(table.reported(&A, t0), 1);
+        assert_eq!(table.last_report_age(1, t0), None);
+        // Sequence numbers are forgotten too: a re-added peer starts over.
+        assert_eq!(
+            table.insert(report(1, 1, 1, &[(A, 2)]), t0),
+            Merge::Accepted
+        );
+        table.retain_peers(|id| id != 2);
+        assert_eq!(
+            table.report_ages(t0).map(|(id, _)| id).collect::<Vec<_>>(),
+            [1]
+        );
+    }
+
+    proptest! {
+        /// Whatever order reports arrive in, the table holds the newest one
+        /// of each peer, and every other one was counted as stale.
+        #[test]
+        fn order_does_not_matter(
+            reports in prop::collection::vec((0u64..3, 0u64..3, 0u64..20, 0u32..50), 1..40),
+        ) {
+            let t0 = Instant::now();
+            let mut table = LoadTable::new(Duration::from_secs(1));
+            for &(node, inc, seq, n) in &reports {
+                table.insert(report(node, inc, seq, &[(A, n)]), t0);
+            }
+            let mut newest: BTreeMap<u64, (u64, u64, u32)> = BTreeMap::new();
+            for &(node, inc, seq, n) in &reports {
+                let e = newest.entry(node).or_insert((inc, seq, n));
+                if (inc, seq) > (e.0, e.1) {
+                    *e = (inc, seq, n);
+                }
+            }
+            let expect: BTreeMap<u64, u64> =
+                newest.iter().map(|(&id, &(_, _, n))| (id, u64::from(n))).collect();
+            prop_assert_eq!(table.peers(&A, t0), expect);
+            let c = table.counters();
+            prop_assert_eq!(c.accepted + c.stale, reports.len() as u64);
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The experiments behind `docs/gossip-sim.md`: every strategy on every
+//! scenario, averaged over seeds.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use gossip::Estimator;
+
+use super::{Outcome, Scenario, Strategy, run};
+
+/// Report intervals compared, in ms.
+pub const INTERVALS: [u64; 3] = [10, 50, 200];
+
+/// Estimators compared at every interval.
+pub const ESTIMATORS: [Estimator; 3] = [Estimator::Raw, Estimator::Decay, Estimator::Predictive];
+
+/// One scenario's results, in the order of [`strategies`].
+#[derive(Clone, Debug)]
+pub struct ScenarioResults {
+    pub scenario: Scenario,
+    pub rows: Vec<(Strategy, Outcome)>,
+}
+
+impl ScenarioResults {
+    /// The outcome of the strategy labelled `label`.
+    pub fn get(&self, label: &str) -> Option<&Outcome> {
+        self.rows
+            .iter()
+            .find(|(s, _)| s.label() == label)
+            .map(|(_, o)| o)
+    }
+}
+
+/// The scenarios of the full run, with durations scaled by `scale`.
+pub fn scenarios(scale: f64) -> Vec<Scenario> {
+    let mut all = vec![
+        Scenario::reference(),
+        Scenario::ten_nodes(),
+        Scenario::long_lived(),
+    ];
+    for s in &mut all {
+        s.duration = s
+            .duration
+            .mul_f64(scale)
+            .max(s.warmup + Duration::from_secs(1));
+    }
+    all
+}
+
+/// Central, local only, then every estimator at every interval; on a
+/// scenario with long-lived requests also the predictive estimator without
+/// the long-lived split, to show requirement (c).
+pub fn strategies(scenario: &Scenario) -> Vec<Strategy> {
+    let mut all = vec![Strategy::Central, Strategy::Local];
+    for interval in INTERVALS {
+        for estimator in ESTIMATORS {
+            all.push(Strategy::gossip(estimator, interval));
+        }
+    }
+    if scenario.long_fraction > 0.0 {
+        all.push(Strategy::Gossip {
+            estimator: Estimator::Predictive,
+            interval: Duration::from_millis(50),
+            long_split: false,
+        });
+    }
+    all
+}
+
+/// Runs every strategy of every scenario with `seeds` seeds each (1, 2, …),
+/// on up to `threads` threads, and averages over the seeds.
+pub fn run_all(scenarios: &[Scenario], seeds: u64, threads: usize) -> Vec<ScenarioResults> {
+    let mut jobs = Vec::new();
+    for (si, sc) in scenarios.iter().enumerate() {
+        for (ti, strategy) in strategies(sc).into_iter().enumerate() {
+            for seed in 1..=seeds.max(1) {
+                jobs.push((si, ti, strategy.clone(), seed));
+            }
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let done = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((si, ti, strategy, seed)) = jobs.get(i) else {
+                        break;
+                    };
+                    let mut sc = scenarios[*si].clone();
+                    sc.seed = *seed;
+                    let outcome = run(&sc, strategy);
+                    done.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((*si, *ti, *seed, outcome));
+                }
+            });
+        }
+    });
+    let mut done = done
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Whatever order the threads finished in, average in seed order: the
+    // report is the same file on every run.
+    done.sort_by_key(|&(si, ti, seed, _)| (si, ti, seed));
+    scenarios
+        .iter()
+        .enumerate()
+        .map(|(si, sc)| ScenarioResults {
+            scenario: sc.clone(),
+            rows: strategies(sc)
+                .into_iter()
+                .enumerate()
+                .map(|(ti, strategy)| {
+                    let runs: Vec<&Outcome> = done
+                        .iter()
+                        .filter(|(s, t, _, _)| (*s, *t) == (si, ti))
+                        .map(|(_, _, _, o)| o)
+                        .collect();
+                    (strategy, average(&runs))
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn average(runs: &[&Outcome]) -> Outcome {
+    let n = runs.len().max(1) as f64;
+    let avg = |f: fn(&Outcome) -> f64| runs.iter().map(|o| f(o)).sum::<f64>() / n;
+    let sum =
+        |f: fn(&Outcome) -> u64| runs.iter().map(|o| f(o)).sum::<u64>() / runs.len().max(1) as u64;
+    Outcome {
+        max_mean: avg(|o| o.max_mean),
+        mean_latency: avg(|o| o.mean_latency),
+        p99_latency: avg(|o| o.p99_latency),
+        view_error: avg(|o| o.view_error),
+        mean_inflight: avg(|o| o.mean_inflight),
+        completed: sum(|o| o.completed),
+        reports: sum(|o| o.reports),
+        report_bytes: sum(|o| o.report_bytes),
+        stale_reports: sum(|o| o.stale_reports),
+    }
+}
