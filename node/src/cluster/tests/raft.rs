@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use openraft::{Config, SnapshotPolicy};
 use raft_store::model::{DEFAULT_HARD_LIMIT, Domain, Instance, Service, ServiceGroup};
@@ -41,44 +41,6 @@ impl Drop for TempDir {
     }
 }
 
-/// What the node's handler does, minimally: Raft RPCs to the Raft handle,
-/// forwarded writes to `client_write` on this node.
-#[derive(Default)]
-struct Dispatch {
-    raft: OnceLock<Raft>,
-}
-
-impl RaftHandler for Dispatch {
-    fn handle(&self, _from: u64, rpc: Rpc) -> HandlerFuture<'_> {
-        Box::pin(async move {
-            let Some(raft) = self.raft.get() else {
-                return RpcReply::Error("raft not started".into());
-            };
-            match rpc {
-                Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
-                Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
-                Rpc::InstallSnapshot(r) => {
-                    RpcReply::InstallSnapshot(raft.install_snapshot(r).await)
-                }
-                Rpc::Forward(Forward::Write(command)) => {
-                    let reply = match raft.client_write(Request { command }).await {
-                        Ok(w) => match w.data.result {
-                            Some(result) => Ok(ForwardReply::Written {
-                                log_index: w.log_id.index,
-                                result,
-                            }),
-                            None => Err(ForwardError::Failed("no result".into())),
-                        },
-                        Err(e) => Err(e.into()),
-                    };
-                    RpcReply::Forward(reply)
-                }
-                Rpc::Forward(_) => RpcReply::Error("not in this test".into()),
-            }
-        })
-    }
-}
-
 struct TestNode {
     id: u64,
     raft: Raft,
@@ -93,7 +55,7 @@ impl TestNode {
         let log = LogStore::open(dir.path()).unwrap();
         let sm = StateMachineStore::open(dir.path()).unwrap();
         let state = sm.subscribe();
-        let dispatch = Arc::new(Dispatch::default());
+        let dispatch = Arc::new(crate::store::RaftRpc::default());
         let handler: Arc<dyn RaftHandler> = dispatch.clone();
         let transport =
             Arc::new(Transport::bind(loopback(), &node_tls(ca, id), id, handler).unwrap());
@@ -101,7 +63,7 @@ impl TestNode {
         let raft = Raft::new(id, Arc::clone(config), network, log, sm)
             .await
             .unwrap();
-        assert!(dispatch.raft.set(raft.clone()).is_ok());
+        dispatch.set(raft.clone());
         Self {
             id,
             raft,
