@@ -40,6 +40,7 @@
 //! to the peer's steady state `long + R·τ` spread where the load is lowest,
 //! which is no worse a guide than local counts alone.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::state::LoadTable;
@@ -64,46 +65,157 @@ impl Estimator {
     /// The peers' part of the load of each of a group's `instances` (in
     /// that order), from the fresh reports in `table` at `now`.
     pub fn peer_loads(self, table: &LoadTable, instances: &[[u8; 16]], now: Instant) -> Vec<u64> {
+        let (peer, _) = self.estimate(table, instances, now, None);
+        peer.iter().map(|&p| whole(p)).collect()
+    }
+
+    /// [`Estimator::peer_loads`] split by peer: for each of `instances`,
+    /// every fresh peer's part (0 included), summing exactly to what
+    /// `peer_loads` gives. A peer's part is what it reported, decayed, plus
+    /// its share of the new picks poured onto the instance (in proportion
+    /// to how many it was expected to make); whole counts are apportioned
+    /// by largest remainder.
+    pub fn peer_parts(
+        self,
+        table: &LoadTable,
+        instances: &[[u8; 16]],
+        now: Instant,
+    ) -> Vec<BTreeMap<u64, u64>> {
+        let mut parts = Vec::new();
+        let (levelled, base) = self.estimate(table, instances, now, Some(&mut parts));
+        let pour: f64 = parts.iter().map(|p| p.pour).sum();
+        (0..instances.len())
+            .map(|i| {
+                let water = (levelled[i] - base[i]).max(0.0);
+                let shares: Vec<(u64, f64)> = parts
+                    .iter()
+                    .map(|p| {
+                        let poured = if pour > 0.0 {
+                            water * p.pour / pour
+                        } else {
+                            0.0
+                        };
+                        (p.node_id, p.decayed[i] + poured)
+                    })
+                    .collect();
+                apportion(whole(levelled[i]), &shares)
+            })
+            .collect()
+    }
+
+    /// Per instance, the peers' load after pouring and before it (the sum
+    /// of the decayed reports); with `parts`, each peer's contribution.
+    fn estimate(
+        self,
+        table: &LoadTable,
+        instances: &[[u8; 16]],
+        now: Instant,
+        mut parts: Option<&mut Vec<PeerPart>>,
+    ) -> (Vec<f64>, Vec<f64>) {
         let mut peer = vec![0.0f64; instances.len()];
         let mut pour = 0.0f64;
-        for (_, report) in table.fresh(now) {
+        for (node_id, report) in table.fresh(now) {
+            let mut decayed = parts.as_ref().map(|_| vec![0.0f64; instances.len()]);
             let age = now.saturating_duration_since(report.as_of).as_secs_f64();
             let (mut rate, mut rate_tau) = (0.0f64, 0.0f64);
-            for (load, instance) in peer.iter_mut().zip(instances) {
+            for (i, (load, instance)) in peer.iter_mut().zip(instances).enumerate() {
                 let Some(e) = report.entries.get(instance) else {
                     continue;
                 };
                 let inflight = f64::from(e.inflight);
-                if self == Self::Raw {
-                    *load += inflight;
-                    continue;
+                let add = if self == Self::Raw {
+                    inflight
+                } else {
+                    let long = f64::from(e.long_inflight.min(e.inflight));
+                    let tau = f64::from(e.mean_service_us) / 1e6;
+                    let r = f64::from(e.arrival_rate_milli) / 1000.0;
+                    rate += r;
+                    rate_tau += r * tau;
+                    long + (inflight - long) * survival(age, tau)
+                };
+                *load += add;
+                if let Some(d) = decayed.as_mut() {
+                    d[i] = add;
                 }
-                let long = f64::from(e.long_inflight.min(e.inflight));
-                let tau = f64::from(e.mean_service_us) / 1e6;
-                *load += long + (inflight - long) * survival(age, tau);
-                let r = f64::from(e.arrival_rate_milli) / 1000.0;
-                rate += r;
-                rate_tau += r * tau;
             }
+            let mut mine = 0.0;
             if self == Self::Predictive && rate > 0.0 {
                 let tau = rate_tau / rate;
-                pour += if tau > 0.0 {
+                mine = if tau > 0.0 {
                     rate * tau * (1.0 - survival(age, tau))
                 } else {
                     rate * age
                 };
+                pour += mine;
+            }
+            if let (Some(parts), Some(decayed)) = (parts.as_deref_mut(), decayed) {
+                parts.push(PeerPart {
+                    node_id,
+                    decayed,
+                    pour: mine,
+                });
             }
         }
+        let base = peer.clone();
         if pour > 0.0 {
             let level = water_level(&peer, pour);
             for p in &mut peer {
                 *p = p.max(level);
             }
         }
-        // Rounding to whole counts keeps fresh estimates exact; `as`
-        // saturates (and maps NaN to 0), and every term is finite and ≥ 0.
-        peer.iter().map(|p| p.round() as u64).collect()
+        (peer, base)
     }
+}
+
+/// One fresh peer's contribution to a group's estimate.
+struct PeerPart {
+    node_id: u64,
+    /// Its decayed report, per instance.
+    decayed: Vec<f64>,
+    /// The new picks it is expected to have made since.
+    pour: f64,
+}
+
+/// An estimate as a whole count. Rounding keeps fresh estimates exact; `as`
+/// saturates (and maps NaN to 0), and every term is finite and ≥ 0.
+fn whole(x: f64) -> u64 {
+    x.round() as u64
+}
+
+/// Splits `total` into whole parts close to `shares` (largest remainder,
+/// ties to the lower node id), one per share.
+fn apportion(total: u64, shares: &[(u64, f64)]) -> BTreeMap<u64, u64> {
+    let mut out: BTreeMap<u64, u64> = shares
+        .iter()
+        .map(|&(id, share)| (id, share.max(0.0).floor() as u64))
+        .collect();
+    let given: u64 = out.values().sum();
+    let mut left = total.saturating_sub(given);
+    let mut by_remainder: Vec<(u64, f64)> = shares
+        .iter()
+        .map(|&(id, share)| (id, share.max(0.0) - share.max(0.0).floor()))
+        .collect();
+    by_remainder.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    for (id, _) in by_remainder.iter().cycle().take(shares.len() * 2) {
+        if left == 0 {
+            break;
+        }
+        if let Some(part) = out.get_mut(id) {
+            *part += 1;
+            left -= 1;
+        }
+    }
+    // Floors never exceed the rounded total (Σ⌊x⌋ ≤ ⌊Σx⌋), and the
+    // remainders add at most one per peer; anything else would be a bug in
+    // the arithmetic above, so the last peer absorbs it rather than the sum
+    // drifting from `peer_loads`.
+    let sum: u64 = out.values().sum();
+    if sum != total
+        && let Some((_, last)) = out.iter_mut().next_back()
+    {
+        *last = (*last + total).saturating_sub(sum);
+    }
+    out
 }
 
 /// Probability that work with mean remaining time `tau` (exponential) is
@@ -248,7 +360,67 @@ mod tests {
         );
     }
 
+    #[test]
+    fn parts_split_the_estimate_by_peer() {
+        let t0 = Instant::now();
+        let mut table = LoadTable::new(Duration::from_secs(1));
+        // Peer 1 picks 1000/s over 4 instances with τ = 10 ms; peer 2 holds
+        // long-lived work and picks nothing (as in the test above).
+        table.insert(report(1, &[(0, 0); 4], 250.0, 10), t0);
+        table.insert(report(2, &[(0, 0), (2, 2), (8, 8), (20, 20)], 0.0, 10), t0);
+        let later = t0 + Duration::from_millis(200);
+        let parts = Estimator::Predictive.peer_parts(&table, &ids(4), later);
+        let by_peer: Vec<Vec<u64>> = parts
+            .iter()
+            .map(|m| m.values().copied().collect())
+            .collect();
+        // Level 6: peer 1's water on the first two, topping up peer 2's 2.
+        assert_eq!(by_peer, [vec![6, 0], vec![4, 2], vec![0, 8], vec![0, 20]]);
+        // Fresh reports: the parts are the reported counts.
+        let parts = Estimator::Predictive.peer_parts(&table, &ids(4), t0);
+        assert_eq!(parts[2], BTreeMap::from([(1, 0), (2, 8)]));
+        // Expired peers are left out.
+        let expired = t0 + Duration::from_millis(1001);
+        assert!(Estimator::Raw.peer_parts(&table, &ids(2), expired)[0].is_empty());
+    }
+
+    #[test]
+    fn apportion_keeps_the_total() {
+        let m = apportion(3, &[(1, 1.4), (2, 1.4)]);
+        assert_eq!(m, BTreeMap::from([(1, 2), (2, 1)]));
+        let m = apportion(0, &[(1, 0.2), (2, 0.2)]);
+        assert_eq!(m, BTreeMap::from([(1, 0), (2, 0)]));
+        let m = apportion(2, &[(5, 0.6), (3, 0.7), (4, 0.5)]);
+        assert_eq!(m, BTreeMap::from([(3, 1), (4, 0), (5, 1)]));
+    }
+
     proptest! {
+        /// The parts of every estimator add up to its peer load exactly.
+        #[test]
+        fn parts_sum_to_peer_loads(
+            peers in prop::collection::vec(
+                (prop::collection::vec((0u32..40, 0u32..40), 1..8), 0.0f64..5000.0, 0u32..500),
+                0..5,
+            ),
+            age_ms in 0u64..1000,
+        ) {
+            let t0 = Instant::now();
+            let mut table = LoadTable::new(Duration::from_secs(1));
+            for (node, (counts, rate, tau)) in peers.iter().enumerate() {
+                let counts: Vec<_> = counts.iter().map(|&(a, b)| (a.max(b), a.min(b))).collect();
+                table.insert(report(node as u64, &counts, *rate, *tau), t0);
+            }
+            let now = t0 + Duration::from_millis(age_ms);
+            for est in [Estimator::Raw, Estimator::Decay, Estimator::Predictive] {
+                let loads = est.peer_loads(&table, &ids(8), now);
+                let parts = est.peer_parts(&table, &ids(8), now);
+                for (load, part) in loads.iter().zip(&parts) {
+                    prop_assert_eq!(*load, part.values().sum::<u64>());
+                    prop_assert_eq!(part.len(), peers.len());
+                }
+            }
+        }
+
         /// Requirement (a): at age 0 every estimator is the reported sum.
         #[test]
         fn age_zero_is_exact(

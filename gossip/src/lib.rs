@@ -4,14 +4,14 @@
 //! ```text
 //!  sender                                   receiver
 //!  balancer picks / releases                 transport (QUIC datagram or stream)
-//!        │                                        │ decode (codec.rs)
-//!        ▼                                        ▼
-//!  Tracker (tracker.rs) ── report() ──►  LoadTable (state.rs): newest report
-//!  counts, long-lived part,   encode      per peer by (incarnation, seq),
-//!  arrival rate, service time             fresh within `ttl`
-//!                                                 │ Estimator::peer_loads
-//!                                                 ▼  (estimator.rs)
-//!                                         peers' part of each instance's
+//!   │ LoadCounters::start / finish                │ decode (codec.rs)
+//!   ▼ (counters.rs: atomics, no lock)             ▼
+//!  LoadCounters per instance            LoadTable (state.rs): newest report
+//!   │ sampled when a report is due        per peer by (incarnation, seq),
+//!   ▼                                     fresh within `ttl`
+//!  Tracker (tracker.rs) ── report() ──►          │ Estimator::peer_loads
+//!  long-lived part, arrival rate,   encode       ▼  (estimator.rs)
+//!  service time from the deltas           peers' part of each instance's
 //!                                         load ──► GroupBalancer::set_peer_load
 //! ```
 //!
@@ -27,6 +27,7 @@
 //! instances. `docs/gossip-sim.md` has the data.
 
 mod codec;
+mod counters;
 mod estimator;
 mod state;
 mod tracker;
@@ -37,6 +38,7 @@ pub use codec::{
     DATAGRAM_ENTRIES, DATAGRAM_MAX, ENTRY_LEN, Entry, HEADER_LEN, MAX_ENTRIES, MAX_REPORT_LEN,
     Report, VERSION, decode, encode,
 };
+pub use counters::{EPOCHS, LoadCounters, Started};
 pub use estimator::Estimator;
 pub use state::{Counters, LoadTable, Merge};
 pub use tracker::Tracker;

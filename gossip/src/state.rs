@@ -7,7 +7,10 @@
 //!   stale (reordered or duplicated in transit).
 //! - A report is used while it is at most `ttl` old, measured from when it
 //!   was received; after that the peer counts for nothing until it reports
-//!   again, so a dead node's load fades out.
+//!   again, so a dead node's load fades out. An expired report no longer
+//!   guards its `(incarnation, seq)`: the peer's next report replaces it
+//!   whatever its version, so a peer that restarts with a lower incarnation
+//!   (its clock stepped back) is heard again after one `ttl`, not never.
 //! - A removed peer is forgotten, with its sequence numbers.
 //!
 //! No clock and no I/O: every query takes `now`.
@@ -70,6 +73,7 @@ impl LoadTable {
         let version = (report.incarnation, report.seq);
         if let Some(old) = self.peers.get(&report.node_id)
             && (old.incarnation, old.seq) >= version
+            && as_of.saturating_duration_since(old.as_of) <= self.ttl
         {
             self.counters.stale += 1;
             return Merge::Stale;
@@ -133,6 +137,11 @@ impl LoadTable {
         self.peers
             .iter()
             .map(move |(&id, p)| (id, now.saturating_duration_since(p.as_of)))
+    }
+
+    /// How many peers have a report at most `ttl` old at `now`.
+    pub fn fresh_peers(&self, now: Instant) -> usize {
+        self.fresh(now).count()
     }
 
     pub fn counters(&self) -> Counters {
@@ -225,6 +234,26 @@ mod tests {
         assert_eq!(table.reported(&B, t0), 1);
         // The old incarnation is gone for good.
         assert_eq!(table.insert(report(1, 1, 901, &[(A, 3)]), t0), Merge::Stale);
+    }
+
+    #[test]
+    fn an_expired_report_does_not_guard_its_version() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(1);
+        let mut table = LoadTable::new(ttl);
+        table.insert(report(1, 500, 9, &[(A, 3)]), t0);
+        // Within the TTL a lower incarnation is stale.
+        assert_eq!(
+            table.insert(report(1, 400, 1, &[(A, 1)]), t0 + ttl),
+            Merge::Stale
+        );
+        // After it, it is heard (the peer restarted with its clock behind).
+        let later = t0 + ttl + Duration::from_millis(1);
+        assert_eq!(
+            table.insert(report(1, 400, 1, &[(A, 1)]), later),
+            Merge::Accepted
+        );
+        assert_eq!(table.reported(&A, later), 1);
     }
 
     #[test]

@@ -48,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::dataplane::DataPlane;
+use crate::gossip::Gossip;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use reply::{ApiError, Reply, text, with_type};
@@ -66,6 +67,8 @@ pub struct Admin {
     pub store: Arc<Store>,
     pub dataplane: Arc<DataPlane>,
     pub metrics: Arc<Metrics>,
+    /// The peers' load reports (instance and cluster views, metrics).
+    pub gossip: Arc<Gossip>,
     /// The admin token; `/v1` requests must present it as a bearer token.
     pub token: String,
     /// Groups created without domains get `<name>.<cluster_domain>`.
@@ -177,6 +180,10 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<Reply, ApiError>
         }),
         ["metrics"] if method == Method::GET => {
             admin.metrics.set_cluster(&admin.store.status());
+            admin
+                .metrics
+                .gossip
+                .set_report_ages(&admin.gossip.report_ages(std::time::Instant::now()));
             let body = admin.metrics.render(&admin.dataplane.routes.load());
             Ok(with_type(
                 StatusCode::OK,

@@ -1,10 +1,11 @@
 //! Start-up and shutdown of a node: data dir, admin token, state, routing,
-//! listeners and the admin API, wired together.
+//! listeners, load gossip and the admin API, wired together.
 //!
 //! ```text
 //!   Store ──watch──▶ reconcile task ──build──▶ RoutingTable ──ArcSwap──▶ connections
-//!                          │
-//!                          └──▶ Listeners::reconcile (bind / release ports)
+//!     │                    │                        │ backends' load counters
+//!     │                    └──▶ Listeners::reconcile (bind / release ports)
+//!     └─membership─▶ gossip (sender, links, refresh) ◀──reports──▶ peers
 //! ```
 
 use std::net::SocketAddr;
@@ -22,9 +23,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::Admin;
+use crate::balancer::LoadChanged;
 use crate::cluster::Transport;
 use crate::config::{Config, ConfigError};
 use crate::dataplane::DataPlane;
+use crate::gossip::{Gossip, GossipTasks, Wiring};
 use crate::listeners::Listeners;
 use crate::metrics::Metrics;
 use crate::routing::{BuildContext, RoutingTable};
@@ -59,6 +62,9 @@ pub struct NodeHandle {
     leave_on_exit: bool,
     pub dataplane: Arc<DataPlane>,
     pub metrics: Arc<Metrics>,
+    /// Load gossip: the peers' reports.
+    pub gossip: Arc<Gossip>,
+    gossip_tasks: GossipTasks,
     ready: watch::Receiver<bool>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -71,14 +77,16 @@ impl NodeHandle {
     }
 
     /// Graceful stop: stop accepting, let in-flight work finish (bounded by
-    /// the drain timeout), leave the membership when configured to, stop
-    /// Raft and the cluster endpoint, then return.
+    /// the drain timeout; peers keep hearing this node's load meanwhile),
+    /// stop gossiping, leave the membership when configured to, stop Raft
+    /// and the cluster endpoint, then return.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         let limit = self.dataplane.settings.drain_timeout;
         for t in self.tasks {
             let _ = tokio::time::timeout(limit, t).await;
         }
+        self.gossip_tasks.stop().await;
         if self.leave_on_exit {
             match self.store.remove_node(self.node_id).await {
                 Ok(_) => info!("left the cluster"),
@@ -92,6 +100,7 @@ impl NodeHandle {
     /// Stops at once, as a crash would: no draining, no goodbye.
     pub async fn abort(self) {
         self.shutdown.cancel();
+        self.gossip_tasks.abort();
         for t in &self.tasks {
             t.abort();
         }
@@ -140,19 +149,47 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let ready_flag = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready) = watch::channel(false);
     let listeners = Listeners::new(config.listen_ip, dataplane.clone(), shutdown.clone());
+    let load_changed = Arc::new(LoadChanged::default());
     tasks.push(tokio::spawn(reconcile(
         store.clone(),
         dataplane.clone(),
         metrics.clone(),
+        load_changed.clone(),
         listeners,
-        ready_flag.clone(),
-        ready_tx,
+        Readiness {
+            flag: ready_flag.clone(),
+            tx: ready_tx,
+        },
         shutdown.clone(),
     )));
+
+    let gossip = Arc::new(Gossip::new(
+        config.node_id,
+        config.gossip.clone(),
+        dataplane.clone(),
+        metrics.clone(),
+    ));
+    let incarnation = crate::gossip::incarnation();
+    let gossip_cancel = CancellationToken::new();
+    let (peers, membership) = crate::gossip::membership(store.clone(), gossip_cancel.clone());
+    let mut gossip_tasks = crate::gossip::spawn(
+        gossip.clone(),
+        Wiring {
+            transport: raft.transport.clone(),
+            peers,
+            load_changed,
+            incarnation,
+        },
+        gossip_cancel,
+    );
+    gossip_tasks.push(membership);
+    info!(incarnation, "load gossip started");
+
     let admin = Arc::new(Admin {
         store: store.clone(),
         dataplane: dataplane.clone(),
         metrics: metrics.clone(),
+        gossip: gossip.clone(),
         token: token.clone(),
         cluster_domain: config.cluster_domain.clone(),
         ready: ready_flag,
@@ -174,10 +211,20 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         leave_on_exit: config.leave_on_exit,
         dataplane,
         metrics,
+        gossip,
+        gossip_tasks,
         ready,
         shutdown,
         tasks,
     })
+}
+
+/// Where the reconcile task says that the data plane serves the state.
+struct Readiness {
+    /// Read by `/readyz`.
+    flag: Arc<AtomicBool>,
+    /// Read by [`NodeHandle::ready`].
+    tx: watch::Sender<bool>,
 }
 
 /// Applies every published state to the data plane, and retries ports that
@@ -186,9 +233,9 @@ async fn reconcile(
     store: Arc<Store>,
     dp: Arc<DataPlane>,
     metrics: Arc<Metrics>,
+    load_changed: Arc<LoadChanged>,
     mut listeners: Listeners,
-    ready_flag: Arc<AtomicBool>,
-    ready: watch::Sender<bool>,
+    ready: Readiness,
     shutdown: CancellationToken,
 ) {
     let certs = CertCache::default();
@@ -199,13 +246,14 @@ async fn reconcile(
             metrics: &metrics,
             certs: &certs,
             drain_timeout: dp.settings.drain_timeout,
+            load_changed: Some(&load_changed),
         };
         let prev = dp.routes.load_full();
         let table = RoutingTable::build(&state, &prev, &cx);
         dp.routes.store(Arc::new(table));
         let failed = listeners.reconcile(&dp.routes.load());
-        ready_flag.store(true, Ordering::Release);
-        ready.send_replace(true);
+        ready.flag.store(true, Ordering::Release);
+        ready.tx.send_replace(true);
         let retry = async {
             if failed.is_empty() {
                 std::future::pending::<()>().await;

@@ -20,6 +20,9 @@
 //!        │              └─ expiries: heap of (down-until, slot)           │
 //!        ▼                                                                │
 //!     Lease ── Drop ──► local_inflight -= 1, refresh key ─────────────────┘
+//!        │
+//!        └─ pick and release bump the backend's LoadCounters (atomics) and
+//!           mark the node's LoadChanged flag for the gossip sender
 //! ```
 //!
 //! Each slot's key is `load + (DOWN_PENALTY if down)`, with the penalty
@@ -44,11 +47,12 @@
 //! never contends; within one group the critical sections are a few hundred
 //! nanoseconds even at 100 000 instances (see `benches/balancer.rs`).
 //!
-//! The counts themselves are atomics on [`Backend`], so the admin API and
-//! metric scrapes read them without the lock. Every tree key is computed
-//! under the lock from the current atomics, and every change of an atomic is
-//! followed by such a refresh, so the tree converges to the counts even when
-//! a release's decrement runs concurrently with a pick.
+//! The counts themselves are atomics on [`Backend`], so the admin API,
+//! metric scrapes and the gossip sender read them without the lock. Every
+//! tree key is computed under the lock from the current atomics, and every
+//! change of an atomic is followed by such a refresh, so the tree converges
+//! to the counts even when a release's decrement runs concurrently with a
+//! pick.
 //!
 //! # Down marking
 //!
@@ -78,11 +82,13 @@ mod tests;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
+use gossip::Started;
 use rand::Rng;
+use tokio::sync::Notify;
 use tracing::debug;
 
 use backend::DETACHED;
@@ -94,6 +100,49 @@ use tree::MinTree;
 pub struct GroupBalancer {
     hard_limit: AtomicU32,
     inner: Mutex<Inner>,
+    /// Told of every pick and release (the gossip sender's wake-up).
+    changes: Option<Arc<LoadChanged>>,
+}
+
+/// "Some in-flight count changed": a node-wide flag that picks and releases
+/// raise and the gossip sender takes down when it builds a report.
+///
+/// Raising an already raised flag is one atomic load of a line that is
+/// written about once per report, so picks share it without contention.
+/// Only the pick or release that raises it wakes the sender, at most once
+/// per report and never per request.
+#[derive(Debug, Default)]
+pub struct LoadChanged {
+    raised: AtomicBool,
+    wake: Notify,
+}
+
+impl LoadChanged {
+    /// Raises the flag; wakes the waiter if it was down.
+    pub fn raise(&self) {
+        if !self.raised.load(Ordering::Relaxed) && !self.raised.swap(true, Ordering::AcqRel) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether the flag is raised.
+    pub fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::Acquire)
+    }
+
+    /// Takes the flag down; whether it was raised.
+    pub fn take(&self) -> bool {
+        self.raised.swap(false, Ordering::AcqRel)
+    }
+
+    /// Completes once the flag has been raised since the last call (or at
+    /// once when it is raised now). May complete spuriously.
+    pub async fn raised(&self) {
+        if self.raised.load(Ordering::Acquire) {
+            return;
+        }
+        self.wake.notified().await;
+    }
 }
 
 /// Outcome of [`GroupBalancer::pick`].
@@ -115,20 +164,40 @@ pub enum Pick {
 pub struct Lease {
     group: Arc<GroupBalancer>,
     backend: Arc<Backend>,
+    /// `None` once released.
+    started: Option<Started>,
 }
 
 impl Lease {
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
     }
+
+    /// Releases the instance, the work having ended at `now` (dropping the
+    /// lease does the same at `Instant::now()`).
+    pub fn release(mut self, now: Instant) {
+        self.end(now);
+    }
+
+    fn end(&mut self, now: Instant) {
+        let Some(started) = self.started.take() else {
+            return;
+        };
+        self.backend.sub_inflight(started, now);
+        {
+            let mut inner = self.group.lock();
+            if let Some(slot) = inner.slot_of(&self.backend) {
+                inner.refresh(slot);
+            }
+        }
+        self.group.changed();
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.backend.sub_inflight();
-        let mut inner = self.group.lock();
-        if let Some(slot) = inner.slot_of(&self.backend) {
-            inner.refresh(slot);
+        if self.started.is_some() {
+            self.end(Instant::now());
         }
     }
 }
@@ -206,6 +275,21 @@ impl GroupBalancer {
         Self {
             hard_limit: AtomicU32::new(hard_limit),
             inner: Mutex::new(Inner::empty()),
+            changes: None,
+        }
+    }
+
+    /// A balancer that raises `changes` on every pick and release.
+    pub fn with_changes(hard_limit: u32, changes: Arc<LoadChanged>) -> Self {
+        Self {
+            changes: Some(changes),
+            ..Self::new(hard_limit)
+        }
+    }
+
+    fn changed(&self) {
+        if let Some(c) = &self.changes {
+            c.raise();
         }
     }
 
@@ -266,7 +350,7 @@ impl GroupBalancer {
     /// Selects an instance by the rule (see the module docs). O(log n).
     pub fn pick<R: Rng + ?Sized>(self: &Arc<Self>, now: Instant, rng: &mut R) -> Pick {
         let hard_limit = u64::from(self.hard_limit());
-        let backend = {
+        let (backend, started) = {
             let mut inner = self.lock();
             inner.expire(now);
             let Some((slot, key)) = inner.tree.pick(rng) else {
@@ -279,14 +363,16 @@ impl GroupBalancer {
             let Some(backend) = inner.slots.get(slot).map(|s| Arc::clone(&s.backend)) else {
                 return Pick::NoInstances;
             };
-            backend.add_inflight();
+            let started = backend.add_inflight(now);
             inner.refresh(slot);
-            backend
+            (backend, started)
         };
+        self.changed();
         backend.metrics.selected.inc();
         Pick::Selected(Lease {
             group: Arc::clone(self),
             backend,
+            started: Some(started),
         })
     }
 

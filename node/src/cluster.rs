@@ -1,5 +1,6 @@
 //! The cluster transport: one QUIC endpoint per node, mutual TLS with the
-//! cluster CA, Raft RPCs as length-prefixed JSON on one stream each.
+//! cluster CA, Raft RPCs as length-prefixed JSON on one stream each, load
+//! gossip reports as datagrams or unidirectional streams.
 //!
 //! ```text
 //!                       UDP cluster_addr (one quinn Endpoint)
@@ -9,7 +10,10 @@
 //!                       │   [len][Header{from,rpc}] from ≟ cert name ──┼──✗ close(IDENTITY)
 //!                       │   [len][body ≤ limit(rpc)] ──▶ RaftHandler   │──✗ reset(BAD_FRAME)
 //!                       │   ◀── [len][RpcReply]                        │
-//!                       │ ALPN edgelb-gossip/1 ──▶ closed (not yet)    │
+//!                       │ ALPN edgelb-gossip/1 ──▶ gossip::serve:      │
+//!                       │   datagram | uni stream ≤ MAX_REPORT_LEN     │──✗ dropped, counted
+//!                       │   decode, node_id ≟ cert name ──────────────┼──✗ close(IDENTITY)
+//!                       │   ──▶ GossipHandler::report                  │
 //!                       └─────────────────────────────────────────────┘
 //!   openraft ─▶ Network/PeerNetwork ─▶ Transport::call(target, cluster_addr, Rpc)
 //!               (one cached connection per peer, a new stream per RPC)
@@ -29,8 +33,12 @@
 //!   and replies other than forwards. Oversized, malformed or late frames
 //!   reset that stream only and are counted in [`TransportStats`].
 //! - [`Network`]: openraft's network factory over [`Transport::call`].
+//! - Gossip ([`GossipLink`], [`GossipHandler`]): one connection per peer
+//!   (ALPN `edgelb-gossip/1`, apart from Raft's), a report per datagram
+//!   when it fits, else per unidirectional stream; see `gossip.rs`.
 
 mod frame;
+mod gossip;
 mod network;
 pub mod pki;
 mod rpc;
@@ -42,6 +50,9 @@ mod transport;
 mod tests;
 
 pub use frame::MAX_FRAME;
+pub use gossip::{
+    Dropped, GossipHandler, GossipLink, MAX_STRIKES, REPORT_TIMEOUT, SEND_TIMEOUT, Via,
+};
 pub use network::{Network, PeerNetwork};
 pub use pki::{
     CaBundle, PkiError, generate_ca, issue_node_cert, node_dns_name, node_key_and_csr,

@@ -114,6 +114,9 @@ struct FileConfig {
     node_key: Option<PathBuf>,
     max_voters: Option<usize>,
     leave_on_exit: Option<bool>,
+    gossip_min_interval: Option<String>,
+    gossip_interval: Option<String>,
+    gossip_ttl: Option<String>,
 }
 
 /// A checked configuration.
@@ -135,6 +138,9 @@ pub struct Config {
     pub node_key: Option<PathBuf>,
     pub max_voters: usize,
     pub leave_on_exit: bool,
+    /// Load gossip: `gossip_min_interval`, `gossip_interval`, `gossip_ttl`
+    /// (the rest at its defaults).
+    pub gossip: gossip::Config,
 }
 
 impl Config {
@@ -157,6 +163,7 @@ impl Config {
             node_key: None,
             max_voters: 5,
             leave_on_exit: false,
+            gossip: gossip::Config::default(),
         }
     }
 
@@ -270,6 +277,28 @@ impl Config {
             c.max_voters = v;
         }
         c.leave_on_exit = args.leave_on_exit || file.leave_on_exit.unwrap_or(false);
+        let g = &mut c.gossip;
+        set_duration(
+            &mut g.min_interval,
+            "gossip_min_interval",
+            file.gossip_min_interval,
+        )?;
+        set_duration(&mut g.interval, "gossip_interval", file.gossip_interval)?;
+        set_duration(&mut g.ttl, "gossip_ttl", file.gossip_ttl)?;
+        if g.min_interval > g.interval {
+            return Err(ConfigError::new(
+                "gossip_min_interval",
+                "must not exceed gossip_interval",
+            ));
+        }
+        // With a heartbeat less often than the TTL, an idle peer's reports
+        // would expire between heartbeats.
+        if g.interval >= g.ttl {
+            return Err(ConfigError::new(
+                "gossip_interval",
+                "must be shorter than gossip_ttl",
+            ));
+        }
         if c.join.is_some() && c.token.is_none() {
             return Err(ConfigError::new(
                 "token",
@@ -429,6 +458,37 @@ mod tests {
         std::fs::write(&path, "colour = 1\n").unwrap();
         let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
         assert!(err.message.contains("colour"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn gossip_keys() {
+        let dir = std::env::temp_dir().join(format!("edgelb-config-gossip-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("g.toml");
+        let c = load(&[]).unwrap();
+        assert_eq!(c.gossip.min_interval, Duration::from_millis(5));
+        assert_eq!(c.gossip.interval, Duration::from_millis(100));
+        assert_eq!(c.gossip.ttl, Duration::from_secs(1));
+        std::fs::write(
+            &path,
+            "gossip_min_interval = \"2ms\"\ngossip_interval = \"50ms\"\ngossip_ttl = \"500ms\"\n",
+        )
+        .unwrap();
+        let c = load(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.gossip.min_interval, Duration::from_millis(2));
+        assert_eq!(c.gossip.interval, Duration::from_millis(50));
+        assert_eq!(c.gossip.ttl, Duration::from_millis(500));
+        for (text, field) in [
+            ("gossip_ttl = \"100ms\"\n", "gossip_interval"),
+            ("gossip_min_interval = \"200ms\"\n", "gossip_min_interval"),
+            ("gossip_interval = \"0ms\"\n", "gossip_interval"),
+            ("gossip_ttl = \"soon\"\n", "gossip_ttl"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
+            assert_eq!(err.field, field, "{text}: {err}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -4,8 +4,10 @@
 //! immutable routing table ([`routing`]) that connections read without locks,
 //! binds the published ports ([`listeners`]), terminates TLS ([`tls`]),
 //! proxies HTTP ([`http`]) and TCP ([`tcp`]) to the instance the balancer
-//! picks ([`balancer`]), and serves the admin API ([`admin`]) and metrics
-//! ([`metrics`]). [`app::start`] wires it together from a [`config::Config`].
+//! picks ([`balancer`]), tells its peers its load and takes theirs into
+//! account ([`gossip`](mod@gossip), over [`cluster`]), and serves the admin
+//! API ([`admin`]) and metrics ([`metrics`]). [`app::start`] wires it
+//! together from a [`config::Config`].
 
 pub mod admin;
 pub mod app;
@@ -14,6 +16,7 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;
+pub mod gossip;
 pub mod http;
 pub mod listeners;
 pub mod metrics;

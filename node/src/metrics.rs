@@ -4,6 +4,9 @@
 //! Hot-path counters are resolved to concrete handles once per instance
 //! ([`InstanceMetrics`]) so that a request never hashes label values. Gauges
 //! that mirror atomics (in-flight counts, up) are filled in at scrape time.
+//! The load-gossip series are in [`GossipMetrics`].
+
+mod gossip;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,6 +21,8 @@ use tracing::warn;
 
 use crate::balancer::BackendState;
 use crate::routing::RoutingTable;
+
+pub use gossip::{DROP_REASONS, GossipMetrics};
 
 /// HTTP status classes counted by `edgelb_instance_requests_total{code_class}`.
 pub const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -110,7 +115,8 @@ struct InstanceGauges {
 /// | `edgelb_instance_up` | gauge | 1 while selectable (up), 0 while marked down or draining |
 ///
 /// Per node: `edgelb_groups`, `edgelb_instances`, `edgelb_listeners` (from
-/// the routing table at scrape time) and `edgelb_admin_requests_total{code}`.
+/// the routing table at scrape time), `edgelb_admin_requests_total{code}`,
+/// the Raft series and the gossip series ([`GossipMetrics`]).
 ///
 /// Every series of an instance is created by [`Metrics::instance`] and
 /// removed by [`Metrics::remove_instance`], so a detached instance's series
@@ -131,6 +137,8 @@ pub struct Metrics {
     listeners: IntGauge,
     admin_requests: IntCounterVec,
     raft: RaftGauges,
+    /// Load gossip.
+    pub gossip: GossipMetrics,
     /// Scrape-time gauges by service, then instance name. Holding this lock
     /// while setting them keeps a scrape that races a detach from bringing
     /// the detached instance's series back.
@@ -282,6 +290,7 @@ impl Metrics {
                 voters: gauge("edgelb_raft_voters", "Voters in the Raft membership."),
                 learners: gauge("edgelb_raft_learners", "Learners in the Raft membership."),
             },
+            gossip: GossipMetrics::register(&registry),
             registry,
             gauges: Mutex::new(HashMap::new()),
         }

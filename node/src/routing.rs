@@ -18,7 +18,7 @@ use raft_store::state::State;
 use rustls::sign::CertifiedKey;
 use uuid::Uuid;
 
-use crate::balancer::{Backend, GroupBalancer, start_drain};
+use crate::balancer::{Backend, GroupBalancer, LoadChanged, start_drain};
 use crate::http::upstream::Pool;
 use crate::metrics::Metrics;
 use crate::tls::CertCache;
@@ -139,6 +139,8 @@ pub struct BuildContext<'a> {
     pub metrics: &'a Metrics,
     pub certs: &'a CertCache,
     pub drain_timeout: Duration,
+    /// Raised by new groups' picks and releases, for the gossip sender.
+    pub load_changed: Option<&'a Arc<LoadChanged>>,
 }
 
 /// The routing table of one state.
@@ -216,7 +218,12 @@ fn group_runtime(
     cx: &BuildContext<'_>,
 ) -> GroupRuntime {
     let balancer = prev.map_or_else(
-        || Arc::new(GroupBalancer::new(g.hard_limit)),
+        || {
+            Arc::new(match cx.load_changed {
+                Some(c) => GroupBalancer::with_changes(g.hard_limit, Arc::clone(c)),
+                None => GroupBalancer::new(g.hard_limit),
+            })
+        },
         |p| p.balancer.clone(),
     );
     balancer.set_hard_limit(g.hard_limit);

@@ -2,10 +2,12 @@
 //! where the gossip estimator is chosen and proven (SPEC §3, "Stale load").
 //!
 //! It drives the real selection code, one [`GroupBalancer`] per node fed
-//! through [`GroupBalancer::set_peer_load`], and the real gossip code: each
-//! node's [`gossip::Tracker`] builds reports, which are encoded, delayed,
-//! decoded and merged into the receiver's [`gossip::LoadTable`], and an
-//! [`gossip::Estimator`] turns them into peer loads.
+//! through [`GroupBalancer::set_peer_load`], and the real gossip code: picks
+//! and releases bump each backend's [`gossip::LoadCounters`] as in the data
+//! plane, each node's [`gossip::Tracker`] samples them into reports, which
+//! are encoded, delayed, decoded and merged into the receiver's
+//! [`gossip::LoadTable`], and an [`gossip::Estimator`] turns them into peer
+//! loads.
 //!
 //! # Model
 //!
@@ -14,11 +16,11 @@
 //!     │ pick (GroupBalancer: least local + peer load, random tie-break)
 //!     ▼
 //!  instance i: c servers, FIFO queue; work ~ Exp(mean) / speed(i)
-//!     │ done: lease dropped, Tracker::finished
+//!     │ done: Lease::release (LoadCounters::finish)
 //!     ▼
-//!  every `interval` (± jitter): Tracker::report → encode → each peer after
-//!  `delay` (± jitter) → decode → LoadTable::insert; every `refresh` and on
-//!  each report: Estimator::peer_loads → set_peer_load
+//!  every `interval` (± jitter): Tracker::report (samples the counters) →
+//!  encode → each peer after `delay` (± jitter) → decode → LoadTable::insert;
+//!  every `refresh` and on each report: Estimator::peer_loads → set_peer_load
 //! ```
 //!
 //! Each instance is a `c`-server queue (an upstream with `c` workers and a

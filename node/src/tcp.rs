@@ -96,11 +96,12 @@ where
                 debug!(instance = %backend.name, "instance drained; closing");
             }
         }
+        let now = Instant::now();
         backend
             .metrics
             .duration
-            .observe(started.elapsed().as_secs_f64());
-        drop(lease);
+            .observe(now.saturating_duration_since(started).as_secs_f64());
+        lease.release(now);
         return;
     }
     debug!(peer = %conn.peer, group = %target.group.name, "every attempt failed; closing");

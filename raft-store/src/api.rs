@@ -194,9 +194,11 @@ pub enum InstanceState {
 pub struct LoadView {
     /// This node's exact count.
     pub local: u64,
-    /// The estimated cluster-wide count.
+    /// The estimated cluster-wide count: `local` plus the peers' parts,
+    /// what the balancer compares.
     pub global: u64,
-    /// The last count each peer reported, by node id.
+    /// Each fresh peer's estimated part, by node id (0 where it has
+    /// nothing on the instance).
     pub peers: BTreeMap<String, u64>,
 }
 

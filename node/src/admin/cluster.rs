@@ -42,7 +42,7 @@ struct NodeView {
     role: Role,
     is_leader: bool,
     /// Age of the newest load report from this node; null for this node and
-    /// until load gossip reports arrive.
+    /// until its first report arrives.
     last_gossip_age_ms: Option<u64>,
 }
 
@@ -59,17 +59,21 @@ struct RemovedNode {
 /// `GET /v1/cluster`
 pub(crate) fn status(admin: &Admin) -> Reply {
     let s = admin.store.status();
+    let now = std::time::Instant::now();
     let nodes = s
         .members
         .into_iter()
         .map(|m| NodeView {
+            last_gossip_age_ms: (m.node_id != s.node_id)
+                .then(|| admin.gossip.last_report_age(m.node_id, now))
+                .flatten()
+                .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
             node_id: m.node_id,
             region: m.node.region,
             cluster_addr: m.node.cluster_addr,
             admin_addr: m.node.admin_addr,
             role: m.role,
             is_leader: m.is_leader,
-            last_gossip_age_ms: None,
         })
         .collect();
     success(ClusterData {

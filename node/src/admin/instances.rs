@@ -1,6 +1,6 @@
 //! `/v1/services/{id}/instances[/{instance}]`: attach, list, detach.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -62,24 +62,27 @@ pub(crate) async fn attach(admin: &Admin, id: &str, body: Incoming) -> Result<Re
         },
     };
     match admin.store.propose(cmd).await? {
-        Applied::Attached { instance, .. } => Ok(one(view(&instance, None, Instant::now()))),
+        Applied::Attached { instance, .. } => Ok(one(view(&instance, None, None, Instant::now()))),
         other => Err(unexpected(&other)),
     }
 }
 
 /// `GET /v1/services/{id}/instances`: each instance with this node's view
-/// of its state and load. An instance that the data plane has not picked up
-/// yet shows as up with no load.
+/// of its state and load: `local` is this node's exact count, `peers` each
+/// fresh peer's estimated part, `global` their sum (what selection uses).
+/// An instance that the data plane has not picked up yet shows as up with
+/// no load.
 pub(crate) fn list(admin: &Admin, id: &str) -> Result<Reply, ApiError> {
     let state = admin.store.state();
     let group = state.group(id).ok_or_else(|| not_found(id))?;
     let table = admin.dataplane.routes.load();
     let runtime = table.group(&group.uuid);
     let now = Instant::now();
+    let parts = runtime.map(|r| admin.gossip.peer_parts(r, now));
     let instances = group
         .instances
         .iter()
-        .map(|i| view(i, live(runtime, i), now))
+        .map(|i| view(i, live(runtime, i), part(parts.as_ref(), i), now))
         .collect();
     Ok(success(InstancesData { instances }))
 }
@@ -98,7 +101,10 @@ pub(crate) async fn detach(admin: &Admin, id: &str, instance: &str) -> Result<Re
     };
     match admin.store.propose(cmd).await? {
         Applied::Detached { instance, .. } => {
-            let mut v = view(&instance, live(runtime.as_ref(), &instance), Instant::now());
+            let now = Instant::now();
+            let parts = runtime.as_ref().map(|r| admin.gossip.peer_parts(r, now));
+            let live = live(runtime.as_ref(), &instance);
+            let mut v = view(&instance, live, part(parts.as_ref(), &instance), now);
             v.state = InstanceState::Draining;
             Ok(one(v))
         }
@@ -112,35 +118,48 @@ fn one(view: InstanceView) -> Reply {
     })
 }
 
-/// The live backend of `instance`, if the runtime has it at that address.
-fn live<'a>(
-    runtime: Option<&'a Arc<GroupRuntime>>,
+/// The live backend of `instance`, if the runtime has it.
+fn live<'a>(runtime: Option<&'a Arc<GroupRuntime>>, instance: &Instance) -> Option<&'a Backend> {
+    Some(runtime?.backends.get(&instance.uuid)?.as_ref())
+}
+
+/// The peers' parts of `instance`'s load, from the group's parts.
+fn part<'a>(
+    parts: Option<&'a HashMap<Uuid, BTreeMap<u64, u64>>>,
     instance: &Instance,
-) -> Option<(&'a GroupRuntime, &'a Backend)> {
-    let runtime = runtime?;
-    let backend = runtime.backends.get(&instance.uuid)?;
-    Some((runtime.as_ref(), backend.as_ref()))
+) -> Option<&'a BTreeMap<u64, u64>> {
+    parts?.get(&instance.uuid)
 }
 
 fn view(
     instance: &Instance,
-    live: Option<(&GroupRuntime, &Backend)>,
+    live: Option<&Backend>,
+    peers: Option<&BTreeMap<u64, u64>>,
     now: Instant,
 ) -> InstanceView {
     let (state, load) = match live {
-        Some((runtime, backend)) => (
-            match backend.state(now) {
-                BackendState::Up => InstanceState::Up,
-                BackendState::Down => InstanceState::Down,
-                BackendState::Draining => InstanceState::Draining,
-            },
-            LoadView {
-                local: backend.local_inflight(),
-                global: runtime.balancer.load(backend),
-                // Per-peer reports arrive with gossip.
-                peers: BTreeMap::new(),
-            },
-        ),
+        Some(backend) => {
+            let local = backend.local_inflight();
+            let peers: BTreeMap<String, u64> = peers
+                .into_iter()
+                .flatten()
+                .map(|(id, n)| (id.to_string(), *n))
+                .collect();
+            // `peer_parts` set the balancer's peer load to this sum.
+            let remote: u64 = peers.values().sum();
+            (
+                match backend.state(now) {
+                    BackendState::Up => InstanceState::Up,
+                    BackendState::Down => InstanceState::Down,
+                    BackendState::Draining => InstanceState::Draining,
+                },
+                LoadView {
+                    local,
+                    global: local.saturating_add(remote),
+                    peers,
+                },
+            )
+        }
         None => (InstanceState::Up, LoadView::default()),
     };
     InstanceView {

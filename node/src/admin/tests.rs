@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Admin, serve};
 use crate::dataplane::{DataPlane, Settings};
+use crate::gossip::Gossip;
 use crate::metrics::Metrics;
 use crate::routing::{BuildContext, RoutingTable};
 use crate::tls::CertCache;
@@ -83,10 +84,19 @@ impl Server {
         let (store, _transport) = crate::raft::one_node_store(&dir)
             .await
             .expect("one-node store");
+        let dataplane = Arc::new(DataPlane::new(Settings::default()));
+        let metrics = Arc::new(Metrics::new());
+        let gossip = Arc::new(Gossip::new(
+            1,
+            ::gossip::Config::default(),
+            dataplane.clone(),
+            metrics.clone(),
+        ));
         let admin = Arc::new(Admin {
             store: Arc::new(store),
-            dataplane: Arc::new(DataPlane::new(Settings::default())),
-            metrics: Arc::new(Metrics::new()),
+            dataplane,
+            metrics,
+            gossip,
             token: TOKEN.to_owned(),
             cluster_domain: "edgelb.local".to_owned(),
             ready: Arc::new(AtomicBool::new(false)),
@@ -114,6 +124,7 @@ impl Server {
             metrics: &self.admin.metrics,
             certs: &self.certs,
             drain_timeout: Duration::from_secs(1),
+            load_changed: None,
         };
         let table = RoutingTable::build(&state, &prev, &cx);
         self.admin.dataplane.routes.store(Arc::new(table));

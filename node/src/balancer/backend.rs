@@ -1,11 +1,17 @@
 //! One attached instance as the balancer sees it: counters that the data
 //! plane and the admin API read without locks, its passive down state and
 //! its drain state.
+//!
+//! This node's in-flight count lives in [`LoadCounters`], with what the
+//! gossip sender samples for its reports (picks, completions, service
+//! time, start-time epochs of the work in flight): all atomics, bumped by
+//! the pick and the release of a [`Lease`](super::Lease) without a lock.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use gossip::{LoadCounters, Started};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use uuid::Uuid;
 
@@ -47,8 +53,9 @@ pub struct Backend {
     /// Host or IP, as attached (the port comes from the published port).
     pub address: String,
     pub metrics: InstanceMetrics,
-    /// Connections/requests of this node in flight to the instance.
-    local: AtomicU64,
+    /// Connections/requests of this node in flight to the instance, and
+    /// what the gossip sender samples.
+    counters: LoadCounters,
     /// Peers' part of the load, set from gossip.
     peer: AtomicU64,
     /// Index in the owning group's tree, or [`DETACHED`]. Written only under
@@ -80,12 +87,24 @@ pub(super) fn backoff(failures: u32) -> Duration {
 
 impl Backend {
     pub fn new(uuid: Uuid, name: String, address: String, metrics: InstanceMetrics) -> Self {
+        Self::new_at(uuid, name, address, metrics, Instant::now())
+    }
+
+    /// A backend created at `created`: the start-time epochs of its load
+    /// counters are counted from there (the simulator passes its own clock).
+    pub fn new_at(
+        uuid: Uuid,
+        name: String,
+        address: String,
+        metrics: InstanceMetrics,
+        created: Instant,
+    ) -> Self {
         Self {
             uuid,
             name,
             address,
             metrics,
-            local: AtomicU64::new(0),
+            counters: LoadCounters::new(created, gossip::Config::default().long_after),
             peer: AtomicU64::new(0),
             slot: AtomicUsize::new(DETACHED),
             failing: AtomicBool::new(false),
@@ -97,7 +116,12 @@ impl Backend {
 
     /// This node's connections/requests in flight to the instance.
     pub fn local_inflight(&self) -> u64 {
-        self.local.load(Ordering::Relaxed)
+        self.counters.inflight()
+    }
+
+    /// The counters the gossip sender samples.
+    pub fn counters(&self) -> &LoadCounters {
+        &self.counters
     }
 
     /// The peers' part of the load, as last set by gossip.
@@ -136,13 +160,13 @@ impl Backend {
         self.drain.clone()
     }
 
-    pub(super) fn add_inflight(&self) {
-        self.local.fetch_add(1, Ordering::Relaxed);
+    pub(super) fn add_inflight(&self, now: Instant) -> Started {
+        self.counters.start(now)
     }
 
-    pub(super) fn sub_inflight(&self) {
+    pub(super) fn sub_inflight(&self, started: Started, now: Instant) {
         // Only a `Lease` decrements, once, after its pick incremented.
-        self.local.fetch_sub(1, Ordering::Relaxed);
+        self.counters.finish(started, now);
     }
 
     pub(super) fn set_peer_load(&self, load: u64) {

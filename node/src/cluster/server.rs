@@ -1,5 +1,5 @@
 //! The accepting side of the endpoint: handshake, ALPN dispatch, and one
-//! task per RPC stream.
+//! task per RPC stream. Gossip connections go to [`super::gossip`].
 //!
 //! A bad stream (oversized, malformed or late frame) is reset and counted;
 //! the connection and the other streams go on. A stream that claims a node
@@ -17,8 +17,9 @@ use tokio::time::timeout;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::frame::{self, FrameError, HEADER_LIMIT, HEADER_TIMEOUT};
+use super::gossip;
 use super::rpc::RpcReply;
-use super::tls::{ALPN_RAFT, negotiated_alpn, peer_leaf, verify_peer_id};
+use super::tls::{ALPN_GOSSIP, ALPN_RAFT, negotiated_alpn, peer_leaf, verify_peer_id};
 use super::transport::{Shared, bump, codes};
 
 /// Accepts connections until the endpoint closes.
@@ -40,8 +41,9 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     match negotiated_alpn(&conn).as_deref() {
         Some(ALPN_RAFT) => serve_raft(shared, conn).await,
-        // Gossip (edgelb-gossip/1) is offered in the handshake but not
-        // served yet: close politely, the peer will try later.
+        Some(ALPN_GOSSIP) => gossip::serve(shared, conn).await,
+        // rustls refuses ALPNs the server does not offer; this is for an
+        // ALPN offered but not dispatched here.
         alpn => {
             bump(&shared.stats.unsupported_alpn);
             debug!(alpn = ?alpn.map(String::from_utf8_lossy), "alpn not served");
@@ -51,15 +53,32 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
 }
 
 /// A connected peer: its certificate, and the node id it has proven.
-struct Peer {
-    conn: Connection,
+pub(super) struct Peer {
+    pub(super) conn: Connection,
     leaf: CertificateDer<'static>,
     proven: OnceLock<NodeId>,
 }
 
 impl Peer {
+    /// The peer of `conn`; `None` (and the connection closed) when it
+    /// presented no certificate.
+    pub(super) fn of(shared: &Shared, conn: &Connection) -> Option<Self> {
+        // rustls required and verified a client certificate; a connection
+        // without one cannot get here, but is refused rather than trusted.
+        let Some(leaf) = peer_leaf(conn) else {
+            bump(&shared.stats.identity_refused);
+            conn.close(codes::IDENTITY, b"no client certificate");
+            return None;
+        };
+        Some(Self {
+            conn: conn.clone(),
+            leaf,
+            proven: OnceLock::new(),
+        })
+    }
+
     /// Whether the certificate is valid for node `id`.
-    fn proves(&self, id: NodeId) -> bool {
+    pub(super) fn proves(&self, id: NodeId) -> bool {
         if self.proven.get() == Some(&id) {
             return true;
         }
@@ -74,29 +93,33 @@ impl Peer {
 
 async fn serve_raft(shared: Arc<Shared>, conn: Connection) {
     bump(&shared.stats.connections_accepted);
-    // rustls required and verified a client certificate; a connection
-    // without one cannot get here, but is refused rather than trusted.
-    let Some(leaf) = peer_leaf(&conn) else {
-        bump(&shared.stats.identity_refused);
-        conn.close(codes::IDENTITY, b"no client certificate");
+    let Some(peer) = Peer::of(&shared, &conn) else {
         return;
     };
-    let peer = Arc::new(Peer {
-        conn: conn.clone(),
-        leaf,
-        proven: OnceLock::new(),
-    });
+    let peer = Arc::new(peer);
     debug!("raft connection accepted");
     loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                let stream = serve_stream(Arc::clone(&shared), Arc::clone(&peer), send, recv);
-                tokio::spawn(stream.in_current_span());
-            }
-            Err(e) => {
-                debug!(reason = %e, "raft connection closed");
-                return;
-            }
+        tokio::select! {
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => {
+                    let stream = serve_stream(Arc::clone(&shared), Arc::clone(&peer), send, recv);
+                    tokio::spawn(stream.in_current_span());
+                }
+                Err(e) => {
+                    debug!(reason = %e, "raft connection closed");
+                    return;
+                }
+            },
+            uni = conn.accept_uni() => match uni {
+                // RPCs are bidirectional; a unidirectional stream is refused.
+                Ok(mut recv) => {
+                    let _ = recv.stop(codes::UNSUPPORTED);
+                }
+                Err(e) => {
+                    debug!(reason = %e, "raft connection closed");
+                    return;
+                }
+            },
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Transport tests over real UDP sockets on 127.0.0.1: mutual TLS, identity,
-//! hostile frames, timeouts; and openraft clusters over it ([`raft`]).
+//! hostile frames, timeouts; openraft clusters over it ([`raft`]); load
+//! gossip over it ([`gossip`](mod@gossip)).
 
+mod gossip;
 mod raft;
 
 use std::net::SocketAddr;
@@ -404,23 +406,25 @@ async fn reconnects_after_the_peer_restarts() {
     assert_eq!(echo.seen(), [1]);
     assert_eq!(client.stats().connects, 2);
     assert_eq!(server.stats().connections_accepted, 1);
+}
 
-    // Gossip is not served yet: such connections are closed politely.
-    let tls1 = node_tls(&ca, 1);
-    let ep = Endpoint::client(loopback()).unwrap();
-    let conn = ep
-        .connect_with(
-            tls1.client_config(ALPN_GOSSIP).unwrap(),
-            addr,
-            &node_dns_name(2),
-        )
-        .unwrap()
+#[tokio::test]
+async fn raft_connections_refuse_unidirectional_streams() {
+    let ca = generate_ca("test").unwrap();
+    let (server, echo) = serve(&node_tls(&ca, 2), 2);
+    let addr = server.local_addr().unwrap();
+    let (_ep, conn) = raw_client(&node_tls(&ca, 1), addr, 2).await;
+    let mut uni = conn.open_uni().await.unwrap();
+    let _ = uni.write_all(b"gossip on the raft alpn").await;
+    let stopped = timeout(PATIENCE, uni.stopped()).await.unwrap();
+    assert_eq!(stopped.unwrap(), Some(codes::UNSUPPORTED));
+    // The connection still serves RPCs.
+    let reply = send_raw(&conn, &frame::encode_request(1, &vote()).unwrap())
         .await
         .unwrap();
-    let closed = timeout(PATIENCE, conn.closed()).await.unwrap();
-    assert!(
-        matches!(&closed, ConnectionError::ApplicationClosed(c) if c.error_code == codes::UNSUPPORTED),
-        "{closed}"
-    );
-    assert_eq!(server.stats().unsupported_alpn, 1);
+    assert!(matches!(
+        frame::decode_reply(&reply[4..]).unwrap(),
+        RpcReply::Vote(Ok(_))
+    ));
+    assert_eq!(echo.seen(), [1]);
 }

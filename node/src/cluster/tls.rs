@@ -41,6 +41,14 @@ const KEEP_ALIVE: Duration = Duration::from_secs(3);
 const MAX_STREAMS: u32 = 128;
 /// Per-stream receive window: enough for large frames to flow.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Concurrent unidirectional streams a peer may open on one connection:
+/// gossip reports too large for a datagram, one per stream. A sender has
+/// one in flight at a time; the rest is slack.
+const MAX_UNI_STREAMS: u32 = 4;
+/// Datagrams (gossip reports) buffered per connection, each way, in bytes:
+/// on the receiving side, a few hundred reports before the oldest are
+/// dropped.
+const DATAGRAM_BUFFER: usize = 256 * 1024;
 
 /// A node's cluster credentials, all PEM.
 #[derive(Clone)]
@@ -167,8 +175,10 @@ fn transport_config() -> quinn::TransportConfig {
     }
     t.keep_alive_interval(Some(KEEP_ALIVE))
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+        .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+        .datagram_send_buffer_size(DATAGRAM_BUFFER);
     t
 }
 

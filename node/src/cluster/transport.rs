@@ -2,14 +2,16 @@
 //!
 //! Outgoing calls share one cached connection per peer (ALPN
 //! `edgelb-raft/1`), each RPC on its own bidirectional stream; a connection
-//! that failed is replaced on the next call. Incoming connections are
-//! served by [`server`](super::server).
+//! that failed is replaced on the next call. Load gossip goes on separate
+//! connections (ALPN `edgelb-gossip/1`, [`Transport::gossip_connect`]), so
+//! that a large report never queues behind Raft traffic or the other way
+//! round. Incoming connections are served by [`server`](super::server).
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use quinn::{Connection, Endpoint};
@@ -19,10 +21,11 @@ use tokio::time::{Instant, timeout_at};
 use tracing::{debug, warn};
 
 use super::frame::{self, FrameError};
+use super::gossip::{GossipHandler, GossipLink};
 use super::pki::node_dns_name;
 use super::rpc::{RaftHandler, Rpc, RpcKind, RpcReply};
 use super::server;
-use super::tls::{ALPN_RAFT, NodeTls};
+use super::tls::{ALPN_GOSSIP, ALPN_RAFT, NodeTls};
 
 /// Application error codes on connections and streams.
 pub mod codes {
@@ -38,8 +41,10 @@ pub mod codes {
     /// A frame did not arrive in time (resets the stream).
     pub const TIMEOUT: VarInt = VarInt::from_u32(0x03);
     /// The negotiated ALPN is not served by this node (closes the
-    /// connection).
+    /// connection), or a stream of a kind the ALPN does not use (stops it).
     pub const UNSUPPORTED: VarInt = VarInt::from_u32(0x04);
+    /// Too many bad gossip reports in a row (closes the connection).
+    pub const BAD_REPORTS: VarInt = VarInt::from_u32(0x05);
 }
 
 /// Why a call failed, or the transport could not start.
@@ -116,8 +121,16 @@ pub struct TransportStats {
     /// Connections closed because a stream claimed an id the certificate
     /// does not name.
     pub identity_refused: u64,
-    /// Connections closed because their ALPN is not served (yet).
+    /// Connections closed because their ALPN is not served.
     pub unsupported_alpn: u64,
+    /// Incoming gossip connections whose handshake succeeded.
+    pub gossip_connections_accepted: u64,
+    /// Gossip reports handed to the [`GossipHandler`] (proven sender, not
+    /// this node).
+    pub gossip_reports: u64,
+    /// Gossip input dropped before it became a report (malformed,
+    /// oversized, late, identity, this node's own).
+    pub gossip_dropped: u64,
     /// Requests handed to the [`RaftHandler`].
     pub requests_served: u64,
     /// Streams reset for an oversized or malformed frame.
@@ -136,6 +149,9 @@ pub(crate) struct Counters {
     pub(crate) handshakes_failed: AtomicU64,
     pub(crate) identity_refused: AtomicU64,
     pub(crate) unsupported_alpn: AtomicU64,
+    pub(crate) gossip_connections_accepted: AtomicU64,
+    pub(crate) gossip_reports: AtomicU64,
+    pub(crate) gossip_dropped: AtomicU64,
     pub(crate) requests_served: AtomicU64,
     pub(crate) bad_frames: AtomicU64,
     pub(crate) read_timeouts: AtomicU64,
@@ -155,6 +171,9 @@ impl Counters {
             handshakes_failed: g(&self.handshakes_failed),
             identity_refused: g(&self.identity_refused),
             unsupported_alpn: g(&self.unsupported_alpn),
+            gossip_connections_accepted: g(&self.gossip_connections_accepted),
+            gossip_reports: g(&self.gossip_reports),
+            gossip_dropped: g(&self.gossip_dropped),
             requests_served: g(&self.requests_served),
             bad_frames: g(&self.bad_frames),
             read_timeouts: g(&self.read_timeouts),
@@ -169,8 +188,11 @@ pub(crate) struct Shared {
     pub(crate) endpoint: Endpoint,
     pub(crate) node_id: NodeId,
     pub(crate) handler: Arc<dyn RaftHandler>,
+    /// Where incoming gossip reports go; until it is set they are dropped.
+    pub(crate) gossip: OnceLock<Arc<dyn GossipHandler>>,
     pub(crate) stats: Counters,
     client: quinn::ClientConfig,
+    gossip_client: quinn::ClientConfig,
     /// One slot per peer; its async lock is held only while that peer is
     /// being connected, never across peers.
     peers: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
@@ -212,13 +234,16 @@ impl Transport {
         tls.check_own_id(node_id)?;
         let server = tls.server_config()?;
         let client = tls.client_config(ALPN_RAFT)?;
+        let gossip_client = tls.client_config(ALPN_GOSSIP)?;
         let endpoint = Endpoint::server(server, addr).map_err(TransportError::Bind)?;
         let shared = Arc::new(Shared {
             endpoint,
             node_id,
             handler,
+            gossip: OnceLock::new(),
             stats: Counters::default(),
             client,
+            gossip_client,
             peers: Mutex::new(HashMap::new()),
         });
         let accept = tokio::spawn(server::accept_loop(Arc::clone(&shared)));
@@ -239,6 +264,48 @@ impl Transport {
     /// The counters so far.
     pub fn stats(&self) -> TransportStats {
         self.shared.stats.snapshot()
+    }
+
+    /// Sets where incoming gossip reports go (once; later calls are
+    /// ignored). Until then they are dropped.
+    pub fn set_gossip_handler(&self, handler: Arc<dyn GossipHandler>) {
+        let _ = self.shared.gossip.set(handler);
+    }
+
+    /// A new gossip connection to node `target` at `addr` (`host:port`),
+    /// made within `timeout`.
+    pub async fn gossip_connect(
+        &self,
+        target: NodeId,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<GossipLink, TransportError> {
+        let connect = async {
+            let sock = self.resolve(addr).await?;
+            let connect_err = |reason: String| TransportError::Connect { target, reason };
+            let connecting = self
+                .shared
+                .endpoint
+                .connect_with(
+                    self.shared.gossip_client.clone(),
+                    sock,
+                    &node_dns_name(target),
+                )
+                .map_err(|e| match e {
+                    quinn::ConnectError::EndpointStopping => TransportError::Closed,
+                    e => connect_err(e.to_string()),
+                })?;
+            let conn = connecting.await.map_err(|e| connect_err(e.to_string()))?;
+            bump(&self.shared.stats.connects);
+            debug!(target, addr, "gossip connected");
+            Ok(GossipLink::new(target, conn))
+        };
+        tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| TransportError::Connect {
+                target,
+                reason: format!("no connection within {timeout:?}"),
+            })?
     }
 
     /// Closes every connection and the endpoint, waiting briefly for peers

@@ -157,7 +157,8 @@ impl UpstreamBody {
         if complete && let Some(r) = f.reuse {
             r.pool.checkin(f.conn, r.max_idle, r.idle_timeout, now);
         }
-        // Dropping the lease ends the in-flight count.
+        // Ends the in-flight count (and times the work for gossip).
+        f.lease.release(now);
     }
 
     fn on_frame(

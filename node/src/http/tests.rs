@@ -117,6 +117,7 @@ impl Edge {
             metrics: &metrics,
             certs: &certs,
             drain_timeout: settings.drain_timeout,
+            load_changed: None,
         };
         let table = RoutingTable::build(&state, &RoutingTable::default(), &cx);
         let dp = Arc::new(DataPlane::new(settings));

@@ -69,8 +69,11 @@ pub(crate) fn tunnel(
         splice.abort();
         let metrics = &lease.backend().metrics;
         metrics.observe_status(101);
-        metrics.duration.observe(start.elapsed().as_secs_f64());
-        drop(lease);
+        let now = Instant::now();
+        metrics
+            .duration
+            .observe(now.saturating_duration_since(start).as_secs_f64());
+        lease.release(now);
     };
     tokio::spawn(task.instrument(tracing::Span::current()));
     Response::from_parts(parts, ProxyBody::empty())

@@ -88,7 +88,6 @@ struct Instance {
 
 struct Job {
     arrival: Ns,
-    node: usize,
     instance: usize,
     /// Service time at this instance, in ns.
     work: Ns,
@@ -123,14 +122,17 @@ pub(super) struct Sim<'a> {
     report_bytes: u64,
 }
 
-fn backends(n: usize) -> Vec<Arc<Backend>> {
+/// `n` backends whose load counters count time from `base`, the simulated
+/// clock's zero.
+fn backends(n: usize, base: Instant) -> Vec<Arc<Backend>> {
     (0..n)
         .map(|i| {
-            Arc::new(Backend::new(
+            Arc::new(Backend::new_at(
                 Uuid::from_u128(i as u128),
                 format!("i-{i}"),
                 format!("10.0.0.{i}"),
                 InstanceMetrics::unregistered(),
+                base,
             ))
         })
         .collect()
@@ -164,7 +166,7 @@ impl<'a> Sim<'a> {
         let base = Instant::now();
         let central = match strategy {
             Strategy::Central => {
-                let b = backends(k);
+                let b = backends(k, base);
                 Some((group(&b), b))
             }
             _ => None,
@@ -177,7 +179,7 @@ impl<'a> Sim<'a> {
                 let (balancer, backends) = match &central {
                     Some((g, b)) => (Arc::clone(g), b.clone()),
                     None => {
-                        let b = backends(k);
+                        let b = backends(k, base);
                         (group(&b), b)
                     }
                 };
@@ -315,7 +317,6 @@ impl<'a> Sim<'a> {
             Pick::NoInstances | Pick::Overloaded => return,
         };
         let instance = usize::try_from(lease.backend().uuid.as_u128()).unwrap_or(0);
-        n.tracker.picked(self.ids[instance], now);
         let mean = if long {
             self.sc.long_mean
         } else {
@@ -324,7 +325,6 @@ impl<'a> Sim<'a> {
         let work = (size * mean.as_secs_f64() / self.speeds[instance] * 1e9) as Ns;
         let job = Job {
             arrival: self.now,
-            node,
             instance,
             work,
             long,
@@ -359,12 +359,8 @@ impl<'a> Sim<'a> {
         if !job.long && job.arrival >= ns(self.sc.warmup) {
             self.latencies.push(secs(self.now - job.arrival) as f32);
         }
-        let now = self.instant();
-        let started = self.base + Duration::from_nanos(job.arrival);
-        self.nodes[job.node]
-            .tracker
-            .finished(self.ids[job.instance], started, now);
-        drop(job.lease);
+        // The release records the service time on the backend's counters.
+        job.lease.release(self.instant());
         let inst = &mut self.instances[job.instance];
         inst.inflight -= 1;
         match inst.queue.pop_front() {
@@ -384,7 +380,12 @@ impl<'a> Sim<'a> {
         let next = ns(interval) as f64 * self.net.random_range(1.0 - jitter..=1.0 + jitter);
         self.at(self.now + (next as Ns).max(1), Event::Send { node });
         let now = self.instant();
-        let mut report = self.nodes[node].tracker.report(now, self.now / 1_000_000);
+        let n = &mut self.nodes[node];
+        let counters = n
+            .backends
+            .iter()
+            .map(|b| (b.uuid.into_bytes(), b.counters()));
+        let mut report = n.tracker.report(now, self.now / 1_000_000, counters);
         if !self.long_split() {
             for entry in &mut report.entries {
                 entry.long_inflight = 0;

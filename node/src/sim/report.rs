@@ -29,10 +29,11 @@ the code are in `node/src/sim.rs`; the estimator in `gossip/src/estimator.rs`.
 
 Each node runs the real selection code (`GroupBalancer`: least `local +
 peer load`, uniform tie-break), fed with `set_peer_load`, and the real gossip
-code: a `gossip::Tracker` per node builds reports that are encoded, delayed,
-decoded and merged into the receiver's `gossip::LoadTable`, and an
-`Estimator` turns the table into peer loads on every report received and
-every 2 ms.
+code: picks and releases bump each backend's `gossip::LoadCounters` (the
+data plane's lock-free counters), a `gossip::Tracker` per node samples them
+into reports that are encoded, delayed, decoded and merged into the
+receiver's `gossip::LoadTable`, and an `Estimator` turns the table into peer
+loads on every report received and every 2 ms.
 
 - Traffic: Poisson arrivals at each node, with uneven shares.
 - Instances: each one is a queue with 4 workers and a FIFO backlog; a request
@@ -80,11 +81,12 @@ const CHOICE: &str = "\
   (requirement (a); unit- and property-tested in `gossip`).
 - **Latency** follows the balance with less contrast. Predictive has the
   lowest mean latency of the gossip strategies with 10 nodes and is within
-  1 % of decay with 3; at p99 decay is up to ~2 % lower in some cells and
-  higher in others (the tail is queueing on the slowest instances), which
+  about 1 % of decay with 3; at p99 decay is up to ~2 % lower in some cells
+  and higher in others (the tail is queueing on the slowest instances), which
   does not outweigh its herding in the count the rule balances.
 - **Long-lived work** (requirement (c)): senders report the part of their
-  in-flight count older than 8 mean service times (20 ms–1 s) separately,
+  in-flight count older than 8 mean service times (20 ms–1 s, read off
+  start-time epochs of ~16 ms) separately,
   and receivers never decay it. Without the split (last row of the last
   table) a peer's long-lived requests vanish from the estimate within a few
   short-request lifetimes, and balance and view error get worse.

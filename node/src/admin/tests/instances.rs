@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::Server;
 use crate::balancer::Pick;
+use crate::cluster::GossipHandler;
 
 #[tokio::test]
 async fn attach_and_detach() {
@@ -93,7 +94,20 @@ async fn instances_show_state_and_load() {
         .find(|b| b.uuid != a_uuid)
         .expect("backend b")
         .clone();
-    runtime.balancer.set_peer_load(&backend_b, 5);
+    // Peer 7 reports 5 in flight on b.
+    let report = ::gossip::Report {
+        node_id: 7,
+        incarnation: 1,
+        seq: 1,
+        sent_at_ms: 0,
+        entries: vec![::gossip::Entry {
+            instance: backend_b.uuid.into_bytes(),
+            inflight: 5,
+            ..::gossip::Entry::default()
+        }],
+    };
+    s.admin.gossip.report(report, 70);
+    assert!(s.admin.gossip.refresh(Instant::now()));
     // b carries the peers' 5, so the picks go to a.
     let leases: Vec<Pick> = (0..2)
         .map(|_| runtime.balancer.pick(Instant::now(), &mut rand::rng()))
@@ -112,16 +126,18 @@ async fn instances_show_state_and_load() {
             .unwrap_or_else(|| panic!("{name} listed: {data}"))
     };
     assert_eq!(view("a")["state"], "up");
+    // Every fresh peer is listed, with its part of each instance.
     assert_eq!(
         view("a")["load"],
-        json!({"local": 2, "global": 2, "peers": {}})
+        json!({"local": 2, "global": 2, "peers": {"7": 0}})
     );
     assert_eq!(view("a")["address"], "10.0.0.1");
     assert_eq!(view("b")["state"], "down");
     assert_eq!(
         view("b")["load"],
-        json!({"local": 0, "global": 5, "peers": {}})
+        json!({"local": 0, "global": 5, "peers": {"7": 5}})
     );
+    assert_eq!(runtime.balancer.load(&backend_b), 5);
     assert_eq!(backend_a.local_inflight(), 2);
     drop(leases);
     s.get("/v1/services/nope/instances").await.assert_error(404);

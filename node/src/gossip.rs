@@ -1,0 +1,312 @@
+//! Load gossip on a node: tells every peer what this node has in flight
+//! per instance, and turns the peers' reports into each backend's peer load
+//! (SPEC §3 "Stale load", §5 "Gossip").
+//!
+//! ```text
+//!  data plane: pick / release ─▶ Backend LoadCounters (atomics)
+//!        │ raise LoadChanged (once per report, never per request)
+//!        ▼
+//!  sender ── at most every gossip_min_interval while counts change, and a
+//!   │        heartbeat every gossip_interval (both ±20 %): Tracker samples
+//!   │        every backend's counters ─▶ Report ─▶ encode ─▶ watch (latest)
+//!   ▼
+//!  links: one task per peer (Raft membership minus this node): its own QUIC
+//!   │     connection (edgelb-gossip/1); datagram or unidirectional stream
+//!   ▼
+//!  peer's transport ─▶ Gossip::report ─▶ LoadTable (mutex, gossip tasks and
+//!                                        admin reads only; as_of = receipt)
+//!                                            │ wakes
+//!                                            ▼
+//!  refresh: every few ms while a peer is fresh, and after each report:
+//!           Estimator::peer_loads per group ─▶ GroupBalancer::set_peer_load
+//! ```
+//!
+//! The data plane never takes a lock for gossip: picks and releases bump
+//! atomics, and the sender reads them. A report carries this node's absolute
+//! counts, so a lost one costs freshness only; the receiver keeps each
+//! peer's newest by `(incarnation, seq)`, the incarnation being the start
+//! time in ms (a restart replaces the old counts at once). Reports expire
+//! `gossip_ttl` after they arrive, so a dead or silent peer's load fades
+//! out; a peer that leaves the membership is forgotten at once.
+
+mod links;
+mod refresh;
+mod sender;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ::gossip::{LoadTable, Merge, Report, Tracker};
+use bytes::Bytes;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::balancer::{Backend, LoadChanged};
+use crate::cluster::{Dropped, GossipHandler, Transport};
+use crate::dataplane::DataPlane;
+use crate::metrics::Metrics;
+use crate::routing::GroupRuntime;
+use crate::store::{ClusterStatus, Store};
+
+/// The peers to gossip with: node id → cluster address (`host:port`).
+pub type Peers = BTreeMap<u64, String>;
+
+/// A node's gossip state: the peers' newest reports and what the admin API
+/// and metrics read from them. Incoming reports arrive through its
+/// [`GossipHandler`] implementation; [`spawn`] runs the rest.
+pub struct Gossip {
+    node_id: u64,
+    config: ::gossip::Config,
+    table: Mutex<LoadTable>,
+    /// Wakes the refresh task when a report was merged.
+    report_arrived: Notify,
+    dataplane: Arc<DataPlane>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Gossip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gossip")
+            .field("node_id", &self.node_id)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gossip {
+    pub fn new(
+        node_id: u64,
+        config: ::gossip::Config,
+        dataplane: Arc<DataPlane>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            node_id,
+            table: Mutex::new(LoadTable::new(config.ttl)),
+            config,
+            report_arrived: Notify::new(),
+            dataplane,
+            metrics,
+        }
+    }
+
+    pub fn config(&self) -> &::gossip::Config {
+        &self.config
+    }
+
+    /// Each fresh peer's part of the load of every instance of `group`, by
+    /// instance uuid (every fresh peer listed, 0 included), as the estimator
+    /// gives it at `now`. The balancer's peer loads are set to their sums,
+    /// so that `local + Σ parts` is what selection uses.
+    pub fn peer_parts(
+        &self,
+        group: &GroupRuntime,
+        now: Instant,
+    ) -> HashMap<Uuid, BTreeMap<u64, u64>> {
+        let backends: Vec<&Arc<Backend>> = group.backends.values().collect();
+        let ids: Vec<[u8; 16]> = backends.iter().map(|b| b.uuid.into_bytes()).collect();
+        let parts = self.config.estimator.peer_parts(&self.lock(), &ids, now);
+        backends
+            .into_iter()
+            .zip(parts)
+            .map(|(backend, parts)| {
+                let sum = parts.values().sum();
+                if backend.peer_load() != sum {
+                    group.balancer.set_peer_load(backend, sum);
+                }
+                (backend.uuid, parts)
+            })
+            .collect()
+    }
+
+    /// Age of the newest report of `peer`; `None` when it has not reported
+    /// (or is this node).
+    pub fn last_report_age(&self, peer: u64, now: Instant) -> Option<Duration> {
+        self.lock().last_report_age(peer, now)
+    }
+
+    /// Every peer that has reported, with the age of its newest report.
+    pub fn report_ages(&self, now: Instant) -> Vec<(u64, Duration)> {
+        self.lock().report_ages(now).collect()
+    }
+
+    /// Sets every backend's peer load from the fresh reports at `now`.
+    /// Returns whether any peer is fresh (else every peer load is now 0).
+    pub fn refresh(&self, now: Instant) -> bool {
+        refresh::apply(self, now)
+    }
+
+    /// Forgets the reports of peers not in `peers` (membership changed).
+    fn retain_peers(&self, peers: &Peers) {
+        self.lock().retain_peers(|id| peers.contains_key(&id));
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LoadTable> {
+        // Merges leave the table consistent; nothing panics while it is held.
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl GossipHandler for Gossip {
+    fn report(&self, report: Report, bytes: usize) {
+        let m = &self.metrics.gossip;
+        m.bytes_rx.inc_by(bytes as u64);
+        let merged = self.lock().insert(report, Instant::now());
+        match merged {
+            Merge::Accepted => {
+                m.received.inc();
+                self.report_arrived.notify_one();
+            }
+            Merge::Stale => m.dropped("stale"),
+        }
+    }
+
+    fn dropped(&self, reason: Dropped, bytes: usize) {
+        let m = &self.metrics.gossip;
+        m.bytes_rx.inc_by(bytes as u64);
+        m.dropped(reason.label());
+    }
+}
+
+/// What [`spawn`] needs besides the [`Gossip`] state.
+#[derive(Debug)]
+pub struct Wiring {
+    /// Sends reports, and hands incoming ones to the `Gossip` (set with
+    /// [`Transport::set_gossip_handler`] by [`spawn`]).
+    pub transport: Arc<Transport>,
+    /// The peers, kept up to date (see [`membership`]).
+    pub peers: watch::Receiver<Peers>,
+    /// Raised by the data plane's picks and releases.
+    pub load_changed: Arc<LoadChanged>,
+    /// This start's incarnation ([`incarnation`]).
+    pub incarnation: u64,
+}
+
+/// The running gossip tasks; stop them with [`GossipTasks::stop`].
+#[derive(Debug)]
+pub struct GossipTasks {
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl GossipTasks {
+    /// Stops gossiping: the tasks end and the peer connections close.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(1), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+    }
+
+    /// Stops at once, without waiting.
+    pub fn abort(self) {
+        self.cancel.cancel();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+
+    /// Adds a task that stops on the same token (e.g. the [`membership`]
+    /// feed), so that it is waited for or aborted with the others.
+    pub fn push(&mut self, task: JoinHandle<()>) {
+        self.tasks.push(task);
+    }
+}
+
+/// Starts gossiping: the sender, one link per peer, and the refresh task,
+/// until `cancel` (or [`GossipTasks::stop`]).
+pub fn spawn(gossip: Arc<Gossip>, wiring: Wiring, cancel: CancellationToken) -> GossipTasks {
+    wiring.transport.set_gossip_handler(gossip.clone());
+    let tracker = Tracker::new(
+        gossip.node_id,
+        wiring.incarnation,
+        &gossip.config,
+        Instant::now(),
+    );
+    let (reports, _) = watch::channel::<Option<Bytes>>(None);
+    let reports = Arc::new(reports);
+    let tasks = vec![
+        tokio::spawn(sender::run(
+            gossip.clone(),
+            tracker,
+            wiring.load_changed,
+            reports.clone(),
+            cancel.clone(),
+        )),
+        tokio::spawn(links::run(
+            gossip.clone(),
+            wiring.transport,
+            wiring.peers,
+            reports,
+            cancel.clone(),
+        )),
+        tokio::spawn(refresh::run(gossip, cancel.clone())),
+    ];
+    GossipTasks { cancel, tasks }
+}
+
+/// The Raft membership minus this node, as `store` sees it, kept up to date
+/// until `cancel`.
+pub fn membership(
+    store: Arc<Store>,
+    cancel: CancellationToken,
+) -> (watch::Receiver<Peers>, JoinHandle<()>) {
+    let (tx, rx) = watch::channel(peers_of(&store.status()));
+    let task = tokio::spawn(async move {
+        let mut raft = store.raft().metrics();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = raft.changed() => if changed.is_err() { return },
+            }
+            let peers = peers_of(&store.status());
+            tx.send_if_modified(|p| {
+                let changed = *p != peers;
+                if changed {
+                    *p = peers;
+                }
+                changed
+            });
+            // Raft's metrics change with every heartbeat and write: look at
+            // most every 100 ms.
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    });
+    (rx, task)
+}
+
+fn peers_of(status: &ClusterStatus) -> Peers {
+    status
+        .members
+        .iter()
+        .filter(|m| m.node_id != status.node_id)
+        .map(|m| (m.node_id, m.node.cluster_addr.clone()))
+        .collect()
+}
+
+/// A new incarnation: the wall clock in ms, which grows across restarts (a
+/// clock that stepped back costs one `gossip_ttl` of deafness at the peers,
+/// see [`LoadTable`]).
+pub fn incarnation() -> u64 {
+    unix_ms()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -1,0 +1,320 @@
+//! Two in-process nodes gossiping over real QUIC on 127.0.0.1: one node's
+//! leases reach the other's balancer, fade out after the TTL, and a new
+//! incarnation replaces the old counts at once.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use raft_store::model::{Domain, Handler, Instance, Service, ServiceGroup};
+use raft_store::{Command, State};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Gossip, GossipTasks, Peers, Wiring, spawn};
+use crate::balancer::{Backend, Lease, LoadChanged, Pick};
+use crate::cluster::{
+    CaBundle, HandlerFuture, NodeTls, RaftHandler, Rpc, RpcReply, Transport, generate_ca,
+    issue_node_cert,
+};
+use crate::dataplane::{DataPlane, Settings};
+use crate::metrics::Metrics;
+use crate::routing::{BuildContext, GroupRuntime, RoutingTable};
+use crate::tls::CertCache;
+
+/// Patience for conditions that should hold quickly.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// No Raft in these tests.
+struct NoRaft;
+
+impl RaftHandler for NoRaft {
+    fn handle(&self, _from: u64, _rpc: Rpc) -> HandlerFuture<'_> {
+        Box::pin(async { RpcReply::Error("no raft here".into()) })
+    }
+}
+
+/// One group with four instances of fixed uuids, as every node has it.
+fn state() -> State {
+    let group = ServiceGroup {
+        uuid: Uuid::from_u128(0xfeed),
+        name: "web".into(),
+        domains: vec![Domain {
+            fqdn: "web.edgelb.local".into(),
+            certificate: None,
+        }],
+        services: vec![Service {
+            port: 8080,
+            destination_port: 9000,
+            handlers: vec![Handler::Http],
+        }],
+        hard_limit: 65535,
+        instances: (1..=4u8)
+            .map(|i| Instance {
+                uuid: Uuid::from_u128(u128::from(i)),
+                name: format!("i-{i}"),
+                address: IpAddr::V4(Ipv4Addr::new(10, 0, 0, i)).to_string(),
+            })
+            .collect(),
+        created_at: "2025-01-01T00:00:00Z".into(),
+        persistent: false,
+    };
+    let mut state = State::default();
+    state
+        .apply(&Command::CreateGroup { group })
+        .expect("valid group");
+    state
+}
+
+/// Fast heartbeats; the reported counts taken as they are, since these
+/// tests are about the plumbing (the estimators are tested in the gossip
+/// crate and chosen with the simulator): the default estimator would also
+/// count the picks a peer is expected to have made since its report.
+fn config(ttl: Duration) -> ::gossip::Config {
+    ::gossip::Config {
+        ttl,
+        interval: Duration::from_millis(50),
+        min_interval: Duration::from_millis(5),
+        estimator: ::gossip::Estimator::Raw,
+        ..::gossip::Config::default()
+    }
+}
+
+struct TestNode {
+    id: u64,
+    transport: Arc<Transport>,
+    gossip: Arc<Gossip>,
+    dataplane: Arc<DataPlane>,
+    metrics: Arc<Metrics>,
+    changed: Arc<LoadChanged>,
+    peers: watch::Sender<Peers>,
+    tasks: Option<GossipTasks>,
+}
+
+impl TestNode {
+    fn new(ca: &CaBundle, id: u64, config: ::gossip::Config) -> Self {
+        let (cert_pem, key_pem) = issue_node_cert(ca, id).unwrap();
+        let tls = NodeTls {
+            ca_cert_pem: ca.cert_pem.clone(),
+            cert_pem,
+            key_pem,
+        };
+        let transport = Arc::new(
+            Transport::bind("127.0.0.1:0".parse().unwrap(), &tls, id, Arc::new(NoRaft)).unwrap(),
+        );
+        let metrics = Arc::new(Metrics::new());
+        let dataplane = Arc::new(DataPlane::new(Settings::default()));
+        let changed = Arc::new(LoadChanged::default());
+        let certs = CertCache::default();
+        let cx = BuildContext {
+            metrics: &metrics,
+            certs: &certs,
+            drain_timeout: Duration::from_secs(1),
+            load_changed: Some(&changed),
+        };
+        let table = RoutingTable::build(&state(), &RoutingTable::default(), &cx);
+        dataplane.routes.store(Arc::new(table));
+        let gossip = Arc::new(Gossip::new(id, config, dataplane.clone(), metrics.clone()));
+        Self {
+            id,
+            transport,
+            gossip,
+            dataplane,
+            metrics,
+            changed,
+            peers: watch::channel(Peers::new()).0,
+            tasks: None,
+        }
+    }
+
+    fn addr(&self) -> String {
+        self.transport.local_addr().unwrap().to_string()
+    }
+
+    /// Starts gossiping with `peers` in `incarnation`.
+    fn start(&mut self, incarnation: u64, peers: &[&Self]) {
+        let peers: Peers = peers.iter().map(|p| (p.id, p.addr())).collect();
+        self.peers.send_replace(peers);
+        let wiring = Wiring {
+            transport: self.transport.clone(),
+            peers: self.peers.subscribe(),
+            load_changed: self.changed.clone(),
+            incarnation,
+        };
+        self.tasks = Some(spawn(self.gossip.clone(), wiring, CancellationToken::new()));
+    }
+
+    async fn stop(&mut self) {
+        if let Some(tasks) = self.tasks.take() {
+            tasks.stop().await;
+        }
+    }
+
+    fn group(&self) -> Arc<GroupRuntime> {
+        self.dataplane
+            .routes
+            .load()
+            .group(&Uuid::from_u128(0xfeed))
+            .cloned()
+            .unwrap()
+    }
+
+    fn backend(&self, i: u8) -> Arc<Backend> {
+        self.group().backends[&Uuid::from_u128(u128::from(i))].clone()
+    }
+
+    /// `n` picks, held until the leases drop.
+    fn pick(&self, n: usize) -> Vec<Lease> {
+        let group = self.group();
+        (0..n)
+            .map(
+                |_| match group.balancer.pick(Instant::now(), &mut rand::rng()) {
+                    Pick::Selected(lease) => lease,
+                    other => panic!("no pick: {other:?}"),
+                },
+            )
+            .collect()
+    }
+
+    /// Each instance's peer load as the balancer sees it (1..=4).
+    fn peer_loads(&self) -> Vec<u64> {
+        (1..=4).map(|i| self.backend(i).peer_load()).collect()
+    }
+
+    /// Each instance's local in-flight count.
+    fn local(&self) -> Vec<u64> {
+        (1..=4).map(|i| self.backend(i).local_inflight()).collect()
+    }
+}
+
+/// Polls `cond` until it holds or [`PATIENCE`] runs out.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_leases_reach_the_balancer_and_fade_after_the_ttl() {
+    let ca = generate_ca("test").unwrap();
+    let ttl = Duration::from_millis(400);
+    let mut one = TestNode::new(&ca, 1, config(ttl));
+    let mut two = TestNode::new(&ca, 2, config(ttl));
+    one.start(1, &[&two]);
+    two.start(1, &[&one]);
+
+    // Three picks on node 1 land on three distinct instances.
+    let leases = one.pick(3);
+    let local = one.local();
+    assert_eq!(local.iter().sum::<u64>(), 3);
+    eventually("node 2 to see node 1's leases", || {
+        two.peer_loads() == local
+    })
+    .await;
+    // What selection compares on node 2: its own (none) plus node 1's.
+    for i in 1..=4 {
+        let b = two.backend(i);
+        assert_eq!(two.group().balancer.load(&b), local[usize::from(i) - 1]);
+    }
+    // The admin view's split: all of it is node 1's.
+    let parts = two.gossip.peer_parts(&two.group(), Instant::now());
+    for i in 1..=4u8 {
+        let want = BTreeMap::from([(1, local[usize::from(i) - 1])]);
+        assert_eq!(parts[&Uuid::from_u128(u128::from(i))], want);
+    }
+    // Node 2 now steers its own picks to the idle instance.
+    let idle = local.iter().position(|&n| n == 0).unwrap();
+    let mine = two.pick(1);
+    assert_eq!(mine[0].backend().uuid, Uuid::from_u128(idle as u128 + 1));
+    // And node 1 hears about it.
+    eventually("node 1 to see node 2's lease", || {
+        one.peer_loads().iter().sum::<u64>() == 1
+    })
+    .await;
+
+    let m = &two.metrics.gossip;
+    assert!(m.received.get() > 0);
+    assert!(m.sent.get() > 0 && m.bytes_tx.get() > 0 && m.bytes_rx.get() > 0);
+    let age = two.gossip.last_report_age(1, Instant::now()).unwrap();
+    assert!(age < ttl, "{age:?}");
+    assert_eq!(two.gossip.last_report_age(2, Instant::now()), None);
+
+    // Releases travel too.
+    drop(leases);
+    eventually("node 2 to see node 1's releases", || {
+        two.peer_loads() == [0; 4]
+    })
+    .await;
+    let leases = one.pick(2);
+    let local = one.local();
+    eventually("node 2 to see new leases", || two.peer_loads() == local).await;
+
+    // Node 1 stops gossiping (its leases still held): its load fades out
+    // once its last report is older than the TTL.
+    one.stop().await;
+    let stopped = Instant::now();
+    eventually("node 1's load to fade", || two.peer_loads() == [0; 4]).await;
+    let faded = stopped.elapsed();
+    assert!(
+        faded <= ttl + Duration::from_secs(2),
+        "faded after {faded:?}"
+    );
+    assert_eq!(
+        one.local().iter().sum::<u64>(),
+        2,
+        "node 1 still holds them"
+    );
+    drop(leases);
+    two.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_incarnation_replaces_the_old_counts() {
+    let ca = generate_ca("test").unwrap();
+    // A TTL far longer than the test: only the incarnation can explain
+    // old counts going away.
+    let ttl = Duration::from_secs(60);
+    let mut one = TestNode::new(&ca, 1, config(ttl));
+    let mut two = TestNode::new(&ca, 2, config(ttl));
+    two.start(1, &[&one]);
+    one.start(1_000, &[&two]);
+    let held = one.pick(3);
+    let before = one.local();
+    eventually("node 2 to see the first incarnation", || {
+        two.peer_loads() == before
+    })
+    .await;
+
+    // Node 1 "restarts": its reports stop, its old leases vanish with the
+    // process, and a new incarnation (a later start) picks elsewhere.
+    one.stop().await;
+    std::mem::forget(held); // the old process never released them
+    let mut restarted = TestNode::new(&ca, 1, config(ttl));
+    restarted.transport = one.transport.clone();
+    let _new = restarted.pick(1);
+    let after = restarted.local();
+    restarted.start(2_000, &[&two]);
+    eventually("node 2 to replace the old counts", || {
+        two.peer_loads() == after
+    })
+    .await;
+    assert_eq!(two.metrics.gossip.dropped_count("stale"), 0);
+
+    // A report of the old incarnation arriving late is stale.
+    restarted.stop().await;
+    let mut zombie = TestNode::new(&ca, 1, config(ttl));
+    zombie.transport = one.transport.clone();
+    let _old = zombie.pick(4);
+    zombie.start(1_000, &[&two]);
+    eventually("the old incarnation's report to be dropped", || {
+        two.metrics.gossip.dropped_count("stale") > 0
+    })
+    .await;
+    assert_eq!(two.peer_loads(), after);
+    zombie.stop().await;
+    two.stop().await;
+}
