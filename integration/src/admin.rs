@@ -2,6 +2,7 @@
 //! with the cluster's bearer token. [`TestNode`](crate::TestNode) and
 //! [`Cluster`](crate::cluster::Cluster) members both speak through it.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::Full;
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::client::{HttpConn, Reply};
@@ -20,6 +22,36 @@ use crate::within;
 pub struct Group {
     pub uuid: String,
     pub name: String,
+}
+
+/// One entry of `data.instances` of `GET /v1/services/{id}/instances`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct InstanceView {
+    pub uuid: String,
+    pub name: String,
+    pub address: String,
+    /// `up`, `down` or `draining`.
+    pub state: String,
+    pub load: LoadView,
+}
+
+/// An instance's load as one node sees it.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct LoadView {
+    /// This node's own in flight (exact).
+    pub local: u64,
+    /// What the balancer uses: `local` plus the peers' estimates.
+    pub global: u64,
+    /// Each peer's estimated part, by node id (as a string, as in JSON).
+    #[serde(default)]
+    pub peers: BTreeMap<String, u64>,
+}
+
+impl LoadView {
+    /// Peer `id`'s part (0 when it is not listed).
+    pub fn peer(&self, id: u64) -> u64 {
+        self.peers.get(&id.to_string()).copied().unwrap_or(0)
+    }
 }
 
 /// The admin API of one node.
@@ -133,6 +165,18 @@ impl AdminClient {
             .as_array()
             .cloned()
             .context("data.service_groups is not a list")
+    }
+
+    /// `data.instances` of `GET /v1/services/{group}/instances` (uuid or
+    /// name), sorted by name.
+    pub async fn instances(&self, group: &str) -> anyhow::Result<Vec<InstanceView>> {
+        let path = format!("/v1/services/{group}/instances");
+        let (status, v) = self.get(&path).await?;
+        ensure!(status == StatusCode::OK, "GET {path}: {status} {v}");
+        let mut out: Vec<InstanceView> = serde_json::from_value(v["data"]["instances"].clone())
+            .with_context(|| format!("data.instances of GET {path}: {v}"))?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 
     /// Scrapes `GET /metrics`.

@@ -93,6 +93,10 @@ pub struct NodeView {
     /// `voter` or `learner`.
     pub role: String,
     pub is_leader: bool,
+    /// Age of the newest load report from this node (none for the
+    /// answering node itself, or before any report arrived).
+    #[serde(default)]
+    pub last_gossip_age_ms: Option<u64>,
 }
 
 impl ClusterView {

@@ -8,7 +8,7 @@
 //!
 //!   test ──AdminClient──▶ Cluster: edgelb processes, one /24 each ──▶ HttpBackends on their own /24
 //!     │                     node 1 founds, nodes 2.. --join; kill9 / stop / restart
-//!     └──HttpConn to any node's published ports; quic outsider on :7071
+//!     └──HttpConn to any node's published ports; quic outsider (Raft or gossip ALPN) on :7071
 //! ```
 //!
 //! Every [`TestNode`] and every [`Cluster`] member gets its own loopback /24
@@ -39,7 +39,10 @@
 //! (Raft replication across processes: writes through followers, leader
 //! kill -9, restarts, lost quorum, snapshots for late joiners, voters and
 //! learners, mutual TLS on the cluster port; `EDGELB_TEST_LOG` sets the
-//! nodes' `--log`). `examples/raft_latency.rs` measures write latency and
+//! nodes' `--log`) and `gossip` (one node's in-flight work steering
+//! another's picks, a killed node's load fading within the TTL, outsiders
+//! and impostors on the gossip ALPN, report ages in the cluster view and
+//! metrics). `examples/raft_latency.rs` measures write latency and
 //! throughput of a 3-node cluster.
 
 pub mod addr;

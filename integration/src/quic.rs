@@ -1,12 +1,16 @@
 //! An outsider on a node's cluster port: a quinn client that offers ALPN
-//! `edgelb-raft/1` with a certificate the cluster did not issue (or none),
-//! accepts whatever certificate the node presents (so a refusal can only
-//! come from the node), and tries to send one RPC stream.
+//! `edgelb-raft/1` or `edgelb-gossip/1` with a certificate the cluster did
+//! not issue, none, or a member's own, and accepts whatever certificate the
+//! node presents (so a refusal can only come from the node).
 //!
 //! ```text
 //!   outsider ──QUIC, ALPN edgelb-raft/1, [cert?]──▶ node :7071
 //!            ──stream: [len][header][len][body], FIN──▶
 //!            ◀── reply bytes  (Answered)  |  handshake error / close / reset  (Refused)
+//!
+//!   outsider ──QUIC, ALPN edgelb-gossip/1, [cert?]──▶ node :7071   (GossipConn)
+//!            ──datagram: report──▶  or  ──uni stream: report, FIN──▶
+//!            (no reply: what the node made of it shows in its metrics and views)
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -26,6 +30,8 @@ use crate::within;
 
 /// The ALPN of Raft RPCs between nodes.
 pub const ALPN_RAFT: &[u8] = b"edgelb-raft/1";
+/// The ALPN of load gossip between nodes.
+pub const ALPN_GOSSIP: &[u8] = b"edgelb-gossip/1";
 
 /// A client certificate chain and its key.
 #[derive(Debug)]
@@ -108,21 +114,10 @@ pub async fn try_raft_stream(
     cert: Option<ClientCert>,
     request: &[u8],
 ) -> anyhow::Result<Outcome> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)));
-    let mut tls = match cert {
-        None => builder.with_no_client_auth(),
-        Some(c) => builder.with_client_auth_cert(c.chain, c.key)?,
-    };
-    tls.alpn_protocols = vec![ALPN_RAFT.to_vec()];
-    let quic = QuicClientConfig::try_from(Arc::new(tls)).context("QUIC client config")?;
+    let config = client_config(ALPN_RAFT, cert)?;
     let endpoint = quinn::Endpoint::client(SocketAddr::new(source, 0))?;
     let attempt = async {
-        let connecting =
-            endpoint.connect_with(quinn::ClientConfig::new(Arc::new(quic)), addr, server_name)?;
+        let connecting = endpoint.connect_with(config, addr, server_name)?;
         let conn = match connecting.await {
             Ok(c) => c,
             Err(e) => return Ok(Outcome::Refused(format!("handshake: {e}"))),
@@ -148,6 +143,119 @@ pub async fn try_raft_stream(
     .await;
     endpoint.close(0u32.into(), b"done");
     outcome?
+}
+
+/// A client config for `alpn` that accepts any server certificate and
+/// presents `cert` (none: no client certificate).
+fn client_config(alpn: &[u8], cert: Option<ClientCert>) -> anyhow::Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)));
+    let mut tls = match cert {
+        None => builder.with_no_client_auth(),
+        Some(c) => builder.with_client_auth_cert(c.chain, c.key)?,
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = QuicClientConfig::try_from(Arc::new(tls)).context("QUIC client config")?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+/// What became of a gossip connection attempt.
+#[derive(Debug)]
+pub enum Gossip {
+    /// The handshake failed, or the node closed the connection; the reason
+    /// as quinn reported it.
+    Refused(String),
+    /// The node kept the connection open.
+    Open(GossipConn),
+}
+
+/// Connects to `addr` from `source` (port 0) with ALPN `edgelb-gossip/1`,
+/// asking for `server_name`, with `cert` (none: no client certificate).
+/// A connection that the node closes right after the handshake (TLS 1.3
+/// clients finish before the server has judged their certificate) counts as
+/// refused: the handshake is given `settle` to be turned down.
+pub async fn gossip_connect(
+    addr: SocketAddr,
+    source: IpAddr,
+    server_name: &str,
+    cert: Option<ClientCert>,
+    settle: Duration,
+) -> anyhow::Result<Gossip> {
+    let config = client_config(ALPN_GOSSIP, cert)?;
+    let endpoint = quinn::Endpoint::client(SocketAddr::new(source, 0))?;
+    let connecting = endpoint.connect_with(config, addr, server_name)?;
+    let conn = match within(
+        &format!("a QUIC handshake with {addr}"),
+        Duration::from_secs(10),
+        connecting,
+    )
+    .await?
+    {
+        Ok(c) => c,
+        Err(e) => {
+            endpoint.close(0u32.into(), b"done");
+            return Ok(Gossip::Refused(format!("handshake: {e}")));
+        }
+    };
+    let conn = GossipConn { endpoint, conn };
+    match conn.closed_within(settle).await {
+        Some(reason) => Ok(Gossip::Refused(format!("closed: {reason}"))),
+        None => Ok(Gossip::Open(conn)),
+    }
+}
+
+/// An open gossip connection to a node.
+#[derive(Debug)]
+pub struct GossipConn {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+impl GossipConn {
+    /// The largest datagram the node accepts (none: it takes no datagrams).
+    pub fn max_datagram_size(&self) -> Option<usize> {
+        self.conn.max_datagram_size()
+    }
+
+    /// Sends `bytes` as one QUIC datagram.
+    pub fn send_datagram(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.conn
+            .send_datagram(bytes::Bytes::copy_from_slice(bytes))
+            .context("sending a datagram")
+    }
+
+    /// Sends `bytes` on a new unidirectional stream and finishes it.
+    pub async fn send_stream(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        let mut send = self.conn.open_uni().await.context("opening a stream")?;
+        send.write_all(bytes).await.context("writing the stream")?;
+        // Fails only when the node has closed the connection already, having
+        // read the stream (or not): what it made of it shows elsewhere.
+        let _ = send.finish();
+        Ok(())
+    }
+
+    /// Why the node closed the connection, if it does within `timeout`
+    /// (scaled by [`patience`](crate::patience)).
+    pub async fn closed_within(&self, timeout: Duration) -> Option<String> {
+        tokio::time::timeout(crate::patient(timeout), self.conn.closed())
+            .await
+            .ok()
+            .map(|e| e.to_string())
+    }
+
+    /// Whether the connection is closed already.
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+}
+
+impl Drop for GossipConn {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"done");
+    }
 }
 
 /// Sends `request` on a new stream and reads the reply to its end.
