@@ -1,0 +1,20 @@
+//! `edgectl` end to end: the real binary against real nodes.
+//!
+//! - `services`: create (the seed's 443 shorthand and explicit specs), list
+//!   in every format (golden outputs), get, attach, detach, rm.
+//! - `errors`: every error path prints one line and exits with the
+//!   documented code.
+//! - `cluster`: `cluster status|add-node|remove-node` on a one-node cluster.
+//! - `certs`: `certs init` and `certs node` make a working own-PKI cluster.
+//! - `local`: `cluster local --nodes 3` with the real `edgelb` binary.
+//! - `deploy`: the deployment kit (configs, systemd unit, Prometheus,
+//!   Grafana) against the node's loader, `systemd-analyze`, `promtool` and
+//!   a live `/metrics`.
+
+mod certs;
+mod cluster;
+mod deploy;
+mod errors;
+mod local;
+mod services;
+mod support;
