@@ -41,7 +41,7 @@ pub use codec::{
 pub use counters::{EPOCHS, LoadCounters, Started};
 pub use estimator::Estimator;
 pub use state::{Counters, LoadTable, Merge};
-pub use tracker::Tracker;
+pub use tracker::{LONG_FLOOR, Tracker};
 
 /// Gossip settings (SPEC §5).
 #[derive(Clone, Debug, PartialEq, Eq)]

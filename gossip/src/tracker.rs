@@ -39,7 +39,7 @@ const SERVICE_SPAN: u64 = 32;
 /// instance is long-lived.
 pub(crate) const LONG_FACTOR: f64 = 8.0;
 /// Shortest long-lived threshold.
-pub(crate) const LONG_FLOOR: Duration = Duration::from_millis(20);
+pub const LONG_FLOOR: Duration = Duration::from_millis(20);
 /// Completions before an instance's own mean service time is used.
 const MIN_COMPLETIONS: u64 = 8;
 

@@ -69,6 +69,14 @@ pub(super) async fn run(
             .flat_map(|g| g.backends.values())
             .map(|b| (b.uuid.into_bytes(), b.counters()));
         let report = tracker.report(now.into_std(), unix_ms(), counters);
+        // Short work in flight becomes long-lived (counted by peers without
+        // decay) within LONG_FLOOR of crossing its threshold, which is no
+        // count change: look again that soon, so that a slow request never
+        // fades from peers' estimates for a whole heartbeat (SPEC §3 (c)).
+        if report.entries.iter().any(|e| e.inflight > e.long_inflight) {
+            let soon = now + jittered(::gossip::LONG_FLOOR, &mut rand::rng());
+            heartbeat = heartbeat.min(soon);
+        }
         match ::gossip::encode(&report) {
             Ok(bytes) => {
                 debug!(
