@@ -54,6 +54,7 @@ fn build() -> Result<PathBuf, String> {
         let Some(k) = key.to_str() else { continue };
         if k.starts_with("CARGO_PKG_")
             || k.starts_with("CARGO_MANIFEST_")
+            || k.starts_with("CARGO_BIN_EXE_")
             || matches!(
                 k,
                 "CARGO_CRATE_NAME"

@@ -8,7 +8,6 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -266,83 +265,8 @@ pub(crate) async fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, Str
     ))
 }
 
-static EDGELB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-
-/// An up-to-date `edgelb` binary next to `edgectl` (`target/<profile>/`),
-/// built with `cargo build --bin edgelb` once per test process (a no-op
-/// when it is up to date).
+/// An up-to-date `edgelb` binary of the test's profile (built once per
+/// test process; the integration harness's helper).
 pub(crate) fn edgelb_bin() -> anyhow::Result<PathBuf> {
-    EDGELB
-        .get_or_init(build_edgelb)
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn build_edgelb() -> Result<PathBuf, String> {
-    let edgectl = Path::new(edgectl_bin());
-    let profile_dir = edgectl.parent().ok_or("edgectl has no parent directory")?;
-    let target_dir = profile_dir.parent().ok_or("unexpected edgectl location")?;
-    let profile = profile_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("debug");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or("ops has no parent directory")?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut cmd = std::process::Command::new(cargo);
-    // Cargo gives the running test its package's variables; build scripts
-    // track some of them, so passing them on would rebuild dependencies.
-    for (key, _) in std::env::vars_os() {
-        let Some(k) = key.to_str() else { continue };
-        if k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_MANIFEST_")
-            || k.starts_with("CARGO_BIN_EXE_")
-            || matches!(
-                k,
-                "CARGO_CRATE_NAME"
-                    | "CARGO_BIN_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "OUT_DIR"
-            )
-        {
-            cmd.env_remove(&key);
-        }
-    }
-    cmd.current_dir(workspace)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "edgelb",
-            "--bin",
-            "edgelb",
-            "--target-dir",
-        ])
-        .arg(target_dir);
-    match profile {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("running cargo build: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "cargo build --bin edgelb failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let bin = profile_dir.join(format!("edgelb{}", std::env::consts::EXE_SUFFIX));
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!("{} missing after cargo build", bin.display()))
-    }
+    integration::process::edgelb_bin()
 }
