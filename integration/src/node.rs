@@ -158,26 +158,22 @@ impl TestNode {
 
     /// `GET path` → status and JSON body.
     pub async fn get(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
-        let r = self.admin(Method::GET, path, None).await?;
-        Ok((r.status, r.json()))
+        self.client().get(path).await
     }
 
     /// `POST path` with a JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<(StatusCode, Value)> {
-        let r = self.admin(Method::POST, path, Some(body)).await?;
-        Ok((r.status, r.json()))
+        self.client().post(path, body).await
     }
 
     /// `PATCH path` with a JSON body.
     pub async fn patch(&self, path: &str, body: &Value) -> anyhow::Result<(StatusCode, Value)> {
-        let r = self.admin(Method::PATCH, path, Some(body)).await?;
-        Ok((r.status, r.json()))
+        self.client().patch(path, body).await
     }
 
     /// `DELETE path`.
     pub async fn delete(&self, path: &str) -> anyhow::Result<(StatusCode, Value)> {
-        let r = self.admin(Method::DELETE, path, None).await?;
-        Ok((r.status, r.json()))
+        self.client().delete(path).await
     }
 
     /// Creates a group from a `POST /v1/services` body.
