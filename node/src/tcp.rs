@@ -8,39 +8,20 @@
 //! `tcp_idle_timeout` is closed, and so is one to an instance whose drain
 //! timeout has passed after it was detached.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use crate::balancer::Pick;
 use crate::dataplane::{ConnInfo, DataPlane};
+use crate::http::upstream::CountingIo;
 use crate::routing::Target;
 
 /// Most instances tried for one connection.
 const MAX_ATTEMPTS: usize = 3;
-
-/// Connects to `address:port` (an IP literal or a host name) within `timeout`.
-pub async fn connect(address: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
-    let attempt = async {
-        let stream = match address.parse::<std::net::IpAddr>() {
-            Ok(ip) => TcpStream::connect((ip, port)).await?,
-            Err(_) => TcpStream::connect((address, port)).await?,
-        };
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))
-}
 
 /// Proxies one client connection to an instance of `target`'s group.
 pub async fn proxy<I>(mut client: I, conn: ConnInfo, target: Arc<Target>, dp: Arc<DataPlane>)
@@ -57,13 +38,11 @@ where
             }
         };
         let backend = lease.backend().clone();
-        let upstream = match connect(
-            &backend.address,
-            target.destination_port,
-            dp.settings.connect_timeout,
-        )
-        .await
-        {
+        let Some(pool) = target.pool(&backend) else {
+            // The group's instance set changed after this table was built.
+            continue;
+        };
+        let upstream = match pool.dial(dp.settings.connect_timeout).await {
             Ok(s) => s,
             Err(e) => {
                 debug!(instance = %backend.name, error = %e, "connect failed");
@@ -73,15 +52,9 @@ where
             }
         };
         balancer.mark_up(&backend);
-        backend.metrics.connections.inc();
         let started = Instant::now();
         let activity = Arc::new(AtomicU64::new(0));
-        let mut upstream = Counted {
-            inner: upstream,
-            rx: backend.metrics.bytes_rx.clone(),
-            tx: backend.metrics.bytes_tx.clone(),
-            activity: activity.clone(),
-        };
+        let mut upstream = CountingIo::new(upstream, &backend, Some(activity.clone()));
         let drained = backend.drain_token();
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
@@ -117,53 +90,5 @@ async fn idle(activity: Arc<AtomicU64>, timeout: Duration) {
             return;
         }
         seen = now;
-    }
-}
-
-/// The upstream side of a splice: counts bytes per direction and activity.
-struct Counted<S> {
-    inner: S,
-    rx: IntCounter,
-    tx: IntCounter,
-    activity: Arc<AtomicU64>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            self.rx.inc_by(n);
-            self.activity.fetch_add(n, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if let Poll::Ready(Ok(n)) = r {
-            self.tx.inc_by(n as u64);
-            self.activity.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -13,7 +13,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -136,6 +136,22 @@ impl Pool {
         }
     }
 
+    /// Opens a TCP connection to the instance within `timeout` (TCP_NODELAY
+    /// set). HTTP mode and TCP mode both connect through here.
+    pub(crate) async fn dial(&self, timeout: Duration) -> Result<TcpStream, ConnectError> {
+        let connecting = async {
+            match self.ip {
+                Some(ip) => TcpStream::connect(SocketAddr::new(ip, self.port)).await,
+                None => TcpStream::connect((self.address.as_str(), self.port)).await,
+            }
+        };
+        let stream = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
     /// Opens a new connection to the instance. `upgrades` makes a dedicated
     /// connection that can switch protocols (never pooled, driven by a task
     /// of its own so that the upgrade can take its socket).
@@ -145,23 +161,8 @@ impl Pool {
         settings: &Settings,
         upgrades: bool,
     ) -> Result<PooledConn, ConnectError> {
-        let connecting = async {
-            match self.ip {
-                Some(ip) => TcpStream::connect(SocketAddr::new(ip, self.port)).await,
-                None => TcpStream::connect((self.address.as_str(), self.port)).await,
-            }
-        };
-        let stream = tokio::time::timeout(settings.connect_timeout, connecting)
-            .await
-            .map_err(|_| ConnectError::Timeout)??;
-        stream.set_nodelay(true)?;
-        let metrics = &backend.metrics;
-        metrics.connections.inc();
-        let io = TokioIo::new(CountingIo {
-            inner: stream,
-            rx: metrics.bytes_rx.clone(),
-            tx: metrics.bytes_tx.clone(),
-        });
+        let stream = self.dial(settings.connect_timeout).await?;
+        let io = TokioIo::new(CountingIo::new(stream, backend, None));
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -405,12 +406,39 @@ async fn drive_upgradable(conn: Http1Conn) {
     }
 }
 
-/// A TCP stream to an instance that counts the bytes both ways.
+/// A TCP stream to an instance that counts the bytes both ways in the
+/// instance's metrics and, for TCP mode's idle timeout, in `activity`.
 #[derive(Debug)]
 pub(crate) struct CountingIo {
     inner: TcpStream,
     rx: IntCounter,
     tx: IntCounter,
+    activity: Option<Arc<AtomicU64>>,
+}
+
+impl CountingIo {
+    /// Wraps a new connection to `backend` and counts it.
+    pub(crate) fn new(
+        inner: TcpStream,
+        backend: &Backend,
+        activity: Option<Arc<AtomicU64>>,
+    ) -> Self {
+        let metrics = &backend.metrics;
+        metrics.connections.inc();
+        Self {
+            inner,
+            rx: metrics.bytes_rx.clone(),
+            tx: metrics.bytes_tx.clone(),
+            activity,
+        }
+    }
+
+    fn count(counter: &IntCounter, activity: Option<&Arc<AtomicU64>>, n: usize) {
+        counter.inc_by(n as u64);
+        if let Some(a) = activity {
+            a.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 impl AsyncRead for CountingIo {
@@ -424,7 +452,7 @@ impl AsyncRead for CountingIo {
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            this.rx.inc_by(n as u64);
+            Self::count(&this.rx, this.activity.as_ref(), n);
         }
         res
     }
@@ -439,7 +467,7 @@ impl AsyncWrite for CountingIo {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
-            this.tx.inc_by(n as u64);
+            Self::count(&this.tx, this.activity.as_ref(), n);
         }
         res
     }
@@ -452,7 +480,7 @@ impl AsyncWrite for CountingIo {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
-            this.tx.inc_by(n as u64);
+            Self::count(&this.tx, this.activity.as_ref(), n);
         }
         res
     }
