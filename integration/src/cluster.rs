@@ -13,6 +13,12 @@
 //! test's, and a restarted member comes back on the same addresses. Node ids
 //! are `1..=n` in start order; node 1 founds the cluster.
 //!
+//! With [`ClusterOptions::relay`], the members' cluster traffic goes
+//! through a [`Relay`] (link emulator): each node advertises its relay
+//! address (`--advertise-cluster-addr`, `.253` of its subnet, kept across
+//! restarts since the membership records it) and the test shapes every
+//! directed link through [`Cluster::relay`].
+//!
 //! Only processes started here are signalled. Dropping the [`Cluster`]
 //! kills (SIGKILL) every member still running, also when the test panics,
 //! and prints the tail of each member's stderr (shown for failing tests).
@@ -31,7 +37,9 @@ use serde_json::json;
 use crate::addr::{Subnet, TempDir};
 use crate::admin::{AdminClient, Group};
 use crate::backend::HttpBackend;
+use crate::link::Link;
 use crate::process::Process;
+use crate::relay::Relay;
 use crate::{client, poll, within};
 
 /// The admin API port of every member (each on its own address).
@@ -53,6 +61,12 @@ pub struct ClusterOptions {
     pub log: String,
     /// `--leave-on-exit`: leave the membership on SIGTERM.
     pub leave_on_exit: bool,
+    /// Run the members behind a [`Relay`] seeded with this (see
+    /// [`Cluster::relay`]); `None`: nodes dial each other directly.
+    pub relay: Option<u64>,
+    /// Behind the relay: the shape of every link from the start (and of
+    /// links to nodes added later), e.g. a WAN delay.
+    pub link: Link,
 }
 
 impl Default for ClusterOptions {
@@ -68,6 +82,8 @@ impl Default for ClusterOptions {
             drain_timeout: "2s".into(),
             log: std::env::var("EDGELB_TEST_LOG").unwrap_or_else(|_| "warn".into()),
             leave_on_exit: false,
+            relay: None,
+            link: Link::default(),
         }
     }
 }
@@ -119,6 +135,8 @@ struct Member {
     data: TempDir,
     /// `--join` URL; ignored by the node once its data dir has an identity.
     join: Option<String>,
+    /// `--advertise-cluster-addr` (the relay's address for this node).
+    advertise: Option<SocketAddr>,
     process: Option<Process>,
 }
 
@@ -159,6 +177,9 @@ impl Member {
         }
         if let Some(url) = &self.join {
             args.extend(["--join".to_owned(), url.clone()]);
+        }
+        if let Some(a) = self.advertise {
+            args.extend(["--advertise-cluster-addr".to_owned(), a.to_string()]);
         }
         args
     }
@@ -201,6 +222,7 @@ pub struct Cluster {
     opts: ClusterOptions,
     members: BTreeMap<u64, Member>,
     backends: Subnet,
+    relay: Option<Relay>,
     /// stderr of processes that were killed or stopped, for the failure
     /// report.
     past_logs: Vec<(u64, String)>,
@@ -219,10 +241,15 @@ impl Cluster {
     pub async fn start_with(n: usize, opts: ClusterOptions) -> anyhow::Result<Self> {
         ensure!(n >= 1, "a cluster needs a node");
         let mut cluster = Self {
-            opts,
             members: BTreeMap::new(),
             backends: Subnet::allocate(),
+            relay: opts.relay.map(|seed| {
+                let r = Relay::new(seed);
+                r.set_all(opts.link);
+                r
+            }),
             past_logs: Vec::new(),
+            opts,
         };
         cluster.add_members(1).await?;
         cluster.add_members(n - 1).await?;
@@ -257,11 +284,26 @@ impl Cluster {
         let first = self.members.keys().next_back().map_or(1, |id| id + 1);
         let ids: Vec<u64> = (first..).take(count).collect();
         for &id in &ids {
+            let subnet = Subnet::allocate();
+            let advertise = match &self.relay {
+                Some(r) => Some(
+                    r.add_node(
+                        id,
+                        SocketAddr::new(subnet.node_ip(), CLUSTER_PORT),
+                        SocketAddr::new(subnet.ip(253), CLUSTER_PORT),
+                        subnet.ip(254),
+                    )
+                    .await
+                    .with_context(|| format!("relay sockets for node {id}"))?,
+                ),
+                None => None,
+            };
             let mut m = Member {
                 id,
-                subnet: Subnet::allocate(),
+                subnet,
                 data: TempDir::new(&format!("cluster-n{id}")),
                 join: join.clone(),
+                advertise,
                 process: None,
             };
             // The founder must be up before anyone joins; joiners go
@@ -330,9 +372,15 @@ impl Cluster {
         self.members[&id].data.path()
     }
 
-    /// Node `id`'s cluster (QUIC) address.
+    /// Node `id`'s cluster (QUIC) address, as bound.
     pub fn cluster_addr(&self, id: u64) -> SocketAddr {
         SocketAddr::new(self.ip(id), CLUSTER_PORT)
+    }
+
+    /// The link emulator between the members, when the cluster runs behind
+    /// one ([`ClusterOptions::relay`]).
+    pub fn relay(&self) -> Option<&Relay> {
+        self.relay.as_ref()
     }
 
     /// A fresh address for a backend (outside every node's subnet, so that

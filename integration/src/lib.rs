@@ -23,7 +23,9 @@
 //! processes, faults), [`backend`] (HTTP and TCP echo backends), [`client`]
 //! (HTTP/1.1 and HTTP/2 clients, raw sockets), [`tls`] (TLS client that
 //! accepts any certificate and shows which one was served), [`quic`] (an
-//! outsider on a node's cluster port), [`metrics`] (Prometheus text
+//! outsider on a node's cluster port), [`relay`] and [`link`] (the link
+//! emulator between cluster members: delay, jitter, loss, cuts per
+//! directed link), [`metrics`] (Prometheus text
 //! parsing, `promtool`), [`process`] (the `edgelb` binary), [`stats`]
 //! (chi-square).
 //!
@@ -42,7 +44,8 @@
 //! nodes' `--log`) and `gossip` (one node's in-flight work steering
 //! another's picks, a killed node's load fading within the TTL, outsiders
 //! and impostors on the gossip ALPN, report ages in the cluster view and
-//! metrics). `examples/raft_latency.rs` measures write latency and
+//! metrics) and `links` (a leader cut off through the link emulator and
+//! through nftables; a 150 ms WAN). `examples/raft_latency.rs` measures write latency and
 //! throughput of a 3-node cluster.
 
 pub mod addr;
@@ -50,10 +53,12 @@ pub mod admin;
 pub mod backend;
 pub mod client;
 pub mod cluster;
+pub mod link;
 pub mod metrics;
 pub mod node;
 pub mod process;
 pub mod quic;
+pub mod relay;
 pub mod stats;
 pub mod tls;
 
@@ -65,7 +70,9 @@ pub use admin::{AdminClient, Group};
 pub use backend::{EchoBackend, HttpBackend};
 pub use client::{HttpConn, Reply};
 pub use cluster::{Cluster, ClusterOptions};
+pub use link::Link;
 pub use node::{NodeOptions, TestNode};
+pub use relay::Relay;
 
 /// Multiplier for every deadline, from `EDGELB_TEST_PATIENCE` (default 1).
 pub fn patience() -> f64 {

@@ -181,7 +181,9 @@ async fn join(config: &Config, url: &str, token: &str) -> Result<NodeTls, Bootst
         pki::node_key_and_csr(config.node_id).map_err(|e| err(format!("CSR: {e}")))?;
     let body = AddNodeRequest {
         node_id: config.node_id,
-        cluster_addr: config.cluster_addr.to_string(),
+        cluster_addr: config
+            .advertised_cluster_addr(config.cluster_addr)
+            .to_string(),
         admin_addr: config.admin_addr.to_string(),
         region: config.region.clone(),
         csr: Some(csr),

@@ -53,6 +53,10 @@ pub struct Args {
     /// Cluster (QUIC, UDP) address [default: 127.0.0.1:7071]
     #[arg(long, env = "EDGELB_CLUSTER_ADDR")]
     pub cluster_addr: Option<String>,
+    /// The cluster address peers dial, when it differs from the bound one
+    /// (NAT, relays) [default: --cluster-addr]
+    #[arg(long, env = "EDGELB_ADVERTISE_CLUSTER_ADDR")]
+    pub advertise_cluster_addr: Option<String>,
     /// IP the published ports are bound to [default: 127.0.0.1]
     #[arg(long, env = "EDGELB_LISTEN_IP")]
     pub listen_ip: Option<String>,
@@ -97,6 +101,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     admin_addr: Option<String>,
     cluster_addr: Option<String>,
+    advertise_cluster_addr: Option<String>,
     listen_ip: Option<String>,
     join: Option<String>,
     token: Option<String>,
@@ -127,6 +132,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub admin_addr: SocketAddr,
     pub cluster_addr: SocketAddr,
+    /// What goes into the membership as this node's `cluster_addr` (the
+    /// bound address when `None`); see [`Config::advertised_cluster_addr`].
+    pub advertise_cluster_addr: Option<SocketAddr>,
     pub listen_ip: IpAddr,
     pub join: Option<String>,
     pub token: Option<String>,
@@ -152,6 +160,7 @@ impl Config {
             data_dir: PathBuf::from("./edgelb-data"),
             admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7070)),
             cluster_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7071)),
+            advertise_cluster_addr: None,
             listen_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             join: None,
             token: None,
@@ -165,6 +174,13 @@ impl Config {
             leave_on_exit: false,
             gossip: gossip::Config::default(),
         }
+    }
+
+    /// The cluster address peers dial: `advertise_cluster_addr`, else the
+    /// address the cluster endpoint is bound to (`bound`, which resolves a
+    /// port 0 in `cluster_addr`).
+    pub fn advertised_cluster_addr(&self, bound: SocketAddr) -> SocketAddr {
+        self.advertise_cluster_addr.unwrap_or(bound)
     }
 
     /// Merges the file named by `args.config` (if any) under `args`.
@@ -191,6 +207,16 @@ impl Config {
         }
         if let Some(v) = args.cluster_addr.or(file.cluster_addr) {
             c.cluster_addr = parse_addr("cluster_addr", &v)?;
+        }
+        if let Some(v) = args.advertise_cluster_addr.or(file.advertise_cluster_addr) {
+            let a = parse_addr("advertise_cluster_addr", &v)?;
+            if a.port() == 0 || a.ip().is_unspecified() {
+                return Err(ConfigError::new(
+                    "advertise_cluster_addr",
+                    format!("{v:?} cannot be dialled (port 0 or an unspecified IP)"),
+                ));
+            }
+            c.advertise_cluster_addr = Some(a);
         }
         if let Some(v) = args.listen_ip.or(file.listen_ip) {
             c.listen_ip = v.parse().map_err(|_| {
@@ -441,6 +467,33 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.field, "cluster_addr");
+    }
+
+    #[test]
+    fn advertise_cluster_addr_defaults_to_the_bound_one() {
+        let bound: SocketAddr = "127.0.0.1:7071".parse().unwrap();
+        let c = load(&[]).unwrap();
+        assert_eq!(c.advertise_cluster_addr, None);
+        assert_eq!(c.advertised_cluster_addr(bound), bound);
+        let c = load(&["--advertise-cluster-addr", "203.0.113.7:17071"]).unwrap();
+        assert_eq!(
+            c.advertised_cluster_addr(bound).to_string(),
+            "203.0.113.7:17071"
+        );
+        for bad in ["nope", "example.com:7071", "0.0.0.0:7071", "10.0.0.1:0"] {
+            let err = load(&["--advertise-cluster-addr", bad]).unwrap_err();
+            assert_eq!(err.field, "advertise_cluster_addr", "{bad}: {err}");
+        }
+        let dir = std::env::temp_dir().join(format!("edgelb-config-adv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.toml");
+        std::fs::write(&path, "advertise_cluster_addr = \"10.9.8.7:7071\"\n").unwrap();
+        let c = load(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            c.advertised_cluster_addr(bound).to_string(),
+            "10.9.8.7:7071"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -88,7 +88,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
     if identity.founded {
         let me = ClusterNode {
             region: config.region.clone(),
-            cluster_addr: cluster_addr.to_string(),
+            cluster_addr: config.advertised_cluster_addr(cluster_addr).to_string(),
             admin_addr: config.admin_addr.to_string(),
         };
         let initialized = raft

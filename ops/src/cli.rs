@@ -163,7 +163,8 @@ pub enum ClusterCmd {
         /// The new node's id
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         node_id: u64,
-        /// Its cluster (QUIC, UDP) address, IP:PORT
+        /// The cluster (QUIC, UDP) address its peers dial, IP:PORT (its
+        /// --advertise-cluster-addr when it has one)
         #[arg(long)]
         cluster_addr: String,
         /// Its admin API address, IP:PORT

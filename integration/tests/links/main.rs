@@ -1,0 +1,380 @@
+//! Clusters whose cluster traffic crosses shaped links: a partition made by
+//! the link emulator (and, where root and nftables are at hand, the same
+//! partition made by the kernel, to cross-check the emulator), and a WAN
+//! with every link delayed 150 ms each way.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use http::StatusCode;
+use integration::cluster::CLUSTER_PORT;
+use integration::{Cluster, ClusterOptions, Link, poll};
+use serde_json::{Value, json};
+
+/// `POST /v1/services` body of a small HTTP group.
+fn group(name: &str) -> Value {
+    json!({
+        "name": name,
+        "services": [{"port": 8081, "destination_port": 9000, "handlers": ["http"]}],
+    })
+}
+
+/// `POST /v1/services` through node `via`: the status and how long it took.
+async fn write(cluster: &Cluster, via: u64, name: &str) -> anyhow::Result<(StatusCode, Duration)> {
+    let started = Instant::now();
+    let r = cluster
+        .admin(via)
+        .request(http::Method::POST, "/v1/services", Some(&group(name)))
+        .await?;
+    Ok((r.status, started.elapsed()))
+}
+
+/// Waits until every node of `ids` names the same leader, one of `ids`
+/// other than `not`; returns it.
+async fn leader_among(
+    cluster: &Cluster,
+    ids: &[u64],
+    not: Option<u64>,
+    timeout: Duration,
+) -> anyhow::Result<u64> {
+    poll("a leader among the majority", timeout, || async {
+        let mut leaders = Vec::new();
+        for &id in ids {
+            leaders.push(cluster.status(id).await?.leader_id);
+        }
+        match leaders.first().copied().flatten() {
+            Some(l)
+                if leaders.iter().all(|x| *x == Some(l)) && ids.contains(&l) && Some(l) != not =>
+            {
+                Ok(l)
+            }
+            _ => bail!("leaders {leaders:?}"),
+        }
+    })
+    .await
+}
+
+/// How a test cuts a node off from its peers.
+trait Cut {
+    fn isolate(&self, id: u64) -> anyhow::Result<()>;
+    fn heal(&self) -> anyhow::Result<()>;
+}
+
+struct RelayCut<'a>(&'a integration::Relay);
+
+impl Cut for RelayCut<'_> {
+    fn isolate(&self, id: u64) -> anyhow::Result<()> {
+        self.0.isolate(id);
+        Ok(())
+    }
+    fn heal(&self) -> anyhow::Result<()> {
+        self.0.heal_all();
+        Ok(())
+    }
+}
+
+/// The scenario: isolate the leader; the other two elect a leader and take
+/// writes; a write on the isolated node fails with 503 within 5 s; after
+/// the heal the old leader catches up. Prints the figures.
+async fn isolated_leader(cluster: &Cluster, cut: &dyn Cut, label: &str) -> anyhow::Result<()> {
+    let old = cluster.leader().await?;
+    let (status, _) = write(cluster, old, "before").await?;
+    ensure!(status.is_success(), "write before the cut: {status}");
+    let majority: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != old).collect();
+
+    cut.isolate(old)?;
+    let cut_at = Instant::now();
+    let new = leader_among(cluster, &majority, Some(old), Duration::from_secs(10))
+        .await
+        .with_context(|| cluster.logs())?;
+    let elected = cut_at.elapsed();
+
+    for (i, &via) in majority.iter().enumerate() {
+        let (status, took) = write(cluster, via, &format!("majority-{i}")).await?;
+        ensure!(
+            status.is_success(),
+            "write through node {via} of the majority: {status} after {took:?}"
+        );
+    }
+    let (status, refused_in) = write(cluster, old, "isolated").await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // 5 s is the node's write bound; the margin covers the HTTP exchange.
+    assert!(
+        refused_in <= Duration::from_millis(5_300),
+        "the isolated node's write failed after {refused_in:?}"
+    );
+
+    let commit = cluster.status(new).await?.commit_index;
+    cut.heal()?;
+    let healed_at = Instant::now();
+    poll(
+        "the old leader to catch up",
+        Duration::from_secs(20),
+        || async {
+            let v = cluster.status(old).await?;
+            ensure!(
+                v.applied_index >= commit && v.leader_id.is_some_and(|l| l != old),
+                "applied {} of {commit}, leader {:?}",
+                v.applied_index,
+                v.leader_id
+            );
+            Ok(())
+        },
+    )
+    .await
+    .with_context(|| cluster.logs())?;
+    let caught_up = healed_at.elapsed();
+    let leader = cluster.leader().await?;
+    let groups = cluster.admin(old).groups(false).await?;
+    let names: Vec<&str> = groups.iter().filter_map(|g| g["name"].as_str()).collect();
+    for want in ["before", "majority-0", "majority-1"] {
+        ensure!(
+            names.contains(&want),
+            "{want} missing on node {old}: {names:?}"
+        );
+    }
+    ensure!(
+        !names.contains(&"isolated"),
+        "the refused write was applied: {names:?}"
+    );
+    println!(
+        "{label}: new leader {new} after {elected:?}; isolated write refused in {refused_in:?}; \
+         caught up {caught_up:?} after the heal; leader now {leader}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_leader_through_the_relay() -> anyhow::Result<()> {
+    let cluster = Cluster::start_with(
+        3,
+        ClusterOptions {
+            relay: Some(1),
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
+    let relay = cluster.relay().context("relay")?;
+    // The membership records the relay's addresses.
+    let view = cluster.status(1).await?;
+    for n in &view.nodes {
+        assert_eq!(
+            Some(n.cluster_addr.as_str()),
+            relay
+                .advertised(n.node_id)
+                .map(|a| a.to_string())
+                .as_deref()
+        );
+    }
+    isolated_leader(&cluster, &RelayCut(relay), "relay").await
+}
+
+/// An nftables table of its own that drops UDP between chosen loopback
+/// addresses; removed on drop.
+struct Nft {
+    table: String,
+    /// Cluster addresses by node id.
+    ips: Vec<(u64, std::net::IpAddr)>,
+}
+
+fn nft(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("nft")
+        .args(args)
+        .output()
+        .context("running nft")?;
+    ensure!(
+        out.status.success(),
+        "nft {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl Nft {
+    /// `None` (with the reason) where nftables cannot be used.
+    fn new(ips: Vec<(u64, std::net::IpAddr)>) -> Result<Self, String> {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if !root {
+            return Err("not root".into());
+        }
+        let table = format!("edgelb_test_{}", std::process::id());
+        nft(&["add", "table", "inet", &table]).map_err(|e| e.to_string())?;
+        let t = Self { table, ips };
+        nft(&[
+            "add",
+            "chain",
+            "inet",
+            &t.table,
+            "out",
+            "{ type filter hook output priority 0 ; policy accept ; }",
+        ])
+        .map_err(|e| e.to_string())?;
+        Ok(t)
+    }
+}
+
+impl Cut for Nft {
+    fn isolate(&self, id: u64) -> anyhow::Result<()> {
+        let me = self
+            .ips
+            .iter()
+            .find(|(i, _)| *i == id)
+            .context("no such node")?
+            .1;
+        for (other, ip) in &self.ips {
+            if *other == id {
+                continue;
+            }
+            for (from, to) in [(me, *ip), (*ip, me)] {
+                let (from, to, port) = (from.to_string(), to.to_string(), CLUSTER_PORT.to_string());
+                nft(&[
+                    "add",
+                    "rule",
+                    "inet",
+                    &self.table,
+                    "out",
+                    "ip",
+                    "saddr",
+                    &from,
+                    "ip",
+                    "daddr",
+                    &to,
+                    "udp",
+                    "dport",
+                    &port,
+                    "drop",
+                ])?;
+            }
+        }
+        Ok(())
+    }
+    fn heal(&self) -> anyhow::Result<()> {
+        nft(&["flush", "chain", "inet", &self.table, "out"])
+    }
+}
+
+impl Drop for Nft {
+    fn drop(&mut self) {
+        let _ = nft(&["delete", "table", "inet", &self.table]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_leader_through_nftables() -> anyhow::Result<()> {
+    if Command::new("nft").arg("--version").output().is_err() {
+        println!("skipped: nft is not installed (apt-get install nftables)");
+        return Ok(());
+    }
+    let cluster = Cluster::start(3).await?;
+    let ips = cluster
+        .ids()
+        .into_iter()
+        .map(|id| (id, cluster.ip(id)))
+        .collect();
+    let nft = match Nft::new(ips) {
+        Ok(n) => n,
+        Err(why) => {
+            println!("skipped: nftables unavailable here: {why}");
+            return Ok(());
+        }
+    };
+    isolated_leader(&cluster, &nft, "nftables").await
+}
+
+/// Round trip of the WAN test's links.
+const WAN_ONE_WAY: Duration = Duration::from_millis(150);
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get((v.len() * 99).div_ceil(100).saturating_sub(1))
+        .copied()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "writes do not commit at 300 ms round trip until Raft's timeouts follow the RTT (issue 9, scope 3)"]
+async fn wan_150ms_each_way_commits_joins_and_replaces_a_killed_leader() -> anyhow::Result<()> {
+    let rtt = WAN_ONE_WAY * 2;
+    let mut cluster = Cluster::start_with(
+        3,
+        ClusterOptions {
+            relay: Some(2),
+            link: Link::delayed(WAN_ONE_WAY, Duration::from_millis(5)),
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
+    let leader = cluster.leader().await?;
+    let follower = cluster
+        .ids()
+        .into_iter()
+        .find(|i| *i != leader)
+        .context("follower")?;
+
+    let (mut direct, mut forwarded) = (Vec::new(), Vec::new());
+    for i in 0..20 {
+        for (via, into) in [(leader, &mut direct), (follower, &mut forwarded)] {
+            let (status, took) = write(&cluster, via, &format!("wan-{via}-{i}")).await?;
+            ensure!(
+                status.is_success(),
+                "write {i} through node {via}: {status} after {took:?}"
+            );
+            into.push(took);
+        }
+    }
+    let (p_direct, p_fwd) = (p99(direct), p99(forwarded));
+    println!(
+        "wan: write p99 through the leader {p_direct:?}, through a follower {p_fwd:?} (rtt {rtt:?})"
+    );
+    // Three round trips plus an fsync (and the HTTP exchange on loopback).
+    assert!(
+        p_direct <= rtt * 3 + Duration::from_millis(200),
+        "{p_direct:?}"
+    );
+
+    let joined = cluster.add_members(1).await?;
+    let new = joined[0];
+    let commit = cluster.status(leader).await?.commit_index;
+    poll(
+        "the fourth node to join and catch up",
+        Duration::from_secs(30),
+        || async {
+            let v = cluster.status(new).await?;
+            ensure!(
+                v.nodes.len() == 4 && v.applied_index >= commit,
+                "{} members, applied {}",
+                v.nodes.len(),
+                v.applied_index
+            );
+            Ok(())
+        },
+    )
+    .await
+    .with_context(|| cluster.logs())?;
+    for id in cluster.running() {
+        let log = cluster.stderr(id);
+        ensure!(
+            !log.contains("ERROR"),
+            "node {id} logged an ERROR on the happy path:\n{log}"
+        );
+    }
+
+    cluster.kill9(leader).await?;
+    let killed_at = Instant::now();
+    let survivors = cluster.running();
+    let new_leader = leader_among(&cluster, &survivors, Some(leader), Duration::from_secs(30))
+        .await
+        .with_context(|| cluster.logs())?;
+    let took = killed_at.elapsed();
+    println!("wan: node {new_leader} leads {took:?} after the leader's SIGKILL");
+    let (status, _) = write(&cluster, new_leader, "after-kill").await?;
+    ensure!(status.is_success(), "write after the kill: {status}");
+    // 2 s plus the election timeout for this round trip (at most 3 s).
+    assert!(took <= Duration::from_secs(5), "new leader after {took:?}");
+    Ok(())
+}
