@@ -185,7 +185,9 @@ pub enum ClusterCmd {
     /// Node k binds --base-ip + (k-1): its published ports, its admin API on
     /// :7070 and its cluster port on :7071. Node 1 founds the cluster with
     /// --token (EDGELB_TOKEN) when given, else a generated token; the others
-    /// join it. Ctrl-C or SIGTERM stops every node.
+    /// join it. A node that exits leaves the others running; `cluster local
+    /// --data-dir DIR start-node K` (from any terminal) starts it again.
+    /// Ctrl-C or SIGTERM stops every node.
     Local(LocalArgs),
 }
 
@@ -202,7 +204,8 @@ pub struct LocalArgs {
     #[arg(long)]
     pub binary: Option<PathBuf>,
     /// Where node-1, node-2, … keep their data and logs (kept; a second run
-    /// restarts the same cluster) [default: a temp dir removed at exit]
+    /// restarts the same cluster); for start-node, the running cluster's
+    /// (as it printed it) [default: a temp dir removed at exit]
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// How long to wait for every node to be ready, in seconds
@@ -211,6 +214,21 @@ pub struct LocalArgs {
     /// The nodes' log filter (written to each node's edgelb.log)
     #[arg(long, default_value = "info,openraft=warn")]
     pub log: String,
+    #[command(subcommand)]
+    pub command: Option<LocalCmd>,
+}
+
+/// `edgectl cluster local --data-dir DIR …`: talk to a running local
+/// cluster.
+#[derive(Debug, Subcommand)]
+pub enum LocalCmd {
+    /// Start a stopped node of the `cluster local` running on --data-dir
+    /// again, and wait (up to --timeout) until it is back in the cluster
+    StartNode {
+        /// The node's number (1 to --nodes)
+        #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+        id: u16,
+    },
 }
 
 /// `edgectl certs …`

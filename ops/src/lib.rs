@@ -6,6 +6,7 @@
 //!                     │      └─▶ Client (HTTP/1.1, bearer token) ─▶ admin API ─▶ output (table|list|json)
 //!                     ├─ certs init|node ─▶ edgelb::cluster::pki ─▶ PEM files
 //!                     ├─ cluster local ─▶ N edgelb processes on 127.0.0.11, .12, … until Ctrl-C
+//!                     │      └─ cluster local --data-dir DIR start-node K ─▶ DIR/control.sock ─▶ node K again
 //!                     └─ completions ─▶ clap_complete
 //!  any failure ─▶ Failure ─▶ "edgectl: <one line>" and its exit code (error.rs)
 //! ```

@@ -5,27 +5,34 @@
 //!  node 1  --listen-ip 127.0.0.11  admin 127.0.0.11:7070  cluster 127.0.0.11:7071  founds (token T)
 //!  node 2  --listen-ip 127.0.0.12  admin 127.0.0.12:7070  …  --join http://127.0.0.11:7070 --token T
 //!  …
-//!  ready = every node's /readyz is 200 and its /v1/cluster lists N members
-//!  Ctrl-C / SIGTERM ─▶ SIGTERM to each started pid ─▶ wait (30 s, then SIGKILL) ─▶ exit 0
+//!  ready = every node's /readyz is 200, it knows a leader and its /v1/cluster lists N members
+//!  a node exits ─▶ "node K (pid P) exited (…); nodes … keep running; start it again with: …"
+//!  edgectl cluster local --data-dir DIR start-node K ─▶ DIR/control.sock ─▶ node K started again
+//!  Ctrl-C / SIGTERM ─▶ SIGTERM to each running pid ─▶ wait (30 s, then SIGKILL) ─▶ exit 0
 //! ```
 //!
 //! Each node keeps its data dir and its log (`edgelb.log`, stdout and
 //! stderr) under `<data dir>/node-<k>`. Only the processes started here are
-//! ever signalled.
+//! ever signalled. A node that exits is left stopped (whoever stopped it
+//! wants to watch the others fail over) until the operator starts it
+//! again ([`control`]).
+
+mod control;
+mod node;
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use http::Method;
 use rand::Rng;
 use rand::distr::Alphanumeric;
-use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::cli::LocalArgs;
+use self::control::{Control, Reply, Started};
+use self::node::{Launcher, Node, last_line, stop_all};
+use crate::cli::{LocalArgs, LocalCmd};
 use crate::client::{ApiUrl, Client};
 use crate::cluster::ClusterData;
 use crate::error::{Failure, Outcome};
@@ -35,45 +42,26 @@ use crate::{Ctx, emit};
 pub const ADMIN_PORT: u16 = 7070;
 /// Cluster (QUIC) port of every local node.
 pub const CLUSTER_PORT: u16 = 7071;
-/// Drain timeout given to local nodes, so that Ctrl-C is quick.
-const DRAIN_TIMEOUT: &str = "5s";
-/// How long a node may take to exit after SIGTERM before it is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the supervisor looks for nodes that exited.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
 
-/// One started node.
-struct Node {
-    id: u16,
-    ip: Ipv4Addr,
-    dir: PathBuf,
-    child: Child,
-    pid: u32,
-}
-
-impl Node {
-    fn admin_url(&self) -> String {
-        format!("http://{}:{ADMIN_PORT}", self.ip)
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.join("edgelb.log")
-    }
-
-    /// Fails when the process has exited, quoting the end of its log.
-    fn check_alive(&mut self) -> Outcome {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(Failure::local(format!(
-                "node {} exited ({status}); last log line: {}",
-                self.id,
-                last_line(&self.log())
-            ))),
-            Err(e) => Err(Failure::local(format!("node {}: {e}", self.id))),
-        }
-    }
-}
-
-/// Runs the local cluster until a signal; see the module docs.
+/// Runs `cluster local` (see the module docs), or its `start-node`.
 pub async fn run(ctx: &Ctx, args: LocalArgs) -> Outcome {
+    match args.command {
+        Some(LocalCmd::StartNode { id }) => {
+            let Some(dir) = &args.data_dir else {
+                return Err(Failure::usage(
+                    "start-node needs the running cluster's --data-dir DIR (cluster local prints it)",
+                ));
+            };
+            control::start_node(dir, id, Duration::from_secs(args.timeout)).await
+        }
+        None => supervise(ctx, &args).await,
+    }
+}
+
+/// Starts the cluster and keeps it until a signal.
+async fn supervise(ctx: &Ctx, args: &LocalArgs) -> Outcome {
     // Installed first: from here on SIGTERM and Ctrl-C stop the cluster
     // instead of killing edgectl and orphaning the nodes.
     let mut term = signal(SignalKind::terminate()).map_err(Failure::local)?;
@@ -88,20 +76,34 @@ pub async fn run(ctx: &Ctx, args: LocalArgs) -> Outcome {
         ),
     };
     let token = choose_token(ctx.global.token.as_deref(), &root)?;
+    let launcher = Launcher {
+        binary,
+        log: args.log.clone(),
+        root: root.clone(),
+        token,
+        founder: format!("http://{}:{ADMIN_PORT}", ips[0]),
+    };
     let mut nodes: Vec<Node> = Vec::new();
     let started = tokio::select! {
-        r = start_all(&binary, &args, &ips, &root, &token, &mut nodes) => r,
+        r = start_all(&launcher, args.timeout, &ips, &mut nodes) => r,
         _ = term.recv() => Err(Failure::local("stopped by SIGTERM while starting")),
         _ = int.recv() => Err(Failure::local("stopped by Ctrl-C while starting")),
     };
-    let outcome = match started {
-        Ok(()) => {
-            emit(&summary(&nodes, &root, &token, temporary));
-            tokio::select! {
-                _ = term.recv() => Ok(()),
-                _ = int.recv() => Ok(()),
-                e = watch(&mut nodes) => Err(e),
+    let outcome = match started.and_then(|()| Control::bind(&root)) {
+        Ok(mut control) => {
+            emit(&summary(&nodes, &launcher, temporary));
+            let mut tick = tokio::time::interval(WATCH_EVERY);
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = tick.tick() => report_exits(&mut nodes, &root),
+                    (id, answer) = control.next() => {
+                        let _ = answer.send(restart(&launcher, &mut nodes, id));
+                    }
+                }
             }
+            Ok(())
         }
         Err(e) => Err(e),
     };
@@ -119,100 +121,89 @@ pub async fn run(ctx: &Ctx, args: LocalArgs) -> Outcome {
 /// Starts node 1, waits until it is ready, then the others (joining node 1),
 /// and waits until every node lists every member.
 async fn start_all(
-    binary: &Path,
-    args: &LocalArgs,
+    launcher: &Launcher,
+    timeout: u64,
     ips: &[Ipv4Addr],
-    root: &Path,
-    token: &str,
     nodes: &mut Vec<Node>,
 ) -> Outcome {
-    let deadline = Instant::now() + Duration::from_secs(args.timeout);
-    let founder = format!("http://{}:{ADMIN_PORT}", ips[0]);
+    let deadline = Instant::now() + Duration::from_secs(timeout);
     for (i, ip) in ips.iter().enumerate() {
         let id = u16::try_from(i + 1).map_err(Failure::local)?;
-        let join = (id > 1).then_some(founder.as_str());
         eprintln!("edgectl: starting node {id} on {ip}");
-        nodes.push(spawn(binary, args, id, *ip, root, token, join)?);
+        nodes.push(launcher.spawn(id, *ip)?);
         if id == 1 {
             // The others join through it: it must be serving first.
-            wait_ready(&mut nodes[..1], token, 1, deadline).await?;
+            wait_ready(&mut nodes[..1], &launcher.token, 1, deadline).await?;
         }
     }
     let n = nodes.len();
-    wait_ready(nodes, token, n, deadline).await
+    wait_ready(nodes, &launcher.token, n, deadline).await
 }
 
-fn spawn(
-    binary: &Path,
-    args: &LocalArgs,
-    id: u16,
-    ip: Ipv4Addr,
-    root: &Path,
-    token: &str,
-    join: Option<&str>,
-) -> Outcome<Node> {
-    let dir = root.join(format!("node-{id}"));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Failure::local(format!("creating {}: {e}", dir.display())))?;
-    let log_path = dir.join("edgelb.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| Failure::local(format!("opening {}: {e}", log_path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(|e| Failure::local(format!("{}: {e}", log_path.display())))?;
-    let mut cmd = Command::new(binary);
-    cmd.arg("--node-id")
-        .arg(id.to_string())
-        .arg("--region")
-        .arg("local")
-        .arg("--data-dir")
-        .arg(&dir)
-        .arg("--admin-addr")
-        .arg(format!("{ip}:{ADMIN_PORT}"))
-        .arg("--cluster-addr")
-        .arg(format!("{ip}:{CLUSTER_PORT}"))
-        .arg("--listen-ip")
-        .arg(ip.to_string())
-        .arg("--token")
-        .arg(token)
-        .arg("--drain-timeout")
-        .arg(DRAIN_TIMEOUT)
-        .arg("--log")
-        .arg(&args.log);
-    if let Some(url) = join {
-        cmd.arg("--join").arg(url);
+/// Says which nodes exited since the last look; the others keep running.
+fn report_exits(nodes: &mut [Node], root: &Path) {
+    for i in 0..nodes.len() {
+        let Some(status) = nodes[i].newly_exited() else {
+            continue;
+        };
+        let running: Vec<String> = nodes
+            .iter_mut()
+            .filter_map(|n| n.running().then(|| n.id.to_string()))
+            .collect();
+        let others = match running.as_slice() {
+            [] => "no node is running".to_owned(),
+            [one] => format!("node {one} keeps running"),
+            many => format!("nodes {} keep running", many.join(", ")),
+        };
+        let node = &nodes[i];
+        // A crash or a refused start leaves its reason at the end of the log.
+        let why = if status.code().is_some_and(|c| c != 0) {
+            format!("; last log line: {}", last_line(&node.log()))
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "edgectl: node {} (pid {}) exited ({status}); {others}; start it again with: edgectl cluster local --data-dir {} start-node {}{why}",
+            node.id,
+            node.pid,
+            root.display(),
+            node.id,
+        );
     }
-    // The caller's environment must not configure the nodes behind the
-    // flags' back (EDGELB_CONFIG, EDGELB_DATA_DIR, …).
-    for (key, _) in std::env::vars_os() {
-        if key.to_str().is_some_and(|k| k.starts_with("EDGELB_")) {
-            cmd.env_remove(key);
+}
+
+/// Starts stopped node `id` again, for `start-node`.
+fn restart(launcher: &Launcher, nodes: &mut [Node], id: u16) -> Reply {
+    let members = nodes.len();
+    let Some(node) = nodes.iter_mut().find(|n| n.id == id) else {
+        return Reply::Refused(format!(
+            "no node {id}: this cluster has nodes 1 to {members}"
+        ));
+    };
+    if node.running() {
+        return Reply::Refused(format!(
+            "node {id} is running (pid {}); stop it first",
+            node.pid
+        ));
+    }
+    match launcher.spawn(id, node.ip) {
+        Ok(started) => {
+            *node = started;
+            eprintln!("edgectl: node {id} started again (pid {})", node.pid);
+            Reply::Started(Started {
+                pid: node.pid,
+                admin: node.admin_url(),
+                log: node.log(),
+                token: launcher.token.clone(),
+                members,
+            })
         }
+        Err(e) => Reply::Refused(format!("starting node {id}: {e}")),
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log2))
-        .kill_on_drop(true);
-    let child = cmd
-        .spawn()
-        .map_err(|e| Failure::local(format!("starting {}: {e}", binary.display())))?;
-    let pid = child
-        .id()
-        .ok_or_else(|| Failure::local(format!("node {id} exited at once")))?;
-    Ok(Node {
-        id,
-        ip,
-        dir,
-        child,
-        pid,
-    })
 }
 
-/// Waits until each of `nodes` answers `/readyz` and lists `members`
-/// members, failing early when one exits.
+/// Waits until each of `nodes` is ready and lists `members` members,
+/// failing early when one exits.
 async fn wait_ready(nodes: &mut [Node], token: &str, members: usize, deadline: Instant) -> Outcome {
     for node in nodes.iter_mut() {
         let url = ApiUrl::parse(&node.admin_url())?;
@@ -237,7 +228,8 @@ async fn wait_ready(nodes: &mut [Node], token: &str, members: usize, deadline: I
     Ok(())
 }
 
-/// `Ok` once the node is ready and sees `members` members; else why not.
+/// `Ok` once the node is ready, knows a leader and sees `members` members;
+/// else why not.
 async fn probe(open: &Client, authed: &Client, members: usize) -> Result<(), String> {
     let ready = open
         .request(Method::GET, "/readyz", None)
@@ -251,59 +243,17 @@ async fn probe(open: &Client, authed: &Client, members: usize) -> Result<(), Str
     if seen < members {
         return Err(format!("it lists {seen} of {members} members"));
     }
+    if data.cluster.leader_id.is_none() {
+        return Err("it knows no leader".to_owned());
+    }
     Ok(())
 }
 
-/// Returns when a node exits on its own.
-async fn watch(nodes: &mut [Node]) -> Failure {
-    loop {
-        for node in nodes.iter_mut() {
-            if let Err(e) = node.check_alive() {
-                return e;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// SIGTERM to every node still running, then waits for each (bounded; then
-/// SIGKILL).
-async fn stop_all(nodes: &mut [Node]) {
-    for node in nodes.iter_mut() {
-        if matches!(node.child.try_wait(), Ok(None)) {
-            terminate(node.pid);
-        }
-    }
-    let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
-    for node in nodes.iter_mut() {
-        match tokio::time::timeout_at(deadline, node.child.wait()).await {
-            Ok(Ok(status)) if status.success() => {}
-            Ok(Ok(status)) => eprintln!("edgectl: node {} exited with {status}", node.id),
-            Ok(Err(e)) => eprintln!("edgectl: node {}: {e}", node.id),
-            Err(_) => {
-                eprintln!(
-                    "edgectl: node {} did not stop within {STOP_TIMEOUT:?}; killing it",
-                    node.id
-                );
-                let _ = node.child.kill().await;
-            }
-        }
-    }
-}
-
-/// Sends SIGTERM to `pid` (a child started here).
-fn terminate(pid: u32) {
-    let pid = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw);
-    if let Some(pid) = pid {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    }
-}
-
 /// What to tell the operator once the cluster is up.
-fn summary(nodes: &[Node], root: &Path, token: &str, temporary: bool) -> String {
+fn summary(nodes: &[Node], launcher: &Launcher, temporary: bool) -> String {
     let mut s = String::new();
+    let root = &launcher.root;
+    let token = &launcher.token;
     let kept = if temporary { "removed at exit" } else { "kept" };
     let _ = writeln!(
         s,
@@ -334,6 +284,15 @@ fn summary(nodes: &[Node], root: &Path, token: &str, temporary: bool) -> String 
         "  edgectl service create -n web 8000:8080/http   # published on every node's listen IP"
     );
     let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "A node that exits (kill <pid>) leaves the others running; start it again with:"
+    );
+    let _ = writeln!(
+        s,
+        "  edgectl cluster local --data-dir {} start-node <k>",
+        root.display()
+    );
     let _ = writeln!(s, "Ctrl-C stops every node.");
     s
 }
@@ -414,19 +373,6 @@ pub fn find_binary(given: Option<&Path>) -> Outcome<PathBuf> {
                 "no edgelb binary: pass --binary, put edgelb next to edgectl or on PATH (cargo build --bin edgelb)",
             )
         })
-}
-
-/// The last non-empty line of a log file (for a node that died).
-fn last_line(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| format!("(nothing in {})", path.display()))
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //!   documented code.
 //! - `cluster`: `cluster status|add-node|remove-node` on a one-node cluster.
 //! - `certs`: `certs init` and `certs node` make a working own-PKI cluster.
-//! - `local`: `cluster local --nodes 3` with the real `edgelb` binary.
+//! - `local`: `cluster local --nodes 3` with the real `edgelb` binary; a
+//!   killed node leaves the others running and `start-node` brings it back.
 //! - `deploy`: the deployment kit (configs, systemd unit, Prometheus,
 //!   Grafana) against the node's loader, `systemd-analyze`, `promtool` and
 //!   a live `/metrics`.
