@@ -5,7 +5,8 @@
 //!  node 1  --listen-ip 127.0.0.11  admin 127.0.0.11:7070  cluster 127.0.0.11:7071  founds (token T)
 //!  node 2  --listen-ip 127.0.0.12  admin 127.0.0.12:7070  …  --join http://127.0.0.11:7070 --token T
 //!  …
-//!  ready = every node's /readyz is 200, it knows a leader and its /v1/cluster lists N members
+//!  ready = every node's /readyz is 200, it knows a leader and its /v1/cluster lists N members,
+//!          min(N, 5) of them voters
 //!  a node exits ─▶ "node K (pid P) exited (…); nodes … keep running; start it again with: …"
 //!  edgectl cluster local --data-dir DIR start-node K ─▶ DIR/control.sock ─▶ node K started again
 //!  Ctrl-C / SIGTERM ─▶ SIGTERM to each running pid ─▶ wait (30 s, then SIGKILL) ─▶ exit 0
@@ -42,6 +43,8 @@ use crate::{Ctx, emit};
 pub const ADMIN_PORT: u16 = 7070;
 /// Cluster (QUIC) port of every local node.
 pub const CLUSTER_PORT: u16 = 7071;
+/// edgelb's default `max_voters`: nodes beyond it stay learners.
+const MAX_VOTERS: usize = 5;
 /// How often the supervisor looks for nodes that exited.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
 
@@ -228,8 +231,8 @@ async fn wait_ready(nodes: &mut [Node], token: &str, members: usize, deadline: I
     Ok(())
 }
 
-/// `Ok` once the node is ready, knows a leader and sees `members` members;
-/// else why not.
+/// `Ok` once the node is ready, knows a leader and sees `members` members,
+/// as many of them voters as the cluster will have; else why not.
 async fn probe(open: &Client, authed: &Client, members: usize) -> Result<(), String> {
     let ready = open
         .request(Method::GET, "/readyz", None)
@@ -242,6 +245,18 @@ async fn probe(open: &Client, authed: &Client, members: usize) -> Result<(), Str
     let seen = data.cluster.nodes.len();
     if seen < members {
         return Err(format!("it lists {seen} of {members} members"));
+    }
+    // Joiners are promoted one at a time after they join; until then a
+    // killed voter can leave the cluster without a quorum.
+    let voters = data
+        .cluster
+        .nodes
+        .iter()
+        .filter(|n| n.role == "voter")
+        .count();
+    let want = members.min(MAX_VOTERS);
+    if voters < want {
+        return Err(format!("it lists {voters} of {want} voters"));
     }
     if data.cluster.leader_id.is_none() {
         return Err("it knows no leader".to_owned());
