@@ -519,6 +519,27 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sends SIGTERM to node `id` and waits up to `bound` for it to exit:
+    /// how long that took and its exit status (`None`: still running at
+    /// `bound`, then killed with SIGKILL). Its data dir stays.
+    pub async fn terminate_timed(
+        &mut self,
+        id: u64,
+        bound: Duration,
+    ) -> anyhow::Result<(Duration, Option<std::process::ExitStatus>)> {
+        let m = self.member_mut(id)?;
+        let mut p = m.process.take().context("node is not running")?;
+        let sent = std::time::Instant::now();
+        p.terminate().await?;
+        let status = p.wait(bound).await.ok();
+        let took = sent.elapsed();
+        if status.is_none() {
+            p.kill9().await?;
+        }
+        self.past_logs.push((id, p.stderr()));
+        Ok((took, status))
+    }
+
     /// Starts node `id` again with the same command line and data dir, and
     /// waits until it serves its admin API.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
@@ -545,6 +566,25 @@ impl Cluster {
     /// For an id that is not a member.
     pub fn stderr(&self, id: u64) -> String {
         self.members[&id].stderr()
+    }
+
+    /// Everything every member wrote to stderr (stopped processes too),
+    /// which the drop then no longer prints.
+    pub fn take_logs(&mut self) -> String {
+        let mut out = String::new();
+        let current: Vec<(u64, String)> =
+            self.members.values().map(|m| (m.id, m.stderr())).collect();
+        for (id, text) in self.past_logs.drain(..).chain(current) {
+            for l in text.lines() {
+                let _ = writeln!(out, "node {id}: {l}");
+            }
+        }
+        for m in self.members.values_mut() {
+            if let Some(p) = &mut m.process {
+                p.clear_stderr();
+            }
+        }
+        out
     }
 
     /// The tail of every member's stderr, for failure messages.

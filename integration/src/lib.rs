@@ -51,6 +51,7 @@
 pub mod addr;
 pub mod admin;
 pub mod backend;
+pub mod chaos;
 pub mod client;
 pub mod cluster;
 pub mod link;

@@ -2,7 +2,8 @@
 //!
 //! `CARGO_BIN_EXE_edgelb` exists only inside the `edgelb` package, so the
 //! binary is found next to the running test executable
-//! (`target/<profile>/deps/<test>` → `target/<profile>/edgelb`) and built
+//! (`target/<profile>/deps/<test>` or `target/<profile>/chaos` →
+//! `target/<profile>/edgelb`) and built
 //! once per test process with `cargo build --bin edgelb` (a no-op when it is
 //! up to date). Only processes started here are ever signalled.
 
@@ -30,10 +31,17 @@ pub fn edgelb_bin() -> anyhow::Result<PathBuf> {
 
 fn build() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    // target/<profile>/deps/<test-binary>
+    // target/<profile>/deps/<test-binary>, or target/<profile>/<binary>
+    // for the harness's own binaries (chaos).
     let profile_dir = exe
         .parent()
-        .and_then(Path::parent)
+        .and_then(|p| {
+            if p.file_name().is_some_and(|n| n == "deps") {
+                p.parent()
+            } else {
+                Some(p)
+            }
+        })
         .ok_or_else(|| format!("unexpected test binary location {}", exe.display()))?;
     let target_dir = profile_dir
         .parent()
@@ -218,6 +226,14 @@ impl Process {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Forgets the stderr seen so far.
+    pub fn clear_stderr(&self) {
+        self.stderr
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Waits for a stdout line containing `needle` and returns it.

@@ -1,0 +1,102 @@
+//! `chaos`: the fault suite (see `integration::chaos`). Runs `--runs`
+//! seeded runs, prints each run's figures and the total, and exits 1 when
+//! a check fails.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use integration::chaos::{Limits, RunOptions, describe, failures, run::run, total};
+
+/// Fault suite: clusters behind a link emulator, clients, seeded faults.
+#[derive(Debug, Parser)]
+#[command(name = "chaos")]
+struct Args {
+    /// Number of runs.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Seed of the first run (run k uses seed + k).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Cluster sizes, used in turn.
+    #[arg(long, value_delimiter = ',', default_values_t = [3, 5])]
+    nodes: Vec<usize>,
+    /// Faults per run.
+    #[arg(long, default_value_t = 8)]
+    faults: usize,
+    /// Only these fault kinds (sigkill, sigterm, isolate, split,
+    /// one-way-loss, flap, wan-delay); all when absent.
+    #[arg(long, value_delimiter = ',')]
+    kinds: Vec<String>,
+    /// Every link delayed 50–150 ms one way for the whole run.
+    #[arg(long)]
+    wan: bool,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 2)]
+    writers: usize,
+    /// Limit: new leader p99, in ms.
+    #[arg(long, default_value_t = 2000)]
+    election_p99_ms: u64,
+    /// Limit: catch-up after heal or restart p99, in ms.
+    #[arg(long, default_value_t = 1000)]
+    catchup_p99_ms: u64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.nodes.iter().any(|n| !(3..=9).contains(n)) {
+        eprintln!("chaos: --nodes: each size must be 3 to 9");
+        return ExitCode::from(64);
+    }
+    let limits = Limits {
+        election_p99: Duration::from_millis(args.election_p99_ms),
+        catchup_p99: Duration::from_millis(args.catchup_p99_ms),
+        ..Limits::default()
+    };
+    let mut reports = Vec::new();
+    let mut failed = false;
+    for k in 0..args.runs {
+        let o = RunOptions {
+            run: k,
+            seed: args.seed.wrapping_add(k as u64),
+            nodes: args.nodes[k % args.nodes.len()],
+            faults: args.faults,
+            kinds: args.kinds.clone(),
+            wan: args.wan,
+            writers: args.writers,
+        };
+        let r = run(&o).await;
+        println!(
+            "{}",
+            describe(&format!("run {k} (seed {}, {} nodes)", o.seed, o.nodes), &r)
+        );
+        let why = failures(&r, &limits);
+        for f in &why {
+            println!("  FAIL: {f}");
+        }
+        if !why.is_empty() {
+            failed = true;
+            let path = std::env::temp_dir().join(format!("edgelb-chaos-seed-{}.log", o.seed));
+            match std::fs::write(&path, &r.logs) {
+                Ok(()) => println!("  nodes' logs: {}", path.display()),
+                Err(e) => println!("  nodes' logs not written to {}: {e}", path.display()),
+            }
+        }
+        reports.push(r);
+    }
+    let t = total(&reports);
+    println!(
+        "{}",
+        describe(&format!("total of {} runs", reports.len()), &t)
+    );
+    for f in failures(&t, &limits) {
+        failed = true;
+        println!("  FAIL: {f}");
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
