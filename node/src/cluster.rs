@@ -40,6 +40,7 @@
 mod frame;
 mod gossip;
 mod network;
+mod peers;
 pub mod pki;
 mod rpc;
 mod server;
@@ -53,11 +54,13 @@ pub use frame::MAX_FRAME;
 pub use gossip::{
     Dropped, GossipHandler, GossipLink, MAX_STRIKES, REPORT_TIMEOUT, SEND_TIMEOUT, Via,
 };
-pub use network::{Network, PeerNetwork};
+pub use network::{Network, PeerNetwork, rpc_deadline};
 pub use pki::{
     CaBundle, PkiError, generate_ca, issue_node_cert, node_dns_name, node_key_and_csr,
     sign_node_csr,
 };
-pub use rpc::{Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply};
+pub use rpc::{
+    Forward, ForwardError, ForwardReply, HandlerFuture, PreVote, RaftHandler, Rpc, RpcReply,
+};
 pub use tls::{ALPN_GOSSIP, ALPN_RAFT, NodeTls};
 pub use transport::{Transport, TransportError, TransportStats, codes};

@@ -122,6 +122,8 @@ struct FileConfig {
     gossip_min_interval: Option<String>,
     gossip_interval: Option<String>,
     gossip_ttl: Option<String>,
+    raft_heartbeat_interval: Option<String>,
+    election_timeout: Option<String>,
 }
 
 /// A checked configuration.
@@ -149,6 +151,8 @@ pub struct Config {
     /// Load gossip: `gossip_min_interval`, `gossip_interval`, `gossip_ttl`
     /// (the rest at its defaults).
     pub gossip: gossip::Config,
+    /// Raft timing: `raft_heartbeat_interval`, `election_timeout`.
+    pub raft: crate::election::Timing,
 }
 
 impl Config {
@@ -165,7 +169,10 @@ impl Config {
             join: None,
             token: None,
             cluster_domain: "edgelb.local".into(),
-            log: "info,openraft=warn".into(),
+            // openraft logs every failed replication RPC as an error; the
+            // cluster transport reports a peer becoming unreachable (and
+            // reachable again) once instead.
+            log: "info,openraft=warn,openraft::replication=off".into(),
             settings: Settings::default(),
             ca_cert: None,
             node_cert: None,
@@ -173,6 +180,7 @@ impl Config {
             max_voters: 5,
             leave_on_exit: false,
             gossip: gossip::Config::default(),
+            raft: crate::election::Timing::default(),
         }
     }
 
@@ -323,6 +331,26 @@ impl Config {
             return Err(ConfigError::new(
                 "gossip_interval",
                 "must be shorter than gossip_ttl",
+            ));
+        }
+        let r = &mut c.raft;
+        set_duration(
+            &mut r.heartbeat_interval,
+            "raft_heartbeat_interval",
+            file.raft_heartbeat_interval,
+        )?;
+        set_duration(&mut r.election_timeout, "election_timeout", file.election_timeout)?;
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&r.election_timeout) {
+            return Err(ConfigError::new(
+                "election_timeout",
+                "must be 100ms to 60s",
+            ));
+        }
+        // A follower must hear several heartbeats within the timeout.
+        if r.heartbeat_interval.is_zero() || r.heartbeat_interval * 3 > r.election_timeout {
+            return Err(ConfigError::new(
+                "raft_heartbeat_interval",
+                "must be more than 0 and at most a third of election_timeout",
             ));
         }
         if c.join.is_some() && c.token.is_none() {

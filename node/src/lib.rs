@@ -16,6 +16,7 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;
+pub mod election;
 pub mod gossip;
 pub mod http;
 pub mod listeners;

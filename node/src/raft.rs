@@ -16,6 +16,7 @@ use crate::app::StartError;
 use crate::bootstrap::Identity;
 use crate::cluster::{Network, Transport};
 use crate::config::Config;
+use crate::election::Timing;
 use crate::store::{RaftRpc, Store, StoreError};
 
 /// What [`start`] hands back.
@@ -24,22 +25,22 @@ pub struct Started {
     pub store: Store,
     pub transport: Arc<Transport>,
     pub cluster_addr: SocketAddr,
+    /// The log store, for the election task's pre-votes.
+    pub log: LogStore,
 }
 
-/// openraft settings: heartbeats every 100 ms and elections after 0.6–1.2 s
-/// of silence (a loaded 2-core machine must not flap), a snapshot every 500
-/// log entries, keeping 100 behind it for followers that lag a little.
-pub fn raft_config() -> Result<openraft::Config, StartError> {
+/// openraft settings: the RPC limit and leader lease of `timing` (its own
+/// heartbeat and election timers are off: [`crate::election`] drives
+/// them), a snapshot every 500 log entries, keeping 100 behind it for
+/// followers that lag a little.
+pub fn raft_config(timing: &Timing) -> Result<openraft::Config, StartError> {
     openraft::Config {
         cluster_name: "edgelb".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 600,
-        election_timeout_max: 1200,
         install_snapshot_timeout: 5_000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
         max_in_snapshot_log_to_keep: 100,
         purge_batch_size: 64,
-        ..Default::default()
+        ..timing.openraft()
     }
     .validate()
     .map_err(|e| StartError::Io(format!("raft config: {e}")))
@@ -62,7 +63,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
     let state = sm.subscribe();
     let committed = log.committed_index();
 
-    let handler = Arc::new(RaftRpc::default());
+    let handler = Arc::new(RaftRpc::new(config.raft));
     let transport = Transport::bind(
         config.cluster_addr,
         &identity.tls,
@@ -76,14 +77,21 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
         .map_err(|e| StartError::Io(format!("cluster_addr: {e}")))?;
     let raft = Raft::new(
         config.node_id,
-        Arc::new(raft_config()?),
+        Arc::new(raft_config(&config.raft)?),
         Network::new(transport.clone()),
-        log,
+        log.clone(),
         sm,
     )
     .await
     .map_err(|e| StartError::Io(format!("starting raft: {e}")))?;
-    handler.set(raft.clone());
+    handler.set(raft.clone(), log.clone());
+    // Heartbeats and elections; the task ends when Raft stops.
+    tokio::spawn(crate::election::run(
+        raft.clone(),
+        log.clone(),
+        transport.clone(),
+        config.raft,
+    ));
 
     if identity.founded {
         let me = ClusterNode {
@@ -109,6 +117,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
         store: Store::new(config.node_id, raft, transport.clone(), state, committed),
         transport,
         cluster_addr,
+        log,
     })
 }
 

@@ -383,11 +383,12 @@ pub(crate) async fn execute_membership(raft: &Raft, f: &Forward) -> Result<u64, 
     Ok(result?.log_id.index)
 }
 
-/// The server side of the cluster RPCs: hands Raft messages to openraft and
-/// runs forwarded client requests when this node leads.
-#[derive(Default)]
+/// The server side of the cluster RPCs: hands Raft messages to openraft,
+/// answers pre-votes and runs forwarded client requests when this node
+/// leads.
 pub struct RaftRpc {
-    raft: std::sync::OnceLock<Raft>,
+    raft: std::sync::OnceLock<(Raft, raft_store::LogStore)>,
+    timing: crate::election::Timing,
 }
 
 impl std::fmt::Debug for RaftRpc {
@@ -399,22 +400,34 @@ impl std::fmt::Debug for RaftRpc {
 }
 
 impl RaftRpc {
+    /// A handler for a cluster with this Raft timing.
+    pub fn new(timing: crate::election::Timing) -> Self {
+        Self {
+            raft: std::sync::OnceLock::new(),
+            timing,
+        }
+    }
+
     /// Connects the handler to its Raft once it exists (the transport has to
     /// be bound before Raft is built).
-    pub fn set(&self, raft: Raft) {
-        let _ = self.raft.set(raft);
+    pub fn set(&self, raft: Raft, log: raft_store::LogStore) {
+        let _ = self.raft.set((raft, log));
     }
 }
 
 impl RaftHandler for RaftRpc {
     fn handle(&self, _from: u64, rpc: Rpc) -> HandlerFuture<'_> {
         Box::pin(async move {
-            let Some(raft) = self.raft.get() else {
+            let Some((raft, log)) = self.raft.get() else {
                 return RpcReply::Error("raft is starting".into());
             };
             match rpc {
                 Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
                 Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
+                Rpc::PreVote(r) => RpcReply::PreVote(
+                    crate::election::answer_pre_vote(raft, log, &r, self.timing.election_timeout)
+                        .await,
+                ),
                 Rpc::InstallSnapshot(r) => {
                     RpcReply::InstallSnapshot(raft.install_snapshot(r).await)
                 }

@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::rpc::{Forward, Rpc, RpcKind, RpcReply};
+use super::rpc::{Forward, PreVote, Rpc, RpcKind, RpcReply};
 
 /// The largest frame anything may send: an append batch or a snapshot chunk.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
@@ -65,7 +65,7 @@ impl RpcKind {
     pub(crate) fn request_limit(self) -> usize {
         match self {
             Self::AppendEntries | Self::InstallSnapshot => MAX_FRAME,
-            Self::Vote => SMALL_LIMIT,
+            Self::Vote | Self::PreVote => SMALL_LIMIT,
             Self::Forward => FORWARD_LIMIT,
         }
     }
@@ -73,7 +73,9 @@ impl RpcKind {
     /// The largest reply to a request of this kind.
     pub(crate) fn reply_limit(self) -> usize {
         match self {
-            Self::AppendEntries | Self::InstallSnapshot | Self::Vote => SMALL_LIMIT,
+            Self::AppendEntries | Self::InstallSnapshot | Self::Vote | Self::PreVote => {
+                SMALL_LIMIT
+            }
             Self::Forward => FORWARD_LIMIT,
         }
     }
@@ -82,7 +84,7 @@ impl RpcKind {
     pub(crate) fn body_timeout(self) -> Duration {
         match self {
             Self::AppendEntries | Self::InstallSnapshot => Duration::from_secs(60),
-            Self::Vote | Self::Forward => Duration::from_secs(10),
+            Self::Vote | Self::PreVote | Self::Forward => Duration::from_secs(10),
         }
     }
 }
@@ -109,6 +111,7 @@ pub(crate) fn encode_request(from: NodeId, rpc: &Rpc) -> Result<Vec<u8>, FrameEr
     let body = match rpc {
         Rpc::AppendEntries(r) => encode(r, limit)?,
         Rpc::Vote(r) => encode(r, limit)?,
+        Rpc::PreVote(r) => encode(r, limit)?,
         Rpc::InstallSnapshot(r) => encode(r, limit)?,
         Rpc::Forward(r) => encode(r, limit)?,
     };
@@ -128,6 +131,7 @@ pub(crate) fn decode_request(kind: RpcKind, body: &[u8]) -> Result<Rpc, FrameErr
             Rpc::AppendEntries(decode::<AppendEntriesRequest<TypeConfig>>(body)?)
         }
         RpcKind::Vote => Rpc::Vote(decode::<VoteRequest<NodeId>>(body)?),
+        RpcKind::PreVote => Rpc::PreVote(decode::<PreVote>(body)?),
         RpcKind::InstallSnapshot => {
             Rpc::InstallSnapshot(decode::<InstallSnapshotRequest<TypeConfig>>(body)?)
         }

@@ -30,9 +30,23 @@ use raft_store::{ClusterNode, NodeId, TypeConfig};
 use super::rpc::{Rpc, RpcReply};
 use super::transport::{Transport, TransportError};
 
-/// First wait after a peer was unreachable; doubles up to [`BACKOFF_MAX`].
+/// First wait after a peer was unreachable; doubles up to [`BACKOFF_MAX`],
+/// kept short so that replication resumes within a second of a peer
+/// coming back (a handshake attempt is itself bounded, see `peers.rs`).
 const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_millis(400);
+
+/// An RPC's own deadline: openraft's limit for the kind (sized for the
+/// slowest link the cluster is configured for), shortened on a link whose
+/// round trip is measured to a few round trips plus room for the peer's
+/// fsync, so that a peer that died is noticed quickly on a fast link.
+pub fn rpc_deadline(limit: Duration, rtt: Option<Duration>) -> Duration {
+    const FLOOR: Duration = Duration::from_millis(300);
+    match rtt {
+        Some(rtt) => (rtt * 4 + Duration::from_millis(200)).clamp(FLOOR.min(limit), limit),
+        None => limit,
+    }
+}
 
 type RpcResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<NodeId, ClusterNode, RaftError<NodeId, E>>>;
@@ -76,9 +90,19 @@ impl PeerNetwork {
             Rpc::AppendEntries(r) => r.entries.len(),
             _ => 0,
         };
+        let ttl = match action {
+            // A snapshot chunk carries megabytes: keep openraft's limit.
+            RPCTypes::InstallSnapshot => ttl,
+            _ => rpc_deadline(ttl, self.transport.rtt(self.target)),
+        };
         self.transport
             .call(self.target, &self.node.cluster_addr, rpc, ttl)
             .await
+            .inspect_err(|e| {
+                if e.is_unreachable() || matches!(e, TransportError::Timeout(_)) {
+                    self.transport.note_unreachable(self.target, &e.to_string());
+                }
+            })
             .map_err(|e| Failed {
                 error: e,
                 action,

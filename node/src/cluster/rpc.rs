@@ -8,6 +8,7 @@ use std::pin::Pin;
 use openraft::error::{
     ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InstallSnapshotError, RaftError,
 };
+use openraft::LogId;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -25,10 +26,20 @@ pub enum Rpc {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     /// Raft election (candidate → voter).
     Vote(VoteRequest<NodeId>),
+    /// Would the voter grant a vote now? Asked before an election, so a
+    /// node that cannot win never raises its term (`election.rs`).
+    PreVote(PreVote),
     /// One chunk of a snapshot (leader → lagging follower).
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A request a follower forwards to the leader.
     Forward(Forward),
+}
+
+/// A pre-vote request: the candidate's last log id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreVote {
+    /// The last entry in the candidate's log.
+    pub last_log_id: Option<LogId<NodeId>>,
 }
 
 /// What a follower asks the leader to do on its behalf.
@@ -62,6 +73,8 @@ pub enum RpcReply {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     /// What `Raft::vote` answered.
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// Whether the pre-vote is granted.
+    PreVote(bool),
     /// What `Raft::install_snapshot` answered.
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
@@ -166,6 +179,7 @@ impl From<RaftError<NodeId, CheckIsLeaderError<NodeId, ClusterNode>>> for Forwar
 pub(crate) enum RpcKind {
     AppendEntries,
     Vote,
+    PreVote,
     InstallSnapshot,
     Forward,
 }
@@ -175,6 +189,7 @@ impl fmt::Display for RpcKind {
         f.write_str(match self {
             Self::AppendEntries => "append_entries",
             Self::Vote => "vote",
+            Self::PreVote => "pre_vote",
             Self::InstallSnapshot => "install_snapshot",
             Self::Forward => "forward",
         })
@@ -186,6 +201,7 @@ impl Rpc {
         match self {
             Self::AppendEntries(_) => RpcKind::AppendEntries,
             Self::Vote(_) => RpcKind::Vote,
+            Self::PreVote(_) => RpcKind::PreVote,
             Self::InstallSnapshot(_) => RpcKind::InstallSnapshot,
             Self::Forward(_) => RpcKind::Forward,
         }
@@ -198,6 +214,7 @@ impl RpcReply {
         match self {
             Self::AppendEntries(_) => Some(RpcKind::AppendEntries),
             Self::Vote(_) => Some(RpcKind::Vote),
+            Self::PreVote(_) => Some(RpcKind::PreVote),
             Self::InstallSnapshot(_) => Some(RpcKind::InstallSnapshot),
             Self::Forward(_) => Some(RpcKind::Forward),
             Self::Error(_) => None,

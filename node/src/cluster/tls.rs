@@ -30,13 +30,14 @@ pub const ALPN_RAFT: &[u8] = b"edgelb-raft/1";
 /// ALPN of load gossip.
 pub const ALPN_GOSSIP: &[u8] = b"edgelb-gossip/1";
 
-/// A connection with no traffic for this long is dropped.
-/// It is also how long a peer that vanished (a restarted process does not
-/// know the old connection) keeps failing calls with timeouts before the
-/// connection is replaced.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that hears nothing (not even a keep-alive's
+/// acknowledgement) for this long is dropped: a gossip link to a peer that
+/// vanished reconnects after it. Ten keep-alives fit in it even on a
+/// 300 ms round trip, so a slow link is not mistaken for a dead one. Raft
+/// calls do not wait for it: a timed-out call drops its connection at once.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Keep-alives keep cached connections open between quiet periods.
-const KEEP_ALIVE: Duration = Duration::from_secs(3);
+const KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// Concurrent RPC streams a peer may open on one connection.
 const MAX_STREAMS: u32 = 128;
 /// Per-stream receive window: enough for large frames to flow.

@@ -1,8 +1,9 @@
 //! [`Transport`]: the node's one QUIC endpoint, both ends of the Raft RPCs.
 //!
-//! Outgoing calls share one cached connection per peer (ALPN
-//! `edgelb-raft/1`), each RPC on its own bidirectional stream; a connection
-//! that failed is replaced on the next call. Load gossip goes on separate
+//! Outgoing calls share one kept connection per peer (ALPN
+//! `edgelb-raft/1`, made in the background: [`super::peers`]), each RPC on
+//! its own bidirectional stream; a connection that failed or whose call
+//! timed out is replaced on the next call. Load gossip goes on separate
 //! connections (ALPN `edgelb-gossip/1`, [`Transport::gossip_connect`]), so
 //! that a large report never queues behind Raft traffic or the other way
 //! round. Incoming connections are served by [`server`](super::server).
@@ -14,14 +15,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use quinn::{Connection, Endpoint};
+use quinn::Endpoint;
 use raft_store::NodeId;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::frame::{self, FrameError};
 use super::gossip::{GossipHandler, GossipLink};
+use super::peers::PeerSlot;
 use super::pki::node_dns_name;
 use super::rpc::{RaftHandler, Rpc, RpcKind, RpcReply};
 use super::server;
@@ -191,17 +193,10 @@ pub(crate) struct Shared {
     /// Where incoming gossip reports go; until it is set they are dropped.
     pub(crate) gossip: OnceLock<Arc<dyn GossipHandler>>,
     pub(crate) stats: Counters,
-    client: quinn::ClientConfig,
+    pub(crate) client: quinn::ClientConfig,
     gossip_client: quinn::ClientConfig,
-    /// One slot per peer; its async lock is held only while that peer is
-    /// being connected, never across peers.
-    peers: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
-}
-
-/// A cached connection and the address it was made to.
-struct Cached {
-    addr: String,
-    conn: Connection,
+    /// One connection slot per peer.
+    peers: Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
 }
 
 /// The node's QUIC endpoint on `cluster_addr`: serves peers' Raft RPCs to a
@@ -281,7 +276,7 @@ impl Transport {
         timeout: Duration,
     ) -> Result<GossipLink, TransportError> {
         let connect = async {
-            let sock = self.resolve(addr).await?;
+            let sock = resolve(&self.shared, addr).await?;
             let connect_err = |reason: String| TransportError::Connect { target, reason };
             let connecting = self
                 .shared
@@ -313,8 +308,10 @@ impl Transport {
     pub async fn close(&self) {
         self.shared.endpoint.close(codes::SHUTDOWN, b"shutdown");
         self.accept.abort();
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        // Peers are told at once; waiting for their acknowledgement is
+        // bounded short, as they may be gone.
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.shared.endpoint.wait_idle())
+            .await;
     }
 
     /// Sends `rpc` to node `target` at `addr` (`host:port`) and waits at most
@@ -357,11 +354,12 @@ impl Transport {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<RpcReply, TransportError> {
-        // A cached connection may have died since its last use; then one
+        let slot = self.slot(target);
+        // A kept connection may have died since its last use; then one
         // fresh connection is tried.
         let mut fresh = false;
-        let (mut send, mut recv) = loop {
-            let (conn, new) = timeout_at(deadline, self.connection(target, addr))
+        let (conn, mut send, mut recv) = loop {
+            let (conn, new) = timeout_at(deadline, slot.get(&self.shared, addr))
                 .await
                 .map_err(|_| TransportError::Connect {
                     target,
@@ -369,11 +367,17 @@ impl Transport {
                 })??;
             fresh |= new;
             match timeout_at(deadline, conn.open_bi()).await {
-                Err(_) => return Err(TransportError::Timeout(timeout)),
-                Ok(Ok(streams)) => break streams,
-                Ok(Err(e)) if fresh => return Err(TransportError::ConnectionLost(e)),
+                Err(_) => {
+                    slot.discard(&conn, "opening a stream timed out");
+                    return Err(TransportError::Timeout(timeout));
+                }
+                Ok(Ok((send, recv))) => break (conn, send, recv),
                 Ok(Err(e)) => {
-                    debug!(target, error = %e, "cached connection failed, reconnecting");
+                    slot.discard(&conn, "connection lost");
+                    if fresh {
+                        return Err(TransportError::ConnectionLost(e));
+                    }
+                    debug!(target, error = %e, "kept connection failed, reconnecting");
                     fresh = true;
                 }
             }
@@ -399,9 +403,14 @@ impl Transport {
             Err(_) => {
                 let _ = send.reset(codes::TIMEOUT);
                 let _ = recv.stop(codes::TIMEOUT);
+                // A silent peer (restarted, or cut off) is met with a fresh
+                // handshake next time, not a connection whose timers backed
+                // off.
+                slot.discard(&conn, "call timed out");
                 return Err(TransportError::Timeout(timeout));
             }
         };
+        slot.reachable(addr);
         match reply.kind() {
             Some(k) if k == kind => Ok(reply),
             Some(k) => Err(TransportError::Protocol(format!(
@@ -414,76 +423,73 @@ impl Transport {
         }
     }
 
-    /// The connection to `target`, made if there is none to `addr` or the
-    /// cached one is closed. `true` if it was just made.
-    async fn connection(
-        &self,
-        target: NodeId,
-        addr: &str,
-    ) -> Result<(Connection, bool), TransportError> {
-        let slot = {
-            let mut peers = self
-                .shared
-                .peers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            Arc::clone(peers.entry(target).or_default())
-        };
-        let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref()
-            && c.addr == addr
-            && c.conn.close_reason().is_none()
-        {
-            return Ok((c.conn.clone(), false));
-        }
-        if let Some(old) = slot.take() {
-            old.conn.close(codes::SHUTDOWN, b"replaced");
-        }
-        let sock = self.resolve(addr).await?;
-        let connect_err = |reason: String| TransportError::Connect { target, reason };
-        let connecting = self
+    fn slot(&self, target: NodeId) -> Arc<PeerSlot> {
+        let mut peers = self
             .shared
-            .endpoint
-            .connect_with(self.shared.client.clone(), sock, &node_dns_name(target))
-            .map_err(|e| match e {
-                quinn::ConnectError::EndpointStopping => TransportError::Closed,
-                e => connect_err(e.to_string()),
-            })?;
-        let conn = connecting.await.map_err(|e| {
-            warn!(target, addr, error = %e, "cluster connect failed");
-            connect_err(e.to_string())
-        })?;
-        bump(&self.shared.stats.connects);
-        debug!(target, addr, "connected");
-        *slot = Some(Cached {
-            addr: addr.to_owned(),
-            conn: conn.clone(),
-        });
-        Ok((conn, true))
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(
+            peers
+                .entry(target)
+                .or_insert_with(|| Arc::new(PeerSlot::new(target))),
+        )
     }
 
-    /// `addr` as a socket address, preferring the family of the local
-    /// socket.
-    async fn resolve(&self, addr: &str) -> Result<SocketAddr, TransportError> {
-        if let Ok(sock) = addr.parse() {
-            return Ok(sock);
-        }
-        let err = |reason: String| TransportError::Resolve {
-            addr: addr.to_owned(),
-            reason,
-        };
-        let found: Vec<SocketAddr> = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .collect();
-        let v4 = self.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
-        found
-            .iter()
-            .find(|a| a.is_ipv4() == v4)
-            .or(found.first())
-            .copied()
-            .ok_or_else(|| err("no address".into()))
+    /// The measured round trip to `target`, once a connection was made.
+    pub fn rtt(&self, target: NodeId) -> Option<Duration> {
+        let slot = self
+            .shared
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&target)
+            .cloned();
+        slot.and_then(|s| s.rtt())
     }
+
+    /// Records that `target` could not be reached (for the log: the first
+    /// failure after a success is a warning, the rest are quiet).
+    pub fn note_unreachable(&self, target: NodeId, reason: &str) {
+        self.slot(target).unreachable(reason);
+    }
+
+    /// Drops the kept connection to `target`: it restarted (a new
+    /// incarnation was heard), so the old connection is dead.
+    pub fn peer_restarted(&self, target: NodeId) {
+        let slot = self
+            .shared
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&target)
+            .cloned();
+        if let Some(slot) = slot {
+            slot.reset();
+        }
+    }
+}
+
+/// `addr` as a socket address, preferring the family of the local socket.
+pub(crate) async fn resolve(shared: &Shared, addr: &str) -> Result<SocketAddr, TransportError> {
+    if let Ok(sock) = addr.parse() {
+        return Ok(sock);
+    }
+    let err = |reason: String| TransportError::Resolve {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let found: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .collect();
+    let v4 = shared.endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
+    found
+        .iter()
+        .find(|a| a.is_ipv4() == v4)
+        .or(found.first())
+        .copied()
+        .ok_or_else(|| err("no address".into()))
 }
 
 impl Drop for Transport {

@@ -55,15 +55,15 @@ impl TestNode {
         let log = LogStore::open(dir.path()).unwrap();
         let sm = StateMachineStore::open(dir.path()).unwrap();
         let state = sm.subscribe();
-        let dispatch = Arc::new(crate::store::RaftRpc::default());
+        let dispatch = Arc::new(crate::store::RaftRpc::new(Default::default()));
         let handler: Arc<dyn RaftHandler> = dispatch.clone();
         let transport =
             Arc::new(Transport::bind(loopback(), &node_tls(ca, id), id, handler).unwrap());
         let network = Network::new(Arc::clone(&transport));
-        let raft = Raft::new(id, Arc::clone(config), network, log, sm)
+        let raft = Raft::new(id, Arc::clone(config), network, log.clone(), sm)
             .await
             .unwrap();
-        dispatch.set(raft.clone());
+        dispatch.set(raft.clone(), log);
         Self {
             id,
             raft,

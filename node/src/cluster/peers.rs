@@ -1,0 +1,245 @@
+//! One kept Raft connection per peer, made in the background.
+//!
+//! A connection is made once and reused by every RPC. Making it is a task
+//! of its own, not part of any RPC: an RPC whose deadline passes while the
+//! handshake is under way gives up waiting, but the handshake goes on and
+//! the next RPC finds the connection ready. A handshake attempt is bounded
+//! by [`attempt_timeout`] (a few round trips), so that after a partition
+//! heals the next attempt starts promptly instead of waiting out QUIC's
+//! growing retransmission timer.
+//!
+//! ```text
+//!  call ─▶ slot(peer) ─ connected, same addr, open? ──yes──▶ use it
+//!                      │ no
+//!                      └─▶ connecting? ──no──▶ spawn connect(addr, attempt_timeout)
+//!                               └─ wait for the outcome (bounded by the call's deadline)
+//! ```
+//!
+//! A connection whose RPC timed out is dropped ([`PeerSlot::discard`]): a
+//! peer that restarted does not know the old connection, and a healed
+//! partition is best met with a fresh handshake than with a connection
+//! whose timers backed off during the cut.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use quinn::Connection;
+use raft_store::NodeId;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::transport::{Shared, TransportError, bump, codes};
+
+/// QUIC's initial round-trip guess, used until a peer's RTT is measured.
+const INITIAL_RTT: Duration = Duration::from_millis(333);
+/// Bounds of one handshake attempt.
+const ATTEMPT_MIN: Duration = Duration::from_millis(300);
+const ATTEMPT_MAX: Duration = Duration::from_secs(1);
+
+/// How long one handshake attempt may take: three round trips, within
+/// [`ATTEMPT_MIN`]..=[`ATTEMPT_MAX`].
+pub(crate) fn attempt_timeout(rtt: Option<Duration>) -> Duration {
+    (rtt.unwrap_or(INITIAL_RTT) * 3).clamp(ATTEMPT_MIN, ATTEMPT_MAX)
+}
+
+/// The state of the connection to one peer.
+#[derive(Clone, Debug, Default)]
+enum Conn {
+    #[default]
+    None,
+    Connecting {
+        addr: String,
+        /// Bumped for each attempt, so waiters see their attempt's outcome.
+        attempt: u64,
+    },
+    Up {
+        addr: String,
+        conn: Connection,
+    },
+    Failed {
+        attempt: u64,
+        reason: String,
+    },
+}
+
+/// The connection slot of one peer.
+#[derive(Debug)]
+pub(crate) struct PeerSlot {
+    target: NodeId,
+    state: watch::Sender<Conn>,
+    inner: Mutex<SlotInner>,
+}
+
+#[derive(Debug, Default)]
+struct SlotInner {
+    attempts: u64,
+    /// The last measured round trip to this peer.
+    rtt: Option<Duration>,
+    /// Whether the last attempt or call failed (for logging transitions).
+    unreachable: bool,
+}
+
+impl PeerSlot {
+    pub(crate) fn new(target: NodeId) -> Self {
+        Self {
+            target,
+            state: watch::Sender::new(Conn::None),
+            inner: Mutex::new(SlotInner::default()),
+        }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, SlotInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The last measured round trip to this peer, if any.
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        if let Conn::Up { conn, .. } = &*self.state.borrow() {
+            return Some(conn.rtt());
+        }
+        self.inner().rtt
+    }
+
+    /// The open connection to `addr`, waiting for a handshake (started now
+    /// if none is under way). `true` when it was not used before.
+    pub(crate) async fn get(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        addr: &str,
+    ) -> Result<(Connection, bool), TransportError> {
+        let mut rx = self.state.subscribe();
+        loop {
+            let current = rx.borrow_and_update().clone();
+            let attempt = match current {
+                Conn::Up { addr: a, conn } if a == addr && conn.close_reason().is_none() => {
+                    return Ok((conn, false));
+                }
+                Conn::Connecting { addr: a, attempt } if a == addr => attempt,
+                _ => self.start(shared, addr),
+            };
+            loop {
+                match &*rx.borrow_and_update() {
+                    Conn::Up { addr: a, conn } if a == addr => return Ok((conn.clone(), true)),
+                    Conn::Failed { attempt: n, reason } if *n >= attempt => {
+                        return Err(TransportError::Connect {
+                            target: self.target,
+                            reason: reason.clone(),
+                        });
+                    }
+                    Conn::Connecting { attempt: n, .. } if *n >= attempt => {}
+                    // Replaced by a state this call did not ask for (another
+                    // address, or discarded): start over.
+                    _ => break,
+                }
+                if rx.changed().await.is_err() {
+                    return Err(TransportError::Closed);
+                }
+            }
+        }
+    }
+
+    /// Starts a handshake attempt to `addr`; returns its number.
+    fn start(self: &Arc<Self>, shared: &Arc<Shared>, addr: &str) -> u64 {
+        let (attempt, timeout) = {
+            let mut inner = self.inner();
+            inner.attempts += 1;
+            (inner.attempts, attempt_timeout(inner.rtt))
+        };
+        let previous = self.state.send_replace(Conn::Connecting {
+            addr: addr.to_owned(),
+            attempt,
+        });
+        if let Conn::Up { conn, .. } = previous {
+            conn.close(codes::SHUTDOWN, b"replaced");
+        }
+        let slot = Arc::clone(self);
+        let shared = Arc::clone(shared);
+        let addr = addr.to_owned();
+        tokio::spawn(async move {
+            let outcome = tokio::time::timeout(timeout, connect(&shared, slot.target, &addr))
+                .await
+                .unwrap_or_else(|_| Err(format!("no handshake within {timeout:?}")));
+            slot.finish(attempt, addr, outcome, &shared);
+        });
+        attempt
+    }
+
+    fn finish(
+        &self,
+        attempt: u64,
+        addr: String,
+        outcome: Result<Connection, String>,
+        shared: &Shared,
+    ) {
+        // Only the newest attempt may publish its outcome.
+        let current = matches!(&*self.state.borrow(), Conn::Connecting { attempt: n, .. } if *n == attempt);
+        match outcome {
+            Ok(conn) if current => {
+                bump(&shared.stats.connects);
+                self.inner().rtt = Some(conn.rtt());
+                self.reachable(&addr);
+                self.state.send_replace(Conn::Up { addr, conn });
+            }
+            Ok(conn) => conn.close(codes::SHUTDOWN, b"superseded"),
+            Err(reason) if current => {
+                self.unreachable(&reason);
+                self.state.send_replace(Conn::Failed { attempt, reason });
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Drops the connection if it is still `conn` (after a timed-out or
+    /// broken call), so that the next call makes a fresh one.
+    pub(crate) fn discard(&self, conn: &Connection, why: &str) {
+        let drop_it = matches!(&*self.state.borrow(), Conn::Up { conn: c, .. } if c.stable_id() == conn.stable_id());
+        if drop_it {
+            self.inner().rtt = Some(conn.rtt());
+            debug!(target = self.target, why, "dropping the cluster connection");
+            conn.close(codes::SHUTDOWN, b"dropped");
+            self.state.send_replace(Conn::None);
+        }
+    }
+
+    /// Drops whatever connection there is (the peer restarted).
+    pub(crate) fn reset(&self) {
+        if let Conn::Up { conn, .. } = self.state.send_replace(Conn::None) {
+            conn.close(codes::SHUTDOWN, b"peer restarted");
+        }
+    }
+
+    /// Records that a call to the peer failed as unreachable, logging the
+    /// transition once.
+    pub(crate) fn unreachable(&self, reason: &str) {
+        let first = !std::mem::replace(&mut self.inner().unreachable, true);
+        if first {
+            warn!(peer = self.target, %reason, "cluster peer unreachable");
+        }
+    }
+
+    /// Records that the peer answered, logging the transition once.
+    pub(crate) fn reachable(&self, addr: &str) {
+        let was = std::mem::replace(&mut self.inner().unreachable, false);
+        if was {
+            info!(peer = self.target, addr, "cluster peer reachable again");
+        }
+    }
+}
+
+/// One QUIC handshake to `target` at `addr`.
+async fn connect(shared: &Shared, target: NodeId, addr: &str) -> Result<Connection, String> {
+    let sock = super::transport::resolve(shared, addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connecting = shared
+        .endpoint
+        .connect_with(
+            shared.client.clone(),
+            sock,
+            &super::pki::node_dns_name(target),
+        )
+        .map_err(|e| e.to_string())?;
+    let conn = connecting.await.map_err(|e| e.to_string())?;
+    debug!(target, addr, "connected");
+    Ok(conn)
+}

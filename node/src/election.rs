@@ -1,0 +1,356 @@
+//! Heartbeats and elections, timed by this node rather than by openraft.
+//!
+//! openraft (0.9) ties three things to one `heartbeat_interval`: how often
+//! the leader sends heartbeats, how long a replication RPC may take, and
+//! the granularity of its election timer; and a follower that saw a leader
+//! waits `lease + election timeout` before campaigning. On a 300 ms round
+//! trip the RPC limit must be several hundred ms, which would make
+//! heartbeats sparse and elections take seconds. So openraft's own
+//! heartbeat and election timers are switched off and this task drives
+//! both ([`Timing`]):
+//!
+//! ```text
+//!  leader:   every heartbeat_interval ─▶ raft.trigger().heartbeat()
+//!  voter:    no leader heard for a random time in [T, 1.5 T)
+//!              ─▶ pre-vote: ask every voter "would you vote for me?"
+//!                   (granted only by a voter that has not heard a leader
+//!                    for T either, and whose log is not ahead of ours)
+//!              ─▶ a quorum of every config granted ─▶ raft.trigger().elect()
+//!              ─▶ otherwise wait a short random time and look again
+//! ```
+//!
+//! The pre-vote (Raft thesis §9.6) is what keeps a node that was only cut
+//! off from deposing a healthy leader when it comes back: while cut off it
+//! cannot gather pre-votes, so it never raises its term, and once back its
+//! peers refuse because they hear the leader. openraft's leader lease
+//! (`election_timeout_max` = T) still guards the real vote the same way.
+//!
+//! [`grant_pre_vote`] and [`quorum`] are plain decisions with no I/O.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::{LogId, ServerState};
+use openraft::storage::RaftLogStorage;
+use raft_store::LogStore;
+use raft_store::types::{ClusterNode, NodeId, Raft};
+use rand::Rng;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::cluster::{PreVote, Rpc, RpcReply, Transport};
+
+/// The cluster's Raft timing (`raft_heartbeat_interval`, `election_timeout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// The leader sends a heartbeat this often.
+    pub heartbeat_interval: Duration,
+    /// T: a voter that hears no leader for a random time in [T, 1.5 T)
+    /// starts an election; a voter that heard one within T refuses to vote.
+    pub election_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Timing {
+    /// The longest a replication or vote RPC may take: three quarters of T,
+    /// 750 ms by default, which covers a 300 ms round trip, the peer's
+    /// fsync and a lost packet's retransmission.
+    pub fn rpc_limit(&self) -> Duration {
+        self.election_timeout * 3 / 4
+    }
+
+    /// openraft's settings for this timing.
+    pub fn openraft(&self) -> openraft::Config {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let rpc = ms(self.rpc_limit()).max(1);
+        openraft::Config {
+            // openraft's timers are off (see the module docs); what remains
+            // of these is the RPC limit (`heartbeat_interval`) and the
+            // leader lease (`election_timeout_max`).
+            enable_heartbeat: false,
+            enable_elect: false,
+            heartbeat_interval: rpc,
+            election_timeout_min: rpc + 1,
+            election_timeout_max: ms(self.election_timeout).max(rpc + 2),
+            ..Default::default()
+        }
+    }
+
+    /// A fresh random election deadline after silence began at `since`.
+    fn deadline(&self, since: Instant, rng: &mut impl Rng) -> Instant {
+        let t = self.election_timeout;
+        since + t + t.mul_f64(rng.random_range(0.0..0.5))
+    }
+
+    /// How long to wait before looking again after a pre-vote failed.
+    fn retry(&self, rng: &mut impl Rng) -> Duration {
+        self.heartbeat_interval
+            .mul_f64(rng.random_range(1.0..3.0))
+    }
+}
+
+/// What a voter knows when a pre-vote request arrives.
+#[derive(Clone, Copy, Debug)]
+pub struct VoterView {
+    pub is_leader: bool,
+    /// Whether this node knows a leader of its current term.
+    pub leader_known: bool,
+    /// How long ago it last heard that leader (or changed its vote).
+    pub since_leader: Option<Duration>,
+    pub last_log_id: Option<LogId<NodeId>>,
+}
+
+/// Whether a voter in `view` grants a pre-vote to a candidate whose log
+/// ends at `candidate_log`: the same rule openraft applies to the real
+/// vote, so that a granted pre-vote means the vote can be won.
+pub fn grant_pre_vote(
+    view: &VoterView,
+    candidate_log: Option<&LogId<NodeId>>,
+    lease: Duration,
+) -> bool {
+    if view.is_leader {
+        return false;
+    }
+    let lease_holds = view.leader_known && view.since_leader.is_some_and(|s| s <= lease);
+    !lease_holds && candidate_log >= view.last_log_id.as_ref()
+}
+
+/// Whether `granted` holds a majority of every config in `joint`.
+pub fn quorum(joint: &[BTreeSet<NodeId>], granted: &BTreeSet<NodeId>) -> bool {
+    !joint.is_empty()
+        && joint
+            .iter()
+            .all(|c| c.intersection(granted).count() * 2 > c.len())
+}
+
+/// This node's answer to a pre-vote request.
+pub async fn answer_pre_vote(raft: &Raft, log: &LogStore, req: &PreVote, lease: Duration) -> bool {
+    let Ok(view) = voter_view(raft, log).await else {
+        return false;
+    };
+    let granted = grant_pre_vote(&view, req.last_log_id.as_ref(), lease);
+    debug!(granted, candidate_log = ?req.last_log_id, ?view, "pre-vote");
+    granted
+}
+
+/// This node's view, or `None` when its Raft or log storage stopped.
+async fn voter_view(raft: &Raft, log: &LogStore) -> Result<VoterView, ()> {
+    // openraft does not export its last log id with the term; the log
+    // store has it.
+    let last_log_id = log
+        .clone()
+        .get_log_state()
+        .await
+        .map_err(|_| ())?
+        .last_log_id;
+    let now = Instant::now();
+    raft.with_raft_state(move |st| VoterView {
+        is_leader: st.server_state == ServerState::Leader,
+        leader_known: st.vote_ref().is_committed(),
+        since_leader: st
+            .vote_last_modified()
+            .map(|t| now.saturating_duration_since(t)),
+        last_log_id,
+    })
+    .await
+    .map_err(|_| ())
+}
+
+/// Drives heartbeats (as leader) and elections (as a voter) until Raft
+/// stops.
+pub async fn run(raft: Raft, log: LogStore, transport: Arc<Transport>, timing: Timing) {
+    let started = Instant::now();
+    let tick = (timing.heartbeat_interval / 2).max(Duration::from_millis(10));
+    let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_rng(&mut rand::rng());
+    let mut next_heartbeat = Instant::now();
+    // The silence being timed, and when it ends in an election attempt.
+    let mut silence: Option<(Option<Instant>, Instant)> = None;
+    loop {
+        tokio::time::sleep(tick).await;
+        let m = raft.metrics().borrow().clone();
+        if m.running_state.is_err() {
+            return;
+        }
+        if m.state == ServerState::Leader {
+            silence = None;
+            let now = Instant::now();
+            if now >= next_heartbeat {
+                next_heartbeat = now + timing.heartbeat_interval;
+                if raft.trigger().heartbeat().await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
+        let membership = m.membership_config.membership().clone();
+        if !membership.voter_ids().any(|v| v == m.id) {
+            silence = None;
+            continue;
+        }
+        if membership.voter_ids().count() == 1 {
+            // The only voter needs nobody's leave.
+            if m.state != ServerState::Candidate && raft.trigger().elect().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let Ok(view) = voter_view(&raft, &log).await else {
+            return;
+        };
+        let now = Instant::now();
+        let heard = view
+            .since_leader
+            .map(|s| now.checked_sub(s).unwrap_or(started));
+        let deadline = match silence {
+            Some((h, d)) if h == heard => d,
+            _ => {
+                let d = timing.deadline(heard.unwrap_or(started), &mut rng);
+                silence = Some((heard, d));
+                d
+            }
+        };
+        if now < deadline {
+            continue;
+        }
+        let won = pre_vote(&raft, &transport, &membership, m.id, &view, timing).await;
+        if won {
+            info!(term = m.current_term, "pre-vote won; starting an election");
+            if raft.trigger().elect().await.is_err() {
+                return;
+            }
+        }
+        silence = Some((heard, Instant::now() + timing.retry(&mut rng)));
+    }
+}
+
+/// Asks every other voter for a pre-vote; true when a quorum of every
+/// config (this node included) grants it.
+async fn pre_vote(
+    raft: &Raft,
+    transport: &Arc<Transport>,
+    membership: &openraft::Membership<NodeId, ClusterNode>,
+    me: NodeId,
+    view: &VoterView,
+    timing: Timing,
+) -> bool {
+    let req = PreVote {
+        last_log_id: view.last_log_id,
+    };
+    let voters: Vec<(NodeId, String)> = membership
+        .voter_ids()
+        .filter(|id| *id != me)
+        .filter_map(|id| membership.get_node(&id).map(|n| (id, n.cluster_addr.clone())))
+        .collect();
+    let limit = timing.rpc_limit();
+    let mut asks = tokio::task::JoinSet::new();
+    for (id, addr) in voters {
+        let req = req.clone();
+        let transport = Arc::clone(transport);
+        asks.spawn(async move {
+            let deadline = crate::cluster::rpc_deadline(limit, transport.rtt(id));
+            match transport.call(id, &addr, Rpc::PreVote(req), deadline).await {
+                Ok(RpcReply::PreVote(granted)) => granted.then_some(id),
+                Ok(_) | Err(_) => None,
+            }
+        });
+    }
+    let mut granted = BTreeSet::from([me]);
+    while let Some(answer) = asks.join_next().await {
+        granted.extend(answer.ok().flatten());
+    }
+    let won = quorum(membership.get_joint_config(), &granted);
+    debug!(?granted, won, "pre-vote round");
+    // The round took time: an election only if still not led.
+    won && raft.metrics().borrow().current_leader.is_none_or(|l| l == me)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn log(term: u64, index: u64) -> Option<LogId<NodeId>> {
+        Some(LogId::new(CommittedLeaderId::new(term, 1), index))
+    }
+
+    fn view(leader_known: bool, since_ms: Option<u64>, last: Option<LogId<NodeId>>) -> VoterView {
+        VoterView {
+            is_leader: false,
+            leader_known,
+            since_leader: since_ms.map(Duration::from_millis),
+            last_log_id: last,
+        }
+    }
+
+    const LEASE: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_voter_that_hears_its_leader_refuses() {
+        let v = view(true, Some(200), log(2, 10));
+        assert!(!grant_pre_vote(&v, log(2, 10).as_ref(), LEASE));
+        assert!(!grant_pre_vote(&v, log(3, 50).as_ref(), LEASE));
+    }
+
+    #[test]
+    fn a_voter_whose_leader_went_silent_grants_an_up_to_date_candidate() {
+        let v = view(true, Some(1200), log(2, 10));
+        assert!(grant_pre_vote(&v, log(2, 10).as_ref(), LEASE));
+        assert!(grant_pre_vote(&v, log(3, 1).as_ref(), LEASE));
+        // A candidate whose log is behind never gets it.
+        assert!(!grant_pre_vote(&v, log(2, 9).as_ref(), LEASE));
+        assert!(!grant_pre_vote(&v, log(1, 99).as_ref(), LEASE));
+        assert!(!grant_pre_vote(&v, None, LEASE));
+    }
+
+    #[test]
+    fn without_a_known_leader_only_the_log_counts() {
+        let v = view(false, Some(10), log(2, 10));
+        assert!(grant_pre_vote(&v, log(2, 10).as_ref(), LEASE));
+        let fresh = view(false, None, None);
+        assert!(grant_pre_vote(&fresh, None, LEASE));
+    }
+
+    #[test]
+    fn a_leader_never_grants() {
+        let mut v = view(true, Some(5000), log(2, 10));
+        v.is_leader = true;
+        assert!(!grant_pre_vote(&v, log(9, 99).as_ref(), LEASE));
+    }
+
+    #[test]
+    fn quorum_needs_a_majority_of_every_config() {
+        let set = |ids: &[u64]| ids.iter().copied().collect::<BTreeSet<_>>();
+        let one = vec![set(&[1, 2, 3])];
+        assert!(quorum(&one, &set(&[1, 3])));
+        assert!(!quorum(&one, &set(&[2])));
+        let joint = vec![set(&[1]), set(&[1, 2, 3])];
+        assert!(quorum(&joint, &set(&[1, 2])));
+        assert!(!quorum(&joint, &set(&[2, 3])), "the old config {{1}} is not granted");
+        assert!(!quorum(&[], &set(&[1])));
+    }
+
+    #[test]
+    fn timing_keeps_openraft_valid_and_the_rpc_limit_fits_a_wan_round_trip() {
+        let t = Timing::default();
+        let c = t.openraft().validate().unwrap();
+        assert!(!c.enable_heartbeat && !c.enable_elect);
+        assert_eq!(c.election_timeout_max, 1000, "the lease is T");
+        assert_eq!(t.rpc_limit(), Duration::from_millis(750));
+        assert!(t.rpc_limit() > Duration::from_millis(300) * 2);
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(7);
+        let now = Instant::now();
+        for _ in 0..100 {
+            let d = t.deadline(now, &mut rng) - now;
+            assert!(d >= t.election_timeout && d < t.election_timeout * 3 / 2);
+        }
+    }
+}
