@@ -139,10 +139,17 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     if identity.founded {
         crate::raft::found_cluster(&store, &config, &identity, &token).await?;
     }
+    if let Some(url) = config.join.as_deref()
+        && !identity.founded
+        && !store.is_member()
+    {
+        join(&store, &config, &raft.cluster_addr.to_string(), url, &token).await?;
+    }
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(crate::store::promote_learners(
+    tasks.push(tokio::spawn(crate::membership::promote_learners(
         store.raft().clone(),
-        config.max_voters,
+        raft.transport.clone(),
+        store.policy(),
         shutdown.clone(),
     )));
 
@@ -217,6 +224,30 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         shutdown,
         tasks,
     })
+}
+
+/// Adds this node to the cluster at `url` now that its cluster endpoint
+/// listens, and waits until it has applied its addition (and promotion,
+/// when the leader made one): only then does it build its routing table and
+/// answer `/readyz`, so a ready node routes every group and, when it was to
+/// be a voter, is one.
+async fn join(
+    store: &Store,
+    config: &Config,
+    cluster_addr: &str,
+    url: &str,
+    token: &str,
+) -> Result<(), StartError> {
+    let index = crate::bootstrap::add_self(config, cluster_addr, url, token)
+        .await
+        .map_err(|e| StartError::Io(e.to_string()))?;
+    // A snapshot of a large state over a slow link may take a while.
+    store
+        .wait_applied_within(index, Duration::from_secs(120))
+        .await
+        .map_err(|e| StartError::Io(format!("joining {url}: {e}")))?;
+    info!(log_index = index, "joined the cluster");
+    Ok(())
 }
 
 /// Where the reconcile task says that the data plane serves the state.

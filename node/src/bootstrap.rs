@@ -5,7 +5,9 @@
 //!  empty data dir, no --join:  generate cluster CA ─▶ issue own certificate ─▶ initialise a
 //!                              one-node Raft ─▶ record CA + token hash (InitCluster)
 //!  empty data dir, --join URL: generate key + CSR ─▶ POST URL/v1/cluster/nodes (token) ─▶
-//!                              member signs with the cluster CA and adds us as a learner
+//!                              member signs with the cluster CA ─▶ (Raft starts) ─▶
+//!                              POST again without CSR: added as a learner, promoted
+//!                              by the leader's policy ([`add_self`])
 //!  anything in the data dir:   load the stored identity; Raft resumes from its log
 //! ```
 //!
@@ -164,6 +166,10 @@ pub struct AddNodeData {
     pub certificate: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_certificate: Option<String>,
+    /// When the node was added: the index of the last membership change
+    /// (its addition, and its promotion when the leader made one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_index: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -213,6 +219,53 @@ async fn join(config: &Config, url: &str, token: &str) -> Result<NodeTls, Bootst
                         let msg = env
                             .message
                             .unwrap_or_else(|| "no certificate in the answer".into());
+                        return Err(err(format!("HTTP {status}: {msg}")));
+                    }
+                }
+            }
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(err(last))
+}
+
+/// Adds this node (its cluster endpoint listening, its Raft started) to
+/// the cluster at `url` and returns the index of the last membership change
+/// the leader made for it. Retried while the member is starting or has no
+/// quorum, for up to a minute.
+pub async fn add_self(
+    config: &Config,
+    cluster_addr: &str,
+    url: &str,
+    token: &str,
+) -> Result<u64, BootstrapError> {
+    let err = |message: String| BootstrapError::Join {
+        url: url.to_owned(),
+        message,
+    };
+    let body = AddNodeRequest {
+        node_id: config.node_id,
+        cluster_addr: cluster_addr.to_owned(),
+        admin_addr: config.admin_addr.to_string(),
+        region: config.region.clone(),
+        csr: None,
+    };
+    let body = serde_json::to_vec(&body).map_err(|e| err(e.to_string()))?;
+    let mut last = String::new();
+    for _ in 0..60 {
+        match post(url, "/v1/cluster/nodes", token, body.clone()).await {
+            Ok((status, bytes)) => {
+                let env: Envelope<AddNodeData> = serde_json::from_slice(&bytes)
+                    .map_err(|e| err(format!("HTTP {status}: unreadable answer: {e}")))?;
+                match env.data {
+                    Some(AddNodeData {
+                        log_index: Some(index),
+                        ..
+                    }) if status == 200 => return Ok(index),
+                    _ if status == 503 => last = env.message.unwrap_or_default(),
+                    _ => {
+                        let msg = env.message.unwrap_or_else(|| "no log index in the answer".into());
                         return Err(err(format!("HTTP {status}: {msg}")));
                     }
                 }

@@ -20,6 +20,7 @@ pub mod election;
 pub mod gossip;
 pub mod http;
 pub mod listeners;
+pub mod membership;
 pub mod metrics;
 pub mod raft;
 pub mod routing;

@@ -17,6 +17,7 @@ use crate::bootstrap::Identity;
 use crate::cluster::{Network, Transport};
 use crate::config::Config;
 use crate::election::Timing;
+use crate::membership::Policy;
 use crate::store::{RaftRpc, Store, StoreError};
 
 /// What [`start`] hands back.
@@ -63,7 +64,11 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
     let state = sm.subscribe();
     let committed = log.committed_index();
 
-    let handler = Arc::new(RaftRpc::new(config.raft));
+    let policy = Policy {
+        max_voters: config.max_voters,
+        alive_within: config.raft.election_timeout,
+    };
+    let handler = Arc::new(RaftRpc::new(config.raft, policy));
     let transport = Transport::bind(
         config.cluster_addr,
         &identity.tls,
@@ -84,7 +89,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
     )
     .await
     .map_err(|e| StartError::Io(format!("starting raft: {e}")))?;
-    handler.set(raft.clone(), log.clone());
+    handler.set(raft.clone(), log.clone(), &transport);
     // Heartbeats and elections; the task ends when Raft stops.
     tokio::spawn(crate::election::run(
         raft.clone(),
@@ -114,7 +119,14 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
         }
     }
     Ok(Started {
-        store: Store::new(config.node_id, raft, transport.clone(), state, committed),
+        store: Store::new(
+            config.node_id,
+            raft,
+            transport.clone(),
+            state,
+            committed,
+            policy,
+        ),
         transport,
         cluster_addr,
         log,

@@ -17,8 +17,8 @@
 //! A write answers after it is committed **and** applied on this node. Without
 //! a quorum it fails with 503 within `write_timeout` (5 s); it never hangs.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Weak};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -29,8 +29,9 @@ use raft_store::state::{Applied, ApplyError, State};
 use raft_store::types::{ClusterNode, Raft, Request};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+use crate::membership::Policy;
 use crate::cluster::{
     Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply, Transport,
 };
@@ -96,6 +97,7 @@ pub struct Store {
     state: watch::Receiver<Arc<State>>,
     committed: Arc<AtomicU64>,
     write_timeout: Duration,
+    policy: Policy,
 }
 
 impl std::fmt::Debug for Store {
@@ -118,6 +120,7 @@ impl Store {
         transport: Arc<Transport>,
         state: watch::Receiver<Arc<State>>,
         committed: Arc<AtomicU64>,
+        policy: Policy,
     ) -> Self {
         Self {
             node_id,
@@ -126,7 +129,18 @@ impl Store {
             state,
             committed,
             write_timeout: Duration::from_secs(5),
+            policy,
         }
+    }
+
+    /// The promotion policy this node applies when it leads.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// The cluster transport.
+    pub fn transport(&self) -> &Arc<Transport> {
+        &self.transport
     }
 
     /// The Raft handle.
@@ -190,15 +204,42 @@ impl Store {
         node: &ClusterNode,
         f: Forward,
     ) -> Result<ForwardReply, ForwardError> {
+        // Adding a node waits for it to catch up and be promoted: several
+        // round trips, so it may take what is left of the write's time.
+        let limit = match f {
+            Forward::AddLearner { .. } => self.write_timeout,
+            _ => FORWARD_TIMEOUT,
+        };
         match self
             .transport
-            .call(leader, &node.cluster_addr, Rpc::Forward(f), FORWARD_TIMEOUT)
+            .call(leader, &node.cluster_addr, Rpc::Forward(f), limit)
             .await
         {
             Ok(RpcReply::Forward(r)) => r,
             Ok(other) => Err(ForwardError::Failed(format!("unexpected reply {other:?}"))),
             Err(e) => Err(ForwardError::Failed(e.to_string())),
         }
+    }
+
+    /// Whether this node is in the membership it has applied.
+    pub fn is_member(&self) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&self.node_id)
+            .is_some()
+    }
+
+    /// Waits until this node applied `index`, for at most `limit`.
+    pub async fn wait_applied_within(&self, index: u64, limit: Duration) -> Result<(), StoreError> {
+        self.raft
+            .wait(Some(limit))
+            .applied_index_at_least(Some(index), "applied the join")
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
     async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), StoreError> {
@@ -259,7 +300,9 @@ impl Store {
         let deadline = Instant::now() + self.write_timeout;
         let work = async {
             loop {
-                let leader = match execute_membership(&self.raft, &f).await {
+                let leader = match execute_membership(&self.raft, &self.transport, self.policy, &f)
+                    .await
+                {
                     Ok(index) => return Ok(index),
                     Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
                     Err(ForwardError::Membership(msg)) => {
@@ -340,10 +383,16 @@ fn no_quorum(limit: Duration) -> StoreError {
 }
 
 /// Runs a membership change on this node, which must be the leader.
-pub(crate) async fn execute_membership(raft: &Raft, f: &Forward) -> Result<u64, ForwardError> {
+pub(crate) async fn execute_membership(
+    raft: &Raft,
+    transport: &Transport,
+    policy: Policy,
+    f: &Forward,
+) -> Result<u64, ForwardError> {
     let result = match f {
         Forward::AddLearner { node_id, node } => {
-            raft.add_learner(*node_id, node.clone(), false).await
+            return crate::membership::add_learner(raft, transport, policy, *node_id, node.clone())
+                .await;
         }
         Forward::RemoveNode { node_id } => {
             let m = raft
@@ -387,8 +436,9 @@ pub(crate) async fn execute_membership(raft: &Raft, f: &Forward) -> Result<u64, 
 /// answers pre-votes and runs forwarded client requests when this node
 /// leads.
 pub struct RaftRpc {
-    raft: std::sync::OnceLock<(Raft, raft_store::LogStore)>,
+    raft: std::sync::OnceLock<(Raft, raft_store::LogStore, Weak<Transport>)>,
     timing: crate::election::Timing,
+    policy: Policy,
 }
 
 impl std::fmt::Debug for RaftRpc {
@@ -401,24 +451,25 @@ impl std::fmt::Debug for RaftRpc {
 
 impl RaftRpc {
     /// A handler for a cluster with this Raft timing.
-    pub fn new(timing: crate::election::Timing) -> Self {
+    pub fn new(timing: crate::election::Timing, policy: Policy) -> Self {
         Self {
             raft: std::sync::OnceLock::new(),
             timing,
+            policy,
         }
     }
 
     /// Connects the handler to its Raft once it exists (the transport has to
     /// be bound before Raft is built).
-    pub fn set(&self, raft: Raft, log: raft_store::LogStore) {
-        let _ = self.raft.set((raft, log));
+    pub fn set(&self, raft: Raft, log: raft_store::LogStore, transport: &Arc<Transport>) {
+        let _ = self.raft.set((raft, log, Arc::downgrade(transport)));
     }
 }
 
 impl RaftHandler for RaftRpc {
     fn handle(&self, _from: u64, rpc: Rpc) -> HandlerFuture<'_> {
         Box::pin(async move {
-            let Some((raft, log)) = self.raft.get() else {
+            let Some((raft, log, transport)) = self.raft.get() else {
                 return RpcReply::Error("raft is starting".into());
             };
             match rpc {
@@ -450,64 +501,17 @@ impl RaftHandler for RaftRpc {
                         Err(e) => Err(e.into()),
                     })
                 }
-                Rpc::Forward(f) => RpcReply::Forward(
-                    execute_membership(raft, &f)
-                        .await
-                        .map(|log_index| ForwardReply::Done { log_index }),
-                ),
+                Rpc::Forward(f) => {
+                    let Some(transport) = transport.upgrade() else {
+                        return RpcReply::Error("shutting down".into());
+                    };
+                    RpcReply::Forward(
+                        execute_membership(raft, &transport, self.policy, &f)
+                            .await
+                            .map(|log_index| ForwardReply::Done { log_index }),
+                    )
+                }
             }
         })
-    }
-}
-
-/// On the leader: promotes caught-up learners to voters while there are
-/// fewer than `max_voters` voters, so write latency and quorum size stay
-/// fixed however many edge nodes join.
-pub async fn promote_learners(
-    raft: Raft,
-    max_voters: usize,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let m = raft.metrics().borrow().clone();
-        if m.state != ServerState::Leader {
-            continue;
-        }
-        let membership = m.membership_config.membership();
-        let voters = membership.voter_ids().count();
-        if voters >= max_voters {
-            continue;
-        }
-        let last = m.last_log_index.unwrap_or(0);
-        let matched: BTreeMap<u64, u64> = m
-            .replication
-            .as_ref()
-            .map(|r| {
-                r.iter()
-                    .map(|(id, l)| (*id, l.map_or(0, |l| l.index)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let candidate = membership
-            .learner_ids()
-            .find(|id| matched.get(id).is_some_and(|&i| i + 16 >= last));
-        if let Some(id) = candidate {
-            info!(
-                node_id = id,
-                voters, max_voters, "promoting caught-up learner to voter"
-            );
-            if let Err(e) = raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
-                .await
-            {
-                warn!(node_id = id, error = %e, "promotion failed; will retry");
-            }
-        }
     }
 }

@@ -1,10 +1,12 @@
 //! `/v1/cluster`: this node's Raft view, adding and removing nodes.
 //!
-//! `POST /v1/cluster/nodes` adds a node as a learner (the leader promotes it
-//! to voter once caught up while there are fewer than `max_voters`). With a
-//! `csr` in the body (what `edgelb --join` sends) the answering member also
-//! signs the node's certificate with the cluster CA from the replicated
-//! state, so any member can admit nodes.
+//! `POST /v1/cluster/nodes` adds a node as a learner; the leader answers once
+//! the node has answered replication and was promoted if the policy allows
+//! (`membership.rs`); `data.log_index` is the last change's index. With a
+//! `csr` in the body (the first step of `edgelb --join`) the answering
+//! member only signs the node's certificate with the cluster CA from the
+//! replicated state, so any member can admit nodes; the node then adds
+//! itself with a second call once its cluster endpoint listens.
 
 use hyper::StatusCode;
 use hyper::body::Incoming;
@@ -150,12 +152,16 @@ pub(crate) async fn add(admin: &Admin, body: Incoming) -> Result<Reply, ApiError
             (Some(cert), Some(secrets.ca_cert_pem.clone()))
         }
     };
-    admin.store.add_learner(req.node_id, node.clone()).await?;
+    let log_index = match certificate {
+        Some(_) => None,
+        None => Some(admin.store.add_learner(req.node_id, node.clone()).await?),
+    };
     Ok(success(AddNodeData {
         node,
         node_id: req.node_id,
         certificate,
         ca_certificate,
+        log_index,
     }))
 }
 

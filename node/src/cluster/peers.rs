@@ -77,6 +77,8 @@ struct SlotInner {
     rtt: Option<Duration>,
     /// Whether the last attempt or call failed (for logging transitions).
     unreachable: bool,
+    /// When the peer last answered a call.
+    answered: Option<tokio::time::Instant>,
 }
 
 impl PeerSlot {
@@ -217,9 +219,20 @@ impl PeerSlot {
         }
     }
 
+    /// Whether the peer answered a call within `within`.
+    pub(crate) fn answered_within(&self, within: Duration) -> bool {
+        self.inner()
+            .answered
+            .is_some_and(|t| t.elapsed() <= within)
+    }
+
     /// Records that the peer answered, logging the transition once.
     pub(crate) fn reachable(&self, addr: &str) {
-        let was = std::mem::replace(&mut self.inner().unreachable, false);
+        let was = {
+            let mut inner = self.inner();
+            inner.answered = Some(tokio::time::Instant::now());
+            std::mem::replace(&mut inner.unreachable, false)
+        };
         if was {
             info!(peer = self.target, addr, "cluster peer reachable again");
         }

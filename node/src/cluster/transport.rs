@@ -448,6 +448,18 @@ impl Transport {
         slot.and_then(|s| s.rtt())
     }
 
+    /// Whether `target` answered a call within `within`.
+    pub fn answered_within(&self, target: NodeId, within: Duration) -> bool {
+        let slot = self
+            .shared
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&target)
+            .cloned();
+        slot.is_some_and(|s| s.answered_within(within))
+    }
+
     /// Records that `target` could not be reached (for the log: the first
     /// failure after a success is a warning, the rest are quiet).
     pub fn note_unreachable(&self, target: NodeId, reason: &str) {

@@ -55,7 +55,13 @@ impl TestNode {
         let log = LogStore::open(dir.path()).unwrap();
         let sm = StateMachineStore::open(dir.path()).unwrap();
         let state = sm.subscribe();
-        let dispatch = Arc::new(crate::store::RaftRpc::new(Default::default()));
+        let dispatch = Arc::new(crate::store::RaftRpc::new(
+            Default::default(),
+            crate::membership::Policy {
+                max_voters: 5,
+                alive_within: std::time::Duration::from_secs(1),
+            },
+        ));
         let handler: Arc<dyn RaftHandler> = dispatch.clone();
         let transport =
             Arc::new(Transport::bind(loopback(), &node_tls(ca, id), id, handler).unwrap());
@@ -63,7 +69,7 @@ impl TestNode {
         let raft = Raft::new(id, Arc::clone(config), network, log.clone(), sm)
             .await
             .unwrap();
-        dispatch.set(raft.clone(), log);
+        dispatch.set(raft.clone(), log, &transport);
         Self {
             id,
             raft,

@@ -1,0 +1,206 @@
+//! Who votes: joining, and promoting learners to voters.
+//!
+//! ```text
+//!  joining node                         member (any)               leader
+//!  POST /v1/cluster/nodes {csr} ──────▶ signs the certificate
+//!  binds its cluster endpoint, starts Raft (empty)
+//!  POST /v1/cluster/nodes ────────────▶ Forward::AddLearner ─────▶ add learner
+//!                                                                  wait until it answered
+//!                                                                  replication up to the entry
+//!                                                                  promote (policy below)
+//!  ◀──────────────────────────────────── log_index of the last change
+//!  waits until it applied log_index ─▶ /readyz 200 (a member; a voter if promoted)
+//! ```
+//!
+//! The node's endpoint is up before it is added, so the leader's first
+//! replication RPC finds it listening.
+//!
+//! **Promotion policy** ([`promotions`]): the leader promotes caught-up
+//! learners while there are fewer than `max_voters` voters, and keeps the
+//! number of voters odd: one voter and one learner stay so (two voters are
+//! less available than one), a second learner makes both voters at once
+//! (1 → 3 → 5). A learner is caught up when it has answered replication
+//! within the election timeout and its matched index has reached the
+//! leader's commit index; a learner that never answered never is. The
+//! leader applies the policy when a node is added and every
+//! [`PROMOTE_EVERY`] (for learners that catch up later, a raised
+//! `max_voters`, or a removed voter).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use openraft::{ChangeMembers, ServerState};
+use raft_store::types::{NodeId, Raft};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cluster::{ForwardError, Transport};
+
+/// How often the leader looks for learners to promote.
+pub const PROMOTE_EVERY: Duration = Duration::from_millis(500);
+
+/// What the leader promotes by.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// `max_voters`.
+    pub max_voters: usize,
+    /// A learner counts as caught up only if it answered within this long
+    /// (the election timeout).
+    pub alive_within: Duration,
+}
+
+/// On the leader: adds `id` as a learner, waits until it answered
+/// replication up to that entry, and promotes by the policy. Returns the
+/// index of the last change (the joining node is ready once it applied it).
+pub(crate) async fn add_learner(
+    raft: &Raft,
+    transport: &Transport,
+    policy: Policy,
+    id: NodeId,
+    node: raft_store::types::ClusterNode,
+) -> Result<u64, ForwardError> {
+    let added = raft.add_learner(id, node, false).await?.log_id.index;
+    wait_replicated(raft, id, added)
+        .await
+        .map_err(ForwardError::Failed)?;
+    match promote_now(raft, transport, policy).await {
+        Ok(promoted) => Ok(promoted.unwrap_or(added).max(added)),
+        Err(e) => Err(ForwardError::Busy(e)),
+    }
+}
+
+/// Which of the caught-up learners `caught_up` (in promotion order) to
+/// promote when there are `voters` voters and at most `max_voters` may be:
+/// as many as fit, leaving the number of voters odd.
+pub fn promotions(voters: usize, max_voters: usize, caught_up: &[NodeId]) -> Vec<NodeId> {
+    let fit = max_voters.saturating_sub(voters).min(caught_up.len());
+    let k = (0..=fit).rev().find(|k| (voters + k) % 2 == 1).unwrap_or(0);
+    caught_up[..k].to_vec()
+}
+
+/// The learners the leader knows to be caught up, lowest id first.
+fn caught_up(raft: &Raft, transport: &Transport, alive_within: Duration) -> Vec<NodeId> {
+    let m = raft.metrics().borrow().clone();
+    // The leader applies what it commits: its applied index is its commit
+    // index, give or take the entry being applied.
+    let committed = m.last_applied.map_or(0, |l| l.index);
+    let matched: BTreeMap<NodeId, u64> = m
+        .replication
+        .as_ref()
+        .map(|r| {
+            r.iter()
+                .filter_map(|(id, l)| l.map(|l| (*id, l.index)))
+                .collect()
+        })
+        .unwrap_or_default();
+    m.membership_config
+        .membership()
+        .learner_ids()
+        .filter(|id| matched.get(id).is_some_and(|&i| i >= committed))
+        .filter(|id| transport.answered_within(*id, alive_within))
+        .collect()
+}
+
+/// On the leader: promotes what [`promotions`] allows now. Returns the log
+/// index of the change, if one was made.
+pub async fn promote_now(
+    raft: &Raft,
+    transport: &Transport,
+    policy: Policy,
+) -> Result<Option<u64>, String> {
+    let Policy {
+        max_voters,
+        alive_within,
+    } = policy;
+    let m = raft.metrics().borrow().clone();
+    if m.state != ServerState::Leader {
+        return Ok(None);
+    }
+    let voters = m.membership_config.membership().voter_ids().count();
+    let ids = promotions(
+        voters,
+        max_voters,
+        &caught_up(raft, transport, alive_within),
+    );
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    info!(?ids, voters, max_voters, "promoting caught-up learners to voters");
+    let ids: BTreeSet<NodeId> = ids.into_iter().collect();
+    raft.change_membership(ChangeMembers::AddVoterIds(ids), true)
+        .await
+        .map(|r| Some(r.log_id.index))
+        .map_err(|e| e.to_string())
+}
+
+/// Waits until the leader's replication to learner `id` has matched
+/// `index` (the learner answered and holds the entry that added it).
+pub async fn wait_replicated(raft: &Raft, id: NodeId, index: u64) -> Result<(), String> {
+    raft.wait(None)
+        .metrics(
+            |m| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).copied().flatten())
+                    .is_some_and(|l| l.index >= index)
+            },
+            "learner answered replication",
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// On the leader: promotes caught-up learners every [`PROMOTE_EVERY`]
+/// until `shutdown`. A change under way is abandoned on shutdown (Raft
+/// finishes or drops it; nothing waits for it).
+pub async fn promote_learners(
+    raft: Raft,
+    transport: std::sync::Arc<Transport>,
+    policy: Policy,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PROMOTE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = promote_now(&raft, &transport, policy) => {
+                if let Err(e) = r {
+                    warn!(error = %e, "promotion failed; will retry");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::promotions;
+
+    #[test]
+    fn voters_stay_odd_and_within_max() {
+        // One voter, one learner: promoting it would make two voters.
+        assert_eq!(promotions(1, 5, &[2]), Vec::<u64>::new());
+        // A second learner: both at once.
+        assert_eq!(promotions(1, 5, &[2, 3]), vec![2, 3]);
+        assert_eq!(promotions(1, 5, &[2, 3, 4]), vec![2, 3]);
+        assert_eq!(promotions(1, 5, &[2, 3, 4, 5]), vec![2, 3, 4, 5]);
+        assert_eq!(promotions(3, 5, &[4, 5, 6]), vec![4, 5]);
+        assert_eq!(promotions(3, 5, &[4]), Vec::<u64>::new());
+        // An even count is made odd by one.
+        assert_eq!(promotions(2, 5, &[3]), vec![3]);
+        assert_eq!(promotions(4, 5, &[6, 7]), vec![6]);
+        // Full, or nobody to promote.
+        assert_eq!(promotions(5, 5, &[6, 7]), Vec::<u64>::new());
+        assert_eq!(promotions(1, 5, &[]), Vec::<u64>::new());
+        // An even max_voters acts as one less.
+        assert_eq!(promotions(3, 4, &[4]), Vec::<u64>::new());
+        assert_eq!(promotions(1, 4, &[2, 3, 4]), vec![2, 3]);
+        assert_eq!(promotions(1, 1, &[2, 3]), Vec::<u64>::new());
+    }
+}
