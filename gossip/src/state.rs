@@ -66,6 +66,11 @@ impl LoadTable {
         }
     }
 
+    /// The incarnation of `peer`'s newest report, if one is kept.
+    pub fn incarnation(&self, peer: u64) -> Option<u64> {
+        self.peers.get(&peer).map(|p| p.incarnation)
+    }
+
     /// Merges `report`, received at `as_of`: the receive time, or the receive
     /// time less the transport's estimate of the one-way delay (half the
     /// round-trip time) when the transport has one.

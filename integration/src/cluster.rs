@@ -253,10 +253,8 @@ impl Cluster {
         };
         cluster.add_members(1).await?;
         cluster.add_members(n - 1).await?;
-        let max = cluster.opts.max_voters.unwrap_or(5);
-        cluster
-            .wait_converged(n.min(max), n.saturating_sub(max))
-            .await?;
+        let voters = expected_voters(n, cluster.opts.max_voters.unwrap_or(5));
+        cluster.wait_converged(voters, n - voters).await?;
         Ok(cluster)
     }
 
@@ -638,6 +636,13 @@ impl Drop for Cluster {
             eprintln!("{logs}");
         }
     }
+}
+
+/// How many of `n` nodes the leader makes voters: as many as `max_voters`
+/// allows, odd (the promotion policy keeps the count of voters odd).
+pub fn expected_voters(n: usize, max_voters: usize) -> usize {
+    let v = n.min(max_voters).max(1);
+    if v % 2 == 0 { v - 1 } else { v }
 }
 
 fn agreed_leader(views: &[ClusterView]) -> Option<u64> {

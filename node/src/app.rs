@@ -67,8 +67,15 @@ pub struct NodeHandle {
     gossip_tasks: GossipTasks,
     ready: watch::Receiver<bool>,
     shutdown: CancellationToken,
+    /// The data plane: routing, listeners, and the drain at shutdown.
+    drain: JoinHandle<()>,
+    /// Everything else that stops on `shutdown`.
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// How long a task other than the data plane's drain may take to stop once
+/// cancelled.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 impl NodeHandle {
     /// Waits until the data plane serves the current state (listeners bound).
@@ -76,16 +83,31 @@ impl NodeHandle {
         let _ = self.ready.wait_for(|r| *r).await;
     }
 
-    /// Graceful stop: stop accepting, let in-flight work finish (bounded by
-    /// the drain timeout; peers keep hearing this node's load meanwhile),
-    /// stop gossiping, leave the membership when configured to, stop Raft
-    /// and the cluster endpoint, then return.
+    /// Graceful stop: stop accepting; let in-flight data-plane work finish
+    /// (bounded by the drain timeout in total; peers keep hearing this
+    /// node's load meanwhile) while everything else stops on cancel within
+    /// [`STOP_GRACE`]; stop gossiping; leave the membership when configured
+    /// to; stop Raft and the cluster endpoint. Nothing here waits on a
+    /// quorum or a peer beyond these bounds.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        let limit = self.dataplane.settings.drain_timeout;
-        for t in self.tasks {
-            let _ = tokio::time::timeout(limit, t).await;
-        }
+        let grace = tokio::time::Instant::now() + STOP_GRACE;
+        let others = async {
+            for t in self.tasks {
+                let abort = t.abort_handle();
+                if tokio::time::timeout_at(grace, t).await.is_err() {
+                    abort.abort();
+                }
+            }
+        };
+        let drain_limit = self.dataplane.settings.drain_timeout + STOP_GRACE;
+        let drain = self.drain.abort_handle();
+        let drained = async {
+            if tokio::time::timeout(drain_limit, self.drain).await.is_err() {
+                drain.abort();
+            }
+        };
+        tokio::join!(others, drained);
         self.gossip_tasks.stop().await;
         if self.leave_on_exit {
             match self.store.remove_node(self.node_id).await {
@@ -93,7 +115,12 @@ impl NodeHandle {
                 Err(e) => warn!(error = %e, "could not leave the cluster"),
             }
         }
-        let _ = self.store.raft().shutdown().await;
+        if tokio::time::timeout(STOP_GRACE, self.store.raft().shutdown())
+            .await
+            .is_err()
+        {
+            warn!("raft did not stop within {STOP_GRACE:?}");
+        }
         self.transport.close().await;
     }
 
@@ -101,6 +128,7 @@ impl NodeHandle {
     pub async fn abort(self) {
         self.shutdown.cancel();
         self.gossip_tasks.abort();
+        self.drain.abort();
         for t in &self.tasks {
             t.abort();
         }
@@ -157,7 +185,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let (ready_tx, ready) = watch::channel(false);
     let listeners = Listeners::new(config.listen_ip, dataplane.clone(), shutdown.clone());
     let load_changed = Arc::new(LoadChanged::default());
-    tasks.push(tokio::spawn(reconcile(
+    let drain = tokio::spawn(reconcile(
         store.clone(),
         dataplane.clone(),
         metrics.clone(),
@@ -168,7 +196,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
             tx: ready_tx,
         },
         shutdown.clone(),
-    )));
+    ));
 
     let gossip = Arc::new(Gossip::new(
         config.node_id,
@@ -222,6 +250,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         gossip_tasks,
         ready,
         shutdown,
+        drain,
         tasks,
     })
 }

@@ -265,7 +265,9 @@ pub async fn add_self(
                     }) if status == 200 => return Ok(index),
                     _ if status == 503 => last = env.message.unwrap_or_default(),
                     _ => {
-                        let msg = env.message.unwrap_or_else(|| "no log index in the answer".into());
+                        let msg = env
+                            .message
+                            .unwrap_or_else(|| "no log index in the answer".into());
                         return Err(err(format!("HTTP {status}: {msg}")));
                     }
                 }

@@ -339,12 +339,13 @@ impl Config {
             "raft_heartbeat_interval",
             file.raft_heartbeat_interval,
         )?;
-        set_duration(&mut r.election_timeout, "election_timeout", file.election_timeout)?;
+        set_duration(
+            &mut r.election_timeout,
+            "election_timeout",
+            file.election_timeout,
+        )?;
         if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&r.election_timeout) {
-            return Err(ConfigError::new(
-                "election_timeout",
-                "must be 100ms to 60s",
-            ));
+            return Err(ConfigError::new("election_timeout", "must be 100ms to 60s"));
         }
         // A follower must hear several heartbeats within the timeout.
         if r.heartbeat_interval.is_zero() || r.heartbeat_interval * 3 > r.election_timeout {

@@ -31,8 +31,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::{LogId, ServerState};
 use openraft::storage::RaftLogStorage;
+use openraft::{LogId, ServerState};
 use raft_store::LogStore;
 use raft_store::types::{ClusterNode, NodeId, Raft};
 use rand::Rng;
@@ -93,8 +93,7 @@ impl Timing {
 
     /// How long to wait before looking again after a pre-vote failed.
     fn retry(&self, rng: &mut impl Rng) -> Duration {
-        self.heartbeat_interval
-            .mul_f64(rng.random_range(1.0..3.0))
+        self.heartbeat_interval.mul_f64(rng.random_range(1.0..3.0))
     }
 }
 
@@ -221,7 +220,7 @@ pub async fn run(raft: Raft, log: LogStore, transport: Arc<Transport>, timing: T
         if now < deadline {
             continue;
         }
-        let won = pre_vote(&raft, &transport, &membership, m.id, &view, timing).await;
+        let won = pre_vote(&transport, &membership, m.id, &view, timing).await;
         if won {
             info!(term = m.current_term, "pre-vote won; starting an election");
             if raft.trigger().elect().await.is_err() {
@@ -235,7 +234,6 @@ pub async fn run(raft: Raft, log: LogStore, transport: Arc<Transport>, timing: T
 /// Asks every other voter for a pre-vote; true when a quorum of every
 /// config (this node included) grants it.
 async fn pre_vote(
-    raft: &Raft,
     transport: &Arc<Transport>,
     membership: &openraft::Membership<NodeId, ClusterNode>,
     me: NodeId,
@@ -248,7 +246,11 @@ async fn pre_vote(
     let voters: Vec<(NodeId, String)> = membership
         .voter_ids()
         .filter(|id| *id != me)
-        .filter_map(|id| membership.get_node(&id).map(|n| (id, n.cluster_addr.clone())))
+        .filter_map(|id| {
+            membership
+                .get_node(&id)
+                .map(|n| (id, n.cluster_addr.clone()))
+        })
         .collect();
     let limit = timing.rpc_limit();
     let mut asks = tokio::task::JoinSet::new();
@@ -269,8 +271,7 @@ async fn pre_vote(
     }
     let won = quorum(membership.get_joint_config(), &granted);
     debug!(?granted, won, "pre-vote round");
-    // The round took time: an election only if still not led.
-    won && raft.metrics().borrow().current_leader.is_none_or(|l| l == me)
+    won
 }
 
 #[cfg(test)]
@@ -334,7 +335,10 @@ mod tests {
         assert!(!quorum(&one, &set(&[2])));
         let joint = vec![set(&[1]), set(&[1, 2, 3])];
         assert!(quorum(&joint, &set(&[1, 2])));
-        assert!(!quorum(&joint, &set(&[2, 3])), "the old config {{1}} is not granted");
+        assert!(
+            !quorum(&joint, &set(&[2, 3])),
+            "the old config {{1}} is not granted"
+        );
         assert!(!quorum(&[], &set(&[1])));
     }
 

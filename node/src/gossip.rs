@@ -41,9 +41,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ::gossip::{LoadTable, Merge, Report, Tracker};
 use bytes::Bytes;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::debug;
 use uuid::Uuid;
 
 use crate::balancer::{Backend, LoadChanged};
@@ -65,6 +66,9 @@ pub struct Gossip {
     table: Mutex<LoadTable>,
     /// Wakes the refresh task when a report was merged.
     report_arrived: Notify,
+    /// A peer's report came with a newer incarnation: it restarted, and
+    /// the connections to its old process are dead (the links reconnect).
+    restarted: broadcast::Sender<u64>,
     dataplane: Arc<DataPlane>,
     metrics: Arc<Metrics>,
 }
@@ -90,9 +94,15 @@ impl Gossip {
             table: Mutex::new(LoadTable::new(config.ttl)),
             config,
             report_arrived: Notify::new(),
+            restarted: broadcast::Sender::new(64),
             dataplane,
             metrics,
         }
+    }
+
+    /// Peers heard with a new incarnation, as they are heard.
+    pub(crate) fn restarts(&self) -> broadcast::Receiver<u64> {
+        self.restarted.subscribe()
     }
 
     pub fn config(&self) -> &::gossip::Config {
@@ -156,11 +166,21 @@ impl GossipHandler for Gossip {
     fn report(&self, report: Report, bytes: usize) {
         let m = &self.metrics.gossip;
         m.bytes_rx.inc_by(bytes as u64);
-        let merged = self.lock().insert(report, Instant::now());
+        let peer = report.node_id;
+        let incarnation = report.incarnation;
+        let (merged, before) = {
+            let mut table = self.lock();
+            let before = table.incarnation(peer);
+            (table.insert(report, Instant::now()), before)
+        };
         match merged {
             Merge::Accepted => {
                 m.received.inc();
                 self.report_arrived.notify_one();
+                if before.is_some_and(|b| b != incarnation) {
+                    debug!(peer, incarnation, "peer restarted");
+                    let _ = self.restarted.send(peer);
+                }
             }
             Merge::Stale => m.dropped("stale"),
         }
@@ -198,12 +218,10 @@ impl GossipTasks {
     /// Stops gossiping: the tasks end and the peer connections close.
     pub async fn stop(self) {
         self.cancel.cancel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         for task in self.tasks {
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(1), task)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
                 abort.abort();
             }
         }

@@ -49,11 +49,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    let code = runtime.block_on(run(config));
+    // Nothing left is worth waiting for (a blocking storage call of a Raft
+    // that was stopped, say): the exit must not hang on it.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }
 
 async fn run(config: Config) -> ExitCode {
-    let node = match app::start(config).await {
+    // SIGTERM while starting (joining, say) is a clean stop too.
+    let node = tokio::select! {
+        node = app::start(config) => node,
+        () = wait_for_signal() => {
+            tracing::info!("stopped while starting");
+            return ExitCode::SUCCESS;
+        }
+    };
+    let node = match node {
         Ok(n) => n,
         Err(StartError::Config(e)) => {
             eprintln!("edgelb: {e}");

@@ -125,7 +125,10 @@ pub async fn promote_now(
     if ids.is_empty() {
         return Ok(None);
     }
-    info!(?ids, voters, max_voters, "promoting caught-up learners to voters");
+    info!(
+        ?ids,
+        voters, max_voters, "promoting caught-up learners to voters"
+    );
     let ids: BTreeSet<NodeId> = ids.into_iter().collect();
     raft.change_membership(ChangeMembers::AddVoterIds(ids), true)
         .await

@@ -18,8 +18,8 @@
 //! a quorum it fails with 503 within `write_timeout` (5 s); it never hangs.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Weak};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -31,10 +31,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::membership::Policy;
 use crate::cluster::{
     Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply, Transport,
 };
+use crate::membership::Policy;
 
 /// Why a proposal failed.
 #[derive(Debug, thiserror::Error)]
@@ -300,20 +300,19 @@ impl Store {
         let deadline = Instant::now() + self.write_timeout;
         let work = async {
             loop {
-                let leader = match execute_membership(&self.raft, &self.transport, self.policy, &f)
-                    .await
-                {
-                    Ok(index) => return Ok(index),
-                    Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
-                    Err(ForwardError::Membership(msg)) => {
-                        return Err(StoreError::Apply(ApplyError::Invalid(msg)));
-                    }
-                    Err(ForwardError::Busy(msg)) => {
-                        debug!(%msg, "another membership change is in progress; retrying");
-                        None
-                    }
-                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
-                };
+                let leader =
+                    match execute_membership(&self.raft, &self.transport, self.policy, &f).await {
+                        Ok(index) => return Ok(index),
+                        Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
+                        Err(ForwardError::Membership(msg)) => {
+                            return Err(StoreError::Apply(ApplyError::Invalid(msg)));
+                        }
+                        Err(ForwardError::Busy(msg)) => {
+                            debug!(%msg, "another membership change is in progress; retrying");
+                            None
+                        }
+                        Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                    };
                 if let Some((id, node)) = leader {
                     match self.forward(id, &node, f.clone()).await {
                         Ok(ForwardReply::Done { log_index }) => return Ok(log_index),

@@ -73,9 +73,7 @@ impl RpcKind {
     /// The largest reply to a request of this kind.
     pub(crate) fn reply_limit(self) -> usize {
         match self {
-            Self::AppendEntries | Self::InstallSnapshot | Self::Vote | Self::PreVote => {
-                SMALL_LIMIT
-            }
+            Self::AppendEntries | Self::InstallSnapshot | Self::Vote | Self::PreVote => SMALL_LIMIT,
             Self::Forward => FORWARD_LIMIT,
         }
     }

@@ -174,7 +174,8 @@ impl PeerSlot {
         shared: &Shared,
     ) {
         // Only the newest attempt may publish its outcome.
-        let current = matches!(&*self.state.borrow(), Conn::Connecting { attempt: n, .. } if *n == attempt);
+        let current =
+            matches!(&*self.state.borrow(), Conn::Connecting { attempt: n, .. } if *n == attempt);
         match outcome {
             Ok(conn) if current => {
                 bump(&shared.stats.connects);
@@ -221,9 +222,7 @@ impl PeerSlot {
 
     /// Whether the peer answered a call within `within`.
     pub(crate) fn answered_within(&self, within: Duration) -> bool {
-        self.inner()
-            .answered
-            .is_some_and(|t| t.elapsed() <= within)
+        self.inner().answered.is_some_and(|t| t.elapsed() <= within)
     }
 
     /// Records that the peer answered, logging the transition once.

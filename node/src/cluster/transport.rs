@@ -495,7 +495,11 @@ pub(crate) async fn resolve(shared: &Shared, addr: &str) -> Result<SocketAddr, T
         .await
         .map_err(|e| err(e.to_string()))?
         .collect();
-    let v4 = shared.endpoint.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
+    let v4 = shared
+        .endpoint
+        .local_addr()
+        .map(|a| a.is_ipv4())
+        .unwrap_or(true);
     found
         .iter()
         .find(|a| a.is_ipv4() == v4)

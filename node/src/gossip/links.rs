@@ -16,11 +16,14 @@ use tracing::{Instrument, debug, debug_span};
 use super::{Gossip, Peers};
 use crate::cluster::{GossipLink, Transport};
 
-/// Connecting to a peer may take this long.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// First wait after a failed connect or send; doubles up to [`MAX_BACKOFF`].
+/// Connecting to a peer may take this long: a few round trips of the
+/// slowest link the cluster runs on (300 ms).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// First wait after a failed connect or send; doubles up to [`MAX_BACKOFF`],
+/// short enough that reports flow again within a second of a peer coming
+/// back.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_millis(400);
 
 /// Keeps one link task per peer in `peers`, and forgets the reports of
 /// peers that leave.
@@ -89,6 +92,7 @@ async fn link(
     cancel: CancellationToken,
 ) {
     let metrics = &gossip.metrics.gossip;
+    let mut restarts = gossip.restarts();
     let mut conn: Option<GossipLink> = None;
     let mut backoff = INITIAL_BACKOFF;
     let mut retry_at = Instant::now();
@@ -96,6 +100,19 @@ async fn link(
         tokio::select! {
             () = cancel.cancelled() => return,
             changed = reports.changed() => if changed.is_err() { return },
+            restarted = restarts.recv() => {
+                // A lagged receiver may have missed this peer: reconnect.
+                if restarted.is_ok_and(|p| p != id) {
+                    continue;
+                }
+                debug!("peer restarted: reconnecting");
+                // Its old process is gone; so is the Raft connection to it.
+                transport.peer_restarted(id);
+                conn = None;
+                backoff = INITIAL_BACKOFF;
+                retry_at = Instant::now();
+                continue;
+            }
         }
         let Some(report) = reports.borrow_and_update().clone() else {
             continue;
