@@ -171,7 +171,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         && !identity.founded
         && !store.is_member()
     {
-        join(&store, &config, &raft.cluster_addr.to_string(), url, &token).await?;
+        let advertised = config.advertised_cluster_addr(raft.cluster_addr).to_string();
+        join(&store, &config, &advertised, url, &token).await?;
     }
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(crate::membership::promote_learners(
