@@ -642,7 +642,7 @@ impl Drop for Cluster {
 /// allows, odd (the promotion policy keeps the count of voters odd).
 pub fn expected_voters(n: usize, max_voters: usize) -> usize {
     let v = n.min(max_voters).max(1);
-    if v % 2 == 0 { v - 1 } else { v }
+    if v.is_multiple_of(2) { v - 1 } else { v }
 }
 
 fn agreed_leader(views: &[ClusterView]) -> Option<u64> {

@@ -171,7 +171,9 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         && !identity.founded
         && !store.is_member()
     {
-        let advertised = config.advertised_cluster_addr(raft.cluster_addr).to_string();
+        let advertised = config
+            .advertised_cluster_addr(raft.cluster_addr)
+            .to_string();
         join(&store, &config, &advertised, url, &token).await?;
     }
     let mut tasks = Vec::new();

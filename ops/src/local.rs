@@ -256,7 +256,11 @@ async fn probe(open: &Client, authed: &Client, members: usize) -> Result<(), Str
         .filter(|n| n.role == "voter")
         .count();
     let want = members.min(MAX_VOTERS);
-    let want = if want % 2 == 0 { want - 1 } else { want };
+    let want = if want.is_multiple_of(2) {
+        want - 1
+    } else {
+        want
+    };
     if voters < want {
         return Err(format!("it lists {voters} of {want} voters"));
     }
