@@ -31,6 +31,9 @@ struct Args {
     /// Every link delayed 50–150 ms one way for the whole run.
     #[arg(long)]
     wan: bool,
+    /// A line per fault as the run goes.
+    #[arg(long, short)]
+    verbose: bool,
     /// Concurrent writers.
     #[arg(long, default_value_t = 2)]
     writers: usize,
@@ -65,8 +68,16 @@ async fn main() -> ExitCode {
             kinds: args.kinds.clone(),
             wan: args.wan,
             writers: args.writers,
+            verbose: args.verbose,
         };
-        let r = run(&o).await;
+        // On SIGINT or SIGTERM the run is dropped, which kills its nodes.
+        let r = tokio::select! {
+            r = run(&o) => r,
+            () = interrupted() => {
+                eprintln!("chaos: interrupted; the nodes of run {k} are killed");
+                return ExitCode::from(130);
+            }
+        };
         println!(
             "{}",
             describe(&format!("run {k} (seed {}, {} nodes)", o.seed, o.nodes), &r)
@@ -98,5 +109,21 @@ async fn main() -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // No signal handling: never resolves, the run goes on.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
     }
 }

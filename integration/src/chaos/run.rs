@@ -15,7 +15,7 @@ use serde_json::json;
 use super::history::{Excluded, Outcome, Verdict, Write, WriteKind, check};
 use super::schedule::{Fault, Step, Target, plan, wan_delay};
 use super::workload::{
-    BACKEND_PORT, LEDGER, LEDGER_PORT, Node, Recorder, WEB, WEB_PORT, Workload, keys,
+    BACKEND_PORT, LEDGER, LEDGER_PORT, Node, Recorder, WEB, WEB_PORT, Workload, keys, outcome,
 };
 use crate::cluster::{Cluster, ClusterOptions, wait_serving};
 use crate::link::Link;
@@ -34,6 +34,8 @@ pub struct RunOptions {
     /// Every link delayed 50–150 ms one way for the whole run.
     pub wan: bool,
     pub writers: usize,
+    /// Print a line per phase and per fault as the run goes.
+    pub verbose: bool,
 }
 
 /// What one run measured and what the checker found.
@@ -148,10 +150,26 @@ async fn run_inner(
     // Let the clients write a little before the first fault.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for step in steps {
+        let at = rec.now();
+        let desc = format!("{:?} for {:.1}s", step.fault, step.hold.as_secs_f64());
+        let seen = (ctx.report.elections.len(), ctx.report.catchups.len());
         ctx.step(step).await?;
+        if o.verbose {
+            let r = &ctx.report;
+            println!(
+                "  [{:>6.1}s] {desc}: new leader after {:?}, caught up after {:?}; done in {:.1}s",
+                at.as_secs_f64(),
+                r.elections.get(seen.0),
+                r.catchups.get(seen.1),
+                (rec.now() - at).as_secs_f64()
+            );
+        }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     workload.stop().await;
+    if o.verbose {
+        println!("  [{:>6.1}s] clients stopped", rec.now().as_secs_f64());
+    }
 
     // The end: every link healed, every node caught up; read each node.
     relay.heal_all();
@@ -165,6 +183,9 @@ async fn run_inner(
         let groups = n.admin.groups(false).await?;
         let k = keys(&groups).context("unreadable group listing")?;
         finals.insert(n.id, k);
+    }
+    if o.verbose {
+        println!("  [{:>6.1}s] final state read", rec.now().as_secs_f64());
     }
     for id in cluster.ids() {
         let (took, status) = cluster.terminate_timed(id, Duration::from_secs(30)).await?;
@@ -415,14 +436,11 @@ async fn isolated_write(
     });
     let start = rec.now();
     let began = Instant::now();
-    let outcome = match admin
-        .request(http::Method::POST, "/v1/services", Some(&body))
-        .await
-    {
-        Ok(r) if r.status.is_success() => Outcome::Acked,
-        Ok(_) => Outcome::Refused,
-        Err(_) => Outcome::Unknown,
-    };
+    let outcome = outcome(
+        admin
+            .request(http::Method::POST, "/v1/services", Some(&body))
+            .await,
+    );
     let took = began.elapsed();
     let end = rec.now();
     rec.with(|h| {

@@ -183,11 +183,7 @@ impl Client {
                 )
             };
             let start = self.rec.now();
-            let outcome = match node.admin.request(method, &path, body.as_ref()).await {
-                Ok(r) if r.status.is_success() => Outcome::Acked,
-                Ok(_) => Outcome::Refused,
-                Err(_) => Outcome::Unknown,
-            };
+            let outcome = outcome(node.admin.request(method, &path, body.as_ref()).await);
             let end = self.rec.now();
             if outcome == Outcome::Acked && kind == WriteKind::Attach && key.starts_with("t-") {
                 temps.push(key.clone());
@@ -228,6 +224,25 @@ impl Client {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// How a write's answer counts: 2xx acknowledged; another status, or a
+/// refused connection (the request never left), refused; anything else
+/// (a timeout, a connection lost mid-request) unknown.
+pub(crate) fn outcome(answer: anyhow::Result<crate::client::Reply>) -> Outcome {
+    match answer {
+        Ok(r) if r.status.is_success() => Outcome::Acked,
+        Ok(_) => Outcome::Refused,
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+            }) =>
+        {
+            Outcome::Refused
+        }
+        Err(_) => Outcome::Unknown,
     }
 }
 

@@ -29,6 +29,7 @@ async fn three_nodes_under_seeded_faults_lose_nothing() {
         .to_vec(),
         wan: false,
         writers: 2,
+        verbose: true,
     };
     let r = run(&o).await;
     println!("{}", describe("chaos subset", &r));
