@@ -153,7 +153,11 @@ async fn run_inner(
         let at = rec.now();
         let desc = format!("{:?} for {:.1}s", step.fault, step.hold.as_secs_f64());
         let seen = (ctx.report.elections.len(), ctx.report.catchups.len());
-        ctx.step(step).await?;
+        if let Err(e) = ctx.step(step).await {
+            // Stop injecting; the history so far is still checked.
+            ctx.report.error = Some(format!("{desc}: {e:#}"));
+            break;
+        }
         if o.verbose {
             let r = &ctx.report;
             println!(
@@ -171,27 +175,21 @@ async fn run_inner(
         println!("  [{:>6.1}s] clients stopped", rec.now().as_secs_f64());
     }
 
-    // The end: every link healed, every node caught up; read each node.
-    relay.heal_all();
-    let leader = cluster.leader().await?;
-    let commit = cluster.status(leader).await?.commit_index;
-    for id in cluster.ids() {
-        cluster.wait_applied(id, commit).await?;
-    }
-    let mut finals = BTreeMap::new();
-    for n in &nodes {
-        let groups = n.admin.groups(false).await?;
-        let k = keys(&groups).context("unreadable group listing")?;
-        finals.insert(n.id, k);
-    }
+    // The end: every link healed, every node running and caught up; read
+    // each node, then stop each with SIGTERM.
+    let finals = match finish(cluster, &relay, &nodes, report).await {
+        Ok(f) => f,
+        Err(e) => {
+            let e = format!("final state: {e:#}");
+            report.error = Some(match report.error.take() {
+                Some(first) => format!("{first}; {e}"),
+                None => e,
+            });
+            BTreeMap::new()
+        }
+    };
     if o.verbose {
-        println!("  [{:>6.1}s] final state read", rec.now().as_secs_f64());
-    }
-    for id in cluster.ids() {
-        let (took, status) = cluster.terminate_timed(id, Duration::from_secs(30)).await?;
-        report
-            .sigterms
-            .push((id, took, status.and_then(|s| s.code())));
+        println!("  [{:>6.1}s] finished", rec.now().as_secs_f64());
     }
     let history = rec.with(|h| {
         h.finals = finals;
@@ -199,6 +197,43 @@ async fn run_inner(
     });
     report.verdict = check(&history);
     Ok(())
+}
+
+/// Heals, restarts what is down, waits until every node has applied the
+/// leader's commit index, reads every node's keys, then SIGTERMs each
+/// (timed).
+async fn finish(
+    cluster: &mut Cluster,
+    relay: &Relay,
+    nodes: &[Node],
+    report: &mut RunReport,
+) -> anyhow::Result<BTreeMap<u64, Vec<String>>> {
+    relay.heal_all();
+    let running = cluster.running();
+    let down: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|i| !running.contains(i))
+        .collect();
+    cluster.restart_all(&down).await?;
+    let leader = cluster.leader().await?;
+    let commit = cluster.status(leader).await?.commit_index;
+    for id in cluster.ids() {
+        cluster.wait_applied(id, commit).await?;
+    }
+    let mut finals = BTreeMap::new();
+    for n in nodes {
+        let groups = n.admin.groups(false).await?;
+        let k = keys(&groups).context("unreadable group listing")?;
+        finals.insert(n.id, k);
+    }
+    for id in cluster.ids() {
+        let (took, status) = cluster.terminate_timed(id, Duration::from_secs(30)).await?;
+        report
+            .sigterms
+            .push((id, took, status.and_then(|s| s.code())));
+    }
+    Ok(finals)
 }
 
 /// Every pair of nodes gets its own 50–150 ms one-way delay (both ways).
