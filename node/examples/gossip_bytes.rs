@@ -27,7 +27,7 @@ use edgelb::cluster::{
 use edgelb::dataplane::{DataPlane, Settings};
 use edgelb::gossip::{Gossip, GossipTasks, Peers, Wiring, spawn};
 use edgelb::metrics::Metrics;
-use edgelb::routing::{BuildContext, GroupRuntime, RoutingTable};
+use edgelb::routing::{BuildContext, GroupRuntime, publish};
 use edgelb::tls::CertCache;
 use raft_store::model::{Domain, Handler, Instance, Service, ServiceGroup};
 use raft_store::{Command, State};
@@ -98,8 +98,7 @@ impl Node {
             drain_timeout: Duration::from_secs(1),
             load_changed: Some(&changed),
         };
-        let table = RoutingTable::build(&state(instances), &RoutingTable::default(), &cx);
-        dataplane.routes.store(Arc::new(table));
+        publish(&dataplane.routes, &state(instances), &cx);
         let gossip = Arc::new(Gossip::new(
             id,
             gossip::Config::default(),

@@ -30,7 +30,7 @@ use crate::dataplane::DataPlane;
 use crate::gossip::{Gossip, GossipTasks, Wiring};
 use crate::listeners::Listeners;
 use crate::metrics::Metrics;
-use crate::routing::{BuildContext, RoutingTable};
+use crate::routing::BuildContext;
 use crate::store::{Store, StoreError};
 use crate::tls::CertCache;
 
@@ -291,7 +291,9 @@ struct Readiness {
 }
 
 /// Applies every published state to the data plane, and retries ports that
-/// could not be bound.
+/// could not be bound. After each table swap (and its effects) it publishes
+/// the index the table was built from: writes wait for it
+/// ([`Store::route_by`]).
 async fn reconcile(
     store: Arc<Store>,
     dp: Arc<DataPlane>,
@@ -303,22 +305,35 @@ async fn reconcile(
 ) {
     let certs = CertCache::default();
     let mut states = store.subscribe();
+    let (routed, routed_rx) = watch::channel(0);
+    store.route_by(routed_rx);
+    let mut built: Option<Arc<raft_store::State>> = None;
+    let mut failed = Vec::new();
     loop {
-        let state = states.borrow_and_update().clone();
-        let cx = BuildContext {
-            metrics: &metrics,
-            certs: &certs,
-            drain_timeout: dp.settings.drain_timeout,
-            load_changed: Some(&load_changed),
-        };
-        let prev = dp.routes.load_full();
-        let table = RoutingTable::build(&state, &prev, &cx);
-        dp.routes.store(Arc::new(table));
-        let failed = listeners.reconcile(&dp.routes.load());
+        let applied = states.borrow_and_update().clone();
+        // A batch that changed nothing (a refused command, a membership or
+        // blank entry) moves the index only.
+        if built.as_ref().is_none_or(|b| !Arc::ptr_eq(b, &applied.state)) {
+            let cx = BuildContext {
+                metrics: &metrics,
+                certs: &certs,
+                drain_timeout: dp.settings.drain_timeout,
+                load_changed: Some(&load_changed),
+            };
+            crate::routing::publish(&dp.routes, &applied.state, &cx);
+            failed = listeners.reconcile(&dp.routes.load());
+            built = Some(applied.state);
+        }
+        routed.send_if_modified(|r| {
+            let moved = applied.index > *r;
+            *r = (*r).max(applied.index);
+            moved
+        });
         ready.flag.store(true, Ordering::Release);
         ready.tx.send_replace(true);
-        let retry = async {
-            if failed.is_empty() {
+        let unbound = !failed.is_empty();
+        let retry = async move {
+            if !unbound {
                 std::future::pending::<()>().await;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -326,7 +341,7 @@ async fn reconcile(
         tokio::select! {
             () = shutdown.cancelled() => break,
             changed = states.changed() => if changed.is_err() { break },
-            () = retry => {}
+            () = retry => failed = listeners.reconcile(&dp.routes.load()),
         }
     }
     // Drain: stop accepting (the listeners' tokens are children of

@@ -14,8 +14,8 @@
 //! # Structure
 //!
 //! ```text
-//!  pick(now, rng) ──► GroupBalancer ── Mutex<Inner> (one per group) ──────┐
-//!        │              │  slots: [Arc<Backend>; n], down flags           │
+//!  pick(now, rng) ──► GroupBalancer ── Mutex<Inner> (per group & table) ──┐
+//!        │              │  slots: [Arc<Backend>; n], down-until           │
 //!        │              │  tree:  MinTree over key(slot)     (tree.rs)    │
 //!        │              └─ expiries: heap of (down-until, slot)           │
 //!        ▼                                                                │
@@ -68,11 +68,27 @@
 //!
 //! # Attach and detach
 //!
-//! [`GroupBalancer::set_backends`] replaces the set in O(n): a backend that
-//! stays (same `Arc`) keeps its counts and down state, a removed one leaves
-//! selection at once. Its leases still decrement its count when dropped, so
+//! The routing table never changes a published balancer's set: each change
+//! of a group's instances builds a new balancer over the new set
+//! ([`GroupBalancer::over`], O(n), touching nothing) that is published with
+//! the new table, so a table's balancer offers exactly the instances that
+//! table can serve. The per-instance state lives in [`Backend`], shared by
+//! the old and new balancers, so counts and down marks carry over.
+//!
+//! Each backend has a *home*: the balancer of the newest table holding it,
+//! set by [`GroupBalancer::adopt`] right after that table is published. A
+//! pick, release or down mark re-keys the slot in the balancer that picked
+//! (from the lease) and in the home, so the newest tree stays exact however
+//! old the table a request or lease started from; `adopt` re-keys every slot
+//! once, which covers what changed before the home moved. Older balancers
+//! stay exact for their own picks; a backend detached since one was built is
+//! dropped from its tree by the first pick that meets it (the drain flag is
+//! one atomic load).
+//!
+//! A detached backend's leases still decrement its count when dropped, so
 //! the admin API can show what a draining instance still has in flight;
-//! [`start_drain`] bounds how long that may last.
+//! [`start_drain`] bounds how long that may last. [`GroupBalancer::set_backends`]
+//! replaces a balancer's set in place (tests, the simulator).
 
 mod backend;
 mod tree;
@@ -81,7 +97,7 @@ mod tree;
 mod tests;
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -91,7 +107,6 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tracing::debug;
 
-use backend::DETACHED;
 pub use backend::{Backend, BackendState, INITIAL_BACKOFF, MAX_BACKOFF, start_drain};
 use tree::MinTree;
 
@@ -164,6 +179,8 @@ pub enum Pick {
 pub struct Lease {
     group: Arc<GroupBalancer>,
     backend: Arc<Backend>,
+    /// The backend's slot in `group`.
+    slot: usize,
     /// `None` once released.
     started: Option<Started>,
 }
@@ -184,13 +201,24 @@ impl Lease {
             return;
         };
         self.backend.sub_inflight(started, now);
-        {
-            let mut inner = self.group.lock();
-            if let Some(slot) = inner.slot_of(&self.backend) {
-                inner.refresh(slot);
-            }
-        }
+        self.group.sync_both(self.slot, &self.backend);
         self.group.changed();
+    }
+
+    /// Records a failed connect to this lease's backend at `now` (see
+    /// [`GroupBalancer::mark_down`]), also in the balancer that picked it.
+    pub fn mark_down(&self, now: Instant) {
+        if record_failure(&self.backend, now) {
+            self.group.sync_both(self.slot, &self.backend);
+        }
+    }
+
+    /// Records a successful connect to this lease's backend (see
+    /// [`GroupBalancer::mark_up`]).
+    pub fn mark_up(&self) {
+        if record_success(&self.backend) {
+            self.group.sync_both(self.slot, &self.backend);
+        }
     }
 }
 
@@ -215,41 +243,69 @@ struct Inner {
 #[derive(Debug)]
 struct Slot {
     backend: Arc<Backend>,
-    /// In the tree as down. Equals `backend.down_until().is_some()`.
-    down: bool,
+    /// End of the down period the tree holds for this slot (`Some` = keyed
+    /// as down). Equals `backend.down_until()` once synced.
+    until: Option<Instant>,
 }
 
 impl Inner {
-    fn empty() -> Self {
+    /// The selection over `backends`, keyed from their current counts and
+    /// down state. Duplicates and draining backends are left out. Touches no
+    /// backend: the result is inert until a balancer holding it adopts them.
+    fn over(backends: Vec<Arc<Backend>>) -> Self {
+        let mut seen = HashSet::with_capacity(backends.len());
+        let slots: Vec<Slot> = backends
+            .into_iter()
+            .filter(|b| !b.is_draining() && seen.insert(Arc::as_ptr(b)))
+            .map(|backend| {
+                let until = backend.down_now();
+                Slot { backend, until }
+            })
+            .collect();
+        let tree = MinTree::from_keys(
+            slots
+                .iter()
+                .map(|s| tree::key(s.backend.load(), s.until.is_some())),
+        );
+        let expiries = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| Some(Reverse((s.until?, slot))))
+            .collect();
         Self {
-            slots: Vec::new(),
-            tree: MinTree::from_keys([]),
-            expiries: BinaryHeap::new(),
+            slots,
+            tree,
+            expiries,
         }
     }
 
-    /// The slot of `backend` in this group, if it is attached here.
-    fn slot_of(&self, backend: &Backend) -> Option<usize> {
-        let slot = backend.slot.load(Ordering::Relaxed);
-        let attached = self
-            .slots
+    /// Whether `slot` holds `backend`.
+    fn holds(&self, slot: usize, backend: &Backend) -> bool {
+        self.slots
             .get(slot)
-            .is_some_and(|s| std::ptr::eq(Arc::as_ptr(&s.backend), backend));
-        attached.then_some(slot)
+            .is_some_and(|s| std::ptr::eq(Arc::as_ptr(&s.backend), backend))
     }
 
-    /// Recomputes the key of `slot` from the backend's current counts.
-    fn refresh(&mut self, slot: usize) {
-        if let Some(s) = self.slots.get(slot) {
-            self.tree.set(slot, tree::key(s.backend.load(), s.down));
+    /// Recomputes the key of `slot` from the backend's current counts, down
+    /// state and drain state (a draining backend leaves the tree).
+    fn sync(&mut self, slot: usize) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if s.backend.is_draining() {
+            s.until = None;
+            self.tree.clear(slot);
+            return;
         }
-    }
-
-    fn set_down(&mut self, slot: usize, down: bool) {
-        if let Some(s) = self.slots.get_mut(slot) {
-            s.down = down;
-            self.refresh(slot);
+        let until = s.backend.down_now();
+        if let Some(at) = until
+            && s.until != until
+        {
+            self.expiries.push(Reverse((at, slot)));
         }
+        s.until = until;
+        self.tree
+            .set(slot, tree::key(s.backend.load(), until.is_some()));
     }
 
     /// Brings back the instances whose down period is over at `now`.
@@ -259,31 +315,49 @@ impl Inner {
                 break;
             }
             self.expiries.pop();
-            let expired = self
-                .slots
-                .get(slot)
-                .is_some_and(|s| s.backend.expire_down(now));
-            if expired {
-                self.set_down(slot, false);
+            if let Some(s) = self.slots.get(slot) {
+                s.backend.expire_down(now);
             }
+            self.sync(slot);
         }
+    }
+}
+
+/// Runs `f` on `backend`'s slot in its home balancer (the one of the newest
+/// routing table that holds it), unless that is `except`.
+fn in_home(backend: &Backend, except: Option<&GroupBalancer>, f: impl FnOnce(&mut Inner, usize)) {
+    let Some((group, slot)) = backend.home(except) else {
+        return;
+    };
+    let mut inner = group.lock();
+    if inner.holds(slot, backend) {
+        f(&mut inner, slot);
     }
 }
 
 impl GroupBalancer {
     pub fn new(hard_limit: u32) -> Self {
-        Self {
-            hard_limit: AtomicU32::new(hard_limit),
-            inner: Mutex::new(Inner::empty()),
-            changes: None,
-        }
+        Self::over(hard_limit, None, Vec::new())
     }
 
     /// A balancer that raises `changes` on every pick and release.
     pub fn with_changes(hard_limit: u32, changes: Arc<LoadChanged>) -> Self {
+        Self::over(hard_limit, Some(changes), Vec::new())
+    }
+
+    /// A balancer over `backends` (in that order; duplicates and draining
+    /// backends left out), keyed from their current counts. Pure: nothing
+    /// changes for the backends or for other balancers until
+    /// [`GroupBalancer::adopt`].
+    pub fn over(
+        hard_limit: u32,
+        changes: Option<Arc<LoadChanged>>,
+        backends: Vec<Arc<Backend>>,
+    ) -> Self {
         Self {
-            changes: Some(changes),
-            ..Self::new(hard_limit)
+            hard_limit: AtomicU32::new(hard_limit),
+            inner: Mutex::new(Inner::over(backends)),
+            changes,
         }
     }
 
@@ -301,41 +375,46 @@ impl GroupBalancer {
         self.hard_limit.store(limit, Ordering::Relaxed);
     }
 
-    /// Replaces the selectable set, in O(n). Backends that stay (same `Arc`)
-    /// keep their counts and down state; the others leave selection at once.
-    /// Duplicates and draining backends are left out.
-    pub fn set_backends(&self, backends: Vec<Arc<Backend>>) {
+    /// Makes this balancer its backends' home: from now on releases, down
+    /// marks and peer loads of work selected by any balancer reach this one's
+    /// tree. Then re-keys every slot, so what changed before is counted too.
+    /// O(n).
+    pub fn adopt(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        // The group lock is held while the homes move: an update that finds
+        // this home waits for the re-keying below, and one that found the
+        // previous home changed its counts before the home moved (the home's
+        // mutex orders the two), so the re-keying sees it.
         let mut inner = self.lock();
-        let old = std::mem::take(&mut inner.slots);
-        let mut slots: Vec<Slot> = Vec::with_capacity(backends.len());
-        for backend in backends {
-            let seen = slots
-                .get(backend.slot.load(Ordering::Relaxed))
-                .is_some_and(|s| Arc::ptr_eq(&s.backend, &backend));
-            if seen || backend.is_draining() {
-                continue;
-            }
-            backend.slot.store(slots.len(), Ordering::Relaxed);
-            let down = backend.down_until().is_some();
-            slots.push(Slot { backend, down });
+        for (slot, s) in inner.slots.iter().enumerate() {
+            s.backend.set_home(weak.clone(), slot);
         }
-        for gone in old {
-            let slot = gone.backend.slot.load(Ordering::Relaxed);
-            let kept = slots
-                .get(slot)
-                .is_some_and(|s| Arc::ptr_eq(&s.backend, &gone.backend));
-            if !kept {
-                gone.backend.slot.store(DETACHED, Ordering::Relaxed);
-            }
+        for slot in 0..inner.slots.len() {
+            inner.sync(slot);
         }
-        inner.tree = MinTree::from_keys(slots.iter().map(|s| tree::key(s.backend.load(), s.down)));
-        inner.expiries = slots
-            .iter()
-            .enumerate()
-            .filter_map(|(slot, s)| Some(Reverse((s.backend.down_until()?, slot))))
-            .collect();
-        inner.slots = slots;
-        debug!(backends = inner.slots.len(), "balancer set updated");
+        debug!(backends = inner.slots.len(), "balancer adopted");
+    }
+
+    /// Whether this balancer selects exactly `backends`, in that order.
+    pub fn selects(&self, backends: &[Arc<Backend>]) -> bool {
+        let inner = self.lock();
+        inner.slots.len() == backends.len()
+            && inner
+                .slots
+                .iter()
+                .zip(backends)
+                .all(|(s, b)| Arc::ptr_eq(&s.backend, b))
+    }
+
+    /// Replaces the selectable set in place, in O(n), and adopts it.
+    /// Backends that stay (same `Arc`) keep their counts and down state; the
+    /// others leave selection at once. Duplicates and draining backends are
+    /// left out. The routing table never does this to a published balancer:
+    /// it builds a new one per change ([`GroupBalancer::over`]).
+    pub fn set_backends(self: &Arc<Self>, backends: Vec<Arc<Backend>>) {
+        let fresh = Inner::over(backends);
+        *self.lock() = fresh;
+        self.adopt();
     }
 
     /// The attached backends, in slot order.
@@ -350,11 +429,24 @@ impl GroupBalancer {
     /// Selects an instance by the rule (see the module docs). O(log n).
     pub fn pick<R: Rng + ?Sized>(self: &Arc<Self>, now: Instant, rng: &mut R) -> Pick {
         let hard_limit = u64::from(self.hard_limit());
-        let (backend, started) = {
+        let (backend, slot, started) = {
             let mut inner = self.lock();
             inner.expire(now);
-            let Some((slot, key)) = inner.tree.pick(rng) else {
-                return Pick::NoInstances;
+            let (slot, key) = loop {
+                let Some((slot, key)) = inner.tree.pick(rng) else {
+                    return Pick::NoInstances;
+                };
+                // Detached since this balancer was built (a request that
+                // read the previous routing table): out of the tree for good.
+                if inner
+                    .slots
+                    .get(slot)
+                    .is_some_and(|s| s.backend.is_draining())
+                {
+                    inner.sync(slot);
+                    continue;
+                }
+                break (slot, key);
             };
             if tree::load_of(key) >= hard_limit {
                 return Pick::Overloaded;
@@ -364,58 +456,42 @@ impl GroupBalancer {
                 return Pick::NoInstances;
             };
             let started = backend.add_inflight(now);
-            inner.refresh(slot);
-            (backend, started)
+            inner.sync(slot);
+            (backend, slot, started)
         };
+        in_home(&backend, Some(self), |inner, slot| inner.sync(slot));
         self.changed();
         backend.metrics.selected.inc();
         Pick::Selected(Lease {
             group: Arc::clone(self),
             backend,
+            slot,
             started: Some(started),
         })
     }
 
     /// Records a failed connect (refused or timed out) to `backend` at `now`:
-    /// down for 1 s, doubling per consecutive failure up to 30 s.
+    /// down for 1 s, doubling per consecutive failure up to 30 s. Reaches the
+    /// backend's home balancer; work holding a [`Lease`] should call
+    /// [`Lease::mark_down`], which also reaches the balancer it picked from.
     pub fn mark_down(&self, backend: &Backend, now: Instant) {
-        let mut inner = self.lock();
-        let Some((until, failures)) = backend.record_failure(now) else {
-            return;
-        };
-        debug!(
-            instance = %backend.name,
-            failures,
-            backoff_ms = u64::try_from((until - now).as_millis()).unwrap_or(u64::MAX),
-            "marked down"
-        );
-        if let Some(slot) = inner.slot_of(backend) {
-            inner.expiries.push(Reverse((until, slot)));
-            inner.set_down(slot, true);
+        if record_failure(backend, now) {
+            in_home(backend, None, |inner, slot| inner.sync(slot));
         }
     }
 
     /// Records a successful connect to `backend`: resets its backoff and ends
     /// any down period. Lock-free when the backend had no failures.
     pub fn mark_up(&self, backend: &Backend) {
-        if !backend.is_failing() {
-            return;
-        }
-        let mut inner = self.lock();
-        backend.reset_failures();
-        debug!(instance = %backend.name, "marked up");
-        if let Some(slot) = inner.slot_of(backend) {
-            inner.set_down(slot, false);
+        if record_success(backend) {
+            in_home(backend, None, |inner, slot| inner.sync(slot));
         }
     }
 
     /// Sets the peers' part of `backend`'s load (from gossip).
     pub fn set_peer_load(&self, backend: &Backend, load: u64) {
         backend.set_peer_load(load);
-        let mut inner = self.lock();
-        if let Some(slot) = inner.slot_of(backend) {
-            inner.refresh(slot);
-        }
+        in_home(backend, None, |inner, slot| inner.sync(slot));
     }
 
     /// `local_inflight + peer_load` of `backend`, as selection sees it.
@@ -428,4 +504,44 @@ impl GroupBalancer {
         // stale (refreshed by the next update of that slot).
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Re-keys `slot` if it still holds `backend`, here and in the backend's
+    /// home when that is another balancer.
+    fn sync_both(&self, slot: usize, backend: &Backend) {
+        let synced = {
+            let mut inner = self.lock();
+            let holds = inner.holds(slot, backend);
+            if holds {
+                inner.sync(slot);
+            }
+            holds
+        };
+        // When the set here was replaced in place, the home (this balancer)
+        // knows the new slot.
+        in_home(backend, synced.then_some(self), |inner, slot| inner.sync(slot));
+    }
+}
+
+/// Records a failed connect; whether a new down period started.
+fn record_failure(backend: &Backend, now: Instant) -> bool {
+    let Some((until, failures)) = backend.record_failure(now) else {
+        return false;
+    };
+    debug!(
+        instance = %backend.name,
+        failures,
+        backoff_ms = u64::try_from((until - now).as_millis()).unwrap_or(u64::MAX),
+        "marked down"
+    );
+    true
+}
+
+/// Records a successful connect; whether failures were forgotten.
+fn record_success(backend: &Backend) -> bool {
+    if !backend.is_failing() {
+        return false;
+    }
+    backend.reset_failures();
+    debug!(instance = %backend.name, "marked up");
+    true
 }

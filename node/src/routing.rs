@@ -4,15 +4,30 @@
 //!
 //! A [`RoutingTable`] is immutable once built. Every state change builds a
 //! new one from the [`State`] and the previous table, reusing the runtime of
-//! groups and instances that stay (so in-flight counts, down-marks and idle
-//! upstream connections survive), and the listeners swap it in atomically
+//! instances that stay (so in-flight counts, down-marks and idle upstream
+//! connections survive), and the listeners swap it in atomically
 //! (`ArcSwap`). A request reads the table once; it never copies it.
+//!
+//! Building is pure: it touches nothing the published table or its requests
+//! use, and returns the new table with a list of [`Effect`]s (drain detached
+//! instances, move the balancers' home, drop metric series) that
+//! [`publish`] runs only after the swap:
+//!
+//! ```text
+//!  State ─▶ build(state, prev) ─▶ (table, effects) ─▶ routes.store(table) ─▶ run effects
+//! ```
+//!
+//! A group whose instances (or limit) changed gets a new balancer built over
+//! exactly the instances the new table has pools for, so any pick on any
+//! table finds its pool; a detached instance is offered by no balancer of the
+//! tables published after its removal.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use raft_store::model::ServiceGroup;
 use raft_store::state::State;
 use rustls::sign::CertifiedKey;
@@ -143,6 +158,42 @@ pub struct BuildContext<'a> {
     pub load_changed: Option<&'a Arc<LoadChanged>>,
 }
 
+/// What a new table asks of the world once it is published, in this order.
+#[derive(Debug)]
+pub enum Effect {
+    /// An instance left: it starts draining, and balancers of older tables
+    /// stop offering it.
+    Drain(Arc<Backend>),
+    /// A group's new balancer becomes its backends' home (see
+    /// [`GroupBalancer::adopt`]).
+    Adopt(Arc<GroupBalancer>),
+    /// A detached instance's metric series go (unless the new state has an
+    /// instance of the same name in a group of the same name, which owns
+    /// them now).
+    RemoveSeries { group: String, instance: String },
+}
+
+impl Effect {
+    fn run(self, cx: &BuildContext<'_>) {
+        match self {
+            Self::Drain(backend) => start_drain(&backend, cx.drain_timeout),
+            Self::Adopt(balancer) => balancer.adopt(),
+            Self::RemoveSeries { group, instance } => cx.metrics.remove_instance(&group, &instance),
+        }
+    }
+}
+
+/// Builds the table for `state`, swaps it into `routes`, then runs its
+/// effects: the one way a state reaches the data plane.
+pub fn publish(routes: &ArcSwap<RoutingTable>, state: &State, cx: &BuildContext<'_>) {
+    let prev = routes.load_full();
+    let (table, effects) = RoutingTable::build(state, &prev, cx);
+    routes.store(Arc::new(table));
+    for effect in effects {
+        effect.run(cx);
+    }
+}
+
 /// The routing table of one state.
 #[derive(Debug, Default)]
 pub struct RoutingTable {
@@ -172,27 +223,44 @@ impl RoutingTable {
     }
 
     /// Builds the table for `state`, reusing what `prev` has for groups and
-    /// instances that stay. Instances that left start draining and lose their
-    /// metric series.
-    pub fn build(state: &State, prev: &Self, cx: &BuildContext<'_>) -> Self {
-        // Retire instances that left first: a new instance may reuse a
-        // detached one's name, and its fresh metric series must survive.
+    /// instances that stay, and lists what must happen once it is published
+    /// ([`Effect`]). Changes nothing that `prev` or its requests use: a
+    /// group whose instances or limit changed gets a new balancer, and every
+    /// balancer of the new table offers only instances it has pools for.
+    pub fn build(state: &State, prev: &Self, cx: &BuildContext<'_>) -> (Self, Vec<Effect>) {
+        let mut effects = Vec::new();
         for (uuid, old) in &prev.groups {
             let kept = state.group(&uuid.to_string()).filter(|g| g.uuid == *uuid);
             for (id, b) in &old.backends {
                 if kept.is_none_or(|k| !k.instances.iter().any(|i| i.uuid == *id)) {
-                    start_drain(b, cx.drain_timeout);
-                    cx.metrics.remove_instance(&old.name, &b.name);
+                    effects.push(Effect::Drain(b.clone()));
+                    let renamed = state
+                        .group(&old.name)
+                        .is_none_or(|g| !g.instances.iter().any(|i| i.name == b.name));
+                    if renamed {
+                        effects.push(Effect::RemoveSeries {
+                            group: old.name.clone(),
+                            instance: b.name.clone(),
+                        });
+                    }
                 }
             }
         }
         let mut groups = HashMap::new();
         for g in state.groups() {
-            groups.insert(
-                g.uuid,
-                Arc::new(group_runtime(g, prev.groups.get(&g.uuid), cx)),
-            );
+            let (runtime, fresh) = group_runtime(g, prev.groups.get(&g.uuid), cx);
+            if fresh {
+                effects.push(Effect::Adopt(runtime.balancer.clone()));
+            }
+            groups.insert(g.uuid, Arc::new(runtime));
         }
+        // Series removal last: an instance that reuses a detached one's name
+        // got its handles above, and keeps its series (see `RemoveSeries`).
+        effects.sort_by_key(|e| match e {
+            Effect::Drain(_) => 0,
+            Effect::Adopt(_) => 1,
+            Effect::RemoveSeries { .. } => 2,
+        });
 
         let mut by_port: HashMap<u16, Vec<(&ServiceGroup, u16)>> = HashMap::new();
         for g in state.groups() {
@@ -208,25 +276,16 @@ impl RoutingTable {
             let route = port_route(port, &members, &groups, prev.ports.get(&port), state, cx);
             ports.insert(port, Arc::new(route));
         }
-        Self { ports, groups }
+        (Self { ports, groups }, effects)
     }
 }
 
+/// The runtime of `g`, and whether its balancer is new (to be adopted).
 fn group_runtime(
     g: &ServiceGroup,
     prev: Option<&Arc<GroupRuntime>>,
     cx: &BuildContext<'_>,
-) -> GroupRuntime {
-    let balancer = prev.map_or_else(
-        || {
-            Arc::new(match cx.load_changed {
-                Some(c) => GroupBalancer::with_changes(g.hard_limit, Arc::clone(c)),
-                None => GroupBalancer::new(g.hard_limit),
-            })
-        },
-        |p| p.balancer.clone(),
-    );
-    balancer.set_hard_limit(g.hard_limit);
+) -> (GroupRuntime, bool) {
     let mut backends = HashMap::new();
     for i in &g.instances {
         // Instances are immutable once attached: the uuid names one backend.
@@ -243,18 +302,29 @@ fn group_runtime(
         backends.insert(i.uuid, backend);
     }
     // Selection order follows the group's attach order.
-    let ordered = g
+    let ordered: Vec<Arc<Backend>> = g
         .instances
         .iter()
         .filter_map(|i| backends.get(&i.uuid).cloned())
         .collect();
-    balancer.set_backends(ordered);
-    GroupRuntime {
+    let same = prev
+        .filter(|p| p.balancer.hard_limit() == g.hard_limit && p.balancer.selects(&ordered))
+        .map(|p| p.balancer.clone());
+    let fresh = same.is_none();
+    let balancer = same.unwrap_or_else(|| {
+        Arc::new(GroupBalancer::over(
+            g.hard_limit,
+            cx.load_changed.cloned(),
+            ordered,
+        ))
+    });
+    let runtime = GroupRuntime {
         uuid: g.uuid,
         name: g.name.clone(),
         balancer,
         backends,
-    }
+    };
+    (runtime, fresh)
 }
 
 fn port_route(

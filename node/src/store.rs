@@ -14,8 +14,11 @@
 //!  data plane ◀─watch─ State (every node applies the committed entry)
 //! ```
 //!
-//! A write answers after it is committed **and** applied on this node. Without
-//! a quorum it fails with 503 within `write_timeout` (5 s); it never hangs.
+//! A write answers after it is committed, applied on this node **and** its
+//! data plane routes by it: the routing table was rebuilt from a state at or
+//! past the entry's index ([`Store::route_by`]). So the next request to the
+//! node that answered sees the change. Without a quorum it fails with 503
+//! within `write_timeout` (5 s); it never hangs.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +28,7 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use raft_store::command::Command;
+use raft_store::AppliedState;
 use raft_store::state::{Applied, ApplyError, State};
 use raft_store::types::{ClusterNode, Raft, Request};
 use tokio::sync::watch;
@@ -94,7 +98,10 @@ pub struct Store {
     node_id: u64,
     raft: Raft,
     transport: Arc<Transport>,
-    state: watch::Receiver<Arc<State>>,
+    state: watch::Receiver<AppliedState>,
+    /// The index the data plane's routing table was built from, once a data
+    /// plane serves this store.
+    routed: std::sync::OnceLock<watch::Receiver<u64>>,
     committed: Arc<AtomicU64>,
     write_timeout: Duration,
     policy: Policy,
@@ -118,7 +125,7 @@ impl Store {
         node_id: u64,
         raft: Raft,
         transport: Arc<Transport>,
-        state: watch::Receiver<Arc<State>>,
+        state: watch::Receiver<AppliedState>,
         committed: Arc<AtomicU64>,
         policy: Policy,
     ) -> Self {
@@ -127,6 +134,7 @@ impl Store {
             raft,
             transport,
             state,
+            routed: std::sync::OnceLock::new(),
             committed,
             write_timeout: Duration::from_secs(5),
             policy,
@@ -150,20 +158,29 @@ impl Store {
 
     /// The current state (this node's applied copy).
     pub fn state(&self) -> Arc<State> {
-        self.state.borrow().clone()
+        self.state.borrow().state.clone()
     }
 
-    /// A receiver that sees every applied state.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+    /// A receiver that sees every applied state with its index.
+    pub fn subscribe(&self) -> watch::Receiver<AppliedState> {
         self.state.clone()
     }
 
-    /// Commits `cmd` through the leader and answers once this node applied it.
+    /// From now on writes answer once `routed` (the index of the state the
+    /// data plane routes by) reaches them, not merely once applied. Set
+    /// once, by the task that publishes routing tables; later calls are
+    /// ignored.
+    pub fn route_by(&self, routed: watch::Receiver<u64>) {
+        let _ = self.routed.set(routed);
+    }
+
+    /// Commits `cmd` through the leader and answers once this node's data
+    /// plane routes by it.
     pub async fn propose(&self, cmd: Command) -> Result<Applied, StoreError> {
         let deadline = Instant::now() + self.write_timeout;
         let result = tokio::time::timeout_at(deadline, self.write(cmd)).await;
         let (index, result) = result.map_err(|_| no_quorum(self.write_timeout))??;
-        self.wait_applied(index, deadline).await?;
+        self.wait_routed(index, deadline).await?;
         result.map_err(StoreError::Apply)
     }
 
@@ -240,6 +257,23 @@ impl Store {
             .await
             .map(|_| ())
             .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    /// Where every write waits before it answers: until the data plane
+    /// routes by `index` (applied on this node, when no data plane serves
+    /// the store), bounded by `deadline`.
+    async fn wait_routed(&self, index: u64, deadline: Instant) -> Result<(), StoreError> {
+        let Some(routed) = self.routed.get() else {
+            return self.wait_applied(index, deadline).await;
+        };
+        let mut routed = routed.clone();
+        match tokio::time::timeout_at(deadline, routed.wait_for(|r| *r >= index)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(StoreError::Unavailable(
+                "the data plane stopped before it routed by the change".into(),
+            )),
+            Err(_) => Err(no_quorum(self.write_timeout)),
+        }
     }
 
     async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), StoreError> {
@@ -337,7 +371,7 @@ impl Store {
         // the leader's commit is the answer.
         let leaving = matches!(f, Forward::RemoveNode { node_id } if node_id == self.node_id);
         if !leaving {
-            self.wait_applied(index, deadline).await?;
+            self.wait_routed(index, deadline).await?;
         }
         Ok(index)
     }

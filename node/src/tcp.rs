@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::balancer::Pick;
 use crate::dataplane::{ConnInfo, DataPlane};
@@ -38,20 +38,21 @@ where
             }
         };
         let backend = lease.backend().clone();
+        // A table's balancer offers only instances the table has pools for.
         let Some(pool) = target.pool(&backend) else {
-            // The group's instance set changed after this table was built.
-            continue;
+            warn!(instance = %backend.name, "selected instance has no pool; closing");
+            return;
         };
         let upstream = match pool.dial(dp.settings.connect_timeout).await {
             Ok(s) => s,
             Err(e) => {
                 debug!(instance = %backend.name, error = %e, "connect failed");
                 backend.metrics.connect_errors.inc();
-                balancer.mark_down(&backend, Instant::now());
+                lease.mark_down(Instant::now());
                 continue;
             }
         };
-        balancer.mark_up(&backend);
+        lease.mark_up();
         let started = Instant::now();
         let activity = Arc::new(AtomicU64::new(0));
         let mut upstream = CountingIo::new(upstream, &backend, Some(activity.clone()));

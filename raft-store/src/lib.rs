@@ -35,7 +35,7 @@
 //!  StateMachineStore::apply ─▶ State::apply per entry ─▶ record fsync'd
 //!     <data_dir>/state-machine.redb                             │
 //!                                                               ▼
-//!  watch::Sender<Arc<State>> ─▶ subscribe() receivers (data plane, admin reads)
+//!  watch::Sender<AppliedState> ─▶ subscribe() receivers (data plane, admin reads)
 //!  Response { result: Ok(Applied) | Err(ApplyError) } ─▶ client_write's caller
 //! ```
 //!
@@ -95,5 +95,5 @@ pub use model::{
 };
 pub use snapshot::SnapshotBuilder;
 pub use state::{Applied, ApplyError, State};
-pub use state_machine::StateMachineStore;
+pub use state_machine::{AppliedState, StateMachineStore};
 pub use types::{ClusterNode, NodeId, Request, Response, TypeConfig};

@@ -43,6 +43,18 @@ pub(crate) const STATE_MACHINE: TableDefinition<'_, &str, &[u8]> =
     TableDefinition::new("state_machine");
 pub(crate) const CURRENT: &str = "current";
 
+/// What the state machine publishes after every batch it applies: the state
+/// and the index of the last log entry applied to it (entries that change
+/// nothing, such as a refused command or a membership change, still move
+/// the index). Readers that act on the state (the data plane) can say which
+/// index they act on.
+#[derive(Clone, Debug, Default)]
+pub struct AppliedState {
+    /// Index of the last applied log entry (0 before any).
+    pub index: u64,
+    pub state: Arc<State>,
+}
+
 /// The replicated [`State`] as applied from the log, persisted in redb and
 /// published on a watch channel.
 pub struct StateMachineStore {
@@ -50,7 +62,7 @@ pub struct StateMachineStore {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     /// Holds the current state; receivers see every batch's result.
-    state: watch::Sender<Arc<State>>,
+    state: watch::Sender<AppliedState>,
 }
 
 impl fmt::Debug for StateMachineStore {
@@ -89,22 +101,26 @@ impl StateMachineStore {
             db,
             last_applied: record.last_applied,
             membership: record.membership,
-            state: watch::Sender::new(Arc::new(record.state)),
+            state: watch::Sender::new(AppliedState {
+                index: record.last_applied.map_or(0, |l| l.index),
+                state: Arc::new(record.state),
+            }),
         })
     }
 
     /// A receiver of the applied state. It holds the current state at once
-    /// and is told after every batch that changed it (a slow receiver sees
-    /// the latest, skipping intermediate ones).
+    /// and is told after every applied batch (a slow receiver sees the
+    /// latest, skipping intermediate ones); the `Arc<State>` is the same
+    /// while nothing changed it.
     ///
     /// Take it before handing the store to `Raft::new`.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+    pub fn subscribe(&self) -> watch::Receiver<AppliedState> {
         self.state.subscribe()
     }
 
     /// The current applied state.
     pub fn current(&self) -> Arc<State> {
-        Arc::clone(&self.state.borrow())
+        Arc::clone(&self.state.borrow().state)
     }
 
     /// The log id of the last applied entry.
@@ -193,9 +209,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
         self.last_applied = last_applied;
         self.membership = membership;
-        if changed {
-            self.state.send_replace(state);
-        }
+        self.state.send_replace(AppliedState {
+            index: last_applied.map_or(0, |l| l.index),
+            state,
+        });
         Ok(responses)
     }
 
@@ -247,7 +264,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
         self.last_applied = record.last_applied;
         self.membership = record.membership;
-        self.state.send_replace(Arc::new(record.state));
+        self.state.send_replace(AppliedState {
+            index: record.last_applied.map_or(0, |l| l.index),
+            state: Arc::new(record.state),
+        });
         Ok(())
     }
 

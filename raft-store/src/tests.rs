@@ -145,7 +145,7 @@ async fn apply_answers_outcomes_and_publishes_state() {
     let dir = TempDir::new();
     let (_log, mut sm) = open(dir.path());
     let mut rx = sm.subscribe();
-    assert_eq!(rx.borrow_and_update().groups().count(), 0);
+    assert_eq!(rx.borrow_and_update().state.groups().count(), 0);
 
     let responses = sm.apply(history()).await.unwrap();
     assert_eq!(responses.len(), 4);
@@ -158,19 +158,25 @@ async fn apply_answers_outcomes_and_publishes_state() {
     ));
 
     assert!(rx.has_changed().unwrap());
-    assert!(rx.borrow_and_update().group("web").is_some());
+    let published = rx.borrow_and_update().clone();
+    assert!(published.state.group("web").is_some());
+    assert_eq!(published.index, 4);
     assert!(sm.current().group("web").is_some());
     let (applied, mem) = sm.applied_state().await.unwrap();
     assert_eq!(applied, Some(log_id(1, 1, 4)));
     assert_eq!(mem.log_id(), &Some(log_id(1, 1, 2)));
 
-    // A batch that changes nothing in the state does not wake receivers.
+    // A batch that changes nothing in the state moves the published index
+    // and keeps sharing the same state.
     let refused = Command::CreateGroup {
         group: group("web"),
     };
     let responses = sm.apply([blank(5), normal(6, refused)]).await.unwrap();
     assert!(matches!(responses[1].result, Some(Err(_))));
-    assert!(!rx.has_changed().unwrap());
+    assert!(rx.has_changed().unwrap());
+    let after = rx.borrow_and_update().clone();
+    assert_eq!(after.index, 6);
+    assert!(Arc::ptr_eq(&after.state, &published.state));
     assert_eq!(sm.last_applied(), Some(log_id(1, 1, 6)));
 }
 
@@ -203,7 +209,7 @@ async fn reopen_restores_vote_log_and_state() {
     assert_eq!(applied, Some(log_id(1, 1, 4)));
     assert_eq!(mem.membership().get_node(&1), Some(&node(1)));
     assert!(sm.current().group("web").is_some());
-    assert!(sm.subscribe().borrow().group("web").is_some());
+    assert!(sm.subscribe().borrow().state.group("web").is_some());
 }
 
 #[tokio::test]
@@ -328,7 +334,9 @@ async fn snapshot_survives_reopen_and_installs_elsewhere() {
         .await
         .unwrap();
     assert!(rx.has_changed().unwrap());
-    assert!(rx.borrow_and_update().group("web").is_some());
+    let installed = rx.borrow_and_update().clone();
+    assert!(installed.state.group("web").is_some());
+    assert_eq!(installed.index, 4);
     assert_eq!(fsm.applied_state().await.unwrap().0, Some(log_id(1, 1, 4)));
     drop((_flog, fsm));
 
@@ -370,5 +378,5 @@ async fn state_is_shared_not_copied_per_reader() {
     let dir = TempDir::new();
     let (_log, mut sm) = open(dir.path());
     sm.apply(history()).await.unwrap();
-    assert!(Arc::ptr_eq(&sm.current(), &sm.subscribe().borrow()));
+    assert!(Arc::ptr_eq(&sm.current(), &sm.subscribe().borrow().state));
 }

@@ -20,7 +20,7 @@ use super::{Admin, serve};
 use crate::dataplane::{DataPlane, Settings};
 use crate::gossip::Gossip;
 use crate::metrics::Metrics;
-use crate::routing::{BuildContext, RoutingTable};
+use crate::routing::{BuildContext, publish};
 use crate::tls::CertCache;
 
 mod groups;
@@ -119,15 +119,13 @@ impl Server {
     /// the node does on every state change.
     fn rebuild(&self) {
         let state = self.admin.store.state();
-        let prev = self.admin.dataplane.routes.load_full();
         let cx = BuildContext {
             metrics: &self.admin.metrics,
             certs: &self.certs,
             drain_timeout: Duration::from_secs(1),
             load_changed: None,
         };
-        let table = RoutingTable::build(&state, &prev, &cx);
-        self.admin.dataplane.routes.store(Arc::new(table));
+        publish(&self.admin.dataplane.routes, &state, &cx);
     }
 
     async fn request(

@@ -7,23 +7,21 @@
 //! time, start-time epochs of the work in flight): all atomics, bumped by
 //! the pick and the release of a [`Lease`](super::Lease) without a lock.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use gossip::{LoadCounters, Started};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use uuid::Uuid;
 
+use super::GroupBalancer;
 use crate::metrics::InstanceMetrics;
 
 /// Down time after the first failed connect.
 pub const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest down time, reached after six consecutive failures.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// `slot` value of a backend that is in no group's selection.
-pub(super) const DETACHED: usize = usize::MAX;
 
 /// What the admin API reports for an instance (`state: up|down|draining`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,15 +56,22 @@ pub struct Backend {
     counters: LoadCounters,
     /// Peers' part of the load, set from gossip.
     peer: AtomicU64,
-    /// Index in the owning group's tree, or [`DETACHED`]. Written only under
-    /// that group's lock.
-    pub(super) slot: AtomicUsize,
+    /// The balancer that counts and down marks are reported to besides the
+    /// one that picked: that of the newest routing table holding the backend.
+    home: Mutex<Home>,
     /// `down.failures > 0`, readable without the lock: lets a successful
     /// connect to a healthy instance skip the group lock.
     failing: AtomicBool,
     down: Mutex<DownState>,
     draining: AtomicBool,
     drain: CancellationToken,
+}
+
+/// Where a backend sits in its home balancer.
+#[derive(Debug, Default)]
+struct Home {
+    group: Weak<GroupBalancer>,
+    slot: usize,
 }
 
 #[derive(Debug, Default)]
@@ -106,7 +111,7 @@ impl Backend {
             metrics,
             counters: LoadCounters::new(created, gossip::Config::default().long_after),
             peer: AtomicU64::new(0),
-            slot: AtomicUsize::new(DETACHED),
+            home: Mutex::new(Home::default()),
             failing: AtomicBool::new(false),
             down: Mutex::new(DownState::default()),
             draining: AtomicBool::new(false),
@@ -176,6 +181,35 @@ impl Backend {
     /// End of the current down period, if one is recorded.
     pub(super) fn down_until(&self) -> Option<Instant> {
         self.lock_down().until
+    }
+
+    /// The home balancer and this backend's slot in it, unless the home is
+    /// `except` or gone.
+    pub(super) fn home(
+        &self,
+        except: Option<&GroupBalancer>,
+    ) -> Option<(Arc<GroupBalancer>, usize)> {
+        let home = self.home.lock().unwrap_or_else(PoisonError::into_inner);
+        if except.is_some_and(|e| std::ptr::eq(home.group.as_ptr(), e)) {
+            return None;
+        }
+        Some((home.group.upgrade()?, home.slot))
+    }
+
+    /// Moves the home to `group`, where this backend sits at `slot`.
+    pub(super) fn set_home(&self, group: Weak<GroupBalancer>, slot: usize) {
+        // Two plain fields, consistent after any panic.
+        *self.home.lock().unwrap_or_else(PoisonError::into_inner) = Home { group, slot };
+    }
+
+    /// End of the recorded down period, without a lock when there are no
+    /// failures (the common case).
+    pub(super) fn down_now(&self) -> Option<Instant> {
+        if self.is_failing() {
+            self.down_until()
+        } else {
+            None
+        }
     }
 
     /// Records a failed connect at `now`. Returns the end of the new down

@@ -43,11 +43,12 @@ fn assert_consistent(group: &GroupBalancer) {
     let inner = group.lock();
     assert_eq!(inner.tree.len(), inner.slots.len());
     for (slot, s) in inner.slots.iter().enumerate() {
-        assert_eq!(s.backend.slot.load(Ordering::Relaxed), slot);
-        assert_eq!(s.down, s.backend.down_until().is_some());
+        let home = s.backend.home(None).map(|(g, slot)| (Arc::as_ptr(&g), slot));
+        assert_eq!(home, Some((std::ptr::from_ref(group), slot)));
+        assert_eq!(s.until, s.backend.down_until());
         assert_eq!(
             inner.tree.get(slot),
-            Some(tree::key(s.backend.load(), s.down))
+            Some(tree::key(s.backend.load(), s.until.is_some()))
         );
     }
 }
@@ -389,4 +390,119 @@ fn concurrent_picks_and_releases_balance_out() {
     assert_consistent(&group);
     let selected: u64 = backends.iter().map(|b| b.metrics.selected.get()).sum();
     assert!(selected > 0);
+}
+
+/// A balancer built for a new routing table touches nothing until adopted;
+/// then work picked from the old one (releases, down marks) keeps the new
+/// tree exact, and the old one stops offering a backend that was detached.
+#[test]
+fn a_new_balancer_takes_over_from_the_old() {
+    let (old, b) = group(3, 65_535);
+    let now = Instant::now();
+    let mut rng = SmallRng::seed_from_u64(9);
+    let held: Vec<Lease> = (0..6).map(|_| lease(old.pick(now, &mut rng))).collect();
+
+    // b0 leaves, b3 arrives.
+    let b3 = backend("i-3");
+    let new = Arc::new(GroupBalancer::over(
+        65_535,
+        None,
+        vec![b[1].clone(), b[2].clone(), b3.clone()],
+    ));
+    // Pure: the old balancer is still every backend's home.
+    assert_consistent(&old);
+    assert_eq!(new.backends().len(), 3);
+
+    new.adopt();
+    start_drain(&b[0], Duration::from_secs(30));
+    // Releases and a down mark of work picked from the old balancer.
+    old.pick(now, &mut rng); // dropped at once: a pick and a release
+    let mut held = held;
+    let down = held.iter().position(|l| Arc::ptr_eq(l.backend(), &b[2]));
+    if let Some(i) = down {
+        held[i].mark_down(now);
+    }
+    drop(held);
+    assert!(b.iter().all(|b| b.local_inflight() == 0));
+    assert_consistent(&new);
+    assert_eq!(b[2].state(now), BackendState::Down);
+
+    // The old balancer never offers the drained b0 again.
+    for _ in 0..50 {
+        let l = lease(old.pick(now, &mut rng));
+        assert!(!Arc::ptr_eq(l.backend(), &b[0]));
+    }
+    // The new one prefers b1 and b3 (up, idle) over the down b2.
+    for _ in 0..20 {
+        let l = lease(new.pick(now, &mut rng));
+        assert!(Arc::ptr_eq(l.backend(), &b[1]) || Arc::ptr_eq(l.backend(), &b3));
+    }
+    assert_consistent(&new);
+}
+
+/// Threads pick and release through whichever balancer they last saw while
+/// another thread keeps replacing it with a new one over a changing set (as
+/// the routing table does). Work still held at the end, picked from older
+/// balancers, is released after the newest was adopted: its tree must still
+/// agree with the backends.
+#[test]
+fn balancers_replaced_under_load_end_exact() {
+    let backends: Arc<Vec<Arc<Backend>>> =
+        Arc::new((0..12).map(|i| backend(&format!("i-{i}"))).collect());
+    let first = Arc::new(GroupBalancer::over(30, None, backends.to_vec()));
+    first.adopt();
+    let current = Arc::new(arc_swap::ArcSwap::new(first));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let current = Arc::clone(&current);
+            let backends = Arc::clone(&backends);
+            std::thread::spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(t);
+                let mut held = VecDeque::new();
+                for i in 0..20_000u32 {
+                    let now = start + Duration::from_millis(u64::from(i));
+                    let group = current.load_full();
+                    if let Pick::Selected(l) = group.pick(now, &mut rng) {
+                        match rng.random_range(0..200) {
+                            0 => l.mark_down(now),
+                            1..=20 => l.mark_up(),
+                            _ => {}
+                        }
+                        held.push_back(l);
+                    }
+                    if held.len() > rng.random_range(0..12) {
+                        held.pop_front();
+                    }
+                    if rng.random_range(0..100) == 0 {
+                        let b = &backends[rng.random_range(0..backends.len())];
+                        group.set_peer_load(b, rng.random_range(0..5));
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    let mut rng = SmallRng::seed_from_u64(99);
+    while !workers.iter().all(std::thread::JoinHandle::is_finished) {
+        let keep = rng.random_range(6..=backends.len());
+        let next = Arc::new(GroupBalancer::over(30, None, backends[..keep].to_vec()));
+        current.store(Arc::clone(&next));
+        next.adopt();
+        std::thread::yield_now();
+    }
+    let held: Vec<Lease> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    let last = Arc::new(GroupBalancer::over(30, None, backends.to_vec()));
+    current.store(Arc::clone(&last));
+    last.adopt();
+    let older = held.iter().filter(|l| !Arc::ptr_eq(&l.group, &last)).count();
+    assert!(older > 0, "no work held from an older balancer");
+    drop(held);
+    assert!(backends.iter().all(|b| b.local_inflight() == 0));
+    // End every down period (a pick expires them first), then compare.
+    drop(last.pick(start + Duration::from_secs(3600), &mut rng));
+    assert_consistent(&last);
 }

@@ -119,14 +119,24 @@ impl MinTree {
     /// Sets the key of `slot` and fixes the path to the root: O(log n).
     /// A slot out of range is ignored.
     pub(crate) fn set(&mut self, slot: usize, key: u64) {
+        self.put(slot, Node::leaf(key));
+    }
+
+    /// Takes `slot` out of every minimum set for good (until the next
+    /// [`MinTree::set`] of it): O(log n). A slot out of range is ignored.
+    pub(crate) fn clear(&mut self, slot: usize) {
+        self.put(slot, Node::EMPTY);
+    }
+
+    fn put(&mut self, slot: usize, leaf: Node) {
         if slot >= self.len {
             return;
         }
         let mut i = self.width + slot;
-        if self.nodes[i].min == key {
+        if self.nodes[i] == leaf {
             return;
         }
-        self.nodes[i] = Node::leaf(key);
+        self.nodes[i] = leaf;
         while i > 1 {
             i /= 2;
             let joined = Node::join(self.nodes[2 * i], self.nodes[2 * i + 1]);

@@ -21,7 +21,7 @@ use crate::cluster::{
 };
 use crate::dataplane::{DataPlane, Settings};
 use crate::metrics::Metrics;
-use crate::routing::{BuildContext, GroupRuntime, RoutingTable};
+use crate::routing::{BuildContext, GroupRuntime, publish};
 use crate::tls::CertCache;
 
 /// Patience for conditions that should hold quickly.
@@ -114,8 +114,7 @@ impl TestNode {
             drain_timeout: Duration::from_secs(1),
             load_changed: Some(&changed),
         };
-        let table = RoutingTable::build(&state(), &RoutingTable::default(), &cx);
-        dataplane.routes.store(Arc::new(table));
+        publish(&dataplane.routes, &state(), &cx);
         let gossip = Arc::new(Gossip::new(id, config, dataplane.clone(), metrics.clone()));
         Self {
             id,

@@ -58,6 +58,9 @@ pub(crate) enum ProxyError {
     UnexpectedUpgrade,
     #[error("upstream response headers timed out")]
     Timeout,
+    /// A broken invariant of the proxy itself.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl ProxyError {
@@ -71,6 +74,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -79,7 +83,7 @@ impl ProxyError {
             Self::NoRoute | Self::BadRequest(_) | Self::ClientBody(_) | Self::MethodNotAllowed => {
                 Side::Client
             }
-            Self::NoInstances | Self::Overloaded => Side::Internal,
+            Self::NoInstances | Self::Overloaded | Self::Internal(_) => Side::Internal,
             Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade | Self::Timeout => {
                 Side::Upstream
             }
@@ -95,6 +99,7 @@ impl ProxyError {
             Self::Overloaded => "overloaded",
             Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade => "bad gateway",
             Self::Timeout => "gateway timeout",
+            Self::Internal(_) => "internal error",
         }
     }
 

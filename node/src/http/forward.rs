@@ -20,7 +20,7 @@ use super::headers;
 use super::redirect;
 use super::upgrade;
 use super::upstream::{Pool, PooledConn};
-use crate::balancer::{Backend, GroupBalancer, Lease, Pick};
+use crate::balancer::{Lease, Pick};
 use crate::dataplane::Settings;
 use crate::routing::Target;
 
@@ -107,7 +107,7 @@ async fn forward(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let settings = &conn.dp.settings;
     let balancer = &target.group.balancer;
-    let mut last = ConnectError::Timeout;
+    let mut last = None;
     for attempt in 1..=MAX_ATTEMPTS {
         let start = Instant::now();
         // A statement of its own: the thread-local RNG must not live across
@@ -119,22 +119,22 @@ async fn forward(
             Pick::Overloaded => return Err(ProxyError::Overloaded),
         };
         let backend = lease.backend();
+        // A table's balancer offers only instances the table has pools for.
         let Some(pool) = target.pool(backend) else {
-            // The group's instance set changed after this table was built.
-            debug!(instance = %backend.name, attempt, "instance not in this routing table");
-            continue;
+            tracing::warn!(instance = %backend.name, "selected instance has no pool");
+            return Err(ProxyError::Internal("selected instance has no pool"));
         };
         let upgrade = client_upgrade.is_some();
-        match exchange(req, pool, backend, balancer, settings, upgrade, start).await {
+        match exchange(req, pool, &lease, settings, upgrade, start).await {
             Exchange::Response(resp, up) => {
                 return respond(resp, up, lease, pool, start, conn, client_upgrade);
             }
             Exchange::NotSent(back, error) => {
                 debug!(instance = %backend.name, attempt, %error, "connect failed");
                 backend.metrics.connect_errors.inc();
-                balancer.mark_down(backend, Instant::now());
+                lease.mark_down(Instant::now());
                 req = back;
-                last = error;
+                last = Some(error);
             }
             Exchange::Failed(error) => {
                 backend.metrics.observe_status(error.status().as_u16());
@@ -147,7 +147,8 @@ async fn forward(
             }
         }
     }
-    Err(ProxyError::Connect(last))
+    // Every attempt ends in `NotSent`, which sets `last`.
+    Err(last.map_or(ProxyError::NoInstances, ProxyError::Connect))
 }
 
 /// Sends `req` on a pooled connection or a new one and waits (bounded by
@@ -156,12 +157,12 @@ async fn forward(
 async fn exchange(
     mut req: Request<Incoming>,
     pool: &Pool,
-    backend: &Backend,
-    balancer: &GroupBalancer,
+    lease: &Lease,
     settings: &Settings,
     upgrade: bool,
     now: Instant,
 ) -> Exchange {
+    let backend = lease.backend();
     let mut pooled = if upgrade {
         None
     } else {
@@ -184,7 +185,7 @@ async fn exchange(
             // every request's future would carry (and move) it otherwise.
             None => match Box::pin(pool.connect(backend, settings, upgrade)).await {
                 Ok(up) => {
-                    balancer.mark_up(backend);
+                    lease.mark_up();
                     up
                 }
                 Err(error) => return Exchange::NotSent(req, error),

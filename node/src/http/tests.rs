@@ -31,7 +31,7 @@ use super::serve_connection;
 use crate::balancer::Backend;
 use crate::dataplane::{ConnInfo, DataPlane, Settings};
 use crate::metrics::Metrics;
-use crate::routing::{BuildContext, RoutingTable};
+use crate::routing::{BuildContext, publish};
 use crate::tls::CertCache;
 
 /// Patience for conditions on a slow machine.
@@ -119,9 +119,8 @@ impl Edge {
             drain_timeout: settings.drain_timeout,
             load_changed: None,
         };
-        let table = RoutingTable::build(&state, &RoutingTable::default(), &cx);
         let dp = Arc::new(DataPlane::new(settings));
-        dp.routes.store(Arc::new(table));
+        publish(&dp.routes, &state, &cx);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();

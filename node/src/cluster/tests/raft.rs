@@ -9,7 +9,9 @@ use std::sync::Arc;
 use openraft::{Config, SnapshotPolicy};
 use raft_store::model::{DEFAULT_HARD_LIMIT, Domain, Instance, Service, ServiceGroup};
 use raft_store::types::Raft;
-use raft_store::{Applied, ClusterNode, Command, LogStore, Request, State, StateMachineStore};
+use raft_store::{
+    Applied, AppliedState, ClusterNode, Command, LogStore, Request, State, StateMachineStore,
+};
 use tokio::sync::watch;
 use tokio::time::timeout;
 use uuid::Uuid;
@@ -45,7 +47,7 @@ struct TestNode {
     id: u64,
     raft: Raft,
     transport: Arc<Transport>,
-    state: watch::Receiver<Arc<State>>,
+    state: watch::Receiver<AppliedState>,
     _dir: TempDir,
 }
 
@@ -88,8 +90,8 @@ impl TestNode {
     }
 
     /// Waits until this node has applied a state satisfying `cond`.
-    async fn applied(&mut self, what: &str, cond: impl FnMut(&Arc<State>) -> bool) {
-        timeout(PATIENCE, self.state.wait_for(cond))
+    async fn applied(&mut self, what: &str, mut cond: impl FnMut(&Arc<State>) -> bool) {
+        timeout(PATIENCE, self.state.wait_for(|a| cond(&a.state)))
             .await
             .unwrap_or_else(|_| panic!("node {}: timed out waiting for {what}", self.id))
             .unwrap();
