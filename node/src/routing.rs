@@ -397,3 +397,6 @@ fn port_route(
     // certificate, so that the HTTP layer can answer 404 over TLS.
     route
 }
+
+#[cfg(test)]
+mod tests;

@@ -416,8 +416,7 @@ fn a_new_balancer_takes_over_from_the_old() {
     new.adopt();
     start_drain(&b[0], Duration::from_secs(30));
     // Releases and a down mark of work picked from the old balancer.
-    old.pick(now, &mut rng); // dropped at once: a pick and a release
-    let mut held = held;
+    drop(old.pick(now, &mut rng)); // a pick and a release
     let down = held.iter().position(|l| Arc::ptr_eq(l.backend(), &b[2]));
     if let Some(i) = down {
         held[i].mark_down(now);

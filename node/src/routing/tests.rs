@@ -1,0 +1,270 @@
+//! The pure build: what it leaves alone, and the effects it lists.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use raft_store::model::{DEFAULT_HARD_LIMIT, Domain, Handler, Instance, Service, ServiceGroup};
+use raft_store::{Command, State};
+use uuid::Uuid;
+
+use super::*;
+use crate::balancer::Pick;
+
+fn group(name: &str, port: u16) -> ServiceGroup {
+    ServiceGroup {
+        uuid: Uuid::new_v4(),
+        name: name.into(),
+        domains: vec![Domain {
+            fqdn: format!("{name}.example.com"),
+            certificate: None,
+        }],
+        services: vec![Service {
+            port,
+            destination_port: 9000,
+            handlers: vec![Handler::Http],
+        }],
+        hard_limit: DEFAULT_HARD_LIMIT,
+        instances: Vec::new(),
+        created_at: "2025-01-01T00:00:00Z".into(),
+        persistent: false,
+    }
+}
+
+fn attach(state: &mut State, group: &str, name: &str) -> Uuid {
+    let uuid = Uuid::new_v4();
+    let instance = Instance {
+        uuid,
+        name: name.into(),
+        address: "10.0.0.1".into(),
+    };
+    state
+        .apply(&Command::AttachInstance {
+            group: group.into(),
+            instance,
+        })
+        .expect("attach");
+    uuid
+}
+
+fn detach(state: &mut State, group: &str, name: &str) {
+    state
+        .apply(&Command::DetachInstance {
+            group: group.into(),
+            instance: name.into(),
+        })
+        .expect("detach");
+}
+
+/// Two groups, `web` (a, b) on port 80 and `api` (x) on port 81.
+fn two_groups() -> State {
+    let mut state = State::default();
+    for (name, port) in [("web", 80), ("api", 81)] {
+        state
+            .apply(&Command::CreateGroup {
+                group: group(name, port),
+            })
+            .expect("create");
+    }
+    attach(&mut state, "web", "a");
+    attach(&mut state, "web", "b");
+    attach(&mut state, "api", "x");
+    state
+}
+
+struct Fixture {
+    metrics: Metrics,
+    certs: CertCache,
+    routes: ArcSwap<RoutingTable>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            metrics: Metrics::new(),
+            certs: CertCache::default(),
+            routes: ArcSwap::from_pointee(RoutingTable::default()),
+        }
+    }
+
+    fn cx(&self) -> BuildContext<'_> {
+        BuildContext {
+            metrics: &self.metrics,
+            certs: &self.certs,
+            drain_timeout: Duration::from_secs(30),
+            load_changed: None,
+        }
+    }
+
+    fn build(&self, state: &State) -> (RoutingTable, Vec<Effect>) {
+        RoutingTable::build(state, &self.routes.load(), &self.cx())
+    }
+
+    fn publish(&self, state: &State) {
+        publish(&self.routes, state, &self.cx());
+    }
+
+    fn runtime(&self, name: &str) -> Arc<GroupRuntime> {
+        let table = self.routes.load();
+        table
+            .groups()
+            .find(|g| g.name == name)
+            .cloned()
+            .expect("group in the table")
+    }
+
+    fn series(&self) -> String {
+        self.metrics.render(&self.routes.load())
+    }
+}
+
+fn names(balancer: &GroupBalancer) -> Vec<String> {
+    balancer.backends().iter().map(|b| b.name.clone()).collect()
+}
+
+fn kinds(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .map(|e| match e {
+            Effect::Drain(b) => format!("drain {}", b.name),
+            Effect::Adopt(g) => format!("adopt {}", names(g).join("+")),
+            Effect::RemoveSeries { group, instance } => format!("series {group}/{instance}"),
+        })
+        .collect()
+}
+
+#[test]
+fn first_build_adopts_every_group_and_drains_nothing() {
+    let fx = Fixture::new();
+    let (_, effects) = fx.build(&two_groups());
+    let mut kinds = kinds(&effects);
+    kinds.sort();
+    assert_eq!(kinds, ["adopt a+b", "adopt x"]);
+}
+
+#[test]
+fn an_unchanged_state_lists_no_effects_and_keeps_the_balancers() {
+    let fx = Fixture::new();
+    let state = two_groups();
+    fx.publish(&state);
+    let web = fx.runtime("web");
+    let (table, effects) = fx.build(&state);
+    assert!(effects.is_empty(), "{:?}", kinds(&effects));
+    let again = table.group(&web.uuid).expect("web");
+    assert!(Arc::ptr_eq(&again.balancer, &web.balancer));
+}
+
+#[test]
+fn attach_builds_a_new_balancer_and_leaves_the_published_one_alone() {
+    let fx = Fixture::new();
+    let mut state = two_groups();
+    fx.publish(&state);
+    let (web, api) = (fx.runtime("web"), fx.runtime("api"));
+    attach(&mut state, "web", "c");
+
+    let (table, effects) = fx.build(&state);
+    assert_eq!(kinds(&effects), ["adopt a+b+c"]);
+    // The published balancer still offers exactly what its table serves.
+    assert_eq!(names(&web.balancer), ["a", "b"]);
+    let new_web = table.group(&web.uuid).expect("web");
+    assert!(!Arc::ptr_eq(&new_web.balancer, &web.balancer));
+    // Instances that stay are the same backends; other groups are untouched.
+    for (id, b) in &web.backends {
+        assert!(Arc::ptr_eq(b, &new_web.backends[id]));
+    }
+    let new_api = table.group(&api.uuid).expect("api");
+    assert!(Arc::ptr_eq(&new_api.balancer, &api.balancer));
+
+    // Every instance the new balancer can pick has a pool on the new table.
+    let target = table
+        .port(80)
+        .and_then(|p| p.route(Some("web.example.com")))
+        .expect("web routes on 80");
+    for b in new_web.balancer.backends() {
+        assert!(target.pool(&b).is_some(), "no pool for {}", b.name);
+    }
+}
+
+#[test]
+fn detach_drains_and_drops_series_only_once_published() {
+    let fx = Fixture::new();
+    let mut state = two_groups();
+    fx.publish(&state);
+    let web = fx.runtime("web");
+    let b = web
+        .backends
+        .values()
+        .find(|b| b.name == "b")
+        .cloned()
+        .expect("b");
+    assert!(fx.series().contains(r#"instance_name="b""#));
+    detach(&mut state, "web", "b");
+
+    let (_, effects) = fx.build(&state);
+    assert_eq!(kinds(&effects), ["drain b", "adopt a", "series web/b"]);
+    // Building did none of it.
+    assert!(!b.is_draining());
+    assert!(fx.series().contains(r#"instance_name="b""#));
+    assert_eq!(names(&web.balancer), ["a", "b"]);
+
+    fx.publish(&state);
+    assert!(b.is_draining());
+    assert!(!fx.series().contains(r#"instance_name="b""#));
+    // The old table's balancer no longer offers the drained instance.
+    for _ in 0..20 {
+        match web.balancer.pick(std::time::Instant::now(), &mut rand::rng()) {
+            Pick::Selected(lease) => assert_eq!(lease.backend().name, "a"),
+            other => panic!("expected a pick, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_name_reused_in_the_same_change_keeps_its_series() {
+    let fx = Fixture::new();
+    let mut state = two_groups();
+    fx.publish(&state);
+    detach(&mut state, "web", "b");
+    let again = attach(&mut state, "web", "b");
+
+    let (_, effects) = fx.build(&state);
+    assert_eq!(kinds(&effects), ["drain b", "adopt a+b"]);
+    fx.publish(&state);
+    assert!(fx.series().contains(r#"instance_name="b""#));
+    let web = fx.runtime("web");
+    assert!(!web.backends[&again].is_draining());
+}
+
+#[test]
+fn deleting_a_group_drains_its_instances() {
+    let fx = Fixture::new();
+    let mut state = two_groups();
+    fx.publish(&state);
+    state
+        .apply(&Command::DeleteGroup {
+            id: "api".into(),
+            force: true,
+        })
+        .expect("delete");
+    let (table, effects) = fx.build(&state);
+    assert_eq!(kinds(&effects), ["drain x", "series api/x"]);
+    assert!(table.port(81).is_none());
+}
+
+#[test]
+fn a_new_hard_limit_gets_a_new_balancer() {
+    let fx = Fixture::new();
+    let mut state = two_groups();
+    fx.publish(&state);
+    let web = fx.runtime("web");
+    state
+        .apply(&Command::PatchGroup {
+            id: "web".into(),
+            patch: raft_store::Patch::HardLimit(7),
+        })
+        .expect("patch");
+    let (table, effects) = fx.build(&state);
+    assert_eq!(kinds(&effects), ["adopt a+b"]);
+    assert_eq!(web.balancer.hard_limit(), DEFAULT_HARD_LIMIT);
+    assert_eq!(table.group(&web.uuid).expect("web").balancer.hard_limit(), 7);
+}
