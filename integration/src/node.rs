@@ -181,27 +181,25 @@ impl TestNode {
         self.client().create_group(body).await
     }
 
-    /// Attaches `address` as instance `name` and waits until the data plane
-    /// can select it.
+    /// Attaches `address` as instance `name`. The answer means the data
+    /// plane selects it: nothing to wait for.
     pub async fn attach(&self, group: &Group, name: &str, address: IpAddr) -> anyhow::Result<()> {
-        let before = self.routed_instances(group);
         let body = json!({"name": name, "address": address.to_string()});
         let (status, v) = self
             .post(&format!("/v1/services/{}/instances", group.uuid), &body)
             .await?;
         ensure!(status.is_success(), "attaching {name}: {status} {v}");
-        self.wait_instances(group, before + 1).await
+        Ok(())
     }
 
-    /// Detaches instance `name` and waits until the data plane no longer
-    /// selects it.
+    /// Detaches instance `name`. The answer means the data plane no longer
+    /// selects it: nothing to wait for.
     pub async fn detach(&self, group: &Group, name: &str) -> anyhow::Result<()> {
-        let before = self.routed_instances(group);
         let (status, v) = self
             .delete(&format!("/v1/services/{}/instances/{name}", group.uuid))
             .await?;
         ensure!(status.is_success(), "detaching {name}: {status} {v}");
-        self.wait_instances(group, before.saturating_sub(1)).await
+        Ok(())
     }
 
     /// `data.instances` of `GET /v1/services/{id}/instances`.
@@ -247,34 +245,6 @@ impl TestNode {
         .await
     }
 
-    /// Instances of `group` in the data plane's current routing table.
-    pub fn routed_instances(&self, group: &Group) -> usize {
-        let table = self.handle().dataplane.routes.load();
-        table
-            .groups()
-            .find(|g| g.uuid.to_string() == group.uuid)
-            .map_or(0, |g| g.backends.len())
-    }
-
-    /// Waits until the routing table holds `group` with `n` instances.
-    pub async fn wait_instances(&self, group: &Group, n: usize) -> anyhow::Result<()> {
-        let table_has = || {
-            let table = self.handle().dataplane.routes.load();
-            table
-                .groups()
-                .any(|g| g.uuid.to_string() == group.uuid && g.backends.len() == n)
-        };
-        wait_until(
-            &format!("group {} to route to {n} instances", group.name),
-            Duration::from_secs(10),
-            || {
-                let ok = table_has();
-                async move { ok }
-            },
-        )
-        .await
-    }
-
     /// Waits until published `port` accepts connections. On a TCP-mode port
     /// the probe is proxied like any connection: follow with
     /// [`TestNode::wait_idle`].
@@ -307,8 +277,9 @@ impl TestNode {
         Ok(out)
     }
 
-    /// Creates a group publishing `port` in HTTP mode to `destination_port`,
-    /// attaches `backends` under their names, and waits until it routes.
+    /// Creates a group publishing `port` in HTTP mode to `destination_port`
+    /// and attaches `backends` under their names. Once the answers are in,
+    /// the port is bound and routes to them.
     pub async fn http_group(
         &self,
         name: &str,
@@ -325,8 +296,6 @@ impl TestNode {
         for b in backends {
             self.attach(&group, b.name(), b.addr().ip()).await?;
         }
-        self.wait_instances(&group, backends.len()).await?;
-        self.wait_port(port).await?;
         Ok(group)
     }
 }

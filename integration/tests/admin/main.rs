@@ -243,7 +243,6 @@ async fn patching_ports_binds_and_releases_them() -> anyhow::Result<()> {
         )
         .await?;
     assert_eq!(status, StatusCode::OK, "{v}");
-    node.wait_port(extra).await?;
     assert_eq!(
         client::get(node.addr(extra), "patchy.test", "/")
             .await?

@@ -320,7 +320,6 @@ async fn refused_connections_are_retried_elsewhere_and_502_when_all_refuse() -> 
         .await?;
     node.attach(&dead, "gone1", node.subnet.next_ip()).await?;
     node.attach(&dead, "gone2", node.subnet.next_ip()).await?;
-    node.wait_port(PORT + 1).await?;
     for i in 0..3 {
         let r = client::get(node.addr(PORT + 1), "x.test", "/").await?;
         assert_eq!(

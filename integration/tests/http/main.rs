@@ -32,8 +32,6 @@ async fn redirect_port_answers_308_to_the_tls_port() -> anyhow::Result<()> {
         ],
     }))
     .await?;
-    node.wait_port(8081).await?;
-    node.wait_port(8082).await?;
 
     let r = client::get(node.addr(8081), "web.test", "/p?q=1").await?;
     assert_eq!(r.status, StatusCode::PERMANENT_REDIRECT, "{}", r.text());
@@ -278,7 +276,6 @@ async fn unknown_host_on_a_shared_port_gets_404() -> anyhow::Result<()> {
         node.attach(&group, b[0].name(), b[0].addr().ip()).await?;
         backends.extend(b);
     }
-    node.wait_port(PORT).await?;
 
     let mut conn = HttpConn::connect(node.addr(PORT)).await?;
     for (host, want) in [
@@ -326,7 +323,6 @@ async fn group_without_instances_gets_503() -> anyhow::Result<()> {
         "services": [{"port": PORT, "destination_port": BACKEND_PORT, "handlers": ["http"]}],
     }))
     .await?;
-    node.wait_port(PORT).await?;
     let r = client::get(node.addr(PORT), "empty.test", "/").await?;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
     node.stop().await
@@ -345,7 +341,6 @@ async fn hard_limit_reached_gets_503_with_retry_after() -> anyhow::Result<()> {
         .await?;
     node.attach(&group, "limited", backends[0].addr().ip())
         .await?;
-    node.wait_port(PORT).await?;
 
     let addr = node.addr(PORT);
     let slow = tokio::spawn(async move { client::get(addr, "limited.test", "/slow").await });

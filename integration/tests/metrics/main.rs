@@ -33,7 +33,6 @@ async fn live_scrape_passes_promtool_and_labels_every_instance() -> anyhow::Resu
         .create_group(&json!({"name": "raw", "services": [{"port": 7100, "destination_port": 7000, "handlers": []}]}))
         .await?;
     node.attach(&tcp, "t1", echo.addr().ip()).await?;
-    node.wait_port(7100).await?;
 
     let mut conn = HttpConn::connect(node.addr(8080)).await?;
     for _ in 0..20 {

@@ -30,7 +30,6 @@ async fn open_connections_steer_new_ones_to_idle_instances() -> anyhow::Result<(
     for e in &echoes {
         node.attach(&group, e.name(), e.addr().ip()).await?;
     }
-    node.wait_port(PORT).await?;
     node.wait_idle(&group).await?;
 
     let mut held = Vec::new();
@@ -133,7 +132,6 @@ async fn detached_instance_keeps_its_connection_until_the_drain_timeout() -> any
     for e in &echoes {
         node.attach(&group, e.name(), e.addr().ip()).await?;
     }
-    node.wait_port(PORT).await?;
     node.wait_idle(&group).await?;
 
     let mut held = EchoClient::new(tcp_connect(node.addr(PORT), None).await?);
@@ -192,7 +190,6 @@ async fn refused_instances_are_skipped_and_the_hard_limit_closes_connections() -
     // Nothing listens here.
     node.attach(&group, "refusing", node.subnet.next_ip())
         .await?;
-    node.wait_port(PORT).await?;
     node.wait_idle(&group).await?;
 
     // Connect failures are retried on the other instance.

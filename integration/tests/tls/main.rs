@@ -36,7 +36,6 @@ async fn sni_picks_the_group_and_its_certificate() -> anyhow::Result<()> {
         node.attach(&group, b[0].name(), b[0].addr().ip()).await?;
         backends.extend(b);
     }
-    node.wait_port(TLS_PORT).await?;
 
     for (name, domain) in names {
         // The wildcard's domain is reached with any one label in front.
@@ -90,7 +89,6 @@ async fn http2_is_negotiated_by_alpn_and_serves_concurrent_streams() -> anyhow::
     for b in &backends {
         node.attach(&group, b.name(), b.addr().ip()).await?;
     }
-    node.wait_port(TLS_PORT).await?;
 
     let conn = tls::connect(node.addr(TLS_PORT), "hq.test", &[b"h2", b"http/1.1"]).await?;
     assert_eq!(
@@ -149,7 +147,6 @@ async fn tls_in_front_of_a_tcp_mode_port() -> anyhow::Result<()> {
     for e in &echoes {
         node.attach(&group, e.name(), e.addr().ip()).await?;
     }
-    node.wait_port(9443).await?;
     node.wait_idle(&group).await?;
 
     let conn = tls::connect(node.addr(9443), "echo.example.test", &[]).await?;
@@ -189,7 +186,6 @@ async fn shared_tls_port_routes_http2_by_authority_and_404s_unknown_names() -> a
         node.attach(&group, b[0].name(), b[0].addr().ip()).await?;
         backends.extend(b);
     }
-    node.wait_port(TLS_PORT).await?;
 
     // HTTP/2 has no Host header: :authority routes.
     for name in ["alpha", "bravo"] {
