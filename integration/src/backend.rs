@@ -18,6 +18,7 @@
 //! [`EchoBackend`] is a line-based TCP echo server that prefixes every reply
 //! with its name.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,8 +63,13 @@ struct HttpShared {
     upgraded: AtomicUsize,
     /// Bumped by `release`; a held request waits for a bump after its arrival.
     gate: watch::Sender<u64>,
-    seen: Mutex<Vec<Seen>>,
+    /// The newest [`SEEN_KEPT`] requests.
+    seen: Mutex<VecDeque<Seen>>,
 }
+
+/// How many requests an [`HttpBackend`] remembers (so that load runs do not
+/// grow the test's memory).
+pub const SEEN_KEPT: usize = 10_000;
 
 /// An HTTP/1.1 backend on a fixed address.
 #[derive(Debug)]
@@ -99,7 +105,7 @@ impl HttpBackend {
             uploaded: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
             gate: watch::Sender::new(0),
-            seen: Mutex::new(Vec::new()),
+            seen: Mutex::new(VecDeque::new()),
         });
         let accept = tokio::spawn(http_accept_loop(listener, shared.clone(), idle_close));
         Ok(Self {
@@ -155,13 +161,15 @@ impl HttpBackend {
         self.shared.gate.send_modify(|g| *g += 1);
     }
 
-    /// Every request received, oldest first.
+    /// Every request received (the newest [`SEEN_KEPT`]), oldest first.
     pub fn seen(&self) -> Vec<Seen> {
         self.shared
             .seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The newest request received.
@@ -170,7 +178,7 @@ impl HttpBackend {
             .seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .last()
+            .back()
             .cloned()
     }
 
@@ -234,16 +242,18 @@ async fn answer(
         .uri()
         .path_and_query()
         .map_or_else(|| "/".to_owned(), ToString::to_string);
-    shared
-        .seen
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(Seen {
+    {
+        let mut seen = shared.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.len() >= SEEN_KEPT {
+            seen.pop_front();
+        }
+        seen.push_back(Seen {
             method: req.method().clone(),
             target: target.clone(),
             headers: req.headers().clone(),
             peer,
         });
+    }
     let path = req.uri().path().to_owned();
     let body = match path.as_str() {
         "/slow" => {

@@ -1,0 +1,293 @@
+//! A write answers once the node that answered routes by it (SPEC §5): the
+//! very next request to that node sees the change, with nothing waited for
+//! but the admin API's answer; and instances attached and detached as fast
+//! as the API answers cost no request under load.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use bytes::Bytes;
+use http::header::CONNECTION;
+use http::{HeaderValue, StatusCode};
+use http_body_util::Full;
+use integration::client::{self, HttpConn, get_request};
+use integration::cluster::{attach, get_once};
+use integration::{AdminClient, Cluster, HttpBackend, TestNode, wait_until};
+
+const WEB_PORT: u16 = 8080;
+const BACKEND_PORT: u16 = 9000;
+
+/// The default fqdn of group `name` in a [`Cluster`].
+fn host(name: &str) -> String {
+    format!("{name}.edgelb.local")
+}
+
+async fn detach(admin: &AdminClient, group: &str, name: &str) -> anyhow::Result<()> {
+    let (status, v) = admin
+        .delete(&format!("/v1/services/{group}/instances/{name}"))
+        .await?;
+    ensure!(status.is_success(), "detaching {name}: {status} {v}");
+    Ok(())
+}
+
+/// Holds one `GET /slow` on `backend` through `addr`, so that the node
+/// counts one request in flight to it; returns once the backend holds it.
+async fn hold(
+    addr: SocketAddr,
+    host: &str,
+    backend: &HttpBackend,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let before = backend.held();
+    let host = host.to_owned();
+    let task = tokio::spawn(async move {
+        let _ = client::get(addr, &host, "/slow").await;
+    });
+    wait_until("the base instance to hold a request", Duration::from_secs(10), || async {
+        backend.held() == before + 1
+    })
+    .await?;
+    Ok(task)
+}
+
+/// Through a follower of three nodes, 200 rounds: attach an instance, and
+/// the next request to that follower reaches it; detach it, and the next
+/// request never does. The group keeps a `base` instance with one request
+/// held in flight, so a new instance (none in flight) is the only least
+/// loaded one the moment the follower routes by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_follower_the_next_request_sees_each_attach_and_detach() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let leader = cluster.leader().await?;
+    let follower = cluster
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .context("no follower")?;
+    let admin = cluster.admin(follower);
+    let backends = cluster
+        .http_backends(&["base", "fresh"], BACKEND_PORT)
+        .await?;
+    let (base, fresh) = (&backends[0], &backends[1]);
+    let group = cluster
+        .http_group(follower, "web", WEB_PORT, BACKEND_PORT, &backends[..1])
+        .await?;
+    let addr = cluster.data_addr(follower, WEB_PORT);
+    let web = host("web");
+
+    let mut held = hold(addr, &web, base).await?;
+    for round in 0..200 {
+        // A held request ends at the upstream timeout (60 s): renew it
+        // well before.
+        if round % 50 == 49 {
+            base.release();
+            held.await?;
+            held = hold(addr, &web, base).await?;
+        }
+        let name = format!("r{round}");
+        attach(&admin, &group.uuid, &name, fresh.addr().ip()).await?;
+        let answer = get_once(addr, &web).await?;
+        ensure!(
+            answer == (200, Some("fresh".to_owned())),
+            "round {round}: the request after attaching {name} was answered {answer:?}"
+        );
+        detach(&admin, &group.uuid, &name).await?;
+        let answer = get_once(addr, &web).await?;
+        ensure!(
+            answer == (200, Some("base".to_owned())),
+            "round {round}: the request after detaching {name} was answered {answer:?}"
+        );
+    }
+    base.release();
+    held.await?;
+    Ok(())
+}
+
+/// What the load loops saw.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    first_failures: std::sync::Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn record(&self, outcome: anyhow::Result<client::Reply>) {
+        let why = match outcome {
+            Ok(r) if r.status == StatusCode::OK => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Ok(r) => format!("{} from {:?}: {}", r.status, r.backend(), r.text()),
+            Err(e) => format!("{e:#}"),
+        };
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut first = self
+            .first_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if first.len() < 10 {
+            first.push(why);
+        }
+    }
+}
+
+/// Requests on one kept-alive connection until `stop`.
+async fn keep_alive_load(addr: SocketAddr, host: String, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    let mut conn = None;
+    while !stop.load(Ordering::Relaxed) {
+        if conn.as_ref().is_none_or(HttpConn::is_closed) {
+            match HttpConn::connect(addr).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    tally.record(Err(e));
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let reply = tokio::time::timeout(Duration::from_secs(10), c.get(&host, "/")).await;
+        tally.record(reply.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 10 s"))));
+    }
+}
+
+/// One request per connection (`Connection: close`) until `stop`, from
+/// source addresses taken in turn from `sources`, so that closed
+/// connections waiting out TIME_WAIT never exhaust one address's ports.
+async fn connection_close_load(
+    addr: SocketAddr,
+    host: String,
+    sources: Vec<IpAddr>,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) {
+    let mut next = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let source = sources[next % sources.len()];
+        next += 1;
+        let one = async {
+            let mut conn = HttpConn::connect_from(addr, Some(source)).await?;
+            let mut req = get_request(&host, "/");
+            req.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            conn.send(req.map(|b: Full<Bytes>| b)).await
+        };
+        let reply = tokio::time::timeout(Duration::from_secs(10), one).await;
+        tally.record(reply.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 10 s"))));
+    }
+}
+
+/// Resident set size of this process, in KiB (0 where /proc is missing).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The `instance_name` labels of every per-instance series in a scrape.
+async fn instance_series(node: &TestNode) -> anyhow::Result<BTreeSet<String>> {
+    let scrape = node.scrape().await?;
+    Ok(scrape
+        .samples
+        .iter()
+        .filter(|s| s.name.starts_with("edgelb_instance_"))
+        .filter_map(|s| s.labels.get("instance_name").cloned())
+        .collect())
+}
+
+/// One node, keep-alive and connection-close load on a group of four
+/// instances, while a loop attaches and detaches a fifth as fast as the
+/// admin API answers: not one request fails, the fifth takes part, and
+/// afterwards the per-instance metric series are those of the four again.
+/// `EDGELB_CHURN_SECS` sets the churn time (default 12; the README's figure
+/// is 180 in a release build).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_under_load_fails_no_request_and_leaves_no_series() -> anyhow::Result<()> {
+    let churn_for = Duration::from_secs(
+        std::env::var("EDGELB_CHURN_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(12),
+    );
+    let node = TestNode::start().await?;
+    let names = ["c1", "c2", "c3", "c4"];
+    let backends = node.http_backends(&names, BACKEND_PORT).await?;
+    let fifth = node.http_backends(&["fifth"], BACKEND_PORT).await?;
+    let group = node
+        .http_group("churn", WEB_PORT, BACKEND_PORT, &backends)
+        .await?;
+    let addr = node.addr(WEB_PORT);
+    let host = "churn.test".to_owned();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let mut load = Vec::new();
+    for _ in 0..3 {
+        load.push(tokio::spawn(keep_alive_load(
+            addr,
+            host.clone(),
+            stop.clone(),
+            tally.clone(),
+        )));
+        let sources = (0..16).map(|_| node.subnet.next_ip()).collect();
+        load.push(tokio::spawn(connection_close_load(
+            addr,
+            host.clone(),
+            sources,
+            stop.clone(),
+            tally.clone(),
+        )));
+    }
+
+    let started = Instant::now();
+    let rss_before = rss_kib();
+    let mut pairs = 0_u64;
+    while started.elapsed() < churn_for {
+        let name = format!("x{pairs}");
+        node.attach(&group, &name, fifth[0].addr().ip()).await?;
+        node.detach(&group, &name).await?;
+        pairs += 1;
+    }
+    let churned = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        tokio::time::timeout(Duration::from_secs(30), l)
+            .await
+            .context("a load loop did not stop")??;
+    }
+    let rss_after = rss_kib();
+
+    let (ok, failed) = (tally.ok.load(Ordering::Relaxed), tally.failed.load(Ordering::Relaxed));
+    eprintln!(
+        "{pairs} attach/detach pairs in {churned:.1?} ({:.0}/s); {ok} requests ok, {failed} failed; \
+         the fifth answered {}; RSS {rss_before} KiB -> {rss_after} KiB",
+        pairs as f64 / churned.as_secs_f64(),
+        fifth[0].requests(),
+    );
+    ensure!(
+        failed == 0,
+        "{failed} of {} requests failed, first: {:?}",
+        ok + failed,
+        tally.first_failures.lock().map(|f| f.clone()).unwrap_or_default()
+    );
+    ensure!(ok > 0 && pairs > 0, "no load or no churn: {ok} requests, {pairs} pairs");
+    ensure!(
+        fifth[0].requests() > 0,
+        "the churned instance never took a request: the test did not overlap churn and load"
+    );
+    let want: BTreeSet<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let series = instance_series(&node).await?;
+    ensure!(
+        series == want,
+        "per-instance series after the churn: {series:?}, want {want:?}"
+    );
+    node.stop().await
+}
