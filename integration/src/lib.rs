@@ -44,9 +44,12 @@
 //! nodes' `--log`) and `gossip` (one node's in-flight work steering
 //! another's picks, a killed node's load fading within the TTL, outsiders
 //! and impostors on the gossip ALPN, report ages in the cluster view and
-//! metrics) and `links` (a leader cut off through the link emulator and
-//! through nftables; a 150 ms WAN). `examples/raft_latency.rs` measures write latency and
-//! throughput of a 3-node cluster.
+//! metrics), `links` (a leader cut off through the link emulator and
+//! through nftables; a 150 ms WAN) and `routing` (the next request after a
+//! write's answer sees it, 200 attach/detach rounds through a follower;
+//! attach/detach churn under keep-alive and connection-close load,
+//! `EDGELB_CHURN_SECS` long). `examples/raft_latency.rs` measures write
+//! latency and throughput of a 3-node cluster.
 
 pub mod addr;
 pub mod admin;

@@ -313,7 +313,10 @@ async fn reconcile(
         let applied = states.borrow_and_update().clone();
         // A batch that changed nothing (a refused command, a membership or
         // blank entry) moves the index only.
-        if built.as_ref().is_none_or(|b| !Arc::ptr_eq(b, &applied.state)) {
+        if built
+            .as_ref()
+            .is_none_or(|b| !Arc::ptr_eq(b, &applied.state))
+        {
             let cx = BuildContext {
                 metrics: &metrics,
                 certs: &certs,

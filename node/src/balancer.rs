@@ -518,7 +518,9 @@ impl GroupBalancer {
         };
         // When the set here was replaced in place, the home (this balancer)
         // knows the new slot.
-        in_home(backend, synced.then_some(self), |inner, slot| inner.sync(slot));
+        in_home(backend, synced.then_some(self), |inner, slot| {
+            inner.sync(slot)
+        });
     }
 }
 

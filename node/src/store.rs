@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
-use raft_store::command::Command;
 use raft_store::AppliedState;
+use raft_store::command::Command;
 use raft_store::state::{Applied, ApplyError, State};
 use raft_store::types::{ClusterNode, Raft, Request};
 use tokio::sync::watch;

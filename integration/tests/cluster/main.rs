@@ -668,7 +668,13 @@ async fn seven_nodes_make_five_voters_and_two_learners() -> anyhow::Result<()> {
         if id != learner {
             wait_serving(cluster.data_addr(id, WEB_PORT), &host("web"), &["v1", "v2"]).await?;
         }
-        assert_balanced(cluster.data_addr(id, WEB_PORT), &host("web"), &["v1", "v2"], 20).await?;
+        assert_balanced(
+            cluster.data_addr(id, WEB_PORT),
+            &host("web"),
+            &["v1", "v2"],
+            20,
+        )
+        .await?;
     }
     Ok(())
 }

@@ -46,9 +46,11 @@ async fn hold(
     let task = tokio::spawn(async move {
         let _ = client::get(addr, &host, "/slow").await;
     });
-    wait_until("the base instance to hold a request", Duration::from_secs(10), || async {
-        backend.held() == before + 1
-    })
+    wait_until(
+        "the base instance to hold a request",
+        Duration::from_secs(10),
+        || async { backend.held() == before + 1 },
+    )
     .await?;
     Ok(task)
 }
@@ -248,13 +250,19 @@ async fn churn_under_load_fails_no_request_and_leaves_no_series() -> anyhow::Res
     }
 
     let started = Instant::now();
-    let rss_before = rss_kib();
+    // RSS (of this process: node, backends and clients) at six points.
+    let every = churn_for / 6;
+    let mut rss = vec![(Duration::ZERO, rss_kib())];
     let mut pairs = 0_u64;
     while started.elapsed() < churn_for {
         let name = format!("x{pairs}");
         node.attach(&group, &name, fifth[0].addr().ip()).await?;
         node.detach(&group, &name).await?;
         pairs += 1;
+        let (last, _) = rss[rss.len() - 1];
+        if started.elapsed() >= last + every {
+            rss.push((started.elapsed(), rss_kib()));
+        }
     }
     let churned = started.elapsed();
     stop.store(true, Ordering::Relaxed);
@@ -263,22 +271,37 @@ async fn churn_under_load_fails_no_request_and_leaves_no_series() -> anyhow::Res
             .await
             .context("a load loop did not stop")??;
     }
-    let rss_after = rss_kib();
+    rss.push((started.elapsed(), rss_kib()));
+    let rss: Vec<String> = rss
+        .iter()
+        .map(|(at, kib)| format!("{:.0}s {} MiB", at.as_secs_f64(), kib / 1024))
+        .collect();
 
-    let (ok, failed) = (tally.ok.load(Ordering::Relaxed), tally.failed.load(Ordering::Relaxed));
+    let (ok, failed) = (
+        tally.ok.load(Ordering::Relaxed),
+        tally.failed.load(Ordering::Relaxed),
+    );
     eprintln!(
         "{pairs} attach/detach pairs in {churned:.1?} ({:.0}/s); {ok} requests ok, {failed} failed; \
-         the fifth answered {}; RSS {rss_before} KiB -> {rss_after} KiB",
+         the fifth answered {}; RSS {}",
         pairs as f64 / churned.as_secs_f64(),
         fifth[0].requests(),
+        rss.join(", "),
     );
     ensure!(
         failed == 0,
         "{failed} of {} requests failed, first: {:?}",
         ok + failed,
-        tally.first_failures.lock().map(|f| f.clone()).unwrap_or_default()
+        tally
+            .first_failures
+            .lock()
+            .map(|f| f.clone())
+            .unwrap_or_default()
     );
-    ensure!(ok > 0 && pairs > 0, "no load or no churn: {ok} requests, {pairs} pairs");
+    ensure!(
+        ok > 0 && pairs > 0,
+        "no load or no churn: {ok} requests, {pairs} pairs"
+    );
     ensure!(
         fifth[0].requests() > 0,
         "the churned instance never took a request: the test did not overlap churn and load"

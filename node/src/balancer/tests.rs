@@ -43,7 +43,10 @@ fn assert_consistent(group: &GroupBalancer) {
     let inner = group.lock();
     assert_eq!(inner.tree.len(), inner.slots.len());
     for (slot, s) in inner.slots.iter().enumerate() {
-        let home = s.backend.home(None).map(|(g, slot)| (Arc::as_ptr(&g), slot));
+        let home = s
+            .backend
+            .home(None)
+            .map(|(g, slot)| (Arc::as_ptr(&g), slot));
         assert_eq!(home, Some((std::ptr::from_ref(group), slot)));
         assert_eq!(s.until, s.backend.down_until());
         assert_eq!(
@@ -497,7 +500,10 @@ fn balancers_replaced_under_load_end_exact() {
     let last = Arc::new(GroupBalancer::over(30, None, backends.to_vec()));
     current.store(Arc::clone(&last));
     last.adopt();
-    let older = held.iter().filter(|l| !Arc::ptr_eq(&l.group, &last)).count();
+    let older = held
+        .iter()
+        .filter(|l| !Arc::ptr_eq(&l.group, &last))
+        .count();
     assert!(older > 0, "no work held from an older balancer");
     drop(held);
     assert!(backends.iter().all(|b| b.local_inflight() == 0));

@@ -212,7 +212,10 @@ fn detach_drains_and_drops_series_only_once_published() {
     assert!(!fx.series().contains(r#"instance_name="b""#));
     // The old table's balancer no longer offers the drained instance.
     for _ in 0..20 {
-        match web.balancer.pick(std::time::Instant::now(), &mut rand::rng()) {
+        match web
+            .balancer
+            .pick(std::time::Instant::now(), &mut rand::rng())
+        {
             Pick::Selected(lease) => assert_eq!(lease.backend().name, "a"),
             other => panic!("expected a pick, got {other:?}"),
         }
@@ -266,5 +269,8 @@ fn a_new_hard_limit_gets_a_new_balancer() {
     let (table, effects) = fx.build(&state);
     assert_eq!(kinds(&effects), ["adopt a+b"]);
     assert_eq!(web.balancer.hard_limit(), DEFAULT_HARD_LIMIT);
-    assert_eq!(table.group(&web.uuid).expect("web").balancer.hard_limit(), 7);
+    assert_eq!(
+        table.group(&web.uuid).expect("web").balancer.hard_limit(),
+        7
+    );
 }
