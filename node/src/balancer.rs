@@ -201,7 +201,8 @@ impl Lease {
             return;
         };
         self.backend.sub_inflight(started, now);
-        self.group.sync_both(self.slot, &self.backend);
+        self.group
+            .update_both(self.slot, &self.backend, Inner::refresh);
         self.group.changed();
     }
 
@@ -209,7 +210,8 @@ impl Lease {
     /// [`GroupBalancer::mark_down`]), also in the balancer that picked it.
     pub fn mark_down(&self, now: Instant) {
         if record_failure(&self.backend, now) {
-            self.group.sync_both(self.slot, &self.backend);
+            self.group
+                .update_both(self.slot, &self.backend, Inner::sync);
         }
     }
 
@@ -217,7 +219,8 @@ impl Lease {
     /// [`GroupBalancer::mark_up`]).
     pub fn mark_up(&self) {
         if record_success(&self.backend) {
-            self.group.sync_both(self.slot, &self.backend);
+            self.group
+                .update_both(self.slot, &self.backend, Inner::sync);
         }
     }
 }
@@ -238,6 +241,12 @@ struct Inner {
     /// backend when they come due, so stale ones (after `mark_up`) are just
     /// dropped.
     expiries: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// A newer routing table changed this group: a newer balancer adopted
+    /// some of these backends (updates made here must reach their home too)
+    /// or some were detached (picks must skip draining ones). Until then
+    /// this balancer is its backends' home (or newer than it), and picks and
+    /// releases touch nothing but the counts.
+    stale: bool,
 }
 
 #[derive(Debug)]
@@ -246,6 +255,8 @@ struct Slot {
     /// End of the down period the tree holds for this slot (`Some` = keyed
     /// as down). Equals `backend.down_until()` once synced.
     until: Option<Instant>,
+    /// Out of the tree for good: the backend drains.
+    gone: bool,
 }
 
 impl Inner {
@@ -259,7 +270,11 @@ impl Inner {
             .filter(|b| !b.is_draining() && seen.insert(Arc::as_ptr(b)))
             .map(|backend| {
                 let until = backend.down_now();
-                Slot { backend, until }
+                Slot {
+                    backend,
+                    until,
+                    gone: false,
+                }
             })
             .collect();
         let tree = MinTree::from_keys(
@@ -276,6 +291,7 @@ impl Inner {
             slots,
             tree,
             expiries,
+            stale: false,
         }
     }
 
@@ -286,14 +302,26 @@ impl Inner {
             .is_some_and(|s| std::ptr::eq(Arc::as_ptr(&s.backend), backend))
     }
 
+    /// Recomputes the key of `slot` from the backend's current counts and
+    /// the down state held here: after a pick or a release.
+    fn refresh(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get(slot)
+            && !s.gone
+        {
+            self.tree
+                .set(slot, tree::key(s.backend.load(), s.until.is_some()));
+        }
+    }
+
     /// Recomputes the key of `slot` from the backend's current counts, down
     /// state and drain state (a draining backend leaves the tree).
     fn sync(&mut self, slot: usize) {
         let Some(s) = self.slots.get_mut(slot) else {
             return;
         };
-        if s.backend.is_draining() {
+        if s.gone || s.backend.is_draining() {
             s.until = None;
+            s.gone = true;
             self.tree.clear(slot);
             return;
         }
@@ -325,7 +353,7 @@ impl Inner {
 
 /// Runs `f` on `backend`'s slot in its home balancer (the one of the newest
 /// routing table that holds it), unless that is `except`.
-fn in_home(backend: &Backend, except: Option<&GroupBalancer>, f: impl FnOnce(&mut Inner, usize)) {
+fn in_home(backend: &Backend, except: Option<&GroupBalancer>, f: fn(&mut Inner, usize)) {
     let Some((group, slot)) = backend.home(except) else {
         return;
     };
@@ -381,14 +409,25 @@ impl GroupBalancer {
     /// O(n).
     pub fn adopt(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
-        // The group lock is held while the homes move: an update that finds
-        // this home waits for the re-keying below, and one that found the
-        // previous home changed its counts before the home moved (the home's
-        // mutex orders the two), so the re-keying sees it.
-        let mut inner = self.lock();
-        for (slot, s) in inner.slots.iter().enumerate() {
-            s.backend.set_home(weak.clone(), slot);
+        let backends = self.backends();
+        let mut previous: Vec<Arc<Self>> = Vec::new();
+        for (slot, b) in backends.iter().enumerate() {
+            if let Some(old) = b.set_home(weak.clone(), slot)
+                && !Arc::ptr_eq(&old, self)
+                && !previous.iter().any(|p| Arc::ptr_eq(p, &old))
+            {
+                previous.push(old);
+            }
         }
+        // Under each previous home's lock: an update made there before this
+        // changed its counts before, so the re-keying below sees it; one
+        // made after finds `stale` and reaches this balancer through
+        // the backend's home, which has moved already.
+        for old in &previous {
+            old.lock().stale = true;
+        }
+        let mut inner = self.lock();
+        inner.stale = false;
         for slot in 0..inner.slots.len() {
             inner.sync(slot);
         }
@@ -429,7 +468,7 @@ impl GroupBalancer {
     /// Selects an instance by the rule (see the module docs). O(log n).
     pub fn pick<R: Rng + ?Sized>(self: &Arc<Self>, now: Instant, rng: &mut R) -> Pick {
         let hard_limit = u64::from(self.hard_limit());
-        let (backend, slot, started) = {
+        let (backend, slot, started, stale) = {
             let mut inner = self.lock();
             inner.expire(now);
             let (slot, key) = loop {
@@ -438,10 +477,11 @@ impl GroupBalancer {
                 };
                 // Detached since this balancer was built (a request that
                 // read the previous routing table): out of the tree for good.
-                if inner
-                    .slots
-                    .get(slot)
-                    .is_some_and(|s| s.backend.is_draining())
+                if inner.stale
+                    && inner
+                        .slots
+                        .get(slot)
+                        .is_some_and(|s| s.backend.is_draining())
                 {
                     inner.sync(slot);
                     continue;
@@ -456,10 +496,12 @@ impl GroupBalancer {
                 return Pick::NoInstances;
             };
             let started = backend.add_inflight(now);
-            inner.sync(slot);
-            (backend, slot, started)
+            inner.refresh(slot);
+            (backend, slot, started, inner.stale)
         };
-        in_home(&backend, Some(self), |inner, slot| inner.sync(slot));
+        if stale {
+            in_home(&backend, Some(self), Inner::refresh);
+        }
         self.changed();
         backend.metrics.selected.inc();
         Pick::Selected(Lease {
@@ -476,7 +518,7 @@ impl GroupBalancer {
     /// [`Lease::mark_down`], which also reaches the balancer it picked from.
     pub fn mark_down(&self, backend: &Backend, now: Instant) {
         if record_failure(backend, now) {
-            in_home(backend, None, |inner, slot| inner.sync(slot));
+            in_home(backend, None, Inner::sync);
         }
     }
 
@@ -484,14 +526,14 @@ impl GroupBalancer {
     /// any down period. Lock-free when the backend had no failures.
     pub fn mark_up(&self, backend: &Backend) {
         if record_success(backend) {
-            in_home(backend, None, |inner, slot| inner.sync(slot));
+            in_home(backend, None, Inner::sync);
         }
     }
 
     /// Sets the peers' part of `backend`'s load (from gossip).
     pub fn set_peer_load(&self, backend: &Backend, load: u64) {
         backend.set_peer_load(load);
-        in_home(backend, None, |inner, slot| inner.sync(slot));
+        in_home(backend, None, Inner::sync);
     }
 
     /// `local_inflight + peer_load` of `backend`, as selection sees it.
@@ -505,22 +547,27 @@ impl GroupBalancer {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Re-keys `slot` if it still holds `backend`, here and in the backend's
-    /// home when that is another balancer.
-    fn sync_both(&self, slot: usize, backend: &Backend) {
-        let synced = {
+    /// Runs `update` (a re-keying) on `slot` if it still holds `backend`,
+    /// and on the backend's slot in its home when that is another balancer.
+    fn update_both(&self, slot: usize, backend: &Backend, update: fn(&mut Inner, usize)) {
+        let (done, stale) = {
             let mut inner = self.lock();
             let holds = inner.holds(slot, backend);
             if holds {
-                inner.sync(slot);
+                update(&mut inner, slot);
             }
-            holds
+            (holds, inner.stale)
         };
         // When the set here was replaced in place, the home (this balancer)
         // knows the new slot.
-        in_home(backend, synced.then_some(self), |inner, slot| {
-            inner.sync(slot)
-        });
+        if stale || !done {
+            in_home(backend, done.then_some(self), update);
+        }
+    }
+
+    /// Marks this balancer stale (see `Inner::stale`).
+    pub(crate) fn mark_stale(&self) {
+        self.lock().stale = true;
     }
 }
 

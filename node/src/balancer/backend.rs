@@ -196,10 +196,18 @@ impl Backend {
         Some((home.group.upgrade()?, home.slot))
     }
 
-    /// Moves the home to `group`, where this backend sits at `slot`.
-    pub(super) fn set_home(&self, group: Weak<GroupBalancer>, slot: usize) {
+    /// Moves the home to `group`, where this backend sits at `slot`;
+    /// returns the previous home if it is still alive.
+    pub(super) fn set_home(
+        &self,
+        group: Weak<GroupBalancer>,
+        slot: usize,
+    ) -> Option<Arc<GroupBalancer>> {
         // Two plain fields, consistent after any panic.
-        *self.home.lock().unwrap_or_else(PoisonError::into_inner) = Home { group, slot };
+        let mut home = self.home.lock().unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *home, Home { group, slot })
+            .group
+            .upgrade()
     }
 
     /// End of the recorded down period, without a lock when there are no
@@ -269,6 +277,10 @@ impl Backend {
 pub fn start_drain(backend: &Arc<Backend>, timeout: Duration) {
     if backend.draining.swap(true, Ordering::AcqRel) {
         return;
+    }
+    // Its balancer's picks check for drains from now on.
+    if let Some((home, _)) = backend.home(None) {
+        home.mark_stale();
     }
     let token = backend.drain.clone();
     match tokio::runtime::Handle::try_current() {
