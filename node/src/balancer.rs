@@ -82,8 +82,12 @@
 //! old the table a request or lease started from; `adopt` re-keys every slot
 //! once, which covers what changed before the home moved. Older balancers
 //! stay exact for their own picks; a backend detached since one was built is
-//! dropped from its tree by the first pick that meets it (the drain flag is
-//! one atomic load).
+//! dropped from its tree by the first pick that meets it. All of this costs
+//! nothing until a balancer is *stale* (a newer one adopted some of its
+//! backends, or one of them drains, each flagged under its lock): before
+//! that, it is its backends' home, and a pick or release only re-keys from
+//! the counts. Each backend's home sits behind a small mutex of its own,
+//! taken on those stale paths and on down marks and peer loads.
 //!
 //! A detached backend's leases still decrement its count when dropped, so
 //! the admin API can show what a draining instance still has in flight;
