@@ -169,10 +169,8 @@ impl Config {
             join: None,
             token: None,
             cluster_domain: "edgelb.local".into(),
-            // openraft logs every failed replication RPC as an error; the
-            // cluster transport reports a peer becoming unreachable (and
-            // reachable again) once instead.
-            log: "info,openraft=warn,openraft::replication=off".into(),
+            // `openraft::replication` is off unless named (see main.rs).
+            log: "info,openraft=warn".into(),
             settings: Settings::default(),
             ca_cert: None,
             node_cert: None,

@@ -195,6 +195,11 @@ pub async fn run(raft: Raft, log: LogStore, transport: Arc<Transport>, timing: T
             silence = None;
             continue;
         }
+        for id in membership.voter_ids().filter(|id| *id != m.id) {
+            if let Some(node) = membership.get_node(&id) {
+                transport.warm(id, &node.cluster_addr);
+            }
+        }
         if membership.voter_ids().count() == 1 {
             // The only voter needs nobody's leave.
             if m.state != ServerState::Candidate && raft.trigger().elect().await.is_err() {

@@ -28,7 +28,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    let filter = match EnvFilter::try_new(&config.log) {
+    let filter = match EnvFilter::try_new(log_filter(&config.log)) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("edgelb: config: log: {e}");
@@ -54,6 +54,18 @@ fn main() -> ExitCode {
     // that was stopped, say): the exit must not hang on it.
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     code
+}
+
+/// The tracing filter for `log`: openraft logs every failed replication
+/// RPC as an error, which the cluster transport already reports once per
+/// peer going away and coming back, so that target is off unless `log`
+/// names it.
+fn log_filter(log: &str) -> String {
+    if log.contains("openraft::replication") {
+        log.to_owned()
+    } else {
+        format!("{log},openraft::replication=off")
+    }
 }
 
 async fn run(config: Config) -> ExitCode {

@@ -297,7 +297,6 @@ fn p99(mut v: Vec<Duration>) -> Duration {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "writes do not commit at 300 ms round trip until Raft's timeouts follow the RTT (issue 9, scope 3)"]
 async fn wan_150ms_each_way_commits_joins_and_replaces_a_killed_leader() -> anyhow::Result<()> {
     let rtt = WAN_ONE_WAY * 2;
     let mut cluster = Cluster::start_with(
@@ -374,7 +373,11 @@ async fn wan_150ms_each_way_commits_joins_and_replaces_a_killed_leader() -> anyh
     println!("wan: node {new_leader} leads {took:?} after the leader's SIGKILL");
     let (status, _) = write(&cluster, new_leader, "after-kill").await?;
     ensure!(status.is_success(), "write after the kill: {status}");
-    // 2 s plus the election timeout for this round trip (at most 3 s).
-    assert!(took <= Duration::from_secs(5), "new leader after {took:?}");
+    // 2 s plus what the README documents for a 300 ms round trip with the
+    // default election timeout (≤ 1.5 T + 2 round trips = 2.1 s).
+    assert!(
+        took <= Duration::from_millis(4100),
+        "new leader after {took:?}"
+    );
     Ok(())
 }

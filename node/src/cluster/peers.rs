@@ -4,9 +4,9 @@
 //! of its own, not part of any RPC: an RPC whose deadline passes while the
 //! handshake is under way gives up waiting, but the handshake goes on and
 //! the next RPC finds the connection ready. A handshake attempt is bounded
-//! by [`attempt_timeout`] (a few round trips), so that after a partition
-//! heals the next attempt starts promptly instead of waiting out QUIC's
-//! growing retransmission timer.
+//! by [`attempt_timeout`] (a second, or three round trips on a slow link),
+//! so that after a partition heals the next attempt starts promptly
+//! instead of waiting out QUIC's growing retransmission timer.
 //!
 //! ```text
 //!  call ─▶ slot(peer) ─ connected, same addr, open? ──yes──▶ use it
@@ -30,16 +30,17 @@ use tracing::{debug, info, warn};
 
 use super::transport::{Shared, TransportError, bump, codes};
 
-/// QUIC's initial round-trip guess, used until a peer's RTT is measured.
-const INITIAL_RTT: Duration = Duration::from_millis(333);
-/// Bounds of one handshake attempt.
-const ATTEMPT_MIN: Duration = Duration::from_millis(300);
-const ATTEMPT_MAX: Duration = Duration::from_secs(1);
+/// Bounds of one handshake attempt: a handshake takes one to two round
+/// trips, and a link may have become slower than it was last measured, so
+/// an attempt gets at least a second (three round trips of the slowest link
+/// the default timing is made for), and three of the last measured round
+/// trips if that is more.
+const ATTEMPT_MIN: Duration = Duration::from_secs(1);
+const ATTEMPT_MAX: Duration = Duration::from_secs(3);
 
-/// How long one handshake attempt may take: three round trips, within
-/// [`ATTEMPT_MIN`]..=[`ATTEMPT_MAX`].
+/// How long one handshake attempt may take.
 pub(crate) fn attempt_timeout(rtt: Option<Duration>) -> Duration {
-    (rtt.unwrap_or(INITIAL_RTT) * 3).clamp(ATTEMPT_MIN, ATTEMPT_MAX)
+    rtt.map_or(ATTEMPT_MIN, |r| (r * 3).clamp(ATTEMPT_MIN, ATTEMPT_MAX))
 }
 
 /// The state of the connection to one peer.
@@ -94,12 +95,23 @@ impl PeerSlot {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The last measured round trip to this peer, if any.
-    pub(crate) fn rtt(&self) -> Option<Duration> {
-        if let Conn::Up { conn, .. } = &*self.state.borrow() {
-            return Some(conn.rtt());
+    /// Whether a connection to `addr` is open or being made.
+    pub(crate) fn is_open_or_opening(&self, addr: &str) -> bool {
+        match &*self.state.borrow() {
+            Conn::Up { addr: a, conn } => a == addr && conn.close_reason().is_none(),
+            Conn::Connecting { addr: a, .. } => a == addr,
+            _ => false,
         }
-        self.inner().rtt
+    }
+
+    /// The round trip measured on the open connection, if there is one.
+    /// Without one the last measurement may be stale (the link may have
+    /// slowed since), so callers use their full limits.
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        match &*self.state.borrow() {
+            Conn::Up { conn, .. } => Some(conn.rtt()),
+            _ => None,
+        }
     }
 
     /// The open connection to `addr`, waiting for a handshake (started now

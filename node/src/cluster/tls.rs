@@ -32,10 +32,12 @@ pub const ALPN_GOSSIP: &[u8] = b"edgelb-gossip/1";
 
 /// A connection that hears nothing (not even a keep-alive's
 /// acknowledgement) for this long is dropped: a gossip link to a peer that
-/// vanished reconnects after it. Ten keep-alives fit in it even on a
-/// 300 ms round trip, so a slow link is not mistaken for a dead one. Raft
+/// vanished reconnects after it. Six keep-alives fit in it, so a slow
+/// link (300 ms round trip) is not mistaken for a dead one. Raft
 /// calls do not wait for it: a timed-out call drops its connection at once.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The round trip assumed until one is measured.
+const INITIAL_RTT: Duration = Duration::from_millis(100);
 /// Keep-alives keep cached connections open between quiet periods.
 const KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// Concurrent RPC streams a peer may open on one connection.
@@ -174,6 +176,11 @@ fn transport_config() -> quinn::TransportConfig {
     if let Ok(idle) = IdleTimeout::try_from(IDLE_TIMEOUT) {
         t.max_idle_timeout(Some(idle));
     }
+    // The first handshake packet is resent after about three times the
+    // initial RTT guess (333 ms by default): with 100 ms, a handshake whose
+    // packets were lost in a cut is retried within ~300 ms of the link
+    // healing; a slower link only costs a few early resends.
+    t.initial_rtt(INITIAL_RTT);
     t.keep_alive_interval(Some(KEEP_ALIVE))
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))

@@ -405,8 +405,11 @@ impl Transport {
                 let _ = recv.stop(codes::TIMEOUT);
                 // A silent peer (restarted, or cut off) is met with a fresh
                 // handshake next time, not a connection whose timers backed
-                // off.
-                slot.discard(&conn, "call timed out");
+                // off. A connection made during this call is kept: on a
+                // slow link the handshake took most of the call's time.
+                if !fresh {
+                    slot.discard(&conn, "call timed out");
+                }
                 return Err(TransportError::Timeout(timeout));
             }
         };
@@ -446,6 +449,21 @@ impl Transport {
             .get(&target)
             .cloned();
         slot.and_then(|s| s.rtt())
+    }
+
+    /// Makes sure a connection to `target` at `addr` exists or is being
+    /// made, without waiting: voters keep one to each other so that a
+    /// pre-vote or vote costs one round trip, not a handshake as well.
+    pub fn warm(&self, target: NodeId, addr: &str) {
+        let slot = self.slot(target);
+        if slot.is_open_or_opening(addr) {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let addr = addr.to_owned();
+        tokio::spawn(async move {
+            let _ = slot.get(&shared, &addr).await;
+        });
     }
 
     /// Whether `target` answered a call within `within`.
