@@ -838,3 +838,65 @@ async fn sigterm_with_leave_on_exit_removes_the_node_and_without_it_keeps_it() -
     );
     Ok(())
 }
+
+/// Three nodes started one after another; the leader is killed the moment
+/// the third answers `/readyz` 200. The third is a voter by then (the
+/// leader promotes the two joiners together), so the other two elect a new
+/// leader. `EDGELB_READY_KILL_ROUNDS` sets the number of rounds (3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_as_the_third_node_turns_ready_leaves_a_quorum() -> anyhow::Result<()> {
+    let rounds: usize = std::env::var("EDGELB_READY_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut took = Vec::new();
+    for round in 0..rounds {
+        let mut cluster = Cluster::start(1).await?;
+        cluster.add_members(1).await?;
+        let third = cluster.add_members(1).await?[0];
+        let admin = cluster.admin(third);
+        poll(
+            "the third node's /readyz",
+            Duration::from_secs(10),
+            || async {
+                let (status, body) = admin.get("/readyz").await?;
+                ensure!(status == StatusCode::OK, "{status}: {body}");
+                Ok(())
+            },
+        )
+        .await?;
+        let view = cluster.status(third).await?;
+        let leader = view.leader_id.context("the third node knows no leader")?;
+        ensure!(
+            view.voters() == 3,
+            "round {round}: node {third} answered /readyz with {} voter(s): {view:?}",
+            view.voters()
+        );
+        cluster.kill9(leader).await?;
+        let killed_at = Instant::now();
+        let survivors = cluster.running();
+        let elected = poll("a new leader", Duration::from_secs(10), || async {
+            let mut agreed = None;
+            for id in &survivors {
+                let v = cluster.status(*id).await?;
+                let l = v
+                    .leader_id
+                    .filter(|l| *l != leader && survivors.contains(l));
+                ensure!(
+                    l.is_some() && (agreed.is_none() || agreed == l),
+                    "node {id}: {v:?}"
+                );
+                agreed = l;
+            }
+            agreed.context("no survivor")
+        })
+        .await
+        .with_context(|| cluster.logs())?;
+        let t = killed_at.elapsed();
+        eprintln!("round {round}: node {elected} leads {t:?} after node {leader} was killed");
+        took.push(t);
+    }
+    let worst = took.iter().max().copied().unwrap_or_default();
+    assert!(worst <= Duration::from_secs(2), "new leader after {took:?}");
+    Ok(())
+}
