@@ -95,6 +95,14 @@ impl Timing {
     fn retry(&self, rng: &mut impl Rng) -> Duration {
         self.heartbeat_interval.mul_f64(rng.random_range(1.0..3.0))
     }
+
+    /// How long a candidate waits for its votes before campaigning again
+    /// (a split vote): [0.3 T, 0.6 T), enough for a vote's round trip on
+    /// the slowest link the timing is made for, random so that two
+    /// candidates part.
+    fn campaign_retry(&self, rng: &mut impl Rng) -> Duration {
+        self.election_timeout.mul_f64(rng.random_range(0.3..0.6))
+    }
 }
 
 /// What a voter knows when a pre-vote request arrives.
@@ -133,7 +141,7 @@ pub fn quorum(joint: &[BTreeSet<NodeId>], granted: &BTreeSet<NodeId>) -> bool {
 
 /// This node's answer to a pre-vote request.
 pub async fn answer_pre_vote(raft: &Raft, log: &LogStore, req: &PreVote, lease: Duration) -> bool {
-    let Ok(view) = voter_view(raft, log).await else {
+    let Ok((view, _)) = voter_view(raft, log).await else {
         return false;
     };
     let granted = grant_pre_vote(&view, req.last_log_id.as_ref(), lease);
@@ -141,8 +149,9 @@ pub async fn answer_pre_vote(raft: &Raft, log: &LogStore, req: &PreVote, lease: 
     granted
 }
 
-/// This node's view, or `None` when its Raft or log storage stopped.
-async fn voter_view(raft: &Raft, log: &LogStore) -> Result<VoterView, ()> {
+/// This node's view, and when it last heard a leader (or changed its
+/// vote); `Err` when its Raft or log storage stopped.
+async fn voter_view(raft: &Raft, log: &LogStore) -> Result<(VoterView, Option<Instant>), ()> {
     // openraft does not export its last log id with the term; the log
     // store has it.
     let last_log_id = log
@@ -151,14 +160,15 @@ async fn voter_view(raft: &Raft, log: &LogStore) -> Result<VoterView, ()> {
         .await
         .map_err(|_| ())?
         .last_log_id;
-    let now = Instant::now();
-    raft.with_raft_state(move |st| VoterView {
-        is_leader: st.server_state == ServerState::Leader,
-        leader_known: st.vote_ref().is_committed(),
-        since_leader: st
-            .vote_last_modified()
-            .map(|t| now.saturating_duration_since(t)),
-        last_log_id,
+    raft.with_raft_state(move |st| {
+        let heard = st.vote_last_modified();
+        let view = VoterView {
+            is_leader: st.server_state == ServerState::Leader,
+            leader_known: st.vote_ref().is_committed(),
+            since_leader: heard.map(|t| Instant::now().saturating_duration_since(t)),
+            last_log_id,
+        };
+        (view, heard)
     })
     .await
     .map_err(|_| ())
@@ -207,14 +217,14 @@ pub async fn run(raft: Raft, log: LogStore, transport: Arc<Transport>, timing: T
             }
             continue;
         }
-        let Ok(view) = voter_view(&raft, &log).await else {
+        let Ok((view, heard)) = voter_view(&raft, &log).await else {
             return;
         };
         let now = Instant::now();
-        let heard = view
-            .since_leader
-            .map(|s| now.checked_sub(s).unwrap_or(started));
         let deadline = match silence {
+            // Campaigning (a split vote, or votes lost): retry soon rather
+            // than after another election timeout.
+            Some((_, d)) if m.state == ServerState::Candidate => d,
             Some((h, d)) if h == heard => d,
             _ => {
                 let d = timing.deadline(heard.unwrap_or(started), &mut rng);
@@ -226,13 +236,22 @@ pub async fn run(raft: Raft, log: LogStore, transport: Arc<Transport>, timing: T
             continue;
         }
         let won = pre_vote(&transport, &membership, m.id, &view, timing).await;
-        if won {
+        // A leader may have been elected while the round ran (this node
+        // then heard it, or voted for it): campaigning now would depose it.
+        let unchanged = raft.metrics().borrow().vote == m.vote;
+        let retry = if won && unchanged {
             info!(term = m.current_term, "pre-vote won; starting an election");
             if raft.trigger().elect().await.is_err() {
                 return;
             }
-        }
-        silence = Some((heard, Instant::now() + timing.retry(&mut rng)));
+            timing.campaign_retry(&mut rng)
+        } else {
+            timing.retry(&mut rng)
+        };
+        // Until the next look the vote may change (our own candidacy);
+        // the retry time stands for that.
+        let (_, heard) = voter_view(&raft, &log).await.unwrap_or((view, heard));
+        silence = Some((heard, Instant::now() + retry));
     }
 }
 
@@ -270,11 +289,15 @@ async fn pre_vote(
             }
         });
     }
+    let joint = membership.get_joint_config();
     let mut granted = BTreeSet::from([me]);
-    while let Some(answer) = asks.join_next().await {
+    // Done at the first quorum: a dead voter's answer is not waited for.
+    while !quorum(joint, &granted)
+        && let Some(answer) = asks.join_next().await
+    {
         granted.extend(answer.ok().flatten());
     }
-    let won = quorum(membership.get_joint_config(), &granted);
+    let won = quorum(joint, &granted);
     debug!(?granted, won, "pre-vote round");
     won
 }

@@ -894,6 +894,9 @@ async fn killing_the_leader_as_the_third_node_turns_ready_leaves_a_quorum() -> a
         .with_context(|| cluster.logs())?;
         let t = killed_at.elapsed();
         eprintln!("round {round}: node {elected} leads {t:?} after node {leader} was killed");
+        if t > Duration::from_secs(2) {
+            eprintln!("{}", cluster.logs());
+        }
         took.push(t);
     }
     let worst = took.iter().max().copied().unwrap_or_default();
