@@ -41,6 +41,9 @@ pub fn raft_config(timing: &Timing) -> Result<openraft::Config, StartError> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
         max_in_snapshot_log_to_keep: 100,
         purge_batch_size: 64,
+        // Appends stay small enough to cross a slow link within the RPC
+        // limit.
+        max_payload_entries: 64,
         ..timing.openraft()
     }
     .validate()

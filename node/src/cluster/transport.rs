@@ -398,6 +398,7 @@ impl Transport {
                 })?;
             frame::decode_reply(&body).map_err(|e| TransportError::Protocol(e.to_string()))
         };
+        let heard_before = conn.stats().udp_rx.datagrams;
         let reply = match timeout_at(deadline, exchange).await {
             Ok(reply) => reply?,
             Err(_) => {
@@ -405,9 +406,12 @@ impl Transport {
                 let _ = recv.stop(codes::TIMEOUT);
                 // A silent peer (restarted, or cut off) is met with a fresh
                 // handshake next time, not a connection whose timers backed
-                // off. A connection made during this call is kept: on a
-                // slow link the handshake took most of the call's time.
-                if !fresh {
+                // off. A peer that sent anything during the call is alive
+                // (merely slow, or the request was large): its connection
+                // and congestion window are kept, as is a connection made
+                // during this call.
+                let silent = conn.stats().udp_rx.datagrams == heard_before;
+                if silent && !fresh {
                     slot.discard(&conn, "call timed out");
                 }
                 return Err(TransportError::Timeout(timeout));
