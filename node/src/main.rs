@@ -77,7 +77,7 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let node = match node {
+    let mut node = match node {
         Ok(n) => n,
         Err(StartError::Config(e)) => {
             eprintln!("edgelb: {e}");
@@ -94,6 +94,15 @@ async fn run(config: Config) -> ExitCode {
             "edgelb: admin token (saved in the data dir): {}",
             node.token
         );
+    }
+    // The line that scripts wait for comes once the data plane serves the
+    // state (what /readyz answers 200 for), not merely once the process runs.
+    tokio::select! {
+        () = node.ready() => {}
+        () = wait_for_signal() => {
+            node.shutdown().await;
+            return ExitCode::SUCCESS;
+        }
     }
     println!("edgelb: admin API on http://{}", node.admin_addr);
     wait_for_signal().await;
