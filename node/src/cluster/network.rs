@@ -34,7 +34,7 @@ use super::transport::{Transport, TransportError};
 /// kept short so that replication resumes within a second of a peer
 /// coming back (a handshake attempt is itself bounded, see `peers.rs`).
 const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_millis(400);
+const BACKOFF_MAX: Duration = Duration::from_millis(200);
 
 /// An RPC's own deadline: openraft's limit for the kind (sized for the
 /// slowest link the cluster is configured for), shortened on a link whose

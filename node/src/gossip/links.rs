@@ -23,7 +23,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// short enough that reports flow again within a second of a peer coming
 /// back.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_millis(400);
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Keeps one link task per peer in `peers`, and forgets the reports of
 /// peers that leave.
