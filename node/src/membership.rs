@@ -36,6 +36,10 @@ use tracing::{info, warn};
 
 use crate::cluster::{ForwardError, Transport};
 
+/// How long adding a node waits for it to answer replication before it
+/// answers without promoting it (within a write's 5 s).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(3);
+
 /// How often the leader looks for learners to promote.
 pub const PROMOTE_EVERY: Duration = Duration::from_millis(500);
 
@@ -60,9 +64,15 @@ pub(crate) async fn add_learner(
     node: raft_store::types::ClusterNode,
 ) -> Result<u64, ForwardError> {
     let added = raft.add_learner(id, node, false).await?.log_id.index;
-    wait_replicated(raft, id, added)
-        .await
-        .map_err(ForwardError::Failed)?;
+    // A node added before it runs (`edgectl cluster add-node`, own PKI)
+    // does not answer: it stays a learner, promoted later by the loop.
+    match tokio::time::timeout(CATCH_UP_WAIT, wait_replicated(raft, id, added)).await {
+        Ok(r) => r.map_err(ForwardError::Failed)?,
+        Err(_) => {
+            info!(node_id = id, "added as a learner; it has not answered yet");
+            return Ok(added);
+        }
+    }
     match promote_now(raft, transport, policy).await {
         Ok(promoted) => Ok(promoted.unwrap_or(added).max(added)),
         Err(e) => Err(ForwardError::Busy(e)),
