@@ -179,12 +179,11 @@ struct Envelope<T> {
 }
 
 async fn join(config: &Config, url: &str, token: &str) -> Result<NodeTls, BootstrapError> {
-    let err = |message: String| BootstrapError::Join {
-        url: url.to_owned(),
-        message,
-    };
     let (key_pem, csr) =
-        pki::node_key_and_csr(config.node_id).map_err(|e| err(format!("CSR: {e}")))?;
+        pki::node_key_and_csr(config.node_id).map_err(|e| BootstrapError::Join {
+            url: url.to_owned(),
+            message: format!("CSR: {e}"),
+        })?;
     let body = AddNodeRequest {
         node_id: config.node_id,
         cluster_addr: config
@@ -194,40 +193,15 @@ async fn join(config: &Config, url: &str, token: &str) -> Result<NodeTls, Bootst
         region: config.region.clone(),
         csr: Some(csr),
     };
-    let body = serde_json::to_vec(&body).map_err(|e| err(e.to_string()))?;
-    let mut last = String::new();
     // The member may be starting too: retry for a while.
-    for _ in 0..30 {
-        match post(url, "/v1/cluster/nodes", token, body.clone()).await {
-            Ok((status, bytes)) => {
-                let env: Envelope<AddNodeData> = serde_json::from_slice(&bytes)
-                    .map_err(|e| err(format!("HTTP {status}: unreadable answer: {e}")))?;
-                match env.data {
-                    Some(AddNodeData {
-                        certificate: Some(cert_pem),
-                        ca_certificate: Some(ca_cert_pem),
-                        ..
-                    }) if status == 200 => {
-                        return Ok(NodeTls {
-                            ca_cert_pem,
-                            cert_pem,
-                            key_pem,
-                        });
-                    }
-                    _ if status == 503 => last = env.message.unwrap_or_default(),
-                    _ => {
-                        let msg = env
-                            .message
-                            .unwrap_or_else(|| "no certificate in the answer".into());
-                        return Err(err(format!("HTTP {status}: {msg}")));
-                    }
-                }
-            }
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Err(err(last))
+    post_add_node(url, token, &body, 30, "no certificate in the answer", |d| {
+        Some(NodeTls {
+            ca_cert_pem: d.ca_certificate?,
+            cert_pem: d.certificate?,
+            key_pem: key_pem.clone(),
+        })
+    })
+    .await
 }
 
 /// Adds this node (its cluster endpoint listening, its Raft started) to
@@ -240,10 +214,6 @@ pub async fn add_self(
     url: &str,
     token: &str,
 ) -> Result<u64, BootstrapError> {
-    let err = |message: String| BootstrapError::Join {
-        url: url.to_owned(),
-        message,
-    };
     let body = AddNodeRequest {
         node_id: config.node_id,
         cluster_addr: cluster_addr.to_owned(),
@@ -251,25 +221,46 @@ pub async fn add_self(
         region: config.region.clone(),
         csr: None,
     };
-    let body = serde_json::to_vec(&body).map_err(|e| err(e.to_string()))?;
+    post_add_node(url, token, &body, 60, "no log index in the answer", |d| {
+        d.log_index
+    })
+    .await
+}
+
+/// `POST /v1/cluster/nodes` with `body` until a 200 whose data `take`
+/// accepts, retrying (every 500 ms, `tries` times) while the member answers
+/// 503 or cannot be reached.
+async fn post_add_node<T>(
+    url: &str,
+    token: &str,
+    body: &AddNodeRequest,
+    tries: usize,
+    missing: &str,
+    take: impl Fn(AddNodeData) -> Option<T>,
+) -> Result<T, BootstrapError> {
+    let err = |message: String| BootstrapError::Join {
+        url: url.to_owned(),
+        message,
+    };
+    let body = serde_json::to_vec(body).map_err(|e| err(e.to_string()))?;
     let mut last = String::new();
-    for _ in 0..60 {
+    for _ in 0..tries {
         match post(url, "/v1/cluster/nodes", token, body.clone()).await {
             Ok((status, bytes)) => {
                 let env: Envelope<AddNodeData> = serde_json::from_slice(&bytes)
                     .map_err(|e| err(format!("HTTP {status}: unreadable answer: {e}")))?;
-                match env.data {
-                    Some(AddNodeData {
-                        log_index: Some(index),
-                        ..
-                    }) if status == 200 => return Ok(index),
-                    _ if status == 503 => last = env.message.unwrap_or_default(),
-                    _ => {
-                        let msg = env
-                            .message
-                            .unwrap_or_else(|| "no log index in the answer".into());
-                        return Err(err(format!("HTTP {status}: {msg}")));
-                    }
+                if status == 503 {
+                    last = env.message.unwrap_or_default();
+                } else {
+                    let taken = if status == 200 {
+                        env.data.and_then(&take)
+                    } else {
+                        None
+                    };
+                    return taken.ok_or_else(|| {
+                        let msg = env.message.unwrap_or_else(|| missing.to_owned());
+                        err(format!("HTTP {status}: {msg}"))
+                    });
                 }
             }
             Err(e) => last = e,

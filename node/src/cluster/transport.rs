@@ -443,16 +443,19 @@ impl Transport {
         )
     }
 
-    /// The measured round trip to `target`, once a connection was made.
-    pub fn rtt(&self, target: NodeId) -> Option<Duration> {
-        let slot = self
-            .shared
+    /// The slot of `target`, if a call was ever made to it.
+    fn existing_slot(&self, target: NodeId) -> Option<Arc<PeerSlot>> {
+        self.shared
             .peers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&target)
-            .cloned();
-        slot.and_then(|s| s.rtt())
+            .cloned()
+    }
+
+    /// The measured round trip to `target`, once a connection was made.
+    pub fn rtt(&self, target: NodeId) -> Option<Duration> {
+        self.existing_slot(target).and_then(|s| s.rtt())
     }
 
     /// Makes sure a connection to `target` at `addr` exists or is being
@@ -472,14 +475,8 @@ impl Transport {
 
     /// Whether `target` answered a call within `within`.
     pub fn answered_within(&self, target: NodeId, within: Duration) -> bool {
-        let slot = self
-            .shared
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&target)
-            .cloned();
-        slot.is_some_and(|s| s.answered_within(within))
+        self.existing_slot(target)
+            .is_some_and(|s| s.answered_within(within))
     }
 
     /// Records that `target` could not be reached (for the log: the first
@@ -491,14 +488,7 @@ impl Transport {
     /// Drops the kept connection to `target`: it restarted (a new
     /// incarnation was heard), so the old connection is dead.
     pub fn peer_restarted(&self, target: NodeId) {
-        let slot = self
-            .shared
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&target)
-            .cloned();
-        if let Some(slot) = slot {
+        if let Some(slot) = self.existing_slot(target) {
             slot.reset();
         }
     }
