@@ -75,7 +75,7 @@ pub struct NodeHandle {
 
 /// How long a task other than the data plane's drain may take to stop once
 /// cancelled.
-const STOP_GRACE: Duration = Duration::from_secs(1);
+const STOP_GRACE: Duration = Duration::from_millis(500);
 
 impl NodeHandle {
     /// Waits until the data plane serves the current state (listeners bound).

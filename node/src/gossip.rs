@@ -218,7 +218,9 @@ impl GossipTasks {
     /// Stops gossiping: the tasks end and the peer connections close.
     pub async fn stop(self) {
         self.cancel.cancel();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        // A link may be waiting on a handshake to a peer that is gone:
+        // nothing is lost by cutting it short.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
         for task in self.tasks {
             let abort = task.abort_handle();
             if tokio::time::timeout_at(deadline, task).await.is_err() {

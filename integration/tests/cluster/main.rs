@@ -903,3 +903,50 @@ async fn killing_the_leader_as_the_third_node_turns_ready_leaves_a_quorum() -> a
     assert!(worst <= Duration::from_secs(2), "new leader after {took:?}");
     Ok(())
 }
+
+/// SIGTERM ends the node promptly when its peers are gone: once with
+/// nothing pending, once while a write waits for a quorum that cannot come
+/// (and a promotion may be under way). Nothing is in flight on the data
+/// plane, so each exits 0 within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_promptly_when_the_peers_are_gone() -> anyhow::Result<()> {
+    for pending_write in [false, true] {
+        let mut cluster = Cluster::start(3).await?;
+        let leader = cluster.leader().await?;
+        for id in others(&cluster.ids(), &[leader]) {
+            cluster.kill9(id).await?;
+        }
+        let write = pending_write.then(|| {
+            let admin = cluster.admin(leader);
+            tokio::spawn(async move {
+                admin
+                    .post(
+                        "/v1/services",
+                        &json!({"name": "late", "services": [{"port": 9001}]}),
+                    )
+                    .await
+            })
+        });
+        let (took, status) = cluster
+            .terminate_timed(leader, Duration::from_secs(30))
+            .await?;
+        let code = status.and_then(|s| s.code());
+        eprintln!("pending write {pending_write}: exit {code:?} after {took:?}");
+        assert_eq!(
+            code,
+            Some(0),
+            "pending write {pending_write}: {}",
+            cluster.logs()
+        );
+        assert!(
+            took <= integration::patient(Duration::from_secs(1)),
+            "pending write {pending_write}: SIGTERM took {took:?}"
+        );
+        if let Some(w) = write {
+            // The write's connection was closed by the stop, or it got an
+            // answer; it did not hold the exit.
+            let _ = w.await;
+        }
+    }
+    Ok(())
+}
