@@ -51,8 +51,8 @@ pub struct RunReport {
     pub elections: Vec<Duration>,
     /// Elections that did not happen within 20 s.
     pub no_leader: usize,
-    /// From a heal or a restart (admin API up) to the node having applied
-    /// the majority's commit index.
+    /// From a heal, or a restart (the process started again), to the node
+    /// having applied the leader's commit index.
     pub catchups: Vec<Duration>,
     /// Catch-ups not done within 30 s.
     pub catchup_missed: usize,
@@ -401,6 +401,7 @@ impl Ctx<'_> {
         }
 
         // Heal.
+        let healed = Instant::now();
         self.relay.heal_all();
         if matches!(step.fault, Fault::Wan) && !self.o.wan {
             self.relay.set_all(Link::default());
@@ -409,7 +410,6 @@ impl Ctx<'_> {
             self.cluster.restart(cut[0]).await?;
             self.node(cut[0])?.paused.store(false, Ordering::Relaxed);
         }
-        let healed = Instant::now();
         if !cut.is_empty() {
             let commit = leader_commit(self.cluster, &majority).await?;
             let mut all = true;
