@@ -216,27 +216,42 @@ pub fn describe(label: &str, r: &RunReport) -> String {
         r.catchups.len(),
         r.catchup_missed
     );
-    let iso: Vec<String> = r
+    let iso: Vec<Duration> = r.isolated_writes.iter().map(|(t, _)| *t).collect();
+    let accepted = r
         .isolated_writes
         .iter()
-        .map(|(t, refused)| format!("{}{}", ms(*t), if *refused { "" } else { "(!)" }))
-        .collect();
+        .filter(|(_, refused)| !refused)
+        .count();
     let _ = writeln!(
         s,
-        "  client requests {}, failed on majority nodes {}; cut-off writes answered in ms [{}]",
+        "  client requests {}, failed on majority nodes {}; writes on cut-off nodes {}, \
+         {accepted} not refused, answered in ms max {}",
         v.requests,
         v.failed_requests.len(),
-        iso.join(" ")
+        iso.len(),
+        ms(quantile(&iso, 1.0))
     );
-    let terms: Vec<String> = r
-        .sigterms
-        .iter()
-        .map(|(n, t, c)| {
-            let code = c.map_or_else(|| "none".to_owned(), |c| c.to_string());
-            format!("n{n}:{}ms/exit {code}", ms(*t))
-        })
-        .collect();
-    let _ = write!(s, "  SIGTERM exits [{}]", terms.join(" "));
+    let times: Vec<Duration> = r.sigterms.iter().map(|(_, t, _)| *t).collect();
+    let not_zero = r.sigterms.iter().filter(|(_, _, c)| *c != Some(0)).count();
+    let _ = write!(
+        s,
+        "  SIGTERM {} sent, {not_zero} not exiting 0; exit ms p50 {} p99 {} max {}",
+        r.sigterms.len(),
+        ms(quantile(&times, 0.5)),
+        ms(quantile(&times, 0.99)),
+        ms(quantile(&times, 1.0))
+    );
+    if r.sigterms.len() <= 10 {
+        let each: Vec<String> = r
+            .sigterms
+            .iter()
+            .map(|(n, t, c)| {
+                let code = c.map_or_else(|| "none".to_owned(), |c| c.to_string());
+                format!("n{n}:{}ms/exit {code}", ms(*t))
+            })
+            .collect();
+        let _ = write!(s, " [{}]", each.join(" "));
+    }
     s
 }
 
