@@ -58,6 +58,7 @@ pub mod chaos;
 pub mod client;
 pub mod cluster;
 pub mod link;
+pub mod load;
 pub mod metrics;
 pub mod node;
 pub mod process;

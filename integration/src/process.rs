@@ -31,12 +31,12 @@ pub fn edgelb_bin() -> anyhow::Result<PathBuf> {
 
 fn build() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    // target/<profile>/deps/<test-binary>, or target/<profile>/<binary>
-    // for the harness's own binaries (chaos).
+    // target/<profile>/deps/<test-binary>, target/<profile>/examples/<example>,
+    // or target/<profile>/<binary> for the harness's own binaries (chaos).
     let profile_dir = exe
         .parent()
         .and_then(|p| {
-            if p.file_name().is_some_and(|n| n == "deps") {
+            if p.file_name().is_some_and(|n| n == "deps" || n == "examples") {
                 p.parent()
             } else {
                 Some(p)

@@ -4,19 +4,15 @@
 //! as the API answers cost no request under load.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use bytes::Bytes;
-use http::header::CONNECTION;
-use http::{HeaderValue, StatusCode};
-use http_body_util::Full;
-use integration::client::{self, HttpConn, get_request};
+use integration::client;
 use integration::cluster::{attach, get_once};
-use integration::{AdminClient, Cluster, HttpBackend, TestNode, wait_until};
+use integration::{AdminClient, Cluster, HttpBackend, TestNode, load, wait_until};
 
 const WEB_PORT: u16 = 8080;
 const BACKEND_PORT: u16 = 9000;
@@ -108,92 +104,6 @@ async fn through_a_follower_the_next_request_sees_each_attach_and_detach() -> an
     Ok(())
 }
 
-/// What the load loops saw.
-#[derive(Debug, Default)]
-struct Tally {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    first_failures: std::sync::Mutex<Vec<String>>,
-}
-
-impl Tally {
-    fn record(&self, outcome: anyhow::Result<client::Reply>) {
-        let why = match outcome {
-            Ok(r) if r.status == StatusCode::OK => {
-                self.ok.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Ok(r) => format!("{} from {:?}: {}", r.status, r.backend(), r.text()),
-            Err(e) => format!("{e:#}"),
-        };
-        self.failed.fetch_add(1, Ordering::Relaxed);
-        let mut first = self
-            .first_failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if first.len() < 10 {
-            first.push(why);
-        }
-    }
-}
-
-/// Requests on one kept-alive connection until `stop`.
-async fn keep_alive_load(addr: SocketAddr, host: String, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
-    let mut conn = None;
-    while !stop.load(Ordering::Relaxed) {
-        if conn.as_ref().is_none_or(HttpConn::is_closed) {
-            match HttpConn::connect(addr).await {
-                Ok(c) => conn = Some(c),
-                Err(e) => {
-                    tally.record(Err(e));
-                    continue;
-                }
-            }
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        let reply = tokio::time::timeout(Duration::from_secs(10), c.get(&host, "/")).await;
-        tally.record(reply.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 10 s"))));
-    }
-}
-
-/// One request per connection (`Connection: close`) until `stop`, from
-/// source addresses taken in turn from `sources`, so that closed
-/// connections waiting out TIME_WAIT never exhaust one address's ports.
-async fn connection_close_load(
-    addr: SocketAddr,
-    host: String,
-    sources: Vec<IpAddr>,
-    stop: Arc<AtomicBool>,
-    tally: Arc<Tally>,
-) {
-    let mut next = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let source = sources[next % sources.len()];
-        next += 1;
-        let one = async {
-            let mut conn = HttpConn::connect_from(addr, Some(source)).await?;
-            let mut req = get_request(&host, "/");
-            req.headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-            conn.send(req.map(|b: Full<Bytes>| b)).await
-        };
-        let reply = tokio::time::timeout(Duration::from_secs(10), one).await;
-        tally.record(reply.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 10 s"))));
-    }
-}
-
-/// Resident set size of this process, in KiB (0 where /proc is missing).
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The `instance_name` labels of every per-instance series in a scrape.
 async fn instance_series(node: &TestNode) -> anyhow::Result<BTreeSet<String>> {
     let scrape = node.scrape().await?;
@@ -230,17 +140,17 @@ async fn churn_under_load_fails_no_request_and_leaves_no_series() -> anyhow::Res
     let host = "churn.test".to_owned();
 
     let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(load::Tally::default());
     let mut load = Vec::new();
     for _ in 0..3 {
-        load.push(tokio::spawn(keep_alive_load(
+        load.push(tokio::spawn(load::keep_alive(
             addr,
             host.clone(),
             stop.clone(),
             tally.clone(),
         )));
         let sources = (0..16).map(|_| node.subnet.next_ip()).collect();
-        load.push(tokio::spawn(connection_close_load(
+        load.push(tokio::spawn(load::connection_close(
             addr,
             host.clone(),
             sources,
@@ -252,7 +162,7 @@ async fn churn_under_load_fails_no_request_and_leaves_no_series() -> anyhow::Res
     let started = Instant::now();
     // RSS (of this process: node, backends and clients) at six points.
     let every = churn_for / 6;
-    let mut rss = vec![(Duration::ZERO, rss_kib())];
+    let mut rss = vec![(Duration::ZERO, load::rss_kib(None))];
     let mut pairs = 0_u64;
     while started.elapsed() < churn_for {
         let name = format!("x{pairs}");
@@ -261,7 +171,7 @@ async fn churn_under_load_fails_no_request_and_leaves_no_series() -> anyhow::Res
         pairs += 1;
         let (last, _) = rss[rss.len() - 1];
         if started.elapsed() >= last + every {
-            rss.push((started.elapsed(), rss_kib()));
+            rss.push((started.elapsed(), load::rss_kib(None)));
         }
     }
     let churned = started.elapsed();
@@ -271,7 +181,7 @@ async fn churn_under_load_fails_no_request_and_leaves_no_series() -> anyhow::Res
             .await
             .context("a load loop did not stop")??;
     }
-    rss.push((started.elapsed(), rss_kib()));
+    rss.push((started.elapsed(), load::rss_kib(None)));
     let rss: Vec<String> = rss
         .iter()
         .map(|(at, kib)| format!("{:.0}s {} MiB", at.as_secs_f64(), kib / 1024))
@@ -292,11 +202,7 @@ async fn churn_under_load_fails_no_request_and_leaves_no_series() -> anyhow::Res
         failed == 0,
         "{failed} of {} requests failed, first: {:?}",
         ok + failed,
-        tally
-            .first_failures
-            .lock()
-            .map(|f| f.clone())
-            .unwrap_or_default()
+        tally.failures()
     );
     ensure!(
         ok > 0 && pairs > 0,
