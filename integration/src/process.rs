@@ -36,7 +36,9 @@ fn build() -> Result<PathBuf, String> {
     let profile_dir = exe
         .parent()
         .and_then(|p| {
-            if p.file_name().is_some_and(|n| n == "deps" || n == "examples") {
+            if p.file_name()
+                .is_some_and(|n| n == "deps" || n == "examples")
+            {
                 p.parent()
             } else {
                 Some(p)
