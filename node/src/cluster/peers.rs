@@ -5,7 +5,7 @@
 //! handshake is under way gives up waiting, but the handshake goes on and
 //! the next RPC finds the connection ready. A handshake attempt is bounded
 //! by [`attempt_timeout`] (half a second, or three round trips on a slow
-//! link, longer after attempts that ran out of time),
+//! link),
 //! so that after a partition heals the next attempt starts promptly
 //! instead of waiting out QUIC's growing retransmission timer.
 //!
@@ -33,21 +33,16 @@ use super::transport::{Shared, TransportError, bump, codes};
 
 /// Bounds of one handshake attempt. A handshake takes one to two round
 /// trips; an attempt gets three of the last measured ones, at least
-/// [`ATTEMPT_MIN`] (a 300 ms link's handshake fits), and twice that after
-/// a timed-out attempt (the link may have become slower than measured), up
-/// to [`ATTEMPT_MAX`]; never more, so that during a long cut attempts stay
-/// short. Short attempts matter
-/// after a partition heals: a fresh attempt sends its first packet at
-/// once, where an old one waits out QUIC's growing resend timer.
+/// [`ATTEMPT_MIN`] (a 300 ms link's handshake fits, should the link have
+/// become slower than measured) and at most [`ATTEMPT_MAX`]. Short attempts
+/// matter after a partition heals: a fresh attempt sends its first packet
+/// at once, where an old one waits out QUIC's growing resend timer.
 const ATTEMPT_MIN: Duration = Duration::from_millis(500);
 const ATTEMPT_MAX: Duration = Duration::from_secs(3);
 
-/// How long one handshake attempt may take, after `timeouts` attempts in a
-/// row timed out.
-pub(crate) fn attempt_timeout(rtt: Option<Duration>, timeouts: u32) -> Duration {
-    let base = rtt.map_or(ATTEMPT_MIN, |r| (r * 3).max(ATTEMPT_MIN));
-    let factor = if timeouts > 0 { 2 } else { 1 };
-    (base * factor).min(ATTEMPT_MAX)
+/// How long one handshake attempt may take.
+pub(crate) fn attempt_timeout(rtt: Option<Duration>) -> Duration {
+    rtt.map_or(ATTEMPT_MIN, |r| (r * 3).clamp(ATTEMPT_MIN, ATTEMPT_MAX))
 }
 
 /// The state of the connection to one peer.
@@ -85,8 +80,6 @@ struct SlotInner {
     rtt: Option<Duration>,
     /// Whether the last attempt or call failed (for logging transitions).
     unreachable: bool,
-    /// Handshake attempts in a row that ran out of time.
-    timeouts: u32,
     /// When the peer last answered a call.
     answered: Option<tokio::time::Instant>,
 }
@@ -166,7 +159,7 @@ impl PeerSlot {
         let (attempt, timeout) = {
             let mut inner = self.inner();
             inner.attempts += 1;
-            (inner.attempts, attempt_timeout(inner.rtt, inner.timeouts))
+            (inner.attempts, attempt_timeout(inner.rtt))
         };
         let previous = self.state.send_replace(Conn::Connecting {
             addr: addr.to_owned(),
@@ -179,17 +172,9 @@ impl PeerSlot {
         let shared = Arc::clone(shared);
         let addr = addr.to_owned();
         tokio::spawn(async move {
-            let outcome = tokio::time::timeout(timeout, connect(&shared, slot.target, &addr)).await;
-            let outcome = match outcome {
-                Ok(done) => {
-                    slot.inner().timeouts = 0;
-                    done
-                }
-                Err(_) => {
-                    slot.inner().timeouts += 1;
-                    Err(format!("no handshake within {timeout:?}"))
-                }
-            };
+            let outcome = tokio::time::timeout(timeout, connect(&shared, slot.target, &addr))
+                .await
+                .unwrap_or_else(|_| Err(format!("no handshake within {timeout:?}")));
             slot.finish(attempt, addr, outcome, &shared);
         });
         attempt
