@@ -239,7 +239,7 @@ fn receive(shared: &Shared, sender: &Sender, bytes: &[u8]) {
             return reject(shared, sender, Dropped::Malformed, bytes.len());
         }
     };
-    if !sender.peer.proves(report.node_id) {
+    if !sender.peer.proves(shared, report.node_id) {
         bump(&shared.stats.identity_refused);
         reject(shared, sender, Dropped::Identity, bytes.len());
         sender.peer.conn.close(

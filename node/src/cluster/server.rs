@@ -77,8 +77,11 @@ impl Peer {
         })
     }
 
-    /// Whether the certificate is valid for node `id`.
-    pub(super) fn proves(&self, id: NodeId) -> bool {
+    /// Whether the certificate is valid for node `id`. The first proof on
+    /// a connection tells the transport that `id` reaches this node (a
+    /// peer that restarted, or whose link healed): its own connection to
+    /// `id`, if silent, is replaced at once rather than at its next timeout.
+    pub(super) fn proves(&self, shared: &Shared, id: NodeId) -> bool {
         if self.proven.get() == Some(&id) {
             return true;
         }
@@ -86,7 +89,9 @@ impl Peer {
             warn!(claimed = id, error = %e, "peer claims an id its certificate does not name");
             return false;
         }
-        let _ = self.proven.set(id);
+        if self.proven.set(id).is_ok() {
+            shared.peer_connected(id);
+        }
         true
     }
 }
@@ -181,7 +186,7 @@ async fn serve_stream(
         Ok(header) => header,
         Err(f) => return give_up(&shared, &mut send, &mut recv, f),
     };
-    if !peer.proves(header.from) {
+    if !peer.proves(&shared, header.from) {
         bump(&shared.stats.identity_refused);
         peer.conn.close(
             codes::IDENTITY,

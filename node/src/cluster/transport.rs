@@ -199,6 +199,38 @@ pub(crate) struct Shared {
     peers: Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
 }
 
+impl Shared {
+    /// The slot of `target`, if a call was ever made to it.
+    fn existing_slot(&self, target: NodeId) -> Option<Arc<PeerSlot>> {
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&target)
+            .cloned()
+    }
+
+    /// `id` opened a connection to this node: if this node's own
+    /// connection to `id` has not been answered lately (the peer restarted,
+    /// or the link was cut and has healed), it is dropped, and the next
+    /// call handshakes afresh instead of waiting out a silent connection or
+    /// a backed-off attempt.
+    pub(crate) fn peer_connected(&self, id: NodeId) {
+        if let Some(slot) = self.existing_slot(id)
+            && !slot.answered_within(PEER_QUIET)
+        {
+            debug!(
+                peer = id,
+                "peer connected while ours was quiet: reconnecting"
+            );
+            slot.reset();
+        }
+    }
+}
+
+/// How recently a peer must have answered for its connection to be kept
+/// when it connects to this node anew.
+const PEER_QUIET: Duration = Duration::from_millis(500);
+
 /// The node's QUIC endpoint on `cluster_addr`: serves peers' Raft RPCs to a
 /// [`RaftHandler`] and makes calls to peers ([`Transport::call`]).
 ///
@@ -443,19 +475,9 @@ impl Transport {
         )
     }
 
-    /// The slot of `target`, if a call was ever made to it.
-    fn existing_slot(&self, target: NodeId) -> Option<Arc<PeerSlot>> {
-        self.shared
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&target)
-            .cloned()
-    }
-
     /// The measured round trip to `target`, once a connection was made.
     pub fn rtt(&self, target: NodeId) -> Option<Duration> {
-        self.existing_slot(target).and_then(|s| s.rtt())
+        self.shared.existing_slot(target).and_then(|s| s.rtt())
     }
 
     /// Makes sure a connection to `target` at `addr` exists or is being
@@ -475,7 +497,8 @@ impl Transport {
 
     /// Whether `target` answered a call within `within`.
     pub fn answered_within(&self, target: NodeId, within: Duration) -> bool {
-        self.existing_slot(target)
+        self.shared
+            .existing_slot(target)
             .is_some_and(|s| s.answered_within(within))
     }
 
@@ -488,7 +511,7 @@ impl Transport {
     /// Drops the kept connection to `target`: it restarted (a new
     /// incarnation was heard), so the old connection is dead.
     pub fn peer_restarted(&self, target: NodeId) {
-        if let Some(slot) = self.existing_slot(target) {
+        if let Some(slot) = self.shared.existing_slot(target) {
             slot.reset();
         }
     }
