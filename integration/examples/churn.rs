@@ -56,23 +56,7 @@ async fn main() -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(load::Tally::default());
-    let mut loops = Vec::new();
-    for _ in 0..3 {
-        loops.push(tokio::spawn(load::keep_alive(
-            addr,
-            host.clone(),
-            stop.clone(),
-            tally.clone(),
-        )));
-        let sources = (0..16).map(|_| cluster.backend_ip()).collect();
-        loops.push(tokio::spawn(load::connection_close(
-            addr,
-            host.clone(),
-            sources,
-            stop.clone(),
-            tally.clone(),
-        )));
-    }
+    let loops = load::mixed(addr, &host, 3, || cluster.backend_ip(), &stop, &tally);
 
     let started = Instant::now();
     let every = churn_for / 6;

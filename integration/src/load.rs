@@ -115,3 +115,34 @@ impl Tally {
             .unwrap_or_default()
     }
 }
+
+/// `pairs` keep-alive loops and `pairs` connection-close loops against
+/// `addr` (each close loop from 16 source addresses `source` hands out),
+/// until `stop`.
+pub fn mixed(
+    addr: SocketAddr,
+    host: &str,
+    pairs: usize,
+    mut source: impl FnMut() -> IpAddr,
+    stop: &Arc<AtomicBool>,
+    tally: &Arc<Tally>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut loops = Vec::new();
+    for _ in 0..pairs {
+        loops.push(tokio::spawn(keep_alive(
+            addr,
+            host.to_owned(),
+            stop.clone(),
+            tally.clone(),
+        )));
+        let sources = (0..16).map(|_| source()).collect();
+        loops.push(tokio::spawn(connection_close(
+            addr,
+            host.to_owned(),
+            sources,
+            stop.clone(),
+            tally.clone(),
+        )));
+    }
+    loops
+}

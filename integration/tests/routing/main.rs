@@ -141,23 +141,7 @@ async fn churn_under_load_fails_no_request_and_leaves_no_series() -> anyhow::Res
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(load::Tally::default());
-    let mut load = Vec::new();
-    for _ in 0..3 {
-        load.push(tokio::spawn(load::keep_alive(
-            addr,
-            host.clone(),
-            stop.clone(),
-            tally.clone(),
-        )));
-        let sources = (0..16).map(|_| node.subnet.next_ip()).collect();
-        load.push(tokio::spawn(load::connection_close(
-            addr,
-            host.clone(),
-            sources,
-            stop.clone(),
-            tally.clone(),
-        )));
-    }
+    let loops = load::mixed(addr, &host, 3, || node.subnet.next_ip(), &stop, &tally);
 
     let started = Instant::now();
     // RSS (of this process: node, backends and clients) at six points.
@@ -176,7 +160,7 @@ async fn churn_under_load_fails_no_request_and_leaves_no_series() -> anyhow::Res
     }
     let churned = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    for l in load {
+    for l in loops {
         tokio::time::timeout(Duration::from_secs(30), l)
             .await
             .context("a load loop did not stop")??;
