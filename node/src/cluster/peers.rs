@@ -82,6 +82,8 @@ struct SlotInner {
     unreachable: bool,
     /// When the peer last answered a call.
     answered: Option<tokio::time::Instant>,
+    /// When the last handshake attempt started.
+    started: Option<tokio::time::Instant>,
 }
 
 impl PeerSlot {
@@ -97,12 +99,18 @@ impl PeerSlot {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether a connection to `addr` is open or being made.
+    /// Whether a connection to `addr` is open or being made, or an attempt
+    /// started within the last [`ATTEMPT_MIN`] (a peer that refuses at once
+    /// is not asked again on every tick of a caller that keeps it warm).
     pub(crate) fn is_open_or_opening(&self, addr: &str) -> bool {
+        let recent = self
+            .inner()
+            .started
+            .is_some_and(|t| t.elapsed() < ATTEMPT_MIN);
         match &*self.state.borrow() {
             Conn::Up { addr: a, conn } => a == addr && conn.close_reason().is_none(),
             Conn::Connecting { addr: a, .. } => a == addr,
-            _ => false,
+            _ => recent,
         }
     }
 
@@ -159,6 +167,7 @@ impl PeerSlot {
         let (attempt, timeout) = {
             let mut inner = self.inner();
             inner.attempts += 1;
+            inner.started = Some(tokio::time::Instant::now());
             (inner.attempts, attempt_timeout(inner.rtt))
         };
         let previous = self.state.send_replace(Conn::Connecting {
