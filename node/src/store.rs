@@ -18,7 +18,8 @@
 //! data plane routes by it: the routing table was rebuilt from a state at or
 //! past the entry's index ([`Store::route_by`]). So the next request to the
 //! node that answered sees the change. Without a quorum it fails with 503
-//! within `write_timeout` (5 s); it never hangs.
+//! within 5 s (its work stops 100 ms earlier, leaving room for the answer);
+//! it never hangs.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,7 +104,6 @@ pub struct Store {
     /// plane serves this store.
     routed: std::sync::OnceLock<watch::Receiver<u64>>,
     committed: Arc<AtomicU64>,
-    write_timeout: Duration,
     policy: Policy,
 }
 
@@ -136,9 +136,6 @@ impl Store {
             state,
             routed: std::sync::OnceLock::new(),
             committed,
-            // What is promised is an answer within 5 s; the work stops a
-            // little earlier so that the answer itself fits.
-            write_timeout: WRITE_PROMISE - ANSWER_ROOM,
             policy,
         }
     }
@@ -179,7 +176,7 @@ impl Store {
     /// Commits `cmd` through the leader and answers once this node's data
     /// plane routes by it.
     pub async fn propose(&self, cmd: Command) -> Result<Applied, StoreError> {
-        let deadline = Instant::now() + self.write_timeout;
+        let deadline = Instant::now() + WRITE_TIMEOUT;
         let result = tokio::time::timeout_at(deadline, self.write(cmd)).await;
         let (index, result) = result.map_err(|_| no_quorum())??;
         self.wait_routed(index, deadline).await?;
@@ -226,7 +223,7 @@ impl Store {
         // Adding a node waits for it to catch up and be promoted: several
         // round trips, so it may take what is left of the write's time.
         let limit = match f {
-            Forward::AddLearner { .. } => self.write_timeout,
+            Forward::AddLearner { .. } => WRITE_TIMEOUT,
             _ => FORWARD_TIMEOUT,
         };
         match self
@@ -294,7 +291,7 @@ impl Store {
     /// quorum (through the leader when this node is not it) and waits until
     /// this node has applied up to the read index.
     pub async fn linearize(&self) -> Result<(), StoreError> {
-        let deadline = Instant::now() + self.write_timeout;
+        let deadline = Instant::now() + WRITE_TIMEOUT;
         let read = async {
             loop {
                 match self.raft.ensure_linearizable().await {
@@ -333,7 +330,7 @@ impl Store {
     }
 
     async fn membership(&self, f: Forward) -> Result<u64, StoreError> {
-        let deadline = Instant::now() + self.write_timeout;
+        let deadline = Instant::now() + WRITE_TIMEOUT;
         let work = async {
             loop {
                 let leader =
@@ -414,6 +411,9 @@ impl Store {
 const WRITE_PROMISE: Duration = Duration::from_secs(5);
 /// Room left in [`WRITE_PROMISE`] to send the 503.
 const ANSWER_ROOM: Duration = Duration::from_millis(100);
+/// How long a write's (or linearizable read's) work may take: what is
+/// promised is an answer within 5 s, so the work stops a little earlier.
+const WRITE_TIMEOUT: Duration = WRITE_PROMISE.saturating_sub(ANSWER_ROOM);
 
 fn no_quorum() -> StoreError {
     StoreError::Unavailable(format!(
