@@ -29,6 +29,7 @@
 mod codec;
 mod counters;
 mod estimator;
+mod schedule;
 mod state;
 mod tracker;
 
@@ -40,7 +41,8 @@ pub use codec::{
 };
 pub use counters::{EPOCHS, LoadCounters, Started};
 pub use estimator::Estimator;
-pub use state::{Counters, LoadTable, Merge};
+pub use schedule::{JITTER, MAX_SHARE, MIN_GAP, REFRESH, RefreshSchedule, SendSchedule, jittered};
+pub use state::{Arrival, Counters, LoadTable, Merge};
 pub use tracker::{LONG_FLOOR, Tracker};
 
 /// Gossip settings (SPEC §5).

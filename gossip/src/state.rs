@@ -5,8 +5,10 @@
 //!   there is to know and a newer incarnation (a restarted peer) replaces the
 //!   old counts entirely. An older or equal one is ignored and counted as
 //!   stale (reordered or duplicated in transit).
-//! - A report is used while it is at most `ttl` old, measured from when it
-//!   was received; after that the peer counts for nothing until it reports
+//! - A report is dated by its age at the sender ([`Arrival`]): its receive
+//!   time less the one-way delay, since time in transit counts (SPEC §5;
+//!   across regions it is tens of milliseconds).
+//! - A report is used while it is at most `ttl` old by that dating; after that the peer counts for nothing until it reports
 //!   again, so a dead node's load fades out. An expired report no longer
 //!   guards its `(incarnation, seq)`: the peer's next report replaces it
 //!   whatever its version, so a peer that restarts with a lower incarnation
@@ -19,6 +21,52 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::codec::{Entry, Report};
+
+/// When and how a report arrived: what dates it.
+///
+/// A report's counts were true when the sender sampled them, which is one
+/// transit earlier than its receipt. The receiver estimates the transit as
+/// half the round-trip time that the transport measures on the peer's
+/// connection (QUIC keeps a smoothed RTT, refreshed by its keep-alives even
+/// on a one-way gossip connection). The alternative, the sender's send time
+/// against a per-peer clock offset, needs the same round trips to separate
+/// the offset from the delay, and wall clocks step; RTT/2 is off by half the
+/// path's asymmetry at most, and needs nothing on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    /// When the report was received.
+    pub received: Instant,
+    /// Estimated one-way delay from the sender.
+    pub one_way: Duration,
+}
+
+impl Arrival {
+    /// A report received at `received` on a connection with round-trip
+    /// time `rtt`: one way is half of it.
+    pub fn with_rtt(received: Instant, rtt: Duration) -> Self {
+        Self {
+            received,
+            one_way: rtt / 2,
+        }
+    }
+
+    /// When the report's counts were true: receipt less the one-way delay.
+    pub fn as_of(self) -> Instant {
+        self.received
+            .checked_sub(self.one_way)
+            .unwrap_or(self.received)
+    }
+}
+
+/// A report taken to be as old as `at` (no transit).
+impl From<Instant> for Arrival {
+    fn from(at: Instant) -> Self {
+        Self {
+            received: at,
+            one_way: Duration::ZERO,
+        }
+    }
+}
 
 /// Newest report per peer.
 #[derive(Debug)]
@@ -71,10 +119,10 @@ impl LoadTable {
         self.peers.get(&peer).map(|p| p.incarnation)
     }
 
-    /// Merges `report`, received at `as_of`: the receive time, or the receive
-    /// time less the transport's estimate of the one-way delay (half the
-    /// round-trip time) when the transport has one.
-    pub fn insert(&mut self, report: Report, as_of: Instant) -> Merge {
+    /// Merges `report`, dated by its [`Arrival`] (an `Instant` dates it
+    /// at that instant).
+    pub fn insert(&mut self, report: Report, arrival: impl Into<Arrival>) -> Merge {
+        let as_of = arrival.into().as_of();
         let version = (report.incarnation, report.seq);
         if let Some(old) = self.peers.get(&report.node_id)
             && (old.incarnation, old.seq) >= version
@@ -280,6 +328,27 @@ mod tests {
         assert_eq!(table.last_report_age(3, later), None);
         // A report from the past (clock skew in the caller) counts as age 0.
         assert_eq!(table.last_report_age(2, t0), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn time_in_transit_counts() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(1);
+        let mut table = LoadTable::new(ttl);
+        // Sampled at t0, received 50 ms later on a 100 ms round trip.
+        let arrival = Arrival::with_rtt(t0 + Duration::from_millis(50), Duration::from_millis(100));
+        assert_eq!(arrival.as_of(), t0);
+        table.insert(report(1, 1, 1, &[(A, 3)]), arrival);
+        let received = t0 + Duration::from_millis(50);
+        assert_eq!(
+            table.last_report_age(1, received),
+            Some(Duration::from_millis(50))
+        );
+        // It expires a transit earlier than a report dated at receipt.
+        table.insert(report(2, 1, 1, &[(A, 4)]), received);
+        let at = received + ttl - Duration::from_millis(10);
+        assert_eq!(table.reported(&A, at), 4);
+        assert_eq!(table.fresh_peers(at), 1);
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!   │     connection (edgelb-gossip/1); datagram or unidirectional stream
 //!   ▼
 //!  peer's transport ─▶ Gossip::report ─▶ LoadTable (mutex, gossip tasks and
-//!                                        admin reads only; as_of = receipt)
+//!                                        admin reads only; as_of = receipt
+//!                                        less RTT/2: gossip::Arrival)
 //!                                            │ wakes
 //!                                            ▼
 //!  refresh: every few ms while a peer is fresh, and after each report:
@@ -25,8 +26,9 @@
 //! atomics, and the sender reads them. A report carries this node's absolute
 //! counts, so a lost one costs freshness only; the receiver keeps each
 //! peer's newest by `(incarnation, seq)`, the incarnation being the start
-//! time in ms (a restart replaces the old counts at once). Reports expire
-//! `gossip_ttl` after they arrive, so a dead or silent peer's load fades
+//! time in ms (a restart replaces the old counts at once). Reports are dated
+//! by their age at the sender (receipt less half the connection's RTT:
+//! time in transit counts) and expire `gossip_ttl` after that, so a dead or silent peer's load fades
 //! out; a peer that leaves the membership is forgotten at once.
 
 mod links;
@@ -39,7 +41,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ::gossip::{LoadTable, Merge, Report, Tracker};
+use ::gossip::{Arrival, LoadTable, Merge, Report, Tracker};
 use bytes::Bytes;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
@@ -163,7 +165,7 @@ impl Gossip {
 }
 
 impl GossipHandler for Gossip {
-    fn report(&self, report: Report, bytes: usize) {
+    fn report(&self, report: Report, bytes: usize, arrival: Arrival) {
         let m = &self.metrics.gossip;
         m.bytes_rx.inc_by(bytes as u64);
         let peer = report.node_id;
@@ -171,7 +173,7 @@ impl GossipHandler for Gossip {
         let (merged, before) = {
             let mut table = self.lock();
             let before = table.incarnation(peer);
-            (table.insert(report, Instant::now()), before)
+            (table.insert(report, arrival), before)
         };
         match merged {
             Merge::Accepted => {

@@ -18,9 +18,12 @@
 //!  instance i: c servers, FIFO queue; work ~ Exp(mean) / speed(i)
 //!     │ done: Lease::release (LoadCounters::finish)
 //!     ▼
-//!  every `interval` (± jitter): Tracker::report (samples the counters) →
-//!  encode → each peer after `delay` (± jitter) → decode → LoadTable::insert;
-//!  every `refresh` and on each report: Estimator::peer_loads → set_peer_load
+//!  on a count change, coalesced to min_interval, else a heartbeat
+//!  (gossip::SendSchedule, as the node's sender): Tracker::report (samples
+//!  the counters) → encode → each peer after `delay` (± jitter), or lost →
+//!  decode → LoadTable::insert dated by gossip::Arrival (receipt less RTT/2);
+//!  on each report and every REFRESH, throttled (gossip::RefreshSchedule):
+//!  the estimator → set_peer_load
 //! ```
 //!
 //! Each instance is a `c`-server queue (an upstream with `c` workers and a
@@ -50,6 +53,7 @@
 //! [`GroupBalancer::set_peer_load`]: crate::balancer::GroupBalancer::set_peer_load
 
 mod engine;
+mod node;
 pub mod plot;
 pub mod report;
 pub mod suite;
@@ -83,10 +87,15 @@ pub struct Scenario {
     /// One-way gossip delay, uniformly jittered by `± delay_jitter`.
     pub delay: Duration,
     pub delay_jitter: Duration,
-    /// Report intervals are drawn uniformly from `interval × (1 ± jitter)`.
-    pub interval_jitter: f64,
-    /// How often a node recomputes its peer loads (also on every report).
-    pub refresh: Duration,
+    /// Share of reports lost in transit.
+    pub loss: f64,
+    /// Groups the instances are split into (instance `i` in group
+    /// `i % groups`); each request goes to a group drawn uniformly.
+    pub groups: usize,
+    /// Every group's `hard_limit`.
+    pub hard_limit: u32,
+    /// Crashes, restarts and membership changes, at simulated times.
+    pub faults: Vec<(Duration, Fault)>,
     pub duration: Duration,
     pub warmup: Duration,
     pub seed: u64,
@@ -108,8 +117,10 @@ impl Scenario {
             long_mean: Duration::from_secs(2),
             delay: Duration::from_millis(1),
             delay_jitter: Duration::from_micros(500),
-            interval_jitter: 0.2,
-            refresh: Duration::from_millis(2),
+            loss: 0.0,
+            groups: 1,
+            hard_limit: u32::MAX,
+            faults: Vec::new(),
             duration: Duration::from_secs(20),
             warmup: Duration::from_secs(1),
             seed: 1,
@@ -148,6 +159,20 @@ impl Scenario {
     }
 }
 
+/// Something that happens to a node during a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The node's process dies: it stops reporting, its peers keep its last
+    /// report until the TTL, and its traffic goes to the next node up.
+    Crash(usize),
+    /// The node starts again with a new incarnation and empty counters.
+    Restart(usize),
+    /// The node leaves the membership: it stops, and its peers forget it.
+    Leave(usize),
+    /// The node (absent until then) joins and starts.
+    Join(usize),
+}
+
 /// How nodes combine their own and their peers' counts.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Strategy {
@@ -158,7 +183,8 @@ pub enum Strategy {
     /// Own counts plus the estimated peer loads from gossip.
     Gossip {
         estimator: Estimator,
-        /// Report interval (jittered by the scenario).
+        /// `gossip_min_interval`: under load, counts change all the time
+        /// and a report goes out about this often (jittered ±20 %).
         interval: Duration,
         /// Whether reports carry the long-lived part; without it every
         /// in-flight count decays (to show requirement (c)).
@@ -167,13 +193,31 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    /// Gossip with `estimator` every `interval` ms, reports as specified.
+    /// Gossip with `estimator`, `gossip_min_interval` = `interval_ms`,
+    /// reports as specified.
     pub fn gossip(estimator: Estimator, interval_ms: u64) -> Self {
         Self::Gossip {
             estimator,
             interval: Duration::from_millis(interval_ms),
             long_split: true,
         }
+    }
+
+    /// The nodes' gossip settings: the defaults, with the strategy's
+    /// estimator and `min_interval` (the heartbeat no shorter than it).
+    pub fn config(&self) -> gossip::Config {
+        let mut config = gossip::Config::default();
+        if let Self::Gossip {
+            estimator,
+            interval,
+            ..
+        } = self
+        {
+            config.estimator = *estimator;
+            config.min_interval = *interval;
+            config.interval = config.interval.max(*interval);
+        }
+        config
     }
 
     /// Short name for tables.
@@ -213,9 +257,13 @@ pub struct Outcome {
     pub mean_inflight: f64,
     /// Requests completed (short and long).
     pub completed: u64,
+    /// Requests refused by `hard_limit` (after the warm-up).
+    pub refused: u64,
     /// Reports sent (to each peer) and their encoded bytes.
     pub reports: u64,
     pub report_bytes: u64,
+    /// Reports lost in transit.
+    pub lost_reports: u64,
     /// Reports dropped as stale by receivers (reordered in transit).
     pub stale_reports: u64,
 }

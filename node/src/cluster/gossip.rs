@@ -26,9 +26,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ::gossip::{DATAGRAM_MAX, MAX_REPORT_LEN, Report};
+use ::gossip::{Arrival, DATAGRAM_MAX, MAX_REPORT_LEN, Report};
 use bytes::Bytes;
 use quinn::{Connection, ReadToEndError, RecvStream, SendDatagramError};
 use raft_store::NodeId;
@@ -75,8 +75,9 @@ impl Dropped {
 /// on the transport's tasks and must not block.
 pub trait GossipHandler: Send + Sync + 'static {
     /// A decoded report whose `node_id` the sender's certificate proves
-    /// (not this node's); it was `bytes` long on the wire.
-    fn report(&self, report: Report, bytes: usize);
+    /// (not this node's); it was `bytes` long on the wire, and `arrival`
+    /// dates it (receipt, less half the connection's round-trip time).
+    fn report(&self, report: Report, bytes: usize, arrival: Arrival);
     /// `bytes` of input that were dropped, and why.
     fn dropped(&self, reason: Dropped, bytes: usize);
 }
@@ -255,7 +256,10 @@ fn receive(shared: &Shared, sender: &Sender, bytes: &[u8]) {
     sender.strikes.store(0, Ordering::Relaxed);
     bump(&shared.stats.gossip_reports);
     match shared.gossip.get() {
-        Some(handler) => handler.report(report, bytes.len()),
+        Some(handler) => {
+            let arrival = Arrival::with_rtt(Instant::now(), sender.peer.conn.rtt());
+            handler.report(report, bytes.len(), arrival);
+        }
         None => debug!("gossip report before the handler was set"),
     }
 }

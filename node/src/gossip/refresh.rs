@@ -1,42 +1,37 @@
 //! The refresh task: recomputes every backend's peer load from the load
-//! table, right after a report arrives and every [`REFRESH`] while any peer
-//! is fresh (estimates move with the reports' age; a report that expires
-//! takes its load with it).
+//! table, right after a report arrives and every `gossip::REFRESH` while
+//! any peer is fresh (estimates move with the reports' age; a report that
+//! expires takes its load with it), throttled by `gossip::RefreshSchedule`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::time::sleep;
+use ::gossip::RefreshSchedule;
+use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
 use super::Gossip;
 use crate::balancer::Backend;
 use crate::routing::GroupRuntime;
 
-/// Recompute at least this often while a peer is fresh. The simulator gave
-/// the same balance with 0.5 to 20 ms (reports trigger refreshes anyway).
-pub(super) const REFRESH: Duration = Duration::from_millis(5);
-/// Shortest pause between two refreshes.
-const MIN_GAP: Duration = Duration::from_millis(1);
-/// A refresh may take at most this share of the time (of one core) when
-/// reports arrive faster than refreshes complete.
-const MAX_SHARE: u32 = 5;
-
 pub(super) async fn run(gossip: Arc<Gossip>, cancel: CancellationToken) {
-    let mut active = true;
+    // The timers are the simulator's too (gossip::RefreshSchedule).
+    let mut schedule = RefreshSchedule::new(Instant::now());
     loop {
+        let timer = schedule.timer().map(tokio::time::Instant::from_std);
         tokio::select! {
             () = cancel.cancelled() => return,
             () = gossip.report_arrived.notified() => {}
-            () = sleep(REFRESH), if active => {}
+            () = sleep_until(timer.unwrap_or_else(tokio::time::Instant::now)), if timer.is_some() => {}
         }
-        let started = Instant::now();
-        active = apply(&gossip, started);
-        let gap = (started.elapsed() * (MAX_SHARE - 1)).max(MIN_GAP);
+        let at = tokio::time::Instant::from_std(schedule.on_report(Instant::now()));
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = sleep(gap) => {}
+            () = sleep_until(at) => {}
         }
+        let started = Instant::now();
+        let active = apply(&gossip, started);
+        schedule.refreshed(started, Instant::now(), active);
     }
 }
 

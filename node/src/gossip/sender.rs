@@ -3,11 +3,9 @@
 //! both jittered by ±20 %, and publishes it to the links.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use ::gossip::Tracker;
+use ::gossip::{SendSchedule, Tracker};
 use bytes::Bytes;
-use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -16,15 +14,6 @@ use tracing::{debug, warn};
 use super::{Gossip, unix_ms};
 use crate::balancer::LoadChanged;
 
-/// Report timers are drawn from `interval × (1 ± JITTER)`: aligned timers
-/// across nodes are the worst case for herding.
-pub(super) const JITTER: f64 = 0.2;
-
-/// `interval` jittered by ±[`JITTER`].
-pub(super) fn jittered<R: Rng + ?Sized>(interval: Duration, rng: &mut R) -> Duration {
-    interval.mul_f64(rng.random_range(1.0 - JITTER..=1.0 + JITTER))
-}
-
 pub(super) async fn run(
     gossip: Arc<Gossip>,
     mut tracker: Tracker,
@@ -32,10 +21,10 @@ pub(super) async fn run(
     reports: Arc<watch::Sender<Option<Bytes>>>,
     cancel: CancellationToken,
 ) {
-    let (min_interval, interval) = (gossip.config.min_interval, gossip.config.interval);
-    let mut last: Option<Instant> = None;
-    let mut heartbeat = Instant::now();
+    // The timers are the simulator's too (gossip::SendSchedule).
+    let mut schedule = SendSchedule::new(&gossip.config, Instant::now().into_std());
     loop {
+        let heartbeat = Instant::from_std(schedule.heartbeat());
         let beat = tokio::select! {
             () = cancel.cancelled() => return,
             () = sleep_until(heartbeat) => true,
@@ -43,24 +32,21 @@ pub(super) async fn run(
                 if !changed.is_raised() {
                     continue; // a stale wake-up
                 }
-                if let Some(last) = last {
-                    let next = last + jittered(min_interval, &mut rand::rng());
-                    tokio::select! {
-                        () = cancel.cancelled() => return,
-                        () = sleep_until(next) => {}
-                    }
+                let next = schedule.coalesced(Instant::now().into_std(), &mut rand::rng());
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = sleep_until(Instant::from_std(next)) => {}
                 }
                 false
             }
         };
         changed.take();
         let now = Instant::now();
-        last = Some(now);
-        heartbeat = now + jittered(interval, &mut rand::rng());
         // With nobody to tell (no peers, or their links are starting), the
         // counters are still sampled at every heartbeat: the tracker's
         // deltas must not span too many completions (see LoadCounters).
         if !beat && reports.receiver_count() == 0 {
+            schedule.sampled(now.into_std(), None, &mut rand::rng());
             continue;
         }
         let routes = gossip.dataplane.routes.load();
@@ -69,14 +55,9 @@ pub(super) async fn run(
             .flat_map(|g| g.backends.values())
             .map(|b| (b.uuid.into_bytes(), b.counters()));
         let report = tracker.report(now.into_std(), unix_ms(), counters);
-        // Short work in flight becomes long-lived (counted by peers without
-        // decay) within LONG_FLOOR of crossing its threshold, which is no
-        // count change: look again that soon, so that a slow request never
-        // fades from peers' estimates for a whole heartbeat (SPEC §3 (c)).
-        if report.entries.iter().any(|e| e.inflight > e.long_inflight) {
-            let soon = now + jittered(::gossip::LONG_FLOOR, &mut rand::rng());
-            heartbeat = heartbeat.min(soon);
-        }
+        // The next heartbeat, sooner while short work in flight may turn
+        // long-lived (see gossip::SendSchedule).
+        schedule.sampled(now.into_std(), Some(&report), &mut rand::rng());
         match ::gossip::encode(&report) {
             Ok(bytes) => {
                 debug!(

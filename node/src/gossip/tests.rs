@@ -317,3 +317,31 @@ async fn a_new_incarnation_replaces_the_old_counts() {
     zombie.stop().await;
     two.stop().await;
 }
+
+/// A report is dated by its age at the sender: received now over a path
+/// with a 100 ms round trip, its counts are 50 ms old, and it expires 50 ms
+/// sooner than one dated at receipt.
+#[test]
+fn time_in_transit_counts() {
+    use crate::cluster::GossipHandler;
+
+    let ttl = Duration::from_millis(400);
+    let dataplane = Arc::new(DataPlane::new(Settings::default()));
+    let gossip = Gossip::new(2, config(ttl), dataplane, Arc::new(Metrics::new()));
+    let report = ::gossip::Report {
+        node_id: 1,
+        incarnation: 1,
+        seq: 1,
+        sent_at_ms: 0,
+        entries: Vec::new(),
+    };
+    let received = Instant::now();
+    let rtt = Duration::from_millis(100);
+    gossip.report(report, 38, ::gossip::Arrival::with_rtt(received, rtt));
+    assert_eq!(
+        gossip.last_report_age(1, received),
+        Some(Duration::from_millis(50))
+    );
+    assert_eq!(gossip.lock().fresh_peers(received + ttl - rtt / 2), 1);
+    assert_eq!(gossip.lock().fresh_peers(received + ttl - rtt / 4), 0);
+}

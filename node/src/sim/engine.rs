@@ -6,14 +6,14 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gossip::{Estimator, LoadTable, Tracker};
+use gossip::Estimator;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
-use super::{Outcome, Scenario, Strategy};
-use crate::balancer::{Backend, GroupBalancer, Lease, Pick};
-use crate::metrics::InstanceMetrics;
+use super::node::{SimNode, backends, balancers};
+use super::{Fault, Outcome, Scenario, Strategy};
+use crate::balancer::{Lease, LoadChanged, Pick};
 
 /// How often the in-flight counts are sampled for the metrics.
 const SAMPLE: Duration = Duration::from_millis(1);
@@ -35,11 +35,26 @@ fn exp1(rng: &mut SmallRng) -> f64 {
 }
 
 enum Event {
-    Arrival { node: usize },
-    Done { job: usize },
-    Send { node: usize },
-    Deliver { to: usize, payload: Rc<[u8]> },
-    Refresh { node: usize },
+    Arrival {
+        node: usize,
+    },
+    Done {
+        job: usize,
+    },
+    /// The sender's timer (void unless `gen` is the node's current one).
+    Send {
+        node: usize,
+        generation: u64,
+    },
+    Deliver {
+        to: usize,
+        payload: Rc<[u8]>,
+    },
+    Refresh {
+        node: usize,
+        generation: u64,
+    },
+    Fault(Fault),
     Sample,
 }
 
@@ -67,15 +82,12 @@ impl Ord for Timed {
     }
 }
 
+/// A node: its traffic stream and its state (rebuilt on restart).
 struct Node {
     /// Poisson arrival rate, per second.
     rate: f64,
-    balancer: Arc<GroupBalancer>,
-    /// Index = instance.
-    backends: Vec<Arc<Backend>>,
-    tracker: Tracker,
-    table: LoadTable,
     arrivals: SmallRng,
+    state: SimNode,
 }
 
 #[derive(Default)]
@@ -88,6 +100,7 @@ struct Instance {
 
 struct Job {
     arrival: Ns,
+    node: usize,
     instance: usize,
     /// Service time at this instance, in ns.
     work: Ns,
@@ -118,35 +131,19 @@ pub(super) struct Sim<'a> {
     inflight_sum: f64,
     error_sum: f64,
     completed: u64,
+    refused: u64,
     reports: u64,
     report_bytes: u64,
-}
-
-/// `n` backends whose load counters count time from `base`, the simulated
-/// clock's zero.
-fn backends(n: usize, base: Instant) -> Vec<Arc<Backend>> {
-    (0..n)
-        .map(|i| {
-            Arc::new(Backend::new_at(
-                Uuid::from_u128(i as u128),
-                format!("i-{i}"),
-                format!("10.0.0.{i}"),
-                InstanceMetrics::unregistered(),
-                base,
-            ))
-        })
-        .collect()
-}
-
-fn group(backends: &[Arc<Backend>]) -> Arc<GroupBalancer> {
-    let group = Arc::new(GroupBalancer::new(u32::MAX));
-    group.set_backends(backends.to_vec());
-    group
+    lost_reports: u64,
+    config: gossip::Config,
+    /// Instances of each group.
+    group_of: Vec<usize>,
 }
 
 impl<'a> Sim<'a> {
     pub(super) fn new(sc: &'a Scenario, strategy: &'a Strategy) -> Self {
         let k = sc.instances.max(1);
+        let groups = sc.groups.clamp(1, k);
         let speeds: Vec<f64> = (0..k)
             .map(|i| {
                 let x = if k == 1 {
@@ -162,38 +159,31 @@ impl<'a> Sim<'a> {
         let capacity: f64 = speeds.iter().map(|s| s * sc.servers as f64).sum::<f64>() / mean_work;
         let total_rate = sc.utilization * capacity;
         let share_sum: f64 = sc.shares.iter().sum();
-        let config = gossip::Config::default();
+        let config = strategy.config();
         let base = Instant::now();
-        let central = match strategy {
-            Strategy::Central => {
-                let b = backends(k, base);
-                Some((group(&b), b))
-            }
-            _ => None,
-        };
-        let nodes = sc
+        let joining: Vec<usize> = sc
+            .faults
+            .iter()
+            .filter_map(|(_, f)| match f {
+                Fault::Join(n) => Some(*n),
+                _ => None,
+            })
+            .collect();
+        let nodes: Vec<Node> = sc
             .shares
             .iter()
             .enumerate()
             .map(|(n, share)| {
-                let (balancer, backends) = match &central {
-                    Some((g, b)) => (Arc::clone(g), b.clone()),
-                    None => {
-                        let b = backends(k, base);
-                        (group(&b), b)
-                    }
-                };
+                let mut state = SimNode::new(n as u64, 1, &config, groups, k, sc.hard_limit, base);
+                state.up = !joining.contains(&n);
                 Node {
                     rate: total_rate * share / share_sum,
-                    balancer,
-                    backends,
-                    tracker: Tracker::new(n as u64, 1, &config, base),
-                    table: LoadTable::new(config.ttl),
                     arrivals: SmallRng::seed_from_u64(sc.seed ^ (0xa11 + n as u64) << 20),
+                    state,
                 }
             })
             .collect();
-        Self {
+        let mut sim = Self {
             sc,
             strategy,
             base,
@@ -216,9 +206,24 @@ impl<'a> Sim<'a> {
             inflight_sum: 0.0,
             error_sum: 0.0,
             completed: 0,
+            refused: 0,
             reports: 0,
             report_bytes: 0,
+            lost_reports: 0,
+            config,
+            group_of: (0..k).map(|i| i % groups).collect(),
+        };
+        if *strategy == Strategy::Central {
+            // One set of backends and balancers shared by every node.
+            let changed = Arc::new(LoadChanged::default());
+            let shared = backends(k, base);
+            let groups = balancers(&shared, groups, sc.hard_limit, &changed);
+            for node in &mut sim.nodes {
+                node.state.backends.clone_from(&shared);
+                node.state.groups.clone_from(&groups);
+            }
         }
+        sim
     }
 
     fn at(&mut self, at: Ns, event: Event) {
@@ -234,13 +239,13 @@ impl<'a> Sim<'a> {
         self.base + Duration::from_nanos(self.now)
     }
 
-    fn gossip(&self) -> Option<(Estimator, Duration)> {
+    fn ns_of(&self, at: Instant) -> Ns {
+        ns(at.saturating_duration_since(self.base))
+    }
+
+    fn estimator(&self) -> Option<Estimator> {
         match self.strategy {
-            Strategy::Gossip {
-                estimator,
-                interval,
-                ..
-            } => Some((*estimator, *interval)),
+            Strategy::Gossip { estimator, .. } => Some(*estimator),
             _ => None,
         }
     }
@@ -256,15 +261,24 @@ impl<'a> Sim<'a> {
     }
 
     pub(super) fn run(mut self) -> Outcome {
+        let gossip = self.estimator().is_some();
         for node in 0..self.nodes.len() {
             let first = self.next_arrival(node);
             self.at(first, Event::Arrival { node });
-            if let Some((_, interval)) = self.gossip() {
-                let phase = self.net.random_range(0..ns(interval).max(1));
-                self.at(phase, Event::Send { node });
-                let phase = self.net.random_range(0..ns(self.sc.refresh).max(1));
-                self.at(phase, Event::Refresh { node });
+            if gossip && self.nodes[node].state.up {
+                // Start the senders out of phase.
+                let phase = self.net.random_range(0..ns(self.config.interval).max(1));
+                self.at(
+                    phase,
+                    Event::Send {
+                        node,
+                        generation: 0,
+                    },
+                );
             }
+        }
+        for (at, fault) in self.sc.faults.clone() {
+            self.at(ns(at), Event::Fault(fault));
         }
         self.at(ns(self.sc.warmup), Event::Sample);
         let end = ns(self.sc.duration);
@@ -276,15 +290,10 @@ impl<'a> Sim<'a> {
             match event {
                 Event::Arrival { node } => self.arrival(node),
                 Event::Done { job } => self.done(job),
-                Event::Send { node } => self.send(node),
+                Event::Send { node, generation } => self.send(node, generation),
                 Event::Deliver { to, payload } => self.deliver(to, &payload),
-                Event::Refresh { node } => {
-                    self.refresh(node);
-                    self.at(
-                        self.now + ns(self.sc.refresh).max(1),
-                        Event::Refresh { node },
-                    );
-                }
+                Event::Refresh { node, generation } => self.refresh(node, generation),
+                Event::Fault(fault) => self.fault(fault),
                 Event::Sample => {
                     self.sample();
                     self.at(self.now + ns(SAMPLE), Event::Sample);
@@ -300,22 +309,45 @@ impl<'a> Sim<'a> {
         self.now + (gap * 1e9) as Ns
     }
 
+    /// The node that serves traffic arriving at `node`: itself while up,
+    /// else the next one up (clients fail over).
+    fn serving(&self, node: usize) -> Option<usize> {
+        let n = self.nodes.len();
+        (0..n)
+            .map(|d| (node + d) % n)
+            .find(|&m| self.nodes[m].state.up)
+    }
+
     fn arrival(&mut self, node: usize) {
         let next = self.next_arrival(node);
         self.at(next, Event::Arrival { node });
         let now = self.instant();
-        let n = &mut self.nodes[node];
-        // Request size and kind come from the node's arrival stream, drawn
-        // before the pick, so that every strategy sees the same requests.
-        let long = n
-            .arrivals
-            .random_bool(self.sc.long_fraction.clamp(0.0, 1.0));
-        let size = exp1(&mut n.arrivals);
-        let lease = match n.balancer.pick(now, &mut self.picks) {
-            Pick::Selected(lease) => lease,
-            // hard_limit is u32::MAX and every group has instances.
-            Pick::NoInstances | Pick::Overloaded => return,
+        let groups = self.nodes[node].state.groups.len();
+        let a = &mut self.nodes[node].arrivals;
+        // Request size, kind and group come from the node's arrival stream,
+        // drawn before the pick, so that every strategy sees the same
+        // requests.
+        let long = a.random_bool(self.sc.long_fraction.clamp(0.0, 1.0));
+        let size = exp1(a);
+        let group = if groups > 1 {
+            a.random_range(0..groups)
+        } else {
+            0
         };
+        let Some(at) = self.serving(node) else {
+            return;
+        };
+        let lease = match self.nodes[at].state.groups[group].pick(now, &mut self.picks) {
+            Pick::Selected(lease) => lease,
+            Pick::Overloaded => {
+                if self.now >= ns(self.sc.warmup) {
+                    self.refused += 1;
+                }
+                return;
+            }
+            Pick::NoInstances => return,
+        };
+        self.changed(at);
         let instance = usize::try_from(lease.backend().uuid.as_u128()).unwrap_or(0);
         let mean = if long {
             self.sc.long_mean
@@ -325,6 +357,7 @@ impl<'a> Sim<'a> {
         let work = (size * mean.as_secs_f64() / self.speeds[instance] * 1e9) as Ns;
         let job = Job {
             arrival: self.now,
+            node: at,
             instance,
             work,
             long,
@@ -361,6 +394,7 @@ impl<'a> Sim<'a> {
         }
         // The release records the service time on the backend's counters.
         job.lease.release(self.instant());
+        self.changed(job.node);
         let inst = &mut self.instances[job.instance];
         inst.inflight -= 1;
         match inst.queue.pop_front() {
@@ -372,20 +406,31 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn send(&mut self, node: usize) {
-        let Some((_, interval)) = self.gossip() else {
+    /// A pick or release at `node`: its sender wakes on the changed flag.
+    fn changed(&mut self, node: usize) {
+        if self.estimator().is_none() || !self.nodes[node].state.up {
             return;
-        };
-        let jitter = self.sc.interval_jitter.clamp(0.0, 1.0);
-        let next = ns(interval) as f64 * self.net.random_range(1.0 - jitter..=1.0 + jitter);
-        self.at(self.now + (next as Ns).max(1), Event::Send { node });
+        }
         let now = self.instant();
-        let n = &mut self.nodes[node];
-        let counters = n
-            .backends
-            .iter()
-            .map(|b| (b.uuid.into_bytes(), b.counters()));
-        let mut report = n.tracker.report(now, self.now / 1_000_000, counters);
+        let state = &mut self.nodes[node].state;
+        if let Some(at) = state.on_change(now, &mut self.net) {
+            let generation = state.send_gen;
+            let at = self.ns_of(at);
+            self.at(at, Event::Send { node, generation });
+        }
+    }
+
+    fn send(&mut self, node: usize, generation: u64) {
+        let state = &self.nodes[node].state;
+        if !state.up || generation != state.send_gen || self.estimator().is_none() {
+            return;
+        }
+        let now = self.instant();
+        let state = &mut self.nodes[node].state;
+        let (mut report, heartbeat) = state.build(now, &mut self.net);
+        let generation = state.send_gen;
+        let heartbeat = self.ns_of(heartbeat);
+        self.at(heartbeat, Event::Send { node, generation });
         if !self.long_split() {
             for entry in &mut report.entries {
                 entry.long_inflight = 0;
@@ -395,11 +440,19 @@ impl<'a> Sim<'a> {
             return;
         };
         let payload: Rc<[u8]> = bytes.into();
+        let jitter = ns(self.sc.delay_jitter) as f64;
+        let loss = self.sc.loss.clamp(0.0, 1.0);
         for to in (0..self.nodes.len()).filter(|&to| to != node) {
-            let jitter = ns(self.sc.delay_jitter) as f64;
-            let delay = ns(self.sc.delay) as f64 + self.net.random_range(-jitter..=jitter);
+            if !self.nodes[to].state.up {
+                continue;
+            }
             self.reports += 1;
             self.report_bytes += payload.len() as u64;
+            if self.net.random_bool(loss) {
+                self.lost_reports += 1;
+                continue;
+            }
+            let delay = ns(self.sc.delay) as f64 + self.net.random_range(-jitter..=jitter);
             self.at(
                 self.now + delay.max(0.0) as Ns,
                 Event::Deliver {
@@ -414,24 +467,103 @@ impl<'a> Sim<'a> {
         let Ok(report) = gossip::decode(payload) else {
             return;
         };
-        // The receiver knows the delay only on average (RTT / 2).
-        let as_of = self
-            .instant()
-            .checked_sub(self.sc.delay)
-            .unwrap_or(self.base);
-        self.nodes[to].table.insert(report, as_of);
-        self.refresh(to);
+        if !self.nodes[to].state.up {
+            return;
+        }
+        // The transport's smoothed RTT over a symmetric path.
+        let rtt = self.sc.delay * 2;
+        let now = self.instant();
+        if let Some(at) = self.nodes[to].state.receive(report, now, rtt) {
+            let generation = self.nodes[to].state.refresh_gen;
+            let at = self.ns_of(at);
+            self.at(
+                at,
+                Event::Refresh {
+                    node: to,
+                    generation,
+                },
+            );
+        }
     }
 
-    fn refresh(&mut self, node: usize) {
-        let Some((estimator, _)) = self.gossip() else {
+    fn refresh(&mut self, node: usize, generation: u64) {
+        let Some(estimator) = self.estimator() else {
             return;
         };
+        let state = &self.nodes[node].state;
+        if !state.up || generation != state.refresh_gen {
+            return;
+        }
         let now = self.instant();
-        let n = &self.nodes[node];
-        let loads = estimator.peer_loads(&n.table, &self.ids, now);
-        for (backend, load) in n.backends.iter().zip(loads) {
-            n.balancer.set_peer_load(backend, load);
+        let state = &mut self.nodes[node].state;
+        state.refresh_at = None;
+        let active = state.table.fresh_peers(now) > 0;
+        for (g, balancer) in state.groups.iter().enumerate() {
+            let members: Vec<usize> = (0..self.ids.len())
+                .filter(|&i| self.group_of[i] == g)
+                .collect();
+            let ids: Vec<[u8; 16]> = members.iter().map(|&i| self.ids[i]).collect();
+            let loads = estimator.peer_loads(&state.table, &ids, now);
+            for (&i, load) in members.iter().zip(loads) {
+                let backend = &state.backends[i];
+                if backend.peer_load() != load {
+                    balancer.set_peer_load(backend, load);
+                }
+            }
+        }
+        // The simulator's refreshes take no simulated time.
+        state.refresh.refreshed(now, now, active);
+        if let Some(timer) = state.refresh.timer()
+            && let Some(at) = state.schedule_refresh(timer)
+        {
+            let generation = state.refresh_gen;
+            let at = self.ns_of(at);
+            self.at(at, Event::Refresh { node, generation });
+        }
+    }
+
+    fn fault(&mut self, fault: Fault) {
+        let now = self.instant();
+        match fault {
+            // Its process is gone: no more reports, and its traffic goes to
+            // the next node. Work in flight goes on at the instances.
+            Fault::Crash(node) | Fault::Leave(node) => {
+                self.nodes[node].state.up = false;
+                if matches!(fault, Fault::Leave(_)) {
+                    // The others forget it at once (membership changed).
+                    let id = self.nodes[node].state.id;
+                    for n in &mut self.nodes {
+                        n.state.table.remove_peer(id);
+                    }
+                }
+            }
+            // A new process: new incarnation, empty counters and table.
+            Fault::Restart(node) | Fault::Join(node) => {
+                let old = &self.nodes[node].state;
+                let (id, incarnation) = (old.id, old.incarnation + 1);
+                let groups = old.groups.len();
+                let mut state = SimNode::new(
+                    id,
+                    incarnation,
+                    &self.config,
+                    groups,
+                    self.ids.len(),
+                    self.sc.hard_limit,
+                    now,
+                );
+                if *self.strategy == Strategy::Central {
+                    state.backends.clone_from(&old.backends);
+                    state.groups.clone_from(&old.groups);
+                }
+                // Events of the old process stay void.
+                state.send_gen = old.send_gen + 1;
+                state.refresh_gen = old.refresh_gen + 1;
+                let generation = state.send_gen;
+                self.nodes[node].state = state;
+                if self.estimator().is_some() {
+                    self.at(self.now, Event::Send { node, generation });
+                }
+            }
         }
     }
 
@@ -444,13 +576,15 @@ impl<'a> Sim<'a> {
         self.inflight_sum += mean;
         self.ratio_sum += if total == 0 { 1.0 } else { max as f64 / mean };
         let mut error = 0.0;
-        for node in &self.nodes {
-            for (backend, inst) in node.backends.iter().zip(&self.instances) {
+        let mut up = 0;
+        for node in self.nodes.iter().filter(|n| n.state.up) {
+            up += 1;
+            for (backend, inst) in node.state.backends.iter().zip(&self.instances) {
                 let view = backend.local_inflight() + backend.peer_load();
                 error += view.abs_diff(inst.inflight) as f64;
             }
         }
-        self.error_sum += error / (k * self.nodes.len() as f64);
+        self.error_sum += error / (k * f64::from(up.max(1)));
     }
 
     fn outcome(mut self) -> Outcome {
@@ -465,7 +599,11 @@ impl<'a> Sim<'a> {
             let (_, p99, _) = self.latencies.select_nth_unstable_by(rank, f32::total_cmp);
             f64::from(*p99)
         };
-        let stale_reports = self.nodes.iter().map(|n| n.table.counters().stale).sum();
+        let stale_reports = self
+            .nodes
+            .iter()
+            .map(|n| n.state.table.counters().stale)
+            .sum();
         Outcome {
             max_mean: self.ratio_sum / samples,
             mean_latency,
@@ -473,8 +611,10 @@ impl<'a> Sim<'a> {
             view_error: self.error_sum / samples,
             mean_inflight: self.inflight_sum / samples,
             completed: self.completed,
+            refused: self.refused,
             reports: self.reports,
             report_bytes: self.report_bytes,
+            lost_reports: self.lost_reports,
             stale_reports,
         }
     }

@@ -30,7 +30,7 @@ impl Inbox {
 }
 
 impl GossipHandler for Inbox {
-    fn report(&self, report: Report, bytes: usize) {
+    fn report(&self, report: Report, bytes: usize, _arrival: ::gossip::Arrival) {
         self.reports.lock().unwrap().push((report, bytes));
     }
 

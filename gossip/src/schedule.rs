@@ -1,0 +1,215 @@
+//! When a node sends its report and when it recomputes its peers' loads:
+//! the timers of the gossip tasks as plain state machines, driven with
+//! `now` and a seeded RNG, so that the node's tasks and the simulator run
+//! the same schedule.
+//!
+//! Sending (SPEC §5):
+//!
+//! ```text
+//!  counts change ──▶ coalesced(now): no earlier than last + min_interval·(1±J)
+//!  nothing changes ─▶ heartbeat(): last + interval·(1±J)
+//!  a report with short work in flight ─▶ look again within LONG_FLOOR·(1±J)
+//! ```
+//!
+//! The re-check exists because short work in flight becomes long-lived
+//! (counted by peers without decay) within [`LONG_FLOOR`] of crossing its
+//! threshold, which is no count change: without it a slow request would
+//! fade from the peers' estimates for a whole heartbeat (SPEC §3 (c)).
+//!
+//! Refreshing: right after a report is merged and every [`REFRESH`] while
+//! any peer is fresh, but never sooner than a gap after the previous one
+//! ends: at least [`MIN_GAP`], and long enough that refreshing takes at
+//! most 1/[`MAX_SHARE`] of a core when reports arrive faster than refreshes
+//! complete.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::Config;
+use crate::codec::Report;
+use crate::tracker::LONG_FLOOR;
+
+/// Report timers are drawn from `interval × (1 ± JITTER)`: aligned timers
+/// across nodes are the worst case for herding.
+pub const JITTER: f64 = 0.2;
+
+/// Recompute the peer loads at least this often while a peer is fresh.
+pub const REFRESH: Duration = Duration::from_millis(5);
+/// Shortest pause between the end of one refresh and the start of the next.
+pub const MIN_GAP: Duration = Duration::from_millis(1);
+/// A refresh may take at most 1/`MAX_SHARE` of the time.
+pub const MAX_SHARE: u32 = 5;
+
+/// `interval` jittered by ±[`JITTER`].
+pub fn jittered<R: Rng + ?Sized>(interval: Duration, rng: &mut R) -> Duration {
+    interval.mul_f64(rng.random_range(1.0 - JITTER..=1.0 + JITTER))
+}
+
+/// The sender's timers.
+#[derive(Clone, Debug)]
+pub struct SendSchedule {
+    min_interval: Duration,
+    interval: Duration,
+    /// When the last report was built.
+    last: Option<Instant>,
+    /// When a report is due even if nothing changes.
+    heartbeat: Instant,
+}
+
+impl SendSchedule {
+    /// A schedule whose first heartbeat is at `now`.
+    pub fn new(config: &Config, now: Instant) -> Self {
+        Self {
+            min_interval: config.min_interval,
+            interval: config.interval,
+            last: None,
+            heartbeat: now,
+        }
+    }
+
+    /// When the next report is due if nothing changes.
+    pub fn heartbeat(&self) -> Instant {
+        self.heartbeat
+    }
+
+    /// When a report may go out for counts that changed at `now`: at once,
+    /// or `min_interval` (jittered) after the last one.
+    pub fn coalesced<R: Rng + ?Sized>(&self, now: Instant, rng: &mut R) -> Instant {
+        self.last.map_or(now, |last| {
+            (last + jittered(self.min_interval, rng)).max(now)
+        })
+    }
+
+    /// The counters were sampled at `now` (into `report`, or not at all when
+    /// there is nobody to send it to): the next heartbeat is an `interval`
+    /// (jittered) away, sooner when `report` has short work in flight that
+    /// may turn long-lived before then.
+    pub fn sampled<R: Rng + ?Sized>(&mut self, now: Instant, report: Option<&Report>, rng: &mut R) {
+        self.last = Some(now);
+        self.heartbeat = now + jittered(self.interval, rng);
+        if report.is_some_and(has_short_work) {
+            self.heartbeat = self.heartbeat.min(now + jittered(LONG_FLOOR, rng));
+        }
+    }
+}
+
+/// Whether some of the work in `report` is not long-lived yet.
+fn has_short_work(report: &Report) -> bool {
+    report.entries.iter().any(|e| e.inflight > e.long_inflight)
+}
+
+/// The refresh task's timers.
+#[derive(Clone, Debug)]
+pub struct RefreshSchedule {
+    /// No refresh starts before this (the gap after the last one).
+    earliest: Instant,
+    /// The timer's next refresh, while a peer is fresh.
+    timer: Option<Instant>,
+}
+
+impl RefreshSchedule {
+    /// A schedule that may refresh from `now` on, with no timer running.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            earliest: now,
+            timer: None,
+        }
+    }
+
+    /// When the refresh that a report merged at `now` asks for runs.
+    pub fn on_report(&self, now: Instant) -> Instant {
+        now.max(self.earliest)
+    }
+
+    /// The next refresh of the timer, if it runs (some peer was fresh at
+    /// the last refresh). Never before [`RefreshSchedule::earliest`].
+    pub fn timer(&self) -> Option<Instant> {
+        self.timer
+    }
+
+    /// No refresh starts before this.
+    pub fn earliest(&self) -> Instant {
+        self.earliest
+    }
+
+    /// A refresh ran from `started` to `ended`; `active`: some peer was
+    /// fresh (the estimates move with the reports' age).
+    pub fn refreshed(&mut self, started: Instant, ended: Instant, active: bool) {
+        let took = ended.saturating_duration_since(started);
+        self.earliest = ended + (took * (MAX_SHARE - 1)).max(MIN_GAP);
+        self.timer = active.then(|| self.earliest + REFRESH);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Entry;
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn within(at: Instant, base: Instant, d: Duration) -> bool {
+        at >= base + d.mul_f64(1.0 - JITTER) && at <= base + d.mul_f64(1.0 + JITTER)
+    }
+
+    #[test]
+    fn changes_are_coalesced_and_heartbeats_follow() {
+        let t0 = Instant::now();
+        let config = Config::default();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut s = SendSchedule::new(&config, t0);
+        assert_eq!(s.heartbeat(), t0);
+        // Nothing sent yet: a change goes out at once.
+        assert_eq!(s.coalesced(t0, &mut rng), t0);
+        s.sampled(t0, None, &mut rng);
+        assert!(within(s.heartbeat(), t0, config.interval));
+        // A change 1 ms later waits for min_interval; one much later does not.
+        let at = s.coalesced(t0 + ms(1), &mut rng);
+        assert!(within(at, t0, config.min_interval), "{at:?}");
+        assert_eq!(s.coalesced(t0 + ms(50), &mut rng), t0 + ms(50));
+    }
+
+    #[test]
+    fn short_work_in_flight_is_looked_at_again_soon() {
+        let t0 = Instant::now();
+        let mut rng = SmallRng::seed_from_u64(2);
+        let mut s = SendSchedule::new(&Config::default(), t0);
+        let entry = |inflight, long| Entry {
+            inflight,
+            long_inflight: long,
+            ..Entry::default()
+        };
+        let mut report = Report {
+            entries: vec![entry(3, 3)],
+            ..Report::default()
+        };
+        s.sampled(t0, Some(&report), &mut rng);
+        assert!(s.heartbeat() > t0 + LONG_FLOOR * 2, "all long-lived");
+        report.entries.push(entry(2, 1));
+        s.sampled(t0, Some(&report), &mut rng);
+        assert!(within(s.heartbeat(), t0, LONG_FLOOR));
+    }
+
+    #[test]
+    fn refreshes_are_throttled() {
+        let t0 = Instant::now();
+        let mut s = RefreshSchedule::new(t0);
+        assert_eq!((s.on_report(t0), s.timer()), (t0, None));
+        // A quick refresh: the next one at least MIN_GAP later, the timer
+        // REFRESH after that.
+        s.refreshed(t0, t0 + Duration::from_micros(10), true);
+        let gap_end = t0 + Duration::from_micros(10) + MIN_GAP;
+        assert_eq!(s.on_report(t0 + Duration::from_micros(20)), gap_end);
+        assert_eq!(s.timer(), Some(gap_end + REFRESH));
+        // A slow one (4 ms): four times as long before the next.
+        s.refreshed(t0, t0 + ms(4), false);
+        assert_eq!(s.earliest(), t0 + ms(20));
+        assert_eq!(s.timer(), None, "nobody fresh: no timer");
+        assert_eq!(s.on_report(t0 + ms(30)), t0 + ms(30));
+    }
+}
