@@ -7,9 +7,31 @@
 //!
 //! ```text
 //!  counts change ──▶ coalesced(now): no earlier than last + min_interval·(1±J)
-//!  nothing changes ─▶ heartbeat(): last + interval·(1±J)
+//!  nothing changes ─▶ heartbeat(): last + interval·(1±J),
+//!                     but no later than last_full + interval
 //!  a report with short work in flight ─▶ look again within LONG_FLOOR·(1±J)
+//!  an empty report (idle node) ─▶ the next multiple of idle_interval on the
+//!                     wall clock (not jittered)
+//!  full_due(now): the report built now must be full, not a delta:
+//!                     now ≥ last_full + interval·(1 − J), or none sent yet
 //! ```
+//!
+//! A report may be a delta (only the instances whose entries changed)
+//! provided a full report follows at least every `interval` (SPEC §5): the
+//! heartbeat is capped at `last_full + interval` while the node has
+//! anything to report.
+//!
+//! **An idle node is quiet.** Its report is empty, which is also what an
+//! expired report counts as, so repeating it every `interval` tells its
+//! peers nothing. It is repeated every [`SendSchedule::idle_interval`] (a
+//! third of the TTL, at least `interval`) so that peers still see the node
+//! as fresh (admin views, report-age metrics) and one lost heartbeat does
+//! not let it expire; and at multiples of that period on the wall clock
+//! rather than jittered, so that a node hears all its idle peers in one
+//! burst and wakes once for them (and once for the acknowledgements)
+//! instead of once per peer. Idle reports carry no load: aligning them
+//! cannot herd. The first report that lists anything goes out as soon as
+//! `min_interval` allows.
 //!
 //! The re-check exists because short work in flight becomes long-lived
 //! (counted by peers without decay) within [`LONG_FLOOR`] of crossing its
@@ -51,8 +73,11 @@ pub fn jittered<R: Rng + ?Sized>(interval: Duration, rng: &mut R) -> Duration {
 pub struct SendSchedule {
     min_interval: Duration,
     interval: Duration,
+    idle_interval: Duration,
     /// When the last report was built.
     last: Option<Instant>,
+    /// When the last full report was built.
+    last_full: Option<Instant>,
     /// When a report is due even if nothing changes.
     heartbeat: Instant,
 }
@@ -63,9 +88,24 @@ impl SendSchedule {
         Self {
             min_interval: config.min_interval,
             interval: config.interval,
+            idle_interval: Self::idle_interval(config),
             last: None,
+            last_full: None,
             heartbeat: now,
         }
+    }
+
+    /// How often an idle node (empty report) repeats it: a third of the
+    /// TTL (so that one lost report does not let it expire), at least
+    /// `interval`.
+    pub fn idle_interval(config: &Config) -> Duration {
+        (config.ttl / 3).max(config.interval)
+    }
+
+    /// Whether the report built at `now` must be a full one.
+    pub fn full_due(&self, now: Instant) -> bool {
+        self.last_full
+            .is_none_or(|t| now >= t + self.interval.mul_f64(1.0 - JITTER))
     }
 
     /// When the next report is due if nothing changes.
@@ -81,17 +121,45 @@ impl SendSchedule {
         })
     }
 
-    /// The counters were sampled at `now` (into `report`, or not at all when
-    /// there is nobody to send it to): the next heartbeat is an `interval`
-    /// (jittered) away, sooner when `report` has short work in flight that
-    /// may turn long-lived before then.
-    pub fn sampled<R: Rng + ?Sized>(&mut self, now: Instant, report: Option<&Report>, rng: &mut R) {
+    /// The counters were sampled at `now`, when the wall clock read
+    /// `wall_ms` (ms since the Unix epoch), into `report` (sent in full or
+    /// as a delta), or not at all when there is nobody to send it to: the
+    /// next heartbeat is an `interval` (jittered) away, but no later than a
+    /// full report is due; sooner when `report` has short work in flight
+    /// that may turn long-lived before then; on the idle grid when `report`
+    /// is empty.
+    pub fn sampled<R: Rng + ?Sized>(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+        report: Option<(&Report, bool)>,
+        rng: &mut R,
+    ) {
         self.last = Some(now);
+        if let Some((report, full)) = report {
+            if full {
+                self.last_full = Some(now);
+            }
+            if report.entries.is_empty() {
+                self.heartbeat = now + until_grid(self.idle_interval, wall_ms);
+                return;
+            }
+        }
         self.heartbeat = now + jittered(self.interval, rng);
-        if report.is_some_and(has_short_work) {
+        if let Some(full) = self.last_full {
+            self.heartbeat = self.heartbeat.min(full + self.interval);
+        }
+        if report.is_some_and(|(r, _)| has_short_work(r)) {
             self.heartbeat = self.heartbeat.min(now + jittered(LONG_FLOOR, rng));
         }
     }
+}
+
+/// From `wall_ms` to the next multiple of `period` on the wall clock (a
+/// whole period when it is on one).
+fn until_grid(period: Duration, wall_ms: u64) -> Duration {
+    let period_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX).max(1);
+    Duration::from_millis(period_ms - wall_ms % period_ms)
 }
 
 /// Whether some of the work in `report` is not long-lived yet.
@@ -166,7 +234,7 @@ mod tests {
         assert_eq!(s.heartbeat(), t0);
         // Nothing sent yet: a change goes out at once.
         assert_eq!(s.coalesced(t0, &mut rng), t0);
-        s.sampled(t0, None, &mut rng);
+        s.sampled(t0, 0, None, &mut rng);
         assert!(within(s.heartbeat(), t0, config.interval));
         // A change 1 ms later waits for min_interval; one much later does not.
         let at = s.coalesced(t0 + ms(1), &mut rng);
@@ -188,11 +256,79 @@ mod tests {
             entries: vec![entry(3, 3)],
             ..Report::default()
         };
-        s.sampled(t0, Some(&report), &mut rng);
+        s.sampled(t0, 0, Some((&report, true)), &mut rng);
         assert!(s.heartbeat() > t0 + LONG_FLOOR * 2, "all long-lived");
         report.entries.push(entry(2, 1));
-        s.sampled(t0, Some(&report), &mut rng);
+        s.sampled(t0, 0, Some((&report, true)), &mut rng);
         assert!(within(s.heartbeat(), t0, LONG_FLOOR));
+    }
+
+    #[test]
+    fn a_full_report_at_least_every_interval() {
+        let t0 = Instant::now();
+        let mut rng = SmallRng::seed_from_u64(3);
+        let config = Config::default();
+        let mut s = SendSchedule::new(&config, t0);
+        let busy = Report {
+            entries: vec![Entry {
+                inflight: 1,
+                long_inflight: 1,
+                ..Entry::default()
+            }],
+            ..Report::default()
+        };
+        let mut now = t0;
+        let mut last_full: Option<Instant> = None;
+        // Reports every 5 ms for 2 s, full when due: fulls are never more
+        // than `interval` apart, and not much closer.
+        for _ in 0..400 {
+            let full = s.full_due(now);
+            if full {
+                if let Some(prev) = last_full {
+                    let gap = now - prev;
+                    assert!((ms(80)..=ms(100)).contains(&gap), "{gap:?}");
+                }
+                last_full = Some(now);
+            }
+            s.sampled(now, 0, Some((&busy, full)), &mut rng);
+            assert!(last_full.is_some_and(|f| s.heartbeat() <= f + config.interval));
+            now += ms(5);
+        }
+        // With nothing changing, heartbeats come within the interval.
+        for _ in 0..50 {
+            now = s.heartbeat();
+            assert!(s.full_due(now));
+            s.sampled(now, 0, Some((&busy, true)), &mut rng);
+            let gap = s.heartbeat() - now;
+            assert!((ms(80)..=ms(100)).contains(&gap), "{gap:?}");
+        }
+    }
+
+    #[test]
+    fn an_idle_node_is_quiet_and_aligned() {
+        let t0 = Instant::now();
+        let mut rng = SmallRng::seed_from_u64(4);
+        let config = Config::default();
+        assert_eq!(
+            SendSchedule::idle_interval(&config),
+            Duration::from_nanos(333_333_333)
+        );
+        let mut s = SendSchedule::new(&config, t0);
+        let empty = Report::default();
+        // Idle heartbeats fall on the wall clock's multiples of 333 ms,
+        // whenever the last report was.
+        for wall in [0, 1, 100, 332, 333, 1000, 1_700_000_000_123] {
+            s.sampled(t0, wall, Some((&empty, true)), &mut rng);
+            let at = wall + u64::try_from((s.heartbeat() - t0).as_millis()).unwrap();
+            assert_eq!(at % 333, 0, "{wall}");
+            assert!((wall + 1..=wall + 333).contains(&at), "{wall}: {at}");
+        }
+        // An idle interval below the heartbeat's is raised to it.
+        let tight = Config {
+            ttl: ms(150),
+            ..Config::default()
+        };
+        assert_eq!(SendSchedule::idle_interval(&tight), tight.interval);
     }
 
     #[test]

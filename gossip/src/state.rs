@@ -192,6 +192,18 @@ impl LoadTable {
             .map(move |(&id, p)| (id, now.saturating_duration_since(p.as_of)))
     }
 
+    /// How many instances `peer`'s newest report lists (fresh or not);
+    /// `None` when none is kept.
+    pub fn entry_count(&self, peer: u64) -> Option<usize> {
+        self.peers.get(&peer).map(|p| p.entries.len())
+    }
+
+    /// Whether a fresh peer reports anything at `now`: only then can the
+    /// peers' part of any load differ from 0 (or change as reports age).
+    pub fn fresh_load(&self, now: Instant) -> bool {
+        self.fresh(now).any(|(_, p)| !p.entries.is_empty())
+    }
+
     /// How many peers have a report at most `ttl` old at `now`.
     pub fn fresh_peers(&self, now: Instant) -> usize {
         self.fresh(now).count()

@@ -22,28 +22,12 @@ use anyhow::{Context, ensure};
 use integration::cluster::{Cluster, attach};
 use integration::load;
 
-/// The pid of the `edgelb` process whose command line names `data_dir`.
-fn node_pid(data_dir: &std::path::Path) -> anyhow::Result<u32> {
-    let needle = data_dir.to_string_lossy().into_owned();
-    for entry in std::fs::read_dir("/proc")? {
-        let entry = entry?;
-        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
-            return Ok(pid);
-        }
-    }
-    anyhow::bail!("no process runs with {needle}")
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let secs: u64 = std::env::args().nth(1).map_or(Ok(180), |a| a.parse())?;
     let churn_for = Duration::from_secs(secs);
     let cluster = Cluster::start(1).await?;
-    let pid = node_pid(cluster.data_dir(1))?;
+    let pid = cluster.pid(1).context("node 1 is not running")?;
     let names = ["c1", "c2", "c3", "c4"];
     let backends = cluster.http_backends(&names, 9000).await?;
     let fifth = cluster.http_backends(&["fifth"], 9000).await?;

@@ -67,6 +67,8 @@ pub struct ClusterOptions {
     /// Behind the relay: the shape of every link from the start (and of
     /// links to nodes added later), e.g. a WAN delay.
     pub link: Link,
+    /// `--region` of node `id` (the node's default, `local`, when `None`).
+    pub region: Option<fn(u64) -> String>,
 }
 
 impl Default for ClusterOptions {
@@ -84,6 +86,7 @@ impl Default for ClusterOptions {
             leave_on_exit: false,
             relay: None,
             link: Link::default(),
+            region: None,
         }
     }
 }
@@ -180,6 +183,9 @@ impl Member {
         }
         if let Some(a) = self.advertise {
             args.extend(["--advertise-cluster-addr".to_owned(), a.to_string()]);
+        }
+        if let Some(region) = opts.region {
+            args.extend(["--region".to_owned(), region(self.id)]);
         }
         args
     }
@@ -368,6 +374,11 @@ impl Cluster {
     /// For an id that is not a member.
     pub fn data_dir(&self, id: u64) -> &std::path::Path {
         self.members[&id].data.path()
+    }
+
+    /// The pid of node `id`'s process, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.members.get(&id)?.process.as_ref().map(Process::pid)
     }
 
     /// Node `id`'s cluster (QUIC) address, as bound.

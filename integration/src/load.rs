@@ -106,6 +106,25 @@ pub fn rss_kib(pid: Option<u32>) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) process `pid` has used so far, from
+/// `/proc/<pid>/stat` (clock ticks of 10 ms, the Linux default); zero when
+/// it cannot be read.
+pub fn cpu_time(pid: u32) -> Duration {
+    const TICK: Duration = Duration::from_millis(10);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces: count from after it.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line.
+    let ticks: u32 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u32>().ok())
+        .sum();
+    TICK * ticks
+}
+
 impl Tally {
     /// The first failures, for a report.
     pub fn failures(&self) -> Vec<String> {

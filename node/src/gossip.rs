@@ -148,7 +148,8 @@ impl Gossip {
     }
 
     /// Sets every backend's peer load from the fresh reports at `now`.
-    /// Returns whether any peer is fresh (else every peer load is now 0).
+    /// Returns whether any fresh peer reports load (else every peer load
+    /// is now 0).
     pub fn refresh(&self, now: Instant) -> bool {
         refresh::apply(self, now)
     }
@@ -170,15 +171,21 @@ impl GossipHandler for Gossip {
         m.bytes_rx.inc_by(bytes as u64);
         let peer = report.node_id;
         let incarnation = report.incarnation;
-        let (merged, before) = {
+        let empty = report.entries.is_empty();
+        let (merged, before, was_empty) = {
             let mut table = self.lock();
             let before = table.incarnation(peer);
-            (table.insert(report, arrival), before)
+            let was_empty = table.entry_count(peer).is_none_or(|n| n == 0);
+            (table.insert(report, arrival), before, was_empty)
         };
         match merged {
             Merge::Accepted => {
                 m.received.inc();
-                self.report_arrived.notify_one();
+                // An idle peer's heartbeat changes no estimate: the refresh
+                // is not woken for it.
+                if !(empty && was_empty) {
+                    self.report_arrived.notify_one();
+                }
                 if before.is_some_and(|b| b != incarnation) {
                     debug!(peer, incarnation, "peer restarted");
                     let _ = self.restarted.send(peer);

@@ -1,7 +1,9 @@
 //! The refresh task: recomputes every backend's peer load from the load
 //! table, right after a report arrives and every `gossip::REFRESH` while
-//! any peer is fresh (estimates move with the reports' age; a report that
-//! expires takes its load with it), throttled by `gossip::RefreshSchedule`.
+//! any fresh peer reports load (estimates move with the reports' age; a
+//! report that expires takes its load with it), throttled by
+//! `gossip::RefreshSchedule`. Idle peers' reports (empty) wake nothing, so
+//! an idle fleet does not refresh at all.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,13 +38,16 @@ pub(super) async fn run(gossip: Arc<Gossip>, cancel: CancellationToken) {
 }
 
 /// Sets every backend's peer load from the fresh reports at `now`; whether
-/// any peer is fresh.
+/// any fresh peer reports load (only then does the timer run).
 pub(super) fn apply(gossip: &Gossip, now: Instant) -> bool {
     let routes = gossip.dataplane.routes.load();
     let mut updates: Vec<(&GroupRuntime, &Backend, u64)> = Vec::new();
     let fresh = {
         let table = gossip.lock();
         let fresh = table.fresh_peers(now) > 0;
+        // Estimates move with the reports' age only while a fresh report
+        // lists something: idle peers' reports need no timer.
+        let moving = table.fresh_load(now);
         for group in routes.groups() {
             let backends: Vec<&Arc<Backend>> = group.backends.values().collect();
             if fresh {
@@ -61,7 +66,7 @@ pub(super) fn apply(gossip: &Gossip, now: Instant) -> bool {
                 }
             }
         }
-        fresh
+        moving
     };
     // The group locks are taken after the table's is released.
     for (group, backend, load) in updates {

@@ -1,6 +1,8 @@
 //! The sender: builds this node's report when counts change (at most every
 //! `gossip_min_interval`) or when a heartbeat is due (`gossip_interval`),
-//! both jittered by ±20 %, and publishes it to the links.
+//! both jittered by ±20 %; an idle node every third of `gossip_ttl` on the
+//! wall clock's grid (see `gossip::SendSchedule`); and publishes it to the
+//! links.
 
 use std::sync::Arc;
 
@@ -46,7 +48,7 @@ pub(super) async fn run(
         // counters are still sampled at every heartbeat: the tracker's
         // deltas must not span too many completions (see LoadCounters).
         if !beat && reports.receiver_count() == 0 {
-            schedule.sampled(now.into_std(), None, &mut rand::rng());
+            schedule.sampled(now.into_std(), unix_ms(), None, &mut rand::rng());
             continue;
         }
         let routes = gossip.dataplane.routes.load();
@@ -54,10 +56,16 @@ pub(super) async fn run(
             .groups()
             .flat_map(|g| g.backends.values())
             .map(|b| (b.uuid.into_bytes(), b.counters()));
-        let report = tracker.report(now.into_std(), unix_ms(), counters);
+        let wall = unix_ms();
+        let report = tracker.report(now.into_std(), wall, counters);
         // The next heartbeat, sooner while short work in flight may turn
-        // long-lived (see gossip::SendSchedule).
-        schedule.sampled(now.into_std(), Some(&report), &mut rand::rng());
+        // long-lived, later when the node is idle (see gossip::SendSchedule).
+        schedule.sampled(
+            now.into_std(),
+            wall,
+            Some((&report, true)),
+            &mut rand::rng(),
+        );
         match ::gossip::encode(&report) {
             Ok(bytes) => {
                 debug!(

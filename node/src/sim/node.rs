@@ -126,7 +126,9 @@ impl SimNode {
             .iter()
             .map(|b| (b.uuid.into_bytes(), b.counters()));
         let report = self.tracker.report(now, 0, counters);
-        self.send.sampled(now, Some(&report), rng);
+        // Full reports only, and no wall clock (idle grid at multiples of
+        // the idle interval from 0).
+        self.send.sampled(now, 0, Some((&report, true)), rng);
         (report, self.send.heartbeat())
     }
 
