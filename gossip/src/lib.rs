@@ -26,8 +26,10 @@
 //! picks it is expected to have made since, placed on the least loaded
 //! instances. `docs/gossip-sim.md` has the data.
 
+mod chain;
 mod codec;
 mod counters;
+mod delta;
 mod estimator;
 mod schedule;
 mod state;
@@ -35,11 +37,15 @@ mod tracker;
 
 use std::time::Duration;
 
+pub use chain::{DeltaEncoder, Encoded, Gap, Reassembler};
 pub use codec::{
     DATAGRAM_ENTRIES, DATAGRAM_MAX, ENTRY_LEN, Entry, HEADER_LEN, MAX_ENTRIES, MAX_REPORT_LEN,
     Report, VERSION, decode, encode,
 };
 pub use counters::{EPOCHS, LoadCounters, Started};
+pub use delta::{
+    Change, DEADBAND, DELTA_HEADER_LEN, DELTA_VERSION, Delta, Ref, Wire, decode_wire, encode_delta,
+};
 pub use estimator::Estimator;
 pub use schedule::{JITTER, MAX_SHARE, MIN_GAP, REFRESH, RefreshSchedule, SendSchedule, jittered};
 pub use state::{Arrival, Counters, LoadTable, Merge};
@@ -97,4 +103,6 @@ pub enum Error {
     Unordered { index: usize },
     #[error("entry {index}: long-lived count above the in-flight count")]
     LongExceedsInflight { index: usize },
+    #[error("delta change {index}: malformed")]
+    BadChange { index: usize },
 }

@@ -8,7 +8,9 @@
 //!        ▼
 //!  sender ── at most every gossip_min_interval while counts change, and a
 //!   │        heartbeat every gossip_interval (both ±20 %): Tracker samples
-//!   │        every backend's counters ─▶ Report ─▶ encode ─▶ watch (latest)
+//!   │        every backend's counters ─▶ Report ─▶ DeltaEncoder: the full
+//!   │        report, and a delta on the previous one unless a full one is
+//!   │        due (at least every gossip_interval) ─▶ watch (latest)
 //!   ▼
 //!  links: one task per peer (Raft membership minus this node): its own QUIC
 //!   │     connection (edgelb-gossip/1); datagram or unidirectional stream
@@ -24,7 +26,10 @@
 //!
 //! The data plane never takes a lock for gossip: picks and releases bump
 //! atomics, and the sender reads them. A report carries this node's absolute
-//! counts, so a lost one costs freshness only; the receiver keeps each
+//! counts, all of them or (a delta) those that changed since the previous
+//! report, with a full one at least every `gossip_interval`; a lost report
+//! costs freshness only (a delta whose base was lost is dropped until the
+//! next full one); the receiver keeps each
 //! peer's newest by `(incarnation, seq)`, the incarnation being the start
 //! time in ms (a restart replaces the old counts at once). Reports are dated
 //! by their age at the sender (receipt less half the connection's RTT:
@@ -34,6 +39,8 @@
 mod links;
 mod refresh;
 mod sender;
+
+pub(crate) use sender::Published;
 #[cfg(test)]
 mod tests;
 
@@ -41,8 +48,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ::gossip::{Arrival, LoadTable, Merge, Report, Tracker};
-use bytes::Bytes;
+use ::gossip::{Arrival, LoadTable, Merge, Reassembler, Tracker, Wire};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +72,8 @@ pub struct Gossip {
     node_id: u64,
     config: ::gossip::Config,
     table: Mutex<LoadTable>,
+    /// Each peer's state as its delta reports build it.
+    chains: Mutex<Reassembler>,
     /// Wakes the refresh task when a report was merged.
     report_arrived: Notify,
     /// A peer's report came with a newer incarnation: it restarted, and
@@ -94,6 +102,7 @@ impl Gossip {
         Self {
             node_id,
             table: Mutex::new(LoadTable::new(config.ttl)),
+            chains: Mutex::new(Reassembler::new()),
             config,
             report_arrived: Notify::new(),
             restarted: broadcast::Sender::new(64),
@@ -157,6 +166,10 @@ impl Gossip {
     /// Forgets the reports of peers not in `peers` (membership changed).
     fn retain_peers(&self, peers: &Peers) {
         self.lock().retain_peers(|id| peers.contains_key(&id));
+        self.chains
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain_peers(|id| peers.contains_key(&id));
     }
 
     fn lock(&self) -> MutexGuard<'_, LoadTable> {
@@ -166,9 +179,19 @@ impl Gossip {
 }
 
 impl GossipHandler for Gossip {
-    fn report(&self, report: Report, bytes: usize, arrival: Arrival) {
+    fn report(&self, report: Wire, bytes: usize, arrival: Arrival) {
         let m = &self.metrics.gossip;
         m.bytes_rx.inc_by(bytes as u64);
+        // A delta becomes the full report it stands for.
+        let applied = self
+            .chains
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply(report);
+        let Ok(report) = applied else {
+            debug!(bytes, "delta report without its base: dropped");
+            return m.dropped("gap");
+        };
         let peer = report.node_id;
         let incarnation = report.incarnation;
         let empty = report.entries.is_empty();
@@ -263,7 +286,7 @@ pub fn spawn(gossip: Arc<Gossip>, wiring: Wiring, cancel: CancellationToken) -> 
         &gossip.config,
         Instant::now(),
     );
-    let (reports, _) = watch::channel::<Option<Bytes>>(None);
+    let (reports, _) = watch::channel::<Option<Arc<Published>>>(None);
     let reports = Arc::new(reports);
     let tasks = vec![
         tokio::spawn(sender::run(

@@ -13,7 +13,8 @@
 //! One gossip connection per peer and direction, separate from the Raft
 //! connections. A report travels alone: one datagram or one stream, never
 //! split, so a lost datagram costs one report's freshness and nothing else
-//! (reports carry absolute counts).
+//! (reports carry absolute counts; a delta whose base was lost is dropped
+//! by the receiver until the next full report, see `gossip::Reassembler`).
 //!
 //! Every report must come from the node its client certificate names
 //! (webpki `verify_is_valid_for_subject_name(node-<id>.cluster.edgelb)`, as
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use ::gossip::{Arrival, DATAGRAM_MAX, MAX_REPORT_LEN, Report};
+use ::gossip::{Arrival, DATAGRAM_MAX, MAX_REPORT_LEN, Wire};
 use bytes::Bytes;
 use quinn::{Connection, ReadToEndError, RecvStream, SendDatagramError};
 use raft_store::NodeId;
@@ -77,7 +78,7 @@ pub trait GossipHandler: Send + Sync + 'static {
     /// A decoded report whose `node_id` the sender's certificate proves
     /// (not this node's); it was `bytes` long on the wire, and `arrival`
     /// dates it (receipt, less half the connection's round-trip time).
-    fn report(&self, report: Report, bytes: usize, arrival: Arrival);
+    fn report(&self, report: Wire, bytes: usize, arrival: Arrival);
     /// `bytes` of input that were dropped, and why.
     fn dropped(&self, reason: Dropped, bytes: usize);
 }
@@ -233,14 +234,14 @@ async fn read_stream(shared: Arc<Shared>, sender: Arc<Sender>, mut recv: RecvStr
 
 /// Handles one report's bytes from `sender`.
 fn receive(shared: &Shared, sender: &Sender, bytes: &[u8]) {
-    let report = match ::gossip::decode(bytes) {
+    let report = match ::gossip::decode_wire(bytes) {
         Ok(report) => report,
         Err(e) => {
             debug!(error = %e, len = bytes.len(), "malformed gossip report");
             return reject(shared, sender, Dropped::Malformed, bytes.len());
         }
     };
-    if !sender.peer.proves(shared, report.node_id) {
+    if !sender.peer.proves(shared, report.node_id()) {
         bump(&shared.stats.identity_refused);
         reject(shared, sender, Dropped::Identity, bytes.len());
         sender.peer.conn.close(
@@ -249,7 +250,7 @@ fn receive(shared: &Shared, sender: &Sender, bytes: &[u8]) {
         );
         return;
     }
-    if report.node_id == shared.node_id {
+    if report.node_id() == shared.node_id {
         debug!("own gossip report dropped");
         return reject(shared, sender, Dropped::Own, bytes.len());
     }

@@ -1,19 +1,20 @@
 //! One link per peer: a gossip connection of its own, and every new report
-//! sent on it. A link that cannot connect skips reports (the next one
-//! carries the same absolute counts) and retries with a backoff.
+//! sent on it: as a delta when the link sent the report the delta is based
+//! on (on this connection), else in full. A link that cannot connect skips
+//! reports (the next one carries the same absolute counts, in full) and
+//! retries with a backoff.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
-use super::{Gossip, Peers};
+use super::{Gossip, Peers, Published};
 use crate::cluster::{GossipLink, Transport};
 
 /// Connecting to a peer may take this long: a few round trips of the
@@ -31,7 +32,7 @@ pub(super) async fn run(
     gossip: Arc<Gossip>,
     transport: Arc<Transport>,
     mut peers: watch::Receiver<Peers>,
-    reports: Arc<watch::Sender<Option<Bytes>>>,
+    reports: Arc<watch::Sender<Option<Arc<Published>>>>,
     cancel: CancellationToken,
 ) {
     let mut running: HashMap<u64, (String, AbortHandle)> = HashMap::new();
@@ -88,12 +89,14 @@ async fn link(
     transport: Arc<Transport>,
     id: u64,
     addr: String,
-    mut reports: watch::Receiver<Option<Bytes>>,
+    mut reports: watch::Receiver<Option<Arc<Published>>>,
     cancel: CancellationToken,
 ) {
     let metrics = &gossip.metrics.gossip;
     let mut restarts = gossip.restarts();
     let mut conn: Option<GossipLink> = None;
+    // The last report sent on `conn`: the next may be a delta on it.
+    let mut sent: Option<u64> = None;
     let mut backoff = INITIAL_BACKOFF;
     let mut retry_at = Instant::now();
     loop {
@@ -114,12 +117,15 @@ async fn link(
                 continue;
             }
         }
-        let Some(report) = reports.borrow_and_update().clone() else {
+        let Some(published) = reports.borrow_and_update().clone() else {
             continue;
         };
         if conn.as_ref().is_some_and(GossipLink::is_closed) {
             debug!("gossip connection closed");
             conn = None;
+        }
+        if conn.is_none() {
+            sent = None;
         }
         let link = match &conn {
             Some(link) => link,
@@ -134,9 +140,11 @@ async fn link(
                 }
             },
         };
+        let report = published.for_link(sent).clone();
         let len = report.len();
         match link.send(report).await {
             Ok(via) => {
+                sent = Some(published.seq);
                 metrics.sent.inc();
                 metrics.bytes_tx.inc_by(len as u64);
                 backoff = INITIAL_BACKOFF;

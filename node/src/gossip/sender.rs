@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use ::gossip::{SendSchedule, Tracker};
+use ::gossip::{DeltaEncoder, SendSchedule, Tracker};
 use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
@@ -16,13 +16,37 @@ use tracing::{debug, warn};
 use super::{Gossip, unix_ms};
 use crate::balancer::LoadChanged;
 
+/// A report as the links get it.
+#[derive(Debug)]
+pub(crate) struct Published {
+    pub(crate) seq: u64,
+    /// The whole report.
+    pub(crate) full: Bytes,
+    /// The delta on report `.0`, for a link that sent that one (none when
+    /// a full report is due).
+    pub(crate) delta: Option<(u64, Bytes)>,
+}
+
+impl Published {
+    /// What a link that last sent report `sent` (none: nothing yet on this
+    /// connection) sends: the delta when it follows on from `sent`, else
+    /// the full report.
+    pub(crate) fn for_link(&self, sent: Option<u64>) -> &Bytes {
+        match &self.delta {
+            Some((base, delta)) if sent == Some(*base) => delta,
+            _ => &self.full,
+        }
+    }
+}
+
 pub(super) async fn run(
     gossip: Arc<Gossip>,
     mut tracker: Tracker,
     changed: Arc<LoadChanged>,
-    reports: Arc<watch::Sender<Option<Bytes>>>,
+    reports: Arc<watch::Sender<Option<Arc<Published>>>>,
     cancel: CancellationToken,
 ) {
+    let mut encoder = DeltaEncoder::new();
     // The timers are the simulator's too (gossip::SendSchedule).
     let mut schedule = SendSchedule::new(&gossip.config, Instant::now().into_std());
     loop {
@@ -58,23 +82,29 @@ pub(super) async fn run(
             .map(|b| (b.uuid.into_bytes(), b.counters()));
         let wall = unix_ms();
         let report = tracker.report(now.into_std(), wall, counters);
+        let full = schedule.full_due(now.into_std());
         // The next heartbeat, sooner while short work in flight may turn
         // long-lived, later when the node is idle (see gossip::SendSchedule).
         schedule.sampled(
             now.into_std(),
             wall,
-            Some((&report, true)),
+            Some((&report, full)),
             &mut rand::rng(),
         );
-        match ::gossip::encode(&report) {
-            Ok(bytes) => {
+        match encoder.next(&report, full) {
+            Ok(encoded) => {
                 debug!(
                     seq = report.seq,
                     entries = report.entries.len(),
-                    bytes = bytes.len(),
+                    bytes = encoded.full.len(),
+                    delta = encoded.delta.as_ref().map(|(_, d)| d.len()),
                     "report built"
                 );
-                reports.send_replace(Some(Bytes::from(bytes)));
+                reports.send_replace(Some(Arc::new(Published {
+                    seq: encoded.seq,
+                    full: Bytes::from(encoded.full),
+                    delta: encoded.delta.map(|(base, d)| (base, Bytes::from(d))),
+                })));
             }
             Err(e) => warn!(error = %e, "report not sent"),
         }

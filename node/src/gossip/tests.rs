@@ -271,6 +271,48 @@ async fn a_peers_leases_reach_the_balancer_and_fade_after_the_ttl() {
     two.stop().await;
 }
 
+/// Between full reports a busy node sends only what changed, and the
+/// receiver still sees its exact counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_travel_as_deltas_between_full_reports() {
+    let ca = generate_ca("test").unwrap();
+    let ttl = Duration::from_secs(1);
+    let mut one = TestNode::new(&ca, 1, config(ttl));
+    let mut two = TestNode::new(&ca, 2, config(ttl));
+    one.start(1, &[&two]);
+    two.start(1, &[&one]);
+    // Work on every instance: a full report lists all four.
+    let _held = one.pick(4);
+    let full = ::gossip::HEADER_LEN + 4 * ::gossip::ENTRY_LEN;
+    eventually("node 2 to see node 1's leases", || {
+        two.peer_loads() == one.local()
+    })
+    .await;
+    let m = &one.metrics.gossip;
+    let (sent, bytes) = (m.sent.get(), m.bytes_tx.get());
+    // One instance at a time changes.
+    for _ in 0..20 {
+        let lease = one.pick(1);
+        let local = one.local();
+        eventually("node 2 to see the pick", || two.peer_loads() == local).await;
+        drop(lease);
+        let local = one.local();
+        eventually("node 2 to see the release", || two.peer_loads() == local).await;
+    }
+    let (sent, bytes) = (m.sent.get() - sent, m.bytes_tx.get() - bytes);
+    let mean = bytes as f64 / sent as f64;
+    assert!(sent >= 40, "{sent} reports");
+    // Deltas of one instance are about 50 bytes, full reports 166; a full
+    // one goes out at least every gossip_interval.
+    assert!(
+        mean < 0.7 * full as f64,
+        "{mean:.0} bytes per report of {sent}"
+    );
+    assert_eq!(two.metrics.gossip.dropped_count("gap"), 0);
+    one.stop().await;
+    two.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_incarnation_replaces_the_old_counts() {
     let ca = generate_ca("test").unwrap();
@@ -337,7 +379,11 @@ fn time_in_transit_counts() {
     };
     let received = Instant::now();
     let rtt = Duration::from_millis(100);
-    gossip.report(report, 38, ::gossip::Arrival::with_rtt(received, rtt));
+    gossip.report(
+        ::gossip::Wire::Full(report),
+        38,
+        ::gossip::Arrival::with_rtt(received, rtt),
+    );
     assert_eq!(
         gossip.last_report_age(1, received),
         Some(Duration::from_millis(50))

@@ -106,7 +106,9 @@ async fn instances_show_state_and_load() {
             ..::gossip::Entry::default()
         }],
     };
-    s.admin.gossip.report(report, 70, Instant::now().into());
+    s.admin
+        .gossip
+        .report(::gossip::Wire::Full(report), 70, Instant::now().into());
     assert!(s.admin.gossip.refresh(Instant::now()));
     // b carries the peers' 5, so the picks go to a.
     let leases: Vec<Pick> = (0..2)

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use ::gossip::{Entry, MAX_REPORT_LEN, Report};
+use ::gossip::{Entry, MAX_REPORT_LEN, Report, Wire};
 use bytes::Bytes;
 use quinn::{ConnectionError, Endpoint};
 use tokio::time::timeout;
@@ -30,8 +30,10 @@ impl Inbox {
 }
 
 impl GossipHandler for Inbox {
-    fn report(&self, report: Report, bytes: usize, _arrival: ::gossip::Arrival) {
-        self.reports.lock().unwrap().push((report, bytes));
+    fn report(&self, report: Wire, bytes: usize, _arrival: ::gossip::Arrival) {
+        if let Wire::Full(report) = report {
+            self.reports.lock().unwrap().push((report, bytes));
+        }
     }
 
     fn dropped(&self, reason: Dropped, bytes: usize) {
