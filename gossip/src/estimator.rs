@@ -22,7 +22,8 @@
 //! least loaded instances: the sum of all `new(p)` is poured like water onto
 //! `Σ_p decayed(p,i)`, raising the lowest instances to a common level, and
 //! the peers' part of instance `i` is `Σ_p decayed(p,i)` plus the water it
-//! holds, rounded to a whole count.
+//! holds (in fixed point for selection, see `GroupView`; rounded to whole
+//! counts by [`Estimator::peer_loads`]).
 //!
 //! This node's own counts are deliberately not part of the ground the water
 //! is poured on, though the peers saw them (as of this node's last report)
@@ -81,6 +82,29 @@ impl Estimator {
         instances: &[[u8; 16]],
         now: Instant,
     ) -> Vec<BTreeMap<u64, u64>> {
+        self.split(table, instances, None, now)
+    }
+
+    /// `totals` (whole counts, one per instance: e.g. the peer loads that
+    /// selection uses) split among the fresh peers in proportion to their
+    /// parts as [`Estimator::peer_parts`] estimates them.
+    pub fn split_by_peer(
+        self,
+        table: &LoadTable,
+        instances: &[[u8; 16]],
+        totals: &[u64],
+        now: Instant,
+    ) -> Vec<BTreeMap<u64, u64>> {
+        self.split(table, instances, Some(totals), now)
+    }
+
+    fn split(
+        self,
+        table: &LoadTable,
+        instances: &[[u8; 16]],
+        totals: Option<&[u64]>,
+        now: Instant,
+    ) -> Vec<BTreeMap<u64, u64>> {
         let mut parts = Vec::new();
         let (levelled, base) = self.estimate(table, instances, now, Some(&mut parts));
         let pour: f64 = parts.iter().map(|p| p.pour).sum();
@@ -98,7 +122,8 @@ impl Estimator {
                         (p.node_id, p.decayed[i] + poured)
                     })
                     .collect();
-                apportion(whole(levelled[i]), &shares)
+                let total = totals.map_or_else(|| whole(levelled[i]), |t| t[i]);
+                apportion(total, &shares)
             })
             .collect()
     }
@@ -119,7 +144,7 @@ impl Estimator {
             let age = now.saturating_duration_since(report.as_of).as_secs_f64();
             let (mut rate, mut rate_tau) = (0.0f64, 0.0f64);
             for (i, (load, instance)) in peer.iter_mut().zip(instances).enumerate() {
-                let Some(e) = report.entries.get(instance) else {
+                let Some(e) = report.get(instance) else {
                     continue;
                 };
                 let inflight = f64::from(e.inflight);
@@ -220,14 +245,14 @@ fn apportion(total: u64, shares: &[(u64, f64)]) -> BTreeMap<u64, u64> {
 
 /// Probability that work with mean remaining time `tau` (exponential) is
 /// still in flight after `age`; 1 when `tau` is unknown (0).
-fn survival(age: f64, tau: f64) -> f64 {
+pub(crate) fn survival(age: f64, tau: f64) -> f64 {
     if tau > 0.0 { (-age / tau).exp() } else { 1.0 }
 }
 
 /// The level `L` with `Σ max(0, L − base[i]) = amount`: pouring `amount` onto
 /// `base` raises the lowest entries to `L`. `amount > 0`, `base` non-empty
 /// for a meaningful result (an empty `base` gives 0).
-fn water_level(base: &[f64], amount: f64) -> f64 {
+pub(crate) fn water_level(base: &[f64], amount: f64) -> f64 {
     let mut sorted = base.to_vec();
     sorted.sort_by(f64::total_cmp);
     let mut filled = 0.0; // sum of the `n` lowest entries

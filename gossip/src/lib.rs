@@ -34,6 +34,7 @@ mod estimator;
 mod schedule;
 mod state;
 mod tracker;
+mod view;
 
 use std::time::Duration;
 
@@ -48,8 +49,9 @@ pub use delta::{
 };
 pub use estimator::Estimator;
 pub use schedule::{JITTER, MAX_SHARE, MIN_GAP, REFRESH, RefreshSchedule, SendSchedule, jittered};
-pub use state::{Arrival, Counters, LoadTable, Merge};
+pub use state::{Arrival, Counters, LoadTable, Merge, PeerReport};
 pub use tracker::{LONG_FLOOR, Tracker};
+pub use view::{GroupView, LOAD_FRAC_BITS, LOAD_ONE, PeerLoad, to_fixed};
 
 /// Gossip settings (SPEC §5).
 #[derive(Clone, Debug, PartialEq, Eq)]

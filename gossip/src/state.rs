@@ -17,7 +17,8 @@
 //!
 //! No clock and no I/O: every query takes `now`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::codec::{Entry, Report};
@@ -72,8 +73,10 @@ impl From<Instant> for Arrival {
 #[derive(Debug)]
 pub struct LoadTable {
     ttl: Duration,
-    peers: BTreeMap<u64, PeerReport>,
+    peers: BTreeMap<u64, Arc<PeerReport>>,
     counters: Counters,
+    /// Version of the last accepted report.
+    version: u64,
 }
 
 /// What [`LoadTable::insert`] did with a report.
@@ -94,14 +97,34 @@ pub struct Counters {
     pub stale: u64,
 }
 
-/// One peer's newest report, indexed by instance.
+/// One peer's newest report, indexed by instance. Shared with
+/// [`LoadTable::snapshot`], so the refresh reads it without the table.
 #[derive(Debug)]
-pub(crate) struct PeerReport {
+pub struct PeerReport {
     incarnation: u64,
     seq: u64,
+    /// Distinct for every report a table accepts (caches key on it).
+    pub(crate) version: u64,
     /// When the counts were true, as far as the receiver knows.
     pub(crate) as_of: Instant,
-    pub(crate) entries: HashMap<[u8; 16], Entry>,
+    /// Strictly increasing by instance.
+    pub(crate) entries: Vec<Entry>,
+}
+
+impl PeerReport {
+    /// When its counts were true, as far as the receiver knows.
+    pub fn as_of(&self) -> Instant {
+        self.as_of
+    }
+
+    /// The entry of `instance`, if the peer reported one. O(log n).
+    pub(crate) fn get(&self, instance: &[u8; 16]) -> Option<&Entry> {
+        let i = self
+            .entries
+            .binary_search_by(|e| e.instance.cmp(instance))
+            .ok()?;
+        self.entries.get(i)
+    }
 }
 
 impl LoadTable {
@@ -111,6 +134,7 @@ impl LoadTable {
             ttl,
             peers: BTreeMap::new(),
             counters: Counters::default(),
+            version: 0,
         }
     }
 
@@ -131,21 +155,24 @@ impl LoadTable {
             self.counters.stale += 1;
             return Merge::Stale;
         }
-        // The codec guarantees distinct instances; with duplicates (a report
-        // built in memory) the last one would win.
-        let entries = report
-            .entries
-            .into_iter()
-            .map(|e| (e.instance, e))
-            .collect();
+        // The codec guarantees strictly increasing instances; a report built
+        // in memory is put in order, the last of duplicates winning.
+        let mut entries = report.entries;
+        if !entries.is_sorted_by(|a, b| a.instance < b.instance) {
+            entries.reverse();
+            entries.sort_by_key(|e| e.instance);
+            entries.dedup_by_key(|e| e.instance);
+        }
+        self.version += 1;
         self.peers.insert(
             report.node_id,
-            PeerReport {
+            Arc::new(PeerReport {
                 incarnation: report.incarnation,
                 seq: report.seq,
+                version: self.version,
                 as_of,
                 entries,
-            },
+            }),
         );
         self.counters.accepted += 1;
         Merge::Accepted
@@ -165,7 +192,7 @@ impl LoadTable {
     /// as they are (no estimate of what changed since).
     pub fn reported(&self, instance: &[u8; 16], now: Instant) -> u64 {
         self.fresh(now)
-            .filter_map(|(_, p)| p.entries.get(instance))
+            .filter_map(|(_, p)| p.get(instance))
             .map(|e| u64::from(e.inflight))
             .sum()
     }
@@ -174,7 +201,7 @@ impl LoadTable {
     /// report nothing for it are left out.
     pub fn peers(&self, instance: &[u8; 16], now: Instant) -> BTreeMap<u64, u64> {
         self.fresh(now)
-            .filter_map(|(id, p)| Some((id, u64::from(p.entries.get(instance)?.inflight))))
+            .filter_map(|(id, p)| Some((id, u64::from(p.get(instance)?.inflight))))
             .collect()
     }
 
@@ -217,12 +244,22 @@ impl LoadTable {
         self.ttl
     }
 
+    /// Every kept report, fresh or not, by peer: O(peers), and the
+    /// reports are shared, not copied, so the refresh holds the table's
+    /// lock only for this and estimates without it.
+    pub fn snapshot(&self) -> Vec<(u64, Arc<PeerReport>)> {
+        self.peers
+            .iter()
+            .map(|(&id, p)| (id, Arc::clone(p)))
+            .collect()
+    }
+
     /// Peers whose newest report is at most `ttl` old at `now`.
     pub(crate) fn fresh(&self, now: Instant) -> impl Iterator<Item = (u64, &PeerReport)> {
         self.peers
             .iter()
             .filter(move |(_, p)| now.saturating_duration_since(p.as_of) <= self.ttl)
-            .map(|(&id, p)| (id, p))
+            .map(|(&id, p)| (id, p.as_ref()))
     }
 }
 

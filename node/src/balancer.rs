@@ -9,7 +9,13 @@
 //! 4. it counts in flight from [`GroupBalancer::pick`] until its [`Lease`]
 //!    is dropped;
 //! 5. if the minimum load is `>= hard_limit`, nothing is selected
-//!    ([`Pick::Overloaded`]; a `hard_limit` of 0 refuses everything).
+//!    ([`Pick::Overloaded`]; a `hard_limit` of 0 refuses everything). With
+//!    gossip, that minimum is checked on the *admission* load: local counts
+//!    plus what peers reported (decayed), without their predicted picks,
+//!    so a crashed peer's phantom load never refuses a request; when the
+//!    estimate is at the limit but some candidate has room by that count,
+//!    the candidate with the least admission load is taken (an O(n) scan,
+//!    only near the limit).
 //!
 //! # Structure
 //!
@@ -25,8 +31,12 @@
 //!           mark the node's LoadChanged flag for the gossip sender
 //! ```
 //!
-//! Each slot's key is `load + (DOWN_PENALTY if down)`, with the penalty
-//! (2^40) above any real load, so the minimum of the keys is the minimum over
+//! Loads are fixed point (`gossip::LOAD_ONE` = 1, 16 fractional bits):
+//! local counts are whole, the peers' part is the gossip estimate, kept
+//! fractional so that estimates a fraction apart are told apart; whole
+//! loads tie exactly, so with fresh reports the rule is the seed's. Each
+//! slot's key is `load + (DOWN_PENALTY if down)`, with the penalty (2^62)
+//! above any real load, so the minimum of the keys is the minimum over
 //! the up instances when there is one and over all instances otherwise: the
 //! "all down ⇒ all candidates" clause needs no special case. The tree keeps
 //! per node the minimum key below it and how many leaves carry it, so a pick
@@ -106,10 +116,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use gossip::Started;
+use gossip::{LOAD_FRAC_BITS, LOAD_ONE, PeerLoad, Started};
 use rand::Rng;
 use tokio::sync::Notify;
 use tracing::debug;
+
+/// Backends re-keyed per lock by [`GroupBalancer::set_peer_loads`]: a
+/// pick waits at most this many tree updates (a few µs).
+const BATCH: usize = 64;
 
 pub use backend::{Backend, BackendState, INITIAL_BACKOFF, MAX_BACKOFF, start_drain};
 use tree::MinTree;
@@ -340,6 +354,23 @@ impl Inner {
             .set(slot, tree::key(s.backend.load(), until.is_some()));
     }
 
+    /// With the estimated minimum at or above `hard_limit` (fixed point):
+    /// the candidate (down ones only if `down`, i.e. every one is) of least
+    /// admission load, if that is below the limit. Admission counts the
+    /// peers' reported work but not their predicted picks, which a crashed
+    /// peer's estimate keeps growing until its report expires: those never
+    /// refuse a request. O(n), only near the limit.
+    fn admissible(&self, down: bool, hard_limit: u64) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.gone && s.until.is_some() == down && !s.backend.is_draining())
+            .map(|(slot, s)| (s.backend.admission_load(), slot))
+            .min()
+            .filter(|&(load, _)| load < hard_limit)
+            .map(|(_, slot)| slot)
+    }
+
     /// Brings back the instances whose down period is over at `now`.
     fn expire(&mut self, now: Instant) {
         while let Some(&Reverse((until, slot))) = self.expiries.peek() {
@@ -469,13 +500,15 @@ impl GroupBalancer {
             .collect()
     }
 
-    /// Selects an instance by the rule (see the module docs). O(log n).
+    /// Selects an instance by the rule (see the module docs). O(log n);
+    /// O(n) when the estimated minimum is at `hard_limit` (see
+    /// [`Inner::admissible`]).
     pub fn pick<R: Rng + ?Sized>(self: &Arc<Self>, now: Instant, rng: &mut R) -> Pick {
-        let hard_limit = u64::from(self.hard_limit());
+        let hard_limit = u64::from(self.hard_limit()) << LOAD_FRAC_BITS;
         let (backend, slot, started, stale) = {
             let mut inner = self.lock();
             inner.expire(now);
-            let (slot, key) = loop {
+            let (mut slot, key) = loop {
                 let Some((slot, key)) = inner.tree.pick(rng) else {
                     return Pick::NoInstances;
                 };
@@ -493,7 +526,10 @@ impl GroupBalancer {
                 break (slot, key);
             };
             if tree::load_of(key) >= hard_limit {
-                return Pick::Overloaded;
+                match inner.admissible(key >= tree::DOWN_PENALTY, hard_limit) {
+                    Some(room) => slot = room,
+                    None => return Pick::Overloaded,
+                }
             }
             // The tree has exactly one leaf per slot, so `slot` is in range.
             let Some(backend) = inner.slots.get(slot).map(|s| Arc::clone(&s.backend)) else {
@@ -534,15 +570,49 @@ impl GroupBalancer {
         }
     }
 
-    /// Sets the peers' part of `backend`'s load (from gossip).
+    /// Sets the peers' part of `backend`'s load to `load` whole requests,
+    /// for selection and admission alike.
     pub fn set_peer_load(&self, backend: &Backend, load: u64) {
-        backend.set_peer_load(load);
-        in_home(backend, None, Inner::sync);
+        let fixed = load.saturating_mul(LOAD_ONE);
+        if backend.set_peer_load(fixed, fixed) {
+            in_home(backend, None, Inner::sync);
+        }
     }
 
-    /// `local_inflight + peer_load` of `backend`, as selection sees it.
+    /// Sets the peers' parts of many backends' loads (fixed point, from
+    /// gossip) and re-keys those whose selection load changed: under one
+    /// lock per [`BATCH`] backends when this balancer is their home (the
+    /// routing table's group), so a refresh does not take the group's lock
+    /// once per instance.
+    pub fn set_peer_loads<'a>(&self, loads: impl IntoIterator<Item = (&'a Backend, PeerLoad)>) {
+        let mut changed: Vec<(&Backend, usize)> = Vec::new();
+        let here: *const Self = self;
+        for (backend, load) in loads {
+            if !backend.set_peer_load(load.select, load.admit) {
+                continue;
+            }
+            match backend.home(None) {
+                Some((home, slot)) if std::ptr::eq(Arc::as_ptr(&home), here) => {
+                    changed.push((backend, slot));
+                }
+                Some(_) => in_home(backend, None, Inner::sync),
+                None => {}
+            }
+        }
+        for batch in changed.chunks(BATCH) {
+            let mut inner = self.lock();
+            for &(backend, slot) in batch {
+                if inner.holds(slot, backend) {
+                    inner.sync(slot);
+                }
+            }
+        }
+    }
+
+    /// `local_inflight + peer_load` of `backend`, as selection sees it,
+    /// rounded to a whole count.
     pub fn load(&self, backend: &Backend) -> u64 {
-        backend.load()
+        backend::whole(backend.load())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -20,8 +20,10 @@
 //!                                        less RTT/2: gossip::Arrival)
 //!                                            │ wakes
 //!                                            ▼
-//!  refresh: every few ms while a peer is fresh, and after each report:
-//!           Estimator::peer_loads per group ─▶ GroupBalancer::set_peer_load
+//!  refresh: every few ms while a peer is fresh, and after each report
+//!           (throttled): LoadTable::snapshot (brief lock) ─▶ GroupView per
+//!           group, only new reports rebuilt (refresh.rs, no lock shared
+//!           with intake) ─▶ GroupBalancer::set_peer_loads (fixed point)
 //! ```
 //!
 //! The data plane never takes a lock for gossip: picks and releases bump
@@ -74,6 +76,8 @@ pub struct Gossip {
     table: Mutex<LoadTable>,
     /// Each peer's state as its delta reports build it.
     chains: Mutex<Reassembler>,
+    /// The refresh's state (never locked by report intake).
+    views: Mutex<refresh::Views>,
     /// Wakes the refresh task when a report was merged.
     report_arrived: Notify,
     /// A peer's report came with a newer incarnation: it restarted, and
@@ -103,6 +107,7 @@ impl Gossip {
             node_id,
             table: Mutex::new(LoadTable::new(config.ttl)),
             chains: Mutex::new(Reassembler::new()),
+            views: Mutex::new(refresh::Views::default()),
             config,
             report_arrived: Notify::new(),
             restarted: broadcast::Sender::new(64),
@@ -121,9 +126,9 @@ impl Gossip {
     }
 
     /// Each fresh peer's part of the load of every instance of `group`, by
-    /// instance uuid (every fresh peer listed, 0 included), as the estimator
-    /// gives it at `now`. The balancer's peer loads are set to their sums,
-    /// so that `local + Σ parts` is what selection uses.
+    /// instance uuid (every fresh peer listed, 0 included): the peer load
+    /// that selection uses, rounded to a whole count, split in proportion to
+    /// each peer's estimated part at `now`.
     pub fn peer_parts(
         &self,
         group: &GroupRuntime,
@@ -131,17 +136,15 @@ impl Gossip {
     ) -> HashMap<Uuid, BTreeMap<u64, u64>> {
         let backends: Vec<&Arc<Backend>> = group.backends.values().collect();
         let ids: Vec<[u8; 16]> = backends.iter().map(|b| b.uuid.into_bytes()).collect();
-        let parts = self.config.estimator.peer_parts(&self.lock(), &ids, now);
+        let totals: Vec<u64> = backends.iter().map(|b| b.peer_load()).collect();
+        let parts = self
+            .config
+            .estimator
+            .split_by_peer(&self.lock(), &ids, &totals, now);
         backends
             .into_iter()
             .zip(parts)
-            .map(|(backend, parts)| {
-                let sum = parts.values().sum();
-                if backend.peer_load() != sum {
-                    group.balancer.set_peer_load(backend, sum);
-                }
-                (backend.uuid, parts)
-            })
+            .map(|(backend, parts)| (backend.uuid, parts))
             .collect()
     }
 

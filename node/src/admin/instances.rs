@@ -145,7 +145,7 @@ fn view(
                 .flatten()
                 .map(|(id, n)| (id.to_string(), *n))
                 .collect();
-            // `peer_parts` set the balancer's peer load to this sum.
+            // The peer load that selection uses, split by peer.
             let remote: u64 = peers.values().sum();
             (
                 match backend.state(now) {

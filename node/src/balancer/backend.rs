@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use gossip::{LoadCounters, Started};
+use gossip::{LOAD_FRAC_BITS, LoadCounters, Started};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use uuid::Uuid;
 
@@ -54,8 +54,11 @@ pub struct Backend {
     /// Connections/requests of this node in flight to the instance, and
     /// what the gossip sender samples.
     counters: LoadCounters,
-    /// Peers' part of the load, set from gossip.
+    /// Peers' part of the load, set from gossip, in fixed point
+    /// (`gossip::LOAD_ONE` = 1): for selection, and for admission
+    /// (`hard_limit`, without the peers' predicted picks).
     peer: AtomicU64,
+    admit: AtomicU64,
     /// The balancer that counts and down marks are reported to besides the
     /// one that picked: that of the newest routing table holding the backend.
     home: Mutex<Home>,
@@ -82,6 +85,11 @@ struct DownState {
     /// time has passed, so `Some` with a past instant is still "up" to
     /// [`Backend::state`].
     until: Option<Instant>,
+}
+
+/// A fixed-point load rounded to a whole count.
+pub(super) fn whole(fixed: u64) -> u64 {
+    (fixed >> LOAD_FRAC_BITS) + ((fixed >> (LOAD_FRAC_BITS - 1)) & 1)
 }
 
 /// Down time after `failures` consecutive failures: 1 s, 2 s, 4 s … 30 s.
@@ -111,6 +119,7 @@ impl Backend {
             metrics,
             counters: LoadCounters::new(created, gossip::Config::default().long_after),
             peer: AtomicU64::new(0),
+            admit: AtomicU64::new(0),
             home: Mutex::new(Home::default()),
             failing: AtomicBool::new(false),
             down: Mutex::new(DownState::default()),
@@ -129,14 +138,30 @@ impl Backend {
         &self.counters
     }
 
-    /// The peers' part of the load, as last set by gossip.
+    /// The peers' part of the load, as last set by gossip, rounded to a
+    /// whole count.
     pub fn peer_load(&self) -> u64 {
+        whole(self.peer_load_fixed())
+    }
+
+    /// The peers' part of the load in fixed point (`gossip::LOAD_ONE` = 1).
+    pub fn peer_load_fixed(&self) -> u64 {
         self.peer.load(Ordering::Relaxed)
     }
 
-    /// `local_inflight + peer_load`: what selection compares.
+    /// The peers' part of the load that admission counts, fixed point.
+    pub fn admit_load_fixed(&self) -> u64 {
+        self.admit.load(Ordering::Relaxed)
+    }
+
+    /// `local_inflight + peer_load` in fixed point: what selection compares.
     pub(super) fn load(&self) -> u64 {
-        self.local_inflight().saturating_add(self.peer_load())
+        (self.local_inflight() << LOAD_FRAC_BITS).saturating_add(self.peer_load_fixed())
+    }
+
+    /// `local_inflight` + the peers' part that admission counts, fixed point.
+    pub(super) fn admission_load(&self) -> u64 {
+        (self.local_inflight() << LOAD_FRAC_BITS).saturating_add(self.admit_load_fixed())
     }
 
     pub fn state(&self, now: Instant) -> BackendState {
@@ -174,8 +199,11 @@ impl Backend {
         self.counters.finish(started, now);
     }
 
-    pub(super) fn set_peer_load(&self, load: u64) {
-        self.peer.store(load, Ordering::Relaxed);
+    /// Sets the peers' part (fixed point) for selection and admission;
+    /// whether the selection part changed.
+    pub(super) fn set_peer_load(&self, select: u64, admit: u64) -> bool {
+        self.admit.store(admit, Ordering::Relaxed);
+        self.peer.swap(select, Ordering::Relaxed) != select
     }
 
     /// End of the current down period, if one is recorded.

@@ -6,6 +6,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
+mod estimates;
+
 use super::tree::tests::{CHI2_DF4_P999, chi_square};
 use super::*;
 use crate::metrics::InstanceMetrics;

@@ -27,11 +27,12 @@ use rand::Rng;
 ///
 /// Larger than any load that [`key`] lets through, so a down instance is never
 /// in the minimum set while one instance is up, and when every instance is
-/// down the minimum is taken over all of them, as the rule asks.
-pub(crate) const DOWN_PENALTY: u64 = 1 << 40;
+/// down the minimum is taken over all of them, as the rule asks. Loads are
+/// fixed point (`gossip::LOAD_ONE` = 1), so this is 2^46 whole requests.
+pub(crate) const DOWN_PENALTY: u64 = 1 << 62;
 
-/// Tree key for an instance with `load` in flight: loads are clamped below
-/// [`DOWN_PENALTY`], which is added when the instance is down.
+/// Tree key for an instance with `load` (fixed point) in flight: loads are
+/// clamped below [`DOWN_PENALTY`], which is added when the instance is down.
 pub(crate) fn key(load: u64, down: bool) -> u64 {
     let load = load.min(DOWN_PENALTY - 1);
     if down { load + DOWN_PENALTY } else { load }
@@ -185,7 +186,7 @@ impl MinTree {
 
 #[cfg(test)]
 pub(super) mod tests {
-    use super::{DOWN_PENALTY, MinTree, key, load_of};
+    use super::{MinTree, key, load_of};
     use proptest::prelude::*;
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
@@ -231,7 +232,7 @@ pub(super) mod tests {
     fn key_encoding() {
         assert_eq!(load_of(key(5, false)), 5);
         assert_eq!(load_of(key(5, true)), 5);
-        assert!(key(0, true) > key(DOWN_PENALTY * 4, false));
+        assert!(key(0, true) > key(u64::MAX, false));
         assert!(key(1, true) > key(0, true));
     }
 

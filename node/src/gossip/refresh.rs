@@ -5,12 +5,15 @@
 //! `gossip::RefreshSchedule`. Idle peers' reports (empty) wake nothing, so
 //! an idle fleet does not refresh at all.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
-use ::gossip::RefreshSchedule;
+use ::gossip::{GroupView, PeerLoad, RefreshSchedule};
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
+
+use uuid::Uuid;
 
 use super::Gossip;
 use crate::balancer::Backend;
@@ -37,40 +40,64 @@ pub(super) async fn run(gossip: Arc<Gossip>, cancel: CancellationToken) {
     }
 }
 
+/// The refresh's state: one [`GroupView`] per group of the routing table,
+/// kept between refreshes so that only what a new report changed is
+/// rebuilt. Only the refresh takes its lock, never report intake.
+#[derive(Debug, Default)]
+pub(super) struct Views {
+    groups: HashMap<Uuid, GroupState>,
+    out: Vec<PeerLoad>,
+}
+
+#[derive(Debug)]
+struct GroupState {
+    /// The runtime the view was built for (a new one means new slots).
+    runtime: Arc<GroupRuntime>,
+    /// Its backends in slot order.
+    backends: Vec<Arc<Backend>>,
+    view: GroupView,
+}
+
+impl GroupState {
+    fn new(runtime: &Arc<GroupRuntime>) -> Self {
+        let backends: Vec<Arc<Backend>> = runtime.backends.values().cloned().collect();
+        let ids: Vec<[u8; 16]> = backends.iter().map(|b| b.uuid.into_bytes()).collect();
+        Self {
+            runtime: Arc::clone(runtime),
+            view: GroupView::new(&ids),
+            backends,
+        }
+    }
+}
+
 /// Sets every backend's peer load from the fresh reports at `now`; whether
-/// any fresh peer reports load (only then does the timer run).
+/// any fresh peer reports load (only then does the timer run). The load
+/// table's lock is held only to take a snapshot (one `Arc` clone per peer).
 pub(super) fn apply(gossip: &Gossip, now: Instant) -> bool {
     let routes = gossip.dataplane.routes.load();
-    let mut updates: Vec<(&GroupRuntime, &Backend, u64)> = Vec::new();
-    let fresh = {
+    // Estimates move with the reports' age only while a fresh report lists
+    // something: idle peers' reports need no timer.
+    let (peers, moving) = {
         let table = gossip.lock();
-        let fresh = table.fresh_peers(now) > 0;
-        // Estimates move with the reports' age only while a fresh report
-        // lists something: idle peers' reports need no timer.
-        let moving = table.fresh_load(now);
-        for group in routes.groups() {
-            let backends: Vec<&Arc<Backend>> = group.backends.values().collect();
-            if fresh {
-                let ids: Vec<[u8; 16]> = backends.iter().map(|b| b.uuid.into_bytes()).collect();
-                let loads = gossip.config.estimator.peer_loads(&table, &ids, now);
-                for (backend, load) in backends.into_iter().zip(loads) {
-                    if backend.peer_load() != load {
-                        updates.push((group, backend, load));
-                    }
-                }
-            } else {
-                for backend in backends {
-                    if backend.peer_load() != 0 {
-                        updates.push((group, backend, 0));
-                    }
-                }
-            }
-        }
-        moving
+        (table.snapshot(), table.fresh_load(now))
     };
-    // The group locks are taken after the table's is released.
-    for (group, backend, load) in updates {
-        group.balancer.set_peer_load(backend, load);
+    let mut views = gossip.views.lock().unwrap_or_else(PoisonError::into_inner);
+    let Views { groups, out } = &mut *views;
+    groups.retain(|uuid, _| routes.group(uuid).is_some());
+    for runtime in routes.groups() {
+        let state = groups
+            .entry(runtime.uuid)
+            .or_insert_with(|| GroupState::new(runtime));
+        if !Arc::ptr_eq(&state.runtime, runtime) {
+            *state = GroupState::new(runtime);
+        }
+        state.view.estimate(&gossip.config, &peers, now, out);
+        let loads = state
+            .backends
+            .iter()
+            .map(AsRef::as_ref)
+            .zip(out.iter().copied());
+        runtime.balancer.set_peer_loads(loads);
     }
-    fresh
+    moving
 }

@@ -136,8 +136,6 @@ pub(super) struct Sim<'a> {
     report_bytes: u64,
     lost_reports: u64,
     config: gossip::Config,
-    /// Instances of each group.
-    group_of: Vec<usize>,
 }
 
 impl<'a> Sim<'a> {
@@ -211,7 +209,6 @@ impl<'a> Sim<'a> {
             report_bytes: 0,
             lost_reports: 0,
             config,
-            group_of: (0..k).map(|i| i % groups).collect(),
         };
         if *strategy == Strategy::Central {
             // One set of backends and balancers shared by every node.
@@ -487,30 +484,18 @@ impl<'a> Sim<'a> {
     }
 
     fn refresh(&mut self, node: usize, generation: u64) {
-        let Some(estimator) = self.estimator() else {
+        if self.estimator().is_none() {
             return;
-        };
+        }
         let state = &self.nodes[node].state;
         if !state.up || generation != state.refresh_gen {
             return;
         }
         let now = self.instant();
+        let config = self.config.clone();
         let state = &mut self.nodes[node].state;
         state.refresh_at = None;
-        let active = state.table.fresh_peers(now) > 0;
-        for (g, balancer) in state.groups.iter().enumerate() {
-            let members: Vec<usize> = (0..self.ids.len())
-                .filter(|&i| self.group_of[i] == g)
-                .collect();
-            let ids: Vec<[u8; 16]> = members.iter().map(|&i| self.ids[i]).collect();
-            let loads = estimator.peer_loads(&state.table, &ids, now);
-            for (&i, load) in members.iter().zip(loads) {
-                let backend = &state.backends[i];
-                if backend.peer_load() != load {
-                    balancer.set_peer_load(backend, load);
-                }
-            }
-        }
+        let active = state.refresh(&config, now);
         // The simulator's refreshes take no simulated time.
         state.refresh.refreshed(now, now, active);
         if let Some(timer) = state.refresh.timer()
@@ -580,8 +565,9 @@ impl<'a> Sim<'a> {
         for node in self.nodes.iter().filter(|n| n.state.up) {
             up += 1;
             for (backend, inst) in node.state.backends.iter().zip(&self.instances) {
-                let view = backend.local_inflight() + backend.peer_load();
-                error += view.abs_diff(inst.inflight) as f64;
+                let peer = backend.peer_load_fixed() as f64 / gossip::LOAD_ONE as f64;
+                let view = backend.local_inflight() as f64 + peer;
+                error += (view - inst.inflight as f64).abs();
             }
         }
         self.error_sum += error / (k * f64::from(up.max(1)));

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gossip::{Arrival, LoadTable, Merge, RefreshSchedule, Report, SendSchedule, Tracker};
+use gossip::{
+    Arrival, GroupView, LoadTable, Merge, PeerLoad, RefreshSchedule, Report, SendSchedule, Tracker,
+};
 use rand::rngs::SmallRng;
 use uuid::Uuid;
 
@@ -71,6 +73,10 @@ pub(super) struct SimNode {
     /// Generation and time of the pending refresh event.
     pub(super) refresh_gen: u64,
     pub(super) refresh_at: Option<Instant>,
+    /// The refresh's views, one per group, and the groups' instances.
+    views: Vec<GroupView>,
+    members: Vec<Vec<usize>>,
+    out: Vec<PeerLoad>,
 }
 
 impl SimNode {
@@ -85,6 +91,16 @@ impl SimNode {
     ) -> Self {
         let changed = Arc::new(LoadChanged::default());
         let backends = backends(instances, now);
+        let members: Vec<Vec<usize>> = (0..groups)
+            .map(|g| (0..instances).filter(|i| i % groups == g).collect())
+            .collect();
+        let views = members
+            .iter()
+            .map(|m| {
+                let ids: Vec<[u8; 16]> = m.iter().map(|&i| backends[i].uuid.into_bytes()).collect();
+                GroupView::new(&ids)
+            })
+            .collect();
         Self {
             id,
             up: true,
@@ -100,7 +116,28 @@ impl SimNode {
             coalescing: false,
             refresh_gen: 0,
             refresh_at: None,
+            views,
+            members,
+            out: Vec::new(),
         }
+    }
+
+    /// The refresh at `now`, as the node's refresh task does it: a snapshot
+    /// of the load table, each group's view, the balancers' peer loads.
+    /// Whether any peer is fresh.
+    pub(super) fn refresh(&mut self, config: &gossip::Config, now: Instant) -> bool {
+        let peers = self.table.snapshot();
+        let mut fresh = false;
+        let groups = self.views.iter_mut().zip(&self.members).zip(&self.groups);
+        for ((view, members), balancer) in groups {
+            fresh |= view.estimate(config, &peers, now, &mut self.out);
+            let loads = members
+                .iter()
+                .map(|&i| self.backends[i].as_ref())
+                .zip(self.out.iter().copied());
+            balancer.set_peer_loads(loads);
+        }
+        fresh
     }
 
     /// Counts changed (a pick or release): when the coalesced report goes

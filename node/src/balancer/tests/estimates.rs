@@ -1,0 +1,133 @@
+//! Fractional peer loads from gossip estimates, and `hard_limit` on them.
+
+use std::time::{Duration, Instant};
+
+use gossip::{Entry, GroupView, LOAD_ONE, LoadTable, PeerLoad, Report};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use super::{group, lease};
+use crate::balancer::Pick;
+
+fn load(select: f64, admit: f64) -> PeerLoad {
+    PeerLoad {
+        select: gossip::to_fixed(select),
+        admit: gossip::to_fixed(admit),
+    }
+}
+
+/// Estimates a fraction apart are not rounded together: 0.4 beats 0.6
+/// every time (whole counts would tie them at 0 and 1 would win half the
+/// picks, or round both to 1… or 0).
+#[test]
+fn fractions_steer_selection() {
+    let (group, b) = group(2, 1000);
+    group.set_peer_loads([
+        (b[0].as_ref(), load(0.6, 0.6)),
+        (b[1].as_ref(), load(0.4, 0.4)),
+    ]);
+    let mut rng = SmallRng::seed_from_u64(3);
+    for _ in 0..50 {
+        let l = lease(group.pick(Instant::now(), &mut rng));
+        assert_eq!(l.backend().name, "i-1");
+    }
+    // Whole loads still tie exactly (the rule with fresh reports).
+    group.set_peer_loads([
+        (b[0].as_ref(), load(2.0, 2.0)),
+        (b[1].as_ref(), load(2.0, 2.0)),
+    ]);
+    let mut seen = [0u32; 2];
+    for _ in 0..200 {
+        let l = lease(group.pick(Instant::now(), &mut rng));
+        seen[usize::from(l.backend().name == "i-1")] += 1;
+    }
+    assert!(seen[0] > 60 && seen[1] > 60, "{seen:?}");
+    assert_eq!(b[0].peer_load(), 2);
+    assert_eq!(b[0].peer_load_fixed(), 2 * LOAD_ONE);
+}
+
+#[test]
+fn hard_limit_admits_on_reported_work_only() {
+    let (group, b) = group(2, 2);
+    let mut rng = SmallRng::seed_from_u64(4);
+    // Predicted picks put both at 2.5 for selection; reported work is 1.5
+    // on the second: admitted, there.
+    group.set_peer_loads([
+        (b[0].as_ref(), load(2.5, 2.0)),
+        (b[1].as_ref(), load(2.5, 1.5)),
+    ]);
+    let l = lease(group.pick(Instant::now(), &mut rng));
+    assert_eq!(l.backend().name, "i-1");
+    // Now it is at 2.5 for admission too (its own lease counts): refused.
+    assert!(matches!(
+        group.pick(Instant::now(), &mut rng),
+        Pick::Overloaded
+    ));
+    drop(l);
+    // Below the limit on the estimate: the rule as usual.
+    group.set_peer_loads([
+        (b[0].as_ref(), load(0.5, 0.5)),
+        (b[1].as_ref(), load(1.5, 1.5)),
+    ]);
+    assert_eq!(
+        lease(group.pick(Instant::now(), &mut rng)).backend().name,
+        "i-0"
+    );
+}
+
+/// A peer that picked hard and then crashed: its predicted picks grow in
+/// the estimate until its report expires, and never refuse a request while
+/// what the instances really carry (here: nothing) is under the limit.
+#[test]
+fn a_crashed_peers_phantom_load_never_refuses() {
+    let t0 = Instant::now();
+    let config = gossip::Config::default();
+    let (group, b) = group(4, 3);
+    let ids: Vec<[u8; 16]> = b.iter().map(|b| b.uuid.into_bytes()).collect();
+    let mut table = LoadTable::new(config.ttl);
+    // 2 000 picks/s over the group, 100 ms each; 2 in flight per instance.
+    let entries = {
+        let mut e: Vec<Entry> = ids
+            .iter()
+            .map(|&instance| Entry {
+                instance,
+                inflight: 2,
+                long_inflight: 0,
+                arrival_rate_milli: 500_000,
+                mean_service_us: 100_000,
+            })
+            .collect();
+        e.sort_by_key(|e| e.instance);
+        e
+    };
+    let report = Report {
+        node_id: 9,
+        incarnation: 1,
+        seq: 1,
+        sent_at_ms: 0,
+        entries,
+    };
+    table.insert(report, t0);
+    let mut view = GroupView::new(&ids);
+    let mut out = Vec::new();
+    let mut rng = SmallRng::seed_from_u64(5);
+    let mut phantom = 0;
+    let step = Duration::from_millis(10);
+    let mut now = t0;
+    while now <= t0 + config.ttl {
+        view.estimate(&config, &table.snapshot(), now, &mut out);
+        group.set_peer_loads(b.iter().map(AsRef::as_ref).zip(out.iter().copied()));
+        let estimated = out.iter().map(|l| l.select).min().unwrap_or(0);
+        if estimated >= 3 * LOAD_ONE {
+            phantom += 1;
+        }
+        // At most 2 reported per instance, decaying: always room for one.
+        let l = lease(group.pick(now, &mut rng));
+        drop(l);
+        now += step;
+    }
+    assert!(
+        phantom > 50,
+        "the estimate was at the limit in {phantom} steps"
+    );
+}
