@@ -31,6 +31,7 @@ mod codec;
 mod counters;
 mod delta;
 mod estimator;
+mod regions;
 mod schedule;
 mod state;
 mod tracker;
@@ -48,6 +49,7 @@ pub use delta::{
     Change, DEADBAND, DELTA_HEADER_LEN, DELTA_VERSION, Delta, Ref, Wire, decode_wire, encode_delta,
 };
 pub use estimator::Estimator;
+pub use regions::{Plan, Stream, aggregate, plan};
 pub use schedule::{JITTER, MAX_SHARE, MIN_GAP, REFRESH, RefreshSchedule, SendSchedule, jittered};
 pub use state::{Arrival, Counters, LoadTable, Merge, PeerReport};
 pub use tracker::{LONG_FLOOR, Tracker};

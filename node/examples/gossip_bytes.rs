@@ -25,7 +25,7 @@ use edgelb::cluster::{
     HandlerFuture, NodeTls, RaftHandler, Rpc, RpcReply, Transport, generate_ca, issue_node_cert,
 };
 use edgelb::dataplane::{DataPlane, Settings};
-use edgelb::gossip::{Gossip, GossipTasks, Peers, Wiring, spawn};
+use edgelb::gossip::{Gossip, GossipTasks, Peer, Peers, Wiring, spawn};
 use edgelb::metrics::Metrics;
 use edgelb::routing::{BuildContext, GroupRuntime, publish};
 use edgelb::tls::CertCache;
@@ -115,12 +115,15 @@ impl Node {
     }
 
     fn start(&self, peer: u64, addr: String) -> (GossipTasks, watch::Sender<Peers>) {
-        let (tx, rx) = watch::channel(Peers::from([(peer, addr)]));
+        let region = "local".to_owned();
+        let peers = Peers::from([(peer, Peer { addr, region })]);
+        let (tx, rx) = watch::channel(peers);
         let wiring = Wiring {
             transport: self.transport.clone(),
             peers: rx,
             load_changed: self.changed.clone(),
             incarnation: 1,
+            region: "local".to_owned(),
         };
         let tasks = spawn(self.gossip.clone(), wiring, CancellationToken::new());
         (tasks, tx)

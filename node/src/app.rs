@@ -217,6 +217,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
             peers,
             load_changed,
             incarnation,
+            region: config.region.clone(),
         },
         gossip_cancel,
     );

@@ -38,6 +38,7 @@
 //! time in transit counts) and expire `gossip_ttl` after that, so a dead or silent peer's load fades
 //! out; a peer that leaves the membership is forgotten at once.
 
+mod aggregator;
 mod links;
 mod refresh;
 mod sender;
@@ -50,7 +51,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ::gossip::{Arrival, LoadTable, Merge, Reassembler, Tracker, Wire};
+use ::gossip::{Arrival, Entry, LoadTable, Merge, Plan, Reassembler, Tracker, Wire};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -64,8 +65,24 @@ use crate::metrics::Metrics;
 use crate::routing::GroupRuntime;
 use crate::store::{ClusterStatus, Store};
 
-/// The peers to gossip with: node id → cluster address (`host:port`).
-pub type Peers = BTreeMap<u64, String>;
+/// A peer to gossip with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Its cluster address (`host:port`).
+    pub addr: String,
+    /// Its region.
+    pub region: String,
+}
+
+/// The peers to gossip with: the Raft membership minus this node.
+pub type Peers = BTreeMap<u64, Peer>;
+
+/// The regions of this node and its peers, for the gossip plan.
+#[derive(Debug, Default)]
+struct Fleet {
+    region: String,
+    regions: HashMap<u64, String>,
+}
 
 /// A node's gossip state: the peers' newest reports and what the admin API
 /// and metrics read from them. Incoming reports arrive through its
@@ -78,6 +95,11 @@ pub struct Gossip {
     chains: Mutex<Reassembler>,
     /// The refresh's state (never locked by report intake).
     views: Mutex<refresh::Views>,
+    fleet: Mutex<Fleet>,
+    /// This node's latest own report's entries, for its region's aggregate.
+    own: Mutex<Arc<Vec<Entry>>>,
+    /// Wakes the aggregator: this node's or a region peer's counts changed.
+    region_changed: Notify,
     /// Wakes the refresh task when a report was merged.
     report_arrived: Notify,
     /// A peer's report came with a newer incarnation: it restarted, and
@@ -108,6 +130,9 @@ impl Gossip {
             table: Mutex::new(LoadTable::new(config.ttl)),
             chains: Mutex::new(Reassembler::new()),
             views: Mutex::new(refresh::Views::default()),
+            fleet: Mutex::new(Fleet::default()),
+            own: Mutex::new(Arc::default()),
+            region_changed: Notify::new(),
             config,
             report_arrived: Notify::new(),
             restarted: broadcast::Sender::new(64),
@@ -166,13 +191,56 @@ impl Gossip {
         refresh::apply(self, now)
     }
 
-    /// Forgets the reports of peers not in `peers` (membership changed).
-    fn retain_peers(&self, peers: &Peers) {
+    /// Takes the membership in: forgets the reports of peers not in
+    /// `peers`, and notes everyone's region.
+    fn set_peers(&self, peers: &Peers) {
+        {
+            let mut fleet = locked(&self.fleet);
+            fleet.regions = peers
+                .iter()
+                .map(|(&id, p)| (id, p.region.clone()))
+                .collect();
+        }
         self.lock().retain_peers(|id| peers.contains_key(&id));
-        self.chains
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain_peers(|id| peers.contains_key(&id));
+        locked(&self.chains).retain_peers(|id| peers.contains_key(&id));
+    }
+
+    /// Whom this node sends what, given `peers` and which region peers
+    /// look alive at `now` (a fresh report).
+    fn plan(&self, peers: &Peers, now: Instant) -> Plan {
+        let region = locked(&self.fleet).region.clone();
+        let table = self.lock();
+        let ttl = table.ttl();
+        let members = peers
+            .iter()
+            .map(|(&id, p)| (id, p.region.as_str()))
+            .chain([(self.node_id, region.as_str())]);
+        ::gossip::plan(self.node_id, members, |id| {
+            table.last_report_age(id, now).is_some_and(|age| age <= ttl)
+        })
+    }
+
+    /// This node's region's load: its own latest report and its region
+    /// peers' fresh ones, summed.
+    fn region_sum(&self, now: Instant) -> Vec<Entry> {
+        let peers: Vec<u64> = {
+            let fleet = locked(&self.fleet);
+            let table = self.lock();
+            let ttl = table.ttl();
+            fleet
+                .regions
+                .iter()
+                .filter(|&(&id, r)| {
+                    *r == fleet.region
+                        && table.last_report_age(id, now).is_some_and(|age| age <= ttl)
+                })
+                .map(|(&id, _)| id)
+                .collect()
+        };
+        let own = Arc::clone(&locked(&self.own));
+        let chains = locked(&self.chains);
+        let held = peers.iter().filter_map(|&id| chains.held(id));
+        ::gossip::aggregate(std::iter::once(own.as_slice()).chain(held))
     }
 
     fn lock(&self) -> MutexGuard<'_, LoadTable> {
@@ -186,11 +254,7 @@ impl GossipHandler for Gossip {
         let m = &self.metrics.gossip;
         m.bytes_rx.inc_by(bytes as u64);
         // A delta becomes the full report it stands for.
-        let applied = self
-            .chains
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .apply(report);
+        let applied = locked(&self.chains).apply(report);
         let Ok(report) = applied else {
             debug!(bytes, "delta report without its base: dropped");
             return m.dropped("gap");
@@ -198,6 +262,22 @@ impl GossipHandler for Gossip {
         let peer = report.node_id;
         let incarnation = report.incarnation;
         let empty = report.entries.is_empty();
+        // A report from another region is that region's aggregate.
+        let (remote, regions) = {
+            let fleet = locked(&self.fleet);
+            match fleet.regions.get(&peer) {
+                Some(r) if *r != fleet.region => {
+                    let same: Vec<u64> = fleet
+                        .regions
+                        .iter()
+                        .filter(|&(&id, other)| other == r && id != peer)
+                        .map(|(&id, _)| id)
+                        .collect();
+                    (true, same)
+                }
+                _ => (false, Vec::new()),
+            }
+        };
         let (merged, before, was_empty) = {
             let mut table = self.lock();
             let before = table.incarnation(peer);
@@ -207,6 +287,16 @@ impl GossipHandler for Gossip {
         match merged {
             Merge::Accepted => {
                 m.received.inc();
+                if remote {
+                    // The latest aggregate of a region stands for all of
+                    // it: another member's (the plan moved) goes.
+                    let mut table = self.lock();
+                    for id in regions {
+                        table.remove_peer(id);
+                    }
+                } else if !(empty && was_empty) {
+                    self.region_changed.notify_one();
+                }
                 // An idle peer's heartbeat changes no estimate: the refresh
                 // is not woken for it.
                 if !(empty && was_empty) {
@@ -228,6 +318,13 @@ impl GossipHandler for Gossip {
     }
 }
 
+/// The reports links send: this node's own, and its region's aggregate.
+#[derive(Clone, Debug)]
+struct Streams {
+    own: Arc<watch::Sender<Option<Arc<Published>>>>,
+    aggregate: Arc<watch::Sender<Option<Arc<Published>>>>,
+}
+
 /// What [`spawn`] needs besides the [`Gossip`] state.
 #[derive(Debug)]
 pub struct Wiring {
@@ -240,6 +337,8 @@ pub struct Wiring {
     pub load_changed: Arc<LoadChanged>,
     /// This start's incarnation ([`incarnation`]).
     pub incarnation: u64,
+    /// This node's region.
+    pub region: String,
 }
 
 /// The running gossip tasks; stop them with [`GossipTasks::stop`].
@@ -282,6 +381,7 @@ impl GossipTasks {
 /// Starts gossiping: the sender, one link per peer, and the refresh task,
 /// until `cancel` (or [`GossipTasks::stop`]).
 pub fn spawn(gossip: Arc<Gossip>, wiring: Wiring, cancel: CancellationToken) -> GossipTasks {
+    locked(&gossip.fleet).region = wiring.region;
     wiring.transport.set_gossip_handler(gossip.clone());
     let tracker = Tracker::new(
         gossip.node_id,
@@ -289,21 +389,29 @@ pub fn spawn(gossip: Arc<Gossip>, wiring: Wiring, cancel: CancellationToken) -> 
         &gossip.config,
         Instant::now(),
     );
-    let (reports, _) = watch::channel::<Option<Arc<Published>>>(None);
-    let reports = Arc::new(reports);
+    let streams = Streams {
+        own: Arc::new(watch::channel(None).0),
+        aggregate: Arc::new(watch::channel(None).0),
+    };
     let tasks = vec![
         tokio::spawn(sender::run(
             gossip.clone(),
             tracker,
             wiring.load_changed,
-            reports.clone(),
+            streams.clone(),
+            cancel.clone(),
+        )),
+        tokio::spawn(aggregator::run(
+            gossip.clone(),
+            wiring.incarnation,
+            streams.aggregate.clone(),
             cancel.clone(),
         )),
         tokio::spawn(links::run(
             gossip.clone(),
             wiring.transport,
             wiring.peers,
-            reports,
+            streams,
             cancel.clone(),
         )),
         tokio::spawn(refresh::run(gossip, cancel.clone())),
@@ -349,7 +457,13 @@ fn peers_of(status: &ClusterStatus) -> Peers {
         .members
         .iter()
         .filter(|m| m.node_id != status.node_id)
-        .map(|m| (m.node_id, m.node.cluster_addr.clone()))
+        .map(|m| {
+            let peer = Peer {
+                addr: m.node.cluster_addr.clone(),
+                region: m.node.region.clone(),
+            };
+            (m.node_id, peer)
+        })
         .collect()
 }
 
@@ -358,6 +472,12 @@ fn peers_of(status: &ClusterStatus) -> Peers {
 /// see [`LoadTable`]).
 pub fn incarnation() -> u64 {
     unix_ms()
+}
+
+/// Locks `m`; the gossip state's mutexes guard plain data that no panic
+/// leaves half-updated.
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn unix_ms() -> u64 {

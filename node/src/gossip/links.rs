@@ -14,7 +14,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
-use super::{Gossip, Peers, Published};
+use ::gossip::Stream;
+
+use super::{Gossip, Peers, Published, Streams};
 use crate::cluster::{GossipLink, Transport};
 
 /// Connecting to a peer may take this long: a few round trips of the
@@ -26,37 +28,53 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
-/// Keeps one link task per peer in `peers`, and forgets the reports of
-/// peers that leave.
+/// The plan is looked at again this often (besides membership changes): a
+/// region peer that died or came back moves the aggregates' senders.
+const REPLAN: Duration = Duration::from_secs(1);
+
+/// Keeps one link task per peer that the plan gives something to send
+/// (`gossip::plan`: own reports inside the region, the region's aggregate
+/// to the members of other regions assigned to this node), and forgets the
+/// reports of peers that leave.
 pub(super) async fn run(
     gossip: Arc<Gossip>,
     transport: Arc<Transport>,
     mut peers: watch::Receiver<Peers>,
-    reports: Arc<watch::Sender<Option<Arc<Published>>>>,
+    streams: Streams,
     cancel: CancellationToken,
 ) {
-    let mut running: HashMap<u64, (String, AbortHandle)> = HashMap::new();
+    let mut running: HashMap<u64, (String, Stream, AbortHandle)> = HashMap::new();
     let mut tasks = JoinSet::new();
-    let mut membership_changed = true;
+    let mut replan = true;
     loop {
-        if membership_changed {
+        if replan {
             let current = peers.borrow_and_update().clone();
-            running.retain(|id, (addr, task)| {
-                let keep = current.get(id) == Some(addr);
+            gossip.set_peers(&current);
+            let plan = gossip.plan(&current, std::time::Instant::now());
+            running.retain(|id, (addr, stream, task)| {
+                let keep = current.get(id).is_some_and(|p| p.addr == *addr)
+                    && plan.stream(*id) == Some(*stream);
                 if !keep {
                     debug!(peer = id, "gossip link stopped");
                     task.abort();
                 }
                 keep
             });
-            for (&id, addr) in &current {
+            for (&id, peer) in &current {
+                let Some(stream) = plan.stream(id) else {
+                    continue;
+                };
                 if running.contains_key(&id) {
                     continue;
                 }
-                let mut rx = reports.subscribe();
+                let mut rx = match stream {
+                    Stream::Own => streams.own.subscribe(),
+                    Stream::Aggregate => streams.aggregate.subscribe(),
+                };
                 // Send the latest report at once.
                 rx.mark_changed();
-                let span = debug_span!("gossip_link", peer = id, %addr);
+                let addr = &peer.addr;
+                let span = debug_span!("gossip_link", peer = id, %addr, ?stream);
                 let link = link(
                     gossip.clone(),
                     transport.clone(),
@@ -65,9 +83,9 @@ pub(super) async fn run(
                     rx,
                     cancel.clone(),
                 );
-                running.insert(id, (addr.clone(), tasks.spawn(link.instrument(span))));
+                let task = tasks.spawn(link.instrument(span));
+                running.insert(id, (addr.clone(), stream, task));
             }
-            gossip.retain_peers(&current);
         }
         tokio::select! {
             () = cancel.cancelled() => break,
@@ -75,9 +93,10 @@ pub(super) async fn run(
                 if changed.is_err() {
                     break;
                 }
-                membership_changed = true;
+                replan = true;
             }
-            Some(_) = tasks.join_next() => membership_changed = false,
+            () = tokio::time::sleep(REPLAN) => replan = true,
+            Some(_) = tasks.join_next() => replan = false,
         }
     }
     tasks.shutdown().await;

@@ -6,14 +6,13 @@
 
 use std::sync::Arc;
 
-use ::gossip::{DeltaEncoder, SendSchedule, Tracker};
+use ::gossip::{DeltaEncoder, Encoded, SendSchedule, Tracker};
 use bytes::Bytes;
-use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{Gossip, unix_ms};
+use super::{Gossip, Streams, unix_ms};
 use crate::balancer::LoadChanged;
 
 /// A report as the links get it.
@@ -25,6 +24,16 @@ pub(crate) struct Published {
     /// The delta on report `.0`, for a link that sent that one (none when
     /// a full report is due).
     pub(crate) delta: Option<(u64, Bytes)>,
+}
+
+impl From<Encoded> for Published {
+    fn from(e: Encoded) -> Self {
+        Self {
+            seq: e.seq,
+            full: Bytes::from(e.full),
+            delta: e.delta.map(|(base, d)| (base, Bytes::from(d))),
+        }
+    }
 }
 
 impl Published {
@@ -43,9 +52,10 @@ pub(super) async fn run(
     gossip: Arc<Gossip>,
     mut tracker: Tracker,
     changed: Arc<LoadChanged>,
-    reports: Arc<watch::Sender<Option<Arc<Published>>>>,
+    streams: Streams,
     cancel: CancellationToken,
 ) {
+    let reports = &streams.own;
     let mut encoder = DeltaEncoder::new();
     // The timers are the simulator's too (gossip::SendSchedule).
     let mut schedule = SendSchedule::new(&gossip.config, Instant::now().into_std());
@@ -71,7 +81,7 @@ pub(super) async fn run(
         // With nobody to tell (no peers, or their links are starting), the
         // counters are still sampled at every heartbeat: the tracker's
         // deltas must not span too many completions (see LoadCounters).
-        if !beat && reports.receiver_count() == 0 {
+        if !beat && reports.receiver_count() == 0 && streams.aggregate.receiver_count() == 0 {
             schedule.sampled(now.into_std(), unix_ms(), None, &mut rand::rng());
             continue;
         }
@@ -91,6 +101,14 @@ pub(super) async fn run(
             Some((&report, full)),
             &mut rand::rng(),
         );
+        {
+            // The region's aggregate follows this node's changes.
+            let mut own = super::locked(&gossip.own);
+            if **own != report.entries {
+                *own = Arc::new(report.entries.clone());
+                gossip.region_changed.notify_one();
+            }
+        }
         match encoder.next(&report, full) {
             Ok(encoded) => {
                 debug!(
@@ -100,11 +118,7 @@ pub(super) async fn run(
                     delta = encoded.delta.as_ref().map(|(_, d)| d.len()),
                     "report built"
                 );
-                reports.send_replace(Some(Arc::new(Published {
-                    seq: encoded.seq,
-                    full: Bytes::from(encoded.full),
-                    delta: encoded.delta.map(|(base, d)| (base, Bytes::from(d))),
-                })));
+                reports.send_replace(Some(Arc::new(Published::from(encoded))));
             }
             Err(e) => warn!(error = %e, "report not sent"),
         }

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{Gossip, GossipTasks, Peers, Wiring, spawn};
+use super::{Gossip, GossipTasks, Peer, Peers, Wiring, spawn};
 use crate::balancer::{Backend, Lease, LoadChanged, Pick};
 use crate::cluster::{
     CaBundle, HandlerFuture, NodeTls, RaftHandler, Rpc, RpcReply, Transport, generate_ca,
@@ -91,6 +91,7 @@ struct TestNode {
     changed: Arc<LoadChanged>,
     peers: watch::Sender<Peers>,
     tasks: Option<GossipTasks>,
+    region: &'static str,
 }
 
 impl TestNode {
@@ -125,6 +126,7 @@ impl TestNode {
             changed,
             peers: watch::channel(Peers::new()).0,
             tasks: None,
+            region: "local",
         }
     }
 
@@ -134,13 +136,26 @@ impl TestNode {
 
     /// Starts gossiping with `peers` in `incarnation`.
     fn start(&mut self, incarnation: u64, peers: &[&Self]) {
-        let peers: Peers = peers.iter().map(|p| (p.id, p.addr())).collect();
+        let peers: Peers = peers
+            .iter()
+            .map(|p| {
+                let region = p.region.to_owned();
+                (
+                    p.id,
+                    Peer {
+                        addr: p.addr(),
+                        region,
+                    },
+                )
+            })
+            .collect();
         self.peers.send_replace(peers);
         let wiring = Wiring {
             transport: self.transport.clone(),
             peers: self.peers.subscribe(),
             load_changed: self.changed.clone(),
             incarnation,
+            region: self.region.to_owned(),
         };
         self.tasks = Some(spawn(self.gossip.clone(), wiring, CancellationToken::new()));
     }
@@ -311,6 +326,68 @@ async fn changes_travel_as_deltas_between_full_reports() {
     assert_eq!(two.metrics.gossip.dropped_count("gap"), 0);
     one.stop().await;
     two.stop().await;
+}
+
+/// Across regions a node hears one aggregated report per other region,
+/// which carries the sum of that region's load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_hears_one_report_per_other_region() {
+    let ca = generate_ca("test").unwrap();
+    let ttl = Duration::from_secs(1);
+    let mut nodes: Vec<TestNode> = (1..=4)
+        .map(|id| TestNode::new(&ca, id, config(ttl)))
+        .collect();
+    // Node 1 alone in region a; nodes 2, 3, 4 in region b.
+    nodes[0].region = "a";
+    for n in &mut nodes[1..] {
+        n.region = "b";
+    }
+    for i in 0..nodes.len() {
+        let (before, rest) = nodes.split_at_mut(i);
+        let (me, after) = rest.split_first_mut().unwrap();
+        let peers: Vec<&TestNode> = before.iter().chain(after.iter()).collect();
+        me.start(1, &peers);
+    }
+    let _two = nodes[1].pick(2);
+    let _three = nodes[2].pick(1);
+    let sum: Vec<u64> = (0..4)
+        .map(|i| nodes[1].local()[i] + nodes[2].local()[i])
+        .collect();
+    let heard = |n: &TestNode| -> Vec<u64> {
+        n.gossip
+            .report_ages(Instant::now())
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    };
+    let one = &nodes[0];
+    eventually("node 1 to see region b's sum from one member", || {
+        one.peer_loads() == sum && heard(one).len() == 1
+    })
+    .await;
+    // It keeps one report for region b, from one of its members.
+    for _ in 0..20 {
+        let h = heard(one);
+        assert!(
+            h.len() == 1 && (2..=4).contains(&h[0]),
+            "node 1 heard {h:?}"
+        );
+        assert_eq!(one.peer_loads(), sum);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Inside region b, every member hears the others' own reports, and
+    // region a's (node 1's) aggregate.
+    let _first = one.pick(1);
+    let local = one.local();
+    let all: Vec<u64> = (0..4).map(|i| sum[i] + local[i]).collect();
+    let four = &nodes[3];
+    eventually("node 4 to see nodes 1, 2 and 3", || {
+        heard(four) == [1, 2, 3] && four.peer_loads() == all
+    })
+    .await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,86 @@
+//! The aggregator: this node's region's load (its own latest report and
+//! its region peers' fresh ones, summed by `gossip::aggregate`), sent to
+//! the members of other regions that the plan assigns to this node (see
+//! `gossip::plan`).
+//!
+//! It runs the same send schedule as the node's own reports
+//! (`gossip::SendSchedule`: full report at least every `gossip_interval`,
+//! deltas between, idle on the wall-clock grid), with changes coalesced to
+//! at most one aggregate every [`MIN_INTERVAL`] (or `gossip_min_interval`
+//! if longer): across regions the reports spend tens of milliseconds in
+//! transit anyway, and a region's sum changes with every pick of any of
+//! its members. Its reports are in this node's name, with this start's
+//! incarnation and their own sequence numbers (no receiver hears both
+//! streams of one node).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::gossip::{DeltaEncoder, Report, SendSchedule};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{Gossip, Published, unix_ms};
+
+/// Shortest time between two aggregates.
+pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(20);
+
+pub(super) async fn run(
+    gossip: Arc<Gossip>,
+    incarnation: u64,
+    aggregates: Arc<watch::Sender<Option<Arc<Published>>>>,
+    cancel: CancellationToken,
+) {
+    let config = ::gossip::Config {
+        min_interval: gossip.config.min_interval.max(MIN_INTERVAL),
+        ..gossip.config.clone()
+    };
+    let mut schedule = SendSchedule::new(&config, Instant::now().into_std());
+    let mut encoder = DeltaEncoder::new();
+    let mut seq = 0u64;
+    loop {
+        let heartbeat = Instant::from_std(schedule.heartbeat());
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = sleep_until(heartbeat) => {}
+            () = gossip.region_changed.notified() => {
+                let next = schedule.coalesced(Instant::now().into_std(), &mut rand::rng());
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = sleep_until(Instant::from_std(next)) => {}
+                }
+            }
+        }
+        let now = Instant::now().into_std();
+        let wall = unix_ms();
+        // Nobody in another region to tell.
+        if aggregates.receiver_count() == 0 {
+            schedule.sampled(now, wall, None, &mut rand::rng());
+            continue;
+        }
+        seq += 1;
+        let report = Report {
+            node_id: gossip.node_id,
+            incarnation,
+            seq,
+            sent_at_ms: wall,
+            entries: gossip.region_sum(now),
+        };
+        let full = schedule.full_due(now);
+        schedule.sampled(now, wall, Some((&report, full)), &mut rand::rng());
+        match encoder.next(&report, full) {
+            Ok(encoded) => {
+                debug!(
+                    seq,
+                    entries = report.entries.len(),
+                    bytes = encoded.full.len(),
+                    "region aggregate built"
+                );
+                aggregates.send_replace(Some(Arc::new(Published::from(encoded))));
+            }
+            Err(e) => warn!(error = %e, "region aggregate not sent"),
+        }
+    }
+}
