@@ -11,13 +11,24 @@
 //!
 //! ```text
 //!  leader:   every heartbeat_interval ─▶ raft.trigger().heartbeat()
-//!  voter:    no leader heard for a random time in [T, 1.5 T)
+//!  voter:    no leader heard for a random time in [T, 1.25 T)
 //!              ─▶ pre-vote: ask every voter "would you vote for me?"
 //!                   (granted only by a voter that has not heard a leader
 //!                    for T either, and whose log is not ahead of ours)
 //!              ─▶ a quorum of every config granted ─▶ raft.trigger().elect()
 //!              ─▶ otherwise wait a short random time and look again
 //! ```
+//!
+//! Two voters that lose their leader together must not split the vote: in a
+//! three-node cluster with one node dead, a split costs a whole retry
+//! (another pre-vote and vote, two round trips more). A voter that is
+//! campaigning itself ([`Campaign`]) therefore refuses a pre-vote to a
+//! candidate whose log is only as good as its own: while its own pre-vote
+//! round runs, when the requester's id is higher (of two concurrent rounds
+//! exactly one wins), and while its own vote requests are out (from the
+//! won pre-vote until its campaign retry), whatever the id. A requester
+//! whose log is ahead is always granted, and the refusals end with the
+//! round or the campaign, so no pair of voters can block each other.
 //!
 //! The pre-vote (Raft thesis §9.6) is what keeps a node that was only cut
 //! off from deposing a healthy leader when it comes back: while cut off it
@@ -46,7 +57,7 @@ use crate::cluster::{PreVote, Rpc, RpcReply, Transport};
 pub struct Timing {
     /// The leader sends a heartbeat this often.
     pub heartbeat_interval: Duration,
-    /// T: a voter that hears no leader for a random time in [T, 1.5 T)
+    /// T: a voter that hears no leader for a random time in [T, 1.25 T)
     /// starts an election; a voter that heard one within T refuses to vote.
     pub election_timeout: Duration,
 }
@@ -85,10 +96,13 @@ impl Timing {
         }
     }
 
-    /// A fresh random election deadline after silence began at `since`.
+    /// A fresh random election deadline after silence began at `since`:
+    /// [T, 1.25 T). The spread is small because campaigns part by the
+    /// pre-vote rule rather than by chance (module docs); at 300 ms round
+    /// trip the slowest election is then 1.25 T + two round trips.
     fn deadline(&self, since: Instant, rng: &mut impl Rng) -> Instant {
         let t = self.election_timeout;
-        since + t + t.mul_f64(rng.random_range(0.0..0.5))
+        since + t + t.mul_f64(rng.random_range(0.0..0.25))
     }
 
     /// How long to wait before looking again after a pre-vote failed.
@@ -105,9 +119,44 @@ impl Timing {
     }
 }
 
+/// What this node's own campaign is doing; read when a pre-vote request
+/// arrives, so that two campaigns part (module docs).
+#[derive(Debug, Default)]
+pub struct Campaign {
+    state: std::sync::Mutex<Campaigning>,
+}
+
+/// A voter's own campaign, as [`grant_pre_vote`] weighs it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Campaigning {
+    /// Not campaigning.
+    #[default]
+    No,
+    /// Its own pre-vote round is running.
+    PreVoting,
+    /// It won a pre-vote and its vote requests are out, until this time.
+    Electing(Instant),
+}
+
+impl Campaign {
+    fn set(&self, c: Campaigning) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    /// The campaign now (an election whose time is up counts as none).
+    pub fn now(&self) -> Campaigning {
+        match *self.state.lock().unwrap_or_else(|p| p.into_inner()) {
+            Campaigning::Electing(until) if Instant::now() >= until => Campaigning::No,
+            c => c,
+        }
+    }
+}
+
 /// What a voter knows when a pre-vote request arrives.
 #[derive(Clone, Copy, Debug)]
 pub struct VoterView {
+    pub id: NodeId,
+    pub campaign: Campaigning,
     pub is_leader: bool,
     /// Whether this node knows a leader of its current term.
     pub leader_known: bool,
@@ -116,11 +165,14 @@ pub struct VoterView {
     pub last_log_id: Option<LogId<NodeId>>,
 }
 
-/// Whether a voter in `view` grants a pre-vote to a candidate whose log
-/// ends at `candidate_log`: the same rule openraft applies to the real
-/// vote, so that a granted pre-vote means the vote can be won.
+/// Whether a voter in `view` grants a pre-vote to `candidate` whose log
+/// ends at `candidate_log`: the rule openraft applies to the real vote (so
+/// that a granted pre-vote means the vote can be won), and a voter that
+/// campaigns itself yields only to a better log or, while both are in a
+/// pre-vote round, to a lower id.
 pub fn grant_pre_vote(
     view: &VoterView,
+    candidate: NodeId,
     candidate_log: Option<&LogId<NodeId>>,
     lease: Duration,
 ) -> bool {
@@ -128,7 +180,15 @@ pub fn grant_pre_vote(
         return false;
     }
     let lease_holds = view.leader_known && view.since_leader.is_some_and(|s| s <= lease);
-    !lease_holds && candidate_log >= view.last_log_id.as_ref()
+    let own = view.last_log_id.as_ref();
+    if lease_holds || candidate_log < own {
+        return false;
+    }
+    match view.campaign {
+        Campaigning::No => true,
+        Campaigning::PreVoting => candidate_log > own || candidate < view.id,
+        Campaigning::Electing(_) => candidate_log > own,
+    }
 }
 
 /// Whether `granted` holds a majority of every config in `joint`.
@@ -139,19 +199,30 @@ pub fn quorum(joint: &[BTreeSet<NodeId>], granted: &BTreeSet<NodeId>) -> bool {
             .all(|c| c.intersection(granted).count() * 2 > c.len())
 }
 
-/// This node's answer to a pre-vote request.
-pub async fn answer_pre_vote(raft: &Raft, log: &LogStore, req: &PreVote, lease: Duration) -> bool {
-    let Ok((view, _)) = voter_view(raft, log).await else {
+/// This node's answer to a pre-vote request from `from`.
+pub async fn answer_pre_vote(
+    raft: &Raft,
+    log: &LogStore,
+    campaign: &Campaign,
+    from: NodeId,
+    req: &PreVote,
+    lease: Duration,
+) -> bool {
+    let Ok((view, _)) = voter_view(raft, log, campaign).await else {
         return false;
     };
-    let granted = grant_pre_vote(&view, req.last_log_id.as_ref(), lease);
-    debug!(granted, candidate_log = ?req.last_log_id, ?view, "pre-vote");
+    let granted = grant_pre_vote(&view, from, req.last_log_id.as_ref(), lease);
+    debug!(granted, candidate = from, candidate_log = ?req.last_log_id, ?view, "pre-vote");
     granted
 }
 
 /// This node's view, and when it last heard a leader (or changed its
 /// vote); `Err` when its Raft or log storage stopped.
-async fn voter_view(raft: &Raft, log: &LogStore) -> Result<(VoterView, Option<Instant>), ()> {
+async fn voter_view(
+    raft: &Raft,
+    log: &LogStore,
+    campaign: &Campaign,
+) -> Result<(VoterView, Option<Instant>), ()> {
     // openraft does not export its last log id with the term; the log
     // store has it.
     let last_log_id = log
@@ -160,9 +231,13 @@ async fn voter_view(raft: &Raft, log: &LogStore) -> Result<(VoterView, Option<In
         .await
         .map_err(|_| ())?
         .last_log_id;
+    let campaign = campaign.now();
+    let id = raft.metrics().borrow().id;
     raft.with_raft_state(move |st| {
         let heard = st.vote_last_modified();
         let view = VoterView {
+            id,
+            campaign,
             is_leader: st.server_state == ServerState::Leader,
             leader_known: st.vote_ref().is_committed(),
             since_leader: heard.map(|t| Instant::now().saturating_duration_since(t)),
@@ -176,7 +251,13 @@ async fn voter_view(raft: &Raft, log: &LogStore) -> Result<(VoterView, Option<In
 
 /// Drives heartbeats (as leader) and elections (as a voter) until Raft
 /// stops.
-pub async fn run(raft: Raft, log: LogStore, transport: Arc<Transport>, timing: Timing) {
+pub async fn run(
+    raft: Raft,
+    log: LogStore,
+    transport: Arc<Transport>,
+    campaign: Arc<Campaign>,
+    timing: Timing,
+) {
     let started = Instant::now();
     let tick = (timing.heartbeat_interval / 2).max(Duration::from_millis(10));
     let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_rng(&mut rand::rng());
@@ -217,7 +298,7 @@ pub async fn run(raft: Raft, log: LogStore, transport: Arc<Transport>, timing: T
             }
             continue;
         }
-        let Ok((view, heard)) = voter_view(&raft, &log).await else {
+        let Ok((view, heard)) = voter_view(&raft, &log, &campaign).await else {
             return;
         };
         let now = Instant::now();
@@ -235,22 +316,28 @@ pub async fn run(raft: Raft, log: LogStore, transport: Arc<Transport>, timing: T
         if now < deadline {
             continue;
         }
+        campaign.set(Campaigning::PreVoting);
         let won = pre_vote(&transport, &membership, m.id, &view, timing).await;
         // A leader may have been elected while the round ran (this node
         // then heard it, or voted for it): campaigning now would depose it.
         let unchanged = raft.metrics().borrow().vote == m.vote;
         let retry = if won && unchanged {
+            let retry = timing.campaign_retry(&mut rng);
+            campaign.set(Campaigning::Electing(Instant::now() + retry));
             info!(term = m.current_term, "pre-vote won; starting an election");
             if raft.trigger().elect().await.is_err() {
                 return;
             }
-            timing.campaign_retry(&mut rng)
+            retry
         } else {
+            campaign.set(Campaigning::No);
             timing.retry(&mut rng)
         };
         // Until the next look the vote may change (our own candidacy);
         // the retry time stands for that.
-        let (_, heard) = voter_view(&raft, &log).await.unwrap_or((view, heard));
+        let (_, heard) = voter_view(&raft, &log, &campaign)
+            .await
+            .unwrap_or((view, heard));
         silence = Some((heard, Instant::now() + retry));
     }
 }
@@ -313,6 +400,8 @@ mod tests {
 
     fn view(leader_known: bool, since_ms: Option<u64>, last: Option<LogId<NodeId>>) -> VoterView {
         VoterView {
+            id: 1,
+            campaign: Campaigning::No,
             is_leader: false,
             leader_known,
             since_leader: since_ms.map(Duration::from_millis),
@@ -325,34 +414,72 @@ mod tests {
     #[test]
     fn a_voter_that_hears_its_leader_refuses() {
         let v = view(true, Some(200), log(2, 10));
-        assert!(!grant_pre_vote(&v, log(2, 10).as_ref(), LEASE));
-        assert!(!grant_pre_vote(&v, log(3, 50).as_ref(), LEASE));
+        assert!(!grant_pre_vote(&v, 2, log(2, 10).as_ref(), LEASE));
+        assert!(!grant_pre_vote(&v, 2, log(3, 50).as_ref(), LEASE));
     }
 
     #[test]
     fn a_voter_whose_leader_went_silent_grants_an_up_to_date_candidate() {
         let v = view(true, Some(1200), log(2, 10));
-        assert!(grant_pre_vote(&v, log(2, 10).as_ref(), LEASE));
-        assert!(grant_pre_vote(&v, log(3, 1).as_ref(), LEASE));
+        assert!(grant_pre_vote(&v, 2, log(2, 10).as_ref(), LEASE));
+        assert!(grant_pre_vote(&v, 2, log(3, 1).as_ref(), LEASE));
         // A candidate whose log is behind never gets it.
-        assert!(!grant_pre_vote(&v, log(2, 9).as_ref(), LEASE));
-        assert!(!grant_pre_vote(&v, log(1, 99).as_ref(), LEASE));
-        assert!(!grant_pre_vote(&v, None, LEASE));
+        assert!(!grant_pre_vote(&v, 2, log(2, 9).as_ref(), LEASE));
+        assert!(!grant_pre_vote(&v, 2, log(1, 99).as_ref(), LEASE));
+        assert!(!grant_pre_vote(&v, 2, None, LEASE));
     }
 
     #[test]
     fn without_a_known_leader_only_the_log_counts() {
         let v = view(false, Some(10), log(2, 10));
-        assert!(grant_pre_vote(&v, log(2, 10).as_ref(), LEASE));
+        assert!(grant_pre_vote(&v, 2, log(2, 10).as_ref(), LEASE));
         let fresh = view(false, None, None);
-        assert!(grant_pre_vote(&fresh, None, LEASE));
+        assert!(grant_pre_vote(&fresh, 2, None, LEASE));
+    }
+
+    #[test]
+    fn of_two_concurrent_pre_vote_rounds_with_equal_logs_exactly_one_wins() {
+        // Voters 1 and 2 lost their leader together and both ask.
+        let mut one = view(true, Some(1200), log(2, 10));
+        one.campaign = Campaigning::PreVoting;
+        let mut two = one;
+        two.id = 2;
+        assert!(!grant_pre_vote(&one, 2, log(2, 10).as_ref(), LEASE));
+        assert!(grant_pre_vote(&two, 1, log(2, 10).as_ref(), LEASE));
+        // A better log is granted whatever the ids.
+        assert!(grant_pre_vote(&one, 2, log(2, 11).as_ref(), LEASE));
+        assert!(!grant_pre_vote(&two, 1, log(2, 9).as_ref(), LEASE));
+    }
+
+    #[test]
+    fn a_voter_whose_vote_requests_are_out_yields_only_to_a_better_log() {
+        let until = Instant::now() + Duration::from_millis(400);
+        let mut v = view(false, Some(10), log(2, 10));
+        v.id = 3;
+        v.campaign = Campaigning::Electing(until);
+        assert!(!grant_pre_vote(&v, 1, log(2, 10).as_ref(), LEASE));
+        assert!(!grant_pre_vote(&v, 5, log(2, 10).as_ref(), LEASE));
+        assert!(grant_pre_vote(&v, 5, log(3, 1).as_ref(), LEASE));
+    }
+
+    #[test]
+    fn a_campaign_ends_with_its_round_or_its_retry_time() {
+        let c = Campaign::default();
+        assert_eq!(c.now(), Campaigning::No);
+        c.set(Campaigning::PreVoting);
+        assert_eq!(c.now(), Campaigning::PreVoting);
+        let until = Instant::now() + Duration::from_secs(60);
+        c.set(Campaigning::Electing(until));
+        assert_eq!(c.now(), Campaigning::Electing(until));
+        c.set(Campaigning::Electing(Instant::now()));
+        assert_eq!(c.now(), Campaigning::No, "the retry time is up");
     }
 
     #[test]
     fn a_leader_never_grants() {
         let mut v = view(true, Some(5000), log(2, 10));
         v.is_leader = true;
-        assert!(!grant_pre_vote(&v, log(9, 99).as_ref(), LEASE));
+        assert!(!grant_pre_vote(&v, 2, log(9, 99).as_ref(), LEASE));
     }
 
     #[test]
@@ -382,7 +509,7 @@ mod tests {
         let now = Instant::now();
         for _ in 0..100 {
             let d = t.deadline(now, &mut rng) - now;
-            assert!(d >= t.election_timeout && d < t.election_timeout * 3 / 2);
+            assert!(d >= t.election_timeout && d < t.election_timeout * 5 / 4);
         }
     }
 }

@@ -98,6 +98,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
         raft.clone(),
         log.clone(),
         transport.clone(),
+        handler.campaign(),
         config.raft,
     ));
 

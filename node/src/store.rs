@@ -479,6 +479,7 @@ pub struct RaftRpc {
     raft: std::sync::OnceLock<(Raft, raft_store::LogStore, Weak<Transport>)>,
     timing: crate::election::Timing,
     policy: Policy,
+    campaign: Arc<crate::election::Campaign>,
 }
 
 impl std::fmt::Debug for RaftRpc {
@@ -496,7 +497,14 @@ impl RaftRpc {
             raft: std::sync::OnceLock::new(),
             timing,
             policy,
+            campaign: Arc::default(),
         }
+    }
+
+    /// This node's own campaign, which the election task drives and the
+    /// pre-vote answer reads.
+    pub fn campaign(&self) -> Arc<crate::election::Campaign> {
+        Arc::clone(&self.campaign)
     }
 
     /// Connects the handler to its Raft once it exists (the transport has to
@@ -507,7 +515,7 @@ impl RaftRpc {
 }
 
 impl RaftHandler for RaftRpc {
-    fn handle(&self, _from: u64, rpc: Rpc) -> HandlerFuture<'_> {
+    fn handle(&self, from: u64, rpc: Rpc) -> HandlerFuture<'_> {
         Box::pin(async move {
             let Some((raft, log, transport)) = self.raft.get() else {
                 return RpcReply::Error("raft is starting".into());
@@ -516,8 +524,15 @@ impl RaftHandler for RaftRpc {
                 Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
                 Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
                 Rpc::PreVote(r) => RpcReply::PreVote(
-                    crate::election::answer_pre_vote(raft, log, &r, self.timing.election_timeout)
-                        .await,
+                    crate::election::answer_pre_vote(
+                        raft,
+                        log,
+                        &self.campaign,
+                        from,
+                        &r,
+                        self.timing.election_timeout,
+                    )
+                    .await,
                 ),
                 Rpc::InstallSnapshot(r) => {
                     RpcReply::InstallSnapshot(raft.install_snapshot(r).await)
