@@ -233,7 +233,7 @@ async fn read_stream(shared: Arc<Shared>, sender: Arc<Sender>, mut recv: RecvStr
 }
 
 /// Handles one report's bytes from `sender`.
-fn receive(shared: &Shared, sender: &Sender, bytes: &[u8]) {
+fn receive(shared: &Arc<Shared>, sender: &Sender, bytes: &[u8]) {
     let report = match ::gossip::decode_wire(bytes) {
         Ok(report) => report,
         Err(e) => {

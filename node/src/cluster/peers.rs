@@ -40,6 +40,10 @@ use super::transport::{Shared, TransportError, bump, codes};
 const ATTEMPT_MIN: Duration = Duration::from_millis(500);
 const ATTEMPT_MAX: Duration = Duration::from_secs(3);
 
+/// A handshake attempt this old is replaced when the peer reaches this node
+/// (see [`PeerSlot::hurry`]); a younger one's first packets are still fresh.
+const HURRY_AFTER: Duration = Duration::from_millis(100);
+
 /// How long one handshake attempt may take.
 pub(crate) fn attempt_timeout(rtt: Option<Duration>) -> Duration {
     rtt.map_or(ATTEMPT_MIN, |r| (r * 3).clamp(ATTEMPT_MIN, ATTEMPT_MAX))
@@ -224,6 +228,27 @@ impl PeerSlot {
             debug!(target = self.target, why, "dropping the cluster connection");
             conn.close(codes::SHUTDOWN, b"dropped");
             self.state.send_replace(Conn::None);
+        }
+    }
+
+    /// Replaces a handshake attempt that has been under way for a while
+    /// with a fresh one (the peer just reached this node, so the link
+    /// works; the old attempt may be waiting out a backed-off resend).
+    pub(crate) fn hurry(self: &Arc<Self>, shared: &Arc<Shared>) {
+        let addr = match &*self.state.borrow() {
+            Conn::Connecting { addr, .. } => addr.clone(),
+            _ => return,
+        };
+        let stale = self
+            .inner()
+            .started
+            .is_some_and(|t| t.elapsed() >= HURRY_AFTER);
+        if stale {
+            debug!(
+                target = self.target,
+                "peer reached us while our handshake was pending: starting afresh"
+            );
+            self.start(shared, &addr);
         }
     }
 

@@ -79,9 +79,9 @@ impl Peer {
 
     /// Whether the certificate is valid for node `id`. The first proof on
     /// a connection tells the transport that `id` reaches this node (a
-    /// peer that restarted, or whose link healed): its own connection to
-    /// `id`, if silent, is replaced at once rather than at its next timeout.
-    pub(super) fn proves(&self, shared: &Shared, id: NodeId) -> bool {
+    /// link that healed): a handshake of its own to `id` that is still
+    /// pending starts afresh (`Shared::peer_connected`).
+    pub(super) fn proves(&self, shared: &Arc<Shared>, id: NodeId) -> bool {
         if self.proven.get() == Some(&id) {
             return true;
         }

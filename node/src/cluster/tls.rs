@@ -106,6 +106,33 @@ impl NodeTls {
         })
     }
 
+    /// The endpoint's settings that must outlive a restart, derived from
+    /// the node's private key: the stateless reset key and the key of the
+    /// connection ids. A peer that keeps sending on a connection to this
+    /// node's previous process then gets a valid stateless reset from the
+    /// new one (RFC 9000 §10.3) and closes that connection at its next
+    /// packet, instead of waiting out the idle timeout. Only a holder of
+    /// the node key can make the reset tokens.
+    pub(crate) fn endpoint_config(&self) -> Result<quinn::EndpointConfig, TransportError> {
+        let Parsed { key, .. } = self.parse()?;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"edgelb cluster endpoint keys\0");
+        ctx.update(key.secret_der());
+        let secret = ctx.finish();
+        let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref());
+        // The connection ids are validated by a keyed hash: a new process
+        // must recognise its predecessor's ids to answer them with a reset.
+        let cid_key = ring::hmac::sign(&reset, b"connection ids");
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&cid_key.as_ref()[..8]);
+        let cid_key = u64::from_le_bytes(word);
+        let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        Ok(config)
+    }
+
     /// Checks that the node's own certificate names node `id`, so a
     /// misconfigured node fails at start instead of at every peer.
     pub(crate) fn check_own_id(&self, id: u64) -> Result<(), TransportError> {

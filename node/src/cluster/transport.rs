@@ -209,27 +209,18 @@ impl Shared {
             .cloned()
     }
 
-    /// `id` opened a connection to this node: if this node's own
-    /// connection to `id` has not been answered lately (the peer restarted,
-    /// or the link was cut and has healed), it is dropped, and the next
-    /// call handshakes afresh instead of waiting out a silent connection or
-    /// a backed-off attempt.
-    pub(crate) fn peer_connected(&self, id: NodeId) {
-        if let Some(slot) = self.existing_slot(id)
-            && !slot.answered_within(PEER_QUIET)
-        {
-            debug!(
-                peer = id,
-                "peer connected while ours was quiet: reconnecting"
-            );
-            slot.reset();
+    /// `id` reached this node on a connection of its own: if this node's
+    /// handshake to `id` is still under way (the link was cut and has
+    /// healed, and the attempt's resends have backed off), a fresh attempt
+    /// starts now. An open connection is kept: calls in flight on it may
+    /// be about to be answered, and one to a previous process of `id` is
+    /// closed by that peer's stateless reset (`tls::reset_key`).
+    pub(crate) fn peer_connected(self: &Arc<Self>, id: NodeId) {
+        if let Some(slot) = self.existing_slot(id) {
+            slot.hurry(self);
         }
     }
 }
-
-/// How recently a peer must have answered for its connection to be kept
-/// when it connects to this node anew.
-const PEER_QUIET: Duration = Duration::from_millis(500);
 
 /// The node's QUIC endpoint on `cluster_addr`: serves peers' Raft RPCs to a
 /// [`RaftHandler`] and makes calls to peers ([`Transport::call`]).
@@ -262,7 +253,14 @@ impl Transport {
         let server = tls.server_config()?;
         let client = tls.client_config(ALPN_RAFT)?;
         let gossip_client = tls.client_config(ALPN_GOSSIP)?;
-        let endpoint = Endpoint::server(server, addr).map_err(TransportError::Bind)?;
+        let socket = std::net::UdpSocket::bind(addr).map_err(TransportError::Bind)?;
+        let endpoint = Endpoint::new(
+            tls.endpoint_config()?,
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(TransportError::Bind)?;
         let shared = Arc::new(Shared {
             endpoint,
             node_id,
@@ -281,6 +279,21 @@ impl Transport {
     /// The address the endpoint is bound to.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.shared.endpoint.local_addr()
+    }
+
+    /// Moves the endpoint to another socket without telling its peers, as
+    /// if this process had died: its address is free for a new one.
+    #[cfg(test)]
+    pub(crate) fn vanish(&self) -> io::Result<()> {
+        // quinn keeps the previous socket open for stragglers; a second
+        // move drops the original one.
+        let ip = self.local_addr()?.ip();
+        for _ in 0..2 {
+            self.shared
+                .endpoint
+                .rebind(std::net::UdpSocket::bind((ip, 0))?)?;
+        }
+        Ok(())
     }
 
     /// This node's id.
@@ -414,10 +427,14 @@ impl Transport {
                 }
             }
         };
+        // A stream's error says "connection lost"; the connection says why
+        // (timed out, closed by the peer, reset by a restarted peer).
+        let stream_failed = |e: &dyn std::fmt::Display| match conn.close_reason() {
+            Some(why) => TransportError::Stream(format!("{e}: {why}")),
+            None => TransportError::Stream(e.to_string()),
+        };
         let exchange = async {
-            send.write_all(request)
-                .await
-                .map_err(|e| TransportError::Stream(e.to_string()))?;
+            send.write_all(request).await.map_err(|e| stream_failed(&e))?;
             // The stream is open until now: finishing cannot fail.
             let _ = send.finish();
             let body = frame::read_frame(&mut recv, kind.reply_limit())
@@ -426,7 +443,7 @@ impl Transport {
                     FrameError::TooLarge { .. } | FrameError::Malformed(_) => {
                         TransportError::Protocol(e.to_string())
                     }
-                    FrameError::Io(e) => TransportError::Stream(e.to_string()),
+                    FrameError::Io(e) => stream_failed(&e),
                 })?;
             frame::decode_reply(&body).map_err(|e| TransportError::Protocol(e.to_string()))
         };
