@@ -101,6 +101,16 @@ async fn serve_raft(shared: Arc<Shared>, conn: Connection) {
     let Some(peer) = Peer::of(&shared, &conn) else {
         return;
     };
+    // Which node this is shows in its certificate; knowing it now, rather
+    // than at its first call, lets a pending handshake of ours to it start
+    // afresh at once (a peer that restarted reaches us before we reach it).
+    if let Some(id) = shared
+        .peer_ids()
+        .into_iter()
+        .find(|id| verify_peer_id(&peer.leaf, *id).is_ok())
+    {
+        peer.proves(&shared, id);
+    }
     let peer = Arc::new(peer);
     debug!("raft connection accepted");
     loop {

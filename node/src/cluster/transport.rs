@@ -209,6 +209,16 @@ impl Shared {
             .cloned()
     }
 
+    /// The peers this node has a connection slot for.
+    pub(crate) fn peer_ids(&self) -> Vec<NodeId> {
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect()
+    }
+
     /// `id` reached this node on a connection of its own: if this node's
     /// handshake to `id` is still under way (the link was cut and has
     /// healed, and the attempt's resends have backed off), a fresh attempt
