@@ -169,7 +169,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     }
     if let Some(url) = config.join.as_deref()
         && !identity.founded
-        && !store.is_member()
+        && !store.is_member().await
     {
         let advertised = config
             .advertised_cluster_addr(raft.cluster_addr)

@@ -238,14 +238,21 @@ impl Store {
     }
 
     /// Whether this node is in the membership it has applied.
-    pub fn is_member(&self) -> bool {
+    pub async fn is_member(&self) -> bool {
+        // Asked of Raft itself, not of its metrics: right after start the
+        // metrics may not show the membership loaded from disk yet, and a
+        // restarted member would then go through the join again.
+        let id = self.node_id;
         self.raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&self.node_id)
-            .is_some()
+            .with_raft_state(move |st| {
+                st.membership_state
+                    .effective()
+                    .membership()
+                    .get_node(&id)
+                    .is_some()
+            })
+            .await
+            .unwrap_or(false)
     }
 
     /// Waits until this node applied `index`, for at most `limit`.

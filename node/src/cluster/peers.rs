@@ -252,13 +252,6 @@ impl PeerSlot {
         }
     }
 
-    /// Drops whatever connection there is (the peer restarted).
-    pub(crate) fn reset(&self) {
-        if let Conn::Up { conn, .. } = self.state.send_replace(Conn::None) {
-            conn.close(codes::SHUTDOWN, b"peer restarted");
-        }
-    }
-
     /// Records that a call to the peer failed as unreachable, logging the
     /// transition once.
     pub(crate) fn unreachable(&self, reason: &str) {

@@ -534,14 +534,6 @@ impl Transport {
     pub fn note_unreachable(&self, target: NodeId, reason: &str) {
         self.slot(target).unreachable(reason);
     }
-
-    /// Drops the kept connection to `target`: it restarted (a new
-    /// incarnation was heard), so the old connection is dead.
-    pub fn peer_restarted(&self, target: NodeId) {
-        if let Some(slot) = self.shared.existing_slot(target) {
-            slot.reset();
-        }
-    }
 }
 
 /// `addr` as a socket address, preferring the family of the local socket.

@@ -128,8 +128,6 @@ async fn link(
                     continue;
                 }
                 debug!("peer restarted: reconnecting");
-                // Its old process is gone; so is the Raft connection to it.
-                transport.peer_restarted(id);
                 conn = None;
                 backoff = INITIAL_BACKOFF;
                 retry_at = Instant::now();
