@@ -11,7 +11,7 @@
 //!
 //! ```text
 //!  leader:   every heartbeat_interval ─▶ raft.trigger().heartbeat()
-//!  voter:    no leader heard for a random time in [T, 1.25 T)
+//!  voter:    no leader heard for a random time in [T, 1.1 T)
 //!              ─▶ pre-vote: ask every voter "would you vote for me?"
 //!                   (granted only by a voter that has not heard a leader
 //!                    for T either, and whose log is not ahead of ours)
@@ -57,7 +57,7 @@ use crate::cluster::{PreVote, Rpc, RpcReply, Transport};
 pub struct Timing {
     /// The leader sends a heartbeat this often.
     pub heartbeat_interval: Duration,
-    /// T: a voter that hears no leader for a random time in [T, 1.25 T)
+    /// T: a voter that hears no leader for a random time in [T, 1.1 T)
     /// starts an election; a voter that heard one within T refuses to vote.
     pub election_timeout: Duration,
 }
@@ -97,12 +97,12 @@ impl Timing {
     }
 
     /// A fresh random election deadline after silence began at `since`:
-    /// [T, 1.25 T). The spread is small because campaigns part by the
-    /// pre-vote rule rather than by chance (module docs); at 300 ms round
-    /// trip the slowest election is then 1.25 T + two round trips.
+    /// [T, 1.1 T). The spread is small because campaigns part by the
+    /// pre-vote rule rather than by chance (module docs); it only keeps
+    /// voters from asking in lockstep.
     fn deadline(&self, since: Instant, rng: &mut impl Rng) -> Instant {
         let t = self.election_timeout;
-        since + t + t.mul_f64(rng.random_range(0.0..0.25))
+        since + t + t.mul_f64(rng.random_range(0.0..0.1))
     }
 
     /// How long to wait before looking again after a pre-vote failed.
@@ -509,7 +509,7 @@ mod tests {
         let now = Instant::now();
         for _ in 0..100 {
             let d = t.deadline(now, &mut rng) - now;
-            assert!(d >= t.election_timeout && d < t.election_timeout * 5 / 4);
+            assert!(d >= t.election_timeout && d < t.election_timeout * 11 / 10);
         }
     }
 }
