@@ -444,7 +444,9 @@ impl Transport {
             None => TransportError::Stream(e.to_string()),
         };
         let exchange = async {
-            send.write_all(request).await.map_err(|e| stream_failed(&e))?;
+            send.write_all(request)
+                .await
+                .map_err(|e| stream_failed(&e))?;
             // The stream is open until now: finishing cannot fail.
             let _ = send.finish();
             let body = frame::read_frame(&mut recv, kind.reply_limit())
