@@ -53,6 +53,7 @@
 //! [`GroupBalancer::set_peer_load`]: crate::balancer::GroupBalancer::set_peer_load
 
 mod engine;
+pub mod grid;
 mod node;
 pub mod plot;
 pub mod report;
@@ -135,9 +136,25 @@ impl Scenario {
             shares: vec![0.30, 0.20, 0.12, 0.10, 0.08, 0.06, 0.05, 0.04, 0.03, 0.02],
             instances: 20,
             mean_service: Duration::from_millis(100),
-            duration: Duration::from_secs(60),
+            duration: Duration::from_secs(30),
             warmup: Duration::from_secs(5),
             ..Self::reference()
+        }
+    }
+
+    /// An edge fleet: 10 nodes with uneven traffic, 16 instances, 100 ms
+    /// requests at 90 % utilization, 5 ms one-way between nodes.
+    pub fn edge_fleet() -> Self {
+        Self {
+            name:
+                "edge fleet: 10 nodes 30…2 %, 16 instances × 4 workers, 100 ms, ρ 0.9, 5 ms apart"
+                    .into(),
+            instances: 16,
+            utilization: 0.9,
+            delay: Duration::from_millis(5),
+            delay_jitter: Duration::from_millis(1),
+            duration: Duration::from_secs(30),
+            ..Self::ten_nodes()
         }
     }
 

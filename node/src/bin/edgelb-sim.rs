@@ -1,14 +1,16 @@
 //! `edgelb-sim`: the load-gossip simulator (see `edgelb::sim`).
 //!
 //! `cargo run --release -p edgelb --bin edgelb-sim` runs every strategy on
-//! every scenario and writes `docs/gossip-sim.md` and `docs/gossip-sim.png`.
+//! every scenario, the fault scenario and the grid of requirement (b), and
+//! writes `docs/gossip-sim.md` and `docs/gossip-sim.png` (about 10 minutes
+//! on two cores; `--quick` takes under a minute, with rougher figures).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use edgelb::sim::{plot, report, suite};
+use edgelb::sim::{grid, plot, report, suite};
 
 #[derive(Debug, Parser)]
 #[command(about = "Simulates balancing with gossiped load and writes the report")]
@@ -28,18 +30,42 @@ struct Args {
     /// Worker threads (default: available cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Simulated seconds per grid cell and seed (after 1 s of warm-up).
+    #[arg(long, default_value_t = 8.0)]
+    grid_seconds: f64,
+    /// Seeds per grid cell.
+    #[arg(long, default_value_t = 3)]
+    grid_seeds: u64,
+    /// A short, rougher run for iterating: one seed, a quarter of the
+    /// durations, 2 s per grid cell (overrides the options above).
+    #[arg(long)]
+    quick: bool,
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.quick {
+        args.seeds = 1;
+        args.scale = 0.25;
+        args.grid_seconds = 2.0;
+        args.grid_seeds = 1;
+    }
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let started = Instant::now();
     let scenarios = suite::scenarios(args.scale);
     let results = suite::run_all(&scenarios, args.seeds, threads);
+    eprintln!("scenarios: {:.1} s", started.elapsed().as_secs_f64());
+    let faults = grid::run_faults(args.seeds, threads);
+    eprintln!("faults: {:.1} s", started.elapsed().as_secs_f64());
+    let cells = grid::run(args.grid_seconds, args.grid_seeds, threads);
     let elapsed = started.elapsed();
-    let report = report::markdown(&results, args.seeds);
+    let run = report::GridRun {
+        seconds: args.grid_seconds,
+        seeds: args.grid_seeds,
+    };
+    let report = report::markdown(&results, args.seeds, &cells, run, &faults);
     print!("{report}");
     eprintln!(
         "simulated in {:.1} s on {threads} threads",

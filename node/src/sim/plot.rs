@@ -137,7 +137,7 @@ fn panel(
     let mut mesh = chart.configure_mesh();
     mesh.disable_x_mesh().max_light_lines(2);
     if text {
-        mesh.x_desc("report interval")
+        mesh.x_desc("gossip_min_interval")
             .y_desc(metric.label())
             .x_label_formatter(&interval_label);
     } else {

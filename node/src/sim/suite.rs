@@ -37,6 +37,7 @@ pub fn scenarios(scale: f64) -> Vec<Scenario> {
     let mut all = vec![
         Scenario::reference(),
         Scenario::ten_nodes(),
+        Scenario::edge_fleet(),
         Scenario::long_lived(),
     ];
     for s in &mut all {
@@ -71,11 +72,34 @@ pub fn strategies(scenario: &Scenario) -> Vec<Strategy> {
 /// Runs every strategy of every scenario with `seeds` seeds each (1, 2, …),
 /// on up to `threads` threads, and averages over the seeds.
 pub fn run_all(scenarios: &[Scenario], seeds: u64, threads: usize) -> Vec<ScenarioResults> {
+    let cases: Vec<(Scenario, Vec<Strategy>)> = scenarios
+        .iter()
+        .map(|sc| (sc.clone(), strategies(sc)))
+        .collect();
+    run_cases(&cases, seeds, threads)
+        .into_iter()
+        .zip(scenarios)
+        .map(|(rows, sc)| ScenarioResults {
+            scenario: sc.clone(),
+            rows,
+        })
+        .collect()
+}
+
+/// Runs each case's strategies on its scenario with `seeds` seeds each, on
+/// up to `threads` threads; per case, each strategy with its outcome
+/// averaged over the seeds (in seed order, so the result does not depend
+/// on which thread finished first).
+pub fn run_cases(
+    cases: &[(Scenario, Vec<Strategy>)],
+    seeds: u64,
+    threads: usize,
+) -> Vec<Vec<(Strategy, Outcome)>> {
     let mut jobs = Vec::new();
-    for (si, sc) in scenarios.iter().enumerate() {
-        for (ti, strategy) in strategies(sc).into_iter().enumerate() {
+    for (ci, (_, strategies)) in cases.iter().enumerate() {
+        for ti in 0..strategies.len() {
             for seed in 1..=seeds.max(1) {
-                jobs.push((si, ti, strategy.clone(), seed));
+                jobs.push((ci, ti, seed));
             }
         }
     }
@@ -86,15 +110,16 @@ pub fn run_all(scenarios: &[Scenario], seeds: u64, threads: usize) -> Vec<Scenar
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((si, ti, strategy, seed)) = jobs.get(i) else {
+                    let Some(&(ci, ti, seed)) = jobs.get(i) else {
                         break;
                     };
-                    let mut sc = scenarios[*si].clone();
-                    sc.seed = *seed;
-                    let outcome = run(&sc, strategy);
+                    let (scenario, strategies) = &cases[ci];
+                    let mut sc = scenario.clone();
+                    sc.seed = seed;
+                    let outcome = run(&sc, &strategies[ti]);
                     done.lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push((*si, *ti, *seed, outcome));
+                        .push((ci, ti, seed, outcome));
                 }
             });
         }
@@ -102,26 +127,23 @@ pub fn run_all(scenarios: &[Scenario], seeds: u64, threads: usize) -> Vec<Scenar
     let mut done = done
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    // Whatever order the threads finished in, average in seed order: the
-    // report is the same file on every run.
-    done.sort_by_key(|&(si, ti, seed, _)| (si, ti, seed));
-    scenarios
+    done.sort_by_key(|&(ci, ti, seed, _)| (ci, ti, seed));
+    cases
         .iter()
         .enumerate()
-        .map(|(si, sc)| ScenarioResults {
-            scenario: sc.clone(),
-            rows: strategies(sc)
-                .into_iter()
+        .map(|(ci, (_, strategies))| {
+            strategies
+                .iter()
                 .enumerate()
                 .map(|(ti, strategy)| {
                     let runs: Vec<&Outcome> = done
                         .iter()
-                        .filter(|(s, t, _, _)| (*s, *t) == (si, ti))
+                        .filter(|(c, t, _, _)| (*c, *t) == (ci, ti))
                         .map(|(_, _, _, o)| o)
                         .collect();
-                    (strategy, average(&runs))
+                    (strategy.clone(), average(&runs))
                 })
-                .collect(),
+                .collect()
         })
         .collect()
 }

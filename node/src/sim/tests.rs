@@ -46,3 +46,42 @@ fn estimator_beats_local_only_and_naive_herds() {
     assert!(predictive < local * 0.95, "{all}");
     assert!(naive > local * 1.05, "{all}");
 }
+
+/// Loss, a crash and restart, a leave and a join, two groups and a tight
+/// `hard_limit`: the run is deterministic, reports are lost, and the
+/// estimate (with a crashed peer's predicted picks in it for a while)
+/// refuses no more than a central balancer, which knows the true counts.
+#[test]
+fn faults_are_simulated() {
+    use super::Fault;
+    let s = Duration::from_secs;
+    let sc = Scenario {
+        duration: s(4),
+        warmup: s(1),
+        loss: 0.1,
+        groups: 2,
+        hard_limit: 6,
+        faults: vec![
+            (s(1), Fault::Crash(1)),
+            (s(2), Fault::Restart(1)),
+            (Duration::from_millis(2500), Fault::Leave(9)),
+            (s(3), Fault::Join(8)),
+        ],
+        ..Scenario::edge_fleet()
+    };
+    let strategy = Strategy::gossip(Estimator::Predictive, 5);
+    let a = run(&sc, &strategy);
+    assert_eq!(a, run(&sc, &strategy));
+    assert!(
+        a.lost_reports > 0 && a.reports > a.lost_reports * 5,
+        "{a:?}"
+    );
+    let central = run(&sc, &Strategy::Central);
+    assert!(central.refused > 0, "the limit is tight: {central:?}");
+    assert!(
+        a.refused <= central.refused,
+        "{} > {}",
+        a.refused,
+        central.refused
+    );
+}

@@ -1,0 +1,181 @@
+//! SPEC §3 (b) over a grid of fleets: the default estimator against local
+//! counts only, and the scenario with faults (loss, a crash and restart,
+//! membership changes, two groups, `hard_limit`).
+
+use std::time::Duration;
+
+use gossip::Estimator;
+
+use super::suite::run_cases;
+use super::{Fault, Outcome, Scenario, Strategy};
+
+/// Nodes, one-way delays (ms), utilizations and instances of the grid.
+pub const NODES: [usize; 3] = [3, 10, 30];
+pub const DELAYS: [u64; 5] = [0, 5, 20, 50, 100];
+pub const RHOS: [f64; 3] = [0.5, 0.8, 0.9];
+pub const INSTANCES: [usize; 2] = [4, 16];
+/// How much worse than local counts only (× central) a cell may be.
+pub const SLACK: f64 = 0.01;
+
+/// One cell of the grid.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell {
+    pub nodes: usize,
+    pub delay_ms: u64,
+    pub rho: f64,
+    pub instances: usize,
+    pub skewed: bool,
+    /// × central.
+    pub local: f64,
+    pub estimator: f64,
+}
+
+impl Cell {
+    /// Requirement (b) holds: the estimator is at most [`SLACK`] worse.
+    pub fn holds(&self) -> bool {
+        self.estimator <= self.local + SLACK
+    }
+
+    /// The cell's parameters, for tables: nodes, arrivals, delay, ρ,
+    /// instances.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} nodes {}, {} ms, ρ {}, {} instances",
+            self.nodes,
+            arrivals(self.skewed),
+            self.delay_ms,
+            self.rho,
+            self.instances
+        )
+    }
+}
+
+fn arrivals(skewed: bool) -> &'static str {
+    if skewed { "skewed" } else { "even" }
+}
+
+/// Traffic shares: even, or skewed (node `i` gets a share ∝ (i + 1)^-1.5:
+/// 65/23/12 % with 3 nodes, 39 % … 1 % with 10).
+pub fn shares(nodes: usize, skewed: bool) -> Vec<f64> {
+    (0..nodes)
+        .map(|i| {
+            if skewed {
+                1.0 / ((i + 1) as f64).powf(1.5)
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
+/// The grid's scenarios: 10 ms requests on 4-worker instances, with
+/// `seconds` simulated after a 1 s warm-up.
+pub fn scenarios(seconds: f64) -> Vec<Scenario> {
+    let mut all = Vec::new();
+    for nodes in NODES {
+        for delay_ms in DELAYS {
+            for rho in RHOS {
+                for instances in INSTANCES {
+                    for skewed in [false, true] {
+                        let delay = Duration::from_millis(delay_ms);
+                        all.push(Scenario {
+                            name: format!(
+                                "{nodes} nodes {}, {delay_ms} ms, ρ {rho}, {instances} instances",
+                                arrivals(skewed)
+                            ),
+                            shares: shares(nodes, skewed),
+                            instances,
+                            utilization: rho,
+                            delay,
+                            delay_jitter: delay / 4,
+                            duration: Duration::from_secs(1)
+                                + Duration::from_secs_f64(seconds.max(1.0)),
+                            ..Scenario::reference()
+                        });
+                    }
+                }
+            }
+        }
+    }
+    all
+}
+
+/// Runs the grid: central, local only and the default estimator in each
+/// cell, `seeds` seeds each.
+pub fn run(seconds: f64, seeds: u64, threads: usize) -> Vec<Cell> {
+    let scenarios = scenarios(seconds);
+    let strategies = vec![
+        Strategy::Central,
+        Strategy::Local,
+        Strategy::gossip(Estimator::default(), 5),
+    ];
+    let cases: Vec<(Scenario, Vec<Strategy>)> = scenarios
+        .iter()
+        .map(|sc| (sc.clone(), strategies.clone()))
+        .collect();
+    let results = run_cases(&cases, seeds, threads);
+    let mut cells = Vec::new();
+    let mut it = scenarios.iter().zip(results);
+    for nodes in NODES {
+        for delay_ms in DELAYS {
+            for rho in RHOS {
+                for instances in INSTANCES {
+                    for skewed in [false, true] {
+                        let Some((_, rows)) = it.next() else {
+                            return cells;
+                        };
+                        let ratio = |i: usize| rows.get(i).map_or(f64::NAN, |(_, o)| o.max_mean);
+                        let central = ratio(0);
+                        cells.push(Cell {
+                            nodes,
+                            delay_ms,
+                            rho,
+                            instances,
+                            skewed,
+                            local: ratio(1) / central,
+                            estimator: ratio(2) / central,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    cells
+}
+
+/// The edge fleet with faults: 5 % of reports lost, two groups, a
+/// `hard_limit` of 8 per instance; node 1 (20 % of the traffic) crashes
+/// at 8 s and restarts at 12 s, node 9 leaves at 16 s, node 8 is absent
+/// until it joins at 20 s.
+pub fn faults() -> Scenario {
+    let s = Duration::from_secs;
+    Scenario {
+        name:
+            "edge fleet with faults: 5 % loss, 2 groups, hard_limit 8, crash + restart, leave, join"
+                .into(),
+        loss: 0.05,
+        groups: 2,
+        hard_limit: 8,
+        faults: vec![
+            (s(8), Fault::Crash(1)),
+            (s(12), Fault::Restart(1)),
+            (s(16), Fault::Leave(9)),
+            (s(20), Fault::Join(8)),
+        ],
+        ..Scenario::edge_fleet()
+    }
+}
+
+/// Central, local only and the default estimator on [`faults`].
+pub fn run_faults(seeds: u64, threads: usize) -> Vec<(Strategy, Outcome)> {
+    let sc = faults();
+    let strategies = vec![
+        Strategy::Central,
+        Strategy::Local,
+        Strategy::gossip(Estimator::default(), 5),
+    ];
+    run_cases(&[(sc, strategies)], seeds, threads)
+        .into_iter()
+        .next()
+        .unwrap_or_default()
+}
