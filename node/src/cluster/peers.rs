@@ -3,11 +3,11 @@
 //! A connection is made once and reused by every RPC. Making it is a task
 //! of its own, not part of any RPC: an RPC whose deadline passes while the
 //! handshake is under way gives up waiting, but the handshake goes on and
-//! the next RPC finds the connection ready. A handshake attempt is bounded
-//! by [`attempt_timeout`] (half a second, or three round trips on a slow
-//! link),
-//! so that after a partition heals the next attempt starts promptly
-//! instead of waiting out QUIC's growing retransmission timer.
+//! the next RPC finds the connection ready. A handshake attempt waits for
+//! the peer's first answer for [`attempt_timeout`] (half a second, or three
+//! round trips on a slow link), so that after a partition heals the next
+//! attempt starts promptly instead of waiting out QUIC's growing
+//! retransmission timer; a handshake the peer has answered is finished.
 //!
 //! ```text
 //!  call ─▶ slot(peer) ─ connected, same addr, open? ──yes──▶ use it
@@ -185,9 +185,7 @@ impl PeerSlot {
         let shared = Arc::clone(shared);
         let addr = addr.to_owned();
         tokio::spawn(async move {
-            let outcome = tokio::time::timeout(timeout, connect(&shared, slot.target, &addr))
-                .await
-                .unwrap_or_else(|_| Err(format!("no handshake within {timeout:?}")));
+            let outcome = connect(&shared, slot.target, &addr, timeout).await;
             slot.finish(attempt, addr, outcome, &shared);
         });
         attempt
@@ -279,12 +277,21 @@ impl PeerSlot {
     }
 }
 
-/// One QUIC handshake to `target` at `addr`.
-async fn connect(shared: &Shared, target: NodeId, addr: &str) -> Result<Connection, String> {
+/// One QUIC handshake to `target` at `addr`. The peer must answer within
+/// `first`; once it has (its handshake flight arrived), the rest may take
+/// up to [`ATTEMPT_MAX`]: a handshake that is under way when a partition
+/// heals is finished rather than abandoned at the attempt's deadline.
+async fn connect(
+    shared: &Shared,
+    target: NodeId,
+    addr: &str,
+    first: Duration,
+) -> Result<Connection, String> {
+    let began = tokio::time::Instant::now();
     let sock = super::transport::resolve(shared, addr)
         .await
         .map_err(|e| e.to_string())?;
-    let connecting = shared
+    let mut connecting = shared
         .endpoint
         .connect_with(
             shared.client.clone(),
@@ -292,7 +299,15 @@ async fn connect(shared: &Shared, target: NodeId, addr: &str) -> Result<Connecti
             &super::pki::node_dns_name(target),
         )
         .map_err(|e| e.to_string())?;
-    let conn = connecting.await.map_err(|e| e.to_string())?;
+    let no_answer = || format!("no handshake within {first:?}");
+    tokio::time::timeout_at(began + first, connecting.handshake_data())
+        .await
+        .map_err(|_| no_answer())?
+        .map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout_at(began + ATTEMPT_MAX, connecting)
+        .await
+        .map_err(|_| format!("handshake unfinished within {ATTEMPT_MAX:?}"))?
+        .map_err(|e| e.to_string())?;
     debug!(target, addr, "connected");
     Ok(conn)
 }
