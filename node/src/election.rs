@@ -26,9 +26,13 @@
 //! candidate whose log is only as good as its own: while its own pre-vote
 //! round runs, when the requester's id is higher (of two concurrent rounds
 //! exactly one wins), and while its own vote requests are out (from the
-//! won pre-vote until its campaign retry), whatever the id. A requester
-//! whose log is ahead is always granted, and the refusals end with the
-//! round or the campaign, so no pair of voters can block each other.
+//! won pre-vote until its campaign retry), whatever the id. A voter that
+//! granted a pre-vote backs that candidate for T/2: it grants no other
+//! whose log is no better and starts no round of its own (with five
+//! voters, two concurrent rounds could otherwise both find a quorum). A
+//! requester whose log is ahead is always granted, and the refusals end
+//! with the round, the campaign or the promise, so no pair of voters can
+//! block each other.
 //!
 //! The pre-vote (Raft thesis §9.6) is what keeps a node that was only cut
 //! off from deposing a healthy leader when it comes back: while cut off it
@@ -124,6 +128,18 @@ impl Timing {
 #[derive(Debug, Default)]
 pub struct Campaign {
     state: std::sync::Mutex<Campaigning>,
+    promise: std::sync::Mutex<Option<Promise>>,
+}
+
+/// A pre-vote this voter granted lately: until `until` it grants no other
+/// candidate whose log is not better than `log`, so that two concurrent
+/// campaigns do not both win pre-votes from the voters between them (in a
+/// five-node cluster each could find a quorum) and then split the vote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Promise {
+    pub to: NodeId,
+    pub log: Option<LogId<NodeId>>,
+    until: Instant,
 }
 
 /// A voter's own campaign, as [`grant_pre_vote`] weighs it.
@@ -150,6 +166,23 @@ impl Campaign {
             c => c,
         }
     }
+
+    /// Records a granted pre-vote, binding for `window`.
+    fn promise(&self, to: NodeId, log: Option<LogId<NodeId>>, window: Duration) {
+        *self.promise.lock().unwrap_or_else(|p| p.into_inner()) = Some(Promise {
+            to,
+            log,
+            until: Instant::now() + window,
+        });
+    }
+
+    /// The pre-vote promise still binding, if any.
+    pub fn promised(&self) -> Option<Promise> {
+        self.promise
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .filter(|p| Instant::now() < p.until)
+    }
 }
 
 /// What a voter knows when a pre-vote request arrives.
@@ -157,6 +190,8 @@ impl Campaign {
 pub struct VoterView {
     pub id: NodeId,
     pub campaign: Campaigning,
+    /// A pre-vote granted lately to another candidate.
+    pub promised: Option<Promise>,
     pub is_leader: bool,
     /// Whether this node knows a leader of its current term.
     pub leader_known: bool,
@@ -184,11 +219,15 @@ pub fn grant_pre_vote(
     if lease_holds || candidate_log < own {
         return false;
     }
-    match view.campaign {
+    let yields = match view.campaign {
         Campaigning::No => true,
         Campaigning::PreVoting => candidate_log > own || candidate < view.id,
         Campaigning::Electing(_) => candidate_log > own,
-    }
+    };
+    let bound = view
+        .promised
+        .is_some_and(|p| p.to != candidate && candidate_log <= p.log.as_ref());
+    yields && !bound
 }
 
 /// Whether `granted` holds a majority of every config in `joint`.
@@ -212,6 +251,11 @@ pub async fn answer_pre_vote(
         return false;
     };
     let granted = grant_pre_vote(&view, from, req.last_log_id.as_ref(), lease);
+    if granted {
+        // Long enough for the candidate to finish its round and send its
+        // vote requests on the slowest link the timing is made for.
+        campaign.promise(from, req.last_log_id, lease / 2);
+    }
     debug!(granted, candidate = from, candidate_log = ?req.last_log_id, ?view, "pre-vote");
     granted
 }
@@ -231,6 +275,7 @@ async fn voter_view(
         .await
         .map_err(|_| ())?
         .last_log_id;
+    let promised = campaign.promised();
     let campaign = campaign.now();
     let id = raft.metrics().borrow().id;
     raft.with_raft_state(move |st| {
@@ -238,6 +283,7 @@ async fn voter_view(
         let view = VoterView {
             id,
             campaign,
+            promised,
             is_leader: st.server_state == ServerState::Leader,
             leader_known: st.vote_ref().is_committed(),
             since_leader: heard.map(|t| Instant::now().saturating_duration_since(t)),
@@ -314,6 +360,12 @@ pub async fn run(
             }
         };
         if now < deadline {
+            continue;
+        }
+        if campaign.promised().is_some() {
+            // This voter backs another candidate's round just now; its own
+            // would compete with it.
+            silence = Some((heard, Instant::now() + timing.retry(&mut rng)));
             continue;
         }
         campaign.set(Campaigning::PreVoting);
@@ -402,6 +454,7 @@ mod tests {
         VoterView {
             id: 1,
             campaign: Campaigning::No,
+            promised: None,
             is_leader: false,
             leader_known,
             since_leader: since_ms.map(Duration::from_millis),
@@ -460,6 +513,29 @@ mod tests {
         assert!(!grant_pre_vote(&v, 1, log(2, 10).as_ref(), LEASE));
         assert!(!grant_pre_vote(&v, 5, log(2, 10).as_ref(), LEASE));
         assert!(grant_pre_vote(&v, 5, log(3, 1).as_ref(), LEASE));
+    }
+
+    #[test]
+    fn a_voter_that_granted_one_candidate_refuses_another_for_a_while() {
+        // Five voters, one dead: 1 and 2 ask 3 at the same time. Had 3
+        // granted both, each could reach a quorum of pre-votes and the
+        // real vote would split.
+        let c = Campaign::default();
+        c.promise(1, log(2, 10), Duration::from_secs(60));
+        let mut v = view(false, Some(10), log(2, 10));
+        v.id = 3;
+        v.promised = c.promised();
+        assert!(!grant_pre_vote(&v, 2, log(2, 10).as_ref(), LEASE));
+        assert!(
+            grant_pre_vote(&v, 1, log(2, 10).as_ref(), LEASE),
+            "the same again"
+        );
+        assert!(
+            grant_pre_vote(&v, 2, log(2, 11).as_ref(), LEASE),
+            "a better log"
+        );
+        c.promise(1, log(2, 10), Duration::ZERO);
+        assert_eq!(c.promised(), None, "the promise lapsed");
     }
 
     #[test]
