@@ -324,7 +324,7 @@ mod tests {
                 prop_assert_eq!(got.entries.len(), r.entries.len());
                 for (g, w) in got.entries.iter().zip(&r.entries) {
                     prop_assert_eq!((g.instance, g.inflight, g.long_inflight), (w.instance, w.inflight, w.long_inflight));
-                    prop_assert!(g.arrival_rate_milli.abs_diff(w.arrival_rate_milli) <= g.arrival_rate_milli / 32 + 1);
+                    prop_assert!(g.arrival_rate_milli.abs_diff(w.arrival_rate_milli) <= g.arrival_rate_milli / crate::RATE_DEADBAND + 1);
                 }
                 if full {
                     prop_assert_eq!(&got, &r);

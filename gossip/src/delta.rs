@@ -36,8 +36,15 @@
 //!
 //! In-flight counts are always exact. The smoothed pick rate and mean
 //! service time drift a little with every report; a delta carries them only
-//! when they moved by more than [`DEADBAND`] of the value the receiver holds
-//! (or to or from zero), and the next full report sets them exactly. A
+//! when they moved by more than a share of the value the receiver holds
+//! ([`RATE_DEADBAND`], [`SERVICE_DEADBAND`]; or to or from zero), and the
+//! next full report, at most `gossip_interval` later, sets them exactly.
+//! The bands are wide enough that the drift of an exponentially weighted
+//! average (each completion moves a mean service time by a few per cent;
+//! the rate decays a little with every report) is not re-sent every time:
+//! with 1,000 busy instances that drift alone made deltas several
+//! kilobytes (`gossip/examples/fleet_bytes.rs`). Within the bands the
+//! estimate moves by at most about as much for at most one interval. A
 //! busy instance thus costs about 4–6 bytes in a delta against 32 in a full
 //! report.
 
@@ -48,9 +55,12 @@ use crate::codec::{Entry, MAX_ENTRIES, Report};
 pub const DELTA_VERSION: u8 = 2;
 /// Bytes before the first entry of a delta.
 pub const DELTA_HEADER_LEN: usize = 46;
-/// A rate or service time is re-sent when it moved by more than this share
-/// of the value the receiver holds (1/32, about 3 %).
-pub const DEADBAND: u32 = 32;
+/// A pick rate is re-sent when it moved by more than 1/`RATE_DEADBAND` of
+/// the value the receiver holds (about 6 %).
+pub const RATE_DEADBAND: u32 = 16;
+/// A mean service time is re-sent when it moved by more than
+/// 1/`SERVICE_DEADBAND` of the value the receiver holds (12.5 %).
+pub const SERVICE_DEADBAND: u32 = 8;
 
 const INFLIGHT: u8 = 1;
 const LONG: u8 = 2;
@@ -318,11 +328,11 @@ fn decode_delta(bytes: &[u8]) -> Result<Delta, Error> {
 }
 
 /// Whether a smoothed value moved enough to be re-sent.
-fn moved(held: u32, now: u32) -> bool {
+fn moved(held: u32, now: u32, band: u32) -> bool {
     if (held == 0) != (now == 0) {
         return true;
     }
-    held.abs_diff(now) > held / DEADBAND
+    held.abs_diff(now) > held / band
 }
 
 /// The changes that take `base` (what receivers hold, sorted by instance)
@@ -380,11 +390,11 @@ pub(crate) fn diff(base: &[Entry], next: &[Entry]) -> (Vec<Change>, Vec<Entry>) 
                 if b.long_inflight != n.long_inflight {
                     (c.long_inflight, h.long_inflight) = (Some(n.long_inflight), n.long_inflight);
                 }
-                if moved(b.arrival_rate_milli, n.arrival_rate_milli) {
+                if moved(b.arrival_rate_milli, n.arrival_rate_milli, RATE_DEADBAND) {
                     c.arrival_rate_milli = Some(n.arrival_rate_milli);
                     h.arrival_rate_milli = n.arrival_rate_milli;
                 }
-                if moved(b.mean_service_us, n.mean_service_us) {
+                if moved(b.mean_service_us, n.mean_service_us, SERVICE_DEADBAND) {
                     c.mean_service_us = Some(n.mean_service_us);
                     h.mean_service_us = n.mean_service_us;
                 }

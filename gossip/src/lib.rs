@@ -46,7 +46,8 @@ pub use codec::{
 };
 pub use counters::{EPOCHS, LoadCounters, Started};
 pub use delta::{
-    Change, DEADBAND, DELTA_HEADER_LEN, DELTA_VERSION, Delta, Ref, Wire, decode_wire, encode_delta,
+    Change, DELTA_HEADER_LEN, DELTA_VERSION, Delta, RATE_DEADBAND, Ref, SERVICE_DEADBAND, Wire,
+    decode_wire, encode_delta,
 };
 pub use estimator::Estimator;
 pub use regions::{Plan, Stream, aggregate, plan};

@@ -57,6 +57,8 @@ struct HttpShared {
     open: AtomicUsize,
     requests: AtomicUsize,
     held: AtomicUsize,
+    /// Requests whose handler runs right now (`/sleep/<ms>` ones included).
+    busy: AtomicUsize,
     /// Request body bytes received on `/upload`.
     uploaded: AtomicUsize,
     /// Upgraded connections open.
@@ -102,6 +104,7 @@ impl HttpBackend {
             open: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
             uploaded: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
             gate: watch::Sender::new(0),
@@ -138,6 +141,12 @@ impl HttpBackend {
     /// Requests received so far.
     pub fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests in progress right now (until their answer's headers are
+    /// sent): the instance's true in-flight count.
+    pub fn busy(&self) -> usize {
+        self.shared.busy.load(Ordering::SeqCst)
     }
 
     /// Requests being held right now (`/slow`).
@@ -238,6 +247,7 @@ async fn answer(
     shared: Arc<HttpShared>,
 ) -> Result<Response<Body>, Infallible> {
     shared.requests.fetch_add(1, Ordering::SeqCst);
+    let _busy = Held::new(&shared.busy);
     let target = req
         .uri()
         .path_and_query()

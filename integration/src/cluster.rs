@@ -69,6 +69,9 @@ pub struct ClusterOptions {
     pub link: Link,
     /// `--region` of node `id` (the node's default, `local`, when `None`).
     pub region: Option<fn(u64) -> String>,
+    /// Keys for a TOML file every member is started with (`--config`),
+    /// e.g. `gossip_estimator = "local"`; none when empty.
+    pub config: String,
 }
 
 impl Default for ClusterOptions {
@@ -87,6 +90,7 @@ impl Default for ClusterOptions {
             relay: None,
             link: Link::default(),
             region: None,
+            config: String::new(),
         }
     }
 }
@@ -187,7 +191,18 @@ impl Member {
         if let Some(region) = opts.region {
             args.extend(["--region".to_owned(), region(self.id)]);
         }
+        if !opts.config.is_empty() {
+            args.extend([
+                "--config".to_owned(),
+                self.config_file().to_string_lossy().into_owned(),
+            ]);
+        }
         args
+    }
+
+    /// Where [`ClusterOptions::config`] is written for this member.
+    fn config_file(&self) -> std::path::PathBuf {
+        self.data.path().join("edgelb-test.toml")
     }
 
     /// Spawns the process (without waiting for it to come up).
@@ -197,6 +212,10 @@ impl Member {
             "node {} is already running",
             self.id
         );
+        if !opts.config.is_empty() {
+            std::fs::create_dir_all(self.data.path())?;
+            std::fs::write(self.config_file(), &opts.config)?;
+        }
         let args = self.args(opts);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.process = Some(Process::spawn(&args, self.data.path()).await?);

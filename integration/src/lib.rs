@@ -66,6 +66,7 @@ pub mod quic;
 pub mod relay;
 pub mod stats;
 pub mod tls;
+pub mod wan;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

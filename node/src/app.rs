@@ -201,12 +201,15 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         shutdown.clone(),
     ));
 
-    let gossip = Arc::new(Gossip::new(
-        config.node_id,
-        config.gossip.clone(),
-        dataplane.clone(),
-        metrics.clone(),
-    ));
+    let gossip = Arc::new(
+        Gossip::new(
+            config.node_id,
+            config.gossip.clone(),
+            dataplane.clone(),
+            metrics.clone(),
+        )
+        .local_only(config.gossip_local),
+    );
     let incarnation = crate::gossip::incarnation();
     let gossip_cancel = CancellationToken::new();
     let (peers, membership) = crate::gossip::membership(store.clone(), gossip_cancel.clone());

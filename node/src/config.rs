@@ -122,6 +122,7 @@ struct FileConfig {
     gossip_min_interval: Option<String>,
     gossip_interval: Option<String>,
     gossip_ttl: Option<String>,
+    gossip_estimator: Option<String>,
     raft_heartbeat_interval: Option<String>,
     election_timeout: Option<String>,
 }
@@ -148,9 +149,13 @@ pub struct Config {
     pub node_key: Option<PathBuf>,
     pub max_voters: usize,
     pub leave_on_exit: bool,
-    /// Load gossip: `gossip_min_interval`, `gossip_interval`, `gossip_ttl`
-    /// (the rest at its defaults).
+    /// Load gossip: `gossip_min_interval`, `gossip_interval`, `gossip_ttl`,
+    /// `gossip_estimator` (the rest at its defaults).
     pub gossip: gossip::Config,
+    /// `gossip_estimator = "local"`: peers' reports are received but not
+    /// used; selection compares this node's own counts only. For
+    /// comparisons (the node still reports its own load).
+    pub gossip_local: bool,
     /// Raft timing: `raft_heartbeat_interval`, `election_timeout`.
     pub raft: crate::election::Timing,
 }
@@ -178,6 +183,7 @@ impl Config {
             max_voters: 5,
             leave_on_exit: false,
             gossip: gossip::Config::default(),
+            gossip_local: false,
             raft: crate::election::Timing::default(),
         }
     }
@@ -317,6 +323,19 @@ impl Config {
         )?;
         set_duration(&mut g.interval, "gossip_interval", file.gossip_interval)?;
         set_duration(&mut g.ttl, "gossip_ttl", file.gossip_ttl)?;
+        match file.gossip_estimator.as_deref() {
+            None | Some("predictive") => g.estimator = gossip::Estimator::Predictive,
+            Some("decay") => g.estimator = gossip::Estimator::Decay,
+            Some("raw") => g.estimator = gossip::Estimator::Raw,
+            Some("local") => c.gossip_local = true,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "gossip_estimator",
+                    format!("{other:?} is not one of predictive, decay, raw, local"),
+                ));
+            }
+        }
+        let g = &mut c.gossip;
         if g.min_interval > g.interval {
             return Err(ConfigError::new(
                 "gossip_min_interval",
@@ -559,11 +578,22 @@ mod tests {
         assert_eq!(c.gossip.min_interval, Duration::from_millis(2));
         assert_eq!(c.gossip.interval, Duration::from_millis(50));
         assert_eq!(c.gossip.ttl, Duration::from_millis(500));
+        assert!(!c.gossip_local);
+        std::fs::write(&path, "gossip_estimator = \"local\"\n").unwrap();
+        assert!(
+            load(&["--config", path.to_str().unwrap()])
+                .unwrap()
+                .gossip_local
+        );
+        std::fs::write(&path, "gossip_estimator = \"decay\"\n").unwrap();
+        let c = load(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.gossip.estimator, gossip::Estimator::Decay);
         for (text, field) in [
             ("gossip_ttl = \"100ms\"\n", "gossip_interval"),
             ("gossip_min_interval = \"200ms\"\n", "gossip_min_interval"),
             ("gossip_interval = \"0ms\"\n", "gossip_interval"),
             ("gossip_ttl = \"soon\"\n", "gossip_ttl"),
+            ("gossip_estimator = \"psychic\"\n", "gossip_estimator"),
         ] {
             std::fs::write(&path, text).unwrap();
             let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();

@@ -107,6 +107,8 @@ pub struct Gossip {
     restarted: broadcast::Sender<u64>,
     dataplane: Arc<DataPlane>,
     metrics: Arc<Metrics>,
+    /// `gossip_estimator = "local"`: peers' reports are not used.
+    local_only: bool,
 }
 
 impl std::fmt::Debug for Gossip {
@@ -138,7 +140,16 @@ impl Gossip {
             restarted: broadcast::Sender::new(64),
             dataplane,
             metrics,
+            local_only: false,
         }
+    }
+
+    /// A node that does not use its peers' reports (`gossip_estimator =
+    /// "local"`): they are counted in bytes and dropped, so selection
+    /// compares this node's own counts only. It still reports its own.
+    pub fn local_only(mut self, local: bool) -> Self {
+        self.local_only = local;
+        self
     }
 
     /// Peers heard with a new incarnation, as they are heard.
@@ -253,6 +264,9 @@ impl GossipHandler for Gossip {
     fn report(&self, report: Wire, bytes: usize, arrival: Arrival) {
         let m = &self.metrics.gossip;
         m.bytes_rx.inc_by(bytes as u64);
+        if self.local_only {
+            return;
+        }
         // A delta becomes the full report it stands for.
         let applied = locked(&self.chains).apply(report);
         let Ok(report) = applied else {
