@@ -76,7 +76,7 @@ pub fn run_all(scenarios: &[Scenario], seeds: u64, threads: usize) -> Vec<Scenar
         .iter()
         .map(|sc| (sc.clone(), strategies(sc)))
         .collect();
-    run_cases(&cases, seeds, threads)
+    run_cases(&cases, 1..=seeds.max(1), threads)
         .into_iter()
         .zip(scenarios)
         .map(|(rows, sc)| ScenarioResults {
@@ -86,19 +86,19 @@ pub fn run_all(scenarios: &[Scenario], seeds: u64, threads: usize) -> Vec<Scenar
         .collect()
 }
 
-/// Runs each case's strategies on its scenario with `seeds` seeds each, on
+/// Runs each case's strategies on its scenario with each of `seeds`, on
 /// up to `threads` threads; per case, each strategy with its outcome
 /// averaged over the seeds (in seed order, so the result does not depend
 /// on which thread finished first).
 pub fn run_cases(
     cases: &[(Scenario, Vec<Strategy>)],
-    seeds: u64,
+    seeds: std::ops::RangeInclusive<u64>,
     threads: usize,
 ) -> Vec<Vec<(Strategy, Outcome)>> {
     let mut jobs = Vec::new();
     for (ci, (_, strategies)) in cases.iter().enumerate() {
         for ti in 0..strategies.len() {
-            for seed in 1..=seeds.max(1) {
+            for seed in seeds.clone() {
                 jobs.push((ci, ti, seed));
             }
         }
