@@ -60,12 +60,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let churned = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for l in loops {
-        tokio::time::timeout(Duration::from_secs(30), l)
-            .await
-            .context("a load loop did not stop")??;
-    }
+    load::stop(&stop, loops).await?;
     rss.push((started.elapsed(), load::rss_kib(Some(pid))));
 
     let scrape = admin.scrape().await?;

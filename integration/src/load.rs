@@ -165,3 +165,18 @@ pub fn mixed(
     }
     loops
 }
+
+/// Stops the loops [`mixed`] started and waits for each (30 s at most).
+pub async fn stop(
+    stop: &AtomicBool,
+    loops: Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        tokio::time::timeout(Duration::from_secs(30), l)
+            .await
+            .context("a load loop did not stop")??;
+    }
+    Ok(())
+}

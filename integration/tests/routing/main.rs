@@ -159,12 +159,7 @@ async fn churn_under_load_fails_no_request_and_leaves_no_series() -> anyhow::Res
         }
     }
     let churned = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    for l in loops {
-        tokio::time::timeout(Duration::from_secs(30), l)
-            .await
-            .context("a load loop did not stop")??;
-    }
+    load::stop(&stop, loops).await?;
     rss.push((started.elapsed(), load::rss_kib(None)));
     let rss: Vec<String> = rss
         .iter()
