@@ -269,41 +269,9 @@ pub(crate) fn water_level(base: &[f64], amount: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{Entry, Report};
+    use crate::testutil::{ids, report};
     use proptest::prelude::*;
     use std::time::Duration;
-
-    fn id(i: usize) -> [u8; 16] {
-        let mut instance = [0; 16];
-        instance[8..].copy_from_slice(&(i as u64).to_be_bytes());
-        instance
-    }
-
-    /// A peer's report: per instance (inflight, long), every instance picked
-    /// at `rate` per second with mean service `tau_ms`.
-    fn report(node_id: u64, counts: &[(u32, u32)], rate: f64, tau_ms: u32) -> Report {
-        Report {
-            node_id,
-            incarnation: 1,
-            seq: 1,
-            sent_at_ms: 0,
-            entries: counts
-                .iter()
-                .enumerate()
-                .map(|(i, &(inflight, long))| Entry {
-                    instance: id(i),
-                    inflight,
-                    long_inflight: long,
-                    arrival_rate_milli: (rate * 1000.0) as u32,
-                    mean_service_us: tau_ms * 1000,
-                })
-                .collect(),
-        }
-    }
-
-    fn ids(n: usize) -> Vec<[u8; 16]> {
-        (0..n).map(id).collect()
-    }
 
     #[test]
     fn water_level_fills_the_lowest() {
@@ -319,8 +287,8 @@ mod tests {
     fn fresh_reports_are_taken_as_they_are() {
         let t0 = Instant::now();
         let mut table = LoadTable::new(Duration::from_secs(1));
-        table.insert(report(1, &[(3, 1), (0, 0), (5, 0)], 800.0, 10), t0);
-        table.insert(report(2, &[(1, 0), (2, 2)], 50.0, 0), t0);
+        table.insert(report(1, 1, &[(3, 1), (0, 0), (5, 0)], 800.0, 10), t0);
+        table.insert(report(2, 1, &[(1, 0), (2, 2)], 50.0, 0), t0);
         for est in [Estimator::Raw, Estimator::Decay, Estimator::Predictive] {
             assert_eq!(est.peer_loads(&table, &ids(3), t0), [4, 2, 5], "{est:?}");
         }
@@ -331,7 +299,7 @@ mod tests {
         let t0 = Instant::now();
         let mut table = LoadTable::new(Duration::from_secs(1));
         // 20 short, 6 long on instance 0; the peer picks nothing any more.
-        table.insert(report(1, &[(26, 6)], 0.0, 10), t0);
+        table.insert(report(1, 1, &[(26, 6)], 0.0, 10), t0);
         let later = t0 + Duration::from_millis(100); // ten mean service times
         assert_eq!(Estimator::Raw.peer_loads(&table, &ids(1), later), [26]);
         assert_eq!(Estimator::Decay.peer_loads(&table, &ids(1), later), [6]);
@@ -353,9 +321,12 @@ mod tests {
         let mut table = LoadTable::new(Duration::from_secs(1));
         // Peer 1 picks 1000/s in all (250/s per instance), τ = 10 ms: in its
         // steady state it has 10 in flight. It reported none (it just started).
-        table.insert(report(1, &[(0, 0); 4], 250.0, 10), t0);
+        table.insert(report(1, 1, &[(0, 0); 4], 250.0, 10), t0);
         // Peer 2 holds long-lived work and picks nothing.
-        table.insert(report(2, &[(0, 0), (2, 2), (8, 8), (20, 20)], 0.0, 10), t0);
+        table.insert(
+            report(2, 1, &[(0, 0), (2, 2), (8, 8), (20, 20)], 0.0, 10),
+            t0,
+        );
         let later = t0 + Duration::from_millis(200);
         let peer = Estimator::Predictive.peer_loads(&table, &ids(4), later);
         // 10 poured onto [0, 2, 8, 20]: level 6.
@@ -376,7 +347,7 @@ mod tests {
     fn unknown_service_time_does_not_decay() {
         let t0 = Instant::now();
         let mut table = LoadTable::new(Duration::from_secs(1));
-        table.insert(report(1, &[(4, 0), (0, 0)], 10.0, 0), t0);
+        table.insert(report(1, 1, &[(4, 0), (0, 0)], 10.0, 0), t0);
         let later = t0 + Duration::from_millis(100);
         // 4 kept; 2 instances × 10/s × 0.1 s = 2 new picks, both on the idle one.
         assert_eq!(
@@ -391,8 +362,11 @@ mod tests {
         let mut table = LoadTable::new(Duration::from_secs(1));
         // Peer 1 picks 1000/s over 4 instances with τ = 10 ms; peer 2 holds
         // long-lived work and picks nothing (as in the test above).
-        table.insert(report(1, &[(0, 0); 4], 250.0, 10), t0);
-        table.insert(report(2, &[(0, 0), (2, 2), (8, 8), (20, 20)], 0.0, 10), t0);
+        table.insert(report(1, 1, &[(0, 0); 4], 250.0, 10), t0);
+        table.insert(
+            report(2, 1, &[(0, 0), (2, 2), (8, 8), (20, 20)], 0.0, 10),
+            t0,
+        );
         let later = t0 + Duration::from_millis(200);
         let parts = Estimator::Predictive.peer_parts(&table, &ids(4), later);
         let by_peer: Vec<Vec<u64>> = parts
@@ -433,7 +407,7 @@ mod tests {
             let mut table = LoadTable::new(Duration::from_secs(1));
             for (node, (counts, rate, tau)) in peers.iter().enumerate() {
                 let counts: Vec<_> = counts.iter().map(|&(a, b)| (a.max(b), a.min(b))).collect();
-                table.insert(report(node as u64, &counts, *rate, *tau), t0);
+                table.insert(report(node as u64, 1, &counts, *rate, *tau), t0);
             }
             let now = t0 + Duration::from_millis(age_ms);
             for est in [Estimator::Raw, Estimator::Decay, Estimator::Predictive] {
@@ -458,7 +432,7 @@ mod tests {
             let mut table = LoadTable::new(Duration::from_secs(1));
             for (node, (counts, rate, tau)) in peers.iter().enumerate() {
                 let counts: Vec<_> = counts.iter().map(|&(a, b)| (a.max(b), a.min(b))).collect();
-                table.insert(report(node as u64, &counts, *rate, *tau), t0);
+                table.insert(report(node as u64, 1, &counts, *rate, *tau), t0);
             }
             let raw: Vec<u64> = ids(8).iter().map(|i| table.reported(i, t0)).collect();
             for est in [Estimator::Raw, Estimator::Decay, Estimator::Predictive] {
@@ -478,7 +452,7 @@ mod tests {
             let t0 = Instant::now();
             let mut table = LoadTable::new(Duration::from_secs(1));
             let counts: Vec<_> = counts.iter().map(|&(a, b)| (a.max(b), a.min(b))).collect();
-            table.insert(report(1, &counts, rate, tau), t0);
+            table.insert(report(1, 1, &counts, rate, tau), t0);
             let now = t0 + Duration::from_millis(age_ms);
             let n = counts.len();
             let decay = Estimator::Decay.peer_loads(&table, &ids(n), now);

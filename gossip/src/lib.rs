@@ -34,6 +34,8 @@ mod estimator;
 mod regions;
 mod schedule;
 mod state;
+#[cfg(test)]
+mod testutil;
 mod tracker;
 mod view;
 

@@ -285,41 +285,9 @@ fn inv_tau_of(bucket: u32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{Entry, Report};
+    use crate::testutil::{ids, report};
     use crate::{Config, LoadTable};
     use proptest::prelude::*;
-
-    fn id(i: usize) -> [u8; 16] {
-        let mut instance = [0; 16];
-        instance[8..].copy_from_slice(&(i as u64).to_be_bytes());
-        instance
-    }
-
-    fn ids(n: usize) -> Vec<[u8; 16]> {
-        (0..n).map(id).collect()
-    }
-
-    /// A report: per instance (inflight, long), each picked at `rate`/s
-    /// with mean service `tau_ms`.
-    fn report(node_id: u64, seq: u64, counts: &[(u32, u32)], rate: f64, tau_ms: u32) -> Report {
-        Report {
-            node_id,
-            incarnation: 1,
-            seq,
-            sent_at_ms: 0,
-            entries: counts
-                .iter()
-                .enumerate()
-                .map(|(i, &(inflight, long))| Entry {
-                    instance: id(i),
-                    inflight,
-                    long_inflight: long,
-                    arrival_rate_milli: (rate * 1000.0) as u32,
-                    mean_service_us: tau_ms * 1000,
-                })
-                .collect(),
-        }
-    }
 
     fn run(
         view: &mut GroupView,
