@@ -382,7 +382,7 @@ mod tests {
             let mut table = LoadTable::new(config.ttl);
             let mut view = GroupView::new(&ids(8));
             // The newest counts each node reported, per instance.
-            let mut latest = std::collections::HashMap::new();
+            let mut latest = HashMap::new();
             for (seq, (node, counts, rate, tau, age_ms)) in rounds.iter().enumerate() {
                 let counts: Vec<_> = counts.iter().map(|&(a, b)| (a.max(b), a.min(b))).collect();
                 table.insert(report(*node, seq as u64 + 1, &counts, *rate, *tau), t0);
