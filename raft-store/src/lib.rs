@@ -73,6 +73,7 @@
 //! duplicate instances is invalid input (400).
 
 pub mod api;
+mod changes;
 pub mod command;
 mod db;
 pub mod log_store;
@@ -86,6 +87,7 @@ pub mod validate;
 #[cfg(test)]
 mod tests;
 
+pub use changes::Changed;
 pub use command::{Command, Patch, PatchOp};
 pub use db::StoreError;
 pub use log_store::LogStore;

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::changes::Rows;
 use crate::command::Command;
 use crate::model::{
     Certificate, ClusterSecrets, Instance, ModelError, ServiceGroup, find_instance,
@@ -112,7 +113,25 @@ enum Change {
 impl State {
     /// Applies `cmd`. Atomic: on `Err` the state is unchanged.
     pub fn apply(&mut self, cmd: &Command) -> Result<Applied, ApplyError> {
+        self.apply_noting(cmd, &mut Rows::default())
+    }
+
+    /// [`apply`](Self::apply), noting the row it writes in `rows`.
+    pub(crate) fn apply_noting(
+        &mut self,
+        cmd: &Command,
+        rows: &mut Rows,
+    ) -> Result<Applied, ApplyError> {
         let (change, applied) = self.plan(cmd)?;
+        match &change {
+            Change::Put(g) => rows.groups.insert(g.uuid),
+            Change::Remove(uuid) => rows.groups.insert(*uuid),
+            Change::Certificate(c) => rows.certificates.insert(c.name.clone()),
+            Change::Cluster(_) => {
+                rows.cluster = true;
+                true
+            }
+        };
         self.commit(change);
         Ok(applied)
     }
@@ -313,7 +332,7 @@ impl TryFrom<Snapshot> for State {
 }
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

@@ -29,6 +29,7 @@ use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend};
 use redb::{Database, Durability, TableDefinition};
 use tokio::sync::watch;
 
+use crate::changes::{Changed, History, Rows};
 use crate::db::{self, StoreError};
 use crate::snapshot::{self, SNAPSHOT, SmRecord, SnapshotBuilder};
 use crate::state::State;
@@ -53,6 +54,26 @@ pub struct AppliedState {
     /// Index of the last applied log entry (0 before any).
     pub index: u64,
     pub state: Arc<State>,
+    /// The changes of the last batches, for [`changed_since`](Self::changed_since).
+    changes: History,
+}
+
+impl AppliedState {
+    /// A state applied up to `index` with no history: `changed_since`
+    /// answers `None` for every index but `index` itself.
+    pub fn new(index: u64, state: Arc<State>) -> Self {
+        Self {
+            index,
+            state,
+            changes: History::starting_at(index),
+        }
+    }
+
+    /// What changed since the state applied at index `since` (≤ self.index). `None` when `since`
+    /// is older than the history kept (for example after a snapshot install): rebuild everything.
+    pub fn changed_since(&self, since: u64) -> Option<Changed> {
+        self.changes.since(since, self.index)
+    }
 }
 
 /// The replicated [`State`] as applied from the log, persisted in redb and
@@ -101,10 +122,10 @@ impl StateMachineStore {
             db,
             last_applied: record.last_applied,
             membership: record.membership,
-            state: watch::Sender::new(AppliedState {
-                index: record.last_applied.map_or(0, |l| l.index),
-                state: Arc::new(record.state),
-            }),
+            state: watch::Sender::new(AppliedState::new(
+                record.last_applied.map_or(0, |l| l.index),
+                Arc::new(record.state),
+            )),
         })
     }
 
@@ -169,7 +190,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut membership = self.membership.clone();
         // Copied on the first command; the published state is never mutated.
         let mut working: Option<State> = None;
-        let mut changed = false;
+        let mut rows = Rows::default();
         let mut responses = Vec::new();
         for entry in entries {
             last_applied = Some(entry.log_id);
@@ -177,12 +198,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => Response::none(),
                 EntryPayload::Normal(request) => {
                     let state = working.get_or_insert_with(|| (*self.current()).clone());
-                    let result = state.apply(&request.command);
-                    match &result {
-                        Ok(_) => changed = true,
-                        Err(e) => {
-                            tracing::debug!(log_id = %entry.log_id, error = %e, "command refused");
-                        }
+                    let result = state.apply_noting(&request.command, &mut rows);
+                    if let Err(e) = &result {
+                        tracing::debug!(log_id = %entry.log_id, error = %e, "command refused");
                     }
                     Response {
                         result: Some(result),
@@ -201,7 +219,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
         // A refused command leaves the state as it was: keep sharing it.
         let state = match working {
-            Some(s) if changed => Arc::new(s),
+            Some(s) if !rows.is_empty() => Arc::new(s),
             _ => self.current(),
         };
         self.persist(last_applied, membership.clone(), Arc::clone(&state))
@@ -209,9 +227,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
         self.last_applied = last_applied;
         self.membership = membership;
+        let index = last_applied.map_or(0, |l| l.index);
+        let changes = self.state.borrow().changes.push(index, rows.changed());
         self.state.send_replace(AppliedState {
-            index: last_applied.map_or(0, |l| l.index),
+            index,
             state,
+            changes,
         });
         Ok(responses)
     }
@@ -264,10 +285,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
         self.last_applied = record.last_applied;
         self.membership = record.membership;
-        self.state.send_replace(AppliedState {
-            index: record.last_applied.map_or(0, |l| l.index),
-            state: Arc::new(record.state),
-        });
+        self.state.send_replace(AppliedState::new(
+            record.last_applied.map_or(0, |l| l.index),
+            Arc::new(record.state),
+        ));
         Ok(())
     }
 

@@ -380,3 +380,55 @@ async fn state_is_shared_not_copied_per_reader() {
     sm.apply(history()).await.unwrap();
     assert!(Arc::ptr_eq(&sm.current(), &sm.subscribe().borrow().state));
 }
+
+#[tokio::test]
+async fn changed_since_names_what_each_batch_changed() {
+    let dir = TempDir::new();
+    let (_log, mut sm) = open(dir.path());
+    let rx = sm.subscribe();
+    sm.apply(history()).await.unwrap();
+    let at4 = rx.borrow().clone();
+    let web = Uuid::from_u128(7);
+    let only_web = crate::Changed {
+        groups: BTreeSet::from([web]),
+        ..Default::default()
+    };
+    assert_eq!(at4.changed_since(0), Some(only_web.clone()));
+    assert_eq!(at4.changed_since(4), Some(crate::Changed::default()));
+    assert_eq!(at4.changed_since(5), None);
+
+    // A refused command and a blank change nothing.
+    let refused = Command::CreateGroup {
+        group: group("web"),
+    };
+    sm.apply([blank(5), normal(6, refused)]).await.unwrap();
+    let at6 = rx.borrow().clone();
+    assert_eq!(at6.changed_since(4), Some(crate::Changed::default()));
+    assert_eq!(at6.changed_since(2), Some(only_web.clone()));
+
+    let delete = Command::DeleteGroup {
+        id: "web".into(),
+        force: false,
+    };
+    let put = Command::PutCertificate {
+        certificate: crate::state::fixtures::cert("c"),
+    };
+    sm.apply([normal(7, delete), normal(8, put)]).await.unwrap();
+    let at8 = rx.borrow().clone();
+    let web_and_certs = crate::Changed {
+        certificates: true,
+        ..only_web.clone()
+    };
+    assert_eq!(at8.changed_since(6), Some(web_and_certs.clone()));
+    assert_eq!(at8.changed_since(0), Some(web_and_certs));
+    // Older published states keep their own answers.
+    assert_eq!(at6.changed_since(4), Some(crate::Changed::default()));
+
+    // A restarted store knows nothing before what it loaded.
+    drop((_log, sm));
+    let (_log, sm) = open(dir.path());
+    let loaded = sm.subscribe().borrow().clone();
+    assert_eq!(loaded.index, 8);
+    assert_eq!(loaded.changed_since(8), Some(crate::Changed::default()));
+    assert_eq!(loaded.changed_since(7), None);
+}
