@@ -1,0 +1,511 @@
+//! The control plane at scale: groups × instances loaded through the admin
+//! API, on one node and on three (a measurement tool, not a test).
+//!
+//! ```text
+//!   cargo run --release -p integration --example scale -- [--groups 10000] [--nodes 1,3] …
+//! ```
+//!
+//! For each cluster size in `--nodes` (default `1,3`), starts a cluster of
+//! real `edgelb` processes on loopback (the harness's [`Cluster`], same
+//! profile) and ten HTTP backends, then:
+//! 1. **Load**: `--writers` (16) concurrent writers create `--groups`
+//!    groups (10,000) and attach `--instances` (10) instances to each, one
+//!    admin request per write, writer `w` through node `w mod nodes` (the
+//!    leader and the followers, which forward). Groups share `--ports` (50)
+//!    HTTP ports by domain (`s00042.edgelb.local` on port `8000 + 42 mod 50`).
+//!    Per tranche of groups (`--tranches`, 10): writes/s, p50/p99 of the
+//!    write latency (sent → 2xx) and each node's RSS when the tranche was
+//!    done. The load stops at `--max-secs` (the report says how far it got)
+//!    or after 50 failed writes.
+//! 2. `GET /metrics` and `GET /v1/services` on node 1: bytes and time.
+//! 3. **Restart to ready**: SIGTERM to a node (a follower when there are
+//!    several), start it again, until `/readyz` answers 200 and it serves a
+//!    request to the last group.
+//! 4. **Join**: a new node joins; time until `/readyz` is 200, it lists every
+//!    group and it serves a request to the last group.
+//!
+//! Prints markdown tables (also as progress on stderr while it runs).
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clap::Parser;
+use http::Method;
+use integration::cluster::{Cluster, attach, get_once};
+use integration::{AdminClient, load, poll};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(about = "Load groups × instances through the admin API and measure the control plane")]
+struct Args {
+    /// Groups to create.
+    #[arg(long, default_value_t = 10_000)]
+    groups: usize,
+    /// Instances attached to each group.
+    #[arg(long, default_value_t = 10)]
+    instances: usize,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 16)]
+    writers: usize,
+    /// Cluster sizes to measure, one after the other.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_usize, 3])]
+    nodes: Vec<usize>,
+    /// Report rows: the groups are cut into this many tranches.
+    #[arg(long, default_value_t = 10)]
+    tranches: usize,
+    /// HTTP ports the groups share (by domain).
+    #[arg(long, default_value_t = 50)]
+    ports: u16,
+    /// Bound of the load phase per cluster, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    max_secs: u64,
+}
+
+/// First published port; group `g` publishes `FIRST_PORT + g mod ports`.
+const FIRST_PORT: u16 = 8000;
+/// Port of every backend (the instances' `destination_port`).
+const BACKEND_PORT: u16 = 9000;
+/// Backends behind every group (instance `i` is backend `i mod BACKENDS`).
+const BACKENDS: usize = 10;
+/// The load stops after this many failed writes.
+const MAX_FAILURES: usize = 50;
+
+/// One acknowledged write.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    group: usize,
+    sent: Instant,
+    took: Duration,
+}
+
+/// What one cluster size measured.
+#[derive(Debug, Default)]
+struct Report {
+    nodes: usize,
+    rows: Vec<Row>,
+    groups_done: usize,
+    failures: Vec<String>,
+    load_time: Duration,
+    metrics: Option<(usize, Duration)>,
+    services: Option<(usize, Duration)>,
+    restart: Option<(u64, Duration)>,
+    join: Option<(u64, Duration, f64)>,
+}
+
+/// One tranche of groups.
+#[derive(Debug)]
+struct Row {
+    groups: usize,
+    writes: usize,
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    rss_mib: Vec<f64>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(
+        args.groups >= 1 && args.writers >= 1,
+        "need groups and writers"
+    );
+    ensure!(
+        args.tranches >= 1 && args.ports >= 1 && args.ports <= 1000,
+        "bad --tranches/--ports"
+    );
+    let mut reports = Vec::new();
+    for &n in &args.nodes {
+        ensure!(
+            (1..=5).contains(&n),
+            "--nodes takes cluster sizes of 1 to 5"
+        );
+        let report = run(&args, n)
+            .await
+            .with_context(|| format!("{n} node(s)"))?;
+        eprintln!("{}", render(&args, std::slice::from_ref(&report)));
+        reports.push(report);
+    }
+    println!("{}", render(&args, &reports));
+    Ok(())
+}
+
+fn group_name(g: usize) -> String {
+    format!("s{g:05}")
+}
+
+fn host(g: usize) -> String {
+    format!("{}.edgelb.local", group_name(g))
+}
+
+fn port(ports: u16, g: usize) -> u16 {
+    // `g mod ports` < ports ≤ 1000, so it fits.
+    FIRST_PORT + u16::try_from(g % usize::from(ports)).unwrap_or(0)
+}
+
+async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let mut cluster = Cluster::start(n).await?;
+    let ids = cluster.ids();
+    eprintln!("{n} node(s) up in {:.1?}", started.elapsed());
+    let names: Vec<String> = (0..BACKENDS).map(|i| format!("b{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let backends = cluster.http_backends(&names, BACKEND_PORT).await?;
+    let addrs: Arc<Vec<IpAddr>> = Arc::new(backends.iter().map(|b| b.addr().ip()).collect());
+
+    let (samples, rss, groups_done, failures, load_time) = load(args, &cluster, &addrs).await?;
+    let mut report = Report {
+        nodes: n,
+        rows: rows(args, &samples, &rss),
+        groups_done,
+        failures,
+        load_time,
+        ..Report::default()
+    };
+    ensure!(
+        groups_done > 0,
+        "no group was created: {:?}",
+        report.failures
+    );
+    let last = groups_done - 1;
+
+    let admin = cluster.admin(ids[0]);
+    report.metrics = Some(timed_get(&admin, "/metrics").await?);
+    report.services = Some(timed_get(&admin, "/v1/services").await?);
+
+    let leader = cluster.leader().await?;
+    let restarted = ids.iter().copied().find(|&i| i != leader).unwrap_or(leader);
+    cluster.stop(restarted).await?;
+    let t = Instant::now();
+    cluster.restart(restarted).await?;
+    ready_and_serving(args, &cluster, restarted, last, None).await?;
+    report.restart = Some((restarted, t.elapsed()));
+    eprintln!("node {restarted} restarted to ready in {:.2?}", t.elapsed());
+
+    let t = Instant::now();
+    let joined = cluster.add_members(1).await?;
+    let id = *joined.first().context("no node was added")?;
+    ready_and_serving(args, &cluster, id, last, Some(groups_done)).await?;
+    let took = t.elapsed();
+    let rss = mib(load::rss_kib(cluster.pid(id)));
+    report.join = Some((id, took, rss));
+    eprintln!("node {id} joined and serves every group in {took:.2?}");
+    Ok(report)
+}
+
+type Loaded = (
+    Vec<Sample>,
+    Vec<(usize, Vec<f64>)>,
+    usize,
+    Vec<String>,
+    Duration,
+);
+
+/// The load phase: every group created and its instances attached.
+async fn load(args: &Args, cluster: &Cluster, addrs: &Arc<Vec<IpAddr>>) -> anyhow::Result<Loaded> {
+    let ids = cluster.ids();
+    let pids: Vec<Option<u32>> = ids.iter().map(|&i| cluster.pid(i)).collect();
+    let per_tranche = args.groups.div_ceil(args.tranches);
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let rss = Arc::new(Mutex::new(Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(args.max_secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..args.writers {
+        let admin = cluster.admin(ids[w % ids.len()]);
+        let ctx = Writer {
+            groups: args.groups,
+            instances: args.instances,
+            ports: args.ports,
+            addrs: addrs.clone(),
+            next: next.clone(),
+            stop: stop.clone(),
+            failures: failures.clone(),
+            deadline,
+        };
+        let (done, rss, pids) = (done.clone(), rss.clone(), pids.clone());
+        let groups = args.groups;
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while let Some(g) = ctx.claim() {
+                if ctx.group(&admin, g, &mut samples).await {
+                    let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    if d.is_multiple_of(per_tranche) || d == groups {
+                        let at: Vec<f64> = pids.iter().map(|&p| mib(load::rss_kib(p))).collect();
+                        eprintln!(
+                            "{d} groups done at {:.1?}, RSS MiB {at:?}",
+                            started.elapsed()
+                        );
+                        rss.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push((d, at));
+                    }
+                }
+            }
+            samples
+        }));
+    }
+    let mut samples = Vec::new();
+    for t in tasks {
+        samples.extend(t.await.context("a writer panicked")?);
+    }
+    let load_time = started.elapsed();
+    let failures = std::mem::take(&mut *failures.lock().unwrap_or_else(PoisonError::into_inner));
+    let rss = std::mem::take(&mut *rss.lock().unwrap_or_else(PoisonError::into_inner));
+    Ok((
+        samples,
+        rss,
+        done.load(Ordering::Relaxed),
+        failures,
+        load_time,
+    ))
+}
+
+/// What every writer shares.
+struct Writer {
+    groups: usize,
+    instances: usize,
+    ports: u16,
+    addrs: Arc<Vec<IpAddr>>,
+    next: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    deadline: Instant,
+}
+
+impl Writer {
+    /// The next group to create, until all are claimed, the time is up or
+    /// too many writes failed.
+    fn claim(&self) -> Option<usize> {
+        if self.stop.load(Ordering::Relaxed) || Instant::now() >= self.deadline {
+            return None;
+        }
+        let g = self.next.fetch_add(1, Ordering::Relaxed);
+        (g < self.groups).then_some(g)
+    }
+
+    /// Creates group `g` and attaches its instances; whether every write
+    /// succeeded.
+    async fn group(&self, admin: &AdminClient, g: usize, samples: &mut Vec<Sample>) -> bool {
+        let body = json!({
+            "name": group_name(g),
+            "services": [{"port": port(self.ports, g), "destination_port": BACKEND_PORT, "handlers": ["http"]}],
+        });
+        let sent = Instant::now();
+        let created = admin.create_group(&body).await.map(|_| ());
+        if !self.record(g, sent, created, samples) {
+            return false;
+        }
+        for i in 0..self.instances {
+            let sent = Instant::now();
+            let addr = self.addrs[i % self.addrs.len()];
+            let attached = attach(admin, &group_name(g), &format!("i{i}"), addr).await;
+            if !self.record(g, sent, attached, samples) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn record(
+        &self,
+        group: usize,
+        sent: Instant,
+        outcome: anyhow::Result<()>,
+        samples: &mut Vec<Sample>,
+    ) -> bool {
+        match outcome {
+            Ok(()) => {
+                samples.push(Sample {
+                    group,
+                    sent,
+                    took: sent.elapsed(),
+                });
+                true
+            }
+            Err(e) => {
+                let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+                f.push(format!("group {group}: {e:#}"));
+                if f.len() >= MAX_FAILURES {
+                    self.stop.store(true, Ordering::Relaxed);
+                }
+                false
+            }
+        }
+    }
+}
+
+/// One row per tranche of groups: the writes to those groups.
+fn rows(args: &Args, samples: &[Sample], rss: &[(usize, Vec<f64>)]) -> Vec<Row> {
+    let per = args.groups.div_ceil(args.tranches);
+    let mut out = Vec::new();
+    for t in 0..args.tranches {
+        let range = t * per..((t + 1) * per).min(args.groups);
+        let mut took: Vec<Duration> = Vec::new();
+        let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+        for s in samples.iter().filter(|s| range.contains(&s.group)) {
+            took.push(s.took);
+            first = Some(first.map_or(s.sent, |f| f.min(s.sent)));
+            let end = s.sent + s.took;
+            last = Some(last.map_or(end, |l| l.max(end)));
+        }
+        let (Some(first), Some(last)) = (first, last) else {
+            break;
+        };
+        took.sort();
+        let span = (last - first).as_secs_f64().max(1e-9);
+        let rss_mib = rss
+            .iter()
+            .find(|(d, _)| *d >= range.end)
+            .or(rss.last())
+            .map(|(_, r)| r.clone())
+            .unwrap_or_default();
+        out.push(Row {
+            groups: range.end,
+            writes: took.len(),
+            rate: took.len() as f64 / span,
+            p50: quantile(&took, 0.5),
+            p99: quantile(&took, 0.99),
+            rss_mib,
+        });
+    }
+    out
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// `GET path` on `admin`: the body's size and the time to the whole answer.
+async fn timed_get(admin: &AdminClient, path: &str) -> anyhow::Result<(usize, Duration)> {
+    let t = Instant::now();
+    let reply = admin.request(Method::GET, path, None).await?;
+    let took = t.elapsed();
+    ensure!(reply.status.is_success(), "GET {path}: {}", reply.status);
+    Ok((reply.body.len(), took))
+}
+
+/// Waits until node `id` answers `/readyz` with 200, lists `groups` groups
+/// (when given) and serves a request to group `last`.
+async fn ready_and_serving(
+    args: &Args,
+    cluster: &Cluster,
+    id: u64,
+    last: usize,
+    groups: Option<usize>,
+) -> anyhow::Result<()> {
+    let admin = cluster.admin(id);
+    let limit = Duration::from_secs(300);
+    poll(&format!("node {id} to be ready"), limit, || async {
+        let r = admin.request_as(Method::GET, "/readyz", None, None).await?;
+        ensure!(r.status.is_success(), "/readyz: {} {}", r.status, r.text());
+        Ok(())
+    })
+    .await?;
+    if let Some(want) = groups {
+        poll(
+            &format!("node {id} to list {want} groups"),
+            limit,
+            || async {
+                let have = admin.groups(false).await?.len();
+                ensure!(have >= want, "{have} groups");
+                Ok(())
+            },
+        )
+        .await?;
+    }
+    let addr = cluster.data_addr(id, port(args.ports, last));
+    poll(
+        &format!("node {id} to serve {}", host(last)),
+        limit,
+        || async {
+            match get_once(addr, &host(last)).await? {
+                (200, Some(_)) => Ok(()),
+                other => bail!("answered {other:?}"),
+            }
+        },
+    )
+    .await
+}
+
+fn render(args: &Args, reports: &[Report]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n{} groups × {} instances, {} writers, {} shared ports\n",
+        args.groups, args.instances, args.writers, args.ports
+    );
+    let _ = writeln!(
+        s,
+        "| nodes | groups | instances | writes | writes/s | p50 ms | p99 ms | RSS MiB per node |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in reports {
+        for row in &r.rows {
+            let rss: Vec<String> = row.rss_mib.iter().map(|m| format!("{m:.0}")).collect();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {} |",
+                r.nodes,
+                row.groups,
+                row.groups * args.instances,
+                row.writes,
+                row.rate,
+                ms(row.p50),
+                ms(row.p99),
+                rss.join(" / ")
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n| nodes | groups done | load s | /metrics MB | /metrics ms | GET /v1/services MB | ms | restart to ready s | join and serve s | joined RSS MiB |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in reports {
+        let (mb, mms) = r
+            .metrics
+            .map_or((0.0, 0.0), |(b, t)| (b as f64 / 1e6, ms(t)));
+        let (sb, sms) = r
+            .services
+            .map_or((0.0, 0.0), |(b, t)| (b as f64 / 1e6, ms(t)));
+        let restart = r.restart.map_or(0.0, |(_, t)| t.as_secs_f64());
+        let (join, join_rss) = r.join.map_or((0.0, 0.0), |(_, t, m)| (t.as_secs_f64(), m));
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {mb:.1} | {mms:.0} | {sb:.1} | {sms:.0} | {restart:.2} | {join:.2} | {join_rss:.0} |",
+            r.nodes,
+            r.groups_done,
+            r.load_time.as_secs_f64(),
+        );
+    }
+    for r in reports.iter().filter(|r| !r.failures.is_empty()) {
+        let _ = writeln!(
+            s,
+            "\n{} node(s): {} failed writes, first: {}",
+            r.nodes,
+            r.failures.len(),
+            r.failures[0]
+        );
+    }
+    s
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
