@@ -6,14 +6,23 @@
 //! command leaves the state exactly as it was, and [`State::check`] can run
 //! the same rules as a dry run before a command is proposed.
 //!
-//! Iteration is over `BTreeMap`s only, and every value a command needs is
+//! Iteration is over ordered maps only, and every value a command needs is
 //! inside it, so every node that applies the same log holds the same state.
+//!
+//! The maps are persistent (`imbl::OrdMap`) and hold groups and
+//! certificates behind `Arc`s: cloning a `State` is O(1), and applying a
+//! command to the clone copies only the changed group and the O(log n) map
+//! nodes above it, while every reader of the old state keeps it intact. So
+//! the state machine publishes each batch's state without copying, and a
+//! snapshot is built from a clone while applying goes on.
 
 mod conflicts;
+mod form;
 mod patch;
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -26,17 +35,19 @@ use crate::validate;
 
 /// The replicated state: service groups and certificates.
 ///
-/// Serialises as `{"groups": [...], "certificates": [...]}` (groups in name
-/// order); the name index is rebuilt on load.
-#[derive(Default, Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "Snapshot", into = "Snapshot")]
+/// Serialises as `{"groups": [...], "certificates": [...], "cluster": …}`
+/// (groups in name order, certificates in name order); the indexes are
+/// rebuilt on load. See [`form`] for the details.
+#[derive(Default, Clone, Debug, PartialEq)]
 pub struct State {
-    groups: BTreeMap<Uuid, ServiceGroup>,
+    groups: OrdMap<Uuid, Arc<ServiceGroup>>,
     /// name → uuid, for lookups by name and iteration in name order.
-    names: BTreeMap<String, Uuid>,
-    certificates: BTreeMap<String, Certificate>,
+    names: OrdMap<String, Uuid>,
+    /// instance uuid → group uuid: instance uuids are unique cluster-wide.
+    instances: OrdMap<Uuid, Uuid>,
+    certificates: OrdMap<String, Arc<Certificate>>,
     /// The cluster CA and admin token hash, set once at bootstrap.
-    cluster: Option<ClusterSecrets>,
+    cluster: Option<Arc<ClusterSecrets>>,
 }
 
 /// What a successful [`State::apply`] did.
@@ -147,26 +158,41 @@ impl State {
             .ok()
             .and_then(|u| self.groups.get(&u))
             .or_else(|| self.names.get(id).and_then(|u| self.groups.get(u)))
+            .map(|g| &**g)
+    }
+
+    /// A group by uuid, shared: the same `Arc` in every state until a
+    /// command changes the group.
+    pub fn group_by_uuid(&self, uuid: &Uuid) -> Option<&Arc<ServiceGroup>> {
+        self.groups.get(uuid)
     }
 
     /// All groups in name order.
     pub fn groups(&self) -> impl Iterator<Item = &ServiceGroup> {
-        self.names.values().filter_map(|u| self.groups.get(u))
+        self.names
+            .values()
+            .filter_map(|u| self.groups.get(u))
+            .map(|g| &**g)
+    }
+
+    /// The number of groups.
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
     }
 
     /// A stored certificate by name.
     pub fn certificate(&self, name: &str) -> Option<&Certificate> {
-        self.certificates.get(name)
+        self.certificates.get(name).map(|c| &**c)
     }
 
     /// The cluster CA and token hash, once the cluster is initialised.
     pub fn cluster(&self) -> Option<&ClusterSecrets> {
-        self.cluster.as_ref()
+        self.cluster.as_deref()
     }
 
     /// All stored certificates in name order.
     pub fn certificates(&self) -> impl Iterator<Item = &Certificate> {
-        self.certificates.values()
+        self.certificates.values().map(|c| &**c)
     }
 
     fn find(&self, id: &str) -> Result<&ServiceGroup, ApplyError> {
@@ -268,66 +294,40 @@ impl State {
     fn commit(&mut self, change: Change) {
         match change {
             Change::Put(g) => {
-                if let Some(old) = self.groups.get(&g.uuid) {
-                    self.names.remove(&old.name);
-                }
+                self.unindex(&g.uuid);
                 self.names.insert(g.name.clone(), g.uuid);
-                self.groups.insert(g.uuid, g);
+                for i in &g.instances {
+                    self.instances.insert(i.uuid, g.uuid);
+                }
+                self.groups.insert(g.uuid, Arc::new(g));
             }
             Change::Remove(uuid) => {
-                if let Some(old) = self.groups.remove(&uuid) {
-                    self.names.remove(&old.name);
-                }
+                self.unindex(&uuid);
+                self.groups.remove(&uuid);
             }
             Change::Certificate(c) => {
-                self.certificates.insert(c.name.clone(), c);
+                self.certificates.insert(c.name.clone(), Arc::new(c));
             }
-            Change::Cluster(secrets) => self.cluster = Some(secrets),
+            Change::Cluster(secrets) => self.cluster = Some(Arc::new(secrets)),
         }
     }
-}
 
-/// The serialised form of [`State`].
-#[derive(Serialize, Deserialize)]
-struct Snapshot {
-    groups: Vec<ServiceGroup>,
-    certificates: Vec<Certificate>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    cluster: Option<ClusterSecrets>,
-}
-
-impl From<State> for Snapshot {
-    fn from(state: State) -> Self {
-        Self {
-            groups: state.groups().cloned().collect(),
-            certificates: state.certificates.into_values().collect(),
-            cluster: state.cluster,
+    /// Removes the stored group `uuid` (if any) from the indexes.
+    fn unindex(&mut self, uuid: &Uuid) {
+        if let Some(old) = self.groups.get(uuid) {
+            self.names.remove(&old.name);
+            for i in &old.instances {
+                self.instances.remove(&i.uuid);
+            }
         }
     }
-}
 
-impl TryFrom<Snapshot> for State {
-    type Error = String;
-
-    /// Refuses a snapshot with two groups of one uuid or name, or two
-    /// certificates of one name.
-    fn try_from(snapshot: Snapshot) -> Result<Self, Self::Error> {
-        let mut state = Self::default();
-        for g in snapshot.groups {
-            if state.groups.contains_key(&g.uuid) || state.names.contains_key(&g.name) {
-                return Err(format!("snapshot holds group {:?} twice", g.name));
-            }
-            state.names.insert(g.name.clone(), g.uuid);
-            state.groups.insert(g.uuid, g);
-        }
-        for c in snapshot.certificates {
-            if state.certificates.contains_key(&c.name) {
-                return Err(format!("snapshot holds certificate {:?} twice", c.name));
-            }
-            state.certificates.insert(c.name.clone(), c);
-        }
-        state.cluster = snapshot.cluster;
-        Ok(state)
+    /// The group that instance `uuid` is attached to.
+    fn instance_group(&self, uuid: &Uuid) -> Option<&ServiceGroup> {
+        self.instances
+            .get(uuid)
+            .and_then(|g| self.groups.get(g))
+            .map(|g| &**g)
     }
 }
 

@@ -1,5 +1,7 @@
 //! Rules between groups (409 Conflict): unique names, fqdns and instance
-//! uuids, and port sharing.
+//! uuids, and port sharing. Instance uuids are looked up in the state's
+//! index; names, fqdns and ports are checked against every other group, in
+//! name order (creating and patching groups is rarer than attaching).
 //!
 //! Port sharing: a listener has one mode, so several groups may publish the
 //! same port only if it has `tls` or `http` (routed by SNI / `Host`) in every
@@ -37,10 +39,10 @@ pub(super) fn check(state: &State, group: &ServiceGroup) -> Result<(), ApplyErro
                 check_port(s, o, &other.name)?;
             }
         }
-        if let Some(i) = group
-            .instances
-            .iter()
-            .find(|i| other.instances.iter().any(|o| o.uuid == i.uuid))
+    }
+    for i in &group.instances {
+        if let Some(other) = state.instance_group(&i.uuid)
+            && other.uuid != group.uuid
         {
             return Err(conflict(format!(
                 "instance uuid {} is already attached to group {:?}",
@@ -76,10 +78,7 @@ fn check_port(ours: &Service, theirs: &Service, holder: &str) -> Result<(), Appl
 
 /// An instance uuid is attached nowhere yet (load reports are keyed by it).
 pub(super) fn check_instance_uuid(state: &State, uuid: Uuid) -> Result<(), ApplyError> {
-    match state
-        .groups()
-        .find(|g| g.instances.iter().any(|i| i.uuid == uuid))
-    {
+    match state.instance_group(&uuid) {
         Some(g) => Err(conflict(format!(
             "instance uuid {uuid} is already attached to group {:?}",
             g.name

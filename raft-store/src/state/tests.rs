@@ -320,3 +320,52 @@ fn cluster_secrets_are_set_once_and_survive_serde() {
     // The key never shows in debug output.
     assert!(!format!("{:?}", s.cluster()).contains("PRIVATE"));
 }
+
+#[test]
+fn a_clone_shares_every_group_a_command_does_not_touch() {
+    let s = state();
+    let mut next = s.clone();
+    apply(&mut next, &attach("web", inst(900, "extra"))).unwrap();
+    for g in s.groups() {
+        let before = s.group_by_uuid(&g.uuid).unwrap();
+        let after = next.group_by_uuid(&g.uuid).unwrap();
+        assert_eq!(std::sync::Arc::ptr_eq(before, after), g.name != "web");
+    }
+    assert_eq!(
+        next.group("web").unwrap().instances.len(),
+        s.group("web").unwrap().instances.len() + 1
+    );
+    // The instance index follows attach, detach and delete.
+    let again = attach("db", inst(900, "other"));
+    assert!(next.check(&again).is_err());
+    let detach = Command::DetachInstance {
+        group: "web".into(),
+        instance: "extra".into(),
+    };
+    apply(&mut next, &detach).unwrap();
+    assert!(next.check(&again).is_ok());
+}
+
+#[test]
+fn serialised_form_is_unchanged() {
+    let s = state();
+    let json = serde_json::to_value(&s).unwrap();
+    let names: Vec<_> = json["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["db", "web"]);
+    assert_eq!(json["certificates"], serde_json::json!([]));
+    assert!(json.get("cluster").is_none());
+    let back: State = serde_json::from_value(json).unwrap();
+    assert_eq!(back, s);
+    // An instance uuid attached to two groups is refused on load.
+    let mut a = group(5, "a", vec![svc(8000, 80, &[])]);
+    let mut b = group(6, "b", vec![svc(8001, 80, &[])]);
+    a.instances.push(inst(42, "x"));
+    b.instances.push(inst(42, "y"));
+    let json = serde_json::json!({"groups": [a, b], "certificates": []});
+    assert!(serde_json::from_value::<State>(json).is_err());
+}

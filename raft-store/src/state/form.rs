@@ -1,0 +1,92 @@
+//! The serialised form of [`State`]:
+//! `{"groups": [...], "certificates": [...], "cluster": {...}}`, groups and
+//! certificates in name order, `cluster` left out until the cluster is
+//! initialised. Snapshots carry this form, and so did the single-record
+//! storage of format 1, so it stays as it is: nodes of earlier releases
+//! decode it.
+//!
+//! Serialising streams from the maps (no copy of the state); deserialising
+//! rebuilds the indexes and refuses two groups of one uuid or name, two
+//! certificates of one name and an instance uuid attached twice.
+
+use std::sync::Arc;
+
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::State;
+use crate::model::{Certificate, ClusterSecrets, ServiceGroup};
+
+impl Serialize for State {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Seq<I>(std::cell::Cell<Option<I>>);
+        impl<I, T> Serialize for Seq<I>
+        where
+            I: Iterator<Item = T>,
+            T: Serialize,
+        {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq(self.0.take().into_iter().flatten())
+            }
+        }
+        let fields = if self.cluster.is_some() { 3 } else { 2 };
+        let mut s = serializer.serialize_struct("State", fields)?;
+        s.serialize_field("groups", &Seq(Some(self.groups()).into()))?;
+        s.serialize_field("certificates", &Seq(Some(self.certificates()).into()))?;
+        if let Some(cluster) = self.cluster() {
+            s.serialize_field("cluster", cluster)?;
+        }
+        s.end()
+    }
+}
+
+/// The owned form, as decoded.
+#[derive(Deserialize)]
+struct Form {
+    groups: Vec<ServiceGroup>,
+    certificates: Vec<Certificate>,
+    #[serde(default)]
+    cluster: Option<ClusterSecrets>,
+}
+
+impl<'de> Deserialize<'de> for State {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let form = Form::deserialize(deserializer)?;
+        State::from_parts(form.groups, form.certificates, form.cluster)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl State {
+    /// A state holding `groups`, `certificates` and `cluster` (as read from
+    /// a snapshot or from storage rows), with its indexes built. Refuses
+    /// two groups of one uuid or name, two certificates of one name and an
+    /// instance uuid attached twice.
+    pub(crate) fn from_parts(
+        groups: impl IntoIterator<Item = ServiceGroup>,
+        certificates: impl IntoIterator<Item = Certificate>,
+        cluster: Option<ClusterSecrets>,
+    ) -> Result<Self, String> {
+        let mut state = Self::default();
+        for g in groups {
+            if state.groups.contains_key(&g.uuid) || state.names.contains_key(&g.name) {
+                return Err(format!("state holds group {:?} twice", g.name));
+            }
+            for i in &g.instances {
+                if state.instances.insert(i.uuid, g.uuid).is_some() {
+                    return Err(format!("state holds instance {} twice", i.uuid));
+                }
+            }
+            state.names.insert(g.name.clone(), g.uuid);
+            state.groups.insert(g.uuid, Arc::new(g));
+        }
+        for c in certificates {
+            if state.certificates.contains_key(&c.name) {
+                return Err(format!("state holds certificate {:?} twice", c.name));
+            }
+            state.certificates.insert(c.name.clone(), Arc::new(c));
+        }
+        state.cluster = cluster.map(Arc::new);
+        Ok(state)
+    }
+}
