@@ -9,7 +9,8 @@ use raft_store::command::Command;
 use raft_store::model::ClusterSecrets;
 use raft_store::state::ApplyError;
 use raft_store::types::{ClusterNode, Raft};
-use raft_store::{LogStore, StateMachineStore};
+use raft_store::{AppliedState, LogStore, StateMachineStore};
+use tokio::sync::watch;
 use tracing::info;
 
 use crate::app::StartError;
@@ -19,6 +20,12 @@ use crate::config::Config;
 use crate::election::Timing;
 use crate::membership::Policy;
 use crate::store::{RaftRpc, Store, StoreError};
+
+/// openraft's own snapshot policy, a backstop: [`snapshots`] asks for one
+/// sooner, every [`raft_store::snapshot_interval`] entries (500 for a small
+/// state, a tenth of its groups + instances for a large one), so that a
+/// snapshot's O(state) cost stays constant per write.
+pub const SNAPSHOT_EVERY: u64 = 100_000;
 
 /// What [`start`] hands back.
 #[derive(Debug)]
@@ -32,13 +39,14 @@ pub struct Started {
 
 /// openraft settings: the RPC limit and leader lease of `timing` (its own
 /// heartbeat and election timers are off: [`crate::election`] drives
-/// them), a snapshot every 500 log entries, keeping 100 behind it for
+/// them), snapshots as [`snapshots`] asks for them (and at least every
+/// [`SNAPSHOT_EVERY`] entries), keeping 100 entries behind a snapshot for
 /// followers that lag a little.
 pub fn raft_config(timing: &Timing) -> Result<openraft::Config, StartError> {
     openraft::Config {
         cluster_name: "edgelb".into(),
         install_snapshot_timeout: 5_000,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(500),
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
         max_in_snapshot_log_to_keep: 100,
         purge_batch_size: 64,
         // Appends stay small enough to cross a slow link within the RPC
@@ -93,6 +101,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
     .await
     .map_err(|e| StartError::Io(format!("starting raft: {e}")))?;
     handler.set(raft.clone(), log.clone(), &transport);
+    tokio::spawn(snapshots(raft.clone(), state.clone()));
     // Heartbeats and elections; the task ends when Raft stops.
     tokio::spawn(crate::election::run(
         raft.clone(),
@@ -135,6 +144,28 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
         cluster_addr,
         log,
     })
+}
+
+/// Asks openraft for a snapshot once [`raft_store::snapshot_interval`]
+/// entries were applied since the last one (built or asked for); ends when
+/// the state machine or Raft stops.
+async fn snapshots(raft: Raft, mut state: watch::Receiver<AppliedState>) {
+    let mut asked_at = 0;
+    while state.changed().await.is_ok() {
+        let (index, every) = {
+            let applied = state.borrow_and_update();
+            (applied.index, raft_store::snapshot_interval(&applied.state))
+        };
+        let built = raft.metrics().borrow().snapshot.map_or(0, |l| l.index);
+        if index.saturating_sub(built.max(asked_at)) < every {
+            continue;
+        }
+        asked_at = index;
+        tracing::debug!(index, every, "asking for a snapshot");
+        if raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Records the cluster CA and the admin token's hash in the replicated state

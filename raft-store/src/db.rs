@@ -60,6 +60,19 @@ pub enum StoreError {
         /// The cause.
         source: serde_json::Error,
     },
+    /// Stored or received bytes are in a format newer than this release
+    /// reads. Run a release that reads it; never edit the file.
+    #[error(
+        "{what} is in format {found}, newer than this release reads (up to {supported}); run a release that reads format {found}"
+    )]
+    NewerFormat {
+        /// What was read, e.g. `the state machine`.
+        what: String,
+        /// The format found.
+        found: u32,
+        /// The newest format this release reads.
+        supported: u32,
+    },
     /// Stored values decode but contradict each other.
     #[error("inconsistent storage: {0}")]
     Inconsistent(String),

@@ -78,6 +78,7 @@ pub mod command;
 mod db;
 pub mod log_store;
 pub mod model;
+mod rows;
 pub mod snapshot;
 pub mod state;
 pub mod state_machine;
@@ -95,7 +96,7 @@ pub use model::{
     Certificate, DEFAULT_HARD_LIMIT, Domain, Handler, Instance, ModelError, Service, ServiceGroup,
     parse_port_specs,
 };
-pub use snapshot::SnapshotBuilder;
+pub use snapshot::{SnapshotBuilder, snapshot_interval};
 pub use state::{Applied, ApplyError, State};
 pub use state_machine::{AppliedState, StateMachineStore};
 pub use types::{ClusterNode, NodeId, Request, Response, TypeConfig};

@@ -180,6 +180,11 @@ impl State {
         self.groups.len()
     }
 
+    /// The number of attached instances.
+    pub fn instance_count(&self) -> usize {
+        self.instances.len()
+    }
+
     /// A stored certificate by name.
     pub fn certificate(&self, name: &str) -> Option<&Certificate> {
         self.certificates.get(name).map(|c| &**c)
@@ -334,6 +339,6 @@ impl State {
 #[cfg(test)]
 pub(crate) mod fixtures;
 #[cfg(test)]
-mod proptests;
+pub(crate) mod proptests;
 #[cfg(test)]
 mod tests;

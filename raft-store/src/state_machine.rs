@@ -1,17 +1,18 @@
 //! The applied state in redb: [`StateMachineStore`].
 //!
-//! One file, `<data_dir>/state-machine.redb`: table `state_machine` holds the
-//! current record (state, last applied log id, membership; the same JSON as
-//! a [`snapshot`]) under `"current"`, and table `snapshot`
-//! the current snapshot.
+//! One file, `<data_dir>/state-machine.redb`: the applied state as rows
+//! (one per group and per certificate, plus the last applied log id, the
+//! membership and the cluster secrets; see [`rows`](crate::rows) for the
+//! layout and its versions) and table `snapshot` the current snapshot.
 //!
-//! After each batch of committed entries, `apply` writes the new record in one
-//! transaction with `Durability::Immediate` and only then publishes the state
-//! and answers. So a node that restarts, even alone and without a quorum,
-//! serves the state it last applied at once instead of an older snapshot;
-//! openraft re-applies only what was committed but not yet applied. The
-//! record is the whole state: it is configuration (groups, certificates),
-//! written at operator pace, so one write per batch is cheap.
+//! After each batch of committed entries, `apply` writes the rows the batch
+//! changed and the last applied log id in one transaction with
+//! `Durability::Immediate` (one fsync per batch) and only then publishes
+//! the state and answers. So a node that restarts, even alone and without
+//! a quorum, serves the state it last applied at once instead of an older
+//! snapshot; openraft re-applies only what was committed but not yet
+//! applied. A batch costs what it changed: attaching an instance rewrites
+//! one group row, whatever the number of groups.
 //!
 //! Entries:
 //! - `Normal` runs [`State::apply`]; its `Ok` or [`ApplyError`](crate::ApplyError)
@@ -26,12 +27,13 @@ use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend};
-use redb::{Database, Durability, TableDefinition};
+use redb::{Database, Durability};
 use tokio::sync::watch;
 
 use crate::changes::{Changed, History, Rows};
 use crate::db::{self, StoreError};
-use crate::snapshot::{self, SNAPSHOT, SmRecord, SnapshotBuilder};
+use crate::rows;
+use crate::snapshot::{self, SNAPSHOT, SnapshotBuilder};
 use crate::state::State;
 use crate::types::{
     Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -39,10 +41,6 @@ use crate::types::{
 
 /// File name of the state machine database inside the data dir.
 pub(crate) const FILE: &str = "state-machine.redb";
-
-pub(crate) const STATE_MACHINE: TableDefinition<'_, &str, &[u8]> =
-    TableDefinition::new("state_machine");
-pub(crate) const CURRENT: &str = "current";
 
 /// What the state machine publishes after every batch it applies: the state
 /// and the index of the last log entry applied to it (entries that change
@@ -99,24 +97,23 @@ impl StateMachineStore {
     /// needed) and loads the last applied state.
     ///
     /// Blocks on file I/O; call it at startup or from `spawn_blocking`.
-    /// Stored bytes that do not decode are an error.
+    /// Stored bytes that do not decode are an error, and so is a file of a
+    /// newer format ([`StoreError::NewerFormat`]); a file of format 1 is
+    /// migrated.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = db::open(dir, FILE)?;
         let txn = db.begin_write()?;
-        txn.open_table(STATE_MACHINE)?;
         txn.open_table(SNAPSHOT)?;
         txn.commit()?;
-
-        let txn = db.begin_read()?;
-        let record = match txn.open_table(STATE_MACHINE)?.get(CURRENT)? {
-            Some(v) => db::decode(v.value(), "state machine")?,
-            None => SmRecord {
-                last_applied: None,
-                membership: StoredMembership::default(),
-                state: State::default(),
-            },
-        };
-        drop(txn);
+        let record = rows::load(&db)?;
+        if record.migrated {
+            tracing::info!(
+                path = %dir.join(FILE).display(),
+                groups = record.state.group_count(),
+                format = rows::FORMAT,
+                "migrated the state machine from format 1"
+            );
+        }
         tracing::debug!(last_applied = ?record.last_applied, "state machine loaded");
         Ok(Self {
             db,
@@ -144,29 +141,30 @@ impl StateMachineStore {
         Arc::clone(&self.state.borrow().state)
     }
 
+    /// The database, for tests.
+    #[cfg(test)]
+    pub(crate) fn db(&self) -> &Arc<Database> {
+        &self.db
+    }
+
     /// The log id of the last applied entry.
     pub fn last_applied(&self) -> Option<LogId> {
         self.last_applied
     }
 
-    /// Writes the record in one durable transaction.
+    /// Writes the changed `rows` of `state` and the meta rows in one
+    /// durable transaction.
     async fn persist(
         &self,
+        rows: Rows,
         last_applied: Option<LogId>,
         membership: StoredMembership,
         state: Arc<State>,
     ) -> Result<(), StoreError> {
         db::blocking(&self.db, move |db| {
-            let record = SmRecord {
-                last_applied,
-                membership,
-                state: &*state,
-            };
-            let bytes = db::encode(&record, "state machine")?;
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate);
-            txn.open_table(STATE_MACHINE)?
-                .insert(CURRENT, bytes.as_slice())?;
+            rows::write_changed(&txn, &rows, &state, last_applied, &membership)?;
             txn.commit()?;
             Ok(())
         })
@@ -222,13 +220,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             Some(s) if !rows.is_empty() => Arc::new(s),
             _ => self.current(),
         };
-        self.persist(last_applied, membership.clone(), Arc::clone(&state))
+        let changed = rows.changed();
+        self.persist(rows, last_applied, membership.clone(), Arc::clone(&state))
             .await
             .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
         self.last_applied = last_applied;
         self.membership = membership;
         let index = last_applied.map_or(0, |l| l.index);
-        let changes = self.state.borrow().changes.push(index, rows.changed());
+        let changes = self.state.borrow().changes.push(index, changed);
         self.state.send_replace(AppliedState {
             index,
             state,
@@ -263,7 +262,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             )
         };
         let data = snapshot.into_inner();
-        let record: SmRecord<State> = db::decode(&data, "received snapshot").map_err(fail)?;
+        let record = snapshot::decode(&data).map_err(fail)?;
         if record.last_applied != meta.last_log_id || record.membership != meta.last_membership {
             return Err(fail(StoreError::Inconsistent(format!(
                 "snapshot {} holds state up to {:?}, its meta says {:?}",
@@ -271,11 +270,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             ))));
         }
         let stored = meta.clone();
+        let state = Arc::new(record.state);
+        let written = Arc::clone(&state);
         db::blocking(&self.db, move |db| {
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate);
-            txn.open_table(STATE_MACHINE)?
-                .insert(CURRENT, data.as_slice())?;
+            rows::write_all(&txn, &written, stored.last_log_id, &stored.last_membership)?;
             snapshot::write(&txn, &stored, &data)?;
             txn.commit()?;
             Ok(())
@@ -287,7 +287,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.membership = record.membership;
         self.state.send_replace(AppliedState::new(
             record.last_applied.map_or(0, |l| l.index),
-            Arc::new(record.state),
+            state,
         ));
         Ok(())
     }

@@ -20,7 +20,7 @@ use crate::state::{Applied, ApplyError, State};
 use crate::types::{
     ClusterNode, Entry, LogId, Request, Response, StorageError, StoredMembership, TypeConfig, Vote,
 };
-use crate::{LogStore, StateMachineStore, StoreError, log_store, state_machine};
+use crate::{LogStore, StateMachineStore, StoreError, log_store, rows, state_machine};
 
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -64,6 +64,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder 
         Ok((dir, log, sm))
     }
 }
+
+mod formats;
 
 #[test]
 fn openraft_storage_suite() {
@@ -288,9 +290,9 @@ fn corrupt_state_machine_record_is_an_open_error() {
     {
         let db = Database::create(dir.path().join(state_machine::FILE)).unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(state_machine::STATE_MACHINE)
+        txn.open_table(rows::STATE_MACHINE)
             .unwrap()
-            .insert(state_machine::CURRENT, b"{\"state\": 1}".as_slice())
+            .insert(rows::CURRENT, b"{\"state\": 1}".as_slice())
             .unwrap();
         txn.commit().unwrap();
     }

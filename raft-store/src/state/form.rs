@@ -52,7 +52,7 @@ struct Form {
 impl<'de> Deserialize<'de> for State {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let form = Form::deserialize(deserializer)?;
-        State::from_parts(form.groups, form.certificates, form.cluster)
+        Self::from_parts(form.groups, form.certificates, form.cluster)
             .map_err(serde::de::Error::custom)
     }
 }

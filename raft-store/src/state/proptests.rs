@@ -130,7 +130,7 @@ fn patch() -> impl Strategy<Value = Patch> {
     ]
 }
 
-fn command() -> impl Strategy<Value = Command> {
+pub(crate) fn command() -> impl Strategy<Value = Command> {
     const GROUPS: &[&str] = &["a", "b", "c", "d", "e", "x"];
     let cert = |name: &'static str, ok: bool| Certificate {
         name: name.into(),
@@ -159,11 +159,16 @@ fn command() -> impl Strategy<Value = Command> {
 /// Every invariant the state machine promises.
 fn check_invariants(s: &State) -> Result<(), TestCaseError> {
     prop_assert_eq!(s.names.len(), s.groups.len());
+    let attached: usize = s.groups().map(|g| g.instances.len()).sum();
+    prop_assert_eq!(s.instances.len(), attached);
     let mut fqdns = BTreeSet::new();
     let mut instance_uuids = BTreeSet::new();
     let mut ports: BTreeMap<u16, Vec<&Service>> = BTreeMap::new();
     for g in s.groups() {
         prop_assert_eq!(s.names.get(&g.name), Some(&g.uuid));
+        for i in &g.instances {
+            prop_assert_eq!(s.instances.get(&i.uuid), Some(&g.uuid));
+        }
         prop_assert_eq!(check_group(g, s), Ok(()), "group {:?} is invalid", g.name);
         for d in &g.domains {
             prop_assert!(fqdns.insert(d.fqdn.clone()), "fqdn {} twice", d.fqdn);

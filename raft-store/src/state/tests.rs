@@ -329,7 +329,7 @@ fn a_clone_shares_every_group_a_command_does_not_touch() {
     for g in s.groups() {
         let before = s.group_by_uuid(&g.uuid).unwrap();
         let after = next.group_by_uuid(&g.uuid).unwrap();
-        assert_eq!(std::sync::Arc::ptr_eq(before, after), g.name != "web");
+        assert_eq!(Arc::ptr_eq(before, after), g.name != "web");
     }
     assert_eq!(
         next.group("web").unwrap().instances.len(),
