@@ -77,21 +77,29 @@ impl Stream {
     }
 
     /// Encodes `report` as the sender would; returns (what a link that
-    /// follows the chain sends, the full report's size).
+    /// follows the chain sends with compact full reports, the size of what
+    /// it sends with version-1 full reports, the version-1 full report's
+    /// size).
     fn send(
         &mut self,
         report: &Report,
         now: Instant,
         wall: u64,
         rng: &mut SmallRng,
-    ) -> (Vec<u8>, usize) {
+    ) -> (Vec<u8>, usize, usize) {
         let full = self.schedule.full_due(now);
         self.schedule.sampled(now, wall, Some((report, full)), rng);
         self.changed = false;
         self.due = None;
         let e = self.encoder.next(report, full).expect("valid report");
         let len = e.full.len();
-        (e.delta.map_or(e.full, |(_, d)| d), len)
+        match e.delta {
+            Some((_, d)) => {
+                let d_len = d.len();
+                (d, d_len, len)
+            }
+            None => (e.compact, len, len),
+        }
     }
 }
 
@@ -121,6 +129,8 @@ struct Aggregator {
 struct Tally {
     own: u64,
     aggregates: u64,
+    /// `own + aggregates` with version-1 full reports.
+    v1: u64,
     before: u64,
     ages: Vec<f64>,
     waits: Vec<f64>,
@@ -138,21 +148,22 @@ fn main() {
         WARMUP.as_secs()
     );
     println!(
-        "| regions × nodes | picks/s per node | before: 99 × full | own reports (region) | aggregates (other regions) | total | aggregate age mean / p99 | change → aggregate sent mean / p99 |"
+        "| regions × nodes | picks/s per node | before: 99 × full | own reports (region) | aggregates (other regions) | total | total with version-1 fulls | aggregate age mean / p99 | change → aggregate sent mean / p99 |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for rate in [2_000.0, 10_000.0] {
         for &regions in &counts {
             let t = run(regions, rate, Duration::from_secs(secs));
             let s = secs as f64;
             let mb = |b: u64| format!("{:.2} MB/s", b as f64 / s / 1e6);
             println!(
-                "| {regions} × {} | {rate:.0} | {} | {} | {} | **{}** | {} | {} |",
+                "| {regions} × {} | {rate:.0} | {} | {} | {} | **{}** | {} | {} | {} |",
                 NODES / regions,
                 mb(t.before),
                 mb(t.own),
                 mb(t.aggregates),
                 mb(t.own + t.aggregates),
+                mb(t.v1),
                 pair(&t.ages),
                 pair(&t.waits),
             );
@@ -265,7 +276,7 @@ fn run(regions: usize, rate: f64, measure: Duration) -> Tally {
             }
             let counters = node.counters.iter().enumerate().map(|(k, c)| (id(k), c));
             let report = node.tracker.report(now, wall, counters);
-            let (bytes, full_len) = node.stream.send(&report, now, wall, &mut rng);
+            let (bytes, v1_len, full_len) = node.stream.send(&report, now, wall, &mut rng);
             let changed = node.latest != report.entries;
             node.latest.clone_from(&report.entries);
             node.latest_at = now;
@@ -276,6 +287,7 @@ fn run(regions: usize, rate: f64, measure: Duration) -> Tally {
                 tally.before += full_len as u64;
                 if node.region == region_of(RECEIVER) {
                     tally.own += bytes.len() as u64;
+                    tally.v1 += v1_len as u64;
                 }
             }
             if let Some(a) = aggregators.get_mut(&node.region) {
@@ -308,9 +320,10 @@ fn run(regions: usize, rate: f64, measure: Duration) -> Tally {
                 sent_at_ms: wall,
                 entries: aggregate(std::iter::once(own.as_slice()).chain(held)),
             };
-            let (bytes, _) = a.stream.send(&report, now, wall, &mut rng);
+            let (bytes, v1_len, _) = a.stream.send(&report, now, wall, &mut rng);
             if measuring {
                 tally.aggregates += bytes.len() as u64;
+                tally.v1 += v1_len as u64;
                 for at in a.at.values() {
                     tally.ages.push((now - *at).as_secs_f64());
                 }

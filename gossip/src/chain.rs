@@ -2,8 +2,9 @@
 //! receiver's [`Reassembler`] (wire format in `delta.rs`).
 //!
 //! ```text
-//!  DeltaEncoder::next(report n, full?) ─▶ Encoded { full n, delta n (base n−1)? }
+//!  DeltaEncoder::next(report n, full?) ─▶ Encoded { full n, compact n, delta n (base n−1)? }
 //!      a link that sent report n−1 sends delta n, any other link full n
+//!      (compact where the peer reads version 3)
 //!  Reassembler::apply(wire) ─▶ the peer's full report n, or Gap
 //!      full: replaces what is held (newer seq, or another incarnation)
 //!      delta: applies only on the state it was made from (same
@@ -15,6 +16,7 @@ use std::collections::HashMap;
 
 use crate::Error;
 use crate::codec::{Entry, Report, encode};
+use crate::compact::encode_compact;
 use crate::delta::{Delta, Wire, apply, diff, encode_delta};
 
 /// A report encoded both ways.
@@ -23,6 +25,9 @@ pub struct Encoded {
     pub seq: u64,
     /// The full report (version 1).
     pub full: Vec<u8>,
+    /// The same full report in the compact version 3, for peers that read
+    /// it.
+    pub compact: Vec<u8>,
     /// The delta on report `base_seq`, unless a full report was due or
     /// this is the first report.
     pub delta: Option<(u64, Vec<u8>)>,
@@ -47,6 +52,7 @@ impl DeltaEncoder {
     /// `full` (a full report is due).
     pub fn next(&mut self, report: &Report, full: bool) -> Result<Encoded, Error> {
         let full_bytes = encode(report)?;
+        let compact = encode_compact(report)?;
         let delta = match self.last_seq {
             Some(base_seq) if !full => {
                 let (changes, held) = diff(&self.held, &report.entries);
@@ -70,6 +76,7 @@ impl DeltaEncoder {
         Ok(Encoded {
             seq: report.seq,
             full: full_bytes,
+            compact,
             delta,
         })
     }

@@ -102,7 +102,7 @@ impl Report {
 
 /// Checks what the decoder would reject, so that encode never produces
 /// bytes that decode refuses.
-fn validate(entries: &[Entry]) -> Result<(), Error> {
+pub(crate) fn validate(entries: &[Entry]) -> Result<(), Error> {
     if entries.len() > MAX_ENTRIES {
         return Err(Error::TooManyEntries(entries.len()));
     }

@@ -138,7 +138,7 @@ impl Change {
     }
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u32) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u32) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -200,25 +200,25 @@ pub fn encode_delta(delta: &Delta) -> Result<Vec<u8>, Error> {
 }
 
 /// A cursor over untrusted bytes.
-struct Cursor<'a> {
-    bytes: &'a [u8],
+pub(crate) struct Cursor<'a> {
+    pub(crate) bytes: &'a [u8],
 }
 
 impl Cursor<'_> {
-    fn u8(&mut self) -> Option<u8> {
+    pub(crate) fn u8(&mut self) -> Option<u8> {
         let (&b, rest) = self.bytes.split_first()?;
         self.bytes = rest;
         Some(b)
     }
 
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         let (head, rest) = self.bytes.split_first_chunk::<N>()?;
         self.bytes = rest;
         Some(*head)
     }
 
     /// A canonical LEB128 u32 (no redundant trailing zero groups).
-    fn varint(&mut self) -> Option<u32> {
+    pub(crate) fn varint(&mut self) -> Option<u32> {
         let mut v: u64 = 0;
         for i in 0..5 {
             let b = self.u8()?;
@@ -234,12 +234,14 @@ impl Cursor<'_> {
     }
 }
 
-/// Decodes a report of either version: a full report (version 1, see
-/// `codec.rs`) or a delta (version 2). Never panics; allocates at most in
-/// proportion to `bytes.len()`.
+/// Decodes a report of any version: a full report (version 1, see
+/// `codec.rs`, or the compact version 3, see `compact.rs`) or a delta
+/// (version 2). Never panics; allocates at most in proportion to
+/// `bytes.len()`.
 pub fn decode_wire(bytes: &[u8]) -> Result<Wire, Error> {
     match bytes.first() {
         Some(&DELTA_VERSION) => decode_delta(bytes).map(Wire::Delta),
+        Some(&crate::compact::COMPACT_VERSION) => crate::compact::decode(bytes).map(Wire::Full),
         _ => crate::codec::decode(bytes).map(Wire::Full),
     }
 }

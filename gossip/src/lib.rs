@@ -28,6 +28,7 @@
 
 mod chain;
 mod codec;
+mod compact;
 mod counters;
 mod delta;
 mod estimator;
@@ -46,6 +47,7 @@ pub use codec::{
     DATAGRAM_ENTRIES, DATAGRAM_MAX, ENTRY_LEN, Entry, HEADER_LEN, MAX_ENTRIES, MAX_REPORT_LEN,
     Report, VERSION, decode, encode,
 };
+pub use compact::{COMPACT_VERSION, encode_compact};
 pub use counters::{EPOCHS, LoadCounters, Started};
 pub use delta::{
     Change, DELTA_HEADER_LEN, DELTA_VERSION, Delta, RATE_DEADBAND, Ref, SERVICE_DEADBAND, Wire,
