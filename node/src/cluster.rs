@@ -62,5 +62,5 @@ pub use pki::{
 pub use rpc::{
     Forward, ForwardError, ForwardReply, HandlerFuture, PreVote, RaftHandler, Rpc, RpcReply,
 };
-pub use tls::{ALPN_GOSSIP, ALPN_RAFT, NodeTls};
+pub use tls::{ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, NodeTls};
 pub use transport::{Transport, TransportError, TransportStats, codes};

@@ -37,6 +37,7 @@ use tokio::time::timeout;
 use tracing::{Instrument, debug, warn};
 
 use super::server::Peer;
+use super::tls::{ALPN_GOSSIP_2, negotiated_alpn};
 use super::transport::{Shared, TransportError, bump, codes};
 
 /// How long a report on a stream may take to arrive once the stream opened.
@@ -95,11 +96,23 @@ pub enum Via {
 pub struct GossipLink {
     target: NodeId,
     conn: Connection,
+    compact: bool,
 }
 
 impl GossipLink {
     pub(super) fn new(target: NodeId, conn: Connection) -> Self {
-        Self { target, conn }
+        let compact = negotiated_alpn(&conn).as_deref() == Some(ALPN_GOSSIP_2);
+        Self {
+            target,
+            conn,
+            compact,
+        }
+    }
+
+    /// Whether the peer reads compact full reports (version 3): it agreed
+    /// on `edgelb-gossip/2`.
+    pub fn compact(&self) -> bool {
+        self.compact
     }
 
     /// The peer's node id.

@@ -19,7 +19,9 @@ use tracing::{Instrument, debug, debug_span, warn};
 use super::frame::{self, FrameError, HEADER_LIMIT, HEADER_TIMEOUT};
 use super::gossip;
 use super::rpc::RpcReply;
-use super::tls::{ALPN_GOSSIP, ALPN_RAFT, negotiated_alpn, peer_leaf, verify_peer_id};
+use super::tls::{
+    ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, negotiated_alpn, peer_leaf, verify_peer_id,
+};
 use super::transport::{Shared, bump, codes};
 
 /// Accepts connections until the endpoint closes.
@@ -41,7 +43,7 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     match negotiated_alpn(&conn).as_deref() {
         Some(ALPN_RAFT) => serve_raft(shared, conn).await,
-        Some(ALPN_GOSSIP) => gossip::serve(shared, conn).await,
+        Some(ALPN_GOSSIP | ALPN_GOSSIP_2) => gossip::serve(shared, conn).await,
         // rustls refuses ALPNs the server does not offer; this is for an
         // ALPN offered but not dispatched here.
         alpn => {

@@ -27,8 +27,13 @@ use super::pki::node_dns_name;
 
 /// ALPN of the Raft RPCs.
 pub const ALPN_RAFT: &[u8] = b"edgelb-raft/1";
-/// ALPN of load gossip.
+/// ALPN of load gossip whose receiver reads wire versions 1 and 2 (full
+/// reports and deltas).
 pub const ALPN_GOSSIP: &[u8] = b"edgelb-gossip/1";
+/// ALPN of load gossip whose receiver also reads version 3 (compact full
+/// reports). A node offers both and prefers this one; a peer that predates
+/// it agrees on `edgelb-gossip/1` and is sent version-1 full reports.
+pub const ALPN_GOSSIP_2: &[u8] = b"edgelb-gossip/2";
 
 /// A connection that hears nothing (not even a keep-alive's
 /// acknowledgement) for this long is dropped: a gossip link to a peer that
@@ -147,6 +152,16 @@ impl NodeTls {
     /// The server side: requires a client certificate from the cluster CA,
     /// offers both ALPNs.
     pub(crate) fn server_config(&self) -> Result<quinn::ServerConfig, TransportError> {
+        // rustls picks the first of these that the client offers.
+        self.server_config_offering(&[ALPN_RAFT, ALPN_GOSSIP_2, ALPN_GOSSIP])
+    }
+
+    /// The server side offering only `alpns` (a node of an earlier
+    /// version offers fewer).
+    pub(crate) fn server_config_offering(
+        &self,
+        alpns: &[&[u8]],
+    ) -> Result<quinn::ServerConfig, TransportError> {
         let Parsed { roots, chain, key } = self.parse()?;
         let provider = provider();
         let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
@@ -158,7 +173,7 @@ impl NodeTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| TransportError::Config(format!("node certificate: {e}")))?;
-        tls.alpn_protocols = vec![ALPN_RAFT.to_vec(), ALPN_GOSSIP.to_vec()];
+        tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
         let quic = QuicServerConfig::try_from(Arc::new(tls))
             .map_err(|e| TransportError::Config(format!("quic: {e}")))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -169,6 +184,18 @@ impl NodeTls {
     /// The client side for `alpn`: presents the node certificate, verifies
     /// the server against the CA and the name passed to `connect_with`.
     pub(crate) fn client_config(&self, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
+        self.client_config_offering(&[alpn])
+    }
+
+    /// The gossip client: offers both gossip ALPNs, the compact one first.
+    pub(crate) fn gossip_client_config(&self) -> Result<quinn::ClientConfig, TransportError> {
+        self.client_config_offering(&[ALPN_GOSSIP_2, ALPN_GOSSIP])
+    }
+
+    fn client_config_offering(
+        &self,
+        alpns: &[&[u8]],
+    ) -> Result<quinn::ClientConfig, TransportError> {
         let Parsed { roots, chain, key } = self.parse()?;
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -176,7 +203,7 @@ impl NodeTls {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| TransportError::Config(format!("node certificate: {e}")))?;
-        tls.alpn_protocols = vec![alpn.to_vec()];
+        tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
         let quic = QuicClientConfig::try_from(Arc::new(tls))
             .map_err(|e| TransportError::Config(format!("quic: {e}")))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));

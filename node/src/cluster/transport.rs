@@ -27,7 +27,7 @@ use super::peers::PeerSlot;
 use super::pki::node_dns_name;
 use super::rpc::{RaftHandler, Rpc, RpcKind, RpcReply};
 use super::server;
-use super::tls::{ALPN_GOSSIP, ALPN_RAFT, NodeTls};
+use super::tls::{ALPN_RAFT, NodeTls};
 
 /// Application error codes on connections and streams.
 pub mod codes {
@@ -262,7 +262,7 @@ impl Transport {
         tls.check_own_id(node_id)?;
         let server = tls.server_config()?;
         let client = tls.client_config(ALPN_RAFT)?;
-        let gossip_client = tls.client_config(ALPN_GOSSIP)?;
+        let gossip_client = tls.gossip_client_config()?;
         let socket = std::net::UdpSocket::bind(addr).map_err(TransportError::Bind)?;
         let endpoint = Endpoint::new(
             tls.endpoint_config()?,

@@ -1,6 +1,8 @@
 //! One link per peer: a gossip connection of its own, and every new report
 //! sent on it: as a delta when the link sent the report the delta is based
-//! on (on this connection), else in full. A link that cannot connect skips
+//! on (on this connection), else in full: compact (version 3) when the
+//! peer agreed on `edgelb-gossip/2`, version 1 for a peer of an earlier
+//! version. A link that cannot connect skips
 //! reports (the next one carries the same absolute counts, in full) and
 //! retries with a backoff.
 
@@ -157,7 +159,7 @@ async fn link(
                 }
             },
         };
-        let report = published.for_link(sent).clone();
+        let report = published.for_link(sent, link.compact()).clone();
         let len = report.len();
         match link.send(report).await {
             Ok(via) => {

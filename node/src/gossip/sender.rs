@@ -19,8 +19,10 @@ use crate::balancer::LoadChanged;
 #[derive(Debug)]
 pub(crate) struct Published {
     pub(crate) seq: u64,
-    /// The whole report.
+    /// The whole report (version 1).
     pub(crate) full: Bytes,
+    /// The whole report in the compact version 3, for peers that read it.
+    pub(crate) compact: Bytes,
     /// The delta on report `.0`, for a link that sent that one (none when
     /// a full report is due).
     pub(crate) delta: Option<(u64, Bytes)>,
@@ -31,6 +33,7 @@ impl From<Encoded> for Published {
         Self {
             seq: e.seq,
             full: Bytes::from(e.full),
+            compact: Bytes::from(e.compact),
             delta: e.delta.map(|(base, d)| (base, Bytes::from(d))),
         }
     }
@@ -39,10 +42,11 @@ impl From<Encoded> for Published {
 impl Published {
     /// What a link that last sent report `sent` (none: nothing yet on this
     /// connection) sends: the delta when it follows on from `sent`, else
-    /// the full report.
-    pub(crate) fn for_link(&self, sent: Option<u64>) -> &Bytes {
+    /// the full report, compact when the peer reads it (`compact`).
+    pub(crate) fn for_link(&self, sent: Option<u64>, compact: bool) -> &Bytes {
         match &self.delta {
             Some((base, delta)) if sent == Some(*base) => delta,
+            _ if compact => &self.compact,
             _ => &self.full,
         }
     }

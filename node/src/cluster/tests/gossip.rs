@@ -93,6 +93,41 @@ async fn send_stream(conn: &quinn::Connection, bytes: &[u8]) {
     let _ = s.finish();
 }
 
+/// Compact full reports (version 3) go only where the peer said it reads
+/// them: between current nodes, not to a node of an earlier version, which
+/// offers only `edgelb-gossip/1`.
+#[tokio::test]
+async fn compact_reports_only_to_peers_that_read_them() {
+    let ca = generate_ca("test").unwrap();
+    let (a, _) = gossip_node(&ca, 1);
+    let (b, inbox) = gossip_node(&ca, 2);
+    let b_addr = b.local_addr().unwrap().to_string();
+    let link = a.gossip_connect(2, &b_addr, PATIENCE).await.unwrap();
+    assert!(link.compact());
+    let r = report(1, 1, 100);
+    let compact = Bytes::from(::gossip::encode_compact(&r).unwrap());
+    assert!(compact.len() < r.encoded_len(), "{}", compact.len());
+    link.send(compact.clone()).await.unwrap();
+    eventually("the compact report", || inbox.reports().len() == 1).await;
+    assert_eq!(inbox.reports()[0], (r, compact.len()));
+
+    let old_tls = node_tls(&ca, 3);
+    let old = Endpoint::server(
+        old_tls.server_config_offering(&[ALPN_GOSSIP]).unwrap(),
+        loopback(),
+    )
+    .unwrap();
+    let old_addr = old.local_addr().unwrap().to_string();
+    let accepted = tokio::spawn(async move {
+        let conn = old.accept().await.unwrap().await.unwrap();
+        super::super::tls::negotiated_alpn(&conn)
+    });
+    let link = a.gossip_connect(3, &old_addr, PATIENCE).await.unwrap();
+    assert!(!link.compact());
+    let alpn = timeout(PATIENCE, accepted).await.unwrap().unwrap();
+    assert_eq!(alpn.as_deref(), Some(ALPN_GOSSIP));
+}
+
 #[tokio::test]
 async fn reports_go_by_datagram_or_by_stream() {
     let ca = generate_ca("test").unwrap();
