@@ -120,7 +120,7 @@ async fn compact_reports_only_to_peers_that_read_them() {
     let old_addr = old.local_addr().unwrap().to_string();
     let accepted = tokio::spawn(async move {
         let conn = old.accept().await.unwrap().await.unwrap();
-        super::super::tls::negotiated_alpn(&conn)
+        tls::negotiated_alpn(&conn)
     });
     let link = a.gossip_connect(3, &old_addr, PATIENCE).await.unwrap();
     assert!(!link.compact());
