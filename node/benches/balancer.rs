@@ -31,7 +31,7 @@ const SIZES: [usize; 3] = [10, 1_000, 100_000];
 /// A group of `n` instances with random peer loads (0..16) and `n / 4` local
 /// leases in flight, so the minimum set is a small, scattered fraction.
 fn loaded_group(n: usize, rng: &mut SmallRng) -> (Arc<GroupBalancer>, Vec<Lease>) {
-    let metrics = InstanceMetrics::unregistered();
+    let metrics = InstanceMetrics::new();
     let backends: Vec<Arc<Backend>> = (0..n)
         .map(|i| {
             Arc::new(Backend::new(

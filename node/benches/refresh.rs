@@ -64,7 +64,7 @@ fn setup(start: Instant) -> Setup {
                 Uuid::from_u128(i as u128 + 1),
                 format!("i-{i}"),
                 format!("10.0.{}.{}", i / 256, i % 256),
-                InstanceMetrics::unregistered(),
+                InstanceMetrics::new(),
             ))
         })
         .collect();

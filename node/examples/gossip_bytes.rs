@@ -93,7 +93,6 @@ impl Node {
         let changed = Arc::new(LoadChanged::default());
         let certs = CertCache::default();
         let cx = BuildContext {
-            metrics: &metrics,
             certs: &certs,
             drain_timeout: Duration::from_secs(1),
             load_changed: Some(&changed),

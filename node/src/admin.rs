@@ -28,6 +28,7 @@ mod instances;
 mod names;
 mod reply;
 mod request;
+mod scrape;
 #[cfg(test)]
 mod tests;
 
@@ -51,7 +52,7 @@ use crate::dataplane::DataPlane;
 use crate::gossip::Gossip;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use reply::{ApiError, Reply, text, with_type};
+use reply::{ApiError, Reply, text};
 use request::{Flags, authorized, check_header_size, check_length};
 
 /// From accept (or the end of the previous request) until the request
@@ -178,19 +179,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<Reply, ApiError>
         } else {
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
         }),
-        ["metrics"] if method == Method::GET => {
-            admin.metrics.set_cluster(&admin.store.status());
-            admin
-                .metrics
-                .gossip
-                .set_report_ages(&admin.gossip.report_ages(std::time::Instant::now()));
-            let body = admin.metrics.render(&admin.dataplane.routes.load());
-            Ok(with_type(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                body,
-            ))
-        }
+        ["metrics"] if method == Method::GET => scrape::metrics(admin, &parts.headers).await,
         ["healthz" | "readyz" | "metrics"] => Err(not_allowed("GET")),
         ["v1", rest @ ..] => {
             if !authorized(&parts.headers, &admin.token) {

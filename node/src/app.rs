@@ -191,7 +191,6 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let drain = tokio::spawn(reconcile(
         store.clone(),
         dataplane.clone(),
-        metrics.clone(),
         load_changed.clone(),
         listeners,
         Readiness {
@@ -301,7 +300,6 @@ struct Readiness {
 async fn reconcile(
     store: Arc<Store>,
     dp: Arc<DataPlane>,
-    metrics: Arc<Metrics>,
     load_changed: Arc<LoadChanged>,
     mut listeners: Listeners,
     ready: Readiness,
@@ -322,12 +320,12 @@ async fn reconcile(
             .is_none_or(|b| !Arc::ptr_eq(b, &applied.state))
         {
             let cx = BuildContext {
-                metrics: &metrics,
                 certs: &certs,
                 drain_timeout: dp.settings.drain_timeout,
                 load_changed: Some(&load_changed),
             };
-            crate::routing::publish(&dp.routes, &applied.state, &cx);
+            let changes = crate::routing::changes(built.as_deref(), &applied.state);
+            crate::routing::publish_changes(&dp.routes, &applied.state, &changes, &cx);
             failed = listeners.reconcile(&dp.routes.load());
             built = Some(applied.state);
         }

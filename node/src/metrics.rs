@@ -1,106 +1,32 @@
-//! Prometheus metrics: one registry per node, per-instance series labelled
-//! `service` and `instance_name`, and per-node series.
-//!
-//! Hot-path counters are resolved to concrete handles once per instance
-//! ([`InstanceMetrics`]) so that a request never hashes label values. Gauges
-//! that mirror atomics (in-flight counts, up) are filled in at scrape time.
-//! The load-gossip series are in [`GossipMetrics`].
+//! Prometheus metrics: one registry per node for the per-node series, and
+//! per-instance series labelled `service` and `instance_name` that are not
+//! in the registry: each backend counts in its own atomics
+//! ([`InstanceMetrics`]) and a scrape renders them straight from the
+//! routing table ([`instance`]), so an instance costs no registry object and
+//! a detach leaves nothing to remove. The load-gossip series are in
+//! [`GossipMetrics`].
 
 mod gossip;
+mod instance;
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::io;
 use std::time::Instant;
 
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
-};
+use prometheus::{Encoder as _, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use tracing::warn;
 
-use crate::balancer::BackendState;
 use crate::routing::RoutingTable;
 
 pub use gossip::{DROP_REASONS, GossipMetrics};
+pub use instance::{
+    CODE_CLASSES, Counter, DIRECTIONS, DURATION_BUCKETS, Histogram, InstanceMetrics, InstanceSeries,
+};
 
-/// HTTP status classes counted by `edgelb_instance_requests_total{code_class}`.
-pub const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-
-/// Resolved metric handles for one attached instance.
+/// The node's metrics.
 ///
-/// Built by [`Metrics::instance`]; [`InstanceMetrics::unregistered`] builds a
-/// set that no registry sees (tests and benchmarks).
-#[derive(Clone, Debug)]
-pub struct InstanceMetrics {
-    /// `edgelb_instance_selected_total`
-    pub selected: IntCounter,
-    /// `edgelb_instance_connections_total`: upstream connections opened.
-    pub connections: IntCounter,
-    /// `edgelb_instance_connect_errors_total`
-    pub connect_errors: IntCounter,
-    /// `edgelb_instance_requests_total{code_class}`, indexed like [`CODE_CLASSES`].
-    pub requests: [IntCounter; 5],
-    /// `edgelb_instance_request_duration_seconds`
-    pub duration: Histogram,
-    /// `edgelb_instance_bytes_total{direction="rx"}`: bytes received from the instance.
-    pub bytes_rx: IntCounter,
-    /// `edgelb_instance_bytes_total{direction="tx"}`: bytes sent to the instance.
-    pub bytes_tx: IntCounter,
-}
-
-impl InstanceMetrics {
-    /// Handles that are not registered anywhere.
-    pub fn unregistered() -> Self {
-        let c = |name: &str| IntCounter::new(name, name).expect("static metric name is valid");
-        Self {
-            selected: c("selected"),
-            connections: c("connections"),
-            connect_errors: c("connect_errors"),
-            requests: CODE_CLASSES.map(|_| c("requests")),
-            duration: Histogram::with_opts(HistogramOpts::new("duration", "duration"))
-                .expect("static metric name is valid"),
-            bytes_rx: c("bytes_rx"),
-            bytes_tx: c("bytes_tx"),
-        }
-    }
-
-    /// Counts one finished HTTP request with `status`.
-    pub fn observe_status(&self, status: u16) {
-        let class = match status {
-            100..=199 => 0,
-            200..=299 => 1,
-            300..=399 => 2,
-            400..=499 => 3,
-            _ => 4,
-        };
-        self.requests[class].inc();
-    }
-}
-
-/// Upper bounds of `edgelb_instance_request_duration_seconds`: 0.5 ms to 30 s.
-pub const DURATION_BUCKETS: [f64; 16] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
-    30.0,
-];
-
-/// Values of `edgelb_instance_bytes_total{direction}`.
-pub const DIRECTIONS: [&str; 2] = ["rx", "tx"];
-
-/// Labels of every per-instance series.
-const INSTANCE_LABELS: [&str; 2] = ["service", "instance_name"];
-
-/// Gauges of one instance that [`Metrics::render`] fills in at scrape time.
-#[derive(Clone)]
-struct InstanceGauges {
-    inflight: IntGauge,
-    inflight_global: IntGauge,
-    up: IntGauge,
-}
-
-/// The node's metric registry.
-///
-/// Per instance (labels `service`, `instance_name`):
+/// Per instance (labels `service`, `instance_name`), rendered at scrape time
+/// from the routing table:
 ///
 /// | series | kind | meaning |
 /// | --- | --- | --- |
@@ -114,24 +40,17 @@ struct InstanceGauges {
 /// | `edgelb_instance_bytes_total{direction}` | counter | `rx` from the instance, `tx` to it |
 /// | `edgelb_instance_up` | gauge | 1 while selectable (up), 0 while marked down or draining |
 ///
-/// Per node: `edgelb_groups`, `edgelb_instances`, `edgelb_listeners` (from
-/// the routing table at scrape time), `edgelb_admin_requests_total{code}`,
-/// the Raft series and the gossip series ([`GossipMetrics`]).
+/// Per node, in the registry: `edgelb_groups`, `edgelb_instances`,
+/// `edgelb_listeners` (from the routing table at scrape time),
+/// `edgelb_admin_requests_total{code}`, the Raft series and the gossip
+/// series ([`GossipMetrics`]).
 ///
-/// Every series of an instance is created by [`Metrics::instance`] and
-/// removed by [`Metrics::remove_instance`], so a detached instance's series
-/// disappear from the next scrape.
+/// An instance's series are those of its backend in the table scraped, so
+/// a detached instance's series disappear from the first scrape of a table
+/// without it (and from older tables once it drains), and an instance
+/// attached again starts from zero (a counter reset to Prometheus).
 pub struct Metrics {
     registry: Registry,
-    inflight: IntGaugeVec,
-    inflight_global: IntGaugeVec,
-    up: IntGaugeVec,
-    selected: IntCounterVec,
-    requests: IntCounterVec,
-    connections: IntCounterVec,
-    connect_errors: IntCounterVec,
-    duration: HistogramVec,
-    bytes: IntCounterVec,
     groups: IntGauge,
     instances: IntGauge,
     listeners: IntGauge,
@@ -139,10 +58,6 @@ pub struct Metrics {
     raft: RaftGauges,
     /// Load gossip.
     pub gossip: GossipMetrics,
-    /// Scrape-time gauges by service, then instance name. Holding this lock
-    /// while setting them keeps a scrape that races a detach from bringing
-    /// the detached instance's series back.
-    gauges: Mutex<HashMap<String, HashMap<String, InstanceGauges>>>,
 }
 
 /// Per-node Raft series.
@@ -182,11 +97,6 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let reg = |c: Box<dyn prometheus::core::Collector>| registry.register(c).expect(STATIC_OK);
-        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let v = IntGaugeVec::new(Opts::new(name, help), labels).expect(STATIC_OK);
-            reg(Box::new(v.clone()));
-            v
-        };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let v = IntCounterVec::new(Opts::new(name, help), labels).expect(STATIC_OK);
             reg(Box::new(v.clone()));
@@ -197,60 +107,7 @@ impl Metrics {
             reg(Box::new(g.clone()));
             g
         };
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
-                "edgelb_instance_request_duration_seconds",
-                "Duration of proxied HTTP requests (HTTP mode) or connections (TCP mode), by instance.",
-            )
-            .buckets(DURATION_BUCKETS.to_vec()),
-            &INSTANCE_LABELS,
-        )
-        .expect(STATIC_OK);
-        reg(Box::new(duration.clone()));
-        let with_class = ["service", "instance_name", "code_class"];
-        let with_direction = ["service", "instance_name", "direction"];
         Self {
-            inflight: gauge_vec(
-                "edgelb_instance_inflight",
-                "Connections (TCP mode) or requests (HTTP mode) this node has in flight to the instance.",
-                &INSTANCE_LABELS,
-            ),
-            inflight_global: gauge_vec(
-                "edgelb_instance_inflight_global",
-                "Estimated in-flight count of the instance over the cluster: this node's plus its peers' reports.",
-                &INSTANCE_LABELS,
-            ),
-            up: gauge_vec(
-                "edgelb_instance_up",
-                "1 while the instance is selectable, 0 while it is marked down or draining.",
-                &INSTANCE_LABELS,
-            ),
-            selected: counter_vec(
-                "edgelb_instance_selected_total",
-                "Times the balancer selected the instance.",
-                &INSTANCE_LABELS,
-            ),
-            requests: counter_vec(
-                "edgelb_instance_requests_total",
-                "Finished HTTP requests proxied to the instance, by response status class.",
-                &with_class,
-            ),
-            connections: counter_vec(
-                "edgelb_instance_connections_total",
-                "Upstream connections opened to the instance.",
-                &INSTANCE_LABELS,
-            ),
-            connect_errors: counter_vec(
-                "edgelb_instance_connect_errors_total",
-                "Failed attempts to connect to the instance (refused, unreachable or timed out).",
-                &INSTANCE_LABELS,
-            ),
-            duration,
-            bytes: counter_vec(
-                "edgelb_instance_bytes_total",
-                "Bytes proxied: rx received from the instance, tx sent to it.",
-                &with_direction,
-            ),
             groups: gauge("edgelb_groups", "Service groups in this node's state."),
             instances: gauge(
                 "edgelb_instances",
@@ -292,71 +149,6 @@ impl Metrics {
             },
             gossip: GossipMetrics::register(&registry),
             registry,
-            gauges: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Creates every series of one instance (all status classes and both
-    /// directions at zero) and returns the handles the data plane counts with.
-    pub fn instance(&self, service: &str, instance_name: &str) -> InstanceMetrics {
-        let labels = [service, instance_name];
-        let gauges = InstanceGauges {
-            inflight: self.inflight.with_label_values(&labels),
-            inflight_global: self.inflight_global.with_label_values(&labels),
-            up: self.up.with_label_values(&labels),
-        };
-        gauges.up.set(1);
-        self.lock_gauges()
-            .entry(service.to_owned())
-            .or_default()
-            .insert(instance_name.to_owned(), gauges);
-        InstanceMetrics {
-            selected: self.selected.with_label_values(&labels),
-            connections: self.connections.with_label_values(&labels),
-            connect_errors: self.connect_errors.with_label_values(&labels),
-            requests: CODE_CLASSES.map(|class| {
-                self.requests
-                    .with_label_values(&[service, instance_name, class])
-            }),
-            duration: self.duration.with_label_values(&labels),
-            bytes_rx: self
-                .bytes
-                .with_label_values(&[service, instance_name, DIRECTIONS[0]]),
-            bytes_tx: self
-                .bytes
-                .with_label_values(&[service, instance_name, DIRECTIONS[1]]),
-        }
-    }
-
-    /// Removes every series of one instance from every family. Handles that
-    /// are still held keep counting, but nothing scrapes them any more.
-    pub fn remove_instance(&self, service: &str, instance_name: &str) {
-        let mut gauges = self.lock_gauges();
-        if let Some(by_name) = gauges.get_mut(service) {
-            by_name.remove(instance_name);
-            if by_name.is_empty() {
-                gauges.remove(service);
-            }
-        }
-        let labels = [service, instance_name];
-        // A series that was never created is not an error here: removal is
-        // idempotent.
-        for v in [&self.inflight, &self.inflight_global, &self.up] {
-            let _ = v.remove_label_values(&labels);
-        }
-        for v in [&self.selected, &self.connections, &self.connect_errors] {
-            let _ = v.remove_label_values(&labels);
-        }
-        let _ = self.duration.remove_label_values(&labels);
-        for class in CODE_CLASSES {
-            let _ = self
-                .requests
-                .remove_label_values(&[service, instance_name, class]);
-        }
-        for direction in DIRECTIONS {
-            let _ = self
-                .bytes
-                .remove_label_values(&[service, instance_name, direction]);
         }
     }
 
@@ -367,8 +159,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Fills the scrape-time gauges from the live runtime in `table` and
-    /// encodes every family in the Prometheus text format.
     /// Sets the per-node Raft series from this node's view (at scrape time).
     pub fn set_cluster(&self, s: &crate::store::ClusterStatus) {
         let r = &self.raft;
@@ -390,47 +180,50 @@ impl Metrics {
             .set(i64::try_from(s.members.len() - voters).unwrap_or(i64::MAX));
     }
 
+    /// Encodes every family in the Prometheus text format: the per-instance
+    /// series from the backends of `table`, the per-node ones from the
+    /// registry (`edgelb_groups`, `edgelb_instances` and `edgelb_listeners`
+    /// set from `table` first).
     pub fn render(&self, table: &RoutingTable) -> String {
-        let now = Instant::now();
-        let (mut groups, mut instances) = (0_i64, 0_i64);
-        {
-            let gauges = self.lock_gauges();
-            for group in table.groups() {
-                groups += 1;
-                let by_name = gauges.get(&group.name);
-                for backend in group.backends.values() {
-                    instances += 1;
-                    let Some(g) = by_name.and_then(|m| m.get(&backend.name)) else {
-                        continue;
-                    };
-                    g.inflight.set(saturating_i64(backend.local_inflight()));
-                    g.inflight_global
-                        .set(saturating_i64(group.balancer.load(backend)));
-                    g.up.set(i64::from(backend.state(now) == BackendState::Up));
-                }
-            }
+        let mut out = Vec::new();
+        if let Err(e) = self.render_to(table, &mut out) {
+            warn!(error = %e, "encoding metrics");
         }
-        self.groups.set(groups);
-        self.instances.set(instances);
+        String::from_utf8(out).unwrap_or_else(|e| {
+            warn!(error = %e, "metrics text is not UTF-8");
+            String::new()
+        })
+    }
+
+    /// [`Metrics::render`] into `out`, in chunks: a scrape of many instances
+    /// never holds its whole text when `out` compresses or streams.
+    pub fn render_to(&self, table: &RoutingTable, mut out: &mut dyn io::Write) -> io::Result<()> {
+        let scrape = instance::Scrape::of(table, Instant::now());
+        self.groups
+            .set(i64::try_from(scrape.groups).unwrap_or(i64::MAX));
+        self.instances
+            .set(i64::try_from(scrape.instances).unwrap_or(i64::MAX));
         self.listeners
             .set(i64::try_from(table.ports().count()).unwrap_or(i64::MAX));
         let families = self.registry.gather();
-        match TextEncoder::new().encode_to_string(&families) {
-            Ok(text) => text,
-            Err(e) => {
-                warn!(error = %e, "encoding metrics");
-                String::new()
-            }
-        }
+        // The per-instance families sit together in name order, like the
+        // encoder would have put them.
+        let first = instance::FAMILIES[0].0;
+        let split = families.partition_point(|f| f.name() < first);
+        let encoder = TextEncoder::new();
+        encoder
+            .encode(&families[..split], &mut out)
+            .map_err(io::Error::other)?;
+        scrape.write(out)?;
+        encoder
+            .encode(&families[split..], &mut out)
+            .map_err(io::Error::other)?;
+        Ok(())
     }
 
     /// The registry, for families registered elsewhere (Raft, gossip).
     pub fn registry(&self) -> &Registry {
         &self.registry
-    }
-
-    fn lock_gauges(&self) -> MutexGuard<'_, HashMap<String, HashMap<String, InstanceGauges>>> {
-        self.gauges.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -439,68 +232,4 @@ fn saturating_i64(n: u64) -> i64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn series<'a>(text: &'a str, instance: &str) -> Vec<&'a str> {
-        let needle = format!("instance_name=\"{instance}\"");
-        text.lines()
-            .filter(|l| !l.starts_with('#') && l.contains(&needle))
-            .collect()
-    }
-
-    #[test]
-    fn instance_series_are_created_up_front_and_removed_entirely() {
-        let metrics = Metrics::new();
-        let table = RoutingTable::default();
-        let a = metrics.instance("web", "a");
-        let _b = metrics.instance("web", "b");
-        a.observe_status(404);
-        a.duration.observe(0.003);
-        let text = metrics.render(&table);
-        let a_series = series(&text, "a");
-        for class in CODE_CLASSES {
-            let want = format!(
-                "edgelb_instance_requests_total{{code_class=\"{class}\",instance_name=\"a\",service=\"web\"}} {}",
-                u8::from(class == "4xx")
-            );
-            assert!(a_series.contains(&want.as_str()), "{want}\n{text}");
-        }
-        for direction in DIRECTIONS {
-            let want = format!(
-                "edgelb_instance_bytes_total{{direction=\"{direction}\",instance_name=\"a\",service=\"web\"}} 0"
-            );
-            assert!(a_series.contains(&want.as_str()), "{want}\n{text}");
-        }
-        // 9 families: 5 classes + 2 directions + 6 single series + the
-        // histogram's buckets, sum and count.
-        assert_eq!(
-            a_series.len(),
-            5 + 2 + 6 + DURATION_BUCKETS.len() + 3,
-            "{text}"
-        );
-
-        metrics.remove_instance("web", "a");
-        metrics.remove_instance("web", "a");
-        let text = metrics.render(&table);
-        assert!(series(&text, "a").is_empty(), "{text}");
-        assert_eq!(series(&text, "b").len(), a_series.len(), "{text}");
-        // Handles still held keep working; nothing scrapes them.
-        a.selected.inc();
-        assert!(series(&metrics.render(&table), "a").is_empty());
-    }
-
-    #[test]
-    fn every_family_has_help() {
-        let metrics = Metrics::new();
-        let _a = metrics.instance("web", "a");
-        metrics.admin_request(200);
-        let text = metrics.render(&RoutingTable::default());
-        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
-            let name = line.split(' ').nth(2).unwrap_or_default();
-            assert!(text.contains(&format!("# HELP {name} ")), "{name}");
-        }
-        assert!(text.contains("# TYPE edgelb_instance_request_duration_seconds histogram"));
-        assert!(text.contains("edgelb_admin_requests_total{code=\"200\"} 1"));
-    }
-}
+mod tests;

@@ -38,7 +38,7 @@ where
             }
         };
         let backend = lease.backend().clone();
-        // A table's balancer offers only instances the table has pools for.
+        // A table's balancer offers only instances of the table's group.
         let Some(pool) = target.pool(&backend) else {
             warn!(instance = %backend.name, "selected instance has no pool; closing");
             return;

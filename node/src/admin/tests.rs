@@ -120,7 +120,6 @@ impl Server {
     fn rebuild(&self) {
         let state = self.admin.store.state();
         let cx = BuildContext {
-            metrics: &self.admin.metrics,
             certs: &self.certs,
             drain_timeout: Duration::from_secs(1),
             load_changed: None,

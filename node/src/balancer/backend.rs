@@ -16,6 +16,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use uuid::Uuid;
 
 use super::GroupBalancer;
+use crate::http::upstream::Pool;
 use crate::metrics::InstanceMetrics;
 
 /// Down time after the first failed connect.
@@ -68,6 +69,9 @@ pub struct Backend {
     down: Mutex<DownState>,
     draining: AtomicBool,
     drain: CancellationToken,
+    /// Upstream pools to the instance, one per destination port, created
+    /// on first use: an instance that carries no traffic costs none.
+    pools: Mutex<Vec<Arc<Pool>>>,
 }
 
 /// Where a backend sits in its home balancer.
@@ -125,7 +129,22 @@ impl Backend {
             down: Mutex::new(DownState::default()),
             draining: AtomicBool::new(false),
             drain: CancellationToken::new(),
+            pools: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The upstream pool to the instance on `port`, created on first use.
+    /// It lives as long as the backend: idle connections survive routing
+    /// updates that keep the instance.
+    pub fn pool(&self, port: u16) -> Arc<Pool> {
+        // A list of pools, consistent after any panic.
+        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = pools.iter().find(|p| p.port() == port) {
+            return p.clone();
+        }
+        let pool = Arc::new(Pool::new(&self.address, port));
+        pools.push(pool.clone());
+        pool
     }
 
     /// This node's connections/requests in flight to the instance.

@@ -17,7 +17,7 @@ fn backend(name: &str) -> Arc<Backend> {
         Uuid::new_v4(),
         name.to_owned(),
         format!("{name}.internal"),
-        InstanceMetrics::unregistered(),
+        InstanceMetrics::new(),
     ))
 }
 

@@ -119,15 +119,15 @@ async fn forward(
             Pick::Overloaded => return Err(ProxyError::Overloaded),
         };
         let backend = lease.backend();
-        // A table's balancer offers only instances the table has pools for.
+        // A table's balancer offers only instances of the table's group.
         let Some(pool) = target.pool(backend) else {
             tracing::warn!(instance = %backend.name, "selected instance has no pool");
             return Err(ProxyError::Internal("selected instance has no pool"));
         };
         let upgrade = client_upgrade.is_some();
-        match exchange(req, pool, &lease, settings, upgrade, start).await {
+        match exchange(req, &pool, &lease, settings, upgrade, start).await {
             Exchange::Response(resp, up) => {
-                return respond(resp, up, lease, pool, start, conn, client_upgrade);
+                return respond(resp, up, lease, &pool, start, conn, client_upgrade);
             }
             Exchange::NotSent(back, error) => {
                 debug!(instance = %backend.name, attempt, %error, "connect failed");

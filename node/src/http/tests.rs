@@ -114,7 +114,6 @@ impl Edge {
         let metrics = Metrics::new();
         let certs = CertCache::default();
         let cx = BuildContext {
-            metrics: &metrics,
             certs: &certs,
             drain_timeout: settings.drain_timeout,
             load_changed: None,

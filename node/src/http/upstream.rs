@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -32,6 +31,7 @@ use tracing::{Instrument, debug};
 use super::error::ConnectError;
 use crate::balancer::Backend;
 use crate::dataplane::Settings;
+use crate::metrics::{Counter, InstanceMetrics};
 
 /// Idle upstream connections to one instance on one port.
 #[derive(Debug)]
@@ -65,6 +65,11 @@ impl Pool {
             ip,
             idle: Mutex::new(Idle::default()),
         }
+    }
+
+    /// The destination port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The instance's address as configured.
@@ -411,8 +416,7 @@ async fn drive_upgradable(conn: Http1Conn) {
 #[derive(Debug)]
 pub(crate) struct CountingIo {
     inner: TcpStream,
-    rx: IntCounter,
-    tx: IntCounter,
+    metrics: InstanceMetrics,
     activity: Option<Arc<AtomicU64>>,
 }
 
@@ -423,17 +427,15 @@ impl CountingIo {
         backend: &Backend,
         activity: Option<Arc<AtomicU64>>,
     ) -> Self {
-        let metrics = &backend.metrics;
-        metrics.connections.inc();
+        backend.metrics.connections.inc();
         Self {
             inner,
-            rx: metrics.bytes_rx.clone(),
-            tx: metrics.bytes_tx.clone(),
+            metrics: backend.metrics.clone(),
             activity,
         }
     }
 
-    fn count(counter: &IntCounter, activity: Option<&Arc<AtomicU64>>, n: usize) {
+    fn count(counter: &Counter, activity: Option<&Arc<AtomicU64>>, n: usize) {
         counter.inc_by(n as u64);
         if let Some(a) = activity {
             a.fetch_add(n as u64, Ordering::Relaxed);
@@ -452,7 +454,7 @@ impl AsyncRead for CountingIo {
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            Self::count(&this.rx, this.activity.as_ref(), n);
+            Self::count(&this.metrics.bytes_rx, this.activity.as_ref(), n);
         }
         res
     }
@@ -467,7 +469,7 @@ impl AsyncWrite for CountingIo {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
-            Self::count(&this.tx, this.activity.as_ref(), n);
+            Self::count(&this.metrics.bytes_tx, this.activity.as_ref(), n);
         }
         res
     }
@@ -480,7 +482,7 @@ impl AsyncWrite for CountingIo {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
-            Self::count(&this.tx, this.activity.as_ref(), n);
+            Self::count(&this.metrics.bytes_tx, this.activity.as_ref(), n);
         }
         res
     }

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::*;
 use crate::balancer::Pick;
+use crate::metrics::Metrics;
 
 fn group(name: &str, port: u16) -> ServiceGroup {
     ServiceGroup {
@@ -76,6 +77,8 @@ struct Fixture {
     metrics: Metrics,
     certs: CertCache,
     routes: ArcSwap<RoutingTable>,
+    /// The state the published table was built from.
+    published: std::sync::Mutex<Option<State>>,
 }
 
 impl Fixture {
@@ -84,24 +87,32 @@ impl Fixture {
             metrics: Metrics::new(),
             certs: CertCache::default(),
             routes: ArcSwap::from_pointee(RoutingTable::default()),
+            published: std::sync::Mutex::new(None),
         }
     }
 
     fn cx(&self) -> BuildContext<'_> {
         BuildContext {
-            metrics: &self.metrics,
             certs: &self.certs,
             drain_timeout: Duration::from_secs(30),
             load_changed: None,
         }
     }
 
+    /// What changed since the published state.
+    fn changes(&self, state: &State) -> Changes {
+        let published = self.published.lock().expect("lock");
+        changes(published.as_ref(), state)
+    }
+
+    /// The incremental build from the published table.
     fn build(&self, state: &State) -> (RoutingTable, Vec<Effect>) {
-        RoutingTable::build(state, &self.routes.load(), &self.cx())
+        RoutingTable::update(state, &self.routes.load(), &self.changes(state), &self.cx())
     }
 
     fn publish(&self, state: &State) {
-        publish(&self.routes, state, &self.cx());
+        publish_changes(&self.routes, state, &self.changes(state), &self.cx());
+        *self.published.lock().expect("lock") = Some(state.clone());
     }
 
     fn runtime(&self, name: &str) -> Arc<GroupRuntime> {
@@ -118,6 +129,8 @@ impl Fixture {
     }
 }
 
+mod incremental;
+
 fn names(balancer: &GroupBalancer) -> Vec<String> {
     balancer.backends().iter().map(|b| b.name.clone()).collect()
 }
@@ -128,7 +141,6 @@ fn kinds(effects: &[Effect]) -> Vec<String> {
         .map(|e| match e {
             Effect::Drain(b) => format!("drain {}", b.name),
             Effect::Adopt(g) => format!("adopt {}", names(g).join("+")),
-            Effect::RemoveSeries { group, instance } => format!("series {group}/{instance}"),
         })
         .collect()
 }
@@ -201,7 +213,7 @@ fn detach_drains_and_drops_series_only_once_published() {
     detach(&mut state, "web", "b");
 
     let (_, effects) = fx.build(&state);
-    assert_eq!(kinds(&effects), ["drain b", "adopt a", "series web/b"]);
+    assert_eq!(kinds(&effects), ["drain b", "adopt a"]);
     // Building did none of it.
     assert!(!b.is_draining());
     assert!(fx.series().contains(r#"instance_name="b""#));
@@ -250,7 +262,7 @@ fn deleting_a_group_drains_its_instances() {
         })
         .expect("delete");
     let (table, effects) = fx.build(&state);
-    assert_eq!(kinds(&effects), ["drain x", "series api/x"]);
+    assert_eq!(kinds(&effects), ["drain x"]);
     assert!(table.port(81).is_none());
 }
 

@@ -22,7 +22,7 @@ pub(super) fn backends(n: usize, created: Instant) -> Vec<Arc<Backend>> {
                 Uuid::from_u128(i as u128),
                 format!("i-{i}"),
                 format!("10.0.0.{i}"),
-                InstanceMetrics::unregistered(),
+                InstanceMetrics::new(),
                 created,
             ))
         })

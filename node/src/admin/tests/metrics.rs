@@ -129,3 +129,81 @@ async fn metrics_pass_promtool() {
     );
     s.stop().await;
 }
+
+/// `GET /metrics` with `accept-encoding`: the status, headers and raw body.
+async fn scrape(s: &Server, accept: &str) -> (http::HeaderMap, Vec<u8>) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("/metrics")
+        .header("host", "admin")
+        .header("accept-encoding", accept)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("send");
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (headers, body.to_vec())
+}
+
+#[tokio::test]
+async fn metrics_are_gzipped_when_the_scraper_accepts_it() {
+    use std::io::Read;
+    let s = Server::start().await;
+    s.create("web").await;
+    s.attach("web", "a", "10.0.0.1").await;
+    s.rebuild();
+
+    let (headers, plain) = scrape(&s, "identity, gzip;q=0").await;
+    assert_eq!(headers.get("content-encoding"), None);
+    assert_eq!(
+        headers.get("vary").map(|v| v.as_bytes()),
+        Some(&b"accept-encoding"[..])
+    );
+    let plain = String::from_utf8(plain).expect("text");
+
+    let (headers, zipped) = scrape(&s, "deflate, gzip").await;
+    assert_eq!(
+        headers.get("content-encoding").map(|v| v.as_bytes()),
+        Some(&b"gzip"[..])
+    );
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(zipped.as_slice())
+        .read_to_string(&mut text)
+        .expect("gzip body");
+    assert!(zipped.len() < text.len());
+    // The same series (the admin request counter moved between the two).
+    let series = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.contains("edgelb_admin_requests_total"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(series(&text), series(&plain));
+    assert!(!samples(&text, r#"instance_name="a""#).is_empty(), "{text}");
+    s.stop().await;
+}
+
+#[test]
+fn gzip_is_accepted_unless_weighted_zero() {
+    use crate::admin::scrape::accepts_gzip;
+    let accepts = |v: &str| {
+        let mut h = http::HeaderMap::new();
+        h.insert("accept-encoding", v.parse().expect("header"));
+        accepts_gzip(&h)
+    };
+    assert!(accepts("gzip"));
+    assert!(accepts("br, GZIP;q=0.5"));
+    assert!(accepts("*"));
+    assert!(!accepts("gzip;q=0"));
+    assert!(!accepts("identity"));
+    assert!(!accepts("gzipx"));
+    assert!(!accepts_gzip(&http::HeaderMap::new()));
+}

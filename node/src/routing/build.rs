@@ -1,0 +1,259 @@
+//! Building a routing table from the previous one: the changed groups'
+//! runtimes, and the routes of the ports they touch.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use raft_store::model::ServiceGroup;
+use raft_store::state::State;
+use uuid::Uuid;
+
+use super::changes::by_uuid;
+use super::{
+    BuildContext, Changes, Effect, GroupRuntime, PortRoute, Published, RoutingTable, Target,
+};
+use crate::balancer::{Backend, GroupBalancer};
+use crate::metrics::InstanceMetrics;
+
+impl RoutingTable {
+    /// Builds the table for `state` from `prev`, redoing what `changes`
+    /// names, and lists what must happen once it is published ([`Effect`]).
+    ///
+    /// Changes nothing that `prev` or its requests use: a group whose
+    /// instances or limit changed gets a new balancer, every balancer of the
+    /// new table offers only its runtime's instances, and instances that
+    /// stay keep their backend (counts, down marks, pools, metrics).
+    pub fn update(
+        state: &State,
+        prev: &Self,
+        changes: &Changes,
+        cx: &BuildContext<'_>,
+    ) -> (Self, Vec<Effect>) {
+        let (mut next, changed) = match changes {
+            Changes::All => {
+                let all: BTreeSet<Uuid> = prev
+                    .groups
+                    .keys()
+                    .copied()
+                    .chain(state.groups().map(|g| g.uuid))
+                    .collect();
+                (Self::default(), all)
+            }
+            Changes::Groups(groups) => (prev.clone(), groups.clone()),
+        };
+        let mut drains = Vec::new();
+        let mut adopts = Vec::new();
+        let mut ports = Ports::default();
+        // Every changed group leaves first, so that a host name moving from
+        // one changed group to another is not removed after its insertion.
+        for uuid in &changed {
+            let new = by_uuid(state, uuid);
+            if let Some(old) = prev.groups.get(uuid) {
+                for (id, b) in &old.backends {
+                    if new.is_none_or(|g| !g.instances.iter().any(|i| i.uuid == *id)) {
+                        drains.push(Effect::Drain(b.clone()));
+                    }
+                }
+            }
+            if let Some(old) = next.groups.remove(uuid) {
+                for s in &old.services {
+                    ports.get(&next, s.port).leave(&old);
+                }
+            }
+        }
+        for uuid in &changed {
+            let Some(g) = by_uuid(state, uuid) else {
+                continue;
+            };
+            let (runtime, fresh) = group_runtime(g, prev.groups.get(uuid), cx);
+            if fresh {
+                adopts.push(Effect::Adopt(runtime.balancer.clone()));
+            }
+            let runtime = Arc::new(runtime);
+            for s in &runtime.services {
+                let route = ports.get(&next, s.port);
+                route.join(&runtime, s, state, cx);
+            }
+            next.groups.insert(*uuid, runtime);
+        }
+        for (port, mut route) in ports.0 {
+            if route.members.is_empty() {
+                next.ports.remove(&port);
+            } else {
+                route.settle();
+                next.ports.insert(port, Arc::new(route));
+            }
+        }
+        drains.extend(adopts);
+        (next, drains)
+    }
+}
+
+/// The routes being rebuilt, copied (cheaply) from the table on first use.
+#[derive(Default)]
+struct Ports(BTreeMap<u16, PortRoute>);
+
+impl Ports {
+    fn get(&mut self, table: &RoutingTable, port: u16) -> &mut PortRoute {
+        self.0.entry(port).or_insert_with(|| {
+            table
+                .ports
+                .get(&port)
+                .map_or_else(|| PortRoute::empty(port), |r| PortRoute::clone(r))
+        })
+    }
+}
+
+impl PortRoute {
+    fn empty(port: u16) -> Self {
+        Self {
+            port,
+            tls: false,
+            http: false,
+            redirect: false,
+            exact: imbl::HashMap::new(),
+            wildcard: imbl::HashMap::new(),
+            only: None,
+            keys: imbl::HashMap::new(),
+            default_key: None,
+            members: imbl::OrdMap::new(),
+        }
+    }
+
+    /// Removes `group`'s host names and certificates (those it still owns).
+    fn leave(&mut self, group: &GroupRuntime) {
+        self.members.remove(&(group.name.clone(), group.uuid));
+        let owns = |t: Option<&Arc<Target>>| t.is_some_and(|t| t.group.uuid == group.uuid);
+        for d in &group.domains {
+            let owned = match d.fqdn.strip_prefix("*.") {
+                Some(parent) if owns(self.wildcard.get(parent)) => {
+                    self.wildcard.remove(parent);
+                    true
+                }
+                None if owns(self.exact.get(&d.fqdn)) => {
+                    self.exact.remove(&d.fqdn);
+                    true
+                }
+                _ => false,
+            };
+            if owned {
+                self.keys.remove(&d.fqdn);
+            }
+        }
+    }
+
+    /// Adds `group`'s target on this port (published as `s`).
+    fn join(
+        &mut self,
+        group: &Arc<GroupRuntime>,
+        s: &Published,
+        state: &State,
+        cx: &BuildContext<'_>,
+    ) {
+        let target = Arc::new(Target {
+            group: group.clone(),
+            destination_port: s.destination_port,
+            proxies: !s.redirect,
+        });
+        for d in &group.domains {
+            match d.fqdn.strip_prefix("*.") {
+                Some(parent) => self.wildcard.insert(parent.to_owned(), target.clone()),
+                None => self.exact.insert(d.fqdn.clone(), target.clone()),
+            };
+            if s.tls {
+                self.keys.insert(d.fqdn.clone(), cx.certs.key_for(d, state));
+            }
+        }
+        self.members
+            .insert((group.name.clone(), group.uuid), target);
+    }
+
+    /// Sets what follows from the members: the handlers (groups sharing a
+    /// port have identical ones, a rule of the state machine), the group
+    /// that takes every host when it is alone, and the default certificate:
+    /// on a shared port an unknown SNI gets the first group's (in name
+    /// order), so that the HTTP layer can answer 404 over TLS.
+    fn settle(&mut self) {
+        let port = self.port;
+        let first = self
+            .members
+            .values()
+            .next()
+            .and_then(|t| t.group.services.iter().find(|s| s.port == port).copied());
+        if let Some(s) = first {
+            (self.tls, self.http, self.redirect) = (s.tls, s.http, s.redirect);
+        }
+        self.only = if self.members.len() == 1 {
+            self.members.values().next().cloned()
+        } else {
+            None
+        };
+        self.default_key = if self.tls {
+            self.members
+                .values()
+                .find_map(|t| t.group.domains.first())
+                .and_then(|d| self.keys.get(&d.fqdn).cloned())
+        } else {
+            None
+        };
+    }
+}
+
+/// The runtime of `g`, and whether its balancer is new (to be adopted).
+fn group_runtime(
+    g: &ServiceGroup,
+    prev: Option<&Arc<GroupRuntime>>,
+    cx: &BuildContext<'_>,
+) -> (GroupRuntime, bool) {
+    let mut backends = HashMap::with_capacity(g.instances.len());
+    for i in &g.instances {
+        // Instances are immutable once attached: the uuid names one backend.
+        let reused = prev.and_then(|p| p.backends.get(&i.uuid));
+        let backend = reused.cloned().unwrap_or_else(|| {
+            Arc::new(Backend::new(
+                i.uuid,
+                i.name.clone(),
+                i.address.clone(),
+                InstanceMetrics::new(),
+            ))
+        });
+        backends.insert(i.uuid, backend);
+    }
+    // Selection order follows the group's attach order.
+    let ordered: Vec<Arc<Backend>> = g
+        .instances
+        .iter()
+        .filter_map(|i| backends.get(&i.uuid).cloned())
+        .collect();
+    let same = prev
+        .filter(|p| p.balancer.hard_limit() == g.hard_limit && p.balancer.selects(&ordered))
+        .map(|p| p.balancer.clone());
+    let fresh = same.is_none();
+    let balancer = same.unwrap_or_else(|| {
+        Arc::new(GroupBalancer::over(
+            g.hard_limit,
+            cx.load_changed.cloned(),
+            ordered,
+        ))
+    });
+    let services = g
+        .services
+        .iter()
+        .map(|s| Published {
+            port: s.port,
+            destination_port: s.destination_port,
+            tls: s.is_tls(),
+            http: s.is_http(),
+            redirect: s.is_redirect(),
+        })
+        .collect();
+    let runtime = GroupRuntime {
+        uuid: g.uuid,
+        name: g.name.clone(),
+        balancer,
+        backends,
+        domains: g.domains.clone().into_boxed_slice(),
+        services,
+    };
+    (runtime, fresh)
+}
