@@ -1,0 +1,103 @@
+//! Cost of one routing update and one metrics scrape at scale.
+//!
+//! `cargo bench -p edgelb --bench routing`
+//!
+//! - `update/N`: one group's instance attached or detached (alternately)
+//!   in a state of N instances (groups of 10 sharing 50 ports): building
+//!   the new table from the published one and swapping it in, with its
+//!   effects. Constant in N is the goal.
+//! - `changes/N`: finding what changed by comparing the two states (what
+//!   the node does until the state machine reports it).
+//! - `render/N`, `render_gzip/N`: `GET /metrics` bodies at N instances.
+
+#[path = "support/scale.rs"]
+mod scale;
+
+use std::collections::BTreeSet;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use edgelb::metrics::Metrics;
+use edgelb::routing::{Changes, RoutingTable, changes, publish, publish_changes};
+use edgelb::tls::CertCache;
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use raft_store::{Command, State};
+
+/// The base state and the same with one more instance in group 0.
+fn states(instances: usize) -> (State, State) {
+    let base = scale::state(instances);
+    let mut more = base.clone();
+    more.apply(&Command::AttachInstance {
+        group: "group-0".into(),
+        instance: scale::instance(0, 1_000),
+    })
+    .expect("attach");
+    (base, more)
+}
+
+fn update(c: &mut Criterion) {
+    let mut bench = c.benchmark_group("routing");
+    bench
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5));
+    for instances in [1_000, 100_000] {
+        let (base, more) = states(instances);
+        let certs = CertCache::default();
+        let cx = scale::cx(&certs);
+        let routes = ArcSwap::from_pointee(RoutingTable::default());
+        publish(&routes, &base, &cx);
+        let group = Changes::Groups(BTreeSet::from([scale::group(0).uuid]));
+        let mut attached = false;
+        bench.bench_function(BenchmarkId::new("update", instances), |b| {
+            b.iter(|| {
+                let next = if attached { &base } else { &more };
+                attached = !attached;
+                publish_changes(&routes, next, &group, &cx);
+            });
+        });
+        bench.bench_function(BenchmarkId::new("changes", instances), |b| {
+            b.iter(|| black_box(changes(Some(&base), &more)));
+        });
+    }
+    bench.finish();
+}
+
+fn render(c: &mut Criterion) {
+    let mut bench = c.benchmark_group("metrics");
+    bench
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    let instances = 100_000;
+    let certs = CertCache::default();
+    let routes = ArcSwap::from_pointee(RoutingTable::default());
+    publish(&routes, &scale::state(instances), &scale::cx(&certs));
+    let table: Arc<RoutingTable> = routes.load_full();
+    let metrics = Metrics::new();
+    let mut size = 0;
+    bench.bench_function(BenchmarkId::new("render", instances), |b| {
+        b.iter(|| {
+            let text = metrics.render(&table);
+            size = text.len();
+            black_box(text)
+        });
+    });
+    let mut zipped = 0;
+    bench.bench_function(BenchmarkId::new("render_gzip", instances), |b| {
+        b.iter(|| {
+            let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+            metrics.render_to(&table, &mut gz).expect("render");
+            let body = gz.finish().expect("gzip");
+            zipped = body.len();
+            black_box(body)
+        });
+    });
+    println!("metrics at {instances} instances: {size} bytes of text, {zipped} gzipped");
+    bench.finish();
+}
+
+criterion_group!(benches, update, render);
+criterion_main!(benches);
