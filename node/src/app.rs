@@ -30,7 +30,7 @@ use crate::dataplane::DataPlane;
 use crate::gossip::{Gossip, GossipTasks, Wiring};
 use crate::listeners::Listeners;
 use crate::metrics::Metrics;
-use crate::routing::BuildContext;
+use crate::routing::{BuildContext, Changes};
 use crate::store::{Store, StoreError};
 use crate::tls::CertCache;
 
@@ -309,7 +309,8 @@ async fn reconcile(
     let mut states = store.subscribe();
     let (routed, routed_rx) = watch::channel(0);
     store.route_by(routed_rx);
-    let mut built: Option<Arc<raft_store::State>> = None;
+    // The state the published table was built from, and its index.
+    let mut built: Option<(u64, Arc<raft_store::State>)> = None;
     let mut failed = Vec::new();
     loop {
         let applied = states.borrow_and_update().clone();
@@ -317,17 +318,22 @@ async fn reconcile(
         // blank entry) moves the index only.
         if built
             .as_ref()
-            .is_none_or(|b| !Arc::ptr_eq(b, &applied.state))
+            .is_none_or(|(_, b)| !Arc::ptr_eq(b, &applied.state))
         {
             let cx = BuildContext {
                 certs: &certs,
                 drain_timeout: dp.settings.drain_timeout,
                 load_changed: Some(&load_changed),
             };
-            let changes = crate::routing::changes(built.as_deref(), &applied.state);
+            // Only the groups that changed since the published table's
+            // state are rebuilt (everything when that is unknown).
+            let changes = match &built {
+                Some((index, _)) => Changes::from(applied.changed_since(*index)),
+                None => Changes::All,
+            };
             crate::routing::publish_changes(&dp.routes, &applied.state, &changes, &cx);
             failed = listeners.reconcile(&dp.routes.load());
-            built = Some(applied.state);
+            built = Some((applied.index, applied.state));
         }
         routed.send_if_modified(|r| {
             let moved = applied.index > *r;

@@ -13,9 +13,11 @@
 //! which only their host names and certificates move. The table's maps are
 //! persistent (`imbl`): the new table shares every untouched entry with the
 //! previous one, so one write costs O(changed groups × log(groups)), not
-//! O(state). When what changed is unknown (the first state, a snapshot
-//! installed, certificates changed) every group is rebuilt, still reusing
-//! the runtime of what stays ([`Changes::All`]).
+//! O(state). The state machine tells which groups changed since the
+//! published table's state (`AppliedState::changed_since`); when that is
+//! unknown (the first state, a snapshot installed) or certificates changed,
+//! every group is rebuilt, still reusing the runtime of what stays
+//! ([`Changes::All`]).
 //!
 //! Building is pure: it touches nothing the published table or its requests
 //! use, and returns the new table with a list of [`Effect`]s (drain detached

@@ -16,12 +16,23 @@ pub enum Changes {
     Groups(BTreeSet<Uuid>),
 }
 
+impl From<Option<raft_store::Changed>> for Changes {
+    /// What the state machine reports (`AppliedState::changed_since`):
+    /// `None` (history too short, a snapshot installed) or a certificate
+    /// change rebuilds everything; cluster secrets do not route.
+    fn from(changed: Option<raft_store::Changed>) -> Self {
+        match changed {
+            Some(c) if !c.certificates => Self::Groups(c.groups),
+            _ => Self::All,
+        }
+    }
+}
+
 /// What changed from `prev` (the state the published table was built
-/// from; `None` before the first) to `state`.
-///
-/// Compares the states group by group: O(groups), but each comparison is
-/// cheap next to rebuilding the routes, and nothing is built for the
-/// groups that are equal.
+/// from; `None` before the first) to `state`, found by comparing the two
+/// group by group: O(groups). The node asks the state machine instead
+/// (`AppliedState::changed_since`); this is for states built by hand
+/// (tests, benchmarks).
 pub fn changes(prev: Option<&State>, state: &State) -> Changes {
     let Some(prev) = prev else {
         return Changes::All;

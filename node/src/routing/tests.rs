@@ -286,3 +286,19 @@ fn a_new_hard_limit_gets_a_new_balancer() {
         7
     );
 }
+
+#[test]
+fn what_the_state_machine_reports_decides_what_is_rebuilt() {
+    let g = Uuid::new_v4();
+    let changed = |certificates, cluster| raft_store::Changed {
+        groups: [g].into(),
+        certificates,
+        cluster,
+    };
+    assert_eq!(Changes::from(None), Changes::All);
+    assert_eq!(Changes::from(Some(changed(true, false))), Changes::All);
+    assert_eq!(
+        Changes::from(Some(changed(false, true))),
+        Changes::Groups([g].into())
+    );
+}
