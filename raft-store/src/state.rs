@@ -18,6 +18,7 @@
 
 mod conflicts;
 mod form;
+mod index;
 mod patch;
 
 use std::sync::Arc;
@@ -45,6 +46,10 @@ pub struct State {
     names: OrdMap<String, Uuid>,
     /// instance uuid → group uuid: instance uuids are unique cluster-wide.
     instances: OrdMap<Uuid, Uuid>,
+    /// fqdn → group uuid.
+    domains: OrdMap<String, Uuid>,
+    /// Published port → the groups publishing it.
+    ports: index::Ports,
     certificates: OrdMap<String, Arc<Certificate>>,
     /// The cluster CA and admin token hash, set once at bootstrap.
     cluster: Option<Arc<ClusterSecrets>>,
@@ -300,10 +305,8 @@ impl State {
         match change {
             Change::Put(g) => {
                 self.unindex(&g.uuid);
-                self.names.insert(g.name.clone(), g.uuid);
-                for i in &g.instances {
-                    self.instances.insert(i.uuid, g.uuid);
-                }
+                // Planning refused every clash, so indexing cannot find one.
+                let _ = self.index(&g);
                 self.groups.insert(g.uuid, Arc::new(g));
             }
             Change::Remove(uuid) => {
@@ -315,24 +318,6 @@ impl State {
             }
             Change::Cluster(secrets) => self.cluster = Some(Arc::new(secrets)),
         }
-    }
-
-    /// Removes the stored group `uuid` (if any) from the indexes.
-    fn unindex(&mut self, uuid: &Uuid) {
-        if let Some(old) = self.groups.get(uuid) {
-            self.names.remove(&old.name);
-            for i in &old.instances {
-                self.instances.remove(&i.uuid);
-            }
-        }
-    }
-
-    /// The group that instance `uuid` is attached to.
-    fn instance_group(&self, uuid: &Uuid) -> Option<&ServiceGroup> {
-        self.instances
-            .get(uuid)
-            .and_then(|g| self.groups.get(g))
-            .map(|g| &**g)
     }
 }
 

@@ -1,7 +1,6 @@
 //! Rules between groups (409 Conflict): unique names, fqdns and instance
-//! uuids, and port sharing. Instance uuids are looked up in the state's
-//! index; names, fqdns and ports are checked against every other group, in
-//! name order (creating and patching groups is rarer than attaching).
+//! uuids, and port sharing, checked through the state's indexes (see
+//! `index`) so their cost does not grow with the number of groups.
 //!
 //! Port sharing: a listener has one mode, so several groups may publish the
 //! same port only if it has `tls` or `http` (routed by SNI / `Host`) in every
@@ -15,29 +14,36 @@ use crate::model::{Service, ServiceGroup};
 use crate::state::ApplyError;
 use crate::validate::handlers_label;
 
-/// Checks `group` (new or changed) against every other group, in name order.
+/// Checks `group` (new or changed) against every other group, through
+/// the state's indexes: its name, then its fqdns, ports and instance
+/// uuids in the group's order. A port is compared with the first other
+/// group publishing it in name order; all of them have the same handlers.
 pub(super) fn check(state: &State, group: &ServiceGroup) -> Result<(), ApplyError> {
-    for other in state.groups().filter(|o| o.uuid != group.uuid) {
-        if other.name == group.name {
-            return Err(conflict(format!(
-                "service group {:?} already exists",
-                group.name
-            )));
-        }
-        if let Some(d) = group
-            .domains
-            .iter()
-            .find(|d| other.domains.iter().any(|o| o.fqdn == d.fqdn))
+    if state
+        .named(&group.name)
+        .is_some_and(|o| o.uuid != group.uuid)
+    {
+        return Err(conflict(format!(
+            "service group {:?} already exists",
+            group.name
+        )));
+    }
+    for d in &group.domains {
+        if let Some(other) = state.domain_group(&d.fqdn)
+            && other.uuid != group.uuid
         {
             return Err(conflict(format!(
                 "domain {:?} already belongs to group {:?}",
                 d.fqdn, other.name
             )));
         }
-        for s in &group.services {
-            if let Some(o) = other.services.iter().find(|o| o.port == s.port) {
-                check_port(s, o, &other.name)?;
-            }
+    }
+    for s in &group.services {
+        let Some(other) = state.port_holder(s.port, &group.uuid) else {
+            continue;
+        };
+        if let Some(o) = other.services.iter().find(|o| o.port == s.port) {
+            check_port(s, o, &other.name)?;
         }
     }
     for i in &group.instances {

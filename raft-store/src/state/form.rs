@@ -7,7 +7,7 @@
 //!
 //! Serialising streams from the maps (no copy of the state); deserialising
 //! rebuilds the indexes and refuses two groups of one uuid or name, two
-//! certificates of one name and an instance uuid attached twice.
+//! certificates of one name, and an fqdn or instance uuid held twice.
 
 use std::sync::Arc;
 
@@ -60,8 +60,8 @@ impl<'de> Deserialize<'de> for State {
 impl State {
     /// A state holding `groups`, `certificates` and `cluster` (as read from
     /// a snapshot or from storage rows), with its indexes built. Refuses
-    /// two groups of one uuid or name, two certificates of one name and an
-    /// instance uuid attached twice.
+    /// two groups of one uuid or name, two certificates of one name, and an
+    /// fqdn or instance uuid held twice.
     pub(crate) fn from_parts(
         groups: impl IntoIterator<Item = ServiceGroup>,
         certificates: impl IntoIterator<Item = Certificate>,
@@ -69,15 +69,12 @@ impl State {
     ) -> Result<Self, String> {
         let mut state = Self::default();
         for g in groups {
-            if state.groups.contains_key(&g.uuid) || state.names.contains_key(&g.name) {
-                return Err(format!("state holds group {:?} twice", g.name));
+            if state.groups.contains_key(&g.uuid) {
+                return Err(format!("state holds group {} twice", g.uuid));
             }
-            for i in &g.instances {
-                if state.instances.insert(i.uuid, g.uuid).is_some() {
-                    return Err(format!("state holds instance {} twice", i.uuid));
-                }
-            }
-            state.names.insert(g.name.clone(), g.uuid);
+            state
+                .index(&g)
+                .map_err(|what| format!("state holds {what} twice"))?;
             state.groups.insert(g.uuid, Arc::new(g));
         }
         for c in certificates {

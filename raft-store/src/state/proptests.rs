@@ -161,6 +161,10 @@ fn check_invariants(s: &State) -> Result<(), TestCaseError> {
     prop_assert_eq!(s.names.len(), s.groups.len());
     let attached: usize = s.groups().map(|g| g.instances.len()).sum();
     prop_assert_eq!(s.instances.len(), attached);
+    let domains: usize = s.groups().map(|g| g.domains.len()).sum();
+    prop_assert_eq!(s.domains.len(), domains);
+    let published: usize = s.groups().map(|g| g.services.len()).sum();
+    prop_assert_eq!(s.ports.values().map(|h| h.len()).sum::<usize>(), published);
     let mut fqdns = BTreeSet::new();
     let mut instance_uuids = BTreeSet::new();
     let mut ports: BTreeMap<u16, Vec<&Service>> = BTreeMap::new();
@@ -168,6 +172,15 @@ fn check_invariants(s: &State) -> Result<(), TestCaseError> {
         prop_assert_eq!(s.names.get(&g.name), Some(&g.uuid));
         for i in &g.instances {
             prop_assert_eq!(s.instances.get(&i.uuid), Some(&g.uuid));
+        }
+        for d in &g.domains {
+            prop_assert_eq!(s.domains.get(&d.fqdn), Some(&g.uuid));
+        }
+        for sv in &g.services {
+            prop_assert_eq!(
+                s.ports.get(&sv.port).and_then(|h| h.get(&g.name)),
+                Some(&g.uuid)
+            );
         }
         prop_assert_eq!(check_group(g, s), Ok(()), "group {:?} is invalid", g.name);
         for d in &g.domains {
