@@ -26,6 +26,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -72,6 +73,9 @@ pub struct ClusterOptions {
     /// Keys for a TOML file every member is started with (`--config`),
     /// e.g. `gossip_estimator = "local"`; none when empty.
     pub config: String,
+    /// The binary new members run (e.g. an earlier release's, see
+    /// [`crate::compat`]); `None`: the workspace's `edgelb`.
+    pub binary: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -91,6 +95,7 @@ impl Default for ClusterOptions {
             link: Link::default(),
             region: None,
             config: String::new(),
+            binary: None,
         }
     }
 }
@@ -144,6 +149,9 @@ struct Member {
     join: Option<String>,
     /// `--advertise-cluster-addr` (the relay's address for this node).
     advertise: Option<SocketAddr>,
+    /// The binary it runs: [`ClusterOptions::binary`] until
+    /// [`Cluster::set_binary`]; `None` is the workspace's `edgelb`.
+    binary: Option<PathBuf>,
     process: Option<Process>,
 }
 
@@ -201,7 +209,7 @@ impl Member {
     }
 
     /// Where [`ClusterOptions::config`] is written for this member.
-    fn config_file(&self) -> std::path::PathBuf {
+    fn config_file(&self) -> PathBuf {
         self.data.path().join("edgelb-test.toml")
     }
 
@@ -218,7 +226,10 @@ impl Member {
         }
         let args = self.args(opts);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.process = Some(Process::spawn(&args, self.data.path()).await?);
+        self.process = Some(match &self.binary {
+            Some(bin) => Process::spawn_bin(bin, &args, self.data.path()).await?,
+            None => Process::spawn(&args, self.data.path()).await?,
+        });
         Ok(())
     }
 
@@ -327,6 +338,7 @@ impl Cluster {
                 data: TempDir::new(&format!("cluster-n{id}")),
                 join: join.clone(),
                 advertise,
+                binary: self.opts.binary.clone(),
                 process: None,
             };
             // The founder must be up before anyone joins; joiners go
@@ -566,6 +578,13 @@ impl Cluster {
         }
         self.past_logs.push((id, p.stderr()));
         Ok((took, status))
+    }
+
+    /// Makes node `id` run `binary` (`None`: the workspace's `edgelb`)
+    /// from its next start on, e.g. to upgrade it while it is stopped.
+    pub fn set_binary(&mut self, id: u64, binary: Option<PathBuf>) -> anyhow::Result<()> {
+        self.member_mut(id)?.binary = binary;
+        Ok(())
     }
 
     /// Starts node `id` again with the same command line and data dir, and

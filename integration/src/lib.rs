@@ -57,6 +57,7 @@ pub mod backend;
 pub mod chaos;
 pub mod client;
 pub mod cluster;
+pub mod compat;
 pub mod link;
 pub mod load;
 pub mod metrics;

@@ -29,75 +29,99 @@ pub fn edgelb_bin() -> anyhow::Result<PathBuf> {
         .map_err(anyhow::Error::msg)
 }
 
-fn build() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    // target/<profile>/deps/<test-binary>, target/<profile>/examples/<example>,
-    // or target/<profile>/<binary> for the harness's own binaries (chaos).
-    let profile_dir = exe
-        .parent()
-        .and_then(|p| {
-            if p.file_name()
-                .is_some_and(|n| n == "deps" || n == "examples")
-            {
-                p.parent()
-            } else {
-                Some(p)
-            }
+/// Where the running test's build lives: the workspace, the target dir,
+/// the profile's dir and the profile's name.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    pub(crate) workspace: PathBuf,
+    pub(crate) target_dir: PathBuf,
+    pub(crate) profile_dir: PathBuf,
+    pub(crate) profile: String,
+}
+
+impl Layout {
+    /// The layout of the running test executable.
+    pub(crate) fn of_current_exe() -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        // target/<profile>/deps/<test-binary>, target/<profile>/examples/<example>,
+        // or target/<profile>/<binary> for the harness's own binaries (chaos).
+        let profile_dir = exe
+            .parent()
+            .and_then(|p| {
+                if p.file_name()
+                    .is_some_and(|n| n == "deps" || n == "examples")
+                {
+                    p.parent()
+                } else {
+                    Some(p)
+                }
+            })
+            .ok_or_else(|| format!("unexpected test binary location {}", exe.display()))?;
+        let target_dir = profile_dir
+            .parent()
+            .ok_or_else(|| format!("unexpected test binary location {}", exe.display()))?;
+        let profile = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("debug");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .ok_or("integration crate has no parent directory")?;
+        Ok(Self {
+            workspace: workspace.to_owned(),
+            target_dir: target_dir.to_owned(),
+            profile_dir: profile_dir.to_owned(),
+            profile: profile.to_owned(),
         })
-        .ok_or_else(|| format!("unexpected test binary location {}", exe.display()))?;
-    let target_dir = profile_dir
-        .parent()
-        .ok_or_else(|| format!("unexpected test binary location {}", exe.display()))?;
-    let profile = profile_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("debug");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or("integration crate has no parent directory")?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut cmd = std::process::Command::new(cargo);
-    // Cargo gives the running test its package's variables; build scripts
-    // (ring's) track some of them, so passing them on would rebuild half the
-    // dependency graph here and again in the next ordinary cargo command.
-    for (key, _) in std::env::vars_os() {
-        let Some(k) = key.to_str() else { continue };
-        if k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_MANIFEST_")
-            || k.starts_with("CARGO_BIN_EXE_")
-            || matches!(
-                k,
-                "CARGO_CRATE_NAME"
-                    | "CARGO_BIN_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "OUT_DIR"
-            )
-        {
-            cmd.env_remove(&key);
-        }
     }
-    cmd.current_dir(workspace)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "edgelb",
-            "--bin",
-            "edgelb",
-            "--target-dir",
-        ])
-        .arg(target_dir);
-    match profile {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
+
+    /// `cargo build --quiet --target-dir <target dir> <profile> extra…` in
+    /// `cwd`, without the variables Cargo gives the running test.
+    pub(crate) fn cargo_build(&self, cwd: &Path, extra: &[&str]) -> std::process::Command {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut cmd = std::process::Command::new(cargo);
+        // Cargo gives the running test its package's variables; build scripts
+        // (ring's) track some of them, so passing them on would rebuild half the
+        // dependency graph here and again in the next ordinary cargo command.
+        for (key, _) in std::env::vars_os() {
+            let Some(k) = key.to_str() else { continue };
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || k.starts_with("CARGO_BIN_EXE_")
+                || matches!(
+                    k,
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                )
+            {
+                cmd.env_remove(&key);
+            }
         }
-        other => {
-            cmd.args(["--profile", other]);
+        cmd.current_dir(cwd)
+            .args(["build", "--quiet"])
+            .args(extra)
+            .arg("--target-dir")
+            .arg(&self.target_dir);
+        match self.profile.as_str() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
         }
+        cmd
     }
-    let out = cmd
+}
+
+fn build() -> Result<PathBuf, String> {
+    let layout = Layout::of_current_exe()?;
+    let out = layout
+        .cargo_build(&layout.workspace, &["-p", "edgelb", "--bin", "edgelb"])
         .output()
         .map_err(|e| format!("running cargo build: {e}"))?;
     if !out.status.success() {
@@ -106,7 +130,9 @@ fn build() -> Result<PathBuf, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let bin = profile_dir.join(format!("edgelb{}", std::env::consts::EXE_SUFFIX));
+    let bin = layout
+        .profile_dir
+        .join(format!("edgelb{}", std::env::consts::EXE_SUFFIX));
     if bin.is_file() {
         Ok(bin)
     } else {
@@ -151,6 +177,10 @@ pub async fn run_with_env(
 async fn command(args: &[&str], cwd: &Path) -> anyhow::Result<Command> {
     // The first call builds the binary; keep that off the runtime's workers.
     let bin = tokio::task::spawn_blocking(edgelb_bin).await??;
+    Ok(command_of(&bin, args, cwd))
+}
+
+fn command_of(bin: &Path, args: &[&str], cwd: &Path) -> Command {
     let mut cmd = Command::new(bin);
     cmd.args(args)
         .current_dir(cwd)
@@ -162,7 +192,7 @@ async fn command(args: &[&str], cwd: &Path) -> anyhow::Result<Command> {
             cmd.env_remove(key);
         }
     }
-    Ok(cmd)
+    cmd
 }
 
 /// A running `edgelb` child. Killed on drop if still running.
@@ -178,11 +208,17 @@ pub struct Process {
 impl Process {
     /// Starts `edgelb args…` in `cwd`.
     pub async fn spawn(args: &[&str], cwd: &Path) -> anyhow::Result<Self> {
-        let mut child = command(args, cwd)
-            .await?
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
+        Self::start(command(args, cwd).await?)
+    }
+
+    /// Starts `bin args…` in `cwd`: another build of `edgelb`, such as an
+    /// earlier release's ([`crate::compat`]).
+    pub async fn spawn_bin(bin: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<Self> {
+        Self::start(command_of(bin, args, cwd))
+    }
+
+    fn start(mut cmd: Command) -> anyhow::Result<Self> {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
         let pid = child.id().context("child has no pid")?;
         let stdout = child.stdout.take().context("child stdout")?;
         let mut stderr_pipe = child.stderr.take().context("child stderr")?;

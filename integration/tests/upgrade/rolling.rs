@@ -1,0 +1,1 @@
+// rolling upgrade: see below
