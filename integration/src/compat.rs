@@ -3,14 +3,16 @@
 //!
 //! ```text
 //!   git archive <commit> | tar -x   →  <target>/compat/src-<short>/   (once)
-//!   bin name patched to edgelb-<short>, then
+//!   bin renamed edgelb-<short>, own packages versioned 0.0.0-compat.<short>, then
 //!   cargo build -p edgelb --bin edgelb-<short> --target-dir <target>  →  <target>/<profile>/edgelb-<short>
 //! ```
 //!
 //! The old source is built into the test's own target dir, so the
 //! dependencies it shares with the current tree (same versions, same
-//! features) are compiled once; only its own crates are new. Its binary is
-//! renamed so it never replaces the current `edgelb` next to it. A file
+//! features) are compiled once; only its own crates are new. Its own
+//! packages get another version and its binary another name, so that none
+//! of its artifacts replaces a current one (Cargo would otherwise take the
+//! old `edgelb` for the current one: same name, version and relative path). A file
 //! lock (`<target>/compat/lock`) makes parallel test processes wait for one
 //! build instead of racing; a built binary is reused as is (the commit never
 //! changes).
@@ -151,9 +153,16 @@ fn extract(workspace: &Path, commit: &str, src: &Path, bin_name: &str) -> anyhow
         archived.success() && tar.success(),
         "git archive {commit} | tar -x failed ({archived}, {tar})"
     );
-    let manifest = src.join("node/Cargo.toml");
-    let text =
-        std::fs::read_to_string(&manifest).with_context(|| manifest.display().to_string())?;
+    rename_bin(&src.join("node/Cargo.toml"), bin_name)?;
+    set_members_version(src, &format!("0.0.0-compat.{}", &commit[..7]))?;
+    std::fs::write(done, commit)?;
+    Ok(())
+}
+
+/// Renames the `edgelb` binary of the manifest at `manifest` to `bin_name`,
+/// so that it never replaces the current `edgelb` in the target dir.
+fn rename_bin(manifest: &Path, bin_name: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(manifest).with_context(|| manifest.display().to_string())?;
     let bin_section = "[[bin]]\nname = \"edgelb\"\n";
     ensure!(
         text.contains(bin_section),
@@ -161,7 +170,64 @@ fn extract(workspace: &Path, commit: &str, src: &Path, bin_name: &str) -> anyhow
         manifest.display()
     );
     let renamed = text.replacen(bin_section, &format!("[[bin]]\nname = \"{bin_name}\"\n"), 1);
-    std::fs::write(&manifest, renamed)?;
-    std::fs::write(done, commit)?;
+    std::fs::write(manifest, renamed)?;
+    Ok(())
+}
+
+/// Gives the old workspace's own packages version `version`, in its
+/// `Cargo.toml` and `Cargo.lock` alike (so `--locked` still holds).
+///
+/// Cargo tells artifacts apart by package name, version and source, and a
+/// path source counts relative to its workspace: the old `edgelb`,
+/// `raft-store` and `gossip` would otherwise share their artifacts with the
+/// current ones in the same target dir and overwrite them. Registry
+/// packages keep their versions and so are built once for both.
+fn set_members_version(src: &Path, version: &str) -> anyhow::Result<()> {
+    let manifest = src.join("Cargo.toml");
+    let text = std::fs::read_to_string(&manifest)?;
+    let header = "[workspace.package]\n";
+    let at = text
+        .find(header)
+        .context("Cargo.toml has no [workspace.package]")?
+        + header.len();
+    let line_end = text[at..]
+        .find('\n')
+        .context("[workspace.package] is empty")?
+        + at;
+    let line = &text[at..line_end];
+    ensure!(
+        line.starts_with("version = \""),
+        "the first key of [workspace.package] is not the version: {line}"
+    );
+    let old_line = line.to_owned();
+    let new_line = format!("version = \"{version}\"");
+    std::fs::write(
+        &manifest,
+        format!("{}{new_line}{}", &text[..at], &text[line_end..]),
+    )?;
+
+    // Cargo.lock: the packages without a `source` are the workspace's.
+    let lock = src.join("Cargo.lock");
+    let text = std::fs::read_to_string(&lock)?;
+    let mut changed = 0;
+    let blocks: Vec<String> = text
+        .split("\n\n")
+        .map(|block| {
+            if block.starts_with("[[package]]")
+                && !block.contains("\nsource = ")
+                && block.contains(&old_line)
+            {
+                changed += 1;
+                block.replacen(&old_line, &new_line, 1)
+            } else {
+                block.to_owned()
+            }
+        })
+        .collect();
+    ensure!(
+        changed > 0,
+        "Cargo.lock lists no workspace package at {old_line}"
+    );
+    std::fs::write(&lock, blocks.join("\n\n"))?;
     Ok(())
 }

@@ -26,7 +26,8 @@
 //! outsider on a node's cluster port), [`relay`] and [`link`] (the link
 //! emulator between cluster members: delay, jitter, loss, cuts per
 //! directed link), [`metrics`] (Prometheus text
-//! parsing, `promtool`), [`process`] (the `edgelb` binary), [`stats`]
+//! parsing, `promtool`), [`process`] (the `edgelb` binary), [`compat`]
+//! (an earlier commit's `edgelb`, built from the history), [`stats`]
 //! (chi-square).
 //!
 //! The scenarios live in `tests/<area>/main.rs`: `balancing` (least
@@ -48,7 +49,9 @@
 //! through nftables; a 150 ms WAN) and `routing` (the next request after a
 //! write's answer sees it, 200 attach/detach rounds through a follower;
 //! attach/detach churn under keep-alive and connection-close load,
-//! `EDGELB_CHURN_SECS` long). `examples/raft_latency.rs` measures write
+//! `EDGELB_CHURN_SECS` long) and `upgrade` (a data dir of format 1 on the
+//! current binary, a rolling upgrade of three nodes from it, the frame
+//! version of the cluster ALPN). `examples/raft_latency.rs` measures write
 //! latency and throughput of a 3-node cluster.
 
 pub mod addr;

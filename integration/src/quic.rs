@@ -114,7 +114,20 @@ pub async fn try_raft_stream(
     cert: Option<ClientCert>,
     request: &[u8],
 ) -> anyhow::Result<Outcome> {
-    let config = client_config(ALPN_RAFT, cert)?;
+    try_raft_stream_offering(&[ALPN_RAFT], addr, source, server_name, cert, request).await
+}
+
+/// [`try_raft_stream`] offering the ALPNs `alpns` (frame versions, newest
+/// first) instead of `edgelb-raft/1` alone.
+pub async fn try_raft_stream_offering(
+    alpns: &[&[u8]],
+    addr: SocketAddr,
+    source: IpAddr,
+    server_name: &str,
+    cert: Option<ClientCert>,
+    request: &[u8],
+) -> anyhow::Result<Outcome> {
+    let config = client_config(alpns, cert)?;
     let endpoint = quinn::Endpoint::client(SocketAddr::new(source, 0))?;
     let attempt = async {
         let connecting = endpoint.connect_with(config, addr, server_name)?;
@@ -145,9 +158,9 @@ pub async fn try_raft_stream(
     outcome?
 }
 
-/// A client config for `alpn` that accepts any server certificate and
+/// A client config offering `alpns` that accepts any server certificate and
 /// presents `cert` (none: no client certificate).
-fn client_config(alpn: &[u8], cert: Option<ClientCert>) -> anyhow::Result<quinn::ClientConfig> {
+fn client_config(alpns: &[&[u8]], cert: Option<ClientCert>) -> anyhow::Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -157,7 +170,7 @@ fn client_config(alpn: &[u8], cert: Option<ClientCert>) -> anyhow::Result<quinn:
         None => builder.with_no_client_auth(),
         Some(c) => builder.with_client_auth_cert(c.chain, c.key)?,
     };
-    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     let quic = QuicClientConfig::try_from(Arc::new(tls)).context("QUIC client config")?;
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
@@ -184,7 +197,7 @@ pub async fn gossip_connect(
     cert: Option<ClientCert>,
     settle: Duration,
 ) -> anyhow::Result<Gossip> {
-    let config = client_config(ALPN_GOSSIP, cert)?;
+    let config = client_config(&[ALPN_GOSSIP], cert)?;
     let endpoint = quinn::Endpoint::client(SocketAddr::new(source, 0))?;
     let connecting = endpoint.connect_with(config, addr, server_name)?;
     let conn = match within(

@@ -9,6 +9,7 @@
 //! why and pass, unless `EDGELB_REQUIRE_OLD_BINARY=1` (CI).
 
 mod rolling;
+mod versions;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -303,11 +303,11 @@ async fn connect(
     tokio::time::timeout_at(began + first, connecting.handshake_data())
         .await
         .map_err(|_| no_answer())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| super::tls::handshake_error(&e))?;
     let conn = tokio::time::timeout_at(began + ATTEMPT_MAX, connecting)
         .await
         .map_err(|_| format!("handshake unfinished within {ATTEMPT_MAX:?}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| super::tls::handshake_error(&e))?;
     debug!(target, addr, "connected");
     Ok(conn)
 }

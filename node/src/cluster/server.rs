@@ -20,7 +20,8 @@ use super::frame::{self, FrameError, HEADER_LIMIT, HEADER_TIMEOUT};
 use super::gossip;
 use super::rpc::RpcReply;
 use super::tls::{
-    ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, negotiated_alpn, peer_leaf, verify_peer_id,
+    ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, negotiated_alpn, peer_leaf, spoken, verify_peer_id,
+    version_refused,
 };
 use super::transport::{Shared, bump, codes};
 
@@ -37,7 +38,15 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Ok(conn) => conn,
         Err(e) => {
             bump(&shared.stats.handshakes_failed);
-            debug!(error = %e, "handshake failed");
+            if version_refused(&e) {
+                warn!(
+                    speaks = %spoken(),
+                    "refused a peer that offered no cluster protocol version this node \
+                     speaks: it runs an incompatible release"
+                );
+            } else {
+                debug!(error = %e, "handshake failed");
+            }
             return;
         }
     };

@@ -25,7 +25,8 @@ use rustls::server::WebPkiClientVerifier;
 use super::TransportError;
 use super::pki::node_dns_name;
 
-/// ALPN of the Raft RPCs.
+/// ALPN of the Raft RPCs, naming the version of their frames
+/// ([`super::frame`]) this release sends.
 pub const ALPN_RAFT: &[u8] = b"edgelb-raft/1";
 /// ALPN of load gossip whose receiver reads wire versions 1 and 2 (full
 /// reports and deltas).
@@ -34,6 +35,63 @@ pub const ALPN_GOSSIP: &[u8] = b"edgelb-gossip/1";
 /// reports). A node offers both and prefers this one; a peer that predates
 /// it agrees on `edgelb-gossip/1` and is sent version-1 full reports.
 pub const ALPN_GOSSIP_2: &[u8] = b"edgelb-gossip/2";
+
+/// Every Raft frame version this node reads, newest first. The ALPN is the
+/// frame version: a release that changes the frames (header, a request or
+/// reply body, their limits) adds `edgelb-raft/N+1` in front and keeps the
+/// older ones for as long as it can still speak them, so the handshake
+/// settles on the newest version both ends know and old and new nodes talk
+/// during a rolling upgrade. A peer with no version in common is refused at
+/// the handshake (TLS alert `no_application_protocol`), never misread; both
+/// ends log it ([`version_refused`]). See docs/compatibility.md.
+pub(crate) const RAFT_VERSIONS: &[&[u8]] = &[ALPN_RAFT];
+/// Every gossip version this node reads, newest first.
+pub(crate) const GOSSIP_VERSIONS: &[&[u8]] = &[ALPN_GOSSIP_2, ALPN_GOSSIP];
+
+/// Every version of `alpn`'s protocol this node reads, newest first;
+/// `None` if `alpn` is not one of them.
+fn versions_of(alpn: &[u8]) -> Option<&'static [&'static [u8]]> {
+    [RAFT_VERSIONS, GOSSIP_VERSIONS]
+        .into_iter()
+        .find(|versions| versions.contains(&alpn))
+}
+
+/// TLS alert 120 (`no_application_protocol`) as a QUIC error code.
+const NO_COMMON_VERSION: u64 = 0x100 + 120;
+
+/// Whether a handshake failed because the two ends share no ALPN, that is
+/// no cluster protocol version: one runs a release the other cannot read.
+pub(crate) fn version_refused(e: &quinn::ConnectionError) -> bool {
+    let code = match e {
+        quinn::ConnectionError::ConnectionClosed(close) => close.error_code,
+        quinn::ConnectionError::TransportError(t) => t.code,
+        _ => return false,
+    };
+    u64::from(code) == NO_COMMON_VERSION
+}
+
+/// A failed handshake's reason, plain about a version mismatch.
+pub(crate) fn handshake_error(e: &quinn::ConnectionError) -> String {
+    if version_refused(e) {
+        format!(
+            "no cluster protocol version in common with the peer (this node speaks {}): \
+             it runs an incompatible release ({e})",
+            spoken()
+        )
+    } else {
+        e.to_string()
+    }
+}
+
+/// The versions this node speaks, for messages.
+pub(crate) fn spoken() -> String {
+    RAFT_VERSIONS
+        .iter()
+        .chain(GOSSIP_VERSIONS)
+        .map(|v| String::from_utf8_lossy(v))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// A connection that hears nothing (not even a keep-alive's
 /// acknowledgement) for this long is dropped: a gossip link to a peer that
@@ -150,10 +208,16 @@ impl NodeTls {
     }
 
     /// The server side: requires a client certificate from the cluster CA,
-    /// offers both ALPNs.
+    /// offers every version of both protocols, newest first (rustls takes
+    /// the first of the server's list the client offers).
     pub(crate) fn server_config(&self) -> Result<quinn::ServerConfig, TransportError> {
         // rustls picks the first of these that the client offers.
-        self.server_config_offering(&[ALPN_RAFT, ALPN_GOSSIP_2, ALPN_GOSSIP])
+        let all: Vec<&[u8]> = RAFT_VERSIONS
+            .iter()
+            .chain(GOSSIP_VERSIONS)
+            .copied()
+            .collect();
+        self.server_config_offering(&all)
     }
 
     /// The server side offering only `alpns` (a node of an earlier
@@ -181,15 +245,21 @@ impl NodeTls {
         Ok(config)
     }
 
-    /// The client side for `alpn`: presents the node certificate, verifies
-    /// the server against the CA and the name passed to `connect_with`.
+    /// The client side for `alpn`'s protocol, offering every version of it
+    /// this node reads ([`RAFT_VERSIONS`], [`GOSSIP_VERSIONS`]): presents
+    /// the node certificate, verifies the server against the CA and the
+    /// name passed to `connect_with`.
     pub(crate) fn client_config(&self, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
-        self.client_config_offering(&[alpn])
+        match versions_of(alpn) {
+            Some(versions) => self.client_config_offering(versions),
+            None => self.client_config_offering(&[alpn]),
+        }
     }
 
-    /// The gossip client: offers both gossip ALPNs, the compact one first.
+    /// The gossip client: offers every gossip version, the compact one
+    /// first.
     pub(crate) fn gossip_client_config(&self) -> Result<quinn::ClientConfig, TransportError> {
-        self.client_config_offering(&[ALPN_GOSSIP_2, ALPN_GOSSIP])
+        self.client_config_offering(GOSSIP_VERSIONS)
     }
 
     fn client_config_offering(
@@ -291,4 +361,47 @@ pub(crate) fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
         .downcast::<quinn::crypto::rustls::HandshakeData>()
         .ok()?;
     data.protocol
+}
+
+#[cfg(test)]
+mod tests {
+    use quinn::ConnectionError;
+    use quinn_proto::{ConnectionClose, TransportErrorCode};
+
+    use super::*;
+
+    fn closed(code: TransportErrorCode) -> ConnectionError {
+        ConnectionError::ConnectionClosed(ConnectionClose {
+            error_code: code,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        })
+    }
+
+    #[test]
+    fn a_client_offers_every_version_of_its_protocol() {
+        assert_eq!(versions_of(ALPN_RAFT), Some(&[&b"edgelb-raft/1"[..]][..]));
+        let gossip: &[&[u8]] = &[b"edgelb-gossip/2", b"edgelb-gossip/1"];
+        assert_eq!(versions_of(ALPN_GOSSIP), Some(gossip));
+        assert_eq!(versions_of(ALPN_GOSSIP_2), Some(gossip));
+        assert_eq!(versions_of(b"other"), None);
+        // Newest first, and the version this release sends among them.
+        assert_eq!(RAFT_VERSIONS.first(), Some(&ALPN_RAFT));
+    }
+
+    #[test]
+    fn no_common_alpn_reads_as_an_incompatible_release() {
+        let refused = closed(TransportErrorCode::crypto(120));
+        assert!(version_refused(&refused));
+        let why = handshake_error(&refused);
+        assert!(
+            why.contains("no cluster protocol version in common"),
+            "{why}"
+        );
+        assert!(why.contains("edgelb-raft/1"), "{why}");
+        let other = closed(TransportErrorCode::crypto(42));
+        assert!(!version_refused(&other));
+        assert!(!handshake_error(&other).contains("in common"));
+        assert!(!version_refused(&ConnectionError::TimedOut));
+    }
 }

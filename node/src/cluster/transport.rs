@@ -345,7 +345,9 @@ impl Transport {
                     quinn::ConnectError::EndpointStopping => TransportError::Closed,
                     e => connect_err(e.to_string()),
                 })?;
-            let conn = connecting.await.map_err(|e| connect_err(e.to_string()))?;
+            let conn = connecting
+                .await
+                .map_err(|e| connect_err(super::tls::handshake_error(&e)))?;
             bump(&self.shared.stats.connects);
             debug!(target, addr, "gossip connected");
             Ok(GossipLink::new(target, conn))

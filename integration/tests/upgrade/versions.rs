@@ -1,0 +1,90 @@
+//! The cluster protocol's version is the ALPN (`edgelb-raft/N`): a peer
+//! offering only a version a node does not read is refused at the
+//! handshake, never misread; a peer offering a later version before
+//! version 1 (as a later release does) settles on version 1, with today's
+//! binary and with the format-1 one.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use edgelb::cluster::Forward;
+use integration::quic::{ClientCert, Outcome, frame_request, try_raft_stream_offering};
+use integration::{Cluster, ClusterOptions, wait_until};
+
+use super::old_binary;
+
+const LATER: &[u8] = b"edgelb-raft/2";
+const V1: &[u8] = b"edgelb-raft/1";
+
+/// Checks one single-node cluster running `binary` (`None`: today's).
+async fn check(binary: Option<PathBuf>, what: &str, logs_refusal: bool) -> anyhow::Result<()> {
+    let opts = ClusterOptions {
+        binary,
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start_with(1, opts).await?;
+    let tls = cluster.data_dir(1).join("tls");
+    let member = ClientCert::from_pem_files(&tls.join("node.pem"), &tls.join("node.key"))?;
+    // A harmless request a member may make.
+    let request = frame_request(1, "forward", &serde_json::to_value(Forward::Linearize)?);
+    let node = cluster.cluster_addr(1);
+    let name = "node-1.cluster.edgelb";
+
+    let only_later = try_raft_stream_offering(
+        &[LATER],
+        node,
+        cluster.backend_ip(),
+        name,
+        Some(member.duplicate()),
+        &request,
+    )
+    .await?;
+    match only_later {
+        Outcome::Refused(why) => assert!(
+            why.contains("120") || why.to_lowercase().contains("application protocol"),
+            "{what}: refused, but not for the version: {why}"
+        ),
+        other => panic!("{what}: a peer speaking only {LATER:?} was heard: {other:?}"),
+    }
+
+    let later_then_v1 = try_raft_stream_offering(
+        &[LATER, V1],
+        node,
+        cluster.backend_ip(),
+        name,
+        Some(member),
+        &request,
+    )
+    .await?;
+    match later_then_v1 {
+        Outcome::Answered(reply) => {
+            let text = String::from_utf8_lossy(reply.get(4..).unwrap_or_default()).into_owned();
+            assert!(text.contains("linearized"), "{what}: {text}");
+        }
+        other => panic!("{what}: a peer offering {LATER:?} and {V1:?} was not heard: {other:?}"),
+    }
+    if logs_refusal {
+        // Only today's binary names the reason; format 1 counts it quietly.
+        wait_until(
+            &format!("{what}: a log line naming the refusal"),
+            Duration::from_secs(5),
+            || async {
+                cluster
+                    .stderr(1)
+                    .contains("offered no cluster protocol version")
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_frame_version_is_refused_and_a_later_peer_settles_on_version_1()
+-> anyhow::Result<()> {
+    check(None, "today's binary", true).await?;
+    if let Some(old) = old_binary()? {
+        check(Some(old), "format 1", false).await?;
+    }
+    Ok(())
+}
