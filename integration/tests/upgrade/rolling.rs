@@ -276,6 +276,30 @@ async fn traffic_instances(admin: &AdminClient) -> anyhow::Result<BTreeSet<Strin
         .collect())
 }
 
+/// One bulk write, retried (5 tries) while it fails: only the log entries
+/// matter here, and on a loaded machine a write may take longer than the
+/// 5 s a node gives it (503). `done` (409 for an attach, 404 for a detach)
+/// means an earlier try, or the first forward of this one (a follower
+/// retries a forward that timed out), was committed: counted as repeated.
+async fn bulk_write<F, Fut>(name: &str, done: StatusCode, mut send: F) -> anyhow::Result<usize>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<(StatusCode, serde_json::Value)>>,
+{
+    let mut last = String::new();
+    for _ in 0..5 {
+        match send().await {
+            Ok((s, _)) if s.is_success() => return Ok(0),
+            Ok((s, _)) if s == done => return Ok(1),
+            Ok((s, v)) => last = format!("{s} {v}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        // A bounded pause before the retry.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("bulk write {name} failed 5 times: {last}")
+}
+
 /// `BULK_WRITERS × BULK_PAIRS` attach/detach pairs on group "bulk" through
 /// `via`, until the leader's snapshot is [`SNAPSHOT_MARGIN`] entries past
 /// `index`: a node whose log ends at `index` then needs a snapshot.
@@ -293,27 +317,17 @@ async fn write_past_snapshot(
             let admin = cluster.admin(via[w % via.len()]);
             let tag = format!("{round_tag}-{round}-{w}");
             tasks.push(tokio::spawn(async move {
-                // A follower retries a forward that timed out (2 s) and
-                // may then hear 409/404 for its own committed first try:
-                // counted, not failed, as only the entries matter here.
                 let mut repeated = 0_usize;
                 for j in 0..BULK_PAIRS {
                     let name = format!("{tag}-{j}");
                     let body = json!({"name": name, "address": ip.to_string()});
-                    let (s, v) = admin.post("/v1/services/bulk/instances", &body).await?;
-                    ensure!(
-                        s.is_success() || s == StatusCode::CONFLICT,
-                        "attaching {name}: {s} {v}"
-                    );
-                    repeated += usize::from(s == StatusCode::CONFLICT);
-                    let (s, v) = admin
-                        .delete(&format!("/v1/services/bulk/instances/{name}"))
-                        .await?;
-                    ensure!(
-                        s.is_success() || s == StatusCode::NOT_FOUND,
-                        "detaching {name}: {s} {v}"
-                    );
-                    repeated += usize::from(s == StatusCode::NOT_FOUND);
+                    repeated += bulk_write(&name, StatusCode::CONFLICT, || {
+                        admin.post("/v1/services/bulk/instances", &body)
+                    })
+                    .await?;
+                    let path = format!("/v1/services/bulk/instances/{name}");
+                    repeated +=
+                        bulk_write(&name, StatusCode::NOT_FOUND, || admin.delete(&path)).await?;
                 }
                 anyhow::Ok(repeated)
             }));
