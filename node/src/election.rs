@@ -28,8 +28,14 @@
 //! exactly one wins), and while its own vote requests are out (from the
 //! won pre-vote until its campaign retry), whatever the id. A voter that
 //! granted a pre-vote backs that candidate for T/2: it grants no other
-//! whose log is no better and starts no round of its own (with five
-//! voters, two concurrent rounds could otherwise both find a quorum). A
+//! whose log is no better, except one with a lower id and the same log,
+//! and starts no round of its own (with five voters, two concurrent rounds
+//! could otherwise both find a quorum). A voter that grants a pre-vote
+//! while its own round runs drops that round, won or not. So of any set of
+//! concurrent candidates with equal logs, the one with the lowest id
+//! gathers every grant and the others stand down: without the exception,
+//! three rounds could each hold a voter another needs (4 promised to 3, 3
+//! yielding only to 1, 1 refusing 3) and all fail, twice in a row. A
 //! requester whose log is ahead is always granted, and the refusals end
 //! with the round, the campaign or the promise, so no pair of voters can
 //! block each other.
@@ -176,6 +182,13 @@ impl Campaign {
         });
     }
 
+    /// Whether this node, `me`, granted another candidate's pre-vote while
+    /// its own round ran (no promise binds when a round starts): it yields,
+    /// and starts no election even if its round won.
+    pub fn yielded(&self, me: NodeId) -> bool {
+        self.promised().is_some_and(|p| p.to != me)
+    }
+
     /// The pre-vote promise still binding, if any.
     pub fn promised(&self) -> Option<Promise> {
         self.promise
@@ -224,9 +237,15 @@ pub fn grant_pre_vote(
         Campaigning::PreVoting => candidate_log > own || candidate < view.id,
         Campaigning::Electing(_) => candidate_log > own,
     };
-    let bound = view
-        .promised
-        .is_some_and(|p| p.to != candidate && candidate_log <= p.log.as_ref());
+    // A promise yields to a lower id with the same log, as a round does:
+    // of any set of concurrent candidates the lowest can then gather every
+    // grant (three rounds could otherwise each hold one voter another
+    // needs), and the higher ones that granted it drop their own rounds
+    // (`Campaign::yielded`).
+    let bound = view.promised.is_some_and(|p| {
+        let log = p.log.as_ref();
+        p.to != candidate && (candidate_log < log || (candidate_log == log && candidate > p.to))
+    });
     yields && !bound
 }
 
@@ -306,30 +325,46 @@ pub async fn run(
 ) {
     let started = Instant::now();
     let tick = (timing.heartbeat_interval / 2).max(Duration::from_millis(10));
+    // A voter looks at its voters' connections this often between
+    // deadlines (a restarted peer's was replaced by the peer itself).
+    let warm_every = timing.election_timeout / 2;
     let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::from_rng(&mut rand::rng());
     let mut next_heartbeat = Instant::now();
     // The silence being timed, and when it ends in an election attempt.
     let mut silence: Option<(Option<Instant>, Instant)> = None;
+    // Changes of role, vote or membership wake the task early.
+    let mut server = raft.server_metrics();
+    let mut wake = Instant::now() + tick;
     loop {
-        tokio::time::sleep(tick).await;
+        // An idle node wakes at its deadlines only: a follower about
+        // twice per T, a leader at its heartbeats.
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => {}
+            changed = server.changed() => if changed.is_err() {
+                return;
+            },
+        }
+        let now = Instant::now();
+        wake = now + tick;
         let m = raft.metrics().borrow().clone();
         if m.running_state.is_err() {
             return;
         }
         if m.state == ServerState::Leader {
             silence = None;
-            let now = Instant::now();
             if now >= next_heartbeat {
                 next_heartbeat = now + timing.heartbeat_interval;
                 if raft.trigger().heartbeat().await.is_err() {
                     return;
                 }
             }
+            wake = next_heartbeat;
             continue;
         }
         let membership = m.membership_config.membership().clone();
         if !membership.voter_ids().any(|v| v == m.id) {
             silence = None;
+            wake = now + warm_every;
             continue;
         }
         for id in membership.voter_ids().filter(|id| *id != m.id) {
@@ -342,6 +377,14 @@ pub async fn run(
             if m.state != ServerState::Candidate && raft.trigger().elect().await.is_err() {
                 return;
             }
+            continue;
+        }
+        // Before the deadline timed from the silence last seen, nothing is
+        // due: had a leader been heard since, the deadline would be later.
+        if let Some((_, d)) = silence
+            && now < d
+        {
+            wake = d.min(now + warm_every);
             continue;
         }
         let Ok((view, heard)) = voter_view(&raft, &log, &campaign).await else {
@@ -360,12 +403,15 @@ pub async fn run(
             }
         };
         if now < deadline {
+            wake = deadline.min(now + warm_every);
             continue;
         }
         if campaign.promised().is_some() {
             // This voter backs another candidate's round just now; its own
             // would compete with it.
-            silence = Some((heard, Instant::now() + timing.retry(&mut rng)));
+            let retry = Instant::now() + timing.retry(&mut rng);
+            silence = Some((heard, retry));
+            wake = retry;
             continue;
         }
         campaign.set(Campaigning::PreVoting);
@@ -373,7 +419,7 @@ pub async fn run(
         // A leader may have been elected while the round ran (this node
         // then heard it, or voted for it): campaigning now would depose it.
         let unchanged = raft.metrics().borrow().vote == m.vote;
-        let retry = if won && unchanged {
+        let retry = if won && unchanged && !campaign.yielded(m.id) {
             let retry = timing.campaign_retry(&mut rng);
             campaign.set(Campaigning::Electing(Instant::now() + retry));
             info!(term = m.current_term, "pre-vote won; starting an election");
@@ -391,6 +437,7 @@ pub async fn run(
             .await
             .unwrap_or((view, heard));
         silence = Some((heard, Instant::now() + retry));
+        wake = Instant::now() + retry;
     }
 }
 
@@ -536,6 +583,37 @@ mod tests {
         );
         c.promise(1, log(2, 10), Duration::ZERO);
         assert_eq!(c.promised(), None, "the promise lapsed");
+    }
+
+    #[test]
+    fn of_three_concurrent_rounds_the_lowest_id_gathers_every_grant() {
+        // Five voters, two cut off; 1, 3 and 4 ask at once. 4 granted 3
+        // first (3 is lower); 3 and 4 are in rounds of their own.
+        let c4 = Campaign::default();
+        c4.promise(3, log(2, 10), Duration::from_secs(60));
+        let mut four = view(false, Some(10), log(2, 10));
+        four.id = 4;
+        four.campaign = Campaigning::PreVoting;
+        four.promised = c4.promised();
+        let mut three = four;
+        three.id = 3;
+        three.promised = None;
+        let mut one = three;
+        one.id = 1;
+        assert!(grant_pre_vote(&four, 1, log(2, 10).as_ref(), LEASE));
+        assert!(grant_pre_vote(&three, 1, log(2, 10).as_ref(), LEASE));
+        assert!(!grant_pre_vote(&one, 3, log(2, 10).as_ref(), LEASE));
+        // A lower id with a shorter log does not break the promise.
+        assert!(!grant_pre_vote(&four, 1, log(2, 9).as_ref(), LEASE));
+    }
+
+    #[test]
+    fn a_voter_that_granted_during_its_own_round_yields() {
+        let c = Campaign::default();
+        assert!(!c.yielded(3));
+        c.promise(1, log(2, 10), Duration::from_secs(60));
+        assert!(c.yielded(3));
+        assert!(!c.yielded(1));
     }
 
     #[test]
