@@ -160,7 +160,7 @@ async fn run(dir: &Path, groups: usize, writes: usize) -> Result<(), Box<dyn std
     let t = Instant::now();
     let snapshot = sm.get_snapshot_builder().await.build_snapshot().await?;
     let built = t.elapsed();
-    let bytes = snapshot.snapshot.get_ref().len();
+    let bytes = snapshot.snapshot.metadata().await?.len();
     drop(sm);
 
     let t = Instant::now();

@@ -40,6 +40,14 @@ pub enum StoreError {
         /// The cause.
         source: Box<redb::DatabaseError>,
     },
+    /// A file outside redb (a snapshot) could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was done, e.g. `writing <path>`.
+        what: String,
+        /// The cause.
+        source: io::Error,
+    },
     /// A redb transaction failed.
     #[error("database: {0}")]
     Db(Box<redb::Error>),

@@ -15,20 +15,24 @@
 //! earlier release would misread must raise the format *and* be sent only
 //! once every member reads it.
 //!
-//! Building serialises from an O(1) clone of the state taken when openraft
-//! asks for a builder, on the blocking pool, while applying goes on.
-//! Installing decodes the bytes straight into a `State` and writes its rows
-//! (see [`rows`](crate::rows)) and the snapshot in one transaction.
+//! Building streams the JSON from an O(1) clone of the state, taken when
+//! openraft asks for a builder, into a file on the blocking pool, while
+//! applying goes on. Installing copies the received bytes into a file,
+//! decodes the state from it and writes its rows (see
+//! [`rows`](crate::rows)) and the snapshot's meta in one transaction.
 //!
-//! The current snapshot (meta and bytes) lives in the `snapshot` table of the
-//! state machine's file and is written with `Durability::Immediate`: the log
-//! is purged behind it, and a lagging or new node is sent it after a restart.
+//! The current snapshot's meta lives in the `snapshot` table of the state
+//! machine's file and its bytes in `<data_dir>/snapshots/` ([`files`]),
+//! both durable before openraft is told: the log is purged behind it, and
+//! a lagging or new node is sent it after a restart.
 
-use std::io::Cursor;
+mod files;
+
+use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 
 use openraft::{ErrorSubject, ErrorVerb, RaftSnapshotBuilder};
-use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{self, StoreError};
@@ -37,7 +41,10 @@ use crate::types::{LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership
 
 pub(crate) const SNAPSHOT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshot");
 const META: &str = "meta";
+/// Format-1 data dirs kept the snapshot's bytes here; moved to a file.
 const DATA: &str = "data";
+
+pub(crate) use files::Files;
 
 /// The snapshot format this release writes and the newest it reads.
 pub(crate) const SNAPSHOT_FORMAT: u32 = 1;
@@ -73,9 +80,15 @@ struct Head {
     format: Option<u32>,
 }
 
-/// Decodes snapshot bytes, refusing a format newer than this release reads.
-pub(crate) fn decode(bytes: &[u8]) -> Result<SmRecord<State>, StoreError> {
-    let head: Head = db::decode(bytes, "received snapshot")?;
+/// Decodes a snapshot from `data`, refusing a format newer than this
+/// release reads before decoding the state.
+pub(crate) fn decode<R: Read + Seek>(mut data: R) -> Result<SmRecord<State>, StoreError> {
+    let what = "received snapshot";
+    let fail = |source| StoreError::Decode {
+        what: what.into(),
+        source,
+    };
+    let head: Head = serde_json::from_reader(&mut data).map_err(fail)?;
     let found = head.format.unwrap_or(1);
     if found > SNAPSHOT_FORMAT {
         return Err(StoreError::NewerFormat {
@@ -84,7 +97,12 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<SmRecord<State>, StoreError> {
             supported: SNAPSHOT_FORMAT,
         });
     }
-    db::decode(bytes, "received snapshot")
+    data.seek(SeekFrom::Start(0))
+        .map_err(|source| StoreError::Io {
+            what: what.into(),
+            source,
+        })?;
+    serde_json::from_reader(data).map_err(fail)
 }
 
 /// The fewest log entries between two snapshots.
@@ -112,47 +130,11 @@ pub(crate) fn snapshot_id(last: Option<LogId>) -> String {
     }
 }
 
-/// Writes `meta` and `data` as the current snapshot, inside `txn`.
-pub(crate) fn write(
-    txn: &WriteTransaction,
-    meta: &SnapshotMeta,
-    data: &[u8],
-) -> Result<(), StoreError> {
-    let meta = db::encode(meta, "snapshot meta")?;
-    let mut table = txn.open_table(SNAPSHOT)?;
-    table.insert(META, meta.as_slice())?;
-    table.insert(DATA, data)?;
-    Ok(())
-}
-
-/// The current snapshot's meta, if there is one.
-fn read_meta(txn: &WriteTransaction) -> Result<Option<SnapshotMeta>, StoreError> {
-    let table = txn.open_table(SNAPSHOT)?;
-    let meta = match table.get(META)? {
-        Some(v) => Some(db::decode(v.value(), "snapshot meta")?),
-        None => None,
-    };
-    Ok(meta)
-}
-
-/// The current snapshot, if there is one.
-pub(crate) fn read(db: &Database) -> Result<Option<Snapshot>, StoreError> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(SNAPSHOT)?;
-    let (Some(meta), Some(data)) = (table.get(META)?, table.get(DATA)?) else {
-        return Ok(None);
-    };
-    let meta: SnapshotMeta = db::decode(meta.value(), "snapshot meta")?;
-    Ok(Some(Snapshot {
-        meta,
-        snapshot: Box::new(Cursor::new(data.value().to_vec())),
-    }))
-}
-
 /// Builds a snapshot of the state machine as it was when the builder was
 /// taken; applying goes on meanwhile.
 pub struct SnapshotBuilder {
     pub(crate) db: Arc<Database>,
+    pub(crate) files: Arc<Files>,
     pub(crate) last_applied: Option<LogId>,
     pub(crate) membership: StoredMembership,
     pub(crate) state: Arc<State>,
@@ -166,34 +148,25 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id: snapshot_id(self.last_applied),
         };
         let state = Arc::clone(&self.state);
+        let files = Arc::clone(&self.files);
         let stored = meta.clone();
         let signature = meta.signature();
-        let data = db::blocking(&self.db, move |db| {
-            let record = SmRecord {
-                format: Some(SNAPSHOT_FORMAT),
-                last_applied: stored.last_log_id,
-                membership: stored.last_membership.clone(),
-                state: &*state,
-            };
-            let data = db::encode(&record, "snapshot")?;
-            let mut txn = db.begin_write()?;
-            txn.set_durability(Durability::Immediate);
-            // A snapshot installed meanwhile may be newer: keep it.
-            let newer = read_meta(&txn)?.is_some_and(|m| m.last_log_id > stored.last_log_id);
-            if newer {
-                txn.abort()?;
-            } else {
-                write(&txn, &stored, &data)?;
-                txn.commit()?;
-            }
-            Ok(data)
-        })
-        .await
-        .map_err(|e| e.into_storage(ErrorSubject::Snapshot(Some(signature)), ErrorVerb::Write))?;
-        tracing::info!(snapshot = %meta.snapshot_id, bytes = data.len(), "built snapshot");
+        let started = std::time::Instant::now();
+        let file = db::blocking(&self.db, move |db| files.build(db, &stored, &state))
+            .await
+            .map_err(|e| {
+                e.into_storage(ErrorSubject::Snapshot(Some(signature)), ErrorVerb::Write)
+            })?;
+        let bytes = file.metadata().map(|m| m.len()).unwrap_or_default();
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            bytes,
+            took_ms = started.elapsed().as_millis(),
+            "built snapshot"
+        );
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
 }

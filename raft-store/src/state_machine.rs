@@ -3,7 +3,8 @@
 //! One file, `<data_dir>/state-machine.redb`: the applied state as rows
 //! (one per group and per certificate, plus the last applied log id, the
 //! membership and the cluster secrets; see [`rows`](crate::rows) for the
-//! layout and its versions) and table `snapshot` the current snapshot.
+//! layout and its versions) and table `snapshot` the current snapshot's
+//! meta; its bytes are a file in `<data_dir>/snapshots/`.
 //!
 //! After each batch of committed entries, `apply` writes the rows the batch
 //! changed and the last applied log id in one transaction with
@@ -21,7 +22,6 @@
 //! - `Membership` is stored as the last membership.
 
 use std::fmt;
-use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use crate::changes::{Changed, History, Rows};
 use crate::db::{self, StoreError};
 use crate::rows;
-use crate::snapshot::{self, SNAPSHOT, SnapshotBuilder};
+use crate::snapshot::{Files, SNAPSHOT, SnapshotBuilder};
 use crate::state::State;
 use crate::types::{
     Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -78,6 +78,8 @@ impl AppliedState {
 /// published on a watch channel.
 pub struct StateMachineStore {
     db: Arc<Database>,
+    /// The snapshots' bytes.
+    files: Arc<Files>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     /// Holds the current state; receivers see every batch's result.
@@ -106,6 +108,7 @@ impl StateMachineStore {
         txn.open_table(SNAPSHOT)?;
         txn.commit()?;
         let record = rows::load(&db)?;
+        let files = Arc::new(Files::open(dir, &db)?);
         if record.migrated {
             tracing::info!(
                 path = %dir.join(FILE).display(),
@@ -117,6 +120,7 @@ impl StateMachineStore {
         tracing::debug!(last_applied = ?record.last_applied, "state machine loaded");
         Ok(Self {
             db,
+            files,
             last_applied: record.last_applied,
             membership: record.membership,
             state: watch::Sender::new(AppliedState::new(
@@ -239,20 +243,25 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             db: Arc::clone(&self.db),
+            files: Arc::clone(&self.files),
             last_applied: self.last_applied,
             membership: self.membership.clone(),
             state: self.current(),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let files = Arc::clone(&self.files);
+        let file = db::blocking(&self.db, move |_| files.receiving())
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
         let signature = meta.signature();
         let fail = |e: StoreError| {
@@ -261,40 +270,30 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 ErrorVerb::Write,
             )
         };
-        let data = snapshot.into_inner();
-        let record = snapshot::decode(&data).map_err(fail)?;
-        if record.last_applied != meta.last_log_id || record.membership != meta.last_membership {
-            return Err(fail(StoreError::Inconsistent(format!(
-                "snapshot {} holds state up to {:?}, its meta says {:?}",
-                meta.snapshot_id, record.last_applied, meta.last_log_id
-            ))));
-        }
+        let data = snapshot.into_std().await;
+        let files = Arc::clone(&self.files);
         let stored = meta.clone();
-        let state = Arc::new(record.state);
-        let written = Arc::clone(&state);
-        db::blocking(&self.db, move |db| {
-            let mut txn = db.begin_write()?;
-            txn.set_durability(Durability::Immediate);
-            rows::write_all(&txn, &written, stored.last_log_id, &stored.last_membership)?;
-            snapshot::write(&txn, &stored, &data)?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(fail)?;
-        tracing::info!(snapshot = %meta.snapshot_id, "installed snapshot");
+        let record = db::blocking(&self.db, move |db| files.install(db, &stored, data))
+            .await
+            .map_err(fail)?;
+        tracing::info!(snapshot = %meta.snapshot_id, groups = record.state.group_count(), "installed snapshot");
         self.last_applied = record.last_applied;
         self.membership = record.membership;
         self.state.send_replace(AppliedState::new(
             record.last_applied.map_or(0, |l| l.index),
-            state,
+            Arc::new(record.state),
         ));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        db::blocking(&self.db, snapshot::read)
+        let files = Arc::clone(&self.files);
+        let current = db::blocking(&self.db, move |db| files.current(db))
             .await
-            .map_err(|e| e.into_storage(ErrorSubject::Snapshot(None), ErrorVerb::Read))
+            .map_err(|e| e.into_storage(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
+        Ok(current.map(|(meta, file)| Snapshot {
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
+        }))
     }
 }

@@ -2,7 +2,6 @@
 //! corruption and snapshot round trips.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Cursor;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,6 +65,23 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder 
 }
 
 mod formats;
+
+/// A file holding `bytes`, as openraft hands a received snapshot over.
+async fn received(sm: &mut StateMachineStore, bytes: &[u8]) -> Box<tokio::fs::File> {
+    use tokio::io::AsyncWriteExt;
+    let mut file = sm.begin_receiving_snapshot().await.unwrap();
+    file.write_all(bytes).await.unwrap();
+    file.flush().await.unwrap();
+    file
+}
+
+/// The bytes of a snapshot's file.
+async fn bytes_of(mut file: Box<tokio::fs::File>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).await.unwrap();
+    bytes
+}
 
 #[test]
 fn openraft_storage_suite() {
@@ -358,7 +374,7 @@ async fn bad_snapshot_is_an_error_and_changes_nothing() {
         last_membership: StoredMembership::default(),
         snapshot_id: "x".into(),
     };
-    let garbage = Box::new(Cursor::new(b"\x00not json".to_vec()));
+    let garbage = received(&mut sm, b"\x00not json").await;
     assert!(sm.install_snapshot(&meta, garbage).await.is_err());
 
     // Decodes, but is not what the meta claims.
@@ -367,7 +383,7 @@ async fn bad_snapshot_is_an_error_and_changes_nothing() {
         "membership": StoredMembership::default(),
         "state": State::default(),
     });
-    let mismatched = Box::new(Cursor::new(serde_json::to_vec(&record).unwrap()));
+    let mismatched = received(&mut sm, &serde_json::to_vec(&record).unwrap()).await;
     let err = sm.install_snapshot(&meta, mismatched).await.unwrap_err();
     assert!(err.to_string().contains("inconsistent"), "{err}");
 

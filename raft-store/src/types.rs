@@ -2,7 +2,6 @@
 //! entry carries and what applying it answers.
 
 use std::fmt;
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,14 +13,14 @@ pub type NodeId = u64;
 
 openraft::declare_raft_types!(
     /// edgelb's Raft types: [`Request`]s in, [`Response`]s out, members
-    /// described by [`ClusterNode`], snapshots as JSON bytes in memory.
+    /// described by [`ClusterNode`], snapshots as JSON files.
     pub TypeConfig:
         D = Request,
         R = Response,
         NodeId = NodeId,
         Node = ClusterNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

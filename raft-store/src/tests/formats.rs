@@ -90,6 +90,53 @@ async fn format_1_file_is_migrated_to_rows() {
     assert_eq!(sm.last_applied(), old.last_applied);
 }
 
+#[tokio::test]
+async fn format_1_snapshot_moves_into_a_file_and_strays_are_removed() {
+    let dir = TempDir::new();
+    write_format_1(dir.path(), FORMAT_1_RECORD.as_bytes());
+    let old: OldRecord = serde_json::from_str(FORMAT_1_RECORD).unwrap();
+    let meta = crate::types::SnapshotMeta {
+        last_log_id: old.last_applied,
+        last_membership: serde_json::from_str::<serde_json::Value>(FORMAT_1_RECORD)
+            .map(|v| serde_json::from_value(v["membership"].clone()).unwrap())
+            .unwrap(),
+        snapshot_id: "snapshot-1-1-9".into(),
+    };
+    {
+        // Format 1 kept the snapshot's bytes in the `snapshot` table.
+        let db = Database::create(dir.path().join(state_machine::FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        let mut table = txn.open_table(crate::snapshot::SNAPSHOT).unwrap();
+        let meta = serde_json::to_vec(&meta).unwrap();
+        table.insert("meta", meta.as_slice()).unwrap();
+        table.insert("data", FORMAT_1_RECORD.as_bytes()).unwrap();
+        drop(table);
+        txn.commit().unwrap();
+    }
+    let snapshots = dir.path().join("snapshots");
+    std::fs::create_dir_all(&snapshots).unwrap();
+    std::fs::write(snapshots.join("receiving.tmp"), b"half").unwrap();
+    std::fs::write(snapshots.join("snapshot-0-0-1.json"), b"{}").unwrap();
+
+    let (_log, mut sm) = open(dir.path());
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, meta);
+    assert_eq!(bytes_of(current.snapshot).await, FORMAT_1_RECORD.as_bytes());
+    let names: Vec<_> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["snapshot-1-1-9.json"]);
+    // The snapshot installs elsewhere like any other.
+    let other = TempDir::new();
+    let (_flog, mut fsm) = open(other.path());
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    fsm.install_snapshot(&current.meta, current.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(*fsm.current(), old.state);
+}
+
 #[test]
 fn newer_storage_format_is_refused() {
     let dir = TempDir::new();
@@ -129,7 +176,7 @@ async fn snapshots_carry_their_format_and_earlier_releases_read_them() {
         .build_snapshot()
         .await
         .unwrap();
-    let bytes = snapshot.snapshot.into_inner();
+    let bytes = bytes_of(snapshot.snapshot).await;
     let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(json["format"], 1);
     let old: OldRecord = serde_json::from_slice(&bytes).unwrap();
@@ -141,7 +188,7 @@ async fn snapshots_carry_their_format_and_earlier_releases_read_them() {
     let mut newer: serde_json::Value = json.clone();
     newer["format"] = 2.into();
     newer["state"] = serde_json::json!("something else");
-    let data = Box::new(Cursor::new(serde_json::to_vec(&newer).unwrap()));
+    let data = received(&mut fsm, &serde_json::to_vec(&newer).unwrap()).await;
     let err = fsm
         .install_snapshot(&snapshot.meta, data)
         .await
@@ -152,7 +199,7 @@ async fn snapshots_carry_their_format_and_earlier_releases_read_them() {
     // One without a format (an earlier release's) installs.
     let mut older = json;
     older.as_object_mut().unwrap().remove("format");
-    let data = Box::new(Cursor::new(serde_json::to_vec(&older).unwrap()));
+    let data = received(&mut fsm, &serde_json::to_vec(&older).unwrap()).await;
     fsm.install_snapshot(&snapshot.meta, data).await.unwrap();
     assert_eq!(*fsm.current(), *sm.current());
     drop((_flog, fsm));

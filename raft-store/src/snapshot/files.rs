@@ -1,0 +1,291 @@
+//! Snapshot bytes as files: `<data_dir>/snapshots/<snapshot id>.json`, the
+//! current one named by the meta row in the `snapshot` table.
+//!
+//! A snapshot is written to `<name>.tmp`, fsync'd, renamed into place (and
+//! the directory fsync'd) before the meta row naming it commits, and older
+//! files are removed after; so a crash leaves at worst a file no row names,
+//! removed at the next open. Building streams the JSON from the state into
+//! the file; installing copies the received bytes into a file and decodes
+//! the state from it, so neither holds the document in memory. One lock
+//! orders builds, installs and the clean-up between them.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
+
+use super::{DATA, META, SNAPSHOT, SNAPSHOT_FORMAT, SmRecord, decode};
+use crate::db::{self, StoreError};
+use crate::rows;
+use crate::state::State;
+use crate::types::SnapshotMeta;
+
+/// Where a snapshot being received is written.
+const RECEIVING: &str = "receiving.tmp";
+
+/// The snapshot directory of one state machine.
+#[derive(Debug)]
+pub(crate) struct Files {
+    dir: PathBuf,
+    lock: Mutex<()>,
+}
+
+fn io_error(what: String) -> impl FnOnce(io::Error) -> StoreError {
+    move |source| StoreError::Io { what, source }
+}
+
+/// Fsyncs the directory `dir`, so that a rename in it is durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(format!("syncing {}", dir.display())))
+}
+
+/// The current snapshot's meta, if there is one.
+fn read_meta(txn: &WriteTransaction) -> Result<Option<SnapshotMeta>, StoreError> {
+    let table = txn.open_table(SNAPSHOT)?;
+    let meta = match table.get(META)? {
+        Some(v) => Some(db::decode(v.value(), "snapshot meta")?),
+        None => None,
+    };
+    Ok(meta)
+}
+
+/// Records `meta` as the current snapshot inside `txn`.
+fn write_meta(txn: &WriteTransaction, meta: &SnapshotMeta) -> Result<(), StoreError> {
+    let bytes = db::encode(meta, "snapshot meta")?;
+    let mut table = txn.open_table(SNAPSHOT)?;
+    table.insert(META, bytes.as_slice())?;
+    table.remove(DATA)?;
+    Ok(())
+}
+
+impl Files {
+    /// Opens `<data_dir>/snapshots`: creates it, moves the bytes of a
+    /// snapshot stored in the `snapshot` table (format 1) into a file, and
+    /// removes files no meta row names.
+    pub(crate) fn open(data_dir: &Path, db: &Database) -> Result<Self, StoreError> {
+        let dir = data_dir.join("snapshots");
+        fs::create_dir_all(&dir).map_err(|source| StoreError::CreateDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let files = Self {
+            dir,
+            lock: Mutex::new(()),
+        };
+        let txn = db.begin_write()?;
+        let meta = read_meta(&txn)?;
+        let data = txn
+            .open_table(SNAPSHOT)?
+            .get(DATA)?
+            .map(|v| v.value().to_vec());
+        match (&meta, data) {
+            (Some(meta), Some(data)) => {
+                let path = files.path(meta);
+                files.write_file(&path, |w| w.write_all(&data))?;
+                let mut txn = txn;
+                txn.set_durability(Durability::Immediate);
+                write_meta(&txn, meta)?;
+                txn.commit()?;
+                tracing::info!(path = %path.display(), "moved the snapshot into its own file");
+            }
+            _ => txn.abort()?,
+        }
+        files.clean(meta.as_ref(), false)?;
+        Ok(files)
+    }
+
+    fn path(&self, meta: &SnapshotMeta) -> PathBuf {
+        let name: String = meta
+            .snapshot_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join(format!("{name}.json"))
+    }
+
+    /// Writes `path` through `<path>.tmp`: write, fsync, rename, fsync dir.
+    fn write_file(
+        &self,
+        path: &Path,
+        write: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>,
+    ) -> Result<(), StoreError> {
+        let tmp = path.with_extension("tmp");
+        let fail = io_error(format!("writing {}", tmp.display()));
+        let result = File::create(&tmp).and_then(|file| {
+            let mut w = BufWriter::new(&file);
+            write(&mut w)?;
+            w.flush()?;
+            drop(w);
+            file.sync_all()?;
+            fs::rename(&tmp, path)
+        });
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(fail(e));
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Removes every file but the one of `keep` and, with
+    /// `keep_receiving`, a snapshot being received.
+    fn clean(&self, keep: Option<&SnapshotMeta>, keep_receiving: bool) -> Result<(), StoreError> {
+        let keep = keep.map(|m| self.path(m));
+        let receiving = self.dir.join(RECEIVING);
+        let entries =
+            fs::read_dir(&self.dir).map_err(io_error(format!("reading {}", self.dir.display())))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if Some(&path) == keep.as_ref() || (keep_receiving && path == receiving) {
+                continue;
+            }
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove an old snapshot file");
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `state` as the snapshot `meta` and makes it current unless a
+    /// newer one was installed meanwhile. Answers the snapshot's file.
+    pub(crate) fn build(
+        &self,
+        db: &Database,
+        meta: &SnapshotMeta,
+        state: &State,
+    ) -> Result<File, StoreError> {
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let record = SmRecord {
+            format: Some(SNAPSHOT_FORMAT),
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            state,
+        };
+        let path = self.path(meta);
+        let open = io_error(format!("opening {}", path.display()));
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate);
+        let current = read_meta(&txn)?;
+        if current
+            .as_ref()
+            .is_some_and(|m| m.last_log_id > meta.last_log_id)
+        {
+            // Keep the newer one; hand out this one from an unlinked file.
+            txn.abort()?;
+            let tmp = self.dir.join("superseded.tmp");
+            let written = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .and_then(|mut file| {
+                    let _ = fs::remove_file(&tmp);
+                    let mut w = BufWriter::new(&file);
+                    serde_json::to_writer(&mut w, &record)?;
+                    w.flush()?;
+                    drop(w);
+                    file.seek(SeekFrom::Start(0))?;
+                    Ok(file)
+                });
+            return written.map_err(open);
+        }
+        self.write_file(&path, |w| {
+            serde_json::to_writer(w, &record).map_err(io::Error::from)
+        })?;
+        write_meta(&txn, meta)?;
+        txn.commit()?;
+        let file = File::open(&path).map_err(open)?;
+        self.clean(Some(meta), true)?;
+        Ok(file)
+    }
+
+    /// The current snapshot's meta and file, if there is one.
+    pub(crate) fn current(
+        &self,
+        db: &Database,
+    ) -> Result<Option<(SnapshotMeta, File)>, StoreError> {
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let txn = db.begin_read()?;
+        let table = txn.open_table(SNAPSHOT)?;
+        let Some(meta) = table.get(META)? else {
+            return Ok(None);
+        };
+        let meta: SnapshotMeta = db::decode(meta.value(), "snapshot meta")?;
+        let path = self.path(&meta);
+        let file = File::open(&path).map_err(io_error(format!("opening {}", path.display())))?;
+        Ok(Some((meta, file)))
+    }
+
+    /// A new, empty file to receive a snapshot into.
+    pub(crate) fn receiving(&self) -> Result<File, StoreError> {
+        let path = self.dir.join(RECEIVING);
+        File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_error(format!("creating {}", path.display())))
+    }
+
+    /// Installs the snapshot `meta` whose bytes are in `data`: keeps them
+    /// as the current snapshot's file, and replaces the state machine's
+    /// rows with its state, in one transaction. Answers the record.
+    pub(crate) fn install(
+        &self,
+        db: &Database,
+        meta: &SnapshotMeta,
+        mut data: File,
+    ) -> Result<SmRecord<State>, StoreError> {
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let path = self.path(meta);
+        let tmp = path.with_extension("tmp");
+        let copied = (|| {
+            data.seek(SeekFrom::Start(0))?;
+            let mut out = File::create(&tmp)?;
+            io::copy(&mut data, &mut out)?;
+            out.sync_all()?;
+            File::open(&tmp)
+        })();
+        let result = copied
+            .map_err(io_error(format!("writing {}", tmp.display())))
+            .and_then(|file| {
+                let record = decode(BufReader::new(file))?;
+                if record.last_applied != meta.last_log_id
+                    || record.membership != meta.last_membership
+                {
+                    return Err(StoreError::Inconsistent(format!(
+                        "snapshot {} holds state up to {:?}, its meta says {:?}",
+                        meta.snapshot_id, record.last_applied, meta.last_log_id
+                    )));
+                }
+                Ok(record)
+            });
+        let record = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        fs::rename(&tmp, &path).map_err(io_error(format!("renaming {}", tmp.display())))?;
+        sync_dir(&self.dir)?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate);
+        rows::write_all(&txn, &record.state, record.last_applied, &record.membership)?;
+        write_meta(&txn, meta)?;
+        txn.commit()?;
+        self.clean(Some(meta), false)?;
+        Ok(record)
+    }
+}
