@@ -304,9 +304,8 @@ impl State {
     fn commit(&mut self, change: Change) {
         match change {
             Change::Put(g) => {
-                self.unindex(&g.uuid);
                 // Planning refused every clash, so indexing cannot find one.
-                let _ = self.index(&g);
+                self.reindex(&g);
                 self.groups.insert(g.uuid, Arc::new(g));
             }
             Change::Remove(uuid) => {

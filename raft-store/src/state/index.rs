@@ -3,6 +3,8 @@
 //! uuids. They make the rules between groups ([`conflicts`](super::conflicts))
 //! O(log n) lookups instead of scans of every group.
 
+use std::collections::BTreeSet;
+
 use imbl::OrdMap;
 use uuid::Uuid;
 
@@ -62,6 +64,53 @@ impl State {
         }
         for i in &old.instances {
             self.instances.remove(&i.uuid);
+        }
+    }
+
+    /// Moves the indexes from the stored version of `new` (if any) to
+    /// `new`, touching only what differs: attaching an instance adds one
+    /// entry, whatever the group's size.
+    pub(super) fn reindex(&mut self, new: &ServiceGroup) {
+        let Some(old) = self.groups.get(&new.uuid).cloned() else {
+            let _ = self.index(new);
+            return;
+        };
+        if old.name != new.name {
+            self.unindex(&new.uuid);
+            let _ = self.index(new);
+            return;
+        }
+        for d in old.domains.iter().filter(|d| !new.domains.contains(d)) {
+            self.domains.remove(&d.fqdn);
+        }
+        for d in new.domains.iter().filter(|d| !old.domains.contains(d)) {
+            self.domains.insert(d.fqdn.clone(), new.uuid);
+        }
+        let ports = |g: &ServiceGroup| g.services.iter().map(|s| s.port).collect::<BTreeSet<_>>();
+        let (before, after) = (ports(&old), ports(new));
+        for port in before.difference(&after) {
+            if let Some(holders) = self.ports.get(port) {
+                let mut holders = holders.clone();
+                holders.remove(&old.name);
+                if holders.is_empty() {
+                    self.ports.remove(port);
+                } else {
+                    self.ports.insert(*port, holders);
+                }
+            }
+        }
+        for port in after.difference(&before) {
+            let mut holders = self.ports.get(port).cloned().unwrap_or_default();
+            holders.insert(new.name.clone(), new.uuid);
+            self.ports.insert(*port, holders);
+        }
+        let uuids = |g: &ServiceGroup| g.instances.iter().map(|i| i.uuid).collect::<BTreeSet<_>>();
+        let (before, after) = (uuids(&old), uuids(new));
+        for uuid in before.difference(&after) {
+            self.instances.remove(uuid);
+        }
+        for uuid in after.difference(&before) {
+            self.instances.insert(*uuid, new.uuid);
         }
     }
 
