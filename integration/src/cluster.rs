@@ -587,6 +587,25 @@ impl Cluster {
         Ok(())
     }
 
+    /// Runs node `id`'s command line with `binary` while the node is
+    /// stopped, to completion (bounded): for a binary expected to refuse
+    /// the data dir and exit.
+    pub async fn run_stopped(
+        &self,
+        id: u64,
+        binary: &std::path::Path,
+        timeout: Duration,
+    ) -> anyhow::Result<crate::process::Finished> {
+        let m = self
+            .members
+            .get(&id)
+            .with_context(|| format!("no node {id}"))?;
+        ensure!(m.process.is_none(), "node {id} is running");
+        let args = m.args(&self.opts);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::process::run_bin(binary, &args, m.data.path(), timeout).await
+    }
+
     /// Starts node `id` again with the same command line and data dir, and
     /// waits until it serves its admin API.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {

@@ -160,12 +160,24 @@ pub async fn run_with_env(
     cwd: &Path,
     timeout: Duration,
 ) -> anyhow::Result<Finished> {
-    let child = command(args, cwd)
-        .await?
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut cmd = command(args, cwd).await?;
+    cmd.envs(env.iter().copied());
+    finish(cmd, timeout).await
+}
+
+/// Runs `bin args…` (another build of `edgelb`) to completion (bounded) in
+/// `cwd`.
+pub async fn run_bin(
+    bin: &Path,
+    args: &[&str],
+    cwd: &Path,
+    timeout: Duration,
+) -> anyhow::Result<Finished> {
+    finish(command_of(bin, args, cwd), timeout).await
+}
+
+async fn finish(mut cmd: Command, timeout: Duration) -> anyhow::Result<Finished> {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let out = within("edgelb to exit", timeout, child.wait_with_output()).await??;
     Ok(Finished {
         status: out.status,

@@ -281,7 +281,7 @@ async fn a_data_dir_written_by_format1_starts_on_the_current_binary() -> anyhow:
         return Ok(());
     };
     let opts = ClusterOptions {
-        binary: Some(old),
+        binary: Some(old.clone()),
         ..ClusterOptions::default()
     };
     let mut cluster = Cluster::start_with(1, opts).await?;
@@ -322,6 +322,23 @@ async fn a_data_dir_written_by_format1_starts_on_the_current_binary() -> anyhow:
         ..written
     };
     cluster.stop(1).await?;
+
+    // No way back on the same data dir: the format-1 binary refuses the
+    // migrated one (it must never start on it as if it were empty).
+    let back = cluster
+        .run_stopped(1, &old, Duration::from_secs(30))
+        .await?;
+    ensure!(
+        !back.status.success()
+            && back
+                .stderr
+                .contains(&cluster.data_dir(1).display().to_string()),
+        "the format-1 binary on a migrated data dir: {:?}\n{}",
+        back.status,
+        back.stderr
+    );
+    eprintln!("format 1 on a migrated data dir: {}", back.stderr.trim());
+
     cluster.restart(1).await?;
     wait_ready(&cluster, 1).await?;
     check_everything(&cluster, &written).await?;
