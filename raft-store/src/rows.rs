@@ -115,7 +115,10 @@ pub(crate) fn load(db: &Database) -> Result<Loaded, StoreError> {
 }
 
 /// The format of a `state_machine`/`"current"` value: the marker's, or 1
-/// for a whole record.
+/// for a whole record. A record may itself say `"format": 1` (the snapshot
+/// format, when an earlier release stored a snapshot of a later one as its
+/// record): that is format 1 too, as storage formats start their markers
+/// at 2.
 fn format_of(bytes: &[u8]) -> Result<u32, StoreError> {
     if let Ok(marker) = serde_json::from_slice::<Marker>(bytes) {
         return Ok(marker.format);

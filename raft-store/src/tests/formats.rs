@@ -137,6 +137,20 @@ async fn format_1_snapshot_moves_into_a_file_and_strays_are_removed() {
     assert_eq!(*fsm.current(), old.state);
 }
 
+/// A node of an earlier release that installed a snapshot from this one
+/// stored its record, `format` field included, as its format-1 record.
+#[tokio::test]
+async fn format_1_record_from_a_new_snapshot_is_migrated() {
+    let dir = TempDir::new();
+    let mut record: serde_json::Value = serde_json::from_str(FORMAT_1_RECORD).unwrap();
+    record["format"] = 1.into();
+    write_format_1(dir.path(), &serde_json::to_vec(&record).unwrap());
+    let old: OldRecord = serde_json::from_value(record).unwrap();
+    let (_log, sm) = open(dir.path());
+    assert_eq!(*sm.current(), old.state);
+    assert_eq!(sm.last_applied(), old.last_applied);
+}
+
 #[test]
 fn newer_storage_format_is_refused() {
     let dir = TempDir::new();
