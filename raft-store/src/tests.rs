@@ -75,6 +75,15 @@ async fn received(sm: &mut StateMachineStore, bytes: &[u8]) -> Box<tokio::fs::Fi
     file
 }
 
+/// A snapshot built now.
+async fn build(sm: &mut StateMachineStore) -> crate::types::Snapshot {
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap()
+}
+
 /// The bytes of a snapshot's file.
 async fn bytes_of(mut file: Box<tokio::fs::File>) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
@@ -299,19 +308,24 @@ async fn log_row_with_wrong_index_is_an_error() {
     assert!(err.to_string().contains("log row 2"), "{err}");
 }
 
+/// Sets `state_machine`/`"current"` in the state machine file of `dir`,
+/// creating both if needed.
+fn set_current_row(dir: &Path, bytes: &[u8]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let db = Database::create(dir.join(state_machine::FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    txn.open_table(rows::STATE_MACHINE)
+        .unwrap()
+        .insert(rows::CURRENT, bytes)
+        .unwrap();
+    txn.commit().unwrap();
+}
+
 #[test]
 fn corrupt_state_machine_record_is_an_open_error() {
     let dir = TempDir::new();
     drop(StateMachineStore::open(dir.path()).unwrap());
-    {
-        let db = Database::create(dir.path().join(state_machine::FILE)).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(rows::STATE_MACHINE)
-            .unwrap()
-            .insert(rows::CURRENT, b"{\"state\": 1}".as_slice())
-            .unwrap();
-        txn.commit().unwrap();
-    }
+    set_current_row(dir.path(), b"{\"state\": 1}");
     let err = StateMachineStore::open(dir.path()).unwrap_err();
     assert!(matches!(err, StoreError::Decode { .. }), "{err}");
 }
@@ -332,12 +346,7 @@ async fn snapshot_survives_reopen_and_installs_elsewhere() {
     let meta = {
         let (_log, mut sm) = open(leader.path());
         sm.apply(history()).await.unwrap();
-        let snapshot = sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        let snapshot = build(&mut sm).await;
         assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 1, 4)));
         snapshot.meta
     };

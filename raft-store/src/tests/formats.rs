@@ -12,19 +12,6 @@ use crate::model::{ClusterSecrets, Instance};
 /// `edge`, the cluster secrets, applied up to index 9.
 const FORMAT_1_RECORD: &str = include_str!("format-1-record.json");
 
-/// Creates `dir` with a format-1 state machine file holding `record`.
-fn write_format_1(dir: &Path, record: &[u8]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let db = Database::create(dir.join(state_machine::FILE)).unwrap();
-    let txn = db.begin_write().unwrap();
-    txn.open_table(rows::STATE_MACHINE)
-        .unwrap()
-        .insert(rows::CURRENT, record)
-        .unwrap();
-    txn.open_table(crate::snapshot::SNAPSHOT).unwrap();
-    txn.commit().unwrap();
-}
-
 /// The `state_machine`/`"current"` value in `dir`.
 fn current_row(dir: &Path) -> Vec<u8> {
     let db = Database::create(dir.join(state_machine::FILE)).unwrap();
@@ -62,7 +49,7 @@ fn instance(n: u128) -> Instance {
 #[tokio::test]
 async fn format_1_file_is_migrated_to_rows() {
     let dir = TempDir::new();
-    write_format_1(dir.path(), FORMAT_1_RECORD.as_bytes());
+    set_current_row(dir.path(), FORMAT_1_RECORD.as_bytes());
     let old: OldRecord = serde_json::from_str(FORMAT_1_RECORD).unwrap();
 
     let (_log, mut sm) = open(dir.path());
@@ -93,7 +80,7 @@ async fn format_1_file_is_migrated_to_rows() {
 #[tokio::test]
 async fn format_1_snapshot_moves_into_a_file_and_strays_are_removed() {
     let dir = TempDir::new();
-    write_format_1(dir.path(), FORMAT_1_RECORD.as_bytes());
+    set_current_row(dir.path(), FORMAT_1_RECORD.as_bytes());
     let old: OldRecord = serde_json::from_str(FORMAT_1_RECORD).unwrap();
     let meta = crate::types::SnapshotMeta {
         last_log_id: old.last_applied,
@@ -144,7 +131,7 @@ async fn format_1_record_from_a_new_snapshot_is_migrated() {
     let dir = TempDir::new();
     let mut record: serde_json::Value = serde_json::from_str(FORMAT_1_RECORD).unwrap();
     record["format"] = 1.into();
-    write_format_1(dir.path(), &serde_json::to_vec(&record).unwrap());
+    set_current_row(dir.path(), &serde_json::to_vec(&record).unwrap());
     let old: OldRecord = serde_json::from_value(record).unwrap();
     let (_log, sm) = open(dir.path());
     assert_eq!(*sm.current(), old.state);
@@ -155,15 +142,7 @@ async fn format_1_record_from_a_new_snapshot_is_migrated() {
 fn newer_storage_format_is_refused() {
     let dir = TempDir::new();
     drop(StateMachineStore::open(dir.path()).unwrap());
-    {
-        let db = Database::create(dir.path().join(state_machine::FILE)).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(rows::STATE_MACHINE)
-            .unwrap()
-            .insert(rows::CURRENT, br#"{"format": 3, "layout": "?"}"#.as_slice())
-            .unwrap();
-        txn.commit().unwrap();
-    }
+    set_current_row(dir.path(), br#"{"format": 3, "layout": "?"}"#);
     let err = StateMachineStore::open(dir.path()).unwrap_err();
     assert!(
         matches!(
@@ -184,12 +163,7 @@ async fn snapshots_carry_their_format_and_earlier_releases_read_them() {
     let dir = TempDir::new();
     let (_log, mut sm) = open(dir.path());
     sm.apply(history()).await.unwrap();
-    let snapshot = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let snapshot = build(&mut sm).await;
     let bytes = bytes_of(snapshot.snapshot).await;
     let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(json["format"], 1);
