@@ -31,7 +31,8 @@
 //! long-lived by then and counted as `inflight − young`, and its releases,
 //! finding another tag, leave the slot alone. So work may stay in flight
 //! for hours without a timer, a fold, or a lock, and the ring stays a fixed
-//! [`EPOCHS`] words per instance.
+//! [`EPOCHS`] words per instance. The ring is allocated by the first pick:
+//! an instance that never carried work costs a few words, not 512 bytes.
 //!
 //! Epochs are `long_after / (EPOCHS − 3)` long, rounded up to a power of two
 //! nanoseconds (at least 2^20 ns, about 1 ms) so that a pick finds its epoch
@@ -40,6 +41,7 @@
 //! little ahead of the sampler's. Thresholds are rounded up to whole epochs
 //! (2^24 ns, about 16.8 ms, with the default `long_after` of 1 s).
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
@@ -63,7 +65,8 @@ pub struct LoadCounters {
     /// Work that took longer than this (µs) was long-lived: it is not
     /// counted as a completion of short work. Set by the tracker.
     short_limit_us: AtomicU64,
-    ring: [AtomicU64; EPOCHS],
+    /// Allocated by the first pick.
+    ring: OnceLock<Box<[AtomicU64; EPOCHS]>>,
 }
 
 /// When a piece of work started, as [`LoadCounters::finish`] needs it.
@@ -153,7 +156,7 @@ impl LoadCounters {
             short_limit_us: AtomicU64::new(
                 u64::try_from(long_after.as_micros()).unwrap_or(u64::MAX),
             ),
-            ring: std::array::from_fn(|_| AtomicU64::new(0)),
+            ring: OnceLock::new(),
         }
     }
 
@@ -177,7 +180,10 @@ impl LoadCounters {
     pub fn start(&self, now: Instant) -> Started {
         self.flight.fetch_add(PICK + 1, Relaxed);
         let epoch = self.epoch(now);
-        let slot = &self.ring[self.index(epoch)];
+        let ring = self
+            .ring
+            .get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
+        let slot = &ring[self.index(epoch)];
         let tag = epoch as u32;
         let mut current = slot.load(Relaxed);
         loop {
@@ -214,8 +220,9 @@ impl LoadCounters {
     pub fn finish(&self, started: Started, now: Instant) {
         // Each finish follows its start, so this never borrows from picks.
         self.flight.fetch_sub(1, Relaxed);
-        if let Some(epoch) = started.epoch {
-            let slot = &self.ring[self.index(epoch)];
+        // A recorded epoch means the ring exists.
+        if let (Some(epoch), Some(ring)) = (started.epoch, self.ring.get()) {
+            let slot = &ring[self.index(epoch)];
             let tag = epoch as u32;
             let mut current = slot.load(Relaxed);
             // A slot taken over by a later epoch no longer counts this work.
@@ -256,6 +263,9 @@ impl LoadCounters {
     /// `now − threshold`: the part that is not long-lived. Thresholds beyond
     /// the ring's span are cut to it.
     pub(crate) fn young(&self, now: Instant, threshold: Duration) -> u64 {
+        let Some(ring) = self.ring.get() else {
+            return 0;
+        };
         let current = self.epoch(now);
         let cutoff = now.checked_sub(threshold).map_or(0, |t| self.epoch(t));
         let span = current.saturating_sub(cutoff).min(EPOCHS as u64 - 2);
@@ -266,7 +276,7 @@ impl LoadCounters {
             let Some(epoch) = (current + 1).checked_sub(back) else {
                 break;
             };
-            let slot = self.ring[self.index(epoch)].load(Relaxed);
+            let slot = ring[self.index(epoch)].load(Relaxed);
             if tag_of(slot) == epoch as u32 {
                 young += slot & COUNT_MASK;
             }

@@ -80,7 +80,8 @@ fn render(c: &mut Criterion) {
     let mut size = 0;
     bench.bench_function(BenchmarkId::new("render", instances), |b| {
         b.iter(|| {
-            let text = metrics.render(&table);
+            let mut text = Vec::new();
+            metrics.render_to(&table, &mut text).expect("render");
             size = text.len();
             black_box(text)
         });

@@ -60,7 +60,8 @@ fn main() {
     let body = gz.finish().expect("gzip");
     let took = started.elapsed();
     let started = std::time::Instant::now();
-    let text = metrics.render(&table);
+    let mut text = Vec::new();
+    metrics.render_to(&table, &mut text).expect("render");
     let plain = started.elapsed();
     println!(
         "scrape:         {} bytes gzip in {took:.2?}, {} bytes text in {plain:.2?}",

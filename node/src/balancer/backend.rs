@@ -8,7 +8,7 @@
 //! the pick and the release of a [`Lease`](super::Lease) without a lock.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use gossip::{LOAD_FRAC_BITS, LoadCounters, Started};
@@ -68,7 +68,9 @@ pub struct Backend {
     failing: AtomicBool,
     down: Mutex<DownState>,
     draining: AtomicBool,
-    drain: CancellationToken,
+    /// Fired once the drain timeout has passed; created on first use (an
+    /// instance nobody waits on never needs one).
+    drain: OnceLock<CancellationToken>,
     /// Upstream pools to the instance, one per destination port, created
     /// on first use: an instance that carries no traffic costs none.
     pools: Mutex<Vec<Arc<Pool>>>,
@@ -128,7 +130,7 @@ impl Backend {
             failing: AtomicBool::new(false),
             down: Mutex::new(DownState::default()),
             draining: AtomicBool::new(false),
-            drain: CancellationToken::new(),
+            drain: OnceLock::new(),
             pools: Mutex::new(Vec::new()),
         }
     }
@@ -200,13 +202,13 @@ impl Backend {
     /// Completes when the drain timeout of a detached backend has passed:
     /// whatever is still in flight to it should then be aborted.
     pub fn drained(&self) -> WaitForCancellationFutureOwned {
-        self.drain.clone().cancelled_owned()
+        self.drain_token().cancelled_owned()
     }
 
     /// The token behind [`Backend::drained`], for `select!` loops that hold
     /// several tokens.
     pub fn drain_token(&self) -> CancellationToken {
-        self.drain.clone()
+        self.drain.get_or_init(CancellationToken::new).clone()
     }
 
     pub(super) fn add_inflight(&self, now: Instant) -> Started {
@@ -329,7 +331,7 @@ pub fn start_drain(backend: &Arc<Backend>, timeout: Duration) {
     if let Some((home, _)) = backend.home(None) {
         home.mark_stale();
     }
-    let token = backend.drain.clone();
+    let token = backend.drain_token();
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => {
             runtime.spawn(async move {

@@ -12,8 +12,8 @@
 use std::fmt::Write as _;
 use std::io;
 use std::ops::Deref;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::balancer::{Backend, BackendState};
@@ -131,14 +131,32 @@ impl InstanceSeries {
 }
 
 /// A shared handle on one instance's counters: the backend holds one, and
-/// work in flight may hold clones.
-#[derive(Clone, Debug, Default)]
-pub struct InstanceMetrics(Arc<InstanceSeries>);
+/// work in flight may hold clones. The counters are allocated when first
+/// counted (or the handle cloned): an instance that carries no traffic
+/// costs one word, and scrapes show it at zero without allocating.
+#[derive(Debug, Default)]
+pub struct InstanceMetrics(OnceLock<Arc<InstanceSeries>>);
 
 impl InstanceMetrics {
     /// Counters at zero.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn series(&self) -> &Arc<InstanceSeries> {
+        self.0.get_or_init(Arc::default)
+    }
+
+    /// The counters, if anything was ever counted.
+    fn peek(&self) -> Option<&InstanceSeries> {
+        self.0.get().map(|s| &**s)
+    }
+}
+
+impl Clone for InstanceMetrics {
+    /// Another handle on the same counters.
+    fn clone(&self) -> Self {
+        Self(OnceLock::from(Arc::clone(self.series())))
     }
 }
 
@@ -146,7 +164,7 @@ impl Deref for InstanceMetrics {
     type Target = InstanceSeries;
 
     fn deref(&self) -> &InstanceSeries {
-        &self.0
+        self.series()
     }
 }
 
@@ -348,7 +366,7 @@ impl<'a> Scrape<'a> {
             }
             buf.text(&self.labels[row.labels.clone()]);
             buf.text("} ");
-            buf.int(value(&row.backend.metrics));
+            buf.int(row.backend.metrics.peek().map_or(0, &value));
             buf.text("\n");
             buf.spill()?;
         }
@@ -380,8 +398,8 @@ impl<'a> Scrape<'a> {
             .chain(std::iter::once("+Inf".to_owned()))
             .collect();
         for row in &self.rows {
-            let h = &row.backend.metrics.duration;
-            let counts = h.cumulative();
+            let h = row.backend.metrics.peek().map(|s| &s.duration);
+            let counts = h.map_or([0; DURATION_BUCKETS.len() + 1], Histogram::cumulative);
             let labels = &self.labels[row.labels.clone()];
             for (bound, count) in bounds.iter().zip(counts) {
                 buf.text(name);
@@ -397,7 +415,7 @@ impl<'a> Scrape<'a> {
             buf.text("_sum{");
             buf.text(labels);
             buf.text("} ");
-            buf.float(h.get_sample_sum());
+            buf.float(h.map_or(0.0, Histogram::get_sample_sum));
             buf.text("\n");
             buf.text(name);
             buf.text("_count{");

@@ -173,6 +173,11 @@ fn instance_families_render_as_the_registry_encoder_did() {
         ]),
     );
     for (n, (_, b)) in backends(&table).iter().enumerate() {
+        // One instance never counts anything: its counters are never
+        // allocated, and it still shows every series at zero.
+        if b.name == "z" {
+            continue;
+        }
         let n = n as u64;
         let m = &b.metrics;
         m.bytes_rx.inc_by(1000 * n + 7);
