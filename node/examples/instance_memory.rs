@@ -29,6 +29,21 @@ fn rss() -> usize {
         .map_or(0, |pages| pages * 4096)
 }
 
+/// CPU time (user + system) this process used so far, from
+/// `/proc/self/stat` (clock ticks of 10 ms); zero elsewhere.
+fn cpu() -> std::time::Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces).
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    std::time::Duration::from_millis(ticks * 10)
+}
+
 fn main() {
     let instances: usize = std::env::args()
         .nth(1)
@@ -54,19 +69,23 @@ fn main() {
 
     let metrics = Metrics::new();
     let table = routes.load_full();
-    let started = std::time::Instant::now();
+    let (started, cpu0) = (std::time::Instant::now(), cpu());
     let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
     metrics.render_to(&table, &mut gz).expect("render");
     let body = gz.finish().expect("gzip");
-    let took = started.elapsed();
-    let started = std::time::Instant::now();
+    let (took, cpu1) = (started.elapsed(), cpu());
     let mut text = Vec::new();
     metrics.render_to(&table, &mut text).expect("render");
-    let plain = started.elapsed();
+    let (plain, cpu2) = (started.elapsed() - took, cpu());
     println!(
-        "scrape:         {} bytes gzip in {took:.2?}, {} bytes text in {plain:.2?}",
+        "scrape gzip:    {} bytes in {took:.2?} ({:?} CPU)",
         body.len(),
+        cpu1 - cpu0
+    );
+    println!(
+        "scrape text:    {} bytes in {plain:.2?} ({:?} CPU)",
         text.len(),
+        cpu2 - cpu1
     );
     drop((body, text));
     let rss3 = rss();
