@@ -32,7 +32,7 @@
 //!  client_write(Request) ─▶ LogStore::append ──fsync──▶ replicated, committed
 //!     <data_dir>/raft-log.redb                                  │
 //!                                                               ▼
-//!  StateMachineStore::apply ─▶ State::apply per entry ─▶ record fsync'd
+//!  StateMachineStore::apply ─▶ State::apply per entry ─▶ changed rows fsync'd
 //!     <data_dir>/state-machine.redb                             │
 //!                                                               ▼
 //!  watch::Sender<AppliedState> ─▶ subscribe() receivers (data plane, admin reads)
@@ -44,9 +44,16 @@
 //! So an acknowledged write survives a crash of any minority and a restart
 //! of the whole cluster, and a restarted node serves its last applied state
 //! before it hears from a leader. The [`log_store`], [`state_machine`] and
-//! [`snapshot`] modules give the details. Corrupt bytes on disk or in a
+//! [`snapshot`] modules give the details; docs/storage.md the layout, its
+//! versions and the compatibility rules. Corrupt bytes on disk or in a
 //! received snapshot are a [`StorageError`](types::StorageError), never a
-//! panic; openraft stops the node on it.
+//! panic; openraft stops the node on it; bytes of a newer format are
+//! refused the same way ([`StoreError::NewerFormat`]).
+//!
+//! The applied [`State`] shares its structure between versions (an O(1)
+//! clone), and each published [`AppliedState`] tells what changed since an
+//! earlier index ([`AppliedState::changed_since`]), so readers rebuild only
+//! that.
 //!
 //! # Rules
 //!
