@@ -2,7 +2,7 @@
 //! API, on one node and on three (a measurement tool, not a test).
 //!
 //! ```text
-//!   cargo run --release -p integration --example scale -- [--groups 10000] [--nodes 1,3] …
+//!   cargo run --release -p integration --example scale -- [--groups 10000[,…]] [--nodes 1,3] …
 //! ```
 //!
 //! For each cluster size in `--nodes` (default `1,3`), starts a cluster of
@@ -42,8 +42,12 @@ use serde_json::json;
 #[derive(Debug, Parser)]
 #[command(about = "Load groups × instances through the admin API and measure the control plane")]
 struct Args {
-    /// Groups to create.
-    #[arg(long, default_value_t = 10_000)]
+    /// Groups to create; several sizes (`1000,2000`) run one after the
+    /// other, each on fresh clusters.
+    #[arg(long = "groups", value_delimiter = ',', default_values_t = [10_000_usize])]
+    sizes: Vec<usize>,
+    /// The size being run (one of `--groups`).
+    #[arg(skip)]
     groups: usize,
     /// Instances attached to each group.
     #[arg(long, default_value_t = 10)]
@@ -109,28 +113,31 @@ struct Row {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    ensure!(
-        args.groups >= 1 && args.writers >= 1,
-        "need groups and writers"
-    );
+    let mut args = Args::parse();
+    ensure!(args.writers >= 1, "need writers");
     ensure!(
         args.tranches >= 1 && args.ports >= 1 && args.ports <= 1000,
         "bad --tranches/--ports"
     );
-    let mut reports = Vec::new();
-    for &n in &args.nodes {
-        ensure!(
-            (1..=5).contains(&n),
-            "--nodes takes cluster sizes of 1 to 5"
-        );
-        let report = run(&args, n)
-            .await
-            .with_context(|| format!("{n} node(s)"))?;
-        eprintln!("{}", render(&args, std::slice::from_ref(&report)));
-        reports.push(report);
+    let mut out = String::new();
+    for groups in args.sizes.clone() {
+        ensure!(groups >= 1, "--groups takes sizes of at least 1");
+        args.groups = groups;
+        let mut reports = Vec::new();
+        for &n in &args.nodes {
+            ensure!(
+                (1..=5).contains(&n),
+                "--nodes takes cluster sizes of 1 to 5"
+            );
+            let report = run(&args, n)
+                .await
+                .with_context(|| format!("{n} node(s)"))?;
+            eprintln!("{}", render(&args, std::slice::from_ref(&report)));
+            reports.push(report);
+        }
+        out.push_str(&render(&args, &reports));
     }
-    println!("{}", render(&args, &reports));
+    println!("{out}");
     Ok(())
 }
 
