@@ -100,7 +100,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
     )
     .await
     .map_err(|e| StartError::Io(format!("starting raft: {e}")))?;
-    handler.set(raft.clone(), log.clone(), &transport);
+    let batcher = handler.set(raft.clone(), log.clone(), &transport);
     tokio::spawn(snapshots(raft.clone(), state.clone()));
     // Heartbeats and elections; the task ends when Raft stops.
     tokio::spawn(crate::election::run(
@@ -139,6 +139,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
             state,
             committed,
             policy,
+            batcher,
         ),
         transport,
         cluster_addr,

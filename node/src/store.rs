@@ -26,12 +26,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use openraft::{ChangeMembers, ServerState};
 use raft_store::AppliedState;
 use raft_store::command::Command;
 use raft_store::state::{Applied, ApplyError, State};
-use raft_store::types::{ClusterNode, Raft, Request};
+use raft_store::types::{ClusterNode, Raft};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -40,6 +40,12 @@ use crate::cluster::{
     Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply, Transport,
 };
 use crate::membership::Policy;
+
+mod batch;
+pub use batch::Batcher;
+
+#[cfg(test)]
+mod tests;
 
 /// Why a proposal failed.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +111,8 @@ pub struct Store {
     routed: std::sync::OnceLock<watch::Receiver<u64>>,
     committed: Arc<AtomicU64>,
     policy: Policy,
+    /// Where this node's writes are proposed when it leads.
+    batcher: Batcher,
 }
 
 impl std::fmt::Debug for Store {
@@ -128,6 +136,7 @@ impl Store {
         state: watch::Receiver<AppliedState>,
         committed: Arc<AtomicU64>,
         policy: Policy,
+        batcher: Batcher,
     ) -> Self {
         Self {
             node_id,
@@ -137,6 +146,7 @@ impl Store {
             routed: std::sync::OnceLock::new(),
             committed,
             policy,
+            batcher,
         }
     }
 
@@ -186,32 +196,43 @@ impl Store {
     async fn write(&self, cmd: Command) -> Result<(u64, Result<Applied, ApplyError>), StoreError> {
         let mut backoff = Duration::from_millis(20);
         loop {
-            match self.raft.client_write(Request::from(cmd.clone())).await {
-                Ok(resp) => {
-                    let result = resp
-                        .data
-                        .result
-                        .unwrap_or_else(|| Err(ApplyError::Invalid("entry had no outcome".into())));
-                    return Ok((resp.log_id.index, result));
-                }
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    if let (Some(id), Some(node)) = (f.leader_id, f.leader_node) {
-                        match self.forward(id, &node, Forward::Write(cmd.clone())).await {
-                            Ok(ForwardReply::Written { log_index, result }) => {
-                                return Ok((log_index, result));
-                            }
-                            Ok(other) => warn!(?other, "unexpected reply to a forwarded write"),
-                            Err(e) => {
-                                debug!(leader = id, error = %e, "forwarding the write failed; retrying")
-                            }
-                        }
+            // A follower that knows the leader forwards at once; the leader
+            // (or a node that does not know) queues the write in its
+            // batcher, which answers who leads when it does not.
+            let leader = match self.known_leader() {
+                Some(leader) => Some(leader),
+                None => match self.batcher.submit(cmd.clone()).await {
+                    Ok(written) => return Ok(written),
+                    Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
+                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                },
+            };
+            if let Some((id, node)) = leader {
+                match self.forward(id, &node, Forward::Write(cmd.clone())).await {
+                    Ok(ForwardReply::Written { log_index, result }) => {
+                        return Ok((log_index, result));
+                    }
+                    Ok(other) => warn!(?other, "unexpected reply to a forwarded write"),
+                    Err(e) => {
+                        debug!(leader = id, error = %e, "forwarding the write failed; retrying")
                     }
                 }
-                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(250));
         }
+    }
+
+    /// The leader this node's Raft names, when it is another node.
+    fn known_leader(&self) -> Option<(u64, ClusterNode)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader.filter(|&id| id != self.node_id)?;
+        if m.state == ServerState::Leader {
+            return None;
+        }
+        let node = m.membership_config.membership().get_node(&id)?.clone();
+        Some((id, node))
     }
 
     async fn forward(
@@ -483,7 +504,7 @@ pub(crate) async fn execute_membership(
 /// answers pre-votes and runs forwarded client requests when this node
 /// leads.
 pub struct RaftRpc {
-    raft: std::sync::OnceLock<(Raft, raft_store::LogStore, Weak<Transport>)>,
+    raft: std::sync::OnceLock<(Raft, raft_store::LogStore, Weak<Transport>, Batcher)>,
     timing: crate::election::Timing,
     policy: Policy,
     campaign: Arc<crate::election::Campaign>,
@@ -515,16 +536,28 @@ impl RaftRpc {
     }
 
     /// Connects the handler to its Raft once it exists (the transport has to
-    /// be bound before Raft is built).
-    pub fn set(&self, raft: Raft, log: raft_store::LogStore, transport: &Arc<Transport>) {
-        let _ = self.raft.set((raft, log, Arc::downgrade(transport)));
+    /// be bound before Raft is built), and starts the batcher that proposes
+    /// this node's writes and those forwarded to it: the [`Store`] of the
+    /// node proposes through the one returned.
+    pub fn set(
+        &self,
+        raft: Raft,
+        log: raft_store::LogStore,
+        transport: &Arc<Transport>,
+    ) -> Batcher {
+        let set = self.raft.get_or_init(|| {
+            let me = raft.metrics().borrow().id;
+            let batcher = Batcher::start(raft.clone(), me, Arc::downgrade(transport));
+            (raft, log, Arc::downgrade(transport), batcher)
+        });
+        set.3.clone()
     }
 }
 
 impl RaftHandler for RaftRpc {
     fn handle(&self, from: u64, rpc: Rpc) -> HandlerFuture<'_> {
         Box::pin(async move {
-            let Some((raft, log, transport)) = self.raft.get() else {
+            let Some((raft, log, transport, batcher)) = self.raft.get() else {
                 return RpcReply::Error("raft is starting".into());
             };
             match rpc {
@@ -544,16 +577,14 @@ impl RaftHandler for RaftRpc {
                 Rpc::InstallSnapshot(r) => {
                     RpcReply::InstallSnapshot(raft.install_snapshot(r).await)
                 }
-                Rpc::Forward(Forward::Write(command)) => {
-                    RpcReply::Forward(match raft.client_write(Request { command }).await {
-                        Ok(w) => Ok(ForwardReply::Written {
-                            log_index: w.log_id.index,
-                            result: w.data.result.unwrap_or_else(|| {
-                                Err(ApplyError::Invalid("entry had no outcome".into()))
-                            }),
-                        }),
-                        Err(e) => Err(e.into()),
-                    })
+                Rpc::Forward(Forward::Write(command)) => RpcReply::Forward(
+                    batcher
+                        .submit(command)
+                        .await
+                        .map(|(log_index, result)| ForwardReply::Written { log_index, result }),
+                ),
+                Rpc::Forward(Forward::Features) => {
+                    RpcReply::Forward(Ok(ForwardReply::Features { batches: true }))
                 }
                 Rpc::Forward(Forward::Linearize) => {
                     RpcReply::Forward(match raft.ensure_linearizable().await {

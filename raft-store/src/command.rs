@@ -56,6 +56,17 @@ pub enum Command {
         /// The secrets every member shares.
         secrets: ClusterSecrets,
     },
+    /// Several commands in one log entry, applied in order, each on its
+    /// own: a refused one leaves the state as it was and the next still
+    /// applies ([`Applied::Batch`](crate::state::Applied::Batch) answers
+    /// each). The leader groups concurrent writes this way so that one
+    /// append (one fsync) carries many; it does so only once every member
+    /// reads batches, since older nodes do not. A batch inside a batch is
+    /// refused.
+    Batch {
+        /// The commands, in the order they apply.
+        commands: Vec<Self>,
+    },
 }
 
 /// How a patch combines its value with the current list.

@@ -81,6 +81,8 @@ pub enum Applied {
     Certificate(String),
     /// The cluster's CA and token hash were recorded.
     ClusterInitialized,
+    /// What each command of a [`Command::Batch`] answered, in order.
+    Batch(Vec<Result<Self, ApplyError>>),
 }
 
 /// Why a command was refused. The message is for operators.
@@ -138,6 +140,16 @@ impl State {
         cmd: &Command,
         rows: &mut Rows,
     ) -> Result<Applied, ApplyError> {
+        if let Command::Batch { commands } = cmd {
+            let results = commands
+                .iter()
+                .map(|c| match c {
+                    Command::Batch { .. } => Err(nested_batch()),
+                    c => self.apply_noting(c, rows),
+                })
+                .collect();
+            return Ok(Applied::Batch(results));
+        }
         let (change, applied) = self.plan(cmd)?;
         match &change {
             Change::Put(g) => rows.groups.insert(g.uuid),
@@ -298,6 +310,10 @@ impl State {
                     Applied::ClusterInitialized,
                 ))
             }
+            // `apply_noting` applies a batch command by command.
+            Command::Batch { .. } => Err(ApplyError::Invalid(
+                "a batch is checked command by command".into(),
+            )),
         }
     }
 
@@ -324,5 +340,10 @@ impl State {
 pub(crate) mod fixtures;
 #[cfg(test)]
 pub(crate) mod proptests;
+
+fn nested_batch() -> ApplyError {
+    ApplyError::Invalid("a batch inside a batch".into())
+}
+
 #[cfg(test)]
 mod tests;

@@ -63,6 +63,10 @@ pub enum Forward {
     /// Confirm leadership and tell the index a linearizable read must wait
     /// for.
     Linearize,
+    /// What log entries the node reads: the leader asks every member before
+    /// it proposes batch entries (a node older than them resets the stream,
+    /// as it does for anything it cannot decode).
+    Features,
 }
 
 /// The answer to one [`Rpc`]; the variant matches the request's.
@@ -109,6 +113,11 @@ pub enum ForwardReply {
     Linearized {
         /// The log index to wait for.
         read_index: u64,
+    },
+    /// The answer to [`Forward::Features`].
+    Features {
+        /// The node reads `Command::Batch` entries.
+        batches: bool,
     },
 }
 

@@ -291,6 +291,8 @@ fn generators_reach_every_outcome() {
                 Ok(Applied::Certificate(_)) => "certificate",
                 // Not generated: bootstrap-only, covered by a unit test.
                 Ok(Applied::ClusterInitialized) => "cluster",
+                // Not generated: the leader forms batches (unit test).
+                Ok(Applied::Batch(_)) => "batch",
                 Err(ApplyError::Invalid(_)) => "invalid",
                 Err(ApplyError::NotFound(_)) => "not found",
                 Err(ApplyError::Conflict(_)) => "conflict",

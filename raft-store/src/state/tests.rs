@@ -369,3 +369,47 @@ fn serialised_form_is_unchanged() {
     let json = serde_json::json!({"groups": [a, b], "certificates": []});
     assert!(serde_json::from_value::<State>(json).is_err());
 }
+
+#[test]
+fn a_batch_applies_in_order_and_a_refused_command_fails_alone() {
+    let mut s = state();
+    let before = s.clone();
+    let batch = Command::Batch {
+        commands: vec![
+            create(group(30, "new", vec![svc(8080, 80, &[Http])])),
+            // Sees the group created just before it in the same batch.
+            attach("new", inst(31, "a")),
+            // Refused: the name is taken by the attach above.
+            attach("new", inst(32, "a")),
+            attach("nope", inst(33, "b")),
+            Command::Batch { commands: vec![] },
+            attach("new", inst(34, "c")),
+        ],
+    };
+    let Ok(Applied::Batch(results)) = s.apply(&batch) else {
+        panic!("the batch was refused as a whole");
+    };
+    assert_eq!(results.len(), 6);
+    assert!(matches!(results[0], Ok(Applied::Group(ref g)) if g.name == "new"));
+    assert!(
+        matches!(results[1], Ok(Applied::Attached { ref instance, .. }) if instance.name == "a")
+    );
+    assert_eq!(
+        results[2],
+        conflict("instance \"a\" already exists in group \"new\"")
+    );
+    assert!(is_not_found(&results[3]));
+    assert!(is_invalid(&results[4]));
+    assert!(
+        matches!(results[5], Ok(Applied::Attached { ref instance, .. }) if instance.name == "c")
+    );
+    let names: Vec<&str> = s
+        .group("new")
+        .map(|g| g.instances.iter().map(|i| i.name.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["a", "c"]);
+    // The groups that were there are untouched.
+    for g in before.groups() {
+        assert_eq!(s.group(&g.name), Some(g));
+    }
+}

@@ -1,0 +1,289 @@
+//! Group commit on the leader: concurrent writes share one log entry.
+//!
+//! openraft 0.9 appends each `client_write` as its own entry, with its own
+//! fsync, one after the other inside the Raft core; replication, the
+//! followers' appends and the state machine's persist are paid per entry
+//! too. Every write proposed on this node (its own and those forwarded by
+//! followers) is therefore queued here, and one task proposes what has
+//! queued as one [`Command::Batch`] entry:
+//!
+//! ```text
+//!  write ─┐                 ┌─ wait for a free slot (≤ IN_FLIGHT entries proposed, not answered)
+//!  write ─┼─▶ queue ─▶ task ┼─ drain the queue (≤ MAX_COMMANDS, ≤ MAX_BYTES)
+//!  write ─┘                 └─ client_write_ff(Batch) ─▶ waiter: answers each caller its own result
+//! ```
+//!
+//! While entries are in flight the queue fills, so the busier the node the
+//! larger the batches; an idle node proposes each write at once, alone.
+//! Commands apply in queue order, each on its own: a refused command is
+//! answered its error and the others still apply. The task never waits for
+//! an entry to commit before proposing the next (up to `IN_FLIGHT`), so
+//! entries pipeline through append, replication and apply.
+//!
+//! Nodes older than batching cannot read a batch entry, so during a rolling
+//! upgrade the leader proposes batches only once every member has said it
+//! reads them ([`Forward::Features`], asked once per member and again
+//! every [`ASK_AGAIN`] while one says no or does not answer); until then
+//! each write is its own entry, as before.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use raft_store::command::Command;
+use raft_store::state::{Applied, ApplyError};
+use raft_store::types::{ClusterNode, Raft, Request};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::cluster::{Forward, ForwardError, ForwardReply, Rpc, RpcReply, Transport};
+
+/// What a write answers: the index of its entry and what applying it did.
+pub(crate) type Outcome = Result<(u64, Result<Applied, ApplyError>), ForwardError>;
+
+/// Entries proposed and not yet answered, at most.
+const IN_FLIGHT: usize = 2;
+/// Commands in one entry, at most.
+const MAX_COMMANDS: usize = 64;
+/// Encoded commands in one entry, at most (a larger command goes alone).
+const MAX_BYTES: usize = 512 * 1024;
+/// How often a member that does not (yet) read batches is asked again.
+const ASK_AGAIN: Duration = Duration::from_secs(2);
+/// How long asking a member may take.
+const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One queued write.
+struct Pending {
+    cmd: Command,
+    size: usize,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The queue of writes this node proposes (see the module's doc); cheap to
+/// clone.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").finish_non_exhaustive()
+    }
+}
+
+impl Batcher {
+    /// Starts the proposing task of node `me`; it ends when every clone of
+    /// the returned handle is dropped.
+    pub(crate) fn start(raft: Raft, me: u64, transport: Weak<Transport>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let readers = Arc::new(Readers {
+            me,
+            transport,
+            known: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(run(raft, rx, readers));
+        Self { tx }
+    }
+
+    /// Queues `cmd` now (so that writes queued one after the other apply in
+    /// that order) and returns its answer to await. A node that does not
+    /// lead answers [`ForwardError::NotLeader`].
+    pub(crate) fn submit(&self, cmd: Command) -> impl Future<Output = Outcome> + use<> {
+        let (reply, answer) = oneshot::channel();
+        let size = serde_json::to_vec(&cmd).map_or(usize::MAX, |v| v.len());
+        let queued = self.tx.send(Pending { cmd, size, reply });
+        async move {
+            if queued.is_err() {
+                return Err(stopped());
+            }
+            answer.await.unwrap_or_else(|_| Err(stopped()))
+        }
+    }
+}
+
+fn stopped() -> ForwardError {
+    ForwardError::Failed("the node's Raft is stopping".into())
+}
+
+async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>, readers: Arc<Readers>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        // Writes queue while every slot is taken: the next entry carries them.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        let mut bytes = batch[0].size;
+        let mut next = None;
+        while batch.len() < MAX_COMMANDS {
+            let Ok(p) = rx.try_recv() else { break };
+            if bytes.saturating_add(p.size) > MAX_BYTES {
+                next = Some(p);
+                break;
+            }
+            bytes = bytes.saturating_add(p.size);
+            batch.push(p);
+        }
+        // Callers that gave up (their deadline passed) are not proposed.
+        batch.retain(|p| !p.reply.is_closed());
+        if batch.len() > 1 && readers.all_read_batches(&raft) {
+            propose_batch(&raft, batch, slot).await;
+        } else {
+            propose_each(&raft, batch, slot).await;
+        }
+        if let Some(p) = next {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            propose_each(&raft, vec![p], slot).await;
+        }
+    }
+}
+
+/// Proposes `batch` as one entry and answers each caller its own result.
+async fn propose_batch(raft: &Raft, batch: Vec<Pending>, slot: OwnedSemaphorePermit) {
+    let (commands, replies): (Vec<Command>, Vec<oneshot::Sender<Outcome>>) =
+        batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
+    let n = commands.len();
+    let cmd = Command::Batch { commands };
+    match raft.client_write_ff(Request::from(cmd)).await {
+        Err(fatal) => {
+            let e = ForwardError::Failed(fatal.to_string());
+            for r in replies {
+                let _ = r.send(Err(e.clone()));
+            }
+        }
+        Ok(answer) => {
+            tokio::spawn(async move {
+                let outcome = answer.await;
+                drop(slot);
+                let outcomes = match outcome {
+                    Ok(Ok(resp)) => split(resp.log_id.index, resp.data.result, n),
+                    Ok(Err(e)) => vec![Err(ForwardError::from(RaftError::APIError(e))); n],
+                    Err(_) => vec![Err(stopped()); n],
+                };
+                for (r, o) in replies.into_iter().zip(outcomes) {
+                    let _ = r.send(o);
+                }
+            });
+        }
+    }
+}
+
+/// The answer of each of a batch's `n` commands, from the entry's.
+fn split(index: u64, result: Option<Result<Applied, ApplyError>>, n: usize) -> Vec<Outcome> {
+    match result {
+        Some(Ok(Applied::Batch(results))) if results.len() == n => {
+            results.into_iter().map(|r| Ok((index, r))).collect()
+        }
+        other => {
+            let e = ApplyError::Invalid(format!("a batch of {n} answered {other:?}"));
+            vec![Ok((index, Err(e))); n]
+        }
+    }
+}
+
+/// Proposes each write as its own entry, in order.
+async fn propose_each(raft: &Raft, batch: Vec<Pending>, slot: OwnedSemaphorePermit) {
+    let mut answers = Vec::with_capacity(batch.len());
+    for p in batch {
+        match raft.client_write_ff(Request::from(p.cmd)).await {
+            Ok(answer) => answers.push((answer, p.reply)),
+            Err(fatal) => {
+                let _ = p.reply.send(Err(ForwardError::Failed(fatal.to_string())));
+            }
+        }
+    }
+    tokio::spawn(async move {
+        for (answer, reply) in answers {
+            let outcome = match answer.await {
+                Ok(Ok(resp)) => Ok((
+                    resp.log_id.index,
+                    resp.data
+                        .result
+                        .unwrap_or_else(|| Err(ApplyError::Invalid("entry had no outcome".into()))),
+                )),
+                Ok(Err(e)) => Err(ForwardError::from(
+                    RaftError::<u64, ClientWriteError<_, _>>::APIError(e),
+                )),
+                Err(_) => Err(stopped()),
+            };
+            let _ = reply.send(outcome);
+        }
+        drop(slot);
+    });
+}
+
+/// Which members read batch entries, as far as this node has asked.
+struct Readers {
+    me: u64,
+    transport: Weak<Transport>,
+    known: Mutex<HashMap<u64, Known>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Known {
+    /// It said it reads batches.
+    Yes,
+    /// Being asked.
+    Asking,
+    /// It said no, or did not answer, at this time.
+    No(Instant),
+}
+
+impl Readers {
+    /// Whether every member of the membership this node knows reads
+    /// batches; asks those it does not know about (without waiting).
+    fn all_read_batches(self: &Arc<Self>, raft: &Raft) -> bool {
+        let membership = raft.metrics().borrow().membership_config.clone();
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all = true;
+        for (&id, node) in membership.membership().nodes() {
+            if id == self.me {
+                continue;
+            }
+            match known.get(&id) {
+                Some(Known::Yes) => continue,
+                Some(Known::Asking) => {}
+                Some(Known::No(at)) if at.elapsed() < ASK_AGAIN => {}
+                _ => {
+                    known.insert(id, Known::Asking);
+                    tokio::spawn(Arc::clone(self).ask(id, node.clone()));
+                }
+            }
+            all = false;
+        }
+        all
+    }
+
+    async fn ask(self: Arc<Self>, id: u64, node: ClusterNode) {
+        let reads = match self.transport.upgrade() {
+            Some(t) => {
+                let rpc = Rpc::Forward(Forward::Features);
+                matches!(
+                    t.call(id, &node.cluster_addr, rpc, ASK_TIMEOUT).await,
+                    Ok(RpcReply::Forward(Ok(ForwardReply::Features {
+                        batches: true
+                    })))
+                )
+            }
+            None => false,
+        };
+        debug!(
+            node = id,
+            reads, "asked whether a member reads batch entries"
+        );
+        let now = if reads {
+            Known::Yes
+        } else {
+            Known::No(Instant::now())
+        };
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, now);
+    }
+}

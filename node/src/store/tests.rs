@@ -1,0 +1,202 @@
+//! The batcher on a one-node store: concurrent writes share entries, each
+//! caller gets its own answer, order holds, and a cluster with a member that
+//! does not say it reads batches gets one entry per write.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use raft_store::command::Command;
+use raft_store::model::{Domain, Instance, Service, ServiceGroup};
+use raft_store::state::{Applied, ApplyError};
+use raft_store::types::ClusterNode;
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+
+/// A data dir removed on drop.
+struct Dir(std::path::PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn store() -> (Arc<Store>, Dir) {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("edgelb-batch-test-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (store, _transport) = crate::raft::one_node_store(&dir)
+        .await
+        .expect("one-node store");
+    (Arc::new(store), Dir(dir))
+}
+
+/// Proposes every command from its own task, started in order (so queued
+/// in order), and returns the answers in that order.
+async fn propose_all(store: &Arc<Store>, cmds: &[Command]) -> Vec<Result<Applied, StoreError>> {
+    let tasks: Vec<_> = cmds
+        .iter()
+        .map(|c| {
+            let (store, c) = (Arc::clone(store), c.clone());
+            tokio::spawn(async move { store.propose(c).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("write task"));
+    }
+    out
+}
+
+fn create(name: &str) -> Command {
+    Command::CreateGroup {
+        group: ServiceGroup {
+            uuid: Uuid::new_v4(),
+            name: name.into(),
+            domains: vec![Domain {
+                fqdn: format!("{name}.test"),
+                certificate: None,
+            }],
+            services: vec![Service {
+                port: 8080,
+                destination_port: 80,
+                handlers: vec![raft_store::model::Handler::Http],
+            }],
+            hard_limit: 10,
+            instances: vec![],
+            created_at: "2026-01-01T00:00:00Z".into(),
+            persistent: true,
+        },
+    }
+}
+
+fn attach(group: &str, name: &str) -> Command {
+    Command::AttachInstance {
+        group: group.into(),
+        instance: Instance {
+            uuid: Uuid::new_v4(),
+            name: name.into(),
+            address: "10.0.0.1".into(),
+        },
+    }
+}
+
+fn attached(r: &Result<Applied, StoreError>) -> Option<(&str, &str)> {
+    match r {
+        Ok(Applied::Attached { group, instance }) => Some((group, &instance.name)),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn concurrent_writes_share_entries_and_each_caller_gets_its_answer() {
+    let (store, _dir) = store().await;
+    store.propose(create("web")).await.expect("create");
+    let before = store.status().last_log_index;
+    // Good and refused commands mixed: unknown group, taken name.
+    let cmds: Vec<Command> = (0..32)
+        .map(|i| match i % 4 {
+            3 => attach("nope", &format!("i{i}")),
+            2 if i > 2 => attach("web", &format!("i{}", i - 2)),
+            _ => attach("web", &format!("i{i}")),
+        })
+        .collect();
+    let results = propose_all(&store, &cmds).await;
+    for (i, r) in results.iter().enumerate() {
+        match i % 4 {
+            3 => assert!(
+                matches!(r, Err(StoreError::Apply(ApplyError::NotFound(_)))),
+                "write {i}: {r:?}"
+            ),
+            2 if i > 2 => assert!(
+                matches!(r, Err(StoreError::Apply(ApplyError::Conflict(_)))),
+                "write {i}: {r:?}"
+            ),
+            _ => assert_eq!(
+                attached(r),
+                Some(("web", format!("i{i}").as_str())),
+                "write {i}: {r:?}"
+            ),
+        }
+    }
+    let instances = store.state().group("web").map_or(0, |g| g.instances.len());
+    assert_eq!(instances, 32 / 4 * 2 + 1);
+    let entries = store.status().last_log_index - before;
+    assert!(entries < 8, "32 concurrent writes took {entries} entries");
+}
+
+#[tokio::test]
+async fn writes_queued_in_order_apply_in_order() {
+    let (store, _dir) = store().await;
+    // Queued before the batcher runs: one entry, applied in queue order.
+    let answers: Vec<_> = [
+        create("a"),
+        attach("a", "x"),
+        Command::DeleteGroup {
+            id: "a".into(),
+            force: true,
+        },
+        attach("a", "y"),
+        create("a"),
+        attach("a", "z"),
+    ]
+    .into_iter()
+    .map(|c| store.batcher.submit(c))
+    .collect();
+    let mut results: Vec<Result<Applied, ApplyError>> = Vec::new();
+    for a in answers {
+        results.push(a.await.expect("written").1);
+    }
+    assert!(matches!(results[0], Ok(Applied::Group(_))), "{results:?}");
+    assert!(
+        matches!(results[1], Ok(Applied::Attached { .. })),
+        "{results:?}"
+    );
+    assert!(matches!(results[2], Ok(Applied::Deleted(_))), "{results:?}");
+    assert!(
+        matches!(results[3], Err(ApplyError::NotFound(_))),
+        "{results:?}"
+    );
+    assert!(matches!(results[4], Ok(Applied::Group(_))), "{results:?}");
+    assert!(
+        matches!(results[5], Ok(Applied::Attached { .. })),
+        "{results:?}"
+    );
+    let names: Vec<String> = store
+        .state()
+        .group("a")
+        .map(|g| g.instances.iter().map(|i| i.name.clone()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["z"]);
+}
+
+#[tokio::test]
+async fn a_member_that_does_not_read_batches_gets_one_entry_per_write() {
+    let (store, _dir) = store().await;
+    store.propose(create("web")).await.expect("create");
+    // A learner nobody answers for: it never says it reads batches (learners
+    // do not count for the quorum, so writes still commit).
+    let silent = ClusterNode {
+        region: "test".into(),
+        cluster_addr: "127.0.0.1:9".into(),
+        admin_addr: "127.0.0.1:9".into(),
+    };
+    store
+        .raft()
+        .add_learner(2, silent, false)
+        .await
+        .expect("add learner");
+    let before = store.status().last_log_index;
+    let cmds: Vec<Command> = (0..8).map(|i| attach("web", &format!("i{i}"))).collect();
+    let results = propose_all(&store, &cmds).await;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(
+            attached(r),
+            Some(("web", format!("i{i}").as_str())),
+            "{r:?}"
+        );
+    }
+    assert_eq!(store.status().last_log_index - before, 8);
+}
