@@ -179,7 +179,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<Reply, ApiError>
         } else {
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
         }),
-        ["metrics"] if method == Method::GET => scrape::metrics(admin, &parts.headers).await,
+        ["metrics"] if method == Method::GET => Ok(scrape::metrics(admin, &parts.headers)),
         ["healthz" | "readyz" | "metrics"] => Err(not_allowed("GET")),
         ["v1", rest @ ..] => {
             if !authorized(&parts.headers, &admin.token) {

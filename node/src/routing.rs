@@ -25,7 +25,7 @@
 //! the swap:
 //!
 //! ```text
-//!  State ─▶ build(state, prev, changes) ─▶ (table, effects) ─▶ routes.store(table) ─▶ run effects
+//!  State ─▶ update(state, prev, changes) ─▶ (table, effects) ─▶ routes.store(table) ─▶ run effects
 //! ```
 //!
 //! A group whose instances (or limit) changed gets a new balancer built over
@@ -254,17 +254,6 @@ impl RoutingTable {
     /// Every group's runtime.
     pub fn groups(&self) -> impl Iterator<Item = &Arc<GroupRuntime>> {
         self.groups.values()
-    }
-
-    /// Groups in the table.
-    pub fn group_count(&self) -> usize {
-        self.groups.len()
-    }
-
-    /// Builds the table for `state` from nothing but the runtime of `prev`
-    /// (see [`RoutingTable::update`] with [`Changes::All`]).
-    pub fn build(state: &State, prev: &Self, cx: &BuildContext<'_>) -> (Self, Vec<Effect>) {
-        Self::update(state, prev, &Changes::All, cx)
     }
 }
 

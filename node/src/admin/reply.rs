@@ -3,15 +3,35 @@
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use raft_store::api;
 use raft_store::state::ApplyError;
 use serde::Serialize;
 
 use crate::store::StoreError;
 
-/// Every admin response has a complete body.
-pub(crate) type Reply = Response<Full<Bytes>>;
+/// An admin response: a complete body, or one streamed as it is produced
+/// (`/metrics`).
+pub(crate) type Reply = Response<Either<Full<Bytes>, Chunks>>;
+
+/// A body streamed in chunks from a channel; it ends when the sender is
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct Chunks(pub(crate) tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
 
 /// An answer other than success, rendered as the error envelope with the
 /// same HTTP status.
@@ -133,7 +153,7 @@ pub(crate) fn with_type(
     content_type: &'static str,
     body: impl Into<Bytes>,
 ) -> Reply {
-    let mut reply = Response::new(Full::new(body.into()));
+    let mut reply = Response::new(Either::Left(Full::new(body.into())));
     *reply.status_mut() = status;
     reply
         .headers_mut()
