@@ -7,9 +7,9 @@
 //!
 //! Parts: the replicated `State` (the state machine's copy), the routing
 //! table (group runtimes, backends with their metric counters, balancers,
-//! port routes), one `GET /metrics` (gzip; transient), and upstream pools
-//! if every instance got traffic on its port (pools are created on first
-//! use, so an idle instance has none).
+//! port routes), one `GET /metrics` body (gzip and text: time and CPU), and
+//! upstream pools if every instance got traffic on its port (pools are
+//! created on first use, so an idle instance has none).
 
 #[path = "../benches/support/scale.rs"]
 mod scale;
@@ -27,6 +27,20 @@ fn rss() -> usize {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
         .map_or(0, |pages| pages * 4096)
+}
+
+/// Counts what is written to it.
+struct Counted(usize);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// CPU time (user + system) this process used so far, from
@@ -74,7 +88,8 @@ fn main() {
     metrics.render_to(&table, &mut gz).expect("render");
     let body = gz.finish().expect("gzip");
     let (took, cpu1) = (started.elapsed(), cpu());
-    let mut text = Vec::new();
+    // As `/metrics` streams it: chunk by chunk, never whole.
+    let mut text = Counted(0);
     metrics.render_to(&table, &mut text).expect("render");
     let (plain, cpu2) = (started.elapsed() - took, cpu());
     println!(
@@ -84,10 +99,10 @@ fn main() {
     );
     println!(
         "scrape text:    {} bytes in {plain:.2?} ({:?} CPU)",
-        text.len(),
+        text.0,
         cpu2 - cpu1
     );
-    drop((body, text));
+    drop(body);
     let rss3 = rss();
     println!(
         "after a scrape: {:>6.0} B/instance RSS (state + table; freed buffers may stay resident)",
