@@ -36,7 +36,7 @@ use raft_store::NodeId;
 use tokio::time::timeout;
 use tracing::{Instrument, debug, warn};
 
-use super::server::Peer;
+use super::server::{Peer, Role};
 use super::tls::{ALPN_GOSSIP_2, negotiated_alpn};
 use super::transport::{Shared, TransportError, bump, codes};
 
@@ -191,7 +191,7 @@ struct Sender {
 /// Serves an incoming gossip connection until it closes.
 pub(super) async fn serve(shared: Arc<Shared>, conn: Connection) {
     bump(&shared.stats.gossip_connections_accepted);
-    let Some(peer) = Peer::of(&shared, &conn) else {
+    let Some(peer) = Peer::of(&shared, &conn, Role::Gossip) else {
         return;
     };
     let sender = Arc::new(Sender {

@@ -1,4 +1,5 @@
-//! One kept Raft connection per peer, made in the background.
+//! One Raft connection per pair of peers, made in the background and
+//! used both ways.
 //!
 //! A connection is made once and reused by every RPC. Making it is a task
 //! of its own, not part of any RPC: an RPC whose deadline passes while the
@@ -9,11 +10,27 @@
 //! attempt starts promptly instead of waiting out QUIC's growing
 //! retransmission timer; a handshake the peer has answered is finished.
 //!
+//! QUIC streams go both ways, so each side serves RPCs on every Raft
+//! connection, whoever opened it, and calls go out on the connection the
+//! peer opened as readily as on one of this node's own. After a peer
+//! restarts, it connects to its voters at once: they call it on that
+//! connection instead of waiting for a handshake of their own, a round
+//! trip and more sooner. The rules, the same on both sides:
+//! - a node opens a connection of its own only when it has no open one to
+//!   the peer (neither its own nor the peer's);
+//! - with both open (the two opened theirs at the same time, e.g. as a
+//!   partition healed), both use the one opened by the lower node id; the
+//!   higher retires its own and closes it after [`RETIRE_GRACE`], so calls
+//!   in flight on it finish;
+//! - a call waiting for this node's handshake takes the peer's connection
+//!   as soon as it arrives.
+//!
 //! ```text
-//!  call ─▶ slot(peer) ─ connected, same addr, open? ──yes──▶ use it
-//!                      │ no
+//!  call ─▶ slot(peer) ─ own (same addr) or peer's open? ──yes──▶ use it
+//!                      │ no                        (both: the lower id's)
 //!                      └─▶ connecting? ──no──▶ spawn connect(addr, attempt_timeout)
-//!                               └─ wait for the outcome (bounded by the call's deadline)
+//!                               └─ wait for it or the peer's connection
+//!                                  (bounded by the call's deadline)
 //! ```
 //!
 //! A connection whose RPC timed out is dropped ([`PeerSlot::discard`]): a
@@ -44,12 +61,34 @@ const ATTEMPT_MAX: Duration = Duration::from_secs(3);
 /// (see [`PeerSlot::hurry`]); a younger one's first packets are still fresh.
 const HURRY_AFTER: Duration = Duration::from_millis(100);
 
+/// How long a retired connection stays open for the calls in flight on it:
+/// longer than any RPC (a snapshot chunk's limit is 5 s).
+pub(crate) const RETIRE_GRACE: Duration = Duration::from_secs(6);
+
+/// How long after this node's own connection was made a peer's may still
+/// arrive because the two handshakes crossed: the peer's handshake began
+/// before ours reached it (half a round trip) and took a round trip and a
+/// half. Four round trips, at least 250 ms, leave room for slow hosts.
+fn crossing_time(rtt: Duration) -> Duration {
+    (rtt * 4).max(Duration::from_millis(250))
+}
+
 /// How long one handshake attempt may take.
 pub(crate) fn attempt_timeout(rtt: Option<Duration>) -> Duration {
     rtt.map_or(ATTEMPT_MIN, |r| (r * 3).clamp(ATTEMPT_MIN, ATTEMPT_MAX))
 }
 
-/// The state of the connection to one peer.
+/// Of two open connections between `me` and `peer`, the one both use: the
+/// one opened by the lower id. `true` when that is this node's own.
+pub(crate) fn own_is_canonical(me: NodeId, peer: NodeId) -> bool {
+    me < peer
+}
+
+fn is_open(conn: &Connection) -> bool {
+    conn.close_reason().is_none()
+}
+
+/// The state of this node's own connection to one peer.
 #[derive(Clone, Debug, Default)]
 enum Conn {
     #[default]
@@ -62,6 +101,8 @@ enum Conn {
     Up {
         addr: String,
         conn: Connection,
+        /// When the handshake finished.
+        since: tokio::time::Instant,
     },
     Failed {
         attempt: u64,
@@ -69,11 +110,58 @@ enum Conn {
     },
 }
 
+/// This node's own connection and the newest one the peer opened to it.
+#[derive(Clone, Debug, Default)]
+struct Links {
+    own: Conn,
+    inbound: Option<Connection>,
+}
+
+/// Which connection a call uses.
+#[derive(Clone, Debug)]
+struct Pick {
+    conn: Connection,
+    /// This node's own connection, open but not the canonical one: the
+    /// caller retires it.
+    retire: Option<Connection>,
+}
+
+impl Links {
+    /// The open connection calls to the peer at `addr` use (`None` for
+    /// any address: the peer's own connection proves who it is wherever
+    /// it comes from).
+    fn pick(&self, addr: Option<&str>, own_canonical: bool) -> Option<Pick> {
+        let own = match &self.own {
+            Conn::Up { addr: a, conn, .. } if addr.is_none_or(|x| x == a) && is_open(conn) => {
+                Some(conn)
+            }
+            _ => None,
+        };
+        let inbound = self.inbound.as_ref().filter(|c| is_open(c));
+        match (own, inbound) {
+            (Some(o), Some(_)) if own_canonical => Some(Pick {
+                conn: o.clone(),
+                retire: None,
+            }),
+            (Some(o), Some(i)) => Some(Pick {
+                conn: i.clone(),
+                retire: Some(o.clone()),
+            }),
+            (Some(c), None) | (None, Some(c)) => Some(Pick {
+                conn: c.clone(),
+                retire: None,
+            }),
+            (None, None) => None,
+        }
+    }
+}
+
 /// The connection slot of one peer.
 #[derive(Debug)]
 pub(crate) struct PeerSlot {
+    me: NodeId,
     target: NodeId,
-    state: watch::Sender<Conn>,
+    state: watch::Sender<Links>,
     inner: Mutex<SlotInner>,
 }
 
@@ -91,10 +179,11 @@ struct SlotInner {
 }
 
 impl PeerSlot {
-    pub(crate) fn new(target: NodeId) -> Self {
+    pub(crate) fn new(me: NodeId, target: NodeId) -> Self {
         Self {
+            me,
             target,
-            state: watch::Sender::new(Conn::None),
+            state: watch::Sender::new(Links::default()),
             inner: Mutex::new(SlotInner::default()),
         }
     }
@@ -103,33 +192,87 @@ impl PeerSlot {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether a connection to `addr` is open or being made, or an attempt
-    /// started within the last [`ATTEMPT_MIN`] (a peer that refuses at once
-    /// is not asked again on every tick of a caller that keeps it warm).
+    fn own_canonical(&self) -> bool {
+        own_is_canonical(self.me, self.target)
+    }
+
+    /// The connection to use from `links`, retiring this node's own when
+    /// the peer's is the canonical one.
+    fn choose(&self, links: &Links, addr: Option<&str>) -> Option<Connection> {
+        let pick = links.pick(addr, self.own_canonical())?;
+        if let Some(old) = pick.retire {
+            self.retire(&old);
+        }
+        Some(pick.conn)
+    }
+
+    /// Stops using this node's own connection `conn` (the peer's is
+    /// canonical) and closes it once calls in flight on it are done.
+    fn retire(&self, conn: &Connection) {
+        let id = conn.stable_id();
+        let retired = self.state.send_if_modified(|l| match &l.own {
+            Conn::Up { conn: c, .. } if c.stable_id() == id => {
+                l.own = Conn::None;
+                true
+            }
+            _ => false,
+        });
+        if retired {
+            debug!(
+                target = self.target,
+                "using the peer's connection; retiring ours"
+            );
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(RETIRE_GRACE).await;
+                conn.close(codes::SHUTDOWN, b"superseded");
+            });
+        }
+    }
+
+    /// Whether a connection to `addr` (or one the peer opened) is open or
+    /// being made, or an attempt started within the last [`ATTEMPT_MIN`]
+    /// (a peer that refuses at once is not asked again on every tick of a
+    /// caller that keeps it warm).
     pub(crate) fn is_open_or_opening(&self, addr: &str) -> bool {
         let recent = self
             .inner()
             .started
             .is_some_and(|t| t.elapsed() < ATTEMPT_MIN);
-        match &*self.state.borrow() {
-            Conn::Up { addr: a, conn } => a == addr && conn.close_reason().is_none(),
+        let links = self.state.borrow();
+        if links.pick(Some(addr), self.own_canonical()).is_some() {
+            return true;
+        }
+        match &links.own {
             Conn::Connecting { addr: a, .. } => a == addr,
             _ => recent,
         }
     }
 
-    /// The round trip measured on the open connection, if there is one.
-    /// Without one the last measurement may be stale (the link may have
-    /// slowed since), so callers use their full limits.
+    /// The round trip measured on the connection calls use, if there is
+    /// one. Without one the last measurement may be stale (the link may
+    /// have slowed since), so callers use their full limits.
     pub(crate) fn rtt(&self) -> Option<Duration> {
-        match &*self.state.borrow() {
-            Conn::Up { conn, .. } => Some(conn.rtt()),
-            _ => None,
-        }
+        self.state
+            .borrow()
+            .pick(None, self.own_canonical())
+            .map(|p| p.conn.rtt())
     }
 
-    /// The open connection to `addr`, waiting for a handshake (started now
-    /// if none is under way). `true` when it was not used before.
+    /// Whether calls now go out on this node's own connection (`false`: on
+    /// the peer's); `None` without an open one.
+    #[cfg(test)]
+    pub(crate) fn uses_own(&self) -> Option<bool> {
+        let links = self.state.borrow();
+        let pick = links.pick(None, self.own_canonical())?;
+        Some(
+            matches!(&links.own, Conn::Up { conn, .. } if conn.stable_id() == pick.conn.stable_id()),
+        )
+    }
+
+    /// The open connection to `addr` (this node's or the peer's), waiting
+    /// for a handshake (started now if none is under way) or for the peer
+    /// to connect. `true` when it was not used before.
     pub(crate) async fn get(
         self: &Arc<Self>,
         shared: &Arc<Shared>,
@@ -138,16 +281,19 @@ impl PeerSlot {
         let mut rx = self.state.subscribe();
         loop {
             let current = rx.borrow_and_update().clone();
-            let attempt = match current {
-                Conn::Up { addr: a, conn } if a == addr && conn.close_reason().is_none() => {
-                    return Ok((conn, false));
-                }
+            if let Some(conn) = self.choose(&current, Some(addr)) {
+                return Ok((conn, false));
+            }
+            let attempt = match current.own {
                 Conn::Connecting { addr: a, attempt } if a == addr => attempt,
                 _ => self.start(shared, addr),
             };
             loop {
-                match &*rx.borrow_and_update() {
-                    Conn::Up { addr: a, conn } if a == addr => return Ok((conn.clone(), true)),
+                let links = rx.borrow_and_update().clone();
+                if let Some(conn) = self.choose(&links, Some(addr)) {
+                    return Ok((conn, true));
+                }
+                match &links.own {
                     Conn::Failed { attempt: n, reason } if *n >= attempt => {
                         return Err(TransportError::Connect {
                             target: self.target,
@@ -174,9 +320,15 @@ impl PeerSlot {
             inner.started = Some(tokio::time::Instant::now());
             (inner.attempts, attempt_timeout(inner.rtt))
         };
-        let previous = self.state.send_replace(Conn::Connecting {
-            addr: addr.to_owned(),
-            attempt,
+        let mut previous = Conn::None;
+        self.state.send_modify(|l| {
+            previous = std::mem::replace(
+                &mut l.own,
+                Conn::Connecting {
+                    addr: addr.to_owned(),
+                    attempt,
+                },
+            );
         });
         if let Conn::Up { conn, .. } = previous {
             conn.close(codes::SHUTDOWN, b"replaced");
@@ -196,22 +348,26 @@ impl PeerSlot {
         attempt: u64,
         addr: String,
         outcome: Result<Connection, String>,
-        shared: &Shared,
+        shared: &Arc<Shared>,
     ) {
         // Only the newest attempt may publish its outcome.
-        let current =
-            matches!(&*self.state.borrow(), Conn::Connecting { attempt: n, .. } if *n == attempt);
+        let current = matches!(&self.state.borrow().own, Conn::Connecting { attempt: n, .. } if *n == attempt);
         match outcome {
             Ok(conn) if current => {
                 bump(&shared.stats.connects);
                 self.inner().rtt = Some(conn.rtt());
                 self.reachable(&addr);
-                self.state.send_replace(Conn::Up { addr, conn });
+                // The peer may call on it too.
+                super::server::serve_own(Arc::clone(shared), conn.clone(), self.target);
+                let since = tokio::time::Instant::now();
+                self.state
+                    .send_modify(|l| l.own = Conn::Up { addr, conn, since });
             }
             Ok(conn) => conn.close(codes::SHUTDOWN, b"superseded"),
             Err(reason) if current => {
                 self.unreachable(&reason);
-                self.state.send_replace(Conn::Failed { attempt, reason });
+                self.state
+                    .send_modify(|l| l.own = Conn::Failed { attempt, reason });
             }
             Err(_) => {}
         }
@@ -220,12 +376,50 @@ impl PeerSlot {
     /// Drops the connection if it is still `conn` (after a timed-out or
     /// broken call), so that the next call makes a fresh one.
     pub(crate) fn discard(&self, conn: &Connection, why: &str) {
-        let drop_it = matches!(&*self.state.borrow(), Conn::Up { conn: c, .. } if c.stable_id() == conn.stable_id());
-        if drop_it {
+        let id = conn.stable_id();
+        let dropped = self.state.send_if_modified(|l| {
+            let mut hit = false;
+            if matches!(&l.own, Conn::Up { conn: c, .. } if c.stable_id() == id) {
+                l.own = Conn::None;
+                hit = true;
+            }
+            if l.inbound.as_ref().is_some_and(|c| c.stable_id() == id) {
+                l.inbound = None;
+                hit = true;
+            }
+            hit
+        });
+        if dropped {
             self.inner().rtt = Some(conn.rtt());
             debug!(target = self.target, why, "dropping the cluster connection");
             conn.close(codes::SHUTDOWN, b"dropped");
-            self.state.send_replace(Conn::None);
+        }
+    }
+
+    /// Takes `conn`, a Raft connection the peer opened to this node, for
+    /// calls to the peer: calls waiting for a handshake of this node's own
+    /// go out on it at once.
+    ///
+    /// A peer opens a connection only when it has none open to this node,
+    /// so one that arrives well after this node's own was made (later than
+    /// the two could have crossed) means the peer has lost that one: it
+    /// restarted, or dropped it after a timeout. This node's own is then
+    /// retired whatever the ids, rather than found dead by a failed call.
+    pub(crate) fn adopt(&self, conn: &Connection) {
+        let stale = match &self.state.borrow().own {
+            Conn::Up {
+                conn: own, since, ..
+            } if is_open(own) => (since.elapsed() > crossing_time(own.rtt())).then(|| own.clone()),
+            _ => None,
+        };
+        debug!(
+            target = self.target,
+            ours_lost = stale.is_some(),
+            "peer connected: calls may use its connection"
+        );
+        self.state.send_modify(|l| l.inbound = Some(conn.clone()));
+        if let Some(own) = stale {
+            self.retire(&own);
         }
     }
 
@@ -233,9 +427,14 @@ impl PeerSlot {
     /// with a fresh one (the peer just reached this node, so the link
     /// works; the old attempt may be waiting out a backed-off resend).
     pub(crate) fn hurry(self: &Arc<Self>, shared: &Arc<Shared>) {
-        let addr = match &*self.state.borrow() {
-            Conn::Connecting { addr, .. } => addr.clone(),
-            _ => return,
+        let addr = {
+            let links = self.state.borrow();
+            match &links.own {
+                // The peer's Raft connection serves already.
+                _ if links.pick(None, self.own_canonical()).is_some() => return,
+                Conn::Connecting { addr, .. } => addr.clone(),
+                _ => return,
+            }
         };
         let stale = self
             .inner()

@@ -1,5 +1,7 @@
 //! The accepting side of the endpoint: handshake, ALPN dispatch, and one
-//! task per RPC stream. Gossip connections go to [`super::gossip`].
+//! task per RPC stream. Gossip connections go to [`super::gossip`]. The
+//! Raft connections this node opens are served the same way
+//! ([`serve_own`]): a peer may call on them too.
 //!
 //! A bad stream (oversized, malformed or late frame) is reset and counted;
 //! the connection and the other streams go on. A stream that claims a node
@@ -51,7 +53,7 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     };
     match negotiated_alpn(&conn).as_deref() {
-        Some(ALPN_RAFT) => serve_raft(shared, conn).await,
+        Some(ALPN_RAFT) => serve_raft(shared, conn, Role::Inbound).await,
         Some(ALPN_GOSSIP | ALPN_GOSSIP_2) => gossip::serve(shared, conn).await,
         // rustls refuses ALPNs the server does not offer; this is for an
         // ALPN offered but not dispatched here.
@@ -63,17 +65,30 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     }
 }
 
+/// What a connection is to this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Role {
+    /// A gossip connection a peer opened.
+    Gossip,
+    /// A Raft connection a peer opened: once the peer is known, this
+    /// node's calls to it may use it as well.
+    Inbound,
+    /// A Raft connection this node opened, on which the peer may call.
+    Own,
+}
+
 /// A connected peer: its certificate, and the node id it has proven.
 pub(super) struct Peer {
     pub(super) conn: Connection,
     leaf: CertificateDer<'static>,
     proven: OnceLock<NodeId>,
+    role: Role,
 }
 
 impl Peer {
     /// The peer of `conn`; `None` (and the connection closed) when it
     /// presented no certificate.
-    pub(super) fn of(shared: &Shared, conn: &Connection) -> Option<Self> {
+    pub(super) fn of(shared: &Shared, conn: &Connection, role: Role) -> Option<Self> {
         // rustls required and verified a client certificate; a connection
         // without one cannot get here, but is refused rather than trusted.
         let Some(leaf) = peer_leaf(conn) else {
@@ -85,13 +100,16 @@ impl Peer {
             conn: conn.clone(),
             leaf,
             proven: OnceLock::new(),
+            role,
         })
     }
 
     /// Whether the certificate is valid for node `id`. The first proof on
-    /// a connection tells the transport that `id` reaches this node (a
-    /// link that healed): a handshake of its own to `id` that is still
-    /// pending starts afresh (`Shared::peer_connected`).
+    /// a connection the peer opened tells the transport that `id` reaches
+    /// this node (a peer that restarted, or a link that healed): calls to
+    /// `id` may use a Raft connection at once (`Shared::raft_peer_connected`),
+    /// and a pending handshake of its own to `id` starts afresh after a
+    /// gossip connection (`Shared::peer_connected`).
     pub(super) fn proves(&self, shared: &Arc<Shared>, id: NodeId) -> bool {
         if self.proven.get() == Some(&id) {
             return true;
@@ -101,29 +119,43 @@ impl Peer {
             return false;
         }
         if self.proven.set(id).is_ok() {
-            shared.peer_connected(id);
+            match self.role {
+                Role::Gossip => shared.peer_connected(id),
+                Role::Inbound => shared.raft_peer_connected(id, &self.conn),
+                Role::Own => {}
+            }
         }
         true
     }
 }
 
-async fn serve_raft(shared: Arc<Shared>, conn: Connection) {
-    bump(&shared.stats.connections_accepted);
-    let Some(peer) = Peer::of(&shared, &conn) else {
+/// Serves the peer's calls on `conn`, a Raft connection this node opened
+/// to `target`, until it closes.
+pub(super) fn serve_own(shared: Arc<Shared>, conn: Connection, target: NodeId) {
+    let span = debug_span!("cluster_conn", peer = target, own = true);
+    tokio::spawn(serve_raft(shared, conn, Role::Own).instrument(span));
+}
+
+async fn serve_raft(shared: Arc<Shared>, conn: Connection, role: Role) {
+    if role == Role::Inbound {
+        bump(&shared.stats.connections_accepted);
+    }
+    let Some(peer) = Peer::of(&shared, &conn, role) else {
         return;
     };
     // Which node this is shows in its certificate; knowing it now, rather
-    // than at its first call, lets a pending handshake of ours to it start
-    // afresh at once (a peer that restarted reaches us before we reach it).
-    if let Some(id) = shared
-        .peer_ids()
-        .into_iter()
-        .find(|id| verify_peer_id(&peer.leaf, *id).is_ok())
+    // than at its first call, lets calls of ours to it use this connection
+    // at once (a peer that restarted reaches us before we reach it).
+    if role == Role::Inbound
+        && let Some(id) = shared
+            .peer_ids()
+            .into_iter()
+            .find(|id| verify_peer_id(&peer.leaf, *id).is_ok())
     {
         peer.proves(&shared, id);
     }
     let peer = Arc::new(peer);
-    debug!("raft connection accepted");
+    debug!(?role, "raft connection up");
     loop {
         tokio::select! {
             bi = conn.accept_bi() => match bi {

@@ -453,6 +453,81 @@ async fn a_peer_that_crashed_and_restarted_resets_the_old_connection_at_once() {
 }
 
 #[tokio::test]
+async fn calls_ride_the_connection_the_peer_opened() {
+    let ca = generate_ca("test").unwrap();
+    let (a, echo_a) = serve(&node_tls(&ca, 1), 1);
+    let (b, echo_b) = serve(&node_tls(&ca, 2), 2);
+    let a_addr = a.local_addr().unwrap().to_string();
+    let b_addr = b.local_addr().unwrap().to_string();
+    b.call(1, &a_addr, vote(), PATIENCE).await.unwrap();
+    // Node 1 answers on node 2's connection and calls back on it: no
+    // handshake of its own.
+    a.call(2, &b_addr, vote(), PATIENCE).await.unwrap();
+    assert_eq!(a.uses_own_connection(2), Some(false));
+    assert_eq!(a.stats().connects, 0);
+    assert_eq!(b.stats().connections_accepted, 0);
+    assert_eq!(a.stats().connections_accepted, 1);
+    assert_eq!((echo_a.seen(), echo_b.seen()), (vec![2], vec![1]));
+}
+
+#[tokio::test]
+async fn crossing_handshakes_settle_on_the_lower_ids_connection() {
+    let ca = generate_ca("test").unwrap();
+    let (a, _) = serve(&node_tls(&ca, 1), 1);
+    let (b, _) = serve(&node_tls(&ca, 2), 2);
+    let a_addr = a.local_addr().unwrap().to_string();
+    let b_addr = b.local_addr().unwrap().to_string();
+    // Neither has a connection yet: both open one.
+    let (ab, ba) = tokio::join!(
+        a.call(2, &b_addr, vote(), PATIENCE),
+        b.call(1, &a_addr, vote(), PATIENCE)
+    );
+    ab.unwrap();
+    ba.unwrap();
+    eventually("both handshakes done", || {
+        a.stats().connects == 1 && b.stats().connects == 1
+    })
+    .await;
+    // From now on both use node 1's; node 2 retires its own.
+    b.call(1, &a_addr, vote(), PATIENCE).await.unwrap();
+    a.call(2, &b_addr, vote(), PATIENCE).await.unwrap();
+    assert_eq!(a.uses_own_connection(2), Some(true));
+    assert_eq!(b.uses_own_connection(1), Some(false));
+    b.call(1, &a_addr, vote(), PATIENCE).await.unwrap();
+    assert_eq!((a.stats().connects, b.stats().connects), (1, 1));
+}
+
+#[tokio::test]
+async fn a_restarted_peer_is_called_on_its_new_connection_at_once() {
+    let ca = generate_ca("test").unwrap();
+    let tls2 = node_tls(&ca, 2);
+    let (a, _) = serve(&node_tls(&ca, 1), 1);
+    let a_addr = a.local_addr().unwrap().to_string();
+    let (old, _) = serve(&tls2, 2);
+    let addr = old.local_addr().unwrap();
+    a.call(2, &addr.to_string(), vote(), PATIENCE)
+        .await
+        .unwrap();
+    // Node 1's connection ages past the time two handshakes can cross;
+    // then node 2 dies without a word and comes back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    old.vanish().unwrap();
+    let echo = Arc::new(Echo::default());
+    let handler: Arc<dyn RaftHandler> = echo.clone();
+    let new = rebind(addr, &tls2, 2, &handler).await;
+    // The new process reaches node 1 first (as a restarted voter does):
+    // node 1 drops its old connection and calls on the new one, where it
+    // would otherwise lose a call to the reset.
+    new.call(1, &a_addr, vote(), PATIENCE).await.unwrap();
+    a.call(2, &addr.to_string(), vote(), PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(a.uses_own_connection(2), Some(false));
+    assert_eq!(echo.seen(), [1]);
+    assert_eq!(a.stats().connects, 1, "no handshake of node 1's own");
+}
+
+#[tokio::test]
 async fn raft_connections_refuse_unidirectional_streams() {
     let ca = generate_ca("test").unwrap();
     let (server, echo) = serve(&node_tls(&ca, 2), 2);

@@ -1,9 +1,10 @@
 //! [`Transport`]: the node's one QUIC endpoint, both ends of the Raft RPCs.
 //!
 //! Outgoing calls share one kept connection per peer (ALPN
-//! `edgelb-raft/1`, made in the background: [`super::peers`]), each RPC on
-//! its own bidirectional stream; a connection that failed or whose call
-//! timed out is replaced on the next call. Load gossip goes on separate
+//! `edgelb-raft/1`, made in the background, or the one the peer opened to
+//! this node: [`super::peers`]), each RPC on its own bidirectional stream;
+//! a connection that failed or whose call timed out is replaced on the
+//! next call. Load gossip goes on separate
 //! connections (ALPN `edgelb-gossip/1`, [`Transport::gossip_connect`]), so
 //! that a large report never queues behind Raft traffic or the other way
 //! round. Incoming connections are served by [`server`](super::server).
@@ -219,7 +220,17 @@ impl Shared {
             .collect()
     }
 
-    /// `id` reached this node on a connection of its own: if this node's
+    /// The slot of `target`, made on first use.
+    pub(crate) fn slot(&self, target: NodeId) -> Arc<PeerSlot> {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(
+            peers
+                .entry(target)
+                .or_insert_with(|| Arc::new(PeerSlot::new(self.node_id, target))),
+        )
+    }
+
+    /// `id` reached this node on a gossip connection: if this node's
     /// handshake to `id` is still under way (the link was cut and has
     /// healed, and the attempt's resends have backed off), a fresh attempt
     /// starts now. An open connection is kept: calls in flight on it may
@@ -229,6 +240,12 @@ impl Shared {
         if let Some(slot) = self.existing_slot(id) {
             slot.hurry(self);
         }
+    }
+
+    /// `id` opened Raft connection `conn` to this node: calls to `id` may
+    /// use it (`peers` has the rules).
+    pub(crate) fn raft_peer_connected(&self, id: NodeId, conn: &quinn::Connection) {
+        self.slot(id).adopt(conn);
     }
 }
 
@@ -494,21 +511,19 @@ impl Transport {
     }
 
     fn slot(&self, target: NodeId) -> Arc<PeerSlot> {
-        let mut peers = self
-            .shared
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(
-            peers
-                .entry(target)
-                .or_insert_with(|| Arc::new(PeerSlot::new(target))),
-        )
+        self.shared.slot(target)
     }
 
     /// The measured round trip to `target`, once a connection was made.
     pub fn rtt(&self, target: NodeId) -> Option<Duration> {
         self.shared.existing_slot(target).and_then(|s| s.rtt())
+    }
+
+    /// Whether calls to `target` go out on this node's own connection
+    /// (`false`: on the one `target` opened); `None` without one.
+    #[cfg(test)]
+    pub(crate) fn uses_own_connection(&self, target: NodeId) -> Option<bool> {
+        self.shared.existing_slot(target).and_then(|s| s.uses_own())
     }
 
     /// Makes sure a connection to `target` at `addr` exists or is being
