@@ -12,7 +12,9 @@
 //!
 //! QUIC streams go both ways, so each side serves RPCs on every Raft
 //! connection, whoever opened it, and calls go out on the connection the
-//! peer opened as readily as on one of this node's own. After a peer
+//! peer opened as readily as on one of this node's own (once the peer has
+//! announced that it serves calls there, which a node of an earlier
+//! release does not: `server::TWO_WAY`). After a peer
 //! restarts, it connects to its voters at once: they call it on that
 //! connection instead of waiting for a handshake of their own, a round
 //! trip and more sooner. The rules, the same on both sides:

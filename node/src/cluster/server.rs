@@ -106,10 +106,9 @@ impl Peer {
 
     /// Whether the certificate is valid for node `id`. The first proof on
     /// a connection the peer opened tells the transport that `id` reaches
-    /// this node (a peer that restarted, or a link that healed): calls to
-    /// `id` may use a Raft connection at once (`Shared::raft_peer_connected`),
-    /// and a pending handshake of its own to `id` starts afresh after a
-    /// gossip connection (`Shared::peer_connected`).
+    /// this node (a peer that restarted, or a link that healed): a pending
+    /// handshake of its own to `id` starts afresh
+    /// (`Shared::peer_connected`).
     pub(super) fn proves(&self, shared: &Arc<Shared>, id: NodeId) -> bool {
         if self.proven.get() == Some(&id) {
             return true;
@@ -118,22 +117,71 @@ impl Peer {
             warn!(claimed = id, error = %e, "peer claims an id its certificate does not name");
             return false;
         }
-        if self.proven.set(id).is_ok() {
-            match self.role {
-                Role::Gossip => shared.peer_connected(id),
-                Role::Inbound => shared.raft_peer_connected(id, &self.conn),
-                Role::Own => {}
-            }
+        if self.proven.set(id).is_ok() && self.role != Role::Own {
+            shared.peer_connected(id);
         }
         true
     }
 }
 
+/// What a node sends, followed by its id, on a unidirectional stream of
+/// each Raft connection it opens: it serves calls on that connection too,
+/// so the peer may call it there (`Shared::raft_peer_connected`). A node of
+/// an earlier release sends none, and is only called on connections it
+/// accepted; it stops the stream, as it does any unidirectional one.
+const TWO_WAY: &str = "edgelb-raft-two-way ";
+
+/// How long the announcement may take to arrive once its stream opened.
+const TWO_WAY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves the peer's calls on `conn`, a Raft connection this node opened
-/// to `target`, until it closes.
+/// to `target`, until it closes, and tells the peer so.
 pub(super) fn serve_own(shared: Arc<Shared>, conn: Connection, target: NodeId) {
     let span = debug_span!("cluster_conn", peer = target, own = true);
+    let me = shared.node_id;
+    let announce = {
+        let conn = conn.clone();
+        async move {
+            let sent = async {
+                let mut send = conn.open_uni().await?;
+                send.write_all(format!("{TWO_WAY}{me}").as_bytes()).await?;
+                let _ = send.finish();
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            if let Err(e) = sent.await {
+                debug!(error = %e, "two-way announcement not sent");
+            }
+        }
+    };
+    tokio::spawn(announce.instrument(span.clone()));
     tokio::spawn(serve_raft(shared, conn, Role::Own).instrument(span));
+}
+
+/// Reads a peer's announcement on a connection it opened (see
+/// [`TWO_WAY`]); anything else is refused.
+async fn two_way(shared: Arc<Shared>, peer: Arc<Peer>, mut recv: RecvStream) {
+    let mut head = [0u8; TWO_WAY.len()];
+    let id = async {
+        timeout(TWO_WAY_TIMEOUT, recv.read_exact(&mut head))
+            .await
+            .ok()?
+            .ok()?;
+        if head != TWO_WAY.as_bytes() {
+            return None;
+        }
+        let rest = timeout(TWO_WAY_TIMEOUT, recv.read_to_end(20))
+            .await
+            .ok()?
+            .ok()?;
+        std::str::from_utf8(&rest).ok()?.parse::<NodeId>().ok()
+    }
+    .await;
+    match id {
+        Some(id) if peer.proves(&shared, id) => shared.raft_peer_connected(id, &peer.conn),
+        _ => {
+            let _ = recv.stop(codes::UNSUPPORTED);
+        }
+    }
 }
 
 async fn serve_raft(shared: Arc<Shared>, conn: Connection, role: Role) {
@@ -144,8 +192,8 @@ async fn serve_raft(shared: Arc<Shared>, conn: Connection, role: Role) {
         return;
     };
     // Which node this is shows in its certificate; knowing it now, rather
-    // than at its first call, lets calls of ours to it use this connection
-    // at once (a peer that restarted reaches us before we reach it).
+    // than at its first call, lets a pending handshake of ours to it start
+    // afresh at once (a peer that restarted reaches us before we reach it).
     if role == Role::Inbound
         && let Some(id) = shared
             .peer_ids()
@@ -169,7 +217,12 @@ async fn serve_raft(shared: Arc<Shared>, conn: Connection, role: Role) {
                 }
             },
             uni = conn.accept_uni() => match uni {
-                // RPCs are bidirectional; a unidirectional stream is refused.
+                // RPCs are bidirectional; a unidirectional stream is refused
+                // unless it announces a connection served both ways.
+                Ok(recv) if role == Role::Inbound => {
+                    let read = two_way(Arc::clone(&shared), Arc::clone(&peer), recv);
+                    tokio::spawn(read.in_current_span());
+                }
                 Ok(mut recv) => {
                     let _ = recv.stop(codes::UNSUPPORTED);
                 }

@@ -471,6 +471,24 @@ async fn calls_ride_the_connection_the_peer_opened() {
 }
 
 #[tokio::test]
+async fn a_peer_that_does_not_announce_two_way_calls_is_not_called_on_its_connection() {
+    // A node of an earlier release serves calls only on connections it
+    // accepted, and says nothing on those it opens.
+    let ca = generate_ca("test").unwrap();
+    let (b, echo) = serve(&node_tls(&ca, 2), 2);
+    let (_ep, conn) = raw_client(&node_tls(&ca, 1), b.local_addr().unwrap(), 2).await;
+    let reply = send_raw(&conn, &frame::encode_request(1, &vote()).unwrap())
+        .await
+        .unwrap();
+    assert!(matches!(
+        frame::decode_reply(&reply[4..]).unwrap(),
+        RpcReply::Vote(Ok(_))
+    ));
+    assert_eq!(echo.seen(), [1]);
+    assert_eq!(b.uses_own_connection(1), None, "not adopted");
+}
+
+#[tokio::test]
 async fn crossing_handshakes_settle_on_the_lower_ids_connection() {
     let ca = generate_ca("test").unwrap();
     let (a, _) = serve(&node_tls(&ca, 1), 1);
