@@ -117,6 +117,9 @@ enum Conn {
 struct Links {
     own: Conn,
     inbound: Option<Connection>,
+    /// Whether the peer announced on `inbound` that it serves calls there
+    /// (`false`: taken on trust, as the peer announced on an earlier one).
+    confirmed: bool,
 }
 
 /// Which connection a call uses.
@@ -178,6 +181,9 @@ struct SlotInner {
     answered: Option<tokio::time::Instant>,
     /// When the last handshake attempt started.
     started: Option<tokio::time::Instant>,
+    /// Whether the peer announced that it serves calls on the connections
+    /// it opens: its next one is used as soon as it is accepted.
+    two_way: bool,
 }
 
 impl PeerSlot {
@@ -398,9 +404,9 @@ impl PeerSlot {
         }
     }
 
-    /// Takes `conn`, a Raft connection the peer opened to this node, for
-    /// calls to the peer: calls waiting for a handshake of this node's own
-    /// go out on it at once.
+    /// Takes `conn`, a Raft connection the peer opened to this node and
+    /// announced as served both ways, for calls to the peer: calls waiting
+    /// for a handshake of this node's own go out on it at once.
     ///
     /// A peer opens a connection only when it has none open to this node,
     /// so one that arrives well after this node's own was made (later than
@@ -408,20 +414,66 @@ impl PeerSlot {
     /// restarted, or dropped it after a timeout. This node's own is then
     /// retired whatever the ids, rather than found dead by a failed call.
     pub(crate) fn adopt(&self, conn: &Connection) {
+        self.inner().two_way = true;
+        self.take(conn, true);
+    }
+
+    /// [`adopt`](Self::adopt)s `conn` as soon as it is accepted if the
+    /// peer announced two-way calls on an earlier connection (a restarted
+    /// or reconnecting peer): its announcement may come a resend later. A
+    /// call on it that times out before the announcement arrives gives the
+    /// trust up ([`PeerSlot::distrust`]), in case the peer went back to an
+    /// earlier release.
+    pub(crate) fn adopt_if_known(&self, conn: &Connection) {
+        if self.inner().two_way {
+            self.take(conn, false);
+        }
+    }
+
+    fn take(&self, conn: &Connection, confirmed: bool) {
+        let id = conn.stable_id();
         let stale = match &self.state.borrow().own {
             Conn::Up {
                 conn: own, since, ..
-            } if is_open(own) => (since.elapsed() > crossing_time(own.rtt())).then(|| own.clone()),
+            } if is_open(own) && own.stable_id() != id => {
+                (since.elapsed() > crossing_time(own.rtt())).then(|| own.clone())
+            }
             _ => None,
         };
         debug!(
             target = self.target,
+            confirmed,
             ours_lost = stale.is_some(),
             "peer connected: calls may use its connection"
         );
-        self.state.send_modify(|l| l.inbound = Some(conn.clone()));
+        self.state.send_modify(|l| {
+            let again = l.inbound.as_ref().is_some_and(|c| c.stable_id() == id);
+            l.confirmed = confirmed || (again && l.confirmed);
+            l.inbound = Some(conn.clone());
+        });
         if let Some(own) = stale {
             self.retire(&own);
+        }
+    }
+
+    /// A call on `conn` timed out: if it is the peer's connection taken on
+    /// trust, it is no longer used, and the peer's next one waits for its
+    /// announcement.
+    pub(crate) fn distrust(&self, conn: &Connection) {
+        let id = conn.stable_id();
+        let dropped = self.state.send_if_modified(|l| {
+            let hit = !l.confirmed && l.inbound.as_ref().is_some_and(|c| c.stable_id() == id);
+            if hit {
+                l.inbound = None;
+            }
+            hit
+        });
+        if dropped {
+            self.inner().two_way = false;
+            debug!(
+                target = self.target,
+                "a call on the peer's unannounced connection timed out: not using it"
+            );
         }
     }
 

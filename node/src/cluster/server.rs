@@ -193,7 +193,9 @@ async fn serve_raft(shared: Arc<Shared>, conn: Connection, role: Role) {
     };
     // Which node this is shows in its certificate; knowing it now, rather
     // than at its first call, lets a pending handshake of ours to it start
-    // afresh at once (a peer that restarted reaches us before we reach it).
+    // afresh at once (a peer that restarted reaches us before we reach it),
+    // and calls use this connection at once if the peer announced two-way
+    // calls before.
     if role == Role::Inbound
         && let Some(id) = shared
             .peer_ids()
@@ -201,6 +203,7 @@ async fn serve_raft(shared: Arc<Shared>, conn: Connection, role: Role) {
             .find(|id| verify_peer_id(&peer.leaf, *id).is_ok())
     {
         peer.proves(&shared, id);
+        shared.raft_peer_accepted(id, &conn);
     }
     let peer = Arc::new(peer);
     debug!(?role, "raft connection up");

@@ -489,6 +489,41 @@ async fn a_peer_that_does_not_announce_two_way_calls_is_not_called_on_its_connec
 }
 
 #[tokio::test]
+async fn a_peer_known_to_serve_both_ways_is_called_on_its_next_connection_until_a_call_times_out() {
+    let ca = generate_ca("test").unwrap();
+    let tls2 = node_tls(&ca, 2);
+    let (a, _) = serve(&node_tls(&ca, 1), 1);
+    let a_addr = a.local_addr().unwrap();
+    let (b, _) = serve(&tls2, 2);
+    b.call(1, &a_addr.to_string(), vote(), PATIENCE)
+        .await
+        .unwrap();
+    eventually("node 2's announcement", || {
+        a.uses_own_connection(2) == Some(false)
+    })
+    .await;
+    b.close().await;
+    // Node 2 comes back as a release that does not serve its own
+    // connections: node 1 takes its connection on trust at accept...
+    let (_ep, _conn) = raw_client(&tls2, a_addr, 1).await;
+    let (b2, echo) = serve(&tls2, 2);
+    let b2_addr = b2.local_addr().unwrap().to_string();
+    eventually("the new connection taken on trust", || {
+        a.uses_own_connection(2) == Some(false)
+    })
+    .await;
+    // ...and gives it up when a call on it goes unanswered.
+    let e = a
+        .call(2, &b2_addr, vote(), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TransportError::Timeout(_)), "{e}");
+    a.call(2, &b2_addr, vote(), PATIENCE).await.unwrap();
+    assert_eq!(a.uses_own_connection(2), Some(true));
+    assert_eq!(echo.seen(), [1]);
+}
+
+#[tokio::test]
 async fn crossing_handshakes_settle_on_the_lower_ids_connection() {
     let ca = generate_ca("test").unwrap();
     let (a, _) = serve(&node_tls(&ca, 1), 1);

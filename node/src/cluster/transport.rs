@@ -242,10 +242,20 @@ impl Shared {
         }
     }
 
-    /// `id` opened Raft connection `conn` to this node: calls to `id` may
-    /// use it (`peers` has the rules).
+    /// `id` announced that it serves calls on Raft connection `conn`, which
+    /// it opened to this node: calls to `id` may use it (`peers` has the
+    /// rules).
     pub(crate) fn raft_peer_connected(&self, id: NodeId, conn: &quinn::Connection) {
         self.slot(id).adopt(conn);
+    }
+
+    /// `id` opened Raft connection `conn` to this node (known by its
+    /// certificate, not yet announced): used at once if `id` announced
+    /// before.
+    pub(crate) fn raft_peer_accepted(&self, id: NodeId, conn: &quinn::Connection) {
+        if let Some(slot) = self.existing_slot(id) {
+            slot.adopt_if_known(conn);
+        }
     }
 }
 
@@ -490,6 +500,7 @@ impl Transport {
                 // (merely slow, or the request was large): its connection
                 // and congestion window are kept, as is a connection made
                 // during this call.
+                slot.distrust(&conn);
                 let silent = conn.stats().udp_rx.datagrams == heard_before;
                 if silent && !fresh {
                     slot.discard(&conn, "call timed out");
