@@ -258,4 +258,4 @@ impl RoutingTable {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

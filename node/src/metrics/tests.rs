@@ -6,42 +6,25 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec};
-use raft_store::model::{DEFAULT_HARD_LIMIT, Domain, Handler, Instance, Service, ServiceGroup};
+use raft_store::model::Instance;
 use raft_store::{Command, State};
 use uuid::Uuid;
 
 use super::instance::FAMILIES;
 use super::*;
 use crate::balancer::Backend;
+use crate::routing::tests::group;
 use crate::routing::{BuildContext, publish};
 use crate::tls::CertCache;
-
-fn group(name: &str) -> ServiceGroup {
-    ServiceGroup {
-        uuid: Uuid::new_v4(),
-        name: name.into(),
-        domains: vec![Domain {
-            fqdn: format!("{name}.example.com"),
-            certificate: None,
-        }],
-        services: vec![Service {
-            port: 80,
-            destination_port: 9000,
-            handlers: vec![Handler::Http],
-        }],
-        hard_limit: DEFAULT_HARD_LIMIT,
-        instances: Vec::new(),
-        created_at: "2025-01-01T00:00:00Z".into(),
-        persistent: false,
-    }
-}
 
 /// A state with `groups`, each with `instances` (names as given).
 fn state(groups: &[(&str, &[&str])]) -> State {
     let mut state = State::default();
     for (name, instances) in groups {
         state
-            .apply(&Command::CreateGroup { group: group(name) })
+            .apply(&Command::CreateGroup {
+                group: group(name, 80),
+            })
             .expect("create");
         for (n, i) in instances.iter().enumerate() {
             state

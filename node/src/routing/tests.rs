@@ -12,7 +12,8 @@ use super::*;
 use crate::balancer::Pick;
 use crate::metrics::Metrics;
 
-fn group(name: &str, port: u16) -> ServiceGroup {
+/// A group `name` publishing `port` (HTTP) under `name.example.com`.
+pub(crate) fn group(name: &str, port: u16) -> ServiceGroup {
     ServiceGroup {
         uuid: Uuid::new_v4(),
         name: name.into(),
