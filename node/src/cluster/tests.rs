@@ -130,6 +130,17 @@ async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, Rea
         .expect("server answers or resets in time")
 }
 
+/// Sends node 1's vote on a new stream of `conn` and checks the answer.
+async fn assert_vote_answered(conn: &quinn::Connection) {
+    let reply = send_raw(conn, &frame::encode_request(1, &vote()).unwrap())
+        .await
+        .unwrap();
+    assert!(matches!(
+        frame::decode_reply(&reply[4..]).unwrap(),
+        RpcReply::Vote(Ok(_))
+    ));
+}
+
 #[tokio::test]
 async fn two_transports_exchange_rpcs() {
     let ca = generate_ca("test").unwrap();
@@ -325,13 +336,7 @@ async fn bad_frames_reset_the_stream_and_the_server_keeps_serving() {
     assert!(echo.seen().is_empty());
 
     // Same connection, a good request.
-    let reply = send_raw(&conn, &frame::encode_request(1, &vote()).unwrap())
-        .await
-        .unwrap();
-    assert!(matches!(
-        frame::decode_reply(&reply[4..]).unwrap(),
-        RpcReply::Vote(Ok(_))
-    ));
+    assert_vote_answered(&conn).await;
     // And a new peer.
     let (client, _) = serve(&node_tls(&ca, 3), 3);
     let reply = client
@@ -477,13 +482,7 @@ async fn a_peer_that_does_not_announce_two_way_calls_is_not_called_on_its_connec
     let ca = generate_ca("test").unwrap();
     let (b, echo) = serve(&node_tls(&ca, 2), 2);
     let (_ep, conn) = raw_client(&node_tls(&ca, 1), b.local_addr().unwrap(), 2).await;
-    let reply = send_raw(&conn, &frame::encode_request(1, &vote()).unwrap())
-        .await
-        .unwrap();
-    assert!(matches!(
-        frame::decode_reply(&reply[4..]).unwrap(),
-        RpcReply::Vote(Ok(_))
-    ));
+    assert_vote_answered(&conn).await;
     assert_eq!(echo.seen(), [1]);
     assert_eq!(b.uses_own_connection(1), None, "not adopted");
 }
@@ -591,12 +590,6 @@ async fn raft_connections_refuse_unidirectional_streams() {
     let stopped = timeout(PATIENCE, uni.stopped()).await.unwrap();
     assert_eq!(stopped.unwrap(), Some(codes::UNSUPPORTED));
     // The connection still serves RPCs.
-    let reply = send_raw(&conn, &frame::encode_request(1, &vote()).unwrap())
-        .await
-        .unwrap();
-    assert!(matches!(
-        frame::decode_reply(&reply[4..]).unwrap(),
-        RpcReply::Vote(Ok(_))
-    ));
+    assert_vote_answered(&conn).await;
     assert_eq!(echo.seen(), [1]);
 }
