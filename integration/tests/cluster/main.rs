@@ -570,26 +570,39 @@ async fn late_joiner_catches_up_through_a_snapshot() -> anyhow::Result<()> {
         .http_group(1, "churn", WEB_PORT, BACKEND_PORT, &[])
         .await?;
 
-    // 8 writers × 64 attach/detach pairs: 1,024 log entries, so the leader
-    // snapshots (every 500) and purges the log behind its snapshot.
+    // Rounds of 8 writers × 16 attach/detach pairs until the leader has
+    // snapshotted (every 500 log entries) and so purged the log behind its
+    // snapshot. Concurrent writes share log entries, so how many writes
+    // that takes depends on how they were batched. Bounded: 32 rounds.
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..8 {
-        let (admin, group, ip) = (admin.clone(), group.clone(), cluster.backend_ip());
-        tasks.push(tokio::spawn(async move {
-            for j in 0..64 {
-                let name = format!("w{w}-{j}");
-                attach(&admin, &group.uuid, &name, ip).await?;
-                let (s, v) = admin
-                    .delete(&format!("/v1/services/{}/instances/{name}", group.uuid))
-                    .await?;
-                ensure!(s.is_success(), "detaching {name}: {s} {v}");
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
+    for round in 0.. {
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let (admin, group, ip) = (admin.clone(), group.clone(), cluster.backend_ip());
+            tasks.push(tokio::spawn(async move {
+                for j in 0..16 {
+                    let name = format!("w{w}-{round}-{j}");
+                    attach(&admin, &group.uuid, &name, ip).await?;
+                    let (s, v) = admin
+                        .delete(&format!("/v1/services/{}/instances/{name}", group.uuid))
+                        .await?;
+                    ensure!(s.is_success(), "detaching {name}: {s} {v}");
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let at = cluster.metric(1, "edgelb_raft_snapshot_index").await?;
+        if at >= 500.0 {
+            break;
+        }
+        ensure!(
+            round < 32,
+            "no snapshot after {} rounds of writes (edgelb_raft_snapshot_index {at})",
+            round + 1
+        );
     }
     for b in &backends {
         attach(&admin, &group.uuid, b.name(), b.addr().ip()).await?;
