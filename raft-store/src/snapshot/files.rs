@@ -171,40 +171,23 @@ impl Files {
             state,
         };
         let path = self.path(meta);
-        let open = io_error(format!("opening {}", path.display()));
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate);
-        let current = read_meta(&txn)?;
-        if current
-            .as_ref()
-            .is_some_and(|m| m.last_log_id > meta.last_log_id)
-        {
-            // Keep the newer one; hand out this one from an unlinked file.
-            txn.abort()?;
-            let tmp = self.dir.join("superseded.tmp");
-            let written = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .and_then(|mut file| {
-                    let _ = fs::remove_file(&tmp);
-                    let mut w = BufWriter::new(&file);
-                    serde_json::to_writer(&mut w, &record)?;
-                    w.flush()?;
-                    drop(w);
-                    file.seek(SeekFrom::Start(0))?;
-                    Ok(file)
-                });
-            return written.map_err(open);
-        }
+        // Written before the transaction: holding redb's write lock while
+        // serialising would hold up every apply meanwhile.
         self.write_file(&path, |w| {
             serde_json::to_writer(w, &record).map_err(io::Error::from)
         })?;
+        let file = File::open(&path).map_err(io_error(format!("opening {}", path.display())))?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate);
+        let newer = read_meta(&txn)?.is_some_and(|m| m.last_log_id > meta.last_log_id);
+        if newer {
+            // Keep the newer one; hand out this one from its unlinked file.
+            txn.abort()?;
+            let _ = fs::remove_file(&path);
+            return Ok(file);
+        }
         write_meta(&txn, meta)?;
         txn.commit()?;
-        let file = File::open(&path).map_err(open)?;
         self.clean(Some(meta), true)?;
         Ok(file)
     }
