@@ -123,20 +123,7 @@ pub(crate) fn validate(entries: &[Entry]) -> Result<(), Error> {
 pub fn encode(report: &Report) -> Result<Vec<u8>, Error> {
     validate(&report.entries)?;
     let mut out = Vec::with_capacity(report.encoded_len());
-    out.push(VERSION);
-    out.push(0);
-    for field in [
-        report.node_id,
-        report.incarnation,
-        report.seq,
-        report.sent_at_ms,
-    ] {
-        out.extend_from_slice(&field.to_be_bytes());
-    }
-    // validate() bounded the count by MAX_ENTRIES, far below u32::MAX.
-    let count =
-        u32::try_from(report.entries.len()).map_err(|_| Error::TooManyEntries(usize::MAX))?;
-    out.extend_from_slice(&count.to_be_bytes());
+    put_header(&mut out, VERSION, report)?;
     for entry in &report.entries {
         out.extend_from_slice(&entry.instance);
         for field in [
@@ -149,6 +136,25 @@ pub fn encode(report: &Report) -> Result<Vec<u8>, Error> {
         }
     }
     Ok(out)
+}
+
+/// Writes the 38-byte header shared by full reports of every version.
+pub(crate) fn put_header(out: &mut Vec<u8>, version: u8, report: &Report) -> Result<(), Error> {
+    out.push(version);
+    out.push(0);
+    for field in [
+        report.node_id,
+        report.incarnation,
+        report.seq,
+        report.sent_at_ms,
+    ] {
+        out.extend_from_slice(&field.to_be_bytes());
+    }
+    // Callers validate() first, which bounds the count by MAX_ENTRIES.
+    let count =
+        u32::try_from(report.entries.len()).map_err(|_| Error::TooManyEntries(usize::MAX))?;
+    out.extend_from_slice(&count.to_be_bytes());
+    Ok(())
 }
 
 /// A cursor over input whose length has already been checked.

@@ -34,7 +34,7 @@
 //! hold is refused before anything is allocated.
 
 use crate::Error;
-use crate::codec::{Entry, HEADER_LEN, MAX_ENTRIES, Report, validate};
+use crate::codec::{Entry, HEADER_LEN, MAX_ENTRIES, Report, put_header, validate};
 use crate::delta::{Cursor, put_varint};
 
 /// Wire format version of compact full reports.
@@ -47,19 +47,7 @@ const MIN_ENTRY_LEN: usize = 20;
 pub fn encode_compact(report: &Report) -> Result<Vec<u8>, Error> {
     validate(&report.entries)?;
     let mut out = Vec::with_capacity(HEADER_LEN + report.entries.len() * 24);
-    out.push(COMPACT_VERSION);
-    out.push(0);
-    for field in [
-        report.node_id,
-        report.incarnation,
-        report.seq,
-        report.sent_at_ms,
-    ] {
-        out.extend_from_slice(&field.to_be_bytes());
-    }
-    let count =
-        u32::try_from(report.entries.len()).map_err(|_| Error::TooManyEntries(usize::MAX))?;
-    out.extend_from_slice(&count.to_be_bytes());
+    put_header(&mut out, COMPACT_VERSION, report)?;
     for entry in &report.entries {
         out.extend_from_slice(&entry.instance);
         for field in [
