@@ -241,6 +241,7 @@ pub fn decode(bytes: &[u8]) -> Result<Report, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::wire_report as report;
     use proptest::prelude::*;
 
     fn entry(id: u8, inflight: u32, long: u32) -> Entry {
@@ -252,16 +253,6 @@ mod tests {
             long_inflight: long,
             arrival_rate_milli: 1500,
             mean_service_us: 10_000,
-        }
-    }
-
-    fn report(entries: Vec<Entry>) -> Report {
-        Report {
-            node_id: 7,
-            incarnation: 3,
-            seq: 42,
-            sent_at_ms: 1_700_000_000_000,
-            entries,
         }
     }
 

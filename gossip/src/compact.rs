@@ -122,17 +122,8 @@ mod tests {
     use super::*;
     use crate::delta::{Wire, decode_wire};
     use crate::encode;
+    use crate::testutil::wire_report as report;
     use proptest::prelude::*;
-
-    fn report(entries: Vec<Entry>) -> Report {
-        Report {
-            node_id: 7,
-            incarnation: 3,
-            seq: 42,
-            sent_at_ms: 1_700_000_000_000,
-            entries,
-        }
-    }
 
     fn entry(id: u8, inflight: u32, rate: u32, service: u32) -> Entry {
         let mut instance = [0; 16];

@@ -1,4 +1,4 @@
-//! Reports for the estimator's and the view's tests.
+//! Reports for the gossip crate's tests (codecs, estimator, view).
 
 use crate::{Entry, Report};
 
@@ -39,5 +39,17 @@ pub(crate) fn report(
                 mean_service_us: tau_ms * 1000,
             })
             .collect(),
+    }
+}
+
+/// A report carrying `entries`, with fixed header fields (the codecs'
+/// tests).
+pub(crate) fn wire_report(entries: Vec<Entry>) -> Report {
+    Report {
+        node_id: 7,
+        incarnation: 3,
+        seq: 42,
+        sent_at_ms: 1_700_000_000_000,
+        entries,
     }
 }
