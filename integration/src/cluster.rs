@@ -653,6 +653,20 @@ impl Cluster {
         out
     }
 
+    /// Fails with every ERROR line the members logged (stopped processes
+    /// too), for tests of a path that must log none.
+    pub fn ensure_no_errors(&self) -> anyhow::Result<()> {
+        let current = self.members.values().map(|m| (m.id, m.stderr()));
+        let mut found = String::new();
+        for (id, text) in self.past_logs.iter().cloned().chain(current) {
+            for l in text.lines().filter(|l| l.contains("ERROR")) {
+                let _ = writeln!(found, "node {id}: {l}");
+            }
+        }
+        ensure!(found.is_empty(), "ERROR logged:\n{found}");
+        Ok(())
+    }
+
     /// The tail of every member's stderr, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();

@@ -177,12 +177,6 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         join(&store, &config, &advertised, url, &token).await?;
     }
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(crate::membership::promote_learners(
-        store.raft().clone(),
-        raft.transport.clone(),
-        store.policy(),
-        shutdown.clone(),
-    )));
 
     let ready_flag = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready) = watch::channel(false);

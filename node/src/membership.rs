@@ -22,25 +22,31 @@
 //! (1 → 3 → 5). A learner is caught up when it has answered replication
 //! within the election timeout and its matched index has reached the
 //! leader's commit index; a learner that never answered never is. The
-//! leader applies the policy when a node is added and every
+//! leader applies the policy when a node is added (waiting up to the
+//! election timeout for the live learners it would promote to catch up),
+//! after a node is removed, on a change of role, and every
 //! [`PROMOTE_EVERY`] (for learners that catch up later, a raised
 //! `max_voters`, or a removed voter).
+//!
+//! Every membership change on a node is made by its [`Reconciler`], one at
+//! a time: openraft refuses a change while another is being committed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use openraft::{ChangeMembers, ServerState};
 use raft_store::types::{NodeId, Raft};
-use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::cluster::{ForwardError, Transport};
+
+mod reconciler;
+pub use reconciler::Reconciler;
 
 /// How long adding a node waits for it to answer replication before it
 /// answers without promoting it (within a write's 5 s).
 const CATCH_UP_WAIT: Duration = Duration::from_secs(3);
 
-/// How often the leader looks for learners to promote.
+/// How often the leader applies the policy when nothing asked it to.
 pub const PROMOTE_EVERY: Duration = Duration::from_millis(500);
 
 /// What the leader promotes by.
@@ -53,19 +59,19 @@ pub struct Policy {
     pub alive_within: Duration,
 }
 
-/// On the leader: adds `id` as a learner, waits until it answered
-/// replication up to that entry, and promotes by the policy. Returns the
-/// index of the last change (the joining node is ready once it applied it).
+/// On the leader: adds `id` as a learner through the reconciler, waits
+/// until it answered replication up to that entry, and has the policy
+/// applied at once. Returns the index of the membership in force then (the
+/// joining node is ready once it applied it).
 pub(crate) async fn add_learner(
     raft: &Raft,
-    transport: &Transport,
-    policy: Policy,
+    reconciler: &Reconciler,
     id: NodeId,
     node: raft_store::types::ClusterNode,
 ) -> Result<u64, ForwardError> {
-    let added = raft.add_learner(id, node, false).await?.log_id.index;
+    let added = reconciler.add(id, node).await?;
     // A node added before it runs (`edgectl cluster add-node`, own PKI)
-    // does not answer: it stays a learner, promoted later by the loop.
+    // does not answer: it stays a learner, promoted later by a pass.
     match tokio::time::timeout(CATCH_UP_WAIT, wait_replicated(raft, id, added)).await {
         Ok(r) => r.map_err(ForwardError::Failed)?,
         Err(_) => {
@@ -73,10 +79,7 @@ pub(crate) async fn add_learner(
             return Ok(added);
         }
     }
-    match promote_now(raft, transport, policy).await {
-        Ok(promoted) => Ok(promoted.unwrap_or(added).max(added)),
-        Err(e) => Err(ForwardError::Busy(e)),
-    }
+    Ok(reconciler.settle().await?.max(added))
 }
 
 /// Which of the caught-up learners `caught_up` (in promotion order) to
@@ -111,41 +114,6 @@ fn caught_up(raft: &Raft, transport: &Transport, alive_within: Duration) -> Vec<
         .collect()
 }
 
-/// On the leader: promotes what [`promotions`] allows now. Returns the log
-/// index of the change, if one was made.
-pub async fn promote_now(
-    raft: &Raft,
-    transport: &Transport,
-    policy: Policy,
-) -> Result<Option<u64>, String> {
-    let Policy {
-        max_voters,
-        alive_within,
-    } = policy;
-    let m = raft.metrics().borrow().clone();
-    if m.state != ServerState::Leader {
-        return Ok(None);
-    }
-    let voters = m.membership_config.membership().voter_ids().count();
-    let ids = promotions(
-        voters,
-        max_voters,
-        &caught_up(raft, transport, alive_within),
-    );
-    if ids.is_empty() {
-        return Ok(None);
-    }
-    info!(
-        ?ids,
-        voters, max_voters, "promoting caught-up learners to voters"
-    );
-    let ids: BTreeSet<NodeId> = ids.into_iter().collect();
-    raft.change_membership(ChangeMembers::AddVoterIds(ids), true)
-        .await
-        .map(|r| Some(r.log_id.index))
-        .map_err(|e| e.to_string())
-}
-
 /// Waits until the leader's replication to learner `id` has matched
 /// `index` (the learner answered and holds the entry that added it).
 pub async fn wait_replicated(raft: &Raft, id: NodeId, index: u64) -> Result<(), String> {
@@ -162,33 +130,6 @@ pub async fn wait_replicated(raft: &Raft, id: NodeId, index: u64) -> Result<(), 
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
-}
-
-/// On the leader: promotes caught-up learners every [`PROMOTE_EVERY`]
-/// until `shutdown`. A change under way is abandoned on shutdown (Raft
-/// finishes or drops it; nothing waits for it).
-pub async fn promote_learners(
-    raft: Raft,
-    transport: std::sync::Arc<Transport>,
-    policy: Policy,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(PROMOTE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = promote_now(&raft, &transport, policy) => {
-                if let Err(e) = r {
-                    warn!(error = %e, "promotion failed; will retry");
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
     )
     .await
     .map_err(|e| StartError::Io(format!("starting raft: {e}")))?;
-    let batcher = handler.set(raft.clone(), log.clone(), &transport);
+    let (batcher, reconciler) = handler.set(raft.clone(), log.clone(), &transport);
     tokio::spawn(snapshots(raft.clone(), state.clone()));
     // Heartbeats and elections; the task ends when Raft stops.
     tokio::spawn(crate::election::run(
@@ -138,7 +138,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
             transport.clone(),
             state,
             committed,
-            policy,
+            reconciler,
             batcher,
         ),
         transport,

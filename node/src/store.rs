@@ -22,12 +22,12 @@
 //! it never hangs.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use openraft::ServerState;
 use openraft::error::RaftError;
-use openraft::{ChangeMembers, ServerState};
 use raft_store::AppliedState;
 use raft_store::command::Command;
 use raft_store::state::{Applied, ApplyError, State};
@@ -39,7 +39,7 @@ use tracing::{debug, warn};
 use crate::cluster::{
     Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply, Transport,
 };
-use crate::membership::Policy;
+use crate::membership::{Policy, Reconciler};
 
 mod batch;
 pub use batch::Batcher;
@@ -110,7 +110,8 @@ pub struct Store {
     /// plane serves this store.
     routed: std::sync::OnceLock<watch::Receiver<u64>>,
     committed: Arc<AtomicU64>,
-    policy: Policy,
+    /// Who makes this node's membership changes when it leads.
+    reconciler: Reconciler,
     /// Where this node's writes are proposed when it leads.
     batcher: Batcher,
 }
@@ -135,7 +136,7 @@ impl Store {
         transport: Arc<Transport>,
         state: watch::Receiver<AppliedState>,
         committed: Arc<AtomicU64>,
-        policy: Policy,
+        reconciler: Reconciler,
         batcher: Batcher,
     ) -> Self {
         Self {
@@ -145,14 +146,9 @@ impl Store {
             state,
             routed: std::sync::OnceLock::new(),
             committed,
-            policy,
+            reconciler,
             batcher,
         }
-    }
-
-    /// The promotion policy this node applies when it leads.
-    pub fn policy(&self) -> Policy {
-        self.policy
     }
 
     /// The cluster transport.
@@ -361,19 +357,18 @@ impl Store {
         let deadline = Instant::now() + WRITE_TIMEOUT;
         let work = async {
             loop {
-                let leader =
-                    match execute_membership(&self.raft, &self.transport, self.policy, &f).await {
-                        Ok(index) => return Ok(index),
-                        Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
-                        Err(ForwardError::Membership(msg)) => {
-                            return Err(StoreError::Apply(ApplyError::Invalid(msg)));
-                        }
-                        Err(ForwardError::Busy(msg)) => {
-                            debug!(%msg, "another membership change is in progress; retrying");
-                            None
-                        }
-                        Err(e) => return Err(StoreError::Unavailable(e.to_string())),
-                    };
+                let leader = match execute_membership(&self.raft, &self.reconciler, &f).await {
+                    Ok(index) => return Ok(index),
+                    Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
+                    Err(ForwardError::Membership(msg)) => {
+                        return Err(StoreError::Apply(ApplyError::Invalid(msg)));
+                    }
+                    Err(ForwardError::Busy(msg)) => {
+                        debug!(%msg, "another membership change is in progress; retrying");
+                        None
+                    }
+                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                };
                 if let Some((id, node)) = leader {
                     match self.forward(id, &node, f.clone()).await {
                         Ok(ForwardReply::Done { log_index }) => return Ok(log_index),
@@ -450,61 +445,37 @@ fn no_quorum() -> StoreError {
     ))
 }
 
-/// Runs a membership change on this node, which must be the leader.
+/// Runs a membership change on this node, which must be the leader,
+/// through its reconciler.
 pub(crate) async fn execute_membership(
     raft: &Raft,
-    transport: &Transport,
-    policy: Policy,
+    reconciler: &Reconciler,
     f: &Forward,
 ) -> Result<u64, ForwardError> {
-    let result = match f {
+    match f {
         Forward::AddLearner { node_id, node } => {
-            return crate::membership::add_learner(raft, transport, policy, *node_id, node.clone())
-                .await;
+            crate::membership::add_learner(raft, reconciler, *node_id, node.clone()).await
         }
-        Forward::RemoveNode { node_id } => {
-            let m = raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .clone();
-            if m.voter_ids().any(|v| v == *node_id) {
-                if m.voter_ids().all(|v| v == *node_id) {
-                    return Err(ForwardError::Membership(
-                        "cannot remove the last voter".into(),
-                    ));
-                }
-                raft.change_membership(
-                    ChangeMembers::RemoveVoters(BTreeSet::from([*node_id])),
-                    true,
-                )
-                .await?;
-            } else if m.get_node(node_id).is_none() {
-                return Err(ForwardError::Membership(format!(
-                    "node {node_id} is not a member"
-                )));
-            }
-            raft.change_membership(
-                ChangeMembers::RemoveNodes(BTreeSet::from([*node_id])),
-                false,
-            )
-            .await
-        }
-        other => {
-            return Err(ForwardError::Failed(format!(
-                "not a membership change: {other:?}"
-            )));
-        }
-    };
-    Ok(result?.log_id.index)
+        Forward::RemoveNode { node_id } => reconciler.remove(*node_id).await,
+        other => Err(ForwardError::Failed(format!(
+            "not a membership change: {other:?}"
+        ))),
+    }
+}
+
+/// What [`RaftRpc::set`] starts, and the handler answers with.
+struct Started {
+    raft: Raft,
+    log: raft_store::LogStore,
+    batcher: Batcher,
+    reconciler: Reconciler,
 }
 
 /// The server side of the cluster RPCs: hands Raft messages to openraft,
 /// answers pre-votes and runs forwarded client requests when this node
 /// leads.
 pub struct RaftRpc {
-    raft: std::sync::OnceLock<(Raft, raft_store::LogStore, Weak<Transport>, Batcher)>,
+    raft: std::sync::OnceLock<Started>,
     timing: crate::election::Timing,
     policy: Policy,
     campaign: Arc<crate::election::Campaign>,
@@ -537,27 +508,41 @@ impl RaftRpc {
 
     /// Connects the handler to its Raft once it exists (the transport has to
     /// be bound before Raft is built), and starts the batcher that proposes
-    /// this node's writes and those forwarded to it: the [`Store`] of the
-    /// node proposes through the one returned.
+    /// this node's writes and those forwarded to it, and the reconciler
+    /// that makes its membership changes: the [`Store`] of the node works
+    /// through the ones returned.
     pub fn set(
         &self,
         raft: Raft,
         log: raft_store::LogStore,
         transport: &Arc<Transport>,
-    ) -> Batcher {
+    ) -> (Batcher, Reconciler) {
         let set = self.raft.get_or_init(|| {
             let me = raft.metrics().borrow().id;
             let batcher = Batcher::start(raft.clone(), me, Arc::downgrade(transport));
-            (raft, log, Arc::downgrade(transport), batcher)
+            let reconciler =
+                Reconciler::start(raft.clone(), Arc::downgrade(transport), self.policy);
+            Started {
+                raft,
+                log,
+                batcher,
+                reconciler,
+            }
         });
-        set.3.clone()
+        (set.batcher.clone(), set.reconciler.clone())
     }
 }
 
 impl RaftHandler for RaftRpc {
     fn handle(&self, from: u64, rpc: Rpc) -> HandlerFuture<'_> {
         Box::pin(async move {
-            let Some((raft, log, transport, batcher)) = self.raft.get() else {
+            let Some(Started {
+                raft,
+                log,
+                batcher,
+                reconciler,
+            }) = self.raft.get()
+            else {
                 return RpcReply::Error("raft is starting".into());
             };
             match rpc {
@@ -594,16 +579,11 @@ impl RaftHandler for RaftRpc {
                         Err(e) => Err(e.into()),
                     })
                 }
-                Rpc::Forward(f) => {
-                    let Some(transport) = transport.upgrade() else {
-                        return RpcReply::Error("shutting down".into());
-                    };
-                    RpcReply::Forward(
-                        execute_membership(raft, &transport, self.policy, &f)
-                            .await
-                            .map(|log_index| ForwardReply::Done { log_index }),
-                    )
-                }
+                Rpc::Forward(f) => RpcReply::Forward(
+                    execute_membership(raft, reconciler, &f)
+                        .await
+                        .map(|log_index| ForwardReply::Done { log_index }),
+                ),
             }
         })
     }

@@ -650,6 +650,8 @@ async fn late_joiner_catches_up_through_a_snapshot() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seven_nodes_make_five_voters_and_two_learners() -> anyhow::Result<()> {
     let cluster = Cluster::start(7).await?;
+    // Six nodes joined at once: their promotions were made one at a time.
+    cluster.ensure_no_errors()?;
     let mut leaders = 0.0;
     for id in cluster.ids() {
         let view = cluster.status(id).await?;
