@@ -6,7 +6,10 @@
 //! `csr` in the body (the first step of `edgelb --join`) the answering
 //! member only signs the node's certificate with the cluster CA from the
 //! replicated state, so any member can admit nodes; the node then adds
-//! itself with a second call once its cluster endpoint listens.
+//! itself with a second call once its cluster endpoint listens. A
+//! certificate is issued only for a node id that is not a member (409
+//! otherwise): the token cannot mint a member's identity; a lost node is
+//! removed first, then joins again.
 
 use hyper::StatusCode;
 use hyper::body::Incoming;
@@ -115,11 +118,18 @@ pub(crate) async fn add(admin: &Admin, body: Incoming) -> Result<Reply, ApiError
         admin_addr: req.admin_addr.clone(),
     };
     let status = admin.store.status();
-    if status
-        .members
-        .iter()
-        .any(|m| m.node_id == req.node_id && m.node != node)
-    {
+    let member = status.members.iter().find(|m| m.node_id == req.node_id);
+    if member.is_some() && req.csr.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "node {id} is already a member: certificates are issued only to nodes that are not members; \
+                 to replace a lost node, remove it first (DELETE /v1/cluster/nodes/{id}), then let it join again",
+                id = req.node_id
+            ),
+        ));
+    }
+    if member.is_some_and(|m| m.node != node) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
