@@ -42,6 +42,7 @@ use crate::cluster::{
 use crate::membership::{Policy, Reconciler};
 
 mod batch;
+mod senders;
 pub use batch::Batcher;
 
 #[cfg(test)]
@@ -545,6 +546,10 @@ impl RaftHandler for RaftRpc {
             else {
                 return RpcReply::Error("raft is starting".into());
             };
+            if let Some(why) = senders::refusal(raft, from, &rpc) {
+                warn!(from, reason = %why, "refused a cluster request");
+                return RpcReply::Error(why);
+            }
             match rpc {
                 Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
                 Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
