@@ -606,6 +606,29 @@ impl Cluster {
         crate::process::run_bin(binary, &args, m.data.path(), timeout).await
     }
 
+    /// Runs node `id`'s command line with `--token token` instead of the
+    /// cluster's, while the node is stopped, to completion (bounded): for a
+    /// node expected to refuse that token and exit.
+    pub async fn run_stopped_with_token(
+        &self,
+        id: u64,
+        token: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<crate::process::Finished> {
+        let m = self
+            .members
+            .get(&id)
+            .with_context(|| format!("no node {id}"))?;
+        ensure!(m.process.is_none(), "node {id} is running");
+        let opts = ClusterOptions {
+            token: token.to_owned(),
+            ..self.opts.clone()
+        };
+        let args = m.args(&opts);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::process::run(&args, m.data.path(), timeout).await
+    }
+
     /// Starts node `id` again with the same command line and data dir, and
     /// waits until it serves its admin API.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {

@@ -57,8 +57,26 @@ fn tls_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("tls")
 }
 
+/// `<data_dir>/founding`: written before a founder's first Raft step and
+/// removed once the founding entry (CA and token hash) is committed
+/// ([`founding_done`]). It holds the new CA's key (empty with an operator's
+/// PKI), so that a founder that crashed in between founds on its next start
+/// with the CA its certificate chains to.
+fn founding_marker(data_dir: &Path) -> PathBuf {
+    data_dir.join("founding")
+}
+
 /// Loads the node's identity, or creates it by founding or joining.
+///
+/// Files are written atomically ([`crate::files`]), `node.pem` last: it
+/// marks a complete identity. A founder resumes an unfinished founding (the
+/// [`founding_marker`] is there); a node with certificate files but no Raft
+/// state and no CA key to found with (what a crash of an earlier version
+/// left) was never part of a cluster and starts over.
 pub async fn identity(config: &Config, token: &str) -> Result<Identity, BootstrapError> {
+    let marker = founding_marker(&config.data_dir);
+    let unfinished = read_opt(&marker)?;
+    let fresh = !has_raft_state(&config.data_dir);
     if let (Some(ca), Some(cert), Some(key)) =
         (&config.ca_cert, &config.node_cert, &config.node_key)
     {
@@ -72,30 +90,48 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
             cert_pem: read("node_cert", cert)?,
             key_pem: read("node_key", key)?,
         };
-        let fresh = !has_raft_state(&config.data_dir);
+        let founded = config.join.is_none() && (fresh || unfinished.is_some());
+        if founded && unfinished.is_none() {
+            write(&marker, "")?;
+        }
         return Ok(Identity {
             tls,
             new_ca_key: None,
             joined: false,
-            founded: fresh && config.join.is_none(),
+            founded,
         });
     }
     let dir = tls_dir(&config.data_dir);
-    if dir.join("node.pem").exists() {
-        let read = |name: &str| {
-            std::fs::read_to_string(dir.join(name))
-                .map_err(|e| BootstrapError::Io(format!("{}: {e}", dir.join(name).display())))
+    if let Some(tls) = stored_identity(&dir)? {
+        let stored = |new_ca_key, founded| {
+            Ok(Identity {
+                tls,
+                new_ca_key,
+                joined: false,
+                founded,
+            })
         };
-        return Ok(Identity {
-            tls: NodeTls {
-                ca_cert_pem: read("ca.pem")?,
-                cert_pem: read("node.pem")?,
-                key_pem: read("node.key")?,
-            },
-            new_ca_key: None,
-            joined: false,
-            founded: false,
-        });
+        match (config.join.is_some(), unfinished) {
+            // A joining node that stopped after it got its certificate adds
+            // itself on this start (`app::start`).
+            (true, _) => return stored(None, false),
+            (false, Some(ca_key)) => {
+                let ca_key = ca_key.trim();
+                let ca_key = (!ca_key.is_empty()).then(|| format!("{ca_key}\n"));
+                return stored(ca_key, true);
+            }
+            (false, None) if !fresh => return stored(None, false),
+            (false, None) => tracing::warn!(
+                dir = %dir.display(),
+                "certificate files without Raft state or a CA key: founding anew"
+            ),
+        }
+    } else if !fresh {
+        return Err(BootstrapError::Io(format!(
+            "{} holds Raft state but {} has no complete identity (ca.pem, node.pem, node.key)",
+            config.data_dir.display(),
+            dir.display()
+        )));
     }
     let (tls, new_ca_key, joined) = match &config.join {
         None => {
@@ -104,6 +140,7 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
             let (cert, key) = pki::issue_node_cert(&ca, config.node_id)
                 .map_err(|e| BootstrapError::Io(format!("node certificate: {e}")))?;
             let CaBundle { cert_pem, key_pem } = ca;
+            write(&marker, &key_pem)?;
             (
                 NodeTls {
                     ca_cert_pem: cert_pem,
@@ -118,13 +155,13 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
     };
     std::fs::create_dir_all(&dir)
         .map_err(|e| BootstrapError::Io(format!("{}: {e}", dir.display())))?;
+    // node.pem last: it marks a complete identity.
     for (name, body) in [
         ("ca.pem", &tls.ca_cert_pem),
-        ("node.pem", &tls.cert_pem),
         ("node.key", &tls.key_pem),
+        ("node.pem", &tls.cert_pem),
     ] {
-        crate::app::write_private(&dir.join(name), body)
-            .map_err(|e| BootstrapError::Io(format!("{}: {e}", dir.join(name).display())))?;
+        write(&dir.join(name), body)?;
     }
     let founded = !joined;
     Ok(Identity {
@@ -133,6 +170,67 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
         joined,
         founded,
     })
+}
+
+/// Forgets the [`founding_marker`] once the founding entry is committed.
+pub fn founding_done(data_dir: &Path) -> Result<(), BootstrapError> {
+    let marker = founding_marker(data_dir);
+    crate::files::remove(&marker)
+        .map_err(|e| BootstrapError::Io(format!("removing {}: {e}", marker.display())))
+}
+
+/// The identity in `dir` when all three files are there and not empty.
+fn stored_identity(dir: &Path) -> Result<Option<NodeTls>, BootstrapError> {
+    let ca_cert_pem = read_nonempty(&dir.join("ca.pem"))?;
+    let cert_pem = read_nonempty(&dir.join("node.pem"))?;
+    let key_pem = read_nonempty(&dir.join("node.key"))?;
+    Ok(match (ca_cert_pem, cert_pem, key_pem) {
+        (Some(ca_cert_pem), Some(cert_pem), Some(key_pem)) => Some(NodeTls {
+            ca_cert_pem,
+            cert_pem,
+            key_pem,
+        }),
+        _ => None,
+    })
+}
+
+fn read_nonempty(path: &Path) -> Result<Option<String>, BootstrapError> {
+    crate::files::read_nonempty(path)
+        .map_err(|e| BootstrapError::Io(format!("{}: {e}", path.display())))
+}
+
+/// A file's text, empty or not; `None` when it is missing.
+fn read_opt(path: &Path) -> Result<Option<String>, BootstrapError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(BootstrapError::Io(format!("{}: {e}", path.display()))),
+    }
+}
+
+fn write(path: &Path, body: &str) -> Result<(), BootstrapError> {
+    crate::files::write_private(path, body)
+        .map_err(|e| BootstrapError::Io(format!("{}: {e}", path.display())))
+}
+
+/// SPEC §9: one token per cluster. Once the replicated state records the
+/// hash of the cluster's token, this node's token must be that token: a
+/// node that would take another one (its stored token lost, a copied data
+/// dir) refuses to start instead of accepting it for cluster-wide writes.
+pub fn check_token(state: &raft_store::State, token: &str) -> Result<(), ConfigError> {
+    use subtle::ConstantTimeEq;
+    let Some(secrets) = state.cluster() else {
+        return Ok(());
+    };
+    let ours = crate::raft::token_sha256(token);
+    if bool::from(ours.as_bytes().ct_eq(secrets.token_sha256.as_bytes())) {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        "token",
+        "is not this cluster's token (its hash differs from the one the cluster recorded \
+         when it was founded; one token per cluster): start the node with the cluster's --token",
+    ))
 }
 
 fn has_raft_state(data_dir: &Path) -> bool {
@@ -310,4 +408,67 @@ pub(crate) async fn post(
     tokio::time::timeout(Duration::from_secs(15), work)
         .await
         .map_err(|_| "request timed out".to_owned())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(label: &str) -> Config {
+        let mut config = Config::embedded_default();
+        config.data_dir =
+            std::env::temp_dir().join(format!("edgelb-bootstrap-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&config.data_dir);
+        std::fs::create_dir_all(&config.data_dir).unwrap();
+        config
+    }
+
+    #[tokio::test]
+    async fn a_founding_interrupted_before_its_entry_resumes_with_the_same_ca() {
+        let config = config("resume");
+        let first = identity(&config, "t").await.unwrap();
+        assert!(first.founded);
+        let ca_key = first.new_ca_key.clone().unwrap();
+        // A crash now: Raft may have created its files, the founding entry
+        // never committed.
+        std::fs::write(config.data_dir.join("raft-log.redb"), b"").unwrap();
+        let again = identity(&config, "t").await.unwrap();
+        assert!(again.founded, "the founding is not resumed");
+        assert_eq!(
+            again.new_ca_key.as_deref().map(str::trim),
+            Some(ca_key.trim())
+        );
+        assert_eq!(again.tls.cert_pem.trim(), first.tls.cert_pem.trim());
+        // The CA it resumes with signs certificates that chain to ca.pem.
+        let ca = CaBundle {
+            cert_pem: again.tls.ca_cert_pem.clone(),
+            key_pem: again.new_ca_key.unwrap(),
+        };
+        pki::issue_node_cert(&ca, 2).unwrap();
+
+        founding_done(&config.data_dir).unwrap();
+        let restarted = identity(&config, "t").await.unwrap();
+        assert!(!restarted.founded && restarted.new_ca_key.is_none());
+        assert_eq!(restarted.tls.cert_pem.trim(), first.tls.cert_pem.trim());
+        std::fs::remove_dir_all(&config.data_dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn torn_identity_files_without_raft_state_start_over() {
+        let config = config("torn");
+        let first = identity(&config, "t").await.unwrap();
+        founding_done(&config.data_dir).unwrap();
+        std::fs::write(tls_dir(&config.data_dir).join("node.key"), b"").unwrap();
+        let again = identity(&config, "t").await.unwrap();
+        assert!(again.founded && again.new_ca_key.is_some());
+        assert_ne!(again.tls.ca_cert_pem, first.tls.ca_cert_pem);
+        assert!(!again.tls.key_pem.is_empty());
+
+        // With Raft state the same damage is an error that names the files.
+        std::fs::write(tls_dir(&config.data_dir).join("node.key"), b"").unwrap();
+        std::fs::write(config.data_dir.join("raft-log.redb"), b"").unwrap();
+        let err = identity(&config, "t").await.unwrap_err().to_string();
+        assert!(err.contains("node.key"), "{err}");
+        std::fs::remove_dir_all(&config.data_dir).unwrap();
+    }
 }

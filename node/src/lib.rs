@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod election;
+mod files;
 pub mod gossip;
 pub mod http;
 pub mod listeners;
