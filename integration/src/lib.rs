@@ -51,7 +51,9 @@
 //! attach/detach churn under keep-alive and connection-close load,
 //! `EDGELB_CHURN_SECS` long) and `upgrade` (a data dir of format 1 on the
 //! current binary, a rolling upgrade of three nodes from it, the frame
-//! version of the cluster ALPN). `examples/raft_latency.rs` measures write
+//! version of the cluster ALPN) and `identity` (one token per cluster, no
+//! certificates for members, a removed node's certificate and impostor Raft
+//! ids refused, a crash during the first start). `examples/raft_latency.rs` measures write
 //! latency and throughput of a 3-node cluster.
 
 pub mod addr;
