@@ -13,6 +13,8 @@
 //! | `/upload` | reads the body, counting bytes as they arrive; answers the total |
 //! | `/big/<n>` | `n` bytes of `x` |
 //! | `/upgrade` | `101` to the requested `Upgrade`, then line echo tagged with the name |
+//! | `/early/<status>` | that status at once, before reading the request body, which it then reads and discards (nginx's `return`) |
+//! | `/refuse/<status>` | that status at once; the request body is left unread (the connection stays open) until a release |
 //! | anything else | the name at once |
 //!
 //! [`EchoBackend`] is a line-based TCP echo server that prefixes every reply
@@ -286,6 +288,29 @@ async fn answer(
             full(total.to_string())
         }
         "/upgrade" => return Ok(upgrade(&mut req, &shared)),
+        p if p.starts_with("/early/") || p.starts_with("/refuse/") => {
+            let (_, code) = p[1..].split_once('/').unwrap_or_default();
+            let status = code
+                .parse::<u16>()
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::UNAUTHORIZED);
+            let mut body = req.into_body();
+            let discard = p.starts_with("/early/");
+            let mut gate = shared.gate.subscribe();
+            let arrived = *gate.borrow_and_update();
+            tokio::spawn(async move {
+                if discard {
+                    while let Some(Ok(_)) = body.frame().await {}
+                } else {
+                    let _ = gate.wait_for(|g| *g > arrived).await;
+                    drop(body);
+                }
+            });
+            let mut resp = Response::new(full(status.as_str().to_owned()));
+            *resp.status_mut() = status;
+            return Ok(resp);
+        }
         p if p.starts_with("/big/") => {
             let n = p["/big/".len()..].parse::<usize>().unwrap_or(0);
             full(vec![b'x'; n])

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::dataplane::Settings;
+use crate::dataplane::{IpNet, Settings};
 
 /// Exit code for a bad configuration or bad flags (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -113,6 +113,9 @@ struct FileConfig {
     upstream_timeout: Option<String>,
     idle_timeout: Option<String>,
     tcp_idle_timeout: Option<String>,
+    send_timeout: Option<String>,
+    tunnel_idle_timeout: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
     max_connections: Option<usize>,
     ca_cert: Option<PathBuf>,
     node_cert: Option<PathBuf>,
@@ -288,6 +291,18 @@ impl Config {
             "tcp_idle_timeout",
             file.tcp_idle_timeout,
         )?;
+        set_duration(&mut s.send_timeout, "send_timeout", file.send_timeout)?;
+        set_duration(
+            &mut s.tunnel_idle_timeout,
+            "tunnel_idle_timeout",
+            file.tunnel_idle_timeout,
+        )?;
+        if let Some(list) = file.trusted_proxies {
+            s.trusted_proxies = list
+                .iter()
+                .map(|v| parse_net(v))
+                .collect::<Result<_, _>>()?;
+        }
         if let Some(v) = file.max_connections {
             if v == 0 {
                 return Err(ConfigError::new("max_connections", "must be at least 1"));
@@ -417,6 +432,19 @@ fn parse_addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| ConfigError::new(field, format!("{v:?} is not HOST:PORT with an IP host")))
 }
 
+/// A CIDR block (`10.0.0.0/8`) or a single address (a /32 or /128).
+fn parse_net(v: &str) -> Result<IpNet, ConfigError> {
+    let v = v.trim();
+    v.parse::<IpNet>()
+        .or_else(|_| v.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            ConfigError::new(
+                "trusted_proxies",
+                format!("{v:?} is not an IP address or CIDR block"),
+            )
+        })
+}
+
 fn set_duration(slot: &mut Duration, field: &str, v: Option<String>) -> Result<(), ConfigError> {
     if let Some(v) = v {
         *slot = parse_duration(&v).ok_or_else(|| {
@@ -449,166 +477,4 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load(args: &[&str]) -> Result<Config, ConfigError> {
-        let mut argv = vec!["edgelb"];
-        argv.extend_from_slice(args);
-        Config::load(
-            Args::try_parse_from(argv).map_err(|e| ConfigError::new("flags", e.to_string()))?,
-        )
-    }
-
-    #[test]
-    fn defaults_are_the_embedded_one_node_cluster() {
-        let c = load(&[]).unwrap();
-        assert_eq!(c.node_id, 1);
-        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:7070");
-        assert_eq!(c.cluster_addr.to_string(), "127.0.0.1:7071");
-        assert_eq!(c.listen_ip.to_string(), "127.0.0.1");
-        assert_eq!(c.data_dir, PathBuf::from("./edgelb-data"));
-        assert_eq!(c.cluster_domain, "edgelb.local");
-        assert_eq!(c.settings.drain_timeout, Duration::from_secs(30));
-    }
-
-    #[test]
-    fn flags_override_the_file() {
-        let dir = std::env::temp_dir().join(format!("edgelb-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("a.toml");
-        std::fs::write(
-            &path,
-            "node_id = 7\nregion = \"fra\"\nupstream_timeout = \"5s\"\n",
-        )
-        .unwrap();
-        let c = load(&["--config", path.to_str().unwrap(), "--region", "ams"]).unwrap();
-        assert_eq!(c.node_id, 7);
-        assert_eq!(c.region, "ams");
-        assert_eq!(c.settings.upstream_timeout, Duration::from_secs(5));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        assert_eq!(
-            load(&["--admin-addr", "nope"]).unwrap_err().field,
-            "admin_addr"
-        );
-        assert_eq!(
-            load(&["--listen-ip", "1.2.3"]).unwrap_err().field,
-            "listen_ip"
-        );
-        assert_eq!(
-            load(&["--drain-timeout", "10 parsecs"]).unwrap_err().field,
-            "drain_timeout"
-        );
-        assert_eq!(load(&["--token", "short"]).unwrap_err().field, "token");
-        assert_eq!(load(&["--join", "ftp://x"]).unwrap_err().field, "join");
-        let err = load(&[
-            "--admin-addr",
-            "127.0.0.1:9",
-            "--cluster-addr",
-            "127.0.0.1:9",
-        ])
-        .unwrap_err();
-        assert_eq!(err.field, "cluster_addr");
-    }
-
-    #[test]
-    fn advertise_cluster_addr_defaults_to_the_bound_one() {
-        let bound: SocketAddr = "127.0.0.1:7071".parse().unwrap();
-        let c = load(&[]).unwrap();
-        assert_eq!(c.advertise_cluster_addr, None);
-        assert_eq!(c.advertised_cluster_addr(bound), bound);
-        let c = load(&["--advertise-cluster-addr", "203.0.113.7:17071"]).unwrap();
-        assert_eq!(
-            c.advertised_cluster_addr(bound).to_string(),
-            "203.0.113.7:17071"
-        );
-        for bad in ["nope", "example.com:7071", "0.0.0.0:7071", "10.0.0.1:0"] {
-            let err = load(&["--advertise-cluster-addr", bad]).unwrap_err();
-            assert_eq!(err.field, "advertise_cluster_addr", "{bad}: {err}");
-        }
-        let dir = std::env::temp_dir().join(format!("edgelb-config-adv-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("a.toml");
-        std::fs::write(&path, "advertise_cluster_addr = \"10.9.8.7:7071\"\n").unwrap();
-        let c = load(&["--config", path.to_str().unwrap()]).unwrap();
-        assert_eq!(
-            c.advertised_cluster_addr(bound).to_string(),
-            "10.9.8.7:7071"
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn file_errors_name_the_key() {
-        let dir = std::env::temp_dir().join(format!("edgelb-config-bad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("b.toml");
-        std::fs::write(&path, "node_id = \"one\"\n").unwrap();
-        assert_eq!(
-            load(&["--config", path.to_str().unwrap()])
-                .unwrap_err()
-                .field,
-            "node_id"
-        );
-        std::fs::write(&path, "colour = 1\n").unwrap();
-        let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
-        assert!(err.message.contains("colour"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn gossip_keys() {
-        let dir = std::env::temp_dir().join(format!("edgelb-config-gossip-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("g.toml");
-        let c = load(&[]).unwrap();
-        assert_eq!(c.gossip.min_interval, Duration::from_millis(5));
-        assert_eq!(c.gossip.interval, Duration::from_millis(100));
-        assert_eq!(c.gossip.ttl, Duration::from_secs(1));
-        std::fs::write(
-            &path,
-            "gossip_min_interval = \"2ms\"\ngossip_interval = \"50ms\"\ngossip_ttl = \"500ms\"\n",
-        )
-        .unwrap();
-        let c = load(&["--config", path.to_str().unwrap()]).unwrap();
-        assert_eq!(c.gossip.min_interval, Duration::from_millis(2));
-        assert_eq!(c.gossip.interval, Duration::from_millis(50));
-        assert_eq!(c.gossip.ttl, Duration::from_millis(500));
-        assert!(!c.gossip_local);
-        std::fs::write(&path, "gossip_estimator = \"local\"\n").unwrap();
-        assert!(
-            load(&["--config", path.to_str().unwrap()])
-                .unwrap()
-                .gossip_local
-        );
-        std::fs::write(&path, "gossip_estimator = \"decay\"\n").unwrap();
-        let c = load(&["--config", path.to_str().unwrap()]).unwrap();
-        assert_eq!(c.gossip.estimator, gossip::Estimator::Decay);
-        for (text, field) in [
-            ("gossip_ttl = \"100ms\"\n", "gossip_interval"),
-            ("gossip_min_interval = \"200ms\"\n", "gossip_min_interval"),
-            ("gossip_interval = \"0ms\"\n", "gossip_interval"),
-            ("gossip_ttl = \"soon\"\n", "gossip_ttl"),
-            ("gossip_estimator = \"psychic\"\n", "gossip_estimator"),
-        ] {
-            std::fs::write(&path, text).unwrap();
-            let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
-            assert_eq!(err.field, field, "{text}: {err}");
-        }
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("s"), None);
-        assert_eq!(parse_duration("5"), None);
-        assert_eq!(parse_duration("99999999999999999999h"), None);
-    }
-}
+mod tests;

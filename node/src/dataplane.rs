@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+pub use ipnet::IpNet;
 
 use crate::routing::RoutingTable;
 
@@ -22,6 +23,15 @@ pub struct Settings {
     pub upstream_timeout: Duration,
     /// An idle client keep-alive connection is closed after this.
     pub idle_timeout: Duration,
+    /// A client that takes no part of a response for this long (its
+    /// socket stays full) is disconnected.
+    pub send_timeout: Duration,
+    /// An upgraded connection (WebSocket) with no traffic either way is
+    /// closed after this.
+    pub tunnel_idle_timeout: Duration,
+    /// Clients whose `X-Forwarded-For`, `Forwarded` and `X-Real-IP` are
+    /// kept (proxies in front of this node); everyone else's are replaced.
+    pub trusted_proxies: Vec<IpNet>,
     /// A TCP-mode connection with no traffic either way is closed after this.
     pub tcp_idle_timeout: Duration,
     /// How long a detached instance's in-flight work may finish.
@@ -44,6 +54,9 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(3),
             upstream_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(3600),
+            trusted_proxies: Vec::new(),
             tcp_idle_timeout: Duration::from_secs(3600),
             drain_timeout: Duration::from_secs(30),
             max_connections: 65_536,

@@ -23,6 +23,7 @@
 pub mod upstream;
 
 mod body;
+mod client_body;
 mod conn;
 mod error;
 mod forward;

@@ -9,15 +9,15 @@
 //! timeout has passed after it was detached.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use crate::balancer::Pick;
 use crate::dataplane::{ConnInfo, DataPlane};
-use crate::http::upstream::CountingIo;
+use crate::http::upstream::{CountingIo, idle};
 use crate::routing::Target;
 
 /// Most instances tried for one connection.
@@ -79,17 +79,4 @@ where
         return;
     }
     debug!(peer = %conn.peer, group = %target.group.name, "every attempt failed; closing");
-}
-
-/// Resolves once `activity` has not moved for a whole `timeout`.
-async fn idle(activity: Arc<AtomicU64>, timeout: Duration) {
-    let mut seen = activity.load(Ordering::Relaxed);
-    loop {
-        tokio::time::sleep(timeout).await;
-        let now = activity.load(Ordering::Relaxed);
-        if now == seen {
-            return;
-        }
-        seen = now;
-    }
 }

@@ -15,6 +15,8 @@ use integration::{NodeOptions, TestNode, patient, wait_until};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
+mod hardening;
+
 const PORT: u16 = 8080;
 const BACKEND_PORT: u16 = 9000;
 

@@ -157,7 +157,13 @@ impl UpstreamBody {
         metrics
             .duration
             .observe(now.saturating_duration_since(f.start).as_secs_f64());
-        if complete && let Some(r) = f.reuse {
+        // A connection still sending the request body (the instance
+        // answered before reading it all) is not reused: dropping it drops
+        // the body, whose rest is then discarded (see `client_body`).
+        if complete
+            && let Some(r) = f.reuse
+            && f.conn.sender.is_ready()
+        {
             r.pool.checkin(f.conn, r.max_idle, r.idle_timeout, now);
         }
         // Ends the in-flight count (and times the work for gossip).

@@ -1,6 +1,6 @@
 //! One client connection: the context its requests share, and the I/O
-//! wrapper that enforces the header timeout (408) and the keep-alive idle
-//! timeout.
+//! wrapper that enforces the header timeout (408), the keep-alive idle
+//! timeout and the send timeout.
 //!
 //! hyper's own `header_read_timeout` closes without answering and starts
 //! when the previous response ends, so the timeouts live here instead, in
@@ -12,6 +12,16 @@
 //!              ▼                          └──────────────── Head ◀──────────┘
 //!         write 408, EOF                                     idle_timeout: graceful close
 //! ```
+//!
+//! The send timeout costs nothing while writes make progress: a write that
+//! finds the client's socket full notes when that stall began (one clock
+//! read) and polls a timer made at the connection's first stall; a write
+//! that goes through forgets the stall. The timer is moved only when it
+//! fires for an earlier stall, so a slow reader that keeps taking bytes
+//! resets it at most once per `send_timeout`. A stall that outlasts
+//! `send_timeout` fails the write, which ends the connection and with it
+//! the request's in-flight count. Upgraded connections have
+//! `tunnel_idle_timeout` instead.
 
 use std::io;
 use std::pin::Pin;
@@ -36,6 +46,9 @@ pub(crate) struct Conn {
     pub(crate) client_ip: HeaderValue,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub(crate) proto: HeaderValue,
+    /// The client is a trusted proxy (`trusted_proxies`): its forwarding
+    /// headers are kept.
+    pub(crate) trusted: bool,
     /// The node is shutting down.
     pub(crate) shutdown: CancellationToken,
     /// Requests being handled (service called, response body not finished).
@@ -53,8 +66,11 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn new(info: ConnInfo, dp: Arc<DataPlane>, shutdown: CancellationToken) -> Self {
-        let ip = info.peer.ip().to_canonical().to_string();
+        let ip = info.peer.ip().to_canonical();
+        let trusted = dp.settings.trusted_proxies.iter().any(|n| n.contains(&ip));
+        let ip = ip.to_string();
         Self {
+            trusted,
             dp,
             info,
             // An IP address is always a valid header value.
@@ -93,6 +109,7 @@ impl Conn {
         }
     }
 
+    /// Wakes the serving task.
     fn wake(&self) {
         let waker = self
             .waker
@@ -123,13 +140,66 @@ impl ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.0.parked.swap(false, Ordering::SeqCst)
+        self.0.leave();
+    }
+}
+
+impl Conn {
+    fn leave(&self) {
+        if self.active.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.parked.swap(false, Ordering::SeqCst)
         {
             // Wakes the connection task so that the reader starts the idle
             // timer.
-            self.0.wake();
+            self.wake();
         }
+    }
+}
+
+/// What a [`BodyGuard`] needs of its connection. A trait object: request
+/// bodies are part of the upstream pools' types, which the data plane
+/// (and so `Conn`) contains, and naming `Conn` there would make the types
+/// recursive.
+pub(crate) trait Activity: Send + Sync + std::fmt::Debug {
+    /// Ends one request's activity.
+    fn leave(&self);
+    /// Wakes the task serving the connection.
+    fn wake(&self);
+}
+
+impl Activity for Conn {
+    fn leave(&self) {
+        Self::leave(self);
+    }
+
+    fn wake(&self) {
+        Self::wake(self);
+    }
+}
+
+/// An [`ActiveGuard`] for a request body still coming in after its
+/// response.
+#[derive(Debug)]
+pub(crate) struct BodyGuard(Arc<dyn Activity>);
+
+impl BodyGuard {
+    pub(crate) fn new(conn: &Arc<Conn>) -> Self {
+        conn.active.fetch_add(1, Ordering::SeqCst);
+        Self(conn.clone())
+    }
+
+    /// Ends the guard and wakes the connection's task (for a guard dropped
+    /// outside it).
+    pub(crate) fn end_and_wake(self) {
+        let conn = self.0.clone();
+        drop(self);
+        conn.wake();
+    }
+}
+
+impl Drop for BodyGuard {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
@@ -168,6 +238,10 @@ pub(crate) struct TimedIo<I> {
     timer: Pin<Box<Sleep>>,
     seen_bytes: bool,
     h2: bool,
+    /// When the current write stall began (`None` while writes go through).
+    stalled_since: Option<Instant>,
+    /// The send timer, made at the connection's first stall.
+    send_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<I> TimedIo<I> {
@@ -182,7 +256,54 @@ impl<I> TimedIo<I> {
             timer,
             seen_bytes: false,
             h2: false,
+            stalled_since: None,
+            send_timer: None,
         }
+    }
+
+    /// A write found the client's socket full: ready once the stall has
+    /// lasted `send_timeout` (never in a tunnel).
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.conn.tunnel.load(Ordering::Relaxed) {
+            return Poll::Pending;
+        }
+        let since = *self.stalled_since.get_or_insert_with(Instant::now);
+        let deadline = since + self.conn.dp.settings.send_timeout;
+        let timer = self
+            .send_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.is_elapsed() && timer.deadline() < deadline {
+            timer.as_mut().reset(deadline);
+        }
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            // It fired for an earlier stall.
+            timer.as_mut().reset(deadline);
+        }
+    }
+
+    /// Notes the outcome of a write: progress forgets a stall; a stall
+    /// that outlasted the send timeout becomes an error.
+    fn on_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        res: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if res.is_ready() {
+            self.stalled_since = None;
+            return res;
+        }
+        if self.poll_stall(cx).is_ready() {
+            debug!("send timeout");
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client took no bytes for the send timeout",
+            )));
+        }
+        Poll::Pending
     }
 
     /// Starts a new phase: its timeout counts from its first wait.
@@ -307,7 +428,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
             if this.phase == Phase::Busy {
                 if !this.h2 {
                     // An HTTP/1 request ends inside hyper's connection task,
-                    // which flushes right after: `after_write` sees it.
+                    // which flushes right after: `after_write` sees it (or
+                    // in a body drain, which wakes this task itself).
                     return Poll::Pending;
                 }
                 this.conn.parked.store(true, Ordering::SeqCst);
@@ -342,7 +464,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.on_write(cx, res)
     }
 
     fn poll_write_vectored(
@@ -350,7 +474,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.on_write(cx, res)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -360,6 +486,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_flush(cx);
+        let res = this.on_write(cx, res);
         this.after_write(cx);
         res
     }

@@ -14,6 +14,7 @@ use hyper::upgrade::OnUpgrade;
 use tracing::debug;
 
 use super::body::{ProxyBody, Reuse, UpstreamBody};
+use super::client_body::ClientBody;
 use super::conn::{ActiveGuard, Conn};
 use super::error::{ConnectError, ProxyError};
 use super::headers;
@@ -56,20 +57,21 @@ fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
 }
 
 async fn proxy(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     conn: &Arc<Conn>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    // RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host; two would
-    // make routing on a shared port ambiguous.
-    if req.version() == Version::HTTP_11 {
-        let mut hosts = req.headers().get_all(HOST).iter();
-        match (hosts.next(), hosts.next()) {
-            (Some(_), Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
-            (None, _) if req.uri().authority().is_none() => {
-                return Err(ProxyError::BadRequest("missing Host header"));
-            }
-            _ => {}
+    // From here on, a body dropped unread is discarded, not left hanging.
+    let mut req = ClientBody::wrap(req, conn);
+    // RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host. Two would
+    // make routing on a shared port ambiguous whatever the version (HTTP/1.0
+    // may leave Host out, but is forwarded as HTTP/1.1).
+    let mut hosts = req.headers().get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
+        (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
+            return Err(ProxyError::BadRequest("missing Host header"));
         }
+        _ => {}
     }
     let host = request_host(&req);
     let (target, redirect) = {
@@ -94,13 +96,13 @@ async fn proxy(
 enum Exchange {
     Response(Response<Incoming>, PooledConn),
     /// Nothing was sent: this instance failed, another may be tried.
-    NotSent(Request<Incoming>, ConnectError),
+    NotSent(Request<ClientBody>, ConnectError),
     /// The request (or part of it) reached the instance: no retry.
     Failed(ProxyError),
 }
 
 async fn forward(
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     target: &Target,
     conn: &Arc<Conn>,
     client_upgrade: Option<OnUpgrade>,
@@ -155,7 +157,7 @@ async fn forward(
 /// `upstream_timeout`) for the response headers. A pooled connection found
 /// closed before the request was written is replaced by a new one.
 async fn exchange(
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     pool: &Pool,
     lease: &Lease,
     settings: &Settings,
@@ -225,13 +227,14 @@ async fn exchange(
 /// in; `None` when they take longer than `timeout`.
 async fn send(
     up: &mut PooledConn,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     timeout: Duration,
-) -> Option<Result<Response<Incoming>, TrySendError<Request<Incoming>>>> {
+) -> Option<Result<Response<Incoming>, TrySendError<Request<ClientBody>>>> {
     let PooledConn {
         sender,
         driver,
         deadline,
+        ..
     } = up;
     deadline.disarm();
     let response = sender.try_send_request(req);

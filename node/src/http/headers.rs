@@ -1,9 +1,15 @@
 //! Header rewriting between client and instance: hop-by-hop headers out,
 //! `X-Forwarded-*` in, HTTP/2 requests turned into HTTP/1.1 ones.
+//!
+//! A client's own `X-Forwarded-For`, `Forwarded` and `X-Real-IP` are
+//! claims anyone can make: they are replaced (`X-Forwarded-For` names the
+//! connecting address only) or removed, unless the client is a trusted
+//! proxy (`trusted_proxies`), whose headers are kept and whose
+//! `X-Forwarded-For` is appended to.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{
-    CONNECTION, COOKIE, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    CONNECTION, COOKIE, FORWARDED, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::Uri;
@@ -14,6 +20,7 @@ use super::conn::Conn;
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -117,7 +124,13 @@ pub(crate) fn prepare_request<B>(
         }
         _ => {}
     }
-    append_forwarded_for(headers, &conn.client_ip);
+    if conn.trusted {
+        append_forwarded_for(headers, &conn.client_ip);
+    } else {
+        headers.insert(X_FORWARDED_FOR, conn.client_ip.clone());
+        headers.remove(FORWARDED);
+        headers.remove(X_REAL_IP);
+    }
     headers.insert(X_FORWARDED_PROTO, conn.proto.clone());
     match host {
         Some(h) => headers.insert(X_FORWARDED_HOST, h),

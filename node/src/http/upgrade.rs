@@ -1,7 +1,8 @@
 //! Upgraded connections (WebSocket and other `Upgrade` protocols): after the
 //! instance answers 101, client and instance bytes are spliced both ways.
-//! The tunnel counts as one request in flight until either side closes, the
-//! instance's drain timeout passes, or the node's shutdown drain ends.
+//! The tunnel counts as one request in flight until either side closes, no
+//! byte has moved either way for `tunnel_idle_timeout`, the instance's
+//! drain timeout passes, or the node's shutdown drain ends.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,7 +16,7 @@ use tracing::{Instrument, debug};
 use super::body::ProxyBody;
 use super::conn::Conn;
 use super::headers;
-use super::upstream::PooledConn;
+use super::upstream::{PooledConn, idle};
 use crate::balancer::Lease;
 
 /// Answers the client's upgrade request with the instance's 101 and starts
@@ -34,6 +35,8 @@ pub(crate) fn tunnel(
     conn.set_tunnel();
     let shutdown = conn.shutdown.clone();
     let drain_timeout = conn.dp.settings.drain_timeout;
+    let idle_timeout = conn.dp.settings.tunnel_idle_timeout;
+    let activity = up.activity.clone();
     let task = async move {
         let drained = lease.backend().drain_token();
         let splice = async {
@@ -57,6 +60,13 @@ pub(crate) fn tunnel(
             shutdown.cancelled().await;
             tokio::time::sleep(drain_timeout).await;
         };
+        let idle = async {
+            match activity {
+                Some(activity) => idle(activity, idle_timeout).await,
+                // Every upgradable connection counts its bytes.
+                None => std::future::pending().await,
+            }
+        };
         // The splice runs in a task of its own so that the tokens (whose
         // polls take a lock) are polled only when they fire, not on every
         // chunk.
@@ -65,6 +75,7 @@ pub(crate) fn tunnel(
             _ = &mut splice => {}
             () = drained.cancelled() => debug!("tunnel closed: instance drained"),
             () = stop => debug!("tunnel closed: shutdown"),
+            () = idle => debug!("tunnel closed: idle"),
         }
         splice.abort();
         let metrics = &lease.backend().metrics;

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -28,6 +27,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug};
 
+use super::client_body::ClientBody;
 use super::error::ConnectError;
 use crate::balancer::Backend;
 use crate::dataplane::Settings;
@@ -167,7 +167,10 @@ impl Pool {
         upgrades: bool,
     ) -> Result<PooledConn, ConnectError> {
         let stream = self.dial(settings.connect_timeout).await?;
-        let io = TokioIo::new(CountingIo::new(stream, backend, None));
+        // An upgraded connection's traffic both ways, for the tunnel's idle
+        // timeout.
+        let activity = upgrades.then(|| Arc::new(AtomicU64::new(0)));
+        let io = TokioIo::new(CountingIo::new(stream, backend, activity.clone()));
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -192,6 +195,7 @@ impl Pool {
             sender,
             driver,
             deadline: Deadline::new(),
+            activity,
         })
     }
 }
@@ -227,7 +231,7 @@ async fn sweep_idle(pool: Weak<Pool>, idle_timeout: Duration) {
     }
 }
 
-type Http1Conn = http1::Connection<TokioIo<CountingIo>, Incoming>;
+type Http1Conn = http1::Connection<TokioIo<CountingIo>, ClientBody>;
 
 /// One upstream HTTP/1.1 connection.
 ///
@@ -238,9 +242,11 @@ type Http1Conn = http1::Connection<TokioIo<CountingIo>, Incoming>;
 /// timeout passes and then aborts it.
 #[derive(Debug)]
 pub(crate) struct PooledConn {
-    pub(crate) sender: http1::SendRequest<Incoming>,
+    pub(crate) sender: http1::SendRequest<ClientBody>,
     pub(crate) driver: Driver,
     pub(crate) deadline: Deadline,
+    /// Bytes moved either way, on connections made for an upgrade.
+    pub(crate) activity: Option<Arc<AtomicU64>>,
 }
 
 /// Deadlines of one connection's requests: one timer, reused (pushing a
@@ -408,6 +414,20 @@ async fn watch_drain(watch: Arc<Watch>, drain: CancellationToken, closed: onesho
 async fn drive_upgradable(conn: Http1Conn) {
     if let Err(error) = conn.with_upgrades().await {
         debug!(%error, "upstream connection failed");
+    }
+}
+
+/// Resolves once `activity` has not moved for a whole `timeout` (checked
+/// once per `timeout`, so after between one and two of them).
+pub(crate) async fn idle(activity: Arc<AtomicU64>, timeout: Duration) {
+    let mut seen = activity.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(timeout).await;
+        let now = activity.load(Ordering::Relaxed);
+        if now == seen {
+            return;
+        }
+        seen = now;
     }
 }
 
