@@ -289,9 +289,11 @@ async fn isolated_leader_through_nftables() -> anyhow::Result<()> {
 /// Round trip of the WAN test's links.
 const WAN_ONE_WAY: Duration = Duration::from_millis(150);
 
-fn p99(mut v: Vec<Duration>) -> Duration {
+/// The `q`-th percentile of `v` (nearest rank).
+fn percentile(v: &[Duration], q: usize) -> Duration {
+    let mut v = v.to_vec();
     v.sort();
-    v.get((v.len() * 99).div_ceil(100).saturating_sub(1))
+    v.get((v.len() * q).div_ceil(100).saturating_sub(1))
         .copied()
         .unwrap_or_default()
 }
@@ -326,14 +328,29 @@ async fn wan_150ms_each_way_commits_joins_and_replaces_a_killed_leader() -> anyh
             into.push(took);
         }
     }
-    let (p_direct, p_fwd) = (p99(direct), p99(forwarded));
+    let p = |v: &[Duration], q| percentile(v, q);
     println!(
-        "wan: write p99 through the leader {p_direct:?}, through a follower {p_fwd:?} (rtt {rtt:?})"
+        "wan: writes through the leader p50 {:?} p99 {:?}, through a follower p50 {:?} p99 {:?} \
+         (rtt {rtt:?})",
+        p(&direct, 50),
+        p(&direct, 99),
+        p(&forwarded, 50),
+        p(&forwarded, 99),
     );
-    // Three round trips plus an fsync (and the HTTP exchange on loopback).
+    // What a write costs in round trips: one to the followers (plus, at
+    // worst, the wait for a heartbeat already on the wire, as openraft
+    // keeps one call per follower in flight), one more when forwarded.
+    // The median, so that a machine busy with other work (a stall of a
+    // few hundred ms in one write) does not decide; a write that took
+    // extra round trips (a connection per call, a lost wake-up) moves it.
+    // The p99 is printed (README, Testing).
     assert!(
-        p_direct <= rtt * 3 + Duration::from_millis(200),
-        "{p_direct:?}"
+        p(&direct, 50) <= rtt * 2 + Duration::from_millis(200),
+        "through the leader: {direct:?}"
+    );
+    assert!(
+        p(&forwarded, 50) <= rtt * 3 + Duration::from_millis(200),
+        "through a follower: {forwarded:?}"
     );
 
     let joined = cluster.add_members(1).await?;
