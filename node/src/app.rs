@@ -71,6 +71,8 @@ pub struct NodeHandle {
     drain: JoinHandle<()>,
     /// Everything else that stops on `shutdown`.
     tasks: Vec<JoinHandle<()>>,
+    /// The storage files, sealed side by side once Raft stopped.
+    seals: Vec<raft_store::Seal>,
 }
 
 /// How long a task other than the data plane's drain may take to stop once
@@ -121,7 +123,27 @@ impl NodeHandle {
         {
             warn!("raft did not stop within {STOP_GRACE:?}");
         }
-        self.transport.close().await;
+        // Each file's close writes its allocator state; done here, the
+        // files go side by side (and alongside the endpoint's close)
+        // rather than one after the other as the process drops them.
+        let mut seals = tokio::task::JoinSet::new();
+        for s in self.seals {
+            seals.spawn(s.seal());
+        }
+        let sealed = async {
+            while let Some(r) = seals.join_next().await {
+                if let Ok(Err(e)) = r {
+                    warn!(error = %e, "sealing a storage file");
+                }
+            }
+        };
+        let (sealed, ()) = tokio::join!(
+            tokio::time::timeout(STOP_GRACE, sealed),
+            self.transport.close()
+        );
+        if sealed.is_err() {
+            warn!("storage files not sealed within {STOP_GRACE:?}");
+        }
     }
 
     /// Stops at once, as a crash would: no draining, no goodbye.
@@ -256,6 +278,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         shutdown,
         drain,
         tasks,
+        seals: raft.seals,
     })
 }
 

@@ -35,6 +35,8 @@ pub struct Started {
     pub cluster_addr: SocketAddr,
     /// The log store, for the election task's pre-votes.
     pub log: LogStore,
+    /// The storage files, to seal at exit.
+    pub seals: Vec<raft_store::Seal>,
 }
 
 /// openraft settings: the RPC limit and leader lease of `timing` (its own
@@ -73,6 +75,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
         ))
     })?;
     let state = sm.subscribe();
+    let seals = vec![log.seal(), sm.seal()];
     let committed = log.committed_index();
 
     let policy = Policy {
@@ -144,6 +147,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
         transport,
         cluster_addr,
         log,
+        seals,
     })
 }
 

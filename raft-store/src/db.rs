@@ -131,6 +131,38 @@ pub(crate) fn open(dir: &Path, name: &str) -> Result<Arc<Database>, StoreError> 
     Ok(Arc::new(db))
 }
 
+/// Readies one database file for its close: redb's close writes the
+/// allocator state (a quick-repair commit, two fsyncs) when the last handle
+/// drops, which at process exit happens one file after the other, late.
+/// [`Seal::seal`] does it early, and files can be sealed side by side;
+/// the drop then finds it done. A write after the seal only makes the
+/// close do it again.
+#[derive(Clone)]
+pub struct Seal(Arc<Database>);
+
+impl fmt::Debug for Seal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Seal").finish_non_exhaustive()
+    }
+}
+
+impl Seal {
+    pub(crate) fn new(db: &Arc<Database>) -> Self {
+        Self(Arc::clone(db))
+    }
+
+    /// Writes the allocator state now (on the blocking pool).
+    pub async fn seal(self) -> Result<(), StoreError> {
+        blocking(&self.0, |db| {
+            let mut txn = db.begin_write()?;
+            txn.set_quick_repair(true);
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
 /// Runs `f` on tokio's blocking pool.
 pub(crate) async fn blocking<T, F>(db: &Arc<Database>, f: F) -> Result<T, StoreError>
 where

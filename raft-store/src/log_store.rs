@@ -87,6 +87,11 @@ impl LogStore {
         })
     }
 
+    /// Readies the file for the process's exit ([`crate::Seal`]).
+    pub fn seal(&self) -> crate::Seal {
+        crate::Seal::new(&self.db)
+    }
+
     /// A live view of the commit index (0 before the first commit).
     pub fn committed_index(&self) -> Arc<AtomicU64> {
         self.committed.clone()

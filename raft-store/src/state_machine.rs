@@ -140,6 +140,12 @@ impl StateMachineStore {
         self.state.subscribe()
     }
 
+    /// Readies the file for the process's exit ([`crate::Seal`]). Take it
+    /// before handing the store to `Raft::new`.
+    pub fn seal(&self) -> crate::Seal {
+        crate::Seal::new(&self.db)
+    }
+
     /// The current applied state.
     pub fn current(&self) -> Arc<State> {
         Arc::clone(&self.state.borrow().state)
