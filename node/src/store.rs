@@ -192,6 +192,20 @@ impl Store {
 
     async fn write(&self, cmd: Command) -> Result<(u64, Result<Applied, ApplyError>), StoreError> {
         let mut backoff = Duration::from_millis(20);
+        // A forwarded write whose answer was lost (the leader slower than
+        // FORWARD_TIMEOUT, a connection lost) is sent again, and may have
+        // committed the first time. Creating a group or attaching an
+        // instance carries the uuid chosen for this request, so the state
+        // machine answers the retry as applied; a detach or delete finds
+        // its target gone instead, and answers what it removed as this
+        // node saw it before the first try.
+        let before = match &cmd {
+            Command::DetachInstance { .. } | Command::DeleteGroup { .. } => {
+                self.state().check(&cmd).ok()
+            }
+            _ => None,
+        };
+        let mut lost = false;
         loop {
             // A follower that knows the leader forwards at once; the leader
             // (or a node that does not know) queues the write in its
@@ -207,11 +221,22 @@ impl Store {
             if let Some((id, node)) = leader {
                 match self.forward(id, &node, Forward::Write(cmd.clone())).await {
                     Ok(ForwardReply::Written { log_index, result }) => {
+                        let result = match (result, &before) {
+                            (Err(ApplyError::NotFound(_)), Some(applied)) if lost => {
+                                debug!(log_index, "a retried removal found its target gone");
+                                Ok(applied.clone())
+                            }
+                            (result, _) => result,
+                        };
                         return Ok((log_index, result));
                     }
-                    Ok(other) => warn!(?other, "unexpected reply to a forwarded write"),
+                    Ok(other) => {
+                        lost = true;
+                        warn!(?other, "unexpected reply to a forwarded write");
+                    }
                     Err(e) => {
-                        debug!(leader = id, error = %e, "forwarding the write failed; retrying")
+                        lost = true;
+                        debug!(leader = id, error = %e, "forwarding the write failed; retrying");
                     }
                 }
             }

@@ -78,6 +78,12 @@
 //! Attaching an instance whose name is already taken in the group, or whose
 //! uuid is attached anywhere, is a conflict (409); a group *created* with
 //! duplicate instances is invalid input (400).
+//!
+//! **The same request again.** Uuids are chosen by the node per request, so
+//! a `CreateGroup` whose uuid and name are those of a stored group, or an
+//! `AttachInstance` whose uuid and name are those of an instance of that
+//! group, is a request that already applied (sent again after its answer
+//! was lost): it answers what is stored, as applied, and changes nothing.
 
 pub mod api;
 mod changes;

@@ -126,6 +126,9 @@ enum Change {
     Certificate(Certificate),
     /// Record the cluster secrets.
     Cluster(ClusterSecrets),
+    /// Nothing to write: the command is one already applied (see
+    /// [`State::replayed`]).
+    Nothing,
 }
 
 impl State {
@@ -159,6 +162,7 @@ impl State {
                 rows.cluster = true;
                 true
             }
+            Change::Nothing => false,
         };
         self.commit(change);
         Ok(applied)
@@ -223,6 +227,9 @@ impl State {
     }
 
     fn plan(&self, cmd: &Command) -> Result<(Change, Applied), ApplyError> {
+        if let Some(applied) = self.replayed(cmd) {
+            return Ok((Change::Nothing, applied));
+        }
         match cmd {
             Command::CreateGroup { group } => {
                 let mut g = group.clone();
@@ -332,6 +339,36 @@ impl State {
                 self.certificates.insert(c.name.clone(), Arc::new(c));
             }
             Change::Cluster(secrets) => self.cluster = Some(Arc::new(secrets)),
+            Change::Nothing => {}
+        }
+    }
+
+    /// What an earlier apply of `cmd` answered, when `cmd` is one this
+    /// state already holds: a group or an instance carrying the uuid the
+    /// proposing node chose for it (uuids are chosen per request, so the
+    /// same uuid under the same name is the same request sent again, e.g.
+    /// a forwarded write retried after its first try timed out and
+    /// committed). Answered as applied instead of as a conflict, and
+    /// changing nothing.
+    fn replayed(&self, cmd: &Command) -> Option<Applied> {
+        match cmd {
+            Command::CreateGroup { group } => self
+                .groups
+                .get(&group.uuid)
+                .filter(|g| g.name == group.name)
+                .map(|g| Applied::Group(ServiceGroup::clone(g))),
+            Command::AttachInstance { group, instance } => {
+                let g = self.group(group)?;
+                let stored = g
+                    .instances
+                    .iter()
+                    .find(|i| i.uuid == instance.uuid && i.name == instance.name)?;
+                Some(Applied::Attached {
+                    group: g.name.clone(),
+                    instance: stored.clone(),
+                })
+            }
+            _ => None,
         }
     }
 }

@@ -147,7 +147,7 @@ fn blank(index: u64) -> Entry {
     }
 }
 
-/// blank, membership, create "web", create "web" again (refused).
+/// blank, membership, create "web", another create of "web" (refused).
 fn history() -> Vec<Entry> {
     vec![
         blank(1),
@@ -161,10 +161,18 @@ fn history() -> Vec<Entry> {
         normal(
             4,
             Command::CreateGroup {
-                group: group("web"),
+                group: another("web"),
             },
         ),
     ]
+}
+
+/// A group named `name` created by another request (another uuid).
+fn another(name: &str) -> ServiceGroup {
+    ServiceGroup {
+        uuid: Uuid::from_u128(8),
+        ..group(name)
+    }
 }
 
 #[tokio::test]
@@ -196,7 +204,7 @@ async fn apply_answers_outcomes_and_publishes_state() {
     // A batch that changes nothing in the state moves the published index
     // and keeps sharing the same state.
     let refused = Command::CreateGroup {
-        group: group("web"),
+        group: another("web"),
     };
     let responses = sm.apply([blank(5), normal(6, refused)]).await.unwrap();
     assert!(matches!(responses[1].result, Some(Err(_))));
@@ -426,7 +434,7 @@ async fn changed_since_names_what_each_batch_changed() {
 
     // A refused command and a blank change nothing.
     let refused = Command::CreateGroup {
-        group: group("web"),
+        group: another("web"),
     };
     sm.apply([blank(5), normal(6, refused)]).await.unwrap();
     let at6 = rx.borrow().clone();

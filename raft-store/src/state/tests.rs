@@ -413,3 +413,45 @@ fn a_batch_applies_in_order_and_a_refused_command_fails_alone() {
         assert_eq!(s.group(&g.name), Some(g));
     }
 }
+
+#[test]
+fn the_same_create_or_attach_again_answers_as_applied_and_changes_nothing() {
+    let mut s = State::default();
+    let first = apply(&mut s, &create(web()));
+    let before = s.clone();
+    // The same request (the uuid and name chosen for it) sent again.
+    assert_eq!(apply(&mut s, &create(web())), first);
+    assert_eq!(s, before);
+    let mut rows = Rows::default();
+    assert_eq!(s.apply_noting(&create(web()), &mut rows), first);
+    assert!(rows.is_empty(), "a request applied again writes no row");
+
+    let attached = apply(&mut s, &attach("web", inst(10, "a")));
+    assert!(attached.is_ok());
+    let before = s.clone();
+    assert_eq!(apply(&mut s, &attach("web", inst(10, "a"))), attached);
+    assert_eq!(s, before);
+
+    // Another request under a taken name or uuid is still a conflict.
+    let mut other = web();
+    other.uuid = Uuid::from_u128(99);
+    assert!(matches!(
+        apply(&mut s, &create(other)),
+        Err(ApplyError::Conflict(_))
+    ));
+    assert!(matches!(
+        apply(
+            &mut s,
+            &create(group(1, "api", vec![svc(8080, 80, &[Http])]))
+        ),
+        Err(ApplyError::Conflict(_))
+    ));
+    assert_eq!(
+        apply(&mut s, &attach("web", inst(11, "a"))),
+        conflict("instance \"a\" already exists in group \"web\"")
+    );
+    assert!(matches!(
+        apply(&mut s, &attach("web", inst(10, "b"))),
+        Err(ApplyError::Conflict(_))
+    ));
+}
