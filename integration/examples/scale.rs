@@ -14,15 +14,21 @@
 //!    leader and the followers, which forward). Groups share `--ports` (50)
 //!    HTTP ports by domain (`s00042.edgelb.local` on port `8000 + 42 mod 50`).
 //!    Per tranche of groups (`--tranches`, 10): writes/s, p50/p99 of the
-//!    write latency (sent → 2xx) and each node's RSS when the tranche was
-//!    done. The load stops at `--max-secs` (the report says how far it got)
+//!    write latency (sent → 2xx), each node's RSS when the tranche was
+//!    done and the CPU time each node spent per write of the tranche (what
+//!    grows with the state shows there, whatever else shares the CPUs). The load stops at `--max-secs` (the report says how far it got)
 //!    or after 50 failed writes.
-//! 2. `GET /metrics` and `GET /v1/services` on node 1: bytes and time.
+//! 2. `GET /metrics` on node 1 as text and gzip-compressed (as Prometheus
+//!    asks for it), each read as it streams: bytes on the wire and the time
+//!    to the last byte; `GET /v1/services`: bytes and time.
 //! 3. **Restart to ready**: SIGTERM to a node (a follower when there are
 //!    several), start it again, until `/readyz` answers 200 and it serves a
 //!    request to the last group.
-//! 4. **Join**: a new node joins; time until `/readyz` is 200, it lists every
-//!    group and it serves a request to the last group.
+//! 4. **Join**: a new node joins; time until `/readyz` is 200 and it serves
+//!    a request to the last group (a joining node is ready once it applied
+//!    the log as it stood when it joined: every group), then the time until
+//!    `GET /v1/services` on it lists every group (each step's time is
+//!    printed too).
 //!
 //! Prints markdown tables (also as progress on stderr while it runs).
 
@@ -35,6 +41,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use http::Method;
+use integration::client::HttpConn;
 use integration::cluster::{Cluster, attach, get_once};
 use integration::{AdminClient, load, poll};
 use serde_json::json;
@@ -67,6 +74,9 @@ struct Args {
     /// Bound of the load phase per cluster, in seconds.
     #[arg(long, default_value_t = 3600)]
     max_secs: u64,
+    /// Print what the joining node logged (its level is `EDGELB_TEST_LOG`'s).
+    #[arg(long)]
+    join_log: bool,
 }
 
 /// First published port; group `g` publishes `FIRST_PORT + g mod ports`.
@@ -95,9 +105,12 @@ struct Report {
     failures: Vec<String>,
     load_time: Duration,
     metrics: Option<(usize, Duration)>,
+    metrics_gzip: Option<(usize, Duration)>,
     services: Option<(usize, Duration)>,
     restart: Option<(u64, Duration)>,
     join: Option<(u64, Duration, f64)>,
+    /// After the join: the time until the new node listed every group.
+    listed: Option<Duration>,
 }
 
 /// One tranche of groups.
@@ -109,7 +122,12 @@ struct Row {
     p50: Duration,
     p99: Duration,
     rss_mib: Vec<f64>,
+    /// CPU ms each node spent per write of the tranche.
+    cpu_ms: Vec<f64>,
 }
+
+/// When a tranche was done: groups done, each node's RSS (MiB) and CPU time.
+type Mark = (usize, Vec<f64>, Vec<Duration>);
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
@@ -181,7 +199,8 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     let last = groups_done - 1;
 
     let admin = cluster.admin(ids[0]);
-    report.metrics = Some(timed_get(&admin, "/metrics").await?);
+    report.metrics = Some(timed_scrape(&admin, false).await?);
+    report.metrics_gzip = Some(timed_scrape(&admin, true).await?);
     report.services = Some(timed_get(&admin, "/v1/services").await?);
 
     let leader = cluster.leader().await?;
@@ -189,28 +208,31 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     cluster.stop(restarted).await?;
     let t = Instant::now();
     cluster.restart(restarted).await?;
-    ready_and_serving(args, &cluster, restarted, last, None).await?;
+    ready_and_serving(args, &cluster, restarted, last).await?;
     report.restart = Some((restarted, t.elapsed()));
     eprintln!("node {restarted} restarted to ready in {:.2?}", t.elapsed());
 
     let t = Instant::now();
     let joined = cluster.add_members(1).await?;
     let id = *joined.first().context("no node was added")?;
-    ready_and_serving(args, &cluster, id, last, Some(groups_done)).await?;
+    eprintln!(
+        "node {id} started (its admin API answers) at {:.2?}",
+        t.elapsed()
+    );
+    ready_and_serving(args, &cluster, id, last).await?;
     let took = t.elapsed();
+    // Ready means it applied the log as it stood when it joined: every group.
+    report.listed = Some(lists_every_group(&cluster, id, groups_done).await?);
+    if args.join_log {
+        eprintln!("--- node {id} logged ---\n{}", cluster.stderr(id));
+    }
     let rss = mib(load::rss_kib(cluster.pid(id)));
     report.join = Some((id, took, rss));
     eprintln!("node {id} joined and serves every group in {took:.2?}");
     Ok(report)
 }
 
-type Loaded = (
-    Vec<Sample>,
-    Vec<(usize, Vec<f64>)>,
-    usize,
-    Vec<String>,
-    Duration,
-);
+type Loaded = (Vec<Sample>, Vec<Mark>, usize, Vec<String>, Duration);
 
 /// The load phase: every group created and its instances attached.
 async fn load(args: &Args, cluster: &Cluster, addrs: &Arc<Vec<IpAddr>>) -> anyhow::Result<Loaded> {
@@ -221,7 +243,7 @@ async fn load(args: &Args, cluster: &Cluster, addrs: &Arc<Vec<IpAddr>>) -> anyho
     let done = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let rss = Arc::new(Mutex::new(Vec::new()));
+    let rss = Arc::new(Mutex::new(vec![(0, Vec::new(), cpu_times(&pids))]));
     let deadline = Instant::now() + Duration::from_secs(args.max_secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -250,9 +272,11 @@ async fn load(args: &Args, cluster: &Cluster, addrs: &Arc<Vec<IpAddr>>) -> anyho
                             "{d} groups done at {:.1?}, RSS MiB {at:?}",
                             started.elapsed()
                         );
-                        rss.lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push((d, at));
+                        rss.lock().unwrap_or_else(PoisonError::into_inner).push((
+                            d,
+                            at,
+                            cpu_times(&pids),
+                        ));
                     }
                 }
             }
@@ -273,6 +297,13 @@ async fn load(args: &Args, cluster: &Cluster, addrs: &Arc<Vec<IpAddr>>) -> anyho
         failures,
         load_time,
     ))
+}
+
+/// The CPU time each process has used so far.
+fn cpu_times(pids: &[Option<u32>]) -> Vec<Duration> {
+    pids.iter()
+        .map(|p| p.map_or(Duration::ZERO, load::cpu_time))
+        .collect()
 }
 
 /// What every writer shares.
@@ -350,7 +381,9 @@ impl Writer {
 }
 
 /// One row per tranche of groups: the writes to those groups.
-fn rows(args: &Args, samples: &[Sample], rss: &[(usize, Vec<f64>)]) -> Vec<Row> {
+fn rows(args: &Args, samples: &[Sample], marks: &[Mark]) -> Vec<Row> {
+    let mut marks = marks.to_vec();
+    marks.sort_by_key(|(d, ..)| *d);
     let per = args.groups.div_ceil(args.tranches);
     let mut out = Vec::new();
     for t in 0..args.tranches {
@@ -368,12 +401,19 @@ fn rows(args: &Args, samples: &[Sample], rss: &[(usize, Vec<f64>)]) -> Vec<Row> 
         };
         took.sort();
         let span = (last - first).as_secs_f64().max(1e-9);
-        let rss_mib = rss
-            .iter()
-            .find(|(d, _)| *d >= range.end)
-            .or(rss.last())
-            .map(|(_, r)| r.clone())
+        // Marks are pushed as tranches finish, in any order between writers.
+        let mark = |at: usize| marks.iter().find(|(d, ..)| *d >= at).or(marks.last());
+        let rss_mib = mark(range.end)
+            .map(|(_, r, _)| r.clone())
             .unwrap_or_default();
+        let cpu_ms = match (mark(range.start), mark(range.end)) {
+            (Some((_, _, from)), Some((_, _, to))) => from
+                .iter()
+                .zip(to)
+                .map(|(f, t)| ms(t.saturating_sub(*f)) / took.len().max(1) as f64)
+                .collect(),
+            _ => Vec::new(),
+        };
         out.push(Row {
             groups: range.end,
             writes: took.len(),
@@ -381,6 +421,7 @@ fn rows(args: &Args, samples: &[Sample], rss: &[(usize, Vec<f64>)]) -> Vec<Row> 
             p50: quantile(&took, 0.5),
             p99: quantile(&took, 0.99),
             rss_mib,
+            cpu_ms,
         });
     }
     out
@@ -398,6 +439,54 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// `GET /metrics` on `admin`, asking for gzip when `gzip`, read as it
+/// streams and dropped: the bytes on the wire and the time to the last one.
+async fn timed_scrape(admin: &AdminClient, gzip: bool) -> anyhow::Result<(usize, Duration)> {
+    use http_body_util::BodyExt as _;
+    let t = Instant::now();
+    let mut req = http::Request::new(
+        http_body_util::Empty::<bytes::Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *req.uri_mut() = http::Uri::from_static("/metrics");
+    let h = req.headers_mut();
+    h.insert(http::header::HOST, admin.addr.to_string().parse()?);
+    h.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {}", admin.token).parse()?,
+    );
+    if gzip {
+        h.insert(http::header::ACCEPT_ENCODING, "gzip".parse()?);
+    }
+    let read = async {
+        let mut conn = HttpConn::connect(admin.addr).await?;
+        let resp = conn.start(req).await?;
+        ensure!(
+            resp.status().is_success(),
+            "GET /metrics: {}",
+            resp.status()
+        );
+        let encoded = resp.headers().get(http::header::CONTENT_ENCODING).is_some();
+        ensure!(
+            encoded == gzip,
+            "GET /metrics: gzip asked {gzip}, answered {encoded}"
+        );
+        let mut body = resp.into_body();
+        let mut bytes = 0;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                bytes += data.len();
+            }
+        }
+        anyhow::Ok(bytes)
+    };
+    let bytes = tokio::time::timeout(Duration::from_secs(120), read)
+        .await
+        .context("GET /metrics took over 120 s")??;
+    Ok((bytes, t.elapsed()))
+}
+
 /// `GET path` on `admin`: the body's size and the time to the whole answer.
 async fn timed_get(admin: &AdminClient, path: &str) -> anyhow::Result<(usize, Duration)> {
     let t = Instant::now();
@@ -407,39 +496,30 @@ async fn timed_get(admin: &AdminClient, path: &str) -> anyhow::Result<(usize, Du
     Ok((reply.body.len(), took))
 }
 
-/// Waits until node `id` answers `/readyz` with 200, lists `groups` groups
-/// (when given) and serves a request to group `last`.
+/// How long the restart and join steps may take.
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// Waits until node `id` answers `/readyz` with 200 and serves a request
+/// to group `last`.
 async fn ready_and_serving(
     args: &Args,
     cluster: &Cluster,
     id: u64,
     last: usize,
-    groups: Option<usize>,
 ) -> anyhow::Result<()> {
     let admin = cluster.admin(id);
-    let limit = Duration::from_secs(300);
-    poll(&format!("node {id} to be ready"), limit, || async {
+    let t = Instant::now();
+    poll(&format!("node {id} to be ready"), LIMIT, || async {
         let r = admin.request_as(Method::GET, "/readyz", None, None).await?;
         ensure!(r.status.is_success(), "/readyz: {} {}", r.status, r.text());
         Ok(())
     })
     .await?;
-    if let Some(want) = groups {
-        poll(
-            &format!("node {id} to list {want} groups"),
-            limit,
-            || async {
-                let have = admin.groups(false).await?.len();
-                ensure!(have >= want, "{have} groups");
-                Ok(())
-            },
-        )
-        .await?;
-    }
+    eprintln!("node {id}: ready after {:.2?}", t.elapsed());
     let addr = cluster.data_addr(id, port(args.ports, last));
     poll(
         &format!("node {id} to serve {}", host(last)),
-        limit,
+        LIMIT,
         || async {
             match get_once(addr, &host(last)).await? {
                 (200, Some(_)) => Ok(()),
@@ -447,7 +527,29 @@ async fn ready_and_serving(
             }
         },
     )
-    .await
+    .await?;
+    eprintln!("node {id}: serves {} after {:.2?}", host(last), t.elapsed());
+    Ok(())
+}
+
+/// Waits until node `id` lists `want` groups (`GET /v1/services`); how
+/// long that took.
+async fn lists_every_group(cluster: &Cluster, id: u64, want: usize) -> anyhow::Result<Duration> {
+    let admin = cluster.admin(id);
+    let t = Instant::now();
+    poll(
+        &format!("node {id} to list {want} groups"),
+        LIMIT,
+        || async {
+            let asked = Instant::now();
+            let have = admin.groups(false).await?.len();
+            eprintln!("node {id}: listed {have} groups in {:.2?}", asked.elapsed());
+            ensure!(have >= want, "{have} groups");
+            Ok(())
+        },
+    )
+    .await?;
+    Ok(t.elapsed())
 }
 
 fn render(args: &Args, reports: &[Report]) -> String {
@@ -459,15 +561,16 @@ fn render(args: &Args, reports: &[Report]) -> String {
     );
     let _ = writeln!(
         s,
-        "| nodes | groups | instances | writes | writes/s | p50 ms | p99 ms | RSS MiB per node |"
+        "| nodes | groups | instances | writes | writes/s | p50 ms | p99 ms | RSS MiB per node | CPU ms per write per node |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---|---|");
     for r in reports {
         for row in &r.rows {
             let rss: Vec<String> = row.rss_mib.iter().map(|m| format!("{m:.0}")).collect();
+            let cpu: Vec<String> = row.cpu_ms.iter().map(|m| format!("{m:.2}")).collect();
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |",
                 r.nodes,
                 row.groups,
                 row.groups * args.instances,
@@ -475,27 +578,35 @@ fn render(args: &Args, reports: &[Report]) -> String {
                 row.rate,
                 ms(row.p50),
                 ms(row.p99),
-                rss.join(" / ")
+                rss.join(" / "),
+                cpu.join(" / ")
             );
         }
     }
     let _ = writeln!(
         s,
-        "\n| nodes | groups done | load s | /metrics MB | /metrics ms | GET /v1/services MB | ms | restart to ready s | join and serve s | joined RSS MiB |"
+        "\n| nodes | groups done | load s | /metrics text MB | ms | /metrics gzip MB | ms | GET /v1/services MB | ms | restart to ready s | join and serve s | joined RSS MiB |"
     );
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        s,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in reports {
         let (mb, mms) = r
             .metrics
+            .map_or((0.0, 0.0), |(b, t)| (b as f64 / 1e6, ms(t)));
+        let (gb, gms) = r
+            .metrics_gzip
             .map_or((0.0, 0.0), |(b, t)| (b as f64 / 1e6, ms(t)));
         let (sb, sms) = r
             .services
             .map_or((0.0, 0.0), |(b, t)| (b as f64 / 1e6, ms(t)));
         let restart = r.restart.map_or(0.0, |(_, t)| t.as_secs_f64());
         let (join, join_rss) = r.join.map_or((0.0, 0.0), |(_, t, m)| (t.as_secs_f64(), m));
+        let listed = r.listed.map_or(0.0, |t| t.as_secs_f64());
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {mb:.1} | {mms:.0} | {sb:.1} | {sms:.0} | {restart:.2} | {join:.2} | {join_rss:.0} |",
+            "| {} | {} | {:.0} | {mb:.1} | {mms:.0} | {gb:.1} | {gms:.0} | {sb:.1} | {sms:.0} | {restart:.2} | {join:.2} | {listed:.2} | {join_rss:.0} |",
             r.nodes,
             r.groups_done,
             r.load_time.as_secs_f64(),
