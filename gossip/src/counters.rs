@@ -5,7 +5,7 @@
 //! ```text
 //!  pick ──start(now)──▶ (picks, inflight) += (1, 1); ring[epoch(now)] += 1
 //!  release ─finish(started, now)─▶ inflight −= 1, ring[started.epoch] −= 1,
-//!                                  and if it took ≤ the short limit:
+//!                                  and if it took ≤ long_after:
 //!                                  (completions, service_us) += (1, took)
 //!  report ──Tracker──▶ deltas of picks/completions/service_us since the last
 //!                      report; young = Σ ring slots since now − threshold;
@@ -62,9 +62,9 @@ pub struct LoadCounters {
     /// Short completions (high 20 bits) and their service time in µs (low
     /// 44 bits), wrapping.
     done: AtomicU64,
-    /// Work that took longer than this (µs) was long-lived: it is not
-    /// counted as a completion of short work. Set by the tracker.
-    short_limit_us: AtomicU64,
+    /// Work that took longer than this (µs, `long_after`) was long-lived: it
+    /// is not counted as a completion of short work.
+    short_limit_us: u64,
     /// Allocated by the first pick.
     ring: OnceLock<Box<[AtomicU64; EPOCHS]>>,
 }
@@ -153,9 +153,7 @@ impl LoadCounters {
             shift,
             flight: AtomicU64::new(0),
             done: AtomicU64::new(0),
-            short_limit_us: AtomicU64::new(
-                u64::try_from(long_after.as_micros()).unwrap_or(u64::MAX),
-            ),
+            short_limit_us: u64::try_from(long_after.as_micros()).unwrap_or(u64::MAX),
             ring: OnceLock::new(),
         }
     }
@@ -238,7 +236,7 @@ impl LoadCounters {
             .as_secs()
             .saturating_mul(1_000_000)
             .saturating_add(u64::from(took.subsec_micros()));
-        if took_us <= self.short_limit_us.load(Relaxed) {
+        if took_us <= self.short_limit_us {
             self.done
                 .fetch_add((1 << DONE_SHIFT) + took_us.min(SERVICE_MASK), Relaxed);
         }
@@ -250,13 +248,6 @@ impl LoadCounters {
             picks: (self.flight.load(Relaxed) >> 32) as u32,
             done: self.done.load(Relaxed),
         }
-    }
-
-    /// Sets the age above which finished work does not count as a
-    /// completion of short work.
-    pub(crate) fn set_short_limit(&self, limit: Duration) {
-        let us = u64::try_from(limit.as_micros()).unwrap_or(u64::MAX);
-        self.short_limit_us.store(us, Relaxed);
     }
 
     /// Work in flight that started at or after the epoch of
@@ -354,8 +345,7 @@ mod tests {
     #[test]
     fn completions_of_short_work_only() {
         let t0 = Instant::now();
-        let c = LoadCounters::new(t0, Duration::from_secs(1));
-        c.set_short_limit(ms(50));
+        let c = LoadCounters::new(t0, ms(50));
         for i in 0..4 {
             let s = c.start(t0 + ms(i));
             c.finish(s, t0 + ms(i + 10));

@@ -13,11 +13,15 @@
 //! - the pick rate, an exponentially weighted average over `rate_window`
 //!   of the picks since the last sample (taken as spread evenly over the
 //!   interval), bias-corrected while the node is younger than the window;
-//! - the mean in-flight time of work that was not long-lived when it ended,
-//!   a moving average over the last ~32 completions, falling back to the
-//!   node-wide average for an instance that has not seen enough. The
-//!   threshold in force is written back to the counters, which leave longer
-//!   work out of the completions they count.
+//! - the mean in-flight time of work that ended within `long_after`, a
+//!   moving average over the last ~32 completions, falling back to the
+//!   node-wide average for an instance that has not seen enough. Only work
+//!   that outlasts `long_after` is left out, not work that outlasts the
+//!   threshold: the threshold follows the mean, and a mean learnt from a
+//!   few instant requests (20 ms threshold) would then never see the 100 ms
+//!   ones that followed; every one of them would be reported long-lived
+//!   and none would decay in the peers' estimates (measured end to end:
+//!   the estimator then herds like raw counts, see `integration::wan`).
 //!
 //! The threshold follows the service time because what receivers need is
 //! the split between work that completes at the short-request rate and work
@@ -189,7 +193,6 @@ impl Tracker {
             let mean = state.mean_service(fallback);
             let threshold =
                 Duration::try_from_secs_f64(threshold(mean, ceiling)).unwrap_or(Duration::MAX);
-            counters.set_short_limit(threshold);
             let inflight = counters.inflight();
             let young = counters.young(now, threshold);
             let rate_milli = (state.rate / warmup * 1000.0).round() as u32;
@@ -328,17 +331,52 @@ mod tests {
         assert_eq!((r.entries[0].inflight, r.entries[0].long_inflight), (1, 0));
         let r = t.report(t0 + ms(2060), 0, [(A, &a)]);
         assert_eq!((r.entries[0].inflight, r.entries[0].long_inflight), (1, 1));
+        // Work that ends within long_after counts as service time, long-lived
+        // or not (weight 1/32 in the moving average)...
         a.finish(s, t0 + ms(2060));
-        // Long-lived work does not count as service time.
+        let r = t.report(t0 + ms(2060), 0, [(A, &a)]);
+        assert_eq!(r.entries[0].mean_service_us, 5750);
+        // ...work that outlasts long_after does not.
         let s = a.start(t0 + ms(2060));
         a.finish(s, t0 + ms(3000));
         assert_eq!(
             t.report(t0 + ms(3000), 0, [(A, &a)]).entries[0].mean_service_us,
-            4000
+            5750
         );
         // An idle instance is left out once its rate has faded.
         let r = t.report(t0 + Duration::from_secs(60), 0, [(A, &a)]);
         assert!(r.entries.is_empty());
+    }
+
+    #[test]
+    fn service_time_is_learnt_after_fast_first_requests() {
+        // A few instant requests first (health checks, say), then only
+        // 100 ms ones. Counting only work shorter than 8 × the mean so far
+        // (20 ms) would never see the 100 ms requests: they would all be
+        // reported long-lived and never decay in the peers' estimates.
+        let t0 = Instant::now();
+        let config = Config::default();
+        let a = LoadCounters::new(t0, config.long_after);
+        let mut t = Tracker::new(1, 1, &config, t0);
+        for i in 0..10 {
+            let s = a.start(t0 + ms(i));
+            a.finish(s, t0 + ms(i + 1));
+        }
+        let _ = t.report(t0 + ms(20), 0, [(A, &a)]);
+        let mut at = t0 + ms(20);
+        for _ in 0..200 {
+            let s = a.start(at);
+            a.finish(s, at + ms(100));
+            at += ms(10);
+            let _ = t.report(at + ms(100), 0, [(A, &a)]);
+        }
+        let e = t.report(at + ms(100), 0, [(A, &a)]).entries[0];
+        assert!((95_000..=101_000).contains(&e.mean_service_us), "{e:?}");
+        // Work 200 ms old is not long-lived at that pace (8 × 100 ms).
+        let s = a.start(at + ms(100));
+        let e = t.report(at + ms(300), 0, [(A, &a)]).entries[0];
+        assert_eq!((e.inflight, e.long_inflight), (1, 0));
+        a.finish(s, at + ms(300));
     }
 
     #[test]

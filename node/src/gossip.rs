@@ -276,6 +276,9 @@ impl GossipHandler for Gossip {
         let peer = report.node_id;
         let incarnation = report.incarnation;
         let empty = report.entries.is_empty();
+        // What the wall clocks say of the transit, when it is longer than
+        // RTT/2: the time a report waited for either end's CPU counts too.
+        let arrival = arrival.with_sender_clock(report.sent_at_ms, unix_ms(), self.config.ttl / 2);
         // A report from another region is that region's aggregate.
         let (remote, regions) = {
             let fleet = locked(&self.fleet);

@@ -92,9 +92,12 @@ const CHOICE: &str = "\
   (requirement (a); unit- and property-tested in `gossip`): nothing decays
   or is poured at age 0 and the fixed-point loads are whole.
 - **Dating.** A report is as old as its time in transit plus the time since
-  it arrived: it is dated at receipt less half the round trip. Dated at
-  receipt instead, a report 50 ms in transit counts as fresh, the estimate
-  trusts counts that have long changed, and it loses to local counts only.
+  it arrived: it is dated at receipt less half the round trip, or less
+  what the two wall clocks give when that is longer (a report that waited
+  for a busy CPU at either end; the node does this, the simulator has no
+  such waits). Dated at receipt instead, a report 50 ms in transit counts
+  as fresh, the estimate trusts counts that have long changed, and it loses
+  to local counts only.
 - **Fractional loads.** The peers' part is kept in fixed point
   (1/65536) down to the balancer's keys. Rounding it to whole requests made
   instances a fraction apart tie, and broke ties that were not there.
