@@ -12,10 +12,16 @@
 //!   every 5 ms: max / mean of the backends' requests in progress
 //! ```
 //!
-//! [`run`] does one run with gossip (the estimator) or without
-//! (`gossip_estimator = "local"`: each node compares its own counts only);
-//! `tests/gossip` runs a short comparison and `examples/wan_balance` the
-//! longer one for the figure.
+//! [`compare`] runs one such cluster per [`Mode`] side by side: the
+//! estimator, `gossip_estimator = "local"` (each node compares its own
+//! counts only), or for comparison raw or decayed counts. Every arrival goes
+//! to the same node of every cluster at the same instant and one sampler
+//! reads all their backends at the same ticks, so whatever else the machine
+//! is doing (a 2-core CI runner, say) weighs on every mode alike: run one
+//! after the other, a busy spell during one of them shows up as a
+//! difference of a few hundredths, as large as the one measured.
+//! `tests/gossip` runs a comparison and `examples/wan_balance` longer ones
+//! for the figures.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +33,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
+use crate::HttpBackend;
 use crate::client;
 use crate::cluster::{Cluster, ClusterOptions, wait_serving};
 
@@ -70,6 +77,38 @@ pub enum Mode {
     Local,
     /// The default estimator.
     Estimator,
+    /// Peers' reported counts as they are (`gossip_estimator = "raw"`):
+    /// herds when reports are old; for comparison.
+    Raw,
+    /// Reported counts decayed, no predicted picks (`gossip_estimator =
+    /// "decay"`); for comparison.
+    Decay,
+}
+
+impl Mode {
+    /// The nodes' configuration for this mode.
+    fn config(self) -> &'static str {
+        match self {
+            Self::Local => "gossip_estimator = \"local\"\n",
+            Self::Estimator => "",
+            Self::Raw => "gossip_estimator = \"raw\"\n",
+            Self::Decay => "gossip_estimator = \"decay\"\n",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "local" => Self::Local,
+            "predictive" => Self::Estimator,
+            "raw" => Self::Raw,
+            "decay" => Self::Decay,
+            other => anyhow::bail!("no mode {other:?} (local, predictive, raw, decay)"),
+        })
+    }
 }
 
 /// A run's shape.
@@ -138,27 +177,37 @@ fn schedule(opts: &Options) -> Vec<Arrival> {
     }
 }
 
-/// Starts the six nodes in `mode`, runs the arrival schedule and measures.
-/// Bounded: every request by 5 s, the whole run by its length plus 60 s.
-pub async fn run(mode: Mode, opts: &Options) -> anyhow::Result<Outcome> {
+/// Starts one cluster of six nodes per mode of `modes`, runs the arrival
+/// schedule against all of them at once and measures each. Bounded: every
+/// request by 5 s, the load by its length plus 60 s (the clusters' start
+/// by the harness's own deadlines).
+pub async fn compare(modes: &[Mode], opts: &Options) -> anyhow::Result<Vec<Outcome>> {
+    let mut setups = Vec::new();
+    for &mode in modes {
+        setups.push(start(mode, opts).await?);
+    }
     let bound = opts.warmup + opts.measure + Duration::from_secs(60);
-    tokio::time::timeout(bound, run_inner(mode, opts))
+    tokio::time::timeout(bound, measure(modes, &mut setups, opts))
         .await
         .context("the WAN run took too long")?
 }
 
-async fn run_inner(mode: Mode, opts: &Options) -> anyhow::Result<Outcome> {
+/// One mode's cluster, serving the group.
+struct Setup {
+    /// Kept for its processes.
+    _cluster: Cluster,
+    backends: Vec<HttpBackend>,
+    addrs: Vec<SocketAddr>,
+}
+
+async fn start(mode: Mode, opts: &Options) -> anyhow::Result<Setup> {
     let nodes = SHARES.len() as u64;
-    let config = match mode {
-        Mode::Local => "gossip_estimator = \"local\"\n".to_owned(),
-        Mode::Estimator => String::new(),
-    };
     let cluster = Cluster::start_with(
         usize::try_from(nodes)?,
         ClusterOptions {
             relay: Some(opts.seed),
             region: Some(region),
-            config,
+            config: mode.config().to_owned(),
             ..ClusterOptions::default()
         },
     )
@@ -170,24 +219,64 @@ async fn run_inner(mode: Mode, opts: &Options) -> anyhow::Result<Outcome> {
     });
     let names: Vec<String> = (1..=opts.instances).map(|i| format!("w{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let backends = Arc::new(cluster.http_backends(&names, BACKEND_PORT).await?);
+    let backends = cluster.http_backends(&names, BACKEND_PORT).await?;
     cluster
         .http_group(1, "wan", PORT, BACKEND_PORT, &backends)
         .await?;
     for id in 2..=nodes {
         wait_serving(cluster.data_addr(id, PORT), HOST, &names).await?;
     }
-    let addrs: Vec<SocketAddr> = (1..=nodes).map(|id| cluster.data_addr(id, PORT)).collect();
+    let addrs = (1..=nodes).map(|id| cluster.data_addr(id, PORT)).collect();
+    Ok(Setup {
+        _cluster: cluster,
+        backends,
+        addrs,
+    })
+}
 
+/// Time sums of one cluster's samples.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sums {
+    ratio: f64,
+    mean: f64,
+    n: u64,
+}
+
+impl Sums {
+    fn add(&mut self, backends: &[HttpBackend]) {
+        let counts: Vec<usize> = backends.iter().map(HttpBackend::busy).collect();
+        let total: usize = counts.iter().sum();
+        if total == 0 {
+            return;
+        }
+        let mean = total as f64 / counts.len() as f64;
+        let max = counts.iter().copied().max().unwrap_or(0) as f64;
+        self.ratio += max / mean;
+        self.mean += mean;
+        self.n += 1;
+    }
+}
+
+async fn measure(
+    modes: &[Mode],
+    setups: &mut [Setup],
+    opts: &Options,
+) -> anyhow::Result<Vec<Outcome>> {
+    let backends: Arc<Vec<Vec<HttpBackend>>> = Arc::new(
+        setups
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.backends))
+            .collect(),
+    );
     let arrivals = schedule(opts);
-    let failed = Arc::new(AtomicU64::new(0));
+    let failed: Arc<Vec<AtomicU64>> = Arc::new(modes.iter().map(|_| AtomicU64::new(0)).collect());
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let sampler = {
         let backends = Arc::clone(&backends);
         let (warmup, end) = (opts.warmup, opts.warmup + opts.measure);
         tokio::spawn(async move {
-            let (mut sum, mut mean_sum, mut n) = (0.0, 0.0, 0u64);
+            let mut sums = vec![Sums::default(); backends.len()];
             let mut tick = tokio::time::interval(Duration::from_millis(5));
             loop {
                 tick.tick().await;
@@ -198,43 +287,47 @@ async fn run_inner(mode: Mode, opts: &Options) -> anyhow::Result<Outcome> {
                 if t < warmup {
                     continue;
                 }
-                let counts: Vec<usize> = backends.iter().map(|b| b.busy()).collect();
-                let total: usize = counts.iter().sum();
-                if total == 0 {
-                    continue;
+                for (sum, backends) in sums.iter_mut().zip(backends.iter()) {
+                    sum.add(backends);
                 }
-                let mean = total as f64 / counts.len() as f64;
-                let max = counts.iter().copied().max().unwrap_or(0) as f64;
-                sum += max / mean;
-                mean_sum += mean;
-                n += 1;
             }
-            (sum, mean_sum, n)
+            sums
         })
     };
     for a in &arrivals {
         tokio::time::sleep_until(start + a.at).await;
-        let addr = addrs[(a.node - 1) as usize];
-        let failed = Arc::clone(&failed);
         let path = format!("/sleep/{}", a.ms);
-        tasks.spawn(async move {
-            let reply =
-                tokio::time::timeout(Duration::from_secs(5), client::get(addr, HOST, &path)).await;
-            if !matches!(reply, Ok(Ok(r)) if r.status.is_success()) {
-                failed.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        for (i, setup) in setups.iter().enumerate() {
+            let addr = setup.addrs[(a.node - 1) as usize];
+            let failed = Arc::clone(&failed);
+            let path = path.clone();
+            tasks.spawn(async move {
+                let reply =
+                    tokio::time::timeout(Duration::from_secs(5), client::get(addr, HOST, &path))
+                        .await;
+                if !matches!(reply, Ok(Ok(r)) if r.status.is_success()) {
+                    failed[i].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
         // Reap finished ones as we go.
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
-    let (sum, mean_sum, n) = sampler.await?;
-    ensure!(n > 0, "no sample had anything in flight");
-    Ok(Outcome {
-        mode,
-        max_over_mean: sum / n as f64,
-        mean_inflight: mean_sum / n as f64,
-        requests: arrivals.len() as u64,
-        failed: failed.load(Ordering::Relaxed),
-    })
+    let sums = sampler.await?;
+    modes
+        .iter()
+        .zip(sums)
+        .enumerate()
+        .map(|(i, (&mode, sum))| {
+            ensure!(sum.n > 0, "{mode:?}: no sample had anything in flight");
+            Ok(Outcome {
+                mode,
+                max_over_mean: sum.ratio / sum.n as f64,
+                mean_inflight: sum.mean / sum.n as f64,
+                requests: arrivals.len() as u64,
+                failed: failed[i].load(Ordering::Relaxed),
+            })
+        })
+        .collect()
 }

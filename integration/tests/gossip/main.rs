@@ -611,10 +611,10 @@ async fn cluster_view_shows_gossip_age() -> anyhow::Result<()> {
 /// 80 ms between the regions, uneven arrivals of 100 ms and 1 s requests;
 /// the true global max / mean in-flight count (read from the backends) is
 /// no worse with the estimator than with local counts only. The longer
-/// run for the figure is `examples/wan_balance`.
+/// runs for the figures are `examples/wan_balance`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn across_regions_the_estimator_is_no_worse_than_local_counts() -> anyhow::Result<()> {
-    use integration::wan::{Mode, Options, run};
+    use integration::wan::{Mode, Options, compare};
     let opts = Options {
         rate: 120.0,
         long_share: 0.1,
@@ -623,10 +623,13 @@ async fn across_regions_the_estimator_is_no_worse_than_local_counts() -> anyhow:
         measure: Duration::from_secs(15),
         seed: 11,
     };
-    let local = run(Mode::Local, &opts).await?;
-    let estimator = run(Mode::Estimator, &opts).await?;
+    let mut outcomes = compare(&[Mode::Local], &opts).await?;
+    outcomes.extend(compare(&[Mode::Estimator], &opts).await?);
+    let [local, estimator] = outcomes.as_slice() else {
+        bail!("two outcomes expected: {outcomes:?}");
+    };
     eprintln!("local: {local:?}\nestimator: {estimator:?}");
-    for o in [&local, &estimator] {
+    for o in [local, estimator] {
         ensure!(
             o.failed * 100 <= o.requests,
             "{:?}: {} of {} requests failed",
