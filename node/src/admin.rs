@@ -19,6 +19,8 @@
 //! (`Content-Length` checked before routing, and the read itself is
 //! bounded); request headers to 64 KiB (431) and 10 s from accept or from
 //! the end of the previous keep-alive request (then the connection closes).
+//! At most `admin_max_connections` connections are open at once; further
+//! ones are closed as soon as they are accepted.
 //! The `/v1/cluster` routes show and change the Raft membership.
 
 mod certificates;
@@ -44,6 +46,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -96,14 +99,23 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
         info!(%addr, "admin API listening");
     }
     let mut conns = JoinSet::new();
+    let limit = Arc::new(Semaphore::new(
+        admin.dataplane.settings.admin_max_connections,
+    ));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // Over the limit the connection is closed at once: it
+                    // must not hold a descriptor the data plane needs.
+                    let Ok(permit) = limit.clone().try_acquire_owned() else {
+                        debug!(%peer, "admin connection limit reached; closing");
+                        continue;
+                    };
                     debug!(%peer, "admin connection");
-                    conns.spawn(connection(stream, admin.clone(), shutdown.clone()));
+                    conns.spawn(connection(stream, admin.clone(), shutdown.clone(), permit));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -126,7 +138,12 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
     }
 }
 
-async fn connection(stream: TcpStream, admin: Arc<Admin>, shutdown: CancellationToken) {
+async fn connection(
+    stream: TcpStream,
+    admin: Arc<Admin>,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
     let _ = stream.set_nodelay(true);
     let service = service_fn(move |req| {
         let admin = admin.clone();

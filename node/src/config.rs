@@ -117,6 +117,7 @@ struct FileConfig {
     tunnel_idle_timeout: Option<String>,
     trusted_proxies: Option<Vec<String>>,
     max_connections: Option<usize>,
+    admin_max_connections: Option<usize>,
     ca_cert: Option<PathBuf>,
     node_cert: Option<PathBuf>,
     node_key: Option<PathBuf>,
@@ -147,6 +148,9 @@ pub struct Config {
     pub cluster_domain: String,
     pub log: String,
     pub settings: Settings,
+    /// `max_connections` was configured: it must fit the open files limit
+    /// as it is (the default is lowered to fit; see [`crate::limits`]).
+    pub max_connections_explicit: bool,
     pub ca_cert: Option<PathBuf>,
     pub node_cert: Option<PathBuf>,
     pub node_key: Option<PathBuf>,
@@ -180,6 +184,7 @@ impl Config {
             // `openraft::replication` is off unless named (see main.rs).
             log: "info,openraft=warn".into(),
             settings: Settings::default(),
+            max_connections_explicit: false,
             ca_cert: None,
             node_cert: None,
             node_key: None,
@@ -308,6 +313,16 @@ impl Config {
                 return Err(ConfigError::new("max_connections", "must be at least 1"));
             }
             s.max_connections = v;
+            c.max_connections_explicit = true;
+        }
+        if let Some(v) = file.admin_max_connections {
+            if v == 0 {
+                return Err(ConfigError::new(
+                    "admin_max_connections",
+                    "must be at least 1",
+                ));
+            }
+            s.admin_max_connections = v;
         }
         c.ca_cert = args.ca_cert.or(file.ca_cert);
         c.node_cert = args.node_cert.or(file.node_cert);

@@ -38,6 +38,10 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Open client connections per node, all ports together.
     pub max_connections: usize,
+    /// Open admin API connections; further ones are closed at once, so
+    /// that the admin port cannot use up the descriptors the data plane
+    /// needs (the admin API's limit, budgeted with the data plane's).
+    pub admin_max_connections: usize,
     /// Idle upstream connections kept per instance and port.
     pub pool_max_idle: usize,
     /// An idle upstream connection older than this is not reused.
@@ -60,6 +64,7 @@ impl Default for Settings {
             tcp_idle_timeout: Duration::from_secs(3600),
             drain_timeout: Duration::from_secs(30),
             max_connections: 65_536,
+            admin_max_connections: 256,
             pool_max_idle: 256,
             pool_idle_timeout: Duration::from_secs(50),
             tls_handshake_timeout: Duration::from_secs(10),

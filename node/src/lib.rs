@@ -20,6 +20,7 @@ pub mod election;
 mod files;
 pub mod gossip;
 pub mod http;
+pub mod limits;
 pub mod listeners;
 pub mod membership;
 pub mod metrics;

@@ -21,7 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    let config = match Config::load(args) {
+    let mut config = match Config::load(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("edgelb: {e}");
@@ -39,6 +39,12 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Before any port is bound, and before the runtime's threads start.
+    let explicit = config.max_connections_explicit;
+    if let Err(e) = edgelb::limits::fit_open_files(&mut config.settings, explicit) {
+        eprintln!("edgelb: {e}");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -8,6 +8,8 @@ use integration::client::{self, Reply, raw_exchange};
 use integration::{TestNode, wait_until};
 use serde_json::{Value, json};
 
+mod limits;
+
 const PORT: u16 = 8080;
 const BACKEND_PORT: u16 = 9000;
 

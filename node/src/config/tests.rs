@@ -167,6 +167,8 @@ fn client_timeouts_and_trusted_proxies() {
     assert_eq!(c.settings.send_timeout, Duration::from_secs(60));
     assert_eq!(c.settings.tunnel_idle_timeout, Duration::from_secs(3600));
     assert!(c.settings.trusted_proxies.is_empty());
+    assert_eq!(c.settings.admin_max_connections, 256);
+    assert!(!c.max_connections_explicit);
     std::fs::write(
         &path,
         "send_timeout = \"5s\"\ntunnel_idle_timeout = \"10m\"\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\n",
@@ -184,6 +186,7 @@ fn client_timeouts_and_trusted_proxies() {
         ("trusted_proxies = [\"10.0.0.0/33\"]\n", "trusted_proxies"),
         ("trusted_proxies = [\"proxy.example\"]\n", "trusted_proxies"),
         ("send_timeout = \"0s\"\n", "send_timeout"),
+        ("admin_max_connections = 0\n", "admin_max_connections"),
         ("tunnel_idle_timeout = \"forever\"\n", "tunnel_idle_timeout"),
     ] {
         std::fs::write(&path, text).unwrap();
