@@ -79,6 +79,9 @@ pub struct Admin {
     pub cluster_domain: String,
     /// `/readyz` answers 200 once this is set (state loaded, listeners bound).
     pub ready: Arc<AtomicBool>,
+    /// How long the node certificates this node signs for joining nodes
+    /// are valid (`node_cert_lifetime`).
+    pub node_cert_lifetime: Duration,
 }
 
 impl Debug for Admin {

@@ -195,6 +195,13 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     }
     check_token(&store, &config.data_dir, &token_file)?;
     let mut tasks = Vec::new();
+    let renewal = crate::renewal::Renewal::new(
+        &config,
+        identity.tls.clone(),
+        store.clone(),
+        raft.transport.clone(),
+    );
+    tasks.push(tokio::spawn(renewal.run(shutdown.clone())));
 
     let ready_flag = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready) = watch::channel(false);
@@ -246,6 +253,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         token: token.clone(),
         cluster_domain: config.cluster_domain.clone(),
         ready: ready_flag,
+        node_cert_lifetime: config.node_cert_lifetime,
     });
     tasks.push(tokio::spawn(crate::admin::serve(
         admin_listener,

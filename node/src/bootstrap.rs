@@ -137,8 +137,9 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
         None => {
             let ca = pki::generate_ca("edgelb")
                 .map_err(|e| BootstrapError::Io(format!("cluster CA: {e}")))?;
-            let (cert, key) = pki::issue_node_cert(&ca, config.node_id)
-                .map_err(|e| BootstrapError::Io(format!("node certificate: {e}")))?;
+            let (cert, key) =
+                pki::issue_node_cert_for(&ca, config.node_id, config.node_cert_lifetime)
+                    .map_err(|e| BootstrapError::Io(format!("node certificate: {e}")))?;
             let CaBundle { cert_pem, key_pem } = ca;
             write(&marker, &key_pem)?;
             (

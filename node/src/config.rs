@@ -129,6 +129,7 @@ struct FileConfig {
     gossip_estimator: Option<String>,
     raft_heartbeat_interval: Option<String>,
     election_timeout: Option<String>,
+    node_cert_lifetime: Option<String>,
 }
 
 /// A checked configuration.
@@ -165,6 +166,10 @@ pub struct Config {
     pub gossip_local: bool,
     /// Raft timing: `raft_heartbeat_interval`, `election_timeout`.
     pub raft: crate::election::Timing,
+    /// `node_cert_lifetime`: how long the node certificates this node signs
+    /// with the built-in cluster CA are valid (its own when it renews, a
+    /// joining node's); renewed with a third left.
+    pub node_cert_lifetime: Duration,
 }
 
 impl Config {
@@ -193,6 +198,7 @@ impl Config {
             gossip: gossip::Config::default(),
             gossip_local: false,
             raft: crate::election::Timing::default(),
+            node_cert_lifetime: crate::cluster::pki::DEFAULT_NODE_LIFETIME,
         }
     }
 
@@ -345,6 +351,17 @@ impl Config {
             c.max_voters = v;
         }
         c.leave_on_exit = args.leave_on_exit || file.leave_on_exit.unwrap_or(false);
+        set_duration(
+            &mut c.node_cert_lifetime,
+            "node_cert_lifetime",
+            file.node_cert_lifetime,
+        )?;
+        if !(MIN_CERT_LIFETIME..=MAX_CERT_LIFETIME).contains(&c.node_cert_lifetime) {
+            return Err(ConfigError::new(
+                "node_cert_lifetime",
+                "must be 10s to 825d",
+            ));
+        }
         let g = &mut c.gossip;
         set_duration(
             &mut g.min_interval,
@@ -460,6 +477,11 @@ fn parse_net(v: &str) -> Result<IpNet, ConfigError> {
         })
 }
 
+/// Bounds of `node_cert_lifetime`: short ones are for tests; 825 days is
+/// the longest the CA/Browser Forum ever allowed a leaf certificate.
+const MIN_CERT_LIFETIME: Duration = Duration::from_secs(10);
+const MAX_CERT_LIFETIME: Duration = Duration::from_secs(825 * 86_400);
+
 fn set_duration(slot: &mut Duration, field: &str, v: Option<String>) -> Result<(), ConfigError> {
     if let Some(v) = v {
         *slot = parse_duration(&v).ok_or_else(|| {
@@ -475,7 +497,7 @@ fn set_duration(slot: &mut Duration, field: &str, v: Option<String>) -> Result<(
     Ok(())
 }
 
-/// Parses `500ms`, `30s`, `5m`, `1h`.
+/// Parses `500ms`, `30s`, `5m`, `1h`, `90d`.
 pub fn parse_duration(v: &str) -> Option<Duration> {
     let v = v.trim();
     let split = v.find(|c: char| !c.is_ascii_digit())?;
@@ -486,6 +508,7 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
         "s" => n.checked_mul(1000)?,
         "m" => n.checked_mul(60_000)?,
         "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
         _ => return None,
     };
     Some(Duration::from_millis(ms))

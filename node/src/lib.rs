@@ -25,6 +25,7 @@ pub mod listeners;
 pub mod membership;
 pub mod metrics;
 pub mod raft;
+mod renewal;
 pub mod routing;
 pub mod sim;
 pub mod store;

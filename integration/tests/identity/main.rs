@@ -297,3 +297,64 @@ async fn an_empty_key_file_from_a_crash_does_not_stop_restarts() -> anyhow::Resu
     cluster.admin(1).create_group(&group("after")).await?;
     Ok(())
 }
+
+/// When node `id`'s stored certificate stops being valid.
+fn stored_not_after(cluster: &Cluster, id: u64) -> anyhow::Result<time::OffsetDateTime> {
+    let pem = std::fs::read_to_string(cluster.data_dir(id).join("tls/node.pem"))?;
+    Ok(edgelb::cluster::pki::not_after(&pem)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_certificates_are_renewed_before_they_expire() -> anyhow::Result<()> {
+    let opts = integration::cluster::ClusterOptions {
+        config: "node_cert_lifetime = \"24s\"\n".into(),
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start_with(2, opts).await?;
+    let first: Vec<_> = [1, 2]
+        .into_iter()
+        .map(|id| stored_not_after(&cluster, id))
+        .collect::<anyhow::Result<_>>()?;
+    let lifetime = time::Duration::seconds(25);
+    for (id, until) in [1_u64, 2].into_iter().zip(&first) {
+        let left = *until - time::OffsetDateTime::now_utc();
+        assert!(left <= lifetime, "node {id}'s certificate lives {left}");
+    }
+    // Each node renews its own with a third of the lifetime left, and
+    // stores it.
+    let latest = *first.iter().max().context("two nodes")?;
+    integration::poll(
+        "both nodes to renew their certificates",
+        Duration::from_secs(40),
+        || async {
+            for (id, until) in [1_u64, 2].into_iter().zip(&first) {
+                let now = stored_not_after(&cluster, id)?;
+                anyhow::ensure!(now > *until, "node {id} still has {until}");
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    // Past the first certificates' expiry, every connection is made anew:
+    // node 1 restarts (with its renewed file) and node 2 presents the
+    // certificate it renewed in memory.
+    integration::poll(
+        "the first certificates to expire",
+        Duration::from_secs(40),
+        || async {
+            anyhow::ensure!(time::OffsetDateTime::now_utc() > latest + time::Duration::seconds(1));
+            Ok(())
+        },
+    )
+    .await?;
+    cluster.kill9(1).await?;
+    cluster.restart(1).await?;
+    cluster.leader().await?;
+    cluster
+        .admin(2)
+        .create_group(&group("after-renewal"))
+        .await?;
+    let groups = group_names(&cluster.admin(1).groups(false).await?);
+    assert!(groups.iter().any(|g| g == "after-renewal"), "{groups:?}");
+    Ok(())
+}

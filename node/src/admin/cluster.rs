@@ -157,7 +157,7 @@ pub(crate) async fn add(admin: &Admin, body: Incoming) -> Result<Reply, ApiError
                 cert_pem: secrets.ca_cert_pem.clone(),
                 key_pem: secrets.ca_key_pem.clone(),
             };
-            let cert = pki::sign_node_csr(&ca, csr, req.node_id)
+            let cert = pki::sign_node_csr_for(&ca, csr, req.node_id, admin.node_cert_lifetime)
                 .map_err(|e| ApiError::invalid(format!("csr: {e}")))?;
             (Some(cert), Some(secrets.ca_cert_pem.clone()))
         }

@@ -100,6 +100,7 @@ impl Server {
             token: TOKEN.to_owned(),
             cluster_domain: "edgelb.local".to_owned(),
             ready: Arc::new(AtomicBool::new(false)),
+            node_cert_lifetime: crate::cluster::pki::DEFAULT_NODE_LIFETIME,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");

@@ -547,7 +547,7 @@ async fn connect(
     let mut connecting = shared
         .endpoint
         .connect_with(
-            shared.client.clone(),
+            (**shared.client.load()).clone(),
             sock,
             &super::pki::node_dns_name(target),
         )

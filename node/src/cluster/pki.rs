@@ -5,7 +5,13 @@
 //!  generate_ca ─▶ CaBundle (cert + key, replicated)
 //!  joining node: node_key_and_csr(id) ─▶ csr ─▶ member: sign_node_csr(ca, csr, id) ─▶ cert
 //!  bootstrap / `edgectl certs node`: issue_node_cert(ca, id) ─▶ (cert, key)
+//!  renewal (`crate::renewal`): renew_node_cert(ca, key, id) ─▶ cert for the same key
 //! ```
+//!
+//! Node certificates live [`DEFAULT_NODE_LIFETIME`] (90 days) unless the
+//! node is configured otherwise (`node_cert_lifetime`), and a node renews
+//! its own once less than a third of the lifetime is left
+//! ([`renewal_due`]).
 //!
 //! Keys are ECDSA P-256. A node certificate carries exactly one subject
 //! alternative name, its node's DNS name, and is good for both TLS client and
@@ -22,9 +28,10 @@ pub const NODE_DNS_SUFFIX: &str = "cluster.edgelb";
 
 /// How long a cluster CA is valid.
 const CA_VALIDITY: Duration = Duration::days(20 * 365);
-/// How long a node certificate is valid. There is no rotation yet, so it
-/// is long; operators who want short-lived certificates run their own PKI.
-const NODE_VALIDITY: Duration = Duration::days(10 * 365);
+/// How long a node certificate is valid unless configured otherwise
+/// (`node_cert_lifetime`): 90 days, renewed with a third left.
+pub const DEFAULT_NODE_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(90 * 24 * 3600);
 /// Back-dating of `not_before`, for clocks that disagree a little.
 const CLOCK_SKEW: Duration = Duration::hours(1);
 
@@ -37,6 +44,12 @@ pub enum PkiError {
     /// The CA certificate or key does not parse.
     #[error("bad cluster CA: {0}")]
     BadCa(#[source] rcgen::Error),
+    /// A node key does not parse.
+    #[error("bad node key: {0}")]
+    BadKey(#[source] rcgen::Error),
+    /// A certificate does not parse.
+    #[error("bad certificate: {0}")]
+    BadCertificate(#[source] rcgen::Error),
     /// The certificate request does not parse or its signature is wrong.
     #[error("bad certificate request: {0}")]
     BadCsr(#[source] rcgen::Error),
@@ -111,6 +124,16 @@ pub fn node_key_and_csr(id: u64) -> Result<(String, String), PkiError> {
 /// public key is used: the issued certificate's name, usages and validity are
 /// chosen here.
 pub fn sign_node_csr(ca: &CaBundle, csr_pem: &str, id: u64) -> Result<String, PkiError> {
+    sign_node_csr_for(ca, csr_pem, id, DEFAULT_NODE_LIFETIME)
+}
+
+/// [`sign_node_csr`] for a certificate valid for `lifetime`.
+pub fn sign_node_csr_for(
+    ca: &CaBundle,
+    csr_pem: &str,
+    id: u64,
+    lifetime: std::time::Duration,
+) -> Result<String, PkiError> {
     let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(PkiError::BadCsr)?;
     let expected = node_dns_name(id);
     let found: Vec<String> = csr.params.subject_alt_names.iter().map(san_text).collect();
@@ -118,7 +141,7 @@ pub fn sign_node_csr(ca: &CaBundle, csr_pem: &str, id: u64) -> Result<String, Pk
         return Err(PkiError::WrongName { expected, found });
     }
     let request = CertificateSigningRequestParams {
-        params: node_params(id)?,
+        params: node_params(id, lifetime)?,
         public_key: csr.public_key,
     };
     let (issuer, issuer_key) = load_ca(ca)?;
@@ -131,16 +154,60 @@ pub fn sign_node_csr(ca: &CaBundle, csr_pem: &str, id: u64) -> Result<String, Pk
 /// A new key and certificate for node `id`, signed by the cluster CA:
 /// (certificate PEM, key PEM). For bootstrap and `edgectl certs node`.
 pub fn issue_node_cert(ca: &CaBundle, id: u64) -> Result<(String, String), PkiError> {
+    issue_node_cert_for(ca, id, DEFAULT_NODE_LIFETIME)
+}
+
+/// [`issue_node_cert`] for a certificate valid for `lifetime`.
+pub fn issue_node_cert_for(
+    ca: &CaBundle,
+    id: u64,
+    lifetime: std::time::Duration,
+) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate().map_err(PkiError::Generate)?;
     let (issuer, issuer_key) = load_ca(ca)?;
-    let cert = node_params(id)?
+    let cert = node_params(id, lifetime)?
         .signed_by(&key, &issuer, &issuer_key)
         .map_err(PkiError::Generate)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// A new certificate for node `id` and its existing key (`key_pem`), signed
+/// by the cluster CA: what a node renews its certificate with.
+pub fn renew_node_cert(
+    ca: &CaBundle,
+    key_pem: &str,
+    id: u64,
+    lifetime: std::time::Duration,
+) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(PkiError::BadKey)?;
+    let (issuer, issuer_key) = load_ca(ca)?;
+    let cert = node_params(id, lifetime)?
+        .signed_by(&key, &issuer, &issuer_key)
+        .map_err(PkiError::Generate)?;
+    Ok(cert.pem())
+}
+
+/// When the (first) certificate in `cert_pem` stops being valid.
+pub fn not_after(cert_pem: &str) -> Result<OffsetDateTime, PkiError> {
+    CertificateParams::from_ca_cert_pem(cert_pem)
+        .map(|p| p.not_after)
+        .map_err(PkiError::BadCertificate)
+}
+
+/// Whether a certificate valid until `not_after` and issued for `lifetime`
+/// is due for renewal at `now`: less than a third of its lifetime is left
+/// (30 days of 90), or it has expired.
+pub fn renewal_due(
+    not_after: OffsetDateTime,
+    lifetime: std::time::Duration,
+    now: OffsetDateTime,
+) -> bool {
+    let third = Duration::try_from(lifetime / 3).unwrap_or(Duration::MAX);
+    not_after - now < third
+}
+
 /// The parameters of every node certificate this module issues.
-fn node_params(id: u64) -> Result<CertificateParams, PkiError> {
+fn node_params(id: u64, lifetime: std::time::Duration) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(vec![node_dns_name(id)]).map_err(PkiError::Generate)?;
     params.distinguished_name = name(&node_dns_name(id));
     params.is_ca = IsCa::ExplicitNoCa;
@@ -152,7 +219,7 @@ fn node_params(id: u64) -> Result<CertificateParams, PkiError> {
     params.use_authority_key_identifier_extension = true;
     let now = OffsetDateTime::now_utc();
     params.not_before = now - CLOCK_SKEW;
-    params.not_after = now + NODE_VALIDITY;
+    params.not_after = now + Duration::try_from(lifetime).unwrap_or(Duration::MAX);
     Ok(params)
 }
 
@@ -213,6 +280,35 @@ mod tests {
         assert!(matches!(
             sign_node_csr(&ca, &csr, 3),
             Err(PkiError::WrongName { .. })
+        ));
+    }
+
+    #[test]
+    fn node_certificates_live_90_days_and_are_renewed_with_a_third_left() {
+        let ca = generate_ca("test").unwrap();
+        let (cert, key) = issue_node_cert(&ca, 3).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let left = not_after(&cert).unwrap() - now;
+        assert!(
+            left <= Duration::days(90) && left > Duration::days(89),
+            "{left}"
+        );
+        let lifetime = DEFAULT_NODE_LIFETIME;
+        let expiry = not_after(&cert).unwrap();
+        assert!(!renewal_due(expiry, lifetime, now));
+        assert!(!renewal_due(expiry, lifetime, now + Duration::days(59)));
+        assert!(renewal_due(expiry, lifetime, now + Duration::days(61)));
+        assert!(renewal_due(expiry, lifetime, now + Duration::days(100)));
+
+        // A renewal keeps the key and moves the expiry.
+        let short = std::time::Duration::from_secs(60);
+        let renewed = renew_node_cert(&ca, &key, 3, short).unwrap();
+        assert_ne!(renewed, cert);
+        let until = not_after(&renewed).unwrap() - now;
+        assert!(until <= Duration::seconds(61), "{until}");
+        assert!(matches!(
+            renew_node_cert(&ca, "nope", 3, short),
+            Err(PkiError::BadKey(_))
         ));
     }
 

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use quinn::Endpoint;
 use raft_store::NodeId;
 use tokio::task::JoinHandle;
@@ -194,8 +195,10 @@ pub(crate) struct Shared {
     /// Where incoming gossip reports go; until it is set they are dropped.
     pub(crate) gossip: OnceLock<Arc<dyn GossipHandler>>,
     pub(crate) stats: Counters,
-    pub(crate) client: quinn::ClientConfig,
-    gossip_client: quinn::ClientConfig,
+    /// The TLS client sides, replaced when the node's certificate is
+    /// renewed ([`Transport::reload_tls`]).
+    pub(crate) client: ArcSwap<quinn::ClientConfig>,
+    gossip_client: ArcSwap<quinn::ClientConfig>,
     /// One connection slot per peer.
     peers: Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
 }
@@ -304,13 +307,28 @@ impl Transport {
             handler,
             gossip: OnceLock::new(),
             stats: Counters::default(),
-            client,
-            gossip_client,
+            client: ArcSwap::from_pointee(client),
+            gossip_client: ArcSwap::from_pointee(gossip_client),
             peers: Mutex::new(HashMap::new()),
         });
         let accept = tokio::spawn(server::accept_loop(Arc::clone(&shared)));
         debug!(node_id, addr = ?shared.endpoint.local_addr().ok(), "cluster endpoint bound");
         Ok(Self { shared, accept })
+    }
+
+    /// Uses `tls` (a renewed certificate, a reloaded PKI) for every
+    /// handshake from now on, in both directions. Open connections keep
+    /// the credentials they were made with. The certificate must name this
+    /// node.
+    pub fn reload_tls(&self, tls: &NodeTls) -> Result<(), TransportError> {
+        tls.check_own_id(self.shared.node_id)?;
+        let server = tls.server_config()?;
+        let client = tls.client_config(ALPN_RAFT)?;
+        let gossip_client = tls.gossip_client_config()?;
+        self.shared.endpoint.set_server_config(Some(server));
+        self.shared.client.store(Arc::new(client));
+        self.shared.gossip_client.store(Arc::new(gossip_client));
+        Ok(())
     }
 
     /// The address the endpoint is bound to.
@@ -364,7 +382,7 @@ impl Transport {
                 .shared
                 .endpoint
                 .connect_with(
-                    self.shared.gossip_client.clone(),
+                    (**self.shared.gossip_client.load()).clone(),
                     sock,
                     &node_dns_name(target),
                 )
