@@ -9,6 +9,9 @@ use edgelb::config::{Args, Config, EXIT_CONFIG};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // Everything the node writes (keys, token, Raft state) is for its own
+    // user only: files 0600, directories 0700.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) if !e.use_stderr() => {

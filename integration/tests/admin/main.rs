@@ -8,6 +8,7 @@ use integration::client::{self, Reply, raw_exchange};
 use integration::{TestNode, wait_until};
 use serde_json::{Value, json};
 
+mod files;
 mod limits;
 
 const PORT: u16 = 8080;
