@@ -2,7 +2,8 @@
 //! `/healthz` and `/readyz` endpoints.
 //!
 //! ```text
-//!  request ─▶ size check (413) ─▶ route ─┬─ /metrics /healthz /readyz   (no token)
+//!  request ─▶ size check (413) ─▶ route ─┬─ /healthz /readyz            (no token)
+//!                                        ├─ /metrics  (metrics_token or admin token, when configured)
 //!                                        └─ /v1/… ─▶ bearer token (401) ─▶ handler
 //!  handler ─▶ read state ─────────────────────────────────────────▶ 200 envelope
 //!          └▶ build Command ─▶ Store::propose ─▶ Applied / StoreError ─▶ envelope
@@ -75,6 +76,9 @@ pub struct Admin {
     pub gossip: Arc<Gossip>,
     /// The admin token; `/v1` requests must present it as a bearer token.
     pub token: String,
+    /// When set, `GET /metrics` needs it (or the admin token) as a bearer
+    /// token; otherwise `/metrics` is open (SPEC §6).
+    pub metrics_token: Option<String>,
     /// Groups created without domains get `<name>.<cluster_domain>`.
     pub cluster_domain: String,
     /// `/readyz` answers 200 once this is set (state loaded, listeners bound).
@@ -199,7 +203,15 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<Reply, ApiError>
         } else {
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
         }),
-        ["metrics"] if method == Method::GET => Ok(scrape::metrics(admin, &parts.headers)),
+        ["metrics"] if method == Method::GET => {
+            if let Some(t) = &admin.metrics_token
+                && !authorized(&parts.headers, t)
+                && !authorized(&parts.headers, &admin.token)
+            {
+                return Err(ApiError::unauthorized());
+            }
+            Ok(scrape::metrics(admin, &parts.headers))
+        }
         ["healthz" | "readyz" | "metrics"] => Err(not_allowed("GET")),
         ["v1", rest @ ..] => {
             if !authorized(&parts.headers, &admin.token) {

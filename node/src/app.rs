@@ -251,6 +251,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         metrics: metrics.clone(),
         gossip: gossip.clone(),
         token: token.clone(),
+        metrics_token: config.metrics_token.clone(),
         cluster_domain: config.cluster_domain.clone(),
         ready: ready_flag,
         node_cert_lifetime: config.node_cert_lifetime,

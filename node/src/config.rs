@@ -66,6 +66,10 @@ pub struct Args {
     /// The cluster's admin token (generated at bootstrap when absent).
     #[arg(long, env = "EDGELB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Bearer token that `GET /metrics` requires (the admin token is
+    /// accepted too) [default: none, /metrics is open]
+    #[arg(long, env = "EDGELB_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
     /// Domain of default service fqdns [default: edgelb.local]
     #[arg(long, env = "EDGELB_CLUSTER_DOMAIN")]
     pub cluster_domain: Option<String>,
@@ -105,6 +109,7 @@ struct FileConfig {
     listen_ip: Option<String>,
     join: Option<String>,
     token: Option<String>,
+    metrics_token: Option<String>,
     cluster_domain: Option<String>,
     drain_timeout: Option<String>,
     log: Option<String>,
@@ -146,6 +151,9 @@ pub struct Config {
     pub listen_ip: IpAddr,
     pub join: Option<String>,
     pub token: Option<String>,
+    /// When set, `GET /metrics` needs it (or the admin token) as a bearer
+    /// token.
+    pub metrics_token: Option<String>,
     pub cluster_domain: String,
     pub log: String,
     pub settings: Settings,
@@ -185,6 +193,7 @@ impl Config {
             listen_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             join: None,
             token: None,
+            metrics_token: None,
             cluster_domain: "edgelb.local".into(),
             // `openraft::replication` is off unless named (see main.rs).
             log: "info,openraft=warn".into(),
@@ -259,13 +268,12 @@ impl Config {
             c.join = Some(v);
         }
         if let Some(v) = args.token.or(file.token) {
-            if v.len() < 16 || v.len() > 256 || !v.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(ConfigError::new(
-                    "token",
-                    "must be 16 to 256 printable ASCII characters",
-                ));
-            }
+            check_token("token", &v)?;
             c.token = Some(v);
+        }
+        if let Some(v) = args.metrics_token.or(file.metrics_token) {
+            check_token("metrics_token", &v)?;
+            c.metrics_token = Some(v);
         }
         if let Some(v) = args.cluster_domain.or(file.cluster_domain) {
             if !raft_store::validate::valid_fqdn(&v) || v.starts_with("*.") {
@@ -462,6 +470,17 @@ fn field_at(text: &str, offset: usize) -> String {
 fn parse_addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
     v.parse()
         .map_err(|_| ConfigError::new(field, format!("{v:?} is not HOST:PORT with an IP host")))
+}
+
+/// Tokens are 16 to 256 printable ASCII characters.
+fn check_token(field: &str, v: &str) -> Result<(), ConfigError> {
+    if v.len() < 16 || v.len() > 256 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            field,
+            "must be 16 to 256 printable ASCII characters",
+        ));
+    }
+    Ok(())
 }
 
 /// A CIDR block (`10.0.0.0/8`) or a single address (a /32 or /128).

@@ -76,6 +76,11 @@ impl Answer {
 
 impl Server {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A server whose `/metrics` needs `metrics_token`, when given.
+    async fn start_with(metrics_token: Option<&str>) -> Self {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir =
@@ -98,6 +103,7 @@ impl Server {
             metrics,
             gossip,
             token: TOKEN.to_owned(),
+            metrics_token: metrics_token.map(str::to_owned),
             cluster_domain: "edgelb.local".to_owned(),
             ready: Arc::new(AtomicBool::new(false)),
             node_cert_lifetime: crate::cluster::pki::DEFAULT_NODE_LIFETIME,

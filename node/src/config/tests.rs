@@ -168,6 +168,13 @@ fn client_timeouts_and_trusted_proxies() {
     assert_eq!(c.settings.tunnel_idle_timeout, Duration::from_secs(3600));
     assert!(c.settings.trusted_proxies.is_empty());
     assert_eq!(c.settings.admin_max_connections, 256);
+    assert_eq!(c.metrics_token, None);
+    let c = load(&["--metrics-token", "scrape-0123456789abcdef"]).unwrap();
+    assert_eq!(c.metrics_token.as_deref(), Some("scrape-0123456789abcdef"));
+    assert_eq!(
+        load(&["--metrics-token", "short"]).unwrap_err().field,
+        "metrics_token"
+    );
     assert!(!c.max_connections_explicit);
     std::fs::write(
         &path,

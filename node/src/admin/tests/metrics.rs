@@ -207,3 +207,33 @@ fn gzip_is_accepted_unless_weighted_zero() {
     assert!(!accepts("gzipx"));
     assert!(!accepts_gzip(&http::HeaderMap::new()));
 }
+
+#[tokio::test]
+async fn a_configured_metrics_token_is_required() {
+    let open = Server::start().await;
+    let r = open.request(Method::GET, "/metrics", None, None).await;
+    assert_eq!(r.status.as_u16(), 200, "no metrics_token: /metrics is open");
+
+    let token = "scrape-0123456789abcdef";
+    let s = Server::start_with(Some(token)).await;
+    for wrong in [None, Some("scrape-0123456789abcdeX"), Some("")] {
+        let r = s.request(Method::GET, "/metrics", wrong, None).await;
+        r.assert_error(401);
+    }
+    let r = s.request(Method::GET, "/metrics", Some(token), None).await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.body);
+    assert!(r.body.contains("edgelb_"), "{}", r.body);
+    // The admin token opens everything.
+    let r = s
+        .request(Method::GET, "/metrics", Some(super::TOKEN), None)
+        .await;
+    assert_eq!(r.status.as_u16(), 200, "{}", r.body);
+    // The metrics token opens nothing else.
+    let r = s
+        .request(Method::GET, "/v1/services", Some(token), None)
+        .await;
+    r.assert_error(401);
+    // Health checks stay open.
+    let r = s.request(Method::GET, "/healthz", None, None).await;
+    assert_eq!(r.status.as_u16(), 200);
+}
