@@ -226,7 +226,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<Reply, ApiError>
             }
             match (rest, method) {
                 (["services"], &Method::POST) => groups::create(admin, body).await,
-                (["services"], &Method::GET) => Ok(groups::list(admin)),
+                (["services"], &Method::GET) => groups::list(admin).await,
                 (["services"], _) => Err(not_allowed("GET, POST")),
                 (["services", id], &Method::GET) => groups::get(admin, id),
                 (["services", id], &Method::PATCH) => groups::patch(admin, id, body).await,

@@ -63,11 +63,22 @@ pub(crate) async fn create(admin: &Admin, body: Incoming) -> Result<Reply, ApiEr
     }
 }
 
-/// `GET /v1/services`.
-pub(crate) fn list(admin: &Admin) -> Reply {
+/// `GET /v1/services`, encoded on the blocking pool: about 11 MB of JSON
+/// at 100,000 instances, hundreds of ms that would otherwise hold a runtime
+/// thread (and the writes waiting for it).
+pub(crate) async fn list(admin: &Admin) -> Result<Reply, ApiError> {
     let state = admin.store.state();
-    success(GroupsData {
-        service_groups: state.groups().cloned().collect(),
+    tokio::task::spawn_blocking(move || {
+        success(GroupsData {
+            service_groups: state.groups().cloned().collect(),
+        })
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("listing the service groups: {e}"),
+        )
     })
 }
 
