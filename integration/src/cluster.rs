@@ -596,11 +596,7 @@ impl Cluster {
         binary: &std::path::Path,
         timeout: Duration,
     ) -> anyhow::Result<crate::process::Finished> {
-        let m = self
-            .members
-            .get(&id)
-            .with_context(|| format!("no node {id}"))?;
-        ensure!(m.process.is_none(), "node {id} is running");
+        let m = self.stopped(id)?;
         let args = m.args(&self.opts);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         crate::process::run_bin(binary, &args, m.data.path(), timeout).await
@@ -615,11 +611,7 @@ impl Cluster {
         token: &str,
         timeout: Duration,
     ) -> anyhow::Result<crate::process::Finished> {
-        let m = self
-            .members
-            .get(&id)
-            .with_context(|| format!("no node {id}"))?;
-        ensure!(m.process.is_none(), "node {id} is running");
+        let m = self.stopped(id)?;
         let opts = ClusterOptions {
             token: token.to_owned(),
             ..self.opts.clone()
@@ -627,6 +619,16 @@ impl Cluster {
         let args = m.args(&opts);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         crate::process::run(&args, m.data.path(), timeout).await
+    }
+
+    /// Member `id`, which must not be running.
+    fn stopped(&self, id: u64) -> anyhow::Result<&Member> {
+        let m = self
+            .members
+            .get(&id)
+            .with_context(|| format!("no node {id}"))?;
+        ensure!(m.process.is_none(), "node {id} is running");
+        Ok(m)
     }
 
     /// Starts node `id` again with the same command line and data dir, and

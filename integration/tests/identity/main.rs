@@ -186,16 +186,15 @@ async fn a_removed_node_cannot_write_and_raft_ids_must_match_the_certificate() -
             },
         })?,
     ];
+    let ask = |from: u64, rpc: &'static str, body: &Value| {
+        let request = frame_request(from, rpc, body);
+        let cert = member_cert(&cluster, from);
+        let source = cluster.backend_ip();
+        let name = name.clone();
+        async move { try_raft_stream(addr, source, &name, Some(cert?), &request).await }
+    };
     for body in &forwards {
-        let request = frame_request(removed, "forward", body);
-        let outcome = try_raft_stream(
-            addr,
-            cluster.backend_ip(),
-            &name,
-            Some(member_cert(&cluster, removed)?),
-            &request,
-        )
-        .await?;
+        let outcome = ask(removed, "forward", body).await?;
         assert!(
             refused(&outcome),
             "the leader ran a forward from removed node {removed}: {}",
@@ -217,15 +216,7 @@ async fn a_removed_node_cannot_write_and_raft_ids_must_match_the_certificate() -
         "leader_commit": null,
     });
     for (rpc, body) in [("vote", &vote), ("append_entries", &append)] {
-        let request = frame_request(member, rpc, body);
-        let outcome = try_raft_stream(
-            addr,
-            cluster.backend_ip(),
-            &name,
-            Some(member_cert(&cluster, member)?),
-            &request,
-        )
-        .await?;
+        let outcome = ask(member, rpc, body).await?;
         assert!(
             refused(&outcome),
             "the leader heard a {rpc} from node {member} speaking for node 9: {}",

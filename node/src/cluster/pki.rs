@@ -164,11 +164,8 @@ pub fn issue_node_cert_for(
     lifetime: std::time::Duration,
 ) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate().map_err(PkiError::Generate)?;
-    let (issuer, issuer_key) = load_ca(ca)?;
-    let cert = node_params(id, lifetime)?
-        .signed_by(&key, &issuer, &issuer_key)
-        .map_err(PkiError::Generate)?;
-    Ok((cert.pem(), key.serialize_pem()))
+    let cert = sign_node_key(ca, &key, id, lifetime)?;
+    Ok((cert, key.serialize_pem()))
 }
 
 /// A new certificate for node `id` and its existing key (`key_pem`), signed
@@ -180,9 +177,19 @@ pub fn renew_node_cert(
     lifetime: std::time::Duration,
 ) -> Result<String, PkiError> {
     let key = KeyPair::from_pem(key_pem).map_err(PkiError::BadKey)?;
+    sign_node_key(ca, &key, id, lifetime)
+}
+
+/// A certificate (PEM) for node `id`'s `key`, signed by the cluster CA.
+fn sign_node_key(
+    ca: &CaBundle,
+    key: &KeyPair,
+    id: u64,
+    lifetime: std::time::Duration,
+) -> Result<String, PkiError> {
     let (issuer, issuer_key) = load_ca(ca)?;
     let cert = node_params(id, lifetime)?
-        .signed_by(&key, &issuer, &issuer_key)
+        .signed_by(key, &issuer, &issuer_key)
         .map_err(PkiError::Generate)?;
     Ok(cert.pem())
 }
