@@ -2,10 +2,11 @@
 //! forged forwarding headers, readers that never read, idle tunnels, and
 //! uploads that the instance answers before it has read them.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 use integration::client::{RawConn, raw_exchange, tcp_connect};
 use integration::{NodeOptions, TestNode, patient, wait_until, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,23 +42,28 @@ async fn http10_request_with_two_hosts_gets_400() -> anyhow::Result<()> {
 const FORGED: &str = "GET / HTTP/1.1\r\nHost: fwd.test\r\nForwarded: for=192.0.2.1;proto=https\r\n\
 X-Real-IP: 192.0.2.1\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forwarding_headers_from_clients_are_not_trusted() -> anyhow::Result<()> {
-    let node = TestNode::start().await?;
+/// Sends [`FORGED`] from a fresh client address through a node started
+/// with `opts`; returns that address and the headers the instance saw.
+async fn forged(opts: NodeOptions) -> anyhow::Result<(IpAddr, HeaderMap)> {
+    let node = TestNode::start_with(opts).await?;
     let backends = node.http_backends(&["fwd"], BACKEND_PORT).await?;
     node.http_group("fwd", PORT, BACKEND_PORT, &backends)
         .await?;
     let client_ip = node.subnet.next_ip();
     let mut raw = RawConn::new(tcp_connect(node.addr(PORT), Some(client_ip)).await?);
     raw.write(FORGED.as_bytes()).await?;
-    assert_eq!(
-        raw.reply(Duration::from_secs(5)).await?.status,
-        StatusCode::OK
-    );
+    let r = raw.reply(Duration::from_secs(5)).await?;
+    anyhow::ensure!(r.status == StatusCode::OK, "{}: {}", r.status, r.text());
     let seen = backends[0].last_seen().context("backend saw nothing")?;
+    node.stop().await?;
+    Ok((client_ip, seen.headers))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_from_clients_are_not_trusted() -> anyhow::Result<()> {
+    let (client_ip, seen) = forged(NodeOptions::default()).await?;
     let h = |name: &str| {
-        seen.headers
-            .get_all(name)
+        seen.get_all(name)
             .iter()
             .map(|v| v.to_str().unwrap_or("?").to_owned())
             .collect::<Vec<_>>()
@@ -77,7 +83,7 @@ async fn forwarding_headers_from_clients_are_not_trusted() -> anyhow::Result<()>
         vec![client_ip.to_string()],
         "X-Forwarded-For must name the connecting client only"
     );
-    node.stop().await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,26 +91,15 @@ async fn forwarding_headers_from_trusted_proxies_are_kept() -> anyhow::Result<()
     let mut opts = NodeOptions::default();
     // Every test address is on loopback.
     opts.settings.trusted_proxies = vec!["127.0.0.0/8".parse()?];
-    let node = TestNode::start_with(opts).await?;
-    let backends = node.http_backends(&["fwd"], BACKEND_PORT).await?;
-    node.http_group("fwd", PORT, BACKEND_PORT, &backends)
-        .await?;
-    let client_ip = node.subnet.next_ip();
-    let mut raw = RawConn::new(tcp_connect(node.addr(PORT), Some(client_ip)).await?);
-    raw.write(FORGED.as_bytes()).await?;
-    assert_eq!(
-        raw.reply(Duration::from_secs(5)).await?.status,
-        StatusCode::OK
-    );
-    let seen = backends[0].last_seen().context("backend saw nothing")?;
-    let h = |name: &str| seen.headers.get(name).and_then(|v| v.to_str().ok());
+    let (client_ip, seen) = forged(opts).await?;
+    let h = |name: &str| seen.get(name).and_then(|v| v.to_str().ok());
     assert_eq!(
         h("x-forwarded-for"),
         Some(format!("192.0.2.1, {client_ip}").as_str())
     );
     assert_eq!(h("forwarded"), Some("for=192.0.2.1;proto=https"));
     assert_eq!(h("x-real-ip"), Some("192.0.2.1"));
-    node.stop().await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
