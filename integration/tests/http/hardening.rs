@@ -165,7 +165,7 @@ async fn a_reader_that_stops_reading_is_cut_after_the_send_timeout() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_that_makes_progress_is_served_in_full() -> anyhow::Result<()> {
-    let send_timeout = Duration::from_secs(1);
+    let send_timeout = Duration::from_secs(2);
     let mut opts = NodeOptions::default();
     opts.settings.send_timeout = send_timeout;
     let node = TestNode::start_with(opts).await?;
