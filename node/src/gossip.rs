@@ -442,14 +442,24 @@ pub fn membership(
     store: Arc<Store>,
     cancel: CancellationToken,
 ) -> (watch::Receiver<Peers>, JoinHandle<()>) {
+    let mut raft = store.raft().metrics();
+    // Raft's metrics change with every heartbeat and write, the peers only
+    // with the membership: its log id says when to look (building the
+    // status clones every member, which at every heartbeat was a large
+    // share of an idle node's CPU).
+    let mut seen = *raft.borrow_and_update().membership_config.log_id();
     let (tx, rx) = watch::channel(peers_of(&store.status()));
     let task = tokio::spawn(async move {
-        let mut raft = store.raft().metrics();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 changed = raft.changed() => if changed.is_err() { return },
             }
+            let now = *raft.borrow_and_update().membership_config.log_id();
+            if now == seen {
+                continue;
+            }
+            seen = now;
             let peers = peers_of(&store.status());
             tx.send_if_modified(|p| {
                 let changed = *p != peers;
@@ -458,12 +468,6 @@ pub fn membership(
                 }
                 changed
             });
-            // Raft's metrics change with every heartbeat and write: look at
-            // most every 100 ms.
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
         }
     });
     (rx, task)
