@@ -397,6 +397,37 @@ async fn calls_fail_in_time_and_say_why() {
     assert_eq!(client.stats().calls_failed, 4);
 }
 
+/// A kept connection on which a call went unanswered, with the peer
+/// sending nothing but acknowledgements meanwhile, is not used again: the
+/// next call makes a fresh connection. (Acknowledgements alone used to
+/// count as a live peer, and a connection whose streams nobody served kept
+/// every call on it timing out until QUIC's idle timeout.)
+#[tokio::test]
+async fn a_connection_that_only_acknowledges_a_call_is_replaced() {
+    let ca = generate_ca("test").unwrap();
+    let (server, _) = serve(&node_tls(&ca, 2), 2);
+    let addr = server.local_addr().unwrap().to_string();
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    client.call(2, &addr, vote(), PATIENCE).await.unwrap();
+    assert_eq!(client.stats().connects, 1);
+
+    // The handler never answers a write: the peer acknowledges the request
+    // and sends nothing else.
+    let write = Rpc::Forward(Forward::Write(Command::DeleteGroup {
+        id: "x".into(),
+        force: false,
+    }));
+    let e = client
+        .call(2, &addr, write, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TransportError::Timeout(_)), "{e}");
+
+    client.call(2, &addr, vote(), PATIENCE).await.unwrap();
+    assert_eq!(client.stats().connects, 2, "a fresh connection");
+    assert_eq!(server.stats().connections_accepted, 2);
+}
+
 #[tokio::test]
 async fn reconnects_after_the_peer_restarts() {
     let ca = generate_ca("test").unwrap();

@@ -506,20 +506,21 @@ impl Transport {
                 })?;
             frame::decode_reply(&body).map_err(|e| TransportError::Protocol(e.to_string()))
         };
-        let heard_before = conn.stats().udp_rx.datagrams;
+        let heard_before = served(&conn);
         let reply = match timeout_at(deadline, exchange).await {
             Ok(reply) => reply?,
             Err(_) => {
                 let _ = send.reset(codes::TIMEOUT);
                 let _ = recv.stop(codes::TIMEOUT);
-                // A silent peer (restarted, or cut off) is met with a fresh
-                // handshake next time, not a connection whose timers backed
-                // off. A peer that sent anything during the call is alive
-                // (merely slow, or the request was large): its connection
-                // and congestion window are kept, as is a connection made
-                // during this call.
+                // A peer that did not serve this connection during the call
+                // (restarted, cut off, or its end no longer reads streams
+                // here) is met with a fresh handshake next time, not a
+                // connection whose timers backed off. A peer that served
+                // anything during the call is alive (merely slow, or the
+                // request was large): its connection and congestion window
+                // are kept, as is a connection made during this call.
                 slot.distrust(&conn);
-                let silent = conn.stats().udp_rx.datagrams == heard_before;
+                let silent = served(&conn) == heard_before;
                 if silent && !fresh {
                     slot.discard(&conn, "call timed out");
                 }
@@ -615,4 +616,15 @@ impl Drop for Transport {
         self.shared.endpoint.close(codes::SHUTDOWN, b"shutdown");
         self.accept.abort();
     }
+}
+
+/// What the peer's side of `conn` has done that only a peer serving it
+/// does: stream data (answers, its own calls) and flow-control credit
+/// (it read what was sent). Acknowledgements and pings do not count: QUIC
+/// sends them for a connection whose streams nobody reads any more, and
+/// counting them kept such a connection, with every call on it timing
+/// out, until QUIC's idle timeout (elections of 10 s and more).
+fn served(conn: &quinn::Connection) -> u64 {
+    let f = conn.stats().frame_rx;
+    f.stream + f.max_data + f.max_stream_data
 }
