@@ -168,6 +168,14 @@ impl LoadCounters {
         Duration::from_nanos(1 << self.shift)
     }
 
+    /// Whether any work was ever picked. Counters that never were have
+    /// nothing to report (no load, no rate, no service time), so a report
+    /// skips them without sampling: most of a large table's instances.
+    pub fn used(&self) -> bool {
+        // The ring is made at the first pick.
+        self.ring.get().is_some()
+    }
+
     /// Work in flight now.
     pub fn inflight(&self) -> u64 {
         self.flight.load(Relaxed) & INFLIGHT_MASK

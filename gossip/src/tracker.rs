@@ -137,7 +137,14 @@ impl Tracker {
     {
         self.seq += 1;
         let (seq, window, epoch) = (self.seq, self.rate_window, self.epoch);
-        let mut sampled: Vec<([u8; 16], &LoadCounters)> = instances.into_iter().collect();
+        // Instances never picked have nothing to tell: leaving them out
+        // keeps a report's cost to the instances that carried work, not
+        // every instance the node routes to (100,000 on a large table,
+        // sorted and looked up at every heartbeat).
+        let mut sampled: Vec<([u8; 16], &LoadCounters)> = instances
+            .into_iter()
+            .filter(|(_, counters)| counters.used())
+            .collect();
         sampled.sort_unstable_by_key(|(id, _)| *id);
         sampled.dedup_by_key(|(id, _)| *id);
 
@@ -304,6 +311,37 @@ mod tests {
         // An instance no longer listed is left out.
         let r = t.report(t0 + ms(400), 0, [(B, &b)]);
         assert!(r.entries.iter().all(|e| e.instance == B));
+    }
+
+    #[test]
+    fn instances_never_picked_are_not_sampled_or_tracked() {
+        let t0 = Instant::now();
+        let c = config();
+        let idle: Vec<LoadCounters> = (0..1000)
+            .map(|_| LoadCounters::new(t0, c.long_after))
+            .collect();
+        let (a, _) = counters(t0);
+        let _work = a.start(t0);
+        let mut t = Tracker::new(1, 1, &c, t0);
+        let listed = idle
+            .iter()
+            .enumerate()
+            .map(|(i, k)| ((i as u128 + 100).to_be_bytes(), k))
+            .chain([(A, &a)]);
+        let r = t.report(t0 + ms(10), 0, listed);
+        assert_eq!(r.entries.len(), 1);
+        assert_eq!(r.entries[0].instance, A);
+        assert_eq!(t.instances.len(), 1, "only the instance that carried work");
+        // Once picked, an instance is sampled from then on.
+        let w = idle[7].start(t0 + ms(20));
+        idle[7].finish(w, t0 + ms(30));
+        let r = t.report(t0 + ms(40), 0, [(B, &idle[7]), (A, &a)]);
+        assert_eq!(t.instances.len(), 2);
+        assert!(
+            r.entries
+                .iter()
+                .any(|e| e.instance == B && e.arrival_rate_milli > 0)
+        );
     }
 
     #[test]
