@@ -57,15 +57,9 @@ enum Job {
 }
 
 /// The handle to this node's membership task; cheap to clone.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Reconciler {
     tx: mpsc::UnboundedSender<Job>,
-}
-
-impl std::fmt::Debug for Reconciler {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reconciler").finish_non_exhaustive()
-    }
 }
 
 impl Reconciler {

@@ -63,15 +63,9 @@ struct Pending {
 
 /// The queue of writes this node proposes (see the module's doc); cheap to
 /// clone.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Batcher {
     tx: mpsc::UnboundedSender<Pending>,
-}
-
-impl std::fmt::Debug for Batcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batcher").finish_non_exhaustive()
-    }
 }
 
 impl Batcher {
