@@ -24,9 +24,11 @@
 //! ones are closed as soon as they are accepted.
 //! The `/v1/cluster` routes show and change the Raft membership.
 
+mod backoff;
 mod certificates;
 mod cluster;
 mod groups;
+mod guard;
 mod instances;
 mod names;
 mod reply;
@@ -34,9 +36,11 @@ mod request;
 mod scrape;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::convert::Infallible;
 use std::fmt::{self, Debug};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -46,7 +50,8 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +62,10 @@ use crate::gossip::Gossip;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use reply::{ApiError, Reply, text};
-use request::{Flags, authorized, check_header_size, check_length};
+use request::{Flags, check_header_size, check_length};
+
+pub use backoff::AuthBackoff;
+pub use tls::{AdminCert, client_config};
 
 /// From accept (or the end of the previous request) until the request
 /// header block is complete.
@@ -86,6 +94,19 @@ pub struct Admin {
     /// How long the node certificates this node signs for joining nodes
     /// are valid (`node_cert_lifetime`).
     pub node_cert_lifetime: Duration,
+    /// The token check with its per-address back-off.
+    pub(crate) guard: guard::Guard,
+    /// Serve over TLS with this certificate (`admin_tls`); plain HTTP when
+    /// `None`.
+    pub tls: Option<Arc<AdminCert>>,
+}
+
+impl Admin {
+    /// The token check for an admin API whose series are in `metrics`,
+    /// with the back-off `settings` (the `guard` field).
+    pub(crate) fn auth_guard(settings: AuthBackoff, metrics: &Metrics) -> guard::Guard {
+        guard::Guard::new(settings, metrics.registry())
+    }
 }
 
 impl Debug for Admin {
@@ -105,6 +126,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin API listening");
     }
+    let acceptor = admin.tls.as_ref().map(AdminCert::acceptor);
     let mut conns = JoinSet::new();
     let limit = Arc::new(Semaphore::new(
         admin.dataplane.settings.admin_max_connections,
@@ -122,7 +144,20 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
                         continue;
                     };
                     debug!(%peer, "admin connection");
-                    conns.spawn(connection(stream, admin.clone(), shutdown.clone(), permit));
+                    let _ = stream.set_nodelay(true);
+                    let (admin, shutdown) = (admin.clone(), shutdown.clone());
+                    match acceptor.clone() {
+                        None => conns.spawn(connection(stream, peer, admin, shutdown, permit)),
+                        Some(tls) => conns.spawn(async move {
+                            // The header timeout runs from accept, so it
+                            // bounds the handshake too.
+                            match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
+                                Ok(Ok(stream)) => connection(stream, peer, admin, shutdown, permit).await,
+                                Ok(Err(e)) => debug!(%peer, error = %e, "admin TLS handshake failed"),
+                                Err(_) => debug!(%peer, "admin TLS handshake timed out"),
+                            }
+                        }),
+                    };
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -145,16 +180,18 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
     }
 }
 
-async fn connection(
-    stream: TcpStream,
+async fn connection<S>(
+    stream: S,
+    peer: SocketAddr,
     admin: Arc<Admin>,
     shutdown: CancellationToken,
     _permit: OwnedSemaphorePermit,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| {
         let admin = admin.clone();
-        async move { Ok::<_, Infallible>(handle(&admin, req).await) }
+        async move { Ok::<_, Infallible>(handle(&admin, peer.ip(), req).await) }
     });
     let mut builder = http1::Builder::new();
     builder
@@ -177,8 +214,8 @@ async fn connection(
 }
 
 /// Answers one request and counts it.
-async fn handle(admin: &Admin, req: Request<Incoming>) -> Reply {
-    let reply = route(admin, req).await.unwrap_or_else(|e| {
+async fn handle(admin: &Admin, peer: IpAddr, req: Request<Incoming>) -> Reply {
+    let reply = route(admin, peer, req).await.unwrap_or_else(|e| {
         if e.status().is_server_error() {
             warn!(status = %e.status(), error = ?e, "admin request failed");
         }
@@ -188,7 +225,7 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Reply {
     reply
 }
 
-async fn route(admin: &Admin, req: Request<Incoming>) -> Result<Reply, ApiError> {
+async fn route(admin: &Admin, peer: IpAddr, req: Request<Incoming>) -> Result<Reply, ApiError> {
     check_header_size(req.uri(), req.headers(), MAX_HEADER_BYTES)?;
     check_length(req.headers())?;
     let (parts, body) = req.into_parts();
@@ -204,19 +241,16 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Result<Reply, ApiError>
             text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
         }),
         ["metrics"] if method == Method::GET => {
-            if let Some(t) = &admin.metrics_token
-                && !authorized(&parts.headers, t)
-                && !authorized(&parts.headers, &admin.token)
-            {
-                return Err(ApiError::unauthorized());
+            if let Some(t) = &admin.metrics_token {
+                admin
+                    .guard
+                    .check(peer, &parts.headers, &[t, &admin.token])?;
             }
             Ok(scrape::metrics(admin, &parts.headers))
         }
         ["healthz" | "readyz" | "metrics"] => Err(not_allowed("GET")),
         ["v1", rest @ ..] => {
-            if !authorized(&parts.headers, &admin.token) {
-                return Err(ApiError::unauthorized());
-            }
+            admin.guard.check(peer, &parts.headers, &[&admin.token])?;
             if rest.iter().any(|s| s.is_empty()) {
                 return Err(ApiError::no_route(path));
             }

@@ -22,10 +22,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::admin::Admin;
+use crate::admin::{Admin, AdminCert};
 use crate::balancer::LoadChanged;
 use crate::cluster::Transport;
-use crate::config::{Config, ConfigError};
+use crate::config::{AdminTls, Config, ConfigError};
 use crate::dataplane::DataPlane;
 use crate::gossip::{Gossip, GossipTasks, Wiring};
 use crate::listeners::Listeners;
@@ -195,12 +195,42 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     }
     check_token(&store, &config.data_dir, &token_file)?;
     let mut tasks = Vec::new();
+    let admin_cert = match &config.admin_tls {
+        None => None,
+        Some(AdminTls::Node) => Some(
+            AdminCert::new(&identity.tls.cert_pem, &identity.tls.key_pem)
+                .map_err(|e| StartError::Io(format!("admin TLS with the node certificate: {e}")))?,
+        ),
+        Some(AdminTls::Files { cert, key }) => {
+            let read = |field: &str, p: &Path| {
+                std::fs::read_to_string(p).map_err(|e| {
+                    StartError::Config(ConfigError::new(field, format!("{}: {e}", p.display())))
+                })
+            };
+            let c = AdminCert::new(&read("admin_tls_cert", cert)?, &read("admin_tls_key", key)?)
+                .map_err(|e| {
+                    StartError::Config(ConfigError::new("admin_tls_cert", e.to_string()))
+                })?;
+            tasks.push(tokio::spawn(c.clone().watch_files(
+                cert.clone(),
+                key.clone(),
+                shutdown.clone(),
+            )));
+            Some(c)
+        }
+    };
     let renewal = crate::renewal::Renewal::new(
         &config,
         identity.tls.clone(),
         store.clone(),
         raft.transport.clone(),
-    );
+    )
+    .admin_cert(
+        admin_cert
+            .clone()
+            .filter(|_| config.admin_tls == Some(AdminTls::Node)),
+    )
+    .metrics(metrics.registry());
     tasks.push(tokio::spawn(renewal.run(shutdown.clone())));
 
     let ready_flag = Arc::new(AtomicBool::new(false));
@@ -255,6 +285,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         cluster_domain: config.cluster_domain.clone(),
         ready: ready_flag,
         node_cert_lifetime: config.node_cert_lifetime,
+        guard: Admin::auth_guard(config.admin_auth, &metrics),
+        tls: admin_cert,
     });
     tasks.push(tokio::spawn(crate::admin::serve(
         admin_listener,

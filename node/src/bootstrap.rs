@@ -17,12 +17,15 @@
 //! key and members cannot mint certificates.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use raft_store::types::ClusterNode;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
@@ -293,13 +296,22 @@ async fn join(config: &Config, url: &str, token: &str) -> Result<NodeTls, Bootst
         csr: Some(csr),
     };
     // The member may be starting too: retry for a while.
-    post_add_node(url, token, &body, 30, "no certificate in the answer", |d| {
-        Some(NodeTls {
-            ca_cert_pem: d.ca_certificate?,
-            cert_pem: d.certificate?,
-            key_pem: key_pem.clone(),
-        })
-    })
+    let tls = config.join_tls.as_ref();
+    post_add_node(
+        url,
+        tls,
+        token,
+        &body,
+        30,
+        "no certificate in the answer",
+        |d| {
+            Some(NodeTls {
+                ca_cert_pem: d.ca_certificate?,
+                cert_pem: d.certificate?,
+                key_pem: key_pem.clone(),
+            })
+        },
+    )
     .await
 }
 
@@ -320,9 +332,16 @@ pub async fn add_self(
         region: config.region.clone(),
         csr: None,
     };
-    post_add_node(url, token, &body, 60, "no log index in the answer", |d| {
-        d.log_index
-    })
+    let tls = config.join_tls.as_ref();
+    post_add_node(
+        url,
+        tls,
+        token,
+        &body,
+        60,
+        "no log index in the answer",
+        |d| d.log_index,
+    )
     .await
 }
 
@@ -331,6 +350,7 @@ pub async fn add_self(
 /// 503 or cannot be reached.
 async fn post_add_node<T>(
     url: &str,
+    tls: Option<&Arc<ClientConfig>>,
     token: &str,
     body: &AddNodeRequest,
     tries: usize,
@@ -344,7 +364,7 @@ async fn post_add_node<T>(
     let body = serde_json::to_vec(body).map_err(|e| err(e.to_string()))?;
     let mut last = String::new();
     for _ in 0..tries {
-        match post(url, "/v1/cluster/nodes", token, body.clone()).await {
+        match post(url, tls, "/v1/cluster/nodes", token, body.clone()).await {
             Ok((status, bytes)) => {
                 let env: Envelope<AddNodeData> = serde_json::from_slice(&bytes)
                     .map_err(|e| err(format!("HTTP {status}: unreadable answer: {e}")))?;
@@ -369,26 +389,54 @@ async fn post_add_node<T>(
     Err(err(last))
 }
 
-/// A small HTTP/1.1 POST to an admin API (`http://host:port`).
+/// A small HTTP/1.1 POST to an admin API: `http://host:port`, or
+/// `https://host:port` verified with `tls` (the `join_ca_cert`).
 pub(crate) async fn post(
     base: &str,
+    tls: Option<&Arc<ClientConfig>>,
     path: &str,
     token: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Bytes), String> {
-    let authority = base
-        .strip_prefix("http://")
-        .ok_or_else(|| "only http:// admin URLs are supported".to_owned())?
-        .trim_end_matches('/');
+    let (https, authority) = match (base.strip_prefix("http://"), base.strip_prefix("https://")) {
+        (Some(a), _) => (false, a),
+        (None, Some(a)) => (true, a),
+        (None, None) => return Err("not an http:// or https:// admin URL".to_owned()),
+    };
+    let authority = authority.trim_end_matches('/');
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(authority))
         .await
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+    let mut sender = if https {
+        let tls = tls.ok_or_else(|| "an https:// admin URL needs --join-ca-cert".to_owned())?;
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => h,
+            _ => authority,
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("{host}: {e}"))?;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream),
+        )
+        .await
+        .map_err(|_| "TLS handshake timed out".to_owned())?
+        .map_err(|e| format!("TLS: {e}"))?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender
+    } else {
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        sender
+    };
     let req = Request::post(path)
         .header("host", authority)
         .header("authorization", format!("Bearer {token}"))

@@ -4,11 +4,13 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::admin::AuthBackoff;
 use crate::dataplane::{IpNet, Settings};
 
 /// Exit code for a bad configuration or bad flags (EX_USAGE).
@@ -88,6 +90,22 @@ pub struct Args {
     /// This node's private key (PEM) when running your own PKI.
     #[arg(long, env = "EDGELB_NODE_KEY")]
     pub node_key: Option<PathBuf>,
+    /// Serve the admin API over TLS; without --admin-tls-cert, with the
+    /// node's cluster certificate (clients verify it with the cluster CA)
+    #[arg(long, env = "EDGELB_ADMIN_TLS")]
+    pub admin_tls: bool,
+    /// Certificate chain (PEM) the admin API presents over TLS (turns
+    /// --admin-tls on)
+    #[arg(long, env = "EDGELB_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --admin-tls-cert
+    #[arg(long, env = "EDGELB_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that verifies an https:// --join URL: the
+    /// cluster CA (a member's <data dir>/tls/ca.pem) or the CA of the
+    /// members' admin certificates [default: --ca-cert]
+    #[arg(long, env = "EDGELB_JOIN_CA_CERT")]
+    pub join_ca_cert: Option<PathBuf>,
     /// Voters the cluster keeps; further nodes stay learners [default: 5]
     #[arg(long, env = "EDGELB_MAX_VOTERS")]
     pub max_voters: Option<usize>,
@@ -123,6 +141,14 @@ struct FileConfig {
     trusted_proxies: Option<Vec<String>>,
     max_connections: Option<usize>,
     admin_max_connections: Option<usize>,
+    join_ca_cert: Option<PathBuf>,
+    admin_tls: Option<bool>,
+    admin_tls_cert: Option<PathBuf>,
+    admin_tls_key: Option<PathBuf>,
+    admin_auth_failures: Option<u32>,
+    admin_auth_window: Option<String>,
+    admin_auth_block: Option<String>,
+    admin_auth_block_max: Option<String>,
     ca_cert: Option<PathBuf>,
     node_cert: Option<PathBuf>,
     node_key: Option<PathBuf>,
@@ -135,6 +161,15 @@ struct FileConfig {
     raft_heartbeat_interval: Option<String>,
     election_timeout: Option<String>,
     node_cert_lifetime: Option<String>,
+}
+
+/// The certificate of the admin API over TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminTls {
+    /// The node's cluster certificate (`admin_tls = true` alone).
+    Node,
+    /// An operator's certificate (`admin_tls_cert`, `admin_tls_key`).
+    Files { cert: PathBuf, key: PathBuf },
 }
 
 /// A checked configuration.
@@ -150,6 +185,8 @@ pub struct Config {
     pub advertise_cluster_addr: Option<SocketAddr>,
     pub listen_ip: IpAddr,
     pub join: Option<String>,
+    /// Verifies an `https://` `join` URL (`join_ca_cert`, else `ca_cert`).
+    pub join_tls: Option<Arc<rustls::ClientConfig>>,
     pub token: Option<String>,
     /// When set, `GET /metrics` needs it (or the admin token) as a bearer
     /// token.
@@ -160,6 +197,13 @@ pub struct Config {
     /// `max_connections` was configured: it must fit the open files limit
     /// as it is (the default is lowered to fit; see [`crate::limits`]).
     pub max_connections_explicit: bool,
+    /// The back-off on wrong admin tokens per client address
+    /// (`admin_auth_failures`, `admin_auth_window`, `admin_auth_block`,
+    /// `admin_auth_block_max`).
+    pub admin_auth: AuthBackoff,
+    /// The admin API over TLS, and with which certificate; plain HTTP when
+    /// `None`.
+    pub admin_tls: Option<AdminTls>,
     pub ca_cert: Option<PathBuf>,
     pub node_cert: Option<PathBuf>,
     pub node_key: Option<PathBuf>,
@@ -192,6 +236,7 @@ impl Config {
             advertise_cluster_addr: None,
             listen_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             join: None,
+            join_tls: None,
             token: None,
             metrics_token: None,
             cluster_domain: "edgelb.local".into(),
@@ -199,6 +244,8 @@ impl Config {
             log: "info,openraft=warn".into(),
             settings: Settings::default(),
             max_connections_explicit: false,
+            admin_auth: AuthBackoff::default(),
+            admin_tls: None,
             ca_cert: None,
             node_cert: None,
             node_key: None,
@@ -259,10 +306,10 @@ impl Config {
             })?;
         }
         if let Some(v) = args.join.or(file.join) {
-            if !v.starts_with("http://") {
+            if !v.starts_with("http://") && !v.starts_with("https://") {
                 return Err(ConfigError::new(
                     "join",
-                    format!("{v:?} is not an http:// admin URL"),
+                    format!("{v:?} is not an http:// or https:// admin URL"),
                 ));
             }
             c.join = Some(v);
@@ -338,6 +385,29 @@ impl Config {
             }
             s.admin_max_connections = v;
         }
+        let a = &mut c.admin_auth;
+        if let Some(v) = file.admin_auth_failures {
+            a.failures = v;
+        }
+        set_duration(&mut a.window, "admin_auth_window", file.admin_auth_window)?;
+        set_duration(&mut a.block, "admin_auth_block", file.admin_auth_block)?;
+        set_duration(
+            &mut a.block_max,
+            "admin_auth_block_max",
+            file.admin_auth_block_max,
+        )?;
+        if a.block > a.block_max {
+            return Err(ConfigError::new(
+                "admin_auth_block",
+                "must not exceed admin_auth_block_max",
+            ));
+        }
+        c.admin_tls = admin_tls(
+            args.admin_tls || file.admin_tls.unwrap_or(false),
+            file.admin_tls == Some(false) && !args.admin_tls,
+            args.admin_tls_cert.or(file.admin_tls_cert),
+            args.admin_tls_key.or(file.admin_tls_key),
+        )?;
         c.ca_cert = args.ca_cert.or(file.ca_cert);
         c.node_cert = args.node_cert.or(file.node_cert);
         c.node_key = args.node_key.or(file.node_key);
@@ -351,6 +421,24 @@ impl Config {
                 "ca_cert",
                 "--ca-cert, --node-cert and --node-key go together",
             ));
+        }
+        let join_ca = args
+            .join_ca_cert
+            .or(file.join_ca_cert)
+            .map(|p| ("join_ca_cert", p))
+            .or_else(|| c.ca_cert.clone().map(|p| ("ca_cert", p)));
+        if c.join.as_deref().is_some_and(|j| j.starts_with("https://")) {
+            let Some((field, path)) = join_ca else {
+                return Err(ConfigError::new(
+                    "join_ca_cert",
+                    "an https:// --join needs the CA that verifies it: --join-ca-cert (the cluster CA is a member's <data dir>/tls/ca.pem) or --ca-cert",
+                ));
+            };
+            let pem = std::fs::read(&path)
+                .map_err(|e| ConfigError::new(field, format!("{}: {e}", path.display())))?;
+            let tls = crate::admin::client_config(&pem)
+                .map_err(|e| ConfigError::new(field, format!("{}: {e}", path.display())))?;
+            c.join_tls = Some(tls);
         }
         if let Some(v) = args.max_voters.or(file.max_voters) {
             if !(1..=9).contains(&v) {
@@ -439,6 +527,51 @@ impl Config {
             ));
         }
         Ok(c)
+    }
+}
+
+/// `admin_tls` from the switch (`on`, or `off` when set to false) and the
+/// files, which are read and parsed here so that a bad pair stops the
+/// start before any port is bound.
+fn admin_tls(
+    on: bool,
+    off: bool,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<AdminTls>, ConfigError> {
+    match (cert, key) {
+        (None, None) => Ok(on.then_some(AdminTls::Node)),
+        (Some(cert), Some(key)) => {
+            if off {
+                return Err(ConfigError::new(
+                    "admin_tls",
+                    "is false but admin_tls_cert and admin_tls_key are set",
+                ));
+            }
+            let read = |field: &str, p: &Path| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::new(field, format!("{}: {e}", p.display())))
+            };
+            let (c, k) = (read("admin_tls_cert", &cert)?, read("admin_tls_key", &key)?);
+            let pair = crate::tls::certified_key(&c, &k).map_err(|e| {
+                let field = match e {
+                    crate::tls::TlsError::Key(_) => "admin_tls_key",
+                    _ => "admin_tls_cert",
+                };
+                ConfigError::new(field, e.to_string())
+            })?;
+            pair.keys_match().map_err(|e| {
+                ConfigError::new(
+                    "admin_tls_key",
+                    format!("{}: not the key of {} ({e})", key.display(), cert.display()),
+                )
+            })?;
+            Ok(Some(AdminTls::Files { cert, key }))
+        }
+        (Some(_), None) | (None, Some(_)) => Err(ConfigError::new(
+            "admin_tls_cert",
+            "--admin-tls-cert and --admin-tls-key go together",
+        )),
     }
 }
 

@@ -9,6 +9,11 @@
 //!                 ─▶ Transport::reload_tls
 //! ```
 //!
+//! `edgelb_node_cert_expiration_timestamp_seconds` (gauge) is the
+//! not-after time, in Unix seconds, of the certificate in use: an alert on
+//! `… - time() < 7 * 86400` catches a renewal that keeps failing or own-PKI
+//! files nobody replaced.
+//!
 //! Every member holds the cluster CA in its replicated state, so a node
 //! renews its own certificate without asking anyone, even cut off from the
 //! others. New handshakes (both directions) use the new certificate; open
@@ -20,10 +25,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::{IntGauge, Registry};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::admin::AdminCert;
 use crate::cluster::pki::{self, CaBundle};
 use crate::cluster::{NodeTls, Transport};
 use crate::config::Config;
@@ -54,6 +61,11 @@ pub(crate) struct Renewal {
     transport: Arc<Transport>,
     /// The credentials the transport uses now.
     current: NodeTls,
+    /// The admin API's certificate when it is the node's (`admin_tls`
+    /// without files): renewed with it.
+    admin: Option<Arc<AdminCert>>,
+    /// `edgelb_node_cert_expiration_timestamp_seconds`.
+    expiry: Option<IntGauge>,
 }
 
 impl Renewal {
@@ -80,7 +92,37 @@ impl Renewal {
             store,
             transport,
             current: tls,
+            admin: None,
+            expiry: None,
         }
+    }
+
+    /// Shows the expiry of the certificate in use in `registry`.
+    pub(crate) fn metrics(mut self, registry: &Registry) -> Self {
+        let gauge = IntGauge::new(
+            "edgelb_node_cert_expiration_timestamp_seconds",
+            "When the node certificate in use expires (not after), in Unix seconds.",
+        );
+        match gauge.and_then(|g| registry.register(Box::new(g.clone())).map(|()| g)) {
+            Ok(g) => {
+                self.expiry = Some(g);
+                self.show_expiry();
+            }
+            Err(e) => warn!(error = %e, "certificate expiry series not registered"),
+        }
+        self
+    }
+
+    fn show_expiry(&self) {
+        if let (Some(g), Ok(t)) = (&self.expiry, pki::not_after(&self.current.cert_pem)) {
+            g.set(t.unix_timestamp());
+        }
+    }
+
+    /// Renews the admin API's certificate `admin` with the node's.
+    pub(crate) fn admin_cert(mut self, admin: Option<Arc<AdminCert>>) -> Self {
+        self.admin = admin;
+        self
     }
 
     /// How often the certificate is checked.
@@ -139,7 +181,13 @@ impl Renewal {
             Ok(()) => {
                 let not_after = pki::not_after(&tls.cert_pem).ok();
                 info!(node_id = self.node_id, not_after = ?not_after, "node certificate in use from now on");
+                if let Some(admin) = &self.admin
+                    && let Err(e) = admin.set(&tls.cert_pem, &tls.key_pem)
+                {
+                    warn!(error = %e, "admin API keeps its certificate");
+                }
                 self.current = tls;
+                self.show_expiry();
             }
             Err(e) => warn!(error = %e, "new node certificate refused; keeping the current one"),
         }

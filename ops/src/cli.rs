@@ -38,6 +38,10 @@ pub struct Global {
     /// or $EDGELB_DATA_DIR/token]
     #[arg(long, global = true, env = "EDGELB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) that verifies an https:// --api: the cluster CA
+    /// (<data dir>/tls/ca.pem) or the CA of the operator's certificate
+    #[arg(long, global = true, env = "EDGELB_CACERT", value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
     /// Output format of commands that list [default: table for lists, list for
     /// one item]
     #[arg(short = 'o', long = "output", global = true, value_enum)]

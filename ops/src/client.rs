@@ -1,14 +1,18 @@
-//! A small HTTP/1.1 client of the admin API (plain `http://` URLs): one
-//! connection per request, the bearer token, the JSON envelope unwrapped.
+//! A small HTTP/1.1 client of the admin API (`http://`, or `https://` with
+//! `--cacert`, see [`crate::tls`]): one connection per request, the bearer
+//! token, the JSON envelope unwrapped.
 //!
 //! ```text
 //!  ApiUrl::parse(--api) ─▶ Client::get/post/delete(path)
-//!      ─▶ TCP connect (5 s) ─▶ request ─▶ 2xx: envelope.data
+//!      ─▶ TCP connect (5 s) [─▶ TLS handshake] ─▶ request ─▶ 2xx: envelope.data
 //!                                      └▶ 4xx/5xx: Failure::Api{status, envelope.message}
 //!      connect error ─▶ Failure::Connect{url, "connection refused"}
+//!      TLS failure   ─▶ Failure::Tls{url, "its certificate is not signed by …"}
 //! ```
 
 use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +22,11 @@ use hyper_util::rt::TokioIo;
 use raft_store::api::ErrorBody;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::error::{Failure, Outcome};
 
@@ -28,30 +36,28 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// fail with 503; membership changes may take longer).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A parsed `--api` URL: `http://HOST[:PORT][/PREFIX]`.
+/// A parsed `--api` URL: `http[s]://HOST[:PORT][/PREFIX]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiUrl {
+    /// `https://`.
+    tls: bool,
     host: String,
     port: u16,
     prefix: String,
-    /// As shown in messages: `http://host:port[/prefix]`.
+    /// As shown in messages: `http[s]://host:port[/prefix]`.
     display: String,
 }
 
 impl ApiUrl {
     /// Parses an admin URL; a missing scheme means `http://`, a missing
-    /// port 80. `https://` is refused: the admin API speaks plain HTTP.
+    /// port 80 (443 with `https://`).
     pub fn parse(url: &str) -> Outcome<Self> {
         let bad = |why: &str| Failure::usage(format!("--api {url:?} {why}"));
-        let rest = match url.split_once("://") {
-            Some(("http", rest)) => rest,
-            Some(("https", _)) => {
-                return Err(bad(
-                    "uses https, but the admin API speaks plain http:// (reach it through a tunnel or a TLS proxy)",
-                ));
-            }
-            Some(_) => return Err(bad("is not an http:// URL")),
-            None => url,
+        let (tls, rest) = match url.split_once("://") {
+            Some(("http", rest)) => (false, rest),
+            Some(("https", rest)) => (true, rest),
+            Some(_) => return Err(bad("is not an http:// or https:// URL")),
+            None => (false, url),
         };
         let (authority, prefix) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
@@ -76,6 +82,7 @@ impl ApiUrl {
             return Err(bad("has no host"));
         }
         let port = match port {
+            None if tls => 443,
             None => 80,
             Some(p) => p
                 .parse::<u16>()
@@ -88,12 +95,19 @@ impl ApiUrl {
         } else {
             host.to_owned()
         };
+        let scheme = if tls { "https" } else { "http" };
         Ok(Self {
-            display: format!("http://{shown_host}:{port}{prefix}"),
+            display: format!("{scheme}://{shown_host}:{port}{prefix}"),
+            tls,
             host: host.to_owned(),
             port,
             prefix: prefix.to_owned(),
         })
+    }
+
+    /// Whether the URL is `https://`.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     fn authority(&self) -> String {
@@ -116,6 +130,8 @@ impl std::fmt::Display for ApiUrl {
 pub struct Client {
     url: ApiUrl,
     token: Option<String>,
+    /// For `https://`: the config and the `--cacert` it trusts.
+    tls: Option<(Arc<ClientConfig>, PathBuf)>,
 }
 
 /// A raw answer: status and body.
@@ -130,7 +146,17 @@ pub struct Answer {
 impl Client {
     /// A client of `url` presenting `token` (none: no `Authorization`).
     pub fn new(url: ApiUrl, token: Option<String>) -> Self {
-        Self { url, token }
+        Self {
+            url,
+            token,
+            tls: None,
+        }
+    }
+
+    /// Speaks TLS with `config`, which trusts the CA in `cacert`.
+    pub fn with_tls(mut self, config: Arc<ClientConfig>, cacert: PathBuf) -> Self {
+        self.tls = Some((config, cacert));
+        self
     }
 
     /// The admin URL.
@@ -204,6 +230,42 @@ impl Client {
         .map_err(|_| connect_failure(format!("no connection within {CONNECT_TIMEOUT:?}")))?
         .map_err(|e| connect_failure(io_reason(&e)))?;
         let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => self.exchange(stream, method, path, body).await,
+            Some((config, cacert)) => {
+                let tls_failure = |reason: String| Failure::Tls {
+                    url: self.url.to_string(),
+                    reason,
+                };
+                let name = ServerName::try_from(self.url.host.clone())
+                    .map_err(|e| Failure::usage(format!("--api {}: {e}", self.url)))?;
+                let stream = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    TlsConnector::from(config.clone()).connect(name, stream),
+                )
+                .await
+                .map_err(|_| tls_failure(format!("no TLS handshake within {CONNECT_TIMEOUT:?}")))?
+                .map_err(|e| tls_failure(crate::tls::reason(&e, cacert, &self.url.host)))?;
+                self.exchange(stream, method, path, body).await
+            }
+        }
+    }
+
+    /// One request on a connected `stream`.
+    async fn exchange<S>(
+        &self,
+        stream: S,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Outcome<Answer>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let connect_failure = |reason: String| Failure::Connect {
+            url: self.url.to_string(),
+            reason,
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| connect_failure(e.to_string()))?;
@@ -226,10 +288,14 @@ impl Client {
             .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| Failure::usage(format!("building the request for {path}: {e}")))?;
         let work = async {
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| connect_failure(format!("the connection failed: {e}")))?;
+            let resp = sender.send_request(req).await.map_err(|e| {
+                let hint = if self.url.tls {
+                    ""
+                } else {
+                    " (if the admin API serves TLS, use https:// and --cacert)"
+                };
+                connect_failure(format!("the connection failed: {e}{hint}"))
+            })?;
             let status = resp.status().as_u16();
             let body = resp
                 .into_body()
@@ -307,8 +373,10 @@ mod tests {
         assert_eq!(u.prefix, "/edge");
         let u = ApiUrl::parse("http://lb.example").unwrap();
         assert_eq!(u.port, 80);
+        let u = ApiUrl::parse("https://127.0.0.1").unwrap();
+        assert!(u.is_tls());
+        assert_eq!(u.to_string(), "https://127.0.0.1:443");
         for bad in [
-            "https://x:1",
             "ftp://x",
             "http://:7070",
             "http://x:0",

@@ -6,7 +6,7 @@
 //! | 0 | ok |
 //! | 1 | the admin API answered with an error (4xx/5xx) |
 //! | 2 | usage error: bad flags (clap), a bad port spec, a missing token |
-//! | 3 | cannot connect to the admin API |
+//! | 3 | cannot connect to the admin API, or its TLS certificate is refused |
 //! | 4 | local error: files, certificates, starting local nodes |
 
 use std::fmt;
@@ -15,7 +15,7 @@ use std::fmt;
 pub const EXIT_API: u8 = 1;
 /// Exit code: bad usage (clap exits with the same code).
 pub const EXIT_USAGE: u8 = 2;
-/// Exit code: the admin API could not be reached.
+/// Exit code: the admin API could not be reached (or not over TLS).
 pub const EXIT_CONNECT: u8 = 3;
 /// Exit code: a local error (files, certificates, processes).
 pub const EXIT_LOCAL: u8 = 4;
@@ -26,7 +26,7 @@ Exit codes:
   0  ok
   1  the admin API answered with an error (4xx/5xx)
   2  usage error (bad flags, bad port spec, no token)
-  3  cannot connect to the admin API
+  3  cannot connect to the admin API (also: its TLS certificate is refused)
   4  local error (files, certificates, local cluster)";
 
 /// A failed command. `Display` is the one line printed after `edgectl: `.
@@ -48,6 +48,14 @@ pub enum Failure {
         /// Why, in a few words (`connection refused`).
         reason: String,
     },
+    /// TLS with the admin API at `url` failed: its certificate was refused
+    /// (`--cacert`) or it does not speak TLS.
+    Tls {
+        /// The admin URL tried.
+        url: String,
+        /// Why, in a few words.
+        reason: String,
+    },
     /// Files, certificates, processes.
     Local(String),
     /// Several failures of one command (`service rm a b`), one line each;
@@ -61,7 +69,7 @@ impl Failure {
         match self {
             Self::Api { .. } => EXIT_API,
             Self::Usage(_) => EXIT_USAGE,
-            Self::Connect { .. } => EXIT_CONNECT,
+            Self::Connect { .. } | Self::Tls { .. } => EXIT_CONNECT,
             Self::Local(_) => EXIT_LOCAL,
             Self::Many(all) => all.first().map_or(EXIT_API, Self::exit_code),
         }
@@ -95,6 +103,9 @@ impl fmt::Display for Failure {
                 f,
                 "cannot reach the admin API at {url}: {reason} (is edgelb running? set --api or EDGELB_API)"
             ),
+            Self::Tls { url, reason } => {
+                write!(f, "no TLS connection to the admin API at {url}: {reason}")
+            }
             Self::Many(_) => f.write_str(&self.lines().join("; ")),
         }
     }

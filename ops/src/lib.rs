@@ -24,6 +24,7 @@ pub mod error;
 pub mod local;
 pub mod output;
 pub mod services;
+pub mod tls;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -66,11 +67,29 @@ impl Ctx {
     /// A client of `--api` with the admin token.
     pub fn client(&self) -> Outcome<Client> {
         let url = ApiUrl::parse(&self.global.api)?;
+        let tls = match (&self.global.cacert, url.is_tls()) {
+            (Some(ca), true) => Some(tls::client_config(ca)?),
+            (None, true) => {
+                return Err(Failure::usage(format!(
+                    "--api {url} is https: pass the CA that signed its certificate with --cacert (the cluster CA is <data dir>/tls/ca.pem)"
+                )));
+            }
+            (Some(_), false) => {
+                return Err(Failure::usage(format!(
+                    "--cacert needs an https:// --api URL, not {url}"
+                )));
+            }
+            (None, false) => None,
+        };
         let token = match &self.global.token {
             Some(t) => t.clone(),
             None => token_from_file()?,
         };
-        Ok(Client::new(url, Some(token)))
+        let client = Client::new(url, Some(token));
+        Ok(match (tls, &self.global.cacert) {
+            (Some(config), Some(ca)) => client.with_tls(config, ca.clone()),
+            _ => client,
+        })
     }
 }
 

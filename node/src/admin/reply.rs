@@ -1,7 +1,7 @@
 //! Responses: the JSON envelope, plain text, and [`ApiError`].
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::{Either, Full};
 use raft_store::api;
@@ -41,6 +41,8 @@ pub(crate) struct ApiError {
     message: String,
     /// `Allow` for 405.
     allow: Option<&'static str>,
+    /// `Retry-After` (seconds) for 429.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -49,6 +51,7 @@ impl ApiError {
             status,
             message: message.into(),
             allow: None,
+            retry_after: None,
         }
     }
 
@@ -81,6 +84,19 @@ impl ApiError {
         )
     }
 
+    /// 429 for an address blocked after repeated wrong tokens, for `left`
+    /// more (rounded up to whole seconds in `Retry-After`).
+    pub(crate) fn blocked(left: std::time::Duration) -> Self {
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        Self {
+            retry_after: Some(secs),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("too many wrong admin tokens from this address; retry in {secs} s"),
+            )
+        }
+    }
+
     /// 413.
     pub(crate) fn too_large(limit: usize) -> Self {
         Self::new(
@@ -99,6 +115,11 @@ impl ApiError {
             reply
                 .headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        if let Some(secs) = self.retry_after {
+            reply
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             reply

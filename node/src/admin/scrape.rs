@@ -32,6 +32,7 @@ const AHEAD: usize = 4;
 
 pub(super) fn metrics(admin: &Admin, headers: &HeaderMap) -> Reply {
     admin.metrics.set_cluster(&admin.store.status());
+    admin.guard.set_gauges();
     admin
         .metrics
         .gossip

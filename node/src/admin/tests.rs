@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Admin, serve};
+use super::{Admin, AuthBackoff, serve};
 use crate::dataplane::{DataPlane, Settings};
 use crate::gossip::Gossip;
 use crate::metrics::Metrics;
@@ -81,6 +81,11 @@ impl Server {
 
     /// A server whose `/metrics` needs `metrics_token`, when given.
     async fn start_with(metrics_token: Option<&str>) -> Self {
+        Self::start_backoff(metrics_token, AuthBackoff::default()).await
+    }
+
+    /// [`Server::start_with`] with the token back-off `backoff`.
+    async fn start_backoff(metrics_token: Option<&str>, backoff: AuthBackoff) -> Self {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir =
@@ -97,6 +102,7 @@ impl Server {
             dataplane.clone(),
             metrics.clone(),
         ));
+        let guard = Admin::auth_guard(backoff, &metrics);
         let admin = Arc::new(Admin {
             store: Arc::new(store),
             dataplane,
@@ -107,6 +113,8 @@ impl Server {
             cluster_domain: "edgelb.local".to_owned(),
             ready: Arc::new(AtomicBool::new(false)),
             node_cert_lifetime: crate::cluster::pki::DEFAULT_NODE_LIFETIME,
+            guard,
+            tls: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
@@ -141,7 +149,27 @@ impl Server {
         token: Option<&str>,
         body: Option<String>,
     ) -> Answer {
-        let stream = TcpStream::connect(self.addr).await.expect("connect");
+        self.request_from(None, method, path, token, body).await
+    }
+
+    /// [`Server::request`] from the loopback address `from` (any when
+    /// `None`).
+    async fn request_from(
+        &self,
+        from: Option<std::net::IpAddr>,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> Answer {
+        let stream = match from {
+            None => TcpStream::connect(self.addr).await.expect("connect"),
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                socket.bind(SocketAddr::new(ip, 0)).expect("bind source");
+                socket.connect(self.addr).await.expect("connect")
+            }
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .expect("handshake");

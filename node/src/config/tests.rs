@@ -202,3 +202,94 @@ fn client_timeouts_and_trusted_proxies() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn admin_auth_backoff() {
+    let dir = std::env::temp_dir().join(format!("edgelb-config-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("c.toml");
+    let c = load(&[]).unwrap();
+    assert_eq!(c.admin_auth, AuthBackoff::default());
+    assert_eq!(c.admin_auth.failures, 10);
+    std::fs::write(
+        &path,
+        "admin_auth_failures = 3\nadmin_auth_window = \"10s\"\nadmin_auth_block = \"2s\"\nadmin_auth_block_max = \"1m\"\n",
+    )
+    .unwrap();
+    let c = load(&["--config", path.to_str().unwrap()]).unwrap();
+    assert_eq!(c.admin_auth.failures, 3);
+    assert_eq!(c.admin_auth.window, Duration::from_secs(10));
+    assert_eq!(c.admin_auth.block, Duration::from_secs(2));
+    assert_eq!(c.admin_auth.block_max, Duration::from_secs(60));
+    for (text, field) in [
+        ("admin_auth_failures = -1\n", "admin_auth_failures"),
+        ("admin_auth_window = \"0s\"\n", "admin_auth_window"),
+        ("admin_auth_block = \"1h\"\n", "admin_auth_block"),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert_eq!(err.field, field, "{text}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn admin_tls_keys() {
+    let dir = std::env::temp_dir().join(format!("edgelb-config-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    assert_eq!(load(&[]).unwrap().admin_tls, None);
+    assert_eq!(
+        load(&["--admin-tls"]).unwrap().admin_tls,
+        Some(AdminTls::Node)
+    );
+    let one = rcgen::generate_simple_self_signed(vec!["admin.example".to_owned()]).unwrap();
+    let two = rcgen::generate_simple_self_signed(vec!["admin.example".to_owned()]).unwrap();
+    let cert = dir.join("admin.pem");
+    let key = dir.join("admin.key");
+    let other_key = dir.join("other.key");
+    std::fs::write(&cert, one.cert.pem()).unwrap();
+    std::fs::write(&key, one.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&other_key, two.key_pair.serialize_pem()).unwrap();
+    let (c, k, o) = (
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        other_key.to_str().unwrap(),
+    );
+    assert_eq!(
+        load(&["--admin-tls-cert", c, "--admin-tls-key", k])
+            .unwrap()
+            .admin_tls,
+        Some(AdminTls::Files {
+            cert: cert.clone(),
+            key: key.clone()
+        })
+    );
+    let field = |args: &[&str]| load(args).unwrap_err().field;
+    assert_eq!(field(&["--admin-tls-cert", c]), "admin_tls_cert");
+    assert_eq!(
+        field(&["--admin-tls-cert", c, "--admin-tls-key", o]),
+        "admin_tls_key"
+    );
+    assert_eq!(
+        field(&["--admin-tls-cert", k, "--admin-tls-key", k]),
+        "admin_tls_cert"
+    );
+    let missing = dir.join("missing.pem");
+    assert_eq!(
+        field(&[
+            "--admin-tls-cert",
+            missing.to_str().unwrap(),
+            "--admin-tls-key",
+            k
+        ]),
+        "admin_tls_cert"
+    );
+    let toml = dir.join("c.toml");
+    std::fs::write(
+        &toml,
+        format!("admin_tls = false\nadmin_tls_cert = {c:?}\nadmin_tls_key = {k:?}\n"),
+    )
+    .unwrap();
+    assert_eq!(field(&["--config", toml.to_str().unwrap()]), "admin_tls");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -8,6 +8,8 @@
 //! - `certs`: `certs init` and `certs node` make a working own-PKI cluster.
 //! - `local`: `cluster local --nodes 3` with the real `edgelb` binary; a
 //!   killed node leaves the others running and `start-node` brings it back.
+//! - `tls`: `--cacert` against a node serving the admin API over TLS, with
+//!   its cluster certificate or an operator's; a wrong CA exits 3.
 //! - `deploy`: the deployment kit (configs, systemd unit, Prometheus,
 //!   Grafana) against the node's loader, `systemd-analyze`, `promtool` and
 //!   a live `/metrics`.
@@ -19,3 +21,4 @@ mod errors;
 mod local;
 mod services;
 mod support;
+mod tls;

@@ -130,6 +130,16 @@ impl Node {
         })
     }
 
+    /// The node's data directory.
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
+    /// `https://IP:PORT` of the admin API (when it serves TLS).
+    pub(crate) fn https_url(&self) -> String {
+        self.url.replacen("http://", "https://", 1)
+    }
+
     /// Graceful shutdown.
     pub(crate) async fn stop(mut self) {
         if let Some(h) = self.handle.take() {

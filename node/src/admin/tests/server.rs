@@ -1,11 +1,13 @@
 //! Auth, probes, routing, size limits.
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
 use serde_json::json;
 
-use super::{Server, TOKEN};
+use super::{AuthBackoff, Server, TOKEN};
 
 #[tokio::test]
 async fn v1_needs_the_token_and_probes_do_not() {
@@ -168,5 +170,90 @@ async fn cluster_routes_show_and_guard_the_membership() {
     // Still one healthy voter afterwards.
     let c = s.get("/v1/cluster").await.data()["cluster"].clone();
     assert_eq!(c["nodes"].as_array().map(Vec::len), Some(1), "{c}");
+    s.stop().await;
+}
+
+/// Repeated wrong tokens from one address are answered 429 with
+/// `Retry-After`, whatever the token, while other addresses and the probes
+/// are unaffected; the block ends and a right token clears the record.
+#[tokio::test]
+async fn repeated_wrong_tokens_block_that_address_only() {
+    let backoff = AuthBackoff {
+        failures: 3,
+        window: Duration::from_secs(60),
+        block: Duration::from_secs(2),
+        block_max: Duration::from_secs(60),
+    };
+    let s = Server::start_backoff(Some("metrics-0123456789abcdef"), backoff).await;
+    let guesser: IpAddr = "127.0.0.2".parse().unwrap();
+    let other: IpAddr = "127.0.0.3".parse().unwrap();
+    let get = |from, path, token| s.request_from(Some(from), Method::GET, path, token, None);
+    // No token at all is not a guess: never counted.
+    for _ in 0..5 {
+        get(guesser, "/v1/services", None).await.assert_error(401);
+    }
+    for guess in ["guess-1", "guess-2"] {
+        get(guesser, "/v1/services", Some(guess))
+            .await
+            .assert_error(401);
+    }
+    // /metrics guesses count too; this third one starts the block.
+    let started = Instant::now();
+    get(guesser, "/metrics", Some("guess-3"))
+        .await
+        .assert_error(401);
+    let blocked = get(guesser, "/v1/services", Some(TOKEN)).await;
+    let message = blocked.assert_error(429);
+    assert!(message.contains("retry in"), "{message}");
+    let retry: u64 = blocked.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After: {retry}");
+    get(guesser, "/metrics", Some("metrics-0123456789abcdef"))
+        .await
+        .assert_error(429);
+    assert_eq!(get(guesser, "/healthz", None).await.status, StatusCode::OK);
+    // Another address with the right token is served.
+    get(other, "/v1/services", Some(TOKEN)).await.data();
+    get(other, "/v1/services", Some("guess-4"))
+        .await
+        .assert_error(401);
+    let m = get(other, "/metrics", Some(TOKEN)).await;
+    assert!(
+        m.body.contains("edgelb_admin_auth_failures_total 4"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body.contains("edgelb_admin_auth_blocked_addresses 1"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("edgelb_admin_requests_total{code=\"429\"} 2"),
+        "{}",
+        m.body
+    );
+    // After the block the right token is served, and clears the record.
+    let deadline = started + Duration::from_secs(10);
+    loop {
+        let a = get(guesser, "/v1/services", Some(TOKEN)).await;
+        if a.status == StatusCode::OK {
+            break;
+        }
+        a.assert_error(429);
+        assert!(Instant::now() < deadline, "still blocked after 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    for guess in ["guess-5", "guess-6"] {
+        get(guesser, "/v1/services", Some(guess))
+            .await
+            .assert_error(401);
+    }
+    get(guesser, "/v1/services", Some(TOKEN)).await.data();
     s.stop().await;
 }

@@ -1,0 +1,176 @@
+//! The admin API over TLS: `edgectl --cacert` verifies the node's cluster
+//! certificate (with the cluster CA) or an operator's certificate (with its
+//! CA); a wrong CA, a missing `--cacert` and plain HTTP to a TLS port fail
+//! with one clear line and their exit codes.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use edgelb::config::AdminTls;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+
+use crate::support::{Net, Node, TOKEN, TempDir, edgectl, edgectl_env};
+
+/// Writes a new CA to `dir/ca.pem` and a server certificate for `ip`
+/// signed by it to `dir/admin.pem`, `dir/admin.key`.
+fn operator_pki(dir: &Path, ip: IpAddr) -> anyhow::Result<()> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::new(vec!["admin.example".to_owned()])?;
+    leaf.subject_alt_names.push(SanType::IpAddress(ip));
+    let cert = leaf.signed_by(&key, &ca_cert, &ca_key)?;
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
+    std::fs::write(dir.join("admin.pem"), cert.pem())?;
+    std::fs::write(dir.join("admin.key"), key.serialize_pem())?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edgectl_verifies_the_node_certificate_with_the_cluster_ca() -> anyhow::Result<()> {
+    let net = Net::allocate();
+    let node = Node::start_with(net.ip(1), |c| c.admin_tls = Some(AdminTls::Node)).await?;
+    let api = node.https_url();
+    let ca = node.data_dir().join("tls/ca.pem");
+    let ca = ca.to_string_lossy();
+
+    let run = edgectl(&[
+        "--api", &api, "--cacert", &ca, "--token", TOKEN, "cluster", "status",
+    ])
+    .await?
+    .ok()?;
+    assert!(run.stdout.contains("leader"), "{}", run.stdout);
+    // The environment variable works as the flag does.
+    edgectl_env(
+        &["--api", &api, "--token", TOKEN, "service", "ls"],
+        &[("EDGELB_CACERT", &ca)],
+    )
+    .await?
+    .ok()?;
+
+    // /metrics over TLS, with the expiry of the node certificate in use.
+    let client = ops::client::Client::new(ops::client::ApiUrl::parse(&api)?, None).with_tls(
+        ops::tls::client_config(Path::new(ca.as_ref()))?,
+        ca.as_ref().into(),
+    );
+    let metrics = client.request(http::Method::GET, "/metrics", None).await?;
+    assert_eq!(metrics.status, 200);
+    let text = String::from_utf8_lossy(&metrics.body);
+    let expiry: i64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("edgelb_node_cert_expiration_timestamp_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no expiry series in:\n{text}"))?;
+    let left = expiry - time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        (89 * 86_400..=90 * 86_400).contains(&left),
+        "the node certificate expires in {left} s"
+    );
+
+    // Another cluster's CA: exit 3, naming the file.
+    let other = TempDir::new("other-ca");
+    let other_s = other.path().to_string_lossy().into_owned();
+    edgectl(&["certs", "init", "--out", &other_s]).await?.ok()?;
+    let wrong = other.path().join("ca.pem");
+    let wrong = wrong.to_string_lossy();
+    let line = edgectl(&[
+        "--api", &api, "--cacert", &wrong, "--token", TOKEN, "service", "ls",
+    ])
+    .await?
+    .fails(3, "is not signed by the CA in --cacert");
+    assert!(line.contains(wrong.as_ref()), "{line}");
+    assert!(line.contains(&api), "{line}");
+
+    // https without --cacert, and --cacert with http: usage errors.
+    edgectl(&["--api", &api, "--token", TOKEN, "service", "ls"])
+        .await?
+        .fails(2, "--cacert");
+    edgectl(&[
+        "--api", &node.url, "--cacert", &ca, "--token", TOKEN, "service", "ls",
+    ])
+    .await?
+    .fails(2, "needs an https:// --api URL");
+    // Plain HTTP to the TLS port: no answer, and a hint.
+    edgectl(&["--api", &node.url, "--token", TOKEN, "service", "ls"])
+        .await?
+        .fails(3, "use https:// and --cacert");
+
+    // A node joins through the TLS admin API, verified with the cluster CA.
+    let ca_pem = std::fs::read(node.data_dir().join("tls/ca.pem"))?;
+    let join_tls = edgelb::admin::client_config(&ca_pem)?;
+    let joiner = Node::start_with(net.ip(2), |c| {
+        c.node_id = 2;
+        c.join = Some(api.clone());
+        c.join_tls = Some(join_tls);
+        c.admin_tls = Some(AdminTls::Node);
+    })
+    .await?;
+    let status = edgectl(&[
+        "--api",
+        &joiner.https_url(),
+        "--cacert",
+        &ca,
+        "--token",
+        TOKEN,
+        "cluster",
+        "status",
+        "-o",
+        "json",
+    ])
+    .await?
+    .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&status.stdout)?;
+    assert_eq!(
+        v["cluster"]["nodes"].as_array().map(Vec::len),
+        Some(2),
+        "{v}"
+    );
+    joiner.stop().await;
+    node.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edgectl_verifies_an_operator_certificate_by_address() -> anyhow::Result<()> {
+    let net = Net::allocate();
+    let ip = net.ip(1);
+    let pki = TempDir::new("operator-pki");
+    operator_pki(pki.path(), IpAddr::V4(ip))?;
+    let (cert, key) = (pki.path().join("admin.pem"), pki.path().join("admin.key"));
+    let node = Node::start_with(ip, |c| {
+        c.admin_tls = Some(AdminTls::Files { cert, key });
+    })
+    .await?;
+    let api = node.https_url();
+    let ca = pki.path().join("ca.pem");
+    edgectl(&[
+        "--api",
+        &api,
+        "--cacert",
+        &ca.to_string_lossy(),
+        "--token",
+        TOKEN,
+        "service",
+        "ls",
+    ])
+    .await?
+    .ok()?;
+    // The cluster CA did not sign the operator's certificate.
+    let cluster_ca = node.data_dir().join("tls/ca.pem");
+    edgectl(&[
+        "--api",
+        &api,
+        "--cacert",
+        &cluster_ca.to_string_lossy(),
+        "--token",
+        TOKEN,
+        "service",
+        "ls",
+    ])
+    .await?
+    .fails(3, "is not signed by the CA in --cacert");
+    node.stop().await;
+    Ok(())
+}
