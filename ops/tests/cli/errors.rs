@@ -154,7 +154,7 @@ async fn usage_errors_exit_2() -> anyhow::Result<()> {
         "{line}"
     );
 
-    // An https admin URL.
+    // An https admin URL without the CA to verify it.
     edgectl(&[
         "--api",
         "https://127.0.0.1:7070",
@@ -164,7 +164,7 @@ async fn usage_errors_exit_2() -> anyhow::Result<()> {
         "ls",
     ])
     .await?
-    .fails(2, "plain http://");
+    .fails(2, "pass the CA that signed its certificate with --cacert");
 
     // clap's own usage errors exit 2 too (its format, several lines).
     let run = edgectl(&["service", "create"]).await?;
