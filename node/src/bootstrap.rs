@@ -23,6 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
+use hyper::client::conn::http1::SendRequest;
 use raft_store::types::ClusterNode;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
@@ -296,10 +297,9 @@ async fn join(config: &Config, url: &str, token: &str) -> Result<NodeTls, Bootst
         csr: Some(csr),
     };
     // The member may be starting too: retry for a while.
-    let tls = config.join_tls.as_ref();
     post_add_node(
         url,
-        tls,
+        config.join_tls.as_ref(),
         token,
         &body,
         30,
@@ -332,10 +332,9 @@ pub async fn add_self(
         region: config.region.clone(),
         csr: None,
     };
-    let tls = config.join_tls.as_ref();
     post_add_node(
         url,
-        tls,
+        config.join_tls.as_ref(),
         token,
         &body,
         60,
@@ -423,19 +422,9 @@ pub(crate) async fn post(
         .await
         .map_err(|_| "TLS handshake timed out".to_owned())?
         .map_err(|e| format!("TLS: {e}"))?;
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        sender
+        handshake(stream).await?
     } else {
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        sender
+        handshake(stream).await?
     };
     let req = Request::post(path)
         .header("host", authority)
@@ -457,6 +446,19 @@ pub(crate) async fn post(
     tokio::time::timeout(Duration::from_secs(15), work)
         .await
         .map_err(|_| "request timed out".to_owned())?
+}
+
+/// HTTP/1.1 on `stream`, its connection driven by a task of its own.
+async fn handshake<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 #[cfg(test)]

@@ -201,6 +201,13 @@ async fn a_removed_node_cannot_write_and_raft_ids_must_match_the_certificate() -
             reply_text(&outcome)
         );
     }
+    // Nor does it get to campaign: its pre-vote is refused, not weighed.
+    let outcome = ask(removed, "pre_vote", &json!({"last_log_id": null})).await?;
+    assert!(
+        refused(&outcome),
+        "the leader weighed a pre-vote from removed node {removed}: {}",
+        reply_text(&outcome)
+    );
 
     // A current member speaking for another node: a vote request for
     // candidate 9 and an append as leader 9, both with a term that would

@@ -9,7 +9,11 @@
 //! - forwarded writes, membership changes and linearizable reads come only
 //!   from current members (voters or learners) of this node's membership;
 //! - a Raft message speaks only for its sender: the leader id of an append
-//!   or snapshot chunk, and the candidate of a vote, must be `from`.
+//!   or snapshot chunk, and the candidate of a vote, must be `from`;
+//! - a pre-vote (whose candidate is `from` itself) comes only from a voter
+//!   of this node's membership: a granted one binds the voter for a while
+//!   (`election::Campaign::promise`), which a removed node or a learner
+//!   must not be able to make it do.
 //!
 //! Appends, votes and snapshot chunks are not checked against the
 //! membership: a node being added hears its leader before its own log names
@@ -48,6 +52,18 @@ pub(super) fn refusal(raft: &Raft, from: u64, rpc: &Rpc) -> Option<String> {
     };
     if needs_member && !member() {
         return Some(format!("node {from} is not a member"));
+    }
+    if matches!(rpc, Rpc::PreVote(_)) {
+        let voter = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == from);
+        if !voter {
+            return Some(format!("node {from} is not a voter"));
+        }
     }
     None
 }
