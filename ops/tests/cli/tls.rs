@@ -11,16 +11,17 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 
 use crate::support::{Net, Node, TOKEN, TempDir, edgectl, edgectl_env};
 
-/// Writes a new CA to `dir/ca.pem` and a server certificate for `ip`
-/// signed by it to `dir/admin.pem`, `dir/admin.key`.
-fn operator_pki(dir: &Path, ip: IpAddr) -> anyhow::Result<()> {
+/// Writes a new CA to `dir/ca.pem` and a server certificate for
+/// `admin.example` and `ip` (when given) signed by it to `dir/admin.pem`,
+/// `dir/admin.key`.
+fn operator_pki(dir: &Path, ip: Option<IpAddr>) -> anyhow::Result<()> {
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::default();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_cert = ca.self_signed(&ca_key)?;
     let key = KeyPair::generate()?;
     let mut leaf = CertificateParams::new(vec!["admin.example".to_owned()])?;
-    leaf.subject_alt_names.push(SanType::IpAddress(ip));
+    leaf.subject_alt_names.extend(ip.map(SanType::IpAddress));
     let cert = leaf.signed_by(&key, &ca_cert, &ca_key)?;
     std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
     std::fs::write(dir.join("admin.pem"), cert.pem())?;
@@ -137,7 +138,7 @@ async fn edgectl_verifies_an_operator_certificate_by_address() -> anyhow::Result
     let net = Net::allocate();
     let ip = net.ip(1);
     let pki = TempDir::new("operator-pki");
-    operator_pki(pki.path(), IpAddr::V4(ip))?;
+    operator_pki(pki.path(), Some(IpAddr::V4(ip)))?;
     let (cert, key) = (pki.path().join("admin.pem"), pki.path().join("admin.key"));
     let node = Node::start_with(ip, |c| {
         c.admin_tls = Some(AdminTls::Files { cert, key });
@@ -172,5 +173,48 @@ async fn edgectl_verifies_an_operator_certificate_by_address() -> anyhow::Result
     .await?
     .fails(3, "is not signed by the CA in --cacert");
     node.stop().await;
+
+    // A certificate for another name: refused by address.
+    let other = TempDir::new("operator-pki-name");
+    operator_pki(other.path(), None)?;
+    let (cert, key) = (
+        other.path().join("admin.pem"),
+        other.path().join("admin.key"),
+    );
+    let named = Node::start_with(net.ip(2), |c| {
+        c.admin_tls = Some(AdminTls::Files { cert, key });
+    })
+    .await?;
+    let other_ca = other.path().join("ca.pem");
+    let other_ca = other_ca.to_string_lossy();
+    edgectl(&[
+        "--api",
+        &named.https_url(),
+        "--cacert",
+        &other_ca,
+        "--token",
+        TOKEN,
+        "service",
+        "ls",
+    ])
+    .await?
+    .fails(3, "names neither");
+    named.stop().await;
+
+    // https to a node that speaks plain HTTP.
+    let plain = Node::start_with(net.ip(3), |_| {}).await?;
+    edgectl(&[
+        "--api",
+        &plain.https_url(),
+        "--cacert",
+        &other_ca,
+        "--token",
+        TOKEN,
+        "service",
+        "ls",
+    ])
+    .await?
+    .fails(3, "does the admin API serve TLS?");
+    plain.stop().await;
     Ok(())
 }
