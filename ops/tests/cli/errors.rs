@@ -230,3 +230,34 @@ async fn help_and_completions() -> anyhow::Result<()> {
         .map(|r| assert_eq!(r.code, 2))?;
     Ok(())
 }
+
+/// The node's back-off on wrong tokens (`admin_auth_failures` from the
+/// config), as edgectl shows it: exit 1 with the node's message and the
+/// wait, also for the right token from the blocked address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_wrong_tokens_are_answered_429_with_the_wait() -> anyhow::Result<()> {
+    let net = Net::allocate();
+    let node = Node::start_with(net.ip(1), |c| {
+        c.admin_auth = edgelb::admin::AuthBackoff {
+            failures: 2,
+            ..edgelb::admin::AuthBackoff::default()
+        };
+    })
+    .await?;
+    let api = node.url.as_str();
+    let wrong = "not-the-token-at-all";
+    for _ in 0..2 {
+        edgectl(&["--api", api, "--token", wrong, "service", "ls"])
+            .await?
+            .fails(1, "(HTTP 401)");
+    }
+    let line = edgectl(&["--api", api, "--token", TOKEN, "service", "ls"])
+        .await?
+        .fails(1, "(HTTP 429)");
+    assert!(
+        line.contains("too many wrong admin tokens from this address; retry in"),
+        "{line}"
+    );
+    node.stop().await;
+    Ok(())
+}
