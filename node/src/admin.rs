@@ -25,9 +25,9 @@
 //! The `/v1/cluster` routes show and change the Raft membership.
 
 mod backoff;
-mod certificates;
+pub(crate) mod certificates;
 mod cluster;
-mod groups;
+pub(crate) mod groups;
 mod guard;
 mod instances;
 mod names;

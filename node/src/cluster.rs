@@ -37,12 +37,12 @@
 //!   (ALPN `edgelb-gossip/1`, apart from Raft's), a report per datagram
 //!   when it fits, else per unidirectional stream; see `gossip.rs`.
 
-mod frame;
+pub(crate) mod frame;
 mod gossip;
 mod network;
 mod peers;
 pub mod pki;
-mod rpc;
+pub(crate) mod rpc;
 mod server;
 mod tls;
 mod transport;

@@ -271,6 +271,16 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
+        Self::merge(args, file)
+    }
+
+    /// The configuration of a TOML file's `text` alone (no flags), as
+    /// [`load`](Self::load) reads a file named `path`.
+    pub(crate) fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::merge(Args::default(), parse_file(text, path)?)
+    }
+
+    fn merge(args: Args, file: FileConfig) -> Result<Self, ConfigError> {
         let mut c = Self::embedded_default();
         if let Some(v) = args.node_id.or(file.node_id) {
             c.node_id = v;
@@ -578,10 +588,14 @@ fn admin_tls(
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::new("config", format!("{}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| {
+    parse_file(&text, path)
+}
+
+fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
         let field = e
             .span()
-            .map_or_else(|| "config".to_owned(), |s| field_at(&text, s.start));
+            .map_or_else(|| "config".to_owned(), |s| field_at(text, s.start));
         ConfigError::new(field, format!("{}: {}", path.display(), e.message()))
     })
 }

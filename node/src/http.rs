@@ -24,11 +24,11 @@ pub mod upstream;
 
 mod body;
 mod client_body;
-mod conn;
+pub(crate) mod conn;
 mod error;
-mod forward;
-mod headers;
-mod redirect;
+pub(crate) mod forward;
+pub(crate) mod headers;
+pub(crate) mod redirect;
 mod upgrade;
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ pub mod config;
 pub mod dataplane;
 pub mod election;
 mod files;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod gossip;
 pub mod http;
 pub mod limits;

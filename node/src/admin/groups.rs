@@ -147,7 +147,7 @@ pub(crate) fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
 }
 
 /// The stored form of request domains, each checked to be a valid host name.
-fn to_domains(requests: &[DomainRequest]) -> Result<Vec<Domain>, ApiError> {
+pub(crate) fn to_domains(requests: &[DomainRequest]) -> Result<Vec<Domain>, ApiError> {
     requests
         .iter()
         .map(|r| {

@@ -47,6 +47,23 @@ pub(crate) async fn handle(
     Ok(resp.map(|body| body.guarded(guard)))
 }
 
+/// The host the client addressed ([`request_host`]) once the request has
+/// passed the `Host` checks.
+pub(crate) fn checked_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, ProxyError> {
+    // RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host. Two would
+    // make routing on a shared port ambiguous whatever the version (HTTP/1.0
+    // may leave Host out, but is forwarded as HTTP/1.1).
+    let mut hosts = req.headers().get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
+        (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
+            return Err(ProxyError::BadRequest("missing Host header"));
+        }
+        _ => {}
+    }
+    Ok(request_host(req))
+}
+
 /// The host the client addressed: the authority of an absolute-form or
 /// HTTP/2 target, else `Host`.
 fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
@@ -62,18 +79,7 @@ async fn proxy(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // From here on, a body dropped unread is discarded, not left hanging.
     let mut req = ClientBody::wrap(req, conn);
-    // RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host. Two would
-    // make routing on a shared port ambiguous whatever the version (HTTP/1.0
-    // may leave Host out, but is forwarded as HTTP/1.1).
-    let mut hosts = req.headers().get_all(HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (Some(_), Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
-        (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
-            return Err(ProxyError::BadRequest("missing Host header"));
-        }
-        _ => {}
-    }
-    let host = request_host(&req);
+    let host = checked_host(&req)?;
     let (target, redirect) = {
         // The one routing-table read of this request.
         let table = conn.dp.routes.load();
