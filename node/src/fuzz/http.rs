@@ -147,7 +147,7 @@ fn check_prepared(req: &Request<()>, conn: &Conn, host: Option<HeaderValue>) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !ADDED.contains(n) && !(upgrade && n == UPGRADE))
+        .filter(|n| !(ADDED.contains(n) || upgrade && n == UPGRADE))
         .collect();
     prepare_request(&mut req, conn, host.clone(), upgrade);
     assert_eq!(req.version(), Version::HTTP_11);
