@@ -93,6 +93,9 @@ impl NodeHandle {
     /// quorum or a peer beyond these bounds.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
+        // Requests waiting on a quorum answer 503 now rather than hold the
+        // admin API's stop for the whole grace.
+        self.store.stop();
         let grace = tokio::time::Instant::now() + STOP_GRACE;
         let others = async {
             for t in self.tasks {

@@ -10,7 +10,8 @@
 //! both ([`Timing`]):
 //!
 //! ```text
-//!  leader:   every heartbeat_interval ─▶ raft.trigger().heartbeat()
+//!  leader:   every heartbeat_interval ─▶ an empty append to each member
+//!            beside openraft's replication ([`heartbeat`])
 //!  voter:    no leader heard for a random time in [T, 1.1 T)
 //!              ─▶ pre-vote: ask every voter "would you vote for me?"
 //!                   (granted only by a voter that has not heard a leader
@@ -61,6 +62,8 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::cluster::{PreVote, Rpc, RpcReply, Transport};
+
+mod heartbeat;
 
 /// The cluster's Raft timing (`raft_heartbeat_interval`, `election_timeout`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -335,6 +338,7 @@ pub async fn run(
     // Changes of role, vote or membership wake the task early.
     let mut server = raft.server_metrics();
     let mut wake = Instant::now() + tick;
+    let mut heartbeats = heartbeat::Heartbeats::default();
     loop {
         // An idle node wakes at its deadlines only: a follower about
         // twice per T, a leader at its heartbeats.
@@ -354,9 +358,7 @@ pub async fn run(
             silence = None;
             if now >= next_heartbeat {
                 next_heartbeat = now + timing.heartbeat_interval;
-                if raft.trigger().heartbeat().await.is_err() {
-                    return;
-                }
+                heartbeats.send(&raft, &transport, &m, timing);
             }
             wake = next_heartbeat;
             continue;

@@ -19,7 +19,9 @@
 //! past the entry's index ([`Store::route_by`]). So the next request to the
 //! node that answered sees the change. Without a quorum it fails with 503
 //! within 5 s (its work stops 100 ms earlier, leaving room for the answer);
-//! it never hangs.
+//! it never hangs. Once the node stops ([`Store::stop`]), writes, reads and
+//! membership changes still waiting answer 503 at once, so that none holds
+//! the exit.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -115,6 +117,8 @@ pub struct Store {
     reconciler: Reconciler,
     /// Where this node's writes are proposed when it leads.
     batcher: Batcher,
+    /// Cancelled when the node stops: what still waits answers 503.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for Store {
@@ -149,6 +153,28 @@ impl Store {
             committed,
             reconciler,
             batcher,
+            stopping: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// The node is stopping: writes, linearizable reads and membership
+    /// changes waiting on a quorum answer 503 now, and later ones at once
+    /// (a node leaving the membership at exit still removes itself).
+    pub fn stop(&self) {
+        self.stopping.cancel();
+    }
+
+    /// `work`, unless the node stops first.
+    async fn unless_stopping<T>(
+        &self,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::select! {
+            biased;
+            () = self.stopping.cancelled() => Err(StoreError::Unavailable(
+                "the node is shutting down".into(),
+            )),
+            r = work => r,
         }
     }
 
@@ -183,11 +209,14 @@ impl Store {
     /// Commits `cmd` through the leader and answers once this node's data
     /// plane routes by it.
     pub async fn propose(&self, cmd: Command) -> Result<Applied, StoreError> {
-        let deadline = Instant::now() + WRITE_TIMEOUT;
-        let result = tokio::time::timeout_at(deadline, self.write(cmd)).await;
-        let (index, result) = result.map_err(|_| no_quorum())??;
-        self.wait_routed(index, deadline).await?;
-        result.map_err(StoreError::Apply)
+        self.unless_stopping(async {
+            let deadline = Instant::now() + WRITE_TIMEOUT;
+            let result = tokio::time::timeout_at(deadline, self.write(cmd)).await;
+            let (index, result) = result.map_err(|_| no_quorum())??;
+            self.wait_routed(index, deadline).await?;
+            result.map_err(StoreError::Apply)
+        })
+        .await
     }
 
     async fn write(&self, cmd: Command) -> Result<(u64, Result<Applied, ApplyError>), StoreError> {
@@ -341,6 +370,10 @@ impl Store {
     /// quorum (through the leader when this node is not it) and waits until
     /// this node has applied up to the read index.
     pub async fn linearize(&self) -> Result<(), StoreError> {
+        self.unless_stopping(self.linearize_now()).await
+    }
+
+    async fn linearize_now(&self) -> Result<(), StoreError> {
         let deadline = Instant::now() + WRITE_TIMEOUT;
         let read = async {
             loop {
@@ -380,6 +413,15 @@ impl Store {
     }
 
     async fn membership(&self, f: Forward) -> Result<u64, StoreError> {
+        // A node leaving the membership at exit removes itself after the
+        // stop.
+        if matches!(f, Forward::RemoveNode { node_id } if node_id == self.node_id) {
+            return self.change_membership(f).await;
+        }
+        self.unless_stopping(self.change_membership(f)).await
+    }
+
+    async fn change_membership(&self, f: Forward) -> Result<u64, StoreError> {
         let deadline = Instant::now() + WRITE_TIMEOUT;
         let work = async {
             loop {

@@ -4,6 +4,8 @@
 //! with every link delayed 150 ms each way.
 
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -289,6 +291,15 @@ async fn isolated_leader_through_nftables() -> anyhow::Result<()> {
 /// Round trip of the WAN test's links.
 const WAN_ONE_WAY: Duration = Duration::from_millis(150);
 
+/// Writes per path (through the leader, through a follower) in the WAN
+/// test: the p99 of 50 is the slowest.
+const WAN_WRITES: usize = 50;
+
+/// What a write may take beyond its round trips: the fsyncs of the log on
+/// the leader and a follower and of the state machine, the apply and the
+/// routing table, in a debug build.
+const WRITE_WORK: Duration = Duration::from_millis(200);
+
 /// The `q`-th percentile of `v` (nearest rank).
 fn percentile(v: &[Duration], q: usize) -> Duration {
     let mut v = v.to_vec();
@@ -296,6 +307,65 @@ fn percentile(v: &[Duration], q: usize) -> Duration {
     v.get((v.len() * q).div_ceil(100).saturating_sub(1))
         .copied()
         .unwrap_or_default()
+}
+
+/// The time this machine did not run the test: a thread that sleeps 2 ms
+/// at a time records every wake-up more than [`Stalls::SLACK`] late (the
+/// CPUs were busy with other work). The relay runs in this process, and
+/// on a 2-core machine busy with other builds the nodes are held up by
+/// the same stalls, so a write's time less the stalls it overlapped is
+/// what the cluster itself took.
+struct Stalls {
+    seen: Arc<Mutex<Vec<(Instant, Instant)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stalls {
+    const TICK: Duration = Duration::from_millis(2);
+    const SLACK: Duration = Duration::from_millis(10);
+
+    fn start() -> Self {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st) = (Arc::clone(&seen), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let due = Instant::now() + Self::TICK;
+                std::thread::sleep(Self::TICK);
+                let woke = Instant::now();
+                if woke > due + Self::SLACK {
+                    s.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((due + Self::SLACK, woke));
+                }
+            }
+        });
+        Self {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// How much of `from..to` this process was stalled.
+    fn within(&self, from: Instant, to: Instant) -> Duration {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|&(a, b)| b.min(to).saturating_duration_since(a.max(from)))
+            .sum()
+    }
+}
+
+impl Drop for Stalls {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,40 +387,63 @@ async fn wan_150ms_each_way_commits_joins_and_replaces_a_killed_leader() -> anyh
         .find(|i| *i != leader)
         .context("follower")?;
 
-    let (mut direct, mut forwarded) = (Vec::new(), Vec::new());
-    for i in 0..20 {
+    let stalls = Stalls::start();
+    // Per path: what each write took, and that less the stalls it overlapped.
+    let (mut direct, mut forwarded) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    for i in 0..WAN_WRITES {
         for (via, into) in [(leader, &mut direct), (follower, &mut forwarded)] {
+            let began = Instant::now();
             let (status, took) = write(&cluster, via, &format!("wan-{via}-{i}")).await?;
             ensure!(
                 status.is_success(),
                 "write {i} through node {via}: {status} after {took:?}"
             );
-            into.push(took);
+            into.0.push(took);
+            into.1
+                .push(took.saturating_sub(stalls.within(began, Instant::now())));
         }
     }
+    let stalled = stalls.within(Instant::now() - Duration::from_secs(3600), Instant::now());
+    drop(stalls);
     let p = |v: &[Duration], q| percentile(v, q);
     println!(
-        "wan: writes through the leader p50 {:?} p99 {:?}, through a follower p50 {:?} p99 {:?} \
-         (rtt {rtt:?})",
-        p(&direct, 50),
-        p(&direct, 99),
-        p(&forwarded, 50),
-        p(&forwarded, 99),
+        "wan: {WAN_WRITES} writes per path (rtt {rtt:?}); through the leader p50 {:?} p99 {:?}, \
+         less stalls p99 {:?}; through a follower p50 {:?} p99 {:?}, less stalls p99 {:?}; \
+         this process stalled {stalled:?} in all",
+        p(&direct.0, 50),
+        p(&direct.0, 99),
+        p(&direct.1, 99),
+        p(&forwarded.0, 50),
+        p(&forwarded.0, 99),
+        p(&forwarded.1, 99),
     );
-    // What a write costs in round trips: one to the followers (plus, at
-    // worst, the wait for a heartbeat already on the wire, as openraft
-    // keeps one call per follower in flight), one more when forwarded.
-    // The median, so that a machine busy with other work (a stall of a
-    // few hundred ms in one write) does not decide; a write that took
-    // extra round trips (a connection per call, a lost wake-up) moves it.
-    // The p99 is printed (README, Testing).
+    let slowest = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v.into_iter().rev().take(5).collect::<Vec<_>>()
+    };
+    println!(
+        "wan: slowest less stalls: through the leader {:?}, through a follower {:?}",
+        slowest(&direct.1),
+        slowest(&forwarded.1)
+    );
+    // A write through the leader costs one round trip to the followers,
+    // plus at worst the wait for the previous write's commit notice
+    // (openraft keeps one call per follower in flight; heartbeats go
+    // beside it); through a follower half a round trip each way more, and
+    // the follower hears the commit as the leader's answer comes. The
+    // acceptance is three round trips and the disk work at p99, of what
+    // the cluster controls: the machine's stalls are taken out.
+    let bound = rtt * 3 + WRITE_WORK;
     assert!(
-        p(&direct, 50) <= rtt * 2 + Duration::from_millis(200),
-        "through the leader: {direct:?}"
+        p(&direct.1, 99) <= bound,
+        "through the leader, less stalls: {:?}",
+        direct.1
     );
     assert!(
-        p(&forwarded, 50) <= rtt * 3 + Duration::from_millis(200),
-        "through a follower: {forwarded:?}"
+        p(&forwarded.1, 99) <= bound,
+        "through a follower, less stalls: {:?}",
+        forwarded.1
     );
 
     let joined = cluster.add_members(1).await?;

@@ -11,6 +11,24 @@
 //! | append batch over the frame limit | `PayloadTooLarge` (smaller batches) |
 //! | reset stream, bad reply, peer error | `NetworkError` |
 //! | the peer's Raft refused | `RemoteError` |
+//!
+//! **Empty appends of a replication stream do not wait.** openraft 0.9
+//! keeps one call in flight per follower, and after each commit it sends
+//! the follower the new commit index as an append with no entries: on a
+//! slow link the next write's append waits a round trip behind it. A
+//! replication stream's empty append (the client sent entries before,
+//! which only a replication stream does) is therefore sent in the
+//! background and answered `Success` at once. openraft 0.9.25 does nothing
+//! with that answer but note it (its matching index stays where it was;
+//! the send time feeds only the `millis_since_quorum_ack` metric), so
+//! nothing is assumed that the follower did not confirm before. The
+//! follower commits from it as from any append. Should the follower
+//! refuse one (a higher vote, logs that part), the next empty append waits
+//! for its answer, so that openraft sees the refusal and acts on it; the
+//! leader's heartbeats (`election::heartbeat`) ask for one at once.
+//! Linearizable reads are not affected: openraft confirms leadership with
+//! fresh clients that never sent entries, so their empty appends are
+//! awaited.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +90,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             transport: Arc::clone(&self.transport),
             target,
             node: node.clone(),
+            replicates: false,
         }
     }
 }
@@ -82,6 +101,8 @@ pub struct PeerNetwork {
     transport: Arc<Transport>,
     target: NodeId,
     node: ClusterNode,
+    /// Whether this client sent entries: it is a replication stream's.
+    replicates: bool,
 }
 
 impl PeerNetwork {
@@ -111,6 +132,30 @@ impl PeerNetwork {
                 ttl,
                 entries,
             })
+    }
+
+    /// Sends an empty append without waiting for its answer (module
+    /// docs): a refusal is recorded for the next one.
+    fn send_in_background(&self, rpc: AppendEntriesRequest<TypeConfig>, ttl: Duration) {
+        let (transport, target) = (Arc::clone(&self.transport), self.target);
+        let addr = self.node.cluster_addr.clone();
+        let ttl = rpc_deadline(ttl, transport.rtt(target));
+        tokio::spawn(async move {
+            match transport
+                .call(target, &addr, Rpc::AppendEntries(rpc), ttl)
+                .await
+            {
+                Ok(RpcReply::AppendEntries(Ok(
+                    AppendEntriesResponse::HigherVote(_) | AppendEntriesResponse::Conflict,
+                ))) => transport.heartbeat_refused(target),
+                Ok(_) => {}
+                Err(e) => {
+                    if e.is_unreachable() || matches!(e, TransportError::Timeout(_)) {
+                        transport.note_unreachable(target, &e.to_string());
+                    }
+                }
+            }
+        });
     }
 
     fn remote<E: std::error::Error>(
@@ -164,6 +209,14 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        if rpc.entries.is_empty() {
+            if self.replicates && !self.transport.take_heartbeat_refused(self.target) {
+                self.send_in_background(rpc, option.hard_ttl());
+                return Ok(AppendEntriesResponse::Success);
+            }
+        } else {
+            self.replicates = true;
+        }
         let reply = self
             .call(
                 Rpc::AppendEntries(rpc),

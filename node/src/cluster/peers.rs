@@ -184,6 +184,10 @@ struct SlotInner {
     /// Whether the peer announced that it serves calls on the connections
     /// it opens: its next one is used as soon as it is accepted.
     two_way: bool,
+    /// Whether the peer refused an empty append sent in the background
+    /// (a higher vote, logs that part): openraft's next one must wait for
+    /// the answer (`network::PeerNetwork`).
+    refused: bool,
 }
 
 impl PeerSlot {
@@ -510,6 +514,18 @@ impl PeerSlot {
         if first {
             warn!(peer = self.target, %reason, "cluster peer unreachable");
         }
+    }
+
+    /// Records that the peer refused an empty append sent in the
+    /// background.
+    pub(crate) fn refused(&self) {
+        self.inner().refused = true;
+    }
+
+    /// Whether the peer refused an empty append since the last call;
+    /// clears it.
+    pub(crate) fn take_refused(&self) -> bool {
+        std::mem::take(&mut self.inner().refused)
     }
 
     /// Whether the peer answered a call within `within`.

@@ -578,6 +578,20 @@ impl Transport {
             .is_some_and(|s| s.answered_within(within))
     }
 
+    /// Records that `target` refused an empty append (heartbeat or commit
+    /// notice) sent without waiting for its answer: openraft's next one to
+    /// it waits for the answer, so that openraft sees the refusal.
+    pub fn heartbeat_refused(&self, target: NodeId) {
+        self.slot(target).refused();
+    }
+
+    /// Whether `target` refused an empty append since this was last asked.
+    pub(crate) fn take_heartbeat_refused(&self, target: NodeId) -> bool {
+        self.shared
+            .existing_slot(target)
+            .is_some_and(|s| s.take_refused())
+    }
+
     /// Records that `target` could not be reached (for the log: the first
     /// failure after a success is a warning, the rest are quiet).
     pub fn note_unreachable(&self, target: NodeId, reason: &str) {
