@@ -67,6 +67,11 @@ const HURRY_AFTER: Duration = Duration::from_millis(100);
 /// longer than any RPC (a snapshot chunk's limit is 5 s).
 pub(crate) const RETIRE_GRACE: Duration = Duration::from_secs(6);
 
+/// How long a dropped connection stays open for the calls in flight on
+/// it: longer than a replication or vote call may take (¾ of the default
+/// election timeout).
+const DISCARD_GRACE: Duration = Duration::from_secs(1);
+
 /// How long after this node's own connection was made a peer's may still
 /// arrive because the two handshakes crossed: the peer's handshake began
 /// before ours reached it (half a round trip) and took a round trip and a
@@ -386,7 +391,9 @@ impl PeerSlot {
     }
 
     /// Drops the connection if it is still `conn` (after a timed-out or
-    /// broken call), so that the next call makes a fresh one.
+    /// broken call), so that the next call makes a fresh one. It is closed
+    /// only after [`DISCARD_GRACE`]: other calls in flight on it, ours or
+    /// the peer's (it may only have been slow), still get their answers.
     pub(crate) fn discard(&self, conn: &Connection, why: &str) {
         let id = conn.stable_id();
         let dropped = self.state.send_if_modified(|l| {
@@ -404,7 +411,11 @@ impl PeerSlot {
         if dropped {
             self.inner().rtt = Some(conn.rtt());
             debug!(target = self.target, why, "dropping the cluster connection");
-            conn.close(codes::SHUTDOWN, b"dropped");
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(DISCARD_GRACE).await;
+                conn.close(codes::SHUTDOWN, b"dropped");
+            });
         }
     }
 
