@@ -469,9 +469,11 @@ async fn pre_vote(
     for (id, addr) in voters {
         let req = req.clone();
         let transport = Arc::clone(transport);
+        // The whole limit: the round ends at its first quorum, so a dead
+        // voter's wait delays nothing, while a slow one's timeout would
+        // cost a round.
         asks.spawn(async move {
-            let deadline = crate::cluster::rpc_deadline(limit, transport.rtt(id));
-            match transport.call(id, &addr, Rpc::PreVote(req), deadline).await {
+            match transport.call(id, &addr, Rpc::PreVote(req), limit).await {
                 Ok(RpcReply::PreVote(granted)) => granted.then_some(id),
                 Ok(_) | Err(_) => None,
             }

@@ -151,6 +151,7 @@ async fn run_inner(
     tokio::time::sleep(Duration::from_secs(1)).await;
     for step in steps {
         let at = rec.now();
+        let wall = utc_time_of_day();
         let desc = format!("{:?} for {:.1}s", step.fault, step.hold.as_secs_f64());
         let seen = (ctx.report.elections.len(), ctx.report.catchups.len());
         if let Err(e) = ctx.step(step).await {
@@ -161,7 +162,7 @@ async fn run_inner(
         if o.verbose {
             let r = &ctx.report;
             println!(
-                "  [{:>6.1}s] {desc}: new leader after {:?}, caught up after {:?}; done in {:.1}s",
+                "  [{:>6.1}s, {wall} UTC] {desc}: new leader after {:?}, caught up after {:?}; done in {:.1}s",
                 at.as_secs_f64(),
                 r.elections.get(seen.0),
                 r.catchups.get(seen.1),
@@ -545,4 +546,20 @@ async fn caught_up(cluster: &Cluster, id: u64, commit: u64) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
+}
+
+/// The time of day in UTC, `HH:MM:SS.mmm`, as the nodes' logs show it, so
+/// that a verbose run's faults can be found in them.
+fn utc_time_of_day() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+        % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
 }

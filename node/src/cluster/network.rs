@@ -113,7 +113,10 @@ impl PeerNetwork {
         };
         let ttl = match action {
             // A snapshot chunk carries megabytes: keep openraft's limit.
-            RPCTypes::InstallSnapshot => ttl,
+            // A vote needs the voter's fsync, and a candidate is elected at
+            // its first quorum, so a dead voter's longer wait delays
+            // nothing, while a live but slow one's timeout cost a round.
+            RPCTypes::InstallSnapshot | RPCTypes::Vote => ttl,
             _ => rpc_deadline(ttl, self.transport.rtt(self.target)),
         };
         self.transport
