@@ -8,7 +8,9 @@
 //!   effects. Constant in N is the goal.
 //! - `changes/N`: finding what changed by comparing the two states (what
 //!   the node does until the state machine reports it).
-//! - `render/N`, `render_gzip/N`: `GET /metrics` bodies at N instances.
+//! - `render/N`, `render_gzip/N`, `render_gzip_cold/N`: `GET /metrics`
+//!   bodies at N instances (compressed: blocks reused from the previous
+//!   scrape, or all compressed as at the first scrape).
 
 #[path = "support/scale.rs"]
 mod scale;
@@ -23,8 +25,6 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use edgelb::metrics::Metrics;
 use edgelb::routing::{Changes, RoutingTable, changes, publish, publish_changes};
 use edgelb::tls::CertCache;
-use flate2::Compression;
-use flate2::write::GzEncoder;
 use raft_store::{Command, State};
 
 /// The base state and the same with one more instance in group 0.
@@ -87,12 +87,22 @@ fn render(c: &mut Criterion) {
         });
     });
     let mut zipped = 0;
+    // A scrape like the last one: every block's compressed bytes reused.
     bench.bench_function(BenchmarkId::new("render_gzip", instances), |b| {
         b.iter(|| {
-            let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
-            metrics.render_to(&table, &mut gz).expect("render");
-            let body = gz.finish().expect("gzip");
+            let mut body = Vec::new();
+            metrics.render_gzip_to(&table, &mut body).expect("render");
             zipped = body.len();
+            black_box(body)
+        });
+    });
+    // The first scrape: every block compressed.
+    bench.bench_function(BenchmarkId::new("render_gzip_cold", instances), |b| {
+        b.iter(|| {
+            let mut body = Vec::new();
+            Metrics::new()
+                .render_gzip_to(&table, &mut body)
+                .expect("render");
             black_box(body)
         });
     });

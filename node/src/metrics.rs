@@ -8,13 +8,14 @@
 
 mod gossip;
 mod instance;
+mod zipped;
 
 use std::fmt;
 use std::io;
 use std::time::Instant;
 
 use prometheus::{Encoder as _, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::routing::RoutingTable;
 
@@ -58,6 +59,8 @@ pub struct Metrics {
     raft: RaftGauges,
     /// Load gossip.
     pub gossip: GossipMetrics,
+    /// The compressed blocks of the last gzip-compressed scrape.
+    zipper: zipped::Zipper,
 }
 
 /// Per-node Raft series.
@@ -149,6 +152,7 @@ impl Metrics {
             },
             gossip: GossipMetrics::register(&registry),
             registry,
+            zipper: zipped::Zipper::default(),
         }
     }
 
@@ -197,8 +201,37 @@ impl Metrics {
 
     /// [`Metrics::render`] into `out`, in chunks: a scrape of many instances
     /// never holds its whole text when `out` compresses or streams.
-    pub fn render_to(&self, table: &RoutingTable, mut out: &mut dyn io::Write) -> io::Result<()> {
+    pub fn render_to(&self, table: &RoutingTable, out: &mut dyn io::Write) -> io::Result<()> {
         let scrape = instance::Scrape::of(table, Instant::now());
+        let (head, tail) = self.registry_text(table, &scrape)?;
+        out.write_all(&head)?;
+        scrape.write(out)?;
+        out.write_all(&tail)
+    }
+
+    /// [`Metrics::render`] as one gzip member, into `out`: only the
+    /// per-instance samples that changed since the last compressed scrape
+    /// are rendered and compressed again (see [`zipped`]).
+    pub fn render_gzip_to(&self, table: &RoutingTable, out: &mut dyn io::Write) -> io::Result<()> {
+        let scrape = instance::Scrape::of(table, Instant::now());
+        let (head, tail) = self.registry_text(table, &scrape)?;
+        let blocks = self.zipper.write(&scrape, &head, &tail, out)?;
+        debug!(
+            reused = blocks.reused,
+            compressed = blocks.compressed,
+            "metrics scrape compressed"
+        );
+        Ok(())
+    }
+
+    /// The registry's families that sort before the per-instance ones and
+    /// those after, as text (`edgelb_groups`, `edgelb_instances` and
+    /// `edgelb_listeners` set from `table` first).
+    fn registry_text(
+        &self,
+        table: &RoutingTable,
+        scrape: &instance::Scrape<'_>,
+    ) -> io::Result<(Vec<u8>, Vec<u8>)> {
         self.groups
             .set(i64::try_from(scrape.groups).unwrap_or(i64::MAX));
         self.instances
@@ -211,14 +244,14 @@ impl Metrics {
         let first = instance::FAMILIES[0].0;
         let split = families.partition_point(|f| f.name() < first);
         let encoder = TextEncoder::new();
+        let (mut head, mut tail) = (Vec::new(), Vec::new());
         encoder
-            .encode(&families[..split], &mut out)
+            .encode(&families[..split], &mut head)
             .map_err(io::Error::other)?;
-        scrape.write(out)?;
         encoder
-            .encode(&families[split..], &mut out)
+            .encode(&families[split..], &mut tail)
             .map_err(io::Error::other)?;
-        Ok(())
+        Ok((head, tail))
     }
 
     /// The registry, for families registered elsewhere (Raft, gossip).

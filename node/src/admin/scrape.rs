@@ -8,8 +8,6 @@ use std::io::{self, BufWriter, Write};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use flate2::Compression;
-use flate2::write::GzEncoder;
 use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, VARY};
 use http::{HeaderMap, HeaderValue, Response};
 use http_body_util::Either;
@@ -57,8 +55,9 @@ pub(super) fn metrics(admin: &Admin, headers: &HeaderMap) -> Reply {
     reply
 }
 
-/// Writes the text of every family to `out`, gzip-compressed (fast level:
-/// a scrape is mostly repeated names and labels) when `gzip`.
+/// Writes the text of every family to `out`, gzip-compressed (fast level,
+/// unchanged blocks of samples reused: [`Metrics::render_gzip_to`]) when
+/// `gzip`.
 pub(crate) fn render(
     metrics: &Metrics,
     table: &Arc<RoutingTable>,
@@ -66,9 +65,8 @@ pub(crate) fn render(
     mut out: impl Write,
 ) -> io::Result<()> {
     if gzip {
-        let mut encoder = GzEncoder::new(out, Compression::fast());
-        metrics.render_to(table, &mut encoder)?;
-        encoder.finish()?.flush()
+        metrics.render_gzip_to(table, &mut out)?;
+        out.flush()
     } else {
         metrics.render_to(table, &mut out)?;
         out.flush()

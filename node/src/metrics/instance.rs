@@ -11,7 +11,7 @@
 
 use std::fmt::Write as _;
 use std::io;
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -220,12 +220,113 @@ pub(super) const FAMILIES: [(&str, &str, &str); 9] = [
 /// Bytes buffered before they are handed to the writer.
 const CHUNK: usize = 256 * 1024;
 
+/// Rows rendered between two checks of the buffer's size.
+const ROWS_PER_SPILL: usize = 64;
+
+/// One run of samples over every instance: a family has one per value of
+/// its extra label (`direction`, `code_class`), else one.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Section {
+    /// A counter of the instance's series, with an optional first label
+    /// (its name sorts before `instance_name`).
+    Counter {
+        name: &'static str,
+        label: Option<(&'static str, &'static str)>,
+        get: fn(&InstanceSeries) -> u64,
+    },
+    Inflight,
+    InflightGlobal,
+    Duration,
+    Up,
+}
+
+impl Section {
+    /// The sections of family `name` (one of [`FAMILIES`]), in order.
+    pub(super) fn of(name: &str) -> &'static [Self] {
+        match name {
+            BYTES => &BYTES_SECTIONS,
+            "edgelb_instance_connect_errors_total" => &[Self::Counter {
+                name: "edgelb_instance_connect_errors_total",
+                label: None,
+                get: connect_errors,
+            }],
+            "edgelb_instance_connections_total" => &[Self::Counter {
+                name: "edgelb_instance_connections_total",
+                label: None,
+                get: connections,
+            }],
+            "edgelb_instance_inflight" => &[Self::Inflight],
+            "edgelb_instance_inflight_global" => &[Self::InflightGlobal],
+            "edgelb_instance_request_duration_seconds" => &[Self::Duration],
+            REQUESTS => &REQUESTS_SECTIONS,
+            "edgelb_instance_selected_total" => &[Self::Counter {
+                name: "edgelb_instance_selected_total",
+                label: None,
+                get: selected,
+            }],
+            _ => &[Self::Up],
+        }
+    }
+}
+
+const BYTES: &str = "edgelb_instance_bytes_total";
+const REQUESTS: &str = "edgelb_instance_requests_total";
+
+const BYTES_SECTIONS: [Section; 2] = [
+    Section::Counter {
+        name: BYTES,
+        label: Some(("direction", "rx")),
+        get: bytes_rx,
+    },
+    Section::Counter {
+        name: BYTES,
+        label: Some(("direction", "tx")),
+        get: bytes_tx,
+    },
+];
+
+const REQUESTS_SECTIONS: [Section; 5] = [
+    requests_section("1xx", |s| s.requests[0].get()),
+    requests_section("2xx", |s| s.requests[1].get()),
+    requests_section("3xx", |s| s.requests[2].get()),
+    requests_section("4xx", |s| s.requests[3].get()),
+    requests_section("5xx", |s| s.requests[4].get()),
+];
+
+const fn requests_section(class: &'static str, get: fn(&InstanceSeries) -> u64) -> Section {
+    Section::Counter {
+        name: REQUESTS,
+        label: Some(("code_class", class)),
+        get,
+    }
+}
+
+fn bytes_rx(s: &InstanceSeries) -> u64 {
+    s.bytes_rx.get()
+}
+
+fn bytes_tx(s: &InstanceSeries) -> u64 {
+    s.bytes_tx.get()
+}
+
+fn connect_errors(s: &InstanceSeries) -> u64 {
+    s.connect_errors.get()
+}
+
+fn connections(s: &InstanceSeries) -> u64 {
+    s.connections.get()
+}
+
+fn selected(s: &InstanceSeries) -> u64 {
+    s.selected.get()
+}
+
 /// One instance as a scrape sees it.
 struct Row<'a> {
     group: &'a GroupRuntime,
     backend: &'a Backend,
     /// `instance_name="…",service="…"` in `Scrape::labels`.
-    labels: std::ops::Range<usize>,
+    labels: Range<usize>,
 }
 
 /// The per-instance series of one routing table, ready to write.
@@ -283,200 +384,165 @@ impl<'a> Scrape<'a> {
         }
     }
 
+    /// Instances listed (the rows of every section).
+    pub(super) fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// The `instance_name="…",service="…"` labels of row `i`.
+    pub(super) fn labels(&self, i: usize) -> &str {
+        &self.labels[self.rows[i].labels.clone()]
+    }
+
     /// Writes every per-instance family (none when there is no instance,
     /// like an empty vector family in a registry).
     pub(super) fn write(&self, out: &mut dyn io::Write) -> io::Result<()> {
         if self.rows.is_empty() {
             return Ok(());
         }
-        let mut buf = Buf::new(out);
-        for (name, help, kind) in FAMILIES {
-            buf.text("# HELP ");
-            buf.text(name);
-            buf.text(" ");
-            buf.text(help);
-            buf.text("\n# TYPE ");
-            buf.text(name);
-            buf.text(" ");
-            buf.text(kind);
-            buf.text("\n");
-            match name {
-                "edgelb_instance_bytes_total" => {
-                    for (direction, rx) in [("rx", true), ("tx", false)] {
-                        self.each(&mut buf, name, Some(("direction", direction)), |s| {
-                            if rx {
-                                s.bytes_rx.get()
-                            } else {
-                                s.bytes_tx.get()
-                            }
-                        })?;
+        let mut buf = Vec::with_capacity(CHUNK + 64 * 1024);
+        let mut values = Vec::new();
+        for family in FAMILIES {
+            header(&mut buf, family);
+            for &section in Section::of(family.0) {
+                let mut start = 0;
+                while start < self.rows.len() {
+                    let rows = start..(start + ROWS_PER_SPILL).min(self.rows.len());
+                    start = rows.end;
+                    values.clear();
+                    self.values(section, rows.clone(), &mut values);
+                    self.write_rows(section, rows, &values, &mut buf);
+                    if buf.len() >= CHUNK {
+                        out.write_all(&buf)?;
+                        buf.clear();
                     }
                 }
-                "edgelb_instance_connect_errors_total" => {
-                    self.each(&mut buf, name, None, |s| s.connect_errors.get())?;
+            }
+        }
+        out.write_all(&buf)
+    }
+
+    /// Reads the values that the samples of `section` for `rows` show,
+    /// appending them to `out`: one per row, or for the histogram the
+    /// cumulative bucket counts then the `f64` bits of the sum.
+    pub(super) fn values(&self, section: Section, rows: Range<usize>, out: &mut Vec<u64>) {
+        for row in &self.rows[rows] {
+            match section {
+                Section::Counter { get, .. } => {
+                    out.push(row.backend.metrics.peek().map_or(0, get));
                 }
-                "edgelb_instance_connections_total" => {
-                    self.each(&mut buf, name, None, |s| s.connections.get())?;
-                }
-                "edgelb_instance_inflight" => {
-                    self.each_row(&mut buf, name, |r| r.backend.local_inflight())?;
-                }
-                "edgelb_instance_inflight_global" => {
-                    self.each_row(&mut buf, name, |r| r.group.balancer.load(r.backend))?;
-                }
-                "edgelb_instance_request_duration_seconds" => self.histograms(&mut buf, name)?,
-                "edgelb_instance_requests_total" => {
-                    for (i, class) in CODE_CLASSES.iter().enumerate() {
-                        self.each(&mut buf, name, Some(("code_class", class)), |s| {
-                            s.requests[i].get()
-                        })?;
-                    }
-                }
-                "edgelb_instance_selected_total" => {
-                    self.each(&mut buf, name, None, |s| s.selected.get())?;
-                }
-                _ => {
-                    let now = self.now;
-                    self.each_row(&mut buf, name, |r| {
-                        u64::from(r.backend.state(now) == BackendState::Up)
-                    })?;
+                Section::Inflight => out.push(row.backend.local_inflight()),
+                Section::InflightGlobal => out.push(row.group.balancer.load(row.backend)),
+                Section::Up => out.push(u64::from(row.backend.state(self.now) == BackendState::Up)),
+                Section::Duration => {
+                    let h = row.backend.metrics.peek().map(|s| &s.duration);
+                    out.extend(h.map_or([0; DURATION_BUCKETS.len() + 1], Histogram::cumulative));
+                    out.push(h.map_or(0.0, Histogram::get_sample_sum).to_bits());
                 }
             }
         }
-        buf.flush()
     }
 
-    /// One sample per instance of a counter, with an optional first label
-    /// (its name sorts before `instance_name`).
-    fn each(
+    /// The samples of `section` for rows `rows` showing `values` (as read
+    /// by [`Scrape::values`]), appended to `buf`.
+    pub(super) fn write_rows(
         &self,
-        buf: &mut Buf<'_>,
-        name: &str,
-        first: Option<(&str, &str)>,
-        value: impl Fn(&InstanceSeries) -> u64,
-    ) -> io::Result<()> {
-        for row in &self.rows {
-            buf.text(name);
-            buf.text("{");
-            if let Some((label, v)) = first {
-                buf.text(label);
-                buf.text("=\"");
-                buf.text(v);
-                buf.text("\",");
+        section: Section,
+        rows: Range<usize>,
+        values: &[u64],
+        buf: &mut Vec<u8>,
+    ) {
+        let mut int = itoa::Buffer::new();
+        let (name, label) = match section {
+            Section::Counter { name, label, .. } => (name, label),
+            Section::Inflight => ("edgelb_instance_inflight", None),
+            Section::InflightGlobal => ("edgelb_instance_inflight_global", None),
+            Section::Up => ("edgelb_instance_up", None),
+            Section::Duration => {
+                let per_row = DURATION_BUCKETS.len() + 2;
+                for (row, values) in self.rows[rows].iter().zip(values.chunks_exact(per_row)) {
+                    self.histogram(row, values, buf, &mut int);
+                }
+                return;
             }
-            buf.text(&self.labels[row.labels.clone()]);
-            buf.text("} ");
-            buf.int(row.backend.metrics.peek().map_or(0, &value));
-            buf.text("\n");
-            buf.spill()?;
+        };
+        for (row, &value) in self.rows[rows].iter().zip(values) {
+            buf.extend_from_slice(name.as_bytes());
+            buf.push(b'{');
+            if let Some((label, v)) = label {
+                buf.extend_from_slice(label.as_bytes());
+                buf.extend_from_slice(b"=\"");
+                buf.extend_from_slice(v.as_bytes());
+                buf.extend_from_slice(b"\",");
+            }
+            buf.extend_from_slice(self.labels[row.labels.clone()].as_bytes());
+            buf.extend_from_slice(b"} ");
+            // Integers print as `prometheus` prints the `f64` it would hold
+            // (the same digits below 2^53).
+            buf.extend_from_slice(int.format(value).as_bytes());
+            buf.push(b'\n');
         }
-        Ok(())
     }
 
-    fn each_row(
-        &self,
-        buf: &mut Buf<'_>,
-        name: &str,
-        value: impl Fn(&Row<'_>) -> u64,
-    ) -> io::Result<()> {
-        for row in &self.rows {
-            buf.text(name);
-            buf.text("{");
-            buf.text(&self.labels[row.labels.clone()]);
-            buf.text("} ");
-            buf.int(value(row));
-            buf.text("\n");
-            buf.spill()?;
+    /// The bucket, sum and count samples of `row`'s histogram from its
+    /// values (cumulative counts, then the sum's bits).
+    fn histogram(&self, row: &Row<'_>, values: &[u64], buf: &mut Vec<u8>, int: &mut itoa::Buffer) {
+        const NAME: &[u8] = b"edgelb_instance_request_duration_seconds";
+        let labels = self.labels[row.labels.clone()].as_bytes();
+        let (counts, sum) = values.split_at(BOUNDS.len());
+        for (bound, &count) in BOUNDS.iter().zip(counts) {
+            buf.extend_from_slice(NAME);
+            buf.extend_from_slice(b"_bucket{");
+            buf.extend_from_slice(labels);
+            buf.extend_from_slice(b",le=\"");
+            buf.extend_from_slice(bound.as_bytes());
+            buf.extend_from_slice(b"\"} ");
+            buf.extend_from_slice(int.format(count).as_bytes());
+            buf.push(b'\n');
         }
-        Ok(())
-    }
-
-    fn histograms(&self, buf: &mut Buf<'_>, name: &str) -> io::Result<()> {
-        let bounds: Vec<String> = DURATION_BUCKETS
-            .iter()
-            .map(ToString::to_string)
-            .chain(std::iter::once("+Inf".to_owned()))
-            .collect();
-        for row in &self.rows {
-            let h = row.backend.metrics.peek().map(|s| &s.duration);
-            let counts = h.map_or([0; DURATION_BUCKETS.len() + 1], Histogram::cumulative);
-            let labels = &self.labels[row.labels.clone()];
-            for (bound, count) in bounds.iter().zip(counts) {
-                buf.text(name);
-                buf.text("_bucket{");
-                buf.text(labels);
-                buf.text(",le=\"");
-                buf.text(bound);
-                buf.text("\"} ");
-                buf.int(count);
-                buf.text("\n");
+        buf.extend_from_slice(NAME);
+        buf.extend_from_slice(b"_sum{");
+        buf.extend_from_slice(labels);
+        buf.extend_from_slice(b"} ");
+        match sum.first().map_or(0.0, |&bits| f64::from_bits(bits)) {
+            0.0 => buf.push(b'0'),
+            sum => {
+                let mut text = String::new();
+                // Writing to a String cannot fail.
+                let _ = write!(text, "{sum}");
+                buf.extend_from_slice(text.as_bytes());
             }
-            buf.text(name);
-            buf.text("_sum{");
-            buf.text(labels);
-            buf.text("} ");
-            buf.float(h.map_or(0.0, Histogram::get_sample_sum));
-            buf.text("\n");
-            buf.text(name);
-            buf.text("_count{");
-            buf.text(labels);
-            buf.text("} ");
-            buf.int(counts[DURATION_BUCKETS.len()]);
-            buf.text("\n");
-            buf.spill()?;
         }
-        Ok(())
+        buf.push(b'\n');
+        buf.extend_from_slice(NAME);
+        buf.extend_from_slice(b"_count{");
+        buf.extend_from_slice(labels);
+        buf.extend_from_slice(b"} ");
+        buf.extend_from_slice(int.format(counts.last().copied().unwrap_or(0)).as_bytes());
+        buf.push(b'\n');
     }
 }
 
-/// A write buffer handed to `out` in chunks of about [`CHUNK`] bytes.
-struct Buf<'w> {
-    bytes: Vec<u8>,
-    out: &'w mut dyn io::Write,
-    int: itoa::Buffer,
-    float: String,
-}
+/// The `le` label values of the histogram's buckets, as `f64` prints them.
+const BOUNDS: [&str; DURATION_BUCKETS.len() + 1] = [
+    "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
+    "2.5", "5", "10", "20", "30", "+Inf",
+];
 
-impl<'w> Buf<'w> {
-    fn new(out: &'w mut dyn io::Write) -> Self {
-        Self {
-            bytes: Vec::with_capacity(CHUNK + 4096),
-            out,
-            int: itoa::Buffer::new(),
-            float: String::new(),
-        }
-    }
-
-    fn text(&mut self, s: &str) {
-        self.bytes.extend_from_slice(s.as_bytes());
-    }
-
-    /// An integer, printed as `prometheus` prints the `f64` it would hold
-    /// (the same digits below 2^53).
-    fn int(&mut self, n: u64) {
-        self.bytes.extend_from_slice(self.int.format(n).as_bytes());
-    }
-
-    fn float(&mut self, x: f64) {
-        self.float.clear();
-        // Writing to a String cannot fail.
-        let _ = write!(self.float, "{x}");
-        self.bytes.extend_from_slice(self.float.as_bytes());
-    }
-
-    /// Hands the buffer to the writer once it holds a chunk.
-    fn spill(&mut self) -> io::Result<()> {
-        if self.bytes.len() >= CHUNK {
-            self.out.write_all(&self.bytes)?;
-            self.bytes.clear();
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.out.write_all(&self.bytes)?;
-        self.bytes.clear();
-        Ok(())
+/// The `# HELP` and `# TYPE` lines of `family`.
+pub(super) fn header(buf: &mut Vec<u8>, (name, help, kind): (&str, &str, &str)) {
+    for part in [
+        "# HELP ",
+        name,
+        " ",
+        help,
+        "\n# TYPE ",
+        name,
+        " ",
+        kind,
+        "\n",
+    ] {
+        buf.extend_from_slice(part.as_bytes());
     }
 }
 

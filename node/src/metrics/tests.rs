@@ -33,7 +33,7 @@ fn state(groups: &[(&str, &[&str])]) -> State {
                     instance: Instance {
                         uuid: Uuid::new_v4(),
                         name: (*i).into(),
-                        address: format!("10.0.0.{n}"),
+                        address: format!("10.0.{}.{}", n / 250, n % 250),
                     },
                 })
                 .expect("attach");
@@ -251,3 +251,5 @@ fn label_values_are_escaped() {
     instance::escape_into(&mut out, "a\"b\\c\nd");
     assert_eq!(out, r#"a\"b\\c\nd"#);
 }
+
+mod zipped;
