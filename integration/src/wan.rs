@@ -12,16 +12,19 @@
 //!   every 5 ms: max / mean of the backends' requests in progress
 //! ```
 //!
-//! [`compare`] runs one such cluster per [`Mode`] side by side: the
-//! estimator, `gossip_estimator = "local"` (each node compares its own
-//! counts only), or for comparison raw or decayed counts. Every arrival goes
-//! to the same node of every cluster at the same instant and one sampler
-//! reads all their backends at the same ticks, so whatever else the machine
-//! is doing (a 2-core CI runner, say) weighs on every mode alike: run one
-//! after the other, a busy spell during one of them shows up as a
-//! difference of a few hundredths, as large as the one measured.
-//! `tests/gossip` runs a comparison and `examples/wan_balance` longer ones
-//! for the figures.
+//! One cluster runs per [`Mode`]: the estimator, `gossip_estimator =
+//! "local"` (each node compares its own counts only), or for comparison raw
+//! or decayed counts. [`interleave`] gives the clusters turns at the same
+//! arrivals in short rounds, one cluster busy at a time; [`compare`] sends
+//! every arrival to all of them at the same instant. Either way a [`Paired`]
+//! comparison sets two modes against each other block by block (round by
+//! round, or second by second), so that whatever else the machine is doing
+//! (a 2-core CI runner, say) weighs on both sides of each pair nearly alike,
+//! and says how far apart they are in standard errors of the blocks'
+//! differences. Runs of one mode after the other cannot do that: a busy
+//! spell during one of them moves its figure by a few hundredths, as much
+//! as the difference measured. `tests/gossip` runs an interleaved
+//! comparison, `examples/wan_balance` longer ones for the figures.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -114,18 +117,24 @@ impl std::str::FromStr for Mode {
 /// A run's shape.
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// Share of the arrivals at each node (1…6).
+    pub shares: [f64; 6],
     /// Arrivals per second, all nodes together.
     pub rate: f64,
     /// Share of the requests that take 1 s (the others 100 ms).
     pub long_share: f64,
     /// Instances of the group.
     pub instances: usize,
-    /// Arrivals before the measurement starts.
+    /// [`compare`] only: arrivals before the measurement starts, and the
+    /// measurement's length ([`interleave`] takes [`Rounds`]).
     pub warmup: Duration,
     pub measure: Duration,
     /// Seeds the arrival schedule (the same for every mode).
     pub seed: u64,
 }
+
+/// How often the backends' in-flight counts are read.
+pub const SAMPLE: Duration = Duration::from_millis(5);
 
 /// What a run measured.
 #[derive(Clone, Debug)]
@@ -138,9 +147,93 @@ pub struct Outcome {
     pub mean_inflight: f64,
     pub requests: u64,
     pub failed: u64,
+    /// Why the first failed request failed.
+    pub first_failure: Option<String>,
+    /// Every sample's (max, mean) in-flight count over the instances, at
+    /// the same instants of the arrival schedule in every mode.
+    pub samples: Vec<(f64, f64)>,
+    /// Samples per block of a [`Paired`] comparison: one round of
+    /// [`interleave`], a second of [`compare`].
+    pub block: usize,
 }
 
-/// One arrival: when (from the start), at which node, how long.
+impl Outcome {
+    /// Σ max / Σ mean over each block of [`Outcome::block`] samples (0 for
+    /// a block with nothing in flight).
+    pub fn blocks(&self) -> Vec<f64> {
+        self.samples
+            .chunks(self.block.max(1))
+            .map(|c| {
+                let (max, mean) = c
+                    .iter()
+                    .fold((0.0, 0.0), |(a, b), (max, mean)| (a + max, b + mean));
+                if mean > 0.0 { max / mean } else { 0.0 }
+            })
+            .collect()
+    }
+
+    fn new(mode: Mode, samples: Vec<(f64, f64)>, block: usize, log: &Log) -> anyhow::Result<Self> {
+        let busy: Vec<&(f64, f64)> = samples.iter().filter(|(_, mean)| *mean > 0.0).collect();
+        ensure!(
+            !busy.is_empty(),
+            "{mode:?}: no sample had anything in flight"
+        );
+        let n = busy.len() as f64;
+        Ok(Self {
+            mode,
+            max_over_mean: busy.iter().map(|(max, mean)| max / mean).sum::<f64>() / n,
+            mean_inflight: busy.iter().map(|(_, mean)| mean).sum::<f64>() / n,
+            requests: log.sent.load(Ordering::Relaxed),
+            failed: log.failed.load(Ordering::Relaxed),
+            first_failure: log.first_failure.get().cloned(),
+            samples,
+            block,
+        })
+    }
+}
+
+/// Two modes of one run set against each other block by block: the same
+/// arrivals, read at the same instants of the schedule, so what the
+/// machine does meanwhile weighs on both blocks of a pair nearly alike.
+#[derive(Clone, Debug)]
+pub struct Paired {
+    /// Mean over the blocks of `other − base` (their Σ max / Σ mean).
+    pub mean: f64,
+    /// Its standard error (the blocks' differences taken as independent).
+    pub stderr: f64,
+    pub blocks: usize,
+}
+
+impl Paired {
+    pub fn new(base: &Outcome, other: &Outcome) -> Self {
+        let diffs: Vec<f64> = base
+            .blocks()
+            .iter()
+            .zip(other.blocks())
+            .map(|(b, o)| o - b)
+            .collect();
+        let n = diffs.len() as f64;
+        let mean = diffs.iter().sum::<f64>() / n.max(1.0);
+        let var = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+        Self {
+            mean,
+            stderr: (var / n.max(1.0)).sqrt(),
+            blocks: diffs.len(),
+        }
+    }
+
+    /// How many standard errors `other` is above `base` (negative: below).
+    pub fn z(&self) -> f64 {
+        if self.stderr > 0.0 {
+            self.mean / self.stderr
+        } else {
+            0.0
+        }
+    }
+}
+
+/// One arrival: when (from the start of its schedule), at which node, how
+/// long.
 #[derive(Clone, Copy, Debug)]
 struct Arrival {
     at: Duration,
@@ -148,9 +241,9 @@ struct Arrival {
     ms: u64,
 }
 
-fn schedule(opts: &Options) -> Vec<Arrival> {
-    let mut rng = SmallRng::seed_from_u64(opts.seed);
-    let end = opts.warmup + opts.measure;
+/// Poisson arrivals from 0 to `end`, seeded by `seed`.
+fn schedule(opts: &Options, seed: u64, end: Duration) -> Vec<Arrival> {
+    let mut rng = SmallRng::seed_from_u64(seed);
     let mut out = Vec::new();
     let mut at = Duration::ZERO;
     loop {
@@ -160,8 +253,8 @@ fn schedule(opts: &Options) -> Vec<Arrival> {
         }
         let u: f64 = rng.random();
         let mut acc = 0.0;
-        let mut node = SHARES.len() as u64;
-        for (i, share) in SHARES.iter().enumerate() {
+        let mut node = opts.shares.len() as u64;
+        for (i, share) in opts.shares.iter().enumerate() {
             acc += share;
             if u < acc {
                 node = i as u64 + 1;
@@ -187,7 +280,45 @@ pub async fn compare(modes: &[Mode], opts: &Options) -> anyhow::Result<Vec<Outco
         setups.push(start(mode, opts).await?);
     }
     let bound = opts.warmup + opts.measure + Duration::from_secs(60);
-    tokio::time::timeout(bound, measure(modes, &mut setups, opts))
+    tokio::time::timeout(bound, side_by_side(modes, &setups, opts))
+        .await
+        .context("the WAN run took too long")?
+}
+
+/// Interleaved rounds (see [`interleave`]).
+#[derive(Clone, Debug)]
+pub struct Rounds {
+    pub count: u64,
+    /// Arrivals of one round, in one mode.
+    pub length: Duration,
+    /// From a round's start to its first sample: in-flight counts build up
+    /// from nothing meanwhile.
+    pub settle: Duration,
+}
+
+/// Starts one cluster of six nodes per mode of `modes` and runs `rounds`
+/// rounds: in each, the modes take turns (in the reverse order every other
+/// round) at the same arrival schedule (a new one per round, from
+/// `opts.seed`), each cluster measured during its own turn only. Only one
+/// cluster has work at a time, so the machine carries one cluster's load,
+/// and a pair of turns is a few seconds apart, so a busy spell of the
+/// machine weighs on both turns of a round nearly alike; each cluster
+/// starts its turn empty (its requests of the previous turn ended while the
+/// other modes had theirs) once rounds are longer than the longest
+/// request. Bounded: every request by 5 s, the load by its length plus
+/// 60 s.
+pub async fn interleave(
+    modes: &[Mode],
+    opts: &Options,
+    rounds: &Rounds,
+) -> anyhow::Result<Vec<Outcome>> {
+    let mut setups = Vec::new();
+    for &mode in modes {
+        setups.push(start(mode, opts).await?);
+    }
+    let length = rounds.length * u32::try_from(rounds.count * modes.len() as u64)?;
+    let bound = length + Duration::from_secs(60);
+    tokio::time::timeout(bound, turns(modes, &setups, opts, rounds))
         .await
         .context("the WAN run took too long")?
 }
@@ -196,7 +327,7 @@ pub async fn compare(modes: &[Mode], opts: &Options) -> anyhow::Result<Vec<Outco
 struct Setup {
     /// Kept for its processes.
     _cluster: Cluster,
-    backends: Vec<HttpBackend>,
+    backends: Arc<Vec<HttpBackend>>,
     addrs: Vec<SocketAddr>,
 }
 
@@ -229,105 +360,142 @@ async fn start(mode: Mode, opts: &Options) -> anyhow::Result<Setup> {
     let addrs = (1..=nodes).map(|id| cluster.data_addr(id, PORT)).collect();
     Ok(Setup {
         _cluster: cluster,
-        backends,
+        backends: Arc::new(backends),
         addrs,
     })
 }
 
-/// Time sums of one cluster's samples.
-#[derive(Clone, Copy, Debug, Default)]
-struct Sums {
-    ratio: f64,
-    mean: f64,
-    n: u64,
+/// One sample of a cluster: (max, mean) of its backends' in-flight counts.
+fn sample(backends: &[HttpBackend]) -> (f64, f64) {
+    let counts: Vec<usize> = backends.iter().map(HttpBackend::busy).collect();
+    let total: usize = counts.iter().sum();
+    let mean = total as f64 / counts.len().max(1) as f64;
+    let max = counts.iter().copied().max().unwrap_or(0) as f64;
+    (max, mean)
 }
 
-impl Sums {
-    fn add(&mut self, backends: &[HttpBackend]) {
-        let counts: Vec<usize> = backends.iter().map(HttpBackend::busy).collect();
-        let total: usize = counts.iter().sum();
-        if total == 0 {
-            return;
-        }
-        let mean = total as f64 / counts.len() as f64;
-        let max = counts.iter().copied().max().unwrap_or(0) as f64;
-        self.ratio += max / mean;
-        self.mean += mean;
-        self.n += 1;
+/// One mode's requests: how many were sent, how many failed and why the
+/// first did.
+#[derive(Debug, Default)]
+struct Log {
+    sent: AtomicU64,
+    failed: AtomicU64,
+    first_failure: std::sync::OnceLock<String>,
+}
+
+/// Sends `a` to `addr` (its node's published port); bounded by 5 s.
+fn fire(tasks: &mut tokio::task::JoinSet<()>, addr: SocketAddr, a: Arrival, log: &Arc<Log>) {
+    let log = Arc::clone(log);
+    log.sent.fetch_add(1, Ordering::Relaxed);
+    tasks.spawn(async move {
+        let path = format!("/sleep/{}", a.ms);
+        let sent = Instant::now();
+        let reply =
+            tokio::time::timeout(Duration::from_secs(5), client::get(addr, HOST, &path)).await;
+        let why = match reply {
+            Ok(Ok(r)) if r.status.is_success() => return,
+            Ok(Ok(r)) => format!("status {}", r.status),
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => "no answer within 5 s".to_owned(),
+        };
+        log.failed.fetch_add(1, Ordering::Relaxed);
+        let _ = log.first_failure.set(format!(
+            "{why} (node {}, after {:?})",
+            a.node,
+            sent.elapsed()
+        ));
+    });
+    // Reap finished ones as we go.
+    while tasks.try_join_next().is_some() {}
+}
+
+/// `n` samples of `backends`, every [`SAMPLE`] from `from`.
+async fn sampler(backends: Arc<Vec<HttpBackend>>, from: Instant, n: usize) -> Vec<(f64, f64)> {
+    tokio::time::sleep_until(from).await;
+    let mut tick = tokio::time::interval(SAMPLE);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        tick.tick().await;
+        out.push(sample(&backends));
     }
+    out
 }
 
-async fn measure(
+async fn side_by_side(
     modes: &[Mode],
-    setups: &mut [Setup],
+    setups: &[Setup],
     opts: &Options,
 ) -> anyhow::Result<Vec<Outcome>> {
-    let backends: Arc<Vec<Vec<HttpBackend>>> = Arc::new(
-        setups
-            .iter_mut()
-            .map(|s| std::mem::take(&mut s.backends))
-            .collect(),
-    );
-    let arrivals = schedule(opts);
-    let failed: Arc<Vec<AtomicU64>> = Arc::new(modes.iter().map(|_| AtomicU64::new(0)).collect());
+    let arrivals = schedule(opts, opts.seed, opts.warmup + opts.measure);
+    let logs: Vec<Arc<Log>> = modes.iter().map(|_| Arc::default()).collect();
     let start = Instant::now();
+    let n = (opts.measure.as_millis() / SAMPLE.as_millis()) as usize;
+    let samplers: Vec<_> = setups
+        .iter()
+        .map(|s| tokio::spawn(sampler(Arc::clone(&s.backends), start + opts.warmup, n)))
+        .collect();
     let mut tasks = tokio::task::JoinSet::new();
-    let sampler = {
-        let backends = Arc::clone(&backends);
-        let (warmup, end) = (opts.warmup, opts.warmup + opts.measure);
-        tokio::spawn(async move {
-            let mut sums = vec![Sums::default(); backends.len()];
-            let mut tick = tokio::time::interval(Duration::from_millis(5));
-            loop {
-                tick.tick().await;
-                let t = start.elapsed();
-                if t >= end {
-                    break;
-                }
-                if t < warmup {
-                    continue;
-                }
-                for (sum, backends) in sums.iter_mut().zip(backends.iter()) {
-                    sum.add(backends);
-                }
-            }
-            sums
-        })
-    };
     for a in &arrivals {
         tokio::time::sleep_until(start + a.at).await;
-        let path = format!("/sleep/{}", a.ms);
-        for (i, setup) in setups.iter().enumerate() {
-            let addr = setup.addrs[(a.node - 1) as usize];
-            let failed = Arc::clone(&failed);
-            let path = path.clone();
-            tasks.spawn(async move {
-                let reply =
-                    tokio::time::timeout(Duration::from_secs(5), client::get(addr, HOST, &path))
-                        .await;
-                if !matches!(reply, Ok(Ok(r)) if r.status.is_success()) {
-                    failed[i].fetch_add(1, Ordering::Relaxed);
-                }
-            });
+        for (setup, log) in setups.iter().zip(&logs) {
+            fire(&mut tasks, setup.addrs[(a.node - 1) as usize], *a, log);
         }
-        // Reap finished ones as we go.
-        while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
-    let sums = sampler.await?;
+    let per_second = (1000 / SAMPLE.as_millis()) as usize;
+    let mut out = Vec::new();
+    for ((&mode, sampler), log) in modes.iter().zip(samplers).zip(&logs) {
+        let samples = sampler.await?;
+        out.push(Outcome::new(mode, samples, per_second, log)?);
+    }
+    Ok(out)
+}
+
+async fn turns(
+    modes: &[Mode],
+    setups: &[Setup],
+    opts: &Options,
+    rounds: &Rounds,
+) -> anyhow::Result<Vec<Outcome>> {
+    let logs: Vec<Arc<Log>> = modes.iter().map(|_| Arc::default()).collect();
+    let mut samples: Vec<Vec<(f64, f64)>> = vec![Vec::new(); modes.len()];
+    let n = (rounds.length.saturating_sub(rounds.settle).as_millis() / SAMPLE.as_millis()) as usize;
+    let mut tasks = tokio::task::JoinSet::new();
+    for round in 0..rounds.count {
+        let arrivals = schedule(
+            opts,
+            opts.seed.wrapping_mul(1000).wrapping_add(round),
+            rounds.length,
+        );
+        let mut order: Vec<usize> = (0..modes.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let start = Instant::now();
+            let sampler = tokio::spawn(sampler(
+                Arc::clone(&setups[i].backends),
+                start + rounds.settle,
+                n,
+            ));
+            for a in &arrivals {
+                tokio::time::sleep_until(start + a.at).await;
+                fire(
+                    &mut tasks,
+                    setups[i].addrs[(a.node - 1) as usize],
+                    *a,
+                    &logs[i],
+                );
+            }
+            tokio::time::sleep_until(start + rounds.length).await;
+            samples[i].extend(sampler.await?);
+        }
+    }
+    while tasks.join_next().await.is_some() {}
     modes
         .iter()
-        .zip(sums)
-        .enumerate()
-        .map(|(i, (&mode, sum))| {
-            ensure!(sum.n > 0, "{mode:?}: no sample had anything in flight");
-            Ok(Outcome {
-                mode,
-                max_over_mean: sum.ratio / sum.n as f64,
-                mean_inflight: sum.mean / sum.n as f64,
-                requests: arrivals.len() as u64,
-                failed: failed[i].load(Ordering::Relaxed),
-            })
-        })
+        .zip(samples)
+        .zip(&logs)
+        .map(|((&mode, samples), log)| Outcome::new(mode, samples, n, log))
         .collect()
 }

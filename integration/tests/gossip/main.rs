@@ -616,6 +616,7 @@ async fn cluster_view_shows_gossip_age() -> anyhow::Result<()> {
 async fn across_regions_the_estimator_is_no_worse_than_local_counts() -> anyhow::Result<()> {
     use integration::wan::{Mode, Options, compare};
     let opts = Options {
+        shares: integration::wan::SHARES,
         rate: 120.0,
         long_share: 0.1,
         instances: 6,
