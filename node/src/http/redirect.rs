@@ -28,9 +28,25 @@ pub(crate) fn location(host: &str, port: u16, path_and_query: &str) -> Option<St
         loc.push(':');
         loc.push_str(&port.to_string());
     }
-    loc.push_str(path);
+    // A target may carry bytes a URI may not (hyper passes UTF-8 and
+    // other non-ASCII bytes through): those are percent-encoded, so that
+    // `Location` is the URI it must be (RFC 9110 §10.2.2).
+    for c in path.chars() {
+        if c.is_ascii_graphic() {
+            loc.push(c);
+        } else {
+            let mut utf8 = [0; 4];
+            for b in c.encode_utf8(&mut utf8).bytes() {
+                loc.push('%');
+                loc.push(char::from(HEX[usize::from(b >> 4)]));
+                loc.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+        }
+    }
     Some(loc)
 }
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 fn valid_host(host: &str) -> bool {
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
@@ -88,6 +104,12 @@ mod tests {
             Some("https://example.com/")
         );
         assert_eq!(location("evil.com/x", 443, "/"), None);
+        // Found by fuzzing (`fuzz/regressions/http_head`): non-ASCII in
+        // the target made a Location that is not a URI.
+        assert_eq!(
+            location("example.com", 443, "/a?b\u{dc} c").as_deref(),
+            Some("https://example.com/a?b%C3%9C%20c")
+        );
         assert_eq!(location("a@b", 443, "/"), None);
         assert_eq!(location("", 443, "/"), None);
     }
