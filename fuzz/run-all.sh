@@ -28,7 +28,7 @@ else
 fi
 
 fuzz=(cargo +nightly fuzz)
-nice -n 19 "${fuzz[@]}" build -O -s "$sanitizer"
+nice -n 19 "${fuzz[@]}" build -O -a -s "$sanitizer"
 
 mkdir -p logs
 failed=0
@@ -37,7 +37,7 @@ for t in "${targets[@]}"; do
   mkdir -p "corpus-work/$t" "corpus/$t"
   log="logs/$t.log"
   status=ok
-  nice -n 19 "${fuzz[@]}" run -O -s "$sanitizer" "$t" "corpus-work/$t" "corpus/$t" -- \
+  nice -n 19 "${fuzz[@]}" run -O -a -s "$sanitizer" "$t" "corpus-work/$t" "corpus/$t" -- \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     >"$log" 2>&1 || status=CRASH
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
@@ -51,7 +51,7 @@ for t in "${targets[@]}"; do
     # run's new inputs cover replaces the checked-in corpus.
     rm -rf "corpus-min/$t"
     mkdir -p "corpus-min/$t"
-    nice -n 19 "${fuzz[@]}" run -O -s "$sanitizer" "$t" "corpus-min/$t" "corpus/$t" \
+    nice -n 19 "${fuzz[@]}" run -O -a -s "$sanitizer" "$t" "corpus-min/$t" "corpus/$t" \
       "corpus-work/$t" -- -merge=1 >>"$log" 2>&1
     rm -rf "corpus/$t"
     mv "corpus-min/$t" "corpus/$t"
