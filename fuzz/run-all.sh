@@ -9,6 +9,7 @@
 # Environment:
 #   FUZZ_SANITIZER  address, none, ... (default none: the code is safe Rust;
 #                   `address` checks the C in ring at about half the speed)
+#   FUZZ_RUNS=N     stop a target after N executions (if within SECONDS)
 #   FUZZ_MERGE=1    afterwards, replace the checked-in corpus
 #                   (fuzz/corpus/<target>) by the smallest set of inputs that
 #                   covers it and this run's new inputs (libFuzzer -merge=1)
@@ -38,7 +39,7 @@ for t in "${targets[@]}"; do
   log="logs/$t.log"
   status=ok
   nice -n 19 "${fuzz[@]}" run -O -a -s "$sanitizer" "$t" "corpus-work/$t" "corpus/$t" -- \
-    -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    -max_total_time="$secs" -runs="${FUZZ_RUNS:--1}" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     >"$log" 2>&1 || status=CRASH
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   took=$(sed -n 's/.*Done \([0-9]*\) runs in \([0-9]*\) second.*/\2/p' "$log" | tail -1)
