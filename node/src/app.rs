@@ -200,20 +200,23 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let mut tasks = Vec::new();
     let admin_cert = match &config.admin_tls {
         None => None,
-        Some(AdminTls::Node) => Some(
-            AdminCert::new(&identity.tls.cert_pem, &identity.tls.key_pem)
-                .map_err(|e| StartError::Io(format!("admin TLS with the node certificate: {e}")))?,
-        ),
+        Some(AdminTls::Node) => {
+            let c = AdminCert::new(&identity.tls.cert_pem, &identity.tls.key_pem)
+                .map_err(|e| StartError::Io(format!("admin TLS with the node certificate: {e}")))?;
+            c.register_expiry(metrics.registry(), &identity.tls.cert_pem);
+            Some(c)
+        }
         Some(AdminTls::Files { cert, key }) => {
             let read = |field: &str, p: &Path| {
                 std::fs::read_to_string(p).map_err(|e| {
                     StartError::Config(ConfigError::new(field, format!("{}: {e}", p.display())))
                 })
             };
-            let c = AdminCert::new(&read("admin_tls_cert", cert)?, &read("admin_tls_key", key)?)
-                .map_err(|e| {
-                    StartError::Config(ConfigError::new("admin_tls_cert", e.to_string()))
-                })?;
+            let chain = read("admin_tls_cert", cert)?;
+            let c = AdminCert::new(&chain, &read("admin_tls_key", key)?).map_err(|e| {
+                StartError::Config(ConfigError::new("admin_tls_cert", e.to_string()))
+            })?;
+            c.register_expiry(metrics.registry(), &chain);
             tasks.push(tokio::spawn(c.clone().watch_files(
                 cert.clone(),
                 key.clone(),

@@ -20,10 +20,11 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use prometheus::{IntGauge, Registry};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -37,7 +38,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cluster::pki::NODE_DNS_SUFFIX;
+use crate::cluster::pki::{NODE_DNS_SUFFIX, not_after};
 use crate::tls::{TlsError, certified_key};
 
 /// How often an operator's certificate files are re-read.
@@ -46,6 +47,8 @@ const FILES_EVERY: Duration = Duration::from_secs(60);
 /// The admin certificate in use.
 pub struct AdminCert {
     current: ArcSwap<CertifiedKey>,
+    /// `edgelb_admin_cert_expiration_timestamp_seconds`, once shown.
+    expiry: OnceLock<IntGauge>,
 }
 
 impl fmt::Debug for AdminCert {
@@ -59,6 +62,7 @@ impl AdminCert {
     pub fn new(chain_pem: &str, key_pem: &str) -> Result<Arc<Self>, TlsError> {
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(certified_key(chain_pem, key_pem)?),
+            expiry: OnceLock::new(),
         }))
     }
 
@@ -66,7 +70,30 @@ impl AdminCert {
     pub fn set(&self, chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
         self.current
             .store(Arc::new(certified_key(chain_pem, key_pem)?));
+        self.show_expiry(chain_pem);
         Ok(())
+    }
+
+    /// Shows when the certificate `chain_pem` (the one in use) expires as
+    /// `edgelb_admin_cert_expiration_timestamp_seconds` in `registry`.
+    pub fn register_expiry(&self, registry: &Registry, chain_pem: &str) {
+        let gauge = IntGauge::new(
+            "edgelb_admin_cert_expiration_timestamp_seconds",
+            "When the admin API's TLS certificate in use expires (not after), in Unix seconds.",
+        );
+        match gauge.and_then(|g| registry.register(Box::new(g.clone())).map(|()| g)) {
+            Ok(g) => {
+                let _ = self.expiry.set(g);
+                self.show_expiry(chain_pem);
+            }
+            Err(e) => warn!(error = %e, "admin certificate expiry series not registered"),
+        }
+    }
+
+    fn show_expiry(&self, chain_pem: &str) {
+        if let (Some(g), Ok(t)) = (self.expiry.get(), not_after(chain_pem)) {
+            g.set(t.unix_timestamp());
+        }
     }
 
     /// The acceptor of the admin listener: HTTP/1.1 by ALPN, this

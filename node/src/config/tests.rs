@@ -291,5 +291,19 @@ fn admin_tls_keys() {
     )
     .unwrap();
     assert_eq!(field(&["--config", toml.to_str().unwrap()]), "admin_tls");
+
+    // An https:// join needs a CA to verify the member with.
+    let token = "join-token-0123456789";
+    let join = ["--join", "https://10.0.0.1:7070", "--token", token];
+    assert_eq!(field(&join), "join_ca_cert");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, crate::cluster::pki::generate_ca("t").unwrap().cert_pem).unwrap();
+    let ca = ca.to_str().unwrap();
+    let with_ca = [&join[..], &["--join-ca-cert", ca]].concat();
+    assert!(load(&with_ca).unwrap().join_tls.is_some());
+    let not_pem = [&join[..], &["--join-ca-cert", k]].concat();
+    assert_eq!(field(&not_pem), "join_ca_cert");
+    let plain = ["--join", "http://10.0.0.1:7070", "--token", token];
+    assert!(load(&plain).unwrap().join_tls.is_none());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -69,6 +69,13 @@ async fn edgectl_verifies_the_node_certificate_with_the_cluster_ca() -> anyhow::
         (89 * 86_400..=90 * 86_400).contains(&left),
         "the node certificate expires in {left} s"
     );
+    // The admin API serves that same certificate.
+    assert!(
+        text.contains(&format!(
+            "edgelb_admin_cert_expiration_timestamp_seconds {expiry}\n"
+        )),
+        "{text}"
+    );
 
     // Another cluster's CA: exit 3, naming the file.
     let other = TempDir::new("other-ca");
