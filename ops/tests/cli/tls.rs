@@ -9,7 +9,7 @@ use std::path::Path;
 use edgelb::config::AdminTls;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 
-use crate::support::{Net, Node, TOKEN, TempDir, edgectl, edgectl_env};
+use crate::support::{Net, Node, Run, TOKEN, TempDir, edgectl, edgectl_env};
 
 /// Writes a new CA to `dir/ca.pem` and a server certificate for
 /// `admin.example` and `ip` (when given) signed by it to `dir/admin.pem`,
@@ -27,6 +27,14 @@ fn operator_pki(dir: &Path, ip: Option<IpAddr>) -> anyhow::Result<()> {
     std::fs::write(dir.join("admin.pem"), cert.pem())?;
     std::fs::write(dir.join("admin.key"), key.serialize_pem())?;
     Ok(())
+}
+
+/// `edgectl --api api --cacert cacert --token TOKEN service ls`.
+async fn ls_over_tls(api: &str, cacert: &str) -> anyhow::Result<Run> {
+    edgectl(&[
+        "--api", api, "--cacert", cacert, "--token", TOKEN, "service", "ls",
+    ])
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,11 +91,9 @@ async fn edgectl_verifies_the_node_certificate_with_the_cluster_ca() -> anyhow::
     edgectl(&["certs", "init", "--out", &other_s]).await?.ok()?;
     let wrong = other.path().join("ca.pem");
     let wrong = wrong.to_string_lossy();
-    let line = edgectl(&[
-        "--api", &api, "--cacert", &wrong, "--token", TOKEN, "service", "ls",
-    ])
-    .await?
-    .fails(3, "is not signed by the CA in --cacert");
+    let line = ls_over_tls(&api, &wrong)
+        .await?
+        .fails(3, "is not signed by the CA in --cacert");
     assert!(line.contains(wrong.as_ref()), "{line}");
     assert!(line.contains(&api), "{line}");
 
@@ -95,11 +101,9 @@ async fn edgectl_verifies_the_node_certificate_with_the_cluster_ca() -> anyhow::
     edgectl(&["--api", &api, "--token", TOKEN, "service", "ls"])
         .await?
         .fails(2, "--cacert");
-    edgectl(&[
-        "--api", &node.url, "--cacert", &ca, "--token", TOKEN, "service", "ls",
-    ])
-    .await?
-    .fails(2, "needs an https:// --api URL");
+    ls_over_tls(&node.url, &ca)
+        .await?
+        .fails(2, "needs an https:// --api URL");
     // Plain HTTP to the TLS port: no answer, and a hint.
     edgectl(&["--api", &node.url, "--token", TOKEN, "service", "ls"])
         .await?
@@ -153,32 +157,12 @@ async fn edgectl_verifies_an_operator_certificate_by_address() -> anyhow::Result
     .await?;
     let api = node.https_url();
     let ca = pki.path().join("ca.pem");
-    edgectl(&[
-        "--api",
-        &api,
-        "--cacert",
-        &ca.to_string_lossy(),
-        "--token",
-        TOKEN,
-        "service",
-        "ls",
-    ])
-    .await?
-    .ok()?;
+    ls_over_tls(&api, &ca.to_string_lossy()).await?.ok()?;
     // The cluster CA did not sign the operator's certificate.
     let cluster_ca = node.data_dir().join("tls/ca.pem");
-    edgectl(&[
-        "--api",
-        &api,
-        "--cacert",
-        &cluster_ca.to_string_lossy(),
-        "--token",
-        TOKEN,
-        "service",
-        "ls",
-    ])
-    .await?
-    .fails(3, "is not signed by the CA in --cacert");
+    ls_over_tls(&api, &cluster_ca.to_string_lossy())
+        .await?
+        .fails(3, "is not signed by the CA in --cacert");
     node.stop().await;
 
     // A certificate for another name: refused by address.
@@ -194,34 +178,16 @@ async fn edgectl_verifies_an_operator_certificate_by_address() -> anyhow::Result
     .await?;
     let other_ca = other.path().join("ca.pem");
     let other_ca = other_ca.to_string_lossy();
-    edgectl(&[
-        "--api",
-        &named.https_url(),
-        "--cacert",
-        &other_ca,
-        "--token",
-        TOKEN,
-        "service",
-        "ls",
-    ])
-    .await?
-    .fails(3, "names neither");
+    ls_over_tls(&named.https_url(), &other_ca)
+        .await?
+        .fails(3, "names neither");
     named.stop().await;
 
     // https to a node that speaks plain HTTP.
     let plain = Node::start_with(net.ip(3), |_| {}).await?;
-    edgectl(&[
-        "--api",
-        &plain.https_url(),
-        "--cacert",
-        &other_ca,
-        "--token",
-        TOKEN,
-        "service",
-        "ls",
-    ])
-    .await?
-    .fails(3, "does the admin API serve TLS?");
+    ls_over_tls(&plain.https_url(), &other_ca)
+        .await?
+        .fails(3, "does the admin API serve TLS?");
     plain.stop().await;
     Ok(())
 }
