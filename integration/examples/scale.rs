@@ -105,11 +105,12 @@ struct Report {
     groups_done: usize,
     failures: Vec<String>,
     load_time: Duration,
-    metrics: Option<(usize, Duration)>,
-    metrics_gzip: Option<(usize, Duration)>,
+    /// Bytes, time to the last byte and the node's CPU time meanwhile.
+    metrics: Option<(usize, Duration, Duration)>,
+    metrics_gzip: Option<(usize, Duration, Duration)>,
     /// The next gzip-compressed scrape, nothing having changed meanwhile
-    /// (as Prometheus scrapes every interval).
-    metrics_gzip_next: Option<Duration>,
+    /// (as Prometheus scrapes every interval): time and CPU time.
+    metrics_gzip_next: Option<(Duration, Duration)>,
     services: Option<(usize, Duration)>,
     restart: Option<(u64, Duration)>,
     join: Option<(u64, Duration, f64)>,
@@ -203,9 +204,11 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     let last = groups_done - 1;
 
     let admin = cluster.admin(ids[0]);
-    report.metrics = Some(timed_scrape(&admin, false).await?);
-    report.metrics_gzip = Some(timed_scrape(&admin, true).await?);
-    report.metrics_gzip_next = Some(timed_scrape(&admin, true).await?.1);
+    let pid = cluster.pid(ids[0]);
+    report.metrics = Some(scrape(&admin, pid, false).await?);
+    report.metrics_gzip = Some(scrape(&admin, pid, true).await?);
+    let (_, took, cpu) = scrape(&admin, pid, true).await?;
+    report.metrics_gzip_next = Some((took, cpu));
     report.services = Some(timed_get(&admin, "/v1/services").await?);
 
     let leader = cluster.leader().await?;
@@ -444,6 +447,17 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// [`timed_scrape`], and the CPU time that the node `pid` used meanwhile.
+async fn scrape(
+    admin: &AdminClient,
+    pid: Option<u32>,
+    gzip: bool,
+) -> anyhow::Result<(usize, Duration, Duration)> {
+    let cpu = cpu_times(&[pid])[0];
+    let (bytes, took) = timed_scrape(admin, gzip).await?;
+    Ok((bytes, took, cpu_times(&[pid])[0].saturating_sub(cpu)))
+}
+
 /// `GET /metrics` on `admin`, asking for gzip when `gzip`, read as it
 /// streams and dropped: the bytes on the wire and the time to the last one.
 async fn timed_scrape(admin: &AdminClient, gzip: bool) -> anyhow::Result<(usize, Duration)> {
@@ -590,20 +604,21 @@ fn render(args: &Args, reports: &[Report]) -> String {
     }
     let _ = writeln!(
         s,
-        "\n| nodes | groups done | load s | /metrics text MB | ms | /metrics gzip MB | ms | next ms | GET /v1/services MB | ms | restart to ready s | join and serve s | then lists all s | joined RSS MiB |"
+        "\n| nodes | groups done | load s | /metrics text MB | ms (CPU) | /metrics gzip MB | ms (CPU) | next ms (CPU) | GET /v1/services MB | ms | restart to ready s | join and serve s | then lists all s | joined RSS MiB |"
     );
     let _ = writeln!(
         s,
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in reports {
-        let (mb, mms) = r
-            .metrics
-            .map_or((0.0, 0.0), |(b, t)| (b as f64 / 1e6, ms(t)));
-        let (gb, gms) = r
-            .metrics_gzip
-            .map_or((0.0, 0.0), |(b, t)| (b as f64 / 1e6, ms(t)));
-        let next = r.metrics_gzip_next.map_or(0.0, ms);
+        let scrape = |m: Option<(usize, Duration, Duration)>| {
+            m.map_or((0.0, 0.0, 0.0), |(b, t, c)| (b as f64 / 1e6, ms(t), ms(c)))
+        };
+        let (mb, mms, mcpu) = scrape(r.metrics);
+        let (gb, gms, gcpu) = scrape(r.metrics_gzip);
+        let (next, ncpu) = r
+            .metrics_gzip_next
+            .map_or((0.0, 0.0), |(t, c)| (ms(t), ms(c)));
         let (sb, sms) = r
             .services
             .map_or((0.0, 0.0), |(b, t)| (b as f64 / 1e6, ms(t)));
@@ -612,7 +627,7 @@ fn render(args: &Args, reports: &[Report]) -> String {
         let listed = r.listed.map_or(0.0, |t| t.as_secs_f64());
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {mb:.1} | {mms:.0} | {gb:.1} | {gms:.0} | {next:.0} | {sb:.1} | {sms:.0} | {restart:.2} | {join:.2} | {listed:.2} | {join_rss:.0} |",
+            "| {} | {} | {:.0} | {mb:.1} | {mms:.0} ({mcpu:.0}) | {gb:.1} | {gms:.0} ({gcpu:.0}) | {next:.0} ({ncpu:.0}) | {sb:.1} | {sms:.0} | {restart:.2} | {join:.2} | {listed:.2} | {join_rss:.0} |",
             r.nodes,
             r.groups_done,
             r.load_time.as_secs_f64(),
