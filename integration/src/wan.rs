@@ -133,6 +133,12 @@ pub struct Options {
     pub seed: u64,
 }
 
+/// A request that has no answer by then failed. Far above the longest
+/// request (1 s): on a 2-core machine busy with other work a process can
+/// stall for seconds, which costs the measurement nothing (both sides of a
+/// pair see it) but would count as a failure.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How often the backends' in-flight counts are read.
 pub const SAMPLE: Duration = Duration::from_millis(5);
 
@@ -272,7 +278,7 @@ fn schedule(opts: &Options, seed: u64, end: Duration) -> Vec<Arrival> {
 
 /// Starts one cluster of six nodes per mode of `modes`, runs the arrival
 /// schedule against all of them at once and measures each. Bounded: every
-/// request by 5 s, the load by its length plus 60 s (the clusters' start
+/// request by [`REQUEST_TIMEOUT`], the load by its length plus 60 s (the clusters' start
 /// by the harness's own deadlines).
 pub async fn compare(modes: &[Mode], opts: &Options) -> anyhow::Result<Vec<Outcome>> {
     let mut setups = Vec::new();
@@ -305,7 +311,7 @@ pub struct Rounds {
 /// machine weighs on both turns of a round nearly alike; each cluster
 /// starts its turn empty (its requests of the previous turn ended while the
 /// other modes had theirs) once rounds are longer than the longest
-/// request. Bounded: every request by 5 s, the load by its length plus
+/// request. Bounded: every request by [`REQUEST_TIMEOUT`], the load by its length plus
 /// 60 s.
 pub async fn interleave(
     modes: &[Mode],
@@ -383,20 +389,20 @@ struct Log {
     first_failure: std::sync::OnceLock<String>,
 }
 
-/// Sends `a` to `addr` (its node's published port); bounded by 5 s.
+/// Sends `a` to `addr` (its node's published port); bounded by
+/// [`REQUEST_TIMEOUT`].
 fn fire(tasks: &mut tokio::task::JoinSet<()>, addr: SocketAddr, a: Arrival, log: &Arc<Log>) {
     let log = Arc::clone(log);
     log.sent.fetch_add(1, Ordering::Relaxed);
     tasks.spawn(async move {
         let path = format!("/sleep/{}", a.ms);
         let sent = Instant::now();
-        let reply =
-            tokio::time::timeout(Duration::from_secs(5), client::get(addr, HOST, &path)).await;
+        let reply = tokio::time::timeout(REQUEST_TIMEOUT, client::get(addr, HOST, &path)).await;
         let why = match reply {
             Ok(Ok(r)) if r.status.is_success() => return,
             Ok(Ok(r)) => format!("status {}", r.status),
             Ok(Err(e)) => format!("{e:#}"),
-            Err(_) => "no answer within 5 s".to_owned(),
+            Err(_) => format!("no answer within {REQUEST_TIMEOUT:?}"),
         };
         log.failed.fetch_add(1, Ordering::Relaxed);
         let _ = log.first_failure.set(format!(
