@@ -10,9 +10,8 @@
 #   FUZZ_SANITIZER  address, none, ... (default none: the code is safe Rust;
 #                   `address` checks the C in ring at about half the speed)
 #   FUZZ_RUNS=N     stop a target after N executions (if within SECONDS)
-#   FUZZ_MERGE=1    afterwards, replace the checked-in corpus
-#                   (fuzz/corpus/<target>) by the smallest set of inputs that
-#                   covers it and this run's new inputs (libFuzzer -merge=1)
+#   FUZZ_MERGE=1    afterwards, fold this run's new inputs into the checked-in
+#                   corpus, kept small (fuzz/minimize.sh)
 #
 # New inputs go to fuzz/corpus-work/<target> (not checked in); crashes to
 # fuzz/artifacts/<target>/. Exit status 1 if any target crashed.
@@ -48,14 +47,7 @@ for t in "${targets[@]}"; do
   printf '%-16s %14s %8s %10s %s\n' "$t" "${execs:-?}" "${took:-?}" "${rate:-?}" "$status" \
     | tee -a logs/summary.txt
   if [ "${FUZZ_MERGE:-0}" = 1 ] && [ "$status" = ok ]; then
-    # The smallest set of inputs that covers what the old corpus and this
-    # run's new inputs cover replaces the checked-in corpus.
-    rm -rf "corpus-min/$t"
-    mkdir -p "corpus-min/$t"
-    nice -n 19 "${fuzz[@]}" run -O -a -s "$sanitizer" "$t" "corpus-min/$t" "corpus/$t" \
-      "corpus-work/$t" -- -merge=1 >>"$log" 2>&1
-    rm -rf "corpus/$t"
-    mv "corpus-min/$t" "corpus/$t"
+    ./minimize.sh "$t" >>"$log" 2>&1
   fi
 done
 cat logs/summary.txt
