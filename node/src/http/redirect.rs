@@ -50,10 +50,9 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 fn valid_host(host: &str) -> bool {
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        return !inner.is_empty()
-            && inner
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        // Hex digits and colons alone may be no address (`[::::]`), and
+        // then no URI either.
+        return inner.parse::<std::net::Ipv6Addr>().is_ok();
     }
     !host.is_empty()
         && host
@@ -104,6 +103,14 @@ mod tests {
             Some("https://example.com/")
         );
         assert_eq!(location("evil.com/x", 443, "/"), None);
+        // Found by fuzzing (`fuzz/regressions/http_head`): brackets around
+        // what is no IPv6 address made a Location that is not a URI.
+        assert_eq!(location("[::::::]", 443, "/"), None);
+        assert_eq!(location("[1:2:3:4:5:6:7:8:9]", 443, "/"), None);
+        assert_eq!(
+            location("[::ffff:10.0.0.1]", 443, "/").as_deref(),
+            Some("https://[::ffff:10.0.0.1]/")
+        );
         // Found by fuzzing (`fuzz/regressions/http_head`): non-ASCII in
         // the target made a Location that is not a URI.
         assert_eq!(
