@@ -8,7 +8,7 @@
 #
 # Environment:
 #   FUZZ_SANITIZER  address, none, ... (default none: the code is safe Rust;
-#                   `address` checks the C in ring at about half the speed)
+#                   `address` also checks the C in ring, more slowly)
 #   FUZZ_RUNS=N     stop a target after N executions (if within SECONDS)
 #   FUZZ_MERGE=1    afterwards, fold this run's new inputs into the checked-in
 #                   corpus, kept small (fuzz/minimize.sh)
