@@ -3,6 +3,7 @@
 
 use http::header::{CONTENT_LENGTH, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
@@ -31,22 +32,13 @@ pub(crate) fn location(host: &str, port: u16, path_and_query: &str) -> Option<St
     // A target may carry bytes a URI may not (hyper passes UTF-8 and
     // other non-ASCII bytes through): those are percent-encoded, so that
     // `Location` is the URI it must be (RFC 9110 §10.2.2).
-    for c in path.chars() {
-        if c.is_ascii_graphic() {
-            loc.push(c);
-        } else {
-            let mut utf8 = [0; 4];
-            for b in c.encode_utf8(&mut utf8).bytes() {
-                loc.push('%');
-                loc.push(char::from(HEX[usize::from(b >> 4)]));
-                loc.push(char::from(HEX[usize::from(b & 0xf)]));
-            }
-        }
-    }
+    loc.extend(utf8_percent_encode(path, NOT_IN_URI));
     Some(loc)
 }
 
-const HEX: &[u8; 16] = b"0123456789ABCDEF";
+/// What a target may carry that a URI may not: controls and space (and,
+/// always, non-ASCII).
+const NOT_IN_URI: &AsciiSet = &CONTROLS.add(b' ');
 
 fn valid_host(host: &str) -> bool {
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
