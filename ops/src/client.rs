@@ -361,6 +361,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn segments_encode_all_but_unreserved() {
+        assert_eq!(segment("web-1.a_b~c"), "web-1.a_b~c");
+        assert_eq!(segment("a b/c?d%\u{e9}"), "a%20b%2Fc%3Fd%25%C3%A9");
+    }
+
+    #[test]
     fn urls() {
         let u = ApiUrl::parse("http://127.0.0.1:7070").unwrap();
         assert_eq!(u.to_string(), "http://127.0.0.1:7070");
