@@ -158,7 +158,7 @@ pub fn total(runs: &[RunReport]) -> RunReport {
     let mut t = RunReport::default();
     for r in runs {
         for (k, n) in &r.faults {
-            *t.faults.entry(k).or_default() += n;
+            *t.faults.entry(k.clone()).or_default() += n;
         }
         let (a, b) = (&mut t.verdict, &r.verdict);
         a.acked += b.acked;

@@ -79,6 +79,25 @@ pub struct NodeHandle {
 /// cancelled.
 const STOP_GRACE: Duration = Duration::from_millis(500);
 
+/// With nothing in flight on the data plane, a graceful stop and the exit
+/// after it end within this of the stop's start (the acceptance's 1 s,
+/// less the process's own teardown).
+const EXIT_BUDGET: Duration = Duration::from_millis(850);
+
+/// After a drain that took long, what follows it still gets this.
+const STOP_REST: Duration = Duration::from_millis(300);
+
+/// Of the time after the drain, what is kept for the storage seals and the
+/// endpoint's close once Raft stopped (or its wait was cut short).
+const SEAL_AND_CLOSE: Duration = Duration::from_millis(200);
+
+/// The endpoint's close waits this long at most for peers to be told.
+const CLOSE_MAX: Duration = Duration::from_millis(150);
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl NodeHandle {
     /// Waits until the data plane serves the current state (listeners bound).
     pub async fn ready(&mut self) {
@@ -90,13 +109,19 @@ impl NodeHandle {
     /// node's load meanwhile) while everything else stops on cancel within
     /// [`STOP_GRACE`]; stop gossiping; leave the membership when configured
     /// to; stop Raft and the cluster endpoint. Nothing here waits on a
-    /// quorum or a peer beyond these bounds.
-    pub async fn shutdown(self) {
+    /// quorum or a peer beyond these bounds: with nothing in flight on the
+    /// data plane, all of it ends within [`EXIT_BUDGET`] of the call (the
+    /// steps after the drain share one deadline rather than each having
+    /// its own bound). Returns that deadline: the exit's wait for leftover
+    /// blocking work (`main`) ends there too. Each step's time is logged.
+    pub async fn shutdown(self) -> tokio::time::Instant {
+        use tokio::time::Instant;
+        let began = Instant::now();
         self.shutdown.cancel();
         // Requests waiting on a quorum answer 503 now rather than hold the
         // admin API's stop for the whole grace.
         self.store.stop();
-        let grace = tokio::time::Instant::now() + STOP_GRACE;
+        let grace = began + STOP_GRACE;
         let others = async {
             for t in self.tasks {
                 let abort = t.abort_handle();
@@ -104,6 +129,7 @@ impl NodeHandle {
                     abort.abort();
                 }
             }
+            began.elapsed()
         };
         let drain_limit = self.dataplane.settings.drain_timeout + STOP_GRACE;
         let drain = self.drain.abort_handle();
@@ -111,26 +137,38 @@ impl NodeHandle {
             if tokio::time::timeout(drain_limit, self.drain).await.is_err() {
                 drain.abort();
             }
+            began.elapsed()
         };
-        tokio::join!(others, drained);
+        let (tasks_took, drain_took) = tokio::join!(others, drained);
+        let gossip_began = Instant::now();
         self.gossip_tasks.stop().await;
+        let gossip_took = gossip_began.elapsed();
+        let mut leave_took = Duration::ZERO;
         if self.leave_on_exit {
+            let t = Instant::now();
             match self.store.remove_node(self.node_id).await {
                 Ok(_) => info!("left the cluster"),
                 Err(e) => warn!(error = %e, "could not leave the cluster"),
             }
+            leave_took = t.elapsed();
         }
-        if tokio::time::timeout(STOP_GRACE, self.store.raft().shutdown())
+        // What remains (Raft, the storage seals, the endpoint, the
+        // runtime's leftover blocking work) shares one deadline.
+        let end = (began + EXIT_BUDGET).max(Instant::now() + STOP_REST);
+        let raft_began = Instant::now();
+        let raft_limit = end.checked_sub(SEAL_AND_CLOSE).unwrap_or(end);
+        if tokio::time::timeout_at(raft_limit.max(raft_began), self.store.raft().shutdown())
             .await
             .is_err()
         {
-            warn!("raft did not stop within {STOP_GRACE:?}");
+            warn!("raft did not stop in time");
         }
+        let raft_took = raft_began.elapsed();
         // Each file's close writes its allocator state (two fsyncs). Started
         // here, the files go side by side and alongside the endpoint's
         // close, rather than one after the other as the process drops
-        // them. Nothing waits for them here: the exit's own bound on
-        // blocking work (`main`) covers them, as it covered the drops.
+        // them. Nothing waits for them here: the exit's own wait for
+        // blocking work (`main`, up to `end`) covers them.
         for s in self.seals {
             tokio::spawn(async move {
                 if let Err(e) = s.seal().await {
@@ -138,7 +176,20 @@ impl NodeHandle {
                 }
             });
         }
-        self.transport.close().await;
+        let close_began = Instant::now();
+        let close_limit = end.saturating_duration_since(close_began).min(CLOSE_MAX);
+        let _ = tokio::time::timeout(close_limit, self.transport.close()).await;
+        info!(
+            total_ms = millis(began.elapsed()),
+            tasks_ms = millis(tasks_took),
+            drain_ms = millis(drain_took),
+            gossip_ms = millis(gossip_took),
+            leave_ms = millis(leave_took),
+            raft_ms = millis(raft_took),
+            close_ms = millis(close_began.elapsed()),
+            "stopped"
+        );
+        end
     }
 
     /// Stops at once, as a crash would: no draining, no goodbye.
@@ -156,6 +207,9 @@ impl NodeHandle {
 
 /// Starts a node with `config`.
 pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
+    // Each step of the start up to the cluster endpoint is timed and logged
+    // (a restart's catch-up waits for them).
+    let began = tokio::time::Instant::now();
     create_data_dir(&config.data_dir)?;
     let token_file = load_token(&config.data_dir, config.token.as_deref())?;
     let (token, token_generated) = (token_file.value.clone(), token_file.generated);
@@ -180,6 +234,10 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
             crate::bootstrap::BootstrapError::Config(c) => StartError::Config(c),
             other => StartError::Io(other.to_string()),
         })?;
+    info!(
+        since_start_ms = millis(began.elapsed()),
+        "identity loaded, admin listener bound"
+    );
     let raft = crate::raft::start(&config, &identity).await?;
     let store = Arc::new(raft.store);
     if identity.founded {
@@ -299,7 +357,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         admin,
         shutdown.clone(),
     )));
-    info!(node_id = config.node_id, region = %config.region, %admin_addr, cluster_addr = %raft.cluster_addr, listen_ip = %config.listen_ip, "node started");
+    info!(node_id = config.node_id, region = %config.region, %admin_addr, cluster_addr = %raft.cluster_addr, listen_ip = %config.listen_ip, since_start_ms = millis(began.elapsed()), "node started");
     Ok(NodeHandle {
         admin_addr,
         cluster_addr: raft.cluster_addr,

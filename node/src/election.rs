@@ -85,26 +85,39 @@ impl Default for Timing {
 }
 
 impl Timing {
-    /// The longest a replication or vote RPC may take: three quarters of T,
+    /// The longest a replication RPC may take: three quarters of T,
     /// 750 ms by default, which covers a 300 ms round trip, the peer's
     /// fsync and a lost packet's retransmission.
     pub fn rpc_limit(&self) -> Duration {
         self.election_timeout * 3 / 4
     }
 
+    /// The longest a vote RPC may take, counted from when it is sent: just
+    /// under T (openraft's vote limit must stay below its leader lease,
+    /// which is T). A vote costs the voter an fsync, which on a busy disk
+    /// took most of a second, and a round ends at its first quorum, so a
+    /// dead voter's longer wait delays nothing.
+    pub fn vote_limit(&self) -> Duration {
+        self.election_timeout
+            .saturating_sub(Duration::from_millis(1))
+            .max(self.rpc_limit() + Duration::from_millis(1))
+    }
+
     /// openraft's settings for this timing.
     pub fn openraft(&self) -> openraft::Config {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let rpc = ms(self.rpc_limit()).max(1);
+        let vote = ms(self.vote_limit()).max(rpc + 1);
         openraft::Config {
             // openraft's timers are off (see the module docs); what remains
-            // of these is the RPC limit (`heartbeat_interval`) and the
-            // leader lease (`election_timeout_max`).
+            // of these is the RPC limit (`heartbeat_interval`), the vote
+            // RPC limit (`election_timeout_min`) and the leader lease
+            // (`election_timeout_max`).
             enable_heartbeat: false,
             enable_elect: false,
             heartbeat_interval: rpc,
-            election_timeout_min: rpc + 1,
-            election_timeout_max: ms(self.election_timeout).max(rpc + 2),
+            election_timeout_min: vote,
+            election_timeout_max: ms(self.election_timeout).max(vote + 1),
             ..Default::default()
         }
     }
@@ -123,12 +136,20 @@ impl Timing {
         self.heartbeat_interval.mul_f64(rng.random_range(1.0..3.0))
     }
 
-    /// How long a candidate waits for its votes before campaigning again
-    /// (a split vote): [0.3 T, 0.6 T), enough for a vote's round trip on
-    /// the slowest link the timing is made for, random so that two
-    /// candidates part.
+    /// How long a candidate waits, from when its vote requests went out,
+    /// before campaigning again (a split vote, or votes lost): the vote
+    /// limit and [0, 0.3 T) more, random so that two candidates part. Timed
+    /// from the sending, not from the decision to campaign: the candidate
+    /// writes its vote to disk first, which took 0.7 s on a busy disk, and
+    /// a retry timed from the decision gave up on answers still coming.
     fn campaign_retry(&self, rng: &mut impl Rng) -> Duration {
-        self.election_timeout.mul_f64(rng.random_range(0.3..0.6))
+        self.vote_limit() + self.election_timeout.mul_f64(rng.random_range(0.0..0.3))
+    }
+
+    /// How long a candidate waits for its vote requests to go out (its
+    /// own vote's fsync) before it campaigns again anyway.
+    fn vote_send_limit(&self) -> Duration {
+        self.election_timeout * 2
     }
 }
 
@@ -138,6 +159,10 @@ impl Timing {
 pub struct Campaign {
     state: std::sync::Mutex<Campaigning>,
     promise: std::sync::Mutex<Option<Promise>>,
+    /// While an election was asked for and its vote requests have not gone
+    /// out yet: how long to wait for answers once they do
+    /// ([`Timing::campaign_retry`]).
+    awaiting_send: std::sync::Mutex<Option<Duration>>,
 }
 
 /// A pre-vote this voter granted lately: until `until` it grants no other
@@ -165,7 +190,43 @@ pub enum Campaigning {
 
 impl Campaign {
     fn set(&self, c: Campaigning) {
+        *self.awaiting_send.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    /// An election was asked for: the vote requests go out once the vote
+    /// is on disk; until then (at most `send_limit`) and for `wait` after,
+    /// the candidate waits for answers.
+    fn electing(&self, send_limit: Duration, wait: Duration) {
+        self.set(Campaigning::Electing(Instant::now() + send_limit));
+        *self.awaiting_send.lock().unwrap_or_else(|p| p.into_inner()) = Some(wait);
+    }
+
+    /// The network sent a vote request for this node's candidacy: the
+    /// wait for answers counts from now (the first request of a round
+    /// sets it).
+    pub fn votes_sent(&self) {
+        let Some(wait) = self
+            .awaiting_send
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Campaigning::Electing(_) = *state {
+            *state = Campaigning::Electing(Instant::now() + wait);
+        }
+    }
+
+    /// When this node's election round is over (its retry time), if one
+    /// was started, whether or not that time has passed.
+    fn electing_until(&self) -> Option<Instant> {
+        match *self.state.lock().unwrap_or_else(|p| p.into_inner()) {
+            Campaigning::Electing(until) => Some(until),
+            _ => None,
+        }
     }
 
     /// The campaign now (an election whose time is up counts as none).
@@ -381,9 +442,23 @@ pub async fn run(
             }
             continue;
         }
+        // A candidate waits for its round's answers; the round's end moves
+        // when its vote requests go out, so it looks again soon.
+        let round_end = if m.state == ServerState::Candidate {
+            campaign.electing_until()
+        } else {
+            None
+        };
+        if let Some(end) = round_end
+            && now < end
+        {
+            wake = end.min(now + tick);
+            continue;
+        }
         // Before the deadline timed from the silence last seen, nothing is
         // due: had a leader been heard since, the deadline would be later.
         if let Some((_, d)) = silence
+            && round_end.is_none()
             && now < d
         {
             wake = d.min(now + warm_every);
@@ -394,9 +469,10 @@ pub async fn run(
         };
         let now = Instant::now();
         let deadline = match silence {
-            // Campaigning (a split vote, or votes lost): retry soon rather
-            // than after another election timeout.
-            Some((_, d)) if m.state == ServerState::Candidate => d,
+            // Campaigning: retry once the round's answers are overdue (a
+            // split vote, or votes lost) rather than after another
+            // election timeout.
+            Some((_, d)) if m.state == ServerState::Candidate => round_end.unwrap_or(d),
             Some((h, d)) if h == heard => d,
             _ => {
                 let d = timing.deadline(heard.unwrap_or(started), &mut rng);
@@ -422,13 +498,15 @@ pub async fn run(
         // then heard it, or voted for it): campaigning now would depose it.
         let unchanged = raft.metrics().borrow().vote == m.vote;
         let retry = if won && unchanged && !campaign.yielded(m.id) {
-            let retry = timing.campaign_retry(&mut rng);
-            campaign.set(Campaigning::Electing(Instant::now() + retry));
+            campaign.electing(timing.vote_send_limit(), timing.campaign_retry(&mut rng));
             info!(term = m.current_term, "pre-vote won; starting an election");
             if raft.trigger().elect().await.is_err() {
                 return;
             }
-            retry
+            // As a candidate, the round's own end (in the campaign) is
+            // what counts; this only bounds the wait should the candidacy
+            // never show.
+            timing.vote_send_limit()
         } else {
             campaign.set(Campaigning::No);
             timing.retry(&mut rng)
@@ -439,7 +517,7 @@ pub async fn run(
             .await
             .unwrap_or((view, heard));
         silence = Some((heard, Instant::now() + retry));
-        wake = Instant::now() + retry;
+        wake = Instant::now() + retry.min(tick);
     }
 }
 
@@ -634,6 +712,32 @@ mod tests {
     }
 
     #[test]
+    fn a_candidates_wait_for_answers_counts_from_when_its_requests_went_out() {
+        let c = Campaign::default();
+        let wait = Duration::from_secs(60);
+        c.electing(Duration::from_secs(1), wait);
+        let before = c.electing_until().unwrap();
+        assert!(before <= Instant::now() + Duration::from_secs(1));
+        // Its vote was on disk late: the wait starts at the first request.
+        c.votes_sent();
+        let after = c.electing_until().unwrap();
+        assert!(after >= Instant::now() + wait - Duration::from_secs(1));
+        // The other requests of the round do not move it again.
+        c.votes_sent();
+        assert_eq!(c.electing_until(), Some(after));
+        // Outside an election (a round lost since), nothing moves.
+        c.set(Campaigning::No);
+        c.votes_sent();
+        assert_eq!(c.electing_until(), None);
+        let t = Timing::default();
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(7);
+        for _ in 0..100 {
+            let r = t.campaign_retry(&mut rng);
+            assert!(r >= t.vote_limit() && r < t.vote_limit() + t.election_timeout * 3 / 10);
+        }
+    }
+
+    #[test]
     fn a_leader_never_grants() {
         let mut v = view(true, Some(5000), log(2, 10));
         v.is_leader = true;
@@ -663,6 +767,19 @@ mod tests {
         assert_eq!(c.election_timeout_max, 1000, "the lease is T");
         assert_eq!(t.rpc_limit(), Duration::from_millis(750));
         assert!(t.rpc_limit() > Duration::from_millis(300) * 2);
+        // openraft's vote limit is its election_timeout_min: just under
+        // the lease.
+        assert_eq!(c.election_timeout_min, 999);
+        assert_eq!(t.vote_limit(), Duration::from_millis(999));
+        for ms in [4, 10, 300, 3000] {
+            let short = Timing {
+                heartbeat_interval: Duration::from_millis(1),
+                election_timeout: Duration::from_millis(ms),
+            };
+            let c = short.openraft().validate().unwrap();
+            assert!(c.election_timeout_min > c.heartbeat_interval);
+            assert!(c.election_timeout_min < c.election_timeout_max);
+        }
         let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(7);
         let now = Instant::now();
         for _ in 0..100 {

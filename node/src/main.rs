@@ -58,12 +58,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(run(config));
-    // Nothing left is worth waiting for (a blocking storage call of a Raft
-    // that was stopped, say): the exit must not hang on it.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    let (code, end) = runtime.block_on(run(config));
+    // Blocking work left (the storage seals, a storage call of a Raft that
+    // was stopped) may finish until the stop's deadline, then the exit
+    // goes on without it: it must not hang on a busy disk. A file left
+    // unsealed is repaired at the next start.
+    let left = end.map_or(EXIT_WAIT_MAX, |e| {
+        e.saturating_duration_since(tokio::time::Instant::now())
+    });
+    let began = std::time::Instant::now();
+    runtime.shutdown_timeout(left.clamp(EXIT_WAIT_MIN, EXIT_WAIT_MAX));
+    tracing::info!(
+        waited_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "exiting"
+    );
     code
 }
+
+/// Bounds of the exit's wait for leftover blocking work.
+const EXIT_WAIT_MIN: std::time::Duration = std::time::Duration::from_millis(20);
+const EXIT_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The tracing filter for `log`: openraft logs every failed replication
 /// RPC as an error, which the cluster transport already reports once per
@@ -77,24 +91,26 @@ fn log_filter(log: &str) -> String {
     }
 }
 
-async fn run(config: Config) -> ExitCode {
+/// Runs the node; the exit code and, after a graceful stop, the deadline
+/// for leftover blocking work.
+async fn run(config: Config) -> (ExitCode, Option<tokio::time::Instant>) {
     // SIGTERM while starting (joining, say) is a clean stop too.
     let node = tokio::select! {
         node = app::start(config) => node,
         () = wait_for_signal() => {
             tracing::info!("stopped while starting");
-            return ExitCode::SUCCESS;
+            return (ExitCode::SUCCESS, None);
         }
     };
     let mut node = match node {
         Ok(n) => n,
         Err(StartError::Config(e)) => {
             eprintln!("edgelb: {e}");
-            return ExitCode::from(EXIT_CONFIG as u8);
+            return (ExitCode::from(EXIT_CONFIG as u8), None);
         }
         Err(e) => {
             eprintln!("edgelb: {e}");
-            return ExitCode::FAILURE;
+            return (ExitCode::FAILURE, None);
         }
     };
     if node.token_generated {
@@ -109,15 +125,15 @@ async fn run(config: Config) -> ExitCode {
     tokio::select! {
         () = node.ready() => {}
         () = wait_for_signal() => {
-            node.shutdown().await;
-            return ExitCode::SUCCESS;
+            let end = node.shutdown().await;
+            return (ExitCode::SUCCESS, Some(end));
         }
     }
     println!("edgelb: admin API on http://{}", node.admin_addr);
     wait_for_signal().await;
     tracing::info!("shutting down: draining connections");
-    node.shutdown().await;
-    ExitCode::SUCCESS
+    let end = node.shutdown().await;
+    (ExitCode::SUCCESS, Some(end))
 }
 
 async fn wait_for_signal() {

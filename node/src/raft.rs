@@ -62,9 +62,16 @@ pub fn raft_config(timing: &Timing) -> Result<openraft::Config, StartError> {
 
 /// Opens storage, binds the cluster endpoint and starts openraft.
 pub async fn start(config: &Config, identity: &Identity) -> Result<Started, StartError> {
+    let began = std::time::Instant::now();
     let dir = config.data_dir.clone();
-    let (log, sm) = tokio::task::spawn_blocking(move || -> Result<_, raft_store::StoreError> {
-        Ok((LogStore::open(&dir)?, StateMachineStore::open(&dir)?))
+    // Each file's open is timed: after a crash redb repairs the file
+    // (walks it and writes it back), which on a busy disk took seconds.
+    let opened = tokio::task::spawn_blocking(move || -> Result<_, raft_store::StoreError> {
+        let t = std::time::Instant::now();
+        let log = LogStore::open(&dir)?;
+        let log_took = t.elapsed();
+        let sm = StateMachineStore::open(&dir)?;
+        Ok((log, sm, log_took, t.elapsed() - log_took))
     })
     .await
     .map_err(|e| StartError::Io(format!("opening storage: {e}")))?
@@ -74,6 +81,13 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
             config.data_dir.display()
         ))
     })?;
+    let (log, sm, log_took, state_took) = opened;
+    info!(
+        log_ms = ms(log_took),
+        state_ms = ms(state_took),
+        total_ms = ms(began.elapsed()),
+        "storage opened"
+    );
     let state = sm.subscribe();
     let seals = vec![log.seal(), sm.seal()];
     let committed = log.committed_index();
@@ -94,15 +108,17 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
     let cluster_addr = transport
         .local_addr()
         .map_err(|e| StartError::Io(format!("cluster_addr: {e}")))?;
+    info!(%cluster_addr, since_storage_ms = ms(began.elapsed()), "cluster endpoint bound");
     let raft = Raft::new(
         config.node_id,
         Arc::new(raft_config(&config.raft)?),
-        Network::new(transport.clone()),
+        Network::new(transport.clone(), handler.campaign()),
         log.clone(),
         sm,
     )
     .await
     .map_err(|e| StartError::Io(format!("starting raft: {e}")))?;
+    info!(since_storage_ms = ms(began.elapsed()), "raft started");
     let (batcher, reconciler) = handler.set(raft.clone(), log.clone(), &transport);
     tokio::spawn(snapshots(raft.clone(), state.clone()));
     // Heartbeats and elections; the task ends when Raft stops.
@@ -149,6 +165,10 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
         log,
         seals,
     })
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Asks openraft for a snapshot once [`raft_store::snapshot_interval`]

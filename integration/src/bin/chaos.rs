@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use integration::chaos::{Limits, RunOptions, describe, failures, run::run, total};
+use integration::chaos::{Limits, RunOptions, RunReport, describe, failures, run::run, total};
 
 /// Fault suite: clusters behind a link emulator, clients, seeded faults.
 #[derive(Debug, Parser)]
@@ -43,6 +43,14 @@ struct Args {
     /// Limit: catch-up after heal or restart p99, in ms.
     #[arg(long, default_value_t = 1000)]
     catchup_p99_ms: u64,
+    /// Appends each run's figures to this file (one JSON line per run), so
+    /// that a batch made in pieces can be totalled with `--merge`.
+    #[arg(long)]
+    save: Option<std::path::PathBuf>,
+    /// Runs nothing: prints each run saved in these files (`--save`) and
+    /// their total, judged by the limits.
+    #[arg(long, num_args = 1.., conflicts_with = "save")]
+    merge: Vec<std::path::PathBuf>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -57,6 +65,9 @@ async fn main() -> ExitCode {
         catchup_p99: Duration::from_millis(args.catchup_p99_ms),
         ..Limits::default()
     };
+    if !args.merge.is_empty() {
+        return merge(&args.merge, &limits);
+    }
     let mut reports = Vec::new();
     let mut failed = false;
     for k in 0..args.runs {
@@ -94,18 +105,83 @@ async fn main() -> ExitCode {
                 Err(e) => println!("  nodes' logs not written to {}: {e}", path.display()),
             }
         }
+        if let Some(path) = &args.save
+            && let Err(e) = save(path, &r)
+        {
+            eprintln!("chaos: --save {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
         reports.push(r);
     }
-    let t = total(&reports);
+    if print_total(&reports, &limits) {
+        failed = true;
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Prints the total of `reports` and why it fails `limits`; true when it
+/// does.
+fn print_total(reports: &[RunReport], limits: &Limits) -> bool {
+    let t = total(reports);
     println!(
         "{}",
         describe(&format!("total of {} runs", reports.len()), &t)
     );
-    for f in failures(&t, &limits) {
-        failed = true;
+    let why = failures(&t, limits);
+    for f in &why {
         println!("  FAIL: {f}");
     }
-    if failed {
+    !why.is_empty()
+}
+
+/// Appends `r` to `path` as one JSON line.
+fn save(path: &std::path::Path, r: &RunReport) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let line = serde_json::to_string(r).map_err(std::io::Error::other)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{line}")
+}
+
+/// `--merge`: the runs saved in `paths`, each and in total.
+fn merge(paths: &[std::path::PathBuf], limits: &Limits) -> ExitCode {
+    let mut reports = Vec::new();
+    for path in paths {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("chaos: --merge {}: {e}", path.display());
+                return ExitCode::from(66);
+            }
+        };
+        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            match serde_json::from_str::<RunReport>(line) {
+                Ok(r) => reports.push(r),
+                Err(e) => {
+                    eprintln!("chaos: --merge {} line {}: {e}", path.display(), n + 1);
+                    return ExitCode::from(65);
+                }
+            }
+        }
+    }
+    let mut failed = false;
+    for r in &reports {
+        println!(
+            "{}",
+            describe(&format!("run {} (seed {}, {} nodes)", r.run, r.seed, r.nodes), r)
+        );
+        for f in failures(r, limits) {
+            failed = true;
+            println!("  FAIL: {f}");
+        }
+    }
+    if print_total(&reports, limits) || failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

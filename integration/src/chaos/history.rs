@@ -92,7 +92,7 @@ pub struct History {
 }
 
 /// The checker's verdict on a [`History`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Verdict {
     pub acked: usize,
     pub refused: usize,

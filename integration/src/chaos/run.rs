@@ -38,14 +38,15 @@ pub struct RunOptions {
     pub verbose: bool,
 }
 
-/// What one run measured and what the checker found.
-#[derive(Clone, Debug, Default)]
+/// What one run measured and what the checker found (saved and read back
+/// by `chaos --save` and `--merge`, the nodes' logs left out).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct RunReport {
     pub run: usize,
     pub seed: u64,
     pub nodes: usize,
     /// Faults injected, by kind.
-    pub faults: BTreeMap<&'static str, usize>,
+    pub faults: BTreeMap<String, usize>,
     pub verdict: Verdict,
     /// From the leader's loss (kill, cut) to a new leader on the majority.
     pub elections: Vec<Duration>,
@@ -65,6 +66,7 @@ pub struct RunReport {
     /// The run could not be carried out (harness failure), with why.
     pub error: Option<String>,
     /// Every node's stderr over the run.
+    #[serde(skip)]
     pub logs: String,
 }
 
@@ -300,7 +302,11 @@ impl Ctx<'_> {
     async fn step(&mut self, step: Step) -> anyhow::Result<()> {
         let leader = self.cluster.leader().await?;
         let ids = self.cluster.ids();
-        *self.report.faults.entry(step.fault.name()).or_default() += 1;
+        *self
+            .report
+            .faults
+            .entry(step.fault.name().to_owned())
+            .or_default() += 1;
         let from = self.rec.now();
         let began = Instant::now();
         // Nodes off the majority during the fault, and whether they need

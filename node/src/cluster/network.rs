@@ -46,6 +46,7 @@ use openraft::raft::{
 use raft_store::{ClusterNode, NodeId, TypeConfig};
 
 use super::rpc::{Rpc, RpcReply};
+use crate::election::Campaign;
 use super::transport::{Transport, TransportError};
 
 /// First wait after a peer was unreachable; doubles up to [`BACKOFF_MAX`],
@@ -73,12 +74,17 @@ type RpcResult<T, E = openraft::error::Infallible> =
 #[derive(Clone, Debug)]
 pub struct Network {
     transport: Arc<Transport>,
+    campaign: Arc<Campaign>,
 }
 
 impl Network {
-    /// A network that calls peers through `transport`.
-    pub fn new(transport: Arc<Transport>) -> Self {
-        Self { transport }
+    /// A network that calls peers through `transport`, telling `campaign`
+    /// when this node's vote requests go out.
+    pub fn new(transport: Arc<Transport>, campaign: Arc<Campaign>) -> Self {
+        Self {
+            transport,
+            campaign,
+        }
     }
 }
 
@@ -88,6 +94,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &ClusterNode) -> PeerNetwork {
         PeerNetwork {
             transport: Arc::clone(&self.transport),
+            campaign: Arc::clone(&self.campaign),
             target,
             node: node.clone(),
             replicates: false,
@@ -99,6 +106,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 #[derive(Debug)]
 pub struct PeerNetwork {
     transport: Arc<Transport>,
+    campaign: Arc<Campaign>,
     target: NodeId,
     node: ClusterNode,
     /// Whether this client sent entries: it is a replication stream's.
@@ -115,7 +123,8 @@ impl PeerNetwork {
             // A snapshot chunk carries megabytes: keep openraft's limit.
             // A vote needs the voter's fsync, and a candidate is elected at
             // its first quorum, so a dead voter's longer wait delays
-            // nothing, while a live but slow one's timeout cost a round.
+            // nothing, while a live but slow one's timeout cost a round:
+            // openraft's vote limit (`Timing::vote_limit`), from the send.
             RPCTypes::InstallSnapshot | RPCTypes::Vote => ttl,
             _ => rpc_deadline(ttl, self.transport.rtt(self.target)),
         };
@@ -258,6 +267,9 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
+        // The candidate's vote is on disk now: its round's wait for
+        // answers starts (`election`).
+        self.campaign.votes_sent();
         let reply = self
             .call(Rpc::Vote(rpc), RPCTypes::Vote, option.hard_ttl())
             .await

@@ -419,6 +419,30 @@ impl PeerSlot {
         }
     }
 
+    /// Resolves once calls to the peer would go out on another open
+    /// connection than `conn` (the peer reconnected, or a fresh handshake
+    /// of this node's finished) while `conn` has not served anything since
+    /// `heard` (its [`served`](super::transport::served) count when the
+    /// call began): the call on it was sent into a cut or to a process
+    /// that is gone, and waiting out its deadline would only hold back the
+    /// retry on the fresh connection. Never resolves otherwise.
+    pub(crate) async fn superseded(&self, conn: &Connection, heard: u64) {
+        let id = conn.stable_id();
+        let mut rx = self.state.subscribe();
+        loop {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let other = rx
+                .borrow_and_update()
+                .pick(None, self.own_canonical())
+                .is_some_and(|p| p.conn.stable_id() != id);
+            if other && super::transport::served(conn) == heard {
+                return;
+            }
+        }
+    }
+
     /// Takes `conn`, a Raft connection the peer opened to this node and
     /// announced as served both ways, for calls to the peer: calls waiting
     /// for a handshake of this node's own go out on it at once.

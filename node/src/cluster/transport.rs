@@ -507,9 +507,28 @@ impl Transport {
             frame::decode_reply(&body).map_err(|e| TransportError::Protocol(e.to_string()))
         };
         let heard_before = served(&conn);
-        let reply = match timeout_at(deadline, exchange).await {
-            Ok(reply) => reply?,
-            Err(_) => {
+        // An append on a connection that goes silent while a fresh one to
+        // the peer comes up (a healed link, a restarted peer) gives up at
+        // once, so that openraft's retry goes out on the fresh one. Votes
+        // wait: their answers need the voter's fsync, and a lost vote
+        // costs a round.
+        let retry_fresh = async {
+            if kind == RpcKind::AppendEntries && !fresh {
+                slot.superseded(&conn, heard_before).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let outcome = tokio::select! {
+            r = timeout_at(deadline, exchange) => r.ok(),
+            () = retry_fresh => {
+                debug!(target, "a fresh connection came up while a call on a silent one waited");
+                None
+            }
+        };
+        let reply = match outcome {
+            Some(reply) => reply?,
+            None => {
                 let _ = send.reset(codes::TIMEOUT);
                 let _ = recv.stop(codes::TIMEOUT);
                 // A peer that did not serve this connection during the call
@@ -638,7 +657,7 @@ impl Drop for Transport {
 /// sends them for a connection whose streams nobody reads any more, and
 /// counting them kept such a connection, with every call on it timing
 /// out, until QUIC's idle timeout (elections of 10 s and more).
-fn served(conn: &quinn::Connection) -> u64 {
+pub(crate) fn served(conn: &quinn::Connection) -> u64 {
     let f = conn.stats().frame_rx;
     f.stream + f.max_data + f.max_stream_data
 }

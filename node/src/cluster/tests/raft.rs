@@ -67,7 +67,7 @@ impl TestNode {
         let handler: Arc<dyn RaftHandler> = dispatch.clone();
         let transport =
             Arc::new(Transport::bind(loopback(), &node_tls(ca, id), id, handler).unwrap());
-        let network = Network::new(Arc::clone(&transport));
+        let network = Network::new(Arc::clone(&transport), dispatch.campaign());
         let raft = Raft::new(id, Arc::clone(config), network, log.clone(), sm)
             .await
             .unwrap();
