@@ -160,7 +160,11 @@ fn merge(paths: &[std::path::PathBuf], limits: &Limits) -> ExitCode {
                 return ExitCode::from(66);
             }
         };
-        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             match serde_json::from_str::<RunReport>(line) {
                 Ok(r) => reports.push(r),
                 Err(e) => {
@@ -174,7 +178,10 @@ fn merge(paths: &[std::path::PathBuf], limits: &Limits) -> ExitCode {
     for r in &reports {
         println!(
             "{}",
-            describe(&format!("run {} (seed {}, {} nodes)", r.run, r.seed, r.nodes), r)
+            describe(
+                &format!("run {} (seed {}, {} nodes)", r.run, r.seed, r.nodes),
+                r
+            )
         );
         for f in failures(r, limits) {
             failed = true;

@@ -46,8 +46,8 @@ use openraft::raft::{
 use raft_store::{ClusterNode, NodeId, TypeConfig};
 
 use super::rpc::{Rpc, RpcReply};
-use crate::election::Campaign;
 use super::transport::{Transport, TransportError};
+use crate::election::Campaign;
 
 /// First wait after a peer was unreachable; doubles up to [`BACKOFF_MAX`],
 /// kept short so that replication resumes within a second of a peer
