@@ -91,6 +91,9 @@ pub struct Admin {
     pub cluster_domain: String,
     /// `/readyz` answers 200 once this is set (state loaded, listeners bound).
     pub ready: Arc<AtomicBool>,
+    /// Whether the node can write: `/healthz` and `/readyz` answer 503
+    /// with the reason while it cannot.
+    pub health: Arc<crate::health::Health>,
     /// How long the node certificates this node signs for joining nodes
     /// are valid (`node_cert_lifetime`).
     pub node_cert_lifetime: Duration,
@@ -234,12 +237,20 @@ async fn route(admin: &Admin, peer: IpAddr, req: Request<Incoming>) -> Result<Re
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let not_allowed = |allow| ApiError::method(method, path, allow);
     match segments.as_slice() {
-        ["healthz"] if method == Method::GET => Ok(text(StatusCode::OK, "ok\n")),
-        ["readyz"] if method == Method::GET => Ok(if admin.ready.load(Ordering::Acquire) {
-            text(StatusCode::OK, "ready\n")
-        } else {
-            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-        }),
+        // Both tell when the node cannot write (SPEC §6).
+        ["healthz" | "readyz"] if method == Method::GET => {
+            if let Some(problem) = admin.health.problem() {
+                return Ok(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{problem}\n"),
+                ));
+            }
+            Ok(match segments[0] {
+                "healthz" => text(StatusCode::OK, "ok\n"),
+                _ if admin.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+                _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            })
+        }
         ["metrics"] if method == Method::GET => {
             if let Some(t) = &admin.metrics_token {
                 admin

@@ -28,6 +28,7 @@ use crate::cluster::Transport;
 use crate::config::{AdminTls, Config, ConfigError};
 use crate::dataplane::DataPlane;
 use crate::gossip::{Gossip, GossipTasks, Wiring};
+use crate::health::Health;
 use crate::listeners::Listeners;
 use crate::metrics::Metrics;
 use crate::routing::{BuildContext, Changes};
@@ -66,6 +67,8 @@ pub struct NodeHandle {
     pub gossip: Arc<Gossip>,
     gossip_tasks: GossipTasks,
     ready: watch::Receiver<bool>,
+    /// Whether the node can write ([`Health`]).
+    pub health: Arc<Health>,
     shutdown: CancellationToken,
     /// The data plane: routing, listeners, and the drain at shutdown.
     drain: JoinHandle<()>,
@@ -102,6 +105,15 @@ impl NodeHandle {
     /// Waits until the data plane serves the current state (listeners bound).
     pub async fn ready(&mut self) {
         let _ = self.ready.wait_for(|r| *r).await;
+    }
+
+    /// Waits until the Raft core or storage stops on an error, and says
+    /// why (naming the data dir and the cause). The node can no longer
+    /// write: the caller stops it ([`NodeHandle::shutdown`]) and exits with
+    /// [`crate::health::EXIT_STORAGE`], so that a service manager restarts
+    /// it with its storage reopened.
+    pub async fn failed(&self) -> String {
+        self.health.failed().await
     }
 
     /// Graceful stop: stop accepting; let in-flight data-plane work finish
@@ -214,6 +226,11 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let token_file = load_token(&config.data_dir, config.token.as_deref())?;
     let (token, token_generated) = (token_file.value.clone(), token_file.generated);
     let metrics = Arc::new(Metrics::new());
+    let health = Health::new(
+        &config.data_dir,
+        config.data_dir_min_free,
+        metrics.registry(),
+    );
     let dataplane = Arc::new(DataPlane::new(config.settings.clone()));
     let shutdown = CancellationToken::new();
 
@@ -238,8 +255,13 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         since_start_ms = millis(began.elapsed()),
         "identity loaded, admin listener bound"
     );
-    let raft = crate::raft::start(&config, &identity).await?;
+    let raft = crate::raft::start(&config, &identity, &health).await?;
     let store = Arc::new(raft.store);
+    // From here on a Raft core stopped by a storage error is seen at once.
+    let watchdog = tokio::spawn(crate::health::watch_raft(
+        store.raft().clone(),
+        health.clone(),
+    ));
     if identity.founded {
         crate::raft::found_cluster(&store, &config, &identity, &token).await?;
         crate::bootstrap::founding_done(&config.data_dir)
@@ -255,7 +277,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         join(&store, &config, &advertised, url, &token).await?;
     }
     check_token(&store, &config.data_dir, &token_file)?;
-    let mut tasks = Vec::new();
+    let mut tasks = vec![watchdog];
     let admin_cert = match &config.admin_tls {
         None => None,
         Some(AdminTls::Node) => {
@@ -348,6 +370,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         metrics_token: config.metrics_token.clone(),
         cluster_domain: config.cluster_domain.clone(),
         ready: ready_flag,
+        health: health.clone(),
         node_cert_lifetime: config.node_cert_lifetime,
         guard: Admin::auth_guard(config.admin_auth, &metrics),
         tls: admin_cert,
@@ -372,6 +395,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         gossip,
         gossip_tasks,
         ready,
+        health,
         shutdown,
         drain,
         tasks,

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::admin::AuthBackoff;
 use crate::dataplane::{IpNet, Settings};
+use crate::health::MinFree;
 
 /// Exit code for a bad configuration or bad flags (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -49,6 +50,11 @@ pub struct Args {
     /// Data directory [default: ./edgelb-data]
     #[arg(long, env = "EDGELB_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Free space the data dir's file system keeps: below it writes are
+    /// refused (507), e.g. 5% or 512MiB; 0 turns it off [default: 5%, at
+    /// most 1GiB]
+    #[arg(long, env = "EDGELB_DATA_DIR_MIN_FREE")]
+    pub data_dir_min_free: Option<String>,
     /// Admin API address [default: 127.0.0.1:7070]
     #[arg(long, env = "EDGELB_ADMIN_ADDR")]
     pub admin_addr: Option<String>,
@@ -121,6 +127,7 @@ struct FileConfig {
     node_id: Option<u64>,
     region: Option<String>,
     data_dir: Option<PathBuf>,
+    data_dir_min_free: Option<String>,
     admin_addr: Option<String>,
     cluster_addr: Option<String>,
     advertise_cluster_addr: Option<String>,
@@ -178,6 +185,12 @@ pub struct Config {
     pub node_id: u64,
     pub region: String,
     pub data_dir: PathBuf,
+    /// `data_dir_min_free`: the free-space floor below which writes are
+    /// refused ([`crate::health`]).
+    pub data_dir_min_free: MinFree,
+    /// Opens the Raft storage through this fault-injecting backend (tests
+    /// only; never set from a file, a variable or a flag).
+    pub storage_faults: Option<Arc<raft_store::faults::Faults>>,
     pub admin_addr: SocketAddr,
     pub cluster_addr: SocketAddr,
     /// What goes into the membership as this node's `cluster_addr` (the
@@ -231,6 +244,8 @@ impl Config {
             node_id: 1,
             region: "local".into(),
             data_dir: PathBuf::from("./edgelb-data"),
+            data_dir_min_free: MinFree::Default,
+            storage_faults: None,
             admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7070)),
             cluster_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7071)),
             advertise_cluster_addr: None,
@@ -293,6 +308,11 @@ impl Config {
         }
         if let Some(v) = args.data_dir.or(file.data_dir) {
             c.data_dir = v;
+        }
+        if let Some(v) = args.data_dir_min_free.or(file.data_dir_min_free) {
+            c.data_dir_min_free = v
+                .parse()
+                .map_err(|e: String| ConfigError::new("data_dir_min_free", e))?;
         }
         if let Some(v) = args.admin_addr.or(file.admin_addr) {
             c.admin_addr = parse_addr("admin_addr", &v)?;

@@ -21,6 +21,7 @@ mod files;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod gossip;
+pub mod health;
 pub mod http;
 pub mod limits;
 pub mod listeners;

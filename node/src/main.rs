@@ -122,18 +122,32 @@ async fn run(config: Config) -> (ExitCode, Option<tokio::time::Instant>) {
     }
     // The line that scripts wait for comes once the data plane serves the
     // state (what /readyz answers 200 for), not merely once the process runs.
+    let health = node.health.clone();
     tokio::select! {
         () = node.ready() => {}
         () = wait_for_signal() => {
             let end = node.shutdown().await;
             return (ExitCode::SUCCESS, Some(end));
         }
+        reason = health.failed() => return failed(node, &reason).await,
     }
     println!("edgelb: admin API on http://{}", node.admin_addr);
-    wait_for_signal().await;
+    tokio::select! {
+        () = wait_for_signal() => {}
+        reason = health.failed() => return failed(node, &reason).await,
+    }
     tracing::info!("shutting down: draining connections");
     let end = node.shutdown().await;
     (ExitCode::SUCCESS, Some(end))
+}
+
+/// The Raft core or storage stopped: the node can no longer write. It
+/// stops as on SIGTERM (the data plane drains) and exits with 74, so that
+/// the service manager starts it again with its storage reopened.
+async fn failed(node: app::NodeHandle, reason: &str) -> (ExitCode, Option<tokio::time::Instant>) {
+    eprintln!("edgelb: {reason}");
+    let end = node.shutdown().await;
+    (ExitCode::from(edgelb::health::EXIT_STORAGE), Some(end))
 }
 
 async fn wait_for_signal() {

@@ -18,6 +18,7 @@ use crate::bootstrap::Identity;
 use crate::cluster::{Network, Transport};
 use crate::config::Config;
 use crate::election::Timing;
+use crate::health::Health;
 use crate::membership::Policy;
 use crate::store::{RaftRpc, Store, StoreError};
 
@@ -61,16 +62,22 @@ pub fn raft_config(timing: &Timing) -> Result<openraft::Config, StartError> {
 }
 
 /// Opens storage, binds the cluster endpoint and starts openraft.
-pub async fn start(config: &Config, identity: &Identity) -> Result<Started, StartError> {
+pub async fn start(
+    config: &Config,
+    identity: &Identity,
+    health: &Arc<Health>,
+) -> Result<Started, StartError> {
     let began = std::time::Instant::now();
     let dir = config.data_dir.clone();
+    let faults = config.storage_faults.clone();
     // Each file's open is timed: after a crash redb repairs the file
     // (walks it and writes it back), which on a busy disk took seconds.
     let opened = tokio::task::spawn_blocking(move || -> Result<_, raft_store::StoreError> {
+        let faults = faults.as_ref();
         let t = std::time::Instant::now();
-        let log = LogStore::open(&dir)?;
+        let log = LogStore::open_with(&dir, faults)?;
         let log_took = t.elapsed();
-        let sm = StateMachineStore::open(&dir)?;
+        let sm = StateMachineStore::open_with(&dir, faults)?;
         Ok((log, sm, log_took, t.elapsed() - log_took))
     })
     .await
@@ -96,7 +103,7 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
         max_voters: config.max_voters,
         alive_within: config.raft.election_timeout,
     };
-    let handler = Arc::new(RaftRpc::new(config.raft, policy));
+    let handler = Arc::new(RaftRpc::new(config.raft, policy, Arc::clone(health)));
     let transport = Transport::bind(
         config.cluster_addr,
         &identity.tls,
@@ -157,8 +164,8 @@ pub async fn start(config: &Config, identity: &Identity) -> Result<Started, Star
             transport.clone(),
             state,
             committed,
-            reconciler,
-            batcher,
+            (batcher, reconciler),
+            Arc::clone(health),
         ),
         transport,
         cluster_addr,
@@ -251,7 +258,12 @@ pub async fn one_node_store(
     let identity = crate::bootstrap::identity(&config, token)
         .await
         .map_err(|e| StartError::Io(e.to_string()))?;
-    let started = start(&config, &identity).await?;
+    let health = Health::new(
+        data_dir,
+        config.data_dir_min_free,
+        &prometheus::Registry::new(),
+    );
+    let started = start(&config, &identity, &health).await?;
     found_cluster(&started.store, &config, &identity, token).await?;
     Ok((started.store, started.transport))
 }

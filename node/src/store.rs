@@ -41,6 +41,7 @@ use tracing::{debug, warn};
 use crate::cluster::{
     Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply, Transport,
 };
+use crate::health::{Health, Refusal};
 use crate::membership::{Policy, Reconciler};
 
 mod batch;
@@ -56,9 +57,14 @@ pub enum StoreError {
     /// The command was refused by the state machine's rules.
     #[error(transparent)]
     Apply(#[from] ApplyError),
-    /// No quorum or no leader within the deadline (503).
+    /// No quorum or no leader within the deadline, or the node's Raft
+    /// core stopped (503).
     #[error("{0}")]
     Unavailable(String),
+    /// The data dir of this node (or of the leader) is below its
+    /// free-space floor: refused before it reached the log (507).
+    #[error("{0}")]
+    DiskFull(String),
 }
 
 impl StoreError {
@@ -67,6 +73,16 @@ impl StoreError {
         match self {
             Self::Apply(e) => e.status(),
             Self::Unavailable(_) => 503,
+            Self::DiskFull(_) => 507,
+        }
+    }
+}
+
+impl From<Refusal> for StoreError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::DiskFull(full) => Self::DiskFull(full.to_string()),
+            Refusal::Failed(reason) => Self::Unavailable(reason),
         }
     }
 }
@@ -119,6 +135,8 @@ pub struct Store {
     batcher: Batcher,
     /// Cancelled when the node stops: what still waits answers 503.
     stopping: tokio_util::sync::CancellationToken,
+    /// Whether this node can write: checked before every proposal.
+    health: Arc<Health>,
 }
 
 impl std::fmt::Debug for Store {
@@ -135,14 +153,16 @@ impl std::fmt::Debug for Store {
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Store {
+    /// The store of node `node_id`; its writes go through the batcher and
+    /// reconciler that [`RaftRpc::set`] started, while `health` allows them.
     pub fn new(
         node_id: u64,
         raft: Raft,
         transport: Arc<Transport>,
         state: watch::Receiver<AppliedState>,
         committed: Arc<AtomicU64>,
-        reconciler: Reconciler,
-        batcher: Batcher,
+        (batcher, reconciler): (Batcher, Reconciler),
+        health: Arc<Health>,
     ) -> Self {
         Self {
             node_id,
@@ -154,6 +174,7 @@ impl Store {
             reconciler,
             batcher,
             stopping: tokio_util::sync::CancellationToken::new(),
+            health,
         }
     }
 
@@ -172,10 +193,15 @@ impl Store {
         tokio::select! {
             biased;
             () = self.stopping.cancelled() => Err(StoreError::Unavailable(
-                "the node is shutting down".into(),
+                self.health.failure().unwrap_or_else(|| "the node is shutting down".into()),
             )),
             r = work => r,
         }
+    }
+
+    /// Whether this node can write.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     /// The cluster transport.
@@ -209,6 +235,7 @@ impl Store {
     /// Commits `cmd` through the leader and answers once this node's data
     /// plane routes by it.
     pub async fn propose(&self, cmd: Command) -> Result<Applied, StoreError> {
+        self.health.writable()?;
         self.unless_stopping(async {
             let deadline = Instant::now() + WRITE_TIMEOUT;
             let result = tokio::time::timeout_at(deadline, self.write(cmd)).await;
@@ -244,7 +271,7 @@ impl Store {
                 None => match self.batcher.submit(cmd.clone()).await {
                     Ok(written) => return Ok(written),
                     Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
-                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                    Err(e) => return Err(self.refused(e)),
                 },
             };
             if let Some((id, node)) = leader {
@@ -263,6 +290,7 @@ impl Store {
                         lost = true;
                         warn!(?other, "unexpected reply to a forwarded write");
                     }
+                    Err(ForwardError::DiskFull(msg)) => return Err(StoreError::DiskFull(msg)),
                     Err(e) => {
                         lost = true;
                         debug!(leader = id, error = %e, "forwarding the write failed; retrying");
@@ -271,6 +299,20 @@ impl Store {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// A local write's failure as the client sees it: below the floor, 507;
+    /// once the Raft core stopped, why it did (naming the data dir).
+    fn refused(&self, e: ForwardError) -> StoreError {
+        match e {
+            ForwardError::DiskFull(msg) => StoreError::DiskFull(msg),
+            e => match &self.raft.metrics().borrow().running_state {
+                Err(f @ openraft::error::Fatal::StorageError(_)) => {
+                    StoreError::Unavailable(self.health.storage_failure(f))
+                }
+                _ => StoreError::Unavailable(e.to_string()),
+            },
         }
     }
 
@@ -418,6 +460,7 @@ impl Store {
         if matches!(f, Forward::RemoveNode { node_id } if node_id == self.node_id) {
             return self.change_membership(f).await;
         }
+        self.health.writable()?;
         self.unless_stopping(self.change_membership(f)).await
     }
 
@@ -593,6 +636,7 @@ pub struct RaftRpc {
     timing: crate::election::Timing,
     policy: Policy,
     campaign: Arc<crate::election::Campaign>,
+    health: Arc<Health>,
 }
 
 impl std::fmt::Debug for RaftRpc {
@@ -605,12 +649,13 @@ impl std::fmt::Debug for RaftRpc {
 
 impl RaftRpc {
     /// A handler for a cluster with this Raft timing.
-    pub fn new(timing: crate::election::Timing, policy: Policy) -> Self {
+    pub fn new(timing: crate::election::Timing, policy: Policy, health: Arc<Health>) -> Self {
         Self {
             raft: std::sync::OnceLock::new(),
             timing,
             policy,
             campaign: Arc::default(),
+            health,
         }
     }
 
@@ -633,7 +678,12 @@ impl RaftRpc {
     ) -> (Batcher, Reconciler) {
         let set = self.raft.get_or_init(|| {
             let me = raft.metrics().borrow().id;
-            let batcher = Batcher::start(raft.clone(), me, Arc::downgrade(transport));
+            let batcher = Batcher::start(
+                raft.clone(),
+                me,
+                Arc::downgrade(transport),
+                Arc::clone(&self.health),
+            );
             let reconciler =
                 Reconciler::start(raft.clone(), Arc::downgrade(transport), self.policy);
             Started {
@@ -644,6 +694,32 @@ impl RaftRpc {
             }
         });
         (set.batcher.clone(), set.reconciler.clone())
+    }
+}
+
+impl RaftRpc {
+    /// Below the free-space floor (or once the Raft core stopped) this
+    /// node takes no entries, snapshots or writes that would reach its
+    /// disk: the leader retries the appends as to an unreachable node, so
+    /// the Raft core never meets the full disk and catches up once space is
+    /// back. Heartbeats and votes go on.
+    fn disk_refusal(&self, rpc: &Rpc) -> Option<ForwardError> {
+        let writes = match rpc {
+            Rpc::AppendEntries(r) => !r.entries.is_empty(),
+            Rpc::InstallSnapshot(_) | Rpc::Forward(Forward::Write(_)) => true,
+            _ => false,
+        };
+        if !writes {
+            return None;
+        }
+        let node = self.raft.get().map(|s| s.raft.metrics().borrow().id);
+        self.health.writable().err().map(|r| match r {
+            Refusal::DiskFull(full) => ForwardError::DiskFull(match node {
+                Some(id) => format!("node {id}: {full}"),
+                None => full.to_string(),
+            }),
+            Refusal::Failed(reason) => ForwardError::Failed(reason),
+        })
     }
 }
 
@@ -662,6 +738,13 @@ impl RaftHandler for RaftRpc {
             if let Some(why) = senders::refusal(raft, from, &rpc) {
                 warn!(from, reason = %why, "refused a cluster request");
                 return RpcReply::Error(why);
+            }
+            if let Some(why) = self.disk_refusal(&rpc) {
+                debug!(from, reason = %why, "refused a cluster request");
+                return match rpc {
+                    Rpc::Forward(_) => RpcReply::Forward(Err(why)),
+                    _ => RpcReply::Error(why.to_string()),
+                };
             }
             match rpc {
                 Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),

@@ -107,24 +107,124 @@ from_redb!(
 );
 
 impl StoreError {
-    /// As openraft's error, saying what was being done to what.
+    /// As openraft's error, saying what was being done and why it failed in
+    /// plain words (`appending to the Raft log: no space left on device`),
+    /// never a type path: the message reaches operators and API clients.
     pub(crate) fn into_storage(
         self,
         subject: ErrorSubject<NodeId>,
         verb: ErrorVerb,
     ) -> StorageError {
-        StorageIOError::new(subject, verb, AnyError::new(&self)).into()
+        let what = operation(&subject, verb);
+        let message = format!("{what}: {}", self.cause());
+        tracing::error!(operation = %what, cause = %self.cause(), "storage failed");
+        StorageIOError::new(subject, verb, AnyError::error(message)).into()
+    }
+
+    /// Why it failed, in plain words.
+    pub fn cause(&self) -> String {
+        match self {
+            Self::Db(e) => match e.as_ref() {
+                redb::Error::Io(io) => io_cause(io),
+                redb::Error::PreviousIo => {
+                    "an earlier write to the file failed; it takes no more writes until the node restarts"
+                        .into()
+                }
+                redb::Error::Corrupted(m) => format!("the file is corrupted ({m})"),
+                redb::Error::ValueTooLarge(n) => format!("a value of {n} bytes is too large"),
+                other => other.to_string(),
+            },
+            Self::Io { what, source } => format!("{what}: {}", io_cause(source)),
+            Self::CreateDir { path, source } => {
+                format!("cannot create {}: {}", path.display(), io_cause(source))
+            }
+            Self::Task(_) => "the storage task stopped unexpectedly".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The device is full (or the quota used up).
+    pub fn is_no_space(&self) -> bool {
+        let io = match self {
+            Self::Db(e) => match e.as_ref() {
+                redb::Error::Io(io) => io,
+                _ => return false,
+            },
+            Self::Io { source, .. } | Self::CreateDir { source, .. } => source,
+            _ => return false,
+        };
+        no_space(io)
     }
 }
 
-/// Creates `dir` if needed and opens (or creates) the redb file `name` in it.
-pub(crate) fn open(dir: &Path, name: &str) -> Result<Arc<Database>, StoreError> {
+fn no_space(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || e.kind() == io::ErrorKind::QuotaExceeded
+        || e.raw_os_error() == Some(libc::ENOSPC)
+}
+
+/// An I/O error in plain words: what the OS said, without its number.
+fn io_cause(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        _ if no_space(e) => "no space left on device".into(),
+        Some(libc::EIO) => "input/output error (the device failed to read or write)".into(),
+        Some(libc::EROFS) => "the file system is read-only".into(),
+        _ => {
+            let s = e.to_string();
+            let s = match s.rfind(" (os error ") {
+                Some(at) => &s[..at],
+                None => &s,
+            };
+            let mut c = s.chars();
+            match c.next() {
+                Some(first) => first.to_lowercase().chain(c).collect(),
+                None => "unknown I/O error".into(),
+            }
+        }
+    }
+}
+
+/// What openraft was doing, in words.
+fn operation(subject: &ErrorSubject<NodeId>, verb: ErrorVerb) -> &'static str {
+    use ErrorSubject as S;
+    use ErrorVerb as V;
+    match (subject, verb) {
+        (S::Logs | S::Log(_) | S::LogIndex(_), V::Read | V::Seek) => "reading the Raft log",
+        (S::Logs | S::Log(_) | S::LogIndex(_), V::Write) => "appending to the Raft log",
+        (S::Logs | S::Log(_) | S::LogIndex(_), V::Delete) => "removing entries from the Raft log",
+        (S::Vote, V::Write) => "saving the vote",
+        (S::Vote, _) => "reading the vote",
+        (S::Store, V::Write) => "saving the commit index",
+        (S::Store, _) => "reading the commit index",
+        (S::StateMachine | S::Apply(_), V::Write) => "applying entries to the state machine",
+        (S::StateMachine | S::Apply(_), _) => "reading the state machine",
+        (S::Snapshot(_), V::Write) => "writing a snapshot",
+        (S::Snapshot(_), _) => "reading a snapshot",
+        (_, V::Write | V::Delete) => "writing the Raft storage",
+        (_, _) => "reading the Raft storage",
+    }
+}
+
+/// Creates `dir` if needed and opens (or creates) the redb file `name` in
+/// it; through `faults` when given (tests).
+pub(crate) fn open(
+    dir: &Path,
+    name: &str,
+    faults: Option<&Arc<crate::faults::Faults>>,
+) -> Result<Arc<Database>, StoreError> {
     std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
         path: dir.to_path_buf(),
         source,
     })?;
     let path = dir.join(name);
-    let db = Database::create(&path).map_err(|source| StoreError::Open {
+    let opened = match faults {
+        None => Database::create(&path),
+        Some(f) => f
+            .open(&path)
+            .map_err(redb::DatabaseError::from)
+            .and_then(|b| Database::builder().create_with_backend(b)),
+    };
+    let db = opened.map_err(|source| StoreError::Open {
         path,
         source: Box::new(source),
     })?;

@@ -89,6 +89,7 @@ pub mod api;
 mod changes;
 pub mod command;
 mod db;
+pub mod faults;
 pub mod log_store;
 pub mod model;
 mod rows;

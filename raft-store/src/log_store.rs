@@ -76,7 +76,16 @@ impl LogStore {
     /// file already opened by another `LogStore` (in this or another
     /// process) is refused.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = db::open(dir, FILE)?;
+        Self::open_with(dir, None)
+    }
+
+    /// [`LogStore::open`], through a fault-injecting backend when `faults`
+    /// is given (tests: [`crate::faults`]).
+    pub fn open_with(
+        dir: &Path,
+        faults: Option<&Arc<crate::faults::Faults>>,
+    ) -> Result<Self, StoreError> {
+        let db = db::open(dir, FILE, faults)?;
         let txn = db.begin_write()?;
         txn.open_table(LOGS)?;
         txn.open_table(META)?;

@@ -103,7 +103,16 @@ impl StateMachineStore {
     /// newer format ([`StoreError::NewerFormat`]); a file of format 1 is
     /// migrated.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = db::open(dir, FILE)?;
+        Self::open_with(dir, None)
+    }
+
+    /// [`StateMachineStore::open`], through a fault-injecting backend when
+    /// `faults` is given (tests: [`crate::faults`]).
+    pub fn open_with(
+        dir: &Path,
+        faults: Option<&Arc<crate::faults::Faults>>,
+    ) -> Result<Self, StoreError> {
+        let db = db::open(dir, FILE, faults)?;
         let txn = db.begin_write()?;
         txn.open_table(SNAPSHOT)?;
         txn.commit()?;

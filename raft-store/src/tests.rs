@@ -26,9 +26,24 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new() -> Self {
+        Self::under(std::env::temp_dir())
+    }
+
+    /// In memory (`/dev/shm`) where there is one: fsyncs cost nothing
+    /// there, for tests that run many seeds.
+    fn in_memory() -> Self {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            Self::under(shm.to_owned())
+        } else {
+            Self::new()
+        }
+    }
+
+    fn under(base: PathBuf) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
+        let path = base.join(format!(
             "edgelb-raft-store-{}-{n}-{}",
             std::process::id(),
             Uuid::new_v4().simple()
@@ -467,3 +482,5 @@ async fn changed_since_names_what_each_batch_changed() {
     assert_eq!(loaded.changed_since(8), Some(crate::Changed::default()));
     assert_eq!(loaded.changed_since(7), None);
 }
+
+mod faults;

@@ -103,8 +103,10 @@ impl Server {
             metrics.clone(),
         ));
         let guard = Admin::auth_guard(backoff, &metrics);
+        let health = store.health().clone();
         let admin = Arc::new(Admin {
             store: Arc::new(store),
+            health,
             dataplane,
             metrics,
             gossip,

@@ -146,6 +146,10 @@ pub enum ForwardError {
     /// The leader's Raft stopped, or another failure.
     #[error("{0}")]
     Failed(String),
+    /// The node asked is below its free-space floor: the write was refused
+    /// before it reached the log (507 to the client).
+    #[error("{0}")]
+    DiskFull(String),
 }
 
 impl From<RaftError<NodeId, ClientWriteError<NodeId, ClusterNode>>> for ForwardError {
@@ -161,7 +165,7 @@ impl From<RaftError<NodeId, ClientWriteError<NodeId, ClusterNode>>> for ForwardE
             RaftError::APIError(ClientWriteError::ChangeMembershipError(m)) => {
                 Self::Membership(m.to_string())
             }
-            RaftError::Fatal(f) => Self::Failed(f.to_string()),
+            RaftError::Fatal(f) => Self::Failed(crate::health::fatal_cause(&f)),
         }
     }
 }
@@ -176,7 +180,7 @@ impl From<RaftError<NodeId, CheckIsLeaderError<NodeId, ClusterNode>>> for Forwar
             RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
                 Self::NoQuorum(q.to_string())
             }
-            RaftError::Fatal(f) => Self::Failed(f.to_string()),
+            RaftError::Fatal(f) => Self::Failed(crate::health::fatal_cause(&f)),
         }
     }
 }

@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::cluster::{Forward, ForwardError, ForwardReply, Rpc, RpcReply, Transport};
+use crate::health::Health;
 
 /// What a write answers: the index of its entry and what applying it did.
 pub(crate) type Outcome = Result<(u64, Result<Applied, ApplyError>), ForwardError>;
@@ -71,14 +72,19 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the proposing task of node `me`; it ends when every clone of
     /// the returned handle is dropped.
-    pub(crate) fn start(raft: Raft, me: u64, transport: Weak<Transport>) -> Self {
+    pub(crate) fn start(
+        raft: Raft,
+        me: u64,
+        transport: Weak<Transport>,
+        health: Arc<Health>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let readers = Arc::new(Readers {
             me,
             transport,
             known: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(run(raft, rx, readers));
+        tokio::spawn(run(raft, rx, readers, health));
         Self { tx }
     }
 
@@ -102,7 +108,12 @@ fn stopped() -> ForwardError {
     ForwardError::Failed("the node's Raft is stopping".into())
 }
 
-async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>, readers: Arc<Readers>) {
+async fn run(
+    raft: Raft,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    readers: Arc<Readers>,
+    health: Arc<Health>,
+) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         // Writes queue while every slot is taken: the next entry carries them.
@@ -124,28 +135,33 @@ async fn run(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>, readers: Arc<
         // Callers that gave up (their deadline passed) are not proposed.
         batch.retain(|p| !p.reply.is_closed());
         if batch.len() > 1 && readers.all_read_batches(&raft) {
-            propose_batch(&raft, batch, slot).await;
+            propose_batch(&raft, batch, slot, &health).await;
         } else {
-            propose_each(&raft, batch, slot).await;
+            propose_each(&raft, batch, slot, &health).await;
         }
         if let Some(p) = next {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
-            propose_each(&raft, vec![p], slot).await;
+            propose_each(&raft, vec![p], slot, &health).await;
         }
     }
 }
 
 /// Proposes `batch` as one entry and answers each caller its own result.
-async fn propose_batch(raft: &Raft, batch: Vec<Pending>, slot: OwnedSemaphorePermit) {
+async fn propose_batch(
+    raft: &Raft,
+    batch: Vec<Pending>,
+    slot: OwnedSemaphorePermit,
+    health: &Health,
+) {
     let (commands, replies): (Vec<Command>, Vec<oneshot::Sender<Outcome>>) =
         batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
     let n = commands.len();
     let cmd = Command::Batch { commands };
     match raft.client_write_ff(Request::from(cmd)).await {
         Err(fatal) => {
-            let e = ForwardError::Failed(fatal.to_string());
+            let e = ForwardError::Failed(health.storage_failure(&fatal));
             for r in replies {
                 let _ = r.send(Err(e.clone()));
             }
@@ -181,13 +197,20 @@ fn split(index: u64, result: Option<Result<Applied, ApplyError>>, n: usize) -> V
 }
 
 /// Proposes each write as its own entry, in order.
-async fn propose_each(raft: &Raft, batch: Vec<Pending>, slot: OwnedSemaphorePermit) {
+async fn propose_each(
+    raft: &Raft,
+    batch: Vec<Pending>,
+    slot: OwnedSemaphorePermit,
+    health: &Health,
+) {
     let mut answers = Vec::with_capacity(batch.len());
     for p in batch {
         match raft.client_write_ff(Request::from(p.cmd)).await {
             Ok(answer) => answers.push((answer, p.reply)),
             Err(fatal) => {
-                let _ = p.reply.send(Err(ForwardError::Failed(fatal.to_string())));
+                let _ = p
+                    .reply
+                    .send(Err(ForwardError::Failed(health.storage_failure(&fatal))));
             }
         }
     }

@@ -63,6 +63,11 @@ impl TestNode {
                 max_voters: 5,
                 alive_within: std::time::Duration::from_secs(1),
             },
+            crate::health::Health::new(
+                dir.path(),
+                crate::health::MinFree::Bytes(0),
+                &prometheus::Registry::new(),
+            ),
         ));
         let handler: Arc<dyn RaftHandler> = dispatch.clone();
         let transport =
