@@ -238,6 +238,24 @@ fn prometheus_config_passes_promtool() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[test]
+fn alert_rules_pass_their_promtool_unit_tests() -> anyhow::Result<()> {
+    if tool("promtool", "EDGELB_REQUIRE_PROMTOOL").is_none() {
+        return Ok(());
+    }
+    let out = Command::new("promtool")
+        .args(["test", "rules", "edgelb-alerts.test.yml"])
+        .current_dir(deploy_dir())
+        .output()?;
+    assert!(
+        out.status.success(),
+        "promtool test rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// An HTTP/1.1 backend that answers every request with 200 `ok` and closes.
 async fn backend(addr: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
