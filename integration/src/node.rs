@@ -29,6 +29,12 @@ pub struct NodeOptions {
     pub settings: Settings,
     /// The admin token.
     pub token: String,
+    /// The data dir; a fresh temp dir (removed with the node) when `None`.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// `data_dir_min_free`; the node's default when `None`.
+    pub data_dir_min_free: Option<edgelb::health::MinFree>,
+    /// Opens the node's storage through this fault-injecting backend.
+    pub storage_faults: Option<std::sync::Arc<raft_store::faults::Faults>>,
 }
 
 impl Default for NodeOptions {
@@ -47,7 +53,13 @@ impl Default for NodeOptions {
             .take(32)
             .map(char::from)
             .collect();
-        Self { settings, token }
+        Self {
+            settings,
+            token,
+            data_dir: None,
+            data_dir_min_free: None,
+            storage_faults: None,
+        }
     }
 }
 
@@ -60,7 +72,7 @@ pub struct TestNode {
     pub token: String,
     handle: Option<NodeHandle>,
     // Dropped last: the node may still write state while shutting down.
-    _data_dir: TempDir,
+    _data_dir: Option<TempDir>,
 }
 
 impl TestNode {
@@ -72,10 +84,18 @@ impl TestNode {
     /// Starts a node with `opts` and waits until it is ready.
     pub async fn start_with(opts: NodeOptions) -> anyhow::Result<Self> {
         let subnet = Subnet::allocate();
-        let data_dir = TempDir::new("node");
+        let temp = opts.data_dir.is_none().then(|| TempDir::new("node"));
         let ip = subnet.node_ip();
         let mut config = Config::embedded_default();
-        config.data_dir = data_dir.path().to_owned();
+        config.data_dir = opts
+            .data_dir
+            .clone()
+            .or_else(|| temp.as_ref().map(|t| t.path().to_owned()))
+            .unwrap_or_default();
+        if let Some(m) = opts.data_dir_min_free {
+            config.data_dir_min_free = m;
+        }
+        config.storage_faults = opts.storage_faults.clone();
         config.admin_addr = SocketAddr::new(ip, 0);
         config.cluster_addr = SocketAddr::new(ip, 0);
         config.listen_ip = ip;
@@ -95,7 +115,7 @@ impl TestNode {
             admin_addr: handle.admin_addr,
             token: handle.token.clone(),
             handle: Some(handle),
-            _data_dir: data_dir,
+            _data_dir: temp,
         })
     }
 

@@ -1,0 +1,6 @@
+//! A node and its disk: a full disk refuses writes with 507 and recovers by
+//! itself ([`full`]), and seeded storage faults lose no acknowledged write
+//! and leave no node alive but unable to write ([`faults`]).
+
+mod faults;
+mod full;
