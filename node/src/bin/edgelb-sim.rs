@@ -40,6 +40,11 @@ struct Args {
     /// durations, 2 s per grid cell (overrides the options above).
     #[arg(long)]
     quick: bool,
+    /// Runs only the scenarios (of the suite and the grid) whose name
+    /// contains this, with central, local only and the default estimator
+    /// at 5 ms, and prints a line per scenario; writes nothing.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -54,6 +59,19 @@ fn main() -> ExitCode {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let started = Instant::now();
+    if let Some(only) = &args.only {
+        let grid = grid::scenarios(args.grid_seconds);
+        let picked: Vec<_> = suite::scenarios(args.scale)
+            .into_iter()
+            .chain(grid)
+            .filter(|s| s.name.contains(only.as_str()))
+            .collect();
+        for (sc, line) in suite::compare(&picked, args.seeds, threads) {
+            println!("{}: {line}", sc.name);
+        }
+        eprintln!("simulated in {:.1} s", started.elapsed().as_secs_f64());
+        return ExitCode::SUCCESS;
+    }
     let scenarios = suite::scenarios(args.scale);
     let results = suite::run_all(&scenarios, args.seeds, threads);
     eprintln!("scenarios: {:.1} s", started.elapsed().as_secs_f64());

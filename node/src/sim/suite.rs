@@ -95,6 +95,23 @@ pub fn run_cases(
     seeds: std::ops::RangeInclusive<u64>,
     threads: usize,
 ) -> Vec<Vec<(Strategy, Outcome)>> {
+    run_cases_by_seed(cases, seeds, threads)
+        .into_iter()
+        .map(|rows| {
+            rows.into_iter()
+                .map(|(strategy, runs)| (strategy, average(&runs.iter().collect::<Vec<_>>())))
+                .collect()
+        })
+        .collect()
+}
+
+/// [`run_cases`] without the averaging: per case, each strategy with its
+/// outcome for each seed, in seed order.
+pub fn run_cases_by_seed(
+    cases: &[(Scenario, Vec<Strategy>)],
+    seeds: std::ops::RangeInclusive<u64>,
+    threads: usize,
+) -> Vec<Vec<(Strategy, Vec<Outcome>)>> {
     let mut jobs = Vec::new();
     for (ci, (_, strategies)) in cases.iter().enumerate() {
         for ti in 0..strategies.len() {
@@ -136,14 +153,76 @@ pub fn run_cases(
                 .iter()
                 .enumerate()
                 .map(|(ti, strategy)| {
-                    let runs: Vec<&Outcome> = done
+                    let runs: Vec<Outcome> = done
                         .iter()
                         .filter(|(c, t, _, _)| (*c, *t) == (ci, ti))
-                        .map(|(_, _, _, o)| o)
+                        .map(|(_, _, _, o)| o.clone())
                         .collect();
-                    (strategy.clone(), average(&runs))
+                    (strategy.clone(), runs)
                 })
                 .collect()
+        })
+        .collect()
+}
+
+/// The mean of `x` and its standard error (0 with fewer than 2 values).
+pub fn mean_se(x: &[f64]) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().sum::<f64>() / n.max(1.0);
+    if x.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
+}
+
+/// Central, local only and the default estimator at 5 ms on each of
+/// `scenarios`, `seeds` seeds each: per scenario, a line with local only and
+/// the estimator × central, the estimator's difference from local only
+/// with its standard error over the seeds (paired: each seed's runs see the
+/// same requests), and the estimator's view error.
+pub fn compare(scenarios: &[Scenario], seeds: u64, threads: usize) -> Vec<(Scenario, String)> {
+    let strategies = vec![
+        Strategy::Central,
+        Strategy::Local,
+        Strategy::gossip(Estimator::default(), 5),
+    ];
+    let cases: Vec<(Scenario, Vec<Strategy>)> = scenarios
+        .iter()
+        .map(|sc| (sc.clone(), strategies.clone()))
+        .collect();
+    run_cases_by_seed(&cases, 1..=seeds.max(1), threads)
+        .into_iter()
+        .zip(scenarios)
+        .map(|(rows, sc)| {
+            let ratios = |i: usize| -> Vec<f64> {
+                let central = rows.first().map_or(&[][..], |(_, r)| r);
+                rows.get(i).map_or_else(Vec::new, |(_, runs)| {
+                    runs.iter()
+                        .zip(central)
+                        .map(|(o, c)| o.max_mean / c.max_mean)
+                        .collect()
+                })
+            };
+            let (local, est) = (ratios(1), ratios(2));
+            let diffs: Vec<f64> = est.iter().zip(&local).map(|(e, l)| e - l).collect();
+            let (diff, se) = mean_se(&diffs);
+            let central = mean_se(
+                &rows
+                    .first()
+                    .map_or_else(Vec::new, |(_, r)| r.iter().map(|o| o.max_mean).collect()),
+            )
+            .0;
+            let error = rows.get(2).map_or(f64::NAN, |(_, runs)| {
+                mean_se(&runs.iter().map(|o| o.view_error).collect::<Vec<_>>()).0
+            });
+            let line = format!(
+                "central {central:.3}, local only {:.3}, estimator {:.3} × central; \
+                 difference {diff:+.3} ± {se:.3} (s.e.), view error {error:.2}",
+                mean_se(&local).0,
+                mean_se(&est).0,
+            );
+            (sc.clone(), line)
         })
         .collect()
 }
