@@ -22,7 +22,7 @@
 mod disk;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use openraft::error::Fatal;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
@@ -40,7 +40,7 @@ pub const EXIT_STORAGE: u8 = 74;
 #[derive(Debug)]
 pub struct Health {
     data_dir: PathBuf,
-    min_free: MinFree,
+    min_free: Mutex<MinFree>,
     /// Why the Raft core or storage stopped, once it did.
     failed: watch::Sender<Option<String>>,
     gauges: Gauges,
@@ -106,7 +106,7 @@ impl Health {
         };
         let health = Arc::new(Self {
             data_dir: data_dir.to_owned(),
-            min_free,
+            min_free: Mutex::new(min_free),
             failed: watch::Sender::new(None),
             gauges,
         });
@@ -119,9 +119,16 @@ impl Health {
         &self.data_dir
     }
 
+    /// Changes the floor (tests; a configuration reload would call it).
+    /// Takes effect at the next write or probe.
+    pub fn set_min_free(&self, min_free: MinFree) {
+        *self.min_free.lock().unwrap_or_else(PoisonError::into_inner) = min_free;
+    }
+
     /// Checks the free space now; `Err` while it is below the floor.
     fn disk(&self) -> Result<(), DiskFull> {
-        let space = disk::measure(&self.data_dir, self.min_free);
+        let min_free = *self.min_free.lock().unwrap_or_else(PoisonError::into_inner);
+        let space = disk::measure(&self.data_dir, min_free);
         if let Some(s) = &space {
             self.gauges.free.set(clamp(s.free));
             self.gauges.min_free.set(clamp(s.floor));

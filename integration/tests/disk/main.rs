@@ -3,4 +3,6 @@
 //! and leave no node alive but unable to write ([`faults`]).
 
 mod faults;
+mod floor;
 mod full;
+mod harness;
