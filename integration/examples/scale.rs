@@ -78,6 +78,10 @@ struct Args {
     /// Print what the joining node logged (its level is `EDGELB_TEST_LOG`'s).
     #[arg(long)]
     join_log: bool,
+    /// Write every node's log (its level is `EDGELB_TEST_LOG`'s) to
+    /// `<DIR>/<nodes>-nodes.log` once the cluster's measurements are done.
+    #[arg(long, value_name = "DIR")]
+    logs: Option<std::path::PathBuf>,
 }
 
 /// First published port; group `g` publishes `FIRST_PORT + g mod ports`.
@@ -237,6 +241,11 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     let rss = mib(load::rss_kib(cluster.pid(id)));
     report.join = Some((id, took, rss));
     eprintln!("node {id} joined and serves every group in {took:.2?}");
+    if let Some(dir) = &args.logs {
+        let path = dir.join(format!("{n}-nodes.log"));
+        std::fs::write(&path, cluster.take_logs())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(report)
 }
 

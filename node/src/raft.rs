@@ -24,8 +24,9 @@ use crate::store::{RaftRpc, Store, StoreError};
 
 /// openraft's own snapshot policy, a backstop: [`snapshots`] asks for one
 /// sooner, every [`raft_store::snapshot_interval`] entries (500 for a small
-/// state, a tenth of its groups + instances for a large one), so that a
-/// snapshot's O(state) cost stays constant per write.
+/// state, a tenth of its groups + instances for a large one) plus a random
+/// extra of up to half that, so that a snapshot's O(state) cost stays
+/// constant per write.
 pub const SNAPSHOT_EVERY: u64 = 100_000;
 
 /// What [`start`] hands back.
@@ -179,20 +180,31 @@ fn ms(d: Duration) -> u64 {
 }
 
 /// Asks openraft for a snapshot once [`raft_store::snapshot_interval`]
-/// entries were applied since the last one (built or asked for); ends when
-/// the state machine or Raft stops.
+/// entries, plus a random extra of up to half that, were applied since
+/// the last one (built or asked for); ends when the state machine or Raft
+/// stops.
+///
+/// The extra is drawn anew for each snapshot, so the members of a cluster
+/// do not snapshot at the same index: building one writes the whole state
+/// to disk and is followed by a purge of the log behind it, and members
+/// busy with that at the same moment held up every write (a write needs
+/// a quorum, which the other members still make).
 async fn snapshots(raft: Raft, mut state: watch::Receiver<AppliedState>) {
     let mut asked_at = 0;
+    // Per mille of the interval.
+    let mut extra: u64 = rand::random_range(0..500);
     while state.changed().await.is_ok() {
         let (index, every) = {
             let applied = state.borrow_and_update();
             (applied.index, raft_store::snapshot_interval(&applied.state))
         };
+        let due = every.saturating_add(every.saturating_mul(extra) / 1000);
         let built = raft.metrics().borrow().snapshot.map_or(0, |l| l.index);
-        if index.saturating_sub(built.max(asked_at)) < every {
+        if index.saturating_sub(built.max(asked_at)) < due {
             continue;
         }
         asked_at = index;
+        extra = rand::random_range(0..500);
         tracing::debug!(index, every, "asking for a snapshot");
         if raft.trigger().snapshot().await.is_err() {
             return;

@@ -9,6 +9,16 @@
 //!        "last_purged" ──▶ JSON LogId
 //! ```
 //!
+//! Purging is lazy: `purge` records `last_purged` and removes at most
+//! [`PURGE_CHUNK`] rows; every `append` removes up to as many more of the
+//! rows at or below it in its own transaction. Openraft runs `purge` inline
+//! in its core, and a snapshot purges everything applied since the last
+//! one (thousands of entries at a large state, hundreds of milliseconds of
+//! redb work): done at once, that stalled this node's appends and votes
+//! past the RPC limit, on every member at the same moment. The rows left
+//! at or below `last_purged` are out of the log already: reads start after
+//! it and the log's last id is never below it.
+//!
 //! Each operation is one redb write transaction, so a crash leaves the log
 //! as it was before or after it, never in between (no holes). `append`,
 //! `truncate`, `purge` and `save_vote` commit with `Durability::Immediate`
@@ -33,7 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader};
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -49,6 +59,10 @@ const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const LAST_PURGED: &str = "last_purged";
+
+/// The most purged rows one transaction removes: a few milliseconds of
+/// redb work at most, however far a snapshot moved `last_purged`.
+pub(crate) const PURGE_CHUNK: u64 = 32;
 
 /// The Raft log, vote and commit hint, stored in redb.
 ///
@@ -133,11 +147,36 @@ impl LogStore {
 
 fn read_meta<T: DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>, StoreError> {
     let txn = db.begin_read()?;
-    let table = txn.open_table(META)?;
+    meta_value(&txn.open_table(META)?, key)
+}
+
+fn meta_value<T: DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
     match table.get(key)? {
         Some(v) => db::decode(v.value(), key).map(Some),
         None => Ok(None),
     }
+}
+
+/// Removes up to [`PURGE_CHUNK`] of the rows at or below `last_purged`
+/// inside `txn`, oldest first.
+fn remove_purged(txn: &WriteTransaction, last_purged: Option<LogId>) -> Result<(), StoreError> {
+    let Some(purged) = last_purged else {
+        return Ok(());
+    };
+    let mut table = txn.open_table(LOGS)?;
+    let first = match table.first()? {
+        Some((k, _)) => k.value(),
+        None => return Ok(()),
+    };
+    if first > purged.index {
+        return Ok(());
+    }
+    let end = purged.index.min(first.saturating_add(PURGE_CHUNK - 1));
+    table.retain_in(first..=end, |_, _| false)?;
+    Ok(())
 }
 
 /// Decodes the entry stored at `index`, checking that it claims that index.
@@ -169,6 +208,9 @@ fn bounds(range: &impl RangeBounds<u64>) -> (u64, Option<u64>) {
 
 fn read_entries(db: &Database, start: u64, end: Option<u64>) -> Result<Vec<Entry>, StoreError> {
     let txn = db.begin_read()?;
+    // Rows at or below `last_purged` not removed yet are not in the log.
+    let purged: Option<LogId> = meta_value(&txn.open_table(META)?, LAST_PURGED)?;
+    let start = purged.map_or(start, |p| start.max(p.index.saturating_add(1)));
     let table = txn.open_table(LOGS)?;
     let rows = match end {
         Some(end) if end <= start => return Ok(Vec::new()),
@@ -184,10 +226,12 @@ fn read_entries(db: &Database, start: u64, end: Option<u64>) -> Result<Vec<Entry
 }
 
 fn log_state(db: &Database) -> Result<LogState<TypeConfig>, StoreError> {
-    let last_purged: Option<LogId> = read_meta(db, LAST_PURGED)?;
     let txn = db.begin_read()?;
+    let last_purged: Option<LogId> = meta_value(&txn.open_table(META)?, LAST_PURGED)?;
     let table = txn.open_table(LOGS)?;
     let last = match table.last()? {
+        // A row left at or below `last_purged` (all of the log purged).
+        Some((k, _)) if last_purged.is_some_and(|p| k.value() <= p.index) => last_purged,
         Some((k, v)) => Some(decode_entry(k.value(), v.value())?.log_id),
         None => last_purged,
     };
@@ -279,6 +323,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     table.insert(index, bytes.as_slice())?;
                 }
             }
+            let purged = meta_value(&txn.open_table(META)?, LAST_PURGED)?;
+            remove_purged(&txn, purged)?;
             txn.commit()?;
             Ok(())
         })
@@ -318,8 +364,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             txn.set_durability(Durability::Immediate);
             txn.open_table(META)?
                 .insert(LAST_PURGED, purged.as_slice())?;
-            txn.open_table(LOGS)?
-                .retain_in(..=log_id.index, |_, _| false)?;
+            remove_purged(&txn, Some(log_id))?;
             txn.commit()?;
             Ok(())
         })

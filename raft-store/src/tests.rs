@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite, log_id};
 use openraft::{EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder};
-use redb::Database;
+use redb::{Database, ReadableTable};
 use uuid::Uuid;
 
 use crate::command::Command;
@@ -282,6 +282,67 @@ async fn purge_and_truncate_survive_reopen() {
     );
     let reversed = (Bound::Included(4), Bound::Excluded(3));
     assert!(log.try_get_log_entries(reversed).await.unwrap().is_empty());
+}
+
+/// The indexes of the rows in the log file of `dir`, purged or not.
+fn log_rows(dir: &Path) -> Vec<u64> {
+    let db = Database::create(dir.join(log_store::FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    let table = txn.open_table(log_store::LOGS).unwrap();
+    table
+        .iter()
+        .unwrap()
+        .map(|r| r.unwrap().0.value())
+        .collect()
+}
+
+async fn indexes(log: &mut LogStore) -> Vec<u64> {
+    let entries = log.try_get_log_entries(..).await.unwrap();
+    entries.iter().map(|e| e.log_id.index).collect()
+}
+
+#[tokio::test]
+async fn a_long_purge_is_removed_a_chunk_per_append() {
+    let chunk = log_store::PURGE_CHUNK;
+    let last = 3 * chunk + 7;
+    let dir = TempDir::new();
+    let (mut log, sm) = open(dir.path());
+    log.blocking_append((1..=last).map(blank)).await.unwrap();
+    log.purge(log_id(1, 1, last - 2)).await.unwrap();
+    // Out of the log at once, whatever rows are left.
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, last - 2)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 1, last)));
+    assert_eq!(indexes(&mut log).await, [last - 1, last]);
+    assert!(
+        log.try_get_log_entries(1..=last - 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // All of it purged: the last id is the purged one.
+    log.purge(log_id(1, 1, last)).await.unwrap();
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(1, 1, last)));
+    assert!(indexes(&mut log).await.is_empty());
+    drop((log, sm));
+    // Each purge removed one chunk, the oldest rows.
+    assert_eq!(
+        log_rows(dir.path()),
+        (2 * chunk + 1..=last).collect::<Vec<_>>()
+    );
+
+    let (mut log, sm) = open(dir.path());
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, last)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 1, last)));
+    assert!(indexes(&mut log).await.is_empty());
+    // Each append removes up to a chunk more: two take the rest.
+    log.blocking_append([blank(last + 1)]).await.unwrap();
+    log.blocking_append([blank(last + 2)]).await.unwrap();
+    assert_eq!(indexes(&mut log).await, [last + 1, last + 2]);
+    drop((log, sm));
+    assert_eq!(log_rows(dir.path()), [last + 1, last + 2]);
 }
 
 /// Overwrites the value of log row `index` in the log file of `dir`.
