@@ -14,8 +14,9 @@
 //! exponential time of mean 100 ms, so every instance has work in flight
 //! at every node and its counts change several times a second. Node 1 is
 //! the receiver: the table gives the report bytes per second it receives
-//! from its region's members (own reports) and from the other regions
-//! (one aggregate each), against what it received before deltas and
+//! from its gossip group's members (own reports) and from the other
+//! groups (one aggregate each; a group is a region, or a cell of a region
+//! larger than `gossip::CELL_MAX`, see `gossip::cells`), against what it received before deltas and
 //! regions (a full report from each of the 99 others at the same
 //! moments). Transit is not modelled; the aggregation's own cost in
 //! staleness is: when an aggregate is built, how old are the reports it
@@ -24,12 +25,12 @@
 //! aggregate to go out.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::time::{Duration, Instant};
 
 use gossip::{
     Config, DeltaEncoder, Entry, LoadCounters, Reassembler, Report, SendSchedule, Started, Tracker,
-    aggregate, decode_wire, plan,
+    aggregate, cells, decode_wire, plan,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -127,6 +128,8 @@ struct Aggregator {
 
 #[derive(Default)]
 struct Tally {
+    /// Regions and cells.
+    groups: usize,
     own: u64,
     aggregates: u64,
     /// `own + aggregates` with version-1 full reports.
@@ -148,17 +151,18 @@ fn main() {
         WARMUP.as_secs()
     );
     println!(
-        "| regions × nodes | picks/s per node | before: 99 × full | own reports (region) | aggregates (other regions) | total | total with version-1 fulls | aggregate age mean / p99 | change → aggregate sent mean / p99 |"
+        "| regions × nodes | gossip groups | picks/s per node | before: 99 × full | own reports (group) | aggregates (other groups) | total | total with version-1 fulls | aggregate age mean / p99 | change → aggregate sent mean / p99 |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for rate in [2_000.0, 10_000.0] {
         for &regions in &counts {
             let t = run(regions, rate, Duration::from_secs(secs));
             let s = secs as f64;
             let mb = |b: u64| format!("{:.2} MB/s", b as f64 / s / 1e6);
             println!(
-                "| {regions} × {} | {rate:.0} | {} | {} | {} | **{}** | {} | {} | {} |",
+                "| {regions} × {} | {} | {rate:.0} | {} | {} | {} | **{}** | {} | {} | {} |",
                 NODES / regions,
+                t.groups,
                 mb(t.before),
                 mb(t.own),
                 mb(t.aggregates),
@@ -190,11 +194,22 @@ fn run(regions: usize, rate: f64, measure: Duration) -> Tally {
         ..config.clone()
     };
     let t0 = Instant::now();
-    let region_of = |n: u64| ((n - 1) as usize) % regions;
     let names: Vec<String> = (0..regions).map(|r| format!("r{r}")).collect();
-    let members: Vec<(u64, &str)> = (1..=NODES as u64)
-        .map(|n| (n, names[region_of(n)].as_str()))
+    // Gossip groups: the regions, or cells of a region larger than
+    // gossip::CELL_MAX, as the node computes them.
+    let groups = cells((1..=NODES as u64).map(|n| (n, names[(n as usize - 1) % regions].as_str())));
+    let group_names: Vec<&String> = groups
+        .values()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
         .collect();
+    let region_of = |n: u64| {
+        group_names
+            .iter()
+            .position(|g| **g == groups[&n])
+            .expect("every node has a group")
+    };
+    let members: Vec<(u64, &str)> = groups.iter().map(|(&n, g)| (n, g.as_str())).collect();
     let mut nodes: Vec<Node> = (1..=NODES as u64)
         .map(|n| Node {
             region: region_of(n),
@@ -234,12 +249,15 @@ fn run(regions: usize, rate: f64, measure: Duration) -> Tally {
     }
     assert_eq!(
         aggregators.len(),
-        regions - 1,
-        "one aggregate per other region"
+        group_names.len() - 1,
+        "one aggregate per other region or cell"
     );
     let mut inflight: BinaryHeap<Reverse<(Instant, usize, usize, u64)>> = BinaryHeap::new();
     let mut started: Vec<Option<Started>> = Vec::new();
-    let mut tally = Tally::default();
+    let mut tally = Tally {
+        groups: group_names.len(),
+        ..Tally::default()
+    };
     let end = t0 + WARMUP + measure;
     let mut now = t0;
     while now < end {

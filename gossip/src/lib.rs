@@ -54,8 +54,10 @@ pub use delta::{
     decode_wire, encode_delta,
 };
 pub use estimator::Estimator;
-pub use regions::{Plan, Stream, aggregate, plan};
-pub use schedule::{JITTER, MAX_SHARE, MIN_GAP, REFRESH, RefreshSchedule, SendSchedule, jittered};
+pub use regions::{CELL_MAX, Plan, Stream, aggregate, cells, plan};
+pub use schedule::{
+    JITTER, MAX_SHARE, MIN_GAP, REFRESH, RefreshSchedule, SendSchedule, jittered, quiet_alive,
+};
 pub use state::{Arrival, Counters, LoadTable, Merge, PeerReport};
 pub use tracker::{LONG_FLOOR, Tracker};
 pub use view::{GroupView, LOAD_FRAC_BITS, LOAD_ONE, PeerLoad, to_fixed};

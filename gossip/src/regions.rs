@@ -26,6 +26,20 @@
 //! region's aggregate: no flag on the wire, and a report in the name of
 //! its sender as always (the certificate check is unchanged).
 //!
+//! **Large regions gossip as cells.** A region's own reports grow with
+//! its size: at 100 members × 1,000 busy instances, 99 streams of deltas
+//! and full reports (one at least every `gossip_interval`) are some
+//! 50 MB/s into each node. [`cells`] therefore splits a region of more
+//! than [`CELL_MAX`] members into `⌈n / CELL_MAX⌉` cells of nearly equal
+//! size (members by id, dealt round-robin), and the plan treats each cell
+//! as a region of its own: own reports inside a cell, one aggregate per
+//! other cell. A node's inbound is then its cell's members plus one
+//! stream per other cell and region (100 in one region: 13–14 + 6). The
+//! price is the aggregates' staleness (their coalescing, see the node's
+//! aggregator) between cells of one region. Every member computes the
+//! same cells from the same membership; a region of up to [`CELL_MAX`]
+//! members is one cell under its own name.
+//!
 //! [`aggregate`] sums reports: in-flight and long-lived counts and pick
 //! rates add up; the mean service time is the pick-rate-weighted mean,
 //! which is what the estimator's `τ(p)` of the sum is (SPEC §3 "Stale
@@ -34,6 +48,35 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::codec::Entry;
+
+/// The most members a region has before it is split into cells.
+pub const CELL_MAX: usize = 16;
+
+/// The gossip group of every member of `members` (`(node id, region)`,
+/// a member listed twice counts once): its region when the region has at
+/// most [`CELL_MAX`] members, else `"{region}#{k}"`, one of the region's
+/// `⌈n / CELL_MAX⌉` cells, the members (by id) dealt to them in turn.
+/// [`plan`] takes these groups for regions.
+pub fn cells<'a>(members: impl IntoIterator<Item = (u64, &'a str)>) -> BTreeMap<u64, String> {
+    let members: BTreeMap<u64, &str> = members.into_iter().collect();
+    let mut regions: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for (&id, &r) in &members {
+        regions.entry(r).or_default().push(id);
+    }
+    let mut out = BTreeMap::new();
+    for (region, ids) in regions {
+        let n = ids.len().div_ceil(CELL_MAX);
+        for (rank, id) in ids.into_iter().enumerate() {
+            let group = if n <= 1 {
+                region.to_owned()
+            } else {
+                format!("{region}#{}", rank % n)
+            };
+            out.insert(id, group);
+        }
+    }
+    out
+}
 
 /// Whom a node sends what.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -234,6 +277,39 @@ mod tests {
         );
         // Not a member (yet): nothing to send.
         assert_eq!(plan(9, one.iter().copied(), |_| true), Plan::default());
+    }
+
+    #[test]
+    fn a_large_region_is_split_into_cells_of_at_most_cell_max() {
+        let small: Vec<(u64, &str)> = (1..=CELL_MAX as u64).map(|id| (id, "a")).collect();
+        let c = cells(small.iter().copied().chain([(99, "b")]));
+        assert!(small.iter().all(|&(id, _)| c[&id] == "a"), "{c:?}");
+        assert_eq!(c[&99], "b");
+        // 100 members of one region: 7 cells of 14 or 15.
+        let big: Vec<(u64, &str)> = (1..=100).map(|id| (id * 3, "big")).collect();
+        let c = cells(big.iter().copied());
+        let mut sizes: BTreeMap<&str, usize> = BTreeMap::new();
+        for g in c.values() {
+            *sizes.entry(g.as_str()).or_default() += 1;
+        }
+        assert_eq!(sizes.len(), 7, "{sizes:?}");
+        assert!(sizes.values().all(|&n| (14..=15).contains(&n)), "{sizes:?}");
+        assert!(sizes.keys().all(|g| g.starts_with("big#")));
+        // The plan on cells: 100 nodes hear their cell and 6 aggregates.
+        let groups: Vec<(u64, &str)> = c.iter().map(|(&id, g)| (id, g.as_str())).collect();
+        let plans: BTreeMap<u64, Plan> = groups
+            .iter()
+            .map(|&(id, _)| (id, plan(id, groups.iter().copied(), |_| true)))
+            .collect();
+        for &(receiver, g) in &groups {
+            let own = plans.values().filter(|p| p.own.contains(&receiver)).count();
+            let aggregates = plans
+                .values()
+                .filter(|p| p.aggregate.contains(&receiver))
+                .count();
+            assert_eq!(own, sizes[g] - 1, "node {receiver}");
+            assert_eq!(aggregates, 6, "node {receiver}");
+        }
     }
 
     #[test]

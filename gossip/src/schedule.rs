@@ -11,7 +11,8 @@
 //!                     but after a delta no later than last_full + interval
 //!  a report with short work in flight ─▶ look again within LONG_FLOOR·(1±J)
 //!  an empty report (idle node) ─▶ the next multiple of idle_interval on the
-//!                     wall clock (not jittered)
+//!                     wall clock (not jittered); after two empty ones in
+//!                     a row, the next multiple of quiet_interval
 //!  full_due(now): the report built now must be full, not a delta:
 //!                     now ≥ last_full + interval − min_interval·(1 + J),
 //!                     or none sent yet
@@ -31,8 +32,13 @@
 //! rather than jittered, so that a node hears all its idle peers in one
 //! burst and wakes once for them (and once for the acknowledgements)
 //! instead of once per peer. Idle reports carry no load: aligning them
-//! cannot herd. The first report that lists anything goes out as soon as
-//! `min_interval` allows.
+//! cannot herd. Once it has sent two empty reports in a row (the second
+//! repairs a lost first, which would leave its last load counted until it
+//! expires), it repeats them only every [`SendSchedule::quiet_interval`]
+//! (the TTL): they then only say that the node is there, and a receiver
+//! counts a peer whose last report was empty as present for
+//! [`quiet_alive`] (three of those periods) rather than the TTL. The first
+//! report that lists anything goes out as soon as `min_interval` allows.
 //!
 //! The re-check exists because short work in flight becomes long-lived
 //! (counted by peers without decay) within [`LONG_FLOOR`] of crossing its
@@ -75,6 +81,9 @@ pub struct SendSchedule {
     min_interval: Duration,
     interval: Duration,
     idle_interval: Duration,
+    quiet_interval: Duration,
+    /// Empty reports built in a row, up to 2.
+    empty_run: u8,
     /// When the last report was built.
     last: Option<Instant>,
     /// When the last full report was built.
@@ -90,6 +99,8 @@ impl SendSchedule {
             min_interval: config.min_interval,
             interval: config.interval,
             idle_interval: Self::idle_interval(config),
+            quiet_interval: Self::quiet_interval(config),
+            empty_run: 0,
             last: None,
             last_full: None,
             heartbeat: now,
@@ -101,6 +112,12 @@ impl SendSchedule {
     /// `interval`.
     pub fn idle_interval(config: &Config) -> Duration {
         (config.ttl / 3).max(config.interval)
+    }
+
+    /// How often a node that has sent two empty reports in a row repeats
+    /// them: the TTL, at least [`SendSchedule::idle_interval`].
+    pub fn quiet_interval(config: &Config) -> Duration {
+        config.ttl.max(Self::idle_interval(config))
     }
 
     /// Whether the report built at `now` must be a full one.
@@ -148,9 +165,16 @@ impl SendSchedule {
                 self.last_full = Some(now);
             }
             if report.entries.is_empty() {
-                self.heartbeat = now + until_grid(self.idle_interval, wall_ms);
+                self.empty_run = (self.empty_run + 1).min(2);
+                let period = if self.empty_run >= 2 {
+                    self.quiet_interval
+                } else {
+                    self.idle_interval
+                };
+                self.heartbeat = now + until_grid(period, wall_ms);
                 return;
             }
+            self.empty_run = 0;
         }
         self.heartbeat = now + jittered(self.interval, rng);
         // Once a delta went out, the next full report is due within the
@@ -165,6 +189,14 @@ impl SendSchedule {
             self.heartbeat = self.heartbeat.min(now + jittered(LONG_FLOOR, rng));
         }
     }
+}
+
+/// How long a receiver counts a peer whose newest report is empty as
+/// present (for the gossip plan and the aggregates): three of its quiet
+/// periods, so that two lost heartbeats in a row change nothing. A peer
+/// whose newest report lists load is present for the TTL, as its load is.
+pub fn quiet_alive(config: &Config) -> Duration {
+    SendSchedule::quiet_interval(config) * 3
 }
 
 /// From `wall_ms` to the next multiple of `period` on the wall clock (a
@@ -333,16 +365,40 @@ mod tests {
             SendSchedule::idle_interval(&config),
             Duration::from_nanos(333_333_333)
         );
-        let mut s = SendSchedule::new(&config, t0);
         let empty = Report::default();
-        // Idle heartbeats fall on the wall clock's multiples of 333 ms,
-        // whenever the last report was.
+        let busy = Report {
+            entries: vec![Entry {
+                inflight: 1,
+                long_inflight: 1,
+                ..Entry::default()
+            }],
+            ..Report::default()
+        };
+        let next = |s: &SendSchedule, wall: u64| {
+            wall + u64::try_from((s.heartbeat() - t0).as_millis()).unwrap()
+        };
+        // The first idle heartbeat after load falls on the wall clock's
+        // multiples of 333 ms, whenever the last report was.
         for wall in [0, 1, 100, 332, 333, 1000, 1_700_000_000_123] {
+            let mut s = SendSchedule::new(&config, t0);
+            s.sampled(t0, wall, Some((&busy, true)), &mut rng);
             s.sampled(t0, wall, Some((&empty, true)), &mut rng);
-            let at = wall + u64::try_from((s.heartbeat() - t0).as_millis()).unwrap();
+            let at = next(&s, wall);
             assert_eq!(at % 333, 0, "{wall}");
             assert!((wall + 1..=wall + 333).contains(&at), "{wall}: {at}");
+            // From the second empty one in a row on: multiples of the TTL.
+            for _ in 0..3 {
+                s.sampled(t0, wall, Some((&empty, true)), &mut rng);
+                let at = next(&s, wall);
+                assert_eq!(at % 1000, 0, "{wall}");
+                assert!((wall + 1..=wall + 1000).contains(&at), "{wall}: {at}");
+            }
+            // Load again, then empty: the short period first.
+            s.sampled(t0, wall, Some((&busy, true)), &mut rng);
+            s.sampled(t0, wall, Some((&empty, true)), &mut rng);
+            assert_eq!(next(&s, wall) % 333, 0, "{wall}");
         }
+        assert_eq!(quiet_alive(&config), Duration::from_secs(3));
         // An idle interval below the heartbeat's is raised to it.
         let tight = Config {
             ttl: ms(150),

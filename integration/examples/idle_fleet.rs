@@ -12,8 +12,8 @@
 //! node has applied the group, it waits 3 s and then measures for `SECONDS`
 //! (default 10): each node's CPU time (`/proc/<pid>/stat`), the UDP
 //! datagrams it received and sent, and the gossip reports it received.
-//! The Raft leader is shown apart: it heartbeats every member, gossip or
-//! not. The whole run is bounded by 5 minutes.
+//! The Raft leader is shown apart (it heartbeats every member, gossip or
+//! not), and the other voters apart from the learners. The whole run is bounded by 5 minutes.
 
 use std::time::{Duration, Instant};
 
@@ -124,12 +124,22 @@ async fn run(nodes: u64, measure: Duration, regions: u64) -> anyhow::Result<()> 
             reports: (a.3 - b.3) / elapsed,
         })
         .collect();
+    let view = cluster.status(leader).await?;
+    let voter = |id: u64| {
+        view.nodes
+            .iter()
+            .any(|n| n.node_id == id && n.role == "voter")
+    };
     let (others, lead): (Vec<&Figures>, Vec<&Figures>) =
         figures.iter().partition(|f| f.id != leader);
+    let (voters, learners): (Vec<&Figures>, Vec<&Figures>) =
+        others.iter().partition(|f| voter(f.id));
     println!(
         "measured {elapsed:.1} s; per node: CPU % of a core, UDP datagrams/s received and sent, gossip reports/s received"
     );
     print_row("leader", &lead);
+    print_row("voters", &voters);
+    print_row("learners", &learners);
     print_row("others", &others);
     print_row("all", &figures.iter().collect::<Vec<_>>());
     Ok(())
@@ -145,7 +155,7 @@ fn print_row(label: &str, rows: &[&Figures]) {
         format!("{mean:.2} (max {max:.2})")
     };
     println!(
-        "{label:>6} ({} nodes): cpu {} %  rx {}  tx {}  reports {}",
+        "{label:>8} ({} nodes): cpu {} %  rx {}  tx {}  reports {}",
         rows.len(),
         stat(|f| f.cpu),
         stat(|f| f.rx),

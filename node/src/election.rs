@@ -379,13 +379,14 @@ async fn voter_view(
 }
 
 /// Drives heartbeats (as leader) and elections (as a voter) until Raft
-/// stops.
+/// stops; the cluster keeps `max_voters` voters (learners beyond them
+/// hear heartbeats less often, see [`heartbeat`]).
 pub async fn run(
     raft: Raft,
     log: LogStore,
     transport: Arc<Transport>,
     campaign: Arc<Campaign>,
-    timing: Timing,
+    (timing, max_voters): (Timing, usize),
 ) {
     let started = Instant::now();
     let tick = (timing.heartbeat_interval / 2).max(Duration::from_millis(10));
@@ -418,8 +419,7 @@ pub async fn run(
         if m.state == ServerState::Leader {
             silence = None;
             if now >= next_heartbeat {
-                next_heartbeat = now + timing.heartbeat_interval;
-                heartbeats.send(&raft, &transport, &m, timing);
+                next_heartbeat = heartbeats.send(&raft, &transport, &m, (timing, max_voters), now);
             }
             wake = next_heartbeat;
             continue;

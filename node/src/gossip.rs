@@ -77,10 +77,15 @@ pub struct Peer {
 /// The peers to gossip with: the Raft membership minus this node.
 pub type Peers = BTreeMap<u64, Peer>;
 
-/// The regions of this node and its peers, for the gossip plan.
+/// The gossip groups of this node and its peers, for the gossip plan:
+/// their regions, or cells of a large region (`gossip::cells`).
 #[derive(Debug, Default)]
 struct Fleet {
+    /// This node's configured region.
+    home: String,
+    /// This node's group.
     region: String,
+    /// Every peer's group.
     regions: HashMap<u64, String>,
 }
 
@@ -203,31 +208,44 @@ impl Gossip {
     }
 
     /// Takes the membership in: forgets the reports of peers not in
-    /// `peers`, and notes everyone's region.
+    /// `peers`, and notes everyone's gossip group (region or cell).
     fn set_peers(&self, peers: &Peers) {
         {
             let mut fleet = locked(&self.fleet);
-            fleet.regions = peers
-                .iter()
-                .map(|(&id, p)| (id, p.region.clone()))
-                .collect();
+            let mut groups = ::gossip::cells(
+                peers
+                    .iter()
+                    .map(|(&id, p)| (id, p.region.as_str()))
+                    .chain([(self.node_id, fleet.home.as_str())]),
+            );
+            fleet.region = groups.remove(&self.node_id).unwrap_or_default();
+            fleet.regions = groups.into_iter().collect();
         }
         self.lock().retain_peers(|id| peers.contains_key(&id));
         locked(&self.chains).retain_peers(|id| peers.contains_key(&id));
     }
 
     /// Whom this node sends what, given `peers` and which region peers
-    /// look alive at `now` (a fresh report).
+    /// look alive at `now`: a fresh report, or an empty one within
+    /// `gossip::quiet_alive` (an idle peer repeats it only that rarely).
     fn plan(&self, peers: &Peers, now: Instant) -> Plan {
-        let region = locked(&self.fleet).region.clone();
+        let fleet = locked(&self.fleet);
         let table = self.lock();
         let ttl = table.ttl();
+        let quiet = ::gossip::quiet_alive(&self.config);
         let members = peers
-            .iter()
-            .map(|(&id, p)| (id, p.region.as_str()))
-            .chain([(self.node_id, region.as_str())]);
+            .keys()
+            .filter_map(|id| fleet.regions.get(id).map(|g| (*id, g.as_str())))
+            .chain([(self.node_id, fleet.region.as_str())]);
         ::gossip::plan(self.node_id, members, |id| {
-            table.last_report_age(id, now).is_some_and(|age| age <= ttl)
+            let within = if table.entry_count(id) == Some(0) {
+                quiet
+            } else {
+                ttl
+            };
+            table
+                .last_report_age(id, now)
+                .is_some_and(|age| age <= within)
         })
     }
 
@@ -398,7 +416,11 @@ impl GossipTasks {
 /// Starts gossiping: the sender, one link per peer, and the refresh task,
 /// until `cancel` (or [`GossipTasks::stop`]).
 pub fn spawn(gossip: Arc<Gossip>, wiring: Wiring, cancel: CancellationToken) -> GossipTasks {
-    locked(&gossip.fleet).region = wiring.region;
+    {
+        let mut fleet = locked(&gossip.fleet);
+        fleet.home = wiring.region.clone();
+        fleet.region = wiring.region;
+    }
     wiring.transport.set_gossip_handler(gossip.clone());
     let tracker = Tracker::new(
         gossip.node_id,

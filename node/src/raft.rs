@@ -135,7 +135,7 @@ pub async fn start(
         log.clone(),
         transport.clone(),
         handler.campaign(),
-        config.raft,
+        (config.raft, config.max_voters),
     ));
 
     if identity.founded {

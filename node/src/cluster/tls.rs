@@ -103,8 +103,20 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 const INITIAL_WINDOW: u64 = 256 * 1024;
 /// The round trip assumed until one is measured.
 const INITIAL_RTT: Duration = Duration::from_millis(50);
-/// Keep-alives keep cached connections open between quiet periods.
+/// Keep-alives keep cached connections open between quiet periods. Only
+/// the side that dialed sends them: its keep-alive and the answer to it
+/// keep both sides' idle timers running, and a gossip receiver, which
+/// sends nothing but acknowledgements, would otherwise send a keep-alive
+/// (and get one acknowledged) on every incoming connection twice a
+/// second. quinn sends one only after this long without anything else to
+/// acknowledge, so a link in use carries none.
 const KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// A gossip link's keep-alive: longer than an idle node's report period
+/// (`gossip::SendSchedule::quiet_interval`, the TTL, 1 s by default), so
+/// that the reports themselves keep the link open and an idle link carries
+/// one datagram (and its acknowledgement) per report, not three. It still
+/// fits twice in [`IDLE_TIMEOUT`].
+const GOSSIP_KEEP_ALIVE: Duration = Duration::from_millis(1250);
 /// Concurrent RPC streams a peer may open on one connection.
 const MAX_STREAMS: u32 = 128;
 /// Per-stream receive window: enough for large frames to flow.
@@ -241,7 +253,7 @@ impl NodeTls {
         let quic = QuicServerConfig::try_from(Arc::new(tls))
             .map_err(|e| TransportError::Config(format!("quic: {e}")))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(Arc::new(transport_config()));
+        config.transport_config(Arc::new(transport_config(None)));
         Ok(config)
     }
 
@@ -251,20 +263,21 @@ impl NodeTls {
     /// name passed to `connect_with`.
     pub(crate) fn client_config(&self, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
         match versions_of(alpn) {
-            Some(versions) => self.client_config_offering(versions),
-            None => self.client_config_offering(&[alpn]),
+            Some(versions) => self.client_config_offering(versions, KEEP_ALIVE),
+            None => self.client_config_offering(&[alpn], KEEP_ALIVE),
         }
     }
 
     /// The gossip client: offers every gossip version, the compact one
     /// first.
     pub(crate) fn gossip_client_config(&self) -> Result<quinn::ClientConfig, TransportError> {
-        self.client_config_offering(GOSSIP_VERSIONS)
+        self.client_config_offering(GOSSIP_VERSIONS, GOSSIP_KEEP_ALIVE)
     }
 
     fn client_config_offering(
         &self,
         alpns: &[&[u8]],
+        keep_alive: Duration,
     ) -> Result<quinn::ClientConfig, TransportError> {
         let Parsed { roots, chain, key } = self.parse()?;
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -277,7 +290,7 @@ impl NodeTls {
         let quic = QuicClientConfig::try_from(Arc::new(tls))
             .map_err(|e| TransportError::Config(format!("quic: {e}")))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(transport_config()));
+        config.transport_config(Arc::new(transport_config(Some(keep_alive))));
         Ok(config)
     }
 }
@@ -296,7 +309,9 @@ fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-fn transport_config() -> quinn::TransportConfig {
+/// The transport settings of either side; `keep_alive` only on the side
+/// that dialed (see [`KEEP_ALIVE`]).
+fn transport_config(keep_alive: Option<Duration>) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // Both constants are far below the limits of the conversions.
     if let Ok(idle) = IdleTimeout::try_from(IDLE_TIMEOUT) {
@@ -314,7 +329,7 @@ fn transport_config() -> quinn::TransportConfig {
     let mut cubic = quinn::congestion::CubicConfig::default();
     cubic.initial_window(INITIAL_WINDOW);
     t.congestion_controller_factory(Arc::new(cubic));
-    t.keep_alive_interval(Some(KEEP_ALIVE))
+    t.keep_alive_interval(keep_alive)
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))

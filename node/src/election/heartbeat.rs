@@ -24,18 +24,48 @@
 //!
 //! Linearizable reads are unaffected: openraft confirms leadership for them
 //! with calls of its own.
+//!
+//! **An idle cluster heartbeats less.** Only voters campaign, and a voter
+//! campaigns only after hearing no leader for T (`election_timeout`). So
+//! each member has its own period ([`Heartbeats::period`]):
+//! `heartbeat_interval` for a voter while the log moved within the last T
+//! (the default, 100 ms), T/4 for a voter once it has not (3 heartbeats
+//! may be lost, each retransmitted by QUIC, before a voter's silence
+//! reaches T), and T/2 for a learner while the cluster has fewer voters
+//! than `max_voters`: a learner never campaigns and needs an answered call
+//! within T only to count as alive for promotion (`membership::caught_up`).
+//! With all voters in place no learner can be promoted, and it hears one
+//! every 2 T (its connection stays open by the QUIC keep-alive anyway);
+//! once a voter leaves, the learners are back at T/2 from the leader's
+//! next look, so the promotion that follows waits at most about T more for
+//! a learner's answer. On a 300 ms round trip nothing changes for
+//! a voter: with one heartbeat in flight per member it hears one per round
+//! trip either way. Election timing (T, the pre-vote, the lease) is
+//! untouched.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use openraft::{RaftMetrics, ServerState};
 use raft_store::types::{ClusterNode, NodeId, Raft};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::debug;
 
 use super::Timing;
 use crate::cluster::{Rpc, RpcReply, Transport, TransportError};
+
+/// A member as its heartbeat period sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Role {
+    Voter,
+    /// `promotable`: the cluster has fewer voters than it keeps.
+    Learner {
+        promotable: bool,
+    },
+}
 
 /// The heartbeats in flight, one per member at most: a member that has not
 /// answered the last one is not sent another until it does or the call
@@ -43,35 +73,87 @@ use crate::cluster::{Rpc, RpcReply, Transport, TransportError};
 #[derive(Debug, Default)]
 pub(super) struct Heartbeats {
     in_flight: HashMap<NodeId, JoinHandle<()>>,
+    /// When each member was last sent one.
+    sent: HashMap<NodeId, Instant>,
+    /// The last log index seen, and since when.
+    log: Option<(Option<u64>, Instant)>,
 }
 
 impl Heartbeats {
-    /// Sends a heartbeat to every other member that has none in flight,
-    /// when `m` (this node's metrics) says it leads.
+    /// How often a member is sent a heartbeat (module docs): its `role`,
+    /// and whether the log moved within the last T (`active`).
+    pub(super) fn period(timing: Timing, role: Role, active: bool) -> Duration {
+        let t = timing.election_timeout;
+        let every = match (role, active) {
+            (Role::Voter, true) => return timing.heartbeat_interval,
+            (Role::Voter, false) => t / 4,
+            (Role::Learner { promotable: true }, _) => t / 2,
+            (Role::Learner { promotable: false }, _) => t * 2,
+        };
+        every.max(timing.heartbeat_interval)
+    }
+
+    /// Sends a heartbeat to every other member that has none in flight and
+    /// whose period ran out at `now`, when `m` (this node's metrics) says
+    /// it leads; the cluster keeps `max_voters` voters. Returns when the
+    /// next one is due.
     pub(super) fn send(
         &mut self,
         raft: &Raft,
         transport: &Arc<Transport>,
         m: &RaftMetrics<NodeId, ClusterNode>,
-        timing: Timing,
-    ) {
-        let members: Vec<(NodeId, String)> = m
-            .membership_config
-            .membership()
+        (timing, max_voters): (Timing, usize),
+        now: Instant,
+    ) -> Instant {
+        let membership = m.membership_config.membership();
+        let promotable = membership.voter_ids().count() < max_voters;
+        let members: Vec<(NodeId, String, Role)> = membership
             .nodes()
             .filter(|(id, _)| **id != m.id)
-            .map(|(id, n)| (*id, n.cluster_addr.clone()))
+            .map(|(id, n)| {
+                let role = if membership.voter_ids().any(|v| v == *id) {
+                    Role::Voter
+                } else {
+                    Role::Learner { promotable }
+                };
+                (*id, n.cluster_addr.clone(), role)
+            })
             .collect();
         self.in_flight
-            .retain(|id, call| !call.is_finished() && members.iter().any(|(m, _)| m == id));
+            .retain(|id, call| !call.is_finished() && members.iter().any(|(m, ..)| m == id));
+        self.sent
+            .retain(|id, _| members.iter().any(|(m, ..)| m == id));
+        let moved = match self.log {
+            Some((index, since)) if index == m.last_log_index => since,
+            _ => {
+                self.log = Some((m.last_log_index, now));
+                now
+            }
+        };
+        let active = now < moved + timing.election_timeout;
         if m.state != ServerState::Leader || !m.vote.is_committed() {
-            return;
+            self.sent.clear();
+            return now + timing.heartbeat_interval;
         }
+        // Looked at again within a voter's period: the log may move, which
+        // shortens it.
+        let mut next = now + Self::period(timing, Role::Voter, active);
         let matched = m.replication.as_ref();
-        for (id, addr) in members {
-            if self.in_flight.contains_key(&id) {
+        for (id, addr, role) in members {
+            let period = Self::period(timing, role, active);
+            if let Some(&at) = self.sent.get(&id)
+                && now < at + period
+            {
+                next = next.min(at + period);
                 continue;
             }
+            if self.in_flight.contains_key(&id) {
+                // Looked at again once its call may have ended.
+                next = next.min(now + timing.heartbeat_interval);
+                continue;
+            }
+            self.sent.insert(id, now);
+            next = next.min(now + period);
             let req = AppendEntriesRequest {
                 vote: m.vote,
                 // What the member was last known to hold (None before its
@@ -110,5 +192,40 @@ impl Heartbeats {
             });
             self.in_flight.insert(id, call);
         }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_members_hear_heartbeats_no_more_often_than_their_role_needs() {
+        let t = Timing::default();
+        let period = |role, active| Heartbeats::period(t, role, active);
+        let ms = Duration::from_millis;
+        assert_eq!(period(Role::Voter, true), ms(100));
+        // Three heartbeats may be lost before an idle voter's silence
+        // reaches T; on a 300 ms round trip (one in flight) a voter hears
+        // one per round trip either way.
+        assert_eq!(period(Role::Voter, false), ms(250));
+        assert!(period(Role::Voter, false) * 4 <= t.election_timeout);
+        // A promotable learner answers within T; one that cannot be
+        // promoted needs nothing.
+        let learner = Role::Learner { promotable: true };
+        assert_eq!(
+            (period(learner, true), period(learner, false)),
+            (ms(500), ms(500))
+        );
+        assert!(period(learner, false) + t.rpc_limit() / 2 < t.election_timeout);
+        let spare = Role::Learner { promotable: false };
+        assert_eq!(period(spare, true), ms(2000));
+        // Never more often than the configured interval.
+        let slow = Timing {
+            heartbeat_interval: ms(300),
+            election_timeout: ms(900),
+        };
+        assert_eq!(Heartbeats::period(slow, Role::Voter, false), ms(300));
     }
 }
