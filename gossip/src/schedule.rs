@@ -265,6 +265,18 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// A report of one instance with long-lived work in flight.
+    fn busy() -> Report {
+        Report {
+            entries: vec![Entry {
+                inflight: 1,
+                long_inflight: 1,
+                ..Entry::default()
+            }],
+            ..Report::default()
+        }
+    }
+
     fn within(at: Instant, base: Instant, d: Duration) -> bool {
         at >= base + d.mul_f64(1.0 - JITTER) && at <= base + d.mul_f64(1.0 + JITTER)
     }
@@ -313,14 +325,7 @@ mod tests {
         let mut rng = SmallRng::seed_from_u64(3);
         let config = Config::default();
         let mut s = SendSchedule::new(&config, t0);
-        let busy = Report {
-            entries: vec![Entry {
-                inflight: 1,
-                long_inflight: 1,
-                ..Entry::default()
-            }],
-            ..Report::default()
-        };
+        let busy = busy();
         let mut now = t0;
         let mut last_full: Option<Instant> = None;
         // Reports every 5 ms for 2 s, full when due: fulls are never more
@@ -366,14 +371,7 @@ mod tests {
             Duration::from_nanos(333_333_333)
         );
         let empty = Report::default();
-        let busy = Report {
-            entries: vec![Entry {
-                inflight: 1,
-                long_inflight: 1,
-                ..Entry::default()
-            }],
-            ..Report::default()
-        };
+        let busy = busy();
         let next = |s: &SendSchedule, wall: u64| {
             wall + u64::try_from((s.heartbeat() - t0).as_millis()).unwrap()
         };
