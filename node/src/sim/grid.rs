@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use gossip::Estimator;
 
-use super::suite::{mean_se, run_cases, run_cases_by_seed};
+use super::suite::{against_local, mean_se, run_cases, run_cases_by_seed};
 use super::{Fault, Outcome, Scenario, Strategy};
 
 /// Nodes, one-way delays (ms), utilizations and instances of the grid.
@@ -122,15 +122,8 @@ pub fn scenarios(seconds: f64) -> Vec<Scenario> {
 /// cell, `seeds` seeds each.
 pub fn run(seconds: f64, seeds: u64, threads: usize) -> Vec<Cell> {
     let scenarios = scenarios(seconds);
-    let strategies = vec![
-        Strategy::Central,
-        Strategy::Local,
-        Strategy::gossip(Estimator::default(), 5),
-    ];
-    let cases: Vec<(Scenario, Vec<Strategy>)> = scenarios
-        .iter()
-        .map(|sc| (sc.clone(), strategies.clone()))
-        .collect();
+    let cases = against_local(&scenarios);
+    let strategies = cases.first().map(|(_, s)| s.clone()).unwrap_or_default();
     let results = run_cases_by_seed(&cases, 1..=seeds.max(1), threads);
     let mut cells = Vec::new();
     let mut it = scenarios.iter().zip(results);

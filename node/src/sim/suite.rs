@@ -176,21 +176,27 @@ pub fn mean_se(x: &[f64]) -> (f64, f64) {
     (mean, (var / n).sqrt())
 }
 
+/// Each of `scenarios` with central, local only and the default estimator
+/// at 5 ms (in that order).
+pub fn against_local(scenarios: &[Scenario]) -> Vec<(Scenario, Vec<Strategy>)> {
+    let strategies = vec![
+        Strategy::Central,
+        Strategy::Local,
+        Strategy::gossip(Estimator::default(), 5),
+    ];
+    scenarios
+        .iter()
+        .map(|sc| (sc.clone(), strategies.clone()))
+        .collect()
+}
+
 /// Central, local only and the default estimator at 5 ms on each of
 /// `scenarios`, `seeds` seeds each: per scenario, a line with local only and
 /// the estimator × central, the estimator's difference from local only
 /// with its standard error over the seeds (paired: each seed's runs see the
 /// same requests), and the estimator's view error.
 pub fn compare(scenarios: &[Scenario], seeds: u64, threads: usize) -> Vec<(Scenario, String)> {
-    let strategies = vec![
-        Strategy::Central,
-        Strategy::Local,
-        Strategy::gossip(Estimator::default(), 5),
-    ];
-    let cases: Vec<(Scenario, Vec<Strategy>)> = scenarios
-        .iter()
-        .map(|sc| (sc.clone(), strategies.clone()))
-        .collect();
+    let cases = against_local(scenarios);
     run_cases_by_seed(&cases, 1..=seeds.max(1), threads)
         .into_iter()
         .zip(scenarios)
