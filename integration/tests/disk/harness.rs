@@ -188,6 +188,10 @@ impl Member {
                 r.text()
             );
         }
+        // Reads go on from the last applied state.
+        self.groups()
+            .await
+            .with_context(|| format!("{context}: reading while failed"))?;
         let metrics = self.client.request(Method::GET, "/metrics", None).await?;
         ensure!(
             metrics.text().contains("edgelb_storage_failed 1"),
