@@ -30,6 +30,7 @@ use raft_store::types::{NodeId, Raft};
 use tokio::sync::watch;
 use tracing::error;
 
+pub(crate) use disk::is_disk_full;
 pub use disk::{DiskFull, MinFree};
 
 /// Exit code of a node whose storage failed (EX_IOERR).

@@ -290,7 +290,9 @@ impl Store {
                         lost = true;
                         warn!(?other, "unexpected reply to a forwarded write");
                     }
-                    Err(ForwardError::DiskFull(msg)) => return Err(StoreError::DiskFull(msg)),
+                    Err(ForwardError::Failed(msg)) if crate::health::is_disk_full(&msg) => {
+                        return Err(StoreError::DiskFull(msg));
+                    }
                     Err(e) => {
                         lost = true;
                         debug!(leader = id, error = %e, "forwarding the write failed; retrying");
@@ -302,17 +304,14 @@ impl Store {
         }
     }
 
-    /// A local write's failure as the client sees it: below the floor, 507;
-    /// once the Raft core stopped, why it did (naming the data dir).
+    /// A local write's failure as the client sees it: once the Raft core
+    /// stopped, why it did (naming the data dir).
     fn refused(&self, e: ForwardError) -> StoreError {
-        match e {
-            ForwardError::DiskFull(msg) => StoreError::DiskFull(msg),
-            e => match &self.raft.metrics().borrow().running_state {
-                Err(f @ openraft::error::Fatal::StorageError(_)) => {
-                    StoreError::Unavailable(self.health.storage_failure(f))
-                }
-                _ => StoreError::Unavailable(e.to_string()),
-            },
+        match &self.raft.metrics().borrow().running_state {
+            Err(f @ openraft::error::Fatal::StorageError(_)) => {
+                StoreError::Unavailable(self.health.storage_failure(f))
+            }
+            _ => StoreError::Unavailable(e.to_string()),
         }
     }
 
@@ -714,7 +713,7 @@ impl RaftRpc {
         }
         let node = self.raft.get().map(|s| s.raft.metrics().borrow().id);
         self.health.writable().err().map(|r| match r {
-            Refusal::DiskFull(full) => ForwardError::DiskFull(match node {
+            Refusal::DiskFull(full) => ForwardError::Failed(match node {
                 Some(id) => format!("node {id}: {full}"),
                 None => full.to_string(),
             }),

@@ -143,13 +143,13 @@ pub enum ForwardError {
     /// Another membership change is still being committed: try again.
     #[error("membership change in progress: {0}")]
     Busy(String),
-    /// The leader's Raft stopped, or another failure.
+    /// The leader's Raft stopped, or another failure. A leader below its
+    /// free-space floor answers a forwarded write with this too, its
+    /// message starting as [`crate::health::is_disk_full`] recognises
+    /// (a variant of its own would change the frames of `edgelb-raft/1`,
+    /// which older nodes would not decode: docs/compatibility.md).
     #[error("{0}")]
     Failed(String),
-    /// The node asked is below its free-space floor: the write was refused
-    /// before it reached the log (507 to the client).
-    #[error("{0}")]
-    DiskFull(String),
 }
 
 impl From<RaftError<NodeId, ClientWriteError<NodeId, ClusterNode>>> for ForwardError {

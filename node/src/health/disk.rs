@@ -124,7 +124,7 @@ impl Space {
     pub(super) fn full(self, dir: &Path) -> Option<DiskFull> {
         (self.free < self.floor).then(|| DiskFull {
             message: format!(
-                "writes refused: the data dir {} has {} free, below its floor of {} \
+                "{REFUSED} {} has {} free, below its floor of {} \
                  (data_dir_min_free = {}); free space there or lower data_dir_min_free, \
                  and writes resume by themselves",
                 dir.display(),
@@ -153,6 +153,20 @@ pub(super) fn measure(dir: &Path, min_free: MinFree) -> Option<Space> {
             None
         }
     }
+}
+
+/// How every refusal's message starts (it crosses the cluster inside
+/// `ForwardError::Failed`: [`is_disk_full`] finds it there).
+const REFUSED: &str = "writes refused: the data dir";
+
+/// Whether `message` (of a node, perhaps prefixed with `node N: `) is a
+/// refusal below the free-space floor.
+pub(crate) fn is_disk_full(message: &str) -> bool {
+    let message = match message.split_once(": ") {
+        Some((node, rest)) if node.starts_with("node ") => rest,
+        _ => message,
+    };
+    message.starts_with(REFUSED)
 }
 
 /// A write refused because the data dir is below its free-space floor
