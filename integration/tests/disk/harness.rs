@@ -128,14 +128,7 @@ impl Member {
     /// What `edgelb` does once its storage failed (stop, exit 74) and
     /// systemd then (start again), with the disk fixed.
     pub(crate) async fn restart(&mut self) -> anyhow::Result<()> {
-        if let Some(h) = self.handle.take() {
-            within(
-                "the node to stop",
-                patient(Duration::from_secs(30)),
-                h.shutdown(),
-            )
-            .await?;
-        }
+        self.stop().await?;
         self.faults.clear();
         self.boot().await
     }
