@@ -143,25 +143,26 @@ impl Health {
     /// core stopped, or the disk is below its floor), counted in
     /// `edgelb_writes_refused_total`.
     pub fn writable(&self) -> Result<(), Refusal> {
-        if let Some(reason) = self.failure() {
-            self.gauges
-                .refused
-                .with_label_values(&["storage_failed"])
-                .inc();
-            return Err(Refusal::Failed(reason));
-        }
-        self.disk().map_err(|full| {
-            self.gauges.refused.with_label_values(&["disk_full"]).inc();
-            Refusal::DiskFull(full)
+        self.check().inspect_err(|r| {
+            let reason = match r {
+                Refusal::Failed(_) => "storage_failed",
+                Refusal::DiskFull(_) => "disk_full",
+            };
+            self.gauges.refused.with_label_values(&[reason]).inc();
         })
     }
 
     /// What `/healthz` and `/readyz` answer 503 with, if anything.
     pub fn problem(&self) -> Option<String> {
+        self.check().err().map(|r| r.to_string())
+    }
+
+    /// The Raft core's failure first, then the free space.
+    fn check(&self) -> Result<(), Refusal> {
         if let Some(reason) = self.failure() {
-            return Some(reason);
+            return Err(Refusal::Failed(reason));
         }
-        self.disk().err().map(|full| full.to_string())
+        self.disk().map_err(Refusal::DiskFull)
     }
 
     /// Why the Raft core or storage stopped, once it did.
