@@ -47,7 +47,7 @@ use integration::cluster::{Cluster, attach, get_once};
 use integration::{AdminClient, load, poll};
 use serde_json::json;
 
-#[derive(Debug, Parser)]
+#[derive(Clone, Debug, Parser)]
 #[command(about = "Load groups × instances through the admin API and measure the control plane")]
 struct Args {
     /// Groups to create; several sizes (`1000,2000`) run one after the
@@ -78,6 +78,19 @@ struct Args {
     /// Print what the joining node logged (its level is `EDGELB_TEST_LOG`'s).
     #[arg(long)]
     join_log: bool,
+    /// Groups of the comparison cluster (0: no comparison). After the load,
+    /// a second cluster of the same size is loaded with this many groups
+    /// (100 × 10 = 1,000 instances), then both take the same churn of
+    /// attach/detach writes in interleaved windows, so the write rate at
+    /// the full state and at the small one is measured side by side.
+    #[arg(long, default_value_t = 100)]
+    compare_groups: usize,
+    /// Churn windows per cluster in the comparison.
+    #[arg(long, default_value_t = 6)]
+    rounds: usize,
+    /// Length of one churn window, in seconds.
+    #[arg(long, default_value_t = 5)]
+    window: u64,
     /// Write every node's log (its level is `EDGELB_TEST_LOG`'s) to
     /// `<DIR>/<nodes>-nodes.log` once the cluster's measurements are done.
     #[arg(long, value_name = "DIR")]
@@ -120,6 +133,25 @@ struct Report {
     join: Option<(u64, Duration, f64)>,
     /// After the join: the time until the new node listed every group.
     listed: Option<Duration>,
+    /// The churn comparison: the small cluster's windows, then the loaded one's.
+    churn: Option<(Churn, Churn)>,
+}
+
+/// Churn windows on one cluster: groups in its state, each window's rate
+/// and every write's latency.
+#[derive(Debug, Default)]
+struct Churn {
+    groups: usize,
+    rates: Vec<f64>,
+    took: Vec<Duration>,
+}
+
+impl Churn {
+    fn median_rate(&self) -> f64 {
+        let mut r = self.rates.clone();
+        r.sort_by(f64::total_cmp);
+        r.get(r.len() / 2).copied().unwrap_or(0.0)
+    }
 }
 
 /// One tranche of groups.
@@ -207,6 +239,10 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     );
     let last = groups_done - 1;
 
+    if args.compare_groups > 0 && args.rounds > 0 {
+        report.churn = Some(compare(args, &cluster, groups_done).await?);
+    }
+
     let admin = cluster.admin(ids[0]);
     let pid = cluster.pid(ids[0]);
     report.metrics = Some(scrape(&admin, pid, false).await?);
@@ -247,6 +283,117 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// Loads a second cluster of the same size with `--compare-groups` groups,
+/// then runs `--rounds` churn windows on each cluster, alternating which
+/// goes first, so both see the same machine.
+async fn compare(args: &Args, big: &Cluster, big_groups: usize) -> anyhow::Result<(Churn, Churn)> {
+    let n = big.ids().len();
+    let small = Cluster::start(n).await?;
+    let names: Vec<String> = (0..BACKENDS).map(|i| format!("b{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let backends = small.http_backends(&names, BACKEND_PORT).await?;
+    let small_addrs: Arc<Vec<IpAddr>> = Arc::new(backends.iter().map(|b| b.addr().ip()).collect());
+    let small_args = Args {
+        groups: args.compare_groups,
+        ..args.clone()
+    };
+    let (_, _, small_groups, failures, _) = load(&small_args, &small, &small_addrs).await?;
+    ensure!(
+        small_groups == args.compare_groups,
+        "the comparison cluster got {small_groups} of {} groups: {failures:?}",
+        args.compare_groups
+    );
+    let big_addr = big_backend(big, big_groups).await?;
+    let small_addr = small_addrs[0];
+    let mut a = Churn {
+        groups: small_groups,
+        ..Churn::default()
+    };
+    let mut b = Churn {
+        groups: big_groups,
+        ..Churn::default()
+    };
+    for round in 0..args.rounds {
+        for second in [false, true] {
+            let on_small = (round % 2 == 0) != second;
+            let (cluster, churn, addr) = if on_small {
+                (&small, &mut a, small_addr)
+            } else {
+                (big, &mut b, big_addr)
+            };
+            let (rate, took) = churn_window(args, cluster, churn.groups, addr, round).await?;
+            eprintln!(
+                "churn round {round}: {} groups, {rate:.0} writes/s",
+                churn.groups
+            );
+            churn.rates.push(rate);
+            churn.took.extend(took);
+        }
+    }
+    a.took.sort();
+    b.took.sort();
+    Ok((a, b))
+}
+
+/// The address of the loaded cluster's first instance (the churn attaches
+/// another instance at it).
+async fn big_backend(cluster: &Cluster, groups: usize) -> anyhow::Result<IpAddr> {
+    let admin = cluster.admin(cluster.ids()[0]);
+    let instances = admin.instances(&group_name(groups - 1)).await?;
+    let first = instances
+        .first()
+        .context("the last group has no instance")?;
+    first
+        .address
+        .parse()
+        .with_context(|| format!("instance address {}", first.address))
+}
+
+/// One churn window on `cluster`: every writer attaches an instance of its
+/// own to a group and detaches it again, over the groups in turn, through
+/// node `w mod n`, for `--window` seconds (a started pair is finished).
+/// The write rate and every write's latency.
+async fn churn_window(
+    args: &Args,
+    cluster: &Cluster,
+    groups: usize,
+    addr: IpAddr,
+    round: usize,
+) -> anyhow::Result<(f64, Vec<Duration>)> {
+    let ids = cluster.ids();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.window);
+    let mut tasks = Vec::new();
+    for w in 0..args.writers {
+        let admin = cluster.admin(ids[w % ids.len()]);
+        tasks.push(tokio::spawn(async move {
+            let mut took = Vec::new();
+            let name = format!("churn{w}");
+            // Writers start apart and step by a prime, so they spread.
+            let mut g = (w * groups / 16 + round * 7) % groups;
+            while Instant::now() < deadline {
+                let group = group_name(g);
+                let sent = Instant::now();
+                attach(&admin, &group, &name, addr).await?;
+                took.push(sent.elapsed());
+                let sent = Instant::now();
+                let path = format!("/v1/services/{group}/instances/{name}");
+                let (status, v) = admin.delete(&path).await?;
+                ensure!(status.is_success(), "detaching {name}: {status} {v}");
+                took.push(sent.elapsed());
+                g = (g + 7_919) % groups;
+            }
+            anyhow::Ok(took)
+        }));
+    }
+    let mut took = Vec::new();
+    for t in tasks {
+        took.extend(t.await.context("a churn writer panicked")??);
+    }
+    let span = started.elapsed().as_secs_f64().max(1e-9);
+    Ok((took.len() as f64 / span, took))
 }
 
 type Loaded = (Vec<Sample>, Vec<Mark>, usize, Vec<String>, Duration);
@@ -641,6 +788,40 @@ fn render(args: &Args, reports: &[Report]) -> String {
             r.groups_done,
             r.load_time.as_secs_f64(),
         );
+    }
+    let compared: Vec<&Report> = reports.iter().filter(|r| r.churn.is_some()).collect();
+    if !compared.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nChurn (attach/detach, {} writers, {} windows of {} s per cluster, interleaved):\n",
+            args.writers, args.rounds, args.window
+        );
+        let _ = writeln!(
+            s,
+            "| nodes | instances | writes | writes/s per window (median) | p50 ms | p99 ms | rate vs the small state |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---|---:|---:|---:|");
+        for r in compared {
+            let Some((small, big)) = &r.churn else {
+                continue;
+            };
+            let base = small.median_rate().max(1e-9);
+            for c in [small, big] {
+                let rates: Vec<String> = c.rates.iter().map(|r| format!("{r:.0}")).collect();
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} ({:.0}) | {:.1} | {:.1} | {:.2}× |",
+                    r.nodes,
+                    c.groups * args.instances,
+                    c.took.len(),
+                    rates.join(", "),
+                    c.median_rate(),
+                    ms(quantile(&c.took, 0.5)),
+                    ms(quantile(&c.took, 0.99)),
+                    c.median_rate() / base
+                );
+            }
+        }
     }
     for r in reports.iter().filter(|r| !r.failures.is_empty()) {
         let _ = writeln!(
