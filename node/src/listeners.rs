@@ -186,8 +186,14 @@ async fn handle(
     if !route.tls {
         if route.http {
             crate::http::serve_connection(stream, conn, dp, shutdown).await;
-        } else if let Some(target) = route.route(None).cloned() {
-            crate::tcp::proxy(stream, conn, target, dp).await;
+        } else {
+            let target = {
+                let table = dp.routes.load();
+                table.port(conn.port).and_then(|p| table.target(p, None))
+            };
+            if let Some(target) = target {
+                crate::tcp::proxy(stream, conn, target, dp).await;
+            }
         }
         return;
     }
@@ -214,7 +220,14 @@ async fn handle(
         crate::http::serve_connection(tls, conn, dp, shutdown).await;
     } else {
         let sni = tls.get_ref().1.server_name().map(str::to_owned);
-        match route.route(sni.as_deref()).cloned() {
+        // Routed by the table as it is once the handshake is done.
+        let target = {
+            let table = dp.routes.load();
+            table
+                .port(conn.port)
+                .and_then(|p| table.target(p, sni.as_deref()))
+        };
+        match target {
             Some(target) => crate::tcp::proxy(tls, conn, target, dp).await,
             None => debug!(?sni, "no group for this server name; closing"),
         }

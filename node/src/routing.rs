@@ -78,8 +78,24 @@ struct Published {
     redirect: bool,
 }
 
-/// One group on one published port.
-#[derive(Debug)]
+/// One group on one published port, as a port's maps hold it: the group
+/// by uuid, resolved through the table's group map when a connection or
+/// request is routed ([`RoutingTable::target`]). So attaching or detaching
+/// an instance, which gives the group a new runtime, replaces one entry of
+/// the group map and leaves the port's maps (host names, members) alone.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Route {
+    pub group: Uuid,
+    /// The instances' port for this published port; for a redirect port, the
+    /// published TLS port that clients are sent to.
+    pub destination_port: u16,
+    /// Proxies to the instances (not a redirect port).
+    proxies: bool,
+}
+
+/// One group on one published port, resolved: what a connection or a
+/// request is served by.
+#[derive(Clone, Debug)]
 pub struct Target {
     pub group: Arc<GroupRuntime>,
     /// The instances' port for this published port; for a redirect port, the
@@ -110,20 +126,20 @@ pub struct PortRoute {
     pub tls: bool,
     pub http: bool,
     pub redirect: bool,
-    exact: imbl::HashMap<String, Arc<Target>>,
-    wildcard: imbl::HashMap<String, Arc<Target>>,
+    exact: imbl::HashMap<String, Arc<Route>>,
+    wildcard: imbl::HashMap<String, Arc<Route>>,
     /// The group when exactly one publishes this port: it takes every host.
-    only: Option<Arc<Target>>,
+    only: Option<Arc<Route>>,
     /// TLS keys by fqdn pattern (`*.example.com` stored as is).
     keys: imbl::HashMap<String, Arc<CertifiedKey>>,
     default_key: Option<Arc<CertifiedKey>>,
     /// Every group on this port, by name then uuid.
-    members: imbl::OrdMap<(String, Uuid), Arc<Target>>,
+    members: imbl::OrdMap<(String, Uuid), Arc<Route>>,
 }
 
 impl PortRoute {
     /// The group serving `host` (an HTTP `Host` value or a TLS SNI name).
-    pub fn route(&self, host: Option<&str>) -> Option<&Arc<Target>> {
+    pub fn route(&self, host: Option<&str>) -> Option<&Arc<Route>> {
         if let Some(host) = host.map(normalize_host) {
             if let Some(t) = self.exact.get(host.as_ref()) {
                 return Some(t);
@@ -155,7 +171,7 @@ impl PortRoute {
     }
 
     /// Every group on this port, in name order.
-    pub fn targets(&self) -> impl Iterator<Item = &Arc<Target>> {
+    pub fn targets(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.members.values()
     }
 }
@@ -249,6 +265,16 @@ impl RoutingTable {
     /// A group's runtime by uuid.
     pub fn group(&self, uuid: &Uuid) -> Option<&Arc<GroupRuntime>> {
         self.groups.get(uuid)
+    }
+
+    /// The group serving `host` on `port`, resolved in this table.
+    pub fn target(&self, port: &PortRoute, host: Option<&str>) -> Option<Target> {
+        let route = port.route(host)?;
+        Some(Target {
+            group: self.groups.get(&route.group)?.clone(),
+            destination_port: route.destination_port,
+            proxies: route.proxies,
+        })
     }
 
     /// Every group's runtime.

@@ -24,7 +24,7 @@ use crate::routing::Target;
 const MAX_ATTEMPTS: usize = 3;
 
 /// Proxies one client connection to an instance of `target`'s group.
-pub async fn proxy<I>(mut client: I, conn: ConnInfo, target: Arc<Target>, dp: Arc<DataPlane>)
+pub async fn proxy<I>(mut client: I, conn: ConnInfo, target: Target, dp: Arc<DataPlane>)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {

@@ -84,8 +84,8 @@ async fn proxy(
         // The one routing-table read of this request.
         let table = conn.dp.routes.load();
         let port = table.port(conn.info.port).ok_or(ProxyError::NoRoute)?;
-        let target = port.route(host.as_ref().and_then(|h| h.to_str().ok()));
-        (target.cloned().ok_or(ProxyError::NoRoute)?, port.redirect)
+        let target = table.target(port, host.as_ref().and_then(|h| h.to_str().ok()));
+        (target.ok_or(ProxyError::NoRoute)?, port.redirect)
     };
     if redirect {
         return redirect::response(&req, host.as_ref(), target.destination_port);

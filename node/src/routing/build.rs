@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::changes::by_uuid;
 use super::{
-    BuildContext, Changes, Effect, GroupRuntime, PortRoute, Published, RoutingTable, Target,
+    BuildContext, Changes, Effect, GroupRuntime, PortRoute, Published, Route, RoutingTable,
 };
 use crate::balancer::{Backend, GroupBalancer};
 use crate::metrics::InstanceMetrics;
@@ -44,6 +44,19 @@ impl RoutingTable {
         let mut drains = Vec::new();
         let mut adopts = Vec::new();
         let mut ports = Ports::default();
+        // A group whose name, domains and ports stay (an instance attached
+        // or detached, a limit changed) keeps its routes: they name it by
+        // uuid, so only its runtime is replaced.
+        let routed_alike: BTreeSet<Uuid> = changed
+            .iter()
+            .filter(|uuid| {
+                let old = next.groups.get(*uuid);
+                let new = by_uuid(state, uuid);
+                old.zip(new)
+                    .is_some_and(|(old, new)| routes_alike(old, new))
+            })
+            .copied()
+            .collect();
         // Every changed group leaves first, so that a host name moving from
         // one changed group to another is not removed after its insertion.
         for uuid in &changed {
@@ -54,6 +67,9 @@ impl RoutingTable {
                         drains.push(Effect::Drain(b.clone()));
                     }
                 }
+            }
+            if routed_alike.contains(uuid) {
+                continue;
             }
             if let Some(old) = next.groups.remove(uuid) {
                 for s in &old.services {
@@ -70,9 +86,11 @@ impl RoutingTable {
                 adopts.push(Effect::Adopt(runtime.balancer.clone()));
             }
             let runtime = Arc::new(runtime);
-            for s in &runtime.services {
-                let route = ports.get(&next, s.port);
-                route.join(&runtime, s, state, cx);
+            if !routed_alike.contains(uuid) {
+                for s in &runtime.services {
+                    let route = ports.get(&next, s.port);
+                    route.join(&runtime, s, state, cx);
+                }
             }
             next.groups.insert(*uuid, runtime);
         }
@@ -80,7 +98,7 @@ impl RoutingTable {
             if route.members.is_empty() {
                 next.ports.remove(&port);
             } else {
-                route.settle();
+                route.settle(&next.groups);
                 next.ports.insert(port, Arc::new(route));
             }
         }
@@ -123,7 +141,7 @@ impl PortRoute {
     /// Removes `group`'s host names and certificates (those it still owns).
     fn leave(&mut self, group: &GroupRuntime) {
         self.members.remove(&(group.name.clone(), group.uuid));
-        let owns = |t: Option<&Arc<Target>>| t.is_some_and(|t| t.group.uuid == group.uuid);
+        let owns = |t: Option<&Arc<Route>>| t.is_some_and(|t| t.group == group.uuid);
         for d in &group.domains {
             let owned = match d.fqdn.strip_prefix("*.") {
                 Some(parent) if owns(self.wildcard.get(parent)) => {
@@ -150,8 +168,8 @@ impl PortRoute {
         state: &State,
         cx: &BuildContext<'_>,
     ) {
-        let target = Arc::new(Target {
-            group: group.clone(),
+        let target = Arc::new(Route {
+            group: group.uuid,
             destination_port: s.destination_port,
             proxies: !s.redirect,
         });
@@ -173,13 +191,15 @@ impl PortRoute {
     /// that takes every host when it is alone, and the default certificate:
     /// on a shared port an unknown SNI gets the first group's (in name
     /// order), so that the HTTP layer can answer 404 over TLS.
-    fn settle(&mut self) {
+    fn settle(&mut self, groups: &imbl::HashMap<Uuid, Arc<GroupRuntime>>) {
         let port = self.port;
+        let group = |t: &Arc<Route>| groups.get(&t.group);
         let first = self
             .members
             .values()
             .next()
-            .and_then(|t| t.group.services.iter().find(|s| s.port == port).copied());
+            .and_then(group)
+            .and_then(|g| g.services.iter().find(|s| s.port == port).copied());
         if let Some(s) = first {
             (self.tls, self.http, self.redirect) = (s.tls, s.http, s.redirect);
         }
@@ -191,11 +211,34 @@ impl PortRoute {
         self.default_key = if self.tls {
             self.members
                 .values()
-                .find_map(|t| t.group.domains.first())
+                .filter_map(group)
+                .find_map(|g| g.domains.first())
                 .and_then(|d| self.keys.get(&d.fqdn).cloned())
         } else {
             None
         };
+    }
+}
+
+/// Whether `new` publishes what the runtime `old` was built from: the same
+/// name (members are ordered by it), domains and ports.
+fn routes_alike(old: &GroupRuntime, new: &ServiceGroup) -> bool {
+    old.name == new.name
+        && *old.domains == *new.domains
+        && old
+            .services
+            .iter()
+            .copied()
+            .eq(new.services.iter().map(published))
+}
+
+fn published(s: &raft_store::model::Service) -> Published {
+    Published {
+        port: s.port,
+        destination_port: s.destination_port,
+        tls: s.is_tls(),
+        http: s.is_http(),
+        redirect: s.is_redirect(),
     }
 }
 
@@ -236,17 +279,7 @@ fn group_runtime(
             ordered,
         ))
     });
-    let services = g
-        .services
-        .iter()
-        .map(|s| Published {
-            port: s.port,
-            destination_port: s.destination_port,
-            tls: s.is_tls(),
-            http: s.is_http(),
-            redirect: s.is_redirect(),
-        })
-        .collect();
+    let services = g.services.iter().map(published).collect();
     let runtime = GroupRuntime {
         uuid: g.uuid,
         name: g.name.clone(),

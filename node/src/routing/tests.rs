@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use raft_store::command::{Patch, PatchOp};
 use raft_store::model::{DEFAULT_HARD_LIMIT, Domain, Handler, Instance, Service, ServiceGroup};
 use raft_store::{Command, State};
 use uuid::Uuid;
@@ -168,6 +169,85 @@ fn an_unchanged_state_lists_no_effects_and_keeps_the_balancers() {
 }
 
 #[test]
+fn attach_and_detach_leave_the_ports_routes_alone_and_route_to_the_new_runtime() {
+    let fx = Fixture::new();
+    let mut state = two_groups();
+    fx.publish(&state);
+    let before = fx.routes.load_full();
+    attach(&mut state, "web", "c");
+    fx.publish(&state);
+    let after = fx.routes.load_full();
+    // The port's maps name the group by uuid: the same route is shared.
+    let port = |t: &RoutingTable| t.port(80).cloned().expect("port 80");
+    assert!(Arc::ptr_eq(&port(&before), &port(&after)));
+    // Resolved in the new table, the host reaches the new runtime, whose
+    // balancer offers the new instance.
+    let target = after
+        .target(&port(&after), Some("web.example.com"))
+        .expect("web routes");
+    assert!(Arc::ptr_eq(&target.group, &fx.runtime("web")));
+    assert_eq!(names(&target.group.balancer), ["a", "b", "c"]);
+    // And the old table still resolves to the old runtime.
+    let old = before
+        .target(&port(&before), Some("web.example.com"))
+        .expect("web routed before");
+    assert_eq!(names(&old.group.balancer), ["a", "b"]);
+
+    detach(&mut state, "web", "a");
+    fx.publish(&state);
+    let detached = fx.routes.load_full();
+    assert!(Arc::ptr_eq(&port(&after), &port(&detached)));
+    let target = detached
+        .target(&port(&detached), Some("web.example.com"))
+        .expect("web routes");
+    assert_eq!(names(&target.group.balancer), ["b", "c"]);
+}
+
+#[test]
+fn a_changed_domain_or_limit_routes_as_the_new_state_says() {
+    let fx = Fixture::new();
+    let mut state = two_groups();
+    fx.publish(&state);
+    let before = fx.routes.load_full();
+    let port = |t: &RoutingTable| t.port(80).cloned().expect("port 80");
+    state
+        .apply(&Command::PatchGroup {
+            id: "web".into(),
+            patch: Patch::Domains {
+                op: PatchOp::Set,
+                value: vec![Domain {
+                    fqdn: "www.example.com".into(),
+                    certificate: None,
+                }],
+            },
+        })
+        .expect("patch domains");
+    fx.publish(&state);
+    let after = fx.routes.load_full();
+    // A new host name: the port's routes are rebuilt.
+    assert!(!Arc::ptr_eq(&port(&before), &port(&after)));
+    let target = after
+        .target(&port(&after), Some("www.example.com"))
+        .expect("the new name routes");
+    assert!(Arc::ptr_eq(&target.group, &fx.runtime("web")));
+
+    // A new limit keeps the routes; the resolved runtime has it.
+    state
+        .apply(&Command::PatchGroup {
+            id: "web".into(),
+            patch: Patch::HardLimit(7),
+        })
+        .expect("patch limit");
+    fx.publish(&state);
+    let limited = fx.routes.load_full();
+    assert!(Arc::ptr_eq(&port(&after), &port(&limited)));
+    let target = limited
+        .target(&port(&limited), Some("www.example.com"))
+        .expect("routes");
+    assert_eq!(target.group.balancer.hard_limit(), 7);
+}
+
+#[test]
 fn attach_builds_a_new_balancer_and_leaves_the_published_one_alone() {
     let fx = Fixture::new();
     let mut state = two_groups();
@@ -191,7 +271,7 @@ fn attach_builds_a_new_balancer_and_leaves_the_published_one_alone() {
     // Every instance the new balancer can pick has a pool on the new table.
     let target = table
         .port(80)
-        .and_then(|p| p.route(Some("web.example.com")))
+        .and_then(|p| table.target(p, Some("web.example.com")))
         .expect("web routes on 80");
     for b in new_web.balancer.backends() {
         assert!(target.pool(&b).is_some(), "no pool for {}", b.name);
@@ -276,7 +356,7 @@ fn a_new_hard_limit_gets_a_new_balancer() {
     state
         .apply(&Command::PatchGroup {
             id: "web".into(),
-            patch: raft_store::Patch::HardLimit(7),
+            patch: Patch::HardLimit(7),
         })
         .expect("patch");
     let (table, effects) = fx.build(&state);

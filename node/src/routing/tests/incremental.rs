@@ -160,7 +160,7 @@ fn apply(state: &mut State, op: &Op) {
 /// Everything a request can observe of a table, by value (backends by
 /// uuid, keys by identity: the certificate cache hands out one per fqdn).
 fn describe(table: &RoutingTable) -> String {
-    let target = |t: &Arc<Target>| format!("{}:{}:{}", t.group.uuid, t.destination_port, t.proxies);
+    let target = |t: &Arc<Route>| format!("{}:{}:{}", t.group, t.destination_port, t.proxies);
     let key = |k: &Arc<CertifiedKey>| format!("{:p}", Arc::as_ptr(k));
     let mut out = Vec::new();
     let mut ports: Vec<&Arc<PortRoute>> = table.ports().collect();
@@ -246,8 +246,8 @@ proptest! {
                 prop_assert!(Arc::ptr_eq(kept, g));
             }
             for p in before.ports() {
-                let touched = p.targets().any(|t| changed.contains(&t.group.uuid))
-                    || after.port(p.port).is_some_and(|a| a.targets().any(|t| changed.contains(&t.group.uuid)));
+                let touched = p.targets().any(|t| changed.contains(&t.group))
+                    || after.port(p.port).is_some_and(|a| a.targets().any(|t| changed.contains(&t.group)));
                 if !touched {
                     prop_assert!(after.port(p.port).is_some_and(|a| Arc::ptr_eq(a, p)));
                 }
