@@ -10,7 +10,10 @@
 //!
 //! The update is incremental: only the groups that changed get a new
 //! runtime, and only the ports they publish (or published) a new route, in
-//! which only their host names and certificates move. The table's maps are
+//! which only their host names and certificates move; a port's maps name
+//! groups by uuid ([`Route`], resolved by [`RoutingTable::target`]), so a
+//! group whose name, domains and ports stay (an instance attached or
+//! detached, a new limit) keeps its routes. The table's maps are
 //! persistent (`imbl`): the new table shares every untouched entry with the
 //! previous one, so one write costs O(changed groups × log(groups)), not
 //! O(state). The state machine tells which groups changed since the
