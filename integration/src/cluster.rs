@@ -215,6 +215,11 @@ impl Member {
 
     /// Spawns the process (without waiting for it to come up).
     async fn launch(&mut self, opts: &ClusterOptions) -> anyhow::Result<()> {
+        self.launch_with(opts, &[]).await
+    }
+
+    /// [`Member::launch`] with `extra` arguments.
+    async fn launch_with(&mut self, opts: &ClusterOptions, extra: &[String]) -> anyhow::Result<()> {
         ensure!(
             self.process.is_none(),
             "node {} is already running",
@@ -224,7 +229,8 @@ impl Member {
             std::fs::create_dir_all(self.data.path())?;
             std::fs::write(self.config_file(), &opts.config)?;
         }
-        let args = self.args(opts);
+        let mut args = self.args(opts);
+        args.extend(extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.process = Some(match &self.binary {
             Some(bin) => Process::spawn_bin(bin, &args, self.data.path()).await?,
@@ -619,6 +625,44 @@ impl Cluster {
         let args = m.args(&opts);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         crate::process::run(&args, m.data.path(), timeout).await
+    }
+
+    /// Runs node `id`'s command line, changed by `edit`, while the node is
+    /// stopped, to completion (bounded): for a start expected to refuse
+    /// the data dir and exit.
+    pub async fn run_stopped_with(
+        &self,
+        id: u64,
+        edit: impl FnOnce(&mut Vec<String>),
+        timeout: Duration,
+    ) -> anyhow::Result<crate::process::Finished> {
+        let m = self.stopped(id)?;
+        let mut args = m.args(&self.opts);
+        edit(&mut args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::process::run(&args, m.data.path(), timeout).await
+    }
+
+    /// Starts node `id` again with `extra` arguments on this start only
+    /// (e.g. a one-off repair flag), and waits until it serves its admin
+    /// API.
+    pub async fn restart_with(&mut self, id: u64, extra: &[&str]) -> anyhow::Result<()> {
+        let opts = self.opts.clone();
+        let extra: Vec<String> = extra.iter().map(|&a| a.to_owned()).collect();
+        self.member_mut(id)?.launch_with(&opts, &extra).await?;
+        let started = self.member_mut(id)?.started().await;
+        started.with_context(|| self.logs())
+    }
+
+    /// Moves stopped node `id`'s data dir into the returned directory
+    /// (removed on drop) and leaves an empty one in its place, as the
+    /// rejoin procedure does.
+    pub fn move_data_dir_aside(&self, id: u64) -> anyhow::Result<TempDir> {
+        let m = self.stopped(id)?;
+        let aside = TempDir::new(&format!("aside-n{id}"));
+        std::fs::rename(m.data.path(), aside.path().join("data"))?;
+        std::fs::create_dir_all(m.data.path())?;
+        Ok(aside)
     }
 
     /// Member `id`, which must not be running.

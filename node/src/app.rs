@@ -44,6 +44,10 @@ pub enum StartError {
     Io(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A file of the data dir is damaged: the message names it and says
+    /// what to do. Exit 65 ([`crate::health::EXIT_CORRUPT`]).
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 /// A running node.
@@ -231,7 +235,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     // (a restart's catch-up waits for them).
     let began = tokio::time::Instant::now();
     create_data_dir(&config.data_dir)?;
-    let token_file = load_token(&config.data_dir, config.token.as_deref())?;
+    let token_file = load_token(&config, config.token.as_deref())?;
     let (token, token_generated) = (token_file.value.clone(), token_file.generated);
     let metrics = Arc::new(Metrics::new());
     let health = Health::new(
@@ -257,6 +261,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         .await
         .map_err(|e| match e {
             crate::bootstrap::BootstrapError::Config(c) => StartError::Config(c),
+            crate::bootstrap::BootstrapError::Corrupt(m) => StartError::Corrupt(m),
             other => StartError::Io(other.to_string()),
         })?;
     info!(
@@ -273,8 +278,17 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         store.raft().clone(),
         health.clone(),
     ));
-    if identity.founded {
-        crate::raft::found_cluster(&store, &config, &identity, &token).await?;
+    if let Some(damaged) = &identity.damaged_founding {
+        // Stale once the founding entry is committed: forget it then.
+        if store.state().cluster().is_none() {
+            return Err(StartError::Corrupt(damaged.clone()));
+        }
+        warn!("{damaged}; the founding is complete, so the marker is removed");
+    }
+    if identity.founded || identity.damaged_founding.is_some() {
+        if identity.founded {
+            crate::raft::found_cluster(&store, &config, &identity, &token).await?;
+        }
         crate::bootstrap::founding_done(&config.data_dir)
             .map_err(|e| StartError::Io(e.to_string()))?;
     }
@@ -537,15 +551,51 @@ struct Token {
     generated: bool,
     /// Written to the data dir by this start.
     stored_now: bool,
+    /// Read from the token file, without `--token`.
+    from_file: bool,
 }
 
 /// The admin token: stored in `<data_dir>/token`; chosen at the first start
 /// (`--token`, else generated). A later `--token` must match it. An empty
 /// file (a crash while an earlier version wrote it) counts as missing.
-fn load_token(dir: &Path, given: Option<&str>) -> Result<Token, StartError> {
+///
+/// A node with Raft state needs its cluster's token: a token file that is
+/// missing, empty or not a token (damaged) stops the start (exit 65) unless
+/// `--token` is given, which is then written to the file (and checked
+/// against the cluster's record like any token).
+fn load_token(config: &Config, given: Option<&str>) -> Result<Token, StartError> {
+    let dir = &config.data_dir;
     let path = dir.join("token");
-    match crate::files::read_nonempty(&path) {
-        Ok(Some(stored)) => {
+    let has_state = dir.join("raft-log.redb").exists();
+    let damaged = |problem: &str| {
+        StartError::Corrupt(format!(
+            "{} is corrupt: {problem}. This node has Raft state and needs its cluster's token: \
+             restore the file from a backup, or start the node with --token <the cluster's \
+             token> (the file is written again) (README: Corrupted files)",
+            path.display()
+        ))
+    };
+    let read = match crate::files::read_nonempty(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err("it is not text"),
+        Err(e) => return Err(StartError::Io(format!("reading {}: {e}", path.display()))),
+        Ok(Some(s)) if crate::config::check_token("token", s.trim()).is_err() => {
+            Err("it does not hold a token (16 to 256 printable ASCII characters)")
+        }
+        Ok(Some(s)) => Ok(Some(s)),
+        Ok(None) if has_state && path.exists() => Err("the file is empty (truncated)"),
+        Ok(None) if has_state => Err("the file is missing"),
+        Ok(None) => Ok(None),
+    };
+    let read = match (read, given) {
+        (Ok(r), _) => r,
+        (Err(problem), None) => return Err(damaged(problem)),
+        (Err(problem), Some(_)) => {
+            warn!(path = %path.display(), problem, "the token file is damaged: writing --token to it");
+            None
+        }
+    };
+    match read {
+        Some(stored) => {
             let stored = stored.trim().to_owned();
             if given.is_some_and(|g| g != stored) {
                 return Err(ConfigError::new(
@@ -558,9 +608,10 @@ fn load_token(dir: &Path, given: Option<&str>) -> Result<Token, StartError> {
                 value: stored,
                 generated: false,
                 stored_now: false,
+                from_file: given.is_none(),
             })
         }
-        Ok(None) => {
+        None => {
             let (value, generated) = match given {
                 Some(t) => (t.to_owned(), false),
                 None => (
@@ -578,9 +629,9 @@ fn load_token(dir: &Path, given: Option<&str>) -> Result<Token, StartError> {
                 value,
                 generated,
                 stored_now: true,
+                from_file: false,
             })
         }
-        Err(e) => Err(StartError::Io(format!("reading {}: {e}", path.display()))),
     }
 }
 
@@ -591,6 +642,16 @@ fn check_token(store: &Store, data_dir: &Path, token: &Token) -> Result<(), Star
     let Err(e) = crate::bootstrap::check_token(&store.state(), &token.value) else {
         return Ok(());
     };
+    if token.from_file {
+        let path = data_dir.join("token");
+        return Err(StartError::Corrupt(format!(
+            "the token in {} is not this cluster's token (its hash differs from the one the \
+             cluster recorded when it was founded): the file is damaged or from another data \
+             dir. Restore it from a backup, or remove it and start the node with --token <the \
+             cluster's token> (README: Corrupted files)",
+            path.display()
+        )));
+    }
     if token.stored_now
         && let Err(rm) = crate::files::remove(&data_dir.join("token"))
     {

@@ -43,6 +43,10 @@ pub enum BootstrapError {
     Io(String),
     #[error("joining {url}: {message}")]
     Join { url: String, message: String },
+    /// A file of the data dir is damaged; the message names it and says
+    /// what to do (exit 65).
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 /// What a node starts from.
@@ -55,6 +59,10 @@ pub struct Identity {
     pub joined: bool,
     /// True when this start founded a new cluster.
     pub founded: bool,
+    /// `<data_dir>/founding` is damaged: harmless once the founding entry
+    /// is committed (the marker is then removed), else the start stops
+    /// with this message.
+    pub damaged_founding: Option<String>,
 }
 
 fn tls_dir(data_dir: &Path) -> PathBuf {
@@ -79,8 +87,17 @@ fn founding_marker(data_dir: &Path) -> PathBuf {
 /// left) was never part of a cluster and starts over.
 pub async fn identity(config: &Config, token: &str) -> Result<Identity, BootstrapError> {
     let marker = founding_marker(&config.data_dir);
-    let unfinished = read_opt(&marker)?;
+    let mut unfinished = read_opt(&marker)?;
     let fresh = !has_raft_state(&config.data_dir);
+    let operator_pki = config.ca_cert.is_some();
+    let damaged_founding = match &unfinished {
+        Some(body) => founding_damage(&marker, body, operator_pki),
+        None => None,
+    };
+    if damaged_founding.is_some() {
+        // Never founds with what the marker holds now.
+        unfinished = None;
+    }
     if let (Some(ca), Some(cert), Some(key)) =
         (&config.ca_cert, &config.node_cert, &config.node_key)
     {
@@ -94,7 +111,8 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
             cert_pem: read("node_cert", cert)?,
             key_pem: read("node_key", key)?,
         };
-        let founded = config.join.is_none() && (fresh || unfinished.is_some());
+        let founded =
+            config.join.is_none() && damaged_founding.is_none() && (fresh || unfinished.is_some());
         if founded && unfinished.is_none() {
             write(&marker, "")?;
         }
@@ -103,16 +121,19 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
             new_ca_key: None,
             joined: false,
             founded,
+            damaged_founding,
         });
     }
     let dir = tls_dir(&config.data_dir);
-    if let Some(tls) = stored_identity(&dir)? {
+    if let Some(tls) = stored_identity(&dir, config, fresh)? {
+        let damaged = damaged_founding.is_some();
         let stored = |new_ca_key, founded| {
             Ok(Identity {
                 tls,
                 new_ca_key,
                 joined: false,
                 founded,
+                damaged_founding,
             })
         };
         match (config.join.is_some(), unfinished) {
@@ -124,14 +145,14 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
                 let ca_key = (!ca_key.is_empty()).then(|| format!("{ca_key}\n"));
                 return stored(ca_key, true);
             }
-            (false, None) if !fresh => return stored(None, false),
+            (false, None) if !fresh || damaged => return stored(None, false),
             (false, None) => tracing::warn!(
                 dir = %dir.display(),
                 "certificate files without Raft state or a CA key: founding anew"
             ),
         }
     } else if !fresh {
-        return Err(BootstrapError::Io(format!(
+        return Err(BootstrapError::Corrupt(format!(
             "{} holds Raft state but {} has no complete identity (ca.pem, node.pem, node.key)",
             config.data_dir.display(),
             dir.display()
@@ -174,6 +195,7 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
         new_ca_key,
         joined,
         founded,
+        damaged_founding: None,
     })
 }
 
@@ -185,29 +207,141 @@ pub fn founding_done(data_dir: &Path) -> Result<(), BootstrapError> {
 }
 
 /// The identity in `dir` when all three files are there and not empty.
-fn stored_identity(dir: &Path) -> Result<Option<NodeTls>, BootstrapError> {
-    let ca_cert_pem = read_nonempty(&dir.join("ca.pem"))?;
-    let cert_pem = read_nonempty(&dir.join("node.pem"))?;
-    let key_pem = read_nonempty(&dir.join("node.key"))?;
-    Ok(match (ca_cert_pem, cert_pem, key_pem) {
-        (Some(ca_cert_pem), Some(cert_pem), Some(key_pem)) => Some(NodeTls {
-            ca_cert_pem,
-            cert_pem,
-            key_pem,
-        }),
-        _ => None,
-    })
+///
+/// With Raft state in the data dir the identity must be there and sound:
+/// a file missing, empty, not PEM, not a certificate or key, or a key that
+/// is not the certificate's, is a damaged file (exit 65) named with what
+/// to do ([`tls_damage`]).
+fn stored_identity(
+    dir: &Path,
+    config: &Config,
+    fresh: bool,
+) -> Result<Option<NodeTls>, BootstrapError> {
+    let files = ["ca.pem", "node.pem", "node.key"].map(|name| dir.join(name));
+    let [ca, cert, key] = &files;
+    let read = |p: &Path| match crate::files::read_nonempty(p) {
+        Ok(v) => Ok(v),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Err(tls_damage(config, p, "it is not text (not PEM)"))
+        }
+        Err(e) => Err(BootstrapError::Io(format!("{}: {e}", p.display()))),
+    };
+    let (ca_cert_pem, cert_pem, key_pem) = (read(ca)?, read(cert)?, read(key)?);
+    let (Some(ca_cert_pem), Some(cert_pem), Some(key_pem)) = (ca_cert_pem, cert_pem, key_pem)
+    else {
+        if fresh {
+            return Ok(None);
+        }
+        for p in &files {
+            let missing = !p.exists();
+            if missing || crate::files::read_nonempty(p).ok().flatten().is_none() {
+                let what = if missing {
+                    "the file is missing"
+                } else {
+                    "the file is empty (truncated)"
+                };
+                return Err(tls_damage(config, p, what));
+            }
+        }
+        return Ok(None);
+    };
+    if let Err(e) = pki::not_after(&ca_cert_pem) {
+        return Err(tls_damage(
+            config,
+            ca,
+            &format!("not a PEM certificate ({e})"),
+        ));
+    }
+    if let Err(e) = pki::not_after(&cert_pem) {
+        return Err(tls_damage(
+            config,
+            cert,
+            &format!("not a PEM certificate ({e})"),
+        ));
+    }
+    let is_key = matches!(
+        rustls_pemfile::private_key(&mut key_pem.as_bytes()),
+        Ok(Some(_))
+    );
+    if !is_key {
+        return Err(tls_damage(config, key, "not a PEM private key"));
+    }
+    if let Err(e) = crate::admin::AdminCert::new(&cert_pem, &key_pem) {
+        return Err(tls_damage(
+            config,
+            key,
+            &format!("it is not the key of {} ({e})", cert.display()),
+        ));
+    }
+    Ok(Some(NodeTls {
+        ca_cert_pem,
+        cert_pem,
+        key_pem,
+    }))
 }
 
-fn read_nonempty(path: &Path) -> Result<Option<String>, BootstrapError> {
-    crate::files::read_nonempty(path)
-        .map_err(|e| BootstrapError::Io(format!("{}: {e}", path.display())))
+/// The start-up error for a damaged file of `<data_dir>/tls/`: what is
+/// wrong and the way out (restore the file, or rejoin).
+fn tls_damage(config: &Config, path: &Path, problem: &str) -> BootstrapError {
+    let ca_hint = if path.file_name().is_some_and(|n| n == "ca.pem") {
+        " ca.pem is the cluster CA's certificate, the same on every member: it can be copied \
+         from another member's <data_dir>/tls/ca.pem."
+    } else {
+        ""
+    };
+    BootstrapError::Corrupt(format!(
+        "{} is corrupt: {problem}. The node's TLS identity cannot be made again in place: \
+         restore the file from a backup of {},{ca_hint} or rejoin this node: {} \
+         (README: Corrupted files)",
+        path.display(),
+        tls_dir(&config.data_dir).display(),
+        rejoin_steps(config)
+    ))
+}
+
+/// The documented way back for a node whose data dir cannot be repaired in
+/// place: removed from the membership, a fresh data dir, joined again.
+pub fn rejoin_steps(config: &Config) -> String {
+    format!(
+        "(1) on another member run `edgectl cluster remove-node {id}` (DELETE \
+         /v1/cluster/nodes/{id}); (2) move {dir} aside; (3) start this node again with the \
+         same flags and an empty data dir, with --join <a member's admin URL> and the \
+         cluster's --token. A one-node cluster has no other member: restore {dir} from a backup",
+        id = config.node_id,
+        dir = config.data_dir.display()
+    )
+}
+
+/// What is wrong with the founding marker's `body`, if anything: it holds
+/// the new CA's private key (PEM), or nothing with an operator's PKI.
+fn founding_damage(marker: &Path, body: &str, operator_pki: bool) -> Option<String> {
+    let body = body.trim();
+    let problem = if body.is_empty() {
+        if operator_pki {
+            return None;
+        }
+        "the file is empty (truncated); it held the new cluster CA's key"
+    } else if matches!(
+        rustls_pemfile::private_key(&mut body.as_bytes()),
+        Ok(Some(_))
+    ) {
+        return None;
+    } else {
+        "it does not hold the PEM key of the new cluster CA"
+    };
+    Some(format!(
+        "{} is corrupt: {problem}. It marks a founding that has not completed: nothing \
+         was written to the cluster yet. Move the data dir aside and start this node again \
+         on an empty one to found the cluster anew (README: Corrupted files)",
+        marker.display()
+    ))
 }
 
 /// A file's text, empty or not; `None` when it is missing.
 fn read_opt(path: &Path) -> Result<Option<String>, BootstrapError> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => Ok(Some(s)),
+    match std::fs::read(path) {
+        // Bytes that are not text are a damaged file, told by the caller.
+        Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(BootstrapError::Io(format!("{}: {e}", path.display()))),
     }

@@ -118,6 +118,12 @@ pub struct Args {
     /// Leave the Raft membership on SIGTERM.
     #[arg(long, env = "EDGELB_LEAVE_ON_EXIT")]
     pub leave_on_exit: bool,
+    /// At this start, rebuild a corrupt state machine (state-machine.redb)
+    /// from the newest readable snapshot and the Raft log, or drop a
+    /// corrupt snapshot file (a new one is built from the state machine);
+    /// the corrupt files are moved aside. Does nothing to intact files.
+    #[arg(long)]
+    pub rebuild_state_machine: bool,
 }
 
 /// The TOML file: the same keys as the flags, plus data-plane tuning.
@@ -191,6 +197,9 @@ pub struct Config {
     /// Opens the Raft storage through this fault-injecting backend (tests
     /// only; never set from a file, a variable or a flag).
     pub storage_faults: Option<Arc<raft_store::faults::Faults>>,
+    /// `--rebuild-state-machine`: rebuild a corrupt state machine or drop
+    /// a corrupt snapshot at this start (a flag only: a one-off repair).
+    pub rebuild_state_machine: bool,
     pub admin_addr: SocketAddr,
     pub cluster_addr: SocketAddr,
     /// What goes into the membership as this node's `cluster_addr` (the
@@ -246,6 +255,7 @@ impl Config {
             data_dir: PathBuf::from("./edgelb-data"),
             data_dir_min_free: MinFree::Default,
             storage_faults: None,
+            rebuild_state_machine: false,
             admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7070)),
             cluster_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7071)),
             advertise_cluster_addr: None,
@@ -477,6 +487,7 @@ impl Config {
             c.max_voters = v;
         }
         c.leave_on_exit = args.leave_on_exit || file.leave_on_exit.unwrap_or(false);
+        c.rebuild_state_machine = args.rebuild_state_machine;
         set_duration(
             &mut c.node_cert_lifetime,
             "node_cert_lifetime",
@@ -640,7 +651,7 @@ fn parse_addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
 }
 
 /// Tokens are 16 to 256 printable ASCII characters.
-fn check_token(field: &str, v: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_token(field: &str, v: &str) -> Result<(), ConfigError> {
     if v.len() < 16 || v.len() > 256 || !v.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(ConfigError::new(
             field,

@@ -36,6 +36,11 @@ pub use disk::{DiskFull, MinFree};
 /// Exit code of a node whose storage failed (EX_IOERR).
 pub const EXIT_STORAGE: u8 = 74;
 
+/// Exit code of a node that does not start because a file of its data dir
+/// is corrupt (EX_DATAERR); the message names the file and the way out. A
+/// restart does not help: the service manager should not retry.
+pub const EXIT_CORRUPT: u8 = 65;
+
 /// This node's ability to write (see the module's doc); shared by the store,
 /// the cluster handler and the admin API.
 #[derive(Debug)]

@@ -1,5 +1,6 @@
 //! The `edgelb` binary: load the configuration, start tracing, run the node
-//! until SIGTERM or Ctrl-C, drain, exit. A bad configuration exits with 64.
+//! until SIGTERM or Ctrl-C, drain, exit. A bad configuration exits with 64,
+//! a corrupt file in the data dir with 65, a failed storage with 74.
 
 use std::process::ExitCode;
 
@@ -107,6 +108,10 @@ async fn run(config: Config) -> (ExitCode, Option<tokio::time::Instant>) {
         Err(StartError::Config(e)) => {
             eprintln!("edgelb: {e}");
             return (ExitCode::from(EXIT_CONFIG as u8), None);
+        }
+        Err(StartError::Corrupt(e)) => {
+            eprintln!("edgelb: {e}");
+            return (ExitCode::from(edgelb::health::EXIT_CORRUPT), None);
         }
         Err(e) => {
             eprintln!("edgelb: {e}");

@@ -71,6 +71,7 @@ pub async fn start(
     let began = std::time::Instant::now();
     let dir = config.data_dir.clone();
     let faults = config.storage_faults.clone();
+    let rebuild = config.rebuild_state_machine;
     // Each file's open is timed: after a crash redb repairs the file
     // (walks it and writes it back), which on a busy disk took seconds.
     let opened = tokio::task::spawn_blocking(move || -> Result<_, raft_store::StoreError> {
@@ -78,17 +79,27 @@ pub async fn start(
         let t = std::time::Instant::now();
         let log = LogStore::open_with(&dir, faults)?;
         let log_took = t.elapsed();
-        let sm = StateMachineStore::open_with(&dir, faults)?;
+        let sm = if rebuild {
+            let (sm, rebuilt) =
+                StateMachineStore::open_rebuilding(&dir, faults, log.last_purged()?)?;
+            match rebuilt {
+                Some(r) => tracing::warn!(
+                    corrupt = %r.corrupt.display(),
+                    moved_aside = ?r.moved_aside,
+                    from = ?r.from,
+                    "--rebuild-state-machine: rebuilt; openraft re-applies the log after it"
+                ),
+                None => info!("--rebuild-state-machine: the state machine and its snapshot are intact; nothing to do"),
+            }
+            sm
+        } else {
+            StateMachineStore::open_with(&dir, faults)?
+        };
         Ok((log, sm, log_took, t.elapsed() - log_took))
     })
     .await
     .map_err(|e| StartError::Io(format!("opening storage: {e}")))?
-    .map_err(|e| {
-        StartError::Io(format!(
-            "opening storage in {}: {e}",
-            config.data_dir.display()
-        ))
-    })?;
+    .map_err(|e| storage_error(config, e))?;
     let (log, sm, log_took, state_took) = opened;
     info!(
         log_ms = ms(log_took),
@@ -173,6 +184,46 @@ pub async fn start(
         log,
         seals,
     })
+}
+
+/// The start-up error for a storage that did not open: for a damaged file,
+/// which one, what is wrong, and the way out (README: Corrupted files).
+fn storage_error(config: &Config, e: raft_store::StoreError) -> StartError {
+    use raft_store::StoreError as E;
+    let rebuild = "start this node once with --rebuild-state-machine";
+    match e {
+        E::Corrupt { path, problem } if path.ends_with("raft-log.redb") => {
+            StartError::Corrupt(format!(
+                "{} is corrupt: {problem}. The Raft log cannot be repaired in place: a voter \
+                 that forgot entries it acknowledged could elect a leader without committed \
+                 writes. Rejoin this node: {} (README: Corrupted files)",
+                path.display(),
+                crate::bootstrap::rejoin_steps(config)
+            ))
+        }
+        E::Corrupt { path, problem } if path.ends_with("state-machine.redb") => {
+            StartError::Corrupt(format!(
+                "{} is corrupt: {problem}. The state machine is rebuilt from the newest \
+                 snapshot and the Raft log, without losing a write: {rebuild} (the file is \
+                 moved aside) (README: Corrupted files)",
+                path.display()
+            ))
+        }
+        E::Corrupt { path, problem } => StartError::Corrupt(format!(
+            "{} (the current snapshot) is corrupt: {problem}. The state machine is intact: \
+             {rebuild}; the file is moved aside and a new snapshot is built from the state \
+             machine (README: Corrupted files)",
+            path.display()
+        )),
+        e @ E::CannotRebuild { .. } => StartError::Corrupt(format!(
+            "{e}. Rejoin this node: {} (README: Corrupted files)",
+            crate::bootstrap::rejoin_steps(config)
+        )),
+        e => StartError::Io(format!(
+            "opening storage in {}: {e}",
+            config.data_dir.display()
+        )),
+    }
 }
 
 fn ms(d: Duration) -> u64 {

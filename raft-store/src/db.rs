@@ -84,6 +84,24 @@ pub enum StoreError {
     /// Stored values decode but contradict each other.
     #[error("inconsistent storage: {0}")]
     Inconsistent(String),
+    /// A file in the data dir is damaged: truncated, overwritten, or its
+    /// bytes contradict each other. Found at open, which then stops; what
+    /// to do about it depends on the file (the node says).
+    #[error("{} is corrupt: {problem}", path.display())]
+    Corrupt {
+        /// The damaged file.
+        path: PathBuf,
+        /// What is wrong with it, in plain words.
+        problem: String,
+    },
+    /// The state machine cannot be rebuilt from what this data dir holds.
+    #[error("cannot rebuild {}: {why}", path.display())]
+    CannotRebuild {
+        /// The state machine file.
+        path: PathBuf,
+        /// Why, in plain words.
+        why: String,
+    },
     /// The blocking task running a redb call panicked or was cancelled.
     #[error("storage task failed: {0}")]
     Task(String),
@@ -143,6 +161,53 @@ impl StoreError {
         }
     }
 
+    /// What a damaged file's bytes give when read: every error but an I/O
+    /// error of the device (those are not the file's fault) or a newer
+    /// format (a binary too old).
+    pub(crate) fn is_damage(&self) -> bool {
+        match self {
+            Self::Db(e) => match e.as_ref() {
+                redb::Error::Io(io) => damaged_io(io),
+                redb::Error::PreviousIo | redb::Error::LockPoisoned(_) => false,
+                // Corrupted, and what garbage read as a table gives.
+                _ => true,
+            },
+            Self::Decode { .. } | Self::Inconsistent(_) | Self::Corrupt { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// This error as [`StoreError::Corrupt`] of `path` when it is damage
+    /// ([`is_damage`](Self::is_damage)), else unchanged.
+    pub(crate) fn damage_of(self, path: &Path) -> Self {
+        if !self.is_damage() {
+            return self;
+        }
+        match self {
+            Self::Corrupt { .. } => self,
+            other => Self::Corrupt {
+                path: path.to_path_buf(),
+                problem: other.damage(),
+            },
+        }
+    }
+
+    /// What is wrong with the bytes, in plain words.
+    fn damage(&self) -> String {
+        match self {
+            Self::Db(e) => match e.as_ref() {
+                redb::Error::Corrupted(m) => format!("the database's checks fail ({m})"),
+                redb::Error::Io(io) if damaged_io(io) => {
+                    "it is shorter than its own header says (truncated)".into()
+                }
+                other => format!("the database does not read ({other})"),
+            },
+            Self::Decode { what, source } => format!("{what} does not decode ({source})"),
+            Self::Inconsistent(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// The device is full (or the quota used up).
     pub fn is_no_space(&self) -> bool {
         let io = match self {
@@ -161,6 +226,68 @@ fn no_space(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::StorageFull
         || e.kind() == io::ErrorKind::QuotaExceeded
         || e.raw_os_error() == Some(libc::ENOSPC)
+}
+
+/// An I/O error that a damaged file gives (reading past its end, bytes
+/// that are not what they claim), not a failing device.
+fn damaged_io(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData
+    )
+}
+
+/// Runs `f`, a read of a file that may be damaged: redb trusts its pages
+/// once opened, and malformed ones can make it panic instead of failing.
+/// A panic is the file's damage, reported as [`StoreError::Corrupt`] of
+/// `path`; so is every error that [`StoreError::is_damage`].
+pub(crate) fn guarded<T>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    quiet_panics();
+    let outer = GUARDED.with(|g| g.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(outer));
+    match result {
+        Ok(r) => r.map_err(|e| e.damage_of(path)),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let problem = if what.contains("raw_file_len") {
+                "it is shorter than its own header says (truncated)".to_owned()
+            } else {
+                format!("its pages do not read as a database (redb: {what})")
+            };
+            Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                problem,
+            })
+        }
+    }
+}
+
+thread_local! {
+    /// Set while [`guarded`] runs a read on this thread.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that stays silent for panics inside
+/// [`guarded`], which are reported as a corrupt file instead, and passes
+/// every other panic to the hook it replaces.
+fn quiet_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// An I/O error in plain words: what the OS said, without its number.
@@ -217,18 +344,37 @@ pub(crate) fn open(
         source,
     })?;
     let path = dir.join(name);
-    let opened = match faults {
-        None => Database::create(&path),
-        Some(f) => f
-            .open(&path)
-            .map_err(redb::DatabaseError::from)
-            .and_then(|b| Database::builder().create_with_backend(b)),
-    };
-    let db = opened.map_err(|source| StoreError::Open {
-        path,
-        source: Box::new(source),
+    // redb takes an empty file for a new database: one truncated to
+    // nothing would start as if the node had never stored anything.
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() == 0 => {
+            return Err(StoreError::Corrupt {
+                path,
+                problem: "the file is empty (truncated)".into(),
+            });
+        }
+        _ => {}
+    }
+    let opened = guarded(&path, || {
+        let opened = match faults {
+            None => Database::create(&path),
+            Some(f) => f
+                .open(&path)
+                .map_err(redb::DatabaseError::from)
+                .and_then(|b| Database::builder().create_with_backend(b)),
+        };
+        opened.map_err(|source| match source {
+            redb::DatabaseError::Storage(e @ redb::StorageError::Corrupted(_)) => e.into(),
+            redb::DatabaseError::Storage(redb::StorageError::Io(io)) if damaged_io(&io) => {
+                redb::StorageError::Io(io).into()
+            }
+            source => StoreError::Open {
+                path: path.clone(),
+                source: Box::new(source),
+            },
+        })
     })?;
-    Ok(Arc::new(db))
+    Ok(Arc::new(opened))
 }
 
 /// Readies one database file for its close: redb's close writes the

@@ -92,6 +92,7 @@ mod db;
 pub mod faults;
 pub mod log_store;
 pub mod model;
+mod rebuild;
 mod rows;
 pub mod snapshot;
 pub mod state;
@@ -110,6 +111,7 @@ pub use model::{
     Certificate, DEFAULT_HARD_LIMIT, Domain, Handler, Instance, ModelError, Service, ServiceGroup,
     parse_port_specs,
 };
+pub use rebuild::{Rebuilt, RebuiltFrom};
 pub use snapshot::{SnapshotBuilder, snapshot_interval};
 pub use state::{Applied, ApplyError, State};
 pub use state_machine::{AppliedState, StateMachineStore};

@@ -100,14 +100,25 @@ impl LogStore {
         faults: Option<&Arc<crate::faults::Faults>>,
     ) -> Result<Self, StoreError> {
         let db = db::open(dir, FILE, faults)?;
-        let txn = db.begin_write()?;
-        txn.open_table(LOGS)?;
-        txn.open_table(META)?;
-        txn.commit()?;
+        let path = dir.join(FILE);
+        db::guarded(&path, || {
+            let txn = db.begin_write()?;
+            txn.open_table(LOGS)?;
+            txn.open_table(META)?;
+            txn.commit()?;
+            verify(&db)
+        })?;
         Ok(Self {
             db,
             committed: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The id of the last purged log entry: the log holds nothing at or
+    /// below it (a state machine rebuilt here must start at or after it).
+    /// Blocking.
+    pub fn last_purged(&self) -> Result<Option<LogId>, StoreError> {
+        read_meta(&self.db, LAST_PURGED)
     }
 
     /// Readies the file for the process's exit ([`crate::Seal`]).
@@ -158,6 +169,39 @@ fn meta_value<T: DeserializeOwned>(
         Some(v) => db::decode(v.value(), key).map(Some),
         None => Ok(None),
     }
+}
+
+/// Reads the whole log once, at open: every meta value and every entry
+/// after `last_purged` decodes, each row holds the entry of its index, and
+/// the indexes follow each other from `last_purged`. A damaged page found
+/// here stops the start, with the file named, instead of failing the Raft
+/// core later on the first read that meets it (a follower lagging behind,
+/// a restart's re-apply).
+fn verify(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    let _: Option<Vote> = meta_value(&meta, VOTE)?;
+    let _: Option<Option<LogId>> = meta_value(&meta, COMMITTED)?;
+    let purged: Option<LogId> = meta_value(&meta, LAST_PURGED)?;
+    let mut expected = purged.map(|p| p.index.saturating_add(1));
+    for row in txn.open_table(LOGS)?.iter()? {
+        let (k, v) = row?;
+        let index = k.value();
+        if purged.is_some_and(|p| index <= p.index) {
+            continue;
+        }
+        if let Some(want) = expected
+            && index != want
+        {
+            return Err(StoreError::Inconsistent(format!(
+                "the log jumps from entry {} to entry {index}",
+                want.saturating_sub(1)
+            )));
+        }
+        decode_entry(index, v.value())?;
+        expected = Some(index.saturating_add(1));
+    }
+    Ok(())
 }
 
 /// Removes up to [`PURGE_CHUNK`] of the rows at or below `last_purged`

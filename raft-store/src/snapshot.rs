@@ -26,7 +26,7 @@
 //! both durable before openraft is told: the log is purged behind it, and
 //! a lagging or new node is sent it after a restart.
 
-mod files;
+pub(crate) mod files;
 
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
@@ -40,7 +40,7 @@ use crate::state::State;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 pub(crate) const SNAPSHOT: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshot");
-const META: &str = "meta";
+pub(crate) const META: &str = "meta";
 /// Format-1 data dirs kept the snapshot's bytes here; moved to a file.
 const DATA: &str = "data";
 

@@ -113,11 +113,15 @@ impl StateMachineStore {
         faults: Option<&Arc<crate::faults::Faults>>,
     ) -> Result<Self, StoreError> {
         let db = db::open(dir, FILE, faults)?;
-        let txn = db.begin_write()?;
-        txn.open_table(SNAPSHOT)?;
-        txn.commit()?;
-        let record = rows::load(&db)?;
-        let files = Arc::new(Files::open(dir, &db)?);
+        let record = db::guarded(&dir.join(FILE), || {
+            let txn = db.begin_write()?;
+            txn.open_table(SNAPSHOT)?;
+            txn.commit()?;
+            rows::load(&db)
+        })?;
+        let files = db::guarded(&dir.join(FILE), || Files::open(dir, &db))?;
+        files.verify(&db)?;
+        let files = Arc::new(files);
         if record.migrated {
             tracing::info!(
                 path = %dir.join(FILE).display(),

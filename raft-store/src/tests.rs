@@ -357,25 +357,19 @@ fn corrupt_log_row(dir: &Path, index: u64, bytes: &[u8]) {
 }
 
 #[tokio::test]
-async fn corrupt_log_row_is_an_error() {
+async fn a_damaged_log_row_stops_the_open_naming_the_file() {
     let dir = TempDir::new();
     {
         let (mut log, _sm) = open(dir.path());
         log.blocking_append((1..=3).map(blank)).await.unwrap();
     }
     corrupt_log_row(dir.path(), 2, b"{\"log_id\": not json");
-
-    let (mut log, _sm) = open(dir.path());
-    let err = log.try_get_log_entries(1..4).await.unwrap_err();
-    assert!(err.to_string().contains("log entry 2"), "{err}");
-    assert!(log.try_get_log_entries(1..2).await.is_ok());
-    // The last row is fine, so the log state still reads.
-    assert!(log.get_log_state().await.is_ok());
-
-    drop(log);
-    corrupt_log_row(dir.path(), 3, &[0xff, 0x00]);
-    let mut log = LogStore::open(dir.path()).unwrap();
-    assert!(log.get_log_state().await.is_err());
+    let err = LogStore::open(dir.path()).unwrap_err();
+    let StoreError::Corrupt { path, problem } = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(path, &dir.path().join(log_store::FILE));
+    assert!(problem.contains("log entry 2"), "{err}");
 }
 
 #[tokio::test]
@@ -387,9 +381,11 @@ async fn log_row_with_wrong_index_is_an_error() {
     }
     let other = serde_json::to_vec(&blank(9)).unwrap();
     corrupt_log_row(dir.path(), 2, &other);
-    let (mut log, _sm) = open(dir.path());
-    let err = log.try_get_log_entries(..).await.unwrap_err();
-    assert!(err.to_string().contains("log row 2"), "{err}");
+    let err = LogStore::open(dir.path()).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt { problem, .. } if problem.contains("log row 2")),
+        "{err}"
+    );
 }
 
 /// Sets `state_machine`/`"current"` in the state machine file of `dir`,
@@ -411,7 +407,10 @@ fn corrupt_state_machine_record_is_an_open_error() {
     drop(StateMachineStore::open(dir.path()).unwrap());
     set_current_row(dir.path(), b"{\"state\": 1}");
     let err = StateMachineStore::open(dir.path()).unwrap_err();
-    assert!(matches!(err, StoreError::Decode { .. }), "{err}");
+    assert!(
+        matches!(&err, StoreError::Corrupt { path, .. } if path.ends_with(state_machine::FILE)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -544,4 +543,5 @@ async fn changed_since_names_what_each_batch_changed() {
     assert_eq!(loaded.changed_since(7), None);
 }
 
+mod corrupt;
 mod faults;

@@ -179,7 +179,7 @@ fn systemd_unit_is_hardened_and_verifies() -> anyhow::Result<()> {
         "Type=simple",
         "ExecStart=/usr/local/bin/edgelb --config /etc/edgelb/edgelb.toml",
         "Restart=on-failure",
-        "RestartPreventExitStatus=64",
+        "RestartPreventExitStatus=64 65",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ReadWritePaths=/var/lib/edgelb",

@@ -54,7 +54,7 @@ fn read_meta(txn: &WriteTransaction) -> Result<Option<SnapshotMeta>, StoreError>
 }
 
 /// Records `meta` as the current snapshot inside `txn`.
-fn write_meta(txn: &WriteTransaction, meta: &SnapshotMeta) -> Result<(), StoreError> {
+pub(crate) fn write_meta(txn: &WriteTransaction, meta: &SnapshotMeta) -> Result<(), StoreError> {
     let bytes = db::encode(meta, "snapshot meta")?;
     let mut table = txn.open_table(SNAPSHOT)?;
     table.insert(META, bytes.as_slice())?;
@@ -99,20 +99,78 @@ impl Files {
     }
 
     fn path(&self, meta: &SnapshotMeta) -> PathBuf {
-        let name: String = meta
-            .snapshot_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.dir.join(format!("{name}.json"))
+        self.dir.join(file_name(meta))
     }
 
+    /// Reads the current snapshot's file through, at open: a truncated or
+    /// overwritten one stops the start with the file named (it is sent to
+    /// new and lagging members, and read nowhere else). Its state is only
+    /// parsed, not built: O(size), no more memory than a read buffer.
+    pub(crate) fn verify(&self, db: &Database) -> Result<(), StoreError> {
+        let meta = {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(SNAPSHOT)?;
+            let Some(meta) = table.get(META)? else {
+                return Ok(());
+            };
+            db::decode::<SnapshotMeta>(meta.value(), "snapshot meta")?
+        };
+        let path = self.path(&meta);
+        let corrupt = |problem: String| StoreError::Corrupt {
+            path: path.clone(),
+            problem,
+        };
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(corrupt(format!(
+                    "the file is missing (the state machine names it as its current snapshot, {})",
+                    meta.snapshot_id
+                )));
+            }
+            Err(e) => return Err(io_error(format!("opening {}", path.display()))(e)),
+        };
+        let record: SmRecord<serde::de::IgnoredAny> = serde_json::from_reader(BufReader::new(file))
+            .map_err(|e| {
+                if e.is_io() {
+                    io_error(format!("reading {}", path.display()))(io::Error::from(e))
+                } else if e.is_eof() {
+                    corrupt(format!("the document ends early (truncated): {e}"))
+                } else {
+                    corrupt(format!("the document does not decode: {e}"))
+                }
+            })?;
+        if record.format.unwrap_or(1) > SNAPSHOT_FORMAT
+            || record.last_applied != meta.last_log_id
+            || record.membership != meta.last_membership
+        {
+            return Err(corrupt(format!(
+                "it holds the state up to {:?}, but the state machine names it as the snapshot up to {:?}",
+                record.last_applied.map(|l| l.index),
+                meta.last_log_id.map(|l| l.index)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The file name of the snapshot `meta` in the snapshot directory.
+pub(crate) fn file_name(meta: &SnapshotMeta) -> String {
+    let name: String = meta
+        .snapshot_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{name}.json")
+}
+
+impl Files {
     /// Writes `path` through `<path>.tmp`: write, fsync, rename, fsync dir.
     fn write_file(
         &self,
