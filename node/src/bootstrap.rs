@@ -284,14 +284,14 @@ fn stored_identity(
 /// wrong and the way out (restore the file, or rejoin).
 fn tls_damage(config: &Config, path: &Path, problem: &str) -> BootstrapError {
     let ca_hint = if path.file_name().is_some_and(|n| n == "ca.pem") {
-        " ca.pem is the cluster CA's certificate, the same on every member: it can be copied \
-         from another member's <data_dir>/tls/ca.pem."
+        " (ca.pem is the cluster CA's certificate, the same on every member: it can also be \
+         copied from another member's <data_dir>/tls/ca.pem)"
     } else {
         ""
     };
     BootstrapError::Corrupt(format!(
         "{} is corrupt: {problem}. The node's TLS identity cannot be made again in place: \
-         restore the file from a backup of {},{ca_hint} or rejoin this node: {} \
+         restore the file from a backup of {}{ca_hint}, or rejoin this node: {} \
          (README: Corrupted files)",
         path.display(),
         tls_dir(&config.data_dir).display(),

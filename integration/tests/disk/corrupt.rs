@@ -16,20 +16,16 @@ use tokio::task::JoinSet;
 
 use crate::harness::group;
 
-/// Enough writes for a snapshot (every 500 to 750 entries at this size)
-/// and a purged log behind it.
-const WRITES: usize = 800;
-
-/// Creates groups `prefix-0..n` through `admin`, 8 at a time; answers the
+/// Creates groups `prefix-0..n` through `admin`, 2 at a time; answers the
 /// names whose creation was acknowledged.
 async fn write(admin: &AdminClient, prefix: &str, n: usize) -> anyhow::Result<Vec<String>> {
     let mut tasks = JoinSet::new();
-    for worker in 0..8 {
+    for worker in 0..2 {
         let admin = admin.clone();
         let prefix = prefix.to_owned();
         tasks.spawn(async move {
             let mut acked = Vec::new();
-            for i in (worker..n).step_by(8) {
+            for i in (worker..n).step_by(2) {
                 let name = format!("{prefix}-{i:04}");
                 let (status, v) = admin.post("/v1/services", &group(&name)).await?;
                 ensure!(status.is_success(), "creating {name}: {status} {v}");
@@ -175,6 +171,25 @@ fn snapshot_file(data: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no snapshot in {}", data.display()))
 }
 
+/// Writes through `admin` until every data dir of `data` holds a snapshot
+/// (every 500 to 750 log entries at this size; writes sent together may
+/// share an entry), so that the log is purged behind it; at most 4,000
+/// groups. Answers the acknowledged names.
+async fn write_until_snapshot(admin: &AdminClient, data: &[&Path]) -> anyhow::Result<Vec<String>> {
+    let mut acked = Vec::new();
+    for round in 0..40 {
+        if data.iter().all(|d| snapshot_file(d).is_ok()) {
+            return Ok(acked);
+        }
+        acked.extend(write(admin, &format!("w{round:02}"), 100).await?);
+    }
+    // The last round's snapshot may still be being written.
+    for d in data {
+        wait_snapshot(d).await?;
+    }
+    Ok(acked)
+}
+
 async fn wait_snapshot(data: &Path) -> anyhow::Result<PathBuf> {
     poll(
         &format!("a snapshot in {}", data.display()),
@@ -208,15 +223,16 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 }
 
 /// One node: the state machine (garbage, then truncated), the snapshot
-/// file, the token (garbage, empty), the TLS files and the Raft log, each
-/// refused at start and recovered as the README says.
+/// file (garbage, emptied), the token (garbage, empty), the TLS files and
+/// the Raft log (garbage, half, empty), each refused at start and
+/// recovered as the README says; a stale damaged founding marker is
+/// removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_node_recovers_every_corrupted_file_as_the_runbook_says() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(1).await?;
     let admin = cluster.admin(1);
     let data = cluster.data_dir(1).to_owned();
-    let mut acked = write(&admin, "one", WRITES).await?;
-    wait_snapshot(&data).await?;
+    let mut acked = write_until_snapshot(&admin, &[&data]).await?;
     let rebuild = "--rebuild-state-machine";
 
     // The state machine: garbage over a row's pages, then cut in half.
@@ -237,15 +253,20 @@ async fn a_single_node_recovers_every_corrupted_file_as_the_runbook_says() -> an
         acked.extend(write(&admin, &format!("sm{round}"), 10).await?);
     }
 
-    // The snapshot document: emptied.
+    // The snapshot document: garbage in the middle (refused), then
+    // emptied (refused, and rebuilt).
     cluster.stop(1).await?;
     let snapshot = snapshot_file(&data)?;
-    truncate(&snapshot, |_| 0)?;
     let name = snapshot
         .file_name()
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned();
+    let pristine = std::fs::read(&snapshot)?;
+    garble_middle(&snapshot, 64 * 1024)?;
+    refused(&cluster, 1, unchanged, &[&name, rebuild]).await?;
+    std::fs::write(&snapshot, &pristine)?;
+    truncate(&snapshot, |_| 0)?;
     refused(&cluster, 1, unchanged, &[&name, rebuild]).await?;
     cluster.restart_with(1, &[rebuild]).await?;
     holds_all(&cluster, 1, &acked).await?;
@@ -271,15 +292,21 @@ async fn a_single_node_recovers_every_corrupted_file_as_the_runbook_says() -> an
         holds_all(&cluster, 1, &acked).await?;
     }
 
-    // TLS files: garbage in the key, ca.pem truncated; restored from a
-    // backup.
-    for (file, damage) in [("node.key", "garbage"), ("ca.pem", "half")] {
+    // TLS files: garbage in the key, ca.pem truncated, node.pem emptied;
+    // restored from a backup.
+    let tls = [
+        ("node.key", "garbage"),
+        ("ca.pem", "half"),
+        ("node.pem", "empty"),
+    ];
+    for (file, damage) in tls {
         cluster.stop(1).await?;
         let path = data.join("tls").join(file);
         let backup = std::fs::read(&path)?;
         match damage {
             "garbage" => garble_middle(&path, 64)?,
-            _ => truncate(&path, |l| l / 2)?,
+            "half" => truncate(&path, |l| l / 2)?,
+            _ => truncate(&path, |_| 0)?,
         }
         refused(&cluster, 1, unchanged, &[file, "backup", "remove-node 1"]).await?;
         std::fs::write(&path, backup)?;
@@ -293,21 +320,32 @@ async fn a_single_node_recovers_every_corrupted_file_as_the_runbook_says() -> an
     cluster.stop(1).await?;
     let backup = integration::addr::TempDir::new("backup-n1");
     copy_dir(&data, &backup.path().join("data"))?;
-    garble_pages(
-        &data.join("raft-log.redb"),
-        acked.last().context("no writes")?,
-    )?;
-    refused(
-        &cluster,
-        1,
-        unchanged,
-        &["raft-log.redb", "remove-node 1", "--join", "restore"],
-    )
-    .await?;
+    let log = data.join("raft-log.redb");
+    for damage in ["garbage", "half", "empty"] {
+        std::fs::copy(backup.path().join("data").join("raft-log.redb"), &log)?;
+        match damage {
+            "garbage" => garble_pages(&log, acked.last().context("no writes")?)?,
+            "half" => truncate(&log, |l| l / 2)?,
+            _ => truncate(&log, |_| 0)?,
+        }
+        refused(
+            &cluster,
+            1,
+            unchanged,
+            &["raft-log.redb", "remove-node 1", "--join", "restore"],
+        )
+        .await
+        .context(damage)?;
+    }
     std::fs::remove_dir_all(&data)?;
     copy_dir(&backup.path().join("data"), &data)?;
+    // A founding marker left damaged once the founding is complete is only
+    // removed.
+    let marker = data.join("founding");
+    std::fs::write(&marker, b"\xff\xfe not a key")?;
     cluster.restart(1).await?;
     holds_all(&cluster, 1, &acked).await?;
+    ensure!(!marker.exists(), "the stale founding marker is still there");
     acked.extend(write(&admin, "after", 10).await?);
     holds_all(&cluster, 1, &acked).await?;
     Ok(())
@@ -329,8 +367,7 @@ async fn a_follower_rebuilds_its_state_machine_and_rejoins_after_a_corrupt_log()
         .context("a follower")?;
     let admin = cluster.admin(leader);
     let data = cluster.data_dir(follower).to_owned();
-    let mut acked = write(&admin, "three", WRITES).await?;
-    wait_snapshot(&data).await?;
+    let mut acked = write_until_snapshot(&admin, &[&data]).await?;
     holds_all(&cluster, follower, &acked).await?;
 
     // The follower's state machine, garbage over a row: refused, then
