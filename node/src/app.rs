@@ -568,10 +568,15 @@ fn load_token(config: &Config, given: Option<&str>) -> Result<Token, StartError>
     let path = dir.join("token");
     let has_state = dir.join("raft-log.redb").exists();
     let damaged = |problem: &str| {
+        let why = if has_state {
+            "This node has Raft state and needs its cluster's token"
+        } else {
+            "The node needs its token"
+        };
         StartError::Corrupt(format!(
-            "{} is corrupt: {problem}. This node has Raft state and needs its cluster's token: \
-             restore the file from a backup, or start the node with --token <the cluster's \
-             token> (the file is written again) (README: Corrupted files)",
+            "{} is corrupt: {problem}. {why}: restore the file from a backup, or start the node \
+             with --token <the cluster's token> (the file is written again) (README: Corrupted \
+             files)",
             path.display()
         ))
     };

@@ -93,6 +93,15 @@ pub async fn start(
             }
             sm
         } else {
+            let path = dir.join("state-machine.redb");
+            if !path.exists() && log.last_purged()?.is_some() {
+                // Created empty, it would sit below a purged log.
+                return Err(raft_store::StoreError::Corrupt {
+                    path,
+                    problem: "the file is missing, and the Raft log was purged behind a snapshot"
+                        .into(),
+                });
+            }
             StateMachineStore::open_with(&dir, faults)?
         };
         Ok((log, sm, log_took, t.elapsed() - log_took))

@@ -36,7 +36,7 @@ use redb::Durability;
 
 use crate::db::{self, StoreError};
 use crate::rows;
-use crate::snapshot::{self, SNAPSHOT, SmRecord, files};
+use crate::snapshot::{self, SmRecord, files};
 use crate::state::State;
 use crate::state_machine::{FILE, StateMachineStore};
 use crate::types::{LogId, SnapshotMeta};
@@ -76,6 +76,14 @@ impl StateMachineStore {
         faults: Option<&Arc<crate::faults::Faults>>,
         last_purged: Option<LogId>,
     ) -> Result<(Self, Option<Rebuilt>), StoreError> {
+        let missing = !dir.join(FILE).exists();
+        if missing && last_purged.is_some() {
+            // Opened as it is, it would start empty above a purged log.
+            tracing::warn!(path = %dir.join(FILE).display(), "the state machine is missing: rebuilding");
+            let rebuilt = rebuild_state_machine(dir, faults, last_purged)?;
+            let sm = Self::open_with(dir, faults)?;
+            return Ok((sm, Some(rebuilt)));
+        }
         let path = match Self::open_with(dir, faults) {
             Ok(sm) => return Ok((sm, None)),
             Err(StoreError::Corrupt { path, problem }) => {
@@ -223,7 +231,10 @@ fn rebuild_state_machine(
             });
         }
     };
-    let mut moved_aside = vec![move_aside(dir, &path)?];
+    let mut moved_aside = Vec::new();
+    if path.exists() {
+        moved_aside.push(move_aside(dir, &path)?);
+    }
     for p in &unreadable {
         moved_aside.push(move_aside(dir, p)?);
     }
@@ -251,7 +262,11 @@ fn rebuild_state_machine(
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate);
             rows::write_all(&txn, &record.state, record.last_applied, &record.membership)?;
-            files::write_meta(&txn, &meta)?;
+            let written = files::Crc32::of_file(&named).map_err(|source| StoreError::Io {
+                what: format!("reading {}", named.display()),
+                source,
+            })?;
+            files::write_meta(&txn, &meta, written)?;
             txn.commit()?;
             RebuiltFrom::Snapshot(record.last_applied)
         }
@@ -278,7 +293,7 @@ fn drop_snapshot(
     let db = db::open(dir, FILE, faults)?;
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate);
-    txn.open_table(SNAPSHOT)?.remove(snapshot::META)?;
+    files::remove_meta(&txn)?;
     txn.commit()?;
     drop(db);
     tracing::warn!(path = %path.display(), "dropped the corrupt snapshot; a new one is built from the state machine");

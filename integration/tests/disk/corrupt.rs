@@ -222,7 +222,7 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One node: the state machine (garbage, then truncated), the snapshot
+/// One node: the state machine (garbage, truncated, missing), the snapshot
 /// file (garbage, emptied), the token (garbage, empty), the TLS files and
 /// the Raft log (garbage, half, empty), each refused at start and
 /// recovered as the README says; a stale damaged founding marker is
@@ -237,11 +237,12 @@ async fn a_single_node_recovers_every_corrupted_file_as_the_runbook_says() -> an
 
     // The state machine: garbage over a row's pages, then cut in half.
     let sm = data.join("state-machine.redb");
-    for (round, damage) in ["garbage", "half"].into_iter().enumerate() {
+    for (round, damage) in ["garbage", "half", "missing"].into_iter().enumerate() {
         cluster.stop(1).await?;
         match damage {
             "garbage" => garble_pages(&sm, acked.last().context("no writes")?)?,
-            _ => truncate(&sm, |l| l / 2)?,
+            "half" => truncate(&sm, |l| l / 2)?,
+            _ => std::fs::remove_file(&sm)?,
         }
         refused(&cluster, 1, unchanged, &["state-machine.redb", rebuild]).await?;
         cluster.restart_with(1, &[rebuild]).await?;

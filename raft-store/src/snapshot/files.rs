@@ -53,13 +53,119 @@ fn read_meta(txn: &WriteTransaction) -> Result<Option<SnapshotMeta>, StoreError>
     Ok(meta)
 }
 
-/// Records `meta` as the current snapshot inside `txn`.
-pub(crate) fn write_meta(txn: &WriteTransaction, meta: &SnapshotMeta) -> Result<(), StoreError> {
+/// Records `meta` as the current snapshot inside `txn`, with the length
+/// and CRC-32 of its file's bytes as written.
+pub(crate) fn write_meta(
+    txn: &WriteTransaction,
+    meta: &SnapshotMeta,
+    written: Crc32,
+) -> Result<(), StoreError> {
     let bytes = db::encode(meta, "snapshot meta")?;
+    let check = Check {
+        snapshot_id: meta.snapshot_id.clone(),
+        len: written.len,
+        crc32: written.value(),
+    };
+    let check = db::encode(&check, "snapshot check")?;
     let mut table = txn.open_table(SNAPSHOT)?;
     table.insert(META, bytes.as_slice())?;
+    table.insert(CHECK, check.as_slice())?;
     table.remove(DATA)?;
     Ok(())
+}
+
+/// Forgets the current snapshot inside `txn`.
+pub(crate) fn remove_meta(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut table = txn.open_table(SNAPSHOT)?;
+    table.remove(META)?;
+    table.remove(CHECK)?;
+    Ok(())
+}
+
+/// Key of the current snapshot file's [`Check`] in the `snapshot` table
+/// (absent in data dirs written before it: the file is then parsed).
+const CHECK: &str = "check";
+
+/// What the current snapshot's file held when it was written, to find it
+/// damaged at open without parsing it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Check {
+    snapshot_id: String,
+    len: u64,
+    crc32: u32,
+}
+
+/// CRC-32 (IEEE) and length of bytes written or read.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Crc32 {
+    state: u32,
+    len: u64,
+}
+
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 == 1 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+};
+
+impl Crc32 {
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        let mut c = !self.state;
+        for &b in bytes {
+            c = CRC_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
+        }
+        self.state = !c;
+        self.len += bytes.len() as u64;
+    }
+
+    pub(crate) fn value(self) -> u32 {
+        self.state
+    }
+
+    /// Of the whole of `path`.
+    pub(crate) fn of_file(path: &Path) -> io::Result<Self> {
+        let mut file = File::open(path)?;
+        let mut crc = Self::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match io::Read::read(&mut file, &mut buf)? {
+                0 => return Ok(crc),
+                n => crc.update(&buf[..n]),
+            }
+        }
+    }
+}
+
+/// A writer that keeps the [`Crc32`] of what passes through it.
+struct Hashing<W> {
+    inner: W,
+    crc: Crc32,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 impl Files {
@@ -85,10 +191,10 @@ impl Files {
         match (&meta, data) {
             (Some(meta), Some(data)) => {
                 let path = files.path(meta);
-                files.write_file(&path, |w| w.write_all(&data))?;
+                let written = files.write_file(&path, |w| w.write_all(&data))?;
                 let mut txn = txn;
                 txn.set_durability(Durability::Immediate);
-                write_meta(&txn, meta)?;
+                write_meta(&txn, meta, written)?;
                 txn.commit()?;
                 tracing::info!(path = %path.display(), "moved the snapshot into its own file");
             }
@@ -113,8 +219,16 @@ impl Files {
             let Some(meta) = table.get(META)? else {
                 return Ok(());
             };
-            db::decode::<SnapshotMeta>(meta.value(), "snapshot meta")?
+            let check = match table.get(CHECK)? {
+                Some(c) => Some(db::decode::<Check>(c.value(), "snapshot check")?),
+                None => None,
+            };
+            (
+                db::decode::<SnapshotMeta>(meta.value(), "snapshot meta")?,
+                check,
+            )
         };
+        let (meta, check) = meta;
         let path = self.path(&meta);
         let corrupt = |problem: String| StoreError::Corrupt {
             path: path.clone(),
@@ -130,6 +244,30 @@ impl Files {
             }
             Err(e) => return Err(io_error(format!("opening {}", path.display()))(e)),
         };
+        if let Some(check) = check.filter(|c| c.snapshot_id == meta.snapshot_id) {
+            drop(file);
+            let read =
+                Crc32::of_file(&path).map_err(io_error(format!("reading {}", path.display())))?;
+            if read.len != check.len {
+                return Err(corrupt(format!(
+                    "it is {} bytes long, {} were written{}",
+                    read.len,
+                    check.len,
+                    if read.len < check.len {
+                        " (truncated)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            if read.value() != check.crc32 {
+                return Err(corrupt(
+                    "its bytes are not those written (their checksum differs)".into(),
+                ));
+            }
+            return Ok(());
+        }
+        // Written before checksums were kept: it must at least parse.
         let record: SmRecord<serde::de::IgnoredAny> = serde_json::from_reader(BufReader::new(file))
             .map_err(|e| {
                 if e.is_io() {
@@ -172,26 +310,36 @@ pub(crate) fn file_name(meta: &SnapshotMeta) -> String {
 
 impl Files {
     /// Writes `path` through `<path>.tmp`: write, fsync, rename, fsync dir.
+    /// Answers the CRC-32 of what was written.
     fn write_file(
         &self,
         path: &Path,
-        write: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>,
-    ) -> Result<(), StoreError> {
+        write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<Crc32, StoreError> {
         let tmp = path.with_extension("tmp");
         let fail = io_error(format!("writing {}", tmp.display()));
         let result = File::create(&tmp).and_then(|file| {
-            let mut w = BufWriter::new(&file);
+            let mut w = Hashing {
+                inner: BufWriter::new(&file),
+                crc: Crc32::default(),
+            };
             write(&mut w)?;
             w.flush()?;
+            let crc = w.crc;
             drop(w);
             file.sync_all()?;
-            fs::rename(&tmp, path)
+            fs::rename(&tmp, path)?;
+            Ok(crc)
         });
-        if let Err(e) = result {
-            let _ = fs::remove_file(&tmp);
-            return Err(fail(e));
-        }
-        sync_dir(&self.dir)
+        let crc = match result {
+            Ok(crc) => crc,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(fail(e));
+            }
+        };
+        sync_dir(&self.dir)?;
+        Ok(crc)
     }
 
     /// Removes every file but the one of `keep` and, with
@@ -231,7 +379,7 @@ impl Files {
         let path = self.path(meta);
         // Written before the transaction: holding redb's write lock while
         // serialising would hold up every apply meanwhile.
-        self.write_file(&path, |w| {
+        let written = self.write_file(&path, |w| {
             serde_json::to_writer(w, &record).map_err(io::Error::from)
         })?;
         let file = File::open(&path).map_err(io_error(format!("opening {}", path.display())))?;
@@ -244,7 +392,7 @@ impl Files {
             let _ = fs::remove_file(&path);
             return Ok(file);
         }
-        write_meta(&txn, meta)?;
+        write_meta(&txn, meta, written)?;
         txn.commit()?;
         self.clean(Some(meta), true)?;
         Ok(file)
@@ -291,10 +439,16 @@ impl Files {
         let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
         let path = self.path(meta);
         let tmp = path.with_extension("tmp");
+        let mut written = Crc32::default();
         let copied = (|| {
             data.seek(SeekFrom::Start(0))?;
-            let mut out = File::create(&tmp)?;
-            io::copy(&mut data, &mut out)?;
+            let out = File::create(&tmp)?;
+            let mut hashing = Hashing {
+                inner: &out,
+                crc: Crc32::default(),
+            };
+            io::copy(&mut data, &mut hashing)?;
+            written = hashing.crc;
             out.sync_all()?;
             File::open(&tmp)
         })();
@@ -324,7 +478,7 @@ impl Files {
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate);
         rows::write_all(&txn, &record.state, record.last_applied, &record.membership)?;
-        write_meta(&txn, meta)?;
+        write_meta(&txn, meta, written)?;
         txn.commit()?;
         self.clean(Some(meta), false)?;
         Ok(record)

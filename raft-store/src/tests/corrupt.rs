@@ -182,6 +182,22 @@ async fn a_damaged_state_machine_is_rebuilt_from_the_snapshot_and_the_log() {
 }
 
 #[tokio::test]
+async fn a_missing_state_machine_above_a_purged_log_is_rebuilt_from_the_snapshot() {
+    let dir = TempDir::new();
+    let before = written(dir.path(), 40, 20).await;
+    let mut log = LogStore::open(dir.path()).unwrap();
+    log.purge(log_id(1, 1, 10)).await.unwrap();
+    let purged = log.last_purged().unwrap();
+    std::fs::remove_file(dir.path().join(state_machine::FILE)).unwrap();
+    let (mut sm, rebuilt) = StateMachineStore::open_rebuilding(dir.path(), None, purged).unwrap();
+    let rebuilt = rebuilt.expect("rebuilt");
+    assert_eq!(rebuilt.from, RebuiltFrom::Snapshot(Some(log_id(1, 1, 20))));
+    assert!(rebuilt.moved_aside.is_empty());
+    reapply(&mut log, &mut sm, 40).await;
+    assert_eq!(names(&sm), before);
+}
+
+#[tokio::test]
 async fn without_a_snapshot_an_unpurged_log_is_replayed_whole() {
     let dir = TempDir::new();
     let before = written(dir.path(), 30, 0).await;
@@ -233,7 +249,12 @@ async fn a_damaged_snapshot_file_is_dropped_and_the_state_machine_kept() {
         ("half", |p| truncate(p, |l| l / 2)),
         ("empty", |p| truncate(p, |_| 0)),
     ];
-    for (case, damage) in cases {
+    let parses: Damage = ("a name changed, still JSON", |p| {
+        let text = std::fs::read_to_string(p).unwrap();
+        assert!(text.contains("grp-0010"));
+        std::fs::write(p, text.replace("grp-0010", "grp-9999")).unwrap();
+    });
+    for (case, damage) in cases.into_iter().chain([parses]) {
         let dir = TempDir::new();
         let before = written(dir.path(), 40, 20).await;
         let snapshot = std::fs::read_dir(dir.path().join("snapshots"))
