@@ -95,45 +95,21 @@ struct Check {
     crc32: u32,
 }
 
-/// CRC-32 (IEEE) and length of bytes written or read.
-#[derive(Clone, Copy, Debug, Default)]
+/// CRC-32 (IEEE, `crc32fast`) and length of bytes written or read.
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Crc32 {
-    state: u32,
+    hasher: crc32fast::Hasher,
     len: u64,
 }
 
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 == 1 {
-                0xedb8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
-
 impl Crc32 {
     pub(crate) fn update(&mut self, bytes: &[u8]) {
-        let mut c = !self.state;
-        for &b in bytes {
-            c = CRC_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
-        }
-        self.state = !c;
+        self.hasher.update(bytes);
         self.len += bytes.len() as u64;
     }
 
-    pub(crate) fn value(self) -> u32 {
-        self.state
+    pub(crate) fn value(&self) -> u32 {
+        self.hasher.clone().finalize()
     }
 
     /// Of the whole of `path`.
@@ -325,7 +301,7 @@ impl Files {
             };
             write(&mut w)?;
             w.flush()?;
-            let crc = w.crc;
+            let crc = std::mem::take(&mut w.crc);
             drop(w);
             file.sync_all()?;
             fs::rename(&tmp, path)?;
