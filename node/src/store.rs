@@ -746,7 +746,25 @@ impl RaftHandler for RaftRpc {
                 };
             }
             match rpc {
-                Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
+                Rpc::AppendEntries(r) => {
+                    // Each append as this member saw it (debug; how a
+                    // catch-up after a heal or restart went shows here).
+                    let began = std::time::Instant::now();
+                    let (vote, prev, entries, commit) =
+                        (r.vote, r.prev_log_id, r.entries.len(), r.leader_commit);
+                    let reply = raft.append_entries(r).await;
+                    debug!(
+                        from,
+                        %vote,
+                        ?prev,
+                        entries,
+                        ?commit,
+                        ?reply,
+                        took_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        "append handled"
+                    );
+                    RpcReply::AppendEntries(reply)
+                }
                 Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
                 Rpc::PreVote(r) => RpcReply::PreVote(
                     crate::election::answer_pre_vote(

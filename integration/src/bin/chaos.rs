@@ -49,6 +49,11 @@ struct Args {
     /// that a batch made in pieces can be totalled with `--merge`.
     #[arg(long)]
     save: Option<std::path::PathBuf>,
+    /// Writes every run's node logs to this directory
+    /// (`edgelb-chaos-seed-S.log`), not only a failed run's to the temp
+    /// dir.
+    #[arg(long)]
+    logs: Option<std::path::PathBuf>,
     /// Runs nothing: prints each run saved in these files (`--save`) and
     /// their total, judged by the limits.
     #[arg(long, num_args = 1.., conflicts_with = "save")]
@@ -105,7 +110,10 @@ async fn main() -> ExitCode {
         }
         if !why.is_empty() {
             failed = true;
-            let path = std::env::temp_dir().join(format!("edgelb-chaos-seed-{}.log", o.seed));
+        }
+        if !why.is_empty() || args.logs.is_some() {
+            let dir = args.logs.clone().unwrap_or_else(std::env::temp_dir);
+            let path = dir.join(format!("edgelb-chaos-seed-{}.log", o.seed));
             match std::fs::write(&path, &r.logs) {
                 Ok(()) => println!("  nodes' logs: {}", path.display()),
                 Err(e) => println!("  nodes' logs not written to {}: {e}", path.display()),

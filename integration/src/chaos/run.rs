@@ -409,6 +409,13 @@ impl Ctx<'_> {
 
         // Heal.
         let healed = Instant::now();
+        if self.o.verbose {
+            println!(
+                "  [{:>6.1}s, {} UTC] heal/restart: cut {cut:?}, leader was {leader}",
+                self.rec.now().as_secs_f64(),
+                utc_time_of_day()
+            );
+        }
         self.relay.heal_all();
         if matches!(step.fault, Fault::Wan) && !self.o.wan {
             self.relay.set_all(Link::default());

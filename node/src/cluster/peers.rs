@@ -331,11 +331,11 @@ impl PeerSlot {
 
     /// Starts a handshake attempt to `addr`; returns its number.
     fn start(self: &Arc<Self>, shared: &Arc<Shared>, addr: &str) -> u64 {
-        let (attempt, timeout) = {
+        let (attempt, timeout, rtt) = {
             let mut inner = self.inner();
             inner.attempts += 1;
             inner.started = Some(tokio::time::Instant::now());
-            (inner.attempts, attempt_timeout(inner.rtt))
+            (inner.attempts, attempt_timeout(inner.rtt), inner.rtt)
         };
         let mut previous = Conn::None;
         self.state.send_modify(|l| {
@@ -354,7 +354,7 @@ impl PeerSlot {
         let shared = Arc::clone(shared);
         let addr = addr.to_owned();
         tokio::spawn(async move {
-            let outcome = connect(&shared, slot.target, &addr, timeout).await;
+            let outcome = connect(&shared, slot.target, &addr, (timeout, rtt)).await;
             slot.finish(attempt, addr, outcome, &shared);
         });
         attempt
@@ -581,37 +581,138 @@ impl PeerSlot {
     }
 }
 
-/// One QUIC handshake to `target` at `addr`. The peer must answer within
-/// `first`; once it has (its handshake flight arrived), the rest may take
-/// up to [`ATTEMPT_MAX`]: a handshake that is under way when a partition
-/// heals is finished rather than abandoned at the attempt's deadline.
+/// How long a handshake attempt waits for the peer's first answer before
+/// it sends a fresh first packet on a new connection beside the pending
+/// one: a bit over the last measured round trip (so that on a working
+/// link no second handshake is begun), at least [`STAGGER_MIN`]. A first
+/// packet sent into a cut is resent by QUIC after a backed-off timer
+/// (0.15 s, then 0.45 s, 1.05 s after the start); a fresh one leaves at
+/// once, so a link that heals during an attempt is tried again within
+/// about this long instead of within the next resend or attempt.
+fn stagger(rtt: Option<Duration>) -> Duration {
+    rtt.map_or(STAGGER_MIN, |r| (r * 5 / 4).max(STAGGER_MIN))
+}
+
+const STAGGER_MIN: Duration = Duration::from_millis(200);
+
+#[cfg(test)]
+mod stagger_tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_handshake_is_begun_a_bit_over_a_round_trip_after_the_last() {
+        let ms = Duration::from_millis;
+        assert_eq!(stagger(None), ms(200));
+        assert_eq!(stagger(Some(ms(20))), ms(200));
+        // On a working 300 ms link the first handshake is answered before
+        // a second begins.
+        assert_eq!(stagger(Some(ms(300))), ms(375));
+        assert!(stagger(Some(ms(300))) < attempt_timeout(Some(ms(300))));
+    }
+}
+
+/// One QUIC handshake attempt to `target` at `addr`. The peer must answer
+/// within `first`; while it has not, a fresh handshake is begun every
+/// [`stagger`] beside the pending ones, and the first to be answered is
+/// kept (the others are dropped, which the peer sees as a handshake
+/// aborted). Once the peer has answered (its handshake flight arrived),
+/// the rest may take up to [`ATTEMPT_MAX`]: a handshake that is under way
+/// when a partition heals is finished rather than abandoned at the
+/// attempt's deadline.
 async fn connect(
     shared: &Shared,
     target: NodeId,
     addr: &str,
-    first: Duration,
+    (first, rtt): (Duration, Option<Duration>),
 ) -> Result<Connection, String> {
     let began = tokio::time::Instant::now();
     let sock = super::transport::resolve(shared, addr)
         .await
         .map_err(|e| e.to_string())?;
-    let mut connecting = shared
-        .endpoint
-        .connect_with(
-            (**shared.client.load()).clone(),
-            sock,
-            &super::pki::node_dns_name(target),
-        )
-        .map_err(|e| e.to_string())?;
-    let no_answer = || format!("no handshake within {first:?}");
-    tokio::time::timeout_at(began + first, connecting.handshake_data())
-        .await
-        .map_err(|_| no_answer())?
-        .map_err(|e| super::tls::handshake_error(&e))?;
-    let conn = tokio::time::timeout_at(began + ATTEMPT_MAX, connecting)
+    let every = stagger(rtt);
+    let mut pending = tokio::task::JoinSet::new();
+    let mut next = began;
+    let answered = loop {
+        if tokio::time::Instant::now() >= next {
+            let mut connecting = shared
+                .endpoint
+                .connect_with(
+                    (**shared.client.load()).clone(),
+                    sock,
+                    &super::pki::node_dns_name(target),
+                )
+                .map_err(|e| e.to_string())?;
+            pending.spawn(async move {
+                connecting
+                    .handshake_data()
+                    .await
+                    .map_err(|e| super::tls::handshake_error(&e))?;
+                Ok::<_, String>(connecting)
+            });
+            next += every;
+        }
+        let until = next.min(began + first);
+        tokio::select! {
+            done = pending.join_next() => match done {
+                Some(Ok(Ok(connecting))) => break connecting,
+                Some(Ok(Err(e))) => return Err(e),
+                Some(Err(e)) => return Err(format!("handshake task: {e}")),
+                None => {}
+            },
+            () = tokio::time::sleep_until(until) => {
+                if until >= began + first {
+                    return Err(format!("no handshake within {first:?}"));
+                }
+            }
+        }
+    };
+    // The handshakes not answered yet are dropped (their tasks aborted).
+    drop(pending);
+    let conn = tokio::time::timeout_at(began + ATTEMPT_MAX, answered)
         .await
         .map_err(|_| format!("handshake unfinished within {ATTEMPT_MAX:?}"))?
         .map_err(|e| super::tls::handshake_error(&e))?;
     debug!(target, addr, "connected");
+    probe_after_handshake(&conn);
     Ok(conn)
+}
+
+/// When probes follow a finished handshake, in round trips after it.
+const PROBES: [f64; 4] = [0.1, 0.3, 0.6, 1.0];
+
+/// Sends a few one-byte datagrams over the first round trip of `conn`, a
+/// connection this node just made, so that calls sent at once on it are
+/// not held up if the peer dropped them.
+///
+/// The dialler may send as soon as its handshake is done, but the peer
+/// reads nothing of it until the dialler's last handshake packet has
+/// reached it, and quinn drops (does not buffer) what arrives before it.
+/// On a link that reorders datagrams the first calls' packets can
+/// overtake that handshake packet and be dropped. QUIC resends lost data
+/// when a later packet is acknowledged, or else after its probe timeout,
+/// which after a first round trip R is about 3 R (0.9 s on a 300 ms link):
+/// seen as the first appends to a restarted or reconnected follower
+/// arriving 0.4–0.7 s after the connection was up. A datagram is a packet
+/// the peer acknowledges and does nothing else with (no Raft or gossip
+/// side reads datagrams on a Raft connection; they are dropped once its
+/// small buffer is full), so its acknowledgement lets QUIC find the
+/// dropped packets lost and resend them a round trip and a bit after they
+/// were sent. Several are sent, the first soon after the handshake, so
+/// that one reaches the peer just after that last handshake packet
+/// whatever the reordering. Harmless where nothing was dropped: four
+/// small packets per connection made.
+fn probe_after_handshake(conn: &Connection) {
+    let conn = conn.clone();
+    // The handle is held for at most a round trip (of at most the
+    // handshake's own bound), and nothing is sent on a closed connection.
+    let rtt = conn.rtt().min(ATTEMPT_MAX);
+    let start = tokio::time::Instant::now();
+    tokio::spawn(async move {
+        for at in PROBES {
+            tokio::time::sleep_until(start + rtt.mul_f64(at)).await;
+            if !is_open(&conn) || conn.send_datagram(bytes::Bytes::from_static(&[0])).is_err() {
+                return;
+            }
+        }
+    });
 }
