@@ -95,6 +95,13 @@ fn is_open(conn: &Connection) -> bool {
     conn.close_reason().is_none()
 }
 
+/// Whether the peer has finished the handshake of `conn`, a connection
+/// this node opened: it sends HANDSHAKE_DONE once it has our last
+/// handshake packet, and reads what we send from then on.
+fn confirmed(conn: &Connection) -> bool {
+    conn.stats().frame_rx.handshake_done > 0
+}
+
 /// The state of this node's own connection to one peer.
 #[derive(Clone, Debug, Default)]
 enum Conn {
@@ -149,6 +156,14 @@ impl Links {
         };
         let inbound = self.inbound.as_ref().filter(|c| is_open(c));
         match (own, inbound) {
+            // Until the peer has finished its side of our handshake, what
+            // we send may be dropped (`probe_after_handshake`); the peer's
+            // own connection, finished on both sides, carries the calls
+            // meanwhile. Nothing is retired: ours is the one both keep.
+            (Some(o), Some(i)) if own_canonical && !confirmed(o) => Some(Pick {
+                conn: i.clone(),
+                retire: None,
+            }),
             (Some(o), Some(_)) if own_canonical => Some(Pick {
                 conn: o.clone(),
                 retire: None,
@@ -367,26 +382,48 @@ impl PeerSlot {
         outcome: Result<Connection, String>,
         shared: &Arc<Shared>,
     ) {
-        // Only the newest attempt may publish its outcome.
-        let current = matches!(&self.state.borrow().own, Conn::Connecting { attempt: n, .. } if *n == attempt);
+        // The newest attempt publishes its failure; a success is taken
+        // from any attempt to the same address while none is up (an
+        // attempt replaced by a fresh one, `hurry`, may still finish first).
         match outcome {
-            Ok(conn) if current => {
+            Ok(conn) => {
+                let since = tokio::time::Instant::now();
+                let taken = self.state.send_if_modified(|l| match &l.own {
+                    Conn::Connecting { addr: a, .. } if *a == addr => {
+                        l.own = Conn::Up {
+                            addr: addr.clone(),
+                            conn: conn.clone(),
+                            since,
+                        };
+                        true
+                    }
+                    _ => false,
+                });
+                if !taken {
+                    conn.close(codes::SHUTDOWN, b"superseded");
+                    return;
+                }
                 bump(&shared.stats.connects);
                 self.inner().rtt = Some(conn.rtt());
                 self.reachable(&addr);
                 // The peer may call on it too.
-                super::server::serve_own(Arc::clone(shared), conn.clone(), self.target);
-                let since = tokio::time::Instant::now();
-                self.state
-                    .send_modify(|l| l.own = Conn::Up { addr, conn, since });
+                super::server::serve_own(Arc::clone(shared), conn, self.target);
             }
-            Ok(conn) => conn.close(codes::SHUTDOWN, b"superseded"),
-            Err(reason) if current => {
-                self.unreachable(&reason);
-                self.state
-                    .send_modify(|l| l.own = Conn::Failed { attempt, reason });
+            Err(reason) => {
+                let failed = self.state.send_if_modified(|l| match &l.own {
+                    Conn::Connecting { attempt: n, .. } if *n == attempt => {
+                        l.own = Conn::Failed {
+                            attempt,
+                            reason: reason.clone(),
+                        };
+                        true
+                    }
+                    _ => false,
+                });
+                if failed {
+                    self.unreachable(&reason);
+                }
             }
-            Err(_) => {}
         }
     }
 
@@ -630,10 +667,12 @@ async fn connect(
         .await
         .map_err(|e| e.to_string())?;
     let every = stagger(rtt);
+    // No handshake begins after `first`; the last one begun gets `every`.
+    let (last_start, give_up) = (began + first, began + first + every);
     let mut pending = tokio::task::JoinSet::new();
     let mut next = began;
     let answered = loop {
-        if tokio::time::Instant::now() >= next {
+        if tokio::time::Instant::now() >= next && next < last_start {
             let mut connecting = shared
                 .endpoint
                 .connect_with(
@@ -651,7 +690,7 @@ async fn connect(
             });
             next += every;
         }
-        let until = next.min(began + first);
+        let until = if next < last_start { next } else { give_up };
         tokio::select! {
             done = pending.join_next() => match done {
                 Some(Ok(Ok(connecting))) => break connecting,
@@ -660,15 +699,15 @@ async fn connect(
                 None => {}
             },
             () = tokio::time::sleep_until(until) => {
-                if until >= began + first {
-                    return Err(format!("no handshake within {first:?}"));
+                if until >= give_up {
+                    return Err(format!("no handshake within {:?}", give_up - began));
                 }
             }
         }
     };
     // The handshakes not answered yet are dropped (their tasks aborted).
     drop(pending);
-    let conn = tokio::time::timeout_at(began + ATTEMPT_MAX, answered)
+    let conn = tokio::time::timeout(ATTEMPT_MAX, answered)
         .await
         .map_err(|_| format!("handshake unfinished within {ATTEMPT_MAX:?}"))?
         .map_err(|e| super::tls::handshake_error(&e))?;
