@@ -59,8 +59,9 @@ use super::transport::{Shared, TransportError, bump, codes};
 const ATTEMPT_MIN: Duration = Duration::from_millis(500);
 const ATTEMPT_MAX: Duration = Duration::from_secs(3);
 
-/// A handshake attempt this old is replaced when the peer reaches this node
-/// (see [`PeerSlot::hurry`]); a younger one's first packets are still fresh.
+/// A handshake begun this long ago gets a fresh one beside it when the
+/// peer reaches this node (see [`PeerSlot::hurry`]); a younger one's first
+/// packets are still fresh.
 const HURRY_AFTER: Duration = Duration::from_millis(100);
 
 /// How long a retired connection stays open for the calls in flight on it:
@@ -129,6 +130,11 @@ enum Conn {
 struct Links {
     own: Conn,
     inbound: Option<Connection>,
+    /// The inbound connection `inbound` replaced, used while it is open
+    /// and `inbound` is not: of two handshakes of the peer's that both
+    /// finished (one begun beside the other, see `connect`), the peer
+    /// keeps one and closes the other, whichever reached this node last.
+    earlier: Option<Connection>,
     /// Whether the peer announced on `inbound` that it serves calls there
     /// (`false`: taken on trust, as the peer announced on an earlier one).
     confirmed: bool,
@@ -154,7 +160,11 @@ impl Links {
             }
             _ => None,
         };
-        let inbound = self.inbound.as_ref().filter(|c| is_open(c));
+        let inbound = self
+            .inbound
+            .as_ref()
+            .filter(|c| is_open(c))
+            .or_else(|| self.earlier.as_ref().filter(|c| is_open(c)));
         match (own, inbound) {
             // Until the peer has finished its side of our handshake, what
             // we send may be dropped (`probe_after_handshake`); the peer's
@@ -188,6 +198,9 @@ pub(crate) struct PeerSlot {
     target: NodeId,
     state: watch::Sender<Links>,
     inner: Mutex<SlotInner>,
+    /// Wakes the handshake attempt under way to begin a fresh handshake
+    /// now ([`PeerSlot::hurry`]).
+    hurried: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -217,6 +230,7 @@ impl PeerSlot {
             target,
             state: watch::Sender::new(Links::default()),
             inner: Mutex::new(SlotInner::default()),
+            hurried: tokio::sync::Notify::new(),
         }
     }
 
@@ -369,7 +383,7 @@ impl PeerSlot {
         let shared = Arc::clone(shared);
         let addr = addr.to_owned();
         tokio::spawn(async move {
-            let outcome = connect(&shared, slot.target, &addr, (timeout, rtt)).await;
+            let outcome = connect(&shared, &slot, &addr, (timeout, rtt)).await;
             slot.finish(attempt, addr, outcome, &shared);
         });
         attempt
@@ -441,6 +455,10 @@ impl PeerSlot {
             }
             if l.inbound.as_ref().is_some_and(|c| c.stable_id() == id) {
                 l.inbound = None;
+                hit = true;
+            }
+            if l.earlier.as_ref().is_some_and(|c| c.stable_id() == id) {
+                l.earlier = None;
                 hit = true;
             }
             hit
@@ -524,6 +542,9 @@ impl PeerSlot {
         );
         self.state.send_modify(|l| {
             let again = l.inbound.as_ref().is_some_and(|c| c.stable_id() == id);
+            if !again {
+                l.earlier = l.inbound.take().filter(is_open);
+            }
             l.confirmed = confirmed || (again && l.confirmed);
             l.inbound = Some(conn.clone());
         });
@@ -553,30 +574,26 @@ impl PeerSlot {
         }
     }
 
-    /// Replaces a handshake attempt that has been under way for a while
-    /// with a fresh one (the peer just reached this node, so the link
-    /// works; the old attempt may be waiting out a backed-off resend).
-    pub(crate) fn hurry(self: &Arc<Self>, shared: &Arc<Shared>) {
-        let addr = {
+    /// Has the handshake attempt under way begin a fresh handshake beside
+    /// its pending ones (the peer just reached this node, so the link
+    /// works; the pending ones may be waiting out a backed-off resend).
+    pub(crate) fn hurry(&self) {
+        {
             let links = self.state.borrow();
             match &links.own {
                 // The peer's Raft connection serves already.
                 _ if links.pick(None, self.own_canonical()).is_some() => return,
-                Conn::Connecting { addr, .. } => addr.clone(),
+                Conn::Connecting { .. } => {}
                 _ => return,
             }
-        };
-        let stale = self
-            .inner()
-            .started
-            .is_some_and(|t| t.elapsed() >= HURRY_AFTER);
-        if stale {
-            debug!(
-                target = self.target,
-                "peer reached us while our handshake was pending: starting afresh"
-            );
-            self.start(shared, &addr);
         }
+        debug!(
+            target = self.target,
+            "peer reached us while our handshake was pending: a fresh one begins"
+        );
+        // The attempt begins one beside its pending ones (`connect`),
+        // unless it began one within HURRY_AFTER.
+        self.hurried.notify_one();
     }
 
     /// Records that a call to the peer failed as unreachable, logging the
@@ -658,10 +675,11 @@ mod stagger_tests {
 /// attempt's deadline.
 async fn connect(
     shared: &Shared,
-    target: NodeId,
+    slot: &PeerSlot,
     addr: &str,
     (first, rtt): (Duration, Option<Duration>),
 ) -> Result<Connection, String> {
+    let target = slot.target;
     let began = tokio::time::Instant::now();
     let sock = super::transport::resolve(shared, addr)
         .await
@@ -671,8 +689,10 @@ async fn connect(
     let (last_start, give_up) = (began + first, began + first + every);
     let mut pending = tokio::task::JoinSet::new();
     let mut next = began;
+    let mut latest = began;
     let answered = loop {
         if tokio::time::Instant::now() >= next && next < last_start {
+            latest = tokio::time::Instant::now();
             let mut connecting = shared
                 .endpoint
                 .connect_with(
@@ -701,6 +721,14 @@ async fn connect(
             () = tokio::time::sleep_until(until) => {
                 if until >= give_up {
                     return Err(format!("no handshake within {:?}", give_up - began));
+                }
+            }
+            // The peer just reached this node: the link works, and our
+            // pending first packets may be waiting out a backed-off resend.
+            () = slot.hurried.notified() => {
+                let now = tokio::time::Instant::now();
+                if now >= latest + HURRY_AFTER && now < last_start {
+                    next = now;
                 }
             }
         }

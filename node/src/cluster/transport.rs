@@ -235,13 +235,13 @@ impl Shared {
 
     /// `id` reached this node on a gossip connection: if this node's
     /// handshake to `id` is still under way (the link was cut and has
-    /// healed, and the attempt's resends have backed off), a fresh attempt
-    /// starts now. An open connection is kept: calls in flight on it may
+    /// healed, and the attempt's resends have backed off), a fresh
+    /// handshake begins now. An open connection is kept: calls in flight on it may
     /// be about to be answered, and one to a previous process of `id` is
     /// closed by that peer's stateless reset (`tls::reset_key`).
     pub(crate) fn peer_connected(self: &Arc<Self>, id: NodeId) {
         if let Some(slot) = self.existing_slot(id) {
-            slot.hurry(self);
+            slot.hurry();
         }
     }
 
