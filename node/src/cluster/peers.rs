@@ -649,22 +649,6 @@ fn stagger(rtt: Option<Duration>) -> Duration {
 
 const STAGGER_MIN: Duration = Duration::from_millis(200);
 
-#[cfg(test)]
-mod stagger_tests {
-    use super::*;
-
-    #[test]
-    fn a_fresh_handshake_is_begun_a_bit_over_a_round_trip_after_the_last() {
-        let ms = Duration::from_millis;
-        assert_eq!(stagger(None), ms(200));
-        assert_eq!(stagger(Some(ms(20))), ms(200));
-        // On a working 300 ms link the first handshake is answered before
-        // a second begins.
-        assert_eq!(stagger(Some(ms(300))), ms(375));
-        assert!(stagger(Some(ms(300))) < attempt_timeout(Some(ms(300))));
-    }
-}
-
 /// One QUIC handshake attempt to `target` at `addr`. The peer must answer
 /// within `first`; while it has not, a fresh handshake is begun every
 /// [`stagger`] beside the pending ones, and the first to be answered is
@@ -782,4 +766,20 @@ fn probe_after_handshake(conn: &Connection) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod stagger_tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_handshake_is_begun_a_bit_over_a_round_trip_after_the_last() {
+        let ms = Duration::from_millis;
+        assert_eq!(stagger(None), ms(200));
+        assert_eq!(stagger(Some(ms(20))), ms(200));
+        // On a working 300 ms link the first handshake is answered before
+        // a second begins.
+        assert_eq!(stagger(Some(ms(300))), ms(375));
+        assert!(stagger(Some(ms(300))) < attempt_timeout(Some(ms(300))));
+    }
 }
