@@ -180,20 +180,22 @@ async fn handle(
     _permit: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
-    let Some(route) = dp.routes.load().port(conn.port).cloned() else {
-        return;
+    // One read of the table: the port's route, and a plain TCP port's
+    // target (a TLS port's is resolved once the handshake names the host).
+    let (route, tcp_target) = {
+        let table = dp.routes.load();
+        let Some(route) = table.port(conn.port) else {
+            return;
+        };
+        let plain_tcp = !route.tls && !route.http;
+        let target = plain_tcp.then(|| table.target(route, None)).flatten();
+        (route.clone(), target)
     };
     if !route.tls {
         if route.http {
             crate::http::serve_connection(stream, conn, dp, shutdown).await;
-        } else {
-            let target = {
-                let table = dp.routes.load();
-                table.port(conn.port).and_then(|p| table.target(p, None))
-            };
-            if let Some(target) = target {
-                crate::tcp::proxy(stream, conn, target, dp).await;
-            }
+        } else if let Some(target) = tcp_target {
+            crate::tcp::proxy(stream, conn, target, dp).await;
         }
         return;
     }

@@ -86,7 +86,7 @@ struct Published {
 /// request is routed ([`RoutingTable::target`]). So attaching or detaching
 /// an instance, which gives the group a new runtime, replaces one entry of
 /// the group map and leaves the port's maps (host names, members) alone.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Route {
     pub group: Uuid,
     /// The instances' port for this published port; for a redirect port, the
