@@ -319,3 +319,73 @@ mod tests {
         assert!(plans.len() > 50, "seeds draw varied plans");
     }
 }
+
+/// Damage to a file at rest, for tests of corrupted data dirs: garbage
+/// over its bytes (never plain ASCII, so no text line survives it) and
+/// truncation, each synced to disk.
+pub mod damage {
+    use std::collections::BTreeSet;
+    use std::fs::OpenOptions;
+    use std::io::{self, Read, Seek, SeekFrom, Write};
+    use std::path::Path;
+
+    /// Overwrites `len` bytes of `path` at `at` with garbage.
+    pub fn garble(path: &Path, at: u64, len: u64) -> io::Result<()> {
+        let mut f = OpenOptions::new().read(true).write(true).open(path)?;
+        // xorshift, seeded by the offset: the same damage on every run.
+        let mut x: u32 = 0x2545_f491 ^ (at as u32);
+        let garbage: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x.to_le_bytes()[0] | 0x80
+            })
+            .collect();
+        f.seek(SeekFrom::Start(at))?;
+        f.write_all(&garbage)?;
+        f.sync_all()
+    }
+
+    /// Garbage over every 4 KiB page of `path` that holds `needle` (a
+    /// row's bytes): a damaged disk block where the reader goes. An error
+    /// when `needle` is not in the file.
+    pub fn garble_pages(path: &Path, needle: &str) -> io::Result<()> {
+        let mut bytes = Vec::new();
+        OpenOptions::new()
+            .read(true)
+            .open(path)?
+            .read_to_end(&mut bytes)?;
+        let pages: BTreeSet<usize> = bytes
+            .windows(needle.len())
+            .enumerate()
+            .filter(|(_, w)| *w == needle.as_bytes())
+            .map(|(at, _)| at / 4096)
+            .collect();
+        if pages.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{needle:?} is not in {}", path.display()),
+            ));
+        }
+        for page in pages {
+            garble(path, (page * 4096) as u64, 4096)?;
+        }
+        Ok(())
+    }
+
+    /// Garbage over `len` bytes in the middle of `path` (at most half of it).
+    pub fn garble_middle(path: &Path, len: u64) -> io::Result<()> {
+        let size = std::fs::metadata(path)?.len();
+        let len = len.min(size / 2).max(1);
+        garble(path, (size - len) / 2, len)
+    }
+
+    /// Cuts `path` to `to(its length)` bytes.
+    pub fn truncate(path: &Path, to: impl FnOnce(u64) -> u64) -> io::Result<()> {
+        let f = OpenOptions::new().write(true).open(path)?;
+        let len = f.metadata()?.len();
+        f.set_len(to(len))?;
+        f.sync_all()
+    }
+}

@@ -5,13 +5,13 @@
 //! cases.
 
 use std::collections::BTreeSet;
-use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use integration::cluster::Cluster;
 use integration::{AdminClient, poll};
+use raft_store::faults::damage::{garble_middle, garble_pages, truncate};
 use tokio::task::JoinSet;
 
 use crate::harness::group;
@@ -109,58 +109,6 @@ fn without_token(args: &mut Vec<String>) {
     if let Some(at) = args.iter().position(|a| a == "--token") {
         args.drain(at..at + 2);
     }
-}
-
-/// Garbage over every 4 KiB page of `path` that holds `needle` (a row's
-/// bytes): a damaged disk block where the node reads.
-fn garble_pages(path: &Path, needle: &str) -> anyhow::Result<()> {
-    let bytes = std::fs::read(path)?;
-    let pages: BTreeSet<usize> = bytes
-        .windows(needle.len())
-        .enumerate()
-        .filter(|(_, w)| *w == needle.as_bytes())
-        .map(|(at, _)| at / 4096)
-        .collect();
-    ensure!(!pages.is_empty(), "{needle:?} is not in {}", path.display());
-    for page in pages {
-        overwrite(path, (page * 4096) as u64, 4096)?;
-    }
-    Ok(())
-}
-
-/// Garbage over `len` bytes in the middle of `path` (at most half of it).
-fn garble_middle(path: &Path, len: u64) -> anyhow::Result<()> {
-    let size = std::fs::metadata(path)?.len();
-    let len = len.min(size / 2).max(1);
-    overwrite(path, (size - len) / 2, len)
-}
-
-fn overwrite(path: &Path, at: u64, len: u64) -> anyhow::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)?;
-    let mut x: u32 = 0x2545_f491 ^ (at as u32);
-    let garbage: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            // Never plain ASCII: a token or a PEM line cannot survive it.
-            x.to_le_bytes()[0] | 0x80
-        })
-        .collect();
-    f.seek(SeekFrom::Start(at))?;
-    f.write_all(&garbage)?;
-    f.sync_all()?;
-    Ok(())
-}
-
-fn truncate(path: &Path, to: impl FnOnce(u64) -> u64) -> anyhow::Result<()> {
-    let f = std::fs::OpenOptions::new().write(true).open(path)?;
-    let len = f.metadata()?.len();
-    f.set_len(to(len))?;
-    Ok(())
 }
 
 fn snapshot_file(data: &Path) -> anyhow::Result<PathBuf> {

@@ -4,7 +4,6 @@
 //! ([`StateMachineStore::open_rebuilding`]).
 
 use std::collections::BTreeSet;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use openraft::RaftLogReader;
@@ -14,6 +13,7 @@ use uuid::Uuid;
 
 use super::{TempDir, blank, build, group, membership, normal, open};
 use crate::command::Command;
+use crate::faults::damage;
 use crate::model::ServiceGroup;
 use crate::types::Entry;
 use crate::{LogStore, RebuiltFrom, StateMachineStore, StoreError, log_store, state_machine};
@@ -64,43 +64,12 @@ async fn reapply(log: &mut LogStore, sm: &mut StateMachineStore, committed: u64)
     sm.apply(entries).await.unwrap();
 }
 
-/// Overwrites every 4 KiB page of `path` holding `needle` with garbage:
-/// a damaged disk block, on a page that is read.
 fn garble(path: &Path, needle: &str) {
-    let mut bytes = Vec::new();
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    f.read_to_end(&mut bytes).unwrap();
-    let pages: BTreeSet<usize> = bytes
-        .windows(needle.len())
-        .enumerate()
-        .filter(|(_, w)| *w == needle.as_bytes())
-        .map(|(at, _)| at / 4096)
-        .collect();
-    assert!(!pages.is_empty(), "{needle:?} is not in {}", path.display());
-    let mut x: u32 = 0x9e37_79b9;
-    let garbage: Vec<u8> = (0..4096)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x.to_le_bytes()[0]
-        })
-        .collect();
-    for page in pages {
-        f.seek(SeekFrom::Start((page * 4096) as u64)).unwrap();
-        f.write_all(&garbage).unwrap();
-    }
-    f.sync_all().unwrap();
+    damage::garble_pages(path, needle).unwrap();
 }
 
 fn truncate(path: &Path, to: impl FnOnce(u64) -> u64) {
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    let len = f.metadata().unwrap().len();
-    f.set_len(to(len)).unwrap();
+    damage::truncate(path, to).unwrap();
 }
 
 /// A named way to damage a file.
