@@ -226,38 +226,31 @@ fn stored_identity(
         }
         Err(e) => Err(BootstrapError::Io(format!("{}: {e}", p.display()))),
     };
-    let (ca_cert_pem, cert_pem, key_pem) = (read(ca)?, read(cert)?, read(key)?);
-    let (Some(ca_cert_pem), Some(cert_pem), Some(key_pem)) = (ca_cert_pem, cert_pem, key_pem)
-    else {
-        if fresh {
-            return Ok(None);
-        }
-        for p in &files {
-            let missing = !p.exists();
-            if missing || crate::files::read_nonempty(p).ok().flatten().is_none() {
-                let what = if missing {
-                    "the file is missing"
-                } else {
-                    "the file is empty (truncated)"
-                };
-                return Err(tls_damage(config, p, what));
-            }
-        }
+    let pems = [read(ca)?, read(cert)?, read(key)?];
+    if fresh && pems.iter().any(Option::is_none) {
+        return Ok(None);
+    }
+    // With Raft state every file must be there: the first one missing or
+    // empty is named.
+    if let Some((p, _)) = files.iter().zip(&pems).find(|(_, pem)| pem.is_none()) {
+        let what = if p.exists() {
+            "the file is empty (truncated)"
+        } else {
+            "the file is missing"
+        };
+        return Err(tls_damage(config, p, what));
+    }
+    let [Some(ca_cert_pem), Some(cert_pem), Some(key_pem)] = pems else {
         return Ok(None);
     };
-    if let Err(e) = pki::not_after(&ca_cert_pem) {
-        return Err(tls_damage(
-            config,
-            ca,
-            &format!("not a PEM certificate ({e})"),
-        ));
-    }
-    if let Err(e) = pki::not_after(&cert_pem) {
-        return Err(tls_damage(
-            config,
-            cert,
-            &format!("not a PEM certificate ({e})"),
-        ));
+    for (p, pem) in [(ca, &ca_cert_pem), (cert, &cert_pem)] {
+        if let Err(e) = pki::not_after(pem) {
+            return Err(tls_damage(
+                config,
+                p,
+                &format!("not a PEM certificate ({e})"),
+            ));
+        }
     }
     let is_key = matches!(
         rustls_pemfile::private_key(&mut key_pem.as_bytes()),
