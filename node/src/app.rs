@@ -285,10 +285,12 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         }
         warn!("{damaged}; the founding is complete, so the marker is removed");
     }
+    if identity.founded {
+        crate::raft::found_cluster(&store, &config, &identity, &token).await?;
+    }
+    // The marker goes once the founding is done (now, or before a damaged
+    // marker was found).
     if identity.founded || identity.damaged_founding.is_some() {
-        if identity.founded {
-            crate::raft::found_cluster(&store, &config, &identity, &token).await?;
-        }
         crate::bootstrap::founding_done(&config.data_dir)
             .map_err(|e| StartError::Io(e.to_string()))?;
     }
