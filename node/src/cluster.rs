@@ -37,6 +37,7 @@
 //!   (ALPN `edgelb-gossip/1`, apart from Raft's), a report per datagram
 //!   when it fits, else per unidirectional stream; see `gossip.rs`.
 
+mod congestion;
 pub(crate) mod frame;
 mod gossip;
 mod network;

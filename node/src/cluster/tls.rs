@@ -23,6 +23,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 
 use super::TransportError;
+use super::congestion::{self, FlooredCubic};
 use super::pki::node_dns_name;
 
 /// ALPN of the Raft RPCs, naming the version of their frames
@@ -325,10 +326,12 @@ fn transport_config(keep_alive: Option<Duration>) -> quinn::TransportConfig {
     t.initial_rtt(INITIAL_RTT);
     // Peers are few and known: a larger first window lets a catch-up
     // append of a few hundred kB cross a 300 ms link in one or two round
-    // trips instead of the four of a standard slow start.
+    // trips instead of the four of a standard slow start; and a window
+    // cut by a lossy spell never blocks the first call after it heals
+    // (see `congestion`).
     let mut cubic = quinn::congestion::CubicConfig::default();
     cubic.initial_window(INITIAL_WINDOW);
-    t.congestion_controller_factory(Arc::new(cubic));
+    t.congestion_controller_factory(Arc::new(FlooredCubic::new(cubic, congestion::FLOOR)));
     t.keep_alive_interval(keep_alive)
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
