@@ -9,6 +9,9 @@ use edgelb::app::{self, StartError};
 use edgelb::config::{Args, Config, EXIT_CONFIG};
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Everything the node writes (keys, token, Raft state) is for its own
     // user only: files 0600, directories 0700.
