@@ -423,6 +423,17 @@ impl Ctx<'_> {
         if restart {
             self.cluster.restart(cut[0]).await?;
             self.node(cut[0])?.paused.store(false, Ordering::Relaxed);
+            if self.o.verbose {
+                // Where a restart's catch-up goes: the process starting
+                // (until its admin API answers) or the cluster reaching it.
+                println!(
+                    "  [{:>6.1}s, {} UTC] node {} serves its admin API again, {:?} after the restart began",
+                    self.rec.now().as_secs_f64(),
+                    utc_time_of_day(),
+                    cut[0],
+                    healed.elapsed()
+                );
+            }
         }
         if !cut.is_empty() {
             let commit = leader_commit(self.cluster, &majority).await?;
