@@ -9,6 +9,10 @@ use edgelb::app::{self, StartError};
 use edgelb::config::{Args, Config, EXIT_CONFIG};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc: glibc malloc's cost per allocation grew with the heap (a
+/// third of the extra CPU per write at 100,000 instances, README
+/// "Benchmarks", the scale example); the library and its tests keep the
+/// system allocator.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
