@@ -32,38 +32,26 @@ pub(crate) const FLOOR: u64 = 64 * 1024;
 
 /// Builds [`Floored`] Cubic controllers.
 #[derive(Debug)]
-pub(crate) struct FlooredCubic {
-    cubic: Arc<CubicConfig>,
-    floor: u64,
-}
+pub(crate) struct FlooredCubic(Arc<CubicConfig>);
 
 impl FlooredCubic {
-    pub(crate) fn new(cubic: CubicConfig, floor: u64) -> Self {
-        Self {
-            cubic: Arc::new(cubic),
-            floor,
-        }
+    pub(crate) fn new(cubic: CubicConfig) -> Self {
+        Self(Arc::new(cubic))
     }
 }
 
 impl ControllerFactory for FlooredCubic {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
-        Box::new(Floored {
-            inner: Arc::clone(&self.cubic).build(now, current_mtu),
-            floor: self.floor,
-        })
+        Box::new(Floored(Arc::clone(&self.0).build(now, current_mtu)))
     }
 }
 
-/// A controller whose window is its inner one's, but at least `floor`.
-struct Floored {
-    inner: Box<dyn Controller>,
-    floor: u64,
-}
+/// A controller whose window is its inner one's, but at least [`FLOOR`].
+struct Floored(Box<dyn Controller>);
 
 impl Controller for Floored {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
-        self.inner.on_sent(now, bytes, last_packet_number);
+        self.0.on_sent(now, bytes, last_packet_number);
     }
 
     fn on_ack(
@@ -74,7 +62,7 @@ impl Controller for Floored {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
-        self.inner.on_ack(now, sent, bytes, app_limited, rtt);
+        self.0.on_ack(now, sent, bytes, app_limited, rtt);
     }
 
     fn on_end_acks(
@@ -84,7 +72,7 @@ impl Controller for Floored {
         app_limited: bool,
         largest_packet_num_acked: Option<u64>,
     ) {
-        self.inner
+        self.0
             .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
     }
 
@@ -95,33 +83,30 @@ impl Controller for Floored {
         is_persistent_congestion: bool,
         lost_bytes: u64,
     ) {
-        self.inner
+        self.0
             .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
-        self.inner.on_mtu_update(new_mtu);
+        self.0.on_mtu_update(new_mtu);
     }
 
     fn window(&self) -> u64 {
-        self.inner.window().max(self.floor)
+        self.0.window().max(FLOOR)
     }
 
     fn metrics(&self) -> ControllerMetrics {
-        let mut m = self.inner.metrics();
+        let mut m = self.0.metrics();
         m.congestion_window = self.window();
         m
     }
 
     fn clone_box(&self) -> Box<dyn Controller> {
-        Box::new(Self {
-            inner: self.inner.clone_box(),
-            floor: self.floor,
-        })
+        Box::new(Self(self.0.clone_box()))
     }
 
     fn initial_window(&self) -> u64 {
-        self.inner.initial_window().max(self.floor)
+        self.0.initial_window().max(FLOOR)
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
@@ -136,7 +121,7 @@ mod tests {
     fn floored(initial: u64) -> Box<dyn Controller> {
         let mut cubic = CubicConfig::default();
         cubic.initial_window(initial);
-        Arc::new(FlooredCubic::new(cubic, FLOOR)).build(Instant::now(), 1200)
+        Arc::new(FlooredCubic::new(cubic)).build(Instant::now(), 1200)
     }
 
     #[test]

@@ -360,11 +360,11 @@ impl PeerSlot {
 
     /// Starts a handshake attempt to `addr`; returns its number.
     fn start(self: &Arc<Self>, shared: &Arc<Shared>, addr: &str) -> u64 {
-        let (attempt, timeout, rtt) = {
+        let (attempt, rtt) = {
             let mut inner = self.inner();
             inner.attempts += 1;
             inner.started = Some(tokio::time::Instant::now());
-            (inner.attempts, attempt_timeout(inner.rtt), inner.rtt)
+            (inner.attempts, inner.rtt)
         };
         let mut previous = Conn::None;
         self.state.send_modify(|l| {
@@ -383,7 +383,7 @@ impl PeerSlot {
         let shared = Arc::clone(shared);
         let addr = addr.to_owned();
         tokio::spawn(async move {
-            let outcome = connect(&shared, &slot, &addr, (timeout, rtt)).await;
+            let outcome = connect(&shared, &slot, &addr, rtt).await;
             slot.finish(attempt, addr, outcome, &shared);
         });
         attempt
@@ -649,8 +649,9 @@ fn stagger(rtt: Option<Duration>) -> Duration {
 
 const STAGGER_MIN: Duration = Duration::from_millis(200);
 
-/// One QUIC handshake attempt to `target` at `addr`. The peer must answer
-/// within `first`; while it has not, a fresh handshake is begun every
+/// One QUIC handshake attempt to `target` at `addr`, on a link whose last
+/// measured round trip is `rtt`. The peer must answer within
+/// [`attempt_timeout`]; while it has not, a fresh handshake is begun every
 /// [`stagger`] beside the pending ones, and the first to be answered is
 /// kept (the others are dropped, which the peer sees as a handshake
 /// aborted). Once the peer has answered (its handshake flight arrived),
@@ -661,9 +662,10 @@ async fn connect(
     shared: &Shared,
     slot: &PeerSlot,
     addr: &str,
-    (first, rtt): (Duration, Option<Duration>),
+    rtt: Option<Duration>,
 ) -> Result<Connection, String> {
     let target = slot.target;
+    let first = attempt_timeout(rtt);
     let began = tokio::time::Instant::now();
     let sock = super::transport::resolve(shared, addr)
         .await

@@ -23,7 +23,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 
 use super::TransportError;
-use super::congestion::{self, FlooredCubic};
+use super::congestion::FlooredCubic;
 use super::pki::node_dns_name;
 
 /// ALPN of the Raft RPCs, naming the version of their frames
@@ -331,7 +331,7 @@ fn transport_config(keep_alive: Option<Duration>) -> quinn::TransportConfig {
     // (see `congestion`).
     let mut cubic = quinn::congestion::CubicConfig::default();
     cubic.initial_window(INITIAL_WINDOW);
-    t.congestion_controller_factory(Arc::new(FlooredCubic::new(cubic, congestion::FLOOR)));
+    t.congestion_controller_factory(Arc::new(FlooredCubic::new(cubic)));
     t.keep_alive_interval(keep_alive)
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
