@@ -227,21 +227,21 @@ fn stored_identity(
         Err(e) => Err(BootstrapError::Io(format!("{}: {e}", p.display()))),
     };
     let pems = [read(ca)?, read(cert)?, read(key)?];
-    if fresh && pems.iter().any(Option::is_none) {
-        return Ok(None);
-    }
-    // With Raft state every file must be there: the first one missing or
-    // empty is named.
-    if let Some((p, _)) = files.iter().zip(&pems).find(|(_, pem)| pem.is_none()) {
+    let [Some(ca_cert_pem), Some(cert_pem), Some(key_pem)] = pems else {
+        if fresh {
+            return Ok(None);
+        }
+        // With Raft state every file must be there: the first one missing
+        // or empty is named.
+        let p = (files.iter().zip(&pems))
+            .find_map(|(p, pem)| pem.is_none().then_some(p))
+            .unwrap_or(ca);
         let what = if p.exists() {
             "the file is empty (truncated)"
         } else {
             "the file is missing"
         };
         return Err(tls_damage(config, p, what));
-    }
-    let [Some(ca_cert_pem), Some(cert_pem), Some(key_pem)] = pems else {
-        return Ok(None);
     };
     for (p, pem) in [(ca, &ca_cert_pem), (cert, &cert_pem)] {
         if let Err(e) = pki::not_after(pem) {
