@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use edgelb::app::{self, StartError};
 use edgelb::config::{Args, Config, EXIT_CONFIG};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc: glibc malloc's cost per allocation grew with the heap (a
@@ -102,10 +103,11 @@ fn log_filter(log: &str) -> String {
 /// Runs the node; the exit code and, after a graceful stop, the deadline
 /// for leftover blocking work.
 async fn run(config: Config) -> (ExitCode, Option<tokio::time::Instant>) {
+    let mut signals = Signals::new();
     // SIGTERM while starting (joining, say) is a clean stop too.
     let node = tokio::select! {
         node = app::start(config) => node,
-        () = wait_for_signal() => {
+        () = signals.recv() => {
             tracing::info!("stopped while starting");
             return (ExitCode::SUCCESS, None);
         }
@@ -137,7 +139,7 @@ async fn run(config: Config) -> (ExitCode, Option<tokio::time::Instant>) {
     let health = node.health.clone();
     tokio::select! {
         () = node.ready() => {}
-        () = wait_for_signal() => {
+        () = signals.recv() => {
             let end = node.shutdown().await;
             return (ExitCode::SUCCESS, Some(end));
         }
@@ -145,7 +147,7 @@ async fn run(config: Config) -> (ExitCode, Option<tokio::time::Instant>) {
     }
     println!("edgelb: admin API on http://{}", node.admin_addr);
     tokio::select! {
-        () = wait_for_signal() => {}
+        () = signals.recv() => {}
         reason = health.failed() => return failed(node, &reason).await,
     }
     tracing::info!("shutting down: draining connections");
@@ -162,17 +164,36 @@ async fn failed(node: app::NodeHandle, reason: &str) -> (ExitCode, Option<tokio:
     (ExitCode::from(edgelb::health::EXIT_STORAGE), Some(end))
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and Ctrl-C (SIGINT), listened for once for the whole run. A
+/// listener made anew at each wait misses a signal that arrives between
+/// two waits (after the "admin API on" line, say), and the process, whose
+/// default action for it is gone, would not stop.
+struct Signals {
+    term: Option<Signal>,
+    interrupt: Option<Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// The next signal (one received while nobody waited counts).
+    async fn recv(&mut self) {
+        async fn next(s: &mut Option<Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            () = next(&mut self.term) => {}
+            () = next(&mut self.interrupt) => {}
         }
     }
 }
