@@ -35,10 +35,18 @@
 //!                                  (bounded by the call's deadline)
 //! ```
 //!
-//! A connection whose RPC timed out is dropped ([`PeerSlot::discard`]): a
-//! peer that restarted does not know the old connection, and a healed
-//! partition is best met with a fresh handshake than with a connection
-//! whose timers backed off during the cut.
+//! A call that waits longer than a round trip probes its connection with
+//! one-byte datagrams ([`Probes`]). One that times out with its probes
+//! unanswered (a cut link, or a peer process that is gone) keeps the
+//! connection, and the next calls wait on it for a sign of life before
+//! they send ([`PeerSlot::cut_off`]): when the link heals, a probe's
+//! acknowledgement has QUIC resend what the cut lost at once, about a
+//! round trip after the heal, where a fresh connection would cost a
+//! handshake and QUIC's own resend would wait out a timer that backed off
+//! during the cut. A peer that restarted resets the connection at the
+//! first probe that reaches its new process, and the waiting call goes
+//! out on a fresh one. A connection whose call timed out while the peer
+//! acknowledged but served nothing is dropped ([`PeerSlot::discard`]).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -101,6 +109,99 @@ fn is_open(conn: &Connection) -> bool {
 /// handshake packet, and reads what we send from then on.
 fn confirmed(conn: &Connection) -> bool {
     conn.stats().frame_rx.handshake_done > 0
+}
+
+/// Everything the peer sent on `conn` so far, in datagrams. Unlike
+/// [`served`](super::transport::served) this counts acknowledgements and
+/// keep-alives: a count that does not move means that nothing at all gets
+/// through (a cut link, or a peer process that is gone).
+pub(crate) fn heard(conn: &Connection) -> u64 {
+    conn.stats().udp_rx.datagrams
+}
+
+/// How often a connection is probed while a call on it waits for its
+/// first sign of life: a quarter of its round trip, within
+/// [`PROBE_MIN`]..[`PROBE_MAX`].
+fn probe_every(rtt: Duration) -> Duration {
+    (rtt / 4).clamp(PROBE_MIN, PROBE_MAX)
+}
+
+const PROBE_MIN: Duration = Duration::from_millis(20);
+const PROBE_MAX: Duration = Duration::from_millis(100);
+
+/// How often a call held on a cut-off connection looks whether the peer
+/// was heard.
+const LOOK_EVERY: Duration = Duration::from_millis(5);
+
+/// Sends a one-byte datagram on `conn` (see [`probe_after_handshake`] for
+/// what the peer does with it: acknowledges it, nothing else); `false` on
+/// a closed connection.
+fn send_probe(conn: &Connection) -> bool {
+    is_open(conn) && conn.send_datagram(bytes::Bytes::from_static(&[0])).is_ok()
+}
+
+/// A call's probes of its connection, and what they heard: while the call
+/// waits longer than an answer takes on a working link (its round trip
+/// and one probe interval), a datagram goes out every [`probe_every`]
+/// ([`Probes::run`]).
+///
+/// A link that is cut loses the call's packets, and QUIC resends them
+/// only at its probe timeout, which doubles with each resend lost in the
+/// cut (after a few seconds, the next is a second or more away). A probe
+/// that crosses the healed link is acknowledged, and that acknowledgement
+/// has QUIC declare the earlier packets lost and resend them at once: the
+/// call goes through about a round trip after the heal. A peer process
+/// that is gone answers a probe with a stateless reset (from its
+/// successor) or not at all.
+pub(crate) struct Probes {
+    /// The [`heard`] count last seen to change, and when.
+    last: Mutex<(u64, tokio::time::Instant)>,
+    rtt: Duration,
+}
+
+impl Probes {
+    pub(crate) fn new(conn: &Connection) -> Self {
+        Self {
+            last: Mutex::new((heard(conn), tokio::time::Instant::now())),
+            rtt: conn.rtt().min(ATTEMPT_MAX),
+        }
+    }
+
+    /// Probes `conn`, noting when the peer was last heard. Never
+    /// resolves; the call drops it when it ends.
+    pub(crate) async fn run(&self, conn: &Connection) {
+        let every = probe_every(self.rtt);
+        tokio::time::sleep(self.rtt + every).await;
+        let mut next_probe = tokio::time::Instant::now();
+        loop {
+            let now = tokio::time::Instant::now();
+            self.note(heard(conn), now);
+            if now >= next_probe {
+                if !send_probe(conn) {
+                    break;
+                }
+                next_probe = now + every;
+            }
+            tokio::time::sleep(LOOK_EVERY).await;
+        }
+        std::future::pending::<()>().await;
+    }
+
+    fn note(&self, count: u64, now: tokio::time::Instant) {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if count != last.0 {
+            *last = (count, now);
+        }
+    }
+
+    /// The [`heard`] count of `conn` if the peer has been silent for
+    /// longer than a probe takes to be acknowledged (a round trip and a
+    /// probe interval): nothing at all gets through.
+    pub(crate) fn silent(&self, conn: &Connection) -> Option<u64> {
+        let (count, since) = *self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let quiet = self.rtt + probe_every(self.rtt);
+        (heard(conn) == count && since.elapsed() >= quiet).then_some(count)
+    }
 }
 
 /// The state of this node's own connection to one peer.
@@ -217,6 +318,11 @@ struct SlotInner {
     /// Whether the peer announced that it serves calls on the connections
     /// it opens: its next one is used as soon as it is accepted.
     two_way: bool,
+    /// A connection on which a call heard nothing at all from the peer
+    /// (its [`stable_id`](Connection::stable_id)), and the [`heard`]
+    /// count then: calls on it wait for a sign of life before they send
+    /// ([`PeerSlot::until_heard`]).
+    cut_off: Option<(usize, u64)>,
     /// Whether the peer refused an empty append sent in the background
     /// (a higher vote, logs that part): openraft's next one must wait for
     /// the answer (`network::PeerNetwork`).
@@ -471,6 +577,52 @@ impl PeerSlot {
                 tokio::time::sleep(DISCARD_GRACE).await;
                 conn.close(codes::SHUTDOWN, b"dropped");
             });
+        }
+    }
+
+    /// Notes that a call on `conn` timed out with the peer silent, nothing
+    /// at all heard from it since `count` ([`heard`], [`Probes::silent`]):
+    /// the link is cut or the peer is gone. The connection is kept rather than dropped: once the
+    /// link heals, a probe's acknowledgement brings it back within a round
+    /// trip, where a fresh connection needs a handshake (a round trip and
+    /// a half before the peer can read a call, and more when a reordered
+    /// first call is dropped, see [`probe_after_handshake`]). A peer that
+    /// restarted resets it at the first probe that reaches its new
+    /// process; one that is gone lets it lapse at QUIC's idle timeout.
+    pub(crate) fn cut_off(&self, conn: &Connection, count: u64) {
+        self.inner().cut_off = Some((conn.stable_id(), count));
+    }
+
+    /// Waits, probing `conn`, until the peer is heard on it, if a call on
+    /// it heard nothing at all ([`PeerSlot::cut_off`]); at once otherwise.
+    /// A call sends nothing on a connection that is known to lose it: what
+    /// piles up unacknowledged on a cut link fills the congestion window,
+    /// and then even the probes would wait for QUIC's backed-off timer.
+    /// `false` when the connection closed meanwhile.
+    pub(crate) async fn until_heard(&self, conn: &Connection) -> bool {
+        let id = conn.stable_id();
+        let Some(mark) = self.inner().cut_off.filter(|c| c.0 == id).map(|c| c.1) else {
+            return true;
+        };
+        let every = probe_every(conn.rtt().min(ATTEMPT_MAX));
+        let mut next_probe = tokio::time::Instant::now();
+        loop {
+            if !is_open(conn) {
+                return false;
+            }
+            if heard(conn) != mark {
+                let mut inner = self.inner();
+                if inner.cut_off.is_some_and(|c| c.0 == id) {
+                    inner.cut_off = None;
+                }
+                return true;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= next_probe {
+                send_probe(conn);
+                next_probe = now + every;
+            }
+            tokio::time::sleep(LOOK_EVERY).await;
         }
     }
 
@@ -763,7 +915,7 @@ fn probe_after_handshake(conn: &Connection) {
     tokio::spawn(async move {
         for at in PROBES {
             tokio::time::sleep_until(start + rtt.mul_f64(at)).await;
-            if !is_open(&conn) || conn.send_datagram(bytes::Bytes::from_static(&[0])).is_err() {
+            if !send_probe(&conn) {
                 return;
             }
         }

@@ -428,6 +428,138 @@ async fn a_connection_that_only_acknowledges_a_call_is_replaced() {
     assert_eq!(server.stats().connections_accepted, 2);
 }
 
+/// A UDP forwarder from one client to `server` that drops every datagram,
+/// both ways, while it is cut: a partition between two nodes.
+struct Forwarder {
+    addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Forwarder {
+    async fn to(server: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let front = Arc::new(tokio::net::UdpSocket::bind(loopback()).await.unwrap());
+        let back = Arc::new(tokio::net::UdpSocket::bind(loopback()).await.unwrap());
+        back.connect(server).await.unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let up = {
+            let (front, back, cut, client) =
+                (front.clone(), back.clone(), cut.clone(), client.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                    *client.lock().unwrap() = Some(from);
+                    if !cut.load(Ordering::SeqCst) {
+                        let _ = back.send(&buf[..n]).await;
+                    }
+                }
+            })
+        };
+        let down = {
+            let (front, cut) = (front.clone(), cut.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = back.recv(&mut buf).await {
+                    let to = *client.lock().unwrap();
+                    if let Some(to) = to.filter(|_| !cut.load(Ordering::SeqCst)) {
+                        let _ = front.send_to(&buf[..n], to).await;
+                    }
+                }
+            })
+        };
+        Self {
+            addr: front.local_addr().unwrap(),
+            cut,
+            tasks: vec![up, down],
+        }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(tokio::task::JoinHandle::abort);
+    }
+}
+
+/// A call that timed out because the link was cut (its probes went
+/// unanswered) keeps its connection: after the heal the next call goes
+/// out on it, with no new handshake, rather than on a fresh connection.
+#[tokio::test]
+async fn a_connection_cut_off_by_a_partition_is_kept_for_the_heal() {
+    let ca = generate_ca("test").unwrap();
+    let (server, echo) = serve(&node_tls(&ca, 2), 2);
+    let link = Forwarder::to(server.local_addr().unwrap()).await;
+    let addr = link.addr.to_string();
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    client.call(2, &addr, vote(), PATIENCE).await.unwrap();
+
+    link.set_cut(true);
+    let e = client
+        .call(2, &addr, vote(), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TransportError::Timeout(_)), "{e}");
+    // While cut, a call waits on the kept connection for a sign of life
+    // and sends nothing; it times out as a call does.
+    let e = client
+        .call(2, &addr, vote(), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TransportError::Timeout(_)), "{e}");
+
+    link.set_cut(false);
+    client.call(2, &addr, vote(), PATIENCE).await.unwrap();
+    assert_eq!(
+        client.stats().connects,
+        1,
+        "the same connection after the heal"
+    );
+    assert_eq!(server.stats().connections_accepted, 1);
+    // The first vote and the one after the heal: the call sent into the
+    // cut was given up with its stream, and the one held during the cut
+    // never went out.
+    assert_eq!(echo.seen(), [1, 1]);
+}
+
+/// A call held on a connection cut off from a peer that meanwhile
+/// restarted: the new process resets the old connection at the first
+/// probe, and the same call goes out on a fresh one.
+#[tokio::test]
+async fn a_call_held_for_a_peer_that_restarted_goes_out_on_a_fresh_connection() {
+    let ca = generate_ca("test").unwrap();
+    let tls2 = node_tls(&ca, 2);
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    let (old, _) = serve(&tls2, 2);
+    let addr = old.local_addr().unwrap();
+    client
+        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .await
+        .unwrap();
+    old.vanish().unwrap();
+    let e = client
+        .call(2, &addr.to_string(), vote(), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TransportError::Timeout(_)), "{e}");
+
+    let echo = Arc::new(Echo::default());
+    let handler: Arc<dyn RaftHandler> = echo.clone();
+    let new = rebind(addr, &tls2, 2, &handler).await;
+    client
+        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(echo.seen(), [1]);
+    assert_eq!(client.stats().connects, 2);
+    assert_eq!(new.stats().connections_accepted, 1);
+}
+
 #[tokio::test]
 async fn reconnects_after_the_peer_restarts() {
     let ca = generate_ca("test").unwrap();

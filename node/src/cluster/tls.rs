@@ -94,12 +94,19 @@ pub(crate) fn spoken() -> String {
         .join(", ")
 }
 
-/// A connection that hears nothing (not even a keep-alive's
+/// A gossip connection that hears nothing (not even a keep-alive's
 /// acknowledgement) for this long is dropped: a gossip link to a peer that
 /// vanished reconnects after it. Six keep-alives fit in it, so a slow
-/// link (300 ms round trip) is not mistaken for a dead one. Raft
-/// calls do not wait for it: a timed-out call drops its connection at once.
+/// link (300 ms round trip) is not mistaken for a dead one.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The same for a Raft connection (QUIC takes the shorter of the two
+/// sides', so the listener offers this and a gossip dialler its own).
+/// Longer, because Raft calls do not wait for it: a connection cut off by
+/// a partition is kept for when it heals (a probe's acknowledgement brings
+/// it back within a round trip, where a fresh one costs a handshake, see
+/// `peers::PeerSlot::cut_off`), a peer that restarted resets it at its
+/// next packet, and a call that finds it closed makes a fresh one.
+const RAFT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The congestion window a connection starts with.
 const INITIAL_WINDOW: u64 = 256 * 1024;
 /// The round trip assumed until one is measured.
@@ -254,7 +261,7 @@ impl NodeTls {
         let quic = QuicServerConfig::try_from(Arc::new(tls))
             .map_err(|e| TransportError::Config(format!("quic: {e}")))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        config.transport_config(Arc::new(transport_config(None)));
+        config.transport_config(Arc::new(transport_config(None, RAFT_IDLE_TIMEOUT)));
         Ok(config)
     }
 
@@ -264,21 +271,22 @@ impl NodeTls {
     /// name passed to `connect_with`.
     pub(crate) fn client_config(&self, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
         match versions_of(alpn) {
-            Some(versions) => self.client_config_offering(versions, KEEP_ALIVE),
-            None => self.client_config_offering(&[alpn], KEEP_ALIVE),
+            Some(versions) => self.client_config_offering(versions, KEEP_ALIVE, RAFT_IDLE_TIMEOUT),
+            None => self.client_config_offering(&[alpn], KEEP_ALIVE, RAFT_IDLE_TIMEOUT),
         }
     }
 
     /// The gossip client: offers every gossip version, the compact one
     /// first.
     pub(crate) fn gossip_client_config(&self) -> Result<quinn::ClientConfig, TransportError> {
-        self.client_config_offering(GOSSIP_VERSIONS, GOSSIP_KEEP_ALIVE)
+        self.client_config_offering(GOSSIP_VERSIONS, GOSSIP_KEEP_ALIVE, IDLE_TIMEOUT)
     }
 
     fn client_config_offering(
         &self,
         alpns: &[&[u8]],
         keep_alive: Duration,
+        idle: Duration,
     ) -> Result<quinn::ClientConfig, TransportError> {
         let Parsed { roots, chain, key } = self.parse()?;
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -291,7 +299,7 @@ impl NodeTls {
         let quic = QuicClientConfig::try_from(Arc::new(tls))
             .map_err(|e| TransportError::Config(format!("quic: {e}")))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(transport_config(Some(keep_alive))));
+        config.transport_config(Arc::new(transport_config(Some(keep_alive), idle)));
         Ok(config)
     }
 }
@@ -311,11 +319,11 @@ fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// The transport settings of either side; `keep_alive` only on the side
-/// that dialed (see [`KEEP_ALIVE`]).
-fn transport_config(keep_alive: Option<Duration>) -> quinn::TransportConfig {
+/// that dialed (see [`KEEP_ALIVE`]), `idle` the idle timeout it offers.
+fn transport_config(keep_alive: Option<Duration>, idle: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    // Both constants are far below the limits of the conversions.
-    if let Ok(idle) = IdleTimeout::try_from(IDLE_TIMEOUT) {
+    // Every timeout passed is far below the limits of the conversion.
+    if let Ok(idle) = IdleTimeout::try_from(idle) {
         t.max_idle_timeout(Some(idle));
     }
     // The first handshake packet is resent after about three times the

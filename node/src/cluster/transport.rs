@@ -3,8 +3,9 @@
 //! Outgoing calls share one kept connection per peer (ALPN
 //! `edgelb-raft/1`, made in the background, or the one the peer opened to
 //! this node: [`super::peers`]), each RPC on its own bidirectional stream;
-//! a connection that failed or whose call timed out is replaced on the
-//! next call. Load gossip goes on separate
+//! a connection that failed, or whose call timed out while the peer
+//! acknowledged but served nothing, is replaced on the next call (one cut
+//! off by a partition is kept for the heal, see [`super::peers`]). Load gossip goes on separate
 //! connections (ALPN `edgelb-gossip/1`, [`Transport::gossip_connect`]), so
 //! that a large report never queues behind Raft traffic or the other way
 //! round. Incoming connections are served by [`server`](super::server).
@@ -25,7 +26,7 @@ use tracing::debug;
 
 use super::frame::{self, FrameError};
 use super::gossip::{GossipHandler, GossipLink};
-use super::peers::PeerSlot;
+use super::peers::{self, PeerSlot};
 use super::pki::node_dns_name;
 use super::rpc::{RaftHandler, Rpc, RpcKind, RpcReply};
 use super::server;
@@ -468,6 +469,24 @@ impl Transport {
                     reason: format!("no connection within {timeout:?}"),
                 })??;
             fresh |= new;
+            // A connection whose last call heard nothing from the peer is
+            // probed until it hears from it before this call sends.
+            match timeout_at(deadline, slot.until_heard(&conn)).await {
+                Err(_) => return Err(TransportError::Timeout(timeout)),
+                Ok(true) => {}
+                Ok(false) => {
+                    slot.discard(&conn, "closed while cut off");
+                    if fresh {
+                        return Err(TransportError::Connect {
+                            target,
+                            reason: "the connection closed while the peer was cut off".into(),
+                        });
+                    }
+                    debug!(target, "kept connection closed while cut off, reconnecting");
+                    fresh = true;
+                    continue;
+                }
+            }
             match timeout_at(deadline, conn.open_bi()).await {
                 Err(_) => {
                     slot.discard(&conn, "opening a stream timed out");
@@ -507,6 +526,7 @@ impl Transport {
             frame::decode_reply(&body).map_err(|e| TransportError::Protocol(e.to_string()))
         };
         let heard_before = served(&conn);
+        let probes = peers::Probes::new(&conn);
         // An append on a connection that goes silent while a fresh one to
         // the peer comes up (a healed link, a restarted peer) gives up at
         // once, so that openraft's retry goes out on the fresh one. Votes
@@ -521,6 +541,7 @@ impl Transport {
         };
         let outcome = tokio::select! {
             r = timeout_at(deadline, exchange) => r.ok(),
+            () = probes.run(&conn) => None,
             () = retry_fresh => {
                 debug!(target, "a fresh connection came up while a call on a silent one waited");
                 None
@@ -531,16 +552,21 @@ impl Transport {
             None => {
                 let _ = send.reset(codes::TIMEOUT);
                 let _ = recv.stop(codes::TIMEOUT);
-                // A peer that did not serve this connection during the call
-                // (restarted, cut off, or its end no longer reads streams
-                // here) is met with a fresh handshake next time, not a
-                // connection whose timers backed off. A peer that served
-                // anything during the call is alive (merely slow, or the
-                // request was large): its connection and congestion window
-                // are kept, as is a connection made during this call.
+                // The peer silent, its probes unanswered (a cut, or a peer
+                // process that is gone): the connection is kept, and the
+                // next call waits on it for a sign of life
+                // (`PeerSlot::cut_off`). A peer that acknowledged but did not
+                // serve this connection during the call (its end no longer
+                // reads streams here) is met with a fresh handshake next
+                // time. A peer that served anything during the call is
+                // alive (merely slow, or the request was large): its
+                // connection and congestion window are kept, as is a
+                // connection made during this call.
                 slot.distrust(&conn);
                 let silent = served(&conn) == heard_before;
-                if silent && !fresh {
+                if let Some(count) = probes.silent(&conn) {
+                    slot.cut_off(&conn, count);
+                } else if silent && !fresh {
                     slot.discard(&conn, "call timed out");
                 }
                 return Err(TransportError::Timeout(timeout));
