@@ -119,15 +119,17 @@ pub(crate) fn heard(conn: &Connection) -> u64 {
     conn.stats().udp_rx.datagrams
 }
 
-/// How often a connection is probed while a call on it waits for its
-/// first sign of life: a quarter of its round trip, within
-/// [`PROBE_MIN`]..[`PROBE_MAX`].
+/// How often a connection is probed while a call on it waits for a sign
+/// of life: an eighth of its round trip, within
+/// [`PROBE_MIN`]..[`PROBE_MAX`] (a link that heals is found within that
+/// and a round trip; a cut link costs a few small datagrams a second per
+/// waiting call).
 fn probe_every(rtt: Duration) -> Duration {
-    (rtt / 4).clamp(PROBE_MIN, PROBE_MAX)
+    (rtt / 8).clamp(PROBE_MIN, PROBE_MAX)
 }
 
-const PROBE_MIN: Duration = Duration::from_millis(20);
-const PROBE_MAX: Duration = Duration::from_millis(100);
+const PROBE_MIN: Duration = Duration::from_millis(10);
+const PROBE_MAX: Duration = Duration::from_millis(50);
 
 /// How often a call held on a cut-off connection looks whether the peer
 /// was heard.
