@@ -131,6 +131,10 @@ fn probe_every(rtt: Duration) -> Duration {
 const PROBE_MIN: Duration = Duration::from_millis(10);
 const PROBE_MAX: Duration = Duration::from_millis(50);
 
+/// How long a peer may hold back the acknowledgement of a lone probe
+/// (QUIC's default `max_ack_delay`, which quinn uses).
+const ACK_DELAY: Duration = Duration::from_millis(25);
+
 /// How often a call held on a cut-off connection looks whether the peer
 /// was heard.
 const LOOK_EVERY: Duration = Duration::from_millis(5);
@@ -197,11 +201,12 @@ impl Probes {
     }
 
     /// The [`heard`] count of `conn` if the peer has been silent for
-    /// longer than a probe takes to be acknowledged (a round trip and a
-    /// probe interval): nothing at all gets through.
+    /// longer than a probe takes to be acknowledged (a round trip, the
+    /// peer's acknowledgement delay, and two probe intervals): nothing at
+    /// all gets through.
     pub(crate) fn silent(&self, conn: &Connection) -> Option<u64> {
         let (count, since) = *self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        let quiet = self.rtt + probe_every(self.rtt);
+        let quiet = self.rtt + ACK_DELAY + probe_every(self.rtt) * 2;
         (heard(conn) == count && since.elapsed() >= quiet).then_some(count)
     }
 }

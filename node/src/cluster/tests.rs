@@ -527,14 +527,12 @@ async fn a_connection_cut_off_by_a_partition_is_kept_for_the_heal() {
     assert_eq!(echo.seen(), [1, 1]);
 }
 
-/// A call held on a connection cut off from a peer that meanwhile
-/// restarted: the new process resets the old connection at the first
-/// probe, and the same call goes out on a fresh one.
-#[tokio::test]
-async fn a_call_held_for_a_peer_that_restarted_goes_out_on_a_fresh_connection() {
-    let ca = generate_ca("test").unwrap();
-    let tls2 = node_tls(&ca, 2);
-    let (client, _) = serve(&node_tls(&ca, 1), 1);
+/// Node 1's transport after one call to node 2, whose process then
+/// "dies" without a word: its address is free for a new one with the same
+/// key (`tls2`).
+async fn peer_vanished_after_a_call(ca: &CaBundle) -> (Transport, NodeTls, SocketAddr) {
+    let tls2 = node_tls(ca, 2);
+    let (client, _) = serve(&node_tls(ca, 1), 1);
     let (old, _) = serve(&tls2, 2);
     let addr = old.local_addr().unwrap();
     client
@@ -542,15 +540,15 @@ async fn a_call_held_for_a_peer_that_restarted_goes_out_on_a_fresh_connection() 
         .await
         .unwrap();
     old.vanish().unwrap();
-    let e = client
-        .call(2, &addr.to_string(), vote(), Duration::from_millis(300))
-        .await
-        .unwrap_err();
-    assert!(matches!(e, TransportError::Timeout(_)), "{e}");
+    (client, tls2, addr)
+}
 
+/// Starts a new process of node 2 (key `tls2`) on `addr` and checks that
+/// node 1's next call reaches it on a second connection of node 1's.
+async fn answered_by_a_new_process(client: &Transport, addr: SocketAddr, tls2: &NodeTls) {
     let echo = Arc::new(Echo::default());
     let handler: Arc<dyn RaftHandler> = echo.clone();
-    let new = rebind(addr, &tls2, 2, &handler).await;
+    let new = rebind(addr, tls2, 2, &handler).await;
     client
         .call(2, &addr.to_string(), vote(), PATIENCE)
         .await
@@ -558,6 +556,22 @@ async fn a_call_held_for_a_peer_that_restarted_goes_out_on_a_fresh_connection() 
     assert_eq!(echo.seen(), [1]);
     assert_eq!(client.stats().connects, 2);
     assert_eq!(new.stats().connections_accepted, 1);
+}
+
+/// A call held on a connection cut off from a peer that meanwhile
+/// restarted: the new process resets the old connection at the first
+/// probe, and the same call goes out on a fresh one.
+#[tokio::test]
+async fn a_call_held_for_a_peer_that_restarted_goes_out_on_a_fresh_connection() {
+    let ca = generate_ca("test").unwrap();
+    let (client, tls2, addr) = peer_vanished_after_a_call(&ca).await;
+    let e = client
+        .call(2, &addr.to_string(), vote(), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, TransportError::Timeout(_)), "{e}");
+
+    answered_by_a_new_process(&client, addr, &tls2).await;
 }
 
 #[tokio::test]
@@ -574,32 +588,14 @@ async fn reconnects_after_the_peer_restarts() {
     server.close().await;
     drop(server);
 
-    let echo = Arc::new(Echo::default());
-    let handler: Arc<dyn RaftHandler> = echo.clone();
-    let server = rebind(addr, &tls2, 2, &handler).await;
-    client
-        .call(2, &addr.to_string(), vote(), PATIENCE)
-        .await
-        .unwrap();
-    assert_eq!(echo.seen(), [1]);
-    assert_eq!(client.stats().connects, 2);
-    assert_eq!(server.stats().connections_accepted, 1);
+    answered_by_a_new_process(&client, addr, &tls2).await;
 }
 
 #[tokio::test]
 async fn a_peer_that_crashed_and_restarted_resets_the_old_connection_at_once() {
     let ca = generate_ca("test").unwrap();
-    let tls2 = node_tls(&ca, 2);
-    let (client, _) = serve(&node_tls(&ca, 1), 1);
-    let (old, _) = serve(&tls2, 2);
-    let addr = old.local_addr().unwrap();
-    client
-        .call(2, &addr.to_string(), vote(), PATIENCE)
-        .await
-        .unwrap();
-    // The process "dies" without a word, and a new one with the same key
-    // takes its address.
-    old.vanish().unwrap();
+    // A new process with the same key takes the vanished one's address.
+    let (client, tls2, addr) = peer_vanished_after_a_call(&ca).await;
     let echo = Arc::new(Echo::default());
     let handler: Arc<dyn RaftHandler> = echo.clone();
     let new = rebind(addr, &tls2, 2, &handler).await;
