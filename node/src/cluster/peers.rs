@@ -116,7 +116,12 @@ fn confirmed(conn: &Connection) -> bool {
 /// keep-alives: a count that does not move means that nothing at all gets
 /// through (a cut link, or a peer process that is gone).
 pub(crate) fn heard(conn: &Connection) -> u64 {
-    conn.stats().udp_rx.datagrams
+    heard_in(&conn.stats())
+}
+
+/// [`heard`], from a snapshot of the connection's statistics.
+pub(crate) fn heard_in(stats: &quinn::ConnectionStats) -> u64 {
+    stats.udp_rx.datagrams
 }
 
 /// How often a connection is probed while a call on it waits for a sign
@@ -146,6 +151,33 @@ fn send_probe(conn: &Connection) -> bool {
     is_open(conn) && conn.send_datagram(bytes::Bytes::from_static(&[0])).is_ok()
 }
 
+/// Probes `conn` every `every` from now, looking every [`LOOK_EVERY`] at
+/// its [`heard`] count, until `done` takes that count as an answer: `true`
+/// then, `false` once the connection is closed.
+async fn probe_until(
+    conn: &Connection,
+    every: Duration,
+    mut done: impl FnMut(u64) -> bool,
+) -> bool {
+    let mut next_probe = tokio::time::Instant::now();
+    loop {
+        if !is_open(conn) {
+            return false;
+        }
+        if done(heard(conn)) {
+            return true;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= next_probe {
+            if !send_probe(conn) {
+                return false;
+            }
+            next_probe = now + every;
+        }
+        tokio::time::sleep(LOOK_EVERY).await;
+    }
+}
+
 /// A call's probes of its connection, and what they heard: while the call
 /// waits longer than an answer takes on a working link (its round trip
 /// and one probe interval), a datagram goes out every [`probe_every`]
@@ -166,10 +198,12 @@ pub(crate) struct Probes {
 }
 
 impl Probes {
-    pub(crate) fn new(conn: &Connection) -> Self {
+    /// The probes of a call starting now, on a connection whose
+    /// statistics are `stats`.
+    pub(crate) fn new(stats: &quinn::ConnectionStats) -> Self {
         Self {
-            last: Mutex::new((heard(conn), tokio::time::Instant::now())),
-            rtt: conn.rtt().min(ATTEMPT_MAX),
+            last: Mutex::new((heard_in(stats), tokio::time::Instant::now())),
+            rtt: stats.path.rtt.min(ATTEMPT_MAX),
         }
     }
 
@@ -178,26 +212,15 @@ impl Probes {
     pub(crate) async fn run(&self, conn: &Connection) {
         let every = probe_every(self.rtt);
         tokio::time::sleep(self.rtt + every).await;
-        let mut next_probe = tokio::time::Instant::now();
-        loop {
-            let now = tokio::time::Instant::now();
-            self.note(heard(conn), now);
-            if now >= next_probe {
-                if !send_probe(conn) {
-                    break;
-                }
-                next_probe = now + every;
+        probe_until(conn, every, |count| {
+            let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+            if count != last.0 {
+                *last = (count, tokio::time::Instant::now());
             }
-            tokio::time::sleep(LOOK_EVERY).await;
-        }
+            false
+        })
+        .await;
         std::future::pending::<()>().await;
-    }
-
-    fn note(&self, count: u64, now: tokio::time::Instant) {
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        if count != last.0 {
-            *last = (count, now);
-        }
     }
 
     /// The [`heard`] count of `conn` if the peer has been silent for
@@ -325,11 +348,10 @@ struct SlotInner {
     /// Whether the peer announced that it serves calls on the connections
     /// it opens: its next one is used as soon as it is accepted.
     two_way: bool,
-    /// A connection on which a call heard nothing at all from the peer
-    /// (its [`stable_id`](Connection::stable_id)), and the [`heard`]
-    /// count then: calls on it wait for a sign of life before they send
-    /// ([`PeerSlot::until_heard`]).
-    cut_off: Option<(usize, u64)>,
+    /// A connection on which a call heard nothing at all from the peer,
+    /// and the [`heard`] count then: calls on it wait for a sign of life
+    /// before they send ([`PeerSlot::until_heard`]).
+    cut_off: Option<(Connection, u64)>,
     /// Whether the peer refused an empty append sent in the background
     /// (a higher vote, logs that part): openraft's next one must wait for
     /// the answer (`network::PeerNetwork`).
@@ -597,7 +619,7 @@ impl PeerSlot {
     /// restarted resets it at the first probe that reaches its new
     /// process; one that is gone lets it lapse at QUIC's idle timeout.
     pub(crate) fn cut_off(&self, conn: &Connection, count: u64) {
-        self.inner().cut_off = Some((conn.stable_id(), count));
+        self.inner().cut_off = Some((conn.clone(), count));
     }
 
     /// Waits, probing `conn`, until the peer is heard on it, if a call on
@@ -608,29 +630,23 @@ impl PeerSlot {
     /// `false` when the connection closed meanwhile.
     pub(crate) async fn until_heard(&self, conn: &Connection) -> bool {
         let id = conn.stable_id();
-        let Some(mark) = self.inner().cut_off.filter(|c| c.0 == id).map(|c| c.1) else {
+        let is_this = |c: &(Connection, u64)| c.0.stable_id() == id;
+        let Some(mark) = self
+            .inner()
+            .cut_off
+            .as_ref()
+            .filter(|c| is_this(c))
+            .map(|c| c.1)
+        else {
             return true;
         };
         let every = probe_every(conn.rtt().min(ATTEMPT_MAX));
-        let mut next_probe = tokio::time::Instant::now();
-        loop {
-            if !is_open(conn) {
-                return false;
-            }
-            if heard(conn) != mark {
-                let mut inner = self.inner();
-                if inner.cut_off.is_some_and(|c| c.0 == id) {
-                    inner.cut_off = None;
-                }
-                return true;
-            }
-            let now = tokio::time::Instant::now();
-            if now >= next_probe {
-                send_probe(conn);
-                next_probe = now + every;
-            }
-            tokio::time::sleep(LOOK_EVERY).await;
+        let heard = probe_until(conn, every, |count| count != mark).await;
+        let mut inner = self.inner();
+        if inner.cut_off.as_ref().is_some_and(is_this) {
+            inner.cut_off = None;
         }
+        heard
     }
 
     /// Resolves once calls to the peer would go out on another open

@@ -525,8 +525,9 @@ impl Transport {
                 })?;
             frame::decode_reply(&body).map_err(|e| TransportError::Protocol(e.to_string()))
         };
-        let heard_before = served(&conn);
-        let probes = peers::Probes::new(&conn);
+        let stats = conn.stats();
+        let heard_before = served_in(&stats);
+        let probes = peers::Probes::new(&stats);
         // An append on a connection that goes silent while a fresh one to
         // the peer comes up (a healed link, a restarted peer) gives up at
         // once, so that openraft's retry goes out on the fresh one. Votes
@@ -684,6 +685,11 @@ impl Drop for Transport {
 /// counting them kept such a connection, with every call on it timing
 /// out, until QUIC's idle timeout (elections of 10 s and more).
 pub(crate) fn served(conn: &quinn::Connection) -> u64 {
-    let f = conn.stats().frame_rx;
+    served_in(&conn.stats())
+}
+
+/// [`served`], from a snapshot of the connection's statistics.
+fn served_in(stats: &quinn::ConnectionStats) -> u64 {
+    let f = &stats.frame_rx;
     f.stream + f.max_data + f.max_stream_data
 }
