@@ -451,6 +451,14 @@ impl PeerSlot {
         )
     }
 
+    /// STREAM frames sent on the connection calls use (resent ones too).
+    #[cfg(test)]
+    pub(crate) fn stream_frames_sent(&self) -> Option<u64> {
+        let links = self.state.borrow();
+        let pick = links.pick(None, self.own_canonical())?;
+        Some(pick.conn.stats().frame_tx.stream)
+    }
+
     /// The open connection to `addr` (this node's or the peer's), waiting
     /// for a handshake (started now if none is under way) or for the peer
     /// to connect. `true` when it was not used before.
@@ -901,22 +909,47 @@ async fn connect(
         .map_err(|_| format!("handshake unfinished within {ATTEMPT_MAX:?}"))?
         .map_err(|e| super::tls::handshake_error(&e))?;
     debug!(target, addr, "connected");
+    tokio::time::sleep(reorder_hold(conn.rtt())).await;
+    // The peer may have refused us meanwhile (our certificate, say).
+    if let Some(e) = conn.close_reason() {
+        return Err(super::tls::handshake_error(&e));
+    }
     probe_after_handshake(&conn);
     Ok(conn)
 }
+
+/// How long the dialler sends nothing on a connection whose handshake it
+/// just finished: an eighth of the round trip, the reordering QUIC's loss
+/// detection allows for (RFC 9002's time threshold is 9/8 of a round
+/// trip), at most [`HOLD_MAX`].
+///
+/// The peer reads nothing of what we send until our last handshake packet
+/// has reached it, and quinn drops (does not buffer) what arrives before
+/// it. Sent at once, a first call overtaken by that packet on a link that
+/// reorders is lost, and resent a round trip later at best
+/// ([`probe_after_handshake`]); sent after the hold, it arrives after it.
+/// The cost is the hold on each connection this node makes (12.5 ms on a
+/// 100 ms link); a call waiting meanwhile takes the peer's own connection
+/// if that arrives first.
+fn reorder_hold(rtt: Duration) -> Duration {
+    (rtt / 8).min(HOLD_MAX)
+}
+
+const HOLD_MAX: Duration = Duration::from_millis(50);
 
 /// When probes follow a finished handshake, in round trips after it.
 const PROBES: [f64; 4] = [0.1, 0.3, 0.6, 1.0];
 
 /// Sends a few one-byte datagrams over the first round trip of `conn`, a
-/// connection this node just made, so that calls sent at once on it are
-/// not held up if the peer dropped them.
+/// connection this node just made, so that calls sent on it are not held
+/// up if the peer dropped them.
 ///
 /// The dialler may send as soon as its handshake is done, but the peer
 /// reads nothing of it until the dialler's last handshake packet has
 /// reached it, and quinn drops (does not buffer) what arrives before it.
-/// On a link that reorders datagrams the first calls' packets can
-/// overtake that handshake packet and be dropped. QUIC resends lost data
+/// [`reorder_hold`] keeps the first calls behind that packet on a link
+/// that reorders within an eighth of a round trip; on one that reorders
+/// more, or loses that packet, they can still be dropped. QUIC resends lost data
 /// when a later packet is acknowledged, or else after its probe timeout,
 /// which after a first round trip R is about 3 R (0.9 s on a 300 ms link):
 /// seen as the first appends to a restarted or reconnected follower

@@ -602,6 +602,14 @@ impl Transport {
         self.shared.existing_slot(target).and_then(|s| s.uses_own())
     }
 
+    /// STREAM frames sent on the connection calls to `target` use.
+    #[cfg(test)]
+    pub(crate) fn stream_frames_sent(&self, target: NodeId) -> Option<u64> {
+        self.shared
+            .existing_slot(target)
+            .and_then(|s| s.stream_frames_sent())
+    }
+
     /// Makes sure a connection to `target` at `addr` exists or is being
     /// made, without waiting: voters keep one to each other so that a
     /// pre-vote or vote costs one round trip, not a handshake as well.
