@@ -434,10 +434,16 @@ impl PeerSlot {
     /// one. Without one the last measurement may be stale (the link may
     /// have slowed since), so callers use their full limits.
     pub(crate) fn rtt(&self) -> Option<Duration> {
+        self.in_use().map(|c| c.rtt())
+    }
+
+    /// The open connection calls go out on now (this node's or the
+    /// peer's).
+    pub(crate) fn in_use(&self) -> Option<Connection> {
         self.state
             .borrow()
             .pick(None, self.own_canonical())
-            .map(|p| p.conn.rtt())
+            .map(|p| p.conn)
     }
 
     /// Whether calls now go out on this node's own connection (`false`: on
@@ -449,14 +455,6 @@ impl PeerSlot {
         Some(
             matches!(&links.own, Conn::Up { conn, .. } if conn.stable_id() == pick.conn.stable_id()),
         )
-    }
-
-    /// STREAM frames sent on the connection calls use (resent ones too).
-    #[cfg(test)]
-    pub(crate) fn stream_frames_sent(&self) -> Option<u64> {
-        let links = self.state.borrow();
-        let pick = links.pick(None, self.own_canonical())?;
-        Some(pick.conn.stats().frame_tx.stream)
     }
 
     /// The open connection to `addr` (this node's or the peer's), waiting
@@ -908,12 +906,12 @@ async fn connect(
         .await
         .map_err(|_| format!("handshake unfinished within {ATTEMPT_MAX:?}"))?
         .map_err(|e| super::tls::handshake_error(&e))?;
-    debug!(target, addr, "connected");
     tokio::time::sleep(reorder_hold(conn.rtt())).await;
     // The peer may have refused us meanwhile (our certificate, say).
     if let Some(e) = conn.close_reason() {
         return Err(super::tls::handshake_error(&e));
     }
+    debug!(target, addr, "connected");
     probe_after_handshake(&conn);
     Ok(conn)
 }

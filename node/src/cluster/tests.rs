@@ -452,27 +452,10 @@ impl Forwarder {
         back.connect(server).await.unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
-        let (up_queue, up_sent) = {
-            let back = back.clone();
-            due_in_order(move |datagram: Vec<u8>| {
-                let back = back.clone();
-                async move {
-                    let _ = back.send(&datagram).await;
-                }
-            })
-        };
-        let (down_queue, down_sent) = {
-            let front = front.clone();
-            due_in_order(move |(datagram, to): (Vec<u8>, SocketAddr)| {
-                let front = front.clone();
-                async move {
-                    let _ = front.send_to(&datagram, to).await;
-                }
-            })
-        };
+        let (up_queue, up_sent) = delay_line(back.clone());
+        let (down_queue, down_sent) = delay_line(front.clone());
         let up = {
-            let (front, back, cut, client) =
-                (front.clone(), back.clone(), cut.clone(), client.clone());
+            let (front, cut, client) = (front.clone(), cut.clone(), client.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, from)) = front.recv_from(&mut buf).await {
@@ -487,28 +470,22 @@ impl Forwarder {
                         } else {
                             Duration::ZERO
                         };
-                    if delay.is_zero() {
-                        let _ = back.send(&buf[..n]).await;
-                    } else {
-                        let _ = up_queue.send((Instant::now() + delay, buf[..n].to_vec()));
-                    }
+                    let _ = up_queue.send((Instant::now() + delay, buf[..n].to_vec(), None));
                 }
             })
         };
         let down = {
-            let (front, cut) = (front.clone(), cut.clone());
+            let cut = cut.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok(n) = back.recv(&mut buf).await {
                     let to = *client.lock().unwrap();
-                    let Some(to) = to.filter(|_| !cut.load(Ordering::SeqCst)) else {
-                        continue;
-                    };
-                    if one_way.is_zero() {
-                        let _ = front.send_to(&buf[..n], to).await;
-                    } else {
-                        let _ =
-                            down_queue.send((Instant::now() + one_way, (buf[..n].to_vec(), to)));
+                    if let Some(to) = to.filter(|_| !cut.load(Ordering::SeqCst)) {
+                        let _ = down_queue.send((
+                            Instant::now() + one_way,
+                            buf[..n].to_vec(),
+                            Some(to),
+                        ));
                     }
                 }
             })
@@ -525,31 +502,30 @@ impl Forwarder {
     }
 }
 
-/// A queue whose items `send` handles one at a time, each once its due
-/// time has come, in the order of their due times (then of arrival):
-/// however late the task runs, it never reorders what is due in order.
-fn due_in_order<T, F, Fut>(
-    mut send: F,
+/// What a delay line sends: when, the datagram, and to whom (`None`: the
+/// socket's connected peer).
+type Due = (Instant, Vec<u8>, Option<SocketAddr>);
+
+/// Sends each datagram queued to it on `sock` once its due time has come,
+/// in the order of their due times (then of arrival): however late the
+/// task runs, it never reorders what is due in order.
+fn delay_line(
+    sock: Arc<tokio::net::UdpSocket>,
 ) -> (
-    tokio::sync::mpsc::UnboundedSender<(Instant, T)>,
+    tokio::sync::mpsc::UnboundedSender<Due>,
     tokio::task::JoinHandle<()>,
-)
-where
-    T: Send + 'static,
-    F: FnMut(T) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, T)>();
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Due>();
     let task = tokio::spawn(async move {
-        let mut queue: std::collections::BTreeMap<(Instant, u64), T> = Default::default();
+        let mut queue = std::collections::BTreeMap::new();
         let mut arrived = 0u64;
         loop {
-            let next = queue.keys().next().map(|k| k.0);
+            let next = queue.keys().next().map(|&(due, _)| due);
             tokio::select! {
                 item = rx.recv() => match item {
-                    Some((due, item)) => {
+                    Some((due, datagram, to)) => {
                         arrived += 1;
-                        queue.insert((due, arrived), item);
+                        queue.insert((due, arrived), (datagram, to));
                     }
                     None => return,
                 },
@@ -563,7 +539,11 @@ where
                         if entry.key().0 > Instant::now() {
                             break;
                         }
-                        send(entry.remove()).await;
+                        let (datagram, to): (Vec<u8>, Option<SocketAddr>) = entry.remove();
+                        let _ = match to {
+                            Some(to) => sock.send_to(&datagram, to).await,
+                            None => sock.send(&datagram).await,
+                        };
                     }
                 }
             }
@@ -597,7 +577,8 @@ async fn a_first_call_is_not_lost_to_a_link_that_reorders_the_handshake() {
         let addr = link.addr.to_string();
         let (client, _) = serve(&node_tls(&ca, 1), 1);
         client.call(2, &addr, vote(), PATIENCE).await.unwrap();
-        sent.push(client.stream_frames_sent(2).unwrap());
+        let conn = client.connection_to(2).unwrap();
+        sent.push(conn.stats().frame_tx.stream);
     }
     assert_eq!(sent[1], sent[0], "STREAM frames sent: in order, reordered");
 }

@@ -602,12 +602,10 @@ impl Transport {
         self.shared.existing_slot(target).and_then(|s| s.uses_own())
     }
 
-    /// STREAM frames sent on the connection calls to `target` use.
+    /// The connection calls to `target` go out on now.
     #[cfg(test)]
-    pub(crate) fn stream_frames_sent(&self, target: NodeId) -> Option<u64> {
-        self.shared
-            .existing_slot(target)
-            .and_then(|s| s.stream_frames_sent())
+    pub(crate) fn connection_to(&self, target: NodeId) -> Option<quinn::Connection> {
+        self.shared.existing_slot(target).and_then(|s| s.in_use())
     }
 
     /// Makes sure a connection to `target` at `addr` exists or is being
