@@ -187,10 +187,24 @@ impl Health {
 
     /// Records that the Raft core stopped because of `fatal`.
     pub(crate) fn fail(&self, fatal: &Fatal<NodeId>) {
-        let reason = format!(
+        self.fail_because(format!(
             "the Raft core stopped: {}; the node exits so that its service manager restarts it",
             self.storage_failure(fatal)
-        );
+        ));
+    }
+
+    /// Records that the state machine's rows, written behind the applied
+    /// batches, could not be written (`cause` in plain words): the next
+    /// batch's apply would stop the Raft core with it.
+    pub(crate) fn fail_writing_state(&self, cause: &str) {
+        self.fail_because(format!(
+            "the state machine could not be written: storage failure in {}: writing the state machine: {cause}; the node exits so that its service manager restarts it",
+            self.data_dir.display()
+        ));
+    }
+
+    /// Records the first failure, `reason`.
+    fn fail_because(&self, reason: String) {
         let first = self.failed.send_if_modified(|f| {
             let first = f.is_none();
             if first {
@@ -244,6 +258,19 @@ pub(crate) fn fatal_cause(fatal: &Fatal<NodeId>) -> String {
         Fatal::StorageError(other) => other.to_string(),
         Fatal::Panicked => "the Raft core panicked".into(),
         Fatal::Stopped => "the node's Raft is stopping".into(),
+    }
+}
+
+/// Watches the state machine's writes (`write_failures`) until its store
+/// closes; a failed one marks `health` failed.
+pub(crate) async fn watch_state_machine(
+    mut failures: watch::Receiver<Option<Arc<raft_store::StoreError>>>,
+    health: Arc<Health>,
+) {
+    if let Ok(failure) = failures.wait_for(Option::is_some).await
+        && let Some(e) = failure.as_ref()
+    {
+        health.fail_writing_state(&e.cause());
     }
 }
 

@@ -118,6 +118,12 @@ pub async fn start(
     );
     let state = sm.subscribe();
     let seals = vec![log.seal(), sm.seal()];
+    // The state machine writes its rows behind the batches: a failed write
+    // stops the node even while no batch comes to fail.
+    tokio::spawn(crate::health::watch_state_machine(
+        sm.write_failures(),
+        Arc::clone(health),
+    ));
     let committed = log.committed_index();
 
     let policy = Policy {

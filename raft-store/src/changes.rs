@@ -57,6 +57,13 @@ impl Rows {
         self.groups.is_empty() && self.certificates.is_empty() && !self.cluster
     }
 
+    /// Adds the rows `other` names.
+    pub(crate) fn merge(&mut self, other: Self) {
+        self.groups.extend(other.groups);
+        self.certificates.extend(other.certificates);
+        self.cluster |= other.cluster;
+    }
+
     pub(crate) fn changed(&self) -> Changed {
         Changed {
             groups: self.groups.clone(),

@@ -105,6 +105,10 @@ pub enum StoreError {
     /// The blocking task running a redb call panicked or was cancelled.
     #[error("storage task failed: {0}")]
     Task(String),
+    /// An earlier write failed, and the file takes no more until the node
+    /// restarts (the state machine's rows, written behind its batches).
+    #[error("{0}")]
+    Earlier(Arc<Self>),
 }
 
 macro_rules! from_redb {
@@ -157,6 +161,7 @@ impl StoreError {
                 format!("cannot create {}: {}", path.display(), io_cause(source))
             }
             Self::Task(_) => "the storage task stopped unexpectedly".into(),
+            Self::Earlier(e) => e.cause(),
             other => other.to_string(),
         }
     }
@@ -211,6 +216,7 @@ impl StoreError {
     /// The device is full (or the quota used up).
     pub fn is_no_space(&self) -> bool {
         let io = match self {
+            Self::Earlier(e) => return e.is_no_space(),
             Self::Db(e) => match e.as_ref() {
                 redb::Error::Io(io) => io,
                 _ => return false,
@@ -384,7 +390,11 @@ pub(crate) fn open(
 /// the drop then finds it done. A write after the seal only makes the
 /// close do it again.
 #[derive(Clone)]
-pub struct Seal(Arc<Database>);
+pub struct Seal {
+    db: Arc<Database>,
+    /// The state machine's rows not yet written, written first.
+    flusher: Option<Arc<crate::state_machine::Flusher>>,
+}
 
 impl fmt::Debug for Seal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -394,12 +404,31 @@ impl fmt::Debug for Seal {
 
 impl Seal {
     pub(crate) fn new(db: &Arc<Database>) -> Self {
-        Self(Arc::clone(db))
+        Self {
+            db: Arc::clone(db),
+            flusher: None,
+        }
     }
 
-    /// Writes the allocator state now (on the blocking pool).
+    /// A seal that first writes what `flusher` holds.
+    pub(crate) fn flushing(
+        db: &Arc<Database>,
+        flusher: &Arc<crate::state_machine::Flusher>,
+    ) -> Self {
+        Self {
+            db: Arc::clone(db),
+            flusher: Some(Arc::clone(flusher)),
+        }
+    }
+
+    /// Writes what is pending and the allocator state now (on the
+    /// blocking pool).
     pub async fn seal(self) -> Result<(), StoreError> {
-        blocking(&self.0, |db| {
+        let flusher = self.flusher;
+        blocking(&self.db, move |db| {
+            if let Some(f) = flusher {
+                f.flush()?;
+            }
             let mut txn = db.begin_write()?;
             txn.set_quick_repair(true);
             txn.commit()?;

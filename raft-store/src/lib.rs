@@ -32,18 +32,26 @@
 //!  client_write(Request) ─▶ LogStore::append ──fsync──▶ replicated, committed
 //!     <data_dir>/raft-log.redb                                  │
 //!                                                               ▼
-//!  StateMachineStore::apply ─▶ State::apply per entry ─▶ changed rows fsync'd
-//!     <data_dir>/state-machine.redb                             │
-//!                                                               ▼
-//!  watch::Sender<AppliedState> ─▶ subscribe() receivers (data plane, admin reads)
+//!  StateMachineStore::apply ─▶ State::apply per entry (in memory)
+//!     │                                                         │
+//!     │ within FLUSH_AFTER: the rows changed since the last     ▼
+//!     ▼ flush, one fsync'd transaction          watch::Sender<AppliedState>
+//!  <data_dir>/state-machine.redb                 ─▶ subscribe() receivers
+//!                                                (data plane, admin reads)
 //!  Response { result: Ok(Applied) | Err(ApplyError) } ─▶ client_write's caller
 //! ```
 //!
 //! Durability: a log entry or vote is fsync'd before openraft is told it is
-//! stored; the applied state is fsync'd before it is published and answered.
-//! So an acknowledged write survives a crash of any minority and a restart
-//! of the whole cluster, and a restarted node serves its last applied state
-//! before it hears from a leader. The [`log_store`], [`state_machine`] and
+//! stored; the applied state is published and answered from memory, and
+//! its rows are written behind it, within
+//! [`FLUSH_AFTER`](state_machine::FLUSH_AFTER) (100 ms), one fsync'd
+//! transaction for all the batches of that period, as etcd batches its
+//! backend's commits. So an acknowledged write survives a crash of any
+//! minority and a restart of the whole cluster (it is in the log of a
+//! majority), and a restarted node serves its last applied state before it
+//! hears from a leader: openraft re-applies the log up to the committed
+//! index saved with it, which leaves out at most the last moment's
+//! commits. The [`log_store`], [`state_machine`] and
 //! [`snapshot`] modules give the details; docs/storage.md the layout, its
 //! versions and the compatibility rules. Corrupt bytes on disk or in a
 //! received snapshot are a [`StorageError`](types::StorageError), never a

@@ -134,6 +134,9 @@ pub(crate) fn snapshot_id(last: Option<LogId>) -> String {
 /// taken; applying goes on meanwhile.
 pub struct SnapshotBuilder {
     pub(crate) db: Arc<Database>,
+    /// Flushed before the meta commits: openraft purges the log behind the
+    /// snapshot once it is built, so the file must hold the rows up to it.
+    pub(crate) flusher: Arc<crate::state_machine::Flusher>,
     pub(crate) files: Arc<Files>,
     pub(crate) last_applied: Option<LogId>,
     pub(crate) membership: StoredMembership,
@@ -152,11 +155,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let stored = meta.clone();
         let signature = meta.signature();
         let started = std::time::Instant::now();
-        let file = db::blocking(&self.db, move |db| files.build(db, &stored, &state))
-            .await
-            .map_err(|e| {
-                e.into_storage(ErrorSubject::Snapshot(Some(signature)), ErrorVerb::Write)
-            })?;
+        let flusher = Arc::clone(&self.flusher);
+        let file = db::blocking(&self.db, move |db| {
+            flusher.flush()?;
+            files.build(db, &stored, &state)
+        })
+        .await
+        .map_err(|e| e.into_storage(ErrorSubject::Snapshot(Some(signature)), ErrorVerb::Write))?;
         let bytes = file.metadata().map(|m| m.len()).unwrap_or_default();
         tracing::info!(
             snapshot = %meta.snapshot_id,

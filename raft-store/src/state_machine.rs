@@ -6,14 +6,31 @@
 //! layout and its versions) and table `snapshot` the current snapshot's
 //! meta; its bytes are a file in `<data_dir>/snapshots/`.
 //!
-//! After each batch of committed entries, `apply` writes the rows the batch
-//! changed and the last applied log id in one transaction with
-//! `Durability::Immediate` (one fsync per batch) and only then publishes
-//! the state and answers. So a node that restarts, even alone and without
-//! a quorum, serves the state it last applied at once instead of an older
-//! snapshot; openraft re-applies only what was committed but not yet
-//! applied. A batch costs what it changed: attaching an instance rewrites
-//! one group row, whatever the number of groups.
+//! Each batch of committed entries is applied in memory, published and
+//! answered; `apply` does no I/O. The rows the batches changed are written
+//! behind them: a flush, within [`FLUSH_AFTER`] of the first batch not
+//! yet written, writes the rows changed since the last flush as they are
+//! in the newest applied state, with the last applied log id and the
+//! membership, in one durable transaction (one fsync per period under a
+//! write load, whatever the number of batches, as etcd commits its backend
+//! in batches). A row changed by many batches in a period is written once,
+//! and a flush costs what changed, whatever the number of groups.
+//!
+//! Nothing acknowledged depends on the flush: every applied entry is in
+//! the Raft log, fsync'd before it was committed, and each flush leaves
+//! the file a consistent prefix of the log (rows and last applied log id
+//! together). After a crash the file is as of its last flush, and openraft
+//! re-applies the entries up to the committed index the log store saved
+//! before the node serves (`get_initial_state`), so a node that restarts
+//! alone and without a quorum still serves the state it last applied, less
+//! at most the entries committed in its last moments, which the leader's
+//! next commit index brings. The log is never purged past what is written
+//! here: a snapshot's build flushes before its meta commits, and openraft
+//! purges only behind that. Installing a snapshot writes every row (and
+//! drops what was pending); the exit's [`seal`](StateMachineStore::seal)
+//! and dropping the store flush. A flush that fails (a full disk) fails the
+//! next batch's apply with its cause, and openraft stops the node, as a
+//! failed apply always did.
 //!
 //! Entries:
 //! - `Normal` runs [`State::apply`]; its `Ok` or [`ApplyError`](crate::ApplyError)
@@ -23,7 +40,9 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend};
@@ -41,6 +60,9 @@ use crate::types::{
 
 /// File name of the state machine database inside the data dir.
 pub(crate) const FILE: &str = "state-machine.redb";
+
+/// The longest an applied batch's rows wait to be written (module docs).
+pub const FLUSH_AFTER: Duration = Duration::from_millis(100);
 
 /// What the state machine publishes after every batch it applies: the state
 /// and the index of the last log entry applied to it (entries that change
@@ -84,6 +106,10 @@ pub struct StateMachineStore {
     membership: StoredMembership,
     /// Holds the current state; receivers see every batch's result.
     state: watch::Sender<AppliedState>,
+    /// Makes the batches' commits durable ([`Self::flush_soon`]).
+    flusher: Arc<Flusher>,
+    /// [`FLUSH_AFTER`], or what a test sets.
+    flush_after: Duration,
 }
 
 impl fmt::Debug for StateMachineStore {
@@ -131,6 +157,7 @@ impl StateMachineStore {
             );
         }
         tracing::debug!(last_applied = ?record.last_applied, "state machine loaded");
+        let flusher = Arc::new(Flusher::new(&db));
         Ok(Self {
             db,
             files,
@@ -140,6 +167,8 @@ impl StateMachineStore {
                 record.last_applied.map_or(0, |l| l.index),
                 Arc::new(record.state),
             )),
+            flusher,
+            flush_after: FLUSH_AFTER,
         })
     }
 
@@ -153,15 +182,35 @@ impl StateMachineStore {
         self.state.subscribe()
     }
 
+    /// Tells of the first failed write of the rows (they are written
+    /// behind the batches, module docs): from then on every apply fails
+    /// with it, and the node should stop as on a failed apply, even while
+    /// no batch comes to fail.
+    pub fn write_failures(&self) -> watch::Receiver<Option<Arc<StoreError>>> {
+        self.flusher.failure.subscribe()
+    }
+
     /// Readies the file for the process's exit ([`crate::Seal`]). Take it
     /// before handing the store to `Raft::new`.
     pub fn seal(&self) -> crate::Seal {
-        crate::Seal::new(&self.db)
+        crate::Seal::flushing(&self.db, &self.flusher)
     }
 
     /// The current applied state.
     pub fn current(&self) -> Arc<State> {
         Arc::clone(&self.state.borrow().state)
+    }
+
+    /// Sets how long a commit may stay not durable, for tests.
+    #[cfg(test)]
+    pub(crate) fn set_flush_after(&mut self, after: Duration) {
+        self.flush_after = after;
+    }
+
+    /// Writes the rows still pending now, as a flush does (module docs).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let flusher = Arc::clone(&self.flusher);
+        db::blocking(&self.db, move |_| flusher.flush()).await
     }
 
     /// The database, for tests.
@@ -175,23 +224,154 @@ impl StateMachineStore {
         self.last_applied
     }
 
-    /// Writes the changed `rows` of `state` and the meta rows in one
-    /// durable transaction.
-    async fn persist(
+    /// Writes what is pending `flush_after` from now, unless a flush is
+    /// already on its way: one that starts after this call writes what
+    /// this call's batch left pending.
+    fn flush_soon(&self) {
+        if self.flusher.scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let flusher = Arc::clone(&self.flusher);
+        let after = self.flush_after;
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            // Cleared before the flush takes what is pending: a batch
+            // applied from now on schedules the next one.
+            flusher.scheduled.store(false, Ordering::Release);
+            let f = Arc::clone(&flusher);
+            if let Err(e) = tokio::task::spawn_blocking(move || f.flush()).await {
+                flusher.failed(StoreError::Task(e.to_string()));
+            }
+        });
+    }
+}
+
+/// What the file lacks: the rows changed since the last flush, as they
+/// are in the newest applied state.
+struct Pending {
+    rows: Rows,
+    state: Arc<State>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+/// Writes the applied batches' rows behind them (module docs).
+pub(crate) struct Flusher {
+    /// The store's database while the store is open. Every write of rows
+    /// holds this lock (a flush, a snapshot install), so that they never
+    /// interleave; the store's drop clears it after its last flush, and
+    /// the file then closes with the store.
+    db: Mutex<Weak<Database>>,
+    pending: Mutex<Option<Pending>>,
+    /// A flush is on its way.
+    scheduled: AtomicBool,
+    /// Why the first flush that failed did: every later apply and flush
+    /// answers it (redb takes no more writes after an I/O error either).
+    failure: watch::Sender<Option<Arc<StoreError>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Flusher {
+    fn new(db: &Arc<Database>) -> Self {
+        Self {
+            db: Mutex::new(Arc::downgrade(db)),
+            pending: Mutex::new(None),
+            scheduled: AtomicBool::new(false),
+            failure: watch::Sender::new(None),
+        }
+    }
+
+    /// The failure every write answers once a flush failed.
+    fn failure(&self) -> Option<StoreError> {
+        self.failure.borrow().clone().map(StoreError::Earlier)
+    }
+
+    /// Notes a batch: the rows it changed and what the state is after it.
+    fn note(
         &self,
         rows: Rows,
+        state: Arc<State>,
         last_applied: Option<LogId>,
         membership: StoredMembership,
-        state: Arc<State>,
-    ) -> Result<(), StoreError> {
-        db::blocking(&self.db, move |db| {
+    ) {
+        let mut pending = lock(&self.pending);
+        let merged = match pending.take() {
+            Some(mut p) => {
+                p.rows.merge(rows);
+                p.rows
+            }
+            None => rows,
+        };
+        *pending = Some(Pending {
+            rows: merged,
+            state,
+            last_applied,
+            membership,
+        });
+    }
+
+    /// Writes what is pending in one durable transaction. Blocks on file
+    /// I/O.
+    /// After a failure it writes nothing and answers that failure: rows
+    /// written after rows that were not would leave the file claiming
+    /// entries it lacks.
+    pub(crate) fn flush(&self) -> Result<(), StoreError> {
+        let open = lock(&self.db);
+        if let Some(e) = self.failure() {
+            return Err(e);
+        }
+        let Some(db) = open.upgrade() else {
+            return Ok(());
+        };
+        let Some(p) = lock(&self.pending).take() else {
+            return Ok(());
+        };
+        let written = (|| {
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate);
-            rows::write_changed(&txn, &rows, &state, last_applied, &membership)?;
+            rows::write_changed(&txn, &p.rows, &p.state, p.last_applied, &p.membership)?;
             txn.commit()?;
             Ok(())
-        })
-        .await
+        })();
+        if let Err(e) = written {
+            // Still pending: the newest state holds them.
+            let mut pending = lock(&self.pending);
+            match pending.as_mut() {
+                Some(newer) => newer.rows.merge(p.rows),
+                None => *pending = Some(p),
+            }
+            return Err(self.failed(e));
+        }
+        Ok(())
+    }
+
+    /// Records `e` as the failure, unless one is recorded: answers the one
+    /// recorded.
+    fn failed(&self, e: StoreError) -> StoreError {
+        let e = Arc::new(e);
+        let first = self.failure.send_if_modified(|f| {
+            let first = f.is_none();
+            if first {
+                *f = Some(Arc::clone(&e));
+            }
+            first
+        });
+        if first {
+            tracing::error!(cause = %e.cause(), "writing the state machine failed");
+        }
+        self.failure().unwrap_or(StoreError::Earlier(e))
+    }
+}
+
+impl Drop for StateMachineStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.flusher.flush() {
+            tracing::error!(cause = %e.cause(), "writing the state machine at close failed");
+        }
+        *lock(&self.flusher.db) = Weak::new();
     }
 }
 
@@ -207,6 +387,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        if let Some(e) = self.flusher.failure() {
+            return Err(e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write));
+        }
         let mut last_applied = self.last_applied;
         let mut membership = self.membership.clone();
         // Copied on the first command; the published state is never mutated.
@@ -244,9 +427,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             _ => self.current(),
         };
         let changed = rows.changed();
-        self.persist(rows, last_applied, membership.clone(), Arc::clone(&state))
-            .await
-            .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))?;
+        self.flusher
+            .note(rows, Arc::clone(&state), last_applied, membership.clone());
+        self.flush_soon();
         self.last_applied = last_applied;
         self.membership = membership;
         let index = last_applied.map_or(0, |l| l.index);
@@ -262,6 +445,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             db: Arc::clone(&self.db),
+            flusher: Arc::clone(&self.flusher),
             files: Arc::clone(&self.files),
             last_applied: self.last_applied,
             membership: self.membership.clone(),
@@ -291,10 +475,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let data = snapshot.into_std().await;
         let files = Arc::clone(&self.files);
+        let flusher = Arc::clone(&self.flusher);
         let stored = meta.clone();
-        let record = db::blocking(&self.db, move |db| files.install(db, &stored, data))
-            .await
-            .map_err(fail)?;
+        let record = db::blocking(&self.db, move |db| {
+            // Every row is written from the snapshot: what was pending is
+            // older, and no flush may land after it.
+            let _writing = lock(&flusher.db);
+            let record = files.install(db, &stored, data)?;
+            lock(&flusher.pending).take();
+            Ok(record)
+        })
+        .await
+        .map_err(fail)?;
         tracing::info!(snapshot = %meta.snapshot_id, groups = record.state.group_count(), "installed snapshot");
         self.last_applied = record.last_applied;
         self.membership = record.membership;

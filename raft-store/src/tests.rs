@@ -545,3 +545,4 @@ async fn changed_since_names_what_each_batch_changed() {
 
 mod corrupt;
 mod faults;
+mod flush;

@@ -206,6 +206,7 @@ async fn a_batch_writes_only_the_rows_it_changed() {
     sm.apply([normal(1, create(group("web"))), normal(2, create(other))])
         .await
         .unwrap();
+    sm.flush().await.unwrap();
     let sentinel = b"not rewritten".as_slice();
     rows::put_group_row(sm.db(), Uuid::from_u128(8), sentinel);
 
@@ -214,6 +215,7 @@ async fn a_batch_writes_only_the_rows_it_changed() {
         instance: instance(1),
     };
     sm.apply([normal(3, attach)]).await.unwrap();
+    sm.flush().await.unwrap();
     let row = rows::group_row(sm.db(), Uuid::from_u128(7)).unwrap();
     let web: ServiceGroup = serde_json::from_slice(&row).unwrap();
     assert_eq!(web.instances, [instance(1)]);

@@ -1,0 +1,216 @@
+//! The state machine's rows: written a flush period behind the batches
+//! that changed them, not by each batch (`state_machine` module docs).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use openraft::storage::RaftStateMachine;
+use uuid::Uuid;
+
+use super::{TempDir, build, group, normal, open};
+use crate::command::Command;
+use crate::faults::{Fault, Faults, Op, Plan};
+use crate::model::ServiceGroup;
+use crate::{StateMachineStore, rows, state_machine};
+
+fn create(index: u64) -> crate::types::Entry {
+    normal(
+        index,
+        Command::CreateGroup {
+            group: ServiceGroup {
+                uuid: Uuid::from_u128(u128::from(index)),
+                ..group(&format!("g{index}"))
+            },
+        },
+    )
+}
+
+/// The state machine as a crash would leave it now: its file as the kernel
+/// holds it (what a killed process leaves behind), copied and opened alone.
+/// Returns the last applied index it holds and its groups' names, sorted.
+fn after_a_crash(dir: &Path) -> (u64, Vec<String>) {
+    let image = TempDir::new();
+    let snapshots = image.path().join("snapshots");
+    std::fs::create_dir_all(&snapshots).unwrap();
+    std::fs::copy(
+        dir.join(state_machine::FILE),
+        image.path().join(state_machine::FILE),
+    )
+    .unwrap();
+    if let Ok(files) = std::fs::read_dir(dir.join("snapshots")) {
+        for f in files {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), snapshots.join(f.file_name())).unwrap();
+        }
+    }
+    let sm = StateMachineStore::open(image.path()).unwrap();
+    let applied = sm.last_applied().map_or(0, |l| l.index);
+    let mut names: Vec<String> = sm.current().groups().map(|g| g.name.clone()).collect();
+    names.sort();
+    (applied, names)
+}
+
+/// `g1`…`gN`, sorted as strings.
+fn names(n: u64) -> Vec<String> {
+    let mut v: Vec<String> = (1..=n).map(|i| format!("g{i}")).collect();
+    v.sort();
+    v
+}
+
+/// Every write to the state machine's file fails from now on.
+fn fail_writes(faults: &Faults) {
+    faults.arm(Plan {
+        op: Op::Write,
+        fault: Fault::Io,
+        after: 0,
+        times: None,
+        file: Some(state_machine::FILE.into()),
+    });
+}
+
+#[tokio::test]
+async fn batches_answer_without_touching_the_file_and_the_seal_writes_them() {
+    let dir = TempDir::new();
+    let faults = Faults::new();
+    let mut sm = StateMachineStore::open_with(dir.path(), Some(&faults)).unwrap();
+    sm.set_flush_after(Duration::from_secs(3600));
+    // A batch that wrote the file would fail.
+    fail_writes(&faults);
+    for i in 1..=20 {
+        let r = sm.apply([create(i)]).await.unwrap();
+        assert!(matches!(r[0].result, Some(Ok(_))), "{r:?}");
+    }
+    assert!(faults.injected().is_empty(), "{:?}", faults.injected());
+    assert_eq!(sm.current().groups().count(), 20);
+    assert_eq!(after_a_crash(dir.path()), (0, vec![]));
+
+    faults.clear();
+    sm.seal().seal().await.unwrap();
+    assert_eq!(after_a_crash(dir.path()), (20, names(20)));
+}
+
+#[tokio::test]
+async fn a_snapshot_is_built_only_once_the_rows_up_to_it_are_written() {
+    let dir = TempDir::new();
+    let (_log, mut sm) = open(dir.path());
+    sm.set_flush_after(Duration::from_secs(3600));
+    for i in 1..=5 {
+        sm.apply([create(i)]).await.unwrap();
+    }
+    let snapshot = build(&mut sm).await;
+    assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(5));
+    // openraft purges the log behind it now: the file holds what it held.
+    assert_eq!(after_a_crash(dir.path()), (5, names(5)));
+}
+
+#[tokio::test]
+async fn an_installed_snapshot_drops_the_rows_still_pending() {
+    let source = TempDir::new();
+    let (_slog, mut leader) = open(source.path());
+    for i in 1..=3 {
+        leader.apply([create(i)]).await.unwrap();
+    }
+    let snapshot = build(&mut leader).await;
+
+    let dir = TempDir::new();
+    let (_log, mut sm) = open(dir.path());
+    sm.set_flush_after(Duration::from_secs(3600));
+    // Pending when the snapshot arrives: a group the snapshot lacks.
+    sm.apply([normal(
+        1,
+        Command::CreateGroup {
+            group: ServiceGroup {
+                uuid: Uuid::from_u128(99),
+                ..group("stale")
+            },
+        },
+    )])
+    .await
+    .unwrap();
+    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    sm.seal().seal().await.unwrap();
+    assert_eq!(after_a_crash(dir.path()), (3, names(3)));
+}
+
+#[tokio::test]
+async fn a_failed_write_fails_the_next_apply_in_plain_words() {
+    let dir = TempDir::new();
+    let faults = Faults::new();
+    let mut sm = StateMachineStore::open_with(dir.path(), Some(&faults)).unwrap();
+    sm.set_flush_after(Duration::from_millis(10));
+    fail_writes(&faults);
+    sm.apply([create(1)]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut next = 2;
+    let error = loop {
+        match sm.apply([create(next)]).await {
+            Err(e) => break e.to_string(),
+            Ok(_) => next += 1,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "applies still answer 10 s after the writes began to fail"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(!faults.injected().is_empty());
+    assert!(
+        error.contains("input/output error") && !error.contains("::"),
+        "{error}"
+    );
+    // Told at once to whoever watches (the node's health), with the cause.
+    let told = sm
+        .write_failures()
+        .borrow()
+        .clone()
+        .expect("a failure told");
+    assert!(told.cause().contains("input/output error"), "{told}");
+    // Nothing is written after the failed flush, whatever comes: the file
+    // never claims entries whose rows it lacks.
+    faults.clear();
+    assert!(sm.seal().seal().await.is_err());
+    assert!(sm.apply([create(next + 1)]).await.is_err());
+    drop(sm);
+    let (applied, groups) = after_a_crash(dir.path());
+    assert_eq!(groups, names(applied));
+    assert!(
+        applied < next,
+        "the file claims {applied}, applied {}",
+        next - 1
+    );
+}
+
+#[tokio::test]
+async fn the_rows_are_written_within_the_flush_period() {
+    let dir = TempDir::new();
+    let (_log, mut sm) = open(dir.path());
+    sm.set_flush_after(Duration::from_millis(50));
+    for round in 0..2u64 {
+        let first = 5 * round + 1;
+        for i in first..first + 5 {
+            sm.apply([create(i)]).await.unwrap();
+        }
+        let want = first + 4;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // Read from the open file (a copy could catch a commit midway);
+            // every commit of the flush is durable.
+            let written = rows::load(sm.db()).unwrap();
+            let durable = written.last_applied.map_or(0, |l| l.index);
+            if durable == want {
+                let mut groups: Vec<String> =
+                    written.state.groups().map(|g| g.name.clone()).collect();
+                groups.sort();
+                assert_eq!(groups, names(want));
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: durable up to {durable}, applied up to {want}, 10 s on"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
