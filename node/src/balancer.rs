@@ -113,7 +113,7 @@ mod tests;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Instant;
 
 use gossip::{LOAD_FRAC_BITS, LOAD_ONE, PeerLoad, Started};
@@ -144,13 +144,42 @@ pub struct GroupBalancer {
 /// written about once per report, so picks share it without contention.
 /// Only the pick or release that raises it wakes the sender, at most once
 /// per report and never per request.
+///
+/// It also keeps the backends picked at least once, registered at their
+/// first pick: what the sender samples. An instance never picked has
+/// nothing to report, and walking the whole routing table at every report
+/// cost O(instances) (100,000 on a large table) per change.
 #[derive(Debug, Default)]
 pub struct LoadChanged {
     raised: AtomicBool,
     wake: Notify,
+    picked: Mutex<Vec<Weak<Backend>>>,
 }
 
 impl LoadChanged {
+    /// Registers `backend`, picked for the first time.
+    fn first_pick(&self, backend: &Arc<Backend>) {
+        self.picked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(backend));
+    }
+
+    /// The backends ever picked that are still attached (a detached one
+    /// drains, and is forgotten here).
+    pub fn picked(&self) -> Vec<Arc<Backend>> {
+        let mut picked = self.picked.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut attached = Vec::with_capacity(picked.len());
+        picked.retain(|w| match w.upgrade() {
+            Some(b) if !b.is_draining() => {
+                attached.push(b);
+                true
+            }
+            _ => false,
+        });
+        attached
+    }
+
     /// Raises the flag; wakes the waiter if it was down.
     pub fn raise(&self) {
         if !self.raised.load(Ordering::Relaxed) && !self.raised.swap(true, Ordering::AcqRel) {
@@ -505,7 +534,7 @@ impl GroupBalancer {
     /// [`Inner::admissible`]).
     pub fn pick<R: Rng + ?Sized>(self: &Arc<Self>, now: Instant, rng: &mut R) -> Pick {
         let hard_limit = u64::from(self.hard_limit()) << LOAD_FRAC_BITS;
-        let (backend, slot, started, stale) = {
+        let (backend, slot, started, stale, first) = {
             let mut inner = self.lock();
             inner.expire(now);
             let (mut slot, key) = loop {
@@ -535,12 +564,16 @@ impl GroupBalancer {
             let Some(backend) = inner.slots.get(slot).map(|s| Arc::clone(&s.backend)) else {
                 return Pick::NoInstances;
             };
+            let first = !backend.counters().used();
             let started = backend.add_inflight(now);
             inner.refresh(slot);
-            (backend, slot, started, inner.stale)
+            (backend, slot, started, inner.stale, first)
         };
         if stale {
             in_home(&backend, Some(self), Inner::refresh);
+        }
+        if first && let Some(c) = &self.changes {
+            c.first_pick(&backend);
         }
         self.changed();
         backend.metrics.selected.inc();

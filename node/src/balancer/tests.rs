@@ -513,3 +513,42 @@ fn balancers_replaced_under_load_end_exact() {
     drop(last.pick(start + Duration::from_secs(3600), &mut rng));
     assert_consistent(&last);
 }
+
+#[test]
+fn the_sender_samples_the_backends_ever_picked_while_they_stay_attached() {
+    let changes = Arc::new(LoadChanged::default());
+    let b: Vec<Arc<Backend>> = (0..4).map(|i| backend(&format!("b{i}"))).collect();
+    let g = Arc::new(GroupBalancer::over(
+        1_000,
+        Some(Arc::clone(&changes)),
+        b.clone(),
+    ));
+    assert!(changes.picked().is_empty(), "nothing picked yet");
+    let mut rng = SmallRng::seed_from_u64(7);
+    let now = Instant::now();
+    // Two picks held: two distinct backends (least loaded first), each
+    // registered once however often it is picked.
+    let held: Vec<Pick> = (0..2).map(|_| g.pick(now, &mut rng)).collect();
+    for _ in 0..20 {
+        drop(g.pick(now, &mut rng));
+    }
+    let ids = |v: Vec<Arc<Backend>>| {
+        let mut ids: Vec<Uuid> = v.iter().map(|b| b.uuid).collect();
+        ids.sort();
+        ids
+    };
+    let picked = ids(changes.picked());
+    let mut all = ids(b.clone());
+    all.dedup();
+    assert_eq!(picked, all, "every backend was picked once at least");
+    assert_eq!(changes.picked().len(), 4, "registered once each");
+
+    // A detached backend (draining) is forgotten; so is one dropped.
+    start_drain(&b[0], Duration::from_secs(30));
+    drop(held);
+    assert_eq!(ids(changes.picked()), ids(b[1..].to_vec()));
+    drop(g);
+    let survivors = b[1..3].to_vec();
+    drop(b);
+    assert_eq!(ids(changes.picked()), ids(survivors));
+}

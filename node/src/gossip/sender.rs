@@ -89,11 +89,10 @@ pub(super) async fn run(
             schedule.sampled(now.into_std(), unix_ms(), None, &mut rand::rng());
             continue;
         }
-        let routes = gossip.dataplane.routes.load();
-        let counters = routes
-            .groups()
-            .flat_map(|g| g.backends.values())
-            .map(|b| (b.uuid.into_bytes(), b.counters()));
+        // The instances ever picked and still attached, not the whole
+        // table: a report costs what carried work.
+        let picked = changed.picked();
+        let counters = picked.iter().map(|b| (b.uuid.into_bytes(), b.counters()));
         let wall = unix_ms();
         let report = tracker.report(now.into_std(), wall, counters);
         let full = schedule.full_due(now.into_std());
