@@ -4,11 +4,12 @@
 //!
 //! ```text
 //!  data plane: pick / release ─▶ Backend LoadCounters (atomics)
-//!        │ raise LoadChanged (once per report, never per request)
+//!        │ raise LoadChanged (once per report, never per request); a
+//!        │ backend's first pick registers it there
 //!        ▼
 //!  sender ── at most every gossip_min_interval while counts change, and a
 //!   │        heartbeat every gossip_interval (both ±20 %): Tracker samples
-//!   │        every backend's counters ─▶ Report ─▶ DeltaEncoder: the full
+//!   │        the registered backends still attached ─▶ Report ─▶ DeltaEncoder: the full
 //!   │        report, and a delta on the previous one unless a full one is
 //!   │        due (at least every gossip_interval) ─▶ watch (latest)
 //!   ▼
