@@ -205,10 +205,14 @@ async fn foreign_or_missing_client_certificate_is_refused() {
         e.is_unreachable() || matches!(e, TransportError::Stream(_)),
         "{e}"
     );
+    // The dialler begins a fresh handshake while one goes unanswered
+    // (every 1.25 round trips), so a slow refusal may be counted twice.
     eventually("a failed handshake", || {
-        server.stats().handshakes_failed == 1
+        server.stats().handshakes_failed >= 1
     })
     .await;
+    drop(client);
+    let refused = server.stats().handshakes_failed;
 
     // No client certificate at all.
     let mut roots = rustls::RootCertStore::empty();
@@ -244,8 +248,8 @@ async fn foreign_or_missing_client_certificate_is_refused() {
     .await
     .expect("refused in time");
     assert!(outcome.is_err(), "{outcome:?}");
-    eventually("a second failed handshake", || {
-        server.stats().handshakes_failed == 2
+    eventually("one more failed handshake", || {
+        server.stats().handshakes_failed > refused
     })
     .await;
     assert!(echo.seen().is_empty());
