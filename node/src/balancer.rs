@@ -153,30 +153,54 @@ pub struct GroupBalancer {
 pub struct LoadChanged {
     raised: AtomicBool,
     wake: Notify,
-    picked: Mutex<Vec<Weak<Backend>>>,
+    picked: Mutex<Picked>,
+}
+
+/// The backends registered at their first pick.
+#[derive(Debug, Default)]
+struct Picked {
+    list: Vec<Weak<Backend>>,
+    /// At this length a registration forgets the detached ones itself (the
+    /// sender does at each report, but skips reports while it has no
+    /// peer): the list stays within twice the backends attached.
+    prune_at: usize,
+}
+
+impl Picked {
+    /// Forgets the backends detached (draining) or dropped; calls `keep`
+    /// with each of the others.
+    fn prune(&mut self, mut keep: impl FnMut(Arc<Backend>)) {
+        self.list.retain(|w| match w.upgrade() {
+            Some(b) if !b.is_draining() => {
+                keep(b);
+                true
+            }
+            _ => false,
+        });
+        self.prune_at = (2 * self.list.len()).max(64);
+    }
 }
 
 impl LoadChanged {
+    fn picked_list(&self) -> MutexGuard<'_, Picked> {
+        self.picked.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Registers `backend`, picked for the first time.
     fn first_pick(&self, backend: &Arc<Backend>) {
-        self.picked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Arc::downgrade(backend));
+        let mut picked = self.picked_list();
+        picked.list.push(Arc::downgrade(backend));
+        if picked.list.len() >= picked.prune_at {
+            picked.prune(drop);
+        }
     }
 
     /// The backends ever picked that are still attached (a detached one
     /// drains, and is forgotten here).
     pub fn picked(&self) -> Vec<Arc<Backend>> {
-        let mut picked = self.picked.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut attached = Vec::with_capacity(picked.len());
-        picked.retain(|w| match w.upgrade() {
-            Some(b) if !b.is_draining() => {
-                attached.push(b);
-                true
-            }
-            _ => false,
-        });
+        let mut picked = self.picked_list();
+        let mut attached = Vec::with_capacity(picked.list.len());
+        picked.prune(|b| attached.push(b));
         attached
     }
 

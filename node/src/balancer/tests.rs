@@ -552,3 +552,24 @@ fn the_sender_samples_the_backends_ever_picked_while_they_stay_attached() {
     drop(b);
     assert_eq!(ids(changes.picked()), ids(survivors));
 }
+
+#[test]
+fn detached_backends_leave_the_registry_without_a_sender() {
+    // A node with no peer sends no report, so nothing asks for the picked
+    // backends: registrations alone keep the list bounded under churn.
+    let changes = Arc::new(LoadChanged::default());
+    let mut rng = SmallRng::seed_from_u64(11);
+    for _ in 0..1_000 {
+        let b = backend("churned");
+        let g = Arc::new(GroupBalancer::over(
+            1_000,
+            Some(Arc::clone(&changes)),
+            vec![Arc::clone(&b)],
+        ));
+        drop(g.pick(Instant::now(), &mut rng));
+        start_drain(&b, Duration::from_secs(30));
+    }
+    let len = changes.picked_list().list.len();
+    assert!(len <= 64, "{len} registrations kept for 0 attached backends");
+    assert!(changes.picked().is_empty());
+}
