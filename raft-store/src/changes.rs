@@ -57,11 +57,12 @@ impl Rows {
         self.groups.is_empty() && self.certificates.is_empty() && !self.cluster
     }
 
-    /// Adds the rows `other` names.
-    pub(crate) fn merge(&mut self, other: Self) {
+    /// The rows either names.
+    pub(crate) fn merged(mut self, other: Self) -> Self {
         self.groups.extend(other.groups);
         self.certificates.extend(other.certificates);
         self.cluster |= other.cluster;
+        self
     }
 
     pub(crate) fn changed(&self) -> Changed {

@@ -28,9 +28,10 @@
 //! here: a snapshot's build flushes before its meta commits, and openraft
 //! purges only behind that. Installing a snapshot writes every row (and
 //! drops what was pending); the exit's [`seal`](StateMachineStore::seal)
-//! and dropping the store flush. A flush that fails (a full disk) fails the
-//! next batch's apply with its cause, and openraft stops the node, as a
-//! failed apply always did.
+//! and dropping the store flush. A flush that fails (a full disk) writes
+//! nothing more, is told at once to [`write_failures`](StateMachineStore::write_failures)
+//! (the node's health), and fails every later apply with its cause, so
+//! openraft stops the node, as a failed apply always did.
 //!
 //! Entries:
 //! - `Normal` runs [`State::apply`]; its `Ok` or [`ApplyError`](crate::ApplyError)
@@ -106,7 +107,7 @@ pub struct StateMachineStore {
     membership: StoredMembership,
     /// Holds the current state; receivers see every batch's result.
     state: watch::Sender<AppliedState>,
-    /// Makes the batches' commits durable ([`Self::flush_soon`]).
+    /// Writes the batches' rows behind them ([`Self::flush_soon`]).
     flusher: Arc<Flusher>,
     /// [`FLUSH_AFTER`], or what a test sets.
     flush_after: Duration,
@@ -201,7 +202,7 @@ impl StateMachineStore {
         Arc::clone(&self.state.borrow().state)
     }
 
-    /// Sets how long a commit may stay not durable, for tests.
+    /// Sets how long a batch's rows may wait to be written, for tests.
     #[cfg(test)]
     pub(crate) fn set_flush_after(&mut self, after: Duration) {
         self.flush_after = after;
@@ -298,15 +299,12 @@ impl Flusher {
         membership: StoredMembership,
     ) {
         let mut pending = lock(&self.pending);
-        let merged = match pending.take() {
-            Some(mut p) => {
-                p.rows.merge(rows);
-                p.rows
-            }
+        let rows = match pending.take() {
+            Some(older) => older.rows.merged(rows),
             None => rows,
         };
         *pending = Some(Pending {
-            rows: merged,
+            rows,
             state,
             last_applied,
             membership,
@@ -315,6 +313,7 @@ impl Flusher {
 
     /// Writes what is pending in one durable transaction. Blocks on file
     /// I/O.
+    ///
     /// After a failure it writes nothing and answers that failure: rows
     /// written after rows that were not would leave the file claiming
     /// entries it lacks.
@@ -339,10 +338,13 @@ impl Flusher {
         if let Err(e) = written {
             // Still pending: the newest state holds them.
             let mut pending = lock(&self.pending);
-            match pending.as_mut() {
-                Some(newer) => newer.rows.merge(p.rows),
-                None => *pending = Some(p),
-            }
+            *pending = Some(match pending.take() {
+                Some(newer) => Pending {
+                    rows: p.rows.merged(newer.rows),
+                    ..newer
+                },
+                None => p,
+            });
             return Err(self.failed(e));
         }
         Ok(())

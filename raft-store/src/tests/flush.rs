@@ -2,6 +2,7 @@
 //! that changed them, not by each batch (`state_machine` module docs).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::storage::RaftStateMachine;
@@ -57,8 +58,12 @@ fn names(n: u64) -> Vec<String> {
     v
 }
 
-/// Every write to the state machine's file fails from now on.
-fn fail_writes(faults: &Faults) {
+/// A store in `dir` that flushes `after` a batch, whose every write to
+/// its file fails from now on (until the faults are cleared).
+fn failing_writes(dir: &TempDir, after: Duration) -> (Arc<Faults>, StateMachineStore) {
+    let faults = Faults::new();
+    let mut sm = StateMachineStore::open_with(dir.path(), Some(&faults)).unwrap();
+    sm.set_flush_after(after);
     faults.arm(Plan {
         op: Op::Write,
         fault: Fault::Io,
@@ -66,16 +71,14 @@ fn fail_writes(faults: &Faults) {
         times: None,
         file: Some(state_machine::FILE.into()),
     });
+    (faults, sm)
 }
 
 #[tokio::test]
 async fn batches_answer_without_touching_the_file_and_the_seal_writes_them() {
     let dir = TempDir::new();
-    let faults = Faults::new();
-    let mut sm = StateMachineStore::open_with(dir.path(), Some(&faults)).unwrap();
-    sm.set_flush_after(Duration::from_secs(3600));
     // A batch that wrote the file would fail.
-    fail_writes(&faults);
+    let (faults, mut sm) = failing_writes(&dir, Duration::from_secs(3600));
     for i in 1..=20 {
         let r = sm.apply([create(i)]).await.unwrap();
         assert!(matches!(r[0].result, Some(Ok(_))), "{r:?}");
@@ -137,10 +140,7 @@ async fn an_installed_snapshot_drops_the_rows_still_pending() {
 #[tokio::test]
 async fn a_failed_write_fails_the_next_apply_in_plain_words() {
     let dir = TempDir::new();
-    let faults = Faults::new();
-    let mut sm = StateMachineStore::open_with(dir.path(), Some(&faults)).unwrap();
-    sm.set_flush_after(Duration::from_millis(10));
-    fail_writes(&faults);
+    let (faults, mut sm) = failing_writes(&dir, Duration::from_millis(10));
     sm.apply([create(1)]).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut next = 2;
