@@ -570,6 +570,9 @@ fn detached_backends_leave_the_registry_without_a_sender() {
         start_drain(&b, Duration::from_secs(30));
     }
     let len = changes.picked_list().list.len();
-    assert!(len <= 64, "{len} registrations kept for 0 attached backends");
+    assert!(
+        len <= 64,
+        "{len} registrations kept for 0 attached backends"
+    );
     assert!(changes.picked().is_empty());
 }
