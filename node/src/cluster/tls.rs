@@ -117,8 +117,14 @@ const INITIAL_RTT: Duration = Duration::from_millis(50);
 /// sends nothing but acknowledgements, would otherwise send a keep-alive
 /// (and get one acknowledged) on every incoming connection twice a
 /// second. quinn sends one only after this long without anything else to
-/// acknowledge, so a link in use carries none.
-const KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// acknowledge, so a link in use carries none. Four fit in
+/// [`RAFT_IDLE_TIMEOUT`]; a member heartbeated at least this often (every
+/// voter, and a learner, see `election::heartbeat`) never needs one. At
+/// 500 ms, the leader of an idle fleet of 30 sent about 50 a second to
+/// learners between their heartbeats (each one a wake-up on both sides and
+/// an acknowledgement back), and voters one to each other voter twice a
+/// second.
+const KEEP_ALIVE: Duration = Duration::from_millis(2500);
 /// A gossip link's keep-alive: longer than an idle node's report period
 /// (`gossip::SendSchedule::quiet_interval`, the TTL, 1 s by default), so
 /// that the reports themselves keep the link open and an idle link carries
