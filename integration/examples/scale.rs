@@ -154,6 +154,28 @@ impl Churn {
     }
 }
 
+/// Each round's loaded window against its small window (the two ran next
+/// to each other in time), and their median (the mean of the middle two
+/// when even): a drift of the machine through the run moves both windows
+/// of a round alike, where it can move the two clusters' medians apart.
+fn round_ratios(small: &Churn, big: &Churn) -> (Vec<f64>, f64) {
+    let ratios: Vec<f64> = small
+        .rates
+        .iter()
+        .zip(&big.rates)
+        .map(|(s, b)| b / s.max(1e-9))
+        .collect();
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = match n {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    };
+    (ratios, median)
+}
+
 /// One tranche of groups.
 #[derive(Debug)]
 struct Row {
@@ -801,7 +823,7 @@ fn render(args: &Args, reports: &[Report]) -> String {
             "| nodes | instances | writes | writes/s per window (median) | p50 ms | p99 ms | rate vs the small state |"
         );
         let _ = writeln!(s, "|---:|---:|---:|---|---:|---:|---:|");
-        for r in compared {
+        for r in &compared {
             let Some((small, big)) = &r.churn else {
                 continue;
             };
@@ -821,6 +843,20 @@ fn render(args: &Args, reports: &[Report]) -> String {
                     c.median_rate() / base
                 );
             }
+        }
+        let _ = writeln!(s);
+        for r in &compared {
+            let Some((small, big)) = &r.churn else {
+                continue;
+            };
+            let (ratios, median) = round_ratios(small, big);
+            let ratios: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
+            let _ = writeln!(
+                s,
+                "{} node(s), each round's loaded window against its small one: {} (median {median:.2}×)",
+                r.nodes,
+                ratios.join(", ")
+            );
         }
     }
     for r in reports.iter().filter(|r| !r.failures.is_empty()) {
