@@ -148,32 +148,34 @@ struct Churn {
 
 impl Churn {
     fn median_rate(&self) -> f64 {
-        let mut r = self.rates.clone();
-        r.sort_by(f64::total_cmp);
-        r.get(r.len() / 2).copied().unwrap_or(0.0)
+        median(&self.rates)
+    }
+}
+
+/// The median (the mean of the middle two of an even count; 0 for none).
+/// Runs printed before it was shared took the upper of the middle two for
+/// a cluster's median window.
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
 /// Each round's loaded window against its small window (the two ran next
-/// to each other in time), and their median (the mean of the middle two
-/// when even): a drift of the machine through the run moves both windows
-/// of a round alike, where it can move the two clusters' medians apart.
-fn round_ratios(small: &Churn, big: &Churn) -> (Vec<f64>, f64) {
-    let ratios: Vec<f64> = small
+/// to each other in time): a drift of the machine through the run moves
+/// both windows of a round alike, where it can move the two clusters'
+/// medians apart.
+fn round_ratios(small: &Churn, big: &Churn) -> Vec<f64> {
+    small
         .rates
         .iter()
         .zip(&big.rates)
         .map(|(s, b)| b / s.max(1e-9))
-        .collect();
-    let mut sorted = ratios.clone();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    let median = match n {
-        0 => 0.0,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    };
-    (ratios, median)
+        .collect()
 }
 
 /// One tranche of groups.
@@ -823,7 +825,9 @@ fn render(args: &Args, reports: &[Report]) -> String {
             "| nodes | instances | writes | writes/s per window (median) | p50 ms | p99 ms | rate vs the small state |"
         );
         let _ = writeln!(s, "|---:|---:|---:|---|---:|---:|---:|");
-        for r in &compared {
+        // Each round's ratio, printed after the table.
+        let mut rounds = String::new();
+        for r in compared {
             let Some((small, big)) = &r.churn else {
                 continue;
             };
@@ -843,21 +847,17 @@ fn render(args: &Args, reports: &[Report]) -> String {
                     c.median_rate() / base
                 );
             }
-        }
-        let _ = writeln!(s);
-        for r in &compared {
-            let Some((small, big)) = &r.churn else {
-                continue;
-            };
-            let (ratios, median) = round_ratios(small, big);
-            let ratios: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
+            let ratios = round_ratios(small, big);
+            let shown: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
             let _ = writeln!(
-                s,
-                "{} node(s), each round's loaded window against its small one: {} (median {median:.2}×)",
+                rounds,
+                "{} node(s), each round's loaded window against its small one: {} (median {:.2}×)",
                 r.nodes,
-                ratios.join(", ")
+                shown.join(", "),
+                median(&ratios)
             );
         }
+        let _ = write!(s, "\n{rounds}");
     }
     for r in reports.iter().filter(|r| !r.failures.is_empty()) {
         let _ = writeln!(
