@@ -186,7 +186,10 @@ impl LoadChanged {
         self.picked.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers `backend`, picked for the first time.
+    /// Registers `backend`, picked for the first time. Two balancers over
+    /// one backend (an old table's and a new one's) may both see its first
+    /// pick and register it twice: harmless, the tracker samples an
+    /// instance once per id, and pruning bounds the list.
     fn first_pick(&self, backend: &Arc<Backend>) {
         let mut picked = self.picked_list();
         picked.list.push(Arc::downgrade(backend));
