@@ -18,6 +18,18 @@
 //!    done and the CPU time each node spent per write of the tranche (what
 //!    grows with the state shows there, whatever else shares the CPUs). The load stops at `--max-secs` (the report says how far it got)
 //!    or after 50 failed writes.
+//!
+//!    **Churn**: a second cluster of the same size is loaded with
+//!    `--compare-groups` groups (100 × 10 = 1,000 instances), then both
+//!    take the same attach/detach writes (16 writers) in `--rounds` (10)
+//!    rounds of one `--window` (5 s) on each, the order alternating (small
+//!    then loaded, loaded then small, …). The write rate at 100,000
+//!    instances against 1,000 is the median of the rounds' ratios (each
+//!    round's loaded window against the small window next to it in time):
+//!    the machine drifts through a run (its other tenants, the page cache)
+//!    by as much as the effect measured, and a drift moves both windows of
+//!    a round alike. The ratio of the two clusters' median windows, which
+//!    compares windows minutes apart, is printed beside it.
 //! 2. `GET /metrics` on node 1 as text and gzip-compressed (as Prometheus
 //!    asks for it), each read as it streams: bytes on the wire and the time
 //!    to the last byte; then gzip-compressed again (the next scrape, which
@@ -85,8 +97,8 @@ struct Args {
     /// the full state and at the small one is measured side by side.
     #[arg(long, default_value_t = 100)]
     compare_groups: usize,
-    /// Churn windows per cluster in the comparison.
-    #[arg(long, default_value_t = 6)]
+    /// Churn windows per cluster in the comparison (rounds).
+    #[arg(long, default_value_t = 10)]
     rounds: usize,
     /// Length of one churn window, in seconds.
     #[arg(long, default_value_t = 5)]
@@ -822,9 +834,9 @@ fn render(args: &Args, reports: &[Report]) -> String {
         );
         let _ = writeln!(
             s,
-            "| nodes | instances | writes | writes/s per window (median) | p50 ms | p99 ms | rate vs the small state |"
+            "| nodes | instances | writes | writes/s per window (median) | p50 ms | p99 ms | rate vs the small state: median of the rounds | ratio of the medians |"
         );
-        let _ = writeln!(s, "|---:|---:|---:|---|---:|---:|---:|");
+        let _ = writeln!(s, "|---:|---:|---:|---|---:|---:|---:|---:|");
         // Each round's ratio, printed after the table.
         let mut rounds = String::new();
         for r in compared {
@@ -832,11 +844,12 @@ fn render(args: &Args, reports: &[Report]) -> String {
                 continue;
             };
             let base = small.median_rate().max(1e-9);
-            for c in [small, big] {
+            let ratios = round_ratios(small, big);
+            for (c, paired) in [(small, 1.0), (big, median(&ratios))] {
                 let rates: Vec<String> = c.rates.iter().map(|r| format!("{r:.0}")).collect();
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} ({:.0}) | {:.1} | {:.1} | {:.2}× |",
+                    "| {} | {} | {} | {} ({:.0}) | {:.1} | {:.1} | {paired:.2}× | {:.2}× |",
                     r.nodes,
                     c.groups * args.instances,
                     c.took.len(),
@@ -847,7 +860,6 @@ fn render(args: &Args, reports: &[Report]) -> String {
                     c.median_rate() / base
                 );
             }
-            let ratios = round_ratios(small, big);
             let shown: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
             let _ = writeln!(
                 rounds,
