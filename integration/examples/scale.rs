@@ -36,7 +36,11 @@
 //!    reuses what did not change); `GET /v1/services`: bytes and time.
 //! 3. **Restart to ready**: SIGTERM to a node (a follower when there are
 //!    several), start it again, until `/readyz` answers 200 and it serves a
-//!    request to the last group.
+//!    request to the last group. Then **after a crash**: 2 s of the churn's
+//!    writes, SIGKILL to the same node as soon as the last is acknowledged
+//!    (its files unsealed, so redb repairs them at the next open; its last
+//!    rows not flushed yet, so they are applied again from the log), start
+//!    it again, the same wait.
 //! 4. **Join**: a new node joins; time until `/readyz` is 200 and it serves
 //!    a request to the last group (a joining node is ready once it applied
 //!    the log as it stood when it joined: every group), then the time until
@@ -142,6 +146,9 @@ struct Report {
     metrics_gzip_next: Option<(Duration, Duration)>,
     services: Option<(usize, Duration)>,
     restart: Option<(u64, Duration)>,
+    /// The same node killed (SIGKILL) right after a burst of writes, then
+    /// started again: its files unsealed, the last rows not yet flushed.
+    crash_restart: Option<Duration>,
     join: Option<(u64, Duration, f64)>,
     /// After the join: the time until the new node listed every group.
     listed: Option<Duration>,
@@ -295,6 +302,26 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     ready_and_serving(args, &cluster, restarted, last).await?;
     report.restart = Some((restarted, t.elapsed()));
     eprintln!("node {restarted} restarted to ready in {:.2?}", t.elapsed());
+
+    // A crash: a burst of writes, then SIGKILL as soon as the last is
+    // acknowledged, so that the files are not sealed (redb repairs them
+    // at the next open) and the last rows are still to be flushed (the
+    // log holds them; they are applied again before the node is ready).
+    let burst = Args {
+        window: 2,
+        ..args.clone()
+    };
+    let addr = big_backend(&cluster, groups_done).await?;
+    churn_window(&burst, &cluster, groups_done, addr, 0).await?;
+    cluster.kill9(restarted).await?;
+    let t = Instant::now();
+    cluster.restart(restarted).await?;
+    ready_and_serving(args, &cluster, restarted, last).await?;
+    report.crash_restart = Some(t.elapsed());
+    eprintln!(
+        "node {restarted} killed after writes, restarted to ready in {:.2?}",
+        t.elapsed()
+    );
 
     let t = Instant::now();
     let joined = cluster.add_members(1).await?;
@@ -796,11 +823,11 @@ fn render(args: &Args, reports: &[Report]) -> String {
     }
     let _ = writeln!(
         s,
-        "\n| nodes | groups done | load s | /metrics text MB | ms (CPU) | /metrics gzip MB | ms (CPU) | next ms (CPU) | GET /v1/services MB | ms | restart to ready s | join and serve s | then lists all s | joined RSS MiB |"
+        "\n| nodes | groups done | load s | /metrics text MB | ms (CPU) | /metrics gzip MB | ms (CPU) | next ms (CPU) | GET /v1/services MB | ms | restart to ready s | after SIGKILL s | join and serve s | then lists all s | joined RSS MiB |"
     );
     let _ = writeln!(
         s,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in reports {
         let scrape = |m: Option<(usize, Duration, Duration)>| {
@@ -815,11 +842,12 @@ fn render(args: &Args, reports: &[Report]) -> String {
             .services
             .map_or((0.0, 0.0), |(b, t)| (b as f64 / 1e6, ms(t)));
         let restart = r.restart.map_or(0.0, |(_, t)| t.as_secs_f64());
+        let crash = r.crash_restart.map_or(0.0, |t| t.as_secs_f64());
         let (join, join_rss) = r.join.map_or((0.0, 0.0), |(_, t, m)| (t.as_secs_f64(), m));
         let listed = r.listed.map_or(0.0, |t| t.as_secs_f64());
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {mb:.1} | {mms:.0} ({mcpu:.0}) | {gb:.1} | {gms:.0} ({gcpu:.0}) | {next:.0} ({ncpu:.0}) | {sb:.1} | {sms:.0} | {restart:.2} | {join:.2} | {listed:.2} | {join_rss:.0} |",
+            "| {} | {} | {:.0} | {mb:.1} | {mms:.0} ({mcpu:.0}) | {gb:.1} | {gms:.0} ({gcpu:.0}) | {next:.0} ({ncpu:.0}) | {sb:.1} | {sms:.0} | {restart:.2} | {crash:.2} | {join:.2} | {listed:.2} | {join_rss:.0} |",
             r.nodes,
             r.groups_done,
             r.load_time.as_secs_f64(),
