@@ -23,8 +23,8 @@
 //!    `--compare-groups` groups (100 × 10 = 1,000 instances), then both
 //!    take the same attach/detach writes (16 writers) in `--rounds` (10)
 //!    rounds of one `--window` (5 s) on each, the order alternating (small
-//!    then loaded, loaded then small, …). The write rate at 100,000
-//!    instances against 1,000 is the median of the rounds' ratios (each
+//!    then loaded, loaded then small, …). The write rate at the full
+//!    state (100,000 instances by default) against the small one is the median of the rounds' ratios (each
 //!    round's loaded window against the small window next to it in time):
 //!    the machine drifts through a run (its other tenants, the page cache)
 //!    by as much as the effect measured, and a drift moves both windows of
