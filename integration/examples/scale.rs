@@ -24,8 +24,9 @@
 //!    take the same attach/detach writes (16 writers) in `--rounds` (10)
 //!    rounds of one `--window` (5 s) on each, the order alternating (small
 //!    then loaded, loaded then small, …). The write rate at the full
-//!    state (100,000 instances by default) against the small one is the median of the rounds' ratios (each
-//!    round's loaded window against the small window next to it in time):
+//!    state (100,000 instances by default) against the small one is the
+//!    median of the rounds' ratios (each round's loaded window against the
+//!    small window next to it in time):
 //!    the machine drifts through a run (its other tenants, the page cache)
 //!    by as much as the effect measured, and a drift moves both windows of
 //!    a round alike. The ratio of the two clusters' median windows, which
@@ -282,8 +283,10 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     );
     let last = groups_done - 1;
 
+    // The churn (and the crash's burst of writes) attaches instances at it.
+    let big_addr = big_backend(&cluster, groups_done).await?;
     if args.compare_groups > 0 && args.rounds > 0 {
-        report.churn = Some(compare(args, &cluster, groups_done).await?);
+        report.churn = Some(compare(args, &cluster, groups_done, big_addr).await?);
     }
 
     let admin = cluster.admin(ids[0]);
@@ -297,31 +300,20 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     let leader = cluster.leader().await?;
     let restarted = ids.iter().copied().find(|&i| i != leader).unwrap_or(leader);
     cluster.stop(restarted).await?;
-    let t = Instant::now();
-    cluster.restart(restarted).await?;
-    ready_and_serving(args, &cluster, restarted, last).await?;
-    report.restart = Some((restarted, t.elapsed()));
-    eprintln!("node {restarted} restarted to ready in {:.2?}", t.elapsed());
+    let took = restart_to_ready(args, &mut cluster, restarted, last).await?;
+    report.restart = Some((restarted, took));
+    eprintln!("node {restarted} restarted to ready in {took:.2?}");
 
     // A crash: a burst of writes, then SIGKILL as soon as the last is
     // acknowledged, so that the files are not sealed (redb repairs them
     // at the next open) and the last rows are still to be flushed (the
     // log holds them; they are applied again before the node is ready).
-    let burst = Args {
-        window: 2,
-        ..args.clone()
-    };
-    let addr = big_backend(&cluster, groups_done).await?;
-    churn_window(&burst, &cluster, groups_done, addr, 0).await?;
+    let burst = Duration::from_secs(2);
+    churn_window(args, &cluster, groups_done, big_addr, 0, burst).await?;
     cluster.kill9(restarted).await?;
-    let t = Instant::now();
-    cluster.restart(restarted).await?;
-    ready_and_serving(args, &cluster, restarted, last).await?;
-    report.crash_restart = Some(t.elapsed());
-    eprintln!(
-        "node {restarted} killed after writes, restarted to ready in {:.2?}",
-        t.elapsed()
-    );
+    let took = restart_to_ready(args, &mut cluster, restarted, last).await?;
+    report.crash_restart = Some(took);
+    eprintln!("node {restarted} killed after writes, restarted to ready in {took:.2?}");
 
     let t = Instant::now();
     let joined = cluster.add_members(1).await?;
@@ -351,7 +343,12 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
 /// Loads a second cluster of the same size with `--compare-groups` groups,
 /// then runs `--rounds` churn windows on each cluster, alternating which
 /// goes first, so both see the same machine.
-async fn compare(args: &Args, big: &Cluster, big_groups: usize) -> anyhow::Result<(Churn, Churn)> {
+async fn compare(
+    args: &Args,
+    big: &Cluster,
+    big_groups: usize,
+    big_addr: IpAddr,
+) -> anyhow::Result<(Churn, Churn)> {
     let n = big.ids().len();
     let small = Cluster::start(n).await?;
     let names: Vec<String> = (0..BACKENDS).map(|i| format!("b{i}")).collect();
@@ -368,7 +365,6 @@ async fn compare(args: &Args, big: &Cluster, big_groups: usize) -> anyhow::Resul
         "the comparison cluster got {small_groups} of {} groups: {failures:?}",
         args.compare_groups
     );
-    let big_addr = big_backend(big, big_groups).await?;
     let small_addr = small_addrs[0];
     let mut a = Churn {
         groups: small_groups,
@@ -386,7 +382,9 @@ async fn compare(args: &Args, big: &Cluster, big_groups: usize) -> anyhow::Resul
             } else {
                 (big, &mut b, big_addr)
             };
-            let (rate, took) = churn_window(args, cluster, churn.groups, addr, round).await?;
+            let window = Duration::from_secs(args.window);
+            let (rate, took) =
+                churn_window(args, cluster, churn.groups, addr, round, window).await?;
             eprintln!(
                 "churn round {round}: {} groups, {rate:.0} writes/s",
                 churn.groups
@@ -416,7 +414,7 @@ async fn big_backend(cluster: &Cluster, groups: usize) -> anyhow::Result<IpAddr>
 
 /// One churn window on `cluster`: every writer attaches an instance of its
 /// own to a group and detaches it again, over the groups in turn, through
-/// node `w mod n`, for `--window` seconds (a started pair is finished).
+/// node `w mod n`, for `window` (a started pair is finished).
 /// The write rate and every write's latency.
 async fn churn_window(
     args: &Args,
@@ -424,10 +422,11 @@ async fn churn_window(
     groups: usize,
     addr: IpAddr,
     round: usize,
+    window: Duration,
 ) -> anyhow::Result<(f64, Vec<Duration>)> {
     let ids = cluster.ids();
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.window);
+    let deadline = started + window;
     let mut tasks = Vec::new();
     for w in 0..args.writers {
         let admin = cluster.admin(ids[w % ids.len()]);
@@ -737,6 +736,20 @@ async fn timed_get(admin: &AdminClient, path: &str) -> anyhow::Result<(usize, Du
 /// How long the restart and join steps may take.
 const LIMIT: Duration = Duration::from_secs(300);
 
+/// Starts the stopped node `id` again: the time until it is ready and
+/// serves a request to group `last`.
+async fn restart_to_ready(
+    args: &Args,
+    cluster: &mut Cluster,
+    id: u64,
+    last: usize,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    cluster.restart(id).await?;
+    ready_and_serving(args, cluster, id, last).await?;
+    Ok(t.elapsed())
+}
+
 /// Waits until node `id` answers `/readyz` with 200 and serves a request
 /// to group `last`.
 async fn ready_and_serving(
@@ -873,7 +886,8 @@ fn render(args: &Args, reports: &[Report]) -> String {
             };
             let base = small.median_rate().max(1e-9);
             let ratios = round_ratios(small, big);
-            for (c, paired) in [(small, 1.0), (big, median(&ratios))] {
+            let paired_median = median(&ratios);
+            for (c, paired) in [(small, 1.0), (big, paired_median)] {
                 let rates: Vec<String> = c.rates.iter().map(|r| format!("{r:.0}")).collect();
                 let _ = writeln!(
                     s,
@@ -894,7 +908,7 @@ fn render(args: &Args, reports: &[Report]) -> String {
                 "{} node(s), each round's loaded window against its small one: {} (median {:.2}×)",
                 r.nodes,
                 shown.join(", "),
-                median(&ratios)
+                paired_median
             );
         }
         let _ = write!(s, "\n{rounds}");
