@@ -108,10 +108,20 @@ async fn run(nodes: u64, measure: Duration, regions: u64) -> anyhow::Result<()> 
         }
         Ok(out)
     };
+    // Every directed link's count, for where the leader's datagrams go.
+    let links = || -> std::collections::HashMap<(u64, u64), u64> {
+        ids.iter()
+            .flat_map(|&a| ids.iter().map(move |&b| (a, b)))
+            .filter(|(a, b)| a != b)
+            .map(|(a, b)| ((a, b), relay.stats(a, b).delivered))
+            .collect()
+    };
     let t0 = Instant::now();
     let before = sample().await?;
+    let links_before = links();
     tokio::time::sleep(measure).await;
     let after = sample().await?;
+    let links_after = links();
     let elapsed = t0.elapsed().as_secs_f64();
     let figures: Vec<Figures> = ids
         .iter()
@@ -142,6 +152,22 @@ async fn run(nodes: u64, measure: Duration, regions: u64) -> anyhow::Result<()> 
     print_row("learners", &learners);
     print_row("others", &others);
     print_row("all", &figures.iter().collect::<Vec<_>>());
+    let link = |from: u64, to: u64| {
+        (links_after[&(from, to)] - links_before[&(from, to)]) as f64 / elapsed
+    };
+    for (label, set) in [("voters", &voters), ("learners", &learners)] {
+        if set.is_empty() {
+            continue;
+        }
+        let n = set.len() as f64;
+        let rx: f64 = set.iter().map(|f| link(f.id, leader)).sum();
+        let tx: f64 = set.iter().map(|f| link(leader, f.id)).sum();
+        println!(
+            "  leader's links to the {label}: {:.2} datagrams/s in and {:.2} out per peer ({rx:.1} and {tx:.1} in all)",
+            rx / n,
+            tx / n
+        );
+    }
     Ok(())
 }
 

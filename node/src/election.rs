@@ -401,6 +401,7 @@ pub async fn run(
     let mut server = raft.server_metrics();
     let mut wake = Instant::now() + tick;
     let mut heartbeats = heartbeat::Heartbeats::default();
+    let mut announced = false;
     loop {
         // An idle node wakes at its deadlines only: a follower about
         // twice per T, a leader at its heartbeats.
@@ -416,6 +417,27 @@ pub async fn run(
         if m.running_state.is_err() {
             return;
         }
+        let membership = m.membership_config.membership();
+        let voter = membership.voter_ids().any(|v| v == m.id);
+        // A voter keeps its connections to the other voters open (votes
+        // must not wait for a handshake); nothing else is kept.
+        transport.keep_open(if voter {
+            membership.voter_ids().filter(|v| *v != m.id).collect()
+        } else {
+            BTreeSet::new()
+        });
+        if !announced && membership.learner_ids().any(|l| l == m.id) {
+            // A learner that (re)starts connects to the voters once, so that
+            // the leader, which stops heartbeating a learner that holds the
+            // whole log and its commit index, sees it back and tells it the
+            // commit index again (this process may have lost it).
+            for id in membership.voter_ids() {
+                if let Some(node) = membership.get_node(&id) {
+                    transport.warm(id, &node.cluster_addr);
+                }
+            }
+            announced = true;
+        }
         if m.state == ServerState::Leader {
             silence = None;
             if now >= next_heartbeat {
@@ -424,8 +446,7 @@ pub async fn run(
             wake = next_heartbeat;
             continue;
         }
-        let membership = m.membership_config.membership().clone();
-        if !membership.voter_ids().any(|v| v == m.id) {
+        if !voter {
             silence = None;
             wake = now + warm_every;
             continue;
@@ -493,7 +514,7 @@ pub async fn run(
             continue;
         }
         campaign.set(Campaigning::PreVoting);
-        let won = pre_vote(&transport, &membership, m.id, &view, timing).await;
+        let won = pre_vote(&transport, membership, m.id, &view, timing).await;
         // A leader may have been elected while the round ran (this node
         // then heard it, or voted for it): campaigning now would depose it.
         let unchanged = raft.metrics().borrow().vote == m.vote;

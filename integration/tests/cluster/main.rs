@@ -973,3 +973,85 @@ async fn sigterm_ends_promptly_when_the_peers_are_gone() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// An idle leader does not heartbeat a learner that holds the whole log and
+/// the commit index (one voter, two learners, behind the link emulator):
+/// over 12 s without writes the leader sends a learner no more than one
+/// learner sends the other (gossip only, which both links carry alike;
+/// learners never call each other), give or take the heartbeats that
+/// settle it. The learners' Raft connections lapse meanwhile (10 s idle
+/// timeout, no keep-alives to learners), yet the next write reaches both at
+/// once, and so does one after a learner is killed and restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_leader_leaves_settled_learners_alone_and_they_still_get_every_write()
+-> anyhow::Result<()> {
+    let mut cluster = Cluster::start_with(
+        3,
+        ClusterOptions {
+            max_voters: Some(1),
+            relay: Some(7),
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
+    let leader = cluster.leader().await?;
+    let learners = others(&cluster.ids(), &[leader]);
+    let backends = cluster
+        .http_backends(&["q1", "q2", "q3"], BACKEND_PORT)
+        .await?;
+    let admin = cluster.admin(leader);
+    let group = cluster
+        .http_group(leader, "quiet", WEB_PORT, BACKEND_PORT, &backends[..1])
+        .await?;
+    // Applied everywhere, with no request sent: every gossip report is the
+    // empty one, on both links compared.
+    let index = cluster.status(leader).await?.commit_index;
+    for id in cluster.ids() {
+        cluster.wait_applied(id, index).await?;
+    }
+    let relay = cluster.relay().context("behind the relay")?;
+    let (a, b) = (learners[0], learners[1]);
+    let count = || {
+        (
+            relay.stats(leader, a).delivered,
+            relay.stats(a, b).delivered,
+        )
+    };
+    let before = count();
+    let window = Duration::from_secs(12);
+    tokio::time::sleep(window).await;
+    let after = count();
+    let (to_learner, between_learners) = (after.0 - before.0, after.1 - before.1);
+    eprintln!(
+        "over {window:?}: leader to learner {to_learner} datagrams, learner to learner {between_learners}"
+    );
+    // A heartbeat every 2 s (the period of a learner that cannot be
+    // promoted) would add about 12.
+    ensure!(
+        to_learner <= between_learners + 5,
+        "the idle leader kept calling a settled learner: {to_learner} datagrams to it, \
+         {between_learners} between the learners"
+    );
+
+    attach(&admin, &group.uuid, "q2", backends[1].addr().ip()).await?;
+    for id in cluster.ids() {
+        wait_serving(
+            cluster.data_addr(id, WEB_PORT),
+            &host("quiet"),
+            &["q1", "q2"],
+        )
+        .await?;
+    }
+    cluster.kill9(a).await?;
+    cluster.restart(a).await?;
+    attach(&admin, &group.uuid, "q3", backends[2].addr().ip()).await?;
+    for id in cluster.ids() {
+        wait_serving(
+            cluster.data_addr(id, WEB_PORT),
+            &host("quiet"),
+            &["q1", "q2", "q3"],
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -863,7 +863,7 @@ async fn connect(
             let mut connecting = shared
                 .endpoint
                 .connect_with(
-                    (**shared.client.load()).clone(),
+                    shared.client_for(target),
                     sock,
                     &super::pki::node_dns_name(target),
                 )

@@ -118,12 +118,18 @@ const INITIAL_RTT: Duration = Duration::from_millis(50);
 /// (and get one acknowledged) on every incoming connection twice a
 /// second. quinn sends one only after this long without anything else to
 /// acknowledge, so a link in use carries none. Four fit in
-/// [`RAFT_IDLE_TIMEOUT`]; a member heartbeated at least this often (every
-/// voter, and a learner, see `election::heartbeat`) never needs one. At
-/// 500 ms, the leader of an idle fleet of 30 sent about 50 a second to
-/// learners between their heartbeats (each one a wake-up on both sides and
-/// an acknowledgement back), and voters one to each other voter twice a
-/// second.
+/// [`RAFT_IDLE_TIMEOUT`]; a member heartbeated at least this often never
+/// needs one. At 500 ms, the leader of an idle fleet of 30 sent about 50 a
+/// second to learners between their heartbeats (each one a wake-up on both
+/// sides and an acknowledgement back), and voters one to each other voter
+/// twice a second.
+///
+/// Only a voter's Raft connections to the other voters are kept open
+/// (`Transport::keep_open`): those carry pre-votes and votes, which must
+/// not wait for a handshake. Every other Raft connection (to or from a
+/// learner) is dialed without keep-alives and lapses once idle, so that
+/// what an idle leader sends does not grow with the learners it has
+/// (`election::heartbeat`).
 const KEEP_ALIVE: Duration = Duration::from_millis(2500);
 /// A gossip link's keep-alive: longer than an idle node's report period
 /// (`gossip::SendSchedule::quiet_interval`, the TTL, 1 s by default), so
@@ -276,22 +282,41 @@ impl NodeTls {
     /// the node certificate, verifies the server against the CA and the
     /// name passed to `connect_with`.
     pub(crate) fn client_config(&self, alpn: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
+        self.raft_client(alpn, Some(KEEP_ALIVE))
+    }
+
+    /// [`NodeTls::client_config`] without keep-alives, for the connections
+    /// nobody needs open between calls (see [`KEEP_ALIVE`]): they lapse
+    /// after [`RAFT_IDLE_TIMEOUT`] without traffic and the next call makes a
+    /// fresh one.
+    pub(crate) fn quiet_client_config(
+        &self,
+        alpn: &[u8],
+    ) -> Result<quinn::ClientConfig, TransportError> {
+        self.raft_client(alpn, None)
+    }
+
+    fn raft_client(
+        &self,
+        alpn: &[u8],
+        keep_alive: Option<Duration>,
+    ) -> Result<quinn::ClientConfig, TransportError> {
         match versions_of(alpn) {
-            Some(versions) => self.client_config_offering(versions, KEEP_ALIVE, RAFT_IDLE_TIMEOUT),
-            None => self.client_config_offering(&[alpn], KEEP_ALIVE, RAFT_IDLE_TIMEOUT),
+            Some(versions) => self.client_config_offering(versions, keep_alive, RAFT_IDLE_TIMEOUT),
+            None => self.client_config_offering(&[alpn], keep_alive, RAFT_IDLE_TIMEOUT),
         }
     }
 
     /// The gossip client: offers every gossip version, the compact one
     /// first.
     pub(crate) fn gossip_client_config(&self) -> Result<quinn::ClientConfig, TransportError> {
-        self.client_config_offering(GOSSIP_VERSIONS, GOSSIP_KEEP_ALIVE, IDLE_TIMEOUT)
+        self.client_config_offering(GOSSIP_VERSIONS, Some(GOSSIP_KEEP_ALIVE), IDLE_TIMEOUT)
     }
 
     fn client_config_offering(
         &self,
         alpns: &[&[u8]],
-        keep_alive: Duration,
+        keep_alive: Option<Duration>,
         idle: Duration,
     ) -> Result<quinn::ClientConfig, TransportError> {
         let Parsed { roots, chain, key } = self.parse()?;
@@ -305,7 +330,7 @@ impl NodeTls {
         let quic = QuicClientConfig::try_from(Arc::new(tls))
             .map_err(|e| TransportError::Config(format!("quic: {e}")))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
-        config.transport_config(Arc::new(transport_config(Some(keep_alive), idle)));
+        config.transport_config(Arc::new(transport_config(keep_alive, idle)));
         Ok(config)
     }
 }

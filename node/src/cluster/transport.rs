@@ -10,7 +10,7 @@
 //! that a large report never queues behind Raft traffic or the other way
 //! round. Incoming connections are served by [`server`](super::server).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -198,8 +198,16 @@ pub(crate) struct Shared {
     pub(crate) stats: Counters,
     /// The TLS client sides, replaced when the node's certificate is
     /// renewed ([`Transport::reload_tls`]).
-    pub(crate) client: ArcSwap<quinn::ClientConfig>,
+    client: ArcSwap<quinn::ClientConfig>,
+    /// The same without keep-alives, for every peer not in `keep_open`.
+    quiet_client: ArcSwap<quinn::ClientConfig>,
     gossip_client: ArcSwap<quinn::ClientConfig>,
+    /// The peers whose Raft connections this node keeps open between calls
+    /// ([`Transport::keep_open`]).
+    keep_open: ArcSwap<BTreeSet<NodeId>>,
+    /// How many connections each peer opened to this node, for noticing a
+    /// peer that restarted or came back ([`Transport::arrivals`]).
+    arrivals: Mutex<HashMap<NodeId, u64>>,
     /// One connection slot per peer.
     peers: Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
 }
@@ -224,6 +232,16 @@ impl Shared {
             .collect()
     }
 
+    /// The client side for a new Raft connection to `target`: with
+    /// keep-alives when `target` is to be kept open.
+    pub(crate) fn client_for(&self, target: NodeId) -> quinn::ClientConfig {
+        if self.keep_open.load().contains(&target) {
+            (**self.client.load()).clone()
+        } else {
+            (**self.quiet_client.load()).clone()
+        }
+    }
+
     /// The slot of `target`, made on first use.
     pub(crate) fn slot(&self, target: NodeId) -> Arc<PeerSlot> {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
@@ -241,6 +259,12 @@ impl Shared {
     /// be about to be answered, and one to a previous process of `id` is
     /// closed by that peer's stateless reset (`tls::reset_key`).
     pub(crate) fn peer_connected(self: &Arc<Self>, id: NodeId) {
+        *self
+            .arrivals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id)
+            .or_default() += 1;
         if let Some(slot) = self.existing_slot(id) {
             slot.hurry();
         }
@@ -293,6 +317,7 @@ impl Transport {
         tls.check_own_id(node_id)?;
         let server = tls.server_config()?;
         let client = tls.client_config(ALPN_RAFT)?;
+        let quiet_client = tls.quiet_client_config(ALPN_RAFT)?;
         let gossip_client = tls.gossip_client_config()?;
         let socket = std::net::UdpSocket::bind(addr).map_err(TransportError::Bind)?;
         let endpoint = Endpoint::new(
@@ -309,7 +334,10 @@ impl Transport {
             gossip: OnceLock::new(),
             stats: Counters::default(),
             client: ArcSwap::from_pointee(client),
+            quiet_client: ArcSwap::from_pointee(quiet_client),
             gossip_client: ArcSwap::from_pointee(gossip_client),
+            keep_open: ArcSwap::from_pointee(BTreeSet::new()),
+            arrivals: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
         });
         let accept = tokio::spawn(server::accept_loop(Arc::clone(&shared)));
@@ -325,9 +353,11 @@ impl Transport {
         tls.check_own_id(self.shared.node_id)?;
         let server = tls.server_config()?;
         let client = tls.client_config(ALPN_RAFT)?;
+        let quiet_client = tls.quiet_client_config(ALPN_RAFT)?;
         let gossip_client = tls.gossip_client_config()?;
         self.shared.endpoint.set_server_config(Some(server));
         self.shared.client.store(Arc::new(client));
+        self.shared.quiet_client.store(Arc::new(quiet_client));
         self.shared.gossip_client.store(Arc::new(gossip_client));
         Ok(())
     }
@@ -621,6 +651,29 @@ impl Transport {
         tokio::spawn(async move {
             let _ = slot.get(&shared, &addr).await;
         });
+    }
+
+    /// Keeps this node's Raft connections to `peers` open between calls
+    /// (QUIC keep-alives) from their next handshake on; every other one is
+    /// made without and lapses once idle. A voter keeps the other voters
+    /// ([`super::tls`]'s `KEEP_ALIVE` says why); nothing else is kept.
+    pub fn keep_open(&self, peers: BTreeSet<NodeId>) {
+        if **self.shared.keep_open.load() != peers {
+            self.shared.keep_open.store(Arc::new(peers));
+        }
+    }
+
+    /// How many connections (Raft or gossip) `peer` has opened to this node
+    /// since it started: a change means it came back, possibly as a new
+    /// process that lost what it was last told.
+    pub fn arrivals(&self, peer: NodeId) -> u64 {
+        self.shared
+            .arrivals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&peer)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Whether `target` answered a call within `within`.

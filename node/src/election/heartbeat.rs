@@ -35,21 +35,31 @@
 //! than `max_voters`: a learner never campaigns and needs an answered call
 //! within T only to count as alive for promotion (`membership::caught_up`).
 //! With all voters in place no learner can be promoted, and it hears one
-//! every 2 T (its connection stays open by the QUIC keep-alive anyway);
-//! once a voter leaves, the learners are back at T/2 from the leader's
-//! next look, so the promotion that follows waits at most about T more for
-//! a learner's answer. On a 300 ms round trip nothing changes for
+//! every 2 T until it is **settled**: it accepted a heartbeat that told it
+//! the leader's commit index as it still is and a previous log id that is
+//! the leader's last entry (it holds the whole log), and has not connected
+//! to the leader since (`Transport::arrivals`). A settled learner is sent
+//! nothing until the log moves, so what an idle leader sends does not grow
+//! with its learners; its Raft connection, made without keep-alives
+//! (`cluster::tls`), lapses after the idle timeout, and the next write's
+//! append makes a fresh one. A learner that restarts connects to the
+//! voters once (`election::run`): its process may have lost the commit
+//! index (saved without an fsync), and the leader, seeing it back, tells it
+//! again. Once a voter leaves, the learners are back at T/2 from the
+//! leader's next look, so the promotion that follows waits at most about
+//! T more for a learner's answer (a handshake more for a settled one). On
+//! a 300 ms round trip nothing changes for
 //! a voter: with one heartbeat in flight per member it hears one per round
 //! trip either way. Election timing (T, the pre-vote, the lease) is
 //! untouched.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use openraft::{RaftMetrics, ServerState};
-use raft_store::types::{ClusterNode, NodeId, Raft};
+use raft_store::types::{ClusterNode, LogId, NodeId, Raft};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::debug;
@@ -77,6 +87,21 @@ pub(super) struct Heartbeats {
     sent: HashMap<NodeId, Instant>,
     /// The last log index seen, and since when.
     log: Option<(Option<u64>, Instant)>,
+    /// What each member accepted in its last answered heartbeat (filled in
+    /// by the calls' tasks).
+    told: Arc<Mutex<HashMap<NodeId, Told>>>,
+}
+
+/// What a heartbeat told a member that accepted it, and the member's
+/// arrivals (`Transport::arrivals`) when it was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Told {
+    /// The log id the member was known to hold (the heartbeat's previous
+    /// log id, which it accepted).
+    holds: Option<LogId>,
+    /// The commit index the heartbeat carried.
+    commit: Option<LogId>,
+    arrivals: u64,
 }
 
 impl Heartbeats {
@@ -91,6 +116,14 @@ impl Heartbeats {
             (Role::Learner { promotable: false }, _) => t * 2,
         };
         every.max(timing.heartbeat_interval)
+    }
+
+    fn told_mut(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Told>> {
+        self.told.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn told(&self, id: NodeId) -> Option<Told> {
+        self.told_mut().get(&id).copied()
     }
 
     /// Sends a heartbeat to every other member that has none in flight and
@@ -123,6 +156,8 @@ impl Heartbeats {
             .retain(|id, call| !call.is_finished() && members.iter().any(|(m, ..)| m == id));
         self.sent
             .retain(|id, _| members.iter().any(|(m, ..)| m == id));
+        self.told_mut()
+            .retain(|id, _| members.iter().any(|(m, ..)| m == id));
         let moved = match self.log {
             Some((index, since)) if index == m.last_log_index => since,
             _ => {
@@ -133,6 +168,7 @@ impl Heartbeats {
         let active = now < moved + timing.election_timeout;
         if m.state != ServerState::Leader || !m.vote.is_committed() {
             self.sent.clear();
+            self.told_mut().clear();
             return now + timing.heartbeat_interval;
         }
         // Looked at again within a voter's period: the log may move, which
@@ -140,6 +176,15 @@ impl Heartbeats {
         let mut next = now + Self::period(timing, Role::Voter, active);
         let matched = m.replication.as_ref();
         for (id, addr, role) in members {
+            let holds = matched.and_then(|r| r.get(&id).copied().flatten());
+            let told = Told {
+                holds,
+                commit: m.last_applied,
+                arrivals: transport.arrivals(id),
+            };
+            if settled(role, told, m.last_log_index, self.told(id)) {
+                continue;
+            }
             let period = Self::period(timing, role, active);
             if let Some(&at) = self.sent.get(&id)
                 && now < at + period
@@ -159,18 +204,25 @@ impl Heartbeats {
                 // What the member was last known to hold (None before its
                 // first append of this term): it accepts it again, which
                 // lets it commit up to there.
-                prev_log_id: matched.and_then(|r| r.get(&id).copied().flatten()),
+                prev_log_id: holds,
                 // Applied on the leader, so committed.
                 leader_commit: m.last_applied,
                 entries: Vec::new(),
             };
             let (raft, transport) = (raft.clone(), Arc::clone(transport));
+            let told_to = Arc::clone(&self.told);
             let call = tokio::spawn(async move {
                 let deadline = crate::cluster::rpc_deadline(timing.rpc_limit(), transport.rtt(id));
                 match transport
                     .call(id, &addr, Rpc::AppendEntries(req), deadline)
                     .await
                 {
+                    Ok(RpcReply::AppendEntries(Ok(AppendEntriesResponse::Success))) => {
+                        told_to
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(id, told);
+                    }
                     Ok(RpcReply::AppendEntries(Ok(
                         r
                         @ (AppendEntriesResponse::HigherVote(_) | AppendEntriesResponse::Conflict),
@@ -196,9 +248,63 @@ impl Heartbeats {
     }
 }
 
+/// Whether a member needs no heartbeat now (module docs): a learner that
+/// cannot be promoted, that holds the leader's last entry (`last_index`),
+/// and that accepted a heartbeat (`before`) telling it what it would be
+/// told `now`, with no connection of its own to the leader since.
+fn settled(role: Role, now: Told, last_index: Option<u64>, before: Option<Told>) -> bool {
+    role == (Role::Learner { promotable: false })
+        && now.holds.map(|l| l.index) == last_index
+        && before == Some(now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_spare_learner_told_everything_and_not_back_since_is_left_alone() {
+        let id = |index| {
+            Some(openraft::LogId::new(
+                openraft::CommittedLeaderId::new(1, 1),
+                index,
+            ))
+        };
+        let told = Told {
+            holds: id(7),
+            commit: id(7),
+            arrivals: 1,
+        };
+        let spare = Role::Learner { promotable: false };
+        assert!(settled(spare, told, Some(7), Some(told)));
+        // Never told, or told before the log or the commit moved.
+        assert!(!settled(spare, told, Some(7), None));
+        assert!(!settled(spare, told, Some(8), Some(told)));
+        let earlier = Told {
+            commit: id(6),
+            ..told
+        };
+        assert!(!settled(spare, told, Some(7), Some(earlier)));
+        let behind = Told {
+            holds: id(6),
+            ..told
+        };
+        assert!(!settled(spare, behind, Some(7), Some(behind)));
+        // Back since (a restart may have lost the commit index).
+        assert!(!settled(
+            spare,
+            Told {
+                arrivals: 2,
+                ..told
+            },
+            Some(7),
+            Some(told)
+        ));
+        // A voter, or a learner that may be promoted, is heartbeated anyway.
+        assert!(!settled(Role::Voter, told, Some(7), Some(told)));
+        let promotable = Role::Learner { promotable: true };
+        assert!(!settled(promotable, told, Some(7), Some(told)));
+    }
 
     #[test]
     fn idle_members_hear_heartbeats_no_more_often_than_their_role_needs() {
