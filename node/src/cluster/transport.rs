@@ -553,6 +553,7 @@ impl Transport {
                     }
                     FrameError::Io(e) => stream_failed(&e),
                 })?;
+            frame::take_end(&mut recv);
             frame::decode_reply(&body).map_err(|e| TransportError::Protocol(e.to_string()))
         };
         let stats = conn.stats();
