@@ -168,16 +168,23 @@ where
 }
 
 /// Takes the end of `recv` (its FIN) if it has already arrived, without
-/// waiting for it. Once a frame has been read, nothing else may follow;
-/// a stream dropped before its end was read is stopped (a STOP_SENDING
-/// frame), which cost every call a packet more each way, and one more
-/// acknowledged. A stream whose end is still on the way (or that carries
-/// more bytes, which nothing here reads) is stopped as before.
-pub(crate) fn take_end(recv: &mut quinn::RecvStream) {
+/// waiting for it; `true` when it had. Once a frame has been read, nothing
+/// else may follow; a stream dropped before its end was read is stopped (a
+/// STOP_SENDING frame), which cost every call a packet more each way, and
+/// one more acknowledged. A stream whose end is still on the way (or that
+/// carries more bytes, which nothing here reads) is stopped when dropped.
+pub(crate) fn take_end(recv: &mut quinn::RecvStream) -> bool {
     let mut byte = [0u8; 1];
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let read = std::pin::pin!(recv.read(&mut byte));
-    let _ = read.poll(&mut cx);
+    matches!(read.poll(&mut cx), std::task::Poll::Ready(Ok(None)))
+}
+
+/// Waits up to `wait` for the end of `recv` (see [`take_end`]) and drops
+/// it: the end of a reply often follows its data in a packet of its own.
+pub(crate) async fn drain_end(mut recv: quinn::RecvStream, wait: Duration) {
+    let mut byte = [0u8; 1];
+    let _ = tokio::time::timeout(wait, recv.read(&mut byte)).await;
 }
 
 #[cfg(test)]

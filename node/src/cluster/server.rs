@@ -315,7 +315,7 @@ async fn serve_stream(
     let reply = shared.handler.handle(header.from, rpc).await;
     // The request's end came with it or soon after: taken now, the stream
     // closes without a STOP_SENDING.
-    frame::take_end(&mut recv);
+    let _ = frame::take_end(&mut recv);
     let bytes = frame::encode(&reply, kind.reply_limit()).or_else(|e| {
         warn!(%kind, error = %e, "reply not sent");
         frame::encode(

@@ -305,6 +305,11 @@ impl std::fmt::Debug for Transport {
     }
 }
 
+/// How long a call's stream waits, once the reply is in, for the reply's
+/// end (a round trip, within these bounds) before it is stopped.
+const END_WAIT_MIN: Duration = Duration::from_millis(20);
+const END_WAIT_MAX: Duration = Duration::from_millis(500);
+
 impl Transport {
     /// Binds the endpoint on `addr` (UDP) with the node's credentials and
     /// starts serving. The certificate must name `node_id`.
@@ -553,8 +558,10 @@ impl Transport {
                     }
                     FrameError::Io(e) => stream_failed(&e),
                 })?;
-            frame::take_end(&mut recv);
-            frame::decode_reply(&body).map_err(|e| TransportError::Protocol(e.to_string()))
+            let ended = frame::take_end(&mut recv);
+            frame::decode_reply(&body)
+                .map(|reply| (reply, ended))
+                .map_err(|e| TransportError::Protocol(e.to_string()))
         };
         let stats = conn.stats();
         let heard_before = served_in(&stats);
@@ -580,7 +587,17 @@ impl Transport {
             }
         };
         let reply = match outcome {
-            Some(reply) => reply?,
+            Some(Ok((reply, ended))) => {
+                if !ended {
+                    // The reply's end is a moment behind it: waited for
+                    // aside, so the call returns now and the stream still
+                    // ends without a STOP_SENDING.
+                    let wait = conn.rtt().clamp(END_WAIT_MIN, END_WAIT_MAX);
+                    tokio::spawn(frame::drain_end(recv, wait));
+                }
+                reply
+            }
+            Some(Err(e)) => return Err(e),
             None => {
                 let _ = send.reset(codes::TIMEOUT);
                 let _ = recv.stop(codes::TIMEOUT);
