@@ -980,8 +980,11 @@ async fn sigterm_ends_promptly_when_the_peers_are_gone() -> anyhow::Result<()> {
 /// learner sends the other (gossip only, which both links carry alike;
 /// learners never call each other), give or take the heartbeats that
 /// settle it. The learners' Raft connections lapse meanwhile (10 s idle
-/// timeout, no keep-alives to learners), yet the next write reaches both at
-/// once, and so does one after a learner is killed and restarted.
+/// timeout, no keep-alives to learners), yet the next write reaches both,
+/// and so does one after a learner is killed and restarted, with the links
+/// then 150 ms each way. (The count is taken without delay: over a
+/// 300 ms round trip the gossip links' counts vary by as much as the
+/// heartbeats add.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_leader_leaves_settled_learners_alone_and_they_still_get_every_write()
 -> anyhow::Result<()> {
@@ -1033,6 +1036,7 @@ async fn an_idle_leader_leaves_settled_learners_alone_and_they_still_get_every_w
          {between_learners} between the learners"
     );
 
+    relay.delay_all(Duration::from_millis(150), Duration::from_millis(5));
     attach(&admin, &group.uuid, "q2", backends[1].addr().ip()).await?;
     for id in cluster.ids() {
         wait_serving(
