@@ -427,16 +427,29 @@ pub async fn run(
             BTreeSet::new()
         });
         if !announced && membership.learner_ids().any(|l| l == m.id) {
-            // A learner that (re)starts connects to the voters once, so that
-            // the leader, which stops heartbeating a learner that holds the
-            // whole log and its commit index, sees it back and tells it the
-            // commit index again (this process may have lost it).
-            for id in membership.voter_ids() {
-                if let Some(node) = membership.get_node(&id) {
-                    transport.warm(id, &node.cluster_addr);
+            // A learner that (re)starts connects to the leader until it hears
+            // from it, so that the leader, which stops heartbeating a learner
+            // that holds the whole log and its commit index, sees it back
+            // and tells it the commit index again (this process may have
+            // lost it). The first attempt may fail (the leader unreachable
+            // for a moment): it tries again at its next look.
+            let heard = raft
+                .with_raft_state(|st| st.vote_last_modified())
+                .await
+                .ok()
+                .flatten();
+            if heard.is_some_and(|t| t > started) {
+                announced = true;
+            } else {
+                let leader = m.current_leader.filter(|l| *l != m.id);
+                for id in membership.voter_ids() {
+                    if leader.is_none_or(|l| l == id)
+                        && let Some(node) = membership.get_node(&id)
+                    {
+                        transport.warm(id, &node.cluster_addr);
+                    }
                 }
             }
-            announced = true;
         }
         if m.state == ServerState::Leader {
             silence = None;

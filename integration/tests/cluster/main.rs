@@ -1048,6 +1048,14 @@ async fn an_idle_leader_leaves_settled_learners_alone_and_they_still_get_every_w
     }
     cluster.kill9(a).await?;
     cluster.restart(a).await?;
+    // Before any further write: what it served before the kill (its file,
+    // or the commit index the leader tells it again once it is back).
+    wait_serving(
+        cluster.data_addr(a, WEB_PORT),
+        &host("quiet"),
+        &["q1", "q2"],
+    )
+    .await?;
     attach(&admin, &group.uuid, "q3", backends[2].addr().ip()).await?;
     for id in cluster.ids() {
         wait_serving(

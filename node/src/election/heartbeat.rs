@@ -43,9 +43,14 @@
 //! with its learners; its Raft connection, made without keep-alives
 //! (`cluster::tls`), lapses after the idle timeout, and the next write's
 //! append makes a fresh one. A learner that restarts connects to the
-//! voters once (`election::run`): its process may have lost the commit
-//! index (saved without an fsync), and the leader, seeing it back, tells it
-//! again. Once a voter leaves, the learners are back at T/2 from the
+//! leader (or, not knowing it, to every voter) until it hears from the
+//! leader (`election::run`): its process may have lost the commit index
+//! (saved without an fsync), and the leader, seeing it back, tells it
+//! again. The settling heartbeat is also what makes up for a lost commit
+//! notice: openraft's notice of a new commit index to a learner is sent
+//! without waiting for its answer (`cluster::network`), and a learner is
+//! settled only once it accepted a heartbeat carrying that index. Once a
+//! voter leaves, the learners are back at T/2 from the
 //! leader's next look, so the promotion that follows waits at most about
 //! T more for a learner's answer (a handshake more for a settled one). On
 //! a 300 ms round trip nothing changes for
@@ -139,7 +144,12 @@ impl Heartbeats {
         now: Instant,
     ) -> Instant {
         let membership = m.membership_config.membership();
-        let promotable = membership.voter_ids().count() < max_voters;
+        // As the promotion policy sees it: with an even number of free
+        // seats, one learner alone cannot be promoted (voters stay odd).
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        let promotable =
+            !crate::membership::promotions(membership.voter_ids().count(), max_voters, &learners)
+                .is_empty();
         let members: Vec<(NodeId, String, Role)> = membership
             .nodes()
             .filter(|(id, _)| **id != m.id)
