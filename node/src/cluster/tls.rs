@@ -301,10 +301,9 @@ impl NodeTls {
         alpn: &[u8],
         keep_alive: Option<Duration>,
     ) -> Result<quinn::ClientConfig, TransportError> {
-        match versions_of(alpn) {
-            Some(versions) => self.client_config_offering(versions, keep_alive, RAFT_IDLE_TIMEOUT),
-            None => self.client_config_offering(&[alpn], keep_alive, RAFT_IDLE_TIMEOUT),
-        }
+        let single = [alpn];
+        let offered = versions_of(alpn).unwrap_or(&single);
+        self.client_config_offering(offered, keep_alive, RAFT_IDLE_TIMEOUT)
     }
 
     /// The gossip client: offers every gossip version, the compact one

@@ -198,10 +198,7 @@ pub(crate) struct Shared {
     pub(crate) stats: Counters,
     /// The TLS client sides, replaced when the node's certificate is
     /// renewed ([`Transport::reload_tls`]).
-    client: ArcSwap<quinn::ClientConfig>,
-    /// The same without keep-alives, for every peer not in `keep_open`.
-    quiet_client: ArcSwap<quinn::ClientConfig>,
-    gossip_client: ArcSwap<quinn::ClientConfig>,
+    clients: ArcSwap<Clients>,
     /// The peers whose Raft connections this node keeps open between calls
     /// ([`Transport::keep_open`]).
     keep_open: ArcSwap<BTreeSet<NodeId>>,
@@ -210,6 +207,26 @@ pub(crate) struct Shared {
     arrivals: Mutex<HashMap<NodeId, u64>>,
     /// One connection slot per peer.
     peers: Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
+}
+
+/// The client sides of the node's connections, made from one set of
+/// credentials.
+struct Clients {
+    /// Raft, with keep-alives: to the peers in `Shared::keep_open`.
+    raft: quinn::ClientConfig,
+    /// Raft without keep-alives, to every other peer.
+    quiet: quinn::ClientConfig,
+    gossip: quinn::ClientConfig,
+}
+
+impl Clients {
+    fn new(tls: &NodeTls) -> Result<Self, TransportError> {
+        Ok(Self {
+            raft: tls.client_config(ALPN_RAFT)?,
+            quiet: tls.quiet_client_config(ALPN_RAFT)?,
+            gossip: tls.gossip_client_config()?,
+        })
+    }
 }
 
 impl Shared {
@@ -236,9 +253,9 @@ impl Shared {
     /// keep-alives when `target` is to be kept open.
     pub(crate) fn client_for(&self, target: NodeId) -> quinn::ClientConfig {
         if self.keep_open.load().contains(&target) {
-            (**self.client.load()).clone()
+            self.clients.load().raft.clone()
         } else {
-            (**self.quiet_client.load()).clone()
+            self.clients.load().quiet.clone()
         }
     }
 
@@ -321,9 +338,7 @@ impl Transport {
     ) -> Result<Self, TransportError> {
         tls.check_own_id(node_id)?;
         let server = tls.server_config()?;
-        let client = tls.client_config(ALPN_RAFT)?;
-        let quiet_client = tls.quiet_client_config(ALPN_RAFT)?;
-        let gossip_client = tls.gossip_client_config()?;
+        let clients = Clients::new(tls)?;
         let socket = std::net::UdpSocket::bind(addr).map_err(TransportError::Bind)?;
         let endpoint = Endpoint::new(
             tls.endpoint_config()?,
@@ -338,9 +353,7 @@ impl Transport {
             handler,
             gossip: OnceLock::new(),
             stats: Counters::default(),
-            client: ArcSwap::from_pointee(client),
-            quiet_client: ArcSwap::from_pointee(quiet_client),
-            gossip_client: ArcSwap::from_pointee(gossip_client),
+            clients: ArcSwap::from_pointee(clients),
             keep_open: ArcSwap::from_pointee(BTreeSet::new()),
             arrivals: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
@@ -357,13 +370,9 @@ impl Transport {
     pub fn reload_tls(&self, tls: &NodeTls) -> Result<(), TransportError> {
         tls.check_own_id(self.shared.node_id)?;
         let server = tls.server_config()?;
-        let client = tls.client_config(ALPN_RAFT)?;
-        let quiet_client = tls.quiet_client_config(ALPN_RAFT)?;
-        let gossip_client = tls.gossip_client_config()?;
+        let clients = Clients::new(tls)?;
         self.shared.endpoint.set_server_config(Some(server));
-        self.shared.client.store(Arc::new(client));
-        self.shared.quiet_client.store(Arc::new(quiet_client));
-        self.shared.gossip_client.store(Arc::new(gossip_client));
+        self.shared.clients.store(Arc::new(clients));
         Ok(())
     }
 
@@ -418,7 +427,7 @@ impl Transport {
                 .shared
                 .endpoint
                 .connect_with(
-                    (**self.shared.gossip_client.load()).clone(),
+                    self.shared.clients.load().gossip.clone(),
                     sock,
                     &node_dns_name(target),
                 )
