@@ -29,9 +29,8 @@
 //! campaigns only after hearing no leader for T (`election_timeout`). So
 //! each member has its own period ([`Heartbeats::period`]):
 //! `heartbeat_interval` for a voter while the log moved within the last T
-//! (the default, 100 ms), T/4 for a voter once it has not (3 heartbeats
-//! may be lost, each retransmitted by QUIC, before a voter's silence
-//! reaches T), and T/2 for a learner while the cluster has fewer voters
+//! (the default, 100 ms), T/3 for a voter once it has not, and T/2 for a
+//! learner while the cluster has fewer voters
 //! than `max_voters`: a learner never campaigns and needs an answered call
 //! within T only to count as alive for promotion (`membership::caught_up`).
 //! With all voters in place no learner can be promoted, and it hears one
@@ -52,7 +51,18 @@
 //! settled only once it accepted a heartbeat carrying that index. Once a
 //! voter leaves, the learners are back at T/2 from the
 //! leader's next look, so the promotion that follows waits at most about
-//! T more for a learner's answer (a handshake more for a settled one). On
+//! T more for a learner's answer (a handshake more for a settled one).
+//!
+//! An idle voter's T/3 leaves room for one lost packet on a 300 ms round
+//! trip. With one heartbeat in flight, QUIC resends a lost call or reply
+//! after its probe timeout (about the round trip plus 45 ms: four RTT
+//! variations and the peer's 25 ms acknowledgement delay), so a lost call
+//! reaches the voter about T/3 + 345 ms after the previous heartbeat, and
+//! a lost reply holds the next call back until 300 + 345 ms after the
+//! previous one: about 680 ms of silence either way, against T = 1 s. Two
+//! losses of one heartbeat (the resend's timeout doubles) exceed T at any
+//! period down to 100 ms; they cost a pre-vote that the other voters
+//! refuse while they hear the leader. On
 //! a 300 ms round trip nothing changes for
 //! a voter: with one heartbeat in flight per member it hears one per round
 //! trip either way. Election timing (T, the pre-vote, the lease) is
@@ -116,7 +126,7 @@ impl Heartbeats {
         let t = timing.election_timeout;
         let every = match (role, active) {
             (Role::Voter, true) => return timing.heartbeat_interval,
-            (Role::Voter, false) => t / 4,
+            (Role::Voter, false) => t / 3,
             (Role::Learner { promotable: true }, _) => t / 2,
             (Role::Learner { promotable: false }, _) => t * 2,
         };
@@ -322,11 +332,14 @@ mod tests {
         let period = |role, active| Heartbeats::period(t, role, active);
         let ms = Duration::from_millis;
         assert_eq!(period(Role::Voter, true), ms(100));
-        // Three heartbeats may be lost before an idle voter's silence
-        // reaches T; on a 300 ms round trip (one in flight) a voter hears
-        // one per round trip either way.
-        assert_eq!(period(Role::Voter, false), ms(250));
-        assert!(period(Role::Voter, false) * 4 <= t.election_timeout);
+        // An idle voter's silence after one lost call (resent after the
+        // probe timeout, about the round trip plus 45 ms) or one lost reply
+        // (the next call waits for it) on a 300 ms round trip: within 70 %
+        // of T (module docs).
+        assert_eq!(period(Role::Voter, false), t.election_timeout / 3);
+        let (rtt, pto) = (ms(300), ms(345));
+        let silence = period(Role::Voter, false).max(rtt) + pto;
+        assert!(silence <= t.election_timeout * 7 / 10, "{silence:?}");
         // A promotable learner answers within T; one that cannot be
         // promoted needs nothing.
         let learner = Role::Learner { promotable: true };
