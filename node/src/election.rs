@@ -158,6 +158,8 @@ impl Timing {
 #[derive(Debug, Default)]
 pub struct Campaign {
     state: std::sync::Mutex<Campaigning>,
+    /// Pre-vote rounds this node started (`edgelb_raft_pre_votes_total`).
+    pre_votes: std::sync::atomic::AtomicU64,
     promise: std::sync::Mutex<Option<Promise>>,
     /// While an election was asked for and its vote requests have not gone
     /// out yet: how long to wait for answers once they do
@@ -189,6 +191,13 @@ pub enum Campaigning {
 }
 
 impl Campaign {
+    /// How many pre-vote rounds this node started: each one is a voter that
+    /// heard no leader for T (a leader lost, or a link that drops its
+    /// heartbeats).
+    pub fn pre_votes(&self) -> u64 {
+        self.pre_votes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn set(&self, c: Campaigning) {
         *self.awaiting_send.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = c;
@@ -527,6 +536,9 @@ pub async fn run(
             continue;
         }
         campaign.set(Campaigning::PreVoting);
+        campaign
+            .pre_votes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let won = pre_vote(&transport, membership, m.id, &view, timing).await;
         // A leader may have been elected while the round ran (this node
         // then heard it, or voted for it): campaigning now would depose it.

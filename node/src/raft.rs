@@ -191,7 +191,7 @@ pub async fn start(
             transport.clone(),
             state,
             committed,
-            (batcher, reconciler),
+            (batcher, reconciler, handler.campaign()),
             Arc::clone(health),
         ),
         transport,

@@ -370,6 +370,15 @@ impl Drop for Stalls {
     }
 }
 
+/// Every node's `edgelb_raft_pre_votes_total`, in node order.
+async fn pre_votes(cluster: &Cluster) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for id in cluster.ids() {
+        out.push(cluster.metric(id, "edgelb_raft_pre_votes_total").await?);
+    }
+    Ok(out)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wan_150ms_each_way_commits_joins_idles_and_replaces_a_killed_leader() -> anyhow::Result<()>
 {
@@ -475,24 +484,43 @@ async fn wan_150ms_each_way_commits_joins_idles_and_replaces_a_killed_leader() -
     .with_context(|| cluster.logs())?;
     cluster.ensure_no_errors()?;
 
-    // Idle across the WAN with 1 % of the datagrams lost: once the log has
-    // not moved for T, the voters hear a heartbeat every T/3 only, and no
-    // voter takes the lead meanwhile. (This guards the idle schedule as a
-    // whole: a period of T still passed here, since a voter campaigns only
-    // once its silence exceeds T at one of its looks, and the others
-    // refuse its pre-vote while they hear the leader; the margin for a
-    // lost packet is checked by the period's unit test.)
+    // Idle across the WAN: once the log has not moved for T, the voters
+    // hear a heartbeat every T/3 only. Without loss no voter's silence
+    // reaches T, so none starts a pre-vote (a period of T would: the
+    // heartbeats then come a jitter either side of T apart). Checked only
+    // if this process, which relays every datagram, did not stall for
+    // long meanwhile; the pre-vote counts are printed either way.
     let term = cluster.status(leader).await?.term;
+    let idle = Duration::from_secs(7);
+    let before = pre_votes(&cluster).await?;
+    let stalls = Stalls::start();
+    let began = Instant::now();
+    tokio::time::sleep(idle).await;
+    let stalled = stalls.within(began, Instant::now());
+    drop(stalls);
+    let after = pre_votes(&cluster).await?;
+    println!(
+        "wan: {idle:?} idle, pre-votes {before:?} -> {after:?}, this process stalled {stalled:?}"
+    );
+    if stalled < Duration::from_millis(300) {
+        ensure!(
+            before == after,
+            "pre-votes over {idle:?} idle without loss: {before:?} -> {after:?}\n{}",
+            cluster.logs()
+        );
+    }
+    // With 1 % of the datagrams lost a voter may miss a heartbeat twice
+    // and start a pre-vote, but the others refuse it while they hear the
+    // leader: no node changes term or leader.
     let relay = cluster.relay().context("behind the relay")?;
     relay.update_all(|_, _, link| link.loss = 0.01);
-    let idle = Duration::from_secs(7);
     tokio::time::sleep(idle).await;
     relay.update_all(|_, _, link| link.loss = 0.0);
     for id in cluster.ids() {
         let v = cluster.status(id).await?;
         ensure!(
             v.term == term && v.leader_id == Some(leader),
-            "after {idle:?} idle at 1 % loss, node {id} is at term {} (was {term}) \
+            "after {idle:?} idle, then {idle:?} at 1 % loss, node {id} is at term {} (was {term}) \
              with leader {:?} (was {leader})\n{}",
             v.term,
             v.leader_id,
