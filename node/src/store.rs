@@ -117,7 +117,7 @@ pub struct ClusterStatus {
     pub snapshot_index: u64,
     pub is_leader: bool,
     pub members: Vec<Member>,
-    /// Pre-vote rounds this node started since it did.
+    /// Pre-vote rounds this node started since its process did.
     pub pre_votes: u64,
 }
 
