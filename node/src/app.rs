@@ -268,7 +268,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         since_start_ms = millis(began.elapsed()),
         "identity loaded, admin listener bound"
     );
-    let raft = crate::raft::start(&config, &identity, &health).await?;
+    let raft = crate::raft::start(&config, &identity, &health, metrics.registry()).await?;
     let store = Arc::new(raft.store);
     // From here on a Raft core stopped by a storage error is seen at once.
     // The watch ends by itself when Raft stops (last, at shutdown), so it

@@ -155,11 +155,13 @@ impl Timing {
 
 /// What this node's own campaign is doing; read when a pre-vote request
 /// arrives, so that two campaigns part (module docs).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Campaign {
     state: std::sync::Mutex<Campaigning>,
-    /// Pre-vote rounds this node started (`edgelb_raft_pre_votes_total`).
-    pre_votes: std::sync::atomic::AtomicU64,
+    /// Pre-vote rounds this node started: each one a voter that heard no
+    /// leader for T (a leader lost, or a link that drops its heartbeats).
+    /// In the node's registry once [`Campaign::count_in`] put it there.
+    pre_votes: prometheus::IntCounter,
     promise: std::sync::Mutex<Option<Promise>>,
     /// While an election was asked for and its vote requests have not gone
     /// out yet: how long to wait for answers once they do
@@ -190,12 +192,33 @@ pub enum Campaigning {
     Electing(Instant),
 }
 
+impl Default for Campaign {
+    fn default() -> Self {
+        Self {
+            state: std::sync::Mutex::default(),
+            pre_votes: prometheus::IntCounter::new(
+                "edgelb_raft_pre_votes_total",
+                "Pre-vote rounds this node started: each one a voter that heard no leader \
+                 for election_timeout.",
+            )
+            .expect("a static metric definition is valid"),
+            promise: std::sync::Mutex::default(),
+            awaiting_send: std::sync::Mutex::default(),
+        }
+    }
+}
+
 impl Campaign {
-    /// How many pre-vote rounds this node started: each one is a voter that
-    /// heard no leader for T (a leader lost, or a link that drops its
-    /// heartbeats).
-    pub fn pre_votes(&self) -> u64 {
-        self.pre_votes.load(std::sync::atomic::Ordering::Relaxed)
+    /// Exports the pre-vote count (`edgelb_raft_pre_votes_total`) in
+    /// `registry`.
+    ///
+    /// # Panics
+    /// Never: the series is registered once per node's registry (a second
+    /// campaign on one registry would be a bug).
+    pub fn count_in(&self, registry: &prometheus::Registry) {
+        registry
+            .register(Box::new(self.pre_votes.clone()))
+            .expect("one campaign per registry");
     }
 
     fn set(&self, c: Campaigning) {
@@ -428,10 +451,12 @@ pub async fn run(
         }
         let membership = m.membership_config.membership();
         let voter = membership.voter_ids().any(|v| v == m.id);
+        let other_voters: BTreeSet<NodeId> =
+            membership.voter_ids().filter(|v| *v != m.id).collect();
         // A voter keeps its connections to the other voters open (votes
         // must not wait for a handshake); nothing else is kept.
         transport.keep_open(if voter {
-            membership.voter_ids().filter(|v| *v != m.id).collect()
+            other_voters.clone()
         } else {
             BTreeSet::new()
         });
@@ -450,13 +475,9 @@ pub async fn run(
             if heard.is_some_and(|t| t > started) {
                 announced = true;
             } else {
-                let leader = m.current_leader.filter(|l| *l != m.id);
-                for id in membership.voter_ids() {
-                    if leader.is_none_or(|l| l == id)
-                        && let Some(node) = membership.get_node(&id)
-                    {
-                        transport.warm(id, &node.cluster_addr);
-                    }
+                match m.current_leader.filter(|l| *l != m.id) {
+                    Some(leader) => warm(&transport, membership, [leader]),
+                    None => warm(&transport, membership, other_voters.iter().copied()),
                 }
             }
         }
@@ -473,11 +494,7 @@ pub async fn run(
             wake = now + warm_every;
             continue;
         }
-        for id in membership.voter_ids().filter(|id| *id != m.id) {
-            if let Some(node) = membership.get_node(&id) {
-                transport.warm(id, &node.cluster_addr);
-            }
-        }
+        warm(&transport, membership, other_voters);
         if membership.voter_ids().count() == 1 {
             // The only voter needs nobody's leave.
             if m.state != ServerState::Candidate && raft.trigger().elect().await.is_err() {
@@ -536,9 +553,7 @@ pub async fn run(
             continue;
         }
         campaign.set(Campaigning::PreVoting);
-        campaign
-            .pre_votes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        campaign.pre_votes.inc();
         let won = pre_vote(&transport, membership, m.id, &view, timing).await;
         // A leader may have been elected while the round ran (this node
         // then heard it, or voted for it): campaigning now would depose it.
@@ -569,6 +584,20 @@ pub async fn run(
 
 /// Asks every other voter for a pre-vote; true when a quorum of every
 /// config (this node included) grants it.
+/// Opens this node's connections to `ids` (members of `membership`) if
+/// they are not open.
+fn warm(
+    transport: &Transport,
+    membership: &openraft::Membership<NodeId, ClusterNode>,
+    ids: impl IntoIterator<Item = NodeId>,
+) {
+    for id in ids {
+        if let Some(node) = membership.get_node(&id) {
+            transport.warm(id, &node.cluster_addr);
+        }
+    }
+}
+
 async fn pre_vote(
     transport: &Arc<Transport>,
     membership: &openraft::Membership<NodeId, ClusterNode>,

@@ -14,7 +14,7 @@ use std::fmt;
 use std::io;
 use std::time::Instant;
 
-use prometheus::{Encoder as _, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder as _, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use tracing::{debug, warn};
 
 use crate::routing::RoutingTable;
@@ -73,10 +73,6 @@ struct RaftGauges {
     snapshot_index: IntGauge,
     voters: IntGauge,
     learners: IntGauge,
-    /// Brought up to the campaign's own count at each scrape, under
-    /// `pre_votes_catch_up` (concurrent scrapes would both add the gap).
-    pre_votes: IntCounter,
-    pre_votes_catch_up: std::sync::Mutex<()>,
 }
 
 impl fmt::Debug for Metrics {
@@ -108,11 +104,6 @@ impl Metrics {
             let v = IntCounterVec::new(Opts::new(name, help), labels).expect(STATIC_OK);
             reg(Box::new(v.clone()));
             v
-        };
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect(STATIC_OK);
-            reg(Box::new(c.clone()));
-            c
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect(STATIC_OK);
@@ -158,11 +149,6 @@ impl Metrics {
                 ),
                 voters: gauge("edgelb_raft_voters", "Voters in the Raft membership."),
                 learners: gauge("edgelb_raft_learners", "Learners in the Raft membership."),
-                pre_votes: counter(
-                    "edgelb_raft_pre_votes_total",
-                    "Pre-vote rounds this node started: each one a voter that heard no leader for election_timeout.",
-                ),
-                pre_votes_catch_up: std::sync::Mutex::new(()),
             },
             gossip: GossipMetrics::register(&registry),
             registry,
@@ -196,15 +182,6 @@ impl Metrics {
         r.voters.set(i64::try_from(voters).unwrap_or(i64::MAX));
         r.learners
             .set(i64::try_from(s.members.len() - voters).unwrap_or(i64::MAX));
-        // The campaign counts; the counter catches up with it.
-        let _one_at_a_time = r
-            .pre_votes_catch_up
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let behind = s.pre_votes.saturating_sub(r.pre_votes.get());
-        if behind > 0 {
-            r.pre_votes.inc_by(behind);
-        }
     }
 
     /// Encodes every family in the Prometheus text format: the per-instance

@@ -67,6 +67,7 @@ pub async fn start(
     config: &Config,
     identity: &Identity,
     health: &Arc<Health>,
+    registry: &prometheus::Registry,
 ) -> Result<Started, StartError> {
     let began = std::time::Instant::now();
     let dir = config.data_dir.clone();
@@ -131,6 +132,7 @@ pub async fn start(
         alive_within: config.raft.election_timeout,
     };
     let handler = Arc::new(RaftRpc::new(config.raft, policy, Arc::clone(health)));
+    handler.campaign().count_in(registry);
     let transport = Transport::bind(
         config.cluster_addr,
         &identity.tls,
@@ -191,7 +193,7 @@ pub async fn start(
             transport.clone(),
             state,
             committed,
-            (batcher, reconciler, handler.campaign()),
+            (batcher, reconciler),
             Arc::clone(health),
         ),
         transport,
@@ -336,12 +338,9 @@ pub async fn one_node_store(
     let identity = crate::bootstrap::identity(&config, token)
         .await
         .map_err(|e| StartError::Io(e.to_string()))?;
-    let health = Health::new(
-        data_dir,
-        config.data_dir_min_free,
-        &prometheus::Registry::new(),
-    );
-    let started = start(&config, &identity, &health).await?;
+    let registry = prometheus::Registry::new();
+    let health = Health::new(data_dir, config.data_dir_min_free, &registry);
+    let started = start(&config, &identity, &health, &registry).await?;
     found_cluster(&started.store, &config, &identity, token).await?;
     Ok((started.store, started.transport))
 }

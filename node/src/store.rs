@@ -117,8 +117,6 @@ pub struct ClusterStatus {
     pub snapshot_index: u64,
     pub is_leader: bool,
     pub members: Vec<Member>,
-    /// Pre-vote rounds this node started since its process did.
-    pub pre_votes: u64,
 }
 
 /// The node's replicated state, behind Raft.
@@ -133,8 +131,6 @@ pub struct Store {
     committed: Arc<AtomicU64>,
     /// Who makes this node's membership changes when it leads.
     reconciler: Reconciler,
-    /// This node's own campaigns (counted for the metrics).
-    campaign: Arc<crate::election::Campaign>,
     /// Where this node's writes are proposed when it leads.
     batcher: Batcher,
     /// Cancelled when the node stops: what still waits answers 503.
@@ -165,7 +161,7 @@ impl Store {
         transport: Arc<Transport>,
         state: watch::Receiver<AppliedState>,
         committed: Arc<AtomicU64>,
-        (batcher, reconciler, campaign): (Batcher, Reconciler, Arc<crate::election::Campaign>),
+        (batcher, reconciler): (Batcher, Reconciler),
         health: Arc<Health>,
     ) -> Self {
         Self {
@@ -176,7 +172,6 @@ impl Store {
             routed: std::sync::OnceLock::new(),
             committed,
             reconciler,
-            campaign,
             batcher,
             stopping: tokio_util::sync::CancellationToken::new(),
             health,
@@ -541,7 +536,6 @@ impl Store {
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             is_leader: m.state == ServerState::Leader,
             members,
-            pre_votes: self.campaign.pre_votes(),
         }
     }
 }

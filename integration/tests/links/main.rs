@@ -486,8 +486,9 @@ async fn wan_150ms_each_way_commits_joins_idles_and_replaces_a_killed_leader() -
 
     // Idle across the WAN: once the log has not moved for T, the voters
     // hear a heartbeat every T/3 only. Without loss no voter's silence
-    // reaches T, so none starts a pre-vote (a period of T would: the
-    // heartbeats then come a jitter either side of T apart). Checked only
+    // reaches T, so none starts a pre-vote (at a period of 2 T voters do
+    // in every run; at T, heartbeats a jitter either side of T apart, in
+    // some runs, one in three when tried). Checked only
     // if this process, which relays every datagram, did not stall for
     // long meanwhile; the pre-vote counts are printed either way.
     let term = cluster.status(leader).await?.term;
