@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use edgelb::balancer::{Backend, GroupBalancer, Lease, Pick};
-use edgelb::metrics::InstanceMetrics;
+use edgelb::series::InstanceMetrics;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;

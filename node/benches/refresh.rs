@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use edgelb::balancer::{Backend, GroupBalancer};
-use edgelb::metrics::InstanceMetrics;
+use edgelb::series::InstanceMetrics;
 use gossip::{Entry, GroupView, LoadTable, Report};
 use uuid::Uuid;
 

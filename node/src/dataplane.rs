@@ -1,13 +1,20 @@
-//! What every connection handler shares: the current routing table and the
-//! data-plane settings.
+//! What every connection handler shares: the current routing table, the
+//! data-plane settings, and the instances tried in turn ([`Attempts`]), the
+//! same for a TCP connection and an HTTP request.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 pub use ipnet::IpNet;
+use tracing::{debug, warn};
 
-use crate::routing::RoutingTable;
+use crate::balancer::{Lease, Pick};
+use crate::routing::{RoutingTable, Target};
+use crate::upstream::{ConnectError, Pool};
+
+/// Most instances tried for one TCP connection or HTTP request.
+pub(crate) const MAX_ATTEMPTS: usize = 3;
 
 /// Limits and timeouts of the data plane (see the README's table).
 #[derive(Clone, Debug)]
@@ -96,4 +103,76 @@ pub struct ConnInfo {
     pub port: u16,
     /// TLS was terminated by us.
     pub tls: bool,
+}
+
+/// Why no instance served a connection or request.
+#[derive(Debug)]
+pub(crate) enum Unserved {
+    /// The group has no instance to pick.
+    NoInstances,
+    /// Every instance is at its hard limit.
+    Overloaded,
+    /// The picked instance has no pool in the table: a broken invariant
+    /// (a table's balancer offers only instances of its own group).
+    NoPool,
+    /// [`MAX_ATTEMPTS`] instances failed to connect; the last one's error.
+    Failed(ConnectError),
+}
+
+/// The instances tried for one TCP connection or HTTP request: each
+/// [`Attempts::next`] picks one of `target`'s group with its pool for the
+/// target's destination port; one that could not be reached goes back
+/// through [`Attempts::failed`] (a connect error counted, the instance
+/// marked down), at most [`MAX_ATTEMPTS`] times.
+pub(crate) struct Attempts<'a> {
+    target: &'a Target,
+    made: usize,
+    last: Option<ConnectError>,
+}
+
+impl<'a> Attempts<'a> {
+    pub(crate) fn new(target: &'a Target) -> Self {
+        Self {
+            target,
+            made: 0,
+            last: None,
+        }
+    }
+
+    /// The next instance to try and its attempt number (from 1), or why
+    /// there is none.
+    pub(crate) fn next(&mut self) -> Result<(Lease, Arc<Pool>, usize), Unserved> {
+        if self.made == MAX_ATTEMPTS {
+            // Every attempt so far failed, which sets `last`.
+            return Err(self
+                .last
+                .take()
+                .map_or(Unserved::NoInstances, Unserved::Failed));
+        }
+        let lease = match self
+            .target
+            .group
+            .balancer
+            .pick(Instant::now(), &mut rand::rng())
+        {
+            Pick::Selected(lease) => lease,
+            Pick::NoInstances => return Err(Unserved::NoInstances),
+            Pick::Overloaded => return Err(Unserved::Overloaded),
+        };
+        let Some(pool) = self.target.pool(lease.backend()) else {
+            warn!(instance = %lease.backend().name, "selected instance has no pool");
+            return Err(Unserved::NoPool);
+        };
+        self.made += 1;
+        Ok((lease, pool, self.made))
+    }
+
+    /// Connecting to `lease`'s instance failed before anything reached it.
+    pub(crate) fn failed(&mut self, lease: Lease, error: ConnectError) {
+        let backend = lease.backend();
+        debug!(instance = %backend.name, attempt = self.made, %error, "connect failed");
+        backend.metrics.connect_errors.inc();
+        lease.mark_down(Instant::now());
+        self.last = Some(error);
+    }
 }

@@ -20,10 +20,7 @@
 //! Connect failures (refused, timed out) mark the instance down and select
 //! again; nothing is retried once a request byte reached an instance.
 
-pub mod upstream;
-
 mod body;
-mod client_body;
 pub(crate) mod conn;
 mod error;
 pub(crate) mod forward;
@@ -37,7 +34,7 @@ mod tests;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::Poll;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -107,8 +104,10 @@ where
         }
     });
     let mut deadline: Option<Pin<Box<Sleep>>> = None;
-    let mut registered: Option<Waker> = None;
     let res = poll_fn(|cx| {
+        // Registered before the checks below, so that a wake between them
+        // and `Pending` is not lost.
+        conn.set_waker(cx.waker());
         loop {
             if deadline.is_none() && conn.close_requested() {
                 serving.as_mut().graceful_shutdown();
@@ -126,10 +125,6 @@ where
             && d.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(None);
-        }
-        if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
-            conn.set_waker(cx.waker());
-            registered = Some(cx.waker().clone());
         }
         Poll::Pending
     })

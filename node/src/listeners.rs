@@ -12,6 +12,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -125,8 +129,8 @@ async fn accept_loop(
     stop: CancellationToken,
     shutdown: CancellationToken,
 ) {
-    let tls_http = TlsAcceptor::from(crate::tls::server_config(port, dp.routes.clone(), true));
-    let tls_tcp = TlsAcceptor::from(crate::tls::server_config(port, dp.routes.clone(), false));
+    let tls_http = TlsAcceptor::from(server_config(port, dp.routes.clone(), true));
+    let tls_tcp = TlsAcceptor::from(server_config(port, dp.routes.clone(), false));
     let acceptors = Arc::new((tls_http, tls_tcp));
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -234,4 +238,38 @@ async fn handle(
             None => debug!(?sni, "no group for this server name; closing"),
         }
     }
+}
+
+/// Picks the certificate for a connection on one published port by SNI,
+/// against the routing table current at handshake time.
+#[derive(Debug)]
+struct SniResolver {
+    port: u16,
+    routes: Arc<ArcSwap<RoutingTable>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let table = self.routes.load();
+        table.port(self.port)?.key_for(hello.server_name())
+    }
+}
+
+/// The rustls config for a published port: HTTP ports offer h2 and
+/// http/1.1 by ALPN, TCP ports offer nothing.
+pub fn server_config(
+    port: u16,
+    routes: Arc<ArcSwap<RoutingTable>>,
+    http: bool,
+) -> Arc<ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { port, routes }));
+    if http {
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
+    Arc::new(cfg)
 }

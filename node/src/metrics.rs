@@ -1,7 +1,7 @@
 //! Prometheus metrics: one registry per node for the per-node series, and
 //! per-instance series labelled `service` and `instance_name` that are not
 //! in the registry: each backend counts in its own atomics
-//! ([`InstanceMetrics`]) and a scrape renders them straight from the
+//! ([`crate::series`]) and a scrape renders them straight from the
 //! routing table ([`instance`]), so an instance costs no registry object and
 //! a detach leaves nothing to remove. The load-gossip series are in
 //! [`GossipMetrics`].
@@ -20,9 +20,6 @@ use tracing::{debug, warn};
 use crate::routing::RoutingTable;
 
 pub use gossip::{DROP_REASONS, GossipMetrics};
-pub use instance::{
-    CODE_CLASSES, Counter, DIRECTIONS, DURATION_BUCKETS, Histogram, InstanceMetrics, InstanceSeries,
-};
 
 /// The node's metrics.
 ///

@@ -52,8 +52,8 @@ use rustls::sign::CertifiedKey;
 use uuid::Uuid;
 
 use crate::balancer::{Backend, GroupBalancer, LoadChanged, start_drain};
-use crate::http::upstream::Pool;
 use crate::tls::CertCache;
+use crate::upstream::Pool;
 
 pub use changes::{Changes, changes};
 

@@ -13,70 +13,54 @@ use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::balancer::Pick;
-use crate::dataplane::{ConnInfo, DataPlane};
-use crate::http::upstream::{CountingIo, idle};
+use crate::dataplane::{Attempts, ConnInfo, DataPlane};
 use crate::routing::Target;
-
-/// Most instances tried for one connection.
-const MAX_ATTEMPTS: usize = 3;
+use crate::upstream::{CountingIo, idle};
 
 /// Proxies one client connection to an instance of `target`'s group.
 pub async fn proxy<I>(mut client: I, conn: ConnInfo, target: Target, dp: Arc<DataPlane>)
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let balancer = &target.group.balancer;
-    for _ in 0..MAX_ATTEMPTS {
-        let lease = match balancer.pick(Instant::now(), &mut rand::rng()) {
-            Pick::Selected(lease) => lease,
-            Pick::NoInstances | Pick::Overloaded => {
-                debug!(peer = %conn.peer, group = %target.group.name, "no instance available; closing");
+    let mut tries = Attempts::new(&target);
+    let (lease, upstream) = loop {
+        let (lease, pool, _) = match tries.next() {
+            Ok(next) => next,
+            Err(why) => {
+                debug!(peer = %conn.peer, group = %target.group.name, ?why, "no instance for the connection; closing");
                 return;
             }
         };
-        let backend = lease.backend().clone();
-        // A table's balancer offers only instances of the table's group.
-        let Some(pool) = target.pool(&backend) else {
-            warn!(instance = %backend.name, "selected instance has no pool; closing");
-            return;
-        };
-        let upstream = match pool.dial(dp.settings.connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(instance = %backend.name, error = %e, "connect failed");
-                backend.metrics.connect_errors.inc();
-                lease.mark_down(Instant::now());
-                continue;
-            }
-        };
-        lease.mark_up();
-        let started = Instant::now();
-        let activity = Arc::new(AtomicU64::new(0));
-        let mut upstream = CountingIo::new(upstream, &backend, Some(activity.clone()));
-        let drained = backend.drain_token();
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-                if let Err(e) = r {
-                    debug!(instance = %backend.name, error = %e, "tcp splice ended");
-                }
-            }
-            () = idle(activity, dp.settings.tcp_idle_timeout) => {
-                debug!(instance = %backend.name, "tcp connection idle; closing");
-            }
-            () = drained.cancelled() => {
-                debug!(instance = %backend.name, "instance drained; closing");
+        match pool.dial(dp.settings.connect_timeout).await {
+            Ok(s) => break (lease, s),
+            Err(error) => tries.failed(lease, error),
+        }
+    };
+    lease.mark_up();
+    let backend = lease.backend().clone();
+    let started = Instant::now();
+    let activity = Arc::new(AtomicU64::new(0));
+    let mut upstream = CountingIo::new(upstream, &backend.metrics, Some(activity.clone()));
+    let drained = backend.drain_token();
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = r {
+                debug!(instance = %backend.name, error = %e, "tcp splice ended");
             }
         }
-        let now = Instant::now();
-        backend
-            .metrics
-            .duration
-            .observe(now.saturating_duration_since(started).as_secs_f64());
-        lease.release(now);
-        return;
+        () = idle(activity, dp.settings.tcp_idle_timeout) => {
+            debug!(instance = %backend.name, "tcp connection idle; closing");
+        }
+        () = drained.cancelled() => {
+            debug!(instance = %backend.name, "instance drained; closing");
+        }
     }
-    debug!(peer = %conn.peer, group = %target.group.name, "every attempt failed; closing");
+    let now = Instant::now();
+    backend
+        .metrics
+        .duration
+        .observe(now.saturating_duration_since(started).as_secs_f64());
+    lease.release(now);
 }

@@ -1,4 +1,4 @@
-//! TLS termination: certificates per domain and SNI-based selection.
+//! TLS termination's certificates: one key per domain, cached.
 //!
 //! A domain that names a stored certificate presents it; a domain without one
 //! (or whose stored certificate does not parse) presents a self-signed
@@ -9,17 +9,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use arc_swap::ArcSwap;
 use raft_store::model::{Certificate, Domain};
 use raft_store::state::State;
-use rustls::ServerConfig;
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tracing::{info, warn};
-
-use crate::routing::RoutingTable;
 
 /// Errors turning PEM into a usable key.
 #[derive(Debug, thiserror::Error)]
@@ -116,38 +111,4 @@ impl CertCache {
         stored.insert(id, key.clone());
         Ok(key)
     }
-}
-
-/// Picks the certificate for a connection on one published port by SNI,
-/// against the routing table current at handshake time.
-#[derive(Debug)]
-struct SniResolver {
-    port: u16,
-    routes: Arc<ArcSwap<RoutingTable>>,
-}
-
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let table = self.routes.load();
-        table.port(self.port)?.key_for(hello.server_name())
-    }
-}
-
-/// The rustls config for a published port: HTTP ports offer h2 and
-/// http/1.1 by ALPN, TCP ports offer nothing.
-pub fn server_config(
-    port: u16,
-    routes: Arc<ArcSwap<RoutingTable>>,
-    http: bool,
-) -> Arc<ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { port, routes }));
-    if http {
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    }
-    Arc::new(cfg)
 }

@@ -16,8 +16,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use uuid::Uuid;
 
 use super::GroupBalancer;
-use crate::http::upstream::Pool;
-use crate::metrics::InstanceMetrics;
+use crate::series::InstanceMetrics;
+use crate::upstream::Pool;
 
 /// Down time after the first failed connect.
 pub const INITIAL_BACKOFF: Duration = Duration::from_secs(1);

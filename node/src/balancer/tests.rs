@@ -10,7 +10,7 @@ mod estimates;
 
 use super::tree::tests::{CHI2_DF4_P999, chi_square};
 use super::*;
-use crate::metrics::InstanceMetrics;
+use crate::series::InstanceMetrics;
 
 fn backend(name: &str) -> Arc<Backend> {
     Arc::new(Backend::new(

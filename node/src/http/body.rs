@@ -12,8 +12,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::conn::ActiveGuard;
-use super::upstream::{Pool, PooledConn};
 use crate::balancer::Lease;
+use crate::upstream::{Pool, PooledConn};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -159,7 +159,7 @@ impl UpstreamBody {
             .observe(now.saturating_duration_since(f.start).as_secs_f64());
         // A connection still sending the request body (the instance
         // answered before reading it all) is not reused: dropping it drops
-        // the body, whose rest is then discarded (see `client_body`).
+        // the body, whose rest is then discarded (see `crate::upstream::ClientBody`).
         if complete
             && let Some(r) = f.reuse
             && f.conn.sender.is_ready()

@@ -25,10 +25,11 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 
+use atomic_waker::AtomicWaker;
 use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -36,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::dataplane::{ConnInfo, DataPlane};
+use crate::upstream::Activity;
 
 /// What every request of one client connection shares.
 #[derive(Debug)]
@@ -60,8 +62,7 @@ pub(crate) struct Conn {
     /// Idle timeout passed or the node shuts down: close gracefully.
     close: AtomicBool,
     /// The task serving the connection, woken for `parked` and `close`.
-    /// Per connection and touched only on those events, never per poll.
-    waker: Mutex<Option<Waker>>,
+    waker: AtomicWaker,
 }
 
 impl Conn {
@@ -81,7 +82,7 @@ impl Conn {
             tunnel: AtomicBool::new(false),
             parked: AtomicBool::new(false),
             close: AtomicBool::new(false),
-            waker: Mutex::new(None),
+            waker: AtomicWaker::new(),
         }
     }
 
@@ -101,24 +102,15 @@ impl Conn {
         self.wake();
     }
 
-    /// Remembers the serving task's waker.
+    /// Remembers the serving task's waker (at each of its polls: a
+    /// wake takes it).
     pub(crate) fn set_waker(&self, waker: &Waker) {
-        let mut slot = self.waker.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.as_ref().is_none_or(|w| !w.will_wake(waker)) {
-            *slot = Some(waker.clone());
-        }
+        self.waker.register(waker);
     }
 
     /// Wakes the serving task.
     fn wake(&self) {
-        let waker = self
-            .waker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        self.waker.wake();
     }
 }
 
@@ -156,50 +148,17 @@ impl Conn {
     }
 }
 
-/// What a [`BodyGuard`] needs of its connection. A trait object: request
-/// bodies are part of the upstream pools' types, which the data plane
-/// (and so `Conn`) contains, and naming `Conn` there would make the types
-/// recursive.
-pub(crate) trait Activity: Send + Sync + std::fmt::Debug {
-    /// Ends one request's activity.
-    fn leave(&self);
-    /// Wakes the task serving the connection.
-    fn wake(&self);
-}
-
 impl Activity for Conn {
+    fn enter(&self) {
+        self.active.fetch_add(1, Ordering::SeqCst);
+    }
+
     fn leave(&self) {
         Self::leave(self);
     }
 
     fn wake(&self) {
         Self::wake(self);
-    }
-}
-
-/// An [`ActiveGuard`] for a request body still coming in after its
-/// response.
-#[derive(Debug)]
-pub(crate) struct BodyGuard(Arc<dyn Activity>);
-
-impl BodyGuard {
-    pub(crate) fn new(conn: &Arc<Conn>) -> Self {
-        conn.active.fetch_add(1, Ordering::SeqCst);
-        Self(conn.clone())
-    }
-
-    /// Ends the guard and wakes the connection's task (for a guard dropped
-    /// outside it).
-    pub(crate) fn end_and_wake(self) {
-        let conn = self.0.clone();
-        drop(self);
-        conn.wake();
-    }
-}
-
-impl Drop for BodyGuard {
-    fn drop(&mut self) {
-        self.0.leave();
     }
 }
 

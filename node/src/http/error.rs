@@ -1,13 +1,12 @@
 //! Why a proxied request failed, where the failure came from, whether
 //! another instance may be tried, and the short plain-text answer.
 
-use std::io;
-
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
+use crate::upstream::ConnectError;
 
 /// Who caused a failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,20 +14,6 @@ pub(crate) enum Side {
     Client,
     Upstream,
     Internal,
-}
-
-/// Connecting to an instance failed before any request byte was sent: the
-/// instance is marked down and another one may be tried.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ConnectError {
-    #[error("connect timed out")]
-    Timeout,
-    #[error("connect: {0}")]
-    Io(#[from] io::Error),
-    #[error("handshake: {0}")]
-    Handshake(hyper::Error),
-    #[error("connection closed before the request was sent: {0}")]
-    Closed(hyper::Error),
 }
 
 /// A request that gets an error answer instead of an instance's response.

@@ -14,19 +14,15 @@ use hyper::upgrade::OnUpgrade;
 use tracing::debug;
 
 use super::body::{ProxyBody, Reuse, UpstreamBody};
-use super::client_body::ClientBody;
 use super::conn::{ActiveGuard, Conn};
-use super::error::{ConnectError, ProxyError};
+use super::error::ProxyError;
 use super::headers;
 use super::redirect;
 use super::upgrade;
-use super::upstream::{Pool, PooledConn};
-use crate::balancer::{Lease, Pick};
-use crate::dataplane::Settings;
+use crate::balancer::Lease;
+use crate::dataplane::{Attempts, Settings, Unserved};
 use crate::routing::Target;
-
-/// Most instances tried for one request.
-const MAX_ATTEMPTS: usize = 3;
+use crate::upstream::{ClientBody, ConnectError, Pool, PooledConn};
 
 /// How long a pooled connection may take to become ready for its next
 /// request before a new connection is opened instead.
@@ -114,37 +110,26 @@ async fn forward(
     client_upgrade: Option<OnUpgrade>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let settings = &conn.dp.settings;
-    let balancer = &target.group.balancer;
-    let mut last = None;
-    for attempt in 1..=MAX_ATTEMPTS {
+    let mut tries = Attempts::new(target);
+    loop {
+        let (lease, pool, _) = tries.next().map_err(|why| match why {
+            Unserved::NoInstances => ProxyError::NoInstances,
+            Unserved::Overloaded => ProxyError::Overloaded,
+            Unserved::NoPool => ProxyError::Internal("selected instance has no pool"),
+            Unserved::Failed(error) => ProxyError::Connect(error),
+        })?;
         let start = Instant::now();
-        // A statement of its own: the thread-local RNG must not live across
-        // an await.
-        let pick = balancer.pick(start, &mut rand::rng());
-        let lease = match pick {
-            Pick::Selected(lease) => lease,
-            Pick::NoInstances => return Err(ProxyError::NoInstances),
-            Pick::Overloaded => return Err(ProxyError::Overloaded),
-        };
-        let backend = lease.backend();
-        // A table's balancer offers only instances of the table's group.
-        let Some(pool) = target.pool(backend) else {
-            tracing::warn!(instance = %backend.name, "selected instance has no pool");
-            return Err(ProxyError::Internal("selected instance has no pool"));
-        };
         let upgrade = client_upgrade.is_some();
         match exchange(req, &pool, &lease, settings, upgrade, start).await {
             Exchange::Response(resp, up) => {
                 return respond(resp, up, lease, &pool, start, conn, client_upgrade);
             }
             Exchange::NotSent(back, error) => {
-                debug!(instance = %backend.name, attempt, %error, "connect failed");
-                backend.metrics.connect_errors.inc();
-                lease.mark_down(Instant::now());
+                tries.failed(lease, error);
                 req = back;
-                last = Some(error);
             }
             Exchange::Failed(error) => {
+                let backend = lease.backend();
                 backend.metrics.observe_status(error.status().as_u16());
                 backend
                     .metrics
@@ -155,8 +140,6 @@ async fn forward(
             }
         }
     }
-    // Every attempt ends in `NotSent`, which sets `last`.
-    Err(last.map_or(ProxyError::NoInstances, ProxyError::Connect))
 }
 
 /// Sends `req` on a pooled connection or a new one and waits (bounded by
@@ -191,7 +174,14 @@ async fn exchange(
             }
             // Boxed: connecting is the rare path and its future is large;
             // every request's future would carry (and move) it otherwise.
-            None => match Box::pin(pool.connect(backend, settings, upgrade)).await {
+            None => match Box::pin(pool.connect(
+                (&backend.name, &backend.metrics),
+                backend.drain_token(),
+                settings.connect_timeout,
+                upgrade,
+            ))
+            .await
+            {
                 Ok(up) => {
                     lease.mark_up();
                     up

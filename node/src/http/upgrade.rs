@@ -16,8 +16,8 @@ use tracing::{Instrument, debug};
 use super::body::ProxyBody;
 use super::conn::Conn;
 use super::headers;
-use super::upstream::{PooledConn, idle};
 use crate::balancer::Lease;
+use crate::upstream::{PooledConn, idle};
 
 /// Answers the client's upgrade request with the instance's 101 and starts
 /// the tunnel.

@@ -15,6 +15,7 @@ use super::*;
 use crate::balancer::Backend;
 use crate::routing::tests::group;
 use crate::routing::{BuildContext, publish};
+use crate::series::{CODE_CLASSES, DURATION_BUCKETS};
 use crate::tls::CertCache;
 
 /// A state with `groups`, each with `instances` (names as given).

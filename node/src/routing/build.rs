@@ -13,7 +13,7 @@ use super::{
     BuildContext, Changes, Effect, GroupRuntime, PortRoute, Published, Route, RoutingTable,
 };
 use crate::balancer::{Backend, GroupBalancer};
-use crate::metrics::InstanceMetrics;
+use crate::series::InstanceMetrics;
 
 impl RoutingTable {
     /// Builds the table for `state` from `prev`, redoing what `changes`

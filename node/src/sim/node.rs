@@ -12,7 +12,7 @@ use rand::rngs::SmallRng;
 use uuid::Uuid;
 
 use crate::balancer::{Backend, GroupBalancer, LoadChanged};
-use crate::metrics::InstanceMetrics;
+use crate::series::InstanceMetrics;
 
 /// `n` backends whose load counters count time from `created`.
 pub(super) fn backends(n: usize, created: Instant) -> Vec<Arc<Backend>> {

@@ -15,9 +15,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -27,11 +28,9 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug};
 
+use super::ConnectError;
 use super::client_body::ClientBody;
-use super::error::ConnectError;
-use crate::balancer::Backend;
-use crate::dataplane::Settings;
-use crate::metrics::{Counter, InstanceMetrics};
+use crate::series::{Counter, InstanceMetrics};
 
 /// Idle upstream connections to one instance on one port.
 #[derive(Debug)]
@@ -157,37 +156,39 @@ impl Pool {
         Ok(stream)
     }
 
-    /// Opens a new connection to the instance. `upgrades` makes a dedicated
-    /// connection that can switch protocols (never pooled, driven by a task
-    /// of its own so that the upgrade can take its socket).
+    /// Opens a new connection to the instance `name`, counted in `metrics`
+    /// and aborted when `drain` fires (the instance's drain timeout has
+    /// passed). `upgrades` makes a dedicated connection that can switch
+    /// protocols (never pooled, driven by a task of its own so that the
+    /// upgrade can take its socket).
     pub(crate) async fn connect(
         &self,
-        backend: &Backend,
-        settings: &Settings,
+        (name, metrics): (&str, &InstanceMetrics),
+        drain: CancellationToken,
+        connect_timeout: Duration,
         upgrades: bool,
     ) -> Result<PooledConn, ConnectError> {
-        let stream = self.dial(settings.connect_timeout).await?;
+        let stream = self.dial(connect_timeout).await?;
         // An upgraded connection's traffic both ways, for the tunnel's idle
         // timeout.
         let activity = upgrades.then(|| Arc::new(AtomicU64::new(0)));
-        let io = TokioIo::new(CountingIo::new(stream, backend, activity.clone()));
+        let io = TokioIo::new(CountingIo::new(stream, metrics, activity.clone()));
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(ConnectError::Handshake)?;
-        let span = tracing::debug_span!("upstream", instance = %backend.name);
+        let span = tracing::debug_span!("upstream", instance = %name);
         let driver = if upgrades {
             tokio::spawn(drive_upgradable(conn).instrument(span));
             Driver::Spawned
         } else {
             let watch = Arc::new(Watch::default());
             let (closed_tx, closed_rx) = oneshot::channel();
-            let watcher = watch_drain(watch.clone(), backend.drain_token(), closed_rx);
+            let watcher = watch_drain(watch.clone(), drain, closed_rx);
             tokio::spawn(watcher.instrument(span));
             Driver::Inline {
                 conn: Some(Box::pin(conn)),
                 watch,
-                registered: None,
                 _closed: closed_tx,
             }
         };
@@ -291,8 +292,6 @@ pub(crate) enum Driver {
         /// between pool, request and body.
         conn: Option<Pin<Box<Http1Conn>>>,
         watch: Arc<Watch>,
-        /// The waker last given to `watch` (saves its lock on re-polls).
-        registered: Option<Waker>,
         /// Dropped with the connection: ends the watcher.
         _closed: oneshot::Sender<()>,
     },
@@ -304,19 +303,10 @@ impl Driver {
     /// Drives the connection's I/O; false once it has ended (closed, failed,
     /// or aborted because its instance drained).
     pub(crate) fn poll_drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Self::Inline {
-            conn,
-            watch,
-            registered,
-            ..
-        } = self
-        else {
+        let Self::Inline { conn, watch, .. } = self else {
             return true;
         };
-        if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
-            watch.register(cx.waker());
-            *registered = Some(cx.waker().clone());
-        }
+        watch.waker.register(cx.waker());
         if watch.aborted() {
             *conn = None;
             return false;
@@ -371,7 +361,7 @@ impl PooledConn {
 #[derive(Debug, Default)]
 pub(crate) struct Watch {
     aborted: AtomicBool,
-    waker: Mutex<Option<Waker>>,
+    waker: AtomicWaker,
 }
 
 impl Watch {
@@ -379,20 +369,9 @@ impl Watch {
         self.aborted.load(Ordering::Acquire)
     }
 
-    fn register(&self, waker: &Waker) {
-        *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
-    }
-
     fn abort(&self) {
         self.aborted.store(true, Ordering::Release);
-        let waker = self
-            .waker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        self.waker.wake();
     }
 }
 
@@ -441,16 +420,17 @@ pub(crate) struct CountingIo {
 }
 
 impl CountingIo {
-    /// Wraps a new connection to `backend` and counts it.
+    /// Wraps a new connection to the instance counted in `metrics` and
+    /// counts it.
     pub(crate) fn new(
         inner: TcpStream,
-        backend: &Backend,
+        metrics: &InstanceMetrics,
         activity: Option<Arc<AtomicU64>>,
     ) -> Self {
-        backend.metrics.connections.inc();
+        metrics.connections.inc();
         Self {
             inner,
-            metrics: backend.metrics.clone(),
+            metrics: metrics.clone(),
             activity,
         }
     }

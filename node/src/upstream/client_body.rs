@@ -26,8 +26,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::{Instrument, debug};
 
-use super::conn::{BodyGuard, Conn};
-
 /// Longest time spent discarding what is left of a body after an early
 /// answer (as nginx's `lingering_time`); then the connection closes.
 pub(crate) const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -43,11 +41,14 @@ pub(crate) struct ClientBody {
 
 impl ClientBody {
     /// Wraps the body of `req`, a request of the client connection `conn`.
-    pub(crate) fn wrap(req: Request<Incoming>, conn: &Arc<Conn>) -> Request<Self> {
+    pub(crate) fn wrap<A: Activity + 'static>(
+        req: Request<Incoming>,
+        conn: &Arc<A>,
+    ) -> Request<Self> {
         let h1 = req.version() < Version::HTTP_2;
         req.map(|inner| {
             // Most requests have no body: no guard, nothing to drain.
-            let guard = (h1 && !inner.is_end_stream()).then(|| BodyGuard::new(conn));
+            let guard = (h1 && !inner.is_end_stream()).then(|| BodyGuard::new(conn.clone()));
             Self {
                 inner: Some(inner),
                 guard,
@@ -134,4 +135,43 @@ async fn drain(mut body: Incoming, guard: BodyGuard) {
     // An HTTP/1 connection task waits on a read without a timer while a
     // request is active: wake it to start the idle timer.
     guard.end_and_wake();
+}
+
+/// What a [`BodyGuard`] needs of its client connection. A trait object:
+/// request bodies are part of the upstream pools' types, which the data
+/// plane (and so the connection) contains, and naming the connection's type
+/// here would make the types recursive.
+pub(crate) trait Activity: Send + Sync + std::fmt::Debug {
+    /// Starts one request's activity.
+    fn enter(&self);
+    /// Ends one request's activity.
+    fn leave(&self);
+    /// Wakes the task serving the connection.
+    fn wake(&self);
+}
+
+/// Keeps a request active on its client connection while its body is still
+/// coming in after the response.
+#[derive(Debug)]
+pub(crate) struct BodyGuard(Arc<dyn Activity>);
+
+impl BodyGuard {
+    pub(crate) fn new(conn: Arc<dyn Activity>) -> Self {
+        conn.enter();
+        Self(conn)
+    }
+
+    /// Ends the guard and wakes the connection's task (for a guard dropped
+    /// outside it).
+    pub(crate) fn end_and_wake(self) {
+        let conn = self.0.clone();
+        drop(self);
+        conn.wake();
+    }
+}
+
+impl Drop for BodyGuard {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
 }
