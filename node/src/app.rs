@@ -40,14 +40,62 @@ use crate::tls::CertCache;
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{0}")]
-    Io(String),
+    /// Local I/O: a listener, the data dir, the token file.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The node's identity: its certificates, the founding marker, a join.
+    #[error(transparent)]
+    Bootstrap(crate::bootstrap::BootstrapError),
+    /// Raft did not start.
+    #[error(transparent)]
+    Raft(crate::raft::StartError),
+    /// The admin API's TLS with the node certificate.
+    #[error("admin TLS with the node certificate: {0}")]
+    AdminTls(#[source] crate::tls::TlsError),
+    /// The join was accepted but not applied here in time.
+    #[error("joining {url}: {source}")]
+    Joining {
+        url: String,
+        #[source]
+        source: StoreError,
+    },
     /// A file of the data dir is damaged: the message names it and says
     /// what to do. Exit 65 ([`crate::health::EXIT_CORRUPT`]).
     #[error("{0}")]
     Corrupt(String),
+}
+
+impl StartError {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+}
+
+impl From<crate::raft::StartError> for StartError {
+    fn from(e: crate::raft::StartError) -> Self {
+        match e {
+            crate::raft::StartError::Corrupt(m) => Self::Corrupt(m),
+            e => Self::Raft(e),
+        }
+    }
+}
+
+impl From<crate::bootstrap::BootstrapError> for StartError {
+    fn from(e: crate::bootstrap::BootstrapError) -> Self {
+        use crate::bootstrap::BootstrapError as E;
+        match e {
+            E::Config(c) => Self::Config(c),
+            E::Corrupt(m) => Self::Corrupt(m),
+            e => Self::Bootstrap(e),
+        }
+    }
 }
 
 /// A running node.
@@ -250,20 +298,17 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     // membership (and port 0 works in tests).
     let admin_listener = TcpListener::bind(config.admin_addr)
         .await
-        .map_err(|e| StartError::Io(format!("binding admin_addr {}: {e}", config.admin_addr)))?;
+        .map_err(StartError::io(format!(
+            "binding admin_addr {}",
+            config.admin_addr
+        )))?;
     let admin_addr = admin_listener
         .local_addr()
-        .map_err(|e| StartError::Io(format!("admin_addr: {e}")))?;
+        .map_err(StartError::io("admin_addr"))?;
     let mut config = config;
     config.admin_addr = admin_addr;
 
-    let identity = crate::bootstrap::identity(&config, &token)
-        .await
-        .map_err(|e| match e {
-            crate::bootstrap::BootstrapError::Config(c) => StartError::Config(c),
-            crate::bootstrap::BootstrapError::Corrupt(m) => StartError::Corrupt(m),
-            other => StartError::Io(other.to_string()),
-        })?;
+    let identity = crate::bootstrap::identity(&config, &token).await?;
     info!(
         since_start_ms = millis(began.elapsed()),
         "identity loaded, admin listener bound"
@@ -291,8 +336,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     // The marker goes once the founding is done (now, or before a damaged
     // marker was found).
     if identity.founded || identity.damaged_founding.is_some() {
-        crate::bootstrap::founding_done(&config.data_dir)
-            .map_err(|e| StartError::Io(e.to_string()))?;
+        crate::bootstrap::founding_done(&config.data_dir)?;
     }
     if let Some(url) = config.join.as_deref()
         && !identity.founded
@@ -309,7 +353,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         None => None,
         Some(AdminTls::Node) => {
             let c = AdminCert::new(&identity.tls.cert_pem, &identity.tls.key_pem)
-                .map_err(|e| StartError::Io(format!("admin TLS with the node certificate: {e}")))?;
+                .map_err(StartError::AdminTls)?;
             c.register_expiry(metrics.registry(), &identity.tls.cert_pem);
             Some(c)
         }
@@ -442,14 +486,15 @@ async fn join(
     url: &str,
     token: &str,
 ) -> Result<(), StartError> {
-    let index = crate::bootstrap::add_self(config, cluster_addr, url, token)
-        .await
-        .map_err(|e| StartError::Io(e.to_string()))?;
+    let index = crate::bootstrap::add_self(config, cluster_addr, url, token).await?;
     // A snapshot of a large state over a slow link may take a while.
     store
         .wait_applied_within(index, Duration::from_secs(120))
         .await
-        .map_err(|e| StartError::Io(format!("joining {url}: {e}")))?;
+        .map_err(|source| StartError::Joining {
+            url: url.to_owned(),
+            source,
+        })?;
     info!(log_index = index, "joined the cluster");
     Ok(())
 }
@@ -584,7 +629,7 @@ fn load_token(config: &Config, given: Option<&str>) -> Result<Token, StartError>
     };
     let read = match crate::files::read_nonempty(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err("it is not text"),
-        Err(e) => return Err(StartError::Io(format!("reading {}: {e}", path.display()))),
+        Err(e) => return Err(StartError::io(format!("reading {}", path.display()))(e)),
         Ok(Some(s)) if crate::config::check_token("token", s.trim()).is_err() => {
             Err("it does not hold a token (16 to 256 printable ASCII characters)")
         }
@@ -631,7 +676,7 @@ fn load_token(config: &Config, given: Option<&str>) -> Result<Token, StartError>
                 ),
             };
             crate::files::write_private(&path, &value)
-                .map_err(|e| StartError::Io(format!("writing {}: {e}", path.display())))?;
+                .map_err(StartError::io(format!("writing {}", path.display())))?;
             Ok(Token {
                 value,
                 generated,

@@ -354,7 +354,7 @@ pub fn check_token(state: &raft_store::State, token: &str) -> Result<(), ConfigE
     let Some(secrets) = state.cluster() else {
         return Ok(());
     };
-    let ours = crate::raft::token_sha256(token);
+    let ours = token_sha256(token);
     if bool::from(ours.as_bytes().ct_eq(secrets.token_sha256.as_bytes())) {
         return Ok(());
     }
@@ -586,6 +586,16 @@ where
             .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     Ok(sender)
+}
+
+/// Lowercase hex SHA-256 of the admin token.
+pub fn token_sha256(token: &str) -> String {
+    use std::fmt::Write;
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest.as_ref().iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 #[cfg(test)]

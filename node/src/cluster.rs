@@ -39,12 +39,9 @@
 
 mod congestion;
 pub(crate) mod frame;
-mod gossip;
 mod network;
-mod peers;
 pub mod pki;
 pub(crate) mod rpc;
-mod server;
 mod tls;
 mod transport;
 
@@ -52,10 +49,7 @@ mod transport;
 mod tests;
 
 pub use frame::MAX_FRAME;
-pub use gossip::{
-    Dropped, GossipHandler, GossipLink, MAX_STRIKES, REPORT_TIMEOUT, SEND_TIMEOUT, Via,
-};
-pub use network::{Network, PeerNetwork, rpc_deadline};
+pub use network::{Network, PeerNetwork, VoteSink, rpc_deadline};
 pub use pki::{
     CaBundle, PkiError, generate_ca, issue_node_cert, node_dns_name, node_key_and_csr,
     sign_node_csr,
@@ -64,4 +58,7 @@ pub use rpc::{
     Forward, ForwardError, ForwardReply, HandlerFuture, PreVote, RaftHandler, Rpc, RpcReply,
 };
 pub use tls::{ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, NodeTls};
-pub use transport::{Transport, TransportError, TransportStats, codes};
+pub use transport::{
+    Dropped, GossipHandler, GossipLink, MAX_STRIKES, REPORT_TIMEOUT, SEND_TIMEOUT, Transport,
+    TransportError, TransportStats, Via, codes,
+};

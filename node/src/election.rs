@@ -645,6 +645,12 @@ async fn pre_vote(
     won
 }
 
+impl crate::cluster::VoteSink for Campaign {
+    fn votes_sent(&self) {
+        Self::votes_sent(self);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

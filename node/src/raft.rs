@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +14,8 @@ use raft_store::{AppliedState, LogStore, StateMachineStore};
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::app::StartError;
 use crate::bootstrap::Identity;
-use crate::cluster::{Network, Transport};
+use crate::cluster::{Network, Transport, TransportError};
 use crate::config::Config;
 use crate::election::Timing;
 use crate::health::Health;
@@ -28,6 +28,62 @@ use crate::store::{RaftRpc, Store, StoreError};
 /// extra of up to half that, so that a snapshot's O(state) cost stays
 /// constant per write.
 pub const SNAPSHOT_EVERY: u64 = 100_000;
+
+/// Why this node's Raft member did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A file of the data dir is damaged: the message names it and says
+    /// what to do. Exit 65 ([`crate::health::EXIT_CORRUPT`]).
+    #[error("{0}")]
+    Corrupt(String),
+    /// The storage did not open, for a reason other than a damaged file.
+    #[error("opening storage in {}: {source}", dir.display())]
+    Storage {
+        dir: PathBuf,
+        #[source]
+        source: raft_store::StoreError,
+    },
+    /// The cluster endpoint did not bind (or its certificates are unusable).
+    #[error("cluster_addr {addr}: {source}")]
+    Endpoint {
+        addr: SocketAddr,
+        #[source]
+        source: TransportError,
+    },
+    /// openraft refused its settings, to start, or to initialise.
+    #[error("{what}: {source}")]
+    Raft {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The founding entry (cluster CA, token hash) was not committed in time.
+    #[error("node {node_id}: recording the cluster CA: {source}")]
+    Founding {
+        node_id: u64,
+        #[source]
+        source: StoreError,
+    },
+    /// Local I/O (the data dir, a task that opened storage).
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node's identity (one_node_store).
+    #[error(transparent)]
+    Identity(#[from] crate::bootstrap::BootstrapError),
+}
+
+impl StartError {
+    fn raft(what: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Raft {
+            what,
+            source: Box::new(e),
+        }
+    }
+}
 
 /// What [`start`] hands back.
 #[derive(Debug)]
@@ -59,7 +115,7 @@ pub fn raft_config(timing: &Timing) -> Result<openraft::Config, StartError> {
         ..timing.openraft()
     }
     .validate()
-    .map_err(|e| StartError::Io(format!("raft config: {e}")))
+    .map_err(|e| StartError::raft("raft config", e))
 }
 
 /// Opens storage, binds the cluster endpoint and starts openraft.
@@ -108,7 +164,10 @@ pub async fn start(
         Ok((log, sm, log_took, t.elapsed() - log_took))
     })
     .await
-    .map_err(|e| StartError::Io(format!("opening storage: {e}")))?
+    .map_err(|e| StartError::Io {
+        what: "opening storage".into(),
+        source: e.into(),
+    })?
     .map_err(|e| storage_error(config, e))?;
     let (log, sm, log_took, state_took) = opened;
     info!(
@@ -139,11 +198,15 @@ pub async fn start(
         config.node_id,
         handler.clone(),
     )
-    .map_err(|e| StartError::Io(format!("cluster_addr {}: {e}", config.cluster_addr)))?;
+    .map_err(|source| StartError::Endpoint {
+        addr: config.cluster_addr,
+        source,
+    })?;
     let transport = Arc::new(transport);
-    let cluster_addr = transport
-        .local_addr()
-        .map_err(|e| StartError::Io(format!("cluster_addr: {e}")))?;
+    let cluster_addr = transport.local_addr().map_err(|e| StartError::Io {
+        what: "cluster_addr".into(),
+        source: e,
+    })?;
     info!(%cluster_addr, since_storage_ms = ms(began.elapsed()), "cluster endpoint bound");
     let raft = Raft::new(
         config.node_id,
@@ -153,7 +216,7 @@ pub async fn start(
         sm,
     )
     .await
-    .map_err(|e| StartError::Io(format!("starting raft: {e}")))?;
+    .map_err(|e| StartError::raft("starting raft", e))?;
     info!(since_storage_ms = ms(began.elapsed()), "raft started");
     let (batcher, reconciler) = handler.set(raft.clone(), log.clone(), &transport);
     tokio::spawn(snapshots(raft.clone(), state.clone()));
@@ -175,11 +238,11 @@ pub async fn start(
         let initialized = raft
             .is_initialized()
             .await
-            .map_err(|e| StartError::Io(format!("raft: {e}")))?;
+            .map_err(|e| StartError::raft("raft", e))?;
         if !initialized {
             raft.initialize(BTreeMap::from([(config.node_id, me)]))
                 .await
-                .map_err(|e| StartError::Io(format!("initialising the cluster: {e}")))?;
+                .map_err(|e| StartError::raft("initialising the cluster", e))?;
             info!(
                 node_id = config.node_id,
                 "initialised a new one-node cluster"
@@ -236,10 +299,10 @@ fn storage_error(config: &Config, e: raft_store::StoreError) -> StartError {
             "{e}. Rejoin this node: {} (README: Corrupted files)",
             crate::bootstrap::rejoin_steps(config)
         )),
-        e => StartError::Io(format!(
-            "opening storage in {}: {e}",
-            config.data_dir.display()
-        )),
+        source => StartError::Storage {
+            dir: config.data_dir.clone(),
+            source,
+        },
     }
 }
 
@@ -294,7 +357,7 @@ pub async fn found_cluster(
     let secrets = ClusterSecrets {
         ca_cert_pem: identity.tls.ca_cert_pem.clone(),
         ca_key_pem: identity.new_ca_key.clone().unwrap_or_default(),
-        token_sha256: token_sha256(token),
+        token_sha256: crate::bootstrap::token_sha256(token),
     };
     let cmd = Command::InitCluster { secrets };
     // A fresh one-node cluster elects itself within the election timeout.
@@ -303,24 +366,14 @@ pub async fn found_cluster(
         match store.propose(cmd.clone()).await {
             Ok(_) | Err(StoreError::Apply(ApplyError::Conflict(_))) => return Ok(()),
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(StartError::Io(format!(
-                    "node {}: recording the cluster CA: {e}",
-                    config.node_id
-                )));
+                return Err(StartError::Founding {
+                    node_id: config.node_id,
+                    source: e,
+                });
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-}
-
-/// Lowercase hex SHA-256 of the admin token.
-pub fn token_sha256(token: &str) -> String {
-    use std::fmt::Write;
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    digest.as_ref().iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// A founded one-node cluster's store in `data_dir`, without the data plane
@@ -332,12 +385,12 @@ pub async fn one_node_store(
     config.data_dir = data_dir.to_owned();
     config.cluster_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     config.admin_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| StartError::Io(format!("{}: {e}", data_dir.display())))?;
+    std::fs::create_dir_all(data_dir).map_err(|e| StartError::Io {
+        what: data_dir.display().to_string(),
+        source: e,
+    })?;
     let token = "one-node-store-token";
-    let identity = crate::bootstrap::identity(&config, token)
-        .await
-        .map_err(|e| StartError::Io(e.to_string()))?;
+    let identity = crate::bootstrap::identity(&config, token).await?;
     let registry = prometheus::Registry::new();
     let health = Health::new(data_dir, config.data_dir_min_free, &registry);
     let started = start(&config, &identity, &health, &registry).await?;

@@ -47,7 +47,13 @@ use raft_store::{ClusterNode, NodeId, TypeConfig};
 
 use super::rpc::{Rpc, RpcReply};
 use super::transport::{Transport, TransportError};
-use crate::election::Campaign;
+
+/// Told when the network sends a vote request of this node's candidacy:
+/// the election task's campaign, which counts its wait for the answers
+/// from then.
+pub trait VoteSink: Send + Sync + std::fmt::Debug {
+    fn votes_sent(&self);
+}
 
 /// First wait after a peer was unreachable; doubles up to [`BACKOFF_MAX`],
 /// kept short so that replication resumes within a second of a peer
@@ -74,13 +80,13 @@ type RpcResult<T, E = openraft::error::Infallible> =
 #[derive(Clone, Debug)]
 pub struct Network {
     transport: Arc<Transport>,
-    campaign: Arc<Campaign>,
+    campaign: Arc<dyn VoteSink>,
 }
 
 impl Network {
     /// A network that calls peers through `transport`, telling `campaign`
     /// when this node's vote requests go out.
-    pub fn new(transport: Arc<Transport>, campaign: Arc<Campaign>) -> Self {
+    pub fn new(transport: Arc<Transport>, campaign: Arc<dyn VoteSink>) -> Self {
         Self {
             transport,
             campaign,
@@ -106,7 +112,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 #[derive(Debug)]
 pub struct PeerNetwork {
     transport: Arc<Transport>,
-    campaign: Arc<Campaign>,
+    campaign: Arc<dyn VoteSink>,
     target: NodeId,
     node: ClusterNode,
     /// Whether this client sent entries: it is a replication stream's.

@@ -2,13 +2,23 @@
 //!
 //! Outgoing calls share one kept connection per peer (ALPN
 //! `edgelb-raft/1`, made in the background, or the one the peer opened to
-//! this node: [`super::peers`]), each RPC on its own bidirectional stream;
+//! this node: [`peers`]), each RPC on its own bidirectional stream;
 //! a connection that failed, or whose call timed out while the peer
 //! acknowledged but served nothing, is replaced on the next call (one cut
-//! off by a partition is kept for the heal, see [`super::peers`]). Load gossip goes on separate
+//! off by a partition is kept for the heal, see [`peers`]). Load gossip goes on separate
 //! connections (ALPN `edgelb-gossip/1`, [`Transport::gossip_connect`]), so
 //! that a large report never queues behind Raft traffic or the other way
-//! round. Incoming connections are served by [`server`](super::server).
+//! round. Incoming connections are served by [`server`].
+
+mod gossip;
+mod peer;
+mod peers;
+mod server;
+
+pub use gossip::{
+    Dropped, GossipHandler, GossipLink, MAX_STRIKES, REPORT_TIMEOUT, SEND_TIMEOUT, Via,
+};
+use peers::PeerSlot;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -25,11 +35,8 @@ use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
 use super::frame::{self, FrameError};
-use super::gossip::{GossipHandler, GossipLink};
-use super::peers::{self, PeerSlot};
 use super::pki::node_dns_name;
 use super::rpc::{RaftHandler, Rpc, RpcKind, RpcReply};
-use super::server;
 use super::tls::{ALPN_RAFT, NodeTls};
 
 /// Application error codes on connections and streams.

@@ -36,9 +36,9 @@ use raft_store::NodeId;
 use tokio::time::timeout;
 use tracing::{Instrument, debug, warn};
 
-use super::server::{Peer, Role};
-use super::tls::{ALPN_GOSSIP_2, negotiated_alpn};
-use super::transport::{Shared, TransportError, bump, codes};
+use super::peer::{Peer, Role};
+use super::{Shared, TransportError, bump, codes};
+use crate::cluster::tls::{ALPN_GOSSIP_2, negotiated_alpn};
 
 /// How long a report on a stream may take to arrive once the stream opened.
 pub const REPORT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -56,7 +56,7 @@ use raft_store::NodeId;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::transport::{Shared, TransportError, bump, codes};
+use super::{Shared, TransportError, bump, codes};
 
 /// Bounds of one handshake attempt. A handshake takes one to two round
 /// trips; an attempt gets three of the last measured ones, at least
@@ -112,7 +112,7 @@ fn confirmed(conn: &Connection) -> bool {
 }
 
 /// Everything the peer sent on `conn` so far, in datagrams. Unlike
-/// [`served`](super::transport::served) this counts acknowledgements and
+/// [`served`](super::served) this counts acknowledgements and
 /// keep-alives: a count that does not move means that nothing at all gets
 /// through (a cut link, or a peer process that is gone).
 pub(crate) fn heard(conn: &Connection) -> u64 {
@@ -658,7 +658,7 @@ impl PeerSlot {
     /// Resolves once calls to the peer would go out on another open
     /// connection than `conn` (the peer reconnected, or a fresh handshake
     /// of this node's finished) while `conn` has not served anything since
-    /// `heard` (its [`served`](super::transport::served) count when the
+    /// `heard` (its [`served`](super::served) count when the
     /// call began): the call on it was sent into a cut or to a process
     /// that is gone, and waiting out its deadline would only hold back the
     /// retry on the fresh connection. Never resolves otherwise.
@@ -673,7 +673,7 @@ impl PeerSlot {
                 .borrow_and_update()
                 .pick(None, self.own_canonical())
                 .is_some_and(|p| p.conn.stable_id() != id);
-            if other && super::transport::served(conn) == heard {
+            if other && super::served(conn) == heard {
                 return;
             }
         }
@@ -848,7 +848,7 @@ async fn connect(
     let target = slot.target;
     let first = attempt_timeout(rtt);
     let began = tokio::time::Instant::now();
-    let sock = super::transport::resolve(shared, addr)
+    let sock = super::resolve(shared, addr)
         .await
         .map_err(|e| e.to_string())?;
     let every = stagger(rtt);
@@ -865,14 +865,14 @@ async fn connect(
                 .connect_with(
                     shared.client_for(target),
                     sock,
-                    &super::pki::node_dns_name(target),
+                    &crate::cluster::pki::node_dns_name(target),
                 )
                 .map_err(|e| e.to_string())?;
             pending.spawn(async move {
                 connecting
                     .handshake_data()
                     .await
-                    .map_err(|e| super::tls::handshake_error(&e))?;
+                    .map_err(|e| crate::cluster::tls::handshake_error(&e))?;
                 Ok::<_, String>(connecting)
             });
             next += every;
@@ -905,11 +905,11 @@ async fn connect(
     let conn = tokio::time::timeout(ATTEMPT_MAX, answered)
         .await
         .map_err(|_| format!("handshake unfinished within {ATTEMPT_MAX:?}"))?
-        .map_err(|e| super::tls::handshake_error(&e))?;
+        .map_err(|e| crate::cluster::tls::handshake_error(&e))?;
     tokio::time::sleep(reorder_hold(conn.rtt())).await;
     // The peer may have refused us meanwhile (our certificate, say).
     if let Some(e) = conn.close_reason() {
-        return Err(super::tls::handshake_error(&e));
+        return Err(crate::cluster::tls::handshake_error(&e));
     }
     debug!(target, addr, "connected");
     probe_after_handshake(&conn);

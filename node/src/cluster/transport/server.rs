@@ -9,23 +9,22 @@
 //! lying or misconfigured, and nothing else it sends can be trusted.
 
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use raft_store::NodeId;
-use rustls::pki_types::CertificateDer;
 use tokio::time::timeout;
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::frame::{self, FrameError, HEADER_LIMIT, HEADER_TIMEOUT};
 use super::gossip;
-use super::rpc::RpcReply;
-use super::tls::{
-    ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, negotiated_alpn, peer_leaf, spoken, verify_peer_id,
-    version_refused,
+use super::peer::{Peer, Role};
+use super::{Shared, bump, codes};
+use crate::cluster::frame::{self, FrameError, HEADER_LIMIT, HEADER_TIMEOUT};
+use crate::cluster::rpc::RpcReply;
+use crate::cluster::tls::{
+    ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, negotiated_alpn, spoken, verify_peer_id, version_refused,
 };
-use super::transport::{Shared, bump, codes};
 
 /// Accepts connections until the endpoint closes.
 pub(crate) async fn accept_loop(shared: Arc<Shared>) {
@@ -62,65 +61,6 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             debug!(alpn = ?alpn.map(String::from_utf8_lossy), "alpn not served");
             conn.close(codes::UNSUPPORTED, b"protocol not served");
         }
-    }
-}
-
-/// What a connection is to this node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Role {
-    /// A gossip connection a peer opened.
-    Gossip,
-    /// A Raft connection a peer opened: once the peer is known, this
-    /// node's calls to it may use it as well.
-    Inbound,
-    /// A Raft connection this node opened, on which the peer may call.
-    Own,
-}
-
-/// A connected peer: its certificate, and the node id it has proven.
-pub(super) struct Peer {
-    pub(super) conn: Connection,
-    leaf: CertificateDer<'static>,
-    proven: OnceLock<NodeId>,
-    role: Role,
-}
-
-impl Peer {
-    /// The peer of `conn`; `None` (and the connection closed) when it
-    /// presented no certificate.
-    pub(super) fn of(shared: &Shared, conn: &Connection, role: Role) -> Option<Self> {
-        // rustls required and verified a client certificate; a connection
-        // without one cannot get here, but is refused rather than trusted.
-        let Some(leaf) = peer_leaf(conn) else {
-            bump(&shared.stats.identity_refused);
-            conn.close(codes::IDENTITY, b"no client certificate");
-            return None;
-        };
-        Some(Self {
-            conn: conn.clone(),
-            leaf,
-            proven: OnceLock::new(),
-            role,
-        })
-    }
-
-    /// Whether the certificate is valid for node `id`. The first proof on
-    /// a connection the peer opened tells the transport that `id` reaches
-    /// this node (a peer that restarted, or a link that healed): a pending
-    /// handshake of its own to `id` starts afresh
-    /// (`Shared::peer_connected`).
-    pub(super) fn proves(&self, shared: &Arc<Shared>, id: NodeId) -> bool {
-        if self.proven.get() == Some(&id) {
-            return true;
-        }
-        if let Err(e) = verify_peer_id(&self.leaf, id) {
-            warn!(claimed = id, error = %e, "peer claims an id its certificate does not name");
-            return false;
-        }
-        if self.proven.set(id).is_ok() && self.role != Role::Own {
-            shared.peer_connected(id);
-        }
-        true
     }
 }
 
