@@ -57,12 +57,29 @@ pub enum StoreError {
     /// The command was refused by the state machine's rules.
     #[error(transparent)]
     Apply(#[from] ApplyError),
-    /// No quorum or no leader within the deadline, or the node's Raft
-    /// core stopped (503).
+    /// No quorum or no leader: the change was not committed and applied
+    /// within the write promise (503).
+    #[error(
+        "no quorum: the change was not committed and applied within {} s",
+        WRITE_PROMISE.as_secs()
+    )]
+    NoQuorum,
+    /// The node is stopping, or its Raft core stopped: the reason its
+    /// health recorded (a storage failure names the data dir) (503).
     #[error("{0}")]
-    Unavailable(String),
+    Stopped(String),
+    /// A call to the leader failed (503).
+    #[error(transparent)]
+    Cluster(#[from] ForwardError),
+    /// openraft failed to answer (503).
+    #[error("raft: {0}")]
+    Raft(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The data plane stopped before it routed by the change (503).
+    #[error("the data plane stopped before it routed by the change")]
+    NotRouted,
     /// The data dir of this node (or of the leader) is below its
-    /// free-space floor: refused before it reached the log (507).
+    /// free-space floor: refused before it reached the log (507). The
+    /// leader's refusal arrives as its text.
     #[error("{0}")]
     DiskFull(String),
 }
@@ -72,7 +89,11 @@ impl StoreError {
     pub fn status(&self) -> u16 {
         match self {
             Self::Apply(e) => e.status(),
-            Self::Unavailable(_) => 503,
+            Self::NoQuorum
+            | Self::Stopped(_)
+            | Self::Cluster(_)
+            | Self::Raft(_)
+            | Self::NotRouted => 503,
             Self::DiskFull(_) => 507,
         }
     }
@@ -82,7 +103,7 @@ impl From<Refusal> for StoreError {
     fn from(r: Refusal) -> Self {
         match r {
             Refusal::DiskFull(full) => Self::DiskFull(full.to_string()),
-            Refusal::Failed(reason) => Self::Unavailable(reason),
+            Refusal::Failed(reason) => Self::Stopped(reason),
         }
     }
 }
@@ -192,7 +213,7 @@ impl Store {
     ) -> Result<T, StoreError> {
         tokio::select! {
             biased;
-            () = self.stopping.cancelled() => Err(StoreError::Unavailable(
+            () = self.stopping.cancelled() => Err(StoreError::Stopped(
                 self.health.failure().unwrap_or_else(|| "the node is shutting down".into()),
             )),
             r = work => r,
@@ -239,7 +260,7 @@ impl Store {
         self.unless_stopping(async {
             let deadline = Instant::now() + WRITE_TIMEOUT;
             let result = tokio::time::timeout_at(deadline, self.write(cmd)).await;
-            let (index, result) = result.map_err(|_| no_quorum())??;
+            let (index, result) = result.map_err(|_| StoreError::NoQuorum)??;
             self.wait_routed(index, deadline).await?;
             result.map_err(StoreError::Apply)
         })
@@ -309,9 +330,9 @@ impl Store {
     fn refused(&self, e: ForwardError) -> StoreError {
         match &self.raft.metrics().borrow().running_state {
             Err(f @ openraft::error::Fatal::StorageError(_)) => {
-                StoreError::Unavailable(self.health.storage_failure(f))
+                StoreError::Stopped(self.health.storage_failure(f))
             }
-            _ => StoreError::Unavailable(e.to_string()),
+            _ => StoreError::Cluster(e),
         }
     }
 
@@ -375,7 +396,7 @@ impl Store {
             .applied_index_at_least(Some(index), "applied the join")
             .await
             .map(|_| ())
-            .map_err(|e| StoreError::Unavailable(e.to_string()))
+            .map_err(|e| StoreError::Raft(Box::new(e)))
     }
 
     /// Where every write waits before it answers: until the data plane
@@ -388,10 +409,8 @@ impl Store {
         let mut routed = routed.clone();
         match tokio::time::timeout_at(deadline, routed.wait_for(|r| *r >= index)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(StoreError::Unavailable(
-                "the data plane stopped before it routed by the change".into(),
-            )),
-            Err(_) => Err(no_quorum()),
+            Ok(Err(_)) => Err(StoreError::NotRouted),
+            Err(_) => Err(StoreError::NoQuorum),
         }
     }
 
@@ -404,7 +423,7 @@ impl Store {
             .applied_index_at_least(Some(index), "applied on this node")
             .await
             .map(|_| ())
-            .map_err(|_| no_quorum())
+            .map_err(|_| StoreError::NoQuorum)
     }
 
     /// Makes the next local read linearizable: confirms leadership with a
@@ -430,14 +449,14 @@ impl Store {
                             return Ok(read_index);
                         }
                     }
-                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                    Err(e) => return Err(StoreError::Raft(Box::new(e))),
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
         let index = tokio::time::timeout_at(deadline, read)
             .await
-            .map_err(|_| no_quorum())??;
+            .map_err(|_| StoreError::NoQuorum)??;
         self.wait_applied(index, deadline).await
     }
 
@@ -477,7 +496,7 @@ impl Store {
                         debug!(%msg, "another membership change is in progress; retrying");
                         None
                     }
-                    Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                    Err(e) => return Err(StoreError::Cluster(e)),
                 };
                 if let Some((id, node)) = leader {
                     match self.forward(id, &node, f.clone()).await {
@@ -498,7 +517,7 @@ impl Store {
         };
         let index = tokio::time::timeout_at(deadline, work)
             .await
-            .map_err(|_| no_quorum())??;
+            .map_err(|_| StoreError::NoQuorum)??;
         // A node removing itself is not sent the entry that removes it:
         // the leader's commit is the answer.
         let leaving = matches!(f, Forward::RemoveNode { node_id } if node_id == self.node_id);
@@ -547,13 +566,6 @@ const ANSWER_ROOM: Duration = Duration::from_millis(100);
 /// How long a write's (or linearizable read's) work may take: what is
 /// promised is an answer within 5 s, so the work stops a little earlier.
 const WRITE_TIMEOUT: Duration = WRITE_PROMISE.saturating_sub(ANSWER_ROOM);
-
-fn no_quorum() -> StoreError {
-    StoreError::Unavailable(format!(
-        "no quorum: the change was not committed and applied within {} s",
-        WRITE_PROMISE.as_secs()
-    ))
-}
 
 /// Runs a membership change on this node, which must be the leader,
 /// through its reconciler.
