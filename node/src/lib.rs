@@ -30,7 +30,6 @@ pub mod metrics;
 pub mod raft;
 mod renewal;
 pub mod routing;
-pub mod sim;
 pub mod store;
 pub mod tcp;
 pub mod tls;

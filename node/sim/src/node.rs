@@ -11,8 +11,8 @@ use gossip::{
 use rand::rngs::SmallRng;
 use uuid::Uuid;
 
-use crate::balancer::{Backend, GroupBalancer, LoadChanged};
-use crate::metrics::InstanceMetrics;
+use edgelb::balancer::{Backend, GroupBalancer, LoadChanged};
+use edgelb::metrics::InstanceMetrics;
 
 /// `n` backends whose load counters count time from `created`.
 pub(super) fn backends(n: usize, created: Instant) -> Vec<Arc<Backend>> {
