@@ -16,7 +16,7 @@
 //! ```
 //!
 //! Everything here is plain code without I/O or a clock: every decision takes
-//! `now` as an argument, so the simulator (`edgelb-sim` in the node crate)
+//! `now` as an argument, so the simulator (the `edgelb-sim` crate, `node/sim`)
 //! and the tests drive the same code as the data plane.
 //!
 //! A peer's report is old by the time it is used, and adding its raw counts

@@ -1,18 +1,21 @@
 //! Node configuration: a TOML file, then `EDGELB_*` variables, then flags, in
-//! rising precedence. Everything is checked before any port is bound; an
-//! error names the field and the process exits with 64 (EX_USAGE).
+//! rising precedence, layered into one typed source ([`source`]) and checked
+//! here into a [`Config`]. Everything is checked before any port is bound;
+//! an error names the field and the process exits with 64 (EX_USAGE).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
-use serde::Deserialize;
-
 use crate::admin::AuthBackoff;
-use crate::dataplane::{IpNet, Settings};
+use crate::dataplane::Settings;
 use crate::health::MinFree;
+
+mod source;
+
+pub use source::{Args, parse_duration};
+use source::{EstimatorKey, Layer, Source, layered};
 
 /// Exit code for a bad configuration or bad flags (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -32,148 +35,6 @@ impl ConfigError {
             message: message.into(),
         }
     }
-}
-
-/// Command-line flags; each also reads `EDGELB_<NAME>`.
-#[derive(Debug, Default, Parser)]
-#[command(name = "edgelb", version, about = "Clustered edge load balancer node")]
-pub struct Args {
-    /// TOML file with the same keys as the flags (snake_case).
-    #[arg(long, env = "EDGELB_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Node id (u64) [default: 1]
-    #[arg(long, env = "EDGELB_NODE_ID")]
-    pub node_id: Option<u64>,
-    /// Region name [default: local]
-    #[arg(long, env = "EDGELB_REGION")]
-    pub region: Option<String>,
-    /// Data directory [default: ./edgelb-data]
-    #[arg(long, env = "EDGELB_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Free space the data dir's file system keeps: below it writes are
-    /// refused (507), e.g. 5% or 512MiB; 0 turns it off [default: 5%, at
-    /// most 1GiB]
-    #[arg(long, env = "EDGELB_DATA_DIR_MIN_FREE")]
-    pub data_dir_min_free: Option<String>,
-    /// Admin API address [default: 127.0.0.1:7070]
-    #[arg(long, env = "EDGELB_ADMIN_ADDR")]
-    pub admin_addr: Option<String>,
-    /// Cluster (QUIC, UDP) address [default: 127.0.0.1:7071]
-    #[arg(long, env = "EDGELB_CLUSTER_ADDR")]
-    pub cluster_addr: Option<String>,
-    /// The cluster address peers dial, when it differs from the bound one
-    /// (NAT, relays) [default: --cluster-addr]
-    #[arg(long, env = "EDGELB_ADVERTISE_CLUSTER_ADDR")]
-    pub advertise_cluster_addr: Option<String>,
-    /// IP the published ports are bound to [default: 127.0.0.1]
-    #[arg(long, env = "EDGELB_LISTEN_IP")]
-    pub listen_ip: Option<String>,
-    /// Admin URL of a cluster member to join instead of bootstrapping.
-    #[arg(long, env = "EDGELB_JOIN")]
-    pub join: Option<String>,
-    /// The cluster's admin token (generated at bootstrap when absent).
-    #[arg(long, env = "EDGELB_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Bearer token that `GET /metrics` requires (the admin token is
-    /// accepted too) [default: none, /metrics is open]
-    #[arg(long, env = "EDGELB_METRICS_TOKEN", hide_env_values = true)]
-    pub metrics_token: Option<String>,
-    /// Domain of default service fqdns [default: edgelb.local]
-    #[arg(long, env = "EDGELB_CLUSTER_DOMAIN")]
-    pub cluster_domain: Option<String>,
-    /// Drain timeout for detached instances, e.g. 30s [default: 30s]
-    #[arg(long, env = "EDGELB_DRAIN_TIMEOUT")]
-    pub drain_timeout: Option<String>,
-    /// Log filter (tracing EnvFilter syntax) [default: info,openraft=warn]
-    #[arg(long, env = "EDGELB_LOG")]
-    pub log: Option<String>,
-    /// Cluster CA certificate (PEM) when running your own PKI.
-    #[arg(long, env = "EDGELB_CA_CERT")]
-    pub ca_cert: Option<PathBuf>,
-    /// This node's certificate (PEM, SAN `node-<id>.cluster.edgelb`) when running your own PKI.
-    #[arg(long, env = "EDGELB_NODE_CERT")]
-    pub node_cert: Option<PathBuf>,
-    /// This node's private key (PEM) when running your own PKI.
-    #[arg(long, env = "EDGELB_NODE_KEY")]
-    pub node_key: Option<PathBuf>,
-    /// Serve the admin API over TLS; without --admin-tls-cert, with the
-    /// node's cluster certificate (clients verify it with the cluster CA)
-    #[arg(long, env = "EDGELB_ADMIN_TLS")]
-    pub admin_tls: bool,
-    /// Certificate chain (PEM) the admin API presents over TLS (turns
-    /// --admin-tls on)
-    #[arg(long, env = "EDGELB_ADMIN_TLS_CERT")]
-    pub admin_tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of --admin-tls-cert
-    #[arg(long, env = "EDGELB_ADMIN_TLS_KEY")]
-    pub admin_tls_key: Option<PathBuf>,
-    /// CA certificate (PEM) that verifies an https:// --join URL: the
-    /// cluster CA (a member's <data dir>/tls/ca.pem) or the CA of the
-    /// members' admin certificates [default: --ca-cert]
-    #[arg(long, env = "EDGELB_JOIN_CA_CERT")]
-    pub join_ca_cert: Option<PathBuf>,
-    /// Voters the cluster keeps; further nodes stay learners [default: 5]
-    #[arg(long, env = "EDGELB_MAX_VOTERS")]
-    pub max_voters: Option<usize>,
-    /// Leave the Raft membership on SIGTERM.
-    #[arg(long, env = "EDGELB_LEAVE_ON_EXIT")]
-    pub leave_on_exit: bool,
-    /// At this start, rebuild a corrupt state machine (state-machine.redb)
-    /// from the newest readable snapshot and the Raft log, or drop a
-    /// corrupt snapshot file (a new one is built from the state machine);
-    /// the corrupt files are moved aside. Does nothing to intact files.
-    #[arg(long)]
-    pub rebuild_state_machine: bool,
-}
-
-/// The TOML file: the same keys as the flags, plus data-plane tuning.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    node_id: Option<u64>,
-    region: Option<String>,
-    data_dir: Option<PathBuf>,
-    data_dir_min_free: Option<String>,
-    admin_addr: Option<String>,
-    cluster_addr: Option<String>,
-    advertise_cluster_addr: Option<String>,
-    listen_ip: Option<String>,
-    join: Option<String>,
-    token: Option<String>,
-    metrics_token: Option<String>,
-    cluster_domain: Option<String>,
-    drain_timeout: Option<String>,
-    log: Option<String>,
-    header_timeout: Option<String>,
-    connect_timeout: Option<String>,
-    upstream_timeout: Option<String>,
-    idle_timeout: Option<String>,
-    tcp_idle_timeout: Option<String>,
-    send_timeout: Option<String>,
-    tunnel_idle_timeout: Option<String>,
-    trusted_proxies: Option<Vec<String>>,
-    max_connections: Option<usize>,
-    admin_max_connections: Option<usize>,
-    join_ca_cert: Option<PathBuf>,
-    admin_tls: Option<bool>,
-    admin_tls_cert: Option<PathBuf>,
-    admin_tls_key: Option<PathBuf>,
-    admin_auth_failures: Option<u32>,
-    admin_auth_window: Option<String>,
-    admin_auth_block: Option<String>,
-    admin_auth_block_max: Option<String>,
-    ca_cert: Option<PathBuf>,
-    node_cert: Option<PathBuf>,
-    node_key: Option<PathBuf>,
-    max_voters: Option<usize>,
-    leave_on_exit: Option<bool>,
-    gossip_min_interval: Option<String>,
-    gossip_interval: Option<String>,
-    gossip_ttl: Option<String>,
-    gossip_estimator: Option<String>,
-    raft_heartbeat_interval: Option<String>,
-    election_timeout: Option<String>,
-    node_cert_lifetime: Option<String>,
 }
 
 /// The certificate of the admin API over TLS.
@@ -290,62 +151,52 @@ impl Config {
         self.advertise_cluster_addr.unwrap_or(bound)
     }
 
-    /// Merges the file named by `args.config` (if any) under `args`.
+    /// The file named by `args.config` (if any) under the flags and
+    /// variables of `args`, checked.
     pub fn load(args: Args) -> Result<Self, ConfigError> {
         let file = match &args.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+            Some(path) => Layer::read(path)?,
+            None => Layer::default(),
         };
-        Self::merge(args, file)
+        let source = layered(&[file, Layer::args(&args)?])?;
+        Self::from_source(source, args.rebuild_state_machine)
     }
 
     /// The configuration of a TOML file's `text` alone (no flags), as
     /// [`load`](Self::load) reads a file named `path`.
     pub(crate) fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        Self::merge(Args::default(), parse_file(text, path)?)
+        Self::from_source(layered(&[Layer::parse(text, path)?])?, false)
     }
 
-    fn merge(args: Args, file: FileConfig) -> Result<Self, ConfigError> {
+    /// The embedded default with what `s` sets, checked.
+    fn from_source(s: Source, rebuild_state_machine: bool) -> Result<Self, ConfigError> {
         let mut c = Self::embedded_default();
-        if let Some(v) = args.node_id.or(file.node_id) {
-            c.node_id = v;
-        }
-        if let Some(v) = args.region.or(file.region) {
+        c.rebuild_state_machine = rebuild_state_machine;
+        set(&mut c.node_id, s.node_id);
+        if let Some(v) = s.region {
             if v.is_empty() || v.len() > 63 {
                 return Err(ConfigError::new("region", "must be 1 to 63 characters"));
             }
             c.region = v;
         }
-        if let Some(v) = args.data_dir.or(file.data_dir) {
-            c.data_dir = v;
-        }
-        if let Some(v) = args.data_dir_min_free.or(file.data_dir_min_free) {
-            c.data_dir_min_free = v
-                .parse()
-                .map_err(|e: String| ConfigError::new("data_dir_min_free", e))?;
-        }
-        if let Some(v) = args.admin_addr.or(file.admin_addr) {
-            c.admin_addr = parse_addr("admin_addr", &v)?;
-        }
-        if let Some(v) = args.cluster_addr.or(file.cluster_addr) {
-            c.cluster_addr = parse_addr("cluster_addr", &v)?;
-        }
-        if let Some(v) = args.advertise_cluster_addr.or(file.advertise_cluster_addr) {
-            let a = parse_addr("advertise_cluster_addr", &v)?;
+        set(&mut c.data_dir, s.data_dir);
+        set(&mut c.data_dir_min_free, s.data_dir_min_free);
+        set(&mut c.admin_addr, s.admin_addr);
+        set(&mut c.cluster_addr, s.cluster_addr);
+        if let Some(a) = s.advertise_cluster_addr {
             if a.port() == 0 || a.ip().is_unspecified() {
                 return Err(ConfigError::new(
                     "advertise_cluster_addr",
-                    format!("{v:?} cannot be dialled (port 0 or an unspecified IP)"),
+                    format!(
+                        "{:?} cannot be dialled (port 0 or an unspecified IP)",
+                        a.to_string()
+                    ),
                 ));
             }
             c.advertise_cluster_addr = Some(a);
         }
-        if let Some(v) = args.listen_ip.or(file.listen_ip) {
-            c.listen_ip = v.parse().map_err(|_| {
-                ConfigError::new("listen_ip", format!("{v:?} is not an IP address"))
-            })?;
-        }
-        if let Some(v) = args.join.or(file.join) {
+        set(&mut c.listen_ip, s.listen_ip);
+        if let Some(v) = s.join {
             if !v.starts_with("http://") && !v.starts_with("https://") {
                 return Err(ConfigError::new(
                     "join",
@@ -354,15 +205,15 @@ impl Config {
             }
             c.join = Some(v);
         }
-        if let Some(v) = args.token.or(file.token) {
+        if let Some(v) = s.token {
             check_token("token", &v)?;
             c.token = Some(v);
         }
-        if let Some(v) = args.metrics_token.or(file.metrics_token) {
+        if let Some(v) = s.metrics_token {
             check_token("metrics_token", &v)?;
             c.metrics_token = Some(v);
         }
-        if let Some(v) = args.cluster_domain.or(file.cluster_domain) {
+        if let Some(v) = s.cluster_domain {
             if !raft_store::validate::valid_fqdn(&v) || v.starts_with("*.") {
                 return Err(ConfigError::new(
                     "cluster_domain",
@@ -371,86 +222,48 @@ impl Config {
             }
             c.cluster_domain = v;
         }
-        if let Some(v) = args.log.or(file.log) {
-            c.log = v;
-        }
-        let s = &mut c.settings;
-        set_duration(
-            &mut s.drain_timeout,
-            "drain_timeout",
-            args.drain_timeout.or(file.drain_timeout),
-        )?;
-        set_duration(&mut s.header_timeout, "header_timeout", file.header_timeout)?;
-        set_duration(
-            &mut s.connect_timeout,
-            "connect_timeout",
-            file.connect_timeout,
-        )?;
-        set_duration(
-            &mut s.upstream_timeout,
-            "upstream_timeout",
-            file.upstream_timeout,
-        )?;
-        set_duration(&mut s.idle_timeout, "idle_timeout", file.idle_timeout)?;
-        set_duration(
-            &mut s.tcp_idle_timeout,
-            "tcp_idle_timeout",
-            file.tcp_idle_timeout,
-        )?;
-        set_duration(&mut s.send_timeout, "send_timeout", file.send_timeout)?;
-        set_duration(
-            &mut s.tunnel_idle_timeout,
-            "tunnel_idle_timeout",
-            file.tunnel_idle_timeout,
-        )?;
-        if let Some(list) = file.trusted_proxies {
-            s.trusted_proxies = list
-                .iter()
-                .map(|v| parse_net(v))
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(v) = file.max_connections {
+        set(&mut c.log, s.log);
+        let t = &mut c.settings;
+        set(&mut t.drain_timeout, s.drain_timeout);
+        set(&mut t.header_timeout, s.header_timeout);
+        set(&mut t.connect_timeout, s.connect_timeout);
+        set(&mut t.upstream_timeout, s.upstream_timeout);
+        set(&mut t.idle_timeout, s.idle_timeout);
+        set(&mut t.tcp_idle_timeout, s.tcp_idle_timeout);
+        set(&mut t.send_timeout, s.send_timeout);
+        set(&mut t.tunnel_idle_timeout, s.tunnel_idle_timeout);
+        set(&mut t.trusted_proxies, s.trusted_proxies);
+        if let Some(v) = s.max_connections {
             if v == 0 {
                 return Err(ConfigError::new("max_connections", "must be at least 1"));
             }
-            s.max_connections = v;
+            t.max_connections = v;
             c.max_connections_explicit = true;
         }
-        if let Some(v) = file.admin_max_connections {
+        if let Some(v) = s.admin_max_connections {
             if v == 0 {
                 return Err(ConfigError::new(
                     "admin_max_connections",
                     "must be at least 1",
                 ));
             }
-            s.admin_max_connections = v;
+            t.admin_max_connections = v;
         }
         let a = &mut c.admin_auth;
-        if let Some(v) = file.admin_auth_failures {
-            a.failures = v;
-        }
-        set_duration(&mut a.window, "admin_auth_window", file.admin_auth_window)?;
-        set_duration(&mut a.block, "admin_auth_block", file.admin_auth_block)?;
-        set_duration(
-            &mut a.block_max,
-            "admin_auth_block_max",
-            file.admin_auth_block_max,
-        )?;
+        set(&mut a.failures, s.admin_auth_failures);
+        set(&mut a.window, s.admin_auth_window);
+        set(&mut a.block, s.admin_auth_block);
+        set(&mut a.block_max, s.admin_auth_block_max);
         if a.block > a.block_max {
             return Err(ConfigError::new(
                 "admin_auth_block",
                 "must not exceed admin_auth_block_max",
             ));
         }
-        c.admin_tls = admin_tls(
-            args.admin_tls || file.admin_tls.unwrap_or(false),
-            file.admin_tls == Some(false) && !args.admin_tls,
-            args.admin_tls_cert.or(file.admin_tls_cert),
-            args.admin_tls_key.or(file.admin_tls_key),
-        )?;
-        c.ca_cert = args.ca_cert.or(file.ca_cert);
-        c.node_cert = args.node_cert.or(file.node_cert);
-        c.node_key = args.node_key.or(file.node_key);
+        c.admin_tls = admin_tls(s.admin_tls, s.admin_tls_cert, s.admin_tls_key)?;
+        c.ca_cert = s.ca_cert;
+        c.node_cert = s.node_cert;
+        c.node_key = s.node_key;
         let pki_given = [
             c.ca_cert.is_some(),
             c.node_cert.is_some(),
@@ -462,9 +275,8 @@ impl Config {
                 "--ca-cert, --node-cert and --node-key go together",
             ));
         }
-        let join_ca = args
+        let join_ca = s
             .join_ca_cert
-            .or(file.join_ca_cert)
             .map(|p| ("join_ca_cert", p))
             .or_else(|| c.ca_cert.clone().map(|p| ("ca_cert", p)));
         if c.join.as_deref().is_some_and(|j| j.starts_with("https://")) {
@@ -480,19 +292,14 @@ impl Config {
                 .map_err(|e| ConfigError::new(field, format!("{}: {e}", path.display())))?;
             c.join_tls = Some(tls);
         }
-        if let Some(v) = args.max_voters.or(file.max_voters) {
+        if let Some(v) = s.max_voters {
             if !(1..=9).contains(&v) {
                 return Err(ConfigError::new("max_voters", "must be 1 to 9"));
             }
             c.max_voters = v;
         }
-        c.leave_on_exit = args.leave_on_exit || file.leave_on_exit.unwrap_or(false);
-        c.rebuild_state_machine = args.rebuild_state_machine;
-        set_duration(
-            &mut c.node_cert_lifetime,
-            "node_cert_lifetime",
-            file.node_cert_lifetime,
-        )?;
+        c.leave_on_exit = s.leave_on_exit.unwrap_or(false);
+        set(&mut c.node_cert_lifetime, s.node_cert_lifetime);
         if !(MIN_CERT_LIFETIME..=MAX_CERT_LIFETIME).contains(&c.node_cert_lifetime) {
             return Err(ConfigError::new(
                 "node_cert_lifetime",
@@ -500,24 +307,14 @@ impl Config {
             ));
         }
         let g = &mut c.gossip;
-        set_duration(
-            &mut g.min_interval,
-            "gossip_min_interval",
-            file.gossip_min_interval,
-        )?;
-        set_duration(&mut g.interval, "gossip_interval", file.gossip_interval)?;
-        set_duration(&mut g.ttl, "gossip_ttl", file.gossip_ttl)?;
-        match file.gossip_estimator.as_deref() {
-            None | Some("predictive") => g.estimator = gossip::Estimator::Predictive,
-            Some("decay") => g.estimator = gossip::Estimator::Decay,
-            Some("raw") => g.estimator = gossip::Estimator::Raw,
-            Some("local") => c.gossip_local = true,
-            Some(other) => {
-                return Err(ConfigError::new(
-                    "gossip_estimator",
-                    format!("{other:?} is not one of predictive, decay, raw, local"),
-                ));
-            }
+        set(&mut g.min_interval, s.gossip_min_interval);
+        set(&mut g.interval, s.gossip_interval);
+        set(&mut g.ttl, s.gossip_ttl);
+        match s.gossip_estimator {
+            None | Some(EstimatorKey::Predictive) => g.estimator = gossip::Estimator::Predictive,
+            Some(EstimatorKey::Decay) => g.estimator = gossip::Estimator::Decay,
+            Some(EstimatorKey::Raw) => g.estimator = gossip::Estimator::Raw,
+            Some(EstimatorKey::Local) => c.gossip_local = true,
         }
         let g = &mut c.gossip;
         if g.min_interval > g.interval {
@@ -535,16 +332,8 @@ impl Config {
             ));
         }
         let r = &mut c.raft;
-        set_duration(
-            &mut r.heartbeat_interval,
-            "raft_heartbeat_interval",
-            file.raft_heartbeat_interval,
-        )?;
-        set_duration(
-            &mut r.election_timeout,
-            "election_timeout",
-            file.election_timeout,
-        )?;
+        set(&mut r.heartbeat_interval, s.raft_heartbeat_interval);
+        set(&mut r.election_timeout, s.election_timeout);
         if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&r.election_timeout) {
             return Err(ConfigError::new("election_timeout", "must be 100ms to 60s"));
         }
@@ -571,19 +360,25 @@ impl Config {
     }
 }
 
-/// `admin_tls` from the switch (`on`, or `off` when set to false) and the
+/// `v`, when a layer set it, in place of the default in `slot`.
+fn set<T>(slot: &mut T, v: Option<T>) {
+    if let Some(v) = v {
+        *slot = v;
+    }
+}
+
+/// `admin_tls` from the switch (`Some(false)`: set to false) and the
 /// files, which are read and parsed here so that a bad pair stops the
 /// start before any port is bound.
 fn admin_tls(
-    on: bool,
-    off: bool,
+    switch: Option<bool>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
 ) -> Result<Option<AdminTls>, ConfigError> {
     match (cert, key) {
-        (None, None) => Ok(on.then_some(AdminTls::Node)),
+        (None, None) => Ok((switch == Some(true)).then_some(AdminTls::Node)),
         (Some(cert), Some(key)) => {
-            if off {
+            if switch == Some(false) {
                 return Err(ConfigError::new(
                     "admin_tls",
                     "is false but admin_tls_cert and admin_tls_key are set",
@@ -616,40 +411,6 @@ fn admin_tls(
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new("config", format!("{}: {e}", path.display())))?;
-    parse_file(&text, path)
-}
-
-fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        let field = e
-            .span()
-            .map_or_else(|| "config".to_owned(), |s| field_at(text, s.start));
-        ConfigError::new(field, format!("{}: {}", path.display(), e.message()))
-    })
-}
-
-/// The key on the line where a TOML error starts (best effort).
-fn field_at(text: &str, offset: usize) -> String {
-    let line_start = text[..offset.min(text.len())]
-        .rfind('\n')
-        .map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("");
-    line.split('=')
-        .next()
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .unwrap_or("config")
-        .to_owned()
-}
-
-fn parse_addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
-    v.parse()
-        .map_err(|_| ConfigError::new(field, format!("{v:?} is not HOST:PORT with an IP host")))
-}
-
 /// Tokens are 16 to 256 printable ASCII characters.
 pub(crate) fn check_token(field: &str, v: &str) -> Result<(), ConfigError> {
     if v.len() < 16 || v.len() > 256 || !v.bytes().all(|b| b.is_ascii_graphic()) {
@@ -661,55 +422,10 @@ pub(crate) fn check_token(field: &str, v: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// A CIDR block (`10.0.0.0/8`) or a single address (a /32 or /128).
-fn parse_net(v: &str) -> Result<IpNet, ConfigError> {
-    let v = v.trim();
-    v.parse::<IpNet>()
-        .or_else(|_| v.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|_| {
-            ConfigError::new(
-                "trusted_proxies",
-                format!("{v:?} is not an IP address or CIDR block"),
-            )
-        })
-}
-
 /// Bounds of `node_cert_lifetime`: short ones are for tests; 825 days is
 /// the longest the CA/Browser Forum ever allowed a leaf certificate.
 const MIN_CERT_LIFETIME: Duration = Duration::from_secs(10);
 const MAX_CERT_LIFETIME: Duration = Duration::from_secs(825 * 86_400);
-
-fn set_duration(slot: &mut Duration, field: &str, v: Option<String>) -> Result<(), ConfigError> {
-    if let Some(v) = v {
-        *slot = parse_duration(&v).ok_or_else(|| {
-            ConfigError::new(
-                field,
-                format!("{v:?} is not a duration like 500ms, 30s, 5m or 1h"),
-            )
-        })?;
-        if slot.is_zero() {
-            return Err(ConfigError::new(field, "must be greater than zero"));
-        }
-    }
-    Ok(())
-}
-
-/// Parses `500ms`, `30s`, `5m`, `1h`, `90d`.
-pub fn parse_duration(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    let split = v.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = v.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let ms = match unit {
-        "ms" => n,
-        "s" => n.checked_mul(1000)?,
-        "m" => n.checked_mul(60_000)?,
-        "h" => n.checked_mul(3_600_000)?,
-        "d" => n.checked_mul(86_400_000)?,
-        _ => return None,
-    };
-    Some(Duration::from_millis(ms))
-}
 
 #[cfg(test)]
 mod tests;

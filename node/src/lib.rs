@@ -31,7 +31,6 @@ pub mod raft;
 mod renewal;
 pub mod routing;
 pub mod series;
-pub mod sim;
 pub mod store;
 pub mod tcp;
 pub mod tls;

@@ -87,6 +87,31 @@ async fn bad_toml_key_exits_64_and_names_the_key() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A duration in any layer is checked as in the file, and its error names
+/// the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_duration_exits_64_and_names_the_key() -> anyhow::Result<()> {
+    let cwd = TempDir::new("bad-duration");
+    for (args, env) in [
+        (&["--drain-timeout", "5 fortnights"][..], &[][..]),
+        (&[][..], &[("EDGELB_DRAIN_TIMEOUT", "0s")][..]),
+    ] {
+        let out = run_with_env(args, env, cwd.path(), Duration::from_secs(30)).await?;
+        assert_eq!(
+            out.status.code(),
+            Some(EXIT_CONFIG),
+            "{args:?} {env:?}; stderr: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("drain_timeout"),
+            "stderr does not name the key: {}",
+            out.stderr
+        );
+    }
+    Ok(())
+}
+
 async fn healthz(admin: SocketAddr) -> anyhow::Result<StatusCode> {
     let mut conn = HttpConn::connect(admin).await?;
     Ok(conn.get(&admin.to_string(), "/healthz").await?.status)

@@ -1,3 +1,5 @@
+use clap::Parser;
+
 use super::*;
 
 fn load(args: &[&str]) -> Result<Config, ConfigError> {
@@ -306,4 +308,157 @@ fn admin_tls_keys() {
     let plain = ["--join", "http://10.0.0.1:7070", "--token", token];
     assert!(load(&plain).unwrap().join_tls.is_none());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The file's keys, as [`Config::load`] reads them from `path`.
+fn from_toml(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(text, Path::new("edgelb.toml"))
+}
+
+#[test]
+fn layers_defaults_then_file_then_flags() {
+    let dir = std::env::temp_dir().join(format!("edgelb-config-layers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("l.toml");
+    std::fs::write(
+        &path,
+        "node_id = 7\nregion = \"fra\"\ndrain_timeout = \"5s\"\nmax_voters = 3\n\
+         admin_tls = true\nleave_on_exit = true\nidle_timeout = \"2m\"\n",
+    )
+    .unwrap();
+    let file = path.to_str().unwrap();
+    let c = load(&["--config", file, "--region", "ams", "--drain-timeout", "1m"]).unwrap();
+    // Set by a flag: the flag's.
+    assert_eq!(c.region, "ams");
+    assert_eq!(c.settings.drain_timeout, Duration::from_secs(60));
+    // Set by the file alone (a switch flag that is off leaves it).
+    assert_eq!(c.node_id, 7);
+    assert_eq!(c.max_voters, 3);
+    assert_eq!(c.admin_tls, Some(AdminTls::Node));
+    assert!(c.leave_on_exit);
+    assert_eq!(c.settings.idle_timeout, Duration::from_secs(120));
+    // Set by neither: the default.
+    assert_eq!(c.cluster_domain, "edgelb.local");
+    assert_eq!(c.settings.upstream_timeout, Duration::from_secs(60));
+
+    // A switch flag turns on what the file turned off.
+    std::fs::write(&path, "admin_tls = false\nleave_on_exit = false\n").unwrap();
+    assert_eq!(load(&["--config", file]).unwrap().admin_tls, None);
+    let c = load(&["--config", file, "--admin-tls", "--leave-on-exit"]).unwrap();
+    assert_eq!(c.admin_tls, Some(AdminTls::Node));
+    assert!(c.leave_on_exit);
+
+    // The flags' node id is a u64 (wider than a TOML integer).
+    let c = load(&["--config", file, "--node-id", "18446744073709551615"]).unwrap();
+    assert_eq!(c.node_id, u64::MAX);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_value_a_flag_replaces_is_not_used() {
+    let dir = std::env::temp_dir().join(format!("edgelb-config-under-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("u.toml");
+    std::fs::write(&path, "admin_addr = \"nope\"\n").unwrap();
+    let file = path.to_str().unwrap();
+    let err = load(&["--config", file]).unwrap_err();
+    assert_eq!(err.field, "admin_addr");
+    assert!(err.message.contains(file), "{err}");
+    let c = load(&["--config", file, "--admin-addr", "127.0.0.1:1"]).unwrap();
+    assert_eq!(c.admin_addr.to_string(), "127.0.0.1:1");
+    // An unknown key is an error whatever the flags.
+    std::fs::write(&path, "colour = \"blue\"\n").unwrap();
+    assert_eq!(
+        load(&["--config", file, "--region", "ams"])
+            .unwrap_err()
+            .field,
+        "colour"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_bad_duration_names_its_field() {
+    let keys = [
+        "drain_timeout",
+        "header_timeout",
+        "connect_timeout",
+        "upstream_timeout",
+        "idle_timeout",
+        "tcp_idle_timeout",
+        "send_timeout",
+        "tunnel_idle_timeout",
+        "admin_auth_window",
+        "admin_auth_block",
+        "admin_auth_block_max",
+        "gossip_min_interval",
+        "gossip_interval",
+        "gossip_ttl",
+        "raft_heartbeat_interval",
+        "election_timeout",
+        "node_cert_lifetime",
+    ];
+    for key in keys {
+        for value in ["\"5 fortnights\"", "\"0s\"", "\"\"", "30", "\"1e3s\""] {
+            let err = from_toml(&format!("{key} = {value}\n")).unwrap_err();
+            assert_eq!(err.field, key, "{key} = {value}: {err}");
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+    let err = load(&["--drain-timeout", "5 fortnights"]).unwrap_err();
+    assert_eq!(err.field, "drain_timeout");
+    assert_eq!(
+        err.to_string(),
+        "config: drain_timeout: \"5 fortnights\" is not a duration like 500ms, 30s, 5m or 1h"
+    );
+    assert_eq!(
+        load(&["--drain-timeout", "0ms"]).unwrap_err().to_string(),
+        "config: drain_timeout: must be greater than zero"
+    );
+}
+
+#[test]
+fn durations_as_before_and_in_humantime_syntax() {
+    let c = from_toml(
+        "drain_timeout = \"500ms\"\nidle_timeout = \"2s\"\nsend_timeout = \"1m\"\n\
+         tcp_idle_timeout = \"2h\"\nnode_cert_lifetime = \"90d\"\n\
+         upstream_timeout = \"1m 30s\"\nheader_timeout = \" 10s \"\n\
+         connect_timeout = \"1500ms\"\n",
+    )
+    .unwrap();
+    let s = &c.settings;
+    assert_eq!(s.drain_timeout, Duration::from_millis(500));
+    assert_eq!(s.idle_timeout, Duration::from_secs(2));
+    assert_eq!(s.send_timeout, Duration::from_secs(60));
+    assert_eq!(s.tcp_idle_timeout, Duration::from_secs(7200));
+    assert_eq!(c.node_cert_lifetime, Duration::from_secs(90 * 86_400));
+    assert_eq!(s.upstream_timeout, Duration::from_secs(90));
+    assert_eq!(s.header_timeout, Duration::from_secs(10));
+    assert_eq!(s.connect_timeout, Duration::from_millis(1500));
+    assert_eq!(parse_duration("2min"), Some(Duration::from_secs(120)));
+    assert_eq!(parse_duration("250us"), Some(Duration::from_micros(250)));
+    // No deadline computed from a duration may overflow.
+    assert_eq!(parse_duration("500000000000y"), None);
+}
+
+#[test]
+fn file_type_errors_name_the_key() {
+    for (text, field) in [
+        ("node_id = -1\n", "node_id"),
+        ("region = 5\n", "region"),
+        ("listen_ip = \"1.2.3\"\n", "listen_ip"),
+        ("data_dir_min_free = \"lots\"\n", "data_dir_min_free"),
+        ("max_connections = \"many\"\n", "max_connections"),
+        ("admin_tls = \"yes\"\n", "admin_tls"),
+        ("trusted_proxies = \"10.0.0.0/8\"\n", "trusted_proxies"),
+        ("gossip_ttl = 1979-05-27\n", "gossip_ttl"),
+        ("max_voters = nan\n", "max_voters"),
+        ("rebuild_state_machine = true\n", "rebuild_state_machine"),
+        ("config = \"other.toml\"\n", "config"),
+        ("node_id = \n", "node_id"),
+    ] {
+        let err = from_toml(text).unwrap_err();
+        assert_eq!(err.field, field, "{text}: {err}");
+        assert!(err.message.contains("edgelb.toml"), "{text}: {err}");
+    }
 }

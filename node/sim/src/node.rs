@@ -11,8 +11,8 @@ use gossip::{
 use rand::rngs::SmallRng;
 use uuid::Uuid;
 
-use crate::balancer::{Backend, GroupBalancer, LoadChanged};
-use crate::series::InstanceMetrics;
+use edgelb::balancer::{Backend, GroupBalancer, LoadChanged};
+use edgelb::series::InstanceMetrics;
 
 /// `n` backends whose load counters count time from `created`.
 pub(super) fn backends(n: usize, created: Instant) -> Vec<Arc<Backend>> {

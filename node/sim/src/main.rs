@@ -1,6 +1,6 @@
-//! `edgelb-sim`: the load-gossip simulator (see `edgelb::sim`).
+//! `edgelb-sim`: the load-gossip simulator (see the `edgelb_sim` library).
 //!
-//! `cargo run --release -p edgelb --bin edgelb-sim` runs every strategy on
+//! `cargo run --release -p edgelb-sim` runs every strategy on
 //! every scenario, the fault scenario and the grid of requirement (b), and
 //! writes `docs/gossip-sim.md` and `docs/gossip-sim.png` (about 10 minutes
 //! on two cores; `--quick` takes under a minute, with rougher figures).
@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use edgelb::sim::{grid, plot, report, suite};
+use edgelb_sim::{grid, plot, report, suite};
 
 #[derive(Debug, Parser)]
 #[command(about = "Simulates balancing with gossiped load and writes the report")]

@@ -45,12 +45,14 @@
 //! interval. Arrival times, request sizes and network jitter come from their
 //! own seeded streams, so every strategy sees the same traffic.
 //!
-//! `cargo run --release -p edgelb --bin edgelb-sim` runs [`suite`] and
-//! writes `docs/gossip-sim.md` ([`report`]) and `docs/gossip-sim.png`
-//! ([`plot`]).
+//! `cargo run --release -p edgelb-sim` runs [`suite`] and writes
+//! `docs/gossip-sim.md` ([`report`]) and `docs/gossip-sim.png` ([`plot`]).
+//! The simulator is its own crate so that only it links the plotting
+//! libraries; it reaches into `edgelb` for the balancer and the per-instance
+//! metrics it drives.
 //!
-//! [`GroupBalancer`]: crate::balancer::GroupBalancer
-//! [`GroupBalancer::set_peer_load`]: crate::balancer::GroupBalancer::set_peer_load
+//! [`GroupBalancer`]: edgelb::balancer::GroupBalancer
+//! [`GroupBalancer::set_peer_load`]: edgelb::balancer::GroupBalancer::set_peer_load
 
 mod engine;
 pub mod grid;

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::node::{SimNode, backends, balancers};
 use super::{Fault, Outcome, Scenario, Strategy};
-use crate::balancer::{Lease, LoadChanged, Pick};
+use edgelb::balancer::{Lease, LoadChanged, Pick};
 
 /// How often the in-flight counts are sampled for the metrics.
 const SAMPLE: Duration = Duration::from_millis(1);

@@ -1,0 +1,375 @@
+//! Where the settings come from, layered into one [`Source`]:
+//!
+//! ```text
+//!  TOML file (--config) ──────────────┐  layers of keys, in rising
+//!  EDGELB_* variables ─┐              │  precedence: a key set by a
+//!  flags ──────────────┴─ clap: Args ─┤  higher one replaces it
+//!                                     ▼
+//!                       serde: Source (every key typed, once)
+//!                                     ▼
+//!                       Config::from_source (defaults, checks)
+//! ```
+//!
+//! Every key is typed by the same serde field whichever layer sets it, so
+//! a duration is `humantime` syntax everywhere and a bad value is an error
+//! that names its key (and the file, when the value came from it). A value
+//! that a higher layer replaces is never used, and never an error.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use super::ConfigError;
+use crate::dataplane::IpNet;
+use crate::health::MinFree;
+
+// Values are kept as given here and typed with the file's keys in
+// `Source`, so that a bad one is a config error naming its key. (The doc
+// comment is `edgelb --help`'s text.)
+/// Command-line flags; each also reads `EDGELB_<NAME>`.
+#[derive(Debug, Default, Parser, Serialize)]
+#[command(name = "edgelb", version, about = "Clustered edge load balancer node")]
+pub struct Args {
+    /// TOML file with the same keys as the flags (snake_case).
+    #[arg(long, env = "EDGELB_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Node id (u64) [default: 1]
+    #[arg(long, env = "EDGELB_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Region name [default: local]
+    #[arg(long, env = "EDGELB_REGION")]
+    pub region: Option<String>,
+    /// Data directory [default: ./edgelb-data]
+    #[arg(long, env = "EDGELB_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Free space the data dir's file system keeps: below it writes are
+    /// refused (507), e.g. 5% or 512MiB; 0 turns it off [default: 5%, at
+    /// most 1GiB]
+    #[arg(long, env = "EDGELB_DATA_DIR_MIN_FREE")]
+    pub data_dir_min_free: Option<String>,
+    /// Admin API address [default: 127.0.0.1:7070]
+    #[arg(long, env = "EDGELB_ADMIN_ADDR")]
+    pub admin_addr: Option<String>,
+    /// Cluster (QUIC, UDP) address [default: 127.0.0.1:7071]
+    #[arg(long, env = "EDGELB_CLUSTER_ADDR")]
+    pub cluster_addr: Option<String>,
+    /// The cluster address peers dial, when it differs from the bound one
+    /// (NAT, relays) [default: --cluster-addr]
+    #[arg(long, env = "EDGELB_ADVERTISE_CLUSTER_ADDR")]
+    pub advertise_cluster_addr: Option<String>,
+    /// IP the published ports are bound to [default: 127.0.0.1]
+    #[arg(long, env = "EDGELB_LISTEN_IP")]
+    pub listen_ip: Option<String>,
+    /// Admin URL of a cluster member to join instead of bootstrapping.
+    #[arg(long, env = "EDGELB_JOIN")]
+    pub join: Option<String>,
+    /// The cluster's admin token (generated at bootstrap when absent).
+    #[arg(long, env = "EDGELB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Bearer token that `GET /metrics` requires (the admin token is
+    /// accepted too) [default: none, /metrics is open]
+    #[arg(long, env = "EDGELB_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// Domain of default service fqdns [default: edgelb.local]
+    #[arg(long, env = "EDGELB_CLUSTER_DOMAIN")]
+    pub cluster_domain: Option<String>,
+    /// Drain timeout for detached instances, e.g. 30s [default: 30s]
+    #[arg(long, env = "EDGELB_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// Log filter (tracing EnvFilter syntax) [default: info,openraft=warn]
+    #[arg(long, env = "EDGELB_LOG")]
+    pub log: Option<String>,
+    /// Cluster CA certificate (PEM) when running your own PKI.
+    #[arg(long, env = "EDGELB_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// This node's certificate (PEM, SAN `node-<id>.cluster.edgelb`) when running your own PKI.
+    #[arg(long, env = "EDGELB_NODE_CERT")]
+    pub node_cert: Option<PathBuf>,
+    /// This node's private key (PEM) when running your own PKI.
+    #[arg(long, env = "EDGELB_NODE_KEY")]
+    pub node_key: Option<PathBuf>,
+    /// Serve the admin API over TLS; without --admin-tls-cert, with the
+    /// node's cluster certificate (clients verify it with the cluster CA)
+    #[arg(long, env = "EDGELB_ADMIN_TLS")]
+    pub admin_tls: bool,
+    /// Certificate chain (PEM) the admin API presents over TLS (turns
+    /// --admin-tls on)
+    #[arg(long, env = "EDGELB_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --admin-tls-cert
+    #[arg(long, env = "EDGELB_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that verifies an https:// --join URL: the
+    /// cluster CA (a member's <data dir>/tls/ca.pem) or the CA of the
+    /// members' admin certificates [default: --ca-cert]
+    #[arg(long, env = "EDGELB_JOIN_CA_CERT")]
+    pub join_ca_cert: Option<PathBuf>,
+    /// Voters the cluster keeps; further nodes stay learners [default: 5]
+    #[arg(long, env = "EDGELB_MAX_VOTERS")]
+    pub max_voters: Option<usize>,
+    /// Leave the Raft membership on SIGTERM.
+    #[arg(long, env = "EDGELB_LEAVE_ON_EXIT")]
+    pub leave_on_exit: bool,
+    /// At this start, rebuild a corrupt state machine (state-machine.redb)
+    /// from the newest readable snapshot and the Raft log, or drop a
+    /// corrupt snapshot file (a new one is built from the state machine);
+    /// the corrupt files are moved aside. Does nothing to intact files.
+    #[arg(long)]
+    #[serde(skip)]
+    pub rebuild_state_machine: bool,
+}
+
+/// Every key of the TOML file, each flag's among them, typed. `None` is a
+/// key no layer set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct Source {
+    pub(super) node_id: Option<u64>,
+    pub(super) region: Option<String>,
+    pub(super) data_dir: Option<PathBuf>,
+    #[serde(deserialize_with = "min_free")]
+    pub(super) data_dir_min_free: Option<MinFree>,
+    #[serde(deserialize_with = "socket_addr")]
+    pub(super) admin_addr: Option<SocketAddr>,
+    #[serde(deserialize_with = "socket_addr")]
+    pub(super) cluster_addr: Option<SocketAddr>,
+    #[serde(deserialize_with = "socket_addr")]
+    pub(super) advertise_cluster_addr: Option<SocketAddr>,
+    #[serde(deserialize_with = "ip_addr")]
+    pub(super) listen_ip: Option<IpAddr>,
+    pub(super) join: Option<String>,
+    pub(super) token: Option<String>,
+    pub(super) metrics_token: Option<String>,
+    pub(super) cluster_domain: Option<String>,
+    pub(super) log: Option<String>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) drain_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) header_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) connect_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) upstream_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) idle_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) tcp_idle_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) send_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) tunnel_idle_timeout: Option<Duration>,
+    #[serde(deserialize_with = "nets")]
+    pub(super) trusted_proxies: Option<Vec<IpNet>>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) admin_max_connections: Option<usize>,
+    pub(super) join_ca_cert: Option<PathBuf>,
+    pub(super) admin_tls: Option<bool>,
+    pub(super) admin_tls_cert: Option<PathBuf>,
+    pub(super) admin_tls_key: Option<PathBuf>,
+    pub(super) admin_auth_failures: Option<u32>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) admin_auth_window: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) admin_auth_block: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) admin_auth_block_max: Option<Duration>,
+    pub(super) ca_cert: Option<PathBuf>,
+    pub(super) node_cert: Option<PathBuf>,
+    pub(super) node_key: Option<PathBuf>,
+    pub(super) max_voters: Option<usize>,
+    pub(super) leave_on_exit: Option<bool>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) gossip_min_interval: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) gossip_interval: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) gossip_ttl: Option<Duration>,
+    pub(super) gossip_estimator: Option<EstimatorKey>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) raft_heartbeat_interval: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) election_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub(super) node_cert_lifetime: Option<Duration>,
+}
+
+/// `gossip_estimator`: one of the [`gossip::Estimator`]s, or `local`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum EstimatorKey {
+    Predictive,
+    Decay,
+    Raw,
+    /// Peers' reports are received but not used.
+    Local,
+}
+
+/// One layer of settings: the keys it sets and the file they came from
+/// (`None`: flags and variables). Keys are held as serde values
+/// (`serde_json`'s, which keep a u64 whole) until they are typed.
+#[derive(Debug, Default)]
+pub(super) struct Layer {
+    keys: Map<String, Value>,
+    file: Option<PathBuf>,
+}
+
+impl Layer {
+    /// The TOML file at `path`.
+    pub(super) fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("config", format!("{}: {e}", path.display())))?;
+        Self::parse(&text, path)
+    }
+
+    /// A TOML file's `text`, read from `path`.
+    pub(super) fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let in_file = |field: String, message: &dyn std::fmt::Display| {
+            ConfigError::new(field, format!("{}: {message}", path.display()))
+        };
+        let keys: Map<String, Value> = toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map_or_else(|| "config".to_owned(), |s| field_at(text, s.start));
+            in_file(field, &e.message())
+        })?;
+        // TOML has no null: one here was a nan or inf, which serde_json
+        // cannot hold, and would read as a key not set.
+        if let Some((key, _)) = keys.iter().find(|(_, v)| v.is_null()) {
+            return Err(in_file(
+                key.clone(),
+                &"nan and inf are not values of any key",
+            ));
+        }
+        Ok(Self {
+            keys,
+            file: Some(path.to_owned()),
+        })
+    }
+
+    /// The flags and variables that were given. A switch that is off was
+    /// not given: it leaves its key to the file.
+    pub(super) fn args(args: &Args) -> Result<Self, ConfigError> {
+        let keys = serde_path_to_error::serialize(args, serde_json::value::Serializer)
+            .map_err(|e| ConfigError::new(first_key(e.path()), e.into_inner().to_string()))?;
+        let Value::Object(mut keys) = keys else {
+            return Err(ConfigError::new("flags", "not a set of keys"));
+        };
+        keys.retain(|_, v| !v.is_null() && *v != Value::Bool(false));
+        Ok(Self { keys, file: None })
+    }
+}
+
+/// `layers` in rising precedence, as one [`Source`]: each key from the
+/// highest layer that sets it.
+pub(super) fn layered(layers: &[Layer]) -> Result<Source, ConfigError> {
+    let mut keys = Map::new();
+    for layer in layers {
+        keys.extend(layer.keys.clone());
+    }
+    serde_path_to_error::deserialize(Value::Object(keys)).map_err(|e| {
+        let field = first_key(e.path());
+        let message = e.into_inner().to_string();
+        let from = layers.iter().rev().find(|l| l.keys.contains_key(&field));
+        match from.and_then(|l| l.file.as_ref()) {
+            Some(path) => ConfigError::new(field, format!("{}: {message}", path.display())),
+            None => ConfigError::new(field, message),
+        }
+    })
+}
+
+/// The top-level key an error is about.
+fn first_key(path: &serde_path_to_error::Path) -> String {
+    match path.iter().next() {
+        Some(serde_path_to_error::Segment::Map { key }) => key.clone(),
+        _ => "config".to_owned(),
+    }
+}
+
+/// The key on the line where a TOML error starts (best effort).
+fn field_at(text: &str, offset: usize) -> String {
+    let line_start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    line.split('=')
+        .next()
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .unwrap_or("config")
+        .to_owned()
+}
+
+/// A value written as text, parsed by `parse` (whose error is the message).
+fn text_as<'de, D, T>(
+    d: D,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    match Option::<String>::deserialize(d)? {
+        Some(v) => parse(&v).map(Some).map_err(D::Error::custom),
+        None => Ok(None),
+    }
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    text_as(d, |v| {
+        v.parse()
+            .map_err(|_| format!("{v:?} is not HOST:PORT with an IP host"))
+    })
+}
+
+fn ip_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
+    text_as(d, |v| {
+        v.parse().map_err(|_| format!("{v:?} is not an IP address"))
+    })
+}
+
+fn min_free<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MinFree>, D::Error> {
+    text_as(d, str::parse)
+}
+
+/// A duration in `humantime` syntax (`500ms`, `30s`, `5m`, `1h`, `90d`,
+/// `1h 30m`), more than zero.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    text_as(d, |v| {
+        let d = parse_duration(v)
+            .ok_or_else(|| format!("{v:?} is not a duration like 500ms, 30s, 5m or 1h"))?;
+        if d.is_zero() {
+            return Err("must be greater than zero".to_owned());
+        }
+        Ok(d)
+    })
+}
+
+/// Parses a duration in `humantime` syntax: `500ms`, `30s`, `5m`, `1h`,
+/// `90d`, or several added up (`1h 30m`). At most `u64::MAX` milliseconds,
+/// so that no deadline computed from it overflows.
+pub fn parse_duration(v: &str) -> Option<Duration> {
+    let d = humantime::parse_duration(v).ok()?;
+    u64::try_from(d.as_millis()).is_ok().then_some(d)
+}
+
+/// `trusted_proxies`: CIDR blocks (`10.0.0.0/8`) or single addresses (a
+/// /32 or /128).
+fn nets<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+    let Some(list) = Option::<Vec<String>>::deserialize(d)? else {
+        return Ok(None);
+    };
+    list.iter()
+        .map(|v| {
+            let v = v.trim();
+            v.parse::<IpNet>()
+                .or_else(|_| v.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| D::Error::custom(format!("{v:?} is not an IP address or CIDR block")))
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
