@@ -11,7 +11,8 @@
 //!  any failure ─▶ Failure ─▶ "edgectl: <one line>" and its exit code (error.rs)
 //! ```
 //!
-//! Modules: [`cli`] (the flags), [`client`] (admin API client), [`output`]
+//! Modules: [`cli`] (the flags), [`client`] (`edgelb-api`'s admin client,
+//! its failures worded for operators), [`output`]
 //! (formats), [`services`] (services and instances), [`cluster`]
 //! (membership), [`certs`] (own PKI), [`local`] (a local cluster),
 //! [`error`] (one-line failures and exit codes).

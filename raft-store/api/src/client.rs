@@ -580,11 +580,18 @@ mod tests {
         }
     }
 
-    /// A server that answers one connection with `answer` and hands back
-    /// the request it read.
-    async fn answer_once(answer: &'static str) -> (ApiUrl, tokio::task::JoinHandle<String>) {
+    /// A server that answers one connection with `status` and `body` and
+    /// hands back the request it read.
+    async fn answer_once(
+        status: &'static str,
+        body: &'static str,
+    ) -> (ApiUrl, tokio::task::JoinHandle<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = ApiUrl::http(listener.local_addr().unwrap());
+        let answer = format!(
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
         let task = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = vec![0; 4096];
@@ -597,15 +604,7 @@ mod tests {
 
     #[tokio::test]
     async fn data_comes_out_of_the_envelope_and_the_request_carries_the_token() {
-        let body = r#"{"status":"success","data":{"n":1}}"#;
-        let answer: &'static str = Box::leak(
-            format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .into_boxed_str(),
-        );
-        let (url, seen) = answer_once(answer).await;
+        let (url, seen) = answer_once("200 OK", r#"{"status":"success","data":{"n":1}}"#).await;
         let client = Client::new(url.clone()).with_token("t0k");
         let data: serde_json::Value = client
             .post("/v1/x", &serde_json::json!({"a": 1}))
@@ -626,14 +625,7 @@ mod tests {
     #[tokio::test]
     async fn error_answers_and_refused_connections_are_typed() {
         let body = r#"{"status":"error","message":"no leader","errors":[{"status":503,"message":"no leader"}]}"#;
-        let answer: &'static str = Box::leak(
-            format!(
-                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .into_boxed_str(),
-        );
-        let (url, _seen) = answer_once(answer).await;
+        let (url, _seen) = answer_once("503 Service Unavailable", body).await;
         let e = Client::new(url)
             .get::<serde_json::Value>("/v1/cluster")
             .await
@@ -645,7 +637,7 @@ mod tests {
         assert!(e.is_retryable());
         assert_eq!(e.to_string(), "no leader (HTTP 503)");
 
-        let (url, _seen) = answer_once("HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnope").await;
+        let (url, _seen) = answer_once("200 OK", "nope").await;
         let e = Client::new(url)
             .get::<serde_json::Value>("/v1/cluster")
             .await
