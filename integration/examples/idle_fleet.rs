@@ -18,6 +18,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use edgelb_api::cluster::Role;
 use integration::cluster::{Cluster, ClusterOptions};
 use integration::load::cpu_time;
 
@@ -138,7 +139,7 @@ async fn run(nodes: u64, measure: Duration, regions: u64) -> anyhow::Result<()> 
     let voter = |id: u64| {
         view.nodes
             .iter()
-            .any(|n| n.node_id == id && n.role == "voter")
+            .any(|n| n.node_id == id && n.role == Role::Voter)
     };
     let (others, lead): (Vec<&Figures>, Vec<&Figures>) =
         figures.iter().partition(|f| f.id != leader);

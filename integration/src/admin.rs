@@ -1,57 +1,28 @@
-//! A client of one node's admin API: one bounded request per connection,
-//! with the cluster's bearer token. [`TestNode`](crate::TestNode) and
-//! [`Cluster`](crate::cluster::Cluster) members both speak through it.
+//! The tests' side of one node's admin API: [`edgelb_api::Client`] (one
+//! bounded request per connection) with the cluster's bearer token, its
+//! answers as [`Reply`]s and JSON for the tests to pick apart.
+//! [`TestNode`](crate::TestNode) and [`Cluster`](crate::cluster::Cluster)
+//! members both speak through it.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, StatusCode};
-use http_body_util::Full;
-use serde::Deserialize;
+use edgelb_api::services::InstanceView;
+use edgelb_api::{ApiUrl, Client};
+use http::{Method, StatusCode};
 use serde_json::Value;
 
-use crate::client::{HttpConn, Reply};
+use crate::client::Reply;
 use crate::metrics::Scrape;
-use crate::within;
+use crate::{patient, within};
 
 /// A group as the admin API created it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Group {
     pub uuid: String,
     pub name: String,
-}
-
-/// One entry of `data.instances` of `GET /v1/services/{id}/instances`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct InstanceView {
-    pub uuid: String,
-    pub name: String,
-    pub address: String,
-    /// `up`, `down` or `draining`.
-    pub state: String,
-    pub load: LoadView,
-}
-
-/// An instance's load as one node sees it.
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct LoadView {
-    /// This node's own in flight (exact).
-    pub local: u64,
-    /// What the balancer uses: `local` plus the peers' estimates.
-    pub global: u64,
-    /// Each peer's estimated part, by node id (as a string, as in JSON).
-    #[serde(default)]
-    pub peers: BTreeMap<String, u64>,
-}
-
-impl LoadView {
-    /// Peer `id`'s part (0 when it is not listed).
-    pub fn peer(&self, id: u64) -> u64 {
-        self.peers.get(&id.to_string()).copied().unwrap_or(0)
-    }
 }
 
 /// The admin API of one node.
@@ -89,36 +60,24 @@ impl AdminClient {
         body: Option<&Value>,
         token: Option<&str>,
     ) -> anyhow::Result<Reply> {
-        let bytes = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-        let mut req = Request::new(Full::new(bytes));
-        *req.method_mut() = method;
-        *req.uri_mut() = path.parse().with_context(|| format!("admin path {path}"))?;
-        let h = req.headers_mut();
-        h.insert(
-            http::header::HOST,
-            HeaderValue::from_str(&self.addr.to_string())?,
-        );
-        if body.is_some() {
-            h.insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
+        let bound = Duration::from_secs(10);
+        let mut client =
+            Client::new(ApiUrl::http(self.addr)).with_timeouts(patient(bound), patient(bound));
         if let Some(t) = token {
-            h.insert(
-                http::header::AUTHORIZATION,
-                HeaderValue::from_str(&format!("Bearer {t}"))?,
-            );
+            client = client.with_token(t);
         }
-        within(
+        let body = body.map(|b| Bytes::from(b.to_string()));
+        let answer = within(
             &format!("an admin API answer from {}", self.addr),
-            Duration::from_secs(10),
-            async {
-                let mut conn = HttpConn::connect(self.addr).await?;
-                conn.send(req).await
-            },
+            bound,
+            client.send(method, path, body),
         )
-        .await?
+        .await??;
+        Ok(Reply {
+            status: answer.status,
+            headers: answer.headers,
+            body: answer.body,
+        })
     }
 
     /// `GET path` → status and JSON body.

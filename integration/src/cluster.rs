@@ -30,9 +30,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
+use edgelb_api::cluster::ClusterView;
 use rand::Rng;
 use rand::distr::Alphanumeric;
-use serde::Deserialize;
 use serde_json::json;
 
 use crate::addr::{Subnet, TempDir};
@@ -97,45 +97,6 @@ impl Default for ClusterOptions {
             config: String::new(),
             binary: None,
         }
-    }
-}
-
-/// `data.cluster` of `GET /v1/cluster`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct ClusterView {
-    pub node_id: u64,
-    pub leader_id: Option<u64>,
-    pub term: u64,
-    pub commit_index: u64,
-    pub applied_index: u64,
-    pub nodes: Vec<NodeView>,
-}
-
-/// One entry of [`ClusterView::nodes`].
-#[derive(Clone, Debug, Deserialize)]
-pub struct NodeView {
-    pub node_id: u64,
-    pub region: String,
-    pub cluster_addr: String,
-    pub admin_addr: String,
-    /// `voter` or `learner`.
-    pub role: String,
-    pub is_leader: bool,
-    /// Age of the newest load report from this node (none for the
-    /// answering node itself, or before any report arrived).
-    #[serde(default)]
-    pub last_gossip_age_ms: Option<u64>,
-}
-
-impl ClusterView {
-    /// Members with role `voter`.
-    pub fn voters(&self) -> usize {
-        self.nodes.iter().filter(|n| n.role == "voter").count()
-    }
-
-    /// Members with role `learner`.
-    pub fn learners(&self) -> usize {
-        self.nodes.iter().filter(|n| n.role == "learner").count()
     }
 }
 

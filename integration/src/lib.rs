@@ -18,7 +18,8 @@
 //! `EDGELB_TEST_PATIENCE` (a float, default 1) for slow machines; nothing
 //! sleeps blindly.
 //!
-//! Modules: [`addr`] (loopback addresses), [`admin`] (admin API client),
+//! Modules: [`addr`] (loopback addresses), [`admin`] (requests through
+//! `edgelb-api`'s admin client, JSON answers),
 //! [`node`] (in-process node), [`cluster`] (multi-node clusters of real
 //! processes, faults), [`backend`] (HTTP and TCP echo backends), [`client`]
 //! (HTTP/1.1 and HTTP/2 clients, raw sockets), [`tls`] (TLS client that

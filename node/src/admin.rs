@@ -65,7 +65,8 @@ use reply::{ApiError, Reply, text};
 use request::{Flags, check_header_size, check_length};
 
 pub use backoff::AuthBackoff;
-pub use tls::{AdminCert, client_config};
+pub use edgelb_api::tls::client_config;
+pub use tls::AdminCert;
 
 /// From accept (or the end of the previous request) until the request
 /// header block is complete.

@@ -20,18 +20,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper::client::conn::http1::SendRequest;
-use raft_store::types::ClusterNode;
+use edgelb_api::client::{self, ApiUrl, Client, UrlError};
+use edgelb_api::cluster::{AddNodeData, AddNodeRequest};
 use rustls::ClientConfig;
-use rustls::pki_types::ServerName;
-use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::PemObject;
 
 use crate::cluster::NodeTls;
-use crate::cluster::pki::{self, CaBundle};
+use crate::cluster::pki::{self, CaBundle, PkiError};
 use crate::config::{Config, ConfigError};
 
 /// Why bootstrapping failed.
@@ -41,12 +37,33 @@ pub enum BootstrapError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Io(String),
-    #[error("joining {url}: {message}")]
-    Join { url: String, message: String },
+    #[error("joining {url}: {source}")]
+    Join {
+        url: String,
+        #[source]
+        source: JoinError,
+    },
     /// A file of the data dir is damaged; the message names it and says
     /// what to do (exit 65).
     #[error("{0}")]
     Corrupt(String),
+}
+
+/// Why a member did not admit this node.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// `--join` is not an admin URL.
+    #[error("{0}")]
+    Url(#[source] UrlError),
+    /// The node's key or certificate request could not be made.
+    #[error("CSR: {0}")]
+    Csr(#[source] PkiError),
+    /// The member could not be reached, or refused.
+    #[error("{0}")]
+    Admin(#[source] client::Error),
+    /// The member's answer lacks what this step needs.
+    #[error("{0}")]
+    Missing(&'static str),
 }
 
 /// What a node starts from.
@@ -252,11 +269,7 @@ fn stored_identity(
             ));
         }
     }
-    let is_key = matches!(
-        rustls_pemfile::private_key(&mut key_pem.as_bytes()),
-        Ok(Some(_))
-    );
-    if !is_key {
+    if PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).is_err() {
         return Err(tls_damage(config, key, "not a PEM private key"));
     }
     if let Err(e) = crate::admin::AdminCert::new(&cert_pem, &key_pem) {
@@ -314,10 +327,7 @@ fn founding_damage(marker: &Path, body: &str, operator_pki: bool) -> Option<Stri
             return None;
         }
         "the file is empty (truncated); it held the new cluster CA's key"
-    } else if matches!(
-        rustls_pemfile::private_key(&mut body.as_bytes()),
-        Ok(Some(_))
-    ) {
+    } else if PrivateKeyDer::from_pem_slice(body.as_bytes()).is_ok() {
         return None;
     } else {
         "it does not hold the PEM key of the new cluster CA"
@@ -369,50 +379,11 @@ fn has_raft_state(data_dir: &Path) -> bool {
     data_dir.join("raft-log.redb").exists()
 }
 
-/// `POST /v1/cluster/nodes` body: a node asking to be added (with a CSR
-/// when it wants a certificate from the cluster CA).
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AddNodeRequest {
-    pub node_id: u64,
-    pub cluster_addr: String,
-    pub admin_addr: String,
-    #[serde(default = "default_region")]
-    pub region: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub csr: Option<String>,
-}
-
-fn default_region() -> String {
-    "local".into()
-}
-
-/// `data` of the answer to `POST /v1/cluster/nodes`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct AddNodeData {
-    pub node: ClusterNode,
-    pub node_id: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub certificate: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_certificate: Option<String>,
-    /// When the node was added: the index of the last membership change
-    /// (its addition, and its promotion when the leader made one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_index: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct Envelope<T> {
-    data: Option<T>,
-    message: Option<String>,
-}
-
 async fn join(config: &Config, url: &str, token: &str) -> Result<NodeTls, BootstrapError> {
     let (key_pem, csr) =
         pki::node_key_and_csr(config.node_id).map_err(|e| BootstrapError::Join {
             url: url.to_owned(),
-            message: format!("CSR: {e}"),
+            source: JoinError::Csr(e),
         })?;
     let body = AddNodeRequest {
         node_id: config.node_id,
@@ -471,121 +442,43 @@ pub async fn add_self(
     .await
 }
 
-/// `POST /v1/cluster/nodes` with `body` until a 200 whose data `take`
-/// accepts, retrying (every 500 ms, `tries` times) while the member answers
-/// 503 or cannot be reached.
+/// How long one `POST /v1/cluster/nodes` may take once connected.
+const JOIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `POST /v1/cluster/nodes` with `body` until an answer whose data `take`
+/// accepts, retrying (every 500 ms, `tries` times) while the member cannot
+/// be reached or answers 503 ([`client::Error::is_retryable`]).
 async fn post_add_node<T>(
     url: &str,
     tls: Option<&Arc<ClientConfig>>,
     token: &str,
     body: &AddNodeRequest,
     tries: usize,
-    missing: &str,
+    missing: &'static str,
     take: impl Fn(AddNodeData) -> Option<T>,
 ) -> Result<T, BootstrapError> {
-    let err = |message: String| BootstrapError::Join {
+    let err = |source| BootstrapError::Join {
         url: url.to_owned(),
-        message,
+        source,
     };
-    let body = serde_json::to_vec(body).map_err(|e| err(e.to_string()))?;
-    let mut last = String::new();
-    for _ in 0..tries {
-        match post(url, tls, "/v1/cluster/nodes", token, body.clone()).await {
-            Ok((status, bytes)) => {
-                let env: Envelope<AddNodeData> = serde_json::from_slice(&bytes)
-                    .map_err(|e| err(format!("HTTP {status}: unreadable answer: {e}")))?;
-                if status == 503 {
-                    last = env.message.unwrap_or_default();
-                } else {
-                    let taken = if status == 200 {
-                        env.data.and_then(&take)
-                    } else {
-                        None
-                    };
-                    return taken.ok_or_else(|| {
-                        let msg = env.message.unwrap_or_else(|| missing.to_owned());
-                        err(format!("HTTP {status}: {msg}"))
-                    });
-                }
-            }
-            Err(e) => last = e,
+    let base = ApiUrl::parse(url).map_err(|e| err(JoinError::Url(e)))?;
+    let mut client = Client::new(base)
+        .with_token(token)
+        .with_user_agent(concat!("edgelb/", env!("CARGO_PKG_VERSION")))
+        .with_timeouts(client::CONNECT_TIMEOUT, JOIN_REQUEST_TIMEOUT);
+    if let Some(tls) = tls {
+        client = client.with_tls(tls.clone());
+    }
+    let mut attempt = 1;
+    loop {
+        match client.post("/v1/cluster/nodes", body).await {
+            Ok(data) => return take(data).ok_or_else(|| err(JoinError::Missing(missing))),
+            Err(e) if e.is_retryable() && attempt < tries => {}
+            Err(e) => return Err(err(JoinError::Admin(e))),
         }
+        attempt += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(err(last))
-}
-
-/// A small HTTP/1.1 POST to an admin API: `http://host:port`, or
-/// `https://host:port` verified with `tls` (the `join_ca_cert`).
-pub(crate) async fn post(
-    base: &str,
-    tls: Option<&Arc<ClientConfig>>,
-    path: &str,
-    token: &str,
-    body: Vec<u8>,
-) -> Result<(u16, Bytes), String> {
-    let (https, authority) = match (base.strip_prefix("http://"), base.strip_prefix("https://")) {
-        (Some(a), _) => (false, a),
-        (None, Some(a)) => (true, a),
-        (None, None) => return Err("not an http:// or https:// admin URL".to_owned()),
-    };
-    let authority = authority.trim_end_matches('/');
-    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(authority))
-        .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| format!("connect: {e}"))?;
-    let mut sender = if https {
-        let tls = tls.ok_or_else(|| "an https:// admin URL needs --join-ca-cert".to_owned())?;
-        let host = match authority.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() => h,
-            _ => authority,
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("{host}: {e}"))?;
-        let stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream),
-        )
-        .await
-        .map_err(|_| "TLS handshake timed out".to_owned())?
-        .map_err(|e| format!("TLS: {e}"))?;
-        handshake(stream).await?
-    } else {
-        handshake(stream).await?
-    };
-    let req = Request::post(path)
-        .header("host", authority)
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let work = async {
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok((status, bytes))
-    };
-    tokio::time::timeout(Duration::from_secs(15), work)
-        .await
-        .map_err(|_| "request timed out".to_owned())?
-}
-
-/// HTTP/1.1 on `stream`, its connection driven by a task of its own.
-async fn handshake<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, String>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    Ok(sender)
 }
 
 /// Lowercase hex SHA-256 of the admin token.

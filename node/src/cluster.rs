@@ -19,8 +19,9 @@
 //!               (one cached connection per peer, a new stream per RPC)
 //! ```
 //!
-//! - [`pki`]: the cluster CA and node certificates; a node's id is the DNS
-//!   name `node-<id>.cluster.edgelb` in its certificate.
+//! - [`pki`] (from `edgelb-api`, which `edgectl certs` shares): the cluster
+//!   CA and node certificates; a node's id is the DNS name
+//!   `node-<id>.cluster.edgelb` in its certificate.
 //! - [`NodeTls`]: a node's CA, certificate and key, made into rustls/quinn
 //!   configs. The client checks it reached the node it dialled (server name
 //!   = target's DNS name); the server checks that each stream's claimed
@@ -40,7 +41,6 @@
 mod congestion;
 pub(crate) mod frame;
 mod network;
-pub mod pki;
 pub(crate) mod rpc;
 mod tls;
 mod transport;
@@ -48,6 +48,7 @@ mod transport;
 #[cfg(test)]
 mod tests;
 
+pub use edgelb_api::pki;
 pub use frame::MAX_FRAME;
 pub use network::{Network, PeerNetwork, VoteSink, rpc_deadline};
 pub use pki::{

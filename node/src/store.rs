@@ -47,6 +47,8 @@ use crate::membership::{Policy, Reconciler};
 mod batch;
 mod senders;
 pub use batch::Batcher;
+/// A node's role in the Raft membership, as `GET /v1/cluster` shows it.
+pub use edgelb_api::cluster::Role;
 
 #[cfg(test)]
 mod tests;
@@ -106,14 +108,6 @@ impl From<Refusal> for StoreError {
             Refusal::Failed(reason) => Self::Stopped(reason),
         }
     }
-}
-
-/// A node's role in the Raft membership.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Voter,
-    Learner,
 }
 
 /// One member as `GET /v1/cluster` shows it.

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use raft_store::model::{Certificate, Domain};
 use raft_store::state::State;
 use rustls::crypto::ring::sign::any_supported_type;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use tracing::{info, warn};
@@ -29,15 +30,16 @@ pub enum TlsError {
 
 /// Parses a PEM chain and key into a signing key.
 pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, TlsError> {
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut chain_pem.as_bytes())
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Chain(e.to_string()))?;
     if chain.is_empty() {
         return Err(TlsError::Chain("no CERTIFICATE block".into()));
     }
-    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-        .map_err(|e| TlsError::Key(e.to_string()))?
-        .ok_or_else(|| TlsError::Key("no PRIVATE KEY block".into()))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| match e {
+        pem::Error::NoItemsFound => TlsError::Key("no PRIVATE KEY block".into()),
+        e => TlsError::Key(e.to_string()),
+    })?;
     let signer = any_supported_type(&key).map_err(|e| TlsError::Key(e.to_string()))?;
     Ok(CertifiedKey::new(chain, signer))
 }

@@ -1,214 +1,84 @@
-//! A small HTTP/1.1 client of the admin API (`http://`, or `https://` with
-//! `--cacert`, see [`crate::tls`]): one connection per request, the bearer
-//! token, the JSON envelope unwrapped.
+//! `edgectl`'s admin API client: the one in `edgelb-api`
+//! ([`edgelb_api::Client`]) with the `--cacert` it trusts, its failures
+//! worded for the operator with their exit codes.
 //!
 //! ```text
-//!  ApiUrl::parse(--api) ─▶ Client::get/post/delete(path)
-//!      ─▶ TCP connect (5 s) [─▶ TLS handshake] ─▶ request ─▶ 2xx: envelope.data
-//!                                      └▶ 4xx/5xx: Failure::Api{status, envelope.message}
-//!      connect error ─▶ Failure::Connect{url, "connection refused"}
-//!      TLS failure   ─▶ Failure::Tls{url, "its certificate is not signed by …"}
+//!  ApiUrl::parse(--api) ─▶ Client::get/post/delete(path) ─▶ edgelb_api::Client ─▶ 2xx: envelope.data
+//!      4xx/5xx       ─▶ Failure::Api{status, envelope.message}                 (exit 1)
+//!      connect error ─▶ Failure::Connect{url, "connection refused"}            (exit 3)
+//!      TLS failure   ─▶ Failure::Tls{url, "its certificate is not signed by …"} (exit 3)
 //! ```
 
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use edgelb_api::client::{Answer, Error, UrlError};
+use http::{Method, StatusCode};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use raft_store::api::ErrorBody;
+use rustls::ClientConfig;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::ClientConfig;
-use tokio_rustls::rustls::pki_types::ServerName;
+
+pub use edgelb_api::ApiUrl;
 
 use crate::error::{Failure, Outcome};
 
-/// How long connecting may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a request may take once connected (writes answer within 5 s or
-/// fail with 503; membership changes may take longer).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A parsed `--api` URL: `http[s]://HOST[:PORT][/PREFIX]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ApiUrl {
-    /// `https://`.
-    tls: bool,
-    host: String,
-    port: u16,
-    prefix: String,
-    /// As shown in messages: `http[s]://host:port[/prefix]`.
-    display: String,
-}
-
-impl ApiUrl {
-    /// Parses an admin URL; a missing scheme means `http://`, a missing
-    /// port 80 (443 with `https://`).
-    pub fn parse(url: &str) -> Outcome<Self> {
-        let bad = |why: &str| Failure::usage(format!("--api {url:?} {why}"));
-        let (tls, rest) = match url.split_once("://") {
-            Some(("http", rest)) => (false, rest),
-            Some(("https", rest)) => (true, rest),
-            Some(_) => return Err(bad("is not an http:// or https:// URL")),
-            None => (false, url),
-        };
-        let (authority, prefix) = match rest.find('/') {
-            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
-            None => (rest, ""),
-        };
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| bad("has an unclosed [ in its host"))?;
-            match after.strip_prefix(':') {
-                Some(p) => (host, Some(p)),
-                None if after.is_empty() => (host, None),
-                None => return Err(bad("has junk after its IPv6 host")),
-            }
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(bad("has no host"));
-        }
-        let port = match port {
-            None if tls => 443,
-            None => 80,
-            Some(p) => p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad("has a bad port"))?,
-        };
-        let shown_host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host.to_owned()
-        };
-        let scheme = if tls { "https" } else { "http" };
-        Ok(Self {
-            display: format!("{scheme}://{shown_host}:{port}{prefix}"),
-            tls,
-            host: host.to_owned(),
-            port,
-            prefix: prefix.to_owned(),
-        })
-    }
-
-    /// Whether the URL is `https://`.
-    pub fn is_tls(&self) -> bool {
-        self.tls
-    }
-
-    fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl std::fmt::Display for ApiUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.display)
-    }
-}
+/// What `edgectl` says it is.
+const USER_AGENT: &str = concat!("edgectl/", env!("CARGO_PKG_VERSION"));
 
 /// A client of one node's admin API.
 #[derive(Clone, Debug)]
 pub struct Client {
-    url: ApiUrl,
-    token: Option<String>,
-    /// For `https://`: the config and the `--cacert` it trusts.
-    tls: Option<(Arc<ClientConfig>, PathBuf)>,
-}
-
-/// A raw answer: status and body.
-#[derive(Debug)]
-pub struct Answer {
-    /// HTTP status.
-    pub status: u16,
-    /// The whole body.
-    pub body: Bytes,
+    inner: edgelb_api::Client,
+    /// For `https://`: the `--cacert` the TLS config trusts, named in
+    /// messages.
+    cacert: Option<PathBuf>,
 }
 
 impl Client {
     /// A client of `url` presenting `token` (none: no `Authorization`).
     pub fn new(url: ApiUrl, token: Option<String>) -> Self {
+        let mut inner = edgelb_api::Client::new(url).with_user_agent(USER_AGENT);
+        if let Some(token) = token {
+            inner = inner.with_token(token);
+        }
         Self {
-            url,
-            token,
-            tls: None,
+            inner,
+            cacert: None,
         }
     }
 
     /// Speaks TLS with `config`, which trusts the CA in `cacert`.
-    pub fn with_tls(mut self, config: Arc<ClientConfig>, cacert: PathBuf) -> Self {
-        self.tls = Some((config, cacert));
-        self
+    pub fn with_tls(self, config: Arc<ClientConfig>, cacert: PathBuf) -> Self {
+        Self {
+            inner: self.inner.with_tls(config),
+            cacert: Some(cacert),
+        }
     }
 
     /// The admin URL.
     pub fn url(&self) -> &ApiUrl {
-        &self.url
+        self.inner.url()
     }
 
     /// `GET path` → the envelope's `data`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Outcome<T> {
-        self.call(Method::GET, path, None).await
+        self.inner.get(path).await.map_err(|e| self.failure(e))
     }
 
     /// `POST path` with a JSON body → the envelope's `data`.
     pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> Outcome<T> {
-        self.call(Method::POST, path, Some(body)).await
+        self.inner
+            .post(path, body)
+            .await
+            .map_err(|e| self.failure(e))
     }
 
     /// `DELETE path` → the envelope's `data`.
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Outcome<T> {
-        self.call(Method::DELETE, path, None).await
-    }
-
-    async fn call<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Outcome<T> {
-        let body = body.map(|b| Bytes::from(b.to_string()));
-        let answer = self.request(method, path, body).await?;
-        if answer.status == 401 {
-            return Err(Failure::Api {
-                status: 401,
-                message: format!(
-                    "{} refused the admin token: pass the cluster's token with --token or EDGELB_TOKEN",
-                    self.url
-                ),
-            });
-        }
-        if !(200..300).contains(&answer.status) {
-            return Err(api_failure(answer.status, &answer.body));
-        }
-        let envelope: Value = serde_json::from_slice(&answer.body).map_err(|e| Failure::Api {
-            status: answer.status,
-            message: format!("unreadable answer from {} ({e})", self.url),
-        })?;
-        let data = envelope.get("data").cloned().unwrap_or(Value::Null);
-        serde_json::from_value(data).map_err(|e| Failure::Api {
-            status: answer.status,
-            message: format!("unexpected answer from {}: {e}", self.url),
-        })
+        self.inner.delete(path).await.map_err(|e| self.failure(e))
     }
 
     /// One request; any status is an `Ok` answer. Connection problems are
@@ -219,118 +89,68 @@ impl Client {
         path: &str,
         body: Option<Bytes>,
     ) -> Outcome<Answer> {
-        let connect_failure = |reason: String| Failure::Connect {
-            url: self.url.to_string(),
-            reason,
-        };
-        let stream = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            TcpStream::connect((self.url.host.as_str(), self.url.port)),
-        )
-        .await
-        .map_err(|_| connect_failure(format!("no connection within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| connect_failure(io_reason(&e)))?;
-        let _ = stream.set_nodelay(true);
-        match &self.tls {
-            None => self.exchange(stream, method, path, body).await,
-            Some((config, cacert)) => {
-                let tls_failure = |reason: String| Failure::Tls {
-                    url: self.url.to_string(),
-                    reason,
-                };
-                let name = ServerName::try_from(self.url.host.clone())
-                    .map_err(|e| Failure::usage(format!("--api {}: {e}", self.url)))?;
-                let stream = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    TlsConnector::from(config.clone()).connect(name, stream),
-                )
-                .await
-                .map_err(|_| tls_failure(format!("no TLS handshake within {CONNECT_TIMEOUT:?}")))?
-                .map_err(|e| tls_failure(crate::tls::reason(&e, cacert, &self.url.host)))?;
-                self.exchange(stream, method, path, body).await
-            }
-        }
+        self.inner
+            .send(method, path, body)
+            .await
+            .map_err(|e| self.failure(e))
     }
 
-    /// One request on a connected `stream`.
-    async fn exchange<S>(
-        &self,
-        stream: S,
-        method: Method,
-        path: &str,
-        body: Option<Bytes>,
-    ) -> Outcome<Answer>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let connect_failure = |reason: String| Failure::Connect {
-            url: self.url.to_string(),
+    /// The operator's line for `e`.
+    fn failure(&self, e: Error) -> Failure {
+        let url = self.url();
+        let connect = |reason: String| Failure::Connect {
+            url: url.to_string(),
             reason,
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| connect_failure(e.to_string()))?;
-        let conn = tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.url.prefix))
-            .header(http::header::HOST, self.url.authority())
-            .header(
-                http::header::USER_AGENT,
-                concat!("edgectl/", env!("CARGO_PKG_VERSION")),
-            );
-        if let Some(token) = &self.token {
-            req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        if body.is_some() {
-            req = req.header(http::header::CONTENT_TYPE, "application/json");
-        }
-        let req = req
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| Failure::usage(format!("building the request for {path}: {e}")))?;
-        let work = async {
-            let resp = sender.send_request(req).await.map_err(|e| {
-                let hint = if self.url.tls {
+        let tls = |reason: String| Failure::Tls {
+            url: url.to_string(),
+            reason,
+        };
+        match e {
+            Error::Api { status, .. } if status == StatusCode::UNAUTHORIZED => Failure::Api {
+                status: status.as_u16(),
+                message: format!(
+                    "{url} refused the admin token: pass the cluster's token with --token or EDGELB_TOKEN"
+                ),
+            },
+            Error::Api { status, message } => Failure::Api {
+                status: status.as_u16(),
+                message,
+            },
+            Error::Decode { status, source, .. } => Failure::Api {
+                status: status.as_u16(),
+                message: format!("unexpected answer from {url}: {source}"),
+            },
+            Error::Connect { source, .. } => connect(io_reason(&source)),
+            Error::ConnectTimeout { after, .. } => {
+                connect(format!("no connection within {after:?}"))
+            }
+            Error::TlsTimeout { after, .. } => tls(format!("no TLS handshake within {after:?}")),
+            Error::Tls { source, .. } => {
+                let cacert = self.cacert.clone().unwrap_or_default();
+                tls(crate::tls::reason(&source, &cacert, url.host()))
+            }
+            Error::Http { source, .. } => {
+                let hint = if url.is_tls() {
                     ""
                 } else {
                     " (if the admin API serves TLS, use https:// and --cacert)"
                 };
-                connect_failure(format!("the connection failed: {e}{hint}"))
-            })?;
-            let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| connect_failure(format!("reading the answer: {e}")))?
-                .to_bytes();
-            Ok(Answer { status, body })
-        };
-        let answer = tokio::time::timeout(REQUEST_TIMEOUT, work)
-            .await
-            .map_err(|_| connect_failure(format!("no answer within {REQUEST_TIMEOUT:?}")))?;
-        conn.abort();
-        answer
+                connect(format!("the connection failed: {source}{hint}"))
+            }
+            Error::Timeout { after, .. } => connect(format!("no answer within {after:?}")),
+            Error::ServerName { .. } | Error::NoTlsConfig { .. } => {
+                Failure::usage(format!("--api {url}: {e}"))
+            }
+            other => Failure::usage(other),
+        }
     }
 }
 
-/// The error envelope's message, or a one-line summary of another body.
-pub fn api_failure(status: u16, body: &[u8]) -> Failure {
-    let message = match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(e) if !e.message.is_empty() => e.message,
-        _ => {
-            let text = String::from_utf8_lossy(body);
-            let line = text.lines().map(str::trim).find(|l| !l.is_empty());
-            match line {
-                Some(l) if l.chars().count() > 200 => {
-                    format!("{}…", l.chars().take(200).collect::<String>())
-                }
-                Some(l) => l.to_owned(),
-                None => "the admin API answered with an error".to_owned(),
-            }
-        }
-    };
-    Failure::Api { status, message }
+impl From<UrlError> for Failure {
+    fn from(e: UrlError) -> Self {
+        Self::usage(format!("--api {e}"))
+    }
 }
 
 /// A connect error in a few words.
@@ -364,57 +184,45 @@ mod tests {
     fn segments_encode_all_but_unreserved() {
         assert_eq!(segment("web-1.a_b~c"), "web-1.a_b~c");
         assert_eq!(segment("a b/c?d%\u{e9}"), "a%20b%2Fc%3Fd%25%C3%A9");
+        assert_eq!(segment("a b/c"), "a%20b%2Fc");
     }
 
     #[test]
-    fn urls() {
-        let u = ApiUrl::parse("http://127.0.0.1:7070").unwrap();
-        assert_eq!(u.to_string(), "http://127.0.0.1:7070");
-        assert_eq!(u.authority(), "127.0.0.1:7070");
-        let u = ApiUrl::parse("127.0.0.11:7070/").unwrap();
-        assert_eq!(u.to_string(), "http://127.0.0.11:7070");
-        let u = ApiUrl::parse("http://[::1]:7070/edge/").unwrap();
-        assert_eq!(u.to_string(), "http://[::1]:7070/edge");
-        assert_eq!(u.host, "::1");
-        assert_eq!(u.prefix, "/edge");
-        let u = ApiUrl::parse("http://lb.example").unwrap();
-        assert_eq!(u.port, 80);
-        let u = ApiUrl::parse("https://127.0.0.1").unwrap();
-        assert!(u.is_tls());
-        assert_eq!(u.to_string(), "https://127.0.0.1:443");
-        for bad in [
-            "ftp://x",
-            "http://:7070",
-            "http://x:0",
-            "http://x:port",
-            "http://[::1",
-        ] {
-            let e = ApiUrl::parse(bad).unwrap_err();
+    fn a_bad_url_is_a_usage_error() {
+        for bad in ["ftp://x", "http://:7070", "http://x:0", "http://[::1"] {
+            let e = Failure::from(ApiUrl::parse(bad).unwrap_err());
             assert_eq!(e.exit_code(), 2, "{bad}: {e}");
-            assert!(e.to_string().contains(bad), "{e}");
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "--api {bad:?} {}",
+                    match bad {
+                        "ftp://x" => "is not an http:// or https:// URL",
+                        "http://:7070" => "has no host",
+                        "http://x:0" => "has a bad port",
+                        _ => "has an unclosed [ in its host",
+                    }
+                )
+            );
         }
     }
 
-    #[test]
-    fn error_bodies() {
-        let body = br#"{"status":"error","message":"service group \"x\" not found","errors":[{"status":404,"message":"service group \"x\" not found"}]}"#;
+    #[tokio::test]
+    async fn failures_keep_their_exit_codes() {
+        // A port nobody listens on (bound, then closed).
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = ApiUrl::parse(&format!("http://{}", closed.local_addr().unwrap())).unwrap();
+        drop(closed);
+        let e = Client::new(url.clone(), None)
+            .get::<Value>("/v1/services")
+            .await
+            .unwrap_err();
+        assert_eq!(e.exit_code(), 3);
         assert_eq!(
-            api_failure(404, body).to_string(),
-            "service group \"x\" not found (HTTP 404)"
+            e.to_string(),
+            format!(
+                "cannot reach the admin API at {url}: connection refused (is edgelb running? set --api or EDGELB_API)"
+            )
         );
-        assert_eq!(
-            api_failure(502, b"\n  bad gateway\nmore").to_string(),
-            "bad gateway (HTTP 502)"
-        );
-        assert_eq!(
-            api_failure(500, b"").to_string(),
-            "the admin API answered with an error (HTTP 500)"
-        );
-    }
-
-    #[test]
-    fn segments() {
-        assert_eq!(segment("web-1"), "web-1");
-        assert_eq!(segment("a b/c"), "a%20b%2Fc");
     }
 }

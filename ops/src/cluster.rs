@@ -1,56 +1,12 @@
 //! `edgectl cluster status|add-node|remove-node`: the `/v1/cluster` routes.
 
-use serde::{Deserialize, Serialize};
+use edgelb_api::cluster::{ClusterData, NodeView};
 use serde_json::{Value, json};
 
 use crate::cli::ClusterCmd;
 use crate::error::{Failure, Outcome};
 use crate::output::{self, Format};
 use crate::{Ctx, emit};
-
-/// `data` of `GET /v1/cluster`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ClusterData {
-    /// One node's view of the cluster.
-    pub cluster: ClusterView,
-}
-
-/// `data.cluster`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ClusterView {
-    /// The node that answered.
-    pub node_id: u64,
-    /// The leader it knows of.
-    pub leader_id: Option<u64>,
-    /// Its Raft term.
-    pub term: u64,
-    /// Highest index known committed.
-    pub commit_index: u64,
-    /// Highest index applied on the answering node.
-    pub applied_index: u64,
-    /// The members.
-    pub nodes: Vec<NodeView>,
-}
-
-/// One member.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NodeView {
-    /// Its id.
-    pub node_id: u64,
-    /// Its region.
-    pub region: String,
-    /// Its QUIC address.
-    pub cluster_addr: String,
-    /// Its admin API address.
-    pub admin_addr: String,
-    /// `voter` or `learner`.
-    pub role: String,
-    /// Whether it leads.
-    pub is_leader: bool,
-    /// Age of its newest load report, as the answering node sees it.
-    #[serde(default)]
-    pub last_gossip_age_ms: Option<u64>,
-}
 
 /// Runs `edgectl cluster status|add-node|remove-node`.
 pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> Outcome {
@@ -125,7 +81,7 @@ pub fn render_status(data: &ClusterData, format: Format) -> String {
                 output::block(&[
                     ("node id", n.node_id.to_string()),
                     ("region", n.region.clone()),
-                    ("role", n.role.clone()),
+                    ("role", n.role.to_string()),
                     ("leader", n.is_leader.to_string()),
                     ("cluster addr", n.cluster_addr.clone()),
                     ("admin addr", n.admin_addr.clone()),
@@ -146,7 +102,7 @@ pub fn render_status(data: &ClusterData, format: Format) -> String {
                     vec![
                         id,
                         n.region.clone(),
-                        n.role.clone(),
+                        n.role.to_string(),
                         if n.is_leader { "yes" } else { "" }.to_owned(),
                         n.cluster_addr.clone(),
                         n.admin_addr.clone(),

@@ -3,15 +3,16 @@
 //!
 //! ```text
 //!  Cli (clap) ─▶ run ─┬─ service / instance / cluster status|add-node|remove-node
-//!                     │      └─▶ Client (HTTP/1.1, bearer token) ─▶ admin API ─▶ output (table|list|json)
-//!                     ├─ certs init|node ─▶ edgelb::cluster::pki ─▶ PEM files
+//!                     │      └─▶ Client (edgelb_api's, bearer token) ─▶ admin API ─▶ output (table|list|json)
+//!                     ├─ certs init|node ─▶ edgelb_api::pki ─▶ PEM files
 //!                     ├─ cluster local ─▶ N edgelb processes on 127.0.0.11, .12, … until Ctrl-C
 //!                     │      └─ cluster local --data-dir DIR start-node K ─▶ DIR/control.sock ─▶ node K again
 //!                     └─ completions ─▶ clap_complete
 //!  any failure ─▶ Failure ─▶ "edgectl: <one line>" and its exit code (error.rs)
 //! ```
 //!
-//! Modules: [`cli`] (the flags), [`client`] (admin API client), [`output`]
+//! Modules: [`cli`] (the flags), [`client`] (`edgelb-api`'s admin client,
+//! its failures worded for operators), [`output`]
 //! (formats), [`services`] (services and instances), [`cluster`]
 //! (membership), [`certs`] (own PKI), [`local`] (a local cluster),
 //! [`error`] (one-line failures and exit codes).

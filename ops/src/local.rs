@@ -26,6 +26,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use edgelb_api::cluster::ClusterData;
 use http::Method;
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -35,7 +36,6 @@ use self::control::{Control, Reply, Started};
 use self::node::{Launcher, Node, last_line, stop_all};
 use crate::cli::{LocalArgs, LocalCmd};
 use crate::client::{ApiUrl, Client};
-use crate::cluster::ClusterData;
 use crate::error::{Failure, Outcome};
 use crate::{Ctx, emit};
 
@@ -238,7 +238,7 @@ async fn probe(open: &Client, authed: &Client, members: usize) -> Result<(), Str
         .request(Method::GET, "/readyz", None)
         .await
         .map_err(|e| e.to_string())?;
-    if ready.status != 200 {
+    if ready.status != http::StatusCode::OK {
         return Err(format!("/readyz answered {}", ready.status));
     }
     let data: ClusterData = authed.get("/v1/cluster").await.map_err(|e| e.to_string())?;
@@ -249,12 +249,7 @@ async fn probe(open: &Client, authed: &Client, members: usize) -> Result<(), Str
     // A joiner is a voter before its /readyz answers when it is promoted,
     // but the leader keeps the voters odd: with an even count the last
     // joiner stays a learner.
-    let voters = data
-        .cluster
-        .nodes
-        .iter()
-        .filter(|n| n.role == "voter")
-        .count();
+    let voters = data.cluster.voters();
     let want = members.min(MAX_VOTERS);
     let want = if want.is_multiple_of(2) {
         want - 1

@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 
 use clap::ValueEnum;
-use raft_store::model::ServiceGroup;
+use edgelb_api::model::ServiceGroup;
 use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -198,7 +198,7 @@ pub fn millis(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use raft_store::model::{Domain, Instance, parse_port_specs};
+    use edgelb_api::model::{Domain, Instance, parse_port_specs};
     use time::macros::datetime;
 
     use super::*;

@@ -1,8 +1,8 @@
 //! `edgectl service …` and `edgectl instance …`: the `/v1/services` routes.
 
-use raft_store::api::{GroupsData, InstanceView, InstancesData};
-use raft_store::model::{ServiceGroup, parse_port_specs};
-use raft_store::validate::check_services;
+use edgelb_api::model::{ServiceGroup, parse_port_specs};
+use edgelb_api::services::{GroupsData, InstanceView, InstancesData};
+use edgelb_api::validate::check_services;
 use serde_json::{Value, json};
 
 use crate::cli::{CreateArgs, InstanceCmd, ServiceCmd};

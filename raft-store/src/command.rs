@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::PatchOp;
 use crate::model::{Certificate, ClusterSecrets, Domain, Instance, Service, ServiceGroup};
 
 /// A change to the replicated state.
@@ -67,19 +68,6 @@ pub enum Command {
         /// The commands, in the order they apply.
         commands: Vec<Self>,
     },
-}
-
-/// How a patch combines its value with the current list.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum PatchOp {
-    /// Replace the list.
-    Set,
-    /// Append to the list; an entry already present is refused.
-    Add,
-    /// Remove the entries with the same key (`port` / `fqdn`); an entry not
-    /// present is refused.
-    Del,
 }
 
 /// A change to one property of a group.

@@ -4,11 +4,13 @@
 //! Service groups (published ports, domains, instances) and certificates are
 //! replicated with Raft: every node applies the same log of [`Command`]s to
 //! its own [`State`] and serves traffic from that local copy. The plain-code
-//! part does no I/O and reads no clock or RNG: the [`model`], its
-//! [`validate`] rules, the [`command`]s, the [`state`] machine and the admin
-//! [`api`] types. Every uuid, generated name and timestamp is chosen by the
-//! node that proposes a command and travels inside it, so `apply` gives the
-//! same result on every node.
+//! part does no I/O and reads no clock or RNG: the [`model`] and its
+//! [`validate`] rules (both from the `edgelb-api` crate, in
+//! `raft-store/api/`, which the operator CLI shares without this crate's
+//! storage), the [`command`]s and the [`state`] machine. Every uuid,
+//! generated name and timestamp is chosen by the node that proposes a
+//! command and travels inside it, so `apply` gives the same result on every
+//! node.
 //!
 //! ```text
 //!  admin API ──▶ validate ──▶ Command ──▶ Raft log ──▶ State::apply (every node)
@@ -93,20 +95,19 @@
 //! group, is a request that already applied (sent again after its answer
 //! was lost): it answers what is stored, as applied, and changes nothing.
 
-pub mod api;
 mod changes;
 pub mod command;
 mod db;
 pub mod faults;
 pub mod log_store;
-pub mod model;
 mod rebuild;
 mod rows;
 pub mod snapshot;
 pub mod state;
 pub mod state_machine;
 pub mod types;
-pub mod validate;
+
+pub use edgelb_api::{model, validate};
 
 #[cfg(test)]
 mod tests;

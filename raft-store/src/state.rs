@@ -29,9 +29,8 @@ use uuid::Uuid;
 
 use crate::changes::Rows;
 use crate::command::Command;
-use crate::model::{
-    Certificate, ClusterSecrets, Instance, ModelError, ServiceGroup, find_instance,
-};
+pub use crate::model::ApplyError;
+use crate::model::{Certificate, ClusterSecrets, Instance, ServiceGroup, find_instance};
 use crate::validate;
 
 /// The replicated state: service groups and certificates.
@@ -83,37 +82,6 @@ pub enum Applied {
     ClusterInitialized,
     /// What each command of a [`Command::Batch`] answered, in order.
     Batch(Vec<Result<Self, ApplyError>>),
-}
-
-/// Why a command was refused. The message is for operators.
-#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ApplyError {
-    /// Bad input (400).
-    #[error("{0}")]
-    Invalid(String),
-    /// A group, instance, port or domain that does not exist (404).
-    #[error("{0}")]
-    NotFound(String),
-    /// Clashes with the current state (409).
-    #[error("{0}")]
-    Conflict(String),
-}
-
-impl ApplyError {
-    /// The HTTP status the admin API answers with.
-    pub fn status(&self) -> u16 {
-        match self {
-            Self::Invalid(_) => 400,
-            Self::NotFound(_) => 404,
-            Self::Conflict(_) => 409,
-        }
-    }
-}
-
-impl From<ModelError> for ApplyError {
-    fn from(e: ModelError) -> Self {
-        Self::Invalid(e.to_string())
-    }
 }
 
 /// The write that a planned command makes.
@@ -370,6 +338,13 @@ impl State {
             }
             _ => None,
         }
+    }
+}
+
+/// Domains may name the certificates stored here ([`validate::check_domains`]).
+impl validate::Certificates for State {
+    fn has_certificate(&self, name: &str) -> bool {
+        self.certificate(name).is_some()
     }
 }
 

@@ -1,9 +1,9 @@
 //! The openraft type configuration for edgelb: who the nodes are, what a log
 //! entry carries and what applying it answers.
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
+
+pub use edgelb_api::cluster::ClusterNode;
 
 use crate::command::Command;
 use crate::state::{Applied, ApplyError};
@@ -41,30 +41,6 @@ pub type Snapshot = openraft::Snapshot<TypeConfig>;
 /// What the storage layer answers openraft when the disk fails or its
 /// contents do not decode; openraft stops the node on it.
 pub type StorageError = openraft::StorageError<NodeId>;
-
-/// What the cluster knows about a member: enough to reach it and to place it.
-///
-/// Stored in membership log entries, so every node learns the addresses of
-/// every other from the log.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct ClusterNode {
-    /// The node's region.
-    pub region: String,
-    /// The node's QUIC endpoint (Raft and gossip), `host:port`.
-    pub cluster_addr: String,
-    /// The node's admin API, `host:port`.
-    pub admin_addr: String,
-}
-
-impl fmt::Display for ClusterNode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} cluster={} admin={}",
-            self.region, self.cluster_addr, self.admin_addr
-        )
-    }
-}
 
 /// The application data of a normal log entry.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use edgelb::cluster::Forward;
+use edgelb_api::cluster::Role;
 use http::StatusCode;
 use integration::cluster::{attach, get_once, tally, wait_serving};
 use integration::quic::{ClientCert, Outcome, frame_request, try_raft_stream};
@@ -671,7 +672,7 @@ async fn seven_nodes_make_five_voters_and_two_learners() -> anyhow::Result<()> {
     let learner = view
         .nodes
         .iter()
-        .find(|n| n.role == "learner")
+        .find(|n| n.role == Role::Learner)
         .map(|n| n.node_id)
         .context("no learner")?;
     let backends = cluster.http_backends(&["v1", "v2"], BACKEND_PORT).await?;

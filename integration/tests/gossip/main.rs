@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use integration::admin::InstanceView;
+use edgelb_api::services::InstanceView;
 use integration::cluster::{get_once, tally, wait_serving};
 use integration::metrics::{Promtool, Scrape, promtool_check};
 use integration::quic::{ClientCert, Gossip, GossipConn, gossip_connect};
@@ -194,18 +194,6 @@ fn loads(view: &[InstanceView]) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-/// The 16 bytes of a textual uuid.
-fn uuid_bytes(text: &str) -> anyhow::Result<[u8; 16]> {
-    let hex: String = text.chars().filter(|c| *c != '-').collect();
-    ensure!(hex.len() == 32, "not a uuid: {text:?}");
-    let mut out = [0; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .with_context(|| format!("not a uuid: {text:?}"))?;
-    }
-    Ok(out)
 }
 
 /// Sum of `name`'s samples on node `id` whose labels include `labels`.
@@ -428,7 +416,7 @@ async fn gossip_from_an_endpoint_without_a_cluster_certificate_is_refused() -> a
         seq: u64::MAX,
         sent_at_ms: 0,
         entries: vec![gossip::Entry {
-            instance: uuid_bytes(&target.uuid)?,
+            instance: *target.uuid.as_bytes(),
             inflight: 50,
             long_inflight: 50,
             arrival_rate_milli: 0,

@@ -1,8 +1,8 @@
 //! `/v1/certificates`: store certificates, list their names and expiry.
 //! Keys are never answered.
 
+use edgelb_api::services::{CertificateInfo, CertificateRequest, CertificatesData};
 use hyper::body::Incoming;
-use raft_store::api::{CertificateInfo, CertificateRequest, CertificatesData};
 use raft_store::command::Command;
 use raft_store::model::Certificate;
 use raft_store::state::Applied;

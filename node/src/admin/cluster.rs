@@ -11,55 +11,17 @@
 //! otherwise): the token cannot mint a member's identity; a lost node is
 //! removed first, then joins again.
 
+use edgelb_api::cluster::{
+    AddNodeData, AddNodeRequest, ClusterData, ClusterNode, ClusterView, NodeView, RemovedNode,
+    RemovedNodes,
+};
 use hyper::StatusCode;
 use hyper::body::Incoming;
-use raft_store::types::ClusterNode;
-use serde::Serialize;
 
 use super::Admin;
 use super::reply::{ApiError, Reply, success};
 use super::request::read_json;
-use crate::bootstrap::{AddNodeData, AddNodeRequest};
 use crate::cluster::pki::{self, CaBundle};
-use crate::store::Role;
-
-#[derive(Serialize)]
-struct ClusterData {
-    cluster: ClusterView,
-}
-
-#[derive(Serialize)]
-struct ClusterView {
-    node_id: u64,
-    leader_id: Option<u64>,
-    term: u64,
-    commit_index: u64,
-    applied_index: u64,
-    nodes: Vec<NodeView>,
-}
-
-#[derive(Serialize)]
-struct NodeView {
-    node_id: u64,
-    region: String,
-    cluster_addr: String,
-    admin_addr: String,
-    role: Role,
-    is_leader: bool,
-    /// Age of the newest load report from this node; null for this node and
-    /// until its first report arrives.
-    last_gossip_age_ms: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct NodesData {
-    nodes: Vec<RemovedNode>,
-}
-
-#[derive(Serialize)]
-struct RemovedNode {
-    node_id: u64,
-}
 
 /// `GET /v1/cluster`
 pub(crate) fn status(admin: &Admin) -> Reply {
@@ -193,7 +155,7 @@ pub(crate) async fn remove(admin: &Admin, id: &str) -> Result<Reply, ApiError> {
         ));
     }
     admin.store.remove_node(node_id).await?;
-    Ok(success(NodesData {
+    Ok(success(RemovedNodes {
         nodes: vec![RemovedNode { node_id }],
     }))
 }

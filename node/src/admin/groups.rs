@@ -1,9 +1,9 @@
 //! `/v1/services` and `/v1/services/{id}`: service groups.
 
-use hyper::body::Incoming;
-use raft_store::api::{
+use edgelb_api::services::{
     CreateGroupRequest, DomainRequest, GroupsData, PatchRequest, PatchValue, resolve_patch,
 };
+use hyper::body::Incoming;
 use raft_store::command::{Command, Patch};
 use raft_store::model::{DEFAULT_HARD_LIMIT, Domain, ServiceGroup};
 use raft_store::state::Applied;

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
+use edgelb_api::services::{AttachRequest, InstanceState, InstanceView, InstancesData, LoadView};
 use hyper::body::Incoming;
-use raft_store::api::{AttachRequest, InstanceState, InstanceView, InstancesData, LoadView};
 use raft_store::command::Command;
 use raft_store::model::Instance;
 use raft_store::state::Applied;

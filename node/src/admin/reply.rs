@@ -1,10 +1,10 @@
 //! Responses: the JSON envelope, plain text, and [`ApiError`].
 
 use bytes::Bytes;
+use edgelb_api::envelope;
 use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::{Either, Full};
-use raft_store::api;
 use raft_store::state::ApplyError;
 use serde::Serialize;
 
@@ -110,7 +110,10 @@ impl ApiError {
     }
 
     pub(crate) fn into_reply(self) -> Reply {
-        let mut reply = json(self.status, &api::error(self.status.as_u16(), self.message));
+        let mut reply = json(
+            self.status,
+            &envelope::error(self.status.as_u16(), self.message),
+        );
         if let Some(allow) = self.allow {
             reply
                 .headers_mut()
@@ -148,7 +151,7 @@ fn status(code: u16) -> StatusCode {
 
 /// 200 with `{"status":"success","data":data}`.
 pub(crate) fn success<T: Serialize>(data: T) -> Reply {
-    json(StatusCode::OK, &api::success(data))
+    json(StatusCode::OK, &envelope::success(data))
 }
 
 /// `body` as JSON.

@@ -9,14 +9,8 @@
 //! ```
 //!
 //! With the node's certificate the server name is `node-<id>.cluster.edgelb`
-//! and clients check it against the cluster CA. [`client_config`] (what
-//! `edgectl --cacert` and `--join https://…` use) accepts a certificate
-//! that chains to the given CA and names the host dialled, as curl does,
-//! or names a node `node-<id>.cluster.edgelb` whatever the host, as Consul's
-//! `verify_server_hostname` accepts `server.<dc>.consul`: only a CA that
-//! signs node certificates signs such names (the cluster CA, or the
-//! operator's CA of their own PKI), and every member may serve the admin
-//! API.
+//! and clients check it against the cluster CA; the client side
+//! (`edgectl --cacert`, `--join https://…`) is `edgelb_api::tls`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -25,20 +19,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::{IntGauge, Registry};
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
-    SignatureScheme,
-};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cluster::pki::{NODE_DNS_SUFFIX, not_after};
+use crate::cluster::pki::not_after;
 use crate::tls::{TlsError, certified_key};
 
 /// How often an operator's certificate files are re-read.
@@ -158,131 +146,5 @@ struct Resolver(Arc<AdminCert>);
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.0.current.load_full())
-    }
-}
-
-/// A client config for an admin API over TLS that trusts only the CA
-/// certificates in `ca_pem` (see the module docs for the names accepted).
-pub fn client_config(ca_pem: &[u8]) -> Result<Arc<ClientConfig>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
-        let cert = cert.map_err(|e| TlsError::Chain(e.to_string()))?;
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::Chain(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(TlsError::Chain("holds no PEM certificate".into()));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Chain(e.to_string()))?;
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Chain(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NodeNames { inner }))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// The web PKI check, with a node's cluster name accepted for any host.
-#[derive(Debug)]
-struct NodeNames {
-    inner: Arc<WebPkiServerVerifier>,
-}
-
-/// Whether `name` is `node-<id>.cluster.edgelb`.
-fn is_node_name(name: &str) -> bool {
-    name.strip_suffix(NODE_DNS_SUFFIX)
-        .and_then(|n| n.strip_suffix('.'))
-        .and_then(|n| n.strip_prefix("node-"))
-        .is_some_and(|id| id.parse::<u64>().is_ok())
-}
-
-impl ServerCertVerifier for NodeNames {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let first = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        );
-        let Err(rustls::Error::InvalidCertificate(
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-        )) = &first
-        else {
-            return first;
-        };
-        let node_name = webpki::EndEntityCert::try_from(end_entity)
-            .ok()
-            .and_then(|cert| {
-                cert.valid_dns_names()
-                    .find(|n| is_node_name(n))
-                    .map(str::to_owned)
-            });
-        match node_name.and_then(|n| ServerName::try_from(n).ok()) {
-            Some(name) => {
-                self.inner
-                    .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
-            }
-            None => first,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_names() {
-        assert!(is_node_name("node-1.cluster.edgelb"));
-        assert!(is_node_name("node-18446744073709551615.cluster.edgelb"));
-        assert!(!is_node_name("node-.cluster.edgelb"));
-        assert!(!is_node_name("node-x.cluster.edgelb"));
-        assert!(!is_node_name("node-1cluster.edgelb"));
-        assert!(!is_node_name("evil.node-1.cluster.edgelb"));
-        assert!(!is_node_name("node-1.cluster.edgelb.example"));
-    }
-
-    #[test]
-    fn a_ca_file_without_certificates_is_refused() {
-        assert!(client_config(b"").is_err());
-        assert!(client_config(b"not pem").is_err());
-        let ca = crate::cluster::pki::generate_ca("t").unwrap();
-        assert!(client_config(ca.cert_pem.as_bytes()).is_ok());
     }
 }

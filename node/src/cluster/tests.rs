@@ -14,6 +14,8 @@ use openraft::raft::{VoteRequest, VoteResponse};
 use quinn::{ConnectionError, Endpoint, ReadError, ReadToEndError};
 use raft_store::Command;
 use raft_store::model::Certificate;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use tokio::time::{Instant, timeout};
 
 use super::frame::{self, HEADER_LIMIT, Header};
@@ -216,7 +218,7 @@ async fn foreign_or_missing_client_certificate_is_refused() {
 
     // No client certificate at all.
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut ca.cert_pem.as_bytes()) {
+    for c in CertificateDer::pem_slice_iter(ca.cert_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
     let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(

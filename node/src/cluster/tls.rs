@@ -19,6 +19,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, VarInt};
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 
@@ -191,9 +192,12 @@ impl NodeTls {
                 .map_err(|e| TransportError::Config(format!("cluster CA: {e}")))?;
         }
         let chain = certs(&self.cert_pem).map_err(config_err("node certificate"))?;
-        let key = rustls_pemfile::private_key(&mut self.key_pem.as_bytes())
-            .map_err(|e| TransportError::Config(format!("node key: {e}")))?
-            .ok_or_else(|| TransportError::Config("node key: no private key in PEM".into()))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| {
+            TransportError::Config(match e {
+                pem::Error::NoItemsFound => "node key: no private key in PEM".into(),
+                e => format!("node key: {e}"),
+            })
+        })?;
         Ok(Parsed {
             roots: Arc::new(roots),
             chain,
@@ -339,7 +343,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     if certs.is_empty() {

@@ -2,7 +2,8 @@
 //! check them and then dry-run against the fixture state, as a proposal
 //! would be.
 
-use raft_store::api::{
+use edgelb_api::cluster::AddNodeRequest;
+use edgelb_api::services::{
     AttachRequest, CertificateRequest, CreateGroupRequest, PatchRequest, PatchValue, resolve_patch,
 };
 use raft_store::command::{Command, Patch};
@@ -13,7 +14,6 @@ use uuid::Uuid;
 use super::fixture;
 use crate::admin::certificates::not_after;
 use crate::admin::groups::{check_name, to_domains};
-use crate::bootstrap::AddNodeRequest;
 use crate::tls::certified_key;
 
 /// The first byte picks the route, the rest is the body: 0 create a group,

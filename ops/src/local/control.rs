@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use edgelb_api::cluster::ClusterData;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -24,7 +25,6 @@ use tokio::task::JoinHandle;
 use super::node::last_line;
 use super::probe;
 use crate::client::{ApiUrl, Client};
-use crate::cluster::ClusterData;
 use crate::emit;
 use crate::error::{Failure, Outcome};
 
@@ -242,7 +242,7 @@ async fn ask(root: &Path, id: u16) -> Outcome<Started> {
             .take(1 << 16)
             .read_line(&mut answer)
             .await?;
-        anyhow::Ok(answer)
+        Ok::<_, std::io::Error>(answer)
     };
     let answer = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
         .await

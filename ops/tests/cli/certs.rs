@@ -7,7 +7,7 @@ use std::time::Duration;
 use edgelb::config::Config;
 use serde_json::Value;
 
-use crate::support::{Net, Node, TOKEN, TempDir, edgectl, poll};
+use crate::support::{Node, Subnet, TOKEN, TempDir, edgectl, poll};
 
 /// The DNS names a PEM certificate carries.
 fn dns_names(pem: &str) -> anyhow::Result<Vec<String>> {
@@ -75,7 +75,7 @@ async fn certs_make_a_working_own_pki_cluster() -> anyhow::Result<()> {
     assert_eq!(edgectl(&["certs", "node", "0"]).await?.code, 2);
 
     // A certificate for another node id is refused at start.
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let wrong = Node::start_with(net.ip(4), |c| {
         Pki::issued(&pki, &pki, 3).apply(c);
         c.node_id = 4;
@@ -120,7 +120,7 @@ impl Pki {
 /// members cannot sign certificates) and started with `pki3`. Returns once
 /// a group created on node 1 is served by node 3, which proves that the
 /// two authenticated each other over mutual TLS.
-async fn two_nodes(net: &Net, pki1: Pki, pki3: Pki) -> anyhow::Result<(Node, Node)> {
+async fn two_nodes(net: &Subnet, pki1: Pki, pki3: Pki) -> anyhow::Result<(Node, Node)> {
     let node1 = Node::start_with(net.ip(1), |c| pki1.apply(c)).await?;
     let ip3 = net.ip(3);
     let (admin3, cluster3) = (format!("{ip3}:7070"), format!("{ip3}:7071"));
@@ -214,7 +214,7 @@ async fn a_ca_bundle_lets_old_and_new_certificates_meet() -> anyhow::Result<()> 
         ca: bundle.clone(),
         ..pki
     };
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let (node1, node3) = two_nodes(
         &net,
         with_bundle(Pki::issued(&old, &old, 1)),

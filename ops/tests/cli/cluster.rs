@@ -2,11 +2,11 @@
 
 use serde_json::Value;
 
-use crate::support::{Net, Node, TOKEN, edgectl};
+use crate::support::{Node, Subnet, TOKEN, edgectl};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_status_add_and_remove_a_node() -> anyhow::Result<()> {
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let node = Node::start(&net).await?;
     let api = node.url.as_str();
     let admin_addr = api.trim_start_matches("http://");

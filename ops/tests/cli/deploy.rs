@@ -4,7 +4,7 @@
 //! is exported by a live node.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{Net, Node, TOKEN, edgectl, edgectl_bin, http_get, poll};
+use crate::support::{Node, Subnet, TOKEN, edgectl, edgectl_bin, http_get, poll};
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
@@ -282,7 +282,7 @@ async fn backend(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// One `GET /` through published `port` of `ip` → the raw response.
-async fn get_through(ip: Ipv4Addr, port: u16) -> anyhow::Result<String> {
+async fn get_through(ip: IpAddr, port: u16) -> anyhow::Result<String> {
     let mut s = TcpStream::connect((ip, port)).await?;
     s.write_all(b"GET / HTTP/1.1\r\nhost: dash.edgelb.local\r\nconnection: close\r\n\r\n")
         .await?;
@@ -314,7 +314,7 @@ async fn dashboard_and_alerts_query_only_exported_metrics() -> anyhow::Result<()
     all.extend(edgelb_names(&alerts));
 
     // A live node with some traffic.
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let node = Node::start(&net).await?;
     let backend_ip = net.ip(2);
     backend(SocketAddr::from((backend_ip, 8080))).await?;

@@ -1,11 +1,11 @@
 //! Every error path prints one clear line and exits with the documented
 //! code: 1 API error, 2 usage, 3 cannot connect, 4 local.
 
-use crate::support::{Net, Node, TOKEN, TempDir, edgectl, edgectl_env, edgectl_in};
+use crate::support::{Node, Subnet, TOKEN, TempDir, edgectl, edgectl_env, edgectl_in};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors_exit_1_with_the_envelope_message() -> anyhow::Result<()> {
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let node = Node::start(&net).await?;
     let api = node.url.as_str();
 
@@ -113,7 +113,7 @@ async fn api_errors_exit_1_with_the_envelope_message() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_exit_2() -> anyhow::Result<()> {
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     // Nothing listens here: usage errors must be found before connecting.
     let api = format!("http://{}:7070", net.ip(1));
     let with = |args: &[&'static str]| {
@@ -178,7 +178,7 @@ async fn usage_errors_exit_2() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_server_exits_3() -> anyhow::Result<()> {
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let api = format!("http://{}:7070", net.ip(1));
     let run = edgectl(&["--api", &api, "--token", TOKEN, "service", "ls"]).await?;
     assert_eq!(
@@ -236,7 +236,7 @@ async fn help_and_completions() -> anyhow::Result<()> {
 /// wait, also for the right token from the blocked address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_wrong_tokens_are_answered_429_with_the_wait() -> anyhow::Result<()> {
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let node = Node::start_with(net.ip(1), |c| {
         c.admin_auth = edgelb::admin::AuthBackoff {
             failures: 2,

@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use ops::cluster::ClusterData;
+use edgelb_api::cluster::ClusterData;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 
 use crate::deploy::{dashboard_metrics, metric_names};
-use crate::support::{Net, Run, TempDir, edgectl, edgelb_bin, http_get, patient, poll};
+use crate::support::{Run, Subnet, TempDir, edgectl, edgelb_bin, http_get, patient, poll};
 
 /// A running `edgectl cluster local --nodes 3` and what it printed.
 struct Local {
@@ -31,7 +31,7 @@ struct Local {
 impl Local {
     /// Starts it on `net`'s `.11`–`.13` with `extra` flags and reads its
     /// summary.
-    async fn start(net: &Net, extra: &[&str]) -> anyhow::Result<Self> {
+    async fn start(net: &Subnet, extra: &[&str]) -> anyhow::Result<Self> {
         let base = net.ip(11).to_string();
         let mut cmd = tokio::process::Command::new(crate::support::edgectl_bin());
         crate::support::clean_env(&mut cmd);
@@ -173,7 +173,7 @@ async fn cluster_local_runs_three_nodes_until_sigterm() -> anyhow::Result<()> {
         binary.parent(),
         Path::new(crate::support::edgectl_bin()).parent()
     );
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let local = Local::start(&net, &[]).await?;
 
     // A write through node 2 shows on node 3.
@@ -229,7 +229,7 @@ async fn cluster_local_runs_three_nodes_until_sigterm() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_local_survives_a_killed_node_and_starts_it_again() -> anyhow::Result<()> {
     tokio::task::spawn_blocking(edgelb_bin).await??;
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let dir = TempDir::new("local");
     let dir_arg = dir.path().to_str().context("temp dir path")?.to_owned();
     let mut local = Local::start(&net, &["--data-dir", &dir_arg]).await?;

@@ -4,7 +4,7 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
 
-use crate::support::{Net, Node, Run, TOKEN, edgectl, edgectl_env};
+use crate::support::{Node, Run, Subnet, TOKEN, edgectl, edgectl_env};
 
 /// `edgectl --api URL --token TOKEN args…`.
 async fn ctl(node: &Node, args: &[&str]) -> anyhow::Result<Run> {
@@ -31,7 +31,7 @@ fn normalise(text: &str, names: &[(String, String)]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_lifecycle_with_golden_outputs() -> anyhow::Result<()> {
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let node = Node::start(&net).await?;
 
     // The seed's shorthand, with a domain of our own.
@@ -304,7 +304,7 @@ web-1  00000000-0000-4000-8000-000000000004  web-1.internal  up     0      0
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rm_reports_every_failure_and_removes_the_rest() -> anyhow::Result<()> {
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let node = Node::start(&net).await?;
     ctl(&node, &["service", "create", "-n", "one", "7100/http"])
         .await?

@@ -1,89 +1,27 @@
-//! Test support: loopback addresses, temp dirs, an in-process node, running
-//! `edgectl`, and the real `edgelb` binary.
-//!
-//! Each test process owns the loopback block `127.B.0.0/16` with
-//! `B = 210 + pid % 40` (the integration harness uses 10..=209, `cluster
-//! local`'s default 127.0.0.11), one `/24` per [`Net`].
+//! Test support: an in-process node, running `edgectl`, and the real
+//! `edgelb` binary. Loopback addresses ([`Subnet`]), temp dirs
+//! ([`TempDir`]), deadlines ([`patient`]) and polling ([`poll`]) are the
+//! integration harness's, so these tests and the integration tests never
+//! take the same addresses.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use edgelb::app::NodeHandle;
 use edgelb::config::Config;
 use edgelb::dataplane::Settings;
+pub(crate) use integration::{Subnet, TempDir, patient, poll};
 
 /// The token of every test node.
 pub(crate) const TOKEN: &str = "edgectl-test-token-0123456789";
 
-static NEXT_NET: AtomicU8 = AtomicU8::new(1);
-static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
-
-/// Multiplier for every deadline, from `EDGELB_TEST_PATIENCE` (default 1).
-pub(crate) fn patient(base: Duration) -> Duration {
-    let p = std::env::var("EDGELB_TEST_PATIENCE")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|p| p.is_finite() && *p > 0.0)
-        .unwrap_or(1.0);
-    base.mul_f64(p)
-}
-
-/// A `/24` of loopback addresses owned by one test.
-#[derive(Debug)]
-pub(crate) struct Net {
-    third: u8,
-}
-
-impl Net {
-    /// The next unused `/24` of this process.
-    pub(crate) fn allocate() -> Self {
-        Self {
-            third: NEXT_NET.fetch_add(1, Ordering::Relaxed),
-        }
-    }
-
-    /// `127.B.N.host`.
-    pub(crate) fn ip(&self, host: u8) -> Ipv4Addr {
-        let block = 210 + u8::try_from(std::process::id() % 40).unwrap_or(0);
-        Ipv4Addr::new(127, block, self.third, host)
-    }
-}
-
-/// A directory removed on drop.
-#[derive(Debug)]
-pub(crate) struct TempDir(PathBuf);
-
-impl TempDir {
-    /// A new empty directory named after `label`.
-    pub(crate) fn new(label: &str) -> Self {
-        let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("edgectl-test-{label}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("creating a temp dir");
-        Self(path)
-    }
-
-    /// Its path.
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// An in-process node on its own loopback address.
 #[derive(Debug)]
 pub(crate) struct Node {
-    pub(crate) ip: Ipv4Addr,
+    pub(crate) ip: IpAddr,
     /// `http://IP:PORT` of the admin API.
     pub(crate) url: String,
     handle: Option<NodeHandle>,
@@ -92,23 +30,22 @@ pub(crate) struct Node {
 
 impl Node {
     /// A one-node cluster with the test token on `net`'s `.1`.
-    pub(crate) async fn start(net: &Net) -> anyhow::Result<Self> {
-        Self::start_with(net.ip(1), |_| {}).await
+    pub(crate) async fn start(net: &Subnet) -> anyhow::Result<Self> {
+        Self::start_with(net.node_ip(), |_| {}).await
     }
 
     /// A node on `ip`; `tweak` adjusts the configuration (ports default to
     /// 0, the token to [`TOKEN`]).
     pub(crate) async fn start_with(
-        ip: Ipv4Addr,
+        ip: IpAddr,
         tweak: impl FnOnce(&mut Config),
     ) -> anyhow::Result<Self> {
-        let dir = TempDir::new("node");
-        let ip_addr = IpAddr::V4(ip);
+        let dir = TempDir::new("edgectl-node");
         let mut config = Config::embedded_default();
         config.data_dir = dir.path().join("data");
-        config.admin_addr = SocketAddr::new(ip_addr, 0);
-        config.cluster_addr = SocketAddr::new(ip_addr, 0);
-        config.listen_ip = ip_addr;
+        config.admin_addr = SocketAddr::new(ip, 0);
+        config.cluster_addr = SocketAddr::new(ip, 0);
+        config.listen_ip = ip;
         config.token = Some(TOKEN.to_owned());
         config.settings = Settings {
             drain_timeout: Duration::from_secs(2),
@@ -192,7 +129,7 @@ pub(crate) fn edgectl_bin() -> &'static str {
 /// Runs `edgectl args…` in an empty directory, with no `EDGELB_*` or
 /// `EDGECTL_*` variable but those in `env`.
 pub(crate) async fn edgectl_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Run> {
-    let cwd = TempDir::new("cwd");
+    let cwd = TempDir::new("edgectl-cwd");
     edgectl_in(args, env, cwd.path()).await
 }
 
@@ -237,31 +174,6 @@ pub(crate) fn clean_env(cmd: &mut tokio::process::Command) {
     }
 }
 
-/// Polls `probe` until it returns `Ok`; fails with the last reason after
-/// `timeout` (scaled by `EDGELB_TEST_PATIENCE`).
-pub(crate) async fn poll<T, F, Fut>(
-    what: &str,
-    timeout: Duration,
-    mut probe: F,
-) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<T>>,
-{
-    let deadline = Instant::now() + patient(timeout);
-    loop {
-        let last = match probe().await {
-            Ok(t) => return Ok(t),
-            Err(e) => e,
-        };
-        if Instant::now() >= deadline {
-            bail!("timed out waiting for {what}; last: {last:#}");
-        }
-        // A bounded settle between polls, never a wait for the outcome itself.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// `GET base+path` without a token → (status, body).
 pub(crate) async fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let url = ops::client::ApiUrl::parse(base).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -270,7 +182,7 @@ pub(crate) async fn http_get(base: &str, path: &str) -> anyhow::Result<(u16, Str
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((
-        answer.status,
+        answer.status.as_u16(),
         String::from_utf8_lossy(&answer.body).into_owned(),
     ))
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use edgelb::config::AdminTls;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 
-use crate::support::{Net, Node, Run, TOKEN, TempDir, edgectl, edgectl_env};
+use crate::support::{Node, Run, Subnet, TOKEN, TempDir, edgectl, edgectl_env};
 
 /// Writes a new CA to `dir/ca.pem` and a server certificate for
 /// `admin.example` and `ip` (when given) signed by it to `dir/admin.pem`,
@@ -39,7 +39,7 @@ async fn ls_over_tls(api: &str, cacert: &str) -> anyhow::Result<Run> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edgectl_verifies_the_node_certificate_with_the_cluster_ca() -> anyhow::Result<()> {
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let node = Node::start_with(net.ip(1), |c| c.admin_tls = Some(AdminTls::Node)).await?;
     let api = node.https_url();
     let ca = node.data_dir().join("tls/ca.pem");
@@ -146,10 +146,10 @@ async fn edgectl_verifies_the_node_certificate_with_the_cluster_ca() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edgectl_verifies_an_operator_certificate_by_address() -> anyhow::Result<()> {
-    let net = Net::allocate();
+    let net = Subnet::allocate();
     let ip = net.ip(1);
     let pki = TempDir::new("operator-pki");
-    operator_pki(pki.path(), Some(IpAddr::V4(ip)))?;
+    operator_pki(pki.path(), Some(ip))?;
     let (cert, key) = (pki.path().join("admin.pem"), pki.path().join("admin.key"));
     let node = Node::start_with(ip, |c| {
         c.admin_tls = Some(AdminTls::Files { cert, key });

@@ -2,13 +2,21 @@
 //!
 //! Everything here answers [`ApplyError::Invalid`] (400). Rules that compare
 //! a group with the *other* groups (unique names and fqdns, port sharing) are
-//! conflicts and live in the state machine. The admin API calls these
-//! functions too, to refuse bad input before proposing it.
+//! conflicts and live in the state machine. The admin API and `edgectl` call
+//! these functions too, to refuse bad input before proposing it. The one
+//! rule that looks at the stored state, that a domain names a stored
+//! certificate, asks it through [`Certificates`].
 
 use std::net::IpAddr;
 
-use crate::model::{Certificate, Domain, Handler, Instance, Service, ServiceGroup};
-use crate::state::{ApplyError, State};
+use crate::model::{ApplyError, Certificate, Domain, Handler, Instance, Service, ServiceGroup};
+
+/// The stored certificates, as far as [`check_domains`] needs them (the
+/// replicated state answers it).
+pub trait Certificates {
+    /// Whether a certificate named `name` is stored.
+    fn has_certificate(&self, name: &str) -> bool;
+}
 
 /// A group or instance name: `[a-z0-9-]`, 1–63 chars, starting with a letter.
 pub fn valid_name(s: &str) -> bool {
@@ -70,7 +78,10 @@ pub fn valid_certificate_name(s: &str) -> bool {
 /// Every rule a group must pass on its own (see [`check_services`],
 /// [`check_domains`], [`check_instances`]), plus its name and `hard_limit`.
 /// Expects a normalised group (handlers sorted, fqdns lowercase).
-pub fn check_group(group: &ServiceGroup, state: &State) -> Result<(), ApplyError> {
+pub fn check_group(
+    group: &ServiceGroup,
+    stored: &(impl Certificates + ?Sized),
+) -> Result<(), ApplyError> {
     if !valid_name(&group.name) {
         return Err(invalid(format!(
             "service group name {:?} is not valid: use a-z, 0-9 and '-', 1-63 chars, starting with a letter",
@@ -81,7 +92,7 @@ pub fn check_group(group: &ServiceGroup, state: &State) -> Result<(), ApplyError
     if group.hard_limit == 0 {
         return Err(invalid("hard_limit must be at least 1"));
     }
-    check_domains(&group.domains, state)?;
+    check_domains(&group.domains, stored)?;
     check_instances(&group.instances)
 }
 
@@ -140,7 +151,10 @@ pub fn check_services(services: &[Service]) -> Result<(), ApplyError> {
 
 /// At least one domain; each a valid fqdn, listed once, and naming only
 /// stored certificates. Expects fqdns lowercase.
-pub fn check_domains(domains: &[Domain], state: &State) -> Result<(), ApplyError> {
+pub fn check_domains(
+    domains: &[Domain],
+    stored: &(impl Certificates + ?Sized),
+) -> Result<(), ApplyError> {
     if domains.is_empty() {
         return Err(invalid("a service group needs at least one domain"));
     }
@@ -155,7 +169,7 @@ pub fn check_domains(domains: &[Domain], state: &State) -> Result<(), ApplyError
             return Err(invalid(format!("domain {:?} is listed twice", d.fqdn)));
         }
         if let Some(cert) = &d.certificate
-            && state.certificate(cert).is_none()
+            && !stored.has_certificate(cert)
         {
             return Err(invalid(format!("certificate {cert:?} not found")));
         }
@@ -227,21 +241,21 @@ pub fn check_certificate(certificate: &Certificate) -> Result<(), ApplyError> {
 
 /// Sorts handlers into tls, http, redirect order (duplicates are kept, so
 /// that [`check_services`] can refuse them).
-pub(crate) fn normalise_services(services: &mut [Service]) {
+pub fn normalise_services(services: &mut [Service]) {
     for s in services {
         s.handlers.sort();
     }
 }
 
 /// Lowercases fqdns.
-pub(crate) fn normalise_domains(domains: &mut [Domain]) {
+pub fn normalise_domains(domains: &mut [Domain]) {
     for d in domains {
         d.fqdn.make_ascii_lowercase();
     }
 }
 
 /// `tls+http`, or `tcp` for no handlers.
-pub(crate) fn handlers_label(handlers: &[Handler]) -> String {
+pub fn handlers_label(handlers: &[Handler]) -> String {
     if handlers.is_empty() {
         return "tcp".to_owned();
     }

@@ -1,18 +1,13 @@
-//! JSON request and response types of the admin API, shared by the node
-//! (server) and `edgectl` (client). Serde only, no I/O.
-//!
-//! Responses use Unikraft Cloud's envelope:
-//! `{"status":"success","data":{...}}` or
-//! `{"status":"error","message":"...","errors":[{"status":409,"message":"..."}]}`.
+//! The bodies of the `/v1/services` and `/v1/certificates` routes (SPEC §6),
+//! shared by the node (server), `edgectl` and the tests (clients). Serde
+//! only, no I/O; each answer travels in the [`envelope`](crate::envelope).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::command::PatchOp;
-use crate::model::{Domain, Handler, Service, ServiceGroup};
-use crate::state::ApplyError;
+use crate::model::{ApplyError, Domain, Handler, PatchOp, Service, ServiceGroup};
 
 /// `POST /v1/services`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -95,59 +90,6 @@ pub struct CertificateRequest {
     pub private_key: String,
 }
 
-/// `{"status":"success","data":...}`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Success<T> {
-    /// Always `"success"`.
-    pub status: String,
-    /// The payload.
-    pub data: T,
-}
-
-/// Wraps `data` in the success envelope.
-pub fn success<T>(data: T) -> Success<T> {
-    Success {
-        status: "success".to_owned(),
-        data,
-    }
-}
-
-/// `{"status":"error","message":...,"errors":[{"status":..,"message":..}]}`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct ErrorBody {
-    /// Always `"error"`.
-    pub status: String,
-    /// For operators.
-    pub message: String,
-    /// One item per error; the HTTP status is repeated here.
-    pub errors: Vec<ErrorItem>,
-}
-
-/// One error of an [`ErrorBody`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct ErrorItem {
-    /// HTTP status.
-    pub status: u16,
-    /// For operators.
-    pub message: String,
-}
-
-/// The error envelope with one item.
-pub fn error(status: u16, message: impl Into<String>) -> ErrorBody {
-    let message = message.into();
-    ErrorBody {
-        status: "error".to_owned(),
-        message: message.clone(),
-        errors: vec![ErrorItem { status, message }],
-    }
-}
-
-impl From<&ApplyError> for ErrorBody {
-    fn from(e: &ApplyError) -> Self {
-        error(e.status(), e.to_string())
-    }
-}
-
 /// `data` of the group routes.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct GroupsData {
@@ -200,6 +142,13 @@ pub struct LoadView {
     /// Each fresh peer's estimated part, by node id (0 where it has
     /// nothing on the instance).
     pub peers: BTreeMap<String, u64>,
+}
+
+impl LoadView {
+    /// Peer `id`'s estimated part (0 when it is not listed).
+    pub fn peer(&self, id: u64) -> u64 {
+        self.peers.get(&id.to_string()).copied().unwrap_or(0)
+    }
 }
 
 /// `data` of `GET /v1/certificates`.

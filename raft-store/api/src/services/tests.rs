@@ -46,29 +46,6 @@ fn create_request_parses_and_refuses_unknown_fields() {
 }
 
 #[test]
-fn envelopes() {
-    let ok = serde_json::to_value(success(GroupsData {
-        service_groups: vec![],
-    }))
-    .ok();
-    assert_eq!(
-        ok,
-        Some(json!({"status": "success", "data": {"service_groups": []}}))
-    );
-    let err = serde_json::to_value(error(409, "port 5432 is taken")).ok();
-    assert_eq!(
-        err,
-        Some(json!({
-            "status": "error",
-            "message": "port 5432 is taken",
-            "errors": [{"status": 409, "message": "port 5432 is taken"}]
-        }))
-    );
-    let from_apply = ErrorBody::from(&ApplyError::NotFound("nope".into()));
-    assert_eq!(from_apply, error(404, "nope"));
-}
-
-#[test]
 fn instance_and_certificate_views() {
     let view = InstanceView {
         uuid: Uuid::from_u128(1),

@@ -5,7 +5,7 @@
 //!  generate_ca ─▶ CaBundle (cert + key, replicated)
 //!  joining node: node_key_and_csr(id) ─▶ csr ─▶ member: sign_node_csr(ca, csr, id) ─▶ cert
 //!  bootstrap / `edgectl certs node`: issue_node_cert(ca, id) ─▶ (cert, key)
-//!  renewal (`crate::renewal`): renew_node_cert(ca, key, id) ─▶ cert for the same key
+//!  the node's renewal: renew_node_cert(ca, key, id) ─▶ cert for the same key
 //! ```
 //!
 //! Node certificates live [`DEFAULT_NODE_LIFETIME`] (90 days) unless the

@@ -3,7 +3,9 @@
 //!
 //! These are plain serde types; the JSON they produce is both the admin API's
 //! response shape and the state machine's snapshot format. The CLI port-spec
-//! syntax (`EXT:INT[/h1+h2]`) is parsed and printed here too.
+//! syntax (`EXT:INT[/h1+h2]`) is parsed and printed here too, and
+//! [`ApplyError`] says why a change was refused (by the admin API early, or
+//! by the state machine).
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,6 +33,50 @@ pub enum ModelError {
     /// `parse_port_specs` was given no specs.
     #[error("no port specs given")]
     NoPorts,
+}
+
+/// Why a command was refused. The message is for operators.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApplyError {
+    /// Bad input (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// A group, instance, port or domain that does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// Clashes with the current state (409).
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl ApplyError {
+    /// The HTTP status the admin API answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Invalid(_) => 400,
+            Self::NotFound(_) => 404,
+            Self::Conflict(_) => 409,
+        }
+    }
+}
+
+impl From<ModelError> for ApplyError {
+    fn from(e: ModelError) -> Self {
+        Self::Invalid(e.to_string())
+    }
+}
+
+/// How a patch combines its value with the current list.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum PatchOp {
+    /// Replace the list.
+    Set,
+    /// Append to the list; an entry already present is refused.
+    Add,
+    /// Remove the entries with the same key (`port` / `fqdn`); an entry not
+    /// present is refused.
+    Del,
 }
 
 /// What a published port does with a connection. The derived order
@@ -256,7 +302,7 @@ impl ServiceGroup {
 }
 
 /// Position of the instance named by uuid string or name; a uuid match wins.
-pub(crate) fn find_instance(instances: &[Instance], id: &str) -> Option<usize> {
+pub fn find_instance(instances: &[Instance], id: &str) -> Option<usize> {
     Uuid::parse_str(id)
         .ok()
         .and_then(|u| instances.iter().position(|i| i.uuid == u))
