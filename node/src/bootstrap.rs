@@ -35,8 +35,20 @@ use crate::config::{Config, ConfigError};
 pub enum BootstrapError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{0}")]
-    Io(String),
+    /// A file or directory of the data dir could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The cluster CA or this node's certificate could not be made.
+    #[error("{what}: {source}")]
+    Pki {
+        what: &'static str,
+        #[source]
+        source: PkiError,
+    },
     #[error("joining {url}: {source}")]
     Join {
         url: String,
@@ -177,11 +189,17 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
     }
     let (tls, new_ca_key, joined) = match &config.join {
         None => {
-            let ca = pki::generate_ca("edgelb")
-                .map_err(|e| BootstrapError::Io(format!("cluster CA: {e}")))?;
+            let ca = pki::generate_ca("edgelb").map_err(|source| BootstrapError::Pki {
+                what: "cluster CA",
+                source,
+            })?;
             let (cert, key) =
-                pki::issue_node_cert_for(&ca, config.node_id, config.node_cert_lifetime)
-                    .map_err(|e| BootstrapError::Io(format!("node certificate: {e}")))?;
+                pki::issue_node_cert_for(&ca, config.node_id, config.node_cert_lifetime).map_err(
+                    |source| BootstrapError::Pki {
+                        what: "node certificate",
+                        source,
+                    },
+                )?;
             let CaBundle { cert_pem, key_pem } = ca;
             write(&marker, &key_pem)?;
             (
@@ -196,8 +214,10 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
         }
         Some(url) => (join(config, url, token).await?, None, true),
     };
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| BootstrapError::Io(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(|e| BootstrapError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
     // node.pem last: it marks a complete identity.
     for (name, body) in [
         ("ca.pem", &tls.ca_cert_pem),
@@ -219,8 +239,10 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
 /// Forgets the [`founding_marker`] once the founding entry is committed.
 pub fn founding_done(data_dir: &Path) -> Result<(), BootstrapError> {
     let marker = founding_marker(data_dir);
-    crate::files::remove(&marker)
-        .map_err(|e| BootstrapError::Io(format!("removing {}: {e}", marker.display())))
+    crate::files::remove(&marker).map_err(|source| BootstrapError::Io {
+        path: marker.to_path_buf(),
+        source,
+    })
 }
 
 /// The identity in `dir` when all three files are there and not empty.
@@ -241,7 +263,10 @@ fn stored_identity(
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
             Err(tls_damage(config, p, "it is not text (not PEM)"))
         }
-        Err(e) => Err(BootstrapError::Io(format!("{}: {e}", p.display()))),
+        Err(e) => Err(BootstrapError::Io {
+            path: p.to_path_buf(),
+            source: e,
+        }),
     };
     let pems = [read(ca)?, read(cert)?, read(key)?];
     let [Some(ca_cert_pem), Some(cert_pem), Some(key_pem)] = pems else {
@@ -346,13 +371,18 @@ fn read_opt(path: &Path) -> Result<Option<String>, BootstrapError> {
         // Bytes that are not text are a damaged file, told by the caller.
         Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(BootstrapError::Io(format!("{}: {e}", path.display()))),
+        Err(e) => Err(BootstrapError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
 fn write(path: &Path, body: &str) -> Result<(), BootstrapError> {
-    crate::files::write_private(path, body)
-        .map_err(|e| BootstrapError::Io(format!("{}: {e}", path.display())))
+    crate::files::write_private(path, body).map_err(|e| BootstrapError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
 }
 
 /// SPEC §9: one token per cluster. Once the replicated state records the

@@ -139,9 +139,8 @@ impl<'a> Attempts<'a> {
         }
     }
 
-    /// The next instance to try and its attempt number (from 1), or why
-    /// there is none.
-    pub(crate) fn next(&mut self) -> Result<(Lease, Arc<Pool>, usize), Unserved> {
+    /// The next instance to try, or why there is none.
+    pub(crate) fn next(&mut self) -> Result<(Lease, Arc<Pool>), Unserved> {
         if self.made == MAX_ATTEMPTS {
             // Every attempt so far failed, which sets `last`.
             return Err(self
@@ -164,7 +163,7 @@ impl<'a> Attempts<'a> {
             return Err(Unserved::NoPool);
         };
         self.made += 1;
-        Ok((lease, pool, self.made))
+        Ok((lease, pool))
     }
 
     /// Connecting to `lease`'s instance failed before anything reached it.

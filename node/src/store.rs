@@ -74,7 +74,7 @@ pub enum StoreError {
     #[error(transparent)]
     Cluster(#[from] ForwardError),
     /// openraft failed to answer (503).
-    #[error("raft: {0}")]
+    #[error("{0}")]
     Raft(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The data plane stopped before it routed by the change (503).
     #[error("the data plane stopped before it routed by the change")]

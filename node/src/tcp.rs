@@ -26,7 +26,7 @@ where
 {
     let mut tries = Attempts::new(&target);
     let (lease, upstream) = loop {
-        let (lease, pool, _) = match tries.next() {
+        let (lease, pool) = match tries.next() {
             Ok(next) => next,
             Err(why) => {
                 debug!(peer = %conn.peer, group = %target.group.name, ?why, "no instance for the connection; closing");

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use edgelb_api::tls::pem_error;
 use raft_store::model::{Certificate, Domain};
 use raft_store::state::State;
 use rustls::crypto::ring::sign::any_supported_type;
@@ -32,13 +33,13 @@ pub enum TlsError {
 pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Chain(e.to_string()))?;
+        .map_err(|e| TlsError::Chain(pem_error(&e)))?;
     if chain.is_empty() {
         return Err(TlsError::Chain("no CERTIFICATE block".into()));
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| match e {
         pem::Error::NoItemsFound => TlsError::Key("no PRIVATE KEY block".into()),
-        e => TlsError::Key(e.to_string()),
+        e => TlsError::Key(pem_error(&e)),
     })?;
     let signer = any_supported_type(&key).map_err(|e| TlsError::Key(e.to_string()))?;
     Ok(CertifiedKey::new(chain, signer))

@@ -137,7 +137,7 @@ async fn write_everything(cluster: &Cluster, backends: &[HttpBackend]) -> anyhow
         )
         .await?;
     ensure!(status.is_success(), "storing a certificate: {status} {v}");
-    let shop_der = rustls_pemfile_der(&chain)?;
+    let shop_der = first_certificate_der(&chain)?;
 
     let web = admin
         .create_group(&json!({
@@ -204,7 +204,7 @@ async fn write_everything(cluster: &Cluster, backends: &[HttpBackend]) -> anyhow
 }
 
 /// The DER of the first certificate of a PEM chain.
-fn rustls_pemfile_der(pem: &str) -> anyhow::Result<Vec<u8>> {
+fn first_certificate_der(pem: &str) -> anyhow::Result<Vec<u8>> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let der = CertificateDer::pem_slice_iter(pem.as_bytes())

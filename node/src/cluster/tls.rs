@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use edgelb_api::tls::pem_error;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, VarInt};
 use rustls::RootCertStore;
@@ -195,7 +196,7 @@ impl NodeTls {
         let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| {
             TransportError::Config(match e {
                 pem::Error::NoItemsFound => "node key: no private key in PEM".into(),
-                e => format!("node key: {e}"),
+                e => format!("node key: {}", pem_error(&e)),
             })
         })?;
         Ok(Parsed {
@@ -345,7 +346,7 @@ fn provider() -> Arc<CryptoProvider> {
 fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| pem_error(&e))?;
     if certs.is_empty() {
         return Err("no certificate in PEM".into());
     }

@@ -349,10 +349,20 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
     })
 }
 
+/// Units `humantime` reads as calendar months and years: refused, so that
+/// `5M` is an error rather than five months (no timeout of a node means
+/// them, and `M` is easily taken for minutes).
+const CALENDAR_UNITS: [&str; 6] = ["M", "month", "months", "y", "year", "years"];
+
 /// Parses a duration in `humantime` syntax: `500ms`, `30s`, `5m`, `1h`,
-/// `90d`, or several added up (`1h 30m`). At most `u64::MAX` milliseconds,
-/// so that no deadline computed from it overflows.
+/// `90d`, or several added up (`1h 30m`); not in months or years. At most
+/// `u64::MAX` milliseconds, so that no deadline computed from it overflows.
 pub fn parse_duration(v: &str) -> Option<Duration> {
+    if v.split(|c: char| !c.is_ascii_alphabetic())
+        .any(|unit| CALENDAR_UNITS.contains(&unit))
+    {
+        return None;
+    }
     let d = humantime::parse_duration(v).ok()?;
     u64::try_from(d.as_millis()).is_ok().then_some(d)
 }

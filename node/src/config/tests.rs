@@ -158,6 +158,11 @@ fn durations() {
     assert_eq!(parse_duration("s"), None);
     assert_eq!(parse_duration("5"), None);
     assert_eq!(parse_duration("99999999999999999999h"), None);
+    // Months and years are refused: `5M` is not five minutes.
+    assert_eq!(parse_duration("5m 5s"), Some(Duration::from_secs(305)));
+    for calendar in ["5M", "1y", "2months", "1 year", "1h 1M"] {
+        assert_eq!(parse_duration(calendar), None, "{calendar}");
+    }
 }
 
 #[test]

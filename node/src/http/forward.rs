@@ -112,7 +112,7 @@ async fn forward(
     let settings = &conn.dp.settings;
     let mut tries = Attempts::new(target);
     loop {
-        let (lease, pool, _) = tries.next().map_err(|why| match why {
+        let (lease, pool) = tries.next().map_err(|why| match why {
             Unserved::NoInstances => ProxyError::NoInstances,
             Unserved::Overloaded => ProxyError::Overloaded,
             Unserved::NoPool => ProxyError::Internal("selected instance has no pool"),

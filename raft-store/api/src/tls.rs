@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
@@ -33,8 +33,8 @@ use crate::pki::NODE_DNS_SUFFIX;
 #[non_exhaustive]
 pub enum CaError {
     /// A `CERTIFICATE` block does not decode.
-    #[error("certificate chain: {0}")]
-    Pem(#[source] rustls::pki_types::pem::Error),
+    #[error("certificate chain: {}", pem_error(.0))]
+    Pem(#[source] pem::Error),
     /// No `CERTIFICATE` block at all.
     #[error("certificate chain: holds no PEM certificate")]
     Empty,
@@ -45,6 +45,22 @@ pub enum CaError {
     /// The roots given to the web PKI verifier were refused.
     #[error("certificate chain: {0}")]
     Verifier(#[source] rustls::client::VerifierBuilderError),
+}
+
+/// A PEM parsing error in words: the markers named as text (the parser's
+/// own messages print them as bytes).
+pub fn pem_error(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "section end \"{}\" missing",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => format!(
+            "illegal section start: \"{}\"",
+            String::from_utf8_lossy(line).escape_debug()
+        ),
+        e => e.to_string(),
+    }
 }
 
 /// A client config for an admin API over TLS that trusts only the CA
@@ -151,6 +167,16 @@ impl ServerCertVerifier for NodeNames {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pem_errors_name_their_markers_as_text() {
+        let truncated = "-----BEGIN CERTIFICATE-----\nAAAA\n";
+        let e = client_config(truncated.as_bytes()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "certificate chain: section end \"CERTIFICATE\" missing"
+        );
+    }
 
     #[test]
     fn node_names() {
