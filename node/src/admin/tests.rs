@@ -20,6 +20,7 @@ use super::{Admin, AuthBackoff, serve};
 use crate::dataplane::{DataPlane, Settings};
 use crate::gossip::Gossip;
 use crate::metrics::Metrics;
+use crate::patience::patient;
 use crate::routing::{BuildContext, publish};
 use crate::tls::CertCache;
 
@@ -239,7 +240,7 @@ impl Server {
         });
         let mut out = Vec::new();
         let mut buf = [0_u8; 4096];
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + patient(Duration::from_secs(10));
         loop {
             let n = tokio::time::timeout_at(deadline.into(), rd.read(&mut buf))
                 .await
@@ -269,7 +270,7 @@ impl Server {
 
     async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
+        tokio::time::timeout(patient(Duration::from_secs(10)), self.task)
             .await
             .expect("serve returns after shutdown")
             .expect("serve task");

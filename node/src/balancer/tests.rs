@@ -337,16 +337,19 @@ fn drain_without_runtime_fires_at_once() {
     assert!(b.drain_token().is_cancelled());
 }
 
-#[tokio::test]
+/// On the paused clock: the token fires exactly at the first call's
+/// timeout, which a second call neither shortens nor extends.
+#[tokio::test(start_paused = true)]
 async fn drain_fires_after_timeout() {
     let b = backend("i-0");
+    let started = tokio::time::Instant::now();
     start_drain(&b, Duration::from_millis(50));
+    start_drain(&b, Duration::from_millis(10)); // no effect
     start_drain(&b, Duration::from_secs(3600)); // no effect
     assert!(b.is_draining());
     assert!(!b.drain_token().is_cancelled());
-    tokio::time::timeout(Duration::from_secs(10), b.drained())
-        .await
-        .expect("drain token fires after its timeout");
+    b.drained().await;
+    assert_eq!(started.elapsed(), Duration::from_millis(50));
 }
 
 /// Threads pick, hold and release leases while the set changes, instances go

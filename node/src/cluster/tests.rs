@@ -23,7 +23,9 @@ use super::rpc::RpcKind;
 use super::*;
 
 /// Patience for conditions that should hold quickly.
-const PATIENCE: Duration = Duration::from_secs(5);
+fn patience() -> Duration {
+    crate::patience::patient(Duration::from_secs(5))
+}
 
 fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
@@ -85,7 +87,7 @@ async fn rebind(
     id: u64,
     handler: &Arc<dyn RaftHandler>,
 ) -> Transport {
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     loop {
         match Transport::bind(addr, tls, id, Arc::clone(handler)) {
             Ok(t) => return t,
@@ -95,9 +97,9 @@ async fn rebind(
     }
 }
 
-/// Polls `cond` until it holds or [`PATIENCE`] runs out.
+/// Polls `cond` until it holds or [`patience`] runs out.
 async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -127,7 +129,7 @@ async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, Rea
     // The server may stop reading early: write errors are expected then.
     let _ = send.write_all(bytes).await;
     let _ = send.finish();
-    timeout(PATIENCE, recv.read_to_end(1 << 20))
+    timeout(patience(), recv.read_to_end(1 << 20))
         .await
         .expect("server answers or resets in time")
 }
@@ -157,10 +159,10 @@ async fn two_transports_exchange_rpcs() {
     let (b, echo) = serve(&tls2, 2);
     let b_addr = b.local_addr().unwrap().to_string();
 
-    let reply = a.call(2, &b_addr, vote(), PATIENCE).await.unwrap();
+    let reply = a.call(2, &b_addr, vote(), patience()).await.unwrap();
     assert!(matches!(reply, RpcReply::Vote(Ok(v)) if v.vote_granted && v.vote == Vote::new(7, 1)));
     let reply = a
-        .call(2, &b_addr, Rpc::Forward(Forward::Linearize), PATIENCE)
+        .call(2, &b_addr, Rpc::Forward(Forward::Linearize), patience())
         .await
         .unwrap();
     assert!(matches!(
@@ -173,7 +175,7 @@ async fn two_transports_exchange_rpcs() {
             2,
             &b_addr,
             Rpc::Forward(Forward::RemoveNode { node_id: 3 }),
-            PATIENCE,
+            patience(),
         )
         .await
         .unwrap_err();
@@ -200,7 +202,7 @@ async fn foreign_or_missing_client_certificate_is_refused() {
     intruder.ca_cert_pem = ca.cert_pem.clone();
     let (client, _) = serve(&intruder, 1);
     let e = client
-        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .call(2, &addr.to_string(), vote(), patience())
         .await
         .unwrap_err();
     assert!(
@@ -231,7 +233,7 @@ async fn foreign_or_missing_client_certificate_is_refused() {
     tls.alpn_protocols = vec![ALPN_RAFT.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
     let ep = Endpoint::client(loopback()).unwrap();
-    let outcome = timeout(PATIENCE, async {
+    let outcome = timeout(patience(), async {
         let conn = ep
             .connect_with(
                 quinn::ClientConfig::new(Arc::new(quic)),
@@ -273,7 +275,7 @@ async fn client_claiming_another_id_is_disconnected() {
     let (_ep, conn) = raw_client(&tls5, addr, 2).await;
     let lie = frame::encode_request(6, &vote()).unwrap();
     assert!(send_raw(&conn, &lie).await.is_err());
-    let closed = timeout(PATIENCE, conn.closed()).await.unwrap();
+    let closed = timeout(patience(), conn.closed()).await.unwrap();
     assert!(
         matches!(&closed, ConnectionError::ApplicationClosed(c) if c.error_code == codes::IDENTITY),
         "{closed}"
@@ -346,7 +348,7 @@ async fn bad_frames_reset_the_stream_and_the_server_keeps_serving() {
     // And a new peer.
     let (client, _) = serve(&node_tls(&ca, 3), 3);
     let reply = client
-        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .call(2, &addr.to_string(), vote(), patience())
         .await
         .unwrap();
     assert!(matches!(reply, RpcReply::Vote(Ok(_))));
@@ -369,7 +371,7 @@ async fn calls_fail_in_time_and_say_why() {
     let started = Instant::now();
     let e = client.call(2, &addr, write, short).await.unwrap_err();
     assert!(matches!(e, TransportError::Timeout(_)), "{e}");
-    assert!(started.elapsed() < PATIENCE);
+    assert!(started.elapsed() < patience());
 
     // Nobody listens on that port: unreachable, within the timeout.
     let silent = std::net::UdpSocket::bind(loopback()).unwrap();
@@ -380,7 +382,7 @@ async fn calls_fail_in_time_and_say_why() {
         .await
         .unwrap_err();
     assert!(e.is_unreachable(), "{e}");
-    assert!(started.elapsed() < PATIENCE);
+    assert!(started.elapsed() < patience());
 
     // Too large to send: refused locally.
     let huge = Rpc::Forward(Forward::Write(Command::PutCertificate {
@@ -391,7 +393,7 @@ async fn calls_fail_in_time_and_say_why() {
             not_after: None,
         },
     }));
-    let e = client.call(2, &addr, huge, PATIENCE).await.unwrap_err();
+    let e = client.call(2, &addr, huge, patience()).await.unwrap_err();
     assert!(matches!(e, TransportError::TooLarge { .. }), "{e}");
 
     // Unresolvable address.
@@ -414,7 +416,7 @@ async fn a_connection_that_only_acknowledges_a_call_is_replaced() {
     let (server, _) = serve(&node_tls(&ca, 2), 2);
     let addr = server.local_addr().unwrap().to_string();
     let (client, _) = serve(&node_tls(&ca, 1), 1);
-    client.call(2, &addr, vote(), PATIENCE).await.unwrap();
+    client.call(2, &addr, vote(), patience()).await.unwrap();
     assert_eq!(client.stats().connects, 1);
 
     // The handler never answers a write: the peer acknowledges the request
@@ -429,7 +431,7 @@ async fn a_connection_that_only_acknowledges_a_call_is_replaced() {
         .unwrap_err();
     assert!(matches!(e, TransportError::Timeout(_)), "{e}");
 
-    client.call(2, &addr, vote(), PATIENCE).await.unwrap();
+    client.call(2, &addr, vote(), patience()).await.unwrap();
     assert_eq!(client.stats().connects, 2, "a fresh connection");
     assert_eq!(server.stats().connections_accepted, 2);
 }
@@ -582,7 +584,7 @@ async fn a_first_call_is_not_lost_to_a_link_that_reorders_the_handshake() {
         let link = Forwarder::delayed(server.local_addr().unwrap(), one_way, reorder).await;
         let addr = link.addr.to_string();
         let (client, _) = serve(&node_tls(&ca, 1), 1);
-        client.call(2, &addr, vote(), PATIENCE).await.unwrap();
+        client.call(2, &addr, vote(), patience()).await.unwrap();
         let conn = client.connection_to(2).unwrap();
         sent.push(conn.stats().frame_tx.stream);
     }
@@ -599,7 +601,7 @@ async fn a_connection_cut_off_by_a_partition_is_kept_for_the_heal() {
     let link = Forwarder::to(server.local_addr().unwrap()).await;
     let addr = link.addr.to_string();
     let (client, _) = serve(&node_tls(&ca, 1), 1);
-    client.call(2, &addr, vote(), PATIENCE).await.unwrap();
+    client.call(2, &addr, vote(), patience()).await.unwrap();
 
     link.set_cut(true);
     let e = client
@@ -616,7 +618,7 @@ async fn a_connection_cut_off_by_a_partition_is_kept_for_the_heal() {
     assert!(matches!(e, TransportError::Timeout(_)), "{e}");
 
     link.set_cut(false);
-    client.call(2, &addr, vote(), PATIENCE).await.unwrap();
+    client.call(2, &addr, vote(), patience()).await.unwrap();
     assert_eq!(
         client.stats().connects,
         1,
@@ -638,7 +640,7 @@ async fn peer_vanished_after_a_call(ca: &CaBundle) -> (Transport, NodeTls, Socke
     let (old, _) = serve(&tls2, 2);
     let addr = old.local_addr().unwrap();
     client
-        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .call(2, &addr.to_string(), vote(), patience())
         .await
         .unwrap();
     old.vanish().unwrap();
@@ -652,7 +654,7 @@ async fn answered_by_a_new_process(client: &Transport, addr: SocketAddr, tls2: &
     let handler: Arc<dyn RaftHandler> = echo.clone();
     let new = rebind(addr, tls2, 2, &handler).await;
     client
-        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .call(2, &addr.to_string(), vote(), patience())
         .await
         .unwrap();
     assert_eq!(echo.seen(), [1]);
@@ -684,7 +686,7 @@ async fn reconnects_after_the_peer_restarts() {
     let (server, _) = serve(&tls2, 2);
     let addr = server.local_addr().unwrap();
     client
-        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .call(2, &addr.to_string(), vote(), patience())
         .await
         .unwrap();
     server.close().await;
@@ -704,14 +706,14 @@ async fn a_peer_that_crashed_and_restarted_resets_the_old_connection_at_once() {
     // The first call still goes out on the old connection. The new process
     // answers it with a stateless reset, which the client can verify
     // because the reset key comes from the node key: the call fails at
-    // once as a reset, not as a timeout after PATIENCE.
+    // once as a reset, not as a timeout after patience().
     let e = client
-        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .call(2, &addr.to_string(), vote(), patience())
         .await
         .unwrap_err();
     assert!(e.to_string().contains("reset"), "{e}");
     client
-        .call(2, &addr.to_string(), vote(), PATIENCE)
+        .call(2, &addr.to_string(), vote(), patience())
         .await
         .unwrap();
     assert_eq!(echo.seen(), [1]);
@@ -725,10 +727,10 @@ async fn calls_ride_the_connection_the_peer_opened() {
     let (b, echo_b) = serve(&node_tls(&ca, 2), 2);
     let a_addr = a.local_addr().unwrap().to_string();
     let b_addr = b.local_addr().unwrap().to_string();
-    b.call(1, &a_addr, vote(), PATIENCE).await.unwrap();
+    b.call(1, &a_addr, vote(), patience()).await.unwrap();
     // Node 1 answers on node 2's connection and calls back on it: no
     // handshake of its own.
-    a.call(2, &b_addr, vote(), PATIENCE).await.unwrap();
+    a.call(2, &b_addr, vote(), patience()).await.unwrap();
     assert_eq!(a.uses_own_connection(2), Some(false));
     assert_eq!(a.stats().connects, 0);
     assert_eq!(b.stats().connections_accepted, 0);
@@ -755,7 +757,7 @@ async fn a_peer_known_to_serve_both_ways_is_called_on_its_next_connection_until_
     let (a, _) = serve(&node_tls(&ca, 1), 1);
     let a_addr = a.local_addr().unwrap();
     let (b, _) = serve(&tls2, 2);
-    b.call(1, &a_addr.to_string(), vote(), PATIENCE)
+    b.call(1, &a_addr.to_string(), vote(), patience())
         .await
         .unwrap();
     eventually("node 2's announcement", || {
@@ -778,7 +780,7 @@ async fn a_peer_known_to_serve_both_ways_is_called_on_its_next_connection_until_
         .await
         .unwrap_err();
     assert!(matches!(e, TransportError::Timeout(_)), "{e}");
-    a.call(2, &b2_addr, vote(), PATIENCE).await.unwrap();
+    a.call(2, &b2_addr, vote(), patience()).await.unwrap();
     assert_eq!(a.uses_own_connection(2), Some(true));
     assert_eq!(echo.seen(), [1]);
 }
@@ -792,8 +794,8 @@ async fn crossing_handshakes_settle_on_the_lower_ids_connection() {
     let b_addr = b.local_addr().unwrap().to_string();
     // Neither has a connection yet: both open one.
     let (ab, ba) = tokio::join!(
-        a.call(2, &b_addr, vote(), PATIENCE),
-        b.call(1, &a_addr, vote(), PATIENCE)
+        a.call(2, &b_addr, vote(), patience()),
+        b.call(1, &a_addr, vote(), patience())
     );
     ab.unwrap();
     ba.unwrap();
@@ -802,11 +804,11 @@ async fn crossing_handshakes_settle_on_the_lower_ids_connection() {
     })
     .await;
     // From now on both use node 1's; node 2 retires its own.
-    b.call(1, &a_addr, vote(), PATIENCE).await.unwrap();
-    a.call(2, &b_addr, vote(), PATIENCE).await.unwrap();
+    b.call(1, &a_addr, vote(), patience()).await.unwrap();
+    a.call(2, &b_addr, vote(), patience()).await.unwrap();
     assert_eq!(a.uses_own_connection(2), Some(true));
     assert_eq!(b.uses_own_connection(1), Some(false));
-    b.call(1, &a_addr, vote(), PATIENCE).await.unwrap();
+    b.call(1, &a_addr, vote(), patience()).await.unwrap();
     assert_eq!((a.stats().connects, b.stats().connects), (1, 1));
 }
 
@@ -818,7 +820,7 @@ async fn a_restarted_peer_is_called_on_its_new_connection_at_once() {
     let a_addr = a.local_addr().unwrap().to_string();
     let (old, _) = serve(&tls2, 2);
     let addr = old.local_addr().unwrap();
-    a.call(2, &addr.to_string(), vote(), PATIENCE)
+    a.call(2, &addr.to_string(), vote(), patience())
         .await
         .unwrap();
     // Node 1's connection ages past the time two handshakes can cross;
@@ -831,8 +833,8 @@ async fn a_restarted_peer_is_called_on_its_new_connection_at_once() {
     // The new process reaches node 1 first (as a restarted voter does):
     // node 1 drops its old connection and calls on the new one, where it
     // would otherwise lose a call to the reset.
-    new.call(1, &a_addr, vote(), PATIENCE).await.unwrap();
-    a.call(2, &addr.to_string(), vote(), PATIENCE)
+    new.call(1, &a_addr, vote(), patience()).await.unwrap();
+    a.call(2, &addr.to_string(), vote(), patience())
         .await
         .unwrap();
     assert_eq!(a.uses_own_connection(2), Some(false));
@@ -848,7 +850,7 @@ async fn raft_connections_refuse_unidirectional_streams() {
     let (_ep, conn) = raw_client(&node_tls(&ca, 1), addr, 2).await;
     let mut uni = conn.open_uni().await.unwrap();
     let _ = uni.write_all(b"gossip on the raft alpn").await;
-    let stopped = timeout(PATIENCE, uni.stopped()).await.unwrap();
+    let stopped = timeout(patience(), uni.stopped()).await.unwrap();
     assert_eq!(stopped.unwrap(), Some(codes::UNSUPPORTED));
     // The connection still serves RPCs.
     assert_vote_answered(&conn).await;
@@ -865,12 +867,12 @@ async fn calls_end_their_streams_without_stopping_them() {
     let (a, _) = serve(&node_tls(&ca, 1), 1);
     let (b, _) = serve(&node_tls(&ca, 2), 2);
     let b_addr = b.local_addr().unwrap().to_string();
-    a.call(2, &b_addr, vote(), PATIENCE).await.unwrap();
+    a.call(2, &b_addr, vote(), patience()).await.unwrap();
     let conn = a.connection_to(2).unwrap();
     let before = conn.stats();
     let calls = 20;
     for _ in 0..calls {
-        a.call(2, &b_addr, vote(), PATIENCE).await.unwrap();
+        a.call(2, &b_addr, vote(), patience()).await.unwrap();
         // Spaced like heartbeats: nothing else on the connection meanwhile.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

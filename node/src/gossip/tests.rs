@@ -25,7 +25,9 @@ use crate::routing::{BuildContext, GroupRuntime, publish};
 use crate::tls::CertCache;
 
 /// Patience for conditions that should hold quickly.
-const PATIENCE: Duration = Duration::from_secs(10);
+fn patience() -> Duration {
+    crate::patience::patient(Duration::from_secs(10))
+}
 
 /// No Raft in these tests.
 struct NoRaft;
@@ -202,9 +204,9 @@ impl TestNode {
     }
 }
 
-/// Polls `cond` until it holds or [`PATIENCE`] runs out.
+/// Polls `cond` until it holds or [`patience`] runs out.
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
+    let deadline = Instant::now() + patience();
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -273,7 +275,7 @@ async fn a_peers_leases_reach_the_balancer_and_fade_after_the_ttl() {
     eventually("node 1's load to fade", || two.peer_loads() == [0; 4]).await;
     let faded = stopped.elapsed();
     assert!(
-        faded <= ttl + Duration::from_secs(2),
+        faded <= ttl + crate::patience::patient(Duration::from_secs(2)),
         "faded after {faded:?}"
     );
     assert_eq!(

@@ -35,10 +35,12 @@ use crate::routing::{BuildContext, publish};
 use crate::tls::CertCache;
 
 /// Patience for conditions on a slow machine.
-const PATIENCE: Duration = Duration::from_secs(10);
+fn patience() -> Duration {
+    crate::patience::patient(Duration::from_secs(10))
+}
 
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let deadline = tokio::time::Instant::now() + patience();
     while !cond() {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -49,7 +51,7 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 async fn within<T>(fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(PATIENCE, fut)
+    tokio::time::timeout(patience(), fut)
         .await
         .expect("timed out")
 }

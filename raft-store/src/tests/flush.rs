@@ -3,9 +3,10 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::storage::RaftStateMachine;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{TempDir, build, group, normal, open};
@@ -13,6 +14,10 @@ use crate::command::Command;
 use crate::faults::{Fault, Faults, Op, Plan};
 use crate::model::ServiceGroup;
 use crate::{StateMachineStore, rows, state_machine};
+
+/// The paused clock's step around a deadline: timers due at the same
+/// instant fire in no set order.
+const TICK: Duration = Duration::from_millis(1);
 
 fn create(index: u64) -> crate::types::Entry {
     normal(
@@ -137,29 +142,22 @@ async fn an_installed_snapshot_drops_the_rows_still_pending() {
     assert_eq!(after_a_crash(dir.path()), (3, names(3)));
 }
 
-#[tokio::test]
+/// On the paused clock: the flush `after` the first batch fails, the
+/// failure is told then, and every apply from then on fails with it.
+#[tokio::test(start_paused = true)]
 async fn a_failed_write_fails_the_next_apply_in_plain_words() {
     let dir = TempDir::new();
-    let (faults, mut sm) = failing_writes(&dir, Duration::from_millis(10));
+    let after = Duration::from_millis(10);
+    let (faults, mut sm) = failing_writes(&dir, after);
     sm.apply([create(1)]).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut next = 2;
-    let error = loop {
-        match sm.apply([create(next)]).await {
-            Err(e) => break e.to_string(),
-            Ok(_) => next += 1,
-        }
-        assert!(
-            Instant::now() < deadline,
-            "applies still answer 10 s after the writes began to fail"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    // Until the flush nothing is written, and applies answer.
+    tokio::time::sleep(after - TICK).await;
+    sm.apply([create(2)]).await.unwrap();
+    assert!(faults.injected().is_empty(), "{:?}", faults.injected());
+    assert!(sm.write_failures().borrow().is_none());
+    // Just past it: the flush has failed.
+    tokio::time::sleep(2 * TICK).await;
     assert!(!faults.injected().is_empty());
-    assert!(
-        error.contains("input/output error") && !error.contains("::"),
-        "{error}"
-    );
     // Told at once to whoever watches (the node's health), with the cause.
     let told = sm
         .write_failures()
@@ -167,6 +165,12 @@ async fn a_failed_write_fails_the_next_apply_in_plain_words() {
         .clone()
         .expect("a failure told");
     assert!(told.cause().contains("input/output error"), "{told}");
+    let next = 3;
+    let error = sm.apply([create(next)]).await.unwrap_err().to_string();
+    assert!(
+        error.contains("input/output error") && !error.contains("::"),
+        "{error}"
+    );
     // Nothing is written after the failed flush, whatever comes: the file
     // never claims entries whose rows it lacks.
     faults.clear();
@@ -182,35 +186,46 @@ async fn a_failed_write_fails_the_next_apply_in_plain_words() {
     );
 }
 
-#[tokio::test]
+/// On the paused clock: the rows of batches applied over most of a flush
+/// period are in the file one period after the first of them, not before
+/// (later batches do not put the flush off).
+#[tokio::test(start_paused = true)]
 async fn the_rows_are_written_within_the_flush_period() {
     let dir = TempDir::new();
     let (_log, mut sm) = open(dir.path());
-    sm.set_flush_after(Duration::from_millis(50));
+    let after = Duration::from_millis(50);
+    sm.set_flush_after(after);
+    // The last applied index and the groups in the file; read from the open
+    // file (a copy could catch a commit midway): every commit of the flush
+    // is durable.
+    let written = |sm: &StateMachineStore| {
+        let written = rows::load(sm.db()).unwrap();
+        let mut groups: Vec<String> = written.state.groups().map(|g| g.name.clone()).collect();
+        groups.sort();
+        (written.last_applied.map_or(0, |l| l.index), groups)
+    };
+    let spacing = Duration::from_millis(10);
     for round in 0..2u64 {
         let first = 5 * round + 1;
-        for i in first..first + 5 {
+        let last = first + 4;
+        let began = Instant::now();
+        for i in first..=last {
             sm.apply([create(i)]).await.unwrap();
-        }
-        let want = first + 4;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            // Read from the open file (a copy could catch a commit midway);
-            // every commit of the flush is durable.
-            let written = rows::load(sm.db()).unwrap();
-            let durable = written.last_applied.map_or(0, |l| l.index);
-            if durable == want {
-                let mut groups: Vec<String> =
-                    written.state.groups().map(|g| g.name.clone()).collect();
-                groups.sort();
-                assert_eq!(groups, names(want));
-                break;
+            if i < last {
+                tokio::time::sleep(spacing).await;
             }
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: durable up to {durable}, applied up to {want}, 10 s on"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        tokio::time::sleep_until(began + after - TICK).await;
+        assert_eq!(
+            written(&sm),
+            (first - 1, names(first - 1)),
+            "round {round}, just before the period is up"
+        );
+        tokio::time::sleep_until(began + after + TICK).await;
+        assert_eq!(
+            written(&sm),
+            (last, names(last)),
+            "round {round}, just after the period is up"
+        );
     }
 }

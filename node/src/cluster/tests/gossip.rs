@@ -9,7 +9,7 @@ use bytes::Bytes;
 use quinn::{ConnectionError, Endpoint};
 use tokio::time::timeout;
 
-use super::{Echo, PATIENCE, eventually, loopback, node_tls};
+use super::{Echo, eventually, loopback, node_tls, patience};
 use crate::cluster::*;
 
 /// Records what the transport hands over.
@@ -102,7 +102,7 @@ async fn compact_reports_only_to_peers_that_read_them() {
     let (a, _) = gossip_node(&ca, 1);
     let (b, inbox) = gossip_node(&ca, 2);
     let b_addr = b.local_addr().unwrap().to_string();
-    let link = a.gossip_connect(2, &b_addr, PATIENCE).await.unwrap();
+    let link = a.gossip_connect(2, &b_addr, patience()).await.unwrap();
     assert!(link.compact());
     let r = report(1, 1, 100);
     let compact = Bytes::from(::gossip::encode_compact(&r).unwrap());
@@ -122,9 +122,9 @@ async fn compact_reports_only_to_peers_that_read_them() {
         let conn = old.accept().await.unwrap().await.unwrap();
         tls::negotiated_alpn(&conn)
     });
-    let link = a.gossip_connect(3, &old_addr, PATIENCE).await.unwrap();
+    let link = a.gossip_connect(3, &old_addr, patience()).await.unwrap();
     assert!(!link.compact());
-    let alpn = timeout(PATIENCE, accepted).await.unwrap().unwrap();
+    let alpn = timeout(patience(), accepted).await.unwrap().unwrap();
     assert_eq!(alpn.as_deref(), Some(ALPN_GOSSIP));
 }
 
@@ -134,7 +134,7 @@ async fn reports_go_by_datagram_or_by_stream() {
     let (a, _) = gossip_node(&ca, 1);
     let (b, inbox) = gossip_node(&ca, 2);
     let b_addr = b.local_addr().unwrap().to_string();
-    let link = a.gossip_connect(2, &b_addr, PATIENCE).await.unwrap();
+    let link = a.gossip_connect(2, &b_addr, patience()).await.unwrap();
     assert_eq!(link.target(), 2);
 
     let small = report(1, 1, 3);
@@ -170,7 +170,7 @@ async fn a_report_in_another_nodes_name_is_dropped_and_the_connection_closed() {
     let b_addr = b.local_addr().unwrap().to_string();
 
     // Node 1's certificate, a report claiming node 3.
-    let link = a.gossip_connect(2, &b_addr, PATIENCE).await.unwrap();
+    let link = a.gossip_connect(2, &b_addr, patience()).await.unwrap();
     link.send(bytes(&report(3, 1, 2))).await.unwrap();
     eventually("the impostor's report dropped", || {
         inbox.dropped() == [Dropped::Identity]
@@ -181,7 +181,7 @@ async fn a_report_in_another_nodes_name_is_dropped_and_the_connection_closed() {
     assert_eq!(b.stats().identity_refused, 1);
 
     // The same node telling the truth on a new connection is heard.
-    let link = a.gossip_connect(2, &b_addr, PATIENCE).await.unwrap();
+    let link = a.gossip_connect(2, &b_addr, patience()).await.unwrap();
     link.send(bytes(&report(1, 1, 2))).await.unwrap();
     eventually("the true report", || inbox.reports().len() == 1).await;
     assert_eq!(inbox.reports()[0].0.node_id, 1);
@@ -224,7 +224,7 @@ async fn garbage_is_dropped_and_counted_and_the_node_keeps_listening() {
     let _ = send.write_all(&good).await;
     let _ = send.finish();
     assert!(
-        timeout(PATIENCE, recv.read_to_end(16))
+        timeout(patience(), recv.read_to_end(16))
             .await
             .unwrap()
             .is_err()
@@ -243,7 +243,7 @@ async fn garbage_is_dropped_and_counted_and_the_node_keeps_listening() {
     for _ in 0..MAX_STRIKES {
         conn.send_datagram(Bytes::from_static(b"junk")).unwrap();
     }
-    let closed = timeout(PATIENCE, conn.closed()).await.unwrap();
+    let closed = timeout(patience(), conn.closed()).await.unwrap();
     assert!(
         matches!(&closed, ConnectionError::ApplicationClosed(c) if c.error_code == codes::BAD_REPORTS),
         "{closed}"

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 use uuid::Uuid;
 
-use super::{PATIENCE, loopback, node_tls};
+use super::{loopback, node_tls, patience};
 use crate::cluster::*;
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -96,7 +96,7 @@ impl TestNode {
 
     /// Waits until this node has applied a state satisfying `cond`.
     async fn applied(&mut self, what: &str, mut cond: impl FnMut(&Arc<State>) -> bool) {
-        timeout(PATIENCE, self.state.wait_for(|a| cond(&a.state)))
+        timeout(patience(), self.state.wait_for(|a| cond(&a.state)))
             .await
             .unwrap_or_else(|_| panic!("node {}: timed out waiting for {what}", self.id))
             .unwrap();
@@ -153,7 +153,7 @@ fn attach(n: u128) -> Command {
 
 async fn leader_of(raft: &Raft) -> u64 {
     let m = raft
-        .wait(Some(PATIENCE))
+        .wait(Some(patience()))
         .metrics(|m| m.current_leader.is_some(), "a leader")
         .await
         .unwrap();
@@ -195,7 +195,7 @@ async fn three_voters_replicate_a_write() {
             leader,
             &leader_addr,
             Rpc::Forward(Forward::Write(attach(1))),
-            PATIENCE,
+            patience(),
         )
         .await
         .unwrap();
@@ -214,7 +214,7 @@ async fn three_voters_replicate_a_write() {
             follower,
             &follower_addr,
             Rpc::Forward(Forward::Write(attach(2))),
-            PATIENCE,
+            patience(),
         )
         .await
         .unwrap();
@@ -269,7 +269,7 @@ async fn a_new_learner_catches_up_from_a_snapshot() {
     }
     one.raft.trigger().snapshot().await.unwrap();
     one.raft
-        .wait(Some(PATIENCE))
+        .wait(Some(patience()))
         .purged(Some(last), "log purged behind the snapshot")
         .await
         .unwrap();
@@ -281,7 +281,7 @@ async fn a_new_learner_catches_up_from_a_snapshot() {
     })
     .await;
     two.raft
-        .wait(Some(PATIENCE))
+        .wait(Some(patience()))
         .metrics(|m| m.snapshot == Some(last), "the snapshot installed")
         .await
         .unwrap();
