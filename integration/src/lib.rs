@@ -87,19 +87,10 @@ pub use link::Link;
 pub use node::{NodeOptions, TestNode};
 pub use relay::Relay;
 
-/// Multiplier for every deadline, from `EDGELB_TEST_PATIENCE` (default 1).
-pub fn patience() -> f64 {
-    std::env::var("EDGELB_TEST_PATIENCE")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|p| p.is_finite() && *p > 0.0)
-        .unwrap_or(1.0)
-}
-
-/// `base` scaled by [`patience`].
-pub fn patient(base: Duration) -> Duration {
-    base.mul_f64(patience())
-}
+/// The multiplier for every deadline (`EDGELB_TEST_PATIENCE`, default 1)
+/// and a deadline scaled by it: the node's own rule, which its unit tests
+/// use too.
+pub use edgelb::patience::{patience, patient};
 
 /// Polls `cond` every few milliseconds until it holds; fails naming `what`
 /// once `timeout` (scaled by [`patience`]) has passed.

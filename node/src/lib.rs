@@ -27,8 +27,8 @@ pub mod limits;
 pub mod listeners;
 pub mod membership;
 pub mod metrics;
-#[cfg(test)]
-mod patience;
+#[doc(hidden)]
+pub mod patience;
 pub mod raft;
 mod renewal;
 pub mod routing;
