@@ -329,8 +329,10 @@ impl std::fmt::Debug for Transport {
     }
 }
 
-/// How long a call's stream waits, once the reply is in, for the reply's
-/// end (a round trip, within these bounds) before it is stopped.
+/// How long a call's stream waits for the end of the other side's message
+/// once the message is in (a round trip, within these bounds) before it is
+/// stopped: the caller for the reply's end, the server (after answering)
+/// for the request's.
 const END_WAIT_MIN: Duration = Duration::from_millis(20);
 const END_WAIT_MAX: Duration = Duration::from_millis(500);
 

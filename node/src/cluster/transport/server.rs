@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use super::gossip;
 use super::peer::{Peer, Role};
-use super::{Shared, bump, codes};
+use super::{END_WAIT_MAX, END_WAIT_MIN, Shared, bump, codes};
 use crate::cluster::frame::{self, FrameError, HEADER_LIMIT, HEADER_TIMEOUT};
 use crate::cluster::rpc::RpcReply;
 use crate::cluster::tls::{
@@ -255,7 +255,7 @@ async fn serve_stream(
     let reply = shared.handler.handle(header.from, rpc).await;
     // The request's end came with it or soon after: taken now, the stream
     // closes without a STOP_SENDING.
-    let _ = frame::take_end(&mut recv);
+    let ended = frame::take_end(&mut recv);
     let bytes = frame::encode(&reply, kind.reply_limit()).or_else(|e| {
         warn!(%kind, error = %e, "reply not sent");
         frame::encode(
@@ -272,4 +272,12 @@ async fn serve_stream(
         return;
     }
     let _ = send.finish();
+    if !ended {
+        // The end is a moment behind the request (in a packet of its own,
+        // or held up by a busy CPU at either end): waited for once the
+        // reply is on its way, for about a round trip, so that the stream
+        // still closes without a STOP_SENDING.
+        let wait = peer.conn.rtt().clamp(END_WAIT_MIN, END_WAIT_MAX);
+        frame::drain_end(recv, wait).await;
+    }
 }
