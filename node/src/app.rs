@@ -27,6 +27,7 @@ use crate::balancer::LoadChanged;
 use crate::cluster::Transport;
 use crate::config::{AdminTls, Config, ConfigError};
 use crate::dataplane::DataPlane;
+use crate::files::{IoError, io_error};
 use crate::gossip::{Gossip, GossipTasks, Wiring};
 use crate::health::Health;
 use crate::listeners::Listeners;
@@ -41,12 +42,8 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// Local I/O: a listener, the data dir, the token file.
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The node's identity: its certificates, the founding marker, a join.
@@ -69,13 +66,6 @@ pub enum StartError {
     /// what to do. Exit 65 ([`crate::health::EXIT_CORRUPT`]).
     #[error("{0}")]
     Corrupt(String),
-}
-
-impl StartError {
-    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
-        let what = what.into();
-        move |source| Self::Io { what, source }
-    }
 }
 
 impl From<crate::raft::StartError> for StartError {
@@ -298,13 +288,13 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     // membership (and port 0 works in tests).
     let admin_listener = TcpListener::bind(config.admin_addr)
         .await
-        .map_err(StartError::io(format!(
+        .map_err(io_error(format!(
             "binding admin_addr {}",
             config.admin_addr
         )))?;
     let admin_addr = admin_listener
         .local_addr()
-        .map_err(StartError::io("admin_addr"))?;
+        .map_err(io_error("admin_addr"))?;
     let mut config = config;
     config.admin_addr = admin_addr;
 
@@ -629,7 +619,7 @@ fn load_token(config: &Config, given: Option<&str>) -> Result<Token, StartError>
     };
     let read = match crate::files::read_nonempty(&path) {
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err("it is not text"),
-        Err(e) => return Err(StartError::io(format!("reading {}", path.display()))(e)),
+        Err(e) => return Err(io_error(format!("reading {}", path.display()))(e).into()),
         Ok(Some(s)) if crate::config::check_token("token", s.trim()).is_err() => {
             Err("it does not hold a token (16 to 256 printable ASCII characters)")
         }
@@ -676,7 +666,7 @@ fn load_token(config: &Config, given: Option<&str>) -> Result<Token, StartError>
                 ),
             };
             crate::files::write_private(&path, &value)
-                .map_err(StartError::io(format!("writing {}", path.display())))?;
+                .map_err(io_error(format!("writing {}", path.display())))?;
             Ok(Token {
                 value,
                 generated,

@@ -29,6 +29,7 @@ use rustls::pki_types::pem::PemObject;
 use crate::cluster::NodeTls;
 use crate::cluster::pki::{self, CaBundle, PkiError};
 use crate::config::{Config, ConfigError};
+use crate::files::{IoError, io_error};
 
 /// Why bootstrapping failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +37,8 @@ pub enum BootstrapError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A file or directory of the data dir could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The cluster CA or this node's certificate could not be made.
     #[error("{what}: {source}")]
     Pki {
@@ -214,10 +211,7 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
         }
         Some(url) => (join(config, url, token).await?, None, true),
     };
-    std::fs::create_dir_all(&dir).map_err(|e| BootstrapError::Io {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
+    std::fs::create_dir_all(&dir).map_err(io_error(dir.display()))?;
     // node.pem last: it marks a complete identity.
     for (name, body) in [
         ("ca.pem", &tls.ca_cert_pem),
@@ -239,10 +233,9 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
 /// Forgets the [`founding_marker`] once the founding entry is committed.
 pub fn founding_done(data_dir: &Path) -> Result<(), BootstrapError> {
     let marker = founding_marker(data_dir);
-    crate::files::remove(&marker).map_err(|source| BootstrapError::Io {
-        path: marker.to_path_buf(),
-        source,
-    })
+    crate::files::remove(&marker)
+        .map_err(io_error(format_args!("removing {}", marker.display())))?;
+    Ok(())
 }
 
 /// The identity in `dir` when all three files are there and not empty.
@@ -263,10 +256,7 @@ fn stored_identity(
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
             Err(tls_damage(config, p, "it is not text (not PEM)"))
         }
-        Err(e) => Err(BootstrapError::Io {
-            path: p.to_path_buf(),
-            source: e,
-        }),
+        Err(e) => Err(io_error(p.display())(e).into()),
     };
     let pems = [read(ca)?, read(cert)?, read(key)?];
     let [Some(ca_cert_pem), Some(cert_pem), Some(key_pem)] = pems else {
@@ -371,18 +361,13 @@ fn read_opt(path: &Path) -> Result<Option<String>, BootstrapError> {
         // Bytes that are not text are a damaged file, told by the caller.
         Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(BootstrapError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }),
+        Err(e) => Err(io_error(path.display())(e).into()),
     }
 }
 
 fn write(path: &Path, body: &str) -> Result<(), BootstrapError> {
-    crate::files::write_private(path, body).map_err(|e| BootstrapError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })
+    crate::files::write_private(path, body).map_err(io_error(path.display()))?;
+    Ok(())
 }
 
 /// SPEC §9: one token per cluster. Once the replicated state records the

@@ -7,8 +7,26 @@
 //!  remove(path):        unlink <path> ─▶ fsync(dir)
 //! ```
 
+use std::fmt::Display;
 use std::io::Write;
 use std::path::Path;
+
+/// An I/O error and what it was about (a file of the data dir, a
+/// listener): the start-up errors' (`app`, `raft`, `bootstrap`) one way of
+/// saying so.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct IoError {
+    what: String,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Makes an [`IoError`] about `what` from an `io::Error` (for `map_err`).
+pub(crate) fn io_error(what: impl Display) -> impl FnOnce(std::io::Error) -> IoError {
+    let what = what.to_string();
+    move |source| IoError { what, source }
+}
 
 /// Writes `contents` and a newline to `path`, readable by the owner only,
 /// replacing any file there atomically and durably.

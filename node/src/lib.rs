@@ -17,7 +17,7 @@ pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod election;
-mod files;
+pub mod files;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod gossip;

@@ -18,6 +18,7 @@ use crate::bootstrap::Identity;
 use crate::cluster::{Network, Transport, TransportError};
 use crate::config::Config;
 use crate::election::Timing;
+use crate::files::{IoError, io_error};
 use crate::health::Health;
 use crate::membership::Policy;
 use crate::store::{RaftRpc, Store, StoreError};
@@ -65,12 +66,8 @@ pub enum StartError {
         source: StoreError,
     },
     /// Local I/O (the data dir, a task that opened storage).
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The node's identity (one_node_store).
     #[error(transparent)]
     Identity(#[from] crate::bootstrap::BootstrapError),
@@ -164,10 +161,7 @@ pub async fn start(
         Ok((log, sm, log_took, t.elapsed() - log_took))
     })
     .await
-    .map_err(|e| StartError::Io {
-        what: "opening storage".into(),
-        source: e.into(),
-    })?
+    .map_err(|e| io_error("opening storage")(e.into()))?
     .map_err(|e| storage_error(config, e))?;
     let (log, sm, log_took, state_took) = opened;
     info!(
@@ -203,10 +197,7 @@ pub async fn start(
         source,
     })?;
     let transport = Arc::new(transport);
-    let cluster_addr = transport.local_addr().map_err(|e| StartError::Io {
-        what: "cluster_addr".into(),
-        source: e,
-    })?;
+    let cluster_addr = transport.local_addr().map_err(io_error("cluster_addr"))?;
     info!(%cluster_addr, since_storage_ms = ms(began.elapsed()), "cluster endpoint bound");
     let raft = Raft::new(
         config.node_id,
@@ -385,10 +376,7 @@ pub async fn one_node_store(
     config.data_dir = data_dir.to_owned();
     config.cluster_addr = SocketAddr::from(([127, 0, 0, 1], 0));
     config.admin_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    std::fs::create_dir_all(data_dir).map_err(|e| StartError::Io {
-        what: data_dir.display().to_string(),
-        source: e,
-    })?;
+    std::fs::create_dir_all(data_dir).map_err(io_error(data_dir.display()))?;
     let token = "one-node-store-token";
     let identity = crate::bootstrap::identity(&config, token).await?;
     let registry = prometheus::Registry::new();

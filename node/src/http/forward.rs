@@ -175,7 +175,8 @@ async fn exchange(
             // Boxed: connecting is the rare path and its future is large;
             // every request's future would carry (and move) it otherwise.
             None => match Box::pin(pool.connect(
-                (&backend.name, &backend.metrics),
+                &backend.name,
+                &backend.metrics,
                 backend.drain_token(),
                 settings.connect_timeout,
                 upgrade,

@@ -1,9 +1,8 @@
-//! Per-instance series: plain atomics on each backend, rendered at scrape
-//! time by walking the routing table.
+//! Per-instance series: the counters of [`crate::series`], rendered at
+//! scrape time by walking the routing table.
 //!
-//! An instance costs one [`InstanceSeries`] (about 250 bytes of atomics)
-//! and nothing in a registry: there is no per-series object, no label
-//! hashing and nothing to remove on detach. A scrape lists the backends of
+//! There is no per-series object in a registry, no label hashing and
+//! nothing to remove on detach. A scrape lists the backends of
 //! the table it renders, sorts them by label values and writes each family
 //! straight into the text format, in the order and with the formatting of
 //! `prometheus::TextEncoder` (families by name, series by label values in

@@ -163,7 +163,8 @@ impl Pool {
     /// upgrade can take its socket).
     pub(crate) async fn connect(
         &self,
-        (name, metrics): (&str, &InstanceMetrics),
+        name: &str,
+        metrics: &InstanceMetrics,
         drain: CancellationToken,
         connect_timeout: Duration,
         upgrades: bool,
