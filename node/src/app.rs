@@ -35,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::routing::{BuildContext, Changes};
 use crate::store::{Store, StoreError};
 use crate::tls::CertCache;
+use crate::workers::Workers;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -282,6 +283,9 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         metrics.registry(),
     );
     let dataplane = Arc::new(DataPlane::new(config.settings.clone()));
+    if let Err(e) = dataplane.register(metrics.registry()) {
+        warn!(error = %e, "data-plane metrics not registered");
+    }
     let shutdown = CancellationToken::new();
 
     // The admin listener comes first: its real address goes into the
@@ -382,7 +386,14 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
 
     let ready_flag = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready) = watch::channel(false);
-    let listeners = Listeners::new(config.listen_ip, dataplane.clone(), shutdown.clone());
+    let workers = Workers::start(dataplane.settings.workers)
+        .map_err(io_error("starting the data plane's worker threads"))?;
+    let listeners = Listeners::new(
+        config.listen_ip,
+        dataplane.clone(),
+        shutdown.clone(),
+        workers,
+    );
     let load_changed = Arc::new(LoadChanged::default());
     let drain = tokio::spawn(reconcile(
         store.clone(),

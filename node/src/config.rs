@@ -229,6 +229,7 @@ impl Config {
         set(&mut t.connect_timeout, s.connect_timeout);
         set(&mut t.upstream_timeout, s.upstream_timeout);
         set(&mut t.idle_timeout, s.idle_timeout);
+        set(&mut t.park_after, s.park_after);
         set(&mut t.tcp_idle_timeout, s.tcp_idle_timeout);
         set(&mut t.send_timeout, s.send_timeout);
         set(&mut t.tunnel_idle_timeout, s.tunnel_idle_timeout);
@@ -248,6 +249,12 @@ impl Config {
                 ));
             }
             t.admin_max_connections = v;
+        }
+        if let Some(v) = s.workers {
+            if v == 0 {
+                return Err(ConfigError::new("workers", "must be at least 1"));
+            }
+            t.workers = v;
         }
         let a = &mut c.admin_auth;
         set(&mut a.failures, s.admin_auth_failures);

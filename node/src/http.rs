@@ -36,17 +36,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug};
 
 use crate::dataplane::{ConnInfo, DataPlane};
 
-use self::conn::{ActiveGuard, Conn, TimedIo};
+use self::conn::{ActiveGuard, Conn, Prefixed, TimedIo};
 
 /// Serves one accepted (and, on TLS ports, decrypted) client connection in
 /// HTTP mode until it closes.
@@ -71,29 +74,7 @@ async fn serve<I>(io: I, info: ConnInfo, dp: Arc<DataPlane>, shutdown: Cancellat
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let settings = &dp.settings;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper's own header timeout closes without a response and runs from
-    // the end of the previous response; TimedIo implements ours.
-    builder
-        .http1()
-        .max_buf_size(settings.max_header_bytes.max(MIN_H1_BUF))
-        .header_read_timeout(None)
-        // A proxy forwards the instance's Date; it does not add one.
-        .auto_date_header(false);
-    builder
-        .http2()
-        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
-        .auto_date_header(false);
-    let drain_timeout = settings.drain_timeout;
-
     let conn = Arc::new(Conn::new(info, dp.clone(), shutdown.clone()));
-    let io = TimedIo::new(io, conn.clone());
-    let svc_conn = conn.clone();
-    let service = service_fn(move |req| forward::handle(req, ActiveGuard::new(&svc_conn)));
-    let serving = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(serving);
-
     // The shutdown token is polled by its own task: polling it from this
     // one would take the token's lock on every wake of every connection.
     let watcher = tokio::spawn({
@@ -103,15 +84,197 @@ where
             conn.request_close();
         }
     });
+    let mut io = TimedIo::new(io, conn.clone());
+    let mut pending = Bytes::new();
+    // Counted in `edgelb_http_parked_connections` while waiting parked.
+    let mut parked = false;
+    let end = loop {
+        // Parked (or new): nothing but the socket is held until the client
+        // sends.
+        if pending.is_empty() {
+            let read = read_some(&mut io, &conn).await;
+            if std::mem::take(&mut parked) {
+                dp.parked.dec();
+            }
+            match read {
+                Ok(Some(bytes)) => pending = bytes,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(Ended::Io(e)),
+            }
+        }
+        if io.h2() {
+            break serve_h2(Prefixed::new(io, pending), &conn, drain_timeout(&dp)).await;
+        }
+        match serve_h1(Prefixed::new(io, pending), &conn, drain_timeout(&dp)).await {
+            H1::Parked(back, rest) => {
+                io = back;
+                pending = rest;
+                if pending.is_empty() {
+                    parked = true;
+                    dp.parked.inc();
+                }
+            }
+            H1::Ended(end) => break end,
+        }
+    };
+    watcher.abort();
+    match end {
+        Ok(()) => {}
+        Err(Ended::Io(error)) => debug!(%error, "connection ended with an error"),
+        Err(Ended::Http(error)) => debug!(%error, "connection ended with an error"),
+        Err(Ended::DrainTimedOut) => debug!("graceful shutdown timed out"),
+    }
+}
+
+fn drain_timeout(dp: &DataPlane) -> Duration {
+    dp.settings.drain_timeout
+}
+
+/// Why a connection ended other than by closing cleanly.
+enum Ended {
+    Io(std::io::Error),
+    Http(hyper::Error),
+    DrainTimedOut,
+}
+
+/// How an HTTP/1 connection left hyper.
+enum H1<I> {
+    /// Idle for `park_after`: the I/O and any bytes already read
+    /// of a next request, for the next round.
+    Parked(TimedIo<I>, Bytes),
+    Ended(Result<(), Ended>),
+}
+
+/// Waits for the client's next bytes without holding a buffer (a
+/// stack buffer is used for the read itself); `None` at the end of the
+/// stream or when the connection should close (idle timeout, shutdown).
+async fn read_some<I>(io: &mut TimedIo<I>, conn: &Conn) -> std::io::Result<Option<Bytes>>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    poll_fn(|cx| {
+        conn.set_waker(cx.waker());
+        if conn.close_requested() {
+            return Poll::Ready(Ok(None));
+        }
+        let mut buf = [0_u8; PARKED_READ];
+        let mut read = ReadBuf::new(&mut buf);
+        match Pin::new(&mut *io).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(Ok(None)),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(Bytes::copy_from_slice(read.filled())))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // The idle timeout asks for the close inside the read.
+            Poll::Pending if conn.close_requested() => Poll::Ready(Ok(None)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// The stack buffer of a parked connection's read: most request heads fit,
+/// and hyper reads the rest.
+const PARKED_READ: usize = 4096;
+
+async fn serve_h1<I>(io: Prefixed<TimedIo<I>>, conn: &Arc<Conn>, drain: Duration) -> H1<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let settings = &conn.dp.settings;
+    let mut builder = http1::Builder::new();
+    // hyper's own header timeout closes without a response and runs from
+    // the end of the previous response; TimedIo implements ours.
+    builder
+        .max_buf_size(settings.max_header_bytes.max(MIN_H1_BUF))
+        .header_read_timeout(None)
+        // A proxy forwards the instance's Date; it does not add one.
+        .auto_date_header(false);
+    let svc_conn = conn.clone();
+    let service = service_fn(move |req| forward::handle(req, ActiveGuard::new(&svc_conn)));
+    // Boxed: a parked connection holds none of it.
+    let mut serving = Box::new(
+        builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades(),
+    );
     let mut deadline: Option<Pin<Box<Sleep>>> = None;
+    let mut parking = false;
     let res = poll_fn(|cx| {
         // Registered before the checks below, so that a wake between them
         // and `Pending` is not lost.
         conn.set_waker(cx.waker());
         loop {
             if deadline.is_none() && conn.close_requested() {
+                Pin::new(&mut *serving).graceful_shutdown();
+                deadline = Some(Box::pin(tokio::time::sleep(drain)));
+            } else if !parking && deadline.is_none() && conn.take_park() {
+                // hyper is between requests: it ends at once, without
+                // answering anything.
+                parking = true;
+                conn.set_parking(true);
+                Pin::new(&mut *serving).graceful_shutdown();
+            }
+            if let Poll::Ready(res) = Pin::new(&mut *serving).poll(cx) {
+                return Poll::Ready(Some(res));
+            }
+            if (deadline.is_none() && conn.close_requested())
+                || (!parking && deadline.is_none() && conn.park_requested())
+            {
+                continue;
+            }
+            break;
+        }
+        if let Some(d) = deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await;
+    conn.set_parking(false);
+    match res {
+        Some(Ok(())) if parking && deadline.is_none() => match serving.into_parts() {
+            Some(parts) => {
+                let (io, rest) = parts.io.into_inner().into_parts();
+                let rest = if rest.is_empty() {
+                    parts.read_buf
+                } else {
+                    [rest, parts.read_buf].concat().into()
+                };
+                H1::Parked(io, rest)
+            }
+            // Upgraded meanwhile: the tunnel has the socket.
+            None => H1::Ended(Ok(())),
+        },
+        Some(Ok(())) => H1::Ended(Ok(())),
+        Some(Err(e)) => H1::Ended(Err(Ended::Http(e))),
+        None => H1::Ended(Err(Ended::DrainTimedOut)),
+    }
+}
+
+async fn serve_h2<I>(
+    io: Prefixed<TimedIo<I>>,
+    conn: &Arc<Conn>,
+    drain: Duration,
+) -> Result<(), Ended>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let settings = &conn.dp.settings;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        .auto_date_header(false);
+    let svc_conn = conn.clone();
+    let service = service_fn(move |req| forward::handle(req, ActiveGuard::new(&svc_conn)));
+    let mut serving = Box::pin(builder.serve_connection(TokioIo::new(io), service));
+    let mut deadline: Option<Pin<Box<Sleep>>> = None;
+    let res = poll_fn(|cx| {
+        conn.set_waker(cx.waker());
+        loop {
+            if deadline.is_none() && conn.close_requested() {
                 serving.as_mut().graceful_shutdown();
-                deadline = Some(Box::pin(tokio::time::sleep(drain_timeout)));
+                deadline = Some(Box::pin(tokio::time::sleep(drain)));
             }
             if let Poll::Ready(res) = serving.as_mut().poll(cx) {
                 return Poll::Ready(Some(res));
@@ -129,11 +292,10 @@ where
         Poll::Pending
     })
     .await;
-    watcher.abort();
     match res {
-        Some(Ok(())) => {}
-        Some(Err(error)) => debug!(%error, "connection ended with an error"),
-        None => debug!("graceful shutdown timed out"),
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(Ended::Http(e)),
+        None => Err(Ended::DrainTimedOut),
     }
 }
 

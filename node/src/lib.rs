@@ -2,7 +2,8 @@
 //!
 //! A node keeps a copy of the replicated state ([`store`]), turns it into an
 //! immutable routing table ([`routing`]) that connections read without locks,
-//! binds the published ports ([`listeners`]), terminates TLS ([`tls`]),
+//! binds the published ports ([`listeners`]) on its data-plane threads
+//! ([`workers`]), terminates TLS ([`tls`]),
 //! proxies HTTP ([`http`]) and TCP ([`tcp`]) to the instance the balancer
 //! picks ([`balancer`]), tells its peers its load and takes theirs into
 //! account ([`gossip`](mod@gossip), over [`cluster`]), and serves the admin
@@ -37,3 +38,4 @@ pub mod store;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;
+pub mod workers;

@@ -1,7 +1,10 @@
-//! Published ports: one accept loop per port, bound and released as the
-//! routing table's ports come and go.
+//! Published ports: one accept loop per port and data-plane worker, bound
+//! and released as the routing table's ports come and go.
 //!
-//! An accept loop only accepts and hands off; each connection reads the
+//! Each worker binds the port itself (`SO_REUSEPORT`), after a probe bind
+//! without that option has shown that no other socket holds the port (so a
+//! second node on the same address fails to bind, as it would without the
+//! option). An accept loop only accepts and hands off to its own worker; each connection reads the
 //! routing table current at that moment to learn the port's mode (TLS or
 //! not, HTTP or TCP) and its groups, so changing a port's groups never
 //! rebinds it. A port that cannot be bound (in use) is logged and retried at
@@ -24,6 +27,7 @@ use tracing::{Instrument, debug, debug_span, error, info, warn};
 
 use crate::dataplane::{ConnInfo, DataPlane};
 use crate::routing::RoutingTable;
+use crate::workers::Workers;
 
 /// The set of bound published ports.
 #[derive(Debug)]
@@ -34,6 +38,8 @@ pub struct Listeners {
     /// Cancelled on node shutdown: stops accepting and drains connections.
     shutdown: CancellationToken,
     active: HashMap<u16, Active>,
+    /// Where connections run; dropped (stopped) with the listeners.
+    workers: Workers,
 }
 
 #[derive(Debug)]
@@ -43,7 +49,12 @@ struct Active {
 }
 
 impl Listeners {
-    pub fn new(ip: IpAddr, dp: Arc<DataPlane>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        ip: IpAddr,
+        dp: Arc<DataPlane>,
+        shutdown: CancellationToken,
+        workers: Workers,
+    ) -> Self {
         let limit = Arc::new(Semaphore::new(dp.settings.max_connections));
         Self {
             ip,
@@ -51,6 +62,7 @@ impl Listeners {
             limit,
             shutdown,
             active: HashMap::new(),
+            workers,
         }
     }
 
@@ -71,25 +83,25 @@ impl Listeners {
             if self.active.contains_key(&port) {
                 continue;
             }
-            match bind(SocketAddr::new(self.ip, port)) {
-                Ok(listener) => {
-                    let addr = listener
-                        .local_addr()
-                        .unwrap_or(SocketAddr::new(self.ip, port));
-                    info!(%addr, "bound published port");
+            let addr = SocketAddr::new(self.ip, port);
+            match bind(addr, &self.workers) {
+                Ok(listeners) => {
+                    info!(%addr, workers = listeners.len(), "bound published port");
                     let stop = self.shutdown.child_token();
-                    tokio::spawn(accept_loop(
-                        listener,
-                        port,
-                        self.dp.clone(),
-                        self.limit.clone(),
-                        stop.clone(),
-                        self.shutdown.clone(),
-                    ));
+                    for (listener, worker) in listeners.into_iter().zip(self.workers.handles()) {
+                        worker.spawn(accept_loop(
+                            listener,
+                            port,
+                            self.dp.clone(),
+                            self.limit.clone(),
+                            stop.clone(),
+                            self.shutdown.clone(),
+                        ));
+                    }
                     self.active.insert(port, Active { stop, addr });
                 }
                 Err(e) => {
-                    error!(addr = %SocketAddr::new(self.ip, port), error = %e, "cannot bind published port; will retry");
+                    error!(%addr, error = %e, "cannot bind published port; will retry");
                     failed.push(port);
                 }
             }
@@ -109,16 +121,33 @@ impl Listeners {
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// One listener on `addr` per worker, each registered with its worker's
+/// reactor.
+fn bind(addr: SocketAddr, workers: &Workers) -> std::io::Result<Vec<TcpListener>> {
+    // Without SO_REUSEPORT this fails if anything holds the port, including
+    // another node's reuse-port group.
+    drop(socket(addr, false)?);
+    workers
+        .handles()
+        .iter()
+        .map(|worker| {
+            let _in_worker = worker.enter();
+            socket(addr, true)?.listen(4096)
+        })
+        .collect()
+}
+
+fn socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(reuse_port)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
-    socket.listen(4096)
+    Ok(socket)
 }
 
 async fn accept_loop(
@@ -272,4 +301,62 @@ pub fn server_config(
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
     Arc::new(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A free port on 127.0.0.1 (bound and released).
+    fn free_addr() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    }
+
+    #[test]
+    fn each_worker_binds_the_port_and_others_cannot() {
+        let workers = Workers::start(2).expect("workers");
+        let addr = free_addr();
+        let listeners = bind(addr, &workers).expect("first bind");
+        assert_eq!(listeners.len(), 2, "one listener per worker");
+        // A second node on the same address (same user, so SO_REUSEPORT
+        // alone would let it in) is refused, as without the option.
+        let again = bind(addr, &workers).expect_err("the port is taken");
+        assert_eq!(again.kind(), std::io::ErrorKind::AddrInUse);
+        drop(listeners);
+        // Released with the listeners.
+        let listeners = bind(addr, &workers).expect("bind after release");
+        drop(listeners);
+
+        let held = std::net::TcpListener::bind(free_addr()).expect("bind");
+        let taken = held.local_addr().expect("addr");
+        let err = bind(taken, &workers).expect_err("held by a plain socket");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn connections_reach_the_workers_listeners() {
+        let workers = Workers::start(2).expect("workers");
+        let addr = free_addr();
+        let listeners = bind(addr, &workers).expect("bind");
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (listener, worker) in listeners.into_iter().zip(workers.handles()) {
+            let tx = tx.clone();
+            worker.spawn(async move {
+                while let Ok((_, peer)) = listener.accept().await {
+                    let _ = tx.send((crate::workers::current(), peer));
+                }
+            });
+        }
+        let mut accepted_by = BTreeSet::new();
+        let mut clients = Vec::new();
+        for _ in 0..64 {
+            clients.push(std::net::TcpStream::connect(addr).expect("connect"));
+            let (worker, _) = rx.recv_timeout(Duration::from_secs(10)).expect("accepted");
+            accepted_by.insert(worker);
+        }
+        // The kernel spreads connections by their addresses' hash: 64
+        // connections from different ports reach both workers.
+        assert_eq!(accepted_by.into_iter().collect::<Vec<_>>(), [0, 1]);
+    }
 }

@@ -159,6 +159,8 @@ pub(super) struct Source {
     #[serde(deserialize_with = "duration")]
     pub(super) idle_timeout: Option<Duration>,
     #[serde(deserialize_with = "duration")]
+    pub(super) park_after: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
     pub(super) tcp_idle_timeout: Option<Duration>,
     #[serde(deserialize_with = "duration")]
     pub(super) send_timeout: Option<Duration>,
@@ -168,6 +170,7 @@ pub(super) struct Source {
     pub(super) trusted_proxies: Option<Vec<IpNet>>,
     pub(super) max_connections: Option<usize>,
     pub(super) admin_max_connections: Option<usize>,
+    pub(super) workers: Option<usize>,
     pub(super) join_ca_cert: Option<PathBuf>,
     pub(super) admin_tls: Option<bool>,
     pub(super) admin_tls_cert: Option<PathBuf>,

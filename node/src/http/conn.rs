@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker, ready};
 
 use atomic_waker::AtomicWaker;
+use bytes::Bytes;
 use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -61,6 +62,12 @@ pub(crate) struct Conn {
     parked: AtomicBool,
     /// Idle timeout passed or the node shuts down: close gracefully.
     close: AtomicBool,
+    /// An HTTP/1 connection has been idle for `park_after`: the serving
+    /// task hands it back from hyper, releasing hyper's buffers.
+    park: AtomicBool,
+    /// The connection is being parked: hyper's end of it must not shut the
+    /// socket down.
+    parking: AtomicBool,
     /// The task serving the connection, woken for `parked` and `close`.
     waker: AtomicWaker,
 }
@@ -82,6 +89,8 @@ impl Conn {
             tunnel: AtomicBool::new(false),
             parked: AtomicBool::new(false),
             close: AtomicBool::new(false),
+            park: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         }
     }
@@ -94,6 +103,23 @@ impl Conn {
     /// Whether the connection should close gracefully (idle or shutdown).
     pub(crate) fn close_requested(&self) -> bool {
         self.close.load(Ordering::SeqCst)
+    }
+
+    /// Whether the connection has been idle long enough to be parked (and
+    /// forgets the request).
+    pub(crate) fn take_park(&self) -> bool {
+        self.park.swap(false, Ordering::SeqCst)
+    }
+
+    /// Whether the connection has been idle long enough to be parked.
+    pub(crate) fn park_requested(&self) -> bool {
+        self.park.load(Ordering::SeqCst)
+    }
+
+    /// While set, shutting the I/O down does nothing: hyper ends its part
+    /// of a parked connection with a shutdown.
+    pub(crate) fn set_parking(&self, parking: bool) {
+        self.parking.store(parking, Ordering::SeqCst);
     }
 
     /// Asks the serving task to close the connection gracefully.
@@ -162,6 +188,71 @@ impl Activity for Conn {
     }
 }
 
+/// An I/O whose reads first return `prefix`: bytes read from the client
+/// before hyper took the connection (a parked connection's first bytes).
+#[derive(Debug)]
+pub(crate) struct Prefixed<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I> Prefixed<I> {
+    pub(crate) fn new(inner: I, prefix: Bytes) -> Self {
+        Self { prefix, inner }
+    }
+
+    /// The I/O and what is left of the prefix.
+    pub(crate) fn into_parts(self) -> (I, Bytes) {
+        (self.inner, self.prefix)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.is_empty() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 /// The HTTP/1 answer to a client too slow to send its header block.
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n\
 content-length: 15\r\nconnection: close\r\n\r\nrequest timeout";
@@ -197,6 +288,9 @@ pub(crate) struct TimedIo<I> {
     timer: Pin<Box<Sleep>>,
     seen_bytes: bool,
     h2: bool,
+    /// The current idle phase has not asked for the connection to be
+    /// parked yet: its first wait is `park_after` (none when that is zero).
+    park_pending: bool,
     /// When the current write stall began (`None` while writes go through).
     stalled_since: Option<Instant>,
     /// The send timer, made at the connection's first stall.
@@ -215,6 +309,7 @@ impl<I> TimedIo<I> {
             timer,
             seen_bytes: false,
             h2: false,
+            park_pending: false,
             stalled_since: None,
             send_timer: None,
         }
@@ -265,15 +360,25 @@ impl<I> TimedIo<I> {
         Poll::Pending
     }
 
+    /// Whether the first bytes were HTTP/2's preface.
+    pub(crate) fn h2(&self) -> bool {
+        self.h2
+    }
+
     /// Starts a new phase: its timeout counts from its first wait.
     fn rearm(&mut self) {
         self.deadline = None;
+        self.park_pending = self.phase == Phase::Idle
+            && !self.h2
+            && self.conn.dp.settings.park_after < self.conn.dp.settings.idle_timeout;
     }
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let settings = &self.conn.dp.settings;
         let after = if self.phase == Phase::Head {
             settings.header_timeout
+        } else if self.park_pending {
+            settings.park_after
         } else {
             settings.idle_timeout
         };
@@ -301,6 +406,20 @@ impl<I> TimedIo<I> {
         }
     }
 
+    /// Asks for the connection to be parked as soon as it is idle, when
+    /// `park_after` is zero (no timer then).
+    fn park_now(&mut self) -> bool {
+        if self.phase == Phase::Idle
+            && self.park_pending
+            && self.conn.dp.settings.park_after.is_zero()
+        {
+            self.park_pending = false;
+            self.conn.park.store(true, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
     fn on_bytes(&mut self, bytes: &[u8]) {
         if !self.seen_bytes {
             self.seen_bytes = true;
@@ -326,7 +445,7 @@ impl<I: AsyncWrite + Unpin> TimedIo<I> {
     fn after_write(&mut self, cx: &mut Context<'_>) {
         if self.phase == Phase::Busy && !self.h2 && self.conn.active.load(Ordering::SeqCst) == 0 {
             self.update_phase();
-            if self.phase == Phase::Idle {
+            if self.phase == Phase::Idle && !self.park_now() {
                 // Registers the waker; the deadline is in the future.
                 let _ = self.poll_timer(cx);
             }
@@ -399,8 +518,22 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
                 this.conn.parked.store(false, Ordering::SeqCst);
                 continue;
             }
+            if this.park_now() {
+                continue;
+            }
             if this.poll_timer(cx).is_pending() {
                 return Poll::Pending;
+            }
+            if this.phase == Phase::Idle && this.park_pending {
+                // Idle for `park_after`: the serving task parks the
+                // connection right after this poll; the idle timeout still
+                // counts from the start of the idle phase.
+                this.park_pending = false;
+                let settings = &this.conn.dp.settings;
+                let (park, idle) = (settings.park_after, settings.idle_timeout);
+                this.deadline = this.deadline.map(|d| d - park + idle);
+                this.conn.park.store(true, Ordering::SeqCst);
+                continue;
             }
             if this.phase == Phase::Head && !this.h2 {
                 debug!("header timeout");
@@ -451,6 +584,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.conn.parking.load(Ordering::SeqCst) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }

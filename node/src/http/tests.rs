@@ -171,8 +171,11 @@ impl Drop for Edge {
     }
 }
 
+/// Connections park as soon as they are idle, so that every test also
+/// takes an HTTP/1 connection out of hyper and back between requests.
 fn settings() -> Settings {
     Settings {
+        park_after: Duration::ZERO,
         header_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
         upstream_timeout: Duration::from_secs(5),
@@ -1117,4 +1120,114 @@ async fn drained_instance_closes_tunnel() {
     crate::balancer::start_drain(&a, Duration::from_millis(50));
     read_to_close(&mut stream).await;
     eventually("tunnel released", || a.local_inflight() == 0).await;
+}
+
+/// One instance behind an edge whose connections park after `park_after`.
+async fn parking_edge(park_after: Duration, idle_timeout: Duration) -> Edge {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    echo_backend(l, "a");
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    Edge::start(
+        vec![g],
+        Settings {
+            park_after,
+            idle_timeout,
+            ..settings()
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_parks_and_serves_its_next_request() {
+    let edge = parking_edge(Duration::from_millis(100), Duration::from_secs(30)).await;
+    let mut client = edge.client().await;
+    let first = send(&mut client, get("app.example.com", "/one")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    // Busy connections are not parked: only once idle for `park_after`.
+    assert_eq!(edge.dp.parked.get(), 0);
+    eventually("the idle connection to park", || edge.dp.parked.get() == 1).await;
+    // The same client connection: hyper is set up again from the socket.
+    let second = send(&mut client, get("app.example.com", "/two")).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert!(second.body.starts_with("GET /two"), "{}", second.body);
+    assert_eq!(edge.dp.parked.get(), 0, "unparked while serving");
+    eventually("the connection to park again", || edge.dp.parked.get() == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_head_split_around_a_park_is_served() {
+    let edge = parking_edge(Duration::ZERO, Duration::from_secs(30)).await;
+    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nhost: app.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    let head = within(read_head(&mut stream)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    let mut body = vec![0; length];
+    within(stream.read_exact(&mut body)).await.expect("body");
+    eventually("the connection to park", || edge.dp.parked.get() == 1).await;
+    // Half a head wakes the parked connection; the rest comes later.
+    stream
+        .write_all(b"GET /second HTTP/1.1\r\nho")
+        .await
+        .expect("write");
+    eventually("the connection to unpark", || edge.dp.parked.get() == 0).await;
+    stream
+        .write_all(b"st: app.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    let head = within(read_head(&mut stream)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = vec![0; 12];
+    within(stream.read_exact(&mut body)).await.expect("body");
+    assert_eq!(&body, b"GET /second\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_connection_closes_at_the_idle_timeout_and_on_shutdown() {
+    let edge = parking_edge(Duration::ZERO, Duration::from_millis(300)).await;
+    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    let head = within(read_head(&mut stream)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    eventually("the connection to park", || edge.dp.parked.get() == 1).await;
+    // The idle timeout still runs while parked: the edge closes.
+    let rest = read_to_close(&mut stream).await;
+    assert!(!rest.contains("HTTP/1.1"), "nothing more was sent: {rest}");
+    eventually("the closed connection to leave the gauge", || {
+        edge.dp.parked.get() == 0
+    })
+    .await;
+
+    let edge = parking_edge(Duration::ZERO, Duration::from_secs(30)).await;
+    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    let head = within(read_head(&mut stream)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    eventually("the connection to park", || edge.dp.parked.get() == 1).await;
+    edge.shutdown.cancel();
+    read_to_close(&mut stream).await;
+    eventually("the closed connection to leave the gauge", || {
+        edge.dp.parked.get() == 0
+    })
+    .await;
 }

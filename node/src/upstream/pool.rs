@@ -4,7 +4,9 @@
 //! A connection is checked out for one request and goes back only after its
 //! response body has been read completely; closed and stale ones are
 //! discarded, and a sweeper closes those idle for longer than the pool idle
-//! timeout. The pool's lock is its own and is never held across an await.
+//! timeout. Idle connections are kept per data-plane worker: a connection
+//! is watched by the reactor of the worker that opened it, so only that
+//! worker's requests take it again (`crate::workers`). The pool's lock is its own and is never held across an await.
 //! Pooled connections are driven by the request that uses them (see
 //! `PooledConn`).
 
@@ -44,10 +46,25 @@ pub struct Pool {
 
 #[derive(Debug, Default)]
 struct Idle {
-    /// Oldest first.
-    conns: VecDeque<(PooledConn, Instant)>,
+    /// Per worker (grown to the highest worker that used the pool), oldest
+    /// first.
+    conns: Vec<VecDeque<(PooledConn, Instant)>>,
     /// A sweeper task is closing connections that stay idle too long.
     sweeping: bool,
+}
+
+impl Idle {
+    /// The idle list of `worker`.
+    fn of(&mut self, worker: usize) -> &mut VecDeque<(PooledConn, Instant)> {
+        if self.conns.len() <= worker {
+            self.conns.resize_with(worker + 1, VecDeque::new);
+        }
+        &mut self.conns[worker]
+    }
+
+    fn len(&self) -> usize {
+        self.conns.iter().map(VecDeque::len).sum()
+    }
 }
 
 impl Pool {
@@ -76,26 +93,28 @@ impl Pool {
         &self.address
     }
 
-    /// Idle connections now held.
+    /// Idle connections now held (all workers).
     pub fn idle_len(&self) -> usize {
-        self.lock().conns.len()
+        self.lock().len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The most recently used idle connection that is still usable and not
-    /// older than `max_age`.
+    /// The calling worker's most recently used idle connection that is
+    /// still usable and not older than `max_age`.
     pub(crate) fn checkout(&self, max_age: Duration, now: Instant) -> Option<PooledConn> {
+        let worker = crate::workers::current();
         let mut stale = VecDeque::new();
         let found = {
             let mut idle = self.lock();
+            let conns = idle.of(worker);
             let mut found = None;
-            while let Some((conn, since)) = idle.conns.pop_back() {
+            while let Some((conn, since)) = conns.pop_back() {
                 if now.saturating_duration_since(since) > max_age {
                     // Everything older is staler still.
-                    stale = std::mem::take(&mut idle.conns);
+                    stale = std::mem::take(conns);
                     stale.push_back((conn, since));
                     break;
                 }
@@ -110,7 +129,8 @@ impl Pool {
         found
     }
 
-    /// Returns a connection whose response was read completely. Connections
+    /// Returns a connection whose response was read completely to the
+    /// calling worker's list, which keeps at most `max_idle`. Connections
     /// idle for longer than `idle_timeout` are closed by a sweeper task that
     /// runs while the pool holds any.
     pub(crate) fn checkin(
@@ -123,14 +143,16 @@ impl Pool {
         if max_idle == 0 || !conn.reusable() {
             return;
         }
+        let worker = crate::workers::current();
         let (evicted, sweep) = {
             let mut idle = self.lock();
-            let evicted = if idle.conns.len() >= max_idle {
-                idle.conns.pop_front()
+            let conns = idle.of(worker);
+            let evicted = if conns.len() >= max_idle {
+                conns.pop_front()
             } else {
                 None
             };
-            idle.conns.push_back((conn, now));
+            conns.push_back((conn, now));
             let sweep = !std::mem::replace(&mut idle.sweeping, true);
             (evicted, sweep)
         };
@@ -211,13 +233,15 @@ async fn sweep_idle(pool: Weak<Pool>, idle_timeout: Duration) {
         let Some(pool) = pool.upgrade() else { return };
         let (stale, done) = {
             let mut idle = pool.lock();
-            let keep = idle
-                .conns
-                .iter()
-                .position(|(_, since)| since.elapsed() <= idle_timeout)
-                .unwrap_or(idle.conns.len());
-            let stale: Vec<_> = idle.conns.drain(..keep).collect();
-            let done = idle.conns.is_empty();
+            let mut stale = Vec::new();
+            for conns in &mut idle.conns {
+                let keep = conns
+                    .iter()
+                    .position(|(_, since)| since.elapsed() <= idle_timeout)
+                    .unwrap_or(conns.len());
+                stale.extend(conns.drain(..keep));
+            }
+            let done = idle.len() == 0;
             if done {
                 idle.sweeping = false;
             }
