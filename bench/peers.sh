@@ -6,9 +6,11 @@
 #   bench/peers.sh                 # HTTP keep-alive + close, all peers
 #   bench/peers.sh -d 3 -r 2       # shorter
 #
-# The node runs from a temp data dir with its admin API on 127.0.0.1:17070,
-# publishes 127.0.0.1:18200 (HTTP mode) and 127.0.0.1:18210 (TCP mode), both
-# balancing over the four peers.sh backends 127.0.0.2-5:19000.
+# Two nodes run from temp data dirs: one with the default data-plane threads
+# (one per CPU; admin API 127.0.0.1:17070, HTTP mode on :18200, TCP mode on
+# :18210) and one with `workers = 1` (admin :17080, :18201 and :18211), the
+# match for HAProxy's nbthread 1. Both balance over the four peers.sh
+# backends 127.0.0.2-5:19000.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEERS=${PEERS:-$ROOT/../shared/bench/peers.sh}
@@ -18,17 +20,24 @@ command -v haproxy >/dev/null && command -v wrk >/dev/null || bash "$(dirname "$
 cargo build --release --bin edgelb --manifest-path "$ROOT/Cargo.toml"
 TMP=$(mktemp -d /tmp/edgelb-bench.XXXXXX)
 TOKEN=benchbenchbenchbenchbench
-API=http://127.0.0.1:17070
-"$ROOT/target/release/edgelb" --data-dir "$TMP/data" --admin-addr 127.0.0.1:17070 \
-  --cluster-addr 127.0.0.1:17071 --token "$TOKEN" --log warn > "$TMP/edgelb.log" 2>&1 &
-PID=$!
-trap 'kill -TERM $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$TMP"' EXIT
-for _ in $(seq 1 100); do curl -sf -o /dev/null "$API/healthz" && break; sleep 0.1; done
+PIDS=()
+trap 'kill -TERM "${PIDS[@]}" 2>/dev/null; wait "${PIDS[@]}" 2>/dev/null; rm -rf "$TMP"' EXIT
 api() { curl -sf -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' "$@" >/dev/null; }
-api -X POST "$API/v1/services" -d '{"name":"bench-http","services":[{"port":18200,"destination_port":19000,"handlers":["http"]}]}'
-api -X POST "$API/v1/services" -d '{"name":"bench-tcp","services":[{"port":18210,"destination_port":19000,"handlers":[]}]}'
-for g in bench-http bench-tcp; do
-  for i in 2 3 4 5; do api -X POST "$API/v1/services/$g/instances" -d "{\"address\":\"127.0.0.$i\"}"; done
-done
-for _ in $(seq 1 50); do curl -s -o /dev/null "http://127.0.0.1:18200/" && break; sleep 0.1; done
-bash "$PEERS" "$@" "edgelb-http=127.0.0.1:18200@$PID" "edgelb-tcp=127.0.0.1:18210@$PID"
+start() { # name admin-port http-port tcp-port [workers]
+  local api=http://127.0.0.1:$2
+  [ -z "${5:-}" ] || echo "workers = $5" > "$TMP/$1.toml"
+  "$ROOT/target/release/edgelb" ${5:+--config "$TMP/$1.toml"} --data-dir "$TMP/$1" --admin-addr 127.0.0.1:$2 \
+    --cluster-addr 127.0.0.1:$(($2 + 1)) --token "$TOKEN" --log warn > "$TMP/$1.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 1 100); do curl -sf -o /dev/null "$api/healthz" && break; sleep 0.1; done
+  api -X POST "$api/v1/services" -d "{\"name\":\"bench-http\",\"services\":[{\"port\":$3,\"destination_port\":19000,\"handlers\":[\"http\"]}]}"
+  api -X POST "$api/v1/services" -d "{\"name\":\"bench-tcp\",\"services\":[{\"port\":$4,\"destination_port\":19000,\"handlers\":[]}]}"
+  for g in bench-http bench-tcp; do
+    for i in 2 3 4 5; do api -X POST "$api/v1/services/$g/instances" -d "{\"address\":\"127.0.0.$i\"}"; done
+  done
+  for _ in $(seq 1 50); do curl -s -o /dev/null "http://127.0.0.1:$3/" && break; sleep 0.1; done
+}
+start node 17070 18200 18210
+start node-1w 17080 18201 18211 1
+bash "$PEERS" "$@" "edgelb-http=127.0.0.1:18200@${PIDS[0]}" "edgelb-tcp=127.0.0.1:18210@${PIDS[0]}" \
+  "edgelb-http-1w=127.0.0.1:18201@${PIDS[1]}" "edgelb-tcp-1w=127.0.0.1:18211@${PIDS[1]}"
