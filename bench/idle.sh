@@ -6,7 +6,7 @@
 # N is the figure (KiB per idle connection). Every target starts fresh for
 # every kind of connection, and they take turns within a round.
 #
-#   bench/idle.sh [-n N] [-r ROUNDS] [--modes h1,tls-h1,tls-h2] [--targets edgelb,haproxy,nginx]
+#   bench/idle.sh [-n N (8000)] [-r ROUNDS] [--modes h1,tls-h1,tls-h2] [--targets edgelb,haproxy,nginx]
 #
 # h1 = plain HTTP/1.1 keep-alive; tls-h1 = HTTP/1.1 over TLS; tls-h2 = HTTP/2
 # over TLS (ALPN). One ECDSA P-256 certificate serves all three balancers
@@ -15,7 +15,7 @@
 # build of the node.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-N=10000 ROUNDS=1 MODES=h1,tls-h1,tls-h2 TARGETS=edgelb,haproxy,nginx
+N=8000 ROUNDS=1 MODES=h1,tls-h1,tls-h2 TARGETS=edgelb,haproxy,nginx
 while [ $# -gt 0 ]; do
   case "$1" in
     -n) N=$2; shift 2 ;;
@@ -29,7 +29,9 @@ done
 BENCH_N=$N
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
-[ "$(ulimit -n)" -gt $((N + 1000)) ] || { echo "idle.sh: open files limit $(ulimit -n) too low for -n $N" >&2; exit 2; }
+# Each balancer holds N client sockets and its upstreams; edgelb budgets two
+# descriptors per client connection and lowers max_connections to fit.
+[ "$(ulimit -n)" -gt $((2 * N + 1000)) ] || { echo "idle.sh: open files limit $(ulimit -n) too low for -n $N (needs 2N + 1000)" >&2; exit 2; }
 
 printf "# %s idle connections per target and kind; %s CPUs; haproxy %s, nginx %s\n" "$N" "$(nproc)" \
   "$(haproxy -v | awk 'NR==1{print $3}')" "$(nginx -v 2>&1 | sed 's|.*/||')"

@@ -91,10 +91,12 @@ awk -F'\t' '
   { key = $1 "\t" $2; if (!(key in R)) order[++n] = key
     R[key] = R[key] " " $4; P[key] = P[key] " " $5
     U[key] = U[key] " " ($7 > 0 ? ($1 ~ /big/ ? 1e3 * $6 / ($7 / 1024) : 1e6 * $6 / $7) : -1)
-    lo[key] = (key in lo && lo[key] < $4) ? lo[key] : $4; hi[key] = (hi[key] > $4) ? hi[key] : $4; E[key] += $8 }
+    if (!(key in lo) || $4 + 0 < lo[key]) lo[key] = $4 + 0
+    if (!(key in hi) || $4 + 0 > hi[key]) hi[key] = $4 + 0
+    E[key] += $8 }
   END { for (i = 1; i <= n; i++) { split(order[i], kt, "\t"); k = order[i]
       unit = kt[1] ~ /big/ ? "ms/GB" : "us/req"; rate = kt[1] ~ /big/ ? "MB/s" : "req/s"
-      printf "%-8s %-8s %6.0f %-4s %17s %8.2f %6.1f %-5s %6d\n", kt[1], kt[2], med(R[k]), rate,
-        sprintf("(%.0f-%.0f)", lo[k], hi[k]), med(P[k]), med(U[k]), unit, E[k] } }' "$RAW" | sort -s -k1,1
+      printf "%-8s %-8s %6.0f %-5s %17s %8s %6.1f %-6s %6d\n", kt[1], kt[2], med(R[k]), rate,
+        sprintf("(%.0f-%.0f)", lo[k], hi[k]), kt[1] == "h2" ? "-" : sprintf("%.2f", med(P[k])), med(U[k]), unit, E[k] } }' "$RAW" | sort -s -k1,1
 echo "# CPU/unit = the balancer's CPU time (all its processes and threads) per GB moved or per request;"
 echo "# rate and CPU are medians over the rounds. Load generator, backend and balancer share $(nproc) CPUs."

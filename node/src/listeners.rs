@@ -228,7 +228,7 @@ async fn handle(
         if route.http {
             crate::http::serve_connection(stream, conn, dp, shutdown).await;
         } else if let Some(target) = tcp_target {
-            crate::tcp::proxy(stream, conn, target, dp).await;
+            crate::tcp::proxy_plain(stream, conn, target, dp).await;
         }
         return;
     }

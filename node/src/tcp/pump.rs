@@ -1,0 +1,328 @@
+//! TCP mode's byte pump between two plain TCP sockets, one per direction:
+//!
+//! - The first [`SPLICE_AFTER`] bytes of a direction are read into a stack
+//!   buffer and written on at once; only what the receiver does not take
+//!   right away is kept on the heap until it does. An idle connection holds
+//!   no buffer at all.
+//! - After that (a long stream: a download, an upload) the direction moves
+//!   its bytes through a pipe with splice(2), so they never enter user
+//!   space, as HAProxy's `splice-auto` does. A pipe is two descriptors; at
+//!   most [`MAX_PIPES`] exist at once (they come out of the node's own
+//!   descriptor reserve), and a direction that finds none left keeps
+//!   copying.
+//!
+//! End of stream on one side shuts the other side's write half down, and
+//! the pump ends when both directions have, or at the first error (as
+//! `tokio::io::copy_bidirectional`).
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use crate::series::Counter;
+
+/// Bytes a direction copies before it switches to splice(2).
+pub(crate) const SPLICE_AFTER: u64 = 64 * 1024;
+
+/// Pipes open at once, all connections together.
+pub(crate) const MAX_PIPES: usize = 128;
+
+/// The stack buffer of one copy.
+const COPY_CHUNK: usize = 16 * 1024;
+
+/// What one splice into the pipe moves at most (a pipe's default size).
+const PIPE_CHUNK: usize = 64 * 1024;
+
+static PIPES: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes moved through pipes, all connections together.
+static SPLICED: AtomicU64 = AtomicU64::new(0);
+
+/// Moves bytes both ways until both sides ended; returns the bytes moved
+/// from `a` to `b` and from `b` to `a`. Each byte is counted in the
+/// direction's counter and in `activity`.
+pub(crate) async fn both_ways(
+    a: &TcpStream,
+    b: &TcpStream,
+    a_to_b: &Counter,
+    b_to_a: &Counter,
+    activity: &AtomicU64,
+) -> io::Result<(u64, u64)> {
+    tokio::try_join!(
+        one_way(a, b, a_to_b, activity),
+        one_way(b, a, b_to_a, activity)
+    )
+}
+
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &Counter,
+    activity: &AtomicU64,
+) -> io::Result<u64> {
+    let mut moved = 0_u64;
+    let mut pipe: Option<Pipe> = None;
+    loop {
+        if pipe.is_none() && moved >= SPLICE_AFTER {
+            pipe = Pipe::take();
+        }
+        let n = match &pipe {
+            Some(p) => p.splice(from, to).await?,
+            None => copy(from, to).await?,
+        };
+        if n == 0 {
+            // The peer may be gone already: nothing to tell it then.
+            let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
+            return Ok(moved);
+        }
+        moved += n as u64;
+        counter.inc_by(n as u64);
+        activity.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// One read of `from`, written whole to `to`; 0 at the end of `from`.
+async fn copy(from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
+    let mut chunk = [0_u8; COPY_CHUNK];
+    let n = loop {
+        from.readable().await?;
+        match from.try_read(&mut chunk) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    };
+    // Usually the receiver takes it all at once; the rest waits on the heap
+    // (the stack buffer is not held across a wait).
+    let sent = match to.try_write(&chunk[..n]) {
+        Ok(sent) => sent,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if sent < n {
+        let rest = chunk[sent..n].to_vec();
+        write_all(to, &rest).await?;
+    }
+    Ok(n)
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A pipe of the splice path, counted against [`MAX_PIPES`].
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    /// A new pipe, if fewer than [`MAX_PIPES`] are open and the system
+    /// gives one.
+    fn take() -> Option<Self> {
+        let taken = PIPES.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_PIPES).then_some(n + 1)
+        });
+        if taken.is_err() {
+            return None;
+        }
+        match rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK) {
+            Ok((read, write)) => Some(Self { read, write }),
+            Err(_) => {
+                PIPES.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
+        }
+    }
+
+    /// Moves what `from` has (up to a pipe's worth) into the pipe and all of
+    /// it on to `to`; 0 at the end of `from`.
+    async fn splice(&self, from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        let n = loop {
+            from.readable().await?;
+            let res = from.try_io(Interest::READABLE, || {
+                rustix::pipe::splice(from, None, &self.write, None, PIPE_CHUNK, flags)
+                    .map_err(io::Error::from)
+            });
+            match res {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        };
+        let mut left = n;
+        while left > 0 {
+            to.writable().await?;
+            let res = to.try_io(Interest::WRITABLE, || {
+                rustix::pipe::splice(&self.read, None, to, None, left, flags)
+                    .map_err(io::Error::from)
+            });
+            match res {
+                Ok(k) => {
+                    left -= k;
+                    SPLICED.fetch_add(k as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        PIPES.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Pipes open now.
+#[cfg(test)]
+fn pipes_open() -> usize {
+    PIPES.load(Ordering::Acquire)
+}
+
+/// Bytes moved through pipes so far.
+#[cfg(test)]
+fn spliced() -> u64 {
+    SPLICED.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use rand::RngCore;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// The figures checked are process-wide: one test at a time.
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// Both ends of a loopback TCP connection.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (a.expect("connect"), b.expect("accept").0)
+    }
+
+    async fn within<T>(fut: impl Future<Output = T>) -> T {
+        tokio::time::timeout(crate::patience::patient(Duration::from_secs(20)), fut)
+            .await
+            .expect("timed out")
+    }
+
+    /// Writes `data` to `s`, ends its write half, and reads `s` to its end.
+    async fn exchange(mut s: TcpStream, data: Vec<u8>) -> Vec<u8> {
+        let (mut r, mut w) = s.split();
+        let write = async {
+            w.write_all(&data).await.expect("write");
+            w.shutdown().await.expect("shutdown");
+        };
+        let read = async {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.expect("read");
+            got
+        };
+        tokio::join!(write, read).1
+    }
+
+    #[tokio::test]
+    async fn long_streams_both_ways_arrive_whole_and_counted_and_spliced() {
+        let _serial = SERIAL.lock().await;
+        let (client, client_side) = socket_pair().await;
+        let (upstream_side, instance) = socket_pair().await;
+        let mut up = vec![0_u8; 3 * 1024 * 1024 + 17];
+        let mut down = vec![0_u8; 5 * 1024 * 1024 + 3];
+        rand::rng().fill_bytes(&mut up);
+        rand::rng().fill_bytes(&mut down);
+        let (to_instance, to_client, activity) =
+            (Counter::default(), Counter::default(), AtomicU64::new(0));
+        let spliced_before = spliced();
+        let pumping = both_ways(
+            &client_side,
+            &upstream_side,
+            &to_instance,
+            &to_client,
+            &activity,
+        );
+        let (moved, got_by_client, got_by_instance) = within(async {
+            tokio::join!(
+                pumping,
+                exchange(client, up.clone()),
+                exchange(instance, down.clone())
+            )
+        })
+        .await;
+        assert_eq!(moved.expect("pump"), (up.len() as u64, down.len() as u64));
+        assert!(
+            got_by_instance == up,
+            "the instance got the client's bytes in order"
+        );
+        assert!(
+            got_by_client == down,
+            "the client got the instance's bytes in order"
+        );
+        assert_eq!(to_instance.get(), up.len() as u64);
+        assert_eq!(to_client.get(), down.len() as u64);
+        assert_eq!(
+            activity.load(Ordering::Relaxed),
+            (up.len() + down.len()) as u64
+        );
+        // Everything past the first 64 KiB of each direction went through a
+        // pipe, and the pipes were given back.
+        assert_eq!(pipes_open(), 0);
+        let expected = (up.len() + down.len()) as u64 - 2 * (SPLICE_AFTER + COPY_CHUNK as u64);
+        assert!(
+            spliced() - spliced_before >= expected,
+            "{} < {expected}",
+            spliced() - spliced_before
+        );
+    }
+
+    #[tokio::test]
+    async fn a_short_exchange_is_copied_and_an_early_end_reaches_the_other_side() {
+        let _serial = SERIAL.lock().await;
+        let spliced_before = spliced();
+        let (mut client, client_side) = socket_pair().await;
+        let (upstream_side, mut instance) = socket_pair().await;
+        let (a, b, activity) = (Counter::default(), Counter::default(), AtomicU64::new(0));
+        let pumping = both_ways(&client_side, &upstream_side, &a, &b, &activity);
+        let talk = async {
+            client.write_all(b"ping").await.expect("write");
+            let mut buf = [0_u8; 4];
+            instance.read_exact(&mut buf).await.expect("read");
+            assert_eq!(&buf, b"ping");
+            instance.write_all(b"pong").await.expect("write");
+            client.read_exact(&mut buf).await.expect("read");
+            assert_eq!(&buf, b"pong");
+            // The instance closes: the client sees the end, then closes too.
+            drop(instance);
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.expect("read");
+            assert!(rest.is_empty());
+            drop(client);
+        };
+        let (moved, ()) = within(async { tokio::join!(pumping, talk) }).await;
+        assert_eq!(moved.expect("pump"), (4, 4));
+        assert_eq!(spliced(), spliced_before, "short exchanges are copied");
+        assert_eq!(pipes_open(), 0);
+    }
+}
