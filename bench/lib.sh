@@ -9,7 +9,8 @@
 #   nginx     :18291       :18292               -        (1 worker)
 #
 # Needs haproxy, nginx, openssl, python3, curl. Loopback only.
-# Callers set ROOT and BENCH_N (connections the balancers must hold).
+# Callers set ROOT and BENCH_N (connections the balancers must hold);
+# PARK_AFTER sets the node's park_after (default 1s).
 
 for b in haproxy nginx openssl python3 curl; do
   command -v $b >/dev/null || { echo "bench: missing $b" >&2; exit 2; }
@@ -88,6 +89,7 @@ http {
 EOF
 cat > "$TMP/edgelb.toml" <<EOF
 idle_timeout = "600s"
+park_after = "${PARK_AFTER:-1s}"
 EOF
 BENCH_TOKEN=benchbenchbenchbenchbench
 

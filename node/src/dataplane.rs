@@ -34,7 +34,7 @@ pub struct Settings {
     /// An HTTP/1 connection idle between requests for this long gives its
     /// buffers back (hyper's read and write buffers, 16 KiB): only the
     /// socket and a few hundred bytes stay until the client sends again.
-    /// Zero: at once, as HAProxy and NGINX do (about 9 % more CPU per
+    /// Zero: at once, as HAProxy and NGINX do (about 6 % more CPU per
     /// kept-alive request under full load: hyper's connection is built
     /// again for each).
     pub park_after: Duration,

@@ -236,8 +236,10 @@ where
         Some(Ok(())) if parking && deadline.is_none() => match serving.into_parts() {
             Some(parts) => {
                 let (io, rest) = parts.io.into_inner().into_parts();
-                let rest = if rest.is_empty() {
-                    parts.read_buf
+                // Copied: even an empty slice of hyper's read buffer would
+                // keep its 8 KiB alive.
+                let rest = if rest.is_empty() && parts.read_buf.is_empty() {
+                    Bytes::new()
                 } else {
                     [rest, parts.read_buf].concat().into()
                 };

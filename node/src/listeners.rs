@@ -224,20 +224,34 @@ async fn handle(
         let target = plain_tcp.then(|| table.target(route, None)).flatten();
         (route.clone(), target)
     };
+    // The TLS and TCP paths are boxed: a future is as large as its largest
+    // state, and every plain HTTP connection would carry theirs (a TLS
+    // session, the TCP pump) for as long as it is open.
     if !route.tls {
         if route.http {
             crate::http::serve_connection(stream, conn, dp, shutdown).await;
         } else if let Some(target) = tcp_target {
-            crate::tcp::proxy_plain(stream, conn, target, dp).await;
+            Box::pin(crate::tcp::proxy_plain(stream, conn, target, dp)).await;
         }
         return;
     }
     conn.tls = true;
-    let acceptor = if route.http {
-        &acceptors.0
-    } else {
-        &acceptors.1
-    };
+    Box::pin(serve_tls(
+        stream, conn, route.http, dp, &acceptors, shutdown,
+    ))
+    .await;
+}
+
+/// Terminates TLS and serves the connection in the port's mode.
+async fn serve_tls(
+    stream: TcpStream,
+    conn: ConnInfo,
+    http: bool,
+    dp: Arc<DataPlane>,
+    acceptors: &(TlsAcceptor, TlsAcceptor),
+    shutdown: CancellationToken,
+) {
+    let acceptor = if http { &acceptors.0 } else { &acceptors.1 };
     let tls = match tokio::time::timeout(dp.settings.tls_handshake_timeout, acceptor.accept(stream))
         .await
     {
@@ -251,7 +265,7 @@ async fn handle(
             return;
         }
     };
-    if route.http {
+    if http {
         crate::http::serve_connection(tls, conn, dp, shutdown).await;
     } else {
         let sni = tls.get_ref().1.server_name().map(str::to_owned);
@@ -332,6 +346,40 @@ mod tests {
         let taken = held.local_addr().expect("addr");
         let err = bind(taken, &workers).expect_err("held by a plain socket");
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    }
+
+    /// Every connection's task is as large as the largest state of
+    /// `handle`: the TLS handshake and the TCP pump must not make each
+    /// plain HTTP connection pay for theirs.
+    #[tokio::test]
+    async fn a_connection_task_is_small() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let stream = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let dp = Arc::new(DataPlane::new(crate::dataplane::Settings::default()));
+        let acceptors = Arc::new((
+            TlsAcceptor::from(server_config(1, dp.routes.clone(), true)),
+            TlsAcceptor::from(server_config(1, dp.routes.clone(), false)),
+        ));
+        let permit = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        let info = ConnInfo {
+            peer: l.local_addr().expect("addr"),
+            port: 1,
+            tls: false,
+        };
+        let task = handle(
+            stream,
+            info,
+            dp,
+            acceptors,
+            permit,
+            CancellationToken::new(),
+        );
+        eprintln!("connection task: {} bytes", size_of_val(&task));
+        assert!(size_of_val(&task) <= 1536, "{} bytes", size_of_val(&task));
     }
 
     #[test]

@@ -158,7 +158,7 @@ pub(super) struct Source {
     pub(super) upstream_timeout: Option<Duration>,
     #[serde(deserialize_with = "duration")]
     pub(super) idle_timeout: Option<Duration>,
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration_or_zero")]
     pub(super) park_after: Option<Duration>,
     #[serde(deserialize_with = "duration")]
     pub(super) tcp_idle_timeout: Option<Duration>,
@@ -337,6 +337,14 @@ fn ip_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> 
 
 fn min_free<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MinFree>, D::Error> {
     text_as(d, str::parse)
+}
+
+/// A duration in `humantime` syntax, zero included (`0s`).
+fn duration_or_zero<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    text_as(d, |v| {
+        parse_duration(v)
+            .ok_or_else(|| format!("{v:?} is not a duration like 0s, 500ms, 30s or 5m"))
+    })
 }
 
 /// A duration in `humantime` syntax (`500ms`, `30s`, `5m`, `1h`, `90d`,

@@ -196,7 +196,16 @@ fn client_timeouts_and_trusted_proxies() {
     assert!(trusted[0].contains(&"10.1.2.3".parse::<IpAddr>().unwrap()));
     assert!(trusted[1].contains(&"192.0.2.7".parse::<IpAddr>().unwrap()));
     assert!(!trusted[1].contains(&"192.0.2.8".parse::<IpAddr>().unwrap()));
+    // The data plane's threads and parking.
+    assert_eq!(c.settings.park_after, Duration::from_secs(1));
+    assert!(c.settings.workers >= 1);
+    std::fs::write(&path, "park_after = \"0s\"\nworkers = 3\n").unwrap();
+    let c = load(&["--config", path.to_str().unwrap()]).unwrap();
+    assert_eq!(c.settings.park_after, Duration::ZERO, "0s parks at once");
+    assert_eq!(c.settings.workers, 3);
     for (text, field) in [
+        ("workers = 0\n", "workers"),
+        ("park_after = \"soon\"\n", "park_after"),
         ("trusted_proxies = [\"10.0.0.0/33\"]\n", "trusted_proxies"),
         ("trusted_proxies = [\"proxy.example\"]\n", "trusted_proxies"),
         ("send_timeout = \"0s\"\n", "send_timeout"),

@@ -87,27 +87,35 @@ async fn one_way(
 
 /// One read of `from`, written whole to `to`; 0 at the end of `from`.
 async fn copy(from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
-    let mut chunk = [0_u8; COPY_CHUNK];
-    let n = loop {
+    loop {
         from.readable().await?;
-        match from.try_read(&mut chunk) {
-            Ok(n) => break n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    };
-    // Usually the receiver takes it all at once; the rest waits on the heap
-    // (the stack buffer is not held across a wait).
-    let sent = match to.try_write(&chunk[..n]) {
-        Ok(sent) => sent,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(e) => return Err(e),
-    };
-    if sent < n {
-        let rest = chunk[sent..n].to_vec();
+        // The stack buffer lives only between two waits: it is no part of
+        // the connection's task (a future holds what lives across a wait).
+        let (n, rest) = {
+            let mut chunk = [0_u8; COPY_CHUNK];
+            let n = match from.try_read(&mut chunk) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                return Ok(0);
+            }
+            // Usually the receiver takes it all at once; the rest waits on
+            // the heap.
+            let sent = match to.try_write(&chunk[..n]) {
+                Ok(sent) => sent,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            if sent == n {
+                return Ok(n);
+            }
+            (n, chunk[sent..n].to_vec())
+        };
         write_all(to, &rest).await?;
+        return Ok(n);
     }
-    Ok(n)
 }
 
 async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
