@@ -10,7 +10,7 @@
 #
 # Needs haproxy, nginx, openssl, python3, curl. Loopback only.
 # Callers set ROOT and BENCH_N (connections the balancers must hold);
-# PARK_AFTER sets the node's park_after (default 1s).
+# PARK_AFTER sets the node's park_after (else its default).
 
 for b in haproxy nginx openssl python3 curl; do
   command -v $b >/dev/null || { echo "bench: missing $b" >&2; exit 2; }
@@ -89,7 +89,7 @@ http {
 EOF
 cat > "$TMP/edgelb.toml" <<EOF
 idle_timeout = "600s"
-park_after = "${PARK_AFTER:-1s}"
+${PARK_AFTER:+park_after = \"$PARK_AFTER\"}
 EOF
 BENCH_TOKEN=benchbenchbenchbenchbench
 

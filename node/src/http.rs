@@ -157,8 +157,8 @@ where
         if conn.close_requested() {
             return Poll::Ready(Ok(None));
         }
-        let mut buf = [0_u8; PARKED_READ];
-        let mut read = ReadBuf::new(&mut buf);
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); PARKED_READ];
+        let mut read = ReadBuf::uninit(&mut buf);
         match Pin::new(&mut *io).poll_read(cx, &mut read) {
             Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(Ok(None)),
             Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(Bytes::copy_from_slice(read.filled())))),

@@ -39,8 +39,8 @@ pub async fn proxy_plain(client: TcpStream, conn: ConnInfo, target: Target, dp: 
     let activity = Arc::new(AtomicU64::new(0));
     let metrics = &backend.metrics;
     let pumping = pump::both_ways(
-        &client,
-        &upstream,
+        client,
+        upstream,
         &metrics.bytes_tx,
         &metrics.bytes_rx,
         &activity,

@@ -16,12 +16,18 @@
 //! `tokio::io::copy_bidirectional`).
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Poll, ready};
+
 use rustix::pipe::{PipeFlags, SpliceFlags};
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::series::Counter;
 
@@ -46,21 +52,23 @@ static SPLICED: AtomicU64 = AtomicU64::new(0);
 /// from `a` to `b` and from `b` to `a`. Each byte is counted in the
 /// direction's counter and in `activity`.
 pub(crate) async fn both_ways(
-    a: &TcpStream,
-    b: &TcpStream,
+    a: TcpStream,
+    b: TcpStream,
     a_to_b: &Counter,
     b_to_a: &Counter,
     activity: &AtomicU64,
 ) -> io::Result<(u64, u64)> {
+    let (mut a_read, a_write) = a.into_split();
+    let (mut b_read, b_write) = b.into_split();
     tokio::try_join!(
-        one_way(a, b, a_to_b, activity),
-        one_way(b, a, b_to_a, activity)
+        one_way(&mut a_read, &b_write, a_to_b, activity),
+        one_way(&mut b_read, &a_write, b_to_a, activity)
     )
 }
 
 async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
+    from: &mut OwnedReadHalf,
+    to: &OwnedWriteHalf,
     counter: &Counter,
     activity: &AtomicU64,
 ) -> io::Result<u64> {
@@ -71,12 +79,12 @@ async fn one_way(
             pipe = Pipe::take();
         }
         let n = match &pipe {
-            Some(p) => p.splice(from, to).await?,
-            None => copy(from, to).await?,
+            Some(p) => p.splice(from.as_ref(), to.as_ref()).await?,
+            None => copy(from, to.as_ref()).await?,
         };
         if n == 0 {
             // The peer may be gone already: nothing to tell it then.
-            let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
+            let _ = rustix::net::shutdown(to.as_ref(), rustix::net::Shutdown::Write);
             return Ok(moved);
         }
         moved += n as u64;
@@ -86,36 +94,34 @@ async fn one_way(
 }
 
 /// One read of `from`, written whole to `to`; 0 at the end of `from`.
-async fn copy(from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
-    loop {
-        from.readable().await?;
-        // The stack buffer lives only between two waits: it is no part of
-        // the connection's task (a future holds what lives across a wait).
-        let (n, rest) = {
-            let mut chunk = [0_u8; COPY_CHUNK];
-            let n = match from.try_read(&mut chunk) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            };
-            if n == 0 {
-                return Ok(0);
-            }
-            // Usually the receiver takes it all at once; the rest waits on
-            // the heap.
-            let sent = match to.try_write(&chunk[..n]) {
-                Ok(sent) => sent,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(e),
-            };
-            if sent == n {
-                return Ok(n);
-            }
-            (n, chunk[sent..n].to_vec())
+///
+/// The read and the first write happen in one poll, into a stack buffer
+/// that lives only for that poll: it is no part of the connection's task (a
+/// future holds what lives across a wait). The read goes through tokio's
+/// `poll_read`, which forgets the socket's readiness after a short read, so
+/// no read is spent on finding it empty.
+async fn copy(from: &mut OwnedReadHalf, to: &TcpStream) -> io::Result<usize> {
+    let (n, rest) = poll_fn(|cx| {
+        // Not zeroed: filling 16 KiB at every poll costs more than the read.
+        let mut chunk = [MaybeUninit::<u8>::uninit(); COPY_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut chunk);
+        ready!(Pin::new(&mut *from).poll_read(cx, &mut buf))?;
+        let read = buf.filled();
+        if read.is_empty() {
+            return Poll::Ready(Ok((0, Vec::new())));
+        }
+        // Usually the receiver takes it all at once; the rest waits on the
+        // heap.
+        let sent = match to.try_write(read) {
+            Ok(sent) => sent,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Poll::Ready(Err(e)),
         };
-        write_all(to, &rest).await?;
-        return Ok(n);
-    }
+        Poll::Ready(Ok((read.len(), read[sent..].to_vec())))
+    })
+    .await?;
+    write_all(to, &rest).await?;
+    Ok(n)
 }
 
 async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
@@ -265,8 +271,8 @@ mod tests {
             (Counter::default(), Counter::default(), AtomicU64::new(0));
         let spliced_before = spliced();
         let pumping = both_ways(
-            &client_side,
-            &upstream_side,
+            client_side,
+            upstream_side,
             &to_instance,
             &to_client,
             &activity,
@@ -312,7 +318,7 @@ mod tests {
         let (mut client, client_side) = socket_pair().await;
         let (upstream_side, mut instance) = socket_pair().await;
         let (a, b, activity) = (Counter::default(), Counter::default(), AtomicU64::new(0));
-        let pumping = both_ways(&client_side, &upstream_side, &a, &b, &activity);
+        let pumping = both_ways(client_side, upstream_side, &a, &b, &activity);
         let talk = async {
             client.write_all(b"ping").await.expect("write");
             let mut buf = [0_u8; 4];
