@@ -196,44 +196,17 @@ where
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades(),
     );
-    let mut deadline: Option<Pin<Box<Sleep>>> = None;
-    let mut parking = false;
-    let res = poll_fn(|cx| {
-        // Registered before the checks below, so that a wake between them
-        // and `Pending` is not lost.
-        conn.set_waker(cx.waker());
-        loop {
-            if deadline.is_none() && conn.close_requested() {
-                Pin::new(&mut *serving).graceful_shutdown();
-                deadline = Some(Box::pin(tokio::time::sleep(drain)));
-            } else if !parking && deadline.is_none() && conn.take_park() {
-                // hyper is between requests: it ends at once, without
-                // answering anything.
-                parking = true;
-                conn.set_parking(true);
-                Pin::new(&mut *serving).graceful_shutdown();
-            }
-            if let Poll::Ready(res) = Pin::new(&mut *serving).poll(cx) {
-                return Poll::Ready(Some(res));
-            }
-            if (deadline.is_none() && conn.close_requested())
-                || (!parking && deadline.is_none() && conn.park_requested())
-            {
-                continue;
-            }
-            break;
-        }
-        if let Some(d) = deadline.as_mut()
-            && d.as_mut().poll(cx).is_ready()
-        {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
-    })
+    let driven = drive(
+        conn,
+        Pin::new(&mut *serving),
+        |c| c.graceful_shutdown(),
+        true,
+        drain,
+    )
     .await;
     conn.set_parking(false);
-    match res {
-        Some(Ok(())) if parking && deadline.is_none() => match serving.into_parts() {
+    match driven {
+        Driven::Parked => match serving.into_parts() {
             Some(parts) => {
                 let (io, rest) = parts.io.into_inner().into_parts();
                 // Copied: even an empty slice of hyper's read buffer would
@@ -248,9 +221,7 @@ where
             // Upgraded meanwhile: the tunnel has the socket.
             None => H1::Ended(Ok(())),
         },
-        Some(Ok(())) => H1::Ended(Ok(())),
-        Some(Err(e)) => H1::Ended(Err(Ended::Http(e))),
-        None => H1::Ended(Err(Ended::DrainTimedOut)),
+        Driven::Ended(end) => H1::Ended(end),
     }
 }
 
@@ -270,18 +241,63 @@ where
     let svc_conn = conn.clone();
     let service = service_fn(move |req| forward::handle(req, ActiveGuard::new(&svc_conn)));
     let mut serving = Box::pin(builder.serve_connection(TokioIo::new(io), service));
+    match drive(
+        conn,
+        serving.as_mut(),
+        |c| c.graceful_shutdown(),
+        false,
+        drain,
+    )
+    .await
+    {
+        Driven::Ended(end) => end,
+        // Never asked for: HTTP/2 connections are not parked.
+        Driven::Parked => Ok(()),
+    }
+}
+
+/// How [`drive`] ended.
+enum Driven {
+    /// hyper ended its part of an idle HTTP/1 connection that was parked.
+    Parked,
+    Ended(Result<(), Ended>),
+}
+
+/// Polls hyper's connection until it ends. A close request (idle timeout,
+/// node shutdown) starts its graceful shutdown, which has the drain timeout
+/// to finish; with `parkable`, a park request ends it at once (hyper is
+/// between requests and answers nothing), without shutting the socket down.
+async fn drive<F>(
+    conn: &Conn,
+    mut serving: Pin<&mut F>,
+    graceful_shutdown: impl Fn(Pin<&mut F>),
+    parkable: bool,
+    drain: Duration,
+) -> Driven
+where
+    F: Future<Output = hyper::Result<()>>,
+{
     let mut deadline: Option<Pin<Box<Sleep>>> = None;
+    let mut parking = false;
     let res = poll_fn(|cx| {
+        // Registered before the checks below, so that a wake between them
+        // and `Pending` is not lost.
         conn.set_waker(cx.waker());
         loop {
             if deadline.is_none() && conn.close_requested() {
-                serving.as_mut().graceful_shutdown();
+                graceful_shutdown(serving.as_mut());
                 deadline = Some(Box::pin(tokio::time::sleep(drain)));
+            } else if parkable && !parking && deadline.is_none() && conn.take_park() {
+                parking = true;
+                conn.set_parking(true);
+                graceful_shutdown(serving.as_mut());
             }
             if let Poll::Ready(res) = serving.as_mut().poll(cx) {
                 return Poll::Ready(Some(res));
             }
-            if deadline.is_none() && conn.close_requested() {
+            if deadline.is_none()
+                && (conn.close_requested() || (parkable && !parking && conn.park_requested()))
+            {
                 continue;
             }
             break;
@@ -295,9 +311,10 @@ where
     })
     .await;
     match res {
-        Some(Ok(())) => Ok(()),
-        Some(Err(e)) => Err(Ended::Http(e)),
-        None => Err(Ended::DrainTimedOut),
+        Some(Ok(())) if parking && deadline.is_none() => Driven::Parked,
+        Some(Ok(())) => Driven::Ended(Ok(())),
+        Some(Err(e)) => Driven::Ended(Err(Ended::Http(e))),
+        None => Driven::Ended(Err(Ended::DrainTimedOut)),
     }
 }
 
