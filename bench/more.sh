@@ -5,25 +5,27 @@
 # and NGINX (1 worker) each front one nginx backend (bench/lib.sh), and take
 # turns within every round; the balancer's CPU time is read from /proc.
 #
-#   bench/more.sh [-d SECS] [-r ROUNDS] [--runs big,tcp-big,h2,many] [--targets edgelb,haproxy,nginx]
+#   bench/more.sh [-d SECS] [-r ROUNDS] [--runs big,tcp-big,h2,many,tls,tls-new] [--targets edgelb,haproxy,nginx]
 #
 #   big      wrk -c16, GET /big (1 MiB), HTTP mode        MB/s, CPU ms per GB
 #   tcp-big  the same through TCP mode (edgelb, haproxy)  MB/s, CPU ms per GB
 #   h2       h2load -c16 -m32 over TLS (ALPN h2)          req/s, CPU µs per request
 #   many     wrk -c1000 keep-alive, GET /                 req/s, p99, CPU µs per request
+#   tls      wrk -c64 keep-alive over TLS (HTTP/1.1)      req/s, p99, CPU µs per request
+#   tls-new  wrk -c64, a new TLS connection per request   req/s, p99, CPU µs per request
 #
 # Needs wrk and h2load (Debian: nghttp2-client) besides bench/lib.sh's
 # tools. EDGELB_BIN measures another build of the node.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-DUR=5 ROUNDS=3 RUNS=big,tcp-big,h2,many TARGETS=edgelb,haproxy,nginx
+DUR=5 ROUNDS=3 RUNS=big,tcp-big,h2,many,tls,tls-new TARGETS=edgelb,haproxy,nginx
 while [ $# -gt 0 ]; do
   case "$1" in
     -d) DUR=$2; shift 2 ;;
     -r) ROUNDS=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
     --targets) TARGETS=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "more.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -44,6 +46,9 @@ run() {
     big)     timeout $((DUR + 20)) wrk -t1 -c16 -d"${DUR}s" --latency "http://$http/big" > "$out" 2>&1 ;;
     tcp-big) timeout $((DUR + 20)) wrk -t1 -c16 -d"${DUR}s" --latency "http://$tcp/big" > "$out" 2>&1 ;;
     many)    timeout $((DUR + 30)) wrk -t1 -c1000 -d"${DUR}s" --latency "http://$http/" > "$out" 2>&1 ;;
+    tls)     timeout $((DUR + 30)) wrk -t1 -c64 -d"${DUR}s" --latency -H 'Host: bench.local' "https://$tls/" > "$out" 2>&1 ;;
+    tls-new) timeout $((DUR + 30)) wrk -t1 -c64 -d"${DUR}s" --latency -H 'Host: bench.local' \
+               -H 'Connection: close' "https://$tls/" > "$out" 2>&1 ;;
     h2)      timeout $((DUR + 30)) h2load -c16 -m32 -D "$DUR" --warm-up-time=1 \
                --connect-to="$tls" "https://bench.local:${tls##*:}/" > "$out" 2>&1 ;;
   esac
