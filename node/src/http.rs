@@ -36,8 +36,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -49,7 +47,7 @@ use tracing::{Instrument, debug};
 
 use crate::dataplane::{ConnInfo, DataPlane};
 
-use self::conn::{ActiveGuard, Conn, Prefixed, TimedIo};
+use self::conn::{ActiveGuard, Conn, TimedIo};
 
 /// Serves one accepted (and, on TLS ports, decrypted) client connection in
 /// HTTP mode until it closes.
@@ -85,31 +83,29 @@ where
         }
     });
     let mut io = TimedIo::new(io, conn.clone());
-    let mut pending = Bytes::new();
     // Counted in `edgelb_http_parked_connections` while waiting parked.
     let mut parked = false;
     let end = loop {
         // Parked (or new): nothing but the socket is held until the client
         // sends.
-        if pending.is_empty() {
+        if !io.has_unread() {
             let read = read_some(&mut io, &conn).await;
             if std::mem::take(&mut parked) {
                 dp.parked.dec();
             }
             match read {
-                Ok(Some(bytes)) => pending = bytes,
-                Ok(None) => break Ok(()),
+                Ok(true) => {}
+                Ok(false) => break Ok(()),
                 Err(e) => break Err(Ended::Io(e)),
             }
         }
         if io.h2() {
-            break serve_h2(Prefixed::new(io, pending), &conn, drain_timeout(&dp)).await;
+            break serve_h2(io, &conn).await;
         }
-        match serve_h1(Prefixed::new(io, pending), &conn, drain_timeout(&dp)).await {
-            H1::Parked(back, rest) => {
+        match serve_h1(io, &conn).await {
+            H1::Parked(back) => {
                 io = back;
-                pending = rest;
-                if pending.is_empty() {
+                if !io.has_unread() {
                     parked = true;
                     dp.parked.inc();
                 }
@@ -126,10 +122,6 @@ where
     }
 }
 
-fn drain_timeout(dp: &DataPlane) -> Duration {
-    dp.settings.drain_timeout
-}
-
 /// Why a connection ended other than by closing cleanly.
 enum Ended {
     Io(std::io::Error),
@@ -139,32 +131,37 @@ enum Ended {
 
 /// How an HTTP/1 connection left hyper.
 enum H1<I> {
-    /// Idle for `park_after`: the I/O and any bytes already read
-    /// of a next request, for the next round.
-    Parked(TimedIo<I>, Bytes),
+    /// Idle for `park_after`: the I/O, holding any bytes already read of a
+    /// next request, for the next round.
+    Parked(TimedIo<I>),
     Ended(Result<(), Ended>),
 }
 
-/// Waits for the client's next bytes without holding a buffer (a
-/// stack buffer is used for the read itself); `None` at the end of the
-/// stream or when the connection should close (idle timeout, shutdown).
-async fn read_some<I>(io: &mut TimedIo<I>, conn: &Conn) -> std::io::Result<Option<Bytes>>
+/// Waits for the client's next bytes without holding a buffer (a stack
+/// buffer is used for the read itself) and leaves them unread in `io`;
+/// false at the end of the stream or when the connection should close
+/// (idle timeout, shutdown).
+async fn read_some<I>(io: &mut TimedIo<I>, conn: &Conn) -> std::io::Result<bool>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     poll_fn(|cx| {
         conn.set_waker(cx.waker());
         if conn.close_requested() {
-            return Poll::Ready(Ok(None));
+            return Poll::Ready(Ok(false));
         }
         let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); PARKED_READ];
         let mut read = ReadBuf::uninit(&mut buf);
         match Pin::new(&mut *io).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(Ok(None)),
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(Bytes::copy_from_slice(read.filled())))),
+            Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(Ok(false)),
+            Poll::Ready(Ok(())) => {
+                let bytes = Bytes::copy_from_slice(read.filled());
+                io.unread(bytes);
+                Poll::Ready(Ok(true))
+            }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             // The idle timeout asks for the close inside the read.
-            Poll::Pending if conn.close_requested() => Poll::Ready(Ok(None)),
+            Poll::Pending if conn.close_requested() => Poll::Ready(Ok(false)),
             Poll::Pending => Poll::Pending,
         }
     })
@@ -175,7 +172,7 @@ where
 /// and hyper reads the rest.
 const PARKED_READ: usize = 4096;
 
-async fn serve_h1<I>(io: Prefixed<TimedIo<I>>, conn: &Arc<Conn>, drain: Duration) -> H1<I>
+async fn serve_h1<I>(io: TimedIo<I>, conn: &Arc<Conn>) -> H1<I>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -201,22 +198,19 @@ where
         Pin::new(&mut *serving),
         |c| c.graceful_shutdown(),
         true,
-        drain,
     )
     .await;
     conn.set_parking(false);
     match driven {
         Driven::Parked => match serving.into_parts() {
             Some(parts) => {
-                let (io, rest) = parts.io.into_inner().into_parts();
-                // Copied: even an empty slice of hyper's read buffer would
-                // keep its 8 KiB alive.
-                let rest = if rest.is_empty() && parts.read_buf.is_empty() {
-                    Bytes::new()
-                } else {
-                    [rest, parts.read_buf].concat().into()
-                };
-                H1::Parked(io, rest)
+                let mut io = parts.io.into_inner();
+                if !parts.read_buf.is_empty() {
+                    // Copied: a slice of hyper's read buffer would keep
+                    // all of its 8 KiB alive.
+                    io.unread(Bytes::copy_from_slice(&parts.read_buf));
+                }
+                H1::Parked(io)
             }
             // Upgraded meanwhile: the tunnel has the socket.
             None => H1::Ended(Ok(())),
@@ -225,11 +219,7 @@ where
     }
 }
 
-async fn serve_h2<I>(
-    io: Prefixed<TimedIo<I>>,
-    conn: &Arc<Conn>,
-    drain: Duration,
-) -> Result<(), Ended>
+async fn serve_h2<I>(io: TimedIo<I>, conn: &Arc<Conn>) -> Result<(), Ended>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -241,15 +231,7 @@ where
     let svc_conn = conn.clone();
     let service = service_fn(move |req| forward::handle(req, ActiveGuard::new(&svc_conn)));
     let mut serving = Box::pin(builder.serve_connection(TokioIo::new(io), service));
-    match drive(
-        conn,
-        serving.as_mut(),
-        |c| c.graceful_shutdown(),
-        false,
-        drain,
-    )
-    .await
-    {
+    match drive(conn, serving.as_mut(), |c| c.graceful_shutdown(), false).await {
         Driven::Ended(end) => end,
         // Never asked for: HTTP/2 connections are not parked.
         Driven::Parked => Ok(()),
@@ -272,11 +254,11 @@ async fn drive<F>(
     mut serving: Pin<&mut F>,
     graceful_shutdown: impl Fn(Pin<&mut F>),
     parkable: bool,
-    drain: Duration,
 ) -> Driven
 where
     F: Future<Output = hyper::Result<()>>,
 {
+    let drain = conn.dp.settings.drain_timeout;
     let mut deadline: Option<Pin<Box<Sleep>>> = None;
     let mut parking = false;
     let res = poll_fn(|cx| {

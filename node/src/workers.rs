@@ -74,16 +74,6 @@ impl Workers {
     pub fn handles(&self) -> &[Handle] {
         &self.handles
     }
-
-    /// How many workers run.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Never: a `Workers` has at least one worker.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
 }
 
 impl Drop for Workers {
@@ -123,7 +113,7 @@ mod tests {
     #[test]
     fn each_worker_runs_its_tasks_on_its_own_thread_and_knows_its_index() {
         let workers = Workers::start(2).expect("workers start");
-        assert_eq!(workers.len(), 2);
+        assert_eq!(workers.handles().len(), 2);
         let mut seen = Vec::new();
         for (i, handle) in workers.handles().iter().enumerate() {
             let (tx, rx) = mpsc::channel();

@@ -188,71 +188,6 @@ impl Activity for Conn {
     }
 }
 
-/// An I/O whose reads first return `prefix`: bytes read from the client
-/// before hyper took the connection (a parked connection's first bytes).
-#[derive(Debug)]
-pub(crate) struct Prefixed<I> {
-    prefix: Bytes,
-    inner: I,
-}
-
-impl<I> Prefixed<I> {
-    pub(crate) fn new(inner: I, prefix: Bytes) -> Self {
-        Self { prefix, inner }
-    }
-
-    /// The I/O and what is left of the prefix.
-    pub(crate) fn into_parts(self) -> (I, Bytes) {
-        (self.inner, self.prefix)
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.prefix.is_empty() {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
-        }
-        let n = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
 /// The HTTP/1 answer to a client too slow to send its header block.
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n\
 content-length: 15\r\nconnection: close\r\n\r\nrequest timeout";
@@ -291,6 +226,10 @@ pub(crate) struct TimedIo<I> {
     /// The current idle phase has not asked for the connection to be
     /// parked yet: its first wait is `park_after` (none when that is zero).
     park_pending: bool,
+    /// Bytes already read (and timed) but not yet taken by hyper: a parked
+    /// connection's first bytes, or what hyper had buffered when it let the
+    /// connection go. Reads return them first.
+    unread: Bytes,
     /// When the current write stall began (`None` while writes go through).
     stalled_since: Option<Instant>,
     /// The send timer, made at the connection's first stall.
@@ -310,6 +249,7 @@ impl<I> TimedIo<I> {
             seen_bytes: false,
             h2: false,
             park_pending: false,
+            unread: Bytes::new(),
             stalled_since: None,
             send_timer: None,
         }
@@ -365,6 +305,20 @@ impl<I> TimedIo<I> {
         self.h2
     }
 
+    /// Puts `bytes` back in front of what reads return next.
+    pub(crate) fn unread(&mut self, bytes: Bytes) {
+        self.unread = if self.unread.is_empty() {
+            bytes
+        } else {
+            [bytes, std::mem::take(&mut self.unread)].concat().into()
+        };
+    }
+
+    /// Whether bytes are waiting to be read again.
+    pub(crate) fn has_unread(&self) -> bool {
+        !self.unread.is_empty()
+    }
+
     /// Starts a new phase: its timeout counts from its first wait.
     fn rearm(&mut self) {
         self.deadline = None;
@@ -409,15 +363,24 @@ impl<I> TimedIo<I> {
     /// Asks for the connection to be parked as soon as it is idle, when
     /// `park_after` is zero (no timer then).
     fn park_now(&mut self) -> bool {
-        if self.phase == Phase::Idle
+        let now = self.phase == Phase::Idle
             && self.park_pending
-            && self.conn.dp.settings.park_after.is_zero()
-        {
-            self.park_pending = false;
-            self.conn.park.store(true, Ordering::SeqCst);
-            return true;
+            && self.conn.dp.settings.park_after.is_zero();
+        if now {
+            self.request_park();
         }
-        false
+        now
+    }
+
+    /// The idle phase has lasted `park_after`: asks the serving task to
+    /// park the connection (right after this poll). The idle timeout still
+    /// counts from the start of the phase.
+    fn request_park(&mut self) {
+        self.park_pending = false;
+        let settings = &self.conn.dp.settings;
+        let (park, idle) = (settings.park_after, settings.idle_timeout);
+        self.deadline = self.deadline.map(|d| d - park + idle);
+        self.conn.park.store(true, Ordering::SeqCst);
     }
 
     fn on_bytes(&mut self, bytes: &[u8]) {
@@ -476,6 +439,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread.split_to(n));
+            if this.unread.is_empty() {
+                // Lets the buffer go rather than an empty view of it.
+                this.unread = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         loop {
             match this.phase {
                 Phase::Passthrough => return Pin::new(&mut this.inner).poll_read(cx, buf),
@@ -525,14 +497,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
                 return Poll::Pending;
             }
             if this.phase == Phase::Idle && this.park_pending {
-                // Idle for `park_after`: the serving task parks the
-                // connection right after this poll; the idle timeout still
-                // counts from the start of the idle phase.
-                this.park_pending = false;
-                let settings = &this.conn.dp.settings;
-                let (park, idle) = (settings.park_after, settings.idle_timeout);
-                this.deadline = this.deadline.map(|d| d - park + idle);
-                this.conn.park.store(true, Ordering::SeqCst);
+                this.request_park();
                 continue;
             }
             if this.phase == Phase::Head && !this.h2 {
