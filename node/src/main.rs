@@ -13,9 +13,10 @@ use tracing_subscriber::EnvFilter;
 /// mimalloc: glibc malloc's cost per allocation grew with the heap (a
 /// third of the extra CPU per write at 100,000 instances, README
 /// "Benchmarks", the scale example); the library and its tests keep the
-/// system allocator.
+/// system allocator. Data-plane workers give emptied pages back once a
+/// second (`edgelb_alloc::collect`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: edgelb_alloc::MiMalloc = edgelb_alloc::MiMalloc;
 
 fn main() -> ExitCode {
     // Everything the node writes (keys, token, Raft state) is for its own
