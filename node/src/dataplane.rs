@@ -2,12 +2,14 @@
 //! data-plane settings, and the instances tried in turn ([`Attempts`]), the
 //! same for a TCP connection and an HTTP request.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Once, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 pub use ipnet::IpNet;
 use prometheus::IntGauge;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::balancer::{Lease, Pick};
@@ -100,6 +102,8 @@ pub struct DataPlane {
     /// `edgelb_http_parked_connections`: HTTP/1 client connections idle
     /// between requests that hold no buffers (see `Settings::park_after`).
     pub parked: IntGauge,
+    /// The client connections the node's shutdown must reach.
+    pub(crate) open: Arc<OpenConns>,
 }
 
 impl DataPlane {
@@ -112,6 +116,7 @@ impl DataPlane {
                 "HTTP/1 client connections idle between requests that hold no buffers (parked).",
             )
             .expect("a valid metric name and help text"),
+            open: Arc::default(),
         }
     }
 
@@ -200,5 +205,156 @@ impl<'a> Attempts<'a> {
         backend.metrics.connect_errors.inc();
         lease.mark_down(Instant::now());
         self.last = Some(error);
+    }
+}
+
+/// A client connection that can be asked to close gracefully.
+pub(crate) trait Close: Send + Sync {
+    fn close(&self);
+}
+
+/// The open client connections, told to close when the node shuts down.
+///
+/// One task waits for the shutdown for all of them: a task per connection
+/// would cost every idle connection a second task (a few hundred bytes
+/// each) and a registration on the shutdown token, whose lock all workers
+/// share. A connection is in one of a few shards (by worker) from
+/// [`OpenConns::register`] until its guard drops.
+pub(crate) struct OpenConns {
+    shards: [Mutex<HashMap<usize, Weak<dyn Close>>>; SHARDS],
+    /// The task that waits for the shutdown has been started.
+    watching: Once,
+}
+
+const SHARDS: usize = 8;
+
+impl Default for OpenConns {
+    fn default() -> Self {
+        Self {
+            shards: Default::default(),
+            watching: Once::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for OpenConns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenConns")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl OpenConns {
+    /// Registers `conn` until the guard drops. When `shutdown` fires, it is
+    /// told to close, and at once if it already has. The first
+    /// registration starts the task that waits for `shutdown`: a data
+    /// plane has one shutdown, the node's.
+    pub(crate) fn register<C: Close + 'static>(
+        self: &Arc<Self>,
+        conn: &Arc<C>,
+        shutdown: &CancellationToken,
+    ) -> Registered<'_> {
+        self.watching.call_once(|| {
+            let (open, shutdown) = (Arc::downgrade(self), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                if let Some(open) = open.upgrade() {
+                    open.close_all();
+                }
+            });
+        });
+        let key = Arc::as_ptr(conn).cast::<()>() as usize;
+        let shard = &self.shards[crate::workers::current() % SHARDS];
+        let weak: Weak<dyn Close> = Arc::downgrade(conn) as Weak<dyn Close>;
+        lock(shard).insert(key, weak);
+        // After the insert: a shutdown that fired before it was seen by
+        // the sweep or is seen here.
+        if shutdown.is_cancelled() {
+            conn.close();
+        }
+        Registered { shard, key }
+    }
+
+    fn close_all(&self) {
+        for shard in &self.shards {
+            let conns: Vec<_> = lock(shard).values().filter_map(Weak::upgrade).collect();
+            for conn in conns {
+                conn.close();
+            }
+        }
+    }
+
+    /// Connections registered.
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A connection's place in [`OpenConns`]; dropping it leaves.
+pub(crate) struct Registered<'a> {
+    shard: &'a Mutex<HashMap<usize, Weak<dyn Close>>>,
+    key: usize,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        lock(self.shard).remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod open_conns_tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Flag(AtomicBool);
+
+    impl Close for Flag {
+        fn close(&self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Flag {
+        fn closed(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_shutdown_reaches_open_connections_and_only_those() {
+        let open = Arc::new(OpenConns::default());
+        let shutdown = CancellationToken::new();
+        let (a, b, gone) = (
+            Arc::new(Flag::default()),
+            Arc::new(Flag::default()),
+            Arc::new(Flag::default()),
+        );
+        let _a = open.register(&a, &shutdown);
+        let _b = open.register(&b, &shutdown);
+        drop(open.register(&gone, &shutdown));
+        assert_eq!(open.len(), 2, "a guard that dropped left");
+        assert!(!a.closed() && !b.closed());
+        shutdown.cancel();
+        let both = async {
+            while !(a.closed() && b.closed()) {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(crate::patience::patient(Duration::from_secs(5)), both)
+            .await
+            .expect("the shutdown reaches both connections");
+        assert!(!gone.closed(), "a connection that ended is not told");
+        // One that registers after the shutdown is told at once.
+        let late = Arc::new(Flag::default());
+        let _late = open.register(&late, &shutdown);
+        assert!(late.closed());
     }
 }

@@ -55,33 +55,38 @@ use self::conn::{ActiveGuard, Conn, TimedIo};
 /// HTTP/1.1 and HTTP/2 (ALPN or prior knowledge) are told apart by the
 /// client preface. When `shutdown` fires the connection shuts down
 /// gracefully: in-flight requests finish (bounded by the drain timeout),
-/// then it closes.
-pub async fn serve_connection<I>(
+/// then it closes. `held` (the listener's connection slot) is dropped when
+/// the connection ends.
+///
+/// Not an `async fn`: one would keep its own copy of the arguments beside
+/// `serve`'s for as long as the connection is open.
+pub fn serve_connection<I, H>(
     io: I,
     conn: ConnInfo,
     dp: Arc<DataPlane>,
     shutdown: CancellationToken,
+    held: H,
+) -> impl Future<Output = ()> + Send
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Send + 'static,
+{
+    let span = tracing::debug_span!("http", peer = %conn.peer, port = conn.port, tls = conn.tls);
+    serve(io, conn, dp, shutdown, held).instrument(span)
+}
+
+async fn serve<I, H>(
+    io: I,
+    info: ConnInfo,
+    dp: Arc<DataPlane>,
+    shutdown: CancellationToken,
+    _held: H,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let span = tracing::debug_span!("http", peer = %conn.peer, port = conn.port, tls = conn.tls);
-    serve(io, conn, dp, shutdown).instrument(span).await;
-}
-
-async fn serve<I>(io: I, info: ConnInfo, dp: Arc<DataPlane>, shutdown: CancellationToken)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
     let conn = Arc::new(Conn::new(info, dp.clone(), shutdown.clone()));
-    // The shutdown token is polled by its own task: polling it from this
-    // one would take the token's lock on every wake of every connection.
-    let watcher = tokio::spawn({
-        let conn = conn.clone();
-        async move {
-            shutdown.cancelled().await;
-            conn.request_close();
-        }
-    });
+    // The node's shutdown asks it to close (see `OpenConns`).
+    let _open = dp.open.register(&conn, &shutdown);
     let mut io = TimedIo::new(io, conn.clone());
     // Counted in `edgelb_http_parked_connections` while waiting parked.
     let mut parked = false;
@@ -99,10 +104,12 @@ where
                 Err(e) => break Err(Ended::Io(e)),
             }
         }
+        // Boxed, both: while parked, the task holds neither (a future is
+        // as large as its largest state).
         if io.h2() {
-            break serve_h2(io, &conn).await;
+            break Box::pin(serve_h2(io, &conn)).await;
         }
-        match serve_h1(io, &conn).await {
+        match Box::pin(serve_h1(io, &conn)).await {
             H1::Parked(back) => {
                 io = back;
                 if !io.has_unread() {
@@ -113,7 +120,6 @@ where
             H1::Ended(end) => break end,
         }
     };
-    watcher.abort();
     match end {
         Ok(()) => {}
         Err(Ended::Io(error)) => debug!(%error, "connection ended with an error"),
@@ -187,15 +193,12 @@ where
         .auto_date_header(false);
     let svc_conn = conn.clone();
     let service = service_fn(move |req| forward::handle(req, ActiveGuard::new(&svc_conn)));
-    // Boxed: a parked connection holds none of it.
-    let mut serving = Box::new(
-        builder
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades(),
-    );
+    let mut serving = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     let driven = drive(
         conn,
-        Pin::new(&mut *serving),
+        Pin::new(&mut serving),
         |c| c.graceful_shutdown(),
         true,
     )
@@ -230,7 +233,7 @@ where
         .auto_date_header(false);
     let svc_conn = conn.clone();
     let service = service_fn(move |req| forward::handle(req, ActiveGuard::new(&svc_conn)));
-    let mut serving = Box::pin(builder.serve_connection(TokioIo::new(io), service));
+    let mut serving = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
     match drive(conn, serving.as_mut(), |c| c.graceful_shutdown(), false).await {
         Driven::Ended(end) => end,
         // Never asked for: HTTP/2 connections are not parked.

@@ -140,6 +140,12 @@ impl Conn {
     }
 }
 
+impl crate::dataplane::Close for Conn {
+    fn close(&self) {
+        self.request_close();
+    }
+}
+
 /// Counts one request as active on its connection until dropped (with the
 /// response body).
 #[derive(Debug)]

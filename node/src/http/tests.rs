@@ -134,7 +134,7 @@ impl Edge {
                     port: PORT,
                     tls: false,
                 };
-                tokio::spawn(serve_connection(stream, info, dp2.clone(), sd.clone()));
+                tokio::spawn(serve_connection(stream, info, dp2.clone(), sd.clone(), ()));
             }
         });
         Self {
