@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 
 use super::conn::ActiveGuard;
 use crate::balancer::Lease;
-use crate::upstream::{Pool, PooledConn};
+use crate::upstream::{IdleLimits, Pool, PooledConn};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -28,6 +28,10 @@ pub(crate) struct ProxyBody {
 // Nearly every body is `Upstream`: not boxed, which would cost an
 // allocation per proxied response.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "nearly every body is Upstream; boxing it would allocate per response"
+)]
 enum Kind {
     Full(Option<Bytes>),
     Upstream(UpstreamBody),
@@ -112,8 +116,7 @@ pub(crate) struct UpstreamBody {
 #[derive(Debug)]
 pub(crate) struct Reuse {
     pub(crate) pool: Arc<Pool>,
-    pub(crate) max_idle: usize,
-    pub(crate) idle_timeout: Duration,
+    pub(crate) limits: IdleLimits,
 }
 
 #[derive(Debug)]
@@ -163,7 +166,7 @@ impl UpstreamBody {
             && let Some(r) = f.reuse
             && f.conn.sender.is_ready()
         {
-            r.pool.checkin(f.conn, r.max_idle, r.idle_timeout, now);
+            r.pool.checkin(f.conn, r.limits, now);
         }
         // Ends the in-flight count (and times the work for gossip).
         f.lease.release(now);

@@ -22,7 +22,7 @@ use super::upgrade;
 use crate::balancer::Lease;
 use crate::dataplane::{Attempts, Settings, Unserved};
 use crate::routing::Target;
-use crate::upstream::{ClientBody, ConnectError, Pool, PooledConn};
+use crate::upstream::{ClientBody, ConnectError, IdleLimits, Pool, PooledConn};
 
 /// How long a pooled connection may take to become ready for its next
 /// request before a new connection is opened instead.
@@ -274,8 +274,11 @@ fn respond(
     let settings = &conn.dp.settings;
     let reuse = client_upgrade.is_none().then(|| Reuse {
         pool: pool.clone(),
-        max_idle: settings.pool_max_idle,
-        idle_timeout: settings.pool_idle_timeout,
+        limits: IdleLimits {
+            max_idle: settings.pool_max_idle,
+            idle_timeout: settings.pool_idle_timeout,
+            park_after: settings.park_after,
+        },
     });
     let body = UpstreamBody::new(body, up, lease, start, status.as_u16(), reuse);
     Ok(Response::from_parts(parts, ProxyBody::upstream(body)))

@@ -1161,6 +1161,73 @@ async fn idle_connection_parks_and_serves_its_next_request() {
     eventually("the connection to park again", || edge.dp.parked.get() == 1).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connection_parks_and_carries_the_next_request() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let counters = echo_backend(l, "a");
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let settings = Settings {
+        park_after: Duration::from_millis(100),
+        ..settings()
+    };
+    let edge = Edge::start(vec![g], settings).await;
+    let pool = edge.backend("a").pool(port);
+    let mut client = edge.client().await;
+    let first = send(&mut client, get("app.example.com", "/one")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    eventually("the upstream connection to park", || pool.parked_len() == 1).await;
+    // Another client: the parked socket gets a new hyper connection.
+    let mut other = edge.client().await;
+    let second = send(&mut other, get("app.example.com", "/two")).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert!(second.body.starts_with("GET /two"), "{}", second.body);
+    assert_eq!(
+        counters.conns.load(Ordering::SeqCst),
+        1,
+        "one upstream connection for both"
+    );
+    eventually("the connection to park again", || pool.parked_len() == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_upstream_connection_closes_at_the_pool_idle_timeout() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let counters = echo_backend(l, "a");
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let settings = Settings {
+        park_after: Duration::from_millis(100),
+        pool_idle_timeout: Duration::from_millis(2500),
+        ..settings()
+    };
+    let edge = Edge::start(vec![g], settings).await;
+    let pool = edge.backend("a").pool(port);
+    let mut client = edge.client().await;
+    let first = send(&mut client, get("app.example.com", "/one")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    eventually("the upstream connection to park", || pool.parked_len() == 1).await;
+    // All parked: the sweeper next looks when the connection is to close.
+    eventually("the parked connection to close", || pool.idle_len() == 0).await;
+    let second = send(&mut client, get("app.example.com", "/two")).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(
+        counters.conns.load(Ordering::SeqCst),
+        2,
+        "a new upstream connection"
+    );
+}
+
 /// A client connection that got one answer (head and body) and then
 /// parked.
 async fn parked_connection(edge: &Edge) -> TcpStream {

@@ -4,7 +4,11 @@
 //! A connection is checked out for one request and goes back only after its
 //! response body has been read completely; closed and stale ones are
 //! discarded, and a sweeper closes those idle for longer than the pool idle
-//! timeout. Idle connections are kept per data-plane worker: a connection
+//! timeout. A connection idle for `park_after` (at least a second) is *parked*: hyper's
+//! connection is taken apart and only the socket stays, without the 8 KiB
+//! read and write buffers and the request channel's first block (about
+//! 10 KiB) that a live one holds; the next checkout builds a new hyper
+//! connection over the socket, which takes no I/O. Idle connections are kept per data-plane worker: a connection
 //! is watched by the reactor of the worker that opened it, so only that
 //! worker's requests take it again (`crate::workers`). The pool's lock is its own and is never held across an await.
 //! Pooled connections are driven by the request that uses them (see
@@ -25,7 +29,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug};
@@ -42,20 +46,23 @@ pub struct Pool {
     /// `address` parsed, when it is an IP literal (no resolver needed).
     ip: Option<IpAddr>,
     idle: Mutex<Idle>,
+    /// Wakes the sweeper when a checkin moves `sweep_at` earlier.
+    sweep: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
 struct Idle {
     /// Per worker (grown to the highest worker that used the pool), oldest
-    /// first.
-    conns: Vec<VecDeque<(PooledConn, Instant)>>,
-    /// A sweeper task is closing connections that stay idle too long.
-    sweeping: bool,
+    /// first, with when each went idle.
+    conns: Vec<VecDeque<(Slot, Instant)>>,
+    /// When the sweeper task (parking and closing idle connections) looks
+    /// next; `None` while there is none.
+    sweep_at: Option<Instant>,
 }
 
 impl Idle {
     /// The idle list of `worker`.
-    fn of(&mut self, worker: usize) -> &mut VecDeque<(PooledConn, Instant)> {
+    fn of(&mut self, worker: usize) -> &mut VecDeque<(Slot, Instant)> {
         if self.conns.len() <= worker {
             self.conns.resize_with(worker + 1, VecDeque::new);
         }
@@ -64,6 +71,93 @@ impl Idle {
 
     fn len(&self) -> usize {
         self.conns.iter().map(VecDeque::len).sum()
+    }
+}
+
+/// An idle connection: ready to send, or parked (the socket only).
+#[derive(Debug)]
+enum Slot {
+    Live(PooledConn),
+    Parked(ParkedConn),
+}
+
+impl Slot {
+    fn reusable(&self) -> bool {
+        match self {
+            Self::Live(conn) => conn.reusable(),
+            Self::Parked(parked) => !parked.watch.aborted(),
+        }
+    }
+
+    /// Ready to send: a parked connection gets a new hyper connection.
+    fn into_live(self) -> Option<PooledConn> {
+        match self {
+            Self::Live(conn) => Some(conn),
+            Self::Parked(parked) => parked.resume(),
+        }
+    }
+}
+
+/// An idle upstream connection without hyper's state: the socket, and what
+/// ties it to its instance's drain.
+#[derive(Debug)]
+struct ParkedConn {
+    io: CountingIo,
+    watch: Arc<Watch>,
+    closed: oneshot::Sender<()>,
+}
+
+impl PooledConn {
+    /// Takes hyper's connection apart, keeping the socket; `None` when the
+    /// connection cannot be parked (ended, aborted, dedicated, or holding
+    /// bytes the instance sent while idle), which closes it.
+    fn park(self) -> Option<ParkedConn> {
+        let Driver::Inline {
+            conn: Some(conn),
+            watch,
+            _closed: closed,
+        } = self.driver
+        else {
+            return None;
+        };
+        if watch.aborted() {
+            return None;
+        }
+        let parts = Pin::into_inner(conn).into_parts();
+        if !parts.read_buf.is_empty() {
+            debug!("idle upstream connection received bytes; closing");
+            return None;
+        }
+        Some(ParkedConn {
+            io: parts.io.into_inner(),
+            watch,
+            closed,
+        })
+    }
+}
+
+impl ParkedConn {
+    /// A live connection over the parked socket. hyper's HTTP/1 client
+    /// handshake does no I/O, so it is ready at its first poll.
+    fn resume(self) -> Option<PooledConn> {
+        if self.watch.aborted() {
+            return None;
+        }
+        let handshake = std::pin::pin!(http1::Builder::new().handshake(TokioIo::new(self.io)));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let Poll::Ready(Ok((sender, conn))) = handshake.poll(&mut cx) else {
+            return None;
+        };
+        Some(PooledConn {
+            sender,
+            driver: Driver::Inline {
+                conn: Some(Box::pin(conn)),
+                watch: self.watch,
+                _closed: self.closed,
+            },
+            deadline: Deadline::new(),
+            activity: None,
+        })
     }
 }
 
@@ -80,6 +174,7 @@ impl Pool {
             port,
             ip,
             idle: Mutex::new(Idle::default()),
+            sweep: Arc::default(),
         }
     }
 
@@ -96,6 +191,17 @@ impl Pool {
     /// Idle connections now held (all workers).
     pub fn idle_len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Idle connections now parked (all workers).
+    #[cfg(test)]
+    pub(crate) fn parked_len(&self) -> usize {
+        let idle = self.lock();
+        let parked = |(slot, _): &&(Slot, Instant)| matches!(slot, Slot::Parked(_));
+        idle.conns
+            .iter()
+            .map(|c| c.iter().filter(parked).count())
+            .sum()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
@@ -126,20 +232,17 @@ impl Pool {
             found
         };
         drop(stale);
-        found
+        // Outside the lock: resuming a parked connection allocates.
+        found.and_then(Slot::into_live)
     }
 
     /// Returns a connection whose response was read completely to the
-    /// calling worker's list, which keeps at most `max_idle`. Connections
-    /// idle for longer than `idle_timeout` are closed by a sweeper task that
-    /// runs while the pool holds any.
-    pub(crate) fn checkin(
-        self: &Arc<Self>,
-        conn: PooledConn,
-        max_idle: usize,
-        idle_timeout: Duration,
-        now: Instant,
-    ) {
+    /// calling worker's list, which keeps at most `limits.max_idle`. A
+    /// sweeper task runs while the pool holds any: it parks connections
+    /// idle for `limits.park_after` (at least a second) and closes those
+    /// idle for longer than `limits.idle_timeout`.
+    pub(crate) fn checkin(self: &Arc<Self>, conn: PooledConn, limits: IdleLimits, now: Instant) {
+        let IdleLimits { max_idle, .. } = limits;
         if max_idle == 0 || !conn.reusable() {
             return;
         }
@@ -152,13 +255,26 @@ impl Pool {
             } else {
                 None
             };
-            conns.push_back((conn, now));
-            let sweep = !std::mem::replace(&mut idle.sweeping, true);
+            conns.push_back((Slot::Live(conn), now));
+            // The sweeper must look by the time this one is to park.
+            let park_at = now + limits.park_delay();
+            let sweep = match idle.sweep_at {
+                None => Some(true),
+                Some(at) if at > park_at => Some(false),
+                Some(_) => None,
+            };
+            if sweep.is_some() {
+                idle.sweep_at = Some(park_at);
+            }
             (evicted, sweep)
         };
         drop(evicted);
-        if sweep {
-            tokio::spawn(sweep_idle(Arc::downgrade(self), idle_timeout));
+        match sweep {
+            Some(true) => {
+                tokio::spawn(sweep_idle(Arc::downgrade(self), self.sweep.clone(), limits));
+            }
+            Some(false) => self.sweep.notify_one(),
+            None => {}
         }
     }
 
@@ -224,35 +340,126 @@ impl Pool {
     }
 }
 
-/// Closes connections that stayed idle for `idle_timeout`; ends when the
-/// pool is empty or gone.
-async fn sweep_idle(pool: Weak<Pool>, idle_timeout: Duration) {
-    let period = idle_timeout.max(Duration::from_millis(10));
+/// How long idle upstream connections are kept, and how many.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IdleLimits {
+    /// Idle connections kept per worker; the oldest goes beyond that.
+    pub(crate) max_idle: usize,
+    /// Idle for longer: closed.
+    pub(crate) idle_timeout: Duration,
+    /// Idle for this long: parked.
+    pub(crate) park_after: Duration,
+}
+
+impl IdleLimits {
+    /// How long a connection stays live in the pool before it is parked:
+    /// `park_after`, but at least a second, so that a busy pool's sweeper
+    /// looks at most once a second.
+    fn park_delay(&self) -> Duration {
+        self.park_after.max(MIN_PARK_DELAY)
+    }
+}
+
+const MIN_PARK_DELAY: Duration = Duration::from_secs(1);
+
+/// Parks connections idle for the park delay and closes those idle for
+/// longer than `idle_timeout`; ends when the pool is empty or gone. It
+/// looks when the next of those is due: a pool whose idle connections are
+/// all parked is looked at again only when the oldest is to close.
+async fn sweep_idle(pool: Weak<Pool>, wake: Arc<Notify>, limits: IdleLimits) {
     loop {
-        tokio::time::sleep(period).await;
+        let at = {
+            let Some(pool) = pool.upgrade() else { return };
+            let Some(at) = pool.lock().sweep_at else {
+                return;
+            };
+            at
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(at.into()) => {}
+            // A checkin moved `sweep_at` earlier.
+            () = wake.notified() => continue,
+        }
         let Some(pool) = pool.upgrade() else { return };
-        let (stale, done) = {
+        let now = Instant::now();
+        let (stale, to_park) = {
             let mut idle = pool.lock();
             let mut stale = Vec::new();
-            for conns in &mut idle.conns {
+            let mut to_park = Vec::new();
+            for (worker, conns) in idle.conns.iter_mut().enumerate() {
                 let keep = conns
                     .iter()
-                    .position(|(_, since)| since.elapsed() <= idle_timeout)
+                    .position(|(_, since)| {
+                        now.saturating_duration_since(*since) <= limits.idle_timeout
+                    })
                     .unwrap_or(conns.len());
                 stale.extend(conns.drain(..keep));
+                // Oldest first, and what a sweep parks is older than what
+                // it leaves: the live connections due to park are the run
+                // after the last parked one.
+                let due = conns.partition_point(|(_, since)| {
+                    now.saturating_duration_since(*since) >= limits.park_delay()
+                });
+                let first_live = conns
+                    .range(..due)
+                    .rposition(|(slot, _)| matches!(slot, Slot::Parked(_)))
+                    .map_or(0, |p| p + 1);
+                to_park.extend(conns.drain(first_live..due).map(|entry| (worker, entry)));
             }
-            let done = idle.len() == 0;
-            if done {
-                idle.sweeping = false;
-            }
-            (stale, done)
+            (stale, to_park)
         };
         if !stale.is_empty() {
             debug!(closed = stale.len(), "idle upstream connections closed");
         }
         drop(stale);
-        if done {
+        pool.park(to_park);
+        let mut idle = pool.lock();
+        idle.sweep_at = idle.next_sweep(&limits, now);
+        if idle.sweep_at.is_none() {
             return;
+        }
+    }
+}
+
+impl Idle {
+    /// When the next idle connection is due to park or to close; `None`
+    /// when there is none.
+    fn next_sweep(&self, limits: &IdleLimits, now: Instant) -> Option<Instant> {
+        let due = self.conns.iter().filter_map(|conns| {
+            let close = conns.front().map(|(_, since)| *since + limits.idle_timeout);
+            let park = conns
+                .iter()
+                .find(|(slot, _)| matches!(slot, Slot::Live(_)))
+                .map(|(_, since)| *since + limits.park_delay());
+            close.into_iter().chain(park).min()
+        });
+        // Not sooner than a few milliseconds from now, however late.
+        due.min().map(|at| at.max(now + Duration::from_millis(10)))
+    }
+}
+
+impl Pool {
+    /// Parks `conns` (taken from the idle lists) and puts them back in
+    /// their workers' lists by the time they went idle.
+    fn park(&self, conns: Vec<(usize, (Slot, Instant))>) {
+        if conns.is_empty() {
+            return;
+        }
+        let parked: Vec<_> = conns
+            .into_iter()
+            .filter_map(|(worker, (slot, since))| {
+                let parked = match slot {
+                    Slot::Live(conn) => conn.park()?,
+                    Slot::Parked(parked) => parked,
+                };
+                Some((worker, Slot::Parked(parked), since))
+            })
+            .collect();
+        let mut idle = self.lock();
+        for (worker, slot, since) in parked {
+            let list = idle.of(worker);
+            let at = list.partition_point(|(_, s)| *s <= since);
+            list.insert(at, (slot, since));
         }
     }
 }
