@@ -358,25 +358,26 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     }
 
+    /// A connected socket as an accept loop gets it, and a data plane.
+    async fn connection(tls: bool) -> (TcpStream, ConnInfo, Arc<DataPlane>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let peer = l.local_addr().expect("addr");
+        let stream = TcpStream::connect(peer).await.expect("connect");
+        let dp = Arc::new(DataPlane::new(crate::dataplane::Settings::default()));
+        let info = ConnInfo { peer, port: 1, tls };
+        (stream, info, dp)
+    }
+
     /// A plain HTTP connection's task is as large as the largest state of
     /// its future, for as long as it is open, parked included: the TLS
     /// handshake, the TCP pump, hyper's connection (boxed while it serves)
     /// and copies of the arguments must not make it pay for theirs.
     #[tokio::test]
     async fn a_plain_http_connection_task_is_small() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let stream = TcpStream::connect(l.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let dp = Arc::new(DataPlane::new(crate::dataplane::Settings::default()));
+        let (stream, info, dp) = connection(false).await;
         let permit = Arc::new(Semaphore::new(1))
             .try_acquire_owned()
             .expect("permit");
-        let info = ConnInfo {
-            peer: l.local_addr().expect("addr"),
-            port: 1,
-            tls: false,
-        };
         let task =
             crate::http::serve_connection(stream, info, dp, CancellationToken::new(), permit);
         eprintln!("connection task: {} bytes", size_of_val(&task));
@@ -392,20 +393,11 @@ mod tests {
     /// the connection's.
     #[tokio::test]
     async fn a_tls_connection_task_is_small() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let stream = TcpStream::connect(l.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let dp = Arc::new(DataPlane::new(crate::dataplane::Settings::default()));
+        let (stream, info, dp) = connection(true).await;
         let acceptors = (
             TlsAcceptor::from(server_config(1, dp.routes.clone(), true)),
             TlsAcceptor::from(server_config(1, dp.routes.clone(), false)),
         );
-        let info = ConnInfo {
-            peer: l.local_addr().expect("addr"),
-            port: 1,
-            tls: true,
-        };
         let task = serve_tls(stream, info, true, dp, &acceptors, CancellationToken::new());
         eprintln!("TLS connection task: {} bytes", size_of_val(&task));
         assert!(

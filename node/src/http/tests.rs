@@ -1122,26 +1122,29 @@ async fn drained_instance_closes_tunnel() {
     eventually("tunnel released", || a.local_inflight() == 0).await;
 }
 
-/// One instance behind an edge whose connections park after `park_after`.
-async fn parking_edge(park_after: Duration, idle_timeout: Duration) -> Edge {
+/// One echo instance "a" behind an edge with `settings`; its counters and
+/// its port.
+async fn one_instance_edge(settings: Settings) -> (Edge, Counters, u16) {
     let (port, mut ls) = listeners(1).await;
     let (ip, l) = ls.pop().expect("listener");
-    echo_backend(l, "a");
+    let counters = echo_backend(l, "a");
     let g = group(
         "app",
         "app.example.com",
         vec![http_port(PORT, port)],
         &[("a", ip)],
     );
-    Edge::start(
-        vec![g],
-        Settings {
-            park_after,
-            idle_timeout,
-            ..settings()
-        },
-    )
-    .await
+    (Edge::start(vec![g], settings).await, counters, port)
+}
+
+/// One instance behind an edge whose connections park after `park_after`.
+async fn parking_edge(park_after: Duration, idle_timeout: Duration) -> Edge {
+    let settings = Settings {
+        park_after,
+        idle_timeout,
+        ..settings()
+    };
+    one_instance_edge(settings).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1161,71 +1164,48 @@ async fn idle_connection_parks_and_serves_its_next_request() {
     eventually("the connection to park again", || edge.dp.parked.get() == 1).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_upstream_connection_parks_and_carries_the_next_request() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    let counters = echo_backend(l, "a");
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
+/// An edge over one echo instance whose upstream connection served one
+/// request and parked (`park_after` 100 ms: a pool parks after a second).
+async fn parked_upstream(
+    pool_idle_timeout: Duration,
+) -> (Edge, Counters, Arc<crate::upstream::Pool>) {
     let settings = Settings {
         park_after: Duration::from_millis(100),
+        pool_idle_timeout,
         ..settings()
     };
-    let edge = Edge::start(vec![g], settings).await;
+    let (edge, counters, port) = one_instance_edge(settings).await;
     let pool = edge.backend("a").pool(port);
     let mut client = edge.client().await;
     let first = send(&mut client, get("app.example.com", "/one")).await;
     assert_eq!(first.status, StatusCode::OK);
     eventually("the upstream connection to park", || pool.parked_len() == 1).await;
+    (edge, counters, pool)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connection_parks_and_carries_the_next_request() {
+    let (edge, counters, pool) = parked_upstream(settings().pool_idle_timeout).await;
     // Another client: the parked socket gets a new hyper connection.
     let mut other = edge.client().await;
     let second = send(&mut other, get("app.example.com", "/two")).await;
     assert_eq!(second.status, StatusCode::OK);
     assert!(second.body.starts_with("GET /two"), "{}", second.body);
-    assert_eq!(
-        counters.conns.load(Ordering::SeqCst),
-        1,
-        "one upstream connection for both"
-    );
+    let conns = counters.conns.load(Ordering::SeqCst);
+    assert_eq!(conns, 1, "one upstream connection for both");
     eventually("the connection to park again", || pool.parked_len() == 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_upstream_connection_closes_at_the_pool_idle_timeout() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    let counters = echo_backend(l, "a");
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let settings = Settings {
-        park_after: Duration::from_millis(100),
-        pool_idle_timeout: Duration::from_millis(2500),
-        ..settings()
-    };
-    let edge = Edge::start(vec![g], settings).await;
-    let pool = edge.backend("a").pool(port);
-    let mut client = edge.client().await;
-    let first = send(&mut client, get("app.example.com", "/one")).await;
-    assert_eq!(first.status, StatusCode::OK);
-    eventually("the upstream connection to park", || pool.parked_len() == 1).await;
+    let (edge, counters, pool) = parked_upstream(Duration::from_millis(2500)).await;
     // All parked: the sweeper next looks when the connection is to close.
     eventually("the parked connection to close", || pool.idle_len() == 0).await;
+    let mut client = edge.client().await;
     let second = send(&mut client, get("app.example.com", "/two")).await;
     assert_eq!(second.status, StatusCode::OK);
-    assert_eq!(
-        counters.conns.load(Ordering::SeqCst),
-        2,
-        "a new upstream connection"
-    );
+    let conns = counters.conns.load(Ordering::SeqCst);
+    assert_eq!(conns, 2, "a new upstream connection");
 }
 
 /// A client connection that got one answer (head and body) and then
