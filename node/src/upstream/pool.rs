@@ -4,15 +4,17 @@
 //! A connection is checked out for one request and goes back only after its
 //! response body has been read completely; closed and stale ones are
 //! discarded, and a sweeper closes those idle for longer than the pool idle
-//! timeout. A connection idle for `park_after` (at least a second) is *parked*: hyper's
-//! connection is taken apart and only the socket stays, without the 8 KiB
-//! read and write buffers and the request channel's first block (about
-//! 10 KiB) that a live one holds; the next checkout builds a new hyper
-//! connection over the socket, which takes no I/O. Idle connections are kept per data-plane worker: a connection
-//! is watched by the reactor of the worker that opened it, so only that
-//! worker's requests take it again (`crate::workers`). The pool's lock is its own and is never held across an await.
-//! Pooled connections are driven by the request that uses them (see
-//! `PooledConn`).
+//! timeout. A connection idle for `park_after` (at least a second) is
+//! *parked*: hyper's connection is taken apart and only the socket stays,
+//! without the 8 KiB read and write buffers and the request channel's first
+//! block (about 10 KiB) that a live one holds; the next checkout builds a
+//! new hyper connection over the socket, which takes no I/O.
+//!
+//! Idle connections are kept per data-plane worker: a connection is watched
+//! by the reactor of the worker that opened it, so only that worker's
+//! requests take it again (`crate::workers`). The pool's lock is its own
+//! and is never held across an await. Pooled connections are driven by the
+//! request that uses them (see `PooledConn`).
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
