@@ -125,6 +125,9 @@ impl PooledConn {
         if watch.aborted() {
             return None;
         }
+        // The waker of the task that last drove it: a parked connection
+        // must not keep that task's memory.
+        drop(watch.waker.take());
         let parts = Pin::into_inner(conn).into_parts();
         if !parts.read_buf.is_empty() {
             debug!("idle upstream connection received bytes; closing");
@@ -259,7 +262,7 @@ impl Pool {
             };
             conns.push_back((Slot::Live(conn), now));
             // The sweeper must look by the time this one is to park.
-            let park_at = now + limits.park_delay();
+            let park_at = now + limits.park_delay().min(limits.idle_timeout);
             let sweep = match idle.sweep_at {
                 None => Some(true),
                 Some(at) if at > park_at => Some(false),
@@ -414,7 +417,7 @@ async fn sweep_idle(pool: Weak<Pool>, wake: Arc<Notify>, limits: IdleLimits) {
             debug!(closed = stale.len(), "idle upstream connections closed");
         }
         drop(stale);
-        pool.park(to_park);
+        pool.park(to_park, limits.max_idle);
         let mut idle = pool.lock();
         idle.sweep_at = idle.next_sweep(&limits, now);
         if idle.sweep_at.is_none() {
@@ -442,8 +445,9 @@ impl Idle {
 
 impl Pool {
     /// Parks `conns` (taken from the idle lists) and puts them back in
-    /// their workers' lists by the time they went idle.
-    fn park(&self, conns: Vec<(usize, (Slot, Instant))>) {
+    /// their workers' lists by the time they went idle. A list that took
+    /// checkins meanwhile keeps at most `max_idle`, the newest.
+    fn park(&self, conns: Vec<(usize, (Slot, Instant))>, max_idle: usize) {
         if conns.is_empty() {
             return;
         }
@@ -457,12 +461,19 @@ impl Pool {
                 Some((worker, Slot::Parked(parked), since))
             })
             .collect();
+        let mut over = Vec::new();
         let mut idle = self.lock();
         for (worker, slot, since) in parked {
             let list = idle.of(worker);
             let at = list.partition_point(|(_, s)| *s <= since);
             list.insert(at, (slot, since));
+            if list.len() > max_idle {
+                over.extend(list.pop_front());
+            }
         }
+        drop(idle);
+        // Closed outside the lock.
+        drop(over);
     }
 }
 
