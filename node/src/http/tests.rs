@@ -368,6 +368,15 @@ fn upgrade_backend(listener: TcpListener) -> oneshot::Receiver<String> {
     head_rx
 }
 
+/// Connects to `addr`, sends `request` as it is and reads the answer's
+/// head; the stream for what follows.
+async fn raw_request(addr: SocketAddr, request: &[u8]) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let head = within(read_head(&mut stream)).await;
+    (stream, head)
+}
+
 async fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -788,12 +797,7 @@ async fn idle_keep_alive_connection_is_closed() {
         },
     )
     .await;
-    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n")
-        .await
-        .expect("write");
-    let reply = read_to_close(&mut stream).await;
+    let reply = raw_exchange(&edge, b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }
 
@@ -830,12 +834,12 @@ async fn upgrade_tunnels_bytes_and_counts_one_in_flight() {
     let edge = Edge::start(vec![g], settings()).await;
     let a = edge.backend("a");
 
-    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
-    stream
-        .write_all(b"GET /ws HTTP/1.1\r\nhost: app.example.com\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n")
-        .await
-        .expect("write");
-    let resp = within(read_head(&mut stream)).await.to_ascii_lowercase();
+    let (mut stream, resp) = raw_request(
+        edge.addr,
+        b"GET /ws HTTP/1.1\r\nhost: app.example.com\r\nconnection: Upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await;
+    let resp = resp.to_ascii_lowercase();
     assert!(resp.starts_with("http/1.1 101"), "{resp}");
     assert!(resp.contains("upgrade: echo"), "{resp}");
     let head = within(head)
@@ -1109,12 +1113,11 @@ async fn drained_instance_closes_tunnel() {
     );
     let edge = Edge::start(vec![g], settings()).await;
     let a = edge.backend("a");
-    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: app.example.com\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
-        .await
-        .expect("write");
-    let resp = within(read_head(&mut stream)).await;
+    let (mut stream, resp) = raw_request(
+        edge.addr,
+        b"GET / HTTP/1.1\r\nhost: app.example.com\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await;
     assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
     assert_eq!(a.local_inflight(), 1);
     crate::balancer::start_drain(&a, Duration::from_millis(50));
@@ -1211,12 +1214,11 @@ async fn parked_upstream_connection_closes_at_the_pool_idle_timeout() {
 /// A client connection that got one answer (head and body) and then
 /// parked.
 async fn parked_connection(edge: &Edge) -> TcpStream {
-    let mut stream = TcpStream::connect(edge.addr).await.expect("connect");
-    stream
-        .write_all(b"GET /first HTTP/1.1\r\nhost: app.example.com\r\n\r\n")
-        .await
-        .expect("write");
-    let head = within(read_head(&mut stream)).await;
+    let (mut stream, head) = raw_request(
+        edge.addr,
+        b"GET /first HTTP/1.1\r\nhost: app.example.com\r\n\r\n",
+    )
+    .await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let length: usize = head
         .lines()

@@ -252,7 +252,7 @@ impl Pool {
             return;
         }
         let worker = crate::workers::current();
-        let (evicted, sweep) = {
+        let (evicted, start, sooner) = {
             let mut idle = self.lock();
             let conns = idle.of(worker);
             let evicted = if conns.len() >= max_idle {
@@ -261,25 +261,20 @@ impl Pool {
                 None
             };
             conns.push_back((Slot::Live(conn), now));
-            // The sweeper must look by the time this one is to park.
-            let park_at = now + limits.park_delay().min(limits.idle_timeout);
-            let sweep = match idle.sweep_at {
-                None => Some(true),
-                Some(at) if at > park_at => Some(false),
-                Some(_) => None,
-            };
-            if sweep.is_some() {
-                idle.sweep_at = Some(park_at);
+            // The sweeper must look by the time this one is due.
+            let due = now + limits.park_delay().min(limits.idle_timeout);
+            let start = idle.sweep_at.is_none();
+            let sooner = idle.sweep_at.is_none_or(|at| at > due);
+            if sooner {
+                idle.sweep_at = Some(due);
             }
-            (evicted, sweep)
+            (evicted, start, sooner)
         };
         drop(evicted);
-        match sweep {
-            Some(true) => {
-                tokio::spawn(sweep_idle(Arc::downgrade(self), self.sweep.clone(), limits));
-            }
-            Some(false) => self.sweep.notify_one(),
-            None => {}
+        if start {
+            tokio::spawn(sweep_idle(Arc::downgrade(self), self.sweep.clone(), limits));
+        } else if sooner {
+            self.sweep.notify_one();
         }
     }
 
