@@ -317,13 +317,18 @@ impl Process {
 
     /// Sends SIGTERM to this child (and nothing else).
     pub async fn terminate(&self) -> anyhow::Result<()> {
+        self.signal("TERM").await
+    }
+
+    /// Sends the signal `name` (`TERM`, `USR1`, …) to this child.
+    pub async fn signal(&self, name: &str) -> anyhow::Result<()> {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
+            .args([&format!("-{name}"), &self.pid.to_string()])
             .status()
             .await
             .context("running kill")?;
         if !status.success() {
-            bail!("kill -TERM {} failed: {status}", self.pid);
+            bail!("kill -{name} {} failed: {status}", self.pid);
         }
         Ok(())
     }

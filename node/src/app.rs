@@ -195,6 +195,18 @@ impl NodeHandle {
             began.elapsed()
         };
         let (tasks_took, drain_took) = tokio::join!(others, drained);
+        // The drained requests' lines are written before the exit.
+        if self.dataplane.access_log.is_some() {
+            let dp = self.dataplane.clone();
+            let close = tokio::task::spawn_blocking(move || {
+                if let Some(log) = &dp.access_log {
+                    log.close();
+                }
+            });
+            if tokio::time::timeout(STOP_GRACE, close).await.is_err() {
+                warn!("the access log's last lines were not written in time");
+            }
+        }
         let gossip_began = Instant::now();
         self.gossip_tasks.stop().await;
         let gossip_took = gossip_began.elapsed();
@@ -282,7 +294,13 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
         config.data_dir_min_free,
         metrics.registry(),
     );
-    let dataplane = Arc::new(DataPlane::new(config.settings.clone()));
+    let mut dataplane = DataPlane::new(config.settings.clone());
+    if let Some(options) = &config.access_log {
+        let log = crate::access_log::AccessLog::open(options)
+            .map_err(|e| StartError::Config(ConfigError::new("access_log", e.to_string())))?;
+        dataplane = dataplane.with_access_log(log);
+    }
+    let dataplane = Arc::new(dataplane);
     if let Err(e) = dataplane.register(metrics.registry()) {
         warn!(error = %e, "data-plane metrics not registered");
     }
@@ -383,6 +401,12 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     )
     .metrics(metrics.registry());
     tasks.push(tokio::spawn(renewal.run(shutdown.clone())));
+    if dataplane.access_log.is_some() {
+        tasks.push(tokio::spawn(reopen_access_log(
+            dataplane.clone(),
+            shutdown.clone(),
+        )));
+    }
 
     let ready_flag = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready) = watch::channel(false);
@@ -711,4 +735,28 @@ fn check_token(store: &Store, data_dir: &Path, token: &Token) -> Result<(), Star
         warn!(error = %rm, "could not remove the refused token file");
     }
     Err(e.into())
+}
+
+/// SIGUSR1 reopens the access log's file, after a rotation moved it away
+/// (as NGINX does on the same signal).
+async fn reopen_access_log(dp: Arc<DataPlane>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(s) => s,
+        Err(error) => {
+            warn!(%error, "SIGUSR1 cannot be handled: the access log will not be reopened");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = usr1.recv() => {
+                if let Some(log) = &dp.access_log {
+                    info!("SIGUSR1: reopening the access log");
+                    log.reopen();
+                }
+            }
+            () = shutdown.cancelled() => return,
+        }
+    }
 }

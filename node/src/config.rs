@@ -14,7 +14,7 @@ use crate::health::MinFree;
 
 mod source;
 
-pub use source::{Args, parse_duration};
+pub use source::{Args, LogFormat, parse_duration};
 use source::{EstimatorKey, Layer, Source, layered};
 
 /// Exit code for a bad configuration or bad flags (EX_USAGE).
@@ -76,6 +76,11 @@ pub struct Config {
     pub metrics_token: Option<String>,
     pub cluster_domain: String,
     pub log: String,
+    /// `log_format`: the node's own log lines as text or JSON.
+    pub log_format: LogFormat,
+    /// `access_log`, `access_log_format`, `access_log_sample`; off when
+    /// `None`.
+    pub access_log: Option<crate::access_log::Options>,
     pub settings: Settings,
     /// `max_connections` was configured: it must fit the open files limit
     /// as it is (the default is lowered to fit; see [`crate::limits`]).
@@ -128,6 +133,8 @@ impl Config {
             cluster_domain: "edgelb.local".into(),
             // `openraft::replication` is off unless named (see main.rs).
             log: "info,openraft=warn".into(),
+            log_format: LogFormat::Text,
+            access_log: None,
             settings: Settings::default(),
             max_connections_explicit: false,
             admin_auth: AuthBackoff::default(),
@@ -223,6 +230,8 @@ impl Config {
             c.cluster_domain = v;
         }
         set(&mut c.log, s.log);
+        set(&mut c.log_format, s.log_format);
+        c.access_log = access_log(s.access_log, s.access_log_format, s.access_log_sample)?;
         let t = &mut c.settings;
         set(&mut t.drain_timeout, s.drain_timeout);
         set(&mut t.header_timeout, s.header_timeout);
@@ -372,6 +381,48 @@ fn set<T>(slot: &mut T, v: Option<T>) {
     if let Some(v) = v {
         *slot = v;
     }
+}
+
+/// The access log's options: on when `access_log` names a target; its
+/// format and sample are errors without one (they would do nothing).
+fn access_log(
+    target: Option<Option<crate::access_log::Target>>,
+    format: Option<crate::access_log::Format>,
+    sample: Option<f64>,
+) -> Result<Option<crate::access_log::Options>, ConfigError> {
+    if let Some(s) = sample
+        && !(s > 0.0 && s <= 1.0)
+    {
+        return Err(ConfigError::new(
+            "access_log_sample",
+            format!("{s} is not more than 0 and at most 1"),
+        ));
+    }
+    let Some(target) = target else {
+        if let Some(field) = [
+            format.map(|_| "access_log_format"),
+            sample.map(|_| "access_log_sample"),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        {
+            return Err(ConfigError::new(
+                field,
+                "is set but access_log is not (set access_log to stdout, stderr or a file)",
+            ));
+        }
+        return Ok(None);
+    };
+    // `off`: the format and sample may stay in the file.
+    let Some(target) = target else {
+        return Ok(None);
+    };
+    Ok(Some(crate::access_log::Options {
+        target,
+        format: format.unwrap_or_default(),
+        sample: sample.unwrap_or(1.0),
+    }))
 }
 
 /// `admin_tls` from the switch (`Some(false)`: set to false) and the

@@ -105,6 +105,8 @@ pub struct DataPlane {
     pub parked: IntGauge,
     /// The client connections the node's shutdown must reach.
     pub(crate) open: Arc<OpenConns>,
+    /// One line per request and connection, when configured.
+    pub access_log: Option<crate::access_log::AccessLog>,
 }
 
 impl DataPlane {
@@ -118,13 +120,31 @@ impl DataPlane {
             )
             .expect("a valid metric name and help text"),
             open: Arc::default(),
+            access_log: None,
         }
+    }
+
+    /// The data plane with an access log.
+    #[must_use]
+    pub fn with_access_log(mut self, log: crate::access_log::AccessLog) -> Self {
+        self.access_log = Some(log);
+        self
+    }
+
+    /// The access log, when this request or connection is one it logs
+    /// (`access_log_sample`).
+    pub(crate) fn access_log_sampled(&self) -> Option<&crate::access_log::AccessLog> {
+        self.access_log.as_ref().filter(|l| l.sampled())
     }
 
     /// Registers the data plane's own series (the per-instance ones are
     /// rendered from the routing table).
     pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
-        registry.register(Box::new(self.parked.clone()))
+        registry.register(Box::new(self.parked.clone()))?;
+        if let Some(log) = &self.access_log {
+            log.register(registry)?;
+        }
+        Ok(())
     }
 }
 
@@ -139,16 +159,20 @@ pub struct ConnInfo {
 }
 
 /// Why no instance served a connection or request.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum Unserved {
     /// The group has no instance to pick.
+    #[error("no instances")]
     NoInstances,
     /// Every instance is at its hard limit.
+    #[error("every instance is at its hard limit")]
     Overloaded,
     /// The picked instance has no pool in the table: a broken invariant
     /// (a table's balancer offers only instances of its own group).
+    #[error("selected instance has no pool")]
     NoPool,
     /// [`MAX_ATTEMPTS`] instances failed to connect; the last one's error.
+    #[error("every attempt failed: {0}")]
     Failed(ConnectError),
 }
 
@@ -197,6 +221,11 @@ impl<'a> Attempts<'a> {
         };
         self.made += 1;
         Ok((lease, pool))
+    }
+
+    /// Instances picked so far.
+    pub(crate) fn made(&self) -> u32 {
+        self.made as u32
     }
 
     /// Connecting to `lease`'s instance failed before anything reached it.

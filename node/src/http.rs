@@ -25,6 +25,7 @@ pub(crate) mod conn;
 mod error;
 pub(crate) mod forward;
 pub(crate) mod headers;
+pub(crate) mod log;
 pub(crate) mod redirect;
 mod upgrade;
 

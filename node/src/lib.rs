@@ -10,6 +10,7 @@
 //! API ([`admin`]) and metrics ([`metrics`]). [`app::start`] wires it
 //! together from a [`config::Config`].
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod balancer;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use edgelb::app::{self, StartError};
-use edgelb::config::{Args, Config, EXIT_CONFIG};
+use edgelb::config::{Args, Config, EXIT_CONFIG, LogFormat};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -48,10 +48,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     // Before any port is bound, and before the runtime's threads start.
     let explicit = config.max_connections_explicit;
     if let Err(e) = edgelb::limits::fit_open_files(&mut config.settings, explicit) {

@@ -16,36 +16,37 @@ pub(crate) mod pump;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::access_log::Entry;
 use crate::balancer::{Backend, Lease};
-use crate::dataplane::{Attempts, ConnInfo, DataPlane};
+use crate::dataplane::{Attempts, ConnInfo, DataPlane, Unserved};
 use crate::routing::Target;
-use crate::upstream::{CountingIo, idle};
+use crate::upstream::{CountingIo, Traffic, idle};
 
 /// Proxies one plain TCP client connection to an instance of `target`'s
 /// group.
 pub async fn proxy_plain(client: TcpStream, conn: ConnInfo, target: Target, dp: Arc<DataPlane>) {
-    let Some((lease, upstream)) = connect(&conn, &target, &dp).await else {
+    let mut log = Logged::new(&conn, &target, &dp);
+    let Some((lease, upstream)) = connect(&conn, &target, &dp, &mut log).await else {
         return;
     };
     let backend = lease.backend().clone();
     backend.metrics.connections.inc();
-    let activity = Arc::new(AtomicU64::new(0));
+    let traffic = Arc::new(Traffic::default());
     let metrics = &backend.metrics;
     let pumping = pump::both_ways(
         client,
         upstream,
         &metrics.bytes_tx,
         &metrics.bytes_rx,
-        &activity,
+        &traffic,
     );
-    serve(pumping, lease, &backend, activity.clone(), &dp).await;
+    serve(pumping, lease, &backend, traffic.clone(), &dp, log).await;
 }
 
 /// Proxies one client connection (a TLS session) to an instance of
@@ -54,30 +55,45 @@ pub async fn proxy<I>(mut client: I, conn: ConnInfo, target: Target, dp: Arc<Dat
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some((lease, upstream)) = connect(&conn, &target, &dp).await else {
+    let mut log = Logged::new(&conn, &target, &dp);
+    let Some((lease, upstream)) = connect(&conn, &target, &dp, &mut log).await else {
         return;
     };
     let backend = lease.backend().clone();
-    let activity = Arc::new(AtomicU64::new(0));
-    let mut upstream = CountingIo::new(upstream, &backend.metrics, Some(activity.clone()));
+    let traffic = Arc::new(Traffic::default());
+    let mut upstream = CountingIo::new(upstream, &backend.metrics, Some(traffic.clone()));
     let copying = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-    serve(copying, lease, &backend, activity, &dp).await;
+    serve(copying, lease, &backend, traffic, &dp, log).await;
 }
 
 /// Picks and connects an instance (at most three attempts).
-async fn connect(conn: &ConnInfo, target: &Target, dp: &DataPlane) -> Option<(Lease, TcpStream)> {
+async fn connect(
+    conn: &ConnInfo,
+    target: &Target,
+    dp: &DataPlane,
+    log: &mut Logged<'_>,
+) -> Option<(Lease, TcpStream)> {
     let mut tries = Attempts::new(target);
     loop {
         let (lease, pool) = match tries.next() {
             Ok(next) => next,
             Err(why) => {
                 debug!(peer = %conn.peer, group = %target.group.name, ?why, "no instance for the connection; closing");
+                let origin = match why {
+                    Unserved::Failed(_) => "upstream",
+                    _ => "internal",
+                };
+                log.attempts = tries.made();
+                log.end(None, (0, 0), Some((origin, &why)));
                 return None;
             }
         };
+        let dialing = Instant::now();
         match pool.dial(dp.settings.connect_timeout).await {
             Ok(s) => {
                 lease.mark_up();
+                log.attempts = tries.made();
+                log.connect = Some(dialing.elapsed());
                 return Some((lease, s));
             }
             Err(error) => tries.failed(lease, error),
@@ -91,28 +107,89 @@ async fn serve(
     moving: impl Future<Output = io::Result<(u64, u64)>>,
     lease: Lease,
     backend: &Backend,
-    activity: Arc<AtomicU64>,
+    traffic: Arc<Traffic>,
     dp: &DataPlane,
+    log: Logged<'_>,
 ) {
     let started = Instant::now();
     let drained = backend.drain_token();
-    tokio::select! {
+    let mut io_error = None;
+    let ended: Option<&'static str> = tokio::select! {
         r = moving => {
             if let Err(e) = r {
                 debug!(instance = %backend.name, error = %e, "tcp splice ended");
+                io_error = Some(e);
             }
+            None
         }
-        () = idle(activity, dp.settings.tcp_idle_timeout) => {
+        () = idle(traffic.clone(), dp.settings.tcp_idle_timeout) => {
             debug!(instance = %backend.name, "tcp connection idle; closing");
+            Some("idle timeout")
         }
         () = drained.cancelled() => {
             debug!(instance = %backend.name, "instance drained; closing");
+            Some("instance drained")
         }
-    }
+    };
     let now = Instant::now();
     backend
         .metrics
         .duration
         .observe(now.saturating_duration_since(started).as_secs_f64());
     lease.release(now);
+    let error = match (&io_error, &ended) {
+        (Some(e), _) => Some(("io", e as &dyn std::fmt::Display)),
+        (None, Some(why)) => Some(("internal", why as &dyn std::fmt::Display)),
+        (None, None) => None,
+    };
+    log.end(Some(&backend.name), traffic.moved(), error);
+}
+
+/// A TCP connection's access log line, while it is open (nothing when
+/// the access log is off or this connection is not in its sample).
+struct Logged<'a> {
+    log: Option<&'a crate::access_log::AccessLog>,
+    conn: &'a ConnInfo,
+    group: &'a str,
+    began: Instant,
+    attempts: u32,
+    connect: Option<Duration>,
+}
+
+impl<'a> Logged<'a> {
+    fn new(conn: &'a ConnInfo, target: &'a Target, dp: &'a DataPlane) -> Self {
+        Self {
+            log: dp.access_log_sampled(),
+            conn,
+            group: &target.group.name,
+            began: Instant::now(),
+            attempts: 0,
+            connect: None,
+        }
+    }
+
+    /// Writes the line: the instance, bytes to it and to the client.
+    fn end(
+        &self,
+        instance: Option<&str>,
+        (to_instance, to_client): (u64, u64),
+        error: Option<(&'static str, &dyn std::fmt::Display)>,
+    ) {
+        let Some(log) = self.log else { return };
+        log.write(&Entry {
+            duration: self.began.elapsed(),
+            client: Some(self.conn.peer),
+            port: self.conn.port,
+            tls: self.conn.tls,
+            proto: "TCP",
+            group: self.group,
+            instance: instance.unwrap_or(""),
+            bytes_in: to_instance,
+            bytes_out: to_client,
+            attempts: self.attempts,
+            connect: self.connect,
+            error,
+            ..Entry::default()
+        });
+    }
 }

@@ -124,22 +124,35 @@ async fn start(
     data: &TempDir,
     token: &str,
 ) -> anyhow::Result<(Process, SocketAddr)> {
+    start_with(subnet, data, token, &[]).await
+}
+
+/// [`start`] with `extra` flags.
+async fn start_with(
+    subnet: &Subnet,
+    data: &TempDir,
+    token: &str,
+    extra: &[&str],
+) -> anyhow::Result<(Process, SocketAddr)> {
     let ip = subnet.node_ip().to_string();
     let data_dir = data.path().to_str().context("utf-8 temp path")?;
-    let args = [
+    let any_port = format!("{ip}:0");
+    let mut args = vec![
         "--data-dir",
         data_dir,
         "--admin-addr",
-        &format!("{ip}:0"),
+        &any_port,
         "--cluster-addr",
-        &format!("{ip}:0"),
+        &any_port,
         "--listen-ip",
         &ip,
         "--token",
         token,
-        "--log",
-        "warn",
     ];
+    if !extra.contains(&"--log") {
+        args.extend_from_slice(&["--log", "warn"]);
+    }
+    args.extend_from_slice(extra);
     let mut p = Process::spawn(&args, data.path()).await?;
     let line = p
         .wait_stdout("admin API on http://", Duration::from_secs(30))
@@ -317,5 +330,144 @@ async fn environment_sits_between_file_and_flags() -> anyhow::Result<()> {
         "the file beat the variable: {}",
         out.stderr
     );
+    Ok(())
+}
+
+/// The access log (text format) gets a line per HTTP request and per TCP
+/// connection, SIGUSR1 moves it to a new file after a rotation, and the
+/// last lines are written when the node stops; `--log-format json` makes
+/// the node's own log lines JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_follow_a_rotation_and_the_node_logs_json() -> anyhow::Result<()> {
+    use integration::backend::EchoClient;
+    use integration::{AdminClient, EchoBackend, HttpBackend};
+    use serde_json::json;
+
+    let subnet = Subnet::allocate();
+    let data = TempDir::new("proc-access-log");
+    let logs = TempDir::new("proc-access-log-files");
+    std::fs::create_dir_all(logs.path())?;
+    let path = logs.path().join("access.log");
+    let path_arg = path.to_str().context("utf-8 temp path")?.to_owned();
+    let (mut node, admin_addr) = start_with(
+        &subnet,
+        &data,
+        TOKEN,
+        &[
+            "--access-log",
+            &path_arg,
+            "--access-log-format",
+            "text",
+            "--log-format",
+            "json",
+            "--log",
+            "info",
+        ],
+    )
+    .await?;
+    let admin = AdminClient::new(admin_addr, TOKEN);
+    let web = HttpBackend::start("web-1", SocketAddr::new(subnet.next_ip(), 7100)).await?;
+    let echo = EchoBackend::start("echo-1", SocketAddr::new(subnet.next_ip(), 7200)).await?;
+    let http_group = admin
+        .create_group(&json!({"name": "web", "services": [
+            {"port": 8080, "destination_port": 7100, "handlers": ["http"]}]}))
+        .await?;
+    let tcp_group = admin
+        .create_group(&json!({"name": "echo", "services": [
+            {"port": 9000, "destination_port": 7200, "handlers": []}]}))
+        .await?;
+    for (g, name, ip) in [
+        (&http_group, "web-1", web.addr().ip()),
+        (&tcp_group, "echo-1", echo.addr().ip()),
+    ] {
+        let (status, v) = admin
+            .post(
+                &format!("/v1/services/{}/instances", g.uuid),
+                &json!({"name": name, "address": ip.to_string()}),
+            )
+            .await?;
+        anyhow::ensure!(status.is_success(), "attach {name}: {status} {v}");
+    }
+    let http_addr = SocketAddr::new(subnet.node_ip(), 8080);
+    let tcp_addr = SocketAddr::new(subnet.node_ip(), 9000);
+    let reply = integration::client::get(http_addr, "web.edgelb.local", "/first?a=1").await?;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    {
+        let mut c = EchoClient::new(integration::client::tcp_connect(tcp_addr, None).await?);
+        assert_eq!(c.who("hello").await?, "echo-1");
+    }
+    let lines_of = |p: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    integration::wait_until("two access log lines", Duration::from_secs(10), || {
+        let n = lines_of(&path).len();
+        async move { n >= 2 }
+    })
+    .await?;
+    let lines = lines_of(&path);
+    let http_line = lines
+        .iter()
+        .find(|l| l.contains("\"GET /first?a=1 HTTP/1.1\" 200 "))
+        .with_context(|| format!("no line for the HTTP request: {lines:?}"))?;
+    assert!(
+        http_line.contains(" group=\"web\" instance=\"web-1\" port=8080 "),
+        "{http_line}"
+    );
+    assert!(
+        http_line.starts_with("127."),
+        "the client's IP first: {http_line}"
+    );
+    let tcp_line = lines
+        .iter()
+        .find(|l| l.contains("\"TCP :9000\" - "))
+        .with_context(|| format!("no line for the TCP connection: {lines:?}"))?;
+    assert!(
+        tcp_line.contains(" group=\"echo\" instance=\"echo-1\" "),
+        "{tcp_line}"
+    );
+    // "hello\n" went up; "echo-1 hello\n" came back.
+    assert!(tcp_line.contains(" bytes_in=6 "), "{tcp_line}");
+    assert!(tcp_line.contains("\" - 13 "), "{tcp_line}");
+
+    // A rotation: the file is moved away, SIGUSR1, and new lines go to a
+    // new file at the old path.
+    let rotated = logs.path().join("access.log.1");
+    std::fs::rename(&path, &rotated)?;
+    node.signal("USR1").await?;
+    // The reopen is seen in the node's (JSON) log.
+    integration::wait_until(
+        "the reopen in the node's log",
+        Duration::from_secs(10),
+        || {
+            let seen = node.stderr().contains("reopening the access log");
+            async move { seen }
+        },
+    )
+    .await?;
+    let reply = integration::client::get(http_addr, "web.edgelb.local", "/second").await?;
+    assert_eq!(reply.status, StatusCode::OK);
+    node.terminate().await?;
+    assert_eq!(node.wait(Duration::from_secs(20)).await?.code(), Some(0));
+    // Written by the stop at the latest.
+    let after = lines_of(&path);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert!(
+        after[0].contains("\"GET /second HTTP/1.1\" 200 "),
+        "{after:?}"
+    );
+    assert_eq!(lines_of(&rotated).len(), 2);
+
+    let stderr = node.stderr();
+    let reopen = stderr
+        .lines()
+        .find(|l| l.contains("reopening the access log"))
+        .context("the reopen line")?;
+    let v: serde_json::Value =
+        serde_json::from_str(reopen).with_context(|| format!("--log-format json: {reopen:?}"))?;
+    assert_eq!(v["level"], "INFO");
     Ok(())
 }

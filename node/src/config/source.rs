@@ -85,6 +85,21 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax) [default: info,openraft=warn]
     #[arg(long, env = "EDGELB_LOG")]
     pub log: Option<String>,
+    /// The node's own log lines: text or json [default: text]
+    #[arg(long, env = "EDGELB_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Access log: one line per HTTP request and TCP connection, to stdout,
+    /// stderr or a file (appended to; reopened on SIGUSR1) [default: off]
+    #[arg(long, env = "EDGELB_ACCESS_LOG")]
+    pub access_log: Option<String>,
+    /// Access log lines: json or text (the common log format, then
+    /// key=value fields) [default: json]
+    #[arg(long, env = "EDGELB_ACCESS_LOG_FORMAT")]
+    pub access_log_format: Option<String>,
+    /// The fraction of requests and connections the access log writes,
+    /// more than 0 and at most 1 [default: 1]
+    #[arg(long, env = "EDGELB_ACCESS_LOG_SAMPLE", value_parser = finite)]
+    pub access_log_sample: Option<f64>,
     /// Cluster CA certificate (PEM) when running your own PKI.
     #[arg(long, env = "EDGELB_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
@@ -125,6 +140,14 @@ pub struct Args {
     pub rebuild_state_machine: bool,
 }
 
+/// A finite number (a NaN would read as a key not set).
+fn finite(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(f) if f.is_finite() => Ok(f),
+        _ => Err(format!("{v:?} is not a number")),
+    }
+}
+
 /// Every key of the TOML file, each flag's among them, typed. `None` is a
 /// key no layer set.
 #[derive(Debug, Default, Deserialize)]
@@ -148,6 +171,11 @@ pub(super) struct Source {
     pub(super) metrics_token: Option<String>,
     pub(super) cluster_domain: Option<String>,
     pub(super) log: Option<String>,
+    pub(super) log_format: Option<LogFormat>,
+    #[serde(deserialize_with = "access_log_target")]
+    pub(super) access_log: Option<Option<crate::access_log::Target>>,
+    pub(super) access_log_format: Option<crate::access_log::Format>,
+    pub(super) access_log_sample: Option<f64>,
     #[serde(deserialize_with = "duration")]
     pub(super) drain_timeout: Option<Duration>,
     #[serde(deserialize_with = "duration")]
@@ -211,6 +239,15 @@ pub(super) enum EstimatorKey {
     Raw,
     /// Peers' reports are received but not used.
     Local,
+}
+
+/// `log_format`: how the node's own log lines are written.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// One layer of settings: the keys it sets and the file they came from
@@ -320,6 +357,16 @@ where
         Some(v) => parse(&v).map(Some).map_err(D::Error::custom),
         None => Ok(None),
     }
+}
+
+/// `access_log`: `off` (`Some(None)`), `stdout`, `stderr` or a path.
+fn access_log_target<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<crate::access_log::Target>>, D::Error> {
+    text_as(d, |v| match v {
+        "off" => Ok(None),
+        v => crate::access_log::Target::parse(v).map(Some),
+    })
 }
 
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {

@@ -476,3 +476,63 @@ fn file_type_errors_name_the_key() {
         assert!(err.message.contains("edgelb.toml"), "{text}: {err}");
     }
 }
+
+#[test]
+fn access_log_and_log_format_keys() {
+    use crate::access_log::{Format, Options, Target};
+    let c = load(&[]).unwrap();
+    assert_eq!(c.access_log, None, "off by default");
+    assert_eq!(c.log_format, LogFormat::Text);
+    let c = load(&["--access-log", "stdout", "--log-format", "json"]).unwrap();
+    assert_eq!(
+        c.access_log,
+        Some(Options {
+            target: Target::Stdout,
+            format: Format::Json,
+            sample: 1.0,
+        })
+    );
+    assert_eq!(c.log_format, LogFormat::Json);
+    let c = from_toml(
+        "access_log = \"/var/log/edgelb/access.log\"\naccess_log_format = \"text\"\n\
+         access_log_sample = 0.25\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.access_log,
+        Some(Options {
+            target: Target::File("/var/log/edgelb/access.log".into()),
+            format: Format::Text,
+            sample: 0.25,
+        })
+    );
+    // `off` keeps the other keys in the file without effect.
+    let c = from_toml("access_log = \"off\"\naccess_log_format = \"text\"\n").unwrap();
+    assert_eq!(c.access_log, None);
+    for (text, field) in [
+        ("access_log_format = \"json\"\n", "access_log_format"),
+        (
+            "access_log = \"stdout\"\naccess_log_sample = 0\n",
+            "access_log_sample",
+        ),
+        (
+            "access_log = \"stdout\"\naccess_log_sample = 1.5\n",
+            "access_log_sample",
+        ),
+        (
+            "access_log = \"stdout\"\naccess_log_format = \"xml\"\n",
+            "access_log_format",
+        ),
+        ("access_log = \"\"\n", "access_log"),
+        ("log_format = \"yaml\"\n", "log_format"),
+    ] {
+        assert_eq!(from_toml(text).unwrap_err().field, field, "{text}");
+    }
+    assert_eq!(
+        load(&["--access-log", "stdout", "--access-log-sample", "2"])
+            .unwrap_err()
+            .field,
+        "access_log_sample"
+    );
+    assert!(load(&["--access-log", "stdout", "--access-log-sample", "nan"]).is_err());
+}

@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::conn::ActiveGuard;
+use super::log::Log;
 use crate::balancer::Lease;
 use crate::upstream::{IdleLimits, Pool, PooledConn};
 
@@ -127,6 +128,8 @@ struct Finish {
     status: u16,
     /// `None` for connections that are not reused.
     reuse: Option<Reuse>,
+    /// The access log's line, when the request is logged.
+    log: Log,
 }
 
 impl UpstreamBody {
@@ -137,6 +140,7 @@ impl UpstreamBody {
         start: Instant,
         status: u16,
         reuse: Option<Reuse>,
+        log: Log,
     ) -> Self {
         Self {
             inner,
@@ -147,11 +151,14 @@ impl UpstreamBody {
                 start,
                 status,
                 reuse,
+                log,
             }),
         }
     }
 
-    fn finish(&mut self, complete: bool) {
+    /// Ends the request: `complete` when the body was read to its end,
+    /// else who cut it off and why (for the access log).
+    fn finish(&mut self, complete: bool, cut: Option<(&'static str, &dyn std::fmt::Display)>) {
         let Some(f) = self.finish.take() else { return };
         let now = Instant::now();
         let metrics = &f.lease.backend().metrics;
@@ -170,6 +177,9 @@ impl UpstreamBody {
         }
         // Ends the in-flight count (and times the work for gossip).
         f.lease.release(now);
+        if let Some(record) = f.log {
+            record.end(f.status, if complete { None } else { cut });
+        }
     }
 
     fn on_frame(
@@ -177,14 +187,21 @@ impl UpstreamBody {
         frame: Option<Result<Frame<Bytes>, hyper::Error>>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match frame {
-            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+            Some(Ok(frame)) => {
+                if let Some(record) = self.finish.as_mut().and_then(|f| f.log.as_mut())
+                    && let Some(data) = frame.data_ref()
+                {
+                    record.bytes_out += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             Some(Err(e)) => {
-                self.finish(false);
+                self.finish(false, Some(("upstream", &e)));
                 Poll::Ready(Some(Err(e.into())))
             }
             None => {
                 self.complete = true;
-                self.finish(true);
+                self.finish(true, None);
                 Poll::Ready(None)
             }
         }
@@ -205,7 +222,7 @@ impl Body for UpstreamBody {
         };
         if f.conn.driver.aborted() {
             // The instance was detached and its drain timeout passed.
-            this.finish(false);
+            this.finish(false, Some(("internal", &Drained)));
             return Poll::Ready(Some(Err(Drained.into())));
         }
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
@@ -214,7 +231,7 @@ impl Body for UpstreamBody {
         // Let the connection read more of the body, then look again.
         f.conn.driver.poll_drive(cx);
         if f.conn.driver.aborted() {
-            this.finish(false);
+            this.finish(false, Some(("internal", &Drained)));
             return Poll::Ready(Some(Err(Drained.into())));
         }
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
@@ -235,6 +252,9 @@ impl Drop for UpstreamBody {
         // hyper does not poll a body that reports its end up front (HEAD,
         // 204, 304, empty bodies): that still counts as read completely.
         let complete = self.complete || self.inner.is_end_stream();
-        self.finish(complete);
+        self.finish(
+            complete,
+            Some(("client", &"the client went away before the response ended")),
+        );
     }
 }

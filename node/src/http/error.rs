@@ -16,6 +16,17 @@ pub(crate) enum Side {
     Internal,
 }
 
+impl Side {
+    /// As the access log's `error_origin` says it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Upstream => "upstream",
+            Self::Internal => "internal",
+        }
+    }
+}
+
 /// A request that gets an error answer instead of an instance's response.
 ///
 /// Only [`ConnectError`]s are retried (on another instance), and only while

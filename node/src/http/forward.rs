@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::header::HOST;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 use hyper::upgrade::OnUpgrade;
@@ -17,6 +18,7 @@ use super::body::{ProxyBody, Reuse, UpstreamBody};
 use super::conn::{ActiveGuard, Conn};
 use super::error::ProxyError;
 use super::headers;
+use super::log::{Log, Record};
 use super::redirect;
 use super::upgrade;
 use crate::balancer::Lease;
@@ -33,11 +35,25 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     guard: ActiveGuard,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let resp = match proxy(req, guard.conn()).await {
-        Ok(resp) => resp,
+    let mut log = Record::start(&req, guard.conn());
+    let resp = match proxy(req, guard.conn(), &mut log).await {
+        Ok(resp) => {
+            // Still here: an answer of the node's own (a redirect); an
+            // instance's response took the record along.
+            if let Some(mut record) = log {
+                record.bytes_out = resp.body().size_hint().exact().unwrap_or(0);
+                record.end(resp.status().as_u16(), None);
+            }
+            resp
+        }
         Err(error) => {
             debug!(%error, side = ?error.side(), status = error.status().as_u16(), "request failed");
-            error.response()
+            let resp = error.response();
+            if let Some(mut record) = log {
+                record.bytes_out = resp.body().size_hint().exact().unwrap_or(0);
+                record.end(error.status().as_u16(), Some((error.side().name(), &error)));
+            }
+            resp
         }
     };
     Ok(resp.map(|body| body.guarded(guard)))
@@ -62,7 +78,7 @@ pub(crate) fn checked_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, P
 
 /// The host the client addressed: the authority of an absolute-form or
 /// HTTP/2 target, else `Host`.
-fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
+pub(crate) fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     if let Some(authority) = req.uri().authority() {
         return HeaderValue::from_str(authority.as_str()).ok();
     }
@@ -72,9 +88,10 @@ fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
 async fn proxy(
     req: Request<Incoming>,
     conn: &Arc<Conn>,
+    log: &mut Log,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // From here on, a body dropped unread is discarded, not left hanging.
-    let mut req = ClientBody::wrap(req, conn);
+    let mut req = ClientBody::wrap(req, conn, log.as_ref().map(|r| r.bytes_in.clone()));
     let host = checked_host(&req)?;
     let (target, redirect) = {
         // The one routing-table read of this request.
@@ -83,6 +100,9 @@ async fn proxy(
         let target = table.target(port, host.as_ref().and_then(|h| h.to_str().ok()));
         (target.ok_or(ProxyError::NoRoute)?, port.redirect)
     };
+    if let Some(record) = log.as_deref_mut() {
+        record.group = Some(target.group.clone());
+    }
     if redirect {
         return redirect::response(&req, host.as_ref(), target.destination_port);
     }
@@ -91,7 +111,7 @@ async fn proxy(
     }
     let client_upgrade = headers::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     headers::prepare_request(&mut req, conn, host, client_upgrade.is_some());
-    forward(req, &target, conn, client_upgrade).await
+    forward(req, &target, conn, client_upgrade, log).await
 }
 
 /// What [`exchange`] produced.
@@ -108,6 +128,7 @@ async fn forward(
     target: &Target,
     conn: &Arc<Conn>,
     client_upgrade: Option<OnUpgrade>,
+    log: &mut Log,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let settings = &conn.dp.settings;
     let mut tries = Attempts::new(target);
@@ -118,11 +139,30 @@ async fn forward(
             Unserved::NoPool => ProxyError::Internal("selected instance has no pool"),
             Unserved::Failed(error) => ProxyError::Connect(error),
         })?;
+        if let Some(record) = log.as_deref_mut() {
+            record.attempts = tries.made();
+            record.instance = Some(lease.backend().clone());
+            record.connect = None;
+        }
         let start = Instant::now();
         let upgrade = client_upgrade.is_some();
-        match exchange(req, &pool, &lease, settings, upgrade, start).await {
+        match exchange(req, &pool, &lease, settings, upgrade, start, log).await {
             Exchange::Response(resp, up) => {
-                return respond(resp, up, lease, &pool, start, conn, client_upgrade);
+                if let Some(record) = log.as_deref_mut() {
+                    let waited = start.elapsed();
+                    record.response =
+                        Some(waited.saturating_sub(record.connect.unwrap_or_default()));
+                }
+                return respond(
+                    resp,
+                    up,
+                    lease,
+                    &pool,
+                    start,
+                    conn,
+                    client_upgrade,
+                    log.take(),
+                );
             }
             Exchange::NotSent(back, error) => {
                 tries.failed(lease, error);
@@ -152,6 +192,7 @@ async fn exchange(
     settings: &Settings,
     upgrade: bool,
     now: Instant,
+    log: &mut Log,
 ) -> Exchange {
     let backend = lease.backend();
     let mut pooled = if upgrade {
@@ -174,12 +215,15 @@ async fn exchange(
             }
             // Boxed: connecting is the rare path and its future is large;
             // every request's future would carry (and move) it otherwise.
-            None => match Box::pin(pool.connect(
-                &backend.name,
-                &backend.metrics,
-                backend.drain_token(),
-                settings.connect_timeout,
-                upgrade,
+            None => match Box::pin(timed(
+                log.as_deref_mut().map(|r| &mut r.connect),
+                pool.connect(
+                    &backend.name,
+                    &backend.metrics,
+                    backend.drain_token(),
+                    settings.connect_timeout,
+                    upgrade,
+                ),
             ))
             .await
             {
@@ -249,6 +293,10 @@ async fn send(
     .await
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one request's parts, each used once"
+)]
 fn respond(
     resp: Response<Incoming>,
     up: PooledConn,
@@ -257,14 +305,19 @@ fn respond(
     start: Instant,
     conn: &Arc<Conn>,
     client_upgrade: Option<OnUpgrade>,
+    log: Log,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let status = resp.status();
     if status == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client) = client_upgrade else {
             lease.backend().metrics.observe_status(502);
+            if let Some(record) = log {
+                let error = ProxyError::UnexpectedUpgrade;
+                record.end(error.status().as_u16(), Some((error.side().name(), &error)));
+            }
             return Err(ProxyError::UnexpectedUpgrade);
         };
-        return Ok(upgrade::tunnel(resp, up, client, lease, start, conn));
+        return Ok(upgrade::tunnel(resp, up, client, lease, start, conn, log));
     }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
@@ -280,6 +333,16 @@ fn respond(
             park_after: settings.park_after,
         },
     });
-    let body = UpstreamBody::new(body, up, lease, start, status.as_u16(), reuse);
+    let body = UpstreamBody::new(body, up, lease, start, status.as_u16(), reuse, log);
     Ok(Response::from_parts(parts, ProxyBody::upstream(body)))
+}
+
+/// `fut`, its time written to `took` (when the request is logged).
+async fn timed<F: Future>(took: Option<&mut Option<Duration>>, fut: F) -> F::Output {
+    let began = Instant::now();
+    let out = fut.await;
+    if let Some(t) = took {
+        *t = Some(began.elapsed());
+    }
+    out
 }

@@ -107,6 +107,12 @@ struct Edge {
 
 impl Edge {
     async fn start(groups: Vec<ServiceGroup>, settings: Settings) -> Self {
+        Self::start_logged(groups, DataPlane::new(settings)).await
+    }
+
+    /// An edge whose data plane is `dp` (an access log, say).
+    async fn start_logged(groups: Vec<ServiceGroup>, dp: DataPlane) -> Self {
+        let settings = dp.settings.clone();
         let mut state = State::default();
         for g in groups {
             state
@@ -120,7 +126,7 @@ impl Edge {
             drain_timeout: settings.drain_timeout,
             load_changed: None,
         };
-        let dp = Arc::new(DataPlane::new(settings));
+        let dp = Arc::new(dp);
         publish(&dp.routes, &state, &cx);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -1272,4 +1278,93 @@ async fn parked_connection_closes_at_the_idle_timeout_and_on_shutdown() {
         edge.dp.parked.get() == 0
     })
     .await;
+}
+
+#[tokio::test]
+async fn the_access_log_has_one_line_per_request_with_its_fields() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    echo_backend(l, "a");
+    let app = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let gone = group(
+        "gone",
+        "gone.example.com",
+        vec![http_port(PORT, 1)],
+        &[("x", refused(4)), ("y", refused(5))],
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("access.log");
+    let log = crate::access_log::AccessLog::open(&crate::access_log::Options {
+        target: crate::access_log::Target::File(path.clone()),
+        format: crate::access_log::Format::Json,
+        sample: 1.0,
+    })
+    .expect("open the access log");
+    let edge = Edge::start_logged(
+        vec![app, gone],
+        DataPlane::new(settings()).with_access_log(log),
+    )
+    .await;
+    let mut client = edge.client().await;
+    let req = Request::post("/upload?x=1")
+        .header("host", "app.example.com")
+        .body(Full::new(Bytes::from("hello world")))
+        .expect("request");
+    let ok = send(&mut client, req).await;
+    assert_eq!(ok.status, 200);
+    let r = send(&mut client, get("nope.example.com", "/")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = send(&mut client, get("gone.example.com", "/g")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+
+    let mut lines = Vec::new();
+    eventually("three access log lines", || {
+        lines = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .collect();
+        lines.len() >= 3
+    })
+    .await;
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let (ok_line, not_found, bad_gateway) = (&lines[0], &lines[1], &lines[2]);
+    assert_eq!(ok_line["method"], "POST");
+    assert_eq!(ok_line["path"], "/upload?x=1");
+    assert_eq!(ok_line["host"], "app.example.com");
+    assert_eq!(ok_line["proto"], "HTTP/1.1");
+    assert_eq!(ok_line["port"], PORT);
+    assert_eq!(ok_line["group"], "app");
+    assert_eq!(ok_line["instance"], "a");
+    assert_eq!(ok_line["status"], 200);
+    assert_eq!(ok_line["bytes_in"], 11);
+    assert_eq!(ok_line["bytes_out"], ok.body.len());
+    assert_eq!(ok_line["attempts"], 1);
+    assert!(
+        ok_line["connect_ms"].as_f64().is_some(),
+        "a new connection: {ok_line}"
+    );
+    assert!(ok_line["response_ms"].as_f64().is_some());
+    assert!(ok_line["duration_ms"].as_f64().is_some());
+    assert!(ok_line["error_origin"].is_null());
+    let client_addr = ok_line["client"].as_str().expect("client");
+    assert!(client_addr.starts_with("127.0.0.1:"), "{client_addr}");
+
+    assert_eq!(not_found["status"], 404);
+    assert!(not_found["group"].is_null() && not_found["instance"].is_null());
+    assert_eq!(not_found["error_origin"], "client");
+    assert_eq!(not_found["bytes_out"], "service not found".len());
+    assert_eq!(not_found["attempts"], 0);
+
+    assert_eq!(bad_gateway["status"], 502);
+    assert_eq!(bad_gateway["group"], "gone");
+    assert_eq!(bad_gateway["attempts"], 3);
+    assert_eq!(bad_gateway["error_origin"], "upstream");
+    let why = bad_gateway["error"].as_str().expect("error");
+    assert!(why.starts_with("every attempt failed"), "{why}");
 }

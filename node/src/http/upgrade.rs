@@ -16,6 +16,7 @@ use tracing::{Instrument, debug};
 use super::body::ProxyBody;
 use super::conn::Conn;
 use super::headers;
+use super::log::Log;
 use crate::balancer::Lease;
 use crate::upstream::{PooledConn, idle};
 
@@ -28,6 +29,7 @@ pub(crate) fn tunnel(
     lease: Lease,
     start: Instant,
     conn: &Arc<Conn>,
+    log: Log,
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();
@@ -39,6 +41,7 @@ pub(crate) fn tunnel(
     let activity = up.activity.clone();
     let task = async move {
         let drained = lease.backend().drain_token();
+        let traffic = activity.clone();
         let splice = async {
             let (client, upstream) = match tokio::try_join!(client, upstream) {
                 Ok(both) => both,
@@ -71,11 +74,14 @@ pub(crate) fn tunnel(
         // polls take a lock) are polled only when they fire, not on every
         // chunk.
         let mut splice = tokio::spawn(splice.in_current_span());
-        tokio::select! {
-            _ = &mut splice => {}
-            () = drained.cancelled() => debug!("tunnel closed: instance drained"),
-            () = stop => debug!("tunnel closed: shutdown"),
-            () = idle => debug!("tunnel closed: idle"),
+        let closed: Option<&'static str> = tokio::select! {
+            _ = &mut splice => None,
+            () = drained.cancelled() => Some("instance drained"),
+            () = stop => Some("shutdown"),
+            () = idle => Some("idle timeout"),
+        };
+        if let Some(why) = closed {
+            debug!("tunnel closed: {why}");
         }
         splice.abort();
         let metrics = &lease.backend().metrics;
@@ -85,6 +91,20 @@ pub(crate) fn tunnel(
             .duration
             .observe(now.saturating_duration_since(start).as_secs_f64());
         lease.release(now);
+        if let Some(mut record) = log {
+            // The tunnel's bytes, both ways, as TCP mode logs them.
+            let (to_instance, to_client) = traffic.map(|t| t.moved()).unwrap_or_default();
+            record
+                .bytes_in
+                .store(to_instance, std::sync::atomic::Ordering::Relaxed);
+            record.bytes_out = to_client;
+            record.end(
+                101,
+                closed
+                    .as_ref()
+                    .map(|why| ("internal", why as &dyn std::fmt::Display)),
+            );
+        }
     };
     tokio::spawn(task.instrument(tracing::Span::current()));
     Response::from_parts(parts, ProxyBody::empty())

@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::series::Counter;
+use crate::upstream::Traffic;
 
 /// Bytes a direction copies before it switches to splice(2).
 pub(crate) const SPLICE_AFTER: u64 = 64 * 1024;
@@ -50,19 +51,19 @@ static SPLICED: AtomicU64 = AtomicU64::new(0);
 
 /// Moves bytes both ways until both sides ended; returns the bytes moved
 /// from `a` to `b` and from `b` to `a`. Each byte is counted in the
-/// direction's counter and in `activity`.
+/// direction's counter and in `traffic` (`a` is the client).
 pub(crate) async fn both_ways(
     a: TcpStream,
     b: TcpStream,
     a_to_b: &Counter,
     b_to_a: &Counter,
-    activity: &AtomicU64,
+    traffic: &Traffic,
 ) -> io::Result<(u64, u64)> {
     let (mut a_read, a_write) = a.into_split();
     let (mut b_read, b_write) = b.into_split();
     tokio::try_join!(
-        one_way(&mut a_read, &b_write, a_to_b, activity),
-        one_way(&mut b_read, &a_write, b_to_a, activity)
+        one_way(&mut a_read, &b_write, a_to_b, &traffic.to_instance),
+        one_way(&mut b_read, &a_write, b_to_a, &traffic.to_client)
     )
 }
 
@@ -70,7 +71,7 @@ async fn one_way(
     from: &mut OwnedReadHalf,
     to: &OwnedWriteHalf,
     counter: &Counter,
-    activity: &AtomicU64,
+    moved_way: &AtomicU64,
 ) -> io::Result<u64> {
     let mut moved = 0_u64;
     let mut pipe: Option<Pipe> = None;
@@ -89,7 +90,7 @@ async fn one_way(
         }
         moved += n as u64;
         counter.inc_by(n as u64);
-        activity.fetch_add(n as u64, Ordering::Relaxed);
+        moved_way.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -267,15 +268,15 @@ mod tests {
         let mut down = vec![0_u8; 5 * 1024 * 1024 + 3];
         rand::rng().fill_bytes(&mut up);
         rand::rng().fill_bytes(&mut down);
-        let (to_instance, to_client, activity) =
-            (Counter::default(), Counter::default(), AtomicU64::new(0));
+        let (to_instance, to_client, traffic) =
+            (Counter::default(), Counter::default(), Traffic::default());
         let spliced_before = spliced();
         let pumping = both_ways(
             client_side,
             upstream_side,
             &to_instance,
             &to_client,
-            &activity,
+            &traffic,
         );
         let (moved, got_by_client, got_by_instance) = within(async {
             tokio::join!(
@@ -296,10 +297,7 @@ mod tests {
         );
         assert_eq!(to_instance.get(), up.len() as u64);
         assert_eq!(to_client.get(), down.len() as u64);
-        assert_eq!(
-            activity.load(Ordering::Relaxed),
-            (up.len() + down.len()) as u64
-        );
+        assert_eq!(traffic.moved(), (up.len() as u64, down.len() as u64));
         // Everything past the first 64 KiB of each direction went through a
         // pipe, and the pipes were given back.
         assert_eq!(pipes_open(), 0);
@@ -317,8 +315,8 @@ mod tests {
         let spliced_before = spliced();
         let (mut client, client_side) = socket_pair().await;
         let (upstream_side, mut instance) = socket_pair().await;
-        let (a, b, activity) = (Counter::default(), Counter::default(), AtomicU64::new(0));
-        let pumping = both_ways(client_side, upstream_side, &a, &b, &activity);
+        let (a, b, traffic) = (Counter::default(), Counter::default(), Traffic::default());
+        let pumping = both_ways(client_side, upstream_side, &a, &b, &traffic);
         let talk = async {
             client.write_all(b"ping").await.expect("write");
             let mut buf = [0_u8; 4];

@@ -16,6 +16,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,13 +38,17 @@ pub(crate) struct ClientBody {
     inner: Option<Incoming>,
     /// Set for HTTP/1 bodies that are not empty, until their end.
     guard: Option<BodyGuard>,
+    /// Counts the body's bytes, for the access log.
+    counted: Option<Arc<AtomicU64>>,
 }
 
 impl ClientBody {
-    /// Wraps the body of `req`, a request of the client connection `conn`.
+    /// Wraps the body of `req`, a request of the client connection `conn`;
+    /// its bytes are added to `counted`.
     pub(crate) fn wrap<A: Activity + 'static>(
         req: Request<Incoming>,
         conn: &Arc<A>,
+        counted: Option<Arc<AtomicU64>>,
     ) -> Request<Self> {
         let h1 = req.version() < Version::HTTP_2;
         req.map(|inner| {
@@ -52,6 +57,7 @@ impl ClientBody {
             Self {
                 inner: Some(inner),
                 guard,
+                counted,
             }
         })
     }
@@ -70,9 +76,14 @@ impl Body for ClientBody {
             return Poll::Ready(None);
         };
         let frame = std::task::ready!(Pin::new(inner).poll_frame(cx));
-        if !matches!(frame, Some(Ok(_))) {
+        match &frame {
+            Some(Ok(f)) => {
+                if let (Some(c), Some(data)) = (&this.counted, f.data_ref()) {
+                    c.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+            }
             // The end, or an error that ends the client connection.
-            this.guard = None;
+            _ => this.guard = None,
         }
         Poll::Ready(frame)
     }

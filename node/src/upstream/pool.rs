@@ -310,7 +310,7 @@ impl Pool {
         let stream = self.dial(connect_timeout).await?;
         // An upgraded connection's traffic both ways, for the tunnel's idle
         // timeout.
-        let activity = upgrades.then(|| Arc::new(AtomicU64::new(0)));
+        let activity = upgrades.then(|| Arc::new(Traffic::default()));
         let io = TokioIo::new(CountingIo::new(stream, metrics, activity.clone()));
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
@@ -487,7 +487,7 @@ pub(crate) struct PooledConn {
     pub(crate) driver: Driver,
     pub(crate) deadline: Deadline,
     /// Bytes moved either way, on connections made for an upgrade.
-    pub(crate) activity: Option<Arc<AtomicU64>>,
+    pub(crate) activity: Option<Arc<Traffic>>,
 }
 
 /// Deadlines of one connection's requests: one timer, reused (pushing a
@@ -636,13 +636,35 @@ async fn drive_upgradable(conn: Http1Conn) {
     }
 }
 
-/// Resolves once `activity` has not moved for a whole `timeout` (checked
+/// Bytes moved over one connection to an instance, each way. TCP mode's
+/// and tunnels' idle timeouts watch their sum; the access log reports them.
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    pub(crate) to_instance: AtomicU64,
+    pub(crate) to_client: AtomicU64,
+}
+
+impl Traffic {
+    /// Bytes to the instance and to the client.
+    pub(crate) fn moved(&self) -> (u64, u64) {
+        (
+            self.to_instance.load(Ordering::Relaxed),
+            self.to_client.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Resolves once `traffic` has not moved for a whole `timeout` (checked
 /// once per `timeout`, so after between one and two of them).
-pub(crate) async fn idle(activity: Arc<AtomicU64>, timeout: Duration) {
-    let mut seen = activity.load(Ordering::Relaxed);
+pub(crate) async fn idle(traffic: Arc<Traffic>, timeout: Duration) {
+    let sum = |t: &Traffic| {
+        let (a, b) = t.moved();
+        a.wrapping_add(b)
+    };
+    let mut seen = sum(&traffic);
     loop {
         tokio::time::sleep(timeout).await;
-        let now = activity.load(Ordering::Relaxed);
+        let now = sum(&traffic);
         if now == seen {
             return;
         }
@@ -651,12 +673,12 @@ pub(crate) async fn idle(activity: Arc<AtomicU64>, timeout: Duration) {
 }
 
 /// A TCP stream to an instance that counts the bytes both ways in the
-/// instance's metrics and, for TCP mode's idle timeout, in `activity`.
+/// instance's metrics and, for TCP mode and tunnels, in `activity`.
 #[derive(Debug)]
 pub(crate) struct CountingIo {
     inner: TcpStream,
     metrics: InstanceMetrics,
-    activity: Option<Arc<AtomicU64>>,
+    activity: Option<Arc<Traffic>>,
 }
 
 impl CountingIo {
@@ -665,7 +687,7 @@ impl CountingIo {
     pub(crate) fn new(
         inner: TcpStream,
         metrics: &InstanceMetrics,
-        activity: Option<Arc<AtomicU64>>,
+        activity: Option<Arc<Traffic>>,
     ) -> Self {
         metrics.connections.inc();
         Self {
@@ -675,9 +697,9 @@ impl CountingIo {
         }
     }
 
-    fn count(counter: &Counter, activity: Option<&Arc<AtomicU64>>, n: usize) {
+    fn count(counter: &Counter, way: Option<&AtomicU64>, n: usize) {
         counter.inc_by(n as u64);
-        if let Some(a) = activity {
+        if let Some(a) = way {
             a.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
@@ -694,7 +716,11 @@ impl AsyncRead for CountingIo {
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            Self::count(&this.metrics.bytes_rx, this.activity.as_ref(), n);
+            Self::count(
+                &this.metrics.bytes_rx,
+                this.activity.as_ref().map(|t| &t.to_client),
+                n,
+            );
         }
         res
     }
@@ -709,7 +735,11 @@ impl AsyncWrite for CountingIo {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
-            Self::count(&this.metrics.bytes_tx, this.activity.as_ref(), n);
+            Self::count(
+                &this.metrics.bytes_tx,
+                this.activity.as_ref().map(|t| &t.to_instance),
+                n,
+            );
         }
         res
     }
@@ -722,7 +752,11 @@ impl AsyncWrite for CountingIo {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
-            Self::count(&this.metrics.bytes_tx, this.activity.as_ref(), n);
+            Self::count(
+                &this.metrics.bytes_tx,
+                this.activity.as_ref().map(|t| &t.to_instance),
+                n,
+            );
         }
         res
     }

@@ -1,0 +1,780 @@
+//! Access logs: one line per HTTP request and per TCP connection, as JSON
+//! or as the common log format with the proxy's fields after it.
+//!
+//! ```text
+//!  worker 0 ─┐ format into its shard's buffer (a lock no other worker takes)
+//!  worker 1 ─┤
+//!            ▼
+//!     shards: [Mutex<Vec<u8>>; 8] ──▶ writer thread ──write(2)──▶ file / stdout
+//!                                     every 100 ms, or at once when a shard
+//!                                     holds 64 KiB; SIGUSR1 reopens the file
+//! ```
+//!
+//! The request path never waits on the disk: a line is formatted into a
+//! buffer of the worker's own shard and written by a thread of its own in
+//! batches. When the disk is slower than the lines come (a shard holds
+//! [`MAX_PENDING`]), further lines are dropped and counted
+//! (`edgelb_access_log_dropped_total`), as a full syslog socket drops
+//! HAProxy's. Off by default; `access_log_sample` logs a random fraction.
+
+use std::fmt::{self, Display, Write as _};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::IntCounter;
+use tracing::warn;
+
+/// Where the lines go (`access_log`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Stdout,
+    Stderr,
+    /// Appended to; created (0600) when missing, reopened on SIGUSR1.
+    File(PathBuf),
+}
+
+impl Target {
+    /// `stdout`, `stderr` or a file's path.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "" => Err("is empty (leave it out, or \"off\", for no access log)".into()),
+            "stdout" => Ok(Self::Stdout),
+            "stderr" => Ok(Self::Stderr),
+            path => Ok(Self::File(PathBuf::from(path))),
+        }
+    }
+}
+
+/// How a line is written (`access_log_format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One JSON object per line.
+    #[default]
+    Json,
+    /// The common log format (`client - - [time] "request" status bytes`),
+    /// then the proxy's fields as `key=value`.
+    Text,
+}
+
+/// The access log's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    pub target: Target,
+    pub format: Format,
+    /// The fraction of requests and connections logged, in (0, 1].
+    pub sample: f64,
+}
+
+/// Shards of pending lines: each worker writes into its own
+/// (`crate::workers::current`).
+const SHARDS: usize = 8;
+
+/// A shard holding this much wakes the writer at once.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// A shard holding this much drops further lines until the writer catches
+/// up.
+pub(crate) const MAX_PENDING: usize = 8 * 1024 * 1024;
+
+/// The writer's period when no shard fills up.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// The access log of a node.
+pub struct AccessLog {
+    inner: Arc<Inner>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessLog")
+            .field("target", &self.inner.target)
+            .field("format", &self.inner.format)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    target: Target,
+    format: Format,
+    sample: f64,
+    shards: [Mutex<Shard>; SHARDS],
+    stop: AtomicBool,
+    reopen: AtomicBool,
+    writer: OnceLock<Thread>,
+    lines: IntCounter,
+    dropped: IntCounter,
+    errors: IntCounter,
+}
+
+#[derive(Default)]
+struct Shard {
+    pending: Vec<u8>,
+    clock: Clock,
+}
+
+/// What a line says. Strings are escaped as the format needs; `None`s and
+/// zeros print as `null` (JSON) or `-` (text).
+#[derive(Default)]
+pub(crate) struct Entry<'a> {
+    /// How long the request or connection took, to its end (now).
+    pub(crate) duration: Duration,
+    pub(crate) client: Option<SocketAddr>,
+    /// The published port.
+    pub(crate) port: u16,
+    pub(crate) tls: bool,
+    /// `HTTP/1.1`, `HTTP/2`, …, or `TCP`.
+    pub(crate) proto: &'a str,
+    pub(crate) method: &'a str,
+    pub(crate) host: &'a [u8],
+    pub(crate) path: &'a str,
+    pub(crate) group: &'a str,
+    pub(crate) instance: &'a str,
+    /// The HTTP status sent; 0 for TCP connections.
+    pub(crate) status: u16,
+    /// Body bytes from the client (HTTP), bytes to the instance (TCP).
+    pub(crate) bytes_in: u64,
+    /// Body bytes to the client (HTTP), bytes to the client (TCP).
+    pub(crate) bytes_out: u64,
+    /// Instances tried.
+    pub(crate) attempts: u32,
+    /// Connecting to the instance (a new connection; `None` when a pooled
+    /// one was used or none was made).
+    pub(crate) connect: Option<Duration>,
+    /// From the first attempt to the instance's response headers.
+    pub(crate) response: Option<Duration>,
+    /// Who ended the request early (`client`, `upstream`, `internal`), and
+    /// why.
+    pub(crate) error: Option<(&'static str, &'a dyn Display)>,
+}
+
+impl AccessLog {
+    /// Opens the target and starts the writer thread.
+    pub fn open(options: &Options) -> io::Result<Self> {
+        let counter = |name: &str, help: &str| {
+            IntCounter::new(name, help).expect("a valid metric name and help text")
+        };
+        let inner = Arc::new(Inner {
+            target: options.target.clone(),
+            format: options.format,
+            sample: options.sample,
+            shards: Default::default(),
+            stop: AtomicBool::new(false),
+            reopen: AtomicBool::new(false),
+            writer: OnceLock::new(),
+            lines: counter("edgelb_access_log_lines_total", "Access log lines written."),
+            dropped: counter(
+                "edgelb_access_log_dropped_total",
+                "Access log lines dropped because the log's target did not keep up.",
+            ),
+            errors: counter(
+                "edgelb_access_log_write_errors_total",
+                "Failed writes (or reopens) of the access log; their lines are lost.",
+            ),
+        });
+        let out = Out::open(&inner.target)?;
+        let thread = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("edgelb-access-log".into())
+                .spawn(move || write_loop(&inner, out))?
+        };
+        let _ = inner.writer.set(thread.thread().clone());
+        Ok(Self {
+            inner,
+            writer: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Registers the log's counters.
+    pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        for c in [&self.inner.lines, &self.inner.dropped, &self.inner.errors] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the next request or connection is logged (the sample).
+    pub(crate) fn sampled(&self) -> bool {
+        self.inner.sample >= 1.0 || rand::random::<f64>() < self.inner.sample
+    }
+
+    /// Adds a line (written within [`FLUSH_EVERY`]).
+    pub(crate) fn write(&self, entry: &Entry<'_>) {
+        let now = SystemTime::now();
+        let start = now.checked_sub(entry.duration).unwrap_or(now);
+        let shard = &self.inner.shards[crate::workers::current() % SHARDS];
+        let full = {
+            let mut shard = lock(shard);
+            if shard.pending.len() >= MAX_PENDING {
+                drop(shard);
+                self.inner.dropped.inc();
+                return;
+            }
+            let Shard { pending, clock } = &mut *shard;
+            match self.inner.format {
+                Format::Json => json(pending, clock, start, entry),
+                Format::Text => text(pending, clock, start, entry),
+            }
+            pending.len() >= FLUSH_AT
+        };
+        self.inner.lines.inc();
+        if full && let Some(t) = self.inner.writer.get() {
+            t.unpark();
+        }
+    }
+
+    /// Reopens a file target (after the file was rotated away); the
+    /// lines pending are written to the new file.
+    pub fn reopen(&self) {
+        self.inner.reopen.store(true, Ordering::Release);
+        if let Some(t) = self.inner.writer.get() {
+            t.unpark();
+        }
+    }
+
+    /// Writes what is pending and stops the writer (waiting for it).
+    pub fn close(&self) {
+        self.inner.stop.store(true, Ordering::Release);
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(h) = handle {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+enum Out {
+    Stdout,
+    Stderr,
+    File(File),
+}
+
+impl Out {
+    fn open(target: &Target) -> io::Result<Self> {
+        Ok(match target {
+            Target::Stdout => Self::Stdout,
+            Target::Stderr => Self::Stderr,
+            Target::File(path) => Self::File(
+                OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(path)
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
+            ),
+        })
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Self::Stdout => io::stdout().lock().write_all(bytes),
+            Self::Stderr => io::stderr().lock().write_all(bytes),
+            Self::File(f) => f.write_all(bytes),
+        }
+    }
+}
+
+/// The writer thread: takes each shard's lines and writes them, until
+/// `stop` (then once more, so that nothing pending is lost).
+fn write_loop(inner: &Inner, mut out: Out) {
+    // Swapped with a shard's buffer: both keep their capacity.
+    let mut batch = Vec::new();
+    let mut warned = false;
+    loop {
+        let stopping = inner.stop.load(Ordering::Acquire);
+        if inner.reopen.swap(false, Ordering::AcqRel) {
+            match Out::open(&inner.target) {
+                Ok(o) => out = o,
+                Err(error) => {
+                    inner.errors.inc();
+                    warn!(%error, "access log: reopen failed; writing to the old file");
+                }
+            }
+        }
+        for shard in &inner.shards {
+            {
+                let mut shard = lock(shard);
+                if shard.pending.is_empty() {
+                    continue;
+                }
+                std::mem::swap(&mut shard.pending, &mut batch);
+            }
+            match out.write_all(&batch) {
+                Ok(()) => warned = false,
+                Err(error) => {
+                    inner.errors.inc();
+                    if !std::mem::replace(&mut warned, true) {
+                        warn!(%error, "access log: write failed; its lines are lost");
+                    }
+                }
+            }
+            batch.clear();
+            // A burst's buffer is not kept for ever.
+            batch.shrink_to(FLUSH_AT * 2);
+        }
+        if stopping {
+            return;
+        }
+        std::thread::park_timeout(FLUSH_EVERY);
+    }
+}
+
+/// The second last formatted, kept per shard: most lines of a second
+/// share its date.
+#[derive(Default)]
+struct Clock {
+    secs: u64,
+    /// `2026-12-05T08:20:39`
+    iso: String,
+    /// `05/Dec/2026:08:20:39`
+    clf: String,
+}
+
+impl Clock {
+    fn at(&mut self, t: SystemTime) -> (&Self, u32) {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs();
+        if secs != self.secs || self.iso.is_empty() {
+            let (y, m, day) = civil(secs / 86_400);
+            let s = secs % 86_400;
+            let (hh, mm, ss) = (s / 3600, s / 60 % 60, s % 60);
+            self.secs = secs;
+            self.iso.clear();
+            let _ = write!(self.iso, "{y:04}-{m:02}-{day:02}T{hh:02}:{mm:02}:{ss:02}");
+            self.clf.clear();
+            let month = MONTHS[(m - 1) as usize];
+            let _ = write!(self.clf, "{day:02}/{month}/{y:04}:{hh:02}:{mm:02}:{ss:02}");
+        }
+        (self, d.subsec_millis())
+    }
+}
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// The civil date (year, month 1–12, day 1–31) of a day since 1970-01-01
+/// (H. Hinnant's `civil_from_days`).
+fn civil(days: u64) -> (i64, u32, u32) {
+    let z = i64::try_from(days).unwrap_or(i64::MAX / 2) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// A `Vec<u8>` as `fmt::Write` (numbers and addresses are formatted
+/// straight into the line).
+struct Buf<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for Buf<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+fn json(out: &mut Vec<u8>, clock: &mut Clock, start: SystemTime, e: &Entry<'_>) {
+    let (clock, millis) = clock.at(start);
+    let mut w = Buf(out);
+    let _ = write!(w, "{{\"time\":\"{}.{millis:03}Z\"", clock.iso);
+    w.0.extend_from_slice(b",\"client\":");
+    match e.client {
+        Some(c) => {
+            let _ = write!(w, "\"{c}\"");
+        }
+        None => w.0.extend_from_slice(b"null"),
+    }
+    let _ = write!(w, ",\"port\":{},\"tls\":{}", e.port, e.tls);
+    json_field(w.0, "proto", e.proto.as_bytes());
+    json_field(w.0, "method", e.method.as_bytes());
+    json_field(w.0, "host", e.host);
+    json_field(w.0, "path", e.path.as_bytes());
+    json_field(w.0, "group", e.group.as_bytes());
+    json_field(w.0, "instance", e.instance.as_bytes());
+    if e.status == 0 {
+        w.0.extend_from_slice(b",\"status\":null");
+    } else {
+        let _ = write!(w, ",\"status\":{}", e.status);
+    }
+    let _ = write!(
+        w,
+        ",\"bytes_in\":{},\"bytes_out\":{},\"attempts\":{}",
+        e.bytes_in, e.bytes_out, e.attempts
+    );
+    json_ms(&mut w, "connect_ms", e.connect);
+    json_ms(&mut w, "response_ms", e.response);
+    json_ms(&mut w, "duration_ms", Some(e.duration));
+    match e.error {
+        Some((origin, why)) => {
+            let _ = write!(w, ",\"error_origin\":\"{origin}\"");
+            let mut why_text = String::new();
+            let _ = write!(why_text, "{why}");
+            json_field(w.0, "error", why_text.as_bytes());
+        }
+        None => {
+            w.0.extend_from_slice(b",\"error_origin\":null,\"error\":null")
+        }
+    }
+    w.0.extend_from_slice(b"}\n");
+}
+
+/// `,"name":"value"` (`null` when empty), escaped: `"`, `\`, control
+/// characters and bytes outside ASCII as `\u00XX` (a header may hold
+/// bytes that are not UTF-8).
+fn json_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.push(b',');
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+    if value.is_empty() {
+        out.extend_from_slice(b"null");
+        return;
+    }
+    out.push(b'"');
+    for &b in value {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x20..=0x7e => out.push(b),
+            _ => {
+                let _ = write!(Buf(out), "\\u{b:04x}");
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+fn json_ms(w: &mut Buf<'_>, name: &str, d: Option<Duration>) {
+    match d {
+        Some(d) => {
+            let _ = write!(w, ",\"{name}\":{:.3}", d.as_secs_f64() * 1e3);
+        }
+        None => {
+            let _ = write!(w, ",\"{name}\":null");
+        }
+    }
+}
+
+/// `client - - [05/Dec/2026:08:20:39 +0000] "GET /p HTTP/1.1" 200 512`,
+/// then `key=value` pairs; strings in quotes with `"`, `\` and bytes
+/// outside printable ASCII as `\xHH` (as NGINX escapes its log).
+fn text(out: &mut Vec<u8>, clock: &mut Clock, start: SystemTime, e: &Entry<'_>) {
+    let (clock, millis) = clock.at(start);
+    let mut w = Buf(out);
+    match e.client {
+        Some(c) => {
+            let _ = write!(w, "{}", c.ip());
+        }
+        None => w.0.push(b'-'),
+    }
+    let _ = write!(w, " - - [{}.{millis:03} +0000] \"", clock.clf);
+    if e.status == 0 {
+        let _ = write!(w, "{} :{}\" -", e.proto, e.port);
+    } else {
+        text_raw(w.0, e.method.as_bytes());
+        w.0.push(b' ');
+        text_raw(w.0, e.path.as_bytes());
+        w.0.push(b' ');
+        text_raw(w.0, e.proto.as_bytes());
+        let _ = write!(w, "\" {}", e.status);
+    }
+    let _ = write!(w, " {}", e.bytes_out);
+    w.0.extend_from_slice(b" host=");
+    text_quoted(w.0, e.host);
+    w.0.extend_from_slice(b" group=");
+    text_quoted(w.0, e.group.as_bytes());
+    w.0.extend_from_slice(b" instance=");
+    text_quoted(w.0, e.instance.as_bytes());
+    let _ = write!(
+        w,
+        " port={} tls={} bytes_in={} attempts={}",
+        e.port, e.tls, e.bytes_in, e.attempts
+    );
+    text_ms(&mut w, "connect_ms", e.connect);
+    text_ms(&mut w, "response_ms", e.response);
+    text_ms(&mut w, "duration_ms", Some(e.duration));
+    match e.error {
+        Some((origin, why)) => {
+            let _ = write!(w, " error_origin={origin} error=");
+            let mut why_text = String::new();
+            let _ = write!(why_text, "{why}");
+            text_quoted(w.0, why_text.as_bytes());
+        }
+        None => w.0.extend_from_slice(b" error_origin=- error=-"),
+    }
+    w.0.push(b'\n');
+}
+
+/// A part of the request line: spaces are escaped too, so that the line
+/// splits on them.
+fn text_raw(out: &mut Vec<u8>, value: &[u8]) {
+    text_escaped(out, value, false);
+}
+
+fn text_escaped(out: &mut Vec<u8>, value: &[u8], spaces: bool) {
+    if value.is_empty() {
+        out.push(b'-');
+        return;
+    }
+    for &b in value {
+        match b {
+            b'"' | b'\\' => {
+                let _ = write!(Buf(out), "\\x{b:02X}");
+            }
+            b' ' if spaces => out.push(b),
+            0x21..=0x7e => out.push(b),
+            _ => {
+                let _ = write!(Buf(out), "\\x{b:02X}");
+            }
+        }
+    }
+}
+
+fn text_quoted(out: &mut Vec<u8>, value: &[u8]) {
+    if value.is_empty() {
+        out.push(b'-');
+        return;
+    }
+    out.push(b'"');
+    text_escaped(out, value, true);
+    out.push(b'"');
+}
+
+fn text_ms(w: &mut Buf<'_>, name: &str, d: Option<Duration>) {
+    match d {
+        Some(d) => {
+            let _ = write!(w, " {name}={:.3}", d.as_secs_f64() * 1e3);
+        }
+        None => {
+            let _ = write!(w, " {name}=-");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            duration: Duration::from_micros(2_500),
+            client: Some("127.0.0.1:50312".parse().unwrap()),
+            port: 8080,
+            tls: false,
+            proto: "HTTP/1.1",
+            method: "GET",
+            host: b"example.com",
+            path: "/a?b=1",
+            group: "web",
+            instance: "a1",
+            status: 200,
+            bytes_in: 3,
+            bytes_out: 612,
+            attempts: 1,
+            connect: None,
+            response: Some(Duration::from_micros(1_200)),
+            error: None,
+        }
+    }
+
+    /// 2026-12-05T08:20:39.123Z
+    fn at() -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(1_796_458_839_123)
+    }
+
+    fn line(format: Format, e: &Entry<'_>) -> String {
+        let mut out = Vec::new();
+        let mut clock = Clock::default();
+        match format {
+            Format::Json => json(&mut out, &mut clock, at(), e),
+            Format::Text => text(&mut out, &mut clock, at(), e),
+        }
+        String::from_utf8(out).expect("lines are ASCII")
+    }
+
+    #[test]
+    fn civil_dates_match_known_days() {
+        assert_eq!(civil(0), (1970, 1, 1));
+        assert_eq!(civil(11_016), (2000, 2, 29));
+        assert_eq!(civil(20_792), (2026, 12, 5));
+        assert_eq!(civil(24_837), (2038, 1, 1));
+    }
+
+    #[test]
+    fn a_json_line_is_one_object_with_every_field() {
+        let l = line(Format::Json, &entry());
+        assert!(l.ends_with("}\n") && l.matches('\n').count() == 1);
+        let v: serde_json::Value = serde_json::from_str(&l).expect("valid JSON");
+        assert_eq!(v["time"], "2026-12-05T08:20:39.123Z");
+        assert_eq!(v["client"], "127.0.0.1:50312");
+        assert_eq!(v["port"], 8080);
+        assert_eq!(v["tls"], false);
+        assert_eq!(v["proto"], "HTTP/1.1");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["host"], "example.com");
+        assert_eq!(v["path"], "/a?b=1");
+        assert_eq!(v["group"], "web");
+        assert_eq!(v["instance"], "a1");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["bytes_in"], 3);
+        assert_eq!(v["bytes_out"], 612);
+        assert_eq!(v["attempts"], 1);
+        assert!(v["connect_ms"].is_null());
+        assert_eq!(v["response_ms"], 1.2);
+        assert_eq!(v["duration_ms"], 2.5);
+        assert!(v["error"].is_null() && v["error_origin"].is_null());
+    }
+
+    #[test]
+    fn hostile_strings_stay_inside_their_json_field() {
+        let why = "upstream said \"no\"\n";
+        let e = Entry {
+            host: b"ev\"il\\\n\xff.example",
+            path: "/\"}{\u{1}",
+            status: 0,
+            error: Some(("upstream", &why)),
+            ..entry()
+        };
+        let l = line(Format::Json, &e);
+        assert_eq!(l.matches('\n').count(), 1, "one line: {l:?}");
+        let v: serde_json::Value = serde_json::from_str(&l).expect("valid JSON");
+        assert_eq!(v["host"], "ev\"il\\\n\u{ff}.example");
+        assert_eq!(v["path"], "/\"}{\u{1}");
+        assert!(v["status"].is_null());
+        assert_eq!(v["error_origin"], "upstream");
+        assert_eq!(v["error"], why);
+    }
+
+    #[test]
+    fn a_text_line_starts_with_the_common_log_format() {
+        let l = line(Format::Text, &entry());
+        assert_eq!(
+            l,
+            "127.0.0.1 - - [05/Dec/2026:08:20:39.123 +0000] \"GET /a?b=1 HTTP/1.1\" 200 612 \
+             host=\"example.com\" group=\"web\" instance=\"a1\" port=8080 tls=false bytes_in=3 \
+             attempts=1 connect_ms=- response_ms=1.200 duration_ms=2.500 error_origin=- error=-\n"
+        );
+        let tcp = Entry {
+            proto: "TCP",
+            method: "",
+            host: b"",
+            path: "",
+            status: 0,
+            connect: Some(Duration::from_micros(150)),
+            response: None,
+            error: Some(("upstream", &"every attempt failed")),
+            ..entry()
+        };
+        let l = line(Format::Text, &tcp);
+        assert!(
+            l.starts_with(
+                "127.0.0.1 - - [05/Dec/2026:08:20:39.123 +0000] \"TCP :8080\" - 612 host=- "
+            ),
+            "{l}"
+        );
+        assert!(
+            l.ends_with(" error_origin=upstream error=\"every attempt failed\"\n"),
+            "{l}"
+        );
+        let hostile = Entry {
+            path: "/\" 200 0\n",
+            ..entry()
+        };
+        let l = line(Format::Text, &hostile);
+        assert_eq!(l.matches('\n').count(), 1);
+        assert!(
+            l.contains("\"GET /\\x22\\x20200\\x200\\x0A HTTP/1.1\" 200"),
+            "{l}"
+        );
+    }
+
+    #[test]
+    fn lines_reach_the_file_and_a_reopen_follows_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::open(&Options {
+            target: Target::File(path.clone()),
+            format: Format::Json,
+            sample: 1.0,
+        })
+        .unwrap();
+        log.write(&entry());
+        let wait = |p: &std::path::Path, lines: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let n = std::fs::read_to_string(p).map_or(0, |s| s.lines().count());
+                if n >= lines {
+                    return n;
+                }
+                assert!(std::time::Instant::now() < deadline, "{n} of {lines} lines");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        assert_eq!(wait(&path, 1), 1);
+        let rotated = dir.path().join("access.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        log.reopen();
+        log.write(&entry());
+        log.write(&entry());
+        log.close();
+        assert_eq!(wait(&path, 2), 2, "the lines after the reopen");
+        assert_eq!(wait(&rotated, 1), 1, "the rotated file keeps its line");
+        assert_eq!(log.inner.lines.get(), 3);
+        assert_eq!(log.inner.dropped.get(), 0);
+    }
+
+    #[test]
+    fn a_shard_that_is_full_drops_lines_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AccessLog::open(&Options {
+            target: Target::File(dir.path().join("a.log")),
+            format: Format::Json,
+            sample: 1.0,
+        })
+        .unwrap();
+        // As if the writer were stuck (it is stopped): the shard is full.
+        log.close();
+        lock(&log.inner.shards[0]).pending = vec![b'x'; MAX_PENDING];
+        log.write(&entry());
+        assert_eq!(log.inner.dropped.get(), 1);
+        assert_eq!(log.inner.lines.get(), 0);
+    }
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(Target::parse("stdout"), Ok(Target::Stdout));
+        assert_eq!(Target::parse("stderr"), Ok(Target::Stderr));
+        assert_eq!(
+            Target::parse("/var/log/edgelb/access.log"),
+            Ok(Target::File("/var/log/edgelb/access.log".into()))
+        );
+        assert!(Target::parse("").is_err());
+    }
+}

@@ -1,0 +1,103 @@
+//! An HTTP request's access log line while the request is served
+//! ([`Record`]): made when the request comes in (if the access log is on
+//! and the request is in its sample), filled in as the request is routed
+//! and forwarded, and written when its response ends.
+
+use std::fmt::Display;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Method, Request, Uri, Version};
+
+use super::conn::Conn;
+use crate::access_log::Entry;
+use crate::balancer::Backend;
+use crate::routing::GroupRuntime;
+
+/// What the line of one request says so far. Boxed in an `Option`: a
+/// request that is not logged carries one null pointer.
+#[derive(Debug)]
+pub(crate) struct Record {
+    conn: Arc<Conn>,
+    began: Instant,
+    method: Method,
+    version: Version,
+    uri: Uri,
+    host: Option<HeaderValue>,
+    pub(crate) group: Option<Arc<GroupRuntime>>,
+    pub(crate) instance: Option<Arc<Backend>>,
+    pub(crate) attempts: u32,
+    pub(crate) connect: Option<Duration>,
+    pub(crate) response: Option<Duration>,
+    /// Request body bytes read from the client (counted by `ClientBody`).
+    pub(crate) bytes_in: Arc<AtomicU64>,
+    /// Response body bytes handed to the client.
+    pub(crate) bytes_out: u64,
+}
+
+/// A request's record, if it is logged.
+pub(crate) type Log = Option<Box<Record>>;
+
+impl Record {
+    /// The record of `req`, when the access log is on and samples it.
+    pub(crate) fn start<B>(req: &Request<B>, conn: &Arc<Conn>) -> Log {
+        conn.dp.access_log_sampled()?;
+        Some(Box::new(Self {
+            conn: conn.clone(),
+            began: Instant::now(),
+            method: req.method().clone(),
+            version: req.version(),
+            uri: req.uri().clone(),
+            host: super::forward::request_host(req),
+            group: None,
+            instance: None,
+            attempts: 0,
+            connect: None,
+            response: None,
+            bytes_in: Arc::default(),
+            bytes_out: 0,
+        }))
+    }
+
+    /// Writes the line: the response's status, and who ended the request
+    /// early and why.
+    pub(crate) fn end(&self, status: u16, error: Option<(&'static str, &dyn Display)>) {
+        let Some(log) = &self.conn.dp.access_log else {
+            return;
+        };
+        let info = &self.conn.info;
+        log.write(&Entry {
+            duration: self.began.elapsed(),
+            client: Some(info.peer),
+            port: info.port,
+            tls: info.tls,
+            proto: version(self.version),
+            method: self.method.as_str(),
+            host: self.host.as_ref().map_or(&[], HeaderValue::as_bytes),
+            path: self
+                .uri
+                .path_and_query()
+                .map_or_else(|| self.uri.path(), |p| p.as_str()),
+            group: self.group.as_deref().map_or("", |g| g.name.as_str()),
+            instance: self.instance.as_deref().map_or("", |b| b.name.as_str()),
+            status,
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out,
+            attempts: self.attempts,
+            connect: self.connect,
+            response: self.response,
+            error,
+        });
+    }
+}
+
+fn version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
