@@ -177,7 +177,7 @@ impl<'a> Logged<'a> {
     ) {
         let Some(log) = self.log else { return };
         log.write(&Entry {
-            duration: self.began.elapsed(),
+            began: Some(self.began),
             client: Some(self.conn.peer),
             port: self.conn.port,
             tls: self.conn.tls,

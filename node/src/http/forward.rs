@@ -91,7 +91,7 @@ async fn proxy(
     log: &mut Log,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // From here on, a body dropped unread is discarded, not left hanging.
-    let mut req = ClientBody::wrap(req, conn, log.as_ref().map(|r| r.bytes_in.clone()));
+    let mut req = ClientBody::wrap(req, conn, log.as_ref().and_then(|r| r.body_in.clone()));
     let host = checked_host(&req)?;
     let (target, redirect) = {
         // The one routing-table read of this request.

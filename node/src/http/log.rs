@@ -30,8 +30,11 @@ pub(crate) struct Record {
     pub(crate) attempts: u32,
     pub(crate) connect: Option<Duration>,
     pub(crate) response: Option<Duration>,
-    /// Request body bytes read from the client (counted by `ClientBody`).
-    pub(crate) bytes_in: Arc<AtomicU64>,
+    /// Request body bytes read from the client (counted by `ClientBody`;
+    /// none for a request without a body).
+    pub(crate) body_in: Option<Arc<AtomicU64>>,
+    /// Bytes from the client counted otherwise (a tunnel's).
+    pub(crate) bytes_in: u64,
     /// Response body bytes handed to the client.
     pub(crate) bytes_out: u64,
 }
@@ -41,7 +44,7 @@ pub(crate) type Log = Option<Box<Record>>;
 
 impl Record {
     /// The record of `req`, when the access log is on and samples it.
-    pub(crate) fn start<B>(req: &Request<B>, conn: &Arc<Conn>) -> Log {
+    pub(crate) fn start<B: http_body::Body>(req: &Request<B>, conn: &Arc<Conn>) -> Log {
         conn.dp.access_log_sampled()?;
         Some(Box::new(Self {
             conn: conn.clone(),
@@ -55,7 +58,8 @@ impl Record {
             attempts: 0,
             connect: None,
             response: None,
-            bytes_in: Arc::default(),
+            body_in: (!req.body().is_end_stream()).then(Arc::default),
+            bytes_in: 0,
             bytes_out: 0,
         }))
     }
@@ -68,7 +72,7 @@ impl Record {
         };
         let info = &self.conn.info;
         log.write(&Entry {
-            duration: self.began.elapsed(),
+            began: Some(self.began),
             client: Some(info.peer),
             port: info.port,
             tls: info.tls,
@@ -82,7 +86,11 @@ impl Record {
             group: self.group.as_deref().map_or("", |g| g.name.as_str()),
             instance: self.instance.as_deref().map_or("", |b| b.name.as_str()),
             status,
-            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in
+                + self
+                    .body_in
+                    .as_ref()
+                    .map_or(0, |b| b.load(Ordering::Relaxed)),
             bytes_out: self.bytes_out,
             attempts: self.attempts,
             connect: self.connect,

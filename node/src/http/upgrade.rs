@@ -94,9 +94,7 @@ pub(crate) fn tunnel(
         if let Some(mut record) = log {
             // The tunnel's bytes, both ways, as TCP mode logs them.
             let (to_instance, to_client) = traffic.map(|t| t.moved()).unwrap_or_default();
-            record
-                .bytes_in
-                .store(to_instance, std::sync::atomic::Ordering::Relaxed);
+            record.bytes_in = to_instance;
             record.bytes_out = to_client;
             record.end(
                 101,
