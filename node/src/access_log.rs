@@ -863,13 +863,13 @@ mod tests {
         .unwrap();
         log.write(&entry());
         let wait = |p: &std::path::Path, lines: usize| {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let n = std::fs::read_to_string(p).map_or(0, |s| s.lines().count());
                 if n >= lines {
                     return n;
                 }
-                assert!(std::time::Instant::now() < deadline, "{n} of {lines} lines");
+                assert!(Instant::now() < deadline, "{n} of {lines} lines");
                 std::thread::sleep(Duration::from_millis(10));
             }
         };
