@@ -183,6 +183,8 @@ fn systemd_unit_is_hardened_and_verifies() -> anyhow::Result<()> {
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ReadWritePaths=/var/lib/edgelb",
+        // The access log's directory (made writable by systemd).
+        "LogsDirectory=edgelb",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
         "LimitNOFILE=1048576",
     ] {
