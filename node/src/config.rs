@@ -243,6 +243,17 @@ impl Config {
         set(&mut t.send_timeout, s.send_timeout);
         set(&mut t.tunnel_idle_timeout, s.tunnel_idle_timeout);
         set(&mut t.trusted_proxies, s.trusted_proxies);
+        if let Some(mut ports) = s.accept_proxy_protocol {
+            if ports.contains(&0) {
+                return Err(ConfigError::new(
+                    "accept_proxy_protocol",
+                    "ports are 1 to 65535",
+                ));
+            }
+            ports.sort_unstable();
+            ports.dedup();
+            t.accept_proxy_protocol = ports;
+        }
         if let Some(v) = s.max_connections {
             if v == 0 {
                 return Err(ConfigError::new("max_connections", "must be at least 1"));

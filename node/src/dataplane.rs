@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 pub use ipnet::IpNet;
-use prometheus::IntGauge;
+use prometheus::{IntCounterVec, IntGauge};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -52,6 +52,11 @@ pub struct Settings {
     pub trusted_proxies: Vec<IpNet>,
     /// A TCP-mode connection with no traffic either way is closed after this.
     pub tcp_idle_timeout: Duration,
+    /// Published ports whose connections start with a PROXY protocol
+    /// header (v1 or v2) from a load balancer in front of the node; its
+    /// client address stands for the connection's (see
+    /// `crate::proxy_protocol`).
+    pub accept_proxy_protocol: Vec<u16>,
     /// How long a detached instance's in-flight work may finish.
     pub drain_timeout: Duration,
     /// Open client connections per node, all ports together.
@@ -84,6 +89,7 @@ impl Default for Settings {
             tunnel_idle_timeout: Duration::from_secs(3600),
             trusted_proxies: Vec::new(),
             tcp_idle_timeout: Duration::from_secs(3600),
+            accept_proxy_protocol: Vec::new(),
             drain_timeout: Duration::from_secs(30),
             max_connections: 65_536,
             admin_max_connections: 256,
@@ -103,6 +109,9 @@ pub struct DataPlane {
     /// `edgelb_http_parked_connections`: HTTP/1 client connections idle
     /// between requests that hold no buffers (see `Settings::park_after`).
     pub parked: IntGauge,
+    /// `edgelb_proxy_protocol_errors_total{reason}`: connections closed on
+    /// an `accept_proxy_protocol` port for want of a valid header.
+    pub proxy_protocol_errors: IntCounterVec,
     /// The client connections the node's shutdown must reach.
     pub(crate) open: Arc<OpenConns>,
     /// One line per request and connection, when configured.
@@ -117,6 +126,14 @@ impl DataPlane {
             parked: IntGauge::new(
                 "edgelb_http_parked_connections",
                 "HTTP/1 client connections idle between requests that hold no buffers (parked).",
+            )
+            .expect("a valid metric name and help text"),
+            proxy_protocol_errors: IntCounterVec::new(
+                prometheus::Opts::new(
+                    "edgelb_proxy_protocol_errors_total",
+                    "Connections closed on a PROXY protocol port for want of a valid header, by reason.",
+                ),
+                &["reason"],
             )
             .expect("a valid metric name and help text"),
             open: Arc::default(),
@@ -141,6 +158,9 @@ impl DataPlane {
     /// rendered from the routing table).
     pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
         registry.register(Box::new(self.parked.clone()))?;
+        if !self.settings.accept_proxy_protocol.is_empty() {
+            registry.register(Box::new(self.proxy_protocol_errors.clone()))?;
+        }
         if let Some(log) = &self.access_log {
             log.register(registry)?;
         }

@@ -31,6 +31,7 @@ pub mod membership;
 pub mod metrics;
 #[doc(hidden)]
 pub mod patience;
+pub mod proxy_protocol;
 pub mod raft;
 mod renewal;
 pub mod routing;

@@ -194,13 +194,69 @@ async fn accept_loop(
     }
 }
 
-/// Starts serving an accepted connection, on the worker that accepted it,
-/// in the mode of the port as the routing table has it now.
+/// Starts serving an accepted connection: on an `accept_proxy_protocol`
+/// port, once its PROXY header has been read.
+fn handle(
+    stream: TcpStream,
+    conn: ConnInfo,
+    dp: &Arc<DataPlane>,
+    acceptors: &Arc<(TlsAcceptor, TlsAcceptor)>,
+    permit: OwnedSemaphorePermit,
+    shutdown: &CancellationToken,
+) {
+    if !dp.settings.accept_proxy_protocol.contains(&conn.port) {
+        dispatch(stream, conn, dp, acceptors, permit, shutdown);
+        return;
+    }
+    let (dp, acceptors, shutdown) = (dp.clone(), acceptors.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        if let Some((stream, conn)) = proxied(stream, conn, &dp).await {
+            dispatch(stream, conn, &dp, &acceptors, permit, &shutdown);
+        }
+    });
+}
+
+/// Takes the PROXY header off a connection on an `accept_proxy_protocol`
+/// port; the connection is then from the client the header names. `None`
+/// (the connection is dropped, and counted) without a valid header in
+/// `header_timeout`, or from outside `trusted_proxies` when that is set.
+async fn proxied(
+    mut stream: TcpStream,
+    mut conn: ConnInfo,
+    dp: &DataPlane,
+) -> Option<(TcpStream, ConnInfo)> {
+    let trusted = &dp.settings.trusted_proxies;
+    if !trusted.is_empty() && !trusted.iter().any(|n| n.contains(&conn.peer.ip())) {
+        debug!(port = conn.port, peer = %conn.peer, "PROXY protocol port: not a trusted proxy; closing");
+        dp.proxy_protocol_errors
+            .with_label_values(&["untrusted"])
+            .inc();
+        return None;
+    }
+    match crate::proxy_protocol::read_header(&mut stream, dp.settings.header_timeout).await {
+        Ok(source) => {
+            if let Some(client) = source {
+                conn.peer = client;
+            }
+            Some((stream, conn))
+        }
+        Err(error) => {
+            debug!(port = conn.port, peer = %conn.peer, %error, "no valid PROXY protocol header; closing");
+            dp.proxy_protocol_errors
+                .with_label_values(&[error.reason()])
+                .inc();
+            None
+        }
+    }
+}
+
+/// Starts serving a connection, on the worker that accepted it, in the
+/// mode of the port as the routing table has it now.
 ///
 /// Each mode is a task of its own type: a task is as large as its future's
 /// largest state, so a plain HTTP connection's task holds no TLS session
 /// or TCP pump, nor a second copy of the arguments.
-fn handle(
+fn dispatch(
     stream: TcpStream,
     mut conn: ConnInfo,
     dp: &Arc<DataPlane>,

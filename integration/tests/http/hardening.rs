@@ -314,3 +314,110 @@ async fn an_upload_answered_early_with_413_does_not_hang() -> anyhow::Result<()>
     // The instance stops reading but keeps the connection open.
     early_answer("/refuse/413", 413).await
 }
+
+/// A v2 PROXY header (TCP over IPv4) naming `client`.
+fn proxy_v2(client: [u8; 4], port: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&client);
+    h.extend_from_slice(&[10, 0, 0, 1]);
+    h.extend_from_slice(&port.to_be_bytes());
+    h.extend_from_slice(&80_u16.to_be_bytes());
+    h
+}
+
+/// On an `accept_proxy_protocol` port the header's client is the one the
+/// instance hears of (`X-Forwarded-For`); a connection without a valid
+/// header, or with none in time, is closed unanswered and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_protocol_port_takes_the_client_from_the_header() -> anyhow::Result<()> {
+    let mut opts = NodeOptions::default();
+    opts.settings.accept_proxy_protocol = vec![PORT];
+    opts.settings.header_timeout = Duration::from_secs(1);
+    let node = TestNode::start_with(opts).await?;
+    let backends = node.http_backends(&["pp"], BACKEND_PORT).await?;
+    node.http_group("pp", PORT, BACKEND_PORT, &backends).await?;
+    let request = b"GET / HTTP/1.1\r\nHost: pp.test\r\n\r\n";
+    let xff = |what: &str| -> anyhow::Result<String> {
+        let seen = backends[0].last_seen().context("backend saw nothing")?;
+        let v = seen
+            .headers
+            .get("x-forwarded-for")
+            .with_context(|| format!("{what}: no X-Forwarded-For"))?;
+        Ok(v.to_str()?.to_owned())
+    };
+
+    // Version 1, the header and the request in one write.
+    let mut raw = RawConn::new(tcp_connect(node.addr(PORT), None).await?);
+    raw.write(&[&b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\n"[..], request].concat())
+        .await?;
+    let r = raw.reply(Duration::from_secs(5)).await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(xff("v1")?, "203.0.113.7");
+
+    // Version 2, the header split over two writes, then the request.
+    let mut raw = RawConn::new(tcp_connect(node.addr(PORT), None).await?);
+    let header = proxy_v2([198, 51, 100, 9], 4444);
+    raw.write(&header[..10]).await?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    raw.write(&[&header[10..], &request[..]].concat()).await?;
+    let r = raw.reply(Duration::from_secs(5)).await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(xff("v2")?, "198.51.100.9");
+
+    // No header: closed unanswered.
+    let mut raw = RawConn::new(tcp_connect(node.addr(PORT), None).await?);
+    raw.write(request).await?;
+    let answer = raw.closed(Duration::from_secs(5)).await?;
+    assert!(
+        answer.is_empty(),
+        "answered: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Nothing at all: closed at the header timeout.
+    let began = Instant::now();
+    let mut raw = RawConn::new(tcp_connect(node.addr(PORT), None).await?);
+    let answer = raw.closed(Duration::from_secs(10)).await?;
+    assert!(answer.is_empty());
+    assert!(
+        began.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(backends[0].requests(), 2, "only the two proxied requests");
+    let scrape = node.scrape().await?;
+    for reason in ["malformed", "timeout"] {
+        assert_eq!(
+            scrape.sum("edgelb_proxy_protocol_errors_total", &[("reason", reason)]),
+            1.0,
+            "{reason}"
+        );
+    }
+    node.stop().await?;
+
+    // With trusted_proxies set, only those may send a header at all.
+    let mut opts = NodeOptions::default();
+    opts.settings.accept_proxy_protocol = vec![PORT];
+    opts.settings.trusted_proxies = vec!["192.0.2.0/24".parse()?];
+    let node = TestNode::start_with(opts).await?;
+    let backends = node.http_backends(&["pp"], BACKEND_PORT).await?;
+    node.http_group("pp", PORT, BACKEND_PORT, &backends).await?;
+    let mut raw = RawConn::new(tcp_connect(node.addr(PORT), None).await?);
+    raw.write(&[&b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\n"[..], request].concat())
+        .await?;
+    let answer = raw.closed(Duration::from_secs(5)).await?;
+    assert!(
+        answer.is_empty(),
+        "a header from an untrusted address was used"
+    );
+    assert_eq!(backends[0].requests(), 0);
+    let scrape = node.scrape().await?;
+    assert_eq!(
+        scrape.sum(
+            "edgelb_proxy_protocol_errors_total",
+            &[("reason", "untrusted")]
+        ),
+        1.0
+    );
+    node.stop().await
+}

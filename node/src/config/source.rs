@@ -196,6 +196,7 @@ pub(super) struct Source {
     pub(super) tunnel_idle_timeout: Option<Duration>,
     #[serde(deserialize_with = "nets")]
     pub(super) trusted_proxies: Option<Vec<IpNet>>,
+    pub(super) accept_proxy_protocol: Option<Vec<u16>>,
     pub(super) max_connections: Option<usize>,
     pub(super) admin_max_connections: Option<usize>,
     pub(super) workers: Option<usize>,

@@ -536,3 +536,14 @@ fn access_log_and_log_format_keys() {
     );
     assert!(load(&["--access-log", "stdout", "--access-log-sample", "nan"]).is_err());
 }
+
+#[test]
+fn accept_proxy_protocol_ports() {
+    let c = from_toml("accept_proxy_protocol = [443, 80, 443]\n").unwrap();
+    assert_eq!(c.settings.accept_proxy_protocol, vec![80, 443]);
+    assert!(load(&[]).unwrap().settings.accept_proxy_protocol.is_empty());
+    for bad in ["[0]", "[70000]", "[\"443\"]", "443"] {
+        let err = from_toml(&format!("accept_proxy_protocol = {bad}\n")).unwrap_err();
+        assert_eq!(err.field, "accept_proxy_protocol", "{bad}");
+    }
+}
