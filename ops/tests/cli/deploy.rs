@@ -17,13 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::{Node, Subnet, TOKEN, edgectl, edgectl_bin, http_get, poll};
 
-fn deploy_dir() -> PathBuf {
+pub(crate) fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
 }
 
 /// Whether a missing tool fails the test (`EDGELB_REQUIRE_<NAME>=1`) or
 /// skips the check.
-fn tool(name: &str, require_var: &str) -> Option<()> {
+pub(crate) fn tool(name: &str, require_var: &str) -> Option<()> {
     let found = Command::new(name)
         .arg("--version")
         .output()
@@ -69,7 +69,7 @@ pub(crate) fn dashboard_metrics() -> anyhow::Result<BTreeSet<String>> {
     Ok(exprs.iter().flat_map(|e| edgelb_names(e)).collect())
 }
 
-fn collect_exprs(v: &Value, out: &mut Vec<String>) {
+pub(crate) fn collect_exprs(v: &Value, out: &mut Vec<String>) {
     match v {
         Value::Object(map) => {
             for (k, v) in map {
@@ -259,7 +259,16 @@ fn alert_rules_pass_their_promtool_unit_tests() -> anyhow::Result<()> {
 }
 
 /// An HTTP/1.1 backend that answers every request with 200 `ok` and closes.
-async fn backend(addr: SocketAddr) -> anyhow::Result<()> {
+pub(crate) async fn backend(addr: SocketAddr) -> anyhow::Result<()> {
+    backend_answering(addr, "200 OK").await
+}
+
+/// An HTTP/1.1 backend that answers every request with `status` (`500
+/// Internal Server Error`, say) and `ok`, and closes.
+pub(crate) async fn backend_answering(
+    addr: SocketAddr,
+    status: &'static str,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -272,11 +281,10 @@ async fn backend(addr: SocketAddr) -> anyhow::Result<()> {
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                    )
-                    .await;
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
             });
         }
     });
@@ -284,7 +292,7 @@ async fn backend(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// One `GET /` through published `port` of `ip` → the raw response.
-async fn get_through(ip: IpAddr, port: u16) -> anyhow::Result<String> {
+pub(crate) async fn get_through(ip: IpAddr, port: u16) -> anyhow::Result<String> {
     let mut s = TcpStream::connect((ip, port)).await?;
     s.write_all(b"GET / HTTP/1.1\r\nhost: dash.edgelb.local\r\nconnection: close\r\n\r\n")
         .await?;

@@ -17,13 +17,13 @@ use crate::deploy::{dashboard_metrics, metric_names};
 use crate::support::{Run, Subnet, TempDir, edgectl, edgelb_bin, http_get, patient, poll};
 
 /// A running `edgectl cluster local --nodes 3` and what it printed.
-struct Local {
+pub(crate) struct Local {
     child: Child,
     token: String,
     /// Admin URL of node k at `k - 1`.
-    urls: Vec<String>,
+    pub(crate) urls: Vec<String>,
     /// The pid it printed for node k at `k - 1`.
-    pids: Vec<u32>,
+    pub(crate) pids: Vec<u32>,
     /// Its stderr so far.
     stderr: Arc<Mutex<String>>,
 }
@@ -31,7 +31,7 @@ struct Local {
 impl Local {
     /// Starts it on `net`'s `.11`–`.13` with `extra` flags and reads its
     /// summary.
-    async fn start(net: &Subnet, extra: &[&str]) -> anyhow::Result<Self> {
+    pub(crate) async fn start(net: &Subnet, extra: &[&str]) -> anyhow::Result<Self> {
         let base = net.ip(11).to_string();
         let mut cmd = tokio::process::Command::new(crate::support::edgectl_bin());
         crate::support::clean_env(&mut cmd);
@@ -111,7 +111,7 @@ impl Local {
     }
 
     /// `edgectl --api <node k> --token T args…`.
-    async fn ctl(&self, k: usize, args: &[&str]) -> anyhow::Result<Run> {
+    pub(crate) async fn ctl(&self, k: usize, args: &[&str]) -> anyhow::Result<Run> {
         let mut all = vec!["--api", self.urls[k - 1].as_str(), "--token", &self.token];
         all.extend_from_slice(args);
         edgectl(&all).await
@@ -128,7 +128,7 @@ impl Local {
 
     /// SIGTERM to edgectl: it exits 0 and says every node stopped, and
     /// none of `pids` is left.
-    async fn stop(mut self, pids: &[u32]) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self, pids: &[u32]) -> anyhow::Result<()> {
         let pid = self.child.id().context("edgectl has exited")?;
         signal(pid, rustix::process::Signal::TERM)?;
         let status = tokio::time::timeout(patient(Duration::from_secs(60)), self.child.wait())

@@ -13,12 +13,16 @@
 //! - `deploy`: the deployment kit (configs, systemd unit, Prometheus,
 //!   Grafana) against the node's loader, `systemd-analyze`, `promtool` and
 //!   a live `/metrics`.
+//! - `prometheus`: a real Prometheus server scrapes a local 3-node cluster
+//!   with the kit's scrape config and rules; every series, rule and
+//!   dashboard query is checked through its HTTP API.
 
 mod certs;
 mod cluster;
 mod deploy;
 mod errors;
 mod local;
+mod prometheus;
 mod services;
 mod support;
 mod tls;
