@@ -292,6 +292,8 @@ async fn route(admin: &Admin, peer: IpAddr, req: Request<Incoming>) -> Result<Re
                 (["certificates"], _) => Err(not_allowed("GET, POST")),
                 (["cluster"], &Method::GET) => Ok(cluster::status(admin)),
                 (["cluster"], _) => Err(not_allowed("GET")),
+                (["cluster", "backup"], &Method::GET) => cluster::backup(admin).await,
+                (["cluster", "backup"], _) => Err(not_allowed("GET")),
                 (["cluster", "nodes"], &Method::POST) => cluster::add(admin, body).await,
                 (["cluster", "nodes"], _) => Err(not_allowed("POST")),
                 (["cluster", "nodes", id], &Method::DELETE) => cluster::remove(admin, id).await,

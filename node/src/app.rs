@@ -67,6 +67,9 @@ pub enum StartError {
     /// what to do. Exit 65 ([`crate::health::EXIT_CORRUPT`]).
     #[error("{0}")]
     Corrupt(String),
+    /// A restore's backup did not apply.
+    #[error("restoring: {0}")]
+    Restore(String),
 }
 
 impl From<crate::raft::StartError> for StartError {
@@ -281,11 +284,15 @@ impl NodeHandle {
 }
 
 /// Starts a node with `config`.
-pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
+pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
     // Each step of the start up to the cluster endpoint is timed and logged
     // (a restart's catch-up waits for them).
     let began = tokio::time::Instant::now();
     create_data_dir(&config.data_dir)?;
+    // A new cluster from a backup: checked before anything is written
+    // (the token file, say), then the old files go aside and the
+    // backup's CA is kept for the founding.
+    let restoring = crate::restore::prepare(&mut config).await?;
     let token_file = load_token(&config, config.token.as_deref())?;
     let (token, token_generated) = (token_file.value.clone(), token_file.generated);
     let metrics = Arc::new(Metrics::new());
@@ -317,7 +324,6 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     let admin_addr = admin_listener
         .local_addr()
         .map_err(io_error("admin_addr"))?;
-    let mut config = config;
     config.admin_addr = admin_addr;
 
     let identity = crate::bootstrap::identity(&config, &token).await?;
@@ -344,6 +350,9 @@ pub async fn start(config: Config) -> Result<NodeHandle, StartError> {
     }
     if identity.founded {
         crate::raft::found_cluster(&store, &config, &identity, &token).await?;
+    }
+    if let Some(backup) = &restoring {
+        crate::restore::apply(&store, &config.data_dir, backup).await?;
     }
     // The marker goes once the founding is done (now, or before a damaged
     // marker was found).

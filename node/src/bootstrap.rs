@@ -186,10 +186,14 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
     }
     let (tls, new_ca_key, joined) = match &config.join {
         None => {
-            let ca = pki::generate_ca("edgelb").map_err(|source| BootstrapError::Pki {
-                what: "cluster CA",
-                source,
-            })?;
+            // A restore keeps the backup's CA (`crate::restore`).
+            let ca = match &config.founding_ca {
+                Some(ca) => ca.clone(),
+                None => pki::generate_ca("edgelb").map_err(|source| BootstrapError::Pki {
+                    what: "cluster CA",
+                    source,
+                })?,
+            };
             let (cert, key) =
                 pki::issue_node_cert_for(&ca, config.node_id, config.node_cert_lifetime).map_err(
                     |source| BootstrapError::Pki {

@@ -61,6 +61,12 @@ pub struct Config {
     /// `--rebuild-state-machine`: rebuild a corrupt state machine or drop
     /// a corrupt snapshot at this start (a flag only: a one-off repair).
     pub rebuild_state_machine: bool,
+    /// `--restore FILE` or `--force-new-cluster` (flags only): this start
+    /// founds a new cluster from a backup ([`crate::restore`]).
+    pub restore: Option<crate::restore::Restore>,
+    /// The CA a founding node keeps instead of generating one (set by
+    /// [`crate::restore::prepare`], never from a file or a flag).
+    pub founding_ca: Option<crate::cluster::pki::CaBundle>,
     pub admin_addr: SocketAddr,
     pub cluster_addr: SocketAddr,
     /// What goes into the membership as this node's `cluster_addr` (the
@@ -122,6 +128,8 @@ impl Config {
             data_dir_min_free: MinFree::Default,
             storage_faults: None,
             rebuild_state_machine: false,
+            restore: None,
+            founding_ca: None,
             admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7070)),
             cluster_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7071)),
             advertise_cluster_addr: None,
@@ -166,7 +174,25 @@ impl Config {
             None => Layer::default(),
         };
         let source = layered(&[file, Layer::args(&args)?])?;
-        Self::from_source(source, args.rebuild_state_machine)
+        let mut config = Self::from_source(source, args.rebuild_state_machine)?;
+        config.restore = match (args.restore, args.force_new_cluster) {
+            (Some(file), _) => Some(crate::restore::Restore::File(file)),
+            (None, true) => Some(crate::restore::Restore::ForceNewCluster),
+            (None, false) => None,
+        };
+        if config.restore.is_some() && config.join.is_some() {
+            return Err(ConfigError::new(
+                "join",
+                "--restore and --force-new-cluster found a new cluster: they do not go with --join",
+            ));
+        }
+        if config.restore.is_some() && config.token.is_none() {
+            return Err(ConfigError::new(
+                "token",
+                "--restore and --force-new-cluster need the cluster's --token",
+            ));
+        }
+        Ok(config)
     }
 
     /// The configuration of a TOML file's `text` alone (no flags), as

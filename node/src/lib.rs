@@ -34,6 +34,7 @@ pub mod patience;
 pub mod proxy_protocol;
 pub mod raft;
 mod renewal;
+pub mod restore;
 pub mod routing;
 pub mod series;
 pub mod store;

@@ -104,7 +104,7 @@ fn create_dir(dir: &Path) -> Outcome {
 }
 
 /// Writes `contents`; private files are created with mode 0600.
-fn write(path: &Path, contents: &str, private: bool, force: bool) -> Outcome {
+pub(crate) fn write(path: &Path, contents: &str, private: bool, force: bool) -> Outcome {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true);
     if force {

@@ -184,6 +184,20 @@ pub enum ClusterCmd {
         #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         id: u64,
     },
+    /// Write a backup of the replicated state (groups, instances,
+    /// certificates, the cluster CA) to FILE, mode 0600; `edgelb --restore
+    /// FILE` founds a new cluster from it
+    Backup {
+        /// Where to write it (refused if it exists, unless --force)
+        file: PathBuf,
+        /// The node's own applied copy, without asking the leader (works
+        /// without a quorum; may miss the latest writes)
+        #[arg(long)]
+        stale: bool,
+        /// Overwrite FILE
+        #[arg(long)]
+        force: bool,
+    },
     /// Run an N-node cluster on loopback until Ctrl-C (for trying edgelb out)
     ///
     /// Node k binds --base-ip + (k-1): its published ports, its admin API on

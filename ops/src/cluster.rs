@@ -1,6 +1,6 @@
 //! `edgectl cluster status|add-node|remove-node`: the `/v1/cluster` routes.
 
-use edgelb_api::cluster::{ClusterData, NodeView};
+use edgelb_api::cluster::{BackupData, ClusterData, NodeView};
 use serde_json::{Value, json};
 
 use crate::cli::ClusterCmd;
@@ -43,6 +43,38 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> Outcome {
                 emit(&output::json(&data));
             } else {
                 emit(&format!("removed node {id}\n"));
+            }
+        }
+        ClusterCmd::Backup { file, stale, force } => {
+            let path = if stale {
+                "/v1/cluster/backup"
+            } else {
+                "/v1/cluster/backup?consistent=true"
+            };
+            let data: BackupData = client.get(path).await?;
+            let b = &data.backup;
+            let text = serde_json::to_string_pretty(b)
+                .map_err(|e| Failure::local(format!("encoding the backup: {e}")))?;
+            crate::certs::write(&file, &format!("{text}\n"), true, force)?;
+            let instances: usize = b.groups.iter().map(|g| g.instances.len()).sum();
+            if ctx.global.output == Some(Format::Json) {
+                emit(&output::json(&json!({
+                    "file": file.display().to_string(),
+                    "node_id": b.node_id,
+                    "applied_index": b.applied_index,
+                    "groups": b.groups.len(),
+                    "instances": instances,
+                    "certificates": b.certificates.len(),
+                })));
+            } else {
+                emit(&format!(
+                    "wrote {}: {} groups, {instances} instances, {} certificates, applied index {} of node {}; it holds the cluster CA's key: keep it secret\n",
+                    file.display(),
+                    b.groups.len(),
+                    b.certificates.len(),
+                    b.applied_index,
+                    b.node_id
+                ));
             }
         }
         ClusterCmd::Local(_) => {

@@ -12,8 +12,8 @@
 //! removed first, then joins again.
 
 use edgelb_api::cluster::{
-    AddNodeData, AddNodeRequest, ClusterData, ClusterNode, ClusterView, NodeView, RemovedNode,
-    RemovedNodes,
+    AddNodeData, AddNodeRequest, BackupData, ClusterData, ClusterNode, ClusterView, NodeView,
+    RemovedNode, RemovedNodes,
 };
 use hyper::StatusCode;
 use hyper::body::Incoming;
@@ -53,6 +53,31 @@ pub(crate) fn status(admin: &Admin) -> Reply {
             nodes,
         },
     })
+}
+
+/// `GET /v1/cluster/backup`: the replicated state as this node applied it
+/// (with `?consistent=true`, after a linearizable read: nothing committed
+/// before the request is missing), encoded on the blocking pool.
+pub(crate) async fn backup(admin: &Admin) -> Result<Reply, ApiError> {
+    let applied = admin.store.subscribe().borrow().clone();
+    let node_id = admin.store.status().node_id;
+    tokio::task::spawn_blocking(move || {
+        let backup =
+            crate::restore::backup_of(&applied.state, applied.index, node_id).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the cluster is not founded yet: nothing to back up",
+                )
+            })?;
+        Ok(success(BackupData { backup }))
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("building the backup: {e}"),
+        )
+    })?
 }
 
 /// `POST /v1/cluster/nodes`

@@ -138,6 +138,20 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     pub rebuild_state_machine: bool,
+    /// Found a new one-node cluster from a backup (`edgectl cluster backup
+    /// FILE`) on an empty data dir: the backup's cluster CA, groups,
+    /// instances and certificates; needs the cluster's --token. Other nodes
+    /// then join it with --join (README: Disaster recovery).
+    #[arg(long, value_name = "FILE", conflicts_with = "force_new_cluster")]
+    #[serde(skip)]
+    pub restore: Option<PathBuf>,
+    /// Found a new one-node cluster from this data dir's applied state,
+    /// when the cluster lost its majority for good: the Raft log and
+    /// membership start anew (the old files are moved aside), the cluster
+    /// CA, token and every group are kept (README: Disaster recovery).
+    #[arg(long)]
+    #[serde(skip)]
+    pub force_new_cluster: bool,
 }
 
 /// A finite number (a NaN would read as a key not set).

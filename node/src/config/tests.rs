@@ -547,3 +547,38 @@ fn accept_proxy_protocol_ports() {
         assert_eq!(err.field, "accept_proxy_protocol", "{bad}");
     }
 }
+
+#[test]
+fn restore_flags() {
+    use crate::restore::Restore;
+    let token = "a-cluster-token-0123456789";
+    let c = load(&["--restore", "/tmp/b.json", "--token", token]).unwrap();
+    assert_eq!(c.restore, Some(Restore::File("/tmp/b.json".into())));
+    let c = load(&["--force-new-cluster", "--token", token]).unwrap();
+    assert_eq!(c.restore, Some(Restore::ForceNewCluster));
+    assert_eq!(load(&[]).unwrap().restore, None);
+    assert_eq!(
+        load(&["--force-new-cluster"]).unwrap_err().field,
+        "token",
+        "a restore needs the cluster's token"
+    );
+    let join = [
+        "--force-new-cluster",
+        "--token",
+        token,
+        "--join",
+        "http://10.0.0.1:7070",
+    ];
+    assert_eq!(load(&join).unwrap_err().field, "join");
+    // One or the other.
+    assert!(
+        load(&[
+            "--restore",
+            "/tmp/b.json",
+            "--force-new-cluster",
+            "--token",
+            token
+        ])
+        .is_err()
+    );
+}

@@ -120,3 +120,75 @@ async fn cluster_status_add_and_remove_a_node() -> anyhow::Result<()> {
     node.stop().await;
     Ok(())
 }
+
+/// `cluster backup FILE`: the backup of the groups, written 0600; an
+/// existing file is kept unless `--force`; `--stale` reads the node's own
+/// copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_backup_writes_the_state_to_a_private_file() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let net = Subnet::allocate();
+    let node = Node::start(&net).await?;
+    let api = node.url.as_str();
+    let ctl = |args: Vec<String>| async move {
+        let mut all = vec![
+            "--api".to_owned(),
+            api.to_owned(),
+            "--token".to_owned(),
+            TOKEN.to_owned(),
+        ];
+        all.extend(args);
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        edgectl(&refs).await
+    };
+    let s = |v: &[&str]| v.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    ctl(s(&["service", "create", "-n", "kept", "7800:8080/http"]))
+        .await?
+        .ok()?;
+    ctl(s(&[
+        "instance",
+        "attach",
+        "kept",
+        "--address",
+        "10.0.0.7",
+        "--name",
+        "i1",
+    ]))
+    .await?
+    .ok()?;
+    let dir = crate::support::TempDir::new("backup");
+    std::fs::create_dir_all(dir.path())?;
+    let file = dir.path().join("b.json");
+    let path = file.to_string_lossy().into_owned();
+    let run = ctl(s(&["cluster", "backup", &path])).await?.ok()?;
+    assert!(
+        run.stdout.starts_with(&format!(
+            "wrote {path}: 1 groups, 1 instances, 0 certificates, applied index "
+        )),
+        "{}",
+        run.stdout
+    );
+    let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let backup: Value = serde_json::from_slice(&std::fs::read(&file)?)?;
+    assert_eq!(backup["format"], 1);
+    assert_eq!(backup["groups"][0]["name"], "kept");
+    assert_eq!(backup["groups"][0]["instances"][0]["name"], "i1");
+    // An existing file is kept.
+    let again = ctl(s(&["cluster", "backup", &path])).await?;
+    assert_ne!(again.code, 0, "{again:?}");
+    assert!(again.stderr.contains(&path), "{}", again.stderr);
+    let forced = ctl(s(&[
+        "-o", "json", "cluster", "backup", "--stale", "--force", &path,
+    ]))
+    .await?
+    .ok()?;
+    let v: Value = serde_json::from_str(&forced.stdout)?;
+    assert_eq!(
+        (v["groups"].as_u64(), v["instances"].as_u64()),
+        (Some(1), Some(1))
+    );
+    node.stop().await;
+    Ok(())
+}

@@ -6,6 +6,7 @@
 //!  POST   /v1/cluster/nodes        AddNodeRequest ─▶ data: AddNodeData
 //!         (with `csr`: the first step of `edgelb --join`, a certificate; without: added as a learner)
 //!  DELETE /v1/cluster/nodes/{id}   ─▶ data: RemovedNodes { nodes: [RemovedNode] }
+//!  GET    /v1/cluster/backup       ─▶ data: BackupData { backup: Backup }
 //! ```
 
 use std::fmt;
@@ -273,5 +274,49 @@ mod tests {
             .ok(),
             Some(json!({"nodes": [{"node_id": 3}]}))
         );
+    }
+}
+
+/// `GET /v1/cluster/backup`'s `data`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BackupData {
+    /// The backup.
+    pub backup: Backup,
+}
+
+/// The format of a [`Backup`] this release writes and reads.
+pub const BACKUP_FORMAT: u32 = 1;
+
+/// The replicated state at one applied log index: what `edgelb --restore`
+/// founds a new cluster with. It holds the cluster CA's private key and
+/// the stored certificates' keys: keep it as secret as the data dir.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct Backup {
+    /// [`BACKUP_FORMAT`] when written; a newer one is refused.
+    pub format: u32,
+    /// When it was taken (RFC 3339, UTC).
+    pub taken_at: String,
+    /// The node it was taken from.
+    pub node_id: u64,
+    /// The last log index applied to the state it holds.
+    pub applied_index: u64,
+    /// The cluster CA and the admin token's hash.
+    pub cluster: crate::model::ClusterSecrets,
+    /// Every service group, with its instances.
+    pub groups: Vec<crate::model::ServiceGroup>,
+    /// Every stored certificate, keys included.
+    pub certificates: Vec<crate::model::Certificate>,
+}
+
+impl fmt::Debug for Backup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backup")
+            .field("format", &self.format)
+            .field("taken_at", &self.taken_at)
+            .field("node_id", &self.node_id)
+            .field("applied_index", &self.applied_index)
+            .field("groups", &self.groups.len())
+            .field("certificates", &self.certificates.len())
+            .finish_non_exhaustive()
     }
 }
