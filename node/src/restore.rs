@@ -145,10 +145,13 @@ pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, StartError> 
             }
             let dir = data_dir.clone();
             let node_id = config.node_id;
-            let backup = tokio::task::spawn_blocking(move || {
+            let (voters, backup) = tokio::task::spawn_blocking(move || {
                 let sm = StateMachineStore::open(&dir)?;
                 let index = sm.last_applied().map_or(0, |l| l.index);
-                Ok::<_, raft_store::StoreError>(backup_of(&sm.current(), index, node_id))
+                Ok::<_, raft_store::StoreError>((
+                    sm.voters(),
+                    backup_of(&sm.current(), index, node_id),
+                ))
             })
             .await
             .map_err(|e| io_error("reading the state machine")(e.into()))?
@@ -157,8 +160,16 @@ pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, StartError> 
                     "--force-new-cluster: the state machine in {} does not read: {e}",
                     data_dir.display()
                 ))
-            })?
-            .ok_or_else(|| {
+            })?;
+            // A flag left on after a recovery must not found yet again.
+            if voters == [node_id] {
+                return Err(config_error(
+                    "force_new_cluster",
+                    "this node is the only voter of its cluster, a quorum on its own: there is \
+                     nothing to force (start it without --force-new-cluster)",
+                ));
+            }
+            let backup = backup.ok_or_else(|| {
                 config_error(
                     "force_new_cluster",
                     "this data dir's state has no founded cluster (no CA) to keep",

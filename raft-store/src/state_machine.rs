@@ -225,6 +225,11 @@ impl StateMachineStore {
         self.last_applied
     }
 
+    /// The voters of the last applied membership.
+    pub fn voters(&self) -> Vec<crate::NodeId> {
+        self.membership.membership().voter_ids().collect()
+    }
+
     /// Writes what is pending `flush_after` from now, unless a flush is
     /// already on its way: one that starts after this call writes what
     /// this call's batch left pending.

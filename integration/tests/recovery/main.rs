@@ -135,6 +135,18 @@ async fn two_of_three_nodes_lost_for_good_come_back_from_the_survivor() -> anyho
         .filter_map(Result::ok)
         .any(|e| e.file_name().to_string_lossy().starts_with("replaced-"));
     assert!(replaced, "the old Raft files were not moved aside");
+    // The flag left on: refused, the node alone is a quorum now.
+    cluster.stop(1).await?;
+    let run = cluster
+        .run_stopped_with(
+            1,
+            |args| args.push("--force-new-cluster".into()),
+            Duration::from_secs(30),
+        )
+        .await?;
+    assert_eq!(run.status.code(), Some(64), "{}", run.stderr);
+    assert!(run.stderr.contains("only voter"), "{}", run.stderr);
+    cluster.restart(1).await?;
 
     // New machines join it; a restart of the survivor without the flag
     // keeps the new cluster.
