@@ -69,6 +69,8 @@ struct HttpShared {
     gate: watch::Sender<u64>,
     /// The newest [`SEEN_KEPT`] requests.
     seen: Mutex<VecDeque<Seen>>,
+    /// The status `/healthz` answers (200 until set).
+    health: std::sync::atomic::AtomicU16,
 }
 
 /// How many requests an [`HttpBackend`] remembers (so that load runs do not
@@ -111,6 +113,7 @@ impl HttpBackend {
             upgraded: AtomicUsize::new(0),
             gate: watch::Sender::new(0),
             seen: Mutex::new(VecDeque::new()),
+            health: std::sync::atomic::AtomicU16::new(200),
         });
         let accept = tokio::spawn(http_accept_loop(listener, shared.clone(), idle_close));
         Ok(Self {
@@ -193,6 +196,11 @@ impl HttpBackend {
             .cloned()
     }
 
+    /// Makes `/healthz` answer `status` from now on.
+    pub fn set_health(&self, status: u16) {
+        self.shared.health.store(status, Ordering::SeqCst);
+    }
+
     /// Stops accepting (existing connections stay).
     pub fn stop_accepting(&self) {
         self.accept.abort();
@@ -268,6 +276,12 @@ async fn answer(
     }
     let path = req.uri().path().to_owned();
     let body = match path.as_str() {
+        "/healthz" => {
+            let code = shared.health.load(Ordering::SeqCst);
+            let mut resp = Response::new(full(format!("{code}\n")));
+            *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+            return Ok(resp);
+        }
         "/slow" => {
             let mut gate = shared.gate.subscribe();
             let arrived = *gate.borrow_and_update();

@@ -68,6 +68,8 @@ fn state(instances: usize) -> State {
             .collect(),
         created_at: "2025-01-01T00:00:00Z".into(),
         persistent: false,
+        health_check: None,
+        send_proxy_protocol: None,
     };
     let mut state = State::default();
     state

@@ -428,8 +428,10 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         workers,
     );
     let load_changed = Arc::new(LoadChanged::default());
+    let checks = crate::checks::Checks::new(metrics.registry());
     let drain = tokio::spawn(reconcile(
         store.clone(),
+        checks,
         dataplane.clone(),
         load_changed.clone(),
         listeners,
@@ -547,6 +549,7 @@ struct Readiness {
 /// ([`Store::route_by`]).
 async fn reconcile(
     store: Arc<Store>,
+    mut checks: crate::checks::Checks,
     dp: Arc<DataPlane>,
     load_changed: Arc<LoadChanged>,
     mut listeners: Listeners,
@@ -580,6 +583,7 @@ async fn reconcile(
                 None => Changes::All,
             };
             crate::routing::publish_changes(&dp.routes, &applied.state, &changes, &cx);
+            checks.reconcile(&applied.state, &dp.routes.load(), &changes);
             failed = listeners.reconcile(&dp.routes.load());
             built = Some((applied.index, applied.state));
         }

@@ -706,6 +706,16 @@ impl GroupBalancer {
 }
 
 /// Records a failed connect; whether a new down period started.
+/// Sets what the active health check says of `backend` at `now`: out of
+/// selection while down (as a failed connect takes it out, but until the
+/// check says up), back when up.
+pub fn set_checked(backend: &Backend, up: bool, now: Instant) {
+    if backend.set_checked(up, now) {
+        debug!(instance = %backend.name, up, "health check changed the instance's state");
+        in_home(backend, None, Inner::sync);
+    }
+}
+
 fn record_failure(backend: &Backend, now: Instant) -> bool {
     let Some((until, failures)) = backend.record_failure(now) else {
         return false;

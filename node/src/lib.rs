@@ -15,6 +15,7 @@ pub mod admin;
 pub mod app;
 pub mod balancer;
 pub mod bootstrap;
+pub mod checks;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;

@@ -341,7 +341,10 @@ async fn serve_tls(
         match target {
             // Boxed: the TCP pump's state would make every TLS HTTP
             // connection's task larger too.
-            Some(target) => Box::pin(crate::tcp::proxy(tls, conn, target, dp)).await,
+            Some(target) => {
+                let local = tls.get_ref().0.local_addr().ok();
+                Box::pin(crate::tcp::proxy(tls, conn, target, dp, local)).await;
+            }
             None => debug!(?sni, "no group for this server name; closing"),
         }
     }

@@ -9,6 +9,10 @@
 //! valid header within `header_timeout`, or from an address outside
 //! `trusted_proxies` when that is set, is closed and counted in
 //! `edgelb_proxy_protocol_errors_total{reason}`.
+//!
+//! In TCP mode a group with `send_proxy_protocol` starts every connection
+//! to an instance with such a header ([`header`]), naming the client and
+//! the published address it connected to.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -242,70 +246,80 @@ async fn read_header_now(stream: &mut TcpStream) -> Result<Option<SocketAddr>, H
     }
 }
 
+/// A version 1 header for a connection from `client` to `local`.
+pub(crate) fn v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    match (client, local) {
+        (SocketAddr::V4(c), SocketAddr::V4(l)) => format!(
+            "PROXY TCP4 {} {} {} {}\r\n",
+            c.ip(),
+            l.ip(),
+            c.port(),
+            l.port()
+        ),
+        (c, l) => {
+            let six = |a: SocketAddr| match a.ip() {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            format!(
+                "PROXY TCP6 {} {} {} {}\r\n",
+                six(c),
+                six(l),
+                c.port(),
+                l.port()
+            )
+        }
+    }
+    .into_bytes()
+}
+
+/// A version 2 header (`PROXY`, TCP) for a connection from `client` to
+/// `local`.
+pub(crate) fn v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let mut out = V2_SIGNATURE.to_vec();
+    out.push(0x21);
+    match (client, local) {
+        (SocketAddr::V4(c), SocketAddr::V4(l)) => {
+            out.push(0x11);
+            out.extend_from_slice(&12_u16.to_be_bytes());
+            out.extend_from_slice(&c.ip().octets());
+            out.extend_from_slice(&l.ip().octets());
+            out.extend_from_slice(&c.port().to_be_bytes());
+            out.extend_from_slice(&l.port().to_be_bytes());
+        }
+        (c, l) => {
+            let six = |a: SocketAddr| match a.ip() {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            out.push(0x21);
+            out.extend_from_slice(&36_u16.to_be_bytes());
+            out.extend_from_slice(&six(c).octets());
+            out.extend_from_slice(&six(l).octets());
+            out.extend_from_slice(&c.port().to_be_bytes());
+            out.extend_from_slice(&l.port().to_be_bytes());
+        }
+    }
+    out
+}
+
+/// The header of `version` for a connection from `client` to `local`.
+pub(crate) fn header(
+    version: raft_store::model::ProxyVersion,
+    client: SocketAddr,
+    local: SocketAddr,
+) -> Vec<u8> {
+    match version {
+        raft_store::model::ProxyVersion::V1 => v1(client, local),
+        raft_store::model::ProxyVersion::V2 => v2(client, local),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    // Headers as a load balancer writes them.
-
-    /// A version 1 header for a connection from `client` to `local`.
-    fn v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
-        match (client, local) {
-            (SocketAddr::V4(c), SocketAddr::V4(l)) => format!(
-                "PROXY TCP4 {} {} {} {}\r\n",
-                c.ip(),
-                l.ip(),
-                c.port(),
-                l.port()
-            ),
-            (c, l) => {
-                let six = |a: SocketAddr| match a.ip() {
-                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                    IpAddr::V6(v6) => v6,
-                };
-                format!(
-                    "PROXY TCP6 {} {} {} {}\r\n",
-                    six(c),
-                    six(l),
-                    c.port(),
-                    l.port()
-                )
-            }
-        }
-        .into_bytes()
-    }
-
-    /// A version 2 header (`PROXY`, TCP) for a connection from `client` to
-    /// `local`.
-    fn v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
-        let mut out = V2_SIGNATURE.to_vec();
-        out.push(0x21);
-        match (client, local) {
-            (SocketAddr::V4(c), SocketAddr::V4(l)) => {
-                out.push(0x11);
-                out.extend_from_slice(&12_u16.to_be_bytes());
-                out.extend_from_slice(&c.ip().octets());
-                out.extend_from_slice(&l.ip().octets());
-                out.extend_from_slice(&c.port().to_be_bytes());
-                out.extend_from_slice(&l.port().to_be_bytes());
-            }
-            (c, l) => {
-                let six = |a: SocketAddr| match a.ip() {
-                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                    IpAddr::V6(v6) => v6,
-                };
-                out.push(0x21);
-                out.extend_from_slice(&36_u16.to_be_bytes());
-                out.extend_from_slice(&six(c).octets());
-                out.extend_from_slice(&six(l).octets());
-                out.extend_from_slice(&c.port().to_be_bytes());
-                out.extend_from_slice(&l.port().to_be_bytes());
-            }
-        }
-        out
-    }
 
     fn header(len: usize, source: &str) -> Parsed {
         Parsed::Header {

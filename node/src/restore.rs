@@ -380,6 +380,8 @@ mod tests {
             }],
             created_at: "2026-01-01T00:00:00Z".into(),
             persistent: false,
+            health_check: None,
+            send_proxy_protocol: None,
         }
     }
 

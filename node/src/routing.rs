@@ -69,6 +69,9 @@ pub struct GroupRuntime {
     domains: Box<[Domain]>,
     /// The ports the group publishes.
     services: Box<[Published]>,
+    /// TCP mode: the PROXY protocol header each connection to an instance
+    /// starts with.
+    pub send_proxy_protocol: Option<raft_store::model::ProxyVersion>,
 }
 
 /// One published port of a group.

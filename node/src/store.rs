@@ -792,9 +792,10 @@ impl RaftHandler for RaftRpc {
                         .await
                         .map(|(log_index, result)| ForwardReply::Written { log_index, result }),
                 ),
-                Rpc::Forward(Forward::Features) => {
-                    RpcReply::Forward(Ok(ForwardReply::Features { batches: true }))
-                }
+                Rpc::Forward(Forward::Features) => RpcReply::Forward(Ok(ForwardReply::Features {
+                    batches: true,
+                    group_options: true,
+                })),
                 Rpc::Forward(Forward::Linearize) => {
                     RpcReply::Forward(match raft.ensure_linearizable().await {
                         Ok(l) => Ok(ForwardReply::Linearized {

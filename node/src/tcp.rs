@@ -32,7 +32,8 @@ use crate::upstream::{CountingIo, Traffic, idle};
 /// group.
 pub async fn proxy_plain(client: TcpStream, conn: ConnInfo, target: Target, dp: Arc<DataPlane>) {
     let mut log = Logged::new(&conn, &target, &dp);
-    let Some((lease, upstream)) = connect(&conn, &target, &dp, &mut log).await else {
+    let local = client.local_addr().ok();
+    let Some((lease, upstream)) = connect(&conn, &target, &dp, &mut log, local).await else {
         return;
     };
     let backend = lease.backend().clone();
@@ -51,12 +52,20 @@ pub async fn proxy_plain(client: TcpStream, conn: ConnInfo, target: Target, dp: 
 
 /// Proxies one client connection (a TLS session) to an instance of
 /// `target`'s group.
-pub async fn proxy<I>(mut client: I, conn: ConnInfo, target: Target, dp: Arc<DataPlane>)
-where
+///
+/// `local` is the published address the client connected to, for a PROXY
+/// protocol header to the instance.
+pub async fn proxy<I>(
+    mut client: I,
+    conn: ConnInfo,
+    target: Target,
+    dp: Arc<DataPlane>,
+    local: Option<std::net::SocketAddr>,
+) where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let mut log = Logged::new(&conn, &target, &dp);
-    let Some((lease, upstream)) = connect(&conn, &target, &dp, &mut log).await else {
+    let Some((lease, upstream)) = connect(&conn, &target, &dp, &mut log, local).await else {
         return;
     };
     let backend = lease.backend().clone();
@@ -66,12 +75,15 @@ where
     serve(copying, lease, &backend, traffic, &dp, log).await;
 }
 
-/// Picks and connects an instance (at most three attempts).
+/// Picks and connects an instance (at most three attempts); with the
+/// group's `send_proxy_protocol`, the header goes first (a failure to send
+/// it is a failed connect).
 async fn connect(
     conn: &ConnInfo,
     target: &Target,
     dp: &DataPlane,
     log: &mut Logged<'_>,
+    local: Option<std::net::SocketAddr>,
 ) -> Option<(Lease, TcpStream)> {
     let mut tries = Attempts::new(target);
     loop {
@@ -89,7 +101,21 @@ async fn connect(
             }
         };
         let dialing = Instant::now();
-        match pool.dial(dp.settings.connect_timeout).await {
+        let dialed = match pool.dial(dp.settings.connect_timeout).await {
+            Ok(s) => match target.group.send_proxy_protocol {
+                Some(version) => {
+                    let header = crate::proxy_protocol::header(
+                        version,
+                        conn.peer,
+                        local.unwrap_or(conn.peer),
+                    );
+                    send_header(s, &header, dp.settings.connect_timeout).await
+                }
+                None => Ok(s),
+            },
+            Err(e) => Err(e),
+        };
+        match dialed {
             Ok(s) => {
                 lease.mark_up();
                 log.attempts = tries.made();
@@ -98,6 +124,21 @@ async fn connect(
             }
             Err(error) => tries.failed(lease, error),
         }
+    }
+}
+
+/// Writes a PROXY protocol header to a new connection to an instance,
+/// within `timeout`.
+async fn send_header(
+    mut s: TcpStream,
+    header: &[u8],
+    timeout: Duration,
+) -> Result<TcpStream, crate::upstream::ConnectError> {
+    use tokio::io::AsyncWriteExt;
+    match tokio::time::timeout(timeout, s.write_all(header)).await {
+        Ok(Ok(())) => Ok(s),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(crate::upstream::ConnectError::Timeout),
     }
 }
 

@@ -121,6 +121,15 @@ pub struct CreateArgs {
     /// Max in-flight connections/requests per instance [default: 65535]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub hard_limit: Option<u32>,
+    /// Active health check of the instances, run by every node: `tcp` or
+    /// `http[:PATH]`, then `,key=value` options: expect=200-399, port,
+    /// interval_ms=2000, timeout_ms=1000, rise=2, fall=3
+    #[arg(long, value_name = "CHECK")]
+    pub health_check: Option<String>,
+    /// TCP mode: start each connection to an instance with a PROXY protocol
+    /// header naming the client
+    #[arg(long, value_name = "VERSION", value_parser = ["v1", "v2"])]
+    pub send_proxy_protocol: Option<String>,
     /// Published ports: EXT:INT[/h1+h2]
     #[arg(value_name = "PORTSPEC", required = true)]
     pub specs: Vec<String>,

@@ -227,6 +227,8 @@ mod tests {
             .collect(),
             created_at: "2025-01-01T12:00:00Z".into(),
             persistent: true,
+            health_check: None,
+            send_proxy_protocol: None,
         }
     }
 

@@ -53,6 +53,15 @@ pub fn create_body(args: &CreateArgs) -> Outcome<Value> {
     if let Some(limit) = args.hard_limit {
         body["hard_limit"] = json!(limit);
     }
+    if let Some(spec) = &args.health_check {
+        let check: edgelb_api::model::HealthCheck = spec.parse().map_err(Failure::usage)?;
+        edgelb_api::validate::check_health_check(&check)
+            .map_err(|e| Failure::usage(format!("health check {spec:?}: {e}")))?;
+        body["health_check"] = json!(check);
+    }
+    if let Some(version) = &args.send_proxy_protocol {
+        body["send_proxy_protocol"] = json!(version);
+    }
     Ok(body)
 }
 
@@ -199,7 +208,29 @@ mod tests {
             name: Some("web".into()),
             domains: vec!["web.example.com".into()],
             hard_limit: Some(10),
+            health_check: None,
+            send_proxy_protocol: None,
             specs: specs.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn health_checks_and_proxy_headers_go_into_the_body() {
+        let mut a = args(&["9000"]);
+        a.health_check = Some("http:/healthz,fall=5".into());
+        a.send_proxy_protocol = Some("v2".into());
+        let body = create_body(&a).unwrap();
+        assert_eq!(body["send_proxy_protocol"], "v2");
+        let c = &body["health_check"];
+        assert_eq!(
+            (c["type"].as_str(), c["path"].as_str()),
+            (Some("http"), Some("/healthz"))
+        );
+        assert_eq!((c["fall"].as_u64(), c["rise"].as_u64()), (Some(5), Some(2)));
+        for bad in ["icmp", "http:/h,interval_ms=5", "tcp,expect=200"] {
+            a.health_check = Some(bad.into());
+            let e = create_body(&a).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}: {e}");
         }
     }
 

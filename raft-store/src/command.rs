@@ -90,4 +90,25 @@ pub enum Patch {
     },
     /// Set `hard_limit`.
     HardLimit(u32),
+    /// Set or remove the active health check. Not read by releases before
+    /// it: proposed only once every member says it reads group options.
+    HealthCheck(Option<Box<crate::model::HealthCheck>>),
+    /// Set or remove the PROXY protocol header sent to instances (TCP
+    /// mode). Proposed as [`Patch::HealthCheck`] is.
+    SendProxyProtocol(Option<crate::model::ProxyVersion>),
+}
+
+impl Command {
+    /// Whether older members could not read this command as meant: a
+    /// group with options, or a patch of them (in a batch too).
+    pub fn uses_group_options(&self) -> bool {
+        match self {
+            Self::CreateGroup { group } => group.has_options(),
+            Self::PatchGroup { patch, .. } => {
+                matches!(patch, Patch::HealthCheck(_) | Patch::SendProxyProtocol(_))
+            }
+            Self::Batch { commands } => commands.iter().any(Self::uses_group_options),
+            _ => false,
+        }
+    }
 }

@@ -129,6 +129,8 @@ fn group(name: &str) -> ServiceGroup {
         instances: vec![],
         created_at: "2024-01-01T00:00:00Z".into(),
         persistent: true,
+        health_check: None,
+        send_proxy_protocol: None,
     }
 }
 

@@ -222,3 +222,93 @@ async fn refused_instances_are_skipped_and_the_hard_limit_closes_connections() -
     node.wait_idle(&group).await?;
     node.stop().await
 }
+
+/// A PROXY v2 header from a balancer on an `accept_proxy_protocol` port
+/// reaches a TCP-mode instance as the PROXY header the group sends
+/// (`send_proxy_protocol`), naming the original client; set through a
+/// PATCH, then switched to v2 and off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_original_client_reaches_a_tcp_instance_in_a_proxy_header() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut opts = NodeOptions::default();
+    opts.settings.accept_proxy_protocol = vec![PORT];
+    let node = TestNode::start_with(opts).await?;
+    // An instance that reports the first bytes it gets.
+    let backend_addr = SocketAddr::new(node.subnet.next_ip(), BACKEND_PORT);
+    let listener = tokio::net::TcpListener::bind(backend_addr).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let rx = tokio::sync::Mutex::new(rx);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut b = [0_u8; 512];
+                while !got.ends_with(b"hello") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = tx.send(got);
+                let _ = s.write_all(b"bye").await;
+            });
+        }
+    });
+    let group = node
+        .create_group(&json!({
+            "name": "pp",
+            "services": [{"port": PORT, "destination_port": BACKEND_PORT, "handlers": []}],
+            "send_proxy_protocol": "v1",
+        }))
+        .await?;
+    node.attach(&group, "i1", backend_addr.ip()).await?;
+    // From a balancer: a v2 header naming 203.0.113.7:4444, then bytes.
+    let through = |header: Vec<u8>| async {
+        let mut c = tcp_connect(node.addr(PORT), None).await?;
+        c.write_all(&[header, b"hello".to_vec()].concat()).await?;
+        let mut bye = [0_u8; 3];
+        c.read_exact(&mut bye).await?;
+        anyhow::ensure!(&bye == b"bye");
+        let mut rx = rx.lock().await;
+        let got = tokio::time::timeout(integration::patient(Duration::from_secs(5)), rx.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the instance saw nothing"))?;
+        anyhow::Ok(got)
+    };
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend_from_slice(&[0x21, 0x11, 0, 12, 203, 0, 113, 7, 10, 0, 0, 1]);
+    v2.extend_from_slice(&4444_u16.to_be_bytes());
+    v2.extend_from_slice(&PORT.to_be_bytes());
+    let got = through(v2.clone()).await?;
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(
+        text,
+        format!("PROXY TCP4 203.0.113.7 {} 4444 {PORT}\r\nhello", node.ip()),
+        "what the instance got"
+    );
+    // v2 to the instance: the signature, then the client's address.
+    let (status, v) = node
+        .patch(
+            "/v1/services/pp",
+            &json!({"prop": "send_proxy_protocol", "op": "set", "value": "v2"}),
+        )
+        .await?;
+    assert!(status.is_success(), "{status} {v}");
+    let got = through(v2.clone()).await?;
+    assert_eq!(&got[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!(&got[12..20], &[0x21, 0x11, 0, 12, 203, 0, 113, 7]);
+    assert_eq!(&got[24..26], &4444_u16.to_be_bytes());
+    assert!(got.ends_with(b"hello"));
+    // Off: the client's bytes only.
+    let (status, v) = node
+        .patch(
+            "/v1/services/pp",
+            &json!({"prop": "send_proxy_protocol", "op": "del", "value": null}),
+        )
+        .await?;
+    assert!(status.is_success(), "{status} {v}");
+    assert_eq!(through(v2).await?, b"hello");
+    node.stop().await
+}

@@ -56,6 +56,8 @@ pub(crate) async fn create(admin: &Admin, body: Incoming) -> Result<Reply, ApiEr
         instances: Vec::new(),
         created_at: now_rfc3339()?,
         persistent: true,
+        health_check: req.health_check.map(Box::new),
+        send_proxy_protocol: req.send_proxy_protocol,
     };
     match admin.store.propose(Command::CreateGroup { group }).await? {
         Applied::Group(g) => Ok(one(g)),
@@ -99,6 +101,8 @@ pub(crate) async fn patch(admin: &Admin, id: &str, body: Incoming) -> Result<Rep
             value: to_domains(&value)?,
         },
         PatchValue::HardLimit(n) => Patch::HardLimit(n),
+        PatchValue::HealthCheck(check) => Patch::HealthCheck(check.map(Box::new)),
+        PatchValue::SendProxyProtocol(version) => Patch::SendProxyProtocol(version),
     };
     let cmd = Command::PatchGroup {
         id: id.to_owned(),

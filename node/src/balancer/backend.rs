@@ -85,6 +85,9 @@ struct Home {
 
 #[derive(Debug, Default)]
 struct DownState {
+    /// The active health check says down: `until` is held far ahead
+    /// ([`CHECKED_DOWN`]) and a successful connect does not clear it.
+    checked_down: bool,
     /// Consecutive failed connects (each after the previous down time ended).
     failures: u32,
     /// Marked down until then. Cleared by the group when it notices that the
@@ -97,6 +100,10 @@ struct DownState {
 pub(super) fn whole(fixed: u64) -> u64 {
     (fixed >> LOAD_FRAC_BITS) + ((fixed >> (LOAD_FRAC_BITS - 1)) & 1)
 }
+
+/// How far ahead a down period set by the health check lies: it ends when
+/// the check says up, not with time.
+const CHECKED_DOWN: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 /// Down time after `failures` consecutive failures: 1 s, 2 s, 4 s … 30 s.
 pub(super) fn backoff(failures: u32) -> Duration {
@@ -290,11 +297,39 @@ impl Backend {
         self.failing.load(Ordering::Relaxed)
     }
 
-    /// Records a successful connect: forgets failures and any down period.
+    /// Records a successful connect: forgets failures and any down period,
+    /// unless the health check holds the backend down.
     pub(super) fn reset_failures(&self) {
         let mut down = self.lock_down();
+        if down.checked_down {
+            down.failures = 0;
+            return;
+        }
         *down = DownState::default();
         self.failing.store(false, Ordering::Relaxed);
+    }
+
+    /// Sets what the active health check says at `now`; whether that
+    /// changed the down state. Down holds until the check says up.
+    pub(super) fn set_checked(&self, up: bool, now: Instant) -> bool {
+        let mut down = self.lock_down();
+        if down.checked_down != up {
+            return false;
+        }
+        if up {
+            *down = DownState::default();
+            self.failing.store(false, Ordering::Relaxed);
+        } else {
+            down.checked_down = true;
+            down.until = Some(now + CHECKED_DOWN);
+            self.failing.store(true, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Whether the active health check holds the backend down.
+    pub fn checked_down(&self) -> bool {
+        self.is_failing() && self.lock_down().checked_down
     }
 
     /// Ends the down period if it is over at `now`; returns whether it did.

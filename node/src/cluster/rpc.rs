@@ -118,6 +118,11 @@ pub enum ForwardReply {
     Features {
         /// The node reads `Command::Batch` entries.
         batches: bool,
+        /// The node reads group options (`health_check`,
+        /// `send_proxy_protocol`). Absent (false) from older nodes, which
+        /// ignore it in turn.
+        #[serde(default)]
+        group_options: bool,
     },
 }
 

@@ -53,6 +53,8 @@ fn create_group(json: &[u8]) {
             instances: Vec::new(),
             created_at: "2026-01-01T00:00:00Z".into(),
             persistent: true,
+            health_check: None,
+            send_proxy_protocol: None,
         },
     });
 }
@@ -73,6 +75,8 @@ fn patch_group(json: &[u8]) {
             Patch::Domains { op, value }
         }
         PatchValue::HardLimit(n) => Patch::HardLimit(n),
+        PatchValue::HealthCheck(check) => Patch::HealthCheck(check.map(Box::new)),
+        PatchValue::SendProxyProtocol(version) => Patch::SendProxyProtocol(version),
     };
     for id in ["web", "api", "db"] {
         fixture::apply(&Command::PatchGroup {

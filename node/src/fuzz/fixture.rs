@@ -143,6 +143,8 @@ fn group(
                 .collect(),
             created_at: "2026-01-01T00:00:00Z".into(),
             persistent: true,
+            health_check: None,
+            send_proxy_protocol: None,
         },
     }
 }

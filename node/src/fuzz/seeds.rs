@@ -174,7 +174,10 @@ fn replies() -> Vec<RpcReply> {
             log_index: 12,
             result: Ok(Applied::Certificate("c2".into())),
         })),
-        RpcReply::Forward(Ok(ForwardReply::Features { batches: true })),
+        RpcReply::Forward(Ok(ForwardReply::Features {
+            batches: true,
+            group_options: true,
+        })),
         RpcReply::Vote(Ok(openraft::raft::VoteResponse::new(
             Vote::new(3, 1),
             Some(log_id(8)),

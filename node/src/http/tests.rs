@@ -91,6 +91,8 @@ fn group(
             .collect(),
         created_at: "2025-01-01T00:00:00Z".into(),
         persistent: false,
+        health_check: None,
+        send_proxy_protocol: None,
     }
 }
 

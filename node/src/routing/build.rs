@@ -287,6 +287,7 @@ fn group_runtime(
         backends,
         domains: g.domains.clone().into_boxed_slice(),
         services,
+        send_proxy_protocol: g.send_proxy_protocol,
     };
     (runtime, fresh)
 }

@@ -31,6 +31,8 @@ pub(crate) fn group(name: &str, port: u16) -> ServiceGroup {
         instances: Vec::new(),
         created_at: "2025-01-01T00:00:00Z".into(),
         persistent: false,
+        health_check: None,
+        send_proxy_protocol: None,
     }
 }
 

@@ -134,7 +134,10 @@ async fn run(
         }
         // Callers that gave up (their deadline passed) are not proposed.
         batch.retain(|p| !p.reply.is_closed());
-        if batch.len() > 1 && readers.all_read_batches(&raft) {
+        let batch = gate_group_options(&raft, &readers, batch).await;
+        if batch.is_empty() {
+            drop(slot);
+        } else if batch.len() > 1 && readers.all_read_batches(&raft) {
             propose_batch(&raft, batch, slot, &health).await;
         } else {
             propose_each(&raft, batch, slot, &health).await;
@@ -146,6 +149,36 @@ async fn run(
             propose_each(&raft, vec![p], slot, &health).await;
         }
     }
+}
+
+/// Answers the writes that use group options (health checks, PROXY
+/// protocol to instances) with 409 while a member does not say it reads
+/// them: an older release could not decode them (`docs/compatibility.md`).
+/// Only the leader asks; elsewhere the write is refused as not led, and
+/// forwarded.
+async fn gate_group_options(
+    raft: &Raft,
+    readers: &Arc<Readers>,
+    batch: Vec<Pending>,
+) -> Vec<Pending> {
+    if !batch.iter().any(|p| p.cmd.uses_group_options())
+        || raft.metrics().borrow().current_leader != Some(readers.me)
+    {
+        return batch;
+    }
+    let verdict = readers.all_read_group_options(raft).await;
+    let mut kept = Vec::with_capacity(batch.len());
+    for p in batch {
+        match &verdict {
+            Err(why) if p.cmd.uses_group_options() => {
+                let _ = p
+                    .reply
+                    .send(Ok((0, Err(ApplyError::Conflict(why.clone())))));
+            }
+            _ => kept.push(p),
+        }
+    }
+    kept
 }
 
 /// Proposes `batch` as one entry and answers each caller its own result.
@@ -243,12 +276,19 @@ struct Readers {
 
 #[derive(Clone, Copy, Debug)]
 enum Known {
-    /// It said it reads batches.
-    Yes,
+    /// It said what it reads.
+    Reads(Features),
     /// Being asked.
     Asking,
-    /// It said no, or did not answer, at this time.
+    /// It did not answer, at this time.
     No(Instant),
+}
+
+/// What a member said it reads ([`ForwardReply::Features`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Features {
+    batches: bool,
+    group_options: bool,
 }
 
 impl Readers {
@@ -263,7 +303,8 @@ impl Readers {
                 continue;
             }
             match known.get(&id) {
-                Some(Known::Yes) => continue,
+                Some(Known::Reads(f)) if f.batches => continue,
+                Some(Known::Reads(_)) => {}
                 Some(Known::Asking) => {}
                 Some(Known::No(at)) if at.elapsed() < ASK_AGAIN => {}
                 _ => {
@@ -280,27 +321,70 @@ impl Readers {
         let reads = match self.transport.upgrade() {
             Some(t) => {
                 let rpc = Rpc::Forward(Forward::Features);
-                matches!(
-                    t.call(id, &node.cluster_addr, rpc, ASK_TIMEOUT).await,
+                match t.call(id, &node.cluster_addr, rpc, ASK_TIMEOUT).await {
                     Ok(RpcReply::Forward(Ok(ForwardReply::Features {
-                        batches: true
-                    })))
-                )
+                        batches,
+                        group_options,
+                    }))) => Some(Features {
+                        batches,
+                        group_options,
+                    }),
+                    _ => None,
+                }
             }
-            None => false,
+            None => None,
         };
-        debug!(
-            node = id,
-            reads, "asked whether a member reads batch entries"
-        );
-        let now = if reads {
-            Known::Yes
-        } else {
-            Known::No(Instant::now())
-        };
+        debug!(node = id, ?reads, "asked what a member reads");
+        let now = reads.map_or_else(|| Known::No(Instant::now()), Known::Reads);
         self.known
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, now);
+    }
+
+    /// Whether every member reads group options, asking (and waiting for)
+    /// those this node does not know about; the error names a member that
+    /// does not, or did not answer.
+    async fn all_read_group_options(self: &Arc<Self>, raft: &Raft) -> Result<(), String> {
+        let membership = raft.metrics().borrow().membership_config.clone();
+        let mut asks = Vec::new();
+        {
+            let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+            for (&id, node) in membership.membership().nodes() {
+                if id != self.me
+                    && !matches!(known.get(&id), Some(Known::Reads(f)) if f.group_options)
+                {
+                    asks.push(Arc::clone(self).ask(id, node.clone()));
+                }
+            }
+        }
+        let mut asking = tokio::task::JoinSet::new();
+        for ask in asks {
+            asking.spawn(ask);
+        }
+        while asking.join_next().await.is_some() {}
+        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        for &id in membership.membership().nodes().map(|(id, _)| id) {
+            if id == self.me {
+                continue;
+            }
+            match known.get(&id) {
+                Some(Known::Reads(f)) if f.group_options => {}
+                Some(Known::Reads(_)) => {
+                    return Err(format!(
+                        "member {id} runs an older release that does not read health checks or \
+                         PROXY protocol settings: upgrade every node first"
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "member {id} did not say whether it reads health checks and PROXY \
+                         protocol settings (it may be down or older): try again once every \
+                         member answers"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }

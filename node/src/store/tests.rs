@@ -68,6 +68,8 @@ fn create(name: &str) -> Command {
             instances: vec![],
             created_at: "2026-01-01T00:00:00Z".into(),
             persistent: true,
+            health_check: None,
+            send_proxy_protocol: None,
         },
     }
 }

@@ -292,6 +292,183 @@ pub struct ServiceGroup {
     pub created_at: String,
     /// Kept across restarts.
     pub persistent: bool,
+    /// An active health check of the instances, run by every node on its
+    /// own; none when `None` (passive marking only).
+    /// Boxed: most groups have none, and a group is in every answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<Box<HealthCheck>>,
+    /// TCP mode: a PROXY protocol header of this version starts every
+    /// connection to an instance, naming the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_proxy_protocol: Option<ProxyVersion>,
+}
+
+impl ServiceGroup {
+    /// Whether the group uses properties that nodes older than them do not
+    /// read (see `docs/compatibility.md`): proposed only once every member
+    /// says it reads them.
+    pub fn has_options(&self) -> bool {
+        self.health_check.is_some() || self.send_proxy_protocol.is_some()
+    }
+}
+
+/// A PROXY protocol version (HAProxy's).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text form.
+    V1,
+    /// The binary form.
+    V2,
+}
+
+/// How an instance is checked.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// `GET path` over HTTP/1.1, answered with a status in `expect`.
+    Http,
+}
+
+/// An active health check (HAProxy's `check inter … rise … fall …`): every
+/// `interval_ms` each node checks each instance on its own; `fall`
+/// consecutive failures take an instance out of selection on that node,
+/// `rise` consecutive successes bring it back.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `tcp` or `http`.
+    #[serde(rename = "type")]
+    pub kind: CheckKind,
+    /// `http`: the path (and query) requested; `/` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `http`: the statuses that pass, `"200"` or `"200-399"` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<String>,
+    /// The instances' port to check; the group's first destination port by
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Between two checks of an instance, in ms.
+    #[serde(default = "HealthCheck::default_interval")]
+    pub interval_ms: u64,
+    /// One check's limit, in ms.
+    #[serde(default = "HealthCheck::default_timeout")]
+    pub timeout_ms: u64,
+    /// Consecutive successes that bring a down instance back.
+    #[serde(default = "HealthCheck::default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an instance out of selection.
+    #[serde(default = "HealthCheck::default_fall")]
+    pub fall: u32,
+}
+
+/// The CLI form: `tcp` or `http[:PATH]`, then `,key=value` options
+/// (`expect`, `port`, `interval_ms`, `timeout_ms`, `rise`, `fall`), e.g.
+/// `http:/healthz,expect=200-299,interval_ms=1000`. Limits are checked by
+/// [`crate::validate::check_health_check`], not here.
+impl FromStr for HealthCheck {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let mut parts = spec.split(',');
+        let head = parts.next().unwrap_or_default();
+        let (kind, path) = match head.split_once(':') {
+            Some(("http", path)) => (CheckKind::Http, Some(path.to_owned())),
+            None if head == "http" => (CheckKind::Http, None),
+            None if head == "tcp" => (CheckKind::Tcp, None),
+            _ => {
+                return Err(format!(
+                    "health check {spec:?}: expected tcp or http[:PATH], then ,key=value options"
+                ));
+            }
+        };
+        let mut check = Self {
+            kind,
+            path,
+            expect: None,
+            port: None,
+            interval_ms: Self::default_interval(),
+            timeout_ms: Self::default_timeout(),
+            rise: Self::default_rise(),
+            fall: Self::default_fall(),
+        };
+        for opt in parts {
+            let (key, value) = opt
+                .split_once('=')
+                .ok_or_else(|| format!("health check option {opt:?} is not key=value"))?;
+            let number = |v: &str| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("health check option {key}: {v:?} is not a number"))
+            };
+            let small = |v: &str| {
+                number(v).and_then(|n| {
+                    u32::try_from(n)
+                        .map_err(|_| format!("health check option {key}: {n} is too large"))
+                })
+            };
+            match key {
+                "expect" => check.expect = Some(value.to_owned()),
+                "port" => {
+                    check.port =
+                        Some(u16::try_from(number(value)?).map_err(|_| {
+                            format!("health check option port: {value} is not a port")
+                        })?);
+                }
+                "interval_ms" => check.interval_ms = number(value)?,
+                "timeout_ms" => check.timeout_ms = number(value)?,
+                "rise" => check.rise = small(value)?,
+                "fall" => check.fall = small(value)?,
+                other => {
+                    return Err(format!(
+                        "unknown health check option {other:?}; expected expect, port, interval_ms, timeout_ms, rise or fall"
+                    ));
+                }
+            }
+        }
+        Ok(check)
+    }
+}
+
+impl HealthCheck {
+    fn default_interval() -> u64 {
+        2000
+    }
+    fn default_timeout() -> u64 {
+        1000
+    }
+    fn default_rise() -> u32 {
+        2
+    }
+    fn default_fall() -> u32 {
+        3
+    }
+
+    /// The passing statuses, `expect` parsed (`200-399` by default).
+    pub fn expected(&self) -> Result<(u16, u16), String> {
+        let Some(e) = self.expect.as_deref() else {
+            return Ok((200, 399));
+        };
+        let status = |s: &str| {
+            s.parse::<u16>()
+                .ok()
+                .filter(|c| (100..=599).contains(c) && s.len() == 3)
+                .ok_or_else(|| format!("expect {e:?}: {s:?} is not a status from 100 to 599"))
+        };
+        match e.split_once('-') {
+            Some((lo, hi)) => {
+                let (lo, hi) = (status(lo)?, status(hi)?);
+                if lo > hi {
+                    return Err(format!("expect {e:?}: the range is empty"));
+                }
+                Ok((lo, hi))
+            }
+            None => status(e).map(|c| (c, c)),
+        }
+    }
 }
 
 impl ServiceGroup {

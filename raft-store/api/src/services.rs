@@ -24,6 +24,12 @@ pub struct CreateGroupRequest {
     /// Defaults to [`DEFAULT_HARD_LIMIT`](crate::model::DEFAULT_HARD_LIMIT).
     #[serde(default)]
     pub hard_limit: Option<u32>,
+    /// An active health check of the instances; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<crate::model::HealthCheck>,
+    /// TCP mode: send the instances a PROXY protocol header (`v1`, `v2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_proxy_protocol: Option<crate::model::ProxyVersion>,
 }
 
 /// A domain as requests spell it: `{name, certificate?: {name}}`.
@@ -177,6 +183,10 @@ pub enum PatchValue {
     Domains(PatchOp, Vec<DomainRequest>),
     /// `prop: hard_limit` (op `set` only).
     HardLimit(u32),
+    /// `prop: health_check`: `set` to an object (or `null`), `del`.
+    HealthCheck(Option<crate::model::HealthCheck>),
+    /// `prop: send_proxy_protocol`: `set` to `"v1"`, `"v2"` (or `null`), `del`.
+    SendProxyProtocol(Option<crate::model::ProxyVersion>),
 }
 
 /// Parses a patch's `value` for its `prop`.
@@ -185,6 +195,10 @@ pub enum PatchValue {
 ///   an entry may be just `{port}` or a bare port number.
 /// - `domains`: a list of `{name, certificate?: {name}}` or bare names.
 /// - `hard_limit`: a number ≥ 1 (range checked on apply), op `set` only.
+/// - `health_check`: `set` to `{type, path?, expect?, port?, interval_ms?,
+///   timeout_ms?, rise?, fall?}` or `null`; `del` removes it (any value).
+/// - `send_proxy_protocol`: `set` to `"v1"`, `"v2"` or `null`; `del`
+///   removes it.
 pub fn resolve_patch(req: PatchRequest) -> Result<PatchValue, ApplyError> {
     const SERVICES: &str = "a list of {port, destination_port, handlers} objects";
     const PORTS: &str = "a list of ports or {port} objects";
@@ -212,8 +226,23 @@ pub fn resolve_patch(req: PatchRequest) -> Result<PatchValue, ApplyError> {
         ("hard_limit", _) => Err(ApplyError::Invalid(
             "hard_limit only supports op \"set\"".to_owned(),
         )),
+        ("health_check", PatchOp::Set) => Ok(PatchValue::HealthCheck(parse(
+            req.value,
+            "health_check",
+            "a {type, path?, expect?, port?, interval_ms?, timeout_ms?, rise?, fall?} object or null",
+        )?)),
+        ("health_check", PatchOp::Del) => Ok(PatchValue::HealthCheck(None)),
+        ("send_proxy_protocol", PatchOp::Set) => Ok(PatchValue::SendProxyProtocol(parse(
+            req.value,
+            "send_proxy_protocol",
+            "\"v1\", \"v2\" or null",
+        )?)),
+        ("send_proxy_protocol", PatchOp::Del) => Ok(PatchValue::SendProxyProtocol(None)),
+        (prop @ ("health_check" | "send_proxy_protocol"), _) => Err(ApplyError::Invalid(format!(
+            "{prop} supports op \"set\" and \"del\""
+        ))),
         (other, _) => Err(ApplyError::Invalid(format!(
-            "unknown prop {other:?}; expected services, domains or hard_limit"
+            "unknown prop {other:?}; expected services, domains, hard_limit, health_check or send_proxy_protocol"
         ))),
     }
 }

@@ -93,7 +93,57 @@ pub fn check_group(
         return Err(invalid("hard_limit must be at least 1"));
     }
     check_domains(&group.domains, stored)?;
-    check_instances(&group.instances)
+    check_instances(&group.instances)?;
+    if let Some(check) = &group.health_check {
+        check_health_check(check)?;
+    }
+    Ok(())
+}
+
+/// A health check's limits: interval 100 ms to 1 h, timeout 10 ms up to the
+/// interval, rise and fall 1 to 100, port 1–65535; `http` with a path of
+/// printable ASCII starting with `/` (at most 1024 bytes) and `expect` a
+/// status or a range; `tcp` with neither.
+pub fn check_health_check(check: &crate::model::HealthCheck) -> Result<(), ApplyError> {
+    use crate::model::CheckKind;
+    if !(100..=3_600_000).contains(&check.interval_ms) {
+        return Err(invalid("health_check.interval_ms must be 100 to 3600000"));
+    }
+    if check.timeout_ms < 10 || check.timeout_ms > check.interval_ms {
+        return Err(invalid(
+            "health_check.timeout_ms must be at least 10 and at most interval_ms",
+        ));
+    }
+    if !(1..=100).contains(&check.rise) || !(1..=100).contains(&check.fall) {
+        return Err(invalid("health_check.rise and fall must be 1 to 100"));
+    }
+    if check.port == Some(0) {
+        return Err(invalid("health_check.port must be 1 to 65535"));
+    }
+    match check.kind {
+        CheckKind::Tcp => {
+            if check.path.is_some() || check.expect.is_some() {
+                return Err(invalid(
+                    "health_check: path and expect are for type \"http\" only",
+                ));
+            }
+        }
+        CheckKind::Http => {
+            if let Some(p) = &check.path
+                && (!p.starts_with('/')
+                    || p.len() > 1024
+                    || !p.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return Err(invalid(format!(
+                    "health_check.path {p:?} must start with '/' and be printable ASCII without spaces, at most 1024 bytes"
+                )));
+            }
+            check
+                .expected()
+                .map_err(|m| invalid(format!("health_check.{m}")))?;
+        }
+    }
+    Ok(())
 }
 
 /// The handler sets a port may have (sorted).

@@ -39,6 +39,8 @@ pub(crate) fn group(n: u128, name: &str, services: Vec<Service>) -> ServiceGroup
         instances: vec![],
         created_at: "2024-01-01T00:00:00Z".into(),
         persistent: true,
+        health_check: None,
+        send_proxy_protocol: None,
     }
 }
 

@@ -36,6 +36,8 @@ pub(super) fn patched(group: &ServiceGroup, patch: &Patch) -> Result<ServiceGrou
             )?;
         }
         Patch::HardLimit(limit) => g.hard_limit = *limit,
+        Patch::HealthCheck(check) => g.health_check.clone_from(check),
+        Patch::SendProxyProtocol(version) => g.send_proxy_protocol = *version,
     }
     Ok(g)
 }

@@ -102,6 +102,8 @@ fn group() -> impl Strategy<Value = ServiceGroup> {
                 instances,
                 created_at: "2024-01-01T00:00:00Z".into(),
                 persistent: true,
+                health_check: None,
+                send_proxy_protocol: None,
             },
         )
 }

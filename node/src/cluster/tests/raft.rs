@@ -137,6 +137,8 @@ fn db_group() -> ServiceGroup {
         instances: vec![],
         created_at: "2024-01-01T00:00:00Z".into(),
         persistent: true,
+        health_check: None,
+        send_proxy_protocol: None,
     }
 }
 

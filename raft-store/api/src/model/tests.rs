@@ -148,6 +148,8 @@ fn group_json_shape() {
         instances: vec![],
         created_at: "2024-01-01T00:00:00Z".into(),
         persistent: true,
+        health_check: None,
+        send_proxy_protocol: None,
     };
     let json = serde_json::to_value(&group).ok();
     let expected = serde_json::json!({
@@ -201,6 +203,8 @@ fn instance_lookup_by_uuid_or_name() {
         instances: vec![a.clone(), b.clone()],
         created_at: String::new(),
         persistent: true,
+        health_check: None,
+        send_proxy_protocol: None,
     };
     assert_eq!(group.instance("a"), Some(&a));
     assert_eq!(group.instance(&Uuid::from_u128(8).to_string()), Some(&b));
@@ -244,4 +248,85 @@ proptest! {
     fn from_str_never_panics(spec in "\\PC*") {
         let _ = spec.parse::<Service>();
     }
+}
+
+#[test]
+fn health_checks_parse_from_the_cli_form_and_read_back() {
+    let c: HealthCheck =
+        "http:/healthz?x=1,expect=200-299,interval_ms=500,timeout_ms=100,rise=3,fall=4,port=8081"
+            .parse()
+            .unwrap();
+    assert_eq!(c.kind, CheckKind::Http);
+    assert_eq!(c.path.as_deref(), Some("/healthz?x=1"));
+    assert_eq!(c.expected(), Ok((200, 299)));
+    assert_eq!(
+        (c.interval_ms, c.timeout_ms, c.rise, c.fall, c.port),
+        (500, 100, 3, 4, Some(8081))
+    );
+    let tcp: HealthCheck = "tcp".parse().unwrap();
+    assert_eq!(
+        (
+            tcp.kind,
+            tcp.interval_ms,
+            tcp.timeout_ms,
+            tcp.rise,
+            tcp.fall
+        ),
+        (CheckKind::Tcp, 2000, 1000, 2, 3)
+    );
+    let http: HealthCheck = "http".parse().unwrap();
+    assert_eq!((http.path.clone(), http.expected()), (None, Ok((200, 399))));
+    for bad in [
+        "udp",
+        "http:/x,rise",
+        "http:/x,color=red",
+        "tcp,port=70000",
+        "http:/x,fall=-1",
+        "",
+    ] {
+        assert!(bad.parse::<HealthCheck>().is_err(), "{bad}");
+    }
+    // JSON: `type`, defaults for what is left out, unknown keys refused.
+    let j: HealthCheck = serde_json::from_str(r#"{"type":"http","path":"/h"}"#).unwrap();
+    assert_eq!((j.interval_ms, j.rise), (2000, 2));
+    let back = serde_json::to_value(&j).unwrap();
+    assert_eq!(back["type"], "http");
+    assert!(back.get("expect").is_none());
+    assert!(serde_json::from_str::<HealthCheck>(r#"{"type":"http","pth":"/h"}"#).is_err());
+    for (expect, ok) in [
+        ("200", Some((200, 200))),
+        ("200-399", Some((200, 399))),
+        ("399-200", None),
+        ("99", None),
+        ("600", None),
+        ("2xx", None),
+    ] {
+        let c = HealthCheck {
+            expect: Some(expect.into()),
+            ..http_check()
+        };
+        assert_eq!(c.expected().ok(), ok, "{expect}");
+    }
+}
+
+fn http_check() -> HealthCheck {
+    "http:/".parse().unwrap()
+}
+
+#[test]
+fn a_group_without_options_serialises_as_before() {
+    let mut g: ServiceGroup = serde_json::from_value(serde_json::json!({
+        "uuid": "00000000-0000-0000-0000-000000000001", "name": "web", "domains": [],
+        "services": [], "hard_limit": 1, "instances": [], "created_at": "", "persistent": true,
+    }))
+    .unwrap();
+    let v = serde_json::to_value(&g).unwrap();
+    assert!(v.get("health_check").is_none() && v.get("send_proxy_protocol").is_none());
+    assert!(!g.has_options());
+    g.send_proxy_protocol = Some(ProxyVersion::V2);
+    assert!(g.has_options());
+    assert_eq!(
+        serde_json::to_value(&g).unwrap()["send_proxy_protocol"],
+        "v2"
+    );
 }

@@ -192,7 +192,54 @@ fn patch_hard_limit() {
 fn patch_unknown_prop() {
     assert_eq!(
         invalid_message(resolve_patch(req("name", PatchOp::Set, json!("x")))),
-        "unknown prop \"name\"; expected services, domains or hard_limit"
+        "unknown prop \"name\"; expected services, domains, hard_limit, health_check or send_proxy_protocol"
+    );
+}
+
+#[test]
+fn patch_health_check_and_send_proxy_protocol() {
+    let set = resolve_patch(req(
+        "health_check",
+        PatchOp::Set,
+        json!({"type": "http", "path": "/h", "rise": 5}),
+    ));
+    let Ok(PatchValue::HealthCheck(Some(c))) = set else {
+        panic!("{set:?}");
+    };
+    assert_eq!((c.path.as_deref(), c.rise, c.fall), (Some("/h"), 5, 3));
+    assert!(matches!(
+        resolve_patch(req("health_check", PatchOp::Set, json!(null))),
+        Ok(PatchValue::HealthCheck(None))
+    ));
+    assert!(matches!(
+        resolve_patch(req("health_check", PatchOp::Del, json!(null))),
+        Ok(PatchValue::HealthCheck(None))
+    ));
+    assert_eq!(
+        invalid_message(resolve_patch(req("health_check", PatchOp::Add, json!({})))),
+        "health_check supports op \"set\" and \"del\""
+    );
+    assert!(
+        invalid_message(resolve_patch(req(
+            "health_check",
+            PatchOp::Set,
+            json!({"type": "icmp"})
+        )))
+        .starts_with("value for health_check")
+    );
+    assert!(matches!(
+        resolve_patch(req("send_proxy_protocol", PatchOp::Set, json!("v2"))),
+        Ok(PatchValue::SendProxyProtocol(Some(
+            crate::model::ProxyVersion::V2
+        )))
+    ));
+    assert!(
+        invalid_message(resolve_patch(req(
+            "send_proxy_protocol",
+            PatchOp::Set,
+            json!("v3")
+        )))
+        .starts_with("value for send_proxy_protocol")
     );
 }
 

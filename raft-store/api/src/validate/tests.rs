@@ -49,6 +49,8 @@ fn group() -> ServiceGroup {
         instances: vec![],
         created_at: "2024-01-01T00:00:00Z".into(),
         persistent: true,
+        health_check: None,
+        send_proxy_protocol: None,
     }
 }
 
@@ -305,4 +307,31 @@ fn normalising() {
     assert_eq!(d[0].fqdn, "www.example.com");
     assert_eq!(handlers_label(&[]), "tcp");
     assert_eq!(handlers_label(&[Tls, Http]), "tls+http");
+}
+
+#[test]
+fn health_check_limits() {
+    use crate::model::HealthCheck;
+    let ok = |spec: &str| check_health_check(&spec.parse::<HealthCheck>().unwrap());
+    assert!(ok("tcp").is_ok());
+    assert!(ok("http:/healthz,expect=204").is_ok());
+    assert!(ok("http:/,interval_ms=100,timeout_ms=10,rise=100,fall=1").is_ok());
+    for bad in [
+        "tcp,interval_ms=99",
+        "tcp,interval_ms=3600001",
+        "tcp,timeout_ms=9",
+        "tcp,interval_ms=1000,timeout_ms=1001",
+        "tcp,rise=0",
+        "tcp,fall=101",
+        "tcp,port=0",
+        "tcp,expect=200",
+        "http:healthz",
+        "http:/a b",
+        "http:/,expect=2xx",
+    ] {
+        assert!(is_invalid(ok(bad)), "{bad}");
+    }
+    let mut g = group();
+    g.health_check = Some(Box::new("tcp,rise=0".parse().unwrap()));
+    assert!(is_invalid(check_group(&g, &NONE)), "check_group checks it");
 }
