@@ -527,9 +527,7 @@ fn json(
     match e.error {
         Some((origin, why)) => {
             json_field(out, "error_origin", origin.as_bytes());
-            let mut why_text = String::new();
-            let _ = write!(why_text, "{why}");
-            json_field(out, "error", why_text.as_bytes());
+            json_field(out, "error", why.to_string().as_bytes());
         }
         None => out.extend_from_slice(b",\"error_origin\":null,\"error\":null"),
     }
@@ -636,9 +634,7 @@ fn text(
             out.extend_from_slice(b" error_origin=");
             out.extend_from_slice(origin.as_bytes());
             out.extend_from_slice(b" error=");
-            let mut why_text = String::new();
-            let _ = write!(why_text, "{why}");
-            text_quoted(out, why_text.as_bytes());
+            text_quoted(out, why.to_string().as_bytes());
         }
         None => out.extend_from_slice(b" error_origin=- error=-"),
     }

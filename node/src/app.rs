@@ -81,6 +81,19 @@ impl From<crate::raft::StartError> for StartError {
     }
 }
 
+impl From<crate::restore::RestoreError> for StartError {
+    fn from(e: crate::restore::RestoreError) -> Self {
+        use crate::restore::RestoreError as R;
+        match e {
+            R::Config(e) => Self::Config(e),
+            R::Corrupt(m) => Self::Corrupt(m),
+            R::Io(e) => Self::Io(e),
+            R::Store(e) => Self::Store(e),
+            R::Apply(m) => Self::Restore(m),
+        }
+    }
+}
+
 impl From<crate::bootstrap::BootstrapError> for StartError {
     fn from(e: crate::bootstrap::BootstrapError) -> Self {
         use crate::bootstrap::BootstrapError as E;

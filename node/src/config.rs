@@ -46,6 +46,16 @@ pub enum AdminTls {
     Files { cert: PathBuf, key: PathBuf },
 }
 
+/// Where a new cluster's state comes from (flags only: one start's act;
+/// see `crate::restore`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Restore {
+    /// `--restore FILE`: a backup, onto an empty data dir.
+    File(PathBuf),
+    /// `--force-new-cluster`: what this data dir's state machine applied.
+    ForceNewCluster,
+}
+
 /// A checked configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -63,7 +73,7 @@ pub struct Config {
     pub rebuild_state_machine: bool,
     /// `--restore FILE` or `--force-new-cluster` (flags only): this start
     /// founds a new cluster from a backup ([`crate::restore`]).
-    pub restore: Option<crate::restore::Restore>,
+    pub restore: Option<Restore>,
     /// The CA a founding node keeps instead of generating one (set by
     /// [`crate::restore::prepare`], never from a file or a flag).
     pub founding_ca: Option<crate::cluster::pki::CaBundle>,
@@ -176,8 +186,8 @@ impl Config {
         let source = layered(&[file, Layer::args(&args)?])?;
         let mut config = Self::from_source(source, args.rebuild_state_machine)?;
         config.restore = match (args.restore, args.force_new_cluster) {
-            (Some(file), _) => Some(crate::restore::Restore::File(file)),
-            (None, true) => Some(crate::restore::Restore::ForceNewCluster),
+            (Some(file), _) => Some(Restore::File(file)),
+            (None, true) => Some(Restore::ForceNewCluster),
             (None, false) => None,
         };
         if config.restore.is_some() && config.join.is_some() {

@@ -27,43 +27,31 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edgelb_api::cluster::{BACKUP_FORMAT, Backup};
 use raft_store::command::Command;
-use raft_store::{ApplyError, State, StateMachineStore};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+use raft_store::{ApplyError, StateMachineStore};
 use tracing::{info, warn};
 
-use crate::app::StartError;
 use crate::cluster::pki::CaBundle;
+pub use crate::config::Restore;
 use crate::config::{Config, ConfigError};
-use crate::files::io_error;
+use crate::files::{IoError, io_error};
 use crate::store::{Store, StoreError};
 
-/// Where a new cluster's state comes from (flags only: one start's act).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Restore {
-    /// `--restore FILE`: a backup, onto an empty data dir.
-    File(PathBuf),
-    /// `--force-new-cluster`: what this data dir's state machine applied.
-    ForceNewCluster,
-}
-
-/// The backup of `state`, applied up to `index` on node `node_id`; `None`
-/// before the cluster is founded (no CA to keep).
-pub fn backup_of(state: &State, index: u64, node_id: u64) -> Option<Backup> {
-    let now = OffsetDateTime::now_utc();
-    Some(Backup {
-        format: BACKUP_FORMAT,
-        taken_at: now
-            .replace_nanosecond(0)
-            .unwrap_or(now)
-            .format(&Rfc3339)
-            .unwrap_or_default(),
-        node_id,
-        applied_index: index,
-        cluster: state.cluster()?.clone(),
-        groups: state.groups().cloned().collect(),
-        certificates: state.certificates().cloned().collect(),
-    })
+/// Why a restore could not be prepared or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The flags or the backup do not fit this start (exit 64).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data dir's state does not read (exit 65).
+    #[error("{0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The backup's state was refused.
+    #[error("restoring: {0}")]
+    Apply(String),
 }
 
 /// `<data_dir>/restore.json`: the backup being restored, from before the
@@ -72,8 +60,8 @@ fn marker(data_dir: &Path) -> PathBuf {
     data_dir.join("restore.json")
 }
 
-fn config_error(field: &str, message: impl Into<String>) -> StartError {
-    StartError::Config(ConfigError::new(field, message))
+fn config_error(field: &str, message: impl Into<String>) -> RestoreError {
+    RestoreError::Config(ConfigError::new(field, message))
 }
 
 /// Reads and checks a backup file.
@@ -95,12 +83,12 @@ pub fn read_backup(path: &Path) -> Result<Backup, String> {
 /// cluster from a backup (the flags, or an unfinished restore's marker),
 /// moves the data dir's old Raft files and identity aside, sets the CA to
 /// found with, and returns the backup to apply once founded.
-pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, StartError> {
+pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, RestoreError> {
     let data_dir = config.data_dir.clone();
     let marker = marker(&data_dir);
     let resumed = match std::fs::read(&marker) {
         Ok(bytes) => Some(serde_json::from_slice::<Pending>(&bytes).map_err(|e| {
-            StartError::Corrupt(format!(
+            RestoreError::Corrupt(format!(
                 "{} (an unfinished restore) does not read: {e}; start again with --restore \
                  <the backup> on an emptied data dir",
                 marker.display()
@@ -150,13 +138,13 @@ pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, StartError> 
                 let index = sm.last_applied().map_or(0, |l| l.index);
                 Ok::<_, raft_store::StoreError>((
                     sm.voters(),
-                    backup_of(&sm.current(), index, node_id),
+                    crate::store::backup_of(&sm.current(), index, node_id),
                 ))
             })
             .await
             .map_err(|e| io_error("reading the state machine")(e.into()))?
             .map_err(|e| {
-                StartError::Corrupt(format!(
+                RestoreError::Corrupt(format!(
                     "--force-new-cluster: the state machine in {} does not read: {e}",
                     data_dir.display()
                 ))
@@ -216,7 +204,7 @@ pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, StartError> 
 /// The backup fits this start: the token is the one it recorded, and a
 /// cluster on an operator's PKI (no CA key in the backup) is restored with
 /// that PKI's files.
-fn check(config: &Config, token: &str, backup: &Backup) -> Result<(), StartError> {
+fn check(config: &Config, token: &str, backup: &Backup) -> Result<(), RestoreError> {
     if crate::bootstrap::token_sha256(token) != backup.cluster.token_sha256 {
         return Err(config_error(
             "token",
@@ -251,7 +239,7 @@ struct Pending {
     moved: bool,
 }
 
-fn write_marker(path: &Path, pending: &Pending) -> Result<(), StartError> {
+fn write_marker(path: &Path, pending: &Pending) -> Result<(), RestoreError> {
     let text = serde_json::to_string(pending)
         .map_err(|e| io_error(path.display())(std::io::Error::other(e)))?;
     crate::files::write_private(path, &text).map_err(io_error(path.display()))?;
@@ -261,7 +249,7 @@ fn write_marker(path: &Path, pending: &Pending) -> Result<(), StartError> {
 /// Moves the Raft log, the state machine, snapshots, the identity and a
 /// founding marker into `<data_dir>/replaced-<unix time>/` (each one only if
 /// it is there: a move that stopped half-way goes on).
-fn move_aside(data_dir: &Path) -> Result<(), StartError> {
+fn move_aside(data_dir: &Path) -> Result<(), RestoreError> {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
@@ -290,7 +278,7 @@ fn move_aside(data_dir: &Path) -> Result<(), StartError> {
 /// Once the new cluster is founded: proposes every certificate, then every
 /// group (a group names its certificates), skipping what is already there
 /// (a resumed restore), then removes the marker.
-pub async fn apply(store: &Store, data_dir: &Path, backup: &Backup) -> Result<(), StartError> {
+pub async fn apply(store: &Store, data_dir: &Path, backup: &Backup) -> Result<(), RestoreError> {
     let mut created = 0_usize;
     for certificate in &backup.certificates {
         propose(
@@ -329,13 +317,13 @@ pub async fn apply(store: &Store, data_dir: &Path, backup: &Backup) -> Result<()
 
 /// Proposes `cmd` on the new one-node cluster (it may still be electing
 /// itself); a conflict means it is there already.
-async fn propose(store: &Store, cmd: Command) -> Result<(), StartError> {
+async fn propose(store: &Store, cmd: Command) -> Result<(), RestoreError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         match store.propose(cmd.clone()).await {
             Ok(_) | Err(StoreError::Apply(ApplyError::Conflict(_))) => return Ok(()),
             Err(StoreError::Apply(e)) => {
-                return Err(StartError::Restore(format!("the backup's state: {e}")));
+                return Err(RestoreError::Apply(format!("the backup's state: {e}")));
             }
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.into()),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -404,7 +392,8 @@ mod tests {
         .await
         .unwrap();
         let applied = a.subscribe().borrow().clone();
-        let backup = backup_of(&applied.state, applied.index, 1).expect("a founded cluster");
+        let backup =
+            crate::store::backup_of(&applied.state, applied.index, 1).expect("a founded cluster");
         assert_eq!(backup.applied_index, applied.index);
         assert_eq!((backup.groups.len(), backup.certificates.len()), (1, 1));
         let round: Backup = serde_json::from_str(&serde_json::to_string(&backup).unwrap()).unwrap();

@@ -63,7 +63,7 @@ pub(crate) async fn backup(admin: &Admin) -> Result<Reply, ApiError> {
     let node_id = admin.store.status().node_id;
     tokio::task::spawn_blocking(move || {
         let backup =
-            crate::restore::backup_of(&applied.state, applied.index, node_id).ok_or_else(|| {
+            crate::store::backup_of(&applied.state, applied.index, node_id).ok_or_else(|| {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the cluster is not founded yet: nothing to back up",

@@ -73,16 +73,7 @@ pub(crate) fn checked_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, P
         }
         _ => {}
     }
-    Ok(request_host(req))
-}
-
-/// The host the client addressed: the authority of an absolute-form or
-/// HTTP/2 target, else `Host`.
-pub(crate) fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
-    if let Some(authority) = req.uri().authority() {
-        return HeaderValue::from_str(authority.as_str()).ok();
-    }
-    req.headers().get(HOST).cloned()
+    Ok(headers::request_host(req))
 }
 
 async fn proxy(

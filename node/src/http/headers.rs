@@ -176,6 +176,15 @@ fn merge_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// The host the client addressed: the authority of an absolute-form or
+/// HTTP/2 target, else `Host`.
+pub(crate) fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if let Some(authority) = req.uri().authority() {
+        return HeaderValue::from_str(authority.as_str()).ok();
+    }
+    req.headers().get(HOST).cloned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,7 +52,7 @@ impl Record {
             method: req.method().clone(),
             version: req.version(),
             uri: req.uri().clone(),
-            host: super::forward::request_host(req),
+            host: super::headers::request_host(req),
             group: None,
             instance: None,
             attempts: 0,
