@@ -3,13 +3,14 @@
 //! survivor (`--force-new-cluster`) and, separately, from a backup file
 //! (`GET /v1/cluster/backup`, `--restore FILE`) onto fresh data dirs;
 //! every group and instance is back, requests are served, and new nodes
-//! join with `--join`.
+//! join with `--join`. The survivor's recovery runs with 50 ms between
+//! the nodes (the link emulator), as across regions.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use http::StatusCode;
-use integration::{Cluster, HttpBackend, TempDir, poll};
+use integration::{Cluster, ClusterOptions, HttpBackend, Link, TempDir, poll};
 use serde_json::{Value, json};
 
 const PORT: u16 = 8300;
@@ -88,7 +89,15 @@ async fn writes(cluster: &Cluster, id: u64) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_of_three_nodes_lost_for_good_come_back_from_the_survivor() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(3).await?;
+    let mut cluster = Cluster::start_with(
+        3,
+        ClusterOptions {
+            relay: Some(17),
+            link: Link::delayed(Duration::from_millis(50), Duration::from_millis(5)),
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
     let (expected, _backends) = populate(&cluster).await?;
     for id in [2, 3] {
         cluster
