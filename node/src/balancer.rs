@@ -705,7 +705,6 @@ impl GroupBalancer {
     }
 }
 
-/// Records a failed connect; whether a new down period started.
 /// Sets what the active health check says of `backend` at `now`: out of
 /// selection while down (as a failed connect takes it out, but until the
 /// check says up), back when up.
@@ -716,6 +715,7 @@ pub fn set_checked(backend: &Backend, up: bool, now: Instant) {
     }
 }
 
+/// Records a failed connect; whether a new down period started.
 fn record_failure(backend: &Backend, now: Instant) -> bool {
     let Some((until, failures)) = backend.record_failure(now) else {
         return false;

@@ -62,6 +62,20 @@ impl Drop for GroupChecks {
     }
 }
 
+impl GroupChecks {
+    /// Stops every check and gives the instances back to passive marking
+    /// (the group's check was removed, or the group deleted).
+    fn release(self) {
+        let now = Instant::now();
+        for (weak, token) in self.instances.values() {
+            token.cancel();
+            if let Some(b) = weak.upgrade() {
+                crate::balancer::set_checked(&b, true, now);
+            }
+        }
+    }
+}
+
 impl Checks {
     /// No checks yet; the counters registered in `registry`.
     pub fn new(registry: &prometheus::Registry) -> Self {
@@ -113,9 +127,9 @@ impl Checks {
             });
             let runtime = table.group(&uuid);
             let (Some((check, port)), Some(runtime)) = (desired, runtime) else {
-                // Dropping the group's checks stops them (each gives its
-                // instance back to passive marking).
-                self.groups.remove(&uuid);
+                if let Some(g) = self.groups.remove(&uuid) {
+                    g.release();
+                }
                 continue;
             };
             let same = self
@@ -123,6 +137,7 @@ impl Checks {
                 .get(&uuid)
                 .is_some_and(|g| g.check == check && g.port == port);
             if !same {
+                // Replaced: the new tasks go on from each instance's state.
                 self.groups.insert(
                     uuid,
                     GroupChecks {
@@ -173,8 +188,8 @@ fn check_port(group: &ServiceGroup) -> Option<u16> {
         .or_else(|| group.services.first().map(|s| s.destination_port))
 }
 
-/// Checks one instance until `stop`; then gives it back to passive
-/// marking.
+/// Checks one instance until `stop` (whoever stops it decides what
+/// becomes of the instance's state: see [`GroupChecks::release`]).
 async fn run(
     backend: Weak<Backend>,
     check: HealthCheck,
@@ -187,7 +202,9 @@ async fn run(
     // do not check in step.
     let first = interval.mul_f64(rand::random::<f64>());
     let mut next = tokio::time::Instant::now() + first;
-    let (mut passes, mut fails, mut up) = (0_u32, 0_u32, true);
+    // A check that replaces another goes on from what that one decided.
+    let mut up = backend.upgrade().is_none_or(|b| !b.checked_down());
+    let (mut passes, mut fails) = (0_u32, 0_u32);
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -196,6 +213,11 @@ async fn run(
         next += interval;
         let Some(b) = backend.upgrade() else { return };
         let result = probe(&b.address, port, &check).await;
+        if stop.is_cancelled() {
+            // Replaced or removed while probing: the outcome is not ours to
+            // apply any more.
+            break;
+        }
         counters
             .checks
             .with_label_values(&[if result.is_ok() { "pass" } else { "fail" }])
@@ -228,9 +250,6 @@ async fn run(
         if next < now {
             next = now;
         }
-    }
-    if !up && let Some(b) = backend.upgrade() {
-        crate::balancer::set_checked(&b, true, Instant::now());
     }
 }
 

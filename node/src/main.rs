@@ -175,6 +175,10 @@ async fn failed(node: app::NodeHandle, reason: &str) -> (ExitCode, Option<tokio:
 struct Signals {
     term: Option<Signal>,
     interrupt: Option<Signal>,
+    /// SIGUSR1 reopens the access log (`app`); listened for from the
+    /// start, so that its default action (ending the process) never
+    /// applies, with or without an access log.
+    _user1: Option<Signal>,
 }
 
 impl Signals {
@@ -182,6 +186,7 @@ impl Signals {
         Self {
             term: signal(SignalKind::terminate()).ok(),
             interrupt: signal(SignalKind::interrupt()).ok(),
+            _user1: signal(SignalKind::user_defined1()).ok(),
         }
     }
 

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edgelb_api::cluster::{BACKUP_FORMAT, Backup};
 use raft_store::command::Command;
-use raft_store::{ApplyError, StateMachineStore};
+use raft_store::{ApplyError, LogStore, StateMachineStore};
 use tracing::{info, warn};
 
 use crate::cluster::pki::CaBundle;
@@ -99,6 +99,22 @@ pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, RestoreError
     };
     let raft_state = data_dir.join("raft-log.redb").exists();
     let mut pending = match (resumed, config.restore.clone()) {
+        (Some(p), Some(Restore::File(path))) => {
+            let backup = read_backup(&path).map_err(|m| config_error("restore", m))?;
+            if backup != p.backup {
+                return Err(config_error(
+                    "restore",
+                    format!(
+                        "{} holds an unfinished restore of another backup: start without \
+                         --restore to finish it, or empty the data dir to restore {}",
+                        marker.display(),
+                        path.display()
+                    ),
+                ));
+            }
+            warn!(marker = %marker.display(), "resuming an unfinished restore");
+            p
+        }
         (Some(p), _) => {
             warn!(marker = %marker.display(), "resuming an unfinished restore");
             p
@@ -131,26 +147,9 @@ pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, RestoreError
                     ),
                 ));
             }
-            let dir = data_dir.clone();
-            let node_id = config.node_id;
-            let (voters, backup) = tokio::task::spawn_blocking(move || {
-                let sm = StateMachineStore::open(&dir)?;
-                let index = sm.last_applied().map_or(0, |l| l.index);
-                Ok::<_, raft_store::StoreError>((
-                    sm.voters(),
-                    crate::store::backup_of(&sm.current(), index, node_id),
-                ))
-            })
-            .await
-            .map_err(|e| io_error("reading the state machine")(e.into()))?
-            .map_err(|e| {
-                RestoreError::Corrupt(format!(
-                    "--force-new-cluster: the state machine in {} does not read: {e}",
-                    data_dir.display()
-                ))
-            })?;
+            let (voters, backup) = survivor(&data_dir, config.node_id).await?;
             // A flag left on after a recovery must not found yet again.
-            if voters == [node_id] {
+            if voters == [config.node_id] {
                 return Err(config_error(
                     "force_new_cluster",
                     "this node is the only voter of its cluster, a quorum on its own: there is \
@@ -201,6 +200,56 @@ pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, RestoreError
     Ok(Some(pending.backup))
 }
 
+/// What the survivor's data dir holds: the voters of its last membership,
+/// and its state as a backup. Committed entries that its state machine had
+/// not written yet (it writes behind the log, so a crash may leave it up
+/// to a flush behind) are applied from the Raft log first, as a restart
+/// would.
+async fn survivor(
+    data_dir: &Path,
+    node_id: u64,
+) -> Result<(Vec<u64>, Option<Backup>), RestoreError> {
+    use openraft::storage::{RaftLogReader, RaftLogStorage, RaftStateMachine};
+    let corrupt = |e: &dyn std::fmt::Display| {
+        RestoreError::Corrupt(format!(
+            "--force-new-cluster: the Raft storage in {} does not read: {e}",
+            data_dir.display()
+        ))
+    };
+    let dir = data_dir.to_owned();
+    let (mut log, mut sm) = tokio::task::spawn_blocking(move || {
+        Ok::<_, raft_store::StoreError>((LogStore::open(&dir)?, StateMachineStore::open(&dir)?))
+    })
+    .await
+    .map_err(|e| io_error("reading the Raft storage")(e.into()))?
+    .map_err(|e| corrupt(&e))?;
+    let from = sm.last_applied().map_or(0, |l| l.index + 1);
+    let committed = log.read_committed().await.map_err(|e| corrupt(&e))?;
+    if let Some(c) = committed.filter(|c| c.index >= from) {
+        let entries = log
+            .try_get_log_entries(from..=c.index)
+            .await
+            .map_err(|e| corrupt(&e))?;
+        info!(
+            from,
+            to = c.index,
+            entries = entries.len(),
+            "--force-new-cluster: applying committed entries the state machine had not written"
+        );
+        sm.apply(entries).await.map_err(|e| corrupt(&e))?;
+    }
+    let index = sm.last_applied().map_or(0, |l| l.index);
+    let found = (
+        sm.voters(),
+        crate::store::backup_of(&sm.current(), index, node_id),
+    );
+    // Written, so that the moved-aside files are whole; closed before
+    // they move.
+    sm.flush().await.map_err(|e| corrupt(&e))?;
+    drop((sm, log));
+    Ok(found)
+}
+
 /// The backup fits this start: the token is the one it recorded, and a
 /// cluster on an operator's PKI (no CA key in the backup) is restored with
 /// that PKI's files.
@@ -210,6 +259,19 @@ fn check(config: &Config, token: &str, backup: &Backup) -> Result<(), RestoreErr
             "token",
             "is not the backup's cluster token (its hash differs): start with the cluster's --token",
         ));
+    }
+    if !backup.cluster.ca_key_pem.is_empty() {
+        let ca = CaBundle {
+            cert_pem: backup.cluster.ca_cert_pem.clone(),
+            key_pem: backup.cluster.ca_key_pem.clone(),
+        };
+        crate::cluster::pki::issue_node_cert_for(&ca, config.node_id, config.node_cert_lifetime)
+            .map_err(|e| {
+                config_error(
+                    "restore",
+                    format!("the backup's cluster CA cannot sign a node certificate: {e}"),
+                )
+            })?;
     }
     if backup.cluster.ca_key_pem.is_empty() {
         let Some(ca) = &config.ca_cert else {
@@ -279,6 +341,15 @@ fn move_aside(data_dir: &Path) -> Result<(), RestoreError> {
 /// group (a group names its certificates), skipping what is already there
 /// (a resumed restore), then removes the marker.
 pub async fn apply(store: &Store, data_dir: &Path, backup: &Backup) -> Result<(), RestoreError> {
+    let marker = marker(data_dir);
+    let resumes = |e: RestoreError| match e {
+        RestoreError::Apply(m) => RestoreError::Apply(format!(
+            "{m}; the next start resumes from {}: to start over, stop the node, empty the data \
+             dir and restore again",
+            marker.display()
+        )),
+        e => e,
+    };
     let mut created = 0_usize;
     for certificate in &backup.certificates {
         propose(
@@ -287,7 +358,8 @@ pub async fn apply(store: &Store, data_dir: &Path, backup: &Backup) -> Result<()
                 certificate: certificate.clone(),
             },
         )
-        .await?;
+        .await
+        .map_err(resumes)?;
     }
     for group in &backup.groups {
         if store.state().group_by_uuid(&group.uuid).is_some() {
@@ -299,10 +371,10 @@ pub async fn apply(store: &Store, data_dir: &Path, backup: &Backup) -> Result<()
                 group: group.clone(),
             },
         )
-        .await?;
+        .await
+        .map_err(resumes)?;
         created += 1;
     }
-    let marker = marker(data_dir);
     crate::files::remove(&marker).map_err(io_error(marker.display()))?;
     info!(
         groups = backup.groups.len(),

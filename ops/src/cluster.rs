@@ -1,5 +1,7 @@
 //! `edgectl cluster status|add-node|remove-node`: the `/v1/cluster` routes.
 
+use std::path::Path;
+
 use edgelb_api::cluster::{BackupData, ClusterData, NodeView};
 use serde_json::{Value, json};
 
@@ -55,7 +57,7 @@ pub async fn run(ctx: &Ctx, cmd: ClusterCmd) -> Outcome {
             let b = &data.backup;
             let text = serde_json::to_string_pretty(b)
                 .map_err(|e| Failure::local(format!("encoding the backup: {e}")))?;
-            crate::certs::write(&file, &format!("{text}\n"), true, force)?;
+            write_backup(&file, &format!("{text}\n"), force)?;
             let instances: usize = b.groups.iter().map(|g| g.instances.len()).sum();
             if ctx.global.output == Some(Format::Json) {
                 emit(&output::json(&json!({
@@ -163,6 +165,31 @@ pub fn render_status(data: &ClusterData, format: Format) -> String {
             )
         }
     }
+}
+
+/// Writes a backup to `path` (mode 0600) through a temporary file beside
+/// it, renamed over `path` once complete and synced: an existing backup is
+/// replaced whole (with `force`) or kept, never left half-written.
+fn write_backup(path: &Path, contents: &str, force: bool) -> Outcome {
+    if !force && path.exists() {
+        return Err(Failure::local(format!(
+            "{} exists (use --force to replace it)",
+            path.display()
+        )));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let result = crate::certs::write(&tmp, contents, true, true).and_then(|()| {
+        std::fs::rename(&tmp, path)
+            .map_err(|e| Failure::local(format!("writing {}: {e}", path.display())))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 #[cfg(test)]

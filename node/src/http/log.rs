@@ -37,6 +37,8 @@ pub(crate) struct Record {
     pub(crate) bytes_in: u64,
     /// Response body bytes handed to the client.
     pub(crate) bytes_out: u64,
+    /// The line was written.
+    ended: bool,
 }
 
 /// A request's record, if it is logged.
@@ -61,12 +63,22 @@ impl Record {
             body_in: (!req.body().is_end_stream()).then(Arc::default),
             bytes_in: 0,
             bytes_out: 0,
+            ended: false,
         }))
     }
 
     /// Writes the line: the response's status, and who ended the request
     /// early and why.
-    pub(crate) fn end(&self, status: u16, error: Option<(&'static str, &dyn Display)>) {
+    pub(crate) fn end(
+        mut self: Box<Self>,
+        status: u16,
+        error: Option<(&'static str, &dyn Display)>,
+    ) {
+        self.write(status, error);
+        self.ended = true;
+    }
+
+    fn write(&self, status: u16, error: Option<(&'static str, &dyn Display)>) {
         let Some(log) = &self.conn.dp.access_log else {
             return;
         };
@@ -99,6 +111,23 @@ impl Record {
         });
     }
 }
+
+/// A record dropped unwritten: the request went before its response
+/// began (the client closed, an HTTP/2 stream was reset, the node shut
+/// down); logged with NGINX's 499, "client closed request".
+impl Drop for Record {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.write(
+                CLIENT_CLOSED,
+                Some(("client", &"the client went away before the response began")),
+            );
+        }
+    }
+}
+
+/// NGINX's status for a request whose client went away first.
+const CLIENT_CLOSED: u16 = 499;
 
 fn version(v: Version) -> &'static str {
     match v {

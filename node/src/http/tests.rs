@@ -1370,3 +1370,48 @@ async fn the_access_log_has_one_line_per_request_with_its_fields() {
     let why = bad_gateway["error"].as_str().expect("error");
     assert!(why.starts_with("every attempt failed"), "{why}");
 }
+
+#[tokio::test]
+async fn a_client_gone_before_the_response_is_logged_as_499() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    silent_backend(l);
+    let app = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("access.log");
+    let log = crate::access_log::AccessLog::open(&crate::access_log::Options {
+        target: crate::access_log::Target::File(path.clone()),
+        format: crate::access_log::Format::Json,
+        sample: 1.0,
+    })
+    .expect("open the access log");
+    let edge = Edge::start_logged(vec![app], DataPlane::new(settings()).with_access_log(log)).await;
+    let mut s = TcpStream::connect(edge.addr).await.expect("connect");
+    s.write_all(b"GET /wait HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    let backend = edge.backend("a");
+    eventually("the request in flight", || backend.local_inflight() == 1).await;
+    drop(s);
+    let mut line = serde_json::Value::Null;
+    eventually("a line for the abandoned request", || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        match text.lines().next() {
+            Some(l) => {
+                line = serde_json::from_str(l).expect("a JSON line");
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["path"], "/wait");
+    assert_eq!(line["instance"], "a");
+    assert_eq!(line["error_origin"], "client");
+}

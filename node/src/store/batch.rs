@@ -64,9 +64,17 @@ struct Pending {
 
 /// The queue of writes this node proposes (see the module's doc); cheap to
 /// clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::UnboundedSender<Pending>,
+    raft: Raft,
+    readers: Arc<Readers>,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").finish_non_exhaustive()
+    }
 }
 
 impl Batcher {
@@ -84,22 +92,49 @@ impl Batcher {
             transport,
             known: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(run(raft, rx, readers, health));
-        Self { tx }
+        tokio::spawn(run(raft.clone(), rx, readers.clone(), health));
+        Self { tx, raft, readers }
     }
 
     /// Queues `cmd` now (so that writes queued one after the other apply in
     /// that order) and returns its answer to await. A node that does not
     /// lead answers [`ForwardError::NotLeader`].
+    ///
+    /// A write that uses group options is queued only once every member
+    /// has said it reads them (asked, on the leader, in the caller's task,
+    /// so that the queue never waits for the answers); otherwise it is
+    /// answered 409 naming the member, unqueued.
     pub(crate) fn submit(&self, cmd: Command) -> impl Future<Output = Outcome> + use<> {
-        let (reply, answer) = oneshot::channel();
         let size = serde_json::to_vec(&cmd).map_or(usize::MAX, |v| v.len());
-        let queued = self.tx.send(Pending { cmd, size, reply });
+        let gated = cmd.uses_group_options()
+            && self.raft.metrics().borrow().current_leader == Some(self.readers.me);
+        let tx = self.tx.clone();
+        let queue = move |cmd| {
+            let (reply, answer) = oneshot::channel();
+            tx.send(Pending { cmd, size, reply }).ok().map(|()| answer)
+        };
+        // Not gated: queued at once, before the caller awaits anything.
+        let (queued, waiting) = if gated {
+            (None, Some((cmd, queue)))
+        } else {
+            (Some(queue(cmd)), None)
+        };
+        let (raft, readers) = (self.raft.clone(), self.readers.clone());
         async move {
-            if queued.is_err() {
-                return Err(stopped());
+            let queued = match (queued, waiting) {
+                (Some(queued), _) => queued,
+                (None, Some((cmd, queue))) => {
+                    if let Err(why) = readers.all_read_group_options(&raft).await {
+                        return Ok((0, Err(ApplyError::Conflict(why))));
+                    }
+                    queue(cmd)
+                }
+                (None, None) => return Err(stopped()),
+            };
+            match queued {
+                Some(answer) => answer.await.unwrap_or_else(|_| Err(stopped())),
+                None => Err(stopped()),
             }
-            answer.await.unwrap_or_else(|_| Err(stopped()))
         }
     }
 }
@@ -134,7 +169,6 @@ async fn run(
         }
         // Callers that gave up (their deadline passed) are not proposed.
         batch.retain(|p| !p.reply.is_closed());
-        let batch = gate_group_options(&raft, &readers, batch).await;
         if batch.is_empty() {
             drop(slot);
         } else if batch.len() > 1 && readers.all_read_batches(&raft) {
@@ -149,36 +183,6 @@ async fn run(
             propose_each(&raft, vec![p], slot, &health).await;
         }
     }
-}
-
-/// Answers the writes that use group options (health checks, PROXY
-/// protocol to instances) with 409 while a member does not say it reads
-/// them: an older release could not decode them (`docs/compatibility.md`).
-/// Only the leader asks; elsewhere the write is refused as not led, and
-/// forwarded.
-async fn gate_group_options(
-    raft: &Raft,
-    readers: &Arc<Readers>,
-    batch: Vec<Pending>,
-) -> Vec<Pending> {
-    if !batch.iter().any(|p| p.cmd.uses_group_options())
-        || raft.metrics().borrow().current_leader != Some(readers.me)
-    {
-        return batch;
-    }
-    let verdict = readers.all_read_group_options(raft).await;
-    let mut kept = Vec::with_capacity(batch.len());
-    for p in batch {
-        match &verdict {
-            Err(why) if p.cmd.uses_group_options() => {
-                let _ = p
-                    .reply
-                    .send(Ok((0, Err(ApplyError::Conflict(why.clone())))));
-            }
-            _ => kept.push(p),
-        }
-    }
-    kept
 }
 
 /// Proposes `batch` as one entry and answers each caller its own result.
@@ -351,9 +355,14 @@ impl Readers {
         {
             let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
             for (&id, node) in membership.membership().nodes() {
-                if id != self.me
-                    && !matches!(known.get(&id), Some(Known::Reads(f)) if f.group_options)
-                {
+                let ask = match known.get(&id) {
+                    _ if id == self.me => false,
+                    Some(Known::Reads(f)) => !f.group_options,
+                    // One that did not answer lately is not waited for again.
+                    Some(Known::No(at)) => at.elapsed() >= ASK_AGAIN,
+                    Some(Known::Asking) | None => true,
+                };
+                if ask {
                     asks.push(Arc::clone(self).ask(id, node.clone()));
                 }
             }
