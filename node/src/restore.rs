@@ -508,4 +508,101 @@ mod tests {
                 .contains("newer than this release reads")
         );
     }
+
+    const TOKEN: &str = "restore-test-token-0123456789";
+
+    /// A backup of an empty cluster with a real CA and `TOKEN`.
+    fn empty_backup() -> Backup {
+        let ca = crate::cluster::pki::generate_ca("test").unwrap();
+        Backup {
+            format: BACKUP_FORMAT,
+            taken_at: "2026-12-05T00:00:00Z".into(),
+            node_id: 1,
+            applied_index: 3,
+            cluster: raft_store::model::ClusterSecrets {
+                ca_cert_pem: ca.cert_pem,
+                ca_key_pem: ca.key_pem,
+                token_sha256: crate::bootstrap::token_sha256(TOKEN),
+            },
+            groups: vec![group()],
+            certificates: vec![],
+        }
+    }
+
+    fn config(dir: &Path, restore: Option<Restore>) -> Config {
+        let mut c = Config::embedded_default();
+        c.data_dir = dir.to_owned();
+        c.token = Some(TOKEN.into());
+        c.restore = restore;
+        c
+    }
+
+    fn write_backup(dir: &Path, name: &str, b: &Backup) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::to_vec(b).unwrap()).unwrap();
+        path
+    }
+
+    fn refused(r: Result<Option<Backup>, RestoreError>) -> (String, String) {
+        match r {
+            Err(RestoreError::Config(e)) => (e.field, e.message),
+            other => panic!("not a config error: {other:?}"),
+        }
+    }
+
+    /// What `prepare` refuses before it writes anything, and what it does
+    /// with a good backup: the marker, the CA to found with.
+    #[tokio::test]
+    async fn prepare_checks_the_backup_before_it_writes() {
+        let files = tempfile::tempdir().unwrap();
+        let good = empty_backup();
+        let good_path = write_backup(files.path(), "good.json", &good);
+
+        // Another cluster's token.
+        let data = tempfile::tempdir().unwrap();
+        let mut c = config(data.path(), Some(Restore::File(good_path.clone())));
+        c.token = Some("another-token-0123456789".into());
+        assert_eq!(refused(prepare(&mut c).await).0, "token");
+        // A CA key that does not sign.
+        let mut bad_ca = good.clone();
+        bad_ca.cluster.ca_key_pem =
+            "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n".into();
+        let bad_path = write_backup(files.path(), "bad-ca.json", &bad_ca);
+        let mut c = config(data.path(), Some(Restore::File(bad_path)));
+        let (field, message) = refused(prepare(&mut c).await);
+        assert_eq!(field, "restore");
+        assert!(message.contains("cannot sign"), "{message}");
+        // Raft state in the data dir.
+        let used = tempfile::tempdir().unwrap();
+        std::fs::write(used.path().join("raft-log.redb"), b"").unwrap();
+        let mut c = config(used.path(), Some(Restore::File(good_path.clone())));
+        assert!(
+            refused(prepare(&mut c).await)
+                .1
+                .contains("holds Raft state")
+        );
+        // Nothing written by any of them.
+        assert!(!marker(data.path()).exists());
+
+        // A good one: the marker holds it, the CA is the backup's.
+        let mut c = config(data.path(), Some(Restore::File(good_path)));
+        let got = prepare(&mut c).await.unwrap().expect("a backup to apply");
+        assert!(got == good);
+        assert!(marker(data.path()).exists());
+        assert_eq!(
+            c.founding_ca.as_ref().map(|ca| ca.cert_pem.clone()),
+            Some(good.cluster.ca_cert_pem.clone())
+        );
+        // Another backup over the unfinished restore: refused, naming the
+        // marker; no flag: resumed.
+        let mut other = good.clone();
+        other.groups.clear();
+        let other_path = write_backup(files.path(), "other.json", &other);
+        let mut c = config(data.path(), Some(Restore::File(other_path)));
+        let (field, message) = refused(prepare(&mut c).await);
+        assert_eq!(field, "restore");
+        assert!(message.contains("restore.json"), "{message}");
+        let mut c = config(data.path(), None);
+        assert!(prepare(&mut c).await.unwrap().is_some_and(|b| b == good));
+    }
 }
