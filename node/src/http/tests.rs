@@ -1300,13 +1300,7 @@ async fn the_access_log_has_one_line_per_request_with_its_fields() {
         &[("x", refused(4)), ("y", refused(5))],
     );
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("access.log");
-    let log = crate::access_log::AccessLog::open(&crate::access_log::Options {
-        target: crate::access_log::Target::File(path.clone()),
-        format: crate::access_log::Format::Json,
-        sample: 1.0,
-    })
-    .expect("open the access log");
+    let (log, path) = json_access_log(dir.path());
     let edge = Edge::start_logged(
         vec![app, gone],
         DataPlane::new(settings()).with_access_log(log),
@@ -1383,13 +1377,7 @@ async fn a_client_gone_before_the_response_is_logged_as_499() {
         &[("a", ip)],
     );
     let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("access.log");
-    let log = crate::access_log::AccessLog::open(&crate::access_log::Options {
-        target: crate::access_log::Target::File(path.clone()),
-        format: crate::access_log::Format::Json,
-        sample: 1.0,
-    })
-    .expect("open the access log");
+    let (log, path) = json_access_log(dir.path());
     let edge = Edge::start_logged(vec![app], DataPlane::new(settings()).with_access_log(log)).await;
     let mut s = TcpStream::connect(edge.addr).await.expect("connect");
     s.write_all(b"GET /wait HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
@@ -1414,4 +1402,16 @@ async fn a_client_gone_before_the_response_is_logged_as_499() {
     assert_eq!(line["path"], "/wait");
     assert_eq!(line["instance"], "a");
     assert_eq!(line["error_origin"], "client");
+}
+
+/// An access log writing JSON to `access.log` in `dir`, and that path.
+fn json_access_log(dir: &std::path::Path) -> (crate::access_log::AccessLog, std::path::PathBuf) {
+    let path = dir.join("access.log");
+    let log = crate::access_log::AccessLog::open(&crate::access_log::Options {
+        target: crate::access_log::Target::File(path.clone()),
+        format: crate::access_log::Format::Json,
+        sample: 1.0,
+    })
+    .expect("open the access log");
+    (log, path)
 }
