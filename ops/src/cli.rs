@@ -85,6 +85,9 @@ pub enum ServiceCmd {
         #[arg(value_name = "NAME|UUID")]
         id: String,
     },
+    /// Change a service group's hard limit, health check or PROXY protocol
+    /// header to instances (one PATCH each, in that order)
+    Set(SetArgs),
     /// Delete service groups
     #[command(visible_alias = "remove", alias = "delete")]
     Rm {
@@ -95,6 +98,36 @@ pub enum ServiceCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `edgectl service set`.
+#[derive(Debug, clap::Args)]
+pub struct SetArgs {
+    /// Name or uuid
+    #[arg(value_name = "NAME|UUID")]
+    pub id: String,
+    /// Max in-flight connections/requests per instance
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hard_limit: Option<u32>,
+    /// Active health check: `tcp` or `http[:PATH]`, then `,key=value`
+    /// options (as for `service create`)
+    #[arg(long, value_name = "CHECK", conflicts_with = "no_health_check")]
+    pub health_check: Option<String>,
+    /// Remove the health check (instances go back to passive marking)
+    #[arg(long)]
+    pub no_health_check: bool,
+    /// TCP mode: start each connection to an instance with a PROXY protocol
+    /// header
+    #[arg(
+        long,
+        value_name = "VERSION",
+        value_parser = ["v1", "v2"],
+        conflicts_with = "no_send_proxy_protocol"
+    )]
+    pub send_proxy_protocol: Option<String>,
+    /// Send no PROXY protocol header to instances
+    #[arg(long)]
+    pub no_send_proxy_protocol: bool,
 }
 
 const PORTSPEC_HELP: &str = "\

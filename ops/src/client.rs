@@ -76,6 +76,14 @@ impl Client {
             .map_err(|e| self.failure(e))
     }
 
+    /// `PATCH path` with a JSON body → the envelope's `data`.
+    pub async fn patch<T: DeserializeOwned>(&self, path: &str, body: &Value) -> Outcome<T> {
+        self.inner
+            .call(Method::PATCH, path, Some(body))
+            .await
+            .map_err(|e| self.failure(e))
+    }
+
     /// `DELETE path` → the envelope's `data`.
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Outcome<T> {
         self.inner.delete(path).await.map_err(|e| self.failure(e))

@@ -5,7 +5,7 @@ use edgelb_api::services::{GroupsData, InstanceView, InstancesData};
 use edgelb_api::validate::check_services;
 use serde_json::{Value, json};
 
-use crate::cli::{CreateArgs, InstanceCmd, ServiceCmd};
+use crate::cli::{CreateArgs, InstanceCmd, ServiceCmd, SetArgs};
 use crate::client::segment;
 use crate::error::{Failure, Outcome};
 use crate::output::{self, Format};
@@ -29,7 +29,54 @@ pub async fn service(ctx: &Ctx, cmd: ServiceCmd) -> Outcome {
             Ok(())
         }
         ServiceCmd::Rm { ids, force } => remove(ctx, &ids, force).await,
+        ServiceCmd::Set(args) => set(ctx, &args).await,
     }
+}
+
+/// The `PATCH /v1/services/{id}` bodies for `args`, in order; a usage
+/// error when there are none or a check does not parse.
+pub fn set_bodies(args: &SetArgs) -> Outcome<Vec<Value>> {
+    let mut bodies = Vec::new();
+    if let Some(limit) = args.hard_limit {
+        bodies.push(json!({"prop": "hard_limit", "op": "set", "value": limit}));
+    }
+    if let Some(spec) = &args.health_check {
+        let check: edgelb_api::model::HealthCheck = spec.parse().map_err(Failure::usage)?;
+        edgelb_api::validate::check_health_check(&check)
+            .map_err(|e| Failure::usage(format!("health check {spec:?}: {e}")))?;
+        bodies.push(json!({"prop": "health_check", "op": "set", "value": check}));
+    }
+    if args.no_health_check {
+        bodies.push(json!({"prop": "health_check", "op": "del", "value": null}));
+    }
+    if let Some(version) = &args.send_proxy_protocol {
+        bodies.push(json!({"prop": "send_proxy_protocol", "op": "set", "value": version}));
+    }
+    if args.no_send_proxy_protocol {
+        bodies.push(json!({"prop": "send_proxy_protocol", "op": "del", "value": null}));
+    }
+    if bodies.is_empty() {
+        return Err(Failure::usage(
+            "nothing to set: give --hard-limit, --health-check, --no-health-check, --send-proxy-protocol or --no-send-proxy-protocol",
+        ));
+    }
+    Ok(bodies)
+}
+
+/// `edgectl service set`: each change a PATCH; prints the group as the
+/// last one left it.
+async fn set(ctx: &Ctx, args: &SetArgs) -> Outcome {
+    let bodies = set_bodies(args)?;
+    let client = ctx.client()?;
+    let path = format!("/v1/services/{}", segment(&args.id));
+    let mut last = None;
+    for body in &bodies {
+        last = Some(client.patch::<GroupsData>(&path, body).await?);
+    }
+    if let Some(data) = last {
+        print_groups(ctx, &data, Format::List);
+    }
+    Ok(())
 }
 
 /// The `POST /v1/services` body for `args`. Port specs are parsed and

@@ -326,3 +326,106 @@ async fn rm_reports_every_failure_and_removes_the_rest() -> anyhow::Result<()> {
     let _ = edgectl(&["--version"]).await?.ok()?;
     Ok(())
 }
+
+/// `service create --health-check … --send-proxy-protocol …`, then
+/// `service set` changes and removes them (one PATCH each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_and_proxy_headers_are_set_and_removed() -> anyhow::Result<()> {
+    let net = Subnet::allocate();
+    let node = Node::start(&net).await?;
+    let created = ctl(
+        &node,
+        &[
+            "-o",
+            "json",
+            "service",
+            "create",
+            "-n",
+            "hc",
+            "--health-check",
+            "http:/healthz,fall=5",
+            "--send-proxy-protocol",
+            "v1",
+            "9100",
+        ],
+    )
+    .await?
+    .ok()?;
+    let v: Value = serde_json::from_str(&created.stdout)?;
+    let g = &v["service_groups"][0];
+    assert_eq!(g["health_check"]["path"], "/healthz", "{g}");
+    assert_eq!(g["health_check"]["fall"], 5);
+    assert_eq!(g["send_proxy_protocol"], "v1");
+
+    let set = ctl(
+        &node,
+        &[
+            "-o",
+            "json",
+            "service",
+            "set",
+            "hc",
+            "--health-check",
+            "tcp,interval_ms=500",
+            "--send-proxy-protocol",
+            "v2",
+            "--hard-limit",
+            "9",
+        ],
+    )
+    .await?
+    .ok()?;
+    let v: Value = serde_json::from_str(&set.stdout)?;
+    let g = &v["service_groups"][0];
+    assert_eq!(
+        (
+            g["health_check"]["type"].as_str(),
+            g["health_check"]["interval_ms"].as_u64()
+        ),
+        (Some("tcp"), Some(500))
+    );
+    assert_eq!(
+        (g["send_proxy_protocol"].as_str(), g["hard_limit"].as_u64()),
+        (Some("v2"), Some(9))
+    );
+
+    let off = ctl(
+        &node,
+        &[
+            "-o",
+            "json",
+            "service",
+            "set",
+            "hc",
+            "--no-health-check",
+            "--no-send-proxy-protocol",
+        ],
+    )
+    .await?
+    .ok()?;
+    let v: Value = serde_json::from_str(&off.stdout)?;
+    let g = &v["service_groups"][0];
+    assert!(
+        g.get("health_check").is_none() && g.get("send_proxy_protocol").is_none(),
+        "{g}"
+    );
+
+    // Usage errors: nothing to set, a bad check, both ways at once.
+    for args in [
+        &["service", "set", "hc"][..],
+        &["service", "set", "hc", "--health-check", "icmp"],
+        &[
+            "service",
+            "set",
+            "hc",
+            "--health-check",
+            "tcp",
+            "--no-health-check",
+        ],
+    ] {
+        let run = ctl(&node, args).await?;
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+    }
+    node.stop().await;
+    Ok(())
+}

@@ -100,8 +100,9 @@ pub fn check_group(
     Ok(())
 }
 
-/// A health check's limits: interval 100 ms to 1 h, timeout 10 ms up to the
-/// interval, rise and fall 1 to 100, port 1–65535; `http` with a path of
+/// A health check's limits: interval 100 ms to 1 h, timeout 10 ms to 60 s
+/// (a check slower than the interval delays the next one), rise and fall 1
+/// to 100, port 1–65535; `http` with a path of
 /// printable ASCII starting with `/` (at most 1024 bytes) and `expect` a
 /// status or a range; `tcp` with neither.
 pub fn check_health_check(check: &crate::model::HealthCheck) -> Result<(), ApplyError> {
@@ -109,10 +110,8 @@ pub fn check_health_check(check: &crate::model::HealthCheck) -> Result<(), Apply
     if !(100..=3_600_000).contains(&check.interval_ms) {
         return Err(invalid("health_check.interval_ms must be 100 to 3600000"));
     }
-    if check.timeout_ms < 10 || check.timeout_ms > check.interval_ms {
-        return Err(invalid(
-            "health_check.timeout_ms must be at least 10 and at most interval_ms",
-        ));
+    if !(10..=60_000).contains(&check.timeout_ms) {
+        return Err(invalid("health_check.timeout_ms must be 10 to 60000"));
     }
     if !(1..=100).contains(&check.rise) || !(1..=100).contains(&check.fall) {
         return Err(invalid("health_check.rise and fall must be 1 to 100"));

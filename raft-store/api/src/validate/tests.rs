@@ -320,7 +320,7 @@ fn health_check_limits() {
         "tcp,interval_ms=99",
         "tcp,interval_ms=3600001",
         "tcp,timeout_ms=9",
-        "tcp,interval_ms=1000,timeout_ms=1001",
+        "tcp,timeout_ms=60001",
         "tcp,rise=0",
         "tcp,fall=101",
         "tcp,port=0",
