@@ -384,38 +384,25 @@ impl Clock {
         let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
         let secs = d.as_secs();
         if secs != self.secs || self.iso.is_empty() {
-            let (y, m, day) = civil(secs / 86_400);
-            let s = secs % 86_400;
-            let (hh, mm, ss) = (s / 3600, s / 60 % 60, s % 60);
+            let when = i64::try_from(secs)
+                .ok()
+                .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
             self.secs = secs;
-            self.iso.clear();
-            let _ = write!(self.iso, "{y:04}-{m:02}-{day:02}T{hh:02}:{mm:02}:{ss:02}");
-            self.clf.clear();
-            let month = MONTHS[(m - 1) as usize];
-            let _ = write!(self.clf, "{day:02}/{month}/{y:04}:{hh:02}:{mm:02}:{ss:02}");
+            self.iso = when.format(ISO).unwrap_or_default();
+            self.clf = when.format(CLF).unwrap_or_default();
         }
         (self, d.subsec_millis())
     }
 }
 
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
+/// `2026-12-05T08:20:39`, the JSON lines' time to the second.
+const ISO: &[time::format_description::FormatItem<'_>] =
+    time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
 
-/// The civil date (year, month 1–12, day 1–31) of a day since 1970-01-01
-/// (H. Hinnant's `civil_from_days`).
-fn civil(days: u64) -> (i64, u32, u32) {
-    let z = i64::try_from(days).unwrap_or(i64::MAX / 2) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
+/// `05/Dec/2026:08:20:39`, the common log format's.
+const CLF: &[time::format_description::FormatItem<'_>] =
+    time::macros::format_description!("[day]/[month repr:short]/[year]:[hour]:[minute]:[second]");
 
 /// A `Vec<u8>` as `fmt::Write`, for the rare values that only `Display`
 /// formats (an error, an IPv6 address).
@@ -498,85 +485,14 @@ fn json(
         }
         None => out.extend_from_slice(b"null"),
     }
-    out.extend_from_slice(b",\"port\":");
-    num(out, e.port);
-    out.extend_from_slice(if e.tls {
-        b",\"tls\":true"
-    } else {
-        b",\"tls\":false"
-    });
-    json_field(out, "proto", e.proto.as_bytes());
-    json_field(out, "method", e.method.as_bytes());
-    json_field(out, "host", e.host);
-    json_field(out, "path", e.path.as_bytes());
-    json_field(out, "group", e.group.as_bytes());
-    json_field(out, "instance", e.instance.as_bytes());
-    out.extend_from_slice(b",\"status\":");
-    if e.status == 0 {
-        out.extend_from_slice(b"null");
-    } else {
-        num(out, e.status);
-    }
-    out.extend_from_slice(b",\"bytes_in\":");
-    num(out, e.bytes_in);
-    out.extend_from_slice(b",\"bytes_out\":");
-    num(out, e.bytes_out);
-    out.extend_from_slice(b",\"attempts\":");
-    num(out, e.attempts);
-    json_ms(out, "connect_ms", e.connect);
-    json_ms(out, "response_ms", e.response);
-    json_ms(out, "duration_ms", Some(duration));
-    match e.error {
-        Some((origin, why)) => {
-            json_field(out, "error_origin", origin.as_bytes());
-            json_field(out, "error", why.to_string().as_bytes());
-        }
-        None => out.extend_from_slice(b",\"error_origin\":null,\"error\":null"),
-    }
+    let mut f = Json(out);
+    f.text("proto", e.proto.as_bytes());
+    f.text("method", e.method.as_bytes());
+    f.text("path", e.path.as_bytes());
+    f.status(e.status);
+    f.num("bytes_out", e.bytes_out);
+    fields(&mut f, e, duration);
     out.extend_from_slice(b"}\n");
-}
-
-/// `,"name":"value"` (`null` when empty), escaped: `"`, `\`, control
-/// characters and bytes outside ASCII as `\u00XX` (a header may hold
-/// bytes that are not UTF-8).
-fn json_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":");
-    if value.is_empty() {
-        out.extend_from_slice(b"null");
-        return;
-    }
-    out.push(b'"');
-    let plain = |b: &u8| (0x20..=0x7e).contains(b) && *b != b'"' && *b != b'\\';
-    if value.iter().all(plain) {
-        out.extend_from_slice(value);
-    } else {
-        for &b in value {
-            match b {
-                b'"' => out.extend_from_slice(b"\\\""),
-                b'\\' => out.extend_from_slice(b"\\\\"),
-                0x20..=0x7e => out.push(b),
-                _ => {
-                    out.extend_from_slice(b"\\u00");
-                    out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
-                }
-            }
-        }
-    }
-    out.push(b'"');
-}
-
-const HEX: [u8; 16] = *b"0123456789abcdef";
-
-fn json_ms(out: &mut Vec<u8>, name: &str, d: Option<Duration>) {
-    out.extend_from_slice(b",\"");
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":");
-    match d {
-        Some(d) => millis(out, d),
-        None => out.extend_from_slice(b"null"),
-    }
 }
 
 /// `client - - [05/Dec/2026:08:20:39 +0000] "GET /p HTTP/1.1" 200 512`,
@@ -605,50 +521,187 @@ fn text(
         num(out, e.port);
         out.extend_from_slice(b"\" -");
     } else {
-        text_raw(out, e.method.as_bytes());
+        text_escaped(out, e.method.as_bytes(), false);
         out.push(b' ');
-        text_raw(out, e.path.as_bytes());
+        text_escaped(out, e.path.as_bytes(), false);
         out.push(b' ');
-        text_raw(out, e.proto.as_bytes());
+        text_escaped(out, e.proto.as_bytes(), false);
         out.extend_from_slice(b"\" ");
         num(out, e.status);
     }
     out.push(b' ');
     num(out, e.bytes_out);
-    out.extend_from_slice(b" host=");
-    text_quoted(out, e.host);
-    out.extend_from_slice(b" group=");
-    text_quoted(out, e.group.as_bytes());
-    out.extend_from_slice(b" instance=");
-    text_quoted(out, e.instance.as_bytes());
-    out.extend_from_slice(b" port=");
-    num(out, e.port);
-    out.extend_from_slice(if e.tls { b" tls=true" } else { b" tls=false" });
-    out.extend_from_slice(b" bytes_in=");
-    num(out, e.bytes_in);
-    out.extend_from_slice(b" attempts=");
-    num(out, e.attempts);
-    text_ms(out, "connect_ms", e.connect);
-    text_ms(out, "response_ms", e.response);
-    text_ms(out, "duration_ms", Some(duration));
-    match e.error {
-        Some((origin, why)) => {
-            out.extend_from_slice(b" error_origin=");
-            out.extend_from_slice(origin.as_bytes());
-            out.extend_from_slice(b" error=");
-            text_quoted(out, why.to_string().as_bytes());
-        }
-        None => out.extend_from_slice(b" error_origin=- error=-"),
-    }
+    fields(&mut Text(out), e, duration);
     out.push(b'\n');
 }
 
-/// A part of the request line: spaces are escaped too, so that the line
-/// splits on them.
-fn text_raw(out: &mut Vec<u8>, value: &[u8]) {
-    text_escaped(out, value, false);
+/// The fields both formats write after their own head, in this order:
+/// one place, so that the two cannot drift apart.
+fn fields(f: &mut impl Fields, e: &Entry<'_>, duration: Duration) {
+    f.text("host", e.host);
+    f.text("group", e.group.as_bytes());
+    f.text("instance", e.instance.as_bytes());
+    f.num("port", u64::from(e.port));
+    f.flag("tls", e.tls);
+    f.num("bytes_in", e.bytes_in);
+    f.num("attempts", u64::from(e.attempts));
+    f.ms("connect_ms", e.connect);
+    f.ms("response_ms", e.response);
+    f.ms("duration_ms", Some(duration));
+    match e.error {
+        Some((origin, why)) => {
+            f.word("error_origin", origin);
+            f.text("error", why.to_string().as_bytes());
+        }
+        None => {
+            f.word("error_origin", "");
+            f.text("error", b"");
+        }
+    }
 }
 
+/// How a format writes one field (an empty value is JSON's `null`, the
+/// text format's `-`).
+trait Fields {
+    /// A string, escaped and quoted.
+    fn text(&mut self, key: &str, value: &[u8]);
+    /// A word from a fixed set (quoted in JSON only).
+    fn word(&mut self, key: &str, value: &str);
+    fn num(&mut self, key: &str, n: u64);
+    fn flag(&mut self, key: &str, b: bool);
+    /// Milliseconds with three decimals.
+    fn ms(&mut self, key: &str, d: Option<Duration>);
+}
+
+/// `,"key":value` after the object's first field.
+struct Json<'a>(&'a mut Vec<u8>);
+
+impl Json<'_> {
+    fn key(&mut self, key: &str) {
+        self.0.extend_from_slice(b",\"");
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.extend_from_slice(b"\":");
+    }
+
+    /// `null` for 0 (a TCP connection has none).
+    fn status(&mut self, status: u16) {
+        self.key("status");
+        if status == 0 {
+            self.0.extend_from_slice(b"null");
+        } else {
+            num(self.0, status);
+        }
+    }
+}
+
+impl Fields for Json<'_> {
+    /// Escaped: `"`, `\`, control characters and bytes outside ASCII as
+    /// `\u00XX` (a header may hold bytes that are not UTF-8).
+    fn text(&mut self, key: &str, value: &[u8]) {
+        self.key(key);
+        if value.is_empty() {
+            self.0.extend_from_slice(b"null");
+            return;
+        }
+        let out = &mut *self.0;
+        out.push(b'"');
+        let plain = |b: &u8| (0x20..=0x7e).contains(b) && *b != b'"' && *b != b'\\';
+        if value.iter().all(plain) {
+            out.extend_from_slice(value);
+        } else {
+            for &b in value {
+                match b {
+                    b'"' => out.extend_from_slice(b"\\\""),
+                    b'\\' => out.extend_from_slice(b"\\\\"),
+                    0x20..=0x7e => out.push(b),
+                    _ => {
+                        out.extend_from_slice(b"\\u00");
+                        out.extend_from_slice(&[
+                            HEX[usize::from(b >> 4)],
+                            HEX[usize::from(b & 15)],
+                        ]);
+                    }
+                }
+            }
+        }
+        out.push(b'"');
+    }
+
+    fn word(&mut self, key: &str, value: &str) {
+        self.text(key, value.as_bytes());
+    }
+
+    fn num(&mut self, key: &str, n: u64) {
+        self.key(key);
+        num(self.0, n);
+    }
+
+    fn flag(&mut self, key: &str, b: bool) {
+        self.key(key);
+        self.0.extend_from_slice(if b { b"true" } else { b"false" });
+    }
+
+    fn ms(&mut self, key: &str, d: Option<Duration>) {
+        self.key(key);
+        match d {
+            Some(d) => millis(self.0, d),
+            None => self.0.extend_from_slice(b"null"),
+        }
+    }
+}
+
+const HEX: [u8; 16] = *b"0123456789abcdef";
+
+/// ` key=value`.
+struct Text<'a>(&'a mut Vec<u8>);
+
+impl Text<'_> {
+    fn key(&mut self, key: &str) {
+        self.0.push(b' ');
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.push(b'=');
+    }
+}
+
+impl Fields for Text<'_> {
+    fn text(&mut self, key: &str, value: &[u8]) {
+        self.key(key);
+        if value.is_empty() {
+            self.0.push(b'-');
+            return;
+        }
+        self.0.push(b'"');
+        text_escaped(self.0, value, true);
+        self.0.push(b'"');
+    }
+
+    fn word(&mut self, key: &str, value: &str) {
+        self.key(key);
+        text_escaped(self.0, value.as_bytes(), false);
+    }
+
+    fn num(&mut self, key: &str, n: u64) {
+        self.key(key);
+        num(self.0, n);
+    }
+
+    fn flag(&mut self, key: &str, b: bool) {
+        self.key(key);
+        self.0.extend_from_slice(if b { b"true" } else { b"false" });
+    }
+
+    fn ms(&mut self, key: &str, d: Option<Duration>) {
+        self.key(key);
+        match d {
+            Some(d) => millis(self.0, d),
+            None => self.0.push(b'-'),
+        }
+    }
+}
+
+/// Printable ASCII as it is, the rest as `\xHH`; spaces escaped too
+/// unless `spaces` (a part of the request line splits on them). An empty
+/// value is `-`.
 fn text_escaped(out: &mut Vec<u8>, value: &[u8], spaces: bool) {
     if value.is_empty() {
         out.push(b'-');
@@ -669,26 +722,6 @@ fn text_escaped(out: &mut Vec<u8>, value: &[u8], spaces: bool) {
 }
 
 const HEX_UPPER: [u8; 16] = *b"0123456789ABCDEF";
-
-fn text_quoted(out: &mut Vec<u8>, value: &[u8]) {
-    if value.is_empty() {
-        out.push(b'-');
-        return;
-    }
-    out.push(b'"');
-    text_escaped(out, value, true);
-    out.push(b'"');
-}
-
-fn text_ms(out: &mut Vec<u8>, name: &str, d: Option<Duration>) {
-    out.push(b' ');
-    out.extend_from_slice(name.as_bytes());
-    out.push(b'=');
-    match d {
-        Some(d) => millis(out, d),
-        None => out.push(b'-'),
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -755,10 +788,18 @@ mod tests {
 
     #[test]
     fn civil_dates_match_known_days() {
-        assert_eq!(civil(0), (1970, 1, 1));
-        assert_eq!(civil(11_016), (2000, 2, 29));
-        assert_eq!(civil(20_792), (2026, 12, 5));
-        assert_eq!(civil(24_837), (2038, 1, 1));
+        let day = |d: u64| {
+            let mut clock = Clock::default();
+            let (c, _) = clock.at(UNIX_EPOCH + Duration::from_secs(d * 86_400));
+            (c.iso.clone(), c.clf.clone())
+        };
+        assert_eq!(day(0).0, "1970-01-01T00:00:00");
+        assert_eq!(day(11_016).0, "2000-02-29T00:00:00");
+        assert_eq!(
+            day(20_792),
+            ("2026-12-05T00:00:00".into(), "05/Dec/2026:00:00:00".into())
+        );
+        assert_eq!(day(24_837).0, "2038-01-01T00:00:00");
     }
 
     #[test]
