@@ -76,6 +76,15 @@ pub struct Settings {
     pub workers: usize,
 }
 
+impl Settings {
+    /// Whether `ip` is one of `trusted_proxies` (an IPv4-mapped IPv6
+    /// address as the IPv4 address it maps).
+    pub(crate) fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {

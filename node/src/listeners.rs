@@ -225,8 +225,8 @@ async fn proxied(
     mut conn: ConnInfo,
     dp: &DataPlane,
 ) -> Option<(TcpStream, ConnInfo)> {
-    let trusted = &dp.settings.trusted_proxies;
-    if !trusted.is_empty() && !trusted.iter().any(|n| n.contains(&conn.peer.ip())) {
+    let settings = &dp.settings;
+    if !settings.trusted_proxies.is_empty() && !settings.trusts(conn.peer.ip()) {
         debug!(port = conn.port, peer = %conn.peer, "PROXY protocol port: not a trusted proxy; closing");
         dp.proxy_protocol_errors
             .with_label_values(&["untrusted"])
@@ -342,7 +342,11 @@ async fn serve_tls(
             // Boxed: the TCP pump's state would make every TLS HTTP
             // connection's task larger too.
             Some(target) => {
-                let local = tls.get_ref().0.local_addr().ok();
+                // A syscall: only for a group that sends the PROXY header.
+                let local = target
+                    .group
+                    .send_proxy_protocol
+                    .and_then(|_| tls.get_ref().0.local_addr().ok());
                 Box::pin(crate::tcp::proxy(tls, conn, target, dp, local)).await;
             }
             None => debug!(?sni, "no group for this server name; closing"),

@@ -32,7 +32,11 @@ use crate::upstream::{CountingIo, Traffic, idle};
 /// group.
 pub async fn proxy_plain(client: TcpStream, conn: ConnInfo, target: Target, dp: Arc<DataPlane>) {
     let mut log = Logged::new(&conn, &target, &dp);
-    let local = client.local_addr().ok();
+    // A syscall: only for a group that sends the PROXY header.
+    let local = target
+        .group
+        .send_proxy_protocol
+        .and_then(|_| client.local_addr().ok());
     let Some((lease, upstream)) = connect(&conn, &target, &dp, &mut log, local).await else {
         return;
     };
@@ -54,7 +58,7 @@ pub async fn proxy_plain(client: TcpStream, conn: ConnInfo, target: Target, dp: 
 /// `target`'s group.
 ///
 /// `local` is the published address the client connected to, for a PROXY
-/// protocol header to the instance.
+/// protocol header to the instance (`None` when the group sends none).
 pub async fn proxy<I>(
     mut client: I,
     conn: ConnInfo,
@@ -100,7 +104,7 @@ async fn connect(
                 return None;
             }
         };
-        let dialing = Instant::now();
+        let dialing = log.timing().then(Instant::now);
         let dialed = match pool.dial(dp.settings.connect_timeout).await {
             Ok(s) => match target.group.send_proxy_protocol {
                 Some(version) => {
@@ -119,7 +123,7 @@ async fn connect(
             Ok(s) => {
                 lease.mark_up();
                 log.attempts = tries.made();
-                log.connect = Some(dialing.elapsed());
+                log.connect = dialing.map(|t| t.elapsed());
                 return Some((lease, s));
             }
             Err(error) => tries.failed(lease, error),
@@ -192,21 +196,28 @@ struct Logged<'a> {
     log: Option<&'a crate::access_log::AccessLog>,
     conn: &'a ConnInfo,
     group: &'a str,
-    began: Instant,
+    /// Read only when the connection is logged.
+    began: Option<Instant>,
     attempts: u32,
     connect: Option<Duration>,
 }
 
 impl<'a> Logged<'a> {
     fn new(conn: &'a ConnInfo, target: &'a Target, dp: &'a DataPlane) -> Self {
+        let log = dp.access_log_sampled();
         Self {
-            log: dp.access_log_sampled(),
+            began: log.is_some().then(Instant::now),
+            log,
             conn,
             group: &target.group.name,
-            began: Instant::now(),
             attempts: 0,
             connect: None,
         }
+    }
+
+    /// Whether the connection is logged (its times are read).
+    fn timing(&self) -> bool {
+        self.log.is_some()
     }
 
     /// Writes the line: the instance, bytes to it and to the client.
@@ -218,7 +229,7 @@ impl<'a> Logged<'a> {
     ) {
         let Some(log) = self.log else { return };
         log.write(&Entry {
-            began: Some(self.began),
+            began: self.began,
             client: Some(self.conn.peer),
             port: self.conn.port,
             tls: self.conn.tls,

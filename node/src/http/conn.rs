@@ -75,7 +75,7 @@ pub(crate) struct Conn {
 impl Conn {
     pub(crate) fn new(info: ConnInfo, dp: Arc<DataPlane>, shutdown: CancellationToken) -> Self {
         let ip = info.peer.ip().to_canonical();
-        let trusted = dp.settings.trusted_proxies.iter().any(|n| n.contains(&ip));
+        let trusted = dp.settings.trusts(ip);
         let ip = ip.to_string();
         Self {
             trusted,

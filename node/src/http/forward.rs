@@ -36,26 +36,22 @@ pub(crate) async fn handle(
     guard: ActiveGuard,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let mut log = Record::start(&req, guard.conn());
-    let resp = match proxy(req, guard.conn(), &mut log).await {
-        Ok(resp) => {
-            // Still here: an answer of the node's own (a redirect); an
-            // instance's response took the record along.
-            if let Some(mut record) = log {
-                record.bytes_out = resp.body().size_hint().exact().unwrap_or(0);
-                record.end(resp.status().as_u16(), None);
-            }
-            resp
-        }
+    let (resp, error) = match proxy(req, guard.conn(), &mut log).await {
+        Ok(resp) => (resp, None),
         Err(error) => {
             debug!(%error, side = ?error.side(), status = error.status().as_u16(), "request failed");
-            let resp = error.response();
-            if let Some(mut record) = log {
-                record.bytes_out = resp.body().size_hint().exact().unwrap_or(0);
-                record.end(error.status().as_u16(), Some((error.side().name(), &error)));
-            }
-            resp
+            (error.response(), Some(error))
         }
     };
+    // Still here: an answer of the node's own (an error, a redirect); an
+    // instance's response took the record along.
+    if let Some(mut record) = log {
+        record.bytes_out = resp.body().size_hint().exact().unwrap_or(0);
+        let why = error
+            .as_ref()
+            .map(|e| (e.side().name(), e as &dyn std::fmt::Display));
+        record.end(resp.status().as_u16(), why);
+    }
     Ok(resp.map(|body| body.guarded(guard)))
 }
 
@@ -144,16 +140,7 @@ async fn forward(
                     record.response =
                         Some(waited.saturating_sub(record.connect.unwrap_or_default()));
                 }
-                return respond(
-                    resp,
-                    up,
-                    lease,
-                    &pool,
-                    start,
-                    conn,
-                    client_upgrade,
-                    log.take(),
-                );
+                return respond(resp, up, lease, &pool, start, conn, client_upgrade, log);
             }
             Exchange::NotSent(back, error) => {
                 tries.failed(lease, error);
@@ -296,19 +283,24 @@ fn respond(
     start: Instant,
     conn: &Arc<Conn>,
     client_upgrade: Option<OnUpgrade>,
-    log: Log,
+    log: &mut Log,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let status = resp.status();
     if status == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client) = client_upgrade else {
             lease.backend().metrics.observe_status(502);
-            if let Some(record) = log {
-                let error = ProxyError::UnexpectedUpgrade;
-                record.end(error.status().as_u16(), Some((error.side().name(), &error)));
-            }
+            // Logged as every error is, by `handle`.
             return Err(ProxyError::UnexpectedUpgrade);
         };
-        return Ok(upgrade::tunnel(resp, up, client, lease, start, conn, log));
+        return Ok(upgrade::tunnel(
+            resp,
+            up,
+            client,
+            lease,
+            start,
+            conn,
+            log.take(),
+        ));
     }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
@@ -324,7 +316,7 @@ fn respond(
             park_after: settings.park_after,
         },
     });
-    let body = UpstreamBody::new(body, up, lease, start, status.as_u16(), reuse, log);
+    let body = UpstreamBody::new(body, up, lease, start, status.as_u16(), reuse, log.take());
     Ok(Response::from_parts(parts, ProxyBody::upstream(body)))
 }
 
