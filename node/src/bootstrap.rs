@@ -394,7 +394,8 @@ pub fn check_token(state: &raft_store::State, token: &str) -> Result<(), ConfigE
     ))
 }
 
-fn has_raft_state(data_dir: &Path) -> bool {
+/// Whether `data_dir` holds a Raft log (a node that was ever a member).
+pub(crate) fn has_raft_state(data_dir: &Path) -> bool {
     data_dir.join("raft-log.redb").exists()
 }
 

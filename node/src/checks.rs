@@ -202,8 +202,6 @@ async fn run(
     // do not check in step.
     let first = interval.mul_f64(rand::random::<f64>());
     let mut next = tokio::time::Instant::now() + first;
-    // A check that replaces another goes on from what that one decided.
-    let mut up = backend.upgrade().is_none_or(|b| !b.checked_down());
     let (mut passes, mut fails) = (0_u32, 0_u32);
     loop {
         tokio::select! {
@@ -222,12 +220,14 @@ async fn run(
             .checks
             .with_label_values(&[if result.is_ok() { "pass" } else { "fail" }])
             .inc();
+        // The backend's own state: a check that replaced another goes on
+        // from what that one decided.
+        let up = !b.checked_down();
         match result {
             Ok(()) => {
                 passes += 1;
                 fails = 0;
                 if !up && passes >= check.rise {
-                    up = true;
                     crate::balancer::set_checked(&b, true, Instant::now());
                     counters.transitions.with_label_values(&["up"]).inc();
                     info!(instance = %b.name, address = %b.address, port, "health check: up");
@@ -237,7 +237,6 @@ async fn run(
                 fails += 1;
                 passes = 0;
                 if up && fails >= check.fall {
-                    up = false;
                     crate::balancer::set_checked(&b, false, Instant::now());
                     counters.transitions.with_label_values(&["down"]).inc();
                     warn!(instance = %b.name, address = %b.address, port, %why, "health check: down");

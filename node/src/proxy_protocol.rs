@@ -21,14 +21,14 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 /// The v2 header's first 12 bytes.
-pub(crate) const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
 /// The longest v1 header (the spec's bound, CRLF included).
 const V1_MAX: usize = 107;
 
 /// The longest v2 header accepted: the 16 fixed bytes and up to 4 KiB of
 /// addresses and TLVs (load balancers send a few dozen bytes of TLVs).
-pub(crate) const V2_MAX: usize = 16 + 4096;
+const V2_MAX: usize = 16 + 4096;
 
 /// Why a header was refused (the label of the error counter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -113,26 +113,19 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, HeaderError> {
     let [src, dst, sport, dport] = fields[..] else {
         return Err(HeaderError::Malformed);
     };
-    let (src, dst): (IpAddr, IpAddr) = match proto {
-        "TCP4" => (
-            src.parse::<Ipv4Addr>()
-                .map_err(|_| HeaderError::Malformed)?
-                .into(),
-            dst.parse::<Ipv4Addr>()
-                .map_err(|_| HeaderError::Malformed)?
-                .into(),
-        ),
-        "TCP6" => (
-            src.parse::<Ipv6Addr>()
-                .map_err(|_| HeaderError::Malformed)?
-                .into(),
-            dst.parse::<Ipv6Addr>()
-                .map_err(|_| HeaderError::Malformed)?
-                .into(),
-        ),
+    let six = match proto {
+        "TCP4" => false,
+        "TCP6" => true,
         _ => return Err(HeaderError::Malformed),
     };
-    let _ = dst;
+    // Both addresses of the protocol's family (the destination is only
+    // checked).
+    let ip = |a: &str| match a.parse::<IpAddr>() {
+        Ok(ip) if ip.is_ipv6() == six => Ok(ip),
+        _ => Err(HeaderError::Malformed),
+    };
+    let src = ip(src)?;
+    ip(dst)?;
     let port = |p: &str| {
         // Plain digits, no leading zero (the spec's form).
         if p.is_empty()
@@ -256,21 +249,24 @@ pub(crate) fn v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
             c.port(),
             l.port()
         ),
-        (c, l) => {
-            let six = |a: SocketAddr| match a.ip() {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                IpAddr::V6(v6) => v6,
-            };
-            format!(
-                "PROXY TCP6 {} {} {} {}\r\n",
-                six(c),
-                six(l),
-                c.port(),
-                l.port()
-            )
-        }
+        (c, l) => format!(
+            "PROXY TCP6 {} {} {} {}\r\n",
+            as_v6(c),
+            as_v6(l),
+            c.port(),
+            l.port()
+        ),
     }
     .into_bytes()
+}
+
+/// An address as IPv6 (IPv4 mapped), for a header naming both ends when
+/// they are of different families.
+fn as_v6(a: SocketAddr) -> Ipv6Addr {
+    match a.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
 }
 
 /// A version 2 header (`PROXY`, TCP) for a connection from `client` to
@@ -288,14 +284,10 @@ pub(crate) fn v2(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
             out.extend_from_slice(&l.port().to_be_bytes());
         }
         (c, l) => {
-            let six = |a: SocketAddr| match a.ip() {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                IpAddr::V6(v6) => v6,
-            };
             out.push(0x21);
             out.extend_from_slice(&36_u16.to_be_bytes());
-            out.extend_from_slice(&six(c).octets());
-            out.extend_from_slice(&six(l).octets());
+            out.extend_from_slice(&as_v6(c).octets());
+            out.extend_from_slice(&as_v6(l).octets());
             out.extend_from_slice(&c.port().to_be_bytes());
             out.extend_from_slice(&l.port().to_be_bytes());
         }

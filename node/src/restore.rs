@@ -97,11 +97,12 @@ pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, RestoreError
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(io_error(marker.display())(e).into()),
     };
-    let raft_state = data_dir.join("raft-log.redb").exists();
+    let raft_state = crate::bootstrap::has_raft_state(&data_dir);
     let mut pending = match (resumed, config.restore.clone()) {
-        (Some(p), Some(Restore::File(path))) => {
-            let backup = read_backup(&path).map_err(|m| config_error("restore", m))?;
-            if backup != p.backup {
+        (Some(p), restore) => {
+            if let Some(Restore::File(path)) = restore
+                && read_backup(&path).map_err(|m| config_error("restore", m))? != p.backup
+            {
                 return Err(config_error(
                     "restore",
                     format!(
@@ -112,10 +113,6 @@ pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, RestoreError
                     ),
                 ));
             }
-            warn!(marker = %marker.display(), "resuming an unfinished restore");
-            p
-        }
-        (Some(p), _) => {
             warn!(marker = %marker.display(), "resuming an unfinished restore");
             p
         }
@@ -190,13 +187,7 @@ pub async fn prepare(config: &mut Config) -> Result<Option<Backup>, RestoreError
         pending.moved = true;
     }
     write_marker(&marker, &pending)?;
-    let secrets = &pending.backup.cluster;
-    if !secrets.ca_key_pem.is_empty() {
-        config.founding_ca = Some(CaBundle {
-            cert_pem: secrets.ca_cert_pem.clone(),
-            key_pem: secrets.ca_key_pem.clone(),
-        });
-    }
+    config.founding_ca = backup_ca(&pending.backup);
     Ok(Some(pending.backup))
 }
 
@@ -260,11 +251,7 @@ fn check(config: &Config, token: &str, backup: &Backup) -> Result<(), RestoreErr
             "is not the backup's cluster token (its hash differs): start with the cluster's --token",
         ));
     }
-    if !backup.cluster.ca_key_pem.is_empty() {
-        let ca = CaBundle {
-            cert_pem: backup.cluster.ca_cert_pem.clone(),
-            key_pem: backup.cluster.ca_key_pem.clone(),
-        };
+    if let Some(ca) = backup_ca(backup) {
         crate::cluster::pki::issue_node_cert_for(&ca, config.node_id, config.node_cert_lifetime)
             .map_err(|e| {
                 config_error(
@@ -272,8 +259,7 @@ fn check(config: &Config, token: &str, backup: &Backup) -> Result<(), RestoreErr
                     format!("the backup's cluster CA cannot sign a node certificate: {e}"),
                 )
             })?;
-    }
-    if backup.cluster.ca_key_pem.is_empty() {
+    } else {
         let Some(ca) = &config.ca_cert else {
             return Err(config_error(
                 "ca_cert",
@@ -291,6 +277,15 @@ fn check(config: &Config, token: &str, backup: &Backup) -> Result<(), RestoreErr
         }
     }
     Ok(())
+}
+
+/// The backup's cluster CA, when it has its key (not an operator's PKI).
+fn backup_ca(backup: &Backup) -> Option<CaBundle> {
+    let secrets = &backup.cluster;
+    (!secrets.ca_key_pem.is_empty()).then(|| CaBundle {
+        cert_pem: secrets.ca_cert_pem.clone(),
+        key_pem: secrets.ca_key_pem.clone(),
+    })
 }
 
 /// What `restore.json` holds.

@@ -113,25 +113,20 @@ impl Batcher {
             let (reply, answer) = oneshot::channel();
             tx.send(Pending { cmd, size, reply }).ok().map(|()| answer)
         };
-        // Not gated: queued at once, before the caller awaits anything.
-        let (queued, waiting) = if gated {
-            (None, Some((cmd, queue)))
-        } else {
-            (Some(queue(cmd)), None)
-        };
+        // Not gated: queued now, before the caller awaits anything.
+        let queued = if gated { Err(cmd) } else { Ok(queue(cmd)) };
         let (raft, readers) = (self.raft.clone(), self.readers.clone());
         async move {
-            let queued = match (queued, waiting) {
-                (Some(queued), _) => queued,
-                (None, Some((cmd, queue))) => {
+            let answer = match queued {
+                Ok(answer) => answer,
+                Err(cmd) => {
                     if let Err(why) = readers.all_read_group_options(&raft).await {
                         return Ok((0, Err(ApplyError::Conflict(why))));
                     }
                     queue(cmd)
                 }
-                (None, None) => return Err(stopped()),
             };
-            match queued {
+            match answer {
                 Some(answer) => answer.await.unwrap_or_else(|_| Err(stopped())),
                 None => Err(stopped()),
             }
