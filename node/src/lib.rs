@@ -41,5 +41,6 @@ pub mod series;
 pub mod store;
 pub mod tcp;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod workers;
