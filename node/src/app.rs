@@ -9,6 +9,7 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,6 +71,9 @@ pub enum StartError {
     /// A restore's backup did not apply.
     #[error("restoring: {0}")]
     Restore(String),
+    /// `--upgrade`: the running node's sockets were not taken over.
+    #[error("taking over from the running node: {0}")]
+    Upgrade(#[from] crate::upgrade::UpgradeError),
 }
 
 impl From<crate::raft::StartError> for StartError {
@@ -135,6 +139,34 @@ pub struct NodeHandle {
     tasks: Vec<JoinHandle<()>>,
     /// The storage files, sealed side by side once Raft stopped.
     seals: Vec<raft_store::Seal>,
+    /// Cancelled to stop the control plane's own tasks (the admin API's
+    /// accepting, certificate renewal): by `shutdown`, or by a hand-over
+    /// to a new process while the data plane goes on.
+    control: CancellationToken,
+    data_dir: std::path::PathBuf,
+    /// A copy of the admin API's listener, and of the published ports',
+    /// for a new process that takes them over.
+    admin_socket: Option<std::os::fd::OwnedFd>,
+    sockets: crate::listeners::Sockets,
+    /// `--upgrade`: the process this one replaces, told once this one
+    /// serves ([`NodeHandle::took_over`]).
+    takeover: Option<crate::upgrade::Takeover>,
+    /// The control plane was handed over to a new process: Raft, the
+    /// storage and the cluster endpoint are that process's now.
+    released: bool,
+}
+
+/// How a hand-over to a new process ended ([`NodeHandle::hand_over`]).
+#[derive(Debug)]
+pub enum HandOver {
+    /// The new process serves: this one drains and exits.
+    Done,
+    /// The new process went away (or refused) before this one stopped
+    /// anything: it goes on as before.
+    Abandoned(crate::upgrade::UpgradeError),
+    /// The new process went away after this one stopped its control
+    /// plane: this one can only drain and exit for a restart.
+    Failed(crate::upgrade::UpgradeError),
 }
 
 /// How long a task other than the data plane's drain may take to stop once
@@ -188,6 +220,11 @@ impl NodeHandle {
     pub async fn shutdown(self) -> tokio::time::Instant {
         use tokio::time::Instant;
         let began = Instant::now();
+        if self.released {
+            self.dataplane.drain_softly();
+            self.shutdown.cancel();
+            return self.drain_released(began).await;
+        }
         self.shutdown.cancel();
         // Requests waiting on a quorum answer 503 now rather than hold the
         // admin API's stop for the whole grace.
@@ -211,18 +248,7 @@ impl NodeHandle {
             began.elapsed()
         };
         let (tasks_took, drain_took) = tokio::join!(others, drained);
-        // The drained requests' lines are written before the exit.
-        if self.dataplane.access_log.is_some() {
-            let dp = self.dataplane.clone();
-            let close = tokio::task::spawn_blocking(move || {
-                if let Some(log) = &dp.access_log {
-                    log.close();
-                }
-            });
-            if tokio::time::timeout(STOP_GRACE, close).await.is_err() {
-                warn!("the access log's last lines were not written in time");
-            }
-        }
+        close_access_log(&self.dataplane).await;
         let gossip_began = Instant::now();
         self.gossip_tasks.stop().await;
         let gossip_took = gossip_began.elapsed();
@@ -283,6 +309,142 @@ impl NodeHandle {
         end
     }
 
+    /// Listens for a new process that takes this one's place
+    /// ([`crate::upgrade`]); once this one serves, so that the data dir is
+    /// its own.
+    pub fn offer_upgrades(&self) -> Result<crate::upgrade::Offer, crate::upgrade::UpgradeError> {
+        crate::upgrade::Offer::bind(&self.data_dir)
+    }
+
+    /// Hands this node's place over to the new process `incoming`: its
+    /// listening sockets first (both processes accept from them for a
+    /// while), then, when it asks, this node's control plane stops
+    /// ([`NodeHandle::release_control`]) while the data plane goes on
+    /// serving, and the new process starts its own. On [`HandOver::Done`]
+    /// the caller stops this node ([`NodeHandle::shutdown`]: it stops
+    /// accepting and drains).
+    pub async fn hand_over(&mut self, incoming: crate::upgrade::Incoming) -> HandOver {
+        let copies = {
+            let sockets = self
+                .sockets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            sockets
+                .iter()
+                .map(|(port, fds)| {
+                    let fds = fds
+                        .iter()
+                        .map(std::os::fd::OwnedFd::try_clone)
+                        .collect::<std::io::Result<Vec<_>>>()?;
+                    Ok((*port, fds))
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+        };
+        let copies = match copies {
+            Ok(c) => c,
+            Err(e) => return HandOver::Abandoned(e.into()),
+        };
+        let sockets = crate::upgrade::Sockets {
+            admin: self.admin_socket.as_ref().map(AsFd::as_fd),
+            ports: copies
+                .iter()
+                .map(|(port, fds)| (*port, fds.iter().map(AsFd::as_fd).collect()))
+                .collect(),
+        };
+        if let Err(e) = incoming.hand_over(&sockets).await {
+            return HandOver::Abandoned(e);
+        }
+        drop(copies);
+        let began = tokio::time::Instant::now();
+        self.release_control().await;
+        info!(
+            took_ms = millis(began.elapsed()),
+            pid = incoming.pid,
+            "control plane stopped for the new process; the data plane serves on"
+        );
+        match incoming.released().await {
+            Ok(()) => HandOver::Done,
+            Err(e) => HandOver::Failed(e),
+        }
+    }
+
+    /// Stops the control plane and lets go of what a new process on the
+    /// same data dir needs: the admin API stops accepting, renewal and
+    /// gossip stop, Raft stops, the storage files are sealed and closed,
+    /// the cluster endpoint says goodbye to its peers and frees its
+    /// address. The data plane serves on with the routing table it has.
+    /// The node does not leave the membership: the new process is this
+    /// node.
+    async fn release_control(&mut self) {
+        self.control.cancel();
+        self.store.stop();
+        let grace = tokio::time::Instant::now() + STOP_GRACE;
+        for t in self.tasks.drain(..) {
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(grace, t).await.is_err() {
+                abort.abort();
+            }
+        }
+        std::mem::take(&mut self.gossip_tasks).stop().await;
+        if tokio::time::timeout(RELEASE_LIMIT, self.store.raft().shutdown())
+            .await
+            .is_err()
+        {
+            warn!("raft did not stop in time");
+        }
+        let mut seals = tokio::task::JoinSet::new();
+        for s in std::mem::take(&mut self.seals) {
+            seals.spawn(async move {
+                if let Err(e) = s.seal().await {
+                    warn!(error = %e, "sealing a storage file");
+                }
+            });
+        }
+        let sealed = async { while seals.join_next().await.is_some() {} };
+        if tokio::time::timeout(RELEASE_LIMIT, sealed).await.is_err() {
+            warn!("the storage files were not sealed in time");
+        }
+        tokio::time::timeout(CLOSE_MAX, self.transport.close())
+            .await
+            .ok();
+        if let Err(e) = self.transport.release_address() {
+            warn!(error = %e, "freeing the cluster address");
+        }
+        self.admin_socket = None;
+        self.released = true;
+    }
+
+    /// Whether this process replaces a running one (`--upgrade`) and has
+    /// not told it yet that it serves.
+    pub fn upgrading(&self) -> bool {
+        self.takeover.is_some()
+    }
+
+    /// `--upgrade`: tells the process this one replaces that this one
+    /// serves (it then stops accepting and drains). Call once ready.
+    pub async fn took_over(&mut self) -> Result<(), crate::upgrade::UpgradeError> {
+        match self.takeover.take() {
+            Some(t) => t.ready().await,
+            None => Ok(()),
+        }
+    }
+
+    /// The stop of a node whose control plane was handed over: only the
+    /// data plane is left to drain.
+    async fn drain_released(self, began: tokio::time::Instant) -> tokio::time::Instant {
+        let drain_limit = self.dataplane.settings.drain_timeout + STOP_GRACE;
+        let drain = self.drain.abort_handle();
+        if tokio::time::timeout(drain_limit, self.drain).await.is_err() {
+            drain.abort();
+        }
+        close_access_log(&self.dataplane).await;
+        info!(
+            total_ms = millis(began.elapsed()),
+            "drained after the hand-over"
+        );
+        tokio::time::Instant::now() + STOP_REST
+    }
+
     /// Stops at once, as a crash would: no draining, no goodbye.
     pub async fn abort(self) {
         self.shutdown.cancel();
@@ -296,6 +458,26 @@ impl NodeHandle {
     }
 }
 
+/// Writes the access log's last lines (the drained requests') before the
+/// exit.
+async fn close_access_log(dp: &Arc<DataPlane>) {
+    if dp.access_log.is_none() {
+        return;
+    }
+    let dp = dp.clone();
+    let close = tokio::task::spawn_blocking(move || {
+        if let Some(log) = &dp.access_log {
+            log.close();
+        }
+    });
+    if tokio::time::timeout(STOP_GRACE, close).await.is_err() {
+        warn!("the access log's last lines were not written in time");
+    }
+}
+
+/// How long a hand-over's Raft stop, and its seals, may take.
+const RELEASE_LIMIT: Duration = Duration::from_secs(5);
+
 /// Starts a node with `config`.
 pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
     // Each step of the start up to the cluster endpoint is timed and logged
@@ -306,44 +488,46 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
     // (the token file, say), then the old files go aside and the
     // backup's CA is kept for the founding.
     let restoring = crate::restore::prepare(&mut config).await?;
-    let token_file = load_token(&config, config.token.as_deref())?;
-    let (token, token_generated) = (token_file.value.clone(), token_file.generated);
-    let metrics = Arc::new(Metrics::new());
-    let health = Health::new(
-        &config.data_dir,
-        config.data_dir_min_free,
-        metrics.registry(),
-    );
-    let mut dataplane = DataPlane::new(config.settings.clone());
-    if let Some(options) = &config.access_log {
-        let log = crate::access_log::AccessLog::open(options)
-            .map_err(|e| StartError::Config(ConfigError::new("access_log", e.to_string())))?;
-        dataplane = dataplane.with_access_log(log);
-    }
-    let dataplane = Arc::new(dataplane);
-    if let Err(e) = dataplane.register(metrics.registry()) {
-        warn!(error = %e, "data-plane metrics not registered");
-    }
-    let shutdown = CancellationToken::new();
-
-    // The admin listener comes first: its real address goes into the
-    // membership (and port 0 works in tests).
-    let admin_listener = TcpListener::bind(config.admin_addr)
-        .await
-        .map_err(io_error(format!(
-            "binding admin_addr {}",
-            config.admin_addr
-        )))?;
-    let admin_addr = admin_listener
-        .local_addr()
+    // An upgrade: the running node's sockets come first. Until the
+    // release below, a failure here leaves it serving as before.
+    let mut takeover = match config.upgrade {
+        true => Some(crate::upgrade::Takeover::connect(&config.data_dir).await?),
+        false => None,
+    };
+    let before_release = before_release(&mut config, takeover.as_mut()).await;
+    let Before {
+        token_file,
+        metrics,
+        health,
+        dataplane,
+        admin_listener,
+        identity,
+    } = match (before_release, takeover.take()) {
+        (Ok(b), t) => {
+            if let Some(t) = &t {
+                t.release().await?;
+            }
+            takeover = t;
+            b
+        }
+        (Err(e), Some(t)) => {
+            t.refuse(&e.to_string()).await;
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
+    };
+    let admin_addr = config.admin_addr;
+    let admin_socket = admin_listener
+        .as_fd()
+        .try_clone_to_owned()
         .map_err(io_error("admin_addr"))?;
-    config.admin_addr = admin_addr;
-
-    let identity = crate::bootstrap::identity(&config, &token).await?;
+    let (token, token_generated) = (token_file.value.clone(), token_file.generated);
     info!(
         since_start_ms = millis(began.elapsed()),
         "identity loaded, admin listener bound"
     );
+    let shutdown = CancellationToken::new();
+    let control = shutdown.child_token();
     let raft = crate::raft::start(&config, &identity, &health, metrics.registry()).await?;
     let store = Arc::new(raft.store);
     // From here on a Raft core stopped by a storage error is seen at once.
@@ -405,7 +589,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
             tasks.push(tokio::spawn(c.clone().watch_files(
                 cert.clone(),
                 key.clone(),
-                shutdown.clone(),
+                control.clone(),
             )));
             Some(c)
         }
@@ -422,7 +606,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
             .filter(|_| config.admin_tls == Some(AdminTls::Node)),
     )
     .metrics(metrics.registry());
-    tasks.push(tokio::spawn(renewal.run(shutdown.clone())));
+    tasks.push(tokio::spawn(renewal.run(control.clone())));
     if dataplane.access_log.is_some() {
         tasks.push(tokio::spawn(reopen_access_log(
             dataplane.clone(),
@@ -439,7 +623,14 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         dataplane.clone(),
         shutdown.clone(),
         workers,
+    )
+    .inherit(
+        takeover
+            .as_mut()
+            .map(|t| std::mem::take(&mut t.ports))
+            .unwrap_or_default(),
     );
+    let sockets = listeners.sockets();
     let load_changed = Arc::new(LoadChanged::default());
     let checks = crate::checks::Checks::new(metrics.registry());
     let drain = tokio::spawn(reconcile(
@@ -498,7 +689,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
     tasks.push(tokio::spawn(crate::admin::serve(
         admin_listener,
         admin,
-        shutdown.clone(),
+        control.clone(),
     )));
     info!(node_id = config.node_id, region = %config.region, %admin_addr, cluster_addr = %raft.cluster_addr, listen_ip = %config.listen_ip, since_start_ms = millis(began.elapsed()), "node started");
     Ok(NodeHandle {
@@ -520,6 +711,76 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         drain,
         tasks,
         seals: raft.seals,
+        control,
+        data_dir: config.data_dir.clone(),
+        admin_socket: Some(admin_socket),
+        sockets,
+        takeover,
+        released: false,
+    })
+}
+
+/// What a start readies before it opens the storage. None of it needs the
+/// storage or the cluster address, which in an upgrade the running node
+/// still holds.
+struct Before {
+    token_file: Token,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    dataplane: Arc<DataPlane>,
+    admin_listener: TcpListener,
+    identity: crate::bootstrap::Identity,
+}
+
+/// The token, metrics, data plane, admin listener (taken over in an
+/// upgrade when its address is still the configured one) and identity.
+async fn before_release(
+    config: &mut Config,
+    takeover: Option<&mut crate::upgrade::Takeover>,
+) -> Result<Before, StartError> {
+    let token_file = load_token(config, config.token.as_deref())?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Health::new(
+        &config.data_dir,
+        config.data_dir_min_free,
+        metrics.registry(),
+    );
+    let mut dataplane = DataPlane::new(config.settings.clone());
+    if let Some(options) = &config.access_log {
+        let log = crate::access_log::AccessLog::open(options)
+            .map_err(|e| StartError::Config(ConfigError::new("access_log", e.to_string())))?;
+        dataplane = dataplane.with_access_log(log);
+    }
+    let dataplane = Arc::new(dataplane);
+    if let Err(e) = dataplane.register(metrics.registry()) {
+        warn!(error = %e, "data-plane metrics not registered");
+    }
+    // The admin listener comes first: its real address goes into the
+    // membership (and port 0 works in tests).
+    let bind_error = io_error(format!("binding admin_addr {}", config.admin_addr));
+    let admin_listener = match takeover
+        .and_then(|t| t.admin.take())
+        .filter(|l| crate::upgrade::bound_to(l, config.admin_addr))
+    {
+        Some(l) => {
+            l.set_nonblocking(true).map_err(io_error("admin_addr"))?;
+            TcpListener::from_std(l).map_err(io_error("admin_addr"))?
+        }
+        None => TcpListener::bind(config.admin_addr)
+            .await
+            .map_err(bind_error)?,
+    };
+    config.admin_addr = admin_listener
+        .local_addr()
+        .map_err(io_error("admin_addr"))?;
+    let identity = crate::bootstrap::identity(config, &token_file.value).await?;
+    Ok(Before {
+        token_file,
+        metrics,
+        health,
+        dataplane,
+        admin_listener,
+        identity,
     })
 }
 
@@ -576,6 +837,7 @@ async fn reconcile(
     // The state the published table was built from, and its index.
     let mut built: Option<(u64, Arc<raft_store::State>)> = None;
     let mut failed = Vec::new();
+    let mut open = true;
     loop {
         let applied = states.borrow_and_update().clone();
         // A batch that changed nothing (a refused command, a membership or
@@ -616,7 +878,9 @@ async fn reconcile(
         };
         tokio::select! {
             () = shutdown.cancelled() => break,
-            changed = states.changed() => if changed.is_err() { break },
+            // Closed when Raft stopped: handed over to a new process, the
+            // data plane serves its last table until the shutdown.
+            changed = states.changed(), if open => open = changed.is_ok(),
             () = retry => failed = listeners.reconcile(&dp.routes.load()),
         }
     }

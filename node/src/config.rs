@@ -74,6 +74,9 @@ pub struct Config {
     /// `--restore FILE` or `--force-new-cluster` (flags only): this start
     /// founds a new cluster from a backup ([`crate::restore`]).
     pub restore: Option<Restore>,
+    /// `--upgrade` (a flag only): take over the sockets of the node running
+    /// on the data dir ([`crate::upgrade`]).
+    pub upgrade: bool,
     /// The CA a founding node keeps instead of generating one (set by
     /// [`crate::restore::prepare`], never from a file or a flag).
     pub founding_ca: Option<crate::cluster::pki::CaBundle>,
@@ -139,6 +142,7 @@ impl Config {
             storage_faults: None,
             rebuild_state_machine: false,
             restore: None,
+            upgrade: false,
             founding_ca: None,
             admin_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7070)),
             cluster_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 7071)),
@@ -190,6 +194,7 @@ impl Config {
             (None, true) => Some(Restore::ForceNewCluster),
             (None, false) => None,
         };
+        config.upgrade = args.upgrade;
         if config.restore.is_some() && config.join.is_some() {
             return Err(ConfigError::new(
                 "join",

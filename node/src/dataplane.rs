@@ -125,9 +125,24 @@ pub struct DataPlane {
     pub(crate) open: Arc<OpenConns>,
     /// One line per request and connection, when configured.
     pub access_log: Option<crate::access_log::AccessLog>,
+    /// The drain is a soft one ([`DataPlane::drain_softly`]).
+    soft_drain: std::sync::atomic::AtomicBool,
 }
 
 impl DataPlane {
+    /// Makes the coming drain a soft one: HTTP/1 connections close after
+    /// their next response rather than at once when idle. Set before the
+    /// shutdown, by a node that handed its sockets to a new process (whose
+    /// clients must not see a close race their request).
+    pub fn drain_softly(&self) {
+        self.soft_drain
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn drains_softly(&self) -> bool {
+        self.soft_drain.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn new(settings: Settings) -> Self {
         Self {
             routes: Arc::new(ArcSwap::from_pointee(RoutingTable::default())),
@@ -147,6 +162,7 @@ impl DataPlane {
             .expect("a valid metric name and help text"),
             open: Arc::default(),
             access_log: None,
+            soft_drain: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -378,7 +378,7 @@ pub struct Wiring {
 }
 
 /// The running gossip tasks; stop them with [`GossipTasks::stop`].
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct GossipTasks {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,

@@ -108,6 +108,7 @@ async fn serve<I, H>(
         // Boxed, both: while parked, the task holds neither (a future is
         // as large as its largest state).
         if io.h2() {
+            conn.set_h2();
             break Box::pin(serve_h2(io, &conn)).await;
         }
         match Box::pin(serve_h1(io, &conn)).await {

@@ -39,6 +39,7 @@ pub mod restore;
 pub mod routing;
 pub mod series;
 pub mod store;
+pub mod systemd;
 pub mod tcp;
 pub mod tls;
 pub mod upgrade;

@@ -10,8 +10,9 @@
 //! rebinds it. A port that cannot be bound (in use) is logged and retried at
 //! the next reconcile.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +41,16 @@ pub struct Listeners {
     active: HashMap<u16, Active>,
     /// Where connections run; dropped (stopped) with the listeners.
     workers: Workers,
+    /// A copy of each bound port's listeners, for a new process that takes
+    /// them over ([`crate::upgrade`]).
+    sockets: Sockets,
+    /// Listeners taken over from the process this one replaces, by port:
+    /// used instead of binding, until the first reconcile.
+    inherited: BTreeMap<u16, Vec<std::net::TcpListener>>,
 }
+
+/// A copy of each bound published port's listeners (one per worker).
+pub type Sockets = Arc<std::sync::Mutex<BTreeMap<u16, Vec<OwnedFd>>>>;
 
 #[derive(Debug)]
 struct Active {
@@ -63,7 +73,35 @@ impl Listeners {
             shutdown,
             active: HashMap::new(),
             workers,
+            sockets: Sockets::default(),
+            inherited: BTreeMap::new(),
         }
+    }
+
+    /// Serves the ports `inherited` holds listeners for on those listeners
+    /// (taken over from the process this one replaces) rather than on
+    /// sockets of its own; listeners on another address are closed.
+    #[must_use]
+    pub fn inherit(mut self, inherited: BTreeMap<u16, Vec<std::net::TcpListener>>) -> Self {
+        self.inherited = inherited
+            .into_iter()
+            .map(|(port, ls)| {
+                let addr = SocketAddr::new(self.ip, port);
+                let ls: Vec<_> = ls
+                    .into_iter()
+                    .filter(|l| crate::upgrade::bound_to(l, addr))
+                    .collect();
+                (port, ls)
+            })
+            .filter(|(_, ls)| !ls.is_empty())
+            .collect();
+        self
+    }
+
+    /// The copy of the bound ports' listeners that a new process takes
+    /// over.
+    pub fn sockets(&self) -> Sockets {
+        self.sockets.clone()
     }
 
     /// Binds the ports `table` publishes that are not bound yet and releases
@@ -78,18 +116,44 @@ impl Listeners {
             }
             keep
         });
+        let mut sockets = self
+            .sockets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        sockets.retain(|port, _| wanted.contains(port));
+        // Taken-over listeners serve their ports now or never: the ones
+        // left are closed (the process they came from still holds its own
+        // until it exits).
+        let mut inherited = std::mem::take(&mut self.inherited);
         let mut failed = Vec::new();
         for port in wanted {
             if self.active.contains_key(&port) {
                 continue;
             }
             let addr = SocketAddr::new(self.ip, port);
-            match bind(addr, &self.workers) {
+            let bound = match inherited.remove(&port) {
+                Some(taken) => adopt(addr, taken, &self.workers),
+                None => bind(addr, &self.workers),
+            };
+            match bound {
                 Ok(listeners) => {
-                    info!(%addr, workers = listeners.len(), "bound published port");
+                    info!(%addr, listeners = listeners.len(), "bound published port");
+                    let copies = listeners
+                        .iter()
+                        .map(|(l, _)| l.as_fd().try_clone_to_owned())
+                        .collect::<std::io::Result<Vec<_>>>();
+                    match copies {
+                        Ok(c) => {
+                            sockets.insert(port, c);
+                        }
+                        Err(e) => {
+                            warn!(%addr, error = %e, "no copy of the listeners for an upgrade")
+                        }
+                    }
                     let stop = self.shutdown.child_token();
-                    for (listener, worker) in listeners.into_iter().zip(self.workers.handles()) {
-                        worker.spawn(accept_loop(
+                    let handles = self.workers.handles();
+                    for (listener, worker) in listeners {
+                        handles[worker].spawn(accept_loop(
                             listener,
                             port,
                             self.dp.clone(),
@@ -122,19 +186,56 @@ impl Listeners {
 }
 
 /// One listener on `addr` per worker, each registered with its worker's
-/// reactor.
-fn bind(addr: SocketAddr, workers: &Workers) -> std::io::Result<Vec<TcpListener>> {
+/// reactor, with the worker's index.
+fn bind(addr: SocketAddr, workers: &Workers) -> std::io::Result<Vec<(TcpListener, usize)>> {
     // Without SO_REUSEPORT this fails if anything holds the port, including
     // another node's reuse-port group.
     drop(socket(addr, false)?);
+    bind_from(addr, workers, 0)
+}
+
+/// Listeners (`SO_REUSEPORT`) on `addr` for the workers from `first` on.
+fn bind_from(
+    addr: SocketAddr,
+    workers: &Workers,
+    first: usize,
+) -> std::io::Result<Vec<(TcpListener, usize)>> {
     workers
         .handles()
         .iter()
-        .map(|worker| {
+        .enumerate()
+        .skip(first)
+        .map(|(i, worker)| {
             let _in_worker = worker.enter();
-            socket(addr, true)?.listen(4096)
+            Ok((socket(addr, true)?.listen(4096)?, i))
         })
         .collect()
+}
+
+/// Serves `addr` on listeners taken over from another process: the
+/// workers take them in turn (a worker may get several when the other
+/// process had more), and workers left without one bind their own into
+/// the same `SO_REUSEPORT` group. Every listener of the group is served,
+/// so no connection waits in a queue nobody accepts from.
+fn adopt(
+    addr: SocketAddr,
+    taken: Vec<std::net::TcpListener>,
+    workers: &Workers,
+) -> std::io::Result<Vec<(TcpListener, usize)>> {
+    let handles = workers.handles();
+    let count = taken.len();
+    let mut listeners = taken
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let worker = i % handles.len();
+            let _in_worker = handles[worker].enter();
+            l.set_nonblocking(true)?;
+            Ok((TcpListener::from_std(l)?, worker))
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners.extend(bind_from(addr, workers, count)?);
+    Ok(listeners)
 }
 
 fn socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpSocket> {
@@ -419,6 +520,36 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
     }
 
+    /// Listeners taken over from a process with more workers are shared
+    /// out (one worker serves two); with fewer, the workers left bind their
+    /// own into the same group.
+    #[test]
+    fn taken_over_listeners_are_shared_out_and_completed() {
+        let addr = free_addr();
+        let other = Workers::start(3).expect("workers");
+        let theirs: Vec<std::net::TcpListener> = bind(addr, &other)
+            .expect("bind")
+            .into_iter()
+            .map(|(l, _)| l.into_std().expect("std"))
+            .collect();
+        let copies = |ls: &[std::net::TcpListener]| -> Vec<_> {
+            ls.iter().map(|l| l.try_clone().expect("dup")).collect()
+        };
+        let two = Workers::start(2).expect("workers");
+        let adopted = adopt(addr, copies(&theirs), &two).expect("adopt");
+        let on: Vec<usize> = adopted.iter().map(|(_, w)| *w).collect();
+        assert_eq!(on, [0, 1, 0], "three listeners over two workers");
+        drop(adopted);
+
+        let four = Workers::start(4).expect("workers");
+        let adopted = adopt(addr, copies(&theirs[..2]), &four).expect("adopt");
+        let on: Vec<usize> = adopted.iter().map(|(_, w)| *w).collect();
+        assert_eq!(on, [0, 1, 2, 3], "two taken over, two bound into the group");
+        for (l, _) in &adopted {
+            assert_eq!(l.local_addr().expect("addr"), addr);
+        }
+    }
+
     /// A connected socket as an accept loop gets it, and a data plane.
     async fn connection(tls: bool) -> (TcpStream, ConnInfo, Arc<DataPlane>) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -478,9 +609,9 @@ mod tests {
         let addr = free_addr();
         let listeners = bind(addr, &workers).expect("bind");
         let (tx, rx) = std::sync::mpsc::channel();
-        for (listener, worker) in listeners.into_iter().zip(workers.handles()) {
+        for (listener, worker) in listeners {
             let tx = tx.clone();
-            worker.spawn(async move {
+            workers.handles()[worker].spawn(async move {
                 while let Ok((_, peer)) = listener.accept().await {
                     let _ = tx.send((crate::workers::current(), peer));
                 }

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use edgelb::app::{self, StartError};
+use edgelb::app::{self, HandOver, StartError};
 use edgelb::config::{Args, Config, EXIT_CONFIG, LogFormat};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -22,6 +22,9 @@ fn main() -> ExitCode {
     // Everything the node writes (keys, token, Raft state) is for its own
     // user only: files 0600, directories 0700.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // Resolved now: after a package upgrade replaced the file, this path
+    // names the new binary, which SIGUSR2 starts (`Upgrader`).
+    let upgrader = Upgrader::of_this_process();
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) if !e.use_stderr() => {
@@ -71,7 +74,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (code, end) = runtime.block_on(run(config));
+    let (code, end) = runtime.block_on(run(config, upgrader));
     // Blocking work left (the storage seals, a storage call of a Raft that
     // was stopped) may finish until the stop's deadline, then the exit
     // goes on without it: it must not hang on a busy disk. A file left
@@ -106,7 +109,7 @@ fn log_filter(log: &str) -> String {
 
 /// Runs the node; the exit code and, after a graceful stop, the deadline
 /// for leftover blocking work.
-async fn run(config: Config) -> (ExitCode, Option<tokio::time::Instant>) {
+async fn run(config: Config, upgrader: Upgrader) -> (ExitCode, Option<tokio::time::Instant>) {
     let mut signals = Signals::new();
     // SIGTERM while starting (joining, say) is a clean stop too.
     let node = tokio::select! {
@@ -149,14 +152,125 @@ async fn run(config: Config) -> (ExitCode, Option<tokio::time::Instant>) {
         }
         reason = health.failed() => return failed(node, &reason).await,
     }
-    println!("edgelb: admin API on http://{}", node.admin_addr);
-    tokio::select! {
-        () = signals.recv() => {}
-        reason = health.failed() => return failed(node, &reason).await,
+    if node.upgrading() {
+        // systemd learns the new main process before the old one goes.
+        if let Err(e) = edgelb::systemd::ready_as_main().await {
+            tracing::warn!(error = %e, "telling systemd the new main process");
+        }
+        if let Err(e) = node.took_over().await {
+            tracing::warn!(error = %e, "telling the old process that this one serves");
+        }
+        println!("edgelb: took over the sockets (pid {})", std::process::id());
+    } else if let Err(e) = edgelb::systemd::ready() {
+        tracing::warn!(error = %e, "telling systemd that the node is ready");
     }
+    println!("edgelb: admin API on http://{}", node.admin_addr);
+    let offer = match node.offer_upgrades() {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::warn!(error = %e, "no zero-downtime upgrade for this node");
+            None
+        }
+    };
+    let mut code = ExitCode::SUCCESS;
+    loop {
+        tokio::select! {
+            signal = signals.recv_or_upgrade() => match signal {
+                Wanted::Stop => break,
+                Wanted::Upgrade => upgrader.start(),
+            },
+            reason = health.failed() => return failed(node, &reason).await,
+            incoming = next_upgrade(offer.as_ref()) => {
+                let pid = incoming.pid;
+                match node.hand_over(incoming).await {
+                    HandOver::Done => {
+                        tracing::info!(pid, "the new process serves: draining");
+                        break;
+                    }
+                    HandOver::Abandoned(e) => {
+                        tracing::warn!(pid, error = %e, "upgrade abandoned: this process serves on");
+                    }
+                    HandOver::Failed(e) => {
+                        eprintln!("edgelb: the upgrade failed after the control plane stopped ({e}): draining, and exiting for a restart");
+                        code = ExitCode::from(edgelb::health::EXIT_STORAGE);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = edgelb::systemd::stopping();
     tracing::info!("shutting down: draining connections");
     let end = node.shutdown().await;
-    (ExitCode::SUCCESS, Some(end))
+    (code, Some(end))
+}
+
+/// The next process that asks to take this one's place, if upgrades are
+/// offered.
+async fn next_upgrade(offer: Option<&edgelb::upgrade::Offer>) -> edgelb::upgrade::Incoming {
+    match offer {
+        Some(o) => o.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts a new `edgelb` process that takes this one's place (SIGUSR2):
+/// the binary at this process's path (the new one, after a package
+/// upgrade) with this process's arguments and `--upgrade`. The one-off
+/// flags of a first start (`--restore`, `--force-new-cluster`) are left
+/// out. It inherits the environment, stdout and stderr.
+#[derive(Debug)]
+struct Upgrader {
+    exe: Option<std::path::PathBuf>,
+    args: Vec<std::ffi::OsString>,
+}
+
+impl Upgrader {
+    fn of_this_process() -> Self {
+        let mut args = Vec::new();
+        let mut given = std::env::args_os().skip(1);
+        while let Some(a) = given.next() {
+            match a.to_str() {
+                Some("--restore") => {
+                    given.next();
+                }
+                Some(s) if s.starts_with("--restore=") => {}
+                Some("--force-new-cluster" | "--upgrade") => {}
+                _ => args.push(a),
+            }
+        }
+        args.push("--upgrade".into());
+        Self {
+            exe: std::env::current_exe().ok(),
+            args,
+        }
+    }
+
+    fn start(&self) {
+        let Some(exe) = &self.exe else {
+            tracing::warn!("SIGUSR2: this process's binary path is unknown: no upgrade");
+            return;
+        };
+        tracing::info!(exe = %exe.display(), "SIGUSR2: starting a new process to take over");
+        let child = tokio::process::Command::new(exe)
+            .args(&self.args)
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        match child {
+            // Reaped here, and its end logged, while this process runs.
+            Ok(mut child) => {
+                tokio::spawn(async move {
+                    match child.wait().await {
+                        Ok(status) => tracing::warn!(%status, "the new process exited"),
+                        Err(e) => tracing::warn!(error = %e, "waiting for the new process"),
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(exe = %exe.display(), error = %e, "SIGUSR2: starting the new process")
+            }
+        }
+    }
 }
 
 /// The Raft core or storage stopped: the node can no longer write. It
@@ -179,6 +293,8 @@ struct Signals {
     /// start, so that its default action (ending the process) never
     /// applies, with or without an access log.
     _user1: Option<Signal>,
+    /// SIGUSR2 starts a new process that takes this one's place.
+    user2: Option<Signal>,
 }
 
 impl Signals {
@@ -187,22 +303,42 @@ impl Signals {
             term: signal(SignalKind::terminate()).ok(),
             interrupt: signal(SignalKind::interrupt()).ok(),
             _user1: signal(SignalKind::user_defined1()).ok(),
+            user2: signal(SignalKind::user_defined2()).ok(),
         }
     }
 
-    /// The next signal (one received while nobody waited counts).
-    async fn recv(&mut self) {
-        async fn next(s: &mut Option<Signal>) {
-            match s {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
+    /// The next SIGTERM, SIGINT or SIGUSR2.
+    async fn recv_or_upgrade(&mut self) -> Wanted {
+        tokio::select! {
+            () = next(&mut self.term) => Wanted::Stop,
+            () = next(&mut self.interrupt) => Wanted::Stop,
+            () = next(&mut self.user2) => Wanted::Upgrade,
         }
+    }
+
+    /// The next SIGTERM or SIGINT (one received while nobody waited
+    /// counts).
+    async fn recv(&mut self) {
         tokio::select! {
             () = next(&mut self.term) => {}
             () = next(&mut self.interrupt) => {}
         }
+    }
+}
+
+/// What a signal asks for.
+enum Wanted {
+    /// SIGTERM, SIGINT.
+    Stop,
+    /// SIGUSR2.
+    Upgrade,
+}
+
+async fn next(s: &mut Option<Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }

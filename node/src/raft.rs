@@ -116,6 +116,10 @@ pub fn raft_config(timing: &Timing) -> Result<openraft::Config, StartError> {
 }
 
 /// Opens storage, binds the cluster endpoint and starts openraft.
+/// How long an upgrade's new process waits for the old one to close the
+/// storage files.
+const HELD_WAIT: Duration = Duration::from_secs(10);
+
 pub async fn start(
     config: &Config,
     identity: &Identity,
@@ -128,7 +132,7 @@ pub async fn start(
     let rebuild = config.rebuild_state_machine;
     // Each file's open is timed: after a crash redb repairs the file
     // (walks it and writes it back), which on a busy disk took seconds.
-    let opened = tokio::task::spawn_blocking(move || -> Result<_, raft_store::StoreError> {
+    let open = move || -> Result<_, raft_store::StoreError> {
         let faults = faults.as_ref();
         let t = std::time::Instant::now();
         let log = LogStore::open_with(&dir, faults)?;
@@ -143,7 +147,9 @@ pub async fn start(
                     from = ?r.from,
                     "--rebuild-state-machine: rebuilt; openraft re-applies the log after it"
                 ),
-                None => info!("--rebuild-state-machine: the state machine and its snapshot are intact; nothing to do"),
+                None => info!(
+                    "--rebuild-state-machine: the state machine and its snapshot are intact; nothing to do"
+                ),
             }
             sm
         } else {
@@ -159,10 +165,28 @@ pub async fn start(
             StateMachineStore::open_with(&dir, faults)?
         };
         Ok((log, sm, log_took, t.elapsed() - log_took))
-    })
-    .await
-    .map_err(|e| io_error("opening storage")(e.into()))?
-    .map_err(|e| storage_error(config, e))?;
+    };
+    // In an upgrade the process being replaced closes the files as it
+    // stops its control plane; until the last handle drops they are
+    // still locked.
+    let held_until = began
+        + if config.upgrade {
+            HELD_WAIT
+        } else {
+            Duration::ZERO
+        };
+    let opened = loop {
+        let open = open.clone();
+        let opened = tokio::task::spawn_blocking(open)
+            .await
+            .map_err(|e| io_error("opening storage")(e.into()))?;
+        match opened {
+            Err(e) if e.is_held_elsewhere() && std::time::Instant::now() < held_until => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => break r.map_err(|e| storage_error(config, e))?,
+        }
+    };
     let (log, sm, log_took, state_took) = opened;
     info!(
         log_ms = ms(log_took),

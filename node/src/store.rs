@@ -604,7 +604,10 @@ pub(crate) async fn execute_membership(
 /// What [`RaftRpc::set`] starts, and the handler answers with.
 struct Started {
     raft: Raft,
-    log: raft_store::LogStore,
+    /// Weak: the handler outlives Raft (it answers "stopped" then), and
+    /// must not keep the log's file open after it (an upgrade's new
+    /// process opens it).
+    log: raft_store::WeakLogStore,
     batcher: Batcher,
     reconciler: Reconciler,
 }
@@ -714,7 +717,7 @@ impl RaftRpc {
                 Reconciler::start(raft.clone(), Arc::downgrade(transport), self.policy);
             Started {
                 raft,
-                log,
+                log: log.downgrade(),
                 batcher,
                 reconciler,
             }
@@ -793,17 +796,20 @@ impl RaftHandler for RaftRpc {
                     RpcReply::AppendEntries(reply)
                 }
                 Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
-                Rpc::PreVote(r) => RpcReply::PreVote(
-                    crate::election::answer_pre_vote(
-                        raft,
-                        log,
-                        &self.campaign,
-                        from,
-                        &r,
-                        self.timing.election_timeout,
-                    )
-                    .await,
-                ),
+                Rpc::PreVote(r) => match log.upgrade() {
+                    Some(log) => RpcReply::PreVote(
+                        crate::election::answer_pre_vote(
+                            raft,
+                            &log,
+                            &self.campaign,
+                            from,
+                            &r,
+                            self.timing.election_timeout,
+                        )
+                        .await,
+                    ),
+                    None => RpcReply::Error("raft stopped".into()),
+                },
                 Rpc::InstallSnapshot(r) => {
                     RpcReply::InstallSnapshot(raft.install_snapshot(r).await)
                 }

@@ -129,6 +129,12 @@ from_redb!(
 );
 
 impl StoreError {
+    /// The file is open in another process (redb's lock): a node still
+    /// running on the data dir.
+    pub fn is_held_elsewhere(&self) -> bool {
+        matches!(self, Self::Open { source, .. } if matches!(**source, redb::DatabaseError::DatabaseAlreadyOpen))
+    }
+
     /// As openraft's error, saying what was being done and why it failed in
     /// plain words (`appending to the Raft log: no space left on device`),
     /// never a type path: the message reaches operators and API clients.

@@ -83,7 +83,34 @@ impl Debug for LogStore {
     }
 }
 
+/// A [`LogStore`] that does not keep the file open: once every
+/// [`LogStore`] is dropped (Raft stopped), the file closes and another
+/// process may open it.
+#[derive(Clone, Debug)]
+pub struct WeakLogStore {
+    db: std::sync::Weak<Database>,
+    committed: Arc<AtomicU64>,
+}
+
+impl WeakLogStore {
+    /// The log store, while the file is open.
+    pub fn upgrade(&self) -> Option<LogStore> {
+        Some(LogStore {
+            db: self.db.upgrade()?,
+            committed: Arc::clone(&self.committed),
+        })
+    }
+}
+
 impl LogStore {
+    /// A handle that does not keep the file open.
+    pub fn downgrade(&self) -> WeakLogStore {
+        WeakLogStore {
+            db: Arc::downgrade(&self.db),
+            committed: Arc::clone(&self.committed),
+        }
+    }
+
     /// Opens the log in `dir` (creating `dir` and the file if needed).
     ///
     /// Blocks on file I/O; call it at startup or from `spawn_blocking`. A

@@ -643,7 +643,7 @@ async fn peer_vanished_after_a_call(ca: &CaBundle) -> (Transport, NodeTls, Socke
         .call(2, &addr.to_string(), vote(), patience())
         .await
         .unwrap();
-    old.vanish().unwrap();
+    old.release_address().unwrap();
     (client, tls2, addr)
 }
 
@@ -826,7 +826,7 @@ async fn a_restarted_peer_is_called_on_its_new_connection_at_once() {
     // Node 1's connection ages past the time two handshakes can cross;
     // then node 2 dies without a word and comes back.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    old.vanish().unwrap();
+    old.release_address().unwrap();
     let echo = Arc::new(Echo::default());
     let handler: Arc<dyn RaftHandler> = echo.clone();
     let new = rebind(addr, &tls2, 2, &handler).await;

@@ -390,10 +390,11 @@ impl Transport {
         self.shared.endpoint.local_addr()
     }
 
-    /// Moves the endpoint to another socket without telling its peers, as
-    /// if this process had died: its address is free for a new one.
-    #[cfg(test)]
-    pub(crate) fn vanish(&self) -> io::Result<()> {
+    /// Moves the endpoint to another socket (without telling its peers:
+    /// after [`Transport::close`], or as if this process had died), so that
+    /// its address is free for a new one: another process on the same
+    /// node, in an upgrade ([`crate::upgrade`]).
+    pub fn release_address(&self) -> io::Result<()> {
         // quinn keeps the previous socket open for stragglers; a second
         // move drops the original one.
         let ip = self.local_addr()?.ip();

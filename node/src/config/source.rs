@@ -152,6 +152,14 @@ pub struct Args {
     #[arg(long)]
     #[serde(skip)]
     pub force_new_cluster: bool,
+    /// Take over the listening sockets of the edgelb running on this data
+    /// dir, which then drains and exits: a binary upgrade or a restart with
+    /// a new configuration without refusing a connection (README:
+    /// Upgrading without downtime). SIGUSR2 to a running node starts its
+    /// binary with this flag.
+    #[arg(long, conflicts_with_all = ["restore", "force_new_cluster"])]
+    #[serde(skip)]
+    pub upgrade: bool,
 }
 
 /// A finite number (a NaN would read as a key not set).

@@ -62,6 +62,12 @@ pub(crate) struct Conn {
     parked: AtomicBool,
     /// Idle timeout passed or the node shuts down: close gracefully.
     close: AtomicBool,
+    /// The node drains softly (an upgrade): an HTTP/1 connection answers
+    /// its next request with `Connection: close` and closes after it.
+    close_after_response: AtomicBool,
+    /// The connection speaks HTTP/2 (a soft drain closes it as any other:
+    /// GOAWAY lets the client finish and retry safely).
+    h2: AtomicBool,
     /// An HTTP/1 connection has been idle for `park_after`: the serving
     /// task hands it back from hyper, releasing hyper's buffers.
     park: AtomicBool,
@@ -89,6 +95,8 @@ impl Conn {
             tunnel: AtomicBool::new(false),
             parked: AtomicBool::new(false),
             close: AtomicBool::new(false),
+            close_after_response: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
             park: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             waker: AtomicWaker::new(),
@@ -140,8 +148,36 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Whether the next response says `Connection: close` (a soft drain).
+    pub(crate) fn closes_after_response(&self) -> bool {
+        self.close_after_response.load(Ordering::SeqCst)
+    }
+
+    /// The connection turned out to speak HTTP/2: a soft drain asked for
+    /// before is a close.
+    pub(crate) fn set_h2(&self) {
+        self.h2.store(true, Ordering::SeqCst);
+        if self.closes_after_response() {
+            self.request_close();
+        }
+    }
+}
+
 impl crate::dataplane::Close for Conn {
+    /// The node's drain. A soft one (an upgrade, as HAProxy's
+    /// `idle-close-on-response`) leaves an idle HTTP/1 connection open, so
+    /// that a request the client is sending on it at this moment is
+    /// answered rather than met with a close: the next response says
+    /// `Connection: close`, and the idle timeout still closes a connection
+    /// that sends nothing.
     fn close(&self) {
+        if self.dp.drains_softly() {
+            self.close_after_response.store(true, Ordering::SeqCst);
+            if !self.h2.load(Ordering::SeqCst) {
+                return;
+            }
+        }
         self.request_close();
     }
 }

@@ -36,7 +36,8 @@ pub(crate) async fn handle(
     guard: ActiveGuard,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let mut log = Record::start(&req, guard.conn());
-    let (resp, error) = match proxy(req, guard.conn(), &mut log).await {
+    let h1 = req.version() < Version::HTTP_2;
+    let (mut resp, error) = match proxy(req, guard.conn(), &mut log).await {
         Ok(resp) => (resp, None),
         Err(error) => {
             debug!(%error, side = ?error.side(), status = error.status().as_u16(), "request failed");
@@ -51,6 +52,13 @@ pub(crate) async fn handle(
             .as_ref()
             .map(|e| (e.side().name(), e as &dyn std::fmt::Display));
         record.end(resp.status().as_u16(), why);
+    }
+    if h1
+        && guard.conn().closes_after_response()
+        && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+    {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(resp.map(|body| body.guarded(guard)))
 }
