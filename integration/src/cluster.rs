@@ -547,6 +547,18 @@ impl Cluster {
         Ok((took, status))
     }
 
+    /// A zero-downtime upgrade of node `id` (SIGUSR2): returns once the
+    /// process it starts serves and the old one has exited with 0 (see
+    /// [`Process::upgrade`]); the member is the new process from then on.
+    /// Returns its pid.
+    pub async fn upgrade(&mut self, id: u64) -> anyhow::Result<u32> {
+        let m = self.member_mut(id)?;
+        let p = m.process.as_mut().context("node is not running")?;
+        p.upgrade(Duration::from_secs(60))
+            .await
+            .with_context(|| format!("upgrading node {id}"))
+    }
+
     /// Makes node `id` run `binary` (`None`: the workspace's `edgelb`)
     /// from its next start on, e.g. to upgrade it while it is stopped.
     pub fn set_binary(&mut self, id: u64, binary: Option<PathBuf>) -> anyhow::Result<()> {

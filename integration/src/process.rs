@@ -208,10 +208,17 @@ fn command_of(bin: &Path, args: &[&str], cwd: &Path) -> Command {
 }
 
 /// A running `edgelb` child. Killed on drop if still running.
+///
+/// After [`Process::upgrade`] it is the process that took over from the
+/// child: not a child of the test process, but handed to it when the child
+/// exits (the test process is a subreaper) and reaped here by pid. It
+/// writes to the child's stdout and stderr.
 #[derive(Debug)]
 pub struct Process {
     child: Child,
     pid: u32,
+    /// `pid` is the process that took over from `child` (which exited).
+    successor: bool,
     stdout_lines: mpsc::UnboundedReceiver<String>,
     stdout_seen: Vec<String>,
     stderr: Arc<Mutex<String>>,
@@ -259,6 +266,7 @@ impl Process {
         Ok(Self {
             child,
             pid,
+            successor: false,
             stdout_lines,
             stdout_seen: Vec::new(),
             stderr,
@@ -288,14 +296,31 @@ impl Process {
 
     /// Waits for a stdout line containing `needle` and returns it.
     pub async fn wait_stdout(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
-        if let Some(l) = self.stdout_seen.iter().find(|l| l.contains(needle)) {
-            return Ok(l.clone());
+        self.wait_stdout_nth(needle, 1, timeout).await
+    }
+
+    /// Waits for the `n`th stdout line containing `needle` and returns it.
+    async fn wait_stdout_nth(
+        &mut self,
+        needle: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let seen = |lines: &[String]| {
+            lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .nth(n - 1)
+                .cloned()
+        };
+        if let Some(l) = seen(&self.stdout_seen) {
+            return Ok(l);
         }
         let found = within(&format!("edgelb to print {needle:?}"), timeout, async {
             while let Some(line) = self.stdout_lines.recv().await {
-                self.stdout_seen.push(line.clone());
-                if line.contains(needle) {
-                    return Some(line);
+                self.stdout_seen.push(line);
+                if let Some(l) = seen(&self.stdout_seen) {
+                    return Some(l);
                 }
             }
             None
@@ -335,18 +360,105 @@ impl Process {
 
     /// Sends SIGKILL to this child (as a crash would) and reaps it.
     pub async fn kill9(&mut self) -> anyhow::Result<ExitStatus> {
-        self.child.start_kill().context("kill -9")?;
+        if self.successor {
+            self.signal("KILL").await?;
+        } else {
+            self.child.start_kill().context("kill -9")?;
+        }
         self.wait(Duration::from_secs(10)).await
     }
 
     /// The exit status, if the child has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.successor {
+            return reap(self.pid).ok().flatten();
+        }
         self.child.try_wait().ok().flatten()
     }
 
     /// Waits (bounded) for the child to exit.
     pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        if self.successor {
+            let pid = self.pid;
+            return within("edgelb to exit", timeout, async {
+                loop {
+                    match reap(pid) {
+                        Ok(Some(status)) => return Ok(status),
+                        Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        Err(e) => return Err(e),
+                    }
+                }
+            })
+            .await?;
+        }
         let status = within("edgelb to exit", timeout, self.child.wait()).await??;
         Ok(status)
+    }
+
+    /// A zero-downtime upgrade: sends SIGUSR2, waits until the process it
+    /// starts says it took over and this one has exited with 0, and from
+    /// then on stands for the new process. Returns its pid.
+    pub async fn upgrade(&mut self, timeout: Duration) -> anyhow::Result<u32> {
+        // The new process outlives its parent: it comes to the test
+        // process then, to be reaped here.
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+            .context("becoming a subreaper")?;
+        let before = self
+            .stdout_seen
+            .iter()
+            .filter(|l| l.contains(TOOK_OVER))
+            .count();
+        self.signal("USR2").await?;
+        let line = self.wait_stdout_nth(TOOK_OVER, before + 1, timeout).await?;
+        let pid: u32 = line
+            .rsplit("pid ")
+            .next()
+            .and_then(|p| p.trim_end_matches(')').parse().ok())
+            .with_context(|| format!("no pid in {line:?}"))?;
+        let status = self
+            .wait(timeout)
+            .await
+            .context("the old process to exit")?;
+        if !status.success() {
+            bail!(
+                "the old process exited with {status} after the upgrade; stderr:\n{}",
+                self.stderr()
+            );
+        }
+        self.pid = pid;
+        self.successor = true;
+        Ok(pid)
+    }
+}
+
+/// What a new process prints once it took over (`edgelb: took over the
+/// sockets (pid N)`).
+const TOOK_OVER: &str = "took over the sockets (pid ";
+
+/// The exit status of `pid`, a process handed to this one as a subreaper,
+/// if it has exited. A process not handed over yet (its parent still runs)
+/// counts as running.
+fn reap(pid: u32) -> anyhow::Result<Option<ExitStatus>> {
+    use std::os::unix::process::ExitStatusExt;
+    let raw = i32::try_from(pid).context("pid")?;
+    let pid = rustix::process::Pid::from_raw(raw).context("pid 0")?;
+    match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG) {
+        Ok(Some((_, status))) => Ok(Some(ExitStatus::from_raw(status.as_raw()))),
+        Ok(None) | Err(rustix::io::Errno::CHILD) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Drop for Process {
+    /// A successor is not a `Child` killed on drop: killed here.
+    fn drop(&mut self) {
+        if self.successor && !matches!(reap(self.pid), Ok(Some(_))) {
+            if let Ok(pid) = i32::try_from(self.pid)
+                && let Some(pid) = rustix::process::Pid::from_raw(pid)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+            }
+        }
     }
 }

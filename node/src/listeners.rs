@@ -56,6 +56,8 @@ pub type Sockets = Arc<std::sync::Mutex<BTreeMap<u16, Vec<OwnedFd>>>>;
 struct Active {
     stop: CancellationToken,
     addr: SocketAddr,
+    /// The port's accept loops, one per listener.
+    loops: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Listeners {
@@ -152,17 +154,20 @@ impl Listeners {
                     }
                     let stop = self.shutdown.child_token();
                     let handles = self.workers.handles();
-                    for (listener, worker) in listeners {
-                        handles[worker].spawn(accept_loop(
-                            listener,
-                            port,
-                            self.dp.clone(),
-                            self.limit.clone(),
-                            stop.clone(),
-                            self.shutdown.clone(),
-                        ));
-                    }
-                    self.active.insert(port, Active { stop, addr });
+                    let loops = listeners
+                        .into_iter()
+                        .map(|(listener, worker)| {
+                            handles[worker].spawn(accept_loop(
+                                listener,
+                                port,
+                                self.dp.clone(),
+                                self.limit.clone(),
+                                stop.clone(),
+                                self.shutdown.clone(),
+                            ))
+                        })
+                        .collect();
+                    self.active.insert(port, Active { stop, addr, loops });
                 }
                 Err(e) => {
                     error!(%addr, error = %e, "cannot bind published port; will retry");
@@ -173,8 +178,16 @@ impl Listeners {
         failed
     }
 
-    /// Resolves when every client connection has closed.
-    pub async fn drained(&self) {
+    /// Resolves when every accept loop has stopped (the shutdown cancels
+    /// them) and then every client connection has closed. The wait for
+    /// connections holds the connection slots it gets: a loop still
+    /// accepting meanwhile would find none and drop what it accepted.
+    pub async fn drained(&mut self) {
+        for active in self.active.values_mut() {
+            for l in active.loops.drain(..) {
+                let _ = l.await;
+            }
+        }
         let all = u32::try_from(self.dp.settings.max_connections).unwrap_or(u32::MAX);
         let _ = self.limit.acquire_many(all).await;
     }

@@ -8,6 +8,7 @@
 //! Without that commit in the checkout (a shallow clone) the tests print
 //! why and pass, unless `EDGELB_REQUIRE_OLD_BINARY=1` (CI).
 
+mod in_place;
 mod rolling;
 mod versions;
 
