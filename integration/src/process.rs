@@ -230,6 +230,20 @@ impl Process {
         Self::start(command(args, cwd).await?)
     }
 
+    /// [`Process::spawn`] with `env` set (after the `EDGELB_*` variables
+    /// are cleared).
+    pub async fn spawn_with_env(
+        args: &[&str],
+        cwd: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Self> {
+        let mut cmd = command(args, cwd).await?;
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::start(cmd)
+    }
+
     /// Starts `bin args…` in `cwd`: another build of `edgelb`, such as an
     /// earlier release's ([`crate::compat`]).
     pub async fn spawn_bin(bin: &Path, args: &[&str], cwd: &Path) -> anyhow::Result<Self> {
@@ -452,13 +466,13 @@ fn reap(pid: u32) -> anyhow::Result<Option<ExitStatus>> {
 impl Drop for Process {
     /// A successor is not a `Child` killed on drop: killed here.
     fn drop(&mut self) {
-        if self.successor && !matches!(reap(self.pid), Ok(Some(_))) {
-            if let Ok(pid) = i32::try_from(self.pid)
-                && let Some(pid) = rustix::process::Pid::from_raw(pid)
-            {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
-            }
+        if self.successor
+            && !matches!(reap(self.pid), Ok(Some(_)))
+            && let Ok(pid) = i32::try_from(self.pid)
+            && let Some(pid) = rustix::process::Pid::from_raw(pid)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
         }
     }
 }

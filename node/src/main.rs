@@ -173,6 +173,9 @@ async fn run(config: Config, upgrader: Upgrader) -> (ExitCode, Option<tokio::tim
         }
     };
     let mut code = ExitCode::SUCCESS;
+    // After a hand-over the service goes on in the new process: systemd
+    // must not hear that it stops.
+    let mut handed_over = false;
     loop {
         tokio::select! {
             signal = signals.recv_or_upgrade() => match signal {
@@ -185,6 +188,7 @@ async fn run(config: Config, upgrader: Upgrader) -> (ExitCode, Option<tokio::tim
                 match node.hand_over(incoming).await {
                     HandOver::Done => {
                         tracing::info!(pid, "the new process serves: draining");
+                        handed_over = true;
                         break;
                     }
                     HandOver::Abandoned(e) => {
@@ -199,7 +203,9 @@ async fn run(config: Config, upgrader: Upgrader) -> (ExitCode, Option<tokio::tim
             }
         }
     }
-    let _ = edgelb::systemd::stopping();
+    if !handed_over {
+        let _ = edgelb::systemd::stopping();
+    }
     tracing::info!("shutting down: draining connections");
     let end = node.shutdown().await;
     (code, Some(end))

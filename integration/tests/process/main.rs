@@ -1,6 +1,8 @@
 //! The real `edgelb` binary: exit codes, configuration errors, health,
 //! SIGTERM and the stored token (SPEC §9).
 
+mod upgrade;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

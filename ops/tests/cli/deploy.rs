@@ -176,8 +176,11 @@ fn example_configs_load_with_the_node_loader() -> anyhow::Result<()> {
 fn systemd_unit_is_hardened_and_verifies() -> anyhow::Result<()> {
     let unit = std::fs::read_to_string(deploy_dir().join("edgelb.service"))?;
     for line in [
-        "Type=simple",
+        // READY=1 from the node, and MAINPID from an upgrade's new process.
+        "Type=notify",
+        "NotifyAccess=all",
         "ExecStart=/usr/local/bin/edgelb --config /etc/edgelb/edgelb.toml",
+        "ExecReload=/bin/kill -USR2 $MAINPID",
         "Restart=on-failure",
         "RestartPreventExitStatus=64 65",
         "NoNewPrivileges=yes",

@@ -1,0 +1,182 @@
+//! `systemctl reload` as systemd runs it (SIGUSR2), with a stand-in for
+//! systemd's notify socket: a reload whose new process cannot start leaves
+//! the node serving; one that can hands the node over, and systemd hears
+//! the new main pid before the old process goes.
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use integration::cluster::{attach, get_once};
+use integration::process::Process;
+use integration::{AdminClient, HttpBackend, Subnet, TempDir, poll};
+use serde_json::json;
+
+use super::{TOKEN, healthz};
+
+/// The group's published port.
+const PORT: u16 = 8300;
+
+/// What systemd would read on `NOTIFY_SOCKET`: each message, and whether
+/// it carried a descriptor (a barrier's pipe, closed at once as systemd
+/// does once it has read what came before).
+fn notify_socket(path: &std::path::Path) -> anyhow::Result<mpsc::Receiver<(String, bool)>> {
+    let socket = UnixDatagram::bind(path)?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        loop {
+            let mut buf = [0_u8; 4096];
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+            let mut control = rustix::net::RecvAncillaryBuffer::new(&mut space);
+            let Ok(msg) = rustix::net::recvmsg(
+                &socket,
+                &mut [std::io::IoSliceMut::new(&mut buf)],
+                &mut control,
+                rustix::net::RecvFlags::CMSG_CLOEXEC,
+            ) else {
+                return;
+            };
+            // Dropped here: the barrier's pipe closes.
+            let fds: Vec<_> = control
+                .drain()
+                .filter_map(|m| match m {
+                    rustix::net::RecvAncillaryMessage::ScmRights(fds) => Some(fds.count()),
+                    _ => None,
+                })
+                .collect();
+            let text = String::from_utf8_lossy(&buf[..msg.bytes]).into_owned();
+            if tx.send((text, fds.iter().sum::<usize>() > 0)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// The next message systemd would read, within a few seconds.
+fn next_message(rx: &mpsc::Receiver<(String, bool)>) -> anyhow::Result<(String, bool)> {
+    rx.recv_timeout(Duration::from_secs(20))
+        .context("no message on NOTIFY_SOCKET")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_cannot_start_leaves_the_node_serving_and_one_that_can_hands_it_over()
+-> anyhow::Result<()> {
+    let subnet = Subnet::allocate();
+    let data = TempDir::new("proc-reload");
+    let config = data.path().join("edgelb.toml");
+    std::fs::write(&config, "region = \"fra\"\n")?;
+    let notify = data.path().join("notify.sock");
+    let systemd = notify_socket(&notify)?;
+
+    let ip = subnet.node_ip().to_string();
+    let any_port = format!("{ip}:0");
+    let data_dir = data.path().join("data");
+    let args = [
+        "--config",
+        config.to_str().context("utf-8 path")?,
+        "--data-dir",
+        data_dir.to_str().context("utf-8 path")?,
+        "--admin-addr",
+        &any_port,
+        "--cluster-addr",
+        &any_port,
+        "--listen-ip",
+        &ip,
+        "--token",
+        TOKEN,
+        "--log",
+        "info",
+    ];
+    let mut node =
+        Process::spawn_with_env(&args, data.path(), &[("NOTIFY_SOCKET", notify.as_os_str())])
+            .await?;
+    let line = node
+        .wait_stdout("admin API on http://", Duration::from_secs(30))
+        .await?;
+    let admin_addr = line
+        .rsplit("http://")
+        .next()
+        .and_then(|a| a.trim().parse().ok())
+        .with_context(|| format!("no admin address in {line:?}"))?;
+    let (ready, _) = next_message(&systemd)?;
+    ensure!(ready.contains("READY=1"), "first message: {ready:?}");
+
+    let backend =
+        HttpBackend::start("a", std::net::SocketAddr::new(subnet.next_ip(), 9300)).await?;
+    let admin = AdminClient::new(admin_addr, TOKEN);
+    admin
+        .create_group(&json!({"name": "web", "services": [
+            {"port": PORT, "destination_port": 9300, "handlers": ["http"]}]}))
+        .await?;
+    attach(&admin, "web", "a", backend.addr().ip()).await?;
+    let published = std::net::SocketAddr::new(subnet.node_ip(), PORT);
+    let serves = || async {
+        let answer = get_once(published, "web").await?;
+        ensure!(answer == (200, Some("a".to_owned())), "{answer:?}");
+        Ok(())
+    };
+    poll("the group to be served", Duration::from_secs(20), serves).await?;
+
+    // A configuration that does not load: the new process exits with 64
+    // before it asks for anything, and this one serves on.
+    std::fs::write(&config, "region = \"fra\"\ncolour = \"blue\"\n")?;
+    node.signal("USR2").await?;
+    poll(
+        "the new process to give up",
+        Duration::from_secs(30),
+        || async {
+            let stderr = node.stderr();
+            ensure!(stderr.contains("the new process exited"), "not yet");
+            ensure!(stderr.contains("exit status: 64"), "{stderr}");
+            Ok(())
+        },
+    )
+    .await?;
+    ensure!(node.exited().is_none(), "the running node stopped");
+    ensure!(healthz(admin_addr).await? == http::StatusCode::OK);
+    serves().await?;
+    ensure!(
+        systemd.try_recv().is_err(),
+        "systemd was told something by a process that did not start"
+    );
+
+    // Fixed: the reload goes through.
+    std::fs::write(&config, "region = \"fra\"\n")?;
+    let old = node.pid();
+    let new = node.upgrade(Duration::from_secs(60)).await?;
+    ensure!(new != old);
+    let (main, _) = next_message(&systemd)?;
+    ensure!(
+        main.contains(&format!("MAINPID={new}")) && main.contains("READY=1"),
+        "the new process's message: {main:?}"
+    );
+    let (barrier, with_fd) = next_message(&systemd)?;
+    ensure!(
+        barrier.contains("BARRIER=1") && with_fd,
+        "then a barrier: {barrier:?}"
+    );
+    // The admin API is the same socket, and the node serves the group.
+    ensure!(healthz(admin_addr).await? == http::StatusCode::OK);
+    serves().await?;
+    let stderr = node.stderr();
+    ensure!(
+        stderr.contains("the new process serves: draining"),
+        "the old process's log: {stderr}"
+    );
+
+    // The old process drained and exited without a word to systemd (a
+    // STOPPING=1 from it would stop the service).
+    ensure!(
+        systemd.try_recv().is_err(),
+        "the old process told systemd something after the hand-over"
+    );
+
+    node.terminate().await?;
+    let status = node.wait(Duration::from_secs(20)).await?;
+    ensure!(status.success(), "the new process after SIGTERM: {status}");
+    let (stopping, _) = next_message(&systemd)?;
+    ensure!(stopping.contains("STOPPING=1"), "{stopping:?}");
+    Ok(())
+}
