@@ -180,3 +180,73 @@ async fn a_reload_that_cannot_start_leaves_the_node_serving_and_one_that_can_han
     ensure!(stopping.contains("STOPPING=1"), "{stopping:?}");
     Ok(())
 }
+
+/// A new process that fails once the old one released its control plane
+/// (here: its configuration names a cluster address another socket holds)
+/// leaves the old one nothing to serve with for long: it drains, exits
+/// with 74 (a service manager starts the node again), and the data dir
+/// starts as after any stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_fails_after_the_release_makes_the_old_one_exit_74() -> anyhow::Result<()>
+{
+    let subnet = Subnet::allocate();
+    let data = TempDir::new("proc-reload-fails");
+    let ip = subnet.node_ip();
+    let cluster_addr = std::net::SocketAddr::new(ip, 7371);
+    let config = data.path().join("edgelb.toml");
+    std::fs::write(&config, format!("cluster_addr = \"{cluster_addr}\"\n"))?;
+    let data_dir = data.path().join("data");
+    let any_port = format!("{ip}:0");
+    let ip = ip.to_string();
+    let args = [
+        "--config",
+        config.to_str().context("utf-8 path")?,
+        "--data-dir",
+        data_dir.to_str().context("utf-8 path")?,
+        "--admin-addr",
+        &any_port,
+        "--listen-ip",
+        &ip,
+        "--token",
+        TOKEN,
+        "--log",
+        "info",
+    ];
+    let mut node = Process::spawn(&args, data.path()).await?;
+    node.wait_stdout("admin API on http://", Duration::from_secs(30))
+        .await?;
+
+    // The new configuration's cluster address is taken.
+    let squatter = std::net::UdpSocket::bind((subnet.node_ip(), 0))?;
+    let taken = squatter.local_addr()?;
+    std::fs::write(&config, format!("cluster_addr = \"{taken}\"\n"))?;
+    node.signal("USR2").await?;
+    let status = node.wait(Duration::from_secs(60)).await?;
+    let stderr = node.stderr();
+    ensure!(
+        status.code() == Some(74),
+        "the old process exited with {status}; stderr:\n{stderr}"
+    );
+    ensure!(
+        stderr.contains("control plane stopped for the new process")
+            && stderr.contains("the upgrade failed after the control plane stopped"),
+        "stderr:\n{stderr}"
+    );
+    drop(squatter);
+
+    // Started again (as systemd would), the node comes up on its data dir.
+    std::fs::write(&config, format!("cluster_addr = \"{cluster_addr}\"\n"))?;
+    let mut again = Process::spawn(&args, data.path()).await?;
+    let line = again
+        .wait_stdout("admin API on http://", Duration::from_secs(30))
+        .await?;
+    let admin_addr = line
+        .rsplit("http://")
+        .next()
+        .and_then(|a| a.trim().parse().ok())
+        .with_context(|| format!("no admin address in {line:?}"))?;
+    ensure!(healthz(admin_addr).await? == http::StatusCode::OK);
+    again.terminate().await?;
+    ensure!(again.wait(Duration::from_secs(20)).await?.success());
+    Ok(())
+}
