@@ -198,9 +198,14 @@ fn command_of(bin: &Path, args: &[&str], cwd: &Path) -> Command {
         .current_dir(cwd)
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    // The environment must not configure the node behind the test's back.
+    // The environment must not configure the node behind the test's back:
+    // neither edgelb's variables nor systemd's, when the tests themselves
+    // run as a service (a CI runner's), which would change what an upgrade
+    // does (`edgelb::systemd`).
     for (key, _) in std::env::vars_os() {
-        if key.to_str().is_some_and(|k| k.starts_with("EDGELB_")) {
+        if key.to_str().is_some_and(|k| {
+            k.starts_with("EDGELB_") || k == "INVOCATION_ID" || k == "NOTIFY_SOCKET"
+        }) {
             cmd.env_remove(key);
         }
     }
@@ -451,14 +456,21 @@ const TOOK_OVER: &str = "took over the sockets (pid ";
 
 /// The exit status of `pid`, a process handed to this one as a subreaper,
 /// if it has exited. A process not handed over yet (its parent still runs)
-/// counts as running.
+/// counts as running; one that is gone without having been handed over
+/// (its parent reaped it) is an error.
 fn reap(pid: u32) -> anyhow::Result<Option<ExitStatus>> {
     use std::os::unix::process::ExitStatusExt;
     let raw = i32::try_from(pid).context("pid")?;
     let pid = rustix::process::Pid::from_raw(raw).context("pid 0")?;
     match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG) {
         Ok(Some((_, status))) => Ok(Some(ExitStatus::from_raw(status.as_raw()))),
-        Ok(None) | Err(rustix::io::Errno::CHILD) => Ok(None),
+        Ok(None) => Ok(None),
+        Err(rustix::io::Errno::CHILD) => match rustix::process::test_kill_process(pid) {
+            Err(rustix::io::Errno::SRCH) => {
+                bail!("pid {pid:?} exited and was reaped by its parent")
+            }
+            _ => Ok(None),
+        },
         Err(e) => Err(e.into()),
     }
 }
@@ -467,7 +479,7 @@ impl Drop for Process {
     /// A successor is not a `Child` killed on drop: killed here.
     fn drop(&mut self) {
         if self.successor
-            && !matches!(reap(self.pid), Ok(Some(_)))
+            && matches!(reap(self.pid), Ok(None))
             && let Ok(pid) = i32::try_from(self.pid)
             && let Some(pid) = rustix::process::Pid::from_raw(pid)
         {

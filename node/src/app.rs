@@ -156,19 +156,6 @@ pub struct NodeHandle {
     released: bool,
 }
 
-/// How a hand-over to a new process ended ([`NodeHandle::hand_over`]).
-#[derive(Debug)]
-pub enum HandOver {
-    /// The new process serves: this one drains and exits.
-    Done,
-    /// The new process went away (or refused) before this one stopped
-    /// anything: it goes on as before.
-    Abandoned(crate::upgrade::UpgradeError),
-    /// The new process went away after this one stopped its control
-    /// plane: this one can only drain and exit for a restart.
-    Failed(crate::upgrade::UpgradeError),
-}
-
 /// How long a task other than the data plane's drain may take to stop once
 /// cancelled.
 const STOP_GRACE: Duration = Duration::from_millis(500);
@@ -229,14 +216,8 @@ impl NodeHandle {
         // Requests waiting on a quorum answer 503 now rather than hold the
         // admin API's stop for the whole grace.
         self.store.stop();
-        let grace = began + STOP_GRACE;
         let others = async {
-            for t in self.tasks {
-                let abort = t.abort_handle();
-                if tokio::time::timeout_at(grace, t).await.is_err() {
-                    abort.abort();
-                }
-            }
+            stop_tasks(self.tasks, began + STOP_GRACE).await;
             began.elapsed()
         };
         let drain_limit = self.dataplane.settings.drain_timeout + STOP_GRACE;
@@ -278,18 +259,10 @@ impl NodeHandle {
         // the stop waits for them up to the shared deadline: left to the
         // runtime's exit, a seal not yet picked up by a blocking thread was
         // cancelled, and the file repaired at the next start.
-        let mut seals = tokio::task::JoinSet::new();
-        for s in self.seals {
-            seals.spawn(async move {
-                if let Err(e) = s.seal().await {
-                    warn!(error = %e, "sealing a storage file");
-                }
-            });
-        }
         let close_began = Instant::now();
         let close_limit = end.saturating_duration_since(close_began).min(CLOSE_MAX);
         let close = tokio::time::timeout(close_limit, self.transport.close());
-        let sealed = async { while seals.join_next().await.is_some() {} };
+        let sealed = seal_all(self.seals);
         if tokio::time::timeout_at(end, async { tokio::join!(close, sealed) })
             .await
             .is_err()
@@ -316,14 +289,15 @@ impl NodeHandle {
         crate::upgrade::Offer::bind(&self.data_dir)
     }
 
-    /// Hands this node's place over to the new process `incoming`: its
-    /// listening sockets first (both processes accept from them for a
-    /// while), then, when it asks, this node's control plane stops
-    /// ([`NodeHandle::release_control`]) while the data plane goes on
-    /// serving, and the new process starts its own. On [`HandOver::Done`]
-    /// the caller stops this node ([`NodeHandle::shutdown`]: it stops
-    /// accepting and drains).
-    pub async fn hand_over(&mut self, incoming: crate::upgrade::Incoming) -> HandOver {
+    /// Sends this node's listening sockets to the new process `incoming`
+    /// (both processes accept from them from now on) and waits until it
+    /// asks this one to release its control plane
+    /// ([`NodeHandle::release_control`]). Until then this node is whole:
+    /// on an error the new process is gone and nothing changed here.
+    pub async fn send_sockets(
+        &self,
+        incoming: &crate::upgrade::Incoming,
+    ) -> Result<(), crate::upgrade::UpgradeError> {
         let copies = {
             let sockets = self
                 .sockets
@@ -338,11 +312,7 @@ impl NodeHandle {
                         .collect::<std::io::Result<Vec<_>>>()?;
                     Ok((*port, fds))
                 })
-                .collect::<std::io::Result<Vec<_>>>()
-        };
-        let copies = match copies {
-            Ok(c) => c,
-            Err(e) => return HandOver::Abandoned(e.into()),
+                .collect::<std::io::Result<Vec<_>>>()?
         };
         let sockets = crate::upgrade::Sockets {
             admin: self.admin_socket.as_ref().map(AsFd::as_fd),
@@ -351,40 +321,22 @@ impl NodeHandle {
                 .map(|(port, fds)| (*port, fds.iter().map(AsFd::as_fd).collect()))
                 .collect(),
         };
-        if let Err(e) = incoming.hand_over(&sockets).await {
-            return HandOver::Abandoned(e);
-        }
-        drop(copies);
-        let began = tokio::time::Instant::now();
-        self.release_control().await;
-        info!(
-            took_ms = millis(began.elapsed()),
-            pid = incoming.pid,
-            "control plane stopped for the new process; the data plane serves on"
-        );
-        match incoming.released().await {
-            Ok(()) => HandOver::Done,
-            Err(e) => HandOver::Failed(e),
-        }
+        incoming.send_sockets(&sockets).await
     }
 
     /// Stops the control plane and lets go of what a new process on the
     /// same data dir needs: the admin API stops accepting, renewal and
     /// gossip stop, Raft stops, the storage files are sealed and closed,
     /// the cluster endpoint says goodbye to its peers and frees its
-    /// address. The data plane serves on with the routing table it has.
-    /// The node does not leave the membership: the new process is this
-    /// node.
-    async fn release_control(&mut self) {
+    /// address. The data plane serves on with the routing table it has,
+    /// until [`NodeHandle::shutdown`] drains it. The node does not leave
+    /// the membership: the new process is this node. Bounded (about
+    /// 150 ms; at most [`RELEASE_LIMIT`] for Raft and for the seals).
+    pub async fn release_control(&mut self) {
+        let began = tokio::time::Instant::now();
         self.control.cancel();
         self.store.stop();
-        let grace = tokio::time::Instant::now() + STOP_GRACE;
-        for t in self.tasks.drain(..) {
-            let abort = t.abort_handle();
-            if tokio::time::timeout_at(grace, t).await.is_err() {
-                abort.abort();
-            }
-        }
+        stop_tasks(std::mem::take(&mut self.tasks), began + STOP_GRACE).await;
         std::mem::take(&mut self.gossip_tasks).stop().await;
         if tokio::time::timeout(RELEASE_LIMIT, self.store.raft().shutdown())
             .await
@@ -392,15 +344,7 @@ impl NodeHandle {
         {
             warn!("raft did not stop in time");
         }
-        let mut seals = tokio::task::JoinSet::new();
-        for s in std::mem::take(&mut self.seals) {
-            seals.spawn(async move {
-                if let Err(e) = s.seal().await {
-                    warn!(error = %e, "sealing a storage file");
-                }
-            });
-        }
-        let sealed = async { while seals.join_next().await.is_some() {} };
+        let sealed = seal_all(std::mem::take(&mut self.seals));
         if tokio::time::timeout(RELEASE_LIMIT, sealed).await.is_err() {
             warn!("the storage files were not sealed in time");
         }
@@ -410,8 +354,18 @@ impl NodeHandle {
         if let Err(e) = self.transport.release_address() {
             warn!(error = %e, "freeing the cluster address");
         }
+        // The new process holds the sockets now; this one serves on with
+        // its accept loops' own until its drain.
         self.admin_socket = None;
+        self.sockets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         self.released = true;
+        info!(
+            took_ms = millis(began.elapsed()),
+            "control plane stopped for the new process; the data plane serves on"
+        );
     }
 
     /// Whether this process replaces a running one (`--upgrade`) and has
@@ -478,6 +432,30 @@ async fn close_access_log(dp: &Arc<DataPlane>) {
 /// How long a hand-over's Raft stop, and its seals, may take.
 const RELEASE_LIMIT: Duration = Duration::from_secs(5);
 
+/// Waits for `tasks` (cancelled by the caller) until `until`, then aborts
+/// the ones still running.
+async fn stop_tasks(tasks: Vec<JoinHandle<()>>, until: tokio::time::Instant) {
+    for t in tasks {
+        let abort = t.abort_handle();
+        if tokio::time::timeout_at(until, t).await.is_err() {
+            abort.abort();
+        }
+    }
+}
+
+/// Seals the storage files side by side; resolves when all are done.
+async fn seal_all(seals: Vec<raft_store::Seal>) {
+    let mut sealing = tokio::task::JoinSet::new();
+    for s in seals {
+        sealing.spawn(async move {
+            if let Err(e) = s.seal().await {
+                warn!(error = %e, "sealing a storage file");
+            }
+        });
+    }
+    while sealing.join_next().await.is_some() {}
+}
+
 /// Starts a node with `config`.
 pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
     // Each step of the start up to the cluster endpoint is timed and logged
@@ -491,7 +469,12 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
     // An upgrade: the running node's sockets come first. Until the
     // release below, a failure here leaves it serving as before.
     let mut takeover = match config.upgrade {
-        true => Some(crate::upgrade::Takeover::connect(&config.data_dir).await?),
+        true => {
+            if let Some(why) = crate::systemd::cannot_take_over() {
+                return Err(crate::upgrade::UpgradeError::Cannot(why).into());
+            }
+            Some(crate::upgrade::Takeover::connect(&config.data_dir).await?)
+        }
         false => None,
     };
     let before_release = before_release(&mut config, takeover.as_mut()).await;
@@ -608,7 +591,9 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
     .metrics(metrics.registry());
     tasks.push(tokio::spawn(renewal.run(control.clone())));
     if dataplane.access_log.is_some() {
-        tasks.push(tokio::spawn(reopen_access_log(
+        // Not one of `tasks`: it ends with the data plane, which a
+        // hand-over to a new process leaves running.
+        drop(tokio::spawn(reopen_access_log(
             dataplane.clone(),
             shutdown.clone(),
         )));

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use edgelb::app::{self, HandOver, StartError};
+use edgelb::app::{self, StartError};
 use edgelb::config::{Args, Config, EXIT_CONFIG, LogFormat};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -185,21 +185,32 @@ async fn run(config: Config, upgrader: Upgrader) -> (ExitCode, Option<tokio::tim
             reason = health.failed() => return failed(node, &reason).await,
             incoming = next_upgrade(offer.as_ref()) => {
                 let pid = incoming.pid;
-                match node.hand_over(incoming).await {
-                    HandOver::Done => {
-                        tracing::info!(pid, "the new process serves: draining");
-                        handed_over = true;
-                        break;
-                    }
-                    HandOver::Abandoned(e) => {
+                // Until the release this node is whole: a stop abandons
+                // the hand-over, as does a new process that goes away.
+                tokio::select! {
+                    sent = node.send_sockets(&incoming) => if let Err(e) = sent {
                         tracing::warn!(pid, error = %e, "upgrade abandoned: this process serves on");
-                    }
-                    HandOver::Failed(e) => {
-                        eprintln!("edgelb: the upgrade failed after the control plane stopped ({e}): draining, and exiting for a restart");
-                        code = ExitCode::from(edgelb::health::EXIT_STORAGE);
-                        break;
-                    }
+                        continue;
+                    },
+                    () = signals.recv() => break,
                 }
+                node.release_control().await;
+                tokio::select! {
+                    ready = incoming.released() => match ready {
+                        Ok(()) => {
+                            tracing::info!(pid, "the new process serves: draining");
+                            handed_over = true;
+                        }
+                        Err(e) => {
+                            eprintln!("edgelb: the upgrade failed after the control plane stopped ({e}): draining, and exiting for a restart");
+                            code = ExitCode::from(edgelb::health::EXIT_STORAGE);
+                        }
+                    },
+                    // Stopped meanwhile: the new process serves or fails
+                    // on its own.
+                    () = signals.recv() => {}
+                }
+                break;
             }
         }
     }
@@ -232,6 +243,10 @@ struct Upgrader {
 }
 
 impl Upgrader {
+    /// The binary is the path this process was started by (`argv[0]`,
+    /// as systemd's `ExecStart` names it) when that is a path, so that a
+    /// deploy that swaps a symlink starts the binary the link names now;
+    /// else the running binary's.
     fn of_this_process() -> Self {
         let mut args = Vec::new();
         let mut given = std::env::args_os().skip(1);
@@ -246,8 +261,12 @@ impl Upgrader {
             }
         }
         args.push("--upgrade".into());
+        let started_as = std::env::args_os()
+            .next()
+            .map(std::path::PathBuf::from)
+            .filter(|p| p.components().count() > 1);
         Self {
-            exe: std::env::current_exe().ok(),
+            exe: started_as.or_else(|| std::env::current_exe().ok()),
             args,
         }
     }

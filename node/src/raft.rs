@@ -115,11 +115,11 @@ pub fn raft_config(timing: &Timing) -> Result<openraft::Config, StartError> {
     .map_err(|e| StartError::raft("raft config", e))
 }
 
-/// Opens storage, binds the cluster endpoint and starts openraft.
 /// How long an upgrade's new process waits for the old one to close the
 /// storage files.
 const HELD_WAIT: Duration = Duration::from_secs(10);
 
+/// Opens storage, binds the cluster endpoint and starts openraft.
 pub async fn start(
     config: &Config,
     identity: &Identity,

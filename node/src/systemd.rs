@@ -17,6 +17,20 @@ use tokio::io::AsyncReadExt;
 /// How long a barrier waits for systemd.
 const BARRIER_WAIT: Duration = Duration::from_secs(5);
 
+/// Why this process cannot take over as systemd's main process, if it
+/// cannot: it runs as a systemd service (`INVOCATION_ID`) whose unit does
+/// not listen for notifications (`Type=notify`, `NotifyAccess=all`), so
+/// systemd would take the old process's exit for the service's and stop
+/// the new one with it.
+pub fn cannot_take_over() -> Option<&'static str> {
+    let service = std::env::var_os("INVOCATION_ID").is_some();
+    let notify = std::env::var_os("NOTIFY_SOCKET").is_some();
+    (service && !notify).then_some(
+        "this systemd unit is not Type=notify with NotifyAccess=all (ops/deploy/edgelb.service): \
+         install that unit and restart once; until then upgrade by restarting",
+    )
+}
+
 /// The node serves.
 pub fn ready() -> io::Result<()> {
     sd_notify::notify(&[NotifyState::Ready])

@@ -55,6 +55,10 @@ pub const SOCKET_FILE: &str = "upgrade.sock";
 /// new process's start between `released` and `ready` ([`READY_WITHIN`]).
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the running node waits for a connected peer's hello (it takes
+/// no other meanwhile).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long the old process waits for `ready` once it released its
 /// control plane: the new process opens the storage (a repair after a
 /// crash may take a while on a large state) and catches up.
@@ -82,6 +86,9 @@ pub enum UpgradeError {
     Timeout(Duration),
     #[error("the other process refused: {0}")]
     Refused(String),
+    /// This process cannot take over (see [`crate::systemd::cannot_take_over`]).
+    #[error("{0}")]
+    Cannot(&'static str),
     #[error("unexpected message from the other process: {0}")]
     Protocol(String),
 }
@@ -272,7 +279,7 @@ impl Offer {
             )));
         }
         let channel = Channel { stream };
-        match channel.recv(STEP_TIMEOUT).await? {
+        match channel.recv(HELLO_TIMEOUT).await? {
             (Message::Hello { pid, version }, None) => {
                 info!(pid, version, "a new process asks to take over (upgrade)");
                 Ok(Incoming { channel, pid })
@@ -302,7 +309,7 @@ impl Incoming {
     /// Sends every listening socket (the new process holds them from now
     /// on as this one does) and waits until the new process asks this one
     /// to stop its control plane.
-    pub async fn hand_over(&self, sockets: &Sockets<'_>) -> Result<(), UpgradeError> {
+    pub async fn send_sockets(&self, sockets: &Sockets<'_>) -> Result<(), UpgradeError> {
         let mut count = 0;
         if let Some(admin) = sockets.admin {
             self.send_socket(Passed::Admin, admin).await?;

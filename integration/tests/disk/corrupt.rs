@@ -156,14 +156,17 @@ fn moved_aside(data: &Path, prefix: &str) -> bool {
     })
 }
 
+/// Copies the files and directories of `from` (not the upgrade socket a
+/// node leaves there: a socket is no file to copy).
 fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
         let e = e?;
         let target = to.join(e.file_name());
-        if e.file_type()?.is_dir() {
+        let kind = e.file_type()?;
+        if kind.is_dir() {
             copy_dir(&e.path(), &target)?;
-        } else {
+        } else if kind.is_file() {
             std::fs::copy(e.path(), target)?;
         }
     }

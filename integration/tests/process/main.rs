@@ -156,15 +156,19 @@ async fn start_with(
     }
     args.extend_from_slice(extra);
     let mut p = Process::spawn(&args, data.path()).await?;
+    let addr = admin_addr_of(&mut p).await?;
+    Ok((p, addr))
+}
+
+/// Waits for `p`'s "admin API on" line and returns the address it names.
+async fn admin_addr_of(p: &mut Process) -> anyhow::Result<SocketAddr> {
     let line = p
         .wait_stdout("admin API on http://", Duration::from_secs(30))
         .await?;
-    let addr = line
-        .rsplit("http://")
+    line.rsplit("http://")
         .next()
         .and_then(|a| a.trim().parse::<SocketAddr>().ok())
-        .with_context(|| format!("no admin address in {line:?}"))?;
-    Ok((p, addr))
+        .with_context(|| format!("no admin address in {line:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

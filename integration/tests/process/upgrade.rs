@@ -13,7 +13,7 @@ use integration::process::Process;
 use integration::{AdminClient, HttpBackend, Subnet, TempDir, poll};
 use serde_json::json;
 
-use super::{TOKEN, healthz};
+use super::{TOKEN, admin_addr_of, healthz};
 
 /// The group's published port.
 const PORT: u16 = 8300;
@@ -92,14 +92,7 @@ async fn a_reload_that_cannot_start_leaves_the_node_serving_and_one_that_can_han
     let mut node =
         Process::spawn_with_env(&args, data.path(), &[("NOTIFY_SOCKET", notify.as_os_str())])
             .await?;
-    let line = node
-        .wait_stdout("admin API on http://", Duration::from_secs(30))
-        .await?;
-    let admin_addr = line
-        .rsplit("http://")
-        .next()
-        .and_then(|a| a.trim().parse().ok())
-        .with_context(|| format!("no admin address in {line:?}"))?;
+    let admin_addr = admin_addr_of(&mut node).await?;
     let (ready, _) = next_message(&systemd)?;
     ensure!(ready.contains("READY=1"), "first message: {ready:?}");
 
@@ -237,16 +230,58 @@ async fn a_new_process_that_fails_after_the_release_makes_the_old_one_exit_74() 
     // Started again (as systemd would), the node comes up on its data dir.
     std::fs::write(&config, format!("cluster_addr = \"{cluster_addr}\"\n"))?;
     let mut again = Process::spawn(&args, data.path()).await?;
-    let line = again
-        .wait_stdout("admin API on http://", Duration::from_secs(30))
-        .await?;
-    let admin_addr = line
-        .rsplit("http://")
-        .next()
-        .and_then(|a| a.trim().parse().ok())
-        .with_context(|| format!("no admin address in {line:?}"))?;
+    let admin_addr = admin_addr_of(&mut again).await?;
     ensure!(healthz(admin_addr).await? == http::StatusCode::OK);
     again.terminate().await?;
     ensure!(again.wait(Duration::from_secs(20)).await?.success());
+    Ok(())
+}
+
+/// Under a systemd unit that does not listen for notifications (an
+/// earlier release's `Type=simple` unit: `INVOCATION_ID` without
+/// `NOTIFY_SOCKET`), systemd would take the old process's exit for the
+/// service's: the new process refuses to take over, and the node serves
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_unit_without_notify_the_upgrade_is_refused() -> anyhow::Result<()> {
+    let subnet = Subnet::allocate();
+    let data = TempDir::new("proc-reload-simple");
+    let ip = subnet.node_ip().to_string();
+    let any_port = format!("{ip}:0");
+    let data_dir = data.path().join("data");
+    let args = [
+        "--data-dir",
+        data_dir.to_str().context("utf-8 path")?,
+        "--admin-addr",
+        &any_port,
+        "--cluster-addr",
+        &any_port,
+        "--listen-ip",
+        &ip,
+        "--token",
+        TOKEN,
+        "--log",
+        "info",
+    ];
+    let invocation = std::ffi::OsStr::new("0123456789abcdef");
+    let mut node =
+        Process::spawn_with_env(&args, data.path(), &[("INVOCATION_ID", invocation)]).await?;
+    let admin_addr = admin_addr_of(&mut node).await?;
+    node.signal("USR2").await?;
+    poll(
+        "the new process to refuse",
+        Duration::from_secs(30),
+        || async {
+            let stderr = node.stderr();
+            ensure!(stderr.contains("the new process exited"), "not yet");
+            ensure!(stderr.contains("not Type=notify"), "{stderr}");
+            Ok(())
+        },
+    )
+    .await?;
+    ensure!(node.exited().is_none(), "the running node stopped");
+    ensure!(healthz(admin_addr).await? == http::StatusCode::OK);
+    node.terminate().await?;
+    ensure!(node.wait(Duration::from_secs(20)).await?.success());
     Ok(())
 }

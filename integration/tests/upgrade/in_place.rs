@@ -160,6 +160,12 @@ async fn an_upgrade_under_wrk_load_fails_no_request() -> anyhow::Result<()> {
     write_through(&cluster, id, &backends[1]).await?;
     let second = cluster.upgrade(id).await?;
     ensure!(first != second, "the second upgrade made a new process");
+    for (what, run) in &runs {
+        ensure!(
+            !run.is_finished(),
+            "{what}: the load ended before the second upgrade did (LOAD_SECS is too short here)"
+        );
+    }
     write_through(&cluster, id, &backends[2]).await?;
     // Still a voter: the new processes are the same member.
     let view = cluster.status(id).await?;

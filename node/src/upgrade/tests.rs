@@ -36,7 +36,10 @@ async fn sockets_pass_and_the_steps_come_in_order() {
         admin: Some(admin.as_fd()),
         ports: vec![(8080, port_a.iter().map(AsFd::as_fd).collect())],
     };
-    incoming.hand_over(&sockets).await.expect("release asked");
+    incoming
+        .send_sockets(&sockets)
+        .await
+        .expect("release asked");
     let released = tokio::spawn(incoming.released());
     let mut takeover = new.await.expect("new side");
 
@@ -79,7 +82,7 @@ async fn a_new_process_that_goes_away_is_seen_and_the_next_is_taken() {
         admin: Some(admin.as_fd()),
         ports: Vec::new(),
     };
-    let err = incoming.hand_over(&sockets).await.expect_err("refused");
+    let err = incoming.send_sockets(&sockets).await.expect_err("refused");
     assert!(
         matches!(&err, UpgradeError::Refused(r) if r.contains("configuration")),
         "{err}"
@@ -92,7 +95,7 @@ async fn a_new_process_that_goes_away_is_seen_and_the_next_is_taken() {
         drop(t);
     });
     let incoming = offer.next().await;
-    let err = incoming.hand_over(&sockets).await.expect_err("gone");
+    let err = incoming.send_sockets(&sockets).await.expect_err("gone");
     assert!(matches!(err, UpgradeError::Gone), "{err}");
     second.await.unwrap();
 }
@@ -116,7 +119,7 @@ async fn garbage_is_turned_away() {
         .await
         .expect("the good one is taken");
     incoming
-        .hand_over(&Sockets::default())
+        .send_sockets(&Sockets::default())
         .await
         .expect_err("the new side dropped after the sockets");
     good.await
@@ -136,4 +139,74 @@ async fn nothing_listening_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let err = Takeover::connect(dir.path()).await.expect_err("no node");
     assert!(err.to_string().contains("upgrade.sock"), "{err}");
+}
+
+/// A peer that connects and says nothing holds the offer for the hello
+/// timeout only; the next one is taken.
+#[tokio::test]
+async fn a_silent_peer_is_dropped_after_the_hello_timeout() {
+    let (dir, offer) = offer();
+    let (_, addr) = address(dir.path()).unwrap();
+    let silent = seqpacket().unwrap();
+    rustix::net::connect(&silent, &addr).unwrap();
+    let path = dir.path().to_owned();
+    let good = tokio::spawn(async move { Takeover::connect(&path).await.map(drop) });
+    let incoming = tokio::time::timeout(HELLO_TIMEOUT * 5, offer.next())
+        .await
+        .expect("the good one is taken after the silent one's timeout");
+    assert_eq!(incoming.pid, std::process::id());
+    drop(incoming);
+    let _ = good.await;
+    drop(silent);
+}
+
+/// A message with more than one descriptor, or a `ready` from another
+/// pid, is refused; what was passed is closed, not kept.
+#[tokio::test]
+async fn extra_descriptors_and_a_stranger_ready_are_refused() {
+    let (a, b) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .unwrap();
+    let (sender, receiver) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
+    let (one, two) = (listener(), listener());
+    let bytes = serde_json::to_vec(&Message::Socket {
+        socket: Passed::Admin,
+    })
+    .unwrap();
+    let fds = [one.as_fd(), two.as_fd()];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+    rustix::net::sendmsg(
+        &sender.stream,
+        &[IoSlice::new(&bytes)],
+        &mut control,
+        SendFlags::empty(),
+    )
+    .unwrap();
+    let err = receiver
+        .recv(Duration::from_secs(5))
+        .await
+        .expect_err("two descriptors");
+    assert!(matches!(err, UpgradeError::Protocol(_)), "{err}");
+
+    let incoming = Incoming {
+        channel: receiver,
+        pid: 4242,
+    };
+    let stranger = tokio::spawn(async move {
+        let _ = sender.recv(Duration::from_secs(5)).await;
+        sender.send(&Message::Ready { pid: 1 }, None).await.unwrap();
+        sender
+    });
+    let err = incoming
+        .released()
+        .await
+        .expect_err("not the new process's pid");
+    assert!(matches!(err, UpgradeError::Protocol(_)), "{err}");
+    drop(stranger.await);
 }
