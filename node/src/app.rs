@@ -204,9 +204,12 @@ impl NodeHandle {
     /// steps after the drain share one deadline rather than each having
     /// its own bound). Returns that deadline: the exit's wait for leftover
     /// blocking work (`main`) ends there too. Each step's time is logged.
-    pub async fn shutdown(self) -> tokio::time::Instant {
+    pub async fn shutdown(mut self) -> tokio::time::Instant {
         use tokio::time::Instant;
         let began = Instant::now();
+        // The copy kept for an upgrade would keep the admin port listening
+        // once the admin API stopped accepting.
+        self.admin_socket = None;
         if self.released {
             self.dataplane.drain_softly();
             self.shutdown.cancel();

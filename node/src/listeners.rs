@@ -183,6 +183,12 @@ impl Listeners {
     /// connections holds the connection slots it gets: a loop still
     /// accepting meanwhile would find none and drop what it accepted.
     pub async fn drained(&mut self) {
+        // The copies kept for an upgrade would keep the ports listening
+        // (the kernel completing handshakes nobody accepts).
+        self.sockets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         for active in self.active.values_mut() {
             for l in active.loops.drain(..) {
                 let _ = l.await;

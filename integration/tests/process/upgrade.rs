@@ -54,6 +54,36 @@ fn notify_socket(path: &std::path::Path) -> anyhow::Result<mpsc::Receiver<(Strin
     Ok(rx)
 }
 
+/// A node's flags: on `subnet`'s node address (the admin API and, with
+/// `cluster_port_flag`, the cluster endpoint on any port), its data dir in
+/// `data`, the test's token, logging at info; `extra` first.
+fn node_args(
+    subnet: &Subnet,
+    data: &TempDir,
+    cluster_port_flag: bool,
+    extra: &[&str],
+) -> Vec<String> {
+    let ip = subnet.node_ip().to_string();
+    let any_port = format!("{ip}:0");
+    let mut args: Vec<String> = extra.iter().map(|&a| a.to_owned()).collect();
+    args.extend([
+        "--data-dir".to_owned(),
+        data.path().join("data").to_string_lossy().into_owned(),
+        "--admin-addr".to_owned(),
+        any_port.clone(),
+        "--listen-ip".to_owned(),
+        ip,
+        "--token".to_owned(),
+        TOKEN.to_owned(),
+        "--log".to_owned(),
+        "info".to_owned(),
+    ]);
+    if cluster_port_flag {
+        args.extend(["--cluster-addr".to_owned(), any_port]);
+    }
+    args
+}
+
 /// The next message systemd would read, within a few seconds.
 fn next_message(rx: &mpsc::Receiver<(String, bool)>) -> anyhow::Result<(String, bool)> {
     rx.recv_timeout(Duration::from_secs(20))
@@ -70,25 +100,13 @@ async fn a_reload_that_cannot_start_leaves_the_node_serving_and_one_that_can_han
     let notify = data.path().join("notify.sock");
     let systemd = notify_socket(&notify)?;
 
-    let ip = subnet.node_ip().to_string();
-    let any_port = format!("{ip}:0");
-    let data_dir = data.path().join("data");
-    let args = [
-        "--config",
-        config.to_str().context("utf-8 path")?,
-        "--data-dir",
-        data_dir.to_str().context("utf-8 path")?,
-        "--admin-addr",
-        &any_port,
-        "--cluster-addr",
-        &any_port,
-        "--listen-ip",
-        &ip,
-        "--token",
-        TOKEN,
-        "--log",
-        "info",
-    ];
+    let args = node_args(
+        &subnet,
+        &data,
+        true,
+        &["--config", config.to_str().context("utf-8 path")?],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut node =
         Process::spawn_with_env(&args, data.path(), &[("NOTIFY_SOCKET", notify.as_os_str())])
             .await?;
@@ -188,23 +206,14 @@ async fn a_new_process_that_fails_after_the_release_makes_the_old_one_exit_74() 
     let cluster_addr = std::net::SocketAddr::new(ip, 7371);
     let config = data.path().join("edgelb.toml");
     std::fs::write(&config, format!("cluster_addr = \"{cluster_addr}\"\n"))?;
-    let data_dir = data.path().join("data");
-    let any_port = format!("{ip}:0");
-    let ip = ip.to_string();
-    let args = [
-        "--config",
-        config.to_str().context("utf-8 path")?,
-        "--data-dir",
-        data_dir.to_str().context("utf-8 path")?,
-        "--admin-addr",
-        &any_port,
-        "--listen-ip",
-        &ip,
-        "--token",
-        TOKEN,
-        "--log",
-        "info",
-    ];
+    // The cluster address from the file only: a flag would override it.
+    let args = node_args(
+        &subnet,
+        &data,
+        false,
+        &["--config", config.to_str().context("utf-8 path")?],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut node = Process::spawn(&args, data.path()).await?;
     node.wait_stdout("admin API on http://", Duration::from_secs(30))
         .await?;
@@ -246,23 +255,8 @@ async fn a_new_process_that_fails_after_the_release_makes_the_old_one_exit_74() 
 async fn under_a_unit_without_notify_the_upgrade_is_refused() -> anyhow::Result<()> {
     let subnet = Subnet::allocate();
     let data = TempDir::new("proc-reload-simple");
-    let ip = subnet.node_ip().to_string();
-    let any_port = format!("{ip}:0");
-    let data_dir = data.path().join("data");
-    let args = [
-        "--data-dir",
-        data_dir.to_str().context("utf-8 path")?,
-        "--admin-addr",
-        &any_port,
-        "--cluster-addr",
-        &any_port,
-        "--listen-ip",
-        &ip,
-        "--token",
-        TOKEN,
-        "--log",
-        "info",
-    ];
+    let args = node_args(&subnet, &data, true, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let invocation = std::ffi::OsStr::new("0123456789abcdef");
     let mut node =
         Process::spawn_with_env(&args, data.path(), &[("INVOCATION_ID", invocation)]).await?;
