@@ -561,49 +561,70 @@ fn fields(f: &mut impl Fields, e: &Entry<'_>, duration: Duration) {
 }
 
 /// How a format writes one field (an empty value is JSON's `null`, the
-/// text format's `-`).
+/// text format's `-`): each format says how a field starts and how it
+/// writes strings; numbers, flags and times are written alike.
 trait Fields {
+    /// What an absent value is written as.
+    const NONE: &'static [u8];
+    /// Starts the field `key`; the buffer its value goes to.
+    fn key(&mut self, key: &str) -> &mut Vec<u8>;
     /// A string, escaped and quoted.
     fn text(&mut self, key: &str, value: &[u8]);
     /// A word from a fixed set (quoted in JSON only).
     fn word(&mut self, key: &str, value: &str);
-    fn num(&mut self, key: &str, n: u64);
-    fn flag(&mut self, key: &str, b: bool);
+
+    fn num(&mut self, key: &str, n: u64) {
+        num(self.key(key), n);
+    }
+
+    fn flag(&mut self, key: &str, b: bool) {
+        self.key(key)
+            .extend_from_slice(if b { b"true" } else { b"false" });
+    }
+
     /// Milliseconds with three decimals.
-    fn ms(&mut self, key: &str, d: Option<Duration>);
+    fn ms(&mut self, key: &str, d: Option<Duration>) {
+        let out = self.key(key);
+        match d {
+            Some(d) => millis(out, d),
+            None => out.extend_from_slice(Self::NONE),
+        }
+    }
 }
 
 /// `,"key":value` after the object's first field.
 struct Json<'a>(&'a mut Vec<u8>);
 
 impl Json<'_> {
-    fn key(&mut self, key: &str) {
-        self.0.extend_from_slice(b",\"");
-        self.0.extend_from_slice(key.as_bytes());
-        self.0.extend_from_slice(b"\":");
-    }
-
     /// `null` for 0 (a TCP connection has none).
     fn status(&mut self, status: u16) {
-        self.key("status");
+        let out = self.key("status");
         if status == 0 {
-            self.0.extend_from_slice(b"null");
+            out.extend_from_slice(Self::NONE);
         } else {
-            num(self.0, status);
+            num(out, status);
         }
     }
 }
 
 impl Fields for Json<'_> {
+    const NONE: &'static [u8] = b"null";
+
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        self.0.extend_from_slice(b",\"");
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.extend_from_slice(b"\":");
+        self.0
+    }
+
     /// Escaped: `"`, `\`, control characters and bytes outside ASCII as
     /// `\u00XX` (a header may hold bytes that are not UTF-8).
     fn text(&mut self, key: &str, value: &[u8]) {
-        self.key(key);
+        let out = self.key(key);
         if value.is_empty() {
-            self.0.extend_from_slice(b"null");
+            out.extend_from_slice(Self::NONE);
             return;
         }
-        let out = &mut *self.0;
         out.push(b'"');
         let plain = |b: &u8| (0x20..=0x7e).contains(b) && *b != b'"' && *b != b'\\';
         if value.iter().all(plain) {
@@ -630,24 +651,6 @@ impl Fields for Json<'_> {
     fn word(&mut self, key: &str, value: &str) {
         self.text(key, value.as_bytes());
     }
-
-    fn num(&mut self, key: &str, n: u64) {
-        self.key(key);
-        num(self.0, n);
-    }
-
-    fn flag(&mut self, key: &str, b: bool) {
-        self.key(key);
-        self.0.extend_from_slice(if b { b"true" } else { b"false" });
-    }
-
-    fn ms(&mut self, key: &str, d: Option<Duration>) {
-        self.key(key);
-        match d {
-            Some(d) => millis(self.0, d),
-            None => self.0.extend_from_slice(b"null"),
-        }
-    }
 }
 
 const HEX: [u8; 16] = *b"0123456789abcdef";
@@ -655,47 +658,29 @@ const HEX: [u8; 16] = *b"0123456789abcdef";
 /// ` key=value`.
 struct Text<'a>(&'a mut Vec<u8>);
 
-impl Text<'_> {
-    fn key(&mut self, key: &str) {
+impl Fields for Text<'_> {
+    const NONE: &'static [u8] = b"-";
+
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
         self.0.push(b' ');
         self.0.extend_from_slice(key.as_bytes());
         self.0.push(b'=');
+        self.0
     }
-}
 
-impl Fields for Text<'_> {
     fn text(&mut self, key: &str, value: &[u8]) {
-        self.key(key);
+        let out = self.key(key);
         if value.is_empty() {
-            self.0.push(b'-');
+            out.extend_from_slice(Self::NONE);
             return;
         }
-        self.0.push(b'"');
-        text_escaped(self.0, value, true);
-        self.0.push(b'"');
+        out.push(b'"');
+        text_escaped(out, value, true);
+        out.push(b'"');
     }
 
     fn word(&mut self, key: &str, value: &str) {
-        self.key(key);
-        text_escaped(self.0, value.as_bytes(), false);
-    }
-
-    fn num(&mut self, key: &str, n: u64) {
-        self.key(key);
-        num(self.0, n);
-    }
-
-    fn flag(&mut self, key: &str, b: bool) {
-        self.key(key);
-        self.0.extend_from_slice(if b { b"true" } else { b"false" });
-    }
-
-    fn ms(&mut self, key: &str, d: Option<Duration>) {
-        self.key(key);
-        match d {
-            Some(d) => millis(self.0, d),
-            None => self.0.push(b'-'),
-        }
+        text_escaped(self.key(key), value.as_bytes(), false);
     }
 }
 
