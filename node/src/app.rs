@@ -147,7 +147,7 @@ pub struct NodeHandle {
     /// A copy of the admin API's listener, and of the published ports',
     /// for a new process that takes them over.
     admin_socket: Option<std::os::fd::OwnedFd>,
-    sockets: crate::listeners::Sockets,
+    sockets: crate::listeners::SocketCopies,
     /// `--upgrade`: the process this one replaces, told once this one
     /// serves ([`NodeHandle::took_over`]).
     takeover: Option<crate::upgrade::Takeover>,
@@ -357,13 +357,6 @@ impl NodeHandle {
         if let Err(e) = self.transport.release_address() {
             warn!(error = %e, "freeing the cluster address");
         }
-        // The new process holds the sockets now; this one serves on with
-        // its accept loops' own until its drain.
-        self.admin_socket = None;
-        self.sockets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
         self.released = true;
         info!(
             took_ms = millis(began.elapsed()),
@@ -480,7 +473,18 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         }
         false => None,
     };
-    let before_release = before_release(&mut config, takeover.as_mut()).await;
+    let before = match before_release(&mut config, takeover.as_mut()).await {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(t) = takeover {
+                t.refuse(&e.to_string()).await;
+            }
+            return Err(e);
+        }
+    };
+    if let Some(t) = &takeover {
+        t.release().await?;
+    }
     let Before {
         token_file,
         metrics,
@@ -488,20 +492,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         dataplane,
         admin_listener,
         identity,
-    } = match (before_release, takeover.take()) {
-        (Ok(b), t) => {
-            if let Some(t) = &t {
-                t.release().await?;
-            }
-            takeover = t;
-            b
-        }
-        (Err(e), Some(t)) => {
-            t.refuse(&e.to_string()).await;
-            return Err(e);
-        }
-        (Err(e), None) => return Err(e),
-    };
+    } = before;
     let admin_addr = config.admin_addr;
     let admin_socket = admin_listener
         .as_fd()

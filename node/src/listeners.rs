@@ -43,14 +43,14 @@ pub struct Listeners {
     workers: Workers,
     /// A copy of each bound port's listeners, for a new process that takes
     /// them over ([`crate::upgrade`]).
-    sockets: Sockets,
+    sockets: SocketCopies,
     /// Listeners taken over from the process this one replaces, by port:
     /// used instead of binding, until the first reconcile.
     inherited: BTreeMap<u16, Vec<std::net::TcpListener>>,
 }
 
 /// A copy of each bound published port's listeners (one per worker).
-pub type Sockets = Arc<std::sync::Mutex<BTreeMap<u16, Vec<OwnedFd>>>>;
+pub type SocketCopies = Arc<std::sync::Mutex<BTreeMap<u16, Vec<OwnedFd>>>>;
 
 #[derive(Debug)]
 struct Active {
@@ -75,7 +75,7 @@ impl Listeners {
             shutdown,
             active: HashMap::new(),
             workers,
-            sockets: Sockets::default(),
+            sockets: SocketCopies::default(),
             inherited: BTreeMap::new(),
         }
     }
@@ -102,7 +102,7 @@ impl Listeners {
 
     /// The copy of the bound ports' listeners that a new process takes
     /// over.
-    pub fn sockets(&self) -> Sockets {
+    pub fn sockets(&self) -> SocketCopies {
         self.sockets.clone()
     }
 

@@ -134,13 +134,13 @@ impl Channel {
 
     async fn send(&self, message: &Message, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
         let bytes = serde_json::to_vec(message).map_err(io::Error::other)?;
-        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+        let fds = fd.as_slice();
         loop {
             self.stream.writable().await?;
             let sent = self.stream.try_io(Interest::WRITABLE, || {
                 let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
                 let mut control = SendAncillaryBuffer::new(&mut space);
-                if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+                if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
                     return Err(io::Error::other("no room for the descriptor"));
                 }
                 Ok(rustix::net::sendmsg(
