@@ -440,22 +440,24 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
     three(out, (micros % 1000) as u32);
 }
 
-/// `1.2.3.4` or `::1`, then `:port` when asked for (`[::1]:port`).
+/// `1.2.3.4` or `::1`, then `:port` when asked for (`[::1]:port`). An
+/// IPv4-mapped address is written as IPv4, as `X-Forwarded-For` and
+/// `trusted_proxies` see it.
 fn address(out: &mut Vec<u8>, a: SocketAddr, with_port: bool) {
-    match a {
-        SocketAddr::V4(v4) => {
-            for (i, o) in v4.ip().octets().into_iter().enumerate() {
+    match a.ip().to_canonical() {
+        std::net::IpAddr::V4(v4) => {
+            for (i, o) in v4.octets().into_iter().enumerate() {
                 if i > 0 {
                     out.push(b'.');
                 }
                 num(out, o);
             }
         }
-        SocketAddr::V6(v6) if with_port => {
-            let _ = write!(Buf(out), "[{}]", v6.ip());
+        std::net::IpAddr::V6(v6) if with_port => {
+            let _ = write!(Buf(out), "[{v6}]");
         }
-        SocketAddr::V6(v6) => {
-            let _ = write!(Buf(out), "{}", v6.ip());
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(Buf(out), "{v6}");
         }
     }
     if with_port {
@@ -785,6 +787,18 @@ mod tests {
             ("2026-12-05T00:00:00".into(), "05/Dec/2026:00:00:00".into())
         );
         assert_eq!(day(24_837).0, "2038-01-01T00:00:00");
+    }
+
+    /// A client on a dual-stack listener is logged as IPv4 when it is
+    /// one, as `X-Forwarded-For` names it; IPv6 keeps its brackets.
+    #[test]
+    fn ipv4_mapped_clients_are_logged_as_ipv4() {
+        let mut e = entry();
+        e.client = Some("[::ffff:10.1.2.3]:4000".parse().unwrap());
+        assert!(line(Format::Json, &e).contains("\"client\":\"10.1.2.3:4000\""));
+        assert!(line(Format::Text, &e).starts_with("10.1.2.3 - - ["));
+        e.client = Some("[2001:db8::1]:4000".parse().unwrap());
+        assert!(line(Format::Json, &e).contains("\"client\":\"[2001:db8::1]:4000\""));
     }
 
     #[test]

@@ -108,7 +108,6 @@ async fn serve<I, H>(
         // Boxed, both: while parked, the task holds neither (a future is
         // as large as its largest state).
         if io.h2() {
-            conn.set_h2();
             break Box::pin(serve_h2(io, &conn)).await;
         }
         match Box::pin(serve_h1(io, &conn)).await {
@@ -266,12 +265,16 @@ where
     let drain = conn.dp.settings.drain_timeout;
     let mut deadline: Option<Pin<Box<Sleep>>> = None;
     let mut parking = false;
+    // A soft drain closes an HTTP/2 connection as any close does (GOAWAY
+    // lets the client finish and retry safely); an HTTP/1 one (the
+    // parkable kind) answers its next request first.
+    let closing = || conn.close_requested() || (!parkable && conn.closes_after_response());
     let res = poll_fn(|cx| {
         // Registered before the checks below, so that a wake between them
         // and `Pending` is not lost.
         conn.set_waker(cx.waker());
         loop {
-            if deadline.is_none() && conn.close_requested() {
+            if deadline.is_none() && closing() {
                 graceful_shutdown(serving.as_mut());
                 deadline = Some(Box::pin(tokio::time::sleep(drain)));
             } else if parkable && !parking && deadline.is_none() && conn.take_park() {
@@ -282,8 +285,7 @@ where
             if let Poll::Ready(res) = serving.as_mut().poll(cx) {
                 return Poll::Ready(Some(res));
             }
-            if deadline.is_none()
-                && (conn.close_requested() || (parkable && !parking && conn.park_requested()))
+            if deadline.is_none() && (closing() || (parkable && !parking && conn.park_requested()))
             {
                 continue;
             }

@@ -281,6 +281,8 @@ async fn accept_loop(
     let tls_http = TlsAcceptor::from(server_config(port, dp.routes.clone(), true));
     let tls_tcp = TlsAcceptor::from(server_config(port, dp.routes.clone(), false));
     let acceptors = Arc::new((tls_http, tls_tcp));
+    // Fixed for the port: read once, not per connection.
+    let proxied = dp.settings.accept_proxy_protocol.contains(&port);
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -310,13 +312,17 @@ async fn accept_loop(
             port,
             tls: false,
         };
-        handle(stream, conn, &dp, &acceptors, permit, &shutdown);
+        if proxied {
+            handle_proxied(stream, conn, &dp, &acceptors, permit, &shutdown);
+        } else {
+            dispatch(stream, conn, &dp, &acceptors, permit, &shutdown);
+        }
     }
 }
 
-/// Starts serving an accepted connection: on an `accept_proxy_protocol`
-/// port, once its PROXY header has been read.
-fn handle(
+/// Starts serving a connection on an `accept_proxy_protocol` port once
+/// its PROXY header has been read.
+fn handle_proxied(
     stream: TcpStream,
     conn: ConnInfo,
     dp: &Arc<DataPlane>,
@@ -324,10 +330,6 @@ fn handle(
     permit: OwnedSemaphorePermit,
     shutdown: &CancellationToken,
 ) {
-    if !dp.settings.accept_proxy_protocol.contains(&conn.port) {
-        dispatch(stream, conn, dp, acceptors, permit, shutdown);
-        return;
-    }
     let (dp, acceptors, shutdown) = (dp.clone(), acceptors.clone(), shutdown.clone());
     tokio::spawn(async move {
         if let Some((stream, conn)) = proxied(stream, conn, &dp).await {

@@ -65,9 +65,6 @@ pub(crate) struct Conn {
     /// The node drains softly (an upgrade): an HTTP/1 connection answers
     /// its next request with `Connection: close` and closes after it.
     close_after_response: AtomicBool,
-    /// The connection speaks HTTP/2 (a soft drain closes it as any other:
-    /// GOAWAY lets the client finish and retry safely).
-    h2: AtomicBool,
     /// An HTTP/1 connection has been idle for `park_after`: the serving
     /// task hands it back from hyper, releasing hyper's buffers.
     park: AtomicBool,
@@ -96,7 +93,6 @@ impl Conn {
             parked: AtomicBool::new(false),
             close: AtomicBool::new(false),
             close_after_response: AtomicBool::new(false),
-            h2: AtomicBool::new(false),
             park: AtomicBool::new(false),
             parking: AtomicBool::new(false),
             waker: AtomicWaker::new(),
@@ -153,15 +149,6 @@ impl Conn {
     pub(crate) fn closes_after_response(&self) -> bool {
         self.close_after_response.load(Ordering::SeqCst)
     }
-
-    /// The connection turned out to speak HTTP/2: a soft drain asked for
-    /// before is a close.
-    pub(crate) fn set_h2(&self) {
-        self.h2.store(true, Ordering::SeqCst);
-        if self.closes_after_response() {
-            self.request_close();
-        }
-    }
 }
 
 impl crate::dataplane::Close for Conn {
@@ -174,11 +161,11 @@ impl crate::dataplane::Close for Conn {
     fn close(&self) {
         if self.dp.drains_softly() {
             self.close_after_response.store(true, Ordering::SeqCst);
-            if !self.h2.load(Ordering::SeqCst) {
-                return;
-            }
+            // An HTTP/2 connection's `drive` closes on it.
+            self.wake();
+        } else {
+            self.request_close();
         }
-        self.request_close();
     }
 }
 
