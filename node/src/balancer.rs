@@ -125,6 +125,7 @@ use tracing::debug;
 /// pick waits at most this many tree updates (a few µs).
 const BATCH: usize = 64;
 
+use backend::Down;
 pub use backend::{Backend, BackendState, INITIAL_BACKOFF, MAX_BACKOFF, start_drain};
 use tree::MinTree;
 
@@ -326,9 +327,9 @@ struct Inner {
 #[derive(Debug)]
 struct Slot {
     backend: Arc<Backend>,
-    /// End of the down period the tree holds for this slot (`Some` = keyed
-    /// as down). Equals `backend.down_until()` once synced.
-    until: Option<Instant>,
+    /// The down state the tree holds for this slot (`Some` = keyed as
+    /// down). Equals `backend.down()` once synced.
+    down: Option<Down>,
     /// Out of the tree for good: the backend drains.
     gone: bool,
 }
@@ -343,10 +344,10 @@ impl Inner {
             .into_iter()
             .filter(|b| !b.is_draining() && seen.insert(Arc::as_ptr(b)))
             .map(|backend| {
-                let until = backend.down_now();
+                let down = backend.down_now();
                 Slot {
                     backend,
-                    until,
+                    down,
                     gone: false,
                 }
             })
@@ -354,12 +355,12 @@ impl Inner {
         let tree = MinTree::from_keys(
             slots
                 .iter()
-                .map(|s| tree::key(s.backend.load(), s.until.is_some())),
+                .map(|s| tree::key(s.backend.load(), s.down.is_some())),
         );
         let expiries = slots
             .iter()
             .enumerate()
-            .filter_map(|(slot, s)| Some(Reverse((s.until?, slot))))
+            .filter_map(|(slot, s)| Some(Reverse((s.down?.until()?, slot))))
             .collect();
         Self {
             slots,
@@ -383,7 +384,7 @@ impl Inner {
             && !s.gone
         {
             self.tree
-                .set(slot, tree::key(s.backend.load(), s.until.is_some()));
+                .set(slot, tree::key(s.backend.load(), s.down.is_some()));
         }
     }
 
@@ -394,20 +395,22 @@ impl Inner {
             return;
         };
         if s.gone || s.backend.is_draining() {
-            s.until = None;
+            s.down = None;
             s.gone = true;
             self.tree.clear(slot);
             return;
         }
-        let until = s.backend.down_now();
-        if let Some(at) = until
-            && s.until != until
+        // Only a down period that ends by itself is waited for: the health
+        // check's hold ends when the check says up (`set_checked`).
+        let down = s.backend.down_now();
+        if let Some(Down::Until(at)) = down
+            && s.down != down
         {
             self.expiries.push(Reverse((at, slot)));
         }
-        s.until = until;
+        s.down = down;
         self.tree
-            .set(slot, tree::key(s.backend.load(), until.is_some()));
+            .set(slot, tree::key(s.backend.load(), down.is_some()));
     }
 
     /// With the estimated minimum at or above `hard_limit` (fixed point):
@@ -420,7 +423,7 @@ impl Inner {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| !s.gone && s.until.is_some() == down && !s.backend.is_draining())
+            .filter(|(_, s)| !s.gone && s.down.is_some() == down && !s.backend.is_draining())
             .map(|(slot, s)| (s.backend.admission_load(), slot))
             .min()
             .filter(|&(load, _)| load < hard_limit)
@@ -708,8 +711,8 @@ impl GroupBalancer {
 /// Sets what the active health check says of `backend` at `now`: out of
 /// selection while down (as a failed connect takes it out, but until the
 /// check says up), back when up.
-pub fn set_checked(backend: &Backend, up: bool, now: Instant) {
-    if backend.set_checked(up, now) {
+pub fn set_checked(backend: &Backend, up: bool) {
+    if backend.set_checked(up) {
         debug!(instance = %backend.name, up, "health check changed the instance's state");
         in_home(backend, None, Inner::sync);
     }
@@ -729,12 +732,12 @@ fn record_failure(backend: &Backend, now: Instant) -> bool {
     true
 }
 
-/// Records a successful connect; whether failures were forgotten.
+/// Records a successful connect; whether that brought the backend back
+/// (not while the health check holds it down).
 fn record_success(backend: &Backend) -> bool {
-    if !backend.is_failing() {
+    if !backend.is_failing() || !backend.reset_failures() {
         return false;
     }
-    backend.reset_failures();
     debug!(instance = %backend.name, "marked up");
     true
 }

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::{IntCounterVec, Opts};
 use raft_store::State;
@@ -66,11 +66,10 @@ impl GroupChecks {
     /// Stops every check and gives the instances back to passive marking
     /// (the group's check was removed, or the group deleted).
     fn release(self) {
-        let now = Instant::now();
         for (weak, token) in self.instances.values() {
             token.cancel();
             if let Some(b) = weak.upgrade() {
-                crate::balancer::set_checked(&b, true, now);
+                crate::balancer::set_checked(&b, true);
             }
         }
     }
@@ -228,7 +227,7 @@ async fn run(
                 passes += 1;
                 fails = 0;
                 if !up && passes >= check.rise {
-                    crate::balancer::set_checked(&b, true, Instant::now());
+                    crate::balancer::set_checked(&b, true);
                     counters.transitions.with_label_values(&["up"]).inc();
                     info!(instance = %b.name, address = %b.address, port, "health check: up");
                 }
@@ -237,7 +236,7 @@ async fn run(
                 fails += 1;
                 passes = 0;
                 if up && fails >= check.fall {
-                    crate::balancer::set_checked(&b, false, Instant::now());
+                    crate::balancer::set_checked(&b, false);
                     counters.transitions.with_label_values(&["down"]).inc();
                     warn!(instance = %b.name, address = %b.address, port, %why, "health check: down");
                 }

@@ -83,10 +83,30 @@ struct Home {
     slot: usize,
 }
 
+/// Why a backend is out of selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Down {
+    /// Failed connects: back at that time (the group brings it back).
+    Until(Instant),
+    /// The active health check says down: back when it says up.
+    Held,
+}
+
+impl Down {
+    /// When it ends by itself, if it does.
+    pub(super) fn until(self) -> Option<Instant> {
+        match self {
+            Self::Until(at) => Some(at),
+            Self::Held => None,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct DownState {
-    /// The active health check says down: `until` is held far ahead
-    /// ([`CHECKED_DOWN`]) and a successful connect does not clear it.
+    /// The active health check says down: it holds until the check says
+    /// up, whatever `until` says, and a successful connect does not clear
+    /// it.
     checked_down: bool,
     /// Consecutive failed connects (each after the previous down time ended).
     failures: u32,
@@ -100,10 +120,6 @@ struct DownState {
 pub(super) fn whole(fixed: u64) -> u64 {
     (fixed >> LOAD_FRAC_BITS) + ((fixed >> (LOAD_FRAC_BITS - 1)) & 1)
 }
-
-/// How far ahead a down period set by the health check lies: it ends when
-/// the check says up, not with time.
-const CHECKED_DOWN: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 /// Down time after `failures` consecutive failures: 1 s, 2 s, 4 s … 30 s.
 pub(super) fn backoff(failures: u32) -> Duration {
@@ -195,7 +211,10 @@ impl Backend {
     pub fn state(&self, now: Instant) -> BackendState {
         if self.is_draining() {
             BackendState::Draining
-        } else if self.down_until().is_some_and(|until| until > now) {
+        } else if self
+            .down()
+            .is_some_and(|d| d.until().is_none_or(|until| until > now))
+        {
             BackendState::Down
         } else {
             BackendState::Up
@@ -234,9 +253,22 @@ impl Backend {
         self.peer.swap(select, Ordering::Relaxed) != select
     }
 
-    /// End of the current down period, if one is recorded.
+    /// End of the current down period of failed connects, if one is
+    /// recorded.
+    #[cfg(test)]
     pub(super) fn down_until(&self) -> Option<Instant> {
         self.lock_down().until
+    }
+
+    /// The current down state: held by the health check, or failed
+    /// connects' down period.
+    pub(super) fn down(&self) -> Option<Down> {
+        let down = self.lock_down();
+        if down.checked_down {
+            Some(Down::Held)
+        } else {
+            down.until.map(Down::Until)
+        }
     }
 
     /// The home balancer and this backend's slot in it, unless the home is
@@ -268,12 +300,8 @@ impl Backend {
 
     /// End of the recorded down period, without a lock when there are no
     /// failures (the common case).
-    pub(super) fn down_now(&self) -> Option<Instant> {
-        if self.is_failing() {
-            self.down_until()
-        } else {
-            None
-        }
+    pub(super) fn down_now(&self) -> Option<Down> {
+        if self.is_failing() { self.down() } else { None }
     }
 
     /// Records a failed connect at `now`. Returns the end of the new down
@@ -298,20 +326,22 @@ impl Backend {
     }
 
     /// Records a successful connect: forgets failures and any down period,
-    /// unless the health check holds the backend down.
-    pub(super) fn reset_failures(&self) {
+    /// unless the health check holds the backend down. Whether that
+    /// changed the down state.
+    pub(super) fn reset_failures(&self) -> bool {
         let mut down = self.lock_down();
         if down.checked_down {
             down.failures = 0;
-            return;
+            return false;
         }
         *down = DownState::default();
         self.failing.store(false, Ordering::Relaxed);
+        true
     }
 
     /// Sets what the active health check says at `now`; whether that
     /// changed the down state. Down holds until the check says up.
-    pub(super) fn set_checked(&self, up: bool, now: Instant) -> bool {
+    pub(super) fn set_checked(&self, up: bool) -> bool {
         let mut down = self.lock_down();
         if down.checked_down != up {
             return false;
@@ -321,7 +351,6 @@ impl Backend {
             self.failing.store(false, Ordering::Relaxed);
         } else {
             down.checked_down = true;
-            down.until = Some(now + CHECKED_DOWN);
             self.failing.store(true, Ordering::Relaxed);
         }
         true

@@ -50,10 +50,10 @@ fn assert_consistent(group: &GroupBalancer) {
             .home(None)
             .map(|(g, slot)| (Arc::as_ptr(&g), slot));
         assert_eq!(home, Some((std::ptr::from_ref(group), slot)));
-        assert_eq!(s.until, s.backend.down_until());
+        assert_eq!(s.down, s.backend.down());
         assert_eq!(
             inner.tree.get(slot),
-            Some(tree::key(s.backend.load(), s.until.is_some()))
+            Some(tree::key(s.backend.load(), s.down.is_some()))
         );
     }
 }
@@ -325,6 +325,37 @@ fn backoff_doubles_caps_and_resets() {
     group.mark_up(&other);
     group.set_peer_load(&other, 4);
     assert_consistent(&group);
+}
+
+/// The health check's hold: out of selection until the check says up,
+/// whatever time passes and however many connects succeed meanwhile, and
+/// nothing waited for in the group's expiry heap however often it flaps.
+#[test]
+fn a_checked_down_backend_is_held_until_the_check_says_up() {
+    let (group, b) = group(2, 65_535);
+    let mut rng = SmallRng::seed_from_u64(9);
+    let now = Instant::now();
+    for _ in 0..100 {
+        super::set_checked(&b[0], false);
+        assert_eq!(b[0].state(now), BackendState::Down);
+        assert_eq!(b[0].down(), Some(super::Down::Held));
+        // A successful connect does not end the hold.
+        group.mark_up(&b[0]);
+        let later = now + Duration::from_secs(3600);
+        assert_eq!(b[0].state(later), BackendState::Down);
+        for _ in 0..8 {
+            assert_eq!(name(&lease(group.pick(later, &mut rng))), "i-1");
+        }
+        assert_consistent(&group);
+        super::set_checked(&b[0], true);
+        assert_eq!(b[0].state(now), BackendState::Up);
+        assert_consistent(&group);
+    }
+    assert!(
+        group.lock().expiries.is_empty(),
+        "a hold is never waited for: {} entries",
+        group.lock().expiries.len()
+    );
 }
 
 #[test]
