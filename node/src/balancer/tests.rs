@@ -336,7 +336,7 @@ fn a_checked_down_backend_is_held_until_the_check_says_up() {
     let mut rng = SmallRng::seed_from_u64(9);
     let now = Instant::now();
     for _ in 0..100 {
-        super::set_checked(&b[0], false);
+        set_checked(&b[0], false);
         assert_eq!(b[0].state(now), BackendState::Down);
         assert_eq!(b[0].down(), Some(super::Down::Held));
         // A successful connect does not end the hold.
@@ -347,7 +347,7 @@ fn a_checked_down_backend_is_held_until_the_check_says_up() {
             assert_eq!(name(&lease(group.pick(later, &mut rng))), "i-1");
         }
         assert_consistent(&group);
-        super::set_checked(&b[0], true);
+        set_checked(&b[0], true);
         assert_eq!(b[0].state(now), BackendState::Up);
         assert_consistent(&group);
     }
