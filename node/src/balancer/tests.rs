@@ -338,7 +338,7 @@ fn a_checked_down_backend_is_held_until_the_check_says_up() {
     for _ in 0..100 {
         set_checked(&b[0], false);
         assert_eq!(b[0].state(now), BackendState::Down);
-        assert_eq!(b[0].down(), Some(super::Down::Held));
+        assert_eq!(b[0].down(), Some(Down::Held));
         // A successful connect does not end the hold.
         group.mark_up(&b[0]);
         let later = now + Duration::from_secs(3600);
