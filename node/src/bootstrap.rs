@@ -379,12 +379,10 @@ fn write(path: &Path, body: &str) -> Result<(), BootstrapError> {
 /// node that would take another one (its stored token lost, a copied data
 /// dir) refuses to start instead of accepting it for cluster-wide writes.
 pub fn check_token(state: &raft_store::State, token: &str) -> Result<(), ConfigError> {
-    use subtle::ConstantTimeEq;
     let Some(secrets) = state.cluster() else {
         return Ok(());
     };
-    let ours = token_sha256(token);
-    if bool::from(ours.as_bytes().ct_eq(secrets.token_sha256.as_bytes())) {
+    if token_matches(token, &secrets.token_sha256) {
         return Ok(());
     }
     Err(ConfigError::new(
@@ -392,6 +390,13 @@ pub fn check_token(state: &raft_store::State, token: &str) -> Result<(), ConfigE
         "is not this cluster's token (its hash differs from the one the cluster recorded \
          when it was founded; one token per cluster): start the node with the cluster's --token",
     ))
+}
+
+/// Whether `token` hashes to `recorded` (a cluster's `token_sha256`),
+/// compared in constant time.
+pub(crate) fn token_matches(token: &str, recorded: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(token_sha256(token).as_bytes().ct_eq(recorded.as_bytes()))
 }
 
 /// Whether `data_dir` holds a Raft log (a node that was ever a member).

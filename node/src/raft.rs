@@ -374,18 +374,25 @@ pub async fn found_cluster(
         ca_key_pem: identity.new_ca_key.clone().unwrap_or_default(),
         token_sha256: crate::bootstrap::token_sha256(token),
     };
-    let cmd = Command::InitCluster { secrets };
-    // A fresh one-node cluster elects itself within the election timeout.
+    propose_while_electing(store, Command::InitCluster { secrets })
+        .await
+        .map_err(|source| StartError::Founding {
+            node_id: config.node_id,
+            source,
+        })
+}
+
+/// Proposes `cmd` on a new one-node cluster, which elects itself within
+/// the election timeout: retried until then (20 s at most). A conflict
+/// means it is there already; any other refusal of the command is an
+/// error at once.
+pub(crate) async fn propose_while_electing(store: &Store, cmd: Command) -> Result<(), StoreError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         match store.propose(cmd.clone()).await {
             Ok(_) | Err(StoreError::Apply(ApplyError::Conflict(_))) => return Ok(()),
-            Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(StartError::Founding {
-                    node_id: config.node_id,
-                    source: e,
-                });
-            }
+            Err(e @ StoreError::Apply(_)) => return Err(e),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }

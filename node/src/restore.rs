@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edgelb_api::cluster::{BACKUP_FORMAT, Backup};
 use raft_store::command::Command;
-use raft_store::{ApplyError, LogStore, StateMachineStore};
+use raft_store::{LogStore, StateMachineStore};
 use tracing::{info, warn};
 
 use crate::cluster::pki::CaBundle;
@@ -245,7 +245,7 @@ async fn survivor(
 /// cluster on an operator's PKI (no CA key in the backup) is restored with
 /// that PKI's files.
 fn check(config: &Config, token: &str, backup: &Backup) -> Result<(), RestoreError> {
-    if crate::bootstrap::token_sha256(token) != backup.cluster.token_sha256 {
+    if !crate::bootstrap::token_matches(token, &backup.cluster.token_sha256) {
         return Err(config_error(
             "token",
             "is not the backup's cluster token (its hash differs): start with the cluster's --token",
@@ -385,16 +385,9 @@ pub async fn apply(store: &Store, data_dir: &Path, backup: &Backup) -> Result<()
 /// Proposes `cmd` on the new one-node cluster (it may still be electing
 /// itself); a conflict means it is there already.
 async fn propose(store: &Store, cmd: Command) -> Result<(), RestoreError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match store.propose(cmd.clone()).await {
-            Ok(_) | Err(StoreError::Apply(ApplyError::Conflict(_))) => return Ok(()),
-            Err(StoreError::Apply(e)) => {
-                return Err(RestoreError::Apply(format!("the backup's state: {e}")));
-            }
-            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.into()),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
+    match crate::raft::propose_while_electing(store, cmd).await {
+        Err(StoreError::Apply(e)) => Err(RestoreError::Apply(format!("the backup's state: {e}"))),
+        r => Ok(r?),
     }
 }
 

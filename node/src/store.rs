@@ -50,19 +50,22 @@ pub use batch::Batcher;
 /// A node's role in the Raft membership, as `GET /v1/cluster` shows it.
 pub use edgelb_api::cluster::Role;
 
+/// Now in RFC 3339, whole seconds, UTC (the times the API writes into the
+/// state and backups).
+pub(crate) fn now_rfc3339() -> Result<String, time::error::Format> {
+    let now = time::OffsetDateTime::now_utc();
+    now.replace_nanosecond(0)
+        .unwrap_or(now)
+        .format(&time::format_description::well_known::Rfc3339)
+}
+
 /// The backup of `state`, applied up to `index` on node `node_id`
 /// (`GET /v1/cluster/backup`, and `crate::restore` from a survivor's data
 /// dir); `None` before the cluster is founded (no CA to keep).
 pub fn backup_of(state: &State, index: u64, node_id: u64) -> Option<edgelb_api::cluster::Backup> {
-    use time::format_description::well_known::Rfc3339;
-    let now = time::OffsetDateTime::now_utc();
     Some(edgelb_api::cluster::Backup {
         format: edgelb_api::cluster::BACKUP_FORMAT,
-        taken_at: now
-            .replace_nanosecond(0)
-            .unwrap_or(now)
-            .format(&Rfc3339)
-            .unwrap_or_default(),
+        taken_at: now_rfc3339().unwrap_or_default(),
         node_id,
         applied_index: index,
         cluster: state.cluster()?.clone(),

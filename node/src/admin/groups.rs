@@ -8,8 +8,6 @@ use raft_store::command::{Command, Patch};
 use raft_store::model::{DEFAULT_HARD_LIMIT, Domain, ServiceGroup};
 use raft_store::state::Applied;
 use raft_store::validate::{valid_fqdn, valid_name};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
 use super::reply::{ApiError, Reply, success};
@@ -170,14 +168,10 @@ pub(crate) fn to_domains(requests: &[DomainRequest]) -> Result<Vec<Domain>, ApiE
 
 /// Now in RFC 3339, whole seconds, UTC.
 fn now_rfc3339() -> Result<String, ApiError> {
-    let now = OffsetDateTime::now_utc();
-    now.replace_nanosecond(0)
-        .unwrap_or(now)
-        .format(&Rfc3339)
-        .map_err(|e| {
-            ApiError::new(
-                http::StatusCode::INTERNAL_SERVER_ERROR,
-                format!("formatting the time: {e}"),
-            )
-        })
+    crate::store::now_rfc3339().map_err(|e| {
+        ApiError::new(
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("formatting the time: {e}"),
+        )
+    })
 }
