@@ -126,10 +126,9 @@ struct Shard {
 
 /// What a line says. Strings are escaped as the format needs; `None`s and
 /// zeros print as `null` (JSON) or `-` (text).
-#[derive(Default)]
 pub(crate) struct Entry<'a> {
     /// When the request or connection began (it ends now).
-    pub(crate) began: Option<Instant>,
+    pub(crate) began: Instant,
     pub(crate) client: Option<SocketAddr>,
     /// The published port.
     pub(crate) port: u16,
@@ -216,7 +215,7 @@ impl AccessLog {
     /// Adds a line (written within [`FLUSH_EVERY`]).
     pub(crate) fn write(&self, entry: &Entry<'_>) {
         let now = Instant::now();
-        let began = entry.began.unwrap_or(now);
+        let began = entry.began;
         let duration = now.saturating_duration_since(began);
         let shard = &self.inner.shards[crate::workers::current() % SHARDS];
         let full = {
@@ -727,7 +726,7 @@ mod tests {
 
     fn entry() -> Entry<'static> {
         Entry {
-            began: None,
+            began: Instant::now(),
             client: Some("127.0.0.1:50312".parse().unwrap()),
             port: 8080,
             tls: false,

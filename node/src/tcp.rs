@@ -193,21 +193,18 @@ async fn serve(
 /// A TCP connection's access log line, while it is open (nothing when
 /// the access log is off or this connection is not in its sample).
 struct Logged<'a> {
-    log: Option<&'a crate::access_log::AccessLog>,
+    /// The access log and when the connection began, when it is logged.
+    log: Option<(&'a crate::access_log::AccessLog, Instant)>,
     conn: &'a ConnInfo,
     group: &'a str,
-    /// Read only when the connection is logged.
-    began: Option<Instant>,
     attempts: u32,
     connect: Option<Duration>,
 }
 
 impl<'a> Logged<'a> {
     fn new(conn: &'a ConnInfo, target: &'a Target, dp: &'a DataPlane) -> Self {
-        let log = dp.access_log_sampled();
         Self {
-            began: log.is_some().then(Instant::now),
-            log,
+            log: dp.access_log_sampled().map(|log| (log, Instant::now())),
             conn,
             group: &target.group.name,
             attempts: 0,
@@ -227,9 +224,11 @@ impl<'a> Logged<'a> {
         (to_instance, to_client): (u64, u64),
         error: Option<(&'static str, &dyn std::fmt::Display)>,
     ) {
-        let Some(log) = self.log else { return };
+        let Some((log, began)) = self.log else {
+            return;
+        };
         log.write(&Entry {
-            began: self.began,
+            began,
             client: Some(self.conn.peer),
             port: self.conn.port,
             tls: self.conn.tls,
@@ -241,7 +240,12 @@ impl<'a> Logged<'a> {
             attempts: self.attempts,
             connect: self.connect,
             error,
-            ..Entry::default()
+            // No request, so no method, host, path, status or response.
+            method: "",
+            host: b"",
+            path: "",
+            status: 0,
+            response: None,
         });
     }
 }

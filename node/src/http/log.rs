@@ -84,7 +84,7 @@ impl Record {
         };
         let info = &self.conn.info;
         log.write(&Entry {
-            began: Some(self.began),
+            began: self.began,
             client: Some(info.peer),
             port: info.port,
             tls: info.tls,
