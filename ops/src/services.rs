@@ -33,17 +33,24 @@ pub async fn service(ctx: &Ctx, cmd: ServiceCmd) -> Outcome {
     }
 }
 
+/// The health check `--health-check` gives, checked as the API checks it;
+/// a usage error otherwise.
+fn health_check(spec: &str) -> Outcome<edgelb_api::model::HealthCheck> {
+    let check: edgelb_api::model::HealthCheck = spec.parse().map_err(Failure::usage)?;
+    edgelb_api::validate::check_health_check(&check)
+        .map_err(|e| Failure::usage(format!("health check {spec:?}: {e}")))?;
+    Ok(check)
+}
+
 /// The `PATCH /v1/services/{id}` bodies for `args`, in order; a usage
 /// error when there are none or a check does not parse.
-pub fn set_bodies(args: &SetArgs) -> Outcome<Vec<Value>> {
+fn set_bodies(args: &SetArgs) -> Outcome<Vec<Value>> {
     let mut bodies = Vec::new();
     if let Some(limit) = args.hard_limit {
         bodies.push(json!({"prop": "hard_limit", "op": "set", "value": limit}));
     }
     if let Some(spec) = &args.health_check {
-        let check: edgelb_api::model::HealthCheck = spec.parse().map_err(Failure::usage)?;
-        edgelb_api::validate::check_health_check(&check)
-            .map_err(|e| Failure::usage(format!("health check {spec:?}: {e}")))?;
+        let check = health_check(spec)?;
         bodies.push(json!({"prop": "health_check", "op": "set", "value": check}));
     }
     if args.no_health_check {
@@ -101,10 +108,7 @@ pub fn create_body(args: &CreateArgs) -> Outcome<Value> {
         body["hard_limit"] = json!(limit);
     }
     if let Some(spec) = &args.health_check {
-        let check: edgelb_api::model::HealthCheck = spec.parse().map_err(Failure::usage)?;
-        edgelb_api::validate::check_health_check(&check)
-            .map_err(|e| Failure::usage(format!("health check {spec:?}: {e}")))?;
-        body["health_check"] = json!(check);
+        body["health_check"] = json!(health_check(spec)?);
     }
     if let Some(version) = &args.send_proxy_protocol {
         body["send_proxy_protocol"] = json!(version);
