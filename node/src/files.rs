@@ -80,7 +80,8 @@ fn temp_path(path: &Path) -> std::path::PathBuf {
 }
 
 /// Makes a rename or unlink in `path`'s directory durable.
-fn sync_dir(path: &Path) -> std::io::Result<()> {
+/// Makes durable what was renamed into or out of `path`'s directory.
+pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     if let Some(dir) = path.parent() {
         let dir = if dir.as_os_str().is_empty() {

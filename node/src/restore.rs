@@ -327,6 +327,10 @@ fn move_aside(data_dir: &Path) -> Result<(), RestoreError> {
         std::fs::rename(&from, aside.join(name)).map_err(io_error(from.display()))?;
     }
     if aside.exists() {
+        // Both directories' entries durable, as the repairs' moves are.
+        crate::files::sync_dir(&aside.join("."))
+            .and_then(|()| crate::files::sync_dir(&aside))
+            .map_err(io_error(aside.display()))?;
         info!(to = %aside.display(), "the old Raft state and identity moved aside");
     }
     Ok(())
