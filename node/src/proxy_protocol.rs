@@ -203,8 +203,15 @@ pub(crate) async fn read_header(
     }
 }
 
+/// The first peek's size: room for any v1 header and a v2 one with
+/// addresses and a few TLVs.
+const FIRST_PEEK: usize = 256;
+
 async fn read_header_now(stream: &mut TcpStream) -> Result<Option<SocketAddr>, HeaderError> {
-    let mut buf = vec![0_u8; V2_MAX];
+    // Most headers fit the first peek (a v1 header is at most 107 bytes, a
+    // v2 one with addresses 52); a longer v2 one (TLVs) grows it. Peeking
+    // little also copies little of the client's first bytes.
+    let mut buf = vec![0_u8; FIRST_PEEK];
     let mut seen = 0;
     // A header split over several segments (rare: balancers send it in
     // one) is waited for with a short sleep, since a peeked socket stays
@@ -226,6 +233,7 @@ async fn read_header_now(stream: &mut TcpStream) -> Result<Option<SocketAddr>, H
                     .map_err(|_| HeaderError::Closed)?;
                 return Ok(source);
             }
+            Parsed::Partial if n == buf.len() && buf.len() < V2_MAX => buf.resize(V2_MAX, 0),
             Parsed::Partial if n == buf.len() => return Err(HeaderError::TooLong),
             Parsed::Partial => {
                 if n == seen {
@@ -481,5 +489,38 @@ mod tests {
                 prop_assert!(same_ip, "{source} from {client}");
             }
         }
+    }
+
+    /// A v2 header longer than the first peek (1,000 bytes of TLVs) is
+    /// read whole, and the bytes after it are left to the stream.
+    #[tokio::test]
+    async fn a_long_v2_header_is_read_past_the_first_peek() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let client: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let local: SocketAddr = "198.51.100.1:443".parse().unwrap();
+        let mut header = v2(client, local);
+        let tlvs = 1_000;
+        header.extend(std::iter::repeat_n(0_u8, tlvs));
+        let len = u16::try_from(header.len() - 16).unwrap();
+        header[14..16].copy_from_slice(&len.to_be_bytes());
+        assert!(header.len() > FIRST_PEEK);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sender = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(&header).await.unwrap();
+            s.write_all(b"hello").await.unwrap();
+            s
+        });
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let source = read_header(&mut stream, Duration::from_secs(5))
+            .await
+            .expect("a valid header");
+        assert_eq!(source, Some(client));
+        let mut rest = [0_u8; 5];
+        stream.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"hello");
+        drop(sender.await);
     }
 }
