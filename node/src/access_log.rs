@@ -580,10 +580,22 @@ trait Fields {
     const NONE: &'static [u8];
     /// Starts the field `key`; the buffer its value goes to.
     fn key(&mut self, key: &str) -> &mut Vec<u8>;
-    /// A string, escaped and quoted.
-    fn text(&mut self, key: &str, value: &[u8]);
+    /// Writes `value` escaped as the format's strings are.
+    fn escape(out: &mut Vec<u8>, value: &[u8]);
     /// A word from a fixed set (quoted in JSON only).
     fn word(&mut self, key: &str, value: &str);
+
+    /// A string, escaped and quoted.
+    fn text(&mut self, key: &str, value: &[u8]) {
+        let out = self.key(key);
+        if value.is_empty() {
+            out.extend_from_slice(Self::NONE);
+            return;
+        }
+        out.push(b'"');
+        Self::escape(out, value);
+        out.push(b'"');
+    }
 
     fn num(&mut self, key: &str, n: u64) {
         num(self.key(key), n);
@@ -629,15 +641,9 @@ impl Fields for Json<'_> {
         self.0
     }
 
-    /// Escaped: `"`, `\`, control characters and bytes outside ASCII as
-    /// `\u00XX` (a header may hold bytes that are not UTF-8).
-    fn text(&mut self, key: &str, value: &[u8]) {
-        let out = self.key(key);
-        if value.is_empty() {
-            out.extend_from_slice(Self::NONE);
-            return;
-        }
-        out.push(b'"');
+    /// `"`, `\`, control characters and bytes outside ASCII as `\u00XX`
+    /// (a header may hold bytes that are not UTF-8).
+    fn escape(out: &mut Vec<u8>, value: &[u8]) {
         let plain = |b: &u8| (0x20..=0x7e).contains(b) && *b != b'"' && *b != b'\\';
         if value.iter().all(plain) {
             out.extend_from_slice(value);
@@ -657,7 +663,6 @@ impl Fields for Json<'_> {
                 }
             }
         }
-        out.push(b'"');
     }
 
     fn word(&mut self, key: &str, value: &str) {
@@ -680,15 +685,8 @@ impl Fields for Text<'_> {
         self.0
     }
 
-    fn text(&mut self, key: &str, value: &[u8]) {
-        let out = self.key(key);
-        if value.is_empty() {
-            out.extend_from_slice(Self::NONE);
-            return;
-        }
-        out.push(b'"');
+    fn escape(out: &mut Vec<u8>, value: &[u8]) {
         text_escaped(out, value, true);
-        out.push(b'"');
     }
 
     fn word(&mut self, key: &str, value: &str) {
