@@ -252,7 +252,7 @@ pub(crate) fn survival(age: f64, tau: f64) -> f64 {
 /// The level `L` with `Σ max(0, L − base[i]) = amount`: pouring `amount` onto
 /// `base` raises the lowest entries to `L`. `amount > 0`, `base` non-empty
 /// for a meaningful result (an empty `base` gives 0).
-pub(crate) fn water_level(base: &[f64], amount: f64) -> f64 {
+pub fn water_level(base: &[f64], amount: f64) -> f64 {
     let mut sorted = base.to_vec();
     sorted.sort_by(f64::total_cmp);
     let mut filled = 0.0; // sum of the `n` lowest entries

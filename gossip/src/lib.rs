@@ -53,7 +53,7 @@ pub use delta::{
     Change, DELTA_HEADER_LEN, DELTA_VERSION, Delta, RATE_DEADBAND, Ref, SERVICE_DEADBAND, Wire,
     decode_wire, encode_delta,
 };
-pub use estimator::Estimator;
+pub use estimator::{Estimator, water_level};
 pub use regions::{CELL_MAX, Plan, Stream, aggregate, cells, plan};
 pub use schedule::{
     JITTER, MAX_SHARE, MIN_GAP, REFRESH, RefreshSchedule, SendSchedule, jittered, quiet_alive,

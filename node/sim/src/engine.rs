@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
 use super::node::{SimNode, backends, balancers};
+use super::oracle::{History, Knows};
 use super::{Fault, Outcome, Scenario, Strategy};
 use edgelb::balancer::{Lease, LoadChanged, Pick};
 
@@ -19,7 +20,7 @@ use edgelb::balancer::{Lease, LoadChanged, Pick};
 const SAMPLE: Duration = Duration::from_millis(1);
 
 /// Simulated time in ns since the start.
-type Ns = u64;
+pub(crate) type Ns = u64;
 
 fn ns(d: Duration) -> Ns {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
@@ -136,6 +137,8 @@ pub(super) struct Sim<'a> {
     report_bytes: u64,
     lost_reports: u64,
     config: gossip::Config,
+    /// An oracle's view of the true counts, and what it knows.
+    oracle: Option<(History, Knows, Ns)>,
 }
 
 impl<'a> Sim<'a> {
@@ -209,6 +212,14 @@ impl<'a> Sim<'a> {
             report_bytes: 0,
             lost_reports: 0,
             config,
+            oracle: match *strategy {
+                Strategy::Oracle { knows, age } => Some((
+                    History::new(sc.shares.len(), k, ns(age), sc.mean_service.as_secs_f64()),
+                    knows,
+                    ns(age),
+                )),
+                _ => None,
+            },
         };
         if *strategy == Strategy::Central {
             // One set of backends and balancers shared by every node.
@@ -334,6 +345,7 @@ impl<'a> Sim<'a> {
         let Some(at) = self.serving(node) else {
             return;
         };
+        self.consult_oracle(at);
         let lease = match self.nodes[at].state.groups[group].pick(now, &mut self.picks) {
             Pick::Selected(lease) => lease,
             Pick::Overloaded => {
@@ -370,6 +382,9 @@ impl<'a> Sim<'a> {
                 self.jobs.len() - 1
             }
         };
+        if let Some((history, ..)) = &mut self.oracle {
+            history.picked(at, instance, self.now);
+        }
         let inst = &mut self.instances[instance];
         inst.inflight += 1;
         if inst.busy < self.sc.servers {
@@ -391,6 +406,10 @@ impl<'a> Sim<'a> {
         }
         // The release records the service time on the backend's counters.
         job.lease.release(self.instant());
+        if let Some((history, ..)) = &mut self.oracle {
+            let flight = secs(self.now - job.arrival);
+            history.completed(job.node, job.instance, self.now, flight);
+        }
         self.changed(job.node);
         let inst = &mut self.instances[job.instance];
         inst.inflight -= 1;
@@ -400,6 +419,29 @@ impl<'a> Sim<'a> {
                 self.at(self.now + work, Event::Done { job: next });
             }
             None => inst.busy -= 1,
+        }
+    }
+
+    /// Under an oracle, sets the peers' part of the load on `node`'s
+    /// balancers from the true counts, just before it picks.
+    fn consult_oracle(&self, node: usize) {
+        let Some((history, knows, age)) = &self.oracle else {
+            return;
+        };
+        let rates: Vec<f64> = self.nodes.iter().map(|n| n.rate).collect();
+        let up: Vec<bool> = self.nodes.iter().map(|n| n.state.up).collect();
+        let loads = history.peer_loads(node, self.now, *age, *knows, &rates, &up);
+        let state = &self.nodes[node].state;
+        // Any of the node's balancers routes each backend to its own group.
+        if let Some(group) = state.groups.first() {
+            group.set_peer_loads(state.backends.iter().zip(&loads).map(|(b, &l)| {
+                let fixed = gossip::to_fixed(l.max(0.0));
+                let load = gossip::PeerLoad {
+                    select: fixed,
+                    admit: fixed,
+                };
+                (b.as_ref(), load)
+            }));
         }
     }
 

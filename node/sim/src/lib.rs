@@ -42,8 +42,10 @@
 //!
 //! Strategies: one central balancer shared by every node (the ideal), local
 //! counts only, and gossip with each [`gossip::Estimator`] at a given report
-//! interval. Arrival times, request sizes and network jitter come from their
-//! own seeded streams, so every strategy sees the same traffic.
+//! interval; and [`oracle`]s, which read the peers' true counts of a given
+//! age at every pick, to show what reports of that age allow. Arrival
+//! times, request sizes and network jitter come from their own seeded
+//! streams, so every strategy sees the same traffic.
 //!
 //! `cargo run --release -p edgelb-sim` runs [`suite`] and writes
 //! `docs/gossip-sim.md` ([`report`]) and `docs/gossip-sim.png` ([`plot`]).
@@ -57,6 +59,7 @@
 mod engine;
 pub mod grid;
 mod node;
+pub mod oracle;
 pub mod plot;
 pub mod report;
 pub mod suite;
@@ -67,6 +70,7 @@ mod tests;
 use std::time::Duration;
 
 use gossip::Estimator;
+use oracle::Knows;
 
 /// A cluster and its traffic.
 #[derive(Clone, Debug, PartialEq)]
@@ -209,6 +213,10 @@ pub enum Strategy {
         /// in-flight count decays (to show requirement (c)).
         long_split: bool,
     },
+    /// No gossip: at every pick, the peers' true counts `age` ago, read by
+    /// the estimator's formula, with what else it [`Knows`] (see
+    /// [`oracle`]). Not something a node can have; a bound.
+    Oracle { knows: Knows, age: Duration },
 }
 
 impl Strategy {
@@ -256,6 +264,9 @@ impl Strategy {
                 };
                 let split = if *long_split { "" } else { ", no long split" };
                 format!("{name} @{} ms{split}", interval.as_millis())
+            }
+            Self::Oracle { knows, age } => {
+                format!("oracle, {} ms old, {}", age.as_millis(), knows.label())
             }
         }
     }

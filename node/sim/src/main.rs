@@ -45,6 +45,10 @@ struct Args {
     /// at 5 ms, and prints a line per scenario; writes nothing.
     #[arg(long)]
     only: Option<String>,
+    /// Runs only the oracles on the edge fleet and prints their table
+    /// (what reports of an age could give at best); writes nothing.
+    #[arg(long)]
+    oracles: bool,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,12 @@ fn main() -> ExitCode {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let started = Instant::now();
+    if args.oracles {
+        let rows = suite::run_oracles(args.seeds, threads);
+        print!("{}", report::oracles(&rows, args.seeds));
+        eprintln!("simulated in {:.1} s", started.elapsed().as_secs_f64());
+        return ExitCode::SUCCESS;
+    }
     if let Some(only) = &args.only {
         let grid = grid::scenarios(args.grid_seconds);
         let picked: Vec<_> = suite::scenarios(args.scale)
@@ -77,13 +87,15 @@ fn main() -> ExitCode {
     eprintln!("scenarios: {:.1} s", started.elapsed().as_secs_f64());
     let faults = grid::run_faults(args.seeds, threads);
     eprintln!("faults: {:.1} s", started.elapsed().as_secs_f64());
+    let oracles = suite::run_oracles(args.seeds, threads);
+    eprintln!("oracles: {:.1} s", started.elapsed().as_secs_f64());
     let cells = grid::run(args.grid_seconds, args.grid_seeds, threads);
     let elapsed = started.elapsed();
     let run = report::GridRun {
         seconds: args.grid_seconds,
         seeds: args.grid_seeds,
     };
-    let report = report::markdown(&results, args.seeds, &cells, run, &faults);
+    let report = report::markdown(&results, args.seeds, &cells, run, &faults, &oracles);
     print!("{report}");
     eprintln!(
         "simulated in {:.1} s on {threads} threads",

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use gossip::Estimator;
 
+use super::oracle::Knows;
 use super::{Outcome, Scenario, Strategy, run};
 
 /// `gossip_min_interval`s compared, in ms (5 is the default).
@@ -174,6 +175,38 @@ pub fn mean_se(x: &[f64]) -> (f64, f64) {
     }
     let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
     (mean, (var / n).sqrt())
+}
+
+/// Ages of the oracles' counts, in ms: up to the edge fleet's one-way delay.
+pub const ORACLE_AGES: [u64; 4] = [0, 1, 2, 5];
+
+/// Central, local only, the default estimator at 5 ms, then the oracles
+/// (`oracle` module): counts only at each of [`ORACLE_AGES`], and at the
+/// oldest with the completions or the picks since.
+pub fn with_oracles() -> Vec<Strategy> {
+    let oracle = |knows, ms| Strategy::Oracle {
+        knows,
+        age: Duration::from_millis(ms),
+    };
+    let oldest = ORACLE_AGES[ORACLE_AGES.len() - 1];
+    let mut all = vec![
+        Strategy::Central,
+        Strategy::Local,
+        Strategy::gossip(Estimator::default(), 5),
+    ];
+    all.extend(ORACLE_AGES.iter().map(|&ms| oracle(Knows::Nothing, ms)));
+    all.push(oracle(Knows::Completions, oldest));
+    all.push(oracle(Knows::Picks, oldest));
+    all
+}
+
+/// [`with_oracles`] on the edge fleet, `seeds` seeds each.
+pub fn run_oracles(seeds: u64, threads: usize) -> Vec<(Strategy, Outcome)> {
+    let cases = [(Scenario::edge_fleet(), with_oracles())];
+    run_cases(&cases, 1..=seeds.max(1), threads)
+        .into_iter()
+        .next()
+        .unwrap_or_default()
 }
 
 /// Each of `scenarios` with central, local only and the default estimator

@@ -85,3 +85,29 @@ fn faults_are_simulated() {
         central.refused
     );
 }
+
+/// The oracles bracket the estimator: perfect counts 0 ms old are the
+/// central balancer's choices, counts 5 ms old lose most of that, and
+/// knowing where the peers' picks since went wins it back.
+#[test]
+fn oracles_show_what_age_costs() {
+    use super::oracle::Knows;
+    let sc = Scenario {
+        duration: Duration::from_secs(4),
+        warmup: Duration::from_secs(1),
+        ..Scenario::edge_fleet()
+    };
+    let ratio = |s: Strategy| run(&sc, &s).max_mean;
+    let oracle = |knows, ms| Strategy::Oracle {
+        knows,
+        age: Duration::from_millis(ms),
+    };
+    let central = ratio(Strategy::Central);
+    let fresh = ratio(oracle(Knows::Nothing, 0));
+    let old = ratio(oracle(Knows::Nothing, 5));
+    let picks = ratio(oracle(Knows::Picks, 5));
+    let all = format!("central {central:.3}, 0 ms {fresh:.3}, 5 ms {old:.3}, + picks {picks:.3}");
+    assert!((fresh / central - 1.0).abs() < 0.02, "{all}");
+    assert!(old > central * 1.08, "{all}");
+    assert!(picks < old - 0.08, "{all}");
+}
