@@ -229,6 +229,7 @@ impl<'a> Logged<'a> {
         };
         log.write(&Entry {
             began,
+            ended: Instant::now(),
             client: Some(self.conn.peer),
             port: self.conn.port,
             tls: self.conn.tls,

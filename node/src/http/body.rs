@@ -178,7 +178,7 @@ impl UpstreamBody {
         // Ends the in-flight count (and times the work for gossip).
         f.lease.release(now);
         if let Some(record) = f.log {
-            record.end(f.status, if complete { None } else { cut });
+            record.end(f.status, if complete { None } else { cut }, now);
         }
     }
 

@@ -51,7 +51,7 @@ pub(crate) async fn handle(
         let why = error
             .as_ref()
             .map(|e| (e.side().name(), e as &dyn std::fmt::Display));
-        record.end(resp.status().as_u16(), why);
+        record.end(resp.status().as_u16(), why, Instant::now());
     }
     if h1
         && guard.conn().closes_after_response()

@@ -68,23 +68,25 @@ impl Record {
     }
 
     /// Writes the line: the response's status, and who ended the request
-    /// early and why.
+    /// early and why; it ended at `now`.
     pub(crate) fn end(
         mut self: Box<Self>,
         status: u16,
         error: Option<(&'static str, &dyn Display)>,
+        now: Instant,
     ) {
-        self.write(status, error);
+        self.write(status, error, now);
         self.ended = true;
     }
 
-    fn write(&self, status: u16, error: Option<(&'static str, &dyn Display)>) {
+    fn write(&self, status: u16, error: Option<(&'static str, &dyn Display)>, now: Instant) {
         let Some(log) = &self.conn.dp.access_log else {
             return;
         };
         let info = &self.conn.info;
         log.write(&Entry {
             began: self.began,
+            ended: now,
             client: Some(info.peer),
             port: info.port,
             tls: info.tls,
@@ -121,6 +123,7 @@ impl Drop for Record {
             self.write(
                 CLIENT_CLOSED,
                 Some(("client", &"the client went away before the response began")),
+                Instant::now(),
             );
         }
     }

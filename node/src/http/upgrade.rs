@@ -101,6 +101,7 @@ pub(crate) fn tunnel(
                 closed
                     .as_ref()
                     .map(|why| ("internal", why as &dyn std::fmt::Display)),
+                now,
             );
         }
     };
