@@ -157,6 +157,13 @@ const CHOICE: &str = "\
   (30 nodes even, 50 ms, ρ 0.8, 4 instances), even weighted by
   e^(−age/τ), presumably because its stale counts then order instances
   that a flat estimate leaves tied, in place of the uniform tie-break.
+  Keeping part of the decayed counts' order under the water, in either
+  direction (an instance below the level raised by (1 − γ) of the gap,
+  the level set so that the same picks are poured, γ from −0.5 to 0.4),
+  is worse: 1.206× central at γ = −0.1, 1.240× at γ = 0.1. The water must
+  be flat: the instances under it tie, and the uniform tie-break and this
+  node's exact counts spread the nodes' picks, where any order the nodes
+  share sends them to the same place.
   The oracles below show the bound is the reports' age: perfect counts
   5 ms old, read this way, give 1.156×.
 - **Long-lived work** (requirement (c)): senders report the part of their
