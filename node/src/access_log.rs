@@ -128,39 +128,39 @@ struct Shard {
 
 /// What a line says. Strings are escaped as the format needs; `None`s and
 /// zeros print as `null` (JSON) or `-` (text).
-pub(crate) struct Entry<'a> {
+pub struct Entry<'a> {
     /// When the request or connection began.
-    pub(crate) began: Instant,
+    pub began: Instant,
     /// When it ended: a clock the caller read anyway (its end is timed for
     /// the instance's metrics too).
-    pub(crate) ended: Instant,
-    pub(crate) client: Option<SocketAddr>,
+    pub ended: Instant,
+    pub client: Option<SocketAddr>,
     /// The published port.
-    pub(crate) port: u16,
-    pub(crate) tls: bool,
+    pub port: u16,
+    pub tls: bool,
     /// `HTTP/1.1`, `HTTP/2`, …, or `TCP`.
-    pub(crate) proto: &'a str,
-    pub(crate) method: &'a str,
-    pub(crate) host: &'a [u8],
-    pub(crate) path: &'a str,
-    pub(crate) group: &'a str,
-    pub(crate) instance: &'a str,
+    pub proto: &'a str,
+    pub method: &'a str,
+    pub host: &'a [u8],
+    pub path: &'a str,
+    pub group: &'a str,
+    pub instance: &'a str,
     /// The HTTP status sent; 0 for TCP connections.
-    pub(crate) status: u16,
+    pub status: u16,
     /// Body bytes from the client (HTTP), bytes to the instance (TCP).
-    pub(crate) bytes_in: u64,
+    pub bytes_in: u64,
     /// Body bytes to the client (HTTP), bytes to the client (TCP).
-    pub(crate) bytes_out: u64,
+    pub bytes_out: u64,
     /// Instances tried.
-    pub(crate) attempts: u32,
+    pub attempts: u32,
     /// Connecting to the instance (a new connection; `None` when a pooled
     /// one was used or none was made).
-    pub(crate) connect: Option<Duration>,
+    pub connect: Option<Duration>,
     /// From the first attempt to the instance's response headers.
-    pub(crate) response: Option<Duration>,
+    pub response: Option<Duration>,
     /// Who ended the request early (`client`, `upstream`, `internal`), and
     /// why.
-    pub(crate) error: Option<(&'static str, &'a dyn Display)>,
+    pub error: Option<(&'static str, &'a dyn Display)>,
 }
 
 impl AccessLog {
@@ -218,7 +218,7 @@ impl AccessLog {
     }
 
     /// Adds a line (written within [`FLUSH_EVERY`]).
-    pub(crate) fn write(&self, entry: &Entry<'_>) {
+    pub fn write(&self, entry: &Entry<'_>) {
         let now = entry.ended;
         let began = entry.began;
         let duration = now.saturating_duration_since(began);
