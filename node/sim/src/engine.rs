@@ -407,8 +407,7 @@ impl<'a> Sim<'a> {
         // The release records the service time on the backend's counters.
         job.lease.release(self.instant());
         if let Some((history, ..)) = &mut self.oracle {
-            let flight = secs(self.now - job.arrival);
-            history.completed(job.node, job.instance, self.now, flight);
+            history.completed(job.node, job.instance, self.now, job.arrival);
         }
         self.changed(job.node);
         let inst = &mut self.instances[job.instance];

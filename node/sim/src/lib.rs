@@ -215,7 +215,8 @@ pub enum Strategy {
     },
     /// No gossip: at every pick, the peers' true counts `age` ago, read by
     /// the estimator's formula, with what else it [`Knows`] (see
-    /// [`oracle`]). Not something a node can have; a bound.
+    /// [`oracle`]). Not something a node can have; a bound. One group, no
+    /// long-lived requests, no faults (see [`oracle`]).
     Oracle { knows: Knows, age: Duration },
 }
 

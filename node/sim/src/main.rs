@@ -1,7 +1,8 @@
 //! `edgelb-sim`: the load-gossip simulator (see the `edgelb_sim` library).
 //!
 //! `cargo run --release -p edgelb-sim` runs every strategy on
-//! every scenario, the fault scenario and the grid of requirement (b), and
+//! every scenario, the fault scenario, the oracles on the edge fleet and
+//! the grid of requirement (b), and
 //! writes `docs/gossip-sim.md` and `docs/gossip-sim.png` (about 10 minutes
 //! on two cores; `--quick` takes under a minute, with rougher figures).
 
@@ -46,7 +47,8 @@ struct Args {
     #[arg(long)]
     only: Option<String>,
     /// Runs only the oracles on the edge fleet and prints their table
-    /// (what reports of an age could give at best); writes nothing.
+    /// (what reports of an age could give at best); writes nothing. Before
+    /// `--only`, which it overrides.
     #[arg(long)]
     oracles: bool,
 }
@@ -64,8 +66,8 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let started = Instant::now();
     if args.oracles {
-        let rows = suite::run_oracles(args.seeds, threads);
-        print!("{}", report::oracles(&rows, args.seeds));
+        let rows = suite::run_oracles(args.seeds, args.scale, threads);
+        print!("{}", report::oracles(&rows, args.seeds, args.scale));
         eprintln!("simulated in {:.1} s", started.elapsed().as_secs_f64());
         return ExitCode::SUCCESS;
     }
@@ -87,7 +89,7 @@ fn main() -> ExitCode {
     eprintln!("scenarios: {:.1} s", started.elapsed().as_secs_f64());
     let faults = grid::run_faults(args.seeds, threads);
     eprintln!("faults: {:.1} s", started.elapsed().as_secs_f64());
-    let oracles = suite::run_oracles(args.seeds, threads);
+    let oracles = suite::run_oracles(args.seeds, args.scale, threads);
     eprintln!("oracles: {:.1} s", started.elapsed().as_secs_f64());
     let cells = grid::run(args.grid_seconds, args.grid_seeds, threads);
     let elapsed = started.elapsed();
@@ -95,7 +97,9 @@ fn main() -> ExitCode {
         seconds: args.grid_seconds,
         seeds: args.grid_seeds,
     };
-    let report = report::markdown(&results, args.seeds, &cells, run, &faults, &oracles);
+    let report = report::markdown(
+        &results, args.seeds, &cells, run, &faults, &oracles, args.scale,
+    );
     print!("{report}");
     eprintln!(
         "simulated in {:.1} s on {threads} threads",

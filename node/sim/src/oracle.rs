@@ -10,7 +10,14 @@
 //! part the completions cause and the part the picks cause.
 //!
 //! Nothing here is something a node can have: the counts are exact, dated
-//! exactly, and read at every pick. The oracle bounds what any reading of
+//! exactly, and read at every pick.
+//!
+//! Meant for the scenarios it is used on: one group (the peers' picks are
+//! poured over all instances as one pool), no long-lived requests (all
+//! work decays, where the estimator keeps the long-lived part) and no
+//! faults (a peer that is down is left out with its requests still at the
+//! instances, and the traffic it passed on is not added to the node that
+//! took it). The oracle bounds what any reading of
 //! reports `age` old can reach (`docs/gossip-sim.md`, "What reports of an
 //! age can tell").
 
@@ -23,11 +30,13 @@ use crate::engine::Ns;
 pub enum Knows {
     /// Nothing: completions and picks since are the estimator's guess.
     Nothing,
-    /// Which of the peers' requests completed since (only their new picks
-    /// are guessed).
+    /// Which of the requests the peers had in flight `age` ago have
+    /// completed since (their new picks, and how many of those are in
+    /// flight still, are the estimator's guess).
     Completions,
-    /// Where the peers sent their requests since (only the completions are
-    /// guessed).
+    /// Where the peers sent their requests since (only completions are
+    /// guessed: each request's chance to be in flight still, by its
+    /// instance's mean time in flight).
     Picks,
 }
 
@@ -41,15 +50,24 @@ impl Knows {
     }
 }
 
-/// Each node's true in-flight count per instance, and the picks (+1) and
-/// completions (−1) of the last `keep` ns, oldest first.
+/// Each node's true in-flight count per instance, and the picks and
+/// completions of the last `keep` ns, oldest first.
 pub(crate) struct History {
     keep: Ns,
     counts: Vec<Vec<i64>>,
-    events: Vec<Vec<VecDeque<(Ns, i8)>>>,
+    events: Vec<Vec<VecDeque<Event>>>,
     /// Per instance, the mean time a request spends in flight there
     /// (exponentially weighted over the last ~100 requests).
     flight: Vec<f64>,
+}
+
+/// A pick (at the time it was picked) or a completion.
+#[derive(Clone, Copy, Debug)]
+struct Event {
+    at: Ns,
+    /// When the request was picked (`at` for a pick).
+    picked: Ns,
+    done: bool,
 }
 
 /// Weight of the newest request in [`History`]'s mean time in flight.
@@ -67,21 +85,32 @@ impl History {
 
     pub(crate) fn picked(&mut self, node: usize, instance: usize, now: Ns) {
         self.counts[node][instance] += 1;
-        self.push(node, instance, now, 1);
+        let pick = Event {
+            at: now,
+            picked: now,
+            done: false,
+        };
+        self.push(node, instance, pick);
     }
 
-    /// A request picked by `node` completed after `flight` seconds.
-    pub(crate) fn completed(&mut self, node: usize, instance: usize, now: Ns, flight: f64) {
+    /// A request picked by `node` at `picked` completed.
+    pub(crate) fn completed(&mut self, node: usize, instance: usize, now: Ns, picked: Ns) {
         self.counts[node][instance] -= 1;
-        self.push(node, instance, now, -1);
+        let done = Event {
+            at: now,
+            picked,
+            done: true,
+        };
+        self.push(node, instance, done);
+        let flight = now.saturating_sub(picked) as f64 / 1e9;
         let mean = &mut self.flight[instance];
         *mean += (flight - *mean) * FLIGHT_WEIGHT;
     }
 
-    fn push(&mut self, node: usize, instance: usize, now: Ns, step: i8) {
+    fn push(&mut self, node: usize, instance: usize, event: Event) {
         let events = &mut self.events[node][instance];
-        events.push_back((now, step));
-        while events.front().is_some_and(|&(t, _)| t + self.keep < now) {
+        events.push_back(event);
+        while events.front().is_some_and(|e| e.at + self.keep < event.at) {
             events.pop_front();
         }
     }
@@ -106,21 +135,31 @@ impl History {
         let mut pour = 0.0;
         for peer in (0..self.counts.len()).filter(|&p| p != me && up[p]) {
             for (i, load) in load.iter_mut().enumerate() {
-                let (mut picks, mut completions) = (0i64, 0i64);
-                for &(_, step) in self.events[peer][i].iter().filter(|(t, _)| *t > since) {
-                    if step > 0 {
-                        picks += 1;
-                    } else {
-                        completions += 1;
+                let tau_i = self.flight[i];
+                // Since `since`: new picks, and completions of requests
+                // picked before it (old) and after it (new).
+                let (mut picks, mut old_done, mut new_done) = (0i64, 0i64, 0i64);
+                // Σ over the new picks of their chance to be in flight still.
+                let mut new_alive = 0.0;
+                for e in self.events[peer][i].iter().filter(|e| e.at > since) {
+                    match (e.done, e.picked > since) {
+                        (false, _) => {
+                            picks += 1;
+                            let age = now.saturating_sub(e.at) as f64 / 1e9;
+                            new_alive += (-age / tau_i).exp();
+                        }
+                        (true, true) => new_done += 1,
+                        (true, false) => old_done += 1,
                     }
                 }
                 let now_count = self.counts[peer][i];
-                let then = (now_count - picks + completions) as f64;
-                let survival = (-a / self.flight[i]).exp();
+                let then = (now_count - picks + old_done + new_done) as f64;
+                let survival = (-a / tau_i).exp();
                 *load += match knows {
                     Knows::Nothing => then * survival,
-                    Knows::Completions => (now_count - picks) as f64,
-                    Knows::Picks => then * survival + picks as f64,
+                    // The old requests in flight now, exactly.
+                    Knows::Completions => then - old_done as f64,
+                    Knows::Picks => then * survival + new_alive,
                 };
             }
             if knows != Knows::Picks {

@@ -200,9 +200,15 @@ pub fn with_oracles() -> Vec<Strategy> {
     all
 }
 
-/// [`with_oracles`] on the edge fleet, `seeds` seeds each.
-pub fn run_oracles(seeds: u64, threads: usize) -> Vec<(Strategy, Outcome)> {
-    let cases = [(Scenario::edge_fleet(), with_oracles())];
+/// [`with_oracles`] on the edge fleet (its duration scaled by `scale`, as
+/// [`scenarios`] scales them), `seeds` seeds each.
+pub fn run_oracles(seeds: u64, scale: f64, threads: usize) -> Vec<(Strategy, Outcome)> {
+    let mut sc = Scenario::edge_fleet();
+    sc.duration = sc
+        .duration
+        .mul_f64(scale)
+        .max(sc.warmup + Duration::from_secs(1));
+    let cases = [(sc, with_oracles())];
     run_cases(&cases, 1..=seeds.max(1), threads)
         .into_iter()
         .next()

@@ -87,8 +87,9 @@ fn faults_are_simulated() {
 }
 
 /// The oracles bracket the estimator: perfect counts 0 ms old are the
-/// central balancer's choices, counts 5 ms old lose most of that, and
-/// knowing where the peers' picks since went wins it back.
+/// central balancer's choices, counts 5 ms old lose most of that, knowing
+/// where the peers' picks since went wins it back, and knowing which of
+/// their requests completed does not.
 #[test]
 fn oracles_show_what_age_costs() {
     use super::oracle::Knows;
@@ -106,8 +107,13 @@ fn oracles_show_what_age_costs() {
     let fresh = ratio(oracle(Knows::Nothing, 0));
     let old = ratio(oracle(Knows::Nothing, 5));
     let picks = ratio(oracle(Knows::Picks, 5));
-    let all = format!("central {central:.3}, 0 ms {fresh:.3}, 5 ms {old:.3}, + picks {picks:.3}");
+    let completions = ratio(oracle(Knows::Completions, 5));
+    let all = format!(
+        "central {central:.3}, 0 ms {fresh:.3}, 5 ms {old:.3}, + picks {picks:.3}, \
+         + completions {completions:.3}"
+    );
     assert!((fresh / central - 1.0).abs() < 0.02, "{all}");
     assert!(old > central * 1.08, "{all}");
     assert!(picks < old - 0.08, "{all}");
+    assert!((completions - old).abs() < 0.04, "{all}");
 }
