@@ -131,8 +131,9 @@ struct Shard {
 pub struct Entry<'a> {
     /// When the request or connection began.
     pub began: Instant,
-    /// When it ended: a clock the caller read anyway (its end is timed for
-    /// the instance's metrics too).
+    /// When it ended, as the caller read the clock: a served request's or
+    /// connection's end is read once, for the instance's metrics and for
+    /// the line.
     pub ended: Instant,
     pub client: Option<SocketAddr>,
     /// The published port.
@@ -349,7 +350,8 @@ fn write_loop(inner: &Inner, mut out: Out) {
                 }
             }
             batch.clear();
-            // A burst's buffer is not kept for ever.
+            // A burst's buffer is not kept for ever; a busy worker's (up
+            // to 2 MiB) is, so that it is not grown again at every flush.
             batch.shrink_to(FLUSH_AT * 2);
         }
         if stopping {
@@ -777,6 +779,47 @@ const SPACE: u8 = 4;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every byte, alone (the table's fast path when it needs nothing)
+    /// and after a byte that needs escaping (the slow path), is written as
+    /// each format says it should be.
+    #[test]
+    fn every_byte_is_escaped_alike_on_both_paths() {
+        let json = |b: u8| -> Vec<u8> {
+            match b {
+                b'"' => b"\\\"".to_vec(),
+                b'\\' => b"\\\\".to_vec(),
+                0x20..=0x7e => vec![b],
+                _ => format!("\\u00{b:02x}").into_bytes(),
+            }
+        };
+        let text = |b: u8, spaces: bool| -> Vec<u8> {
+            match b {
+                b' ' if spaces => vec![b],
+                0x21..=0x7e if b != b'"' && b != b'\\' => vec![b],
+                _ => format!("\\x{b:02X}").into_bytes(),
+            }
+        };
+        for b in 0..=u8::MAX {
+            for prefix in [&b""[..], b"\x01"] {
+                let value = [prefix, &[b]].concat();
+                let mut out = Vec::new();
+                Json::escape(&mut out, &value);
+                let want = [prefix.iter().flat_map(|&p| json(p)).collect(), json(b)].concat();
+                assert_eq!(out, want, "JSON, byte {b:#04x} after {prefix:?}");
+                for spaces in [false, true] {
+                    let mut out = Vec::new();
+                    text_escaped(&mut out, &value, spaces);
+                    let want: Vec<u8> = [
+                        prefix.iter().flat_map(|&p| text(p, spaces)).collect(),
+                        text(b, spaces),
+                    ]
+                    .concat();
+                    assert_eq!(out, want, "text, byte {b:#04x} after {prefix:?}, {spaces}");
+                }
+            }
+        }
+    }
 
     fn entry() -> Entry<'static> {
         Entry {

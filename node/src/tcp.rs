@@ -100,7 +100,7 @@ async fn connect(
                     _ => "internal",
                 };
                 log.attempts = tries.made();
-                log.end(None, (0, 0), Some((origin, &why)));
+                log.end(None, (0, 0), Some((origin, &why)), Instant::now());
                 return None;
             }
         };
@@ -187,7 +187,7 @@ async fn serve(
         (None, Some(why)) => Some(("internal", why as &dyn std::fmt::Display)),
         (None, None) => None,
     };
-    log.end(Some(&backend.name), traffic.moved(), error);
+    log.end(Some(&backend.name), traffic.moved(), error, now);
 }
 
 /// A TCP connection's access log line, while it is open (nothing when
@@ -217,19 +217,21 @@ impl<'a> Logged<'a> {
         self.log.is_some()
     }
 
-    /// Writes the line: the instance, bytes to it and to the client.
+    /// Writes the line: the instance, bytes to it and to the client; the
+    /// connection ended at `now`.
     fn end(
         &self,
         instance: Option<&str>,
         (to_instance, to_client): (u64, u64),
         error: Option<(&'static str, &dyn std::fmt::Display)>,
+        now: Instant,
     ) {
         let Some((log, began)) = self.log else {
             return;
         };
         log.write(&Entry {
             began,
-            ended: Instant::now(),
+            ended: now,
             client: Some(self.conn.peer),
             port: self.conn.port,
             tls: self.conn.tls,
