@@ -50,13 +50,13 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> 
         let _ = std::fs::remove_file(&tmp);
     }
     written?;
-    sync_dir(path)
+    sync_parent(path)
 }
 
 /// Removes `path` durably; a file that is not there is not an error.
 pub(crate) fn remove(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
-        Ok(()) => sync_dir(path),
+        Ok(()) => sync_parent(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
@@ -79,18 +79,20 @@ fn temp_path(path: &Path) -> std::path::PathBuf {
     path.with_file_name(name)
 }
 
-/// Makes a rename or unlink in `path`'s directory durable.
-/// Makes durable what was renamed into or out of `path`'s directory.
-pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        std::fs::File::open(dir)?.sync_all()?;
+/// Makes durable what was renamed into or out of the directory that holds
+/// `path` (its parent, not `path` itself: see [`sync_dir`]).
+pub(crate) fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if dir.as_os_str().is_empty() => sync_dir(Path::new(".")),
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
     }
+}
+
+/// Makes durable what was renamed into or out of the directory `dir`.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 

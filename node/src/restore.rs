@@ -327,9 +327,10 @@ fn move_aside(data_dir: &Path) -> Result<(), RestoreError> {
         std::fs::rename(&from, aside.join(name)).map_err(io_error(from.display()))?;
     }
     if aside.exists() {
-        // Both directories' entries durable, as the repairs' moves are.
-        crate::files::sync_dir(&aside.join("."))
-            .and_then(|()| crate::files::sync_dir(&aside))
+        // Both directories' entries durable, as the repairs' moves are:
+        // what left the data dir and what arrived in `aside`.
+        crate::files::sync_dir(&aside)
+            .and_then(|()| crate::files::sync_dir(data_dir))
             .map_err(io_error(aside.display()))?;
         info!(to = %aside.display(), "the old Raft state and identity moved aside");
     }
