@@ -669,27 +669,17 @@ impl Fields for Json<'_> {
     /// `"`, `\`, control characters and bytes outside ASCII as `\u00XX`
     /// (a header may hold bytes that are not UTF-8).
     fn escape(out: &mut Vec<u8>, value: &[u8]) {
-        if value
-            .iter()
-            .all(|&b| PLAIN[usize::from(b)] & JSON_PLAIN != 0)
-        {
-            out.extend_from_slice(value);
-        } else {
-            for &b in value {
-                match b {
-                    b'"' => out.extend_from_slice(b"\\\""),
-                    b'\\' => out.extend_from_slice(b"\\\\"),
-                    0x20..=0x7e => out.push(b),
-                    _ => {
-                        out.extend_from_slice(b"\\u00");
-                        out.extend_from_slice(&[
-                            HEX[usize::from(b >> 4)],
-                            HEX[usize::from(b & 15)],
-                        ]);
-                    }
-                }
-            }
-        }
+        escaped(out, value, JSON_PLAIN, |out, b| match b {
+            b'"' | b'\\' => out.extend_from_slice(&[b'\\', b]),
+            _ => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 15)],
+            ]),
+        });
     }
 
     fn word(&mut self, key: Key, value: &str) {
@@ -732,22 +722,30 @@ fn text_escaped(out: &mut Vec<u8>, value: &[u8], spaces: bool) {
     } else {
         TEXT_PLAIN
     };
-    if value.iter().all(|&b| PLAIN[usize::from(b)] & plain != 0) {
-        out.extend_from_slice(value);
-        return;
+    escaped(out, value, plain, |out, b| {
+        out.extend_from_slice(&[
+            b'\\',
+            b'x',
+            HEX_UPPER[usize::from(b >> 4)],
+            HEX_UPPER[usize::from(b & 15)],
+        ]);
+    });
+}
+
+/// `value` with the bytes [`PLAIN`] marks with `plain` copied as they
+/// are (in runs) and each other byte written by `escape`: the one place
+/// both formats decide what is plain.
+fn escaped(out: &mut Vec<u8>, value: &[u8], plain: u8, escape: impl Fn(&mut Vec<u8>, u8)) {
+    let mut rest = value;
+    while let Some(i) = rest
+        .iter()
+        .position(|&b| PLAIN[usize::from(b)] & plain == 0)
+    {
+        out.extend_from_slice(&rest[..i]);
+        escape(out, rest[i]);
+        rest = &rest[i + 1..];
     }
-    for &b in value {
-        match b {
-            b' ' if spaces => out.push(b),
-            0x21..=0x7e if b != b'"' && b != b'\\' => out.push(b),
-            _ => out.extend_from_slice(&[
-                b'\\',
-                b'x',
-                HEX_UPPER[usize::from(b >> 4)],
-                HEX_UPPER[usize::from(b & 15)],
-            ]),
-        }
-    }
+    out.extend_from_slice(rest);
 }
 
 const HEX_UPPER: [u8; 16] = *b"0123456789ABCDEF";
@@ -780,11 +778,10 @@ const SPACE: u8 = 4;
 mod tests {
     use super::*;
 
-    /// Every byte, alone (the table's fast path when it needs nothing)
-    /// and after a byte that needs escaping (the slow path), is written as
-    /// each format says it should be.
+    /// Every byte, alone and after a byte that needs escaping, is written
+    /// as each format says it should be.
     #[test]
-    fn every_byte_is_escaped_alike_on_both_paths() {
+    fn every_byte_is_escaped_as_its_format_says() {
         let json = |b: u8| -> Vec<u8> {
             match b {
                 b'"' => b"\\\"".to_vec(),
