@@ -109,6 +109,16 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// The scenario with its duration scaled by `scale` (at least a second
+    /// after the warm-up).
+    pub fn scaled(mut self, scale: f64) -> Self {
+        self.duration = self
+            .duration
+            .mul_f64(scale)
+            .max(self.warmup + Duration::from_secs(1));
+        self
+    }
+
     /// SPEC §3's reference: 3 nodes with 70/20/10 % of the traffic, 8
     /// instances, 10 ms mean service, at 80 % utilization.
     pub fn reference() -> Self {

@@ -391,11 +391,7 @@ fn faults(rows: &[(Strategy, Outcome)], seeds: u64) -> String {
 
 /// The oracles' table: what reports of an age could give at best.
 pub fn oracles(rows: &[(Strategy, Outcome)], seeds: u64, scale: f64) -> String {
-    let sc = super::Scenario::edge_fleet();
-    let duration = sc
-        .duration
-        .mul_f64(scale)
-        .max(sc.warmup + std::time::Duration::from_secs(1));
+    let sc = super::Scenario::edge_fleet().scaled(scale);
     let mut out = format!(
         "## What reports of an age can tell\n\n\
          An oracle (`node/sim/src/oracle.rs`) is given, at every pick, the peers' true \
@@ -413,7 +409,7 @@ pub fn oracles(rows: &[(Strategy, Outcome)], seeds: u64, scale: f64) -> String {
          | strategy | max/mean in flight | × central | view error |\n\
          | --- | ---: | ---: | ---: |\n",
         sc.name,
-        duration.as_secs(),
+        sc.duration.as_secs(),
         sc.warmup.as_secs(),
     );
     let central = rows.first().map_or(1.0, |(_, o)| o.max_mean);

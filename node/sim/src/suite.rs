@@ -35,19 +35,13 @@ impl ScenarioResults {
 
 /// The scenarios of the full run, with durations scaled by `scale`.
 pub fn scenarios(scale: f64) -> Vec<Scenario> {
-    let mut all = vec![
+    let all = vec![
         Scenario::reference(),
         Scenario::ten_nodes(),
         Scenario::edge_fleet(),
         Scenario::long_lived(),
     ];
-    for s in &mut all {
-        s.duration = s
-            .duration
-            .mul_f64(scale)
-            .max(s.warmup + Duration::from_secs(1));
-    }
-    all
+    all.into_iter().map(|s| s.scaled(scale)).collect()
 }
 
 /// Central, local only, then every estimator at every interval; on a
@@ -200,15 +194,10 @@ pub fn with_oracles() -> Vec<Strategy> {
     all
 }
 
-/// [`with_oracles`] on the edge fleet (its duration scaled by `scale`, as
-/// [`scenarios`] scales them), `seeds` seeds each.
+/// [`with_oracles`] on the edge fleet scaled by `scale`, `seeds` seeds
+/// each.
 pub fn run_oracles(seeds: u64, scale: f64, threads: usize) -> Vec<(Strategy, Outcome)> {
-    let mut sc = Scenario::edge_fleet();
-    sc.duration = sc
-        .duration
-        .mul_f64(scale)
-        .max(sc.warmup + Duration::from_secs(1));
-    let cases = [(sc, with_oracles())];
+    let cases = [(Scenario::edge_fleet().scaled(scale), with_oracles())];
     run_cases(&cases, 1..=seeds.max(1), threads)
         .into_iter()
         .next()
