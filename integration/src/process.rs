@@ -153,7 +153,8 @@ pub async fn run(args: &[&str], cwd: &Path, timeout: Duration) -> anyhow::Result
     run_with_env(args, &[], cwd, timeout).await
 }
 
-/// [`run`] with `EDGELB_*` variables set (none are inherited).
+/// [`run`] with `EDGELB_*` variables set (none are inherited, nor
+/// systemd's `INVOCATION_ID` and `NOTIFY_SOCKET`).
 pub async fn run_with_env(
     args: &[&str],
     env: &[(&str, &str)],
@@ -236,7 +237,7 @@ impl Process {
     }
 
     /// [`Process::spawn`] with `env` set (after the `EDGELB_*` variables
-    /// are cleared).
+    /// and systemd's `INVOCATION_ID` and `NOTIFY_SOCKET` are cleared).
     pub async fn spawn_with_env(
         args: &[&str],
         cwd: &Path,

@@ -156,8 +156,8 @@ fn moved_aside(data: &Path, prefix: &str) -> bool {
     })
 }
 
-/// Copies the files and directories of `from` (not the upgrade socket a
-/// node leaves there: a socket is no file to copy).
+/// Copies only the files and directories of `from`: not the upgrade
+/// socket a node leaves there (a socket is no file to copy), nor links.
 fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {

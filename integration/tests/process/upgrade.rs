@@ -133,20 +133,7 @@ async fn a_reload_that_cannot_start_leaves_the_node_serving_and_one_that_can_han
     // A configuration that does not load: the new process exits with 64
     // before it asks for anything, and this one serves on.
     std::fs::write(&config, "region = \"fra\"\ncolour = \"blue\"\n")?;
-    node.signal("USR2").await?;
-    poll(
-        "the new process to give up",
-        Duration::from_secs(30),
-        || async {
-            let stderr = node.stderr();
-            ensure!(stderr.contains("the new process exited"), "not yet");
-            ensure!(stderr.contains("exit status: 64"), "{stderr}");
-            Ok(())
-        },
-    )
-    .await?;
-    ensure!(node.exited().is_none(), "the running node stopped");
-    ensure!(healthz(admin_addr).await? == http::StatusCode::OK);
+    reload_refused(&mut node, admin_addr, "exit status: 64").await?;
     serves().await?;
     ensure!(
         systemd.try_recv().is_err(),
@@ -261,21 +248,35 @@ async fn under_a_unit_without_notify_the_upgrade_is_refused() -> anyhow::Result<
     let mut node =
         Process::spawn_with_env(&args, data.path(), &[("INVOCATION_ID", invocation)]).await?;
     let admin_addr = admin_addr_of(&mut node).await?;
+    reload_refused(&mut node, admin_addr, "not Type=notify").await?;
+    node.terminate().await?;
+    ensure!(node.wait(Duration::from_secs(20)).await?.success());
+    Ok(())
+}
+
+/// Sends SIGUSR2 and waits until the running process logs that the new
+/// one exited, with `why` in its log (checked in the same poll: a line
+/// may arrive in two reads); the running one still runs and answers
+/// `/healthz` on `admin_addr`.
+async fn reload_refused(
+    node: &mut Process,
+    admin_addr: std::net::SocketAddr,
+    why: &str,
+) -> anyhow::Result<()> {
     node.signal("USR2").await?;
+    let shown = &*node;
     poll(
-        "the new process to refuse",
+        &format!("the new process to exit ({why})"),
         Duration::from_secs(30),
         || async {
-            let stderr = node.stderr();
+            let stderr = shown.stderr();
             ensure!(stderr.contains("the new process exited"), "not yet");
-            ensure!(stderr.contains("not Type=notify"), "{stderr}");
+            ensure!(stderr.contains(why), "{stderr}");
             Ok(())
         },
     )
     .await?;
     ensure!(node.exited().is_none(), "the running node stopped");
     ensure!(healthz(admin_addr).await? == http::StatusCode::OK);
-    node.terminate().await?;
-    ensure!(node.wait(Duration::from_secs(20)).await?.success());
     Ok(())
 }
