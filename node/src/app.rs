@@ -333,8 +333,9 @@ impl NodeHandle {
     /// the cluster endpoint says goodbye to its peers and frees its
     /// address. The data plane serves on with the routing table it has,
     /// until [`NodeHandle::shutdown`] drains it. The node does not leave
-    /// the membership: the new process is this node. Bounded (about
-    /// 150 ms; at most [`RELEASE_LIMIT`] for Raft and for the seals).
+    /// the membership: the new process is this node. Bounded: about
+    /// 150 ms as measured; at most [`STOP_GRACE`] for the tasks, then
+    /// [`RELEASE_LIMIT`] for Raft and for the seals.
     pub async fn release_control(&mut self) {
         let began = tokio::time::Instant::now();
         self.control.cancel();

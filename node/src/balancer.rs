@@ -708,7 +708,7 @@ impl GroupBalancer {
     }
 }
 
-/// Sets what the active health check says of `backend` at `now`: out of
+/// Sets what the active health check says of `backend`: out of
 /// selection while down (as a failed connect takes it out, but until the
 /// check says up), back when up.
 pub fn set_checked(backend: &Backend, up: bool) {

@@ -253,6 +253,9 @@ enum Driven {
 /// node shutdown) starts its graceful shutdown, which has the drain timeout
 /// to finish; with `parkable`, a park request ends it at once (hyper is
 /// between requests and answers nothing), without shutting the socket down.
+/// `parkable` is HTTP/1's mark: an HTTP/2 connection (not parkable) also
+/// closes on a soft drain at once, where HTTP/1 answers its next request
+/// with `Connection: close` first.
 async fn drive<F>(
     conn: &Conn,
     mut serving: Pin<&mut F>,

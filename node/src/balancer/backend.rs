@@ -298,7 +298,7 @@ impl Backend {
             .upgrade()
     }
 
-    /// End of the recorded down period, without a lock when there are no
+    /// How the backend is down, if it is, without a lock when there are no
     /// failures (the common case).
     pub(super) fn down_now(&self) -> Option<Down> {
         if self.is_failing() { self.down() } else { None }
@@ -339,8 +339,8 @@ impl Backend {
         true
     }
 
-    /// Sets what the active health check says at `now`; whether that
-    /// changed the down state. Down holds until the check says up.
+    /// Sets what the active health check says; whether that changed the
+    /// down state. Down holds until the check says up.
     pub(super) fn set_checked(&self, up: bool) -> bool {
         let mut down = self.lock_down();
         if down.checked_down != up {
