@@ -16,13 +16,16 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use edgelb::access_log::{AccessLog, Entry, Format, Options, Target};
+use edgelb::access_log::{AccessLog, Client, Entry, Format, Options, Target};
 
 fn entry(now: Instant) -> Entry<'static> {
     Entry {
         began: now,
         ended: now + Duration::from_micros(375),
-        client: Some("127.0.0.1:52692".parse().expect("an address")),
+        client: Some(Client {
+            ip: b"127.0.0.1",
+            port: 52692,
+        }),
         port: 8080,
         tls: false,
         proto: "HTTP/1.1",

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::access_log::Entry;
+use crate::access_log::{Client, Entry, client_ip};
 use crate::balancer::{Backend, Lease};
 use crate::dataplane::{Attempts, ConnInfo, DataPlane, Unserved};
 use crate::routing::Target;
@@ -193,8 +193,9 @@ async fn serve(
 /// A TCP connection's access log line, while it is open (nothing when
 /// the access log is off or this connection is not in its sample).
 struct Logged<'a> {
-    /// The access log and when the connection began, when it is logged.
-    log: Option<(&'a crate::access_log::AccessLog, Instant)>,
+    /// The access log, when the connection began and its client's IP
+    /// ([`client_ip`]), when it is logged.
+    log: Option<(&'a crate::access_log::AccessLog, Instant, String)>,
     conn: &'a ConnInfo,
     group: &'a str,
     attempts: u32,
@@ -204,7 +205,9 @@ struct Logged<'a> {
 impl<'a> Logged<'a> {
     fn new(conn: &'a ConnInfo, target: &'a Target, dp: &'a DataPlane) -> Self {
         Self {
-            log: dp.access_log_sampled().map(|log| (log, Instant::now())),
+            log: dp
+                .access_log_sampled()
+                .map(|log| (log, Instant::now(), client_ip(conn.peer.ip()))),
             conn,
             group: &target.group.name,
             attempts: 0,
@@ -226,13 +229,16 @@ impl<'a> Logged<'a> {
         error: Option<(&'static str, &dyn std::fmt::Display)>,
         now: Instant,
     ) {
-        let Some((log, began)) = self.log else {
+        let Some((log, began, ip)) = &self.log else {
             return;
         };
         log.write(&Entry {
-            began,
+            began: *began,
             ended: now,
-            client: Some(self.conn.peer),
+            client: Some(Client {
+                ip: ip.as_bytes(),
+                port: self.conn.peer.port(),
+            }),
             port: self.conn.port,
             tls: self.conn.tls,
             proto: "TCP",

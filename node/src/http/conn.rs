@@ -77,9 +77,8 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn new(info: ConnInfo, dp: Arc<DataPlane>, shutdown: CancellationToken) -> Self {
-        let ip = info.peer.ip().to_canonical();
-        let trusted = dp.settings.trusts(ip);
-        let ip = ip.to_string();
+        let trusted = dp.settings.trusts(info.peer.ip().to_canonical());
+        let ip = crate::access_log::client_ip(info.peer.ip());
         Self {
             trusted,
             dp,

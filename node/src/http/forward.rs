@@ -88,6 +88,9 @@ async fn proxy(
     // From here on, a body dropped unread is discarded, not left hanging.
     let mut req = ClientBody::wrap(req, conn, log.as_ref().and_then(|r| r.body_in.clone()));
     let host = checked_host(&req)?;
+    if let Some(record) = log.as_deref_mut() {
+        record.host.clone_from(&host);
+    }
     let (target, redirect) = {
         // The one routing-table read of this request.
         let table = conn.dp.routes.load();

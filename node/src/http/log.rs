@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Method, Request, Uri, Version};
 
 use super::conn::Conn;
-use crate::access_log::Entry;
+use crate::access_log::{Client, Entry};
 use crate::balancer::Backend;
 use crate::routing::GroupRuntime;
 
@@ -24,7 +24,9 @@ pub(crate) struct Record {
     method: Method,
     version: Version,
     uri: Uri,
-    host: Option<HeaderValue>,
+    /// The host routed on, set once the request has passed the `Host`
+    /// checks (none for a request that failed them).
+    pub(crate) host: Option<HeaderValue>,
     pub(crate) group: Option<Arc<GroupRuntime>>,
     pub(crate) instance: Option<Arc<Backend>>,
     pub(crate) attempts: u32,
@@ -54,7 +56,7 @@ impl Record {
             method: req.method().clone(),
             version: req.version(),
             uri: req.uri().clone(),
-            host: super::headers::request_host(req),
+            host: None,
             group: None,
             instance: None,
             attempts: 0,
@@ -87,7 +89,10 @@ impl Record {
         log.write(&Entry {
             began: self.began,
             ended: now,
-            client: Some(info.peer),
+            client: Some(Client {
+                ip: self.conn.client_ip.as_bytes(),
+                port: info.peer.port(),
+            }),
             port: info.port,
             tls: info.tls,
             proto: version(self.version),
