@@ -388,12 +388,16 @@ impl Process {
         self.wait(Duration::from_secs(10)).await
     }
 
-    /// The exit status, if the child has exited.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
+    /// The exit status, if the child has exited; an error when it cannot
+    /// be told (a successor that exited and was reaped by its own parent
+    /// has exited, but with a status no one can read any more).
+    pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
         if self.successor {
-            return reap(self.pid).ok().flatten();
+            return reap(self.pid);
         }
-        self.child.try_wait().ok().flatten()
+        self.child
+            .try_wait()
+            .context("asking whether edgelb exited")
     }
 
     /// Waits (bounded) for the child to exit.

@@ -383,10 +383,9 @@ fn write_loop(inner: &Inner, mut out: Out) {
 struct Clock {
     base: Option<Base>,
     secs: u64,
-    /// `2026-12-05T08:20:39`
-    iso: String,
-    /// `05/Dec/2026:08:20:39`
-    clf: String,
+    /// The second `secs` as the log's format writes it: `2026-12-05T08:20:39`
+    /// (JSON) or `05/Dec/2026:08:20:39` (text).
+    date: String,
 }
 
 /// The wall clock read at an instant, as time since the epoch (what the
@@ -425,20 +424,24 @@ impl Clock {
         }
     }
 
-    /// The clock with the date of `t` (since the epoch), and `t`'s
-    /// milliseconds.
-    fn at(&mut self, t: Duration) -> (&Self, u32) {
+    /// The date of `t` (since the epoch) in `format`'s way, to the
+    /// second, and `t`'s milliseconds. A log has one format: a shard's
+    /// date is made again only when the second changes.
+    fn at(&mut self, t: Duration, format: Format) -> (&str, u32) {
         let secs = t.as_secs();
-        if secs != self.secs || self.iso.is_empty() {
+        if secs != self.secs || self.date.is_empty() {
             let when = i64::try_from(secs)
                 .ok()
                 .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
                 .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
             self.secs = secs;
-            self.iso = when.format(ISO).unwrap_or_default();
-            self.clf = when.format(CLF).unwrap_or_default();
+            self.date = match format {
+                Format::Json => when.format(ISO),
+                Format::Text => when.format(CLF),
+            }
+            .unwrap_or_default();
         }
-        (self, t.subsec_millis())
+        (&self.date, t.subsec_millis())
     }
 }
 
@@ -510,9 +513,9 @@ macro_rules! key {
 }
 
 fn json(out: &mut Vec<u8>, clock: &mut Clock, start: Duration, duration: Duration, e: &Entry<'_>) {
-    let (clock, ms) = clock.at(start);
+    let (date, ms) = clock.at(start, Format::Json);
     out.extend_from_slice(b"{\"time\":\"");
-    out.extend_from_slice(clock.iso.as_bytes());
+    out.extend_from_slice(date.as_bytes());
     out.push(b'.');
     three(out, ms);
     out.extend_from_slice(b"Z\",\"client\":");
@@ -534,13 +537,13 @@ fn json(out: &mut Vec<u8>, clock: &mut Clock, start: Duration, duration: Duratio
 /// then `key=value` pairs; strings in quotes with `"`, `\` and bytes
 /// outside printable ASCII as `\xHH` (as NGINX escapes its log).
 fn text(out: &mut Vec<u8>, clock: &mut Clock, start: Duration, duration: Duration, e: &Entry<'_>) {
-    let (clock, ms) = clock.at(start);
+    let (date, ms) = clock.at(start, Format::Text);
     match e.client {
         Some(c) if !c.ip.is_empty() => out.extend_from_slice(c.ip),
         _ => out.push(b'-'),
     }
     out.extend_from_slice(b" - - [");
-    out.extend_from_slice(clock.clf.as_bytes());
+    out.extend_from_slice(date.as_bytes());
     out.push(b'.');
     three(out, ms);
     out.extend_from_slice(b" +0000] \"");
@@ -946,9 +949,10 @@ mod tests {
     #[test]
     fn civil_dates_match_known_days() {
         let day = |d: u64| {
-            let mut clock = Clock::default();
-            let (c, _) = clock.at(Duration::from_secs(d * 86_400));
-            (c.iso.clone(), c.clf.clone())
+            let t = Duration::from_secs(d * 86_400);
+            let iso = Clock::default().at(t, Format::Json).0.to_owned();
+            let clf = Clock::default().at(t, Format::Text).0.to_owned();
+            (iso, clf)
         };
         assert_eq!(day(0).0, "1970-01-01T00:00:00");
         assert_eq!(day(11_016).0, "2000-02-29T00:00:00");

@@ -248,8 +248,12 @@ impl Upgrader {
     /// deploy that swaps a symlink starts the binary the link names now;
     /// else the running binary's.
     fn of_this_process() -> Self {
+        let mut given = std::env::args_os();
+        let started_as = given
+            .next()
+            .map(std::path::PathBuf::from)
+            .filter(|p| p.components().count() > 1);
         let mut args = Vec::new();
-        let mut given = std::env::args_os().skip(1);
         while let Some(a) = given.next() {
             match a.to_str() {
                 Some("--restore") => {
@@ -261,10 +265,6 @@ impl Upgrader {
             }
         }
         args.push("--upgrade".into());
-        let started_as = std::env::args_os()
-            .next()
-            .map(std::path::PathBuf::from)
-            .filter(|p| p.components().count() > 1);
         Self {
             exe: started_as.or_else(|| std::env::current_exe().ok()),
             args,

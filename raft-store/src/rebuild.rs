@@ -136,15 +136,6 @@ fn move_aside(dir: &Path, path: &Path) -> Result<PathBuf, StoreError> {
     Ok(to)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| StoreError::Io {
-            what: format!("syncing {}", dir.display()),
-            source,
-        })
-}
-
 /// The snapshot documents in `snapshots` that read through, newest first,
 /// and those that do not.
 type Documents = (Vec<(PathBuf, SmRecord<State>)>, Vec<PathBuf>);
@@ -238,7 +229,7 @@ fn rebuild_state_machine(
     for p in &unreadable {
         moved_aside.push(move_aside(dir, p)?);
     }
-    sync_dir(dir)?;
+    files::sync_dir(dir)?;
     let db = db::open(dir, FILE, faults)?;
     let from = match start {
         None => {
@@ -257,7 +248,7 @@ fn rebuild_state_machine(
                     what: format!("renaming {} to {}", file.display(), named.display()),
                     source,
                 })?;
-                sync_dir(&snapshots)?;
+                files::sync_dir(&snapshots)?;
             }
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate);
@@ -288,7 +279,7 @@ fn drop_snapshot(
     let mut moved_aside = Vec::new();
     if path.exists() {
         moved_aside.push(move_aside(dir, path)?);
-        sync_dir(dir)?;
+        files::sync_dir(dir)?;
     }
     let db = db::open(dir, FILE, faults)?;
     let mut txn = db.begin_write()?;

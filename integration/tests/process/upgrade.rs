@@ -276,7 +276,7 @@ async fn reload_refused(
         },
     )
     .await?;
-    ensure!(node.exited().is_none(), "the running node stopped");
+    ensure!(node.exited()?.is_none(), "the running node stopped");
     ensure!(healthz(admin_addr).await? == http::StatusCode::OK);
     Ok(())
 }

@@ -37,7 +37,7 @@ fn io_error(what: String) -> impl FnOnce(io::Error) -> StoreError {
 }
 
 /// Fsyncs the directory `dir`, so that a rename in it is durable.
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(format!("syncing {}", dir.display())))
