@@ -26,6 +26,7 @@ while [ $# -gt 0 ]; do
     *) echo "log_cost.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+[ "$ROUNDS" -ge 2 ] || { echo "log_cost.sh: -r must be at least 2" >&2; exit 2; }
 for b in nginx wrk curl; do
   command -v $b >/dev/null || { echo "log_cost.sh: missing $b" >&2; exit 2; }
 done
@@ -52,9 +53,16 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.2:19000; listen 127.0.0.3:19000; listen 127.0.0.4:19000; listen 127.0.0.5:19000;
     location / { return 200 "ok\n"; } } }
 EOF
-nginx -p "$TMP/ng" -c "$TMP/ng/nginx.conf" & STARTED+=($!)
+nginx -p "$TMP/ng" -e "$TMP/ng/err.log" -c "$TMP/ng/nginx.conf" & STARTED+=($!)
+wait_http() { for _ in $(seq 1 100); do curl -sf -o /dev/null -m 1 "$1" && return 0; sleep 0.1; done; return 1; }
+for i in 2 3 4 5; do
+  wait_http "http://127.0.0.$i:19000/" || { echo "log_cost.sh: nginx did not start" >&2; cat "$TMP/ng/err.log" >&2; exit 1; }
+done
 
-api() { curl -sf -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' "$@" >/dev/null; }
+api() {
+  curl -sf -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' "$@" >/dev/null ||
+    { echo "log_cost.sh: the admin API refused: $*" >&2; return 1; }
+}
 # node NAME ADMIN_PORT HTTP_PORT LOG(0|1): starts a node, its PID in NODE_PID
 node() {
   { echo "workers = 1"
@@ -65,10 +73,11 @@ node() {
   NODE_PID=$!
   STARTED+=("$NODE_PID")
   local api=http://127.0.0.1:$2
-  for _ in $(seq 1 100); do curl -sf -o /dev/null "$api/healthz" && break; sleep 0.1; done
+  wait_http "$api/healthz" || { echo "log_cost.sh: node $1 did not start" >&2; cat "$TMP/$1.out" >&2; exit 1; }
   api -X POST "$api/v1/services" \
     -d "{\"name\":\"bench-http\",\"services\":[{\"port\":$3,\"destination_port\":19000,\"handlers\":[\"http\"]}]}"
   for i in 2 3 4 5; do api -X POST "$api/v1/services/bench-http/instances" -d "{\"address\":\"127.0.0.$i\"}"; done
+  wait_http "http://127.0.0.1:$3/" || { echo "log_cost.sh: node $1 does not serve :$3" >&2; cat "$TMP/$1.out" >&2; exit 1; }
 }
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
@@ -85,7 +94,10 @@ for pass in 1 2; do
     ca=$(cpu "$a"); cb=$(cpu "$b")
     wrk -t1 -c32 -d"${SECS}s" http://127.0.0.1:18470/ > "$TMP/wa" & wa=$!
     wrk -t1 -c32 -d"${SECS}s" http://127.0.0.1:18480/ > "$TMP/wb" & wb=$!
-    wait $wa $wb
+    wait $wa; wait $wb
+    if grep -qE 'Non-2xx|Socket errors' "$TMP/wa" "$TMP/wb"; then
+      echo "log_cost.sh: errors in round $r of pass $pass:" >&2; cat "$TMP/wa" "$TMP/wb" >&2; exit 1
+    fi
     ca=$(( $(cpu "$a") - ca )); cb=$(( $(cpu "$b") - cb ))
     na=$(awk '/requests in/ {print $1}' "$TMP/wa"); nb=$(awk '/requests in/ {print $1}' "$TMP/wb")
     tick=$(getconf CLK_TCK)

@@ -390,7 +390,9 @@ impl Process {
 
     /// The exit status, if the child has exited; an error when it cannot
     /// be told (a successor that exited and was reaped by its own parent
-    /// has exited, but with a status no one can read any more).
+    /// has exited, but with a status no one can read any more). A
+    /// successor that exited unreaped under a parent still running (a
+    /// zombie) still counts as running.
     pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
         if self.successor {
             return reap(self.pid);

@@ -383,9 +383,10 @@ fn write_loop(inner: &Inner, mut out: Out) {
 struct Clock {
     base: Option<Base>,
     secs: u64,
-    /// The second `secs` as the log's format writes it: `2026-12-05T08:20:39`
+    /// The second `secs` as `format` writes it: `2026-12-05T08:20:39`
     /// (JSON) or `05/Dec/2026:08:20:39` (text).
     date: String,
+    format: Option<Format>,
 }
 
 /// The wall clock read at an instant, as time since the epoch (what the
@@ -425,16 +426,17 @@ impl Clock {
     }
 
     /// The date of `t` (since the epoch) in `format`'s way, to the
-    /// second, and `t`'s milliseconds. A log has one format: a shard's
-    /// date is made again only when the second changes.
+    /// second, and `t`'s milliseconds. A log has one format, so a shard's
+    /// date is made again when the second changes.
     fn at(&mut self, t: Duration, format: Format) -> (&str, u32) {
         let secs = t.as_secs();
-        if secs != self.secs || self.date.is_empty() {
+        if secs != self.secs || self.format != Some(format) {
             let when = i64::try_from(secs)
                 .ok()
                 .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
                 .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
             self.secs = secs;
+            self.format = Some(format);
             self.date = match format {
                 Format::Json => when.format(ISO),
                 Format::Text => when.format(CLF),
@@ -961,6 +963,14 @@ mod tests {
             ("2026-12-05T00:00:00".into(), "05/Dec/2026:00:00:00".into())
         );
         assert_eq!(day(24_837).0, "2038-01-01T00:00:00");
+        let mut clock = Clock::default();
+        let t = Duration::from_secs(20_792 * 86_400);
+        assert_eq!(clock.at(t, Format::Json).0, "2026-12-05T00:00:00");
+        assert_eq!(
+            clock.at(t, Format::Text).0,
+            "05/Dec/2026:00:00:00",
+            "made again for another format"
+        );
     }
 
     /// A client on a dual-stack listener is logged as IPv4 when it is

@@ -1317,19 +1317,27 @@ async fn the_access_log_has_one_line_per_request_with_its_fields() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = send(&mut client, get("gone.example.com", "/g")).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    // Two Hosts: refused before routing, so the line names none.
+    let two = Request::get("/two")
+        .header("host", "app.example.com")
+        .header("host", "gone.example.com")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let r = send(&mut client, two).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
     let mut lines = Vec::new();
-    eventually("three access log lines", || {
+    eventually("four access log lines", || {
         lines = std::fs::read_to_string(&path)
             .unwrap_or_default()
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
             .collect();
-        lines.len() >= 3
+        lines.len() >= 4
     })
     .await;
-    assert_eq!(lines.len(), 3, "{lines:?}");
-    let (ok_line, not_found, bad_gateway) = (&lines[0], &lines[1], &lines[2]);
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let (ok_line, not_found, bad_gateway, two_hosts) = (&lines[0], &lines[1], &lines[2], &lines[3]);
     assert_eq!(ok_line["method"], "POST");
     assert_eq!(ok_line["path"], "/upload?x=1");
     assert_eq!(ok_line["host"], "app.example.com");
@@ -1352,6 +1360,7 @@ async fn the_access_log_has_one_line_per_request_with_its_fields() {
     assert!(client_addr.starts_with("127.0.0.1:"), "{client_addr}");
 
     assert_eq!(not_found["status"], 404);
+    assert_eq!(not_found["host"], "nope.example.com", "the host routed on");
     assert!(not_found["group"].is_null() && not_found["instance"].is_null());
     assert_eq!(not_found["error_origin"], "client");
     assert_eq!(not_found["bytes_out"], "service not found".len());
@@ -1363,6 +1372,11 @@ async fn the_access_log_has_one_line_per_request_with_its_fields() {
     assert_eq!(bad_gateway["error_origin"], "upstream");
     let why = bad_gateway["error"].as_str().expect("error");
     assert!(why.starts_with("every attempt failed"), "{why}");
+
+    assert_eq!(two_hosts["status"], 400);
+    assert_eq!(two_hosts["path"], "/two");
+    assert!(two_hosts["host"].is_null(), "{two_hosts}");
+    assert_eq!(two_hosts["error_origin"], "client");
 }
 
 #[tokio::test]
