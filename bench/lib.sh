@@ -12,23 +12,11 @@
 # Callers set ROOT and BENCH_N (connections the balancers must hold);
 # PARK_AFTER sets the node's park_after (else its default).
 
-for b in haproxy nginx openssl python3 curl; do
-  command -v $b >/dev/null || { echo "bench: missing $b" >&2; exit 2; }
-done
+NEEDS="haproxy nginx openssl python3 curl ${NEEDS:-}"
+# shellcheck source=bench/common.sh
+. "$ROOT/bench/common.sh"
 ulimit -n "$(ulimit -Hn)"
 BENCH_N=${BENCH_N:-4096}
-if [ -n "${EDGELB_BIN:-}" ]; then BIN=$EDGELB_BIN; else
-  cargo build --release --bin edgelb --manifest-path "$ROOT/Cargo.toml" >&2
-  BIN=$ROOT/target/release/edgelb
-fi
-TMP=$(mktemp -d /tmp/edgelb-bench.XXXXXX); chmod 755 "$TMP"
-STARTED=()
-cleanup() {
-  for p in "${STARTED[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
   -subj /CN=bench.local -addext subjectAltName=DNS:bench.local \

@@ -27,23 +27,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ "$ROUNDS" -ge 2 ] || { echo "log_cost.sh: -r must be at least 2" >&2; exit 2; }
-for b in nginx wrk curl; do
-  command -v $b >/dev/null || { echo "log_cost.sh: missing $b" >&2; exit 2; }
-done
-if [ -n "${EDGELB_BIN:-}" ]; then BIN=$EDGELB_BIN; else
-  cargo build --release --bin edgelb --manifest-path "$ROOT/Cargo.toml" >&2
-  BIN=$ROOT/target/release/edgelb
-fi
-TMP=$(mktemp -d /tmp/edgelb-logcost.XXXXXX)
+NEEDS="nginx wrk curl"
+# shellcheck source=bench/common.sh
+. "$ROOT/bench/common.sh"
 TO=${TO:-$TMP/access.log}
 TOKEN=log-cost-bench-token-0123456789
-STARTED=()
-cleanup() {
-  for p in "${STARTED[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
 
 mkdir -p "$TMP/ng"
 cat > "$TMP/ng/nginx.conf" <<EOF
