@@ -2,7 +2,7 @@
 # checkout) and NEEDS (the commands they call). Checks NEEDS; picks the
 # node's binary as BIN (EDGELB_BIN, else a release build of the checkout);
 # makes TMP, removed on exit; and on exit stops the processes whose PIDs
-# are in STARTED.
+# are in STARTED. Helpers: wait_http, cpu_ticks.
 
 for b in $NEEDS; do
   command -v "$b" >/dev/null || { echo "bench: missing $b" >&2; exit 2; }
@@ -19,3 +19,11 @@ cleanup() {
   rm -rf "$TMP"
 }
 trap cleanup EXIT
+
+# wait_http URL: until it answers (any status; TLS unchecked), at most 10 s.
+wait_http() { for _ in $(seq 1 100); do curl -sk -o /dev/null -m 1 "$1" && return 0; sleep 0.1; done; return 1; }
+cpu_ticks() { # utime + stime over the PIDs given (threads included)
+  local t=0 p v
+  for p in "$@"; do v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12+$13}') && t=$((t + ${v:-0})); done
+  echo $t
+}

@@ -81,15 +81,9 @@ ${PARK_AFTER:+park_after = \"$PARK_AFTER\"}
 EOF
 BENCH_TOKEN=benchbenchbenchbenchbench
 
-wait_http() { for _ in $(seq 1 100); do curl -sk -o /dev/null -m 1 "$1" && return 0; sleep 0.1; done; return 1; }
 rss_kib() { # sum of VmRSS over the PIDs given
   local t=0 p v
   for p in "$@"; do v=$(awk '/^VmRSS:/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0); t=$((t + ${v:-0})); done
-  echo $t
-}
-cpu_ticks() { # utime + stime over the PIDs given (threads included)
-  local t=0 p v
-  for p in "$@"; do v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12+$13}') && t=$((t + ${v:-0})); done
   echo $t
 }
 

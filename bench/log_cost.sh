@@ -42,7 +42,6 @@ http { access_log off; keepalive_requests 1000000;
     location / { return 200 "ok\n"; } } }
 EOF
 nginx -p "$TMP/ng" -e "$TMP/ng/err.log" -c "$TMP/ng/nginx.conf" & STARTED+=($!)
-wait_http() { for _ in $(seq 1 100); do curl -sf -o /dev/null -m 1 "$1" && return 0; sleep 0.1; done; return 1; }
 for i in 2 3 4 5; do
   wait_http "http://127.0.0.$i:19000/" || { echo "log_cost.sh: nginx did not start" >&2; cat "$TMP/ng/err.log" >&2; exit 1; }
 done
@@ -65,9 +64,9 @@ node() {
   api -X POST "$api/v1/services" \
     -d "{\"name\":\"bench-http\",\"services\":[{\"port\":$3,\"destination_port\":19000,\"handlers\":[\"http\"]}]}"
   for i in 2 3 4 5; do api -X POST "$api/v1/services/bench-http/instances" -d "{\"address\":\"127.0.0.$i\"}"; done
-  wait_http "http://127.0.0.1:$3/" || { echo "log_cost.sh: node $1 does not serve :$3" >&2; cat "$TMP/$1.out" >&2; exit 1; }
+  wait_http "http://127.0.0.1:$3/" || { echo "log_cost.sh: node $1 does not answer on :$3" >&2; cat "$TMP/$1.out" >&2; exit 1; }
 }
-cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
 
 printf "# %s rounds of %s s, both nodes loaded at once; log: %s to %s; %s CPUs\n" \
   "$ROUNDS" "$SECS" "$FORMAT" "$TO" "$(nproc)"
@@ -79,17 +78,16 @@ for pass in 1 2; do
   node "b$pass" 17380 18480 $((pass == 2)); b=$NODE_PID
   for r in $(seq 1 "$ROUNDS"); do
     [ "$TO" = /dev/null ] || : > "$TO"
-    ca=$(cpu "$a"); cb=$(cpu "$b")
+    ca=$(cpu_ticks "$a"); cb=$(cpu_ticks "$b")
     wrk -t1 -c32 -d"${SECS}s" http://127.0.0.1:18470/ > "$TMP/wa" & wa=$!
     wrk -t1 -c32 -d"${SECS}s" http://127.0.0.1:18480/ > "$TMP/wb" & wb=$!
     wait $wa; wait $wb
     if grep -qE 'Non-2xx|Socket errors' "$TMP/wa" "$TMP/wb"; then
       echo "log_cost.sh: errors in round $r of pass $pass:" >&2; cat "$TMP/wa" "$TMP/wb" >&2; exit 1
     fi
-    ca=$(( $(cpu "$a") - ca )); cb=$(( $(cpu "$b") - cb ))
+    ca=$(( $(cpu_ticks "$a") - ca )); cb=$(( $(cpu_ticks "$b") - cb ))
     na=$(awk '/requests in/ {print $1}' "$TMP/wa"); nb=$(awk '/requests in/ {print $1}' "$TMP/wb")
-    tick=$(getconf CLK_TCK)
-    line=$(awk -v ca="$ca" -v cb="$cb" -v na="$na" -v nb="$nb" -v t="$tick" -v p="$pass" 'BEGIN {
+    line=$(awk -v ca="$ca" -v cb="$cb" -v na="$na" -v nb="$nb" -v t="$TICK" -v p="$pass" 'BEGIN {
       ua = ca * 1e6 / t / na; ub = cb * 1e6 / t / nb
       on = (p == 1) ? ua : ub; off = (p == 1) ? ub : ua
       printf "%.2f %.2f %.4f", on, off, on / off }')

@@ -193,9 +193,8 @@ async fn serve(
 /// A TCP connection's access log line, while it is open (nothing when
 /// the access log is off or this connection is not in its sample).
 struct Logged<'a> {
-    /// The access log, when the connection began and its client's IP
-    /// ([`client_ip`]), when it is logged.
-    log: Option<(&'a crate::access_log::AccessLog, Instant, String)>,
+    /// The access log and when the connection began, when it is logged.
+    log: Option<(&'a crate::access_log::AccessLog, Instant)>,
     conn: &'a ConnInfo,
     group: &'a str,
     attempts: u32,
@@ -205,9 +204,7 @@ struct Logged<'a> {
 impl<'a> Logged<'a> {
     fn new(conn: &'a ConnInfo, target: &'a Target, dp: &'a DataPlane) -> Self {
         Self {
-            log: dp
-                .access_log_sampled()
-                .map(|log| (log, Instant::now(), client_ip(conn.peer.ip()))),
+            log: dp.access_log_sampled().map(|log| (log, Instant::now())),
             conn,
             group: &target.group.name,
             attempts: 0,
@@ -229,11 +226,13 @@ impl<'a> Logged<'a> {
         error: Option<(&'static str, &dyn std::fmt::Display)>,
         now: Instant,
     ) {
-        let Some((log, began, ip)) = &self.log else {
+        let Some((log, began)) = self.log else {
             return;
         };
+        // One line per connection: its client's IP is made here.
+        let ip = client_ip(self.conn.peer.ip());
         log.write(&Entry {
-            began: *began,
+            began,
             ended: now,
             client: Some(Client {
                 ip: ip.as_bytes(),

@@ -77,8 +77,9 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn new(info: ConnInfo, dp: Arc<DataPlane>, shutdown: CancellationToken) -> Self {
-        let trusted = dp.settings.trusts(info.peer.ip().to_canonical());
-        let ip = crate::access_log::client_ip(info.peer.ip());
+        let ip = info.peer.ip().to_canonical();
+        let trusted = dp.settings.trusts(ip);
+        let ip = crate::access_log::client_ip(ip);
         Self {
             trusted,
             dp,
