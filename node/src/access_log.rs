@@ -2,27 +2,32 @@
 //! or as the common log format with the proxy's fields after it.
 //!
 //! ```text
-//!  worker 0 ─┐ format into its shard's buffer (a lock no other worker takes)
-//!  worker 1 ─┤
-//!            ▼
-//!     shards: [Mutex<Vec<u8>>; 8] ──▶ writer thread ──write(2)──▶ file / stdout
-//!                                     every 100 ms, or at once when a shard
-//!                                     holds 1 MiB; SIGUSR1 reopens the file
+//!  worker 0 ─ formats into a buffer of its own thread (no lock, no atomic)
+//!  worker 1 ─ …
+//!       │ hands it over when it holds 32 KiB, or 100 ms after its first line
+//!       ▼
+//!  queue: Mutex<[buffers]> ──▶ writer thread ──write(2)──▶ file / stdout
+//!                               every 100 ms, or at once when the queue
+//!                               holds 1 MiB; SIGUSR1 reopens the file
 //! ```
 //!
-//! The request path never waits on the disk: a line is formatted into a
-//! buffer of the worker's own shard and written by a thread of its own in
-//! batches. When the disk is slower than the lines come (a shard holds
-//! [`MAX_PENDING`]), further lines are dropped and counted
-//! (`edgelb_access_log_dropped_total`), as a full syslog socket drops
-//! HAProxy's. Off by default; `access_log_sample` logs a random fraction.
+//! The request path never waits on the disk, nor on another thread: a
+//! worker formats its lines into a buffer only its own thread touches (a
+//! lock taken per line cost a tenth of the log's time per request: its
+//! release waits for the line's stores) and hands the buffer to the writer
+//! thread whole. When the disk is slower than the lines come (the queue
+//! holds [`MAX_PENDING`]), further buffers are dropped and their lines
+//! counted (`edgelb_access_log_dropped_total`), as a full syslog socket
+//! drops HAProxy's. Off by default; `access_log_sample` logs a random
+//! fraction.
 
+use std::cell::RefCell;
 use std::fmt::{self, Display};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -72,21 +77,38 @@ pub struct Options {
     pub sample: f64,
 }
 
-/// Shards of pending lines: each worker writes into its own
-/// (`crate::workers::current`).
-const SHARDS: usize = 8;
+/// A thread's buffer this full goes to the writer: small enough to stay
+/// in the core's cache while it is filled.
+const HAND_OVER_AT: usize = 32 * 1024;
 
-/// A shard holding this much wakes the writer at once. Large, so that a
+/// A worker's lines go to the writer this long after the first of them at
+/// the latest (on a timer of the worker's, so a quiet worker's lines do
+/// not wait for more).
+const HAND_OVER_EVERY: Duration = Duration::from_millis(100);
+
+/// The queue holding this much wakes the writer at once. Large, so that a
 /// busy worker wakes it seldom (about 20 times a second at 50,000 lines a
 /// second): each wake-up is a context switch on a core the workers need.
 const FLUSH_AT: usize = 1024 * 1024;
 
-/// A shard holding this much drops further lines until the writer catches
-/// up.
+/// The queue holding this much drops further buffers until the writer
+/// catches up.
 pub(crate) const MAX_PENDING: usize = 8 * 1024 * 1024;
 
-/// The writer's period when no shard fills up.
+/// The writer's period when the queue does not fill up.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// Written buffers kept for the next hand-overs (a busy node's second of
+/// lines cycles through about this many).
+const KEEP_FREE: usize = 64;
+
+/// A thread's buffer's capacity: a line more than [`HAND_OVER_AT`] fits
+/// without growing it.
+const BUFFER: usize = HAND_OVER_AT + 4096;
+
+/// How long a stopping log waits for the workers' last buffers (they come
+/// within [`HAND_OVER_EVERY`]).
+const STOP_WAIT: Duration = Duration::from_millis(300);
 
 /// The access log of a node.
 pub struct AccessLog {
@@ -107,7 +129,9 @@ struct Inner {
     target: Target,
     format: Format,
     sample: f64,
-    shards: [Mutex<Shard>; SHARDS],
+    queue: Mutex<Queue>,
+    /// Threads holding lines not handed over yet.
+    held: AtomicUsize,
     stop: AtomicBool,
     reopen: AtomicBool,
     writer: OnceLock<Thread>,
@@ -116,13 +140,102 @@ struct Inner {
     errors: IntCounter,
 }
 
+/// The buffers handed over and not written yet.
 #[derive(Default)]
-struct Shard {
-    pending: Vec<u8>,
-    /// Lines in `pending`: counted into `edgelb_access_log_lines_total` by
-    /// the writer, so that workers share no counter per line.
+struct Queue {
+    full: Vec<Vec<u8>>,
+    /// Bytes in `full`.
+    bytes: usize,
+    /// Lines in `full`: counted into `edgelb_access_log_lines_total` by the
+    /// writer, so that workers share no counter per line.
     lines: u64,
+    /// Written buffers, emptied, for the next hand-overs.
+    free: Vec<Vec<u8>>,
+}
+
+thread_local! {
+    /// The lines this thread formatted and has not handed over yet.
+    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+}
+
+/// A thread's lines of one log, and its clock.
+struct Held {
+    log: Arc<Inner>,
+    pending: Vec<u8>,
+    lines: u64,
+    /// A timer will hand `pending` over.
+    timed: bool,
     clock: Clock,
+}
+
+impl Held {
+    /// Gives the lines to the writer (or drops them when it is behind).
+    fn hand_over(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let log = &self.log;
+        let (wake, dropped) = {
+            let mut q = lock(&log.queue);
+            if q.bytes >= MAX_PENDING {
+                (false, true)
+            } else {
+                q.bytes += self.pending.len();
+                q.lines += self.lines;
+                // A few lines (another thread's, or a quiet worker's) join
+                // the last buffer when they fit: one line is not one buffer.
+                match q.full.last_mut() {
+                    Some(last) if last.capacity() - last.len() >= self.pending.len() => {
+                        last.extend_from_slice(&self.pending);
+                        self.pending.clear();
+                    }
+                    _ => {
+                        let next = q.free.pop().unwrap_or_else(|| Vec::with_capacity(BUFFER));
+                        let full = std::mem::replace(&mut self.pending, next);
+                        q.full.push(full);
+                    }
+                }
+                (
+                    q.bytes >= FLUSH_AT || log.stop.load(Ordering::Relaxed),
+                    false,
+                )
+            }
+        };
+        if dropped {
+            log.dropped.inc_by(self.lines);
+            self.pending.clear();
+        }
+        self.lines = 0;
+        log.held.fetch_sub(1, Ordering::AcqRel);
+        if wake && let Some(t) = log.writer.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// A thread that ends hands its lines over.
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.hand_over();
+    }
+}
+
+/// Hands this thread's lines over when dropped: a worker's timer holds
+/// one, so that the lines go when it fires or, if its runtime stops
+/// first, when it is dropped.
+struct HandOver;
+
+impl Drop for HandOver {
+    fn drop(&mut self) {
+        let _ = HELD.try_with(|held| {
+            if let Ok(mut held) = held.try_borrow_mut()
+                && let Some(h) = held.as_mut()
+            {
+                h.timed = false;
+                h.hand_over();
+            }
+        });
+    }
 }
 
 /// A client's address as lines write it: its IP's text ([`client_ip`]),
@@ -189,7 +302,8 @@ impl AccessLog {
             target: options.target.clone(),
             format: options.format,
             sample: options.sample,
-            shards: Default::default(),
+            queue: Mutex::default(),
+            held: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             reopen: AtomicBool::new(false),
             writer: OnceLock::new(),
@@ -233,34 +347,59 @@ impl AccessLog {
         self.inner.sample >= 1.0 || rand::random::<f64>() < self.inner.sample
     }
 
-    /// Adds a line (written within [`FLUSH_EVERY`]).
+    /// Adds a line (written within [`HAND_OVER_EVERY`] and
+    /// [`FLUSH_EVERY`]).
     pub fn write(&self, entry: &Entry<'_>) {
-        let now = entry.ended;
-        let began = entry.began;
-        let duration = now.saturating_duration_since(began);
-        let shard = &self.inner.shards[crate::workers::current() % SHARDS];
-        let full = {
-            let mut shard = lock(shard);
-            if shard.pending.len() >= MAX_PENDING {
-                drop(shard);
+        let worker = crate::workers::on_worker();
+        let timer = HELD.try_with(|held| {
+            let Ok(mut held) = held.try_borrow_mut() else {
+                // Only a line written while one is formatted (none is).
                 self.inner.dropped.inc();
-                return;
+                return false;
+            };
+            // Lines of a log closed since go to it first.
+            if held
+                .as_ref()
+                .is_some_and(|h| !Arc::ptr_eq(&h.log, &self.inner))
+            {
+                *held = None;
             }
-            let Shard {
-                pending,
-                lines,
-                clock,
-            } = &mut *shard;
-            let start = clock.wall(began, now);
+            let h = held.get_or_insert_with(|| Held {
+                log: self.inner.clone(),
+                pending: Vec::with_capacity(if worker { BUFFER } else { 0 }),
+                lines: 0,
+                timed: false,
+                clock: Clock::default(),
+            });
+            if h.pending.is_empty() {
+                self.inner.held.fetch_add(1, Ordering::AcqRel);
+            }
+            let start = h.clock.wall(entry.began, entry.ended);
+            let duration = entry.ended.saturating_duration_since(entry.began);
             match self.inner.format {
-                Format::Json => json(pending, clock, start, duration, entry),
-                Format::Text => text(pending, clock, start, duration, entry),
+                Format::Json => json(&mut h.pending, &mut h.clock, start, duration, entry),
+                Format::Text => text(&mut h.pending, &mut h.clock, start, duration, entry),
             }
-            *lines += 1;
-            pending.len() >= FLUSH_AT
-        };
-        if full && let Some(t) = self.inner.writer.get() {
-            t.unpark();
+            h.lines += 1;
+            // Another thread (the control plane's, a test's) has no timer
+            // of its own: its lines go at once.
+            if !worker || h.pending.len() >= HAND_OVER_AT {
+                h.hand_over();
+                return false;
+            }
+            !std::mem::replace(&mut h.timed, true)
+        });
+        if timer == Ok(true) {
+            // Spawned once the line is in: a runtime that is stopping drops
+            // the timer at once, and its `HandOver` then hands the line over.
+            let hand_over = HandOver;
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn(async move {
+                    let _hand_over = hand_over;
+                    tokio::time::sleep(HAND_OVER_EVERY).await;
+                })),
+                Err(_) => drop(hand_over),
+            }
         }
     }
 
@@ -329,14 +468,19 @@ impl Out {
     }
 }
 
-/// The writer thread: takes each shard's lines and writes them, until
-/// `stop` (then once more, so that nothing pending is lost).
+/// The writer thread: writes the buffers handed over, until `stop`; then
+/// it waits (up to [`STOP_WAIT`]) for the buffers the workers still hold,
+/// so that the lines of the last requests are not lost.
 fn write_loop(inner: &Inner, mut out: Out) {
-    // Swapped with a shard's buffer: both keep their capacity.
+    // Swapped with the queue's: both keep their capacity.
     let mut batch = Vec::new();
     let mut warned = false;
+    let mut give_up = None;
     loop {
-        let stopping = inner.stop.load(Ordering::Acquire);
+        let last = inner.stop.load(Ordering::Acquire) && {
+            let give_up = *give_up.get_or_insert_with(|| Instant::now() + STOP_WAIT);
+            inner.held.load(Ordering::Acquire) == 0 || Instant::now() >= give_up
+        };
         if inner.reopen.swap(false, Ordering::AcqRel) {
             match Out::open(&inner.target) {
                 Ok(o) => out = o,
@@ -346,16 +490,14 @@ fn write_loop(inner: &Inner, mut out: Out) {
                 }
             }
         }
-        for shard in &inner.shards {
-            {
-                let mut shard = lock(shard);
-                if shard.pending.is_empty() {
-                    continue;
-                }
-                std::mem::swap(&mut shard.pending, &mut batch);
-                inner.lines.inc_by(std::mem::take(&mut shard.lines));
-            }
-            match out.write_all(&batch) {
+        {
+            let mut q = lock(&inner.queue);
+            std::mem::swap(&mut q.full, &mut batch);
+            q.bytes = 0;
+            inner.lines.inc_by(std::mem::take(&mut q.lines));
+        }
+        for buffer in &batch {
+            match out.write_all(buffer) {
                 Ok(()) => warned = false,
                 Err(error) => {
                     inner.errors.inc();
@@ -364,19 +506,25 @@ fn write_loop(inner: &Inner, mut out: Out) {
                     }
                 }
             }
-            batch.clear();
-            // A burst's buffer is not kept for ever; a busy worker's (up
-            // to 2 MiB) is, so that it is not grown again at every flush.
-            batch.shrink_to(FLUSH_AT * 2);
         }
-        if stopping {
+        if !batch.is_empty() {
+            let mut q = lock(&inner.queue);
+            for mut buffer in batch.drain(..) {
+                // A buffer grown by a long line is not kept.
+                if q.free.len() < KEEP_FREE && buffer.capacity() <= 2 * HAND_OVER_AT {
+                    buffer.clear();
+                    q.free.push(buffer);
+                }
+            }
+        }
+        if last {
             return;
         }
         std::thread::park_timeout(FLUSH_EVERY);
     }
 }
 
-/// The second last formatted, kept per shard: most lines of a second
+/// The second last formatted, kept per thread: most lines of a second
 /// share its date. And the wall clock at an instant, read once a second
 /// (an `Instant` is read for the duration anyway).
 #[derive(Default)]
@@ -426,7 +574,7 @@ impl Clock {
     }
 
     /// The date of `t` (since the epoch) in `format`'s way, to the
-    /// second, and `t`'s milliseconds. A log has one format, so a shard's
+    /// second, and `t`'s milliseconds. A log has one format, so a thread's
     /// date is made again when the second changes.
     fn at(&mut self, t: Duration, format: Format) -> (&str, u32) {
         let secs = t.as_secs();
@@ -463,14 +611,26 @@ fn num<N: itoa::Integer>(out: &mut Vec<u8>, n: N) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
-/// Three digits, zero-padded (`n` < 1000).
+/// Three digits, zero-padded (`n` < 1000): one load from a table rather
+/// than three divisions.
 fn three(out: &mut Vec<u8>, n: u32) {
-    out.extend_from_slice(&[
-        b'0' + (n / 100 % 10) as u8,
-        b'0' + (n / 10 % 10) as u8,
-        b'0' + (n % 10) as u8,
-    ]);
+    out.extend_from_slice(&THREE[n as usize % 1000]);
 }
+
+/// `000` to `999`.
+const THREE: [[u8; 3]; 1000] = {
+    let mut t = [[0u8; 3]; 1000];
+    let mut n = 0;
+    while n < 1000 {
+        t[n] = [
+            b'0' + (n / 100) as u8,
+            b'0' + (n / 10 % 10) as u8,
+            b'0' + (n % 10) as u8,
+        ];
+        n += 1;
+    }
+    t
+};
 
 /// Milliseconds with three decimals (microseconds).
 fn millis(out: &mut Vec<u8>, d: Duration) {
@@ -486,7 +646,9 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
 
 /// `"1.2.3.4:port"` or `"[::1]:port"`, JSON's client.
 fn address(out: &mut Vec<u8>, c: Client<'_>) {
-    let v6 = c.ip.contains(&b':');
+    // An IPv6 address's text has a `:` within its first five bytes (a
+    // group has at most four digits); an IPv4 address's has none.
+    let v6 = c.ip.iter().take(5).any(|&b| b == b':');
     out.extend_from_slice(if v6 { b"\"[" } else { b"\"" });
     out.extend_from_slice(c.ip);
     out.extend_from_slice(if v6 { b"]:" } else { b":" });
@@ -769,12 +931,6 @@ fn escaped(out: &mut Vec<u8>, value: &[u8], plain: u8, escape: impl Fn(&mut Vec<
 /// eight at a time while none of them needs escaping (most values need
 /// nothing), then byte by byte.
 fn plain_len(value: &[u8], plain: u8) -> usize {
-    const ONES: u64 = u64::from_ne_bytes([1; 8]);
-    const HIGH: u64 = ONES * 0x80;
-    /// A byte of `x` is 0 (exact as to whether any is).
-    fn zero(x: u64) -> u64 {
-        x.wrapping_sub(ONES) & !x & HIGH
-    }
     // The lowest plain byte: the space, or `!` when the space is escaped.
     let lowest = if plain & (JSON_PLAIN | SPACE) != 0 {
         b' '
@@ -782,22 +938,44 @@ fn plain_len(value: &[u8], plain: u8) -> usize {
         b'!'
     };
     let mut n = 0;
-    for chunk in value.chunks_exact(8) {
-        let x = u64::from_ne_bytes(chunk.try_into().unwrap_or_default());
-        // Below `lowest`; 0x7f and above; `"`; `\`.
-        let below = x.wrapping_sub(ONES * u64::from(lowest)) & !x & HIGH;
-        let above = (x.wrapping_add(ONES) | x) & HIGH;
-        if below | above | zero(x ^ (ONES * u64::from(b'"'))) | zero(x ^ (ONES * u64::from(b'\\')))
-            != 0
-        {
-            break;
+    while let Some(word) = value.get(n..n + 8) {
+        if !plain_word(word, lowest) {
+            return n + plain_bytes(&value[n..], plain);
         }
         n += 8;
     }
-    n + value[n..]
+    match value.len() {
+        len if len == n => len,
+        // The last few bytes of a longer value as its last eight bytes,
+        // overlapping the words already checked.
+        len @ 8.. if plain_word(&value[len - 8..], lowest) => len,
+        _ => n + plain_bytes(&value[n..], plain),
+    }
+}
+
+/// Whether none of eight bytes needs escaping: none below `lowest`, none
+/// 0x7f or above, no `"` and no `\`.
+#[inline]
+fn plain_word(word: &[u8], lowest: u8) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES * 0x80;
+    /// A byte of `x` is 0 (exact as to whether any is).
+    fn zero(x: u64) -> u64 {
+        x.wrapping_sub(ONES) & !x & HIGH
+    }
+    let x = u64::from_ne_bytes(word.try_into().unwrap_or([0; 8]));
+    let below = x.wrapping_sub(ONES * u64::from(lowest)) & !x & HIGH;
+    let above = (x.wrapping_add(ONES) | x) & HIGH;
+    below | above | zero(x ^ (ONES * u64::from(b'"'))) | zero(x ^ (ONES * u64::from(b'\\'))) == 0
+}
+
+/// How many bytes `value` starts with that [`PLAIN`] marks with `plain`,
+/// one at a time.
+fn plain_bytes(value: &[u8], plain: u8) -> usize {
+    value
         .iter()
         .position(|&b| PLAIN[usize::from(b)] & plain == 0)
-        .unwrap_or(value.len() - n)
+        .unwrap_or(value.len())
 }
 
 const HEX_UPPER: [u8; 16] = *b"0123456789ABCDEF";
@@ -1120,8 +1298,52 @@ mod tests {
         assert_eq!(log.inner.dropped.get(), 0);
     }
 
+    /// A worker keeps its lines (no lock per line) and hands them over on
+    /// a timer of its own, with no line after them to push them; a log
+    /// closed while a worker holds lines still writes them.
     #[test]
-    fn a_shard_that_is_full_drops_lines_and_counts_them() {
+    fn a_workers_lines_reach_the_file_on_its_timer_and_at_close() {
+        let workers = crate::workers::Workers::start(1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = Arc::new(
+            AccessLog::open(&Options {
+                target: Target::File(path.clone()),
+                format: Format::Json,
+                sample: 1.0,
+            })
+            .unwrap(),
+        );
+        let on_worker = |n: usize| {
+            let (log, (done, wrote)) = (log.clone(), std::sync::mpsc::channel());
+            workers.handles()[0].spawn(async move {
+                assert!(crate::workers::on_worker());
+                for _ in 0..n {
+                    log.write(&entry());
+                }
+                done.send(()).unwrap();
+            });
+            wrote.recv_timeout(Duration::from_secs(10)).unwrap();
+        };
+        let lines = || std::fs::read_to_string(&path).map_or(0, |s| s.lines().count());
+        on_worker(1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lines() < 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the worker's line was not written"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        on_worker(2);
+        log.close();
+        assert_eq!(lines(), 3, "the lines the worker held at the close");
+        assert_eq!(log.inner.lines.get(), 3);
+        assert_eq!(log.inner.held.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_full_queue_drops_lines_and_counts_them() {
         let dir = tempfile::tempdir().unwrap();
         let log = AccessLog::open(&Options {
             target: Target::File(dir.path().join("a.log")),
@@ -1129,9 +1351,9 @@ mod tests {
             sample: 1.0,
         })
         .unwrap();
-        // As if the writer were stuck (it is stopped): the shard is full.
+        // As if the writer were stuck (it is stopped): the queue is full.
         log.close();
-        lock(&log.inner.shards[0]).pending = vec![b'x'; MAX_PENDING];
+        lock(&log.inner.queue).bytes = MAX_PENDING;
         log.write(&entry());
         assert_eq!(log.inner.dropped.get(), 1);
         assert_eq!(log.inner.lines.get(), 0);

@@ -21,6 +21,13 @@ use tokio_util::sync::CancellationToken;
 
 thread_local! {
     static INDEX: Cell<usize> = const { Cell::new(0) };
+    static WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the caller runs on a worker (whose runtime is a single thread,
+/// so that a task it spawns runs on the caller's thread).
+pub(crate) fn on_worker() -> bool {
+    WORKER.with(Cell::get)
 }
 
 /// The index of the worker running the caller; 0 on any other thread (the
@@ -87,6 +94,7 @@ impl Drop for Workers {
 
 fn run(index: usize, stop: &CancellationToken, started: &mpsc::SyncSender<io::Result<Handle>>) {
     INDEX.with(|i| i.set(index));
+    WORKER.with(|w| w.set(true));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Method, Request, Uri, Version};
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, Request, Version};
 
 use super::conn::Conn;
 use crate::access_log::{Client, Entry};
@@ -23,7 +24,10 @@ pub(crate) struct Record {
     began: Instant,
     method: Method,
     version: Version,
-    uri: Uri,
+    /// The target's path and query; none for an authority-form target
+    /// (`CONNECT host:port`), whose path is empty. (One shared buffer to
+    /// hold, where the whole `Uri` is three.)
+    path: Option<PathAndQuery>,
     /// The host routed on, set once the request has passed the `Host`
     /// checks (none for a request that failed them).
     pub(crate) host: Option<HeaderValue>,
@@ -55,7 +59,7 @@ impl Record {
             began: Instant::now(),
             method: req.method().clone(),
             version: req.version(),
-            uri: req.uri().clone(),
+            path: req.uri().path_and_query().cloned(),
             host: None,
             group: None,
             instance: None,
@@ -98,10 +102,7 @@ impl Record {
             proto: version(self.version),
             method: self.method.as_str(),
             host: self.host.as_ref().map_or(&[], HeaderValue::as_bytes),
-            path: self
-                .uri
-                .path_and_query()
-                .map_or_else(|| self.uri.path(), |p| p.as_str()),
+            path: self.path.as_ref().map_or("", PathAndQuery::as_str),
             group: self.group.as_deref().map_or("", |g| g.name.as_str()),
             instance: self.instance.as_deref().map_or("", |b| b.name.as_str()),
             status,
