@@ -5,16 +5,24 @@
 #
 #   bench/peers.sh                 # HTTP keep-alive + close, all peers
 #   bench/peers.sh -d 3 -r 2       # shorter
+#   bench/peers.sh --access-log    # and a third node, the access log on
 #
 # Two nodes run from temp data dirs: one with the default data-plane threads
 # (one per CPU; admin API 127.0.0.1:17070, HTTP mode on :18200, TCP mode on
 # :18210) and one with `workers = 1` (admin :17080, :18201 and :18211), the
 # match for HAProxy's nbthread 1. Both balance over the four peers.sh
-# backends 127.0.0.2-5:19000.
+# backends 127.0.0.2-5:19000. With --access-log, a third node like the
+# second (admin :17090, :18202 and :18212) writes an access log line (JSON)
+# per request to a file in the temp dir: edgelb-http-1w-log against
+# edgelb-http-1w is the log's cost, measured in the same rounds.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEERS=${PEERS:-$ROOT/../shared/bench/peers.sh}
 [ -x "$PEERS" ] || [ -f "$PEERS" ] || { echo "missing $PEERS" >&2; exit 2; }
+LOG_NODE=0 ARGS=()
+for a in "$@"; do
+  if [ "$a" = --access-log ]; then LOG_NODE=1; else ARGS+=("$a"); fi
+done
 command -v haproxy >/dev/null && command -v wrk >/dev/null || bash "$(dirname "$PEERS")/install-peers.sh"
 
 cargo build --release --bin edgelb --manifest-path "$ROOT/Cargo.toml"
@@ -23,9 +31,9 @@ TOKEN=benchbenchbenchbenchbench
 PIDS=()
 trap 'kill -TERM "${PIDS[@]}" 2>/dev/null; wait "${PIDS[@]}" 2>/dev/null; rm -rf "$TMP"' EXIT
 api() { curl -sf -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' "$@" >/dev/null; }
-start() { # name admin-port http-port tcp-port [workers]
+start() { # name admin-port http-port tcp-port [workers [config line]]
   local api=http://127.0.0.1:$2
-  [ -z "${5:-}" ] || echo "workers = $5" > "$TMP/$1.toml"
+  [ -z "${5:-}" ] || printf 'workers = %s\n%s\n' "$5" "${6:-}" > "$TMP/$1.toml"
   "$ROOT/target/release/edgelb" ${5:+--config "$TMP/$1.toml"} --data-dir "$TMP/$1" --admin-addr 127.0.0.1:$2 \
     --cluster-addr 127.0.0.1:$(($2 + 1)) --token "$TOKEN" --log warn > "$TMP/$1.log" 2>&1 &
   PIDS+=($!)
@@ -39,5 +47,10 @@ start() { # name admin-port http-port tcp-port [workers]
 }
 start node 17070 18200 18210
 start node-1w 17080 18201 18211 1
-bash "$PEERS" "$@" "edgelb-http=127.0.0.1:18200@${PIDS[0]}" "edgelb-tcp=127.0.0.1:18210@${PIDS[0]}" \
-  "edgelb-http-1w=127.0.0.1:18201@${PIDS[1]}" "edgelb-tcp-1w=127.0.0.1:18211@${PIDS[1]}"
+TARGETS=("edgelb-http=127.0.0.1:18200@${PIDS[0]}" "edgelb-tcp=127.0.0.1:18210@${PIDS[0]}"
+  "edgelb-http-1w=127.0.0.1:18201@${PIDS[1]}" "edgelb-tcp-1w=127.0.0.1:18211@${PIDS[1]}")
+if [ "$LOG_NODE" = 1 ]; then
+  start node-1w-log 17090 18202 18212 1 "access_log = \"$TMP/access.log\""
+  TARGETS+=("edgelb-http-1w-log=127.0.0.1:18202@${PIDS[2]}")
+fi
+bash "$PEERS" "${ARGS[@]}" "${TARGETS[@]}"
