@@ -309,7 +309,7 @@ impl AccessLog {
             writer: OnceLock::new(),
             lines: counter(
                 "edgelb_access_log_lines_total",
-                "Access log lines written (counted as the writer takes them, within 100 ms).",
+                "Access log lines written (counted as the writer takes them, within 200 ms).",
             ),
             dropped: counter(
                 "edgelb_access_log_dropped_total",
