@@ -104,7 +104,11 @@ const KEEP_FREE: usize = 64;
 
 /// A thread's buffer's capacity: a line more than [`HAND_OVER_AT`] fits
 /// without growing it.
-const BUFFER: usize = HAND_OVER_AT + 4096;
+const BUFFER: usize = HAND_OVER_AT + FEW;
+
+/// Lines handed over this few bytes at a time join the last buffer
+/// waiting, when it has room.
+const FEW: usize = 4096;
 
 /// How long a stopping log waits for the workers' last buffers (they come
 /// within [`HAND_OVER_EVERY`]).
@@ -151,6 +155,9 @@ struct Queue {
     lines: u64,
     /// Written buffers, emptied, for the next hand-overs.
     free: Vec<Vec<u8>>,
+    /// The writer has ended: what is handed over now is dropped (and
+    /// counted).
+    closed: bool,
 }
 
 thread_local! {
@@ -165,6 +172,8 @@ struct Held {
     lines: u64,
     /// A timer will hand `pending` over.
     timed: bool,
+    /// On a worker, whose buffers are handed over full.
+    worker: bool,
     clock: Clock,
 }
 
@@ -177,20 +186,27 @@ impl Held {
         let log = &self.log;
         let (wake, dropped) = {
             let mut q = lock(&log.queue);
-            if q.bytes >= MAX_PENDING {
+            if q.closed || q.bytes >= MAX_PENDING {
                 (false, true)
             } else {
                 q.bytes += self.pending.len();
                 q.lines += self.lines;
                 // A few lines (another thread's, or a quiet worker's) join
-                // the last buffer when they fit: one line is not one buffer.
+                // the last buffer when they fit: one line is not one buffer,
+                // and a full buffer is not copied.
                 match q.full.last_mut() {
-                    Some(last) if last.capacity() - last.len() >= self.pending.len() => {
+                    Some(last)
+                        if self.pending.len() <= FEW
+                            && last.capacity() - last.len() >= self.pending.len() =>
+                    {
                         last.extend_from_slice(&self.pending);
                         self.pending.clear();
                     }
                     _ => {
-                        let next = q.free.pop().unwrap_or_else(|| Vec::with_capacity(BUFFER));
+                        let next = match self.worker {
+                            true => q.free.pop().unwrap_or_else(|| Vec::with_capacity(BUFFER)),
+                            false => Vec::new(),
+                        };
                         let full = std::mem::replace(&mut self.pending, next);
                         q.full.push(full);
                     }
@@ -369,11 +385,10 @@ impl AccessLog {
                 pending: Vec::with_capacity(if worker { BUFFER } else { 0 }),
                 lines: 0,
                 timed: false,
+                worker,
                 clock: Clock::default(),
             });
-            if h.pending.is_empty() {
-                self.inner.held.fetch_add(1, Ordering::AcqRel);
-            }
+            let first = h.pending.is_empty();
             let start = h.clock.wall(entry.began, entry.ended);
             let duration = entry.ended.saturating_duration_since(entry.began);
             match self.inner.format {
@@ -381,6 +396,9 @@ impl AccessLog {
                 Format::Text => text(&mut h.pending, &mut h.clock, start, duration, entry),
             }
             h.lines += 1;
+            if first {
+                self.inner.held.fetch_add(1, Ordering::AcqRel);
+            }
             // Another thread (the control plane's, a test's) has no timer
             // of its own: its lines go at once.
             if !worker || h.pending.len() >= HAND_OVER_AT {
@@ -389,6 +407,10 @@ impl AccessLog {
             }
             !std::mem::replace(&mut h.timed, true)
         });
+        // A thread that is ending (its buffer destroyed) drops the line.
+        if timer.is_err() {
+            self.inner.dropped.inc();
+        }
         if timer == Ok(true) {
             // Spawned once the line is in: a runtime that is stopping drops
             // the timer at once, and its `HandOver` then hands the line over.
@@ -414,6 +436,16 @@ impl AccessLog {
 
     /// Writes what is pending and stops the writer (waiting for it).
     pub fn close(&self) {
+        // The caller's own lines first: a worker that closes the log
+        // cannot run the timer that would hand them over.
+        let _ = HELD.try_with(|held| {
+            if let Ok(mut held) = held.try_borrow_mut()
+                && let Some(h) = held.as_mut()
+                && Arc::ptr_eq(&h.log, &self.inner)
+            {
+                h.hand_over();
+            }
+        });
         self.inner.stop.store(true, Ordering::Release);
         let handle = self
             .writer
@@ -494,6 +526,7 @@ fn write_loop(inner: &Inner, mut out: Out) {
             let mut q = lock(&inner.queue);
             std::mem::swap(&mut q.full, &mut batch);
             q.bytes = 0;
+            q.closed = last;
             inner.lines.inc_by(std::mem::take(&mut q.lines));
         }
         for buffer in &batch {
@@ -507,16 +540,17 @@ fn write_loop(inner: &Inner, mut out: Out) {
                 }
             }
         }
+        // A worker's buffers are kept for the next hand-overs, but for one
+        // grown by a long line (freed, outside the lock).
+        batch.retain(|b| (BUFFER..=2 * HAND_OVER_AT).contains(&b.capacity()));
+        batch.truncate(KEEP_FREE);
+        batch.iter_mut().for_each(Vec::clear);
         if !batch.is_empty() {
             let mut q = lock(&inner.queue);
-            for mut buffer in batch.drain(..) {
-                // A buffer grown by a long line is not kept.
-                if q.free.len() < KEEP_FREE && buffer.capacity() <= 2 * HAND_OVER_AT {
-                    buffer.clear();
-                    q.free.push(buffer);
-                }
-            }
+            let keep = batch.len().min(KEEP_FREE.saturating_sub(q.free.len()));
+            q.free.extend(batch.drain(..keep));
         }
+        batch.clear();
         if last {
             return;
         }
@@ -1342,6 +1376,34 @@ mod tests {
         assert_eq!(log.inner.held.load(Ordering::Acquire), 0);
     }
 
+    /// A worker that closes the log (the last owner of the data plane
+    /// dropped on it) cannot run its own timer: its lines go at the close.
+    #[test]
+    fn a_worker_that_closes_the_log_writes_its_own_lines() {
+        let workers = crate::workers::Workers::start(1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::open(&Options {
+            target: Target::File(path.clone()),
+            format: Format::Text,
+            sample: 1.0,
+        })
+        .unwrap();
+        let (done, closed) = std::sync::mpsc::channel();
+        workers.handles()[0].spawn(async move {
+            log.write(&entry());
+            log.close();
+            done.send(log).unwrap();
+        });
+        let log = closed.recv_timeout(Duration::from_secs(10)).unwrap();
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert_eq!(lines, 1);
+        assert_eq!(log.inner.dropped.get(), 0);
+        // Lines after the close are dropped and counted, not queued.
+        log.write(&entry());
+        assert_eq!(log.inner.dropped.get(), 1);
+    }
+
     #[test]
     fn a_full_queue_drops_lines_and_counts_them() {
         let dir = tempfile::tempdir().unwrap();
@@ -1351,9 +1413,13 @@ mod tests {
             sample: 1.0,
         })
         .unwrap();
-        // As if the writer were stuck (it is stopped): the queue is full.
+        // As if the writer were stuck (it is stopped, and the queue open
+        // as when it runs): the queue is full.
         log.close();
-        lock(&log.inner.queue).bytes = MAX_PENDING;
+        let mut q = lock(&log.inner.queue);
+        q.closed = false;
+        q.bytes = MAX_PENDING;
+        drop(q);
         log.write(&entry());
         assert_eq!(log.inner.dropped.get(), 1);
         assert_eq!(log.inner.lines.get(), 0);
