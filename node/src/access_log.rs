@@ -1133,6 +1133,18 @@ mod tests {
         String::from_utf8(out).expect("lines are ASCII")
     }
 
+    /// A log writing `format` to `access.log` in `dir`, and that path.
+    fn file_log(dir: &tempfile::TempDir, format: Format) -> (AccessLog, PathBuf) {
+        let path = dir.path().join("access.log");
+        let log = AccessLog::open(&Options {
+            target: Target::File(path.clone()),
+            format,
+            sample: 1.0,
+        })
+        .unwrap();
+        (log, path)
+    }
+
     #[test]
     fn the_wall_clock_of_an_instant_comes_from_a_base_read_once_a_second() {
         let mut clock = Clock::default();
@@ -1300,13 +1312,7 @@ mod tests {
     #[test]
     fn lines_reach_the_file_and_a_reopen_follows_a_rotation() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("access.log");
-        let log = AccessLog::open(&Options {
-            target: Target::File(path.clone()),
-            format: Format::Json,
-            sample: 1.0,
-        })
-        .unwrap();
+        let (log, path) = file_log(&dir, Format::Json);
         log.write(&entry());
         let wait = |p: &std::path::Path, lines: usize| {
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -1339,15 +1345,8 @@ mod tests {
     fn a_workers_lines_reach_the_file_on_its_timer_and_at_close() {
         let workers = crate::workers::Workers::start(1).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("access.log");
-        let log = Arc::new(
-            AccessLog::open(&Options {
-                target: Target::File(path.clone()),
-                format: Format::Json,
-                sample: 1.0,
-            })
-            .unwrap(),
-        );
+        let (log, path) = file_log(&dir, Format::Json);
+        let log = Arc::new(log);
         let on_worker = |n: usize| {
             let (log, (done, wrote)) = (log.clone(), std::sync::mpsc::channel());
             workers.handles()[0].spawn(async move {
@@ -1382,13 +1381,7 @@ mod tests {
     fn a_worker_that_closes_the_log_writes_its_own_lines() {
         let workers = crate::workers::Workers::start(1).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("access.log");
-        let log = AccessLog::open(&Options {
-            target: Target::File(path.clone()),
-            format: Format::Text,
-            sample: 1.0,
-        })
-        .unwrap();
+        let (log, path) = file_log(&dir, Format::Text);
         let (done, closed) = std::sync::mpsc::channel();
         workers.handles()[0].spawn(async move {
             log.write(&entry());
@@ -1407,12 +1400,7 @@ mod tests {
     #[test]
     fn a_full_queue_drops_lines_and_counts_them() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AccessLog::open(&Options {
-            target: Target::File(dir.path().join("a.log")),
-            format: Format::Json,
-            sample: 1.0,
-        })
-        .unwrap();
+        let (log, _) = file_log(&dir, Format::Json);
         // As if the writer were stuck (it is stopped, and the queue open
         // as when it runs): the queue is full.
         log.close();
