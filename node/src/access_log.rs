@@ -243,15 +243,23 @@ struct HandOver;
 
 impl Drop for HandOver {
     fn drop(&mut self) {
-        let _ = HELD.try_with(|held| {
-            if let Ok(mut held) = held.try_borrow_mut()
-                && let Some(h) = held.as_mut()
-            {
-                h.timed = false;
-                h.hand_over();
-            }
+        with_held(|h| {
+            h.timed = false;
+            h.hand_over();
         });
     }
+}
+
+/// Runs `f` on this thread's held lines, if it holds any (and is not
+/// ending, nor formatting a line).
+fn with_held(f: impl FnOnce(&mut Held)) {
+    let _ = HELD.try_with(|held| {
+        if let Ok(mut held) = held.try_borrow_mut()
+            && let Some(h) = held.as_mut()
+        {
+            f(h);
+        }
+    });
 }
 
 /// A client's address as lines write it: its IP's text ([`client_ip`]),
@@ -366,13 +374,11 @@ impl AccessLog {
     /// Adds a line (written within [`HAND_OVER_EVERY`] and
     /// [`FLUSH_EVERY`]).
     pub fn write(&self, entry: &Entry<'_>) {
-        let worker = crate::workers::on_worker();
+        // `None` when the line cannot be held: the thread is ending (its
+        // buffer destroyed), or a line is written while one is formatted
+        // (none is).
         let timer = HELD.try_with(|held| {
-            let Ok(mut held) = held.try_borrow_mut() else {
-                // Only a line written while one is formatted (none is).
-                self.inner.dropped.inc();
-                return false;
-            };
+            let mut held = held.try_borrow_mut().ok()?;
             // Lines of a log closed since go to it first.
             if held
                 .as_ref()
@@ -380,13 +386,16 @@ impl AccessLog {
             {
                 *held = None;
             }
-            let h = held.get_or_insert_with(|| Held {
-                log: self.inner.clone(),
-                pending: Vec::with_capacity(if worker { BUFFER } else { 0 }),
-                lines: 0,
-                timed: false,
-                worker,
-                clock: Clock::default(),
+            let h = held.get_or_insert_with(|| {
+                let worker = crate::workers::on_worker();
+                Held {
+                    log: self.inner.clone(),
+                    pending: Vec::with_capacity(if worker { BUFFER } else { 0 }),
+                    lines: 0,
+                    timed: false,
+                    worker,
+                    clock: Clock::default(),
+                }
             });
             let first = h.pending.is_empty();
             let start = h.clock.wall(entry.began, entry.ended);
@@ -401,17 +410,17 @@ impl AccessLog {
             }
             // Another thread (the control plane's, a test's) has no timer
             // of its own: its lines go at once.
-            if !worker || h.pending.len() >= HAND_OVER_AT {
+            if !h.worker || h.pending.len() >= HAND_OVER_AT {
                 h.hand_over();
-                return false;
+                return Some(false);
             }
-            !std::mem::replace(&mut h.timed, true)
+            Some(!std::mem::replace(&mut h.timed, true))
         });
-        // A thread that is ending (its buffer destroyed) drops the line.
-        if timer.is_err() {
+        let Ok(Some(timer)) = timer else {
             self.inner.dropped.inc();
-        }
-        if timer == Ok(true) {
+            return;
+        };
+        if timer {
             // Spawned once the line is in: a runtime that is stopping drops
             // the timer at once, and its `HandOver` then hands the line over.
             let hand_over = HandOver;
@@ -438,11 +447,8 @@ impl AccessLog {
     pub fn close(&self) {
         // The caller's own lines first: a worker that closes the log
         // cannot run the timer that would hand them over.
-        let _ = HELD.try_with(|held| {
-            if let Ok(mut held) = held.try_borrow_mut()
-                && let Some(h) = held.as_mut()
-                && Arc::ptr_eq(&h.log, &self.inner)
-            {
+        with_held(|h| {
+            if Arc::ptr_eq(&h.log, &self.inner) {
                 h.hand_over();
             }
         });

@@ -20,20 +20,20 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 thread_local! {
-    static INDEX: Cell<usize> = const { Cell::new(0) };
-    static WORKER: Cell<bool> = const { Cell::new(false) };
+    /// The index of the worker this thread runs; none on other threads.
+    static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
 /// Whether the caller runs on a worker (whose runtime is a single thread,
 /// so that a task it spawns runs on the caller's thread).
 pub(crate) fn on_worker() -> bool {
-    WORKER.with(Cell::get)
+    INDEX.with(Cell::get).is_some()
 }
 
 /// The index of the worker running the caller; 0 on any other thread (the
 /// control plane, tests), which shares worker 0's upstream idle lists.
 pub(crate) fn current() -> usize {
-    INDEX.with(Cell::get)
+    INDEX.with(Cell::get).unwrap_or(0)
 }
 
 /// The running workers. Dropping this stops them: each drops the tasks
@@ -93,8 +93,7 @@ impl Drop for Workers {
 }
 
 fn run(index: usize, stop: &CancellationToken, started: &mpsc::SyncSender<io::Result<Handle>>) {
-    INDEX.with(|i| i.set(index));
-    WORKER.with(|w| w.set(true));
+    INDEX.with(|i| i.set(Some(index)));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
