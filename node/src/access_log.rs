@@ -2,24 +2,31 @@
 //! or as the common log format with the proxy's fields after it.
 //!
 //! ```text
-//!  worker 0 ─ formats into a buffer of its own thread (no lock, no atomic)
-//!  worker 1 ─ …
+//!  worker 0 ─ copies the line's fields into a buffer of its own thread
+//!  worker 1 ─ …   (no lock, no atomic, no formatting)
 //!       │ hands it over when it holds 32 KiB, or 100 ms after its first line
 //!       ▼
-//!  queue: Mutex<[buffers]> ──▶ writer thread ──write(2)──▶ file / stdout
-//!                               every 100 ms, or at once when the queue
-//!                               holds 1 MiB; SIGUSR1 reopens the file
+//!  queue: Mutex<[buffers]> ──▶ writer thread: formats the lines ──write(2)──▶
+//!                               file / stdout, every 100 ms, or at once when
+//!                               the queue holds 1 MiB; SIGUSR1 reopens the file
 //! ```
 //!
 //! The request path never waits on the disk, nor on another thread: a
-//! worker formats its lines into a buffer only its own thread touches (a
-//! lock taken per line cost a tenth of the log's time per request: its
-//! release waits for the line's stores) and hands the buffer to the writer
-//! thread whole. When the disk is slower than the lines come (the queue
+//! worker copies a line's fields ([`line::Line`]) into a buffer only its
+//! own thread touches (a lock taken per line cost a tenth of the log's
+//! time per request: its release waits for the line's stores) and hands
+//! the buffer to the writer thread whole. The writer formats the lines,
+//! thousands at a time, with the formatting's code and tables in its
+//! core's caches: formatted on the worker, a line at a time between two
+//! requests that evict them, the same lines cost the node 4-8 % more CPU
+//! per kept-alive request; copied, 1-2.5 % (`bench/log_cost.sh`). When
+//! the disk is slower than the lines come (the queue
 //! holds [`MAX_PENDING`]), further buffers are dropped and their lines
 //! counted (`edgelb_access_log_dropped_total`), as a full syslog socket
 //! drops HAProxy's. Off by default; `access_log_sample` logs a random
 //! fraction.
+
+mod line;
 
 use std::cell::RefCell;
 use std::fmt::{self, Display};
@@ -34,6 +41,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
 use tracing::warn;
+
+use line::Line;
 
 /// Where the lines go (`access_log`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +119,9 @@ const BUFFER: usize = HAND_OVER_AT + FEW;
 /// waiting, when it has room.
 const FEW: usize = 4096;
 
+/// The writer writes its formatted lines this many bytes at a time.
+const WRITE_AT: usize = 256 * 1024;
+
 /// How long a stopping log waits for the workers' last buffers (they come
 /// within [`HAND_OVER_EVERY`]).
 const STOP_WAIT: Duration = Duration::from_millis(300);
@@ -161,7 +173,7 @@ struct Queue {
 }
 
 thread_local! {
-    /// The lines this thread formatted and has not handed over yet.
+    /// The lines this thread has written and not handed over yet.
     static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
 }
 
@@ -251,7 +263,7 @@ impl Drop for HandOver {
 }
 
 /// Runs `f` on this thread's held lines, if it holds any (and is not
-/// ending, nor formatting a line).
+/// ending, nor adding a line).
 fn with_held(f: impl FnOnce(&mut Held)) {
     let _ = HELD.try_with(|held| {
         if let Ok(mut held) = held.try_borrow_mut()
@@ -375,7 +387,7 @@ impl AccessLog {
     /// [`FLUSH_EVERY`]).
     pub fn write(&self, entry: &Entry<'_>) {
         // `None` when the line cannot be held: the thread is ending (its
-        // buffer destroyed), or a line is written while one is formatted
+        // buffer destroyed), or a line is written while one is added
         // (none is).
         let timer = HELD.try_with(|held| {
             let mut held = held.try_borrow_mut().ok()?;
@@ -399,11 +411,7 @@ impl AccessLog {
             });
             let first = h.pending.is_empty();
             let start = h.clock.wall(entry.began, entry.ended);
-            let duration = entry.ended.saturating_duration_since(entry.began);
-            match self.inner.format {
-                Format::Json => json(&mut h.pending, &mut h.clock, start, duration, entry),
-                Format::Text => text(&mut h.pending, &mut h.clock, start, duration, entry),
-            }
+            encode(entry, start, &mut h.pending);
             h.lines += 1;
             if first {
                 self.inner.held.fetch_add(1, Ordering::AcqRel);
@@ -471,6 +479,43 @@ impl Drop for AccessLog {
     }
 }
 
+/// Appends `e`'s [`Line`] to `out`; it began at `start` (wall-clock time
+/// since the epoch).
+fn encode(e: &Entry<'_>, start: Duration, out: &mut Vec<u8>) {
+    let why;
+    let (error_origin, error) = match e.error {
+        Some((origin, e)) => {
+            why = e.to_string();
+            (origin.as_bytes(), why.as_bytes())
+        }
+        None => (&[][..], &[][..]),
+    };
+    let client = e.client.unwrap_or(Client { ip: &[], port: 0 });
+    Line {
+        start,
+        duration: e.ended.saturating_duration_since(e.began),
+        bytes_in: e.bytes_in,
+        bytes_out: e.bytes_out,
+        connect: e.connect,
+        response: e.response,
+        attempts: e.attempts,
+        status: e.status,
+        port: e.port,
+        client_port: client.port,
+        tls: e.tls,
+        client_ip: client.ip,
+        proto: e.proto.as_bytes(),
+        method: e.method.as_bytes(),
+        host: e.host,
+        path: e.path.as_bytes(),
+        group: e.group.as_bytes(),
+        instance: e.instance.as_bytes(),
+        error_origin,
+        error,
+    }
+    .encode(out);
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -512,6 +557,9 @@ impl Out {
 fn write_loop(inner: &Inner, mut out: Out) {
     // Swapped with the queue's: both keep their capacity.
     let mut batch = Vec::new();
+    // The lines formatted and not written yet, and the dates they share.
+    let mut formatted = Vec::with_capacity(WRITE_AT + FEW);
+    let mut dates = Dates::default();
     let mut warned = false;
     let mut give_up = None;
     loop {
@@ -535,8 +583,8 @@ fn write_loop(inner: &Inner, mut out: Out) {
             q.closed = last;
             inner.lines.inc_by(std::mem::take(&mut q.lines));
         }
-        for buffer in &batch {
-            match out.write_all(buffer) {
+        let mut write = |formatted: &mut Vec<u8>| {
+            match out.write_all(formatted) {
                 Ok(()) => warned = false,
                 Err(error) => {
                     inner.errors.inc();
@@ -545,6 +593,30 @@ fn write_loop(inner: &Inner, mut out: Out) {
                     }
                 }
             }
+            formatted.clear();
+            // Back to its size, after a very long line.
+            formatted.shrink_to(WRITE_AT + FEW);
+        };
+        for buffer in &batch {
+            let mut rest = &buffer[..];
+            while !rest.is_empty() {
+                let Some(line) = Line::decode(&mut rest) else {
+                    // Not a whole line: cannot be (each is added whole).
+                    debug_assert!(false, "a cut line in an access log buffer");
+                    inner.errors.inc();
+                    break;
+                };
+                match inner.format {
+                    Format::Json => json(&mut formatted, &mut dates, &line),
+                    Format::Text => text(&mut formatted, &mut dates, &line),
+                }
+                if formatted.len() >= WRITE_AT {
+                    write(&mut formatted);
+                }
+            }
+        }
+        if !formatted.is_empty() {
+            write(&mut formatted);
         }
         // A worker's buffers are kept for the next hand-overs, but for one
         // grown by a long line (freed, outside the lock).
@@ -564,17 +636,11 @@ fn write_loop(inner: &Inner, mut out: Out) {
     }
 }
 
-/// The second last formatted, kept per thread: most lines of a second
-/// share its date. And the wall clock at an instant, read once a second
-/// (an `Instant` is read for the duration anyway).
+/// The wall clock at an instant, read once a second per thread (an
+/// `Instant` is read for the duration anyway).
 #[derive(Default)]
 struct Clock {
     base: Option<Base>,
-    secs: u64,
-    /// The second `secs` as `format` writes it: `2026-12-05T08:20:39`
-    /// (JSON) or `05/Dec/2026:08:20:39` (text).
-    date: String,
-    format: Option<Format>,
 }
 
 /// The wall clock read at an instant, as time since the epoch (what the
@@ -585,6 +651,17 @@ struct Base {
     /// A second after `at`: read again from then on.
     until: Instant,
     epoch: Duration,
+}
+
+/// The writer's date of the second last formatted: most lines of a
+/// second share it.
+#[derive(Default)]
+struct Dates {
+    secs: u64,
+    /// The second `secs` as `format` writes it: `2026-12-05T08:20:39`
+    /// (JSON) or `05/Dec/2026:08:20:39` (text).
+    date: String,
+    format: Option<Format>,
 }
 
 impl Clock {
@@ -612,10 +689,12 @@ impl Clock {
                 .saturating_sub(base.at.saturating_duration_since(t)),
         }
     }
+}
 
+impl Dates {
     /// The date of `t` (since the epoch) in `format`'s way, to the
-    /// second, and `t`'s milliseconds. A log has one format, so a thread's
-    /// date is made again when the second changes.
+    /// second, and `t`'s milliseconds. A log has one format, so the date
+    /// is made again when the second changes.
     fn at(&mut self, t: Duration, format: Format) -> (&str, u32) {
         let secs = t.as_secs();
         if secs != self.secs || self.format != Some(format) {
@@ -685,14 +764,14 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
 }
 
 /// `"1.2.3.4:port"` or `"[::1]:port"`, JSON's client.
-fn address(out: &mut Vec<u8>, c: Client<'_>) {
+fn address(out: &mut Vec<u8>, ip: &[u8], port: u16) {
     // An IPv6 address's text has a `:` within its first five bytes (a
     // group has at most four digits); an IPv4 address's has none.
-    let v6 = c.ip.iter().take(5).any(|&b| b == b':');
+    let v6 = ip.iter().take(5).any(|&b| b == b':');
     out.extend_from_slice(if v6 { b"\"[" } else { b"\"" });
-    out.extend_from_slice(c.ip);
+    out.extend_from_slice(ip);
     out.extend_from_slice(if v6 { b"]:" } else { b":" });
-    num(out, c.port);
+    num(out, port);
     out.push(b'"');
 }
 
@@ -716,84 +795,76 @@ macro_rules! key {
     };
 }
 
-fn json(out: &mut Vec<u8>, clock: &mut Clock, start: Duration, duration: Duration, e: &Entry<'_>) {
-    let (date, ms) = clock.at(start, Format::Json);
+fn json(out: &mut Vec<u8>, dates: &mut Dates, l: &Line<'_>) {
+    let (date, ms) = dates.at(l.start, Format::Json);
     out.extend_from_slice(b"{\"time\":\"");
     out.extend_from_slice(date.as_bytes());
     out.push(b'.');
     three(out, ms);
     out.extend_from_slice(b"Z\",\"client\":");
-    match e.client {
-        Some(c) if !c.ip.is_empty() => address(out, c),
-        _ => out.extend_from_slice(b"null"),
+    match l.client_ip {
+        [] => out.extend_from_slice(b"null"),
+        ip => address(out, ip, l.client_port),
     }
     let mut f = Json(out);
-    f.word(key!("proto"), e.proto);
-    f.word(key!("method"), e.method);
-    f.text(key!("path"), e.path.as_bytes());
-    f.status(e.status);
-    f.num(key!("bytes_out"), e.bytes_out);
-    fields(&mut f, e, duration);
+    f.word(key!("proto"), l.proto);
+    f.word(key!("method"), l.method);
+    f.text(key!("path"), l.path);
+    f.status(l.status);
+    f.num(key!("bytes_out"), l.bytes_out);
+    fields(&mut f, l);
     out.extend_from_slice(b"}\n");
 }
 
 /// `client - - [05/Dec/2026:08:20:39 +0000] "GET /p HTTP/1.1" 200 512`,
 /// then `key=value` pairs; strings in quotes with `"`, `\` and bytes
 /// outside printable ASCII as `\xHH` (as NGINX escapes its log).
-fn text(out: &mut Vec<u8>, clock: &mut Clock, start: Duration, duration: Duration, e: &Entry<'_>) {
-    let (date, ms) = clock.at(start, Format::Text);
-    match e.client {
-        Some(c) if !c.ip.is_empty() => out.extend_from_slice(c.ip),
-        _ => out.push(b'-'),
+fn text(out: &mut Vec<u8>, dates: &mut Dates, l: &Line<'_>) {
+    let (date, ms) = dates.at(l.start, Format::Text);
+    match l.client_ip {
+        [] => out.push(b'-'),
+        ip => out.extend_from_slice(ip),
     }
     out.extend_from_slice(b" - - [");
     out.extend_from_slice(date.as_bytes());
     out.push(b'.');
     three(out, ms);
     out.extend_from_slice(b" +0000] \"");
-    if e.status == 0 {
-        out.extend_from_slice(e.proto.as_bytes());
+    if l.status == 0 {
+        out.extend_from_slice(l.proto);
         out.extend_from_slice(b" :");
-        num(out, e.port);
+        num(out, l.port);
         out.extend_from_slice(b"\" -");
     } else {
-        out.extend_from_slice(e.method.as_bytes());
+        out.extend_from_slice(l.method);
         out.push(b' ');
-        text_escaped(out, e.path.as_bytes(), false);
+        text_escaped(out, l.path, false);
         out.push(b' ');
-        out.extend_from_slice(e.proto.as_bytes());
+        out.extend_from_slice(l.proto);
         out.extend_from_slice(b"\" ");
-        num(out, e.status);
+        num(out, l.status);
     }
     out.push(b' ');
-    num(out, e.bytes_out);
-    fields(&mut Text(out), e, duration);
+    num(out, l.bytes_out);
+    fields(&mut Text(out), l);
     out.push(b'\n');
 }
 
 /// The fields both formats write after their own head, in this order:
 /// one place, so that the two cannot drift apart.
-fn fields(f: &mut impl Fields, e: &Entry<'_>, duration: Duration) {
-    f.text(key!("host"), e.host);
-    f.text(key!("group"), e.group.as_bytes());
-    f.text(key!("instance"), e.instance.as_bytes());
-    f.num(key!("port"), u64::from(e.port));
-    f.flag(key!("tls"), e.tls);
-    f.num(key!("bytes_in"), e.bytes_in);
-    f.num(key!("attempts"), u64::from(e.attempts));
-    f.ms(key!("connect_ms"), e.connect);
-    f.ms(key!("response_ms"), e.response);
-    f.ms(key!("duration_ms"), Some(duration));
-    match e.error {
-        Some((origin, why)) => {
-            f.word(key!("error_origin"), origin);
-            f.text(key!("error"), why.to_string().as_bytes());
-        }
-        None => {
-            f.word(key!("error_origin"), "");
-            f.text(key!("error"), b"");
-        }
-    }
+fn fields(f: &mut impl Fields, l: &Line<'_>) {
+    f.text(key!("host"), l.host);
+    f.text(key!("group"), l.group);
+    f.text(key!("instance"), l.instance);
+    f.num(key!("port"), u64::from(l.port));
+    f.flag(key!("tls"), l.tls);
+    f.num(key!("bytes_in"), l.bytes_in);
+    f.num(key!("attempts"), u64::from(l.attempts));
+    f.ms(key!("connect_ms"), l.connect);
+    f.ms(key!("response_ms"), l.response);
+    f.ms(key!("duration_ms"), Some(l.duration));
+    f.word(key!("error_origin"), l.error_origin);
+    f.text(key!("error"), l.error);
 }
 
 /// How a format writes one field (an empty value is JSON's `null`, the
@@ -808,7 +879,7 @@ trait Fields {
     fn escape(out: &mut Vec<u8>, value: &[u8]);
     /// A token or a word from a fixed set, written as it is (quoted in
     /// JSON only): nothing in it needs escaping.
-    fn word(&mut self, key: Key, value: &str);
+    fn word(&mut self, key: Key, value: &[u8]);
 
     /// A string, escaped and quoted.
     #[inline(always)]
@@ -887,14 +958,14 @@ impl Fields for Json<'_> {
     }
 
     #[inline(always)]
-    fn word(&mut self, key: Key, value: &str) {
+    fn word(&mut self, key: Key, value: &[u8]) {
         let out = self.key(key);
         if value.is_empty() {
             out.extend_from_slice(Self::NONE);
             return;
         }
         out.push(b'"');
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.push(b'"');
     }
 }
@@ -918,13 +989,9 @@ impl Fields for Text<'_> {
     }
 
     #[inline(always)]
-    fn word(&mut self, key: Key, value: &str) {
+    fn word(&mut self, key: Key, value: &[u8]) {
         let out = self.key(key);
-        out.extend_from_slice(if value.is_empty() {
-            Self::NONE
-        } else {
-            value.as_bytes()
-        });
+        out.extend_from_slice(if value.is_empty() { Self::NONE } else { value });
     }
 }
 
@@ -1097,9 +1164,10 @@ mod tests {
     }
 
     fn entry() -> Entry<'static> {
+        let began = Instant::now();
         Entry {
-            began: Instant::now(),
-            ended: Instant::now(),
+            began,
+            ended: began + DURATION,
             client: Some(Client {
                 ip: b"127.0.0.1",
                 port: 50312,
@@ -1129,12 +1197,19 @@ mod tests {
         Duration::from_millis(1_796_458_839_123)
     }
 
+    /// `e`'s line as the writer formats it, from the bytes a worker
+    /// holds; it began at [`at`].
     fn line(format: Format, e: &Entry<'_>) -> String {
+        let mut held = Vec::new();
+        encode(e, at(), &mut held);
+        let mut rest = &held[..];
+        let l = Line::decode(&mut rest).expect("a whole line");
+        assert!(rest.is_empty());
         let mut out = Vec::new();
-        let mut clock = Clock::default();
+        let mut dates = Dates::default();
         match format {
-            Format::Json => json(&mut out, &mut clock, at(), DURATION, e),
-            Format::Text => text(&mut out, &mut clock, at(), DURATION, e),
+            Format::Json => json(&mut out, &mut dates, &l),
+            Format::Text => text(&mut out, &mut dates, &l),
         }
         String::from_utf8(out).expect("lines are ASCII")
     }
@@ -1182,8 +1257,8 @@ mod tests {
     fn civil_dates_match_known_days() {
         let day = |d: u64| {
             let t = Duration::from_secs(d * 86_400);
-            let iso = Clock::default().at(t, Format::Json).0.to_owned();
-            let clf = Clock::default().at(t, Format::Text).0.to_owned();
+            let iso = Dates::default().at(t, Format::Json).0.to_owned();
+            let clf = Dates::default().at(t, Format::Text).0.to_owned();
             (iso, clf)
         };
         assert_eq!(day(0).0, "1970-01-01T00:00:00");
@@ -1193,11 +1268,11 @@ mod tests {
             ("2026-12-05T00:00:00".into(), "05/Dec/2026:00:00:00".into())
         );
         assert_eq!(day(24_837).0, "2038-01-01T00:00:00");
-        let mut clock = Clock::default();
+        let mut dates = Dates::default();
         let t = Duration::from_secs(20_792 * 86_400);
-        assert_eq!(clock.at(t, Format::Json).0, "2026-12-05T00:00:00");
+        assert_eq!(dates.at(t, Format::Json).0, "2026-12-05T00:00:00");
         assert_eq!(
-            clock.at(t, Format::Text).0,
+            dates.at(t, Format::Text).0,
             "05/Dec/2026:00:00:00",
             "made again for another format"
         );
@@ -1379,6 +1454,41 @@ mod tests {
         assert_eq!(lines(), 3, "the lines the worker held at the close");
         assert_eq!(log.inner.lines.get(), 3);
         assert_eq!(log.inner.held.load(Ordering::Acquire), 0);
+    }
+
+    /// Lines handed over many buffers at a time are formatted and written
+    /// whole and in order, past the writer's own write size.
+    #[test]
+    fn many_lines_from_a_worker_are_written_whole_and_in_order() {
+        const LINES: u64 = 5_000;
+        let workers = crate::workers::Workers::start(1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (log, path) = file_log(&dir, Format::Json);
+        let log = Arc::new(log);
+        let (done, wrote) = std::sync::mpsc::channel();
+        let worker_log = log.clone();
+        workers.handles()[0].spawn(async move {
+            for n in 0..LINES {
+                worker_log.write(&Entry {
+                    bytes_out: n,
+                    ..entry()
+                });
+            }
+            done.send(()).unwrap();
+        });
+        wrote.recv_timeout(Duration::from_secs(10)).unwrap();
+        log.close();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.len() > 2 * WRITE_AT, "{} bytes", text.len());
+        let mut n = 0;
+        for l in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(l).expect("each line whole");
+            assert_eq!(v["bytes_out"], n);
+            assert_eq!(v["path"], "/a?b=1");
+            n += 1;
+        }
+        assert_eq!(n, LINES);
+        assert_eq!(log.inner.lines.get(), LINES);
     }
 
     /// A worker that closes the log (the last owner of the data plane
