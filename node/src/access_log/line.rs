@@ -96,6 +96,7 @@ impl<'a> Line<'a> {
         for s in strings {
             head.put((s.len() as u32).to_ne_bytes());
         }
+        debug_assert_eq!(head.1, HEAD, "the head is filled");
         out.reserve(HEAD + strings.iter().map(|s| s.len()).sum::<usize>());
         out.extend_from_slice(&head.0);
         for s in strings {
