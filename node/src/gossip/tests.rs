@@ -343,7 +343,9 @@ async fn changes_travel_as_deltas_between_full_reports() {
 }
 
 /// Across regions a node hears one aggregated report per other region,
-/// which carries the sum of that region's load.
+/// which carries the sum of that region's load, once that region's members
+/// have heard each other (until then each may send its own partial sum:
+/// the node joins after that, see below).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_hears_one_report_per_other_region() {
     let ca = generate_ca("test").unwrap();
