@@ -75,6 +75,21 @@ impl<'a> Line<'a> {
         ]
     }
 
+    /// The strings in the order [`Self::strings`] gives them.
+    fn strings_mut(&mut self) -> [&mut &'a [u8]; STRINGS] {
+        [
+            &mut self.client_ip,
+            &mut self.proto,
+            &mut self.method,
+            &mut self.host,
+            &mut self.path,
+            &mut self.group,
+            &mut self.instance,
+            &mut self.error_origin,
+            &mut self.error,
+        ]
+    }
+
     /// Appends the line to `out`: one copy of its head, one per string (a
     /// string over 4 GiB is cut there).
     #[inline]
@@ -121,23 +136,7 @@ impl<'a> Line<'a> {
         let port = u16(&mut head)?;
         let client_port = u16(&mut head)?;
         let tls = take_array::<1>(&mut head)?[0] != 0;
-        let mut strings = [&[][..]; STRINGS];
-        for s in &mut strings {
-            let len = u32::from_ne_bytes(*take_array(&mut head)?);
-            *s = take(bytes, usize::try_from(len).ok()?)?;
-        }
-        let [
-            client_ip,
-            proto,
-            method,
-            host,
-            path,
-            group,
-            instance,
-            error_origin,
-            error,
-        ] = strings;
-        Some(Self {
+        let mut line = Self {
             start,
             duration: elapsed,
             bytes_in,
@@ -149,16 +148,13 @@ impl<'a> Line<'a> {
             port,
             client_port,
             tls,
-            client_ip,
-            proto,
-            method,
-            host,
-            path,
-            group,
-            instance,
-            error_origin,
-            error,
-        })
+            ..Self::default()
+        };
+        for s in line.strings_mut() {
+            let len = u32::from_ne_bytes(*take_array(&mut head)?);
+            *s = take(bytes, usize::try_from(len).ok()?)?;
+        }
+        Some(line)
     }
 }
 
