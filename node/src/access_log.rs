@@ -19,7 +19,7 @@
 //! thousands at a time, with the formatting's code and tables in its
 //! core's caches: formatted on the worker, a line at a time between two
 //! requests that evict them, the same lines cost the node 4-8 % more CPU
-//! per kept-alive request; copied, 1-2.5 % (`bench/log_cost.sh`). When
+//! per kept-alive request; copied, 1.5-4.6 % (`bench/log_cost.sh`). When
 //! the disk is slower than the lines come (the queue
 //! holds [`MAX_PENDING`]), further buffers are dropped and their lines
 //! counted (`edgelb_access_log_dropped_total`), as a full syslog socket
@@ -75,6 +75,16 @@ pub enum Format {
     /// The common log format (`client - - [time] "request" status bytes`),
     /// then the proxy's fields as `key=value`.
     Text,
+}
+
+impl Format {
+    /// Appends `line` to `out`, formatted this way.
+    fn write(self, out: &mut Vec<u8>, dates: &mut Dates, line: &Line<'_>) {
+        match self {
+            Self::Json => json(out, dates, line),
+            Self::Text => text(out, dates, line),
+        }
+    }
 }
 
 /// The access log's settings.
@@ -607,10 +617,7 @@ fn write_loop(inner: &Inner, mut out: Out) {
                     inner.errors.inc();
                     break;
                 };
-                match inner.format {
-                    Format::Json => json(&mut formatted, &mut dates, &line),
-                    Format::Text => text(&mut formatted, &mut dates, &line),
-                }
+                inner.format.write(&mut formatted, &mut dates, &line);
                 if formatted.len() >= WRITE_AT {
                     write(&mut formatted);
                 }
@@ -1207,11 +1214,7 @@ mod tests {
         let l = Line::decode(&mut rest).expect("a whole line");
         assert!(rest.is_empty());
         let mut out = Vec::new();
-        let mut dates = Dates::default();
-        match format {
-            Format::Json => json(&mut out, &mut dates, &l),
-            Format::Text => text(&mut out, &mut dates, &l),
-        }
+        format.write(&mut out, &mut Dates::default(), &l);
         String::from_utf8(out).expect("lines are ASCII")
     }
 

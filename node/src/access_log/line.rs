@@ -61,21 +61,7 @@ fn duration(n: u64) -> Option<Duration> {
 }
 
 impl<'a> Line<'a> {
-    fn strings(&self) -> [&'a [u8]; STRINGS] {
-        [
-            self.client_ip,
-            self.proto,
-            self.method,
-            self.host,
-            self.path,
-            self.group,
-            self.instance,
-            self.error_origin,
-            self.error,
-        ]
-    }
-
-    /// The strings in the order [`Self::strings`] gives them.
+    /// The strings, in the order the line holds them.
     fn strings_mut(&mut self) -> [&mut &'a [u8]; STRINGS] {
         [
             &mut self.client_ip,
@@ -93,8 +79,10 @@ impl<'a> Line<'a> {
     /// Appends the line to `out`: one copy of its head, one per string (a
     /// string over 4 GiB is cut there).
     #[inline]
-    pub(super) fn encode(&self, out: &mut Vec<u8>) {
-        let strings = self.strings().map(|s| &s[..s.len().min(u32::MAX as usize)]);
+    pub(super) fn encode(mut self, out: &mut Vec<u8>) {
+        let strings = self
+            .strings_mut()
+            .map(|&mut s| &s[..s.len().min(u32::MAX as usize)]);
         let mut head = Head([0; HEAD], 0);
         for n in [self.start, self.duration] {
             head.put(nanos(Some(n)).to_ne_bytes());
@@ -225,7 +213,7 @@ mod tests {
         let c = Line::default();
         let mut buf = Vec::new();
         for l in [&a, &b, &c] {
-            l.encode(&mut buf);
+            l.clone().encode(&mut buf);
         }
         let mut rest = &buf[..];
         for want in [&a, &b, &c] {
