@@ -250,6 +250,19 @@ impl Gossip {
         })
     }
 
+    /// Whether every region peer of this node's has a fresh report at
+    /// `now`: only then is [`Gossip::region_sum`] the whole region's load.
+    fn region_heard(&self, now: Instant) -> bool {
+        let fleet = locked(&self.fleet);
+        let table = self.lock();
+        let ttl = table.ttl();
+        fleet
+            .regions
+            .iter()
+            .filter(|&(&id, r)| *r == fleet.region && id != self.node_id)
+            .all(|(&id, _)| table.last_report_age(id, now).is_some_and(|age| age <= ttl))
+    }
+
     /// This node's region's load: its own latest report and its region
     /// peers' fresh ones, summed.
     fn region_sum(&self, now: Instant) -> Vec<Entry> {

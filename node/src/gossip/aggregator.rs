@@ -12,6 +12,12 @@
 //! its members. Its reports are in this node's name, with this start's
 //! incarnation and their own sequence numbers (no receiver hears both
 //! streams of one node).
+//!
+//! A node that has just started sends no aggregate until it has a fresh
+//! report from each of its region peers, or for one TTL at most (a peer
+//! silent that long is down): a remote node keeps the latest aggregate of
+//! a region for the whole region, and a sum made before the peers were
+//! heard would leave their load out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +46,7 @@ pub(super) async fn run(
     let mut schedule = SendSchedule::new(&config, Instant::now().into_std());
     let mut encoder = DeltaEncoder::new();
     let mut seq = 0u64;
+    let started = Instant::now().into_std();
     loop {
         let heartbeat = Instant::from_std(schedule.heartbeat());
         tokio::select! {
@@ -55,8 +62,12 @@ pub(super) async fn run(
         }
         let now = Instant::now().into_std();
         let wall = unix_ms();
-        // Nobody in another region to tell.
-        if aggregates.receiver_count() == 0 {
+        // Nobody in another region to tell; or this node has just started
+        // and not yet heard every region peer: its sum would leave them
+        // out, and a receiver takes the latest aggregate of a region for
+        // the whole of it. A peer still silent after the TTL is down.
+        let settling = now < started + config.ttl && !gossip.region_heard(now);
+        if aggregates.receiver_count() == 0 || settling {
             schedule.sampled(now, wall, None, &mut rand::rng());
             continue;
         }

@@ -343,9 +343,8 @@ async fn changes_travel_as_deltas_between_full_reports() {
 }
 
 /// Across regions a node hears one aggregated report per other region,
-/// which carries the sum of that region's load, once that region's members
-/// have heard each other (until then each may send its own partial sum:
-/// the node joins after that, see below).
+/// which carries the sum of that region's load (a starting member waits to
+/// hear its region before it sends one: the next test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_hears_one_report_per_other_region() {
     let ca = generate_ca("test").unwrap();
@@ -359,12 +358,11 @@ async fn a_node_hears_one_report_per_other_region() {
         n.region = "b";
     }
     // Region b first, on its own. A member that has not heard another yet
-    // counts it as down, so it sends region b's aggregate itself (the
-    // plan's next live member), summing only what it has heard, and its
-    // links look at the plan again only every second (links::REPLAN):
-    // started together, node 1 would take such partial sums from nodes 3
-    // and 4 for a while. Node 1 joins once every member has heard the
-    // others' loads, so the plan it joins gives it one sender of the sum.
+    // counts it as down in its plan, and its links look at the plan again
+    // only every second (links::REPLAN): started together, node 1 would
+    // hear region b's aggregate from more than one member for a while.
+    // Node 1 joins once every member has heard the others' loads, so the
+    // plan it joins gives it one sender of the sum.
     for i in 1..nodes.len() {
         let (before, rest) = nodes.split_at_mut(i);
         let (me, after) = rest.split_first_mut().unwrap();
@@ -425,6 +423,107 @@ async fn a_node_hears_one_report_per_other_region() {
     for n in &mut nodes {
         n.stop().await;
     }
+}
+
+/// A member that starts after its region's others sends no aggregate
+/// before it has heard them: its sum would leave their load out, and the
+/// other regions take the latest aggregate of a region for all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_member_sends_its_regions_sum_only_once_it_has_heard_the_region() {
+    let ca = generate_ca("test").unwrap();
+    let ttl = Duration::from_secs(2);
+    let mut nodes: Vec<TestNode> = (1..=4)
+        .map(|id| TestNode::new(&ca, id, config(ttl)))
+        .collect();
+    // Node 1 in region a; nodes 2, 3 and, later, 4 in region b.
+    nodes[0].region = "a";
+    for n in &mut nodes[1..] {
+        n.region = "b";
+    }
+    {
+        let (one, rest) = nodes.split_at_mut(1);
+        let (two, rest) = rest.split_at_mut(1);
+        let three = &mut rest[0];
+        one[0].start(1, &[&two[0], &*three]);
+        two[0].start(1, &[&one[0], &*three]);
+        three.start(1, &[&one[0], &two[0]]);
+    }
+    let _two = nodes[1].pick(2);
+    let _three = nodes[2].pick(1);
+    let sum: Vec<u64> = (0..4)
+        .map(|i| nodes[1].local()[i] + nodes[2].local()[i])
+        .collect();
+    eventually("node 1 to see region b's sum", || {
+        nodes[0].peer_loads() == sum
+    })
+    .await;
+
+    // Node 4 joins region b. Node 1 learns of it at once; nodes 2 and 3 a
+    // moment later (membership reaches nodes at different times), so for
+    // that moment node 4 hears nobody in its region and counts them down.
+    let (known, four) = nodes.split_at_mut(3);
+    let four = &mut four[0];
+    known[0].set_peers(&[&known[1], &known[2], &*four]);
+    four.start(1, &[&known[0], &known[1], &known[2]]);
+    let watch = |what: &str, until: Instant| {
+        let one = &known[0];
+        let what = what.to_owned();
+        let sum = sum.clone();
+        async move {
+            while Instant::now() < until {
+                assert_eq!(one.peer_loads(), sum, "node 1's view of region b {what}");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+    watch(
+        "while node 4 hears nobody",
+        Instant::now() + Duration::from_millis(300),
+    )
+    .await;
+    known[1].set_peers(&[&known[0], &known[2], &*four]);
+    known[2].set_peers(&[&known[0], &known[1], &*four]);
+    eventually("node 4 to hear its region", || four.peer_loads() == sum).await;
+    // Its links look at the plan again within a second (`links::REPLAN`).
+    watch(
+        "once node 4 has heard it",
+        Instant::now() + Duration::from_millis(1_200),
+    )
+    .await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
+/// A region peer that is down from the start holds back a starting
+/// member's aggregate until that peer's TTL has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_region_peer_holds_the_aggregate_back_until_its_ttl() {
+    let ca = generate_ca("test").unwrap();
+    let ttl = Duration::from_millis(500);
+    let mut one = TestNode::new(&ca, 1, config(ttl));
+    let mut two = TestNode::new(&ca, 2, config(ttl));
+    let down = TestNode::new(&ca, 3, config(ttl));
+    one.region = "a";
+    two.region = "b";
+    let mut down = down;
+    down.region = "b";
+    let started = Instant::now();
+    one.start(1, &[&two, &down]);
+    two.start(1, &[&one, &down]);
+    let _held = two.pick(3);
+    let local = two.local();
+    eventually("node 1 to see node 2's region", || {
+        one.peer_loads() == local
+    })
+    .await;
+    assert!(
+        started.elapsed() >= ttl,
+        "an aggregate went out {:?} after the start, before the silent peer's TTL",
+        started.elapsed()
+    );
+    one.stop().await;
+    two.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
