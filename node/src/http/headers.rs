@@ -38,8 +38,15 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
 ];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
+/// Which of [`HOP_BY_HOP`] `headers` holds, one bit each (bit `i` for
+/// `HOP_BY_HOP[i]`).
+fn hop_by_hop_present(headers: &HeaderMap) -> u16 {
+    headers.keys().fold(0, |present, name| {
+        HOP_BY_HOP
+            .iter()
+            .position(|h| h == name)
+            .map_or(present, |i| present | 1 << i)
+    })
 }
 
 /// The request asks for a protocol switch (`Connection: upgrade` and an
@@ -62,27 +69,35 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Removes hop-by-hop headers and those named by `Connection`. With
 /// `upgrade`, `Upgrade` stays and `Connection` becomes `upgrade`.
+///
+/// Only the hop-by-hop headers present are removed (a removal hashes the
+/// name), and a `Connection` token that names one of them, or `close`,
+/// is not parsed: a response's `Connection: keep-alive` costs one
+/// removal.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if !headers.keys().any(is_hop_by_hop) {
+    let present = hop_by_hop_present(headers);
+    if present == 0 {
         return;
     }
     // Tokens that are not hop-by-hop already are rare: allocate only then.
     let mut named: Vec<HeaderName> = Vec::new();
     for token in connection_tokens(headers) {
-        if token.eq_ignore_ascii_case("close") || token.eq_ignore_ascii_case("upgrade") {
+        if token.eq_ignore_ascii_case("close")
+            || HOP_BY_HOP
+                .iter()
+                .any(|h| token.eq_ignore_ascii_case(h.as_str()))
+        {
             continue;
         }
-        if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
-            && !is_hop_by_hop(&name)
-        {
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
             named.push(name);
         }
     }
     for name in named {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        if upgrade && (name == CONNECTION || name == UPGRADE) {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) == 0 || (upgrade && (name == CONNECTION || name == UPGRADE)) {
             continue;
         }
         headers.remove(name);
@@ -215,6 +230,55 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
+    }
+
+    /// What `strip_hop_by_hop` must do, written plainly: every
+    /// hop-by-hop header and every header `Connection` names goes (with
+    /// `upgrade`, `Upgrade` stays and `Connection` becomes `upgrade`, the
+    /// case of a request that asks for an upgrade and so has one).
+    fn strip_reference(headers: &HeaderMap, upgrade: bool) -> HeaderMap {
+        let named: Vec<String> = connection_tokens(headers)
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let mut out = HeaderMap::new();
+        for (name, value) in headers {
+            let hop = HOP_BY_HOP.contains(name) || named.iter().any(|n| n == name.as_str());
+            let kept = upgrade && name == UPGRADE;
+            if !hop || kept {
+                out.append(name.clone(), value.clone());
+            }
+        }
+        if upgrade && headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+            out.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn strips_what_the_plain_rule_strips(
+            fields in proptest::collection::vec((0usize..12, 0usize..6), 0..10),
+            upgrade: bool,
+        ) {
+            const NAMES: [&str; 12] = [
+                "connection", "keep-alive", "te", "transfer-encoding", "upgrade",
+                "proxy-authorization", "trailer", "x-secret", "x-kept", "host",
+                "content-length", "proxy-connection",
+            ];
+            const VALUES: [&str; 6] = [
+                "keep-alive", "close", "Upgrade", "x-secret, keep-alive", "X-Kept", "a b",
+            ];
+            let mut h = HeaderMap::new();
+            for (n, v) in fields {
+                h.append(
+                    HeaderName::from_static(NAMES[n]),
+                    HeaderValue::from_static(VALUES[v]),
+                );
+            }
+            let want = strip_reference(&h, upgrade);
+            strip_hop_by_hop(&mut h, upgrade);
+            proptest::prop_assert_eq!(h, want);
+        }
     }
 
     #[test]
