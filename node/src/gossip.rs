@@ -250,36 +250,36 @@ impl Gossip {
         })
     }
 
-    /// Whether every region peer of this node's has a fresh report at
-    /// `now`: only then is [`Gossip::region_sum`] the whole region's load.
-    fn region_heard(&self, now: Instant) -> bool {
+    /// This node's region peers with a fresh report at `now`, and whether
+    /// that is every one of them.
+    fn fresh_region_peers(&self, now: Instant) -> (Vec<u64>, bool) {
         let fleet = locked(&self.fleet);
         let table = self.lock();
         let ttl = table.ttl();
-        fleet
+        let mut all = true;
+        let fresh = fleet
             .regions
             .iter()
-            .filter(|&(&id, r)| *r == fleet.region && id != self.node_id)
-            .all(|(&id, _)| table.last_report_age(id, now).is_some_and(|age| age <= ttl))
+            .filter(|&(_, r)| *r == fleet.region)
+            .filter_map(|(&id, _)| {
+                let fresh = table.last_report_age(id, now).is_some_and(|age| age <= ttl);
+                all &= fresh;
+                fresh.then_some(id)
+            })
+            .collect();
+        (fresh, all)
+    }
+
+    /// Whether every region peer of this node's has a fresh report at
+    /// `now`: only then is [`Gossip::region_sum`] the whole region's load.
+    fn region_heard(&self, now: Instant) -> bool {
+        self.fresh_region_peers(now).1
     }
 
     /// This node's region's load: its own latest report and its region
     /// peers' fresh ones, summed.
     fn region_sum(&self, now: Instant) -> Vec<Entry> {
-        let peers: Vec<u64> = {
-            let fleet = locked(&self.fleet);
-            let table = self.lock();
-            let ttl = table.ttl();
-            fleet
-                .regions
-                .iter()
-                .filter(|&(&id, r)| {
-                    *r == fleet.region
-                        && table.last_report_age(id, now).is_some_and(|age| age <= ttl)
-                })
-                .map(|(&id, _)| id)
-                .collect()
-        };
+        let (peers, _) = self.fresh_region_peers(now);
         let own = Arc::clone(&locked(&self.own));
         let chains = locked(&self.chains);
         let held = peers.iter().filter_map(|&id| chains.held(id));

@@ -211,6 +211,20 @@ impl TestNode {
     }
 }
 
+/// Nodes 1 to 4 (not started) with `ttl`: node 1 alone in region a,
+/// nodes 2, 3 and 4 in region b.
+fn two_regions(ttl: Duration) -> Vec<TestNode> {
+    let ca = generate_ca("test").unwrap();
+    let mut nodes: Vec<TestNode> = (1..=4)
+        .map(|id| TestNode::new(&ca, id, config(ttl)))
+        .collect();
+    nodes[0].region = "a";
+    for n in &mut nodes[1..] {
+        n.region = "b";
+    }
+    nodes
+}
+
 /// Polls `cond` until it holds or [`patience`] runs out.
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + patience();
@@ -347,16 +361,7 @@ async fn changes_travel_as_deltas_between_full_reports() {
 /// hear its region before it sends one: the next test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_hears_one_report_per_other_region() {
-    let ca = generate_ca("test").unwrap();
-    let ttl = Duration::from_secs(1);
-    let mut nodes: Vec<TestNode> = (1..=4)
-        .map(|id| TestNode::new(&ca, id, config(ttl)))
-        .collect();
-    // Node 1 alone in region a; nodes 2, 3, 4 in region b.
-    nodes[0].region = "a";
-    for n in &mut nodes[1..] {
-        n.region = "b";
-    }
+    let mut nodes = two_regions(Duration::from_secs(1));
     // Region b first, on its own. A member that has not heard another yet
     // counts it as down in its plan, and its links look at the plan again
     // only every second (links::REPLAN): started together, node 1 would
@@ -430,16 +435,8 @@ async fn a_node_hears_one_report_per_other_region() {
 /// other regions take the latest aggregate of a region for all of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_starting_member_sends_its_regions_sum_only_once_it_has_heard_the_region() {
-    let ca = generate_ca("test").unwrap();
-    let ttl = Duration::from_secs(2);
-    let mut nodes: Vec<TestNode> = (1..=4)
-        .map(|id| TestNode::new(&ca, id, config(ttl)))
-        .collect();
-    // Node 1 in region a; nodes 2, 3 and, later, 4 in region b.
-    nodes[0].region = "a";
-    for n in &mut nodes[1..] {
-        n.region = "b";
-    }
+    // Nodes 2, 3 and, later, 4 in region b.
+    let mut nodes = two_regions(Duration::from_secs(2));
     {
         let (one, rest) = nodes.split_at_mut(1);
         let (two, rest) = rest.split_at_mut(1);
