@@ -108,6 +108,22 @@ const ORACLES: &str = "
   closer guess on average is a smoother one, and a smooth estimate no
   longer leaves this node's exact counts to separate the instances that
   the peers probably filled.
+- **Other ways to pick were tried**, with the node's own gossip (5 ms
+  reports, 3 seeds), and none is kept: picking at random in proportion
+  to how far each instance sits under the water (filled with the peers'
+  expected picks plus k of this node's own, k from 0.01 to 16),
+  1.173–1.205× central; a fixed preference per node among the instances
+  the water ties (an offset of up to 0.2 of a request), 1.146–1.149×, and
+  a stronger one 1.158–1.217×; scaling the peers' whole part (×0.7 to
+  ×1.3), 1.151–1.156×; a node announcing its next 1–8 picks in its
+  report (as its balancer would make them, ties drawn in advance) so that
+  its peers place its picks there rather than pour them, 1.261–1.283×,
+  for only 40 % of its picks went where it had announced them; and a
+  node keeping to its announcement (every pick goes where announced),
+  1.200× with peers that ignore it and 1.248–1.288× with peers that read
+  it. What a peer did in the last few milliseconds is not known in time,
+  and a node that decides earlier so as to make it known decides on
+  older counts.
 
 ";
 
