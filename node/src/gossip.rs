@@ -250,8 +250,8 @@ impl Gossip {
         })
     }
 
-    /// This node's region peers with a fresh report at `now`, and whether
-    /// that is every one of them.
+    /// This node's region peers with a fresh report at `now` (what
+    /// [`Gossip::region_sum`] sums), and whether that is every one of them.
     fn fresh_region_peers(&self, now: Instant) -> (Vec<u64>, bool) {
         let fleet = locked(&self.fleet);
         let table = self.lock();
@@ -270,16 +270,9 @@ impl Gossip {
         (fresh, all)
     }
 
-    /// Whether every region peer of this node's has a fresh report at
-    /// `now`: only then is [`Gossip::region_sum`] the whole region's load.
-    fn region_heard(&self, now: Instant) -> bool {
-        self.fresh_region_peers(now).1
-    }
-
-    /// This node's region's load: its own latest report and its region
-    /// peers' fresh ones, summed.
-    fn region_sum(&self, now: Instant) -> Vec<Entry> {
-        let (peers, _) = self.fresh_region_peers(now);
+    /// This node's region's load: its own latest report and those of
+    /// `peers` (its fresh region peers), summed.
+    fn region_sum(&self, peers: &[u64]) -> Vec<Entry> {
         let own = Arc::clone(&locked(&self.own));
         let chains = locked(&self.chains);
         let held = peers.iter().filter_map(|&id| chains.held(id));

@@ -43,10 +43,10 @@ pub(super) async fn run(
         min_interval: gossip.config.min_interval.max(MIN_INTERVAL),
         ..gossip.config.clone()
     };
-    let mut schedule = SendSchedule::new(&config, Instant::now().into_std());
+    let started = Instant::now().into_std();
+    let mut schedule = SendSchedule::new(&config, started);
     let mut encoder = DeltaEncoder::new();
     let mut seq = 0u64;
-    let started = Instant::now().into_std();
     loop {
         let heartbeat = Instant::from_std(schedule.heartbeat());
         tokio::select! {
@@ -66,18 +66,20 @@ pub(super) async fn run(
         // and not yet heard every region peer: its sum would leave them
         // out, and a receiver takes the latest aggregate of a region for
         // the whole of it. A peer still silent after the TTL is down.
-        let settling = now < started + config.ttl && !gossip.region_heard(now);
-        if aggregates.receiver_count() == 0 || settling {
+        let ready = (aggregates.receiver_count() > 0)
+            .then(|| gossip.fresh_region_peers(now))
+            .filter(|&(_, heard_all)| heard_all || now >= started + config.ttl);
+        let Some((peers, _)) = ready else {
             schedule.sampled(now, wall, None, &mut rand::rng());
             continue;
-        }
+        };
         seq += 1;
         let report = Report {
             node_id: gossip.node_id,
             incarnation,
             seq,
             sent_at_ms: wall,
-            entries: gossip.region_sum(now),
+            entries: gossip.region_sum(&peers),
         };
         let full = schedule.full_due(now);
         schedule.sampled(now, wall, Some((&report, full)), &mut rand::rng());

@@ -211,11 +211,11 @@ impl TestNode {
     }
 }
 
-/// Nodes 1 to 4 (not started) with `ttl`: node 1 alone in region a,
-/// nodes 2, 3 and 4 in region b.
-fn two_regions(ttl: Duration) -> Vec<TestNode> {
+/// Nodes 1 to `n` (not started) with `ttl`: node 1 alone in region a,
+/// the others in region b.
+fn two_regions(ttl: Duration, n: u64) -> Vec<TestNode> {
     let ca = generate_ca("test").unwrap();
-    let mut nodes: Vec<TestNode> = (1..=4)
+    let mut nodes: Vec<TestNode> = (1..=n)
         .map(|id| TestNode::new(&ca, id, config(ttl)))
         .collect();
     nodes[0].region = "a";
@@ -223,6 +223,16 @@ fn two_regions(ttl: Duration) -> Vec<TestNode> {
         n.region = "b";
     }
     nodes
+}
+
+/// Starts each of `nodes` with all the others as its peers.
+fn start_together(nodes: &mut [TestNode]) {
+    for i in 0..nodes.len() {
+        let (before, rest) = nodes.split_at_mut(i);
+        let (me, after) = rest.split_first_mut().unwrap();
+        let peers: Vec<&TestNode> = before.iter().chain(after.iter()).collect();
+        me.start(1, &peers);
+    }
 }
 
 /// Polls `cond` until it holds or [`patience`] runs out.
@@ -361,19 +371,14 @@ async fn changes_travel_as_deltas_between_full_reports() {
 /// hear its region before it sends one: the next test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_hears_one_report_per_other_region() {
-    let mut nodes = two_regions(Duration::from_secs(1));
+    let mut nodes = two_regions(Duration::from_secs(1), 4);
     // Region b first, on its own. A member that has not heard another yet
     // counts it as down in its plan, and its links look at the plan again
     // only every second (links::REPLAN): started together, node 1 would
     // hear region b's aggregate from more than one member for a while.
     // Node 1 joins once every member has heard the others' loads, so the
     // plan it joins gives it one sender of the sum.
-    for i in 1..nodes.len() {
-        let (before, rest) = nodes.split_at_mut(i);
-        let (me, after) = rest.split_first_mut().unwrap();
-        let peers: Vec<&TestNode> = before[1..].iter().chain(after.iter()).collect();
-        me.start(1, &peers);
-    }
+    start_together(&mut nodes[1..]);
     let _two = nodes[1].pick(2);
     let _three = nodes[2].pick(1);
     let sum: Vec<u64> = (0..4)
@@ -436,15 +441,8 @@ async fn a_node_hears_one_report_per_other_region() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_starting_member_sends_its_regions_sum_only_once_it_has_heard_the_region() {
     // Nodes 2, 3 and, later, 4 in region b.
-    let mut nodes = two_regions(Duration::from_secs(2));
-    {
-        let (one, rest) = nodes.split_at_mut(1);
-        let (two, rest) = rest.split_at_mut(1);
-        let three = &mut rest[0];
-        one[0].start(1, &[&two[0], &*three]);
-        two[0].start(1, &[&one[0], &*three]);
-        three.start(1, &[&one[0], &two[0]]);
-    }
+    let mut nodes = two_regions(Duration::from_secs(2), 4);
+    start_together(&mut nodes[..3]);
     let _two = nodes[1].pick(2);
     let _three = nodes[2].pick(1);
     let sum: Vec<u64> = (0..4)
@@ -496,18 +494,18 @@ async fn a_starting_member_sends_its_regions_sum_only_once_it_has_heard_the_regi
 /// member's aggregate until that peer's TTL has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_region_peer_holds_the_aggregate_back_until_its_ttl() {
-    let ca = generate_ca("test").unwrap();
     let ttl = Duration::from_millis(500);
-    let mut one = TestNode::new(&ca, 1, config(ttl));
-    let mut two = TestNode::new(&ca, 2, config(ttl));
-    let down = TestNode::new(&ca, 3, config(ttl));
-    one.region = "a";
-    two.region = "b";
-    let mut down = down;
-    down.region = "b";
+    // Node 3, in region b with node 2, never starts.
+    let mut nodes = two_regions(ttl, 3);
     let started = Instant::now();
-    one.start(1, &[&two, &down]);
-    two.start(1, &[&one, &down]);
+    {
+        let [one, two, down] = &mut nodes[..] else {
+            unreachable!()
+        };
+        one.start(1, &[&*two, &*down]);
+        two.start(1, &[&*one, &*down]);
+    }
+    let (one, two) = (&nodes[0], &nodes[1]);
     let _held = two.pick(3);
     let local = two.local();
     eventually("node 1 to see node 2's region", || {
@@ -519,8 +517,9 @@ async fn a_silent_region_peer_holds_the_aggregate_back_until_its_ttl() {
         "an aggregate went out {:?} after the start, before the silent peer's TTL",
         started.elapsed()
     );
-    one.stop().await;
-    two.stop().await;
+    for n in &mut nodes {
+        n.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
