@@ -324,19 +324,23 @@ impl GossipHandler for Gossip {
             let mut table = self.lock();
             let before = table.incarnation(peer);
             let was_empty = table.entry_count(peer).is_none_or(|n| n == 0);
-            (table.insert(report, arrival), before, was_empty)
+            let merged = table.insert(report, arrival);
+            if merged == Merge::Accepted && remote {
+                // The latest aggregate of a region stands for all of it:
+                // another member's (the plan moved) goes. Under the same
+                // lock as the insert: apart, a refresh could see the
+                // region twice, and two members' aggregates arriving
+                // together could each remove the other's (none left).
+                for id in regions {
+                    table.remove_peer(id);
+                }
+            }
+            (merged, before, was_empty)
         };
         match merged {
             Merge::Accepted => {
                 m.received.inc();
-                if remote {
-                    // The latest aggregate of a region stands for all of
-                    // it: another member's (the plan moved) goes.
-                    let mut table = self.lock();
-                    for id in regions {
-                        table.remove_peer(id);
-                    }
-                } else if !(empty && was_empty) {
+                if !remote && !(empty && was_empty) {
                     self.region_changed.notify_one();
                 }
                 // An idle peer's heartbeat changes no estimate: the refresh
