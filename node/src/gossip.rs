@@ -340,12 +340,13 @@ impl GossipHandler for Gossip {
         match merged {
             Merge::Accepted => {
                 m.received.inc();
-                if !remote && !(empty && was_empty) {
-                    self.region_changed.notify_one();
-                }
                 // An idle peer's heartbeat changes no estimate: the refresh
-                // is not woken for it.
+                // (and the aggregator, for a region peer) is not woken for
+                // it.
                 if !(empty && was_empty) {
+                    if !remote {
+                        self.region_changed.notify_one();
+                    }
                     self.report_arrived.notify_one();
                 }
                 if before.is_some_and(|b| b != incarnation) {
