@@ -154,7 +154,7 @@ pub async fn run(args: &[&str], cwd: &Path, timeout: Duration) -> anyhow::Result
 }
 
 /// [`run`] with `EDGELB_*` variables set (none are inherited, nor
-/// systemd's `INVOCATION_ID` and `NOTIFY_SOCKET`).
+/// `MIMALLOC_*`, nor systemd's `INVOCATION_ID` and `NOTIFY_SOCKET`).
 pub async fn run_with_env(
     args: &[&str],
     env: &[(&str, &str)],
@@ -200,12 +200,16 @@ fn command_of(bin: &Path, args: &[&str], cwd: &Path) -> Command {
         .stdin(Stdio::null())
         .kill_on_drop(true);
     // The environment must not configure the node behind the test's back:
-    // neither edgelb's variables nor systemd's, when the tests themselves
-    // run as a service (a CI runner's), which would change what an upgrade
-    // does (`edgelb::systemd`).
+    // neither edgelb's variables nor its allocator's (mimalloc's), nor
+    // systemd's when the tests themselves run as a service (a CI
+    // runner's), which would change what an upgrade does
+    // (`edgelb::systemd`).
     for (key, _) in std::env::vars_os() {
         if key.to_str().is_some_and(|k| {
-            k.starts_with("EDGELB_") || k == "INVOCATION_ID" || k == "NOTIFY_SOCKET"
+            k.starts_with("EDGELB_")
+                || k.starts_with("MIMALLOC_")
+                || k == "INVOCATION_ID"
+                || k == "NOTIFY_SOCKET"
         }) {
             cmd.env_remove(key);
         }
@@ -236,8 +240,9 @@ impl Process {
         Self::start(command(args, cwd).await?)
     }
 
-    /// [`Process::spawn`] with `env` set (after the `EDGELB_*` variables
-    /// and systemd's `INVOCATION_ID` and `NOTIFY_SOCKET` are cleared).
+    /// [`Process::spawn`] with `env` set (after the `EDGELB_*` and
+    /// `MIMALLOC_*` variables and systemd's `INVOCATION_ID` and
+    /// `NOTIFY_SOCKET` are cleared).
     pub async fn spawn_with_env(
         args: &[&str],
         cwd: &Path,

@@ -14,11 +14,15 @@ use tracing_subscriber::EnvFilter;
 /// third of the extra CPU per write at 100,000 instances, README
 /// "Benchmarks", the scale example); the library and its tests keep the
 /// system allocator. Data-plane workers give emptied pages back once a
-/// second (`edgelb_alloc::collect`).
+/// second (`edgelb_alloc::collect`), and the process runs without
+/// transparent huge pages (`edgelb_alloc::no_transparent_huge_pages`).
 #[global_allocator]
 static ALLOCATOR: edgelb_alloc::MiMalloc = edgelb_alloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Before the node allocates much: a page faulted in keeps its size.
+    // Only a refusal of the kernel's is reported, once tracing is up.
+    let huge_pages = edgelb_alloc::no_transparent_huge_pages();
     // Everything the node writes (keys, token, Raft state) is for its own
     // user only: files 0600, directories 0700.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -57,6 +61,9 @@ fn main() -> ExitCode {
     match config.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
+    }
+    if let Err(error) = huge_pages {
+        tracing::warn!(%error, "could not turn transparent huge pages off; idle connections cost more memory");
     }
     // Before any port is bound, and before the runtime's threads start.
     let explicit = config.max_connections_explicit;
