@@ -4,10 +4,14 @@
 //!   buffer and written on at once; only what the receiver does not take
 //!   right away is kept on the heap until it does. An idle connection holds
 //!   no buffer at all.
-//! - After that (a long stream: a download, an upload) the direction moves
-//!   its bytes through a pipe with splice(2), so they never enter user
-//!   space, as HAProxy's `splice-auto` does. A pipe is two descriptors; at
-//!   most [`MAX_PIPES`] exist at once (they come out of the node's own
+//! - After that, while the direction carries a bulk stream (a download, an
+//!   upload: its reads fill the buffer), it moves its bytes through a pipe
+//!   with splice(2), so they never enter user space, as HAProxy's
+//!   `splice-auto` does. When its splices turn small (a kept-alive
+//!   protocol's requests and answers after a download) it gives the pipe
+//!   back and copies again: a small message costs two system calls copied
+//!   and three spliced ([`Pace`]). A pipe is two descriptors; at most
+//!   [`MAX_PIPES`] exist at once (they come out of the node's own
 //!   descriptor reserve), and a direction that finds none left keeps
 //!   copying.
 //!
@@ -32,8 +36,16 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use crate::series::Counter;
 use crate::upstream::Traffic;
 
-/// Bytes a direction copies before it switches to splice(2).
+/// Bytes a direction copies before it may switch to splice(2).
 pub(crate) const SPLICE_AFTER: u64 = 64 * 1024;
+
+/// Reads in a row that fill the copy buffer, after [`SPLICE_AFTER`], that
+/// make a direction a bulk stream, which splices.
+const BULK_READS: u32 = 2;
+
+/// Splices in a row that move less than a copy buffer that make a spliced
+/// direction give its pipe back.
+const SMALL_SPLICES: u32 = 3;
 
 /// Pipes open at once, all connections together.
 pub(crate) const MAX_PIPES: usize = 128;
@@ -74,9 +86,10 @@ async fn one_way(
     moved_way: &AtomicU64,
 ) -> io::Result<u64> {
     let mut moved = 0_u64;
+    let mut pace = Pace::default();
     let mut pipe: Option<Pipe> = None;
     loop {
-        if pipe.is_none() && moved >= SPLICE_AFTER {
+        if pipe.is_none() && pace.bulk() {
             pipe = Pipe::take();
         }
         let n = match &pipe {
@@ -88,9 +101,66 @@ async fn one_way(
             let _ = rustix::net::shutdown(to.as_ref(), rustix::net::Shutdown::Write);
             return Ok(moved);
         }
+        if pipe.is_some() {
+            if pace.spliced(n) {
+                // Empty: a splice hands on all it took in.
+                pipe = None;
+            }
+        } else {
+            pace.copied(n);
+        }
         moved += n as u64;
         counter.inc_by(n as u64);
         moved_way.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Whether a direction is a bulk stream, by the sizes of its last reads
+/// (HAProxy's streamer flag in short): splicing saves the copies of a bulk
+/// stream, and costs a small message a system call more than copying it
+/// (into the pipe, out of it, and a splice that finds the socket empty,
+/// against one read and one write).
+#[derive(Debug, Default)]
+struct Pace {
+    moved: u64,
+    /// Copies in a row that filled the buffer.
+    full_reads: u32,
+    /// Splices in a row that moved less than a copy buffer.
+    small_splices: u32,
+}
+
+impl Pace {
+    /// Counts a copy of `n` bytes.
+    fn copied(&mut self, n: usize) {
+        self.moved += n as u64;
+        self.full_reads = if n == COPY_CHUNK {
+            self.full_reads.saturating_add(1)
+        } else {
+            0
+        };
+    }
+
+    /// Counts a splice of `n` bytes; true when the direction should give
+    /// its pipe back and copy again.
+    fn spliced(&mut self, n: usize) -> bool {
+        self.moved += n as u64;
+        if n >= COPY_CHUNK {
+            self.small_splices = 0;
+            return false;
+        }
+        self.small_splices += 1;
+        if self.small_splices < SMALL_SPLICES {
+            return false;
+        }
+        self.small_splices = 0;
+        self.full_reads = 0;
+        true
+    }
+
+    /// Whether the direction should splice: past [`SPLICE_AFTER`], with
+    /// its last [`BULK_READS`] copies each filling the buffer.
+    fn bulk(&self) -> bool {
+        self.moved >= SPLICE_AFTER && self.full_reads >= BULK_READS
     }
 }
 
@@ -298,15 +368,131 @@ mod tests {
         assert_eq!(to_instance.get(), up.len() as u64);
         assert_eq!(to_client.get(), down.len() as u64);
         assert_eq!(traffic.moved(), (up.len() as u64, down.len() as u64));
-        // Everything past the first 64 KiB of each direction went through a
-        // pipe, and the pipes were given back.
+        // Nearly everything past the first 64 KiB of each direction went
+        // through a pipe (a few reads more are copied until two in a row
+        // fill the buffer, and the stream's tail may be), and the pipes were
+        // given back.
         assert_eq!(pipes_open(), 0);
-        let expected = (up.len() + down.len()) as u64 - 2 * (SPLICE_AFTER + COPY_CHUNK as u64);
+        let copied_at_most = SPLICE_AFTER + 8 * COPY_CHUNK as u64;
+        let expected = (up.len() + down.len()) as u64 - 2 * copied_at_most;
         assert!(
             spliced() - spliced_before >= expected,
             "{} < {expected}",
             spliced() - spliced_before
         );
+    }
+
+    /// `rounds` requests of `size` bytes from `client`, each answered with
+    /// as many bytes by `instance`, one at a time, checked on arrival.
+    async fn ping_pong(
+        client: &mut TcpStream,
+        instance: &mut TcpStream,
+        rounds: usize,
+        size: usize,
+    ) {
+        let mut buf = vec![0_u8; size];
+        for round in 0..rounds {
+            let ask = vec![(round % 251) as u8; size];
+            client.write_all(&ask).await.expect("write");
+            instance.read_exact(&mut buf).await.expect("read");
+            assert_eq!(buf, ask, "request {round}");
+            let answer = vec![(round % 241) as u8 ^ 0xff; size];
+            instance.write_all(&answer).await.expect("write");
+            client.read_exact(&mut buf).await.expect("read");
+            assert_eq!(buf, answer, "answer {round}");
+        }
+    }
+
+    #[tokio::test]
+    async fn small_messages_are_copied_however_long_the_connection_lasts() {
+        let _serial = SERIAL.lock().await;
+        let spliced_before = spliced();
+        let (mut client, client_side) = socket_pair().await;
+        let (upstream_side, mut instance) = socket_pair().await;
+        let (a, b, traffic) = (Counter::default(), Counter::default(), Traffic::default());
+        let pumping = both_ways(client_side, upstream_side, &a, &b, &traffic);
+        // 2,000 × 100 bytes each way: three times SPLICE_AFTER.
+        let talk = async {
+            ping_pong(&mut client, &mut instance, 2_000, 100).await;
+            assert_eq!(pipes_open(), 0, "a direction of small messages took a pipe");
+            drop(client);
+            drop(instance);
+        };
+        let (moved, ()) = within(async { tokio::join!(pumping, talk) }).await;
+        assert_eq!(moved.expect("pump"), (200_000, 200_000));
+        assert_eq!(spliced(), spliced_before, "small messages are copied");
+    }
+
+    #[tokio::test]
+    async fn a_download_is_spliced_and_the_small_messages_after_it_are_copied() {
+        let _serial = SERIAL.lock().await;
+        let (mut client, client_side) = socket_pair().await;
+        let (upstream_side, mut instance) = socket_pair().await;
+        let (a, b, traffic) = (Counter::default(), Counter::default(), Traffic::default());
+        let pumping = both_ways(client_side, upstream_side, &a, &b, &traffic);
+        let mut download = vec![0_u8; 2 * 1024 * 1024];
+        rand::rng().fill_bytes(&mut download);
+        let spliced_before = spliced();
+        let talk = async {
+            let send = async {
+                instance.write_all(&download).await.expect("write");
+            };
+            let receive = async {
+                let mut got = vec![0_u8; download.len()];
+                client.read_exact(&mut got).await.expect("read");
+                got
+            };
+            let ((), got) = tokio::join!(send, receive);
+            assert!(got == download, "the download arrived whole and in order");
+            let after_download = spliced();
+            assert!(
+                after_download - spliced_before >= download.len() as u64 / 2,
+                "the download was copied: {} bytes spliced",
+                after_download - spliced_before
+            );
+            // The pipe goes back after SMALL_SPLICES small answers; none of
+            // the rest passes through one.
+            ping_pong(&mut client, &mut instance, SMALL_SPLICES as usize, 100).await;
+            assert_eq!(pipes_open(), 0, "the pipe was kept for small messages");
+            let given_back = spliced();
+            ping_pong(&mut client, &mut instance, 500, 100).await;
+            assert_eq!(spliced(), given_back, "small messages went through a pipe");
+            drop(client);
+            drop(instance);
+        };
+        let (moved, ()) = within(async { tokio::join!(pumping, talk) }).await;
+        let small = (SMALL_SPLICES as u64 + 500) * 100;
+        assert_eq!(moved.expect("pump"), (small, download.len() as u64 + small));
+    }
+
+    #[test]
+    fn a_direction_splices_while_its_reads_fill_the_buffer() {
+        let mut pace = Pace::default();
+        // Full reads, but not yet SPLICE_AFTER.
+        while pace.moved + (COPY_CHUNK as u64) < SPLICE_AFTER {
+            pace.copied(COPY_CHUNK);
+            assert!(!pace.bulk(), "bulk at {} bytes", pace.moved);
+        }
+        pace.copied(COPY_CHUNK);
+        assert!(pace.bulk());
+        // A short read: not bulk until BULK_READS full ones in a row.
+        pace.copied(100);
+        assert!(!pace.bulk());
+        pace.copied(COPY_CHUNK);
+        assert!(!pace.bulk());
+        pace.copied(COPY_CHUNK);
+        assert!(pace.bulk());
+        // Spliced: only SMALL_SPLICES small ones in a row give the pipe back.
+        assert!(!pace.spliced(10));
+        assert!(!pace.spliced(10));
+        assert!(!pace.spliced(COPY_CHUNK), "a big splice breaks the row");
+        assert!(!pace.spliced(10));
+        assert!(!pace.spliced(10));
+        assert!(pace.spliced(10));
+        assert!(!pace.bulk(), "copying again needs full reads again");
+        pace.copied(COPY_CHUNK);
+        pace.copied(COPY_CHUNK);
+        assert!(pace.bulk());
     }
 
     #[tokio::test]
