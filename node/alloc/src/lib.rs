@@ -21,7 +21,7 @@
 //! 4,000 idle HTTP/2 clients over TLS cost 54 KiB each of resident memory
 //! with huge pages (215 MiB of the node's 264 MiB were huge pages) and
 //! 33 KiB without; plain HTTP/1.1 3.7 and 1.5 KiB; a node that serves
-//! nothing 43 and 21 MiB. CPU per kept-alive request did not move (an
+//! nothing 43 and 21–27 MiB. CPU per kept-alive request did not move (an
 //! interleaved A/B of eight rounds: 1.01×, rounds from 0.94× to 1.10×).
 //! The binary therefore turns them off for itself at start
 //! ([`no_transparent_huge_pages`]), as mimalloc does when
@@ -47,14 +47,45 @@ pub fn collect() {
 }
 
 /// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`),
-/// unless the environment sets `MIMALLOC_ALLOW_THP=1`: mimalloc reads that
-/// variable itself, and `0` already turns them off. Call it first thing in
-/// `main`: pages faulted in before keep their size. Returns whether they
-/// are off; an error is the kernel's refusal.
+/// unless the environment turns mimalloc's `allow_thp` option on
+/// (`MIMALLOC_ALLOW_THP=1`, read as mimalloc reads it: see
+/// [`allows_huge_pages`]); `0` has mimalloc turn them off itself. Call it
+/// first thing in `main`: pages faulted in before keep their size. Returns
+/// whether they are off; an error is the kernel's refusal.
 pub fn no_transparent_huge_pages() -> std::io::Result<bool> {
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_some_and(|v| v == "1") {
+    let asked = std::env::vars_os()
+        .find(|(k, _)| k.eq_ignore_ascii_case("MIMALLOC_ALLOW_THP"))
+        .is_some_and(|(_, v)| v.to_str().is_some_and(allows_huge_pages));
+    if asked {
         return Ok(false);
     }
     rustix::thread::disable_transparent_huge_pages(true)?;
     Ok(true)
+}
+
+/// Whether a value of `MIMALLOC_ALLOW_THP` turns the option on, as mimalloc
+/// reads a boolean option: empty, `1`, `true`, `yes`, `on` (any case) or
+/// another integer than 0. A value mimalloc cannot read (it warns and keeps
+/// its default) leaves them off here. (mimalloc also reads the variable's
+/// name in any case, as [`no_transparent_huge_pages`] does.)
+fn allows_huge_pages(value: &str) -> bool {
+    ["", "1", "true", "yes", "on"]
+        .iter()
+        .any(|on| value.eq_ignore_ascii_case(on))
+        || value.parse::<i64>().is_ok_and(|n| n != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allows_huge_pages;
+
+    #[test]
+    fn the_option_is_read_as_mimalloc_reads_a_boolean() {
+        for on in ["1", "", "TRUE", "yes", "On", "2", "-1", "+1"] {
+            assert!(allows_huge_pages(on), "{on:?}");
+        }
+        for off in ["0", "false", "NO", "off", "00", "maybe", " 1"] {
+            assert!(!allows_huge_pages(off), "{off:?}");
+        }
+    }
 }

