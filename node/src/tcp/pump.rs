@@ -311,6 +311,14 @@ mod tests {
         (a.expect("connect"), b.expect("accept").0)
     }
 
+    /// A client and an instance, and the node's two sockets between them:
+    /// (client, client side, upstream side, instance).
+    async fn two_connections() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+        let (client, client_side) = socket_pair().await;
+        let (upstream_side, instance) = socket_pair().await;
+        (client, client_side, upstream_side, instance)
+    }
+
     async fn within<T>(fut: impl Future<Output = T>) -> T {
         tokio::time::timeout(crate::patience::patient(Duration::from_secs(20)), fut)
             .await
@@ -335,8 +343,7 @@ mod tests {
     #[tokio::test]
     async fn long_streams_both_ways_arrive_whole_and_counted_and_spliced() {
         let _serial = SERIAL.lock().await;
-        let (client, client_side) = socket_pair().await;
-        let (upstream_side, instance) = socket_pair().await;
+        let (client, client_side, upstream_side, instance) = two_connections().await;
         let mut up = vec![0_u8; 3 * 1024 * 1024 + 17];
         let mut down = vec![0_u8; 5 * 1024 * 1024 + 3];
         rand::rng().fill_bytes(&mut up);
@@ -410,8 +417,7 @@ mod tests {
     async fn small_messages_are_copied_however_long_the_connection_lasts() {
         let _serial = SERIAL.lock().await;
         let spliced_before = spliced();
-        let (mut client, client_side) = socket_pair().await;
-        let (upstream_side, mut instance) = socket_pair().await;
+        let (mut client, client_side, upstream_side, mut instance) = two_connections().await;
         let (a, b, traffic) = (Counter::default(), Counter::default(), Traffic::default());
         let pumping = both_ways(client_side, upstream_side, &a, &b, &traffic);
         // 2,000 × 100 bytes each way: three times SPLICE_AFTER.
@@ -429,8 +435,7 @@ mod tests {
     #[tokio::test]
     async fn a_download_is_spliced_and_the_small_messages_after_it_are_copied() {
         let _serial = SERIAL.lock().await;
-        let (mut client, client_side) = socket_pair().await;
-        let (upstream_side, mut instance) = socket_pair().await;
+        let (mut client, client_side, upstream_side, mut instance) = two_connections().await;
         let (a, b, traffic) = (Counter::default(), Counter::default(), Traffic::default());
         let pumping = both_ways(client_side, upstream_side, &a, &b, &traffic);
         let mut download = vec![0_u8; 2 * 1024 * 1024];
@@ -502,8 +507,7 @@ mod tests {
     async fn a_short_exchange_is_copied_and_an_early_end_reaches_the_other_side() {
         let _serial = SERIAL.lock().await;
         let spliced_before = spliced();
-        let (mut client, client_side) = socket_pair().await;
-        let (upstream_side, mut instance) = socket_pair().await;
+        let (mut client, client_side, upstream_side, mut instance) = two_connections().await;
         let (a, b, traffic) = (Counter::default(), Counter::default(), Traffic::default());
         let pumping = both_ways(client_side, upstream_side, &a, &b, &traffic);
         let talk = async {
