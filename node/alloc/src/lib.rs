@@ -50,17 +50,16 @@ pub fn collect() {
 /// unless the environment turns mimalloc's `allow_thp` option on
 /// (`MIMALLOC_ALLOW_THP=1`, read as mimalloc reads it: see
 /// [`allows_huge_pages`]); `0` has mimalloc turn them off itself. Call it
-/// first thing in `main`: pages faulted in before keep their size. Returns
-/// whether they are off; an error is the kernel's refusal.
-pub fn no_transparent_huge_pages() -> std::io::Result<bool> {
+/// first thing in `main`: pages faulted in before keep their size. An
+/// error is the kernel's refusal.
+pub fn no_transparent_huge_pages() -> std::io::Result<()> {
     let asked = std::env::vars_os()
         .find(|(k, _)| k.eq_ignore_ascii_case("MIMALLOC_ALLOW_THP"))
         .is_some_and(|(_, v)| v.to_str().is_some_and(allows_huge_pages));
     if asked {
-        return Ok(false);
+        return Ok(());
     }
-    rustix::thread::disable_transparent_huge_pages(true)?;
-    Ok(true)
+    rustix::thread::disable_transparent_huge_pages(true).map_err(std::io::Error::from)
 }
 
 /// Whether a value of `MIMALLOC_ALLOW_THP` turns the option on, as mimalloc

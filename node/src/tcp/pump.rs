@@ -91,8 +91,7 @@ async fn one_way(
         if pipe.is_none() && pace.bulk() {
             pipe = Pipe::take();
             if pipe.is_none() {
-                // None left: asked again after as many full reads.
-                pace.full_reads = 0;
+                pace.no_pipe();
             }
         }
         let n = match &pipe {
@@ -158,6 +157,12 @@ impl Pace {
         self.small_splices = 0;
         self.full_reads = 0;
         true
+    }
+
+    /// No pipe was left for a bulk stream: it asks again after
+    /// [`BULK_READS`] more full reads.
+    fn no_pipe(&mut self) {
+        self.full_reads = 0;
     }
 
     /// Whether the direction should splice: past [`SPLICE_AFTER`], with
