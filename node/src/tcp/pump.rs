@@ -324,6 +324,19 @@ mod tests {
         (client, client_side, upstream_side, instance)
     }
 
+    /// Runs `talk` with a client and an instance connected through the
+    /// pump (`talk` ends both); the bytes the pump moved each way.
+    async fn through_pump<F>(talk: impl FnOnce(TcpStream, TcpStream) -> F) -> (u64, u64)
+    where
+        F: Future<Output = ()>,
+    {
+        let (client, client_side, upstream_side, instance) = two_connections().await;
+        let (a, b, traffic) = (Counter::default(), Counter::default(), Traffic::default());
+        let pumping = both_ways(client_side, upstream_side, &a, &b, &traffic);
+        let (moved, ()) = within(async { tokio::join!(pumping, talk(client, instance)) }).await;
+        moved.expect("pump")
+    }
+
     async fn within<T>(fut: impl Future<Output = T>) -> T {
         tokio::time::timeout(crate::patience::patient(Duration::from_secs(20)), fut)
             .await
@@ -422,31 +435,24 @@ mod tests {
     async fn small_messages_are_copied_however_long_the_connection_lasts() {
         let _serial = SERIAL.lock().await;
         let spliced_before = spliced();
-        let (mut client, client_side, upstream_side, mut instance) = two_connections().await;
-        let (a, b, traffic) = (Counter::default(), Counter::default(), Traffic::default());
-        let pumping = both_ways(client_side, upstream_side, &a, &b, &traffic);
         // 2,000 × 100 bytes each way: three times SPLICE_AFTER.
-        let talk = async {
+        let moved = through_pump(|mut client, mut instance| async move {
             ping_pong(&mut client, &mut instance, 2_000, 100).await;
             assert_eq!(pipes_open(), 0, "a direction of small messages took a pipe");
-            drop(client);
-            drop(instance);
-        };
-        let (moved, ()) = within(async { tokio::join!(pumping, talk) }).await;
-        assert_eq!(moved.expect("pump"), (200_000, 200_000));
+        })
+        .await;
+        assert_eq!(moved, (200_000, 200_000));
         assert_eq!(spliced(), spliced_before, "small messages are copied");
     }
 
     #[tokio::test]
     async fn a_download_is_spliced_and_the_small_messages_after_it_are_copied() {
         let _serial = SERIAL.lock().await;
-        let (mut client, client_side, upstream_side, mut instance) = two_connections().await;
-        let (a, b, traffic) = (Counter::default(), Counter::default(), Traffic::default());
-        let pumping = both_ways(client_side, upstream_side, &a, &b, &traffic);
         let mut download = vec![0_u8; 2 * 1024 * 1024];
         rand::rng().fill_bytes(&mut download);
+        let download_len = download.len() as u64;
         let spliced_before = spliced();
-        let talk = async {
+        let moved = through_pump(|mut client, mut instance| async move {
             let send = async {
                 instance.write_all(&download).await.expect("write");
             };
@@ -470,12 +476,10 @@ mod tests {
             let given_back = spliced();
             ping_pong(&mut client, &mut instance, 500, 100).await;
             assert_eq!(spliced(), given_back, "small messages went through a pipe");
-            drop(client);
-            drop(instance);
-        };
-        let (moved, ()) = within(async { tokio::join!(pumping, talk) }).await;
+        })
+        .await;
         let small = (SMALL_SPLICES as u64 + 500) * 100;
-        assert_eq!(moved.expect("pump"), (small, download.len() as u64 + small));
+        assert_eq!(moved, (small, download_len + small));
     }
 
     #[test]
@@ -512,10 +516,7 @@ mod tests {
     async fn a_short_exchange_is_copied_and_an_early_end_reaches_the_other_side() {
         let _serial = SERIAL.lock().await;
         let spliced_before = spliced();
-        let (mut client, client_side, upstream_side, mut instance) = two_connections().await;
-        let (a, b, traffic) = (Counter::default(), Counter::default(), Traffic::default());
-        let pumping = both_ways(client_side, upstream_side, &a, &b, &traffic);
-        let talk = async {
+        let moved = through_pump(|mut client, mut instance| async move {
             client.write_all(b"ping").await.expect("write");
             let mut buf = [0_u8; 4];
             instance.read_exact(&mut buf).await.expect("read");
@@ -529,9 +530,9 @@ mod tests {
             client.read_to_end(&mut rest).await.expect("read");
             assert!(rest.is_empty());
             drop(client);
-        };
-        let (moved, ()) = within(async { tokio::join!(pumping, talk) }).await;
-        assert_eq!(moved.expect("pump"), (4, 4));
+        })
+        .await;
+        assert_eq!(moved, (4, 4));
         assert_eq!(spliced(), spliced_before, "short exchanges are copied");
         assert_eq!(pipes_open(), 0);
     }
