@@ -17,13 +17,10 @@
 //! mimalloc also asks the kernel for transparent huge pages on the arenas
 //! it reserves (`madvise(MADV_HUGEPAGE)`), and a 2 MiB page is resident as
 //! a whole as soon as one byte of it is touched. Idle connections scatter
-//! small live blocks over the arenas, so most of those pages hold little:
-//! 4,000 idle HTTP/2 clients over TLS cost 54 KiB each of resident memory
-//! with huge pages (215 MiB of the node's 264 MiB were huge pages) and
-//! 33 KiB without; plain HTTP/1.1 3.7 and 1.5 KiB; a node that serves
-//! nothing 43 and 21–27 MiB. CPU per kept-alive request did not move (an
-//! interleaved A/B of eight rounds: 1.01×, rounds from 0.94× to 1.10×).
-//! The binary therefore turns them off for itself at start
+//! small live blocks over the arenas, so most of those pages hold little
+//! (an idle HTTP/2 connection over TLS cost 54 KiB with them, 33 without;
+//! the figures and the CPU checked are in the README's "No transparent
+//! huge pages"). The binary therefore turns them off for itself at start
 //! ([`no_transparent_huge_pages`]), as mimalloc does when
 //! `MIMALLOC_ALLOW_THP=0` is set; `MIMALLOC_ALLOW_THP=1` keeps them.
 //!
