@@ -46,7 +46,7 @@ pub fn collect() {
 /// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`),
 /// unless the environment turns mimalloc's `allow_thp` option on
 /// (`MIMALLOC_ALLOW_THP=1`, read as mimalloc reads it: see
-/// [`allows_huge_pages`]); `0` has mimalloc turn them off itself. Call it
+/// `allows_huge_pages`); `0` has mimalloc turn them off itself. Call it
 /// first thing in `main`: pages faulted in before keep their size. An
 /// error is the kernel's refusal.
 pub fn no_transparent_huge_pages() -> std::io::Result<()> {
