@@ -25,6 +25,7 @@ pub(crate) mod conn;
 mod error;
 pub(crate) mod forward;
 pub(crate) mod headers;
+mod lean;
 pub(crate) mod log;
 pub(crate) mod redirect;
 mod upgrade;
@@ -95,7 +96,7 @@ async fn serve<I, H>(
         // Parked (or new): nothing but the socket is held until the client
         // sends.
         if !io.has_unread() {
-            let read = read_some(&mut io, &conn).await;
+            let read = read_some(&mut io, &conn, &mut parked).await;
             if std::mem::take(&mut parked) {
                 dp.parked.dec();
             }
@@ -109,6 +110,12 @@ async fn serve<I, H>(
         // as large as its largest state).
         if io.h2() {
             break Box::pin(serve_h2(io, &conn)).await;
+        }
+        // Boxed, as hyper's are below: a waiting connection holds neither.
+        match Box::pin(lean::serve(&mut io, &conn)).await {
+            lean::Lean::Served => continue,
+            lean::Lean::Close => break Ok(()),
+            lean::Lean::Hyper => {}
         }
         match Box::pin(serve_h1(io, &conn)).await {
             H1::Parked(back) => {
@@ -147,8 +154,10 @@ enum H1<I> {
 /// Waits for the client's next bytes without holding a buffer (a stack
 /// buffer is used for the read itself) and leaves them unread in `io`;
 /// false at the end of the stream or when the connection should close
-/// (idle timeout, shutdown).
-async fn read_some<I>(io: &mut TimedIo<I>, conn: &Conn) -> std::io::Result<bool>
+/// (idle timeout, shutdown). A connection still waiting when it has been
+/// idle for `park_after` (after a request of the lean path) is counted as
+/// parked from then on: `parked` is set and the gauge raised.
+async fn read_some<I>(io: &mut TimedIo<I>, conn: &Conn, parked: &mut bool) -> std::io::Result<bool>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -169,7 +178,13 @@ where
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             // The idle timeout asks for the close inside the read.
             Poll::Pending if conn.close_requested() => Poll::Ready(Ok(false)),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if conn.take_park() && !*parked {
+                    *parked = true;
+                    conn.dp.parked.inc();
+                }
+                Poll::Pending
+            }
         }
     })
     .await

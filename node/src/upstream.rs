@@ -14,7 +14,7 @@ use std::io;
 
 pub(crate) use client_body::{Activity, ClientBody};
 pub use pool::Pool;
-pub(crate) use pool::{CountingIo, IdleLimits, PooledConn, Traffic, idle};
+pub(crate) use pool::{CountingIo, IdleLimits, ParkedConn, PooledConn, Traffic, idle};
 
 /// Connecting to an instance failed before any request byte was sent: the
 /// instance is marked down and another one may be tried.

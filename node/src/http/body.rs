@@ -58,6 +58,14 @@ impl ProxyBody {
         }
     }
 
+    /// The bytes of a fixed answer (none for an instance's body).
+    pub(crate) fn into_full(self) -> Bytes {
+        match self.kind {
+            Kind::Full(bytes) => bytes.unwrap_or_default(),
+            Kind::Upstream(_) => Bytes::new(),
+        }
+    }
+
     pub(crate) fn guarded(mut self, guard: ActiveGuard) -> Self {
         self.guard = Some(guard);
         self

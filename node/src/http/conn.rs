@@ -343,6 +343,25 @@ impl<I> TimedIo<I> {
         };
     }
 
+    /// The bytes waiting to be read again.
+    pub(crate) fn unread_bytes(&self) -> &[u8] {
+        &self.unread
+    }
+
+    /// Drops the first `n` unread bytes (taken by the lean path).
+    pub(crate) fn consume_unread(&mut self, n: usize) {
+        let _ = self.unread.split_to(n.min(self.unread.len()));
+        if self.unread.is_empty() {
+            self.unread = Bytes::new();
+        }
+    }
+
+    /// Follows the connection's active count now, as reads do: the lean
+    /// path starts and ends a request without reading through here.
+    pub(crate) fn follow_requests(&mut self) {
+        self.update_phase();
+    }
+
     /// Whether bytes are waiting to be read again.
     pub(crate) fn has_unread(&self) -> bool {
         !self.unread.is_empty()

@@ -47,6 +47,9 @@ pub(crate) enum ProxyError {
     Connect(#[from] ConnectError),
     #[error("upstream failed: {0}")]
     Upstream(hyper::Error),
+    /// The lean path's own exchange failed (`super::lean`).
+    #[error("upstream failed: {0}")]
+    UpstreamIo(std::io::Error),
     /// The client's request body failed (client went away mid-upload).
     #[error("client request body failed: {0}")]
     ClientBody(hyper::Error),
@@ -66,9 +69,10 @@ impl ProxyError {
             Self::BadRequest(_) | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::NoInstances | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::Connect(_)
+            | Self::Upstream(_)
+            | Self::UpstreamIo(_)
+            | Self::UnexpectedUpgrade => StatusCode::BAD_GATEWAY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -80,9 +84,11 @@ impl ProxyError {
                 Side::Client
             }
             Self::NoInstances | Self::Overloaded | Self::Internal(_) => Side::Internal,
-            Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade | Self::Timeout => {
-                Side::Upstream
-            }
+            Self::Connect(_)
+            | Self::Upstream(_)
+            | Self::UpstreamIo(_)
+            | Self::UnexpectedUpgrade
+            | Self::Timeout => Side::Upstream,
         }
     }
 
@@ -93,7 +99,10 @@ impl ProxyError {
             Self::MethodNotAllowed => "method not allowed",
             Self::NoInstances => "no instances",
             Self::Overloaded => "overloaded",
-            Self::Connect(_) | Self::Upstream(_) | Self::UnexpectedUpgrade => "bad gateway",
+            Self::Connect(_)
+            | Self::Upstream(_)
+            | Self::UpstreamIo(_)
+            | Self::UnexpectedUpgrade => "bad gateway",
             Self::Timeout => "gateway timeout",
             Self::Internal(_) => "internal error",
         }

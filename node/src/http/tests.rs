@@ -1429,3 +1429,250 @@ fn json_access_log(dir: &std::path::Path) -> (crate::access_log::AccessLog, std:
     .expect("open the access log");
     (log, path)
 }
+
+// ------------------------------------------------- the lean HTTP/1 path
+
+/// A backend that answers the `n`th request head of each of its
+/// connections (both counted from 0) with `answer(conn, n)`, and closes
+/// the connection after an answer ending in `CLOSE`.
+fn scripted_backend(listener: TcpListener, answer: fn(usize, usize) -> Vec<u8>) -> Counters {
+    let counters = Counters::default();
+    let c = counters.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let conn = c.conns.fetch_add(1, Ordering::SeqCst);
+            let requests = c.requests.clone();
+            tokio::spawn(async move {
+                for n in 0.. {
+                    if read_head(&mut stream).await.is_empty() {
+                        return;
+                    }
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    let mut reply = answer(conn, n);
+                    let close = reply.ends_with(CLOSE);
+                    if close {
+                        reply.truncate(reply.len() - CLOSE.len());
+                    }
+                    if stream.write_all(&reply).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    counters
+}
+
+/// Marks a scripted answer after which the backend closes.
+const CLOSE: &[u8] = b"<close>";
+
+async fn scripted_edge(answer: fn(usize, usize) -> Vec<u8>) -> (Edge, Counters) {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let counters = scripted_backend(l, answer);
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    (Edge::start(vec![g], settings()).await, counters)
+}
+
+#[tokio::test]
+async fn a_body_that_ends_at_close_is_sent_chunked_on_a_kept_connection() {
+    let (edge, counters) = scripted_edge(|conn, _| {
+        format!("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nbody {conn}<close>").into_bytes()
+    })
+    .await;
+    let mut client = edge.client().await;
+    for expected in ["body 0", "body 1"] {
+        let reply = send(&mut client, get("app.example.com", "/")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body, expected);
+        assert_eq!(reply.headers["transfer-encoding"], "chunked");
+        assert!(!reply.headers.contains_key("connection"));
+    }
+    assert_eq!(counters.conns.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_chunked_answer_is_passed_on_and_its_connection_reused() {
+    let (edge, counters) = scripted_edge(|_, n| {
+        format!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: keep-alive\r\n\r\n\
+             3;x=1\r\nreq\r\n2\r\n {n}\r\n0\r\nx-trailer: t\r\n\r\n"
+        )
+        .into_bytes()
+    })
+    .await;
+    let (mut stream, head) = raw_request(
+        edge.addr,
+        b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+    assert!(!head.contains("connection"), "{head}");
+    // The client gets the chunks as sent, trailer included; and the same
+    // connections serve a second request.
+    let body = b"3;x=1\r\nreq\r\n2\r\n 0\r\n0\r\nx-trailer: t\r\n\r\n";
+    let mut got = vec![0u8; body.len()];
+    within(stream.read_exact(&mut got)).await.expect("body");
+    assert_eq!(got, body);
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    let head = within(read_head(&mut stream)).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let mut got = vec![0u8; body.len()];
+    within(stream.read_exact(&mut got)).await.expect("body");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(body).replace(" 0", " 1")
+    );
+    assert_eq!(
+        counters.conns.load(Ordering::SeqCst),
+        1,
+        "one upstream connection"
+    );
+}
+
+#[tokio::test]
+async fn bytes_after_an_answer_are_not_taken_for_the_next_one() {
+    // The instance sends a second, unasked answer right behind the first
+    // (as a 408 when its keep-alive timeout ends): that connection must
+    // not carry the next request.
+    let (edge, counters) = scripted_edge(|conn, _| {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nconn {conn}\
+             HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    })
+    .await;
+    let mut client = edge.client().await;
+    for expected in ["conn 0", "conn 1"] {
+        let reply = send(&mut client, get("app.example.com", "/")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.body, expected);
+    }
+    assert_eq!(counters.conns.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_instance_closed_is_replaced() {
+    let (edge, counters) = scripted_edge(|conn, _| {
+        format!("HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nconn {conn}<close>").into_bytes()
+    })
+    .await;
+    let mut client = edge.client().await;
+    for expected in ["conn 0", "conn 1", "conn 2"] {
+        let reply = send(&mut client, get("app.example.com", "/")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(reply.body, expected);
+    }
+    assert_eq!(counters.requests.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn head_answers_and_interim_ones_carry_no_body() {
+    let (edge, _) = scripted_edge(|_, n| match n {
+        // The answer to HEAD: its length, not its body.
+        0 => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_vec(),
+        _ => b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n\
+               HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal"
+            .to_vec(),
+    })
+    .await;
+    let mut client = edge.client().await;
+    let head = Request::head("/")
+        .header("host", "app.example.com")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let reply = send(&mut client, head).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.headers["content-length"], "5");
+    assert_eq!(reply.body, "");
+    let reply = send(&mut client, get("app.example.com", "/")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body, "final");
+}
+
+#[tokio::test]
+async fn answers_a_proxy_cannot_pass_on_are_502() {
+    let (edge, _) = scripted_edge(|_, n| match n {
+        0 => b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n".to_vec(),
+        1 => b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n".to_vec(),
+        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n\xffbroken<close>".to_vec(),
+    })
+    .await;
+    let mut client = edge.client().await;
+    for _ in 0..2 {
+        let reply = send(&mut client, get("app.example.com", "/")).await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(reply.body, "bad gateway");
+    }
+}
+
+#[tokio::test]
+async fn requests_left_to_hyper_share_the_connection_with_lean_ones() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let counters = echo_backend(l, "a");
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let edge = Edge::start(vec![g], settings()).await;
+    let mut client = edge.client().await;
+    let post = Request::post("/upload")
+        .header("host", "app.example.com")
+        .body(Full::new(Bytes::from_static(b"data")))
+        .expect("request");
+    let forwarded_by_client = Request::get("/claims")
+        .header("host", "app.example.com")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-real-ip", "6.6.6.6")
+        .header("connection", "keep-alive")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    for (req, line) in [
+        (get("app.example.com", "/one"), "GET /one"),
+        (post, "POST /upload"),
+        (get("app.example.com", "/two"), "GET /two"),
+        (forwarded_by_client, "GET /claims"),
+    ] {
+        let reply = send(&mut client, req).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(reply.body.starts_with(line), "{}", reply.body);
+        assert!(
+            reply.body.contains("x-forwarded-for: 127.0.0.1\n"),
+            "{}",
+            reply.body
+        );
+        assert!(
+            reply.body.contains("x-forwarded-proto: http\n"),
+            "{}",
+            reply.body
+        );
+        assert!(
+            reply.body.contains("x-forwarded-host: app.example.com\n"),
+            "{}",
+            reply.body
+        );
+        for gone in ["forwarded:", "x-real-ip:", "connection:", "te:"] {
+            assert!(!reply.body.contains(gone), "{gone} in {}", reply.body);
+        }
+        // The instance's hop-by-hop fields stay behind.
+        assert_eq!(reply.headers["x-backend"], "a");
+        assert!(!reply.headers.contains_key("x-private"));
+        assert!(!reply.headers.contains_key("keep-alive"));
+    }
+    assert!(counters.conns.load(Ordering::SeqCst) <= 2);
+}

@@ -40,6 +40,11 @@ use super::ConnectError;
 use super::client_body::ClientBody;
 use crate::series::{Counter, InstanceMetrics};
 
+/// How long a connection must have been idle for the lean path to read
+/// it before reuse, whatever the reactor has seen ([`ParkedConn::stale`]):
+/// under load connections are reused within this and cost no read.
+const LOOK_AFTER: Duration = Duration::from_millis(100);
+
 /// Idle upstream connections to one instance on one port.
 #[derive(Debug)]
 pub struct Pool {
@@ -100,10 +105,12 @@ impl Slot {
     }
 }
 
-/// An idle upstream connection without hyper's state: the socket, and what
-/// ties it to its instance's drain.
+/// An upstream connection without hyper's state: the socket, and what ties
+/// it to its instance's drain. Idle connections wait in the pool this way
+/// once parked, and the lean HTTP/1 path (`crate::http::lean`) uses them
+/// as they are.
 #[derive(Debug)]
-struct ParkedConn {
+pub(crate) struct ParkedConn {
     io: CountingIo,
     watch: Arc<Watch>,
     closed: oneshot::Sender<()>,
@@ -142,6 +149,38 @@ impl PooledConn {
 }
 
 impl ParkedConn {
+    /// The socket.
+    pub(crate) fn io(&mut self) -> &mut CountingIo {
+        &mut self.io
+    }
+
+    /// Whether the instance has closed the idle connection or sent on it
+    /// unasked (an answer to nothing, such as a timeout's 408): either
+    /// way no request may be sent on it. It costs a read only when the
+    /// socket was seen readable, or with `look`: the reactor may not have
+    /// seen what arrived a moment ago, and a connection idle for a while
+    /// (an instance's keep-alive timeout closes those) is worth the read.
+    pub(crate) fn stale(&self, cx: &mut Context<'_>, look: bool) -> bool {
+        if !look && self.io.inner.poll_read_ready(cx).is_pending() {
+            return false;
+        }
+        // tokio's own reads trust its readiness: this one asks the socket.
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        let flags = rustix::net::RecvFlags::DONTWAIT | rustix::net::RecvFlags::PEEK;
+        match rustix::net::recv(&self.io.inner, &mut byte, flags) {
+            Err(rustix::io::Errno::AGAIN) => false,
+            // End of stream, bytes, or an error.
+            _ => true,
+        }
+    }
+
+    /// Whether the instance drained and the connection was aborted;
+    /// `cx` is woken when that happens.
+    pub(crate) fn poll_aborted(&self, cx: &mut Context<'_>) -> bool {
+        self.watch.waker.register(cx.waker());
+        self.watch.aborted()
+    }
+
     /// A live connection over the parked socket. hyper's HTTP/1 client
     /// handshake does no I/O, so it is ready at its first poll.
     fn resume(self) -> Option<PooledConn> {
@@ -216,6 +255,37 @@ impl Pool {
     /// The calling worker's most recently used idle connection that is
     /// still usable and not older than `max_age`.
     pub(crate) fn checkout(&self, max_age: Duration, now: Instant) -> Option<PooledConn> {
+        // Outside the lock: resuming a parked connection allocates.
+        self.take_idle(max_age, now)
+            .and_then(|(slot, _)| slot.into_live())
+    }
+
+    /// Like [`Pool::checkout`], for the lean path: the socket alone (a live
+    /// connection is parked first, which takes no I/O).
+    pub(crate) fn checkout_socket(
+        &self,
+        max_age: Duration,
+        now: Instant,
+        cx: &mut Context<'_>,
+    ) -> Option<ParkedConn> {
+        loop {
+            let (slot, since) = self.take_idle(max_age, now)?;
+            // One that cannot be parked is closed; try the next.
+            let Some(parked) = (match slot {
+                Slot::Parked(parked) => Some(parked),
+                Slot::Live(conn) => conn.park(),
+            }) else {
+                continue;
+            };
+            if parked.stale(cx, now.saturating_duration_since(since) >= LOOK_AFTER) {
+                debug!("idle upstream connection closed or sent unasked; closing");
+                continue;
+            }
+            return Some(parked);
+        }
+    }
+
+    fn take_idle(&self, max_age: Duration, now: Instant) -> Option<(Slot, Instant)> {
         let worker = crate::workers::current();
         let mut stale = VecDeque::new();
         let found = {
@@ -230,15 +300,14 @@ impl Pool {
                     break;
                 }
                 if conn.reusable() {
-                    found = Some(conn);
+                    found = Some((conn, since));
                     break;
                 }
             }
             found
         };
         drop(stale);
-        // Outside the lock: resuming a parked connection allocates.
-        found.and_then(Slot::into_live)
+        found
     }
 
     /// Returns a connection whose response was read completely to the
@@ -247,8 +316,27 @@ impl Pool {
     /// idle for `limits.park_after` (at least a second) and closes those
     /// idle for longer than `limits.idle_timeout`.
     pub(crate) fn checkin(self: &Arc<Self>, conn: PooledConn, limits: IdleLimits, now: Instant) {
+        if conn.reusable() {
+            self.put_idle(Slot::Live(conn), limits, now);
+        }
+    }
+
+    /// Like [`Pool::checkin`], for a socket the lean path used: its
+    /// response was read completely and the instance keeps it open.
+    pub(crate) fn checkin_socket(
+        self: &Arc<Self>,
+        conn: ParkedConn,
+        limits: IdleLimits,
+        now: Instant,
+    ) {
+        if !conn.watch.aborted() {
+            self.put_idle(Slot::Parked(conn), limits, now);
+        }
+    }
+
+    fn put_idle(self: &Arc<Self>, slot: Slot, limits: IdleLimits, now: Instant) {
         let IdleLimits { max_idle, .. } = limits;
-        if max_idle == 0 || !conn.reusable() {
+        if max_idle == 0 {
             return;
         }
         let worker = crate::workers::current();
@@ -260,7 +348,7 @@ impl Pool {
             } else {
                 None
             };
-            conns.push_back((Slot::Live(conn), now));
+            conns.push_back((slot, now));
             // The sweeper must look by the time this one is due.
             let due = now + limits.park_delay().min(limits.idle_timeout);
             let start = idle.sweep_at.is_none();
@@ -336,6 +424,29 @@ impl Pool {
             driver,
             deadline: Deadline::new(),
             activity,
+        })
+    }
+}
+
+impl Pool {
+    /// Opens a new connection for the lean path: the socket, counted in
+    /// `metrics` and aborted when `drain` fires, as [`Pool::connect`]'s.
+    pub(crate) async fn connect_socket(
+        &self,
+        name: &str,
+        metrics: &InstanceMetrics,
+        drain: CancellationToken,
+        connect_timeout: Duration,
+    ) -> Result<ParkedConn, ConnectError> {
+        let stream = self.dial(connect_timeout).await?;
+        let watch = Arc::new(Watch::default());
+        let (closed, closed_rx) = oneshot::channel();
+        let span = tracing::debug_span!("upstream", instance = %name);
+        tokio::spawn(watch_drain(watch.clone(), drain, closed_rx).instrument(span));
+        Ok(ParkedConn {
+            io: CountingIo::new(stream, metrics, None),
+            watch,
+            closed,
         })
     }
 }
@@ -777,6 +888,55 @@ impl AsyncWrite for CountingIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket from `pool.connect_socket` to a local listener, and the
+    /// listener's end of it.
+    async fn socket_pair() -> (ParkedConn, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pool = Pool::new("127.0.0.1", addr.port());
+        let metrics = InstanceMetrics::new();
+        let (conn, accepted) = tokio::join!(
+            pool.connect_socket(
+                "a",
+                &metrics,
+                CancellationToken::new(),
+                Duration::from_secs(5)
+            ),
+            listener.accept()
+        );
+        (conn.expect("connect"), accepted.expect("accept").0)
+    }
+
+    fn stale_now(conn: &ParkedConn, look: bool) -> bool {
+        conn.stale(&mut Context::from_waker(std::task::Waker::noop()), look)
+    }
+
+    #[tokio::test]
+    async fn an_idle_socket_the_instance_closed_or_wrote_to_is_stale() {
+        use tokio::io::AsyncWriteExt;
+        let (conn, _peer) = socket_pair().await;
+        assert!(!stale_now(&conn, true), "a quiet socket is usable");
+        assert!(!stale_now(&conn, false));
+
+        let (conn, mut peer) = socket_pair().await;
+        peer.write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+            .await
+            .expect("write");
+        // Looking reads at once; otherwise the reactor must have seen it.
+        assert!(stale_now(&conn, true), "bytes nobody asked for");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !stale_now(&conn, false) {
+            assert!(Instant::now() < deadline, "readiness never seen");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        let (conn, peer) = socket_pair().await;
+        drop(peer);
+        assert!(stale_now(&conn, true), "closed by the instance");
+    }
 
     #[test]
     fn pool_parses_ip_literals() {

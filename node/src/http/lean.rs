@@ -1,0 +1,1080 @@
+//! The lean path: the plainest HTTP/1.1 requests proxied without hyper.
+//!
+//! Most requests an edge proxy sees are `GET`s and `HEAD`s without a body
+//! on a kept-alive connection. For those, hyper's server and client (a
+//! `Request` and a `Response` built and taken apart, a header map filled
+//! and hashed twice, a dispatcher and a channel on each side) cost more
+//! than the rest of the request's user-space work together. This path
+//! reads such a request's head straight from the bytes the connection
+//! already holds, writes the instance its head in one buffer, and passes
+//! the answer back as it comes, its head rewritten and its body as sent
+//! (a body that ends at the connection's close is sent chunked).
+//!
+//! It takes a request only when all of this holds, and otherwise hands the
+//! connection, its bytes untouched, to hyper (`crate::http::serve_h1`),
+//! which serves everything:
+//!
+//! - the whole head is already read, within `max_header_bytes` and 100
+//!   fields; `GET` or `HEAD`, HTTP/1.1, origin-form target;
+//! - exactly one `Host`; no body (no `Transfer-Encoding`, a
+//!   `Content-Length` of 0 at most); no `Upgrade`, no `Expect`;
+//!   `Connection` absent or `keep-alive`;
+//! - the port proxies (not a redirect) and routes the host to a group;
+//! - no access log, a client that is not a trusted proxy, and a connection
+//!   that is not closing.
+//!
+//! The request means the same either way: hop-by-hop fields are dropped,
+//! `X-Forwarded-For`/`-Proto`/`-Host` set, `Forwarded` and `X-Real-IP`
+//! removed, the same instance selection, retries of connections that fail
+//! before anything is sent, timeouts, metrics and error answers. A
+//! connection from the pool that turns out to be closed is replaced by a
+//! new one and the request sent again (it has no body and is idempotent).
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tracing::debug;
+
+use super::conn::{ActiveGuard, Conn, TimedIo};
+use super::error::ProxyError;
+use crate::balancer::Lease;
+use crate::dataplane::{Attempts, Unserved};
+use crate::routing::Target;
+use crate::upstream::{IdleLimits, ParkedConn, Pool};
+
+/// Header fields a head may have, request or response (hyper's limit).
+const MAX_FIELDS: usize = 100;
+
+/// Largest response head read from an instance.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// The upstream read buffer.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What became of the connection's next request.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Lean {
+    /// Answered; the connection can take the next request.
+    Served,
+    /// Not one for this path: hyper takes the connection, bytes unread.
+    Hyper,
+    /// The response could not be completed: the connection must close.
+    Close,
+}
+
+/// Serves the request at the front of `io`'s unread bytes, if it is one
+/// this path takes.
+pub(crate) async fn serve<I>(io: &mut TimedIo<I>, conn: &Arc<Conn>) -> Lean
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    if !takes_requests(conn) {
+        return Lean::Hyper;
+    }
+    let Some(req) = Request::parse(io.unread_bytes(), conn) else {
+        return Lean::Hyper;
+    };
+    // A park asked for while the connection waited is stale now.
+    conn.take_park();
+    io.consume_unread(req.head_len);
+    let guard = ActiveGuard::new(conn);
+    io.follow_requests();
+    let served = within_drain(conn, proxy(io, conn, &req)).await;
+    drop(guard);
+    io.follow_requests();
+    match served {
+        Ok(()) => match io.flush().await {
+            Ok(()) => Lean::Served,
+            Err(_) => Lean::Close,
+        },
+        Err(Cut) => Lean::Close,
+    }
+}
+
+/// `fut`, given up (a cut) when the connection is asked to close (the node
+/// shuts down) and has not finished within the drain timeout, as hyper's
+/// graceful shutdown in `super::drive` is.
+async fn within_drain<F>(conn: &Conn, fut: F) -> Result<(), Cut>
+where
+    F: Future<Output = Result<(), Cut>>,
+{
+    let mut fut = std::pin::pin!(fut);
+    let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    poll_fn(|cx| {
+        conn.set_waker(cx.waker());
+        if let Poll::Ready(res) = fut.as_mut().poll(cx) {
+            return Poll::Ready(res);
+        }
+        if deadline.is_none() && conn.close_requested() {
+            deadline = Some(Box::pin(tokio::time::sleep(conn.dp.settings.drain_timeout)));
+        }
+        if let Some(d) = deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            debug!("graceful shutdown timed out");
+            return Poll::Ready(Err(Cut));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Whether the connection's requests may take this path at all.
+fn takes_requests(conn: &Conn) -> bool {
+    conn.dp.access_log.is_none()
+        && !conn.trusted
+        && !conn.closes_after_response()
+        && !conn.close_requested()
+}
+
+/// A request this path takes, ready for an instance.
+struct Request {
+    /// Bytes of the client's head.
+    head_len: usize,
+    /// `HEAD`: the response has no body, whatever its head says.
+    head_only: bool,
+    /// The head sent to the instance.
+    upstream_head: Vec<u8>,
+    target: Target,
+}
+
+/// Request fields not passed on: hop-by-hop ones (RFC 9110 §7.6.1) and the
+/// forwarding fields the node sets or removes (see `super::headers`).
+const NOT_FORWARDED: [&str; 13] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
+    "host",
+];
+
+impl Request {
+    /// The request at the front of `bytes`, when this path takes it.
+    fn parse(bytes: &[u8], conn: &Conn) -> Option<Self> {
+        if bytes.is_empty() {
+            return None;
+        }
+        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let mut req = httparse::Request::new(&mut fields);
+        let Ok(httparse::Status::Complete(head_len)) = req.parse(bytes) else {
+            return None;
+        };
+        if head_len > conn.dp.settings.max_header_bytes || req.version != Some(1) {
+            return None;
+        }
+        let method = req.method?;
+        let head_only = match method {
+            "GET" => false,
+            "HEAD" => true,
+            _ => return None,
+        };
+        let path = req.path?;
+        if !path.starts_with('/') {
+            return None;
+        }
+        let mut host = None;
+        for field in req.headers.iter() {
+            let name = field.name;
+            if name.eq_ignore_ascii_case("host") {
+                if host.is_some() {
+                    return None;
+                }
+                host = Some(std::str::from_utf8(field.value).ok()?);
+            } else if name.eq_ignore_ascii_case("content-length") {
+                if field.value != b"0" {
+                    return None;
+                }
+            } else if name.eq_ignore_ascii_case("connection") {
+                if !field.value.eq_ignore_ascii_case(b"keep-alive") {
+                    return None;
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding")
+                || name.eq_ignore_ascii_case("upgrade")
+                || name.eq_ignore_ascii_case("expect")
+            {
+                return None;
+            }
+        }
+        let host = host?;
+        let target = {
+            let table = conn.dp.routes.load();
+            let port = table.port(conn.info.port)?;
+            if port.redirect {
+                return None;
+            }
+            table.target(port, Some(host))?
+        };
+        let mut head = Vec::with_capacity(head_len + 128);
+        head.extend_from_slice(method.as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(path.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        head.extend_from_slice(host.as_bytes());
+        head.extend_from_slice(b"\r\n");
+        for field in req.headers.iter() {
+            if NOT_FORWARDED
+                .iter()
+                .any(|n| field.name.eq_ignore_ascii_case(n))
+            {
+                continue;
+            }
+            put_field(&mut head, field.name, field.value);
+        }
+        put_field(&mut head, "x-forwarded-for", conn.client_ip.as_bytes());
+        put_field(&mut head, "x-forwarded-proto", conn.proto.as_bytes());
+        put_field(&mut head, "x-forwarded-host", host.as_bytes());
+        head.extend_from_slice(b"\r\n");
+        Some(Self {
+            head_len,
+            head_only,
+            upstream_head: head,
+            target,
+        })
+    }
+}
+
+/// Appends `name: value` (the name lowercased, as hyper sends it).
+fn put_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The response to the client broke off: the connection must close.
+struct Cut;
+
+async fn proxy<I>(io: &mut TimedIo<I>, conn: &Arc<Conn>, req: &Request) -> Result<(), Cut>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    match until_client_leaves(io, exchange(conn, req)).await {
+        Some(Ok(got)) => respond(io, conn, req, got).await,
+        Some(Err(error)) => answer_error(io, &error).await,
+        // Dropping the exchange ends the request's in-flight count.
+        None => Err(Cut),
+    }
+}
+
+/// `fut`, or `None` if the client closes its connection (or it fails)
+/// first, as hyper gives up a request whose client is gone. Bytes the
+/// client sends meanwhile (its next request) stay unread.
+async fn until_client_leaves<I, F>(io: &mut TimedIo<I>, fut: F) -> Option<F::Output>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    F: Future,
+{
+    let mut fut = std::pin::pin!(fut);
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if io.has_unread() {
+            return Poll::Pending;
+        }
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+        let mut read = ReadBuf::uninit(&mut chunk);
+        match Pin::new(&mut *io).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                io.unread(Bytes::copy_from_slice(read.filled()));
+                Poll::Pending
+            }
+            Poll::Ready(_) => {
+                debug!("the client went away before the response");
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// An instance's response head, and what the response needs to go on.
+struct Exchanged {
+    head: Head,
+    up: ParkedConn,
+    /// What was read from the instance: the head and what followed it.
+    buf: Vec<u8>,
+    lease: Lease,
+    pool: Arc<Pool>,
+    start: Instant,
+}
+
+/// Picks an instance, sends the request and reads the response head,
+/// trying other instances while connecting fails.
+async fn exchange(conn: &Conn, req: &Request) -> Result<Exchanged, ProxyError> {
+    let settings = &conn.dp.settings;
+    let mut tries = Attempts::new(&req.target);
+    loop {
+        let (lease, pool) = tries.next().map_err(|why| match why {
+            Unserved::NoInstances => ProxyError::NoInstances,
+            Unserved::Overloaded => ProxyError::Overloaded,
+            Unserved::NoPool => ProxyError::Internal("selected instance has no pool"),
+            Unserved::Failed(error) => ProxyError::Connect(error),
+        })?;
+        let start = Instant::now();
+        let backend = lease.backend();
+        let idle =
+            poll_fn(|cx| Poll::Ready(pool.checkout_socket(settings.pool_idle_timeout, start, cx)))
+                .await;
+        let mut reused = idle.is_some();
+        let mut up = match idle {
+            Some(up) => up,
+            None => match connect(&pool, &lease, conn).await {
+                Ok(up) => {
+                    lease.mark_up();
+                    up
+                }
+                Err(error) => {
+                    tries.failed(lease, error);
+                    continue;
+                }
+            },
+        };
+        let mut buf = Vec::with_capacity(READ_CHUNK);
+        let deadline = tokio::time::Instant::now() + settings.upstream_timeout;
+        let head = loop {
+            let sent = tokio::time::timeout_at(deadline, async {
+                write_up(&mut up, &req.upstream_head).await?;
+                read_head(&mut up, &mut buf).await
+            })
+            .await;
+            match sent {
+                Ok(Ok(head)) => break Ok(head),
+                // An idle connection the instance had closed: nothing of the
+                // request reached it that it will answer.
+                Ok(Err(UpErr::Closed)) if reused && buf.is_empty() => {
+                    debug!(instance = %backend.name, "pooled connection closed; reconnecting");
+                    reused = false;
+                    match connect(&pool, &lease, conn).await {
+                        Ok(fresh) => up = fresh,
+                        Err(error) => break Err(error),
+                    }
+                }
+                Ok(Err(error)) => return Err(failed(&lease, start, error.into_proxy())),
+                Err(_) => return Err(failed(&lease, start, ProxyError::Timeout)),
+            }
+        };
+        match head {
+            Ok(head) => {
+                return Ok(Exchanged {
+                    head,
+                    up,
+                    buf,
+                    lease,
+                    pool,
+                    start,
+                });
+            }
+            Err(error) => tries.failed(lease, error),
+        }
+    }
+}
+
+async fn connect(
+    pool: &Pool,
+    lease: &Lease,
+    conn: &Conn,
+) -> Result<ParkedConn, crate::upstream::ConnectError> {
+    let backend = lease.backend();
+    // Boxed: connecting is the rare path and its future is large.
+    Box::pin(pool.connect_socket(
+        &backend.name,
+        &backend.metrics,
+        backend.drain_token(),
+        conn.dp.settings.connect_timeout,
+    ))
+    .await
+}
+
+/// The instance failed before its response head: counted as the hyper
+/// path counts it.
+fn failed(lease: &Lease, start: Instant, error: ProxyError) -> ProxyError {
+    let backend = lease.backend();
+    backend.metrics.observe_status(error.status().as_u16());
+    backend
+        .metrics
+        .duration
+        .observe(start.elapsed().as_secs_f64());
+    debug!(instance = %backend.name, %error, "upstream failed");
+    error
+}
+
+/// Writes the node's own answer for `error`.
+async fn answer_error<I>(io: &mut TimedIo<I>, error: &ProxyError) -> Result<(), Cut>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    debug!(%error, side = ?error.side(), status = error.status().as_u16(), "request failed");
+    let resp = error.response();
+    let mut out = Vec::with_capacity(256);
+    put_status_line(&mut out, resp.status().as_u16(), "");
+    for (name, value) in resp.headers() {
+        put_field(&mut out, name.as_str(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&resp.into_body().into_full());
+    io.write_all(&out).await.map_err(|_| Cut)
+}
+
+fn put_status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa3(status).as_slice());
+    out.push(b' ');
+    let canonical = StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason());
+    out.extend_from_slice(canonical.unwrap_or(reason).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A status code's three digits.
+fn itoa3(n: u16) -> [u8; 3] {
+    [
+        b'0' + (n / 100 % 10) as u8,
+        b'0' + (n / 10 % 10) as u8,
+        b'0' + (n % 10) as u8,
+    ]
+}
+
+/// How an exchange with an instance failed.
+#[derive(Debug)]
+enum UpErr {
+    /// The connection ended before a whole response head.
+    Closed,
+    Io(io::Error),
+    /// The instance's answer is not one a proxy can pass on.
+    Invalid(&'static str),
+    /// The instance answered 101 to a request that asked for no upgrade.
+    Upgrade,
+    /// The instance was detached and its drain timeout passed.
+    Drained,
+}
+
+impl UpErr {
+    fn into_proxy(self) -> ProxyError {
+        match self {
+            Self::Closed => ProxyError::UpstreamIo(io::ErrorKind::UnexpectedEof.into()),
+            Self::Io(e) => ProxyError::UpstreamIo(e),
+            Self::Invalid(why) => {
+                ProxyError::UpstreamIo(io::Error::new(io::ErrorKind::InvalidData, why))
+            }
+            Self::Upgrade => ProxyError::UnexpectedUpgrade,
+            Self::Drained => ProxyError::UpstreamIo(io::Error::other("instance drained")),
+        }
+    }
+}
+
+impl std::fmt::Display for UpErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Closed => f.write_str("the instance closed the connection"),
+            Self::Io(e) => write!(f, "{e}"),
+            Self::Invalid(why) => f.write_str(why),
+            Self::Upgrade => f.write_str("unexpected 101"),
+            Self::Drained => f.write_str("instance drained"),
+        }
+    }
+}
+
+/// Writes all of `bytes` to the instance.
+async fn write_up(up: &mut ParkedConn, mut bytes: &[u8]) -> Result<(), UpErr> {
+    while !bytes.is_empty() {
+        let n = poll_fn(|cx| {
+            if up.poll_aborted(cx) {
+                return Poll::Ready(Err(UpErr::Drained));
+            }
+            Pin::new(up.io())
+                .poll_write(cx, bytes)
+                .map_err(closed_or_io)
+        })
+        .await?;
+        if n == 0 {
+            return Err(UpErr::Closed);
+        }
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
+
+/// A write or read error that means the instance had closed the
+/// connection.
+fn closed_or_io(e: io::Error) -> UpErr {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted => UpErr::Closed,
+        _ => UpErr::Io(e),
+    }
+}
+
+/// Reads from the instance, appending to `buf`; 0 at its end.
+async fn read_up(up: &mut ParkedConn, buf: &mut Vec<u8>) -> Result<usize, UpErr> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_CHUNK);
+    }
+    poll_fn(|cx| {
+        if up.poll_aborted(cx) {
+            return Poll::Ready(Err(UpErr::Drained));
+        }
+        tokio_util::io::poll_read_buf(Pin::new(up.io()), cx, buf).map_err(closed_or_io)
+    })
+    .await
+}
+
+/// A response head from an instance, parsed.
+#[derive(Debug)]
+struct Head {
+    status: u16,
+    /// Bytes of the head at the front of the read buffer.
+    len: usize,
+    framing: Framing,
+    /// The instance keeps the connection open after this response.
+    keep_alive: bool,
+    /// The head for the client.
+    client_head: Vec<u8>,
+}
+
+/// Where a response body ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    /// Passed on as sent (`Transfer-Encoding: chunked`).
+    Chunked,
+    /// Ends when the instance closes; sent to the client chunked.
+    Close,
+}
+
+/// Reads the response head (skipping interim 1xx answers) into `buf`.
+async fn read_head(up: &mut ParkedConn, buf: &mut Vec<u8>) -> Result<Head, UpErr> {
+    loop {
+        if let Some(head) = parse_head(buf)? {
+            if (100..200).contains(&head.status) && head.status != 101 {
+                buf.drain(..head.len);
+                continue;
+            }
+            if head.status == 101 {
+                return Err(UpErr::Upgrade);
+            }
+            return Ok(head);
+        }
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            return Err(UpErr::Invalid("response head too large"));
+        }
+        if read_up(up, buf).await? == 0 {
+            return Err(UpErr::Closed);
+        }
+    }
+}
+
+/// Response fields not passed on (hop-by-hop; the framing fields are
+/// decided by [`parse_head`]).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+/// The response head at the front of `buf`, once whole.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(UpErr::Invalid("malformed response head")),
+    };
+    let status = resp.code.ok_or(UpErr::Invalid("no status"))?;
+    let version = resp.version.ok_or(UpErr::Invalid("no version"))?;
+    let mut close = version == 0;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut encoded = false;
+    // Fields that `Connection` names are hop-by-hop too; rare.
+    let mut named: Vec<&str> = Vec::new();
+    for field in resp.headers.iter() {
+        let name = field.name;
+        if name.eq_ignore_ascii_case("connection") {
+            let value =
+                std::str::from_utf8(field.value).map_err(|_| UpErr::Invalid("bad Connection"))?;
+            for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if token.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    close = false;
+                } else {
+                    named.push(token);
+                }
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            encoded = true;
+            let value = std::str::from_utf8(field.value)
+                .map_err(|_| UpErr::Invalid("bad Transfer-Encoding"))?;
+            chunked = value
+                .rsplit(',')
+                .next()
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let value = std::str::from_utf8(field.value)
+                .ok()
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(UpErr::Invalid("bad Content-Length"))?;
+            if length.is_some_and(|l| l != value) {
+                return Err(UpErr::Invalid("conflicting Content-Length"));
+            }
+            length = Some(value);
+        }
+    }
+    let framing = if status == 204 || status == 304 || (100..200).contains(&status) {
+        Framing::Empty
+    } else if encoded {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        length.map_or(Framing::Close, Framing::Length)
+    };
+    let mut client_head = Vec::with_capacity(len + 32);
+    put_status_line(&mut client_head, status, resp.reason.unwrap_or(""));
+    for field in resp.headers.iter() {
+        let name = field.name;
+        let framing_field = name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("content-length");
+        if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || named.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || (framing_field && encoded)
+        {
+            continue;
+        }
+        put_field(&mut client_head, name, field.value);
+    }
+    match framing {
+        Framing::Chunked | Framing::Close => {
+            client_head.extend_from_slice(b"transfer-encoding: chunked\r\n")
+        }
+        Framing::Empty | Framing::Length(_) => {}
+    }
+    client_head.extend_from_slice(b"\r\n");
+    Ok(Some(Head {
+        status,
+        len,
+        framing,
+        keep_alive: !close && framing != Framing::Close,
+        client_head,
+    }))
+}
+
+/// Passes the response on to the client and ends the request.
+async fn respond<I>(
+    io: &mut TimedIo<I>,
+    conn: &Conn,
+    req: &Request,
+    got: Exchanged,
+) -> Result<(), Cut>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let Exchanged {
+        head,
+        mut up,
+        mut buf,
+        lease,
+        pool,
+        start,
+    } = got;
+    let framing = if req.head_only {
+        Framing::Empty
+    } else {
+        head.framing
+    };
+    let mut body = Body::new(framing);
+    // The head and what came with it, in one write.
+    let mut out = head.client_head;
+    let first = body.take(&buf[head.len..], &mut out);
+    let mut outcome: Result<(), &'static str> = Ok(());
+    match first {
+        Err(why) => outcome = Err(why),
+        Ok(_) => {
+            if io.write_all(&out).await.is_err() {
+                outcome = Err("client");
+            }
+        }
+    }
+    while outcome.is_ok() && !body.done() {
+        buf.clear();
+        let n = match read_up(&mut up, &mut buf).await {
+            Ok(n) => n,
+            Err(error) => {
+                debug!(%error, "upstream body failed");
+                outcome = Err("upstream");
+                break;
+            }
+        };
+        out.clear();
+        if n == 0 {
+            match body.at_close(&mut out) {
+                Ok(()) => {}
+                Err(why) => {
+                    outcome = Err(why);
+                    break;
+                }
+            }
+        } else if let Err(why) = body.take(&buf, &mut out) {
+            outcome = Err(why);
+            break;
+        }
+        if io.write_all(&out).await.is_err() {
+            outcome = Err("client");
+        }
+    }
+    let now = Instant::now();
+    let metrics = &lease.backend().metrics;
+    metrics.observe_status(head.status);
+    metrics
+        .duration
+        .observe(now.saturating_duration_since(start).as_secs_f64());
+    // Bytes after the response's end would be taken for the next one.
+    if outcome.is_ok() && head.keep_alive && body.left_over == 0 {
+        let settings = &conn.dp.settings;
+        let limits = IdleLimits {
+            max_idle: settings.pool_max_idle,
+            idle_timeout: settings.pool_idle_timeout,
+            park_after: settings.park_after,
+        };
+        pool.checkin_socket(up, limits, now);
+    }
+    lease.release(now);
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(side) => {
+            debug!(side, "response cut off");
+            Err(Cut)
+        }
+    }
+}
+
+/// A response body on its way: how much of it is left.
+#[derive(Debug)]
+struct Body {
+    framing: Framing,
+    /// Bytes left of a `Length` body.
+    left: u64,
+    chunks: Chunks,
+    /// Bytes read past the body's end.
+    left_over: usize,
+}
+
+impl Body {
+    fn new(framing: Framing) -> Self {
+        Self {
+            framing,
+            left: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            chunks: Chunks::default(),
+            left_over: 0,
+        }
+    }
+
+    fn done(&self) -> bool {
+        match self.framing {
+            Framing::Empty => true,
+            Framing::Length(_) => self.left == 0,
+            Framing::Chunked => self.chunks.done(),
+            Framing::Close => false,
+        }
+    }
+
+    /// Appends to `out` what of `bytes` belongs to the body, as the client
+    /// gets it; returns how many of `bytes` that was.
+    fn take(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<usize, &'static str> {
+        let used = match self.framing {
+            Framing::Empty => 0,
+            Framing::Length(_) => {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                self.left -= n as u64;
+                out.extend_from_slice(&bytes[..n]);
+                n
+            }
+            Framing::Chunked => {
+                let n = self.chunks.advance(bytes).map_err(|()| "upstream")?;
+                out.extend_from_slice(&bytes[..n]);
+                n
+            }
+            Framing::Close => {
+                if !bytes.is_empty() {
+                    put_chunk(out, bytes);
+                }
+                bytes.len()
+            }
+        };
+        self.left_over += bytes.len() - used;
+        Ok(used)
+    }
+
+    /// The instance closed the connection: the end of a `Close` body, and
+    /// a cut anywhere else.
+    fn at_close(&mut self, out: &mut Vec<u8>) -> Result<(), &'static str> {
+        match self.framing {
+            Framing::Close => {
+                out.extend_from_slice(b"0\r\n\r\n");
+                self.framing = Framing::Empty;
+                Ok(())
+            }
+            _ => Err("upstream"),
+        }
+    }
+}
+
+/// `bytes` as one chunk of a chunked body.
+fn put_chunk(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Follows a chunked body (RFC 9112 §7.1) to find its end.
+#[derive(Debug, Default)]
+struct Chunks {
+    state: ChunkState,
+    /// Size of the chunk being read, then bytes left of it.
+    size: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ChunkState {
+    /// Hex digits of a chunk size.
+    #[default]
+    Size,
+    /// After the size: extensions or whitespace, up to CR.
+    Ext,
+    /// LF after a size line.
+    SizeLf,
+    Data,
+    /// CR after a chunk's data.
+    DataCr,
+    DataLf,
+    /// Start of a trailer line (or of the final CRLF).
+    TrailerStart,
+    Trailer,
+    /// LF of the final CRLF.
+    EndLf,
+    Done,
+}
+
+impl Chunks {
+    fn done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Follows `bytes`; returns how many belong to the body (all, unless it
+    /// ends within them). An error for bytes no chunked body has.
+    fn advance(&mut self, bytes: &[u8]) -> Result<usize, ()> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < bytes.len() && self.state != Done {
+            let b = bytes[i];
+            match self.state {
+                Size => match (b as char).to_digit(16) {
+                    Some(d) => {
+                        self.size = self.size.checked_mul(16).ok_or(())? + u64::from(d);
+                    }
+                    None if b == b'\r' => self.state = SizeLf,
+                    None if b == b';' || b == b' ' || b == b'\t' => self.state = Ext,
+                    None => return Err(()),
+                },
+                Ext => {
+                    if b == b'\r' {
+                        self.state = SizeLf;
+                    } else if b == b'\n' {
+                        return Err(());
+                    }
+                }
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = if self.size == 0 { TrailerStart } else { Data };
+                }
+                Data => {
+                    let n = (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                    self.size -= n as u64;
+                    i += n;
+                    if self.size == 0 {
+                        self.state = DataCr;
+                    }
+                    continue;
+                }
+                DataCr => {
+                    if b != b'\r' {
+                        return Err(());
+                    }
+                    self.state = DataLf;
+                }
+                DataLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = Size;
+                }
+                TrailerStart => self.state = if b == b'\r' { EndLf } else { Trailer },
+                Trailer => {
+                    if b == b'\n' {
+                        self.state = TrailerStart;
+                    }
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = Done;
+                }
+                Done => {}
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn follow(body: &[u8], pieces: usize) -> (Result<usize, ()>, bool) {
+        let mut chunks = Chunks::default();
+        let mut used = 0;
+        for piece in body.chunks(pieces) {
+            match chunks.advance(piece) {
+                Ok(n) => used += n,
+                Err(()) => return (Err(()), chunks.done()),
+            }
+            if chunks.done() {
+                break;
+            }
+        }
+        (Ok(used), chunks.done())
+    }
+
+    #[test]
+    fn a_chunked_body_ends_where_its_last_chunk_and_trailers_end() {
+        let body = b"5\r\nhello\r\n1;ext=1\r\n!\r\n0\r\nx-t: 1\r\n\r\n";
+        for piece in [1, 2, 3, 7, body.len()] {
+            assert_eq!(
+                follow(body, piece),
+                (Ok(body.len()), true),
+                "pieces of {piece}"
+            );
+        }
+        let mut with_next = body.to_vec();
+        with_next.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(follow(&with_next, with_next.len()), (Ok(body.len()), true));
+        assert_eq!(follow(b"a\r\n0123456789\r\n", 4), (Ok(15), false));
+    }
+
+    #[test]
+    fn a_broken_chunked_body_is_an_error() {
+        for bad in [
+            &b"z\r\n"[..],
+            b"5\r\nhelloXX",
+            b"5\n",
+            b"ffffffffffffffffff\r\n",
+        ] {
+            assert_eq!(
+                follow(bad, bad.len()).0,
+                Err(()),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn response_heads_lose_hop_by_hop_fields_and_keep_their_framing() {
+        let head = parse_head(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
+              Content-Length: 3\r\nServer: s\r\n\r\nok\n",
+        )
+        .ok()
+        .flatten()
+        .expect("whole");
+        assert_eq!(head.framing, Framing::Length(3));
+        assert!(head.keep_alive);
+        assert_eq!(
+            String::from_utf8(head.client_head).unwrap(),
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nserver: s\r\n\r\n"
+        );
+        let head = parse_head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+        )
+        .ok()
+        .flatten()
+        .expect("whole");
+        assert_eq!(head.framing, Framing::Chunked);
+        assert_eq!(
+            String::from_utf8(head.client_head).unwrap(),
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let head = parse_head(b"HTTP/1.0 200 OK\r\n\r\n")
+            .ok()
+            .flatten()
+            .expect("whole");
+        assert_eq!(head.framing, Framing::Close);
+        assert!(!head.keep_alive);
+        let head = parse_head(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n")
+            .ok()
+            .flatten()
+            .expect("whole");
+        assert_eq!(head.framing, Framing::Empty);
+        assert!(
+            parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+                .is_err()
+        );
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n").is_err());
+        assert!(matches!(
+            parse_head(b"HTTP/1.1 200 OK\r\nContent-"),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn a_body_that_ends_at_close_is_sent_chunked() {
+        let mut body = Body::new(Framing::Close);
+        let mut out = Vec::new();
+        assert_eq!(body.take(b"hello", &mut out), Ok(5));
+        body.at_close(&mut out).expect("end of a Close body");
+        assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
+        assert!(body.done());
+        let mut cut = Body::new(Framing::Length(10));
+        assert_eq!(cut.take(b"hello", &mut Vec::new()), Ok(5));
+        assert!(cut.at_close(&mut Vec::new()).is_err());
+    }
+}
