@@ -55,8 +55,11 @@ const MAX_FIELDS: usize = 100;
 /// Largest response head read from an instance.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
-/// The upstream read buffer.
-const READ_CHUNK: usize = 16 * 1024;
+/// The upstream read buffer, at first: most answers fit.
+const READ_CHUNK: usize = 4 * 1024;
+
+/// The largest the read buffer grows to, reading a bulk body.
+const MAX_READ: usize = 64 * 1024;
 
 /// What became of the connection's next request.
 #[derive(Debug, PartialEq, Eq)]
@@ -525,7 +528,7 @@ fn closed_or_io(e: io::Error) -> UpErr {
 
 /// Reads from the instance, appending to `buf`; 0 at its end.
 async fn read_up(up: &mut ParkedConn, buf: &mut Vec<u8>) -> Result<usize, UpErr> {
-    if buf.capacity() - buf.len() < 1024 {
+    if buf.capacity() - buf.len() < 512 {
         buf.reserve(READ_CHUNK);
     }
     poll_fn(|cx| {
@@ -726,6 +729,10 @@ where
         }
     }
     while outcome.is_ok() && !body.done() {
+        // A read that filled the buffer asks for a larger one (a bulk body).
+        if buf.len() == buf.capacity() && buf.capacity() < MAX_READ {
+            buf.reserve(buf.capacity());
+        }
         buf.clear();
         let n = match read_up(&mut up, &mut buf).await {
             Ok(n) => n,
@@ -735,21 +742,23 @@ where
                 break;
             }
         };
-        out.clear();
-        if n == 0 {
-            match body.at_close(&mut out) {
-                Ok(()) => {}
-                Err(why) => {
-                    outcome = Err(why);
-                    break;
+        let piece = if n == 0 {
+            out.clear();
+            body.at_close(&mut out).map(|()| &out[..])
+        } else if body.passes_through() {
+            // Written from the read buffer itself: no copy.
+            body.measure(&buf).map(|used| &buf[..used])
+        } else {
+            out.clear();
+            body.take(&buf, &mut out).map(|_| &out[..])
+        };
+        match piece {
+            Ok(piece) => {
+                if io.write_all(piece).await.is_err() {
+                    outcome = Err("client");
                 }
             }
-        } else if let Err(why) = body.take(&buf, &mut out) {
-            outcome = Err(why);
-            break;
-        }
-        if io.write_all(&out).await.is_err() {
-            outcome = Err("client");
+            Err(why) => outcome = Err(why),
         }
     }
     let now = Instant::now();
@@ -811,9 +820,13 @@ impl Body {
         }
     }
 
-    /// Appends to `out` what of `bytes` belongs to the body, as the client
-    /// gets it; returns how many of `bytes` that was.
-    fn take(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<usize, &'static str> {
+    /// Whether the client gets the body's bytes as the instance sent them.
+    fn passes_through(&self) -> bool {
+        self.framing != Framing::Close
+    }
+
+    /// How many of `bytes` belong to the body, counted as passed on.
+    fn measure(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
         let used = match self.framing {
             Framing::Empty => 0,
             Framing::Length(_) => {
@@ -821,22 +834,24 @@ impl Body {
                     .len()
                     .min(usize::try_from(self.left).unwrap_or(usize::MAX));
                 self.left -= n as u64;
-                out.extend_from_slice(&bytes[..n]);
                 n
             }
-            Framing::Chunked => {
-                let n = self.chunks.advance(bytes).map_err(|()| "upstream")?;
-                out.extend_from_slice(&bytes[..n]);
-                n
-            }
-            Framing::Close => {
-                if !bytes.is_empty() {
-                    put_chunk(out, bytes);
-                }
-                bytes.len()
-            }
+            Framing::Chunked => self.chunks.advance(bytes).map_err(|()| "upstream")?,
+            Framing::Close => bytes.len(),
         };
         self.left_over += bytes.len() - used;
+        Ok(used)
+    }
+
+    /// Appends to `out` what of `bytes` belongs to the body, as the client
+    /// gets it; returns how many of `bytes` that was.
+    fn take(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<usize, &'static str> {
+        let used = self.measure(bytes)?;
+        if self.passes_through() {
+            out.extend_from_slice(&bytes[..used]);
+        } else if used > 0 {
+            put_chunk(out, &bytes[..used]);
+        }
         Ok(used)
     }
 

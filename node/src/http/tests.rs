@@ -1676,3 +1676,38 @@ async fn requests_left_to_hyper_share_the_connection_with_lean_ones() {
     }
     assert!(counters.conns.load(Ordering::SeqCst) <= 2);
 }
+
+/// 1 MiB of letters.
+fn big_body() -> String {
+    (0..1 << 20)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_large_answer_arrives_whole_by_length_and_by_close() {
+    let (edge, counters) = scripted_edge(|_, n| {
+        let body = big_body();
+        match n {
+            0 => format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+            _ => format!("HTTP/1.1 200 OK\r\n\r\n{body}<close>"),
+        }
+        .into_bytes()
+    })
+    .await;
+    let mut client = edge.client().await;
+    for framing in ["content-length", "transfer-encoding"] {
+        let reply = send(&mut client, get("app.example.com", "/big")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(reply.headers.contains_key(framing), "{:?}", reply.headers);
+        assert!(
+            reply.body == big_body(),
+            "{framing}: {} bytes",
+            reply.body.len()
+        );
+    }
+    assert_eq!(counters.requests.load(Ordering::SeqCst), 2);
+}
