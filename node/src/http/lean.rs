@@ -20,30 +20,34 @@
 //!   `Content-Length` of 0 at most); no `Upgrade`, no `Expect`;
 //!   `Connection` absent or `keep-alive`;
 //! - the port proxies (not a redirect) and routes the host to a group;
-//! - no access log, a client that is not a trusted proxy, and a connection
-//!   that is not closing.
+//! - the connection is not closing.
 //!
 //! The request means the same either way: hop-by-hop fields are dropped,
 //! `X-Forwarded-For`/`-Proto`/`-Host` set, `Forwarded` and `X-Real-IP`
-//! removed, the same instance selection, retries of connections that fail
-//! before anything is sent, timeouts, metrics and error answers. A
+//! removed (a trusted proxy's kept, its `X-Forwarded-For` added to), the
+//! same instance selection, retries of connections that fail before
+//! anything is sent, timeouts, metrics, access log lines and error
+//! answers. A
 //! connection from the pool that turns out to be closed is replaced by a
 //! new one and the request sent again (it has no body and is idempotent).
 
 use std::future::{Future, poll_fn};
 use std::io;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::StatusCode;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::debug;
 
 use super::conn::{ActiveGuard, Conn, TimedIo};
 use super::error::ProxyError;
+use super::log::{Log, Record};
 use crate::balancer::Lease;
 use crate::dataplane::{Attempts, Unserved};
 use crate::routing::Target;
@@ -86,10 +90,11 @@ where
     };
     // A park asked for while the connection waited is stale now.
     conn.take_park();
+    let mut log = req.record(io.unread_bytes(), conn);
     io.consume_unread(req.head_len);
     let guard = ActiveGuard::new(conn);
     io.follow_requests();
-    let served = within_drain(conn, proxy(io, conn, &req)).await;
+    let served = within_drain(conn, proxy(io, conn, &req, &mut log)).await;
     drop(guard);
     io.follow_requests();
     match served {
@@ -131,10 +136,7 @@ where
 
 /// Whether the connection's requests may take this path at all.
 fn takes_requests(conn: &Conn) -> bool {
-    conn.dp.access_log.is_none()
-        && !conn.trusted
-        && !conn.closes_after_response()
-        && !conn.close_requested()
+    !conn.closes_after_response() && !conn.close_requested()
 }
 
 /// A request this path takes, ready for an instance.
@@ -146,6 +148,10 @@ struct Request {
     /// The head sent to the instance.
     upstream_head: Vec<u8>,
     target: Target,
+    /// Where the target's path and the `Host` value are in the client's
+    /// head, for the access log.
+    path: Range<usize>,
+    host: Range<usize>,
 }
 
 /// Request fields not passed on: hop-by-hop ones (RFC 9110 §7.6.1) and the
@@ -229,16 +235,38 @@ impl Request {
         head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         head.extend_from_slice(host.as_bytes());
         head.extend_from_slice(b"\r\n");
+        // A trusted proxy's claims are kept, its X-Forwarded-For added to.
+        let mut claimed: Option<Vec<u8>> = None;
         for field in req.headers.iter() {
-            if NOT_FORWARDED
-                .iter()
-                .any(|n| field.name.eq_ignore_ascii_case(n))
-            {
+            let name = field.name;
+            if conn.trusted {
+                if name.eq_ignore_ascii_case("x-forwarded-for") {
+                    let list = claimed.get_or_insert_with(Vec::new);
+                    if !list.is_empty() {
+                        list.extend_from_slice(b", ");
+                    }
+                    list.extend_from_slice(field.value);
+                    continue;
+                }
+                if name.eq_ignore_ascii_case("forwarded") || name.eq_ignore_ascii_case("x-real-ip")
+                {
+                    put_field(&mut head, name, field.value);
+                    continue;
+                }
+            }
+            if NOT_FORWARDED.iter().any(|n| name.eq_ignore_ascii_case(n)) {
                 continue;
             }
-            put_field(&mut head, field.name, field.value);
+            put_field(&mut head, name, field.value);
         }
-        put_field(&mut head, "x-forwarded-for", conn.client_ip.as_bytes());
+        match claimed {
+            Some(mut list) => {
+                list.extend_from_slice(b", ");
+                list.extend_from_slice(conn.client_ip.as_bytes());
+                put_field(&mut head, "x-forwarded-for", &list);
+            }
+            None => put_field(&mut head, "x-forwarded-for", conn.client_ip.as_bytes()),
+        }
         put_field(&mut head, "x-forwarded-proto", conn.proto.as_bytes());
         put_field(&mut head, "x-forwarded-host", host.as_bytes());
         head.extend_from_slice(b"\r\n");
@@ -247,8 +275,31 @@ impl Request {
             head_only,
             upstream_head: head,
             target,
+            path: range_in(bytes, path),
+            host: range_in(bytes, host),
         })
     }
+
+    /// The request's access log record, when the log samples it; `bytes`
+    /// is the client's head.
+    fn record(&self, bytes: &[u8], conn: &Arc<Conn>) -> Log {
+        let method = if self.head_only {
+            Method::HEAD
+        } else {
+            Method::GET
+        };
+        let path = PathAndQuery::try_from(&bytes[self.path.clone()]).ok();
+        let mut record = Record::start_with(conn, method, Version::HTTP_11, path, false)?;
+        record.host = HeaderValue::from_bytes(&bytes[self.host.clone()]).ok();
+        record.group = Some(self.target.group.clone());
+        Some(record)
+    }
+}
+
+/// Where `part`, a slice of `whole`, is in it.
+fn range_in(whole: &[u8], part: &str) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
 }
 
 /// Appends `name: value` (the name lowercased, as hyper sends it).
@@ -262,13 +313,18 @@ fn put_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 /// The response to the client broke off: the connection must close.
 struct Cut;
 
-async fn proxy<I>(io: &mut TimedIo<I>, conn: &Arc<Conn>, req: &Request) -> Result<(), Cut>
+async fn proxy<I>(
+    io: &mut TimedIo<I>,
+    conn: &Arc<Conn>,
+    req: &Request,
+    log: &mut Log,
+) -> Result<(), Cut>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    match until_client_leaves(io, exchange(conn, req)).await {
-        Some(Ok(got)) => respond(io, conn, req, got).await,
-        Some(Err(error)) => answer_error(io, &error).await,
+    match until_client_leaves(io, exchange(conn, req, log)).await {
+        Some(Ok(got)) => respond(io, conn, req, got, log.take()).await,
+        Some(Err(error)) => answer_error(io, &error, log.take()).await,
         // Dropping the exchange ends the request's in-flight count.
         None => Err(Cut),
     }
@@ -320,7 +376,7 @@ struct Exchanged {
 
 /// Picks an instance, sends the request and reads the response head,
 /// trying other instances while connecting fails.
-async fn exchange(conn: &Conn, req: &Request) -> Result<Exchanged, ProxyError> {
+async fn exchange(conn: &Conn, req: &Request, log: &mut Log) -> Result<Exchanged, ProxyError> {
     let settings = &conn.dp.settings;
     let mut tries = Attempts::new(&req.target);
     loop {
@@ -332,6 +388,11 @@ async fn exchange(conn: &Conn, req: &Request) -> Result<Exchanged, ProxyError> {
         })?;
         let start = Instant::now();
         let backend = lease.backend();
+        if let Some(record) = log.as_deref_mut() {
+            record.attempts = tries.made();
+            record.instance = Some(backend.clone());
+            record.connect = None;
+        }
         let idle =
             poll_fn(|cx| Poll::Ready(pool.checkout_socket(settings.pool_idle_timeout, start, cx)))
                 .await;
@@ -341,6 +402,9 @@ async fn exchange(conn: &Conn, req: &Request) -> Result<Exchanged, ProxyError> {
             None => match connect(&pool, &lease, conn).await {
                 Ok(up) => {
                     lease.mark_up();
+                    if let Some(record) = log.as_deref_mut() {
+                        record.connect = Some(start.elapsed());
+                    }
                     up
                 }
                 Err(error) => {
@@ -375,6 +439,11 @@ async fn exchange(conn: &Conn, req: &Request) -> Result<Exchanged, ProxyError> {
         };
         match head {
             Ok(head) => {
+                if let Some(record) = log.as_deref_mut() {
+                    let waited = start.elapsed();
+                    record.response =
+                        Some(waited.saturating_sub(record.connect.unwrap_or_default()));
+                }
                 return Ok(Exchanged {
                     head,
                     up,
@@ -419,7 +488,7 @@ fn failed(lease: &Lease, start: Instant, error: ProxyError) -> ProxyError {
 }
 
 /// Writes the node's own answer for `error`.
-async fn answer_error<I>(io: &mut TimedIo<I>, error: &ProxyError) -> Result<(), Cut>
+async fn answer_error<I>(io: &mut TimedIo<I>, error: &ProxyError, log: Log) -> Result<(), Cut>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -431,7 +500,13 @@ where
         put_field(&mut out, name.as_str(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&resp.into_body().into_full());
+    let body = resp.into_body().into_full();
+    out.extend_from_slice(&body);
+    if let Some(mut record) = log {
+        record.bytes_out = body.len() as u64;
+        let why = (error.side().name(), error as &dyn std::fmt::Display);
+        record.end(error.status().as_u16(), Some(why), Instant::now());
+    }
     io.write_all(&out).await.map_err(|_| Cut)
 }
 
@@ -698,6 +773,7 @@ async fn respond<I>(
     conn: &Conn,
     req: &Request,
     got: Exchanged,
+    mut log: Log,
 ) -> Result<(), Cut>
 where
     I: AsyncRead + AsyncWrite + Unpin,
@@ -719,12 +795,13 @@ where
     // The head and what came with it, in one write.
     let mut out = head.client_head;
     let first = body.take(&buf[head.len..], &mut out);
-    let mut outcome: Result<(), &'static str> = Ok(());
+    // Who cut the response off, and why.
+    let mut outcome: Result<(), (&'static str, &'static str)> = Ok(());
     match first {
-        Err(why) => outcome = Err(why),
+        Err(why) => outcome = Err(("upstream", why)),
         Ok(_) => {
             if io.write_all(&out).await.is_err() {
-                outcome = Err("client");
+                outcome = Err(CLIENT_LEFT);
             }
         }
     }
@@ -736,9 +813,13 @@ where
         buf.clear();
         let n = match read_up(&mut up, &mut buf).await {
             Ok(n) => n,
+            Err(UpErr::Drained) => {
+                outcome = Err(("internal", "instance drained"));
+                break;
+            }
             Err(error) => {
                 debug!(%error, "upstream body failed");
-                outcome = Err("upstream");
+                outcome = Err(("upstream", "reading the body failed"));
                 break;
             }
         };
@@ -755,10 +836,10 @@ where
         match piece {
             Ok(piece) => {
                 if io.write_all(piece).await.is_err() {
-                    outcome = Err("client");
+                    outcome = Err(CLIENT_LEFT);
                 }
             }
-            Err(why) => outcome = Err(why),
+            Err(why) => outcome = Err(("upstream", why)),
         }
     }
     let now = Instant::now();
@@ -778,14 +859,25 @@ where
         pool.checkin_socket(up, limits, now);
     }
     lease.release(now);
+    if let Some(mut record) = log.take() {
+        record.bytes_out = body.sent;
+        let cut = outcome
+            .as_ref()
+            .err()
+            .map(|(side, why)| (*side, why as &dyn std::fmt::Display));
+        record.end(head.status, cut, now);
+    }
     match outcome {
         Ok(()) => Ok(()),
-        Err(side) => {
-            debug!(side, "response cut off");
+        Err((side, why)) => {
+            debug!(side, why, "response cut off");
             Err(Cut)
         }
     }
 }
+
+/// The access log's reason for a response the client did not take whole.
+const CLIENT_LEFT: (&str, &str) = ("client", "the client went away before the response ended");
 
 /// A response body on its way: how much of it is left.
 #[derive(Debug)]
@@ -796,6 +888,8 @@ struct Body {
     chunks: Chunks,
     /// Bytes read past the body's end.
     left_over: usize,
+    /// The body's bytes passed on (a chunked body's data only).
+    sent: u64,
 }
 
 impl Body {
@@ -808,6 +902,7 @@ impl Body {
             },
             chunks: Chunks::default(),
             left_over: 0,
+            sent: 0,
         }
     }
 
@@ -836,8 +931,15 @@ impl Body {
                 self.left -= n as u64;
                 n
             }
-            Framing::Chunked => self.chunks.advance(bytes).map_err(|()| "upstream")?,
+            Framing::Chunked => self
+                .chunks
+                .advance(bytes)
+                .map_err(|()| "a malformed chunked body")?,
             Framing::Close => bytes.len(),
+        };
+        self.sent = match self.framing {
+            Framing::Chunked => self.chunks.data,
+            _ => self.sent + used as u64,
         };
         self.left_over += bytes.len() - used;
         Ok(used)
@@ -864,7 +966,7 @@ impl Body {
                 self.framing = Framing::Empty;
                 Ok(())
             }
-            _ => Err("upstream"),
+            _ => Err("the instance closed before the body ended"),
         }
     }
 }
@@ -882,6 +984,8 @@ struct Chunks {
     state: ChunkState,
     /// Size of the chunk being read, then bytes left of it.
     size: u64,
+    /// Data bytes of the chunks so far.
+    data: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -942,6 +1046,7 @@ impl Chunks {
                 Data => {
                     let n = (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
                     self.size -= n as u64;
+                    self.data += n as u64;
                     i += n;
                     if self.size == 0 {
                         self.state = DataCr;

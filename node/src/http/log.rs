@@ -53,20 +53,38 @@ pub(crate) type Log = Option<Box<Record>>;
 impl Record {
     /// The record of `req`, when the access log is on and samples it.
     pub(crate) fn start<B: http_body::Body>(req: &Request<B>, conn: &Arc<Conn>) -> Log {
+        Self::start_with(
+            conn,
+            req.method().clone(),
+            req.version(),
+            req.uri().path_and_query().cloned(),
+            !req.body().is_end_stream(),
+        )
+    }
+
+    /// The record of a request given by its parts (`body`: it has one),
+    /// when the access log is on and samples it.
+    pub(crate) fn start_with(
+        conn: &Arc<Conn>,
+        method: Method,
+        version: Version,
+        path: Option<PathAndQuery>,
+        body: bool,
+    ) -> Log {
         conn.dp.access_log_sampled()?;
         Some(Box::new(Self {
             conn: conn.clone(),
             began: Instant::now(),
-            method: req.method().clone(),
-            version: req.version(),
-            path: req.uri().path_and_query().cloned(),
+            method,
+            version,
+            path,
             host: None,
             group: None,
             instance: None,
             attempts: 0,
             connect: None,
             response: None,
-            body_in: (!req.body().is_end_stream()).then(Arc::default),
+            body_in: body.then(Arc::default),
             bytes_in: 0,
             bytes_out: 0,
             ended: false,

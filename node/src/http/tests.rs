@@ -1711,3 +1711,57 @@ async fn a_large_answer_arrives_whole_by_length_and_by_close() {
     }
     assert_eq!(counters.requests.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn lean_requests_are_logged_with_their_fields() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    echo_backend(l, "a");
+    let app = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, path) = json_access_log(dir.path());
+    let edge = Edge::start_logged(vec![app], DataPlane::new(settings()).with_access_log(log)).await;
+    let mut client = edge.client().await;
+    let first = send(&mut client, get("app.example.com", "/lean?q=1")).await;
+    let second = send(&mut client, get("app.example.com", "/again")).await;
+    assert_eq!(
+        (first.status, second.status),
+        (StatusCode::OK, StatusCode::OK)
+    );
+
+    let mut lines = Vec::new();
+    eventually("two access log lines", || {
+        lines = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .collect();
+        lines.len() >= 2
+    })
+    .await;
+    let (one, two) = (&lines[0], &lines[1]);
+    assert_eq!(one["method"], "GET");
+    assert_eq!(one["path"], "/lean?q=1");
+    assert_eq!(one["host"], "app.example.com");
+    assert_eq!(one["proto"], "HTTP/1.1");
+    assert_eq!(one["group"], "app");
+    assert_eq!(one["instance"], "a");
+    assert_eq!(one["status"], 200);
+    assert_eq!(one["bytes_in"], 0);
+    assert_eq!(one["bytes_out"], first.body.len());
+    assert_eq!(one["attempts"], 1);
+    assert!(
+        one["connect_ms"].as_f64().is_some(),
+        "a new connection: {one}"
+    );
+    assert!(one["response_ms"].as_f64().is_some());
+    assert!(one["error_origin"].is_null());
+    assert_eq!(two["path"], "/again");
+    assert!(two["connect_ms"].is_null(), "a pooled connection: {two}");
+    assert_eq!(two["bytes_out"], second.body.len());
+}
