@@ -18,7 +18,10 @@
 //! been fully handed to the client (or the client went away); an upgraded
 //! connection (WebSocket) counts as one request for as long as it is open.
 //! Connect failures (refused, timed out) mark the instance down and select
-//! again; nothing is retried once a request byte reached an instance.
+//! again. Once a request byte reached an instance nothing is retried, but
+//! for a body-less `GET` or `HEAD` of the lean path (`lean`) on a pooled
+//! connection that turns out to have been closed by the instance: that one
+//! is sent again on a new connection.
 
 mod body;
 pub(crate) mod conn;
@@ -28,6 +31,7 @@ pub(crate) mod headers;
 mod lean;
 pub(crate) mod log;
 pub(crate) mod redirect;
+mod reply;
 mod upgrade;
 
 #[cfg(test)]

@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tracing::debug;
 
-use super::conn::ActiveGuard;
+use super::conn::{ActiveGuard, Conn};
 use super::log::Log;
+use super::reply::{CLIENT_LEFT, Done, Framing, Progress, READ_CHUNK};
 use crate::balancer::Lease;
-use crate::upstream::{IdleLimits, Pool, PooledConn};
+use crate::upstream::{IdleLimits, ParkedConn, Pool, PooledConn};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -26,16 +28,14 @@ pub(crate) struct ProxyBody {
     guard: Option<ActiveGuard>,
 }
 
-// Nearly every body is `Upstream`: not boxed, which would cost an
-// allocation per proxied response.
+// Nearly every body is an instance's (`Lean`, or `Upstream` through hyper's
+// client): neither is boxed, which would cost an allocation per proxied
+// response.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "nearly every body is Upstream; boxing it would allocate per response"
-)]
 enum Kind {
     Full(Option<Bytes>),
     Upstream(UpstreamBody),
+    Lean(LeanBody),
 }
 
 impl ProxyBody {
@@ -51,6 +51,13 @@ impl ProxyBody {
         Self::full(Bytes::new())
     }
 
+    pub(super) fn lean(body: LeanBody) -> Self {
+        Self {
+            kind: Kind::Lean(body),
+            guard: None,
+        }
+    }
+
     pub(crate) fn upstream(body: UpstreamBody) -> Self {
         Self {
             kind: Kind::Upstream(body),
@@ -62,7 +69,7 @@ impl ProxyBody {
     pub(crate) fn into_full(self) -> Bytes {
         match self.kind {
             Kind::Full(bytes) => bytes.unwrap_or_default(),
-            Kind::Upstream(_) => Bytes::new(),
+            Kind::Upstream(_) | Kind::Lean(_) => Bytes::new(),
         }
     }
 
@@ -83,6 +90,7 @@ impl Body for ProxyBody {
         match &mut self.get_mut().kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Lean(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -90,6 +98,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(body) => body.is_end_stream(),
+            Kind::Lean(body) => body.is_end_stream(),
         }
     }
 
@@ -97,6 +106,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream(body) => body.size_hint(),
+            Kind::Lean(body) => body.size_hint(),
         }
     }
 }
@@ -264,5 +274,164 @@ impl Drop for UpstreamBody {
             complete,
             Some(("client", &"the client went away before the response ended")),
         );
+    }
+}
+
+/// An instance's response body, read from its socket as hyper asks.
+#[derive(Debug)]
+pub(super) struct LeanBody {
+    /// `None` once the body ended.
+    up: Option<ParkedConn>,
+    /// Read and not yet handed on.
+    pending: BytesMut,
+    body: Progress,
+    keep_alive: bool,
+    done: Option<Done>,
+    conn: Arc<Conn>,
+}
+
+impl LeanBody {
+    /// The body of the answer whose head came on `up`: `pending` was read
+    /// after the head, `progress` follows its framing, `done` ends the
+    /// request.
+    pub(super) fn new(
+        up: ParkedConn,
+        pending: BytesMut,
+        progress: Progress,
+        keep_alive: bool,
+        done: Done,
+        conn: Arc<Conn>,
+    ) -> Self {
+        Self {
+            up: Some(up),
+            pending,
+            body: progress,
+            keep_alive,
+            done: Some(done),
+            conn,
+        }
+    }
+
+    /// The next data in `pending`, if any.
+    fn next_data(&mut self) -> Result<Option<Bytes>, &'static str> {
+        let n = match self.body.framing {
+            Framing::Empty => 0,
+            Framing::Length(_) => self
+                .pending
+                .len()
+                .min(usize::try_from(self.body.left).unwrap_or(usize::MAX)),
+            Framing::Close => self.pending.len(),
+            Framing::Chunked => {
+                let (framing, data) = self
+                    .body
+                    .chunks
+                    .next(&self.pending)
+                    .map_err(|()| "a malformed chunked body")?;
+                self.pending.advance(framing);
+                if data > 0 {
+                    self.body.chunks.took(data);
+                }
+                data
+            }
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        if let Framing::Length(_) = self.body.framing {
+            self.body.left -= n as u64;
+        }
+        self.body.sent += n as u64;
+        Ok(Some(self.pending.split_to(n).freeze()))
+    }
+
+    /// Ends the request: `cut` says who broke the body off and why.
+    fn finish(&mut self, cut: Option<(&'static str, &'static str)>) {
+        let Some(done) = self.done.take() else { return };
+        let up = self.up.take();
+        let reusable = cut.is_none() && self.keep_alive && self.pending.is_empty();
+        done.end(&self.conn, up.filter(|_| reusable), self.body.sent, cut);
+    }
+
+    fn fail(
+        &mut self,
+        cut: (&'static str, &'static str),
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.finish(Some(cut));
+        Poll::Ready(Some(Err(if cut.0 == "internal" {
+            Drained.into()
+        } else {
+            cut.1.into()
+        })))
+    }
+}
+
+impl Body for LeanBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if this.done.is_none() {
+                return Poll::Ready(None);
+            }
+            match this.next_data() {
+                Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(None) => {}
+                Err(why) => return this.fail(("upstream", why)),
+            }
+            if this.body.done() {
+                this.finish(None);
+                return Poll::Ready(None);
+            }
+            let Some(up) = this.up.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if up.poll_aborted(cx) {
+                return this.fail(("internal", "instance drained"));
+            }
+            if this.pending.capacity() - this.pending.len() < 512 {
+                this.pending.reserve(READ_CHUNK);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(up.io()), cx, &mut this.pending) {
+                Poll::Ready(Ok(0)) => {
+                    if this.body.framing != Framing::Close {
+                        return this
+                            .fail(("upstream", "the instance closed before the body ended"));
+                    }
+                    this.body.framing = Framing::Empty;
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(error)) => {
+                    debug!(%error, "upstream body failed");
+                    return this.fail(("upstream", "reading the body failed"));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done.is_none() || (self.body.done() && self.pending.is_empty())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.body.framing {
+            Framing::Empty => SizeHint::with_exact(0),
+            Framing::Length(_) => SizeHint::with_exact(self.body.left),
+            Framing::Chunked | Framing::Close => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for LeanBody {
+    fn drop(&mut self) {
+        // hyper does not poll a body that reports its end up front (HEAD,
+        // 204, 304, empty bodies): that still counts as read whole.
+        let whole = self.body.done() && self.pending.is_empty();
+        self.finish((!whole).then_some(CLIENT_LEFT));
     }
 }

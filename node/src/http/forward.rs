@@ -18,6 +18,7 @@ use super::body::{ProxyBody, Reuse, UpstreamBody};
 use super::conn::{ActiveGuard, Conn};
 use super::error::ProxyError;
 use super::headers;
+use super::lean;
 use super::log::{Log, Record};
 use super::redirect;
 use super::upgrade;
@@ -109,6 +110,9 @@ async fn proxy(
     }
     let client_upgrade = headers::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     headers::prepare_request(&mut req, conn, host, client_upgrade.is_some());
+    if lean::stream::takes(&req, client_upgrade.is_some()) {
+        return lean::stream::forward(req, &target, conn, log).await;
+    }
     forward(req, &target, conn, client_upgrade, log).await
 }
 

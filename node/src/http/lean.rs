@@ -45,22 +45,22 @@ use http::{HeaderValue, Method, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::debug;
 
+pub(super) mod stream;
+
 use super::conn::{ActiveGuard, Conn, TimedIo};
 use super::error::ProxyError;
 use super::log::{Log, Record};
+use super::reply::{CLIENT_LEFT, Done, Framing, Progress, READ_CHUNK};
 use crate::balancer::Lease;
 use crate::dataplane::{Attempts, Unserved};
 use crate::routing::Target;
-use crate::upstream::{IdleLimits, ParkedConn, Pool};
+use crate::upstream::{ParkedConn, Pool};
 
 /// Header fields a head may have, request or response (hyper's limit).
 const MAX_FIELDS: usize = 100;
 
 /// Largest response head read from an instance.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-
-/// The upstream read buffer, at first: most answers fit.
-const READ_CHUNK: usize = 4 * 1024;
 
 /// The largest the read buffer grows to, reading a bulk body.
 const MAX_READ: usize = 64 * 1024;
@@ -98,9 +98,9 @@ where
     drop(guard);
     io.follow_requests();
     match served {
-        Ok(()) => match io.flush().await {
-            Ok(()) => Lean::Served,
-            Err(_) => Lean::Close,
+        Ok(keep_open) => match io.flush().await {
+            Ok(()) if keep_open => Lean::Served,
+            _ => Lean::Close,
         },
         Err(Cut) => Lean::Close,
     }
@@ -109,9 +109,9 @@ where
 /// `fut`, given up (a cut) when the connection is asked to close (the node
 /// shuts down) and has not finished within the drain timeout, as hyper's
 /// graceful shutdown in `super::drive` is.
-async fn within_drain<F>(conn: &Conn, fut: F) -> Result<(), Cut>
+async fn within_drain<F>(conn: &Conn, fut: F) -> Result<bool, Cut>
 where
-    F: Future<Output = Result<(), Cut>>,
+    F: Future<Output = Result<bool, Cut>>,
 {
     let mut fut = std::pin::pin!(fut);
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
@@ -148,9 +148,9 @@ struct Request {
     /// The head sent to the instance.
     upstream_head: Vec<u8>,
     target: Target,
-    /// Where the target's path and the `Host` value are in the client's
-    /// head, for the access log.
-    path: Range<usize>,
+    /// The target, checked as hyper checks it; for the access log.
+    path: PathAndQuery,
+    /// Where the `Host` value is in the client's head, for the access log.
     host: Range<usize>,
 }
 
@@ -193,9 +193,11 @@ impl Request {
             _ => return None,
         };
         let path = req.path?;
-        if !path.starts_with('/') {
+        // What hyper would refuse (400) or cut (a fragment) is hyper's.
+        if !path.starts_with('/') || path.contains('#') {
             return None;
         }
+        let checked_path = PathAndQuery::try_from(path).ok()?;
         let mut host = None;
         for field in req.headers.iter() {
             let name = field.name;
@@ -275,7 +277,7 @@ impl Request {
             head_only,
             upstream_head: head,
             target,
-            path: range_in(bytes, path),
+            path: checked_path,
             host: range_in(bytes, host),
         })
     }
@@ -288,7 +290,7 @@ impl Request {
         } else {
             Method::GET
         };
-        let path = PathAndQuery::try_from(&bytes[self.path.clone()]).ok();
+        let path = Some(self.path.clone());
         let mut record = Record::start_with(conn, method, Version::HTTP_11, path, false)?;
         record.host = HeaderValue::from_bytes(&bytes[self.host.clone()]).ok();
         record.group = Some(self.target.group.clone());
@@ -318,13 +320,14 @@ async fn proxy<I>(
     conn: &Arc<Conn>,
     req: &Request,
     log: &mut Log,
-) -> Result<(), Cut>
+) -> Result<bool, Cut>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    match until_client_leaves(io, exchange(conn, req, log)).await {
+    let exchanged = exchange(conn, &req.target, &req.upstream_head, log);
+    match until_client_leaves(io, exchanged).await {
         Some(Ok(got)) => respond(io, conn, req, got, log.take()).await,
-        Some(Err(error)) => answer_error(io, &error, log.take()).await,
+        Some(Err(error)) => answer_error(io, conn, &error, req.head_only, log.take()).await,
         // Dropping the exchange ends the request's in-flight count.
         None => Err(Cut),
     }
@@ -376,9 +379,14 @@ struct Exchanged {
 
 /// Picks an instance, sends the request and reads the response head,
 /// trying other instances while connecting fails.
-async fn exchange(conn: &Conn, req: &Request, log: &mut Log) -> Result<Exchanged, ProxyError> {
+async fn exchange(
+    conn: &Conn,
+    target: &Target,
+    upstream_head: &[u8],
+    log: &mut Log,
+) -> Result<Exchanged, ProxyError> {
     let settings = &conn.dp.settings;
-    let mut tries = Attempts::new(&req.target);
+    let mut tries = Attempts::new(target);
     loop {
         let (lease, pool) = tries.next().map_err(|why| match why {
             Unserved::NoInstances => ProxyError::NoInstances,
@@ -414,22 +422,29 @@ async fn exchange(conn: &Conn, req: &Request, log: &mut Log) -> Result<Exchanged
             },
         };
         let mut buf = Vec::with_capacity(READ_CHUNK);
-        let deadline = tokio::time::Instant::now() + settings.upstream_timeout;
         let head = loop {
-            let sent = tokio::time::timeout_at(deadline, async {
-                write_up(&mut up, &req.upstream_head).await?;
+            let sent = tokio::time::timeout(settings.upstream_timeout, async {
+                write_up(&mut up, upstream_head).await?;
                 read_head(&mut up, &mut buf).await
             })
             .await;
             match sent {
                 Ok(Ok(head)) => break Ok(head),
                 // An idle connection the instance had closed: nothing of the
-                // request reached it that it will answer.
+                // request reached it that it will answer. Sent again on a
+                // new one (it has no body and is idempotent).
                 Ok(Err(UpErr::Closed)) if reused && buf.is_empty() => {
                     debug!(instance = %backend.name, "pooled connection closed; reconnecting");
                     reused = false;
+                    let connecting = Instant::now();
                     match connect(&pool, &lease, conn).await {
-                        Ok(fresh) => up = fresh,
+                        Ok(fresh) => {
+                            lease.mark_up();
+                            if let Some(record) = log.as_deref_mut() {
+                                record.connect = Some(connecting.elapsed());
+                            }
+                            up = fresh;
+                        }
                         Err(error) => break Err(error),
                     }
                 }
@@ -488,7 +503,13 @@ fn failed(lease: &Lease, start: Instant, error: ProxyError) -> ProxyError {
 }
 
 /// Writes the node's own answer for `error`.
-async fn answer_error<I>(io: &mut TimedIo<I>, error: &ProxyError, log: Log) -> Result<(), Cut>
+async fn answer_error<I>(
+    io: &mut TimedIo<I>,
+    conn: &Conn,
+    error: &ProxyError,
+    head_only: bool,
+    log: Log,
+) -> Result<bool, Cut>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -499,15 +520,30 @@ where
     for (name, value) in resp.headers() {
         put_field(&mut out, name.as_str(), value.as_bytes());
     }
+    let keep_open = !closing(conn);
+    if !keep_open {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
     out.extend_from_slice(b"\r\n");
     let body = resp.into_body().into_full();
-    out.extend_from_slice(&body);
+    // The answer to HEAD has the length of its body, not the body.
+    if !head_only {
+        out.extend_from_slice(&body);
+    }
     if let Some(mut record) = log {
         record.bytes_out = body.len() as u64;
         let why = (error.side().name(), error as &dyn std::fmt::Display);
         record.end(error.status().as_u16(), Some(why), Instant::now());
     }
-    io.write_all(&out).await.map_err(|_| Cut)
+    io.write_all(&out).await.map_err(|_| Cut)?;
+    Ok(keep_open)
+}
+
+/// Whether the connection is to close after the response being written:
+/// the node shuts down, or drains softly (as hyper's graceful shutdown and
+/// `super::forward::handle` say `Connection: close`).
+fn closing(conn: &Conn) -> bool {
+    conn.close_requested() || conn.closes_after_response()
 }
 
 fn put_status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
@@ -628,17 +664,6 @@ struct Head {
     client_head: Vec<u8>,
 }
 
-/// Where a response body ends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Framing {
-    Empty,
-    Length(u64),
-    /// Passed on as sent (`Transfer-Encoding: chunked`).
-    Chunked,
-    /// Ends when the instance closes; sent to the client chunked.
-    Close,
-}
-
 /// Reads the response head (skipping interim 1xx answers) into `buf`.
 async fn read_head(up: &mut ParkedConn, buf: &mut Vec<u8>) -> Result<Head, UpErr> {
     loop {
@@ -685,7 +710,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
     };
     let status = resp.code.ok_or(UpErr::Invalid("no status"))?;
     let version = resp.version.ok_or(UpErr::Invalid("no version"))?;
-    let mut close = version == 0;
+    let mut close = false;
+    let mut keep_alive_token = false;
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut encoded = false;
@@ -700,7 +726,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
                 if token.eq_ignore_ascii_case("close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case("keep-alive") {
-                    close = false;
+                    // HTTP/1.0's keep-alive; any `close` wins.
+                    keep_alive_token = true;
                 } else {
                     named.push(token);
                 }
@@ -725,6 +752,16 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
             }
             length = Some(value);
         }
+    }
+    if version == 0 && !keep_alive_token {
+        close = true;
+    }
+    if status < 100 {
+        return Err(UpErr::Invalid("status code below 100"));
+    }
+    if version == 0 && encoded {
+        // RFC 9112 §6.1: faulty framing from an HTTP/1.0 sender.
+        return Err(UpErr::Invalid("Transfer-Encoding in an HTTP/1.0 response"));
     }
     let framing = if status == 204 || status == 304 || (100..200).contains(&status) {
         Framing::Empty
@@ -774,7 +811,7 @@ async fn respond<I>(
     req: &Request,
     got: Exchanged,
     mut log: Log,
-) -> Result<(), Cut>
+) -> Result<bool, Cut>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -791,27 +828,44 @@ where
     } else {
         head.framing
     };
-    let mut body = Body::new(framing);
+    let mut body = Progress::new(framing);
     // The head and what came with it, in one write.
     let mut out = head.client_head;
-    let first = body.take(&buf[head.len..], &mut out);
+    let keep_open = !closing(conn);
+    if !keep_open {
+        // Before the head's final CRLF.
+        out.truncate(out.len() - 2);
+        out.extend_from_slice(b"connection: close\r\n\r\n");
+    }
+    if let Err(why) = body.take(&buf[head.len..], &mut out) {
+        // Nothing was sent yet: answered as a failed exchange is.
+        let error = ProxyError::UpstreamIo(io::Error::new(io::ErrorKind::InvalidData, why));
+        let error = failed(&lease, start, error);
+        drop((up, lease));
+        return answer_error(io, conn, &error, req.head_only, log.take()).await;
+    }
     // Who cut the response off, and why.
     let mut outcome: Result<(), (&'static str, &'static str)> = Ok(());
-    match first {
-        Err(why) => outcome = Err(("upstream", why)),
-        Ok(_) => {
-            if io.write_all(&out).await.is_err() {
-                outcome = Err(CLIENT_LEFT);
-            }
-        }
+    if io.write_all(&out).await.is_err() {
+        outcome = Err(CLIENT_LEFT);
     }
     while outcome.is_ok() && !body.done() {
+        // What was written goes out before waiting on the instance (TLS
+        // holds it otherwise).
+        if io.flush().await.is_err() {
+            outcome = Err(CLIENT_LEFT);
+            break;
+        }
         // A read that filled the buffer asks for a larger one (a bulk body).
         if buf.len() == buf.capacity() && buf.capacity() < MAX_READ {
             buf.reserve(buf.capacity());
         }
         buf.clear();
-        let n = match read_up(&mut up, &mut buf).await {
+        let Some(read) = until_client_leaves(io, read_up(&mut up, &mut buf)).await else {
+            outcome = Err(CLIENT_LEFT);
+            break;
+        };
+        let n = match read {
             Ok(n) => n,
             Err(UpErr::Drained) => {
                 outcome = Err(("internal", "instance drained"));
@@ -842,33 +896,18 @@ where
             Err(why) => outcome = Err(("upstream", why)),
         }
     }
-    let now = Instant::now();
-    let metrics = &lease.backend().metrics;
-    metrics.observe_status(head.status);
-    metrics
-        .duration
-        .observe(now.saturating_duration_since(start).as_secs_f64());
-    // Bytes after the response's end would be taken for the next one.
-    if outcome.is_ok() && head.keep_alive && body.left_over == 0 {
-        let settings = &conn.dp.settings;
-        let limits = IdleLimits {
-            max_idle: settings.pool_max_idle,
-            idle_timeout: settings.pool_idle_timeout,
-            park_after: settings.park_after,
-        };
-        pool.checkin_socket(up, limits, now);
-    }
-    lease.release(now);
-    if let Some(mut record) = log.take() {
-        record.bytes_out = body.sent;
-        let cut = outcome
-            .as_ref()
-            .err()
-            .map(|(side, why)| (*side, why as &dyn std::fmt::Display));
-        record.end(head.status, cut, now);
-    }
+    let reusable = outcome.is_ok() && head.keep_alive && body.left_over == 0;
+    let cut = outcome.as_ref().err().copied();
+    let done = Done {
+        lease,
+        pool,
+        start,
+        status: head.status,
+        log: log.take(),
+    };
+    done.end(conn, reusable.then_some(up), body.sent, cut);
     match outcome {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(keep_open),
         Err((side, why)) => {
             debug!(side, why, "response cut off");
             Err(Cut)
@@ -876,266 +915,9 @@ where
     }
 }
 
-/// The access log's reason for a response the client did not take whole.
-const CLIENT_LEFT: (&str, &str) = ("client", "the client went away before the response ended");
-
-/// A response body on its way: how much of it is left.
-#[derive(Debug)]
-struct Body {
-    framing: Framing,
-    /// Bytes left of a `Length` body.
-    left: u64,
-    chunks: Chunks,
-    /// Bytes read past the body's end.
-    left_over: usize,
-    /// The body's bytes passed on (a chunked body's data only).
-    sent: u64,
-}
-
-impl Body {
-    fn new(framing: Framing) -> Self {
-        Self {
-            framing,
-            left: match framing {
-                Framing::Length(n) => n,
-                _ => 0,
-            },
-            chunks: Chunks::default(),
-            left_over: 0,
-            sent: 0,
-        }
-    }
-
-    fn done(&self) -> bool {
-        match self.framing {
-            Framing::Empty => true,
-            Framing::Length(_) => self.left == 0,
-            Framing::Chunked => self.chunks.done(),
-            Framing::Close => false,
-        }
-    }
-
-    /// Whether the client gets the body's bytes as the instance sent them.
-    fn passes_through(&self) -> bool {
-        self.framing != Framing::Close
-    }
-
-    /// How many of `bytes` belong to the body, counted as passed on.
-    fn measure(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
-        let used = match self.framing {
-            Framing::Empty => 0,
-            Framing::Length(_) => {
-                let n = bytes
-                    .len()
-                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
-                self.left -= n as u64;
-                n
-            }
-            Framing::Chunked => self
-                .chunks
-                .advance(bytes)
-                .map_err(|()| "a malformed chunked body")?,
-            Framing::Close => bytes.len(),
-        };
-        self.sent = match self.framing {
-            Framing::Chunked => self.chunks.data,
-            _ => self.sent + used as u64,
-        };
-        self.left_over += bytes.len() - used;
-        Ok(used)
-    }
-
-    /// Appends to `out` what of `bytes` belongs to the body, as the client
-    /// gets it; returns how many of `bytes` that was.
-    fn take(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<usize, &'static str> {
-        let used = self.measure(bytes)?;
-        if self.passes_through() {
-            out.extend_from_slice(&bytes[..used]);
-        } else if used > 0 {
-            put_chunk(out, &bytes[..used]);
-        }
-        Ok(used)
-    }
-
-    /// The instance closed the connection: the end of a `Close` body, and
-    /// a cut anywhere else.
-    fn at_close(&mut self, out: &mut Vec<u8>) -> Result<(), &'static str> {
-        match self.framing {
-            Framing::Close => {
-                out.extend_from_slice(b"0\r\n\r\n");
-                self.framing = Framing::Empty;
-                Ok(())
-            }
-            _ => Err("the instance closed before the body ended"),
-        }
-    }
-}
-
-/// `bytes` as one chunk of a chunked body.
-fn put_chunk(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
-    out.extend_from_slice(bytes);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Follows a chunked body (RFC 9112 §7.1) to find its end.
-#[derive(Debug, Default)]
-struct Chunks {
-    state: ChunkState,
-    /// Size of the chunk being read, then bytes left of it.
-    size: u64,
-    /// Data bytes of the chunks so far.
-    data: u64,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum ChunkState {
-    /// Hex digits of a chunk size.
-    #[default]
-    Size,
-    /// After the size: extensions or whitespace, up to CR.
-    Ext,
-    /// LF after a size line.
-    SizeLf,
-    Data,
-    /// CR after a chunk's data.
-    DataCr,
-    DataLf,
-    /// Start of a trailer line (or of the final CRLF).
-    TrailerStart,
-    Trailer,
-    /// LF of the final CRLF.
-    EndLf,
-    Done,
-}
-
-impl Chunks {
-    fn done(&self) -> bool {
-        self.state == ChunkState::Done
-    }
-
-    /// Follows `bytes`; returns how many belong to the body (all, unless it
-    /// ends within them). An error for bytes no chunked body has.
-    fn advance(&mut self, bytes: &[u8]) -> Result<usize, ()> {
-        use ChunkState::*;
-        let mut i = 0;
-        while i < bytes.len() && self.state != Done {
-            let b = bytes[i];
-            match self.state {
-                Size => match (b as char).to_digit(16) {
-                    Some(d) => {
-                        self.size = self.size.checked_mul(16).ok_or(())? + u64::from(d);
-                    }
-                    None if b == b'\r' => self.state = SizeLf,
-                    None if b == b';' || b == b' ' || b == b'\t' => self.state = Ext,
-                    None => return Err(()),
-                },
-                Ext => {
-                    if b == b'\r' {
-                        self.state = SizeLf;
-                    } else if b == b'\n' {
-                        return Err(());
-                    }
-                }
-                SizeLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
-                    self.state = if self.size == 0 { TrailerStart } else { Data };
-                }
-                Data => {
-                    let n = (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
-                    self.size -= n as u64;
-                    self.data += n as u64;
-                    i += n;
-                    if self.size == 0 {
-                        self.state = DataCr;
-                    }
-                    continue;
-                }
-                DataCr => {
-                    if b != b'\r' {
-                        return Err(());
-                    }
-                    self.state = DataLf;
-                }
-                DataLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
-                    self.state = Size;
-                }
-                TrailerStart => self.state = if b == b'\r' { EndLf } else { Trailer },
-                Trailer => {
-                    if b == b'\n' {
-                        self.state = TrailerStart;
-                    }
-                }
-                EndLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
-                    self.state = Done;
-                }
-                Done => {}
-            }
-            i += 1;
-        }
-        Ok(i)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn follow(body: &[u8], pieces: usize) -> (Result<usize, ()>, bool) {
-        let mut chunks = Chunks::default();
-        let mut used = 0;
-        for piece in body.chunks(pieces) {
-            match chunks.advance(piece) {
-                Ok(n) => used += n,
-                Err(()) => return (Err(()), chunks.done()),
-            }
-            if chunks.done() {
-                break;
-            }
-        }
-        (Ok(used), chunks.done())
-    }
-
-    #[test]
-    fn a_chunked_body_ends_where_its_last_chunk_and_trailers_end() {
-        let body = b"5\r\nhello\r\n1;ext=1\r\n!\r\n0\r\nx-t: 1\r\n\r\n";
-        for piece in [1, 2, 3, 7, body.len()] {
-            assert_eq!(
-                follow(body, piece),
-                (Ok(body.len()), true),
-                "pieces of {piece}"
-            );
-        }
-        let mut with_next = body.to_vec();
-        with_next.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-        assert_eq!(follow(&with_next, with_next.len()), (Ok(body.len()), true));
-        assert_eq!(follow(b"a\r\n0123456789\r\n", 4), (Ok(15), false));
-    }
-
-    #[test]
-    fn a_broken_chunked_body_is_an_error() {
-        for bad in [
-            &b"z\r\n"[..],
-            b"5\r\nhelloXX",
-            b"5\n",
-            b"ffffffffffffffffff\r\n",
-        ] {
-            assert_eq!(
-                follow(bad, bad.len()).0,
-                Err(()),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
 
     #[test]
     fn response_heads_lose_hop_by_hop_fields_and_keep_their_framing() {
@@ -1183,18 +965,5 @@ mod tests {
             parse_head(b"HTTP/1.1 200 OK\r\nContent-"),
             Ok(None)
         ));
-    }
-
-    #[test]
-    fn a_body_that_ends_at_close_is_sent_chunked() {
-        let mut body = Body::new(Framing::Close);
-        let mut out = Vec::new();
-        assert_eq!(body.take(b"hello", &mut out), Ok(5));
-        body.at_close(&mut out).expect("end of a Close body");
-        assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
-        assert!(body.done());
-        let mut cut = Body::new(Framing::Length(10));
-        assert_eq!(cut.take(b"hello", &mut Vec::new()), Ok(5));
-        assert!(cut.at_close(&mut Vec::new()).is_err());
     }
 }

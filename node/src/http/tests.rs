@@ -1602,18 +1602,72 @@ async fn head_answers_and_interim_ones_carry_no_body() {
 
 #[tokio::test]
 async fn answers_a_proxy_cannot_pass_on_are_502() {
-    let (edge, _) = scripted_edge(|_, n| match n {
+    // Each answer ends its connection: the next request gets the next one.
+    let (edge, counters) = scripted_edge(|conn, _| match conn {
         0 => b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n".to_vec(),
         1 => b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n".to_vec(),
-        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n\xffbroken<close>".to_vec(),
+        2 => b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+        3 => b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\n\r\n".to_vec(),
+        // A chunked body broken in its first bytes: nothing was sent yet.
+        _ => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\nHTTP/1.1 200 OK\r\n\r\n"
+            .to_vec(),
     })
     .await;
     let mut client = edge.client().await;
-    for _ in 0..2 {
+    for i in 0..5 {
         let reply = send(&mut client, get("app.example.com", "/")).await;
-        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "answer {i}");
         assert_eq!(reply.body, "bad gateway");
     }
+    assert_eq!(counters.conns.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn an_error_answer_to_head_has_no_body() {
+    let g = group(
+        "gone",
+        "gone.example.com",
+        vec![http_port(PORT, 1)],
+        &[("x", refused(4))],
+    );
+    let edge = Edge::start(vec![g], settings()).await;
+    let mut client = edge.client().await;
+    let head = Request::head("/")
+        .header("host", "gone.example.com")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let reply = send(&mut client, head).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.headers["content-length"], "11");
+    // The same connection answers the next request as its own: no body
+    // of the HEAD's answer was left on it.
+    let reply = send(&mut client, get("gone.example.com", "/")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.body, "bad gateway");
+}
+
+#[tokio::test]
+async fn a_client_gone_in_the_middle_of_a_body_ends_its_request() {
+    // Half a body, then nothing: the request ends only if the client's
+    // leaving is seen.
+    let (edge, _) = scripted_edge(|_, _| {
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n".to_vec()
+    })
+    .await;
+    let a = edge.backend("a");
+    let (mut stream, head) = raw_request(
+        edge.addr,
+        b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    let mut part = [0u8; 10];
+    within(stream.read_exact(&mut part))
+        .await
+        .expect("the first chunk");
+    assert_eq!(a.local_inflight(), 1);
+    drop(stream);
+    eventually("the request to end", || a.local_inflight() == 0).await;
 }
 
 #[tokio::test]
@@ -1764,4 +1818,85 @@ async fn lean_requests_are_logged_with_their_fields() {
     assert_eq!(two["path"], "/again");
     assert!(two["connect_ms"].is_null(), "a pooled connection: {two}");
     assert_eq!(two["bytes_out"], second.body.len());
+}
+
+/// An HTTP/2 connection to `edge` (prior knowledge).
+async fn h2_client(edge: &Edge) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(edge.addr).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_answers_are_decoded_from_every_framing() {
+    let (edge, counters) = scripted_edge(|conn, n| match n {
+        0 => b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: keep-alive, x-hop\r\nx-hop: 1\r\n\r\nlength"
+            .to_vec(),
+        1 => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nchu\r\n4;x=y\r\nnked\r\n0\r\nx-t: 1\r\n\r\n"
+            .to_vec(),
+        2 => b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+        _ => format!("HTTP/1.1 200 OK\r\n\r\nclose {conn}<close>").into_bytes(),
+    })
+    .await;
+    let a = edge.backend("a");
+    let mut sender = h2_client(&edge).await;
+    for (status, body) in [
+        (StatusCode::OK, "length"),
+        (StatusCode::OK, "chunked"),
+        (StatusCode::NO_CONTENT, ""),
+        (StatusCode::OK, "close 0"),
+        (StatusCode::OK, "length"),
+    ] {
+        within(sender.ready()).await.expect("ready");
+        let req = Request::get("http://app.example.com/")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = within(sender.send_request(req)).await.expect("response");
+        assert_eq!(resp.status(), status);
+        assert!(!resp.headers().contains_key("x-hop"));
+        assert!(!resp.headers().contains_key("transfer-encoding"));
+        let got = within(resp.into_body().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(String::from_utf8_lossy(&got), body);
+    }
+    // One connection for the first four answers (the fourth ends at its
+    // close), a new one for the fifth.
+    assert_eq!(counters.conns.load(Ordering::SeqCst), 2);
+    eventually("requests to end", || a.local_inflight() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_large_answers_arrive_whole() {
+    let (edge, _) = scripted_edge(|_, n| {
+        let body = big_body();
+        match n {
+            0 => format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+            _ => format!("HTTP/1.1 200 OK\r\n\r\n{body}<close>"),
+        }
+        .into_bytes()
+    })
+    .await;
+    let mut sender = h2_client(&edge).await;
+    for _ in 0..2 {
+        within(sender.ready()).await.expect("ready");
+        let req = Request::get("http://app.example.com/big")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = within(sender.send_request(req)).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let got = within(resp.into_body().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        assert!(got == big_body().as_bytes(), "{} bytes", got.len());
+    }
 }

@@ -330,6 +330,9 @@ impl Pool {
         now: Instant,
     ) {
         if !conn.watch.aborted() {
+            // The waker of the task that used it: an idle connection must
+            // not keep that task's memory, nor wake it on a drain.
+            drop(conn.watch.waker.take());
             self.put_idle(Slot::Parked(conn), limits, now);
         }
     }

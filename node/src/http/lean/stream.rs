@@ -1,0 +1,144 @@
+//! The lean path's exchange for requests hyper serves: HTTP/2 streams, and
+//! HTTP/1 requests the lean path leaves to hyper. A request without a body
+//! (`GET` or `HEAD`, no upgrade) goes to the instance as the lean path's
+//! do, over a pooled socket with its head in one write, and its answer is
+//! handed to hyper as a `Response` whose body reads the socket: hyper's
+//! client (its dispatcher, the channel to it, its own parse into a header
+//! map) is left out.
+//!
+//! The answer means what it means through hyper's client: hop-by-hop
+//! fields (and those `Connection` names) dropped, the body decoded from
+//! its framing (a chunked body's trailers are not passed on), the
+//! connection back in the pool only after the body was read whole, and
+//! the request's metrics, in-flight count and access log line ended with
+//! the body, or when hyper drops it (the client went away).
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
+use http_body::Body as HttpBody;
+use tracing::debug;
+
+use super::super::body::{LeanBody, ProxyBody};
+use super::super::conn::Conn;
+use super::super::error::ProxyError;
+use super::super::log::Log;
+use super::super::reply::READ_CHUNK;
+use super::super::reply::{Done, Framing, Progress};
+use super::{HOP_BY_HOP, MAX_FIELDS, exchange, put_field};
+use crate::routing::Target;
+
+/// Whether `req` (prepared for the instance) can be sent this way.
+pub(crate) fn takes<B: HttpBody>(req: &http::Request<B>, upgrade: bool) -> bool {
+    !upgrade
+        && (req.method() == Method::GET || req.method() == Method::HEAD)
+        && req.body().is_end_stream()
+}
+
+/// Sends `req`, prepared for the instance (`super::super::headers`), to
+/// one of `target`'s instances; the response's body reads the instance's
+/// socket.
+pub(crate) async fn forward<B>(
+    req: http::Request<B>,
+    target: &Target,
+    conn: &Arc<Conn>,
+    log: &mut Log,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let head_only = req.method() == Method::HEAD;
+    let upstream_head = request_head(&req);
+    drop(req);
+    let got = exchange(conn, target, &upstream_head, log).await?;
+    let (status, headers) = response_parts(&got.buf[..got.head.len]);
+    let framing = if head_only {
+        Framing::Empty
+    } else {
+        got.head.framing
+    };
+    let mut pending = BytesMut::with_capacity(READ_CHUNK.max(got.buf.len() - got.head.len));
+    pending.extend_from_slice(&got.buf[got.head.len..]);
+    let done = Done {
+        lease: got.lease,
+        pool: got.pool,
+        start: got.start,
+        status: got.head.status,
+        log: log.take(),
+    };
+    let body = LeanBody::new(
+        got.up,
+        pending,
+        Progress::new(framing),
+        got.head.keep_alive,
+        done,
+        conn.clone(),
+    );
+    let mut resp = Response::new(ProxyBody::lean(body));
+    *resp.status_mut() = status;
+    *resp.version_mut() = Version::HTTP_11;
+    *resp.headers_mut() = headers;
+    Ok(resp)
+}
+
+/// The request's head in HTTP/1.1, as the instance gets it.
+fn request_head<B>(req: &http::Request<B>) -> Vec<u8> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(req.method().as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(path.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        put_field(&mut head, name.as_str(), value.as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// The status and the fields hyper passes on of the response head in
+/// `bytes` (already parsed whole once): hop-by-hop fields, those
+/// `Connection` names and the framing ones of an encoded body are left
+/// out, and so is a field that is not a valid header (none that the
+/// parser let through).
+fn response_parts(bytes: &[u8]) -> (StatusCode, HeaderMap) {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let _ = resp.parse(bytes);
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .unwrap_or(StatusCode::BAD_GATEWAY);
+    let is = |field: &httparse::Header<'_>, name: &str| field.name.eq_ignore_ascii_case(name);
+    let encoded = resp.headers.iter().any(|f| is(f, "transfer-encoding"));
+    let named: Vec<&[u8]> = resp
+        .headers
+        .iter()
+        .filter(|f| is(f, "connection"))
+        .flat_map(|f| f.value.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .collect();
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for field in resp.headers.iter() {
+        if HOP_BY_HOP.iter().any(|h| is(field, h))
+            || named
+                .iter()
+                .any(|n| field.name.as_bytes().eq_ignore_ascii_case(n))
+            || is(field, "transfer-encoding")
+            || (encoded && is(field, "content-length"))
+        {
+            continue;
+        }
+        match (
+            HeaderName::from_bytes(field.name.as_bytes()),
+            HeaderValue::from_bytes(field.value),
+        ) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => debug!(
+                field = field.name,
+                "response field left out: not a valid header"
+            ),
+        }
+    }
+    (status, headers)
+}

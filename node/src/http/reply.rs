@@ -1,0 +1,407 @@
+//! An instance's answer read by hand (the lean path, `super::lean`):
+//! where its body ends, how it goes on to the client, and what ends the
+//! request when it does.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::conn::Conn;
+use super::log::Log;
+use crate::balancer::Lease;
+use crate::upstream::{IdleLimits, ParkedConn, Pool};
+
+/// The upstream read buffer, at first: most answers fit.
+pub(super) const READ_CHUNK: usize = 4 * 1024;
+
+/// Where a response body ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Framing {
+    Empty,
+    Length(u64),
+    /// Passed on as sent (`Transfer-Encoding: chunked`).
+    Chunked,
+    /// Ends when the instance closes; sent to the client chunked.
+    Close,
+}
+
+/// What ends a request whose response head came: its instance, its pool,
+/// and its access log record.
+#[derive(Debug)]
+pub(super) struct Done {
+    pub(super) lease: Lease,
+    pub(super) pool: Arc<Pool>,
+    pub(super) start: Instant,
+    pub(super) status: u16,
+    pub(super) log: Log,
+}
+
+impl Done {
+    /// Counts the response, gives `up` back to the pool (a connection whose
+    /// response was read completely and that the instance keeps open),
+    /// ends the in-flight count and writes the access log line: `sent`
+    /// body bytes, and who cut the response off and why.
+    pub(super) fn end(
+        self,
+        conn: &Conn,
+        up: Option<ParkedConn>,
+        sent: u64,
+        cut: Option<(&'static str, &'static str)>,
+    ) {
+        let now = Instant::now();
+        let metrics = &self.lease.backend().metrics;
+        metrics.observe_status(self.status);
+        metrics
+            .duration
+            .observe(now.saturating_duration_since(self.start).as_secs_f64());
+        if let Some(up) = up {
+            let settings = &conn.dp.settings;
+            let limits = IdleLimits {
+                max_idle: settings.pool_max_idle,
+                idle_timeout: settings.pool_idle_timeout,
+                park_after: settings.park_after,
+            };
+            self.pool.checkin_socket(up, limits, now);
+        }
+        self.lease.release(now);
+        if let Some(mut record) = self.log {
+            record.bytes_out = sent;
+            let cut = cut
+                .as_ref()
+                .map(|(side, why)| (*side, why as &dyn std::fmt::Display));
+            record.end(self.status, cut, now);
+        }
+    }
+}
+
+/// The access log's reason for a response the client did not take whole.
+pub(super) const CLIENT_LEFT: (&str, &str) =
+    ("client", "the client went away before the response ended");
+
+/// A response body on its way: how much of it is left.
+#[derive(Debug)]
+pub(super) struct Progress {
+    pub(super) framing: Framing,
+    /// Bytes left of a `Length` body.
+    pub(super) left: u64,
+    pub(super) chunks: Chunks,
+    /// Bytes read past the body's end.
+    pub(super) left_over: usize,
+    /// The body's bytes passed on (a chunked body's data only).
+    pub(super) sent: u64,
+}
+
+impl Progress {
+    pub(super) fn new(framing: Framing) -> Self {
+        Self {
+            framing,
+            left: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            chunks: Chunks::default(),
+            left_over: 0,
+            sent: 0,
+        }
+    }
+
+    pub(super) fn done(&self) -> bool {
+        match self.framing {
+            Framing::Empty => true,
+            Framing::Length(_) => self.left == 0,
+            Framing::Chunked => self.chunks.done(),
+            Framing::Close => false,
+        }
+    }
+
+    /// Whether the client gets the body's bytes as the instance sent them.
+    pub(super) fn passes_through(&self) -> bool {
+        self.framing != Framing::Close
+    }
+
+    /// How many of `bytes` belong to the body, counted as passed on.
+    pub(super) fn measure(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
+        let used = match self.framing {
+            Framing::Empty => 0,
+            Framing::Length(_) => {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                self.left -= n as u64;
+                n
+            }
+            Framing::Chunked => self
+                .chunks
+                .advance(bytes)
+                .map_err(|()| "a malformed chunked body")?,
+            Framing::Close => bytes.len(),
+        };
+        self.sent = match self.framing {
+            Framing::Chunked => self.chunks.data,
+            _ => self.sent + used as u64,
+        };
+        self.left_over += bytes.len() - used;
+        Ok(used)
+    }
+
+    /// Appends to `out` what of `bytes` belongs to the body, as the client
+    /// gets it; returns how many of `bytes` that was.
+    pub(super) fn take(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<usize, &'static str> {
+        let used = self.measure(bytes)?;
+        if self.passes_through() {
+            out.extend_from_slice(&bytes[..used]);
+        } else if used > 0 {
+            put_chunk(out, &bytes[..used]);
+        }
+        Ok(used)
+    }
+
+    /// The instance closed the connection: the end of a `Close` body, and
+    /// a cut anywhere else.
+    pub(super) fn at_close(&mut self, out: &mut Vec<u8>) -> Result<(), &'static str> {
+        match self.framing {
+            Framing::Close => {
+                out.extend_from_slice(b"0\r\n\r\n");
+                self.framing = Framing::Empty;
+                Ok(())
+            }
+            _ => Err("the instance closed before the body ended"),
+        }
+    }
+}
+
+/// `bytes` as one chunk of a chunked body.
+fn put_chunk(out: &mut Vec<u8>, bytes: &[u8]) {
+    let digits = (usize::BITS - bytes.len().leading_zeros())
+        .div_ceil(4)
+        .max(1);
+    for i in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(bytes.len() >> (4 * i)) & 0xf]);
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Follows a chunked body (RFC 9112 §7.1) to find its end.
+#[derive(Debug, Default)]
+pub(super) struct Chunks {
+    state: ChunkState,
+    /// Size of the chunk being read, then bytes left of it.
+    size: u64,
+    /// Data bytes of the chunks so far.
+    data: u64,
+    /// The size line being read has a digit.
+    digits: bool,
+}
+
+/// A control character other than HTAB, not allowed in a chunk extension or
+/// a trailer field (and a bare LF, which lenient parsers take for a line's
+/// end, would let the client see the body end elsewhere than this parser).
+fn control(b: u8) -> bool {
+    (b < 0x20 && b != b'\t') || b == 0x7f
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ChunkState {
+    /// Hex digits of a chunk size.
+    #[default]
+    Size,
+    /// After the size: extensions or whitespace, up to CR.
+    Ext,
+    /// LF after a size line.
+    SizeLf,
+    Data,
+    /// CR after a chunk's data.
+    DataCr,
+    DataLf,
+    /// Start of a trailer line (or of the final CRLF).
+    TrailerStart,
+    Trailer,
+    /// LF of a trailer line.
+    TrailerLf,
+    /// LF of the final CRLF.
+    EndLf,
+    Done,
+}
+
+impl Chunks {
+    pub(super) fn done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Follows `bytes`; returns how many belong to the body (all, unless it
+    /// ends within them). An error for bytes no chunked body has.
+    fn advance(&mut self, bytes: &[u8]) -> Result<usize, ()> {
+        let mut i = 0;
+        loop {
+            let (framing, data) = self.next(&bytes[i..])?;
+            i += framing;
+            if data == 0 {
+                return Ok(i);
+            }
+            self.took(data);
+            i += data;
+        }
+    }
+
+    /// Follows the framing at the front of `bytes` up to the next data:
+    /// returns how many bytes of framing that was, and how many data
+    /// bytes follow it in `bytes` (0 when `bytes` ends first, or the body
+    /// does). Data counts as followed once [`Chunks::took`].
+    pub(super) fn next(&mut self, bytes: &[u8]) -> Result<(usize, usize), ()> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < bytes.len() && self.state != Done {
+            let b = bytes[i];
+            match self.state {
+                Size => match (b as char).to_digit(16) {
+                    Some(d) => {
+                        self.size = self.size.checked_mul(16).ok_or(())? + u64::from(d);
+                        self.digits = true;
+                    }
+                    // A size has a digit at least.
+                    None if !self.digits => return Err(()),
+                    None if b == b'\r' => self.state = SizeLf,
+                    None if b == b';' || b == b' ' || b == b'\t' => self.state = Ext,
+                    None => return Err(()),
+                },
+                Ext => {
+                    if b == b'\r' {
+                        self.state = SizeLf;
+                    } else if control(b) {
+                        return Err(());
+                    }
+                }
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.digits = false;
+                    self.state = if self.size == 0 { TrailerStart } else { Data };
+                }
+                Data => {
+                    let n = (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                    return Ok((i, n));
+                }
+                DataCr => {
+                    if b != b'\r' {
+                        return Err(());
+                    }
+                    self.state = DataLf;
+                }
+                DataLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = Size;
+                }
+                TrailerStart if b == b'\r' => self.state = EndLf,
+                TrailerStart | Trailer => {
+                    if b == b'\r' {
+                        self.state = TrailerLf;
+                    } else if control(b) {
+                        return Err(());
+                    } else {
+                        self.state = Trailer;
+                    }
+                }
+                TrailerLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = TrailerStart;
+                }
+                EndLf => {
+                    if b != b'\n' {
+                        return Err(());
+                    }
+                    self.state = Done;
+                }
+                Done => {}
+            }
+            i += 1;
+        }
+        Ok((i, 0))
+    }
+
+    /// `n` data bytes (at least one) that [`Chunks::next`] found were
+    /// taken.
+    pub(super) fn took(&mut self, n: usize) {
+        debug_assert!(n > 0 && self.state == ChunkState::Data);
+        self.size -= n as u64;
+        self.data += n as u64;
+        if self.size == 0 {
+            self.state = ChunkState::DataCr;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn follow(body: &[u8], pieces: usize) -> (Result<usize, ()>, bool) {
+        let mut chunks = Chunks::default();
+        let mut used = 0;
+        for piece in body.chunks(pieces) {
+            match chunks.advance(piece) {
+                Ok(n) => used += n,
+                Err(()) => return (Err(()), chunks.done()),
+            }
+            if chunks.done() {
+                break;
+            }
+        }
+        (Ok(used), chunks.done())
+    }
+    #[test]
+    fn a_chunked_body_ends_where_its_last_chunk_and_trailers_end() {
+        let body = b"5\r\nhello\r\n1;ext=1\r\n!\r\n0\r\nx-t: 1\r\n\r\n";
+        for piece in [1, 2, 3, 7, body.len()] {
+            assert_eq!(
+                follow(body, piece),
+                (Ok(body.len()), true),
+                "pieces of {piece}"
+            );
+        }
+        let mut with_next = body.to_vec();
+        with_next.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(follow(&with_next, with_next.len()), (Ok(body.len()), true));
+        assert_eq!(follow(b"a\r\n0123456789\r\n", 4), (Ok(15), false));
+    }
+
+    #[test]
+    fn a_broken_chunked_body_is_an_error() {
+        for bad in [
+            &b"z\r\n"[..],
+            b"5\r\nhelloXX",
+            b"5\n",
+            b"\r\n",
+            b";ext\r\n",
+            b"1;a\nb\r\nx\r\n",
+            b"0\r\n\nHTTP/1.1 200 OK\r\n",
+            b"0\r\nx-t: 1\n\r\n",
+            b"0\r\nx-t: \x001\r\n\r\n",
+            b"ffffffffffffffffff\r\n",
+        ] {
+            assert_eq!(
+                follow(bad, bad.len()).0,
+                Err(()),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+    #[test]
+    fn a_body_that_ends_at_close_is_sent_chunked() {
+        let mut body = Progress::new(Framing::Close);
+        let mut out = Vec::new();
+        assert_eq!(body.take(b"hello", &mut out), Ok(5));
+        body.at_close(&mut out).expect("end of a Close body");
+        assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
+        assert!(body.done());
+        let mut cut = Progress::new(Framing::Length(10));
+        assert_eq!(cut.take(b"hello", &mut Vec::new()), Ok(5));
+        assert!(cut.at_close(&mut Vec::new()).is_err());
+    }
+}
