@@ -14,7 +14,7 @@ use tracing::debug;
 
 use super::conn::{ActiveGuard, Conn};
 use super::log::Log;
-use super::reply::{CLIENT_LEFT, Done, Framing, Progress, READ_CHUNK};
+use super::reply::{CLIENT_LEFT, Done, Framing, MAX_READ, Progress, READ_CHUNK};
 use crate::balancer::Lease;
 use crate::upstream::{IdleLimits, ParkedConn, Pool, PooledConn};
 
@@ -288,6 +288,9 @@ pub(super) struct LeanBody {
     keep_alive: bool,
     done: Option<Done>,
     conn: Arc<Conn>,
+    /// How much the next read asks for: doubled, up to [`MAX_READ`], after
+    /// each read that fills it.
+    read_size: usize,
 }
 
 impl LeanBody {
@@ -309,6 +312,7 @@ impl LeanBody {
             keep_alive,
             done: Some(done),
             conn,
+            read_size: READ_CHUNK,
         }
     }
 
@@ -352,16 +356,10 @@ impl LeanBody {
         done.end(&self.conn, up.filter(|_| reusable), self.body.sent, cut);
     }
 
-    fn fail(
-        &mut self,
-        cut: (&'static str, &'static str),
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.finish(Some(cut));
-        Poll::Ready(Some(Err(if cut.0 == "internal" {
-            Drained.into()
-        } else {
-            cut.1.into()
-        })))
+    /// Ends the request, the instance having broken the body off (`why`).
+    fn fail(&mut self, why: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.finish(Some(("upstream", why)));
+        Poll::Ready(Some(Err(why.into())))
     }
 }
 
@@ -381,7 +379,7 @@ impl Body for LeanBody {
             match this.next_data() {
                 Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                 Ok(None) => {}
-                Err(why) => return this.fail(("upstream", why)),
+                Err(why) => return this.fail(why),
             }
             if this.body.done() {
                 this.finish(None);
@@ -391,23 +389,29 @@ impl Body for LeanBody {
                 return Poll::Ready(None);
             };
             if up.poll_aborted(cx) {
-                return this.fail(("internal", "instance drained"));
+                this.finish(Some(("internal", "instance drained")));
+                return Poll::Ready(Some(Err(Drained.into())));
             }
             if this.pending.capacity() - this.pending.len() < 512 {
-                this.pending.reserve(READ_CHUNK);
+                this.pending.reserve(this.read_size);
             }
+            let room = this.pending.capacity() - this.pending.len();
             match tokio_util::io::poll_read_buf(Pin::new(up.io()), cx, &mut this.pending) {
                 Poll::Ready(Ok(0)) => {
                     if this.body.framing != Framing::Close {
-                        return this
-                            .fail(("upstream", "the instance closed before the body ended"));
+                        return this.fail("the instance closed before the body ended");
                     }
                     this.body.framing = Framing::Empty;
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(n)) => {
+                    // A read that filled the room asks for more (a bulk body).
+                    if n == room && this.read_size < MAX_READ {
+                        this.read_size *= 2;
+                    }
+                }
                 Poll::Ready(Err(error)) => {
                     debug!(%error, "upstream body failed");
-                    return this.fail(("upstream", "reading the body failed"));
+                    return this.fail("reading the body failed");
                 }
                 Poll::Pending => return Poll::Pending,
             }
@@ -415,7 +419,9 @@ impl Body for LeanBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done.is_none() || (self.body.done() && self.pending.is_empty())
+        // Bytes after the end (a 304 with a body, say) are not the body's:
+        // they only keep the connection from being reused.
+        self.done.is_none() || self.body.done()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -431,7 +437,7 @@ impl Drop for LeanBody {
     fn drop(&mut self) {
         // hyper does not poll a body that reports its end up front (HEAD,
         // 204, 304, empty bodies): that still counts as read whole.
-        let whole = self.body.done() && self.pending.is_empty();
+        let whole = self.body.done();
         self.finish((!whole).then_some(CLIENT_LEFT));
     }
 }

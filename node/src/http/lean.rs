@@ -50,7 +50,7 @@ pub(super) mod stream;
 use super::conn::{ActiveGuard, Conn, TimedIo};
 use super::error::ProxyError;
 use super::log::{Log, Record};
-use super::reply::{CLIENT_LEFT, Done, Framing, Progress, READ_CHUNK};
+use super::reply::{CLIENT_LEFT, Done, Framing, MAX_READ, Progress, READ_CHUNK};
 use crate::balancer::Lease;
 use crate::dataplane::{Attempts, Unserved};
 use crate::routing::Target;
@@ -59,11 +59,9 @@ use crate::upstream::{ParkedConn, Pool};
 /// Header fields a head may have, request or response (hyper's limit).
 const MAX_FIELDS: usize = 100;
 
-/// Largest response head read from an instance.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-
-/// The largest the read buffer grows to, reading a bulk body.
-const MAX_READ: usize = 64 * 1024;
+/// Largest response head read from an instance (hyper's client allows as
+/// much).
+const MAX_RESPONSE_HEAD: usize = 8 * 1024 + 100 * 4096;
 
 /// What became of the connection's next request.
 #[derive(Debug, PartialEq, Eq)]
@@ -550,10 +548,16 @@ fn put_status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa3(status).as_slice());
     out.push(b' ');
+    // The instance's own phrase, as hyper writes it back; else the code's.
     let canonical = StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason());
-    out.extend_from_slice(canonical.unwrap_or(reason).as_bytes());
+    let reason = if reason.is_empty() {
+        canonical.unwrap_or("")
+    } else {
+        reason
+    };
+    out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -658,10 +662,21 @@ struct Head {
     /// Bytes of the head at the front of the read buffer.
     len: usize,
     framing: Framing,
-    /// The instance keeps the connection open after this response.
-    keep_alive: bool,
+    /// The instance closes the connection after this response.
+    close: bool,
+    /// The instance's reason phrase, when it is not the status code's
+    /// own.
+    reason: Option<Vec<u8>>,
     /// The head for the client.
     client_head: Vec<u8>,
+}
+
+impl Head {
+    /// Whether the connection can carry another request once a body
+    /// framed as `framing` (this head's, or none for `HEAD`) was read.
+    fn keeps_open(&self, framing: Framing) -> bool {
+        !self.close && framing != Framing::Close
+    }
 }
 
 /// Reads the response head (skipping interim 1xx answers) into `buf`.
@@ -774,6 +789,15 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
     } else {
         length.map_or(Framing::Close, Framing::Length)
     };
+    let reason = resp
+        .reason
+        .filter(|r| {
+            let canonical = StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason());
+            !r.is_empty() && canonical != Some(*r)
+        })
+        .map(|r| r.as_bytes().to_vec());
     let mut client_head = Vec::with_capacity(len + 32);
     put_status_line(&mut client_head, status, resp.reason.unwrap_or(""));
     for field in resp.headers.iter() {
@@ -799,7 +823,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
         status,
         len,
         framing,
-        keep_alive: !close && framing != Framing::Close,
+        close,
+        reason,
         client_head,
     }))
 }
@@ -830,6 +855,7 @@ where
     };
     let mut body = Progress::new(framing);
     // The head and what came with it, in one write.
+    let instance_keeps_open = head.keeps_open(framing);
     let mut out = head.client_head;
     let keep_open = !closing(conn);
     if !keep_open {
@@ -896,7 +922,7 @@ where
             Err(why) => outcome = Err(("upstream", why)),
         }
     }
-    let reusable = outcome.is_ok() && head.keep_alive && body.left_over == 0;
+    let reusable = outcome.is_ok() && instance_keeps_open && body.left_over == 0;
     let cut = outcome.as_ref().err().copied();
     let done = Done {
         lease,
@@ -929,7 +955,7 @@ mod tests {
         .flatten()
         .expect("whole");
         assert_eq!(head.framing, Framing::Length(3));
-        assert!(head.keep_alive);
+        assert!(head.keeps_open(head.framing));
         assert_eq!(
             String::from_utf8(head.client_head).unwrap(),
             "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nserver: s\r\n\r\n"
@@ -950,7 +976,7 @@ mod tests {
             .flatten()
             .expect("whole");
         assert_eq!(head.framing, Framing::Close);
-        assert!(!head.keep_alive);
+        assert!(!head.keeps_open(head.framing));
         let head = parse_head(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n")
             .ok()
             .flatten()

@@ -13,6 +13,9 @@ use crate::upstream::{IdleLimits, ParkedConn, Pool};
 /// The upstream read buffer, at first: most answers fit.
 pub(super) const READ_CHUNK: usize = 4 * 1024;
 
+/// The largest the read buffer grows to, reading a bulk body.
+pub(super) const MAX_READ: usize = 64 * 1024;
+
 /// Where a response body ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Framing {

@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
@@ -1899,4 +1899,77 @@ async fn http2_large_answers_arrive_whole() {
             .to_bytes();
         assert!(got == big_body().as_bytes(), "{} bytes", got.len());
     }
+}
+
+/// Answers without a body, one per upstream connection but the last two:
+/// a 304 with bytes after it, a HEAD's, and a status with its own phrase.
+fn bodiless_answers(conn: usize, n: usize) -> Vec<u8> {
+    match (conn, n) {
+        (0, _) => b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\nhello".to_vec(),
+        (_, 0) => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_vec(),
+        _ => b"HTTP/1.1 299 Custom Thing\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_answers_without_a_body_end_at_their_head() {
+    let (edge, counters) = scripted_edge(bodiless_answers).await;
+    let a = edge.backend("a");
+    let mut sender = h2_client(&edge).await;
+    for (method, status, length, body) in [
+        (Method::GET, 304, Some("5"), ""),
+        (Method::HEAD, 200, Some("5"), ""),
+        (Method::GET, 299, Some("2"), "ok"),
+    ] {
+        within(sender.ready()).await.expect("ready");
+        let req = Request::builder()
+            .method(method.clone())
+            .uri("http://app.example.com/")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = within(sender.send_request(req)).await.expect("response");
+        assert_eq!(resp.status(), status, "{method}");
+        let got_length = resp
+            .headers()
+            .get("content-length")
+            .map(|v| v.to_str().expect("ascii").to_owned());
+        assert_eq!(got_length.as_deref(), length, "{method} {status}");
+        let got = within(resp.into_body().collect())
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(String::from_utf8_lossy(&got), body);
+    }
+    // The bytes after the 304 cost its connection; the HEAD's was reused.
+    assert_eq!(counters.conns.load(Ordering::SeqCst), 2);
+    eventually("requests to end", || a.local_inflight() == 0).await;
+}
+
+#[tokio::test]
+async fn http1_answers_without_a_body_end_at_their_head() {
+    let (edge, counters) = scripted_edge(bodiless_answers).await;
+    let (mut stream, head) = raw_request(
+        edge.addr,
+        b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 304 Not Modified\r\n"), "{head}");
+    stream
+        .write_all(b"HEAD / HTTP/1.1\r\nhost: app.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    let head = within(read_head(&mut stream)).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains("content-length: 5\r\n"), "{head}");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    // Nothing of the 304's extra bytes, nor a HEAD body, came before it.
+    let head = within(read_head(&mut stream)).await;
+    assert!(head.starts_with("HTTP/1.1 299 Custom Thing\r\n"), "{head}");
+    let mut body = [0u8; 2];
+    within(stream.read_exact(&mut body)).await.expect("body");
+    assert_eq!(&body, b"ok");
+    assert_eq!(counters.conns.load(Ordering::SeqCst), 2);
 }

@@ -8,7 +8,7 @@
 //!
 //! The answer means what it means through hyper's client: hop-by-hop
 //! fields (and those `Connection` names) dropped, the body decoded from
-//! its framing (a chunked body's trailers are not passed on), the
+//! its framing, the
 //! connection back in the pool only after the body was read whole, and
 //! the request's metrics, in-flight count and access log line ended with
 //! the body, or when hyper drops it (the client went away).
@@ -68,7 +68,7 @@ pub(crate) async fn forward<B>(
         got.up,
         pending,
         Progress::new(framing),
-        got.head.keep_alive,
+        got.head.keeps_open(framing),
         done,
         conn.clone(),
     );
@@ -76,6 +76,15 @@ pub(crate) async fn forward<B>(
     *resp.status_mut() = status;
     *resp.version_mut() = Version::HTTP_11;
     *resp.headers_mut() = headers;
+    // hyper's HTTP/1 server writes an instance's own reason phrase back.
+    if let Some(reason) = got
+        .head
+        .reason
+        .as_deref()
+        .and_then(|r| hyper::ext::ReasonPhrase::try_from(r).ok())
+    {
+        resp.extensions_mut().insert(reason);
+    }
     Ok(resp)
 }
 
