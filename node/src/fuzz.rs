@@ -12,6 +12,7 @@
 //! crate can call it.
 
 mod admin;
+mod answer;
 mod cluster;
 mod config;
 mod fixture;
@@ -38,6 +39,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config_toml", config_toml),
     ("csr", csr),
     ("http_head", http_head),
+    ("http_answer", http_answer),
 ];
 
 /// The body of target `name`; `None` for an unknown name.
@@ -46,6 +48,7 @@ pub fn target(name: &str) -> Option<Target> {
 }
 
 pub use admin::body as admin_body;
+pub use answer::answer as http_answer;
 pub use cluster::{body as cluster_body, stream as cluster_stream};
 pub use config::toml as config_toml;
 pub use gossip::{delta as gossip_delta, report as gossip_report};

@@ -28,10 +28,10 @@ pub(crate) mod conn;
 mod error;
 pub(crate) mod forward;
 pub(crate) mod headers;
-mod lean;
+pub(crate) mod lean;
 pub(crate) mod log;
 pub(crate) mod redirect;
-mod reply;
+pub(crate) mod reply;
 mod upgrade;
 
 #[cfg(test)]

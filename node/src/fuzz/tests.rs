@@ -82,5 +82,6 @@ mod replay {
         config_toml,
         csr,
         http_head,
+        http_answer,
     );
 }

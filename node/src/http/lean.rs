@@ -572,7 +572,7 @@ fn itoa3(n: u16) -> [u8; 3] {
 
 /// How an exchange with an instance failed.
 #[derive(Debug)]
-enum UpErr {
+pub(crate) enum UpErr {
     /// The connection ended before a whole response head.
     Closed,
     Io(io::Error),
@@ -657,18 +657,18 @@ async fn read_up(up: &mut ParkedConn, buf: &mut Vec<u8>) -> Result<usize, UpErr>
 
 /// A response head from an instance, parsed.
 #[derive(Debug)]
-struct Head {
-    status: u16,
+pub(crate) struct Head {
+    pub(crate) status: u16,
     /// Bytes of the head at the front of the read buffer.
-    len: usize,
-    framing: Framing,
+    pub(crate) len: usize,
+    pub(crate) framing: Framing,
     /// The instance closes the connection after this response.
     close: bool,
     /// The instance's reason phrase, when it is not the status code's
     /// own.
     reason: Option<Vec<u8>>,
     /// The head for the client.
-    client_head: Vec<u8>,
+    pub(crate) client_head: Vec<u8>,
 }
 
 impl Head {
@@ -715,7 +715,7 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// The response head at the front of `buf`, once whole.
-fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
+pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut resp = httparse::Response::new(&mut fields);
     let len = match resp.parse(buf) {

@@ -18,7 +18,7 @@ pub(super) const MAX_READ: usize = 64 * 1024;
 
 /// Where a response body ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Framing {
+pub(crate) enum Framing {
     Empty,
     Length(u64),
     /// Passed on as sent (`Transfer-Encoding: chunked`).
@@ -82,19 +82,19 @@ pub(super) const CLIENT_LEFT: (&str, &str) =
 
 /// A response body on its way: how much of it is left.
 #[derive(Debug)]
-pub(super) struct Progress {
-    pub(super) framing: Framing,
+pub(crate) struct Progress {
+    pub(crate) framing: Framing,
     /// Bytes left of a `Length` body.
-    pub(super) left: u64,
+    pub(crate) left: u64,
     pub(super) chunks: Chunks,
     /// Bytes read past the body's end.
-    pub(super) left_over: usize,
+    pub(crate) left_over: usize,
     /// The body's bytes passed on (a chunked body's data only).
-    pub(super) sent: u64,
+    pub(crate) sent: u64,
 }
 
 impl Progress {
-    pub(super) fn new(framing: Framing) -> Self {
+    pub(crate) fn new(framing: Framing) -> Self {
         Self {
             framing,
             left: match framing {
@@ -107,7 +107,7 @@ impl Progress {
         }
     }
 
-    pub(super) fn done(&self) -> bool {
+    pub(crate) fn done(&self) -> bool {
         match self.framing {
             Framing::Empty => true,
             Framing::Length(_) => self.left == 0,
@@ -117,12 +117,12 @@ impl Progress {
     }
 
     /// Whether the client gets the body's bytes as the instance sent them.
-    pub(super) fn passes_through(&self) -> bool {
+    pub(crate) fn passes_through(&self) -> bool {
         self.framing != Framing::Close
     }
 
     /// How many of `bytes` belong to the body, counted as passed on.
-    pub(super) fn measure(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
+    pub(crate) fn measure(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
         let used = match self.framing {
             Framing::Empty => 0,
             Framing::Length(_) => {
@@ -148,7 +148,7 @@ impl Progress {
 
     /// Appends to `out` what of `bytes` belongs to the body, as the client
     /// gets it; returns how many of `bytes` that was.
-    pub(super) fn take(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<usize, &'static str> {
+    pub(crate) fn take(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<usize, &'static str> {
         let used = self.measure(bytes)?;
         if self.passes_through() {
             out.extend_from_slice(&bytes[..used]);
@@ -160,7 +160,7 @@ impl Progress {
 
     /// The instance closed the connection: the end of a `Close` body, and
     /// a cut anywhere else.
-    pub(super) fn at_close(&mut self, out: &mut Vec<u8>) -> Result<(), &'static str> {
+    pub(crate) fn at_close(&mut self, out: &mut Vec<u8>) -> Result<(), &'static str> {
         match self.framing {
             Framing::Close => {
                 out.extend_from_slice(b"0\r\n\r\n");
