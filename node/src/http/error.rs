@@ -6,6 +6,12 @@ use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
+use std::time::Instant;
+
+use tracing::debug;
+
+use crate::balancer::Lease;
+use crate::dataplane::Unserved;
 use crate::upstream::ConnectError;
 
 /// Who caused a failure.
@@ -62,7 +68,33 @@ pub(crate) enum ProxyError {
     Internal(&'static str),
 }
 
+/// Why no instance could be tried (`crate::dataplane::Attempts`).
+impl From<Unserved> for ProxyError {
+    fn from(why: Unserved) -> Self {
+        match why {
+            Unserved::NoInstances => Self::NoInstances,
+            Unserved::Overloaded => Self::Overloaded,
+            Unserved::NoPool => Self::Internal("selected instance has no pool"),
+            Unserved::Failed(error) => Self::Connect(error),
+        }
+    }
+}
+
 impl ProxyError {
+    /// The error of a request the instance failed before its response
+    /// head (picked at `start`): counted in its status class and duration,
+    /// and logged.
+    pub(crate) fn counted(self, lease: &Lease, start: Instant) -> Self {
+        let backend = lease.backend();
+        backend.metrics.observe_status(self.status().as_u16());
+        backend
+            .metrics
+            .duration
+            .observe(start.elapsed().as_secs_f64());
+        debug!(instance = %backend.name, error = %self, "upstream failed");
+        self
+    }
+
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,

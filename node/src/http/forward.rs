@@ -23,7 +23,7 @@ use super::log::{Log, Record};
 use super::redirect;
 use super::upgrade;
 use crate::balancer::Lease;
-use crate::dataplane::{Attempts, Settings, Unserved};
+use crate::dataplane::{Attempts, Settings};
 use crate::routing::Target;
 use crate::upstream::{ClientBody, ConnectError, IdleLimits, Pool, PooledConn};
 
@@ -135,12 +135,7 @@ async fn forward(
     let settings = &conn.dp.settings;
     let mut tries = Attempts::new(target);
     loop {
-        let (lease, pool) = tries.next().map_err(|why| match why {
-            Unserved::NoInstances => ProxyError::NoInstances,
-            Unserved::Overloaded => ProxyError::Overloaded,
-            Unserved::NoPool => ProxyError::Internal("selected instance has no pool"),
-            Unserved::Failed(error) => ProxyError::Connect(error),
-        })?;
+        let (lease, pool) = tries.next().map_err(ProxyError::from)?;
         if let Some(record) = log.as_deref_mut() {
             record.attempts = tries.made();
             record.instance = Some(lease.backend().clone());
@@ -161,16 +156,7 @@ async fn forward(
                 tries.failed(lease, error);
                 req = back;
             }
-            Exchange::Failed(error) => {
-                let backend = lease.backend();
-                backend.metrics.observe_status(error.status().as_u16());
-                backend
-                    .metrics
-                    .duration
-                    .observe(start.elapsed().as_secs_f64());
-                debug!(instance = %backend.name, %error, "upstream failed");
-                return Err(error);
-            }
+            Exchange::Failed(error) => return Err(error.counted(&lease, start)),
         }
     }
 }

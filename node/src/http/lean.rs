@@ -52,7 +52,7 @@ use super::error::ProxyError;
 use super::log::{Log, Record};
 use super::reply::{CLIENT_LEFT, Done, Framing, MAX_READ, Progress, READ_CHUNK};
 use crate::balancer::Lease;
-use crate::dataplane::{Attempts, Unserved};
+use crate::dataplane::Attempts;
 use crate::routing::Target;
 use crate::upstream::{ParkedConn, Pool};
 
@@ -386,12 +386,7 @@ async fn exchange(
     let settings = &conn.dp.settings;
     let mut tries = Attempts::new(target);
     loop {
-        let (lease, pool) = tries.next().map_err(|why| match why {
-            Unserved::NoInstances => ProxyError::NoInstances,
-            Unserved::Overloaded => ProxyError::Overloaded,
-            Unserved::NoPool => ProxyError::Internal("selected instance has no pool"),
-            Unserved::Failed(error) => ProxyError::Connect(error),
-        })?;
+        let (lease, pool) = tries.next().map_err(ProxyError::from)?;
         let start = Instant::now();
         let backend = lease.backend();
         if let Some(record) = log.as_deref_mut() {
@@ -446,8 +441,8 @@ async fn exchange(
                         Err(error) => break Err(error),
                     }
                 }
-                Ok(Err(error)) => return Err(failed(&lease, start, error.into_proxy())),
-                Err(_) => return Err(failed(&lease, start, ProxyError::Timeout)),
+                Ok(Err(error)) => return Err(error.into_proxy().counted(&lease, start)),
+                Err(_) => return Err(ProxyError::Timeout.counted(&lease, start)),
             }
         };
         match head {
@@ -485,19 +480,6 @@ async fn connect(
         conn.dp.settings.connect_timeout,
     ))
     .await
-}
-
-/// The instance failed before its response head: counted as the hyper
-/// path counts it.
-fn failed(lease: &Lease, start: Instant, error: ProxyError) -> ProxyError {
-    let backend = lease.backend();
-    backend.metrics.observe_status(error.status().as_u16());
-    backend
-        .metrics
-        .duration
-        .observe(start.elapsed().as_secs_f64());
-    debug!(instance = %backend.name, %error, "upstream failed");
-    error
 }
 
 /// Writes the node's own answer for `error`.
@@ -866,7 +848,7 @@ where
     if let Err(why) = body.take(&buf[head.len..], &mut out) {
         // Nothing was sent yet: answered as a failed exchange is.
         let error = ProxyError::UpstreamIo(io::Error::new(io::ErrorKind::InvalidData, why));
-        let error = failed(&lease, start, error);
+        let error = error.counted(&lease, start);
         drop((up, lease));
         return answer_error(io, conn, &error, req.head_only, log.take()).await;
     }

@@ -1738,20 +1738,22 @@ fn big_body() -> String {
         .collect()
 }
 
+/// 1 MiB by its length, then 1 MiB ended by the instance's close.
+fn big_answers(_conn: usize, n: usize) -> Vec<u8> {
+    let body = big_body();
+    match n {
+        0 => format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+        _ => format!("HTTP/1.1 200 OK\r\n\r\n{body}<close>"),
+    }
+    .into_bytes()
+}
+
 #[tokio::test]
 async fn a_large_answer_arrives_whole_by_length_and_by_close() {
-    let (edge, counters) = scripted_edge(|_, n| {
-        let body = big_body();
-        match n {
-            0 => format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            ),
-            _ => format!("HTTP/1.1 200 OK\r\n\r\n{body}<close>"),
-        }
-        .into_bytes()
-    })
-    .await;
+    let (edge, counters) = scripted_edge(big_answers).await;
     let mut client = edge.client().await;
     for framing in ["content-length", "transfer-encoding"] {
         let reply = send(&mut client, get("app.example.com", "/big")).await;
@@ -1873,18 +1875,7 @@ async fn http2_answers_are_decoded_from_every_framing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_large_answers_arrive_whole() {
-    let (edge, _) = scripted_edge(|_, n| {
-        let body = big_body();
-        match n {
-            0 => format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            ),
-            _ => format!("HTTP/1.1 200 OK\r\n\r\n{body}<close>"),
-        }
-        .into_bytes()
-    })
-    .await;
+    let (edge, _) = scripted_edge(big_answers).await;
     let mut sender = h2_client(&edge).await;
     for _ in 0..2 {
         within(sender.ready()).await.expect("ready");
