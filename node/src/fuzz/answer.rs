@@ -14,7 +14,7 @@ pub fn answer(data: &[u8]) {
         return;
     };
     assert!(head.len <= data.len());
-    check_client_head(&head.client_head);
+    check_client_head(&head.client_head(data));
     let body = &data[head.len..];
     let whole = follow(head.framing, body, body.len().max(1));
     for piece in [1, 2, 3, 7] {

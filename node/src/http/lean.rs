@@ -80,7 +80,8 @@ pub(crate) async fn serve<I>(io: &mut TimedIo<I>, conn: &Arc<Conn>) -> Lean
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    if !takes_requests(conn) {
+    // A closing connection's last answer says so: hyper's path writes it.
+    if closing(conn) {
         return Lean::Hyper;
     }
     let Some(req) = Request::parse(io.unread_bytes(), conn) else {
@@ -130,11 +131,6 @@ where
         Poll::Pending
     })
     .await
-}
-
-/// Whether the connection's requests may take this path at all.
-fn takes_requests(conn: &Conn) -> bool {
-    !conn.closes_after_response() && !conn.close_requested()
 }
 
 /// A request this path takes, ready for an instance.
@@ -276,7 +272,7 @@ impl Request {
             upstream_head: head,
             target,
             path: checked_path,
-            host: range_in(bytes, host),
+            host: range_in(bytes, host.as_bytes()),
         })
     }
 
@@ -297,7 +293,7 @@ impl Request {
 }
 
 /// Where `part`, a slice of `whole`, is in it.
-fn range_in(whole: &[u8], part: &str) -> Range<usize> {
+fn range_in(whole: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - whole.as_ptr() as usize;
     start..start + part.len()
 }
@@ -649,11 +645,45 @@ pub(crate) struct Head {
     /// The instance's reason phrase, when it is not the status code's
     /// own.
     reason: Option<Vec<u8>>,
-    /// The head for the client.
-    pub(crate) client_head: Vec<u8>,
+    /// The fields passed on (not hop-by-hop, nor those `Connection`
+    /// names, nor the framing fields of an encoded body): where their names
+    /// and values are in the read buffer.
+    fields: Vec<(Range<usize>, Range<usize>)>,
 }
 
 impl Head {
+    /// The fields passed on, as names and values in `buf` (the buffer the
+    /// head was parsed from).
+    pub(crate) fn fields<'a>(
+        &'a self,
+        buf: &'a [u8],
+    ) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+        self.fields
+            .iter()
+            .map(|(name, value)| (&buf[name.clone()], &buf[value.clone()]))
+    }
+
+    /// The head written to an HTTP/1.1 client: the fields passed on, and
+    /// `Transfer-Encoding: chunked` for a body sent chunked.
+    pub(crate) fn client_head(&self, buf: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len + 32);
+        let reason = self.reason.as_deref().unwrap_or_default();
+        // Not UTF-8 (obs-text): the code's own phrase instead.
+        put_status_line(
+            &mut out,
+            self.status,
+            std::str::from_utf8(reason).unwrap_or(""),
+        );
+        for (name, value) in self.fields(buf) {
+            put_field(&mut out, std::str::from_utf8(name).unwrap_or(""), value);
+        }
+        if matches!(self.framing, Framing::Chunked | Framing::Close) {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
     /// Whether the connection can carry another request once a body
     /// framed as `framing` (this head's, or none for `HEAD`) was read.
     fn keeps_open(&self, framing: Framing) -> bool {
@@ -780,34 +810,31 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
             !r.is_empty() && canonical != Some(*r)
         })
         .map(|r| r.as_bytes().to_vec());
-    let mut client_head = Vec::with_capacity(len + 32);
-    put_status_line(&mut client_head, status, resp.reason.unwrap_or(""));
-    for field in resp.headers.iter() {
-        let name = field.name;
-        let framing_field = name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("content-length");
-        if HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-            || named.iter().any(|h| name.eq_ignore_ascii_case(h))
-            || (framing_field && encoded)
-        {
-            continue;
-        }
-        put_field(&mut client_head, name, field.value);
-    }
-    match framing {
-        Framing::Chunked | Framing::Close => {
-            client_head.extend_from_slice(b"transfer-encoding: chunked\r\n")
-        }
-        Framing::Empty | Framing::Length(_) => {}
-    }
-    client_head.extend_from_slice(b"\r\n");
+    let fields = resp
+        .headers
+        .iter()
+        .filter(|field| {
+            let name = field.name;
+            let framing_field = name.eq_ignore_ascii_case("transfer-encoding")
+                || name.eq_ignore_ascii_case("content-length");
+            !(HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+                || named.iter().any(|h| name.eq_ignore_ascii_case(h))
+                || (framing_field && encoded))
+        })
+        .map(|field| {
+            (
+                range_in(buf, field.name.as_bytes()),
+                range_in(buf, field.value),
+            )
+        })
+        .collect();
     Ok(Some(Head {
         status,
         len,
         framing,
         close,
         reason,
-        client_head,
+        fields,
     }))
 }
 
@@ -838,7 +865,7 @@ where
     let mut body = Progress::new(framing);
     // The head and what came with it, in one write.
     let instance_keeps_open = head.keeps_open(framing);
-    let mut out = head.client_head;
+    let mut out = head.client_head(&buf);
     let keep_open = !closing(conn);
     if !keep_open {
         // Before the head's final CRLF.
@@ -929,28 +956,20 @@ mod tests {
 
     #[test]
     fn response_heads_lose_hop_by_hop_fields_and_keep_their_framing() {
-        let head = parse_head(
-            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
-              Content-Length: 3\r\nServer: s\r\n\r\nok\n",
-        )
-        .ok()
-        .flatten()
-        .expect("whole");
+        let bytes = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
+              Content-Length: 3\r\nServer: s\r\n\r\nok\n";
+        let head = parse_head(bytes).ok().flatten().expect("whole");
         assert_eq!(head.framing, Framing::Length(3));
         assert!(head.keeps_open(head.framing));
         assert_eq!(
-            String::from_utf8(head.client_head).unwrap(),
+            String::from_utf8(head.client_head(bytes)).unwrap(),
             "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nserver: s\r\n\r\n"
         );
-        let head = parse_head(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
-        )
-        .ok()
-        .flatten()
-        .expect("whole");
+        let bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n";
+        let head = parse_head(bytes).ok().flatten().expect("whole");
         assert_eq!(head.framing, Framing::Chunked);
         assert_eq!(
-            String::from_utf8(head.client_head).unwrap(),
+            String::from_utf8(head.client_head(bytes)).unwrap(),
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         let head = parse_head(b"HTTP/1.0 200 OK\r\n\r\n")

@@ -26,7 +26,7 @@ use super::super::error::ProxyError;
 use super::super::log::Log;
 use super::super::reply::READ_CHUNK;
 use super::super::reply::{Done, Framing, Progress};
-use super::{HOP_BY_HOP, MAX_FIELDS, exchange, put_field};
+use super::{Head, exchange, put_field};
 use crate::routing::Target;
 
 /// Whether `req` (prepared for the instance) can be sent this way.
@@ -49,7 +49,8 @@ pub(crate) async fn forward<B>(
     let upstream_head = request_head(&req);
     drop(req);
     let got = exchange(conn, target, &upstream_head, log).await?;
-    let (status, headers) = response_parts(&got.buf[..got.head.len]);
+    let status = StatusCode::from_u16(got.head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let headers = header_map(&got.head, &got.buf);
     let framing = if head_only {
         Framing::Empty
     } else {
@@ -103,51 +104,18 @@ fn request_head<B>(req: &http::Request<B>) -> Vec<u8> {
     head
 }
 
-/// The status and the fields hyper passes on of the response head in
-/// `bytes` (already parsed whole once): hop-by-hop fields, those
-/// `Connection` names and the framing ones of an encoded body are left
-/// out, and so is a field that is not a valid header (none that the
-/// parser let through).
-fn response_parts(bytes: &[u8]) -> (StatusCode, HeaderMap) {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let _ = resp.parse(bytes);
-    let status = resp
-        .code
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .unwrap_or(StatusCode::BAD_GATEWAY);
-    let is = |field: &httparse::Header<'_>, name: &str| field.name.eq_ignore_ascii_case(name);
-    let encoded = resp.headers.iter().any(|f| is(f, "transfer-encoding"));
-    let named: Vec<&[u8]> = resp
-        .headers
-        .iter()
-        .filter(|f| is(f, "connection"))
-        .flat_map(|f| f.value.split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .collect();
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-    for field in resp.headers.iter() {
-        if HOP_BY_HOP.iter().any(|h| is(field, h))
-            || named
-                .iter()
-                .any(|n| field.name.as_bytes().eq_ignore_ascii_case(n))
-            || is(field, "transfer-encoding")
-            || (encoded && is(field, "content-length"))
-        {
-            continue;
-        }
-        match (
-            HeaderName::from_bytes(field.name.as_bytes()),
-            HeaderValue::from_bytes(field.value),
-        ) {
+/// The fields of `head` (parsed from `buf`) that hyper passes on; a field
+/// that is not a valid header (none that the parser let through) is left
+/// out.
+fn header_map(head: &Head, buf: &[u8]) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(head.fields.len());
+    for (name, value) in head.fields(buf) {
+        match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
             (Ok(name), Ok(value)) => {
                 headers.append(name, value);
             }
-            _ => debug!(
-                field = field.name,
-                "response field left out: not a valid header"
-            ),
+            _ => debug!("response field left out: not a valid header"),
         }
     }
-    (status, headers)
+    headers
 }
