@@ -318,34 +318,9 @@ impl LeanBody {
 
     /// The next data in `pending`, if any.
     fn next_data(&mut self) -> Result<Option<Bytes>, &'static str> {
-        let n = match self.body.framing {
-            Framing::Empty => 0,
-            Framing::Length(_) => self
-                .pending
-                .len()
-                .min(usize::try_from(self.body.left).unwrap_or(usize::MAX)),
-            Framing::Close => self.pending.len(),
-            Framing::Chunked => {
-                let (framing, data) = self
-                    .body
-                    .chunks
-                    .next(&self.pending)
-                    .map_err(|()| "a malformed chunked body")?;
-                self.pending.advance(framing);
-                if data > 0 {
-                    self.body.chunks.took(data);
-                }
-                data
-            }
-        };
-        if n == 0 {
-            return Ok(None);
-        }
-        if let Framing::Length(_) = self.body.framing {
-            self.body.left -= n as u64;
-        }
-        self.body.sent += n as u64;
-        Ok(Some(self.pending.split_to(n).freeze()))
+        let (framing, n) = self.body.next_data(&self.pending)?;
+        self.pending.advance(framing);
+        Ok((n > 0).then(|| self.pending.split_to(n).freeze()))
     }
 
     /// Ends the request: `cut` says who broke the body off and why.
@@ -398,10 +373,9 @@ impl Body for LeanBody {
             let room = this.pending.capacity() - this.pending.len();
             match tokio_util::io::poll_read_buf(Pin::new(up.io()), cx, &mut this.pending) {
                 Poll::Ready(Ok(0)) => {
-                    if this.body.framing != Framing::Close {
-                        return this.fail("the instance closed before the body ended");
+                    if let Err(why) = this.body.closed() {
+                        return this.fail(why);
                     }
-                    this.body.framing = Framing::Empty;
                 }
                 Poll::Ready(Ok(n)) => {
                     // A read that filled the room asks for more (a bulk body).

@@ -121,26 +121,41 @@ impl Progress {
         self.framing != Framing::Close
     }
 
-    /// How many of `bytes` belong to the body, counted as passed on.
-    pub(crate) fn measure(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
-        let used = match self.framing {
-            Framing::Empty => 0,
+    /// The body's next data at the front of `bytes`, decoded: how many
+    /// bytes of framing come first (a chunked body's), and how many bytes
+    /// of data follow them; both counted as taken.
+    pub(crate) fn next_data(&mut self, bytes: &[u8]) -> Result<(usize, usize), &'static str> {
+        let (framing, data) = match self.framing {
+            Framing::Empty => (0, 0),
             Framing::Length(_) => {
                 let n = bytes
                     .len()
                     .min(usize::try_from(self.left).unwrap_or(usize::MAX));
                 self.left -= n as u64;
-                n
+                (0, n)
             }
-            Framing::Chunked => self
-                .chunks
-                .advance(bytes)
-                .map_err(|()| "a malformed chunked body")?,
-            Framing::Close => bytes.len(),
+            Framing::Close => (0, bytes.len()),
+            Framing::Chunked => {
+                let (framing, data) = self.chunks.next(bytes).map_err(|()| MALFORMED)?;
+                if data > 0 {
+                    self.chunks.took(data);
+                }
+                (framing, data)
+            }
         };
-        self.sent = match self.framing {
-            Framing::Chunked => self.chunks.data,
-            _ => self.sent + used as u64,
+        self.sent += data as u64;
+        Ok((framing, data))
+    }
+
+    /// How many of `bytes` belong to the body as sent (a chunked body's
+    /// framing included), counted as passed on.
+    pub(crate) fn measure(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
+        let used = if self.framing == Framing::Chunked {
+            let used = self.chunks.advance(bytes).map_err(|()| MALFORMED)?;
+            self.sent = self.chunks.data;
+            used
+        } else {
+            self.next_data(bytes)?.1
         };
         self.left_over += bytes.len() - used;
         Ok(used)
@@ -160,17 +175,25 @@ impl Progress {
 
     /// The instance closed the connection: the end of a `Close` body, and
     /// a cut anywhere else.
-    pub(crate) fn at_close(&mut self, out: &mut Vec<u8>) -> Result<(), &'static str> {
-        match self.framing {
-            Framing::Close => {
-                out.extend_from_slice(b"0\r\n\r\n");
-                self.framing = Framing::Empty;
-                Ok(())
-            }
-            _ => Err("the instance closed before the body ended"),
+    pub(crate) fn closed(&mut self) -> Result<(), &'static str> {
+        if self.framing != Framing::Close {
+            return Err("the instance closed before the body ended");
         }
+        self.framing = Framing::Empty;
+        Ok(())
+    }
+
+    /// [`Progress::closed`], and the end of the chunked body the client
+    /// gets appended to `out`.
+    pub(crate) fn at_close(&mut self, out: &mut Vec<u8>) -> Result<(), &'static str> {
+        self.closed()?;
+        out.extend_from_slice(b"0\r\n\r\n");
+        Ok(())
     }
 }
+
+/// Why a chunked body is refused.
+const MALFORMED: &str = "a malformed chunked body";
 
 /// `bytes` as one chunk of a chunked body.
 fn put_chunk(out: &mut Vec<u8>, bytes: &[u8]) {
