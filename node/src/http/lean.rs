@@ -396,14 +396,8 @@ async fn exchange(
         let mut reused = idle.is_some();
         let mut up = match idle {
             Some(up) => up,
-            None => match connect(&pool, &lease, conn).await {
-                Ok(up) => {
-                    lease.mark_up();
-                    if let Some(record) = log.as_deref_mut() {
-                        record.connect = Some(start.elapsed());
-                    }
-                    up
-                }
+            None => match connect(&pool, &lease, conn, log).await {
+                Ok(up) => up,
                 Err(error) => {
                     tries.failed(lease, error);
                     continue;
@@ -425,15 +419,8 @@ async fn exchange(
                 Ok(Err(UpErr::Closed)) if reused && buf.is_empty() => {
                     debug!(instance = %backend.name, "pooled connection closed; reconnecting");
                     reused = false;
-                    let connecting = Instant::now();
-                    match connect(&pool, &lease, conn).await {
-                        Ok(fresh) => {
-                            lease.mark_up();
-                            if let Some(record) = log.as_deref_mut() {
-                                record.connect = Some(connecting.elapsed());
-                            }
-                            up = fresh;
-                        }
+                    match connect(&pool, &lease, conn, log).await {
+                        Ok(fresh) => up = fresh,
                         Err(error) => break Err(error),
                     }
                 }
@@ -462,20 +449,29 @@ async fn exchange(
     }
 }
 
+/// A new connection to `lease`'s instance, which is marked up; the time
+/// it took goes to the access log.
 async fn connect(
     pool: &Pool,
     lease: &Lease,
     conn: &Conn,
+    log: &mut Log,
 ) -> Result<ParkedConn, crate::upstream::ConnectError> {
     let backend = lease.backend();
+    let began = Instant::now();
     // Boxed: connecting is the rare path and its future is large.
-    Box::pin(pool.connect_socket(
+    let up = Box::pin(pool.connect_socket(
         &backend.name,
         &backend.metrics,
         backend.drain_token(),
         conn.dp.settings.connect_timeout,
     ))
-    .await
+    .await?;
+    lease.mark_up();
+    if let Some(record) = log.as_deref_mut() {
+        record.connect = Some(began.elapsed());
+    }
+    Ok(up)
 }
 
 /// Writes the node's own answer for `error`.

@@ -412,14 +412,11 @@ impl Pool {
             tokio::spawn(drive_upgradable(conn).instrument(span));
             Driver::Spawned
         } else {
-            let watch = Arc::new(Watch::default());
-            let (closed_tx, closed_rx) = oneshot::channel();
-            let watcher = watch_drain(watch.clone(), drain, closed_rx);
-            tokio::spawn(watcher.instrument(span));
+            let (watch, closed) = watched(drain, span);
             Driver::Inline {
                 conn: Some(Box::pin(conn)),
                 watch,
-                _closed: closed_tx,
+                _closed: closed,
             }
         };
         Ok(PooledConn {
@@ -442,10 +439,7 @@ impl Pool {
         connect_timeout: Duration,
     ) -> Result<ParkedConn, ConnectError> {
         let stream = self.dial(connect_timeout).await?;
-        let watch = Arc::new(Watch::default());
-        let (closed, closed_rx) = oneshot::channel();
-        let span = tracing::debug_span!("upstream", instance = %name);
-        tokio::spawn(watch_drain(watch.clone(), drain, closed_rx).instrument(span));
+        let (watch, closed) = watched(drain, tracing::debug_span!("upstream", instance = %name));
         Ok(ParkedConn {
             io: CountingIo::new(stream, metrics, None),
             watch,
@@ -727,6 +721,15 @@ impl Watch {
         self.aborted.store(true, Ordering::Release);
         self.waker.wake();
     }
+}
+
+/// A new connection's watch, aborted by a watcher task (in `span`) when
+/// `drain` fires; dropping the sender ends the watcher.
+fn watched(drain: CancellationToken, span: tracing::Span) -> (Arc<Watch>, oneshot::Sender<()>) {
+    let watch = Arc::new(Watch::default());
+    let (closed, closed_rx) = oneshot::channel();
+    tokio::spawn(watch_drain(watch.clone(), drain, closed_rx).instrument(span));
+    (watch, closed)
 }
 
 /// Aborts the connection when the instance's drain timeout passes; ends
