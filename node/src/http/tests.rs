@@ -1672,16 +1672,7 @@ async fn a_client_gone_in_the_middle_of_a_body_ends_its_request() {
 
 #[tokio::test]
 async fn requests_left_to_hyper_share_the_connection_with_lean_ones() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    let counters = echo_backend(l, "a");
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
+    let (edge, counters, _) = one_instance_edge(settings()).await;
     let mut client = edge.client().await;
     let post = Request::post("/upload")
         .header("host", "app.example.com")
