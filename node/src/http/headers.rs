@@ -26,7 +26,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// Headers that describe one connection and are not forwarded (RFC 9110
 /// §7.6.1), besides those that `Connection` names.
-const HOP_BY_HOP: [HeaderName; 9] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -37,6 +37,13 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION,
 ];
+
+/// Whether `name` (any case) is one of [`HOP_BY_HOP`].
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
+}
 
 /// Which of [`HOP_BY_HOP`] `headers` holds, one bit each (bit `i` for
 /// `HOP_BY_HOP[i]`).

@@ -49,6 +49,7 @@ pub(super) mod stream;
 
 use super::conn::{ActiveGuard, Conn, TimedIo};
 use super::error::ProxyError;
+use super::headers::is_hop_by_hop;
 use super::log::{Log, Record};
 use super::reply::{CLIENT_LEFT, Done, Framing, MAX_READ, Progress, READ_CHUNK};
 use crate::balancer::Lease;
@@ -148,16 +149,9 @@ struct Request {
     host: Range<usize>,
 }
 
-/// Request fields not passed on: hop-by-hop ones (RFC 9110 §7.6.1) and the
-/// forwarding fields the node sets or removes (see `super::headers`).
-const NOT_FORWARDED: [&str; 13] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "proxy-authenticate",
-    "proxy-authorization",
+/// Request fields the node sets or removes, besides the hop-by-hop ones
+/// (see `super::headers`).
+const REWRITTEN: [&str; 6] = [
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
@@ -250,7 +244,7 @@ impl Request {
                     continue;
                 }
             }
-            if NOT_FORWARDED.iter().any(|n| name.eq_ignore_ascii_case(n)) {
+            if is_hop_by_hop(name) || REWRITTEN.iter().any(|n| name.eq_ignore_ascii_case(n)) {
                 continue;
             }
             put_field(&mut head, name, field.value);
@@ -709,19 +703,6 @@ async fn read_head(up: &mut ParkedConn, buf: &mut Vec<u8>) -> Result<Head, UpErr
     }
 }
 
-/// Response fields not passed on (hop-by-hop; the framing fields are
-/// decided by [`parse_head`]).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
-];
-
 /// The response head at the front of `buf`, once whole.
 pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
@@ -811,11 +792,12 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
         .iter()
         .filter(|field| {
             let name = field.name;
-            let framing_field = name.eq_ignore_ascii_case("transfer-encoding")
-                || name.eq_ignore_ascii_case("content-length");
-            !(HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            // `Transfer-Encoding` is hop-by-hop (an encoded body goes on
+            // chunked, or decoded), and with it a `Content-Length` means
+            // nothing.
+            !(is_hop_by_hop(name)
                 || named.iter().any(|h| name.eq_ignore_ascii_case(h))
-                || (framing_field && encoded))
+                || (encoded && name.eq_ignore_ascii_case("content-length")))
         })
         .map(|field| {
             (
