@@ -4,7 +4,8 @@
 # balancers under test with the same ports layout:
 #
 #   target    plain HTTP   TLS (h2, http/1.1)   TCP mode
-#   edgelb    :18271       :18272               :18273
+#   edgelb    :18271       :18272               :18273   (a worker per CPU)
+#   edgelb-1w :18271       :18272               :18273   (1 worker)
 #   haproxy   :18281       :18282               :18283   (nbthread 1)
 #   nginx     :18291       :18292               -        (1 worker)
 #
@@ -79,6 +80,7 @@ cat > "$TMP/edgelb.toml" <<EOF
 idle_timeout = "600s"
 ${PARK_AFTER:+park_after = \"$PARK_AFTER\"}
 EOF
+{ cat "$TMP/edgelb.toml"; echo "workers = 1"; } > "$TMP/edgelb-1w.toml"
 BENCH_TOKEN=benchbenchbenchbenchbench
 
 rss_kib() { # sum of VmRSS over the PIDs given
@@ -92,10 +94,10 @@ rss_kib() { # sum of VmRSS over the PIDs given
 PIDS="" PORT_BASE=""
 start_target() {
   case "$1" in
-    edgelb)
+    edgelb|edgelb-1w)
       rm -rf "$TMP/data"
-      "$BIN" --config "$TMP/edgelb.toml" --data-dir "$TMP/data" --admin-addr 127.0.0.1:17370 \
-        --cluster-addr 127.0.0.1:17371 --token "$BENCH_TOKEN" --log warn > "$TMP/edgelb.log" 2>&1 &
+      "$BIN" --config "$TMP/$1.toml" --data-dir "$TMP/data" --admin-addr 127.0.0.1:17370 \
+        --cluster-addr 127.0.0.1:17371 --token "$BENCH_TOKEN" --log warn > "$TMP/$1.log" 2>&1 &
       PIDS=$!; PORT_BASE=18271
       local api=http://127.0.0.1:17370
       wait_http "$api/healthz"

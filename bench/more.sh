@@ -6,6 +6,8 @@
 # turns within every round; the balancer's CPU time is read from /proc.
 #
 #   bench/more.sh [-d SECS] [-r ROUNDS] [--runs big,tcp-big,h2,many,tls,tls-new] [--targets edgelb,haproxy,nginx]
+#     (--targets also takes edgelb-1w: the node with one worker, as HAProxy
+#     and NGINX run here with one thread and one worker)
 #
 #   big      wrk -c16, GET /big (1 MiB), HTTP mode        MB/s, CPU ms per GB
 #   tcp-big  the same through TCP mode (edgelb, haproxy)  MB/s, CPU ms per GB
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
     -r) ROUNDS=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
     --targets) TARGETS=$2; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "more.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done

@@ -113,7 +113,9 @@ async fn proxy(
     if lean::stream::takes(&req, client_upgrade.is_some()) {
         return lean::stream::forward(req, &target, conn, log).await;
     }
-    forward(req, &target, conn, client_upgrade, log).await
+    // Boxed: hyper's client makes this future the largest of all, and every
+    // request's future (the lean ones too) would carry and move it.
+    Box::pin(forward(req, &target, conn, client_upgrade, log)).await
 }
 
 /// What [`exchange`] produced.
@@ -329,4 +331,48 @@ async fn timed<F: Future>(took: Option<&mut Option<Duration>>, fut: F) -> F::Out
         *t = Some(began.elapsed());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future `make` would return (it is never called).
+    fn future_size<F>(_make: &dyn Fn() -> F) -> usize {
+        size_of::<F>()
+    }
+
+    /// Every request's future is allocated, and moved as it is built: the
+    /// common requests' (lean) must not carry hyper client's state, nor
+    /// hold a future it awaits twice.
+    #[test]
+    #[expect(unreachable_code, reason = "the futures are measured, not made")]
+    fn a_lean_request_future_does_not_carry_the_hyper_client_path() {
+        let handle = future_size(&|| super::handle(unreachable!(), unreachable!()));
+        let proxy = future_size(&|| super::proxy(unreachable!(), unreachable!(), unreachable!()));
+        let hyper_path = future_size(&|| {
+            super::forward(
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+            )
+        });
+        let lean = future_size(&|| {
+            super::lean::stream::forward::<hyper::body::Incoming>(
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+            )
+        });
+        assert!(
+            proxy < hyper_path,
+            "proxy {proxy} holds forward {hyper_path}"
+        );
+        assert!(
+            proxy < lean + 1024,
+            "proxy {proxy}, its lean exchange {lean}"
+        );
+        assert!(handle < proxy + 1024, "handle {handle}, proxy {proxy}");
+    }
 }

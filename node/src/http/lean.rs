@@ -94,7 +94,12 @@ where
     io.consume_unread(req.head_len);
     let guard = ActiveGuard::new(conn);
     io.follow_requests();
-    let served = within_drain(conn, proxy(io, conn, &req, &mut log)).await;
+    // Pinned here and lent: a future passed by value would be stored twice
+    // in this one (the argument and the pinned copy), and moved.
+    let served = {
+        let proxying = std::pin::pin!(proxy(io, conn, &req, &mut log));
+        within_drain(conn, proxying).await
+    };
     drop(guard);
     io.follow_requests();
     match served {
@@ -109,11 +114,10 @@ where
 /// `fut`, given up (a cut) when the connection is asked to close (the node
 /// shuts down) and has not finished within the drain timeout, as hyper's
 /// graceful shutdown in `super::drive` is.
-async fn within_drain<F>(conn: &Conn, fut: F) -> Result<bool, Cut>
+async fn within_drain<F>(conn: &Conn, mut fut: Pin<&mut F>) -> Result<bool, Cut>
 where
     F: Future<Output = Result<bool, Cut>>,
 {
-    let mut fut = std::pin::pin!(fut);
     let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
     poll_fn(|cx| {
         conn.set_waker(cx.waker());
@@ -312,8 +316,11 @@ async fn proxy<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let exchanged = exchange(conn, &req.target, &req.upstream_head, log);
-    match until_client_leaves(io, exchanged).await {
+    let exchanged = {
+        let exchanging = std::pin::pin!(exchange(conn, &req.target, &req.upstream_head, log));
+        until_client_leaves(io, exchanging).await
+    };
+    match exchanged {
         Some(Ok(got)) => respond(io, conn, req, got, log.take()).await,
         Some(Err(error)) => answer_error(io, conn, &error, req.head_only, log.take()).await,
         // Dropping the exchange ends the request's in-flight count.
@@ -324,12 +331,11 @@ where
 /// `fut`, or `None` if the client closes its connection (or it fails)
 /// first, as hyper gives up a request whose client is gone. Bytes the
 /// client sends meanwhile (its next request) stay unread.
-async fn until_client_leaves<I, F>(io: &mut TimedIo<I>, fut: F) -> Option<F::Output>
+async fn until_client_leaves<I, F>(io: &mut TimedIo<I>, mut fut: Pin<&mut F>) -> Option<F::Output>
 where
     I: AsyncRead + AsyncWrite + Unpin,
     F: Future,
 {
-    let mut fut = std::pin::pin!(fut);
     poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
@@ -399,18 +405,28 @@ async fn exchange(
             },
         };
         let mut buf = Vec::with_capacity(READ_CHUNK);
+        // The connection's own timer: one per request would be put into the
+        // timer wheel and taken out again each time.
+        let mut deadline = up.take_deadline();
         let head = loop {
-            let sent = tokio::time::timeout(settings.upstream_timeout, async {
-                write_up(&mut up, upstream_head).await?;
-                read_head(&mut up, &mut buf).await
-            })
-            .await;
+            deadline.disarm();
+            let sent = {
+                let mut sending = std::pin::pin!(async {
+                    write_up(&mut up, upstream_head).await?;
+                    read_head(&mut up, &mut buf).await
+                });
+                poll_fn(|cx| match sending.as_mut().poll(cx) {
+                    Poll::Ready(res) => Poll::Ready(Some(res)),
+                    Poll::Pending => deadline.poll(cx, settings.upstream_timeout).map(|()| None),
+                })
+                .await
+            };
             match sent {
-                Ok(Ok(head)) => break Ok(head),
+                Some(Ok(head)) => break Ok(head),
                 // An idle connection the instance had closed: nothing of the
                 // request reached it that it will answer. Sent again on a
                 // new one (it has no body and is idempotent).
-                Ok(Err(UpErr::Closed)) if reused && buf.is_empty() => {
+                Some(Err(UpErr::Closed)) if reused && buf.is_empty() => {
                     debug!(instance = %backend.name, "pooled connection closed; reconnecting");
                     reused = false;
                     match connect(&pool, &lease, conn, log).await {
@@ -418,12 +434,13 @@ async fn exchange(
                         Err(error) => break Err(error),
                     }
                 }
-                Ok(Err(error)) => return Err(error.into_proxy().counted(&lease, start)),
-                Err(_) => return Err(ProxyError::Timeout.counted(&lease, start)),
+                Some(Err(error)) => return Err(error.into_proxy().counted(&lease, start)),
+                None => return Err(ProxyError::Timeout.counted(&lease, start)),
             }
         };
         match head {
             Ok(head) => {
+                up.keep_deadline(deadline);
                 if let Some(record) = log.as_deref_mut() {
                     let waited = start.elapsed();
                     record.response =
@@ -874,7 +891,11 @@ where
             buf.reserve(buf.capacity());
         }
         buf.clear();
-        let Some(read) = until_client_leaves(io, read_up(&mut up, &mut buf)).await else {
+        let read = {
+            let reading = std::pin::pin!(read_up(&mut up, &mut buf));
+            until_client_leaves(io, reading).await
+        };
+        let Some(read) = read else {
             outcome = Err(CLIENT_LEFT);
             break;
         };
@@ -931,6 +952,29 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of the future `make` would return (it is never called).
+    fn future_size<F>(_make: &dyn Fn() -> F) -> usize {
+        size_of::<F>()
+    }
+
+    /// Each request's future is allocated and moved as it is built: a
+    /// future lent to a wrapper is held once, not again as its argument.
+    #[test]
+    #[expect(unreachable_code, reason = "the futures are measured, not made")]
+    fn the_request_future_holds_its_parts_once() {
+        type S = tokio::net::TcpStream;
+        let serve = future_size(&|| serve::<S>(unreachable!(), unreachable!()));
+        let proxy = future_size(&|| {
+            proxy::<S>(
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+                unreachable!(),
+            )
+        });
+        assert!(serve < proxy + 512, "serve {serve}, proxy {proxy}");
+    }
 
     #[test]
     fn response_heads_lose_hop_by_hop_fields_and_keep_their_framing() {

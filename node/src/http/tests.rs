@@ -1577,6 +1577,50 @@ async fn a_pooled_connection_the_instance_closed_is_replaced() {
 }
 
 #[tokio::test]
+async fn a_pooled_connection_times_out_each_request_from_its_own_start() {
+    // Every connection answers its first request and keeps silent on its
+    // second: that one waits on a pooled connection whose timer served the
+    // first.
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let counters = scripted_backend(l, |conn, n| match n {
+        0 => format!("HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nconn {conn}").into_bytes(),
+        _ => Vec::new(),
+    });
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let timeout = Duration::from_millis(300);
+    let settings = Settings {
+        upstream_timeout: timeout,
+        ..settings()
+    };
+    let edge = Edge::start(vec![g], settings).await;
+    let mut client = edge.client().await;
+    for conn in 0..2 {
+        let reply = send(&mut client, get("app.example.com", "/")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(reply.body, format!("conn {conn}"));
+        // Long after the first request began: the wait counts from the
+        // second request's start.
+        tokio::time::sleep(timeout).await;
+        let began = std::time::Instant::now();
+        let reply = send(&mut client, get("app.example.com", "/")).await;
+        assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{}", reply.body);
+        assert!(
+            began.elapsed() >= timeout,
+            "timed out after {:?}",
+            began.elapsed()
+        );
+    }
+    assert_eq!(counters.conns.load(Ordering::SeqCst), 2);
+    assert_eq!(edge.backend("a").local_inflight(), 0);
+}
+
+#[tokio::test]
 async fn head_answers_and_interim_ones_carry_no_body() {
     let (edge, _) = scripted_edge(|_, n| match n {
         // The answer to HEAD: its length, not its body.

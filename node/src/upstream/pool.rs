@@ -114,6 +114,9 @@ pub(crate) struct ParkedConn {
     io: CountingIo,
     watch: Arc<Watch>,
     closed: oneshot::Sender<()>,
+    /// The timer of its requests' waits (none until a request needed
+    /// one), kept from request to request as [`PooledConn`]'s is.
+    deadline: Option<Deadline>,
 }
 
 impl PooledConn {
@@ -140,10 +143,13 @@ impl PooledConn {
             debug!("idle upstream connection received bytes; closing");
             return None;
         }
+        let mut deadline = self.deadline;
+        deadline.forget_waker();
         Some(ParkedConn {
             io: parts.io.into_inner(),
             watch,
             closed,
+            deadline: Some(deadline),
         })
     }
 }
@@ -174,6 +180,17 @@ impl ParkedConn {
         }
     }
 
+    /// The connection's timer for the waits of the request it carries (a
+    /// new one the first time). Give it back with [`Self::keep_deadline`].
+    pub(crate) fn take_deadline(&mut self) -> Deadline {
+        self.deadline.take().unwrap_or_else(Deadline::new)
+    }
+
+    /// Keeps `deadline` for the connection's next request.
+    pub(crate) fn keep_deadline(&mut self, deadline: Deadline) {
+        self.deadline = Some(deadline);
+    }
+
     /// Whether the instance drained and the connection was aborted;
     /// `cx` is woken when that happens.
     pub(crate) fn poll_aborted(&self, cx: &mut Context<'_>) -> bool {
@@ -199,7 +216,7 @@ impl ParkedConn {
                 watch: self.watch,
                 _closed: self.closed,
             },
-            deadline: Deadline::new(),
+            deadline: self.deadline.unwrap_or_else(Deadline::new),
             activity: None,
         })
     }
@@ -325,14 +342,18 @@ impl Pool {
     /// response was read completely and the instance keeps it open.
     pub(crate) fn checkin_socket(
         self: &Arc<Self>,
-        conn: ParkedConn,
+        mut conn: ParkedConn,
         limits: IdleLimits,
         now: Instant,
     ) {
         if !conn.watch.aborted() {
             // The waker of the task that used it: an idle connection must
-            // not keep that task's memory, nor wake it on a drain.
+            // not keep that task's memory, nor wake it on a drain or when
+            // its timer fires.
             drop(conn.watch.waker.take());
+            if let Some(deadline) = conn.deadline.as_mut() {
+                deadline.forget_waker();
+            }
             self.put_idle(Slot::Parked(conn), limits, now);
         }
     }
@@ -444,6 +465,7 @@ impl Pool {
             io: CountingIo::new(stream, metrics, None),
             watch,
             closed,
+            deadline: None,
         })
     }
 }
@@ -605,6 +627,8 @@ pub(crate) struct PooledConn {
 pub(crate) struct Deadline {
     timer: Pin<Box<Sleep>>,
     armed: bool,
+    /// The timer was registered (it has been armed once).
+    registered: bool,
 }
 
 impl Deadline {
@@ -613,6 +637,16 @@ impl Deadline {
         Self {
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             armed: false,
+            registered: false,
+        }
+    }
+
+    /// Lets go of the waker of the task that last waited: a timer still
+    /// registered would keep that task's memory and wake it when it fires.
+    fn forget_waker(&mut self) {
+        if self.registered && !self.timer.is_elapsed() {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let _ = self.timer.as_mut().poll(&mut cx);
         }
     }
 
@@ -625,6 +659,7 @@ impl Deadline {
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>, after: Duration) -> Poll<()> {
         if !self.armed {
             self.armed = true;
+            self.registered = true;
             self.timer
                 .as_mut()
                 .reset(tokio::time::Instant::now() + after);
@@ -942,6 +977,35 @@ mod tests {
         let (conn, peer) = socket_pair().await;
         drop(peer);
         assert!(stale_now(&conn, true), "closed by the instance");
+    }
+
+    /// A waker that only counts its clones (by its `Arc`).
+    struct Quiet;
+
+    impl std::task::Wake for Quiet {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    #[tokio::test]
+    async fn a_socket_back_in_the_pool_lets_go_of_its_last_request_s_waker() {
+        let (mut conn, _peer) = socket_pair().await;
+        let task = Arc::new(Quiet);
+        let waker = std::task::Waker::from(task.clone());
+        let mut deadline = conn.take_deadline();
+        let waiting = deadline.poll(&mut Context::from_waker(&waker), Duration::from_secs(60));
+        assert!(waiting.is_pending());
+        drop(waker);
+        assert_eq!(Arc::strong_count(&task), 2, "the timer holds the waker");
+        conn.keep_deadline(deadline);
+        let pool = Arc::new(Pool::new("127.0.0.1", 1));
+        let limits = IdleLimits {
+            max_idle: 4,
+            idle_timeout: Duration::from_secs(60),
+            park_after: Duration::from_secs(1),
+        };
+        pool.checkin_socket(conn, limits, Instant::now());
+        assert_eq!(pool.idle_len(), 1, "kept for the next request");
+        assert_eq!(Arc::strong_count(&task), 1, "the timer let go of it");
     }
 
     #[test]

@@ -39,15 +39,28 @@ pub(crate) fn takes<B: HttpBody>(req: &http::Request<B>, upgrade: bool) -> bool 
 /// Sends `req`, prepared for the instance (`super::super::headers`), to
 /// one of `target`'s instances; the response's body reads the instance's
 /// socket.
-pub(crate) async fn forward<B>(
+///
+/// The request's head is written out before the future is made, so that
+/// the future does not hold the request.
+pub(crate) fn forward<'a, B>(
     req: http::Request<B>,
+    target: &'a Target,
+    conn: &'a Arc<Conn>,
+    log: &'a mut Log,
+) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + 'a {
+    let head_only = req.method() == Method::HEAD;
+    let upstream_head = request_head(&req);
+    drop(req);
+    send(upstream_head, head_only, target, conn, log)
+}
+
+async fn send(
+    upstream_head: Vec<u8>,
+    head_only: bool,
     target: &Target,
     conn: &Arc<Conn>,
     log: &mut Log,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let head_only = req.method() == Method::HEAD;
-    let upstream_head = request_head(&req);
-    drop(req);
     let got = exchange(conn, target, &upstream_head, log).await?;
     let status = StatusCode::from_u16(got.head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let headers = header_map(&got.head, &got.buf);
