@@ -762,16 +762,19 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
                 .next()
                 .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         } else if name.eq_ignore_ascii_case("content-length") {
-            let value = std::str::from_utf8(field.value)
-                .ok()
-                .map(str::trim)
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or(UpErr::Invalid("bad Content-Length"))?;
-            if length.is_some_and(|l| l != value) {
-                return Err(UpErr::Invalid("conflicting Content-Length"));
+            // RFC 9110 §8.6: a list of one value repeated is that value.
+            for value in field.value.split(|&b| b == b',') {
+                let value = std::str::from_utf8(value)
+                    .ok()
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .ok_or(UpErr::Invalid("bad Content-Length"))?;
+                if length.is_some_and(|l| l != value) {
+                    return Err(UpErr::Invalid("conflicting Content-Length"));
+                }
+                length = Some(value);
             }
-            length = Some(value);
         }
     }
     if version == 0 && !keep_alive_token {
@@ -804,23 +807,32 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
             !r.is_empty() && canonical != Some(*r)
         })
         .map(|r| r.as_bytes().to_vec());
+    let mut length_kept = false;
     let fields = resp
         .headers
         .iter()
         .filter(|field| {
             let name = field.name;
+            let is_length = name.eq_ignore_ascii_case("content-length");
             // `Transfer-Encoding` is hop-by-hop (an encoded body goes on
             // chunked, or decoded), and with it a `Content-Length` means
-            // nothing.
-            !(is_hop_by_hop(name)
+            // nothing. A length said again (checked the same above) is
+            // passed on once.
+            let keep = !(is_hop_by_hop(name)
                 || named.iter().any(|h| name.eq_ignore_ascii_case(h))
-                || (encoded && name.eq_ignore_ascii_case("content-length")))
+                || (is_length && (encoded || length_kept)));
+            length_kept |= keep && is_length;
+            keep
         })
         .map(|field| {
-            (
-                range_in(buf, field.name.as_bytes()),
-                range_in(buf, field.value),
-            )
+            let value = if field.name.eq_ignore_ascii_case("content-length") {
+                // Its one value, not the list.
+                let first = field.value.split(|&b| b == b',').next().unwrap_or_default();
+                first.trim_ascii()
+            } else {
+                field.value
+            };
+            (range_in(buf, field.name.as_bytes()), range_in(buf, value))
         })
         .collect();
     Ok(Some(Head {
@@ -874,6 +886,20 @@ where
         drop((up, lease));
         return answer_error(io, conn, &error, req.head_only, log.take()).await;
     }
+    // Ends the request however this future ends: dropped in the middle of
+    // the body (a drain that outlasted its timeout), it is logged with its
+    // status, as hyper's path logs a body it drops.
+    let mut ending = Ending {
+        done: Some(Done {
+            lease,
+            pool,
+            start,
+            status: head.status,
+            log: log.take(),
+        }),
+        conn,
+        sent: body.sent,
+    };
     // Who cut the response off, and why.
     let mut outcome: Result<(), (&'static str, &'static str)> = Ok(());
     if io.write_all(&out).await.is_err() {
@@ -929,22 +955,43 @@ where
             }
             Err(why) => outcome = Err(("upstream", why)),
         }
+        ending.sent = body.sent;
     }
     let reusable = outcome.is_ok() && instance_keeps_open && body.left_over == 0;
     let cut = outcome.as_ref().err().copied();
-    let done = Done {
-        lease,
-        pool,
-        start,
-        status: head.status,
-        log: log.take(),
-    };
-    done.end(conn, reusable.then_some(up), body.sent, cut);
+    if let Some(done) = ending.done.take() {
+        done.end(conn, reusable.then_some(up), body.sent, cut);
+    }
     match outcome {
         Ok(()) => Ok(keep_open),
         Err((side, why)) => {
             debug!(side, why, "response cut off");
             Err(Cut)
+        }
+    }
+}
+
+/// A response on its way to the client, ended when dropped before its
+/// end (the node cut the client's connection off: a drain that outlasted
+/// its timeout): counted, its in-flight count ended and logged with its
+/// status.
+struct Ending<'a> {
+    done: Option<Done>,
+    conn: &'a Conn,
+    /// Body bytes passed on so far.
+    sent: u64,
+}
+
+/// The access log's reason for a response the node cut off.
+const CUT_OFF: (&str, &str) = (
+    "internal",
+    "the node closed the connection before the response ended",
+);
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done.end(self.conn, None, self.sent, Some(CUT_OFF));
         }
     }
 }
@@ -1010,6 +1057,20 @@ mod tests {
                 .is_err()
         );
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5,\r\n\r\n").is_err());
+        // One length said again, as a list or as two fields: passed on once.
+        for bytes in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5 , 5\r\n\r\nhello"[..],
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"[..],
+        ] {
+            let head = parse_head(bytes).ok().flatten().expect("whole");
+            assert_eq!(head.framing, Framing::Length(5));
+            assert_eq!(
+                String::from_utf8(head.client_head(bytes)).unwrap(),
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+            );
+        }
         assert!(matches!(
             parse_head(b"HTTP/1.1 200 OK\r\nContent-"),
             Ok(None)

@@ -1418,6 +1418,65 @@ async fn a_client_gone_before_the_response_is_logged_as_499() {
     assert_eq!(line["error_origin"], "client");
 }
 
+#[tokio::test]
+async fn a_response_cut_by_the_drain_timeout_is_counted_and_logged_with_its_status() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let mut streams = streaming_backend(l);
+    let app = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, path) = json_access_log(dir.path());
+    let settings = Settings {
+        drain_timeout: Duration::from_millis(300),
+        ..settings()
+    };
+    let edge = Edge::start_logged(vec![app], DataPlane::new(settings).with_access_log(log)).await;
+    let (mut s, head) = raw_request(
+        edge.addr,
+        b"GET /long HTTP/1.1\r\nHost: app.example.com\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let chunks = within(streams.recv())
+        .await
+        .expect("request reached the backend");
+    chunks.send(Bytes::from("part")).await.expect("send");
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("part") {
+        let mut buf = [0u8; 256];
+        let n = within(s.read(&mut buf)).await.expect("read");
+        assert!(n > 0, "closed before the first part");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The body never ends: the drain timeout cuts it off.
+    edge.shutdown.cancel();
+    within(read_to_close(&mut s)).await;
+    let backend = edge.backend("a");
+    eventually("the request ended", || backend.local_inflight() == 0).await;
+    assert_eq!(backend.metrics.requests[1].get(), 1, "counted as a 2xx");
+    let mut line = serde_json::Value::Null;
+    eventually("a line for the cut response", || {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        match text.lines().next() {
+            Some(l) => {
+                line = serde_json::from_str(l).expect("a JSON line");
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["instance"], "a");
+    assert_eq!(line["error_origin"], "internal", "{line}");
+    drop(chunks);
+}
+
 /// An access log writing JSON to `access.log` in `dir`, and that path.
 fn json_access_log(dir: &std::path::Path) -> (crate::access_log::AccessLog, std::path::PathBuf) {
     let path = dir.join("access.log");
