@@ -38,6 +38,11 @@ pub(super) fn state() -> &'static State {
 
 /// The routing table of [`state`].
 pub(super) fn routes() -> &'static RoutingTable {
+    routes_shared()
+}
+
+/// The routing table of [`state`], to publish in a data plane.
+pub(super) fn routes_shared() -> &'static Arc<RoutingTable> {
     static ROUTES: OnceLock<Arc<RoutingTable>> = OnceLock::new();
     ROUTES.get_or_init(|| {
         let certs = CertCache::default();

@@ -29,6 +29,9 @@ use crate::routing::normalize_host;
 /// and nowhere else; the head sent on carries one `Host`, no hop-by-hop
 /// headers and the node's own `X-Forwarded-For`.
 pub fn head(data: &[u8]) {
+    for conn in conns() {
+        check_lean(data, conn);
+    }
     let Some(req) = parse(data) else {
         return;
     };
@@ -99,6 +102,8 @@ fn conns() -> &'static [Conn; 2] {
             trusted_proxies: vec!["10.0.0.0/8".parse::<IpNet>().expect("a CIDR block")],
             ..Settings::default()
         }));
+        // The lean path routes by the connection's own table.
+        dp.routes.store(fixture::routes_shared().clone());
         let conn = |peer: &str| {
             let info = ConnInfo {
                 peer: peer.parse::<SocketAddr>().expect("an address"),
@@ -174,6 +179,53 @@ fn check_prepared(req: &Request<()>, conn: &Conn, host: Option<HeaderValue>) {
         assert_eq!(xff[0], conn.client_ip);
         assert!(!headers.contains_key(FORWARDED) && !headers.contains_key("x-real-ip"));
     }
+}
+
+/// The lean path (`crate::http::lean`) reads the bytes themselves: when
+/// it takes a request, it takes no more than there is, and the instance
+/// gets one HTTP/1.1 head with one `Host`, no hop-by-hop fields and the
+/// node's own `X-Forwarded-For` last, then exactly the body the
+/// client's `Content-Length` gave.
+fn check_lean(data: &[u8], conn: &Conn) {
+    let Some((taken, sent)) = crate::http::lean::taken(data, conn) else {
+        return;
+    };
+    assert!(taken <= data.len());
+    let mut fields = [httparse::EMPTY_HEADER; 128];
+    let mut head = httparse::Request::new(&mut fields);
+    let Ok(httparse::Status::Complete(head_len)) = head.parse(&sent) else {
+        panic!("the head sent on does not parse: {sent:?}");
+    };
+    assert_eq!(head.version, Some(1));
+    let named = |name: &str| {
+        head.headers
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case(name))
+            .map(|f| f.value)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(named("host").len(), 1);
+    for gone in HOP_BY_HOP
+        .iter()
+        .map(HeaderName::as_str)
+        .chain(["connection", "upgrade"])
+    {
+        assert!(named(gone).is_empty(), "{gone} was sent on");
+    }
+    let xff = named("x-forwarded-for");
+    assert_eq!(xff.len(), 1);
+    assert!(xff[0].ends_with(conn.client_ip.as_bytes()));
+    let lengths = named("content-length");
+    let body_len = match lengths.as_slice() {
+        [] => 0,
+        [one] => std::str::from_utf8(one)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .expect("one length, digits"),
+        more => panic!("{} lengths sent on", more.len()),
+    };
+    assert_eq!(sent.len() - head_len, body_len, "the body sent on");
+    assert_eq!(&sent[head_len..], &data[taken - body_len..taken]);
 }
 
 /// Hop-by-hop headers that never reach an instance.

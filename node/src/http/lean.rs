@@ -15,9 +15,10 @@
 //! which serves everything:
 //!
 //! - the whole head is already read, within `max_header_bytes` and 100
-//!   fields; `GET` or `HEAD`, HTTP/1.1, origin-form target;
-//! - exactly one `Host`; no body (no `Transfer-Encoding`, a
-//!   `Content-Length` of 0 at most); no `Upgrade`, no `Expect`;
+//!   fields; any method but `CONNECT`, HTTP/1.1, origin-form target;
+//! - exactly one `Host`; no body, or one whose `Content-Length` (one
+//!   value) says it is already read whole with the head (a small `POST`,
+//!   say: no `Transfer-Encoding`); no `Upgrade`, no `Expect`;
 //!   `Connection` absent or `keep-alive`;
 //! - the port proxies (not a redirect) and routes the host to a group;
 //! - the connection is not closing.
@@ -29,7 +30,9 @@
 //! anything is sent, timeouts, metrics, access log lines and error
 //! answers. A
 //! connection from the pool that turns out to be closed is replaced by a
-//! new one and the request sent again (it has no body and is idempotent).
+//! new one and the request sent again: a `GET` or `HEAD` (no body,
+//! idempotent) whenever the instance closed it before answering, any
+//! other request only when nothing of it could be written.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -91,7 +94,7 @@ where
     // A park asked for while the connection waited is stale now.
     conn.take_park();
     let mut log = req.record(io.unread_bytes(), conn);
-    io.consume_unread(req.head_len);
+    io.consume_unread(req.len);
     let guard = ActiveGuard::new(conn);
     io.follow_requests();
     // Pinned here and lent: a future passed by value would be stored twice
@@ -140,11 +143,14 @@ where
 
 /// A request this path takes, ready for an instance.
 struct Request {
-    /// Bytes of the client's head.
-    head_len: usize,
+    /// Bytes of the client's head and body.
+    len: usize,
+    /// Bytes of the body.
+    body_len: usize,
+    method: Method,
     /// `HEAD`: the response has no body, whatever its head says.
     head_only: bool,
-    /// The head sent to the instance.
+    /// The head sent to the instance, and the body after it.
     upstream_head: Vec<u8>,
     target: Target,
     /// The target, checked as hyper checks it; for the access log.
@@ -179,11 +185,10 @@ impl Request {
             return None;
         }
         let method = req.method?;
-        let head_only = match method {
-            "GET" => false,
-            "HEAD" => true,
-            _ => return None,
-        };
+        let head_only = method == "HEAD";
+        if method == "CONNECT" {
+            return None;
+        }
         let path = req.path?;
         // What hyper would refuse (400) or cut (a fragment) is hyper's.
         if !path.starts_with('/') || path.contains('#') {
@@ -191,6 +196,7 @@ impl Request {
         }
         let checked_path = PathAndQuery::try_from(path).ok()?;
         let mut host = None;
+        let mut body_len: Option<usize> = None;
         for field in req.headers.iter() {
             let name = field.name;
             if name.eq_ignore_ascii_case("host") {
@@ -199,9 +205,15 @@ impl Request {
                 }
                 host = Some(std::str::from_utf8(field.value).ok()?);
             } else if name.eq_ignore_ascii_case("content-length") {
-                if field.value != b"0" {
+                // One value, digits only (anything else is hyper's to judge).
+                let value = std::str::from_utf8(field.value).ok()?;
+                if body_len.is_some()
+                    || value.is_empty()
+                    || !value.bytes().all(|b| b.is_ascii_digit())
+                {
                     return None;
                 }
+                body_len = Some(value.parse().ok()?);
             } else if name.eq_ignore_ascii_case("connection") {
                 if !field.value.eq_ignore_ascii_case(b"keep-alive") {
                     return None;
@@ -214,6 +226,11 @@ impl Request {
             }
         }
         let host = host?;
+        let body_len = body_len.unwrap_or(0);
+        // The body must be here already, whole: it goes out with the head.
+        if bytes.len() - head_len < body_len {
+            return None;
+        }
         let target = {
             let table = conn.dp.routes.load();
             let port = table.port(conn.info.port)?;
@@ -222,7 +239,7 @@ impl Request {
             }
             table.target(port, Some(host))?
         };
-        let mut head = Vec::with_capacity(head_len + 128);
+        let mut head = Vec::with_capacity(head_len + body_len + 128);
         head.extend_from_slice(method.as_bytes());
         head.push(b' ');
         head.extend_from_slice(path.as_bytes());
@@ -264,8 +281,11 @@ impl Request {
         put_field(&mut head, "x-forwarded-proto", conn.proto.as_bytes());
         put_field(&mut head, "x-forwarded-host", host.as_bytes());
         head.extend_from_slice(b"\r\n");
+        head.extend_from_slice(&bytes[head_len..head_len + body_len]);
         Some(Self {
-            head_len,
+            len: head_len + body_len,
+            body_len,
+            method: Method::from_bytes(method.as_bytes()).ok()?,
             head_only,
             upstream_head: head,
             target,
@@ -277,17 +297,22 @@ impl Request {
     /// The request's access log record, when the log samples it; `bytes`
     /// is the client's head.
     fn record(&self, bytes: &[u8], conn: &Arc<Conn>) -> Log {
-        let method = if self.head_only {
-            Method::HEAD
-        } else {
-            Method::GET
-        };
         let path = Some(self.path.clone());
-        let mut record = Record::start_with(conn, method, Version::HTTP_11, path, false)?;
+        let mut record =
+            Record::start_with(conn, self.method.clone(), Version::HTTP_11, path, false)?;
+        record.bytes_in = self.body_len as u64;
         record.host = HeaderValue::from_bytes(&bytes[self.host.clone()]).ok();
         record.group = Some(self.target.group.clone());
         Some(record)
     }
+}
+
+/// What this path would send an instance for the request at the front of
+/// `bytes` on `conn`, if it takes it: the bytes it takes (head and body)
+/// and what the instance gets (head, then body). For the fuzz target.
+#[doc(hidden)]
+pub(crate) fn taken(bytes: &[u8], conn: &Conn) -> Option<(usize, Vec<u8>)> {
+    Request::parse(bytes, conn).map(|req| (req.len, req.upstream_head))
 }
 
 /// Where `part`, a slice of `whole`, is in it.
@@ -317,7 +342,9 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let exchanged = {
-        let exchanging = std::pin::pin!(exchange(conn, &req.target, &req.upstream_head, log));
+        let resend = req.body_len == 0 && matches!(req.method, Method::GET | Method::HEAD);
+        let exchanging =
+            std::pin::pin!(exchange(conn, &req.target, &req.upstream_head, resend, log));
         until_client_leaves(io, exchanging).await
     };
     match exchanged {
@@ -372,11 +399,15 @@ struct Exchanged {
 }
 
 /// Picks an instance, sends the request and reads the response head,
-/// trying other instances while connecting fails.
+/// trying other instances while connecting fails. A request that may be
+/// sent twice (`resend`: a `GET` or `HEAD` without a body) is sent again
+/// on a new connection when a pooled one turns out closed without an
+/// answer; any other only when none of it could be written.
 async fn exchange(
     conn: &Conn,
     target: &Target,
     upstream_head: &[u8],
+    resend: bool,
     log: &mut Log,
 ) -> Result<Exchanged, ProxyError> {
     let settings = &conn.dp.settings;
@@ -410,9 +441,11 @@ async fn exchange(
         let mut deadline = up.take_deadline();
         let head = loop {
             deadline.disarm();
+            let mut written = false;
             let sent = {
                 let mut sending = std::pin::pin!(async {
                     write_up(&mut up, upstream_head).await?;
+                    written = true;
                     read_head(&mut up, &mut buf).await
                 });
                 poll_fn(|cx| match sending.as_mut().poll(cx) {
@@ -425,8 +458,8 @@ async fn exchange(
                 Some(Ok(head)) => break Ok(head),
                 // An idle connection the instance had closed: nothing of the
                 // request reached it that it will answer. Sent again on a
-                // new one (it has no body and is idempotent).
-                Some(Err(UpErr::Closed)) if reused && buf.is_empty() => {
+                // new one, if it may be sent twice or never left.
+                Some(Err(UpErr::Closed)) if reused && buf.is_empty() && (resend || !written) => {
                     debug!(instance = %backend.name, "pooled connection closed; reconnecting");
                     reused = false;
                     match connect(&pool, &lease, conn, log).await {

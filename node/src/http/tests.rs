@@ -1679,6 +1679,112 @@ async fn a_pooled_connection_times_out_each_request_from_its_own_start() {
     assert_eq!(edge.backend("a").local_inflight(), 0);
 }
 
+/// Reads one response framed by its `content-length`: its head and body.
+async fn read_response(stream: &mut TcpStream) -> (String, String) {
+    let head = within(read_head(stream)).await;
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or_else(|| panic!("no content-length in {head}"));
+    let mut body = vec![0u8; len];
+    within(stream.read_exact(&mut body)).await.expect("body");
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn small_bodies_that_came_with_their_heads_go_out_with_them() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let counters = echo_backend(l, "a");
+    let app = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, path) = json_access_log(dir.path());
+    let edge = Edge::start_logged(vec![app], DataPlane::new(settings()).with_access_log(log)).await;
+    // Three requests in one write: two with a body, pipelined.
+    let mut s = TcpStream::connect(edge.addr).await.expect("connect");
+    s.write_all(
+        b"POST /form HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 4\r\n\r\ndata\
+          PUT /two HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 3\r\n\r\nabc\
+          GET /three HTTP/1.1\r\nHost: app.example.com\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    for (line, body) in [
+        ("POST /form", Some("data")),
+        ("PUT /two", Some("abc")),
+        ("GET /three", None),
+    ] {
+        let (head, text) = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(text.starts_with(line), "{text}");
+        assert!(text.contains("x-forwarded-for: 127.0.0.1\n"), "{text}");
+        match body {
+            Some(body) => {
+                assert!(text.contains(&format!("body: {body}\n")), "{text}");
+                assert!(
+                    text.contains(&format!("content-length: {}\n", body.len())),
+                    "{text}"
+                );
+            }
+            None => assert!(!text.contains("body:"), "{text}"),
+        }
+    }
+    assert_eq!(counters.conns.load(Ordering::SeqCst), 1);
+    let mut lines = Vec::new();
+    eventually("three access log lines", || {
+        lines = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .collect();
+        lines.len() >= 3
+    })
+    .await;
+    assert_eq!(lines[0]["method"], "POST");
+    assert_eq!(lines[0]["bytes_in"], 4);
+    assert_eq!(lines[1]["method"], "PUT");
+    assert_eq!(lines[1]["bytes_in"], 3);
+    assert_eq!(lines[2]["bytes_in"], 0);
+}
+
+#[tokio::test]
+async fn only_a_request_that_may_be_sent_twice_is_sent_again_after_a_pooled_connection_closes() {
+    // Each connection answers its first request and closes on the next
+    // without answering, after the edge wrote it.
+    let (edge, counters) = scripted_edge(|conn, n| match n {
+        0 => format!("HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nconn {conn}").into_bytes(),
+        _ => b"<close>".to_vec(),
+    })
+    .await;
+    let mut s = TcpStream::connect(edge.addr).await.expect("connect");
+    let get = b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n";
+    let post = b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 1\r\n\r\nx";
+    let mut replies = Vec::new();
+    for req in [&get[..], &post[..], &get[..], &get[..]] {
+        s.write_all(req).await.expect("write");
+        let (head, body) = read_response(&mut s).await;
+        replies.push((head[9..12].to_owned(), body));
+    }
+    assert_eq!(replies[0], ("200".to_owned(), "conn 0".to_owned()));
+    // The POST reached the instance, which closed without an answer: it
+    // may have acted on it, so it is not sent again.
+    assert_eq!(replies[1].0, "502", "{replies:?}");
+    assert_eq!(replies[2], ("200".to_owned(), "conn 1".to_owned()));
+    // The same fate for a GET: sent again on a new connection.
+    assert_eq!(replies[3], ("200".to_owned(), "conn 2".to_owned()));
+    assert_eq!(counters.requests.load(Ordering::SeqCst), 5);
+    assert_eq!(counters.conns.load(Ordering::SeqCst), 3);
+}
+
 #[tokio::test]
 async fn head_answers_and_interim_ones_carry_no_body() {
     let (edge, _) = scripted_edge(|_, n| match n {

@@ -61,7 +61,8 @@ async fn send(
     conn: &Arc<Conn>,
     log: &mut Log,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let got = exchange(conn, target, &upstream_head, log).await?;
+    // Only bodiless GETs and HEADs come this way: safe to send twice.
+    let got = exchange(conn, target, &upstream_head, true, log).await?;
     let status = StatusCode::from_u16(got.head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let headers = header_map(&got.head, &got.buf);
     let framing = if head_only {
