@@ -191,6 +191,31 @@ fn check_lean(data: &[u8], conn: &Conn) {
         return;
     };
     assert!(taken <= data.len());
+    // What the client sent: one head, framed by one plain length or none.
+    let mut client_fields = [httparse::EMPTY_HEADER; 128];
+    let mut client = httparse::Request::new(&mut client_fields);
+    let Ok(httparse::Status::Complete(client_head)) = client.parse(data) else {
+        panic!("taken without a whole head");
+    };
+    let client_named = |name: &str| {
+        client
+            .headers
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case(name))
+            .map(|f| f.value)
+            .collect::<Vec<_>>()
+    };
+    assert!(client_named("transfer-encoding").is_empty());
+    let client_body = match client_named("content-length").as_slice() {
+        [] => 0,
+        [one] => std::str::from_utf8(one)
+            .ok()
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<usize>().ok())
+            .expect("a plain length"),
+        more => panic!("taken with {} lengths", more.len()),
+    };
+    assert_eq!(taken, client_head + client_body, "the bytes taken");
     let mut fields = [httparse::EMPTY_HEADER; 128];
     let mut head = httparse::Request::new(&mut fields);
     let Ok(httparse::Status::Complete(head_len)) = head.parse(&sent) else {
@@ -224,8 +249,9 @@ fn check_lean(data: &[u8], conn: &Conn) {
             .expect("one length, digits"),
         more => panic!("{} lengths sent on", more.len()),
     };
+    assert_eq!(body_len, client_body, "the length sent on");
     assert_eq!(sent.len() - head_len, body_len, "the body sent on");
-    assert_eq!(&sent[head_len..], &data[taken - body_len..taken]);
+    assert_eq!(&sent[head_len..], &data[client_head..taken]);
 }
 
 /// Hop-by-hop headers that never reach an instance.

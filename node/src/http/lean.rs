@@ -441,11 +441,12 @@ async fn exchange(
         let mut deadline = up.take_deadline();
         let head = loop {
             deadline.disarm();
-            let mut written = false;
+            // Whether any of the request left: then it may have reached
+            // the instance.
+            let mut left = false;
             let sent = {
                 let mut sending = std::pin::pin!(async {
-                    write_up(&mut up, upstream_head).await?;
-                    written = true;
+                    write_up(&mut up, upstream_head, &mut left).await?;
                     read_head(&mut up, &mut buf).await
                 });
                 poll_fn(|cx| match sending.as_mut().poll(cx) {
@@ -459,7 +460,7 @@ async fn exchange(
                 // An idle connection the instance had closed: nothing of the
                 // request reached it that it will answer. Sent again on a
                 // new one, if it may be sent twice or never left.
-                Some(Err(UpErr::Closed)) if reused && buf.is_empty() && (resend || !written) => {
+                Some(Err(UpErr::Closed)) if reused && buf.is_empty() && (resend || !left) => {
                     debug!(instance = %backend.name, "pooled connection closed; reconnecting");
                     reused = false;
                     match connect(&pool, &lease, conn, log).await {
@@ -628,8 +629,9 @@ impl std::fmt::Display for UpErr {
     }
 }
 
-/// Writes all of `bytes` to the instance.
-async fn write_up(up: &mut ParkedConn, mut bytes: &[u8]) -> Result<(), UpErr> {
+/// Writes all of `bytes` to the instance; `left` is set as soon as any of
+/// them did.
+async fn write_up(up: &mut ParkedConn, mut bytes: &[u8], left: &mut bool) -> Result<(), UpErr> {
     while !bytes.is_empty() {
         let n = poll_fn(|cx| {
             if up.poll_aborted(cx) {
@@ -643,6 +645,7 @@ async fn write_up(up: &mut ParkedConn, mut bytes: &[u8]) -> Result<(), UpErr> {
         if n == 0 {
             return Err(UpErr::Closed);
         }
+        *left = true;
         bytes = &bytes[n..];
     }
     Ok(())
@@ -797,11 +800,10 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
         } else if name.eq_ignore_ascii_case("content-length") {
             // RFC 9110 §8.6: a list of one value repeated is that value.
             for value in field.value.split(|&b| b == b',') {
-                let value = std::str::from_utf8(value)
-                    .ok()
-                    .map(str::trim)
-                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|v| v.parse::<u64>().ok())
+                // Trimmed as the value passed on is (`fields` below).
+                let value = Some(value.trim_ascii())
+                    .filter(|v| !v.is_empty() && v.iter().all(u8::is_ascii_digit))
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
                     .ok_or(UpErr::Invalid("bad Content-Length"))?;
                 if length.is_some_and(|l| l != value) {
                     return Err(UpErr::Invalid("conflicting Content-Length"));
@@ -850,9 +852,10 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
             // `Transfer-Encoding` is hop-by-hop (an encoded body goes on
             // chunked, or decoded), and with it a `Content-Length` means
             // nothing. A length said again (checked the same above) is
-            // passed on once.
+            // passed on once, and kept even if `Connection` names it: the
+            // body is framed by it.
             let keep = !(is_hop_by_hop(name)
-                || named.iter().any(|h| name.eq_ignore_ascii_case(h))
+                || (!is_length && named.iter().any(|h| name.eq_ignore_ascii_case(h)))
                 || (is_length && (encoded || length_kept)));
             length_kept |= keep && is_length;
             keep
@@ -1092,6 +1095,16 @@ mod tests {
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n").is_err());
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n").is_err());
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5,\r\n\r\n").is_err());
+        // Not ASCII white space: not a length.
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\xc2\xa0\r\n\r\n").is_err());
+        // The length frames the body even when `Connection` names it.
+        let bytes = b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 2\r\n\r\nok";
+        let head = parse_head(bytes).ok().flatten().expect("whole");
+        assert_eq!(head.framing, Framing::Length(2));
+        assert_eq!(
+            String::from_utf8(head.client_head(bytes)).unwrap(),
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+        );
         // One length said again, as a list or as two fields: passed on once.
         for bytes in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: 5 , 5\r\n\r\nhello"[..],

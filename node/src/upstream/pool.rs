@@ -646,7 +646,10 @@ impl Deadline {
     fn forget_waker(&mut self) {
         if self.registered && !self.timer.is_elapsed() {
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            let _ = self.timer.as_mut().poll(&mut cx);
+            // Unconstrained: a task out of its budget would have the poll
+            // return at once, the old waker still in place.
+            let timer = self.timer.as_mut();
+            let _ = std::pin::pin!(tokio::task::unconstrained(timer)).poll(&mut cx);
         }
     }
 
