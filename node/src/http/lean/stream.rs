@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::Body as HttpBody;
 use tracing::debug;
@@ -123,8 +123,14 @@ fn request_head<B>(req: &http::Request<B>) -> Vec<u8> {
 /// out.
 fn header_map(head: &Head, buf: &[u8]) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(head.fields.len());
-    for (name, value) in head.fields(buf) {
-        match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+    // One copy of the head, its values shared out of it: a value made
+    // from a slice is a copy (an allocation) of its own.
+    let shared = Bytes::copy_from_slice(&buf[..head.len]);
+    for (name, value) in &head.fields {
+        match (
+            HeaderName::from_bytes(&shared[name.clone()]),
+            HeaderValue::from_maybe_shared(shared.slice(value.clone())),
+        ) {
             (Ok(name), Ok(value)) => {
                 headers.append(name, value);
             }
