@@ -335,10 +335,7 @@ async fn timed<F: Future>(took: Option<&mut Option<Duration>>, fut: F) -> F::Out
 
 #[cfg(test)]
 mod tests {
-    /// The size of the future `make` would return (it is never called).
-    fn future_size<F>(_make: &dyn Fn() -> F) -> usize {
-        size_of::<F>()
-    }
+    use crate::http::tests::future_size;
 
     /// Every request's future is allocated, and moved as it is built: the
     /// common requests' (lean) must not carry hyper client's state, nor

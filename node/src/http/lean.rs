@@ -1035,11 +1035,7 @@ impl Drop for Ending<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The size of the future `make` would return (it is never called).
-    fn future_size<F>(_make: &dyn Fn() -> F) -> usize {
-        size_of::<F>()
-    }
+    use crate::http::tests::future_size;
 
     /// Each request's future is allocated and moved as it is built: a
     /// future lent to a wrapper is held once, not again as its argument.

@@ -1326,16 +1326,7 @@ async fn the_access_log_has_one_line_per_request_with_its_fields() {
     let r = send(&mut client, two).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
-    let mut lines = Vec::new();
-    eventually("four access log lines", || {
-        lines = std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
-            .collect();
-        lines.len() >= 4
-    })
-    .await;
+    let lines = log_lines(&path, 4, "four access log lines").await;
     assert_eq!(lines.len(), 4, "{lines:?}");
     let (ok_line, not_found, bad_gateway, two_hosts) = (&lines[0], &lines[1], &lines[2], &lines[3]);
     assert_eq!(ok_line["method"], "POST");
@@ -1384,15 +1375,7 @@ async fn a_client_gone_before_the_response_is_logged_as_499() {
     let (port, mut ls) = listeners(1).await;
     let (ip, l) = ls.pop().expect("listener");
     silent_backend(l);
-    let app = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (log, path) = json_access_log(dir.path());
-    let edge = Edge::start_logged(vec![app], DataPlane::new(settings()).with_access_log(log)).await;
+    let (edge, _dir, path) = logged_edge(port, ip, settings()).await;
     let mut s = TcpStream::connect(edge.addr).await.expect("connect");
     s.write_all(b"GET /wait HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
         .await
@@ -1400,18 +1383,7 @@ async fn a_client_gone_before_the_response_is_logged_as_499() {
     let backend = edge.backend("a");
     eventually("the request in flight", || backend.local_inflight() == 1).await;
     drop(s);
-    let mut line = serde_json::Value::Null;
-    eventually("a line for the abandoned request", || {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        match text.lines().next() {
-            Some(l) => {
-                line = serde_json::from_str(l).expect("a JSON line");
-                true
-            }
-            None => false,
-        }
-    })
-    .await;
+    let line = first_log_line(&path, "a line for the abandoned request").await;
     assert_eq!(line["status"], 499, "{line}");
     assert_eq!(line["path"], "/wait");
     assert_eq!(line["instance"], "a");
@@ -1423,19 +1395,11 @@ async fn a_response_cut_by_the_drain_timeout_is_counted_and_logged_with_its_stat
     let (port, mut ls) = listeners(1).await;
     let (ip, l) = ls.pop().expect("listener");
     let mut streams = streaming_backend(l);
-    let app = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (log, path) = json_access_log(dir.path());
     let settings = Settings {
         drain_timeout: Duration::from_millis(300),
         ..settings()
     };
-    let edge = Edge::start_logged(vec![app], DataPlane::new(settings).with_access_log(log)).await;
+    let (edge, _dir, path) = logged_edge(port, ip, settings).await;
     let (mut s, head) = raw_request(
         edge.addr,
         b"GET /long HTTP/1.1\r\nHost: app.example.com\r\n\r\n",
@@ -1459,22 +1423,55 @@ async fn a_response_cut_by_the_drain_timeout_is_counted_and_logged_with_its_stat
     let backend = edge.backend("a");
     eventually("the request ended", || backend.local_inflight() == 0).await;
     assert_eq!(backend.metrics.requests[1].get(), 1, "counted as a 2xx");
-    let mut line = serde_json::Value::Null;
-    eventually("a line for the cut response", || {
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        match text.lines().next() {
-            Some(l) => {
-                line = serde_json::from_str(l).expect("a JSON line");
-                true
-            }
-            None => false,
-        }
-    })
-    .await;
+    let line = first_log_line(&path, "a line for the cut response").await;
     assert_eq!(line["status"], 200, "{line}");
     assert_eq!(line["instance"], "a");
     assert_eq!(line["error_origin"], "internal", "{line}");
     drop(chunks);
+}
+
+/// The lines of the JSON access log at `path`, once there are `n`.
+async fn log_lines(path: &std::path::Path, n: usize, what: &str) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    eventually(what, || {
+        lines = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .collect();
+        lines.len() >= n
+    })
+    .await;
+    lines
+}
+
+/// The first line of the JSON access log at `path`, once written.
+async fn first_log_line(path: &std::path::Path, what: &str) -> serde_json::Value {
+    log_lines(path, 1, what).await.swap_remove(0)
+}
+
+/// The size of the future `make` would return (it is never called).
+pub(crate) fn future_size<F>(_make: &dyn Fn() -> F) -> usize {
+    size_of::<F>()
+}
+
+/// An edge with group `app` on the instance `a` at `ip`:`port`, writing a
+/// JSON access log to the returned path (in the returned directory).
+async fn logged_edge(
+    port: u16,
+    ip: IpAddr,
+    settings: Settings,
+) -> (Edge, tempfile::TempDir, std::path::PathBuf) {
+    let app = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, path) = json_access_log(dir.path());
+    let edge = Edge::start_logged(vec![app], DataPlane::new(settings).with_access_log(log)).await;
+    (edge, dir, path)
 }
 
 /// An access log writing JSON to `access.log` in `dir`, and that path.
@@ -1700,15 +1697,7 @@ async fn small_bodies_that_came_with_their_heads_go_out_with_them() {
     let (port, mut ls) = listeners(1).await;
     let (ip, l) = ls.pop().expect("listener");
     let counters = echo_backend(l, "a");
-    let app = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (log, path) = json_access_log(dir.path());
-    let edge = Edge::start_logged(vec![app], DataPlane::new(settings()).with_access_log(log)).await;
+    let (edge, _dir, path) = logged_edge(port, ip, settings()).await;
     // Three requests in one write: two with a body, pipelined.
     let mut s = TcpStream::connect(edge.addr).await.expect("connect");
     s.write_all(
@@ -1739,16 +1728,7 @@ async fn small_bodies_that_came_with_their_heads_go_out_with_them() {
         }
     }
     assert_eq!(counters.conns.load(Ordering::SeqCst), 1);
-    let mut lines = Vec::new();
-    eventually("three access log lines", || {
-        lines = std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
-            .collect();
-        lines.len() >= 3
-    })
-    .await;
+    let lines = log_lines(&path, 3, "three access log lines").await;
     assert_eq!(lines[0]["method"], "POST");
     assert_eq!(lines[0]["bytes_in"], 4);
     assert_eq!(lines[1]["method"], "PUT");
@@ -1973,15 +1953,7 @@ async fn lean_requests_are_logged_with_their_fields() {
     let (port, mut ls) = listeners(1).await;
     let (ip, l) = ls.pop().expect("listener");
     echo_backend(l, "a");
-    let app = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (log, path) = json_access_log(dir.path());
-    let edge = Edge::start_logged(vec![app], DataPlane::new(settings()).with_access_log(log)).await;
+    let (edge, _dir, path) = logged_edge(port, ip, settings()).await;
     let mut client = edge.client().await;
     let first = send(&mut client, get("app.example.com", "/lean?q=1")).await;
     let second = send(&mut client, get("app.example.com", "/again")).await;
@@ -1990,16 +1962,7 @@ async fn lean_requests_are_logged_with_their_fields() {
         (StatusCode::OK, StatusCode::OK)
     );
 
-    let mut lines = Vec::new();
-    eventually("two access log lines", || {
-        lines = std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
-            .collect();
-        lines.len() >= 2
-    })
-    .await;
+    let lines = log_lines(&path, 2, "two access log lines").await;
     let (one, two) = (&lines[0], &lines[1]);
     assert_eq!(one["method"], "GET");
     assert_eq!(one["path"], "/lean?q=1");
