@@ -143,13 +143,15 @@ impl PooledConn {
             debug!("idle upstream connection received bytes; closing");
             return None;
         }
-        let mut deadline = self.deadline;
-        deadline.forget_waker();
+        // Its timer is dropped, not kept: the sweeper that parks idle
+        // connections may run on another worker, whose runtime may be
+        // shutting down, where polling the timer (to let go of its waker)
+        // would fail. A request after an idle spell makes a new one.
         Some(ParkedConn {
             io: parts.io.into_inner(),
             watch,
             closed,
-            deadline: Some(deadline),
+            deadline: None,
         })
     }
 }
@@ -349,7 +351,8 @@ impl Pool {
         if !conn.watch.aborted() {
             // The waker of the task that used it: an idle connection must
             // not keep that task's memory, nor wake it on a drain or when
-            // its timer fires.
+            // its timer fires. (Checked in by that task, on the worker
+            // whose runtime runs the timer.)
             drop(conn.watch.waker.take());
             if let Some(deadline) = conn.deadline.as_mut() {
                 deadline.forget_waker();
