@@ -273,3 +273,82 @@ const ADDED: [HeaderName; 5] = [
     HeaderName::from_static("x-forwarded-proto"),
     HeaderName::from_static("x-forwarded-host"),
 ];
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    const LINES: &[&str] = &[
+        "GET / HTTP/1.1",
+        "HEAD /h HTTP/1.1",
+        "POST /p?q=1 HTTP/1.1",
+        "PUT /u HTTP/1.1",
+        "DELETE /d HTTP/1.1",
+        "CONNECT api.example.com:443 HTTP/1.1",
+        "OPTIONS * HTTP/1.1",
+        "GET http://api.example.com/abs HTTP/1.1",
+        "GET / HTTP/1.0",
+        "GET /#frag HTTP/1.1",
+    ];
+    const FIELDS: &[&str] = &[
+        "host: api.example.com",
+        "Host: API.example.com:8080",
+        "host: www.example.com",
+        "content-length: 3",
+        "Content-Length: 0",
+        "content-length: 03",
+        "content-length: 3, 3",
+        "content-length: +3",
+        "content-length: 99999999999999999999999",
+        "transfer-encoding: chunked",
+        "connection: keep-alive",
+        "connection: close",
+        "connection: x-a",
+        "x-a: 1",
+        "te: trailers",
+        "upgrade: websocket",
+        "expect: 100-continue",
+        "keep-alive: timeout=5",
+        "proxy-authorization: basic x",
+        "x-forwarded-for: 10.0.0.9",
+        "forwarded: for=10.0.0.9",
+        "x-real-ip: 10.0.0.9",
+        "cookie: a=1",
+    ];
+    /// What may follow a head: a body, a next request, or less.
+    const AFTER: &[&str] = &[
+        "",
+        "abc",
+        "ab",
+        "abcdef",
+        "GET /next HTTP/1.1\r\nhost: api.example.com\r\n\r\n",
+        "\r\n",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Requests put together from HTTP's pieces hold what the fuzz
+        /// target asserts, on hyper's path and the lean one (on stable,
+        /// beside the corpus replay).
+        #[test]
+        fn requests_of_http_pieces(
+            line in 0..LINES.len(),
+            fields in proptest::collection::vec(0..FIELDS.len(), 0..6),
+            after in proptest::collection::vec(0..AFTER.len(), 0..3),
+            routed in any::<bool>(),
+        ) {
+            let mut data = format!("{}\r\n", LINES[line]);
+            if routed {
+                data.push_str("host: api.example.com\r\n");
+            }
+            for f in fields {
+                data.push_str(FIELDS[f]);
+                data.push_str("\r\n");
+            }
+            data.push_str("\r\n");
+            data.extend(after.iter().map(|&a| AFTER[a]));
+            super::head(data.as_bytes());
+        }
+    }
+}

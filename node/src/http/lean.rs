@@ -1,12 +1,12 @@
 //! The lean path: the plainest HTTP/1.1 requests proxied without hyper.
 //!
 //! Most requests an edge proxy sees are `GET`s and `HEAD`s without a body
-//! on a kept-alive connection. For those, hyper's server and client (a
-//! `Request` and a `Response` built and taken apart, a header map filled
-//! and hashed twice, a dispatcher and a channel on each side) cost more
-//! than the rest of the request's user-space work together. This path
-//! reads such a request's head straight from the bytes the connection
-//! already holds, writes the instance its head in one buffer, and passes
+//! (or small `POST`s) on a kept-alive connection. For those, hyper's server
+//! and client (a `Request` and a `Response` built and taken apart, a header
+//! map filled and hashed twice, a dispatcher and a channel on each side)
+//! cost more than the rest of the request's user-space work together. This
+//! path reads such a request's head (and body) straight from the bytes the
+//! connection already holds, writes the instance both in one buffer, and passes
 //! the answer back as it comes, its head rewritten and its body as sent
 //! (a body that ends at the connection's close is sent chunked).
 //!
