@@ -77,6 +77,15 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// How long idle upstream connections are kept, and how many.
+    pub(crate) fn idle_limits(&self) -> crate::upstream::IdleLimits {
+        crate::upstream::IdleLimits {
+            max_idle: self.pool_max_idle,
+            idle_timeout: self.pool_idle_timeout,
+            park_after: self.park_after,
+        }
+    }
+
     /// Whether `ip` is one of `trusted_proxies` (an IPv4-mapped IPv6
     /// address as the IPv4 address it maps).
     pub(crate) fn trusts(&self, ip: std::net::IpAddr) -> bool {

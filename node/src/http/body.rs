@@ -5,7 +5,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -13,10 +12,8 @@ use hyper::body::Incoming;
 use tracing::debug;
 
 use super::conn::{ActiveGuard, Conn};
-use super::log::Log;
 use super::reply::{CLIENT_LEFT, Done, Framing, MAX_READ, Progress, READ_CHUNK};
-use crate::balancer::Lease;
-use crate::upstream::{IdleLimits, ParkedConn, Pool, PooledConn};
+use crate::upstream::{IdleLimits, ParkedConn, PooledConn};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -131,46 +128,29 @@ pub(crate) struct UpstreamBody {
     finish: Option<Finish>,
 }
 
-/// Where a connection goes back when its response was read completely.
-#[derive(Debug)]
-pub(crate) struct Reuse {
-    pub(crate) pool: Arc<Pool>,
-    pub(crate) limits: IdleLimits,
-}
-
 #[derive(Debug)]
 struct Finish {
     conn: PooledConn,
-    lease: Lease,
-    start: Instant,
-    status: u16,
-    /// `None` for connections that are not reused.
-    reuse: Option<Reuse>,
-    /// The access log's line, when the request is logged.
-    log: Log,
+    /// How long the connection may wait in the pool once its response
+    /// was read completely; `None` for connections that are not reused.
+    reuse: Option<IdleLimits>,
+    done: Done,
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(
+    /// The body of an instance's response; `done` ends the request, and
+    /// `reuse` (none for a connection made for an upgrade) is how long the
+    /// connection may wait in the pool after it.
+    pub(super) fn new(
         inner: Incoming,
         conn: PooledConn,
-        lease: Lease,
-        start: Instant,
-        status: u16,
-        reuse: Option<Reuse>,
-        log: Log,
+        done: Done,
+        reuse: Option<IdleLimits>,
     ) -> Self {
         Self {
             inner,
             complete: false,
-            finish: Some(Finish {
-                conn,
-                lease,
-                start,
-                status,
-                reuse,
-                log,
-            }),
+            finish: Some(Finish { conn, reuse, done }),
         }
     }
 
@@ -178,26 +158,19 @@ impl UpstreamBody {
     /// else who cut it off and why (for the access log).
     fn finish(&mut self, complete: bool, cut: Option<(&'static str, &dyn std::fmt::Display)>) {
         let Some(f) = self.finish.take() else { return };
-        let now = Instant::now();
-        let metrics = &f.lease.backend().metrics;
-        metrics.observe_status(f.status);
-        metrics
-            .duration
-            .observe(now.saturating_duration_since(f.start).as_secs_f64());
-        // A connection still sending the request body (the instance
-        // answered before reading it all) is not reused: dropping it drops
-        // the body, whose rest is then discarded (see `crate::upstream::ClientBody`).
-        if complete
-            && let Some(r) = f.reuse
-            && f.conn.sender.is_ready()
-        {
-            r.pool.checkin(f.conn, r.limits, now);
-        }
-        // Ends the in-flight count (and times the work for gossip).
-        f.lease.release(now);
-        if let Some(record) = f.log {
-            record.end(f.status, if complete { None } else { cut }, now);
-        }
+        let Finish { conn, reuse, done } = f;
+        done.end_with(if complete { None } else { cut }, |pool, now| {
+            // A connection still sending the request body (the instance
+            // answered before reading it all) is not reused: dropping it
+            // drops the body, whose rest is then discarded (see
+            // `crate::upstream::ClientBody`).
+            if complete
+                && let Some(limits) = reuse
+                && conn.sender.is_ready()
+            {
+                pool.checkin(conn, limits, now);
+            }
+        });
     }
 
     fn on_frame(
@@ -206,7 +179,7 @@ impl UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match frame {
             Some(Ok(frame)) => {
-                if let Some(record) = self.finish.as_mut().and_then(|f| f.log.as_mut())
+                if let Some(record) = self.finish.as_mut().and_then(|f| f.done.log.as_mut())
                     && let Some(data) = frame.data_ref()
                 {
                     record.bytes_out += data.len() as u64;

@@ -14,18 +14,19 @@ use hyper::client::conn::TrySendError;
 use hyper::upgrade::OnUpgrade;
 use tracing::debug;
 
-use super::body::{ProxyBody, Reuse, UpstreamBody};
+use super::body::{ProxyBody, UpstreamBody};
 use super::conn::{ActiveGuard, Conn};
 use super::error::ProxyError;
 use super::headers;
 use super::lean;
 use super::log::{Log, Record};
 use super::redirect;
+use super::reply::Done;
 use super::upgrade;
 use crate::balancer::Lease;
 use crate::dataplane::{Attempts, Settings};
 use crate::routing::Target;
-use crate::upstream::{ClientBody, ConnectError, IdleLimits, Pool, PooledConn};
+use crate::upstream::{ClientBody, ConnectError, Pool, PooledConn};
 
 /// How long a pooled connection may take to become ready for its next
 /// request before a new connection is opened instead.
@@ -310,16 +311,17 @@ fn respond(
     parts.version = Version::HTTP_11;
     // Upgrade connections are dedicated; a refused upgrade ends with its
     // response.
-    let settings = &conn.dp.settings;
-    let reuse = client_upgrade.is_none().then(|| Reuse {
+    let reuse = client_upgrade
+        .is_none()
+        .then(|| conn.dp.settings.idle_limits());
+    let done = Done {
+        lease,
         pool: pool.clone(),
-        limits: IdleLimits {
-            max_idle: settings.pool_max_idle,
-            idle_timeout: settings.pool_idle_timeout,
-            park_after: settings.park_after,
-        },
-    });
-    let body = UpstreamBody::new(body, up, lease, start, status.as_u16(), reuse, log.take());
+        start,
+        status: status.as_u16(),
+        log: log.take(),
+    };
+    let body = UpstreamBody::new(body, up, done, reuse);
     Ok(Response::from_parts(parts, ProxyBody::upstream(body)))
 }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::conn::Conn;
 use super::log::Log;
 use crate::balancer::Lease;
-use crate::upstream::{IdleLimits, ParkedConn, Pool};
+use crate::upstream::{ParkedConn, Pool};
 
 /// The upstream read buffer, at first: most answers fit.
 pub(super) const READ_CHUNK: usize = 4 * 1024;
@@ -39,16 +39,37 @@ pub(super) struct Done {
 }
 
 impl Done {
-    /// Counts the response, gives `up` back to the pool (a connection whose
-    /// response was read completely and that the instance keeps open),
-    /// ends the in-flight count and writes the access log line: `sent`
-    /// body bytes, and who cut the response off and why.
+    /// The lean path's end: [`Done::end_with`], `up` given back to the
+    /// pool (a connection whose response was read completely and that the
+    /// instance keeps open), `sent` body bytes logged.
     pub(super) fn end(
-        self,
+        mut self,
         conn: &Conn,
         up: Option<ParkedConn>,
         sent: u64,
         cut: Option<(&'static str, &'static str)>,
+    ) {
+        if let Some(record) = self.log.as_mut() {
+            record.bytes_out = sent;
+        }
+        let cut = cut
+            .as_ref()
+            .map(|(side, why)| (*side, why as &dyn std::fmt::Display));
+        self.end_with(cut, |pool, now| {
+            if let Some(up) = up {
+                pool.checkin_socket(up, conn.dp.settings.idle_limits(), now);
+            }
+        });
+    }
+
+    /// Ends the request, whichever path served it: counts the response
+    /// (status class, duration), lets `give_back` return the connection
+    /// to the pool, ends the in-flight count and writes the access log
+    /// line with who cut the response off and why.
+    pub(super) fn end_with(
+        self,
+        cut: Option<(&'static str, &dyn std::fmt::Display)>,
+        give_back: impl FnOnce(&Arc<Pool>, Instant),
     ) {
         let now = Instant::now();
         let metrics = &self.lease.backend().metrics;
@@ -56,21 +77,10 @@ impl Done {
         metrics
             .duration
             .observe(now.saturating_duration_since(self.start).as_secs_f64());
-        if let Some(up) = up {
-            let settings = &conn.dp.settings;
-            let limits = IdleLimits {
-                max_idle: settings.pool_max_idle,
-                idle_timeout: settings.pool_idle_timeout,
-                park_after: settings.park_after,
-            };
-            self.pool.checkin_socket(up, limits, now);
-        }
+        give_back(&self.pool, now);
+        // Ends the in-flight count (and times the work for gossip).
         self.lease.release(now);
-        if let Some(mut record) = self.log {
-            record.bytes_out = sent;
-            let cut = cut
-                .as_ref()
-                .map(|(side, why)| (*side, why as &dyn std::fmt::Display));
+        if let Some(record) = self.log {
             record.end(self.status, cut, now);
         }
     }
