@@ -348,7 +348,7 @@ where
         until_client_leaves(io, exchanging).await
     };
     match exchanged {
-        Some(Ok(got)) => respond(io, conn, req, got, log.take()).await,
+        Some(Ok(got)) => respond(io, conn, req, got).await,
         Some(Err(error)) => answer_error(io, conn, &error, req.head_only, log.take()).await,
         // Dropping the exchange ends the request's in-flight count.
         None => Err(Cut),
@@ -393,9 +393,8 @@ struct Exchanged {
     up: ParkedConn,
     /// What was read from the instance: the head and what followed it.
     buf: Vec<u8>,
-    lease: Lease,
-    pool: Arc<Pool>,
-    start: Instant,
+    /// What ends the request (the access log record taken along).
+    done: Done,
 }
 
 /// Picks an instance, sends the request and reads the response head,
@@ -480,13 +479,18 @@ async fn exchange(
                     record.response =
                         Some(waited.saturating_sub(record.connect.unwrap_or_default()));
                 }
+                let done = Done {
+                    lease,
+                    pool,
+                    start,
+                    status: head.status,
+                    log: log.take(),
+                };
                 return Ok(Exchanged {
                     head,
                     up,
                     buf,
-                    lease,
-                    pool,
-                    start,
+                    done,
                 });
             }
             Err(error) => tries.failed(lease, error),
@@ -887,7 +891,6 @@ async fn respond<I>(
     conn: &Conn,
     req: &Request,
     got: Exchanged,
-    mut log: Log,
 ) -> Result<bool, Cut>
 where
     I: AsyncRead + AsyncWrite + Unpin,
@@ -896,9 +899,7 @@ where
         head,
         mut up,
         mut buf,
-        lease,
-        pool,
-        start,
+        mut done,
     } = got;
     let framing = if req.head_only {
         Framing::Empty
@@ -918,21 +919,16 @@ where
     if let Err(why) = body.take(&buf[head.len..], &mut out) {
         // Nothing was sent yet: answered as a failed exchange is.
         let error = ProxyError::UpstreamIo(io::Error::new(io::ErrorKind::InvalidData, why));
-        let error = error.counted(&lease, start);
-        drop((up, lease));
-        return answer_error(io, conn, &error, req.head_only, log.take()).await;
+        let error = error.counted(&done.lease, done.start);
+        let log = done.log.take();
+        drop((up, done));
+        return answer_error(io, conn, &error, req.head_only, log).await;
     }
     // Ends the request however this future ends: dropped in the middle of
     // the body (a drain that outlasted its timeout), it is logged with its
     // status, as hyper's path logs a body it drops.
     let mut ending = Ending {
-        done: Some(Done {
-            lease,
-            pool,
-            start,
-            status: head.status,
-            log: log.take(),
-        }),
+        done: Some(done),
         conn,
         sent: body.sent,
     };

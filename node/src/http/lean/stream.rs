@@ -24,8 +24,7 @@ use super::super::body::{LeanBody, ProxyBody};
 use super::super::conn::Conn;
 use super::super::error::ProxyError;
 use super::super::log::Log;
-use super::super::reply::READ_CHUNK;
-use super::super::reply::{Done, Framing, Progress};
+use super::super::reply::{Framing, Progress};
 use super::{Head, exchange, put_field};
 use crate::routing::Target;
 
@@ -64,27 +63,23 @@ async fn send(
     // Only bodiless GETs and HEADs come this way: safe to send twice.
     let got = exchange(conn, target, &upstream_head, true, log).await?;
     let status = StatusCode::from_u16(got.head.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let headers = header_map(&got.head, &got.buf);
+    // The bytes read, split without a copy: the head, whose values the
+    // header map shares, and what followed it, the body's first bytes.
+    let mut pending = Bytes::from(got.buf)
+        .try_into_mut()
+        .unwrap_or_else(|read| BytesMut::from(&read[..]));
+    let headers = header_map(&got.head, &pending.split_to(got.head.len).freeze());
     let framing = if head_only {
         Framing::Empty
     } else {
         got.head.framing
-    };
-    let mut pending = BytesMut::with_capacity(READ_CHUNK.max(got.buf.len() - got.head.len));
-    pending.extend_from_slice(&got.buf[got.head.len..]);
-    let done = Done {
-        lease: got.lease,
-        pool: got.pool,
-        start: got.start,
-        status: got.head.status,
-        log: log.take(),
     };
     let body = LeanBody::new(
         got.up,
         pending,
         Progress::new(framing),
         got.head.keeps_open(framing),
-        done,
+        got.done,
         conn.clone(),
     );
     let mut resp = Response::new(ProxyBody::lean(body));
@@ -121,11 +116,10 @@ fn request_head<B>(req: &http::Request<B>) -> Vec<u8> {
 /// The fields of `head` (parsed from `buf`) that hyper passes on; a field
 /// that is not a valid header (none that the parser let through) is left
 /// out.
-fn header_map(head: &Head, buf: &[u8]) -> HeaderMap {
+fn header_map(head: &Head, shared: &Bytes) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(head.fields.len());
-    // One copy of the head, its values shared out of it: a value made
-    // from a slice is a copy (an allocation) of its own.
-    let shared = Bytes::copy_from_slice(&buf[..head.len]);
+    // Values shared out of the head: a value made from a slice is a copy
+    // (an allocation) of its own.
     for (name, value) in &head.fields {
         match (
             HeaderName::from_bytes(&shared[name.clone()]),
