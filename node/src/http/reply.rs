@@ -161,8 +161,8 @@ impl Progress {
     /// framing included), counted as passed on.
     pub(crate) fn measure(&mut self, bytes: &[u8]) -> Result<usize, &'static str> {
         let used = if self.framing == Framing::Chunked {
-            let used = self.chunks.advance(bytes).map_err(|()| MALFORMED)?;
-            self.sent = self.chunks.data;
+            let (used, data) = self.chunks.advance(bytes).map_err(|()| MALFORMED)?;
+            self.sent += data as u64;
             used
         } else {
             self.next_data(bytes)?.1
@@ -224,8 +224,6 @@ pub(super) struct Chunks {
     state: ChunkState,
     /// Size of the chunk being read, then bytes left of it.
     size: u64,
-    /// Data bytes of the chunks so far.
-    data: u64,
     /// The size line being read has a digit.
     digits: bool,
 }
@@ -266,17 +264,19 @@ impl Chunks {
     }
 
     /// Follows `bytes`; returns how many belong to the body (all, unless it
-    /// ends within them). An error for bytes no chunked body has.
-    fn advance(&mut self, bytes: &[u8]) -> Result<usize, ()> {
-        let mut i = 0;
+    /// ends within them) and how many of those are data. An error for
+    /// bytes no chunked body has.
+    fn advance(&mut self, bytes: &[u8]) -> Result<(usize, usize), ()> {
+        let (mut i, mut data) = (0, 0);
         loop {
-            let (framing, data) = self.next(&bytes[i..])?;
+            let (framing, n) = self.next(&bytes[i..])?;
             i += framing;
-            if data == 0 {
-                return Ok(i);
+            if n == 0 {
+                return Ok((i, data));
             }
-            self.took(data);
-            i += data;
+            self.took(n);
+            i += n;
+            data += n;
         }
     }
 
@@ -289,6 +289,8 @@ impl Chunks {
         let mut i = 0;
         while i < bytes.len() && self.state != Done {
             let b = bytes[i];
+            // A line end's byte: `want`, then the state `next`.
+            let expect = |want: u8, next: ChunkState| if b == want { Ok(next) } else { Err(()) };
             match self.state {
                 Size => match (b as char).to_digit(16) {
                     Some(d) => {
@@ -309,28 +311,15 @@ impl Chunks {
                     }
                 }
                 SizeLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
+                    self.state = expect(b'\n', if self.size == 0 { TrailerStart } else { Data })?;
                     self.digits = false;
-                    self.state = if self.size == 0 { TrailerStart } else { Data };
                 }
                 Data => {
                     let n = (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
                     return Ok((i, n));
                 }
-                DataCr => {
-                    if b != b'\r' {
-                        return Err(());
-                    }
-                    self.state = DataLf;
-                }
-                DataLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
-                    self.state = Size;
-                }
+                DataCr => self.state = expect(b'\r', DataLf)?,
+                DataLf => self.state = expect(b'\n', Size)?,
                 TrailerStart if b == b'\r' => self.state = EndLf,
                 TrailerStart | Trailer => {
                     if b == b'\r' {
@@ -341,18 +330,8 @@ impl Chunks {
                         self.state = Trailer;
                     }
                 }
-                TrailerLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
-                    self.state = TrailerStart;
-                }
-                EndLf => {
-                    if b != b'\n' {
-                        return Err(());
-                    }
-                    self.state = Done;
-                }
+                TrailerLf => self.state = expect(b'\n', TrailerStart)?,
+                EndLf => self.state = expect(b'\n', Done)?,
                 Done => {}
             }
             i += 1;
@@ -365,7 +344,6 @@ impl Chunks {
     pub(super) fn took(&mut self, n: usize) {
         debug_assert!(n > 0 && self.state == ChunkState::Data);
         self.size -= n as u64;
-        self.data += n as u64;
         if self.size == 0 {
             self.state = ChunkState::DataCr;
         }
@@ -381,7 +359,7 @@ mod tests {
         let mut used = 0;
         for piece in body.chunks(pieces) {
             match chunks.advance(piece) {
-                Ok(n) => used += n,
+                Ok((n, _)) => used += n,
                 Err(()) => return (Err(()), chunks.done()),
             }
             if chunks.done() {
