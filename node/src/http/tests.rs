@@ -1329,24 +1329,9 @@ async fn the_access_log_has_one_line_per_request_with_its_fields() {
     let lines = log_lines(&path, 4, "four access log lines").await;
     assert_eq!(lines.len(), 4, "{lines:?}");
     let (ok_line, not_found, bad_gateway, two_hosts) = (&lines[0], &lines[1], &lines[2], &lines[3]);
-    assert_eq!(ok_line["method"], "POST");
-    assert_eq!(ok_line["path"], "/upload?x=1");
-    assert_eq!(ok_line["host"], "app.example.com");
-    assert_eq!(ok_line["proto"], "HTTP/1.1");
+    assert_served_on_a_new_connection(ok_line, "POST", "/upload?x=1", 11, ok.body.len());
     assert_eq!(ok_line["port"], PORT);
-    assert_eq!(ok_line["group"], "app");
-    assert_eq!(ok_line["instance"], "a");
-    assert_eq!(ok_line["status"], 200);
-    assert_eq!(ok_line["bytes_in"], 11);
-    assert_eq!(ok_line["bytes_out"], ok.body.len());
-    assert_eq!(ok_line["attempts"], 1);
-    assert!(
-        ok_line["connect_ms"].as_f64().is_some(),
-        "a new connection: {ok_line}"
-    );
-    assert!(ok_line["response_ms"].as_f64().is_some());
     assert!(ok_line["duration_ms"].as_f64().is_some());
-    assert!(ok_line["error_origin"].is_null());
     let client_addr = ok_line["client"].as_str().expect("client");
     assert!(client_addr.starts_with("127.0.0.1:"), "{client_addr}");
 
@@ -1443,6 +1428,33 @@ async fn log_lines(path: &std::path::Path, n: usize, what: &str) -> Vec<serde_js
     })
     .await;
     lines
+}
+
+/// The access log line of an HTTP/1.1 request to `app.example.com` that
+/// instance `a` answered 200 on a new connection, at the first attempt.
+fn assert_served_on_a_new_connection(
+    line: &serde_json::Value,
+    method: &str,
+    path: &str,
+    bytes_in: u64,
+    bytes_out: usize,
+) {
+    assert_eq!(line["method"], method);
+    assert_eq!(line["path"], path);
+    assert_eq!(line["host"], "app.example.com");
+    assert_eq!(line["proto"], "HTTP/1.1");
+    assert_eq!(line["group"], "app");
+    assert_eq!(line["instance"], "a");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["bytes_in"], bytes_in);
+    assert_eq!(line["bytes_out"], bytes_out);
+    assert_eq!(line["attempts"], 1);
+    assert!(
+        line["connect_ms"].as_f64().is_some(),
+        "a new connection: {line}"
+    );
+    assert!(line["response_ms"].as_f64().is_some());
+    assert!(line["error_origin"].is_null());
 }
 
 /// The first line of the JSON access log at `path`, once written.
@@ -1964,22 +1976,7 @@ async fn lean_requests_are_logged_with_their_fields() {
 
     let lines = log_lines(&path, 2, "two access log lines").await;
     let (one, two) = (&lines[0], &lines[1]);
-    assert_eq!(one["method"], "GET");
-    assert_eq!(one["path"], "/lean?q=1");
-    assert_eq!(one["host"], "app.example.com");
-    assert_eq!(one["proto"], "HTTP/1.1");
-    assert_eq!(one["group"], "app");
-    assert_eq!(one["instance"], "a");
-    assert_eq!(one["status"], 200);
-    assert_eq!(one["bytes_in"], 0);
-    assert_eq!(one["bytes_out"], first.body.len());
-    assert_eq!(one["attempts"], 1);
-    assert!(
-        one["connect_ms"].as_f64().is_some(),
-        "a new connection: {one}"
-    );
-    assert!(one["response_ms"].as_f64().is_some());
-    assert!(one["error_origin"].is_null());
+    assert_served_on_a_new_connection(one, "GET", "/lean?q=1", 0, first.body.len());
     assert_eq!(two["path"], "/again");
     assert!(two["connect_ms"].is_null(), "a pooled connection: {two}");
     assert_eq!(two["bytes_out"], second.body.len());
@@ -1994,6 +1991,25 @@ async fn h2_client(edge: &Edge) -> hyper::client::conn::http2::SendRequest<Full<
             .expect("h2 handshake");
     tokio::spawn(conn);
     sender
+}
+
+/// One request on an HTTP/2 connection: the answer's head, and its body
+/// read whole.
+async fn h2_exchange(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    method: Method,
+    uri: &str,
+) -> (http::response::Parts, Bytes) {
+    within(sender.ready()).await.expect("ready");
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = within(sender.send_request(req)).await.expect("response");
+    let (head, body) = resp.into_parts();
+    let got = within(body.collect()).await.expect("body").to_bytes();
+    (head, got)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2016,18 +2032,10 @@ async fn http2_answers_are_decoded_from_every_framing() {
         (StatusCode::OK, "close 0"),
         (StatusCode::OK, "length"),
     ] {
-        within(sender.ready()).await.expect("ready");
-        let req = Request::get("http://app.example.com/")
-            .body(Full::new(Bytes::new()))
-            .expect("request");
-        let resp = within(sender.send_request(req)).await.expect("response");
-        assert_eq!(resp.status(), status);
-        assert!(!resp.headers().contains_key("x-hop"));
-        assert!(!resp.headers().contains_key("transfer-encoding"));
-        let got = within(resp.into_body().collect())
-            .await
-            .expect("body")
-            .to_bytes();
+        let (resp, got) = h2_exchange(&mut sender, Method::GET, "http://app.example.com/").await;
+        assert_eq!(resp.status, status);
+        assert!(!resp.headers.contains_key("x-hop"));
+        assert!(!resp.headers.contains_key("transfer-encoding"));
         assert_eq!(String::from_utf8_lossy(&got), body);
     }
     // One connection for the first four answers (the fourth ends at its
@@ -2041,16 +2049,8 @@ async fn http2_large_answers_arrive_whole() {
     let (edge, _) = scripted_edge(big_answers).await;
     let mut sender = h2_client(&edge).await;
     for _ in 0..2 {
-        within(sender.ready()).await.expect("ready");
-        let req = Request::get("http://app.example.com/big")
-            .body(Full::new(Bytes::new()))
-            .expect("request");
-        let resp = within(sender.send_request(req)).await.expect("response");
-        assert_eq!(resp.status(), StatusCode::OK);
-        let got = within(resp.into_body().collect())
-            .await
-            .expect("body")
-            .to_bytes();
+        let (resp, got) = h2_exchange(&mut sender, Method::GET, "http://app.example.com/big").await;
+        assert_eq!(resp.status, StatusCode::OK);
         assert!(got == big_body().as_bytes(), "{} bytes", got.len());
     }
 }
@@ -2075,23 +2075,13 @@ async fn http2_answers_without_a_body_end_at_their_head() {
         (Method::HEAD, 200, Some("5"), ""),
         (Method::GET, 299, Some("2"), "ok"),
     ] {
-        within(sender.ready()).await.expect("ready");
-        let req = Request::builder()
-            .method(method.clone())
-            .uri("http://app.example.com/")
-            .body(Full::new(Bytes::new()))
-            .expect("request");
-        let resp = within(sender.send_request(req)).await.expect("response");
-        assert_eq!(resp.status(), status, "{method}");
+        let (resp, got) = h2_exchange(&mut sender, method.clone(), "http://app.example.com/").await;
+        assert_eq!(resp.status, status, "{method}");
         let got_length = resp
-            .headers()
+            .headers
             .get("content-length")
             .map(|v| v.to_str().expect("ascii").to_owned());
         assert_eq!(got_length.as_deref(), length, "{method} {status}");
-        let got = within(resp.into_body().collect())
-            .await
-            .expect("body")
-            .to_bytes();
         assert_eq!(String::from_utf8_lossy(&got), body);
     }
     // The bytes after the 304 cost its connection; the HEAD's was reused.
