@@ -19,9 +19,10 @@
 //! connection (WebSocket) counts as one request for as long as it is open.
 //! Connect failures (refused, timed out) mark the instance down and select
 //! again. Once a request byte reached an instance nothing is retried, but
-//! for a body-less `GET` or `HEAD` of the lean path (`lean`) on a pooled
-//! connection that turns out to have been closed by the instance: that one
-//! is sent again on a new connection.
+//! for a body-less `GET` or `HEAD` of the lean exchange (`lean`) on a
+//! pooled connection that turns out to have been closed by the instance:
+//! that one is sent again on a new connection (as is any request none of
+//! whose bytes could be written there).
 
 mod body;
 pub(crate) mod conn;

@@ -1,15 +1,14 @@
 //! Why a proxied request failed, where the failure came from, whether
 //! another instance may be tried, and the short plain-text answer.
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
-
-use super::body::ProxyBody;
-use std::time::Instant;
-
 use tracing::debug;
 
+use super::body::ProxyBody;
 use crate::balancer::Lease;
 use crate::dataplane::Unserved;
 use crate::upstream::ConnectError;

@@ -148,8 +148,6 @@ struct Request {
     /// Bytes of the body.
     body_len: usize,
     method: Method,
-    /// `HEAD`: the response has no body, whatever its head says.
-    head_only: bool,
     /// The head sent to the instance, and the body after it.
     upstream_head: Vec<u8>,
     target: Target,
@@ -185,7 +183,6 @@ impl Request {
             return None;
         }
         let method = req.method?;
-        let head_only = method == "HEAD";
         if method == "CONNECT" {
             return None;
         }
@@ -286,12 +283,16 @@ impl Request {
             len: head_len + body_len,
             body_len,
             method: Method::from_bytes(method.as_bytes()).ok()?,
-            head_only,
             upstream_head: head,
             target,
             path: checked_path,
             host: range_in(bytes, host.as_bytes()),
         })
+    }
+
+    /// `HEAD`: the response has no body, whatever its head says.
+    fn head_only(&self) -> bool {
+        self.method == Method::HEAD
     }
 
     /// The request's access log record, when the log samples it; `bytes`
@@ -349,7 +350,7 @@ where
     };
     match exchanged {
         Some(Ok(got)) => respond(io, conn, req, got).await,
-        Some(Err(error)) => answer_error(io, conn, &error, req.head_only, log.take()).await,
+        Some(Err(error)) => answer_error(io, conn, &error, req.head_only(), log.take()).await,
         // Dropping the exchange ends the request's in-flight count.
         None => Err(Cut),
     }
@@ -901,7 +902,7 @@ where
         mut buf,
         mut done,
     } = got;
-    let framing = if req.head_only {
+    let framing = if req.head_only() {
         Framing::Empty
     } else {
         head.framing
@@ -922,7 +923,7 @@ where
         let error = error.counted(&done.lease, done.start);
         let log = done.log.take();
         drop((up, done));
-        return answer_error(io, conn, &error, req.head_only, log).await;
+        return answer_error(io, conn, &error, req.head_only(), log).await;
     }
     // Ends the request however this future ends: dropped in the middle of
     // the body (a drain that outlasted its timeout), it is logged with its
