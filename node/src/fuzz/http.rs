@@ -197,24 +197,8 @@ fn check_lean(data: &[u8], conn: &Conn) {
     let Ok(httparse::Status::Complete(client_head)) = client.parse(data) else {
         panic!("taken without a whole head");
     };
-    let client_named = |name: &str| {
-        client
-            .headers
-            .iter()
-            .filter(|f| f.name.eq_ignore_ascii_case(name))
-            .map(|f| f.value)
-            .collect::<Vec<_>>()
-    };
-    assert!(client_named("transfer-encoding").is_empty());
-    let client_body = match client_named("content-length").as_slice() {
-        [] => 0,
-        [one] => std::str::from_utf8(one)
-            .ok()
-            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|v| v.parse::<usize>().ok())
-            .expect("a plain length"),
-        more => panic!("taken with {} lengths", more.len()),
-    };
+    assert!(values(client.headers, "transfer-encoding").is_empty());
+    let client_body = body_length(client.headers, "taken with");
     assert_eq!(taken, client_head + client_body, "the bytes taken");
     let mut fields = [httparse::EMPTY_HEADER; 128];
     let mut head = httparse::Request::new(&mut fields);
@@ -222,13 +206,7 @@ fn check_lean(data: &[u8], conn: &Conn) {
         panic!("the head sent on does not parse: {sent:?}");
     };
     assert_eq!(head.version, Some(1));
-    let named = |name: &str| {
-        head.headers
-            .iter()
-            .filter(|f| f.name.eq_ignore_ascii_case(name))
-            .map(|f| f.value)
-            .collect::<Vec<_>>()
-    };
+    let named = |name: &str| values(head.headers, name);
     assert_eq!(named("host").len(), 1);
     for gone in HOP_BY_HOP
         .iter()
@@ -240,18 +218,33 @@ fn check_lean(data: &[u8], conn: &Conn) {
     let xff = named("x-forwarded-for");
     assert_eq!(xff.len(), 1);
     assert!(xff[0].ends_with(conn.client_ip.as_bytes()));
-    let lengths = named("content-length");
-    let body_len = match lengths.as_slice() {
-        [] => 0,
-        [one] => std::str::from_utf8(one)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .expect("one length, digits"),
-        more => panic!("{} lengths sent on", more.len()),
-    };
+    let body_len = body_length(head.headers, "sent on with");
     assert_eq!(body_len, client_body, "the length sent on");
     assert_eq!(sent.len() - head_len, body_len, "the body sent on");
     assert_eq!(&sent[head_len..], &data[client_head..taken]);
+}
+
+/// The values of the fields named `name` (any case).
+fn values<'a>(fields: &[httparse::Header<'a>], name: &str) -> Vec<&'a [u8]> {
+    fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case(name))
+        .map(|f| f.value)
+        .collect()
+}
+
+/// The body length a head's fields give: none, or one `Content-Length`
+/// of digits only (`what` names the head in the panic otherwise).
+fn body_length(fields: &[httparse::Header<'_>], what: &str) -> usize {
+    match values(fields, "content-length").as_slice() {
+        [] => 0,
+        [one] => std::str::from_utf8(one)
+            .ok()
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("{what} a length that is not plain digits")),
+        more => panic!("{what} {} lengths", more.len()),
+    }
 }
 
 /// Hop-by-hop headers that never reach an instance.
