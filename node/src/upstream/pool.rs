@@ -114,9 +114,9 @@ pub(crate) struct ParkedConn {
     io: CountingIo,
     watch: Arc<Watch>,
     closed: oneshot::Sender<()>,
-    /// The timer of its requests' waits (none until a request needed
-    /// one), kept from request to request as [`PooledConn`]'s is.
-    deadline: Option<Deadline>,
+    /// The timer of its requests' waits, kept from request to request as
+    /// [`PooledConn`]'s is.
+    deadline: Deadline,
 }
 
 impl PooledConn {
@@ -151,7 +151,7 @@ impl PooledConn {
             io: parts.io.into_inner(),
             watch,
             closed,
-            deadline: None,
+            deadline: Deadline::default(),
         })
     }
 }
@@ -182,15 +182,16 @@ impl ParkedConn {
         }
     }
 
-    /// The connection's timer for the waits of the request it carries (a
-    /// new one the first time). Give it back with [`Self::keep_deadline`].
+    /// The connection's timer for the waits of the request it carries,
+    /// taken out while the request borrows the connection. Give it back
+    /// with [`Self::keep_deadline`].
     pub(crate) fn take_deadline(&mut self) -> Deadline {
-        self.deadline.take().unwrap_or_else(Deadline::new)
+        std::mem::take(&mut self.deadline)
     }
 
     /// Keeps `deadline` for the connection's next request.
     pub(crate) fn keep_deadline(&mut self, deadline: Deadline) {
-        self.deadline = Some(deadline);
+        self.deadline = deadline;
     }
 
     /// Whether the instance drained and the connection was aborted;
@@ -218,7 +219,7 @@ impl ParkedConn {
                 watch: self.watch,
                 _closed: self.closed,
             },
-            deadline: self.deadline.unwrap_or_else(Deadline::new),
+            deadline: self.deadline,
             activity: None,
         })
     }
@@ -354,9 +355,7 @@ impl Pool {
             // its timer fires. (Checked in by that task, on the worker
             // whose runtime runs the timer.)
             drop(conn.watch.waker.take());
-            if let Some(deadline) = conn.deadline.as_mut() {
-                deadline.forget_waker();
-            }
+            conn.deadline.forget_waker();
             self.put_idle(Slot::Parked(conn), limits, now);
         }
     }
@@ -446,7 +445,7 @@ impl Pool {
         Ok(PooledConn {
             sender,
             driver,
-            deadline: Deadline::new(),
+            deadline: Deadline::default(),
             activity,
         })
     }
@@ -468,7 +467,7 @@ impl Pool {
             io: CountingIo::new(stream, metrics, None),
             watch,
             closed,
-            deadline: None,
+            deadline: Deadline::default(),
         })
     }
 }
@@ -625,34 +624,24 @@ pub(crate) struct PooledConn {
 
 /// Deadlines of one connection's requests: one timer, reused (pushing a
 /// registered timer later is cheap; registering one per request takes the
-/// timer wheel's lock twice).
-#[derive(Debug)]
+/// timer wheel's lock twice). No timer until the first wait.
+#[derive(Debug, Default)]
 pub(crate) struct Deadline {
-    timer: Pin<Box<Sleep>>,
+    timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
-    /// The timer was registered (it has been armed once).
-    registered: bool,
 }
 
 impl Deadline {
-    fn new() -> Self {
-        // Registered with the timer wheel on first use only.
-        Self {
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            armed: false,
-            registered: false,
-        }
-    }
-
     /// Lets go of the waker of the task that last waited: a timer still
     /// registered would keep that task's memory and wake it when it fires.
     fn forget_waker(&mut self) {
-        if self.registered && !self.timer.is_elapsed() {
+        if let Some(timer) = self.timer.as_mut()
+            && !timer.is_elapsed()
+        {
             let mut cx = Context::from_waker(std::task::Waker::noop());
             // Unconstrained: a task out of its budget would have the poll
             // return at once, the old waker still in place.
-            let timer = self.timer.as_mut();
-            let _ = std::pin::pin!(tokio::task::unconstrained(timer)).poll(&mut cx);
+            let _ = std::pin::pin!(tokio::task::unconstrained(timer.as_mut())).poll(&mut cx);
         }
     }
 
@@ -665,12 +654,16 @@ impl Deadline {
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>, after: Duration) -> Poll<()> {
         if !self.armed {
             self.armed = true;
-            self.registered = true;
-            self.timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + after);
+            let at = tokio::time::Instant::now() + after;
+            match self.timer.as_mut() {
+                Some(timer) => timer.as_mut().reset(at),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
         }
-        self.timer.as_mut().poll(cx)
+        // Armed: there is a timer.
+        self.timer
+            .as_mut()
+            .map_or(Poll::Pending, |timer| timer.as_mut().poll(cx))
     }
 }
 
