@@ -41,7 +41,6 @@ mod build;
 mod changes;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +56,16 @@ use crate::upstream::Pool;
 
 pub use changes::{Changes, changes};
 
+/// The table's persistent maps. They hash with FxHash, not SipHash: their
+/// keys are what the operator configured (ports, host names, uuids), a
+/// client's `Host` or SNI is only ever looked up in them, and SipHash was
+/// a third of a request's routing (five lookups each).
+pub(crate) type Map<K, V> =
+    imbl::GenericHashMap<K, V, rustc_hash::FxBuildHasher, imbl::shared_ptr::DefaultSharedPtr>;
+
+/// A group's instances by uuid, hashed as [`Map`] is.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, rustc_hash::FxBuildHasher>;
+
 /// One group's runtime, shared by every port the group publishes.
 #[derive(Debug)]
 pub struct GroupRuntime {
@@ -64,7 +73,7 @@ pub struct GroupRuntime {
     pub name: String,
     pub balancer: Arc<GroupBalancer>,
     /// Attached instances by uuid.
-    pub backends: HashMap<Uuid, Arc<Backend>>,
+    pub backends: FastMap<Uuid, Arc<Backend>>,
     /// The group's domains, as this runtime was built from.
     domains: Box<[Domain]>,
     /// The ports the group publishes.
@@ -132,12 +141,12 @@ pub struct PortRoute {
     pub tls: bool,
     pub http: bool,
     pub redirect: bool,
-    exact: imbl::HashMap<String, Arc<Route>>,
-    wildcard: imbl::HashMap<String, Arc<Route>>,
+    exact: Map<String, Arc<Route>>,
+    wildcard: Map<String, Arc<Route>>,
     /// The group when exactly one publishes this port: it takes every host.
     only: Option<Arc<Route>>,
     /// TLS keys by fqdn pattern (`*.example.com` stored as is).
-    keys: imbl::HashMap<String, Arc<CertifiedKey>>,
+    keys: Map<String, Arc<CertifiedKey>>,
     default_key: Option<Arc<CertifiedKey>>,
     /// Every group on this port, by name then uuid.
     members: imbl::OrdMap<(String, Uuid), Arc<Route>>,
@@ -253,8 +262,8 @@ pub fn publish_changes(
 /// The routing table of one state.
 #[derive(Clone, Debug, Default)]
 pub struct RoutingTable {
-    ports: imbl::HashMap<u16, Arc<PortRoute>>,
-    groups: imbl::HashMap<Uuid, Arc<GroupRuntime>>,
+    ports: Map<u16, Arc<PortRoute>>,
+    groups: Map<Uuid, Arc<GroupRuntime>>,
 }
 
 impl RoutingTable {

@@ -36,6 +36,7 @@
 
 use std::future::{Future, poll_fn};
 use std::io;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -174,9 +175,12 @@ impl Request {
         if bytes.is_empty() {
             return None;
         }
-        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-        let mut req = httparse::Request::new(&mut fields);
-        let Ok(httparse::Status::Complete(head_len)) = req.parse(bytes) else {
+        // Left uninitialized: only what the parser fills is read.
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
+        let mut req = httparse::Request::new(&mut []);
+        let Ok(httparse::Status::Complete(head_len)) =
+            req.parse_with_uninit_headers(bytes, &mut fields)
+        else {
             return None;
         };
         if head_len > conn.dp.settings.max_header_bytes || req.version != Some(1) {
@@ -258,25 +262,25 @@ impl Request {
                 }
                 if name.eq_ignore_ascii_case("forwarded") || name.eq_ignore_ascii_case("x-real-ip")
                 {
-                    put_field(&mut head, name, field.value);
+                    put_field(&mut head, name.as_bytes(), field.value);
                     continue;
                 }
             }
             if is_hop_by_hop(name) || REWRITTEN.iter().any(|n| name.eq_ignore_ascii_case(n)) {
                 continue;
             }
-            put_field(&mut head, name, field.value);
+            put_field(&mut head, name.as_bytes(), field.value);
         }
         match claimed {
             Some(mut list) => {
                 list.extend_from_slice(b", ");
                 list.extend_from_slice(conn.client_ip.as_bytes());
-                put_field(&mut head, "x-forwarded-for", &list);
+                put_field(&mut head, b"x-forwarded-for", &list);
             }
-            None => put_field(&mut head, "x-forwarded-for", conn.client_ip.as_bytes()),
+            None => put_field(&mut head, b"x-forwarded-for", conn.client_ip.as_bytes()),
         }
-        put_field(&mut head, "x-forwarded-proto", conn.proto.as_bytes());
-        put_field(&mut head, "x-forwarded-host", host.as_bytes());
+        put_field(&mut head, b"x-forwarded-proto", conn.proto.as_bytes());
+        put_field(&mut head, b"x-forwarded-host", host.as_bytes());
         head.extend_from_slice(b"\r\n");
         head.extend_from_slice(&bytes[head_len..head_len + body_len]);
         Some(Self {
@@ -323,8 +327,10 @@ fn range_in(whole: &[u8], part: &[u8]) -> Range<usize> {
 }
 
 /// Appends `name: value` (the name lowercased, as hyper sends it).
-fn put_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
+fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(name);
+    out[start..].make_ascii_lowercase();
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
@@ -371,7 +377,7 @@ where
         if io.has_unread() {
             return Poll::Pending;
         }
-        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+        let mut chunk = [MaybeUninit::<u8>::uninit(); 1024];
         let mut read = ReadBuf::uninit(&mut chunk);
         match Pin::new(&mut *io).poll_read(cx, &mut read) {
             Poll::Ready(Ok(())) if !read.filled().is_empty() => {
@@ -540,7 +546,7 @@ where
     let mut out = Vec::with_capacity(256);
     put_status_line(&mut out, resp.status().as_u16(), "");
     for (name, value) in resp.headers() {
-        put_field(&mut out, name.as_str(), value.as_bytes());
+        put_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     let keep_open = !closing(conn);
     if !keep_open {
@@ -723,7 +729,7 @@ impl Head {
             std::str::from_utf8(reason).unwrap_or(""),
         );
         for (name, value) in self.fields(buf) {
-            put_field(&mut out, std::str::from_utf8(name).unwrap_or(""), value);
+            put_field(&mut out, name, value);
         }
         if matches!(self.framing, Framing::Chunked | Framing::Close) {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -763,9 +769,17 @@ async fn read_head(up: &mut ParkedConn, buf: &mut Vec<u8>) -> Result<Head, UpErr
 
 /// The response head at the front of `buf`, once whole.
 pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let len = match resp.parse(buf) {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    // Left uninitialized: only what the parser fills is read.
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut fields,
+    ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(UpErr::Invalid("malformed response head")),
@@ -848,34 +862,35 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
         })
         .map(|r| r.as_bytes().to_vec());
     let mut length_kept = false;
-    let fields = resp
-        .headers
-        .iter()
-        .filter(|field| {
-            let name = field.name;
-            let is_length = name.eq_ignore_ascii_case("content-length");
-            // `Transfer-Encoding` is hop-by-hop (an encoded body goes on
-            // chunked, or decoded), and with it a `Content-Length` means
-            // nothing. A length said again (checked the same above) is
-            // passed on once, and kept even if `Connection` names it: the
-            // body is framed by it.
-            let keep = !(is_hop_by_hop(name)
-                || (!is_length && named.iter().any(|h| name.eq_ignore_ascii_case(h)))
-                || (is_length && (encoded || length_kept)));
-            length_kept |= keep && is_length;
-            keep
-        })
-        .map(|field| {
-            let value = if field.name.eq_ignore_ascii_case("content-length") {
-                // Its one value, not the list.
-                let first = field.value.split(|&b| b == b',').next().unwrap_or_default();
-                first.trim_ascii()
-            } else {
-                field.value
-            };
-            (range_in(buf, field.name.as_bytes()), range_in(buf, value))
-        })
-        .collect();
+    let mut fields = Vec::with_capacity(resp.headers.len());
+    fields.extend(
+        resp.headers
+            .iter()
+            .filter(|field| {
+                let name = field.name;
+                let is_length = name.eq_ignore_ascii_case("content-length");
+                // `Transfer-Encoding` is hop-by-hop (an encoded body goes on
+                // chunked, or decoded), and with it a `Content-Length` means
+                // nothing. A length said again (checked the same above) is
+                // passed on once, and kept even if `Connection` names it: the
+                // body is framed by it.
+                let keep = !(is_hop_by_hop(name)
+                    || (!is_length && named.iter().any(|h| name.eq_ignore_ascii_case(h)))
+                    || (is_length && (encoded || length_kept)));
+                length_kept |= keep && is_length;
+                keep
+            })
+            .map(|field| {
+                let value = if field.name.eq_ignore_ascii_case("content-length") {
+                    // Its one value, not the list.
+                    let first = field.value.split(|&b| b == b',').next().unwrap_or_default();
+                    first.trim_ascii()
+                } else {
+                    field.value
+                };
+                (range_in(buf, field.name.as_bytes()), range_in(buf, value))
+            }),
+    );
     Ok(Some(Head {
         status,
         len,

@@ -1,7 +1,7 @@
 //! Building a routing table from the previous one: the changed groups'
 //! runtimes, and the routes of the ports they touch.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use raft_store::model::ServiceGroup;
@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use super::changes::by_uuid;
 use super::{
-    BuildContext, Changes, Effect, GroupRuntime, PortRoute, Published, Route, RoutingTable,
+    BuildContext, Changes, Effect, FastMap, GroupRuntime, Map, PortRoute, Published, Route,
+    RoutingTable,
 };
 use crate::balancer::{Backend, GroupBalancer};
 use crate::series::InstanceMetrics;
@@ -129,10 +130,10 @@ impl PortRoute {
             tls: false,
             http: false,
             redirect: false,
-            exact: imbl::HashMap::new(),
-            wildcard: imbl::HashMap::new(),
+            exact: Map::default(),
+            wildcard: Map::default(),
             only: None,
-            keys: imbl::HashMap::new(),
+            keys: Map::default(),
             default_key: None,
             members: imbl::OrdMap::new(),
         }
@@ -191,7 +192,7 @@ impl PortRoute {
     /// that takes every host when it is alone, and the default certificate:
     /// on a shared port an unknown SNI gets the first group's (in name
     /// order), so that the HTTP layer can answer 404 over TLS.
-    fn settle(&mut self, groups: &imbl::HashMap<Uuid, Arc<GroupRuntime>>) {
+    fn settle(&mut self, groups: &Map<Uuid, Arc<GroupRuntime>>) {
         let port = self.port;
         let group = |t: &Arc<Route>| groups.get(&t.group);
         let first = self
@@ -248,7 +249,8 @@ fn group_runtime(
     prev: Option<&Arc<GroupRuntime>>,
     cx: &BuildContext<'_>,
 ) -> (GroupRuntime, bool) {
-    let mut backends = HashMap::with_capacity(g.instances.len());
+    let mut backends =
+        FastMap::with_capacity_and_hasher(g.instances.len(), rustc_hash::FxBuildHasher);
     for i in &g.instances {
         // Instances are immutable once attached: the uuid names one backend.
         let reused = prev.and_then(|p| p.backends.get(&i.uuid));

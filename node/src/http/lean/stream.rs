@@ -107,7 +107,7 @@ fn request_head<B>(req: &http::Request<B>) -> Vec<u8> {
     head.extend_from_slice(path.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in req.headers() {
-        put_field(&mut head, name.as_str(), value.as_bytes());
+        put_field(&mut head, name.as_str().as_bytes(), value.as_bytes());
     }
     head.extend_from_slice(b"\r\n");
     head
