@@ -29,10 +29,10 @@
 //! which is nearly always. The `mimalloc` crate's allocator asks for an
 //! aligned one every time (`mi_malloc_aligned`), and mimalloc serves a
 //! block whose size class is not a power of two through its slow path
-//! then, over-allocating by the alignment: a 1.8 KiB future boxed for each
-//! kept-alive request went that way, about 2 of its 16,900 instructions
-//! per request in 10 (callgrind, `README.md`, "Where a request's time
-//! goes").
+//! then, over-allocating by the alignment: the future boxed for each
+//! kept-alive request and its read buffer went that way (callgrind: 16,899
+//! → 16,530 instructions per request on the worker with plain blocks;
+//! `README.md`, "What the lean path still spent on itself").
 //!
 //! This crate holds the workspace's only `unsafe` code: these FFI calls;
 //! the other crates forbid unsafe code.
