@@ -63,7 +63,7 @@ pub use changes::{Changes, changes};
 pub(crate) type Map<K, V> =
     imbl::GenericHashMap<K, V, rustc_hash::FxBuildHasher, imbl::shared_ptr::DefaultSharedPtr>;
 
-/// A group's instances by uuid, hashed as [`Map`] is.
+/// A group's instances by uuid, hashed with FxHash as the table's maps are.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// One group's runtime, shared by every port the group publishes.

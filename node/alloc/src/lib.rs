@@ -27,10 +27,11 @@
 //! The allocator itself ([`MiMalloc`]) asks mimalloc for a plain block
 //! (`mi_malloc`) whenever every block already has the alignment wanted,
 //! which is nearly always. The `mimalloc` crate's allocator asks for an
-//! aligned one every time (`mi_malloc_aligned`), and mimalloc serves a
-//! block whose size class is not a power of two through its slow path
-//! then, over-allocating by the alignment: the future boxed for each
-//! kept-alive request and its read buffer went that way (callgrind: 16,899
+//! aligned one every time (`mi_malloc_aligned`), and mimalloc serves an
+//! aligned request over 1 KiB whose size is not a power of two (or any,
+//! when the page's free list is empty) through its generic path,
+//! over-allocating by the alignment: the future boxed for each kept-alive
+//! request went that way (callgrind: 16,899
 //! → 16,530 instructions per request on the worker with plain blocks;
 //! `README.md`, "What the lean path still spent on itself").
 //!
@@ -47,8 +48,10 @@ use libmimalloc_sys as mi;
 pub struct MiMalloc;
 
 /// The alignment every mimalloc block has: its size classes are multiples
-/// of the word size, carved from word-aligned pages. (Blocks of 16 bytes and
-/// more are 16-aligned too, but only an internal assertion says so.)
+/// of the word size, carved from word-aligned pages; mimalloc's own
+/// `mi_realloc_aligned` takes the plain path up to this alignment too.
+/// (Builds with guarded pages, `MI_GUARDED`, which needs the `debug`
+/// feature, may place a block unaligned; this workspace never enables it.)
 const BLOCK_ALIGN: usize = std::mem::size_of::<usize>();
 
 /// Whether a plain block serves `layout`.
@@ -156,32 +159,37 @@ mod tests {
     #[test]
     #[allow(unsafe_code)]
     fn blocks_have_the_alignment_asked_and_keep_their_bytes() {
-        let mut held = Vec::new();
         for align in [1, 2, 4, 8, 16, 32, 64, 128, 4096] {
             for size in (1..=70).chain([100, 1000, 1800, 2049, 4000, 70_000, 3 << 20]) {
                 let layout = Layout::from_size_align(size, align).expect("layout");
-                // SAFETY: a non-zero size; each block is freed once, below,
-                // with its layout.
+                // SAFETY: a non-zero size; each block is freed once, with
+                // its layout.
                 unsafe {
                     let zeroed = MiMalloc.alloc_zeroed(layout);
                     assert!(!zeroed.is_null());
                     assert_eq!(zeroed as usize % align, 0, "zeroed {size} aligned {align}");
-                    assert!(std::slice::from_raw_parts(zeroed, size).iter().all(|&b| b == 0));
+                    assert!(
+                        std::slice::from_raw_parts(zeroed, size)
+                            .iter()
+                            .all(|&b| b == 0)
+                    );
                     let p = MiMalloc.alloc(layout);
                     assert!(!p.is_null());
                     assert_eq!(p as usize % align, 0, "{size} aligned {align}");
                     p.write_bytes(0xab, size);
                     let grown = MiMalloc.realloc(p, layout, size * 3);
+                    assert!(!grown.is_null());
                     assert_eq!(grown as usize % align, 0, "grown {size} aligned {align}");
-                    assert!(std::slice::from_raw_parts(grown, size).iter().all(|&b| b == 0xab));
-                    held.push((zeroed, layout));
-                    held.push((grown, Layout::from_size_align(size * 3, align).expect("layout")));
+                    assert!(
+                        std::slice::from_raw_parts(grown, size)
+                            .iter()
+                            .all(|&b| b == 0xab)
+                    );
+                    MiMalloc.dealloc(zeroed, layout);
+                    let grown_layout = Layout::from_size_align(size * 3, align).expect("layout");
+                    MiMalloc.dealloc(grown, grown_layout);
                 }
             }
-        }
-        for (p, layout) in held {
-            // SAFETY: allocated above with this layout, freed once.
-            unsafe { MiMalloc.dealloc(p, layout) };
         }
     }
 
