@@ -41,7 +41,7 @@ mod build;
 mod changes;
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -81,6 +81,20 @@ pub struct GroupRuntime {
     /// TCP mode: the PROXY protocol header each connection to an instance
     /// starts with.
     pub send_proxy_protocol: Option<raft_store::model::ProxyVersion>,
+    /// Instances detached from the group that may still be draining: held
+    /// weakly, so a drained one (no lease left on it) goes at once.
+    draining: Box<[Weak<Backend>]>,
+}
+
+impl GroupRuntime {
+    /// Detached instances this node still has work in flight to, until
+    /// that work ends or the drain timeout cuts it.
+    pub fn draining(&self) -> impl Iterator<Item = Arc<Backend>> + '_ {
+        self.draining
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|b| b.local_inflight() > 0 && !b.drain_token().is_cancelled())
+    }
 }
 
 /// One published port of a group.

@@ -214,6 +214,18 @@ async fn detached_instance_leaves_selection_and_finishes_in_flight_work() -> any
     );
 
     node.detach(&group, &holder).await?;
+    // Listed as draining, with its one request in flight, while that lasts.
+    let instances = node.instances(&group).await?;
+    let listed: Vec<_> = instances
+        .iter()
+        .filter(|i| i["name"] == json!(holder))
+        .map(|i| (i["state"].clone(), i["load"]["local"].clone()))
+        .collect();
+    assert_eq!(
+        listed,
+        [(json!("draining"), json!(1))],
+        "detached {holder} with a request in flight: {instances:?}"
+    );
     let mut conn = HttpConn::connect(node.addr(PORT)).await?;
     let picks = quick_picks(&mut conn, 100).await?;
     assert!(
@@ -247,13 +259,17 @@ async fn detached_instance_leaves_selection_and_finishes_in_flight_work() -> any
         !after.mentions("instance_name", &holder),
         "series of detached {holder} came back after its last request finished"
     );
-    let instances = node.instances(&group).await?;
-    assert!(
-        instances
-            .iter()
-            .all(|i| i["name"] != json!(holder) || i["state"] == json!("draining")),
-        "detached {holder} is still listed as attached: {instances:?}"
-    );
+    // Its last request over, it is gone from the list.
+    wait_until(
+        &format!("drained {holder} to leave the instance list"),
+        Duration::from_secs(5),
+        || async {
+            node.instances(&group)
+                .await
+                .is_ok_and(|list| list.iter().all(|i| i["name"] != json!(holder)))
+        },
+    )
+    .await?;
     drop(conn);
     node.stop().await
 }

@@ -71,7 +71,8 @@ pub(crate) async fn attach(admin: &Admin, id: &str, body: Incoming) -> Result<Re
 /// of its state and load: `local` is this node's exact count, `peers` each
 /// fresh peer's estimated part, `global` their sum (what selection uses).
 /// An instance that the data plane has not picked up yet shows as up with
-/// no load.
+/// no load. Detached instances that this node still has work in flight to
+/// follow, `draining`, with that work as their load, until it ends.
 pub(crate) fn list(admin: &Admin, id: &str) -> Result<Reply, ApiError> {
     let state = admin.store.state();
     let group = state.group(id).ok_or_else(|| not_found(id))?;
@@ -83,8 +84,31 @@ pub(crate) fn list(admin: &Admin, id: &str) -> Result<Reply, ApiError> {
         .instances
         .iter()
         .map(|i| view(i, live(runtime, i), part(parts.as_ref(), i), now))
+        .chain(
+            runtime
+                .into_iter()
+                .flat_map(|r| r.draining())
+                .map(|b| draining_view(&b)),
+        )
         .collect();
     Ok(success(InstancesData { instances }))
+}
+
+/// A detached instance still draining on this node: its own work in flight
+/// is all its load (peers stop reporting it once they drop it).
+fn draining_view(backend: &Backend) -> InstanceView {
+    let local = backend.local_inflight();
+    InstanceView {
+        uuid: backend.uuid,
+        name: backend.name.clone(),
+        address: backend.address.clone(),
+        state: InstanceState::Draining,
+        load: LoadView {
+            local,
+            global: local,
+            peers: BTreeMap::new(),
+        },
+    }
 }
 
 /// `DELETE /v1/services/{id}/instances/{instance}`: answers the detached

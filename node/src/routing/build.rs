@@ -282,6 +282,19 @@ fn group_runtime(
         ))
     });
     let services = g.services.iter().map(published).collect();
+    // What left the group, and what left earlier and is still at work.
+    let draining = prev
+        .into_iter()
+        .flat_map(|p| {
+            let left = p
+                .backends
+                .values()
+                .filter(|b| !backends.contains_key(&b.uuid))
+                .map(Arc::downgrade);
+            let earlier = p.draining().map(|b| Arc::downgrade(&b));
+            left.chain(earlier)
+        })
+        .collect();
     let runtime = GroupRuntime {
         uuid: g.uuid,
         name: g.name.clone(),
@@ -290,6 +303,7 @@ fn group_runtime(
         domains: g.domains.clone().into_boxed_slice(),
         services,
         send_proxy_protocol: g.send_proxy_protocol,
+        draining,
     };
     (runtime, fresh)
 }

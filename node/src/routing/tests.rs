@@ -385,3 +385,53 @@ fn what_the_state_machine_reports_decides_what_is_rebuilt() {
         Changes::Groups([g].into())
     );
 }
+
+// In a runtime: outside one, a drain's timeout fires at once.
+#[tokio::test]
+async fn a_detached_instance_is_listed_draining_while_work_is_in_flight_through_later_rebuilds() {
+    let fx = Fixture::new();
+    let mut state = two_groups();
+    fx.publish(&state);
+    let draining = |fx: &Fixture| -> Vec<String> {
+        fx.runtime("web")
+            .draining()
+            .map(|b| b.name.clone())
+            .collect()
+    };
+    // A request in flight to each instance of web.
+    let web = fx.runtime("web");
+    let leases: Vec<_> = (0..2)
+        .map(|_| {
+            match web
+                .balancer
+                .pick(std::time::Instant::now(), &mut rand::rng())
+            {
+                Pick::Selected(lease) => lease,
+                other => panic!("expected a pick, got {other:?}"),
+            }
+        })
+        .collect();
+    drop(web);
+    let (on_b, on_a): (Vec<_>, Vec<_>) = leases.into_iter().partition(|l| l.backend().name == "b");
+    assert_eq!(
+        (on_a.len(), on_b.len()),
+        (1, 1),
+        "least in flight spreads two picks"
+    );
+    assert!(draining(&fx).is_empty());
+
+    detach(&mut state, "web", "b");
+    fx.publish(&state);
+    assert_eq!(draining(&fx), ["b"]);
+    // Another change to the group rebuilds its runtime: b is still at work.
+    attach(&mut state, "web", "c");
+    fx.publish(&state);
+    assert_eq!(draining(&fx), ["b"]);
+    // Its last request over, it is gone; an instance detached idle never shows.
+    drop(on_b);
+    assert!(draining(&fx).is_empty());
+    detach(&mut state, "web", "c");
+    fx.publish(&state);
+    assert!(draining(&fx).is_empty());
+    drop(on_a);
+}
