@@ -66,6 +66,9 @@ pub(crate) type Map<K, V> =
 /// A group's instances by uuid, hashed with FxHash as the table's maps are.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, rustc_hash::FxBuildHasher>;
 
+/// A set hashed as [`FastMap`] is.
+pub(crate) type FastSet<T> = std::collections::HashSet<T, rustc_hash::FxBuildHasher>;
+
 /// One group's runtime, shared by every port the group publishes.
 #[derive(Debug)]
 pub struct GroupRuntime {
@@ -81,8 +84,9 @@ pub struct GroupRuntime {
     /// TCP mode: the PROXY protocol header each connection to an instance
     /// starts with.
     pub send_proxy_protocol: Option<raft_store::model::ProxyVersion>,
-    /// Instances detached from the group that may still be draining: held
-    /// weakly, so a drained one (no lease left on it) goes at once.
+    /// Instances detached from the group with work still in flight when it
+    /// was built: held weakly, so this runtime keeps none of them alive
+    /// ([`GroupRuntime::draining`] shows those still at work).
     draining: Box<[Weak<Backend>]>,
 }
 

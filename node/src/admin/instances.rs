@@ -88,6 +88,9 @@ pub(crate) fn list(admin: &Admin, id: &str) -> Result<Reply, ApiError> {
             runtime
                 .into_iter()
                 .flat_map(|r| r.draining())
+                // A table newer than `state` (a detach applied between the
+                // two reads) lists the instance above already.
+                .filter(|b| !group.instances.iter().any(|i| i.uuid == b.uuid))
                 .map(|b| draining_view(&b)),
         )
         .collect();

@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use super::changes::by_uuid;
 use super::{
-    BuildContext, Changes, Effect, FastMap, GroupRuntime, Map, PortRoute, Published, Route,
-    RoutingTable,
+    BuildContext, Changes, Effect, FastMap, FastSet, GroupRuntime, Map, PortRoute, Published,
+    Route, RoutingTable,
 };
 use crate::balancer::{Backend, GroupBalancer};
 use crate::series::InstanceMetrics;
@@ -63,8 +63,13 @@ impl RoutingTable {
         for uuid in &changed {
             let new = by_uuid(state, uuid);
             if let Some(old) = prev.groups.get(uuid) {
+                // A set, not a scan per backend: a group may hold 100,000.
+                let staying: FastSet<Uuid> = new
+                    .iter()
+                    .flat_map(|g| g.instances.iter().map(|i| i.uuid))
+                    .collect();
                 for (id, b) in &old.backends {
-                    if new.is_none_or(|g| !g.instances.iter().any(|i| i.uuid == *id)) {
+                    if !staying.contains(id) {
                         drains.push(Effect::Drain(b.clone()));
                     }
                 }
@@ -282,18 +287,15 @@ fn group_runtime(
         ))
     });
     let services = g.services.iter().map(published).collect();
-    // What left the group, and what left earlier and is still at work.
+    // What left the group with work in flight, and what left earlier and
+    // is still at work; an idle one is not kept (a weak reference keeps
+    // the allocation). An instance attached again under its uuid is the
+    // group's again.
     let draining = prev
         .into_iter()
-        .flat_map(|p| {
-            let left = p
-                .backends
-                .values()
-                .filter(|b| !backends.contains_key(&b.uuid))
-                .map(Arc::downgrade);
-            let earlier = p.draining().map(|b| Arc::downgrade(&b));
-            left.chain(earlier)
-        })
+        .flat_map(|p| p.backends.values().cloned().chain(p.draining()))
+        .filter(|b| !backends.contains_key(&b.uuid) && b.local_inflight() > 0)
+        .map(|b| Arc::downgrade(&b))
         .collect();
     let runtime = GroupRuntime {
         uuid: g.uuid,

@@ -427,6 +427,9 @@ async fn a_detached_instance_is_listed_draining_while_work_is_in_flight_through_
     attach(&mut state, "web", "c");
     fx.publish(&state);
     assert_eq!(draining(&fx), ["b"]);
+    // So does a rebuild of every group (a snapshot, a certificate).
+    publish(&fx.routes, &state, &fx.cx());
+    assert_eq!(draining(&fx), ["b"]);
     // Its last request over, it is gone; an instance detached idle never shows.
     drop(on_b);
     assert!(draining(&fx).is_empty());
@@ -434,4 +437,57 @@ async fn a_detached_instance_is_listed_draining_while_work_is_in_flight_through_
     fx.publish(&state);
     assert!(draining(&fx).is_empty());
     drop(on_a);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_instance_leaves_the_list_when_its_drain_times_out_or_it_is_attached_again() {
+    let fx = Fixture::new();
+    let mut state = two_groups();
+    fx.publish(&state);
+    let draining = |fx: &Fixture| -> Vec<String> {
+        fx.runtime("web")
+            .draining()
+            .map(|b| b.name.clone())
+            .collect()
+    };
+    let pick = |fx: &Fixture| match fx
+        .runtime("web")
+        .balancer
+        .pick(std::time::Instant::now(), &mut rand::rng())
+    {
+        Pick::Selected(lease) => lease,
+        other => panic!("expected a pick, got {other:?}"),
+    };
+    let first = pick(&fx);
+    let name = first.backend().name.clone();
+    detach(&mut state, "web", &name);
+    fx.publish(&state);
+    assert_eq!(draining(&fx), [name]);
+    // The drain timeout (30 s) cuts its work: no longer listed, though the
+    // lease is still held.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert!(first.backend().drain_token().is_cancelled());
+    assert!(draining(&fx).is_empty());
+    drop(first);
+
+    // Attached again under its uuid (a retried attach): the group's, not
+    // draining, even with work in flight to the old runtime's backend.
+    let second = pick(&fx);
+    let other = second.backend().name.clone();
+    let again = state
+        .group("web")
+        .and_then(|g| g.instances.iter().find(|i| i.name == other).cloned())
+        .expect("the picked instance");
+    detach(&mut state, "web", &other);
+    fx.publish(&state);
+    assert_eq!(draining(&fx), [other]);
+    state
+        .apply(&Command::AttachInstance {
+            group: "web".into(),
+            instance: again,
+        })
+        .expect("attach again");
+    fx.publish(&state);
+    assert!(draining(&fx).is_empty());
+    drop(second);
 }
