@@ -6,6 +6,8 @@
 //!   in a state of N instances (groups of 10 sharing 50 ports): building
 //!   the new table from the published one and swapping it in, with its
 //!   effects. Constant in N is the goal.
+//! - `update_one_group/N`: the same in one group of N instances (linear in
+//!   N is the goal: that group is rebuilt).
 //! - `changes/N`: finding what changed by comparing the two states (what
 //!   the node does until the state machine reports it).
 //! - `render/N`, `render_gzip/N`, `render_gzip_cold/N`: `GET /metrics`
@@ -61,6 +63,37 @@ fn update(c: &mut Criterion) {
         });
         bench.bench_function(BenchmarkId::new("changes", instances), |b| {
             b.iter(|| black_box(changes(Some(&base), &more)));
+        });
+    }
+    // One group holding them all: an attach or detach rebuilds that group,
+    // so linear in N is the goal (finding the instances that left scanned
+    // the group once per instance before: quadratic).
+    for instances in [10_000, 100_000] {
+        let mut base = State::default();
+        let mut group = scale::group(0);
+        group.instances = (0..instances)
+            .map(|i| scale::instance(0, u32::try_from(i).expect("small")))
+            .collect();
+        base.apply(&Command::CreateGroup { group })
+            .expect("valid group");
+        let mut more = base.clone();
+        more.apply(&Command::AttachInstance {
+            group: "group-0".into(),
+            instance: scale::instance(0, u32::try_from(instances).expect("small")),
+        })
+        .expect("attach");
+        let certs = CertCache::default();
+        let cx = scale::cx(&certs);
+        let routes = ArcSwap::from_pointee(RoutingTable::default());
+        publish(&routes, &base, &cx);
+        let group = Changes::Groups(BTreeSet::from([scale::group(0).uuid]));
+        let mut attached = false;
+        bench.bench_function(BenchmarkId::new("update_one_group", instances), |b| {
+            b.iter(|| {
+                let next = if attached { &base } else { &more };
+                attached = !attached;
+                publish_changes(&routes, next, &group, &cx);
+            });
         });
     }
     bench.finish();
