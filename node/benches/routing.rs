@@ -48,19 +48,12 @@ fn update(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(5));
     for instances in [1_000, 100_000] {
         let (base, more) = states(instances);
-        let certs = CertCache::default();
-        let cx = scale::cx(&certs);
-        let routes = ArcSwap::from_pointee(RoutingTable::default());
-        publish(&routes, &base, &cx);
-        let group = Changes::Groups(BTreeSet::from([scale::group(0).uuid]));
-        let mut attached = false;
-        bench.bench_function(BenchmarkId::new("update", instances), |b| {
-            b.iter(|| {
-                let next = if attached { &base } else { &more };
-                attached = !attached;
-                publish_changes(&routes, next, &group, &cx);
-            });
-        });
+        attach_and_detach(
+            &mut bench,
+            BenchmarkId::new("update", instances),
+            &base,
+            &more,
+        );
         bench.bench_function(BenchmarkId::new("changes", instances), |b| {
             b.iter(|| black_box(changes(Some(&base), &more)));
         });
@@ -82,21 +75,33 @@ fn update(c: &mut Criterion) {
             instance: scale::instance(0, u32::try_from(instances).expect("small")),
         })
         .expect("attach");
-        let certs = CertCache::default();
-        let cx = scale::cx(&certs);
-        let routes = ArcSwap::from_pointee(RoutingTable::default());
-        publish(&routes, &base, &cx);
-        let group = Changes::Groups(BTreeSet::from([scale::group(0).uuid]));
-        let mut attached = false;
-        bench.bench_function(BenchmarkId::new("update_one_group", instances), |b| {
-            b.iter(|| {
-                let next = if attached { &base } else { &more };
-                attached = !attached;
-                publish_changes(&routes, next, &group, &cx);
-            });
-        });
+        let id = BenchmarkId::new("update_one_group", instances);
+        attach_and_detach(&mut bench, id, &base, &more);
     }
     bench.finish();
+}
+
+/// Publishes `more` (group 0 with one more instance) and `base` in turn,
+/// from the table of the other.
+fn attach_and_detach(
+    bench: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: BenchmarkId,
+    base: &State,
+    more: &State,
+) {
+    let certs = CertCache::default();
+    let cx = scale::cx(&certs);
+    let routes = ArcSwap::from_pointee(RoutingTable::default());
+    publish(&routes, base, &cx);
+    let group = Changes::Groups(BTreeSet::from([scale::group(0).uuid]));
+    let mut attached = false;
+    bench.bench_function(id, |b| {
+        b.iter(|| {
+            let next = if attached { base } else { more };
+            attached = !attached;
+            publish_changes(&routes, next, &group, &cx);
+        });
+    });
 }
 
 fn render(c: &mut Criterion) {

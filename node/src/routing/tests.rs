@@ -386,18 +386,20 @@ fn what_the_state_machine_reports_decides_what_is_rebuilt() {
     );
 }
 
+/// The detached instances `web`'s runtime lists as still at work.
+fn draining_in_web(fx: &Fixture) -> Vec<String> {
+    fx.runtime("web")
+        .draining()
+        .map(|b| b.name.clone())
+        .collect()
+}
+
 // In a runtime: outside one, a drain's timeout fires at once.
 #[tokio::test]
 async fn a_detached_instance_is_listed_draining_while_work_is_in_flight_through_later_rebuilds() {
     let fx = Fixture::new();
     let mut state = two_groups();
     fx.publish(&state);
-    let draining = |fx: &Fixture| -> Vec<String> {
-        fx.runtime("web")
-            .draining()
-            .map(|b| b.name.clone())
-            .collect()
-    };
     // A request in flight to each instance of web.
     let web = fx.runtime("web");
     let leases: Vec<_> = (0..2)
@@ -418,24 +420,24 @@ async fn a_detached_instance_is_listed_draining_while_work_is_in_flight_through_
         (1, 1),
         "least in flight spreads two picks"
     );
-    assert!(draining(&fx).is_empty());
+    assert!(draining_in_web(&fx).is_empty());
 
     detach(&mut state, "web", "b");
     fx.publish(&state);
-    assert_eq!(draining(&fx), ["b"]);
+    assert_eq!(draining_in_web(&fx), ["b"]);
     // Another change to the group rebuilds its runtime: b is still at work.
     attach(&mut state, "web", "c");
     fx.publish(&state);
-    assert_eq!(draining(&fx), ["b"]);
+    assert_eq!(draining_in_web(&fx), ["b"]);
     // So does a rebuild of every group (a snapshot, a certificate).
     publish(&fx.routes, &state, &fx.cx());
-    assert_eq!(draining(&fx), ["b"]);
+    assert_eq!(draining_in_web(&fx), ["b"]);
     // Its last request over, it is gone; an instance detached idle never shows.
     drop(on_b);
-    assert!(draining(&fx).is_empty());
+    assert!(draining_in_web(&fx).is_empty());
     detach(&mut state, "web", "c");
     fx.publish(&state);
-    assert!(draining(&fx).is_empty());
+    assert!(draining_in_web(&fx).is_empty());
     drop(on_a);
 }
 
@@ -444,12 +446,6 @@ async fn a_draining_instance_leaves_the_list_when_its_drain_times_out_or_it_is_a
     let fx = Fixture::new();
     let mut state = two_groups();
     fx.publish(&state);
-    let draining = |fx: &Fixture| -> Vec<String> {
-        fx.runtime("web")
-            .draining()
-            .map(|b| b.name.clone())
-            .collect()
-    };
     let pick = |fx: &Fixture| match fx
         .runtime("web")
         .balancer
@@ -462,12 +458,12 @@ async fn a_draining_instance_leaves_the_list_when_its_drain_times_out_or_it_is_a
     let name = first.backend().name.clone();
     detach(&mut state, "web", &name);
     fx.publish(&state);
-    assert_eq!(draining(&fx), [name]);
+    assert_eq!(draining_in_web(&fx), [name]);
     // The drain timeout (30 s) cuts its work: no longer listed, though the
     // lease is still held.
     tokio::time::sleep(Duration::from_secs(31)).await;
     assert!(first.backend().drain_token().is_cancelled());
-    assert!(draining(&fx).is_empty());
+    assert!(draining_in_web(&fx).is_empty());
     drop(first);
 
     // Attached again under its uuid (a retried attach): the group's, not
@@ -480,7 +476,7 @@ async fn a_draining_instance_leaves_the_list_when_its_drain_times_out_or_it_is_a
         .expect("the picked instance");
     detach(&mut state, "web", &other);
     fx.publish(&state);
-    assert_eq!(draining(&fx), [other]);
+    assert_eq!(draining_in_web(&fx), [other]);
     state
         .apply(&Command::AttachInstance {
             group: "web".into(),
@@ -488,6 +484,6 @@ async fn a_draining_instance_leaves_the_list_when_its_drain_times_out_or_it_is_a
         })
         .expect("attach again");
     fx.publish(&state);
-    assert!(draining(&fx).is_empty());
+    assert!(draining_in_web(&fx).is_empty());
     drop(second);
 }
