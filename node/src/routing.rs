@@ -66,9 +66,6 @@ pub(crate) type Map<K, V> =
 /// A group's instances by uuid, hashed with FxHash as the table's maps are.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, rustc_hash::FxBuildHasher>;
 
-/// A set hashed as [`FastMap`] is.
-pub(crate) type FastSet<T> = std::collections::HashSet<T, rustc_hash::FxBuildHasher>;
-
 /// One group's runtime, shared by every port the group publishes.
 #[derive(Debug)]
 pub struct GroupRuntime {

@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use super::changes::by_uuid;
 use super::{
-    BuildContext, Changes, Effect, FastMap, FastSet, GroupRuntime, Map, PortRoute, Published,
-    Route, RoutingTable,
+    BuildContext, Changes, Effect, FastMap, GroupRuntime, Map, PortRoute, Published, Route,
+    RoutingTable,
 };
 use crate::balancer::{Backend, GroupBalancer};
 use crate::series::InstanceMetrics;
@@ -61,19 +61,6 @@ impl RoutingTable {
         // Every changed group leaves first, so that a host name moving from
         // one changed group to another is not removed after its insertion.
         for uuid in &changed {
-            let new = by_uuid(state, uuid);
-            if let Some(old) = prev.groups.get(uuid) {
-                // A set, not a scan per backend: a group may hold 100,000.
-                let staying: FastSet<Uuid> = new
-                    .iter()
-                    .flat_map(|g| g.instances.iter().map(|i| i.uuid))
-                    .collect();
-                for (id, b) in &old.backends {
-                    if !staying.contains(id) {
-                        drains.push(Effect::Drain(b.clone()));
-                    }
-                }
-            }
             if routed_alike.contains(uuid) {
                 continue;
             }
@@ -84,10 +71,27 @@ impl RoutingTable {
             }
         }
         for uuid in &changed {
+            let old = prev.groups.get(uuid);
             let Some(g) = by_uuid(state, uuid) else {
+                // Deleted: every instance it had drains.
+                drains.extend(
+                    old.iter()
+                        .flat_map(|o| o.backends.values())
+                        .cloned()
+                        .map(Effect::Drain),
+                );
                 continue;
             };
-            let (runtime, fresh) = group_runtime(g, prev.groups.get(uuid), cx);
+            let (runtime, fresh) = group_runtime(g, old, cx);
+            // What left the group: not in the runtime's instances (a map,
+            // not a scan per backend: a group may hold 100,000).
+            drains.extend(
+                old.iter()
+                    .flat_map(|o| o.backends.values())
+                    .filter(|b| !runtime.backends.contains_key(&b.uuid))
+                    .cloned()
+                    .map(Effect::Drain),
+            );
             if fresh {
                 adopts.push(Effect::Adopt(runtime.balancer.clone()));
             }
