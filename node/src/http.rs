@@ -33,6 +33,7 @@ pub(crate) mod lean;
 pub(crate) mod log;
 pub(crate) mod redirect;
 pub(crate) mod reply;
+mod streams;
 mod upgrade;
 
 #[cfg(test)]
@@ -46,7 +47,7 @@ use std::task::Poll;
 use bytes::Bytes;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
@@ -248,20 +249,29 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let settings = &conn.dp.settings;
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+    let spawner = streams::Spawner::default();
+    let mut builder = http2::Builder::new(spawner.clone());
     builder
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
         .auto_date_header(false);
     let svc_conn = conn.clone();
     // Boxed: hyper moves each stream's future several times on its way
-    // into a task of its own, and a box moves as a pointer (callgrind,
-    // 20,000 requests over 16 × 32 streams: 54,679 → 52,134 instructions
-    // per request on the worker, a quarter of the copying gone). HTTP/1
-    // keeps its future in place, in a slot of hyper's.
+    // to the executor, and a box moves as a pointer (callgrind, 20,000
+    // requests over 16 × 32 streams: 54,679 → 52,134 instructions per
+    // request on the worker, a quarter of the copying gone). HTTP/1 keeps
+    // its future in place, in a slot of hyper's.
     let service =
         service_fn(move |req| Box::pin(forward::handle(req, ActiveGuard::new(&svc_conn))));
-    let mut serving = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
-    match drive(conn, serving.as_mut(), |c| c.graceful_shutdown(), false).await {
+    let serving = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
+    let mut serving = std::pin::pin!(streams::Streams::new(serving, spawner));
+    match drive(
+        conn,
+        serving.as_mut(),
+        |s| s.get_mut().conn.as_mut().graceful_shutdown(),
+        false,
+    )
+    .await
+    {
         Driven::Ended(end) => end,
         // Never asked for: HTTP/2 connections are not parked.
         Driven::Parked => Ok(()),

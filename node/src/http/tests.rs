@@ -2117,3 +2117,96 @@ async fn http1_answers_without_a_body_end_at_their_head() {
     assert_eq!(&body, b"ok");
     assert_eq!(counters.conns.load(Ordering::SeqCst), 2);
 }
+
+/// An HTTP/2 connection's streams run in its task: all of them at once,
+/// each answer streaming on its own, and the instance counts each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_of_one_connection_are_served_at_once() {
+    const STREAMS: usize = 8;
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let mut heads = streaming_backend(l);
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let edge = Edge::start(vec![g], settings()).await;
+    let a = edge.backend("a");
+    let sender = h2_client(&edge).await;
+    let mut answers = Vec::new();
+    for i in 0..STREAMS {
+        let mut sender = sender.clone();
+        answers.push(tokio::spawn(async move {
+            let req = Request::get(format!("http://app.example.com/{i}"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let resp = sender.send_request(req).await.expect("response");
+            resp.into_body().collect().await.expect("body").to_bytes()
+        }));
+    }
+    // Every request reached the instance before any answer ended.
+    let mut bodies = Vec::new();
+    for _ in 0..STREAMS {
+        bodies.push(
+            within(heads.recv())
+                .await
+                .expect("request reached the backend"),
+        );
+    }
+    assert_eq!(a.local_inflight(), STREAMS as u64);
+    // Ended last to first: each stream's answer stands alone.
+    for (n, chunks) in bodies.into_iter().enumerate().rev() {
+        chunks
+            .send(Bytes::from(format!("answer {n}")))
+            .await
+            .expect("send");
+    }
+    let mut got = Vec::new();
+    for answer in answers {
+        got.push(String::from_utf8_lossy(&within(answer).await.expect("join")).into_owned());
+    }
+    got.sort();
+    let want: Vec<String> = (0..STREAMS).map(|n| format!("answer {n}")).collect();
+    assert_eq!(got, want);
+    eventually("requests to end", || a.local_inflight() == 0).await;
+}
+
+/// A request whose HTTP/2 connection ends mid-answer is dropped with it:
+/// the instance's count and its upstream connection are released at once,
+/// not when the instance finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_end_with_their_connection() {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let mut heads = streaming_backend(l);
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let edge = Edge::start(vec![g], settings()).await;
+    let a = edge.backend("a");
+    let stream = TcpStream::connect(edge.addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let driver = tokio::spawn(conn);
+    let req = Request::get("http://app.example.com/")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = within(sender.send_request(req)).await.expect("head");
+    let chunks = within(heads.recv())
+        .await
+        .expect("request reached the backend");
+    chunks.send(Bytes::from("part")).await.expect("send");
+    assert_eq!(a.local_inflight(), 1);
+    // The client goes away: its socket closes with the driver.
+    driver.abort();
+    drop((sender, resp));
+    eventually("request released", || a.local_inflight() == 0).await;
+    within(chunks.closed()).await;
+}
