@@ -244,6 +244,24 @@ async fn listeners(n: u8) -> (u16, Vec<(IpAddr, TcpListener)>) {
     }
 }
 
+/// An edge whose group `app` (`app.example.com`) has one instance, `a`,
+/// served by `backend` on its listener: the edge, what `backend` returned,
+/// and the instance.
+async fn app_edge<T>(backend: impl FnOnce(TcpListener) -> T) -> (Edge, T, Arc<Backend>) {
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    let served = backend(l);
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let edge = Edge::start(vec![g], settings()).await;
+    let a = edge.backend("a");
+    (edge, served, a)
+}
+
 /// An address on `port` where nothing listens.
 fn refused(i: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, 200 + i))
@@ -461,16 +479,7 @@ async fn keep_alive_requests_are_balanced_over_reused_connections() {
 
 #[tokio::test]
 async fn forwarded_headers_added_and_hop_by_hop_removed() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    echo_backend(l, "a");
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
+    let (edge, _, _) = app_edge(|l| echo_backend(l, "a")).await;
 
     let mut client = edge.client().await;
     let req = Request::get("/path?q=1")
@@ -811,16 +820,7 @@ async fn idle_keep_alive_connection_is_closed() {
 
 #[tokio::test]
 async fn malformed_request_is_400_and_the_node_keeps_serving() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    echo_backend(l, "a");
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
+    let (edge, _, _) = app_edge(|l| echo_backend(l, "a")).await;
     let reply = raw_exchange(&edge, b"GET / HTTP/1.1 bogus\r\n\x01\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     let mut client = edge.client().await;
@@ -830,17 +830,7 @@ async fn malformed_request_is_400_and_the_node_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_tunnels_bytes_and_counts_one_in_flight() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    let head = upgrade_backend(l);
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
-    let a = edge.backend("a");
+    let (edge, head, a) = app_edge(upgrade_backend).await;
 
     let (mut stream, resp) = raw_request(
         edge.addr,
@@ -875,17 +865,7 @@ async fn upgrade_tunnels_bytes_and_counts_one_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_body_counts_in_flight_until_fully_sent() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    let mut streams = streaming_backend(l);
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
-    let a = edge.backend("a");
+    let (edge, mut streams, a) = app_edge(streaming_backend).await;
 
     let mut client = edge.client().await;
     let resp = tokio::spawn(async move {
@@ -916,17 +896,7 @@ async fn slow_body_counts_in_flight_until_fully_sent() {
 
 #[tokio::test]
 async fn drained_instance_aborts_streaming_body() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    let mut streams = streaming_backend(l);
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
-    let a = edge.backend("a");
+    let (edge, mut streams, a) = app_edge(streaming_backend).await;
 
     let mut client = edge.client().await;
     let resp = tokio::spawn(async move {
@@ -947,23 +917,9 @@ async fn drained_instance_aborts_streaming_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_prior_knowledge_uses_authority_as_host() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    echo_backend(l, "a");
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
+    let (edge, _, _) = app_edge(|l| echo_backend(l, "a")).await;
 
-    let stream = TcpStream::connect(edge.addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
+    let mut sender = h2_client(&edge).await;
     for _ in 0..3 {
         let req = Request::get("http://app.example.com/h2?x=1")
             .header("cookie", "a=1")
@@ -985,16 +941,7 @@ async fn http2_prior_knowledge_uses_authority_as_host() {
 
 #[tokio::test]
 async fn shutdown_finishes_in_flight_request() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    let mut streams = streaming_backend(l);
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
+    let (edge, mut streams, _) = app_edge(streaming_backend).await;
 
     let mut client = edge.client().await;
     let resp = tokio::spawn(async move {
@@ -1015,16 +962,7 @@ async fn shutdown_finishes_in_flight_request() {
 
 #[tokio::test]
 async fn request_bodies_stream_to_the_instance() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    echo_backend(l, "a");
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
+    let (edge, _, _) = app_edge(|l| echo_backend(l, "a")).await;
     let mut client = edge.client().await;
     let req = Request::post("/upload")
         .header("host", "app.example.com")
@@ -1050,16 +988,7 @@ async fn request_bodies_stream_to_the_instance() {
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    echo_backend(l, "a");
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
+    let (edge, _, _) = app_edge(|l| echo_backend(l, "a")).await;
     let reply = raw_exchange(
         &edge,
         b"GET /one HTTP/1.1\r\nhost: app.example.com\r\n\r\n\
@@ -1091,12 +1020,7 @@ async fn idle_http2_connection_is_closed_gracefully() {
         },
     )
     .await;
-    let stream = TcpStream::connect(edge.addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    let driver = tokio::spawn(conn);
+    let (mut sender, driver) = h2_connect(&edge).await;
     let req = Request::get("http://app.example.com/")
         .body(Full::new(Bytes::new()))
         .expect("request");
@@ -1110,17 +1034,7 @@ async fn idle_http2_connection_is_closed_gracefully() {
 
 #[tokio::test]
 async fn drained_instance_closes_tunnel() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    let _head = upgrade_backend(l);
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
-    let a = edge.backend("a");
+    let (edge, _head, a) = app_edge(upgrade_backend).await;
     let (mut stream, resp) = raw_request(
         edge.addr,
         b"GET / HTTP/1.1\r\nhost: app.example.com\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
@@ -1983,20 +1897,28 @@ async fn lean_requests_are_logged_with_their_fields() {
 }
 
 /// An HTTP/2 connection to `edge` (prior knowledge).
-async fn h2_client(edge: &Edge) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+async fn h2_client(edge: &Edge) -> H2Sender {
+    h2_connect(edge).await.0
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// An HTTP/2 connection to `edge` (prior knowledge), and the task driving
+/// it: the connection closes when the task is aborted, and the task ends
+/// with the connection.
+async fn h2_connect(edge: &Edge) -> (H2Sender, tokio::task::JoinHandle<hyper::Result<()>>) {
     let stream = TcpStream::connect(edge.addr).await.expect("connect");
     let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .expect("h2 handshake");
-    tokio::spawn(conn);
-    sender
+    (sender, tokio::spawn(conn))
 }
 
 /// One request on an HTTP/2 connection: the answer's head, and its body
 /// read whole.
 async fn h2_exchange(
-    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    sender: &mut H2Sender,
     method: Method,
     uri: &str,
 ) -> (http::response::Parts, Bytes) {
@@ -2123,17 +2045,7 @@ async fn http1_answers_without_a_body_end_at_their_head() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_streams_of_one_connection_are_served_at_once() {
     const STREAMS: usize = 8;
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    let mut heads = streaming_backend(l);
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
-    let a = edge.backend("a");
+    let (edge, mut heads, a) = app_edge(streaming_backend).await;
     let sender = h2_client(&edge).await;
     let mut answers = Vec::new();
     for i in 0..STREAMS {
@@ -2178,23 +2090,8 @@ async fn http2_streams_of_one_connection_are_served_at_once() {
 /// not when the instance finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_streams_end_with_their_connection() {
-    let (port, mut ls) = listeners(1).await;
-    let (ip, l) = ls.pop().expect("listener");
-    let mut heads = streaming_backend(l);
-    let g = group(
-        "app",
-        "app.example.com",
-        vec![http_port(PORT, port)],
-        &[("a", ip)],
-    );
-    let edge = Edge::start(vec![g], settings()).await;
-    let a = edge.backend("a");
-    let stream = TcpStream::connect(edge.addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    let driver = tokio::spawn(conn);
+    let (edge, mut heads, a) = app_edge(streaming_backend).await;
+    let (mut sender, driver) = h2_connect(&edge).await;
     let req = Request::get("http://app.example.com/")
         .body(Full::new(Bytes::new()))
         .expect("request");
