@@ -249,8 +249,8 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let settings = &conn.dp.settings;
-    let spawner = streams::Spawner::default();
-    let mut builder = http2::Builder::new(spawner.clone());
+    let (spawner, started) = streams::queue();
+    let mut builder = http2::Builder::new(spawner);
     builder
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
         .auto_date_header(false);
@@ -263,7 +263,7 @@ where
     let service =
         service_fn(move |req| Box::pin(forward::handle(req, ActiveGuard::new(&svc_conn))));
     let serving = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
-    let mut serving = std::pin::pin!(streams::Streams::new(serving, spawner));
+    let mut serving = std::pin::pin!(streams::Streams::new(serving, started));
     match drive(
         conn,
         serving.as_mut(),

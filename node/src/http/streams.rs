@@ -12,11 +12,18 @@
 //! A stream still running when its connection ends is dropped with it: its
 //! client is gone (closed, reset or past the drain timeout), and dropping
 //! the request releases its instance's in-flight count and its upstream
-//! connection at once.
+//! connection at once. Streams that hyper accepted in the very poll that
+//! ended the connection (a protocol error after them, say) are dropped
+//! without being started, so they leave no access-log line. hyper gives
+//! each stream a clone of its executor, so the executor holds the queue
+//! weakly: a queued stream can never keep its own queue alive.
+//!
+//! A panic in one stream (a bug) ends its connection, as one in an HTTP/1
+//! request does; the worker goes on.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 
 use futures_util::StreamExt;
@@ -24,37 +31,49 @@ use futures_util::stream::FuturesUnordered;
 
 type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+type Queue = Mutex<Vec<Stream>>;
+
+/// The queue of one connection's streams: the executor to give hyper, and
+/// the queue itself for [`Streams`].
+pub(crate) fn queue() -> (Spawner, Arc<Queue>) {
+    let queue = Arc::new(Queue::default());
+    (Spawner(Arc::downgrade(&queue)), queue)
+}
+
 /// hyper's executor for one connection's streams: it queues them for
-/// [`Streams`].
-#[derive(Clone, Default)]
-pub(crate) struct Spawner(Arc<Mutex<Vec<Stream>>>);
+/// [`Streams`], or drops them once the connection's task has.
+#[derive(Clone)]
+pub(crate) struct Spawner(Weak<Queue>);
 
 impl<F> hyper::rt::Executor<F> for Spawner
 where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, stream: F) {
-        // Pushed and taken by the connection's own task only: never
-        // contended, and a poisoned queue still holds whole futures.
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Box::pin(stream));
+        if let Some(queue) = self.0.upgrade() {
+            lock(&queue).push(Box::pin(stream));
+        }
     }
+}
+
+/// Pushed and taken by the connection's own task only: never contended,
+/// and a poisoned queue still holds whole futures.
+fn lock(queue: &Queue) -> std::sync::MutexGuard<'_, Vec<Stream>> {
+    queue.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// hyper's connection future (`C`) polled with the streams it started.
 pub(crate) struct Streams<'a, C> {
     pub(crate) conn: Pin<&'a mut C>,
-    spawner: Spawner,
+    started: Arc<Queue>,
     running: FuturesUnordered<Stream>,
 }
 
 impl<'a, C> Streams<'a, C> {
-    pub(crate) fn new(conn: Pin<&'a mut C>, spawner: Spawner) -> Self {
+    pub(crate) fn new(conn: Pin<&'a mut C>, started: Arc<Queue>) -> Self {
         Self {
             conn,
-            spawner,
+            started,
             running: FuturesUnordered::new(),
         }
     }
@@ -62,11 +81,7 @@ impl<'a, C> Streams<'a, C> {
     /// Moves the streams hyper started into the running set; false if
     /// there were none.
     fn take_started(&mut self) -> bool {
-        let mut started = self
-            .spawner
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut started = lock(&self.started);
         if started.is_empty() {
             return false;
         }

@@ -2107,3 +2107,60 @@ async fn http2_streams_end_with_their_connection() {
     eventually("request released", || a.local_inflight() == 0).await;
     within(chunks.closed()).await;
 }
+
+/// One HTTP/2 frame: its 9-byte header, then `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("small frame");
+    let mut frame = len.to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// An HPACK field without indexing, named by static table index (< 15).
+fn hpack_field(index: u8, value: &str) -> Vec<u8> {
+    let mut field = vec![index, u8::try_from(value.len()).expect("short value")];
+    field.extend(value.as_bytes());
+    field
+}
+
+/// Streams that hyper accepts in the poll that ends their connection are
+/// never started, and they must not outlive it: each holds a clone of the
+/// executor that queued it. A `CONNECT` with a body ends the connection in
+/// hyper's accept loop, just after the `GET` sent before it was accepted.
+#[tokio::test]
+async fn http2_streams_queued_as_their_connection_ends_are_freed() {
+    const HEADERS: u8 = 1;
+    const SETTINGS: u8 = 4;
+    const END_STREAM: u8 = 1;
+    const END_HEADERS: u8 = 4;
+    let (edge, _heads, a) = app_edge(streaming_backend).await;
+    // The accept loop's and the test's own: no connection open.
+    let idle = Arc::strong_count(&edge.dp);
+
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    // GET http://app.example.com/ (static entries 2, 6 and 4, then the
+    // authority, index 1).
+    let mut get = vec![0x82, 0x86, 0x84];
+    get.extend(hpack_field(1, "app.example.com"));
+    out.extend(h2_frame(HEADERS, END_STREAM | END_HEADERS, 1, &get));
+    // CONNECT app.example.com:443 with `content-length: 5` (index 28,
+    // past the 4-bit prefix: 15 + 13).
+    let mut connect = hpack_field(2, "CONNECT");
+    connect.extend(hpack_field(1, "app.example.com:443"));
+    connect.extend([0x0f, 0x0d, 1, b'5']);
+    out.extend(h2_frame(HEADERS, END_HEADERS, 3, &connect));
+
+    let mut client = TcpStream::connect(edge.addr).await.expect("connect");
+    client.write_all(&out).await.expect("write");
+    // The node ends the connection.
+    let mut rest = Vec::new();
+    within(client.read_to_end(&mut rest)).await.expect("read");
+    eventually("the connection's state to be freed", || {
+        Arc::strong_count(&edge.dp) <= idle
+    })
+    .await;
+    assert_eq!(a.local_inflight(), 0);
+}
