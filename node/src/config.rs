@@ -220,7 +220,14 @@ impl Config {
     fn from_source(s: Source, rebuild_state_machine: bool) -> Result<Self, ConfigError> {
         let mut c = Self::embedded_default();
         c.rebuild_state_machine = rebuild_state_machine;
-        set(&mut c.node_id, s.node_id);
+        if let Some(v) = s.node_id {
+            // The admin API adds nodes from 1, and a member refuses a join
+            // as 0: refused here, before any port is bound.
+            if v == 0 {
+                return Err(ConfigError::new("node_id", "must be at least 1"));
+            }
+            c.node_id = v;
+        }
         if let Some(v) = s.region {
             if v.is_empty() || v.len() > 63 {
                 return Err(ConfigError::new("region", "must be 1 to 63 characters"));

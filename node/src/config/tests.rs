@@ -52,6 +52,8 @@ fn errors_name_the_field() {
         "drain_timeout"
     );
     assert_eq!(load(&["--token", "short"]).unwrap_err().field, "token");
+    assert_eq!(load(&["--node-id", "0"]).unwrap_err().field, "node_id");
+    assert_eq!(from_toml("node_id = 0").unwrap_err().field, "node_id");
     assert_eq!(load(&["--join", "ftp://x"]).unwrap_err().field, "join");
     let err = load(&[
         "--admin-addr",
