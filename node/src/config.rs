@@ -180,14 +180,23 @@ impl Config {
         self.advertise_cluster_addr.unwrap_or(bound)
     }
 
-    /// The file named by `args.config` (if any) under the flags and
-    /// variables of `args`, checked.
+    /// The file named by `args.config` (if any) under the process's
+    /// `EDGELB_*` variables and the flags of `args`, checked.
     pub fn load(args: Args) -> Result<Self, ConfigError> {
+        Self::load_with(args, |name| std::env::var_os(name))
+    }
+
+    /// [`Config::load`] with the variables of keys without a flag read
+    /// through `var`.
+    pub(crate) fn load_with(
+        args: Args,
+        var: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, ConfigError> {
         let file = match &args.config {
             Some(path) => Layer::read(path)?,
             None => Layer::default(),
         };
-        let source = layered(&[file, Layer::args(&args)?])?;
+        let source = layered(&[file, Layer::variables(var)?, Layer::args(&args)?])?;
         let mut config = Self::from_source(source, args.rebuild_state_machine)?;
         config.restore = match (args.restore, args.force_new_cluster) {
             (Some(file), _) => Some(Restore::File(file)),

@@ -1,25 +1,28 @@
 //! Where the settings come from, layered into one [`Source`]:
 //!
 //! ```text
-//!  TOML file (--config) ──────────────┐  layers of keys, in rising
-//!  EDGELB_* variables ─┐              │  precedence: a key set by a
-//!  flags ──────────────┴─ clap: Args ─┤  higher one replaces it
-//!                                     ▼
+//!  TOML file (--config) ──────────────────┐  layers of keys, in rising
+//!  EDGELB_<KEY> of the keys with no flag ─┤  precedence: a key set by a
+//!  EDGELB_* of the flags ─┐               │  higher one replaces it
+//!  flags ─────────────────┴─ clap: Args ──┤
+//!                                         ▼
 //!                       serde: Source (every key typed, once)
-//!                                     ▼
+//!                                         ▼
 //!                       Config::from_source (defaults, checks)
 //! ```
 //!
 //! Every key is typed by the same serde field whichever layer sets it, so
 //! a duration is `humantime` syntax everywhere and a bad value is an error
-//! that names its key (and the file, when the value came from it). A value
-//! that a higher layer replaces is never used, and never an error.
+//! that names its key (and the file or variable, when the value came from
+//! one). A value that a higher layer replaces is never used, and never an
+//! error.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
@@ -273,13 +276,24 @@ pub enum LogFormat {
     Json,
 }
 
-/// One layer of settings: the keys it sets and the file they came from
-/// (`None`: flags and variables). Keys are held as serde values
-/// (`serde_json`'s, which keep a u64 whole) until they are typed.
+/// One layer of settings: the keys it sets and where they came from. Keys
+/// are held as serde values (`serde_json`'s, which keep a u64 whole) until
+/// they are typed.
 #[derive(Debug, Default)]
 pub(super) struct Layer {
     keys: Map<String, Value>,
-    file: Option<PathBuf>,
+    from: Origin,
+}
+
+/// Where a layer's keys came from, for its errors.
+#[derive(Debug, Default)]
+enum Origin {
+    /// Flags, and the variables clap reads for them.
+    #[default]
+    Flags,
+    File(PathBuf),
+    /// `EDGELB_<KEY>` variables of keys that have no flag.
+    Variables,
 }
 
 impl Layer {
@@ -311,7 +325,7 @@ impl Layer {
         }
         Ok(Self {
             keys,
-            file: Some(path.to_owned()),
+            from: Origin::File(path.to_owned()),
         })
     }
 
@@ -324,8 +338,92 @@ impl Layer {
             return Err(ConfigError::new("flags", "not a set of keys"));
         };
         keys.retain(|_, v| !v.is_null() && *v != Value::Bool(false));
-        Ok(Self { keys, file: None })
+        Ok(Self {
+            keys,
+            from: Origin::Flags,
+        })
     }
+
+    /// `EDGELB_<KEY>` for every key that has no flag (a flag reads its own
+    /// variable), as `var` gives them. A value is read as TOML when it is
+    /// one of the key's type (`42`, `true`, `[80, 443]`), else as text
+    /// (`30s`, `10.0.0.0/8`, a region named `123`).
+    pub(super) fn variables(var: impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
+        let flags: Vec<OsString> = Args::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(ToOwned::to_owned))
+            .collect();
+        let mut keys = Map::new();
+        for key in source_keys() {
+            let name = variable(key);
+            if flags.iter().any(|f| *f == *name) {
+                continue;
+            }
+            let Some(raw) = var(&name) else { continue };
+            let raw = raw
+                .into_string()
+                .map_err(|_| ConfigError::new(*key, format!("{name} is not UTF-8")))?;
+            keys.insert((*key).to_owned(), variable_value(key, &raw));
+        }
+        Ok(Self {
+            keys,
+            from: Origin::Variables,
+        })
+    }
+}
+
+/// The variable that sets `key`: `EDGELB_` and the key in capitals.
+fn variable(key: &str) -> String {
+    format!("EDGELB_{}", key.to_ascii_uppercase())
+}
+
+/// A variable's text as `key`'s value: the TOML value it spells when that
+/// has the key's type, else the text itself.
+fn variable_value(key: &str, raw: &str) -> Value {
+    let text = Value::String(raw.to_owned());
+    let fits = |v: &Value| {
+        let one = Map::from_iter([(key.to_owned(), v.clone())]);
+        serde_json::from_value::<Source>(Value::Object(one)).is_ok()
+    };
+    match toml::from_str::<Map<String, Value>>(&format!("v = {raw}")) {
+        Ok(mut parsed) => match parsed.remove("v") {
+            Some(typed) if !typed.is_null() && (fits(&typed) || !fits(&text)) => typed,
+            _ => text,
+        },
+        Err(_) => text,
+    }
+}
+
+/// The keys of [`Source`], as serde names them (the TOML file's keys).
+fn source_keys() -> &'static [&'static str] {
+    /// A deserializer that only notes the fields a struct asks for.
+    struct Fields(&'static [&'static str]);
+    impl<'de> Deserializer<'de> for &mut Fields {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("fields only"))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0 = fields;
+            Err(Self::Error::custom("fields only"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields = Fields(&[]);
+    let _ = Source::deserialize(&mut fields);
+    fields.0
 }
 
 /// `layers` in rising precedence, as one [`Source`]: each key from the
@@ -339,9 +437,15 @@ pub(super) fn layered(layers: &[Layer]) -> Result<Source, ConfigError> {
         let field = first_key(e.path());
         let message = e.into_inner().to_string();
         let from = layers.iter().rev().find(|l| l.keys.contains_key(&field));
-        match from.and_then(|l| l.file.as_ref()) {
-            Some(path) => ConfigError::new(field, format!("{}: {message}", path.display())),
-            None => ConfigError::new(field, message),
+        match from.map(|l| &l.from) {
+            Some(Origin::File(path)) => {
+                ConfigError::new(field, format!("{}: {message}", path.display()))
+            }
+            Some(Origin::Variables) => {
+                let name = variable(&field);
+                ConfigError::new(field, format!("{name}: {message}"))
+            }
+            Some(Origin::Flags) | None => ConfigError::new(field, message),
         }
     })
 }

@@ -584,3 +584,78 @@ fn restore_flags() {
         .is_err()
     );
 }
+
+/// [`Config::load_with`] with `vars` as the only variables of keys without
+/// a flag.
+fn load_vars(args: &[&str], vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let mut argv = vec!["edgelb"];
+    argv.extend_from_slice(args);
+    let args = Args::try_parse_from(argv).map_err(|e| ConfigError::new("flags", e.to_string()))?;
+    let vars: Vec<(String, String)> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    Config::load_with(args, |name| {
+        vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.into())
+    })
+}
+
+#[test]
+fn keys_without_a_flag_read_their_variables() {
+    let c = load_vars(
+        &[],
+        &[
+            ("EDGELB_GOSSIP_INTERVAL", "50ms"),
+            ("EDGELB_WORKERS", "3"),
+            ("EDGELB_TRUSTED_PROXIES", "[\"10.0.0.0/8\", \"192.0.2.1\"]"),
+            ("EDGELB_ACCEPT_PROXY_PROTOCOL", "[443, 80]"),
+            ("EDGELB_GOSSIP_ESTIMATOR", "local"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.gossip.interval, Duration::from_millis(50));
+    assert_eq!(c.settings.workers, 3);
+    assert_eq!(c.settings.trusted_proxies.len(), 2);
+    assert_eq!(c.settings.accept_proxy_protocol, vec![80, 443]);
+    assert!(c.gossip_local);
+    // Unset: the default.
+    assert_eq!(c.settings.upstream_timeout, Duration::from_secs(60));
+}
+
+#[test]
+fn variables_sit_between_the_file_and_the_flags() {
+    let dir = std::env::temp_dir().join(format!("edgelb-config-vars-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("v.toml");
+    std::fs::write(&path, "idle_timeout = \"2m\"\nworkers = 1\n").unwrap();
+    let file = path.to_str().unwrap();
+    // A variable replaces the file's key; the file keeps the others.
+    let c = load_vars(&["--config", file], &[("EDGELB_IDLE_TIMEOUT", "5m")]).unwrap();
+    assert_eq!(c.settings.idle_timeout, Duration::from_secs(300));
+    assert_eq!(c.settings.workers, 1);
+    // A flag's variable is the flag's own (clap reads it): not read here
+    // again, so the flag given on the command line wins over anything.
+    let c = load_vars(&["--region", "ams"], &[("EDGELB_REGION", "fra")]).unwrap();
+    assert_eq!(c.region, "ams");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_bad_variable_names_its_key_and_itself() {
+    let err = load_vars(&[], &[("EDGELB_GOSSIP_TTL", "soon")]).unwrap_err();
+    assert_eq!(err.field, "gossip_ttl");
+    assert!(err.message.contains("EDGELB_GOSSIP_TTL"), "{err}");
+    // Text where a number is wanted is an error; a TOML string is text.
+    let err = load_vars(&[], &[("EDGELB_WORKERS", "many")]).unwrap_err();
+    assert_eq!(err.field, "workers");
+    assert!(err.message.contains("EDGELB_WORKERS"), "{err}");
+    let c = load_vars(&[], &[("EDGELB_SEND_TIMEOUT", "\"15s\"")]).unwrap();
+    assert_eq!(c.settings.send_timeout, Duration::from_secs(15));
+    // The same checks as the file's: zero workers is refused.
+    assert_eq!(
+        load_vars(&[], &[("EDGELB_WORKERS", "0")])
+            .unwrap_err()
+            .field,
+        "workers"
+    );
+}
