@@ -496,11 +496,34 @@ fn access_log_target<'de, D: Deserializer<'de>>(
     })
 }
 
+/// `HOST:PORT`: an IP address (`[::1]:7070` for IPv6), or a host name
+/// resolved once, here, before anything is bound.
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    text_as(d, |v| {
-        v.parse()
-            .map_err(|_| format!("{v:?} is not HOST:PORT with an IP host"))
-    })
+    text_as(d, |v| v.parse().or_else(|_| resolve(v)))
+}
+
+/// A host name and port as one address: the first IPv4 address the name
+/// has, else its first (so that `localhost:7070` is 127.0.0.1's whatever
+/// order the resolver gives).
+fn resolve(v: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs as _;
+    let malformed = || format!("{v:?} is not HOST:PORT");
+    let (host, port) = v.rsplit_once(':').ok_or_else(malformed)?;
+    let port: u16 = port.parse().map_err(|_| malformed())?;
+    // An IPv6 literal without brackets, or a name that cannot be one.
+    if host.is_empty() || host.contains([':', '[', ']', '/', ' ']) {
+        return Err(malformed());
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{v:?}: cannot resolve {host:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{v:?}: {host:?} has no address"))
 }
 
 fn ip_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {

@@ -53,6 +53,18 @@ fn errors_name_the_field() {
     );
     assert_eq!(load(&["--token", "short"]).unwrap_err().field, "token");
     assert_eq!(load(&["--node-id", "0"]).unwrap_err().field, "node_id");
+    for bad in [
+        "nope",
+        "host:",
+        ":7070",
+        "::1:7070",
+        "a b:7070",
+        "host:99999",
+    ] {
+        let err = load(&["--admin-addr", bad]).unwrap_err();
+        assert_eq!(err.field, "admin_addr", "{bad}");
+        assert!(err.message.contains("HOST:PORT"), "{bad}: {err}");
+    }
     assert_eq!(from_toml("node_id = 0").unwrap_err().field, "node_id");
     assert_eq!(load(&["--join", "ftp://x"]).unwrap_err().field, "join");
     let err = load(&[
@@ -657,5 +669,25 @@ fn a_bad_variable_names_its_key_and_itself() {
             .unwrap_err()
             .field,
         "workers"
+    );
+}
+
+#[test]
+fn addresses_take_a_host_name() {
+    // `localhost` is in every /etc/hosts: no DNS server is asked.
+    let c = load(&[
+        "--admin-addr",
+        "localhost:17070",
+        "--cluster-addr",
+        "[::1]:17071",
+        "--advertise-cluster-addr",
+        "localhost:17072",
+    ])
+    .unwrap();
+    assert_eq!(c.admin_addr.to_string(), "127.0.0.1:17070");
+    assert_eq!(c.cluster_addr.to_string(), "[::1]:17071");
+    assert_eq!(
+        c.advertise_cluster_addr.map(|a| a.to_string()).as_deref(),
+        Some("127.0.0.1:17072")
     );
 }
