@@ -187,8 +187,8 @@ impl Config {
     }
 
     /// [`Config::load`] with the variables of keys without a flag read
-    /// through `var`.
-    pub(crate) fn load_with(
+    /// through `var` (`|_| None`: none, whatever the process has).
+    pub fn load_with(
         args: Args,
         var: impl Fn(&str) -> Option<std::ffi::OsString>,
     ) -> Result<Self, ConfigError> {

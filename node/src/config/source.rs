@@ -345,9 +345,9 @@ impl Layer {
     }
 
     /// `EDGELB_<KEY>` for every key that has no flag (a flag reads its own
-    /// variable), as `var` gives them. A value is read as TOML when it is
-    /// one of the key's type (`42`, `true`, `[80, 443]`), else as text
-    /// (`30s`, `10.0.0.0/8`, a region named `123`).
+    /// variable), as `var` gives them. See [`variable_value`] for how a
+    /// value is read; an empty one is a value (refused by every key that
+    /// has no flag), as clap takes a flag's empty variable.
     pub(super) fn variables(var: impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
         let flags: Vec<OsString> = Args::command()
             .get_arguments()
@@ -377,21 +377,52 @@ fn variable(key: &str) -> String {
     format!("EDGELB_{}", key.to_ascii_uppercase())
 }
 
-/// A variable's text as `key`'s value: the TOML value it spells when that
-/// has the key's type, else the text itself.
+/// A variable's text as `key`'s value, the first of these that has the
+/// key's type: the one TOML value it spells (`42`, `true`, `[80, 443]`,
+/// `"30s"`), the text itself (`30s`), or a comma-separated list of either
+/// (`10.0.0.0/8, 192.0.2.1` or `443,80` for a list key). When none has,
+/// the form whose error reads best: the TOML value when it is a list or
+/// quoted text, else the text (`30` for a duration is "not a duration",
+/// not "an integer").
 fn variable_value(key: &str, raw: &str) -> Value {
-    let text = Value::String(raw.to_owned());
     let fits = |v: &Value| {
         let one = Map::from_iter([(key.to_owned(), v.clone())]);
         serde_json::from_value::<Source>(Value::Object(one)).is_ok()
     };
-    match toml::from_str::<Map<String, Value>>(&format!("v = {raw}")) {
-        Ok(mut parsed) => match parsed.remove("v") {
-            Some(typed) if !typed.is_null() && (fits(&typed) || !fits(&text)) => typed,
-            _ => text,
-        },
-        Err(_) => text,
+    let typed = toml_value(raw);
+    let text = Value::String(raw.to_owned());
+    let list = || {
+        Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .map(|item| match toml_value(item) {
+                    Some(v) if !v.is_array() && !v.is_object() => v,
+                    _ => Value::String(item.to_owned()),
+                })
+                .collect(),
+        )
+    };
+    if let Some(v) = typed.as_ref().filter(|v| fits(v)) {
+        return v.clone();
     }
+    if fits(&text) {
+        return text;
+    }
+    let list = list();
+    if fits(&list) {
+        return list;
+    }
+    match typed {
+        Some(v) if v.is_array() || v.is_string() => v,
+        _ => text,
+    }
+}
+
+/// `raw` as one TOML value and nothing else (no second line, no comment);
+/// `None` if it is not one, or is a date or time (no key takes those).
+fn toml_value(raw: &str) -> Option<Value> {
+    let v = Value::deserialize(toml::de::ValueDeserializer::new(raw)).ok()?;
+    (!v.is_null() && !v.is_object()).then_some(v)
 }
 
 /// The keys of [`Source`], as serde names them (the TOML file's keys).

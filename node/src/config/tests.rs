@@ -621,6 +621,7 @@ fn keys_without_a_flag_read_their_variables() {
             ("EDGELB_WORKERS", "3"),
             ("EDGELB_TRUSTED_PROXIES", "[\"10.0.0.0/8\", \"192.0.2.1\"]"),
             ("EDGELB_ACCEPT_PROXY_PROTOCOL", "[443, 80]"),
+            ("EDGELB_PARK_AFTER", "0s"),
             ("EDGELB_GOSSIP_ESTIMATOR", "local"),
         ],
     )
@@ -630,8 +631,21 @@ fn keys_without_a_flag_read_their_variables() {
     assert_eq!(c.settings.trusted_proxies.len(), 2);
     assert_eq!(c.settings.accept_proxy_protocol, vec![80, 443]);
     assert!(c.gossip_local);
+    assert_eq!(c.settings.park_after, Duration::ZERO);
     // Unset: the default.
     assert_eq!(c.settings.upstream_timeout, Duration::from_secs(60));
+
+    // A list key also takes its items separated by commas, or one item.
+    let c = load_vars(
+        &[],
+        &[
+            ("EDGELB_TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.1"),
+            ("EDGELB_ACCEPT_PROXY_PROTOCOL", "443"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.settings.trusted_proxies.len(), 2);
+    assert_eq!(c.settings.accept_proxy_protocol, vec![443]);
 }
 
 #[test]
@@ -663,6 +677,17 @@ fn a_bad_variable_names_its_key_and_itself() {
     assert!(err.message.contains("EDGELB_WORKERS"), "{err}");
     let c = load_vars(&[], &[("EDGELB_SEND_TIMEOUT", "\"15s\"")]).unwrap();
     assert_eq!(c.settings.send_timeout, Duration::from_secs(15));
+    // A value is all of the variable: nothing after it passes unseen.
+    for garbage in ["1\nmax_connections = 2", "3 # three", "2 3"] {
+        let err = load_vars(&[], &[("EDGELB_WORKERS", garbage)]).unwrap_err();
+        assert_eq!(err.field, "workers", "{garbage:?}");
+    }
+    // Empty is a value, as clap takes a flag's empty variable.
+    let err = load_vars(&[], &[("EDGELB_UPSTREAM_TIMEOUT", "")]).unwrap_err();
+    assert_eq!(err.field, "upstream_timeout");
+    // A duration without its unit is reported as one.
+    let err = load_vars(&[], &[("EDGELB_IDLE_TIMEOUT", "30")]).unwrap_err();
+    assert!(err.message.contains("is not a duration"), "{err}");
     // The same checks as the file's: zero workers is refused.
     assert_eq!(
         load_vars(&[], &[("EDGELB_WORKERS", "0")])
