@@ -229,13 +229,15 @@ impl Config {
     fn from_source(s: Source, rebuild_state_machine: bool) -> Result<Self, ConfigError> {
         let mut c = Self::embedded_default();
         c.rebuild_state_machine = rebuild_state_machine;
-        if let Some(v) = s.node_id {
-            // The admin API adds nodes from 1, and a member refuses a join
-            // as 0: refused here, before any port is bound.
-            if v == 0 {
-                return Err(ConfigError::new("node_id", "must be at least 1"));
-            }
-            c.node_id = v;
+        set(&mut c.node_id, s.node_id);
+        // The admin API adds nodes from 1, and a member refuses a join as 0:
+        // refused here, before any port is bound. A founder may be node 0
+        // (a cluster founded so before this check restarts as it was).
+        if c.node_id == 0 && s.join.is_some() {
+            return Err(ConfigError::new(
+                "node_id",
+                "a joining node must be 1 or more (the admin API adds nodes from 1)",
+            ));
         }
         if let Some(v) = s.region {
             if v.is_empty() || v.len() > 63 {

@@ -52,7 +52,10 @@ fn errors_name_the_field() {
         "drain_timeout"
     );
     assert_eq!(load(&["--token", "short"]).unwrap_err().field, "token");
-    assert_eq!(load(&["--node-id", "0"]).unwrap_err().field, "node_id");
+    // A founder may be node 0; a joining node may not.
+    assert_eq!(load(&["--node-id", "0"]).unwrap().node_id, 0);
+    let join0 = ["--node-id", "0", "--join", "http://127.0.0.1:7070"];
+    assert_eq!(load(&join0).unwrap_err().field, "node_id");
     for bad in [
         "nope",
         "host:",
@@ -65,7 +68,8 @@ fn errors_name_the_field() {
         assert_eq!(err.field, "admin_addr", "{bad}");
         assert!(err.message.contains("HOST:PORT"), "{bad}: {err}");
     }
-    assert_eq!(from_toml("node_id = 0").unwrap_err().field, "node_id");
+    let join0 = "node_id = 0\njoin = \"http://127.0.0.1:7070\"";
+    assert_eq!(from_toml(join0).unwrap_err().field, "node_id");
     assert_eq!(load(&["--join", "ftp://x"]).unwrap_err().field, "join");
     let err = load(&[
         "--admin-addr",
