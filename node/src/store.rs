@@ -567,7 +567,12 @@ impl Store {
             node_id: self.node_id,
             leader_id: m.current_leader,
             term: m.current_term,
-            commit_index: self.committed.load(Ordering::Relaxed),
+            // What is applied was committed, whatever this node has heard
+            // of the commit index since it started.
+            commit_index: self
+                .committed
+                .load(Ordering::Relaxed)
+                .max(m.last_applied.map_or(0, |l| l.index)),
             applied_index: m.last_applied.map_or(0, |l| l.index),
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),

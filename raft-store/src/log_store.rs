@@ -364,7 +364,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .get_meta(COMMITTED)
             .await
             .map_err(|e| e.into_storage(ErrorSubject::Store, ErrorVerb::Read))?;
-        Ok(committed.flatten())
+        let committed = committed.flatten();
+        // Openraft reads it once at startup and saves it again only at the
+        // next commit: until then the index it read is the one reported (a
+        // lone voter that restarts commits nothing before its next write).
+        if let Some(c) = committed {
+            self.committed.fetch_max(c.index, Ordering::Relaxed);
+        }
+        Ok(committed)
     }
 
     async fn append<I>(

@@ -246,7 +246,10 @@ async fn reopen_restores_vote_log_and_state() {
 
     let (mut log, mut sm) = open(dir.path());
     assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+    assert_eq!(log.committed_index().load(Ordering::Relaxed), 0);
     assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 1, 4)));
+    // The commit index reported is the stored one from the start.
+    assert_eq!(log.committed_index().load(Ordering::Relaxed), 4);
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id, None);
     assert_eq!(state.last_log_id, Some(log_id(1, 1, 4)));

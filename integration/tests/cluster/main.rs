@@ -488,6 +488,30 @@ async fn whole_cluster_restart_keeps_state() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A lone voter that restarts commits nothing until its next write: its
+/// status goes on reporting the commit index it stopped at, never one below
+/// what it applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_lone_node_reports_the_commit_index_it_stopped_at() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(1).await?;
+    cluster
+        .admin(1)
+        .create_group(&shared_group("before"))
+        .await?;
+    let before = cluster.status(1).await?;
+    assert_eq!(before.commit_index, before.applied_index, "{before:?}");
+    cluster.stop(1).await?;
+    cluster.restart(1).await?;
+    cluster.wait_applied(1, before.applied_index).await?;
+    let after = cluster.status(1).await?;
+    assert_eq!(
+        (after.commit_index, after.applied_index),
+        (before.commit_index, before.applied_index),
+        "{after:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_quorum_write_fails_fast_and_data_plane_keeps_serving() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3).await?;
