@@ -450,7 +450,7 @@ async fn serve_tls(
         }
     };
     if http {
-        crate::http::serve_connection(tls, conn, dp, shutdown, ()).await;
+        crate::http::serve_connection(crate::tls::TlsIo::new(tls), conn, dp, shutdown, ()).await;
     } else {
         let sni = tls.get_ref().1.server_name().map(str::to_owned);
         // Routed by the table as it is once the handshake is done.

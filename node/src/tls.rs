@@ -18,6 +18,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use tracing::{info, warn};
 
+mod stream;
+pub use stream::TlsIo;
+
 /// Errors turning PEM into a usable key.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
