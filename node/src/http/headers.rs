@@ -38,11 +38,21 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
 ];
 
-/// Whether `name` (any case) is one of [`HOP_BY_HOP`].
+/// Whether `name` (any case) is one of [`HOP_BY_HOP`]. By length first:
+/// most names have none of theirs, and a request's and a response's
+/// every field is asked.
 pub(crate) fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
+    let is = |h: &str| name.eq_ignore_ascii_case(h);
+    match name.len() {
+        2 => is("te"),
+        7 => is("trailer") || is("upgrade"),
+        10 => is("connection") || is("keep-alive"),
+        16 => is("proxy-connection"),
+        17 => is("transfer-encoding"),
+        18 => is("proxy-authenticate"),
+        19 => is("proxy-authorization"),
+        _ => false,
+    }
 }
 
 /// Which of [`HOP_BY_HOP`] `headers` holds, one bit each (bit `i` for
@@ -285,6 +295,40 @@ mod tests {
             let want = strip_reference(&h, upgrade);
             strip_hop_by_hop(&mut h, upgrade);
             proptest::prop_assert_eq!(h, want);
+        }
+    }
+
+    /// The field names of the lean path's checks are [`HOP_BY_HOP`]'s, in
+    /// any case, and no others.
+    #[test]
+    fn hop_by_hop_names_are_the_lists() {
+        for h in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(h.as_str()), "{h}");
+            assert!(is_hop_by_hop(&h.as_str().to_ascii_uppercase()), "{h}");
+        }
+        for other in [
+            "host",
+            "content-length",
+            "date",
+            "server",
+            "content-type",
+            "tE",
+            "teh",
+            "t",
+            "trailers",
+            "upgrade-insecure-requests",
+            "connectiom",
+            "keep-alivE2",
+            "proxy-connectio",
+            "transfer-encodinh",
+            "x-forwarded-proto",
+            "proxy-authorizatioN1",
+            "",
+        ] {
+            let hop = HOP_BY_HOP
+                .iter()
+                .any(|h| other.eq_ignore_ascii_case(h.as_str()));
+            assert_eq!(is_hop_by_hop(other), hop, "{other}");
         }
     }
 
