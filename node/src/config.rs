@@ -15,7 +15,7 @@ use crate::health::MinFree;
 mod source;
 
 pub use source::{Args, LogFormat, parse_duration};
-use source::{EstimatorKey, Layer, Source, layered};
+use source::{EstimatorKey, Layer, Source, layered, with_origin};
 
 /// Exit code for a bad configuration or bad flags (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -196,8 +196,11 @@ impl Config {
             Some(path) => Layer::read(path)?,
             None => Layer::default(),
         };
-        let source = layered(&[file, Layer::variables(var)?, Layer::args(&args)?])?;
-        let mut config = Self::from_source(source, args.rebuild_state_machine)?;
+        let layers = [file, Layer::variables(var)?, Layer::args(&args)?];
+        let source = layered(&layers)?;
+        // The checks after typing name the key; its origin is added here.
+        let mut config = Self::from_source(source, args.rebuild_state_machine)
+            .map_err(|e| with_origin(&layers, e))?;
         config.restore = match (args.restore, args.force_new_cluster) {
             (Some(file), _) => Some(Restore::File(file)),
             (None, true) => Some(Restore::ForceNewCluster),
@@ -222,7 +225,8 @@ impl Config {
     /// The configuration of a TOML file's `text` alone (no flags), as
     /// [`load`](Self::load) reads a file named `path`.
     pub(crate) fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        Self::from_source(layered(&[Layer::parse(text, path)?])?, false)
+        let layers = [Layer::parse(text, path)?];
+        Self::from_source(layered(&layers)?, false).map_err(|e| with_origin(&layers, e))
     }
 
     /// The embedded default with what `s` sets, checked.

@@ -467,18 +467,26 @@ pub(super) fn layered(layers: &[Layer]) -> Result<Source, ConfigError> {
     serde_path_to_error::deserialize(Value::Object(keys)).map_err(|e| {
         let field = first_key(e.path());
         let message = e.into_inner().to_string();
-        let from = layers.iter().rev().find(|l| l.keys.contains_key(&field));
-        match from.map(|l| &l.from) {
-            Some(Origin::File(path)) => {
-                ConfigError::new(field, format!("{}: {message}", path.display()))
-            }
-            Some(Origin::Variables) => {
-                let name = variable(&field);
-                ConfigError::new(field, format!("{name}: {message}"))
-            }
-            Some(Origin::Flags) | None => ConfigError::new(field, message),
-        }
+        with_origin(layers, ConfigError::new(field, message))
     })
+}
+
+/// `error` with where its key's value came from (the file's path, or the
+/// variable's name), from the highest of `layers` that sets it; a flag's
+/// error, or one about no single key, is left as it is.
+pub(super) fn with_origin(layers: &[Layer], error: ConfigError) -> ConfigError {
+    let ConfigError { field, message } = error;
+    let from = layers.iter().rev().find(|l| l.keys.contains_key(&field));
+    match from.map(|l| &l.from) {
+        Some(Origin::File(path)) => {
+            ConfigError::new(field, format!("{}: {message}", path.display()))
+        }
+        Some(Origin::Variables) => {
+            let name = variable(&field);
+            ConfigError::new(field, format!("{name}: {message}"))
+        }
+        Some(Origin::Flags) | None => ConfigError::new(field, message),
+    }
 }
 
 /// The top-level key an error is about.

@@ -692,13 +692,14 @@ fn a_bad_variable_names_its_key_and_itself() {
     // A duration without its unit is reported as one.
     let err = load_vars(&[], &[("EDGELB_IDLE_TIMEOUT", "30")]).unwrap_err();
     assert!(err.message.contains("is not a duration"), "{err}");
-    // The same checks as the file's: zero workers is refused.
-    assert_eq!(
-        load_vars(&[], &[("EDGELB_WORKERS", "0")])
-            .unwrap_err()
-            .field,
-        "workers"
-    );
+    // The same checks as the file's: zero workers is refused, and the
+    // error says where the zero came from.
+    let err = load_vars(&[], &[("EDGELB_WORKERS", "0")]).unwrap_err();
+    assert_eq!(err.field, "workers");
+    assert!(err.message.contains("EDGELB_WORKERS"), "{err}");
+    // As a file's zero names the file.
+    let err = from_toml("workers = 0").unwrap_err();
+    assert!(err.message.contains("edgelb.toml"), "{err}");
 }
 
 #[test]
