@@ -22,8 +22,8 @@ fn defaults_are_the_embedded_one_node_cluster() {
 
 #[test]
 fn flags_override_the_file() {
-    let dir = std::env::temp_dir().join(format!("edgelb-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("a.toml");
     std::fs::write(
         &path,
@@ -34,7 +34,6 @@ fn flags_override_the_file() {
     assert_eq!(c.node_id, 7);
     assert_eq!(c.region, "ams");
     assert_eq!(c.settings.upstream_timeout, Duration::from_secs(5));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -96,8 +95,8 @@ fn advertise_cluster_addr_defaults_to_the_bound_one() {
         let err = load(&["--advertise-cluster-addr", bad]).unwrap_err();
         assert_eq!(err.field, "advertise_cluster_addr", "{bad}: {err}");
     }
-    let dir = std::env::temp_dir().join(format!("edgelb-config-adv-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("a.toml");
     std::fs::write(&path, "advertise_cluster_addr = \"10.9.8.7:7071\"\n").unwrap();
     let c = load(&["--config", path.to_str().unwrap()]).unwrap();
@@ -105,13 +104,12 @@ fn advertise_cluster_addr_defaults_to_the_bound_one() {
         c.advertised_cluster_addr(bound).to_string(),
         "10.9.8.7:7071"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn file_errors_name_the_key() {
-    let dir = std::env::temp_dir().join(format!("edgelb-config-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("b.toml");
     std::fs::write(&path, "node_id = \"one\"\n").unwrap();
     assert_eq!(
@@ -123,13 +121,12 @@ fn file_errors_name_the_key() {
     std::fs::write(&path, "colour = 1\n").unwrap();
     let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
     assert!(err.message.contains("colour"), "{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn gossip_keys() {
-    let dir = std::env::temp_dir().join(format!("edgelb-config-gossip-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("g.toml");
     let c = load(&[]).unwrap();
     assert_eq!(c.gossip.min_interval, Duration::from_millis(5));
@@ -165,7 +162,6 @@ fn gossip_keys() {
         let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
         assert_eq!(err.field, field, "{text}: {err}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -185,8 +181,8 @@ fn durations() {
 
 #[test]
 fn client_timeouts_and_trusted_proxies() {
-    let dir = std::env::temp_dir().join(format!("edgelb-config-client-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("c.toml");
     let c = load(&[]).unwrap();
     assert_eq!(c.settings.send_timeout, Duration::from_secs(60));
@@ -234,13 +230,12 @@ fn client_timeouts_and_trusted_proxies() {
         let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
         assert_eq!(err.field, field, "{text}: {err}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn admin_auth_backoff() {
-    let dir = std::env::temp_dir().join(format!("edgelb-config-auth-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("c.toml");
     let c = load(&[]).unwrap();
     assert_eq!(c.admin_auth, AuthBackoff::default());
@@ -264,13 +259,12 @@ fn admin_auth_backoff() {
         let err = load(&["--config", path.to_str().unwrap()]).unwrap_err();
         assert_eq!(err.field, field, "{text}: {err}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn admin_tls_keys() {
-    let dir = std::env::temp_dir().join(format!("edgelb-config-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     assert_eq!(load(&[]).unwrap().admin_tls, None);
     assert_eq!(
         load(&["--admin-tls"]).unwrap().admin_tls,
@@ -339,18 +333,27 @@ fn admin_tls_keys() {
     assert_eq!(field(&not_pem), "join_ca_cert");
     let plain = ["--join", "http://10.0.0.1:7070", "--token", token];
     assert!(load(&plain).unwrap().join_tls.is_none());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The file's keys, as [`Config::load`] reads them from `path`.
+/// A config file holding `text` in a directory of its own (removed when
+/// the first value is dropped), and its path.
+fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("edgelb.toml");
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (tmp, path)
+}
+
 fn from_toml(text: &str) -> Result<Config, ConfigError> {
     Config::from_toml(text, Path::new("edgelb.toml"))
 }
 
 #[test]
 fn layers_defaults_then_file_then_flags() {
-    let dir = std::env::temp_dir().join(format!("edgelb-config-layers-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let path = dir.join("l.toml");
     std::fs::write(
         &path,
@@ -383,30 +386,25 @@ fn layers_defaults_then_file_then_flags() {
     // The flags' node id is a u64 (wider than a TOML integer).
     let c = load(&["--config", file, "--node-id", "18446744073709551615"]).unwrap();
     assert_eq!(c.node_id, u64::MAX);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_value_a_flag_replaces_is_not_used() {
-    let dir = std::env::temp_dir().join(format!("edgelb-config-under-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("u.toml");
-    std::fs::write(&path, "admin_addr = \"nope\"\n").unwrap();
-    let file = path.to_str().unwrap();
+    let (_tmp, file) = config_file("admin_addr = \"nope\"\n");
+    let file = file.as_str();
     let err = load(&["--config", file]).unwrap_err();
     assert_eq!(err.field, "admin_addr");
     assert!(err.message.contains(file), "{err}");
     let c = load(&["--config", file, "--admin-addr", "127.0.0.1:1"]).unwrap();
     assert_eq!(c.admin_addr.to_string(), "127.0.0.1:1");
     // An unknown key is an error whatever the flags.
-    std::fs::write(&path, "colour = \"blue\"\n").unwrap();
+    std::fs::write(file, "colour = \"blue\"\n").unwrap();
     assert_eq!(
         load(&["--config", file, "--region", "ams"])
             .unwrap_err()
             .field,
         "colour"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -654,11 +652,8 @@ fn keys_without_a_flag_read_their_variables() {
 
 #[test]
 fn variables_sit_between_the_file_and_the_flags() {
-    let dir = std::env::temp_dir().join(format!("edgelb-config-vars-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("v.toml");
-    std::fs::write(&path, "idle_timeout = \"2m\"\nworkers = 1\n").unwrap();
-    let file = path.to_str().unwrap();
+    let (_tmp, file) = config_file("idle_timeout = \"2m\"\nworkers = 1\n");
+    let file = file.as_str();
     // A variable replaces the file's key; the file keeps the others.
     let c = load_vars(&["--config", file], &[("EDGELB_IDLE_TIMEOUT", "5m")]).unwrap();
     assert_eq!(c.settings.idle_timeout, Duration::from_secs(300));
@@ -667,7 +662,6 @@ fn variables_sit_between_the_file_and_the_flags() {
     // again, so the flag given on the command line wins over anything.
     let c = load_vars(&["--region", "ams"], &[("EDGELB_REGION", "fra")]).unwrap();
     assert_eq!(c.region, "ams");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
