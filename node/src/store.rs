@@ -563,17 +563,15 @@ impl Store {
                 is_leader: m.current_leader == Some(*id),
             })
             .collect();
+        let applied_index = m.last_applied.map_or(0, |l| l.index);
         ClusterStatus {
             node_id: self.node_id,
             leader_id: m.current_leader,
             term: m.current_term,
-            // What is applied was committed, whatever this node has heard
-            // of the commit index since it started.
-            commit_index: self
-                .committed
-                .load(Ordering::Relaxed)
-                .max(m.last_applied.map_or(0, |l| l.index)),
-            applied_index: m.last_applied.map_or(0, |l| l.index),
+            // What is applied was committed (an installed snapshot can put
+            // it past the commit index this node has heard of).
+            commit_index: self.committed.load(Ordering::Relaxed).max(applied_index),
+            applied_index,
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             is_leader: m.state == ServerState::Leader,

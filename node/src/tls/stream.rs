@@ -158,23 +158,32 @@ mod tests {
         }
     }
 
+    /// Reads `io` once, asserts that nothing is there yet, and returns the
+    /// flag its wake-up will raise.
+    fn read_finds_nothing(io: &mut TlsIo) -> Arc<Flag> {
+        let flag = Arc::new(Flag(Notify::new()));
+        let waker = Waker::from(flag.clone());
+        let mut bytes = [0u8; 16];
+        let mut buf = ReadBuf::new(&mut bytes);
+        let read = Pin::new(io).poll_read(&mut Context::from_waker(&waker), &mut buf);
+        assert!(read.is_pending());
+        flag
+    }
+
     /// A read that finds nothing is pending, and the client's next record
     /// wakes it; records sent one by one arrive whole and in order.
     #[tokio::test]
     async fn a_waiting_read_is_woken_by_the_next_record() {
         let (mut client, mut io) = tls_pair().await;
-        let flag = Arc::new(Flag(Notify::new()));
-        let waker = Waker::from(flag.clone());
-        let mut cx = Context::from_waker(&waker);
-        let mut bytes = [0u8; 64];
-        let mut buf = ReadBuf::new(&mut bytes);
-        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut buf).is_pending());
+        let flag = read_finds_nothing(&mut io);
 
         client.write_all(b"hello").await.unwrap();
         client.flush().await.unwrap();
         timeout(LIMIT, flag.0.notified())
             .await
             .expect("the record wakes the read");
+        let mut bytes = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut bytes);
         let read = poll_fn(|cx| Pin::new(&mut io).poll_read(cx, &mut buf));
         timeout(LIMIT, read).await.unwrap().unwrap();
         assert_eq!(buf.filled(), b"hello");
@@ -208,15 +217,7 @@ mod tests {
         assert_eq!(got, b"last");
 
         let (client, mut io) = tls_pair().await;
-        let mut bytes = [0u8; 16];
-        let mut buf = ReadBuf::new(&mut bytes);
-        let flag = Arc::new(Flag(Notify::new()));
-        let waker = Waker::from(flag.clone());
-        assert!(
-            Pin::new(&mut io)
-                .poll_read(&mut Context::from_waker(&waker), &mut buf)
-                .is_pending()
-        );
+        let flag = read_finds_nothing(&mut io);
         drop(client);
         timeout(LIMIT, flag.0.notified())
             .await
