@@ -42,7 +42,6 @@ use std::convert::Infallible;
 use std::fmt::{self, Debug};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::{Method, Request, StatusCode};
@@ -90,8 +89,9 @@ pub struct Admin {
     pub metrics_token: Option<String>,
     /// Groups created without domains get `<name>.<cluster_domain>`.
     pub cluster_domain: String,
-    /// `/readyz` answers 200 once this is set (state loaded, listeners bound).
-    pub ready: Arc<AtomicBool>,
+    /// `/readyz` answers 200 while this has no problem (state loaded,
+    /// listeners bound).
+    pub ready: Arc<crate::listeners::Readiness>,
     /// Whether the node can write: `/healthz` and `/readyz` answer 503
     /// with the reason while it cannot.
     pub health: Arc<crate::health::Health>,
@@ -248,8 +248,10 @@ async fn route(admin: &Admin, peer: IpAddr, req: Request<Incoming>) -> Result<Re
             }
             Ok(match segments[0] {
                 "healthz" => text(StatusCode::OK, "ok\n"),
-                _ if admin.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
-                _ => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+                _ => match admin.ready.problem() {
+                    None => text(StatusCode::OK, "ready\n"),
+                    Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                },
             })
         }
         ["metrics"] if method == Method::GET => {

@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
@@ -180,7 +179,8 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl NodeHandle {
-    /// Waits until the data plane serves the current state (listeners bound).
+    /// Waits until the data plane serves the state it started with (its
+    /// ports bound, or retried while in use: `/readyz` tells which).
     pub async fn ready(&mut self) {
         let _ = self.ready.wait_for(|r| *r).await;
     }
@@ -594,7 +594,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         )));
     }
 
-    let ready_flag = Arc::new(AtomicBool::new(false));
+    let ready_flag = Arc::new(crate::listeners::Readiness::default());
     let (ready_tx, ready) = watch::channel(false);
     let workers = Workers::start(dataplane.settings.workers)
         .map_err(io_error("starting the data plane's worker threads"))?;
@@ -792,7 +792,7 @@ async fn join(
 /// Where the reconcile task says that the data plane serves the state.
 struct Readiness {
     /// Read by `/readyz`.
-    flag: Arc<AtomicBool>,
+    flag: Arc<crate::listeners::Readiness>,
     /// Read by [`NodeHandle::ready`].
     tx: watch::Sender<bool>,
 }
@@ -840,6 +840,8 @@ async fn reconcile(
             crate::routing::publish_changes(&dp.routes, &applied.state, &changes, &cx);
             checks.reconcile(&applied.state, &dp.routes.load(), &changes);
             failed = listeners.reconcile(&dp.routes.load());
+            // Before the write that changed the ports is answered.
+            ready.flag.set_unbound(&failed);
             built = Some((applied.index, applied.state));
         }
         routed.send_if_modified(|r| {
@@ -847,21 +849,24 @@ async fn reconcile(
             *r = (*r).max(applied.index);
             moved
         });
-        ready.flag.store(true, Ordering::Release);
+        ready.flag.set_loaded();
         ready.tx.send_replace(true);
         let unbound = !failed.is_empty();
         let retry = async move {
             if !unbound {
                 std::future::pending::<()>().await;
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(crate::listeners::BIND_RETRY).await;
         };
         tokio::select! {
             () = shutdown.cancelled() => break,
             // Closed when Raft stopped: handed over to a new process, the
             // data plane serves its last table until the shutdown.
             changed = states.changed(), if open => open = changed.is_ok(),
-            () = retry => failed = listeners.reconcile(&dp.routes.load()),
+            () = retry => {
+                failed = listeners.reconcile(&dp.routes.load());
+                ready.flag.set_unbound(&failed);
+            }
         }
     }
     // Drain: stop accepting (the listeners' tokens are children of

@@ -187,7 +187,9 @@ impl Config {
     }
 
     /// [`Config::load`] with the variables of keys without a flag read
-    /// through `var` (`|_| None`: none, whatever the process has).
+    /// through `var` (`|_| None`: none, whatever the process has); a
+    /// switch's variable (which clap reads into `args`) is looked up there
+    /// only to tell an off switch given as `false` from one not given.
     pub fn load_with(
         args: Args,
         var: impl Fn(&str) -> Option<std::ffi::OsString>,
@@ -196,7 +198,7 @@ impl Config {
             Some(path) => Layer::read(path)?,
             None => Layer::default(),
         };
-        let layers = [file, Layer::variables(var)?, Layer::args(&args)?];
+        let layers = [file, Layer::variables(&var)?, Layer::args(&args, &var)?];
         let source = layered(&layers)?;
         // The checks after typing name the key; its origin is added here.
         let mut config = Self::from_source(source, args.rebuild_state_machine)

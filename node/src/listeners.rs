@@ -7,13 +7,15 @@
 //! option). An accept loop only accepts and hands off to its own worker; each connection reads the
 //! routing table current at that moment to learn the port's mode (TLS or
 //! not, HTTP or TCP) and its groups, so changing a port's groups never
-//! rebinds it. A port that cannot be bound (in use) is logged and retried at
-//! the next reconcile.
+//! rebinds it. A port that cannot be bound (in use) is logged, keeps
+//! `/readyz` at 503 naming it ([`Readiness`]), and is retried every
+//! [`BIND_RETRY`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -48,6 +50,56 @@ pub struct Listeners {
     /// used instead of binding, until the first reconcile.
     inherited: BTreeMap<u16, Vec<std::net::TcpListener>>,
 }
+
+/// What `/readyz` reads of the data plane (SPEC §6: state loaded,
+/// listeners bound): whether the first state was applied, and the
+/// published ports that could not be bound at the last attempt.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    loaded: AtomicBool,
+    unbound: std::sync::Mutex<Vec<u16>>,
+}
+
+impl Readiness {
+    /// The first state was applied to the data plane.
+    pub fn set_loaded(&self) {
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    /// The published ports the last reconcile could not bind (none: all
+    /// bound).
+    pub fn set_unbound(&self, ports: &[u16]) {
+        let mut unbound = self
+            .unbound
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        unbound.clear();
+        unbound.extend_from_slice(ports);
+    }
+
+    /// `None` when the data plane is ready, else why not (one line).
+    pub fn problem(&self) -> Option<String> {
+        if !self.loaded.load(Ordering::Acquire) {
+            return Some("not ready: state not loaded yet".to_owned());
+        }
+        let unbound = self
+            .unbound
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if unbound.is_empty() {
+            return None;
+        }
+        let ports: Vec<String> = unbound.iter().map(u16::to_string).collect();
+        Some(format!(
+            "not ready: published port {} cannot be bound (retried every {} s)",
+            ports.join(", "),
+            BIND_RETRY.as_secs()
+        ))
+    }
+}
+
+/// How often the ports that could not be bound are tried again.
+pub const BIND_RETRY: Duration = Duration::from_secs(2);
 
 /// A copy of each bound published port's listeners (one per worker).
 pub type SocketCopies = Arc<std::sync::Mutex<BTreeMap<u16, Vec<OwnedFd>>>>;

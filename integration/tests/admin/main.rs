@@ -227,6 +227,41 @@ async fn group_lifecycle_conflicts_and_forced_delete_releases_the_port() -> anyh
     node.stop().await
 }
 
+/// SPEC §6: `/readyz` is 200 when the listeners are bound. A published port
+/// another process holds keeps it at 503, naming the port, from the answer
+/// to the write that published it; the port is retried, and once free it is
+/// bound and served and the node is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_that_cannot_be_bound_keeps_the_node_unready_until_it_is() -> anyhow::Result<()> {
+    let node = TestNode::start().await?;
+    let busy = std::net::TcpListener::bind(node.addr(PORT))?;
+    let backends = node.http_backends(&["held"], BACKEND_PORT).await?;
+    node.http_group("held", PORT, BACKEND_PORT, &backends)
+        .await?;
+
+    let r = node.admin_as(Method::GET, "/readyz", None, None).await?;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert!(
+        r.text().contains(&format!("port {PORT} cannot be bound")),
+        "{}",
+        r.text()
+    );
+    // The node can still write: only readiness is concerned.
+    let r = node.admin_as(Method::GET, "/healthz", None, None).await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+
+    drop(busy);
+    wait_until("/readyz to answer 200", Duration::from_secs(10), || async {
+        node.admin_as(Method::GET, "/readyz", None, None)
+            .await
+            .is_ok_and(|r| r.status == StatusCode::OK)
+    })
+    .await?;
+    let r = client::get(node.addr(PORT), "held.test", "/").await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    node.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patching_ports_binds_and_releases_them() -> anyhow::Result<()> {
     let node = TestNode::start().await?;

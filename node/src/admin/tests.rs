@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -114,7 +113,7 @@ impl Server {
             token: TOKEN.to_owned(),
             metrics_token: metrics_token.map(str::to_owned),
             cluster_domain: "edgelb.local".to_owned(),
-            ready: Arc::new(AtomicBool::new(false)),
+            ready: Arc::default(),
             node_cert_lifetime: crate::cluster::pki::DEFAULT_NODE_LIFETIME,
             guard,
             tls: None,

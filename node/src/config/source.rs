@@ -329,15 +329,31 @@ impl Layer {
         })
     }
 
-    /// The flags and variables that were given. A switch that is off was
-    /// not given: it leaves its key to the file.
-    pub(super) fn args(args: &Args) -> Result<Self, ConfigError> {
+    /// The flags and variables that were given (clap reads a flag's own
+    /// variable; `var` tells which variables are set). A switch that is off
+    /// was not given, and leaves its key to the file, unless its variable
+    /// is set (`EDGELB_LEAVE_ON_EXIT=false` over the file's `true`).
+    pub(super) fn args(
+        args: &Args,
+        var: impl Fn(&str) -> Option<OsString>,
+    ) -> Result<Self, ConfigError> {
         let keys = serde_path_to_error::serialize(args, serde_json::value::Serializer)
             .map_err(|e| ConfigError::new(first_key(e.path()), e.into_inner().to_string()))?;
         let Value::Object(mut keys) = keys else {
             return Err(ConfigError::new("flags", "not a set of keys"));
         };
-        keys.retain(|_, v| !v.is_null() && *v != Value::Bool(false));
+        let set_by_variable: Vec<String> = Args::command()
+            .get_arguments()
+            .filter(|a| {
+                a.get_env()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| var(name).is_some())
+            })
+            .map(|a| a.get_id().to_string())
+            .collect();
+        keys.retain(|key, v| {
+            !v.is_null() && (*v != Value::Bool(false) || set_by_variable.contains(key))
+        });
         Ok(Self {
             keys,
             from: Origin::Flags,
@@ -348,7 +364,7 @@ impl Layer {
     /// variable), as `var` gives them. See [`variable_value`] for how a
     /// value is read; an empty one is a value (refused by every key that
     /// has no flag), as clap takes a flag's empty variable.
-    pub(super) fn variables(var: impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
+    pub(super) fn variables(var: &impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
         let flags: Vec<OsString> = Args::command()
             .get_arguments()
             .filter_map(|a| a.get_env().map(ToOwned::to_owned))

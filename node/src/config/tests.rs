@@ -600,7 +600,8 @@ fn restore_flags() {
 }
 
 /// [`Config::load_with`] with `vars` as the only variables of keys without
-/// a flag.
+/// a flag (and the only ones set, for a switch's: clap does not see them,
+/// so a switch given by one must be `false`).
 fn load_vars(args: &[&str], vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
     let mut argv = vec!["edgelb"];
     argv.extend_from_slice(args);
@@ -612,6 +613,32 @@ fn load_vars(args: &[&str], vars: &[(&str, &str)]) -> Result<Config, ConfigError
     Config::load_with(args, |name| {
         vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.into())
     })
+}
+
+/// A switch's variable set to `false` turns off what the file turned on
+/// (variables sit above the file); not set, the file's value stands.
+#[test]
+fn a_switch_variable_set_to_false_beats_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("on.toml");
+    std::fs::write(&path, "admin_tls = true\nleave_on_exit = true\n").unwrap();
+    let file = path.to_str().unwrap();
+    let c = load_vars(
+        &["--config", file],
+        &[
+            ("EDGELB_ADMIN_TLS", "false"),
+            ("EDGELB_LEAVE_ON_EXIT", "false"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.admin_tls, None);
+    assert!(!c.leave_on_exit);
+    let c = load_vars(&["--config", file], &[("EDGELB_LEAVE_ON_EXIT", "false")]).unwrap();
+    assert_eq!(c.admin_tls, Some(AdminTls::Node));
+    assert!(!c.leave_on_exit);
+    let c = load_vars(&["--config", file], &[]).unwrap();
+    assert_eq!(c.admin_tls, Some(AdminTls::Node));
+    assert!(c.leave_on_exit);
 }
 
 #[test]

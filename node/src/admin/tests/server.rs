@@ -1,7 +1,6 @@
 //! Auth, probes, routing, size limits.
 
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
@@ -48,7 +47,26 @@ async fn v1_needs_the_token_and_probes_do_not() {
         s.request(Method::GET, "/readyz", None, None).await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
-    s.admin.ready.store(true, Ordering::Release);
+    s.admin.ready.set_loaded();
+    assert_eq!(
+        s.request(Method::GET, "/readyz", None, None).await.status,
+        StatusCode::OK
+    );
+    // A published port that cannot be bound keeps the node unready, named;
+    // /healthz (the node can write) is not concerned.
+    s.admin.ready.set_unbound(&[8443, 9000]);
+    let r = s.request(Method::GET, "/readyz", None, None).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert!(
+        r.body.contains("port 8443, 9000 cannot be bound"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        s.request(Method::GET, "/healthz", None, None).await.status,
+        StatusCode::OK
+    );
+    s.admin.ready.set_unbound(&[]);
     assert_eq!(
         s.request(Method::GET, "/readyz", None, None).await.status,
         StatusCode::OK
