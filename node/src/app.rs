@@ -776,15 +776,26 @@ async fn join(
     url: &str,
     token: &str,
 ) -> Result<(), StartError> {
+    let caught_up = |index| async move {
+        // A snapshot of a large state over a slow link may take a while.
+        store
+            .wait_applied_within(index, Duration::from_secs(120))
+            .await
+            .map_err(|source| StartError::Joining {
+                url: url.to_owned(),
+                source,
+            })
+    };
     let index = crate::bootstrap::add_self(config, cluster_addr, url, token).await?;
-    // A snapshot of a large state over a slow link may take a while.
-    store
-        .wait_applied_within(index, Duration::from_secs(120))
-        .await
-        .map_err(|source| StartError::Joining {
-            url: url.to_owned(),
-            source,
-        })?;
+    caught_up(index).await?;
+    // The leader promotes a learner it has seen catch up before it answers,
+    // but answers without waiting longer than 3 s (a write's bound): a node
+    // that took longer (a large snapshot, a slow or cut link) would be ready
+    // as a learner. Asked again now, the leader adds nothing and answers
+    // once its promotion policy has run, so a node that will be a voter is
+    // one before it is ready (SPEC §5).
+    let index = crate::bootstrap::add_self(config, cluster_addr, url, token).await?;
+    caught_up(index).await?;
     info!(log_index = index, "joined the cluster");
     Ok(())
 }

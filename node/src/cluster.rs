@@ -10,7 +10,7 @@
 //!                       │   [len][Header{from,rpc}] from ≟ cert name ──┼──✗ close(IDENTITY)
 //!                       │   [len][body ≤ limit(rpc)] ──▶ RaftHandler   │──✗ reset(BAD_FRAME)
 //!                       │   ◀── [len][RpcReply]                        │
-//!                       │ ALPN edgelb-gossip/1 ──▶ gossip::serve:      │
+//!                       │ ALPN edgelb-gossip/2|1 ▶ gossip::serve:      │
 //!                       │   datagram | uni stream ≤ MAX_REPORT_LEN     │──✗ dropped, counted
 //!                       │   decode, node_id ≟ cert name ──────────────┼──✗ close(IDENTITY)
 //!                       │   ──▶ GossipHandler::report                  │
@@ -35,7 +35,7 @@
 //!   reset that stream only and are counted in [`TransportStats`].
 //! - [`Network`]: openraft's network factory over [`Transport::call`].
 //! - Gossip ([`GossipLink`], [`GossipHandler`]): one connection per peer
-//!   (ALPN `edgelb-gossip/1`, apart from Raft's), a report per datagram
+//!   (ALPN `edgelb-gossip/2`, or `/1` with a node that offers only that; apart from Raft's), a report per datagram
 //!   when it fits, else per unidirectional stream; see `gossip.rs`.
 
 mod congestion;

@@ -14,7 +14,7 @@
 //!   │        due (at least every gossip_interval) ─▶ watch (latest)
 //!   ▼
 //!  links: one task per peer (Raft membership minus this node): its own QUIC
-//!   │     connection (edgelb-gossip/1); datagram or unidirectional stream
+//!   │     connection (edgelb-gossip/2 or /1); datagram or unidirectional stream
 //!   ▼
 //!  peer's transport ─▶ Gossip::report ─▶ LoadTable (mutex, gossip tasks and
 //!                                        admin reads only; as_of = receipt

@@ -944,6 +944,62 @@ async fn killing_the_leader_as_the_third_node_turns_ready_leaves_a_quorum() -> a
     Ok(())
 }
 
+/// SPEC §5: a joining node that will be a voter is one before it is ready,
+/// also when it catches up slower than the leader waits before answering
+/// its join (3 s). One voter and one learner; the third node joins with its
+/// cluster links cut, and they stay cut for 4 s after the leader has added
+/// it (the fault's length: past the leader's wait). When the node prints
+/// that it serves (what `/readyz` 200 waits for), its own view already has
+/// three voters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_that_catches_up_late_is_a_voter_before_it_is_ready() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start_with(
+        2,
+        ClusterOptions {
+            relay: Some(11),
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
+    let leader = cluster.leader().await?;
+    let relay = cluster.relay().context("relay")?.clone();
+    let third = cluster.ids().iter().max().copied().unwrap_or(0) + 1;
+    let cut = integration::Link {
+        up: false,
+        ..integration::Link::default()
+    };
+    for id in cluster.ids() {
+        relay.set(id, third, cut);
+        relay.set(third, id, cut);
+    }
+    let admin = cluster.admin(leader);
+    let heal = tokio::spawn(async move {
+        poll(
+            "the leader to add the third node",
+            Duration::from_secs(30),
+            || async {
+                let view: edgelb_api::cluster::ClusterData =
+                    serde_json::from_value(admin.get("/v1/cluster").await?.1["data"].clone())?;
+                ensure!(
+                    view.cluster.nodes.iter().any(|n| n.node_id == third),
+                    "{view:?}"
+                );
+                Ok(())
+            },
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        relay.heal_all();
+        anyhow::Ok(())
+    });
+    let joined = cluster.add_members(1).await?[0];
+    heal.await??;
+    assert_eq!(joined, third);
+    let view = cluster.status(third).await?;
+    assert_eq!(view.voters(), 3, "node {third} serves with {view:?}");
+    Ok(())
+}
+
 /// SIGTERM ends the node promptly when its peers are gone: once with
 /// nothing pending, once while a write waits for a quorum that cannot come
 /// (and a promotion may be under way). Nothing is in flight on the data

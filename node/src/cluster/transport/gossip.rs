@@ -1,4 +1,5 @@
-//! Load gossip on the cluster endpoint (ALPN `edgelb-gossip/1`).
+//! Load gossip on the cluster endpoint (ALPN `edgelb-gossip/2`, or
+//! `edgelb-gossip/1` with a peer that offers only that).
 //!
 //! ```text
 //!  sender: GossipLink::send(report)          receiver: serve(conn)
