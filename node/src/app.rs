@@ -769,6 +769,14 @@ async fn before_release(
 /// when the leader made one): only then does it build its routing table and
 /// answer `/readyz`, so a ready node routes every group and, when it was to
 /// be a voter, is one.
+/// How long a joining node waits to have applied the membership that adds
+/// it (a snapshot of a large state over a slow link may take a while).
+const JOIN_APPLY_WAIT: Duration = Duration::from_secs(120);
+
+/// How long it then waits for the leader to apply its promotion policy to
+/// it, before it serves as a learner (promoted later by the leader).
+const SETTLE_WAIT: Duration = Duration::from_secs(30);
+
 async fn join(
     store: &Store,
     config: &Config,
@@ -776,27 +784,55 @@ async fn join(
     url: &str,
     token: &str,
 ) -> Result<(), StartError> {
+    // A snapshot of a large state over a slow link may take a while; the
+    // whole join has this long.
+    let deadline = tokio::time::Instant::now() + JOIN_APPLY_WAIT;
     let caught_up = |index| async move {
-        // A snapshot of a large state over a slow link may take a while.
-        store
-            .wait_applied_within(index, Duration::from_secs(120))
-            .await
-            .map_err(|source| StartError::Joining {
-                url: url.to_owned(),
-                source,
-            })
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        store.wait_applied_within(index, left).await
     };
     let index = crate::bootstrap::add_self(config, cluster_addr, url, token).await?;
-    caught_up(index).await?;
+    caught_up(index)
+        .await
+        .map_err(|source| StartError::Joining {
+            url: url.to_owned(),
+            source,
+        })?;
     // The leader promotes a learner it has seen catch up before it answers,
     // but answers without waiting longer than 3 s (a write's bound): a node
     // that took longer (a large snapshot, a slow or cut link) would be ready
     // as a learner. Asked again now, the leader adds nothing and answers
     // once its promotion policy has run, so a node that will be a voter is
-    // one before it is ready (SPEC §5).
-    let index = crate::bootstrap::add_self(config, cluster_addr, url, token).await?;
-    caught_up(index).await?;
-    info!(log_index = index, "joined the cluster");
+    // one before it is ready (SPEC §5). The node is a member already: if
+    // this fails, the leader's periodic pass promotes it later.
+    let settled = async {
+        let index = crate::bootstrap::add_self(config, cluster_addr, url, token)
+            .await
+            .map_err(|e| e.to_string())?;
+        caught_up(index).await.map_err(|e| e.to_string())?;
+        Ok::<u64, String>(index)
+    };
+    let index = match tokio::time::timeout(SETTLE_WAIT, settled).await {
+        Ok(Ok(settled)) => settled,
+        Ok(Err(error)) => {
+            warn!(%error, "asking to be promoted once caught up; serving as the membership stands");
+            index
+        }
+        Err(_) => {
+            warn!(
+                wait = ?SETTLE_WAIT,
+                "asking to be promoted once caught up: no answer; serving as the membership stands"
+            );
+            index
+        }
+    };
+    let status = store.status();
+    let voter = status
+        .members
+        .iter()
+        .any(|m| m.node_id == config.node_id && m.role == crate::store::Role::Voter);
+    let role = if voter { "a voter" } else { "a learner" };
+    info!(log_index = index, "joined the cluster as {role}");
     Ok(())
 }
 
@@ -828,6 +864,10 @@ async fn reconcile(
     // The state the published table was built from, and its index.
     let mut built: Option<(u64, Arc<raft_store::State>)> = None;
     let mut failed = Vec::new();
+    // When the ports that failed are tried again: set when some failed, so
+    // that entries which change no state (each a pass of this loop) do not
+    // put the retry off.
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let mut open = true;
     loop {
         let applied = states.borrow_and_update().clone();
@@ -862,12 +902,16 @@ async fn reconcile(
         });
         ready.flag.set_loaded();
         ready.tx.send_replace(true);
-        let unbound = !failed.is_empty();
+        retry_at = match (failed.is_empty(), retry_at) {
+            (true, _) => None,
+            (false, Some(at)) => Some(at),
+            (false, None) => Some(tokio::time::Instant::now() + crate::listeners::BIND_RETRY),
+        };
         let retry = async move {
-            if !unbound {
-                std::future::pending::<()>().await;
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending::<()>().await,
             }
-            tokio::time::sleep(crate::listeners::BIND_RETRY).await;
         };
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -877,6 +921,7 @@ async fn reconcile(
             () = retry => {
                 failed = listeners.reconcile(&dp.routes.load());
                 ready.flag.set_unbound(&failed);
+                retry_at = None;
             }
         }
     }

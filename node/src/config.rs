@@ -198,7 +198,12 @@ impl Config {
             Some(path) => Layer::read(path)?,
             None => Layer::default(),
         };
-        let layers = [file, Layer::variables(&var)?, Layer::args(&args, &var)?];
+        let layers = [
+            file,
+            Layer::variables(&var)?,
+            Layer::switches_off(&args, &var)?,
+            Layer::args(&args)?,
+        ];
         let source = layered(&layers)?;
         // The checks after typing name the key; its origin is added here.
         let mut config = Self::from_source(source, args.rebuild_state_machine)

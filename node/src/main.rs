@@ -149,7 +149,8 @@ async fn run(config: Config, upgrader: Upgrader) -> (ExitCode, Option<tokio::tim
         );
     }
     // The line that scripts wait for comes once the data plane serves the
-    // state (what /readyz answers 200 for), not merely once the process runs.
+    // state (what /readyz answers 200 for, unless a published port cannot
+    // be bound: /readyz names it), not merely once the process runs.
     let health = node.health.clone();
     tokio::select! {
         () = node.ready() => {}

@@ -597,7 +597,18 @@ pub(crate) async fn execute_membership(
 ) -> Result<u64, ForwardError> {
     match f {
         Forward::AddLearner { node_id, node } => {
-            fresh_snapshot(raft).await;
+            // A member asking again (a joiner once caught up) is sent no
+            // snapshot: none is built for it.
+            let member = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(node_id)
+                == Some(node);
+            if !member {
+                fresh_snapshot(raft).await;
+            }
             crate::membership::add_learner(raft, reconciler, *node_id, node.clone()).await
         }
         Forward::RemoveNode { node_id } => reconciler.remove(*node_id).await,

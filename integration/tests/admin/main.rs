@@ -251,7 +251,16 @@ async fn a_port_that_cannot_be_bound_keeps_the_node_unready_until_it_is() -> any
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 
     drop(busy);
+    // Writes that change nothing (a create of a name that exists, refused
+    // as it is applied) keep coming, faster than the retry: they must not
+    // put it off.
+    let again = json!({
+        "name": "held",
+        "services": [{"port": PORT, "destination_port": BACKEND_PORT, "handlers": ["http"]}],
+    });
     wait_until("/readyz to answer 200", Duration::from_secs(10), || async {
+        let (status, v) = node.post("/v1/services", &again).await.unwrap_or_default();
+        assert_eq!(status, StatusCode::CONFLICT, "{v}");
         node.admin_as(Method::GET, "/readyz", None, None)
             .await
             .is_ok_and(|r| r.status == StatusCode::OK)

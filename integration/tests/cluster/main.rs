@@ -948,15 +948,16 @@ async fn killing_the_leader_as_the_third_node_turns_ready_leaves_a_quorum() -> a
 /// also when it catches up slower than the leader waits before answering
 /// its join (3 s). One voter and one learner; the third node joins with its
 /// cluster links cut, and they stay cut for 4 s after the leader has added
-/// it (the fault's length: past the leader's wait). When the node prints
-/// that it serves (what `/readyz` 200 waits for), its own view already has
-/// three voters.
+/// it (the fault's length: past the leader's wait). It turns ready as a
+/// voter, and serves with three voters in its view.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joiner_that_catches_up_late_is_a_voter_before_it_is_ready() -> anyhow::Result<()> {
     let mut cluster = Cluster::start_with(
         2,
         ClusterOptions {
             relay: Some(11),
+            // The line that says in which role the node joined.
+            log: "warn,edgelb::app=info".into(),
             ..ClusterOptions::default()
         },
     )
@@ -995,6 +996,13 @@ async fn a_joiner_that_catches_up_late_is_a_voter_before_it_is_ready() -> anyhow
     let joined = cluster.add_members(1).await?[0];
     heal.await??;
     assert_eq!(joined, third);
+    // Its role as it turned ready (read later, the view could already show
+    // a promotion by the leader's periodic pass).
+    let log = cluster.stderr(third);
+    assert!(
+        log.contains("joined the cluster as a voter"),
+        "node {third}'s log:\n{log}"
+    );
     let view = cluster.status(third).await?;
     assert_eq!(view.voters(), 3, "node {third} serves with {view:?}");
     Ok(())

@@ -330,33 +330,46 @@ impl Layer {
     }
 
     /// The flags and variables that were given (clap reads a flag's own
-    /// variable; `var` tells which variables are set). A switch that is off
-    /// was not given, and leaves its key to the file, unless its variable
-    /// is set (`EDGELB_LEAVE_ON_EXIT=false` over the file's `true`).
-    pub(super) fn args(
-        args: &Args,
-        var: impl Fn(&str) -> Option<OsString>,
-    ) -> Result<Self, ConfigError> {
+    /// variable). A switch that is off was not given: it leaves its key to
+    /// the layers below (see [`Layer::switches_off`]).
+    pub(super) fn args(args: &Args) -> Result<Self, ConfigError> {
         let keys = serde_path_to_error::serialize(args, serde_json::value::Serializer)
             .map_err(|e| ConfigError::new(first_key(e.path()), e.into_inner().to_string()))?;
         let Value::Object(mut keys) = keys else {
             return Err(ConfigError::new("flags", "not a set of keys"));
         };
-        let set_by_variable: Vec<String> = Args::command()
-            .get_arguments()
-            .filter(|a| {
-                a.get_env()
-                    .and_then(|name| name.to_str())
-                    .is_some_and(|name| var(name).is_some())
-            })
-            .map(|a| a.get_id().to_string())
-            .collect();
-        keys.retain(|key, v| {
-            !v.is_null() && (*v != Value::Bool(false) || set_by_variable.contains(key))
-        });
+        keys.retain(|_, v| !v.is_null() && *v != Value::Bool(false));
         Ok(Self {
             keys,
             from: Origin::Flags,
+        })
+    }
+
+    /// The switches that are off in `args` while their variable is set
+    /// (`var` tells which are): `EDGELB_LEAVE_ON_EXIT=false`, which clap
+    /// read into `args`, turns off the file's `leave_on_exit = true`. A layer
+    /// of variables, between the other variables and the flags, so that an
+    /// error names the variable.
+    pub(super) fn switches_off(
+        args: &Args,
+        var: &impl Fn(&str) -> Option<OsString>,
+    ) -> Result<Self, ConfigError> {
+        let given = serde_path_to_error::serialize(args, serde_json::value::Serializer)
+            .map_err(|e| ConfigError::new(first_key(e.path()), e.into_inner().to_string()))?;
+        let mut keys = Map::new();
+        for arg in Args::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            let set = arg
+                .get_env()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| var(name).is_some());
+            if set && given.get(id) == Some(&Value::Bool(false)) {
+                keys.insert(id.to_owned(), Value::Bool(false));
+            }
+        }
+        Ok(Self {
+            keys,
+            from: Origin::Variables,
         })
     }
 

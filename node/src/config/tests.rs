@@ -639,6 +639,16 @@ fn a_switch_variable_set_to_false_beats_the_file() {
     let c = load_vars(&["--config", file], &[]).unwrap();
     assert_eq!(c.admin_tls, Some(AdminTls::Node));
     assert!(c.leave_on_exit);
+    // Off by its variable against the file's certificate: the error names
+    // the variable, where the operator set it.
+    std::fs::write(
+        &path,
+        "admin_tls_cert = \"/c.pem\"\nadmin_tls_key = \"/k.pem\"\n",
+    )
+    .unwrap();
+    let e = load_vars(&["--config", file], &[("EDGELB_ADMIN_TLS", "false")]).unwrap_err();
+    assert_eq!(e.field, "admin_tls");
+    assert!(e.message.starts_with("EDGELB_ADMIN_TLS: "), "{e}");
 }
 
 #[test]
