@@ -30,6 +30,19 @@ use crate::store::{RaftRpc, Store, StoreError};
 /// constant per write.
 pub const SNAPSHOT_EVERY: u64 = 100_000;
 
+/// The snapshot bytes sent per `InstallSnapshot` call. A chunk whose call
+/// times out ends the send, and the next one starts over from the first
+/// chunk, so each must cross a lossy long link well within
+/// [`SNAPSHOT_CHUNK_TIMEOUT_MS`]: a chunk's frame is about 3.5 times its
+/// bytes (JSON numbers), 0.9 MB, which takes about 4 s at the least window
+/// cluster connections keep (64 KiB per round trip of 300 ms: the rate
+/// under 1 % loss). openraft's default, 3 MiB (about 11 MB on the wire),
+/// never crossed that link, and the joining node never caught up.
+const SNAPSHOT_CHUNK: u64 = 256 * 1024;
+
+/// How long one snapshot chunk's call may take (see [`SNAPSHOT_CHUNK`]).
+const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 15_000;
+
 /// Why this node's Raft member did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -102,7 +115,8 @@ pub struct Started {
 pub fn raft_config(timing: &Timing) -> Result<openraft::Config, StartError> {
     openraft::Config {
         cluster_name: "edgelb".into(),
-        install_snapshot_timeout: 5_000,
+        install_snapshot_timeout: SNAPSHOT_CHUNK_TIMEOUT_MS,
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
         max_in_snapshot_log_to_keep: 100,
         purge_batch_size: 64,

@@ -565,3 +565,68 @@ async fn six_nodes_join_at_once_across_a_wan_without_an_error() -> anyhow::Resul
     .await?;
     cluster.ensure_no_errors()
 }
+
+/// A node joins across a 300 ms round trip (± 15 ms, which reorders
+/// datagrams) with 1 % loss a cluster whose
+/// state (500 groups × 10 instances) it can only get as a snapshot: the
+/// chunks it is sent each cross the link well within their call's limit,
+/// so it catches up and serves every group. (Sent as openraft's default
+/// 3 MiB chunks, each call timed out and the send started over, forever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_gets_a_large_snapshot_across_a_lossy_wan() -> anyhow::Result<()> {
+    const GROUPS: usize = 500;
+    const INSTANCES: usize = 10;
+    let mut cluster = Cluster::start_with(
+        1,
+        ClusterOptions {
+            relay: Some(4),
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
+    // Loaded without delay, then the link turns long and lossy.
+    let admin = cluster.admin(1);
+    let ip = cluster.backend_ip();
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let admin = admin.clone();
+        writers.push(tokio::spawn(async move {
+            for g in (w..GROUPS).step_by(8) {
+                let (status, v) = admin.post("/v1/services", &group(&format!("g{g}"))).await?;
+                ensure!(status.is_success(), "creating g{g}: {status} {v}");
+                for i in 0..INSTANCES {
+                    integration::cluster::attach(&admin, &format!("g{g}"), &format!("i{i}"), ip)
+                        .await?;
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for w in writers {
+        w.await??;
+    }
+    let relay = cluster.relay().context("relay")?.clone();
+    relay.set_all(Link {
+        delay: Duration::from_millis(150),
+        jitter: Duration::from_millis(15),
+        loss: 0.01,
+        ..Link::default()
+    });
+    let started = Instant::now();
+    let joined = cluster.add_members(1).await?[0];
+    eprintln!("node {joined} joined in {:?}", started.elapsed());
+    let snapshot = cluster.metric(joined, "edgelb_raft_snapshot_index").await?;
+    ensure!(snapshot > 0.0, "node {joined} installed no snapshot");
+    let (status, v) = cluster.admin(joined).get("/v1/services").await?;
+    ensure!(status.is_success(), "{status} {v}");
+    let groups = v["data"]["service_groups"].as_array().map_or(0, Vec::len);
+    assert_eq!(groups, GROUPS, "groups on node {joined}");
+    let instances: usize = v["data"]["service_groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| g["instances"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(instances, GROUPS * INSTANCES, "instances on node {joined}");
+    Ok(())
+}
