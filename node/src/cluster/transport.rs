@@ -214,6 +214,8 @@ pub(crate) struct Shared {
     arrivals: Mutex<HashMap<NodeId, u64>>,
     /// One connection slot per peer.
     peers: Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
+    /// How long the slots keep a connection they stop using open.
+    grace: peers::CallGrace,
 }
 
 /// The client sides of the node's connections, made from one set of
@@ -270,9 +272,9 @@ impl Shared {
     pub(crate) fn slot(&self, target: NodeId) -> Arc<PeerSlot> {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(
-            peers
-                .entry(target)
-                .or_insert_with(|| Arc::new(PeerSlot::new(self.node_id, target))),
+            peers.entry(target).or_insert_with(|| {
+                Arc::new(PeerSlot::new(self.node_id, target, self.grace.clone()))
+            }),
         )
     }
 
@@ -366,10 +368,19 @@ impl Transport {
             keep_open: ArcSwap::from_pointee(BTreeSet::new()),
             arrivals: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
+            grace: peers::CallGrace::default(),
         });
         let accept = tokio::spawn(server::accept_loop(Arc::clone(&shared)));
         debug!(node_id, addr = ?shared.endpoint.local_addr().ok(), "cluster endpoint bound");
         Ok(Self { shared, accept })
+    }
+
+    /// The longest a call to a peer may take (a snapshot chunk's limit, a
+    /// vote's with a long election timeout): a connection this node stops
+    /// using (superseded, or dropped after a call timed out) stays open a
+    /// second longer, for the calls still in flight on it.
+    pub fn set_longest_call(&self, longest: Duration) {
+        self.shared.grace.set_longest_call(longest);
     }
 
     /// Uses `tls` (a renewed certificate, a reloaded PKI) for every

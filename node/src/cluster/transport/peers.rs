@@ -22,7 +22,7 @@
 //!   the peer (neither its own nor the peer's);
 //! - with both open (the two opened theirs at the same time, e.g. as a
 //!   partition healed), both use the one opened by the lower node id; the
-//!   higher retires its own and closes it after [`RETIRE_GRACE`], so calls
+//!   higher retires its own and closes it after [`CallGrace`], so calls
 //!   in flight on it finish;
 //! - a call waiting for this node's handshake takes the peer's connection
 //!   as soon as it arrives.
@@ -72,14 +72,34 @@ const ATTEMPT_MAX: Duration = Duration::from_secs(3);
 /// packets are still fresh.
 const HURRY_AFTER: Duration = Duration::from_millis(100);
 
-/// How long a retired connection stays open for the calls in flight on it:
-/// longer than any RPC (a snapshot chunk's limit is 5 s).
-pub(crate) const RETIRE_GRACE: Duration = Duration::from_secs(6);
+/// How long a retired or dropped connection stays open for the calls in
+/// flight on it, ours or the peer's: a second longer than the longest call
+/// may take. Until [`CallGrace::set_longest_call`] says otherwise, the
+/// longest is a snapshot chunk's (15 s).
+#[derive(Debug, Clone)]
+pub(crate) struct CallGrace(Arc<std::sync::atomic::AtomicU64>);
 
-/// How long a dropped connection stays open for the calls in flight on
-/// it: longer than a replication or vote call may take (¾ of the default
-/// election timeout).
-const DISCARD_GRACE: Duration = Duration::from_secs(1);
+impl Default for CallGrace {
+    fn default() -> Self {
+        let grace = Self(Arc::default());
+        grace.set_longest_call(Duration::from_secs(15));
+        grace
+    }
+}
+
+impl CallGrace {
+    /// The longest a call may take: a snapshot chunk's, or a vote's with a
+    /// long election timeout.
+    pub(crate) fn set_longest_call(&self, longest: Duration) {
+        let grace = longest + Duration::from_secs(1);
+        let ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.0.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
 
 /// How long after this node's own connection was made a peer's may still
 /// arrive because the two handshakes crossed: the peer's handshake began
@@ -332,6 +352,8 @@ pub(crate) struct PeerSlot {
     /// Wakes the handshake attempt under way to begin a fresh handshake
     /// now ([`PeerSlot::hurry`]).
     hurried: tokio::sync::Notify,
+    /// How long a connection this slot stops using stays open.
+    grace: CallGrace,
 }
 
 #[derive(Debug, Default)]
@@ -359,10 +381,11 @@ struct SlotInner {
 }
 
 impl PeerSlot {
-    pub(crate) fn new(me: NodeId, target: NodeId) -> Self {
+    pub(crate) fn new(me: NodeId, target: NodeId, grace: CallGrace) -> Self {
         Self {
             me,
             target,
+            grace,
             state: watch::Sender::new(Links::default()),
             inner: Mutex::new(SlotInner::default()),
             hurried: tokio::sync::Notify::new(),
@@ -404,8 +427,9 @@ impl PeerSlot {
                 "using the peer's connection; retiring ours"
             );
             let conn = conn.clone();
+            let grace = self.grace.get();
             tokio::spawn(async move {
-                tokio::time::sleep(RETIRE_GRACE).await;
+                tokio::time::sleep(grace).await;
                 conn.close(codes::SHUTDOWN, b"superseded");
             });
         }
@@ -584,7 +608,7 @@ impl PeerSlot {
 
     /// Drops the connection if it is still `conn` (after a timed-out or
     /// broken call), so that the next call makes a fresh one. It is closed
-    /// only after [`DISCARD_GRACE`]: other calls in flight on it, ours or
+    /// only after [`CallGrace`]: other calls in flight on it, ours or
     /// the peer's (it may only have been slow), still get their answers.
     pub(crate) fn discard(&self, conn: &Connection, why: &str) {
         let id = conn.stable_id();
@@ -608,8 +632,9 @@ impl PeerSlot {
             self.inner().rtt = Some(conn.rtt());
             debug!(target = self.target, why, "dropping the cluster connection");
             let conn = conn.clone();
+            let grace = self.grace.get();
             tokio::spawn(async move {
-                tokio::time::sleep(DISCARD_GRACE).await;
+                tokio::time::sleep(grace).await;
                 conn.close(codes::SHUTDOWN, b"dropped");
             });
         }
@@ -989,5 +1014,21 @@ mod stagger_tests {
         // a second begins.
         assert_eq!(stagger(Some(ms(300))), ms(375));
         assert!(stagger(Some(ms(300))) < attempt_timeout(Some(ms(300))));
+    }
+}
+
+#[cfg(test)]
+mod grace_tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_let_go_outlives_the_longest_call() {
+        let grace = CallGrace::default();
+        // A snapshot chunk's call (15 s) is the longest by default.
+        assert_eq!(grace.get(), Duration::from_secs(16));
+        // A slot made before the limit is known reads the one set later.
+        let slot = PeerSlot::new(1, 2, grace.clone());
+        grace.set_longest_call(Duration::from_secs(45));
+        assert_eq!(slot.grace.get(), Duration::from_secs(46));
     }
 }
