@@ -98,8 +98,9 @@ pub(crate) fn spoken() -> String {
 
 /// A gossip connection that hears nothing (not even a keep-alive's
 /// acknowledgement) for this long is dropped: a gossip link to a peer that
-/// vanished reconnects after it. Six keep-alives fit in it, so a slow
-/// link (300 ms round trip) is not mistaken for a dead one.
+/// vanished reconnects after it. Two of its keep-alives
+/// ([`GOSSIP_KEEP_ALIVE`]) and ten round trips of a slow link (300 ms) fit
+/// in it, so such a link is not mistaken for a dead one.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The same for a Raft connection (QUIC takes the shorter of the two
 /// sides', so the listener offers this and a gossip dialler its own).
