@@ -91,12 +91,24 @@ pub fn promotions(voters: usize, max_voters: usize, caught_up: &[NodeId]) -> Vec
     caught_up[..k].to_vec()
 }
 
-/// The learners the leader knows to be caught up, lowest id first.
-fn caught_up(raft: &Raft, transport: &Transport, alive_within: Duration) -> Vec<NodeId> {
+/// The leader's commit index (it applies what it commits: its applied
+/// index, give or take the entry being applied).
+fn committed(raft: &Raft) -> u64 {
+    raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
+}
+
+/// The learners the leader knows to be caught up, lowest id first: alive
+/// (answered within `alive_within`) and holding every entry up to
+/// `reached`, an index the leader had committed a moment ago (not its
+/// current one: while writes go on, a learner a long round trip away never
+/// holds that).
+fn caught_up(
+    raft: &Raft,
+    transport: &Transport,
+    alive_within: Duration,
+    reached: u64,
+) -> Vec<NodeId> {
     let m = raft.metrics().borrow().clone();
-    // The leader applies what it commits: its applied index is its commit
-    // index, give or take the entry being applied.
-    let committed = m.last_applied.map_or(0, |l| l.index);
     let matched: BTreeMap<NodeId, u64> = m
         .replication
         .as_ref()
@@ -109,7 +121,7 @@ fn caught_up(raft: &Raft, transport: &Transport, alive_within: Duration) -> Vec<
     m.membership_config
         .membership()
         .learner_ids()
-        .filter(|id| matched.get(id).is_some_and(|&i| i >= committed))
+        .filter(|id| matched.get(id).is_some_and(|&i| i >= reached))
         .filter(|id| transport.answered_within(*id, alive_within))
         .collect()
 }

@@ -630,3 +630,71 @@ async fn a_joiner_gets_a_large_snapshot_across_a_lossy_wan() -> anyhow::Result<(
     assert_eq!(instances, GROUPS * INSTANCES, "instances on node {joined}");
     Ok(())
 }
+
+/// Learners are promoted while writes go on across a 300 ms round trip:
+/// one voter and one learner, eight writers attaching and detaching through
+/// the leader without a pause, and a third node joins; the leader then
+/// promotes both learners. (Counted as caught up only when they held the
+/// leader's current commit index, which a steady stream of writes moves on
+/// before a learner that far away holds it, they stayed learners, and the
+/// cluster kept one voter, for as long as the writes went on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learners_are_promoted_while_writes_go_on_across_a_wan() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start_with(
+        2,
+        ClusterOptions {
+            relay: Some(9),
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
+    let leader = cluster.leader().await?;
+    cluster.relay().context("relay")?.set_all(Link {
+        delay: Duration::from_millis(150),
+        ..Link::default()
+    });
+    let admin = cluster.admin(leader);
+    let (status, v) = admin.post("/v1/services", &group("busy")).await?;
+    ensure!(status.is_success(), "{status} {v}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (admin, stop, ip) = (admin.clone(), stop.clone(), cluster.backend_ip());
+        writers.push(tokio::spawn(async move {
+            // Bounded: the test stops them long before.
+            for n in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    return anyhow::Ok(n);
+                }
+                let name = format!("w{w}-{n}");
+                integration::cluster::attach(&admin, "busy", &name, ip).await?;
+                let (status, v) = admin
+                    .delete(&format!("/v1/services/busy/instances/{name}"))
+                    .await?;
+                ensure!(status.is_success(), "detaching {name}: {status} {v}");
+            }
+            anyhow::Ok(20_000)
+        }));
+    }
+    let joined = cluster.add_members(1).await;
+    let promoted = match joined {
+        Ok(_) => {
+            poll("three voters", Duration::from_secs(20), || async {
+                let view = cluster.status(leader).await?;
+                ensure!(view.voters() == 3, "{view:?}");
+                Ok(())
+            })
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    stop.store(true, Ordering::Relaxed);
+    let mut pairs = 0;
+    for w in writers {
+        pairs += w.await??;
+    }
+    promoted?;
+    // The writes went on throughout.
+    ensure!(pairs > 100, "only {pairs} attach/detach pairs were written");
+    Ok(())
+}

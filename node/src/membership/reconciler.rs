@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::{PROMOTE_EVERY, Policy, caught_up, promotions};
+use super::{PROMOTE_EVERY, Policy, caught_up, committed, promotions};
 use crate::cluster::{ForwardError, Transport};
 
 /// How long one membership change may take before it is given up.
@@ -70,6 +70,7 @@ impl Reconciler {
             raft,
             transport,
             policy,
+            samples: std::sync::Mutex::new((None, None)),
         };
         tokio::spawn(task.run(rx));
         Self { tx }
@@ -116,6 +117,10 @@ struct Task {
     raft: Raft,
     transport: Weak<Transport>,
     policy: Policy,
+    /// The leader's commit index at two passes at least [`PROMOTE_EVERY`]
+    /// apart, the older first: what a learner must hold to count as caught
+    /// up ([`Task::reached`]).
+    samples: std::sync::Mutex<(Option<(Instant, u64)>, Option<(Instant, u64)>)>,
 }
 
 impl Task {
@@ -306,7 +311,11 @@ impl Task {
             alive_within,
         } = self.policy;
         let voters = view.membership.voter_ids().count();
+        let now_committed = committed(&self.raft);
+        let mut reached = self.reached(now_committed);
         if wait {
+            // What is committed as the wait begins: a target that stays put.
+            reached = now_committed;
             // The live learners the policy would take, were they caught up.
             let alive: Vec<NodeId> = view
                 .membership
@@ -320,12 +329,11 @@ impl Task {
                     .wait(Some(alive_within))
                     .metrics(
                         |m| {
-                            let committed = m.last_applied.map_or(0, |l| l.index);
                             want.iter().all(|id| {
                                 m.replication
                                     .as_ref()
                                     .and_then(|r| r.get(id).copied().flatten())
-                                    .is_some_and(|l| l.index >= committed)
+                                    .is_some_and(|l| l.index >= reached)
                             })
                         },
                         "learners to promote caught up",
@@ -339,8 +347,36 @@ impl Task {
         let ids = promotions(
             voters,
             max_voters,
-            &caught_up(&self.raft, &transport, alive_within),
+            &caught_up(&self.raft, &transport, alive_within, reached),
         );
         (!ids.is_empty()).then(|| ids.into_iter().collect())
+    }
+
+    /// The index a learner must hold to count as caught up: the commit
+    /// index of a pass at least [`PROMOTE_EVERY`] ago (`committed`, the
+    /// current one, until there was such a pass). Under a steady stream of writes the leader's current
+    /// commit index moves on before a learner a long round trip away holds
+    /// it: measured against it, no learner was ever promoted while writes
+    /// went on across 150 ms one way, and the cluster kept one voter.
+    fn reached(&self, committed: u64) -> u64 {
+        let now = Instant::now();
+        let mut samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (older, newest) = &mut *samples;
+        match *newest {
+            Some((at, _)) if now.duration_since(at) < PROMOTE_EVERY => {}
+            _ => {
+                *older = newest.take();
+                *newest = Some((now, committed));
+            }
+        }
+        // The newest sample at least PROMOTE_EVERY old; one from before a
+        // pause in the passes (this node was not the leader) is too old.
+        match *older {
+            Some((at, then)) if now.duration_since(at) <= PROMOTE_EVERY * 4 => then.min(committed),
+            _ => committed,
+        }
     }
 }
