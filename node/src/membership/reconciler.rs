@@ -113,6 +113,9 @@ struct View {
     index: u64,
 }
 
+/// The leader's commit index, and when it was read.
+type Sample = (Instant, u64);
+
 struct Task {
     raft: Raft,
     transport: Weak<Transport>,
@@ -120,7 +123,7 @@ struct Task {
     /// The leader's commit index at two passes at least [`PROMOTE_EVERY`]
     /// apart, the older first: what a learner must hold to count as caught
     /// up ([`Task::reached`]).
-    samples: std::sync::Mutex<(Option<(Instant, u64)>, Option<(Instant, u64)>)>,
+    samples: std::sync::Mutex<(Option<Sample>, Option<Sample>)>,
 }
 
 impl Task {
