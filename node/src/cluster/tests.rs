@@ -890,3 +890,31 @@ async fn calls_end_their_streams_without_stopping_them() {
         "{calls} calls stopped {sent} streams here and {received} at the peer"
     );
 }
+
+/// A connection the transport let go, waiting out its grace before it is
+/// closed, does not keep the endpoint (and its port) past the endpoint's
+/// close: a node started again in the same process binds the port.
+#[tokio::test]
+async fn a_connection_let_go_releases_the_endpoint_at_its_close() {
+    let ca = generate_ca("test").unwrap();
+    let (server, _) = serve(&node_tls(&ca, 2), 2);
+    let addr = server.local_addr().unwrap();
+    let (ep, conn) = raw_client(&node_tls(&ca, 1), addr, 2).await;
+    let local = ep.local_addr().unwrap();
+    let waiting = tokio::spawn(transport::close_after_for_tests(
+        conn,
+        Duration::from_secs(3600),
+    ));
+    ep.close(0u32.into(), b"shutdown");
+    drop(ep);
+    timeout(patience(), waiting)
+        .await
+        .expect("the waiting task ends with the connection")
+        .unwrap();
+    // Its socket is free again.
+    let deadline = Instant::now() + patience();
+    while std::net::UdpSocket::bind(local).is_err() {
+        assert!(Instant::now() < deadline, "{local} still bound");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -20,6 +20,12 @@ pub use gossip::{
 };
 use peers::PeerSlot;
 
+/// [`peers::close_after`], for the cluster tests.
+#[cfg(test)]
+pub(crate) async fn close_after_for_tests(conn: quinn::Connection, grace: Duration) {
+    peers::close_after(conn, grace, b"test").await;
+}
+
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;

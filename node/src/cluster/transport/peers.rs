@@ -109,6 +109,17 @@ fn crossing_time(rtt: Duration) -> Duration {
     (rtt * 4).max(Duration::from_millis(250))
 }
 
+/// Closes `conn` after `grace`, unless it closed before (the endpoint's
+/// close at shutdown closes it): the task then ends at once, and with it
+/// its hold on the endpoint, whose socket a node started again in the same
+/// process must bind.
+pub(crate) async fn close_after(conn: Connection, grace: Duration, reason: &'static [u8]) {
+    tokio::select! {
+        () = tokio::time::sleep(grace) => conn.close(codes::SHUTDOWN, reason),
+        _ = conn.closed() => {}
+    }
+}
+
 /// How long one handshake attempt may take.
 pub(crate) fn attempt_timeout(rtt: Option<Duration>) -> Duration {
     rtt.map_or(ATTEMPT_MIN, |r| (r * 3).clamp(ATTEMPT_MIN, ATTEMPT_MAX))
@@ -428,10 +439,7 @@ impl PeerSlot {
             );
             let conn = conn.clone();
             let grace = self.grace.get();
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                conn.close(codes::SHUTDOWN, b"superseded");
-            });
+            tokio::spawn(close_after(conn, grace, b"superseded"));
         }
     }
 
@@ -633,10 +641,7 @@ impl PeerSlot {
             debug!(target = self.target, why, "dropping the cluster connection");
             let conn = conn.clone();
             let grace = self.grace.get();
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                conn.close(codes::SHUTDOWN, b"dropped");
-            });
+            tokio::spawn(close_after(conn, grace, b"dropped"));
         }
     }
 
