@@ -31,17 +31,23 @@ use crate::store::{RaftRpc, Store, StoreError};
 pub const SNAPSHOT_EVERY: u64 = 100_000;
 
 /// The snapshot bytes sent per `InstallSnapshot` call. A chunk whose call
-/// times out ends the send, and the next one starts over from the first
-/// chunk, so each must cross a lossy long link well within
-/// [`SNAPSHOT_CHUNK_TIMEOUT_MS`]: a chunk's frame is about 3.5 times its
-/// bytes (JSON numbers), 0.9 MB, which takes about 4 s at the least window
-/// cluster connections keep (64 KiB per round trip of 300 ms: the rate
-/// under 1 % loss). openraft's default, 3 MiB (about 11 MB on the wire),
-/// never crossed that link, and the joining node never caught up.
+/// times out in the transport (at 3/4 of [`SNAPSHOT_CHUNK_TIMEOUT_MS`],
+/// `network::PeerNetwork::install_snapshot`) is sent again at the same
+/// offset, up to five times in a row; one that outlasts openraft's own
+/// limit ends the send, and the next starts over from the first chunk. So
+/// each must cross a lossy long link well within that: a chunk's frame is
+/// about 3.5 times its bytes (JSON numbers), 0.9 MB, which takes about 4 s
+/// at the least window cluster connections keep (64 KiB per round trip of
+/// 300 ms: the rate under 1 % loss). openraft's default, 3 MiB (about
+/// 11 MB on the wire), never crossed that link, and the joining node never
+/// caught up.
 const SNAPSHOT_CHUNK: u64 = 256 * 1024;
 
+/// The most entries one append carries.
+pub(crate) const MAX_PAYLOAD_ENTRIES: u64 = 64;
+
 /// How long one snapshot chunk's call may take (see [`SNAPSHOT_CHUNK`]).
-const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 15_000;
+pub(crate) const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 15_000;
 
 /// Why this node's Raft member did not start.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +128,7 @@ pub fn raft_config(timing: &Timing) -> Result<openraft::Config, StartError> {
         purge_batch_size: 64,
         // Appends stay small enough to cross a slow link within the RPC
         // limit.
-        max_payload_entries: 64,
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
         ..timing.openraft()
     }
     .validate()

@@ -254,11 +254,13 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        // Inside openraft's own limit (`hard_ttl`), so that a chunk that
+        // times out is sent again where it was, not the whole snapshot.
         let reply = self
             .call(
                 Rpc::InstallSnapshot(rpc),
                 RPCTypes::InstallSnapshot,
-                option.hard_ttl(),
+                option.soft_ttl(),
             )
             .await
             .map_err(Failed::into_rpc_error)?;

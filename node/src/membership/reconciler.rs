@@ -113,6 +113,10 @@ struct View {
     index: u64,
 }
 
+/// How many entries a learner may lag the leader's commit index and still
+/// be promoted: two appends.
+const MAX_LAG_ENTRIES: u64 = 2 * crate::raft::MAX_PAYLOAD_ENTRIES;
+
 /// The leader's commit index, and when it was read.
 type Sample = (Instant, u64);
 
@@ -350,7 +354,14 @@ impl Task {
         let ids = promotions(
             voters,
             max_voters,
-            &caught_up(&self.raft, &transport, alive_within, reached),
+            &caught_up(
+                &self.raft,
+                &transport,
+                alive_within,
+                // And at most two appends behind now: joining a voter that
+                // lags holds up every commit until it has caught up.
+                reached.max(committed(&self.raft).saturating_sub(MAX_LAG_ENTRIES)),
+            ),
         );
         (!ids.is_empty()).then(|| ids.into_iter().collect())
     }

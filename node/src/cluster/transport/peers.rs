@@ -82,7 +82,9 @@ pub(crate) struct CallGrace(Arc<std::sync::atomic::AtomicU64>);
 impl Default for CallGrace {
     fn default() -> Self {
         let grace = Self(Arc::default());
-        grace.set_longest_call(Duration::from_secs(15));
+        grace.set_longest_call(Duration::from_millis(
+            crate::raft::SNAPSHOT_CHUNK_TIMEOUT_MS,
+        ));
         grace
     }
 }
