@@ -48,6 +48,13 @@ mod transport;
 #[cfg(test)]
 mod tests;
 
+/// The most entries one append carries (openraft's `max_payload_entries`).
+pub const MAX_PAYLOAD_ENTRIES: u64 = 64;
+
+/// How long one snapshot chunk's call may take, in milliseconds
+/// (openraft's `install_snapshot_timeout`; see `raft::SNAPSHOT_CHUNK`).
+pub const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 15_000;
+
 pub use edgelb_api::pki;
 pub use frame::MAX_FRAME;
 pub use network::{Network, PeerNetwork, VoteSink, rpc_deadline};

@@ -15,7 +15,9 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::bootstrap::Identity;
-use crate::cluster::{Network, Transport, TransportError};
+use crate::cluster::{
+    MAX_PAYLOAD_ENTRIES, Network, SNAPSHOT_CHUNK_TIMEOUT_MS, Transport, TransportError,
+};
 use crate::config::Config;
 use crate::election::Timing;
 use crate::files::{IoError, io_error};
@@ -42,12 +44,6 @@ pub const SNAPSHOT_EVERY: u64 = 100_000;
 /// 11 MB on the wire), never crossed that link, and the joining node never
 /// caught up.
 const SNAPSHOT_CHUNK: u64 = 256 * 1024;
-
-/// The most entries one append carries.
-pub(crate) const MAX_PAYLOAD_ENTRIES: u64 = 64;
-
-/// How long one snapshot chunk's call may take (see [`SNAPSHOT_CHUNK`]).
-pub(crate) const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 15_000;
 
 /// Why this node's Raft member did not start.
 #[derive(Debug, thiserror::Error)]

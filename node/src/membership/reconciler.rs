@@ -115,7 +115,7 @@ struct View {
 
 /// How many entries a learner may lag the leader's commit index and still
 /// be promoted: two appends.
-const MAX_LAG_ENTRIES: u64 = 2 * crate::raft::MAX_PAYLOAD_ENTRIES;
+const MAX_LAG_ENTRIES: u64 = 2 * crate::cluster::MAX_PAYLOAD_ENTRIES;
 
 /// The leader's commit index, and when it was read.
 type Sample = (Instant, u64);

@@ -83,7 +83,7 @@ impl Default for CallGrace {
     fn default() -> Self {
         let grace = Self(Arc::default());
         grace.set_longest_call(Duration::from_millis(
-            crate::raft::SNAPSHOT_CHUNK_TIMEOUT_MS,
+            crate::cluster::SNAPSHOT_CHUNK_TIMEOUT_MS,
         ));
         grace
     }
