@@ -619,7 +619,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         dataplane.clone(),
         load_changed.clone(),
         listeners,
-        Readiness {
+        ReadySignals {
             flag: ready_flag.clone(),
             tx: ready_tx,
         },
@@ -764,11 +764,6 @@ async fn before_release(
     })
 }
 
-/// Adds this node to the cluster at `url` now that its cluster endpoint
-/// listens, and waits until it has applied its addition (and promotion,
-/// when the leader made one): only then does it build its routing table and
-/// answer `/readyz`, so a ready node routes every group and, when it was to
-/// be a voter, is one.
 /// How long a joining node waits to have applied the membership that adds
 /// it (a snapshot of a large state over a slow link may take a while).
 const JOIN_APPLY_WAIT: Duration = Duration::from_secs(120);
@@ -777,6 +772,11 @@ const JOIN_APPLY_WAIT: Duration = Duration::from_secs(120);
 /// it, before it serves as a learner (promoted later by the leader).
 const SETTLE_WAIT: Duration = Duration::from_secs(30);
 
+/// Adds this node to the cluster at `url` now that its cluster endpoint
+/// listens, and waits until it has applied its addition (and promotion,
+/// when the leader made one): only then does it build its routing table and
+/// answer `/readyz`, so a ready node routes every group and, when it was to
+/// be a voter, is one.
 async fn join(
     store: &Store,
     config: &Config,
@@ -784,8 +784,6 @@ async fn join(
     url: &str,
     token: &str,
 ) -> Result<(), StartError> {
-    // A snapshot of a large state over a slow link may take a while; the
-    // whole join has this long.
     let deadline = tokio::time::Instant::now() + JOIN_APPLY_WAIT;
     let caught_up = |index| async move {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -837,7 +835,7 @@ async fn join(
 }
 
 /// Where the reconcile task says that the data plane serves the state.
-struct Readiness {
+struct ReadySignals {
     /// Read by `/readyz`.
     flag: Arc<crate::listeners::Readiness>,
     /// Read by [`NodeHandle::ready`].
@@ -854,7 +852,7 @@ async fn reconcile(
     dp: Arc<DataPlane>,
     load_changed: Arc<LoadChanged>,
     mut listeners: Listeners,
-    ready: Readiness,
+    ready: ReadySignals,
     shutdown: CancellationToken,
 ) {
     let certs = CertCache::default();

@@ -236,12 +236,7 @@ pub async fn start(
         addr: config.cluster_addr,
         source,
     })?;
-    transport.set_longest_call(
-        config
-            .raft
-            .vote_limit()
-            .max(Duration::from_millis(SNAPSHOT_CHUNK_TIMEOUT_MS)),
-    );
+    transport.set_longest_call(config.raft.vote_limit());
     let transport = Arc::new(transport);
     let cluster_addr = transport.local_addr().map_err(io_error("cluster_addr"))?;
     info!(%cluster_addr, since_storage_ms = ms(began.elapsed()), "cluster endpoint bound");

@@ -901,9 +901,10 @@ async fn a_connection_let_go_releases_the_endpoint_at_its_close() {
     let addr = server.local_addr().unwrap();
     let (ep, conn) = raw_client(&node_tls(&ca, 1), addr, 2).await;
     let local = ep.local_addr().unwrap();
-    let waiting = tokio::spawn(transport::close_after_for_tests(
+    let waiting = tokio::spawn(transport::close_after(
         conn,
         Duration::from_secs(3600),
+        b"test",
     ));
     ep.close(0u32.into(), b"shutdown");
     drop(ep);

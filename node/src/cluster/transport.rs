@@ -20,11 +20,8 @@ pub use gossip::{
 };
 use peers::PeerSlot;
 
-/// [`peers::close_after`], for the cluster tests.
 #[cfg(test)]
-pub(crate) async fn close_after_for_tests(conn: quinn::Connection, grace: Duration) {
-    peers::close_after(conn, grace, b"test").await;
-}
+pub(crate) use peers::close_after;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -381,8 +378,8 @@ impl Transport {
         Ok(Self { shared, accept })
     }
 
-    /// The longest a call to a peer may take (a snapshot chunk's limit, a
-    /// vote's with a long election timeout): a connection this node stops
+    /// The longest a call to a peer may take besides a snapshot chunk's
+    /// (a vote's, with a long election timeout): a connection this node stops
     /// using (superseded, or dropped after a call timed out) stays open a
     /// second longer, for the calls still in flight on it.
     pub fn set_longest_call(&self, longest: Duration) {

@@ -319,10 +319,11 @@ impl Task {
         } = self.policy;
         let voters = view.membership.voter_ids().count();
         let now_committed = committed(&self.raft);
-        let mut reached = self.reached(now_committed);
+        let sampled = self.reached(now_committed);
+        // Adding a node: what is committed as the wait begins, a target
+        // that stays put.
+        let reached = if wait { now_committed } else { sampled };
         if wait {
-            // What is committed as the wait begins: a target that stays put.
-            reached = now_committed;
             // The live learners the policy would take, were they caught up.
             let alive: Vec<NodeId> = view
                 .membership
@@ -368,8 +369,8 @@ impl Task {
 
     /// The index a learner must hold to count as caught up: the commit
     /// index of a pass at least [`PROMOTE_EVERY`] ago (`committed`, the
-    /// current one, until there was such a pass). Under a steady stream of writes the leader's current
-    /// commit index moves on before a learner a long round trip away holds
+    /// current one, until there was such a pass). Under a steady stream of
+    /// writes the leader's current commit index moves on before a learner a long round trip away holds
     /// it: measured against it, no learner was ever promoted while writes
     /// went on across 150 ms one way, and the cluster kept one voter.
     fn reached(&self, committed: u64) -> u64 {
@@ -389,7 +390,7 @@ impl Task {
         // The newest sample at least PROMOTE_EVERY old; one from before a
         // pause in the passes (this node was not the leader) is too old.
         match *older {
-            Some((at, then)) if now.duration_since(at) <= PROMOTE_EVERY * 4 => then.min(committed),
+            Some((at, then)) if now.duration_since(at) <= PROMOTE_EVERY * 4 => then,
             _ => committed,
         }
     }

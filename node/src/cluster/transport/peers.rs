@@ -82,18 +82,17 @@ pub(crate) struct CallGrace(Arc<std::sync::atomic::AtomicU64>);
 impl Default for CallGrace {
     fn default() -> Self {
         let grace = Self(Arc::default());
-        grace.set_longest_call(Duration::from_millis(
-            crate::cluster::SNAPSHOT_CHUNK_TIMEOUT_MS,
-        ));
+        grace.set_longest_call(Duration::ZERO);
         grace
     }
 }
 
 impl CallGrace {
-    /// The longest a call may take: a snapshot chunk's, or a vote's with a
-    /// long election timeout.
+    /// The longest a call may take besides a snapshot chunk's (a vote's,
+    /// with a long election timeout); the chunk's when that is longer.
     pub(crate) fn set_longest_call(&self, longest: Duration) {
-        let grace = longest + Duration::from_secs(1);
+        let chunk = Duration::from_millis(crate::cluster::SNAPSHOT_CHUNK_TIMEOUT_MS);
+        let grace = longest.max(chunk) + Duration::from_secs(1);
         let ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
         self.0.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
