@@ -65,7 +65,7 @@ pub use pki::{
 pub use rpc::{
     Forward, ForwardError, ForwardReply, HandlerFuture, PreVote, RaftHandler, Rpc, RpcReply,
 };
-pub use tls::{ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, NodeTls};
+pub use tls::{ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, ALPN_RAFT_2, NodeTls};
 pub use transport::{
     Dropped, GossipHandler, GossipLink, MAX_STRIKES, REPORT_TIMEOUT, SEND_TIMEOUT, Transport,
     TransportError, TransportStats, Via, codes,

@@ -1,8 +1,9 @@
 //! The cluster protocol's version is the ALPN (`edgelb-raft/N`): a peer
 //! offering only a version a node does not read is refused at the
-//! handshake, never misread; a peer offering a later version before
-//! version 1 (as a later release does) settles on version 1, with today's
-//! binary and with the format-1 one.
+//! handshake, never misread; a peer offering a later version before the
+//! ones a node reads (as a later release does) settles on one of those,
+//! with today's binary (which reads versions 2 and 1) and with the
+//! format-1 one (version 1 only).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,11 +14,18 @@ use integration::{Cluster, ClusterOptions, wait_until};
 
 use super::old_binary;
 
-const LATER: &[u8] = b"edgelb-raft/2";
+const LATER: &[u8] = b"edgelb-raft/3";
+const V2: &[u8] = b"edgelb-raft/2";
 const V1: &[u8] = b"edgelb-raft/1";
 
-/// Checks one single-node cluster running `binary` (`None`: today's).
-async fn check(binary: Option<PathBuf>, what: &str, logs_refusal: bool) -> anyhow::Result<()> {
+/// Checks one single-node cluster running `binary` (`None`: today's),
+/// which reads version 2 or not.
+async fn check(
+    binary: Option<PathBuf>,
+    what: &str,
+    logs_refusal: bool,
+    reads_v2: bool,
+) -> anyhow::Result<()> {
     let opts = ClusterOptions {
         binary,
         ..ClusterOptions::default()
@@ -30,38 +38,34 @@ async fn check(binary: Option<PathBuf>, what: &str, logs_refusal: bool) -> anyho
     let node = cluster.cluster_addr(1);
     let name = "node-1.cluster.edgelb";
 
-    let only_later = try_raft_stream_offering(
-        &[LATER],
-        node,
-        cluster.backend_ip(),
-        name,
-        Some(member.duplicate()),
-        &request,
-    )
-    .await?;
-    match only_later {
+    let source = cluster.backend_ip();
+    let offer = |alpns: &'static [&'static [u8]]| {
+        let member = member.duplicate();
+        let request = request.clone();
+        async move { try_raft_stream_offering(alpns, node, source, name, Some(member), &request).await }
+    };
+    let refused = |outcome: Outcome, offered: &str| match outcome {
         Outcome::Refused(why) => assert!(
             why.contains("120") || why.to_lowercase().contains("application protocol"),
             "{what}: refused, but not for the version: {why}"
         ),
-        other => panic!("{what}: a peer speaking only {LATER:?} was heard: {other:?}"),
-    }
-
-    let later_then_v1 = try_raft_stream_offering(
-        &[LATER, V1],
-        node,
-        cluster.backend_ip(),
-        name,
-        Some(member),
-        &request,
-    )
-    .await?;
-    match later_then_v1 {
+        other => panic!("{what}: a peer speaking only {offered} was heard: {other:?}"),
+    };
+    let answered = |outcome: Outcome, offered: &str| match outcome {
         Outcome::Answered(reply) => {
             let text = String::from_utf8_lossy(reply.get(4..).unwrap_or_default()).into_owned();
             assert!(text.contains("linearized"), "{what}: {text}");
         }
-        other => panic!("{what}: a peer offering {LATER:?} and {V1:?} was not heard: {other:?}"),
+        other => panic!("{what}: a peer offering {offered} was not heard: {other:?}"),
+    };
+
+    refused(offer(&[LATER]).await?, "edgelb-raft/3");
+    answered(offer(&[LATER, V2, V1]).await?, "/3, /2 and /1");
+    answered(offer(&[LATER, V1]).await?, "/3 and /1");
+    if reads_v2 {
+        answered(offer(&[V2]).await?, "edgelb-raft/2");
+    } else {
+        refused(offer(&[V2]).await?, "edgelb-raft/2");
     }
     if logs_refusal {
         // Only today's binary names the reason; format 1 counts it quietly.
@@ -80,11 +84,11 @@ async fn check(binary: Option<PathBuf>, what: &str, logs_refusal: bool) -> anyho
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_frame_version_is_refused_and_a_later_peer_settles_on_version_1()
+async fn an_unknown_frame_version_is_refused_and_a_later_peer_settles_on_one_both_read()
 -> anyhow::Result<()> {
-    check(None, "today's binary", true).await?;
+    check(None, "today's binary", true, true).await?;
     if let Some(old) = old_binary()? {
-        check(Some(old), "format 1", false).await?;
+        check(Some(old), "format 1", false, false).await?;
     }
     Ok(())
 }

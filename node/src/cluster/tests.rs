@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::Vote;
-use openraft::raft::{VoteRequest, VoteResponse};
+use openraft::raft::{InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use quinn::{ConnectionError, Endpoint, ReadError, ReadToEndError};
 use raft_store::Command;
 use raft_store::model::Certificate;
@@ -18,8 +18,9 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::time::{Instant, timeout};
 
-use super::frame::{self, HEADER_LIMIT, Header};
+use super::frame::{self, HEADER_LIMIT, Header, Version};
 use super::rpc::RpcKind;
+use super::tls::ALPN_RAFT_2;
 use super::*;
 
 /// Patience for conditions that should hold quickly.
@@ -45,6 +46,8 @@ fn node_tls(ca: &CaBundle, id: u64) -> NodeTls {
 #[derive(Default)]
 struct Echo {
     seen: Mutex<Vec<u64>>,
+    /// The data of each snapshot chunk received.
+    chunks: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Echo {
@@ -63,6 +66,10 @@ impl RaftHandler for Echo {
                     RpcReply::Forward(Ok(ForwardReply::Linearized { read_index: from }))
                 }
                 Rpc::Forward(Forward::Write(_)) => std::future::pending().await,
+                Rpc::InstallSnapshot(chunk) => {
+                    self.chunks.lock().unwrap().push(chunk.data);
+                    RpcReply::InstallSnapshot(Ok(InstallSnapshotResponse { vote: chunk.vote }))
+                }
                 _ => RpcReply::Error("not in this test".into()),
             }
         })
@@ -136,9 +143,12 @@ async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, Rea
 
 /// Sends node 1's vote on a new stream of `conn` and checks the answer.
 async fn assert_vote_answered(conn: &quinn::Connection) {
-    let reply = send_raw(conn, &frame::encode_request(1, &vote()).unwrap())
-        .await
-        .unwrap();
+    let reply = send_raw(
+        conn,
+        &frame::encode_request(1, &vote(), Version::V1).unwrap(),
+    )
+    .await
+    .unwrap();
     assert!(matches!(
         frame::decode_reply(&reply[4..]).unwrap(),
         RpcReply::Vote(Ok(_))
@@ -244,7 +254,7 @@ async fn foreign_or_missing_client_certificate_is_refused() {
             .await
             .map_err(|e| e.to_string())?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let bytes = frame::encode_request(1, &vote()).map_err(|e| e.to_string())?;
+        let bytes = frame::encode_request(1, &vote(), Version::V1).map_err(|e| e.to_string())?;
         send.write_all(&bytes).await.map_err(|e| e.to_string())?;
         let _ = send.finish();
         recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())
@@ -273,7 +283,7 @@ async fn client_claiming_another_id_is_disconnected() {
 
     // A valid certificate for node 5 whose streams claim node 6.
     let (_ep, conn) = raw_client(&tls5, addr, 2).await;
-    let lie = frame::encode_request(6, &vote()).unwrap();
+    let lie = frame::encode_request(6, &vote(), Version::V1).unwrap();
     assert!(send_raw(&conn, &lie).await.is_err());
     let closed = timeout(patience(), conn.closed()).await.unwrap();
     assert!(
@@ -285,7 +295,7 @@ async fn client_claiming_another_id_is_disconnected() {
 
     // The same certificate telling the truth is served.
     let (_ep, conn) = raw_client(&tls5, addr, 2).await;
-    let truth = frame::encode_request(5, &vote()).unwrap();
+    let truth = frame::encode_request(5, &vote(), Version::V1).unwrap();
     let reply = send_raw(&conn, &truth).await.unwrap();
     let reply = frame::decode_reply(&reply[4..]).unwrap();
     assert!(matches!(reply, RpcReply::Vote(Ok(_))));
@@ -918,4 +928,140 @@ async fn a_connection_let_go_releases_the_endpoint_at_its_close() {
         assert!(Instant::now() < deadline, "{local} still bound");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A snapshot chunk of `data`, as the leader sends one.
+fn snapshot_chunk(data: Vec<u8>) -> Rpc {
+    Rpc::InstallSnapshot(InstallSnapshotRequest {
+        vote: Vote::new_committed(7, 1),
+        meta: openraft::SnapshotMeta {
+            last_log_id: None,
+            last_membership: Default::default(),
+            snapshot_id: "7-1-0".into(),
+        },
+        offset: 0,
+        data,
+        done: true,
+    })
+}
+
+/// JSON-like data that deflates well, as a snapshot's does.
+fn snapshot_like_data() -> Vec<u8> {
+    (0..4_000)
+        .flat_map(|i| {
+            format!(
+                r#"{{"name":"web-{i}","address":"10.0.{}.{}"}},"#,
+                i >> 8,
+                i & 255
+            )
+            .into_bytes()
+        })
+        .collect()
+}
+
+/// A node of `alpns` (an earlier release offers only `edgelb-raft/1`)
+/// that reads one request as node 2 and answers it: the negotiated ALPN
+/// and the request's body as it came off the wire.
+async fn one_request_to(
+    ca: &CaBundle,
+    alpns: &[&[u8]],
+    call: impl AsyncFnOnce(SocketAddr),
+) -> (Option<Vec<u8>>, Vec<u8>) {
+    let tls = node_tls(ca, 2);
+    let ep = Endpoint::server(tls.server_config_offering(alpns).unwrap(), loopback()).unwrap();
+    let addr = ep.local_addr().unwrap();
+    let (heard, served) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let conn = ep.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let head = frame::read_frame(&mut recv, HEADER_LIMIT).await.unwrap();
+        let kind = frame::decode_header(&head).unwrap().rpc;
+        let body = frame::read_frame(&mut recv, kind.request_limit())
+            .await
+            .unwrap();
+        let reply = RpcReply::InstallSnapshot(Ok(InstallSnapshotResponse {
+            vote: Vote::new_committed(7, 1),
+        }));
+        send.write_all(&frame::encode(&reply, 1024).unwrap())
+            .await
+            .unwrap();
+        let _ = send.finish();
+        let _ = heard.send((tls::negotiated_alpn(&conn), body));
+        // The connection stays open while the caller reads the answer.
+        conn.closed().await;
+    });
+    call(addr).await;
+    timeout(patience(), served).await.unwrap().unwrap()
+}
+
+/// Between current nodes a snapshot chunk's data travels deflated
+/// (`edgelb-raft/2`); to a node of an earlier release, which offers only
+/// `edgelb-raft/1`, as version 1's JSON, which that node reads.
+#[tokio::test]
+async fn snapshot_chunks_go_deflated_to_current_nodes_and_as_json_to_earlier_ones() {
+    let ca = generate_ca("test").unwrap();
+    let data = snapshot_like_data();
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    let client = &client;
+    let call = |addr: SocketAddr| {
+        let data = data.clone();
+        async move {
+            let reply = client
+                .call(2, &addr.to_string(), snapshot_chunk(data), patience())
+                .await
+                .unwrap();
+            assert!(
+                matches!(reply, RpcReply::InstallSnapshot(Ok(_))),
+                "{reply:?}"
+            );
+        }
+    };
+    let chunk_of =
+        |body: &[u8], version| match frame::decode_request(RpcKind::InstallSnapshot, body, version)
+        {
+            Ok(Rpc::InstallSnapshot(chunk)) => Ok(chunk.data),
+            other => Err(format!("{other:?}")),
+        };
+
+    let (alpn, body) = one_request_to(&ca, &[ALPN_RAFT_2, ALPN_RAFT], call).await;
+    assert_eq!(alpn.as_deref(), Some(ALPN_RAFT_2));
+    assert_eq!(chunk_of(&body, Version::V2).unwrap(), data);
+    assert!(
+        body.len() * 4 < data.len(),
+        "{} bytes for {}",
+        body.len(),
+        data.len()
+    );
+
+    let (alpn, body) = one_request_to(&ca, &[ALPN_RAFT], call).await;
+    assert_eq!(alpn.as_deref(), Some(ALPN_RAFT));
+    assert_eq!(chunk_of(&body, Version::V1).unwrap(), data);
+    assert!(chunk_of(&body, Version::V2).is_err());
+}
+
+/// A node of an earlier release (offering only `edgelb-raft/1`) sends a
+/// snapshot chunk as version 1's JSON; a current node reads it.
+#[tokio::test]
+async fn a_current_node_reads_snapshot_chunks_from_an_earlier_one() {
+    let ca = generate_ca("test").unwrap();
+    let (server, echo) = serve(&node_tls(&ca, 2), 2);
+    let addr = server.local_addr().unwrap();
+    let ep = Endpoint::client(loopback()).unwrap();
+    let config = node_tls(&ca, 1)
+        .client_config_offering(&[ALPN_RAFT], None, Duration::from_secs(10))
+        .unwrap();
+    let conn = ep
+        .connect_with(config, addr, &node_dns_name(2))
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(tls::negotiated_alpn(&conn).as_deref(), Some(ALPN_RAFT));
+    let data = snapshot_like_data();
+    let request = frame::encode_request(1, &snapshot_chunk(data.clone()), Version::V1).unwrap();
+    let reply = send_raw(&conn, &request).await.unwrap();
+    assert!(matches!(
+        frame::decode_reply(&reply[4..]).unwrap(),
+        RpcReply::InstallSnapshot(Ok(_))
+    ));
+    assert_eq!(*echo.chunks.lock().unwrap(), vec![data]);
 }

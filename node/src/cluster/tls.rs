@@ -28,9 +28,13 @@ use super::TransportError;
 use super::congestion::FlooredCubic;
 use super::pki::node_dns_name;
 
-/// ALPN of the Raft RPCs, naming the version of their frames
-/// ([`super::frame`]) this release sends.
+/// ALPN of the Raft RPCs' first frame version ([`super::frame`]): every
+/// body JSON. Offered after [`ALPN_RAFT_2`], for peers that predate it.
 pub const ALPN_RAFT: &[u8] = b"edgelb-raft/1";
+/// ALPN of the Raft RPCs' second frame version: a snapshot chunk's data
+/// travels deflated ([`super::frame::Version::V2`]). A node offers both
+/// and prefers this one.
+pub const ALPN_RAFT_2: &[u8] = b"edgelb-raft/2";
 /// ALPN of load gossip whose receiver reads wire versions 1 and 2 (full
 /// reports and deltas).
 pub const ALPN_GOSSIP: &[u8] = b"edgelb-gossip/1";
@@ -47,7 +51,7 @@ pub const ALPN_GOSSIP_2: &[u8] = b"edgelb-gossip/2";
 /// during a rolling upgrade. A peer with no version in common is refused at
 /// the handshake (TLS alert `no_application_protocol`), never misread; both
 /// ends log it ([`version_refused`]). See docs/compatibility.md.
-pub(crate) const RAFT_VERSIONS: &[&[u8]] = &[ALPN_RAFT];
+pub(crate) const RAFT_VERSIONS: &[&[u8]] = &[ALPN_RAFT_2, ALPN_RAFT];
 /// Every gossip version this node reads, newest first.
 pub(crate) const GOSSIP_VERSIONS: &[&[u8]] = &[ALPN_GOSSIP_2, ALPN_GOSSIP];
 
@@ -318,7 +322,7 @@ impl NodeTls {
         self.client_config_offering(GOSSIP_VERSIONS, Some(GOSSIP_KEEP_ALIVE), IDLE_TIMEOUT)
     }
 
-    fn client_config_offering(
+    pub(crate) fn client_config_offering(
         &self,
         alpns: &[&[u8]],
         keep_alive: Option<Duration>,
@@ -442,13 +446,15 @@ mod tests {
 
     #[test]
     fn a_client_offers_every_version_of_its_protocol() {
-        assert_eq!(versions_of(ALPN_RAFT), Some(&[&b"edgelb-raft/1"[..]][..]));
+        let raft: &[&[u8]] = &[b"edgelb-raft/2", b"edgelb-raft/1"];
+        assert_eq!(versions_of(ALPN_RAFT), Some(raft));
+        assert_eq!(versions_of(ALPN_RAFT_2), Some(raft));
         let gossip: &[&[u8]] = &[b"edgelb-gossip/2", b"edgelb-gossip/1"];
         assert_eq!(versions_of(ALPN_GOSSIP), Some(gossip));
         assert_eq!(versions_of(ALPN_GOSSIP_2), Some(gossip));
         assert_eq!(versions_of(b"other"), None);
-        // Newest first, and the version this release sends among them.
-        assert_eq!(RAFT_VERSIONS.first(), Some(&ALPN_RAFT));
+        // Newest first.
+        assert_eq!(RAFT_VERSIONS.first(), Some(&ALPN_RAFT_2));
     }
 
     #[test]

@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout_at};
 use tracing::debug;
 
-use super::frame::{self, FrameError};
+use super::frame::{self, FrameError, Version};
 use super::pki::node_dns_name;
 use super::rpc::{RaftHandler, Rpc, RpcKind, RpcReply};
 use super::tls::{ALPN_RAFT, NodeTls};
@@ -499,16 +499,7 @@ impl Transport {
     ) -> Result<RpcReply, TransportError> {
         let deadline = Instant::now() + timeout;
         let kind = rpc.kind();
-        let result = match frame::encode_request(self.shared.node_id, &rpc) {
-            Ok(request) => {
-                self.exchange(target, addr, kind, &request, deadline, timeout)
-                    .await
-            }
-            Err(FrameError::TooLarge { size, limit }) => {
-                Err(TransportError::TooLarge { size, limit })
-            }
-            Err(e) => Err(TransportError::Protocol(format!("encoding {kind}: {e}"))),
-        };
+        let result = self.exchange(target, addr, &rpc, deadline, timeout).await;
         if let Err(e) = &result {
             bump(&self.shared.stats.calls_failed);
             debug!(target, addr, %kind, error = %e, "call failed");
@@ -520,15 +511,16 @@ impl Transport {
         &self,
         target: NodeId,
         addr: &str,
-        kind: RpcKind,
-        request: &[u8],
+        rpc: &Rpc,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<RpcReply, TransportError> {
+        let kind = rpc.kind();
         let slot = self.slot(target);
         // A kept connection may have died since its last use; then one
         // fresh connection is tried.
         let mut fresh = false;
+        let mut request = None;
         let (conn, mut send, mut recv) = loop {
             let (conn, new) = timeout_at(deadline, slot.get(&self.shared, addr))
                 .await
@@ -555,6 +547,20 @@ impl Transport {
                     continue;
                 }
             }
+            // Encoded once the connection, hence the frame version, is
+            // known, and before a stream opens for it.
+            let version = Version::of(&conn);
+            if request.as_ref().is_none_or(|(v, _)| *v != version) {
+                let bytes = frame::encode_request(self.shared.node_id, rpc, version).map_err(
+                    |e| match e {
+                        FrameError::TooLarge { size, limit } => {
+                            TransportError::TooLarge { size, limit }
+                        }
+                        e => TransportError::Protocol(format!("encoding {kind}: {e}")),
+                    },
+                )?;
+                request = Some((version, bytes));
+            }
             match timeout_at(deadline, conn.open_bi()).await {
                 Err(_) => {
                     slot.discard(&conn, "opening a stream timed out");
@@ -578,6 +584,7 @@ impl Transport {
             None => TransportError::Stream(e.to_string()),
         };
         let exchange = async {
+            let (_, request) = request.as_ref().expect("encoded before the stream opened");
             send.write_all(request)
                 .await
                 .map_err(|e| stream_failed(&e))?;
@@ -586,9 +593,9 @@ impl Transport {
             let body = frame::read_frame(&mut recv, kind.reply_limit())
                 .await
                 .map_err(|e| match e {
-                    FrameError::TooLarge { .. } | FrameError::Malformed(_) => {
-                        TransportError::Protocol(e.to_string())
-                    }
+                    FrameError::TooLarge { .. }
+                    | FrameError::Malformed(_)
+                    | FrameError::BadChunk(_) => TransportError::Protocol(e.to_string()),
                     FrameError::Io(e) => stream_failed(&e),
                 })?;
             let ended = frame::take_end(&mut recv);

@@ -10,7 +10,7 @@ use openraft::EntryPayload;
 use raft_store::state::State;
 
 use super::fixture;
-use crate::cluster::frame::{self, HEADER_LIMIT};
+use crate::cluster::frame::{self, HEADER_LIMIT, Version};
 use crate::cluster::rpc::RpcKind;
 use crate::cluster::{Forward, Rpc};
 
@@ -40,11 +40,16 @@ pub fn stream(data: &[u8]) {
     let Ok(body) = ready(frame::read_frame(&mut r, header.rpc.request_limit())) else {
         return;
     };
-    if let Ok(rpc) = frame::decode_request(header.rpc, &body) {
-        assert_eq!(rpc.kind(), header.rpc);
-        exercise(&rpc);
+    for version in VERSIONS {
+        if let Ok(rpc) = frame::decode_request(header.rpc, &body, version) {
+            assert_eq!(rpc.kind(), header.rpc);
+            exercise(&rpc);
+        }
     }
 }
+
+/// Every frame version; a body is read as each.
+const VERSIONS: [Version; 2] = [Version::V1, Version::V2];
 
 const KINDS: [RpcKind; 5] = [
     RpcKind::AppendEntries,
@@ -75,9 +80,11 @@ pub fn body(data: &[u8]) {
         }
         k => {
             let kind = KINDS[usize::from(k)];
-            if let Ok(rpc) = frame::decode_request(kind, json) {
-                assert_eq!(rpc.kind(), kind);
-                exercise(&rpc);
+            for version in VERSIONS {
+                if let Ok(rpc) = frame::decode_request(kind, json, version) {
+                    assert_eq!(rpc.kind(), kind);
+                    exercise(&rpc);
+                }
             }
         }
     }
@@ -87,8 +94,22 @@ pub fn body(data: &[u8]) {
 /// Raft: a forwarded write and the commands of appended entries are
 /// applied to the fixture state; every request re-encodes.
 fn exercise(rpc: &Rpc) {
-    // Re-encoding may exceed the kind's limit only if the JSON grew.
-    let _ = frame::encode_request(1, rpc);
+    // Re-encoding may exceed the kind's limit only if the JSON grew; what
+    // version 2 encodes, it decodes to the same request.
+    let _ = frame::encode_request(1, rpc, Version::V1);
+    if let Rpc::InstallSnapshot(chunk) = rpc
+        && let Ok(again) = frame::encode_request(1, rpc, Version::V2)
+    {
+        let body = &again[4 + u32_at(&again) as usize + 4..];
+        match frame::decode_request(RpcKind::InstallSnapshot, body, Version::V2) {
+            Ok(Rpc::InstallSnapshot(back)) => {
+                assert_eq!(back.data, chunk.data);
+                assert_eq!(back.offset, chunk.offset);
+                assert_eq!(back.meta, chunk.meta);
+            }
+            other => panic!("a chunk version 2 encoded did not decode: {other:?}"),
+        }
+    }
     match rpc {
         Rpc::Forward(Forward::Write(cmd)) => fixture::apply(cmd),
         Rpc::AppendEntries(req) => {
@@ -100,4 +121,9 @@ fn exercise(rpc: &Rpc) {
         }
         _ => {}
     }
+}
+
+/// The big-endian `u32` a frame starts with.
+fn u32_at(frame: &[u8]) -> u32 {
+    u32::from_be_bytes(frame[..4].try_into().expect("a frame has a prefix"))
 }

@@ -16,7 +16,7 @@ use raft_store::types::{ClusterNode, Entry, Request};
 use uuid::Uuid;
 
 use super::fixture;
-use crate::cluster::frame;
+use crate::cluster::frame::{self, Version};
 use crate::cluster::pki::node_key_and_csr;
 use crate::cluster::{Forward, ForwardReply, PreVote, Rpc, RpcReply};
 
@@ -242,13 +242,26 @@ fn write_seeds() {
     write("gossip_delta", &deltas);
 
     // Cluster: whole request streams; bodies by kind, replies, a snapshot.
-    let streams: Vec<Vec<u8>> = rpcs()
+    let mut streams: Vec<Vec<u8>> = rpcs()
         .iter()
-        .map(|r| frame::encode_request(1, r).expect("request"))
+        .map(|r| frame::encode_request(1, r, Version::V1).expect("request"))
         .collect();
+    let version2 = rpcs()
+        .into_iter()
+        .filter(|r| matches!(r, Rpc::InstallSnapshot(_)))
+        .map(|r| frame::encode_request(1, &r, Version::V2).expect("request"));
+    let rpcs: Vec<Rpc> = rpcs()
+        .into_iter()
+        .chain(
+            rpcs()
+                .into_iter()
+                .filter(|r| matches!(r, Rpc::InstallSnapshot(_))),
+        )
+        .collect();
+    streams.extend(version2);
     write("cluster_stream", &streams);
     let mut bodies = Vec::new();
-    for (rpc, stream) in rpcs().iter().zip(&streams) {
+    for (rpc, stream) in rpcs.iter().zip(&streams) {
         let head_len = 4 + u32::from_be_bytes(stream[..4].try_into().expect("prefix")) as usize;
         bodies.push(prefixed(kind_byte(rpc), &stream[head_len + 4..]));
     }

@@ -20,10 +20,11 @@ use tracing::{Instrument, debug, debug_span, warn};
 use super::gossip;
 use super::peer::{Peer, Role};
 use super::{END_WAIT_MAX, END_WAIT_MIN, Shared, bump, codes};
-use crate::cluster::frame::{self, FrameError, HEADER_LIMIT, HEADER_TIMEOUT};
+use crate::cluster::frame::{self, FrameError, HEADER_LIMIT, HEADER_TIMEOUT, Version};
 use crate::cluster::rpc::RpcReply;
 use crate::cluster::tls::{
-    ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, negotiated_alpn, spoken, verify_peer_id, version_refused,
+    ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, ALPN_RAFT_2, negotiated_alpn, spoken, verify_peer_id,
+    version_refused,
 };
 
 /// Accepts connections until the endpoint closes.
@@ -52,7 +53,7 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     };
     match negotiated_alpn(&conn).as_deref() {
-        Some(ALPN_RAFT) => serve_raft(shared, conn, Role::Inbound).await,
+        Some(ALPN_RAFT | ALPN_RAFT_2) => serve_raft(shared, conn, Role::Inbound).await,
         Some(ALPN_GOSSIP | ALPN_GOSSIP_2) => gossip::serve(shared, conn).await,
         // rustls refuses ALPNs the server does not offer; this is for an
         // ALPN offered but not dispatched here.
@@ -146,12 +147,14 @@ async fn serve_raft(shared: Arc<Shared>, conn: Connection, role: Role) {
         shared.raft_peer_accepted(id, &conn);
     }
     let peer = Arc::new(peer);
-    debug!(?role, "raft connection up");
+    let version = Version::of(&conn);
+    debug!(?role, ?version, "raft connection up");
     loop {
         tokio::select! {
             bi = conn.accept_bi() => match bi {
                 Ok((send, recv)) => {
-                    let stream = serve_stream(Arc::clone(&shared), Arc::clone(&peer), send, recv);
+                    let stream =
+                        serve_stream(Arc::clone(&shared), Arc::clone(&peer), version, send, recv);
                     tokio::spawn(stream.in_current_span());
                 }
                 Err(e) => {
@@ -225,6 +228,7 @@ fn give_up(shared: &Shared, send: &mut SendStream, recv: &mut RecvStream, failur
 async fn serve_stream(
     shared: Arc<Shared>,
     peer: Arc<Peer>,
+    version: Version,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
@@ -246,8 +250,9 @@ async fn serve_stream(
     let kind = header.rpc;
     let rpc = match read(&mut recv, kind.request_limit(), kind.body_timeout())
         .await
-        .and_then(|b| frame::decode_request(kind, &b).map_err(|e| Failure::BadFrame(e.to_string())))
-    {
+        .and_then(|b| {
+            frame::decode_request(kind, &b, version).map_err(|e| Failure::BadFrame(e.to_string()))
+        }) {
         Ok(rpc) => rpc,
         Err(f) => return give_up(&shared, &mut send, &mut recv, f),
     };
