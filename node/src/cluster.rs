@@ -6,7 +6,7 @@
 //!                       UDP cluster_addr (one quinn Endpoint)
 //!   peer ──QUIC+mTLS──▶ ┌─────────────────────────────────────────────┐
 //!                       │ handshake: client cert must chain to the CA  │──✗ refused
-//!                       │ ALPN edgelb-raft/1 ──▶ server: per stream     │
+//!                       │ ALPN edgelb-raft/2|1 ─▶ server: per stream   │
 //!                       │   [len][Header{from,rpc}] from ≟ cert name ──┼──✗ close(IDENTITY)
 //!                       │   [len][body ≤ limit(rpc)] ──▶ RaftHandler   │──✗ reset(BAD_FRAME)
 //!                       │   ◀── [len][RpcReply]                        │
@@ -32,7 +32,9 @@
 //!   names the sender and the RPC kind, which sets the body limit: 64 MiB
 //!   for appends and snapshot chunks, 8 MiB for forwards, 64 KiB for votes
 //!   and replies other than forwards. Oversized, malformed or late frames
-//!   reset that stream only and are counted in [`TransportStats`].
+//!   reset that stream only and are counted in [`TransportStats`]. The
+//!   negotiated ALPN is the frames' version: on `edgelb-raft/2` a snapshot
+//!   chunk's data follows its JSON deflated ([`frame`]).
 //! - [`Network`]: openraft's network factory over [`Transport::call`].
 //! - Gossip ([`GossipLink`], [`GossipHandler`]): one connection per peer
 //!   (ALPN `edgelb-gossip/2`, or `/1` with a node that offers only that; apart from Raft's), a report per datagram

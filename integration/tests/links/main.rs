@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use http::StatusCode;
 use integration::cluster::CLUSTER_PORT;
-use integration::{Cluster, ClusterOptions, Link, poll};
+use integration::{Cluster, ClusterOptions, Link, poll, wait_until};
 use serde_json::{Value, json};
 
 /// `POST /v1/services` body of a small HTTP group.
@@ -701,5 +701,56 @@ async fn learners_are_promoted_while_writes_go_on_across_a_wan() -> anyhow::Resu
     promoted?;
     // The writes went on throughout.
     ensure!(pairs >= 16, "only {pairs} attach/detach pairs were written");
+    Ok(())
+}
+
+/// A leader warns of a voter whose round trip is over a third of
+/// `election_timeout` (where a lost heartbeat or two starts an election),
+/// once, and says so when it is back under a quarter: three voters 240 ms
+/// apart with T = 600 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_warns_of_a_voter_too_far_for_its_election_timeout() -> anyhow::Result<()> {
+    const FAR: &str = "is over a third of election_timeout (600 ms)";
+    const NEAR: &str = "is back under a quarter of election_timeout";
+    let cluster = Cluster::start_with(
+        3,
+        ClusterOptions {
+            relay: Some(6),
+            link: Link::delayed(Duration::from_millis(120), Duration::ZERO),
+            config: "election_timeout = \"600ms\"\n".into(),
+            log: "warn,edgelb::election=info".into(),
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
+    let warned = |what: &'static str| {
+        let cluster = &cluster;
+        async move {
+            cluster
+                .ids()
+                .into_iter()
+                .map(|id| cluster.stderr(id).matches(what).count())
+                .sum::<usize>()
+        }
+    };
+    wait_until(
+        "a warning of a voter 240 ms away",
+        Duration::from_secs(30),
+        || async { warned(FAR).await >= 2 },
+    )
+    .await?;
+    let leader = cluster.leader().await?;
+    let log = cluster.stderr(leader);
+    ensure!(log.contains("the round trip to voter"), "{log}");
+    // Once per voter, however many heartbeats went out since.
+    let voters = log.matches(FAR).count();
+    ensure!(voters == 2, "{voters} warnings on node {leader}: {log}");
+
+    cluster.relay().context("relay")?.set_all(Link::default());
+    wait_until("the voters back near", Duration::from_secs(30), || async {
+        cluster.stderr(leader).matches(NEAR).count() >= 2
+    })
+    .await?;
+    ensure!(cluster.stderr(leader).matches(FAR).count() == 2);
     Ok(())
 }

@@ -68,7 +68,7 @@
 //! trip either way. Election timing (T, the pre-vote, the lease) is
 //! untouched.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -77,7 +77,7 @@ use openraft::{RaftMetrics, ServerState};
 use raft_store::types::{ClusterNode, LogId, NodeId, Raft};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::Timing;
 use crate::cluster::{Rpc, RpcReply, Transport, TransportError};
@@ -105,6 +105,35 @@ pub(super) struct Heartbeats {
     /// What each member accepted in its last answered heartbeat (filled in
     /// by the calls' tasks).
     told: Arc<Mutex<HashMap<NodeId, Told>>>,
+    /// The voters this leader warned of as too far for T ([`Distance`]).
+    far: HashSet<NodeId>,
+}
+
+/// What a voter's round trip from the leader means for the election
+/// timeout T: at most T/3 (the README's table) a lost packet still fits in
+/// T (module docs). Over it, a voter that misses a heartbeat or two may
+/// campaign, and an election needs two round trips more: the leader warns
+/// once, until the round trip is back under T/4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Distance {
+    /// Over T/3: warn, if not yet warned.
+    TooFar,
+    /// Under T/4: a warning given is over.
+    Near,
+    /// Between the two: as it was.
+    Unchanged,
+}
+
+impl Distance {
+    fn of(rtt: Duration, t: Duration) -> Self {
+        if rtt * 3 > t {
+            Self::TooFar
+        } else if rtt * 4 < t {
+            Self::Near
+        } else {
+            Self::Unchanged
+        }
+    }
 }
 
 /// What a heartbeat told a member that accepted it, and the member's
@@ -178,6 +207,11 @@ impl Heartbeats {
             .retain(|id, _| members.iter().any(|(m, ..)| m == id));
         self.told_mut()
             .retain(|id, _| members.iter().any(|(m, ..)| m == id));
+        self.far.retain(|id| {
+            members
+                .iter()
+                .any(|(m, _, role)| m == id && *role == Role::Voter)
+        });
         let moved = match self.log {
             Some((index, since)) if index == m.last_log_index => since,
             _ => {
@@ -196,6 +230,11 @@ impl Heartbeats {
         let mut next = now + Self::period(timing, Role::Voter, active);
         let matched = m.replication.as_ref();
         for (id, addr, role) in members {
+            if role == Role::Voter
+                && let Some(rtt) = transport.rtt(id)
+            {
+                self.weigh_distance(id, rtt, timing.election_timeout);
+            }
             let holds = matched.and_then(|r| r.get(&id).copied().flatten());
             let told = Told {
                 holds,
@@ -268,6 +307,34 @@ impl Heartbeats {
     }
 }
 
+impl Heartbeats {
+    /// Warns once of voter `id` whose round trip `rtt` is too long for the
+    /// election timeout `t` ([`Distance`]), and says when it is no longer.
+    fn weigh_distance(&mut self, id: NodeId, rtt: Duration, t: Duration) {
+        let rtt_ms = rtt.as_millis();
+        let election_timeout_ms = t.as_millis();
+        match Distance::of(rtt, t) {
+            Distance::TooFar if self.far.insert(id) => warn!(
+                voter = id,
+                rtt_ms,
+                election_timeout_ms,
+                "the round trip to voter {id} ({rtt_ms} ms) is over a third of \
+                 election_timeout ({election_timeout_ms} ms): a lost heartbeat or two can \
+                 start an election; set election_timeout to at least 3 × the longest round \
+                 trip between voters"
+            ),
+            Distance::Near if self.far.remove(&id) => info!(
+                voter = id,
+                rtt_ms,
+                election_timeout_ms,
+                "the round trip to voter {id} ({rtt_ms} ms) is back under a quarter of \
+                 election_timeout"
+            ),
+            _ => {}
+        }
+    }
+}
+
 /// Whether a member needs no heartbeat now (module docs): a learner that
 /// cannot be promoted, that holds the leader's last entry (`last_index`),
 /// and that accepted a heartbeat (`before`) telling it what it would be
@@ -324,6 +391,24 @@ mod tests {
         assert!(!settled(Role::Voter, told, Some(7), Some(told)));
         let promotable = Role::Learner { promotable: true };
         assert!(!settled(promotable, told, Some(7), Some(told)));
+    }
+
+    #[test]
+    fn a_voter_further_than_a_third_of_t_is_warned_of_once() {
+        let t = Timing::default().election_timeout;
+        let ms = Duration::from_millis;
+        // The README's table: the default T holds up to 300 ms.
+        assert_eq!(Distance::of(ms(300), t), Distance::Unchanged);
+        assert_eq!(Distance::of(ms(240), t), Distance::Near);
+        assert_eq!(Distance::of(ms(334), t), Distance::TooFar);
+        let mut h = Heartbeats::default();
+        h.weigh_distance(2, ms(400), t);
+        assert!(h.far.contains(&2));
+        // Between T/4 and T/3 it stays warned of; under T/4 it is not.
+        h.weigh_distance(2, ms(300), t);
+        assert!(h.far.contains(&2));
+        h.weigh_distance(2, ms(200), t);
+        assert!(h.far.is_empty());
     }
 
     #[test]
