@@ -158,6 +158,36 @@ pub async fn try_raft_stream_offering(
     outcome?
 }
 
+/// The ALPN a node settles on with a client offering `alpns` (newest
+/// first) and presenting `cert`; `None` if the handshake fails. Bounded by
+/// 10 s.
+pub async fn agreed_alpn(
+    alpns: &[&[u8]],
+    addr: SocketAddr,
+    source: IpAddr,
+    server_name: &str,
+    cert: Option<ClientCert>,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let config = client_config(alpns, cert)?;
+    let endpoint = quinn::Endpoint::client(SocketAddr::new(source, 0))?;
+    let connecting = endpoint.connect_with(config, addr, server_name)?;
+    let conn = within(
+        &format!("a QUIC handshake with {addr}"),
+        Duration::from_secs(10),
+        connecting,
+    )
+    .await?;
+    let alpn = conn.ok().and_then(|c| {
+        let data = c.handshake_data()?;
+        let data = data
+            .downcast::<quinn::crypto::rustls::HandshakeData>()
+            .ok()?;
+        data.protocol
+    });
+    endpoint.close(0u32.into(), b"done");
+    Ok(alpn)
+}
+
 /// A client config offering `alpns` that accepts any server certificate and
 /// presents `cert` (none: no client certificate).
 fn client_config(alpns: &[&[u8]], cert: Option<ClientCert>) -> anyhow::Result<quinn::ClientConfig> {

@@ -58,7 +58,7 @@ pub const MAX_PAYLOAD_ENTRIES: u64 = 64;
 pub const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 15_000;
 
 pub use edgelb_api::pki;
-pub use frame::MAX_FRAME;
+pub use frame::{CHUNK_DATA_LIMIT, MAX_FRAME};
 pub use network::{Network, PeerNetwork, VoteSink, rpc_deadline};
 pub use pki::{
     CaBundle, PkiError, generate_ca, issue_node_cert, node_dns_name, node_key_and_csr,

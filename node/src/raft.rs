@@ -37,13 +37,16 @@ pub const SNAPSHOT_EVERY: u64 = 100_000;
 /// `network::PeerNetwork::install_snapshot`) is sent again at the same
 /// offset, up to five times in a row; one that outlasts openraft's own
 /// limit ends the send, and the next starts over from the first chunk. So
-/// each must cross a lossy long link well within that: a chunk's frame is
-/// about 3.5 times its bytes (JSON numbers), 0.9 MB, which takes about 4 s
-/// at the least window cluster connections keep (64 KiB per round trip of
-/// 300 ms: the rate under 1 % loss). openraft's default, 3 MiB (about
-/// 11 MB on the wire), never crossed that link, and the joining node never
-/// caught up.
+/// each must cross a lossy long link well within that: on `edgelb-raft/1`
+/// (a peer of an earlier release) a chunk's frame is about 3.3 times its
+/// bytes (JSON numbers), 0.85 MB, which takes about 4 s at the least window
+/// cluster connections keep (64 KiB per round trip of 300 ms: the rate
+/// under 1 % loss); on `edgelb-raft/2` it is deflated, about 0.13 MB.
+/// openraft's default, 3 MiB (about 11 MB on the wire as JSON), never
+/// crossed that link, and the joining node never caught up. At most
+/// [`crate::cluster::CHUNK_DATA_LIMIT`], which `edgelb-raft/2` fixes.
 const SNAPSHOT_CHUNK: u64 = 256 * 1024;
+const _: () = assert!(SNAPSHOT_CHUNK as usize <= crate::cluster::CHUNK_DATA_LIMIT);
 
 /// Why this node's Raft member did not start.
 #[derive(Debug, thiserror::Error)]

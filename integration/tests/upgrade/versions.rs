@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use edgelb::cluster::Forward;
-use integration::quic::{ClientCert, Outcome, frame_request, try_raft_stream_offering};
+use integration::quic::{
+    ClientCert, Outcome, agreed_alpn, frame_request, try_raft_stream_offering,
+};
 use integration::{Cluster, ClusterOptions, wait_until};
 
 use super::old_binary;
@@ -59,6 +61,22 @@ async fn check(
         other => panic!("{what}: a peer offering {offered} was not heard: {other:?}"),
     };
 
+    // The version each side settles on, offered every one.
+    let agreed = agreed_alpn(
+        &[LATER, V2, V1],
+        node,
+        source,
+        name,
+        Some(member.duplicate()),
+    )
+    .await?;
+    let expected = if reads_v2 { V2 } else { V1 };
+    assert_eq!(
+        agreed.as_deref(),
+        Some(expected),
+        "{what}: settled on {:?}",
+        agreed.as_deref().map(String::from_utf8_lossy)
+    );
     refused(offer(&[LATER]).await?, "edgelb-raft/3");
     answered(offer(&[LATER, V2, V1]).await?, "/3, /2 and /1");
     answered(offer(&[LATER, V1]).await?, "/3 and /1");

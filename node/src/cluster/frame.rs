@@ -1,4 +1,5 @@
-//! The wire format of one RPC stream: length-prefixed JSON frames.
+//! The wire format of one RPC stream: length-prefixed frames, JSON but for
+//! a snapshot chunk's data on version 2.
 //!
 //! ```text
 //!  client ─▶ server   [u32 BE len][Header json]  {"from":1,"rpc":"vote"}   ≤ 1 KiB
@@ -44,6 +45,13 @@ use super::tls::{ALPN_RAFT, ALPN_RAFT_2, negotiated_alpn};
 
 /// The largest frame anything may send: an append batch or a snapshot chunk.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+/// The most data one snapshot chunk carries on `edgelb-raft/2`, as sent
+/// and once inflated: part of that version (a receiver refuses more, so a
+/// release that sends larger chunks needs `edgelb-raft/3`). Four times the
+/// chunks this release sends; a small bound because deflate inflates up to
+/// about a thousandfold, and a peer could otherwise make a few kilobytes
+/// cost 64 MiB a stream.
+pub const CHUNK_DATA_LIMIT: usize = 1024 * 1024;
 /// The largest header frame.
 pub(crate) const HEADER_LIMIT: usize = 1024;
 /// A vote, or an answer to anything but a forward.
@@ -174,12 +182,18 @@ pub(crate) fn encode_request(
     Ok(buf)
 }
 
-/// A snapshot chunk as version 2 frames it (module docs), refused if it
-/// exceeds `limit`.
+/// A snapshot chunk as version 2 frames it (module docs), refused if its
+/// data exceeds [`CHUNK_DATA_LIMIT`] or the frame `limit`.
 fn encode_chunk(
     r: &InstallSnapshotRequest<TypeConfig>,
     limit: usize,
 ) -> Result<Vec<u8>, FrameError> {
+    if r.data.len() > CHUNK_DATA_LIMIT {
+        return Err(FrameError::TooLarge {
+            size: r.data.len(),
+            limit: CHUNK_DATA_LIMIT,
+        });
+    }
     let head = InstallSnapshotRequest::<TypeConfig> {
         vote: r.vote,
         meta: r.meta.clone(),
@@ -257,7 +271,7 @@ pub(crate) fn decode_request(
 ) -> Result<Rpc, FrameError> {
     Ok(match kind {
         RpcKind::InstallSnapshot if version == Version::V2 => {
-            Rpc::InstallSnapshot(decode_chunk(body, kind.request_limit())?)
+            Rpc::InstallSnapshot(decode_chunk(body, CHUNK_DATA_LIMIT)?)
         }
         RpcKind::AppendEntries => {
             Rpc::AppendEntries(decode::<AppendEntriesRequest<TypeConfig>>(body)?)
@@ -470,13 +484,28 @@ mod tests {
         // A body that inflates past the limit is refused once past it,
         // without inflating the rest.
         let big = body(
-            &Rpc::InstallSnapshot(chunk(vec![b' '; 1 << 20])),
+            &Rpc::InstallSnapshot(chunk(vec![b' '; CHUNK_DATA_LIMIT])),
             Version::V2,
         );
         assert!(big.len() < 16 * 1024, "{}", big.len());
         let e = decode_chunk(&big, 64 * 1024).map(|_| ()).unwrap_err();
         assert!(e.to_string().contains("past the limit of 65536"), "{e}");
-        assert!(decode_chunk(&big, 1 << 20).is_ok());
+        assert!(decode_request(RpcKind::InstallSnapshot, &big, Version::V2).is_ok());
+        // The server's bound is the chunk data limit, not the frame's: one
+        // byte more is refused, as the sender refuses to send it.
+        let mut bomb = big[..4 + json].to_vec();
+        let mut deflate = DeflateEncoder::new(Vec::new(), Compression::best());
+        deflate
+            .write_all(&vec![b' '; CHUNK_DATA_LIMIT + 1])
+            .unwrap();
+        bomb.extend_from_slice(&deflate.finish().unwrap());
+        let e = decode_request(RpcKind::InstallSnapshot, &bomb, Version::V2).unwrap_err();
+        assert!(e.to_string().contains("past the limit"), "{e}");
+        let over = Rpc::InstallSnapshot(chunk(vec![b' '; CHUNK_DATA_LIMIT + 1]));
+        assert!(matches!(
+            encode_request(1, &over, Version::V2),
+            Err(FrameError::TooLarge { .. })
+        ));
         // What the server reads: a version-1 chunk's body is not version 2.
         assert!(decode_request(RpcKind::InstallSnapshot, &v1, Version::V2).is_err());
     }

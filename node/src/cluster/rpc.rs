@@ -151,8 +151,8 @@ pub enum ForwardError {
     /// The leader's Raft stopped, or another failure. A leader below its
     /// free-space floor answers a forwarded write with this too, its
     /// message starting as [`crate::health::is_disk_full`] recognises
-    /// (a variant of its own would change the frames of `edgelb-raft/1`,
-    /// which older nodes would not decode: docs/compatibility.md).
+    /// (a variant of its own would change the frames of `edgelb-raft/1`
+    /// and `/2`, which older nodes would not decode: docs/compatibility.md).
     #[error("{0}")]
     Failed(String),
 }

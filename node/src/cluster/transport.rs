@@ -1,12 +1,13 @@
 //! [`Transport`]: the node's one QUIC endpoint, both ends of the Raft RPCs.
 //!
 //! Outgoing calls share one kept connection per peer (ALPN
-//! `edgelb-raft/1`, made in the background, or the one the peer opened to
+//! `edgelb-raft/2`, or `/1` with a peer of an earlier release; made in the
+//! background, or the one the peer opened to
 //! this node: [`peers`]), each RPC on its own bidirectional stream;
 //! a connection that failed, or whose call timed out while the peer
 //! acknowledged but served nothing, is replaced on the next call (one cut
 //! off by a partition is kept for the heal, see [`peers`]). Load gossip goes on separate
-//! connections (ALPN `edgelb-gossip/1`, [`Transport::gossip_connect`]), so
+//! connections (ALPN `edgelb-gossip/2` or `/1`, [`Transport::gossip_connect`]), so
 //! that a large report never queues behind Raft traffic or the other way
 //! round. Incoming connections are served by [`server`].
 

@@ -68,7 +68,7 @@
 //! trip either way. Election timing (T, the pre-vote, the lease) is
 //! untouched.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -105,9 +105,25 @@ pub(super) struct Heartbeats {
     /// What each member accepted in its last answered heartbeat (filled in
     /// by the calls' tasks).
     told: Arc<Mutex<HashMap<NodeId, Told>>>,
-    /// The voters this leader warned of as too far for T ([`Distance`]).
-    far: HashSet<NodeId>,
+    /// The voters this node, while leading, found too far for T
+    /// ([`Distance`]), and when it last warned of each.
+    far: HashMap<NodeId, Far>,
 }
+
+/// A voter found too far for T.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Far {
+    /// Over T/3 since it was last under T/4.
+    now: bool,
+    /// Warned of since then.
+    said: bool,
+    /// When this node last warned of it.
+    warned: Option<Instant>,
+}
+
+/// A voter whose round trip keeps crossing the band between T/4 and T/3 is
+/// warned of at most this often.
+const WARN_AGAIN: Duration = Duration::from_secs(600);
 
 /// What a voter's round trip from the leader means for the election
 /// timeout T: at most T/3 (the README's table) a lost packet still fits in
@@ -207,7 +223,7 @@ impl Heartbeats {
             .retain(|id, _| members.iter().any(|(m, ..)| m == id));
         self.told_mut()
             .retain(|id, _| members.iter().any(|(m, ..)| m == id));
-        self.far.retain(|id| {
+        self.far.retain(|id, _| {
             members
                 .iter()
                 .any(|(m, _, role)| m == id && *role == Role::Voter)
@@ -233,7 +249,7 @@ impl Heartbeats {
             if role == Role::Voter
                 && let Some(rtt) = transport.rtt(id)
             {
-                self.weigh_distance(id, rtt, timing.election_timeout);
+                self.weigh_distance(id, rtt, timing.election_timeout, now);
             }
             let holds = matched.and_then(|r| r.get(&id).copied().flatten());
             let told = Told {
@@ -308,29 +324,49 @@ impl Heartbeats {
 }
 
 impl Heartbeats {
-    /// Warns once of voter `id` whose round trip `rtt` is too long for the
-    /// election timeout `t` ([`Distance`]), and says when it is no longer.
-    fn weigh_distance(&mut self, id: NodeId, rtt: Duration, t: Duration) {
+    /// Warns of voter `id` whose round trip `rtt` is too long for the
+    /// election timeout `t` ([`Distance`]) when it becomes so (at most every
+    /// [`WARN_AGAIN`]), and says when it is back near after a warning.
+    /// Returns whether it logged.
+    fn weigh_distance(&mut self, id: NodeId, rtt: Duration, t: Duration, now: Instant) -> bool {
         let rtt_ms = rtt.as_millis();
         let election_timeout_ms = t.as_millis();
+        let far = self.far.entry(id).or_default();
         match Distance::of(rtt, t) {
-            Distance::TooFar if self.far.insert(id) => warn!(
-                voter = id,
-                rtt_ms,
-                election_timeout_ms,
-                "the round trip to voter {id} ({rtt_ms} ms) is over a third of \
-                 election_timeout ({election_timeout_ms} ms): a lost heartbeat or two can \
-                 start an election; set election_timeout to at least 3 × the longest round \
-                 trip between voters"
-            ),
-            Distance::Near if self.far.remove(&id) => info!(
-                voter = id,
-                rtt_ms,
-                election_timeout_ms,
-                "the round trip to voter {id} ({rtt_ms} ms) is back under a quarter of \
-                 election_timeout"
-            ),
-            _ => {}
+            Distance::TooFar if !far.now => {
+                far.now = true;
+                far.said = far.warned.is_none_or(|at| now >= at + WARN_AGAIN);
+                if !far.said {
+                    return false;
+                }
+                far.warned = Some(now);
+                warn!(
+                    voter = id,
+                    rtt_ms,
+                    election_timeout_ms,
+                    "the round trip to voter {id} ({rtt_ms} ms) is over a third of \
+                     election_timeout ({election_timeout_ms} ms): a lost heartbeat or two can \
+                     start an election; set election_timeout to at least 3 × the longest round \
+                     trip between voters"
+                );
+                true
+            }
+            Distance::Near if far.now => {
+                far.now = false;
+                // Said only after a warning of this stretch.
+                if !std::mem::take(&mut far.said) {
+                    return false;
+                }
+                info!(
+                    voter = id,
+                    rtt_ms,
+                    election_timeout_ms,
+                    "the round trip to voter {id} ({rtt_ms} ms) is back under a quarter of \
+                     election_timeout"
+                );
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -402,13 +438,24 @@ mod tests {
         assert_eq!(Distance::of(ms(240), t), Distance::Near);
         assert_eq!(Distance::of(ms(334), t), Distance::TooFar);
         let mut h = Heartbeats::default();
-        h.weigh_distance(2, ms(400), t);
-        assert!(h.far.contains(&2));
-        // Between T/4 and T/3 it stays warned of; under T/4 it is not.
-        h.weigh_distance(2, ms(300), t);
-        assert!(h.far.contains(&2));
-        h.weigh_distance(2, ms(200), t);
-        assert!(h.far.is_empty());
+        let start = Instant::now();
+        let at = |s| start + Duration::from_secs(s);
+        assert!(h.weigh_distance(2, ms(400), t, at(0)));
+        assert!(!h.weigh_distance(2, ms(400), t, at(1)), "warned twice");
+        // Between T/4 and T/3 nothing changes; under T/4 it is said once.
+        assert!(!h.weigh_distance(2, ms(300), t, at(2)));
+        assert!(h.weigh_distance(2, ms(200), t, at(3)));
+        assert!(!h.weigh_distance(2, ms(200), t, at(4)));
+        // A round trip that keeps crossing the band is warned of again
+        // only after WARN_AGAIN, and its returns are said only after a
+        // warning.
+        assert!(!h.weigh_distance(2, ms(400), t, at(5)));
+        assert!(!h.weigh_distance(2, ms(200), t, at(6)));
+        assert!(h.weigh_distance(2, ms(400), t, at(600)));
+        assert!(h.weigh_distance(2, ms(200), t, at(601)));
+        // Each voter on its own.
+        assert!(h.weigh_distance(3, ms(400), t, at(601)));
+        assert!(!h.weigh_distance(3, ms(400), t, at(602)));
     }
 
     #[test]
