@@ -29,10 +29,27 @@
 //! Linearizable reads are not affected: openraft confirms leadership with
 //! fresh clients that never sent entries, so their empty appends are
 //! awaited.
+//!
+//! **An append carries what the link sends in a round trip.** openraft
+//! sends up to `max_payload_entries` entries per append and gives the call
+//! its RPC limit (¾ T, 750 ms), after which it sends the same entries
+//! again. A follower 150 ms away behind a burst of writes was sent 64
+//! batch entries, about 400 KB, per append; across 1 % loss QUIC's window
+//! stays near its floor (64 KiB), so no such append crossed within the
+//! limit, every retry timed out too, and the follower stayed behind until
+//! a snapshot overtook it (for good, once the writes stopped). So an append
+//! with more than one entry is cut to the entries that fit the
+//! connection's congestion window (at least [`APPEND_FLOOR`], at most
+//! [`APPEND_CEILING`]; the first entry always goes): one flight, a round
+//! trip and a lost packet's resend within the limit. The follower's
+//! `Success` is then told to openraft as `PartialSuccess` up to the last
+//! entry sent, and openraft sends the rest next. The window grows with
+//! what the link carries, so a clean link gets large appends.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::LogId;
 use openraft::RPCTypes;
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
@@ -54,6 +71,14 @@ use super::transport::{Transport, TransportError};
 pub trait VoteSink: Send + Sync + std::fmt::Debug {
     fn votes_sent(&self);
 }
+
+/// The least an append with more than one entry may carry, in bytes of
+/// entries' JSON: the least congestion window a cluster connection keeps
+/// (`congestion::FLOOR`), hence one flight on any link.
+const APPEND_FLOOR: usize = super::congestion::FLOOR as usize;
+/// The most an append may carry whatever the window (a fast link's window
+/// grows without bound in practice): 4 MiB.
+const APPEND_CEILING: usize = 4 * 1024 * 1024;
 
 /// First wait after a peer was unreachable; doubles up to [`BACKOFF_MAX`],
 /// kept short so that replication resumes within a second of a peer
@@ -216,6 +241,51 @@ impl Failed {
     }
 }
 
+/// `rpc` cut to the entries whose JSON fits `budget` bytes (the first
+/// always kept), and the id of the last entry kept if any were cut (module
+/// docs).
+fn within_budget(
+    mut rpc: AppendEntriesRequest<TypeConfig>,
+    budget: usize,
+) -> (AppendEntriesRequest<TypeConfig>, Option<LogId<NodeId>>) {
+    if rpc.entries.len() < 2 {
+        return (rpc, None);
+    }
+    let mut used = 0;
+    let keep = rpc
+        .entries
+        .iter()
+        .position(|entry| {
+            let mut size = ByteCount(0);
+            // Into a counter, which cannot fail; an entry that does not
+            // serialise fails the call's own encoding anyway.
+            let _ = serde_json::to_writer(&mut size, entry);
+            used += size.0;
+            used > budget
+        })
+        .map_or(rpc.entries.len(), |over| over.max(1));
+    if keep == rpc.entries.len() {
+        return (rpc, None);
+    }
+    rpc.entries.truncate(keep);
+    let last = rpc.entries.last().map(|e| e.log_id);
+    (rpc, last)
+}
+
+/// An `io::Write` that only counts.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn unexpected<E: std::error::Error>(reply: &RpcReply) -> RPCError<NodeId, ClusterNode, E> {
     let e = TransportError::Protocol(format!("unexpected reply {reply:?}"));
     RPCError::Network(NetworkError::new(&e))
@@ -235,6 +305,8 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         } else {
             self.replicates = true;
         }
+        let window = self.transport.window(self.target).unwrap_or(0) as usize;
+        let (rpc, cut) = within_budget(rpc, window.clamp(APPEND_FLOOR, APPEND_CEILING));
         let reply = self
             .call(
                 Rpc::AppendEntries(rpc),
@@ -244,6 +316,9 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             .await
             .map_err(Failed::into_rpc_error)?;
         match reply {
+            RpcReply::AppendEntries(Ok(AppendEntriesResponse::Success)) if cut.is_some() => {
+                Ok(AppendEntriesResponse::PartialSuccess(cut))
+            }
             RpcReply::AppendEntries(r) => r.map_err(|e| self.remote(e).into()),
             other => Err(unexpected(&other)),
         }
@@ -295,5 +370,60 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             next = (next * 2).min(BACKOFF_MAX);
             Some(now)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload, Vote};
+    use raft_store::types::{Entry, Request};
+
+    use super::*;
+
+    /// An append of `sizes.len()` entries, each a blank entry or one whose
+    /// command is about `size` bytes of JSON.
+    fn append(sizes: &[usize]) -> AppendEntriesRequest<TypeConfig> {
+        let entries = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| Entry {
+                log_id: LogId::new(CommittedLeaderId::new(3, 1), 10 + i as u64),
+                payload: EntryPayload::Normal(Request {
+                    command: raft_store::Command::DetachInstance {
+                        group: "x".repeat(size),
+                        instance: "i".into(),
+                    },
+                }),
+            })
+            .collect();
+        AppendEntriesRequest {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: Some(LogId::new(CommittedLeaderId::new(3, 1), 9)),
+            entries,
+            leader_commit: None,
+        }
+    }
+
+    #[test]
+    fn an_append_carries_the_entries_that_fit_its_budget_and_at_least_one() {
+        // Four 40 KB entries against 100 KB: two go, and openraft is told
+        // the second is the last sent.
+        let (rpc, cut) = within_budget(append(&[40_000; 4]), 100_000);
+        assert_eq!(rpc.entries.len(), 2);
+        assert_eq!(cut.map(|l| l.index), Some(11));
+        // What fits goes whole, without a cut.
+        let (rpc, cut) = within_budget(append(&[40_000; 4]), 1_000_000);
+        assert_eq!((rpc.entries.len(), cut), (4, None));
+        // An entry larger than the budget still goes, alone.
+        let (rpc, cut) = within_budget(append(&[200_000, 10]), 100_000);
+        assert_eq!(rpc.entries.len(), 1);
+        assert_eq!(cut.map(|l| l.index), Some(10));
+        let (rpc, cut) = within_budget(append(&[200_000]), 100_000);
+        assert_eq!((rpc.entries.len(), cut), (1, None));
+        // The rest of the request is untouched.
+        assert_eq!(rpc.prev_log_id.map(|l| l.index), Some(9));
+        // 64 small entries, as openraft sends at most, fit the floor.
+        let (rpc, cut) = within_budget(append(&[300; 64]), APPEND_FLOOR);
+        assert_eq!((rpc.entries.len(), cut), (64, None));
     }
 }

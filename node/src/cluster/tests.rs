@@ -48,6 +48,8 @@ struct Echo {
     seen: Mutex<Vec<u64>>,
     /// The data of each snapshot chunk received.
     chunks: Mutex<Vec<Vec<u8>>>,
+    /// How many entries each append received carried.
+    appends: Mutex<Vec<usize>>,
 }
 
 impl Echo {
@@ -66,6 +68,10 @@ impl RaftHandler for Echo {
                     RpcReply::Forward(Ok(ForwardReply::Linearized { read_index: from }))
                 }
                 Rpc::Forward(Forward::Write(_)) => std::future::pending().await,
+                Rpc::AppendEntries(append) => {
+                    self.appends.lock().unwrap().push(append.entries.len());
+                    RpcReply::AppendEntries(Ok(openraft::raft::AppendEntriesResponse::Success))
+                }
                 Rpc::InstallSnapshot(chunk) => {
                     self.chunks.lock().unwrap().push(chunk.data);
                     RpcReply::InstallSnapshot(Ok(InstallSnapshotResponse { vote: chunk.vote }))
@@ -1064,4 +1070,78 @@ async fn a_current_node_reads_snapshot_chunks_from_an_earlier_one() {
         RpcReply::InstallSnapshot(Ok(_))
     ));
     assert_eq!(*echo.chunks.lock().unwrap(), vec![data]);
+}
+
+#[derive(Debug)]
+struct NoCampaign;
+
+impl VoteSink for NoCampaign {
+    fn votes_sent(&self) {}
+}
+
+/// An append larger than the connection's window goes out cut to what
+/// fits (at least 64 KiB, one entry at least), and openraft is told the
+/// follower matched up to the last entry sent, not the whole request's.
+#[tokio::test]
+async fn an_append_over_the_window_is_cut_and_answered_as_a_partial_success() {
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    let ca = generate_ca("test").unwrap();
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    let (server, echo) = serve(&node_tls(&ca, 2), 2);
+    let addr = server.local_addr().unwrap().to_string();
+    let client = Arc::new(client);
+    let mut network = Network::new(Arc::clone(&client), Arc::new(NoCampaign));
+    let node = raft_store::ClusterNode {
+        region: "local".into(),
+        cluster_addr: addr,
+        admin_addr: "127.0.0.1:1".into(),
+    };
+    let mut peer = network.new_client(2, &node).await;
+    let id = |index| LogId::new(CommittedLeaderId::new(3, 1), index);
+    // Eight entries of about 40 KB: 320 KB, over a fresh connection's
+    // window (256 KiB).
+    let entries = (0..8)
+        .map(|i| raft_store::types::Entry {
+            log_id: id(10 + i),
+            payload: EntryPayload::Normal(raft_store::types::Request {
+                command: Command::DetachInstance {
+                    group: "g".repeat(40_000),
+                    instance: format!("i{i}"),
+                },
+            }),
+        })
+        .collect();
+    let append = |entries| AppendEntriesRequest {
+        vote: Vote::new_committed(3, 1),
+        prev_log_id: Some(id(9)),
+        entries,
+        leader_commit: None,
+    };
+    let option = RPCOption::new(patience());
+    let reply = peer
+        .append_entries(append(entries), option.clone())
+        .await
+        .unwrap();
+    let AppendEntriesResponse::PartialSuccess(Some(last)) = reply else {
+        panic!("{reply:?}");
+    };
+    let sent = echo.appends.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1);
+    assert!((1..8).contains(&sent[0]), "{sent:?}");
+    assert_eq!(last.index, 9 + sent[0] as u64);
+    // One entry goes whole, however large.
+    let one = vec![raft_store::types::Entry {
+        log_id: id(10),
+        payload: EntryPayload::Normal(raft_store::types::Request {
+            command: Command::DetachInstance {
+                group: "g".repeat(1 << 20),
+                instance: "i".into(),
+            },
+        }),
+    }];
+    let reply = peer.append_entries(append(one), option).await.unwrap();
+    assert_eq!(reply, AppendEntriesResponse::Success);
 }

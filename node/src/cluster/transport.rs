@@ -684,6 +684,12 @@ impl Transport {
         self.shared.existing_slot(target).and_then(|s| s.rtt())
     }
 
+    /// The congestion window of the connection to `target` (bytes it sends
+    /// in one round trip), once a connection was made.
+    pub fn window(&self, target: NodeId) -> Option<u64> {
+        self.shared.existing_slot(target).and_then(|s| s.window())
+    }
+
     /// Whether calls to `target` go out on this node's own connection
     /// (`false`: on the one `target` opened); `None` without one.
     #[cfg(test)]

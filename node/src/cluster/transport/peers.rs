@@ -470,6 +470,12 @@ impl PeerSlot {
         self.in_use().map(|c| c.rtt())
     }
 
+    /// The congestion window of the connection calls use, if there is one:
+    /// what it sends in one round trip.
+    pub(crate) fn window(&self) -> Option<u64> {
+        self.in_use().map(|c| c.stats().path.cwnd)
+    }
+
     /// The open connection calls go out on now (this node's or the
     /// peer's).
     pub(crate) fn in_use(&self) -> Option<Connection> {
