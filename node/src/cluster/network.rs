@@ -38,13 +38,18 @@
 //! stays near its floor (64 KiB), so no such append crossed within the
 //! limit, every retry timed out too, and the follower stayed behind until
 //! a snapshot overtook it (for good, once the writes stopped). So an append
-//! with more than one entry is cut to the entries that fit the
-//! connection's congestion window (at least [`APPEND_FLOOR`], at most
-//! [`APPEND_CEILING`]; the first entry always goes): one flight, a round
-//! trip and a lost packet's resend within the limit. The follower's
+//! with more than one entry is cut to the entries that the connection's
+//! congestion window sends in the round trips the call's limit leaves
+//! room for, besides a lost packet's resend ([`append_budget`]: one window
+//! on a 300 ms link, several on a fast one; at least [`APPEND_FLOOR`], at
+//! most [`APPEND_CEILING`]; the first entry always goes). The follower's
 //! `Success` is then told to openraft as `PartialSuccess` up to the last
-//! entry sent, and openraft sends the rest next. The window grows with
-//! what the link carries, so a clean link gets large appends.
+//! entry sent, and openraft sends the rest next. One entry larger than
+//! that still goes whole, and across such a link still cannot cross: the
+//! leader's batches stay within [`APPEND_FLOOR`] (`store::batch`), so only
+//! a single command that large (a certificate, a group's domains set to
+//! hundreds of names) is sent so, and a link that slow needs a larger
+//! `election_timeout` for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +84,31 @@ const APPEND_FLOOR: usize = super::congestion::FLOOR as usize;
 /// The most an append may carry whatever the window (a fast link's window
 /// grows without bound in practice): 4 MiB.
 const APPEND_CEILING: usize = 4 * 1024 * 1024;
+/// Kept free of a call's time beyond its last round trip: a lost packet's
+/// resend (QUIC's probe timeout, about a round trip and 45 ms more) and
+/// the follower's fsync.
+const APPEND_SLACK: Duration = Duration::from_millis(100);
+
+/// How many bytes of entries an append to a peer may carry (module docs):
+/// what the connection's congestion window `window` sends in the round
+/// trips of `rtt` that fit the call's `deadline` besides one more round
+/// trip and [`APPEND_SLACK`]; at least one window. So a 300 ms link with a
+/// 750 ms limit gets one window, and a fast link several, which keeps
+/// QUIC's window growing (an append smaller than the window leaves the
+/// connection application-limited, and Cubic grows no window then). Before
+/// a connection exists, [`APPEND_FLOOR`].
+fn append_budget(window: Option<u64>, rtt: Option<Duration>, deadline: Duration) -> usize {
+    let (Some(window), Some(rtt)) = (window, rtt) else {
+        return APPEND_FLOOR;
+    };
+    let spare = deadline.saturating_sub(rtt + APPEND_SLACK);
+    let rounds = spare.as_micros() / rtt.as_micros().max(1);
+    let rounds = usize::try_from(rounds.clamp(1, 64)).unwrap_or(1);
+    usize::try_from(window)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(rounds)
+        .clamp(APPEND_FLOOR, APPEND_CEILING)
+}
 
 /// First wait after a peer was unreachable; doubles up to [`BACKOFF_MAX`],
 /// kept short so that replication resumes within a second of a peer
@@ -305,8 +335,13 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         } else {
             self.replicates = true;
         }
-        let window = self.transport.window(self.target).unwrap_or(0) as usize;
-        let (rpc, cut) = within_budget(rpc, window.clamp(APPEND_FLOOR, APPEND_CEILING));
+        let rtt = self.transport.rtt(self.target);
+        let budget = append_budget(
+            self.transport.window(self.target),
+            rtt,
+            rpc_deadline(option.hard_ttl(), rtt),
+        );
+        let (rpc, cut) = within_budget(rpc, budget);
         let reply = self
             .call(
                 Rpc::AppendEntries(rpc),
@@ -380,8 +415,8 @@ mod tests {
 
     use super::*;
 
-    /// An append of `sizes.len()` entries, each a blank entry or one whose
-    /// command is about `size` bytes of JSON.
+    /// An append of `sizes.len()` entries, each one whose command is about
+    /// `size` bytes of JSON.
     fn append(sizes: &[usize]) -> AppendEntriesRequest<TypeConfig> {
         let entries = sizes
             .iter()
@@ -425,5 +460,27 @@ mod tests {
         // 64 small entries, as openraft sends at most, fit the floor.
         let (rpc, cut) = within_budget(append(&[300; 64]), APPEND_FLOOR);
         assert_eq!((rpc.entries.len(), cut), (64, None));
+    }
+
+    #[test]
+    fn an_append_gets_the_windows_its_call_has_round_trips_for() {
+        let ms = Duration::from_millis;
+        let window = Some(256 * 1024);
+        // 300 ms with the default limit (750 ms): one window.
+        assert_eq!(append_budget(window, Some(ms(300)), ms(750)), 256 * 1024);
+        // 50 ms (a limit of 400 ms): five round trips and the slack.
+        assert_eq!(append_budget(window, Some(ms(50)), ms(400)), 5 * 256 * 1024);
+        // Loopback: the ceiling.
+        let fast = Some(Duration::from_micros(200));
+        assert_eq!(append_budget(window, fast, ms(300)), APPEND_CEILING);
+        // A link slower than its limit: still one window, and never under
+        // the floor; before a connection, the floor.
+        assert_eq!(append_budget(window, Some(ms(900)), ms(750)), 256 * 1024);
+        assert_eq!(
+            append_budget(Some(1_000), Some(ms(10)), ms(300)),
+            APPEND_FLOOR
+        );
+        assert_eq!(append_budget(None, None, ms(750)), APPEND_FLOOR);
+        assert_eq!(append_budget(window, None, ms(750)), APPEND_FLOOR);
     }
 }

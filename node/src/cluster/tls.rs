@@ -373,8 +373,10 @@ fn transport_config(keep_alive: Option<Duration>, idle: Duration) -> quinn::Tran
     // slower link only costs a few early resends of a small packet.
     t.initial_rtt(INITIAL_RTT);
     // Peers are few and known: a larger first window lets a catch-up
-    // append of a few hundred kB cross a 300 ms link in one or two round
-    // trips instead of the four of a standard slow start; and a window
+    // append of a few hundred kB cross a 300 ms link in one round trip
+    // (appends are cut to what the window sends within the call's limit,
+    // `network::append_budget`) instead of the four of a standard slow
+    // start; and a window
     // cut by a lossy spell never blocks the first call after it heals
     // (see `congestion`).
     let mut cubic = quinn::congestion::CubicConfig::default();

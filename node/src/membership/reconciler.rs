@@ -114,7 +114,8 @@ struct View {
 }
 
 /// How many entries a learner may lag the leader's commit index and still
-/// be promoted: two appends.
+/// be promoted: two full appends (fewer entries go in one when they
+/// outweigh what the link carries in a round trip, `cluster::network`).
 const MAX_LAG_ENTRIES: u64 = 2 * crate::cluster::MAX_PAYLOAD_ENTRIES;
 
 /// The leader's commit index, and when it was read.
@@ -359,8 +360,8 @@ impl Task {
                 &self.raft,
                 &transport,
                 alive_within,
-                // And at most two appends behind now: joining a voter that
-                // lags holds up every commit until it has caught up.
+                // And at most two full appends behind now: joining a voter
+                // that lags holds up every commit until it has caught up.
                 reached.max(committed(&self.raft).saturating_sub(MAX_LAG_ENTRIES)),
             ),
         );

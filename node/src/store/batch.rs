@@ -48,8 +48,12 @@ pub(crate) type Outcome = Result<(u64, Result<Applied, ApplyError>), ForwardErro
 const IN_FLIGHT: usize = 2;
 /// Commands in one entry, at most.
 const MAX_COMMANDS: usize = 64;
-/// Encoded commands in one entry, at most (a larger command goes alone).
-const MAX_BYTES: usize = 512 * 1024;
+/// Encoded commands in one entry, at most (a larger command goes alone):
+/// the least a cluster connection sends in a round trip (64 KiB), so that
+/// a batch crosses a slow, lossy link within a call's limit
+/// (`cluster::network`: appends are cut to what the link carries, but one
+/// entry always goes whole).
+const MAX_BYTES: usize = 64 * 1024;
 /// How often a member that does not (yet) read batches is asked again.
 const ASK_AGAIN: Duration = Duration::from_secs(2);
 /// How long asking a member may take.
