@@ -50,8 +50,14 @@ mod transport;
 #[cfg(test)]
 mod tests;
 
-/// The most entries one append carries (openraft's `max_payload_entries`).
-pub const MAX_PAYLOAD_ENTRIES: u64 = 64;
+/// The most entries one append carries (openraft's `max_payload_entries`):
+/// as many as 256, since an append's bytes are bounded by what the link
+/// carries within the call's limit (`network::append_budget`). openraft
+/// keeps one append in flight per follower, so this is what a follower a
+/// round trip away can take per round trip: with 64, a leader committing
+/// more than about 210 entries a second left a learner 300 ms away behind
+/// for as long as the writes went on, and it was never promoted.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 256;
 
 /// How long one snapshot chunk's call may take, in milliseconds
 /// (openraft's `install_snapshot_timeout`; see `raft::SNAPSHOT_CHUNK`).

@@ -114,9 +114,9 @@ struct View {
 }
 
 /// How many entries a learner may lag the leader's commit index and still
-/// be promoted: two full appends (fewer entries go in one when they
-/// outweigh what the link carries in a round trip, `cluster::network`).
-const MAX_LAG_ENTRIES: u64 = 2 * crate::cluster::MAX_PAYLOAD_ENTRIES;
+/// be promoted: at most an append's worth (fewer entries go in one when
+/// they outweigh what the link carries in a round trip, `cluster::network`).
+const MAX_LAG_ENTRIES: u64 = 128;
 
 /// The leader's commit index, and when it was read.
 type Sample = (Instant, u64);
@@ -360,8 +360,8 @@ impl Task {
                 &self.raft,
                 &transport,
                 alive_within,
-                // And at most two full appends behind now: joining a voter
-                // that lags holds up every commit until it has caught up.
+                // And at most an append behind now: joining a voter that
+                // lags holds up every commit until it has caught up.
                 reached.max(committed(&self.raft).saturating_sub(MAX_LAG_ENTRIES)),
             ),
         );
