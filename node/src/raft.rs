@@ -125,8 +125,10 @@ pub fn raft_config(timing: &Timing) -> Result<openraft::Config, StartError> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
         max_in_snapshot_log_to_keep: 100,
         purge_batch_size: 64,
-        // Appends stay small enough to cross a slow link within the RPC
-        // limit.
+        // At most this many entries an append; its bytes are cut to what
+        // the link carries within the RPC limit
+        // (`cluster::network::append_budget`), and the log store reads at
+        // most 1 MiB of them (`raft_store::log_store::REPLICATION_READ_BYTES`).
         max_payload_entries: MAX_PAYLOAD_ENTRIES,
         ..timing.openraft()
     }

@@ -277,7 +277,26 @@ fn bounds(range: &impl RangeBounds<u64>) -> (u64, Option<u64>) {
     (start, end)
 }
 
+/// The most bytes of stored entries one read for replication returns (at
+/// least one entry): openraft reads an append's whole range, up to
+/// `max_payload_entries`, and after each partial success (the node cuts
+/// an append to what the link carries) it reads the rest of that range
+/// again, so an unbounded read decoded the same entries over and over on
+/// a slow link.
+pub const REPLICATION_READ_BYTES: usize = 1024 * 1024;
+
 fn read_entries(db: &Database, start: u64, end: Option<u64>) -> Result<Vec<Entry>, StoreError> {
+    read_entries_within(db, start, end, usize::MAX)
+}
+
+/// [`read_entries`], stopping once the rows read pass `max_bytes` (the
+/// first always read).
+fn read_entries_within(
+    db: &Database,
+    start: u64,
+    end: Option<u64>,
+    max_bytes: usize,
+) -> Result<Vec<Entry>, StoreError> {
     let txn = db.begin_read()?;
     // Rows at or below `last_purged` not removed yet are not in the log.
     let purged: Option<LogId> = meta_value(&txn.open_table(META)?, LAST_PURGED)?;
@@ -289,8 +308,13 @@ fn read_entries(db: &Database, start: u64, end: Option<u64>) -> Result<Vec<Entry
         None => table.range(start..)?,
     };
     let mut entries = Vec::new();
+    let mut bytes = 0usize;
     for row in rows {
         let (k, v) = row?;
+        if !entries.is_empty() && bytes.saturating_add(v.value().len()) > max_bytes {
+            break;
+        }
+        bytes = bytes.saturating_add(v.value().len());
         entries.push(decode_entry(k.value(), v.value())?);
     }
     Ok(entries)
@@ -321,6 +345,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
         db::blocking(&self.db, move |db| read_entries(db, start, end))
             .await
             .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Read))
+    }
+
+    /// At most [`REPLICATION_READ_BYTES`] of `[start, end)` (at least one
+    /// entry of a non-empty range).
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        db::blocking(&self.db, move |db| {
+            read_entries_within(db, start, Some(end), REPLICATION_READ_BYTES)
+        })
+        .await
+        .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Read))
     }
 }
 

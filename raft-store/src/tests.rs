@@ -289,6 +289,44 @@ async fn purge_and_truncate_survive_reopen() {
     assert!(log.try_get_log_entries(reversed).await.unwrap().is_empty());
 }
 
+/// Replication's reads stop once past `REPLICATION_READ_BYTES` (openraft
+/// reads the rest of a range again after each partial success), and always
+/// return at least one entry of a non-empty range.
+#[tokio::test]
+async fn replication_reads_are_bounded_in_bytes() {
+    let dir = TempDir::new();
+    let (mut log, _sm) = open(dir.path());
+    // Ten entries of about 300 KB.
+    let big = |index| {
+        normal(
+            index,
+            Command::DetachInstance {
+                group: "g".repeat(300_000),
+                instance: format!("i{index}"),
+            },
+        )
+    };
+    log.blocking_append((1..=10).map(big)).await.unwrap();
+    let limited = log.limited_get_log_entries(1, 11).await.unwrap();
+    let indexes: Vec<u64> = limited.iter().map(|e| e.log_id.index).collect();
+    assert_eq!(indexes, [1, 2, 3]);
+    // From where openraft goes on, and one entry however large.
+    let next = log.limited_get_log_entries(4, 11).await.unwrap();
+    assert_eq!(next.first().map(|e| e.log_id.index), Some(4));
+    assert_eq!(next.len(), 3);
+    let huge = normal(
+        11,
+        Command::DetachInstance {
+            group: "g".repeat(2 * log_store::REPLICATION_READ_BYTES),
+            instance: "i".into(),
+        },
+    );
+    log.blocking_append([huge]).await.unwrap();
+    assert_eq!(log.limited_get_log_entries(11, 12).await.unwrap().len(), 1);
+    // Other reads are whole.
+    assert_eq!(log.try_get_log_entries(1..12).await.unwrap().len(), 11);
+}
+
 /// The indexes of the rows in the log file of `dir`, purged or not.
 fn log_rows(dir: &Path) -> Vec<u64> {
     let db = Database::create(dir.join(log_store::FILE)).unwrap();

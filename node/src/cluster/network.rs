@@ -46,7 +46,7 @@
 //! `Success` is then told to openraft as `PartialSuccess` up to the last
 //! entry sent, and openraft sends the rest next. One entry larger than
 //! that still goes whole, and across such a link still cannot cross: the
-//! leader's batches stay within [`APPEND_FLOOR`] (`store::batch`), so only
+//! leader's batches stay under [`APPEND_FLOOR`] (`store::batch`), so only
 //! a single command that large (a certificate, a group's domains set to
 //! hundreds of names) is sent so, and a link that slow needs a larger
 //! `election_timeout` for it.
@@ -457,7 +457,7 @@ mod tests {
         assert_eq!((rpc.entries.len(), cut), (1, None));
         // The rest of the request is untouched.
         assert_eq!(rpc.prev_log_id.map(|l| l.index), Some(9));
-        // 64 small entries, as openraft sends at most, fit the floor.
+        // 64 small entries fit the floor.
         let (rpc, cut) = within_budget(append(&[300; 64]), APPEND_FLOOR);
         assert_eq!((rpc.entries.len(), cut), (64, None));
     }

@@ -114,7 +114,7 @@ struct View {
 }
 
 /// How many entries a learner may lag the leader's commit index and still
-/// be promoted: at most an append's worth (fewer entries go in one when
+/// be promoted: half the most one append carries (fewer go in one when
 /// they outweigh what the link carries in a round trip, `cluster::network`).
 const MAX_LAG_ENTRIES: u64 = 128;
 
@@ -360,8 +360,8 @@ impl Task {
                 &self.raft,
                 &transport,
                 alive_within,
-                // And at most an append behind now: joining a voter that
-                // lags holds up every commit until it has caught up.
+                // And at most MAX_LAG_ENTRIES behind now: joining a voter
+                // that lags holds up every commit until it has caught up.
                 reached.max(committed(&self.raft).saturating_sub(MAX_LAG_ENTRIES)),
             ),
         );

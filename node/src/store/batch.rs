@@ -49,11 +49,11 @@ const IN_FLIGHT: usize = 2;
 /// Commands in one entry, at most.
 const MAX_COMMANDS: usize = 64;
 /// Encoded commands in one entry, at most (a larger command goes alone):
-/// the least a cluster connection sends in a round trip (64 KiB), so that
-/// a batch crosses a slow, lossy link within a call's limit
-/// (`cluster::network`: appends are cut to what the link carries, but one
-/// entry always goes whole).
-const MAX_BYTES: usize = 64 * 1024;
+/// under the least a cluster connection sends in a round trip (64 KiB,
+/// less the entry's and the frame's own bytes), so that a batch crosses a
+/// slow, lossy link within a call's limit (`cluster::network`: appends
+/// are cut to what the link carries, but one entry always goes whole).
+const MAX_BYTES: usize = 60 * 1024;
 /// How often a member that does not (yet) read batches is asked again.
 const ASK_AGAIN: Duration = Duration::from_secs(2);
 /// How long asking a member may take.
