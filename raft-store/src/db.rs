@@ -471,6 +471,25 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
     })
 }
 
+/// The length of `value`'s JSON, as [`encode`] would make it (a log row
+/// is an entry's), without building it; `None` if it does not serialise.
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Option<usize> {
+    /// Counts what is written to it.
+    struct Count(usize);
+    impl io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).ok()?;
+    Some(count.0)
+}
+
 /// Decodes JSON `bytes`, naming `what` in the error.
 pub(crate) fn decode<T: DeserializeOwned>(
     bytes: &[u8],

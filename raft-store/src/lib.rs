@@ -114,7 +114,7 @@ mod tests;
 
 pub use changes::Changed;
 pub use command::{Command, Patch, PatchOp};
-pub use db::{Seal, StoreError};
+pub use db::{Seal, StoreError, encoded_len};
 pub use log_store::{LogStore, WeakLogStore};
 pub use model::{
     Certificate, DEFAULT_HARD_LIMIT, Domain, Handler, Instance, ModelError, Service, ServiceGroup,

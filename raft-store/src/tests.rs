@@ -327,6 +327,15 @@ async fn replication_reads_are_bounded_in_bytes() {
     assert_eq!(log.try_get_log_entries(1..12).await.unwrap().len(), 11);
 }
 
+/// `encoded_len` is the length of the row an entry is stored as.
+#[test]
+fn encoded_len_is_the_stored_length() {
+    for entry in history() {
+        let row = crate::db::encode(&entry, "entry").unwrap();
+        assert_eq!(crate::encoded_len(&entry), Some(row.len()));
+    }
+}
+
 /// The indexes of the rows in the log file of `dir`, purged or not.
 fn log_rows(dir: &Path) -> Vec<u64> {
     let db = Database::create(dir.join(log_store::FILE)).unwrap();

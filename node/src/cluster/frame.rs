@@ -150,6 +150,12 @@ impl RpcKind {
 pub(crate) fn encode<T: Serialize>(value: &T, limit: usize) -> Result<Vec<u8>, FrameError> {
     let mut buf = vec![0; 4];
     serde_json::to_writer(&mut buf, value)?;
+    seal(buf, limit)
+}
+
+/// `buf` (four bytes kept for the prefix, then a body) with its length
+/// prefix written, refused if the body exceeds `limit`.
+fn seal(mut buf: Vec<u8>, limit: usize) -> Result<Vec<u8>, FrameError> {
     let size = buf.len() - 4;
     if size > limit {
         return Err(FrameError::TooLarge { size, limit });
@@ -201,23 +207,18 @@ fn encode_chunk(
         data: Vec::new(),
         done: r.done,
     };
-    // Prefix, the JSON's length, the JSON, then the data.
-    let mut buf = vec![0; 8];
-    serde_json::to_writer(&mut buf, &head)?;
-    let json = u32::try_from(buf.len() - 8).expect("a chunk's JSON without its data is small");
-    buf[4..8].copy_from_slice(&json.to_be_bytes());
+    // The frame's prefix, then the JSON as a frame of its own, then the
+    // data.
+    let mut buf = vec![0; 4];
+    buf.extend_from_slice(&encode(&head, limit)?);
     // The fastest level: the data is JSON, which even that shrinks about
     // tenfold, and a chunk is deflated within its call's time.
     let mut deflate = DeflateEncoder::new(buf, Compression::fast());
     let written = deflate.write_all(&r.data).and_then(|()| deflate.finish());
-    let mut buf = written.map_err(|e| FrameError::BadChunk(format!("deflating: {e}")))?;
-    let size = buf.len() - 4;
-    if size > limit {
-        return Err(FrameError::TooLarge { size, limit });
-    }
-    let len = u32::try_from(size).map_err(|_| FrameError::TooLarge { size, limit })?;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
-    Ok(buf)
+    seal(
+        written.map_err(|e| FrameError::BadChunk(format!("deflating: {e}")))?,
+        limit,
+    )
 }
 
 /// A version-2 snapshot chunk's body; its data may inflate to at most

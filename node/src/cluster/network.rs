@@ -82,7 +82,9 @@ pub trait VoteSink: Send + Sync + std::fmt::Debug {
 /// (`congestion::FLOOR`), hence one flight on any link.
 const APPEND_FLOOR: usize = super::congestion::FLOOR as usize;
 /// The most an append may carry whatever the window (a fast link's window
-/// grows without bound in practice): 4 MiB.
+/// grows without bound in practice): 4 MiB. The log store reads at most
+/// 1 MiB for one (`raft_store::log_store::REPLICATION_READ_BYTES`), so an
+/// append of several entries stays under that in any case.
 const APPEND_CEILING: usize = 4 * 1024 * 1024;
 /// Kept free of a call's time beyond its last round trip: a lost packet's
 /// resend (QUIC's probe timeout, about a round trip and 45 ms more) and
@@ -175,19 +177,11 @@ pub struct PeerNetwork {
 }
 
 impl PeerNetwork {
+    /// Sends `rpc`, waiting at most `ttl` for the answer.
     async fn call(&self, rpc: Rpc, action: RPCTypes, ttl: Duration) -> Result<RpcReply, Failed> {
         let entries = match &rpc {
             Rpc::AppendEntries(r) => r.entries.len(),
             _ => 0,
-        };
-        let ttl = match action {
-            // A snapshot chunk carries megabytes: keep openraft's limit.
-            // A vote needs the voter's fsync, and a candidate is elected at
-            // its first quorum, so a dead voter's longer wait delays
-            // nothing, while a live but slow one's timeout cost a round:
-            // openraft's vote limit (`Timing::vote_limit`), from the send.
-            RPCTypes::InstallSnapshot | RPCTypes::Vote => ttl,
-            _ => rpc_deadline(ttl, self.transport.rtt(self.target)),
         };
         self.transport
             .call(self.target, &self.node.cluster_addr, rpc, ttl)
@@ -286,11 +280,9 @@ fn within_budget(
         .entries
         .iter()
         .position(|entry| {
-            let mut size = ByteCount(0);
-            // Into a counter, which cannot fail; an entry that does not
-            // serialise fails the call's own encoding anyway.
-            let _ = serde_json::to_writer(&mut size, entry);
-            used += size.0;
+            // An entry that does not serialise fails the call's own
+            // encoding anyway.
+            used += raft_store::encoded_len(entry).unwrap_or(0);
             used > budget
         })
         .map_or(rpc.entries.len(), |over| over.max(1));
@@ -300,20 +292,6 @@ fn within_budget(
     rpc.entries.truncate(keep);
     let last = rpc.entries.last().map(|e| e.log_id);
     (rpc, last)
-}
-
-/// An `io::Write` that only counts.
-struct ByteCount(usize);
-
-impl std::io::Write for ByteCount {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 fn unexpected<E: std::error::Error>(reply: &RpcReply) -> RPCError<NodeId, ClusterNode, E> {
@@ -336,18 +314,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             self.replicates = true;
         }
         let rtt = self.transport.rtt(self.target);
-        let budget = append_budget(
-            self.transport.window(self.target),
-            rtt,
-            rpc_deadline(option.hard_ttl(), rtt),
-        );
+        let deadline = rpc_deadline(option.hard_ttl(), rtt);
+        let budget = append_budget(self.transport.window(self.target), rtt, deadline);
         let (rpc, cut) = within_budget(rpc, budget);
         let reply = self
-            .call(
-                Rpc::AppendEntries(rpc),
-                RPCTypes::AppendEntries,
-                option.hard_ttl(),
-            )
+            .call(Rpc::AppendEntries(rpc), RPCTypes::AppendEntries, deadline)
             .await
             .map_err(Failed::into_rpc_error)?;
         match reply {
@@ -364,7 +335,8 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        // Inside openraft's own limit (`hard_ttl`), so that a chunk that
+        // A chunk carries up to a megabyte: openraft's limit, not one of
+        // round trips, but inside it (`hard_ttl`), so that a chunk that
         // times out is sent again where it was, not the whole snapshot.
         let reply = self
             .call(
@@ -386,7 +358,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
         // The candidate's vote is on disk now: its round's wait for
-        // answers starts (`election`).
+        // answers starts (`election`). A vote needs the voter's fsync, and
+        // a candidate is elected at its first quorum, so a dead voter's
+        // longer wait delays nothing, while a live but slow one's timeout
+        // cost a round: openraft's vote limit (`Timing::vote_limit`), from
+        // the send, not one of round trips.
         self.campaign.votes_sent();
         let reply = self
             .call(Rpc::Vote(rpc), RPCTypes::Vote, option.hard_ttl())

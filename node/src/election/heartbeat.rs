@@ -321,9 +321,7 @@ impl Heartbeats {
         }
         next
     }
-}
 
-impl Heartbeats {
     /// Warns of voter `id` whose round trip `rtt` is too long for the
     /// election timeout `t` ([`Distance`]) when it becomes so (at most every
     /// [`WARN_AGAIN`]), and says when it is back near after a warning.

@@ -109,7 +109,7 @@ impl Batcher {
     /// so that the queue never waits for the answers); otherwise it is
     /// answered 409 naming the member, unqueued.
     pub(crate) fn submit(&self, cmd: Command) -> impl Future<Output = Outcome> + use<> {
-        let size = serde_json::to_vec(&cmd).map_or(usize::MAX, |v| v.len());
+        let size = raft_store::encoded_len(&cmd).unwrap_or(usize::MAX);
         let gated = cmd.uses_group_options()
             && self.raft.metrics().borrow().current_leader == Some(self.readers.me);
         let tx = self.tx.clone();
