@@ -42,20 +42,29 @@
 //! congestion window sends in the round trips the call's limit leaves
 //! room for, besides a lost packet's resend ([`append_budget`]: one window
 //! on a 300 ms link, several on a fast one; at least [`APPEND_FLOOR`], at
-//! most [`APPEND_CEILING`]; the first entry always goes). The follower's
-//! `Success` is then told to openraft as `PartialSuccess` up to the last
-//! entry sent, and openraft sends the rest next. One entry larger than
-//! that still goes whole, and across such a link still cannot cross: the
-//! leader's batches stay under [`APPEND_FLOOR`] (`store::batch`), so only
-//! a single command that large (a certificate, a group's domains set to
-//! hundreds of names) is sent so, and a link that slow needs a larger
-//! `election_timeout` for it.
+//! most [`APPEND_CEILING`]). The follower's `Success` is then told to
+//! openraft as `PartialSuccess` up to the last entry sent, and openraft
+//! sends the rest next. The first entry always goes whole; the leader's
+//! batches stay under [`APPEND_FLOOR`] (`store::batch`), so only a single
+//! command is larger than a budget (a certificate, a group with thousands
+//! of domains).
+//!
+//! **An append of one entry larger than its budget goes on past the
+//! limit.** openraft gives every append the same limit and, when it runs
+//! out, sends the same entry again from the start: a 900 KB command to a
+//! follower 150 ms away across 1 % loss crossed only once QUIC's window
+//! had grown through the failed sendings (6–26 s, one run sending it 30
+//! times, 750 ms of it each), with twice its bytes on the wire. Such an
+//! append is sent by a task of its own, allowed as long as a snapshot
+//! chunk ([`LONG_APPEND_LIMIT`]); the call waits for it within its limit
+//! and, when that runs out, answers `Timeout` as before, and openraft's
+//! next append of the same entry (same leader's vote, same previous entry)
+//! waits on the same task instead of sending it again. Any other append
+//! from the stream, or the stream's end, drops it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::LogId;
-use openraft::RPCTypes;
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
     Unreachable,
@@ -65,7 +74,10 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{LogId, RPCTypes, Vote};
 use raft_store::{ClusterNode, NodeId, TypeConfig};
+use tokio::task::JoinHandle;
+use tracing::info;
 
 use super::rpc::{Rpc, RpcReply};
 use super::transport::{Transport, TransportError};
@@ -111,6 +123,12 @@ fn append_budget(window: Option<u64>, rtt: Option<Duration>, deadline: Duration)
         .saturating_mul(rounds)
         .clamp(APPEND_FLOOR, APPEND_CEILING)
 }
+
+/// How long an append of one entry larger than its budget may go on
+/// (module docs): a snapshot chunk's limit, the longest a call takes (a
+/// connection that is retired stays open that long for the calls on it).
+/// A megabyte crosses a 300 ms link in it at the least window QUIC keeps.
+const LONG_APPEND_LIMIT: Duration = Duration::from_millis(super::SNAPSHOT_CHUNK_TIMEOUT_MS);
 
 /// First wait after a peer was unreachable; doubles up to [`BACKOFF_MAX`],
 /// kept short so that replication resumes within a second of a peer
@@ -161,6 +179,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             node: node.clone(),
             replicates: false,
+            long: None,
         }
     }
 }
@@ -174,6 +193,23 @@ pub struct PeerNetwork {
     node: ClusterNode,
     /// Whether this client sent entries: it is a replication stream's.
     replicates: bool,
+    /// The append of one large entry going on past openraft's limit.
+    long: Option<LongAppend>,
+}
+
+/// An append of one entry larger than its budget, sent by a task of its
+/// own (module docs); aborted when dropped.
+#[derive(Debug)]
+struct LongAppend {
+    /// Which append it is: the leader's vote, the entry before, the entry.
+    key: (Vote<NodeId>, Option<LogId<NodeId>>, LogId<NodeId>),
+    task: JoinHandle<Result<RpcReply, TransportError>>,
+}
+
+impl Drop for LongAppend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl PeerNetwork {
@@ -186,19 +222,76 @@ impl PeerNetwork {
         self.transport
             .call(self.target, &self.node.cluster_addr, rpc, ttl)
             .await
-            .inspect_err(|e| {
-                if e.is_unreachable() || matches!(e, TransportError::Timeout(_)) {
-                    self.transport.note_unreachable(self.target, &e.to_string());
-                }
-            })
-            .map_err(|e| Failed {
-                error: e,
-                action,
+            .map_err(|e| self.failed(e, action, ttl, entries))
+    }
+
+    /// `error` of a call limited to `ttl`, noted when it says the peer is
+    /// out of reach.
+    fn failed(
+        &self,
+        error: TransportError,
+        action: RPCTypes,
+        ttl: Duration,
+        entries: usize,
+    ) -> Failed {
+        if error.is_unreachable() || matches!(error, TransportError::Timeout(_)) {
+            self.transport
+                .note_unreachable(self.target, &error.to_string());
+        }
+        Failed {
+            error,
+            action,
+            from: self.transport.node_id(),
+            target: self.target,
+            ttl,
+            entries,
+        }
+    }
+
+    /// Sends `rpc`, an append of one entry larger than the link carries
+    /// within `wait` (module docs), by a task allowed
+    /// [`LONG_APPEND_LIMIT`], or finds the one already sending it; waits
+    /// at most `wait` for the answer.
+    async fn go_on(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        entry: LogId<NodeId>,
+        wait: Duration,
+    ) -> Result<RpcReply, Failed> {
+        let key = (rpc.vote, rpc.prev_log_id, entry);
+        let long = match &mut self.long {
+            Some(long) if long.key == key => long,
+            long => {
+                let (transport, target) = (Arc::clone(&self.transport), self.target);
+                let addr = self.node.cluster_addr.clone();
+                info!(
+                    target,
+                    index = entry.index,
+                    bytes = rpc.entries.first().and_then(raft_store::encoded_len),
+                    limit_ms = LONG_APPEND_LIMIT.as_millis(),
+                    "an entry larger than the link carries within an append's limit goes on past it"
+                );
+                let task = tokio::spawn(async move {
+                    let rpc = Rpc::AppendEntries(rpc);
+                    transport.call(target, &addr, rpc, LONG_APPEND_LIMIT).await
+                });
+                long.insert(LongAppend { key, task })
+            }
+        };
+        let Ok(done) = tokio::time::timeout(wait, &mut long.task).await else {
+            // Still going: openraft sends this entry again, and finds it.
+            return Err(Failed {
+                error: TransportError::Timeout(wait),
+                action: RPCTypes::AppendEntries,
                 from: self.transport.node_id(),
                 target: self.target,
-                ttl,
-                entries,
-            })
+                ttl: wait,
+                entries: 1,
+            });
+        };
+        self.long = None;
+        done.unwrap_or_else(|e| Err(TransportError::Protocol(format!("the append's task: {e}"))))
+            .map_err(|e| self.failed(e, RPCTypes::AppendEntries, LONG_APPEND_LIMIT, 1))
     }
 
     /// Sends an empty append without waiting for its answer (module
@@ -294,6 +387,17 @@ fn within_budget(
     (rpc, last)
 }
 
+/// The entry's id if `rpc` is one entry larger than `budget` (what
+/// [`within_budget`] leaves of an append whose first entry is over it).
+fn over_budget(rpc: &AppendEntriesRequest<TypeConfig>, budget: usize) -> Option<LogId<NodeId>> {
+    match rpc.entries.as_slice() {
+        [entry] if raft_store::encoded_len(entry).is_some_and(|len| len > budget) => {
+            Some(entry.log_id)
+        }
+        _ => None,
+    }
+}
+
 fn unexpected<E: std::error::Error>(reply: &RpcReply) -> RPCError<NodeId, ClusterNode, E> {
     let e = TransportError::Protocol(format!("unexpected reply {reply:?}"));
     RPCError::Network(NetworkError::new(&e))
@@ -317,10 +421,14 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         let deadline = rpc_deadline(option.hard_ttl(), rtt);
         let budget = append_budget(self.transport.window(self.target), rtt, deadline);
         let (rpc, cut) = within_budget(rpc, budget);
-        let reply = self
-            .call(Rpc::AppendEntries(rpc), RPCTypes::AppendEntries, deadline)
-            .await
-            .map_err(Failed::into_rpc_error)?;
+        let reply = if let Some(entry) = over_budget(&rpc, budget) {
+            self.go_on(rpc, entry, deadline).await
+        } else {
+            self.long = None;
+            self.call(Rpc::AppendEntries(rpc), RPCTypes::AppendEntries, deadline)
+                .await
+        }
+        .map_err(Failed::into_rpc_error)?;
         match reply {
             RpcReply::AppendEntries(Ok(AppendEntriesResponse::Success)) if cut.is_some() => {
                 Ok(AppendEntriesResponse::PartialSuccess(cut))

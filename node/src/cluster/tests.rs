@@ -51,6 +51,8 @@ struct Echo {
     chunks: Mutex<Vec<Vec<u8>>>,
     /// How many entries each append received carried.
     appends: Mutex<Vec<usize>>,
+    /// Held by a test, it keeps appends from being answered.
+    answer_appends: tokio::sync::Mutex<()>,
 }
 
 impl Echo {
@@ -71,6 +73,7 @@ impl RaftHandler for Echo {
                 Rpc::Forward(Forward::Write(_)) => std::future::pending().await,
                 Rpc::AppendEntries(append) => {
                     self.appends.lock().unwrap().push(append.entries.len());
+                    drop(self.answer_appends.lock().await);
                     RpcReply::AppendEntries(Ok(openraft::raft::AppendEntriesResponse::Success))
                 }
                 Rpc::InstallSnapshot(chunk) => {
@@ -1151,4 +1154,89 @@ async fn an_append_over_the_window_is_cut_and_answered_as_a_partial_success() {
     }];
     let reply = peer.append_entries(append(one), option).await.unwrap();
     assert_eq!(reply, AppendEntriesResponse::Success);
+}
+
+/// An append of one entry larger than its budget (5 MB, over loopback's
+/// 4 MiB) goes on past openraft's limit: the call answers `Timeout` when
+/// its limit runs out, and openraft's next append of the same entry waits
+/// for the same sending instead of sending it again. An append of another
+/// entry is sent anew.
+#[tokio::test]
+async fn an_entry_over_its_budget_goes_on_past_the_limit_and_is_sent_once() {
+    use openraft::error::RPCError;
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    let ca = generate_ca("test").unwrap();
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    let (server, echo) = serve(&node_tls(&ca, 2), 2);
+    let node = raft_store::ClusterNode {
+        region: "local".into(),
+        cluster_addr: server.local_addr().unwrap().to_string(),
+        admin_addr: "127.0.0.1:1".into(),
+    };
+    let mut network = Network::new(Arc::new(client), Arc::new(NoCampaign));
+    let mut peer = network.new_client(2, &node).await;
+    let id = |index| LogId::new(CommittedLeaderId::new(3, 1), index);
+    let entry = |index, size| raft_store::types::Entry {
+        log_id: id(index),
+        payload: EntryPayload::Normal(raft_store::types::Request {
+            command: Command::DetachInstance {
+                group: "g".repeat(size),
+                instance: "i".into(),
+            },
+        }),
+    };
+    let append = |prev, entries| AppendEntriesRequest {
+        vote: Vote::new_committed(3, 1),
+        prev_log_id: Some(id(prev)),
+        entries,
+        leader_commit: None,
+    };
+    let short = RPCOption::new(Duration::from_millis(200));
+    let received = || echo.appends.lock().unwrap().len();
+
+    let held = echo.answer_appends.lock().await;
+    let r = peer
+        .append_entries(append(9, vec![entry(10, 5 << 20)]), short.clone())
+        .await;
+    assert!(matches!(r, Err(RPCError::Timeout(_))), "{r:?}");
+    eventually("the follower to receive the append", || received() == 1).await;
+    // Sent again while unanswered: it waits for the same sending.
+    let r = peer
+        .append_entries(append(9, vec![entry(10, 5 << 20)]), short.clone())
+        .await;
+    assert!(matches!(r, Err(RPCError::Timeout(_))), "{r:?}");
+    drop(held);
+    // With a small entry after it the large one goes alone, as before,
+    // and its answer is that of the first sending: the follower received
+    // it once.
+    let reply = peer
+        .append_entries(
+            append(9, vec![entry(10, 5 << 20), entry(11, 10)]),
+            RPCOption::new(patience()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply, AppendEntriesResponse::PartialSuccess(Some(id(10))));
+    assert_eq!(received(), 1);
+
+    // Another entry (the next after the first) is sent anew.
+    let held = echo.answer_appends.lock().await;
+    let r = peer
+        .append_entries(append(10, vec![entry(11, 5 << 20)]), short.clone())
+        .await;
+    assert!(matches!(r, Err(RPCError::Timeout(_))), "{r:?}");
+    eventually("the follower to receive the second", || received() == 2).await;
+    drop(held);
+    let reply = peer
+        .append_entries(
+            append(10, vec![entry(11, 5 << 20)]),
+            RPCOption::new(patience()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply, AppendEntriesResponse::Success);
+    assert_eq!(received(), 2);
 }
