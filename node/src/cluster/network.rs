@@ -52,15 +52,16 @@
 //! **An append of one entry larger than its budget goes on past the
 //! limit.** openraft gives every append the same limit and, when it runs
 //! out, sends the same entry again from the start: a 900 KB command to a
-//! follower 150 ms away across 1 % loss crossed only once QUIC's window
-//! had grown through the failed sendings (6–26 s, one run sending it 30
-//! times, 750 ms of it each), with twice its bytes on the wire. Such an
+//! follower 150 ms away across 1 % loss did not cross in 30 s. Such an
 //! append is sent by a task of its own, allowed as long as a snapshot
 //! chunk ([`LONG_APPEND_LIMIT`]); the call waits for it within its limit
 //! and, when that runs out, answers `Timeout` as before, and openraft's
-//! next append of the same entry (same leader's vote, same previous entry)
-//! waits on the same task instead of sending it again. Any other append
-//! from the stream, or the stream's end, drops it.
+//! next appends of the same entry (same leader's vote, same previous
+//! entry) wait on the same task instead of sending it again, whatever
+//! their budget has become (the sending itself grows the window). An
+//! append of other entries, or the stream's end, drops the task, and the
+//! transport resets the stream of a call dropped before its answer; empty
+//! appends leave it going.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -206,6 +207,26 @@ struct LongAppend {
     task: JoinHandle<Result<RpcReply, TransportError>>,
 }
 
+impl LongAppend {
+    /// Whether `rpc` starts with the entry it sends, after the same entry
+    /// and under the same vote.
+    fn sends(&self, rpc: &AppendEntriesRequest<TypeConfig>) -> bool {
+        rpc.entries
+            .first()
+            .is_some_and(|first| (rpc.vote, rpc.prev_log_id, first.log_id) == self.key)
+    }
+
+    /// Its answer if it comes within `wait`.
+    async fn wait(&mut self, wait: Duration) -> Option<Result<RpcReply, TransportError>> {
+        let done = tokio::time::timeout(wait, &mut self.task).await.ok()?;
+        Some(
+            done.unwrap_or_else(|e| {
+                Err(TransportError::Protocol(format!("the append's task: {e}")))
+            }),
+        )
+    }
+}
+
 impl Drop for LongAppend {
     fn drop(&mut self) {
         self.task.abort();
@@ -248,38 +269,40 @@ impl PeerNetwork {
         }
     }
 
-    /// Sends `rpc`, an append of one entry larger than the link carries
-    /// within `wait` (module docs), by a task allowed
-    /// [`LONG_APPEND_LIMIT`], or finds the one already sending it; waits
-    /// at most `wait` for the answer.
-    async fn go_on(
+    /// Starts sending `rpc`, an append of one entry (`entry`) larger than
+    /// the link carries within its call's limit (module docs), by a task
+    /// allowed [`LONG_APPEND_LIMIT`], in place of any earlier one.
+    fn send_long(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         entry: LogId<NodeId>,
+    ) -> &mut LongAppend {
+        let key = (rpc.vote, rpc.prev_log_id, entry);
+        let (transport, target) = (Arc::clone(&self.transport), self.target);
+        let addr = self.node.cluster_addr.clone();
+        info!(
+            target,
+            index = entry.index,
+            bytes = rpc.entries.first().and_then(raft_store::encoded_len),
+            limit_ms = LONG_APPEND_LIMIT.as_millis(),
+            "an entry larger than the link carries within an append's limit goes on past it"
+        );
+        let task = tokio::spawn(async move {
+            let rpc = Rpc::AppendEntries(rpc);
+            transport.call(target, &addr, rpc, LONG_APPEND_LIMIT).await
+        });
+        self.long.insert(LongAppend { key, task })
+    }
+
+    /// What waiting `wait` for the long append gave: its answer (it is
+    /// done), or `Timeout` while it goes on.
+    fn long_answer(
+        &mut self,
+        done: Option<Result<RpcReply, TransportError>>,
         wait: Duration,
     ) -> Result<RpcReply, Failed> {
-        let key = (rpc.vote, rpc.prev_log_id, entry);
-        let long = match &mut self.long {
-            Some(long) if long.key == key => long,
-            long => {
-                let (transport, target) = (Arc::clone(&self.transport), self.target);
-                let addr = self.node.cluster_addr.clone();
-                info!(
-                    target,
-                    index = entry.index,
-                    bytes = rpc.entries.first().and_then(raft_store::encoded_len),
-                    limit_ms = LONG_APPEND_LIMIT.as_millis(),
-                    "an entry larger than the link carries within an append's limit goes on past it"
-                );
-                let task = tokio::spawn(async move {
-                    let rpc = Rpc::AppendEntries(rpc);
-                    transport.call(target, &addr, rpc, LONG_APPEND_LIMIT).await
-                });
-                long.insert(LongAppend { key, task })
-            }
-        };
-        let Ok(done) = tokio::time::timeout(wait, &mut long.task).await else {
-            // Still going: openraft sends this entry again, and finds it.
+        let Some(done) = done else {
+            // openraft sends this entry again, and finds it going on.
             return Err(Failed {
                 error: TransportError::Timeout(wait),
                 action: RPCTypes::AppendEntries,
@@ -290,8 +313,7 @@ impl PeerNetwork {
             });
         };
         self.long = None;
-        done.unwrap_or_else(|e| Err(TransportError::Protocol(format!("the append's task: {e}"))))
-            .map_err(|e| self.failed(e, RPCTypes::AppendEntries, LONG_APPEND_LIMIT, 1))
+        done.map_err(|e| self.failed(e, RPCTypes::AppendEntries, LONG_APPEND_LIMIT, 1))
     }
 
     /// Sends an empty append without waiting for its answer (module
@@ -419,16 +441,28 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         }
         let rtt = self.transport.rtt(self.target);
         let deadline = rpc_deadline(option.hard_ttl(), rtt);
-        let budget = append_budget(self.transport.window(self.target), rtt, deadline);
-        let (rpc, cut) = within_budget(rpc, budget);
-        let reply = if let Some(entry) = over_budget(&rpc, budget) {
-            self.go_on(rpc, entry, deadline).await
+        // The entry a long append is sending goes on with it, whatever the
+        // budget now (the sending itself grows the window).
+        let (reply, cut) = if let Some(long) = self.long.as_mut().filter(|l| l.sends(&rpc)) {
+            let cut = (rpc.entries.len() > 1).then_some(long.key.2);
+            let done = long.wait(deadline).await;
+            (self.long_answer(done, deadline), cut)
         } else {
-            self.long = None;
-            self.call(Rpc::AppendEntries(rpc), RPCTypes::AppendEntries, deadline)
-                .await
-        }
-        .map_err(Failed::into_rpc_error)?;
+            let budget = append_budget(self.transport.window(self.target), rtt, deadline);
+            let (rpc, cut) = within_budget(rpc, budget);
+            let reply = if let Some(entry) = over_budget(&rpc, budget) {
+                let done = self.send_long(rpc, entry).wait(deadline).await;
+                self.long_answer(done, deadline)
+            } else {
+                if !rpc.entries.is_empty() {
+                    self.long = None;
+                }
+                self.call(Rpc::AppendEntries(rpc), RPCTypes::AppendEntries, deadline)
+                    .await
+            };
+            (reply, cut)
+        };
+        let reply = reply.map_err(Failed::into_rpc_error)?;
         match reply {
             RpcReply::AppendEntries(Ok(AppendEntriesResponse::Success)) if cut.is_some() => {
                 Ok(AppendEntriesResponse::PartialSuccess(cut))

@@ -1156,11 +1156,13 @@ async fn an_append_over_the_window_is_cut_and_answered_as_a_partial_success() {
     assert_eq!(reply, AppendEntriesResponse::Success);
 }
 
-/// An append of one entry larger than its budget (5 MB, over loopback's
-/// 4 MiB) goes on past openraft's limit: the call answers `Timeout` when
-/// its limit runs out, and openraft's next append of the same entry waits
-/// for the same sending instead of sending it again. An append of another
-/// entry is sent anew.
+/// An append of one entry larger than its budget goes on past openraft's
+/// limit: the call answers `Timeout` when its limit runs out, and
+/// openraft's next appends of the same entry wait for the same sending
+/// instead of sending it again, also once the budget has grown past the
+/// entry (here: 100 KB, over the 64 KiB before a connection exists, under
+/// loopback's 4 MiB after) and after an awaited empty append. An append of
+/// another entry is sent anew.
 #[tokio::test]
 async fn an_entry_over_its_budget_goes_on_past_the_limit_and_is_sent_once() {
     use openraft::error::RPCError;
@@ -1176,7 +1178,8 @@ async fn an_entry_over_its_budget_goes_on_past_the_limit_and_is_sent_once() {
         cluster_addr: server.local_addr().unwrap().to_string(),
         admin_addr: "127.0.0.1:1".into(),
     };
-    let mut network = Network::new(Arc::new(client), Arc::new(NoCampaign));
+    let client = Arc::new(client);
+    let mut network = Network::new(Arc::clone(&client), Arc::new(NoCampaign));
     let mut peer = network.new_client(2, &node).await;
     let id = |index| LogId::new(CommittedLeaderId::new(3, 1), index);
     let entry = |index, size| raft_store::types::Entry {
@@ -1195,30 +1198,56 @@ async fn an_entry_over_its_budget_goes_on_past_the_limit_and_is_sent_once() {
         leader_commit: None,
     };
     let short = RPCOption::new(Duration::from_millis(200));
-    let received = || echo.appends.lock().unwrap().len();
+    // Appends with entries the follower received.
+    let received = || {
+        echo.appends
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| **n > 0)
+            .count()
+    };
+    // As openraft does: the same append again while it times out.
+    async fn until_answered(
+        peer: &mut PeerNetwork,
+        rpc: AppendEntriesRequest<raft_store::TypeConfig>,
+    ) -> Result<AppendEntriesResponse<u64>, String> {
+        let deadline = Instant::now() + patience();
+        loop {
+            let option = RPCOption::new(Duration::from_millis(200));
+            match peer.append_entries(rpc.clone(), option).await {
+                Err(RPCError::Timeout(_)) if Instant::now() < deadline => {}
+                r => break r.map_err(|e| e.to_string()),
+            }
+        }
+    }
 
     let held = echo.answer_appends.lock().await;
     let r = peer
-        .append_entries(append(9, vec![entry(10, 5 << 20)]), short.clone())
+        .append_entries(append(9, vec![entry(10, 100_000)]), short.clone())
         .await;
     assert!(matches!(r, Err(RPCError::Timeout(_))), "{r:?}");
     eventually("the follower to receive the append", || received() == 1).await;
-    // Sent again while unanswered: it waits for the same sending.
+    assert!(client.window(2).is_some() && client.rtt(2).is_some());
+    // Sent again while unanswered, now within the budget: it waits for
+    // the same sending.
     let r = peer
-        .append_entries(append(9, vec![entry(10, 5 << 20)]), short.clone())
+        .append_entries(append(9, vec![entry(10, 100_000)]), short.clone())
         .await;
     assert!(matches!(r, Err(RPCError::Timeout(_))), "{r:?}");
+    // An empty append that waits for its answer leaves it going.
+    client.heartbeat_refused(2);
+    let r = peer.append_entries(append(10, vec![]), short.clone()).await;
+    assert!(matches!(r, Err(RPCError::Timeout(_))), "{r:?}");
     drop(held);
-    // With a small entry after it the large one goes alone, as before,
-    // and its answer is that of the first sending: the follower received
-    // it once.
-    let reply = peer
-        .append_entries(
-            append(9, vec![entry(10, 5 << 20), entry(11, 10)]),
-            RPCOption::new(patience()),
-        )
-        .await
-        .unwrap();
+    // With a small entry after it the large one goes alone, and its answer
+    // is that of the first sending: the follower received it once.
+    let reply = until_answered(
+        &mut peer,
+        append(9, vec![entry(10, 100_000), entry(11, 10)]),
+    )
+    .await
+    .unwrap();
     assert_eq!(reply, AppendEntriesResponse::PartialSuccess(Some(id(10))));
     assert_eq!(received(), 1);
 
@@ -1230,13 +1259,72 @@ async fn an_entry_over_its_budget_goes_on_past_the_limit_and_is_sent_once() {
     assert!(matches!(r, Err(RPCError::Timeout(_))), "{r:?}");
     eventually("the follower to receive the second", || received() == 2).await;
     drop(held);
-    let reply = peer
-        .append_entries(
-            append(10, vec![entry(11, 5 << 20)]),
-            RPCOption::new(patience()),
-        )
+    let reply = until_answered(&mut peer, append(10, vec![entry(11, 5 << 20)]))
         .await
         .unwrap();
     assert_eq!(reply, AppendEntriesResponse::Success);
     assert_eq!(received(), 2);
+}
+
+/// A call dropped before its answer (openraft's own limit, a long append
+/// given up) resets its request's stream: quinn finishes a send stream that
+/// is dropped, so the rest of a large request would go on after it. The
+/// follower here reads the header and stops reading, the request (16 MB)
+/// waits on its stream window, the call is dropped, and then the follower
+/// reads on: the stream was reset.
+#[tokio::test]
+async fn a_call_dropped_before_its_answer_resets_its_stream() {
+    use openraft::raft::AppendEntriesRequest;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    let ca = generate_ca("test").unwrap();
+    let tls = node_tls(&ca, 2);
+    let ep = Endpoint::server(
+        tls.server_config_offering(&[ALPN_RAFT_2, ALPN_RAFT])
+            .unwrap(),
+        loopback(),
+    )
+    .unwrap();
+    let addr = ep.local_addr().unwrap();
+    let (started, reading) = tokio::sync::oneshot::channel();
+    let (go, gone) = tokio::sync::oneshot::channel::<()>();
+    let (read, rest) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let conn = ep.accept().await.unwrap().await.unwrap();
+        let (_send, mut recv) = conn.accept_bi().await.unwrap();
+        frame::read_frame(&mut recv, HEADER_LIMIT).await.unwrap();
+        let _ = started.send(());
+        let _ = gone.await;
+        let _ = read.send(recv.read_to_end(64 << 20).await.map(|b| b.len()));
+        conn.closed().await;
+    });
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    let id = LogId::new(CommittedLeaderId::new(3, 1), 10);
+    let rpc = Rpc::AppendEntries(AppendEntriesRequest {
+        vote: Vote::new_committed(3, 1),
+        prev_log_id: None,
+        entries: vec![raft_store::types::Entry {
+            log_id: id,
+            payload: EntryPayload::Normal(raft_store::types::Request {
+                command: Command::DetachInstance {
+                    group: "g".repeat(16 << 20),
+                    instance: "i".into(),
+                },
+            }),
+        }],
+        leader_commit: None,
+    });
+    let addr = addr.to_string();
+    let call = client.call(2, &addr, rpc, patience());
+    tokio::select! {
+        r = call => panic!("answered: {r:?}"),
+        r = reading => r.unwrap(),
+    }
+    // The call is dropped.
+    go.send(()).unwrap();
+    let r = timeout(patience(), rest).await.unwrap().unwrap();
+    assert!(
+        matches!(r, Err(ReadToEndError::Read(ReadError::Reset(code))) if code == codes::TIMEOUT),
+        "{r:?}"
+    );
 }

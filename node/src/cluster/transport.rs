@@ -342,6 +342,24 @@ impl std::fmt::Debug for Transport {
 const END_WAIT_MIN: Duration = Duration::from_millis(20);
 const END_WAIT_MAX: Duration = Duration::from_millis(500);
 
+/// A call's request stream, reset unless the call got its answer: quinn
+/// finishes a send stream that is dropped, so a call given up from
+/// outside (openraft's own limit, a long append dropped by the network)
+/// would otherwise send the rest of its request on, up to megabytes,
+/// beside the one sent in its place.
+struct Unanswered {
+    send: quinn::SendStream,
+    answered: bool,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self.send.reset(codes::TIMEOUT);
+        }
+    }
+}
+
 impl Transport {
     /// Binds the endpoint on `addr` (UDP) with the node's credentials and
     /// starts serving. The certificate must name `node_id`.
@@ -522,7 +540,7 @@ impl Transport {
         // fresh connection is tried.
         let mut fresh = false;
         let mut request = None;
-        let (conn, mut send, mut recv) = loop {
+        let (conn, send, mut recv) = loop {
             let (conn, new) = timeout_at(deadline, slot.get(&self.shared, addr))
                 .await
                 .map_err(|_| TransportError::Connect {
@@ -584,13 +602,18 @@ impl Transport {
             Some(why) => TransportError::Stream(format!("{e}: {why}")),
             None => TransportError::Stream(e.to_string()),
         };
+        let mut send = Unanswered {
+            send,
+            answered: false,
+        };
         let exchange = async {
             let (_, request) = request.as_ref().expect("encoded before the stream opened");
-            send.write_all(request)
+            send.send
+                .write_all(request)
                 .await
                 .map_err(|e| stream_failed(&e))?;
             // The stream is open until now: finishing cannot fail.
-            let _ = send.finish();
+            let _ = send.send.finish();
             let body = frame::read_frame(&mut recv, kind.reply_limit())
                 .await
                 .map_err(|e| match e {
@@ -629,6 +652,7 @@ impl Transport {
         };
         let reply = match outcome {
             Some(Ok((reply, ended))) => {
+                send.answered = true;
                 if !ended {
                     // The reply's end is a moment behind it: waited for
                     // aside, so the call returns now and the stream still
@@ -640,7 +664,7 @@ impl Transport {
             }
             Some(Err(e)) => return Err(e),
             None => {
-                let _ = send.reset(codes::TIMEOUT);
+                drop(send);
                 let _ = recv.stop(codes::TIMEOUT);
                 // The peer silent, its probes unanswered (a cut, or a peer
                 // process that is gone): the connection is kept, and the
