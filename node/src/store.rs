@@ -103,6 +103,16 @@ pub enum StoreError {
     /// The data plane stopped before it routed by the change (503).
     #[error("the data plane stopped before it routed by the change")]
     NotRouted,
+    /// The change was committed, but this node had not applied it (its
+    /// data plane did not route by it yet) within the write promise: it
+    /// will once it catches up, and sending the change again may find it
+    /// done (503).
+    #[error(
+        "the change was committed (log index {index}) but this node has not applied it within {} s; \
+         it will once it catches up with the leader",
+        WRITE_PROMISE.as_secs()
+    )]
+    NotYetApplied { index: u64 },
     /// The data dir of this node (or of the leader) is below its
     /// free-space floor: refused before it reached the log (507). The
     /// leader's refusal arrives as its text.
@@ -119,7 +129,8 @@ impl StoreError {
             | Self::Stopped(_)
             | Self::Cluster(_)
             | Self::Raft(_)
-            | Self::NotRouted => 503,
+            | Self::NotRouted
+            | Self::NotYetApplied { .. } => 503,
             Self::DiskFull(_) => 507,
         }
     }
@@ -190,6 +201,20 @@ impl std::fmt::Debug for Store {
 /// (its QUIC connection silent, not closed) costs one attempt, and the next
 /// attempt goes to the newly elected leader within the write's 5 s.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A forwarded write's attempt: [`FORWARD_TIMEOUT`] and a round trip more
+/// for each of the least congestion windows a cluster connection keeps
+/// (`cluster::congestion::FLOOR`, the rate across loss) that its `bytes`
+/// take. A large command (a group with thousands of domains) through a
+/// node far from the leader otherwise crossed, committed, and was sent
+/// again whole because its answer came after 2 s.
+fn forward_limit(bytes: Option<usize>, rtt: Option<Duration>) -> Duration {
+    let (Some(bytes), Some(rtt)) = (bytes, rtt) else {
+        return FORWARD_TIMEOUT;
+    };
+    let windows = (bytes as u64).div_ceil(crate::cluster::congestion::FLOOR);
+    FORWARD_TIMEOUT + rtt * u32::try_from(windows).unwrap_or(u32::MAX)
+}
 
 impl Store {
     /// The store of node `node_id`; its writes go through the batcher and
@@ -374,8 +399,11 @@ impl Store {
     ) -> Result<ForwardReply, ForwardError> {
         // Adding a node waits for it to catch up and be promoted: several
         // round trips, so it may take what is left of the write's time.
-        let limit = match f {
+        let limit = match &f {
             Forward::AddLearner { .. } => WRITE_TIMEOUT,
+            Forward::Write(cmd) => {
+                forward_limit(raft_store::encoded_len(cmd), self.transport.rtt(leader))
+            }
             _ => FORWARD_TIMEOUT,
         };
         match self
@@ -422,13 +450,16 @@ impl Store {
     /// the store), bounded by `deadline`.
     async fn wait_routed(&self, index: u64, deadline: Instant) -> Result<(), StoreError> {
         let Some(routed) = self.routed.get() else {
-            return self.wait_applied(index, deadline).await;
+            return self
+                .wait_applied(index, deadline)
+                .await
+                .map_err(|_| StoreError::NotYetApplied { index });
         };
         let mut routed = routed.clone();
         match tokio::time::timeout_at(deadline, routed.wait_for(|r| *r >= index)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(StoreError::NotRouted),
-            Err(_) => Err(StoreError::NoQuorum),
+            Err(_) => Err(StoreError::NotYetApplied { index }),
         }
     }
 
