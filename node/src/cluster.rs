@@ -40,7 +40,7 @@
 //!   (ALPN `edgelb-gossip/2`, or `/1` with a node that offers only that; apart from Raft's), a report per datagram
 //!   when it fits, else per unidirectional stream; see `gossip.rs`.
 
-pub(crate) mod congestion;
+mod congestion;
 pub(crate) mod frame;
 mod network;
 pub(crate) mod rpc;

@@ -103,13 +103,13 @@ pub enum StoreError {
     /// The data plane stopped before it routed by the change (503).
     #[error("the data plane stopped before it routed by the change")]
     NotRouted,
-    /// The change was committed, but this node had not applied it (its
-    /// data plane did not route by it yet) within the write promise: it
-    /// will once it catches up, and sending the change again may find it
-    /// done (503).
+    /// The change was committed, but this node's data plane did not route
+    /// by it within the write promise (the node had not applied it, or had
+    /// not published the routing table): it will, and sending the change
+    /// again may find it done (503).
     #[error(
-        "the change was committed (log index {index}) but this node has not applied it within {} s; \
-         it will once it catches up with the leader",
+        "the change was committed (log index {index}) but this node does not route by it \
+         within {} s; it will once it has applied it",
         WRITE_PROMISE.as_secs()
     )]
     NotYetApplied { index: u64 },
@@ -202,20 +202,6 @@ impl std::fmt::Debug for Store {
 /// attempt goes to the newly elected leader within the write's 5 s.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A forwarded write's attempt: [`FORWARD_TIMEOUT`] and a round trip more
-/// for each of the least congestion windows a cluster connection keeps
-/// (`cluster::congestion::FLOOR`, the rate across loss) that its `bytes`
-/// take. A large command (a group with thousands of domains) through a
-/// node far from the leader otherwise crossed, committed, and was sent
-/// again whole because its answer came after 2 s.
-fn forward_limit(bytes: Option<usize>, rtt: Option<Duration>) -> Duration {
-    let (Some(bytes), Some(rtt)) = (bytes, rtt) else {
-        return FORWARD_TIMEOUT;
-    };
-    let windows = (bytes as u64).div_ceil(crate::cluster::congestion::FLOOR);
-    FORWARD_TIMEOUT + rtt * u32::try_from(windows).unwrap_or(u32::MAX)
-}
-
 impl Store {
     /// The store of node `node_id`; its writes go through the batcher and
     /// reconciler that [`RaftRpc::set`] started, while `health` allows them.
@@ -304,8 +290,15 @@ impl Store {
             let deadline = Instant::now() + WRITE_TIMEOUT;
             let result = tokio::time::timeout_at(deadline, self.write(cmd)).await;
             let (index, result) = result.map_err(|_| StoreError::NoQuorum)??;
-            self.wait_routed(index, deadline).await?;
-            result.map_err(StoreError::Apply)
+            match (self.wait_routed(index, deadline).await, result) {
+                (Ok(()), result) => result.map_err(StoreError::Apply),
+                // Refused by the state machine: nothing changed, and the
+                // refusal is the answer.
+                (Err(StoreError::NotYetApplied { .. }), Err(refused)) => {
+                    Err(StoreError::Apply(refused))
+                }
+                (Err(e), _) => Err(e),
+            }
         })
         .await
     }
@@ -399,11 +392,8 @@ impl Store {
     ) -> Result<ForwardReply, ForwardError> {
         // Adding a node waits for it to catch up and be promoted: several
         // round trips, so it may take what is left of the write's time.
-        let limit = match &f {
+        let limit = match f {
             Forward::AddLearner { .. } => WRITE_TIMEOUT,
-            Forward::Write(cmd) => {
-                forward_limit(raft_store::encoded_len(cmd), self.transport.rtt(leader))
-            }
             _ => FORWARD_TIMEOUT,
         };
         match self
@@ -450,10 +440,10 @@ impl Store {
     /// the store), bounded by `deadline`.
     async fn wait_routed(&self, index: u64, deadline: Instant) -> Result<(), StoreError> {
         let Some(routed) = self.routed.get() else {
-            return self
-                .wait_applied(index, deadline)
-                .await
-                .map_err(|_| StoreError::NotYetApplied { index });
+            return match self.wait_applied(index, deadline).await {
+                Err(StoreError::NoQuorum) => Err(StoreError::NotYetApplied { index }),
+                r => r,
+            };
         };
         let mut routed = routed.clone();
         match tokio::time::timeout_at(deadline, routed.wait_for(|r| *r >= index)).await {
@@ -472,7 +462,12 @@ impl Store {
             .applied_index_at_least(Some(index), "applied on this node")
             .await
             .map(|_| ())
-            .map_err(|_| StoreError::NoQuorum)
+            .map_err(|e| match e {
+                openraft::metrics::WaitError::Timeout(..) => StoreError::NoQuorum,
+                openraft::metrics::WaitError::ShuttingDown => {
+                    StoreError::Stopped("the node's Raft core is shutting down".into())
+                }
+            })
     }
 
     /// Makes the next local read linearizable: confirms leadership with a

@@ -1,8 +1,7 @@
 //! The batcher on a one-node store: concurrent writes share entries, each
 //! caller gets its own answer, order holds, and a cluster with a member that
 //! does not say it reads batches gets one entry per write; what a write
-//! answers when it committed but is not routed by in time; a forwarded
-//! write's limit.
+//! answers when it committed but is not routed by in time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -207,7 +206,8 @@ async fn a_member_that_does_not_read_batches_gets_one_entry_per_write() {
 
 /// A write that committed but that this node's data plane does not route
 /// by within the write promise answers 503 saying so, with its log index,
-/// not "no quorum": sending it again may find it done.
+/// not "no quorum": sending it again may find it done. One the state
+/// machine refused answers its refusal.
 #[tokio::test]
 async fn a_committed_write_the_data_plane_has_not_routed_says_it_committed() {
     let (store, _dir) = store().await;
@@ -226,33 +226,9 @@ async fn a_committed_write_the_data_plane_has_not_routed_says_it_committed() {
     );
     // Committed and applied indeed.
     assert!(store.state().group("late").is_some());
-}
-
-/// A forwarded write's attempt has room for its bytes at the least window
-/// a cluster connection keeps, a round trip each, beside the 2 s a small
-/// one gets.
-#[test]
-fn a_forwarded_write_has_a_round_trip_for_each_least_window_of_its_bytes() {
-    use std::time::Duration;
-
-    use super::{FORWARD_TIMEOUT, forward_limit};
-
-    let ms = Duration::from_millis;
-    let floor = crate::cluster::congestion::FLOOR as usize;
-    assert_eq!(
-        forward_limit(Some(300), Some(ms(300))),
-        FORWARD_TIMEOUT + ms(300)
-    );
-    // 900 KB at 300 ms: fourteen windows.
-    assert_eq!(
-        forward_limit(Some(900_000), Some(ms(300))),
-        FORWARD_TIMEOUT + ms(300) * 14
-    );
-    assert_eq!(
-        forward_limit(Some(floor + 1), Some(ms(10))),
-        FORWARD_TIMEOUT + ms(20)
-    );
-    // No connection yet, or a command that does not serialise.
-    assert_eq!(forward_limit(Some(900_000), None), FORWARD_TIMEOUT);
-    assert_eq!(forward_limit(None, Some(ms(300))), FORWARD_TIMEOUT);
+    // A write the state machine refuses changes nothing: its refusal is
+    // the answer.
+    let e = store.propose(create("late")).await.unwrap_err();
+    assert!(matches!(e, StoreError::Apply(_)), "{e}");
+    assert_eq!(e.status(), 409);
 }
