@@ -44,6 +44,9 @@ pub struct LinkStats {
     pub cut: u64,
     /// Dropped by the loss probability.
     pub lost: u64,
+    /// Bytes of every datagram offered to the link (delivered, cut or
+    /// lost): what the sender sent.
+    pub bytes: u64,
 }
 
 /// The relay; clones share it. Its sockets close when the last clone is
@@ -331,6 +334,7 @@ fn forward(
         let link = st.links.get(&(from, to)).copied().unwrap_or(st.default);
         let fate = link.fate(&mut st.rng);
         let stats = st.stats.entry((from, to)).or_default();
+        stats.bytes += data.len() as u64;
         match fate {
             Fate::Deliver(_) => stats.delivered += 1,
             Fate::Cut => stats.cut += 1,
