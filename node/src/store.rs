@@ -36,7 +36,7 @@ use raft_store::state::{Applied, ApplyError, State};
 use raft_store::types::{ClusterNode, Raft};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use crate::cluster::{
     Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply, Transport,
@@ -200,11 +200,15 @@ impl std::fmt::Debug for Store {
 /// How long a forwarded write waits for the leader's answer before it looks
 /// again at who leads: short, so that a leader that died (its QUIC
 /// connection silent, not closed) costs one such wait, and the write goes
-/// to the newly elected leader within its 5 s. While the same node leads,
-/// the call goes on ([`Forwarding`]) rather than being sent again.
+/// to the newly elected leader within its 5 s (a leader elected just after
+/// a look costs two). While the same node leads, the call goes on
+/// ([`Forwarding`]) rather than being sent again.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A forwarded write's call to `leader`, allowed the whole write's time:
+/// Kept between a forwarded write's call's own limit and the write's end.
+const FORWARD_ROOM: Duration = Duration::from_millis(100);
+
+/// A forwarded write's call to `leader`, allowed the write's time:
 /// a write whose answer takes longer than [`FORWARD_TIMEOUT`] (a large
 /// command across a far link, a leader whose quorum is slow) is waited for
 /// again while `leader` still leads, instead of being sent again whole
@@ -308,7 +312,7 @@ impl Store {
         self.health.writable()?;
         self.unless_stopping(async {
             let deadline = Instant::now() + WRITE_TIMEOUT;
-            let result = tokio::time::timeout_at(deadline, self.write(cmd)).await;
+            let result = tokio::time::timeout_at(deadline, self.write(cmd, deadline)).await;
             let (index, result) = result.map_err(|_| StoreError::NoQuorum)??;
             match (self.wait_routed(index, deadline).await, result) {
                 (Ok(()), result) => result.map_err(StoreError::Apply),
@@ -323,7 +327,13 @@ impl Store {
         .await
     }
 
-    async fn write(&self, cmd: Command) -> Result<(u64, Result<Applied, ApplyError>), StoreError> {
+    /// Commits `cmd` (through the leader), by `deadline`: its log index and
+    /// what the state machine answered.
+    async fn write(
+        &self,
+        cmd: Command,
+        deadline: Instant,
+    ) -> Result<(u64, Result<Applied, ApplyError>), StoreError> {
         let mut backoff = Duration::from_millis(20);
         // A forwarded write whose answer was lost (a connection lost, a
         // leader that changed while it waited) is sent again, and may have
@@ -356,7 +366,9 @@ impl Store {
             let leader = match known {
                 Some(leader) => Some(leader),
                 None => match self.batcher.submit(cmd.clone()).await {
-                    Ok(written) => return Ok(written),
+                    Ok((log_index, result)) => {
+                        return Ok((log_index, settle(result, &before, lost)));
+                    }
                     Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
                     Err(e) => return Err(self.refused(e)),
                 },
@@ -367,9 +379,18 @@ impl Store {
                     slot => {
                         let (transport, addr) = (Arc::clone(&self.transport), node.cluster_addr);
                         let f = Forward::Write(cmd.clone());
-                        let task = tokio::spawn(async move {
-                            forward_to(&transport, id, &addr, f, WRITE_TIMEOUT).await
-                        });
+                        // Ending a moment before the write does, so that a
+                        // call that timed out is the transport's to judge
+                        // (a connection the leader no longer serves is
+                        // dropped for the next write).
+                        let limit = deadline
+                            .saturating_duration_since(Instant::now())
+                            .saturating_sub(FORWARD_ROOM)
+                            .max(FORWARD_ROOM);
+                        let task = tokio::spawn(
+                            async move { forward_to(&transport, id, &addr, f, limit).await }
+                                .in_current_span(),
+                        );
                         slot.insert(Forwarding { leader: id, task })
                     }
                 };
@@ -388,14 +409,7 @@ impl Store {
                 });
                 match answer {
                     Ok(ForwardReply::Written { log_index, result }) => {
-                        let result = match (result, &before) {
-                            (Err(ApplyError::NotFound(_)), Some(applied)) if lost => {
-                                debug!(log_index, "a retried removal found its target gone");
-                                Ok(applied.clone())
-                            }
-                            (result, _) => result,
-                        };
-                        return Ok((log_index, result));
+                        return Ok((log_index, settle(result, &before, lost)));
                     }
                     Ok(other) => {
                         lost = true;
@@ -649,6 +663,24 @@ impl Store {
             is_leader: m.state == ServerState::Leader,
             members,
         }
+    }
+}
+
+/// What a write answers: the state machine's `result`, except that a
+/// removal sent again after an attempt that may have committed (`lost`)
+/// and that found its target gone answers what it removed as this node saw
+/// it before the first try (`before`).
+fn settle(
+    result: Result<Applied, ApplyError>,
+    before: &Option<Applied>,
+    lost: bool,
+) -> Result<Applied, ApplyError> {
+    match (result, before) {
+        (Err(ApplyError::NotFound(_)), Some(applied)) if lost => {
+            debug!("a retried removal found its target gone");
+            Ok(applied.clone())
+        }
+        (result, _) => result,
     }
 }
 

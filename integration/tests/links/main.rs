@@ -959,7 +959,8 @@ async fn a_command_larger_than_what_a_far_link_carries_within_the_limit_reaches_
 /// who leads: the call goes on, and the command crosses to the leader
 /// once. The third node is cut off, so the leader commits the 900 KB group
 /// only once the far follower holds it: the forward's answer comes after
-/// the group has crossed back. Each 2 s the write sent it again whole.
+/// the group has crossed back (or not within the write's 5 s: the test
+/// is about what was sent). Each 2 s the write sent it again whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_write_slower_than_its_wait_is_sent_once() -> anyhow::Result<()> {
     let cluster = Cluster::start_with(
@@ -983,37 +984,22 @@ async fn a_forwarded_write_slower_than_its_wait_is_sent_once() -> anyhow::Result
     let started = Instant::now();
     let (status, v) = cluster.admin(far).post("/v1/services", &body).await?;
     let answered = started.elapsed();
-    // Whatever the answer (5 s may not be enough for both crossings), the
-    // group is committed once.
-    let admin = cluster.admin(leader);
-    poll(
-        "the leader to hold the group",
-        Duration::from_secs(30),
-        || async {
-            let (status, v) = admin.get("/v1/services/big").await?;
-            ensure!(status.is_success(), "{status} {v}");
-            Ok(())
-        },
-    )
-    .await?;
-    let target = cluster.status(leader).await?.commit_index;
-    poll(
-        "the far follower to apply it",
-        Duration::from_secs(30),
-        || async {
-            let applied = cluster.status(far).await?.applied_index;
-            ensure!(
-                applied >= target,
-                "node {far} applied {applied} of {target}"
-            );
-            Ok(())
-        },
-    )
-    .await?;
+    // Counted when the answer comes: a call still going then is dropped,
+    // its stream reset, so nothing more of the command is sent.
     let sent = relay.stats(far, leader).bytes - before;
     eprintln!(
         "a {bytes}-byte write through node {far}: {status} after {answered:?} ({v}); \
          {sent} bytes sent to the leader"
+    );
+    // What the test is about: an answer slower than the write's 2 s wait
+    // (5.0 s in the runs here).
+    ensure!(
+        answered > Duration::from_secs(2),
+        "answered in {answered:?}: no slow answer to test"
+    );
+    ensure!(
+        sent > bytes as u64 / 2,
+        "{sent} bytes to the leader: the {bytes}-byte command was not forwarded"
     );
     ensure!(
         sent < bytes as u64 * 3 / 2,

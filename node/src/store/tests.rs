@@ -232,3 +232,32 @@ async fn a_committed_write_the_data_plane_has_not_routed_says_it_committed() {
     assert!(matches!(e, StoreError::Apply(_)), "{e}");
     assert_eq!(e.status(), 409);
 }
+
+/// A removal sent again after an attempt that may have committed, and that
+/// finds its target gone, answers what it removed before the first try,
+/// whichever way it was sent again (forwarded, or through this node's own
+/// log once it leads); any other answer stands.
+#[test]
+fn a_removal_sent_again_that_finds_its_target_gone_answers_what_it_removed() {
+    use super::settle;
+
+    let Command::CreateGroup { group } = create("gone") else {
+        unreachable!()
+    };
+    let removed = Some(Applied::Deleted(group.clone()));
+    let gone = || {
+        Err(ApplyError::NotFound(
+            "service group \"gone\" not found".into(),
+        ))
+    };
+    assert_eq!(
+        settle(gone(), &removed, true),
+        Ok(Applied::Deleted(group.clone()))
+    );
+    // Sent once: the answer stands.
+    assert!(settle(gone(), &removed, false).is_err());
+    // Not a removal seen before the first try.
+    assert!(settle(gone(), &None, true).is_err());
+    let conflict = Err(ApplyError::Conflict("in use".into()));
+    assert_eq!(settle(conflict.clone(), &removed, true), conflict);
+}
