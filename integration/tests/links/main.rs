@@ -22,6 +22,35 @@ fn group(name: &str) -> Value {
     })
 }
 
+/// A cluster of `nodes` whose cluster traffic crosses the link emulator
+/// (seeded with `seed`).
+async fn relayed(nodes: usize, seed: u64) -> anyhow::Result<Cluster> {
+    Cluster::start_with(
+        nodes,
+        ClusterOptions {
+            relay: Some(seed),
+            ..ClusterOptions::default()
+        },
+    )
+    .await
+}
+
+/// Waits until node `id` has applied `target`, for at most `within`.
+async fn applied(
+    cluster: &Cluster,
+    id: u64,
+    target: u64,
+    what: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    poll(what, within, || async {
+        let applied = cluster.status(id).await?.applied_index;
+        ensure!(applied >= target, "node {id} applied {applied} of {target}");
+        Ok(())
+    })
+    .await
+}
+
 /// `POST /v1/services` through node `via`: the status and how long it took.
 async fn write(cluster: &Cluster, via: u64, name: &str) -> anyhow::Result<(StatusCode, Duration)> {
     let started = Instant::now();
@@ -149,14 +178,7 @@ async fn isolated_leader(cluster: &Cluster, cut: &dyn Cut, label: &str) -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_leader_through_the_relay() -> anyhow::Result<()> {
-    let cluster = Cluster::start_with(
-        3,
-        ClusterOptions {
-            relay: Some(1),
-            ..ClusterOptions::default()
-        },
-    )
-    .await?;
+    let cluster = relayed(3, 1).await?;
     let relay = cluster.relay().context("relay")?;
     // The membership records the relay's addresses.
     let view = cluster.status(1).await?;
@@ -576,14 +598,7 @@ async fn six_nodes_join_at_once_across_a_wan_without_an_error() -> anyhow::Resul
 async fn a_joiner_gets_a_large_snapshot_across_a_lossy_wan() -> anyhow::Result<()> {
     const GROUPS: usize = 500;
     const INSTANCES: usize = 10;
-    let mut cluster = Cluster::start_with(
-        1,
-        ClusterOptions {
-            relay: Some(4),
-            ..ClusterOptions::default()
-        },
-    )
-    .await?;
+    let mut cluster = relayed(1, 4).await?;
     // Loaded without delay, then the link turns long and lossy.
     let admin = cluster.admin(1);
     let ip = cluster.backend_ip();
@@ -644,14 +659,7 @@ async fn a_joiner_gets_a_large_snapshot_across_a_lossy_wan() -> anyhow::Result<(
 /// learner promoted); with 256, about 850.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learners_are_promoted_while_writes_go_on_across_a_wan() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start_with(
-        2,
-        ClusterOptions {
-            relay: Some(9),
-            ..ClusterOptions::default()
-        },
-    )
-    .await?;
+    let mut cluster = relayed(2, 9).await?;
     let leader = cluster.leader().await?;
     cluster.relay().context("relay")?.set_all(Link {
         delay: Duration::from_millis(150),
@@ -771,26 +779,8 @@ async fn a_leader_warns_of_a_voter_too_far_for_its_election_timeout() -> anyhow:
 /// round trip.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_far_follower_catches_up_after_a_burst_across_a_lossy_link() -> anyhow::Result<()> {
-    let cluster = Cluster::start_with(
-        3,
-        ClusterOptions {
-            relay: Some(13),
-            ..ClusterOptions::default()
-        },
-    )
-    .await?;
-    let leader = cluster.leader().await?;
-    let far = cluster
-        .ids()
-        .into_iter()
-        .find(|id| *id != leader)
-        .context("a follower")?;
-    cluster.relay().context("relay")?.update_all(|a, b, link| {
-        if a == far || b == far {
-            link.delay = Duration::from_millis(150);
-            link.loss = 0.01;
-        }
-    });
+    let cluster = relayed(3, 13).await?;
+    let (leader, far) = far_follower(&cluster).await?;
     let admin = cluster.admin(leader);
     let (status, v) = admin.post("/v1/services", &group("burst")).await?;
     ensure!(status.is_success(), "{status} {v}");
@@ -827,17 +817,12 @@ async fn a_far_follower_catches_up_after_a_burst_across_a_lossy_link() -> anyhow
         "node {far} kept up ({behind} entries behind after {pairs} pairs): no backlog to test"
     );
     let started = Instant::now();
-    poll(
+    applied(
+        &cluster,
+        far,
+        target,
         "the far follower to catch up",
         Duration::from_secs(30),
-        || async {
-            let applied = cluster.status(far).await?.applied_index;
-            ensure!(
-                applied >= target,
-                "node {far} applied {applied} of {target}"
-            );
-            Ok(())
-        },
     )
     .await?;
     eprintln!(
@@ -869,14 +854,12 @@ async fn far_follower(cluster: &Cluster) -> anyhow::Result<(u64, u64)> {
         .await?;
     ensure!(status.is_success(), "{status} {v}");
     let small = cluster.status(leader).await?.commit_index;
-    poll(
+    applied(
+        cluster,
+        far,
+        small,
         "the far follower to apply a small write",
         Duration::from_secs(10),
-        || async {
-            let applied = cluster.status(far).await?.applied_index;
-            ensure!(applied >= small, "node {far} applied {applied} of {small}");
-            Ok(())
-        },
     )
     .await?;
     Ok((leader, far))
@@ -910,14 +893,7 @@ fn large_group(name: &str) -> anyhow::Result<(Value, usize)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_larger_than_what_a_far_link_carries_within_the_limit_reaches_it()
 -> anyhow::Result<()> {
-    let cluster = Cluster::start_with(
-        3,
-        ClusterOptions {
-            relay: Some(13),
-            ..ClusterOptions::default()
-        },
-    )
-    .await?;
+    let cluster = relayed(3, 13).await?;
     let (leader, far) = far_follower(&cluster).await?;
     let admin = cluster.admin(leader);
     let (body, bytes) = large_group("big")?;
@@ -927,17 +903,12 @@ async fn a_command_larger_than_what_a_far_link_carries_within_the_limit_reaches_
     ensure!(status.is_success(), "{status} {v}");
     let target = cluster.status(leader).await?.commit_index;
     let started = Instant::now();
-    poll(
+    applied(
+        &cluster,
+        far,
+        target,
         "the far follower to apply the large command",
         Duration::from_secs(30),
-        || async {
-            let applied = cluster.status(far).await?.applied_index;
-            ensure!(
-                applied >= target,
-                "node {far} applied {applied} of {target}"
-            );
-            Ok(())
-        },
     )
     .await?;
     let sent = relay.stats(leader, far).bytes - before;
@@ -963,14 +934,7 @@ async fn a_command_larger_than_what_a_far_link_carries_within_the_limit_reaches_
 /// is about what was sent). Each 2 s the write sent it again whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_write_slower_than_its_wait_is_sent_once() -> anyhow::Result<()> {
-    let cluster = Cluster::start_with(
-        3,
-        ClusterOptions {
-            relay: Some(17),
-            ..ClusterOptions::default()
-        },
-    )
-    .await?;
+    let cluster = relayed(3, 17).await?;
     let (leader, far) = far_follower(&cluster).await?;
     let near = cluster
         .ids()
