@@ -36,6 +36,7 @@ use raft_store::state::{Applied, ApplyError, State};
 use raft_store::types::{ClusterNode, Raft};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, warn};
 
 use crate::cluster::{
@@ -212,18 +213,12 @@ const FORWARD_ROOM: Duration = Duration::from_millis(100);
 /// a write whose answer takes longer than [`FORWARD_TIMEOUT`] (a large
 /// command across a far link, a leader whose quorum is slow) is waited for
 /// again while `leader` still leads, instead of being sent again whole
-/// (a 900 KB group through a node 150 ms from the leader was sent twice
-/// and three times, each copy as slow as the first). Aborted when dropped,
-/// which resets its stream.
+/// (a 900 KB group through a node 150 ms from the leader, whose commit
+/// waited for that node, crossed twice). Aborted when dropped, which
+/// resets its stream.
 struct Forwarding {
     leader: u64,
-    task: tokio::task::JoinHandle<Result<ForwardReply, ForwardError>>,
-}
-
-impl Drop for Forwarding {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    task: AbortOnDropHandle<Result<ForwardReply, ForwardError>>,
 }
 
 impl Store {
@@ -387,10 +382,10 @@ impl Store {
                             .saturating_duration_since(Instant::now())
                             .saturating_sub(FORWARD_ROOM)
                             .max(FORWARD_ROOM);
-                        let task = tokio::spawn(
+                        let task = AbortOnDropHandle::new(tokio::spawn(
                             async move { forward_to(&transport, id, &addr, f, limit).await }
                                 .in_current_span(),
-                        );
+                        ));
                         slot.insert(Forwarding { leader: id, task })
                     }
                 };

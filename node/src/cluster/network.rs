@@ -77,7 +77,7 @@ use openraft::raft::{
 };
 use openraft::{LogId, RPCTypes, Vote};
 use raft_store::{ClusterNode, NodeId, TypeConfig};
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::info;
 
 use super::rpc::{Rpc, RpcReply};
@@ -204,7 +204,7 @@ pub struct PeerNetwork {
 struct LongAppend {
     /// Which append it is: the leader's vote, the entry before, the entry.
     key: (Vote<NodeId>, Option<LogId<NodeId>>, LogId<NodeId>),
-    task: JoinHandle<Result<RpcReply, TransportError>>,
+    task: AbortOnDropHandle<Result<RpcReply, TransportError>>,
 }
 
 impl LongAppend {
@@ -227,12 +227,6 @@ impl LongAppend {
     }
 }
 
-impl Drop for LongAppend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 impl PeerNetwork {
     /// Sends `rpc`, waiting at most `ttl` for the answer.
     async fn call(&self, rpc: Rpc, action: RPCTypes, ttl: Duration) -> Result<RpcReply, Failed> {
@@ -243,11 +237,21 @@ impl PeerNetwork {
         self.transport
             .call(self.target, &self.node.cluster_addr, rpc, ttl)
             .await
-            .map_err(|e| self.failed(e, action, ttl, entries))
+            .map_err(|e| {
+                self.note(&e);
+                self.failed(e, action, ttl, entries)
+            })
     }
 
-    /// `error` of a call limited to `ttl`, noted when it says the peer is
-    /// out of reach.
+    /// Notes that the peer is out of reach when `error` says so.
+    fn note(&self, error: &TransportError) {
+        if error.is_unreachable() || matches!(error, TransportError::Timeout(_)) {
+            self.transport
+                .note_unreachable(self.target, &error.to_string());
+        }
+    }
+
+    /// `error` of a call limited to `ttl`, as openraft is to be told it.
     fn failed(
         &self,
         error: TransportError,
@@ -255,10 +259,6 @@ impl PeerNetwork {
         ttl: Duration,
         entries: usize,
     ) -> Failed {
-        if error.is_unreachable() || matches!(error, TransportError::Timeout(_)) {
-            self.transport
-                .note_unreachable(self.target, &error.to_string());
-        }
         Failed {
             error,
             action,
@@ -269,13 +269,15 @@ impl PeerNetwork {
         }
     }
 
-    /// Starts sending `rpc`, an append of one entry (`entry`) larger than
-    /// the link carries within its call's limit (module docs), by a task
+    /// Starts sending `rpc`, an append of one entry (`entry`, `bytes` of
+    /// JSON) larger than the link carries within its call's limit (module
+    /// docs), by a task
     /// allowed [`LONG_APPEND_LIMIT`], in place of any earlier one.
     fn send_long(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         entry: LogId<NodeId>,
+        bytes: usize,
     ) -> &mut LongAppend {
         let key = (rpc.vote, rpc.prev_log_id, entry);
         let (transport, target) = (Arc::clone(&self.transport), self.target);
@@ -283,14 +285,14 @@ impl PeerNetwork {
         info!(
             target,
             index = entry.index,
-            bytes = rpc.entries.first().and_then(raft_store::encoded_len),
+            bytes,
             limit_ms = LONG_APPEND_LIMIT.as_millis(),
             "an entry larger than the link carries within an append's limit goes on past it"
         );
-        let task = tokio::spawn(async move {
+        let task = AbortOnDropHandle::new(tokio::spawn(async move {
             let rpc = Rpc::AppendEntries(rpc);
             transport.call(target, &addr, rpc, LONG_APPEND_LIMIT).await
-        });
+        }));
         self.long.insert(LongAppend { key, task })
     }
 
@@ -302,18 +304,16 @@ impl PeerNetwork {
         wait: Duration,
     ) -> Result<RpcReply, Failed> {
         let Some(done) = done else {
-            // openraft sends this entry again, and finds it going on.
-            return Err(Failed {
-                error: TransportError::Timeout(wait),
-                action: RPCTypes::AppendEntries,
-                from: self.transport.node_id(),
-                target: self.target,
-                ttl: wait,
-                entries: 1,
-            });
+            // openraft sends this entry again, and finds it going on (not
+            // a sign that the peer is out of reach).
+            let timeout = TransportError::Timeout(wait);
+            return Err(self.failed(timeout, RPCTypes::AppendEntries, wait, 1));
         };
         self.long = None;
-        done.map_err(|e| self.failed(e, RPCTypes::AppendEntries, LONG_APPEND_LIMIT, 1))
+        done.map_err(|e| {
+            self.note(&e);
+            self.failed(e, RPCTypes::AppendEntries, LONG_APPEND_LIMIT, 1)
+        })
     }
 
     /// Sends an empty append without waiting for its answer (module
@@ -381,43 +381,57 @@ impl Failed {
 }
 
 /// `rpc` cut to the entries whose JSON fits `budget` bytes (the first
-/// always kept), and the id of the last entry kept if any were cut (module
-/// docs).
-fn within_budget(
-    mut rpc: AppendEntriesRequest<TypeConfig>,
-    budget: usize,
-) -> (AppendEntriesRequest<TypeConfig>, Option<LogId<NodeId>>) {
-    if rpc.entries.len() < 2 {
-        return (rpc, None);
+/// always kept), with the id of the last entry kept if any were cut, and
+/// the first entry's id and length when it alone is over the budget (a
+/// long append, module docs). Entries are measured only where a budget could
+/// cut them: the log store reads at most
+/// [`raft_store::log_store::REPLICATION_READ_BYTES`] for an append of
+/// several entries, so a budget of that much (a fast link's) takes them
+/// whole unmeasured.
+fn within_budget(mut rpc: AppendEntriesRequest<TypeConfig>, budget: usize) -> Within {
+    if rpc.entries.len() > 1 && budget >= raft_store::log_store::REPLICATION_READ_BYTES {
+        return Within {
+            rpc,
+            cut: None,
+            over: None,
+        };
     }
     let mut used = 0;
+    let mut over = None;
     let keep = rpc
         .entries
         .iter()
-        .position(|entry| {
+        .enumerate()
+        .position(|(i, entry)| {
             // An entry that does not serialise fails the call's own
             // encoding anyway.
-            used += raft_store::encoded_len(entry).unwrap_or(0);
+            let len = raft_store::encoded_len(entry).unwrap_or(0);
+            if i == 0 && len > budget {
+                over = Some((entry.log_id, len));
+            }
+            used += len;
             used > budget
         })
         .map_or(rpc.entries.len(), |over| over.max(1));
     if keep == rpc.entries.len() {
-        return (rpc, None);
+        return Within {
+            rpc,
+            cut: None,
+            over,
+        };
     }
     rpc.entries.truncate(keep);
-    let last = rpc.entries.last().map(|e| e.log_id);
-    (rpc, last)
+    let cut = rpc.entries.last().map(|e| e.log_id);
+    Within { rpc, cut, over }
 }
 
-/// The entry's id if `rpc` is one entry larger than `budget` (what
-/// [`within_budget`] leaves of an append whose first entry is over it).
-fn over_budget(rpc: &AppendEntriesRequest<TypeConfig>, budget: usize) -> Option<LogId<NodeId>> {
-    match rpc.entries.as_slice() {
-        [entry] if raft_store::encoded_len(entry).is_some_and(|len| len > budget) => {
-            Some(entry.log_id)
-        }
-        _ => None,
-    }
+/// What of an append goes out within its budget ([`within_budget`]).
+struct Within {
+    rpc: AppendEntriesRequest<TypeConfig>,
+    /// The last entry kept, if any were cut.
+    cut: Option<LogId<NodeId>>,
+    /// The first entry's id and length, when it alone is over the budget.
+    over: Option<(LogId<NodeId>, usize)>,
 }
 
 fn unexpected<E: std::error::Error>(reply: &RpcReply) -> RPCError<NodeId, ClusterNode, E> {
@@ -449,9 +463,9 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             (self.long_answer(done, deadline), cut)
         } else {
             let budget = append_budget(self.transport.window(self.target), rtt, deadline);
-            let (rpc, cut) = within_budget(rpc, budget);
-            let reply = if let Some(entry) = over_budget(&rpc, budget) {
-                let done = self.send_long(rpc, entry).wait(deadline).await;
+            let Within { rpc, cut, over } = within_budget(rpc, budget);
+            let reply = if let Some((entry, bytes)) = over {
+                let done = self.send_long(rpc, entry, bytes).wait(deadline).await;
                 self.long_answer(done, deadline)
             } else {
                 if !rpc.entries.is_empty() {
@@ -561,23 +575,30 @@ mod tests {
     fn an_append_carries_the_entries_that_fit_its_budget_and_at_least_one() {
         // Four 40 KB entries against 100 KB: two go, and openraft is told
         // the second is the last sent.
-        let (rpc, cut) = within_budget(append(&[40_000; 4]), 100_000);
+        let Within { rpc, cut, .. } = within_budget(append(&[40_000; 4]), 100_000);
         assert_eq!(rpc.entries.len(), 2);
         assert_eq!(cut.map(|l| l.index), Some(11));
         // What fits goes whole, without a cut.
-        let (rpc, cut) = within_budget(append(&[40_000; 4]), 1_000_000);
+        let Within { rpc, cut, .. } = within_budget(append(&[40_000; 4]), 1_000_000);
         assert_eq!((rpc.entries.len(), cut), (4, None));
-        // An entry larger than the budget still goes, alone.
-        let (rpc, cut) = within_budget(append(&[200_000, 10]), 100_000);
+        // An entry larger than the budget still goes, alone, and is said
+        // to be over it.
+        let Within { rpc, cut, over } = within_budget(append(&[200_000, 10]), 100_000);
         assert_eq!(rpc.entries.len(), 1);
         assert_eq!(cut.map(|l| l.index), Some(10));
-        let (rpc, cut) = within_budget(append(&[200_000]), 100_000);
+        assert!(over.is_some_and(|(id, len)| id.index == 10 && len > 200_000));
+        let Within { rpc, cut, .. } = within_budget(append(&[200_000]), 100_000);
         assert_eq!((rpc.entries.len(), cut), (1, None));
         // The rest of the request is untouched.
         assert_eq!(rpc.prev_log_id.map(|l| l.index), Some(9));
         // 64 small entries fit the floor.
-        let (rpc, cut) = within_budget(append(&[300; 64]), APPEND_FLOOR);
+        let Within { rpc, cut, .. } = within_budget(append(&[300; 64]), APPEND_FLOOR);
         assert_eq!((rpc.entries.len(), cut), (64, None));
+        // A budget of what the log store reads for an append at most takes
+        // several entries whole, unmeasured.
+        let read = raft_store::log_store::REPLICATION_READ_BYTES;
+        let Within { rpc, cut, over } = within_budget(append(&[300_000; 4]), read);
+        assert_eq!((rpc.entries.len(), cut, over), (4, None, None));
     }
 
     #[test]

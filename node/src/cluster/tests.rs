@@ -1083,6 +1083,57 @@ impl VoteSink for NoCampaign {
     fn votes_sent(&self) {}
 }
 
+/// The id of log entry `index`, of leader 1 in term 3.
+fn log_id(index: u64) -> openraft::LogId<u64> {
+    openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), index)
+}
+
+/// Entry `index`: a command of about `size` bytes of JSON.
+fn entry(index: u64, size: usize) -> raft_store::types::Entry {
+    raft_store::types::Entry {
+        log_id: log_id(index),
+        payload: openraft::EntryPayload::Normal(raft_store::types::Request {
+            command: Command::DetachInstance {
+                group: "g".repeat(size),
+                instance: "i".into(),
+            },
+        }),
+    }
+}
+
+/// An append of `entries` after entry `prev`, from leader 1 in term 3.
+fn append(
+    prev: Option<u64>,
+    entries: Vec<raft_store::types::Entry>,
+) -> openraft::raft::AppendEntriesRequest<raft_store::TypeConfig> {
+    openraft::raft::AppendEntriesRequest {
+        vote: Vote::new_committed(3, 1),
+        prev_log_id: prev.map(log_id),
+        entries,
+        leader_commit: None,
+    }
+}
+
+/// Node 1's openraft client of node 2, whose Raft is an [`Echo`]: node 1's
+/// transport, node 2's (kept for as long as the test uses it), its echo,
+/// and the client.
+async fn client_of_echo() -> (Arc<Transport>, Transport, Arc<Echo>, PeerNetwork) {
+    use openraft::network::RaftNetworkFactory;
+
+    let ca = generate_ca("test").unwrap();
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    let (server, echo) = serve(&node_tls(&ca, 2), 2);
+    let node = raft_store::ClusterNode {
+        region: "local".into(),
+        cluster_addr: server.local_addr().unwrap().to_string(),
+        admin_addr: "127.0.0.1:1".into(),
+    };
+    let client = Arc::new(client);
+    let mut network = Network::new(Arc::clone(&client), Arc::new(NoCampaign));
+    let peer = network.new_client(2, &node).await;
+    (client, server, echo, peer)
+}
+
 /// An append goes out cut to what the connection sends within the call's
 /// limit, and openraft is told the follower matched up to the last entry
 /// sent, not the whole request's: before a connection exists that is
@@ -1090,49 +1141,22 @@ impl VoteSink for NoCampaign {
 /// windows, and the eight go whole.
 #[tokio::test]
 async fn an_append_over_the_window_is_cut_and_answered_as_a_partial_success() {
-    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-    use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+    use openraft::network::{RPCOption, RaftNetwork};
+    use openraft::raft::AppendEntriesResponse;
 
-    let ca = generate_ca("test").unwrap();
-    let (client, _) = serve(&node_tls(&ca, 1), 1);
-    let (server, echo) = serve(&node_tls(&ca, 2), 2);
-    let addr = server.local_addr().unwrap().to_string();
-    let client = Arc::new(client);
-    let mut network = Network::new(Arc::clone(&client), Arc::new(NoCampaign));
-    let node = raft_store::ClusterNode {
-        region: "local".into(),
-        cluster_addr: addr,
-        admin_addr: "127.0.0.1:1".into(),
-    };
-    let mut peer = network.new_client(2, &node).await;
-    let id = |index| LogId::new(CommittedLeaderId::new(3, 1), index);
+    let (client, _server, echo, mut peer) = client_of_echo().await;
     // Eight entries of about 40 KB: 320 KB.
-    let entries = || {
-        (0..8)
-            .map(|i| raft_store::types::Entry {
-                log_id: id(10 + i),
-                payload: EntryPayload::Normal(raft_store::types::Request {
-                    command: Command::DetachInstance {
-                        group: "g".repeat(40_000),
-                        instance: format!("i{i}"),
-                    },
-                }),
-            })
-            .collect::<Vec<_>>()
-    };
-    let append = |entries| AppendEntriesRequest {
-        vote: Vote::new_committed(3, 1),
-        prev_log_id: Some(id(9)),
-        entries,
-        leader_commit: None,
-    };
+    let entries = || (10..18).map(|i| entry(i, 40_000)).collect::<Vec<_>>();
+    let append = |entries| append(Some(9), entries);
     let option = RPCOption::new(patience());
     let reply = peer
         .append_entries(append(entries()), option.clone())
         .await
         .unwrap();
-    assert_eq!(reply, AppendEntriesResponse::PartialSuccess(Some(id(10))));
+    assert_eq!(
+        reply,
+        AppendEntriesResponse::PartialSuccess(Some(log_id(10)))
+    );
     assert_eq!(*echo.appends.lock().unwrap(), [1]);
     // The connection up, its window and round trip known.
     assert!(client.window(2).is_some() && client.rtt(2).is_some());
@@ -1143,15 +1167,7 @@ async fn an_append_over_the_window_is_cut_and_answered_as_a_partial_success() {
     assert_eq!(reply, AppendEntriesResponse::Success);
     assert_eq!(*echo.appends.lock().unwrap(), [1, 8]);
     // One entry goes whole, however large.
-    let one = vec![raft_store::types::Entry {
-        log_id: id(10),
-        payload: EntryPayload::Normal(raft_store::types::Request {
-            command: Command::DetachInstance {
-                group: "g".repeat(1 << 20),
-                instance: "i".into(),
-            },
-        }),
-    }];
+    let one = vec![entry(10, 1 << 20)];
     let reply = peer.append_entries(append(one), option).await.unwrap();
     assert_eq!(reply, AppendEntriesResponse::Success);
 }
@@ -1166,37 +1182,11 @@ async fn an_append_over_the_window_is_cut_and_answered_as_a_partial_success() {
 #[tokio::test]
 async fn an_entry_over_its_budget_goes_on_past_the_limit_and_is_sent_once() {
     use openraft::error::RPCError;
-    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::network::{RPCOption, RaftNetwork};
     use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
 
-    let ca = generate_ca("test").unwrap();
-    let (client, _) = serve(&node_tls(&ca, 1), 1);
-    let (server, echo) = serve(&node_tls(&ca, 2), 2);
-    let node = raft_store::ClusterNode {
-        region: "local".into(),
-        cluster_addr: server.local_addr().unwrap().to_string(),
-        admin_addr: "127.0.0.1:1".into(),
-    };
-    let client = Arc::new(client);
-    let mut network = Network::new(Arc::clone(&client), Arc::new(NoCampaign));
-    let mut peer = network.new_client(2, &node).await;
-    let id = |index| LogId::new(CommittedLeaderId::new(3, 1), index);
-    let entry = |index, size| raft_store::types::Entry {
-        log_id: id(index),
-        payload: EntryPayload::Normal(raft_store::types::Request {
-            command: Command::DetachInstance {
-                group: "g".repeat(size),
-                instance: "i".into(),
-            },
-        }),
-    };
-    let append = |prev, entries| AppendEntriesRequest {
-        vote: Vote::new_committed(3, 1),
-        prev_log_id: Some(id(prev)),
-        entries,
-        leader_commit: None,
-    };
+    let (client, _server, echo, mut peer) = client_of_echo().await;
+    let append = |prev, entries| append(Some(prev), entries);
     let short = RPCOption::new(Duration::from_millis(200));
     // Appends with entries the follower received.
     let received = || {
@@ -1248,7 +1238,10 @@ async fn an_entry_over_its_budget_goes_on_past_the_limit_and_is_sent_once() {
     )
     .await
     .unwrap();
-    assert_eq!(reply, AppendEntriesResponse::PartialSuccess(Some(id(10))));
+    assert_eq!(
+        reply,
+        AppendEntriesResponse::PartialSuccess(Some(log_id(10)))
+    );
     assert_eq!(received(), 1);
 
     // Another entry (the next after the first) is sent anew.
@@ -1274,9 +1267,6 @@ async fn an_entry_over_its_budget_goes_on_past_the_limit_and_is_sent_once() {
 /// reads on: the stream was reset.
 #[tokio::test]
 async fn a_call_dropped_before_its_answer_resets_its_stream() {
-    use openraft::raft::AppendEntriesRequest;
-    use openraft::{CommittedLeaderId, EntryPayload, LogId};
-
     let ca = generate_ca("test").unwrap();
     let tls = node_tls(&ca, 2);
     let ep = Endpoint::server(
@@ -1299,21 +1289,7 @@ async fn a_call_dropped_before_its_answer_resets_its_stream() {
         conn.closed().await;
     });
     let (client, _) = serve(&node_tls(&ca, 1), 1);
-    let id = LogId::new(CommittedLeaderId::new(3, 1), 10);
-    let rpc = Rpc::AppendEntries(AppendEntriesRequest {
-        vote: Vote::new_committed(3, 1),
-        prev_log_id: None,
-        entries: vec![raft_store::types::Entry {
-            log_id: id,
-            payload: EntryPayload::Normal(raft_store::types::Request {
-                command: Command::DetachInstance {
-                    group: "g".repeat(16 << 20),
-                    instance: "i".into(),
-                },
-            }),
-        }],
-        leader_commit: None,
-    });
+    let rpc = Rpc::AppendEntries(append(None, vec![entry(10, 16 << 20)]));
     let addr = addr.to_string();
     let call = client.call(2, &addr, rpc, patience());
     tokio::select! {
