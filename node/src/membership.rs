@@ -21,7 +21,9 @@
 //! less available than one), a second learner makes both voters at once
 //! (1 → 3 → 5). A learner is caught up when it has answered replication
 //! within the election timeout and its matched index has reached the
-//! leader's commit index; a learner that never answered never is. The
+//! leader's commit index of a moment ago and trails the current one by no
+//! more than a learner that keeps up does ([`lag_allowed`]); a learner
+//! that never answered never is. The
 //! leader applies the policy when a node is added (waiting up to the
 //! election timeout for the live learners it would promote to catch up),
 //! after a node is removed, on a change of role, and every
@@ -98,17 +100,20 @@ fn committed(raft: &Raft) -> u64 {
 }
 
 /// The learners the leader knows to be caught up, lowest id first: alive
-/// (answered within `alive_within`) and holding every entry up to
-/// `reached`, an index the leader had committed a moment ago (not its
-/// current one: while writes go on, a learner a long round trip away never
-/// holds that).
+/// (answered within `alive_within`), holding every entry up to `reached`,
+/// an index the leader had committed a moment ago (not its current one:
+/// while writes go on, a learner a long round trip away never holds that),
+/// and trailing the leader's commit index by at most [`lag_allowed`] at
+/// the leader's commit `rate` (entries a second).
 fn caught_up(
     raft: &Raft,
     transport: &Transport,
     alive_within: Duration,
     reached: u64,
+    rate: f64,
 ) -> Vec<NodeId> {
     let m = raft.metrics().borrow().clone();
+    let committed = m.last_applied.map_or(0, |l| l.index);
     let matched: BTreeMap<NodeId, u64> = m
         .replication
         .as_ref()
@@ -121,9 +126,40 @@ fn caught_up(
     m.membership_config
         .membership()
         .learner_ids()
-        .filter(|id| matched.get(id).is_some_and(|&i| i >= reached))
+        .filter(|id| {
+            let lag = lag_allowed(rate, transport.rtt(*id));
+            let floor = reached.max(committed.saturating_sub(lag));
+            matched.get(id).is_some_and(|&i| i >= floor)
+        })
         .filter(|id| transport.answered_within(*id, alive_within))
         .collect()
+}
+
+/// Entries a learner may trail the leader's commit index by and still be
+/// promoted, whatever the leader commits: a voter that trails by more
+/// holds up every commit until it has caught up.
+const MIN_LAG_ALLOWED: u64 = 128;
+/// What a learner that keeps up trails by besides two round trips: the
+/// follower's write of an append, the leader's read of the next, jitter.
+const LAG_SLACK: Duration = Duration::from_millis(200);
+
+/// How many entries a learner `rtt` away may trail the leader's commit
+/// index by when the leader commits `rate` entries a second, and still
+/// count as caught up: what the leader commits in two round trips and
+/// [`LAG_SLACK`]. openraft keeps one append in flight per follower, so a
+/// learner that keeps up trails by the entries of the append in flight and
+/// of those written since it was sent; measured in entries alone (128), a
+/// learner 300 ms away under 400 entries a second trailed by 130–290, and
+/// never counted as caught up while the writes went on. At least
+/// [`MIN_LAG_ALLOWED`]; at most two full appends (more, and the appends
+/// are full: the learner falls behind).
+fn lag_allowed(rate: f64, rtt: Option<Duration>) -> u64 {
+    let window = rtt.unwrap_or_default() * 2 + LAG_SLACK;
+    let entries = (rate.max(0.0) * window.as_secs_f64()).ceil();
+    // Saturating: a rate too large for u64 is capped below anyway.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let entries = entries as u64;
+    entries.clamp(MIN_LAG_ALLOWED, 2 * crate::cluster::MAX_PAYLOAD_ENTRIES)
 }
 
 /// Waits until the leader's replication to learner `id` has matched
@@ -146,7 +182,9 @@ pub async fn wait_replicated(raft: &Raft, id: NodeId, index: u64) -> Result<(), 
 
 #[cfg(test)]
 mod tests {
-    use super::promotions;
+    use std::time::Duration;
+
+    use super::{MIN_LAG_ALLOWED, lag_allowed, promotions};
 
     #[test]
     fn voters_stay_odd_and_within_max() {
@@ -168,5 +206,21 @@ mod tests {
         assert_eq!(promotions(3, 4, &[4]), Vec::<u64>::new());
         assert_eq!(promotions(1, 4, &[2, 3, 4]), vec![2, 3]);
         assert_eq!(promotions(1, 1, &[2, 3]), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_learner_may_trail_by_what_is_committed_in_two_round_trips() {
+        let ms = Duration::from_millis;
+        // Quiet, or near: the floor.
+        assert_eq!(lag_allowed(0.0, Some(ms(300))), MIN_LAG_ALLOWED);
+        assert_eq!(lag_allowed(400.0, Some(ms(1))), MIN_LAG_ALLOWED);
+        assert_eq!(lag_allowed(400.0, None), MIN_LAG_ALLOWED);
+        // 400 entries a second, 300 ms away: 2 × 300 ms and 200 ms.
+        assert_eq!(lag_allowed(400.0, Some(ms(300))), 320);
+        // Never more than two full appends, nor less for a bad rate.
+        assert_eq!(lag_allowed(5_000.0, Some(ms(300))), 512);
+        assert_eq!(lag_allowed(f64::INFINITY, Some(ms(300))), 512);
+        assert_eq!(lag_allowed(f64::NAN, Some(ms(300))), MIN_LAG_ALLOWED);
+        assert_eq!(lag_allowed(-1.0, Some(ms(300))), MIN_LAG_ALLOWED);
     }
 }

@@ -113,11 +113,6 @@ struct View {
     index: u64,
 }
 
-/// How many entries a learner may lag the leader's commit index and still
-/// be promoted: half the most one append carries (fewer go in one when
-/// they outweigh what the link carries in a round trip, `cluster::network`).
-const MAX_LAG_ENTRIES: u64 = 128;
-
 /// The leader's commit index, and when it was read.
 type Sample = (Instant, u64);
 
@@ -320,7 +315,7 @@ impl Task {
         } = self.policy;
         let voters = view.membership.voter_ids().count();
         let now_committed = committed(&self.raft);
-        let sampled = self.reached(now_committed);
+        let (sampled, rate) = self.reached(now_committed);
         // Adding a node: what is committed as the wait begins, a target
         // that stays put.
         let reached = if wait { now_committed } else { sampled };
@@ -356,14 +351,7 @@ impl Task {
         let ids = promotions(
             voters,
             max_voters,
-            &caught_up(
-                &self.raft,
-                &transport,
-                alive_within,
-                // And at most MAX_LAG_ENTRIES behind now: joining a voter
-                // that lags holds up every commit until it has caught up.
-                reached.max(committed(&self.raft).saturating_sub(MAX_LAG_ENTRIES)),
-            ),
+            &caught_up(&self.raft, &transport, alive_within, reached, rate),
         );
         (!ids.is_empty()).then(|| ids.into_iter().collect())
     }
@@ -371,10 +359,12 @@ impl Task {
     /// The index a learner must hold to count as caught up: the commit
     /// index of a pass at least [`PROMOTE_EVERY`] ago (`committed`, the
     /// current one, until there was such a pass). Under a steady stream of
-    /// writes the leader's current commit index moves on before a learner a long round trip away holds
-    /// it: measured against it, no learner was ever promoted while writes
-    /// went on across 150 ms one way, and the cluster kept one voter.
-    fn reached(&self, committed: u64) -> u64 {
+    /// writes the leader's current commit index moves on before a learner
+    /// a long round trip away holds it: measured against it, no learner
+    /// was ever promoted while writes went on across 150 ms one way, and
+    /// the cluster kept one voter. With it, the entries committed a second
+    /// since that pass (0 without one).
+    fn reached(&self, committed: u64) -> (u64, f64) {
         let now = Instant::now();
         let mut samples = self
             .samples
@@ -391,8 +381,13 @@ impl Task {
         // The newest sample at least PROMOTE_EVERY old; one from before a
         // pause in the passes (this node was not the leader) is too old.
         match *older {
-            Some((at, then)) if now.duration_since(at) <= PROMOTE_EVERY * 4 => then,
-            _ => committed,
+            Some((at, then)) if now.duration_since(at) <= PROMOTE_EVERY * 4 => {
+                let secs = now.duration_since(at).as_secs_f64();
+                #[allow(clippy::cast_precision_loss)] // an entry count
+                let entries = committed.saturating_sub(then) as f64;
+                (then, entries / secs.max(f64::EPSILON))
+            }
+            _ => (committed, 0.0),
         }
     }
 }
