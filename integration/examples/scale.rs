@@ -48,6 +48,11 @@
 //!    `GET /v1/services` on it lists every group (each step's time is
 //!    printed too).
 //!
+//! With `--wan-ms D` (and `--wan-loss F`) the cluster runs behind the link
+//! emulator, and after the load, the churn and the scrapes every cluster
+//! link is delayed D ms one way (± D/10) and drops F of its datagrams: the
+//! restarts and the join then cross a WAN.
+//!
 //! Prints markdown tables (also as progress on stderr while it runs).
 
 use std::fmt::Write as _;
@@ -60,7 +65,8 @@ use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use http::Method;
 use integration::client::HttpConn;
-use integration::cluster::{Cluster, attach, get_once};
+use integration::cluster::{Cluster, ClusterOptions, attach, get_once};
+use integration::link::Link;
 use integration::{AdminClient, load, poll};
 use serde_json::json;
 
@@ -108,6 +114,15 @@ struct Args {
     /// Length of one churn window, in seconds.
     #[arg(long, default_value_t = 5)]
     window: u64,
+    /// After the load and the churn, every cluster link is delayed this
+    /// many ms one way (± a tenth, so datagrams reorder) for the restarts
+    /// and the join: a node catching up, or joining with the whole state
+    /// as a snapshot, across a WAN. 0: links stay as loopback makes them.
+    #[arg(long, default_value_t = 0)]
+    wan_ms: u64,
+    /// With `--wan-ms`: the fraction of datagrams each link drops.
+    #[arg(long, default_value_t = 0.0)]
+    wan_loss: f64,
     /// Write every node's log (its level is `EDGELB_TEST_LOG`'s) to
     /// `<DIR>/<nodes>-nodes.log` once the cluster's measurements are done.
     #[arg(long, value_name = "DIR")]
@@ -259,7 +274,15 @@ fn port(ports: u16, g: usize) -> u16 {
 
 async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let mut cluster = Cluster::start(n).await?;
+    // Behind the link emulator when the later phases run across a WAN.
+    let mut cluster = Cluster::start_with(
+        n,
+        ClusterOptions {
+            relay: (args.wan_ms > 0).then_some(1),
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
     let ids = cluster.ids();
     eprintln!("{n} node(s) up in {:.1?}", started.elapsed());
     let names: Vec<String> = (0..BACKENDS).map(|i| format!("b{i}")).collect();
@@ -297,6 +320,19 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     report.metrics_gzip_next = Some((took, cpu));
     report.services = Some(timed_get(&admin, "/v1/services").await?);
 
+    if let Some(relay) = cluster.relay().filter(|_| args.wan_ms > 0) {
+        let delay = Duration::from_millis(args.wan_ms);
+        relay.set_all(Link {
+            delay,
+            jitter: delay / 10,
+            loss: args.wan_loss,
+            ..Link::default()
+        });
+        eprintln!(
+            "cluster links now {} ms one way, {} loss",
+            args.wan_ms, args.wan_loss
+        );
+    }
     let leader = cluster.leader().await?;
     let restarted = ids.iter().copied().find(|&i| i != leader).unwrap_or(leader);
     cluster.stop(restarted).await?;

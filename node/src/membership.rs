@@ -21,9 +21,9 @@
 //! less available than one), a second learner makes both voters at once
 //! (1 → 3 → 5). A learner is caught up when it has answered replication
 //! within the election timeout and its matched index has reached the
-//! leader's commit index of a moment ago and trails the current one by no
-//! more than a learner that keeps up does ([`lag_allowed`]); a learner
-//! that never answered never is. The
+//! leader's commit index of two round trips to it and a little more ago
+//! ([`trail_allowed`]: what a learner that keeps up holds); a learner that
+//! never answered never is. The
 //! leader applies the policy when a node is added (waiting up to the
 //! election timeout for the live learners it would promote to catch up),
 //! after a node is removed, on a change of role, and every
@@ -33,10 +33,11 @@
 //! Every membership change on a node is made by its [`Reconciler`], one at
 //! a time: openraft refuses a change while another is being committed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use raft_store::types::{NodeId, Raft};
+use tokio::time::Instant;
 use tracing::info;
 
 use crate::cluster::{ForwardError, Transport};
@@ -100,20 +101,20 @@ fn committed(raft: &Raft) -> u64 {
 }
 
 /// The learners the leader knows to be caught up, lowest id first: alive
-/// (answered within `alive_within`), holding every entry up to `reached`,
-/// an index the leader had committed a moment ago (not its current one:
-/// while writes go on, a learner a long round trip away never holds that),
-/// and trailing the leader's commit index by at most [`lag_allowed`] at
-/// the leader's commit `rate` (entries a second).
+/// (answered within `alive_within`), holding every entry up to `target`,
+/// and holding what the leader had committed [`trail_allowed`] ago
+/// (`history`; not its current commit index: while writes go on, a
+/// learner a long round trip away never holds that).
 fn caught_up(
     raft: &Raft,
     transport: &Transport,
     alive_within: Duration,
-    reached: u64,
-    rate: f64,
+    target: u64,
+    history: &CommitHistory,
 ) -> Vec<NodeId> {
     let m = raft.metrics().borrow().clone();
     let committed = m.last_applied.map_or(0, |l| l.index);
+    let now = Instant::now();
     let matched: BTreeMap<NodeId, u64> = m
         .replication
         .as_ref()
@@ -127,39 +128,89 @@ fn caught_up(
         .membership()
         .learner_ids()
         .filter(|id| {
-            let lag = lag_allowed(rate, transport.rtt(*id));
-            let floor = reached.max(committed.saturating_sub(lag));
-            matched.get(id).is_some_and(|&i| i >= floor)
+            let then = history.at(now, committed, trail_allowed(transport.rtt(*id)));
+            matched.get(id).is_some_and(|&i| i >= target.max(then))
         })
         .filter(|id| transport.answered_within(*id, alive_within))
         .collect()
 }
 
-/// Entries a learner may trail the leader's commit index by and still be
-/// promoted, whatever the leader commits: a voter that trails by more
-/// holds up every commit until it has caught up.
-const MIN_LAG_ALLOWED: u64 = 128;
-/// What a learner that keeps up trails by besides two round trips: the
-/// follower's write of an append, the leader's read of the next, jitter.
-const LAG_SLACK: Duration = Duration::from_millis(200);
+/// What a learner that keeps up trails the leader by besides two round
+/// trips: the follower's write of an append, the leader's read of the
+/// next, jitter.
+const TRAIL_SLACK: Duration = Duration::from_millis(200);
 
-/// How many entries a learner `rtt` away may trail the leader's commit
-/// index by when the leader commits `rate` entries a second, and still
-/// count as caught up: what the leader commits in two round trips and
-/// [`LAG_SLACK`]. openraft keeps one append in flight per follower, so a
-/// learner that keeps up trails by the entries of the append in flight and
-/// of those written since it was sent; measured in entries alone (128), a
-/// learner 300 ms away under 400 entries a second trailed by 130–290, and
-/// never counted as caught up while the writes went on. At least
-/// [`MIN_LAG_ALLOWED`]; at most two full appends (more, and the appends
-/// are full: the learner falls behind).
-fn lag_allowed(rate: f64, rtt: Option<Duration>) -> u64 {
-    let window = rtt.unwrap_or_default() * 2 + LAG_SLACK;
-    let entries = (rate.max(0.0) * window.as_secs_f64()).ceil();
-    // Saturating: a rate too large for u64 is capped below anyway.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let entries = entries as u64;
-    entries.clamp(MIN_LAG_ALLOWED, 2 * crate::cluster::MAX_PAYLOAD_ENTRIES)
+/// How far behind the leader, in time, a learner `rtt` away may be and
+/// still count as caught up: two round trips and [`TRAIL_SLACK`] (without
+/// a measured round trip, the slack alone). openraft keeps one append in
+/// flight per follower, so a learner that keeps up holds what the leader
+/// had committed when the append in flight was sent, up to two round
+/// trips ago. Measured in entries instead (at most 128 behind), learners
+/// 300 ms away under 400 entries a second trailed by 130–290 and were
+/// promoted in 1 run of 4 while the writes went on. A voter that trails by
+/// more holds up every commit until it has caught up; one that falls
+/// behind (its appends carry less than the leader commits) soon trails by
+/// more than this.
+fn trail_allowed(rtt: Option<Duration>) -> Duration {
+    rtt.unwrap_or_default()
+        .saturating_mul(2)
+        .saturating_add(TRAIL_SLACK)
+}
+
+/// The leader's commit index over the last few seconds, sampled at each
+/// pass of the policy: what it had committed a while ago.
+#[derive(Debug, Default)]
+pub(crate) struct CommitHistory {
+    /// (when, commit index), oldest first; commit indexes never go down.
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl CommitHistory {
+    /// Samples older than this are dropped (but the newest of them).
+    const KEEP: Duration = Duration::from_secs(4);
+
+    /// Notes that the leader had committed `committed` at `now`.
+    pub(crate) fn record(&mut self, now: Instant, committed: u64) {
+        self.samples.push_back((now, committed));
+        while self
+            .samples
+            .get(1)
+            .is_some_and(|&(at, _)| now.saturating_duration_since(at) >= Self::KEEP)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Forgets every sample (this node stopped leading).
+    pub(crate) fn clear(&mut self) {
+        self.samples.clear();
+    }
+
+    /// What the leader had committed `ago` before `now`, when it commits
+    /// `committed` now: interpolated between the samples around that time
+    /// (so at least the index of the sample before it, at most that of the
+    /// one after), or the oldest sample's when none is that old (stricter:
+    /// a later index), or `committed` without samples.
+    pub(crate) fn at(&self, now: Instant, committed: u64, ago: Duration) -> u64 {
+        let Some(t) = now.checked_sub(ago) else {
+            return self.samples.front().map_or(committed, |&(_, c)| c);
+        };
+        let mut after = (now, committed);
+        for &(at, c) in self.samples.iter().rev() {
+            if at <= t {
+                let span = after.0.saturating_duration_since(at).as_nanos();
+                let into = t.saturating_duration_since(at).as_nanos();
+                let grew = after.1.saturating_sub(c);
+                if span == 0 {
+                    return c;
+                }
+                let part = u128::from(grew).saturating_mul(into) / span;
+                return c + u64::try_from(part).map_or(grew, |p| p.min(grew));
+            }
+            after = (at, c);
+        }
+        after.1
+    }
 }
 
 /// Waits until the leader's replication to learner `id` has matched
@@ -184,7 +235,9 @@ pub async fn wait_replicated(raft: &Raft, id: NodeId, index: u64) -> Result<(), 
 mod tests {
     use std::time::Duration;
 
-    use super::{MIN_LAG_ALLOWED, lag_allowed, promotions};
+    use tokio::time::Instant;
+
+    use super::{CommitHistory, promotions, trail_allowed};
 
     #[test]
     fn voters_stay_odd_and_within_max() {
@@ -209,18 +262,47 @@ mod tests {
     }
 
     #[test]
-    fn a_learner_may_trail_by_what_is_committed_in_two_round_trips() {
+    fn a_learner_may_trail_by_two_round_trips() {
         let ms = Duration::from_millis;
-        // Quiet, or near: the floor.
-        assert_eq!(lag_allowed(0.0, Some(ms(300))), MIN_LAG_ALLOWED);
-        assert_eq!(lag_allowed(400.0, Some(ms(1))), MIN_LAG_ALLOWED);
-        assert_eq!(lag_allowed(400.0, None), MIN_LAG_ALLOWED);
-        // 400 entries a second, 300 ms away: 2 × 300 ms and 200 ms.
-        assert_eq!(lag_allowed(400.0, Some(ms(300))), 320);
-        // Never more than two full appends, nor less for a bad rate.
-        assert_eq!(lag_allowed(5_000.0, Some(ms(300))), 512);
-        assert_eq!(lag_allowed(f64::INFINITY, Some(ms(300))), 512);
-        assert_eq!(lag_allowed(f64::NAN, Some(ms(300))), MIN_LAG_ALLOWED);
-        assert_eq!(lag_allowed(-1.0, Some(ms(300))), MIN_LAG_ALLOWED);
+        assert_eq!(trail_allowed(None), ms(200));
+        assert_eq!(trail_allowed(Some(ms(1))), ms(202));
+        assert_eq!(trail_allowed(Some(ms(300))), ms(800));
+        assert_eq!(trail_allowed(Some(Duration::MAX)), Duration::MAX);
+    }
+
+    #[test]
+    fn the_history_tells_what_was_committed_a_while_ago() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut h = CommitHistory::default();
+        // Nothing sampled: what is committed now.
+        assert_eq!(h.at(t0, 50, ms(800)), 50);
+        // 100 entries a second, sampled every 500 ms.
+        for i in 0..=8u64 {
+            h.record(t0 + ms(500) * u32::try_from(i).unwrap(), 100 * i / 2);
+        }
+        let now = t0 + ms(4_100);
+        // 800 ms before 4.1 s is 3.3 s: between the samples at 3.0 s (300)
+        // and 3.5 s (350), interpolated.
+        assert_eq!(h.at(now, 410, ms(800)), 330);
+        // Between the last sample (4.0 s, 400) and now.
+        assert_eq!(h.at(now, 410, ms(50)), 405);
+        assert_eq!(h.at(now, 410, Duration::ZERO), 410);
+        // Older than every sample kept: the oldest (stricter).
+        let oldest = h.samples.front().copied().unwrap();
+        assert!(now.duration_since(oldest.0) >= CommitHistory::KEEP);
+        assert_eq!(h.at(now, 410, ms(60_000)), oldest.1);
+        assert_eq!(h.at(now, 410, Duration::MAX), oldest.1);
+        // A burst between two samples: never below the earlier sample's
+        // index nor above the later one's.
+        let mut b = CommitHistory::default();
+        b.record(t0, 10);
+        b.record(t0 + ms(500), 1_010);
+        let v = b.at(t0 + ms(500), 1_010, ms(400));
+        assert!((10..=1_010).contains(&v), "{v}");
+        assert_eq!(v, 210);
+        // Forgotten when this node stops leading.
+        b.clear();
+        assert_eq!(b.at(t0 + ms(600), 1_020, ms(400)), 1_020);
     }
 }

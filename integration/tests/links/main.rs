@@ -655,7 +655,8 @@ async fn a_joiner_gets_a_large_snapshot_across_a_lossy_wan() -> anyhow::Result<(
 /// cluster kept one voter, for as long as the writes went on. Then, held
 /// to trailing the leader by 128 entries, they were promoted in 1 run of
 /// 4: about 400 entries a second, and a learner that keeps up trails by
-/// what is written in two round trips.) The writers' entries must stay
+/// what is written in two round trips; now by time, two round trips and
+/// 200 ms.) The writers' entries must stay
 /// below what one append per round trip replicates: with 64 entries an
 /// append, about 210 a second, which a debug build's admin API reached on
 /// a quiet CI machine (4,886 entries in 20 s, no learner promoted); with

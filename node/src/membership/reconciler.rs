@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::{PROMOTE_EVERY, Policy, caught_up, committed, promotions};
+use super::{CommitHistory, PROMOTE_EVERY, Policy, caught_up, committed, promotions};
 use crate::cluster::{ForwardError, Transport};
 
 /// How long one membership change may take before it is given up.
@@ -70,7 +70,7 @@ impl Reconciler {
             raft,
             transport,
             policy,
-            samples: std::sync::Mutex::new((None, None)),
+            history: std::sync::Mutex::default(),
         };
         tokio::spawn(task.run(rx));
         Self { tx }
@@ -113,17 +113,13 @@ struct View {
     index: u64,
 }
 
-/// The leader's commit index, and when it was read.
-type Sample = (Instant, u64);
-
 struct Task {
     raft: Raft,
     transport: Weak<Transport>,
     policy: Policy,
-    /// The leader's commit index at two passes at least [`PROMOTE_EVERY`]
-    /// apart, the older first: what a learner must hold to count as caught
-    /// up ([`Task::reached`]).
-    samples: std::sync::Mutex<(Option<Sample>, Option<Sample>)>,
+    /// The leader's commit index at each pass while it leads: what a
+    /// learner must hold to count as caught up (`caught_up`).
+    history: std::sync::Mutex<CommitHistory>,
 }
 
 impl Task {
@@ -287,6 +283,9 @@ impl Task {
     /// would promote to catch up, as a join does.
     async fn settle(&self, wait: bool) -> Result<u64, ForwardError> {
         if !wait && self.raft.metrics().borrow().state != ServerState::Leader {
+            // Samples from before a time this node did not lead would
+            // tell of a commit index older than their time.
+            self.history().clear();
             return Err(self.not_leader());
         }
         for _ in 0..MAX_CHANGES {
@@ -315,10 +314,10 @@ impl Task {
         } = self.policy;
         let voters = view.membership.voter_ids().count();
         let now_committed = committed(&self.raft);
-        let (sampled, rate) = self.reached(now_committed);
+        self.history().record(Instant::now(), now_committed);
         // Adding a node: what is committed as the wait begins, a target
         // that stays put.
-        let reached = if wait { now_committed } else { sampled };
+        let target = if wait { now_committed } else { 0 };
         if wait {
             // The live learners the policy would take, were they caught up.
             let alive: Vec<NodeId> = view
@@ -337,7 +336,7 @@ impl Task {
                                 m.replication
                                     .as_ref()
                                     .and_then(|r| r.get(id).copied().flatten())
-                                    .is_some_and(|l| l.index >= reached)
+                                    .is_some_and(|l| l.index >= target)
                             })
                         },
                         "learners to promote caught up",
@@ -351,43 +350,20 @@ impl Task {
         let ids = promotions(
             voters,
             max_voters,
-            &caught_up(&self.raft, &transport, alive_within, reached, rate),
+            &caught_up(
+                &self.raft,
+                &transport,
+                alive_within,
+                target,
+                &self.history(),
+            ),
         );
         (!ids.is_empty()).then(|| ids.into_iter().collect())
     }
 
-    /// The index a learner must hold to count as caught up: the commit
-    /// index of a pass at least [`PROMOTE_EVERY`] ago (`committed`, the
-    /// current one, until there was such a pass). Under a steady stream of
-    /// writes the leader's current commit index moves on before a learner
-    /// a long round trip away holds it: measured against it, no learner
-    /// was ever promoted while writes went on across 150 ms one way, and
-    /// the cluster kept one voter. With it, the entries committed a second
-    /// since that pass (0 without one).
-    fn reached(&self, committed: u64) -> (u64, f64) {
-        let now = Instant::now();
-        let mut samples = self
-            .samples
+    fn history(&self) -> std::sync::MutexGuard<'_, CommitHistory> {
+        self.history
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (older, newest) = &mut *samples;
-        match *newest {
-            Some((at, _)) if now.duration_since(at) < PROMOTE_EVERY => {}
-            _ => {
-                *older = newest.take();
-                *newest = Some((now, committed));
-            }
-        }
-        // The newest sample at least PROMOTE_EVERY old; one from before a
-        // pause in the passes (this node was not the leader) is too old.
-        match *older {
-            Some((at, then)) if now.duration_since(at) <= PROMOTE_EVERY * 4 => {
-                let secs = now.duration_since(at).as_secs_f64();
-                #[allow(clippy::cast_precision_loss)] // an entry count
-                let entries = committed.saturating_sub(then) as f64;
-                (then, entries / secs.max(f64::EPSILON))
-            }
-            _ => (committed, 0.0),
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
