@@ -48,10 +48,11 @@
 //!    `GET /v1/services` on it lists every group (each step's time is
 //!    printed too).
 //!
-//! With `--wan-ms D` (and `--wan-loss F`) the cluster runs behind the link
-//! emulator, and after the load, the churn and the scrapes every cluster
-//! link is delayed D ms one way (± D/10) and drops F of its datagrams: the
-//! restarts and the join then cross a WAN.
+//! With `--wan-ms D` (and `--wan-loss F`) both clusters run behind the
+//! link emulator, and after the load, the churn and the scrapes every link
+//! of the loaded one is delayed D ms one way (± D/10) and drops F of its
+//! datagrams: the restarts (the crash's burst of writes included) and the
+//! join then cross a WAN.
 //!
 //! Prints markdown tables (also as progress on stderr while it runs).
 
@@ -121,7 +122,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     wan_ms: u64,
     /// With `--wan-ms`: the fraction of datagrams each link drops.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, requires = "wan_ms")]
     wan_loss: f64,
     /// Write every node's log (its level is `EDGELB_TEST_LOG`'s) to
     /// `<DIR>/<nodes>-nodes.log` once the cluster's measurements are done.
@@ -386,7 +387,16 @@ async fn compare(
     big_addr: IpAddr,
 ) -> anyhow::Result<(Churn, Churn)> {
     let n = big.ids().len();
-    let small = Cluster::start(n).await?;
+    // Behind the relay too when the loaded one is (`--wan-ms`), so that
+    // both pay for it alike.
+    let small = Cluster::start_with(
+        n,
+        ClusterOptions {
+            relay: (args.wan_ms > 0).then_some(2),
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
     let names: Vec<String> = (0..BACKENDS).map(|i| format!("b{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let backends = small.http_backends(&names, BACKEND_PORT).await?;
