@@ -121,6 +121,10 @@ struct Args {
     /// as a snapshot, across a WAN. 0: links stay as loopback makes them.
     #[arg(long, default_value_t = 0)]
     wan_ms: u64,
+    /// With `--wan-ms`: each datagram's delay is drawn from `D ± this`
+    /// (ms; default D/10), which reorders datagrams sent close together.
+    #[arg(long, requires = "wan_ms")]
+    wan_jitter_ms: Option<u64>,
     /// With `--wan-ms`: the fraction of datagrams each link drops.
     #[arg(long, default_value_t = 0.0, requires = "wan_ms")]
     wan_loss: f64,
@@ -325,13 +329,13 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
         let delay = Duration::from_millis(args.wan_ms);
         relay.set_all(Link {
             delay,
-            jitter: delay / 10,
+            jitter: args.wan_jitter_ms.map_or(delay / 10, Duration::from_millis),
             loss: args.wan_loss,
             ..Link::default()
         });
         eprintln!(
-            "cluster links now {} ms one way, {} loss",
-            args.wan_ms, args.wan_loss
+            "cluster links now {} ms one way (jitter {:?} ms), {} loss",
+            args.wan_ms, args.wan_jitter_ms, args.wan_loss
         );
     }
     let leader = cluster.leader().await?;

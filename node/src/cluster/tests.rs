@@ -474,6 +474,22 @@ impl Forwarder {
     /// more: its first calls overtake its last handshake packet when sent
     /// within that much of it, as a link with jitter reorders them.
     async fn delayed(server: SocketAddr, one_way: Duration, handshake_extra: Duration) -> Self {
+        Self::build(server, one_way, Duration::ZERO, handshake_extra).await
+    }
+
+    /// A link that delays each datagram, either way, by `one_way ± jitter`
+    /// (drawn for each): datagrams sent within `2 × jitter` of each other
+    /// arrive in any order.
+    async fn jittered(server: SocketAddr, one_way: Duration, jitter: Duration) -> Self {
+        Self::build(server, one_way, jitter, Duration::ZERO).await
+    }
+
+    async fn build(
+        server: SocketAddr,
+        one_way: Duration,
+        jitter: Duration,
+        handshake_extra: Duration,
+    ) -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         let front = Arc::new(tokio::net::UdpSocket::bind(loopback()).await.unwrap());
         let back = Arc::new(tokio::net::UdpSocket::bind(loopback()).await.unwrap());
@@ -492,7 +508,7 @@ impl Forwarder {
                         continue;
                     }
                     let long_header = buf[0] & 0x80 != 0;
-                    let delay = one_way
+                    let delay = jittered(one_way, jitter)
                         + if long_header {
                             handshake_extra
                         } else {
@@ -510,7 +526,7 @@ impl Forwarder {
                     let to = *client.lock().unwrap();
                     if let Some(to) = to.filter(|_| !cut.load(Ordering::SeqCst)) {
                         let _ = down_queue.send((
-                            Instant::now() + one_way,
+                            Instant::now() + jittered(one_way, jitter),
                             buf[..n].to_vec(),
                             Some(to),
                         ));
@@ -528,6 +544,15 @@ impl Forwarder {
     fn set_cut(&self, cut: bool) {
         self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// `one_way ± jitter`, drawn uniformly.
+fn jittered(one_way: Duration, jitter: Duration) -> Duration {
+    if jitter.is_zero() {
+        return one_way;
+    }
+    let low = one_way.saturating_sub(jitter);
+    low + (one_way + jitter - low).mul_f64(rand::random::<f64>())
 }
 
 /// What a delay line sends: when, the datagram, and to whom (`None`: the
@@ -1303,4 +1328,44 @@ async fn a_call_dropped_before_its_answer_resets_its_stream() {
         matches!(r, Err(ReadToEndError::Read(ReadError::Reset(code))) if code == codes::TIMEOUT),
         "{r:?}"
     );
+}
+
+/// Datagrams a link reorders are not taken for lost ones: a 4 MB append
+/// through a link of 50 ms ± 4 ms each way (datagrams sent within 8 ms of
+/// each other arrive in any order, and QUIC paces a window over the round
+/// trip) reaches the peer with under 5 % of its packets counted as lost
+/// and few cuts of the congestion window: 1–22 of about 3,000 and 1–8 in
+/// five runs here (those acknowledged more than 9/8 of the round trip
+/// after they were sent; none without the jitter). With QUIC's default
+/// reordering threshold (3 packets): 660 of 3,650 and 326 cuts, 8 s
+/// instead of 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_a_link_reorders_are_not_taken_for_lost() {
+    let ms = Duration::from_millis;
+    let ca = generate_ca("test").unwrap();
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    let (server, echo) = serve(&node_tls(&ca, 2), 2);
+    let link = Forwarder::jittered(server.local_addr().unwrap(), ms(50), ms(4)).await;
+    let addr = link.addr.to_string();
+    client.call(2, &addr, vote(), patience()).await.unwrap();
+    let rpc = Rpc::AppendEntries(append(None, vec![entry(10, 4 << 20)]));
+    let reply = client
+        .call(2, &addr, rpc, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(matches!(reply, RpcReply::AppendEntries(Ok(_))), "{reply:?}");
+    assert_eq!(echo.appends.lock().unwrap().clone(), vec![1]);
+    let stats = client.connection_to(2).expect("a connection").stats();
+    eprintln!(
+        "sent {} packets, {} lost, {} congestion events",
+        stats.path.sent_packets, stats.path.lost_packets, stats.path.congestion_events
+    );
+    assert!(stats.path.sent_packets > 2_500, "{stats:?}");
+    assert!(
+        stats.path.lost_packets * 20 < stats.path.sent_packets,
+        "{} of {} packets counted as lost",
+        stats.path.lost_packets,
+        stats.path.sent_packets
+    );
+    assert!(stats.path.congestion_events < 30, "{stats:?}");
 }
