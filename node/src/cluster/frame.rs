@@ -47,8 +47,9 @@ use super::tls::{ALPN_RAFT, ALPN_RAFT_2, negotiated_alpn};
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 /// The most data one snapshot chunk carries on `edgelb-raft/2`, as sent
 /// and once inflated: part of that version (a receiver refuses more, so a
-/// release that sends larger chunks needs `edgelb-raft/3`). Four times the
-/// chunks this release sends; a small bound because deflate inflates up to
+/// release that sends larger chunks needs `edgelb-raft/3`), and the chunks
+/// this release sends on it (`network::PeerNetwork::full_snapshot`); a
+/// small bound because deflate inflates up to
 /// about a thousandfold, and a peer could otherwise make a few kilobytes
 /// cost 64 MiB a stream.
 pub const CHUNK_DATA_LIMIT: usize = 1024 * 1024;

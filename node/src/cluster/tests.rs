@@ -1369,3 +1369,117 @@ async fn datagrams_a_link_reorders_are_not_taken_for_lost() {
     );
     assert!(stats.path.congestion_events < 30, "{stats:?}");
 }
+
+/// A node of `edgelb-raft/1` only (an earlier release) that answers every
+/// snapshot chunk it is sent, on any stream: each chunk's offset and size.
+async fn earlier_node_taking_chunks(ca: &CaBundle) -> (SocketAddr, Arc<Mutex<Vec<(u64, usize)>>>) {
+    let tls = node_tls(ca, 2);
+    let ep = Endpoint::server(
+        tls.server_config_offering(&[ALPN_RAFT]).unwrap(),
+        loopback(),
+    )
+    .unwrap();
+    let addr = ep.local_addr().unwrap();
+    let chunks: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
+    let seen = chunks.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let head = frame::read_frame(&mut recv, HEADER_LIMIT).await.unwrap();
+                    let kind = frame::decode_header(&head).unwrap().rpc;
+                    let body = frame::read_frame(&mut recv, kind.request_limit())
+                        .await
+                        .unwrap();
+                    let Ok(Rpc::InstallSnapshot(chunk)) =
+                        frame::decode_request(kind, &body, Version::V1)
+                    else {
+                        continue;
+                    };
+                    seen.lock().unwrap().push((chunk.offset, chunk.data.len()));
+                    let reply =
+                        RpcReply::InstallSnapshot(Ok(InstallSnapshotResponse { vote: chunk.vote }));
+                    let _ = send.write_all(&frame::encode(&reply, 1024).unwrap()).await;
+                    let _ = send.finish();
+                }
+            });
+        }
+    });
+    (addr, chunks)
+}
+
+/// A snapshot of `len` bytes in a file, and the bytes.
+async fn snapshot_of(
+    len: usize,
+) -> (
+    tempfile::NamedTempFile,
+    openraft::Snapshot<raft_store::TypeConfig>,
+    Vec<u8>,
+) {
+    let data: Vec<u8> = (0..len).map(|i| u8::try_from(i % 251).unwrap()).collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &data).unwrap();
+    let snapshot = openraft::Snapshot {
+        meta: openraft::SnapshotMeta {
+            last_log_id: Some(log_id(10)),
+            last_membership: openraft::StoredMembership::default(),
+            snapshot_id: "s-10".into(),
+        },
+        snapshot: Box::new(tokio::fs::File::open(file.path()).await.unwrap()),
+    };
+    (file, snapshot, data)
+}
+
+/// A snapshot goes to a current node in chunks of 1 MiB, the most
+/// `edgelb-raft/2` takes (all but the first, sent before a connection told
+/// the peer's version: openraft's 256 KiB), and to a node of an earlier
+/// release (`edgelb-raft/1`, whose frames are 3.3 times a chunk's bytes) in
+/// chunks of 256 KiB; whole and in order either way.
+#[tokio::test]
+async fn a_snapshot_goes_in_chunks_as_large_as_the_peer_reads() {
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+
+    const KIB: usize = 1024;
+    let option = || RPCOption::new(Duration::from_secs(15));
+    let vote = Vote::new_committed(7, 1);
+    let (_client, _server, echo, mut peer) = client_of_echo().await;
+    let (_file, snapshot, data) = snapshot_of(3 * 1024 * KIB + 5).await;
+    let r = peer
+        .full_snapshot(vote, snapshot, std::future::pending(), option())
+        .await
+        .unwrap();
+    assert_eq!(r.vote, vote);
+    let chunks = echo.chunks.lock().unwrap().clone();
+    let sizes: Vec<usize> = chunks.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [256 * KIB, 1024 * KIB, 1024 * KIB, 768 * KIB + 5]);
+    assert_eq!(chunks.concat(), data);
+
+    // An earlier release's node.
+    let ca = generate_ca("test").unwrap();
+    let (client, _) = serve(&node_tls(&ca, 1), 1);
+    let (addr, seen) = earlier_node_taking_chunks(&ca).await;
+    let node = raft_store::ClusterNode {
+        region: "local".into(),
+        cluster_addr: addr.to_string(),
+        admin_addr: "127.0.0.1:1".into(),
+    };
+    let mut network = Network::new(Arc::new(client), Arc::new(NoCampaign));
+    let mut peer = network.new_client(2, &node).await;
+    let (_file, snapshot, _) = snapshot_of(1024 * KIB + 5).await;
+    peer.full_snapshot(vote, snapshot, std::future::pending(), option())
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            (0, 256 * KIB),
+            (256 * 1024, 256 * KIB),
+            (512 * 1024, 256 * KIB),
+            (768 * 1024, 256 * KIB),
+            (1024 * 1024, 5)
+        ]
+    );
+}

@@ -721,6 +721,13 @@ impl Transport {
         self.shared.existing_slot(target).and_then(|s| s.uses_own())
     }
 
+    /// The frame version of the connection calls to `target` go out on
+    /// now; `None` without one.
+    pub(crate) fn version(&self, target: NodeId) -> Option<Version> {
+        let conn = self.shared.existing_slot(target).and_then(|s| s.in_use())?;
+        Some(Version::of(&conn))
+    }
+
     /// The connection calls to `target` go out on now.
     #[cfg(test)]
     pub(crate) fn connection_to(&self, target: NodeId) -> Option<quinn::Connection> {
