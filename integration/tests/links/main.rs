@@ -784,7 +784,8 @@ async fn a_leader_warns_of_a_voter_too_far_for_its_election_timeout() -> anyhow:
 /// which the far follower is cut off: left to the link alone, how far it
 /// fell behind depended on how fast the machine wrote (on a CI machine
 /// busy with a build, 1,454 pairs in 10 s left it 13 entries behind, no
-/// backlog to test).
+/// backlog to test). Should the leader have snapshotted and purged its
+/// log past the follower meanwhile, it catches up from the snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_far_follower_catches_up_after_a_burst_across_a_lossy_link() -> anyhow::Result<()> {
     let cluster = relayed(3, 13).await?;

@@ -403,7 +403,8 @@ mod tests {
 
     #[test]
     fn snapshot_chunks_are_a_fraction_of_their_size_on_version_2() {
-        // A chunk as the leader sends one: 256 KiB of a snapshot.
+        // A chunk as the leader sends one on version 1: 256 KiB of a
+        // snapshot (four times that on version 2).
         let data = snapshot_data(4_000, 256 * 1024);
         let rpc = Rpc::InstallSnapshot(chunk(data.clone()));
         let v1 = body(&rpc, Version::V1);

@@ -133,12 +133,8 @@ fn append_budget(window: Option<u64>, rtt: Option<Duration>, deadline: Duration)
 /// A megabyte crosses a 300 ms link in it at the least window QUIC keeps.
 const LONG_APPEND_LIMIT: Duration = Duration::from_millis(super::SNAPSHOT_CHUNK_TIMEOUT_MS);
 
-/// The snapshot bytes one `InstallSnapshot` call carries on an
-/// `edgelb-raft/1` connection, or before a connection tells the peer's
-/// version: openraft's configured chunk (`raft::SNAPSHOT_CHUNK`).
-/// Version 1 frames a chunk's bytes as JSON numbers, about 3.3 times their
-/// size (0.85 MB), which crosses a 300 ms link at the least window cluster
-/// connections keep in about 4 s.
+/// The chunk [`PeerNetwork::full_snapshot`] starts from when openraft
+/// passes none (it always passes `raft::SNAPSHOT_CHUNK`, the same size).
 const SNAPSHOT_CHUNK_V1: usize = 256 * 1024;
 /// Calls of one chunk that may fail in a row (timeout, network,
 /// unreachable) before the snapshot's send gives up (openraft then sends
@@ -257,21 +253,26 @@ impl PeerNetwork {
             })
     }
 
-    /// Notes that the peer is out of reach when `error` says so.
-    /// The snapshot bytes the next `InstallSnapshot` call carries: on an
-    /// `edgelb-raft/2` connection the most that version takes
-    /// ([`super::CHUNK_DATA_LIMIT`], 1 MiB, deflated on the wire to about
-    /// half); else `configured`. A chunk is a round trip: a node joining a
-    /// cluster of 100,000 instances (an 11 MB snapshot) across 150 ms ±
-    /// 15 ms links was ready after 19–28 s in 256 KiB chunks, and 13 s in
-    /// chunks of 1 MiB.
+    /// The snapshot bytes the next `InstallSnapshot` call carries:
+    /// `configured` (openraft's chunk, `raft::SNAPSHOT_CHUNK`, 256 KiB)
+    /// on an `edgelb-raft/1` connection or without a connection, and four
+    /// times that on an `edgelb-raft/2` one, at most what that version
+    /// takes ([`super::CHUNK_DATA_LIMIT`], 1 MiB): version 1 frames a
+    /// chunk as JSON numbers (3.3 times its bytes), version 2 deflates it
+    /// (about half), so four times the bytes are still fewer on the wire. A
+    /// chunk is a round trip: a node joining a cluster of 100,000 instances
+    /// (an 11 MB snapshot) across 150 ms ± 15 ms links was ready after
+    /// 19–28 s in 256 KiB chunks, and 12.5 s in chunks of 1 MiB.
     fn snapshot_chunk(&self, configured: usize) -> usize {
         match self.transport.version(self.target) {
-            Some(super::frame::Version::V2) => super::CHUNK_DATA_LIMIT,
+            Some(super::frame::Version::V2) => {
+                configured.saturating_mul(4).min(super::CHUNK_DATA_LIMIT)
+            }
             Some(super::frame::Version::V1) | None => configured,
         }
     }
 
+    /// Notes that the peer is out of reach when `error` says so.
     fn note(&self, error: &TransportError) {
         if error.is_unreachable() || matches!(error, TransportError::Timeout(_)) {
             self.transport
@@ -640,6 +641,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
                         return Err(match e {
                             RPCError::Timeout(e) => e.into(),
                             RPCError::Unreachable(e) => e.into(),
+                            RPCError::Network(e) => e.into(),
                             other => NetworkError::new(&other).into(),
                         });
                     }

@@ -146,9 +146,10 @@ const KEEP_ALIVE: Duration = Duration::from_millis(2500);
 const GOSSIP_KEEP_ALIVE: Duration = Duration::from_millis(1250);
 /// Concurrent RPC streams a peer may open on one connection.
 const MAX_STREAMS: u32 = 128;
-/// How many later packets acknowledged make QUIC declare a packet lost:
-/// never, so that only time does (a packet not acknowledged within 9/8 of
-/// the round trip while later ones were). A link that reorders datagrams
+/// How many packet numbers a later acknowledged packet must be ahead for
+/// QUIC to declare a packet lost: never, so that only time does (a packet
+/// sent more than 9/8 of a round trip before, unacknowledged while a later
+/// one was). A link that reorders datagrams
 /// (jitter of a few ms on a WAN path, several paths between two regions)
 /// acknowledges many later packets first; with QUIC's default of 3 each
 /// such packet counted as lost and resent, and every loss cut the

@@ -242,7 +242,8 @@ async fn three_voters_replicate_a_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_learner_catches_up_from_a_snapshot() {
     let ca = generate_ca("test").unwrap();
-    // Small chunks so the snapshot crosses in several InstallSnapshot RPCs.
+    // Small chunks so the snapshot crosses in several InstallSnapshot RPCs
+    // (1 KiB on `edgelb-raft/2`: four times openraft's chunk).
     let config = config(|c| {
         c.snapshot_policy = SnapshotPolicy::Never;
         c.max_in_snapshot_log_to_keep = 0;
