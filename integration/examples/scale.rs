@@ -279,15 +279,7 @@ fn port(ports: u16, g: usize) -> u16 {
 
 async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     let started = Instant::now();
-    // Behind the link emulator when the later phases run across a WAN.
-    let mut cluster = Cluster::start_with(
-        n,
-        ClusterOptions {
-            relay: (args.wan_ms > 0).then_some(1),
-            ..ClusterOptions::default()
-        },
-    )
-    .await?;
+    let mut cluster = start(args, n, 1).await?;
     let ids = cluster.ids();
     eprintln!("{n} node(s) up in {:.1?}", started.elapsed());
     let names: Vec<String> = (0..BACKENDS).map(|i| format!("b{i}")).collect();
@@ -381,6 +373,20 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// A cluster of `n` nodes, behind the link emulator (seeded with `seed`)
+/// when the later phases run across a WAN (`--wan-ms`): both clusters of
+/// the churn comparison, so that they pay for the relay alike.
+async fn start(args: &Args, n: usize, seed: u64) -> anyhow::Result<Cluster> {
+    Cluster::start_with(
+        n,
+        ClusterOptions {
+            relay: (args.wan_ms > 0).then_some(seed),
+            ..ClusterOptions::default()
+        },
+    )
+    .await
+}
+
 /// Loads a second cluster of the same size with `--compare-groups` groups,
 /// then runs `--rounds` churn windows on each cluster, alternating which
 /// goes first, so both see the same machine.
@@ -391,16 +397,7 @@ async fn compare(
     big_addr: IpAddr,
 ) -> anyhow::Result<(Churn, Churn)> {
     let n = big.ids().len();
-    // Behind the relay too when the loaded one is (`--wan-ms`), so that
-    // both pay for it alike.
-    let small = Cluster::start_with(
-        n,
-        ClusterOptions {
-            relay: (args.wan_ms > 0).then_some(2),
-            ..ClusterOptions::default()
-        },
-    )
-    .await?;
+    let small = start(args, n, 2).await?;
     let names: Vec<String> = (0..BACKENDS).map(|i| format!("b{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let backends = small.http_backends(&names, BACKEND_PORT).await?;

@@ -97,7 +97,12 @@ pub fn promotions(voters: usize, max_voters: usize, caught_up: &[NodeId]) -> Vec
 /// The leader's commit index (it applies what it commits: its applied
 /// index, give or take the entry being applied).
 fn committed(raft: &Raft) -> u64 {
-    raft.metrics().borrow().last_applied.map_or(0, |l| l.index)
+    committed_in(&raft.metrics().borrow())
+}
+
+/// [`committed`] as `m` tells it.
+fn committed_in(m: &openraft::RaftMetrics<NodeId, raft_store::ClusterNode>) -> u64 {
+    m.last_applied.map_or(0, |l| l.index)
 }
 
 /// The learners the leader knows to be caught up, lowest id first: alive
@@ -113,7 +118,7 @@ fn caught_up(
     history: &CommitHistory,
 ) -> Vec<NodeId> {
     let m = raft.metrics().borrow().clone();
-    let committed = m.last_applied.map_or(0, |l| l.index);
+    let committed = committed_in(&m);
     let now = Instant::now();
     let matched: BTreeMap<NodeId, u64> = m
         .replication

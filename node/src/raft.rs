@@ -34,7 +34,7 @@ pub const SNAPSHOT_EVERY: u64 = 100_000;
 
 /// The snapshot bytes sent per `InstallSnapshot` call to a peer of
 /// `edgelb-raft/1`, or before a connection tells the peer's version; a
-/// connection of `edgelb-raft/2` takes chunks of 1 MiB
+/// connection of `edgelb-raft/2` takes four times as many, 1 MiB
 /// (`network::PeerNetwork::full_snapshot`). A chunk whose call
 /// times out in the transport (at 3/4 of [`SNAPSHOT_CHUNK_TIMEOUT_MS`],
 /// `network::PeerNetwork::install_snapshot`) is sent again at the same
@@ -49,7 +49,7 @@ pub const SNAPSHOT_EVERY: u64 = 100_000;
 /// openraft's default, 3 MiB (about 11 MB on the wire as JSON), never
 /// crossed that link, and the joining node never caught up. At most
 /// [`crate::cluster::CHUNK_DATA_LIMIT`], which `edgelb-raft/2` fixes.
-const SNAPSHOT_CHUNK: u64 = 256 * 1024;
+pub(crate) const SNAPSHOT_CHUNK: u64 = 256 * 1024;
 const _: () = assert!(SNAPSHOT_CHUNK as usize <= crate::cluster::CHUNK_DATA_LIMIT);
 
 /// Why this node's Raft member did not start.

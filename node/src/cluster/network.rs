@@ -133,9 +133,6 @@ fn append_budget(window: Option<u64>, rtt: Option<Duration>, deadline: Duration)
 /// A megabyte crosses a 300 ms link in it at the least window QUIC keeps.
 const LONG_APPEND_LIMIT: Duration = Duration::from_millis(super::SNAPSHOT_CHUNK_TIMEOUT_MS);
 
-/// The chunk [`PeerNetwork::full_snapshot`] starts from when openraft
-/// passes none (it always passes `raft::SNAPSHOT_CHUNK`, the same size).
-const SNAPSHOT_CHUNK_V1: usize = 256 * 1024;
 /// Calls of one chunk that may fail in a row (timeout, network,
 /// unreachable) before the snapshot's send gives up (openraft then sends
 /// a fresh one): openraft's own loop's count.
@@ -558,10 +555,14 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
             .seek(SeekFrom::End(0))
             .await
             .map_err(read_error)?;
-        let configured = option.snapshot_chunk_size().unwrap_or(SNAPSHOT_CHUNK_V1);
+        // openraft passes the chunk it is configured with, this one.
+        let configured = option
+            .snapshot_chunk_size()
+            .unwrap_or(crate::raft::SNAPSHOT_CHUNK as usize);
         let mut cancel = std::pin::pin!(cancel);
         let mut offset = 0;
         let mut failures = 0;
+        let mut backoff = None;
         loop {
             let size = self.snapshot_chunk(configured);
             snapshot
@@ -604,11 +605,12 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
                     }
                     offset += sent;
                     failures = 0;
+                    backoff = None;
                     continue;
                 }
                 Ok(Err(e)) => e,
             };
-            match error {
+            let transient: StreamingError<TypeConfig, Fatal<NodeId>> = match error {
                 RPCError::RemoteError(RemoteError {
                     target,
                     target_node,
@@ -635,24 +637,21 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
                 RPCError::PayloadTooLarge(p) => {
                     return Err(NetworkError::new(&AnyError::error(p.to_string())).into());
                 }
-                e @ (RPCError::Timeout(_) | RPCError::Network(_) | RPCError::Unreachable(_)) => {
-                    failures += 1;
-                    if failures >= SNAPSHOT_CHUNK_TRIES {
-                        return Err(match e {
-                            RPCError::Timeout(e) => e.into(),
-                            RPCError::Unreachable(e) => e.into(),
-                            RPCError::Network(e) => e.into(),
-                            other => NetworkError::new(&other).into(),
-                        });
-                    }
-                    let wait = BACKOFF_START
-                        .saturating_mul(1 << (failures - 1).min(4))
-                        .min(BACKOFF_MAX);
-                    tokio::select! {
-                        closed = cancel.as_mut() => return Err(closed.into()),
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                }
+                RPCError::Timeout(e) => e.into(),
+                RPCError::Network(e) => e.into(),
+                RPCError::Unreachable(e) => e.into(),
+            };
+            failures += 1;
+            if failures >= SNAPSHOT_CHUNK_TRIES {
+                return Err(transient);
+            }
+            let wait = backoff
+                .get_or_insert_with(|| self.backoff())
+                .next()
+                .unwrap_or(BACKOFF_MAX);
+            tokio::select! {
+                closed = cancel.as_mut() => return Err(closed.into()),
+                () = tokio::time::sleep(wait) => {}
             }
         }
     }

@@ -1143,20 +1143,25 @@ fn append(
 /// transport, node 2's (kept for as long as the test uses it), its echo,
 /// and the client.
 async fn client_of_echo() -> (Arc<Transport>, Transport, Arc<Echo>, PeerNetwork) {
-    use openraft::network::RaftNetworkFactory;
-
     let ca = generate_ca("test").unwrap();
     let (client, _) = serve(&node_tls(&ca, 1), 1);
     let (server, echo) = serve(&node_tls(&ca, 2), 2);
+    let client = Arc::new(client);
+    let peer = openraft_client_of(&client, server.local_addr().unwrap()).await;
+    (client, server, echo, peer)
+}
+
+/// `client`'s openraft client of node 2 at `addr`.
+async fn openraft_client_of(client: &Arc<Transport>, addr: SocketAddr) -> PeerNetwork {
+    use openraft::network::RaftNetworkFactory;
+
     let node = raft_store::ClusterNode {
         region: "local".into(),
-        cluster_addr: server.local_addr().unwrap().to_string(),
+        cluster_addr: addr.to_string(),
         admin_addr: "127.0.0.1:1".into(),
     };
-    let client = Arc::new(client);
-    let mut network = Network::new(Arc::clone(&client), Arc::new(NoCampaign));
-    let peer = network.new_client(2, &node).await;
-    (client, server, echo, peer)
+    let mut network = Network::new(Arc::clone(client), Arc::new(NoCampaign));
+    network.new_client(2, &node).await
 }
 
 /// An append goes out cut to what the connection sends within the call's
@@ -1439,7 +1444,7 @@ async fn snapshot_of(
 /// chunks of 256 KiB; whole and in order either way.
 #[tokio::test]
 async fn a_snapshot_goes_in_chunks_as_large_as_the_peer_reads() {
-    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::network::{RPCOption, RaftNetwork};
 
     const KIB: usize = 1024;
     let option = || RPCOption::new(Duration::from_secs(15));
@@ -1460,13 +1465,7 @@ async fn a_snapshot_goes_in_chunks_as_large_as_the_peer_reads() {
     let ca = generate_ca("test").unwrap();
     let (client, _) = serve(&node_tls(&ca, 1), 1);
     let (addr, seen) = earlier_node_taking_chunks(&ca).await;
-    let node = raft_store::ClusterNode {
-        region: "local".into(),
-        cluster_addr: addr.to_string(),
-        admin_addr: "127.0.0.1:1".into(),
-    };
-    let mut network = Network::new(Arc::new(client), Arc::new(NoCampaign));
-    let mut peer = network.new_client(2, &node).await;
+    let mut peer = openraft_client_of(&Arc::new(client), addr).await;
     let (_file, snapshot, _) = snapshot_of(1024 * KIB + 5).await;
     peer.full_snapshot(vote, snapshot, std::future::pending(), option())
         .await
