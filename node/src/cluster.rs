@@ -59,8 +59,28 @@ mod tests;
 /// for as long as the writes went on, and it was never promoted.
 pub const MAX_PAYLOAD_ENTRIES: u64 = 256;
 
+/// The snapshot bytes sent per `InstallSnapshot` call to a peer of
+/// `edgelb-raft/1`, or before a connection tells the peer's version; a
+/// connection of `edgelb-raft/2` takes four times as many, 1 MiB
+/// (`network::PeerNetwork::full_snapshot`). A chunk whose call
+/// times out in the transport (at 3/4 of [`SNAPSHOT_CHUNK_TIMEOUT_MS`],
+/// `network::PeerNetwork::install_snapshot`) is sent again at the same
+/// offset, up to five times in a row; one that outlasts openraft's own
+/// limit ends the send, and the next starts over from the first chunk. So
+/// each must cross a lossy long link well within that: on `edgelb-raft/1`
+/// (a peer of an earlier release) a chunk's frame is about 3.3 times its
+/// bytes (JSON numbers), 0.85 MB, which takes about 4 s at the least window
+/// cluster connections keep (64 KiB per round trip of 300 ms: the rate
+/// under 1 % loss); on `edgelb-raft/2` it is deflated, about 0.13 MB, and
+/// a 1 MiB chunk about 0.5 MB, 2.4 s at that rate.
+/// openraft's default, 3 MiB (about 11 MB on the wire as JSON), never
+/// crossed that link, and the joining node never caught up. At most
+/// [`CHUNK_DATA_LIMIT`], which `edgelb-raft/2` fixes.
+pub const SNAPSHOT_CHUNK: u64 = 256 * 1024;
+const _: () = assert!(SNAPSHOT_CHUNK as usize <= CHUNK_DATA_LIMIT);
+
 /// How long one snapshot chunk's call may take, in milliseconds
-/// (openraft's `install_snapshot_timeout`; see `raft::SNAPSHOT_CHUNK`).
+/// (openraft's `install_snapshot_timeout`; see [`SNAPSHOT_CHUNK`]).
 pub const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 15_000;
 
 pub use edgelb_api::pki;

@@ -251,7 +251,7 @@ impl PeerNetwork {
     }
 
     /// The snapshot bytes the next `InstallSnapshot` call carries:
-    /// `configured` (openraft's chunk, `raft::SNAPSHOT_CHUNK`, 256 KiB)
+    /// `configured` (openraft's chunk, [`super::SNAPSHOT_CHUNK`], 256 KiB)
     /// on an `edgelb-raft/1` connection or without a connection, and four
     /// times that on an `edgelb-raft/2` one, at most what that version
     /// takes ([`super::CHUNK_DATA_LIMIT`], 1 MiB): version 1 frames a
@@ -558,7 +558,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         // openraft passes the chunk it is configured with, this one.
         let configured = option
             .snapshot_chunk_size()
-            .unwrap_or(crate::raft::SNAPSHOT_CHUNK as usize);
+            .unwrap_or(super::SNAPSHOT_CHUNK as usize);
         let mut cancel = std::pin::pin!(cancel);
         let mut offset = 0;
         let mut failures = 0;
