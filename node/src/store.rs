@@ -307,10 +307,31 @@ impl Store {
         self.health.writable()?;
         self.unless_stopping(async {
             let deadline = Instant::now() + WRITE_TIMEOUT;
-            let result = tokio::time::timeout_at(deadline, self.write(cmd, deadline)).await;
-            let (index, result) = result.map_err(|_| StoreError::NoQuorum)??;
+            let written = self.write(cmd.clone(), deadline);
+            let result = tokio::time::timeout_at(deadline, written).await;
+            let Written {
+                index,
+                result,
+                sent_again,
+            } = result.map_err(|_| StoreError::NoQuorum)??;
             match (self.wait_routed(index, deadline).await, result) {
+                // A patch sent again after a first try that may have
+                // committed, refused (an `add` finding its entries there, a
+                // `del` its keys gone) where this node's state shows its
+                // change: the first try did it.
+                (Ok(()), Err(refused)) if sent_again => self
+                    .state()
+                    .shows_patch(&cmd)
+                    .inspect(|_| debug!("a patch sent again found its change done"))
+                    .ok_or(StoreError::Apply(refused)),
                 (Ok(()), result) => result.map_err(StoreError::Apply),
+                // Such a patch's refusal cannot be judged before this node
+                // applied it: committed, not known to be done.
+                (Err(StoreError::NotYetApplied { index }), Err(_))
+                    if sent_again && matches!(cmd, Command::PatchGroup { .. }) =>
+                {
+                    Err(StoreError::NotYetApplied { index })
+                }
                 // Refused by the state machine: nothing changed, and the
                 // refusal is the answer.
                 (Err(StoreError::NotYetApplied { .. }), Err(refused)) => {
@@ -324,11 +345,7 @@ impl Store {
 
     /// Commits `cmd` (through the leader), by `deadline`: its log index and
     /// what the state machine answered.
-    async fn write(
-        &self,
-        cmd: Command,
-        deadline: Instant,
-    ) -> Result<(u64, Result<Applied, ApplyError>), StoreError> {
+    async fn write(&self, cmd: Command, deadline: Instant) -> Result<Written, StoreError> {
         let mut backoff = Duration::from_millis(20);
         // A forwarded write whose answer was lost (a connection lost, a
         // leader that changed while it waited) is sent again, and may have
@@ -336,7 +353,8 @@ impl Store {
         // instance carries the uuid chosen for this request, so the state
         // machine answers the retry as applied; a detach or delete finds
         // its target gone instead, and answers what it removed as this
-        // node saw it before the first try.
+        // node saw it before the first try; a patch's refused retry is
+        // judged in `propose`, against the state it committed into.
         let before = match &cmd {
             Command::DetachInstance { .. } | Command::DeleteGroup { .. } => {
                 self.state().check(&cmd).ok()
@@ -362,7 +380,7 @@ impl Store {
                 Some(leader) => Some(leader),
                 None => match self.batcher.submit(cmd.clone()).await {
                     Ok((log_index, result)) => {
-                        return Ok((log_index, settle(result, &before, lost)));
+                        return Ok(Written::settled(log_index, result, &before, lost));
                     }
                     Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
                     Err(e) => return Err(self.refused(e)),
@@ -404,7 +422,7 @@ impl Store {
                 });
                 match answer {
                     Ok(ForwardReply::Written { log_index, result }) => {
-                        return Ok((log_index, settle(result, &before, lost)));
+                        return Ok(Written::settled(log_index, result, &before, lost));
                     }
                     Ok(other) => {
                         lost = true;
@@ -657,6 +675,31 @@ impl Store {
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             is_leader: m.state == ServerState::Leader,
             members,
+        }
+    }
+}
+
+/// A committed write.
+struct Written {
+    /// Its log index.
+    index: u64,
+    /// What the state machine answered ([`settle`]d).
+    result: Result<Applied, ApplyError>,
+    /// It was sent again after a try that may have committed.
+    sent_again: bool,
+}
+
+impl Written {
+    fn settled(
+        index: u64,
+        result: Result<Applied, ApplyError>,
+        before: &Option<Applied>,
+        sent_again: bool,
+    ) -> Self {
+        Self {
+            index,
+            result: settle(result, before, sent_again),
+            sent_again,
         }
     }
 }

@@ -141,6 +141,18 @@ impl State {
         self.plan(cmd).map(|(_, applied)| applied)
     }
 
+    /// What a patch answers when this state already shows its change (the
+    /// group as it is): `None` for other commands, or when it does not
+    /// ([`patch::shown`]). A patch sent again after a first try that may
+    /// have committed is answered this way when the retry is refused.
+    pub fn shows_patch(&self, cmd: &Command) -> Option<Applied> {
+        let Command::PatchGroup { id, patch } = cmd else {
+            return None;
+        };
+        let g = self.group(id)?;
+        patch::shown(g, patch).then(|| Applied::Group(g.clone()))
+    }
+
     /// A group by uuid string or, failing that, by name.
     pub fn group(&self, id: &str) -> Option<&ServiceGroup> {
         Uuid::parse_str(id)

@@ -992,3 +992,78 @@ async fn a_forwarded_write_slower_than_its_wait_is_sent_once() -> anyhow::Result
     );
     Ok(())
 }
+
+/// A patch whose forwarded first try committed but whose answer never came
+/// (the leader's link to the node cut one way, then the leader killed) is
+/// sent again to the next leader, which refuses it: its port is already
+/// there. The node answers 200 with the group, since the first try did the
+/// change (it answered 400, "already in group", before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_sent_again_after_its_first_try_committed_answers_as_applied() -> anyhow::Result<()>
+{
+    patch_sent_again(Duration::ZERO).await
+}
+
+/// The same across links 40 ms long each way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_sent_again_across_a_wan_answers_as_applied() -> anyhow::Result<()> {
+    patch_sent_again(Duration::from_millis(40)).await
+}
+
+async fn patch_sent_again(one_way: Duration) -> anyhow::Result<()> {
+    let mut cluster = relayed(3, 23).await?;
+    cluster
+        .relay()
+        .context("relay")?
+        .delay_all(one_way, Duration::ZERO);
+    let leader = cluster.leader().await?;
+    let others: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
+    let (via, third) = (others[0], others[1]);
+    let (status, _) = write(&cluster, leader, "patched").await?;
+    ensure!(status.is_success(), "creating the group: {status}");
+    let relay = cluster.relay().context("relay")?;
+    // The node hears nothing from the leader any more; the leader and the
+    // third node still hear it and each other.
+    relay.update(leader, via, |link| link.up = false);
+    let admin = cluster.admin(via);
+    let started = Instant::now();
+    let patch = tokio::spawn(async move {
+        let add = json!({"prop": "services", "op": "add",
+            "value": [{"port": 8082, "destination_port": 9000, "handlers": ["http"]}]});
+        admin.patch("/v1/services/patched", &add).await
+    });
+    let has_port = |g: &Value| {
+        g["services"]
+            .as_array()
+            .is_some_and(|s| s.iter().filter(|s| s["port"] == 8082).count() == 1)
+    };
+    poll(
+        "the patch committed on the third node",
+        Duration::from_secs(4),
+        || async {
+            let groups = cluster.admin(third).groups(false).await?;
+            ensure!(groups.iter().any(has_port), "not yet: {groups:?}");
+            Ok(())
+        },
+    )
+    .await?;
+    cluster.kill9(leader).await?;
+    let (status, v) = patch.await??;
+    let answered = started.elapsed();
+    eprintln!("the patch through node {via}, {one_way:?} each way: {status} after {answered:?}");
+    ensure!(
+        status == StatusCode::OK,
+        "the patch through node {via}: {status} after {answered:?}: {v}\n{}",
+        cluster.logs()
+    );
+    let group = &v["data"]["service_groups"][0];
+    ensure!(has_port(group), "the answer's group lacks the port: {v}");
+    for id in [via, third] {
+        let groups = cluster.admin(id).groups(true).await?;
+        ensure!(
+            groups.iter().any(has_port),
+            "node {id}: the port once: {groups:?}"
+        );
+    }
+    Ok(())
+}

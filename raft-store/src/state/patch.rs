@@ -42,6 +42,44 @@ pub(super) fn patched(group: &ServiceGroup, patch: &Patch) -> Result<ServiceGrou
     Ok(g)
 }
 
+/// Whether `group` already shows what `patch` does: every entry an `add`
+/// names is there as given, no key a `del` names is there, a `set` value is
+/// the current one. A patch sent again after a first try that committed
+/// finds its change done this way (and `add` and `del` are then refused).
+pub(super) fn shown(group: &ServiceGroup, patch: &Patch) -> bool {
+    match patch {
+        Patch::Services { op, value } => {
+            let mut value = value.clone();
+            normalise_services(&mut value);
+            holds(&group.services, *op, &value, |s| s.port)
+        }
+        Patch::Domains { op, value } => {
+            let mut value = value.clone();
+            normalise_domains(&mut value);
+            holds(&group.domains, *op, &value, |d| d.fqdn.clone())
+        }
+        Patch::HardLimit(limit) => group.hard_limit == *limit,
+        Patch::HealthCheck(check) => group.health_check == *check,
+        Patch::SendProxyProtocol(version) => group.send_proxy_protocol == *version,
+    }
+}
+
+/// Whether `current` is what `op` with `value` leaves (see [`shown`]).
+fn holds<T: PartialEq, K: PartialEq>(
+    current: &[T],
+    op: PatchOp,
+    value: &[T],
+    key: impl Fn(&T) -> K,
+) -> bool {
+    match op {
+        PatchOp::Set => current == value,
+        PatchOp::Add => value.iter().all(|v| current.contains(v)),
+        PatchOp::Del => !value
+            .iter()
+            .any(|v| current.iter().any(|c| key(c) == key(v))),
+    }
+}
+
 /// Combines a list with a patch value, entries compared by `key`.
 fn combine<T: Clone, K: PartialEq>(
     current: &[T],

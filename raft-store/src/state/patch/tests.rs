@@ -84,3 +84,53 @@ fn patch_domains_and_hard_limit() {
         ))
     );
 }
+
+/// A patch whose change the state already shows is recognised, as a patch
+/// sent again after a first try that committed finds it: entries added as
+/// given (not merely their keys), keys deleted, a value set. Before the
+/// first apply, and for an entry of the same key with another value, it is
+/// not.
+#[test]
+fn a_patch_already_applied_is_shown() {
+    let mut s = state();
+    let patches = [
+        patch(
+            "web",
+            services(PatchOp::Add, vec![svc(8443, 8080, &[Http, Tls])]),
+        ),
+        patch("web", services(PatchOp::Del, vec![svc(8443, 0, &[])])),
+        patch(
+            "web",
+            services(
+                PatchOp::Set,
+                vec![
+                    svc(443, 9090, &[Http, Tls]),
+                    svc(80, 443, &[Http, Redirect]),
+                ],
+            ),
+        ),
+        patch("web", domains(PatchOp::Add, &["*.Example.com"])),
+        patch("web", domains(PatchOp::Del, &["*.EXAMPLE.com"])),
+        patch(
+            "web",
+            domains(PatchOp::Set, &["web.edgelb.local", "Shop.example.com"]),
+        ),
+        patch("web", Patch::HardLimit(17)),
+    ];
+    for p in &patches {
+        assert_eq!(s.shows_patch(p), None, "{p:?} before it applied");
+        let applied = apply(&mut s, p);
+        assert!(applied.is_ok(), "{p:?}: {applied:?}");
+        assert_eq!(s.shows_patch(p), applied.ok(), "{p:?} after it applied");
+    }
+    // The same key with another value is not the change.
+    let other = patch(
+        "web",
+        services(PatchOp::Add, vec![svc(443, 7070, &[Http, Tls])]),
+    );
+    assert!(is_invalid(&apply(&mut s, &other)));
+    assert_eq!(s.shows_patch(&other), None);
+    // No such group, or not a patch.
+    assert_eq!(s.shows_patch(&patch("nope", Patch::HardLimit(17))), None);
+    assert_eq!(s.shows_patch(&create(group(9, "other", vec![]))), None);
+}
