@@ -37,7 +37,7 @@ use raft_store::types::{ClusterNode, Raft};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{Instrument, debug, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::cluster::{
     Forward, ForwardError, ForwardReply, HandlerFuture, RaftHandler, Rpc, RpcReply, Transport,
@@ -314,21 +314,28 @@ impl Store {
                 result,
                 sent_again,
             } = result.map_err(|_| StoreError::NoQuorum)??;
+            // A patch sent again after a first try that may have committed,
+            // refused as a done change is (an `add` finding an entry's key
+            // there, a `del` finding one gone).
+            let maybe_done =
+                |refused: &ApplyError| sent_again && State::refused_as_done(&cmd, refused);
             match (self.wait_routed(index, deadline).await, result) {
-                // A patch sent again after a first try that may have
-                // committed, refused (an `add` finding its entries there, a
-                // `del` its keys gone) where this node's state shows its
-                // change: the first try did it.
-                (Ok(()), Err(refused)) if sent_again => self
-                    .state()
-                    .shows_patch(&cmd)
-                    .inspect(|_| debug!("a patch sent again found its change done"))
-                    .ok_or(StoreError::Apply(refused)),
+                // Where this node's state shows the change, the first try
+                // did it (or another write to the same effect).
+                (Ok(()), Err(refused)) if maybe_done(&refused) => {
+                    match self.state().shows_patch(&cmd, &refused) {
+                        Some(applied) => {
+                            info!("a patch sent again found its change done");
+                            Ok(applied)
+                        }
+                        None => Err(StoreError::Apply(refused)),
+                    }
+                }
                 (Ok(()), result) => result.map_err(StoreError::Apply),
-                // Such a patch's refusal cannot be judged before this node
-                // applied it: committed, not known to be done.
-                (Err(StoreError::NotYetApplied { index }), Err(_))
-                    if sent_again && matches!(cmd, Command::PatchGroup { .. }) =>
+                // Such a refusal cannot be judged before this node applied
+                // it: committed, not known to be done.
+                (Err(StoreError::NotYetApplied { index }), Err(refused))
+                    if maybe_done(&refused) =>
                 {
                     Err(StoreError::NotYetApplied { index })
                 }

@@ -141,16 +141,27 @@ impl State {
         self.plan(cmd).map(|(_, applied)| applied)
     }
 
-    /// What a patch answers when this state already shows its change (the
-    /// group as it is): `None` for other commands, or when it does not
-    /// ([`patch::shown`]). A patch sent again after a first try that may
-    /// have committed is answered this way when the retry is refused.
-    pub fn shows_patch(&self, cmd: &Command) -> Option<Applied> {
+    /// What a patch sent again after a first try that may have committed
+    /// answers when its retry was `refused` as a done change is (an `add`
+    /// finding an entry's key there, a `del` finding one gone) and this
+    /// state shows the change (every entry added there as given, every key
+    /// deleted gone, [`patch::shown`]): the group as it is. `None` for
+    /// other commands and refusals, or when the state does not show it.
+    pub fn shows_patch(&self, cmd: &Command, refused: &ApplyError) -> Option<Applied> {
         let Command::PatchGroup { id, patch } = cmd else {
             return None;
         };
+        if !patch::refused_as_done(patch, refused) {
+            return None;
+        }
         let g = self.group(id)?;
         patch::shown(g, patch).then(|| Applied::Group(g.clone()))
+    }
+
+    /// Whether `refused` may be the refusal of a patch sent again whose
+    /// first try took effect (see [`State::shows_patch`]).
+    pub fn refused_as_done(cmd: &Command, refused: &ApplyError) -> bool {
+        matches!(cmd, Command::PatchGroup { patch, .. } if patch::refused_as_done(patch, refused))
     }
 
     /// A group by uuid string or, failing that, by name.

@@ -1011,7 +1011,16 @@ async fn a_patch_sent_again_across_a_wan_answers_as_applied() -> anyhow::Result<
 }
 
 async fn patch_sent_again(one_way: Duration) -> anyhow::Result<()> {
-    let mut cluster = relayed(3, 23).await?;
+    let mut cluster = Cluster::start_with(
+        3,
+        ClusterOptions {
+            relay: Some(23),
+            // The store's info line says when a retry was found done.
+            log: "warn,edgelb::store=info".into(),
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
     cluster
         .relay()
         .context("relay")?
@@ -1058,6 +1067,13 @@ async fn patch_sent_again(one_way: Duration) -> anyhow::Result<()> {
     );
     let group = &v["data"]["service_groups"][0];
     ensure!(has_port(group), "the answer's group lacks the port: {v}");
+    ensure!(
+        cluster
+            .stderr(via)
+            .contains("a patch sent again found its change done"),
+        "node {via} did not send the patch again:\n{}",
+        cluster.stderr(via)
+    );
     for id in [via, third] {
         let groups = cluster.admin(id).groups(true).await?;
         ensure!(

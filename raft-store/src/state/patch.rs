@@ -64,6 +64,27 @@ pub(super) fn shown(group: &ServiceGroup, patch: &Patch) -> bool {
     }
 }
 
+/// Whether `refused`, the refusal of `patch`, is the one a first try that
+/// took effect leaves a retry: an `add` finding an entry's key there, a
+/// `del` finding one gone. Any other refusal (a conflict, a group not
+/// found, a rule the result breaks) stands whatever the state shows.
+pub(super) fn refused_as_done(patch: &Patch, refused: &ApplyError) -> bool {
+    let op = match patch {
+        Patch::Services { op, .. } | Patch::Domains { op, .. } => *op,
+        _ => return false,
+    };
+    match (op, refused) {
+        (PatchOp::Add, ApplyError::Invalid(m)) => m.contains(ALREADY_IN),
+        (PatchOp::Del, ApplyError::NotFound(m)) => m.contains(NOT_IN),
+        _ => false,
+    }
+}
+
+/// What [`combine`]'s refusals of an entry say, between the entry and the
+/// group's name.
+const ALREADY_IN: &str = " is already in group ";
+const NOT_IN: &str = " not found in group ";
+
 /// Whether `current` is what `op` with `value` leaves (see [`shown`]).
 fn holds<T: PartialEq, K: PartialEq>(
     current: &[T],
@@ -97,7 +118,7 @@ fn combine<T: Clone, K: PartialEq>(
                 .find(|v| current.iter().any(|c| key(c) == key(v)))
             {
                 return Err(ApplyError::Invalid(format!(
-                    "{} is already in group {group:?}",
+                    "{}{ALREADY_IN}{group:?}",
                     describe(v)
                 )));
             }
@@ -111,7 +132,7 @@ fn combine<T: Clone, K: PartialEq>(
                 .find(|v| !current.iter().any(|c| key(c) == key(v)))
             {
                 return Err(ApplyError::NotFound(format!(
-                    "{} not found in group {group:?}",
+                    "{}{NOT_IN}{group:?}",
                     describe(v)
                 )));
             }

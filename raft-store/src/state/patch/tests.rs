@@ -3,7 +3,7 @@ use uuid::Uuid;
 use crate::command::{Patch, PatchOp};
 use crate::model::Handler::*;
 use crate::state::fixtures::*;
-use crate::state::{Applied, ApplyError};
+use crate::state::{Applied, ApplyError, State};
 
 #[test]
 fn patch_services() {
@@ -85,13 +85,14 @@ fn patch_domains_and_hard_limit() {
     );
 }
 
-/// A patch whose change the state already shows is recognised, as a patch
-/// sent again after a first try that committed finds it: entries added as
-/// given (not merely their keys), keys deleted, a value set. Before the
-/// first apply, and for an entry of the same key with another value, it is
-/// not.
+/// A patch sent again after a first try that took effect is refused (an
+/// `add` finds its entries there, a `del` its keys gone), and that refusal
+/// with the state showing the change answers the group: entries added as
+/// given (not merely their keys), keys deleted. Other refusals stand, and
+/// so does a refusal of the done kind where the state does not show the
+/// change.
 #[test]
-fn a_patch_already_applied_is_shown() {
+fn a_patch_sent_again_is_answered_by_the_change_the_state_shows() {
     let mut s = state();
     let patches = [
         patch(
@@ -101,36 +102,46 @@ fn a_patch_already_applied_is_shown() {
         patch("web", services(PatchOp::Del, vec![svc(8443, 0, &[])])),
         patch(
             "web",
-            services(
-                PatchOp::Set,
-                vec![
-                    svc(443, 9090, &[Http, Tls]),
-                    svc(80, 443, &[Http, Redirect]),
-                ],
-            ),
+            domains(PatchOp::Add, &["*.Example.com", "shop.example.com"]),
         ),
-        patch("web", domains(PatchOp::Add, &["*.Example.com"])),
         patch("web", domains(PatchOp::Del, &["*.EXAMPLE.com"])),
-        patch(
-            "web",
-            domains(PatchOp::Set, &["web.edgelb.local", "Shop.example.com"]),
-        ),
-        patch("web", Patch::HardLimit(17)),
     ];
     for p in &patches {
-        assert_eq!(s.shows_patch(p), None, "{p:?} before it applied");
         let applied = apply(&mut s, p);
         assert!(applied.is_ok(), "{p:?}: {applied:?}");
-        assert_eq!(s.shows_patch(p), applied.ok(), "{p:?} after it applied");
+        let refused = apply(&mut s, p).expect_err("sent again");
+        assert!(State::refused_as_done(p, &refused), "{p:?}: {refused:?}");
+        assert_eq!(s.shows_patch(p, &refused), applied.ok(), "{p:?}");
     }
-    // The same key with another value is not the change.
+    // An entry of the same key with another value is not the change.
     let other = patch(
         "web",
         services(PatchOp::Add, vec![svc(443, 7070, &[Http, Tls])]),
     );
-    assert!(is_invalid(&apply(&mut s, &other)));
-    assert_eq!(s.shows_patch(&other), None);
-    // No such group, or not a patch.
-    assert_eq!(s.shows_patch(&patch("nope", Patch::HardLimit(17))), None);
-    assert_eq!(s.shows_patch(&create(group(9, "other", vec![]))), None);
+    let refused = apply(&mut s, &other).expect_err("443 is there");
+    assert!(State::refused_as_done(&other, &refused));
+    assert_eq!(s.shows_patch(&other, &refused), None);
+    // Refusals a done change does not leave stand: a port another group
+    // publishes, a rule the result breaks, a group not found.
+    let taken = patch("web", services(PatchOp::Add, vec![svc(5432, 1, &[])]));
+    let conflict = apply(&mut s, &taken).expect_err("db publishes 5432");
+    assert!(!State::refused_as_done(&taken, &conflict));
+    assert_eq!(s.shows_patch(&taken, &conflict), None);
+    let redirected = patch("web", services(PatchOp::Del, vec![svc(443, 0, &[])]));
+    let broken = apply(&mut s, &redirected).expect_err("80 redirects to 443");
+    assert!(!State::refused_as_done(&redirected, &broken), "{broken:?}");
+    let gone = patch("nope", domains(PatchOp::Del, &["x.com"]));
+    let missing = apply(&mut s, &gone).expect_err("no such group");
+    assert!(!State::refused_as_done(&gone, &missing), "{missing:?}");
+    // A set (a value, a limit) applies again rather than being refused.
+    let limit = patch("web", Patch::HardLimit(17));
+    assert!(apply(&mut s, &limit).is_ok());
+    assert!(apply(&mut s, &limit).is_ok());
+    let any = ApplyError::Invalid(" is already in group ".into());
+    assert!(!State::refused_as_done(&limit, &any));
+    assert_eq!(s.shows_patch(&limit, &any), None);
+    assert_eq!(
+        s.shows_patch(&create(group(9, "other", vec![])), &any),
+        None
+    );
 }
