@@ -62,10 +62,11 @@ pub const MAX_PAYLOAD_ENTRIES: u64 = 256;
 /// The snapshot bytes sent per `InstallSnapshot` call to a peer of
 /// `edgelb-raft/1`, or before a connection tells the peer's version; a
 /// connection of `edgelb-raft/2` takes four times as many, 1 MiB
-/// (`network::PeerNetwork::full_snapshot`). A chunk whose call
+/// (`network::PeerNetwork::full_snapshot`), several in flight at once
+/// as the connection's window allows. A chunk whose call
 /// times out in the transport (at 3/4 of [`SNAPSHOT_CHUNK_TIMEOUT_MS`],
-/// `network::PeerNetwork::install_snapshot`) is sent again at the same
-/// offset, up to five times in a row; one that outlasts openraft's own
+/// `network::PeerNetwork::send_chunk`) is sent again at the same
+/// offset (with the chunks after it), up to five times in a row; one that outlasts openraft's own
 /// limit ends the send, and the next starts over from the first chunk. So
 /// each must cross a lossy long link well within that: on `edgelb-raft/1`
 /// (a peer of an earlier release) a chunk's frame is about 3.3 times its

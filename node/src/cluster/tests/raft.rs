@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::{Config, SnapshotPolicy};
 use raft_store::model::{DEFAULT_HARD_LIMIT, Domain, Instance, Service, ServiceGroup};
@@ -61,7 +62,7 @@ impl TestNode {
             Default::default(),
             crate::membership::Policy {
                 max_voters: 5,
-                alive_within: std::time::Duration::from_secs(1),
+                alive_within: Duration::from_secs(1),
             },
             crate::health::Health::new(
                 dir.path(),
@@ -239,23 +240,40 @@ async fn three_voters_replicate_a_write() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_learner_catches_up_from_a_snapshot() {
-    let ca = generate_ca("test").unwrap();
-    // Small chunks so the snapshot crosses in several InstallSnapshot RPCs
-    // (1 KiB on `edgelb-raft/2`: four times openraft's chunk).
+/// A config for a leader that snapshots only when told and purges its
+/// whole log behind, in small chunks, so that a snapshot crosses in several
+/// InstallSnapshot RPCs (1 KiB on `edgelb-raft/2`: four times openraft's
+/// chunk); and node 1 started with it, leading a cluster of itself.
+async fn snapshotting_founder(ca: &CaBundle) -> (Arc<Config>, TestNode) {
     let config = config(|c| {
         c.snapshot_policy = SnapshotPolicy::Never;
         c.max_in_snapshot_log_to_keep = 0;
         c.purge_batch_size = 1;
         c.snapshot_max_chunk_size = 256;
     });
-    let one = TestNode::start(&ca, 1, &config).await;
+    let one = TestNode::start(ca, 1, &config).await;
     one.raft
         .initialize(BTreeMap::from([(1, one.member())]))
         .await
         .unwrap();
     assert_eq!(leader_of(&one.raft).await, 1);
+    (config, one)
+}
+
+/// Has `node` take a snapshot and purge its log up to `last` behind it.
+async fn snapshot_and_purge(node: &TestNode, last: openraft::LogId<u64>) {
+    node.raft.trigger().snapshot().await.unwrap();
+    node.raft
+        .wait(Some(patience()))
+        .purged(Some(last), "log purged behind the snapshot")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_learner_catches_up_from_a_snapshot() {
+    let ca = generate_ca("test").unwrap();
+    let (config, one) = snapshotting_founder(&ca).await;
     let mut last = one
         .raft
         .client_write(Request::from(Command::CreateGroup { group: db_group() }))
@@ -270,12 +288,7 @@ async fn a_new_learner_catches_up_from_a_snapshot() {
             .unwrap()
             .log_id;
     }
-    one.raft.trigger().snapshot().await.unwrap();
-    one.raft
-        .wait(Some(patience()))
-        .purged(Some(last), "log purged behind the snapshot")
-        .await
-        .unwrap();
+    snapshot_and_purge(&one, last).await;
 
     let mut two = TestNode::start(&ca, 2, &config).await;
     one.raft.add_learner(2, two.member(), true).await.unwrap();
@@ -289,6 +302,58 @@ async fn a_new_learner_catches_up_from_a_snapshot() {
         .await
         .unwrap();
     assert!(two.transport.stats().requests_served > 1);
+    one.stop().await;
+    two.stop().await;
+}
+
+/// A learner gets a snapshot of 240 instances in chunks of 1 KiB, several
+/// in flight at once, across a link of 20 ms ± 15 ms each way (datagrams
+/// sent within 30 ms of each other arrive in any order, so later chunks
+/// often come before earlier ones): openraft writes each at its offset,
+/// and the state it installs is the leader's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_installs_a_snapshot_whose_chunks_a_link_reorders() {
+    let ca = generate_ca("test").unwrap();
+    let (config, one) = snapshotting_founder(&ca).await;
+    one.raft
+        .client_write(Request::from(Command::CreateGroup { group: db_group() }))
+        .await
+        .unwrap();
+    let batch = Command::Batch {
+        commands: (1..=240).map(attach).collect(),
+    };
+    let last = one
+        .raft
+        .client_write(Request::from(batch))
+        .await
+        .unwrap()
+        .log_id;
+    snapshot_and_purge(&one, last).await;
+
+    let mut two = TestNode::start(&ca, 2, &config).await;
+    let link = super::Forwarder::jittered(
+        two.transport.local_addr().unwrap(),
+        Duration::from_millis(20),
+        Duration::from_millis(15),
+    )
+    .await;
+    let mut member = two.member();
+    member.cluster_addr = link.addr.to_string();
+    one.raft.add_learner(2, member, true).await.unwrap();
+    two.raft
+        .wait(Some(patience()))
+        .metrics(|m| m.snapshot == Some(last), "the snapshot installed")
+        .await
+        .unwrap();
+    two.applied("the leader's state", |s| {
+        s.group("db").is_some_and(|g| g.instances.len() == 240)
+    })
+    .await;
+    let (a, b) = (
+        one.state.borrow().state.clone(),
+        two.state.borrow().state.clone(),
+    );
+    assert_eq!(*a, *b);
     one.stop().await;
     two.stop().await;
 }
