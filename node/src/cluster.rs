@@ -66,7 +66,8 @@ pub const MAX_PAYLOAD_ENTRIES: u64 = 256;
 /// as the connection's window allows. A chunk whose call
 /// times out in the transport (at 3/4 of [`SNAPSHOT_CHUNK_TIMEOUT_MS`],
 /// `network::PeerNetwork::send_chunk`) is sent again at the same
-/// offset (with the chunks after it), up to five times in a row; one that outlasts openraft's own
+/// offset (the send resumes at the first chunk not acknowledged), up to
+/// five times in a row; one that outlasts openraft's own
 /// limit ends the send, and the next starts over from the first chunk. So
 /// each must cross a lossy long link well within that: on `edgelb-raft/1`
 /// (a peer of an earlier release) a chunk's frame is about 3.3 times its

@@ -135,14 +135,14 @@ fn append_budget(window: Option<u64>, rtt: Option<Duration>, deadline: Duration)
 /// A megabyte crosses a 300 ms link in it at the least window QUIC keeps.
 const LONG_APPEND_LIMIT: Duration = Duration::from_millis(super::SNAPSHOT_CHUNK_TIMEOUT_MS);
 
-/// Calls of one chunk that may fail in a row (timeout, network,
-/// unreachable) before the snapshot's send gives up (openraft then sends
-/// a fresh one): openraft's own loop's count.
+/// Calls of the first unanswered chunk that may fail in a row (timeout,
+/// network, unreachable) before the snapshot's send gives up (openraft
+/// then sends a fresh one): openraft's own loop's count.
 const SNAPSHOT_CHUNK_TRIES: u32 = 5;
 
 /// How many bytes of snapshot chunks may be in flight at once to a peer:
 /// what the connection's congestion window `window` sends in the round
-/// trips of `rtt` that fit a quarter of a chunk's call `limit` (none
+/// trips of `rtt` that fit half a chunk's call `limit` (none
 /// before a connection exists: one chunk at a time). Each chunk is a round
 /// trip, so one at a time leaves a long link idle between chunks (an 11 MB
 /// snapshot across 150 ms links: 7.2 s in 1 MiB chunks one at a time, 3.8
@@ -591,8 +591,9 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
     /// writes each later one at its offset, in whatever order they come,
     /// and installs the file at the chunk marked `done`; so the first chunk
     /// goes alone, the middle ones overlap, and the last goes once every
-    /// earlier one is acknowledged. A failed chunk is sent again, with
-    /// every chunk after it (a chunk written twice is written the same).
+    /// earlier one is acknowledged. After a failed chunk the calls still
+    /// out are dropped and the send resumes at the first chunk not yet
+    /// acknowledged (a chunk written twice is written the same).
     async fn full_snapshot(
         &mut self,
         vote: Vote<NodeId>,
@@ -682,15 +683,20 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
                     if done || reply.vote > vote {
                         return Ok(SnapshotResponse::new(reply.vote));
                     }
+                    // Failures count in a row at the front: a later chunk
+                    // answered while the first one unanswered keeps failing
+                    // is no progress.
+                    if unacknowledged.keys().next() == Some(&offset) {
+                        failures = 0;
+                        backoff = None;
+                    }
                     unacknowledged.remove(&offset);
-                    failures = 0;
-                    backoff = None;
                     continue;
                 }
                 Ok(Err(e)) => e,
             };
-            // The calls still out are dropped (their streams reset): what
-            // follows a failure is sent again in order.
+            // The calls still out are dropped (their streams reset): the
+            // send resumes at the first chunk not acknowledged.
             calls.clear();
             next = unacknowledged.keys().next().copied().unwrap_or(offset);
             unacknowledged.clear();
@@ -801,6 +807,35 @@ mod tests {
             entries,
             leader_commit: None,
         }
+    }
+
+    /// What snapshot chunks may be in flight: what the window sends in half
+    /// a chunk's limit, in whole round trips (at least one, at most 64);
+    /// nothing more than the one chunk before a connection exists.
+    #[test]
+    fn snapshot_chunks_in_flight_are_what_the_window_sends_in_half_their_limit() {
+        let limit = Duration::from_millis(11_250);
+        let ms = Duration::from_millis;
+        // The floor's 64 KiB per 300 ms round trip: 18 round trips, about
+        // 1.2 MB, one 1 MiB chunk and not two.
+        let floor = chunk_budget(Some(64 * 1024), Some(ms(300)), limit);
+        assert_eq!(floor, 18 * 64 * 1024);
+        assert!(floor < 2 * 1024 * 1024);
+        // A window of 1 MB on the same link: all four chunks.
+        assert!(chunk_budget(Some(1 << 20), Some(ms(300)), limit) >= 4 << 20);
+        // A round trip longer than half the limit still counts one.
+        assert_eq!(chunk_budget(Some(1000), Some(ms(9_000)), limit), 1000);
+        // Loopback: at most 64 round trips, and no overflow.
+        assert_eq!(
+            chunk_budget(Some(256 * 1024), Some(Duration::from_micros(50)), limit),
+            64 * 256 * 1024
+        );
+        assert_eq!(
+            chunk_budget(Some(u64::MAX), Some(Duration::ZERO), limit),
+            u64::MAX
+        );
+        assert_eq!(chunk_budget(None, Some(ms(300)), limit), 0);
+        assert_eq!(chunk_budget(Some(1 << 20), None, limit), 0);
     }
 
     #[test]

@@ -1580,8 +1580,10 @@ async fn snapshot_to_echo(
 async fn snapshot_chunks_overlap_but_the_first_and_the_last_go_alone() {
     let (echo, arrived, in_flight, data) = snapshot_to_echo(12 * 1024 * 1024 + 5, 300, None).await;
     assert_eq!(arrived.len(), 13, "each chunk once: {in_flight:?}");
-    let (first, last) = (&arrived[0], &arrived[12]);
-    assert_eq!((first.offset, first.in_flight), (0, 1), "{in_flight:?}");
+    // The first chunk was answered before the second came.
+    let (first, second, last) = (&arrived[0], &arrived[1], &arrived[12]);
+    assert_eq!(first.offset, 0, "{in_flight:?}");
+    assert_eq!(second.in_flight, 1, "{in_flight:?}");
     assert!(last.done && last.in_flight == 1, "{in_flight:?}");
     let most = arrived.iter().map(|c| c.in_flight).max().unwrap();
     assert!(
@@ -1602,7 +1604,10 @@ async fn a_snapshot_chunk_that_fails_among_others_is_sent_again_with_those_after
         snapshot_to_echo(6 * 1024 * 1024 + 5, 100, Some(2 * MIB)).await;
     let sent = |offset| arrived.iter().filter(|c| c.offset == offset).count();
     assert_eq!(sent(2 * MIB), 2, "{offsets:?}");
-    assert_eq!((sent(0), sent(MIB)), (1, 1), "{offsets:?}");
+    // The first chunk went once; the second may go again if its answer
+    // came after the third's failure.
+    assert_eq!(sent(0), 1, "{offsets:?}");
+    assert!((1..=2).contains(&sent(MIB)), "{offsets:?}");
     let last = arrived.last().unwrap();
     assert!(last.done && last.in_flight == 1, "{offsets:?}");
     assert_eq!(arrived.iter().filter(|c| c.done).count(), 1, "{offsets:?}");

@@ -156,15 +156,15 @@ const MAX_STREAMS: u32 = 128;
 /// congestion window: a node joining a cluster of 100,000 instances
 /// across links of 150 ms ± 15 ms took 37–38 s to get its 11 MB snapshot
 /// and be ready, and 19–28 s with this. Time-based detection is what
-/// TCP's RACK does; a packet really lost is found a quarter of a round
-/// trip after a later one's acknowledgement.
+/// TCP's RACK does (see [`LOSS_TIME_THRESHOLD`]).
 const REORDERING_THRESHOLD: u32 = u32::MAX;
-/// How long after a later packet was acknowledged an earlier one counts
-/// as lost, in round trips: 5/4, where QUIC's default is 9/8 (Linux TCP's
-/// RACK waits a quarter of the least round trip too). A link whose delay
-/// varies by ±5 % each way (150 ms ± 15 ms, datagrams drawn each on its
-/// own) acknowledges some packets up to 1/10 of a round trip after later
-/// ones, which 9/8 leaves about 7 ms of room for: an 11 MB snapshot across
+/// How long after it was sent a packet counts as lost once a later one
+/// was acknowledged, in round trips (the larger of the smoothed and the
+/// latest): 5/4, where QUIC's default is 9/8 (Linux TCP's RACK allows a
+/// quarter of the least round trip for reordering too). A link whose
+/// delay varies by ±10 % each way (150 ms ± 15 ms, drawn for each
+/// datagram) acknowledges some packets up to 1/10 of a round trip after
+/// later ones, which 9/8 leaves about 7 ms of room for: an 11 MB snapshot across
 /// such links counted 21–31 packets lost of 6,800, cut the window 18–28
 /// times to its floor and took 29–42 s in 1 MiB chunks one at a time;
 /// with 5/4, 1 packet and 13.4 s (7.2 s without the jitter). A packet

@@ -250,6 +250,9 @@ async fn snapshotting_founder(ca: &CaBundle) -> (Arc<Config>, TestNode) {
         c.max_in_snapshot_log_to_keep = 0;
         c.purge_batch_size = 1;
         c.snapshot_max_chunk_size = 256;
+        // A chunk's call is allowed what the node allows it, not
+        // openraft's 200 ms (a link in these tests may be 70 ms long).
+        c.install_snapshot_timeout = SNAPSHOT_CHUNK_TIMEOUT_MS;
     });
     let one = TestNode::start(ca, 1, &config).await;
     one.raft
