@@ -1067,13 +1067,25 @@ async fn patch_sent_again(one_way: Duration) -> anyhow::Result<()> {
     );
     let group = &v["data"]["service_groups"][0];
     ensure!(has_port(group), "the answer's group lacks the port: {v}");
-    ensure!(
-        cluster
-            .stderr(via)
-            .contains("a patch sent again found its change done"),
-        "node {via} did not send the patch again:\n{}",
-        cluster.stderr(via)
-    );
+    // The node logs it before it answers; the harness reads its stderr
+    // from a pipe, a moment later.
+    wait_until(
+        "the node's log of the retry",
+        Duration::from_secs(2),
+        || {
+            let logged = cluster
+                .stderr(via)
+                .contains("a patch sent again found its change done");
+            async move { logged }
+        },
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "node {via} did not send the patch again:\n{}",
+            cluster.stderr(via)
+        )
+    })?;
     for id in [via, third] {
         let groups = cluster.admin(id).groups(true).await?;
         ensure!(
