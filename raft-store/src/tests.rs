@@ -508,6 +508,30 @@ async fn snapshot_survives_reopen_and_installs_elsewhere() {
     assert_eq!(current.meta, meta);
 }
 
+/// Each snapshot received goes into a file of its own: one started while
+/// another's bytes wait for their install does not truncate them, and
+/// neither leaves a file behind in the snapshot directory.
+#[tokio::test]
+async fn a_snapshot_received_next_does_not_touch_the_one_before() {
+    let leader = TempDir::new();
+    let (_log, mut sm) = open(leader.path());
+    sm.apply(history()).await.unwrap();
+    let snapshot = build(&mut sm).await;
+    let bytes = bytes_of(snapshot.snapshot).await;
+
+    let follower = TempDir::new();
+    let (_flog, mut fsm) = open(follower.path());
+    let first = received(&mut fsm, &bytes).await;
+    let _next = received(&mut fsm, b"{").await;
+    fsm.install_snapshot(&snapshot.meta, first).await.unwrap();
+    assert!(fsm.current().group("web").is_some());
+    let names: Vec<_> = std::fs::read_dir(follower.path().join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!names.iter().any(|n| n == "receiving.tmp"), "{names:?}");
+}
+
 #[tokio::test]
 async fn bad_snapshot_is_an_error_and_changes_nothing() {
     let dir = TempDir::new();

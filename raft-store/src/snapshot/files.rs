@@ -391,16 +391,22 @@ impl Files {
         Ok(Some((meta, file)))
     }
 
-    /// A new, empty file to receive a snapshot into.
+    /// A new, empty file to receive a snapshot into, of its own: created
+    /// and unlinked at once, so that a snapshot received next (another
+    /// leader's, started before this one's install read it) gets another
+    /// file instead of truncating this one, and a crash leaves no half
+    /// file behind. Its space is freed when the handle is dropped.
     pub(crate) fn receiving(&self) -> Result<File, StoreError> {
         let path = self.dir.join(RECEIVING);
-        File::options()
+        let file = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(&path)
-            .map_err(io_error(format!("creating {}", path.display())))
+            .map_err(io_error(format!("creating {}", path.display())))?;
+        fs::remove_file(&path).map_err(io_error(format!("unlinking {}", path.display())))?;
+        Ok(file)
     }
 
     /// Installs the snapshot `meta` whose bytes are in `data`: keeps them
