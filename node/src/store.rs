@@ -307,22 +307,31 @@ impl Store {
         self.health.writable()?;
         self.unless_stopping(async {
             let deadline = Instant::now() + WRITE_TIMEOUT;
-            let written = self.write(cmd.clone(), deadline);
+            // A forwarded write whose answer was lost (a connection lost, a
+            // leader that changed while it waited) is sent again, and may
+            // have committed the first time. Creating a group or attaching
+            // an instance carries the uuid chosen for this request, so the
+            // state machine answers the retry as applied; a detach or delete
+            // finds its target gone instead, and answers what it removed as
+            // this node saw it before the first try (`settle`); a patch's
+            // `add` or `del` finds its change done, and is judged against
+            // the state it committed into, once this node routes by it.
+            let before = match &cmd {
+                Command::DetachInstance { .. } | Command::DeleteGroup { .. } => {
+                    self.state().check(&cmd).ok()
+                }
+                _ => None,
+            };
+            let written = self.write(&cmd, deadline);
             let result = tokio::time::timeout_at(deadline, written).await;
             let Written {
                 index,
                 result,
                 sent_again,
             } = result.map_err(|_| StoreError::NoQuorum)??;
-            // A patch sent again after a first try that may have committed,
-            // refused as a done change is (an `add` finding an entry's key
-            // there, a `del` finding one gone).
-            let maybe_done =
-                |refused: &ApplyError| sent_again && State::refused_as_done(&cmd, refused);
+            let result = settle(result, &before, sent_again);
             match (self.wait_routed(index, deadline).await, result) {
-                // Where this node's state shows the change, the first try
-                // did it (or another write to the same effect).
-                (Ok(()), Err(refused)) if maybe_done(&refused) => {
+                (Ok(()), Err(refused)) if sent_again => {
                     match self.state().shows_patch(&cmd, &refused) {
                         Some(applied) => {
                             info!("a patch sent again found its change done");
@@ -335,7 +344,7 @@ impl Store {
                 // Such a refusal cannot be judged before this node applied
                 // it: committed, not known to be done.
                 (Err(StoreError::NotYetApplied { index }), Err(refused))
-                    if maybe_done(&refused) =>
+                    if sent_again && State::refused_as_done(&cmd, &refused) =>
                 {
                     Err(StoreError::NotYetApplied { index })
                 }
@@ -350,24 +359,10 @@ impl Store {
         .await
     }
 
-    /// Commits `cmd` (through the leader), by `deadline`: its log index and
-    /// what the state machine answered.
-    async fn write(&self, cmd: Command, deadline: Instant) -> Result<Written, StoreError> {
+    /// Commits `cmd` (through the leader), by `deadline`: its log index,
+    /// what the state machine answered, and whether it was sent again.
+    async fn write(&self, cmd: &Command, deadline: Instant) -> Result<Written, StoreError> {
         let mut backoff = Duration::from_millis(20);
-        // A forwarded write whose answer was lost (a connection lost, a
-        // leader that changed while it waited) is sent again, and may have
-        // committed the first time. Creating a group or attaching an
-        // instance carries the uuid chosen for this request, so the state
-        // machine answers the retry as applied; a detach or delete finds
-        // its target gone instead, and answers what it removed as this
-        // node saw it before the first try; a patch's refused retry is
-        // judged in `propose`, against the state it committed into.
-        let before = match &cmd {
-            Command::DetachInstance { .. } | Command::DeleteGroup { .. } => {
-                self.state().check(&cmd).ok()
-            }
-            _ => None,
-        };
         let mut lost = false;
         let mut forwarding: Option<Forwarding> = None;
         loop {
@@ -387,7 +382,11 @@ impl Store {
                 Some(leader) => Some(leader),
                 None => match self.batcher.submit(cmd.clone()).await {
                     Ok((log_index, result)) => {
-                        return Ok(Written::settled(log_index, result, &before, lost));
+                        return Ok(Written {
+                            index: log_index,
+                            result,
+                            sent_again: lost,
+                        });
                     }
                     Err(ForwardError::NotLeader { leader_id, leader }) => leader_id.zip(leader),
                     Err(e) => return Err(self.refused(e)),
@@ -429,7 +428,11 @@ impl Store {
                 });
                 match answer {
                     Ok(ForwardReply::Written { log_index, result }) => {
-                        return Ok(Written::settled(log_index, result, &before, lost));
+                        return Ok(Written {
+                            index: log_index,
+                            result,
+                            sent_again: lost,
+                        });
                     }
                     Ok(other) => {
                         lost = true;
@@ -690,25 +693,10 @@ impl Store {
 struct Written {
     /// Its log index.
     index: u64,
-    /// What the state machine answered ([`settle`]d).
+    /// What the state machine answered.
     result: Result<Applied, ApplyError>,
     /// It was sent again after a try that may have committed.
     sent_again: bool,
-}
-
-impl Written {
-    fn settled(
-        index: u64,
-        result: Result<Applied, ApplyError>,
-        before: &Option<Applied>,
-        sent_again: bool,
-    ) -> Self {
-        Self {
-            index,
-            result: settle(result, before, sent_again),
-            sent_again,
-        }
-    }
 }
 
 /// What a write answers: the state machine's `result`, except that a

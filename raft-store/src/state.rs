@@ -151,11 +151,9 @@ impl State {
         let Command::PatchGroup { id, patch } = cmd else {
             return None;
         };
-        if !patch::refused_as_done(patch, refused) {
-            return None;
-        }
         let g = self.group(id)?;
-        patch::shown(g, patch).then(|| Applied::Group(g.clone()))
+        (Self::refused_as_done(cmd, refused) && patch::shown(g, patch))
+            .then(|| Applied::Group(g.clone()))
     }
 
     /// Whether `refused` may be the refusal of a patch sent again whose

@@ -90,6 +90,14 @@ async fn received(sm: &mut StateMachineStore, bytes: &[u8]) -> Box<tokio::fs::Fi
     file
 }
 
+/// The names of the files in `dir`.
+fn file_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
+}
+
 /// A snapshot built now.
 async fn build(sm: &mut StateMachineStore) -> crate::types::Snapshot {
     sm.get_snapshot_builder()
@@ -525,10 +533,7 @@ async fn a_snapshot_received_next_does_not_touch_the_one_before() {
     let _next = received(&mut fsm, b"{").await;
     fsm.install_snapshot(&snapshot.meta, first).await.unwrap();
     assert!(fsm.current().group("web").is_some());
-    let names: Vec<_> = std::fs::read_dir(follower.path().join("snapshots"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names = file_names(&follower.path().join("snapshots"));
     assert!(!names.iter().any(|n| n == "receiving.tmp"), "{names:?}");
 }
 

@@ -274,38 +274,30 @@ impl PeerNetwork {
             })
     }
 
-    /// The snapshot bytes the next `InstallSnapshot` call carries:
-    /// `configured` (openraft's chunk, [`super::SNAPSHOT_CHUNK`], 256 KiB)
-    /// on an `edgelb-raft/1` connection or without a connection, and four
-    /// times that on an `edgelb-raft/2` one, at most what that version
-    /// takes ([`super::CHUNK_DATA_LIMIT`], 1 MiB): version 1 frames a
-    /// chunk as JSON numbers (3.3 times its bytes), version 2 deflates it
-    /// (about half), so four times the bytes are still fewer on the wire. A
-    /// chunk is a round trip: a node joining a cluster of 100,000 instances
-    /// (an 11 MB snapshot) across 150 ms ± 15 ms links was ready after
-    /// 19–28 s in 256 KiB chunks, and 12.5 s in chunks of 1 MiB.
-    fn snapshot_chunk(&self, configured: usize) -> usize {
+    /// The snapshot bytes the next `InstallSnapshot` call carries, and how
+    /// many bytes of chunks may be in flight to the peer at once, by the
+    /// version of the connection. On `edgelb-raft/1` or without a
+    /// connection: `configured` (openraft's chunk, [`super::SNAPSHOT_CHUNK`],
+    /// 256 KiB), one chunk at a time (version 1 frames a chunk as JSON
+    /// numbers, 3.3 times its bytes). On `edgelb-raft/2`: four times that,
+    /// at most what that version takes ([`super::CHUNK_DATA_LIMIT`], 1 MiB),
+    /// deflated to about half on the wire, and [`chunk_budget`] in flight
+    /// (which counts a chunk's bytes, more than it sends). A chunk is a
+    /// round trip: a node joining a cluster of 100,000 instances (an 11 MB
+    /// snapshot) across 150 ms ± 15 ms links was ready after 19–28 s in
+    /// 256 KiB chunks, and 12.5 s in chunks of 1 MiB.
+    fn chunking(&self, configured: usize, limit: Duration) -> (u64, u64) {
         match self.transport.version(self.target) {
             Some(super::frame::Version::V2) => {
-                configured.saturating_mul(4).min(super::CHUNK_DATA_LIMIT)
+                let size = configured.saturating_mul(4).min(super::CHUNK_DATA_LIMIT);
+                let budget = chunk_budget(
+                    self.transport.window(self.target),
+                    self.transport.rtt(self.target),
+                    limit,
+                );
+                (size as u64, budget)
             }
-            Some(super::frame::Version::V1) | None => configured,
-        }
-    }
-
-    /// Bytes of snapshot chunks that may be in flight to the peer at once
-    /// ([`chunk_budget`]) on an `edgelb-raft/2` connection, whose chunks
-    /// are deflated (fewer bytes on the wire than the budget counts); one
-    /// chunk at a time on `edgelb-raft/1` (JSON, 3.3 times its bytes) or
-    /// without a connection.
-    fn chunk_budget(&self, limit: Duration) -> u64 {
-        match self.transport.version(self.target) {
-            Some(super::frame::Version::V2) => chunk_budget(
-                self.transport.window(self.target),
-                self.transport.rtt(self.target),
-                limit,
-            ),
-            Some(super::frame::Version::V1) | None => 0,
+            Some(super::frame::Version::V1) | None => (configured as u64, 0),
         }
     }
 
@@ -584,8 +576,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
     }
 
     /// The snapshot's chunks, each as large as the connection's version
-    /// carries ([`Self::snapshot_chunk`]) and several in flight
-    /// ([`chunk_budget`]), in place of openraft's loop of one chunk at a
+    /// carries and several in flight ([`Self::chunking`]), in place of openraft's loop of one chunk at a
     /// time in one size. The follower (openraft's `receive_snapshot`,
     /// every release) starts a snapshot's file at its first chunk and
     /// writes each later one at its offset, in whatever order they come,
@@ -627,12 +618,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         let mut backoff = None;
         loop {
             while calls.len() < MAX_CHUNKS_IN_FLIGHT {
-                let size = this.snapshot_chunk(configured) as u64;
+                let (size, budget) = this.chunking(configured, option.soft_ttl());
                 let done = next + size >= end;
                 if !calls.is_empty() {
                     // The first chunk starts the follower's file, and the
                     // last installs it: each waits for every chunk before it.
-                    let budget = this.chunk_budget(option.soft_ttl());
                     let in_flight: u64 = unacknowledged.values().sum();
                     if next == 0 || done || in_flight + size > budget {
                         break;

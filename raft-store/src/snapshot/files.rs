@@ -176,7 +176,7 @@ impl Files {
             }
             _ => txn.abort()?,
         }
-        files.clean(meta.as_ref(), false)?;
+        files.clean(meta.as_ref())?;
         Ok(files)
     }
 
@@ -318,16 +318,16 @@ impl Files {
         Ok(crc)
     }
 
-    /// Removes every file but the one of `keep` and, with
-    /// `keep_receiving`, a snapshot being received.
-    fn clean(&self, keep: Option<&SnapshotMeta>, keep_receiving: bool) -> Result<(), StoreError> {
+    /// Removes every file but the one of `keep` (a snapshot being received
+    /// has no name, see [`Files::receiving`]): at open, and after with the
+    /// lock held.
+    fn clean(&self, keep: Option<&SnapshotMeta>) -> Result<(), StoreError> {
         let keep = keep.map(|m| self.path(m));
-        let receiving = self.dir.join(RECEIVING);
         let entries =
             fs::read_dir(&self.dir).map_err(io_error(format!("reading {}", self.dir.display())))?;
         for entry in entries.flatten() {
             let path = entry.path();
-            if Some(&path) == keep.as_ref() || (keep_receiving && path == receiving) {
+            if Some(&path) == keep.as_ref() {
                 continue;
             }
             if let Err(e) = fs::remove_file(&path) {
@@ -370,7 +370,7 @@ impl Files {
         }
         write_meta(&txn, meta, written)?;
         txn.commit()?;
-        self.clean(Some(meta), true)?;
+        self.clean(Some(meta))?;
         Ok(file)
     }
 
@@ -397,6 +397,8 @@ impl Files {
     /// file instead of truncating this one, and a crash leaves no half
     /// file behind. Its space is freed when the handle is dropped.
     pub(crate) fn receiving(&self) -> Result<File, StoreError> {
+        // Not while a build or an install cleans the directory.
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
         let path = self.dir.join(RECEIVING);
         let file = File::options()
             .read(true)
@@ -462,7 +464,7 @@ impl Files {
         rows::write_all(&txn, &record.state, record.last_applied, &record.membership)?;
         write_meta(&txn, meta, written)?;
         txn.commit()?;
-        self.clean(Some(meta), false)?;
+        self.clean(Some(meta))?;
         Ok(record)
     }
 }

@@ -42,10 +42,11 @@ pub(super) fn patched(group: &ServiceGroup, patch: &Patch) -> Result<ServiceGrou
     Ok(g)
 }
 
-/// Whether `group` already shows what `patch` does: every entry an `add`
-/// names is there as given, no key a `del` names is there, a `set` value is
-/// the current one. A patch sent again after a first try that committed
-/// finds its change done this way (and `add` and `del` are then refused).
+/// Whether `group` already shows what an `add` or `del` of `patch` does:
+/// every entry an `add` names is there as given, no key a `del` names is
+/// there. A retry of such a patch whose first try took effect is refused
+/// ([`refused_as_done`]) and finds its change this way. A `set` (or a
+/// value) is never refused for being done: it applies again.
 pub(super) fn shown(group: &ServiceGroup, patch: &Patch) -> bool {
     match patch {
         Patch::Services { op, value } => {
@@ -58,9 +59,7 @@ pub(super) fn shown(group: &ServiceGroup, patch: &Patch) -> bool {
             normalise_domains(&mut value);
             holds(&group.domains, *op, &value, |d| d.fqdn.clone())
         }
-        Patch::HardLimit(limit) => group.hard_limit == *limit,
-        Patch::HealthCheck(check) => group.health_check == *check,
-        Patch::SendProxyProtocol(version) => group.send_proxy_protocol == *version,
+        Patch::HardLimit(_) | Patch::HealthCheck(_) | Patch::SendProxyProtocol(_) => false,
     }
 }
 
@@ -93,7 +92,7 @@ fn holds<T: PartialEq, K: PartialEq>(
     key: impl Fn(&T) -> K,
 ) -> bool {
     match op {
-        PatchOp::Set => current == value,
+        PatchOp::Set => false,
         PatchOp::Add => value.iter().all(|v| current.contains(v)),
         PatchOp::Del => !value
             .iter()

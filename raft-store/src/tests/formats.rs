@@ -109,10 +109,7 @@ async fn format_1_snapshot_moves_into_a_file_and_strays_are_removed() {
     let current = sm.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, meta);
     assert_eq!(bytes_of(current.snapshot).await, FORMAT_1_RECORD.as_bytes());
-    let names: Vec<_> = std::fs::read_dir(&snapshots)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names = file_names(&snapshots);
     assert_eq!(names, ["snapshot-1-1-9.json"]);
     // The snapshot installs elsewhere like any other.
     let other = TempDir::new();
