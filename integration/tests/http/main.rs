@@ -168,6 +168,7 @@ async fn oversized_header_block_gets_431() -> anyhow::Result<()> {
     raw.extend_from_slice(b"\r\n\r\n");
     let r = raw_exchange(node.addr(PORT), raw, Duration::from_secs(5)).await?;
     assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(r.text(), "request header fields too large");
     assert_eq!(backends[0].requests(), 0);
 
     // Headers just under the limit still pass.

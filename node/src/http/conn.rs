@@ -221,6 +221,37 @@ impl Activity for Conn {
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n\
 content-length: 15\r\nconnection: close\r\n\r\nrequest timeout";
 
+/// hyper answers a request head it cannot take (malformed, a target or a
+/// header block over its limits) without a body and closes; these are
+/// those answers with the short plain body every error answer has.
+const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\
+content-length: 11\r\nconnection: close\r\n\r\nbad request";
+const URI_TOO_LONG: &[u8] = b"HTTP/1.1 414 URI Too Long\r\ncontent-type: text/plain\r\n\
+content-length: 12\r\nconnection: close\r\n\r\nuri too long";
+const HEADERS_TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\n\
+content-type: text/plain\r\ncontent-length: 31\r\nconnection: close\r\n\r\n\
+request header fields too large";
+
+/// Which of the answers above replaces a write of exactly `bytes`: what
+/// hyper writes for such a head, byte for byte. (A response an instance
+/// sent could read the same only as an empty answer of one of these
+/// statuses that closes the connection, and would then gain the body.)
+fn with_body(bytes: &[u8]) -> Option<&'static [u8]> {
+    const BODILESS: &[(&[u8], &[u8])] = &[
+        (b"HTTP/1.1 400 Bad Request\r\n", BAD_REQUEST),
+        (b"HTTP/1.1 414 URI Too Long\r\n", URI_TOO_LONG),
+        (
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            HEADERS_TOO_LARGE,
+        ),
+    ];
+    const TAIL: &[u8] = b"connection: close\r\ncontent-length: 0\r\n\r\n";
+    let (_, answer) = BODILESS
+        .iter()
+        .find(|(line, _)| bytes.len() == line.len() + TAIL.len() && bytes.starts_with(line))?;
+    bytes.ends_with(TAIL).then_some(*answer)
+}
+
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,9 +262,11 @@ enum Phase {
     Busy,
     /// Between keep-alive requests.
     Idle,
-    /// Writing the 408; the `usize` is how much has been written.
-    Reject(usize),
-    /// Reads end (after a 408).
+    /// Writing an answer of this wrapper's own (a 408, or one of hyper's
+    /// error answers with a body); the `usize` is how much has been
+    /// written.
+    Reject(&'static [u8], usize),
+    /// Reads end and writes are dropped (after such an answer).
     Closed,
     /// Upgraded, or idle-expired and closing gracefully: no more timers.
     Passthrough,
@@ -451,6 +484,36 @@ impl<I> TimedIo<I> {
 }
 
 impl<I: AsyncWrite + Unpin> TimedIo<I> {
+    /// A write of `bytes`, when this wrapper answers instead: hyper's
+    /// bodiless answer to a head it could not parse (written while no
+    /// request is active) is replaced by one with a body, and what hyper
+    /// writes after such an answer is dropped, as hyper closes the
+    /// connection next.
+    fn poll_own_answer(
+        &mut self,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Option<Poll<io::Result<usize>>> {
+        match self.phase {
+            Phase::Head | Phase::Busy | Phase::Idle
+                if !self.h2
+                    && bytes.len() < 128
+                    && self.conn.active.load(Ordering::SeqCst) == 0 =>
+            {
+                self.phase = Phase::Reject(with_body(bytes)?, 0);
+            }
+            Phase::Reject(..) | Phase::Closed => {}
+            _ => return None,
+        }
+        if let Phase::Reject(answer, sent) = self.phase {
+            if self.poll_reject(cx, answer, sent).is_pending() {
+                return Some(Poll::Pending);
+            }
+            self.phase = Phase::Closed;
+        }
+        Some(Poll::Ready(Ok(bytes.len())))
+    }
+
     /// hyper flushes after the last response body frame, but does not read
     /// again until woken: start the idle timer here.
     fn after_write(&mut self, cx: &mut Context<'_>) {
@@ -463,13 +526,18 @@ impl<I: AsyncWrite + Unpin> TimedIo<I> {
         }
     }
 
-    fn poll_reject(&mut self, cx: &mut Context<'_>, mut sent: usize) -> Poll<()> {
-        while sent < REQUEST_TIMEOUT.len() {
-            match Pin::new(&mut self.inner).poll_write(cx, &REQUEST_TIMEOUT[sent..]) {
+    fn poll_reject(
+        &mut self,
+        cx: &mut Context<'_>,
+        answer: &'static [u8],
+        mut sent: usize,
+    ) -> Poll<()> {
+        while sent < answer.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &answer[sent..]) {
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(n)) => {
                     sent += n;
-                    self.phase = Phase::Reject(sent);
+                    self.phase = Phase::Reject(answer, sent);
                 }
                 Poll::Pending => return Poll::Pending,
             }
@@ -500,8 +568,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
             match this.phase {
                 Phase::Passthrough => return Pin::new(&mut this.inner).poll_read(cx, buf),
                 Phase::Closed => return Poll::Ready(Ok(())),
-                Phase::Reject(sent) => {
-                    ready!(this.poll_reject(cx, sent));
+                Phase::Reject(answer, sent) => {
+                    ready!(this.poll_reject(cx, answer, sent));
                     this.phase = Phase::Closed;
                     continue;
                 }
@@ -550,7 +618,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<I> {
             }
             if this.phase == Phase::Head && !this.h2 {
                 debug!("header timeout");
-                this.phase = Phase::Reject(0);
+                this.phase = Phase::Reject(REQUEST_TIMEOUT, 0);
                 continue;
             }
             debug!("idle timeout");
@@ -570,6 +638,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(own) = this.poll_own_answer(cx, buf) {
+            return own;
+        }
         let res = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.on_write(cx, res)
     }
@@ -580,6 +651,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        let mut written = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (written.next(), written.next())
+            && let Some(own) = this.poll_own_answer(cx, only)
+        {
+            return own;
+        }
         let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.on_write(cx, res)
     }

@@ -729,6 +729,31 @@ async fn oversized_header_block_is_431() {
     req.extend(b"\r\n\r\n");
     let reply = raw_exchange(&edge, &req).await;
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    assert!(
+        reply.ends_with("\r\n\r\nrequest header fields too large"),
+        "a short plain body: {reply}"
+    );
+}
+
+#[tokio::test]
+async fn a_target_too_long_is_414_with_a_body() {
+    let g = group("app", "app.example.com", vec![http_port(PORT, 1)], &[]);
+    // A target longer than 65,534 bytes (hyper's and the `http` crate's
+    // limit) inside a header block within the limit.
+    let edge = Edge::start(
+        vec![g],
+        Settings {
+            max_header_bytes: 128 * 1024,
+            ..settings()
+        },
+    )
+    .await;
+    let mut req = b"GET /".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 70 * 1024));
+    req.extend(b" HTTP/1.1\r\nhost: app.example.com\r\n\r\n");
+    let reply = raw_exchange(&edge, &req).await;
+    assert!(reply.starts_with("HTTP/1.1 414"), "{reply}");
+    assert!(reply.ends_with("\r\n\r\nuri too long"), "{reply}");
 }
 
 #[tokio::test]
@@ -823,6 +848,17 @@ async fn malformed_request_is_400_and_the_node_keeps_serving() {
     let (edge, _, _) = app_edge(|l| echo_backend(l, "a")).await;
     let reply = raw_exchange(&edge, b"GET / HTTP/1.1 bogus\r\n\x01\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.ends_with("\r\n\r\nbad request"), "{reply}");
+    // The same after a kept-alive request: the first is answered as
+    // usual, the second gets the 400 with its body, then the close.
+    let reply = raw_exchange(
+        &edge,
+        b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\nGET / HTTP/1.1 bogus\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert_eq!(reply.matches("HTTP/1.1 ").count(), 2, "{reply}");
+    assert!(reply.ends_with("\r\n\r\nbad request"), "{reply}");
     let mut client = edge.client().await;
     let r = send(&mut client, get("app.example.com", "/")).await;
     assert_eq!(r.status, 200);
