@@ -544,6 +544,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         join(&store, &config, &advertised, url, &token).await?;
     }
     check_token(&store, &config.data_dir, &token_file)?;
+    let region = recorded_region(&store, &config, raft.cluster_addr).await;
     let mut tasks = Vec::new();
     let admin_cert = match &config.admin_tls {
         None => None,
@@ -645,7 +646,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
             peers,
             load_changed,
             incarnation,
-            region: config.region.clone(),
+            region: region.clone(),
         },
         gossip_cancel,
     );
@@ -671,7 +672,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         admin,
         control.clone(),
     )));
-    info!(node_id = config.node_id, region = %config.region, %admin_addr, cluster_addr = %raft.cluster_addr, listen_ip = %config.listen_ip, since_start_ms = millis(began.elapsed()), "node started");
+    info!(node_id = config.node_id, %region, %admin_addr, cluster_addr = %raft.cluster_addr, listen_ip = %config.listen_ip, since_start_ms = millis(began.elapsed()), "node started");
     Ok(NodeHandle {
         admin_addr,
         cluster_addr: raft.cluster_addr,
@@ -1039,6 +1040,43 @@ fn load_token(config: &Config, given: Option<&str>) -> Result<Token, StartError>
             })
         }
     }
+}
+
+/// This node's region as the membership records it. On a restart the data
+/// dir wins: a region or an address given now that differs from what the
+/// node founded or joined with is logged and not used (the membership's
+/// region is the one every peer groups this node by; peers dial the
+/// recorded addresses). Changing them takes removing the node and joining
+/// it again (README, Configuration).
+async fn recorded_region(store: &Store, config: &Config, cluster_addr: SocketAddr) -> String {
+    let Some(recorded) = store.recorded_self().await else {
+        return config.region.clone();
+    };
+    let given = [
+        ("region", config.region.clone(), &recorded.region),
+        (
+            "advertise_cluster_addr",
+            config.advertised_cluster_addr(cluster_addr).to_string(),
+            &recorded.cluster_addr,
+        ),
+        (
+            "admin_addr",
+            config.admin_addr.to_string(),
+            &recorded.admin_addr,
+        ),
+    ];
+    for (field, given, recorded) in given {
+        if given != *recorded {
+            warn!(
+                field,
+                given = %given,
+                recorded = %recorded,
+                "differs from what the cluster membership records for this node, which stays: \
+                 on a restart the data dir wins (to change it, remove the node and join it again)"
+            );
+        }
+    }
+    recorded.region
 }
 
 /// SPEC §9, one token per cluster: refuses a token whose hash differs from

@@ -137,6 +137,17 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
             cert_pem: read("node_cert", cert)?,
             key_pem: read("node_key", key)?,
         };
+        if let Some(other) = names_another_node(&tls.cert_pem, config.node_id) {
+            return Err(ConfigError::new(
+                "node_cert",
+                format!(
+                    "{} is the certificate of node {other}, not of node_id {}",
+                    cert.display(),
+                    config.node_id
+                ),
+            )
+            .into());
+        }
         let founded =
             config.join.is_none() && damaged_founding.is_none() && (fresh || unfinished.is_some());
         if founded && unfinished.is_none() {
@@ -152,6 +163,21 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
     }
     let dir = tls_dir(&config.data_dir);
     if let Some(tls) = stored_identity(&dir, config, fresh)? {
+        if let Some(other) = names_another_node(&tls.cert_pem, config.node_id) {
+            return Err(ConfigError::new(
+                "node_id",
+                format!(
+                    "is {}, but {} belongs to node {other} (its certificate {} names node \
+                     {other}); on a restart the data dir wins: start it with --node-id {other}, \
+                     or give node {} a data dir of its own",
+                    config.node_id,
+                    config.data_dir.display(),
+                    dir.join("node.pem").display(),
+                    config.node_id
+                ),
+            )
+            .into());
+        }
         let damaged = damaged_founding.is_some();
         let stored = |new_ca_key, founded| {
             Ok(Identity {
@@ -248,6 +274,16 @@ pub fn founding_done(data_dir: &Path) -> Result<(), BootstrapError> {
 /// a file missing, empty, not PEM, not a certificate or key, or a key that
 /// is not the certificate's, is a damaged file (exit 65) named with what
 /// to do ([`tls_damage`]).
+/// The node a certificate names, when it names one other than `id` and
+/// not `id` (anything else is for the TLS checks to judge).
+fn names_another_node(cert_pem: &str, id: u64) -> Option<u64> {
+    let named = pki::named_nodes(cert_pem).ok()?;
+    if named.contains(&id) {
+        return None;
+    }
+    named.first().copied()
+}
+
 fn stored_identity(
     dir: &Path,
     config: &Config,

@@ -490,6 +490,23 @@ impl Store {
         forward_to(&self.transport, leader, &node.cluster_addr, f, limit).await
     }
 
+    /// What the membership this node has applied records for it (its
+    /// region and addresses), when it is a member.
+    pub async fn recorded_self(&self) -> Option<ClusterNode> {
+        let id = self.node_id;
+        self.raft
+            .with_raft_state(move |st| {
+                st.membership_state
+                    .effective()
+                    .membership()
+                    .get_node(&id)
+                    .cloned()
+            })
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Whether this node is in the membership it has applied.
     pub async fn is_member(&self) -> bool {
         // Asked of Raft itself, not of its metrics: right after start the

@@ -85,6 +85,60 @@ async fn a_node_restarted_with_another_token_refuses_to_start() -> anyhow::Resul
     Ok(())
 }
 
+/// On a restart the data dir wins (SPEC §7): started as another node, the
+/// node refuses with a config error naming `node_id` (it exited 1 on a TLS
+/// error before); started in another region or at another admin address,
+/// it logs that the membership's record stays, and peers keep seeing that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_the_identity_its_data_dir_records() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(2).await?;
+    let region_of = |v: &Value, id: u64| {
+        v["data"]["cluster"]["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["node_id"] == id))
+            .map(|n| n["region"].clone())
+    };
+    let (_, before) = cluster.admin(1).get("/v1/cluster").await?;
+    let recorded = region_of(&before, 2).context("node 2 listed")?;
+    cluster.stop(2).await?;
+    let run = cluster
+        .run_stopped_with(
+            2,
+            |args| {
+                let at = args
+                    .iter()
+                    .position(|a| a == "--node-id")
+                    .expect("--node-id");
+                args[at + 1] = "7".into();
+            },
+            Duration::from_secs(30),
+        )
+        .await?;
+    assert_eq!(run.status.code(), Some(EXIT_CONFIG), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("node_id: is 7") && run.stderr.contains("--node-id 2"),
+        "{}",
+        run.stderr
+    );
+
+    cluster.restart_with(2, &["--region", "elsewhere"]).await?;
+    integration::wait_until("the warning", Duration::from_secs(5), || async {
+        let log = cluster.stderr(2);
+        log.lines()
+            .any(|l| l.contains("on a restart the data dir wins") && l.contains("\"region\""))
+    })
+    .await
+    .with_context(|| cluster.stderr(2))?;
+    for id in [1, 2] {
+        let (status, v) = cluster.admin(id).get("/v1/cluster").await?;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        assert_eq!(region_of(&v, 2).as_ref(), Some(&recorded), "{v}");
+    }
+    cluster.stop(2).await?;
+    cluster.restart(2).await?;
+    cluster.ensure_no_errors()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_does_not_mint_certificates_for_members() -> anyhow::Result<()> {
     let cluster = Cluster::start(2).await?;

@@ -81,7 +81,15 @@ async fn certs_make_a_working_own_pki_cluster() -> anyhow::Result<()> {
         c.node_id = 4;
     })
     .await;
-    assert!(wrong.is_err(), "node 4 started with node 3's certificate");
+    let Err(refused) = wrong else {
+        panic!("node 4 started with node 3's certificate");
+    };
+    // A config error (exit 64) that names the field.
+    assert!(
+        format!("{refused:#}").contains("node_cert: ")
+            && format!("{refused:#}").contains("is the certificate of node 3, not of node_id 4"),
+        "{refused:#}"
+    );
 
     // Nodes 1 and 3 form a cluster on these certificates.
     let (node1, node3) =

@@ -86,6 +86,22 @@ pub fn node_dns_name(id: u64) -> String {
     format!("node-{id}.{NODE_DNS_SUFFIX}")
 }
 
+/// The node ids that the (first) certificate in `cert_pem` names, by its
+/// DNS names of the form [`node_dns_name`].
+pub fn named_nodes(cert_pem: &str) -> Result<Vec<u64>, PkiError> {
+    let params = CertificateParams::from_ca_cert_pem(cert_pem).map_err(PkiError::BadCertificate)?;
+    let suffix = format!(".{NODE_DNS_SUFFIX}");
+    Ok(params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::DnsName(name) => name.as_str().strip_suffix(suffix.as_str()),
+            _ => None,
+        })
+        .filter_map(|label| label.strip_prefix("node-")?.parse().ok())
+        .collect())
+}
+
 /// A new cluster CA (ECDSA P-256) named after the cluster.
 pub fn generate_ca(cluster_name: &str) -> Result<CaBundle, PkiError> {
     let key = KeyPair::generate().map_err(PkiError::Generate)?;
@@ -262,6 +278,16 @@ mod tests {
         let (_key, csr) = node_key_and_csr(3).unwrap();
         let cert = sign_node_csr(&ca, &csr, 3).unwrap();
         assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+
+    #[test]
+    fn a_node_certificate_names_its_node() {
+        let ca = generate_ca("test").unwrap();
+        let (cert, _key) = issue_node_cert(&ca, 42).unwrap();
+        assert_eq!(named_nodes(&cert).unwrap(), [42]);
+        // The CA names no node; garbage is an error, not a panic.
+        assert_eq!(named_nodes(&ca.cert_pem).unwrap(), Vec::<u64>::new());
+        assert!(named_nodes("not a certificate").is_err());
     }
 
     #[test]
