@@ -9,17 +9,18 @@
 //!          └▶ build Command ─▶ Store::propose ─▶ Applied / StoreError ─▶ envelope
 //! ```
 //!
-//! Reads come from the local state (`Store::state`). `?consistent=true` is
-//! accepted on every read; with the single-node store a local read is
-//! already linearizable, so it changes nothing until reads go through the
-//! Raft leader. Writes answer once `Store::propose` has returned, with the
+//! Reads come from the local state (`Store::state`); with
+//! `?consistent=true` a read first confirms with the leader that this node
+//! has applied everything committed before the request
+//! (`Store::linearize`). Writes answer once `Store::propose` has returned, with the
 //! status of the refusal if there was one (400, 404, 409, 503).
 //!
 //! Every `/v1` route needs `Authorization: Bearer <token>`; an empty
 //! configured token admits nobody. Request bodies are limited to 1 MiB
 //! (`Content-Length` checked before routing, and the read itself is
 //! bounded); request headers to 64 KiB (431) and 10 s from accept or from
-//! the end of the previous keep-alive request (then the connection closes).
+//! the first byte of a next keep-alive request (then the connection
+//! closes); a kept-alive connection idle for 60 s closes (`timed`).
 //! At most `admin_max_connections` connections are open at once; further
 //! ones are closed as soon as they are accepted.
 //! The `/v1/cluster` routes show and change the Raft membership.
@@ -36,6 +37,7 @@ mod request;
 mod scrape;
 #[cfg(test)]
 mod tests;
+mod timed;
 mod tls;
 
 use std::convert::Infallible;
@@ -48,7 +50,7 @@ use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -65,10 +67,11 @@ use request::{Flags, check_header_size, check_length};
 
 pub use backoff::AuthBackoff;
 pub use edgelb_api::tls::client_config;
+pub use timed::{IDLE_TIMEOUT, Timeouts};
 pub use tls::AdminCert;
 
-/// From accept (or the end of the previous request) until the request
-/// header block is complete.
+/// From accept (or the first byte of a next keep-alive request) until the
+/// request header block is complete (`timed`).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request header block.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -103,6 +106,8 @@ pub struct Admin {
     /// Serve over TLS with this certificate (`admin_tls`); plain HTTP when
     /// `None`.
     pub tls: Option<Arc<AdminCert>>,
+    /// Its connections' header and idle timeouts.
+    pub timeouts: Timeouts,
 }
 
 impl Admin {
@@ -150,13 +155,15 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
                     debug!(%peer, "admin connection");
                     let _ = stream.set_nodelay(true);
                     let (admin, shutdown) = (admin.clone(), shutdown.clone());
+                    let accepted = tokio::time::Instant::now();
+                    let conn = Accepted { peer, accepted, permit };
                     match acceptor.clone() {
-                        None => conns.spawn(connection(stream, peer, admin, shutdown, permit)),
+                        None => conns.spawn(connection(stream, conn, admin, shutdown)),
                         Some(tls) => conns.spawn(async move {
                             // The header timeout runs from accept, so it
                             // bounds the handshake too.
-                            match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(stream)).await {
-                                Ok(Ok(stream)) => connection(stream, peer, admin, shutdown, permit).await,
+                            match tokio::time::timeout(admin.timeouts.header, tls.accept(stream)).await {
+                                Ok(Ok(stream)) => connection(stream, conn, admin, shutdown).await,
                                 Ok(Err(e)) => debug!(%peer, error = %e, "admin TLS handshake failed"),
                                 Err(_) => debug!(%peer, "admin TLS handshake timed out"),
                             }
@@ -184,23 +191,41 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
     }
 }
 
+/// An accepted admin connection: who, when, and its place under the limit.
+struct Accepted {
+    peer: SocketAddr,
+    accepted: tokio::time::Instant,
+    permit: OwnedSemaphorePermit,
+}
+
 async fn connection<S>(
     stream: S,
-    peer: SocketAddr,
+    accepted: Accepted,
     admin: Arc<Admin>,
     shutdown: CancellationToken,
-    _permit: OwnedSemaphorePermit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Accepted {
+        peer,
+        accepted,
+        permit: _permit,
+    } = accepted;
+    let activity = Arc::default();
+    let stream = timed::TimedIo::new(stream, Arc::clone(&activity), accepted, admin.timeouts);
     let service = service_fn(move |req| {
+        let active = timed::Active::new(&activity);
         let admin = admin.clone();
-        async move { Ok::<_, Infallible>(handle(&admin, peer.ip(), req).await) }
+        async move {
+            let reply = handle(&admin, peer.ip(), req).await;
+            Ok::<_, Infallible>(reply.map(|body| timed::Guarded::new(body, active)))
+        }
     });
     let mut builder = http1::Builder::new();
+    // The header and idle timeouts are `timed`'s: hyper's header timeout
+    // runs from the end of the previous response.
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(None)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(stream), service);

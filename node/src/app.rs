@@ -666,6 +666,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         node_cert_lifetime: config.node_cert_lifetime,
         guard: Admin::auth_guard(config.admin_auth, &metrics),
         tls: admin_cert,
+        timeouts: crate::admin::Timeouts::default(),
     });
     tasks.push(tokio::spawn(crate::admin::serve(
         admin_listener,

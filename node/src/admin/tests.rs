@@ -86,6 +86,19 @@ impl Server {
 
     /// [`Server::start_with`] with the token back-off `backoff`.
     async fn start_backoff(metrics_token: Option<&str>, backoff: AuthBackoff) -> Self {
+        Self::start_full(metrics_token, backoff, super::Timeouts::default()).await
+    }
+
+    /// A server with the connection timeouts `timeouts`.
+    async fn start_timeouts(timeouts: super::Timeouts) -> Self {
+        Self::start_full(None, AuthBackoff::default(), timeouts).await
+    }
+
+    async fn start_full(
+        metrics_token: Option<&str>,
+        backoff: AuthBackoff,
+        timeouts: super::Timeouts,
+    ) -> Self {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir =
@@ -117,6 +130,7 @@ impl Server {
             node_cert_lifetime: crate::cluster::pki::DEFAULT_NODE_LIFETIME,
             guard,
             tls: None,
+            timeouts,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");

@@ -280,3 +280,55 @@ async fn repeated_wrong_tokens_block_that_address_only() {
     get(guesser, "/v1/services", Some(TOKEN)).await.data();
     s.stop().await;
 }
+
+/// A kept-alive admin connection waits for its next request longer than
+/// the header timeout (hyper's ran from the end of the previous response,
+/// so a request sent 10 s after the last one raced the close), and closes
+/// after the idle timeout (both shortened here).
+#[tokio::test]
+async fn a_kept_alive_connection_outlasts_the_header_timeout_between_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn answer(conn: &mut tokio::net::TcpStream) -> String {
+        let mut buf = [0_u8; 1024];
+        let read = tokio::time::timeout(patient(Duration::from_secs(5)), conn.read(&mut buf));
+        let n = read.await.expect("an answer or a close").expect("read");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+    let timeouts = super::super::Timeouts {
+        header: Duration::from_millis(300),
+        idle: Duration::from_millis(1500),
+    };
+    let s = Server::start_timeouts(timeouts).await;
+    let mut conn = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    let request = b"GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n";
+    conn.write_all(request).await.expect("write");
+    assert!(answer(&mut conn).await.starts_with("HTTP/1.1 200"));
+    // Idle for twice the header timeout, then a head sent slowly within it.
+    tokio::time::sleep(timeouts.header * 2).await;
+    conn.write_all(&request[..10]).await.expect("write");
+    tokio::time::sleep(timeouts.header / 2).await;
+    conn.write_all(&request[10..]).await.expect("write");
+    let second = answer(&mut conn).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second:?}");
+    // A head that stalls past the header timeout from its first byte.
+    conn.write_all(&request[..10]).await.expect("write");
+    let started = Instant::now();
+    assert_eq!(answer(&mut conn).await, "", "closed");
+    assert!(started.elapsed() < timeouts.idle, "{:?}", started.elapsed());
+    // Nothing sent: closed after the idle timeout, not the header timeout.
+    let mut idle = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    idle.write_all(request).await.expect("write");
+    assert!(answer(&mut idle).await.starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    assert_eq!(answer(&mut idle).await, "", "closed when idle");
+    assert!(
+        started.elapsed() >= timeouts.idle,
+        "{:?}",
+        started.elapsed()
+    );
+    s.stop().await;
+}

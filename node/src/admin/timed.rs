@@ -1,0 +1,356 @@
+//! An admin connection's timeouts (SPEC §7): a request's header block must
+//! be complete within [`HEADER_TIMEOUT`] of accept, or of the first byte of
+//! a next keep-alive request; a kept-alive connection with no request for
+//! [`IDLE_TIMEOUT`] is closed.
+//!
+//! hyper's own header timeout starts when the previous response ends, so a
+//! client that paused 8 s between two requests had 2 s left for the next
+//! head, and a scrape every 10 s raced it. Here the wrapper under hyper
+//! times the reads instead, told by the service which requests it took:
+//!
+//! ```text
+//!   accept ─▶ Head ──request dispatched──▶ Busy ──response body dropped──▶ Idle
+//!              │ HEADER_TIMEOUT              ▲                                │ first byte
+//!              ▼                             └──────── Head ◀─────────────────┘
+//!          read error: hyper closes                          IDLE_TIMEOUT: read error
+//! ```
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use atomic_waker::AtomicWaker;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use super::HEADER_TIMEOUT;
+
+/// How long a kept-alive admin connection may wait for its next request
+/// (the data plane's `idle_timeout` default, NGINX's `keepalive_timeout`
+/// is 75 s): longer than a scrape interval, so that Prometheus keeps its
+/// connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The two timeouts (tests shorten them).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// For a request head: [`HEADER_TIMEOUT`].
+    pub header: Duration,
+    /// For a next request: [`IDLE_TIMEOUT`].
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            header: HEADER_TIMEOUT,
+            idle: IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// What the service tells the connection's reads: requests taken, and
+/// those whose response is not done.
+#[derive(Debug, Default)]
+pub(super) struct Activity {
+    dispatched: AtomicU64,
+    active: AtomicUsize,
+    /// The read that waited while a request was served: woken when the
+    /// last response is done, to arm the idle timer.
+    reader: AtomicWaker,
+}
+
+/// One request taken by the service, until its response body is dropped.
+#[derive(Debug)]
+pub(super) struct Active(Arc<Activity>);
+
+impl Active {
+    pub(super) fn new(activity: &Arc<Activity>) -> Self {
+        activity.dispatched.fetch_add(1, Ordering::SeqCst);
+        activity.active.fetch_add(1, Ordering::SeqCst);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// A response body that holds its request's [`Active`].
+#[derive(Debug)]
+pub(super) struct Guarded<B> {
+    inner: B,
+    _active: Active,
+}
+
+impl<B> Guarded<B> {
+    pub(super) fn new(inner: B, active: Active) -> Self {
+        Self {
+            inner,
+            _active: active,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// For the rest of a request head: since accept or its first byte.
+    Head,
+    /// For a next request.
+    Idle,
+    /// Neither armed: a request is being served, or has just been.
+    Unarmed,
+}
+
+/// The admin connection's I/O, with the header and idle timeouts on reads.
+#[derive(Debug)]
+pub(super) struct TimedIo<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    /// `activity.dispatched` when last looked at.
+    seen: u64,
+    wait: Wait,
+    timer: Pin<Box<Sleep>>,
+    timeouts: Timeouts,
+}
+
+impl<S> TimedIo<S> {
+    /// `inner`, accepted at `accepted` (the header timeout runs from then,
+    /// a TLS handshake included).
+    pub(super) fn new(
+        inner: S,
+        activity: Arc<Activity>,
+        accepted: Instant,
+        timeouts: Timeouts,
+    ) -> Self {
+        Self {
+            inner,
+            activity,
+            seen: 0,
+            wait: Wait::Head,
+            timer: Box::pin(tokio::time::sleep_until(accepted + timeouts.header)),
+            timeouts,
+        }
+    }
+
+    fn arm(&mut self, wait: Wait, after: Duration) {
+        self.wait = wait;
+        self.timer.as_mut().reset(Instant::now() + after);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.activity.reader.register(cx.waker());
+        let dispatched = this.activity.dispatched.load(Ordering::SeqCst);
+        let busy = this.activity.active.load(Ordering::SeqCst) > 0;
+        if dispatched != this.seen || busy {
+            // A request was taken since: its head is done.
+            this.seen = dispatched;
+            this.wait = Wait::Unarmed;
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if busy {
+            // A body, or hyper looking for a close: no timer of ours.
+            return read;
+        }
+        match read {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before && this.wait != Wait::Head {
+                    this.arm(Wait::Head, this.timeouts.header);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+        if this.wait == Wait::Unarmed {
+            this.arm(Wait::Idle, this.timeouts.idle);
+        }
+        ready!(this.timer.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            match this.wait {
+                Wait::Head => "the request head took longer than the header timeout",
+                _ => "no request within the idle timeout",
+            },
+        )))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    fn timed() -> (DuplexStream, TimedIo<DuplexStream>, Arc<Activity>) {
+        let (client, server) = tokio::io::duplex(1024);
+        let activity = Arc::new(Activity::default());
+        let io = TimedIo::new(
+            server,
+            activity.clone(),
+            Instant::now(),
+            Timeouts::default(),
+        );
+        (client, io, activity)
+    }
+
+    /// Reads what is there, or the error the timeouts give, within `limit`
+    /// of (paused) time; `None` if still waiting then.
+    async fn read_within(
+        io: &mut TimedIo<DuplexStream>,
+        limit: Duration,
+    ) -> Option<io::Result<usize>> {
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(limit, io.read(&mut buf)).await.ok()
+    }
+
+    fn timed_out(r: Option<io::Result<usize>>) -> bool {
+        matches!(r, Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut)
+    }
+
+    /// A request served: dispatched, its response body dropped.
+    fn serve_one(activity: &Arc<Activity>) {
+        drop(Guarded::new((), Active::new(activity)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_head_has_the_header_timeout_from_accept() {
+        let (mut client, mut io, _) = timed();
+        assert!(read_within(&mut io, Duration::from_secs(9)).await.is_none());
+        client.write_all(b"GET / HT").await.unwrap();
+        assert_eq!(
+            read_within(&mut io, Duration::ZERO).await.unwrap().unwrap(),
+            8
+        );
+        // From accept, not from the first byte.
+        assert!(timed_out(
+            read_within(&mut io, Duration::from_secs(2)).await
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_next_head_has_the_header_timeout_from_its_first_byte() {
+        let (mut client, mut io, activity) = timed();
+        serve_one(&activity);
+        // 8 s idle between the requests no longer count against the head.
+        assert!(read_within(&mut io, Duration::from_secs(8)).await.is_none());
+        client.write_all(b"GET / HT").await.unwrap();
+        assert_eq!(
+            read_within(&mut io, Duration::ZERO).await.unwrap().unwrap(),
+            8
+        );
+        assert!(
+            read_within(&mut io, Duration::from_millis(9_900))
+                .await
+                .is_none()
+        );
+        client.write_all(b"TP/1.1\r\n").await.unwrap();
+        assert_eq!(
+            read_within(&mut io, Duration::ZERO).await.unwrap().unwrap(),
+            8
+        );
+        // The rest of the head does not restart it.
+        assert!(timed_out(
+            read_within(&mut io, Duration::from_millis(200)).await
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_kept_alive_connection_closes_after_the_idle_timeout() {
+        let (_client, mut io, activity) = timed();
+        serve_one(&activity);
+        assert!(
+            read_within(&mut io, IDLE_TIMEOUT - Duration::from_millis(10))
+                .await
+                .is_none()
+        );
+        assert!(timed_out(
+            read_within(&mut io, Duration::from_millis(20)).await
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_being_served_has_no_timeout() {
+        let (mut client, mut io, activity) = timed();
+        let active = Active::new(&activity);
+        // A slow body, or hyper watching for a close, while it is served.
+        assert!(read_within(&mut io, IDLE_TIMEOUT * 2).await.is_none());
+        client.write_all(b"body").await.unwrap();
+        assert_eq!(
+            read_within(&mut io, Duration::ZERO).await.unwrap().unwrap(),
+            4
+        );
+        assert!(read_within(&mut io, IDLE_TIMEOUT * 2).await.is_none());
+        drop(active);
+        // Served: now idle.
+        assert!(timed_out(
+            read_within(&mut io, IDLE_TIMEOUT + Duration::from_millis(10)).await
+        ));
+    }
+}
