@@ -46,7 +46,7 @@ impl GossipMetrics {
         let dropped = IntCounterVec::new(
             Opts::new(
                 "edgelb_gossip_reports_dropped_total",
-                "Gossip input not merged, by reason: stale (not newer than the peer's last report), malformed, identity (names another node than the sender's certificate), oversized, self (this node's own).",
+                "Gossip input not merged, by reason: stale (not newer than the peer's last report), malformed, identity (names another node than the sender's certificate), oversized, self (this node's own), gap (a delta whose base report was missed).",
             ),
             &["reason"],
         )
