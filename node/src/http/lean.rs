@@ -30,9 +30,9 @@
 //! anything is sent, timeouts, metrics, access log lines and error
 //! answers. A
 //! connection from the pool that turns out to be closed is replaced by a
-//! new one and the request sent again: a `GET` or `HEAD` (no body,
-//! idempotent) whenever the instance closed it before answering, any
-//! other request only when nothing of it could be written.
+//! new one and the request sent again only when nothing of it could be
+//! written (SPEC §3: nothing is retried once a request byte has reached
+//! an instance), as hyper's path does.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -349,9 +349,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let exchanged = {
-        let resend = req.body_len == 0 && matches!(req.method, Method::GET | Method::HEAD);
-        let exchanging =
-            std::pin::pin!(exchange(conn, &req.target, &req.upstream_head, resend, log));
+        let exchanging = std::pin::pin!(exchange(conn, &req.target, &req.upstream_head, log));
         until_client_leaves(io, exchanging).await
     };
     match exchanged {
@@ -405,15 +403,14 @@ struct Exchanged {
 }
 
 /// Picks an instance, sends the request and reads the response head,
-/// trying other instances while connecting fails. A request that may be
-/// sent twice (`resend`: a `GET` or `HEAD` without a body) is sent again
-/// on a new connection when a pooled one turns out closed without an
-/// answer; any other only when none of it could be written.
+/// trying other instances while connecting fails. A pooled connection
+/// that turns out closed is replaced by a new one and the request sent
+/// again only when none of it could be written: nothing is retried once
+/// a request byte has reached an instance (SPEC §3), a `GET` included.
 async fn exchange(
     conn: &Conn,
     target: &Target,
     upstream_head: &[u8],
-    resend: bool,
     log: &mut Log,
 ) -> Result<Exchanged, ProxyError> {
     let settings = &conn.dp.settings;
@@ -463,10 +460,9 @@ async fn exchange(
             };
             match sent {
                 Some(Ok(head)) => break Ok(head),
-                // An idle connection the instance had closed: nothing of the
-                // request reached it that it will answer. Sent again on a
-                // new one, if it may be sent twice or never left.
-                Some(Err(UpErr::Closed)) if reused && buf.is_empty() && (resend || !left) => {
+                // An idle connection the instance had closed before any of
+                // the request left: sent again on a new one.
+                Some(Err(UpErr::Closed)) if reused && buf.is_empty() && !left => {
                     debug!(instance = %backend.name, "pooled connection closed; reconnecting");
                     reused = false;
                     match connect(&pool, &lease, conn, log).await {

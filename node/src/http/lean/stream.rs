@@ -60,8 +60,7 @@ async fn send(
     conn: &Arc<Conn>,
     log: &mut Log,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    // Only bodiless GETs and HEADs come this way: safe to send twice.
-    let got = exchange(conn, target, &upstream_head, true, log).await?;
+    let got = exchange(conn, target, &upstream_head, log).await?;
     let status = StatusCode::from_u16(got.head.status).unwrap_or(StatusCode::BAD_GATEWAY);
     // The bytes read, split without a copy: the head, whose values the
     // header map shares, and what followed it, the body's first bytes.
