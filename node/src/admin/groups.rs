@@ -137,15 +137,22 @@ pub(crate) fn not_found(id: &str) -> ApiError {
     )
 }
 
-/// 400 unless `name` follows the naming rule.
+/// 400 unless `name` follows the naming rule and does not read as a uuid:
+/// `{id}` in a route is a uuid or a name, tried as a uuid first, so such a
+/// name would reach another group or instance (whose uuid it is) or none.
 pub(crate) fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
-    if valid_name(name) {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(format!(
+    if !valid_name(name) {
+        return Err(ApiError::invalid(format!(
             "{what} name {name:?} is not valid: use a-z, 0-9 and '-', 1-63 chars, starting with a letter"
-        )))
+        )));
     }
+    if uuid::Uuid::parse_str(name).is_ok() {
+        return Err(ApiError::invalid(format!(
+            "{what} name {name:?} is not valid: it reads as a uuid, and routes take a uuid \
+             before a name"
+        )));
+    }
+    Ok(())
 }
 
 /// The stored form of request domains, each checked to be a valid host name.

@@ -101,6 +101,22 @@ async fn bad_input_is_400() {
         .assert_error(400);
     post(String::new()).await.assert_error(400);
     s.create("web").await;
+    // A name that reads as a uuid would be taken for one: the group whose
+    // uuid it is (DELETE would remove that one) or none. Either spelling.
+    let uuid_like = "e283c24c-22bd-4f94-8b29-a707e1e66ec2";
+    for name in [uuid_like.to_owned(), uuid_like.replace('-', "")] {
+        let m = post(json!({"name": name, "services": http_service()}).to_string())
+            .await
+            .assert_error(400);
+        assert!(m.contains("reads as a uuid"), "{m}");
+        s.send(
+            Method::POST,
+            "/v1/services/web/instances",
+            &json!({"name": name, "address": "10.0.0.1"}),
+        )
+        .await
+        .assert_error(400);
+    }
     s.send(
         Method::POST,
         "/v1/services/web/instances",
