@@ -69,7 +69,9 @@ pub struct PatchRequest {
     pub prop: String,
     /// `set`, `add` or `del`.
     pub op: PatchOp,
-    /// Depends on `prop`.
+    /// Depends on `prop`; may be left out where none is needed (`del` of
+    /// `health_check` or `send_proxy_protocol`): it is then `null`.
+    #[serde(default)]
     pub value: serde_json::Value,
 }
 

@@ -253,3 +253,20 @@ fn patch_request_op_is_lowercase() {
             .is_err()
     );
 }
+
+#[test]
+fn a_patch_without_a_value_is_a_del_that_needs_none() {
+    // The README's body for removing a health check.
+    let r: PatchRequest =
+        serde_json::from_value(json!({"prop": "health_check", "op": "del"})).expect("parses");
+    assert_eq!(resolve_patch(r), Ok(PatchValue::HealthCheck(None)));
+    let r: PatchRequest =
+        serde_json::from_value(json!({"prop": "send_proxy_protocol", "op": "del"}))
+            .expect("parses");
+    assert_eq!(resolve_patch(r), Ok(PatchValue::SendProxyProtocol(None)));
+    // Where a value is needed, its absence is the value's error.
+    let r: PatchRequest =
+        serde_json::from_value(json!({"prop": "services", "op": "add"})).expect("parses");
+    let m = invalid_message(resolve_patch(r));
+    assert!(m.contains("value for services must be"), "{m}");
+}
