@@ -146,7 +146,14 @@ impl Client {
                 };
                 connect(format!("the connection failed: {source}{hint}"))
             }
-            Error::Timeout { after, .. } => connect(format!("no answer within {after:?}")),
+            Error::Timeout { after, .. } => connect(format!("no complete answer within {after:?}")),
+            Error::TooLarge { status, limit, .. } => Failure::Api {
+                status: status.as_u16(),
+                message: format!(
+                    "unexpected answer from {url}: larger than {} MiB (is --api an edgelb admin API?)",
+                    limit >> 20
+                ),
+            },
             Error::ServerName { .. } | Error::NoTlsConfig { .. } => {
                 Failure::usage(format!("--api {url}: {e}"))
             }

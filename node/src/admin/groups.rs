@@ -146,7 +146,7 @@ pub(crate) fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
             "{what} name {name:?} is not valid: use a-z, 0-9 and '-', 1-63 chars, starting with a letter"
         )));
     }
-    if uuid::Uuid::parse_str(name).is_ok() {
+    if Uuid::parse_str(name).is_ok() {
         return Err(ApiError::invalid(format!(
             "{what} name {name:?} is not valid: it reads as a uuid, and routes take a uuid \
              before a name"

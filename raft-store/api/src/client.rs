@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::{InvalidDnsNameError, ServerName};
@@ -44,6 +44,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a request may take once connected, by default (writes answer
 /// within 5 s or fail with 503; membership changes may take longer).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest answer read: ten times the largest an admin API gives (a
+/// backup or the group list of 100,000 instances, about 11 MB), so that a
+/// wrong `--api` that streams without end cannot fill the caller's memory.
+pub const MAX_ANSWER: usize = 128 << 20;
 
 /// Why a request got no usable answer.
 #[derive(Debug, thiserror::Error)]
@@ -120,8 +124,18 @@ pub enum Error {
         #[source]
         source: hyper::Error,
     },
+    /// The answer's body is larger than [`MAX_ANSWER`]: not an admin API.
+    #[error("the answer from {url} is larger than {limit} bytes")]
+    TooLarge {
+        /// The admin URL.
+        url: ApiUrl,
+        /// The answer's status.
+        status: StatusCode,
+        /// The bound.
+        limit: usize,
+    },
     /// No complete answer within the request timeout.
-    #[error("no answer from {url} within {after:?}")]
+    #[error("no complete answer from {url} within {after:?}")]
     Timeout {
         /// The admin URL.
         url: ApiUrl,
@@ -198,6 +212,7 @@ pub struct Client {
     user_agent: &'static str,
     connect_timeout: Duration,
     request_timeout: Duration,
+    max_answer: usize,
 }
 
 impl Client {
@@ -211,6 +226,7 @@ impl Client {
             user_agent: concat!("edgelb-api/", env!("CARGO_PKG_VERSION")),
             connect_timeout: CONNECT_TIMEOUT,
             request_timeout: REQUEST_TIMEOUT,
+            max_answer: MAX_ANSWER,
         }
     }
 
@@ -241,6 +257,13 @@ impl Client {
     pub fn with_timeouts(mut self, connect: Duration, request: Duration) -> Self {
         self.connect_timeout = connect;
         self.request_timeout = request;
+        self
+    }
+
+    /// Reads answers of at most `limit` bytes ([`MAX_ANSWER`] by default).
+    #[must_use]
+    pub fn with_max_answer(mut self, limit: usize) -> Self {
+        self.max_answer = limit;
         self
     }
 
@@ -367,7 +390,19 @@ impl Client {
         let work = async {
             let resp = sender.send_request(req).await.map_err(http)?;
             let (parts, body) = resp.into_parts();
-            let body = body.collect().await.map_err(http)?.to_bytes();
+            let body = match Limited::new(body, self.max_answer).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(e) => {
+                    return Err(match e.downcast::<hyper::Error>() {
+                        Ok(e) => http(*e),
+                        Err(_) => Error::TooLarge {
+                            url: self.url.clone(),
+                            status: parts.status,
+                            limit: self.max_answer,
+                        },
+                    });
+                }
+            };
             Ok(Answer {
                 status: parts.status,
                 headers: parts.headers,
@@ -440,6 +475,37 @@ mod tests {
             String::from_utf8_lossy(&buf[..n]).into_owned()
         });
         (url, task)
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_end_is_cut_at_the_limit() {
+        // A wrong --api that streams: chunks for as long as it is read.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = ApiUrl::http(listener.local_addr().unwrap());
+        let streamer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await;
+            let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+            // Bounded: 64 MiB at most, far past the client's limit.
+            for _ in 0..1024 {
+                if s.write_all(chunk.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let client = Client::new(url).with_max_answer(1 << 20);
+        let got: Result<serde_json::Value, Error> = client.get("/v1/services").await;
+        match got {
+            Err(Error::TooLarge { status, limit, .. }) => {
+                assert_eq!((status, limit), (StatusCode::OK, 1 << 20));
+            }
+            other => panic!("{other:?}"),
+        }
+        streamer.abort();
     }
 
     #[tokio::test]
