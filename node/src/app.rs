@@ -863,7 +863,7 @@ async fn reconcile(
     store.route_by(routed_rx);
     // The state the published table was built from, and its index.
     let mut built: Option<(u64, Arc<raft_store::State>)> = None;
-    let mut failed = Vec::new();
+    let mut unbound = crate::listeners::Unbound::default();
     // When the ports that failed are tried again: set when some failed, so
     // that entries which change no state (each a pass of this loop) do not
     // put the retry off.
@@ -890,9 +890,9 @@ async fn reconcile(
             };
             crate::routing::publish_changes(&dp.routes, &applied.state, &changes, &cx);
             checks.reconcile(&applied.state, &dp.routes.load(), &changes);
-            failed = listeners.reconcile(&dp.routes.load());
+            unbound = listeners.reconcile(&dp.routes.load());
             // Before the write that changed the ports is answered.
-            ready.flag.set_unbound(&failed);
+            ready.flag.set_unbound(&unbound);
             built = Some((applied.index, applied.state));
         }
         routed.send_if_modified(|r| {
@@ -902,7 +902,7 @@ async fn reconcile(
         });
         ready.flag.set_loaded();
         ready.tx.send_replace(true);
-        retry_at = match (failed.is_empty(), retry_at) {
+        retry_at = match (unbound.is_empty(), retry_at) {
             (true, _) => None,
             (false, Some(at)) => Some(at),
             (false, None) => Some(tokio::time::Instant::now() + crate::listeners::BIND_RETRY),
@@ -919,8 +919,8 @@ async fn reconcile(
             // data plane serves its last table until the shutdown.
             changed = states.changed(), if open => open = changed.is_ok(),
             () = retry => {
-                failed = listeners.reconcile(&dp.routes.load());
-                ready.flag.set_unbound(&failed);
+                unbound = listeners.reconcile(&dp.routes.load());
+                ready.flag.set_unbound(&unbound);
                 retry_at = None;
             }
         }

@@ -340,6 +340,15 @@ impl Config {
             }
             t.admin_max_connections = v;
         }
+        if let Some(v) = s.max_published_ports {
+            if v == 0 {
+                return Err(ConfigError::new(
+                    "max_published_ports",
+                    "must be at least 1",
+                ));
+            }
+            t.max_published_ports = v;
+        }
         if let Some(v) = s.workers {
             if v == 0 {
                 return Err(ConfigError::new("workers", "must be at least 1"));

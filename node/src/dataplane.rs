@@ -74,6 +74,10 @@ pub struct Settings {
     /// Data-plane threads, each with its own runtime and its own listener
     /// per published port (see `crate::workers`).
     pub workers: usize,
+    /// Published ports this node binds at most, all groups together: each
+    /// takes two descriptors per worker (its listener and the copy kept
+    /// for an upgrade), budgeted with the connections (`crate::limits`).
+    pub max_published_ports: usize,
 }
 
 impl Settings {
@@ -115,6 +119,7 @@ impl Default for Settings {
             pool_idle_timeout: Duration::from_secs(50),
             tls_handshake_timeout: Duration::from_secs(10),
             workers: crate::workers::default_count(),
+            max_published_ports: 1024,
         }
     }
 }

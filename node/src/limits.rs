@@ -2,8 +2,10 @@
 //! before any port is bound.
 //!
 //! Each client connection takes two descriptors (the client's and the
-//! instance's), each admin connection one, and the node itself some more
-//! (Raft storage, the cluster endpoint, listeners, idle pooled upstream
+//! instance's), each admin connection one, each published port two per
+//! worker (its listener and the copy kept for an upgrade; at most
+//! `max_published_ports` ports are bound), and the node itself some more
+//! (Raft storage, the cluster endpoint, idle pooled upstream
 //! connections): [`HEADROOM`]. The soft limit is raised to what is needed;
 //! when even the hard limit is too low, an explicitly configured
 //! `max_connections` is a configuration error (exit 64), and the default
@@ -20,12 +22,21 @@ use crate::dataplane::Settings;
 pub const HEADROOM: u64 = 512;
 
 /// Descriptors that `max_connections` client connections need with
-/// `admin` admin connections.
-pub fn needed(max_connections: usize, admin: usize) -> u64 {
+/// `fixed` more (the admin connections and the published ports).
+pub fn needed(max_connections: usize, fixed: u64) -> u64 {
     (max_connections as u64)
         .saturating_mul(2)
-        .saturating_add(admin as u64)
+        .saturating_add(fixed)
         .saturating_add(HEADROOM)
+}
+
+/// Descriptors the settings need besides client connections: one per
+/// admin connection and two per published port and worker.
+pub fn fixed(settings: &Settings) -> u64 {
+    (settings.max_published_ports as u64)
+        .saturating_mul(settings.workers as u64)
+        .saturating_mul(2)
+        .saturating_add(settings.admin_max_connections as u64)
 }
 
 /// Makes `settings` fit the process's descriptor limit, raising the soft
@@ -35,17 +46,20 @@ pub fn fit_open_files(settings: &mut Settings, explicit: bool) -> Result<(), Con
     let limit = getrlimit(Resource::Nofile);
     let hard = limit.maximum.unwrap_or(u64::MAX);
     let admin = settings.admin_max_connections;
-    let mut want = needed(settings.max_connections, admin);
+    let fixed = fixed(settings);
+    let ports = fixed - admin as u64;
+    let mut want = needed(settings.max_connections, fixed);
     if want > hard {
-        let spare = hard.saturating_sub(admin as u64 + HEADROOM) / 2;
+        let spare = hard.saturating_sub(fixed.saturating_add(HEADROOM)) / 2;
         if explicit || spare == 0 {
             return Err(ConfigError::new(
                 "max_connections",
                 format!(
                     "{} client connections need about {want} file descriptors (2 per connection, \
-                     {admin} for admin_max_connections, {HEADROOM} for the node), but the \
-                     RLIMIT_NOFILE hard limit is {hard}: lower max_connections or raise the \
-                     limit (ulimit -Hn, systemd's LimitNOFILE=)",
+                     {admin} for admin_max_connections, {ports} for max_published_ports on \
+                     every worker, {HEADROOM} for the node), but the RLIMIT_NOFILE hard limit \
+                     is {hard}: lower max_connections or max_published_ports, or raise the limit \
+                     (ulimit -Hn, systemd's LimitNOFILE=)",
                     settings.max_connections
                 ),
             ));
@@ -57,7 +71,7 @@ pub fn fit_open_files(settings: &mut Settings, explicit: bool) -> Result<(), Con
             "max_connections lowered to fit the open files limit"
         );
         settings.max_connections = fitted;
-        want = needed(fitted, admin);
+        want = needed(fitted, fixed);
     }
     let soft = limit.current.unwrap_or(u64::MAX);
     if soft < want {
@@ -84,8 +98,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn two_descriptors_per_connection_plus_admin_and_headroom() {
-        assert_eq!(needed(1000, 256), 2000 + 256 + HEADROOM);
+    fn two_descriptors_per_connection_plus_admin_ports_and_headroom() {
+        let s = Settings {
+            max_connections: 1000,
+            admin_max_connections: 256,
+            max_published_ports: 100,
+            workers: 4,
+            ..Settings::default()
+        };
+        assert_eq!(fixed(&s), 256 + 100 * 4 * 2);
+        assert_eq!(needed(1000, fixed(&s)), 2000 + 256 + 800 + HEADROOM);
         assert_eq!(needed(usize::MAX, 1), u64::MAX);
     }
 
@@ -94,12 +116,13 @@ mod tests {
         let mut s = Settings {
             max_connections: 16,
             admin_max_connections: 4,
+            max_published_ports: 8,
             ..Settings::default()
         };
         fit_open_files(&mut s, true).unwrap();
         assert_eq!(s.max_connections, 16);
         let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-        assert!(soft >= needed(16, 4));
+        assert!(soft >= needed(16, fixed(&s)));
     }
 
     #[test]

@@ -7,9 +7,13 @@
 //! option). An accept loop only accepts and hands off to its own worker; each connection reads the
 //! routing table current at that moment to learn the port's mode (TLS or
 //! not, HTTP or TCP) and its groups, so changing a port's groups never
-//! rebinds it. A port that cannot be bound (in use) is logged, keeps
-//! `/readyz` at 503 naming it ([`Readiness`]), and is retried every
-//! [`BIND_RETRY`].
+//! rebinds it. A port that cannot be bound (in use) is logged (again only
+//! when its error changes), keeps `/readyz` at 503 naming it
+//! ([`Readiness`]), and is retried every [`BIND_RETRY`]. At most
+//! `max_published_ports` ports are bound (each takes two descriptors per
+//! worker, budgeted in `crate::limits`): the ports past it, in port order
+//! after those already bound, wait unbound the same way, so that no
+//! number of published ports can take the descriptors connections need.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -49,6 +53,26 @@ pub struct Listeners {
     /// Listeners taken over from the process this one replaces, by port:
     /// used instead of binding, until the first reconcile.
     inherited: BTreeMap<u16, Vec<std::net::TcpListener>>,
+    /// Why each port that failed to bind last time did (logged once).
+    failing: HashMap<u16, String>,
+    /// The ports over `max_published_ports` at the last reconcile.
+    over: Vec<u16>,
+}
+
+/// The published ports a reconcile left unbound.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unbound {
+    /// Binding them failed (in use, say).
+    pub failed: Vec<u16>,
+    /// Past `max_published_ports`: not tried.
+    pub over: Vec<u16>,
+}
+
+impl Unbound {
+    /// Whether every published port is bound.
+    pub fn is_empty(&self) -> bool {
+        self.failed.is_empty() && self.over.is_empty()
+    }
 }
 
 /// What `/readyz` reads of the data plane (SPEC §6: state loaded,
@@ -57,7 +81,7 @@ pub struct Listeners {
 #[derive(Debug, Default)]
 pub struct Readiness {
     loaded: AtomicBool,
-    unbound: std::sync::Mutex<Vec<u16>>,
+    unbound: std::sync::Mutex<Unbound>,
 }
 
 impl Readiness {
@@ -66,15 +90,14 @@ impl Readiness {
         self.loaded.store(true, Ordering::Release);
     }
 
-    /// The published ports the last reconcile could not bind (none: all
+    /// The published ports the last reconcile left unbound (none: all
     /// bound).
-    pub fn set_unbound(&self, ports: &[u16]) {
+    pub fn set_unbound(&self, ports: &Unbound) {
         let mut unbound = self
             .unbound
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        unbound.clear();
-        unbound.extend_from_slice(ports);
+        unbound.clone_from(ports);
     }
 
     /// `None` when the data plane is ready, else why not (one line).
@@ -86,15 +109,28 @@ impl Readiness {
             .unbound
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if unbound.is_empty() {
-            return None;
+        let list = |ports: &[u16]| {
+            let shown: Vec<String> = ports.iter().take(20).map(u16::to_string).collect();
+            match ports.len() {
+                n if n > 20 => format!("{} and {} more", shown.join(", "), n - 20),
+                _ => shown.join(", "),
+            }
+        };
+        let mut why = Vec::new();
+        if !unbound.failed.is_empty() {
+            why.push(format!(
+                "published port {} cannot be bound (retried every {} s)",
+                list(&unbound.failed),
+                BIND_RETRY.as_secs()
+            ));
         }
-        let ports: Vec<String> = unbound.iter().map(u16::to_string).collect();
-        Some(format!(
-            "not ready: published port {} cannot be bound (retried every {} s)",
-            ports.join(", "),
-            BIND_RETRY.as_secs()
-        ))
+        if !unbound.over.is_empty() {
+            why.push(format!(
+                "published port {} not bound: more ports than max_published_ports",
+                list(&unbound.over)
+            ));
+        }
+        (!why.is_empty()).then(|| format!("not ready: {}", why.join("; ")))
     }
 }
 
@@ -129,6 +165,8 @@ impl Listeners {
             workers,
             sockets: SocketCopies::default(),
             inherited: BTreeMap::new(),
+            failing: HashMap::new(),
+            over: Vec::new(),
         }
     }
 
@@ -158,9 +196,10 @@ impl Listeners {
         self.sockets.clone()
     }
 
-    /// Binds the ports `table` publishes that are not bound yet and releases
-    /// the ones it no longer publishes. Returns the ports that failed to bind.
-    pub fn reconcile(&mut self, table: &RoutingTable) -> Vec<u16> {
+    /// Binds the ports `table` publishes that are not bound yet, up to
+    /// `max_published_ports` bound, and releases the ones it no longer
+    /// publishes. Returns the ports left unbound.
+    pub fn reconcile(&mut self, table: &RoutingTable) -> Unbound {
         let wanted: BTreeSet<u16> = table.ports().map(|p| p.port).collect();
         self.active.retain(|port, a| {
             let keep = wanted.contains(port);
@@ -179,9 +218,14 @@ impl Listeners {
         // left are closed (the process they came from still holds its own
         // until it exits).
         let mut inherited = std::mem::take(&mut self.inherited);
-        let mut failed = Vec::new();
+        self.failing.retain(|port, _| wanted.contains(port));
+        let mut unbound = Unbound::default();
         for port in wanted {
             if self.active.contains_key(&port) {
+                continue;
+            }
+            if self.active.len() >= self.dp.settings.max_published_ports {
+                unbound.over.push(port);
                 continue;
             }
             let addr = SocketAddr::new(self.ip, port);
@@ -191,6 +235,7 @@ impl Listeners {
             };
             match bound {
                 Ok(listeners) => {
+                    self.failing.remove(&port);
                     info!(%addr, listeners = listeners.len(), "bound published port");
                     let copies = listeners
                         .iter()
@@ -222,12 +267,29 @@ impl Listeners {
                     self.active.insert(port, Active { stop, addr, loops });
                 }
                 Err(e) => {
-                    error!(%addr, error = %e, "cannot bind published port; will retry");
-                    failed.push(port);
+                    let why = e.to_string();
+                    if self.failing.get(&port) == Some(&why) {
+                        debug!(%addr, error = %e, "cannot bind published port; will retry");
+                    } else {
+                        error!(%addr, error = %e, "cannot bind published port; will retry");
+                        self.failing.insert(port, why);
+                    }
+                    unbound.failed.push(port);
                 }
             }
         }
-        failed
+        if unbound.over != self.over {
+            if !unbound.over.is_empty() {
+                warn!(
+                    unbound = unbound.over.len(),
+                    first = unbound.over[0],
+                    max_published_ports = self.dp.settings.max_published_ports,
+                    "published ports over max_published_ports are not bound"
+                );
+            }
+            self.over.clone_from(&unbound.over);
+        }
+        unbound
     }
 
     /// Resolves when every accept loop has stopped (the shutdown cancels

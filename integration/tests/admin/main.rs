@@ -271,6 +271,69 @@ async fn a_port_that_cannot_be_bound_keeps_the_node_unready_until_it_is() -> any
     node.stop().await
 }
 
+/// At most `max_published_ports` ports are bound (each takes descriptors
+/// on every worker): a group publishing more leaves the rest unbound, named
+/// by `/readyz`, instead of using up the descriptors connections need; a
+/// port released makes room for the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_past_max_published_ports_wait_unbound_until_one_is_released() -> anyhow::Result<()> {
+    let mut opts = integration::NodeOptions::default();
+    opts.settings.max_published_ports = 2;
+    let node = TestNode::start_with(opts).await?;
+    let backends = node.http_backends(&["many"], BACKEND_PORT).await?;
+    let group = node
+        .http_group("many", PORT, BACKEND_PORT, &backends)
+        .await?;
+    let path = format!("/v1/services/{}", group.uuid);
+    let service =
+        |port: u16| json!({"port": port, "destination_port": BACKEND_PORT, "handlers": ["http"]});
+    let (status, v) = node
+        .patch(
+            &path,
+            &json!({"prop": "services", "op": "add", "value": [service(PORT + 1), service(PORT + 2)]}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    // Answered once the data plane routes the write: the third port waits.
+    let r = node.admin_as(Method::GET, "/readyz", None, None).await?;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert!(
+        r.text().contains(&format!(
+            "published port {} not bound: more ports than max_published_ports",
+            PORT + 2
+        )),
+        "{}",
+        r.text()
+    );
+    for port in [PORT, PORT + 1] {
+        let r = client::get(node.addr(port), "many.test", "/").await?;
+        assert_eq!(r.status, StatusCode::OK, "port {port}: {}", r.text());
+    }
+    assert!(
+        tokio::net::TcpStream::connect(node.addr(PORT + 2))
+            .await
+            .is_err(),
+        "a port past the limit is not listening"
+    );
+
+    let (status, v) = node
+        .patch(
+            &path,
+            &json!({"prop": "services", "op": "del", "value": [PORT]}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    wait_until("/readyz to answer 200", Duration::from_secs(10), || async {
+        node.admin_as(Method::GET, "/readyz", None, None)
+            .await
+            .is_ok_and(|r| r.status == StatusCode::OK)
+    })
+    .await?;
+    let r = client::get(node.addr(PORT + 2), "many.test", "/").await?;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    node.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patching_ports_binds_and_releases_them() -> anyhow::Result<()> {
     let node = TestNode::start().await?;

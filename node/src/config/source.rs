@@ -224,6 +224,7 @@ pub(super) struct Source {
     pub(super) accept_proxy_protocol: Option<Vec<u16>>,
     pub(super) max_connections: Option<usize>,
     pub(super) admin_max_connections: Option<usize>,
+    pub(super) max_published_ports: Option<usize>,
     pub(super) workers: Option<usize>,
     pub(super) join_ca_cert: Option<PathBuf>,
     pub(super) admin_tls: Option<bool>,

@@ -19,6 +19,6 @@ pub fn toml(data: &[u8]) {
     assert!(c.settings.admin_max_connections >= 1);
     assert!(c.gossip.min_interval <= c.gossip.interval && c.gossip.interval < c.gossip.ttl);
     assert!(c.raft.heartbeat_interval.saturating_mul(3) <= c.raft.election_timeout);
-    let _ = limits::needed(c.settings.max_connections, c.settings.admin_max_connections);
+    let _ = limits::needed(c.settings.max_connections, limits::fixed(&c.settings));
     let _ = c.advertised_cluster_addr(c.cluster_addr);
 }

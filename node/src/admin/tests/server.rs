@@ -54,7 +54,10 @@ async fn v1_needs_the_token_and_probes_do_not() {
     );
     // A published port that cannot be bound keeps the node unready, named;
     // /healthz (the node can write) is not concerned.
-    s.admin.ready.set_unbound(&[8443, 9000]);
+    s.admin.ready.set_unbound(&crate::listeners::Unbound {
+        failed: vec![8443, 9000],
+        over: (10_000..10_030).collect(),
+    });
     let r = s.request(Method::GET, "/readyz", None, None).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
     assert!(
@@ -62,11 +65,20 @@ async fn v1_needs_the_token_and_probes_do_not() {
         "{}",
         r.body
     );
+    // Many ports are not all listed.
+    assert!(
+        r.body
+            .contains("10018, 10019 and 10 more not bound: more ports than max_published_ports"),
+        "{}",
+        r.body
+    );
     assert_eq!(
         s.request(Method::GET, "/healthz", None, None).await.status,
         StatusCode::OK
     );
-    s.admin.ready.set_unbound(&[]);
+    s.admin
+        .ready
+        .set_unbound(&crate::listeners::Unbound::default());
     assert_eq!(
         s.request(Method::GET, "/readyz", None, None).await.status,
         StatusCode::OK
