@@ -163,7 +163,13 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
     }
     let dir = tls_dir(&config.data_dir);
     if let Some(tls) = stored_identity(&dir, config, fresh)? {
-        if let Some(other) = names_another_node(&tls.cert_pem, config.node_id) {
+        // Certificate files without Raft state, a founding to resume or a
+        // join to finish are made anew below, whatever node they name.
+        let made_anew =
+            fresh && unfinished.is_none() && damaged_founding.is_none() && config.join.is_none();
+        if let Some(other) =
+            names_another_node(&tls.cert_pem, config.node_id).filter(|_| !made_anew)
+        {
             return Err(ConfigError::new(
                 "node_id",
                 format!(
@@ -268,14 +274,8 @@ pub fn founding_done(data_dir: &Path) -> Result<(), BootstrapError> {
     Ok(())
 }
 
-/// The identity in `dir` when all three files are there and not empty.
-///
-/// With Raft state in the data dir the identity must be there and sound:
-/// a file missing, empty, not PEM, not a certificate or key, or a key that
-/// is not the certificate's, is a damaged file (exit 65) named with what
-/// to do ([`tls_damage`]).
-/// The node a certificate names, when it names one other than `id` and
-/// not `id` (anything else is for the TLS checks to judge).
+/// The node a certificate names when it does not name `id` (a certificate
+/// that names no node is for the TLS checks to judge).
 fn names_another_node(cert_pem: &str, id: u64) -> Option<u64> {
     let named = pki::named_nodes(cert_pem).ok()?;
     if named.contains(&id) {
@@ -284,6 +284,12 @@ fn names_another_node(cert_pem: &str, id: u64) -> Option<u64> {
     named.first().copied()
 }
 
+/// The identity in `dir` when all three files are there and not empty.
+///
+/// With Raft state in the data dir the identity must be there and sound:
+/// a file missing, empty, not PEM, not a certificate or key, or a key that
+/// is not the certificate's, is a damaged file (exit 65) named with what
+/// to do ([`tls_damage`]).
 fn stored_identity(
     dir: &Path,
     config: &Config,
@@ -592,6 +598,31 @@ mod tests {
         let restarted = identity(&config, "t").await.unwrap();
         assert!(!restarted.founded && restarted.new_ca_key.is_none());
         assert_eq!(restarted.tls.cert_pem.trim(), first.tls.cert_pem.trim());
+        std::fs::remove_dir_all(&config.data_dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn another_node_id_is_refused_on_a_restart_and_not_before_one() {
+        let mut config = config("other-id");
+        let first = identity(&config, "t").await.unwrap();
+        founding_done(&config.data_dir).unwrap();
+        config.node_id = 7;
+        // Certificate files without Raft state start over, as node 7.
+        let anew = identity(&config, "t").await.unwrap();
+        assert!(anew.founded);
+        assert_eq!(pki::named_nodes(&anew.tls.cert_pem).unwrap(), [7]);
+        assert_ne!(anew.tls.cert_pem, first.tls.cert_pem);
+        // With Raft state the data dir wins: a config error naming node_id.
+        founding_done(&config.data_dir).unwrap();
+        std::fs::write(config.data_dir.join("raft-log.redb"), b"").unwrap();
+        config.node_id = 3;
+        match identity(&config, "t").await {
+            Err(BootstrapError::Config(e)) => {
+                assert_eq!(e.field, "node_id");
+                assert!(e.message.contains("--node-id 7"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
         std::fs::remove_dir_all(&config.data_dir).unwrap();
     }
 

@@ -18,11 +18,9 @@
 //! been fully handed to the client (or the client went away); an upgraded
 //! connection (WebSocket) counts as one request for as long as it is open.
 //! Connect failures (refused, timed out) mark the instance down and select
-//! again. Once a request byte reached an instance nothing is retried, but
-//! for a body-less `GET` or `HEAD` of the lean exchange (`lean`) on a
-//! pooled connection that turns out to have been closed by the instance:
-//! that one is sent again on a new connection (as is any request none of
-//! whose bytes could be written there).
+//! again. Once a request byte reached an instance nothing is retried: a
+//! request is sent again on a new connection only when none of its bytes
+//! could be written to a pooled one the instance had closed.
 
 mod body;
 pub(crate) mod conn;

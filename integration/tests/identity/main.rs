@@ -85,13 +85,18 @@ async fn a_node_restarted_with_another_token_refuses_to_start() -> anyhow::Resul
     Ok(())
 }
 
-/// On a restart the data dir wins (SPEC §7): started as another node, the
+/// On a restart the data dir wins (SPEC §9): started as another node, the
 /// node refuses with a config error naming `node_id` (it exited 1 on a TLS
 /// error before); started in another region or at another admin address,
 /// it logs that the membership's record stays, and peers keep seeing that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_the_identity_its_data_dir_records() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(2).await?;
+    // The start's info line shows the region the node goes by.
+    let opts = integration::cluster::ClusterOptions {
+        log: "warn,edgelb::app=info".into(),
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start_with(2, opts).await?;
     let region_of = |v: &Value, id: u64| {
         v["data"]["cluster"]["nodes"]
             .as_array()
@@ -129,6 +134,25 @@ async fn a_restart_keeps_the_identity_its_data_dir_records() -> anyhow::Result<(
     })
     .await
     .with_context(|| cluster.stderr(2))?;
+    // Gossip groups the node by the recorded region, not the one given.
+    let recorded_name = recorded.as_str().context("a region")?.to_owned();
+    integration::wait_until("the start line", Duration::from_secs(5), || async {
+        cluster
+            .stderr(2)
+            .lines()
+            .any(|l| l.contains("node started"))
+    })
+    .await
+    .with_context(|| cluster.stderr(2))?;
+    let started = cluster.stderr(2);
+    let line = started
+        .lines()
+        .find(|l| l.contains("node started"))
+        .context("the start line")?;
+    assert!(
+        line.contains(recorded_name.as_str()) && !line.contains("elsewhere"),
+        "{line}"
+    );
     for id in [1, 2] {
         let (status, v) = cluster.admin(id).get("/v1/cluster").await?;
         assert_eq!(status, StatusCode::OK, "{v}");

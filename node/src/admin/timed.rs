@@ -1,4 +1,4 @@
-//! An admin connection's timeouts (SPEC §7): a request's header block must
+//! An admin connection's timeouts (SPEC §9): a request's header block must
 //! be complete within [`HEADER_TIMEOUT`] of accept, or of the first byte of
 //! a next keep-alive request; a kept-alive connection with no request for
 //! [`IDLE_TIMEOUT`] is closed.

@@ -296,6 +296,10 @@ pub(crate) struct TimedIo<I> {
     stalled_since: Option<Instant>,
     /// The send timer, made at the connection's first stall.
     send_timer: Option<Pin<Box<Sleep>>>,
+    /// Nothing was written since a flush completed with no request
+    /// active: a write now begins an answer, not the rest of a response
+    /// whose body hyper already dropped.
+    quiet: bool,
 }
 
 impl<I> TimedIo<I> {
@@ -314,6 +318,7 @@ impl<I> TimedIo<I> {
             unread: Bytes::new(),
             stalled_since: None,
             send_timer: None,
+            quiet: true,
         }
     }
 
@@ -485,10 +490,11 @@ impl<I> TimedIo<I> {
 
 impl<I: AsyncWrite + Unpin> TimedIo<I> {
     /// A write of `bytes`, when this wrapper answers instead: hyper's
-    /// bodiless answer to a head it could not parse (written while no
-    /// request is active) is replaced by one with a body, and what hyper
-    /// writes after such an answer is dropped, as hyper closes the
-    /// connection next.
+    /// bodiless answer to a head it could not parse (the first write after
+    /// a flush with no request active: a response's last piece, written
+    /// after hyper dropped its body, is not one) is replaced by one with a
+    /// body, and what hyper writes after such an answer is dropped, as
+    /// hyper closes the connection next.
     fn poll_own_answer(
         &mut self,
         cx: &mut Context<'_>,
@@ -496,7 +502,8 @@ impl<I: AsyncWrite + Unpin> TimedIo<I> {
     ) -> Option<Poll<io::Result<usize>>> {
         match self.phase {
             Phase::Head | Phase::Busy | Phase::Idle
-                if !self.h2
+                if self.quiet
+                    && !self.h2
                     && bytes.len() < 128
                     && self.conn.active.load(Ordering::SeqCst) == 0 =>
             {
@@ -641,6 +648,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
         if let Some(own) = this.poll_own_answer(cx, buf) {
             return own;
         }
+        this.quiet = false;
         let res = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.on_write(cx, res)
     }
@@ -657,6 +665,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
         {
             return own;
         }
+        this.quiet = false;
         let res = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.on_write(cx, res)
     }
@@ -669,6 +678,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_flush(cx);
         let res = this.on_write(cx, res);
+        if matches!(res, Poll::Ready(Ok(()))) && this.conn.active.load(Ordering::SeqCst) == 0 {
+            this.quiet = true;
+        }
         this.after_write(cx);
         res
     }

@@ -735,6 +735,51 @@ async fn oversized_header_block_is_431() {
     );
 }
 
+/// A response's last piece reads exactly as hyper's bodiless 400 and is
+/// written after hyper dropped the body (the request's count already
+/// ended): it is the instance's body, passed on as sent, not replaced.
+#[tokio::test]
+async fn a_body_ending_like_an_error_answer_is_passed_on_as_sent() {
+    const TAIL: &[u8] =
+        b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+    let (port, mut ls) = listeners(1).await;
+    let (ip, l) = ls.pop().expect("listener");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = l.accept().await {
+            tokio::spawn(async move {
+                while !read_head(&mut stream).await.is_empty() {
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\nfirst ",
+                        6 + TAIL.len()
+                    );
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = stream.write_all(TAIL).await;
+                }
+            });
+        }
+    });
+    let g = group(
+        "app",
+        "app.example.com",
+        vec![http_port(PORT, port)],
+        &[("a", ip)],
+    );
+    let edge = Edge::start(vec![g], settings()).await;
+    // Through hyper (a chunked upload) and through the lean path (a GET).
+    for request in [
+        &b"POST / HTTP/1.1\r\nhost: app.example.com\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+            [..],
+        &b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n"[..],
+    ] {
+        let mut s = TcpStream::connect(edge.addr).await.expect("connect");
+        s.write_all(request).await.expect("write");
+        let (head, body) = read_response(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body.as_bytes(), [&b"first "[..], TAIL].concat(), "{body:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_target_too_long_is_414_with_a_body() {
     let g = group("app", "app.example.com", vec![http_port(PORT, 1)], &[]);
