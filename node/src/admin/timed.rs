@@ -14,11 +14,17 @@
 //!              ▼                             └──────── Head ◀─────────────────┘
 //!          read error: hyper closes                          IDLE_TIMEOUT: read error
 //! ```
+//!
+//! The wrapper also gives hyper's answers to a head it cannot parse (a
+//! malformed request line or field 400, a target too long 414, a header
+//! block over 64 KiB 431, all without a body) the error envelope every
+//! other admin error has, as the data plane's wrapper gives them a plain
+//! body (`crate::http::conn`).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -28,6 +34,39 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::HEADER_TIMEOUT;
+use crate::http::conn::hyper_parse_error;
+
+/// hyper's bodiless answer of status `status` as the error envelope.
+fn enveloped(status: u16) -> &'static [u8] {
+    fn answer(status: u16, reason: &str, message: &str) -> Vec<u8> {
+        let body =
+            serde_json::to_vec(&edgelb_api::envelope::error(status, message)).unwrap_or_default();
+        let mut out = format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        out
+    }
+    static BAD_REQUEST: LazyLock<Vec<u8>> =
+        LazyLock::new(|| answer(400, "Bad Request", "malformed request line or header field"));
+    static URI_TOO_LONG: LazyLock<Vec<u8>> =
+        LazyLock::new(|| answer(414, "URI Too Long", "request target too long"));
+    static HEADERS_TOO_LARGE: LazyLock<Vec<u8>> = LazyLock::new(|| {
+        answer(
+            431,
+            "Request Header Fields Too Large",
+            "request header fields too large (at most 64 KiB)",
+        )
+    });
+    match status {
+        400 => &BAD_REQUEST,
+        414 => &URI_TOO_LONG,
+        _ => &HEADERS_TOO_LARGE,
+    }
+}
 
 /// How long a kept-alive admin connection may wait for its next request
 /// (the data plane's `idle_timeout` default, NGINX's `keepalive_timeout`
@@ -140,6 +179,14 @@ pub(super) struct TimedIo<S> {
     wait: Wait,
     timer: Pin<Box<Sleep>>,
     timeouts: Timeouts,
+    /// Nothing was written since a flush completed with no request
+    /// active: a write now is not the rest of a response.
+    quiet: bool,
+    /// Writing an envelope instead of hyper's answer: the answer and how
+    /// much of it is written.
+    answering: Option<(&'static [u8], usize)>,
+    /// The envelope is written: hyper's further writes are dropped.
+    answered: bool,
 }
 
 impl<S> TimedIo<S> {
@@ -158,6 +205,9 @@ impl<S> TimedIo<S> {
             wait: Wait::Head,
             timer: Box::pin(tokio::time::sleep_until(accepted + timeouts.header)),
             timeouts,
+            quiet: true,
+            answering: None,
+            answered: false,
         }
     }
 
@@ -212,13 +262,51 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> TimedIo<S> {
+    /// A write of `bytes`, when this wrapper answers instead: hyper's
+    /// bodiless answer to a head it could not parse (the first write after
+    /// a flush with no request active) is replaced by the envelope, and
+    /// what hyper writes after it is dropped, as hyper closes next.
+    fn poll_own_answer(
+        &mut self,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+    ) -> Option<Poll<io::Result<usize>>> {
+        if self.answering.is_none() && !self.answered {
+            if !self.quiet || self.activity.active.load(Ordering::SeqCst) > 0 {
+                return None;
+            }
+            self.answering = Some((enveloped(hyper_parse_error(bytes)?), 0));
+        }
+        while let Some((answer, sent)) = self.answering {
+            match Pin::new(&mut self.inner).poll_write(cx, &answer[sent..]) {
+                Poll::Pending => return Some(Poll::Pending),
+                Poll::Ready(Ok(n)) if n > 0 && sent + n < answer.len() => {
+                    self.answering = Some((answer, sent + n));
+                }
+                // Written, or the client is gone: either way done.
+                Poll::Ready(_) => {
+                    self.answering = None;
+                    self.answered = true;
+                }
+            }
+        }
+        Some(Poll::Ready(Ok(bytes.len())))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if let Some(own) = this.poll_own_answer(cx, buf) {
+            return own;
+        }
+        this.quiet = false;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -226,7 +314,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let mut written = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (written.next(), written.next())
+            && let Some(own) = this.poll_own_answer(cx, only)
+        {
+            return own;
+        }
+        this.quiet = false;
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -234,7 +330,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_flush(cx);
+        if matches!(res, Poll::Ready(Ok(()))) && this.activity.active.load(Ordering::SeqCst) == 0 {
+            this.quiet = true;
+        }
+        res
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
