@@ -74,6 +74,9 @@ pub(crate) fn checked_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, P
     let mut hosts = req.headers().get_all(HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
+        (Some(host), None) if !headers::valid_host_field(host.as_bytes()) => {
+            return Err(ProxyError::BadRequest("invalid Host header"));
+        }
         (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
             return Err(ProxyError::BadRequest("missing Host header"));
         }

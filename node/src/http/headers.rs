@@ -39,6 +39,40 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Whether `name` (any case) is one of [`HOP_BY_HOP`].
+/// Whether `value` is a valid `Host` field value (RFC 9110 §7.2: `uri-host
+/// [ ":" port ]`; RFC 9112 §3.2 answers any other with 400): an IP literal
+/// in brackets, or a reg-name (unreserved characters, percent-escapes and
+/// sub-delims, possibly empty), then optionally `:` and digits.
+pub(crate) fn valid_host_field(value: &[u8]) -> bool {
+    let (host, port) = match value.first() {
+        Some(b'[') => match value.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let inner = &value[1..end];
+                let literal = std::str::from_utf8(inner)
+                    .is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok() || s.starts_with('v'));
+                if !literal {
+                    return false;
+                }
+                (&value[..0], &value[end + 1..])
+            }
+            None => return false,
+        },
+        _ => match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &value[value.len()..]),
+        },
+    };
+    let reg_name = host
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b));
+    let port = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    reg_name && port
+}
+
 pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP
         .iter()
@@ -220,6 +254,30 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn host_fields_are_uri_host_and_port() {
+        for ok in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "a,b",
+            "xn--bcher-kva.example",
+            "a_b.example",
+            "",
+            "host:",
+        ] {
+            assert!(valid_host_field(ok.as_bytes()), "{ok:?}");
+        }
+        for bad in [
+            "a b", "user@a", "a/b", "a?b", "a#b", "::::", "[::1", "[zz]", "a:80x", "a:8:0", "a\tb",
+            "a\"b", "[::1]x",
+        ] {
+            assert!(!valid_host_field(bad.as_bytes()), "{bad:?}");
+        }
     }
 
     #[test]

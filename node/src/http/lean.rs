@@ -204,6 +204,10 @@ impl Request {
                 if host.is_some() {
                     return None;
                 }
+                // An invalid one is hyper's path's to refuse (400).
+                if !super::headers::valid_host_field(field.value) {
+                    return None;
+                }
                 host = Some(std::str::from_utf8(field.value).ok()?);
             } else if name.eq_ignore_ascii_case("content-length") {
                 // One value, digits only (anything else is hyper's to judge).

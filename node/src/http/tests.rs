@@ -780,6 +780,34 @@ async fn a_body_ending_like_an_error_answer_is_passed_on_as_sent() {
     }
 }
 
+/// RFC 9112 §3.2: a Host that is no `uri-host [":" port]` is answered 400
+/// and not forwarded, on a port of one group too (no routing needs it),
+/// through the lean path (a GET) and hyper's (an upload).
+#[tokio::test]
+async fn an_invalid_host_is_400_and_not_forwarded() {
+    let (edge, counters) =
+        scripted_edge(|_, _| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()).await;
+    for host in ["a b", "user@a", "a/b", "::::"] {
+        for request in [
+            format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n"),
+            format!(
+                "POST / HTTP/1.1\r\nhost: {host}\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+        ] {
+            let (_, head) = raw_request(edge.addr, request.as_bytes()).await;
+            assert!(head.starts_with("HTTP/1.1 400"), "{host:?}: {head}");
+        }
+    }
+    assert_eq!(counters.requests.load(Ordering::SeqCst), 0);
+    // A valid one of another name still reaches the port's one group.
+    let reply = raw_exchange(
+        &edge,
+        b"GET / HTTP/1.1\r\nhost: other.example:8080\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
 #[tokio::test]
 async fn a_target_too_long_is_414_with_a_body() {
     let g = group("app", "app.example.com", vec![http_port(PORT, 1)], &[]);
