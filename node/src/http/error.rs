@@ -44,6 +44,9 @@ pub(crate) enum ProxyError {
     BadRequest(&'static str),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A request the node does not implement (a transfer coding).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     #[error("no instances")]
     NoInstances,
     #[error("every instance is at its hard limit")]
@@ -99,6 +102,7 @@ impl ProxyError {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::BadRequest(_) | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Self::NoInstances | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect(_)
             | Self::Upstream(_)
@@ -111,9 +115,11 @@ impl ProxyError {
 
     pub(crate) fn side(&self) -> Side {
         match self {
-            Self::NoRoute | Self::BadRequest(_) | Self::ClientBody(_) | Self::MethodNotAllowed => {
-                Side::Client
-            }
+            Self::NoRoute
+            | Self::BadRequest(_)
+            | Self::ClientBody(_)
+            | Self::MethodNotAllowed
+            | Self::NotImplemented(_) => Side::Client,
             Self::NoInstances | Self::Overloaded | Self::Internal(_) => Side::Internal,
             Self::Connect(_)
             | Self::Upstream(_)
@@ -128,6 +134,7 @@ impl ProxyError {
             Self::NoRoute => "service not found",
             Self::BadRequest(_) | Self::ClientBody(_) => "bad request",
             Self::MethodNotAllowed => "method not allowed",
+            Self::NotImplemented(_) => "not implemented",
             Self::NoInstances => "no instances",
             Self::Overloaded => "overloaded",
             Self::Connect(_)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use http::header::HOST;
+use http::header::{HOST, TRANSFER_ENCODING};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -66,7 +66,7 @@ pub(crate) async fn handle(
 }
 
 /// The host the client addressed ([`request_host`]) once the request has
-/// passed the `Host` checks.
+/// passed the `Host` checks and its transfer codings are understood.
 pub(crate) fn checked_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, ProxyError> {
     // RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host. Two would
     // make routing on a shared port ambiguous whatever the version (HTTP/1.0
@@ -81,6 +81,18 @@ pub(crate) fn checked_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, P
             return Err(ProxyError::BadRequest("missing Host header"));
         }
         _ => {}
+    }
+    // RFC 9112 §6.1: a transfer coding the node does not understand is
+    // 501. hyper decodes `chunked` (last, or the request is refused) and
+    // the field is hop-by-hop, so a `gzip, chunked` body went on as if it
+    // were not compressed.
+    let codings = req.headers().get_all(TRANSFER_ENCODING).iter();
+    let tokens = codings.flat_map(|v| v.as_bytes().split(|&b| b == b','));
+    if tokens
+        .map(<[u8]>::trim_ascii)
+        .any(|t| !t.eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err(ProxyError::NotImplemented("transfer coding"));
     }
     Ok(headers::request_host(req))
 }

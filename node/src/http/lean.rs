@@ -862,6 +862,7 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
         })
         .map(|r| r.as_bytes().to_vec());
     let mut length_kept = false;
+    let no_length = status == 204 || (100..200).contains(&status);
     let mut fields = Vec::with_capacity(resp.headers.len());
     fields.extend(
         resp.headers
@@ -873,10 +874,11 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Head>, UpErr> {
                 // chunked, or decoded), and with it a `Content-Length` means
                 // nothing. A length said again (checked the same above) is
                 // passed on once, and kept even if `Connection` names it: the
-                // body is framed by it.
+                // body is framed by it. A 1xx or 204 has none (RFC 9110
+                // §8.6: never sent with those), as hyper's path drops it.
                 let keep = !(is_hop_by_hop(name)
                     || (!is_length && named.iter().any(|h| name.eq_ignore_ascii_case(h)))
-                    || (is_length && (encoded || length_kept)));
+                    || (is_length && (encoded || length_kept || no_length)));
                 length_kept |= keep && is_length;
                 keep
             })
@@ -1077,6 +1079,14 @@ mod tests {
         assert_eq!(
             String::from_utf8(head.client_head(bytes)).unwrap(),
             "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nserver: s\r\n\r\n"
+        );
+        let bytes = b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nServer: s\r\n\r\n";
+        let head = parse_head(bytes).ok().flatten().expect("whole");
+        assert_eq!(head.framing, Framing::Empty);
+        assert_eq!(
+            String::from_utf8(head.client_head(bytes)).unwrap(),
+            "HTTP/1.1 204 No Content\r\nserver: s\r\n\r\n",
+            "a 204 carries no Content-Length"
         );
         let bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n";
         let head = parse_head(bytes).ok().flatten().expect("whole");

@@ -808,6 +808,27 @@ async fn an_invalid_host_is_400_and_not_forwarded() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }
 
+/// RFC 9112 §6.1: a transfer coding the node does not understand is 501,
+/// not dropped (the instance got a gzip body as if it were plain).
+#[tokio::test]
+async fn an_unknown_transfer_coding_is_501() {
+    let (edge, counters) =
+        scripted_edge(|_, _| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()).await;
+    let (_, head) = raw_request(
+        edge.addr,
+        b"POST / HTTP/1.1\r\nhost: app.example.com\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 501"), "{head}");
+    assert_eq!(counters.requests.load(Ordering::SeqCst), 0);
+    let (_, head) = raw_request(
+        edge.addr,
+        b"POST / HTTP/1.1\r\nhost: app.example.com\r\ntransfer-encoding: Chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
 #[tokio::test]
 async fn a_target_too_long_is_414_with_a_body() {
     let g = group("app", "app.example.com", vec![http_port(PORT, 1)], &[]);
