@@ -21,8 +21,9 @@
 //! bounded); request headers to 64 KiB (431) and 10 s from accept or from
 //! the first byte of a next keep-alive request (then the connection
 //! closes); a kept-alive connection idle for 60 s closes (`timed`).
-//! At most `admin_max_connections` connections are open at once; further
-//! ones are closed as soon as they are accepted.
+//! At most `admin_max_connections` connections are open at once, a
+//! quarter of them from one address; further ones are closed as soon as
+//! they are accepted.
 //! The `/v1/cluster` routes show and change the Raft membership.
 
 mod backoff;
@@ -140,6 +141,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
     let limit = Arc::new(Semaphore::new(
         admin.dataplane.settings.admin_max_connections,
     ));
+    let per_client = PerClient::new(admin.dataplane.settings.admin_max_connections);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -152,11 +154,15 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
                         debug!(%peer, "admin connection limit reached; closing");
                         continue;
                     };
+                    let Some(slot) = per_client.take(peer.ip()) else {
+                        debug!(%peer, "admin connections of this address at their limit; closing");
+                        continue;
+                    };
                     debug!(%peer, "admin connection");
                     let _ = stream.set_nodelay(true);
                     let (admin, shutdown) = (admin.clone(), shutdown.clone());
                     let accepted = tokio::time::Instant::now();
-                    let conn = Accepted { peer, accepted, permit };
+                    let conn = Accepted { peer, accepted, permit, slot };
                     match acceptor.clone() {
                         None => conns.spawn(connection(stream, conn, admin, shutdown)),
                         Some(tls) => conns.spawn(async move {
@@ -191,11 +197,72 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
     }
 }
 
-/// An accepted admin connection: who, when, and its place under the limit.
+/// An accepted admin connection: who, when, and its places under the
+/// limits.
 struct Accepted {
     peer: SocketAddr,
     accepted: tokio::time::Instant,
     permit: OwnedSemaphorePermit,
+    slot: ClientSlot,
+}
+
+/// Open admin connections per client address, at most a quarter of
+/// `admin_max_connections` each: one address that opens connections and
+/// sends nothing (each held for the header timeout) cannot take every
+/// slot, so probes and operators from elsewhere still get in.
+#[derive(Clone, Debug)]
+struct PerClient {
+    max: usize,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+}
+
+impl PerClient {
+    fn new(max_connections: usize) -> Self {
+        Self {
+            max: (max_connections / 4).max(1),
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for a connection from `ip`, unless it has `max` open.
+    fn take(&self, ip: IpAddr) -> Option<ClientSlot> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            ip,
+            of: self.clone(),
+        })
+    }
+}
+
+/// One connection's place among its address's; given back on drop.
+#[derive(Debug)]
+struct ClientSlot {
+    ip: IpAddr,
+    of: PerClient,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .of
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 async fn connection<S>(
@@ -210,6 +277,7 @@ async fn connection<S>(
         peer,
         accepted,
         permit: _permit,
+        slot: _slot,
     } = accepted;
     let activity = Arc::default();
     let stream = timed::TimedIo::new(stream, Arc::clone(&activity), accepted, admin.timeouts);

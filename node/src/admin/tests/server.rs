@@ -397,3 +397,59 @@ async fn a_kept_alive_connection_outlasts_the_header_timeout_between_requests() 
     );
     s.stop().await;
 }
+
+/// One address holding connections that send nothing gets at most a
+/// quarter of `admin_max_connections` (64 of 256); others still get in.
+#[tokio::test]
+async fn one_address_cannot_take_every_admin_connection() {
+    use tokio::io::AsyncReadExt;
+    let s = Server::start().await;
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(
+            tokio::net::TcpStream::connect(s.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // The 65th from the same address is closed at once.
+    let mut over = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    let mut buf = [0_u8; 16];
+    let read = tokio::time::timeout(patient(Duration::from_secs(5)), over.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "closed, not held: {read:?}"
+    );
+    // Another address is served.
+    let other: IpAddr = "127.0.0.2".parse().expect("ip");
+    let r = s
+        .request_from(Some(other), Method::GET, "/healthz", None, None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    // A connection given back makes room for the same address.
+    drop(held.pop());
+    let r = tokio::time::timeout(patient(Duration::from_secs(5)), async {
+        loop {
+            let mut c = tokio::net::TcpStream::connect(s.addr)
+                .await
+                .expect("connect");
+            use tokio::io::AsyncWriteExt;
+            c.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n")
+                .await
+                .expect("write");
+            let mut buf = [0_u8; 64];
+            if let Ok(n) = c.read(&mut buf).await
+                && n > 0
+            {
+                break String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
+        }
+    })
+    .await
+    .expect("served once a slot is free");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    drop(held);
+    s.stop().await;
+}
