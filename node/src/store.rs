@@ -491,7 +491,10 @@ impl Store {
     }
 
     /// What the membership this node has applied records for it (its
-    /// region and addresses), when it is a member.
+    /// region and addresses), when it is a member. Asked of Raft itself,
+    /// not of its metrics: right after start the metrics may not show the
+    /// membership loaded from disk yet (and a restarted member would then
+    /// go through the join again).
     pub async fn recorded_self(&self) -> Option<ClusterNode> {
         let id = self.node_id;
         self.raft
@@ -509,20 +512,7 @@ impl Store {
 
     /// Whether this node is in the membership it has applied.
     pub async fn is_member(&self) -> bool {
-        // Asked of Raft itself, not of its metrics: right after start the
-        // metrics may not show the membership loaded from disk yet, and a
-        // restarted member would then go through the join again.
-        let id = self.node_id;
-        self.raft
-            .with_raft_state(move |st| {
-                st.membership_state
-                    .effective()
-                    .membership()
-                    .get_node(&id)
-                    .is_some()
-            })
-            .await
-            .unwrap_or(false)
+        self.recorded_self().await.is_some()
     }
 
     /// Waits until this node applied `index`, for at most `limit`.
