@@ -69,10 +69,20 @@ pub struct PatchRequest {
     pub prop: String,
     /// `set`, `add` or `del`.
     pub op: PatchOp,
-    /// Depends on `prop`; may be left out where none is needed (`del` of
-    /// `health_check` or `send_proxy_protocol`): it is then `null`.
-    #[serde(default)]
-    pub value: serde_json::Value,
+    /// Depends on `prop`; may be left out only where none is needed (`del`
+    /// of `health_check` or `send_proxy_protocol`). `null` is a value.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub value: Option<serde_json::Value>,
+}
+
+/// A field that is there, `null` included (`Some(Null)`); `None` only when
+/// it is left out (`#[serde(default)]`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 /// `POST /v1/services/{id}/instances`.
@@ -202,26 +212,31 @@ pub enum PatchValue {
 /// - `send_proxy_protocol`: `set` to `"v1"`, `"v2"` or `null`; `del`
 ///   removes it.
 pub fn resolve_patch(req: PatchRequest) -> Result<PatchValue, ApplyError> {
+    let PatchRequest { prop, op, value } = req;
+    let what = prop.clone();
+    let value = move || {
+        value.ok_or_else(|| ApplyError::Invalid(format!("this patch of {what} needs a value")))
+    };
     const SERVICES: &str = "a list of {port, destination_port, handlers} objects";
     const PORTS: &str = "a list of ports or {port} objects";
     const DOMAINS: &str = "a list of {name, certificate?: {name}} objects or names";
-    match (req.prop.as_str(), req.op) {
+    match (prop.as_str(), op) {
         ("services", PatchOp::Del) => {
-            let keys: Vec<PortKey> = parse(req.value, "services", PORTS)?;
+            let keys: Vec<PortKey> = parse(value()?, "services", PORTS)?;
             let services = keys.into_iter().map(PortKey::into_service).collect();
-            Ok(PatchValue::Services(req.op, services))
+            Ok(PatchValue::Services(op, services))
         }
         ("services", op) => Ok(PatchValue::Services(
             op,
-            parse(req.value, "services", SERVICES)?,
+            parse(value()?, "services", SERVICES)?,
         )),
         ("domains", op) => {
-            let items: Vec<DomainItem> = parse(req.value, "domains", DOMAINS)?;
+            let items: Vec<DomainItem> = parse(value()?, "domains", DOMAINS)?;
             let domains = items.into_iter().map(DomainItem::into_request).collect();
             Ok(PatchValue::Domains(op, domains))
         }
         ("hard_limit", PatchOp::Set) => Ok(PatchValue::HardLimit(parse(
-            req.value,
+            value()?,
             "hard_limit",
             "a number from 1 to 4294967295",
         )?)),
@@ -229,13 +244,13 @@ pub fn resolve_patch(req: PatchRequest) -> Result<PatchValue, ApplyError> {
             "hard_limit only supports op \"set\"".to_owned(),
         )),
         ("health_check", PatchOp::Set) => Ok(PatchValue::HealthCheck(parse(
-            req.value,
+            value()?,
             "health_check",
             "a {type, path?, expect?, port?, interval_ms?, timeout_ms?, rise?, fall?} object or null",
         )?)),
         ("health_check", PatchOp::Del) => Ok(PatchValue::HealthCheck(None)),
         ("send_proxy_protocol", PatchOp::Set) => Ok(PatchValue::SendProxyProtocol(parse(
-            req.value,
+            value()?,
             "send_proxy_protocol",
             "\"v1\", \"v2\" or null",
         )?)),

@@ -7,7 +7,7 @@ fn req(prop: &str, op: PatchOp, value: serde_json::Value) -> PatchRequest {
     PatchRequest {
         prop: prop.into(),
         op,
-        value,
+        value: Some(value),
     }
 }
 
@@ -264,9 +264,23 @@ fn a_patch_without_a_value_is_a_del_that_needs_none() {
         serde_json::from_value(json!({"prop": "send_proxy_protocol", "op": "del"}))
             .expect("parses");
     assert_eq!(resolve_patch(r), Ok(PatchValue::SendProxyProtocol(None)));
-    // Where a value is needed, its absence is the value's error.
+    // Where a value is needed its absence is refused, a set of null
+    // included (it would remove the check), while an explicit null is one.
+    for (prop, op) in [
+        ("services", "add"),
+        ("health_check", "set"),
+        ("send_proxy_protocol", "set"),
+    ] {
+        let r: PatchRequest =
+            serde_json::from_value(json!({"prop": prop, "op": op})).expect("parses");
+        let m = invalid_message(resolve_patch(r));
+        assert!(
+            m.contains(&format!("this patch of {prop} needs a value")),
+            "{m}"
+        );
+    }
     let r: PatchRequest =
-        serde_json::from_value(json!({"prop": "services", "op": "add"})).expect("parses");
-    let m = invalid_message(resolve_patch(r));
-    assert!(m.contains("value for services must be"), "{m}");
+        serde_json::from_value(json!({"prop": "health_check", "op": "set", "value": null}))
+            .expect("parses");
+    assert_eq!(resolve_patch(r), Ok(PatchValue::HealthCheck(None)));
 }
