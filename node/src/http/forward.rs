@@ -82,17 +82,29 @@ pub(crate) fn checked_host<B>(req: &Request<B>) -> Result<Option<HeaderValue>, P
         }
         _ => {}
     }
-    // RFC 9112 §6.1: a transfer coding the node does not understand is
-    // 501. hyper decodes `chunked` (last, or the request is refused) and
-    // the field is hop-by-hop, so a `gzip, chunked` body went on as if it
-    // were not compressed.
-    let codings = req.headers().get_all(TRANSFER_ENCODING).iter();
-    let tokens = codings.flat_map(|v| v.as_bytes().split(|&b| b == b','));
-    if tokens
-        .map(<[u8]>::trim_ascii)
-        .any(|t| !t.eq_ignore_ascii_case(b"chunked"))
+    // An absolute-form target's or HTTP/2's authority is the host too
+    // (`request_host`), and may not carry what a Host may not (`user@`).
+    if let Some(authority) = req.uri().authority()
+        && !headers::valid_host_field(authority.as_str().as_bytes())
     {
-        return Err(ProxyError::NotImplemented("transfer coding"));
+        return Err(ProxyError::BadRequest("invalid authority"));
+    }
+    // RFC 9112 §6.1: a transfer coding the node does not understand is
+    // 501, and chunked applied twice is 400. hyper decodes one chunked
+    // (last, or the request is refused) and the field is hop-by-hop, so a
+    // `gzip, chunked` body went on as if it were not compressed. Empty
+    // list elements do not count (RFC 9110 §5.6.1).
+    let codings = req.headers().get_all(TRANSFER_ENCODING).iter();
+    let mut chunked = 0;
+    for token in codings.flat_map(|v| v.as_bytes().split(|&b| b == b',')) {
+        match token.trim_ascii() {
+            b"" => {}
+            t if t.eq_ignore_ascii_case(b"chunked") => chunked += 1,
+            _ => return Err(ProxyError::NotImplemented("transfer coding")),
+        }
+    }
+    if chunked > 1 {
+        return Err(ProxyError::BadRequest("chunked applied more than once"));
     }
     Ok(headers::request_host(req))
 }

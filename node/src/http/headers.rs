@@ -38,41 +38,63 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     PROXY_AUTHORIZATION,
 ];
 
-/// Whether `name` (any case) is one of [`HOP_BY_HOP`].
-/// Whether `value` is a valid `Host` field value (RFC 9110 §7.2: `uri-host
-/// [ ":" port ]`; RFC 9112 §3.2 answers any other with 400): an IP literal
-/// in brackets, or a reg-name (unreserved characters, percent-escapes and
-/// sub-delims, possibly empty), then optionally `:` and digits.
+/// Whether `value` is a valid `Host` field value, or request authority
+/// (RFC 9110 §7.2: `uri-host [ ":" port ]`; RFC 9112 §3.2 answers any
+/// other with 400): an IPv6 literal in brackets, or a reg-name (unreserved
+/// characters, percent-escapes and sub-delims, possibly empty), then
+/// optionally `:` and a port of at most 65535.
 pub(crate) fn valid_host_field(value: &[u8]) -> bool {
     let (host, port) = match value.first() {
-        Some(b'[') => match value.iter().position(|&b| b == b']') {
-            Some(end) => {
-                let inner = &value[1..end];
-                let literal = std::str::from_utf8(inner)
-                    .is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok() || s.starts_with('v'));
-                if !literal {
-                    return false;
-                }
-                (&value[..0], &value[end + 1..])
+        Some(b'[') => {
+            let Some(end) = value.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let literal = std::str::from_utf8(&value[1..end])
+                .is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok());
+            if !literal {
+                return false;
             }
-            None => return false,
-        },
+            (&value[..0], &value[end + 1..])
+        }
         _ => match value.iter().position(|&b| b == b':') {
-            Some(colon) => (&value[..colon], &value[colon..]),
+            Some(colon) => value.split_at(colon),
             None => (value, &value[value.len()..]),
         },
     };
-    let reg_name = host
-        .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b));
-    let port = match port.split_first() {
+    let mut bytes = host.iter();
+    while let Some(&b) = bytes.next() {
+        let ok = match b {
+            b'%' => {
+                bytes.next().is_some_and(u8::is_ascii_hexdigit)
+                    && bytes.next().is_some_and(u8::is_ascii_hexdigit)
+            }
+            _ => b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    match port.split_first() {
         None => true,
-        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some((b':', digits)) => {
+            digits.len() <= 5
+                && digits.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|d| {
+                        if d.is_empty() {
+                            Some(0)
+                        } else {
+                            d.parse::<u32>().ok()
+                        }
+                    })
+                    .is_some_and(|p| p <= 65535)
+        }
         Some(_) => false,
-    };
-    reg_name && port
+    }
 }
 
+/// Whether `name` (any case) is one of [`HOP_BY_HOP`].
 pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP
         .iter()

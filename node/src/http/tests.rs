@@ -787,7 +787,14 @@ async fn a_body_ending_like_an_error_answer_is_passed_on_as_sent() {
 async fn an_invalid_host_is_400_and_not_forwarded() {
     let (edge, counters) =
         scripted_edge(|_, _| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()).await;
-    for host in ["a b", "user@a", "a/b", "::::"] {
+    // The authority of an absolute-form target is refused alike.
+    let (_, head) = raw_request(
+        edge.addr,
+        b"GET http://user@app.example.com/ HTTP/1.1\r\nhost: app.example.com\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    for host in ["a b", "user@a", "a/b", "::::", "[v a@b/c]"] {
         for request in [
             format!("GET / HTTP/1.1\r\nhost: {host}\r\n\r\n"),
             format!(
@@ -820,7 +827,20 @@ async fn an_unknown_transfer_coding_is_501() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 501"), "{head}");
+    let (_, head) = raw_request(
+        edge.addr,
+        b"POST / HTTP/1.1\r\nhost: app.example.com\r\ntransfer-encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     assert_eq!(counters.requests.load(Ordering::SeqCst), 0);
+    // An empty list element is nothing.
+    let (_, head) = raw_request(
+        edge.addr,
+        b"POST / HTTP/1.1\r\nhost: app.example.com\r\ntransfer-encoding: , chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let (_, head) = raw_request(
         edge.addr,
         b"POST / HTTP/1.1\r\nhost: app.example.com\r\ntransfer-encoding: Chunked\r\n\r\n0\r\n\r\n",
