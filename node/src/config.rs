@@ -104,6 +104,8 @@ pub struct Config {
     /// `max_connections` was configured: it must fit the open files limit
     /// as it is (the default is lowered to fit; see [`crate::limits`]).
     pub max_connections_explicit: bool,
+    /// `max_published_ports` was set (else `limits` may lower it).
+    pub max_published_ports_explicit: bool,
     /// The back-off on wrong admin tokens per client address
     /// (`admin_auth_failures`, `admin_auth_window`, `admin_auth_block`,
     /// `admin_auth_block_max`).
@@ -159,6 +161,7 @@ impl Config {
             access_log: None,
             settings: Settings::default(),
             max_connections_explicit: false,
+            max_published_ports_explicit: false,
             admin_auth: AuthBackoff::default(),
             admin_tls: None,
             ca_cert: None,
@@ -341,13 +344,14 @@ impl Config {
             t.admin_max_connections = v;
         }
         if let Some(v) = s.max_published_ports {
-            if v == 0 {
+            if !(1..=65535).contains(&v) {
                 return Err(ConfigError::new(
                     "max_published_ports",
-                    "must be at least 1",
+                    "must be from 1 to 65535",
                 ));
             }
             t.max_published_ports = v;
+            c.max_published_ports_explicit = true;
         }
         if let Some(v) = s.workers {
             if v == 0 {

@@ -39,19 +39,44 @@ pub fn fixed(settings: &Settings) -> u64 {
         .saturating_add(settings.admin_max_connections as u64)
 }
 
+/// Which of the budgeted settings were configured (the others may be
+/// lowered to fit).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Explicit {
+    pub max_connections: bool,
+    pub max_published_ports: bool,
+}
+
+/// The share of the descriptor limit that the default
+/// `max_published_ports` may take (the rest is for connections): an
+/// eighth, so that 1,024 ports on every worker of a large machine do not
+/// halve the connections a node that publishes two ports can hold.
+const PORTS_SHARE: u64 = 8;
+
 /// Makes `settings` fit the process's descriptor limit, raising the soft
-/// limit as needed. `explicit`: `max_connections` was configured (else it
-/// may be lowered).
-pub fn fit_open_files(settings: &mut Settings, explicit: bool) -> Result<(), ConfigError> {
+/// limit as needed. What `explicit` does not name may be lowered.
+pub fn fit_open_files(settings: &mut Settings, explicit: Explicit) -> Result<(), ConfigError> {
     let limit = getrlimit(Resource::Nofile);
     let hard = limit.maximum.unwrap_or(u64::MAX);
+    if !explicit.max_published_ports {
+        let per_port = (settings.workers as u64).max(1) * 2;
+        let fits = usize::try_from(hard / PORTS_SHARE / per_port).unwrap_or(usize::MAX);
+        if fits < settings.max_published_ports {
+            info!(
+                max_published_ports = fits.max(1),
+                hard_limit = hard,
+                "max_published_ports lowered to an eighth of the open files limit"
+            );
+            settings.max_published_ports = fits.max(1);
+        }
+    }
     let admin = settings.admin_max_connections;
     let fixed = fixed(settings);
     let ports = fixed - admin as u64;
     let mut want = needed(settings.max_connections, fixed);
     if want > hard {
         let spare = hard.saturating_sub(fixed.saturating_add(HEADROOM)) / 2;
-        if explicit || spare == 0 {
+        if explicit.max_connections || spare == 0 {
             return Err(ConfigError::new(
                 "max_connections",
                 format!(
@@ -119,10 +144,30 @@ mod tests {
             max_published_ports: 8,
             ..Settings::default()
         };
-        fit_open_files(&mut s, true).unwrap();
+        let both = Explicit {
+            max_connections: true,
+            max_published_ports: true,
+        };
+        fit_open_files(&mut s, both).unwrap();
         assert_eq!(s.max_connections, 16);
         let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
         assert!(soft >= needed(16, fixed(&s)));
+    }
+
+    #[test]
+    fn the_default_ports_take_at_most_an_eighth_of_the_limit() {
+        let hard = getrlimit(Resource::Nofile).maximum.unwrap_or(u64::MAX);
+        let mut s = Settings {
+            max_connections: 16,
+            admin_max_connections: 4,
+            max_published_ports: 65535,
+            workers: 4,
+            ..Settings::default()
+        };
+        fit_open_files(&mut s, Explicit::default()).unwrap();
+        let fits = usize::try_from(hard / 8 / 8).unwrap_or(usize::MAX).max(1);
+        assert_eq!(s.max_published_ports, fits.min(65535));
+        assert!(fixed(&s) - 4 <= (hard / 8).max(8), "{}", fixed(&s));
     }
 
     #[test]
@@ -132,11 +177,15 @@ mod tests {
             max_connections: huge,
             ..Settings::default()
         };
-        let err = fit_open_files(&mut s, true).unwrap_err();
+        let connections = Explicit {
+            max_connections: true,
+            max_published_ports: false,
+        };
+        let err = fit_open_files(&mut s, connections).unwrap_err();
         assert_eq!(err.field, "max_connections");
         assert!(err.message.contains("RLIMIT_NOFILE"), "{err}");
         if getrlimit(Resource::Nofile).maximum.is_some() {
-            fit_open_files(&mut s, false).unwrap();
+            fit_open_files(&mut s, Explicit::default()).unwrap();
             assert!(s.max_connections < huge);
         }
     }

@@ -220,11 +220,17 @@ impl Listeners {
         let mut inherited = std::mem::take(&mut self.inherited);
         self.failing.retain(|port, _| wanted.contains(port));
         let mut unbound = Unbound::default();
-        for port in wanted {
+        // Under max_published_ports the bound ports stay, then the ports
+        // taken over from the process this one replaces (an upgrade keeps
+        // serving what was served), then the lowest.
+        let (taken, rest): (Vec<u16>, Vec<u16>) =
+            wanted.into_iter().partition(|p| inherited.contains_key(p));
+        for port in taken.into_iter().chain(rest) {
             if self.active.contains_key(&port) {
                 continue;
             }
             if self.active.len() >= self.dp.settings.max_published_ports {
+                self.failing.remove(&port);
                 unbound.over.push(port);
                 continue;
             }
@@ -278,6 +284,8 @@ impl Listeners {
                 }
             }
         }
+        unbound.over.sort_unstable();
+        unbound.failed.sort_unstable();
         if unbound.over != self.over {
             if !unbound.over.is_empty() {
                 warn!(
@@ -683,6 +691,72 @@ mod tests {
         for (l, _) in &adopted {
             assert_eq!(l.local_addr().expect("addr"), addr);
         }
+    }
+
+    /// At most `max_published_ports` ports are bound: the ones taken over
+    /// in an upgrade first (they were served), then the lowest; the rest
+    /// wait, and a port released makes room.
+    #[tokio::test]
+    async fn ports_past_the_limit_wait_and_taken_over_ones_come_first() {
+        use raft_store::command::Command;
+        let mut ports: Vec<u16> = (0..3).map(|_| free_addr().port()).collect();
+        ports.sort_unstable();
+        let mut group = crate::routing::tests::group("many", ports[0]);
+        for &port in &ports[1..] {
+            let mut extra = group.services[0].clone();
+            extra.port = port;
+            group.services.push(extra);
+        }
+        let mut state = raft_store::State::default();
+        state
+            .apply(&Command::CreateGroup { group })
+            .expect("create");
+        let dp = Arc::new(DataPlane::new(crate::dataplane::Settings {
+            max_published_ports: 2,
+            ..crate::dataplane::Settings::default()
+        }));
+        let certs = crate::tls::CertCache::default();
+        let cx = crate::routing::BuildContext {
+            certs: &certs,
+            drain_timeout: Duration::from_secs(1),
+            load_changed: None,
+        };
+        crate::routing::publish(&dp.routes, &state, &cx);
+        let workers = Workers::start(1).expect("workers");
+        // The highest port was served by the process this one replaces.
+        let addr = |port| SocketAddr::new("127.0.0.1".parse().expect("ip"), port);
+        let theirs = std::net::TcpListener::bind(addr(ports[2])).expect("bind");
+        let mut listeners = Listeners::new(
+            "127.0.0.1".parse().expect("ip"),
+            dp.clone(),
+            CancellationToken::new(),
+            workers,
+        )
+        .inherit(BTreeMap::from([(ports[2], vec![theirs])]));
+        let unbound = listeners.reconcile(&dp.routes.load());
+        assert_eq!(unbound.over, [ports[1]], "{unbound:?}");
+        assert!(unbound.failed.is_empty(), "{unbound:?}");
+        let mut bound: Vec<u16> = listeners.bound().iter().map(SocketAddr::port).collect();
+        bound.sort_unstable();
+        assert_eq!(bound, [ports[0], ports[2]]);
+        // Releasing one lets the waiting port in.
+        let mut fewer = state.group("many").expect("group").clone();
+        fewer.services.retain(|s| s.port != ports[0]);
+        state
+            .apply(&Command::DeleteGroup {
+                id: "many".into(),
+                force: true,
+            })
+            .expect("delete");
+        state
+            .apply(&Command::CreateGroup { group: fewer })
+            .expect("create");
+        crate::routing::publish(&dp.routes, &state, &cx);
+        let unbound = listeners.reconcile(&dp.routes.load());
+        assert!(unbound.is_empty(), "{unbound:?}");
+        let mut bound: Vec<u16> = listeners.bound().iter().map(SocketAddr::port).collect();
+        bound.sort_unstable();
+        assert_eq!(bound, [ports[1], ports[2]]);
     }
 
     /// A connected socket as an accept loop gets it, and a data plane.

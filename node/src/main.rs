@@ -66,7 +66,10 @@ fn main() -> ExitCode {
         tracing::warn!(%error, "could not turn transparent huge pages off; idle connections cost more memory");
     }
     // Before any port is bound, and before the runtime's threads start.
-    let explicit = config.max_connections_explicit;
+    let explicit = edgelb::limits::Explicit {
+        max_connections: config.max_connections_explicit,
+        max_published_ports: config.max_published_ports_explicit,
+    };
     if let Err(e) = edgelb::limits::fit_open_files(&mut config.settings, explicit) {
         eprintln!("edgelb: {e}");
         return ExitCode::from(EXIT_CONFIG as u8);
