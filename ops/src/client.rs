@@ -150,8 +150,8 @@ impl Client {
             Error::TooLarge { status, limit, .. } => Failure::Api {
                 status: status.as_u16(),
                 message: format!(
-                    "unexpected answer from {url}: larger than {} MiB (is --api an edgelb admin API?)",
-                    limit >> 20
+                    "unexpected answer from {url}: larger than {limit} bytes (is --api an edgelb \
+                     admin API?)"
                 ),
             },
             Error::ServerName { .. } | Error::NoTlsConfig { .. } => {

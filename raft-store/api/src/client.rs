@@ -44,10 +44,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a request may take once connected, by default (writes answer
 /// within 5 s or fail with 503; membership changes may take longer).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// The largest answer read: ten times the largest an admin API gives (a
-/// backup or the group list of 100,000 instances, about 11 MB), so that a
-/// wrong `--api` that streams without end cannot fill the caller's memory.
-pub const MAX_ANSWER: usize = 128 << 20;
+/// The largest answer read, so that a wrong `--api` that streams without
+/// end cannot fill the caller's memory: far above what an admin API gives
+/// (the group list of 100,000 instances is about 11 MB; a backup grows by
+/// about 6 KB per stored certificate, 512 MiB at some 90,000 of them).
+pub const MAX_ANSWER: usize = 512 << 20;
 
 /// Why a request got no usable answer.
 #[derive(Debug, thiserror::Error)]
