@@ -821,32 +821,26 @@ async fn an_invalid_host_is_400_and_not_forwarded() {
 async fn an_unknown_transfer_coding_is_501() {
     let (edge, counters) =
         scripted_edge(|_, _| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()).await;
-    let (_, head) = raw_request(
-        edge.addr,
-        b"POST / HTTP/1.1\r\nhost: app.example.com\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
-    )
-    .await;
-    assert!(head.starts_with("HTTP/1.1 501"), "{head}");
-    let (_, head) = raw_request(
-        edge.addr,
-        b"POST / HTTP/1.1\r\nhost: app.example.com\r\ntransfer-encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
-    )
-    .await;
-    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
-    assert_eq!(counters.requests.load(Ordering::SeqCst), 0);
-    // An empty list element is nothing.
-    let (_, head) = raw_request(
-        edge.addr,
-        b"POST / HTTP/1.1\r\nhost: app.example.com\r\ntransfer-encoding: , chunked\r\n\r\n0\r\n\r\n",
-    )
-    .await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let (_, head) = raw_request(
-        edge.addr,
-        b"POST / HTTP/1.1\r\nhost: app.example.com\r\ntransfer-encoding: Chunked\r\n\r\n0\r\n\r\n",
-    )
-    .await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Refused ones first: the instance sees none of them.
+    for (coding, status) in [
+        ("gzip, chunked", "501"),
+        ("chunked, chunked", "400"),
+        // An empty list element is nothing; the coding's case neither.
+        (", chunked", "200"),
+        ("Chunked", "200"),
+    ] {
+        let request = format!(
+            "POST / HTTP/1.1\r\nhost: app.example.com\r\ntransfer-encoding: {coding}\r\n\r\n0\r\n\r\n"
+        );
+        let (_, head) = raw_request(edge.addr, request.as_bytes()).await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{coding:?}: {head}"
+        );
+        if status != "200" {
+            assert_eq!(counters.requests.load(Ordering::SeqCst), 0);
+        }
+    }
 }
 
 #[tokio::test]
