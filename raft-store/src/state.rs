@@ -171,6 +171,18 @@ impl State {
             .map(|g| &**g)
     }
 
+    /// How many distinct ports the groups publish.
+    pub fn published_ports(&self) -> usize {
+        self.ports.len()
+    }
+
+    /// Whether a group other than `except` publishes `port`.
+    pub fn publishes(&self, port: u16, except: Option<&Uuid>) -> bool {
+        self.ports
+            .get(&port)
+            .is_some_and(|groups| groups.values().any(|u| Some(u) != except))
+    }
+
     /// A group by uuid, shared: the same `Arc` in every state until a
     /// command changes the group.
     pub fn group_by_uuid(&self, uuid: &Uuid) -> Option<&Arc<ServiceGroup>> {

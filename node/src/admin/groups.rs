@@ -5,7 +5,7 @@ use edgelb_api::services::{
 };
 use hyper::body::Incoming;
 use raft_store::command::{Command, Patch};
-use raft_store::model::{DEFAULT_HARD_LIMIT, Domain, ServiceGroup};
+use raft_store::model::{DEFAULT_HARD_LIMIT, Domain, PatchOp, ServiceGroup};
 use raft_store::state::Applied;
 use raft_store::validate::{valid_fqdn, valid_name};
 use uuid::Uuid;
@@ -57,6 +57,8 @@ pub(crate) async fn create(admin: &Admin, body: Incoming) -> Result<Reply, ApiEr
         health_check: req.health_check.map(Box::new),
         send_proxy_protocol: req.send_proxy_protocol,
     };
+    let ports: Vec<u16> = group.services.iter().map(|s| s.port).collect();
+    check_port_budget(admin, &state, None, &ports)?;
     match admin.store.propose(Command::CreateGroup { group }).await? {
         Applied::Group(g) => Ok(one(g)),
         other => Err(unexpected(&other)),
@@ -92,7 +94,19 @@ pub(crate) fn get(admin: &Admin, id: &str) -> Result<Reply, ApiError> {
 /// `PATCH /v1/services/{id}`.
 pub(crate) async fn patch(admin: &Admin, id: &str, body: Incoming) -> Result<Reply, ApiError> {
     let req: PatchRequest = read_json(body).await?;
-    let patch = match resolve_patch(req)? {
+    let resolved = resolve_patch(req)?;
+    if let PatchValue::Services(op @ (PatchOp::Set | PatchOp::Add), services) = &resolved {
+        let state = admin.store.state();
+        // A group not found is the state machine's to answer.
+        if let Some(group) = state.group(id) {
+            let mut ports: Vec<u16> = services.iter().map(|s| s.port).collect();
+            if *op == PatchOp::Add {
+                ports.extend(group.services.iter().map(|s| s.port));
+            }
+            check_port_budget(admin, &state, Some(group), &ports)?;
+        }
+    }
+    let patch = match resolved {
         PatchValue::Services(op, value) => Patch::Services { op, value },
         PatchValue::Domains(op, value) => Patch::Domains {
             op,
@@ -110,6 +124,48 @@ pub(crate) async fn patch(admin: &Admin, id: &str, body: Incoming) -> Result<Rep
         Applied::Group(g) => Ok(one(g)),
         other => Err(unexpected(&other)),
     }
+}
+
+/// 409 when the group (`group`, or a new one) publishing `ports` would
+/// make the cluster publish more distinct ports than this node binds
+/// (`max_published_ports`): every node with that limit would leave the
+/// rest unbound and answer `/readyz` with 503. Only growth is refused.
+fn check_port_budget(
+    admin: &Admin,
+    state: &raft_store::State,
+    group: Option<&ServiceGroup>,
+    ports: &[u16],
+) -> Result<(), ApiError> {
+    let max = admin.dataplane.settings.max_published_ports;
+    let uuid = group.map(|g| &g.uuid);
+    let now = state.published_ports();
+    let mut wanted: Vec<u16> = ports.to_vec();
+    wanted.sort_unstable();
+    wanted.dedup();
+    // The group's own ports it gives up that no other group publishes.
+    let freed = group.map_or(0, |g| {
+        let mut own: Vec<u16> = g.services.iter().map(|s| s.port).collect();
+        own.sort_unstable();
+        own.dedup();
+        own.iter()
+            .filter(|p| wanted.binary_search(p).is_err() && !state.publishes(**p, uuid))
+            .count()
+    });
+    let added = wanted
+        .iter()
+        .filter(|&&p| !state.publishes(p, None))
+        .count();
+    let after = now - freed + added;
+    if after > max && after > now {
+        return Err(ApiError::new(
+            http::StatusCode::CONFLICT,
+            format!(
+                "the cluster would publish {after} ports; this node binds at most {max} \
+                 (max_published_ports), and would leave the rest unbound"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `DELETE /v1/services/{id}[?force=true]`.
