@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::HEADER_TIMEOUT;
-use crate::http::conn::hyper_parse_error;
+use crate::http::conn::{hyper_parse_error, only_buffer, poll_answer};
 
 /// hyper's bodiless answer of status `status` as the error envelope.
 fn enveloped(status: u16) -> &'static [u8] {
@@ -182,11 +182,19 @@ pub(super) struct TimedIo<S> {
     /// Nothing was written since a flush completed with no request
     /// active: a write now is not the rest of a response.
     quiet: bool,
-    /// Writing an envelope instead of hyper's answer: the answer and how
-    /// much of it is written.
-    answering: Option<(&'static [u8], usize)>,
-    /// The envelope is written: hyper's further writes are dropped.
-    answered: bool,
+    /// The envelope given instead of hyper's answer, if any.
+    answer: Answer,
+}
+
+/// The envelope in place of hyper's answer to a head it could not parse.
+#[derive(Clone, Copy, Debug)]
+enum Answer {
+    /// None given (hyper's writes go through).
+    Not,
+    /// Being written: the envelope and how much of it is.
+    Writing(&'static [u8], usize),
+    /// Written (or the client is gone): hyper's writes are dropped.
+    Given,
 }
 
 impl<S> TimedIo<S> {
@@ -206,8 +214,7 @@ impl<S> TimedIo<S> {
             timer: Box::pin(tokio::time::sleep_until(accepted + timeouts.header)),
             timeouts,
             quiet: true,
-            answering: None,
-            answered: false,
+            answer: Answer::Not,
         }
     }
 
@@ -272,24 +279,19 @@ impl<S: AsyncWrite + Unpin> TimedIo<S> {
         cx: &mut Context<'_>,
         bytes: &[u8],
     ) -> Option<Poll<io::Result<usize>>> {
-        if self.answering.is_none() && !self.answered {
+        if let Answer::Not = self.answer {
             if !self.quiet || self.activity.active.load(Ordering::SeqCst) > 0 {
                 return None;
             }
-            self.answering = Some((enveloped(hyper_parse_error(bytes)?), 0));
+            self.answer = Answer::Writing(enveloped(hyper_parse_error(bytes)?), 0);
         }
-        while let Some((answer, sent)) = self.answering {
-            match Pin::new(&mut self.inner).poll_write(cx, &answer[sent..]) {
-                Poll::Pending => return Some(Poll::Pending),
-                Poll::Ready(Ok(n)) if n > 0 && sent + n < answer.len() => {
-                    self.answering = Some((answer, sent + n));
-                }
-                // Written, or the client is gone: either way done.
-                Poll::Ready(_) => {
-                    self.answering = None;
-                    self.answered = true;
-                }
+        if let Answer::Writing(answer, mut sent) = self.answer {
+            let done = poll_answer(&mut self.inner, cx, answer, &mut sent);
+            self.answer = Answer::Writing(answer, sent);
+            if done.is_pending() {
+                return Some(Poll::Pending);
             }
+            self.answer = Answer::Given;
         }
         Some(Poll::Ready(Ok(bytes.len())))
     }
@@ -315,10 +317,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let mut written = bufs.iter().filter(|b| !b.is_empty());
-        if let (Some(only), None) = (written.next(), written.next())
-            && let Some(own) = this.poll_own_answer(cx, only)
-        {
+        if let Some(own) = only_buffer(bufs).and_then(|only| this.poll_own_answer(cx, only)) {
             return own;
         }
         this.quiet = false;

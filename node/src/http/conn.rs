@@ -252,6 +252,36 @@ pub(crate) fn hyper_parse_error(bytes: &[u8]) -> Option<u16> {
     (rest == b"\r\n" || date).then_some(status)
 }
 
+/// Writes `answer` from `*sent` on, then flushes and shuts the write side
+/// down: an answer a connection wrapper gives instead of hyper's, after
+/// which the connection closes. An error ends it as well.
+pub(crate) fn poll_answer<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    cx: &mut Context<'_>,
+    answer: &[u8],
+    sent: &mut usize,
+) -> Poll<()> {
+    while *sent < answer.len() {
+        match ready!(Pin::new(&mut *io).poll_write(cx, &answer[*sent..])) {
+            Ok(0) | Err(_) => return Poll::Ready(()),
+            Ok(n) => *sent += n,
+        }
+    }
+    let _ = ready!(Pin::new(&mut *io).poll_flush(cx));
+    let _ = ready!(Pin::new(&mut *io).poll_shutdown(cx));
+    Poll::Ready(())
+}
+
+/// The buffer a vectored write writes, when it writes exactly one (as
+/// hyper writes an answer of its own).
+pub(crate) fn only_buffer<'a>(bufs: &'a [io::IoSlice<'_>]) -> Option<&'a [u8]> {
+    let mut written = bufs.iter().filter(|b| !b.is_empty());
+    match (written.next(), written.next()) {
+        (Some(only), None) => Some(only),
+        _ => None,
+    }
+}
+
 /// Which of the answers above replaces hyper's answer `bytes`.
 fn with_body(bytes: &[u8]) -> Option<&'static [u8]> {
     match hyper_parse_error(bytes)? {
@@ -548,19 +578,9 @@ impl<I: AsyncWrite + Unpin> TimedIo<I> {
         answer: &'static [u8],
         mut sent: usize,
     ) -> Poll<()> {
-        while sent < answer.len() {
-            match Pin::new(&mut self.inner).poll_write(cx, &answer[sent..]) {
-                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(n)) => {
-                    sent += n;
-                    self.phase = Phase::Reject(answer, sent);
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        let _ = ready!(Pin::new(&mut self.inner).poll_flush(cx));
-        let _ = ready!(Pin::new(&mut self.inner).poll_shutdown(cx));
-        Poll::Ready(())
+        let done = poll_answer(&mut self.inner, cx, answer, &mut sent);
+        self.phase = Phase::Reject(answer, sent);
+        done
     }
 }
 
@@ -668,10 +688,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let mut written = bufs.iter().filter(|b| !b.is_empty());
-        if let (Some(only), None) = (written.next(), written.next())
-            && let Some(own) = this.poll_own_answer(cx, only)
-        {
+        if let Some(own) = only_buffer(bufs).and_then(|only| this.poll_own_answer(cx, only)) {
             return own;
         }
         this.quiet = false;
