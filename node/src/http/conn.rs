@@ -704,7 +704,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedIo<I> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.inner).poll_flush(cx);
         let res = this.on_write(cx, res);
-        if matches!(res, Poll::Ready(Ok(()))) && this.conn.active.load(Ordering::SeqCst) == 0 {
+        // Looked at only after a write (hyper flushes every response).
+        if !this.quiet
+            && matches!(res, Poll::Ready(Ok(())))
+            && this.conn.active.load(Ordering::SeqCst) == 0
+        {
             this.quiet = true;
         }
         this.after_write(cx);
