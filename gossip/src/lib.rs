@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  sender                                   receiver
-//!  balancer picks / releases                 transport (QUIC datagram or stream)
+//!  balancer picks / releases                 transport.rs (QUIC datagram or stream)
 //!   │ LoadCounters::start / finish                │ decode (codec.rs)
 //!   ▼ (counters.rs: atomics, no lock)             ▼
 //!  LoadCounters per instance            LoadTable (state.rs): newest report
@@ -15,9 +15,11 @@
 //!                                         load ──► GroupBalancer::set_peer_load
 //! ```
 //!
-//! Everything here is plain code without I/O or a clock: every decision takes
-//! `now` as an argument, so the simulator (the `edgelb-sim` crate, `node/sim`)
-//! and the tests drive the same code as the data plane.
+//! Everything here but [`transport`] (the QUIC link and receiving loop,
+//! over connections the node's cluster endpoint opens and accepts) is
+//! plain code without I/O or a clock: every decision takes `now` as an
+//! argument, so the simulator (the `edgelb-sim` crate, `node/sim`) and the
+//! tests drive the same code as the data plane.
 //!
 //! A peer's report is old by the time it is used, and adding its raw counts
 //! to the own ones herds (every node sees the same stale minimum). The
@@ -38,6 +40,7 @@ mod state;
 #[cfg(test)]
 mod testutil;
 mod tracker;
+pub mod transport;
 mod view;
 
 use std::time::Duration;

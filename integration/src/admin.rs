@@ -1,4 +1,4 @@
-//! The tests' side of one node's admin API: [`edgelb_api::Client`] (one
+//! The tests' side of one node's admin API: [`edgelb_client::Client`] (one
 //! bounded request per connection) with the cluster's bearer token, its
 //! answers as [`Reply`]s and JSON for the tests to pick apart.
 //! [`TestNode`](crate::TestNode) and [`Cluster`](crate::cluster::Cluster)
@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use edgelb_api::services::InstanceView;
-use edgelb_api::{ApiUrl, Client};
+use edgelb_client::{ApiUrl, Client};
 use http::{Method, StatusCode};
 use serde_json::Value;
 

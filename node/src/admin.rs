@@ -67,7 +67,7 @@ use reply::{ApiError, Reply, text};
 use request::{Flags, check_header_size, check_length};
 
 pub use backoff::AuthBackoff;
-pub use edgelb_api::tls::client_config;
+pub use edgelb_client::tls::client_config;
 pub use timed::{IDLE_TIMEOUT, Timeouts};
 pub use tls::AdminCert;
 

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgelb_api::client::{self, ApiUrl, Client, UrlError};
 use edgelb_api::cluster::{AddNodeData, AddNodeRequest};
+use edgelb_client::client::{self, ApiUrl, Client, UrlError};
 use rustls::ClientConfig;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;

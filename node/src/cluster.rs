@@ -10,7 +10,8 @@
 //!                       │   [len][Header{from,rpc}] from ≟ cert name ──┼──✗ close(IDENTITY)
 //!                       │   [len][body ≤ limit(rpc)] ──▶ RaftHandler   │──✗ reset(BAD_FRAME)
 //!                       │   ◀── [len][RpcReply]                        │
-//!                       │ ALPN edgelb-gossip/2|1 ▶ gossip::serve:      │
+//!                       │ ALPN edgelb-gossip/2|1 ▶ gossip::transport:: │
+//!                       │   serve (the gossip crate's):                │
 //!                       │   datagram | uni stream ≤ MAX_REPORT_LEN     │──✗ dropped, counted
 //!                       │   decode, node_id ≟ cert name ──────────────┼──✗ close(IDENTITY)
 //!                       │   ──▶ GossipHandler::report                  │
@@ -19,7 +20,7 @@
 //!               (one cached connection per peer, a new stream per RPC)
 //! ```
 //!
-//! - [`pki`] (from `edgelb-api`, which `edgectl certs` shares): the cluster
+//! - [`pki`] (from `edgelb-client`, which `edgectl certs` shares): the cluster
 //!   CA and node certificates; a node's id is the DNS name
 //!   `node-<id>.cluster.edgelb` in its certificate.
 //! - [`NodeTls`]: a node's CA, certificate and key, made into rustls/quinn
@@ -37,8 +38,11 @@
 //!   chunk's data follows its JSON deflated ([`frame`]).
 //! - [`Network`]: openraft's network factory over [`Transport::call`].
 //! - Gossip ([`GossipLink`], [`GossipHandler`]): one connection per peer
-//!   (ALPN `edgelb-gossip/2`, or `/1` with a node that offers only that; apart from Raft's), a report per datagram
-//!   when it fits, else per unidirectional stream; see `gossip.rs`.
+//!   (ALPN `edgelb-gossip/2`, or `/1` with a node that offers only that;
+//!   apart from Raft's), a report per datagram when it fits, else per
+//!   unidirectional stream. The transport is the gossip crate's
+//!   (`gossip::transport`); the endpoint opens and accepts its connections
+//!   and proves their peers (`transport/gossip.rs`).
 
 mod congestion;
 pub(crate) mod frame;
@@ -85,7 +89,7 @@ const _: () = assert!(SNAPSHOT_CHUNK as usize <= CHUNK_DATA_LIMIT);
 /// (openraft's `install_snapshot_timeout`; see [`SNAPSHOT_CHUNK`]).
 pub const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 15_000;
 
-pub use edgelb_api::pki;
+pub use edgelb_client::pki;
 pub use frame::{CHUNK_DATA_LIMIT, MAX_FRAME};
 pub use network::{Network, PeerNetwork, VoteSink, rpc_deadline};
 pub use pki::{

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use edgelb_api::tls::pem_error;
+use edgelb_client::tls::pem_error;
 use raft_store::model::{Certificate, Domain};
 use raft_store::state::State;
 use rustls::crypto::ring::sign::any_supported_type;

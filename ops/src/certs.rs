@@ -1,6 +1,6 @@
 //! `edgectl certs init|node`: a cluster CA and node certificates for
 //! operators who run their own PKI (`edgelb --ca-cert --node-cert
-//! --node-key`), made with the node's own [`edgelb_api::pki`] so they are
+//! --node-key`), made with the node's own [`edgelb_client::pki`] so they are
 //! exactly what the cluster endpoint expects.
 //!
 //! ```text
@@ -11,7 +11,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use edgelb_api::pki::{self, CaBundle};
+use edgelb_client::pki::{self, CaBundle};
 
 use crate::cli::CertsCmd;
 use crate::emit;

@@ -1,9 +1,9 @@
 //! `edgectl`'s admin API client: the one in `edgelb-api`
-//! ([`edgelb_api::Client`]) with the `--cacert` it trusts, its failures
+//! ([`edgelb_client::Client`]) with the `--cacert` it trusts, its failures
 //! worded for the operator with their exit codes.
 //!
 //! ```text
-//!  ApiUrl::parse(--api) ─▶ Client::get/post/delete(path) ─▶ edgelb_api::Client ─▶ 2xx: envelope.data
+//!  ApiUrl::parse(--api) ─▶ Client::get/post/delete(path) ─▶ edgelb_client::Client ─▶ 2xx: envelope.data
 //!      4xx/5xx       ─▶ Failure::Api{status, envelope.message}                 (exit 1)
 //!      connect error ─▶ Failure::Connect{url, "connection refused"}            (exit 3)
 //!      TLS failure   ─▶ Failure::Tls{url, "its certificate is not signed by …"} (exit 3)
@@ -14,14 +14,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use edgelb_api::client::{Answer, Error, UrlError};
+use edgelb_client::client::{Answer, Error, UrlError};
 use http::{Method, StatusCode};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use rustls::ClientConfig;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-pub use edgelb_api::ApiUrl;
+pub use edgelb_client::ApiUrl;
 
 use crate::error::{Failure, Outcome};
 
@@ -31,7 +31,7 @@ const USER_AGENT: &str = concat!("edgectl/", env!("CARGO_PKG_VERSION"));
 /// A client of one node's admin API.
 #[derive(Clone, Debug)]
 pub struct Client {
-    inner: edgelb_api::Client,
+    inner: edgelb_client::Client,
     /// For `https://`: the `--cacert` the TLS config trusts, named in
     /// messages.
     cacert: Option<PathBuf>,
@@ -40,7 +40,7 @@ pub struct Client {
 impl Client {
     /// A client of `url` presenting `token` (none: no `Authorization`).
     pub fn new(url: ApiUrl, token: Option<String>) -> Self {
-        let mut inner = edgelb_api::Client::new(url).with_user_agent(USER_AGENT);
+        let mut inner = edgelb_client::Client::new(url).with_user_agent(USER_AGENT);
         if let Some(token) = token {
             inner = inner.with_token(token);
         }

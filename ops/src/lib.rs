@@ -4,7 +4,7 @@
 //! ```text
 //!  Cli (clap) ─▶ run ─┬─ service / instance / cluster status|add-node|remove-node
 //!                     │      └─▶ Client (edgelb_api's, bearer token) ─▶ admin API ─▶ output (table|list|json)
-//!                     ├─ certs init|node ─▶ edgelb_api::pki ─▶ PEM files
+//!                     ├─ certs init|node ─▶ edgelb_client::pki ─▶ PEM files
 //!                     ├─ cluster local ─▶ N edgelb processes on 127.0.0.11, .12, … until Ctrl-C
 //!                     │      └─ cluster local --data-dir DIR start-node K ─▶ DIR/control.sock ─▶ node K again
 //!                     └─ completions ─▶ clap_complete

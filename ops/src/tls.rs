@@ -1,7 +1,7 @@
 //! TLS to an admin API served over `https://` (`--cacert`): the server's
 //! certificate must chain to the CA in `--cacert` and name the host of
 //! `--api` or be a node's cluster certificate
-//! ([`edgelb_api::tls::client_config`]).
+//! ([`edgelb_client::tls::client_config`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ pub fn client_config(cacert: &Path) -> Outcome<Arc<ClientConfig>> {
     let shown = cacert.display();
     let pem =
         std::fs::read(cacert).map_err(|e| Failure::local(format!("--cacert {shown}: {e}")))?;
-    edgelb_api::tls::client_config(&pem)
+    edgelb_client::tls::client_config(&pem)
         .map_err(|e| Failure::local(format!("--cacert {shown}: {e}")))
 }
 

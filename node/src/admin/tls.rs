@@ -10,7 +10,7 @@
 //!
 //! With the node's certificate the server name is `node-<id>.cluster.edgelb`
 //! and clients check it against the cluster CA; the client side
-//! (`edgectl --cacert`, `--join https://…`) is `edgelb_api::tls`.
+//! (`edgectl --cacert`, `--join https://…`) is `edgelb_client::tls`.
 
 use std::fmt;
 use std::path::PathBuf;

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgelb_api::tls::pem_error;
+use edgelb_client::tls::pem_error;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, VarInt};
 use rustls::RootCertStore;

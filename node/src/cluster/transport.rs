@@ -16,8 +16,8 @@ mod peer;
 mod peers;
 mod server;
 
-pub use gossip::{
-    Dropped, GossipHandler, GossipLink, MAX_STRIKES, REPORT_TIMEOUT, SEND_TIMEOUT, Via,
+pub use ::gossip::transport::{
+    Dropped, GossipHandler, GossipLink, MAX_STRIKES, REPORT_TIMEOUT, SEND_TIMEOUT, Via, codes,
 };
 use peers::PeerSlot;
 
@@ -41,27 +41,7 @@ use tracing::debug;
 use super::frame::{self, FrameError, Version};
 use super::pki::node_dns_name;
 use super::rpc::{RaftHandler, Rpc, RpcKind, RpcReply};
-use super::tls::{ALPN_RAFT, NodeTls};
-
-/// Application error codes on connections and streams.
-pub mod codes {
-    use quinn::VarInt;
-
-    /// The endpoint is shutting down.
-    pub const SHUTDOWN: VarInt = VarInt::from_u32(0x00);
-    /// The stream header claimed a node id the certificate does not name
-    /// (closes the connection).
-    pub const IDENTITY: VarInt = VarInt::from_u32(0x01);
-    /// An oversized or malformed frame (resets the stream).
-    pub const BAD_FRAME: VarInt = VarInt::from_u32(0x02);
-    /// A frame did not arrive in time (resets the stream).
-    pub const TIMEOUT: VarInt = VarInt::from_u32(0x03);
-    /// The negotiated ALPN is not served by this node (closes the
-    /// connection), or a stream of a kind the ALPN does not use (stops it).
-    pub const UNSUPPORTED: VarInt = VarInt::from_u32(0x04);
-    /// Too many bad gossip reports in a row (closes the connection).
-    pub const BAD_REPORTS: VarInt = VarInt::from_u32(0x05);
-}
+use super::tls::{ALPN_GOSSIP_2, ALPN_RAFT, NodeTls, negotiated_alpn};
 
 /// Why a call failed, or the transport could not start.
 #[derive(Debug, thiserror::Error)]
@@ -483,7 +463,8 @@ impl Transport {
                 .map_err(|e| connect_err(super::tls::handshake_error(&e)))?;
             bump(&self.shared.stats.connects);
             debug!(target, addr, "gossip connected");
-            Ok(GossipLink::new(target, conn))
+            let compact = negotiated_alpn(&conn).as_deref() == Some(ALPN_GOSSIP_2);
+            Ok(GossipLink::new(target, conn, compact))
         };
         tokio::time::timeout(timeout, connect)
             .await

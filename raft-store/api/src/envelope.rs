@@ -3,7 +3,7 @@
 //! `{"status":"error","message":"...","errors":[{"status":409,"message":"..."}]}`.
 //!
 //! The node writes [`Success`] and [`ErrorBody`]; clients read them back
-//! with the same types ([`crate::client`]), and [`error_message`] gives the
+//! with the same types (`edgelb_client::Client`), and [`error_message`] gives the
 //! one line an error answer says, whether or not it is an envelope.
 
 use serde::{Deserialize, Serialize};

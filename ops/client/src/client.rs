@@ -3,7 +3,7 @@
 //!
 //! One HTTP/1.1 connection per request (plain, or TLS with a
 //! [`client_config`](crate::tls::client_config)), the bearer token, and the
-//! [`envelope`](crate::envelope) unwrapped:
+//! [`envelope`](edgelb_api::envelope) unwrapped:
 //!
 //! ```text
 //!  ApiUrl::parse("http[s]://host[:port][/prefix]") ─▶ Client::new(url).with_token(t)[.with_tls(cfg)]
@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::envelope::{Success, error_message};
+use edgelb_api::envelope::{Success, error_message};
 
 mod url;
 
