@@ -224,7 +224,7 @@ impl Client {
             url,
             token: None,
             tls: None,
-            user_agent: concat!("edgelb-api/", env!("CARGO_PKG_VERSION")),
+            user_agent: concat!("edgelb-client/", env!("CARGO_PKG_VERSION")),
             connect_timeout: CONNECT_TIMEOUT,
             request_timeout: REQUEST_TIMEOUT,
             max_answer: MAX_ANSWER,
