@@ -322,7 +322,10 @@ impl Store {
                 }
                 _ => None,
             };
-            let written = self.write(&cmd, deadline);
+            // A patch or a certificate goes as a request to apply once,
+            // so that a retry whose first try committed changes nothing.
+            let wire = self.batcher.once(cmd.clone());
+            let written = self.write(&wire, deadline);
             let result = tokio::time::timeout_at(deadline, written).await;
             let Written {
                 index,
@@ -998,6 +1001,7 @@ impl RaftHandler for RaftRpc {
                 Rpc::Forward(Forward::Features) => RpcReply::Forward(Ok(ForwardReply::Features {
                     batches: true,
                     group_options: true,
+                    once: true,
                 })),
                 Rpc::Forward(Forward::Linearize) => {
                     RpcReply::Forward(match raft.ensure_linearizable().await {

@@ -50,11 +50,17 @@ pub(crate) struct Rows {
     pub(crate) groups: BTreeSet<Uuid>,
     pub(crate) certificates: BTreeSet<String>,
     pub(crate) cluster: bool,
+    /// Request uuids remembered or forgotten, by sequence number (nothing
+    /// a reader rebuilds by).
+    pub(crate) requests: BTreeSet<u64>,
 }
 
 impl Rows {
     pub(crate) fn is_empty(&self) -> bool {
-        self.groups.is_empty() && self.certificates.is_empty() && !self.cluster
+        self.groups.is_empty()
+            && self.certificates.is_empty()
+            && !self.cluster
+            && self.requests.is_empty()
     }
 
     /// The rows either names.
@@ -62,6 +68,7 @@ impl Rows {
         self.groups.extend(other.groups);
         self.certificates.extend(other.certificates);
         self.cluster |= other.cluster;
+        self.requests.extend(other.requests);
         self
     }
 

@@ -5,6 +5,7 @@
 //! [`State::apply`](crate::state::State::apply) is deterministic on every node.
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 pub use crate::model::PatchOp;
 use crate::model::{Certificate, ClusterSecrets, Domain, Instance, Service, ServiceGroup};
@@ -57,6 +58,22 @@ pub enum Command {
         /// The secrets every member shares.
         secrets: ClusterSecrets,
     },
+    /// `command` applied at most once: `request` is the uuid the proposing
+    /// node chose for the API request, and the same command sent again
+    /// under it (a forwarded write retried after a first try whose answer
+    /// was lost, but which committed) answers as applied and changes
+    /// nothing, even after other writes. Only a patch of a group or a
+    /// certificate is wrapped: creates and attaches carry their own uuids,
+    /// deletes and detaches find their target gone. The newest
+    /// [`KEPT`](crate::state::REQUESTS_KEPT) requests are remembered. A
+    /// node proposes it only once every member reads it, since older nodes
+    /// do not.
+    Once {
+        /// The request's uuid.
+        request: Uuid,
+        /// The patch or certificate.
+        command: Box<Self>,
+    },
     /// Several commands in one log entry, applied in order, each on its
     /// own: a refused one leaves the state as it was and the next still
     /// applies ([`Applied::Batch`](crate::state::Applied::Batch) answers
@@ -108,7 +125,22 @@ impl Command {
                 matches!(patch, Patch::HealthCheck(_) | Patch::SendProxyProtocol(_))
             }
             Self::Batch { commands } => commands.iter().any(Self::uses_group_options),
+            Self::Once { command, .. } => command.uses_group_options(),
             _ => false,
+        }
+    }
+
+    /// Whether a sent-again request of this command could apply twice:
+    /// a patch of a group or a certificate, which [`Command::Once`] wraps.
+    pub fn applies_once(&self) -> bool {
+        matches!(self, Self::PatchGroup { .. } | Self::PutCertificate { .. })
+    }
+
+    /// The command a [`Command::Once`] wraps, or this one.
+    pub fn unwrapped(&self) -> &Self {
+        match self {
+            Self::Once { command, .. } => command,
+            other => other,
         }
     }
 }

@@ -7,11 +7,14 @@
 //! | `sm_groups` | group uuid (`u128`) | the [`ServiceGroup`] |
 //! | `sm_certificates` | certificate name | the [`Certificate`] |
 //! | `sm_meta` | `last_applied`, `membership`, `cluster` | log id, membership, [`ClusterSecrets`] |
+//! | `sm_requests` | sequence number (`u64`) | a request uuid (`u128`) applied lately under `Command::Once` |
 //! | `state_machine` | `"current"` | the version marker `{"format": 2, …}` |
 //!
 //! An applied batch writes the rows its commands changed plus the two
 //! small meta rows, in one transaction: its cost follows the change, not
-//! the state.
+//! the state. `sm_requests` came later within format 2: a file without it
+//! reads as remembering no request, and a release before it leaves the
+//! table alone (it never applies `Command::Once`, which it cannot read).
 //!
 //! Format 1 (releases before rows) kept the whole state machine as one JSON
 //! record (`{"last_applied", "membership", "state"}`, the snapshot form)
@@ -44,6 +47,7 @@ pub(crate) const CURRENT: &str = "current";
 const GROUPS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("sm_groups");
 const CERTIFICATES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sm_certificates");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("sm_meta");
+const REQUESTS: TableDefinition<'_, u64, u128> = TableDefinition::new("sm_requests");
 const LAST_APPLIED: &str = "last_applied";
 const MEMBERSHIP: &str = "membership";
 const CLUSTER: &str = "cluster";
@@ -138,7 +142,12 @@ pub(crate) fn write_all(
     txn.delete_table(GROUPS)?;
     txn.delete_table(CERTIFICATES)?;
     txn.delete_table(META)?;
+    txn.delete_table(REQUESTS)?;
     {
+        let mut requests = txn.open_table(REQUESTS)?;
+        for (seq, uuid) in state.requests() {
+            requests.insert(seq, uuid.as_u128())?;
+        }
         let mut groups = txn.open_table(GROUPS)?;
         for g in state.groups() {
             let bytes = db::encode(g, format_args!("group {}", g.uuid))?;
@@ -157,7 +166,7 @@ pub(crate) fn write_all(
     write_changed(txn, &cluster, state, last_applied, membership)?;
     let marker = Marker {
         format: FORMAT,
-        layout: "rows in sm_groups, sm_certificates, sm_meta".into(),
+        layout: "rows in sm_groups, sm_certificates, sm_meta, sm_requests".into(),
     };
     let marker = db::encode(&marker, "format marker")?;
     txn.open_table(STATE_MACHINE)?
@@ -195,6 +204,19 @@ pub(crate) fn write_changed(
             }
             None => {
                 certs.remove(name.as_str())?;
+            }
+        }
+    }
+    if !rows.requests.is_empty() {
+        let mut requests = txn.open_table(REQUESTS)?;
+        for &seq in &rows.requests {
+            match state.request_at(seq) {
+                Some(uuid) => {
+                    requests.insert(seq, uuid.as_u128())?;
+                }
+                None => {
+                    requests.remove(seq)?;
+                }
             }
         }
     }
@@ -256,8 +278,21 @@ fn read_all(db: &Database) -> Result<Loaded, StoreError> {
         let c: Certificate = db::decode(value.value(), format_args!("certificate row {name:?}"))?;
         certificates.push(c);
     }
-    let state =
-        State::from_parts(groups, certificates, cluster).map_err(StoreError::Inconsistent)?;
+    let mut requests = Vec::new();
+    // A file written before the table has none.
+    match txn.open_table(REQUESTS) {
+        Ok(table) => {
+            for row in table.iter()? {
+                let (seq, uuid) = row?;
+                requests.push((seq.value(), Uuid::from_u128(uuid.value())));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let state = State::from_parts(groups, certificates, cluster)
+        .and_then(|s| s.with_request_rows(requests))
+        .map_err(StoreError::Inconsistent)?;
     Ok(Loaded {
         last_applied,
         membership,

@@ -20,6 +20,7 @@ mod conflicts;
 mod form;
 mod index;
 mod patch;
+mod requests;
 
 use std::sync::Arc;
 
@@ -32,6 +33,8 @@ use crate::command::Command;
 pub use crate::model::ApplyError;
 use crate::model::{Certificate, ClusterSecrets, Instance, ServiceGroup, find_instance};
 use crate::validate;
+pub use requests::KEPT as REQUESTS_KEPT;
+use requests::Requests;
 
 /// The replicated state: service groups and certificates.
 ///
@@ -52,6 +55,8 @@ pub struct State {
     certificates: OrdMap<String, Arc<Certificate>>,
     /// The cluster CA and admin token hash, set once at bootstrap.
     cluster: Option<Arc<ClusterSecrets>>,
+    /// The uuids of the requests applied lately under [`Command::Once`].
+    requests: Requests,
 }
 
 /// What a successful [`State::apply`] did.
@@ -120,6 +125,21 @@ impl State {
                 })
                 .collect();
             return Ok(Applied::Batch(results));
+        }
+        if let Command::Once { request, command } = cmd {
+            if self.requests.contains(request) {
+                tracing::info!(
+                    %request,
+                    "a request sent again was applied already: answered as applied, nothing changed"
+                );
+                return self.again(command);
+            }
+            once_only(command)?;
+            let applied = self.apply_noting(command, rows)?;
+            // Only what applied is remembered: a refused first try changed
+            // nothing, and its retry is judged anew.
+            self.requests.push(*request, rows);
+            return Ok(applied);
         }
         let (change, applied) = self.plan(cmd)?;
         match &change {
@@ -232,6 +252,15 @@ impl State {
             return Ok((Change::Nothing, applied));
         }
         match cmd {
+            // `apply_noting` applies it and remembers its request; this is
+            // for `check`.
+            Command::Once { request, command } => {
+                if self.requests.contains(request) {
+                    return Ok((Change::Nothing, self.again(command)?));
+                }
+                once_only(command)?;
+                self.plan(command)
+            }
             Command::CreateGroup { group } => {
                 let mut g = group.clone();
                 validate::normalise_services(&mut g.services);
@@ -372,6 +401,37 @@ impl State {
             _ => None,
         }
     }
+}
+
+impl State {
+    /// What a command applied once answers when its request is sent again:
+    /// the group as it is now, or the certificate's name.
+    fn again(&self, cmd: &Command) -> Result<Applied, ApplyError> {
+        match cmd {
+            Command::PatchGroup { id, .. } => Ok(Applied::Group(self.find(id)?.clone())),
+            Command::PutCertificate { certificate } => {
+                Ok(Applied::Certificate(certificate.name.clone()))
+            }
+            _ => Err(not_once()),
+        }
+    }
+
+    /// Whether `uuid` is a request applied lately under [`Command::Once`].
+    pub fn applied_request(&self, uuid: &Uuid) -> bool {
+        self.requests.contains(uuid)
+    }
+}
+
+/// Refuses a [`Command::Once`] around anything but a patch or a certificate.
+fn once_only(cmd: &Command) -> Result<(), ApplyError> {
+    match cmd {
+        Command::PatchGroup { .. } | Command::PutCertificate { .. } => Ok(()),
+        _ => Err(not_once()),
+    }
+}
+
+fn not_once() -> ApplyError {
+    ApplyError::Invalid("only a patch or a certificate is applied once".into())
 }
 
 /// Domains may name the certificates stored here ([`validate::check_domains`]).

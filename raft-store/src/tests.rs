@@ -483,6 +483,72 @@ fn second_open_of_one_dir_is_an_error() {
     ));
 }
 
+/// Entries from index 5 on, each a `set` of `web`'s hard limit applied
+/// once under request `n` (for `n` in `requests`).
+fn patches_once(requests: impl IntoIterator<Item = u128>) -> Vec<Entry> {
+    requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let command = Command::Once {
+                request: Uuid::from_u128(n),
+                command: Box::new(Command::PatchGroup {
+                    id: "web".into(),
+                    patch: crate::command::Patch::HardLimit(n as u32 + 1),
+                }),
+            };
+            normal(5 + i as u64, command)
+        })
+        .collect()
+}
+
+/// The requests applied once are rows too: a reopened node, and one that
+/// installed a snapshot, still tells a retry apart, and the rows of those
+/// forgotten past the limit are gone.
+#[tokio::test]
+async fn requests_applied_once_survive_reopen_and_snapshots() {
+    let dir = TempDir::new();
+    let kept = crate::state::REQUESTS_KEPT as u128;
+    {
+        let (_log, mut sm) = open(dir.path());
+        sm.apply(history()).await.unwrap();
+        // Two more than are kept: requests 0 and 1 are forgotten.
+        sm.apply(patches_once(0..kept + 2)).await.unwrap();
+    }
+    let (_log, mut sm) = open(dir.path());
+    let state = sm.current();
+    assert!(!state.applied_request(&Uuid::from_u128(0)));
+    assert!(!state.applied_request(&Uuid::from_u128(1)));
+    assert!(state.applied_request(&Uuid::from_u128(2)));
+    assert!(state.applied_request(&Uuid::from_u128(kept + 1)));
+    assert_eq!(state.requests().count(), kept as usize);
+    // After the reopen and another write, the newest sent again changes
+    // nothing.
+    let index = 5 + kept as u64 + 2;
+    let set = Command::PatchGroup {
+        id: "web".into(),
+        patch: crate::command::Patch::HardLimit(1),
+    };
+    let mut again = patches_once([kept + 1]);
+    again[0].log_id = log_id(1, 1, index + 1);
+    sm.apply([normal(index, set)].into_iter().chain(again))
+        .await
+        .unwrap();
+    assert_eq!(sm.current().group("web").map(|g| g.hard_limit), Some(1));
+
+    let snapshot = build(&mut sm).await;
+    let follower = TempDir::new();
+    let (_flog, mut fsm) = open(follower.path());
+    fsm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(fsm.current().requests().count(), kept as usize);
+    drop((_flog, fsm));
+    let (_flog, fsm) = open(follower.path());
+    assert!(fsm.current().applied_request(&Uuid::from_u128(kept + 1)));
+    assert!(!fsm.current().applied_request(&Uuid::from_u128(1)));
+}
+
 #[tokio::test]
 async fn snapshot_survives_reopen_and_installs_elsewhere() {
     let leader = TempDir::new();

@@ -995,28 +995,48 @@ async fn a_forwarded_write_slower_than_its_wait_is_sent_once() -> anyhow::Result
 
 /// A patch whose forwarded first try committed but whose answer never came
 /// (the leader's link to the node cut one way, then the leader killed) is
-/// sent again to the next leader, which refuses it: its port is already
-/// there. The node answers 200 with the group, since the first try did the
-/// change (it answered 400, "already in group", before).
+/// sent again to the next leader. It went as a request to apply once, so
+/// the next leader's state machine finds its uuid applied and answers the
+/// group as it is, changing nothing: 200 with the port added once (400,
+/// "already in group", before requests were applied once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_patch_sent_again_after_its_first_try_committed_answers_as_applied() -> anyhow::Result<()>
 {
-    patch_sent_again(Duration::ZERO).await
+    patch_sent_again(Duration::ZERO, Between::Nothing).await
 }
 
 /// The same across links 40 ms long each way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_patch_sent_again_across_a_wan_answers_as_applied() -> anyhow::Result<()> {
-    patch_sent_again(Duration::from_millis(40)).await
+    patch_sent_again(Duration::from_millis(40), Between::Nothing).await
 }
 
-async fn patch_sent_again(one_way: Duration) -> anyhow::Result<()> {
+/// A `set` sent again after another write to the same property, across
+/// links 40 ms long each way: the retry changes nothing, so the write made
+/// between the two tries stands (the retry set the value back before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_sent_again_does_not_undo_a_write_made_between_its_tries() -> anyhow::Result<()> {
+    patch_sent_again(Duration::from_millis(40), Between::AnotherSet).await
+}
+
+/// What happens between the first try and the retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Between {
+    /// Nothing: the retry is an `add` of a port.
+    Nothing,
+    /// The retry is a `set` of `hard_limit` to 5, and a write through
+    /// another node sets it to 7 between the two tries.
+    AnotherSet,
+}
+
+async fn patch_sent_again(one_way: Duration, between: Between) -> anyhow::Result<()> {
     let mut cluster = Cluster::start_with(
         3,
         ClusterOptions {
             relay: Some(23),
-            // The store's info line says when a retry was found done.
-            log: "warn,edgelb::store=info".into(),
+            // The state machine's info line says when a retry was found
+            // applied.
+            log: "warn,edgelb::store=info,raft_store=info".into(),
             ..ClusterOptions::default()
         },
     )
@@ -1036,26 +1056,35 @@ async fn patch_sent_again(one_way: Duration) -> anyhow::Result<()> {
     relay.update(leader, via, |link| link.up = false);
     let admin = cluster.admin(via);
     let started = Instant::now();
-    let patch = tokio::spawn(async move {
-        let add = json!({"prop": "services", "op": "add",
-            "value": [{"port": 8082, "destination_port": 9000, "handlers": ["http"]}]});
-        admin.patch("/v1/services/patched", &add).await
-    });
-    let has_port = |g: &Value| {
-        g["services"]
-            .as_array()
-            .is_some_and(|s| s.iter().filter(|s| s["port"] == 8082).count() == 1)
+    let body = match between {
+        Between::Nothing => json!({"prop": "services", "op": "add",
+            "value": [{"port": 8082, "destination_port": 9000, "handlers": ["http"]}]}),
+        Between::AnotherSet => json!({"prop": "hard_limit", "op": "set", "value": 5}),
+    };
+    let patch = tokio::spawn(async move { admin.patch("/v1/services/patched", &body).await });
+    // What the first try did, and what the group shows in the end.
+    let (done, wanted): (Shows, Shows) = match between {
+        Between::Nothing => (has_port_once, has_port_once),
+        Between::AnotherSet => (|g| g["hard_limit"] == 5, |g| g["hard_limit"] == 7),
     };
     poll(
         "the patch committed on the third node",
         Duration::from_secs(4),
         || async {
             let groups = cluster.admin(third).groups(false).await?;
-            ensure!(groups.iter().any(has_port), "not yet: {groups:?}");
+            ensure!(groups.iter().any(done), "not yet: {groups:?}");
             Ok(())
         },
     )
     .await?;
+    if between == Between::AnotherSet {
+        let set = json!({"prop": "hard_limit", "op": "set", "value": 7});
+        let (status, v) = cluster
+            .admin(third)
+            .patch("/v1/services/patched", &set)
+            .await?;
+        ensure!(status == StatusCode::OK, "the write between: {status}: {v}");
+    }
     cluster.kill9(leader).await?;
     let (status, v) = patch.await??;
     let answered = started.elapsed();
@@ -1066,16 +1095,16 @@ async fn patch_sent_again(one_way: Duration) -> anyhow::Result<()> {
         cluster.logs()
     );
     let group = &v["data"]["service_groups"][0];
-    ensure!(has_port(group), "the answer's group lacks the port: {v}");
-    // The node logs it before it answers; the harness reads its stderr
-    // from a pipe, a moment later.
+    ensure!(wanted(group), "the answer's group: {v}");
+    // The state machine logs it as it applies the retry, on every node;
+    // the harness reads the node's stderr from a pipe, a moment later.
     wait_until(
         "the node's log of the retry",
         Duration::from_secs(2),
         || {
             let logged = cluster
                 .stderr(via)
-                .contains("a patch sent again found its change done");
+                .contains("a request sent again was applied already");
             async move { logged }
         },
     )
@@ -1088,10 +1117,17 @@ async fn patch_sent_again(one_way: Duration) -> anyhow::Result<()> {
     })?;
     for id in [via, third] {
         let groups = cluster.admin(id).groups(true).await?;
-        ensure!(
-            groups.iter().any(has_port),
-            "node {id}: the port once: {groups:?}"
-        );
+        ensure!(groups.iter().any(wanted), "node {id}: {groups:?}");
     }
     Ok(())
+}
+
+/// Whether a group (as the API shows it) shows something.
+type Shows = fn(&Value) -> bool;
+
+/// The group publishes port 8082 once.
+fn has_port_once(g: &Value) -> bool {
+    g["services"]
+        .as_array()
+        .is_some_and(|s| s.iter().filter(|s| s["port"] == 8082).count() == 1)
 }

@@ -123,6 +123,10 @@ pub enum ForwardReply {
         /// ignore it in turn.
         #[serde(default)]
         group_options: bool,
+        /// The node reads `Command::Once` entries. Absent (false) from
+        /// older nodes.
+        #[serde(default)]
+        once: bool,
     },
 }
 

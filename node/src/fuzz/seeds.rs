@@ -92,6 +92,13 @@ fn commands() -> Vec<Command> {
                 not_after: Some("2030-01-01T00:00:00Z".into()),
             },
         },
+        Command::Once {
+            request: Uuid::from_u128(0x5eed_0001),
+            command: Box::new(Command::PatchGroup {
+                id: "api".into(),
+                patch: Patch::HardLimit(9),
+            }),
+        },
         Command::Batch {
             commands: vec![
                 attach,
@@ -177,6 +184,7 @@ fn replies() -> Vec<RpcReply> {
         RpcReply::Forward(Ok(ForwardReply::Features {
             batches: true,
             group_options: true,
+            once: true,
         })),
         RpcReply::Vote(Ok(openraft::raft::VoteResponse::new(
             Vote::new(3, 1),

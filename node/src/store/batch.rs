@@ -97,6 +97,7 @@ impl Batcher {
             known: Mutex::new(HashMap::new()),
         });
         tokio::spawn(run(raft.clone(), rx, readers.clone(), health));
+        tokio::spawn(learn(raft.clone(), Arc::downgrade(&readers)));
         Self { tx, raft, readers }
     }
 
@@ -109,6 +110,15 @@ impl Batcher {
     /// so that the queue never waits for the answers); otherwise it is
     /// answered 409 naming the member, unqueued.
     pub(crate) fn submit(&self, cmd: Command) -> impl Future<Output = Outcome> + use<> {
+        // A request to apply once that reached a leader some member of
+        // which does not read it (one that joined since the sender looked)
+        // is proposed as it is without the wrapper.
+        let cmd = match cmd {
+            Command::Once { command, .. } if !self.readers.all_read(&self.raft, |f| f.once) => {
+                *command
+            }
+            cmd => cmd,
+        };
         let size = raft_store::encoded_len(&cmd).unwrap_or(usize::MAX);
         let gated = cmd.uses_group_options()
             && self.raft.metrics().borrow().current_leader == Some(self.readers.me);
@@ -133,6 +143,54 @@ impl Batcher {
             match answer {
                 Some(answer) => answer.await.unwrap_or_else(|_| Err(stopped())),
                 None => Err(stopped()),
+            }
+        }
+    }
+}
+
+impl Batcher {
+    /// `cmd` wrapped in [`Command::Once`] under a new request uuid, when it
+    /// is one that a retry could apply twice and every member this node
+    /// knows reads the wrapper (asking those it does not know, without
+    /// waiting: until they answer, writes go unwrapped, as before).
+    pub(crate) fn once(&self, cmd: Command) -> Command {
+        if cmd.applies_once() && self.readers.all_read(&self.raft, |f| f.once) {
+            Command::Once {
+                request: uuid::Uuid::new_v4(),
+                command: Box::new(cmd),
+            }
+        } else {
+            cmd
+        }
+    }
+}
+
+/// Asks the members what they read as soon as this node knows its
+/// membership, again whenever it changes, and every [`ASK_AGAIN`] while
+/// one does not read [`Command::Once`] (or did not answer): so that a
+/// follower knows before its first write whether to wrap it. Ends with
+/// the Raft core.
+async fn learn(raft: Raft, readers: Weak<Readers>) {
+    let mut metrics = raft.metrics();
+    loop {
+        let seen = metrics.borrow().membership_config.log_id().to_owned();
+        let all = match readers.upgrade() {
+            Some(r) => r.all_read(&raft, |f| f.once),
+            None => return,
+        };
+        let again = tokio::time::sleep(ASK_AGAIN);
+        tokio::pin!(again);
+        loop {
+            tokio::select! {
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if metrics.borrow().membership_config.log_id() != &seen {
+                        break;
+                    }
+                }
+                () = &mut again, if !all => break,
             }
         }
     }
@@ -279,8 +337,8 @@ struct Readers {
 
 #[derive(Clone, Copy, Debug)]
 enum Known {
-    /// It said what it reads.
-    Reads(Features),
+    /// It said what it reads, at this time.
+    Reads(Features, Instant),
     /// Being asked.
     Asking,
     /// It did not answer, at this time.
@@ -292,12 +350,20 @@ enum Known {
 struct Features {
     batches: bool,
     group_options: bool,
+    once: bool,
 }
 
 impl Readers {
     /// Whether every member of the membership this node knows reads
     /// batches; asks those it does not know about (without waiting).
     fn all_read_batches(self: &Arc<Self>, raft: &Raft) -> bool {
+        self.all_read(raft, |f| f.batches)
+    }
+
+    /// Whether every member of the membership this node knows reads what
+    /// `reads` picks from its features; asks those it does not know about
+    /// (without waiting).
+    fn all_read(self: &Arc<Self>, raft: &Raft, reads: fn(&Features) -> bool) -> bool {
         let membership = raft.metrics().borrow().membership_config.clone();
         let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         let mut all = true;
@@ -306,10 +372,11 @@ impl Readers {
                 continue;
             }
             match known.get(&id) {
-                Some(Known::Reads(f)) if f.batches => continue,
-                Some(Known::Reads(_)) => {}
+                Some(Known::Reads(f, _)) if reads(f) => continue,
                 Some(Known::Asking) => {}
-                Some(Known::No(at)) if at.elapsed() < ASK_AGAIN => {}
+                // One that does not read it (an older release, which may be
+                // upgraded since) or did not answer is asked again later.
+                Some(Known::Reads(_, at) | Known::No(at)) if at.elapsed() < ASK_AGAIN => {}
                 _ => {
                     known.insert(id, Known::Asking);
                     tokio::spawn(Arc::clone(self).ask(id, node.clone()));
@@ -328,9 +395,11 @@ impl Readers {
                     Ok(RpcReply::Forward(Ok(ForwardReply::Features {
                         batches,
                         group_options,
+                        once,
                     }))) => Some(Features {
                         batches,
                         group_options,
+                        once,
                     }),
                     _ => None,
                 }
@@ -338,7 +407,10 @@ impl Readers {
             None => None,
         };
         debug!(node = id, ?reads, "asked what a member reads");
-        let now = reads.map_or_else(|| Known::No(Instant::now()), Known::Reads);
+        let now = match reads {
+            Some(f) => Known::Reads(f, Instant::now()),
+            None => Known::No(Instant::now()),
+        };
         self.known
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -356,7 +428,7 @@ impl Readers {
             for (&id, node) in membership.membership().nodes() {
                 let ask = match known.get(&id) {
                     _ if id == self.me => false,
-                    Some(Known::Reads(f)) => !f.group_options,
+                    Some(Known::Reads(f, _)) => !f.group_options,
                     // One that did not answer lately is not waited for again.
                     Some(Known::No(at)) => at.elapsed() >= ASK_AGAIN,
                     Some(Known::Asking) | None => true,
@@ -377,8 +449,8 @@ impl Readers {
                 continue;
             }
             match known.get(&id) {
-                Some(Known::Reads(f)) if f.group_options => {}
-                Some(Known::Reads(_)) => {
+                Some(Known::Reads(f, _)) if f.group_options => {}
+                Some(Known::Reads(..)) => {
                     return Err(format!(
                         "member {id} runs an older release that does not read health checks or \
                          PROXY protocol settings: upgrade every node first"

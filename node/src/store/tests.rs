@@ -204,6 +204,61 @@ async fn a_member_that_does_not_read_batches_gets_one_entry_per_write() {
     assert_eq!(store.status().last_log_index - before, 8);
 }
 
+fn set_limit(group: &str, limit: u32) -> Command {
+    Command::PatchGroup {
+        id: group.into(),
+        patch: raft_store::command::Patch::HardLimit(limit),
+    }
+}
+
+/// A patch (or certificate) goes as a request to apply once while every
+/// member reads it; with a member that does not say so, it goes as it is,
+/// and a leader strips the wrapper from one it gets then.
+#[tokio::test]
+async fn a_patch_goes_once_only_while_every_member_reads_it() {
+    let (store, _dir) = store().await;
+    store.propose(create("web")).await.expect("create");
+    // Alone, this node reads it: a patch is wrapped, other writes are not.
+    let wire = store.batcher.once(set_limit("web", 5));
+    let Command::Once { request, command } = &wire else {
+        panic!("not wrapped: {wire:?}");
+    };
+    assert_eq!(**command, set_limit("web", 5));
+    let attach = attach("web", "a");
+    assert_eq!(store.batcher.once(attach.clone()), attach);
+    let (_, applied) = store.batcher.submit(wire.clone()).await.expect("submit");
+    assert!(matches!(applied, Ok(Applied::Group(g)) if g.hard_limit == 5));
+    assert!(store.state().applied_request(request));
+    // A patch proposed the usual way is remembered too.
+    let before = store.state().requests_remembered();
+    store.propose(set_limit("web", 6)).await.expect("patch");
+    assert_eq!(store.state().requests_remembered(), before + 1);
+
+    // A learner nobody answers for never says it reads it.
+    let silent = ClusterNode {
+        region: "test".into(),
+        cluster_addr: "127.0.0.1:9".into(),
+        admin_addr: "127.0.0.1:9".into(),
+    };
+    store
+        .raft()
+        .add_learner(2, silent, false)
+        .await
+        .expect("add learner");
+    assert_eq!(store.batcher.once(set_limit("web", 7)), set_limit("web", 7));
+    let request = Uuid::new_v4();
+    let wrapped = Command::Once {
+        request,
+        command: Box::new(set_limit("web", 8)),
+    };
+    let (_, applied) = store.batcher.submit(wrapped).await.expect("submit");
+    assert!(matches!(applied, Ok(Applied::Group(g)) if g.hard_limit == 8));
+    assert!(
+        !store.state().applied_request(&request),
+        "proposed with the wrapper the learner cannot read"
+    );
+}
+
 /// A write that committed but that this node's data plane does not route
 /// by within the write promise answers 503 saying so, with its log index,
 /// not "no quorum": sending it again may find it done. One the state

@@ -1,7 +1,8 @@
 //! The serialised form of [`State`]:
-//! `{"groups": [...], "certificates": [...], "cluster": {...}}`, groups and
-//! certificates in name order, `cluster` left out until the cluster is
-//! initialised. Snapshots carry this form, and so did the single-record
+//! `{"groups": [...], "certificates": [...], "cluster": {...}, "requests": [...]}`,
+//! groups and certificates in name order, `cluster` left out until the
+//! cluster is initialised, `requests` (the uuids applied lately under
+//! `Command::Once`, oldest first) while there are none. Snapshots carry this form, and so did the single-record
 //! storage of format 1, so it stays as it is: nodes of earlier releases
 //! decode it.
 //!
@@ -14,7 +15,10 @@ use std::sync::Arc;
 use serde::ser::SerializeStruct;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::State;
+use uuid::Uuid;
+
+use super::requests::Requests;
+use super::{REQUESTS_KEPT, State};
 use crate::model::{Certificate, ClusterSecrets, ServiceGroup};
 
 impl Serialize for State {
@@ -29,12 +33,17 @@ impl Serialize for State {
                 serializer.collect_seq(self.0.take().into_iter().flatten())
             }
         }
-        let fields = if self.cluster.is_some() { 3 } else { 2 };
+        let fields =
+            2 + usize::from(self.cluster.is_some()) + usize::from(!self.requests.is_empty());
         let mut s = serializer.serialize_struct("State", fields)?;
         s.serialize_field("groups", &Seq(Some(self.groups()).into()))?;
         s.serialize_field("certificates", &Seq(Some(self.certificates()).into()))?;
         if let Some(cluster) = self.cluster() {
             s.serialize_field("cluster", cluster)?;
+        }
+        if !self.requests.is_empty() {
+            let uuids = self.requests.iter().map(|(_, uuid)| uuid);
+            s.serialize_field("requests", &Seq(Some(uuids).into()))?;
         }
         s.end()
     }
@@ -47,13 +56,24 @@ struct Form {
     certificates: Vec<Certificate>,
     #[serde(default)]
     cluster: Option<ClusterSecrets>,
+    /// Left out while empty, and by releases before `Command::Once`.
+    #[serde(default)]
+    requests: Vec<Uuid>,
 }
 
 impl<'de> Deserialize<'de> for State {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let form = Form::deserialize(deserializer)?;
-        Self::from_parts(form.groups, form.certificates, form.cluster)
-            .map_err(serde::de::Error::custom)
+        let mut state = Self::from_parts(form.groups, form.certificates, form.cluster)
+            .map_err(serde::de::Error::custom)?;
+        if form.requests.len() > REQUESTS_KEPT {
+            return Err(serde::de::Error::custom(format!(
+                "state remembers {} requests, more than {REQUESTS_KEPT}",
+                form.requests.len()
+            )));
+        }
+        state.requests = Requests::from_ordered(form.requests);
+        Ok(state)
     }
 }
 
@@ -85,5 +105,30 @@ impl State {
         }
         state.cluster = cluster.map(Arc::new);
         Ok(state)
+    }
+
+    /// This state remembering the requests stored as `rows` (sequence
+    /// number, uuid).
+    pub(crate) fn with_request_rows(
+        mut self,
+        rows: impl IntoIterator<Item = (u64, Uuid)>,
+    ) -> Result<Self, String> {
+        self.requests = Requests::from_rows(rows)?;
+        Ok(self)
+    }
+
+    /// How many request uuids are remembered.
+    pub fn requests_remembered(&self) -> usize {
+        self.requests.iter().count()
+    }
+
+    /// The remembered request uuids by sequence number, oldest first.
+    pub(crate) fn requests(&self) -> impl Iterator<Item = (u64, Uuid)> + '_ {
+        self.requests.iter()
+    }
+
+    /// The request uuid stored under `seq`, if it is still remembered.
+    pub(crate) fn request_at(&self, seq: u64) -> Option<Uuid> {
+        self.requests.at(seq)
     }
 }

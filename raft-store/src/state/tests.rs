@@ -455,3 +455,167 @@ fn the_same_create_or_attach_again_answers_as_applied_and_changes_nothing() {
         Err(ApplyError::Conflict(_))
     ));
 }
+
+fn once(request: u128, command: Command) -> Command {
+    Command::Once {
+        request: Uuid::from_u128(request),
+        command: Box::new(command),
+    }
+}
+
+fn hard_limit(s: &State) -> u32 {
+    s.group("web").map_or(0, |g| g.hard_limit)
+}
+
+#[test]
+fn a_request_applied_once_answers_a_retry_as_applied_even_after_other_writes() {
+    let mut s = state();
+    let first = apply(&mut s, &once(1, patch("web", Patch::HardLimit(5))));
+    assert!(matches!(&first, Ok(Applied::Group(g)) if g.hard_limit == 5));
+    // Another write between the first try and the retry.
+    assert!(apply(&mut s, &patch("web", Patch::HardLimit(7))).is_ok());
+    let before = s.clone();
+    let mut rows = Rows::default();
+    let again = s.apply_noting(&once(1, patch("web", Patch::HardLimit(5))), &mut rows);
+    // Answered as applied, with the group as it is now; nothing changes,
+    // nothing is written.
+    assert!(matches!(&again, Ok(Applied::Group(g)) if g.hard_limit == 7));
+    assert_eq!(s, before);
+    assert!(rows.is_empty(), "{rows:?}");
+    assert_eq!(hard_limit(&s), 7);
+    // An `add` sent again is not refused as "already in group".
+    let add = patch(
+        "web",
+        services(PatchOp::Add, vec![svc(8082, 9000, &[Http])]),
+    );
+    assert!(apply(&mut s, &once(2, add.clone())).is_ok());
+    assert!(apply(&mut s, &once(2, add.clone())).is_ok());
+    assert!(matches!(
+        apply(&mut s, &add),
+        Err(ApplyError::Invalid(_) | ApplyError::Conflict(_))
+    ));
+    // A certificate sent again does not replace one stored since.
+    let put = |not_after: &str| Command::PutCertificate {
+        certificate: Certificate {
+            not_after: Some(not_after.into()),
+            ..cert("c")
+        },
+    };
+    let (first, second) = ("2030-01-01T00:00:00Z", "2031-01-01T00:00:00Z");
+    assert_eq!(
+        apply(&mut s, &once(3, put(first))),
+        Ok(Applied::Certificate("c".into()))
+    );
+    assert!(apply(&mut s, &put(second)).is_ok());
+    assert_eq!(
+        apply(&mut s, &once(3, put(first))),
+        Ok(Applied::Certificate("c".into()))
+    );
+    assert_eq!(
+        s.certificate("c").and_then(|c| c.not_after.as_deref()),
+        Some(second)
+    );
+    // Inside a batch too.
+    let batch = Command::Batch {
+        commands: vec![
+            once(1, patch("web", Patch::HardLimit(5))),
+            once(4, patch("web", Patch::HardLimit(9))),
+        ],
+    };
+    assert!(apply(&mut s, &batch).is_ok());
+    assert_eq!(hard_limit(&s), 9);
+    assert!(s.applied_request(&Uuid::from_u128(4)));
+}
+
+#[test]
+fn a_refused_request_is_not_remembered() {
+    let mut s = State::default();
+    let first = apply(&mut s, &once(1, patch("web", Patch::HardLimit(5))));
+    assert!(matches!(first, Err(ApplyError::NotFound(_))), "{first:?}");
+    assert!(!s.applied_request(&Uuid::from_u128(1)));
+    assert!(apply(&mut s, &create(web())).is_ok());
+    // Its retry is judged anew: the group is there now.
+    assert!(apply(&mut s, &once(1, patch("web", Patch::HardLimit(5)))).is_ok());
+    assert_eq!(hard_limit(&s), 5);
+    assert!(s.applied_request(&Uuid::from_u128(1)));
+}
+
+#[test]
+fn only_a_patch_or_a_certificate_is_applied_once() {
+    let mut s = State::default();
+    let refused = [
+        once(1, create(web())),
+        once(2, attach("web", inst(10, "a"))),
+        once(3, once(4, patch("web", Patch::HardLimit(5)))),
+        once(5, Command::Batch { commands: vec![] }),
+    ];
+    for cmd in &refused {
+        assert!(
+            matches!(apply(&mut s, cmd), Err(ApplyError::Invalid(_))),
+            "{cmd:?}"
+        );
+        assert!(
+            matches!(s.check(cmd), Err(ApplyError::Invalid(_))),
+            "{cmd:?}"
+        );
+    }
+    assert_eq!(s, State::default());
+}
+
+#[test]
+fn the_oldest_requests_are_forgotten_past_the_limit() {
+    let mut s = state();
+    for n in 0..=REQUESTS_KEPT as u128 {
+        let limit = Patch::HardLimit(n as u32 + 1);
+        assert!(apply(&mut s, &once(n, patch("web", limit))).is_ok());
+    }
+    assert_eq!(s.requests.len(), REQUESTS_KEPT);
+    // The first is forgotten: sent again, it applies again.
+    assert!(!s.applied_request(&Uuid::from_u128(0)));
+    assert!(s.applied_request(&Uuid::from_u128(1)));
+    assert!(apply(&mut s, &once(0, patch("web", Patch::HardLimit(1)))).is_ok());
+    assert_eq!(hard_limit(&s), 1);
+    // Its return evicted the next oldest; the rows name the one added and
+    // the one forgotten.
+    assert!(!s.applied_request(&Uuid::from_u128(1)));
+    let mut rows = Rows::default();
+    assert!(
+        s.apply_noting(&once(9_999, patch("web", Patch::HardLimit(3))), &mut rows)
+            .is_ok()
+    );
+    assert_eq!(rows.requests.len(), 2, "{rows:?}");
+    assert!(
+        rows.requests
+            .iter()
+            .any(|&seq| s.request_at(seq) == Some(Uuid::from_u128(9_999)))
+    );
+    assert!(rows.requests.iter().any(|&seq| s.request_at(seq).is_none()));
+}
+
+#[test]
+fn remembered_requests_survive_the_serialised_form() {
+    let mut s = state();
+    // Without any, the form is as before (no `requests`).
+    assert!(serde_json::to_value(&s).unwrap().get("requests").is_none());
+    for n in [30, 10, 20] {
+        assert!(apply(&mut s, &once(n, patch("web", Patch::HardLimit(1)))).is_ok());
+    }
+    let json = serde_json::to_value(&s).unwrap();
+    let listed: Vec<Uuid> = serde_json::from_value(json["requests"].clone()).unwrap();
+    assert_eq!(listed, [30, 10, 20].map(Uuid::from_u128), "oldest first");
+    let mut back: State = serde_json::from_value(json).unwrap();
+    assert_eq!(back, s);
+    // Restored, it still tells a retry apart, and forgets in the same order.
+    assert!(back.applied_request(&Uuid::from_u128(10)));
+    assert!(apply(&mut back, &once(10, patch("web", Patch::HardLimit(2)))).is_ok());
+    assert_eq!(hard_limit(&back), 1);
+    // A form with more than the limit is refused.
+    let mut json = serde_json::to_value(&s).unwrap();
+    json["requests"] = serde_json::to_value(
+        (0..=REQUESTS_KEPT as u128)
+            .map(Uuid::from_u128)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert!(serde_json::from_value::<State>(json).is_err());
+}
