@@ -324,7 +324,7 @@ impl Store {
             };
             // A patch or a certificate goes as a request to apply once,
             // so that a retry whose first try committed changes nothing.
-            let wire = self.batcher.once(cmd.clone());
+            let wire = Batcher::once(cmd.clone());
             let written = self.write(&wire, deadline);
             let result = tokio::time::timeout_at(deadline, written).await;
             let Written {
@@ -399,8 +399,8 @@ impl Store {
                 let call = match &mut forwarding {
                     Some(f) => f,
                     slot => {
+                        let f = Forward::Write(self.batcher.for_leader(cmd, id, &node));
                         let (transport, addr) = (Arc::clone(&self.transport), node.cluster_addr);
-                        let f = Forward::Write(cmd.clone());
                         // Ending a moment before the write does, so that a
                         // call that timed out is the transport's to judge
                         // (a connection the leader no longer serves is

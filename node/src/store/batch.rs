@@ -150,11 +150,12 @@ impl Batcher {
 
 impl Batcher {
     /// `cmd` wrapped in [`Command::Once`] under a new request uuid, when it
-    /// is one that a retry could apply twice and every member this node
-    /// knows reads the wrapper (asking those it does not know, without
-    /// waiting: until they answer, writes go unwrapped, as before).
-    pub(crate) fn once(&self, cmd: Command) -> Command {
-        if cmd.applies_once() && self.readers.all_read(&self.raft, |f| f.once) {
+    /// is one that a retry could apply twice. Wherever it goes, the
+    /// wrapper is dropped for a reader that does not read it: by
+    /// [`Batcher::for_leader`] before it is forwarded, by
+    /// [`Batcher::submit`] before this node proposes it.
+    pub(crate) fn once(cmd: Command) -> Command {
+        if cmd.applies_once() {
             Command::Once {
                 request: uuid::Uuid::new_v4(),
                 command: Box::new(cmd),
@@ -163,20 +164,42 @@ impl Batcher {
             cmd
         }
     }
+
+    /// `cmd` as it may be forwarded to leader `id` at `node`: without a
+    /// [`Command::Once`] wrapper unless that node said it reads it (it is
+    /// asked when this node does not know, without waiting).
+    pub(crate) fn for_leader(&self, cmd: &Command, id: u64, node: &ClusterNode) -> Command {
+        match cmd {
+            Command::Once { command, .. } if !self.readers.reads(id, node, |f| f.once) => {
+                Command::clone(command)
+            }
+            cmd => cmd.clone(),
+        }
+    }
 }
 
-/// Asks the members what they read as soon as this node knows its
-/// membership, again whenever it changes, and every [`ASK_AGAIN`] while
-/// one does not read [`Command::Once`] (or did not answer): so that a
-/// follower knows before its first write whether to wrap it. Ends with
-/// the Raft core.
+/// Asks ahead of the first write, so that it goes as a request to apply
+/// once already: a follower asks the leader it knows (the one node its
+/// writes go to, over the connection it already has), a leader every
+/// member (all of them apply what it proposes). Again when the leader or
+/// the membership changes, and every [`ASK_AGAIN`] while one does not
+/// read [`Command::Once`] or did not answer. Ends with the Raft core.
 async fn learn(raft: Raft, readers: Weak<Readers>) {
     let mut metrics = raft.metrics();
     loop {
-        let seen = metrics.borrow().membership_config.log_id().to_owned();
-        let all = match readers.upgrade() {
-            Some(r) => r.all_read(&raft, |f| f.once),
-            None => return,
+        let (seen, leader, all) = {
+            let Some(r) = readers.upgrade() else { return };
+            let m = metrics.borrow().clone();
+            let seen = m.membership_config.log_id().to_owned();
+            let all = match m.current_leader {
+                Some(id) if id == r.me => r.all_read(&raft, |f| f.once),
+                Some(id) => match m.membership_config.membership().get_node(&id) {
+                    Some(node) => r.reads(id, node, |f| f.once),
+                    None => true,
+                },
+                None => true,
+            };
+            (seen, m.current_leader, all)
         };
         let again = tokio::time::sleep(ASK_AGAIN);
         tokio::pin!(again);
@@ -186,7 +209,8 @@ async fn learn(raft: Raft, readers: Weak<Readers>) {
                     if changed.is_err() {
                         return;
                     }
-                    if metrics.borrow().membership_config.log_id() != &seen {
+                    let m = metrics.borrow();
+                    if m.membership_config.log_id() != &seen || m.current_leader != leader {
                         break;
                     }
                 }
@@ -368,23 +392,40 @@ impl Readers {
         let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         let mut all = true;
         for (&id, node) in membership.membership().nodes() {
-            if id == self.me {
-                continue;
-            }
-            match known.get(&id) {
-                Some(Known::Reads(f, _)) if reads(f) => continue,
-                Some(Known::Asking) => {}
-                // One that does not read it (an older release, which may be
-                // upgraded since) or did not answer is asked again later.
-                Some(Known::Reads(_, at) | Known::No(at)) if at.elapsed() < ASK_AGAIN => {}
-                _ => {
-                    known.insert(id, Known::Asking);
-                    tokio::spawn(Arc::clone(self).ask(id, node.clone()));
-                }
-            }
-            all = false;
+            all &= self.reads_locked(&mut known, id, node, reads);
         }
         all
+    }
+
+    /// Whether member `id` at `node` reads what `reads` picks; asks it
+    /// when this node does not know (without waiting).
+    fn reads(self: &Arc<Self>, id: u64, node: &ClusterNode, reads: fn(&Features) -> bool) -> bool {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        self.reads_locked(&mut known, id, node, reads)
+    }
+
+    fn reads_locked(
+        self: &Arc<Self>,
+        known: &mut HashMap<u64, Known>,
+        id: u64,
+        node: &ClusterNode,
+        reads: fn(&Features) -> bool,
+    ) -> bool {
+        if id == self.me {
+            return true;
+        }
+        match known.get(&id) {
+            Some(Known::Reads(f, _)) if reads(f) => return true,
+            Some(Known::Asking) => {}
+            // One that does not read it (an older release, which may be
+            // upgraded since) or did not answer is asked again later.
+            Some(Known::Reads(_, at) | Known::No(at)) if at.elapsed() < ASK_AGAIN => {}
+            _ => {
+                known.insert(id, Known::Asking);
+                tokio::spawn(Arc::clone(self).ask(id, node.clone()));
+            }
+        }
+        false
     }
 
     async fn ask(self: Arc<Self>, id: u64, node: ClusterNode) {

@@ -12,7 +12,7 @@ use raft_store::state::{Applied, ApplyError};
 use raft_store::types::ClusterNode;
 use uuid::Uuid;
 
-use super::{Store, StoreError};
+use super::{Batcher, Store, StoreError};
 
 /// A data dir removed on drop.
 struct Dir(std::path::PathBuf);
@@ -211,21 +211,22 @@ fn set_limit(group: &str, limit: u32) -> Command {
     }
 }
 
-/// A patch (or certificate) goes as a request to apply once while every
-/// member reads it; with a member that does not say so, it goes as it is,
-/// and a leader strips the wrapper from one it gets then.
+/// A patch (or certificate) goes as a request to apply once; a leader
+/// drops the wrapper while a member does not say it reads it, and a
+/// follower drops it before forwarding to a leader that does not.
 #[tokio::test]
-async fn a_patch_goes_once_only_while_every_member_reads_it() {
+async fn a_patch_goes_once_only_to_nodes_that_read_it() {
     let (store, _dir) = store().await;
     store.propose(create("web")).await.expect("create");
-    // Alone, this node reads it: a patch is wrapped, other writes are not.
-    let wire = store.batcher.once(set_limit("web", 5));
+    // A patch is wrapped, other writes are not.
+    let wire = Batcher::once(set_limit("web", 5));
     let Command::Once { request, command } = &wire else {
         panic!("not wrapped: {wire:?}");
     };
     assert_eq!(**command, set_limit("web", 5));
     let attach = attach("web", "a");
-    assert_eq!(store.batcher.once(attach.clone()), attach);
+    assert_eq!(Batcher::once(attach.clone()), attach);
+    // Alone, this node reads it: proposed wrapped, remembered.
     let (_, applied) = store.batcher.submit(wire.clone()).await.expect("submit");
     assert!(matches!(applied, Ok(Applied::Group(g)) if g.hard_limit == 5));
     assert!(store.state().applied_request(request));
@@ -242,21 +243,27 @@ async fn a_patch_goes_once_only_while_every_member_reads_it() {
     };
     store
         .raft()
-        .add_learner(2, silent, false)
+        .add_learner(2, silent.clone(), false)
         .await
         .expect("add learner");
-    assert_eq!(store.batcher.once(set_limit("web", 7)), set_limit("web", 7));
     let request = Uuid::new_v4();
     let wrapped = Command::Once {
         request,
         command: Box::new(set_limit("web", 8)),
     };
-    let (_, applied) = store.batcher.submit(wrapped).await.expect("submit");
+    let (_, applied) = store.batcher.submit(wrapped.clone()).await.expect("submit");
     assert!(matches!(applied, Ok(Applied::Group(g)) if g.hard_limit == 8));
     assert!(
         !store.state().applied_request(&request),
         "proposed with the wrapper the learner cannot read"
     );
+    // Were it the leader, a write forwarded to it would go bare; to this
+    // node (which reads it), wrapped.
+    assert_eq!(
+        store.batcher.for_leader(&wrapped, 2, &silent),
+        set_limit("web", 8)
+    );
+    assert_eq!(store.batcher.for_leader(&wrapped, 1, &silent), wrapped);
 }
 
 /// A write that committed but that this node's data plane does not route
