@@ -399,7 +399,7 @@ impl Store {
                 let call = match &mut forwarding {
                     Some(f) => f,
                     slot => {
-                        let f = Forward::Write(self.batcher.for_leader(cmd, id, &node));
+                        let f = Forward::Write(self.batcher.for_leader(cmd, id, &node).await);
                         let (transport, addr) = (Arc::clone(&self.transport), node.cluster_addr);
                         // Ending a moment before the write does, so that a
                         // call that timed out is the transport's to judge

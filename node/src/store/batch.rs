@@ -110,18 +110,16 @@ impl Batcher {
     /// so that the queue never waits for the answers); otherwise it is
     /// answered 409 naming the member, unqueued.
     pub(crate) fn submit(&self, cmd: Command) -> impl Future<Output = Outcome> + use<> {
-        // A request to apply once that reached a leader some member of
-        // which does not read it (one that joined since the sender looked)
-        // is proposed as it is without the wrapper.
-        let cmd = match cmd {
-            Command::Once { command, .. } if !self.readers.all_read(&self.raft, |f| f.once) => {
-                *command
-            }
-            cmd => cmd,
-        };
         let size = raft_store::encoded_len(&cmd).unwrap_or(usize::MAX);
-        let gated = cmd.uses_group_options()
-            && self.raft.metrics().borrow().current_leader == Some(self.readers.me);
+        let leads = self.raft.metrics().borrow().current_leader == Some(self.readers.me);
+        // A request to apply once goes wrapped only while every member
+        // reads the wrapper: decided now when this node knows, else once
+        // the members it has no answer from answered (a leader elected a
+        // moment ago, when a retry comes). Gated like group options.
+        let once = leads
+            && matches!(cmd, Command::Once { .. })
+            && !self.readers.all_read(&self.raft, |f| f.once);
+        let gated = leads && (once || cmd.uses_group_options());
         let tx = self.tx.clone();
         let queue = move |cmd| {
             let (reply, answer) = oneshot::channel();
@@ -133,9 +131,16 @@ impl Batcher {
         async move {
             let answer = match queued {
                 Ok(answer) => answer,
-                Err(cmd) => {
-                    if let Err(why) = readers.all_read_group_options(&raft).await {
+                Err(mut cmd) => {
+                    if cmd.uses_group_options()
+                        && let Err(why) = readers.all_read_group_options(&raft).await
+                    {
                         return Ok((0, Err(ApplyError::Conflict(why))));
+                    }
+                    if once && !readers.all_read_once(&raft).await {
+                        // Some member does not read it (an older release,
+                        // or one that does not answer): proposed bare.
+                        cmd = cmd.unwrapped().clone();
                     }
                     queue(cmd)
                 }
@@ -166,15 +171,31 @@ impl Batcher {
     }
 
     /// `cmd` as it may be forwarded to leader `id` at `node`: without a
-    /// [`Command::Once`] wrapper unless that node said it reads it (it is
-    /// asked when this node does not know, without waiting).
-    pub(crate) fn for_leader(&self, cmd: &Command, id: u64, node: &ClusterNode) -> Command {
-        match cmd {
-            Command::Once { command, .. } if !self.readers.reads(id, node, |f| f.once) => {
-                Command::clone(command)
-            }
-            cmd => cmd.clone(),
+    /// [`Command::Once`] wrapper unless that node said it reads it (asked,
+    /// and waited for within [`ASK_TIMEOUT`], when this node has no answer
+    /// from it: a leader elected a moment ago).
+    pub(crate) async fn for_leader(&self, cmd: &Command, id: u64, node: &ClusterNode) -> Command {
+        let Command::Once { command, .. } = cmd else {
+            return cmd.clone();
+        };
+        if self.readers.reads(id, node, |f| f.once) {
+            return cmd.clone();
         }
+        let unknown = matches!(
+            self.readers
+                .known
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&id),
+            Some(Known::Asking) | None
+        );
+        if unknown {
+            Arc::clone(&self.readers).ask(id, node.clone()).await;
+            if self.readers.reads(id, node, |f| f.once) {
+                return cmd.clone();
+            }
+        }
+        Command::clone(command)
     }
 }
 
@@ -191,6 +212,7 @@ async fn learn(raft: Raft, readers: Weak<Readers>) {
             let Some(r) = readers.upgrade() else { return };
             let m = metrics.borrow().clone();
             let seen = m.membership_config.log_id().to_owned();
+            r.forget_others(&m.membership_config);
             let all = match m.current_leader {
                 Some(id) if id == r.me => r.all_read(&raft, |f| f.once),
                 Some(id) => match m.membership_config.membership().get_node(&id) {
@@ -428,6 +450,15 @@ impl Readers {
         false
     }
 
+    /// Drops what members that left `membership` said: one that joins
+    /// again (perhaps running another release) is asked afresh.
+    fn forget_others(&self, membership: &openraft::StoredMembership<u64, ClusterNode>) {
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|id, _| membership.membership().get_node(id).is_some());
+    }
+
     async fn ask(self: Arc<Self>, id: u64, node: ClusterNode) {
         let reads = match self.transport.upgrade() {
             Some(t) => {
@@ -458,22 +489,19 @@ impl Readers {
             .insert(id, now);
     }
 
-    /// Whether every member reads group options, asking (and waiting for)
-    /// those this node does not know about; the error names a member that
-    /// does not, or did not answer.
-    async fn all_read_group_options(self: &Arc<Self>, raft: &Raft) -> Result<(), String> {
-        let membership = raft.metrics().borrow().membership_config.clone();
+    /// Asks every other member of `membership` for which `ask` says so,
+    /// given what this node knows of it, and waits for their answers (each
+    /// within [`ASK_TIMEOUT`]).
+    async fn ask_and_wait(
+        self: &Arc<Self>,
+        membership: &openraft::StoredMembership<u64, ClusterNode>,
+        ask: impl Fn(Option<&Known>) -> bool,
+    ) {
         let mut asks = Vec::new();
         {
             let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
             for (&id, node) in membership.membership().nodes() {
-                let ask = match known.get(&id) {
-                    _ if id == self.me => false,
-                    Some(Known::Reads(f, _)) => !f.group_options,
-                    // One that did not answer lately is not waited for again.
-                    Some(Known::No(at)) => at.elapsed() >= ASK_AGAIN,
-                    Some(Known::Asking) | None => true,
-                };
+                let ask = id != self.me && ask(known.get(&id));
                 if ask {
                     asks.push(Arc::clone(self).ask(id, node.clone()));
                 }
@@ -484,6 +512,34 @@ impl Readers {
             asking.spawn(ask);
         }
         while asking.join_next().await.is_some() {}
+    }
+
+    /// Whether every member reads [`Command::Once`], asking (and waiting
+    /// for) those this node has no answer from yet; one that said no or
+    /// did not answer is asked again in the background ([`learn`]), not
+    /// waited for.
+    async fn all_read_once(self: &Arc<Self>, raft: &Raft) -> bool {
+        let membership = raft.metrics().borrow().membership_config.clone();
+        self.ask_and_wait(&membership, |known| {
+            matches!(known, Some(Known::Asking) | None)
+        })
+        .await;
+        self.all_read(raft, |f| f.once)
+    }
+
+    /// Whether every member reads group options, asking (and waiting for)
+    /// those this node does not know about; the error names a member that
+    /// does not, or did not answer.
+    async fn all_read_group_options(self: &Arc<Self>, raft: &Raft) -> Result<(), String> {
+        let membership = raft.metrics().borrow().membership_config.clone();
+        // Every member is asked again (a member down now is not vouched
+        // for by an earlier answer; such writes are rare), but one that
+        // did not answer lately.
+        self.ask_and_wait(&membership, |known| match known {
+            Some(Known::No(at)) => at.elapsed() >= ASK_AGAIN,
+            Some(Known::Reads(..) | Known::Asking) | None => true,
+        })
+        .await;
         let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         for &id in membership.membership().nodes().map(|(id, _)| id) {
             if id == self.me {

@@ -260,10 +260,13 @@ async fn a_patch_goes_once_only_to_nodes_that_read_it() {
     // Were it the leader, a write forwarded to it would go bare; to this
     // node (which reads it), wrapped.
     assert_eq!(
-        store.batcher.for_leader(&wrapped, 2, &silent),
+        store.batcher.for_leader(&wrapped, 2, &silent).await,
         set_limit("web", 8)
     );
-    assert_eq!(store.batcher.for_leader(&wrapped, 1, &silent), wrapped);
+    assert_eq!(
+        store.batcher.for_leader(&wrapped, 1, &silent).await,
+        wrapped
+    );
 }
 
 /// A write that committed but that this node's data plane does not route

@@ -2,7 +2,7 @@
 //! `{"groups": [...], "certificates": [...], "cluster": {...}, "requests": [...]}`,
 //! groups and certificates in name order, `cluster` left out until the
 //! cluster is initialised, `requests` (the uuids applied lately under
-//! `Command::Once`, oldest first) while there are none. Snapshots carry this form, and so did the single-record
+//! `Command::Once`, oldest first) left out while there are none. Snapshots carry this form, and so did the single-record
 //! storage of format 1, so it stays as it is: nodes of earlier releases
 //! decode it.
 //!

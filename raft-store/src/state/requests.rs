@@ -18,11 +18,21 @@ use crate::changes::Rows;
 pub const KEPT: usize = 4096;
 
 /// The remembered request uuids.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Requests {
     by_seq: OrdMap<u64, Uuid>,
     seq_of: OrdMap<Uuid, u64>,
 }
+
+/// Equal when they remember the same uuids in the same order: the
+/// sequence numbers are each node's own.
+impl PartialEq for Requests {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_seq.values().eq(other.by_seq.values())
+    }
+}
+
+impl Eq for Requests {}
 
 impl Requests {
     /// Remembers `uuids` in this order (from a snapshot or storage).
