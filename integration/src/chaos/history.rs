@@ -2,8 +2,8 @@
 //! plain data and plain code (no I/O, no clock).
 //!
 //! Every write names something new (an instance `k-…` or `t-…` in the
-//! ledger group, or a group `g-…`), so each write is identified by its
-//! key. Keepers (`k-…` instances and groups) are never removed; `t-…`
+//! ledger group, a domain `d-…` of the ledger group, or a group `g-…`), so
+//! each write is identified by its key. Keepers (`k-…` instances and groups) are never removed; `t-…`
 //! instances may be detached later by a write of their own.
 //!
 //! Checks:
@@ -29,6 +29,10 @@ pub enum WriteKind {
     Detach,
     /// Create the group named by the key.
     CreateGroup,
+    /// Add the domain named by the key to the ledger group: a patch, which
+    /// a node sends as a request to apply once (its retry after a first
+    /// try that committed answers as applied).
+    AddDomain,
 }
 
 /// How a write ended, as the client saw it.
@@ -170,7 +174,7 @@ fn check_finals(h: &History, v: &mut Verdict) {
         for w in h.writes.iter().filter(|w| w.outcome == Outcome::Acked) {
             let present = counts.contains_key(w.key.as_str());
             let lost = match w.kind {
-                WriteKind::Attach | WriteKind::CreateGroup => {
+                WriteKind::Attach | WriteKind::CreateGroup | WriteKind::AddDomain => {
                     !present && !detach_tried.contains(w.key.as_str())
                 }
                 WriteKind::Detach => present,

@@ -1,4 +1,5 @@
-//! The clients of a chaos run: writers (attach, detach, create groups)
+//! The clients of a chaos run: writers (attach, detach, create groups,
+//! add domains)
 //! through random nodes, a consistent reader, and data-plane traffic
 //! through every node. Each records what it saw in the shared [`History`].
 
@@ -20,6 +21,8 @@ use crate::cluster::get_once;
 pub(crate) const LEDGER: &str = "ledger";
 /// Its port, and the port of the groups the writers create.
 pub(crate) const LEDGER_PORT: u16 = 8090;
+/// What follows a `d-…` key in the domain it names.
+pub(crate) const DOMAIN_SUFFIX: &str = ".chaos.test";
 /// The port that carries the data-plane traffic.
 pub(crate) const WEB_PORT: u16 = 8080;
 /// Where the backends listen.
@@ -167,8 +170,20 @@ impl Client {
                     path,
                     Some(body),
                 )
+            } else if roll < 30 {
+                let name = format!("d-{run}-{writer}-{n}");
+                let body = json!({"prop": "domains", "op": "add",
+                    "value": [{"fqdn": format!("{name}{DOMAIN_SUFFIX}")}]});
+                let path = format!("/v1/services/{LEDGER}");
+                (
+                    name,
+                    WriteKind::AddDomain,
+                    http::Method::PATCH,
+                    path,
+                    Some(body),
+                )
             } else {
-                let prefix = if roll < 40 { "t" } else { "k" };
+                let prefix = if roll < 45 { "t" } else { "k" };
                 let name = format!("{prefix}-{run}-{writer}-{n}");
                 let [_, a, b, c] = n.to_be_bytes();
                 let address = Ipv4Addr::new(10, a, b, c).to_string();
@@ -258,6 +273,11 @@ pub(crate) fn keys(groups: &[Value]) -> Option<Vec<String>> {
         if name == LEDGER {
             for i in g["instances"].as_array()? {
                 out.push(i["name"].as_str()?.to_owned());
+            }
+            for d in g["domains"].as_array()? {
+                if let Some(key) = d["fqdn"].as_str()?.strip_suffix(DOMAIN_SUFFIX) {
+                    out.push(key.to_owned());
+                }
             }
         }
     }

@@ -159,3 +159,19 @@ fn failed_requests_count_only_outside_excluded_windows() {
     assert_eq!(v.failed_requests, vec![(1, ms(150))]);
     assert_eq!(v.requests, 3);
 }
+
+#[test]
+fn an_acked_domain_missing_at_the_end_or_from_a_later_read_fails() {
+    let mut h = clean();
+    h.writes
+        .push(write("d-1", WriteKind::AddDomain, 81, 90, Outcome::Acked));
+    h.finals = finals(&[1, 2, 3], &["k-1", "k-2", "g-1", "d-1"]);
+    h.reads.push(read(91, 95, &["k-1", "k-2", "g-1", "d-1"]));
+    assert!(check(&h).passed(), "{:?}", check(&h));
+    h.finals
+        .insert(2, vec!["k-1".into(), "k-2".into(), "g-1".into()]);
+    h.reads.push(read(96, 99, &["k-1", "k-2", "g-1"]));
+    let v = check(&h);
+    assert_eq!(v.lost, vec![("d-1".to_owned(), 2)]);
+    assert_eq!(v.stale_reads, vec![(2, ms(96), "d-1".to_owned())]);
+}
