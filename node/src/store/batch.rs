@@ -154,6 +154,17 @@ impl Batcher {
 }
 
 impl Batcher {
+    /// Whether this node holds an answer (or an ask under way) from
+    /// member `id`.
+    #[cfg(test)]
+    pub(crate) fn knows(&self, id: u64) -> bool {
+        self.readers
+            .known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&id)
+    }
+
     /// `cmd` wrapped in [`Command::Once`] under a new request uuid, when it
     /// is one that a retry could apply twice. Wherever it goes, the
     /// wrapper is dropped for a reader that does not read it: by

@@ -269,6 +269,42 @@ async fn a_patch_goes_once_only_to_nodes_that_read_it() {
     );
 }
 
+/// What a member said it reads is forgotten once it leaves the
+/// membership, so a node that joins again under its id (perhaps running
+/// another release) is asked afresh.
+#[tokio::test]
+async fn a_removed_member_is_asked_afresh() {
+    let (store, _dir) = store().await;
+    store.propose(create("web")).await.expect("create");
+    let silent = ClusterNode {
+        region: "test".into(),
+        cluster_addr: "127.0.0.1:9".into(),
+        admin_addr: "127.0.0.1:9".into(),
+    };
+    store
+        .raft()
+        .add_learner(2, silent, false)
+        .await
+        .expect("add learner");
+    // A wrapped write makes the leader ask it (and wait for the answer).
+    let (_, applied) = store
+        .batcher
+        .submit(Batcher::once(set_limit("web", 3)))
+        .await
+        .expect("submit");
+    assert!(applied.is_ok(), "{applied:?}");
+    assert!(store.batcher.knows(2));
+    store.remove_node(2).await.expect("remove the learner");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while store.batcher.knows(2) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "member 2's answer kept after its removal"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// A write that committed but that this node's data plane does not route
 /// by within the write promise answers 503 saying so, with its log index,
 /// not "no quorum": sending it again may find it done. One the state

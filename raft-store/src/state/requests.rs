@@ -103,3 +103,19 @@ impl Requests {
         self.by_seq.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_by_the_uuids_order_whatever_their_numbers() {
+        let u = |n| Uuid::from_u128(n);
+        let here = Requests::from_rows([(0, u(1)), (1, u(2))]).unwrap();
+        let there = Requests::from_rows([(7, u(1)), (9, u(2))]).unwrap();
+        assert_eq!(here, there);
+        assert_eq!(here, Requests::from_ordered([u(1), u(2)]));
+        assert_ne!(here, Requests::from_ordered([u(2), u(1)]));
+        assert!(Requests::from_rows([(0, u(1)), (1, u(1))]).is_err());
+    }
+}
