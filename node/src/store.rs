@@ -943,6 +943,12 @@ impl RaftHandler for RaftRpc {
             else {
                 return RpcReply::Error("raft is starting".into());
             };
+            // A core that stopped (the node stops, or hands over to a new
+            // process, and its endpoint still answers for a moment) is not
+            // called: openraft would log each call as an error.
+            if raft.metrics().borrow().running_state.is_err() {
+                return RpcReply::Error("raft stopped".into());
+            }
             if let Some(why) = senders::refusal(raft, from, &rpc) {
                 warn!(from, reason = %why, "refused a cluster request");
                 return RpcReply::Error(why);

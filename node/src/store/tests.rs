@@ -305,6 +305,30 @@ async fn a_removed_member_is_asked_afresh() {
     }
 }
 
+/// Once its Raft core stopped (a node stopping, or handing over to a new
+/// process while its endpoint still answers), a call is answered without
+/// reaching openraft, which would log it as an error.
+#[tokio::test]
+async fn a_stopped_raft_answers_calls_without_reaching_the_core() {
+    let (store, _dir) = store().await;
+    store.raft().shutdown().await.expect("shutdown");
+    let heartbeat = openraft::raft::AppendEntriesRequest {
+        vote: openraft::Vote::new_committed(2, 2),
+        prev_log_id: None,
+        leader_commit: None,
+        entries: vec![],
+    };
+    let reply = store
+        .transport()
+        .handler()
+        .handle(2, crate::cluster::Rpc::AppendEntries(heartbeat))
+        .await;
+    assert!(
+        matches!(&reply, crate::cluster::RpcReply::Error(e) if e == "raft stopped"),
+        "{reply:?}"
+    );
+}
+
 /// A write that committed but that this node's data plane does not route
 /// by within the write promise answers 503 saying so, with its log index,
 /// not "no quorum": sending it again may find it done. One the state
