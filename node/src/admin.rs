@@ -282,11 +282,16 @@ async fn connection<S>(
     } = accepted;
     let activity = Arc::default();
     let stream = timed::TimedIo::new(stream, Arc::clone(&activity), accepted, admin.timeouts);
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: Request<Incoming>| {
         let active = timed::Active::new(&activity);
+        if http_body::Body::is_end_stream(req.body()) {
+            active.body_read();
+        }
         let admin = admin.clone();
         async move {
             let reply = handle(&admin, peer.ip(), req).await;
+            // A body the handler took is read by now.
+            active.body_read();
             Ok::<_, Infallible>(reply.map(|body| timed::Guarded::new(body, active)))
         }
     });

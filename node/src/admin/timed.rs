@@ -10,10 +10,18 @@
 //!
 //! ```text
 //!   accept ─▶ Head ──request dispatched──▶ Busy ──response body dropped──▶ Idle
-//!              │ HEADER_TIMEOUT              ▲                                │ first byte
-//!              ▼                             └──────── Head ◀─────────────────┘
-//!          read error: hyper closes                          IDLE_TIMEOUT: read error
+//!              │ HEADER_TIMEOUT              ▲  │                             │ first byte
+//!              ▼                             │  │ bytes once its body is read │
+//!          read error: hyper closes          │  ▼ (a next head, pipelined)    │
+//!                                            │  Busy, next head since t ──▶ Head from t
+//!                                            └──────── Head ◀─────────────────┘
+//!                                                            IDLE_TIMEOUT: read error
 //! ```
+//!
+//! While a request is served, bytes read before its body is read whole
+//! are its body; bytes read after (the service says when: at once for a
+//! request without one) begin the next request, whose header timeout runs
+//! from them.
 //!
 //! The wrapper also gives hyper's answers to a head it cannot parse (a
 //! malformed request line or field 400, a target too long 414, a header
@@ -97,6 +105,8 @@ impl Default for Timeouts {
 #[derive(Debug, Default)]
 pub(super) struct Activity {
     dispatched: AtomicU64,
+    /// Dispatched requests whose body was read whole (or that had none).
+    bodies_read: AtomicU64,
     active: AtomicUsize,
     /// The read that waited while a request was served: woken when the
     /// last response is done, to arm the idle timer.
@@ -105,18 +115,28 @@ pub(super) struct Activity {
 
 /// One request taken by the service, until its response body is dropped.
 #[derive(Debug)]
-pub(super) struct Active(Arc<Activity>);
+pub(super) struct Active(Arc<Activity>, std::sync::atomic::AtomicBool);
 
 impl Active {
     pub(super) fn new(activity: &Arc<Activity>) -> Self {
         activity.dispatched.fetch_add(1, Ordering::SeqCst);
         activity.active.fetch_add(1, Ordering::SeqCst);
-        Self(activity.clone())
+        Self(activity.clone(), false.into())
+    }
+
+    /// The request's body is read whole, or it had none: bytes read from
+    /// now on begin the next request. Once per request.
+    pub(super) fn body_read(&self) {
+        if !self.1.swap(true, Ordering::SeqCst) {
+            self.0.bodies_read.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
+        // Not said: nothing more is read for it.
+        self.body_read();
         if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.reader.wake();
         }
@@ -184,6 +204,9 @@ pub(super) struct TimedIo<S> {
     quiet: bool,
     /// The envelope given instead of hyper's answer, if any.
     answer: Answer,
+    /// When the first byte of a next request was read while one was
+    /// served (pipelined): its header timeout runs from then.
+    next_head: Option<Instant>,
 }
 
 /// The envelope in place of hyper's answer to a head it could not parse.
@@ -215,12 +238,17 @@ impl<S> TimedIo<S> {
             timeouts,
             quiet: true,
             answer: Answer::Not,
+            next_head: None,
         }
     }
 
     fn arm(&mut self, wait: Wait, after: Duration) {
+        self.arm_from(wait, Instant::now(), after);
+    }
+
+    fn arm_from(&mut self, wait: Wait, from: Instant, after: Duration) {
         self.wait = wait;
-        self.timer.as_mut().reset(Instant::now() + after);
+        self.timer.as_mut().reset(from + after);
     }
 }
 
@@ -234,15 +262,27 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
         this.activity.reader.register(cx.waker());
         let dispatched = this.activity.dispatched.load(Ordering::SeqCst);
         let busy = this.activity.active.load(Ordering::SeqCst) > 0;
+        if dispatched != this.seen {
+            // A request was taken since: its head is done, the bytes read
+            // ahead of it among them.
+            this.next_head = None;
+        }
         if dispatched != this.seen || busy {
-            // A request was taken since: its head is done.
             this.seen = dispatched;
             this.wait = Wait::Unarmed;
         }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
         if busy {
-            // A body, or hyper looking for a close: no timer of ours.
+            // A body, hyper looking for a close, or (once every body is
+            // read) a next head: no timer of ours while it is served.
+            let more = matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before;
+            if more
+                && this.next_head.is_none()
+                && this.activity.bodies_read.load(Ordering::SeqCst) == dispatched
+            {
+                this.next_head = Some(Instant::now());
+            }
             return read;
         }
         match read {
@@ -256,7 +296,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
             Poll::Pending => {}
         }
         if this.wait == Wait::Unarmed {
-            this.arm(Wait::Idle, this.timeouts.idle);
+            match this.next_head.take() {
+                Some(first) => this.arm_from(Wait::Head, first, this.timeouts.header),
+                None => this.arm(Wait::Idle, this.timeouts.idle),
+            }
         }
         ready!(this.timer.as_mut().poll(cx));
         Poll::Ready(Err(io::Error::new(
@@ -432,6 +475,37 @@ mod tests {
         );
         assert!(timed_out(
             read_within(&mut io, Duration::from_millis(20)).await
+        ));
+    }
+
+    /// A next head's first bytes, read while a request is served once its
+    /// body was read (pipelined), start that head's timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_next_head_read_while_a_request_is_served_times_from_its_first_byte() {
+        let (mut client, mut io, activity) = timed();
+        let active = Active::new(&activity);
+        client.write_all(b"body").await.unwrap();
+        assert_eq!(
+            read_within(&mut io, Duration::ZERO).await.unwrap().unwrap(),
+            4
+        );
+        active.body_read();
+        client.write_all(b"GET / HT").await.unwrap();
+        assert_eq!(
+            read_within(&mut io, Duration::ZERO).await.unwrap().unwrap(),
+            8
+        );
+        // Served for 6 s: no timeout meanwhile.
+        assert!(read_within(&mut io, Duration::from_secs(6)).await.is_none());
+        drop(Guarded::new((), active));
+        // 4 s of the head's 10 are left, not the idle timeout's 60.
+        assert!(
+            read_within(&mut io, Duration::from_millis(3_900))
+                .await
+                .is_none()
+        );
+        assert!(timed_out(
+            read_within(&mut io, Duration::from_millis(200)).await
         ));
     }
 
