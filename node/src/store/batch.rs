@@ -115,11 +115,13 @@ impl Batcher {
         // A request to apply once goes wrapped only while every member
         // reads the wrapper: decided now when this node knows, else once
         // the members it has no answer from answered (a leader elected a
-        // moment ago, when a retry comes). Gated like group options.
-        let once = leads
-            && matches!(cmd, Command::Once { .. })
-            && !self.readers.all_read(&self.raft, |f| f.once);
-        let gated = leads && (once || cmd.uses_group_options());
+        // moment ago, when a retry comes). Gated like group options, and
+        // whether or not the metrics say this node leads yet (they may
+        // lag its election by a moment; a follower submits only while it
+        // knows no leader).
+        let once =
+            matches!(cmd, Command::Once { .. }) && !self.readers.all_read(&self.raft, |f| f.once);
+        let gated = once || (leads && cmd.uses_group_options());
         let tx = self.tx.clone();
         let queue = move |cmd| {
             let (reply, answer) = oneshot::channel();
