@@ -188,27 +188,14 @@ impl Batcher {
     /// and waited for within [`ASK_TIMEOUT`], when this node has no answer
     /// from it: a leader elected a moment ago).
     pub(crate) async fn for_leader(&self, cmd: &Command, id: u64, node: &ClusterNode) -> Command {
-        let Command::Once { command, .. } = cmd else {
-            return cmd.clone();
-        };
-        if self.readers.reads(id, node, |f| f.once) {
-            return cmd.clone();
-        }
-        let unknown = matches!(
-            self.readers
-                .known
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(&id),
-            Some(Known::Asking) | None
-        );
-        if unknown {
-            Arc::clone(&self.readers).ask(id, node.clone()).await;
-            if self.readers.reads(id, node, |f| f.once) {
-                return cmd.clone();
+        match cmd {
+            Command::Once { command, .. }
+                if !self.readers.reads_once_asked(id, node, |f| f.once).await =>
+            {
+                Command::clone(command)
             }
+            cmd => cmd.clone(),
         }
-        Command::clone(command)
     }
 }
 
@@ -437,6 +424,28 @@ impl Readers {
     fn reads(self: &Arc<Self>, id: u64, node: &ClusterNode, reads: fn(&Features) -> bool) -> bool {
         let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         self.reads_locked(&mut known, id, node, reads)
+    }
+
+    /// [`Readers::reads`], having asked member `id` first (and waited,
+    /// within [`ASK_TIMEOUT`]) when this node has no answer from it.
+    async fn reads_once_asked(
+        self: &Arc<Self>,
+        id: u64,
+        node: &ClusterNode,
+        reads: fn(&Features) -> bool,
+    ) -> bool {
+        let unanswered = id != self.me
+            && matches!(
+                self.known
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&id),
+                Some(Known::Asking) | None
+            );
+        if unanswered {
+            Arc::clone(self).ask(id, node.clone()).await;
+        }
+        self.reads(id, node, reads)
     }
 
     fn reads_locked(

@@ -175,12 +175,9 @@ async fn writes_queued_in_order_apply_in_order() {
     assert_eq!(names, ["z"]);
 }
 
-#[tokio::test]
-async fn a_member_that_does_not_read_batches_gets_one_entry_per_write() {
-    let (store, _dir) = store().await;
-    store.propose(create("web")).await.expect("create");
-    // A learner nobody answers for: it never says it reads batches (learners
-    // do not count for the quorum, so writes still commit).
+/// Adds learner 2 at an address nobody answers on: it never says what it
+/// reads (learners do not count for the quorum, so writes still commit).
+async fn add_silent_learner(store: &Store) -> ClusterNode {
     let silent = ClusterNode {
         region: "test".into(),
         cluster_addr: "127.0.0.1:9".into(),
@@ -188,9 +185,19 @@ async fn a_member_that_does_not_read_batches_gets_one_entry_per_write() {
     };
     store
         .raft()
-        .add_learner(2, silent, false)
+        .add_learner(2, silent.clone(), false)
         .await
         .expect("add learner");
+    silent
+}
+
+#[tokio::test]
+async fn a_member_that_does_not_read_batches_gets_one_entry_per_write() {
+    let (store, _dir) = store().await;
+    store.propose(create("web")).await.expect("create");
+    // A learner nobody answers for: it never says it reads batches (learners
+    // do not count for the quorum, so writes still commit).
+    add_silent_learner(&store).await;
     let before = store.status().last_log_index;
     let cmds: Vec<Command> = (0..8).map(|i| attach("web", &format!("i{i}"))).collect();
     let results = propose_all(&store, &cmds).await;
@@ -236,16 +243,7 @@ async fn a_patch_goes_once_only_to_nodes_that_read_it() {
     assert_eq!(store.state().requests_remembered(), before + 1);
 
     // A learner nobody answers for never says it reads it.
-    let silent = ClusterNode {
-        region: "test".into(),
-        cluster_addr: "127.0.0.1:9".into(),
-        admin_addr: "127.0.0.1:9".into(),
-    };
-    store
-        .raft()
-        .add_learner(2, silent.clone(), false)
-        .await
-        .expect("add learner");
+    let silent = add_silent_learner(&store).await;
     let request = Uuid::new_v4();
     let wrapped = Command::Once {
         request,
@@ -276,16 +274,7 @@ async fn a_patch_goes_once_only_to_nodes_that_read_it() {
 async fn a_removed_member_is_asked_afresh() {
     let (store, _dir) = store().await;
     store.propose(create("web")).await.expect("create");
-    let silent = ClusterNode {
-        region: "test".into(),
-        cluster_addr: "127.0.0.1:9".into(),
-        admin_addr: "127.0.0.1:9".into(),
-    };
-    store
-        .raft()
-        .add_learner(2, silent, false)
-        .await
-        .expect("add learner");
+    add_silent_learner(&store).await;
     // A wrapped write makes the leader ask it (and wait for the answer).
     let (_, applied) = store
         .batcher

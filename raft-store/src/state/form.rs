@@ -119,7 +119,7 @@ impl State {
 
     /// How many request uuids are remembered.
     pub fn requests_remembered(&self) -> usize {
-        self.requests.iter().count()
+        self.requests.len()
     }
 
     /// The remembered request uuids by sequence number, oldest first.

@@ -98,7 +98,6 @@ impl Requests {
         self.by_seq.is_empty()
     }
 
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.by_seq.len()
     }
