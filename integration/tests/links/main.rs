@@ -1019,6 +1019,15 @@ async fn a_set_sent_again_does_not_undo_a_write_made_between_its_tries() -> anyh
     patch_sent_again(Duration::from_millis(40), Between::AnotherSet).await
 }
 
+/// The same in a cluster of five, where a fourth node goes down too
+/// before the leader is killed: the next leader, which cannot ask it,
+/// still knows from before the fault that it reads requests to apply once
+/// (it proposed the retry bare, and so set 5 again, when it did not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_sent_again_while_another_member_is_down_applies_once() -> anyhow::Result<()> {
+    patch_sent_again(Duration::from_millis(40), Between::AnotherSetAndAMemberDown).await
+}
+
 /// What happens between the first try and the retry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Between {
@@ -1027,11 +1036,19 @@ enum Between {
     /// The retry is a `set` of `hard_limit` to 5, and a write through
     /// another node sets it to 7 between the two tries.
     AnotherSet,
+    /// As `AnotherSet`, in a cluster of five, one of whose other members
+    /// is killed before the leader.
+    AnotherSetAndAMemberDown,
 }
 
 async fn patch_sent_again(one_way: Duration, between: Between) -> anyhow::Result<()> {
+    let size = if between == Between::AnotherSetAndAMemberDown {
+        5
+    } else {
+        3
+    };
     let mut cluster = Cluster::start_with(
-        3,
+        size,
         ClusterOptions {
             relay: Some(23),
             // The state machine's info line says when a retry was found
@@ -1059,13 +1076,17 @@ async fn patch_sent_again(one_way: Duration, between: Between) -> anyhow::Result
     let body = match between {
         Between::Nothing => json!({"prop": "services", "op": "add",
             "value": [{"port": 8082, "destination_port": 9000, "handlers": ["http"]}]}),
-        Between::AnotherSet => json!({"prop": "hard_limit", "op": "set", "value": 5}),
+        Between::AnotherSet | Between::AnotherSetAndAMemberDown => {
+            json!({"prop": "hard_limit", "op": "set", "value": 5})
+        }
     };
     let patch = tokio::spawn(async move { admin.patch("/v1/services/patched", &body).await });
     // What the first try did, and what the group shows in the end.
     let (done, wanted): (Shows, Shows) = match between {
         Between::Nothing => (has_port_once, has_port_once),
-        Between::AnotherSet => (|g| g["hard_limit"] == 5, |g| g["hard_limit"] == 7),
+        Between::AnotherSet | Between::AnotherSetAndAMemberDown => {
+            (|g| g["hard_limit"] == 5, |g| g["hard_limit"] == 7)
+        }
     };
     poll(
         "the patch committed on the third node",
@@ -1077,13 +1098,18 @@ async fn patch_sent_again(one_way: Duration, between: Between) -> anyhow::Result
         },
     )
     .await?;
-    if between == Between::AnotherSet {
+    if between != Between::Nothing {
         let set = json!({"prop": "hard_limit", "op": "set", "value": 7});
         let (status, v) = cluster
             .admin(third)
             .patch("/v1/services/patched", &set)
             .await?;
         ensure!(status == StatusCode::OK, "the write between: {status}: {v}");
+    }
+    // The other nodes of five: one goes down before the leader.
+    let rest = &others[2..];
+    if let Some(&down) = rest.first() {
+        cluster.kill9(down).await?;
     }
     cluster.kill9(leader).await?;
     let (status, v) = patch.await??;
@@ -1115,7 +1141,7 @@ async fn patch_sent_again(one_way: Duration, between: Between) -> anyhow::Result
             cluster.stderr(via)
         )
     })?;
-    for id in [via, third] {
+    for id in [via, third].into_iter().chain(rest.iter().skip(1).copied()) {
         let groups = cluster.admin(id).groups(true).await?;
         ensure!(groups.iter().any(wanted), "node {id}: {groups:?}");
     }

@@ -23,8 +23,9 @@
 //! Nodes older than batching cannot read a batch entry, so during a rolling
 //! upgrade the leader proposes batches only once every member has said it
 //! reads them ([`Forward::Features`], asked once per member and again
-//! every [`ASK_AGAIN`] while one says no or does not answer); until then
-//! each write is its own entry, as before.
+//! every [`ASK_AGAIN`] while one says no or has not answered yet; a yes
+//! stands while the member does not answer); until then each write is its
+//! own entry, as before.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -167,6 +168,27 @@ impl Batcher {
             .contains_key(&id)
     }
 
+    /// Member `id` said it reads everything this release proposes.
+    #[cfg(test)]
+    pub(crate) fn heard(&self, id: u64) {
+        let all = Features {
+            batches: true,
+            group_options: true,
+            once: true,
+        };
+        self.readers
+            .known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id,
+                Known {
+                    said: Some(all),
+                    last: Ask::Answered(Instant::now()),
+                },
+            );
+    }
+
     /// `cmd` wrapped in [`Command::Once`] under a new request uuid, when it
     /// is one that a retry could apply twice. Wherever it goes, the
     /// wrapper is dropped for a reader that does not read it: by
@@ -200,11 +222,12 @@ impl Batcher {
 }
 
 /// Asks ahead of the first write, so that it goes as a request to apply
-/// once already: a follower asks the leader it knows (the one node its
-/// writes go to, over the connection it already has), a leader every
-/// member (all of them apply what it proposes). Again when the leader or
-/// the membership changes, and every [`ASK_AGAIN`] while one does not
-/// read [`Command::Once`] or did not answer. Ends with the Raft core.
+/// once already: a voter asks every member (all of them apply what a
+/// leader proposes, and a voter may lead next), a learner only the leader
+/// (the one node its writes go to, over the connection it already has).
+/// Again when the leader or the membership changes, and every
+/// [`ASK_AGAIN`] while one has not said it reads [`Command::Once`]. Ends
+/// with the Raft core.
 async fn learn(raft: Raft, readers: Weak<Readers>) {
     let mut metrics = raft.metrics();
     loop {
@@ -213,9 +236,14 @@ async fn learn(raft: Raft, readers: Weak<Readers>) {
             let m = metrics.borrow().clone();
             let seen = m.membership_config.log_id().to_owned();
             r.forget_others(&m.membership_config);
+            let membership = m.membership_config.membership();
+            let voter = membership.voter_ids().any(|id| id == r.me);
             let all = match m.current_leader {
-                Some(id) if id == r.me => r.all_read(&raft, |f| f.once),
-                Some(id) => match m.membership_config.membership().get_node(&id) {
+                // A voter may lead next, perhaps during the fault that
+                // makes clients send their writes again: it asks every
+                // member while they answer.
+                Some(_) if voter => r.all_read(&raft, |f| f.once),
+                Some(id) => match membership.get_node(&id) {
                     Some(node) => r.reads(id, node, |f| f.once),
                     None => true,
                 },
@@ -381,14 +409,40 @@ struct Readers {
     known: Mutex<HashMap<u64, Known>>,
 }
 
+/// What this node knows of one member's release.
 #[derive(Clone, Copy, Debug)]
-enum Known {
-    /// It said what it reads, at this time.
-    Reads(Features, Instant),
-    /// Being asked.
-    Asking,
-    /// It did not answer, at this time.
-    No(Instant),
+struct Known {
+    /// What it said it reads when it last answered. A yes stands while it
+    /// is a member, also while it does not answer: a member down now comes
+    /// back with the same release or a newer one (rolling one back in
+    /// place is not supported, docs/compatibility.md), and a leader
+    /// elected during a fault still knows what the members it cannot
+    /// reach read.
+    said: Option<Features>,
+    /// The last ask.
+    last: Ask,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ask {
+    /// Under way.
+    Under,
+    /// Answered at this time.
+    Answered(Instant),
+    /// Not answered (failed or timed out) at this time.
+    Silent(Instant),
+}
+
+impl Known {
+    /// Whether it said it reads what `reads` picks.
+    fn reads(&self, reads: fn(&Features) -> bool) -> bool {
+        self.said.as_ref().is_some_and(reads)
+    }
+
+    /// Whether an ask is under way and nothing it said yet answers `reads`.
+    fn awaited(known: Option<&Self>, reads: fn(&Features) -> bool) -> bool {
+        known.is_none_or(|k| k.last == Ask::Under && !k.reads(reads))
+    }
 }
 
 /// What a member said it reads ([`ForwardReply::Features`]).
@@ -435,12 +489,12 @@ impl Readers {
         reads: fn(&Features) -> bool,
     ) -> bool {
         let unanswered = id != self.me
-            && matches!(
+            && Known::awaited(
                 self.known
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .get(&id),
-                Some(Known::Asking) | None
+                reads,
             );
         if unanswered {
             Arc::clone(self).ask(id, node.clone()).await;
@@ -458,17 +512,25 @@ impl Readers {
         if id == self.me {
             return true;
         }
-        match known.get(&id) {
-            Some(Known::Reads(f, _)) if reads(f) => return true,
-            Some(Known::Asking) => {}
+        let said = match known.get(&id) {
+            Some(k) if k.reads(reads) => return true,
             // One that does not read it (an older release, which may be
             // upgraded since) or did not answer is asked again later.
-            Some(Known::Reads(_, at) | Known::No(at)) if at.elapsed() < ASK_AGAIN => {}
-            _ => {
-                known.insert(id, Known::Asking);
-                tokio::spawn(Arc::clone(self).ask(id, node.clone()));
-            }
-        }
+            Some(k) => match k.last {
+                Ask::Under => return false,
+                Ask::Answered(at) | Ask::Silent(at) if at.elapsed() < ASK_AGAIN => return false,
+                Ask::Answered(_) | Ask::Silent(_) => k.said,
+            },
+            None => None,
+        };
+        known.insert(
+            id,
+            Known {
+                said,
+                last: Ask::Under,
+            },
+        );
+        tokio::spawn(Arc::clone(self).ask(id, node.clone()));
         false
     }
 
@@ -501,14 +563,21 @@ impl Readers {
             None => None,
         };
         debug!(node = id, ?reads, "asked what a member reads");
-        let now = match reads {
-            Some(f) => Known::Reads(f, Instant::now()),
-            None => Known::No(Instant::now()),
+        let now = Instant::now();
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        let said = known.get(&id).and_then(|k| k.said);
+        let k = match reads {
+            Some(f) => Known {
+                said: Some(f),
+                last: Ask::Answered(now),
+            },
+            // What it said before stands.
+            None => Known {
+                said,
+                last: Ask::Silent(now),
+            },
         };
-        self.known
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, now);
+        known.insert(id, k);
     }
 
     /// Asks every other member of `membership` for which `ask` says so,
@@ -542,10 +611,8 @@ impl Readers {
     /// waited for.
     async fn all_read_once(self: &Arc<Self>, raft: &Raft) -> bool {
         let membership = raft.metrics().borrow().membership_config.clone();
-        self.ask_and_wait(&membership, |known| {
-            matches!(known, Some(Known::Asking) | None)
-        })
-        .await;
+        self.ask_and_wait(&membership, |known| Known::awaited(known, |f| f.once))
+            .await;
         self.all_read(raft, |f| f.once)
     }
 
@@ -557,9 +624,9 @@ impl Readers {
         // Every member is asked again (a member down now is not vouched
         // for by an earlier answer; such writes are rare), but one that
         // did not answer lately.
-        self.ask_and_wait(&membership, |known| match known {
-            Some(Known::No(at)) => at.elapsed() >= ASK_AGAIN,
-            Some(Known::Reads(..) | Known::Asking) | None => true,
+        self.ask_and_wait(&membership, |known| match known.map(|k| k.last) {
+            Some(Ask::Silent(at)) => at.elapsed() >= ASK_AGAIN,
+            Some(Ask::Answered(_) | Ask::Under) | None => true,
         })
         .await;
         let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
@@ -567,9 +634,13 @@ impl Readers {
             if id == self.me {
                 continue;
             }
-            match known.get(&id) {
-                Some(Known::Reads(f, _)) if f.group_options => {}
-                Some(Known::Reads(..)) => {
+            // Only an answer to this write's ask vouches for a member here.
+            match known
+                .get(&id)
+                .filter(|k| matches!(k.last, Ask::Answered(_)))
+            {
+                Some(k) if k.reads(|f| f.group_options) => {}
+                Some(_) => {
                     return Err(format!(
                         "member {id} runs an older release that does not read health checks or \
                          PROXY protocol settings: upgrade every node first"

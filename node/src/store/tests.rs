@@ -267,6 +267,52 @@ async fn a_patch_goes_once_only_to_nodes_that_read_it() {
     );
 }
 
+/// A member's yes stands while it does not answer: a member that is down
+/// during the fault that makes a client send a patch again still counts,
+/// so the patch goes as a request to apply once and writes still share
+/// entries. A write that uses group options is the exception: it needs an
+/// answer to its own ask from every member.
+#[tokio::test]
+async fn a_members_yes_stands_while_it_does_not_answer() {
+    let (store, _dir) = store().await;
+    store.propose(create("web")).await.expect("create");
+    // Learner 2 said yes, then went down: nobody answers at its address.
+    add_silent_learner(&store).await;
+    store.batcher.heard(2);
+    let options = Command::PatchGroup {
+        id: "web".into(),
+        patch: raft_store::command::Patch::SendProxyProtocol(None),
+    };
+    let (_, applied) = store
+        .batcher
+        .submit(Batcher::once(options))
+        .await
+        .expect("submit");
+    match applied {
+        Err(ApplyError::Conflict(why)) => assert!(why.contains("member 2 did not say"), "{why}"),
+        other => panic!("group options with member 2 down: {other:?}"),
+    }
+    // That write asked member 2 and got no answer; its yes still stands.
+    let request = Uuid::new_v4();
+    let wrapped = Command::Once {
+        request,
+        command: Box::new(set_limit("web", 4)),
+    };
+    let (_, applied) = store.batcher.submit(wrapped).await.expect("submit");
+    assert!(matches!(applied, Ok(Applied::Group(g)) if g.hard_limit == 4));
+    assert!(
+        store.state().applied_request(&request),
+        "proposed bare while member 2 does not answer"
+    );
+    let before = store.status().last_log_index;
+    let cmds: Vec<Command> = (0..32).map(|i| attach("web", &format!("i{i}"))).collect();
+    for r in propose_all(&store, &cmds).await {
+        assert!(attached(&r).is_some(), "{r:?}");
+    }
+    let entries = store.status().last_log_index - before;
+    assert!(entries < 8, "32 concurrent writes took {entries} entries");
+}
+
 /// What a member said it reads is forgotten once it leaves the
 /// membership, so a node that joins again under its id (perhaps running
 /// another release) is asked afresh.
