@@ -84,6 +84,15 @@ impl TlsConn {
 /// Connects to `addr` and completes a TLS handshake with SNI `sni`, offering
 /// `alpn` (e.g. `[b"h2", b"http/1.1"]`, or none).
 pub async fn connect(addr: SocketAddr, sni: &str, alpn: &[&[u8]]) -> anyhow::Result<TlsConn> {
+    let tcp = crate::client::tcp_connect(addr, None)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    handshake(tcp, sni, alpn).await
+}
+
+/// Completes a TLS handshake on a connected stream, as [`connect`] does.
+pub async fn handshake(tcp: TcpStream, sni: &str, alpn: &[&[u8]]) -> anyhow::Result<TlsConn> {
+    let addr = tcp.peer_addr()?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
@@ -91,9 +100,6 @@ pub async fn connect(addr: SocketAddr, sni: &str, alpn: &[&[u8]]) -> anyhow::Res
         .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = crate::client::tcp_connect(addr, None)
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
     let name = ServerName::try_from(sni.to_owned()).context("SNI name")?;
     let stream = TlsConnector::from(Arc::new(config))
         .connect(name, tcp)

@@ -215,6 +215,35 @@ pub struct ConnInfo {
     pub port: u16,
     /// TLS was terminated by us.
     pub tls: bool,
+    /// When the connection was accepted: the header timeout of its first
+    /// request runs from here, through a PROXY header and a TLS handshake.
+    pub accepted: Accepted,
+}
+
+/// When a connection was accepted, to the millisecond: 4 bytes in every
+/// connection's task where an `Instant` takes 16 (with one, a plain HTTP
+/// connection's task grew by 24 bytes; with this, by 8).
+#[derive(Clone, Copy, Debug)]
+pub struct Accepted(u32);
+
+impl Accepted {
+    pub fn now() -> Self {
+        Self(millis(tokio::time::Instant::now()))
+    }
+
+    /// The time it names; right for 49 days (the count wraps).
+    pub fn instant(self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        now - Duration::from_millis(u64::from(millis(now).wrapping_sub(self.0)))
+    }
+}
+
+/// Milliseconds since the first call, modulo 2³².
+fn millis(t: tokio::time::Instant) -> u32 {
+    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let since = t.saturating_duration_since(*EPOCH.get_or_init(tokio::time::Instant::now));
+    // Truncated on purpose: the count wraps.
+    since.as_millis() as u32
 }
 
 /// Why no instance served a connection or request.

@@ -433,6 +433,7 @@ async fn accept_loop(
             peer,
             port,
             tls: false,
+            accepted: crate::dataplane::Accepted::now(),
         };
         if proxied {
             handle_proxied(stream, conn, &dp, &acceptors, permit, &shutdown);
@@ -462,8 +463,9 @@ fn handle_proxied(
 
 /// Takes the PROXY header off a connection on an `accept_proxy_protocol`
 /// port; the connection is then from the client the header names. `None`
-/// (the connection is dropped, and counted) without a valid header in
-/// `header_timeout`, or from outside `trusted_proxies` when that is set.
+/// (the connection is dropped, and counted) without a valid header within
+/// `header_timeout` of the accept, or from outside `trusted_proxies` when
+/// that is set.
 async fn proxied(
     mut stream: TcpStream,
     mut conn: ConnInfo,
@@ -477,7 +479,8 @@ async fn proxied(
             .inc();
         return None;
     }
-    match crate::proxy_protocol::read_header(&mut stream, dp.settings.header_timeout).await {
+    let deadline = conn.accepted.instant() + dp.settings.header_timeout;
+    match crate::proxy_protocol::read_header(&mut stream, deadline).await {
         Ok(source) => {
             if let Some(client) = source {
                 conn.peer = client;
@@ -555,8 +558,16 @@ async fn serve_tls(
     shutdown: CancellationToken,
 ) {
     let acceptor = if http { &acceptors.0 } else { &acceptors.1 };
-    let handshake =
-        tokio::time::timeout(dp.settings.tls_handshake_timeout, acceptor.accept(stream));
+    // From the accept (a PROXY header's time included); on an HTTP port
+    // the first request's header timeout, which runs from the accept too,
+    // bounds it as well.
+    let settings = &dp.settings;
+    let accepted = conn.accepted.instant();
+    let mut deadline = accepted + settings.tls_handshake_timeout;
+    if http {
+        deadline = deadline.min(accepted + settings.header_timeout);
+    }
+    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
     // Both boxed, so that the task keeps room for neither: the handshake
     // (a session being built, and its timer) ends here, and the session is
     // then held by what serves it (456 bytes of task instead of 1,480).
@@ -765,7 +776,12 @@ mod tests {
         let peer = l.local_addr().expect("addr");
         let stream = TcpStream::connect(peer).await.expect("connect");
         let dp = Arc::new(DataPlane::new(crate::dataplane::Settings::default()));
-        let info = ConnInfo { peer, port: 1, tls };
+        let info = ConnInfo {
+            peer,
+            port: 1,
+            tls,
+            accepted: crate::dataplane::Accepted::now(),
+        };
         (stream, info, dp)
     }
 

@@ -190,14 +190,14 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, HeaderError> {
     Ok(Parsed::Header { len, source })
 }
 
-/// Reads the PROXY header at the start of `stream` (waiting at most
-/// `timeout` for it) and takes it off the stream; the client it names,
+/// Reads the PROXY header at the start of `stream` (waiting until
+/// `deadline` at most) and takes it off the stream; the client it names,
 /// `None` when it names none.
 pub(crate) async fn read_header(
     stream: &mut TcpStream,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<Option<SocketAddr>, HeaderError> {
-    match tokio::time::timeout(timeout, read_header_now(stream)).await {
+    match tokio::time::timeout_at(deadline, read_header_now(stream)).await {
         Ok(r) => r,
         Err(_) => Err(HeaderError::Timeout),
     }
@@ -514,9 +514,12 @@ mod tests {
             s
         });
         let (mut stream, _) = listener.accept().await.unwrap();
-        let source = read_header(&mut stream, Duration::from_secs(5))
-            .await
-            .expect("a valid header");
+        let source = read_header(
+            &mut stream,
+            tokio::time::Instant::now() + Duration::from_secs(5),
+        )
+        .await
+        .expect("a valid header");
         assert_eq!(source, Some(client));
         let mut rest = [0_u8; 5];
         stream.read_exact(&mut rest).await.unwrap();

@@ -326,6 +326,36 @@ fn proxy_v2(client: [u8; 4], port: u16) -> Vec<u8> {
     h
 }
 
+/// On an `accept_proxy_protocol` port the header timeout runs from the
+/// accept (SPEC §9) through the PROXY header: a request head begun after
+/// a slow header has only what is left (it began anew after the header
+/// before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_timeout_runs_from_the_accept_through_a_proxy_header() -> anyhow::Result<()> {
+    let mut opts = NodeOptions::default();
+    opts.settings.accept_proxy_protocol = vec![PORT];
+    opts.settings.header_timeout = Duration::from_secs(3);
+    let node = TestNode::start_with(opts).await?;
+    let backends = node.http_backends(&["pp"], BACKEND_PORT).await?;
+    node.http_group("pp", PORT, BACKEND_PORT, &backends).await?;
+    let began = Instant::now();
+    let mut raw = RawConn::new(tcp_connect(node.addr(PORT), None).await?);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    raw.write(b"PROXY TCP4 203.0.113.7 10.0.0.1 5555 80\r\nGET / HTTP/1.1\r\nHost: pp")
+        .await?;
+    let answer = raw.closed(Duration::from_secs(10)).await?;
+    let took = began.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    anyhow::ensure!(answer.starts_with("HTTP/1.1 408"), "answered: {answer:?}");
+    // 3 s from the accept; 5 s when it ran from the header.
+    anyhow::ensure!(
+        took >= Duration::from_millis(2900) && took < Duration::from_millis(4200),
+        "closed {took:?} after the accept"
+    );
+    anyhow::ensure!(backends[0].requests() == 0);
+    node.stop().await
+}
+
 /// On an `accept_proxy_protocol` port the header's client is the one the
 /// instance hears of (`X-Forwarded-For`); a connection without a valid
 /// header, or with none in time, is closed unanswered and counted.

@@ -4,10 +4,12 @@
 use anyhow::{Context, ensure};
 use http::StatusCode;
 use integration::backend::EchoClient;
+use integration::client::RawConn;
 use integration::client::{H2Conn, HttpConn};
 use integration::{EchoBackend, TestNode, tls};
 use serde_json::json;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 const TLS_PORT: u16 = 8443;
 const BACKEND_PORT: u16 = 9000;
@@ -71,6 +73,56 @@ async fn sni_picks_the_group_and_its_certificate() -> anyhow::Result<()> {
             .get("x-forwarded-proto")
             .and_then(|v| v.to_str().ok()),
         Some("https")
+    );
+    node.stop().await
+}
+
+/// The header timeout runs from the accept (SPEC §9), through the TLS
+/// handshake: a client that took most of it to shake hands has only the
+/// rest for its request's head (the timeout began anew after the
+/// handshake before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_timeout_runs_from_the_accept_through_the_handshake() -> anyhow::Result<()> {
+    let mut opts = integration::NodeOptions::default();
+    opts.settings.header_timeout = Duration::from_secs(3);
+    let node = TestNode::start_with(opts).await?;
+    let b = node.http_backends(&["slow-1"], BACKEND_PORT).await?;
+    let group = node
+        .create_group(&json!({
+            "name": "slow",
+            "domains": [{"name": "slow.example.test"}],
+            "services": [{"port": TLS_PORT, "destination_port": BACKEND_PORT, "handlers": ["tls", "http"]}],
+        }))
+        .await?;
+    node.attach(&group, b[0].name(), b[0].addr().ip()).await?;
+    // A request in time is served.
+    let conn = tls::connect(node.addr(TLS_PORT), "slow.example.test", &[b"http/1.1"]).await?;
+    let mut raw = RawConn::new(conn.stream);
+    raw.write(b"GET / HTTP/1.1\r\nhost: slow.example.test\r\n\r\n")
+        .await?;
+    let r = raw.reply(Duration::from_secs(5)).await?;
+    ensure!(r.status == StatusCode::OK, "{}: {}", r.status, r.text());
+
+    // Two of the three seconds pass before the handshake, then part of a
+    // head and nothing more.
+    let began = Instant::now();
+    let tcp = integration::client::tcp_connect(node.addr(TLS_PORT), None).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let conn = tls::handshake(tcp, "slow.example.test", &[b"http/1.1"]).await?;
+    let mut raw = RawConn::new(conn.stream);
+    raw.write(b"GET / HTTP/1.1\r\nhost: slow.exa").await?;
+    let answer = raw.closed(Duration::from_secs(10)).await?;
+    let took = began.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(answer.starts_with("HTTP/1.1 408"), "answered: {answer:?}");
+    // 3 s from the accept; 5 s when it ran from the handshake.
+    ensure!(
+        took >= Duration::from_millis(2900) && took < Duration::from_millis(4200),
+        "closed {took:?} after the accept"
+    );
+    ensure!(
+        b[0].requests() == 1,
+        "only the first request reached the instance"
     );
     node.stop().await
 }

@@ -109,6 +109,7 @@ fn conns() -> &'static [Conn; 2] {
                 peer: peer.parse::<SocketAddr>().expect("an address"),
                 port: 8080,
                 tls: false,
+                accepted: crate::dataplane::Accepted::now(),
             };
             Conn::new(info, dp.clone(), CancellationToken::new())
         };

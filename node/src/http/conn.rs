@@ -343,7 +343,8 @@ pub(crate) struct TimedIo<I> {
 
 impl<I> TimedIo<I> {
     pub(crate) fn new(inner: I, conn: Arc<Conn>) -> Self {
-        let deadline = Instant::now() + conn.dp.settings.header_timeout;
+        // The first request's header timeout runs from the accept.
+        let deadline = conn.info.accepted.instant() + conn.dp.settings.header_timeout;
         let timer = Box::pin(tokio::time::sleep_until(deadline));
         Self {
             inner,

@@ -141,6 +141,7 @@ impl Edge {
                     peer,
                     port: PORT,
                     tls: false,
+                    accepted: crate::dataplane::Accepted::now(),
                 };
                 tokio::spawn(serve_connection(stream, info, dp2.clone(), sd.clone(), ()));
             }
