@@ -278,6 +278,27 @@ impl Cluster {
         via: Option<u64>,
         count: usize,
     ) -> anyhow::Result<Vec<u64>> {
+        let ids = self.launch_members_via(via, count).await?;
+        for &id in &ids {
+            self.wait_started(id).await?;
+        }
+        Ok(ids)
+    }
+
+    /// Waits until node `id`, launched by
+    /// [`Cluster::launch_members_via`], serves its admin API.
+    pub async fn wait_started(&mut self, id: u64) -> anyhow::Result<()> {
+        let started = self.member_mut(id)?.started().await;
+        started.with_context(|| self.logs())
+    }
+
+    /// [`Cluster::add_members_via`] without waiting for the new nodes to
+    /// start: their ids.
+    pub async fn launch_members_via(
+        &mut self,
+        via: Option<u64>,
+        count: usize,
+    ) -> anyhow::Result<Vec<u64>> {
         let join = match via {
             Some(id) => Some(format!("http://{}", self.member_mut(id)?.admin_addr())),
             None => None,
@@ -312,10 +333,6 @@ impl Cluster {
             // together.
             m.launch(&self.opts).await?;
             self.members.insert(id, m);
-        }
-        for id in &ids {
-            let started = self.member_mut(*id)?.started().await;
-            started.with_context(|| self.logs())?;
         }
         Ok(ids)
     }

@@ -36,6 +36,7 @@ mod names;
 mod reply;
 mod request;
 mod scrape;
+pub(crate) mod starting;
 #[cfg(test)]
 mod tests;
 mod timed;
@@ -103,7 +104,7 @@ pub struct Admin {
     /// are valid (`node_cert_lifetime`).
     pub node_cert_lifetime: Duration,
     /// The token check with its per-address back-off.
-    pub(crate) guard: guard::Guard,
+    pub(crate) guard: Arc<guard::Guard>,
     /// Serve over TLS with this certificate (`admin_tls`); plain HTTP when
     /// `None`.
     pub tls: Option<Arc<AdminCert>>,
@@ -114,8 +115,8 @@ pub struct Admin {
 impl Admin {
     /// The token check for an admin API whose series are in `metrics`,
     /// with the back-off `settings` (the `guard` field).
-    pub(crate) fn auth_guard(settings: AuthBackoff, metrics: &Metrics) -> guard::Guard {
-        guard::Guard::new(settings, metrics.registry())
+    pub(crate) fn auth_guard(settings: AuthBackoff, metrics: &Metrics) -> Arc<guard::Guard> {
+        Arc::new(guard::Guard::new(settings, metrics.registry()))
     }
 }
 

@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::admin::starting::Starting;
 use crate::admin::{Admin, AdminCert};
 use crate::balancer::LoadChanged;
 use crate::cluster::Transport;
@@ -506,45 +507,6 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
     );
     let shutdown = CancellationToken::new();
     let control = shutdown.child_token();
-    let raft = crate::raft::start(&config, &identity, &health, metrics.registry()).await?;
-    let store = Arc::new(raft.store);
-    // From here on a Raft core stopped by a storage error is seen at once.
-    // The watch ends by itself when Raft stops (last, at shutdown), so it
-    // is not one of the tasks a shutdown waits on before stopping Raft:
-    // awaited there, it held every exit for the whole stop grace.
-    tokio::spawn(crate::health::watch_raft(
-        store.raft().clone(),
-        health.clone(),
-    ));
-    if let Some(damaged) = &identity.damaged_founding {
-        // Stale once the founding entry is committed: forget it then.
-        if store.state().cluster().is_none() {
-            return Err(StartError::Corrupt(damaged.clone()));
-        }
-        warn!("{damaged}; the founding is complete, so the marker is removed");
-    }
-    if identity.founded {
-        crate::raft::found_cluster(&store, &config, &identity, &token).await?;
-    }
-    if let Some(backup) = &restoring {
-        crate::restore::apply(&store, &config.data_dir, backup).await?;
-    }
-    // The marker goes once the founding is done (now, or before a damaged
-    // marker was found).
-    if identity.founded || identity.damaged_founding.is_some() {
-        crate::bootstrap::founding_done(&config.data_dir)?;
-    }
-    if let Some(url) = config.join.as_deref()
-        && !identity.founded
-        && !store.is_member().await
-    {
-        let advertised = config
-            .advertised_cluster_addr(raft.cluster_addr)
-            .to_string();
-        join(&store, &config, &advertised, url, &token).await?;
-    }
-    check_token(&store, &config.data_dir, &token_file)?;
-    let region = recorded_region(&store, &config, raft.cluster_addr).await;
     let mut tasks = Vec::new();
     let admin_cert = match &config.admin_tls {
         None => None,
@@ -573,6 +535,66 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
             Some(c)
         }
     };
+    // Until the admin API serves (after the storage opens and, on a
+    // joining node, the join is applied), the admin port answers what the
+    // start waits for.
+    let guard = Admin::auth_guard(config.admin_auth, &metrics);
+    let starting = Starting::new(
+        health.clone(),
+        metrics.clone(),
+        guard.clone(),
+        token.clone(),
+        crate::admin::Timeouts::default(),
+    );
+    let early = crate::admin::starting::serve(admin_listener, admin_cert.clone(), starting.clone());
+    let raft = crate::raft::start(&config, &identity, &health, metrics.registry()).await?;
+    starting.raft_running();
+    starting.step("loading the state");
+    let store = Arc::new(raft.store);
+    // From here on a Raft core stopped by a storage error is seen at once.
+    // The watch ends by itself when Raft stops (last, at shutdown), so it
+    // is not one of the tasks a shutdown waits on before stopping Raft:
+    // awaited there, it held every exit for the whole stop grace.
+    tokio::spawn(crate::health::watch_raft(
+        store.raft().clone(),
+        health.clone(),
+    ));
+    if let Some(damaged) = &identity.damaged_founding {
+        // Stale once the founding entry is committed: forget it then.
+        if store.state().cluster().is_none() {
+            return Err(StartError::Corrupt(damaged.clone()));
+        }
+        warn!("{damaged}; the founding is complete, so the marker is removed");
+    }
+    if identity.founded {
+        starting.step("founding the cluster");
+        crate::raft::found_cluster(&store, &config, &identity, &token).await?;
+    }
+    if let Some(backup) = &restoring {
+        starting.step("restoring the backup");
+        crate::restore::apply(&store, &config.data_dir, backup).await?;
+    }
+    // The marker goes once the founding is done (now, or before a damaged
+    // marker was found).
+    if identity.founded || identity.damaged_founding.is_some() {
+        crate::bootstrap::founding_done(&config.data_dir)?;
+    }
+    if let Some(url) = config.join.as_deref()
+        && !identity.founded
+        && !store.is_member().await
+    {
+        let advertised = config
+            .advertised_cluster_addr(raft.cluster_addr)
+            .to_string();
+        starting.step(format!(
+            "joining the cluster through {url}: being added, then applying the log up to the \
+             commit index found"
+        ));
+        join(&store, &config, &advertised, url, &token).await?;
+        starting.step("loading the state");
+    }
+    check_token(&store, &config.data_dir, &token_file)?;
+    let region = recorded_region(&store, &config, raft.cluster_addr).await;
     let renewal = crate::renewal::Renewal::new(
         &config,
         identity.tls.clone(),
@@ -664,10 +686,11 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         ready: ready_flag,
         health: health.clone(),
         node_cert_lifetime: config.node_cert_lifetime,
-        guard: Admin::auth_guard(config.admin_auth, &metrics),
+        guard,
         tls: admin_cert,
         timeouts: crate::admin::Timeouts::default(),
     });
+    let admin_listener = early.stop().await.map_err(io_error("admin_addr"))?;
     tasks.push(tokio::spawn(crate::admin::serve(
         admin_listener,
         admin,

@@ -1209,3 +1209,87 @@ async fn an_idle_leader_leaves_settled_learners_alone_and_they_still_get_every_w
     }
     Ok(())
 }
+
+/// A node joining while the leader cannot reach it answers on its admin
+/// port while it waits (nothing answered there before the join was
+/// applied, so a probe hung until its own timeout): `/healthz` 200 once
+/// its Raft core runs, `/readyz` 503 saying that it is joining, `/v1` 401
+/// without the token and 503 with it. Once the link heals it joins and
+/// turns ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_answers_its_probes_while_it_waits() -> anyhow::Result<()> {
+    let opts = ClusterOptions {
+        relay: Some(31),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::start_with(1, opts).await?;
+    let founder = cluster.leader().await?;
+    // What the founder sends to the joiner is lost until healed.
+    let joiner = founder + 1;
+    let relay = cluster.relay().context("relay")?;
+    relay.update(founder, joiner, |l| l.up = false);
+    let ids = cluster.launch_members_via(Some(founder), 1).await?;
+    ensure!(ids == [joiner], "launched {ids:?}");
+    let admin = cluster.admin(joiner);
+    poll(
+        "/readyz to say that the node is joining",
+        Duration::from_secs(30),
+        || async {
+            let r = admin.request(http::Method::GET, "/readyz", None).await?;
+            ensure!(
+                r.status == StatusCode::SERVICE_UNAVAILABLE
+                    && r.text().contains("joining the cluster"),
+                "{}: {}",
+                r.status,
+                r.text()
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let r = admin.request(http::Method::GET, "/healthz", None).await?;
+    ensure!(
+        r.status == StatusCode::OK,
+        "/healthz: {}: {}",
+        r.status,
+        r.text()
+    );
+    let r = admin
+        .request_as(http::Method::GET, "/v1/services", None, None)
+        .await?;
+    ensure!(
+        r.status == StatusCode::UNAUTHORIZED,
+        "no token: {}",
+        r.status
+    );
+    let r = admin
+        .request(http::Method::GET, "/v1/services", None)
+        .await?;
+    ensure!(
+        r.status == StatusCode::SERVICE_UNAVAILABLE
+            && r.text().contains("\"status\":\"error\"")
+            && r.headers.contains_key(http::header::RETRY_AFTER),
+        "with the token: {}: {:?} {}",
+        r.status,
+        r.headers,
+        r.text()
+    );
+
+    cluster
+        .relay()
+        .context("relay")?
+        .update(founder, joiner, |l| l.up = true);
+    cluster.wait_started(joiner).await?;
+    poll("/readyz to answer 200", Duration::from_secs(20), || async {
+        let r = admin.request(http::Method::GET, "/readyz", None).await?;
+        ensure!(r.status == StatusCode::OK, "{}: {}", r.status, r.text());
+        Ok(())
+    })
+    .await?;
+    let (status, _) = admin.get("/v1/services").await?;
+    ensure!(
+        status == StatusCode::OK,
+        "/v1/services once joined: {status}"
+    );
+    Ok(())
+}

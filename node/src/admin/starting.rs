@@ -1,0 +1,233 @@
+//! The admin port while the node starts: from the moment its listener is
+//! bound (or taken over from the process it replaces) until the admin API
+//! serves, which waits for the storage to open and, on a joining node, for
+//! the join to be applied (minutes, for a large state over a slow link).
+//! Probes and operators get an answer instead of a connection that nobody
+//! reads:
+//!
+//! - `GET /healthz`: 503 `starting: <step>` until the Raft core runs, then
+//!   200 `ok` (the process is up and can write: a liveness probe does not
+//!   restart a node that is joining); 503 with the problem when its storage
+//!   fails, as later;
+//! - `GET /readyz`: 503 `starting: <step>`;
+//! - `/v1/…`: 401 without the admin token (with the API's per-address
+//!   back-off), else 503 in the envelope, `Retry-After: 1`;
+//! - anything else, `/metrics` included: 503.
+//!
+//! One request per connection, at most [`MAX_CONNECTIONS`] at once, each
+//! done within the header timeout from its accept (a TLS handshake
+//! included). The listener goes back to the admin API when it starts
+//! ([`Early::stop`]); connections already accepted finish here.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use http::header::{HeaderValue, RETRY_AFTER};
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::guard::Guard;
+use super::reply::{ApiError, Reply, text};
+use super::{AdminCert, MAX_HEADER_BYTES, Timeouts};
+use crate::health::Health;
+use crate::metrics::Metrics;
+
+/// Connections answered at once, at most; more are closed at once.
+pub(crate) const MAX_CONNECTIONS: usize = 32;
+
+/// What a starting node tells of itself.
+pub(crate) struct Starting {
+    step: Mutex<String>,
+    raft_running: AtomicBool,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    guard: Arc<Guard>,
+    token: String,
+    timeouts: Timeouts,
+}
+
+impl Starting {
+    pub(crate) fn new(
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+        guard: Arc<Guard>,
+        token: String,
+        timeouts: Timeouts,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            step: Mutex::new("opening storage".into()),
+            raft_running: AtomicBool::new(false),
+            health,
+            metrics,
+            guard,
+            token,
+            timeouts,
+        })
+    }
+
+    /// What the start does now (`/readyz` says it).
+    pub(crate) fn step(&self, step: impl Into<String>) {
+        *self.step.lock().unwrap_or_else(PoisonError::into_inner) = step.into();
+    }
+
+    /// The Raft core runs: `/healthz` answers 200 from now on (unless the
+    /// storage fails).
+    pub(crate) fn raft_running(&self) {
+        self.raft_running.store(true, Ordering::Relaxed);
+    }
+
+    fn reply(&self, peer: IpAddr, req: &Request<Incoming>) -> Reply {
+        let step = self
+            .step
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let path = req.uri().path();
+        let get = req.method() == Method::GET;
+        let starting = || {
+            let mut reply = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("starting: {step}\n"),
+            );
+            reply
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            reply
+        };
+        let reply = match path {
+            "/healthz" | "/readyz" if get => match self.health.problem() {
+                Some(problem) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")),
+                None if path == "/healthz" && self.raft_running.load(Ordering::Relaxed) => {
+                    text(StatusCode::OK, "ok\n")
+                }
+                None => starting(),
+            },
+            _ if path == "/v1" || path.starts_with("/v1/") => {
+                match self.guard.check(peer, req.headers(), &[&self.token]) {
+                    Err(e) => e.into_reply(),
+                    Ok(()) => {
+                        let mut reply = ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("the node is starting ({step}); try again"),
+                        )
+                        .into_reply();
+                        reply
+                            .headers_mut()
+                            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                        reply
+                    }
+                }
+            }
+            _ => starting(),
+        };
+        self.metrics.admin_request(reply.status().as_u16());
+        reply
+    }
+}
+
+/// The admin port served by [`serve`], until [`Early::stop`].
+pub(crate) struct Early {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<TcpListener>>,
+}
+
+impl Early {
+    /// Stops accepting and gives the listener back.
+    pub(crate) async fn stop(mut self) -> std::io::Result<TcpListener> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("stopped once");
+        task.await.map_err(std::io::Error::other)
+    }
+}
+
+impl Drop for Early {
+    /// A start that failed: the listener closes with the task.
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Answers on `listener` (over TLS with `tls`) as [`Starting`] says until
+/// stopped.
+pub(crate) fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<AdminCert>>,
+    starting: Arc<Starting>,
+) -> Early {
+    let (stop, mut stopped) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let acceptor = tls.as_ref().map(AdminCert::acceptor);
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let (stream, peer) = tokio::select! {
+                biased;
+                _ = &mut stopped => return listener,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        debug!(error = %e, "admin accept failed while starting");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                continue;
+            };
+            let (starting, acceptor) = (starting.clone(), acceptor.clone());
+            let deadline = Instant::now() + starting.timeouts.header;
+            tokio::spawn(tokio::time::timeout_at(deadline, async move {
+                match acceptor {
+                    None => answer(stream, peer, starting, permit).await,
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => answer(stream, peer, starting, permit).await,
+                        Err(e) => debug!(%peer, error = %e, "admin TLS handshake failed"),
+                    },
+                }
+            }));
+        }
+    });
+    Early {
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+/// Answers one request on `stream`.
+async fn answer<S>(
+    stream: S,
+    peer: SocketAddr,
+    starting: Arc<Starting>,
+    _permit: OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let reply = starting.reply(peer.ip(), &req);
+        async move { Ok::<_, Infallible>(reply) }
+    });
+    let conn = http1::Builder::new()
+        // The caller's timeout bounds the whole exchange.
+        .header_read_timeout(None)
+        .keep_alive(false)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        debug!(%peer, error = %e, "admin connection ended while starting");
+    }
+}
