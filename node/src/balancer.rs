@@ -418,15 +418,38 @@ impl Inner {
     /// admission load, if that is below the limit. Admission counts the
     /// peers' reported work but not their predicted picks, which a crashed
     /// peer's estimate keeps growing until its report expires: those never
-    /// refuse a request. O(n), only near the limit.
-    fn admissible(&self, down: bool, hard_limit: u64) -> Option<usize> {
-        self.slots
+    /// refuse a request. Ties are drawn uniformly, as the rule's are
+    /// (reservoir sampling). O(n), only near the limit.
+    fn admissible<R: Rng + ?Sized>(
+        &self,
+        down: bool,
+        hard_limit: u64,
+        rng: &mut R,
+    ) -> Option<usize> {
+        let mut best: Option<(u64, usize)> = None;
+        let mut ties = 0_u32;
+        let candidates = self
+            .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| !s.gone && s.down.is_some() == down && !s.backend.is_draining())
-            .map(|(slot, s)| (s.backend.admission_load(), slot))
-            .min()
-            .filter(|&(load, _)| load < hard_limit)
+            .filter(|(_, s)| !s.gone && s.down.is_some() == down && !s.backend.is_draining());
+        for (slot, s) in candidates {
+            let load = s.backend.admission_load();
+            match best {
+                Some((least, _)) if load > least => {}
+                Some((least, _)) if load == least => {
+                    ties += 1;
+                    if rng.random_range(0..ties) == 0 {
+                        best = Some((load, slot));
+                    }
+                }
+                _ => {
+                    best = Some((load, slot));
+                    ties = 1;
+                }
+            }
+        }
+        best.filter(|&(load, _)| load < hard_limit)
             .map(|(_, slot)| slot)
     }
 
@@ -585,7 +608,7 @@ impl GroupBalancer {
                 break (slot, key);
             };
             if tree::load_of(key) >= hard_limit {
-                match inner.admissible(key >= tree::DOWN_PENALTY, hard_limit) {
+                match inner.admissible(key >= tree::DOWN_PENALTY, hard_limit, rng) {
                     Some(room) => slot = room,
                     None => return Pick::Overloaded,
                 }

@@ -75,6 +75,36 @@ fn hard_limit_admits_on_reported_work_only() {
     );
 }
 
+/// Near the limit the pick goes by reported work, and instances tied on
+/// it are drawn uniformly, as the rule's ties are (the first of them took
+/// every such pick before).
+#[test]
+fn ties_at_the_limit_are_drawn_uniformly() {
+    let (group, b) = group(6, 2);
+    let mut rng = SmallRng::seed_from_u64(9);
+    // Predicted picks put every instance at the limit; reported work ties
+    // five of them at 1 and the sixth at 1.5.
+    group.set_peer_loads(b.iter().enumerate().map(|(i, b)| {
+        let admit = if i == 0 { 1.5 } else { 1.0 };
+        (b.as_ref(), load(2.5, admit))
+    }));
+    let mut seen = [0_u32; 6];
+    for _ in 0..5_000 {
+        let l = lease(group.pick(Instant::now(), &mut rng));
+        seen[b
+            .iter()
+            .position(|x| x.name == l.backend().name)
+            .expect("one of the group")] += 1;
+    }
+    assert_eq!(seen[0], 0, "{seen:?}");
+    let tied: Vec<u64> = seen[1..].iter().map(|&n| u64::from(n)).collect();
+    assert!(
+        crate::balancer::tree::tests::chi_square(&tied)
+            < crate::balancer::tree::tests::CHI2_DF4_P999,
+        "{seen:?}"
+    );
+}
+
 /// A peer that picked hard and then crashed: its predicted picks grow in
 /// the estimate until its report expires, and never refuse a request while
 /// what the instances really carry (here: nothing) is under the limit.
