@@ -6,7 +6,7 @@
 //! Sending (SPEC §5):
 //!
 //! ```text
-//!  counts change ──▶ coalesced(now): no earlier than last + min_interval·(1±J)
+//!  counts change ──▶ coalesced(now): no earlier than last + min_interval·(1…1+J)
 //!  nothing changes ─▶ heartbeat(): last + interval·(1±J),
 //!                     but after a delta no later than last_full + interval
 //!  a report with short work in flight ─▶ look again within LONG_FLOOR·(1±J)
@@ -138,10 +138,14 @@ impl SendSchedule {
     }
 
     /// When a report may go out for counts that changed at `now`: at once,
-    /// or `min_interval` (jittered) after the last one.
+    /// or `min_interval` after the last one, jittered upwards only: at most
+    /// one report per peer every `min_interval` (SPEC §5).
     pub fn coalesced<R: Rng + ?Sized>(&self, now: Instant, rng: &mut R) -> Instant {
         self.last.map_or(now, |last| {
-            (last + jittered(self.min_interval, rng)).max(now)
+            let gap = self
+                .min_interval
+                .mul_f64(rng.random_range(1.0..=1.0 + JITTER));
+            (last + gap).max(now)
         })
     }
 
@@ -292,9 +296,13 @@ mod tests {
         assert_eq!(s.coalesced(t0, &mut rng), t0);
         s.sampled(t0, 0, None, &mut rng);
         assert!(within(s.heartbeat(), t0, config.interval));
-        // A change 1 ms later waits for min_interval; one much later does not.
-        let at = s.coalesced(t0 + ms(1), &mut rng);
-        assert!(within(at, t0, config.min_interval), "{at:?}");
+        // A change 1 ms later waits for min_interval, never less; one much
+        // later does not.
+        for _ in 0..1_000 {
+            let at = s.coalesced(t0 + ms(1), &mut rng);
+            assert!(within(at, t0, config.min_interval), "{at:?}");
+            assert!(at >= t0 + config.min_interval, "{at:?}");
+        }
         assert_eq!(s.coalesced(t0 + ms(50), &mut rng), t0 + ms(50));
     }
 

@@ -217,7 +217,8 @@ pub enum Strategy {
     Gossip {
         estimator: Estimator,
         /// `gossip_min_interval`: under load, counts change all the time
-        /// and a report goes out about this often (jittered ±20 %).
+        /// and a report goes out about this often (jittered upwards, by up to
+        /// 20 %).
         interval: Duration,
         /// Whether reports carry the long-lived part; without it every
         /// in-flight count decays (to show requirement (c)).

@@ -76,14 +76,20 @@ fn faults_are_simulated() {
         a.lost_reports > 0 && a.reports > a.lost_reports * 5,
         "{a:?}"
     );
-    let central = run(&sc, &Strategy::Central);
-    assert!(central.refused > 0, "the limit is tight: {central:?}");
-    assert!(
-        a.refused <= central.refused,
-        "{} > {}",
-        a.refused,
-        central.refused
-    );
+    // A crashed peer's predicted picks do not refuse requests: over six
+    // seeds the estimator refuses no more than the central balancer (one
+    // seed's counts move by ten with any change to the schedule). Admission
+    // on the selection estimate, phantom load included, refused 146
+    // against the central balancer's 122; admission on reported work 66.
+    let (mut refused, mut central_refused) = (0, 0);
+    for seed in 1..=6 {
+        let sc = Scenario { seed, ..sc.clone() };
+        let central = run(&sc, &Strategy::Central);
+        assert!(central.refused > 0, "the limit is tight: {central:?}");
+        central_refused += central.refused;
+        refused += run(&sc, &strategy).refused;
+    }
+    assert!(refused <= central_refused, "{refused} > {central_refused}");
 }
 
 /// The oracles bracket the estimator: perfect counts 0 ms old are the
