@@ -340,3 +340,6 @@ impl<P: Peer, H: GossipHandler> Receiver<P, H> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
