@@ -14,9 +14,9 @@
 //!   back-off), else 503 in the envelope, `Retry-After: 1`;
 //! - anything else, `/metrics` included: 503.
 //!
-//! One request per connection, at most [`MAX_CONNECTIONS`] at once, each
-//! done within the header timeout from its accept (a TLS handshake
-//! included). The listener goes back to the admin API when it starts
+//! One request per connection, at most [`MAX_CONNECTIONS`] at once (half
+//! of them per client address), each done within the header timeout from
+//! its accept (a TLS handshake included). The listener goes back to the admin API when it starts
 //! ([`Early::stop`]); connections already accepted finish here.
 
 use std::convert::Infallible;
@@ -32,14 +32,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::guard::Guard;
 use super::reply::{ApiError, Reply, text};
-use super::{AdminCert, MAX_HEADER_BYTES, Timeouts};
+use super::{AdminCert, MAX_HEADER_BYTES, PerClient, Timeouts};
 use crate::health::Health;
 use crate::metrics::Metrics;
 
@@ -173,6 +173,8 @@ pub(crate) fn serve(
     let task = tokio::spawn(async move {
         let acceptor = tls.as_ref().map(AdminCert::acceptor);
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        // Half of them per client address, as the admin API's.
+        let per_client = PerClient::new(MAX_CONNECTIONS);
         loop {
             let (stream, peer) = tokio::select! {
                 biased;
@@ -189,13 +191,17 @@ pub(crate) fn serve(
             let Ok(permit) = limit.clone().try_acquire_owned() else {
                 continue;
             };
+            let Some(slot) = per_client.take(peer.ip()) else {
+                continue;
+            };
             let (starting, acceptor) = (starting.clone(), acceptor.clone());
             let deadline = Instant::now() + starting.timeouts.header;
             tokio::spawn(tokio::time::timeout_at(deadline, async move {
+                let _held = (permit, slot);
                 match acceptor {
-                    None => answer(stream, peer, starting, permit).await,
+                    None => answer(stream, peer, starting).await,
                     Some(tls) => match tls.accept(stream).await {
-                        Ok(stream) => answer(stream, peer, starting, permit).await,
+                        Ok(stream) => answer(stream, peer, starting).await,
                         Err(e) => debug!(%peer, error = %e, "admin TLS handshake failed"),
                     },
                 }
@@ -209,12 +215,8 @@ pub(crate) fn serve(
 }
 
 /// Answers one request on `stream`.
-async fn answer<S>(
-    stream: S,
-    peer: SocketAddr,
-    starting: Arc<Starting>,
-    _permit: OwnedSemaphorePermit,
-) where
+async fn answer<S>(stream: S, peer: SocketAddr, starting: Arc<Starting>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| {
