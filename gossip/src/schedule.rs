@@ -139,7 +139,8 @@ impl SendSchedule {
 
     /// When a report may go out for counts that changed at `now`: at once,
     /// or `min_interval` after the last one, jittered upwards only: at most
-    /// one report per peer every `min_interval` (SPEC §5).
+    /// one report per peer every `min_interval` (SPEC §5; heartbeats keep
+    /// that gap too, see [`SendSchedule::sampled`]).
     pub fn coalesced<R: Rng + ?Sized>(&self, now: Instant, rng: &mut R) -> Instant {
         self.last.map_or(now, |last| {
             let gap = self
@@ -175,7 +176,13 @@ impl SendSchedule {
                 } else {
                     self.idle_interval
                 };
-                self.heartbeat = now + until_grid(period, wall_ms);
+                // The grid point after the next when the next is closer
+                // than `min_interval`: never two reports closer than that.
+                let mut wait = until_grid(period, wall_ms);
+                if wait < self.min_interval {
+                    wait += period;
+                }
+                self.heartbeat = now + wait;
                 return;
             }
             self.empty_run = 0;
@@ -192,6 +199,9 @@ impl SendSchedule {
         if report.is_some_and(|(r, _)| has_short_work(r)) {
             self.heartbeat = self.heartbeat.min(now + jittered(LONG_FLOOR, rng));
         }
+        // A `min_interval` configured close to `interval`, or above the
+        // re-check's: never two reports closer than that.
+        self.heartbeat = self.heartbeat.max(now + self.min_interval);
     }
 }
 
@@ -369,6 +379,32 @@ mod tests {
         }
     }
 
+    /// With `min_interval` configured close to `interval` (or above the
+    /// re-check's 20 ms), heartbeats keep that gap too.
+    #[test]
+    fn no_report_comes_sooner_than_min_interval() {
+        let t0 = Instant::now();
+        let mut rng = SmallRng::seed_from_u64(5);
+        let config = Config {
+            min_interval: ms(90),
+            interval: ms(100),
+            ..Config::default()
+        };
+        let short = Report {
+            entries: vec![Entry {
+                inflight: 1,
+                ..Entry::default()
+            }],
+            ..Report::default()
+        };
+        let mut s = SendSchedule::new(&config, t0);
+        for report in [busy(), short].iter().cycle().take(200) {
+            s.sampled(t0, 0, Some((report, true)), &mut rng);
+            assert!(s.heartbeat() >= t0 + ms(90), "{:?}", s.heartbeat() - t0);
+            assert!(s.coalesced(t0, &mut rng) >= t0 + ms(90));
+        }
+    }
+
     #[test]
     fn an_idle_node_is_quiet_and_aligned() {
         let t0 = Instant::now();
@@ -384,14 +420,16 @@ mod tests {
             wall + u64::try_from((s.heartbeat() - t0).as_millis()).unwrap()
         };
         // The first idle heartbeat after load falls on the wall clock's
-        // multiples of 333 ms, whenever the last report was.
-        for wall in [0, 1, 100, 332, 333, 1000, 1_700_000_000_123] {
+        // multiples of 333 ms, whenever the last report was, but never
+        // within min_interval of it (332: not at 333, at 666).
+        let min = u64::try_from(config.min_interval.as_millis()).unwrap();
+        for wall in [0, 1, 100, 329, 332, 333, 1000, 1_700_000_000_123] {
             let mut s = SendSchedule::new(&config, t0);
             s.sampled(t0, wall, Some((&busy, true)), &mut rng);
             s.sampled(t0, wall, Some((&empty, true)), &mut rng);
             let at = next(&s, wall);
             assert_eq!(at % 333, 0, "{wall}");
-            assert!((wall + 1..=wall + 333).contains(&at), "{wall}: {at}");
+            assert!((wall + min..wall + min + 333).contains(&at), "{wall}: {at}");
             // From the second empty one in a row on: multiples of the TTL.
             for _ in 0..3 {
                 s.sampled(t0, wall, Some((&empty, true)), &mut rng);

@@ -527,11 +527,6 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
                 StartError::Config(ConfigError::new("admin_tls_cert", e.to_string()))
             })?;
             c.register_expiry(metrics.registry(), &chain);
-            tasks.push(tokio::spawn(c.clone().watch_files(
-                cert.clone(),
-                key.clone(),
-                control.clone(),
-            )));
             Some(c)
         }
     };
@@ -545,6 +540,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         guard.clone(),
         token.clone(),
         crate::admin::Timeouts::default(),
+        dataplane.settings.admin_max_connections,
     );
     let early = crate::admin::starting::serve(admin_listener, admin_cert.clone(), starting.clone());
     let raft = crate::raft::start(&config, &identity, &health, metrics.registry()).await?;
@@ -586,15 +582,25 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         let advertised = config
             .advertised_cluster_addr(raft.cluster_addr)
             .to_string();
-        starting.step(format!(
-            "joining the cluster through {url}: being added, then applying the log up to the \
-             commit index found"
-        ));
+        // Not the URL: `/readyz` needs no token.
+        starting.step(
+            "joining the cluster: being added, then applying the log up to the commit index found",
+        );
         join(&store, &config, &advertised, url, &token).await?;
         starting.step("loading the state");
     }
     check_token(&store, &config.data_dir, &token_file)?;
     let region = recorded_region(&store, &config, raft.cluster_addr).await;
+    // Not before the storage, the founding and the join, which may fail:
+    // a task spawned then would outlive a failed start (a node started
+    // in-process).
+    if let (Some(c), Some(AdminTls::Files { cert, key })) = (&admin_cert, &config.admin_tls) {
+        tasks.push(tokio::spawn(c.clone().watch_files(
+            cert.clone(),
+            key.clone(),
+            control.clone(),
+        )));
+    }
     let renewal = crate::renewal::Renewal::new(
         &config,
         identity.tls.clone(),

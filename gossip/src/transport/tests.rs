@@ -165,15 +165,17 @@ async fn a_small_report_goes_as_a_datagram_and_a_large_one_on_a_stream() {
     assert!(!p.link.is_closed());
 }
 
+/// Own reports (a loop, or a second process with this node's id and
+/// certificate) are dropped, and count as bad input: a run of them closes
+/// the connection.
 #[tokio::test]
-async fn own_reports_are_dropped_and_the_connection_stays() {
-    // A second process with this node's id and certificate.
+async fn own_reports_are_dropped_and_a_run_of_them_closes_the_connection() {
     let mut p = pair(THIS).await;
-    for _ in 0..2 {
+    for _ in 0..MAX_STRIKES {
         p.link.send(encoded(THIS, 2)).await.expect("sent");
         assert!(matches!(p.next().await, Seen::Dropped(Dropped::Own, _)));
     }
-    assert!(!p.link.is_closed());
+    assert_eq!(p.closed().await, codes::BAD_REPORTS.into_inner());
 }
 
 #[tokio::test]

@@ -78,7 +78,8 @@ fn faults_are_simulated() {
     );
     // A crashed peer's predicted picks do not refuse requests: over six
     // seeds the estimator refuses no more than the central balancer (one
-    // seed's counts move by ten with any change to the schedule). Admission
+    // seed's counts move by ten with any change to the schedule, so a
+    // single seed may be worse than central). Admission
     // on the selection estimate, phantom load included, refused 146
     // against the central balancer's 122; admission on reported work 66.
     let (mut refused, mut central_refused) = (0, 0);

@@ -14,8 +14,8 @@
 //!   back-off), else 503 in the envelope, `Retry-After: 1`;
 //! - anything else, `/metrics` included: 503.
 //!
-//! One request per connection, at most [`MAX_CONNECTIONS`] at once (half
-//! of them per client address), each done within the header timeout from
+//! One request per connection, at most [`MAX_CONNECTIONS`] at once (or
+//! `admin_max_connections` when lower; half of them per client address), each done within the header timeout from
 //! its accept (a TLS handshake included). The listener goes back to the admin API when it starts
 //! ([`Early::stop`]); connections already accepted finish here.
 
@@ -43,7 +43,8 @@ use super::{AdminCert, MAX_HEADER_BYTES, PerClient, Timeouts};
 use crate::health::Health;
 use crate::metrics::Metrics;
 
-/// Connections answered at once, at most; more are closed at once.
+/// Connections answered at once, at most (fewer when
+/// `admin_max_connections` is lower); more are closed at once.
 pub(crate) const MAX_CONNECTIONS: usize = 32;
 
 /// What a starting node tells of itself.
@@ -55,6 +56,8 @@ pub(crate) struct Starting {
     guard: Arc<Guard>,
     token: String,
     timeouts: Timeouts,
+    /// [`MAX_CONNECTIONS`], or `admin_max_connections` when lower.
+    max_connections: usize,
 }
 
 impl Starting {
@@ -64,6 +67,7 @@ impl Starting {
         guard: Arc<Guard>,
         token: String,
         timeouts: Timeouts,
+        admin_max_connections: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
             step: Mutex::new("opening storage".into()),
@@ -73,6 +77,7 @@ impl Starting {
             guard,
             token,
             timeouts,
+            max_connections: MAX_CONNECTIONS.min(admin_max_connections).max(1),
         })
     }
 
@@ -172,9 +177,9 @@ pub(crate) fn serve(
     let (stop, mut stopped) = oneshot::channel();
     let task = tokio::spawn(async move {
         let acceptor = tls.as_ref().map(AdminCert::acceptor);
-        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let limit = Arc::new(Semaphore::new(starting.max_connections));
         // Half of them per client address, as the admin API's.
-        let per_client = PerClient::new(MAX_CONNECTIONS);
+        let per_client = PerClient::new(starting.max_connections);
         loop {
             let (stream, peer) = tokio::select! {
                 biased;
