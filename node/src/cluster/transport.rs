@@ -429,14 +429,14 @@ impl Transport {
         self.shared.stats.snapshot()
     }
 
-    /// Sets where incoming gossip reports go (once; later calls are
-    /// ignored). Until then they are dropped.
     /// The handler of incoming calls, for tests that call it directly.
     #[cfg(test)]
     pub(crate) fn handler(&self) -> Arc<dyn RaftHandler> {
         Arc::clone(&self.shared.handler)
     }
 
+    /// Sets where incoming gossip reports go (once; later calls are
+    /// ignored). Until then they are dropped.
     pub fn set_gossip_handler(&self, handler: Arc<dyn GossipHandler>) {
         let _ = self.shared.gossip.set(handler);
     }
