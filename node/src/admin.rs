@@ -139,31 +139,21 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
     }
     let acceptor = admin.tls.as_ref().map(AdminCert::acceptor);
     let mut conns = JoinSet::new();
-    let limit = Arc::new(Semaphore::new(
-        admin.dataplane.settings.admin_max_connections,
-    ));
-    let per_client = PerClient::new(admin.dataplane.settings.admin_max_connections);
+    let limits = Limits::new(admin.dataplane.settings.admin_max_connections);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    // Over the limit the connection is closed at once: it
-                    // must not hold a descriptor the data plane needs.
-                    let Ok(permit) = limit.clone().try_acquire_owned() else {
-                        debug!(%peer, "admin connection limit reached; closing");
-                        continue;
-                    };
-                    let Some(slot) = per_client.take(peer.ip()) else {
-                        debug!(%peer, "admin connections of this address at their limit; closing");
+                    let Some(held) = limits.admit(peer) else {
                         continue;
                     };
                     debug!(%peer, "admin connection");
                     let _ = stream.set_nodelay(true);
                     let (admin, shutdown) = (admin.clone(), shutdown.clone());
                     let accepted = tokio::time::Instant::now();
-                    let conn = Accepted { peer, accepted, permit, slot };
+                    let conn = Accepted { peer, accepted, _held: held };
                     match acceptor.clone() {
                         None => conns.spawn(connection(stream, conn, admin, shutdown)),
                         Some(tls) => conns.spawn(async move {
@@ -203,8 +193,49 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
 struct Accepted {
     peer: SocketAddr,
     accepted: tokio::time::Instant,
-    permit: OwnedSemaphorePermit,
-    slot: ClientSlot,
+    _held: Held,
+}
+
+/// The admin port's connection limits (the admin API's and, while the
+/// node starts, [`starting`]'s): `max` at once, half of them per client
+/// address ([`PerClient`]).
+#[derive(Clone, Debug)]
+struct Limits {
+    total: Arc<Semaphore>,
+    per_client: PerClient,
+}
+
+impl Limits {
+    fn new(max: usize) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(max)),
+            per_client: PerClient::new(max),
+        }
+    }
+
+    /// Places under both limits for a connection from `peer`; `None`
+    /// (logged) when either is full. Such a connection is closed at once:
+    /// it must not hold a descriptor the data plane needs.
+    fn admit(&self, peer: SocketAddr) -> Option<Held> {
+        let Ok(permit) = Arc::clone(&self.total).try_acquire_owned() else {
+            debug!(%peer, "admin connection limit reached; closing");
+            return None;
+        };
+        let Some(slot) = self.per_client.take(peer.ip()) else {
+            debug!(%peer, "admin connections of this address at their limit; closing");
+            return None;
+        };
+        Some(Held {
+            _permit: permit,
+            _slot: slot,
+        })
+    }
+}
+
+/// A connection's places under [`Limits`], given back on drop.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    _slot: ClientSlot,
 }
 
 /// Open admin connections per client address, at most half of
@@ -278,8 +309,7 @@ async fn connection<S>(
     let Accepted {
         peer,
         accepted,
-        permit: _permit,
-        slot: _slot,
+        _held,
     } = accepted;
     let activity = Arc::default();
     let stream = timed::TimedIo::new(stream, Arc::clone(&activity), accepted, admin.timeouts);

@@ -32,14 +32,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::guard::Guard;
 use super::reply::{ApiError, Reply, text};
-use super::{AdminCert, MAX_HEADER_BYTES, PerClient, Timeouts};
+use super::{AdminCert, Limits, MAX_HEADER_BYTES, Timeouts};
 use crate::health::Health;
 use crate::metrics::Metrics;
 
@@ -177,9 +177,7 @@ pub(crate) fn serve(
     let (stop, mut stopped) = oneshot::channel();
     let task = tokio::spawn(async move {
         let acceptor = tls.as_ref().map(AdminCert::acceptor);
-        let limit = Arc::new(Semaphore::new(starting.max_connections));
-        // Half of them per client address, as the admin API's.
-        let per_client = PerClient::new(starting.max_connections);
+        let limits = Limits::new(starting.max_connections);
         loop {
             let (stream, peer) = tokio::select! {
                 biased;
@@ -193,16 +191,13 @@ pub(crate) fn serve(
                     }
                 },
             };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                continue;
-            };
-            let Some(slot) = per_client.take(peer.ip()) else {
+            let Some(held) = limits.admit(peer) else {
                 continue;
             };
             let (starting, acceptor) = (starting.clone(), acceptor.clone());
             let deadline = Instant::now() + starting.timeouts.header;
             tokio::spawn(tokio::time::timeout_at(deadline, async move {
-                let _held = (permit, slot);
+                let _held = held;
                 match acceptor {
                     None => answer(stream, peer, starting).await,
                     Some(tls) => match tls.accept(stream).await {
