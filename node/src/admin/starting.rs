@@ -101,14 +101,10 @@ impl Starting {
         let path = req.uri().path();
         let get = req.method() == Method::GET;
         let starting = || {
-            let mut reply = text(
+            retry_soon(text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("starting: {step}\n"),
-            );
-            reply
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            reply
+            ))
         };
         let reply = match path {
             "/healthz" | "/readyz" if get => match self.health.problem() {
@@ -121,17 +117,13 @@ impl Starting {
             _ if path == "/v1" || path.starts_with("/v1/") => {
                 match self.guard.check(peer, req.headers(), &[&self.token]) {
                     Err(e) => e.into_reply(),
-                    Ok(()) => {
-                        let mut reply = ApiError::new(
+                    Ok(()) => retry_soon(
+                        ApiError::new(
                             StatusCode::SERVICE_UNAVAILABLE,
                             format!("the node is starting ({step}); try again"),
                         )
-                        .into_reply();
-                        reply
-                            .headers_mut()
-                            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-                        reply
-                    }
+                        .into_reply(),
+                    ),
                 }
             }
             _ => starting(),
@@ -139,6 +131,14 @@ impl Starting {
         self.metrics.admin_request(reply.status().as_u16());
         reply
     }
+}
+
+/// `reply` with `Retry-After: 1`: the start moves on.
+fn retry_soon(mut reply: Reply) -> Reply {
+    reply
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    reply
 }
 
 /// The admin port served by [`serve`], until [`Early::stop`].
