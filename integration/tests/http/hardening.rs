@@ -326,18 +326,27 @@ fn proxy_v2(client: [u8; 4], port: u16) -> Vec<u8> {
     h
 }
 
+/// A node whose group `pp` (one instance) is on an
+/// `accept_proxy_protocol` port, with `header_timeout`.
+async fn proxy_protocol_node(
+    header_timeout: Duration,
+) -> anyhow::Result<(TestNode, Vec<integration::HttpBackend>)> {
+    let mut opts = NodeOptions::default();
+    opts.settings.accept_proxy_protocol = vec![PORT];
+    opts.settings.header_timeout = header_timeout;
+    let node = TestNode::start_with(opts).await?;
+    let backends = node.http_backends(&["pp"], BACKEND_PORT).await?;
+    node.http_group("pp", PORT, BACKEND_PORT, &backends).await?;
+    Ok((node, backends))
+}
+
 /// On an `accept_proxy_protocol` port the header timeout runs from the
 /// accept (SPEC §9) through the PROXY header: a request head begun after
 /// a slow header has only what is left (it began anew after the header
 /// before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_header_timeout_runs_from_the_accept_through_a_proxy_header() -> anyhow::Result<()> {
-    let mut opts = NodeOptions::default();
-    opts.settings.accept_proxy_protocol = vec![PORT];
-    opts.settings.header_timeout = Duration::from_secs(3);
-    let node = TestNode::start_with(opts).await?;
-    let backends = node.http_backends(&["pp"], BACKEND_PORT).await?;
-    node.http_group("pp", PORT, BACKEND_PORT, &backends).await?;
+    let (node, backends) = proxy_protocol_node(Duration::from_secs(3)).await?;
     let began = Instant::now();
     let mut raw = RawConn::new(tcp_connect(node.addr(PORT), None).await?);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -361,12 +370,7 @@ async fn the_header_timeout_runs_from_the_accept_through_a_proxy_header() -> any
 /// header, or with none in time, is closed unanswered and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_protocol_port_takes_the_client_from_the_header() -> anyhow::Result<()> {
-    let mut opts = NodeOptions::default();
-    opts.settings.accept_proxy_protocol = vec![PORT];
-    opts.settings.header_timeout = Duration::from_secs(1);
-    let node = TestNode::start_with(opts).await?;
-    let backends = node.http_backends(&["pp"], BACKEND_PORT).await?;
-    node.http_group("pp", PORT, BACKEND_PORT, &backends).await?;
+    let (node, backends) = proxy_protocol_node(Duration::from_secs(1)).await?;
     let request = b"GET / HTTP/1.1\r\nHost: pp.test\r\n\r\n";
     let xff = |what: &str| -> anyhow::Result<String> {
         let seen = backends[0].last_seen().context("backend saw nothing")?;
