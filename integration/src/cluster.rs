@@ -396,6 +396,14 @@ impl Cluster {
         self.members.get(&id)?.process.as_ref().map(Process::pid)
     }
 
+    /// Node `id`'s admin address.
+    ///
+    /// # Panics
+    /// For an id that is not a member.
+    pub fn admin_addr(&self, id: u64) -> SocketAddr {
+        self.members[&id].admin_addr()
+    }
+
     /// Node `id`'s cluster (QUIC) address, as bound.
     pub fn cluster_addr(&self, id: u64) -> SocketAddr {
         SocketAddr::new(self.ip(id), CLUSTER_PORT)

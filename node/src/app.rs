@@ -493,6 +493,7 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
         health,
         dataplane,
         admin_listener,
+        admin_cert,
         identity,
     } = before;
     let admin_addr = config.admin_addr;
@@ -508,28 +509,6 @@ pub async fn start(mut config: Config) -> Result<NodeHandle, StartError> {
     let shutdown = CancellationToken::new();
     let control = shutdown.child_token();
     let mut tasks = Vec::new();
-    let admin_cert = match &config.admin_tls {
-        None => None,
-        Some(AdminTls::Node) => {
-            let c = AdminCert::new(&identity.tls.cert_pem, &identity.tls.key_pem)
-                .map_err(StartError::AdminTls)?;
-            c.register_expiry(metrics.registry(), &identity.tls.cert_pem);
-            Some(c)
-        }
-        Some(AdminTls::Files { cert, key }) => {
-            let read = |field: &str, p: &Path| {
-                std::fs::read_to_string(p).map_err(|e| {
-                    StartError::Config(ConfigError::new(field, format!("{}: {e}", p.display())))
-                })
-            };
-            let chain = read("admin_tls_cert", cert)?;
-            let c = AdminCert::new(&chain, &read("admin_tls_key", key)?).map_err(|e| {
-                StartError::Config(ConfigError::new("admin_tls_cert", e.to_string()))
-            })?;
-            c.register_expiry(metrics.registry(), &chain);
-            Some(c)
-        }
-    };
     // Until the admin API serves (after the storage opens and, on a
     // joining node, the join is applied), the admin port answers what the
     // start waits for.
@@ -740,6 +719,7 @@ struct Before {
     health: Arc<Health>,
     dataplane: Arc<DataPlane>,
     admin_listener: TcpListener,
+    admin_cert: Option<Arc<AdminCert>>,
     identity: crate::bootstrap::Identity,
 }
 
@@ -766,7 +746,15 @@ async fn before_release(
     if let Err(e) = dataplane.register(metrics.registry()) {
         warn!(error = %e, "data-plane metrics not registered");
     }
-    // The admin listener comes first: its real address goes into the
+    // Checked before any port is bound (SPEC §9): an identity that is not
+    // this node's, or admin TLS files that do not load, are config errors;
+    // a damaged identity is a damaged file.
+    let checked = crate::bootstrap::check(config)?;
+    let admin_files_cert = match &config.admin_tls {
+        Some(AdminTls::Files { cert, key }) => Some(admin_files_cert(cert, key, &metrics)?),
+        Some(AdminTls::Node) | None => None,
+    };
+    // The admin listener comes next: its real address goes into the
     // membership (and port 0 works in tests).
     let bind_error = io_error(format!("binding admin_addr {}", config.admin_addr));
     let admin_listener = match takeover
@@ -784,15 +772,38 @@ async fn before_release(
     config.admin_addr = admin_listener
         .local_addr()
         .map_err(io_error("admin_addr"))?;
-    let identity = crate::bootstrap::identity(config, &token_file.value).await?;
+    let identity = crate::bootstrap::establish(config, &token_file.value, checked).await?;
+    let admin_cert = match config.admin_tls {
+        Some(AdminTls::Node) => {
+            let c = AdminCert::new(&identity.tls.cert_pem, &identity.tls.key_pem)
+                .map_err(StartError::AdminTls)?;
+            c.register_expiry(metrics.registry(), &identity.tls.cert_pem);
+            Some(c)
+        }
+        Some(AdminTls::Files { .. }) | None => admin_files_cert,
+    };
     Ok(Before {
         token_file,
         metrics,
         health,
         dataplane,
         admin_listener,
+        admin_cert,
         identity,
     })
+}
+
+/// The admin API's certificate from the operator's files (`admin_tls_cert`,
+/// `admin_tls_key`): a file that does not load is a config error.
+fn admin_files_cert(
+    cert: &Path,
+    key: &Path,
+    metrics: &Metrics,
+) -> Result<Arc<AdminCert>, StartError> {
+    let (chain, key) = crate::config::read_admin_files(cert, key)?;
+    let c = AdminCert::new(&chain, &key).map_err(StartError::AdminTls)?;
+    c.register_expiry(metrics.registry(), &chain);
+    Ok(c)
 }
 
 /// How long a joining node waits to have applied the membership that adds

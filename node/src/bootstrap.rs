@@ -104,14 +104,34 @@ fn founding_marker(data_dir: &Path) -> PathBuf {
     data_dir.join("founding")
 }
 
-/// Loads the node's identity, or creates it by founding or joining.
+/// What [`check`] found: an identity to start from as it is, or one to make
+/// by founding or joining ([`establish`]).
+#[derive(Debug)]
+pub struct Checked {
+    found: Found,
+    marker: PathBuf,
+}
+
+#[derive(Debug)]
+enum Found {
+    /// The operator's files or the data dir's; `mark` when a founding with
+    /// the operator's PKI begins now (its marker is written by `establish`).
+    Ready { identity: Identity, mark: bool },
+    /// Nothing to start from: found a cluster, or join the one `--join`
+    /// names.
+    Anew,
+}
+
+/// Reads and checks the node's identity without writing anything or using
+/// the network, so that a start with an identity that is not this node's
+/// (a `node_cert` of another node, a `node_id` the data dir does not hold)
+/// or a damaged one stops before any port is bound (SPEC §9).
 ///
-/// Files are written atomically ([`crate::files`]), `node.pem` last: it
-/// marks a complete identity. A founder resumes an unfinished founding (the
-/// [`founding_marker`] is there); a node with certificate files but no Raft
-/// state and no CA key to found with (what a crash of an earlier version
-/// left) was never part of a cluster and starts over.
-pub async fn identity(config: &Config, token: &str) -> Result<Identity, BootstrapError> {
+/// A founder resumes an unfinished founding (the [`founding_marker`] is
+/// there); a node with certificate files but no Raft state and no CA key
+/// to found with (what a crash of an earlier version left) was never part
+/// of a cluster and starts over.
+pub fn check(config: &Config) -> Result<Checked, BootstrapError> {
     let marker = founding_marker(&config.data_dir);
     let mut unfinished = read_opt(&marker)?;
     let fresh = !has_raft_state(&config.data_dir);
@@ -150,15 +170,17 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
         }
         let founded =
             config.join.is_none() && damaged_founding.is_none() && (fresh || unfinished.is_some());
-        if founded && unfinished.is_none() {
-            write(&marker, "")?;
-        }
-        return Ok(Identity {
+        let mark = founded && unfinished.is_none();
+        let identity = Identity {
             tls,
             new_ca_key: None,
             joined: false,
             founded,
             damaged_founding,
+        };
+        return Ok(Checked {
+            found: Found::Ready { identity, mark },
+            marker,
         });
     }
     let dir = tls_dir(&config.data_dir);
@@ -186,12 +208,19 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
         }
         let damaged = damaged_founding.is_some();
         let stored = |new_ca_key, founded| {
-            Ok(Identity {
+            let identity = Identity {
                 tls,
                 new_ca_key,
                 joined: false,
                 founded,
                 damaged_founding,
+            };
+            Ok(Checked {
+                found: Found::Ready {
+                    identity,
+                    mark: false,
+                },
+                marker: marker.clone(),
             })
         };
         match (config.join.is_some(), unfinished) {
@@ -216,6 +245,38 @@ pub async fn identity(config: &Config, token: &str) -> Result<Identity, Bootstra
             dir.display()
         )));
     }
+    Ok(Checked {
+        found: Found::Anew,
+        marker,
+    })
+}
+
+/// [`check`] and [`establish`] in one step, for tools and tests that bind
+/// no port of their own first.
+pub async fn identity(config: &Config, token: &str) -> Result<Identity, BootstrapError> {
+    establish(config, token, check(config)?).await
+}
+
+/// The node's identity from what [`check`] found: as it is, or made by
+/// founding (a new CA, unless a restore brings one) or by joining the
+/// cluster `--join` names (a CSR, signed by a member; the node's admin
+/// address goes with it, so the admin port is bound by now).
+///
+/// Files are written atomically ([`crate::files`]), `node.pem` last: it
+/// marks a complete identity.
+pub async fn establish(
+    config: &Config,
+    token: &str,
+    checked: Checked,
+) -> Result<Identity, BootstrapError> {
+    let Checked { found, marker } = checked;
+    if let Found::Ready { identity, mark } = found {
+        if mark {
+            write(&marker, "")?;
+        }
+        return Ok(identity);
+    }
+    let dir = tls_dir(&config.data_dir);
     let (tls, new_ca_key, joined) = match &config.join {
         None => {
             // A restore keeps the backup's CA (`crate::restore`).
@@ -642,6 +703,31 @@ mod tests {
         std::fs::write(config.data_dir.join("raft-log.redb"), b"").unwrap();
         let err = identity(&config, "t").await.unwrap_err().to_string();
         assert!(err.contains("node.key"), "{err}");
+        std::fs::remove_dir_all(&config.data_dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_key_that_is_not_the_certificates_is_a_damaged_file() {
+        let config = config("other-key");
+        let first = identity(&config, "t").await.unwrap();
+        founding_done(&config.data_dir).unwrap();
+        std::fs::write(config.data_dir.join("raft-log.redb"), b"").unwrap();
+        // A sound key, of another certificate of the same CA.
+        let ca = CaBundle {
+            cert_pem: first.tls.ca_cert_pem.clone(),
+            key_pem: first.new_ca_key.unwrap(),
+        };
+        let (_, other_key) = pki::issue_node_cert(&ca, 1).unwrap();
+        std::fs::write(tls_dir(&config.data_dir).join("node.key"), other_key).unwrap();
+        match check(&config) {
+            Err(BootstrapError::Corrupt(e)) => {
+                assert!(
+                    e.contains("node.key") && e.contains("not the key of"),
+                    "{e}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         std::fs::remove_dir_all(&config.data_dir).unwrap();
     }
 }

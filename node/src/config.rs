@@ -519,6 +519,27 @@ fn access_log(
     }))
 }
 
+/// The admin API's certificate chain and key from the operator's files
+/// (`admin_tls_cert`, `admin_tls_key`), in PEM: a file that cannot be
+/// read, does not parse, or a key that is not the certificate's is a
+/// config error naming the field.
+pub(crate) fn read_admin_files(cert: &Path, key: &Path) -> Result<(String, String), ConfigError> {
+    let read = |field: &str, p: &Path| {
+        std::fs::read_to_string(p)
+            .map_err(|e| ConfigError::new(field, format!("{}: {e}", p.display())))
+    };
+    let (c, k) = (read("admin_tls_cert", cert)?, read("admin_tls_key", key)?);
+    crate::tls::certified_key(&c, &k).map_err(|e| match e {
+        crate::tls::TlsError::Key(_) => ConfigError::new("admin_tls_key", e.to_string()),
+        crate::tls::TlsError::KeyMismatch => ConfigError::new(
+            "admin_tls_key",
+            format!("{}: not the key of {} ({e})", key.display(), cert.display()),
+        ),
+        _ => ConfigError::new("admin_tls_cert", e.to_string()),
+    })?;
+    Ok((c, k))
+}
+
 /// `admin_tls` from the switch (`Some(false)`: set to false) and the
 /// files, which are read and parsed here so that a bad pair stops the
 /// start before any port is bound.
@@ -536,24 +557,7 @@ fn admin_tls(
                     "is false but admin_tls_cert and admin_tls_key are set",
                 ));
             }
-            let read = |field: &str, p: &Path| {
-                std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError::new(field, format!("{}: {e}", p.display())))
-            };
-            let (c, k) = (read("admin_tls_cert", &cert)?, read("admin_tls_key", &key)?);
-            let pair = crate::tls::certified_key(&c, &k).map_err(|e| {
-                let field = match e {
-                    crate::tls::TlsError::Key(_) => "admin_tls_key",
-                    _ => "admin_tls_cert",
-                };
-                ConfigError::new(field, e.to_string())
-            })?;
-            pair.keys_match().map_err(|e| {
-                ConfigError::new(
-                    "admin_tls_key",
-                    format!("{}: not the key of {} ({e})", key.display(), cert.display()),
-                )
-            })?;
+            read_admin_files(&cert, &key)?;
             Ok(Some(AdminTls::Files { cert, key }))
         }
         (Some(_), None) | (None, Some(_)) => Err(ConfigError::new(

@@ -30,9 +30,14 @@ pub enum TlsError {
     Key(String),
     #[error("self-signed certificate for {0}: {1}")]
     SelfSigned(String, String),
+    /// The key is not the one the chain's first certificate names.
+    #[error("the private key does not belong to the first certificate of the chain")]
+    KeyMismatch,
 }
 
-/// Parses a PEM chain and key into a signing key.
+/// Parses a PEM chain and key into a signing key, and checks that the key
+/// is the first certificate's (a key type whose public half rustls cannot
+/// derive has nothing to compare and passes).
 pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
@@ -45,7 +50,16 @@ pub fn certified_key(chain_pem: &str, key_pem: &str) -> Result<CertifiedKey, Tls
         e => TlsError::Key(pem_error(&e)),
     })?;
     let signer = any_supported_type(&key).map_err(|e| TlsError::Key(e.to_string()))?;
-    Ok(CertifiedKey::new(chain, signer))
+    let pair = CertifiedKey::new(chain, signer);
+    match pair.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(pair)
+        }
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err(TlsError::KeyMismatch)
+        }
+        Err(e) => Err(TlsError::Chain(e.to_string())),
+    }
 }
 
 fn self_signed(fqdn: &str) -> Result<CertifiedKey, TlsError> {

@@ -106,6 +106,9 @@ async fn a_restart_keeps_the_identity_its_data_dir_records() -> anyhow::Result<(
     let (_, before) = cluster.admin(1).get("/v1/cluster").await?;
     let recorded = region_of(&before, 2).context("node 2 listed")?;
     cluster.stop(2).await?;
+    // Refused before any port is bound: with its admin address taken, the
+    // error is still the config's, not the bind's.
+    let taken = std::net::TcpListener::bind(cluster.admin_addr(2))?;
     let run = cluster
         .run_stopped_with(
             2,
@@ -125,6 +128,7 @@ async fn a_restart_keeps_the_identity_its_data_dir_records() -> anyhow::Result<(
         "{}",
         run.stderr
     );
+    drop(taken);
 
     cluster.restart_with(2, &["--region", "elsewhere"]).await?;
     integration::wait_until("the warning", Duration::from_secs(5), || async {

@@ -7,7 +7,6 @@ use raft_store::command::Command;
 use raft_store::model::Certificate;
 use raft_store::state::Applied;
 use raft_store::validate::valid_certificate_name;
-use rustls::{Error as TlsError, InconsistentKeys};
 use time::format_description::well_known::Rfc3339;
 use time::{Date, Month, PrimitiveDateTime, Time};
 
@@ -29,16 +28,6 @@ pub(crate) async fn create(admin: &Admin, body: Incoming) -> Result<Reply, ApiEr
     let bad =
         |e: &dyn std::fmt::Display| ApiError::invalid(format!("certificate {:?}: {e}", req.name));
     let key = certified_key(&req.chain, &req.private_key).map_err(|e| bad(&e))?;
-    match key.keys_match() {
-        // A key type whose public half rustls cannot derive: nothing to compare.
-        Ok(()) | Err(TlsError::InconsistentKeys(InconsistentKeys::Unknown)) => {}
-        Err(TlsError::InconsistentKeys(InconsistentKeys::KeyMismatch)) => {
-            return Err(bad(
-                &"the private key does not belong to the first certificate of the chain",
-            ));
-        }
-        Err(e) => return Err(bad(&e)),
-    }
     let not_after = key.cert.first().and_then(|der| not_after(der.as_ref()));
     let certificate = Certificate {
         name: req.name,

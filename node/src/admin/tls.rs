@@ -148,3 +148,37 @@ impl ResolvesServerCert for Resolver {
         Some(self.0.current.load_full())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(name: &str) -> (String, String) {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_owned()]).expect("rcgen");
+        (ck.cert.pem(), ck.key_pair.serialize_pem())
+    }
+
+    fn served(cert: &AdminCert) -> Vec<u8> {
+        cert.current.load().cert[0].as_ref().to_vec()
+    }
+
+    #[test]
+    fn a_half_replaced_pair_is_refused_and_the_current_one_kept() {
+        let (old_cert, old_key) = pair("old.example");
+        let (new_cert, new_key) = pair("new.example");
+        assert!(matches!(
+            AdminCert::new(&new_cert, &old_key),
+            Err(TlsError::KeyMismatch)
+        ));
+        let admin = AdminCert::new(&old_cert, &old_key).expect("a matching pair");
+        let before = served(&admin);
+        // The certificate written, the key not yet.
+        assert!(matches!(
+            admin.set(&new_cert, &old_key),
+            Err(TlsError::KeyMismatch)
+        ));
+        assert_eq!(served(&admin), before);
+        admin.set(&new_cert, &new_key).expect("the new pair");
+        assert_ne!(served(&admin), before);
+    }
+}

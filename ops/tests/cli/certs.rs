@@ -74,11 +74,15 @@ async fn certs_make_a_working_own_pki_cluster() -> anyhow::Result<()> {
         .fails(4, "edgectl certs init");
     assert_eq!(edgectl(&["certs", "node", "0"]).await?.code, 2);
 
-    // A certificate for another node id is refused at start.
+    // A certificate for another node id is refused at start, before any
+    // port is bound: with its admin address taken, the error is still the
+    // config's, not the bind's.
     let net = Subnet::allocate();
+    let taken = std::net::TcpListener::bind((net.ip(4), 0))?;
     let wrong = Node::start_with(net.ip(4), |c| {
         Pki::issued(&pki, &pki, 3).apply(c);
         c.node_id = 4;
+        c.admin_addr = taken.local_addr().expect("bound");
     })
     .await;
     let Err(refused) = wrong else {

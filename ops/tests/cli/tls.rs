@@ -183,6 +183,25 @@ async fn edgectl_verifies_an_operator_certificate_by_address() -> anyhow::Result
         .fails(3, "names neither");
     named.stop().await;
 
+    // A key that is not the certificate's: a config error, found before
+    // any port is bound (with its admin address taken, the error is still
+    // the config's).
+    let taken = std::net::TcpListener::bind((net.ip(4), 0))?;
+    let (cert, key) = (pki.path().join("admin.pem"), other.path().join("admin.key"));
+    let mismatched = Node::start_with(net.ip(4), |c| {
+        c.admin_tls = Some(AdminTls::Files { cert, key });
+        c.admin_addr = taken.local_addr().expect("bound");
+    })
+    .await;
+    let Err(refused) = mismatched else {
+        panic!("a node started with another certificate's key");
+    };
+    assert!(
+        format!("{refused:#}").contains("admin_tls_key: ")
+            && format!("{refused:#}").contains("not the key of"),
+        "{refused:#}"
+    );
+
     // https to a node that speaks plain HTTP.
     let plain = Node::start_with(net.ip(3), |_| {}).await?;
     ls_over_tls(&plain.https_url(), &other_ca)
