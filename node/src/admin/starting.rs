@@ -233,3 +233,128 @@ where
         debug!(%peer, error = %e, "admin connection ended while starting");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use rustls::{ClientConfig, RootCertStore};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio_rustls::TlsConnector;
+
+    use super::*;
+    use crate::admin::{Admin, AuthBackoff};
+    use crate::health::MinFree;
+
+    const TOKEN: &str = "starting-test-token-0123";
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    /// One request on `io` (which the server closes after its answer):
+    /// the whole answer as text.
+    async fn ask(mut io: impl AsyncRead + AsyncWrite + Unpin, path: &str, token: bool) -> String {
+        let auth = if token {
+            format!("authorization: Bearer {TOKEN}\r\n")
+        } else {
+            String::new()
+        };
+        let request = format!("GET {path} HTTP/1.1\r\nhost: admin.test\r\n{auth}\r\n");
+        io.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        tokio::time::timeout(LIMIT, io.read_to_end(&mut answer))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// The starting server on a fresh port, over TLS with `tls`.
+    async fn started(tls: Option<Arc<AdminCert>>) -> (SocketAddr, Arc<Starting>, Early) {
+        let dir = std::env::temp_dir();
+        let metrics = Arc::new(Metrics::new());
+        let health = Health::new(&dir, MinFree::Bytes(0), metrics.registry());
+        let guard = Admin::auth_guard(AuthBackoff::default(), &metrics);
+        let starting = Starting::new(
+            health,
+            metrics,
+            guard,
+            TOKEN.into(),
+            Timeouts::default(),
+            64,
+        );
+        starting.step("joining the cluster");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("bound");
+        (addr, starting.clone(), serve(listener, tls, starting))
+    }
+
+    /// What every probe and API call answers while the node starts.
+    async fn answers<F, Fut, S>(connect: F, starting: &Starting)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = S>,
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let ready = ask(connect().await, "/readyz", false).await;
+        assert!(
+            ready.starts_with("HTTP/1.1 503") && ready.contains("starting: joining the cluster"),
+            "{ready}"
+        );
+        let health = ask(connect().await, "/healthz", false).await;
+        assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+        let anonymous = ask(connect().await, "/v1/services", false).await;
+        assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous}");
+        let api = ask(connect().await, "/v1/services", true).await;
+        assert!(
+            api.starts_with("HTTP/1.1 503")
+                && api.to_ascii_lowercase().contains("retry-after: 1")
+                && api.contains("\"status\":\"error\""),
+            "{api}"
+        );
+        starting.raft_running();
+        let health = ask(connect().await, "/healthz", false).await;
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    }
+
+    #[tokio::test]
+    async fn it_answers_in_plain_http() {
+        let (addr, starting, early) = started(None).await;
+        let connect = || async move { TcpStream::connect(addr).await.expect("connect") };
+        answers(connect, &starting).await;
+        early.stop().await.expect("the listener back");
+    }
+
+    #[tokio::test]
+    async fn it_answers_over_tls_with_the_admin_certificate() {
+        let ck = rcgen::generate_simple_self_signed(vec!["admin.test".into()]).expect("rcgen");
+        let cert = AdminCert::new(&ck.cert.pem(), &ck.key_pair.serialize_pem()).expect("a pair");
+        let (addr, starting, early) = started(Some(cert)).await;
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ck.cert.der().to_vec()))
+            .expect("a root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = TlsConnector::from(Arc::new(client));
+        let connect = || {
+            let connector = connector.clone();
+            async move {
+                let tcp = TcpStream::connect(addr).await.expect("connect");
+                let name = ServerName::try_from("admin.test").expect("a name");
+                connector.connect(name, tcp).await.expect("a TLS handshake")
+            }
+        };
+        answers(connect, &starting).await;
+        // Plain HTTP on the TLS port gets no answer in plain.
+        let plain = TcpStream::connect(addr).await.expect("connect");
+        let answer = ask(plain, "/readyz", false).await;
+        assert!(!answer.contains("HTTP/1.1"), "{answer}");
+        early.stop().await.expect("the listener back");
+    }
+}
