@@ -388,13 +388,17 @@ async fn route(admin: &Admin, peer: IpAddr, req: Request<Incoming>) -> Result<Re
             if let Some(t) = &admin.metrics_token {
                 admin
                     .guard
-                    .check(peer, &parts.headers, &[t, &admin.token])?;
+                    .check(peer, &parts.headers, &[t, &admin.token])
+                    .await?;
             }
             Ok(scrape::metrics(admin, &parts.headers))
         }
         ["healthz" | "readyz" | "metrics"] => Err(not_allowed("GET")),
         ["v1", rest @ ..] => {
-            admin.guard.check(peer, &parts.headers, &[&admin.token])?;
+            admin
+                .guard
+                .check(peer, &parts.headers, &[&admin.token])
+                .await?;
             if rest.iter().any(|s| s.is_empty()) {
                 return Err(ApiError::no_route(path));
             }

@@ -1,30 +1,31 @@
 //! Back-off on wrong admin tokens, per client address.
 //!
 //! ```text
-//!  request with a token ─▶ blocked(addr, now)? ── yes ─▶ 429, Retry-After: <s left>
+//!  request with a token ─▶ token right? ── yes ─▶ forget(addr) ─▶ handler
 //!                                  │ no
 //!                                  ▼
-//!                           token right? ── yes ─▶ forget(addr) ─▶ handler
+//!                           slowed(addr, now)? ── yes ─▶ 401 after SLOW_ANSWER (1 s)
 //!                                  │ no
 //!                                  ▼
 //!                           failed(addr, now) ─▶ 401 (the `failures`-th within
-//!                                                `window` starts a block)
+//!                                                `window` starts a period)
 //! ```
 //!
-//! As fail2ban with `bantime.increment` or an NGINX `limit_req` zone keyed
-//! by `$binary_remote_addr` with `limit_req_status 429`: `failures` wrong
-//! tokens from one address within `window` block that address for `block`;
-//! each further block of the same address doubles, up to `block_max`. While
-//! blocked, every request of that address that needs a token is answered 429
-//! without looking at the token (a right token must not tell a guesser that
-//! it was right). A right token clears the address's record. Other addresses
-//! are never affected. IPv6 clients are counted per /64 (one host usually
-//! holds a whole /64).
+//! As a login's failure delay (`pam_faildelay`, OpenSSH) grown by
+//! fail2ban's `bantime.increment`: `failures` wrong tokens from one address
+//! within `window` hold that address back for `block`; each further period
+//! of the same address doubles, up to `block_max`. While held back, its
+//! wrong tokens are answered 401 only after [`super::guard::SLOW_ANSWER`].
+//! Every answer stays what SPEC §6 says (401 for a missing or wrong token),
+//! and a right token is served at once and clears the address's record:
+//! refusing it would lock an operator out behind a script's wrong guesses.
+//! Other addresses are never affected. IPv6 clients are counted per /64
+//! (one host usually holds a whole /64).
 //!
 //! The table is bounded ([`MAX_ADDRESSES`]): when it is full, stale records
-//! go first, then the eighth whose last failures are oldest (blocked
-//! addresses last). Only wrong tokens touch it; a request without a token
-//! is a plain 401 and is not counted.
+//! go first, then the eighth whose last failures are oldest (addresses held
+//! back last). Only wrong tokens touch it; a request without a token is a
+//! plain 401 and is not counted.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -93,8 +94,8 @@ impl Backoff {
         self.settings.failures > 0
     }
 
-    /// How long `addr` is still blocked at `now`, if it is.
-    pub(crate) fn blocked(&self, addr: IpAddr, now: Instant) -> Option<Duration> {
+    /// How long `addr` is still held back at `now`, if it is.
+    pub(crate) fn slowed(&self, addr: IpAddr, now: Instant) -> Option<Duration> {
         if !self.enabled() {
             return None;
         }
@@ -157,8 +158,8 @@ impl Backoff {
         }
     }
 
-    /// Addresses blocked at `now`.
-    pub(crate) fn blocked_count(&self, now: Instant) -> usize {
+    /// Addresses held back at `now`.
+    pub(crate) fn slowed_count(&self, now: Instant) -> usize {
         let records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
         records
             .values()
@@ -238,19 +239,19 @@ mod tests {
         let t = Instant::now();
         assert_eq!(b.failed(A, t), None);
         assert_eq!(b.failed(A, t + Duration::from_secs(1)), None);
-        assert_eq!(b.blocked(A, t + Duration::from_secs(1)), None);
+        assert_eq!(b.slowed(A, t + Duration::from_secs(1)), None);
         let third = t + Duration::from_secs(2);
         assert_eq!(b.failed(A, third), Some(Duration::from_secs(10)));
         assert_eq!(
-            b.blocked(A, third + Duration::from_secs(4)),
+            b.slowed(A, third + Duration::from_secs(4)),
             Some(Duration::from_secs(6))
         );
-        assert_eq!(b.blocked(B, third), None);
-        assert_eq!(b.blocked_count(third), 1);
+        assert_eq!(b.slowed(B, third), None);
+        assert_eq!(b.slowed_count(third), 1);
         // Failures while blocked do not extend the block.
         assert_eq!(b.failed(A, third + Duration::from_secs(1)), None);
-        assert_eq!(b.blocked(A, third + Duration::from_secs(10)), None);
-        assert_eq!(b.blocked_count(third + Duration::from_secs(10)), 0);
+        assert_eq!(b.slowed(A, third + Duration::from_secs(10)), None);
+        assert_eq!(b.slowed_count(third + Duration::from_secs(10)), 0);
     }
 
     #[test]
@@ -300,7 +301,7 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(b.failed(A, t), None);
         }
-        assert_eq!(b.blocked(A, t), None);
+        assert_eq!(b.slowed(A, t), None);
         assert_eq!(b.len(), 0);
     }
 
@@ -317,7 +318,7 @@ mod tests {
         }
         assert!(b.len() <= MAX_ADDRESSES, "{}", b.len());
         assert!(b.len() > MAX_ADDRESSES / 2, "{}", b.len());
-        assert!(b.blocked(A, t + Duration::from_secs(1)).is_some());
+        assert!(b.slowed(A, t + Duration::from_secs(1)).is_some());
     }
 
     #[test]

@@ -84,19 +84,6 @@ impl ApiError {
         )
     }
 
-    /// 429 for an address blocked after repeated wrong tokens, for `left`
-    /// more (rounded up to whole seconds in `Retry-After`).
-    pub(crate) fn blocked(left: std::time::Duration) -> Self {
-        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-        Self {
-            retry_after: Some(secs),
-            ..Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("too many wrong admin tokens from this address; retry in {secs} s"),
-            )
-        }
-    }
-
     /// 413.
     pub(crate) fn too_large(limit: usize) -> Self {
         Self::new(

@@ -92,7 +92,7 @@ impl Starting {
         self.raft_running.store(true, Ordering::Relaxed);
     }
 
-    fn reply(&self, peer: IpAddr, req: &Request<Incoming>) -> Reply {
+    async fn reply(&self, peer: IpAddr, req: &Request<Incoming>) -> Reply {
         let step = self
             .step
             .lock()
@@ -115,7 +115,7 @@ impl Starting {
                 None => starting(),
             },
             _ if path == "/v1" || path.starts_with("/v1/") => {
-                match self.guard.check(peer, req.headers(), &[&self.token]) {
+                match self.guard.check(peer, req.headers(), &[&self.token]).await {
                     Err(e) => e.into_reply(),
                     Ok(()) => retry_soon(
                         ApiError::new(
@@ -220,8 +220,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| {
-        let reply = starting.reply(peer.ip(), &req);
-        async move { Ok::<_, Infallible>(reply) }
+        let starting = starting.clone();
+        async move { Ok::<_, Infallible>(starting.reply(peer.ip(), &req).await) }
     });
     let conn = http1::Builder::new()
         // The caller's timeout bounds the whole exchange.

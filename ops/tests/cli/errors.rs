@@ -232,10 +232,11 @@ async fn help_and_completions() -> anyhow::Result<()> {
 }
 
 /// The node's back-off on wrong tokens (`admin_auth_failures` from the
-/// config), as edgectl shows it: exit 1 with the node's message and the
-/// wait, also for the right token from the blocked address.
+/// config), as edgectl shows it: a wrong token is exit 1 with HTTP 401 before
+/// and after the address is held back, and the right token from that
+/// address still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn repeated_wrong_tokens_are_answered_429_with_the_wait() -> anyhow::Result<()> {
+async fn repeated_wrong_tokens_are_still_401_and_the_right_token_works() -> anyhow::Result<()> {
     let net = Subnet::allocate();
     let node = Node::start_with(net.ip(1), |c| {
         c.admin_auth = edgelb::admin::AuthBackoff {
@@ -246,18 +247,14 @@ async fn repeated_wrong_tokens_are_answered_429_with_the_wait() -> anyhow::Resul
     .await?;
     let api = node.url.as_str();
     let wrong = "not-the-token-at-all";
-    for _ in 0..2 {
+    for _ in 0..3 {
         edgectl(&["--api", api, "--token", wrong, "service", "ls"])
             .await?
             .fails(1, "(HTTP 401)");
     }
-    let line = edgectl(&["--api", api, "--token", TOKEN, "service", "ls"])
+    edgectl(&["--api", api, "--token", TOKEN, "service", "ls"])
         .await?
-        .fails(1, "(HTTP 429)");
-    assert!(
-        line.contains("too many wrong admin tokens from this address; retry in"),
-        "{line}"
-    );
+        .ok()?;
     node.stop().await;
     Ok(())
 }
