@@ -730,6 +730,14 @@ async fn before_release(
     takeover: Option<&mut crate::upgrade::Takeover>,
 ) -> Result<Before, StartError> {
     let token_file = load_token(config, config.token.as_deref())?;
+    for (field, token) in [
+        ("token", Some(token_file.value.as_str())),
+        ("metrics_token", config.metrics_token.as_deref()),
+    ] {
+        if let Some(why) = token.and_then(|t| crate::config::short_token_warning(field, t)) {
+            warn!("{why}");
+        }
+    }
     let metrics = Arc::new(Metrics::new());
     let health = Health::new(
         &config.data_dir,
@@ -1027,7 +1035,7 @@ fn load_token(config: &Config, given: Option<&str>) -> Result<Token, StartError>
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err("it is not text"),
         Err(e) => return Err(io_error(format!("reading {}", path.display()))(e).into()),
         Ok(Some(s)) if crate::config::check_token("token", s.trim()).is_err() => {
-            Err("it does not hold a token (16 to 256 printable ASCII characters)")
+            Err("it does not hold a token (1 to 256 printable ASCII characters)")
         }
         Ok(Some(s)) => Ok(Some(s)),
         Ok(None) if has_state && path.exists() => Err("the file is empty (truncated)"),

@@ -342,9 +342,9 @@ fn choose_token(given: Option<&str>, root: &Path) -> Outcome<String> {
             root.display()
         ))),
         (Some(g), _) => {
-            if g.len() < 16 || g.len() > 256 || !g.bytes().all(|b| b.is_ascii_graphic()) {
+            if g.is_empty() || g.len() > 256 || !g.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(Failure::usage(
-                    "--token must be 16 to 256 printable ASCII characters",
+                    "--token must be 1 to 256 printable ASCII characters",
                 ));
             }
             Ok(g.to_owned())

@@ -394,6 +394,39 @@ async fn environment_sits_between_file_and_flags() -> anyhow::Result<()> {
         "the file beat the variable: {}",
         out.stderr
     );
+
+    // A switch's variable takes the usual spellings of a boolean (as
+    // environment files write them): these pass, and the file's first
+    // error is the one reported; anything else is refused, naming the
+    // value.
+    for (on, off) in [("1", "0"), ("yes", "no"), ("On", "off"), ("true", "false")] {
+        let out = run_with_env(
+            &["--config", file],
+            &[("EDGELB_LEAVE_ON_EXIT", on), ("EDGELB_ADMIN_TLS", off)],
+            cwd.path(),
+            Duration::from_secs(30),
+        )
+        .await?;
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{on}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("drain_timeout") && !out.stderr.contains("EDGELB_"),
+            "{on}/{off}: {}",
+            out.stderr
+        );
+    }
+    let out = run_with_env(
+        &["--config", file],
+        &[("EDGELB_LEAVE_ON_EXIT", "maybe")],
+        cwd.path(),
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("maybe") && !out.stderr.contains("drain_timeout"),
+        "{}",
+        out.stderr
+    );
     Ok(())
 }
 

@@ -22,6 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{CommandFactory, Parser};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -114,7 +115,7 @@ pub struct Args {
     pub node_key: Option<PathBuf>,
     /// Serve the admin API over TLS; without --admin-tls-cert, with the
     /// node's cluster certificate (clients verify it with the cluster CA)
-    #[arg(long, env = "EDGELB_ADMIN_TLS")]
+    #[arg(long, env = "EDGELB_ADMIN_TLS", value_parser = BoolishValueParser::new())]
     pub admin_tls: bool,
     /// Certificate chain (PEM) the admin API presents over TLS (turns
     /// --admin-tls on)
@@ -132,7 +133,7 @@ pub struct Args {
     #[arg(long, env = "EDGELB_MAX_VOTERS")]
     pub max_voters: Option<usize>,
     /// Leave the Raft membership on SIGTERM.
-    #[arg(long, env = "EDGELB_LEAVE_ON_EXIT")]
+    #[arg(long, env = "EDGELB_LEAVE_ON_EXIT", value_parser = BoolishValueParser::new())]
     pub leave_on_exit: bool,
     /// At this start, rebuild a corrupt state machine (state-machine.redb)
     /// from the newest readable snapshot and the Raft log, or drop a
