@@ -388,7 +388,7 @@ async fn route(admin: &Admin, peer: IpAddr, req: Request<Incoming>) -> Result<Re
             if let Some(t) = &admin.metrics_token {
                 admin
                     .guard
-                    .check(peer, &parts.headers, &[t, &admin.token])
+                    .check(peer, &parts.headers, &admin.token, Some(t))
                     .await?;
             }
             Ok(scrape::metrics(admin, &parts.headers))
@@ -397,7 +397,7 @@ async fn route(admin: &Admin, peer: IpAddr, req: Request<Incoming>) -> Result<Re
         ["v1", rest @ ..] => {
             admin
                 .guard
-                .check(peer, &parts.headers, &[&admin.token])
+                .check(peer, &parts.headers, &admin.token, None)
                 .await?;
             if rest.iter().any(|s| s.is_empty()) {
                 return Err(ApiError::no_route(path));

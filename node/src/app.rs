@@ -809,7 +809,8 @@ fn admin_files_cert(
     metrics: &Metrics,
 ) -> Result<Arc<AdminCert>, StartError> {
     let (chain, key) = crate::config::read_admin_files(cert, key)?;
-    let c = AdminCert::new(&chain, &key).map_err(StartError::AdminTls)?;
+    let c = AdminCert::new(&chain, &key)
+        .map_err(|e| ConfigError::new("admin_tls_cert", e.to_string()))?;
     c.register_expiry(metrics.registry(), &chain);
     Ok(c)
 }

@@ -157,6 +157,7 @@ pub fn check(config: &Config) -> Result<Checked, BootstrapError> {
             cert_pem: read("node_cert", cert)?,
             key_pem: read("node_key", key)?,
         };
+        operator_files_sound(&tls, ca, cert, key)?;
         if let Some(other) = names_another_node(&tls.cert_pem, config.node_id) {
             return Err(ConfigError::new(
                 "node_cert",
@@ -325,6 +326,38 @@ pub async fn establish(
         founded,
         damaged_founding: None,
     })
+}
+
+/// The operator's PKI files parse, and the key is the certificate's: a
+/// config error naming the field otherwise.
+fn operator_files_sound(
+    tls: &NodeTls,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<(), ConfigError> {
+    for (field, path, pem) in [
+        ("ca_cert", ca, &tls.ca_cert_pem),
+        ("node_cert", cert, &tls.cert_pem),
+    ] {
+        if let Err(e) = pki::not_after(pem) {
+            return Err(ConfigError::new(
+                field,
+                format!("{}: not a PEM certificate ({e})", path.display()),
+            ));
+        }
+    }
+    crate::tls::certified_key(&tls.cert_pem, &tls.key_pem).map_err(|e| match e {
+        crate::tls::TlsError::KeyMismatch => ConfigError::new(
+            "node_key",
+            format!("{}: not the key of {}", key.display(), cert.display()),
+        ),
+        crate::tls::TlsError::Chain(_) => {
+            ConfigError::new("node_cert", format!("{}: {e}", cert.display()))
+        }
+        e => ConfigError::new("node_key", format!("{}: {e}", key.display())),
+    })?;
+    Ok(())
 }
 
 /// Forgets the [`founding_marker`] once the founding entry is committed.

@@ -396,21 +396,40 @@ async fn environment_sits_between_file_and_flags() -> anyhow::Result<()> {
     );
 
     // A switch's variable takes the usual spellings of a boolean (as
-    // environment files write them): these pass, and the file's first
-    // error is the one reported; anything else is refused, naming the
-    // value.
-    for (on, off) in [("1", "0"), ("yes", "no"), ("On", "off"), ("true", "false")] {
-        let out = run_with_env(
-            &["--config", file],
-            &[("EDGELB_LEAVE_ON_EXIT", on), ("EDGELB_ADMIN_TLS", off)],
-            cwd.path(),
-            Duration::from_secs(30),
-        )
-        .await?;
+    // environment files write them), each meaning what it says: against a
+    // file that names admin TLS files, off is refused naming the variable,
+    // on reads the (missing) certificate.
+    let tls_file = cwd.path().join("tls.toml");
+    std::fs::write(
+        &tls_file,
+        "admin_tls_cert = \"/nonexistent/admin.pem\"\nadmin_tls_key = \"/nonexistent/admin.key\"\n",
+    )?;
+    let tls_file = tls_file.to_str().context("utf-8 temp path")?;
+    for (on, off) in [("1", "0"), ("yes", "no"), ("On", "OFF"), ("true", "false")] {
+        let dir = cwd.path();
+        let start = |value: &'static str| async move {
+            let args = ["--config", tls_file];
+            let vars = [("EDGELB_ADMIN_TLS", value), ("EDGELB_LEAVE_ON_EXIT", value)];
+            run_with_env(&args, &vars, dir, Duration::from_secs(30)).await
+        };
+        let out = start(off).await?;
+        assert_eq!(
+            out.status.code(),
+            Some(EXIT_CONFIG),
+            "{off}: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains("EDGELB_ADMIN_TLS: is false"),
+            "{off}: {}",
+            out.stderr
+        );
+        let out = start(on).await?;
         assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{on}: {}", out.stderr);
         assert!(
-            out.stderr.contains("drain_timeout") && !out.stderr.contains("EDGELB_"),
-            "{on}/{off}: {}",
+            out.stderr.contains("admin_tls_cert: ")
+                && out.stderr.contains("/nonexistent/admin.pem: No such file"),
+            "{on}: {}",
             out.stderr
         );
     }

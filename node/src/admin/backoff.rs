@@ -1,23 +1,23 @@
 //! Back-off on wrong admin tokens, per client address.
 //!
 //! ```text
-//!  request with a token ─▶ token right? ── yes ─▶ forget(addr) ─▶ handler
-//!                                  │ no
-//!                                  ▼
-//!                           slowed(addr, now)? ── yes ─▶ 401 after SLOW_ANSWER (1 s)
+//!  request with a token ─▶ admin token? ── yes ─▶ forget(addr) ─▶ handler
 //!                                  │ no
 //!                                  ▼
 //!                           failed(addr, now) ─▶ 401 (the `failures`-th within
 //!                                                `window` starts a period)
+//!
+//!  either way, while slowed(addr, now): the answer waits SLOW_ANSWER (1 s)
 //! ```
 //!
 //! As a login's failure delay (`pam_faildelay`, OpenSSH) grown by
 //! fail2ban's `bantime.increment`: `failures` wrong tokens from one address
 //! within `window` hold that address back for `block`; each further period
-//! of the same address doubles, up to `block_max`. While held back, its
-//! wrong tokens are answered 401 only after [`super::guard::SLOW_ANSWER`].
-//! Every answer stays what SPEC §6 says (401 for a missing or wrong token),
-//! and a right token is served at once and clears the address's record:
+//! of the same address doubles, up to `block_max`. While held back, every
+//! answer to its requests with a token waits [`super::guard::SLOW_ANSWER`],
+//! right or wrong alike (a quick answer would tell a right guess). Every
+//! answer stays what SPEC §6 says (401 for a missing or wrong token), and
+//! the right token is still served, and clears the address's record:
 //! refusing it would lock an operator out behind a script's wrong guesses.
 //! Other addresses are never affected. IPv6 clients are counted per /64
 //! (one host usually holds a whole /64).

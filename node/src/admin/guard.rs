@@ -4,7 +4,7 @@
 //! | series | kind | meaning |
 //! | --- | --- | --- |
 //! | `edgelb_admin_auth_failures_total` | counter | requests that presented a wrong token |
-//! | `edgelb_admin_auth_blocked_addresses` | gauge | client addresses whose wrong tokens are answered slowly now (set at scrape time) |
+//! | `edgelb_admin_auth_blocked_addresses` | gauge | client addresses held back now: their requests with a token are answered slowly (set at scrape time) |
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -18,8 +18,9 @@ use super::backoff::{AuthBackoff, Backoff};
 use super::reply::ApiError;
 use super::request::authorized;
 
-/// How long a wrong token's 401 waits while its address is held back: a
-/// guesser then makes one guess a second per connection, and the
+/// How long every answer to a request with a token waits while its address
+/// is held back: a guesser then makes one guess a second per connection
+/// (closing early tells it nothing: right and wrong wait alike), and the
 /// per-address connection limit bounds its connections.
 pub(crate) const SLOW_ANSWER: Duration = Duration::from_secs(1);
 
@@ -44,7 +45,7 @@ impl Guard {
             ),
             blocked: gauge(
                 "edgelb_admin_auth_blocked_addresses",
-                "Client addresses whose wrong tokens are answered slowly now, after repeated wrong tokens.",
+                "Client addresses held back after repeated wrong tokens: their requests with a token are answered slowly.",
             ),
         };
         for c in [
@@ -58,34 +59,42 @@ impl Guard {
         guard
     }
 
-    /// Whether `headers` carry one of `tokens` for a request from `peer`:
-    /// 401 for a missing or wrong token (SPEC §6), a wrong one answered
-    /// only after [`SLOW_ANSWER`] while `peer` is held back for repeated
-    /// wrong tokens. A right token is served at once, and clears the
-    /// address's record.
+    /// Whether `headers` carry the admin token, or `other` (the metrics
+    /// token of `/metrics`), for a request from `peer`: 401 for a missing
+    /// or wrong token (SPEC §6). While `peer` is held back for repeated
+    /// wrong tokens, every answer to a request that carries a token, right
+    /// or wrong, waits [`SLOW_ANSWER`]: a quick answer would tell a guess
+    /// right before the wrong ones' wait. The admin token clears the
+    /// address's record (the metrics token does not: it opens `/metrics`
+    /// only, and must not reset the count of guesses at the admin token).
     pub(crate) async fn check(
         &self,
         peer: IpAddr,
         headers: &HeaderMap,
-        tokens: &[&str],
+        admin: &str,
+        other: Option<&str>,
     ) -> Result<(), ApiError> {
-        if tokens.iter().any(|t| authorized(headers, t)) {
-            self.backoff.succeeded(peer);
-            return Ok(());
-        }
         if !headers.contains_key(AUTHORIZATION) {
             return Err(ApiError::unauthorized());
         }
-        self.failures.inc();
         let now = Instant::now();
         let slowed = self.backoff.slowed(peer, now).is_some();
-        if let Some(period) = self.backoff.failed(peer, now) {
-            warn!(%peer, secs = period.as_secs(), "repeated wrong admin tokens; this address's wrong tokens are answered slowly");
-        }
+        let result = if authorized(headers, admin) {
+            self.backoff.succeeded(peer);
+            Ok(())
+        } else if other.is_some_and(|t| authorized(headers, t)) {
+            Ok(())
+        } else {
+            self.failures.inc();
+            if let Some(period) = self.backoff.failed(peer, now) {
+                warn!(%peer, secs = period.as_secs(), "repeated wrong admin tokens; this address's token requests are answered slowly");
+            }
+            Err(ApiError::unauthorized())
+        };
         if slowed {
             tokio::time::sleep(SLOW_ANSWER).await;
         }
-        Err(ApiError::unauthorized())
+        result
     }
 
     /// Sets the scrape-time gauge.

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use edgelb_api::envelope;
-use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Response, StatusCode};
 use http_body_util::{Either, Full};
 use raft_store::state::ApplyError;
@@ -41,8 +41,6 @@ pub(crate) struct ApiError {
     message: String,
     /// `Allow` for 405.
     allow: Option<&'static str>,
-    /// `Retry-After` (seconds) for 429.
-    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -51,7 +49,6 @@ impl ApiError {
             status,
             message: message.into(),
             allow: None,
-            retry_after: None,
         }
     }
 
@@ -105,11 +102,6 @@ impl ApiError {
             reply
                 .headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allow));
-        }
-        if let Some(secs) = self.retry_after {
-            reply
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             reply

@@ -115,7 +115,11 @@ impl Starting {
                 None => starting(),
             },
             _ if path == "/v1" || path.starts_with("/v1/") => {
-                match self.guard.check(peer, req.headers(), &[&self.token]).await {
+                match self
+                    .guard
+                    .check(peer, req.headers(), &self.token, None)
+                    .await
+                {
                     Err(e) => e.into_reply(),
                     Ok(()) => retry_soon(
                         ApiError::new(

@@ -14,7 +14,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -35,6 +35,9 @@ const FILES_EVERY: Duration = Duration::from_secs(60);
 /// The admin certificate in use.
 pub struct AdminCert {
     current: ArcSwap<CertifiedKey>,
+    /// The chain and key (PEM) `current` was made from: what the files are
+    /// compared with ([`AdminCert::watch_files`]).
+    pems: Mutex<(String, String)>,
     /// `edgelb_admin_cert_expiration_timestamp_seconds`, once shown.
     expiry: OnceLock<IntGauge>,
 }
@@ -50,6 +53,7 @@ impl AdminCert {
     pub fn new(chain_pem: &str, key_pem: &str) -> Result<Arc<Self>, TlsError> {
         Ok(Arc::new(Self {
             current: ArcSwap::from_pointee(certified_key(chain_pem, key_pem)?),
+            pems: Mutex::new((chain_pem.to_owned(), key_pem.to_owned())),
             expiry: OnceLock::new(),
         }))
     }
@@ -58,8 +62,16 @@ impl AdminCert {
     pub fn set(&self, chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
         self.current
             .store(Arc::new(certified_key(chain_pem, key_pem)?));
+        *self.pems.lock().unwrap_or_else(PoisonError::into_inner) =
+            (chain_pem.to_owned(), key_pem.to_owned());
         self.show_expiry(chain_pem);
         Ok(())
+    }
+
+    /// Whether `chain_pem` and `key_pem` are what is in use.
+    fn in_use(&self, chain_pem: &str, key_pem: &str) -> bool {
+        let pems = self.pems.lock().unwrap_or_else(PoisonError::into_inner);
+        pems.0 == chain_pem && pems.1 == key_pem
     }
 
     /// Shows when the certificate `chain_pem` (the one in use) expires as
@@ -101,38 +113,53 @@ impl AdminCert {
     }
 
     /// Re-reads `cert` and `key` every minute until `shutdown` and uses
-    /// them once they changed and parse (a pair caught half-replaced is
-    /// refused and tried again at the next check).
+    /// them once they differ from what is in use and parse (a pair caught
+    /// half-replaced is refused and tried again at the next check). Files
+    /// changed before this starts (during a long join) are taken at the
+    /// first check.
     pub async fn watch_files(
         self: Arc<Self>,
         cert: PathBuf,
         key: PathBuf,
         shutdown: CancellationToken,
     ) {
+        self.watch_files_every(cert, key, shutdown, FILES_EVERY)
+            .await;
+    }
+
+    async fn watch_files_every(
+        self: Arc<Self>,
+        cert: PathBuf,
+        key: PathBuf,
+        shutdown: CancellationToken,
+        every: Duration,
+    ) {
         let read = || {
             let c = std::fs::read_to_string(&cert).ok()?;
             let k = std::fs::read_to_string(&key).ok()?;
             Some((c, k))
         };
-        let mut last = read();
+        // A refused pair is not logged again until the files change.
+        let mut refused = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(FILES_EVERY) => {}
+                () = tokio::time::sleep(every) => {}
             }
-            let now = read();
-            if now.is_none() || now == last {
+            let Some((c, k)) = read() else {
+                continue;
+            };
+            if self.in_use(&c, &k) || refused.as_ref() == Some(&(c.clone(), k.clone())) {
                 continue;
             }
-            if let Some((c, k)) = &now {
-                match self.set(c, k) {
-                    Ok(()) => {
-                        info!(cert = %cert.display(), "admin API certificate reloaded");
-                        last = now;
-                    }
-                    Err(e) => {
-                        warn!(cert = %cert.display(), error = %e, "admin API certificate files refused; keeping the current one");
-                    }
+            match self.set(&c, &k) {
+                Ok(()) => {
+                    info!(cert = %cert.display(), "admin API certificate reloaded");
+                    refused = None;
+                }
+                Err(e) => {
+                    warn!(cert = %cert.display(), error = %e, "admin API certificate files refused; keeping the current one");
+                    refused = Some((c, k));
                 }
             }
         }
@@ -180,5 +207,40 @@ mod tests {
         assert_eq!(served(&admin), before);
         admin.set(&new_cert, &new_key).expect("the new pair");
         assert_ne!(served(&admin), before);
+    }
+
+    /// Files replaced before the watch starts (the certificate was loaded
+    /// before the admin port was bound, the watch starts after a join)
+    /// are taken at its first check.
+    #[tokio::test]
+    async fn files_changed_before_the_watch_are_taken() {
+        let dir = std::env::temp_dir().join(format!("edgelb-admin-watch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("admin.pem"), dir.join("admin.key"));
+        let (old_cert, old_key) = pair("old.example");
+        let (new_cert, new_key) = pair("new.example");
+        let admin = AdminCert::new(&old_cert, &old_key).expect("a pair");
+        let before = served(&admin);
+        std::fs::write(&cert, &new_cert).unwrap();
+        std::fs::write(&key, &new_key).unwrap();
+        let stop = CancellationToken::new();
+        let every = Duration::from_millis(20);
+        let watch = tokio::spawn(admin.clone().watch_files_every(
+            cert.clone(),
+            key.clone(),
+            stop.clone(),
+            every,
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while served(&admin) == before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the new pair was not taken"
+            );
+            tokio::time::sleep(every).await;
+        }
+        stop.cancel();
+        watch.await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

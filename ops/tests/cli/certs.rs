@@ -95,6 +95,24 @@ async fn certs_make_a_working_own_pki_cluster() -> anyhow::Result<()> {
         "{refused:#}"
     );
 
+    // Node 3's certificate with node 1's key: a config error naming
+    // node_key, before any port is bound.
+    let mismatched = Node::start_with(net.ip(4), |c| {
+        Pki::issued(&pki, &pki, 3).apply(c);
+        c.node_key = Some(pki.join("node-1.key"));
+        c.node_id = 3;
+        c.admin_addr = taken.local_addr().expect("bound");
+    })
+    .await;
+    let Err(refused) = mismatched else {
+        panic!("node 3 started with node 1's key");
+    };
+    assert!(
+        format!("{refused:#}").contains("node_key: ")
+            && format!("{refused:#}").contains("not the key of"),
+        "{refused:#}"
+    );
+
     // Nodes 1 and 3 form a cluster on these certificates.
     let (node1, node3) =
         two_nodes(&net, Pki::issued(&pki, &pki, 1), Pki::issued(&pki, &pki, 3)).await?;
