@@ -257,8 +257,10 @@ impl PerClient {
         }
     }
 
-    /// A slot for a connection from `ip`, unless it has `max` open.
+    /// A slot for a connection from `ip`, unless its address (its /64
+    /// for IPv6, as the token back-off counts) has `max` open.
     fn take(&self, ip: IpAddr) -> Option<ClientSlot> {
+        let ip = backoff::key(ip);
         let mut open = self
             .open
             .lock()

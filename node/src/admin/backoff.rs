@@ -201,8 +201,9 @@ fn make_room(records: &mut HashMap<IpAddr, Record>, s: &AuthBackoff, now: Instan
 }
 
 /// The table key: an IPv4 address (also when written as IPv4-mapped IPv6),
-/// or an IPv6 address's /64.
-fn key(addr: IpAddr) -> IpAddr {
+/// or an IPv6 address's /64 (one host usually holds a whole /64). The
+/// admin port's per-address connection limit counts by it too.
+pub(crate) fn key(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -295,3 +295,28 @@ impl Server {
 fn http_service() -> Value {
     json!([{"port": 8080, "destination_port": 80, "handlers": ["http"]}])
 }
+
+/// The per-address connection limit counts an IPv6 client by its /64, as
+/// the token back-off does, and an IPv4-mapped address as the IPv4 one.
+#[test]
+fn the_per_address_limit_counts_ipv6_by_its_64() {
+    let limit = super::PerClient::new(4); // 2 per address
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("an address") };
+    let a = limit.take(ip("2001:db8:0:1::1")).expect("a first slot");
+    let b = limit.take(ip("2001:db8:0:1::2")).expect("a second slot");
+    assert!(
+        limit.take(ip("2001:db8:0:1:ffff::3")).is_none(),
+        "a third address of the same /64"
+    );
+    let other = limit.take(ip("2001:db8:0:2::1")).expect("another /64");
+    drop(a);
+    let c = limit
+        .take(ip("2001:db8:0:1::9"))
+        .expect("a slot given back");
+    let v4 = limit.take(ip("192.0.2.7")).expect("IPv4");
+    let mapped = limit
+        .take(ip("::ffff:192.0.2.7"))
+        .expect("the same IPv4, mapped");
+    assert!(limit.take(ip("192.0.2.7")).is_none(), "IPv4 at its limit");
+    drop((b, c, other, v4, mapped));
+}
