@@ -59,7 +59,8 @@ pub use delta::{
 pub use estimator::{Estimator, water_level};
 pub use regions::{CELL_MAX, Plan, Stream, aggregate, cells, plan};
 pub use schedule::{
-    JITTER, MAX_SHARE, MIN_GAP, REFRESH, RefreshSchedule, SendSchedule, jittered, quiet_alive,
+    FEW_TARGETS, JITTER, MAX_SHARE, MIN_GAP, REFRESH, RefreshSchedule, SendSchedule, jittered,
+    quiet_alive,
 };
 pub use state::{Arrival, Counters, LoadTable, Merge, PeerReport};
 pub use tracker::{LONG_FLOOR, Tracker};

@@ -23,9 +23,11 @@
 //! heartbeat is capped at `last_full + interval` while the node has
 //! anything to report.
 //!
-//! **An idle node is quiet.** Its report is empty, which is also what an
-//! expired report counts as, so repeating it every `interval` tells its
-//! peers nothing. It is repeated every [`SendSchedule::idle_interval`] (a
+//! **An idle node in a large fleet is quiet.** A node that reports to at
+//! most [`FEW_TARGETS`] peers heartbeats every `interval` whatever it
+//! reports, as SPEC §5 says. Beyond that, an idle node's report is empty,
+//! which is also what an expired report counts as, so repeating it every
+//! `interval` tells its peers nothing. It is repeated every [`SendSchedule::idle_interval`] (a
 //! third of the TTL, at least `interval`) so that peers still see the node
 //! as fresh (admin views, report-age metrics) and one lost heartbeat does
 //! not let it expire; and at multiples of that period on the wall clock
@@ -75,6 +77,13 @@ pub fn jittered<R: Rng + ?Sized>(interval: Duration, rng: &mut R) -> Duration {
     interval.mul_f64(rng.random_range(1.0 - JITTER..=1.0 + JITTER))
 }
 
+/// A node that reports to at most this many peers heartbeats every
+/// `interval` when idle too, as SPEC §5 says: at 10 a second to each, that
+/// is at most 40 datagrams a second out, and about as many in. Beyond it an
+/// idle node slows down (the module docs): an idle fleet must not cost a
+/// share of a core per node.
+pub const FEW_TARGETS: usize = 4;
+
 /// The sender's timers.
 #[derive(Clone, Debug)]
 pub struct SendSchedule {
@@ -82,6 +91,8 @@ pub struct SendSchedule {
     interval: Duration,
     idle_interval: Duration,
     quiet_interval: Duration,
+    /// It reports to at most [`FEW_TARGETS`] peers: no idle schedule.
+    few: bool,
     /// Empty reports built in a row, up to 2.
     empty_run: u8,
     /// When the last report was built.
@@ -100,6 +111,7 @@ impl SendSchedule {
             interval: config.interval,
             idle_interval: Self::idle_interval(config),
             quiet_interval: Self::quiet_interval(config),
+            few: false,
             empty_run: 0,
             last: None,
             last_full: None,
@@ -118,6 +130,14 @@ impl SendSchedule {
     /// them: the TTL, at least [`SendSchedule::idle_interval`].
     pub fn quiet_interval(config: &Config) -> Duration {
         config.ttl.max(Self::idle_interval(config))
+    }
+
+    /// The number of peers the reports go to now: with at most
+    /// [`FEW_TARGETS`], an empty report is repeated every `interval`
+    /// (jittered) like any other, as SPEC §5 says; with more, on the idle
+    /// grid. Until it is told, the schedule counts as having many.
+    pub fn set_targets(&mut self, targets: usize) {
+        self.few = targets <= FEW_TARGETS;
     }
 
     /// Whether the report built at `now` must be a full one.
@@ -169,7 +189,7 @@ impl SendSchedule {
             if full {
                 self.last_full = Some(now);
             }
-            if report.entries.is_empty() {
+            if report.entries.is_empty() && !self.few {
                 self.empty_run = (self.empty_run + 1).min(2);
                 let period = if self.empty_run >= 2 {
                     self.quiet_interval
@@ -449,6 +469,32 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(SendSchedule::idle_interval(&tight), tight.interval);
+    }
+
+    /// With few peers to report to, an idle node heartbeats every
+    /// `interval` (jittered) as SPEC §5 says; with one more, it goes quiet.
+    #[test]
+    fn an_idle_node_with_few_peers_heartbeats_every_interval() {
+        let t0 = Instant::now();
+        let mut rng = SmallRng::seed_from_u64(5);
+        let config = Config::default();
+        let empty = Report::default();
+        let mut s = SendSchedule::new(&config, t0);
+        s.set_targets(FEW_TARGETS);
+        let mut now = t0;
+        for _ in 0..10 {
+            s.sampled(now, 0, Some((&empty, true)), &mut rng);
+            assert!(
+                within(s.heartbeat(), now, config.interval),
+                "{:?}",
+                s.heartbeat() - now
+            );
+            now = s.heartbeat();
+        }
+        s.set_targets(FEW_TARGETS + 1);
+        s.sampled(now, 0, Some((&empty, true)), &mut rng);
+        s.sampled(now, 0, Some((&empty, true)), &mut rng);
+        assert!(s.heartbeat() > now + config.interval * 2, "quiet");
     }
 
     #[test]

@@ -551,6 +551,23 @@ async fn cluster_view_shows_gossip_age() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     );
 
+    // Idle, a node of three heartbeats every gossip_interval (100 ms, SPEC
+    // §5): sampled over 2 s, no peer's newest report is ever half a
+    // second old (an idle node of a large fleet repeats its empty report
+    // only every second).
+    let mut every = tokio::time::interval(Duration::from_millis(150));
+    let mut oldest = 0;
+    for _ in 0..14 {
+        every.tick().await;
+        let view = cluster.status(2).await?;
+        for n in view.nodes.iter().filter(|n| n.node_id != 2) {
+            let age = n.last_gossip_age_ms.context("a peer's report age")?;
+            oldest = oldest.max(age);
+        }
+    }
+    ensure!(oldest < 500, "an idle peer's report reached {oldest} ms");
+    eprintln!("idle: the oldest peer report seen was {oldest} ms old");
+
     let first: Scrape = cluster.admin(2).scrape().await?;
     let received = first.sum(RECEIVED, &[]);
     assert!(received > 0.0, "{RECEIVED} is {received}");

@@ -464,8 +464,11 @@ impl<'a> Sim<'a> {
             return;
         }
         let now = self.instant();
+        let targets = (self.nodes.iter().enumerate())
+            .filter(|&(to, n)| to != node && n.state.up)
+            .count();
         let state = &mut self.nodes[node].state;
-        let (mut report, heartbeat) = state.build(now, &mut self.net);
+        let (mut report, heartbeat) = state.build(now, targets, &mut self.net);
         let generation = state.send_gen;
         let heartbeat = self.ns_of(heartbeat);
         self.at(heartbeat, Event::Send { node, generation });

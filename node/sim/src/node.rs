@@ -152,9 +152,14 @@ impl SimNode {
         Some(self.send.coalesced(now, rng))
     }
 
-    /// Builds the report due at `now` (the sender's loop body); returns it
-    /// with the time of the next heartbeat.
-    pub(super) fn build(&mut self, now: Instant, rng: &mut SmallRng) -> (Report, Instant) {
+    /// Builds the report due at `now` (the sender's loop body) for
+    /// `targets` peers; returns it with the time of the next heartbeat.
+    pub(super) fn build(
+        &mut self,
+        now: Instant,
+        targets: usize,
+        rng: &mut SmallRng,
+    ) -> (Report, Instant) {
         self.changed.take();
         self.coalescing = false;
         self.send_gen += 1;
@@ -165,6 +170,7 @@ impl SimNode {
         let report = self.tracker.report(now, 0, counters);
         // Full reports only, and no wall clock (idle grid at multiples of
         // the idle interval from 0).
+        self.send.set_targets(targets);
         self.send.sampled(now, 0, Some((&report, true)), rng);
         (report, self.send.heartbeat())
     }

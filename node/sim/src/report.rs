@@ -41,8 +41,9 @@ Each node runs the node's own code wherever there is code to run:
   and raise the node's `LoadChanged` flag; `gossip::SendSchedule` decides
   when a report goes out (as soon as counts change, coalesced to
   `gossip_min_interval` +0–20 %; a heartbeat every `gossip_interval`; a
-  re-check within 20 ms while short work is in flight; idle nodes on the
-  idle grid), and `gossip::Tracker` samples the counters into a report,
+  re-check within 20 ms while short work is in flight; idle nodes with
+  more than 4 peers up on the idle grid), and `gossip::Tracker` samples the
+  counters into a report,
   which is encoded, delayed (one-way delay ± a quarter, or as given), lost
   or not, and decoded;
 - intake: `LoadTable::insert`, dated by `gossip::Arrival` (receipt less

@@ -97,7 +97,9 @@ pub(super) async fn run(
         let report = tracker.report(now.into_std(), wall, counters);
         let full = schedule.full_due(now.into_std());
         // The next heartbeat, sooner while short work in flight may turn
-        // long-lived, later when the node is idle (see gossip::SendSchedule).
+        // long-lived, later when the node is idle in a large fleet (see
+        // gossip::SendSchedule).
+        schedule.set_targets(reports.receiver_count());
         schedule.sampled(
             now.into_std(),
             wall,
