@@ -422,7 +422,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("edgectl-token-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(choose_token(None, &dir).unwrap().len(), 32);
-        assert!(choose_token(Some("short"), &dir).is_err());
+        // SPEC sets no length (the node warns under 16); a header must be
+        // able to carry it.
+        assert_eq!(choose_token(Some("short"), &dir).unwrap(), "short");
+        for bad in ["", "with space", &"x".repeat(257)] {
+            assert!(choose_token(Some(bad), &dir).is_err(), "{bad:?}");
+        }
         std::fs::create_dir_all(dir.join("node-1")).unwrap();
         std::fs::write(dir.join("node-1/token"), "abcdefghijklmnopqrstuvwxyz\n").unwrap();
         assert_eq!(
