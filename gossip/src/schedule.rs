@@ -12,7 +12,8 @@
 //!  a report with short work in flight ─▶ look again within LONG_FLOOR·(1±J)
 //!  an empty report (idle node) ─▶ the next multiple of idle_interval on the
 //!                     wall clock (not jittered); after two empty ones in
-//!                     a row, the next multiple of quiet_interval
+//!                     a row, the next multiple of quiet_interval; with at
+//!                     most FEW_TARGETS peers, of interval
 //!  full_due(now): the report built now must be full, not a delta:
 //!                     now ≥ last_full + interval − min_interval·(1 + J),
 //!                     or none sent yet
@@ -25,9 +26,10 @@
 //!
 //! **An idle node in a large fleet is quiet.** A node that reports to at
 //! most [`FEW_TARGETS`] peers heartbeats every `interval` whatever it
-//! reports, as SPEC §5 says. Beyond that, an idle node's report is empty,
-//! which is also what an expired report counts as, so repeating it every
-//! `interval` tells its peers nothing. It is repeated every [`SendSchedule::idle_interval`] (a
+//! reports, as SPEC §5 says (an empty report on the wall clock's multiples
+//! of `interval`, for the reasons below). Beyond that, an idle node's
+//! report is empty, which is also what an expired report counts as, so
+//! repeating it every `interval` tells its peers nothing. It is repeated every [`SendSchedule::idle_interval`] (a
 //! third of the TTL, at least `interval`) so that peers still see the node
 //! as fresh (admin views, report-age metrics) and one lost heartbeat does
 //! not let it expire; and at multiples of that period on the wall clock
@@ -133,9 +135,10 @@ impl SendSchedule {
     }
 
     /// The number of peers the reports go to now: with at most
-    /// [`FEW_TARGETS`], an empty report is repeated every `interval`
-    /// (jittered) like any other, as SPEC §5 says; with more, on the idle
-    /// grid. Until it is told, the schedule counts as having many.
+    /// [`FEW_TARGETS`], an empty report is repeated every `interval`, as
+    /// SPEC §5 says, on the wall clock's multiples of it; with more, on the
+    /// idle grid's longer periods. Until it is told, the schedule counts as
+    /// having many.
     pub fn set_targets(&mut self, targets: usize) {
         self.few = targets <= FEW_TARGETS;
     }
@@ -189,9 +192,11 @@ impl SendSchedule {
             if full {
                 self.last_full = Some(now);
             }
-            if report.entries.is_empty() && !self.few {
+            if report.entries.is_empty() {
                 self.empty_run = (self.empty_run + 1).min(2);
-                let period = if self.empty_run >= 2 {
+                let period = if self.few {
+                    self.interval
+                } else if self.empty_run >= 2 {
                     self.quiet_interval
                 } else {
                     self.idle_interval
@@ -472,29 +477,32 @@ mod tests {
     }
 
     /// With few peers to report to, an idle node heartbeats every
-    /// `interval` (jittered) as SPEC §5 says; with one more, it goes quiet.
+    /// `interval` as SPEC §5 says, on the wall clock's multiples of it (an
+    /// empty report cannot herd; aligned, a node hears its idle peers in
+    /// one burst); with one more peer, it goes quiet.
     #[test]
     fn an_idle_node_with_few_peers_heartbeats_every_interval() {
         let t0 = Instant::now();
         let mut rng = SmallRng::seed_from_u64(5);
         let config = Config::default();
         let empty = Report::default();
-        let mut s = SendSchedule::new(&config, t0);
-        s.set_targets(FEW_TARGETS);
-        let mut now = t0;
-        for _ in 0..10 {
-            s.sampled(now, 0, Some((&empty, true)), &mut rng);
-            assert!(
-                within(s.heartbeat(), now, config.interval),
-                "{:?}",
-                s.heartbeat() - now
-            );
-            now = s.heartbeat();
+        let min = u64::try_from(config.min_interval.as_millis()).unwrap();
+        for start in [0, 1, 57, 96, 99, 100, 1_700_000_000_123] {
+            let mut s = SendSchedule::new(&config, t0);
+            s.set_targets(FEW_TARGETS);
+            let (mut now, mut wall) = (t0, start);
+            for _ in 0..10 {
+                s.sampled(now, wall, Some((&empty, true)), &mut rng);
+                let wait = u64::try_from((s.heartbeat() - now).as_millis()).unwrap();
+                assert_eq!((wall + wait) % 100, 0, "{start}: {wall} + {wait}");
+                assert!((min..min + 100).contains(&wait), "{start}: {wall} + {wait}");
+                (now, wall) = (s.heartbeat(), wall + wait);
+            }
+            s.set_targets(FEW_TARGETS + 1);
+            s.sampled(now, wall, Some((&empty, true)), &mut rng);
+            s.sampled(now, wall, Some((&empty, true)), &mut rng);
+            assert!(s.heartbeat() > now + config.interval * 2, "quiet");
         }
-        s.set_targets(FEW_TARGETS + 1);
-        s.sampled(now, 0, Some((&empty, true)), &mut rng);
-        s.sampled(now, 0, Some((&empty, true)), &mut rng);
-        assert!(s.heartbeat() > now + config.interval * 2, "quiet");
     }
 
     #[test]
