@@ -78,6 +78,34 @@ impl Node {
     }
 
     /// Graceful shutdown.
+    /// Starts a node that must refuse to start, with its admin address
+    /// held by `taken` (so that a check made only after the bind fails on
+    /// the bind instead): the error, with its context, which must contain
+    /// each of `says`.
+    pub(crate) async fn refused(
+        ip: IpAddr,
+        taken: &std::net::TcpListener,
+        tweak: impl FnOnce(&mut Config),
+        says: &[&str],
+    ) {
+        let admin = taken.local_addr().expect("bound");
+        let started = Self::start_with(ip, |c| {
+            tweak(c);
+            c.admin_addr = admin;
+        })
+        .await;
+        let refused = match started {
+            Ok(node) => {
+                node.stop().await;
+                panic!("the node started");
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        for s in says {
+            assert!(refused.contains(s), "{s:?} not in: {refused}");
+        }
+    }
+
     pub(crate) async fn stop(mut self) {
         if let Some(h) = self.handle.take() {
             let _ = tokio::time::timeout(patient(Duration::from_secs(30)), h.shutdown()).await;
