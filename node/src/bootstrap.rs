@@ -347,16 +347,8 @@ fn operator_files_sound(
             ));
         }
     }
-    crate::tls::certified_key(&tls.cert_pem, &tls.key_pem).map_err(|e| match e {
-        crate::tls::TlsError::KeyMismatch => ConfigError::new(
-            "node_key",
-            format!("{}: not the key of {}", key.display(), cert.display()),
-        ),
-        crate::tls::TlsError::Chain(_) => {
-            ConfigError::new("node_cert", format!("{}: {e}", cert.display()))
-        }
-        e => ConfigError::new("node_key", format!("{}: {e}", key.display())),
-    })?;
+    crate::tls::certified_key(&tls.cert_pem, &tls.key_pem)
+        .map_err(|e| crate::config::pair_error(&e, ("node_cert", cert), ("node_key", key)))?;
     Ok(())
 }
 

@@ -529,15 +529,30 @@ pub(crate) fn read_admin_files(cert: &Path, key: &Path) -> Result<(String, Strin
             .map_err(|e| ConfigError::new(field, format!("{}: {e}", p.display())))
     };
     let (c, k) = (read("admin_tls_cert", cert)?, read("admin_tls_key", key)?);
-    crate::tls::certified_key(&c, &k).map_err(|e| match e {
-        crate::tls::TlsError::Key(_) => ConfigError::new("admin_tls_key", e.to_string()),
+    crate::tls::certified_key(&c, &k)
+        .map_err(|e| pair_error(&e, ("admin_tls_cert", cert), ("admin_tls_key", key)))?;
+    Ok((c, k))
+}
+
+/// A certificate and key (files `cert` and `key`, set by the two fields)
+/// that do not load together, as a config error naming the field at fault:
+/// the certificate's when the chain does not parse, else the key's (it
+/// does not parse, or is not the certificate's).
+pub(crate) fn pair_error(
+    e: &crate::tls::TlsError,
+    (cert_field, cert): (&str, &Path),
+    (key_field, key): (&str, &Path),
+) -> ConfigError {
+    match e {
+        crate::tls::TlsError::Chain(_) => {
+            ConfigError::new(cert_field, format!("{}: {e}", cert.display()))
+        }
         crate::tls::TlsError::KeyMismatch => ConfigError::new(
-            "admin_tls_key",
+            key_field,
             format!("{}: not the key of {} ({e})", key.display(), cert.display()),
         ),
-        _ => ConfigError::new("admin_tls_cert", e.to_string()),
-    })?;
-    Ok((c, k))
+        e => ConfigError::new(key_field, format!("{}: {e}", key.display())),
+    }
 }
 
 /// `admin_tls` from the switch (`Some(false)`: set to false) and the

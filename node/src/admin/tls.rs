@@ -149,7 +149,8 @@ impl AdminCert {
             let Some((c, k)) = read() else {
                 continue;
             };
-            if self.in_use(&c, &k) || refused.as_ref() == Some(&(c.clone(), k.clone())) {
+            let seen = |(rc, rk): &(String, String)| *rc == c && *rk == k;
+            if self.in_use(&c, &k) || refused.as_ref().is_some_and(seen) {
                 continue;
             }
             match self.set(&c, &k) {
