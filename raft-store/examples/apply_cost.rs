@@ -4,7 +4,8 @@
 //! writes them behind the batches), restart (open and load every row),
 //! snapshot build and install, at 100 groups × 10 instances and at 10,000
 //! groups × 10 instances, and the in-memory part of a write (clone the
-//! published state, apply) alone.
+//! published state, apply) alone; then one write of a group with 15,000
+//! domains and 10,000 instances.
 //!
 //! ```text
 //! cargo run --release -p raft-store --example apply_cost [-- WRITES]
@@ -214,6 +215,40 @@ async fn run(dir: &Path, groups: usize, writes: usize) -> Result<(), Box<dyn std
     Ok(())
 }
 
+/// Domains and instances of the one large group ([`large`]): as many as a
+/// 1 MiB request body holds of either.
+const LARGE_DOMAINS: usize = 15_000;
+const LARGE_INSTANCES: usize = 10_000;
+
+/// One write that creates a group with [`LARGE_DOMAINS`] domains and
+/// [`LARGE_INSTANCES`] instances, into an empty store: what checking and
+/// applying one large command costs.
+async fn large(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let mut sm = StateMachineStore::open(dir)?;
+    let mut log = Log { next: 0 };
+    let mut g = group(0);
+    g.domains = (0..LARGE_DOMAINS)
+        .map(|i| Domain {
+            fqdn: format!("host-{i:05}.a-rather-long-region-name.example.com"),
+            certificate: None,
+        })
+        .collect();
+    g.instances = (0..LARGE_INSTANCES).map(|n| instance(n >> 8, n)).collect();
+    let entry = log.entry(Command::CreateGroup { group: g });
+    let t = Instant::now();
+    for r in sm.apply([entry]).await? {
+        if let Some(Err(e)) = r.result {
+            return Err(format!("the large group: {e}").into());
+        }
+    }
+    let applied = t.elapsed();
+    println!(
+        "one group of {LARGE_DOMAINS} domains and {LARGE_INSTANCES} instances: applied in {:.1} ms",
+        ms(applied)
+    );
+    Ok(())
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
 
@@ -238,5 +273,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         rt.block_on(run(&dir.0, groups, writes))?;
     }
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("edgelb-apply-cost-{}-large", std::process::id())),
+    );
+    rt.block_on(large(&dir.0))?;
     Ok(())
 }

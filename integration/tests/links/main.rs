@@ -920,7 +920,9 @@ async fn a_command_larger_than_what_a_far_link_carries_within_the_limit_reaches_
     let (body, bytes) = large_group("big")?;
     let relay = cluster.relay().context("relay")?;
     let before = relay.stats(leader, far).bytes;
+    let posted = Instant::now();
     let (status, v) = admin.post("/v1/services", &body).await?;
+    eprintln!("the leader answered in {:?}", posted.elapsed());
     ensure!(status.is_success(), "{status} {v}");
     let target = cluster.status(leader).await?.commit_index;
     let started = Instant::now();

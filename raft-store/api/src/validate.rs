@@ -7,6 +7,7 @@
 //! rule that looks at the stored state, that a domain names a stored
 //! certificate, asks it through [`Certificates`].
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use crate::model::{ApplyError, Certificate, Domain, Handler, Instance, Service, ServiceGroup};
@@ -161,13 +162,14 @@ pub fn check_services(services: &[Service]) -> Result<(), ApplyError> {
     if services.is_empty() {
         return Err(invalid("a service group needs at least one service"));
     }
-    for (i, s) in services.iter().enumerate() {
+    let mut ports = HashSet::with_capacity(services.len());
+    for s in services {
         if s.port == 0 || s.destination_port == 0 {
             return Err(invalid(format!(
                 "service {s}: ports must be between 1 and 65535"
             )));
         }
-        if services[..i].iter().any(|o| o.port == s.port) {
+        if !ports.insert(s.port) {
             return Err(invalid(format!("port {} is listed twice", s.port)));
         }
         if let Some(w) = s.handlers.windows(2).find(|w| w[0] == w[1]) {
@@ -207,14 +209,17 @@ pub fn check_domains(
     if domains.is_empty() {
         return Err(invalid("a service group needs at least one domain"));
     }
-    for (i, d) in domains.iter().enumerate() {
+    // Sets, not a scan of the entries before: a group may list tens of
+    // thousands of domains or instances, and every node checks it.
+    let mut seen = HashSet::with_capacity(domains.len());
+    for d in domains {
         if !valid_fqdn(&d.fqdn) {
             return Err(invalid(format!(
                 "domain {:?} is not a valid host name",
                 d.fqdn
             )));
         }
-        if domains[..i].iter().any(|o| o.fqdn == d.fqdn) {
+        if !seen.insert(d.fqdn.as_str()) {
             return Err(invalid(format!("domain {:?} is listed twice", d.fqdn)));
         }
         if let Some(cert) = &d.certificate
@@ -228,15 +233,17 @@ pub fn check_domains(
 
 /// Each instance valid ([`check_instance`]); names and uuids not repeated.
 pub fn check_instances(instances: &[Instance]) -> Result<(), ApplyError> {
-    for (i, inst) in instances.iter().enumerate() {
+    let mut names = HashSet::with_capacity(instances.len());
+    let mut uuids = HashSet::with_capacity(instances.len());
+    for inst in instances {
         check_instance(inst)?;
-        if instances[..i].iter().any(|o| o.name == inst.name) {
+        if !names.insert(inst.name.as_str()) {
             return Err(invalid(format!(
                 "instance name {:?} is listed twice",
                 inst.name
             )));
         }
-        if instances[..i].iter().any(|o| o.uuid == inst.uuid) {
+        if !uuids.insert(inst.uuid) {
             return Err(invalid(format!(
                 "instance uuid {} is listed twice",
                 inst.uuid

@@ -244,6 +244,33 @@ fn domains() {
 }
 
 #[test]
+fn a_repeat_anywhere_in_a_long_list_is_named() {
+    let mut ds: Vec<Domain> = (0..5_000).map(|i| domain(&format!("h{i}.a.com"))).collect();
+    assert_eq!(check_domains(&ds, &NONE), Ok(()));
+    ds.push(domain("h17.a.com"));
+    assert_eq!(
+        check_domains(&ds, &NONE),
+        Err(ApplyError::Invalid(
+            "domain \"h17.a.com\" is listed twice".into()
+        ))
+    );
+    let mut is: Vec<Instance> = (0..5_000)
+        .map(|i| inst(i + 1, &format!("i{i}"), "x"))
+        .collect();
+    assert_eq!(check_instances(&is), Ok(()));
+    is.push(inst(10_000, "i4999", "x"));
+    assert_eq!(
+        check_instances(&is),
+        Err(ApplyError::Invalid(
+            "instance name \"i4999\" is listed twice".into()
+        ))
+    );
+    is.pop();
+    is.push(inst(3, "fresh", "x"));
+    assert!(is_invalid(check_instances(&is)));
+}
+
+#[test]
 fn domain_certificate_must_exist() {
     let d = Domain {
         fqdn: "a.com".into(),
