@@ -736,7 +736,6 @@ mod tests {
         let config = config("other-key");
         let first = identity(&config, "t").await.unwrap();
         founding_done(&config.data_dir).unwrap();
-        std::fs::write(config.data_dir.join("raft-log.redb"), b"").unwrap();
         // A sound key, of another certificate of the same CA.
         let ca = CaBundle {
             cert_pem: first.tls.ca_cert_pem.clone(),
@@ -744,14 +743,20 @@ mod tests {
         };
         let (_, other_key) = pki::issue_node_cert(&ca, 1).unwrap();
         std::fs::write(tls_dir(&config.data_dir).join("node.key"), other_key).unwrap();
-        match check(&config) {
-            Err(BootstrapError::Corrupt(e)) => {
-                assert!(
-                    e.contains("node.key") && e.contains("not the key of"),
-                    "{e}"
-                );
+        // Without Raft state (not overwritten, docs/identity.md), then with.
+        for raft_state in [false, true] {
+            if raft_state {
+                std::fs::write(config.data_dir.join("raft-log.redb"), b"").unwrap();
             }
-            other => panic!("{other:?}"),
+            match check(&config) {
+                Err(BootstrapError::Corrupt(e)) => {
+                    assert!(
+                        e.contains("node.key") && e.contains("not the key of"),
+                        "{e}"
+                    );
+                }
+                other => panic!("raft state {raft_state}: {other:?}"),
+            }
         }
         std::fs::remove_dir_all(&config.data_dir).unwrap();
     }

@@ -1,6 +1,6 @@
 //! `/v1/services/{id}/instances[/{instance}]`: attach, list, detach.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -80,6 +80,7 @@ pub(crate) fn list(admin: &Admin, id: &str) -> Result<Reply, ApiError> {
     let runtime = table.group(&group.uuid);
     let now = Instant::now();
     let parts = runtime.map(|r| admin.gossip.peer_parts(r, now));
+    let listed: HashSet<Uuid> = group.instances.iter().map(|i| i.uuid).collect();
     let instances = group
         .instances
         .iter()
@@ -90,7 +91,7 @@ pub(crate) fn list(admin: &Admin, id: &str) -> Result<Reply, ApiError> {
                 .flat_map(|r| r.draining())
                 // A table newer than `state` (a detach applied between the
                 // two reads) lists the instance above already.
-                .filter(|b| !group.instances.iter().any(|i| i.uuid == b.uuid))
+                .filter(|b| !listed.contains(&b.uuid))
                 .map(|b| draining_view(&b)),
         )
         .collect();

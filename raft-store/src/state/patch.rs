@@ -2,6 +2,9 @@
 //! key is not there yet, `del` removes entries by key (`port` for services,
 //! `fqdn` for domains). The result is checked by the caller like a new group.
 
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+
 use super::ApplyError;
 use crate::command::{Patch, PatchOp};
 use crate::model::ServiceGroup;
@@ -85,23 +88,26 @@ const ALREADY_IN: &str = " is already in group ";
 const NOT_IN: &str = " not found in group ";
 
 /// Whether `current` is what `op` with `value` leaves (see [`shown`]).
-fn holds<T: PartialEq, K: PartialEq>(
+fn holds<T: PartialEq, K: Hash + Eq>(
     current: &[T],
     op: PatchOp,
     value: &[T],
     key: impl Fn(&T) -> K,
 ) -> bool {
+    let current: HashMap<K, &T> = current.iter().map(|c| (key(c), c)).collect();
     match op {
         PatchOp::Set => false,
-        PatchOp::Add => value.iter().all(|v| current.contains(v)),
-        PatchOp::Del => !value
+        PatchOp::Add => value
             .iter()
-            .any(|v| current.iter().any(|c| key(c) == key(v))),
+            .all(|v| current.get(&key(v)).is_some_and(|c| *c == v)),
+        PatchOp::Del => !value.iter().any(|v| current.contains_key(&key(v))),
     }
 }
 
-/// Combines a list with a patch value, entries compared by `key`.
-fn combine<T: Clone, K: PartialEq>(
+/// Combines a list with a patch value, entries compared by `key`. Keys are
+/// looked up in sets: a group may hold tens of thousands of domains, and a
+/// patch may name as many.
+fn combine<T: Clone, K: Hash + Eq>(
     current: &[T],
     op: PatchOp,
     value: Vec<T>,
@@ -112,10 +118,8 @@ fn combine<T: Clone, K: PartialEq>(
     match op {
         PatchOp::Set => Ok(value),
         PatchOp::Add => {
-            if let Some(v) = value
-                .iter()
-                .find(|v| current.iter().any(|c| key(c) == key(v)))
-            {
+            let there: HashSet<K> = current.iter().map(&key).collect();
+            if let Some(v) = value.iter().find(|v| there.contains(&key(v))) {
                 return Err(ApplyError::Invalid(format!(
                     "{}{ALREADY_IN}{group:?}",
                     describe(v)
@@ -126,18 +130,17 @@ fn combine<T: Clone, K: PartialEq>(
             Ok(out)
         }
         PatchOp::Del => {
-            if let Some(v) = value
-                .iter()
-                .find(|v| !current.iter().any(|c| key(c) == key(v)))
-            {
+            let there: HashSet<K> = current.iter().map(&key).collect();
+            if let Some(v) = value.iter().find(|v| !there.contains(&key(v))) {
                 return Err(ApplyError::NotFound(format!(
                     "{}{NOT_IN}{group:?}",
                     describe(v)
                 )));
             }
+            let gone: HashSet<K> = value.iter().map(&key).collect();
             Ok(current
                 .iter()
-                .filter(|c| !value.iter().any(|v| key(v) == key(c)))
+                .filter(|c| !gone.contains(&key(c)))
                 .cloned()
                 .collect())
         }

@@ -85,6 +85,46 @@ fn patch_domains_and_hard_limit() {
     );
 }
 
+/// Adds and deletes of thousands of domains at once: the entry already
+/// there (or missing) is named wherever it is, and what stays keeps its
+/// order.
+#[test]
+fn patches_of_thousands_of_domains() {
+    let mut s = state();
+    let on_web = |p| patch("web", p);
+    let names: Vec<String> = (0..5_000).map(|i| format!("h{i}.example.com")).collect();
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    assert!(apply(&mut s, &on_web(domains(PatchOp::Add, &all))).is_ok());
+    assert_eq!(
+        apply(
+            &mut s,
+            &on_web(domains(
+                PatchOp::Add,
+                &["new.example.com", "h4321.example.com"]
+            ))
+        ),
+        Err(ApplyError::Invalid(
+            "domain \"h4321.example.com\" is already in group \"web\"".into()
+        ))
+    );
+    let odd: Vec<&str> = all.iter().copied().skip(1).step_by(2).collect();
+    let Ok(Applied::Group(g)) = apply(&mut s, &on_web(domains(PatchOp::Del, &odd))) else {
+        panic!("del failed");
+    };
+    let left: Vec<&str> = g.domains.iter().map(|d| d.fqdn.as_str()).collect();
+    let even: Vec<&str> = all.iter().copied().step_by(2).collect();
+    assert_eq!(left[left.len() - even.len()..], even[..]);
+    assert_eq!(
+        apply(
+            &mut s,
+            &on_web(domains(PatchOp::Del, &["h0.example.com", "h1.example.com"]))
+        ),
+        Err(ApplyError::NotFound(
+            "domain \"h1.example.com\" not found in group \"web\"".into()
+        ))
+    );
+}
+
 /// A patch sent again after a first try that took effect is refused (an
 /// `add` finds its entries there, a `del` its keys gone), and that refusal
 /// with the state showing the change answers the group: entries added as
