@@ -5,7 +5,7 @@
 //! snapshot build and install, at 100 groups × 10 instances and at 10,000
 //! groups × 10 instances, and the in-memory part of a write (clone the
 //! published state, apply) alone; then one write of a group with 15,000
-//! domains and 10,000 instances.
+//! domains and 10,000 instances, and 100 attaches to it.
 //!
 //! ```text
 //! cargo run --release -p raft-store --example apply_cost [-- WRITES]
@@ -242,9 +242,28 @@ async fn large(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let applied = t.elapsed();
+    // Then instances attached to it, each write its own batch.
+    let mut took = Vec::with_capacity(100);
+    for n in 0..100 {
+        let entry = log.entry(Command::AttachInstance {
+            group: "g0".into(),
+            instance: instance(1 << 20, LARGE_INSTANCES + n),
+        });
+        let t = Instant::now();
+        for r in sm.apply([entry]).await? {
+            if let Some(Err(e)) = r.result {
+                return Err(format!("attaching to the large group: {e}").into());
+            }
+        }
+        took.push(t.elapsed());
+    }
+    took.sort();
     println!(
-        "one group of {LARGE_DOMAINS} domains and {LARGE_INSTANCES} instances: applied in {:.1} ms",
-        ms(applied)
+        "one group of {LARGE_DOMAINS} domains and {LARGE_INSTANCES} instances: applied in {:.1} ms; \
+         an attach to it p50 {:.3} ms, p99 {:.3} ms",
+        ms(applied),
+        ms(percentile(&took, 0.5)),
+        ms(percentile(&took, 0.99)),
     );
     Ok(())
 }

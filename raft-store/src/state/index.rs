@@ -3,13 +3,13 @@
 //! uuids. They make the rules between groups ([`conflicts`](super::conflicts))
 //! O(log n) lookups instead of scans of every group.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 
 use imbl::OrdMap;
 use uuid::Uuid;
 
 use super::State;
-use crate::model::ServiceGroup;
+use crate::model::{Domain, ServiceGroup};
 
 /// Port → the groups publishing it, by name (so the first is the holder
 /// named in a conflict, in name order).
@@ -80,11 +80,19 @@ impl State {
             let _ = self.index(new);
             return;
         }
-        for d in old.domains.iter().filter(|d| !new.domains.contains(d)) {
-            self.domains.remove(&d.fqdn);
-        }
-        for d in new.domains.iter().filter(|d| !old.domains.contains(d)) {
-            self.domains.insert(d.fqdn.clone(), new.uuid);
+        // Most writes (an attach, a detach, a limit) leave the domains as
+        // they were: one pass finds that. Otherwise sets, not a scan of
+        // one list per entry of the other: a group may hold tens of
+        // thousands of domains.
+        if old.domains != new.domains {
+            let (before, after): (HashSet<&Domain>, HashSet<&Domain>) =
+                (old.domains.iter().collect(), new.domains.iter().collect());
+            for d in old.domains.iter().filter(|d| !after.contains(d)) {
+                self.domains.remove(&d.fqdn);
+            }
+            for d in new.domains.iter().filter(|d| !before.contains(d)) {
+                self.domains.insert(d.fqdn.clone(), new.uuid);
+            }
         }
         let ports = |g: &ServiceGroup| g.services.iter().map(|s| s.port).collect::<BTreeSet<_>>();
         let (before, after) = (ports(&old), ports(new));
@@ -104,7 +112,7 @@ impl State {
             holders.insert(new.name.clone(), new.uuid);
             self.ports.insert(*port, holders);
         }
-        let uuids = |g: &ServiceGroup| g.instances.iter().map(|i| i.uuid).collect::<BTreeSet<_>>();
+        let uuids = |g: &ServiceGroup| g.instances.iter().map(|i| i.uuid).collect::<HashSet<_>>();
         let (before, after) = (uuids(&old), uuids(new));
         for uuid in before.difference(&after) {
             self.instances.remove(uuid);
