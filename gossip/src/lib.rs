@@ -64,7 +64,7 @@ pub use schedule::{
 };
 pub use state::{Arrival, Counters, LoadTable, Merge, PeerReport};
 pub use tracker::{LONG_FLOOR, Tracker};
-pub use view::{GroupView, LOAD_FRAC_BITS, LOAD_ONE, PeerLoad, to_fixed};
+pub use view::{GroupView, LOAD_FRAC_BITS, LOAD_ONE, PeerLoad, ViewSet, to_fixed};
 
 /// Gossip settings (SPEC §5).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! ```text
 //!  LoadTable::snapshot (brief lock: one Arc clone per peer)
 //!      │ per peer: new report? ──yes──▶ rebuild its terms for this group
-//!      ▼                                (a merge of two sorted lists)
+//!      ▼                      (its instances looked up in the report)
 //!  per tick: decay every term by the report's age (no lookups)
 //!      │ D(i) = Σ_p decayed(p,i)
 //!      │ pour the peers' expected new picks onto D (water level L)
@@ -40,14 +40,19 @@
 //! Cost per tick: a multiply-add per reported (peer, instance) pair of the
 //! group, one `exp` per peer and distinct mean service time (bucketed to
 //! 0.5 %), and a sort of the group's instances for the water level; rebuilding a
-//! peer's terms (a merge of its sorted entries with the group's sorted
-//! instances) happens only when its report changed. No lock is held: the
+//! peer's terms (the group's instances looked up in its sorted entries, or
+//! the two lists merged when the group is large) happens only when its
+//! report changed. No lock is held: the
 //! caller owns the view.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::codec::Entry;
 use crate::estimator::{Estimator, survival, water_level};
 use crate::state::PeerReport;
 
@@ -69,8 +74,9 @@ pub struct GroupView {
     /// which are in the same order.
     index: Vec<([u8; 16], u32)>,
     len: usize,
-    /// Each peer's terms for this group, by the report they came from.
-    peers: HashMap<u64, PeerTerms>,
+    /// Each peer's terms for this group, by the report they came from; by
+    /// peer id.
+    peers: BTreeMap<u64, PeerTerms>,
     /// Scratch, per slot.
     decayed: Vec<f64>,
     admit: Vec<f64>,
@@ -131,7 +137,7 @@ impl GroupView {
                 index
             },
             len: n,
-            peers: HashMap::new(),
+            peers: BTreeMap::new(),
             decayed: vec![0.0; n],
             admit: vec![0.0; n],
         }
@@ -157,22 +163,47 @@ impl GroupView {
         now: Instant,
         out: &mut Vec<PeerLoad>,
     ) -> bool {
-        let (estimator, silence) = (config.estimator, Self::silence(config));
+        debug_assert!(peers.is_sorted_by_key(|(id, _)| *id), "a snapshot is by id");
         self.peers
-            .retain(|id, _| peers.iter().any(|(p, _)| p == id));
-        self.decayed.iter_mut().for_each(|d| *d = 0.0);
-        self.admit.iter_mut().for_each(|d| *d = 0.0);
-        let mut pour = 0.0f64;
+            .retain(|id, _| peers.binary_search_by_key(id, |(p, _)| *p).is_ok());
         let mut fresh = false;
         for (id, report) in peers {
-            let age = now.saturating_duration_since(report.as_of);
-            if age > config.ttl {
+            if now.saturating_duration_since(report.as_of) > config.ttl {
                 continue;
             }
             fresh = true;
             let terms = self.peers.entry(*id).or_default();
             if terms.version != report.version || terms.version == 0 {
                 terms.rebuild(&self.index, report);
+            }
+        }
+        self.compute(config, peers, now, out);
+        fresh
+    }
+
+    /// The estimate at `now` from the terms held, each peer's age taken
+    /// from its report in `peers` (sorted by id); a peer whose report is
+    /// not there or older than `config.ttl` counts for nothing.
+    fn compute(
+        &mut self,
+        config: &crate::Config,
+        peers: &[(u64, Arc<PeerReport>)],
+        now: Instant,
+        out: &mut Vec<PeerLoad>,
+    ) {
+        let (estimator, silence) = (config.estimator, Self::silence(config));
+        self.decayed.iter_mut().for_each(|d| *d = 0.0);
+        self.admit.iter_mut().for_each(|d| *d = 0.0);
+        let mut pour = 0.0f64;
+        // By peer id, as the snapshot is: the sums come out the same
+        // whichever way the terms were found.
+        for (id, terms) in &self.peers {
+            let Ok(at) = peers.binary_search_by_key(id, |(p, _)| *p) else {
+                continue;
+            };
+            let age = now.saturating_duration_since(peers[at].1.as_of);
+            if age > config.ttl {
+                continue;
             }
             let heard = age <= silence;
             let a = age.as_secs_f64();
@@ -214,46 +245,267 @@ impl GroupView {
                     admit: to_fixed(a),
                 }),
         );
+    }
+}
+
+/// The views of all of a node's groups, keyed by `K`, as the refresh keeps
+/// them. A peer's report lists its busy instances of every group; each new
+/// one is split over the groups once, by an index of which group and slot
+/// each instance is, and only the groups it touches (now or in the peer's
+/// report before) are rebuilt. Only groups with terms (and a group once
+/// after it lost its last) are estimated at a tick. Searching every new
+/// report once per group instead cost 1.33 s per tick at 10,000 groups and
+/// 20 peers (`benches/refresh.rs`, `many_groups`).
+#[derive(Debug)]
+pub struct ViewSet<K> {
+    /// Key → index in `held`.
+    keys: HashMap<K, usize>,
+    /// The groups, in the order they were set (a refresh calls back in
+    /// that order, run after run: the simulator's runs repeat); `None`
+    /// where one was removed, for the next to take.
+    held: Vec<Option<(K, Held)>>,
+    /// Indexes of `held` that are `None`.
+    free: Vec<usize>,
+    /// Instance → its group's index and its slot.
+    owner: FxHashMap<[u8; 16], (usize, u32)>,
+    /// Per peer, the report last split and the groups it had terms in (a
+    /// group has a peer's terms only if its index is listed here).
+    split: BTreeMap<u64, Split>,
+    /// Scratch, by group index: one report's entries of the group.
+    scratch: Vec<Vec<(u32, Entry)>>,
+    out: Vec<PeerLoad>,
+}
+
+#[derive(Debug)]
+struct Held {
+    view: GroupView,
+    /// Whether the view holds terms from every report split so far; a
+    /// group set since looks the current reports up itself, once.
+    current: bool,
+    /// Whether its last estimate may have been other than all zero.
+    active: bool,
+}
+
+#[derive(Debug, Default)]
+struct Split {
+    version: u64,
+    groups: Vec<usize>,
+}
+
+impl<K> Default for ViewSet<K> {
+    fn default() -> Self {
+        Self {
+            keys: HashMap::new(),
+            held: Vec::new(),
+            free: Vec::new(),
+            owner: FxHashMap::default(),
+            split: BTreeMap::new(),
+            scratch: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+}
+
+impl<K: Clone + Eq + Hash> ViewSet<K> {
+    /// Sets group `key` to `instances` (in slot order), new or replacing
+    /// the one of that key: estimated at the next refresh.
+    pub fn set_group(&mut self, key: K, instances: &[[u8; 16]]) {
+        self.remove_group(&key);
+        let at = match self.free.pop() {
+            Some(at) => at,
+            None => {
+                self.held.push(None);
+                self.scratch.push(Vec::new());
+                self.held.len() - 1
+            }
+        };
+        for (slot, id) in instances.iter().enumerate() {
+            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            self.owner.insert(*id, (at, slot));
+        }
+        let held = Held {
+            view: GroupView::new(instances),
+            current: false,
+            active: true,
+        };
+        self.keys.insert(key.clone(), at);
+        self.held[at] = Some((key, held));
+    }
+
+    /// Removes group `key` and its instances' index entries.
+    pub fn remove_group(&mut self, key: &K) {
+        let Some(at) = self.keys.remove(key) else {
+            return;
+        };
+        let Some((_, old)) = self.held.get_mut(at).and_then(Option::take) else {
+            return;
+        };
+        self.free.push(at);
+        for (id, _) in &old.view.index {
+            if self.owner.get(id).is_some_and(|(i, _)| *i == at) {
+                self.owner.remove(id);
+            }
+        }
+    }
+
+    /// The refresh at `now` from `peers` (a [`LoadTable::snapshot`]):
+    /// calls `loads` with every group whose peer loads may have changed
+    /// and its loads (one per slot). Whether any peer was fresh.
+    ///
+    /// [`LoadTable::snapshot`]: crate::LoadTable::snapshot
+    pub fn refresh(
+        &mut self,
+        config: &crate::Config,
+        peers: &[(u64, Arc<PeerReport>)],
+        now: Instant,
+        mut loads: impl FnMut(&K, &[PeerLoad]),
+    ) -> bool {
+        debug_assert!(peers.is_sorted_by_key(|(id, _)| *id), "a snapshot is by id");
+        let listed = |id: &u64| peers.binary_search_by_key(id, |(p, _)| *p).is_ok();
+        let gone: Vec<u64> = self.split.keys().copied().filter(|p| !listed(p)).collect();
+        for peer in gone {
+            if let Some(split) = self.split.remove(&peer) {
+                for at in split.groups {
+                    if let Some(Some((_, held))) = self.held.get_mut(at) {
+                        held.view.peers.remove(&peer);
+                    }
+                }
+            }
+        }
+        for (peer, report) in peers {
+            self.split_report(*peer, report);
+        }
+        for (at, slot) in self.held.iter_mut().enumerate() {
+            let Some((_, held)) = slot.as_mut().filter(|(_, h)| !h.current) else {
+                continue;
+            };
+            held.current = true;
+            held.view.peers.clear();
+            for (peer, report) in peers {
+                let mut terms = PeerTerms::default();
+                terms.rebuild(&held.view.index, report);
+                if !terms.terms.is_empty() {
+                    held.view.peers.insert(*peer, terms);
+                    self.split.entry(*peer).or_default().groups.push(at);
+                }
+            }
+        }
+        let fresh = peers
+            .iter()
+            .any(|(_, r)| now.saturating_duration_since(r.as_of) <= config.ttl);
+        for (key, held) in self.held.iter_mut().flatten() {
+            let has = !held.view.peers.is_empty();
+            if has || held.active {
+                held.view.compute(config, peers, now, &mut self.out);
+                loads(key, &self.out);
+            }
+            held.active = has;
+        }
         fresh
+    }
+
+    /// Splits `peer`'s `report` over the groups, unless it was already.
+    fn split_report(&mut self, peer: u64, report: &PeerReport) {
+        let split = self.split.entry(peer).or_default();
+        if split.version == report.version && split.version != 0 {
+            return;
+        }
+        split.version = report.version;
+        let mut touched = Vec::new();
+        for e in &report.entries {
+            if let Some(&(at, slot)) = self.owner.get(&e.instance) {
+                let list = &mut self.scratch[at];
+                if list.is_empty() {
+                    touched.push(at);
+                }
+                list.push((slot, *e));
+            }
+        }
+        // The groups it had terms in that this report leaves out.
+        for at in split.groups.drain(..) {
+            if self.scratch[at].is_empty()
+                && let Some(Some((_, held))) = self.held.get_mut(at)
+            {
+                held.view.peers.remove(&peer);
+            }
+        }
+        for &at in &touched {
+            let list = &mut self.scratch[at];
+            if let Some(Some((_, held))) = self.held.get_mut(at) {
+                held.view
+                    .peers
+                    .entry(peer)
+                    .or_default()
+                    .set(report.version, list);
+            }
+            list.clear();
+        }
+        split.groups = touched;
     }
 }
 
 impl PeerTerms {
-    /// Rebuilds the terms from `report`: a merge of two sorted lists, the
-    /// group's instances and the report's entries, O(n + m).
+    /// Rebuilds the terms from `report`: the group's instances found among
+    /// the report's entries (both sorted by instance). A report lists the
+    /// peer's busy instances of every group, so for a small group each
+    /// instance is looked up, O(n log m); a merge of the two lists, O(n +
+    /// m), when that is cheaper. A merge for every group walked nearly the
+    /// whole report per group and new report: with 10,000 groups, seconds
+    /// per refresh (`benches/refresh.rs`, `many_groups`).
     fn rebuild(&mut self, index: &[([u8; 16], u32)], report: &PeerReport) {
-        self.version = report.version;
+        self.reset(report.version);
+        let entries = report.entries.as_slice();
+        let (n, m) = (index.len(), entries.len());
+        let lookups = n.saturating_mul(usize::BITS as usize - m.leading_zeros() as usize + 1);
+        if lookups < n + m {
+            let mut rest = entries;
+            for &(id, slot) in index {
+                rest = &rest[rest.partition_point(|e| e.instance < id)..];
+                if let Some((e, after)) = rest.split_first().filter(|(e, _)| e.instance == id) {
+                    self.add(slot, e);
+                    rest = after;
+                }
+            }
+        } else {
+            let (mut slots, mut entries) = (index.iter().peekable(), entries.iter().peekable());
+            while let (Some(&&(id, slot)), Some(&e)) = (slots.peek(), entries.peek()) {
+                match id.cmp(&e.instance) {
+                    std::cmp::Ordering::Less => {
+                        slots.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        entries.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        slots.next();
+                        entries.next();
+                        self.add(slot, e);
+                    }
+                }
+            }
+        }
+        self.finish();
+    }
+
+    /// Terms of report `version` from `entries`, its entries of this
+    /// group with their slots ([`ViewSet`] splits a report over groups).
+    fn set(&mut self, version: u64, entries: &[(u32, Entry)]) {
+        self.reset(version);
+        for (slot, e) in entries {
+            self.add(*slot, e);
+        }
+        self.finish();
+    }
+
+    fn reset(&mut self, version: u64) {
+        self.version = version;
         self.terms.clear();
         self.rate = 0.0;
         self.rate_tau = 0.0;
-        let (mut slots, mut entries) = (index.iter().peekable(), report.entries.iter().peekable());
-        while let (Some(&&(id, slot)), Some(&&e)) = (slots.peek(), entries.peek()) {
-            match id.cmp(&e.instance) {
-                std::cmp::Ordering::Less => {
-                    slots.next();
-                    continue;
-                }
-                std::cmp::Ordering::Greater => {
-                    entries.next();
-                    continue;
-                }
-                std::cmp::Ordering::Equal => {
-                    slots.next();
-                    entries.next();
-                }
-            }
-            let tau = f64::from(e.mean_service_us) / 1e6;
-            let rate = f64::from(e.arrival_rate_milli) / 1000.0;
-            self.rate += rate;
-            self.rate_tau += rate * tau;
-            let long = e.long_inflight.min(e.inflight);
-            self.terms.push(Term {
-                slot,
-                bucket: bucket_of(e.mean_service_us),
-                long: f64::from(long),
-                short: f64::from(e.inflight - long),
-            });
-        }
+    }
+
+    /// Sorts the terms added into runs of one τ bucket.
+    fn finish(&mut self) {
         self.terms.sort_unstable_by_key(|t| t.bucket);
         self.runs.clear();
         for (i, t) in self.terms.iter().enumerate() {
@@ -262,6 +514,21 @@ impl PeerTerms {
                 _ => self.runs.push((i + 1, inv_tau_of(t.bucket))),
             }
         }
+    }
+
+    /// Adds the term of `e`, the report's entry for the instance in `slot`.
+    fn add(&mut self, slot: u32, e: &Entry) {
+        let tau = f64::from(e.mean_service_us) / 1e6;
+        let rate = f64::from(e.arrival_rate_milli) / 1000.0;
+        self.rate += rate;
+        self.rate_tau += rate * tau;
+        let long = e.long_inflight.min(e.inflight);
+        self.terms.push(Term {
+            slot,
+            bucket: bucket_of(e.mean_service_us),
+            long: f64::from(long),
+            short: f64::from(e.inflight - long),
+        });
     }
 }
 
@@ -285,8 +552,8 @@ fn inv_tau_of(bucket: u32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{ids, report};
-    use crate::{Config, LoadTable};
+    use crate::testutil::{id, ids, report};
+    use crate::{Config, LoadTable, Report};
     use proptest::prelude::*;
 
     fn run(
@@ -298,6 +565,24 @@ mod tests {
         let mut out = Vec::new();
         view.estimate(config, &table.snapshot(), now, &mut out);
         out
+    }
+
+    /// What [`a_set_gives_each_group_its_own_estimate`] does at a step.
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A report of `node`: per instance, (in flight, long-lived).
+        Report {
+            node: u64,
+            counts: BTreeMap<usize, (u32, u32)>,
+            rate: u32,
+            tau: u32,
+        },
+        /// The peer leaves the table.
+        Leave(u64),
+        /// The group is set anew.
+        Regroup(usize, u8),
+        /// The group is removed.
+        Remove(usize),
     }
 
     #[test]
@@ -344,6 +629,42 @@ mod tests {
         assert_eq!(run(&mut view, &config, &table, t0)[1].select, 0);
     }
 
+    /// A group's instances are found in a report of every group's busy
+    /// instances, looked up one by one (a small group) or merged (a large
+    /// one): the same exact counts either way, and nothing for an instance
+    /// the report leaves out.
+    #[test]
+    fn a_groups_instances_are_found_in_a_long_report() {
+        let t0 = Instant::now();
+        let config = Config::default();
+        let mut table = LoadTable::new(config.ttl);
+        let count = |i: usize| (1 + (i % 7) as u32, (i % 2) as u32);
+        let counts: Vec<(u32, u32)> = (0..2_000).map(count).collect();
+        table.insert(report(1, 1, &counts, 0.0, 10), t0);
+        let expect = |slots: &[usize]| -> Vec<u64> {
+            slots
+                .iter()
+                .map(|&i| {
+                    if i < 2_000 {
+                        u64::from(count(i).0) * LOAD_ONE
+                    } else {
+                        0
+                    }
+                })
+                .collect()
+        };
+        // In slot order, not sorted; 2,500 and 4,000 not reported.
+        let small = [1_999, 3, 250, 2_500, 251, 0, 4_000, 1_000];
+        let large: Vec<usize> = (0..3_000).rev().step_by(3).collect();
+        for slots in [&small[..], &large[..]] {
+            let instances: Vec<[u8; 16]> = slots.iter().map(|&i| id(i)).collect();
+            let mut view = GroupView::new(&instances);
+            let out = run(&mut view, &config, &table, t0);
+            let select: Vec<u64> = out.iter().map(|l| l.select).collect();
+            assert_eq!(select, expect(slots), "{} instances", slots.len());
+        }
+    }
+
     /// A peer that picked 1000/s and then fell silent (crashed): its
     /// predicted picks keep counting for selection until its report
     /// expires, never for admission; its reported work counts for admission
@@ -366,6 +687,87 @@ mod tests {
     }
 
     proptest! {
+        /// A [`ViewSet`] over several groups gives each group exactly the
+        /// loads a fresh [`GroupView`] of the group computes from the same
+        /// reports, through any sequence of reports, peers leaving, groups
+        /// set anew (other slots, fewer instances) and removed; a group it
+        /// does not call back keeps the loads of its last call.
+        #[test]
+        fn a_set_gives_each_group_its_own_estimate(
+            ops in prop::collection::vec(
+                prop_oneof![
+                    4 => (0u64..4, prop::collection::btree_map(0usize..40, (0u32..9, 0u32..3), 0..30), 0u32..3000, 0u32..300)
+                        .prop_map(|(node, counts, rate, tau)| Op::Report { node, counts, rate, tau }),
+                    1 => (0u64..4).prop_map(Op::Leave),
+                    1 => (0usize..4, any::<u8>()).prop_map(|(g, keep)| Op::Regroup(g, keep)),
+                    1 => (0usize..4).prop_map(Op::Remove),
+                ],
+                1..30,
+            ),
+            estimator in prop::sample::select(vec![Estimator::Raw, Estimator::Decay, Estimator::Predictive]),
+        ) {
+            let t0 = Instant::now();
+            let config = Config { estimator, ..Config::default() };
+            let mut table = LoadTable::new(config.ttl);
+            let mut set = ViewSet::default();
+            // Group g: instances i with i % 4 == g, in some slot order.
+            let mut groups: HashMap<usize, Vec<[u8; 16]>> = HashMap::new();
+            for g in 0..4 {
+                let members: Vec<[u8; 16]> = (0..40).filter(|i| i % 4 == g).map(id).collect();
+                set.set_group(g, &members);
+                groups.insert(g, members);
+            }
+            let mut last: HashMap<usize, Vec<PeerLoad>> = HashMap::new();
+            for (step, op) in ops.iter().enumerate() {
+                match op {
+                    Op::Report { node, counts, rate, tau } => {
+                        let entries = counts
+                            .iter()
+                            .map(|(&i, &(inflight, long))| Entry {
+                                instance: id(i),
+                                inflight: inflight.max(long),
+                                long_inflight: long.min(inflight),
+                                arrival_rate_milli: *rate,
+                                mean_service_us: tau * 1000,
+                            })
+                            .collect();
+                        let r = Report { node_id: *node, incarnation: 1, seq: step as u64 + 1, sent_at_ms: 0, entries };
+                        table.insert(r, t0 + Duration::from_millis(step as u64 * 7));
+                    }
+                    Op::Leave(node) => table.remove_peer(*node),
+                    Op::Regroup(g, keep) => {
+                        // Its own instances (or all of them, the group
+                        // gone before), a few left out, in another order.
+                        let mut members: Vec<[u8; 16]> = (0..40)
+                            .filter(|i| i % 4 == *g && (i / 4) % 8 != usize::from(*keep) % 8)
+                            .map(id)
+                            .collect();
+                        let turn = usize::from(*keep) % members.len().max(1);
+                        members.rotate_left(turn);
+                        set.set_group(*g, &members);
+                        groups.insert(*g, members);
+                    }
+                    Op::Remove(g) => {
+                        set.remove_group(g);
+                        groups.remove(g);
+                        last.remove(g);
+                    }
+                }
+                let now = t0 + Duration::from_millis(step as u64 * 7 + 3);
+                let peers = table.snapshot();
+                set.refresh(&config, &peers, now, |g, loads| {
+                    last.insert(*g, loads.to_vec());
+                });
+                for (g, members) in &groups {
+                    let mut fresh = GroupView::new(members);
+                    let mut want = Vec::new();
+                    fresh.estimate(&config, &peers, now, &mut want);
+                    let got = last.get(g).cloned().unwrap_or_else(|| vec![PeerLoad::default(); members.len()]);
+                    prop_assert_eq!(&got, &want, "group {} after {:?}", g, op);
+                }
+            }
+        }
+
         /// The incremental view gives the full estimator's peer loads, up
         /// to their rounding to whole counts (and τ's bucketing), at any
         /// age and after any sequence of reports.

@@ -22,9 +22,11 @@
 //!                                            │ wakes
 //!                                            ▼
 //!  refresh: every few ms while a peer is fresh, and after each report
-//!           (throttled): LoadTable::snapshot (brief lock) ─▶ GroupView per
-//!           group, only new reports rebuilt (refresh.rs, no lock shared
-//!           with intake) ─▶ GroupBalancer::set_peer_loads (fixed point)
+//!           (throttled): LoadTable::snapshot (brief lock) ─▶ ViewSet: each
+//!           new report split over the groups once, only the groups it
+//!           touches rebuilt and only groups with load estimated
+//!           (refresh.rs, no lock shared with intake)
+//!           ─▶ GroupBalancer::set_peer_loads (fixed point)
 //! ```
 //!
 //! The data plane never takes a lock for gossip: picks and releases bump

@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gossip::{
-    Arrival, GroupView, LoadTable, Merge, PeerLoad, RefreshSchedule, Report, SendSchedule, Tracker,
-};
+use gossip::{Arrival, LoadTable, Merge, RefreshSchedule, Report, SendSchedule, Tracker, ViewSet};
 use rand::rngs::SmallRng;
 use uuid::Uuid;
 
@@ -73,10 +71,9 @@ pub(super) struct SimNode {
     /// Generation and time of the pending refresh event.
     pub(super) refresh_gen: u64,
     pub(super) refresh_at: Option<Instant>,
-    /// The refresh's views, one per group, and the groups' instances.
-    views: Vec<GroupView>,
+    /// The refresh's views, by group index, and the groups' instances.
+    views: ViewSet<usize>,
     members: Vec<Vec<usize>>,
-    out: Vec<PeerLoad>,
 }
 
 impl SimNode {
@@ -94,13 +91,11 @@ impl SimNode {
         let members: Vec<Vec<usize>> = (0..groups)
             .map(|g| (0..instances).filter(|i| i % groups == g).collect())
             .collect();
-        let views = members
-            .iter()
-            .map(|m| {
-                let ids: Vec<[u8; 16]> = m.iter().map(|&i| backends[i].uuid.into_bytes()).collect();
-                GroupView::new(&ids)
-            })
-            .collect();
+        let mut views = ViewSet::default();
+        for (g, m) in members.iter().enumerate() {
+            let ids: Vec<[u8; 16]> = m.iter().map(|&i| backends[i].uuid.into_bytes()).collect();
+            views.set_group(g, &ids);
+        }
         Self {
             id,
             up: true,
@@ -118,7 +113,6 @@ impl SimNode {
             refresh_at: None,
             views,
             members,
-            out: Vec::new(),
         }
     }
 
@@ -127,17 +121,14 @@ impl SimNode {
     /// Whether any peer is fresh.
     pub(super) fn refresh(&mut self, config: &gossip::Config, now: Instant) -> bool {
         let peers = self.table.snapshot();
-        let mut fresh = false;
-        let groups = self.views.iter_mut().zip(&self.members).zip(&self.groups);
-        for ((view, members), balancer) in groups {
-            fresh |= view.estimate(config, &peers, now, &mut self.out);
-            let loads = members
+        let (members, groups, backends) = (&self.members, &self.groups, &self.backends);
+        self.views.refresh(config, &peers, now, |&g, loads| {
+            let loads = members[g]
                 .iter()
-                .map(|&i| self.backends[i].as_ref())
-                .zip(self.out.iter().copied());
-            balancer.set_peer_loads(loads);
-        }
-        fresh
+                .map(|&i| backends[i].as_ref())
+                .zip(loads.iter().copied());
+            groups[g].set_peer_loads(loads);
+        })
     }
 
     /// Counts changed (a pick or release): when the coalesced report goes

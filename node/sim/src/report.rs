@@ -49,7 +49,7 @@ Each node runs the node's own code wherever there is code to run:
 - intake: `LoadTable::insert`, dated by `gossip::Arrival` (receipt less
   half the round-trip time: time in transit counts);
 - refresh: `gossip::RefreshSchedule` (after each report, every 5 ms while a
-  peer reports load, throttled) runs `gossip::GroupView` per group and
+  peer reports load, throttled) runs `gossip::ViewSet` over the groups and
   `GroupBalancer::set_peer_loads`, as the node's refresh task does. The
   simulator counts a refresh as taking no time (a real one takes 0.2–0.5 ms
   at 99 peers × 1,000 instances, `benches/refresh.rs`).

@@ -6,10 +6,10 @@
 //! an idle fleet does not refresh at all.
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, PoisonError, Weak};
 use std::time::Instant;
 
-use ::gossip::{GroupView, PeerLoad, RefreshSchedule};
+use ::gossip::{RefreshSchedule, ViewSet};
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::Gossip;
 use crate::balancer::Backend;
-use crate::routing::GroupRuntime;
+use crate::routing::{GroupRuntime, RoutingTable};
 
 pub(super) async fn run(gossip: Arc<Gossip>, cancel: CancellationToken) {
     // The timers are the simulator's too (gossip::RefreshSchedule).
@@ -40,13 +40,17 @@ pub(super) async fn run(gossip: Arc<Gossip>, cancel: CancellationToken) {
     }
 }
 
-/// The refresh's state: one [`GroupView`] per group of the routing table,
-/// kept between refreshes so that only what a new report changed is
-/// rebuilt. Only the refresh takes its lock, never report intake.
+/// The refresh's state: the groups' views ([`ViewSet`]), kept between
+/// refreshes so that only what a new report changed is rebuilt, and each
+/// group's runtime and backends in slot order. Only the refresh takes its
+/// lock, never report intake.
 #[derive(Debug, Default)]
 pub(super) struct Views {
     groups: HashMap<Uuid, GroupState>,
-    out: Vec<PeerLoad>,
+    set: ViewSet<Uuid>,
+    /// The routing table the groups were last taken from (not kept alive:
+    /// an idle fleet refreshes seldom).
+    routes: Weak<RoutingTable>,
 }
 
 #[derive(Debug)]
@@ -55,26 +59,13 @@ struct GroupState {
     runtime: Arc<GroupRuntime>,
     /// Its backends in slot order.
     backends: Vec<Arc<Backend>>,
-    view: GroupView,
-}
-
-impl GroupState {
-    fn new(runtime: &Arc<GroupRuntime>) -> Self {
-        let backends: Vec<Arc<Backend>> = runtime.backends.values().cloned().collect();
-        let ids: Vec<[u8; 16]> = backends.iter().map(|b| b.uuid.into_bytes()).collect();
-        Self {
-            runtime: Arc::clone(runtime),
-            view: GroupView::new(&ids),
-            backends,
-        }
-    }
 }
 
 /// Sets every backend's peer load from the fresh reports at `now`; whether
 /// any fresh peer reports load (only then does the timer run). The load
 /// table's lock is held only to take a snapshot (one `Arc` clone per peer).
 pub(super) fn apply(gossip: &Gossip, now: Instant) -> bool {
-    let routes = gossip.dataplane.routes.load();
+    let routes = gossip.dataplane.routes.load_full();
     // Estimates move with the reports' age only while a fresh report lists
     // something: idle peers' reports need no timer.
     let (peers, moving) = {
@@ -82,22 +73,45 @@ pub(super) fn apply(gossip: &Gossip, now: Instant) -> bool {
         (table.snapshot(), table.fresh_load(now))
     };
     let mut views = gossip.views.lock().unwrap_or_else(PoisonError::into_inner);
-    let Views { groups, out } = &mut *views;
-    groups.retain(|uuid, _| routes.group(uuid).is_some());
-    for runtime in routes.groups() {
-        let state = groups
-            .entry(runtime.uuid)
-            .or_insert_with(|| GroupState::new(runtime));
-        if !Arc::ptr_eq(&state.runtime, runtime) {
-            *state = GroupState::new(runtime);
+    let Views {
+        groups,
+        set,
+        routes: seen,
+    } = &mut *views;
+    if !std::ptr::eq(seen.as_ptr(), Arc::as_ptr(&routes)) {
+        groups.retain(|uuid, _| {
+            let keep = routes.group(uuid).is_some();
+            if !keep {
+                set.remove_group(uuid);
+            }
+            keep
+        });
+        for runtime in routes.groups() {
+            let same = groups
+                .get(&runtime.uuid)
+                .is_some_and(|state| Arc::ptr_eq(&state.runtime, runtime));
+            if !same {
+                let backends: Vec<Arc<Backend>> = runtime.backends.values().cloned().collect();
+                let ids: Vec<[u8; 16]> = backends.iter().map(|b| b.uuid.into_bytes()).collect();
+                set.set_group(runtime.uuid, &ids);
+                let state = GroupState {
+                    runtime: Arc::clone(runtime),
+                    backends,
+                };
+                groups.insert(runtime.uuid, state);
+            }
         }
-        state.view.estimate(&gossip.config, &peers, now, out);
-        let loads = state
-            .backends
-            .iter()
-            .map(AsRef::as_ref)
-            .zip(out.iter().copied());
-        runtime.balancer.set_peer_loads(loads);
+        *seen = Arc::downgrade(&routes);
     }
+    set.refresh(&gossip.config, &peers, now, |uuid, loads| {
+        if let Some(state) = groups.get(uuid) {
+            let loads = state
+                .backends
+                .iter()
+                .map(AsRef::as_ref)
+                .zip(loads.iter().copied());
+            state.runtime.balancer.set_peer_loads(loads);
+        }
+    });
     moving
 }
