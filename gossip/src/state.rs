@@ -95,8 +95,10 @@ impl From<Instant> for Arrival {
     }
 }
 
-/// Newest report per peer.
-#[derive(Debug)]
+/// Newest report per peer. A clone shares the reports (one `Arc` clone
+/// per peer): a copy to read at leisure, outside the lock that guards the
+/// table.
+#[derive(Clone, Debug)]
 pub struct LoadTable {
     ttl: Duration,
     peers: BTreeMap<u64, Arc<PeerReport>>,

@@ -181,10 +181,13 @@ impl Gossip {
         let backends: Vec<&Arc<Backend>> = group.backends.values().collect();
         let ids: Vec<[u8; 16]> = backends.iter().map(|b| b.uuid.into_bytes()).collect();
         let totals: Vec<u64> = backends.iter().map(|b| b.peer_load()).collect();
+        // A copy, estimated outside the lock: report intake and the refresh
+        // do not wait for a group of 100,000 instances to be split.
+        let table = self.lock().clone();
         let parts = self
             .config
             .estimator
-            .split_by_peer(&self.lock(), &ids, &totals, now);
+            .split_by_peer(&table, &ids, &totals, now);
         backends
             .into_iter()
             .zip(parts)
