@@ -8,6 +8,9 @@
 //!   effects. Constant in N is the goal.
 //! - `update_one_group/N`: the same in one group of N instances (linear in
 //!   N is the goal: that group is rebuilt).
+//! - `rebuild_all/N`: the table rebuilt whole from the same state, as a
+//!   certificate write had it rebuilt; `certificate/N`: what one costs now
+//!   (the groups naming it found and rebuilt; here none names it).
 //! - `changes/N`: finding what changed by comparing the two states (what
 //!   the node does until the state machine reports it).
 //! - `render/N`, `render_gzip/N`, `render_gzip_cold/N`: `GET /metrics`
@@ -56,6 +59,24 @@ fn update(c: &mut Criterion) {
         );
         bench.bench_function(BenchmarkId::new("changes", instances), |b| {
             b.iter(|| black_box(changes(Some(&base), &more)));
+        });
+        // What a certificate write costs: every group and port rebuilt
+        // (the runtimes of what stays reused).
+        let certs = CertCache::default();
+        let cx = scale::cx(&certs);
+        let routes = ArcSwap::from_pointee(RoutingTable::default());
+        publish(&routes, &base, &cx);
+        bench.bench_function(BenchmarkId::new("rebuild_all", instances), |b| {
+            b.iter(|| publish_changes(&routes, &base, &Changes::All, &cx));
+        });
+        // What a certificate write costs now: the groups whose domains name
+        // it (here none) found by a scan, and rebuilt.
+        let certificate = Changes::Certificates {
+            groups: BTreeSet::new(),
+            names: BTreeSet::from(["a-certificate".to_owned()]),
+        };
+        bench.bench_function(BenchmarkId::new("certificate", instances), |b| {
+            b.iter(|| publish_changes(&routes, &base, &certificate, &cx));
         });
     }
     // One group holding them all: an attach or detach rebuilds that group,

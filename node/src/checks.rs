@@ -115,7 +115,9 @@ impl Checks {
                 all.dedup();
                 all
             }
-            Changes::Groups(set) => set.iter().copied().collect(),
+            Changes::Groups(set) | Changes::Certificates { groups: set, .. } => {
+                set.iter().copied().collect()
+            }
         };
         for uuid in uuids {
             let desired = state.group_by_uuid(&uuid).and_then(|g| {

@@ -17,10 +17,13 @@
 //! persistent (`imbl`): the new table shares every untouched entry with the
 //! previous one, so one write costs O(changed groups × log(groups)), not
 //! O(state). The state machine tells which groups changed since the
-//! published table's state (`AppliedState::changed_since`); when that is
-//! unknown (the first state, a snapshot installed) or certificates changed,
-//! every group is rebuilt, still reusing the runtime of what stays
-//! ([`Changes::All`]).
+//! published table's state (`AppliedState::changed_since`), and which
+//! certificates: a group whose domain names a changed certificate is
+//! rebuilt too, its keys taken anew ([`Changes::Certificates`]: a scan of
+//! the groups' domains, 0.9 ms at 100,000 instances where rebuilding
+//! everything took 57 ms). When that is unknown (the first state, a
+//! snapshot installed), every group is rebuilt, still reusing the runtime
+//! of what stays ([`Changes::All`]).
 //!
 //! Building is pure: it touches nothing the published table or its requests
 //! use, and returns the new table with a list of [`Effect`]s (drain detached

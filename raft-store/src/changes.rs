@@ -24,8 +24,8 @@ pub(crate) const KEPT: usize = 1024;
 pub struct Changed {
     /// Groups created, patched, deleted or whose instances changed (by uuid).
     pub groups: BTreeSet<Uuid>,
-    /// Any certificate added, replaced or removed.
-    pub certificates: bool,
+    /// The names of the certificates added, replaced or removed.
+    pub certificates: BTreeSet<String>,
     /// The cluster secrets changed.
     pub cluster: bool,
 }
@@ -33,18 +33,18 @@ pub struct Changed {
 impl Changed {
     /// Nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.groups.is_empty() && !self.certificates && !self.cluster
+        self.groups.is_empty() && self.certificates.is_empty() && !self.cluster
     }
 
     fn merge(&mut self, other: &Self) {
         self.groups.extend(other.groups.iter().copied());
-        self.certificates |= other.certificates;
+        self.certificates.extend(other.certificates.iter().cloned());
         self.cluster |= other.cluster;
     }
 }
 
-/// The rows a batch of commands wrote: what to persist, and (without the
-/// certificate names) what readers are told changed.
+/// The rows a batch of commands wrote: what to persist, and what readers
+/// are told changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Rows {
     pub(crate) groups: BTreeSet<Uuid>,
@@ -75,7 +75,7 @@ impl Rows {
     pub(crate) fn changed(&self) -> Changed {
         Changed {
             groups: self.groups.clone(),
-            certificates: !self.certificates.is_empty(),
+            certificates: self.certificates.clone(),
             cluster: self.cluster,
         }
     }
@@ -164,7 +164,7 @@ mod tests {
             .push(
                 8,
                 Changed {
-                    certificates: true,
+                    certificates: ["c".to_owned()].into(),
                     ..groups(&[2])
                 },
             );
@@ -172,14 +172,14 @@ mod tests {
         assert_eq!(
             h.since(5, 8),
             Some(Changed {
-                certificates: true,
+                certificates: ["c".to_owned()].into(),
                 ..groups(&[2])
             })
         );
         assert_eq!(
             h.since(3, 8),
             Some(Changed {
-                certificates: true,
+                certificates: ["c".to_owned()].into(),
                 ..groups(&[1, 2])
             })
         );

@@ -673,7 +673,7 @@ async fn changed_since_names_what_each_batch_changed() {
     sm.apply([normal(7, delete), normal(8, put)]).await.unwrap();
     let at8 = rx.borrow().clone();
     let web_and_certs = crate::Changed {
-        certificates: true,
+        certificates: ["c".to_owned()].into(),
         ..only_web.clone()
     };
     assert_eq!(at8.changed_since(6), Some(web_and_certs.clone()));

@@ -30,6 +30,12 @@ impl RoutingTable {
         changes: &Changes,
         cx: &BuildContext<'_>,
     ) -> (Self, Vec<Effect>) {
+        // Groups whose keys change with a certificate: rebuilt even where
+        // their routes stay alike.
+        let rekeyed: BTreeSet<Uuid> = match changes {
+            Changes::Certificates { names, .. } => naming(state, names).collect(),
+            _ => BTreeSet::new(),
+        };
         let (mut next, changed) = match changes {
             Changes::All => {
                 let all: BTreeSet<Uuid> = prev
@@ -41,6 +47,9 @@ impl RoutingTable {
                 (Self::default(), all)
             }
             Changes::Groups(groups) => (prev.clone(), groups.clone()),
+            Changes::Certificates { groups, .. } => {
+                (prev.clone(), groups.union(&rekeyed).copied().collect())
+            }
         };
         let mut drains = Vec::new();
         let mut adopts = Vec::new();
@@ -51,6 +60,9 @@ impl RoutingTable {
         let routed_alike: BTreeSet<Uuid> = changed
             .iter()
             .filter(|uuid| {
+                if rekeyed.contains(*uuid) {
+                    return false;
+                }
                 let old = next.groups.get(*uuid);
                 let new = by_uuid(state, uuid);
                 old.zip(new)
@@ -115,6 +127,19 @@ impl RoutingTable {
         drains.extend(adopts);
         (next, drains)
     }
+}
+
+/// The groups of `state` with a domain that names one of the certificates
+/// `names`.
+fn naming<'a>(state: &'a State, names: &'a BTreeSet<String>) -> impl Iterator<Item = Uuid> + 'a {
+    state
+        .groups()
+        .filter(|g| {
+            g.domains
+                .iter()
+                .any(|d| d.certificate.as_ref().is_some_and(|c| names.contains(c)))
+        })
+        .map(|g| g.uuid)
 }
 
 /// The routes being rebuilt, copied (cheaply) from the table on first use.

@@ -373,16 +373,82 @@ fn a_new_hard_limit_gets_a_new_balancer() {
 #[test]
 fn what_the_state_machine_reports_decides_what_is_rebuilt() {
     let g = Uuid::new_v4();
-    let changed = |certificates, cluster| raft_store::Changed {
+    let changed = |certificates: &[&str], cluster| raft_store::Changed {
         groups: [g].into(),
-        certificates,
+        certificates: certificates.iter().map(|c| (*c).to_owned()).collect(),
         cluster,
     };
     assert_eq!(Changes::from(None), Changes::All);
-    assert_eq!(Changes::from(Some(changed(true, false))), Changes::All);
     assert_eq!(
-        Changes::from(Some(changed(false, true))),
+        Changes::from(Some(changed(&["c"], false))),
+        Changes::Certificates {
+            groups: [g].into(),
+            names: ["c".to_owned()].into()
+        }
+    );
+    assert_eq!(
+        Changes::from(Some(changed(&[], true))),
         Changes::Groups([g].into())
+    );
+}
+
+/// A certificate replaced: a group whose domain names it presents the new
+/// one at once, though its routes stay alike; a group that names none keeps
+/// its runtime, and a port none of them publishes its routes.
+#[test]
+fn a_replaced_certificate_rebuilds_only_the_groups_that_name_it() {
+    let fx = Fixture::new();
+    let mut state = two_groups();
+    let put = |state: &mut State| {
+        let ck =
+            rcgen::generate_simple_self_signed(vec!["tls.example.com".to_owned()]).expect("rcgen");
+        let certificate = raft_store::model::Certificate {
+            name: "tls-cert".into(),
+            chain: ck.cert.pem(),
+            private_key: ck.key_pair.serialize_pem(),
+            not_after: None,
+        };
+        state
+            .apply(&Command::PutCertificate { certificate })
+            .expect("put certificate");
+    };
+    put(&mut state);
+    let mut tls = group("tls", 443);
+    tls.domains[0].certificate = Some("tls-cert".into());
+    tls.services[0].handlers = vec![Handler::Tls, Handler::Http];
+    state
+        .apply(&Command::CreateGroup { group: tls })
+        .expect("create");
+    fx.publish(&state);
+    let key = |fx: &Fixture| {
+        fx.routes
+            .load()
+            .port(443)
+            .and_then(|p| p.key_for(Some("tls.example.com")))
+            .expect("a key for the TLS host")
+    };
+    let (before, web, api_port) = (
+        key(&fx),
+        fx.runtime("web"),
+        fx.routes.load().port(81).cloned(),
+    );
+
+    put(&mut state);
+    assert!(matches!(fx.changes(&state), Changes::Certificates { .. }));
+    fx.publish(&state);
+    let after = key(&fx);
+    assert!(
+        !Arc::ptr_eq(&before, &after),
+        "the old certificate is still presented"
+    );
+    let domain = &state.group("tls").expect("tls").domains[0];
+    assert!(Arc::ptr_eq(&after, &fx.certs.key_for(domain, &state)));
+    assert!(Arc::ptr_eq(&web, &fx.runtime("web")), "web was rebuilt");
+    let api_now = fx.routes.load().port(81).cloned();
+    assert!(
+        api_port
+            .zip(api_now)
+            .is_some_and(|(a, b)| Arc::ptr_eq(&a, &b))
     );
 }
 
