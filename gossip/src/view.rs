@@ -308,7 +308,9 @@ impl<K> Default for ViewSet<K> {
 
 impl<K: Clone + Eq + Hash> ViewSet<K> {
     /// Sets group `key` to `instances` (in slot order), new or replacing
-    /// the one of that key: estimated at the next refresh.
+    /// the one of that key: estimated at the next refresh. An instance
+    /// belongs to one group (the state machine refuses a uuid attached
+    /// twice): a group set later takes an id from one set before.
     pub fn set_group(&mut self, key: K, instances: &[[u8; 16]]) {
         self.remove_group(&key);
         let at = match self.free.pop() {
@@ -372,22 +374,36 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
                 }
             }
         }
+        // A report past the TTL counts for nothing (`compute`): it is
+        // split as empty, and its terms dropped once it expires, so that a
+        // silent peer's last report keeps no group estimated at every tick.
+        let expired =
+            |report: &PeerReport| now.saturating_duration_since(report.as_of) > config.ttl;
         for (peer, report) in peers {
-            self.split_report(*peer, report);
+            self.split_report(*peer, report, expired(report));
         }
+        let mut searched = false;
         for (at, slot) in self.held.iter_mut().enumerate() {
             let Some((_, held)) = slot.as_mut().filter(|(_, h)| !h.current) else {
                 continue;
             };
             held.current = true;
             held.view.peers.clear();
-            for (peer, report) in peers {
+            for (peer, report) in peers.iter().filter(|(_, r)| !expired(r)) {
                 let mut terms = PeerTerms::default();
                 terms.rebuild(&held.view.index, report);
                 if !terms.terms.is_empty() {
                     held.view.peers.insert(*peer, terms);
                     self.split.entry(*peer).or_default().groups.push(at);
+                    searched = true;
                 }
+            }
+        }
+        if searched {
+            // A group set anew may be listed already (its index kept).
+            for split in self.split.values_mut() {
+                split.groups.sort_unstable();
+                split.groups.dedup();
             }
         }
         let fresh = peers
@@ -404,15 +420,22 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
         fresh
     }
 
-    /// Splits `peer`'s `report` over the groups, unless it was already.
-    fn split_report(&mut self, peer: u64, report: &PeerReport) {
+    /// Splits `peer`'s `report` over the groups, unless it was already (or
+    /// as empty, once it has `expired`).
+    fn split_report(&mut self, peer: u64, report: &PeerReport, expired: bool) {
         let split = self.split.entry(peer).or_default();
-        if split.version == report.version && split.version != 0 {
+        let done = split.version == report.version && split.version != 0;
+        if done && (!expired || split.groups.is_empty()) {
             return;
         }
         split.version = report.version;
         let mut touched = Vec::new();
-        for e in &report.entries {
+        let entries = if expired {
+            &[][..]
+        } else {
+            &report.entries[..]
+        };
+        for e in entries {
             if let Some(&(at, slot)) = self.owner.get(&e.instance) {
                 let list = &mut self.scratch[at];
                 if list.is_empty() {
@@ -583,6 +606,8 @@ mod tests {
         Regroup(usize, u8),
         /// The group is removed.
         Remove(usize),
+        /// Time passes (ms): reports expire after a second.
+        Pass(u64),
     }
 
     #[test]
@@ -689,8 +714,8 @@ mod tests {
     proptest! {
         /// A [`ViewSet`] over several groups gives each group exactly the
         /// loads a fresh [`GroupView`] of the group computes from the same
-        /// reports, through any sequence of reports, peers leaving, groups
-        /// set anew (other slots, fewer instances) and removed; a group it
+        /// reports, through any sequence of reports, peers leaving, reports
+        /// expiring, groups set anew (other slots, fewer instances) and removed; a group it
         /// does not call back keeps the loads of its last call.
         #[test]
         fn a_set_gives_each_group_its_own_estimate(
@@ -701,6 +726,7 @@ mod tests {
                     1 => (0u64..4).prop_map(Op::Leave),
                     1 => (0usize..4, any::<u8>()).prop_map(|(g, keep)| Op::Regroup(g, keep)),
                     1 => (0usize..4).prop_map(Op::Remove),
+                    1 => (0u64..1500).prop_map(Op::Pass),
                 ],
                 1..30,
             ),
@@ -718,6 +744,7 @@ mod tests {
                 groups.insert(g, members);
             }
             let mut last: HashMap<usize, Vec<PeerLoad>> = HashMap::new();
+            let mut clock = t0;
             for (step, op) in ops.iter().enumerate() {
                 match op {
                     Op::Report { node, counts, rate, tau } => {
@@ -732,7 +759,7 @@ mod tests {
                             })
                             .collect();
                         let r = Report { node_id: *node, incarnation: 1, seq: step as u64 + 1, sent_at_ms: 0, entries };
-                        table.insert(r, t0 + Duration::from_millis(step as u64 * 7));
+                        table.insert(r, clock);
                     }
                     Op::Leave(node) => table.remove_peer(*node),
                     Op::Regroup(g, keep) => {
@@ -747,13 +774,15 @@ mod tests {
                         set.set_group(*g, &members);
                         groups.insert(*g, members);
                     }
+                    Op::Pass(ms) => clock += Duration::from_millis(*ms),
                     Op::Remove(g) => {
                         set.remove_group(g);
                         groups.remove(g);
                         last.remove(g);
                     }
                 }
-                let now = t0 + Duration::from_millis(step as u64 * 7 + 3);
+                clock += Duration::from_millis(3);
+                let now = clock;
                 let peers = table.snapshot();
                 set.refresh(&config, &peers, now, |g, loads| {
                     last.insert(*g, loads.to_vec());

@@ -122,7 +122,7 @@ struct Group {
 }
 
 /// A node's refresh over many small groups, as the refresh task runs it:
-/// one view per group, each tick every group's.
+/// one view per group, each tick the groups some peer reports load on.
 struct ManyGroups {
     table: LoadTable,
     views: ViewSet<usize>,

@@ -60,7 +60,7 @@ fn update(c: &mut Criterion) {
         bench.bench_function(BenchmarkId::new("changes", instances), |b| {
             b.iter(|| black_box(changes(Some(&base), &more)));
         });
-        // What a certificate write costs: every group and port rebuilt
+        // What a certificate write cost before: every group and port rebuilt
         // (the runtimes of what stays reused).
         let certs = CertCache::default();
         let cx = scale::cx(&certs);

@@ -17,7 +17,7 @@ pub enum Changes {
     /// These groups, and the certificates of these names were added or
     /// replaced: besides the groups, every group with a domain that names
     /// one of them is rebuilt, its host names' keys taken anew (a scan of
-    /// the groups' domains, where a rebuild of everything cost 51 ms at
+    /// the groups' domains, where a rebuild of everything cost 57 ms at
     /// 100,000 instances, `benches/routing.rs` `rebuild_all`).
     Certificates {
         groups: BTreeSet<Uuid>,

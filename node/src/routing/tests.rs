@@ -495,7 +495,7 @@ async fn a_detached_instance_is_listed_draining_while_work_is_in_flight_through_
     attach(&mut state, "web", "c");
     fx.publish(&state);
     assert_eq!(draining_in_web(&fx), ["b"]);
-    // So does a rebuild of every group (a snapshot, a certificate).
+    // So does a rebuild of every group (a snapshot installed).
     publish(&fx.routes, &state, &fx.cx());
     assert_eq!(draining_in_web(&fx), ["b"]);
     // Its last request over, it is gone; an instance detached idle never shows.
