@@ -1,10 +1,11 @@
 //! The incremental update builds the same table as a full rebuild, and
 //! shares what did not change with the previous table.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use proptest::prelude::*;
-use raft_store::model::{Domain, Handler, Instance, Service};
+use raft_store::model::{Certificate, Domain, Handler, Instance, Service};
 use raft_store::{Command, Patch, PatchOp};
 
 use super::*;
@@ -12,6 +13,22 @@ use super::*;
 const GROUPS: [&str; 4] = ["g0", "g1", "g2", "g3"];
 const FQDNS: [&str; 4] = ["a.example.com", "b.example.com", "*.example.com", "c.test"];
 const PORTS: [u16; 3] = [80, 81, 443];
+/// Certificates `c0` and `c1`, each in two versions (another chain and
+/// key under the same name): `CERTS[2 * name + version]`.
+static CERTS: LazyLock<Vec<Certificate>> = LazyLock::new(|| {
+    (0..4)
+        .map(|i| {
+            let ck = rcgen::generate_simple_self_signed(vec![format!("v{i}.example.com")])
+                .expect("rcgen");
+            Certificate {
+                name: format!("c{}", i / 2),
+                chain: ck.cert.pem(),
+                private_key: ck.key_pair.serialize_pem(),
+                not_after: None,
+            }
+        })
+        .collect()
+});
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -19,7 +36,7 @@ enum Op {
         group: usize,
         port: usize,
         handlers: usize,
-        domains: Vec<usize>,
+        domains: Vec<(usize, usize)>,
     },
     Attach {
         group: usize,
@@ -38,13 +55,17 @@ enum Op {
     },
     Domains {
         group: usize,
-        domains: Vec<usize>,
+        domains: Vec<(usize, usize)>,
     },
     Services {
         group: usize,
         port: usize,
         handlers: usize,
         destination: u16,
+    },
+    /// A certificate stored or replaced (`CERTS[cert]`).
+    PutCertificate {
+        cert: usize,
     },
 }
 
@@ -57,19 +78,21 @@ fn handlers(i: usize) -> Vec<Handler> {
     }
 }
 
-fn domains(picked: &[usize]) -> Vec<Domain> {
-    let set: BTreeSet<usize> = picked.iter().copied().collect();
+/// The domains of `FQDNS` picked, each naming no certificate, `c0` or
+/// `c1` (the last pick of an fqdn wins).
+fn domains(picked: &[(usize, usize)]) -> Vec<Domain> {
+    let set: BTreeMap<usize, usize> = picked.iter().copied().collect();
     set.into_iter()
-        .map(|i| Domain {
+        .map(|(i, cert)| Domain {
             fqdn: FQDNS[i].into(),
-            certificate: None,
+            certificate: cert.checked_sub(1).map(|c| format!("c{c}")),
         })
         .collect()
 }
 
 fn op() -> impl Strategy<Value = Op> {
     let g = 0..GROUPS.len();
-    let d = proptest::collection::vec(0..FQDNS.len(), 0..3);
+    let d = proptest::collection::vec((0..FQDNS.len(), 0..3_usize), 0..3);
     prop_oneof![
         (g.clone(), 0..PORTS.len(), 0..4_usize, d.clone()).prop_map(
             |(group, port, handlers, domains)| Op::Create {
@@ -85,6 +108,7 @@ fn op() -> impl Strategy<Value = Op> {
         g.clone().prop_map(|group| Op::Delete { group }),
         (g.clone(), 1..4_u32).prop_map(|(group, limit)| Op::Limit { group, limit }),
         (g.clone(), d).prop_map(|(group, domains)| Op::Domains { group, domains }),
+        (0..CERTS.len()).prop_map(|cert| Op::PutCertificate { cert }),
         (g, 0..PORTS.len(), 0..4_usize, 9000..9002_u16).prop_map(
             |(group, port, handlers, destination)| Op::Services {
                 group,
@@ -152,6 +176,9 @@ fn apply(state: &mut State, op: &Op) {
                     handlers: handlers(*h),
                 }],
             },
+        },
+        Op::PutCertificate { cert } => Command::PutCertificate {
+            certificate: CERTS[*cert].clone(),
         },
     };
     let _ = state.apply(&cmd);
