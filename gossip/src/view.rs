@@ -4,8 +4,8 @@
 //!
 //! ```text
 //!  LoadTable::snapshot (brief lock: one Arc clone per peer)
-//!      │ per peer: new report? ──yes──▶ rebuild its terms for this group
-//!      ▼                      (its instances looked up in the report)
+//!      │ per peer: new report? ──yes──▶ split it over the groups once
+//!      ▼                      (ViewSet: an index of instance → group, slot)
 //!  per tick: decay every term by the report's age (no lookups)
 //!      │ D(i) = Σ_p decayed(p,i)
 //!      │ pour the peers' expected new picks onto D (water level L)
@@ -40,9 +40,8 @@
 //! Cost per tick: a multiply-add per reported (peer, instance) pair of the
 //! group, one `exp` per peer and distinct mean service time (bucketed to
 //! 0.5 %), and a sort of the group's instances for the water level; rebuilding a
-//! peer's terms (the group's instances looked up in its sorted entries, or
-//! the two lists merged when the group is large) happens only when its
-//! report changed. No lock is held: the
+//! peer's terms happens only when its report changed ([`ViewSet`]: each
+//! report split over the groups once). No lock is held: the
 //! caller owns the view.
 
 use std::collections::{BTreeMap, HashMap};
@@ -279,9 +278,6 @@ pub struct ViewSet<K> {
 #[derive(Debug)]
 struct Held {
     view: GroupView,
-    /// Whether the view holds terms from every report split so far; a
-    /// group set since looks the current reports up itself, once.
-    current: bool,
     /// Whether its last estimate may have been other than all zero.
     active: bool,
 }
@@ -308,11 +304,15 @@ impl<K> Default for ViewSet<K> {
 
 impl<K: Clone + Eq + Hash> ViewSet<K> {
     /// Sets group `key` to `instances` (in slot order), new or replacing
-    /// the one of that key: estimated at the next refresh. An instance
-    /// belongs to one group (the state machine refuses a uuid attached
-    /// twice): a group set later takes an id from one set before.
+    /// the one of that key: estimated at the next refresh, which splits
+    /// every peer's report anew (a write is rare beside reports). An
+    /// instance belongs to one group (the state machine refuses a uuid
+    /// attached twice): a group set later takes an id from one set before.
     pub fn set_group(&mut self, key: K, instances: &[[u8; 16]]) {
         self.remove_group(&key);
+        for split in self.split.values_mut() {
+            split.version = 0;
+        }
         let at = match self.free.pop() {
             Some(at) => at,
             None => {
@@ -327,7 +327,6 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
         }
         let held = Held {
             view: GroupView::new(instances),
-            current: false,
             active: true,
         };
         self.keys.insert(key.clone(), at);
@@ -382,33 +381,7 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
         for (peer, report) in peers {
             self.split_report(*peer, report, expired(report));
         }
-        let mut searched = false;
-        for (at, slot) in self.held.iter_mut().enumerate() {
-            let Some((_, held)) = slot.as_mut().filter(|(_, h)| !h.current) else {
-                continue;
-            };
-            held.current = true;
-            held.view.peers.clear();
-            for (peer, report) in peers.iter().filter(|(_, r)| !expired(r)) {
-                let mut terms = PeerTerms::default();
-                terms.rebuild(&held.view.index, report);
-                if !terms.terms.is_empty() {
-                    held.view.peers.insert(*peer, terms);
-                    self.split.entry(*peer).or_default().groups.push(at);
-                    searched = true;
-                }
-            }
-        }
-        if searched {
-            // A group set anew may be listed already (its index kept).
-            for split in self.split.values_mut() {
-                split.groups.sort_unstable();
-                split.groups.dedup();
-            }
-        }
-        let fresh = peers
-            .iter()
-            .any(|(_, r)| now.saturating_duration_since(r.as_of) <= config.ttl);
+        let fresh = peers.iter().any(|(_, r)| !expired(r));
         for (key, held) in self.held.iter_mut().flatten() {
             let has = !held.view.peers.is_empty();
             if has || held.active {
@@ -421,7 +394,8 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
     }
 
     /// Splits `peer`'s `report` over the groups, unless it was already (or
-    /// as empty, once it has `expired`).
+    /// as empty, once it has `expired`). Version 0 is never split: a group
+    /// set since asks for every report again.
     fn split_report(&mut self, peer: u64, report: &PeerReport, expired: bool) {
         let split = self.split.entry(peer).or_default();
         let done = split.version == report.version && split.version != 0;
@@ -468,42 +442,25 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
 }
 
 impl PeerTerms {
-    /// Rebuilds the terms from `report`: the group's instances found among
-    /// the report's entries (both sorted by instance). A report lists the
-    /// peer's busy instances of every group, so for a small group each
-    /// instance is looked up, O(n log m); a merge of the two lists, O(n +
-    /// m), when that is cheaper. A merge for every group walked nearly the
-    /// whole report per group and new report: with 10,000 groups, seconds
-    /// per refresh (`benches/refresh.rs`, `many_groups`).
+    /// Rebuilds the terms from `report`: a merge of two sorted lists, the
+    /// group's instances and the report's entries, O(n + m). For one
+    /// group ([`GroupView::estimate`]); a node's refresh splits each report
+    /// over all its groups once instead ([`ViewSet`]).
     fn rebuild(&mut self, index: &[([u8; 16], u32)], report: &PeerReport) {
         self.reset(report.version);
-        let entries = report.entries.as_slice();
-        let (n, m) = (index.len(), entries.len());
-        let lookups = n.saturating_mul(usize::BITS as usize - m.leading_zeros() as usize + 1);
-        if lookups < n + m {
-            let mut rest = entries;
-            for &(id, slot) in index {
-                rest = &rest[rest.partition_point(|e| e.instance < id)..];
-                if let Some((e, after)) = rest.split_first().filter(|(e, _)| e.instance == id) {
-                    self.add(slot, e);
-                    rest = after;
+        let (mut slots, mut entries) = (index.iter().peekable(), report.entries.iter().peekable());
+        while let (Some(&&(id, slot)), Some(&e)) = (slots.peek(), entries.peek()) {
+            match id.cmp(&e.instance) {
+                std::cmp::Ordering::Less => {
+                    slots.next();
                 }
-            }
-        } else {
-            let (mut slots, mut entries) = (index.iter().peekable(), entries.iter().peekable());
-            while let (Some(&&(id, slot)), Some(&e)) = (slots.peek(), entries.peek()) {
-                match id.cmp(&e.instance) {
-                    std::cmp::Ordering::Less => {
-                        slots.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        entries.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        slots.next();
-                        entries.next();
-                        self.add(slot, e);
-                    }
+                std::cmp::Ordering::Greater => {
+                    entries.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    slots.next();
+                    entries.next();
+                    self.add(slot, e);
                 }
             }
         }
@@ -655,9 +612,8 @@ mod tests {
     }
 
     /// A group's instances are found in a report of every group's busy
-    /// instances, looked up one by one (a small group) or merged (a large
-    /// one): the same exact counts either way, and nothing for an instance
-    /// the report leaves out.
+    /// instances, small group or large: their exact counts, and nothing
+    /// for an instance the report leaves out.
     #[test]
     fn a_groups_instances_are_found_in_a_long_report() {
         let t0 = Instant::now();
