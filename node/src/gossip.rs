@@ -377,6 +377,18 @@ struct Streams {
     aggregate: Arc<watch::Sender<Option<Arc<Published>>>>,
 }
 
+impl Streams {
+    /// The peers this node reports to, either stream: what decides
+    /// whether an idle node keeps heartbeating every `gossip_interval`
+    /// (`gossip::SendSchedule::set_targets`). Counted for both streams
+    /// alike: a node of a large region sends its aggregate to a peer or
+    /// two only, and counted alone that stream heartbeated ten times a
+    /// second in an idle fleet.
+    fn targets(&self) -> usize {
+        self.own.receiver_count() + self.aggregate.receiver_count()
+    }
+}
+
 /// What [`spawn`] needs besides the [`Gossip`] state.
 #[derive(Debug)]
 pub struct Wiring {
@@ -460,7 +472,7 @@ pub fn spawn(gossip: Arc<Gossip>, wiring: Wiring, cancel: CancellationToken) -> 
         tokio::spawn(aggregator::run(
             gossip.clone(),
             wiring.incarnation,
-            streams.aggregate.clone(),
+            streams.clone(),
             cancel.clone(),
         )),
         tokio::spawn(links::run(

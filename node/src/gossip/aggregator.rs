@@ -23,12 +23,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::gossip::{DeltaEncoder, Report, SendSchedule};
-use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{Gossip, Published, unix_ms};
+use super::{Gossip, Published, Streams, unix_ms};
 
 /// Shortest time between two aggregates.
 pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(20);
@@ -36,9 +35,10 @@ pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(20);
 pub(super) async fn run(
     gossip: Arc<Gossip>,
     incarnation: u64,
-    aggregates: Arc<watch::Sender<Option<Arc<Published>>>>,
+    streams: Streams,
     cancel: CancellationToken,
 ) {
+    let aggregates = &streams.aggregate;
     let config = ::gossip::Config {
         min_interval: gossip.config.min_interval.max(MIN_INTERVAL),
         ..gossip.config.clone()
@@ -82,7 +82,7 @@ pub(super) async fn run(
             entries: gossip.region_sum(&peers),
         };
         let full = schedule.full_due(now);
-        schedule.set_targets(aggregates.receiver_count());
+        schedule.set_targets(streams.targets());
         schedule.sampled(now, wall, Some((&report, full)), &mut rand::rng());
         match encoder.next(&report, full) {
             Ok(encoded) => {

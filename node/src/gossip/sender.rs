@@ -99,7 +99,7 @@ pub(super) async fn run(
         // The next heartbeat, sooner while short work in flight may turn
         // long-lived, later when the node is idle in a large fleet (see
         // gossip::SendSchedule).
-        schedule.set_targets(reports.receiver_count());
+        schedule.set_targets(streams.targets());
         schedule.sampled(
             now.into_std(),
             wall,

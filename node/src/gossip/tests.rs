@@ -490,6 +490,56 @@ async fn a_starting_member_sends_its_regions_sum_only_once_it_has_heard_the_regi
     }
 }
 
+/// An idle node that reports to more than `gossip::FEW_TARGETS` peers
+/// (its own reports and its region's aggregate together) repeats its
+/// empty reports on the idle grid, whichever stream they are on: a member
+/// of a large region sends the aggregate to one or two peers of another
+/// region, and counted alone that stream went out every
+/// `gossip_interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_regions_aggregate_keeps_the_idle_pace() {
+    let ttl = Duration::from_secs(1);
+    // Node 1 alone in region a, nodes 2 to 7 in region b: each of them
+    // reports to five region peers, and one of them sends region b's
+    // aggregate to node 1.
+    let mut nodes = two_regions(ttl, 7);
+    // Region b first, until its members have heard each other, so that
+    // node 1 joins a settled plan with one sender of the aggregate (as in
+    // `a_node_hears_one_report_per_other_region`).
+    start_together(&mut nodes[1..]);
+    eventually("region b's members to hear each other", || {
+        nodes[1..]
+            .iter()
+            .all(|n| n.gossip.report_ages(Instant::now()).len() == 5)
+    })
+    .await;
+    for n in &nodes[1..] {
+        let peers: Vec<&TestNode> = nodes.iter().filter(|p| p.id != n.id).collect();
+        n.set_peers(&peers);
+    }
+    let (first, rest) = nodes.split_first_mut().unwrap();
+    first.start(1, &rest.iter().collect::<Vec<_>>());
+    let one = &nodes[0];
+    eventually("node 1 to hear region b", || {
+        !one.gossip.report_ages(Instant::now()).is_empty()
+    })
+    .await;
+    // Nothing is in flight anywhere: idle reports follow a third of the
+    // TTL, then the TTL. Every `gossip_interval` (50 ms here) would be 60
+    // in 3 s.
+    let before = one.metrics.gossip.received.get();
+    let window = Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let heard = one.metrics.gossip.received.get() - before;
+    assert!(
+        heard <= 12,
+        "node 1 took {heard} reports of idle region b in {window:?}"
+    );
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
 /// A region peer that is down from the start holds back a starting
 /// member's aggregate until that peer's TTL has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
