@@ -235,6 +235,17 @@ fn start_together(nodes: &mut [TestNode]) {
     }
 }
 
+/// Starts node 1 (`nodes[0]`) with all the others, already running, as
+/// its peers, and gives it to them as a peer.
+fn start_first_after_the_others(nodes: &mut [TestNode]) {
+    for n in &nodes[1..] {
+        let peers: Vec<&TestNode> = nodes.iter().filter(|p| p.id != n.id).collect();
+        n.set_peers(&peers);
+    }
+    let (first, rest) = nodes.split_first_mut().unwrap();
+    first.start(1, &rest.iter().collect::<Vec<_>>());
+}
+
 /// Polls `cond` until it holds or [`patience`] runs out.
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + patience();
@@ -392,12 +403,7 @@ async fn a_node_hears_one_report_per_other_region() {
         nodes[1..].iter().all(|n| region_total(n) == sum)
     })
     .await;
-    for n in &nodes[1..] {
-        let peers: Vec<&TestNode> = nodes.iter().filter(|p| p.id != n.id).collect();
-        n.set_peers(&peers);
-    }
-    let (first, rest) = nodes.split_first_mut().unwrap();
-    first.start(1, &rest.iter().collect::<Vec<_>>());
+    start_first_after_the_others(&mut nodes);
     let heard = |n: &TestNode| -> Vec<u64> {
         n.gossip
             .report_ages(Instant::now())
@@ -513,12 +519,7 @@ async fn an_idle_regions_aggregate_keeps_the_idle_pace() {
             .all(|n| n.gossip.report_ages(Instant::now()).len() == 5)
     })
     .await;
-    for n in &nodes[1..] {
-        let peers: Vec<&TestNode> = nodes.iter().filter(|p| p.id != n.id).collect();
-        n.set_peers(&peers);
-    }
-    let (first, rest) = nodes.split_first_mut().unwrap();
-    first.start(1, &rest.iter().collect::<Vec<_>>());
+    start_first_after_the_others(&mut nodes);
     let one = &nodes[0];
     eventually("node 1 to hear region b", || {
         !one.gossip.report_ages(Instant::now()).is_empty()
