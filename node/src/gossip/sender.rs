@@ -98,8 +98,8 @@ pub(super) async fn run(
         let full = schedule.full_due(now.into_std());
         // The next heartbeat, sooner while short work in flight may turn
         // long-lived, later when the node is idle in a large fleet (see
-        // gossip::SendSchedule).
-        schedule.set_targets(streams.targets());
+        // gossip::SendSchedule): the peers of its own reports decide.
+        schedule.set_targets(reports.receiver_count());
         schedule.sampled(
             now.into_std(),
             wall,
