@@ -378,15 +378,17 @@ struct Streams {
 }
 
 impl Streams {
-    /// The peers this node reports to, either stream (a link takes one of
-    /// them): what decides whether an idle node's aggregate keeps
-    /// heartbeating every `gossip_interval` (`gossip::SendSchedule::
-    /// set_targets`). A member of a large region sends its aggregate to a
-    /// peer or two of another region or cell only, and counted alone that
-    /// stream heartbeated ten times a second in an idle fleet. Its own
-    /// reports' pace is decided by their own peers, as before.
-    fn targets(&self) -> usize {
-        self.own.receiver_count() + self.aggregate.receiver_count()
+    /// What decides whether an idle node's aggregate keeps heartbeating
+    /// every `gossip_interval` (`gossip::SendSchedule::set_targets`): it
+    /// does while both streams have few peers, that is while its region is
+    /// small too. A member of a large region sends its aggregate to a peer
+    /// or two of another region or cell only, and counted alone that
+    /// stream heartbeated ten times a second in an idle fleet. The own
+    /// reports' pace is decided by their own peers.
+    fn aggregate_targets(&self) -> usize {
+        self.own
+            .receiver_count()
+            .max(self.aggregate.receiver_count())
     }
 }
 

@@ -82,7 +82,7 @@ pub(super) async fn run(
             entries: gossip.region_sum(&peers),
         };
         let full = schedule.full_due(now);
-        schedule.set_targets(streams.targets());
+        schedule.set_targets(streams.aggregate_targets());
         schedule.sampled(now, wall, Some((&report, full)), &mut rand::rng());
         match encoder.next(&report, full) {
             Ok(encoded) => {

@@ -541,6 +541,54 @@ async fn an_idle_regions_aggregate_keeps_the_idle_pace() {
     }
 }
 
+/// An idle node of a small cluster in two regions (3 + 3) reports to
+/// three peers, two region peers and one of the other region: its own
+/// reports and its aggregate both keep SPEC §5's heartbeat every
+/// `gossip_interval` (50 ms here), as in a one-region cluster of that
+/// size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_cluster_in_two_regions_heartbeats_every_interval_when_idle() {
+    let ca = generate_ca("test").unwrap();
+    let mut nodes: Vec<TestNode> = (1..=6)
+        .map(|id| TestNode::new(&ca, id, config(Duration::from_secs(1))))
+        .collect();
+    for n in &mut nodes[3..] {
+        n.region = "b";
+    }
+    start_together(&mut nodes);
+    // Each member hears its two region peers and one aggregate of the
+    // other region, once the plans have settled (links look again every
+    // second).
+    eventually("every node to hear three peers", || {
+        nodes
+            .iter()
+            .all(|n| n.gossip.report_ages(Instant::now()).len() == 3)
+    })
+    .await;
+    // Over a second, no peer's newest report at node 2 gets older than
+    // a few intervals; on the idle grid (a third of the TTL, then the
+    // TTL) it would reach 333 ms and more.
+    let two = &nodes[1];
+    let mut oldest = BTreeMap::new();
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        for (peer, age) in two.gossip.report_ages(Instant::now()) {
+            let max = oldest.entry(peer).or_insert(Duration::ZERO);
+            *max = (*max).max(age);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A region's aggregate from another member once the plan moves.
+    assert!(oldest.len() >= 3, "node 2 heard {oldest:?}");
+    assert!(
+        oldest.values().all(|&age| age < Duration::from_millis(300)),
+        "oldest report per peer at node 2: {oldest:?}"
+    );
+    for n in &mut nodes {
+        n.stop().await;
+    }
+}
+
 /// A region peer that is down from the start holds back a starting
 /// member's aggregate until that peer's TTL has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
