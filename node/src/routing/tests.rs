@@ -135,6 +135,18 @@ impl Fixture {
 
 mod incremental;
 
+/// A certificate as the admin API stores it, named `name`, for `fqdn`:
+/// a new key at every call.
+fn stored_certificate(name: &str, fqdn: &str) -> raft_store::model::Certificate {
+    let ck = rcgen::generate_simple_self_signed(vec![fqdn.to_owned()]).expect("rcgen");
+    raft_store::model::Certificate {
+        name: name.to_owned(),
+        chain: ck.cert.pem(),
+        private_key: ck.key_pair.serialize_pem(),
+        not_after: None,
+    }
+}
+
 fn names(balancer: &GroupBalancer) -> Vec<String> {
     balancer.backends().iter().map(|b| b.name.clone()).collect()
 }
@@ -400,14 +412,7 @@ fn a_replaced_certificate_rebuilds_only_the_groups_that_name_it() {
     let fx = Fixture::new();
     let mut state = two_groups();
     let put = |state: &mut State| {
-        let ck =
-            rcgen::generate_simple_self_signed(vec!["tls.example.com".to_owned()]).expect("rcgen");
-        let certificate = raft_store::model::Certificate {
-            name: "tls-cert".into(),
-            chain: ck.cert.pem(),
-            private_key: ck.key_pair.serialize_pem(),
-            not_after: None,
-        };
+        let certificate = stored_certificate("tls-cert", "tls.example.com");
         state
             .apply(&Command::PutCertificate { certificate })
             .expect("put certificate");

@@ -17,16 +17,7 @@ const PORTS: [u16; 3] = [80, 81, 443];
 /// key under the same name): `CERTS[2 * name + version]`.
 static CERTS: LazyLock<Vec<Certificate>> = LazyLock::new(|| {
     (0..4)
-        .map(|i| {
-            let ck = rcgen::generate_simple_self_signed(vec![format!("v{i}.example.com")])
-                .expect("rcgen");
-            Certificate {
-                name: format!("c{}", i / 2),
-                chain: ck.cert.pem(),
-                private_key: ck.key_pair.serialize_pem(),
-                not_after: None,
-            }
-        })
+        .map(|i| stored_certificate(&format!("c{}", i / 2), &format!("v{i}.example.com")))
         .collect()
 });
 
