@@ -1,11 +1,12 @@
-//! The refresh's incremental form of the estimator: one [`GroupView`] per
-//! group turns a [`LoadTable::snapshot`] into fixed-point peer loads, for
-//! selection and for admission.
+//! The refresh's incremental form of the estimator: a [`ViewSet`] keeps
+//! every group's view and turns a [`LoadTable::snapshot`] into fixed-point
+//! peer loads, for selection and for admission; a [`GroupView`] is the
+//! same for one group.
 //!
 //! ```text
 //!  LoadTable::snapshot (brief lock: one Arc clone per peer)
-//!      │ per peer: new report? ──yes──▶ split it over the groups once
-//!      ▼                      (ViewSet: an index of instance → group, slot)
+//!      │ per peer: new report? ──yes──▶ resolve it once into terms
+//!      ▼                      (instance → group and position: an index)
 //!  per tick: decay every term by the report's age (no lookups)
 //!      │ D(i) = Σ_p decayed(p,i)
 //!      │ pour the peers' expected new picks onto D (water level L)
@@ -13,6 +14,8 @@
 //!  select(i) = max(D(i), L)                     (Estimator docs)
 //!  admit(i)  = Σ_{p heard within silence} decayed(p,i)
 //! ```
+//!
+//! [`LoadTable::snapshot`]: crate::LoadTable::snapshot
 //!
 //! **Fractional.** The estimate is kept in fixed point ([`LOAD_ONE`] = 1)
 //! down to the balancer's keys: rounding each instance's peer load to a
@@ -37,21 +40,27 @@
 //! peer's predicted picks go on growing in the selection estimate until its
 //! report expires, and they must not turn into refusals.
 //!
-//! Cost per tick: a multiply-add per reported (peer, instance) pair of the
-//! group, one `exp` per peer and distinct mean service time (bucketed to
-//! 0.5 %), and a sort of the group's instances for the water level; rebuilding a
-//! peer's terms happens only when its report changed ([`ViewSet`]: each
-//! report split over the groups once). No lock is held: the
-//! caller owns the view.
+//! **Layout.** A tick streams each peer's terms, one flat list per peer,
+//! into one flat list of sums for every group's slots (a group's slots at
+//! its own offset), and then pours and calls back only the groups that
+//! some peer's terms touch. Cost per tick: a multiply-add per term, one
+//! `exp` per peer and distinct τ bucket (decay) and per distinct mean τ of
+//! a group's picks (the pour), and a sort of each touched group's slots for
+//! the water level. Terms are rebuilt only when a peer's report changed,
+//! and an instance's place is looked up in the index only when the report
+//! before did not list it. No lock is held: the caller owns the set.
+//! Keeping each peer's terms per group instead (a map of peers per group,
+//! two small vectors each) made a tick over 1,000 touched groups walk some
+//! 4 MB of scattered memory: 1.5–5 ms per tick where this takes
+//! (`benches/refresh.rs`, `many_groups`) a fraction of it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::Hash;
-
-use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::codec::Entry;
+use rustc_hash::FxHashMap;
+
 use crate::estimator::{Estimator, survival, water_level};
 use crate::state::PeerReport;
 
@@ -66,50 +75,11 @@ pub fn to_fixed(x: f64) -> u64 {
     (x * LOAD_ONE as f64).round() as u64
 }
 
-/// One group's estimate, kept between refreshes.
-#[derive(Debug)]
-pub struct GroupView {
-    /// `(instance, slot)`, by instance: merged with a report's entries,
-    /// which are in the same order.
-    index: Vec<([u8; 16], u32)>,
-    len: usize,
-    /// Each peer's terms for this group, by the report they came from; by
-    /// peer id.
-    peers: BTreeMap<u64, PeerTerms>,
-    /// Scratch, per slot.
-    decayed: Vec<f64>,
-    admit: Vec<f64>,
-}
-
 /// Mean service times are grouped into buckets by the top `TAU_BITS` bits
 /// of their mantissa, so that a tick takes one `exp` per bucket rather than
 /// per term: buckets under 0.8 % wide, τ off by at most 0.4 %, far below
 /// what an estimate resolves.
 const TAU_BITS: u32 = 7;
-
-/// One peer's report restricted to a group.
-#[derive(Debug, Default)]
-struct PeerTerms {
-    version: u64,
-    /// Per reported instance of the group, by τ bucket.
-    terms: Vec<Term>,
-    /// Runs of `terms` with one τ bucket: (end of the run, 1/τ in 1/s; 0
-    /// when τ is unknown: no decay).
-    runs: Vec<(usize, f64)>,
-    /// Picks per second over the group, and Σ rate × τ.
-    rate: f64,
-    rate_tau: f64,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Term {
-    slot: u32,
-    /// τ's bucket ([`bucket_of`]).
-    bucket: u32,
-    long: f64,
-    /// In flight less the long-lived part.
-    short: f64,
-}
 
 /// What a refresh computed for one instance, in fixed point
 /// ([`LOAD_ONE`] = 1).
@@ -121,24 +91,22 @@ pub struct PeerLoad {
     pub admit: u64,
 }
 
+/// One group's estimate, kept between refreshes: a [`ViewSet`] of that
+/// group alone.
+#[derive(Debug)]
+pub struct GroupView {
+    set: ViewSet<()>,
+    len: usize,
+}
+
 impl GroupView {
     /// A view of the group of `instances` (in slot order).
     pub fn new(instances: &[[u8; 16]]) -> Self {
-        let n = instances.len();
+        let mut set = ViewSet::default();
+        set.set_group((), instances);
         Self {
-            index: {
-                let mut index: Vec<([u8; 16], u32)> = instances
-                    .iter()
-                    .enumerate()
-                    .map(|(slot, id)| (*id, u32::try_from(slot).unwrap_or(u32::MAX)))
-                    .collect();
-                index.sort_unstable();
-                index
-            },
-            len: n,
-            peers: BTreeMap::new(),
-            decayed: vec![0.0; n],
-            admit: vec![0.0; n],
+            set,
+            len: instances.len(),
         }
     }
 
@@ -162,130 +130,133 @@ impl GroupView {
         now: Instant,
         out: &mut Vec<PeerLoad>,
     ) -> bool {
-        debug_assert!(peers.is_sorted_by_key(|(id, _)| *id), "a snapshot is by id");
-        self.peers
-            .retain(|id, _| peers.binary_search_by_key(id, |(p, _)| *p).is_ok());
-        let mut fresh = false;
-        for (id, report) in peers {
-            if now.saturating_duration_since(report.as_of) > config.ttl {
-                continue;
-            }
-            fresh = true;
-            let terms = self.peers.entry(*id).or_default();
-            if terms.version != report.version || terms.version == 0 {
-                terms.rebuild(&self.index, report);
-            }
+        let mut called = false;
+        let fresh = self.set.refresh(config, peers, now, |(), loads| {
+            out.clear();
+            out.extend_from_slice(loads);
+            called = true;
+        });
+        // Not called back: no peer has terms in the group now or had at
+        // the refresh before, whose estimate was then all zero.
+        if !called {
+            out.clear();
+            out.resize(self.len, PeerLoad::default());
         }
-        self.compute(config, peers, now, out);
         fresh
-    }
-
-    /// The estimate at `now` from the terms held, each peer's age taken
-    /// from its report in `peers` (sorted by id); a peer whose report is
-    /// not there or older than `config.ttl` counts for nothing.
-    fn compute(
-        &mut self,
-        config: &crate::Config,
-        peers: &[(u64, Arc<PeerReport>)],
-        now: Instant,
-        out: &mut Vec<PeerLoad>,
-    ) {
-        let (estimator, silence) = (config.estimator, Self::silence(config));
-        self.decayed.iter_mut().for_each(|d| *d = 0.0);
-        self.admit.iter_mut().for_each(|d| *d = 0.0);
-        let mut pour = 0.0f64;
-        // By peer id, as the snapshot is: the sums come out the same
-        // whichever way the terms were found.
-        for (id, terms) in &self.peers {
-            let Ok(at) = peers.binary_search_by_key(id, |(p, _)| *p) else {
-                continue;
-            };
-            let age = now.saturating_duration_since(peers[at].1.as_of);
-            if age > config.ttl {
-                continue;
-            }
-            let heard = age <= silence;
-            let a = age.as_secs_f64();
-            let raw = estimator == Estimator::Raw;
-            let mut start = 0;
-            for &(end, inv_tau) in &terms.runs {
-                let factor = if raw { 1.0 } else { (-a * inv_tau).exp() };
-                for t in terms.terms.get(start..end).unwrap_or_default() {
-                    let add = t.long + t.short * factor;
-                    let slot = t.slot as usize;
-                    self.decayed[slot] += add;
-                    if heard {
-                        self.admit[slot] += add;
-                    }
-                }
-                start = end;
-            }
-            if estimator == Estimator::Predictive && terms.rate > 0.0 {
-                let tau = terms.rate_tau / terms.rate;
-                pour += if tau > 0.0 {
-                    terms.rate * tau * (1.0 - survival(a, tau))
-                } else {
-                    terms.rate * a
-                };
-            }
-        }
-        out.clear();
-        let level = if pour > 0.0 && self.len > 0 {
-            water_level(&self.decayed, pour)
-        } else {
-            0.0
-        };
-        out.extend(
-            self.decayed
-                .iter()
-                .zip(&self.admit)
-                .map(|(&d, &a)| PeerLoad {
-                    select: to_fixed(d.max(level)),
-                    admit: to_fixed(a),
-                }),
-        );
     }
 }
 
 /// The views of all of a node's groups, keyed by `K`, as the refresh keeps
 /// them. A peer's report lists its busy instances of every group; each new
-/// one is split over the groups once, by an index of which group and slot
-/// each instance is, and only the groups it touches (now or in the peer's
-/// report before) are rebuilt. Only groups with terms (and a group once
-/// after it lost its last) are estimated at a tick. Searching every new
-/// report once per group instead cost 1.33 s per tick at 10,000 groups and
-/// 20 peers (`benches/refresh.rs`, `many_groups`).
+/// one is resolved once into terms, each at its instance's place in the
+/// sums (see the module's docs), and a tick estimates only the groups some
+/// peer's terms touch (and a group once after it lost its last, or was
+/// set). Searching every new report once per group instead cost 1.33 s per
+/// tick at 10,000 groups and 20 peers (`benches/refresh.rs`,
+/// `many_groups`).
 #[derive(Debug)]
 pub struct ViewSet<K> {
     /// Key → index in `held`.
     keys: HashMap<K, usize>,
     /// The groups, in the order they were set (a refresh calls back in
-    /// that order, run after run: the simulator's runs repeat); `None`
+    /// index order, run after run: the simulator's runs repeat); `None`
     /// where one was removed, for the next to take.
-    held: Vec<Option<(K, Held)>>,
+    held: Vec<Option<Held<K>>>,
     /// Indexes of `held` that are `None`.
     free: Vec<usize>,
+    /// Per index of `held`: where its slots' sums start, and how many it
+    /// has room for (kept when a group is removed, for the next there).
+    ranges: Vec<(u32, u32)>,
     /// Instance → its group's index and its slot.
-    owner: FxHashMap<[u8; 16], (usize, u32)>,
-    /// Per peer, the report last split and the groups it had terms in (a
-    /// group has a peer's terms only if its index is listed here).
-    split: BTreeMap<u64, Split>,
-    /// Scratch, by group index: one report's entries of the group.
-    scratch: Vec<Vec<(u32, Entry)>>,
+    owner: FxHashMap<[u8; 16], (u32, u32)>,
+    /// Per peer by id: its last report's terms.
+    peers: Vec<(u64, PeerTerms)>,
+    /// Counts changes of groups: terms resolved before one are stale.
+    epoch: u64,
+    /// Per slot of every group (at its range): decayed sum, and the
+    /// admitted part (side by side: a term touches one cache line).
+    /// Scratch of a tick.
+    sums: Vec<[f64; 2]>,
+    /// Scratch: a group's decayed sums, for the water level.
+    decayed: Vec<f64>,
+    /// Per group index: the peers' expected new picks. Scratch of a tick.
+    pour: Vec<f64>,
+    /// Per group index, a bit: a peer's terms touch it at this tick.
+    touched: Vec<u64>,
+    /// Per group index, a bit: to call back at the next tick even if no
+    /// term touches it (it had some, or it was just set).
+    pending: Vec<u64>,
+    /// Scratch of resolving a report.
+    resolve: Resolve,
+    /// Scratch of a tick, per peer: its decay factors by τ bucket and its
+    /// survivals by mean τ.
+    factors: Vec<f64>,
+    survivals: Vec<f64>,
     out: Vec<PeerLoad>,
 }
 
 #[derive(Debug)]
-struct Held {
-    view: GroupView,
-    /// Whether its last estimate may have been other than all zero.
-    active: bool,
+struct Held<K> {
+    key: K,
+    len: u32,
+    /// Its instances (for the index).
+    ids: Vec<[u8; 16]>,
 }
 
+/// One peer's report, resolved against the groups.
 #[derive(Debug, Default)]
-struct Split {
+struct PeerTerms {
+    /// The report it was built from (0: build again).
     version: u64,
-    groups: Vec<usize>,
+    /// The epoch of the groups `places` was resolved in.
+    epoch: u64,
+    /// Each instance of the report (sorted, as reports are) and its place:
+    /// group index and position in the sums, or [`NOWHERE`].
+    places: Vec<([u8; 16], (u32, u32))>,
+    terms: Vec<Term>,
+    /// 1/τ in 1/s of each distinct τ bucket of the terms (0: τ unknown).
+    inv_taus: Vec<f64>,
+    /// One per group the report has terms in.
+    segs: Vec<Seg>,
+    /// Each distinct mean τ (s) of the segments.
+    seg_taus: Vec<f64>,
+}
+
+/// Not an instance of any group.
+const NOWHERE: (u32, u32) = (u32::MAX, u32::MAX);
+
+#[derive(Clone, Copy, Debug)]
+struct Term {
+    /// Position in the sums.
+    pos: u32,
+    /// Index of its τ bucket in [`PeerTerms::inv_taus`].
+    k: u32,
+    long: f64,
+    /// In flight less the long-lived part.
+    short: f64,
+}
+
+/// A peer's picks over one group.
+#[derive(Clone, Copy, Debug)]
+struct Seg {
+    at: u32,
+    /// Picks per second over the group, and Σ rate × τ.
+    rate: f64,
+    rate_tau: f64,
+    /// Index of its mean τ in [`PeerTerms::seg_taus`].
+    k: u32,
+}
+
+/// Scratch of resolving a report, kept to reuse its allocations.
+#[derive(Debug, Default)]
+struct Resolve {
+    places: Vec<([u8; 16], (u32, u32))>,
+    buckets: FxHashMap<u32, u32>,
+    taus: FxHashMap<u64, u32>,
+    /// Per group index: (stamp, index in the segments); a stale stamp is
+    /// no segment yet.
+    seg_of: Vec<(u64, u32)>,
+    stamp: u64,
 }
 
 impl<K> Default for ViewSet<K> {
@@ -294,43 +265,96 @@ impl<K> Default for ViewSet<K> {
             keys: HashMap::new(),
             held: Vec::new(),
             free: Vec::new(),
+            ranges: Vec::new(),
             owner: FxHashMap::default(),
-            split: BTreeMap::new(),
-            scratch: Vec::new(),
+            peers: Vec::new(),
+            epoch: 0,
+            sums: Vec::new(),
+            decayed: Vec::new(),
+            pour: Vec::new(),
+            touched: Vec::new(),
+            pending: Vec::new(),
+            resolve: Resolve::default(),
+            factors: Vec::new(),
+            survivals: Vec::new(),
             out: Vec::new(),
         }
     }
 }
 
+/// Sets bit `at`; whether it was clear.
+fn set_bit(bits: &mut [u64], at: usize) -> bool {
+    let (word, bit) = (at / 64, 1u64 << (at % 64));
+    let clear = bits[word] & bit == 0;
+    bits[word] |= bit;
+    clear
+}
+
+fn clear_bit(bits: &mut [u64], at: usize) {
+    if let Some(word) = bits.get_mut(at / 64) {
+        *word &= !(1u64 << (at % 64));
+    }
+}
+
 impl<K: Clone + Eq + Hash> ViewSet<K> {
     /// Sets group `key` to `instances` (in slot order), new or replacing
-    /// the one of that key: estimated at the next refresh, which splits
+    /// the one of that key: estimated at the next refresh, which resolves
     /// every peer's report anew (a write is rare beside reports). An
     /// instance belongs to one group (the state machine refuses a uuid
     /// attached twice): a group set later takes an id from one set before.
     pub fn set_group(&mut self, key: K, instances: &[[u8; 16]]) {
         self.remove_group(&key);
-        for split in self.split.values_mut() {
-            split.version = 0;
-        }
+        self.epoch += 1;
         let at = match self.free.pop() {
             Some(at) => at,
             None => {
                 self.held.push(None);
-                self.scratch.push(Vec::new());
+                self.ranges.push((0, 0));
+                self.pour.push(0.0);
+                self.resolve.seg_of.push((0, 0));
+                if self.held.len() > self.touched.len() * 64 {
+                    self.touched.push(0);
+                    self.pending.push(0);
+                }
                 self.held.len() - 1
             }
         };
+        let len = u32::try_from(instances.len()).unwrap_or(u32::MAX);
+        if self.ranges[at].1 < len {
+            self.make_room(at, len);
+        }
         for (slot, id) in instances.iter().enumerate() {
             let slot = u32::try_from(slot).unwrap_or(u32::MAX);
-            self.owner.insert(*id, (at, slot));
+            self.owner.insert(*id, (at as u32, slot));
         }
-        let held = Held {
-            view: GroupView::new(instances),
-            active: true,
-        };
         self.keys.insert(key.clone(), at);
-        self.held[at] = Some((key, held));
+        self.held[at] = Some(Held {
+            key,
+            len,
+            ids: instances.to_vec(),
+        });
+        set_bit(&mut self.pending, at);
+    }
+
+    /// Gives group index `at` a range of `len` slots in the sums: a new
+    /// one at their end, and every live group's packed anew once the sums
+    /// are more than half holes (positions move: the caller's change of
+    /// groups makes every report resolve again).
+    fn make_room(&mut self, at: usize, len: u32) {
+        self.ranges[at] = (0, 0);
+        let live: u64 = self.held.iter().flatten().map(|h| u64::from(h.len)).sum();
+        if self.sums.len() as u64 > 2 * live + 4_096 {
+            let mut end = 0u32;
+            for (i, range) in self.ranges.iter_mut().enumerate() {
+                let cap = self.held[i].as_ref().map_or(0, |h| h.len);
+                *range = (end, cap);
+                end += cap;
+            }
+            self.sums.truncate(end as usize);
+        }
+        let base = u32::try_from(self.sums.len()).unwrap_or(u32::MAX);
+        self.ranges[at] = (base, len);
+        self.sums.resize(self.sums.len() + len as usize, [0.0; 2]);
     }
 
     /// Removes group `key` and its instances' index entries.
@@ -338,12 +362,14 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
         let Some(at) = self.keys.remove(key) else {
             return;
         };
-        let Some((_, old)) = self.held.get_mut(at).and_then(Option::take) else {
+        self.epoch += 1;
+        let Some(old) = self.held.get_mut(at).and_then(Option::take) else {
             return;
         };
         self.free.push(at);
-        for (id, _) in &old.view.index {
-            if self.owner.get(id).is_some_and(|(i, _)| *i == at) {
+        clear_bit(&mut self.pending, at);
+        for id in &old.ids {
+            if self.owner.get(id).is_some_and(|(i, _)| *i as usize == at) {
                 self.owner.remove(id);
             }
         }
@@ -363,152 +389,231 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
     ) -> bool {
         debug_assert!(peers.is_sorted_by_key(|(id, _)| *id), "a snapshot is by id");
         let listed = |id: &u64| peers.binary_search_by_key(id, |(p, _)| *p).is_ok();
-        let gone: Vec<u64> = self.split.keys().copied().filter(|p| !listed(p)).collect();
-        for peer in gone {
-            if let Some(split) = self.split.remove(&peer) {
-                for at in split.groups {
-                    if let Some(Some((_, held))) = self.held.get_mut(at) {
-                        held.view.peers.remove(&peer);
-                    }
+        self.peers.retain(|(id, _)| listed(id));
+        let silence = GroupView::silence(config);
+        let mut fresh = false;
+        // Peers are visited by id, as the snapshot is: every sum comes out
+        // the same whichever groups share the set.
+        let mut mine = 0;
+        for (id, report) in peers {
+            let age = now.saturating_duration_since(report.as_of);
+            let live = age <= config.ttl;
+            fresh |= live;
+            if mine == self.peers.len() || self.peers[mine].0 != *id {
+                self.peers.insert(mine, (*id, PeerTerms::default()));
+            }
+            let terms = &mut self.peers[mine].1;
+            mine += 1;
+            // A report past the TTL counts for nothing: its terms are
+            // dropped, so that a silent peer keeps no group estimated.
+            if !live {
+                terms.clear();
+                continue;
+            }
+            if terms.version != report.version || terms.epoch != self.epoch {
+                terms.build(
+                    report,
+                    self.epoch,
+                    &self.owner,
+                    &self.ranges,
+                    &mut self.resolve,
+                );
+            }
+            let a = age.as_secs_f64();
+            let heard = age <= silence;
+            self.add(config.estimator, mine - 1, a, heard);
+        }
+        for word in 0..self.touched.len() {
+            let mut bits = self.touched[word] | self.pending[word];
+            self.pending[word] = self.touched[word];
+            self.touched[word] = 0;
+            while bits != 0 {
+                let at = word * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let Some(held) = &self.held[at] else {
+                    continue;
+                };
+                let (base, len) = (self.ranges[at].0 as usize, held.len as usize);
+                self.out.clear();
+                if self.pending[word] & (1 << (at % 64)) == 0 {
+                    // No terms now: all zero, once.
+                    self.out.resize(len, PeerLoad::default());
+                } else {
+                    let sums = &self.sums[base..base + len];
+                    let pour = self.pour[at];
+                    let level = if pour > 0.0 && len > 0 {
+                        self.decayed.clear();
+                        self.decayed.extend(sums.iter().map(|&[d, _]| d));
+                        water_level(&self.decayed, pour)
+                    } else {
+                        0.0
+                    };
+                    self.out.extend(sums.iter().map(|&[d, a]| PeerLoad {
+                        select: to_fixed(d.max(level)),
+                        admit: to_fixed(a),
+                    }));
                 }
+                loads(&held.key, &self.out);
             }
-        }
-        // A report past the TTL counts for nothing (`compute`): it is
-        // split as empty, and its terms dropped once it expires, so that a
-        // silent peer's last report keeps no group estimated at every tick.
-        let expired =
-            |report: &PeerReport| now.saturating_duration_since(report.as_of) > config.ttl;
-        for (peer, report) in peers {
-            self.split_report(*peer, report, expired(report));
-        }
-        let fresh = peers.iter().any(|(_, r)| !expired(r));
-        for (key, held) in self.held.iter_mut().flatten() {
-            let has = !held.view.peers.is_empty();
-            if has || held.active {
-                held.view.compute(config, peers, now, &mut self.out);
-                loads(key, &self.out);
-            }
-            held.active = has;
         }
         fresh
     }
 
-    /// Splits `peer`'s `report` over the groups, unless it was already (or
-    /// as empty, once it has `expired`). Version 0 is never split: a group
-    /// set since asks for every report again.
-    fn split_report(&mut self, peer: u64, report: &PeerReport, expired: bool) {
-        let split = self.split.entry(peer).or_default();
-        let done = split.version == report.version && split.version != 0;
-        if done && (!expired || split.groups.is_empty()) {
-            return;
+    /// Adds the terms of peer number `p` (in `self.peers`) at age `a`
+    /// seconds into the sums, clearing each group's the first time a tick
+    /// touches it.
+    fn add(&mut self, estimator: Estimator, p: usize, a: f64, heard: bool) {
+        let terms = &self.peers[p].1;
+        for seg in &terms.segs {
+            let at = seg.at as usize;
+            if set_bit(&mut self.touched, at) {
+                let (base, len) = self.ranges[at];
+                self.sums[base as usize..(base + len) as usize].fill([0.0; 2]);
+                self.pour[at] = 0.0;
+            }
         }
-        split.version = report.version;
-        let mut touched = Vec::new();
-        let entries = if expired {
-            &[][..]
-        } else {
-            &report.entries[..]
-        };
-        for e in entries {
-            if let Some(&(at, slot)) = self.owner.get(&e.instance) {
-                let list = &mut self.scratch[at];
-                if list.is_empty() {
-                    touched.push(at);
+        let raw = estimator == Estimator::Raw;
+        self.factors.clear();
+        self.factors.extend(
+            terms
+                .inv_taus
+                .iter()
+                .map(|&inv_tau| if raw { 1.0 } else { (-a * inv_tau).exp() }),
+        );
+        for t in &terms.terms {
+            let add = t.long + t.short * self.factors[t.k as usize];
+            let sum = &mut self.sums[t.pos as usize];
+            sum[0] += add;
+            if heard {
+                sum[1] += add;
+            }
+        }
+        if estimator == Estimator::Predictive {
+            self.survivals.clear();
+            self.survivals
+                .extend(terms.seg_taus.iter().map(|&tau| survival(a, tau)));
+            for seg in &terms.segs {
+                if seg.rate > 0.0 {
+                    let tau = seg.rate_tau / seg.rate;
+                    self.pour[seg.at as usize] += if tau > 0.0 {
+                        seg.rate * tau * (1.0 - self.survivals[seg.k as usize])
+                    } else {
+                        seg.rate * a
+                    };
                 }
-                list.push((slot, *e));
             }
         }
-        // The groups it had terms in that this report leaves out.
-        for at in split.groups.drain(..) {
-            if self.scratch[at].is_empty()
-                && let Some(Some((_, held))) = self.held.get_mut(at)
-            {
-                held.view.peers.remove(&peer);
-            }
-        }
-        for &at in &touched {
-            let list = &mut self.scratch[at];
-            if let Some(Some((_, held))) = self.held.get_mut(at) {
-                held.view
-                    .peers
-                    .entry(peer)
-                    .or_default()
-                    .set(report.version, list);
-            }
-            list.clear();
-        }
-        split.groups = touched;
     }
 }
 
 impl PeerTerms {
-    /// Rebuilds the terms from `report`: a merge of two sorted lists, the
-    /// group's instances and the report's entries, O(n + m). For one
-    /// group ([`GroupView::estimate`]); a node's refresh splits each report
-    /// over all its groups once instead ([`ViewSet`]).
-    fn rebuild(&mut self, index: &[([u8; 16], u32)], report: &PeerReport) {
-        self.reset(report.version);
-        let (mut slots, mut entries) = (index.iter().peekable(), report.entries.iter().peekable());
-        while let (Some(&&(id, slot)), Some(&e)) = (slots.peek(), entries.peek()) {
-            match id.cmp(&e.instance) {
-                std::cmp::Ordering::Less => {
-                    slots.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    entries.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    slots.next();
-                    entries.next();
-                    self.add(slot, e);
-                }
-            }
-        }
-        self.finish();
-    }
-
-    /// Terms of report `version` from `entries`, its entries of this
-    /// group with their slots ([`ViewSet`] splits a report over groups).
-    fn set(&mut self, version: u64, entries: &[(u32, Entry)]) {
-        self.reset(version);
-        for (slot, e) in entries {
-            self.add(*slot, e);
-        }
-        self.finish();
-    }
-
-    fn reset(&mut self, version: u64) {
-        self.version = version;
+    fn clear(&mut self) {
+        self.version = 0;
+        self.places.clear();
         self.terms.clear();
-        self.rate = 0.0;
-        self.rate_tau = 0.0;
+        self.inv_taus.clear();
+        self.segs.clear();
+        self.seg_taus.clear();
     }
 
-    /// Sorts the terms added into runs of one τ bucket.
-    fn finish(&mut self) {
-        self.terms.sort_unstable_by_key(|t| t.bucket);
-        self.runs.clear();
-        for (i, t) in self.terms.iter().enumerate() {
-            match self.runs.last_mut() {
-                Some((end, _)) if self.terms[i - 1].bucket == t.bucket => *end = i + 1,
-                _ => self.runs.push((i + 1, inv_tau_of(t.bucket))),
+    /// Builds the terms of `report` against the groups of `epoch`: each
+    /// instance's place looked up in `owner` unless the report this peer
+    /// sent before listed it (and the groups have not changed since).
+    fn build(
+        &mut self,
+        report: &PeerReport,
+        epoch: u64,
+        owner: &FxHashMap<[u8; 16], (u32, u32)>,
+        ranges: &[(u32, u32)],
+        scratch: &mut Resolve,
+    ) {
+        if self.epoch != epoch {
+            self.places.clear();
+        }
+        self.terms.clear();
+        self.inv_taus.clear();
+        self.segs.clear();
+        self.seg_taus.clear();
+        self.version = report.version;
+        self.epoch = epoch;
+        let Resolve {
+            places,
+            buckets,
+            taus,
+            seg_of,
+            stamp,
+        } = scratch;
+        // Both lists are sorted by instance: one merge, unless the report
+        // lists the same instances as the one before (the usual case).
+        let same = self.places.len() == report.entries.len()
+            && (self.places.iter())
+                .zip(&report.entries)
+                .all(|((id, _), e)| *id == e.instance);
+        places.clear();
+        let mut before = 0;
+        for e in report.entries.iter().filter(|_| !same) {
+            while self
+                .places
+                .get(before)
+                .is_some_and(|(id, _)| *id < e.instance)
+            {
+                before += 1;
+            }
+            let place = match self.places.get(before) {
+                Some((id, place)) if *id == e.instance => *place,
+                _ => owner
+                    .get(&e.instance)
+                    .map_or(NOWHERE, |&(at, slot)| (at, ranges[at as usize].0 + slot)),
+            };
+            places.push((e.instance, place));
+        }
+        if !same {
+            std::mem::swap(&mut self.places, places);
+        }
+        *stamp += 1;
+        buckets.clear();
+        for (e, &(_, (at, pos))) in report.entries.iter().zip(&self.places) {
+            if at == u32::MAX {
+                continue;
+            }
+            let tau = f64::from(e.mean_service_us) / 1e6;
+            let rate = f64::from(e.arrival_rate_milli) / 1000.0;
+            let seg = &mut seg_of[at as usize];
+            if seg.0 != *stamp {
+                *seg = (*stamp, self.segs.len() as u32);
+                self.segs.push(Seg {
+                    at,
+                    rate: 0.0,
+                    rate_tau: 0.0,
+                    k: u32::MAX,
+                });
+            }
+            let s = &mut self.segs[seg.1 as usize];
+            s.rate += rate;
+            s.rate_tau += rate * tau;
+            let bucket = bucket_of(e.mean_service_us);
+            let k = *buckets.entry(bucket).or_insert_with(|| {
+                self.inv_taus.push(inv_tau_of(bucket));
+                (self.inv_taus.len() - 1) as u32
+            });
+            let long = e.long_inflight.min(e.inflight);
+            self.terms.push(Term {
+                pos,
+                k,
+                long: f64::from(long),
+                short: f64::from(e.inflight - long),
+            });
+        }
+        taus.clear();
+        for seg in &mut self.segs {
+            if seg.rate > 0.0 {
+                let tau = seg.rate_tau / seg.rate;
+                seg.k = *taus.entry(tau.to_bits()).or_insert_with(|| {
+                    self.seg_taus.push(tau);
+                    (self.seg_taus.len() - 1) as u32
+                });
             }
         }
-    }
-
-    /// Adds the term of `e`, the report's entry for the instance in `slot`.
-    fn add(&mut self, slot: u32, e: &Entry) {
-        let tau = f64::from(e.mean_service_us) / 1e6;
-        let rate = f64::from(e.arrival_rate_milli) / 1000.0;
-        self.rate += rate;
-        self.rate_tau += rate * tau;
-        let long = e.long_inflight.min(e.inflight);
-        self.terms.push(Term {
-            slot,
-            bucket: bucket_of(e.mean_service_us),
-            long: f64::from(long),
-            short: f64::from(e.inflight - long),
-        });
     }
 }
 
@@ -533,8 +638,9 @@ fn inv_tau_of(bucket: u32) -> f64 {
 mod tests {
     use super::*;
     use crate::testutil::{id, ids, report};
-    use crate::{Config, LoadTable, Report};
+    use crate::{Config, Entry, LoadTable, Report};
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     fn run(
         view: &mut GroupView,
@@ -609,6 +715,49 @@ mod tests {
         // A removed peer counts for nothing.
         table.remove_peer(1);
         assert_eq!(run(&mut view, &config, &table, t0)[1].select, 0);
+    }
+
+    /// Groups that grow leave their old ranges of sums behind; once those
+    /// are most of the sums, the live groups are packed anew. Every group
+    /// keeps its exact counts through it, and the sums stop growing.
+    #[test]
+    fn growing_groups_are_packed_and_keep_their_counts() {
+        let t0 = Instant::now();
+        let config = Config::default();
+        let mut table = LoadTable::new(config.ttl);
+        let counts: Vec<(u32, u32)> = (0..6_000).map(|i| (1 + (i % 5) as u32, 0)).collect();
+        table.insert(report(1, 1, &counts, 0.0, 10), t0);
+        let mut set = ViewSet::default();
+        // Group 0: every third instance; group 1 grows over the rest.
+        let small: Vec<[u8; 16]> = (0..6_000).step_by(3).map(id).collect();
+        set.set_group(0, &small);
+        let mut most = 0;
+        for n in (500..=4_000).step_by(500) {
+            let members: Vec<[u8; 16]> =
+                (0..6_000).filter(|i| i % 3 != 0).take(n).map(id).collect();
+            set.set_group(1, &members);
+            most = most.max(set.sums.len());
+            let mut got = HashMap::new();
+            set.refresh(&config, &table.snapshot(), t0, |g, loads| {
+                got.insert(
+                    *g,
+                    loads
+                        .iter()
+                        .map(|l| l.select / LOAD_ONE)
+                        .collect::<Vec<_>>(),
+                );
+            });
+            for (g, ids) in [(0, &small), (1, &members)] {
+                let want: Vec<u64> = ids
+                    .iter()
+                    .map(|i| u64::from(counts[usize::from(i[15]) | usize::from(i[14]) << 8].0))
+                    .collect();
+                assert_eq!(got[&g], want, "group {g} at {n}");
+            }
+        }
+        // Without packing the sums would hold 2,000 + 500 + … + 4,000.
+        assert!(most < 2_000 + 18_000, "{most} sums");
+        assert!(set.sums.len() <= 2 * (2_000 + 4_000) + 4_096 + 4_000);
     }
 
     /// A group's instances are found in a report of every group's busy

@@ -672,17 +672,13 @@ impl GroupBalancer {
     /// once per instance.
     pub fn set_peer_loads<'a>(&self, loads: impl IntoIterator<Item = (&'a Backend, PeerLoad)>) {
         let mut changed: Vec<(&Backend, usize)> = Vec::new();
-        let here: *const Self = self;
         for (backend, load) in loads {
             if !backend.set_peer_load(load.select, load.admit) {
                 continue;
             }
-            match backend.home(None) {
-                Some((home, slot)) if std::ptr::eq(Arc::as_ptr(&home), here) => {
-                    changed.push((backend, slot));
-                }
-                Some(_) => in_home(backend, None, Inner::sync),
-                None => {}
+            match backend.slot_in(self) {
+                Some(slot) => changed.push((backend, slot)),
+                None => in_home(backend, Some(self), Inner::sync),
             }
         }
         for batch in changed.chunks(BATCH) {

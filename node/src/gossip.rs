@@ -23,8 +23,8 @@
 //!                                            ▼
 //!  refresh: every few ms while a peer is fresh, and after each report
 //!           (throttled): LoadTable::snapshot (brief lock) ─▶ ViewSet: each
-//!           new report split over the groups once, only the groups it
-//!           touches rebuilt and only groups with load estimated
+//!           new report resolved once into flat terms, every term added
+//!           into flat sums and only groups with load estimated
 //!           (refresh.rs, no lock shared with intake)
 //!           ─▶ GroupBalancer::set_peer_loads (fixed point)
 //! ```
