@@ -51,8 +51,8 @@
 //! before did not list it. No lock is held: the caller owns the set.
 //! Keeping each peer's terms per group instead (a map of peers per group,
 //! two small vectors each) made a tick over 1,000 touched groups walk some
-//! 4 MB of scattered memory: 1.5–5 ms per tick where this takes
-//! (`benches/refresh.rs`, `many_groups`) a fraction of it.
+//! 4 MB of scattered memory: 2–5 ms per tick, against 0.5–1 ms this way
+//! (`benches/refresh.rs`, `many_groups`).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -549,25 +549,21 @@ impl PeerTerms {
             && (self.places.iter())
                 .zip(&report.entries)
                 .all(|((id, _), e)| *id == e.instance);
-        places.clear();
-        let mut before = 0;
-        for e in report.entries.iter().filter(|_| !same) {
-            while self
-                .places
-                .get(before)
-                .is_some_and(|(id, _)| *id < e.instance)
-            {
-                before += 1;
-            }
-            let place = match self.places.get(before) {
-                Some((id, place)) if *id == e.instance => *place,
-                _ => owner
-                    .get(&e.instance)
-                    .map_or(NOWHERE, |&(at, slot)| (at, ranges[at as usize].0 + slot)),
-            };
-            places.push((e.instance, place));
-        }
         if !same {
+            places.clear();
+            let mut before = 0;
+            for e in &report.entries {
+                while (self.places.get(before)).is_some_and(|(id, _)| *id < e.instance) {
+                    before += 1;
+                }
+                let place = match self.places.get(before) {
+                    Some((id, place)) if *id == e.instance => *place,
+                    _ => owner
+                        .get(&e.instance)
+                        .map_or(NOWHERE, |&(at, slot)| (at, ranges[at as usize].0 + slot)),
+                };
+                places.push((e.instance, place));
+            }
             std::mem::swap(&mut self.places, places);
         }
         *stamp += 1;

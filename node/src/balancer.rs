@@ -666,28 +666,32 @@ impl GroupBalancer {
     }
 
     /// Sets the peers' parts of many backends' loads (fixed point, from
-    /// gossip) and re-keys those whose selection load changed: under one
-    /// lock per [`BATCH`] backends when this balancer is their home (the
-    /// routing table's group), so a refresh does not take the group's lock
-    /// once per instance.
+    /// gossip) and re-keys those whose selection load changed, under one
+    /// lock per [`BATCH`] backends. Listed in this balancer's slot order
+    /// (the routing table's group lists them so), a backend is re-keyed at
+    /// its place here without asking it where its home is; one that is not
+    /// at its place here (a draining backend left out shifts the rest) is
+    /// re-keyed at its slot in its home, this balancer or another.
     pub fn set_peer_loads<'a>(&self, loads: impl IntoIterator<Item = (&'a Backend, PeerLoad)>) {
         let mut changed: Vec<(&Backend, usize)> = Vec::new();
-        for (backend, load) in loads {
-            if !backend.set_peer_load(load.select, load.admit) {
-                continue;
-            }
-            match backend.slot_in(self) {
-                Some(slot) => changed.push((backend, slot)),
-                None => in_home(backend, Some(self), Inner::sync),
+        for (at, (backend, load)) in loads.into_iter().enumerate() {
+            if backend.set_peer_load(load.select, load.admit) {
+                changed.push((backend, at));
             }
         }
+        let mut elsewhere: Vec<&Backend> = Vec::new();
         for batch in changed.chunks(BATCH) {
             let mut inner = self.lock();
-            for &(backend, slot) in batch {
-                if inner.holds(slot, backend) {
-                    inner.sync(slot);
+            for &(backend, at) in batch {
+                if inner.holds(at, backend) {
+                    inner.sync(at);
+                } else {
+                    elsewhere.push(backend);
                 }
             }
+        }
+        for backend in elsewhere {
+            in_home(backend, None, Inner::sync);
         }
     }
 

@@ -284,13 +284,6 @@ impl Backend {
         Some((home.group.upgrade()?, home.slot))
     }
 
-    /// This backend's slot in `group` if that is its home: no reference
-    /// taken on the home (the refresh asks it of every backend it re-keys).
-    pub(super) fn slot_in(&self, group: &GroupBalancer) -> Option<usize> {
-        let home = self.home.lock().unwrap_or_else(PoisonError::into_inner);
-        std::ptr::eq(home.group.as_ptr(), group).then_some(home.slot)
-    }
-
     /// Moves the home to `group`, where this backend sits at `slot`;
     /// returns the previous home if it is still alive.
     pub(super) fn set_home(

@@ -16,6 +16,33 @@ fn load(select: f64, admit: f64) -> PeerLoad {
     }
 }
 
+/// Loads listed out of slot order still reach each backend's key: one
+/// not at its place in the list is re-keyed at its slot.
+#[test]
+fn loads_listed_out_of_slot_order_reach_their_backends() {
+    let (group, b) = group(3, 1000);
+    group.set_peer_loads([
+        (b[2].as_ref(), load(5.0, 5.0)),
+        (b[0].as_ref(), load(0.0, 0.0)),
+        (b[1].as_ref(), load(5.0, 5.0)),
+    ]);
+    let mut rng = SmallRng::seed_from_u64(5);
+    for _ in 0..50 {
+        let l = lease(group.pick(Instant::now(), &mut rng));
+        assert_eq!(l.backend().name, "i-0");
+    }
+    // And a later change of the same backends, in slot order.
+    group.set_peer_loads([
+        (b[0].as_ref(), load(7.0, 7.0)),
+        (b[1].as_ref(), load(6.0, 6.0)),
+        (b[2].as_ref(), load(0.5, 0.5)),
+    ]);
+    for _ in 0..50 {
+        let l = lease(group.pick(Instant::now(), &mut rng));
+        assert_eq!(l.backend().name, "i-2");
+    }
+}
+
 /// Estimates a fraction apart are not rounded together: 0.4 beats 0.6
 /// every time (whole counts would tie them at 0 and 1 would win half the
 /// picks, or round both to 1… or 0).
