@@ -91,7 +91,9 @@ pub(super) fn apply(gossip: &Gossip, now: Instant) -> bool {
                 .get(&runtime.uuid)
                 .is_some_and(|state| Arc::ptr_eq(&state.runtime, runtime));
             if !same {
-                let backends: Vec<Arc<Backend>> = runtime.backends.values().cloned().collect();
+                // In the balancer's slot order, where `set_peer_loads`
+                // re-keys each without asking for its home.
+                let backends: Vec<Arc<Backend>> = runtime.balancer.backends();
                 let ids: Vec<[u8; 16]> = backends.iter().map(|b| b.uuid.into_bytes()).collect();
                 set.set_group(runtime.uuid, &ids);
                 let state = GroupState {
