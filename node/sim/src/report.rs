@@ -51,7 +51,7 @@ Each node runs the node's own code wherever there is code to run:
 - refresh: `gossip::RefreshSchedule` (after each report, every 5 ms while a
   peer reports load, throttled) runs `gossip::ViewSet` over the groups and
   `GroupBalancer::set_peer_loads`, as the node's refresh task does. The
-  simulator counts a refresh as taking no time (a real one takes 0.2–0.5 ms
+  simulator counts a refresh as taking no time (a real one takes 0.1–0.3 ms
   at 99 peers × 1,000 instances, `benches/refresh.rs`).
 
 Not simulated: full reports are sent every time (the node sends deltas
