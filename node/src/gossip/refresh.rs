@@ -5,7 +5,6 @@
 //! `gossip::RefreshSchedule`. Idle peers' reports (empty) wake nothing, so
 //! an idle fleet does not refresh at all.
 
-use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, Weak};
 use std::time::Instant;
 
@@ -17,7 +16,7 @@ use uuid::Uuid;
 
 use super::Gossip;
 use crate::balancer::Backend;
-use crate::routing::{GroupRuntime, RoutingTable};
+use crate::routing::{FastMap, GroupRuntime, RoutingTable};
 
 pub(super) async fn run(gossip: Arc<Gossip>, cancel: CancellationToken) {
     // The timers are the simulator's too (gossip::RefreshSchedule).
@@ -46,7 +45,9 @@ pub(super) async fn run(gossip: Arc<Gossip>, cancel: CancellationToken) {
 /// lock, never report intake.
 #[derive(Debug, Default)]
 pub(super) struct Views {
-    groups: HashMap<Uuid, GroupState>,
+    /// By group (FxHash, as the routing table's maps: a refresh over many
+    /// groups looks each one up).
+    groups: FastMap<Uuid, GroupState>,
     set: ViewSet<Uuid>,
     /// The routing table the groups were last taken from (not kept alive:
     /// an idle fleet refreshes seldom).
