@@ -43,7 +43,8 @@
 //! **Layout.** A tick streams each peer's terms, one flat list per peer,
 //! into one flat list of sums for every group's slots (a group's slots at
 //! its own offset), and then pours and calls back only the groups that
-//! some peer's terms touch. Cost per tick: a multiply-add per term, one
+//! some peer's terms touch (and, once, a group just set or one that lost
+//! its last terms). Cost per tick: a multiply-add per term, one
 //! `exp` per peer and distinct τ bucket (decay) and per distinct mean τ of
 //! a group's picks (the pour), and a sort of each touched group's slots for
 //! the water level. Terms are rebuilt only when a peer's report changed,
@@ -165,7 +166,8 @@ pub struct ViewSet<K> {
     /// Indexes of `held` that are `None`.
     free: Vec<usize>,
     /// Per index of `held`: where its slots' sums start, and how many it
-    /// has room for (kept when a group is removed, for the next there).
+    /// has room for (kept when a group is removed, for the next there,
+    /// until the sums are packed).
     ranges: Vec<(u32, u32)>,
     /// Instance → its group's index and its slot.
     owner: FxHashMap<[u8; 16], (u32, u32)>,
@@ -337,9 +339,9 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
     }
 
     /// Gives group index `at` a range of `len` slots in the sums: a new
-    /// one at their end, and every live group's packed anew once the sums
-    /// are more than half holes (positions move: the caller's change of
-    /// groups makes every report resolve again).
+    /// one at their end, and every live group's packed anew once the holes
+    /// outgrow the live ranges by 4,096 slots (positions move: the caller's
+    /// change of groups makes every report resolve again).
     fn make_room(&mut self, at: usize, len: u32) {
         self.ranges[at] = (0, 0);
         let live: u64 = self.held.iter().flatten().map(|h| u64::from(h.len)).sum();
@@ -711,6 +713,51 @@ mod tests {
         // A removed peer counts for nothing.
         table.remove_peer(1);
         assert_eq!(run(&mut view, &config, &table, t0)[1].select, 0);
+    }
+
+    /// A refresh calls back, in the order the groups were set, each group
+    /// some peer reports load on, and once more a group just set or one
+    /// that lost its last load; no other.
+    #[test]
+    fn only_groups_with_load_are_called_back_and_once_more_after() {
+        let t0 = Instant::now();
+        let config = Config::default();
+        let mut table = LoadTable::new(config.ttl);
+        let mut set = ViewSet::default();
+        for g in 0..3usize {
+            set.set_group(g, &[id(g)]);
+        }
+        let mut calls = |set: &mut ViewSet<usize>, table: &LoadTable| {
+            let mut called = Vec::new();
+            set.refresh(&config, &table.snapshot(), t0, |g, loads| {
+                called.push((*g, loads[0].select / LOAD_ONE));
+            });
+            called
+        };
+        // Set: all three once; then none.
+        assert_eq!(calls(&mut set, &table), [(0, 0), (1, 0), (2, 0)]);
+        assert_eq!(calls(&mut set, &table), []);
+        // Load on groups 2 and 0: those, in order, at every refresh (a
+        // report lists busy instances only).
+        let mut r = report(1, 1, &[(4, 0), (0, 0), (2, 0)], 0.0, 10);
+        r.entries.retain(|e| e.instance != id(1));
+        table.insert(r, t0);
+        assert_eq!(calls(&mut set, &table), [(0, 4), (2, 2)]);
+        assert_eq!(calls(&mut set, &table), [(0, 4), (2, 2)]);
+        // Group 0 loses its load: once more, at zero.
+        let mut r = report(1, 2, &[(0, 0), (0, 0), (3, 0)], 0.0, 10);
+        r.entries.retain(|e| e.instance == id(2));
+        table.insert(r, t0);
+        assert_eq!(calls(&mut set, &table), [(0, 0), (2, 3)]);
+        assert_eq!(calls(&mut set, &table), [(2, 3)]);
+        // A group removed is not called back; one set again is, once.
+        set.remove_group(&2);
+        assert_eq!(calls(&mut set, &table), []);
+        set.set_group(2, &[id(2)]);
+        assert_eq!(calls(&mut set, &table), [(2, 3)]);
+        table.remove_peer(1);
+        assert_eq!(calls(&mut set, &table), [(2, 0)]);
+        assert_eq!(calls(&mut set, &table), []);
     }
 
     /// Groups that grow leave their old ranges of sums behind; once those

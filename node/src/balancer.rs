@@ -97,7 +97,8 @@
 //! backends, or one of them drains, each flagged under its lock): before
 //! that, it is its backends' home, and a pick or release only re-keys from
 //! the counts. Each backend's home sits behind a small mutex of its own,
-//! taken on those stale paths and on down marks and peer loads.
+//! taken on those stale paths, on down marks, and on peer loads of a
+//! backend not at its place in the list the refresh gives.
 //!
 //! A detached backend's leases still decrement its count when dropped, so
 //! the admin API can show what a draining instance still has in flight;
@@ -668,10 +669,15 @@ impl GroupBalancer {
     /// Sets the peers' parts of many backends' loads (fixed point, from
     /// gossip) and re-keys those whose selection load changed, under one
     /// lock per [`BATCH`] backends. Listed in this balancer's slot order
-    /// (the routing table's group lists them so), a backend is re-keyed at
-    /// its place here without asking it where its home is; one that is not
-    /// at its place here (a draining backend left out shifts the rest) is
-    /// re-keyed at its slot in its home, this balancer or another.
+    /// (the refresh lists a group's backends so), a backend is re-keyed at
+    /// its place here without asking it where its home is, and in its home
+    /// too once this balancer is stale (a newer one adopted it meanwhile:
+    /// the home's key would otherwise keep the old load until the backend's
+    /// next change). One not at its place here is re-keyed in its home, as
+    /// any update of a backend is. A newer balancer not yet adopted is
+    /// re-keyed here while the current home is not; adopting re-keys every
+    /// slot of the new one, and the old one serves only requests routed
+    /// before.
     pub fn set_peer_loads<'a>(&self, loads: impl IntoIterator<Item = (&'a Backend, PeerLoad)>) {
         let mut changed: Vec<(&Backend, usize)> = Vec::new();
         for (at, (backend, load)) in loads.into_iter().enumerate() {
@@ -679,19 +685,22 @@ impl GroupBalancer {
                 changed.push((backend, at));
             }
         }
-        let mut elsewhere: Vec<&Backend> = Vec::new();
+        // Each with whether it was re-keyed here.
+        let mut elsewhere: Vec<(&Backend, bool)> = Vec::new();
         for batch in changed.chunks(BATCH) {
             let mut inner = self.lock();
             for &(backend, at) in batch {
-                if inner.holds(at, backend) {
+                let here = inner.holds(at, backend);
+                if here {
                     inner.sync(at);
-                } else {
-                    elsewhere.push(backend);
+                }
+                if inner.stale || !here {
+                    elsewhere.push((backend, here));
                 }
             }
         }
-        for backend in elsewhere {
-            in_home(backend, None, Inner::sync);
+        for (backend, here) in elsewhere {
+            in_home(backend, here.then_some(self), Inner::sync);
         }
     }
 

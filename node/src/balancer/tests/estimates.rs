@@ -1,5 +1,6 @@
 //! Fractional peer loads from gossip estimates, and `hard_limit` on them.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gossip::{Entry, GroupView, LOAD_ONE, LoadTable, PeerLoad, Report};
@@ -7,7 +8,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use super::{group, lease};
-use crate::balancer::Pick;
+use crate::balancer::{GroupBalancer, Pick};
 
 fn load(select: f64, admit: f64) -> PeerLoad {
     PeerLoad {
@@ -40,6 +41,25 @@ fn loads_listed_out_of_slot_order_reach_their_backends() {
     for _ in 0..50 {
         let l = lease(group.pick(Instant::now(), &mut rng));
         assert_eq!(l.backend().name, "i-2");
+    }
+}
+
+/// A refresh that still holds an older balancer (a newer one adopted its
+/// backends meanwhile) re-keys the backends in their new home too: the new
+/// balancer selects by the new loads.
+#[test]
+fn loads_set_on_a_replaced_balancer_reach_the_new_home() {
+    let (old, b) = group(2, 1000);
+    let new = Arc::new(GroupBalancer::new(1000));
+    new.set_backends(b.clone());
+    old.set_peer_loads([
+        (b[0].as_ref(), load(5.0, 5.0)),
+        (b[1].as_ref(), load(0.0, 0.0)),
+    ]);
+    let mut rng = SmallRng::seed_from_u64(9);
+    for _ in 0..50 {
+        let l = lease(new.pick(Instant::now(), &mut rng));
+        assert_eq!(l.backend().name, "i-1");
     }
 }
 
