@@ -727,7 +727,7 @@ mod tests {
         for g in 0..3usize {
             set.set_group(g, &[id(g)]);
         }
-        let mut calls = |set: &mut ViewSet<usize>, table: &LoadTable| {
+        let calls = |set: &mut ViewSet<usize>, table: &LoadTable| {
             let mut called = Vec::new();
             set.refresh(&config, &table.snapshot(), t0, |g, loads| {
                 called.push((*g, loads[0].select / LOAD_ONE));
