@@ -771,11 +771,17 @@ mod tests {
         let counts: Vec<(u32, u32)> = (0..6_000).map(|i| (1 + (i % 5) as u32, 0)).collect();
         table.insert(report(1, 1, &counts, 0.0, 10), t0);
         let mut set = ViewSet::default();
-        // Group 0: every third instance; group 1 grows over the rest.
+        // Group 0 or 2 (moved from one key to the other at each step, so
+        // that an index is freed and taken again): every third instance;
+        // group 1 grows over the rest.
         let small: Vec<[u8; 16]> = (0..6_000).step_by(3).map(id).collect();
-        set.set_group(0, &small);
+        let mut small_key = 0;
+        set.set_group(small_key, &small);
         let mut most = 0;
         for n in (500..=4_000).step_by(500) {
+            set.remove_group(&small_key);
+            small_key = 2 - small_key;
+            set.set_group(small_key, &small);
             let members: Vec<[u8; 16]> =
                 (0..6_000).filter(|i| i % 3 != 0).take(n).map(id).collect();
             set.set_group(1, &members);
@@ -790,7 +796,8 @@ mod tests {
                         .collect::<Vec<_>>(),
                 );
             });
-            for (g, ids) in [(0, &small), (1, &members)] {
+            assert_eq!(got.len(), 2, "only the groups there are");
+            for (g, ids) in [(small_key, &small), (1, &members)] {
                 let want: Vec<u64> = ids
                     .iter()
                     .map(|i| u64::from(counts[usize::from(i[15]) | usize::from(i[14]) << 8].0))
