@@ -17,6 +17,16 @@ fn load(select: f64, admit: f64) -> PeerLoad {
     }
 }
 
+/// Fifty picks from `group` all select instance `name` (each released
+/// before the next).
+#[track_caller]
+fn always_picks(group: &Arc<GroupBalancer>, rng: &mut SmallRng, name: &str) {
+    for _ in 0..50 {
+        let l = lease(group.pick(Instant::now(), rng));
+        assert_eq!(l.backend().name, name);
+    }
+}
+
 /// Loads listed out of slot order still reach each backend's key: one
 /// not at its place in the list is re-keyed at its slot.
 #[test]
@@ -28,20 +38,14 @@ fn loads_listed_out_of_slot_order_reach_their_backends() {
         (b[1].as_ref(), load(5.0, 5.0)),
     ]);
     let mut rng = SmallRng::seed_from_u64(5);
-    for _ in 0..50 {
-        let l = lease(group.pick(Instant::now(), &mut rng));
-        assert_eq!(l.backend().name, "i-0");
-    }
+    always_picks(&group, &mut rng, "i-0");
     // And a later change of the same backends, in slot order.
     group.set_peer_loads([
         (b[0].as_ref(), load(7.0, 7.0)),
         (b[1].as_ref(), load(6.0, 6.0)),
         (b[2].as_ref(), load(0.5, 0.5)),
     ]);
-    for _ in 0..50 {
-        let l = lease(group.pick(Instant::now(), &mut rng));
-        assert_eq!(l.backend().name, "i-2");
-    }
+    always_picks(&group, &mut rng, "i-2");
 }
 
 /// A refresh that still holds an older balancer (a newer one adopted its
@@ -57,10 +61,7 @@ fn loads_set_on_a_replaced_balancer_reach_the_new_home() {
         (b[1].as_ref(), load(0.0, 0.0)),
     ]);
     let mut rng = SmallRng::seed_from_u64(9);
-    for _ in 0..50 {
-        let l = lease(new.pick(Instant::now(), &mut rng));
-        assert_eq!(l.backend().name, "i-1");
-    }
+    always_picks(&new, &mut rng, "i-1");
 }
 
 /// Estimates a fraction apart are not rounded together: 0.4 beats 0.6
@@ -74,10 +75,7 @@ fn fractions_steer_selection() {
         (b[1].as_ref(), load(0.4, 0.4)),
     ]);
     let mut rng = SmallRng::seed_from_u64(3);
-    for _ in 0..50 {
-        let l = lease(group.pick(Instant::now(), &mut rng));
-        assert_eq!(l.backend().name, "i-1");
-    }
+    always_picks(&group, &mut rng, "i-1");
     // Whole loads still tie exactly (the rule with fresh reports).
     group.set_peer_loads([
         (b[0].as_ref(), load(2.0, 2.0)),
