@@ -200,8 +200,7 @@ pub struct ViewSet<K> {
 #[derive(Debug)]
 struct Held<K> {
     key: K,
-    len: u32,
-    /// Its instances (for the index).
+    /// Its instances in slot order (for the index).
     ids: Vec<[u8; 16]>,
 }
 
@@ -332,7 +331,6 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
         self.keys.insert(key.clone(), at);
         self.held[at] = Some(Held {
             key,
-            len,
             ids: instances.to_vec(),
         });
         set_bit(&mut self.pending, at);
@@ -344,11 +342,11 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
     /// change of groups makes every report resolve again).
     fn make_room(&mut self, at: usize, len: u32) {
         self.ranges[at] = (0, 0);
-        let live: u64 = self.held.iter().flatten().map(|h| u64::from(h.len)).sum();
+        let live: u64 = self.held.iter().flatten().map(|h| h.ids.len() as u64).sum();
         if self.sums.len() as u64 > 2 * live + 4_096 {
             let mut end = 0u32;
             for (i, range) in self.ranges.iter_mut().enumerate() {
-                let cap = self.held[i].as_ref().map_or(0, |h| h.len);
+                let cap = self.held[i].as_ref().map_or(0, |h| h.ids.len() as u32);
                 *range = (end, cap);
                 end += cap;
             }
@@ -435,7 +433,7 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
                 let Some(held) = &self.held[at] else {
                     continue;
                 };
-                let (base, len) = (self.ranges[at].0 as usize, held.len as usize);
+                let (base, len) = (self.ranges[at].0 as usize, held.ids.len());
                 self.out.clear();
                 if self.pending[word] & (1 << (at % 64)) == 0 {
                     // No terms now: all zero, once.
@@ -512,6 +510,11 @@ impl PeerTerms {
     fn clear(&mut self) {
         self.version = 0;
         self.places.clear();
+        self.clear_terms();
+    }
+
+    /// Drops the terms, keeping the places resolved.
+    fn clear_terms(&mut self) {
         self.terms.clear();
         self.inv_taus.clear();
         self.segs.clear();
@@ -532,10 +535,7 @@ impl PeerTerms {
         if self.epoch != epoch {
             self.places.clear();
         }
-        self.terms.clear();
-        self.inv_taus.clear();
-        self.segs.clear();
-        self.seg_taus.clear();
+        self.clear_terms();
         self.version = report.version;
         self.epoch = epoch;
         let Resolve {
