@@ -190,6 +190,15 @@ const CHOICE: &str = "\
   be flat: the instances under it tie, and the uniform tie-break and this
   node's exact counts spread the nodes' picks, where any order the nodes
   share sends them to the same place.
+  An order the nodes do *not* share does spread them, but not far enough:
+  each node ranking the instances in its own rotation (node i's first
+  choice is instance 5i mod 16) and adding its rank times a fixed step to
+  the peers' part gave 1.148–1.153× with steps of 1/65,536 to 0.05 of a
+  request (at the smallest, ties broken only), 1.130–1.146× with steps of
+  0.06–0.15 (a soft affinity, which also bends the rule away from the
+  least loaded where reports are fresh), and 1.212× at 0.31; applied only where the
+  peers' part has a fraction, 1.136× at best. None reaches 1.10×, and each
+  gives up the uniform tie-break: not kept.
   The oracles below show the bound is the reports' age: perfect counts
   5 ms old, read this way, give 1.156×.
 - **Long-lived work** (requirement (c)): senders report the part of their
