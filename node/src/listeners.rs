@@ -34,7 +34,7 @@ use tracing::{Instrument, debug, debug_span, error, info, warn};
 
 use crate::dataplane::{ConnInfo, DataPlane};
 use crate::routing::RoutingTable;
-use crate::workers::Workers;
+use crate::workers::{Connection, Workers};
 
 /// The set of bound published ports.
 #[derive(Debug)]
@@ -428,6 +428,7 @@ async fn accept_loop(
             debug!(port, %peer, "connection limit reached; refusing");
             continue;
         };
+        let permit = Connection::new(permit);
         let _ = stream.set_nodelay(true);
         let conn = ConnInfo {
             peer,
@@ -450,7 +451,7 @@ fn handle_proxied(
     conn: ConnInfo,
     dp: &Arc<DataPlane>,
     acceptors: &Arc<(TlsAcceptor, TlsAcceptor)>,
-    permit: OwnedSemaphorePermit,
+    permit: Connection<OwnedSemaphorePermit>,
     shutdown: &CancellationToken,
 ) {
     let (dp, acceptors, shutdown) = (dp.clone(), acceptors.clone(), shutdown.clone());
@@ -508,7 +509,7 @@ fn dispatch(
     mut conn: ConnInfo,
     dp: &Arc<DataPlane>,
     acceptors: &Arc<(TlsAcceptor, TlsAcceptor)>,
-    permit: OwnedSemaphorePermit,
+    permit: Connection<OwnedSemaphorePermit>,
     shutdown: &CancellationToken,
 ) {
     // One read of the table: the port's mode, and a plain TCP port's target

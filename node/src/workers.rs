@@ -9,10 +9,16 @@
 //! request never takes a connection whose socket another worker's reactor
 //! watches. The control plane (Raft, gossip, the admin API) keeps the
 //! node's multi-threaded runtime.
+//!
+//! A worker that holds no client connection sleeps: its memory collector
+//! ([`give_back_memory`]) runs while the worker holds connections and for
+//! two periods after the last one closes, then waits for the next accept,
+//! so an idle node's data plane makes no wake-ups at all.
 
 use std::cell::Cell;
 use std::io;
 use std::sync::mpsc;
+use std::task::{Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -22,6 +28,47 @@ use tokio_util::sync::CancellationToken;
 thread_local! {
     /// The index of the worker this thread runs; none on other threads.
     static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
+    /// The client connections open on this thread ([`Connection`]), and
+    /// how many were opened or closed in all.
+    static CONNECTIONS: Cell<(usize, u64)> = const { Cell::new((0, 0)) };
+    /// The memory collector, while it waits for a connection.
+    static COLLECTOR: Cell<Option<Waker>> = const { Cell::new(None) };
+    /// The collector's passes on this thread.
+    static COLLECTS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A client connection, counted on the thread that accepted it while the
+/// connection's task holds this (the worker's, which runs its tasks on
+/// that thread alone): what keeps the worker's memory collector running.
+/// It holds the connection's place under `max_connections`, `P`.
+#[derive(Debug)]
+pub(crate) struct Connection<P> {
+    _place: P,
+}
+
+impl<P> Connection<P> {
+    pub(crate) fn new(place: P) -> Self {
+        counted(1);
+        Self { _place: place }
+    }
+}
+
+impl<P> Drop for Connection<P> {
+    fn drop(&mut self) {
+        counted(-1);
+    }
+}
+
+/// A connection opened (`1`) or closed (`-1`) on this thread: counted, and
+/// the collector woken if it waits.
+fn counted(change: isize) {
+    CONNECTIONS.with(|c| {
+        let (open, events) = c.get();
+        c.set((open.saturating_add_signed(change), events.wrapping_add(1)));
+    });
+    if let Some(collector) = COLLECTOR.take() {
+        collector.wake();
+    }
 }
 
 /// Whether the caller runs on a worker (whose runtime is a single thread,
@@ -108,29 +155,63 @@ fn run(index: usize, stop: &CancellationToken, started: &mpsc::SyncSender<io::Re
     runtime.block_on(async {
         tokio::select! {
             () = stop.cancelled() => {}
-            () = give_back_memory() => {}
+            () = give_back_memory(COLLECT_PERIOD) => {}
         }
     });
     runtime.shutdown_background();
 }
 
-/// Every [`COLLECT_PERIOD`], returns the worker's emptied allocator pages
-/// to the system. The allocator would do so only when this thread next
-/// allocates, so a worker that went quiet after a burst of connections
-/// would keep their buffers' pages (24.0 against 5.7 KiB per idle
-/// connection after 8,000 clients, `bench/idle.sh`).
-async fn give_back_memory() {
-    let mut tick = tokio::time::interval(COLLECT_PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Every `period` while this thread holds client connections, returns its
+/// emptied allocator pages to the system. The allocator would do so only
+/// when this thread next allocates, so a worker that went quiet after a
+/// burst of connections would keep their buffers' pages (24.0 against 5.7
+/// KiB per idle connection after 8,000 clients, `bench/idle.sh`).
+///
+/// After the last connection closes (and no other opened or closed within
+/// a period) it collects [`QUIET_COLLECTS`] more times, and then waits
+/// for a connection to open or close instead of waking every period: a
+/// worker with no client connection holds no buffer that a later collect
+/// could return, and an idle node's workers then sleep (the period's
+/// timer woke each of them twice a second). The upstream connections a
+/// pool keeps after its clients left are not counted: what one frees when
+/// its idle timeout closes it (a few KiB; its buffers went when it
+/// parked) goes back at the next collect.
+async fn give_back_memory(period: Duration) {
     loop {
-        tick.tick().await;
-        edgelb_alloc::collect();
+        let seen = CONNECTIONS.with(Cell::get).1;
+        std::future::poll_fn(|cx| {
+            if CONNECTIONS.with(Cell::get).1 == seen {
+                COLLECTOR.set(Some(cx.waker().clone()));
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        let mut quiet = 0;
+        let mut seen = CONNECTIONS.with(Cell::get).1;
+        while quiet < QUIET_COLLECTS {
+            tokio::time::sleep(period).await;
+            edgelb_alloc::collect();
+            COLLECTS.set(COLLECTS.get() + 1);
+            let (open, events) = CONNECTIONS.with(Cell::get);
+            quiet = if open > 0 || events != seen {
+                0
+            } else {
+                quiet + 1
+            };
+            seen = events;
+        }
     }
 }
 
 /// How often a worker returns emptied pages: the allocator's own purge
 /// delay (1 s), so pages go back within about two seconds of emptying.
 const COLLECT_PERIOD: Duration = Duration::from_secs(1);
+
+/// Collects after the last connection closed: pages emptied just before
+/// the first are past the purge delay at the second.
+const QUIET_COLLECTS: u32 = 2;
 
 /// One worker per CPU the process may use.
 pub fn default_count() -> usize {
@@ -159,6 +240,39 @@ mod tests {
         }
         assert_eq!(seen, ["edgelb-dp-0", "edgelb-dp-1"]);
         assert_eq!(current(), 0, "other threads count as worker 0");
+    }
+
+    /// The collector's passes on this thread after `run` more of the test
+    /// clock (paused: it advances as the runtime idles).
+    async fn collects_after(run: Duration) -> u64 {
+        tokio::time::sleep(run).await;
+        COLLECTS.get()
+    }
+
+    /// With no connection the collector waits without a timer; a
+    /// connection wakes it, it collects every period while the connection
+    /// is open and twice more after, then waits again.
+    #[tokio::test(start_paused = true)]
+    async fn the_memory_collector_runs_only_around_connections() {
+        const P: Duration = Duration::from_secs(1);
+        let collector = tokio::spawn(give_back_memory(P));
+        assert_eq!(collects_after(P * 10).await, 0, "no connection yet");
+        let held = Connection::new(());
+        let base = collects_after(P / 2).await;
+        assert_eq!(base, 0);
+        assert_eq!(collects_after(P * 5).await, 5, "one per period while open");
+        drop(held);
+        // The pass that sees the close, then two quiet ones.
+        assert_eq!(collects_after(P * 10).await, 8);
+        assert_eq!(collects_after(P * 60).await, 8, "asleep once quiet");
+        // A connection opened and closed between two passes counts too.
+        drop(Connection::new(()));
+        let woke = collects_after(P / 2).await;
+        drop(Connection::new(()));
+        assert_eq!(woke, 8);
+        assert_eq!(collects_after(P * 10).await, 11);
+        assert_eq!(CONNECTIONS.with(Cell::get).0, 0);
+        collector.abort();
     }
 
     #[test]
