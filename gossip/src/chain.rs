@@ -6,13 +6,16 @@
 //!      a link that sent report n−1 sends delta n, any other link full n
 //!      (compact where the peer reads version 3)
 //!  Reassembler::apply(wire) ─▶ the peer's full report n, or Gap
-//!      full: replaces what is held (newer seq, or another incarnation)
+//!      full: replaces what is held when it is newer (incarnation, then
+//!            seq), or what is held is older than the TTL: the load
+//!            table's rule, so that the two agree on a peer's state
 //!      delta: applies only on the state it was made from (same
-//!             incarnation, held seq = base_seq); else Gap until the next
-//!             full report, at most gossip_interval later
+//!             incarnation, held seq = base_seq < seq); else Gap until
+//!             the next full report, at most gossip_interval later
 //! ```
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use crate::Error;
 use crate::codec::{Entry, Report, encode};
@@ -88,9 +91,18 @@ impl DeltaEncoder {
 pub struct Gap;
 
 /// The receiver's side: each peer's latest state, as deltas build it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Reassembler {
     peers: HashMap<u64, Held>,
+    /// A held state this old gives way to any full report (the load
+    /// table's `gossip_ttl`).
+    ttl: Duration,
+}
+
+impl Default for Reassembler {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 #[derive(Debug)]
@@ -98,21 +110,39 @@ struct Held {
     incarnation: u64,
     seq: u64,
     entries: Vec<Entry>,
+    /// When the state was last replaced or moved on by a delta.
+    at: Instant,
 }
 
 impl Reassembler {
+    /// A reassembler whose held states never expire.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_ttl(Duration::MAX)
+    }
+
+    /// A reassembler whose held state of a peer gives way to any full
+    /// report once `ttl` old, as the load table's reports do.
+    pub fn with_ttl(ttl: Duration) -> Self {
+        Self {
+            peers: HashMap::new(),
+            ttl,
+        }
     }
 
     /// The full report that `wire` makes of its sender's state.
     pub fn apply(&mut self, wire: Wire) -> Result<Report, Gap> {
+        self.apply_at(wire, Instant::now())
+    }
+
+    /// [`Reassembler::apply`] at `now`.
+    pub fn apply_at(&mut self, wire: Wire, now: Instant) -> Result<Report, Gap> {
         match wire {
             Wire::Full(report) => {
-                let replace = self
-                    .peers
-                    .get(&report.node_id)
-                    .is_none_or(|h| h.incarnation != report.incarnation || h.seq < report.seq);
+                let ttl = self.ttl;
+                let replace = self.peers.get(&report.node_id).is_none_or(|h| {
+                    (h.incarnation, h.seq) < (report.incarnation, report.seq)
+                        || now.saturating_duration_since(h.at) > ttl
+                });
                 if replace {
                     self.peers.insert(
                         report.node_id,
@@ -120,6 +150,7 @@ impl Reassembler {
                             incarnation: report.incarnation,
                             seq: report.seq,
                             entries: report.entries.clone(),
+                            at: now,
                         },
                     );
                 }
@@ -127,11 +158,15 @@ impl Reassembler {
             }
             Wire::Delta(d) => {
                 let held = self.peers.get_mut(&d.node_id).ok_or(Gap)?;
-                if held.incarnation != d.incarnation || held.seq != d.base_seq {
+                if held.incarnation != d.incarnation
+                    || held.seq != d.base_seq
+                    || d.seq <= d.base_seq
+                {
                     return Err(Gap);
                 }
                 let entries = apply(&held.entries, &d.changes).ok_or(Gap)?;
                 held.seq = d.seq;
+                held.at = now;
                 held.entries.clone_from(&entries);
                 Ok(Report {
                     node_id: d.node_id,
@@ -158,6 +193,7 @@ impl Reassembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
     use crate::delta::{DELTA_HEADER_LEN, decode_wire};
     use proptest::prelude::*;
 
@@ -282,6 +318,85 @@ mod tests {
         assert_eq!(rx.apply(Wire::Delta(other.clone())), Err(Gap));
         other.node_id = 5;
         assert_eq!(rx.apply(Wire::Delta(other)), Err(Gap));
+    }
+
+    /// A delta must move its sender's state on: one that names its own
+    /// base (or an older one) is malformed, and a replay of a delta
+    /// already applied is a gap, not a second application.
+    #[test]
+    fn a_delta_is_applied_once_and_only_forwards() {
+        let backward = Delta {
+            node_id: 4,
+            incarnation: 9,
+            seq: 3,
+            base_seq: 3,
+            ..Delta::default()
+        };
+        assert_eq!(
+            decode_wire(&encode_delta(&backward).unwrap()),
+            Err(Error::BackwardDelta {
+                seq: 3,
+                base_seq: 3
+            })
+        );
+        let mut rx = Reassembler::new();
+        assert_eq!(rx.apply(Wire::Delta(backward.clone())), Err(Gap));
+        let mut enc = DeltaEncoder::new();
+        let r1 = report(1, vec![entry(1, 1, 0)]);
+        rx.apply(wire(&enc.next(&r1, true).unwrap().full)).unwrap();
+        assert_eq!(
+            rx.apply(Wire::Delta(Delta {
+                seq: 1,
+                base_seq: 1,
+                ..backward
+            })),
+            Err(Gap),
+            "in memory too"
+        );
+        let r2 = report(2, vec![entry(1, 4, 0)]);
+        let (_, d2) = enc.next(&r2, false).unwrap().delta.unwrap();
+        assert_eq!(rx.apply(wire(&d2)), Ok(r2.clone()));
+        assert_eq!(rx.apply(wire(&d2)), Err(Gap), "a replay");
+        assert_eq!(rx.held(4), Some(&r2.entries[..]));
+    }
+
+    /// The held state of a peer changes as the load table's report does:
+    /// a full report of an older incarnation leaves it, and one numbered
+    /// far ahead holds only until it is `ttl` old, after which the
+    /// sender's real numbering takes over again.
+    #[test]
+    fn the_held_state_follows_the_load_tables_rule() {
+        let ttl = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let mut rx = Reassembler::with_ttl(ttl);
+        let mut enc = DeltaEncoder::new();
+        let r5 = report(5, vec![entry(1, 1, 0)]);
+        rx.apply_at(wire(&enc.next(&r5, true).unwrap().full), t0)
+            .unwrap();
+        let mut older = report(100, vec![entry(7, 7, 0)]);
+        older.incarnation = 8;
+        assert!(rx.apply_at(Wire::Full(older), t0).is_ok());
+        assert_eq!(rx.held(4), Some(&r5.entries[..]), "an older incarnation");
+        // The chain on report 5 goes on.
+        let r6 = report(6, vec![entry(1, 2, 0)]);
+        let (_, d6) = enc.next(&r6, false).unwrap().delta.unwrap();
+        assert_eq!(rx.apply_at(wire(&d6), t0), Ok(r6.clone()));
+        // A report numbered far ahead.
+        let ahead = report(u64::MAX - 1, vec![entry(9, 9, 0)]);
+        assert!(rx.apply_at(Wire::Full(ahead.clone()), t0).is_ok());
+        assert_eq!(rx.held(4), Some(&ahead.entries[..]));
+        let r7 = report(7, vec![entry(1, 3, 0)]);
+        let e7 = enc.next(&r7, true).unwrap();
+        assert!(rx.apply_at(wire(&e7.full), t0 + ttl).is_ok());
+        assert_eq!(rx.held(4), Some(&ahead.entries[..]), "within the TTL");
+        let r8 = report(8, vec![entry(1, 4, 0)]);
+        let e8 = enc.next(&r8, true).unwrap();
+        let later = t0 + ttl + Duration::from_millis(1);
+        assert_eq!(rx.apply_at(wire(&e8.full), later), Ok(r8.clone()));
+        assert_eq!(rx.held(4), Some(&r8.entries[..]), "past the TTL");
+        let r9 = report(9, vec![entry(1, 5, 0)]);
+        let (_, d9) = enc.next(&r9, false).unwrap().delta.unwrap();
+        assert_eq!(rx.apply_at(wire(&d9), later), Ok(r9));
     }
 
     #[test]

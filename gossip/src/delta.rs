@@ -264,6 +264,12 @@ fn decode_delta(bytes: &[u8]) -> Result<Delta, Error> {
         *v = u64::from_be_bytes(c.array().ok_or_else(truncated)?);
     }
     let [node_id, incarnation, seq, sent_at_ms, base_seq] = u64s;
+    // A sender numbers its reports upwards: a delta that does not move
+    // past its base could be replayed to cost its receiver a whole
+    // application each time.
+    if seq <= base_seq {
+        return Err(Error::BackwardDelta { seq, base_seq });
+    }
     let count = u32::from_be_bytes(c.array().ok_or_else(truncated)?);
     let count = usize::try_from(count).unwrap_or(usize::MAX);
     // Every change takes at least two bytes.

@@ -120,4 +120,6 @@ pub enum Error {
     LongExceedsInflight { index: usize },
     #[error("delta change {index}: malformed")]
     BadChange { index: usize },
+    #[error("delta report {seq} does not follow its base {base_seq}")]
+    BackwardDelta { seq: u64, base_seq: u64 },
 }

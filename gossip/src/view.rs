@@ -357,6 +357,11 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
         self.sums.resize(self.sums.len() + len as usize, [0.0; 2]);
     }
 
+    /// Whether `instance` is in one of the groups set.
+    pub fn holds(&self, instance: &[u8; 16]) -> bool {
+        self.owner.contains_key(instance)
+    }
+
     /// Removes group `key` and its instances' index entries.
     pub fn remove_group(&mut self, key: &K) {
         let Some(at) = self.keys.remove(key) else {

@@ -138,7 +138,7 @@ impl Gossip {
         Self {
             node_id,
             table: Mutex::new(LoadTable::new(config.ttl)),
-            chains: Mutex::new(Reassembler::new()),
+            chains: Mutex::new(Reassembler::with_ttl(config.ttl)),
             views: Mutex::new(refresh::Views::default()),
             fleet: Mutex::new(Fleet::default()),
             own: Mutex::new(Arc::default()),
@@ -163,6 +163,11 @@ impl Gossip {
     /// Peers heard with a new incarnation, as they are heard.
     pub(crate) fn restarts(&self) -> broadcast::Receiver<u64> {
         self.restarted.subscribe()
+    }
+
+    /// The incarnation of `peer`'s newest report kept.
+    pub(crate) fn incarnation(&self, peer: u64) -> Option<u64> {
+        self.lock().incarnation(peer)
     }
 
     pub fn config(&self) -> &::gossip::Config {
@@ -276,12 +281,23 @@ impl Gossip {
     }
 
     /// This node's region's load: its own latest report and those of
-    /// `peers` (its fresh region peers), summed.
+    /// `peers` (its fresh region peers), summed, over the instances of
+    /// this node's groups. A peer's entry for an instance in none of them
+    /// (not yet applied here, or made up) is left out: a peer listing a
+    /// hundred thousand made-up instances would otherwise push the sum
+    /// past what a report may carry, and no aggregate would go out.
     fn region_sum(&self, peers: &[u64]) -> Vec<Entry> {
         let own = Arc::clone(&locked(&self.own));
-        let chains = locked(&self.chains);
-        let held = peers.iter().filter_map(|&id| chains.held(id));
-        ::gossip::aggregate(std::iter::once(own.as_slice()).chain(held))
+        let mut sum = {
+            let chains = locked(&self.chains);
+            let held = peers.iter().filter_map(|&id| chains.held(id));
+            ::gossip::aggregate(std::iter::once(own.as_slice()).chain(held))
+        };
+        let routes = self.dataplane.routes.load_full();
+        let mut views = locked(&self.views);
+        views.take_groups(&routes);
+        sum.retain(|e| views.knows(&e.instance));
+        sum
     }
 
     fn lock(&self) -> MutexGuard<'_, LoadTable> {

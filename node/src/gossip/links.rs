@@ -34,6 +34,10 @@ const MAX_BACKOFF: Duration = Duration::from_millis(200);
 /// region peer that died or came back moves the aggregates' senders.
 const REPLAN: Duration = Duration::from_secs(1);
 
+/// The least time between two reconnections of a link for its peer's
+/// restarts.
+const RESTART_RECONNECT: Duration = Duration::from_secs(1);
+
 /// Keeps one link task per peer that the plan gives something to send
 /// (`gossip::plan`: own reports inside the region, the region's aggregate
 /// to the members of other regions assigned to this node), and forgets the
@@ -104,6 +108,54 @@ pub(super) async fn run(
     tasks.shutdown().await;
 }
 
+/// What a link does when some peer is heard with a new incarnation.
+#[derive(Debug)]
+struct Restarts {
+    /// The link's peer.
+    id: u64,
+    /// Its incarnation as the link last knew it.
+    incarnation: Option<u64>,
+    /// When the link last reconnected for one.
+    reconnected: Option<Instant>,
+}
+
+impl Restarts {
+    fn new(id: u64, incarnation: Option<u64>) -> Self {
+        Self {
+            id,
+            incarnation,
+            reconnected: None,
+        }
+    }
+
+    /// When to reconnect, if at all, on hearing that `peer` restarted
+    /// (none: the notices were too many to keep, lagged) while the load
+    /// table holds `incarnation` of this link's peer. Another peer's
+    /// restart, or lost notices that left this link's peer as it was,
+    /// change nothing: a peer sending new incarnations over and over does
+    /// not make every link reconnect. This link's own peer is reconnected
+    /// to at most once a [`RESTART_RECONNECT`].
+    fn heard(
+        &mut self,
+        peer: Option<u64>,
+        incarnation: Option<u64>,
+        now: Instant,
+    ) -> Option<Instant> {
+        if peer.is_some_and(|p| p != self.id) || incarnation == self.incarnation {
+            return None;
+        }
+        self.incarnation = incarnation;
+        let at = match self.reconnected {
+            // One is already due: it will find the newest incarnation.
+            Some(due) if due > now => due,
+            Some(last) => (last + RESTART_RECONNECT).max(now),
+            None => now,
+        };
+        self.reconnected = Some(at);
+        Some(at)
+    }
+}
+
 /// Sends every new report to peer `id` at `addr` until cancelled.
 async fn link(
     gossip: Arc<Gossip>,
@@ -115,6 +167,7 @@ async fn link(
 ) {
     let metrics = &gossip.metrics.gossip;
     let mut restarts = gossip.restarts();
+    let mut restarted = Restarts::new(id, gossip.incarnation(id));
     let mut conn: Option<GossipLink> = None;
     // The last report sent on `conn`: the next may be a delta on it.
     let mut sent: Option<u64> = None;
@@ -124,15 +177,14 @@ async fn link(
         tokio::select! {
             () = cancel.cancelled() => return,
             changed = reports.changed() => if changed.is_err() { return },
-            restarted = restarts.recv() => {
-                // A lagged receiver may have missed this peer: reconnect.
-                if restarted.is_ok_and(|p| p != id) {
-                    continue;
+            heard = restarts.recv() => {
+                let at = restarted.heard(heard.ok(), gossip.incarnation(id), Instant::now());
+                if let Some(at) = at {
+                    debug!("peer restarted: reconnecting");
+                    conn = None;
+                    backoff = INITIAL_BACKOFF;
+                    retry_at = at;
                 }
-                debug!("peer restarted: reconnecting");
-                conn = None;
-                backoff = INITIAL_BACKOFF;
-                retry_at = Instant::now();
                 continue;
             }
         }
@@ -176,5 +228,42 @@ async fn link(
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link reconnects for its own peer's new incarnation only, at most
+    /// once a second, and lost notices (lagged) cost nothing unless its
+    /// peer's incarnation changed.
+    #[test]
+    fn a_link_reconnects_for_its_own_peers_restarts_only_and_not_too_often() {
+        let t0 = Instant::now();
+        let mut r = Restarts::new(2, Some(10));
+        assert_eq!(r.heard(Some(3), Some(10), t0), None, "another peer");
+        assert_eq!(r.heard(None, Some(10), t0), None, "lagged, unchanged");
+        assert_eq!(r.heard(Some(2), Some(10), t0), None, "already known");
+        assert_eq!(r.heard(Some(2), Some(11), t0), Some(t0));
+        let soon = t0 + Duration::from_millis(10);
+        assert_eq!(
+            r.heard(None, Some(12), soon),
+            Some(t0 + RESTART_RECONNECT),
+            "lagged, changed"
+        );
+        // A flood: one reconnection a second, not pushed further off.
+        assert_eq!(
+            r.heard(Some(2), Some(13), soon),
+            Some(t0 + RESTART_RECONNECT)
+        );
+        let next = t0 + RESTART_RECONNECT + Duration::from_millis(1);
+        assert_eq!(
+            r.heard(Some(2), Some(14), next),
+            Some(t0 + RESTART_RECONNECT * 2)
+        );
+        let later = t0 + RESTART_RECONNECT * 5;
+        assert_eq!(r.heard(Some(2), Some(15), later), Some(later));
+        assert_eq!(r.heard(Some(3), Some(99), later), None);
     }
 }

@@ -62,24 +62,17 @@ struct GroupState {
     backends: Vec<Arc<Backend>>,
 }
 
-/// Sets every backend's peer load from the fresh reports at `now`; whether
-/// any fresh peer reports load (only then does the timer run). The load
-/// table's lock is held only to take a snapshot (one `Arc` clone per peer).
-pub(super) fn apply(gossip: &Gossip, now: Instant) -> bool {
-    let routes = gossip.dataplane.routes.load_full();
-    // Estimates move with the reports' age only while a fresh report lists
-    // something: idle peers' reports need no timer.
-    let (peers, moving) = {
-        let table = gossip.lock();
-        (table.snapshot(), table.fresh_load(now))
-    };
-    let mut views = gossip.views.lock().unwrap_or_else(PoisonError::into_inner);
-    let Views {
-        groups,
-        set,
-        routes: seen,
-    } = &mut *views;
-    if !std::ptr::eq(seen.as_ptr(), Arc::as_ptr(&routes)) {
+impl Views {
+    /// Takes the groups of `routes`, unless they are the ones last taken.
+    pub(super) fn take_groups(&mut self, routes: &Arc<RoutingTable>) {
+        let Self {
+            groups,
+            set,
+            routes: seen,
+        } = self;
+        if std::ptr::eq(seen.as_ptr(), Arc::as_ptr(routes)) {
+            return;
+        }
         groups.retain(|uuid, _| {
             let keep = routes.group(uuid).is_some();
             if !keep {
@@ -104,8 +97,29 @@ pub(super) fn apply(gossip: &Gossip, now: Instant) -> bool {
                 groups.insert(runtime.uuid, state);
             }
         }
-        *seen = Arc::downgrade(&routes);
+        *seen = Arc::downgrade(routes);
     }
+
+    /// Whether `instance` is in one of the groups last taken.
+    pub(super) fn knows(&self, instance: &[u8; 16]) -> bool {
+        self.set.holds(instance)
+    }
+}
+
+/// Sets every backend's peer load from the fresh reports at `now`; whether
+/// any fresh peer reports load (only then does the timer run). The load
+/// table's lock is held only to take a snapshot (one `Arc` clone per peer).
+pub(super) fn apply(gossip: &Gossip, now: Instant) -> bool {
+    let routes = gossip.dataplane.routes.load_full();
+    // Estimates move with the reports' age only while a fresh report lists
+    // something: idle peers' reports need no timer.
+    let (peers, moving) = {
+        let table = gossip.lock();
+        (table.snapshot(), table.fresh_load(now))
+    };
+    let mut views = gossip.views.lock().unwrap_or_else(PoisonError::into_inner);
+    views.take_groups(&routes);
+    let Views { groups, set, .. } = &mut *views;
     set.refresh(&gossip.config, &peers, now, |uuid, loads| {
         if let Some(state) = groups.get(uuid) {
             let loads = state

@@ -699,3 +699,59 @@ fn time_in_transit_counts() {
     assert_eq!(gossip.lock().fresh_peers(received + ttl - rtt / 2), 1);
     assert_eq!(gossip.lock().fresh_peers(received + ttl - rtt / 4), 0);
 }
+
+/// A region's aggregate sums the instances of this node's groups only: a
+/// region peer listing made-up instances, more than a report may carry,
+/// leaves the sum (and so the aggregate, which can still be encoded) as it
+/// would be without them.
+#[test]
+fn a_region_sum_leaves_out_instances_of_no_group() {
+    let dataplane = Arc::new(DataPlane::new(Settings::default()));
+    let changed = Arc::new(LoadChanged::default());
+    let certs = CertCache::default();
+    let cx = BuildContext {
+        certs: &certs,
+        drain_timeout: Duration::from_secs(1),
+        load_changed: Some(&changed),
+    };
+    publish(&dataplane.routes, &state(), &cx);
+    let gossip = Gossip::new(
+        2,
+        config(Duration::from_secs(1)),
+        dataplane,
+        Arc::new(Metrics::new()),
+    );
+    let entry = |instance: [u8; 16], inflight| ::gossip::Entry {
+        instance,
+        inflight,
+        long_inflight: 0,
+        arrival_rate_milli: 0,
+        mean_service_us: 0,
+    };
+    let known = Uuid::from_u128(1).into_bytes();
+    let mut entries: Vec<::gossip::Entry> = (0..=::gossip::MAX_ENTRIES as u128)
+        .map(|i| entry(Uuid::from_u128((1 << 64) + i).into_bytes(), 1))
+        .collect();
+    entries.push(entry(known, 3));
+    entries.sort_by_key(|e| e.instance);
+    let report = ::gossip::Report {
+        node_id: 1,
+        incarnation: 1,
+        seq: 1,
+        sent_at_ms: 0,
+        entries,
+    };
+    super::locked(&gossip.chains)
+        .apply(::gossip::Wire::Full(report))
+        .expect("a full report");
+    let sum = gossip.region_sum(&[1]);
+    assert_eq!(sum, [entry(known, 3)]);
+    let aggregate = ::gossip::Report {
+        node_id: 2,
+        incarnation: 1,
+        seq: 1,
+        sent_at_ms: 0,
+        entries: sum,
+    };
+    assert!(::gossip::encode(&aggregate).is_ok());
+}
