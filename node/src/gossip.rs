@@ -220,7 +220,7 @@ impl Gossip {
 
     /// Takes the membership in: forgets the reports of peers not in
     /// `peers`, and notes everyone's gossip group (region or cell).
-    fn set_peers(&self, peers: &Peers) {
+    pub(crate) fn set_peers(&self, peers: &Peers) {
         {
             let mut fleet = locked(&self.fleet);
             let mut groups = ::gossip::cells(
@@ -312,6 +312,11 @@ impl GossipHandler for Gossip {
         m.bytes_rx.inc_by(bytes as u64);
         if self.local_only {
             return;
+        }
+        // Only members gossip: a node removed from the cluster keeps a
+        // valid certificate, but its reports count for nothing.
+        if !locked(&self.fleet).regions.contains_key(&report.node_id()) {
+            return m.dropped("member");
         }
         // A delta becomes the full report it stands for.
         let applied = locked(&self.chains).apply(report);

@@ -678,6 +678,7 @@ fn time_in_transit_counts() {
     let ttl = Duration::from_millis(400);
     let dataplane = Arc::new(DataPlane::new(Settings::default()));
     let gossip = Gossip::new(2, config(ttl), dataplane, Arc::new(Metrics::new()));
+    gossip.set_peers(&member(1));
     let report = ::gossip::Report {
         node_id: 1,
         incarnation: 1,
@@ -754,4 +755,57 @@ fn a_region_sum_leaves_out_instances_of_no_group() {
         entries: sum,
     };
     assert!(::gossip::encode(&aggregate).is_ok());
+}
+
+/// `id` as the one peer, in this node's region.
+fn member(id: u64) -> Peers {
+    let peer = Peer {
+        addr: "127.0.0.1:1".into(),
+        region: "local".into(),
+    };
+    [(id, peer)].into_iter().collect()
+}
+
+/// Reports from a node that is not a member (removed, its certificate
+/// still valid) are dropped and counted, and leave no load behind.
+#[test]
+fn a_report_from_a_node_that_is_not_a_member_counts_for_nothing() {
+    use crate::cluster::GossipHandler;
+
+    let dataplane = Arc::new(DataPlane::new(Settings::default()));
+    let metrics = Arc::new(Metrics::new());
+    let gossip = Gossip::new(
+        2,
+        config(Duration::from_secs(1)),
+        dataplane,
+        metrics.clone(),
+    );
+    gossip.set_peers(&member(1));
+    let report = |node_id| ::gossip::Report {
+        node_id,
+        incarnation: 1,
+        seq: 1,
+        sent_at_ms: 0,
+        entries: vec![::gossip::Entry {
+            instance: Uuid::from_u128(1).into_bytes(),
+            inflight: 2,
+            long_inflight: 0,
+            arrival_rate_milli: 0,
+            mean_service_us: 0,
+        }],
+    };
+    let now = Instant::now();
+    gossip.report(::gossip::Wire::Full(report(3)), 60, now.into());
+    assert_eq!(metrics.gossip.dropped_count("member"), 1);
+    assert_eq!(gossip.last_report_age(3, now), None);
+    gossip.report(::gossip::Wire::Full(report(1)), 60, now.into());
+    assert_eq!(metrics.gossip.dropped_count("member"), 1);
+    assert!(gossip.last_report_age(1, now).is_some());
+    // Removed: its next report is dropped too.
+    gossip.set_peers(&Peers::new());
+    let mut next = report(1);
+    next.seq = 2;
+    gossip.report(::gossip::Wire::Full(next), 60, now.into());
+    assert_eq!(metrics.gossip.dropped_count("member"), 2);
+    assert_eq!(gossip.last_report_age(1, now), None);
 }

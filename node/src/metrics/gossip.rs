@@ -4,7 +4,7 @@
 //! | --- | --- | --- |
 //! | `edgelb_gossip_reports_sent_total` | counter | reports handed to the network, one per peer |
 //! | `edgelb_gossip_reports_received_total` | counter | reports that became their peer's newest |
-//! | `edgelb_gossip_reports_dropped_total{reason}` | counter | `stale`, `malformed`, `identity`, `oversized`, `self`, `gap` (a delta whose base report was missed) |
+//! | `edgelb_gossip_reports_dropped_total{reason}` | counter | `stale`, `malformed`, `identity`, `oversized`, `self`, `gap` (a delta whose base report was missed), `member` (from a node not in the cluster's membership) |
 //! | `edgelb_gossip_bytes_total{direction}` | counter | report bytes, `tx` and `rx` (payload, without QUIC overhead) |
 //! | `edgelb_gossip_peer_report_age_seconds{peer}` | gauge | age of each peer's newest report (set at scrape time) |
 
@@ -17,7 +17,15 @@ use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec, Opts, Registry};
 use super::STATIC_OK;
 
 /// Values of `edgelb_gossip_reports_dropped_total{reason}`.
-pub const DROP_REASONS: [&str; 6] = ["stale", "malformed", "identity", "oversized", "self", "gap"];
+pub const DROP_REASONS: [&str; 7] = [
+    "stale",
+    "malformed",
+    "identity",
+    "oversized",
+    "self",
+    "gap",
+    "member",
+];
 
 /// Handles of the gossip series.
 pub struct GossipMetrics {

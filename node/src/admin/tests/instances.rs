@@ -94,7 +94,12 @@ async fn instances_show_state_and_load() {
         .find(|b| b.uuid != a_uuid)
         .expect("backend b")
         .clone();
-    // Peer 7 reports 5 in flight on b.
+    // Peer 7, a member, reports 5 in flight on b.
+    let peer = crate::gossip::Peer {
+        addr: "127.0.0.1:1".into(),
+        region: String::new(),
+    };
+    s.admin.gossip.set_peers(&[(7, peer)].into_iter().collect());
     let report = ::gossip::Report {
         node_id: 7,
         incarnation: 1,
