@@ -172,6 +172,12 @@ const REORDERING_THRESHOLD: u32 = u32::MAX;
 const LOSS_TIME_THRESHOLD: f32 = 5.0 / 4.0;
 /// Per-stream receive window: enough for large frames to flow.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// What a peer may have sent on one connection and this node not yet read,
+/// over all its streams: QUIC sets no bound by default, and a peer that
+/// opened [`MAX_STREAMS`] streams and filled each window would be held
+/// 512 MiB. A node's own sends keep at most quinn's send window (about
+/// 10 MB) unacknowledged on a connection, below this bound.
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Concurrent unidirectional streams a peer may open on one connection:
 /// gossip reports too large for a datagram, one per stream. A sender has
 /// one in flight at a time; the rest is slack.
@@ -410,6 +416,7 @@ fn transport_config(keep_alive: Option<Duration>, idle: Duration) -> quinn::Tran
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .packet_threshold(REORDERING_THRESHOLD)
         .time_threshold(LOSS_TIME_THRESHOLD)
         .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
