@@ -67,6 +67,9 @@ pub mod codes {
     pub const UNSUPPORTED: VarInt = VarInt::from_u32(0x04);
     /// Too many bad gossip reports in a row (closes the connection).
     pub const BAD_REPORTS: VarInt = VarInt::from_u32(0x05);
+    /// The peer opened more connections than a node keeps from one
+    /// certificate: its oldest is closed.
+    pub const TOO_MANY: VarInt = VarInt::from_u32(0x06);
 }
 
 /// Why gossip input was dropped before it became a report.

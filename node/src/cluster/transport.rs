@@ -137,6 +137,9 @@ pub struct TransportStats {
     pub connects: u64,
     /// Outgoing calls that failed.
     pub calls_failed: u64,
+    /// Incoming connections closed because their peer opened more than a
+    /// node keeps from one certificate (the oldest goes).
+    pub displaced: u64,
 }
 
 #[derive(Default)]
@@ -153,6 +156,7 @@ pub(crate) struct Counters {
     pub(crate) read_timeouts: AtomicU64,
     pub(crate) connects: AtomicU64,
     pub(crate) calls_failed: AtomicU64,
+    pub(crate) displaced: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -175,6 +179,7 @@ impl Counters {
             read_timeouts: g(&self.read_timeouts),
             connects: g(&self.connects),
             calls_failed: g(&self.calls_failed),
+            displaced: g(&self.displaced),
         }
     }
 }
@@ -198,6 +203,9 @@ pub(crate) struct Shared {
     arrivals: Mutex<HashMap<NodeId, u64>>,
     /// One connection slot per peer.
     peers: Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
+    /// The connections peers opened to this node and still hold, by the
+    /// certificate they presented (`server::Admitted`).
+    pub(crate) incoming: Mutex<HashMap<Vec<u8>, Vec<quinn::Connection>>>,
     /// How long the slots keep a connection they stop using open.
     grace: peers::CallGrace,
 }
@@ -370,6 +378,7 @@ impl Transport {
             keep_open: ArcSwap::from_pointee(BTreeSet::new()),
             arrivals: Mutex::new(HashMap::new()),
             peers: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
             grace: peers::CallGrace::default(),
         });
         let accept = tokio::spawn(server::accept_loop(Arc::clone(&shared)));

@@ -265,3 +265,40 @@ async fn garbage_is_dropped_and_counted_and_the_node_keeps_listening() {
         inbox.dropped()
     );
 }
+
+/// A peer opening connection after connection with one certificate gets
+/// each new one in, and this node keeps at most eight of them: the oldest
+/// are closed (`TOO_MANY`), the newest still carry reports.
+#[tokio::test]
+async fn one_certificate_holds_at_most_eight_connections() {
+    let ca = generate_ca("test").unwrap();
+    let (node, inbox) = gossip_node(&ca, 1);
+    let addr = node.local_addr().unwrap();
+    let tls = node_tls(&ca, 2);
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let conn = raw_gossip(&tls, addr, 1).await;
+        // Served (and counted) before the next one opens.
+        conn.send_datagram(bytes(&report(2, conns.len() as u64 + 1, 1)))
+            .unwrap();
+        let sent = conns.len() + 1;
+        eventually("the report to arrive", || inbox.reports().len() == sent).await;
+        conns.push(conn);
+    }
+    for (i, conn) in conns.iter().take(2).enumerate() {
+        let closed = timeout(patience(), conn.closed())
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} still open"));
+        assert!(
+            matches!(&closed, ConnectionError::ApplicationClosed(c) if c.error_code == codes::TOO_MANY),
+            "connection {i}: {closed:?}"
+        );
+    }
+    for conn in &conns[2..] {
+        assert!(conn.close_reason().is_none());
+    }
+    assert_eq!(node.stats().displaced, 2);
+    // The newest still carries reports.
+    conns[9].send_datagram(bytes(&report(2, 11, 1))).unwrap();
+    eventually("the last report to arrive", || inbox.reports().len() == 11).await;
+}

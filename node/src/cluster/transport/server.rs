@@ -9,7 +9,7 @@
 //! lying or misconfigured, and nothing else it sends can be trusted.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
@@ -23,8 +23,8 @@ use super::{END_WAIT_MAX, END_WAIT_MIN, Shared, bump, codes};
 use crate::cluster::frame::{self, FrameError, HEADER_LIMIT, HEADER_TIMEOUT, Version};
 use crate::cluster::rpc::RpcReply;
 use crate::cluster::tls::{
-    ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, ALPN_RAFT_2, negotiated_alpn, spoken, verify_peer_id,
-    version_refused,
+    ALPN_GOSSIP, ALPN_GOSSIP_2, ALPN_RAFT, ALPN_RAFT_2, negotiated_alpn, peer_leaf, spoken,
+    verify_peer_id, version_refused,
 };
 
 /// Accepts connections until the endpoint closes.
@@ -52,6 +52,7 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
+    let _admitted = Admitted::new(&shared, &conn);
     match negotiated_alpn(&conn).as_deref() {
         Some(ALPN_RAFT | ALPN_RAFT_2) => serve_raft(shared, conn, Role::Inbound).await,
         Some(ALPN_GOSSIP | ALPN_GOSSIP_2) => gossip::serve(shared, conn).await,
@@ -61,6 +62,73 @@ async fn serve_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             bump(&shared.stats.unsupported_alpn);
             debug!(alpn = ?alpn.map(String::from_utf8_lossy), "alpn not served");
             conn.close(codes::UNSUPPORTED, b"protocol not served");
+        }
+    }
+}
+
+/// Connections a node keeps open from one certificate (one peer). A peer
+/// needs one for Raft and one for gossip; those of a process that died
+/// stay until the idle timeout, so a peer that restarted three times
+/// within it holds six more. Past this, the oldest is closed: a peer's new
+/// connection always gets in, and one holding a valid certificate cannot
+/// make this node keep any number of connections (each with its receive
+/// windows).
+const PER_PEER: usize = 8;
+
+/// An incoming connection counted under its certificate while it is
+/// served.
+struct Admitted {
+    shared: Arc<Shared>,
+    leaf: Vec<u8>,
+    id: usize,
+}
+
+impl Admitted {
+    /// Counts `conn` under its certificate, closing the peer's oldest if
+    /// it now holds more than [`PER_PEER`]; `None` without a certificate
+    /// (refused where it is served).
+    fn new(shared: &Arc<Shared>, conn: &Connection) -> Option<Self> {
+        let leaf = peer_leaf(conn)?.as_ref().to_vec();
+        let oldest = {
+            let mut incoming = shared
+                .incoming
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let held = incoming.entry(leaf.clone()).or_default();
+            held.push(conn.clone());
+            (held.len() > PER_PEER).then(|| held.remove(0))
+        };
+        if let Some(oldest) = oldest {
+            bump(&shared.stats.displaced);
+            debug!(
+                remote = %oldest.remote_address(),
+                "a peer holds more connections than kept from one certificate: its oldest is closed"
+            );
+            oldest.close(
+                codes::TOO_MANY,
+                b"too many connections from one certificate",
+            );
+        }
+        Some(Self {
+            shared: Arc::clone(shared),
+            leaf,
+            id: conn.stable_id(),
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut incoming = self
+            .shared
+            .incoming
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = incoming.get_mut(&self.leaf) {
+            held.retain(|c| c.stable_id() != self.id);
+            if held.is_empty() {
+                incoming.remove(&self.leaf);
+            }
         }
     }
 }
