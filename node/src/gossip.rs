@@ -293,9 +293,8 @@ impl Gossip {
             let held = peers.iter().filter_map(|&id| chains.held(id));
             ::gossip::aggregate(std::iter::once(own.as_slice()).chain(held))
         };
-        let routes = self.dataplane.routes.load_full();
         let mut views = locked(&self.views);
-        views.take_groups(&routes);
+        views.take_groups(&self.dataplane.routes);
         sum.retain(|e| views.knows(&e.instance));
         sum
     }

@@ -11,9 +11,10 @@
 //! node's multi-threaded runtime.
 //!
 //! A worker that holds no client connection sleeps: its memory collector
-//! ([`give_back_memory`]) runs while the worker holds connections and for
-//! two periods after the last one closes, then waits for the next accept,
-//! so an idle node's data plane makes no wake-ups at all.
+//! ([`give_back_memory`]) runs while the worker holds connections (a
+//! WebSocket tunnel included) and for three periods after the last one
+//! closes, then waits for the next accept, so an idle node's data plane
+//! makes no wake-ups at all.
 
 use std::cell::Cell;
 use std::io;
@@ -170,12 +171,12 @@ fn run(index: usize, stop: &CancellationToken, started: &mpsc::SyncSender<io::Re
 /// After the last connection closes (and no other opened or closed within
 /// a period) it collects [`QUIET_COLLECTS`] more times, and then waits
 /// for a connection to open or close instead of waking every period: a
-/// worker with no client connection holds no buffer that a later collect
-/// could return, and an idle node's workers then sleep (the period's
-/// timer woke each of them twice a second). The upstream connections a
-/// pool keeps after its clients left are not counted: what one frees when
-/// its idle timeout closes it (a few KiB; its buffers went when it
-/// parked) goes back at the next collect.
+/// worker with no client connection (or tunnel) holds no buffer that a
+/// later collect could return, and an idle node's workers then sleep
+/// (the period's timer had each wake up every second). The upstream
+/// connections a pool keeps after its clients left are not counted: what
+/// one frees when its idle timeout closes it (a few KiB; its buffers went
+/// when it parked) goes back at the next collect.
 async fn give_back_memory(period: Duration) {
     loop {
         let seen = CONNECTIONS.with(Cell::get).1;
@@ -209,9 +210,11 @@ async fn give_back_memory(period: Duration) {
 /// delay (1 s), so pages go back within about two seconds of emptying.
 const COLLECT_PERIOD: Duration = Duration::from_secs(1);
 
-/// Collects after the last connection closed: pages emptied just before
-/// the first are past the purge delay at the second.
-const QUIET_COLLECTS: u32 = 2;
+/// Collects after the last connection closed (after the one that saw the
+/// close): pages emptied just before the first are past the purge delay
+/// at the second, and an upstream pool's connections, which park up to
+/// a second after their last use, are past it at the third.
+const QUIET_COLLECTS: u32 = 3;
 
 /// One worker per CPU the process may use.
 pub fn default_count() -> usize {
@@ -251,7 +254,7 @@ mod tests {
 
     /// With no connection the collector waits without a timer; a
     /// connection wakes it, it collects every period while the connection
-    /// is open and twice more after, then waits again.
+    /// is open and three times more after, then waits again.
     #[tokio::test(start_paused = true)]
     async fn the_memory_collector_runs_only_around_connections() {
         const P: Duration = Duration::from_secs(1);
@@ -262,15 +265,15 @@ mod tests {
         assert_eq!(base, 0);
         assert_eq!(collects_after(P * 5).await, 5, "one per period while open");
         drop(held);
-        // The pass that sees the close, then two quiet ones.
-        assert_eq!(collects_after(P * 10).await, 8);
-        assert_eq!(collects_after(P * 60).await, 8, "asleep once quiet");
+        // The pass that sees the close, then three quiet ones.
+        assert_eq!(collects_after(P * 10).await, 9);
+        assert_eq!(collects_after(P * 60).await, 9, "asleep once quiet");
         // A connection opened and closed between two passes counts too.
         drop(Connection::new(()));
         let woke = collects_after(P / 2).await;
         drop(Connection::new(()));
-        assert_eq!(woke, 8);
-        assert_eq!(collects_after(P * 10).await, 11);
+        assert_eq!(woke, 9);
+        assert_eq!(collects_after(P * 10).await, 13);
         assert_eq!(CONNECTIONS.with(Cell::get).0, 0);
         collector.abort();
     }

@@ -10,7 +10,7 @@
 //! idle keep-alive clients cost 24.0 KiB each of resident memory that way
 //! (`bench/idle.sh`), most of it pages that hold nothing. Each worker
 //! therefore calls [`collect`] once a second while it holds connections
-//! and for two seconds after (`node/src/workers.rs`).
+//! and for three seconds after (`node/src/workers.rs`).
 //! Setting the delay to zero instead returns the memory too, but on every
 //! `free` that empties a page: a `madvise` and page faults when the page is
 //! used again, about 6 % more CPU per new connection in one A/B run.

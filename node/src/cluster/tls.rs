@@ -175,8 +175,9 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// What a peer may have sent on one connection and this node not yet read,
 /// over all its streams: QUIC sets no bound by default, and a peer that
 /// opened [`MAX_STREAMS`] streams and filled each window would be held
-/// 512 MiB. A node's own sends keep at most quinn's send window (about
-/// 10 MB) unacknowledged on a connection, below this bound.
+/// 512 MiB. A node reads its streams as their data arrives, and a single
+/// stream is held to [`STREAM_WINDOW`] first, so no peer of its own comes
+/// near this.
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Concurrent unidirectional streams a peer may open on one connection:
 /// gossip reports too large for a datagram, one per stream. A sender has

@@ -9,6 +9,7 @@ use std::sync::{Arc, PoisonError, Weak};
 use std::time::Instant;
 
 use ::gossip::{RefreshSchedule, ViewSet};
+use arc_swap::ArcSwap;
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
@@ -41,8 +42,9 @@ pub(super) async fn run(gossip: Arc<Gossip>, cancel: CancellationToken) {
 
 /// The refresh's state: the groups' views ([`ViewSet`]), kept between
 /// refreshes so that only what a new report changed is rebuilt, and each
-/// group's runtime and backends in slot order. Only the refresh takes its
-/// lock, never report intake.
+/// group's runtime and backends in slot order. The refresh and the region
+/// aggregate (which keeps the instances of these groups) take its lock,
+/// never report intake.
 #[derive(Debug, Default)]
 pub(super) struct Views {
     /// By group (FxHash, as the routing table's maps: a refresh over many
@@ -63,8 +65,12 @@ struct GroupState {
 }
 
 impl Views {
-    /// Takes the groups of `routes`, unless they are the ones last taken.
-    pub(super) fn take_groups(&mut self, routes: &Arc<RoutingTable>) {
+    /// Takes the groups of the routing table now in `routes`, unless they
+    /// are the ones last taken. Read under the views' lock, so that the
+    /// refresh and the region aggregate, which both call this, never take
+    /// an older table after a newer one.
+    pub(super) fn take_groups(&mut self, routes: &ArcSwap<RoutingTable>) {
+        let routes = &routes.load_full();
         let Self {
             groups,
             set,
@@ -110,7 +116,6 @@ impl Views {
 /// any fresh peer reports load (only then does the timer run). The load
 /// table's lock is held only to take a snapshot (one `Arc` clone per peer).
 pub(super) fn apply(gossip: &Gossip, now: Instant) -> bool {
-    let routes = gossip.dataplane.routes.load_full();
     // Estimates move with the reports' age only while a fresh report lists
     // something: idle peers' reports need no timer.
     let (peers, moving) = {
@@ -118,7 +123,7 @@ pub(super) fn apply(gossip: &Gossip, now: Instant) -> bool {
         (table.snapshot(), table.fresh_load(now))
     };
     let mut views = gossip.views.lock().unwrap_or_else(PoisonError::into_inner);
-    views.take_groups(&routes);
+    views.take_groups(&gossip.dataplane.routes);
     let Views { groups, set, .. } = &mut *views;
     set.refresh(&gossip.config, &peers, now, |uuid, loads| {
         if let Some(state) = groups.get(uuid) {

@@ -757,11 +757,12 @@ fn a_region_sum_leaves_out_instances_of_no_group() {
     assert!(::gossip::encode(&aggregate).is_ok());
 }
 
-/// `id` as the one peer, in this node's region.
+/// `id` as the one peer, in this node's region (a `Gossip` made with
+/// `new` has the empty one).
 fn member(id: u64) -> Peers {
     let peer = Peer {
         addr: "127.0.0.1:1".into(),
-        region: "local".into(),
+        region: String::new(),
     };
     [(id, peer)].into_iter().collect()
 }

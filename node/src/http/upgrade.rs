@@ -39,7 +39,11 @@ pub(crate) fn tunnel(
     let drain_timeout = conn.dp.settings.drain_timeout;
     let idle_timeout = conn.dp.settings.tunnel_idle_timeout;
     let activity = up.activity.clone();
+    // The client's connection lives on in the tunnel once hyper's ends:
+    // counted for the worker's memory collector until the tunnel closes.
+    let counted = crate::workers::Connection::new(());
     let task = async move {
+        let _counted = counted;
         let drained = lease.backend().drain_token();
         let traffic = activity.clone();
         let splice = async {
