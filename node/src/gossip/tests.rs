@@ -72,6 +72,19 @@ fn state() -> State {
     state
 }
 
+/// A data plane routing [`state`], its balancers raising `changed`.
+fn routed(changed: &Arc<LoadChanged>) -> Arc<DataPlane> {
+    let dataplane = Arc::new(DataPlane::new(Settings::default()));
+    let certs = CertCache::default();
+    let cx = BuildContext {
+        certs: &certs,
+        drain_timeout: Duration::from_secs(1),
+        load_changed: Some(changed),
+    };
+    publish(&dataplane.routes, &state(), &cx);
+    dataplane
+}
+
 /// Fast heartbeats; the reported counts taken as they are, since these
 /// tests are about the plumbing (the estimators are tested in the gossip
 /// crate and chosen with the simulator): the default estimator would also
@@ -110,15 +123,8 @@ impl TestNode {
             Transport::bind("127.0.0.1:0".parse().unwrap(), &tls, id, Arc::new(NoRaft)).unwrap(),
         );
         let metrics = Arc::new(Metrics::new());
-        let dataplane = Arc::new(DataPlane::new(Settings::default()));
         let changed = Arc::new(LoadChanged::default());
-        let certs = CertCache::default();
-        let cx = BuildContext {
-            certs: &certs,
-            drain_timeout: Duration::from_secs(1),
-            load_changed: Some(&changed),
-        };
-        publish(&dataplane.routes, &state(), &cx);
+        let dataplane = routed(&changed);
         let gossip = Arc::new(Gossip::new(id, config, dataplane.clone(), metrics.clone()));
         Self {
             id,
@@ -707,15 +713,7 @@ fn time_in_transit_counts() {
 /// would be without them.
 #[test]
 fn a_region_sum_leaves_out_instances_of_no_group() {
-    let dataplane = Arc::new(DataPlane::new(Settings::default()));
-    let changed = Arc::new(LoadChanged::default());
-    let certs = CertCache::default();
-    let cx = BuildContext {
-        certs: &certs,
-        drain_timeout: Duration::from_secs(1),
-        load_changed: Some(&changed),
-    };
-    publish(&dataplane.routes, &state(), &cx);
+    let dataplane = routed(&Arc::new(LoadChanged::default()));
     let gossip = Gossip::new(
         2,
         config(Duration::from_secs(1)),
