@@ -362,6 +362,14 @@ impl GossipHandler for Gossip {
             }
             (merged, before, was_empty)
         };
+        // Removed between the check above and the insert: `set_peers`
+        // changes the membership before it prunes, so either its prune
+        // came after the insert, or this sees the removal and undoes it.
+        if !locked(&self.fleet).regions.contains_key(&peer) {
+            self.lock().remove_peer(peer);
+            locked(&self.chains).retain_peers(|id| id != peer);
+            return m.dropped("member");
+        }
         match merged {
             Merge::Accepted => {
                 m.received.inc();
