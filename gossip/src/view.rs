@@ -171,6 +171,8 @@ pub struct ViewSet<K> {
     ranges: Vec<(u32, u32)>,
     /// Instance → its group's index and its slot.
     owner: FxHashMap<[u8; 16], (u32, u32)>,
+    /// The groups' instances, all told (what packed sums would hold).
+    live: u64,
     /// Per peer by id: its last report's terms.
     peers: Vec<(u64, PeerTerms)>,
     /// Counts changes of groups: terms resolved before one are stale.
@@ -268,6 +270,7 @@ impl<K> Default for ViewSet<K> {
             free: Vec::new(),
             ranges: Vec::new(),
             owner: FxHashMap::default(),
+            live: 0,
             peers: Vec::new(),
             epoch: 0,
             sums: Vec::new(),
@@ -329,6 +332,7 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
             self.owner.insert(*id, (at as u32, slot));
         }
         self.keys.insert(key.clone(), at);
+        self.live += instances.len() as u64;
         self.held[at] = Some(Held {
             key,
             ids: instances.to_vec(),
@@ -342,8 +346,7 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
     /// change of groups makes every report resolve again).
     fn make_room(&mut self, at: usize, len: u32) {
         self.ranges[at] = (0, 0);
-        let live: u64 = self.held.iter().flatten().map(|h| h.ids.len() as u64).sum();
-        if self.sums.len() as u64 > 2 * live + 4_096 {
+        if self.sums.len() as u64 > 2 * self.live + 4_096 {
             let mut end = 0u32;
             for (i, range) in self.ranges.iter_mut().enumerate() {
                 let cap = self.held[i].as_ref().map_or(0, |h| h.ids.len() as u32);
@@ -372,6 +375,7 @@ impl<K: Clone + Eq + Hash> ViewSet<K> {
             return;
         };
         self.free.push(at);
+        self.live -= old.ids.len() as u64;
         clear_bit(&mut self.pending, at);
         for id in &old.ids {
             if self.owner.get(id).is_some_and(|(i, _)| *i as usize == at) {
