@@ -313,8 +313,13 @@ impl GossipHandler for Gossip {
             return;
         }
         // Only members gossip: a node removed from the cluster keeps a
-        // valid certificate, but its reports count for nothing.
-        if !locked(&self.fleet).regions.contains_key(&report.node_id()) {
+        // valid certificate, but its reports count for nothing. The
+        // membership is held until the report is in the table (fleet, then
+        // table, as the plan takes them): `set_peers` changes it before it
+        // prunes, so a removal either comes first and this drops the
+        // report, or its prune comes after the insert.
+        let fleet = locked(&self.fleet);
+        if !fleet.regions.contains_key(&report.node_id()) {
             return m.dropped("member");
         }
         // A delta becomes the full report it stands for.
@@ -330,20 +335,17 @@ impl GossipHandler for Gossip {
         // RTT/2: the time a report waited for either end's CPU counts too.
         let arrival = arrival.with_sender_clock(report.sent_at_ms, unix_ms(), self.config.ttl / 2);
         // A report from another region is that region's aggregate.
-        let (remote, regions) = {
-            let fleet = locked(&self.fleet);
-            match fleet.regions.get(&peer) {
-                Some(r) if *r != fleet.region => {
-                    let same: Vec<u64> = fleet
-                        .regions
-                        .iter()
-                        .filter(|&(&id, other)| other == r && id != peer)
-                        .map(|(&id, _)| id)
-                        .collect();
-                    (true, same)
-                }
-                _ => (false, Vec::new()),
+        let (remote, regions) = match fleet.regions.get(&peer) {
+            Some(r) if *r != fleet.region => {
+                let same: Vec<u64> = fleet
+                    .regions
+                    .iter()
+                    .filter(|&(&id, other)| other == r && id != peer)
+                    .map(|(&id, _)| id)
+                    .collect();
+                (true, same)
             }
+            _ => (false, Vec::new()),
         };
         let (merged, before, was_empty) = {
             let mut table = self.lock();
@@ -362,14 +364,7 @@ impl GossipHandler for Gossip {
             }
             (merged, before, was_empty)
         };
-        // Removed between the check above and the insert: `set_peers`
-        // changes the membership before it prunes, so either its prune
-        // came after the insert, or this sees the removal and undoes it.
-        if !locked(&self.fleet).regions.contains_key(&peer) {
-            self.lock().remove_peer(peer);
-            locked(&self.chains).retain_peers(|id| id != peer);
-            return m.dropped("member");
-        }
+        drop(fleet);
         match merged {
             Merge::Accepted => {
                 m.received.inc();

@@ -167,7 +167,7 @@ async fn link(
 ) {
     let metrics = &gossip.metrics.gossip;
     let mut restarts = gossip.restarts();
-    let mut restarted = Restarts::new(id, gossip.incarnation(id));
+    let mut on_restart = Restarts::new(id, gossip.incarnation(id));
     let mut conn: Option<GossipLink> = None;
     // The last report sent on `conn`: the next may be a delta on it.
     let mut sent: Option<u64> = None;
@@ -178,7 +178,7 @@ async fn link(
             () = cancel.cancelled() => return,
             changed = reports.changed() => if changed.is_err() { return },
             heard = restarts.recv() => {
-                let at = restarted.heard(heard.ok(), gossip.incarnation(id), Instant::now());
+                let at = on_restart.heard(heard.ok(), gossip.incarnation(id), Instant::now());
                 if let Some(at) = at {
                     debug!("peer restarted: reconnecting");
                     conn = None;
